@@ -1,0 +1,33 @@
+# `make test` is the one command that installs what the tests need and runs them all.
+SHELL := /bin/bash
+CARGO ?= cargo
+
+.PHONY: test deps lint unit crds demo bench
+
+test: deps lint unit
+
+# System packages the tests use: a PostgreSQL server (started per test run by the harness in
+# tests/support/pg.rs, never as a system service) and its client tools.
+deps:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		echo "installing PostgreSQL from Debian packages"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql postgresql-client >/dev/null; \
+	fi
+	@id postgres >/dev/null 2>&1 || { echo "the postgres user is missing; reinstall the postgresql package"; exit 1; }
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+unit:
+	$(CARGO) test
+
+# Regenerate crds/ from the Rust types (the tests fail while they differ).
+crds:
+	$(CARGO) run --quiet -- crdgen --out-dir crds
+
+demo:
+	$(CARGO) run --release -- demo
+
+bench:
+	$(CARGO) bench

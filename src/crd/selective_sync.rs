@@ -1,0 +1,267 @@
+//! The `SelectiveSync` resource: which tables ("collections") and columns ("properties") sync
+//! to one connection.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// Most tables one SelectiveSync may list (Segment's limit on collections).
+pub const MAX_TABLES: usize = 5000;
+/// Most columns one table's include/exclude list may name (Segment's limit on properties).
+pub const MAX_COLUMNS_PER_TABLE: usize = 5000;
+/// Columns that key every table and can never be excluded.
+pub const REQUIRED_COLUMNS: [&str; 2] = ["id", "received_at"];
+
+/// Which tables and columns of one connection are synced.
+// Several printer columns share a type, which clippy mistakes for repeated attributes.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[kube(
+    group = "profilesync.dev",
+    version = "v1alpha1",
+    kind = "SelectiveSync",
+    namespaced,
+    shortname = "ssync",
+    category = "profilesync",
+    status = "SelectiveSyncStatus",
+    derive = "PartialEq",
+    cel,
+    doc = "Selects which tables and columns of a WarehouseConnection are synced. Turning a table or column off stops new data and deletes nothing; turning it back on syncs new data only.",
+    printcolumn(
+        name = "Connection",
+        type_ = "string",
+        json_path = ".spec.connectionRef.name",
+        description = "The WarehouseConnection this selection applies to"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "Valid and applied by the last sync"
+    ),
+    printcolumn(
+        name = "Tables",
+        type_ = "integer",
+        json_path = ".status.enabledTables",
+        description = "Tables enabled by this selection"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp",
+        description = "Age of the selection"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct SelectiveSyncSpec {
+    /// The WarehouseConnection (same namespace) this selection applies to. Immutable.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("connectionRef is immutable; create a new SelectiveSync for the other connection"))]
+    pub connection_ref: ConnectionRef,
+    /// Whether tables not listed in `tables` are synced (all) or not (none).
+    #[serde(default)]
+    pub default: TableDefault,
+    /// Per-table choices; a name is a warehouse table (id_graph_updates, identifies, tracks, ...) or a Track event table (order_completed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 5000))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    pub tables: Vec<TableSelection>,
+}
+
+/// A reference to a WarehouseConnection in the same namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionRef {
+    /// Name of the WarehouseConnection.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// What happens to tables a SelectiveSync does not list.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum TableDefault {
+    /// Unlisted tables are synced (new Track event tables included).
+    #[default]
+    All,
+    /// Only the tables listed with enabled: true are synced.
+    None,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// The choice for one table.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TableSelection {
+    /// Table name in the warehouse (snake_case, as the sync names it).
+    #[schemars(regex(pattern = r"^[a-z_][a-z0-9_]*$"), length(min = 1, max = 255))]
+    pub name: String,
+    /// Whether the table is synced. Off stops new rows and deletes nothing; back on syncs new rows only.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Which columns of the table are synced; every column when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub columns: Option<ColumnSelection>,
+}
+
+/// Columns of one table to sync: either an include list or an exclude list, not both.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!(has(self.include) && has(self.exclude))").message("set either columns.include or columns.exclude, not both"))]
+pub struct ColumnSelection {
+    /// Only these columns are synced (id and received_at always are).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 5000), inner(length(min = 1, max = 255)))]
+    pub include: Option<Vec<String>>,
+    /// These columns are not synced; id and received_at key every table and can't be excluded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "excluded_columns_schema")]
+    pub exclude: Option<Vec<String>>,
+}
+
+fn excluded_columns_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "array",
+        "maxItems": MAX_COLUMNS_PER_TABLE,
+        "items": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": 255,
+            "not": {"enum": REQUIRED_COLUMNS}
+        }
+    })
+}
+
+/// The observed state of a selection; written only by the controller.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SelectiveSyncStatus {
+    /// The metadata.generation this status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready and Valid, in the metav1.Condition shape.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+    /// How many tables this selection enables right now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled_tables: Option<i64>,
+    /// Track event tables the profile store has seen, so they can be selected after the first sync.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub available_tables: Vec<String>,
+    /// Rows synced per table in the last sync.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tables: Vec<TableSyncStatus>,
+}
+
+/// Rows synced into one table by the last sync.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TableSyncStatus {
+    /// Table name in the warehouse.
+    pub name: String,
+    /// Rows loaded into it by the last sync.
+    pub rows: i64,
+}
+
+/// Why a selection is invalid (the `Valid` condition's message).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SelectionError {
+    /// More tables than [`MAX_TABLES`].
+    #[error("spec.tables lists {0} tables; at most 5000 are allowed (Segment's collection limit)")]
+    TooManyTables(usize),
+    /// More columns than [`MAX_COLUMNS_PER_TABLE`] for one table.
+    #[error("table {table:?} names {count} columns; at most 5000 are allowed per table")]
+    TooManyColumns {
+        /// The table.
+        table: String,
+        /// How many columns it names.
+        count: usize,
+    },
+    /// A key column excluded.
+    #[error("table {table:?} excludes {column:?}, which keys every table and can't be excluded")]
+    RequiredColumnExcluded {
+        /// The table.
+        table: String,
+        /// The column.
+        column: String,
+    },
+    /// Both include and exclude given.
+    #[error("table {0:?} sets both columns.include and columns.exclude; set one")]
+    IncludeAndExclude(String),
+    /// The same table listed twice.
+    #[error("table {0:?} is listed more than once")]
+    DuplicateTable(String),
+}
+
+impl SelectiveSyncSpec {
+    /// Checks the limits and rules the API server also enforces, for objects that reached the
+    /// controller or the sync another way (an older CRD, a file on disk).
+    pub fn validate(&self) -> Result<(), SelectionError> {
+        if self.tables.len() > MAX_TABLES {
+            return Err(SelectionError::TooManyTables(self.tables.len()));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for t in &self.tables {
+            if !seen.insert(t.name.as_str()) {
+                return Err(SelectionError::DuplicateTable(t.name.clone()));
+            }
+            let Some(cols) = &t.columns else { continue };
+            if cols.include.is_some() && cols.exclude.is_some() {
+                return Err(SelectionError::IncludeAndExclude(t.name.clone()));
+            }
+            let list = cols.include.as_ref().or(cols.exclude.as_ref());
+            if let Some(list) = list
+                && list.len() > MAX_COLUMNS_PER_TABLE
+            {
+                return Err(SelectionError::TooManyColumns {
+                    table: t.name.clone(),
+                    count: list.len(),
+                });
+            }
+            if let Some(excluded) = &cols.exclude
+                && let Some(c) = excluded
+                    .iter()
+                    .find(|c| REQUIRED_COLUMNS.contains(&c.as_str()))
+            {
+                return Err(SelectionError::RequiredColumnExcluded {
+                    table: t.name.clone(),
+                    column: c.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `table` is synced under this selection.
+    pub fn table_enabled(&self, table: &str) -> bool {
+        match self.tables.iter().find(|t| t.name == table) {
+            Some(t) => t.enabled,
+            None => self.default == TableDefault::All,
+        }
+    }
+
+    /// Whether `column` of `table` is synced under this selection (key columns always are).
+    pub fn column_enabled(&self, table: &str, column: &str) -> bool {
+        if REQUIRED_COLUMNS.contains(&column) {
+            return true;
+        }
+        let Some(cols) = self
+            .tables
+            .iter()
+            .find(|t| t.name == table)
+            .and_then(|t| t.columns.as_ref())
+        else {
+            return true;
+        };
+        match (&cols.include, &cols.exclude) {
+            (Some(inc), _) => inc.iter().any(|c| c == column),
+            (None, Some(exc)) => !exc.iter().any(|c| c == column),
+            (None, None) => true,
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! Shared test support: real servers started for the tests, and fixtures.
+// Each integration-test binary uses a different subset of these helpers.
+#![allow(dead_code)]
+
+pub mod pg;
