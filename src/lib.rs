@@ -1,7 +1,14 @@
 //! profiles-sync: identity-resolved customer profiles, landed in your own warehouse.
 //!
-//! One crate, several roles (`profiles-sync <role>`); each role's code lives in its own module:
-//! [`crd`] (the Kubernetes API types), [`cli`] (the command line).
+//! One crate, several roles (`profiles-sync <role>`); each concept has its own module:
+//! [`crd`] (the Kubernetes API types), [`event`] (Segment messages), [`identity`] (identity
+//! resolution), [`store`] (the profile store and its change feeds), [`sync`] (landing the feeds
+//! in a warehouse), [`cli`] (the command line).
 
 pub mod cli;
 pub mod crd;
+pub mod engine;
+pub mod event;
+pub mod identity;
+pub mod store;
+pub mod sync;

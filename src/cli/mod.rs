@@ -1,9 +1,20 @@
 //! The command line: one subcommand per role.
 
-use std::io::Write;
+mod engine;
+mod export;
+mod import;
+pub mod telemetry;
+
+pub use export::{Format, export};
+pub use import::{ImportSummary, LineError, import};
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+use crate::identity::Rules;
 
 /// Identity-resolved customer profiles and their events, landed in your own warehouse.
 #[derive(Debug, Parser)]
@@ -23,6 +34,42 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         out_dir: Option<std::path::PathBuf>,
     },
+    /// Serve the Segment Tracking API and the change-feed API over a profile store.
+    Engine(engine::EngineArgs),
+    /// Ingest Segment JSON (one message, or one {"batch": [...]}, per line) into a store.
+    Import {
+        /// The store: sqlite:///path/file.db or postgres://user@host/db.
+        #[arg(long, env = "PROFILES_SYNC_STORE")]
+        store: String,
+        /// Identity resolution rules (YAML); Segment's defaults when unset.
+        #[arg(long, env = "PROFILES_SYNC_RULES")]
+        rules: Option<PathBuf>,
+        /// Source id recorded as the events' event_source_id.
+        #[arg(long, default_value = "import")]
+        source_id: String,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The file to read, or - for standard input.
+        input: PathBuf,
+    },
+    /// Print a change log, an event table or a current-state table of a store.
+    Export {
+        /// The store: sqlite:///path/file.db or postgres://user@host/db.
+        #[arg(long, env = "PROFILES_SYNC_STORE")]
+        store: String,
+        /// Table: id_graph_updates, external_id_mapping_updates, profile_traits_updates, events,
+        /// identifies, tracks, pages, screens, groups, aliases, a Track event table, user_identifiers,
+        /// user_traits or profile_merges.
+        #[arg(long)]
+        table: String,
+        /// Only rows with a greater seq (change logs and event tables).
+        #[arg(long, default_value_t = 0)]
+        after_seq: i64,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Jsonl)]
+        format: Format,
+    },
 }
 
 /// Runs the chosen role and maps its outcome to the process exit code.
@@ -30,6 +77,30 @@ pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Crdgen { out_dir: None } => crdgen(&mut std::io::stdout().lock()),
         Command::Crdgen { out_dir: Some(dir) } => crdgen_files(&dir),
+        Command::Engine(args) => engine::run(args),
+        Command::Import {
+            store,
+            rules,
+            source_id,
+            json,
+            input,
+        } => run_import(&store, rules.as_deref(), &source_id, json, &input),
+        Command::Export {
+            store,
+            table,
+            after_seq,
+            format,
+        } => (|| {
+            let mut store = crate::store::open(&store, Rules::default())?;
+            export(
+                &mut *store,
+                &table,
+                after_seq,
+                format,
+                &mut std::io::stdout().lock(),
+            )?;
+            Ok(())
+        })(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -54,6 +125,72 @@ pub fn crdgen_files(dir: &std::path::Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     for (file, crd) in crate::crd::all_crds() {
         std::fs::write(dir.join(file), crate::crd::crd_yaml(&crd)?)?;
+    }
+    Ok(())
+}
+
+/// Loads identity rules from `path`, or Segment's defaults.
+pub fn load_rules(path: Option<&std::path::Path>) -> anyhow::Result<Rules> {
+    match path {
+        None => Ok(Rules::default()),
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+            Rules::from_yaml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
+        }
+    }
+}
+
+fn run_import(
+    store: &str,
+    rules: Option<&std::path::Path>,
+    source_id: &str,
+    json: bool,
+    input: &PathBuf,
+) -> anyhow::Result<()> {
+    let mut store = crate::store::open(store, load_rules(rules)?)?;
+    let total = std::fs::metadata(input).map(|m| m.len()).unwrap_or(0);
+    let bar = if std::io::stderr().is_terminal() && total > 0 {
+        let bar = indicatif::ProgressBar::new(total);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{bar:40} {bytes}/{total_bytes} {per_sec} eta {eta}",
+        ) {
+            bar.set_style(style);
+        }
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut shown = 0usize;
+    let summary = import(
+        &mut *store,
+        input,
+        source_id,
+        |e| {
+            // The first errors are printed; all are counted in the summary.
+            shown += 1;
+            if shown <= 100 {
+                bar.suspend(|| eprintln!("{e}"));
+            }
+        },
+        |bytes| bar.set_position(bytes),
+    )?;
+    bar.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!(
+            "lines: {}\naccepted: {}\nduplicates: {}\nrejected: {}\nprofiles created: {}\nmerges: {}",
+            summary.lines,
+            summary.accepted,
+            summary.duplicates,
+            summary.rejected_total(),
+            summary.profiles_created,
+            summary.merges
+        );
+        for (reason, n) in &summary.rejected {
+            println!("  {n:>8}  {reason}");
+        }
     }
     Ok(())
 }

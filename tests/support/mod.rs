@@ -2,4 +2,5 @@
 // Each integration-test binary uses a different subset of these helpers.
 #![allow(dead_code)]
 
+pub mod engine;
 pub mod pg;

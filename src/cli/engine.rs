@@ -1,0 +1,95 @@
+//! `profiles-sync engine`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use crate::engine::{EngineConfig, sources::Sources};
+
+/// Flags of `profiles-sync engine`; each can also come from the environment.
+#[derive(Debug, clap::Args)]
+pub struct EngineArgs {
+    /// The store: sqlite:///path/file.db or postgres://user@host/db.
+    #[arg(long, env = "PROFILES_SYNC_STORE")]
+    pub store: String,
+    /// Address to listen on.
+    #[arg(long, env = "PROFILES_SYNC_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// YAML file of sources and their write keys (in a cluster, a mounted Secret).
+    #[arg(long, env = "PROFILES_SYNC_SOURCES")]
+    pub sources: PathBuf,
+    /// Identity resolution rules (YAML); Segment's defaults when unset.
+    #[arg(long, env = "PROFILES_SYNC_RULES")]
+    pub rules: Option<PathBuf>,
+    /// File holding the bearer token of the change-feed API (a mounted Secret); the API is closed without it.
+    #[arg(long, env = "PROFILES_SYNC_FEED_TOKEN_FILE")]
+    pub feed_token_file: Option<PathBuf>,
+    /// Requests the writer queue holds before the engine answers 503 with Retry-After.
+    #[arg(long, env = "PROFILES_SYNC_QUEUE_CAPACITY", default_value_t = 64)]
+    pub queue_capacity: usize,
+}
+
+fn read(path: &PathBuf) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+impl EngineArgs {
+    /// The engine configuration these flags describe.
+    pub fn config(&self) -> anyhow::Result<EngineConfig> {
+        let token = match &self.feed_token_file {
+            Some(p) => {
+                let t = read(p)?.trim().to_string();
+                anyhow::ensure!(!t.is_empty(), "{}: the feed token is empty", p.display());
+                Some(t)
+            }
+            None => None,
+        };
+        Ok(EngineConfig {
+            store: self.store.clone(),
+            listen: self.listen,
+            sources: Sources::from_yaml(&read(&self.sources)?)?,
+            rules: super::load_rules(self.rules.as_deref())?,
+            feed_token: token,
+            queue_capacity: self.queue_capacity.max(1),
+        })
+    }
+}
+
+/// Runs the engine until SIGTERM or Ctrl-C, then shuts down gracefully.
+pub fn run(args: EngineArgs) -> anyhow::Result<()> {
+    super::telemetry::init();
+    let config = args.config()?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let engine = crate::engine::start(config).await?;
+        println!("engine listening on {}", engine.addr);
+        let stop = engine.shutdown_sender();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutting down: finishing in-flight requests");
+            let _ = stop.send(true);
+        });
+        engine.wait().await
+    })
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

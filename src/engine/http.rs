@@ -1,0 +1,318 @@
+//! The HTTP surface: the Tracking API, the change-feed API, health and metrics.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use http_body_util::{BodyExt, Limited};
+use serde_json::json;
+
+use crate::event::{EventType, Timestamp};
+use crate::identity::Rules;
+
+use super::feed::{self, DEFAULT_PAGE, MAX_PAGE, ReaderPool};
+use super::metrics::Metrics;
+use super::request::{self, ApiError, Endpoint, MAX_BATCH_BYTES};
+use super::sources::Sources;
+use super::writer::Writer;
+
+/// What every handler shares.
+pub struct AppState {
+    /// Sources by write key.
+    pub sources: Sources,
+    /// Identity rules (for the blocked-identifier check before queueing).
+    pub rules: Rules,
+    /// The store writer's queue.
+    pub writer: Writer,
+    /// Read handles for the feed API.
+    pub readers: Arc<ReaderPool>,
+    /// The feed API's bearer token; the feed API is closed when unset.
+    pub feed_token: Option<String>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// False once shutdown started.
+    pub ready: AtomicBool,
+}
+
+type Shared = Arc<AppState>;
+
+/// The router with every route.
+pub fn router(state: Shared) -> Router {
+    let mut r = Router::new();
+    for (paths, t) in [
+        (["/v1/identify", "/v1/i"], EventType::Identify),
+        (["/v1/track", "/v1/t"], EventType::Track),
+        (["/v1/page", "/v1/p"], EventType::Page),
+        (["/v1/screen", "/v1/s"], EventType::Screen),
+        (["/v1/group", "/v1/g"], EventType::Group),
+        (["/v1/alias", "/v1/a"], EventType::Alias),
+    ] {
+        for p in paths {
+            r = r.route(
+                p,
+                post(move |s: State<Shared>, h: HeaderMap, b: Body| {
+                    ingest(s, h, b, Endpoint::Single(t), t.as_str())
+                }),
+            );
+        }
+    }
+    for p in ["/v1/batch", "/v1/b", "/v1/import"] {
+        r = r.route(
+            p,
+            post(move |s: State<Shared>, h: HeaderMap, b: Body| {
+                ingest(s, h, b, Endpoint::Batch, "batch")
+            }),
+        );
+    }
+    r.route("/v1/feeds", get(feed_catalog))
+        .route("/v1/feeds/{table}", get(feed_page))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+fn json_response(status: StatusCode, body: serde_json::Value) -> Response {
+    (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn api_error(e: &ApiError) -> Response {
+    json_response(
+        StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST),
+        e.body(),
+    )
+}
+
+async fn read_body(headers: &HeaderMap, body: Body) -> Result<Vec<u8>, ApiError> {
+    let too_large = || ApiError {
+        status: 413,
+        message: format!(
+            "request body exceeds the {} KB batch limit",
+            MAX_BATCH_BYTES / 1024
+        ),
+        field: None,
+        index: None,
+    };
+    let raw = Limited::new(body, MAX_BATCH_BYTES)
+        .collect()
+        .await
+        .map_err(|_| too_large())?
+        .to_bytes();
+    let gzip = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("gzip"));
+    if gzip {
+        request::gunzip(&raw, MAX_BATCH_BYTES)
+    } else {
+        Ok(raw.to_vec())
+    }
+}
+
+async fn ingest(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    body: Body,
+    endpoint: Endpoint,
+    label: &'static str,
+) -> Response {
+    let response = ingest_inner(&state, &headers, body, endpoint).await;
+    state
+        .metrics
+        .requests
+        .with_label_values(&[label, response.status().as_str()])
+        .inc();
+    response
+}
+
+async fn ingest_inner(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    endpoint: Endpoint,
+) -> Response {
+    let started = Instant::now();
+    let bytes = match read_body(headers, body).await {
+        Ok(b) => b,
+        Err(e) => {
+            state
+                .metrics
+                .events_rejected
+                .with_label_values(&[e.reason()])
+                .inc();
+            return api_error(&e);
+        }
+    };
+    let auth = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let accepted = match request::parse(
+        endpoint,
+        &bytes,
+        auth,
+        &state.sources,
+        &state.rules,
+        Timestamp::now(),
+    ) {
+        Ok(a) => a,
+        Err(e) => {
+            state
+                .metrics
+                .events_rejected
+                .with_label_values(&[e.reason()])
+                .inc();
+            return api_error(&e);
+        }
+    };
+    state
+        .metrics
+        .parse_seconds
+        .observe(started.elapsed().as_secs_f64());
+    let count = accepted.events.len();
+    let Ok(done) = state.writer.try_submit(accepted.events) else {
+        state
+            .metrics
+            .events_rejected
+            .with_label_values(&["overloaded"])
+            .inc_by(count as u64);
+        let mut r = json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"success": false, "error": "the engine is at capacity; retry after the delay in Retry-After"}),
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return r;
+    };
+    state.metrics.queue_depth.set(state.writer.depth() as i64);
+    match done.await {
+        Ok(Ok(_)) => json_response(StatusCode::OK, json!({"success": true})),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "request failed to commit");
+            let mut r = json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"success": false, "error": "the store could not commit the events; nothing was stored, retry"}),
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            r
+        }
+        Err(_) => json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"success": false, "error": "the engine is shutting down; retry"}),
+        ),
+    }
+}
+
+fn authorize(state: &AppState, headers: &HeaderMap) -> Option<Response> {
+    let Some(token) = &state.feed_token else {
+        return Some(json_response(
+            StatusCode::FORBIDDEN,
+            json!({"error": "the feed API is disabled: start the engine with --feed-token-file"}),
+        ));
+    };
+    let auth = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    (!feed::token_matches(auth, token)).then(|| {
+        json_response(
+            StatusCode::UNAUTHORIZED,
+            json!({"error": "missing or wrong bearer token"}),
+        )
+    })
+}
+
+async fn feed_catalog(State(state): State<Shared>, headers: HeaderMap) -> Response {
+    if let Some(denied) = authorize(&state, &headers) {
+        return denied;
+    }
+    let readers = state.readers.clone();
+    match tokio::task::spawn_blocking(move || readers.with(feed::catalog)).await {
+        Ok(Ok(doc)) => json_response(StatusCode::OK, doc),
+        Ok(Err(e)) => store_unavailable(&e.to_string()),
+        Err(e) => store_unavailable(&e.to_string()),
+    }
+}
+
+fn store_unavailable(e: &str) -> Response {
+    tracing::error!(error = e, "feed read failed");
+    json_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        json!({"error": "the store could not be read; retry"}),
+    )
+}
+
+/// Query parameters of a feed page.
+#[derive(serde::Deserialize)]
+struct PageQuery {
+    after: Option<i64>,
+    limit: Option<usize>,
+}
+
+async fn feed_page(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    Path(table): Path<String>,
+    Query(q): Query<PageQuery>,
+) -> Response {
+    if let Some(denied) = authorize(&state, &headers) {
+        return denied;
+    }
+    let after = q.after.unwrap_or(0);
+    let limit = q.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
+    let readers = state.readers.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        readers.with(|store| {
+            let Some(f) = feed::feed_for(store, &table)? else {
+                return Ok(None);
+            };
+            feed::page(store, &table, &f, after, limit).map(Some)
+        })
+    })
+    .await;
+    match result {
+        Ok(Ok(Some(body))) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/x-ndjson")],
+            Bytes::from(body),
+        )
+            .into_response(),
+        Ok(Ok(None)) => json_response(
+            StatusCode::NOT_FOUND,
+            json!({"error": "unknown table; GET /v1/feeds lists them"}),
+        ),
+        Ok(Err(e)) => store_unavailable(&e.to_string()),
+        Err(e) => store_unavailable(&e.to_string()),
+    }
+}
+
+async fn readyz(State(state): State<Shared>) -> Response {
+    if state.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
+    }
+}
+
+async fn metrics(State(state): State<Shared>) -> Response {
+    state.metrics.queue_depth.set(state.writer.depth() as i64);
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}

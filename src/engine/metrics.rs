@@ -1,0 +1,101 @@
+//! The engine's Prometheus metrics.
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+/// Every metric the engine exports on `/metrics`.
+#[derive(Clone)]
+pub struct Metrics {
+    /// The registry rendered on `/metrics`.
+    pub registry: Registry,
+    /// HTTP requests by endpoint and status code.
+    pub requests: IntCounterVec,
+    /// Events committed.
+    pub events_accepted: IntCounter,
+    /// Events skipped as duplicates (messageId already stored).
+    pub events_duplicate: IntCounter,
+    /// Events refused, by reason.
+    pub events_rejected: IntCounterVec,
+    /// Seconds to validate and resolve-check a request.
+    pub parse_seconds: Histogram,
+    /// Seconds to resolve and commit one group of requests.
+    pub commit_seconds: Histogram,
+    /// Requests waiting for the writer.
+    pub queue_depth: IntGauge,
+    /// Profiles created.
+    pub profiles_created: IntCounter,
+    /// Profiles merged away.
+    pub merges: IntCounter,
+}
+
+impl Metrics {
+    /// Registers every metric in a fresh registry.
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new_custom(Some("profiles_sync_engine".into()), None)?;
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "http_requests_total",
+                "HTTP requests by endpoint and status code",
+            ),
+            &["endpoint", "status"],
+        )?;
+        let events_accepted =
+            IntCounter::new("events_accepted_total", "Events committed to the store")?;
+        let events_duplicate = IntCounter::new(
+            "events_duplicate_total",
+            "Events skipped because their messageId was stored",
+        )?;
+        let events_rejected = IntCounterVec::new(
+            Opts::new("events_rejected_total", "Events refused, by reason"),
+            &["reason"],
+        )?;
+        let buckets = prometheus::exponential_buckets(0.0001, 2.0, 18)?;
+        let parse_seconds = Histogram::with_opts(
+            HistogramOpts::new("request_parse_seconds", "Time to validate a request")
+                .buckets(buckets.clone()),
+        )?;
+        let commit_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "commit_seconds",
+                "Time to resolve and commit one group of requests",
+            )
+            .buckets(buckets),
+        )?;
+        let queue_depth = IntGauge::new("queue_depth", "Requests waiting for the store writer")?;
+        let profiles_created = IntCounter::new(
+            "profiles_created_total",
+            "Profiles created by identity resolution",
+        )?;
+        let merges = IntCounter::new("profile_merges_total", "Profiles merged into another")?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(events_accepted.clone()))?;
+        registry.register(Box::new(events_duplicate.clone()))?;
+        registry.register(Box::new(events_rejected.clone()))?;
+        registry.register(Box::new(parse_seconds.clone()))?;
+        registry.register(Box::new(commit_seconds.clone()))?;
+        registry.register(Box::new(queue_depth.clone()))?;
+        registry.register(Box::new(profiles_created.clone()))?;
+        registry.register(Box::new(merges.clone()))?;
+        Ok(Metrics {
+            registry,
+            requests,
+            events_accepted,
+            events_duplicate,
+            events_rejected,
+            parse_seconds,
+            commit_seconds,
+            queue_depth,
+            profiles_created,
+            merges,
+        })
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let encoder = prometheus::TextEncoder::new();
+        if let Err(e) = encoder.encode_utf8(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+}

@@ -1,0 +1,123 @@
+//! The engine (`profiles-sync engine`): the Segment-compatible Tracking API, identity resolution
+//! into the profile store, and the change-feed API that sync Jobs read.
+//!
+//! Requests are validated on the async side and queued to one writer thread that resolves and
+//! commits them in groups; a request is answered 200 only once its events are committed.
+
+pub mod feed;
+pub mod http;
+pub mod metrics;
+pub mod request;
+pub mod sources;
+pub mod writer;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::identity::Rules;
+
+/// How the engine runs.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Store URL (`sqlite:///path`, `postgres://...`).
+    pub store: String,
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Sources and their write keys.
+    pub sources: sources::Sources,
+    /// Identity resolution rules.
+    pub rules: Rules,
+    /// Bearer token of the feed API (closed when unset).
+    pub feed_token: Option<String>,
+    /// Requests the writer queue holds before answering 503.
+    pub queue_capacity: usize,
+}
+
+/// A started engine: its address, and a handle to stop it.
+pub struct RunningEngine {
+    /// The address it listens on (useful with port 0).
+    pub addr: SocketAddr,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    writer: std::thread::JoinHandle<()>,
+}
+
+impl RunningEngine {
+    /// Stops accepting, finishes in-flight requests, drains the writer, and returns.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.shutdown.send(true);
+        self.server.await??;
+        tokio::task::spawn_blocking(move || self.writer.join())
+            .await?
+            .map_err(|_| anyhow::anyhow!("the store writer panicked"))?;
+        Ok(())
+    }
+
+    /// A receiver that turns true when shutdown starts.
+    pub fn shutdown_sender(&self) -> tokio::sync::watch::Sender<bool> {
+        self.shutdown.clone()
+    }
+
+    /// Waits until the server has stopped (after a shutdown signal) and the writer drained.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.server.await??;
+        tokio::task::spawn_blocking(move || self.writer.join())
+            .await?
+            .map_err(|_| anyhow::anyhow!("the store writer panicked"))?;
+        Ok(())
+    }
+}
+
+/// Opens the store, records the sources, and starts serving.
+pub async fn start(config: EngineConfig) -> anyhow::Result<RunningEngine> {
+    let metrics = metrics::Metrics::new()?;
+    let (url, rules, infos) = (
+        config.store.clone(),
+        config.rules.clone(),
+        config.sources.infos(),
+    );
+    let store = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let mut store = crate::store::open(&url, rules)?;
+        for s in &infos {
+            store.upsert_source(s)?;
+        }
+        Ok(store)
+    })
+    .await??;
+    let (writer, writer_thread) = writer::Writer::spawn(
+        store,
+        config.store.clone(),
+        config.rules.clone(),
+        config.queue_capacity,
+        metrics.clone(),
+    );
+    let state = Arc::new(http::AppState {
+        sources: config.sources,
+        rules: config.rules,
+        writer,
+        readers: feed::ReaderPool::new(config.store),
+        feed_token: config.feed_token,
+        metrics,
+        ready: AtomicBool::new(true),
+    });
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let addr = listener.local_addr()?;
+    let (shutdown, mut rx) = tokio::sync::watch::channel(false);
+    let app = http::router(state.clone());
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+                state.ready.store(false, Ordering::Relaxed);
+            })
+            .await
+    });
+    tracing::info!(%addr, "engine listening");
+    Ok(RunningEngine {
+        addr,
+        shutdown,
+        server,
+        writer: writer_thread,
+    })
+}

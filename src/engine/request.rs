@@ -1,0 +1,245 @@
+//! Turning a Tracking API request into events: size limits, gzip, authentication, batch
+//! expansion and validation. Nothing here touches the store, so a refused request stores nothing.
+
+use std::io::Read;
+
+use base64::Engine as _;
+use serde_json::{Map, Value};
+
+use crate::event::{Event, EventType, ParseOptions, Timestamp};
+use crate::identity::{Rules, extract_identifiers};
+
+use super::sources::{SourceConfig, Sources};
+
+/// Segment's limit on one message.
+pub const MAX_MESSAGE_BYTES: usize = 32 * 1024;
+/// Segment's limit on one batch request.
+pub const MAX_BATCH_BYTES: usize = 500 * 1024;
+
+/// A refused request: the HTTP status and a JSON body that names what was wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// HTTP status code.
+    pub status: u16,
+    /// What was wrong.
+    pub message: String,
+    /// The offending field, when one is to blame.
+    pub field: Option<String>,
+    /// The index of the offending message in a batch.
+    pub index: Option<usize>,
+}
+
+impl ApiError {
+    fn new(status: u16, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+            field: None,
+            index: None,
+        }
+    }
+
+    /// The JSON body sent to the client.
+    pub fn body(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("success".into(), false.into());
+        m.insert("error".into(), self.message.clone().into());
+        if let Some(f) = &self.field {
+            m.insert("field".into(), f.clone().into());
+        }
+        if let Some(i) = self.index {
+            m.insert("index".into(), i.into());
+        }
+        Value::Object(m)
+    }
+
+    /// A short label for metrics (`too_large`, `unauthorized`, `invalid`, ...).
+    pub fn reason(&self) -> &'static str {
+        match self.status {
+            401 => "unauthorized",
+            413 => "too_large",
+            _ if self.field.is_some() => "invalid_field",
+            _ => "invalid",
+        }
+    }
+}
+
+/// Which endpoint a request came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// One message of this type (`/v1/track`, `/v1/t`, ...).
+    Single(EventType),
+    /// A batch (`/v1/batch`, `/v1/b`, `/v1/import`).
+    Batch,
+}
+
+/// A request that passed every check.
+#[derive(Debug)]
+pub struct Accepted {
+    /// The source that sent it.
+    pub source: SourceConfig,
+    /// Its events, in order.
+    pub events: Vec<Event>,
+}
+
+/// Decompresses a gzip body, refusing to inflate past `limit` bytes (a zip bomb stays small).
+pub fn gunzip(body: &[u8], limit: usize) -> Result<Vec<u8>, ApiError> {
+    let mut out = Vec::with_capacity(body.len() * 4);
+    let mut decoder = flate2::read::GzDecoder::new(body).take(limit as u64 + 1);
+    decoder
+        .read_to_end(&mut out)
+        .map_err(|e| ApiError::new(400, format!("body is not valid gzip: {e}")))?;
+    if out.len() > limit {
+        return Err(ApiError::new(
+            413,
+            format!("request body exceeds the {} KB batch limit", limit / 1024),
+        ));
+    }
+    Ok(out)
+}
+
+/// The write key of HTTP basic auth (`Authorization: Basic base64(writeKey:)`).
+pub fn basic_auth_user(header: Option<&str>) -> Option<String> {
+    let encoded = header?
+        .strip_prefix("Basic ")
+        .or_else(|| header?.strip_prefix("basic "))?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let user = text.split_once(':').map(|(u, _)| u).unwrap_or(&text);
+    (!user.is_empty()).then(|| user.to_string())
+}
+
+/// The messages of a batch object; its top-level `context` and `sentAt` apply to each message
+/// that has none, as in Segment's batch API.
+pub fn batch_messages(obj: &Map<String, Value>) -> Result<Vec<Value>, ApiError> {
+    let items = match obj.get("batch") {
+        Some(Value::Array(items)) => items,
+        Some(_) => return Err(field_error(400, "batch", "must be an array", None)),
+        None => return Err(field_error(400, "batch", "is required", None)),
+    };
+    Ok(items
+        .iter()
+        .map(|item| {
+            let mut item = item.clone();
+            if let Some(m) = item.as_object_mut() {
+                for key in ["sentAt", "context"] {
+                    if let Some(v) = obj.get(key)
+                        && !m.contains_key(key)
+                    {
+                        m.insert(key.into(), v.clone());
+                    }
+                }
+            }
+            item
+        })
+        .collect())
+}
+
+fn field_error(status: u16, field: &str, reason: &str, index: Option<usize>) -> ApiError {
+    ApiError {
+        status,
+        message: format!("{field}: {reason}"),
+        field: Some(field.into()),
+        index,
+    }
+}
+
+/// Checks and parses one request body (already decompressed).
+pub fn parse(
+    endpoint: Endpoint,
+    body: &[u8],
+    auth_header: Option<&str>,
+    sources: &Sources,
+    rules: &Rules,
+    now: Timestamp,
+) -> Result<Accepted, ApiError> {
+    let limit = match endpoint {
+        Endpoint::Single(_) => MAX_MESSAGE_BYTES,
+        Endpoint::Batch => MAX_BATCH_BYTES,
+    };
+    if body.len() > limit {
+        return Err(ApiError::new(
+            413,
+            match endpoint {
+                Endpoint::Single(_) => {
+                    format!("message exceeds the {} KB limit", MAX_MESSAGE_BYTES / 1024)
+                }
+                Endpoint::Batch => format!(
+                    "request body exceeds the {} KB batch limit",
+                    MAX_BATCH_BYTES / 1024
+                ),
+            },
+        ));
+    }
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::new(400, format!("malformed JSON: {e}")))?;
+    let Value::Object(obj) = value else {
+        return Err(ApiError::new(
+            400,
+            "malformed JSON: the body must be an object",
+        ));
+    };
+    let key = basic_auth_user(auth_header).or_else(|| {
+        obj.get("writeKey")
+            .and_then(Value::as_str)
+            .map(String::from)
+    });
+    let Some(key) = key else {
+        return Err(ApiError::new(
+            401,
+            "missing write key: send it as the basic-auth username or as writeKey",
+        ));
+    };
+    let Some(source) = sources.by_write_key(&key) else {
+        return Err(ApiError::new(401, "unknown write key"));
+    };
+    let (messages, default_type, batched) = match endpoint {
+        Endpoint::Single(t) => (vec![Value::Object(obj)], Some(t), false),
+        Endpoint::Batch => (batch_messages(&obj)?, None, true),
+    };
+    if batched && messages.is_empty() {
+        return Err(field_error(400, "batch", "is empty", None));
+    }
+    let opts = ParseOptions {
+        now,
+        source_id: source.id.clone(),
+        trust_received_at: false,
+    };
+    let mut events = Vec::with_capacity(messages.len());
+    for (i, m) in messages.iter().enumerate() {
+        let index = batched.then_some(i);
+        if batched {
+            let size = serde_json::to_vec(m).map(|v| v.len()).unwrap_or(usize::MAX);
+            if size > MAX_MESSAGE_BYTES {
+                return Err(ApiError {
+                    status: 400,
+                    message: format!("message exceeds the {} KB limit", MAX_MESSAGE_BYTES / 1024),
+                    field: None,
+                    index,
+                });
+            }
+        }
+        let event = Event::from_json(m, default_type, &opts)
+            .map_err(|e| field_error(400, &e.field, &e.reason, index))?;
+        if extract_identifiers(&event, rules).is_empty() {
+            let field = if event.user_id.is_some() {
+                "userId"
+            } else {
+                "anonymousId"
+            };
+            return Err(field_error(
+                400,
+                field,
+                "every identifier of this message is blocked by the identity rules",
+                index,
+            ));
+        }
+        events.push(event);
+    }
+    Ok(Accepted {
+        source: source.clone(),
+        events,
+    })
+}

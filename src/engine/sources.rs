@@ -1,0 +1,141 @@
+//! Event sources and their write keys, from a YAML file (in a cluster, a mounted Secret).
+//!
+//! ```yaml
+//! sources:
+//!   - id: src_web
+//!     name: Website
+//!     slug: website
+//!     writeKey: wk_live_abc123
+//! ```
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+
+use crate::store::SourceInfo;
+
+/// One source as configured.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Stable id, recorded as each event's `event_source_id`.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// URL-safe slug.
+    pub slug: String,
+    /// The write key clients authenticate with.
+    pub write_key: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SourcesFile {
+    sources: Vec<SourceConfig>,
+}
+
+/// Why a sources file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SourcesError {
+    /// Not valid YAML of the expected shape.
+    #[error("sources file: {0}")]
+    Parse(String),
+    /// Two sources share a write key or an id.
+    #[error("sources file: {what} {value:?} is used by more than one source")]
+    Duplicate {
+        /// `id` or `writeKey`.
+        what: &'static str,
+        /// The repeated value (ids only; keys are not printed).
+        value: String,
+    },
+    /// An empty id or write key.
+    #[error("sources file: source #{0} has an empty id or writeKey")]
+    Empty(usize),
+}
+
+/// The configured sources, looked up by write key.
+#[derive(Clone, Debug, Default)]
+pub struct Sources {
+    by_key: HashMap<String, SourceConfig>,
+}
+
+impl Sources {
+    /// Parses a sources file.
+    pub fn from_yaml(text: &str) -> Result<Sources, SourcesError> {
+        let file: SourcesFile =
+            yaml_serde::from_str(text).map_err(|e| SourcesError::Parse(e.to_string()))?;
+        let mut by_key = HashMap::new();
+        let mut ids = std::collections::HashSet::new();
+        for (i, s) in file.sources.into_iter().enumerate() {
+            if s.id.is_empty() || s.write_key.is_empty() {
+                return Err(SourcesError::Empty(i));
+            }
+            if !ids.insert(s.id.clone()) {
+                return Err(SourcesError::Duplicate {
+                    what: "id",
+                    value: s.id,
+                });
+            }
+            if by_key.contains_key(&s.write_key) {
+                return Err(SourcesError::Duplicate {
+                    what: "writeKey",
+                    value: format!("of source {}", s.id),
+                });
+            }
+            by_key.insert(s.write_key.clone(), s);
+        }
+        Ok(Sources { by_key })
+    }
+
+    /// The source a write key belongs to.
+    pub fn by_write_key(&self, key: &str) -> Option<&SourceConfig> {
+        self.by_key.get(key)
+    }
+
+    /// Every source, for the store's `sources` table.
+    pub fn infos(&self) -> Vec<SourceInfo> {
+        let mut v: Vec<SourceInfo> = self
+            .by_key
+            .values()
+            .map(|s| SourceInfo {
+                id: s.id.clone(),
+                name: s.name.clone(),
+                slug: s.slug.clone(),
+            })
+            .collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_looks_up_by_key() {
+        let s = Sources::from_yaml("sources:\n  - {id: s1, name: Web, slug: web, writeKey: k1}\n")
+            .unwrap();
+        assert_eq!(s.by_write_key("k1").map(|s| s.id.as_str()), Some("s1"));
+        assert!(s.by_write_key("nope").is_none());
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused_without_printing_the_key() {
+        let err = Sources::from_yaml(
+            "sources:\n  - {id: s1, name: a, slug: a, writeKey: secret}\n  - {id: s2, name: b, slug: b, writeKey: secret}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("writeKey"), "{err}");
+        assert!(!err.contains("secret"), "{err}");
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        assert!(
+            Sources::from_yaml("sources:\n  - {id: s1, name: a, slug: a, writeKey: k, extra: 1}\n")
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,138 @@
+//! The single writer: a thread that owns the store's write side and commits queued requests in
+//! groups, answering each request only after its events are committed (and so durable).
+//!
+//! The queue is bounded: when it is full the HTTP layer answers 503 with `Retry-After` instead
+//! of buffering, so memory stays bounded under overload.
+
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::event::Event;
+use crate::identity::Rules;
+use crate::store::{self, IngestSummary, Store, StoreError};
+
+use super::metrics::Metrics;
+
+/// Most events committed in one transaction (several requests are grouped up to this).
+const MAX_GROUP_EVENTS: usize = 20_000;
+
+/// A request's events waiting to be committed.
+struct Job {
+    events: Vec<Event>,
+    reply: oneshot::Sender<Result<IngestSummary, String>>,
+}
+
+/// The queue was full.
+#[derive(Debug)]
+pub struct Overloaded;
+
+/// The sending side of the writer's queue.
+#[derive(Clone)]
+pub struct Writer {
+    tx: mpsc::Sender<Job>,
+    capacity: usize,
+}
+
+impl Writer {
+    /// Starts the writer thread on `store` (reopened from `url` after an error) with a queue of
+    /// `capacity` requests. The thread ends once every [`Writer`] is dropped and the queue drained.
+    pub fn spawn(
+        store: Box<dyn Store>,
+        url: String,
+        rules: Rules,
+        capacity: usize,
+        metrics: Metrics,
+    ) -> (Writer, std::thread::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        let handle = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || run(store, url, rules, rx, metrics))
+            .unwrap_or_else(|e| panic!("cannot start the store writer thread: {e}"));
+        (Writer { tx, capacity }, handle)
+    }
+
+    /// Queues events; the receiver resolves once they are committed. Fails at once when full.
+    pub fn try_submit(
+        &self,
+        events: Vec<Event>,
+    ) -> Result<oneshot::Receiver<Result<IngestSummary, String>>, Overloaded> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .try_send(Job { events, reply })
+            .map_err(|_| Overloaded)?;
+        Ok(rx)
+    }
+
+    /// Requests waiting in the queue.
+    pub fn depth(&self) -> usize {
+        self.capacity - self.tx.capacity()
+    }
+}
+
+fn run(
+    mut store: Box<dyn Store>,
+    url: String,
+    rules: Rules,
+    mut rx: mpsc::Receiver<Job>,
+    metrics: Metrics,
+) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut jobs = vec![first];
+        let mut count = jobs[0].events.len();
+        while count < MAX_GROUP_EVENTS {
+            match rx.try_recv() {
+                Ok(job) => {
+                    count += job.events.len();
+                    jobs.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        let mut events = Vec::with_capacity(count);
+        let mut replies = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            events.extend(job.events);
+            replies.push(job.reply);
+        }
+        let started = Instant::now();
+        let result = store.ingest(events);
+        metrics
+            .commit_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(summary) => {
+                metrics.events_accepted.inc_by(summary.accepted as u64);
+                metrics.events_duplicate.inc_by(summary.duplicates as u64);
+                metrics
+                    .profiles_created
+                    .inc_by(summary.profiles_created as u64);
+                metrics.merges.inc_by(summary.merges as u64);
+                for (index, reason) in &summary.rejected {
+                    tracing::warn!(index, reason, "event refused by identity resolution");
+                    metrics
+                        .events_rejected
+                        .with_label_values(&["resolution"])
+                        .inc();
+                }
+                for reply in replies {
+                    let _ = reply.send(Ok(summary.clone()));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store commit failed; the batch was not stored");
+                for reply in replies {
+                    let _ = reply.send(Err(e.to_string()));
+                }
+                if let StoreError::Postgres(_) | StoreError::Sqlite(_) = e {
+                    match store::open(&url, rules.clone()) {
+                        Ok(s) => store = s,
+                        Err(e) => {
+                            tracing::error!(error = %e, "reopening the store failed; will retry on the next batch")
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,376 @@
+use proptest::prelude::*;
+use serde_json::{Value, json};
+
+use super::*;
+
+fn ts(s: &str) -> Timestamp {
+    s.parse().expect("test timestamp")
+}
+
+fn opts() -> ParseOptions {
+    ParseOptions::new(ts("2024-05-01T12:00:00Z"), "src_1")
+}
+
+fn parse(v: Value) -> Result<Event, EventError> {
+    Event::from_json(&v, None, &opts())
+}
+
+fn field_of(v: Value) -> String {
+    parse(v).expect_err("message must be rejected").field
+}
+
+#[test]
+fn event_type_names_and_tables() {
+    let names: Vec<_> = EventType::ALL.iter().map(|t| t.as_str()).collect();
+    assert_eq!(
+        names,
+        ["identify", "track", "page", "screen", "group", "alias"]
+    );
+    let tables: Vec<_> = EventType::ALL.iter().map(|t| t.table()).collect();
+    assert_eq!(
+        tables,
+        [
+            "identifies",
+            "tracks",
+            "pages",
+            "screens",
+            "groups",
+            "aliases"
+        ]
+    );
+    for t in EventType::ALL {
+        assert_eq!(EventType::parse(t.as_str()), Some(t));
+    }
+    assert_eq!(EventType::parse("Track"), None);
+    assert_eq!(
+        serde_json::to_value(EventType::Screen).expect("serializes"),
+        json!("screen")
+    );
+}
+
+#[test]
+fn parses_a_track_call() {
+    let e = parse(json!({
+        "type": "track", "messageId": "m1", "userId": "u1", "anonymousId": "a1",
+        "event": "Order Completed", "properties": {"total": 12.5},
+        "context": {"ip": "1.2.3.4"}, "integrations": {"All": true},
+        "timestamp": "2024-05-01T11:00:00Z"
+    }))
+    .expect("valid track");
+    assert_eq!(e.event_type, EventType::Track);
+    assert_eq!(e.message_id, "m1");
+    assert_eq!(e.user_id.as_deref(), Some("u1"));
+    assert_eq!(e.anonymous_id.as_deref(), Some("a1"));
+    assert_eq!(e.event.as_deref(), Some("Order Completed"));
+    assert_eq!(e.properties["total"], json!(12.5));
+    assert_eq!(e.context["ip"], json!("1.2.3.4"));
+    assert_eq!(e.integrations["All"], json!(true));
+    assert_eq!(e.source_id, "src_1");
+    assert_eq!(e.received_at, ts("2024-05-01T12:00:00Z"));
+    assert_eq!(e.timestamp, ts("2024-05-01T11:00:00Z"));
+    assert_eq!(e.original_timestamp, Some(ts("2024-05-01T11:00:00Z")));
+    assert!(e.extra.is_empty());
+}
+
+#[test]
+fn default_type_applies_and_must_agree() {
+    let body = json!({"userId": "u1", "event": "Clicked"});
+    let e = Event::from_json(&body, Some(EventType::Track), &opts()).expect("typed by endpoint");
+    assert_eq!(e.event_type, EventType::Track);
+
+    let body = json!({"type": "page", "userId": "u1"});
+    let err = Event::from_json(&body, Some(EventType::Track), &opts()).expect_err("mismatch");
+    assert_eq!(err.field, "type");
+}
+
+#[test]
+fn rejects_a_non_object() {
+    assert_eq!(field_of(json!([1, 2])), "message");
+    assert_eq!(field_of(json!("identify")), "message");
+}
+
+#[test]
+fn type_is_required_and_must_be_known() {
+    assert_eq!(field_of(json!({"userId": "u1"})), "type");
+    assert_eq!(field_of(json!({"type": "click", "userId": "u1"})), "type");
+    assert_eq!(field_of(json!({"type": 3, "userId": "u1"})), "type");
+}
+
+#[test]
+fn user_id_or_anonymous_id_is_required() {
+    assert_eq!(field_of(json!({"type": "page"})), "userId");
+    assert_eq!(
+        field_of(json!({"type": "page", "userId": "", "anonymousId": null})),
+        "userId"
+    );
+    assert_eq!(field_of(json!({"type": "page", "userId": true})), "userId");
+    assert_eq!(
+        field_of(json!({"type": "page", "anonymousId": {"a": 1}})),
+        "anonymousId"
+    );
+}
+
+#[test]
+fn numeric_ids_become_strings() {
+    let e = parse(json!({"type": "group", "userId": 42, "anonymousId": 1.5, "groupId": 7}))
+        .expect("numbers accepted");
+    assert_eq!(e.user_id.as_deref(), Some("42"));
+    assert_eq!(e.anonymous_id.as_deref(), Some("1.5"));
+    assert_eq!(e.group_id.as_deref(), Some("7"));
+}
+
+#[test]
+fn track_requires_an_event_name() {
+    assert_eq!(field_of(json!({"type": "track", "userId": "u1"})), "event");
+    assert_eq!(
+        field_of(json!({"type": "track", "userId": "u1", "event": ""})),
+        "event"
+    );
+    assert_eq!(
+        field_of(json!({"type": "track", "userId": "u1", "event": 5})),
+        "event"
+    );
+}
+
+#[test]
+fn group_requires_group_id() {
+    assert_eq!(
+        field_of(json!({"type": "group", "userId": "u1"})),
+        "groupId"
+    );
+}
+
+#[test]
+fn alias_requires_previous_id_and_user_id() {
+    assert_eq!(
+        field_of(json!({"type": "alias", "userId": "u1"})),
+        "previousId"
+    );
+    assert_eq!(
+        field_of(json!({"type": "alias", "anonymousId": "a1", "previousId": "p"})),
+        "userId"
+    );
+    let e = parse(json!({"type": "alias", "userId": "u1", "previousId": "a0"})).expect("alias");
+    assert_eq!(e.previous_id.as_deref(), Some("a0"));
+}
+
+#[test]
+fn object_fields_must_be_objects() {
+    for key in ["traits", "properties", "context", "integrations"] {
+        let mut msg = json!({"type": "identify", "userId": "u1"});
+        msg[key] = json!([1]);
+        let err = parse(msg).expect_err("non-object rejected");
+        assert_eq!(err.field, key);
+        assert_eq!(err.to_string(), format!("{key}: must be an object"));
+    }
+}
+
+#[test]
+fn timestamps_must_be_iso_8601() {
+    for key in ["timestamp", "sentAt", "originalTimestamp"] {
+        let mut msg = json!({"type": "page", "userId": "u1"});
+        msg[key] = json!("yesterday");
+        assert_eq!(parse(msg.clone()).expect_err("bad time").field, key);
+        msg[key] = json!(1714560000);
+        assert_eq!(parse(msg).expect_err("numeric time").field, key);
+    }
+    // Offsets are honoured; a date-time without one is read as UTC.
+    let e =
+        parse(json!({"type": "page", "userId": "u1", "timestamp": "2024-05-01T13:00:00+02:00"}))
+            .expect("offset");
+    assert_eq!(e.timestamp, ts("2024-05-01T11:00:00Z"));
+    let e = parse(json!({"type": "page", "userId": "u1", "timestamp": "2024-05-01T11:00:00.250"}))
+        .expect("no offset");
+    assert_eq!(e.timestamp, ts("2024-05-01T11:00:00.25Z"));
+}
+
+#[test]
+fn message_id_must_be_a_string_and_is_generated_when_absent() {
+    assert_eq!(
+        field_of(json!({"type": "page", "userId": "u1", "messageId": 12})),
+        "messageId"
+    );
+    let a = parse(json!({"type": "page", "userId": "u1"})).expect("generated id");
+    let b = parse(json!({"type": "page", "userId": "u1"})).expect("generated id");
+    assert_ne!(a.message_id, b.message_id);
+    let re =
+        regex::Regex::new("^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+            .expect("regex");
+    assert!(re.is_match(&a.message_id), "{}", a.message_id);
+}
+
+#[test]
+fn identify_with_300_traits_is_rejected() {
+    let many = |n: usize| -> Value {
+        let traits: serde_json::Map<String, Value> =
+            (0..n).map(|i| (format!("t{i}"), json!(i))).collect();
+        json!({"type": "identify", "userId": "u1", "traits": traits})
+    };
+    let err = parse(many(300)).expect_err("300 traits");
+    assert_eq!(err.field, "traits");
+    assert!(err.reason.contains("300"), "{}", err.reason);
+    assert_eq!(parse(many(299)).expect("299 traits").traits.len(), 299);
+}
+
+#[test]
+fn clock_skew_is_corrected() {
+    // The client's clock is 10 minutes fast: it stamped the event at 12:09, sent at 12:10, and
+    // the server received the message at 12:00:05.
+    let o = ParseOptions::new(ts("2024-05-01T12:00:05Z"), "s");
+    let msg = json!({"type": "page", "userId": "u1",
+        "timestamp": "2024-05-01T12:09:00Z", "sentAt": "2024-05-01T12:10:00Z"});
+    let e = Event::from_json(&msg, None, &o).expect("valid");
+    assert_eq!(e.original_timestamp, Some(ts("2024-05-01T12:09:00Z")));
+    assert_eq!(e.sent_at, Some(ts("2024-05-01T12:10:00Z")));
+    assert_eq!(e.received_at, ts("2024-05-01T12:00:05Z"));
+    assert_eq!(e.timestamp, ts("2024-05-01T11:59:05Z"));
+
+    // originalTimestamp wins over timestamp when both are sent.
+    let msg = json!({"type": "page", "userId": "u1", "originalTimestamp": "2024-05-01T12:08:00Z",
+        "timestamp": "2024-05-01T00:00:00Z", "sentAt": "2024-05-01T12:10:00Z"});
+    let e = Event::from_json(&msg, None, &o).expect("valid");
+    assert_eq!(e.timestamp, ts("2024-05-01T11:58:05Z"));
+
+    // Without sentAt the client's timestamp stands; without any, the receive time.
+    let e = Event::from_json(
+        &json!({"type": "page", "userId": "u1", "timestamp": "2024-04-01T00:00:00Z"}),
+        None,
+        &o,
+    )
+    .expect("valid");
+    assert_eq!(e.timestamp, ts("2024-04-01T00:00:00Z"));
+    let e = Event::from_json(&json!({"type": "page", "userId": "u1"}), None, &o).expect("valid");
+    assert_eq!(e.timestamp, o.now);
+    assert_eq!(e.original_timestamp, None);
+}
+
+#[test]
+fn received_at_is_trusted_only_for_imports() {
+    let msg = json!({"type": "page", "userId": "u1", "receivedAt": "2023-01-01T00:00:00Z"});
+    let live = parse(msg.clone()).expect("valid");
+    assert_eq!(live.received_at, opts().now);
+    let import = ParseOptions {
+        trust_received_at: true,
+        ..opts()
+    };
+    let e = Event::from_json(&msg, None, &import).expect("valid");
+    assert_eq!(e.received_at, ts("2023-01-01T00:00:00Z"));
+    assert_eq!(e.timestamp, ts("2023-01-01T00:00:00Z"));
+}
+
+#[test]
+fn unknown_fields_are_kept_and_round_trip() {
+    let msg = json!({
+        "type": "identify", "userId": "u1", "anonymousId": "a1", "messageId": "m-1",
+        "traits": {"email": "jane@example.com", "plan": null},
+        "context": {"traits": {"name": "Jane"}}, "properties": {"p": 1},
+        "timestamp": "2024-05-01T11:59:00.123456789Z", "sentAt": "2024-05-01T11:59:01Z",
+        "version": 2, "user_id": "snake", "_metadata": {"bundled": ["x"]},
+        "writeKey": "secret"
+    });
+    let e = parse(msg).expect("valid");
+    assert_eq!(e.extra.len(), 3);
+    assert_eq!(e.extra["version"], json!(2));
+    assert_eq!(e.extra["user_id"], json!("snake"));
+    assert_eq!(e.extra["_metadata"], json!({"bundled": ["x"]}));
+    assert!(!e.extra.contains_key("writeKey"));
+
+    let out = e.to_json();
+    assert_eq!(out["type"], json!("identify"));
+    assert_eq!(out["userId"], json!("u1"));
+    assert_eq!(out["version"], json!(2));
+    assert_eq!(out["receivedAt"], json!("2024-05-01T12:00:00Z"));
+    assert_eq!(
+        out["originalTimestamp"],
+        json!("2024-05-01T11:59:00.123456789Z")
+    );
+    let trusted = ParseOptions {
+        now: ts("2000-01-01T00:00:00Z"),
+        source_id: "src_1".into(),
+        trust_received_at: true,
+    };
+    assert_eq!(Event::from_json(&out, None, &trusted), Ok(e));
+}
+
+#[test]
+fn event_without_client_time_round_trips() {
+    let e = parse(json!({"type": "alias", "userId": "u1", "previousId": "a1"})).expect("valid");
+    let out = e.to_json();
+    assert!(out.get("timestamp").is_none());
+    let trusted = ParseOptions {
+        trust_received_at: true,
+        ..opts()
+    };
+    assert_eq!(Event::from_json(&out, None, &trusted), Ok(e));
+}
+
+#[test]
+fn identity_traits_by_type() {
+    let identify = parse(json!({"type": "identify", "userId": "u1",
+        "traits": {"email": "a@x"}, "context": {"traits": {"email": "b@x"}}}))
+    .expect("valid");
+    assert_eq!(identify.identity_traits()["email"], json!("a@x"));
+    let track = parse(json!({"type": "track", "userId": "u1", "event": "E",
+        "traits": {"email": "a@x"}, "context": {"traits": {"email": "b@x"}}}))
+    .expect("valid");
+    assert_eq!(track.identity_traits()["email"], json!("b@x"));
+    let page =
+        parse(json!({"type": "page", "userId": "u1", "context": {"traits": 3}})).expect("valid");
+    assert!(page.identity_traits().is_empty());
+}
+
+fn arb_json() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        any::<f64>().prop_map(Value::from),
+        "[a-z0-9:TZ.+-]{0,24}".prop_map(Value::from),
+        prop_oneof![
+            Just("identify"),
+            Just("track"),
+            Just("alias"),
+            Just("group"),
+            Just("2024-05-01T12:00:00Z"),
+            Just("9999-12-31T23:59:59Z"),
+            Just("-009999-01-01T00:00:00Z"),
+        ]
+        .prop_map(Value::from),
+    ];
+    let key = prop_oneof![
+        Just("type".to_string()),
+        Just("userId".to_string()),
+        Just("anonymousId".to_string()),
+        Just("event".to_string()),
+        Just("groupId".to_string()),
+        Just("previousId".to_string()),
+        Just("timestamp".to_string()),
+        Just("sentAt".to_string()),
+        Just("originalTimestamp".to_string()),
+        Just("receivedAt".to_string()),
+        Just("traits".to_string()),
+        Just("context".to_string()),
+        Just("messageId".to_string()),
+        "[a-zA-Z_]{1,8}",
+    ];
+    leaf.prop_recursive(4, 48, 8, move |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+            prop::collection::vec((key.clone(), inner), 0..10)
+                .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+        ]
+    })
+}
+
+proptest! {
+    #[test]
+    fn from_json_never_panics(v in arb_json(), trust in any::<bool>(), typed in any::<bool>()) {
+        let o = ParseOptions { trust_received_at: trust, ..opts() };
+        let default_type = typed.then_some(EventType::Track);
+        if let Ok(e) = Event::from_json(&v, default_type, &o) {
+            // Whatever parses must round-trip through its canonical JSON.
+            let trusted = ParseOptions { trust_received_at: true, ..opts() };
+            prop_assert_eq!(Event::from_json(&e.to_json(), None, &trusted), Ok(e));
+        }
+    }
+}

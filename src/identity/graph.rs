@@ -1,0 +1,409 @@
+//! The in-memory identity graph: profiles and identifiers in vectors, indexed by hash maps,
+//! and the persistence boundary (`take_dirty`, `restore`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use jiff::{SignedDuration, Timestamp};
+use serde_json::{Map, Value};
+
+use super::model::{IdentifierState, ProfileState, StateDelta};
+use super::{Identifier, Rules};
+use crate::event::Event;
+
+/// Index of a profile in `IdentityGraph::profiles`.
+pub(super) type ProfileIx = u32;
+/// Index of an identifier in `IdentityGraph::idents`.
+pub(super) type IdentIx = u32;
+/// Index of an identifier type in `IdentityGraph::types`.
+pub(super) type TypeIx = u32;
+
+/// Resolves events to profiles under [`Rules`]; see the [module docs](super) for the flow.
+///
+/// Memory grows with profiles and identifiers, never with events.
+#[derive(Debug)]
+pub struct IdentityGraph {
+    pub(super) rules: Rules,
+    pub(super) types: Vec<TypeInfo>,
+    type_index: HashMap<Arc<str>, TypeIx>,
+    /// Per type: identifier value → identifier.
+    by_value: Vec<HashMap<Arc<str>, IdentIx>>,
+    pub(super) profiles: Vec<Profile>,
+    by_segment_id: HashMap<Arc<str>, ProfileIx>,
+    pub(super) idents: Vec<IdentEntry>,
+    next_rank: u64,
+    live_profiles: usize,
+    dirty_profiles: Vec<ProfileIx>,
+    dirty_idents: Vec<IdentIx>,
+}
+
+/// An identifier type with its rule settings resolved once.
+#[derive(Debug)]
+pub(super) struct TypeInfo {
+    pub(super) name: Arc<str>,
+    pub(super) max: u32,
+    pub(super) window: Option<SignedDuration>,
+}
+
+#[derive(Debug)]
+pub(super) struct Profile {
+    pub(super) segment_id: Arc<str>,
+    /// Always fully resolved: a canonical profile points at itself.
+    pub(super) canonical: ProfileIx,
+    pub(super) created_rank: u64,
+    pub(super) merges: u32,
+    /// Profiles merged into this one, transitively, oldest first (canonical profiles only).
+    pub(super) members: Vec<ProfileIx>,
+    /// Identifiers this profile owns (canonical profiles only).
+    pub(super) identifiers: Vec<IdentIx>,
+    pub(super) traits: Map<String, Value>,
+    /// When each trait was last set or removed (removals stay as tombstones).
+    pub(super) trait_times: HashMap<String, Timestamp>,
+    dirty: bool,
+}
+
+#[derive(Debug)]
+pub(super) struct IdentEntry {
+    pub(super) ty: TypeIx,
+    pub(super) value: Arc<str>,
+    /// The profile it was first attached to; `profiles[profile].canonical` owns it.
+    pub(super) profile: ProfileIx,
+    pub(super) first_seen: Timestamp,
+    pub(super) last_seen: Timestamp,
+    dirty: bool,
+}
+
+fn ix(n: usize) -> u32 {
+    u32::try_from(n).expect("identity graph holds fewer than 2^32 profiles and identifiers")
+}
+
+impl IdentityGraph {
+    /// An empty graph applying `rules`.
+    pub fn new(rules: Rules) -> Self {
+        IdentityGraph {
+            rules,
+            types: Vec::new(),
+            type_index: HashMap::new(),
+            by_value: Vec::new(),
+            profiles: Vec::new(),
+            by_segment_id: HashMap::new(),
+            idents: Vec::new(),
+            next_rank: 0,
+            live_profiles: 0,
+            dirty_profiles: Vec::new(),
+            dirty_idents: Vec::new(),
+        }
+    }
+
+    /// The rules the graph applies.
+    pub fn rules(&self) -> &Rules {
+        &self.rules
+    }
+
+    /// Resolves one event (see [`Resolution`](super::Resolution)). On `Err` nothing in the
+    /// graph changes.
+    pub fn resolve(&mut self, event: &Event) -> Result<super::Resolution, super::ResolveError> {
+        super::resolve::resolve(self, event)
+    }
+
+    /// Profile and identifier state changed since the last call, each once in its latest
+    /// state, for the store to persist in the same transaction as the change logs.
+    pub fn take_dirty(&mut self) -> StateDelta {
+        let profiles = std::mem::take(&mut self.dirty_profiles)
+            .into_iter()
+            .map(|p| {
+                self.profiles[p as usize].dirty = false;
+                self.profile_state(p)
+            })
+            .collect();
+        let identifiers = std::mem::take(&mut self.dirty_idents)
+            .into_iter()
+            .map(|i| {
+                let e = &mut self.idents[i as usize];
+                e.dirty = false;
+                IdentifierState {
+                    id_type: self.types[e.ty as usize].name.to_string(),
+                    value: e.value.to_string(),
+                    segment_id: self.profiles[e.profile as usize].segment_id.to_string(),
+                    first_seen: e.first_seen,
+                    last_seen: e.last_seen,
+                }
+            })
+            .collect();
+        StateDelta {
+            profiles,
+            identifiers,
+        }
+    }
+
+    fn profile_state(&self, p: ProfileIx) -> ProfileState {
+        let prof = &self.profiles[p as usize];
+        ProfileState {
+            segment_id: prof.segment_id.to_string(),
+            canonical_segment_id: self.profiles[prof.canonical as usize]
+                .segment_id
+                .to_string(),
+            created_rank: prof.created_rank,
+            merges: prof.merges,
+            traits: prof.traits.clone(),
+            trait_times: prof
+                .trait_times
+                .iter()
+                .map(|(k, t)| (k.clone(), Value::String(t.to_string())))
+                .collect(),
+        }
+    }
+
+    /// Replaces the graph's contents with persisted state: every profile (merged-away ones
+    /// included) and every identifier. Later entries win over earlier ones with the same key,
+    /// so concatenated [`take_dirty`](Self::take_dirty) deltas can be passed as they are.
+    /// Inconsistent state is repaired rather than rejected: an unknown or cyclic canonical
+    /// makes a profile canonical, and an identifier of an unknown profile gets a new profile
+    /// (reported by the next `take_dirty`).
+    pub fn restore(&mut self, profiles: Vec<ProfileState>, identifiers: Vec<IdentifierState>) {
+        let rules = std::mem::take(&mut self.rules);
+        *self = IdentityGraph::new(rules);
+
+        let mut canonical_names = Vec::with_capacity(profiles.len());
+        for state in profiles {
+            let trait_times = state
+                .trait_times
+                .iter()
+                .filter_map(|(k, v)| {
+                    let t = v.as_str().and_then(crate::event::parse_timestamp)?;
+                    Some((k.clone(), t))
+                })
+                .collect();
+            let profile = Profile {
+                segment_id: Arc::from(state.segment_id.as_str()),
+                canonical: 0,
+                created_rank: state.created_rank,
+                merges: state.merges,
+                members: Vec::new(),
+                identifiers: Vec::new(),
+                traits: state.traits,
+                trait_times,
+                dirty: false,
+            };
+            match self.by_segment_id.get(state.segment_id.as_str()) {
+                Some(&p) => {
+                    self.profiles[p as usize] = profile;
+                    canonical_names[p as usize] = state.canonical_segment_id;
+                }
+                None => {
+                    let p = ix(self.profiles.len());
+                    self.by_segment_id.insert(profile.segment_id.clone(), p);
+                    self.profiles.push(profile);
+                    canonical_names.push(state.canonical_segment_id);
+                }
+            }
+        }
+        let direct: Vec<ProfileIx> = canonical_names
+            .iter()
+            .enumerate()
+            .map(|(p, name)| {
+                self.by_segment_id
+                    .get(name.as_str())
+                    .copied()
+                    .unwrap_or(ix(p))
+            })
+            .collect();
+        for p in 0..self.profiles.len() {
+            self.profiles[p].canonical = follow_to_root(&direct, ix(p));
+        }
+        for p in 0..self.profiles.len() {
+            let c = self.profiles[p].canonical as usize;
+            if c != p {
+                self.profiles[c].members.push(ix(p));
+            }
+        }
+        self.next_rank = self
+            .profiles
+            .iter()
+            .map(|p| p.created_rank.saturating_add(1))
+            .max()
+            .unwrap_or(0);
+        for p in 0..self.profiles.len() {
+            let mut members = std::mem::take(&mut self.profiles[p].members);
+            members.sort_unstable_by_key(|&m| (self.profiles[m as usize].created_rank, m));
+            self.profiles[p].members = members;
+        }
+        self.live_profiles = self
+            .profiles
+            .iter()
+            .enumerate()
+            .filter(|(p, prof)| prof.canonical as usize == *p)
+            .count();
+
+        for state in identifiers {
+            let ty = self.intern(&state.id_type);
+            let profile = match self.by_segment_id.get(state.segment_id.as_str()) {
+                Some(&p) => p,
+                None => {
+                    let p = self.push_profile(Arc::from(state.segment_id.as_str()));
+                    self.mark_profile(p);
+                    p
+                }
+            };
+            if let Some(&i) = self.by_value[ty as usize].get(state.value.as_str()) {
+                let old_owner = self.owner(i);
+                self.profiles[old_owner as usize]
+                    .identifiers
+                    .retain(|&x| x != i);
+                let e = &mut self.idents[i as usize];
+                e.profile = profile;
+                e.first_seen = state.first_seen;
+                e.last_seen = state.last_seen;
+                let c = self.profiles[profile as usize].canonical;
+                self.profiles[c as usize].identifiers.push(i);
+            } else {
+                let i = self.push_ident(ty, &state.value, profile, state.first_seen);
+                self.idents[i as usize].last_seen = state.last_seen;
+            }
+        }
+    }
+
+    /// How many live (canonical, not merged-away) profiles the graph holds.
+    pub fn profile_count(&self) -> usize {
+        self.live_profiles
+    }
+
+    /// The canonical profile `segment_id` resolves to (itself when not merged away).
+    pub fn canonical(&self, segment_id: &str) -> Option<&str> {
+        let &p = self.by_segment_id.get(segment_id)?;
+        let c = self.profiles[p as usize].canonical;
+        Some(&self.profiles[c as usize].segment_id)
+    }
+
+    /// The canonical profile owning identifier `id`.
+    pub fn lookup(&self, id: &Identifier) -> Option<&str> {
+        let i = self.find(&id.id_type, &id.value)?;
+        Some(&self.profiles[self.owner(i) as usize].segment_id)
+    }
+
+    /// The traits of the canonical profile `segment_id` resolves to.
+    pub fn traits(&self, segment_id: &str) -> Option<&Map<String, Value>> {
+        let &p = self.by_segment_id.get(segment_id)?;
+        let c = self.profiles[p as usize].canonical;
+        Some(&self.profiles[c as usize].traits)
+    }
+
+    // ---- internals shared with resolve.rs ----
+
+    pub(super) fn type_ix(&self, name: &str) -> Option<TypeIx> {
+        self.type_index.get(name).copied()
+    }
+
+    pub(super) fn intern(&mut self, name: &str) -> TypeIx {
+        if let Some(t) = self.type_ix(name) {
+            return t;
+        }
+        let limit = self.rules.limit(name);
+        let window = limit.window.and_then(|w| SignedDuration::try_from(w).ok());
+        let t = ix(self.types.len());
+        let name: Arc<str> = Arc::from(name);
+        self.types.push(TypeInfo {
+            name: name.clone(),
+            max: limit.max,
+            window,
+        });
+        self.type_index.insert(name, t);
+        self.by_value.push(HashMap::new());
+        t
+    }
+
+    pub(super) fn find(&self, id_type: &str, value: &str) -> Option<IdentIx> {
+        let t = self.type_ix(id_type)?;
+        self.find_ix(t, value)
+    }
+
+    pub(super) fn find_ix(&self, ty: TypeIx, value: &str) -> Option<IdentIx> {
+        self.by_value[ty as usize].get(value).copied()
+    }
+
+    /// The canonical profile owning identifier `i`.
+    pub(super) fn owner(&self, i: IdentIx) -> ProfileIx {
+        self.profiles[self.idents[i as usize].profile as usize].canonical
+    }
+
+    /// Adds a new canonical profile with the next creation rank.
+    pub(super) fn push_profile(&mut self, segment_id: Arc<str>) -> ProfileIx {
+        let p = ix(self.profiles.len());
+        self.profiles.push(Profile {
+            segment_id: segment_id.clone(),
+            canonical: p,
+            created_rank: self.next_rank,
+            merges: 0,
+            members: Vec::new(),
+            identifiers: Vec::new(),
+            traits: Map::new(),
+            trait_times: HashMap::new(),
+            dirty: false,
+        });
+        self.next_rank += 1;
+        self.live_profiles += 1;
+        self.by_segment_id.insert(segment_id, p);
+        p
+    }
+
+    pub(super) fn segment_id_taken(&self, segment_id: &str) -> bool {
+        self.by_segment_id.contains_key(segment_id)
+    }
+
+    /// Adds identifier `(ty, value)` to `profile`, first seen at `seen` (not marked dirty).
+    pub(super) fn push_ident(
+        &mut self,
+        ty: TypeIx,
+        value: &str,
+        profile: ProfileIx,
+        seen: Timestamp,
+    ) -> IdentIx {
+        let i = ix(self.idents.len());
+        let value: Arc<str> = Arc::from(value);
+        self.idents.push(IdentEntry {
+            ty,
+            value: value.clone(),
+            profile,
+            first_seen: seen,
+            last_seen: seen,
+            dirty: false,
+        });
+        self.by_value[ty as usize].insert(value, i);
+        let c = self.profiles[profile as usize].canonical;
+        self.profiles[c as usize].identifiers.push(i);
+        i
+    }
+
+    pub(super) fn mark_profile(&mut self, p: ProfileIx) {
+        let prof = &mut self.profiles[p as usize];
+        if !prof.dirty {
+            prof.dirty = true;
+            self.dirty_profiles.push(p);
+        }
+    }
+
+    pub(super) fn mark_ident(&mut self, i: IdentIx) {
+        let e = &mut self.idents[i as usize];
+        if !e.dirty {
+            e.dirty = true;
+            self.dirty_idents.push(i);
+        }
+    }
+
+    pub(super) fn profile_merged_away(&mut self) {
+        self.live_profiles -= 1;
+    }
+}
+
+/// The root of `p`'s canonical chain; a chain that loops makes `p` its own root.
+fn follow_to_root(direct: &[ProfileIx], p: ProfileIx) -> ProfileIx {
+    let mut cur = p;
+    for _ in 0..=direct.len() {
+        let next = direct[cur as usize];
+        if next == cur {
+            return cur;
+        }
+        cur = next;
+    }
+    p
+}

@@ -1,0 +1,404 @@
+//! Segment's worked examples, merge chains, alias and traits.
+
+use serde_json::json;
+
+use super::*;
+
+/// Segment's Profiles Sync example: two anonymous visitors identify with the same email, so
+/// profile_2 is merged into the older profile_1.
+#[test]
+fn segment_example_two_anonymous_profiles_merge_by_email() {
+    let mut g = IdentityGraph::new(Rules::default());
+    let mut graph_rows = Vec::new();
+    let mut mapping_rows = Vec::new();
+    let mut run = |g: &mut IdentityGraph, v| {
+        let r = resolve(g, v);
+        graph_rows.extend(r.id_graph_updates.clone());
+        mapping_rows.extend(r.external_id_mapping_updates.clone());
+        r
+    };
+
+    let r1 = run(&mut g, json!({"type": "page", "anonymousId": "a1"}));
+    assert!(r1.created);
+    let p1 = r1.segment_id.clone();
+    let r2 = run(
+        &mut g,
+        json!({"type": "identify", "anonymousId": "a1", "traits": {"email": "jane@example.com"}}),
+    );
+    assert_eq!(r2.segment_id, p1);
+    assert!(!r2.created);
+
+    let r3 = run(&mut g, json!({"type": "page", "anonymousId": "a2"}));
+    assert!(r3.created);
+    let p2 = r3.segment_id.clone();
+    assert_ne!(p1, p2);
+    let r4 = run(
+        &mut g,
+        json!({"type": "identify", "anonymousId": "a2", "traits": {"email": "jane@example.com"}}),
+    );
+    assert_eq!(r4.segment_id, p1, "merged into the oldest profile");
+    assert_eq!(r4.merged, vec![p2.clone()]);
+
+    assert_eq!(
+        graph_rows,
+        vec![row(&p1, &p1), row(&p2, &p2), row(&p2, &p1)]
+    );
+    let mapping: Vec<_> = mapping_rows
+        .iter()
+        .map(|m| {
+            (
+                m.external_id_type.as_str(),
+                m.external_id_value.as_str(),
+                m.segment_id.as_str(),
+                m.external_id_hash.as_str(),
+            )
+        })
+        .collect();
+    let hash_a1 = external_id_hash("anonymous_id", "a1");
+    let hash_email = external_id_hash("email", "jane@example.com");
+    let hash_a2 = external_id_hash("anonymous_id", "a2");
+    assert_eq!(
+        mapping,
+        vec![
+            ("anonymous_id", "a1", p1.as_str(), hash_a1.as_str()),
+            (
+                "email",
+                "jane@example.com",
+                p1.as_str(),
+                hash_email.as_str()
+            ),
+            ("anonymous_id", "a2", p2.as_str(), hash_a2.as_str()),
+        ]
+    );
+    assert_eq!(hash_a1.len(), 40);
+    let mut row_ids: Vec<_> = mapping_rows.iter().map(|m| m.id.clone()).collect();
+    row_ids.dedup();
+    assert_eq!(row_ids.len(), 3, "row ids are unique");
+
+    assert_eq!(g.profile_count(), 1);
+    assert_eq!(g.canonical(&p2), Some(p1.as_str()));
+    assert_eq!(g.lookup(&id("anonymous_id", "a2")), Some(p1.as_str()));
+}
+
+/// Segment's limit example: user_id is limited to 1, so an event with a second user_id and the
+/// profile's email drops the email (lower priority) and creates a new profile.
+#[test]
+fn segment_example_user_id_limit_creates_a_new_profile() {
+    let mut g = IdentityGraph::new(Rules::default());
+    let r1 = resolve(
+        &mut g,
+        json!({"type": "identify", "userId": "abc123", "traits": {"email": "jane@example.com"}}),
+    );
+    let r2 = resolve(
+        &mut g,
+        json!({"type": "identify", "userId": "abc456", "traits": {"email": "jane@example.com"}}),
+    );
+    assert!(r2.created);
+    assert_ne!(r2.segment_id, r1.segment_id);
+    assert!(r2.merged.is_empty());
+    assert_eq!(
+        r2.dropped,
+        vec![(id("email", "jane@example.com"), DropReason::Limit)]
+    );
+    let user_ids: Vec<_> = r2
+        .external_id_mapping_updates
+        .iter()
+        .map(|m| (m.external_id_type.as_str(), m.external_id_value.as_str()))
+        .collect();
+    assert_eq!(user_ids, [("user_id", "abc456")]);
+    assert_eq!(
+        g.lookup(&id("email", "jane@example.com")),
+        Some(r1.segment_id.as_str())
+    );
+    assert_eq!(
+        g.lookup(&id("user_id", "abc456")),
+        Some(r2.segment_id.as_str())
+    );
+    assert_eq!(g.profile_count(), 2);
+}
+
+/// C is merged into B, then B into A: the second merge writes rows for B and for C, so the
+/// latest row of every profile points at A.
+#[test]
+fn recursive_merge_rows_cover_every_generation() {
+    let mut g = IdentityGraph::new(Rules::default());
+    let a = resolve(&mut g, json!({"type": "page", "anonymousId": "a"})).segment_id;
+    let b = resolve(
+        &mut g,
+        json!({"type": "identify", "anonymousId": "b", "traits": {"email": "b@x"}}),
+    )
+    .segment_id;
+    let c = resolve(&mut g, json!({"type": "page", "anonymousId": "c"})).segment_id;
+
+    let r = resolve(
+        &mut g,
+        json!({"type": "track", "event": "E", "anonymousId": "c", "context": {"traits": {"email": "b@x"}}}),
+    );
+    assert_eq!(r.segment_id, b);
+    assert_eq!(r.id_graph_updates, vec![row(&c, &b)]);
+
+    let r = resolve(
+        &mut g,
+        json!({"type": "track", "event": "E", "anonymousId": "a", "context": {"traits": {"email": "b@x"}}}),
+    );
+    assert_eq!(r.segment_id, a);
+    assert_eq!(r.merged, vec![b.clone()]);
+    assert_eq!(r.id_graph_updates, vec![row(&b, &a), row(&c, &a)]);
+    assert_eq!(g.canonical(&c), Some(a.as_str()));
+    assert_eq!(g.canonical(&b), Some(a.as_str()));
+    assert_eq!(g.lookup(&id("anonymous_id", "c")), Some(a.as_str()));
+    assert_eq!(g.profile_count(), 1);
+
+    let delta = g.take_dirty();
+    let state = |s: &str| {
+        delta
+            .profiles
+            .iter()
+            .find(|p| p.segment_id == s)
+            .expect("profile persisted")
+            .clone()
+    };
+    assert_eq!(state(&a).merges, 2);
+    assert_eq!(state(&c).canonical_segment_id, a);
+}
+
+#[test]
+fn alias_merges_the_anonymous_profile_and_the_user_profile() {
+    let mut g = IdentityGraph::new(Rules::default());
+    let anon = resolve(&mut g, json!({"type": "page", "anonymousId": "a1"})).segment_id;
+    let user = resolve(
+        &mut g,
+        json!({"type": "identify", "userId": "u1", "anonymousId": "a2"}),
+    )
+    .segment_id;
+    let r = resolve(
+        &mut g,
+        json!({"type": "alias", "userId": "u1", "previousId": "a1"}),
+    );
+    assert_eq!(r.segment_id, anon, "the older profile survives");
+    assert_eq!(r.merged, vec![user.clone()]);
+    assert_eq!(r.id_graph_updates, vec![row(&user, &anon)]);
+    assert_eq!(g.lookup(&id("user_id", "u1")), Some(anon.as_str()));
+    assert_eq!(g.profile_count(), 1);
+}
+
+#[test]
+fn alias_previous_id_is_looked_up_as_a_user_id_first() {
+    // With the default user_id limit of 1 an alias can't put two user ids on one profile: the
+    // later identifier (previousId, now a user_id) is dropped and `new` gets its own profile.
+    let mut g = IdentityGraph::new(Rules::default());
+    let old = resolve(&mut g, json!({"type": "identify", "userId": "old"})).segment_id;
+    let r = resolve(
+        &mut g,
+        json!({"type": "alias", "userId": "new", "previousId": "old"}),
+    );
+    assert!(r.created);
+    assert_ne!(r.segment_id, old);
+    assert_eq!(r.dropped, vec![(id("user_id", "old"), DropReason::Limit)]);
+    assert_eq!(g.lookup(&id("user_id", "old")), Some(old.as_str()));
+    assert_eq!(g.lookup(&id("anonymous_id", "old")), None);
+
+    // With room for two user ids the alias links them.
+    let rules = Rules::from_yaml("limits: {user_id: {max: 2}}").expect("rules");
+    let mut g = IdentityGraph::new(rules);
+    let old = resolve(&mut g, json!({"type": "identify", "userId": "old"})).segment_id;
+    let r = resolve(
+        &mut g,
+        json!({"type": "alias", "userId": "new", "previousId": "old"}),
+    );
+    assert_eq!(r.segment_id, old);
+    assert!(r.dropped.is_empty());
+    assert_eq!(g.lookup(&id("user_id", "new")), Some(old.as_str()));
+    assert_eq!(
+        g.lookup(&id("anonymous_id", "old")),
+        None,
+        "not recorded as anonymous"
+    );
+}
+
+#[test]
+fn alias_with_unknown_previous_id_records_it_as_anonymous_id() {
+    let mut g = IdentityGraph::new(Rules::default());
+    let r = resolve(
+        &mut g,
+        json!({"type": "alias", "userId": "u9", "previousId": "x9"}),
+    );
+    assert!(r.created);
+    assert_eq!(
+        g.lookup(&id("anonymous_id", "x9")),
+        Some(r.segment_id.as_str())
+    );
+    assert_eq!(g.lookup(&id("user_id", "x9")), None);
+}
+
+#[test]
+fn traits_last_write_wins_null_removes_empty_string_sets() {
+    let mut g = IdentityGraph::new(Rules::default());
+    let r = resolve(
+        &mut g,
+        json!({"type": "identify", "userId": "u1", "traits": {"plan": "pro", "name": "Jane"}}),
+    );
+    let p = r.segment_id.clone();
+    assert_eq!(
+        r.profile_traits_updates,
+        vec![ProfileTraitsUpdate {
+            segment_id: p.clone(),
+            traits: json!({"plan": "pro", "name": "Jane"})
+                .as_object()
+                .cloned()
+                .expect("object"),
+        }]
+    );
+
+    let r = resolve(
+        &mut g,
+        json!({"type": "identify", "userId": "u1", "traits": {"plan": null, "name": ""}}),
+    );
+    assert_eq!(r.profile_traits_updates.len(), 1);
+    assert_eq!(
+        Value::Object(r.profile_traits_updates[0].traits.clone()),
+        json!({"name": ""})
+    );
+
+    let r = resolve(
+        &mut g,
+        json!({"type": "identify", "userId": "u1", "traits": {"name": "J2"}}),
+    );
+    assert_eq!(
+        g.traits(&p).map(|t| Value::Object(t.clone())),
+        Some(json!({"name": "J2"}))
+    );
+    assert_eq!(r.profile_traits_updates.len(), 1);
+
+    // Same value again, or a non-identify call: no traits row.
+    let r = resolve(
+        &mut g,
+        json!({"type": "identify", "userId": "u1", "traits": {"name": "J2"}}),
+    );
+    assert!(r.profile_traits_updates.is_empty());
+    let r = resolve(
+        &mut g,
+        json!({"type": "track", "event": "E", "userId": "u1", "context": {"traits": {"name": "ctx"}}}),
+    );
+    assert!(r.profile_traits_updates.is_empty());
+    assert_eq!(g.traits(&p).map(|t| t["name"].clone()), Some(json!("J2")));
+}
+
+#[test]
+fn merge_keeps_the_newest_value_of_each_trait() {
+    let mut g = IdentityGraph::new(Rules::default());
+    let id_msg = |anon: &str, ts: &str, traits: Value| json!({"type": "identify", "anonymousId": anon, "timestamp": ts, "traits": traits});
+    // A (older profile) sets plan and title early and color late; B sets plan and color in
+    // between and removes title after A set it.
+    let a = resolve(
+        &mut g,
+        id_msg(
+            "a",
+            "2024-01-01T00:00:00Z",
+            json!({"plan": "free", "title": "CEO"}),
+        ),
+    )
+    .segment_id;
+    let b = resolve(
+        &mut g,
+        id_msg(
+            "b",
+            "2024-02-01T00:00:00Z",
+            json!({"plan": "pro", "color": "blue", "title": null, "only_b": 1}),
+        ),
+    )
+    .segment_id;
+    resolve(
+        &mut g,
+        id_msg("a", "2024-03-01T00:00:00Z", json!({"color": "red"})),
+    );
+
+    let r = resolve(
+        &mut g,
+        json!({"type": "track", "event": "E", "anonymousId": "b",
+               "context": {"externalIds": [{"id": "a", "type": "anonymous_id", "collection": "users", "encoding": "none"}]}}),
+    );
+    // The externalIds entry duplicates the anonymousId type; both anonymous ids fit the limit.
+    assert_eq!(r.segment_id, a);
+    assert_eq!(r.merged, vec![b]);
+    assert_eq!(
+        r.profile_traits_updates.len(),
+        1,
+        "only the survivor gets a row"
+    );
+    let snapshot = &r.profile_traits_updates[0];
+    assert_eq!(snapshot.segment_id, a);
+    assert_eq!(snapshot.traits["plan"], json!("pro"), "B's plan is newer");
+    assert_eq!(snapshot.traits["color"], json!("red"), "A's color is newer");
+    assert_eq!(snapshot.traits["only_b"], json!(1));
+    assert!(
+        !snapshot.traits.contains_key("title"),
+        "B's removal is newer"
+    );
+}
+
+#[test]
+fn take_dirty_reports_each_change_once_and_restore_rebuilds() {
+    let mut g = IdentityGraph::new(Rules::default());
+    let p = resolve(
+        &mut g,
+        json!({"type": "identify", "userId": "u1", "anonymousId": "a1", "traits": {"k": "v"}}),
+    )
+    .segment_id;
+    let delta = g.take_dirty();
+    assert_eq!(delta.profiles.len(), 1);
+    assert_eq!(delta.identifiers.len(), 2);
+    assert_eq!(delta.profiles[0].traits["k"], json!("v"));
+    assert!(delta.profiles[0].trait_times.contains_key("k"));
+    assert!(g.take_dirty().is_empty());
+
+    let mut h = IdentityGraph::new(Rules::default());
+    h.restore(delta.profiles, delta.identifiers);
+    assert!(h.take_dirty().is_empty());
+    assert_eq!(h.profile_count(), 1);
+    assert_eq!(h.lookup(&id("anonymous_id", "a1")), Some(p.as_str()));
+    assert_eq!(h.traits(&p).map(|t| t["k"].clone()), Some(json!("v")));
+    let r = resolve(&mut h, json!({"type": "page", "userId": "u1"}));
+    assert_eq!(r.segment_id, p);
+    assert!(!r.created);
+}
+
+#[test]
+fn restore_repairs_inconsistent_state() {
+    let mut g = IdentityGraph::new(Rules::default());
+    let profile = |s: &str, c: &str, rank| ProfileState {
+        segment_id: s.into(),
+        canonical_segment_id: c.into(),
+        created_rank: rank,
+        merges: 0,
+        traits: Default::default(),
+        trait_times: Default::default(),
+    };
+    let ident = |v: &str, s: &str| IdentifierState {
+        id_type: "anonymous_id".into(),
+        value: v.into(),
+        segment_id: s.into(),
+        first_seen: at(NOW),
+        last_seen: at(NOW),
+    };
+    g.restore(
+        vec![
+            profile("use_x", "use_y", 0),
+            profile("use_y", "use_x", 1),
+            profile("use_z", "use_missing", 2),
+        ],
+        vec![ident("a1", "use_x"), ident("a2", "use_unknown")],
+    );
+    assert_eq!(g.canonical("use_x"), Some("use_x"));
+    assert_eq!(g.canonical("use_z"), Some("use_z"));
+    assert_eq!(g.lookup(&id("anonymous_id", "a2")), Some("use_unknown"));
+    let delta = g.take_dirty();
+    assert_eq!(
+        delta.profiles.len(),
+        1,
+        "the placeholder profile is reported"
+    );
+    assert_eq!(delta.profiles[0].segment_id, "use_unknown");
+    // A new profile ranks after every restored one.
+    assert!(delta.profiles[0].created_rank > 2);
+}

@@ -1,0 +1,318 @@
+//! Property tests over random event streams drawn from small identifier pools, so lookups
+//! collide, profiles merge and limits bite.
+
+use std::collections::HashMap;
+
+use proptest::prelude::*;
+use serde_json::{Map, json};
+
+use super::*;
+
+/// One generated message.
+#[derive(Clone, Debug)]
+struct Msg {
+    kind: u8,
+    user: Option<u8>,
+    anon: Option<u8>,
+    email: Option<u8>,
+    phone: Option<u8>,
+    previous: u8,
+    traits: Vec<(u8, Option<u8>)>,
+    /// Seconds after the previous message (received time).
+    gap: u32,
+    /// Seconds the client's timestamp lags the receive time (out-of-order events).
+    lag: u32,
+}
+
+fn msg() -> impl Strategy<Value = Msg> {
+    (
+        0u8..5,
+        prop::option::of(0u8..5),
+        prop::option::of(0u8..7),
+        prop::option::of(0u8..4),
+        prop::option::of(0u8..3),
+        0u8..8,
+        prop::collection::vec((0u8..4, prop::option::of(0u8..3)), 0..3),
+        0u32..(20 * 86_400),
+        prop_oneof![Just(0u32), 0u32..(40 * 86_400)],
+    )
+        .prop_map(
+            |(kind, user, anon, email, phone, previous, traits, gap, lag)| Msg {
+                kind,
+                user,
+                anon,
+                email,
+                phone,
+                previous,
+                traits,
+                gap,
+                lag,
+            },
+        )
+}
+
+/// `u4` and `a6` are blocked by the default rules ("null", "0").
+fn user_value(n: u8) -> String {
+    if n == 4 {
+        "null".into()
+    } else {
+        format!("u{n}")
+    }
+}
+
+fn anon_value(n: u8) -> String {
+    if n == 6 { "0".into() } else { format!("a{n}") }
+}
+
+fn to_event(m: &Msg, received: Timestamp) -> Event {
+    let kinds = ["identify", "track", "page", "alias", "group"];
+    let kind = kinds[usize::from(m.kind) % kinds.len()];
+    let mut v = json!({"type": kind, "event": "Clicked", "groupId": "g1"});
+    let user = m.user.map(user_value);
+    let anon = m.anon.map(anon_value);
+    match (&user, &anon) {
+        (None, None) => v["anonymousId"] = json!(anon_value(0)),
+        _ => {
+            if let Some(u) = &user {
+                v["userId"] = json!(u);
+            }
+            if let Some(a) = &anon {
+                v["anonymousId"] = json!(a);
+            }
+        }
+    }
+    if kind == "alias" {
+        if user.is_none() {
+            v["userId"] = json!(user_value(0));
+        }
+        let prev = m.previous;
+        v["previousId"] = json!(if prev < 4 {
+            user_value(prev)
+        } else {
+            anon_value(prev - 4)
+        });
+    }
+    let mut traits: Map<String, Value> = m
+        .traits
+        .iter()
+        .map(|(k, val)| (format!("t{k}"), val.map_or(Value::Null, |x| json!(x))))
+        .collect();
+    if let Some(e) = m.email {
+        traits.insert("email".into(), json!(format!("e{e}@x")));
+    }
+    if kind == "identify" {
+        v["traits"] = Value::Object(traits);
+    } else {
+        v["context"] = json!({"traits": traits});
+    }
+    if let Some(p) = m.phone {
+        v["context"]["externalIds"] = json!([
+            {"id": format!("p{p}"), "type": "phone", "collection": "users", "encoding": "none"}
+        ]);
+    }
+    let ts = received
+        .checked_sub(jiff::SignedDuration::from_secs(i64::from(m.lag)))
+        .expect("in range");
+    v["timestamp"] = json!(ts.to_string());
+    Event::from_json(&v, None, &ParseOptions::new(received, "src")).expect("generated event")
+}
+
+fn events(msgs: &[Msg]) -> Vec<Event> {
+    let mut t = at("2024-01-01T00:00:00Z");
+    msgs.iter()
+        .map(|m| {
+            t = t
+                .checked_add(jiff::SignedDuration::from_secs(i64::from(m.gap)))
+                .expect("in range");
+            to_event(m, t)
+        })
+        .collect()
+}
+
+/// Tight rules so windows, caps and limits all come into play.
+fn tight_rules() -> Rules {
+    Rules::from_yaml(
+        "limits: {email: {max: 2, window: 30d}, anonymous_id: {max: 3}}\n\
+         caps: {max_merges_per_profile: 3, max_identifiers_per_profile: 6}",
+    )
+    .expect("rules")
+}
+
+/// Structural invariants of the graph after any event.
+fn check_invariants(g: &IdentityGraph, check_limits: bool) -> Result<(), TestCaseError> {
+    let mut owners = vec![0usize; g.idents.len()];
+    for (p, prof) in g.profiles.iter().enumerate() {
+        let canonical = prof.canonical as usize;
+        prop_assert_eq!(
+            g.profiles[canonical].canonical as usize,
+            canonical,
+            "canonical pointers are fully resolved"
+        );
+        if canonical != p {
+            prop_assert!(prof.identifiers.is_empty() && prof.members.is_empty());
+            continue;
+        }
+        for &i in &prof.identifiers {
+            owners[i as usize] += 1;
+            prop_assert_eq!(g.owner(i) as usize, p);
+        }
+        prop_assert!(prof.merges <= g.rules.max_merges_per_profile);
+        prop_assert!(prof.identifiers.len() <= g.rules.max_identifiers_per_profile as usize);
+        if check_limits {
+            let mut per_type: HashMap<u32, u32> = HashMap::new();
+            for &i in &prof.identifiers {
+                *per_type.entry(g.idents[i as usize].ty).or_default() += 1;
+            }
+            for (ty, n) in per_type {
+                let info = &g.types[ty as usize];
+                if info.window.is_none() {
+                    prop_assert!(n <= info.max, "{} has {} > {}", info.name, n, info.max);
+                }
+            }
+        }
+    }
+    prop_assert!(
+        owners.iter().all(|&n| n == 1),
+        "each identifier has one owner"
+    );
+    for e in &g.idents {
+        let c = g
+            .lookup(&Identifier::new(&*g.types[e.ty as usize].name, &*e.value))
+            .expect("identifier resolves");
+        prop_assert_eq!(g.canonical(c), Some(c));
+    }
+    Ok(())
+}
+
+/// A resolution with generated ids replaced through `names` (ids of the other graph → ids of
+/// this one, learnt from creation rows) and row ids blanked.
+fn normalized(
+    r: &Resolution,
+    names: &mut HashMap<String, String>,
+    reference: &Resolution,
+) -> Resolution {
+    if r.created {
+        names.insert(r.segment_id.clone(), reference.segment_id.clone());
+    }
+    let name = |s: &String| names.get(s).cloned().unwrap_or_else(|| s.clone());
+    Resolution {
+        segment_id: name(&r.segment_id),
+        created: r.created,
+        merged: r.merged.iter().map(name).collect(),
+        id_graph_updates: r
+            .id_graph_updates
+            .iter()
+            .map(|u| row(&name(&u.segment_id), &name(&u.canonical_segment_id)))
+            .collect(),
+        external_id_mapping_updates: r
+            .external_id_mapping_updates
+            .iter()
+            .map(|m| ExternalIdMappingUpdate {
+                id: String::new(),
+                segment_id: name(&m.segment_id),
+                ..m.clone()
+            })
+            .collect(),
+        profile_traits_updates: r
+            .profile_traits_updates
+            .iter()
+            .map(|t| ProfileTraitsUpdate {
+                segment_id: name(&t.segment_id),
+                traits: t.traits.clone(),
+            })
+            .collect(),
+        dropped: r.dropped.clone(),
+    }
+}
+
+fn blank_row_ids(r: &Resolution) -> Resolution {
+    let mut r = r.clone();
+    for m in &mut r.external_id_mapping_updates {
+        m.id.clear();
+    }
+    r
+}
+
+fn run_stream(
+    rules: Rules,
+    msgs: &[Msg],
+    split: usize,
+    check_limits: bool,
+) -> Result<(), TestCaseError> {
+    let evs = events(msgs);
+    let split = split % (evs.len() + 1);
+    let mut g = IdentityGraph::new(rules.clone());
+    let mut results = Vec::new();
+    let mut latest: HashMap<String, String> = HashMap::new();
+    let (mut saved_profiles, mut saved_idents) = (Vec::new(), Vec::new());
+    for (n, e) in evs.iter().enumerate() {
+        let r = g.resolve(e);
+        let delta = g.take_dirty();
+        match &r {
+            Ok(res) => {
+                for u in &res.id_graph_updates {
+                    latest.insert(u.segment_id.clone(), u.canonical_segment_id.clone());
+                }
+                prop_assert!(latest.contains_key(&res.segment_id));
+            }
+            Err(_) => prop_assert!(delta.is_empty(), "a failed event changes nothing"),
+        }
+        if n < split {
+            saved_profiles.extend(delta.profiles);
+            saved_idents.extend(delta.identifiers);
+        }
+        check_invariants(&g, check_limits)?;
+        results.push(r);
+    }
+
+    // The latest row of every profile ends at a profile that was never merged away.
+    for (s, c) in &latest {
+        prop_assert_eq!(latest.get(c), Some(c), "{} → {} is not final", s, c);
+        prop_assert_eq!(g.canonical(s), Some(c.as_str()));
+    }
+    prop_assert_eq!(
+        latest.iter().filter(|(s, c)| s == c).count(),
+        g.profile_count()
+    );
+
+    // Restoring from the persisted deltas and continuing gives the same resolutions.
+    let mut h = IdentityGraph::new(rules);
+    h.restore(saved_profiles, saved_idents);
+    prop_assert!(h.take_dirty().is_empty());
+    let mut names = HashMap::new();
+    for (e, expected) in evs.iter().zip(&results).skip(split) {
+        let got = h.resolve(e);
+        match (got, expected) {
+            (Ok(got), Ok(expected)) => {
+                prop_assert_eq!(
+                    normalized(&got, &mut names, expected),
+                    blank_row_ids(expected)
+                );
+            }
+            (got, expected) => prop_assert_eq!(got.err(), expected.clone().err()),
+        }
+        check_invariants(&h, check_limits)?;
+    }
+    prop_assert_eq!(h.profile_count(), g.profile_count());
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_streams_keep_the_graph_consistent_default_rules(
+        msgs in prop::collection::vec(msg(), 1..40),
+        split in any::<usize>(),
+    ) {
+        run_stream(Rules::default(), &msgs, split, true)?;
+    }
+
+    #[test]
+    fn random_streams_keep_the_graph_consistent_tight_rules(
+        msgs in prop::collection::vec(msg(), 1..40),
+        split in any::<usize>(),
+    ) {
+        run_stream(tight_rules(), &msgs, split, true)?;
+    }
+}

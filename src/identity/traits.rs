@@ -1,0 +1,70 @@
+//! Profile traits: last write wins per trait, `null` removes, and on a merge the newest value
+//! of each trait wins (by when it was last set; removals count as writes).
+
+use std::collections::HashMap;
+
+use jiff::Timestamp;
+use serde_json::{Map, Value};
+
+use super::graph::Profile;
+
+/// Applies an identify call's traits at time `at`. Returns whether the trait values changed
+/// (setting a trait to its current value changes only its time).
+pub(super) fn apply_identify(
+    profile: &mut Profile,
+    traits: &Map<String, Value>,
+    at: Timestamp,
+) -> bool {
+    let mut changed = false;
+    for (name, value) in traits {
+        if value.is_null() {
+            changed |= profile.traits.shift_remove(name).is_some();
+        } else if profile.traits.get(name) != Some(value) {
+            profile.traits.insert(name.clone(), value.clone());
+            changed = true;
+        }
+        match profile.trait_times.get_mut(name) {
+            Some(t) => *t = at,
+            None => {
+                profile.trait_times.insert(name.clone(), at);
+            }
+        }
+    }
+    changed
+}
+
+/// Folds a merged-away profile's traits into the survivor: per trait, the side that set (or
+/// removed) it more recently wins; on a tie the survivor keeps its own. A trait without a
+/// recorded time counts as older than any recorded one. Returns whether the values changed.
+pub(super) fn merge(
+    into: &mut Profile,
+    from_traits: Map<String, Value>,
+    mut from_times: HashMap<String, Timestamp>,
+) -> bool {
+    let mut changed = false;
+    for (name, value) in from_traits {
+        let at = from_times.remove(&name).unwrap_or(Timestamp::MIN);
+        if newer_than_survivor(into, &name, at) {
+            if into.traits.get(&name) != Some(&value) {
+                into.traits.insert(name.clone(), value);
+                changed = true;
+            }
+            into.trait_times.insert(name, at);
+        }
+    }
+    // What is left are removals (tombstones) on the merged-away side.
+    for (name, at) in from_times {
+        if newer_than_survivor(into, &name, at) {
+            changed |= into.traits.shift_remove(&name).is_some();
+            into.trait_times.insert(name, at);
+        }
+    }
+    changed
+}
+
+fn newer_than_survivor(into: &Profile, name: &str, at: Timestamp) -> bool {
+    match into.trait_times.get(name) {
+        Some(&mine) => at > mine,
+        None => !into.traits.contains_key(name) || at > Timestamp::MIN,
+    }
+}

@@ -1,0 +1,183 @@
+//! The ingest path shared by both stores: dedupe, resolve, assign `seq`, hand rows to the
+//! dialect's writer.
+
+use std::collections::HashSet;
+
+use crate::event::Event;
+use crate::identity::{IdentifierState, IdentityGraph, ProfileState, Rules, StateDelta};
+
+use super::{EventRow, IdGraphRow, MappingRow, StoreError, TraitsRow, Trigger, WriteTx};
+
+/// The identity graph of one store, and the head `seq` it reflects.
+///
+/// The graph is rebuilt from the store's state tables whenever another writer has moved the head
+/// since this resolver last wrote (several engine replicas on one PostgreSQL), or after a failed
+/// commit left it ahead of the store.
+pub struct Resolver {
+    graph: IdentityGraph,
+    /// The head the graph reflects; `None` when it must be (re)loaded.
+    known_head: Option<i64>,
+    track_names: HashSet<String>,
+}
+
+impl Resolver {
+    /// A resolver that loads its graph on first use.
+    pub fn new(rules: Rules) -> Resolver {
+        Resolver {
+            graph: IdentityGraph::new(rules),
+            known_head: None,
+            track_names: HashSet::new(),
+        }
+    }
+
+    /// The identity graph (as of the last successful ingest).
+    pub fn graph(&self) -> &IdentityGraph {
+        &self.graph
+    }
+
+    pub(crate) fn restore(
+        &mut self,
+        profiles: Vec<ProfileState>,
+        identifiers: Vec<IdentifierState>,
+        track_names: Vec<String>,
+        head: i64,
+    ) {
+        let rules = self.graph.rules().clone();
+        self.graph = IdentityGraph::new(rules);
+        self.graph.restore(profiles, identifiers);
+        self.track_names = track_names.into_iter().collect();
+        self.known_head = Some(head);
+    }
+
+    /// Whether the graph reflects `head`.
+    pub(crate) fn is_current(&self, head: i64) -> bool {
+        self.known_head == Some(head)
+    }
+
+    /// Marks the graph as ahead of the store (call before writing; [`Resolver::committed`] after).
+    pub(crate) fn begin(&mut self) {
+        self.known_head = None;
+    }
+
+    /// Records a successful commit that moved the head to `head`.
+    pub(crate) fn committed(&mut self, head: i64) {
+        self.known_head = Some(head);
+    }
+}
+
+/// Everything a resolver is rebuilt from: profiles, identifiers, Track event names.
+pub(crate) type LoadedState = (Vec<ProfileState>, Vec<IdentifierState>, Vec<String>);
+
+/// What one ingest call did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct IngestSummary {
+    /// Events stored and resolved.
+    pub accepted: usize,
+    /// Events skipped because their messageId was already stored.
+    pub duplicates: usize,
+    /// Events refused by identity resolution: (index in the batch, reason).
+    pub rejected: Vec<(usize, String)>,
+    /// Profiles created.
+    pub profiles_created: usize,
+    /// Profiles merged away.
+    pub merges: usize,
+    /// The head `seq` after the batch.
+    pub head: i64,
+}
+
+/// The rows a batch produced, with their `seq`s assigned.
+#[derive(Debug, Default)]
+pub(crate) struct ResolvedBatch {
+    pub events: Vec<EventRow>,
+    pub id_graph: Vec<IdGraphRow>,
+    pub mappings: Vec<MappingRow>,
+    pub traits: Vec<TraitsRow>,
+    pub state: StateDelta,
+    pub new_track_names: Vec<String>,
+}
+
+/// Resolves `events` inside an open write transaction and writes their rows. The caller commits
+/// and then calls `resolver.committed(head)`; `load` rebuilds the graph when it is stale.
+pub(crate) fn ingest_in_tx<T: WriteTx>(
+    tx: &mut T,
+    resolver: &mut Resolver,
+    events: Vec<Event>,
+    load: impl FnOnce(
+        &mut T,
+    ) -> Result<(Vec<ProfileState>, Vec<IdentifierState>, Vec<String>), StoreError>,
+) -> Result<IngestSummary, StoreError> {
+    let head = tx.lock_head()?;
+    if !resolver.is_current(head) {
+        let (profiles, identifiers, names) = load(tx)?;
+        resolver.restore(profiles, identifiers, names, head);
+    }
+    resolver.begin();
+
+    let ids: Vec<&str> = events.iter().map(|e| e.message_id.as_str()).collect();
+    let mut seen = tx.existing_message_ids(&ids)?;
+    let mut summary = IngestSummary::default();
+    let mut batch = ResolvedBatch::default();
+    let mut seq = head;
+    for (index, event) in events.into_iter().enumerate() {
+        if !seen.insert(event.message_id.clone()) {
+            summary.duplicates += 1;
+            continue;
+        }
+        let resolution = match resolver.graph.resolve(&event) {
+            Ok(r) => r,
+            Err(e) => {
+                summary.rejected.push((index, e.to_string()));
+                continue;
+            }
+        };
+        let trigger = Trigger::of(&event);
+        summary.accepted += 1;
+        summary.profiles_created += usize::from(resolution.created);
+        summary.merges += resolution.merged.len();
+        for u in resolution.id_graph_updates {
+            seq += 1;
+            batch.id_graph.push(IdGraphRow {
+                seq,
+                segment_id: u.segment_id,
+                canonical_segment_id: u.canonical_segment_id,
+                trigger: trigger.clone(),
+            });
+        }
+        for u in resolution.external_id_mapping_updates {
+            seq += 1;
+            batch.mappings.push(MappingRow {
+                seq,
+                id: u.id,
+                external_id_hash: u.external_id_hash,
+                external_id_type: u.external_id_type,
+                external_id_value: u.external_id_value,
+                segment_id: u.segment_id,
+                trigger: trigger.clone(),
+            });
+        }
+        for u in resolution.profile_traits_updates {
+            seq += 1;
+            batch.traits.push(TraitsRow {
+                seq,
+                segment_id: u.segment_id,
+                traits: u.traits,
+                trigger: trigger.clone(),
+            });
+        }
+        if let (crate::event::EventType::Track, Some(name)) = (event.event_type, &event.event)
+            && resolver.track_names.insert(name.clone())
+        {
+            batch.new_track_names.push(name.clone());
+        }
+        seq += 1;
+        batch.events.push(EventRow {
+            seq,
+            segment_id: resolution.segment_id,
+            event,
+        });
+    }
+    batch.state = resolver.graph.take_dirty();
+    tx.write(&batch, seq)?;
+    summary.head = seq;
+    Ok(summary)
+}

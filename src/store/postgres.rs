@@ -1,0 +1,508 @@
+//! The PostgreSQL store, for production and several engine replicas.
+
+use std::collections::HashSet;
+
+use postgres::{Client, NoTls, Transaction};
+
+use super::codec::{self, RawProfile, RawTrigger, json_text, micros};
+use super::ingest::{LoadedState, ResolvedBatch, ingest_in_tx};
+use super::schema::{DDL, SCHEMA_VERSION, TRIGGER_COLUMNS};
+use super::{
+    EventFilter, EventRow, Feed, FeedRow, IdGraphRow, IngestSummary, MappingRow, Resolver,
+    SourceInfo, Store, StoreError, TraitsRow, Trigger, WriteTx,
+};
+use crate::event::Event;
+use crate::identity::{IdentifierState, ProfileState, Rules};
+
+/// A store in a PostgreSQL database (its own tables in the connection's default schema).
+pub struct PostgresStore {
+    client: Client,
+    resolver: Resolver,
+}
+
+impl PostgresStore {
+    /// Connects to `url` and creates the store's tables when missing.
+    pub fn connect(url: &str, rules: Rules) -> Result<PostgresStore, StoreError> {
+        let mut client = Client::connect(url, NoTls)?;
+        let ready: bool = client
+            .query_one("SELECT to_regclass('store_schema') IS NOT NULL", &[])?
+            .get(0);
+        let current = ready
+            && client
+                .query_one("SELECT coalesce(max(version), 0) FROM store_schema", &[])?
+                .get::<_, i64>(0)
+                >= SCHEMA_VERSION;
+        if !current {
+            // Concurrent first starts of several replicas must not race on CREATE TABLE.
+            let mut tx = client.transaction()?;
+            tx.execute("SELECT pg_advisory_xact_lock(7346501)", &[])?;
+            tx.batch_execute(DDL)?;
+            tx.batch_execute(&format!(
+                "CREATE TABLE IF NOT EXISTS store_schema (version BIGINT PRIMARY KEY);
+                 INSERT INTO store_schema VALUES ({SCHEMA_VERSION}) ON CONFLICT DO NOTHING;"
+            ))?;
+            tx.commit()?;
+        }
+        Ok(PostgresStore {
+            client,
+            resolver: Resolver::new(rules),
+        })
+    }
+
+    /// Starts a write transaction: ingest into it, then commit. The first ingest takes the
+    /// store's write lock, held until the transaction ends.
+    pub fn begin_write(&mut self) -> Result<PostgresWrite<'_>, StoreError> {
+        Ok(PostgresWrite {
+            tx: PgTx(self.client.transaction()?),
+            resolver: &mut self.resolver,
+            head: None,
+        })
+    }
+}
+
+/// An open write transaction on a PostgreSQL store.
+pub struct PostgresWrite<'a> {
+    tx: PgTx<'a>,
+    resolver: &'a mut Resolver,
+    head: Option<i64>,
+}
+
+struct PgTx<'a>(Transaction<'a>);
+
+impl PostgresWrite<'_> {
+    /// Resolves and writes `events` (see [`Store::ingest`]) without committing.
+    pub fn ingest(&mut self, events: Vec<Event>) -> Result<IngestSummary, StoreError> {
+        let summary = ingest_in_tx(&mut self.tx, self.resolver, events, |t| load_all(&mut t.0))?;
+        self.head = Some(summary.head);
+        Ok(summary)
+    }
+
+    /// Commits what was ingested.
+    pub fn commit(self) -> Result<(), StoreError> {
+        self.tx.0.commit()?;
+        if let Some(head) = self.head {
+            self.resolver.committed(head);
+        }
+        Ok(())
+    }
+}
+
+fn load_all(tx: &mut Transaction<'_>) -> Result<LoadedState, StoreError> {
+    let profiles = tx
+        .query(
+            "SELECT segment_id, canonical_segment_id, created_rank, merges, traits, trait_times FROM profiles",
+            &[],
+        )?
+        .into_iter()
+        .map(|r| {
+            RawProfile {
+                segment_id: r.get(0),
+                canonical_segment_id: r.get(1),
+                created_rank: r.get(2),
+                merges: r.get(3),
+                traits: r.get(4),
+                trait_times: r.get(5),
+            }
+            .decode()
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let identifiers = tx
+        .query(
+            "SELECT id_type, value, segment_id, first_seen_us, last_seen_us FROM identifiers",
+            &[],
+        )?
+        .into_iter()
+        .map(|r| codec::identifier(r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let names = tx
+        .query("SELECT name FROM track_events ORDER BY name", &[])?
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect();
+    Ok((profiles, identifiers, names))
+}
+
+/// Column vectors of the trigger columns, for `unnest` inserts.
+#[derive(Default)]
+struct TriggerColumns {
+    types: Vec<&'static str>,
+    ids: Vec<String>,
+    names: Vec<Option<String>>,
+    sources: Vec<String>,
+    timestamps: Vec<i64>,
+    received: Vec<i64>,
+}
+
+impl TriggerColumns {
+    fn push(&mut self, t: &Trigger) {
+        self.types.push(t.event_type.as_str());
+        self.ids.push(t.event_id.clone());
+        self.names.push(t.event_name.clone());
+        self.sources.push(t.source_id.clone());
+        self.timestamps.push(micros(t.timestamp));
+        self.received.push(micros(t.received_at));
+    }
+}
+
+const TRIGGER_UNNEST: &str =
+    "$T1::text[], $T2::text[], $T3::text[], $T4::text[], $T5::bigint[], $T6::bigint[]";
+
+/// Inserts rows through one `INSERT ... SELECT FROM unnest(arrays)` statement: one round trip
+/// per table per batch instead of one per row.
+fn insert_unnest(
+    tx: &mut Transaction<'_>,
+    table: &str,
+    lead_columns: &str,
+    lead_arrays: &[&str],
+    lead: &[&(dyn postgres::types::ToSql + Sync)],
+    t: &TriggerColumns,
+) -> Result<(), StoreError> {
+    let n = lead.len();
+    let arrays = lead_arrays
+        .iter()
+        .enumerate()
+        .map(|(i, ty)| format!("${}::{ty}[]", i + 1))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let trigger = (1..=6).fold(TRIGGER_UNNEST.to_string(), |s, i| {
+        s.replace(&format!("$T{i}"), &format!("${}", n + i))
+    });
+    let sql = format!(
+        "INSERT INTO {table} ({lead_columns}, {TRIGGER_COLUMNS}) SELECT * FROM unnest({arrays}, {trigger})"
+    );
+    let mut params: Vec<&(dyn postgres::types::ToSql + Sync)> = lead.to_vec();
+    params.extend([
+        &t.types as &(dyn postgres::types::ToSql + Sync),
+        &t.ids,
+        &t.names,
+        &t.sources,
+        &t.timestamps,
+        &t.received,
+    ]);
+    tx.execute(sql.as_str(), &params)?;
+    Ok(())
+}
+
+impl WriteTx for PgTx<'_> {
+    fn lock_head(&mut self) -> Result<i64, StoreError> {
+        // The row lock is held until commit: the next writer waits here, so seqs are committed
+        // in order and a feed reader never skips one that commits late.
+        Ok(self
+            .0
+            .query_one("SELECT head FROM seq_counter WHERE id = 1 FOR UPDATE", &[])?
+            .get(0))
+    }
+
+    fn existing_message_ids(&mut self, ids: &[&str]) -> Result<HashSet<String>, StoreError> {
+        Ok(self
+            .0
+            .query(
+                "SELECT message_id FROM events WHERE message_id = ANY($1)",
+                &[&ids],
+            )?
+            .into_iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    fn write(&mut self, b: &ResolvedBatch, head: i64) -> Result<(), StoreError> {
+        let tx = &mut self.0;
+        if !b.id_graph.is_empty() {
+            let mut t = TriggerColumns::default();
+            let (mut seqs, mut ids, mut canon) = (vec![], vec![], vec![]);
+            for r in &b.id_graph {
+                seqs.push(r.seq);
+                ids.push(r.segment_id.as_str());
+                canon.push(r.canonical_segment_id.as_str());
+                t.push(&r.trigger);
+            }
+            insert_unnest(
+                tx,
+                "id_graph_updates",
+                "seq, segment_id, canonical_segment_id",
+                &["bigint", "text", "text"],
+                &[&seqs, &ids, &canon],
+                &t,
+            )?;
+        }
+        if !b.mappings.is_empty() {
+            let mut t = TriggerColumns::default();
+            let (mut seqs, mut ids, mut hashes, mut types, mut values, mut segs) =
+                (vec![], vec![], vec![], vec![], vec![], vec![]);
+            for r in &b.mappings {
+                seqs.push(r.seq);
+                ids.push(r.id.as_str());
+                hashes.push(r.external_id_hash.as_str());
+                types.push(r.external_id_type.as_str());
+                values.push(r.external_id_value.as_str());
+                segs.push(r.segment_id.as_str());
+                t.push(&r.trigger);
+            }
+            insert_unnest(
+                tx,
+                "external_id_mapping_updates",
+                "seq, id, external_id_hash, external_id_type, external_id_value, segment_id",
+                &["bigint", "text", "text", "text", "text", "text"],
+                &[&seqs, &ids, &hashes, &types, &values, &segs],
+                &t,
+            )?;
+        }
+        if !b.traits.is_empty() {
+            let mut t = TriggerColumns::default();
+            let (mut seqs, mut segs, mut traits) = (vec![], vec![], vec![]);
+            for r in &b.traits {
+                seqs.push(r.seq);
+                segs.push(r.segment_id.as_str());
+                traits.push(json_text(&r.traits));
+                t.push(&r.trigger);
+            }
+            insert_unnest(
+                tx,
+                "profile_traits_updates",
+                "seq, segment_id, traits",
+                &["bigint", "text", "text"],
+                &[&seqs, &segs, &traits],
+                &t,
+            )?;
+        }
+        if !b.events.is_empty() {
+            let (mut seqs, mut ids, mut types, mut names, mut segs, mut srcs) =
+                (vec![], vec![], vec![], vec![], vec![], vec![]);
+            let (mut ts, mut recv, mut payloads) = (vec![], vec![], vec![]);
+            for r in &b.events {
+                let e = &r.event;
+                seqs.push(r.seq);
+                ids.push(e.message_id.as_str());
+                types.push(e.event_type.as_str());
+                names.push(e.event.as_deref());
+                segs.push(r.segment_id.as_str());
+                srcs.push(e.source_id.as_str());
+                ts.push(micros(e.timestamp));
+                recv.push(micros(e.received_at));
+                payloads.push(e.to_json().to_string());
+            }
+            tx.execute(
+                "INSERT INTO events (seq, message_id, type, event, segment_id, source_id, timestamp_us, received_at_us, payload)
+                 SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::bigint[], $9::text[])",
+                &[&seqs, &ids, &types, &names, &segs, &srcs, &ts, &recv, &payloads],
+            )?;
+        }
+        if !b.state.profiles.is_empty() {
+            let (mut ids, mut canon, mut ranks, mut merges, mut traits, mut times) =
+                (vec![], vec![], vec![], vec![], vec![], vec![]);
+            for p in &b.state.profiles {
+                ids.push(p.segment_id.as_str());
+                canon.push(p.canonical_segment_id.as_str());
+                ranks.push(i64::try_from(p.created_rank).unwrap_or(i64::MAX));
+                merges.push(i64::from(p.merges));
+                traits.push(json_text(&p.traits));
+                times.push(json_text(&p.trait_times));
+            }
+            tx.execute(
+                "INSERT INTO profiles (segment_id, canonical_segment_id, created_rank, merges, traits, trait_times)
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::text[])
+                 ON CONFLICT (segment_id) DO UPDATE SET canonical_segment_id = excluded.canonical_segment_id,
+                   created_rank = excluded.created_rank, merges = excluded.merges, traits = excluded.traits, trait_times = excluded.trait_times",
+                &[&ids, &canon, &ranks, &merges, &traits, &times],
+            )?;
+        }
+        if !b.state.identifiers.is_empty() {
+            let (mut types, mut values, mut segs, mut first, mut last) =
+                (vec![], vec![], vec![], vec![], vec![]);
+            for i in &b.state.identifiers {
+                types.push(i.id_type.as_str());
+                values.push(i.value.as_str());
+                segs.push(i.segment_id.as_str());
+                first.push(micros(i.first_seen));
+                last.push(micros(i.last_seen));
+            }
+            tx.execute(
+                "INSERT INTO identifiers (id_type, value, segment_id, first_seen_us, last_seen_us)
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[])
+                 ON CONFLICT (id_type, value) DO UPDATE SET segment_id = excluded.segment_id, last_seen_us = excluded.last_seen_us",
+                &[&types, &values, &segs, &first, &last],
+            )?;
+        }
+        if !b.new_track_names.is_empty() {
+            tx.execute(
+                "INSERT INTO track_events (name) SELECT * FROM unnest($1::text[]) ON CONFLICT (name) DO NOTHING",
+                &[&b.new_track_names],
+            )?;
+        }
+        tx.execute("UPDATE seq_counter SET head = $1 WHERE id = 1", &[&head])?;
+        Ok(())
+    }
+}
+
+impl PostgresStore {
+    fn read_trigger_rows(
+        &mut self,
+        sql: &str,
+        table: &'static str,
+        after: i64,
+        limit: usize,
+        lead: usize,
+        build: impl Fn(&postgres::Row, Trigger) -> Result<FeedRow, StoreError>,
+    ) -> Result<Vec<FeedRow>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.client
+            .query(sql, &[&after, &limit])?
+            .iter()
+            .map(|r| {
+                let raw = RawTrigger {
+                    event_type: r.get(lead),
+                    event_id: r.get(lead + 1),
+                    event_name: r.get(lead + 2),
+                    source_id: r.get(lead + 3),
+                    timestamp_us: r.get(lead + 4),
+                    received_at_us: r.get(lead + 5),
+                };
+                build(r, raw.decode(table)?)
+            })
+            .collect()
+    }
+}
+
+impl Store for PostgresStore {
+    fn ingest(&mut self, events: Vec<Event>) -> Result<IngestSummary, StoreError> {
+        let mut write = self.begin_write()?;
+        let summary = write.ingest(events)?;
+        write.commit()?;
+        Ok(summary)
+    }
+
+    fn read_feed(
+        &mut self,
+        feed: &Feed,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<FeedRow>, StoreError> {
+        match feed {
+            Feed::IdGraphUpdates => self.read_trigger_rows(
+                &format!("SELECT seq, segment_id, canonical_segment_id, {TRIGGER_COLUMNS} FROM id_graph_updates WHERE seq > $1 ORDER BY seq LIMIT $2"),
+                "id_graph_updates",
+                after,
+                limit,
+                3,
+                |r, trigger| {
+                    Ok(FeedRow::IdGraph(IdGraphRow {
+                        seq: r.get(0),
+                        segment_id: r.get(1),
+                        canonical_segment_id: r.get(2),
+                        trigger,
+                    }))
+                },
+            ),
+            Feed::ExternalIdMappingUpdates => self.read_trigger_rows(
+                &format!("SELECT seq, id, external_id_hash, external_id_type, external_id_value, segment_id, {TRIGGER_COLUMNS} FROM external_id_mapping_updates WHERE seq > $1 ORDER BY seq LIMIT $2"),
+                "external_id_mapping_updates",
+                after,
+                limit,
+                6,
+                |r, trigger| {
+                    Ok(FeedRow::Mapping(MappingRow {
+                        seq: r.get(0),
+                        id: r.get(1),
+                        external_id_hash: r.get(2),
+                        external_id_type: r.get(3),
+                        external_id_value: r.get(4),
+                        segment_id: r.get(5),
+                        trigger,
+                    }))
+                },
+            ),
+            Feed::ProfileTraitsUpdates => self.read_trigger_rows(
+                &format!("SELECT seq, segment_id, traits, {TRIGGER_COLUMNS} FROM profile_traits_updates WHERE seq > $1 ORDER BY seq LIMIT $2"),
+                "profile_traits_updates",
+                after,
+                limit,
+                3,
+                |r, trigger| {
+                    Ok(FeedRow::Traits(TraitsRow {
+                        seq: r.get(0),
+                        segment_id: r.get(1),
+                        traits: codec::object("profile_traits_updates", r.get(2))?,
+                        trigger,
+                    }))
+                },
+            ),
+            Feed::Events(filter) => {
+                let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+                let base = "SELECT seq, segment_id, source_id, received_at_us, payload FROM events WHERE seq > $1";
+                let rows = match filter {
+                    EventFilter::All => self
+                        .client
+                        .query(&format!("{base} ORDER BY seq LIMIT $2"), &[&after, &limit])?,
+                    EventFilter::Type(t) => self.client.query(
+                        &format!("{base} AND type = $3 ORDER BY seq LIMIT $2"),
+                        &[&after, &limit, &t.as_str()],
+                    )?,
+                    EventFilter::TrackNames(names) => self.client.query(
+                        &format!("{base} AND type = 'track' AND event = ANY($3) ORDER BY seq LIMIT $2"),
+                        &[&after, &limit, names],
+                    )?,
+                };
+                rows.iter()
+                    .map(|r| {
+                        Ok(FeedRow::Event(EventRow {
+                            seq: r.get(0),
+                            segment_id: r.get(1),
+                            event: codec::event(r.get(4), r.get(2), r.get(3))?,
+                        }))
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    fn head_seq(&mut self) -> Result<i64, StoreError> {
+        Ok(self
+            .client
+            .query_one("SELECT head FROM seq_counter WHERE id = 1", &[])?
+            .get(0))
+    }
+
+    fn track_event_names(&mut self) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .client
+            .query("SELECT name FROM track_events ORDER BY name", &[])?
+            .into_iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    fn load_state(&mut self) -> Result<(Vec<ProfileState>, Vec<IdentifierState>), StoreError> {
+        let mut tx = self.client.transaction()?;
+        let (p, i, _) = load_all(&mut tx)?;
+        tx.commit()?;
+        Ok((p, i))
+    }
+
+    fn upsert_source(&mut self, s: &SourceInfo) -> Result<(), StoreError> {
+        self.client.execute(
+            "INSERT INTO sources (id, name, slug) VALUES ($1, $2, $3) ON CONFLICT (id) DO UPDATE SET name = excluded.name, slug = excluded.slug",
+            &[&s.id, &s.name, &s.slug],
+        )?;
+        Ok(())
+    }
+
+    fn sources(&mut self) -> Result<Vec<SourceInfo>, StoreError> {
+        Ok(self
+            .client
+            .query("SELECT id, name, slug FROM sources ORDER BY id", &[])?
+            .into_iter()
+            .map(|r| SourceInfo {
+                id: r.get(0),
+                name: r.get(1),
+                slug: r.get(2),
+            })
+            .collect())
+    }
+
+    fn event_count(&mut self) -> Result<i64, StoreError> {
+        Ok(self
+            .client
+            .query_one("SELECT count(*) FROM events", &[])?
+            .get(0))
+    }
+}

@@ -1,0 +1,182 @@
+//! The rows of the store's change feeds: what the sync reads, in `seq` order.
+
+use serde_json::{Map, Value};
+
+use crate::event::{Event, EventType, Timestamp};
+
+/// The event that caused a change-log row (the `triggering_event_*` columns).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Trigger {
+    /// Type of the event.
+    pub event_type: EventType,
+    /// The event's messageId.
+    pub event_id: String,
+    /// The Track event name, or the page/screen name.
+    pub event_name: Option<String>,
+    /// The source that sent the event.
+    pub source_id: String,
+    /// The event's (clock-skew corrected) timestamp.
+    pub timestamp: Timestamp,
+    /// When the engine received the event.
+    pub received_at: Timestamp,
+}
+
+impl Trigger {
+    /// The trigger of rows caused by `event`.
+    pub fn of(event: &Event) -> Trigger {
+        Trigger {
+            event_type: event.event_type,
+            event_id: event.message_id.clone(),
+            event_name: event.event.clone().or_else(|| event.name.clone()),
+            source_id: event.source_id.clone(),
+            timestamp: event.timestamp,
+            received_at: event.received_at,
+        }
+    }
+
+    fn write(&self, m: &mut Map<String, Value>) {
+        m.insert(
+            "triggering_event_type".into(),
+            self.event_type.as_str().into(),
+        );
+        m.insert("triggering_event_id".into(), self.event_id.clone().into());
+        m.insert("triggering_event_name".into(), opt(&self.event_name));
+        m.insert(
+            "triggering_event_source_id".into(),
+            self.source_id.clone().into(),
+        );
+        m.insert("timestamp".into(), self.timestamp.to_string().into());
+        m.insert("received_at".into(), self.received_at.to_string().into());
+    }
+}
+
+fn opt(v: &Option<String>) -> Value {
+    v.clone().map(Value::String).unwrap_or(Value::Null)
+}
+
+/// A row of `id_graph_updates`: `segment_id` now resolves to `canonical_segment_id`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IdGraphRow {
+    /// Position in the store-wide change order.
+    pub seq: i64,
+    /// The profile the row is about.
+    pub segment_id: String,
+    /// The profile it resolves to (itself on creation).
+    pub canonical_segment_id: String,
+    /// The event that caused it.
+    pub trigger: Trigger,
+}
+
+/// A row of `external_id_mapping_updates`: an identifier seen for the first time.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MappingRow {
+    /// Position in the store-wide change order.
+    pub seq: i64,
+    /// Unique id of the row.
+    pub id: String,
+    /// Lowercase hex SHA-1 of type‖value.
+    pub external_id_hash: String,
+    /// Identifier type (`user_id`, `email`, ...).
+    pub external_id_type: String,
+    /// Identifier value.
+    pub external_id_value: String,
+    /// The profile the identifier was first attached to.
+    pub segment_id: String,
+    /// The event that caused it.
+    pub trigger: Trigger,
+}
+
+/// A row of `profile_traits_updates`: a profile's full trait snapshot.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TraitsRow {
+    /// Position in the store-wide change order.
+    pub seq: i64,
+    /// The profile.
+    pub segment_id: String,
+    /// Every trait of the profile after the change.
+    pub traits: Map<String, Value>,
+    /// The event that caused it.
+    pub trigger: Trigger,
+}
+
+/// A stored event with the profile it resolved to.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EventRow {
+    /// Position in the store-wide change order.
+    pub seq: i64,
+    /// The canonical profile the event resolved to when it was ingested.
+    pub segment_id: String,
+    /// The event.
+    pub event: Event,
+}
+
+/// Any row of a change feed.
+// Most rows of a feed page are events, so boxing them would only add an allocation per row.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug, PartialEq)]
+pub enum FeedRow {
+    /// A row of `id_graph_updates`.
+    IdGraph(IdGraphRow),
+    /// A row of `external_id_mapping_updates`.
+    Mapping(MappingRow),
+    /// A row of `profile_traits_updates`.
+    Traits(TraitsRow),
+    /// An event.
+    Event(EventRow),
+}
+
+impl FeedRow {
+    /// The row's position in the store-wide change order.
+    pub fn seq(&self) -> i64 {
+        match self {
+            FeedRow::IdGraph(r) => r.seq,
+            FeedRow::Mapping(r) => r.seq,
+            FeedRow::Traits(r) => r.seq,
+            FeedRow::Event(r) => r.seq,
+        }
+    }
+
+    /// The row as a flat JSON object with the warehouse's column names (events: the Segment JSON
+    /// of the event plus `seq`, `segment_id` and `event_source_id`).
+    pub fn to_json(&self) -> Map<String, Value> {
+        let mut m = Map::new();
+        match self {
+            FeedRow::IdGraph(r) => {
+                m.insert("seq".into(), r.seq.into());
+                m.insert("segment_id".into(), r.segment_id.clone().into());
+                m.insert(
+                    "canonical_segment_id".into(),
+                    r.canonical_segment_id.clone().into(),
+                );
+                r.trigger.write(&mut m);
+            }
+            FeedRow::Mapping(r) => {
+                m.insert("seq".into(), r.seq.into());
+                m.insert("id".into(), r.id.clone().into());
+                m.insert("external_id_hash".into(), r.external_id_hash.clone().into());
+                m.insert("external_id_type".into(), r.external_id_type.clone().into());
+                m.insert(
+                    "external_id_value".into(),
+                    r.external_id_value.clone().into(),
+                );
+                m.insert("segment_id".into(), r.segment_id.clone().into());
+                r.trigger.write(&mut m);
+            }
+            FeedRow::Traits(r) => {
+                m.insert("seq".into(), r.seq.into());
+                m.insert("segment_id".into(), r.segment_id.clone().into());
+                r.trigger.write(&mut m);
+                m.insert("traits".into(), Value::Object(r.traits.clone()));
+            }
+            FeedRow::Event(r) => {
+                m.insert("seq".into(), r.seq.into());
+                m.insert("segment_id".into(), r.segment_id.clone().into());
+                m.insert("event_source_id".into(), r.event.source_id.clone().into());
+                if let Value::Object(e) = r.event.to_json() {
+                    m.extend(e);
+                }
+            }
+        }
+        m
+    }
+}

@@ -1,0 +1,488 @@
+//! The embedded store: one SQLite file in WAL mode.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params, params_from_iter};
+
+use super::codec::{self, RawProfile, RawTrigger, json_text, micros};
+use super::ingest::{LoadedState, ResolvedBatch, ingest_in_tx};
+use super::schema::{DDL, SCHEMA_VERSION, TRIGGER_COLUMNS};
+use super::{
+    EventFilter, EventRow, Feed, FeedRow, IdGraphRow, IngestSummary, MappingRow, Resolver,
+    SourceInfo, Store, StoreError, TraitsRow, Trigger, WriteTx,
+};
+use crate::event::Event;
+use crate::identity::{IdentifierState, ProfileState, Rules};
+
+/// A store in one SQLite file.
+pub struct SqliteStore {
+    conn: Connection,
+    resolver: Resolver,
+}
+
+impl SqliteStore {
+    /// Opens (creating when missing) the store file at `path`.
+    pub fn open(path: &Path, rules: Rules) -> Result<SqliteStore, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Sqlite(rusqlite::Error::InvalidPath(
+                    format!("{}: {e}", dir.display()).into(),
+                ))
+            })?;
+        }
+        Self::init(Connection::open(path)?, rules)
+    }
+
+    /// A store that lives in memory only (tests, dry runs).
+    pub fn open_in_memory(rules: Rules) -> Result<SqliteStore, StoreError> {
+        Self::init(Connection::open_in_memory()?, rules)
+    }
+
+    fn init(conn: Connection, rules: Rules) -> Result<SqliteStore, StoreError> {
+        // WAL lets feed readers run beside the writer; synchronous=FULL makes a commit durable
+        // before the engine acknowledges the events it holds.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        // Only a new file takes the write lock for DDL, so opening a reader never waits for the writer.
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version < SCHEMA_VERSION {
+            conn.execute_batch(&format!(
+                "BEGIN IMMEDIATE; {DDL}; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+            ))?;
+        }
+        Ok(SqliteStore {
+            conn,
+            resolver: Resolver::new(rules),
+        })
+    }
+
+    /// Sets how long a writer waits for another writer's lock before failing with "database is locked".
+    pub fn set_busy_timeout(&self, timeout: std::time::Duration) -> Result<(), StoreError> {
+        Ok(self.conn.busy_timeout(timeout)?)
+    }
+
+    /// Starts a write transaction that holds the store's write lock until it ends: ingest into
+    /// it, then commit.
+    pub fn begin_write(&mut self) -> Result<SqliteWrite<'_>, StoreError> {
+        Ok(SqliteWrite {
+            tx: LiteTx(
+                self.conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)?,
+            ),
+            resolver: &mut self.resolver,
+            head: None,
+        })
+    }
+}
+
+/// An open write transaction on an SQLite store.
+pub struct SqliteWrite<'a> {
+    tx: LiteTx<'a>,
+    resolver: &'a mut Resolver,
+    head: Option<i64>,
+}
+
+struct LiteTx<'a>(rusqlite::Transaction<'a>);
+
+impl SqliteWrite<'_> {
+    /// Resolves and writes `events` (see [`Store::ingest`]) without committing.
+    pub fn ingest(&mut self, events: Vec<Event>) -> Result<IngestSummary, StoreError> {
+        let summary = ingest_in_tx(&mut self.tx, self.resolver, events, |t| load_all(&t.0))?;
+        self.head = Some(summary.head);
+        Ok(summary)
+    }
+
+    /// Commits what was ingested.
+    pub fn commit(self) -> Result<(), StoreError> {
+        self.tx.0.commit()?;
+        if let Some(head) = self.head {
+            self.resolver.committed(head);
+        }
+        Ok(())
+    }
+}
+
+fn load_all(conn: &Connection) -> Result<LoadedState, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT segment_id, canonical_segment_id, created_rank, merges, traits, trait_times FROM profiles",
+    )?;
+    let raw = stmt
+        .query_map([], |r| {
+            Ok(RawProfile {
+                segment_id: r.get(0)?,
+                canonical_segment_id: r.get(1)?,
+                created_rank: r.get(2)?,
+                merges: r.get(3)?,
+                traits: r.get(4)?,
+                trait_times: r.get(5)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let profiles = raw
+        .into_iter()
+        .map(RawProfile::decode)
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut stmt = conn.prepare_cached(
+        "SELECT id_type, value, segment_id, first_seen_us, last_seen_us FROM identifiers",
+    )?;
+    let raw = stmt
+        .query_map([], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })?
+        .collect::<Result<Vec<(String, String, String, i64, i64)>, _>>()?;
+    let identifiers = raw
+        .into_iter()
+        .map(|(t, v, s, f, l)| codec::identifier(t, v, s, f, l))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut stmt = conn.prepare_cached("SELECT name FROM track_events ORDER BY name")?;
+    let names = stmt
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<Vec<String>, _>>()?;
+    Ok((profiles, identifiers, names))
+}
+
+fn trigger_params(t: &Trigger) -> [rusqlite::types::Value; 6] {
+    use rusqlite::types::Value as V;
+    [
+        V::Text(t.event_type.as_str().into()),
+        V::Text(t.event_id.clone()),
+        t.event_name.clone().map(V::Text).unwrap_or(V::Null),
+        V::Text(t.source_id.clone()),
+        V::Integer(micros(t.timestamp)),
+        V::Integer(micros(t.received_at)),
+    ]
+}
+
+impl WriteTx for LiteTx<'_> {
+    fn lock_head(&mut self) -> Result<i64, StoreError> {
+        // The IMMEDIATE transaction already holds the write lock.
+        Ok(self
+            .0
+            .query_row("SELECT head FROM seq_counter WHERE id = 1", [], |r| {
+                r.get(0)
+            })?)
+    }
+
+    fn existing_message_ids(&mut self, ids: &[&str]) -> Result<HashSet<String>, StoreError> {
+        let mut stmt = self
+            .0
+            .prepare_cached("SELECT 1 FROM events WHERE message_id = ?1")?;
+        let mut found = HashSet::new();
+        for id in ids {
+            if stmt.query_row([id], |_| Ok(())).optional()?.is_some() {
+                found.insert((*id).to_string());
+            }
+        }
+        Ok(found)
+    }
+
+    fn write(&mut self, b: &ResolvedBatch, head: i64) -> Result<(), StoreError> {
+        use rusqlite::types::Value as V;
+        let tx = &self.0;
+        let mut stmt = tx.prepare_cached(&format!(
+            "INSERT INTO id_graph_updates (seq, segment_id, canonical_segment_id, {TRIGGER_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+        ))?;
+        for r in &b.id_graph {
+            let head = [
+                V::Integer(r.seq),
+                V::Text(r.segment_id.clone()),
+                V::Text(r.canonical_segment_id.clone()),
+            ];
+            stmt.execute(params_from_iter(
+                head.into_iter().chain(trigger_params(&r.trigger)),
+            ))?;
+        }
+        let mut stmt = tx.prepare_cached(&format!(
+            "INSERT INTO external_id_mapping_updates (seq, id, external_id_hash, external_id_type, external_id_value, segment_id, {TRIGGER_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+        ))?;
+        for r in &b.mappings {
+            let head = [
+                V::Integer(r.seq),
+                V::Text(r.id.clone()),
+                V::Text(r.external_id_hash.clone()),
+                V::Text(r.external_id_type.clone()),
+                V::Text(r.external_id_value.clone()),
+                V::Text(r.segment_id.clone()),
+            ];
+            stmt.execute(params_from_iter(
+                head.into_iter().chain(trigger_params(&r.trigger)),
+            ))?;
+        }
+        let mut stmt = tx.prepare_cached(&format!(
+            "INSERT INTO profile_traits_updates (seq, segment_id, traits, {TRIGGER_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+        ))?;
+        for r in &b.traits {
+            let head = [
+                V::Integer(r.seq),
+                V::Text(r.segment_id.clone()),
+                V::Text(json_text(&r.traits)),
+            ];
+            stmt.execute(params_from_iter(
+                head.into_iter().chain(trigger_params(&r.trigger)),
+            ))?;
+        }
+        let mut stmt = tx.prepare_cached(
+            "INSERT INTO events (seq, message_id, type, event, segment_id, source_id, timestamp_us, received_at_us, payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )?;
+        for r in &b.events {
+            let e = &r.event;
+            stmt.execute(params![
+                r.seq,
+                e.message_id,
+                e.event_type.as_str(),
+                e.event,
+                r.segment_id,
+                e.source_id,
+                micros(e.timestamp),
+                micros(e.received_at),
+                e.to_json().to_string(),
+            ])?;
+        }
+        let mut stmt = tx.prepare_cached(
+            "INSERT INTO profiles (segment_id, canonical_segment_id, created_rank, merges, traits, trait_times) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (segment_id) DO UPDATE SET canonical_segment_id = excluded.canonical_segment_id, created_rank = excluded.created_rank,
+               merges = excluded.merges, traits = excluded.traits, trait_times = excluded.trait_times",
+        )?;
+        for p in &b.state.profiles {
+            stmt.execute(params![
+                p.segment_id,
+                p.canonical_segment_id,
+                i64::try_from(p.created_rank).unwrap_or(i64::MAX),
+                i64::from(p.merges),
+                json_text(&p.traits),
+                json_text(&p.trait_times),
+            ])?;
+        }
+        let mut stmt = tx.prepare_cached(
+            "INSERT INTO identifiers (id_type, value, segment_id, first_seen_us, last_seen_us) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (id_type, value) DO UPDATE SET segment_id = excluded.segment_id, last_seen_us = excluded.last_seen_us",
+        )?;
+        for i in &b.state.identifiers {
+            stmt.execute(params![
+                i.id_type,
+                i.value,
+                i.segment_id,
+                micros(i.first_seen),
+                micros(i.last_seen)
+            ])?;
+        }
+        let mut stmt = tx.prepare_cached(
+            "INSERT INTO track_events (name) VALUES (?1) ON CONFLICT (name) DO NOTHING",
+        )?;
+        for name in &b.new_track_names {
+            stmt.execute([name])?;
+        }
+        tx.execute("UPDATE seq_counter SET head = ?1 WHERE id = 1", [head])?;
+        Ok(())
+    }
+}
+
+impl SqliteStore {
+    fn read_trigger_rows<T>(
+        &self,
+        sql: &str,
+        table: &'static str,
+        after: i64,
+        limit: usize,
+        lead: usize,
+        build: impl Fn(&rusqlite::Row<'_>, Trigger) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut rows = stmt.query(params![after, limit])?;
+        let mut out = vec![];
+        while let Some(r) = rows.next()? {
+            let raw = RawTrigger {
+                event_type: r.get(lead)?,
+                event_id: r.get(lead + 1)?,
+                event_name: r.get(lead + 2)?,
+                source_id: r.get(lead + 3)?,
+                timestamp_us: r.get(lead + 4)?,
+                received_at_us: r.get(lead + 5)?,
+            };
+            out.push(build(r, raw.decode(table)?)?);
+        }
+        Ok(out)
+    }
+
+    fn read_events(
+        &self,
+        filter: &EventFilter,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<FeedRow>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let base =
+            "SELECT seq, segment_id, source_id, received_at_us, payload FROM events WHERE seq > ?1";
+        let (sql, mut args): (String, Vec<rusqlite::types::Value>) = match filter {
+            EventFilter::All => (format!("{base} ORDER BY seq LIMIT ?2"), vec![]),
+            EventFilter::Type(t) => (
+                format!("{base} AND type = ?3 ORDER BY seq LIMIT ?2"),
+                vec![t.as_str().to_string().into()],
+            ),
+            EventFilter::TrackNames(names) => {
+                let marks: Vec<String> = (0..names.len()).map(|i| format!("?{}", i + 3)).collect();
+                (
+                    format!(
+                        "{base} AND type = 'track' AND event IN ({}) ORDER BY seq LIMIT ?2",
+                        if marks.is_empty() {
+                            "NULL".into()
+                        } else {
+                            marks.join(", ")
+                        }
+                    ),
+                    names.iter().map(|n| n.clone().into()).collect(),
+                )
+            }
+        };
+        args.insert(0, limit.into());
+        args.insert(0, after.into());
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let raw = stmt
+            .query_map(params_from_iter(args), |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get::<_, String>(4)?,
+                ))
+            })?
+            .collect::<Result<Vec<(i64, String, String, i64, String)>, _>>()?;
+        raw.into_iter()
+            .map(|(seq, segment_id, source_id, recv, payload)| {
+                Ok(FeedRow::Event(EventRow {
+                    seq,
+                    segment_id,
+                    event: codec::event(&payload, source_id, recv)?,
+                }))
+            })
+            .collect()
+    }
+}
+
+impl Store for SqliteStore {
+    fn ingest(&mut self, events: Vec<Event>) -> Result<IngestSummary, StoreError> {
+        let mut write = self.begin_write()?;
+        let summary = write.ingest(events)?;
+        write.commit()?;
+        Ok(summary)
+    }
+
+    fn read_feed(
+        &mut self,
+        feed: &Feed,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<FeedRow>, StoreError> {
+        match feed {
+            Feed::IdGraphUpdates => self.read_trigger_rows(
+                &format!("SELECT seq, segment_id, canonical_segment_id, {TRIGGER_COLUMNS} FROM id_graph_updates WHERE seq > ?1 ORDER BY seq LIMIT ?2"),
+                "id_graph_updates",
+                after,
+                limit,
+                3,
+                |r, trigger| {
+                    Ok(FeedRow::IdGraph(IdGraphRow {
+                        seq: r.get(0)?,
+                        segment_id: r.get(1)?,
+                        canonical_segment_id: r.get(2)?,
+                        trigger,
+                    }))
+                },
+            ),
+            Feed::ExternalIdMappingUpdates => self.read_trigger_rows(
+                &format!("SELECT seq, id, external_id_hash, external_id_type, external_id_value, segment_id, {TRIGGER_COLUMNS} FROM external_id_mapping_updates WHERE seq > ?1 ORDER BY seq LIMIT ?2"),
+                "external_id_mapping_updates",
+                after,
+                limit,
+                6,
+                |r, trigger| {
+                    Ok(FeedRow::Mapping(MappingRow {
+                        seq: r.get(0)?,
+                        id: r.get(1)?,
+                        external_id_hash: r.get(2)?,
+                        external_id_type: r.get(3)?,
+                        external_id_value: r.get(4)?,
+                        segment_id: r.get(5)?,
+                        trigger,
+                    }))
+                },
+            ),
+            Feed::ProfileTraitsUpdates => {
+                let rows = self.read_trigger_rows(
+                    &format!("SELECT seq, segment_id, traits, {TRIGGER_COLUMNS} FROM profile_traits_updates WHERE seq > ?1 ORDER BY seq LIMIT ?2"),
+                    "profile_traits_updates",
+                    after,
+                    limit,
+                    3,
+                    |r, trigger| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, trigger)),
+                )?;
+                rows.into_iter()
+                    .map(|(seq, segment_id, traits, trigger)| {
+                        Ok(FeedRow::Traits(TraitsRow {
+                            seq,
+                            segment_id,
+                            traits: codec::object("profile_traits_updates", &traits)?,
+                            trigger,
+                        }))
+                    })
+                    .collect()
+            }
+            Feed::Events(filter) => self.read_events(filter, after, limit),
+        }
+    }
+
+    fn head_seq(&mut self) -> Result<i64, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT head FROM seq_counter WHERE id = 1", [], |r| {
+                r.get(0)
+            })?)
+    }
+
+    fn track_event_names(&mut self) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT name FROM track_events ORDER BY name")?;
+        Ok(stmt
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<Vec<String>, _>>()?)
+    }
+
+    fn load_state(&mut self) -> Result<(Vec<ProfileState>, Vec<IdentifierState>), StoreError> {
+        let (p, i, _) = load_all(&self.conn)?;
+        Ok((p, i))
+    }
+
+    fn upsert_source(&mut self, s: &SourceInfo) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO sources (id, name, slug) VALUES (?1, ?2, ?3) ON CONFLICT (id) DO UPDATE SET name = excluded.name, slug = excluded.slug",
+            params![s.id, s.name, s.slug],
+        )?;
+        Ok(())
+    }
+
+    fn sources(&mut self) -> Result<Vec<SourceInfo>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT id, name, slug FROM sources ORDER BY id")?;
+        Ok(stmt
+            .query_map([], |r| {
+                Ok(SourceInfo {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                    slug: r.get(2)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?)
+    }
+
+    fn event_count(&mut self) -> Result<i64, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT count(*) FROM events", [], |r| r.get(0))?)
+    }
+}

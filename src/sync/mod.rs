@@ -1,0 +1,3 @@
+//! The sync: lands the store's change feeds in a warehouse (`profiles-sync sync`).
+
+pub mod naming;

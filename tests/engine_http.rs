@@ -1,0 +1,551 @@
+//! The Tracking API and the feed API over real HTTP: every error path, and what gets stored.
+
+mod support;
+
+use std::io::Write;
+
+use profiles_sync::identity::Rules;
+use profiles_sync::store::{self, EventFilter, Feed, FeedRow};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use support::engine::{FEED_TOKEN, SOURCE_ID, WRITE_KEY, start};
+
+fn client() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+async fn post(base: &str, path: &str, body: &Value) -> (StatusCode, Value) {
+    let r = client()
+        .post(format!("{base}{path}"))
+        .basic_auth(WRITE_KEY, Some(""))
+        .json(body)
+        .send()
+        .await
+        .expect("request");
+    let status = r.status();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+fn stored(url: &str) -> Vec<profiles_sync::store::EventRow> {
+    let mut s = store::open(url, Rules::default()).unwrap();
+    s.read_feed(&Feed::Events(EventFilter::All), 0, 100_000)
+        .unwrap()
+        .into_iter()
+        .map(|r| match r {
+            FeedRow::Event(e) => e,
+            other => panic!("{other:?}"),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn every_call_type_is_accepted_and_stored_with_its_source() {
+    let t = start(8).await;
+    let calls = [
+        (
+            "/v1/identify",
+            json!({"userId": "u1", "traits": {"email": "a@example.com"}}),
+        ),
+        (
+            "/v1/track",
+            json!({"userId": "u1", "event": "Order Completed", "properties": {"total": 3}}),
+        ),
+        ("/v1/page", json!({"anonymousId": "a1", "name": "Home"})),
+        ("/v1/screen", json!({"userId": "u1", "name": "Settings"})),
+        (
+            "/v1/group",
+            json!({"userId": "u1", "groupId": "g1", "traits": {"name": "Acme"}}),
+        ),
+        ("/v1/alias", json!({"userId": "u1", "previousId": "a1"})),
+        ("/v1/t", json!({"userId": "u1", "event": "Short Path"})),
+    ];
+    for (path, body) in &calls {
+        let (status, reply) = post(&t.base, path, body).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {reply}");
+        assert_eq!(reply, json!({"success": true}));
+    }
+    let events = stored(&t.store_url);
+    assert_eq!(events.len(), calls.len());
+    let types: Vec<&str> = events.iter().map(|e| e.event.event_type.as_str()).collect();
+    assert_eq!(
+        types,
+        [
+            "identify", "track", "page", "screen", "group", "alias", "track"
+        ]
+    );
+    assert!(events.iter().all(|e| e.event.source_id == SOURCE_ID));
+    assert!(events.iter().all(|e| e.segment_id.starts_with("use_")));
+    t.engine.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn write_key_in_the_body_and_batches_work() {
+    let t = start(8).await;
+    let body = json!({
+        "writeKey": WRITE_KEY,
+        "batch": [
+            {"type": "track", "userId": "u1", "event": "A", "messageId": "b1"},
+            {"type": "identify", "userId": "u1", "traits": {"plan": "pro"}, "messageId": "b2"}
+        ],
+        "context": {"library": {"name": "test"}}
+    });
+    let r = client()
+        .post(format!("{}/v1/batch", t.base))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let events = stored(&t.store_url);
+    assert_eq!(events.len(), 2);
+    assert_eq!(
+        events[0].event.context["library"]["name"], "test",
+        "batch context applies to each message"
+    );
+    assert!(
+        !events[0].event.to_json().to_string().contains(WRITE_KEY),
+        "the write key must not be stored"
+    );
+    t.engine.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn missing_or_unknown_write_keys_get_401_and_store_nothing() {
+    let t = start(8).await;
+    let r = client()
+        .post(format!("{}/v1/track", t.base))
+        .json(&json!({"userId": "u1", "event": "A"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert!(r.text().await.unwrap().contains("missing write key"));
+    let r = client()
+        .post(format!("{}/v1/track", t.base))
+        .basic_auth("wrong", Some(""))
+        .json(&json!({"userId": "u1", "event": "A"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert!(stored(&t.store_url).is_empty());
+    t.engine.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_input_gets_400_naming_the_field_and_stores_nothing() {
+    let t = start(8).await;
+    let cases = [
+        ("/v1/track", json!({"event": "A"}), "userId"),
+        ("/v1/track", json!({"userId": "u1"}), "event"),
+        ("/v1/group", json!({"userId": "u1"}), "groupId"),
+        ("/v1/alias", json!({"userId": "u1"}), "previousId"),
+        (
+            "/v1/track",
+            json!({"userId": "u1", "event": "A", "properties": 5}),
+            "properties",
+        ),
+        (
+            "/v1/identify",
+            json!({"userId": "u1", "traits": "x"}),
+            "traits",
+        ),
+        (
+            "/v1/track",
+            json!({"userId": "u1", "event": "A", "timestamp": "yesterday"}),
+            "timestamp",
+        ),
+        (
+            "/v1/track",
+            json!({"userId": "u1", "event": "A", "sentAt": 12}),
+            "sentAt",
+        ),
+        (
+            "/v1/page",
+            json!({"anonymousId": "anonymous"}),
+            "anonymousId",
+        ),
+    ];
+    for (path, body, field) in cases {
+        let (status, reply) = post(&t.base, path, &body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {reply}");
+        assert_eq!(reply["field"], field, "{body}: {reply}");
+        assert!(
+            reply["error"].as_str().unwrap().starts_with(field),
+            "{reply}"
+        );
+    }
+    let r = client()
+        .post(format!("{}/v1/track", t.base))
+        .basic_auth(WRITE_KEY, Some(""))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert!(r.text().await.unwrap().contains("malformed JSON"));
+
+    // One bad message fails the whole batch, and the error names its index.
+    let (status, reply) = post(
+        &t.base,
+        "/v1/batch",
+        &json!({"batch": [
+            {"type": "track", "userId": "u1", "event": "A"},
+            {"type": "track", "userId": "u1", "event": "B"},
+            {"type": "track", "userId": "u1"}
+        ]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        (reply["index"].clone(), reply["field"].clone()),
+        (json!(2), json!("event"))
+    );
+    let (status, reply) = post(
+        &t.base,
+        "/v1/batch",
+        &json!({"batch": [{"type": "nope", "userId": "u"}]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(reply["field"], "type");
+    let (status, reply) = post(&t.base, "/v1/batch", &json!({"messages": []})).await;
+    assert_eq!(
+        (status, reply["field"].clone()),
+        (StatusCode::BAD_REQUEST, json!("batch"))
+    );
+    assert!(
+        stored(&t.store_url).is_empty(),
+        "nothing from a rejected request may be stored"
+    );
+    t.engine.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn size_limits_name_the_limit() {
+    let t = start(8).await;
+    let big = "x".repeat(33 * 1024);
+    let (status, reply) = post(
+        &t.base,
+        "/v1/track",
+        &json!({"userId": "u1", "event": "A", "properties": {"blob": big}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(
+        reply["error"].as_str().unwrap().contains("32 KB"),
+        "{reply}"
+    );
+    let (status, reply) = post(
+        &t.base,
+        "/v1/batch",
+        &json!({"batch": [{"type": "track", "userId": "u1", "event": "A"}, {"type": "track", "userId": "u1", "event": "A", "properties": {"blob": big}}]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(reply["index"], 1);
+    assert!(reply["error"].as_str().unwrap().contains("32 KB"));
+    let many: Vec<Value> = (0..20)
+        .map(|i| json!({"type": "track", "userId": "u1", "event": "A", "properties": {"blob": "y".repeat(30 * 1024), "i": i}}))
+        .collect();
+    let (status, reply) = post(&t.base, "/v1/batch", &json!({"batch": many})).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(
+        reply["error"].as_str().unwrap().contains("500 KB"),
+        "{reply}"
+    );
+    assert!(stored(&t.store_url).is_empty());
+    t.engine.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn gzip_bodies_are_accepted_and_bombs_refused() {
+    let t = start(8).await;
+    let gz = |bytes: &[u8]| {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(bytes).unwrap();
+        e.finish().unwrap()
+    };
+    let body = json!({"batch": [{"type": "track", "userId": "u1", "event": "Zipped"}]}).to_string();
+    let r = client()
+        .post(format!("{}/v1/batch", t.base))
+        .basic_auth(WRITE_KEY, Some(""))
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(gz(body.as_bytes()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // 10 MB of zeros compresses to ~10 KB; inflating it must stop at the batch limit.
+    let bomb = gz(&vec![b' '; 10 * 1024 * 1024]);
+    let r = client()
+        .post(format!("{}/v1/batch", t.base))
+        .basic_auth(WRITE_KEY, Some(""))
+        .header("content-encoding", "gzip")
+        .body(bomb)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(stored(&t.store_url).len(), 1);
+    t.engine.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn server_time_clock_skew_and_duplicates() {
+    let t = start(8).await;
+    let before = jiff::Timestamp::now();
+    // The client's clock is 10 minutes fast: it stamped the event 2 s before sending it.
+    let body = json!({"userId": "u1", "event": "A", "messageId": "same",
+        "timestamp": "2030-01-01T00:09:58Z", "sentAt": "2030-01-01T00:10:00Z",
+        "receivedAt": "1999-01-01T00:00:00Z"});
+    assert_eq!(post(&t.base, "/v1/track", &body).await.0, StatusCode::OK);
+    assert_eq!(
+        post(&t.base, "/v1/track", &body).await.0,
+        StatusCode::OK,
+        "a retry is acknowledged"
+    );
+    let after = jiff::Timestamp::now();
+    let events = stored(&t.store_url);
+    assert_eq!(events.len(), 1, "the same messageId is stored once");
+    let e = &events[0].event;
+    assert!(
+        e.received_at >= before && e.received_at <= after,
+        "receivedAt is set by the server"
+    );
+    let skew = e.received_at.as_millisecond() - e.timestamp.as_millisecond();
+    assert_eq!(
+        skew, 2000,
+        "timestamp = receivedAt - (sentAt - originalTimestamp)"
+    );
+    // A message without messageId gets one.
+    assert_eq!(
+        post(&t.base, "/v1/track", &json!({"userId": "u1", "event": "B"}))
+            .await
+            .0,
+        StatusCode::OK
+    );
+    let events = stored(&t.store_url);
+    assert!(!events[1].event.message_id.is_empty());
+    t.engine.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_feed_api_needs_the_token_and_pages_in_order() {
+    let t = start(8).await;
+    for i in 0..5 {
+        post(&t.base, "/v1/track", &json!({"userId": format!("u{i}"), "event": "Order Completed", "messageId": format!("m{i}")})).await;
+    }
+    let r = client()
+        .get(format!("{}/v1/feeds/tracks", t.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = client()
+        .get(format!("{}/v1/feeds/tracks", t.base))
+        .bearer_auth("wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+
+    let catalog: Value = client()
+        .get(format!("{}/v1/feeds", t.base))
+        .bearer_auth(FEED_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        catalog["trackEvents"],
+        json!([{"event": "Order Completed", "table": "order_completed"}])
+    );
+
+    let mut after = 0;
+    let mut ids = vec![];
+    loop {
+        let text = client()
+            .get(format!(
+                "{}/v1/feeds/order_completed?after={after}&limit=2",
+                t.base
+            ))
+            .bearer_auth(FEED_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let mut lines = text.lines();
+        let header: Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+        assert!(header["count"].as_u64().unwrap() <= 2);
+        if header["count"] == 0 {
+            break;
+        }
+        assert!(
+            header["columns"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("segment_id"))
+        );
+        for line in lines {
+            let row: Value = serde_json::from_str(line).unwrap();
+            ids.push(row["messageId"].as_str().unwrap().to_string());
+        }
+        after = header["next_after"].as_i64().unwrap();
+    }
+    assert_eq!(ids, ["m0", "m1", "m2", "m3", "m4"]);
+    let r = client()
+        .get(format!("{}/v1/feeds/no_such_table", t.base))
+        .bearer_auth(FEED_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    t.engine.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn health_readiness_and_metrics() {
+    let t = start(8).await;
+    assert_eq!(
+        client()
+            .get(format!("{}/healthz", t.base))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        client()
+            .get(format!("{}/readyz", t.base))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    post(&t.base, "/v1/track", &json!({"userId": "u1", "event": "A"})).await;
+    post(&t.base, "/v1/track", &json!({"event": "A"})).await;
+    let text = client()
+        .get(format!("{}/metrics", t.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains(
+            "profiles_sync_engine_http_requests_total{endpoint=\"track\",status=\"200\"} 1"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "profiles_sync_engine_http_requests_total{endpoint=\"track\",status=\"400\"} 1"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("profiles_sync_engine_events_accepted_total 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("profiles_sync_engine_profiles_created_total 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("profiles_sync_engine_commit_seconds_bucket"),
+        "{text}"
+    );
+    t.engine.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn overload_answers_503_with_retry_after_and_loses_nothing_acknowledged() {
+    let t = start(1).await;
+    // Hold the store's write lock from outside so the writer blocks and the queue fills.
+    let blocker = rusqlite::Connection::open(&t.store_path).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let mut tasks = vec![];
+    for i in 0..6 {
+        let base = t.base.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = client()
+                .post(format!("{base}/v1/track"))
+                .basic_auth(WRITE_KEY, Some(""))
+                .json(&json!({"userId": "u1", "event": "A", "messageId": format!("o{i}")}))
+                .send()
+                .await
+                .unwrap();
+            (i, r.status(), r.headers().get("retry-after").cloned())
+        }));
+    }
+    // The writer holds at most one request and the queue one more: at least four of the six
+    // must be answered while the store stays locked. Wait for exactly that (bounded).
+    let mut spins = 0u64;
+    while tasks.iter().filter(|t| t.is_finished()).count() < 4 {
+        spins += 1;
+        assert!(
+            spins < 50_000_000,
+            "requests were neither queued nor turned away"
+        );
+        tokio::task::yield_now().await;
+    }
+    let mut rejected = vec![];
+    let mut pending = vec![];
+    for task in tasks {
+        if task.is_finished() {
+            let (i, status, retry) = task.await.unwrap();
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "request {i}");
+            assert_eq!(
+                retry.as_ref().and_then(|v| v.to_str().ok()),
+                Some("1"),
+                "503 without Retry-After"
+            );
+            rejected.push(i);
+        } else {
+            pending.push(task);
+        }
+    }
+    blocker.execute_batch("ROLLBACK").unwrap();
+    let mut ok = vec![];
+    for task in pending {
+        let (i, status, _) = task.await.unwrap();
+        if status == StatusCode::OK {
+            ok.push(i);
+        } else {
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+            rejected.push(i);
+        }
+    }
+    assert!(
+        rejected.len() >= 4,
+        "nothing was turned away under overload"
+    );
+    assert!(!ok.is_empty(), "the queued request was lost");
+    assert!(
+        ok.len() <= 2,
+        "more requests were accepted than the writer and queue hold: {ok:?}"
+    );
+    let stored_ids: Vec<String> = stored(&t.store_url)
+        .into_iter()
+        .map(|e| e.event.message_id)
+        .collect();
+    let mut expected: Vec<String> = ok.iter().map(|i| format!("o{i}")).collect();
+    expected.sort();
+    let mut got = stored_ids.clone();
+    got.sort();
+    assert_eq!(
+        got, expected,
+        "exactly the acknowledged requests are stored"
+    );
+    t.engine.stop().await.unwrap();
+}

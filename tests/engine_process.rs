@@ -1,0 +1,176 @@
+//! The engine binary as a process: acknowledged events survive `kill -9`, exactly once, and
+//! SIGTERM shuts it down gracefully.
+
+mod support;
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use profiles_sync::identity::Rules;
+use profiles_sync::store::{self, EventFilter, Feed, FeedRow};
+use serde_json::json;
+use support::engine::WRITE_KEY;
+
+struct EngineProcess {
+    child: Child,
+    base: String,
+}
+
+fn spawn_engine(dir: &Path) -> EngineProcess {
+    let sources = dir.join("sources.yaml");
+    std::fs::write(
+        &sources,
+        format!("sources:\n  - {{id: src_test, name: Test, slug: test, writeKey: {WRITE_KEY}}}\n"),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_profiles-sync"))
+        .args(["engine", "--listen", "127.0.0.1:0", "--sources"])
+        .arg(&sources)
+        .arg("--store")
+        .arg(format!("sqlite://{}", dir.join("store.db").display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the engine");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("engine listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    EngineProcess {
+        child,
+        base: format!("http://{addr}"),
+    }
+}
+
+fn batch(from: usize, n: usize) -> serde_json::Value {
+    json!({"batch": (from..from + n).map(|i| json!({
+        "type": "track", "messageId": format!("m{i}"), "userId": format!("u{}", i % 37), "event": "Order Completed",
+        "properties": {"i": i}
+    })).collect::<Vec<_>>()})
+}
+
+fn stored_ids(dir: &Path) -> Vec<String> {
+    let mut s = store::open(
+        &format!("sqlite://{}", dir.join("store.db").display()),
+        Rules::default(),
+    )
+    .unwrap();
+    s.read_feed(&Feed::Events(EventFilter::All), 0, 1_000_000)
+        .unwrap()
+        .into_iter()
+        .map(|r| match r {
+            FeedRow::Event(e) => e.event.message_id,
+            other => panic!("{other:?}"),
+        })
+        .collect()
+}
+
+#[test]
+fn acknowledged_events_survive_kill_9_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut engine = spawn_engine(dir.path());
+    let client = reqwest::blocking::Client::new();
+    // Acknowledged requests from four concurrent clients; the kill lands right after the last 200
+    // while other requests are still in flight.
+    let acked: Vec<usize> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..4)
+            .map(|t| {
+                let (client, base) = (&client, &engine.base);
+                scope.spawn(move || {
+                    let mut acked = vec![];
+                    for b in 0..25 {
+                        let from = (t * 25 + b) * 40;
+                        let r = client
+                            .post(format!("{base}/v1/batch"))
+                            .basic_auth(WRITE_KEY, Some(""))
+                            .json(&batch(from, 40))
+                            .send();
+                        match r {
+                            Ok(r) if r.status().is_success() => acked.extend(from..from + 40),
+                            _ => break,
+                        }
+                    }
+                    acked
+                })
+            })
+            .collect();
+        // Kill as soon as the first client has finished all its batches.
+        let first = handles.into_iter().map(|h| (h, false)).collect::<Vec<_>>();
+        let mut out = vec![];
+        let mut killed = false;
+        for (h, _) in first {
+            let ids = h.join().unwrap();
+            if !killed {
+                engine.child.kill().unwrap();
+                killed = true;
+            }
+            out.extend(ids);
+        }
+        out
+    });
+    engine.child.wait().unwrap();
+    assert!(
+        acked.len() >= 1000,
+        "the first client's batches were acknowledged: {}",
+        acked.len()
+    );
+
+    let ids = stored_ids(dir.path());
+    let unique: HashSet<&String> = ids.iter().collect();
+    assert_eq!(unique.len(), ids.len(), "an event was stored twice");
+    for i in &acked {
+        assert!(
+            unique.contains(&format!("m{i}")),
+            "acknowledged event m{i} was lost"
+        );
+    }
+
+    // Restart on the same store; clients retry everything: still exactly once.
+    let mut engine = spawn_engine(dir.path());
+    for from in (0..4000).step_by(400) {
+        let r = client
+            .post(format!("{}/v1/batch", engine.base))
+            .basic_auth(WRITE_KEY, Some(""))
+            .json(&batch(from, 400))
+            .send()
+            .unwrap();
+        assert!(r.status().is_success(), "{}", r.text().unwrap());
+    }
+    let ids = stored_ids(dir.path());
+    let unique: HashSet<&String> = ids.iter().collect();
+    assert_eq!((ids.len(), unique.len()), (4000, 4000));
+    engine.child.kill().unwrap();
+    engine.child.wait().unwrap();
+}
+
+#[test]
+fn sigterm_stops_the_engine_gracefully() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut engine = spawn_engine(dir.path());
+    let client = reqwest::blocking::Client::new();
+    let r = client
+        .post(format!("{}/v1/batch", engine.base))
+        .basic_auth(WRITE_KEY, Some(""))
+        .json(&batch(0, 10))
+        .send()
+        .unwrap();
+    assert!(r.status().is_success());
+    let status = Command::new("kill")
+        .args(["-TERM", &engine.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = engine.child.wait().unwrap();
+    assert!(
+        exit.success(),
+        "the engine must exit 0 on SIGTERM, got {exit:?}"
+    );
+    assert_eq!(stored_ids(dir.path()).len(), 10);
+}

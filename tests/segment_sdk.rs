@@ -1,0 +1,140 @@
+//! Segment's official Python SDK, pointed at the engine, works unmodified: every call type lands
+//! in the store with the profile it resolved to.
+
+mod support;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+
+use profiles_sync::identity::Rules;
+use profiles_sync::store::{self, EventFilter, Feed, FeedRow};
+use support::engine::{SOURCE_ID, WRITE_KEY, start};
+
+/// The virtualenv `make test` creates with segment-analytics-python in it.
+fn sdk_python() -> PathBuf {
+    if let Ok(p) = std::env::var("PROFILES_SYNC_SDK_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv-segment/bin/python");
+    assert!(
+        p.exists(),
+        "{} is missing: run `make test` (it creates the virtualenv with segment-analytics-python)",
+        p.display()
+    );
+    p
+}
+
+async fn send_with_sdk(base: &str, gzip: bool) {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/send_events.py");
+    let out = tokio::process::Command::new(sdk_python())
+        .arg(script)
+        .args([base, WRITE_KEY, if gzip { "1" } else { "0" }])
+        .output()
+        .await
+        .expect("run the SDK script");
+    assert!(
+        out.status.success(),
+        "SDK script failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn check_store(url: &str) {
+    let mut s = store::open(url, Rules::default()).unwrap();
+    let events: Vec<_> = s
+        .read_feed(&Feed::Events(EventFilter::All), 0, 1000)
+        .unwrap()
+        .into_iter()
+        .map(|r| match r {
+            FeedRow::Event(e) => e,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    let types: Vec<&str> = events.iter().map(|e| e.event.event_type.as_str()).collect();
+    assert_eq!(
+        types,
+        [
+            "page", "identify", "track", "screen", "group", "page", "alias"
+        ]
+    );
+    assert!(events.iter().all(|e| e.event.source_id == SOURCE_ID));
+    let lib = &events[0].event.context["library"]["name"];
+    assert_eq!(lib, "analytics-python", "the SDK's context.library is kept");
+
+    let track = &events[2].event;
+    assert_eq!(track.event.as_deref(), Some("Order Completed"));
+    assert_eq!(track.properties["total"], 42.5);
+    assert_eq!(
+        track.original_timestamp.map(|t| t.to_string()).as_deref(),
+        Some("2026-01-02T03:04:05Z")
+    );
+    assert_eq!(events[4].event.group_id.as_deref(), Some("group-1"));
+    assert_eq!(events[6].event.previous_id.as_deref(), Some("anon-2"));
+
+    // Everything resolves to one person: the anonymous visit, the identified user, and the
+    // second device linked by alias.
+    let profiles: HashSet<&str> = events.iter().map(|e| e.segment_id.as_str()).collect();
+    let survivors: HashSet<String> = {
+        let (all, _) = s.load_state().unwrap();
+        all.into_iter()
+            .filter(|p| p.segment_id == p.canonical_segment_id)
+            .map(|p| p.segment_id)
+            .collect()
+    };
+    assert_eq!(
+        survivors.len(),
+        1,
+        "one live profile: {survivors:?} (events resolved to {profiles:?})"
+    );
+    let identifiers = store::state_rows(
+        store::StateTable::UserIdentifiers,
+        &s.load_state().unwrap().0,
+        &s.load_state().unwrap().1,
+    );
+    let values: HashSet<String> = identifiers
+        .iter()
+        .map(|r| {
+            format!(
+                "{}={}",
+                r["type"].as_str().unwrap(),
+                r["value"].as_str().unwrap()
+            )
+        })
+        .collect();
+    for expected in [
+        "anonymous_id=anon-1",
+        "anonymous_id=anon-2",
+        "user_id=user-1",
+        "email=ada@example.com",
+        "group_id=group-1",
+    ] {
+        assert!(
+            values.contains(expected),
+            "{expected} missing from {values:?}"
+        );
+    }
+    let traits = store::state_rows(
+        store::StateTable::UserTraits,
+        &s.load_state().unwrap().0,
+        &s.load_state().unwrap().1,
+    );
+    let names: HashSet<&str> = traits.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert_eq!(names, HashSet::from(["email", "name", "plan"]));
+}
+
+#[tokio::test]
+async fn the_python_sdk_sends_every_call_type() {
+    let t = start(8).await;
+    send_with_sdk(&t.base, false).await;
+    check_store(&t.store_url);
+    t.engine.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_python_sdk_with_gzip() {
+    let t = start(8).await;
+    send_with_sdk(&t.base, true).await;
+    check_store(&t.store_url);
+    t.engine.stop().await.unwrap();
+}

@@ -1,0 +1,418 @@
+//! The store suite: every test runs against the embedded SQLite store and against a real
+//! PostgreSQL server started by the test harness.
+
+mod support;
+
+use std::collections::HashSet;
+
+use profiles_sync::event::{Event, ParseOptions, Timestamp};
+use profiles_sync::identity::Rules;
+use profiles_sync::store::{self, EventFilter, Feed, FeedRow, Store};
+use serde_json::{Value, json};
+
+/// A fresh store of the given kind, and its URL (to open a second handle on it).
+fn fresh(kind: &str) -> (Box<dyn Store>, String, Option<tempfile::TempDir>) {
+    match kind {
+        "sqlite" => {
+            let dir = tempfile::tempdir().unwrap();
+            let url = format!("sqlite://{}", dir.path().join("store.db").display());
+            (store::open(&url, Rules::default()).unwrap(), url, Some(dir))
+        }
+        _ => {
+            let pg = support::pg::shared();
+            let url = pg.url(&pg.create_database("store"));
+            (store::open(&url, Rules::default()).unwrap(), url, None)
+        }
+    }
+}
+
+fn at(secs: i64) -> Timestamp {
+    Timestamp::from_second(1_767_225_600 + secs).unwrap()
+}
+
+fn event(v: Value) -> Event {
+    let opts = ParseOptions {
+        now: at(0),
+        source_id: "src_web".into(),
+        trust_received_at: true,
+    };
+    Event::from_json(&v, None, &opts).unwrap_or_else(|e| panic!("{v}: {e}"))
+}
+
+fn page(id: &str, anon: &str) -> Event {
+    event(
+        json!({"type": "page", "messageId": id, "anonymousId": anon, "name": "Home", "properties": {"path": "/"}}),
+    )
+}
+
+fn identify(id: &str, anon: &str, email: &str) -> Event {
+    event(
+        json!({"type": "identify", "messageId": id, "anonymousId": anon, "traits": {"email": email, "plan": "pro"}}),
+    )
+}
+
+fn track(id: &str, user: &str, name: &str) -> Event {
+    event(
+        json!({"type": "track", "messageId": id, "userId": user, "event": name, "properties": {"total": 12.5}}),
+    )
+}
+
+fn all(store: &mut dyn Store, feed: &Feed) -> Vec<FeedRow> {
+    store.read_feed(feed, 0, usize::MAX >> 1).unwrap()
+}
+
+fn seqs(rows: &[FeedRow]) -> Vec<i64> {
+    rows.iter().map(FeedRow::seq).collect()
+}
+
+macro_rules! both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite { $( #[test] fn $name() { super::$name("sqlite"); } )* }
+        mod postgres { $( #[test] fn $name() { super::$name("postgres"); } )* }
+    };
+}
+
+both_stores!(
+    segment_example_rows_land_in_seq_order,
+    duplicate_message_ids_are_stored_and_resolved_once,
+    feeds_page_without_gaps_or_repeats,
+    a_reopened_store_resolves_against_its_history,
+    events_read_back_exactly_as_ingested,
+    track_event_names_and_filters,
+    two_writers_on_one_store_stay_consistent,
+    sources_are_recorded,
+);
+
+fn segment_example_rows_land_in_seq_order(kind: &str) {
+    let (mut s, _, _keep) = fresh(kind);
+    let summary = s
+        .ingest(vec![
+            page("m1", "a1"),
+            identify("m2", "a1", "jane@example.com"),
+            page("m3", "a2"),
+            identify("m4", "a2", "jane@example.com"),
+        ])
+        .unwrap();
+    assert_eq!(summary.accepted, 4);
+    assert_eq!(summary.profiles_created, 2);
+    assert_eq!(summary.merges, 1);
+
+    let graph = all(&mut *s, &Feed::IdGraphUpdates);
+    let pairs: Vec<(String, String)> = graph
+        .iter()
+        .map(|r| match r {
+            FeedRow::IdGraph(r) => (r.segment_id.clone(), r.canonical_segment_id.clone()),
+            _ => unreachable!(),
+        })
+        .collect();
+    // profile_1 and profile_2 created, then profile_2 merged into the older profile_1.
+    assert_eq!(pairs.len(), 3, "{pairs:?}");
+    let (p1, p2) = (pairs[0].0.clone(), pairs[1].0.clone());
+    assert_eq!(pairs[0], (p1.clone(), p1.clone()));
+    assert_eq!(pairs[1], (p2.clone(), p2.clone()));
+    assert_eq!(pairs[2], (p2.clone(), p1.clone()));
+
+    let mappings = all(&mut *s, &Feed::ExternalIdMappingUpdates);
+    let ids: Vec<(String, String, String)> = mappings
+        .iter()
+        .map(|r| match r {
+            FeedRow::Mapping(m) => (
+                m.external_id_type.clone(),
+                m.external_id_value.clone(),
+                m.segment_id.clone(),
+            ),
+            _ => unreachable!(),
+        })
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            ("anonymous_id".into(), "a1".into(), p1.clone()),
+            ("email".into(), "jane@example.com".into(), p1.clone()),
+            ("anonymous_id".into(), "a2".into(), p2.clone()),
+        ]
+    );
+
+    // One store-wide seq: every row of every feed has a distinct seq, and head is the largest.
+    let events = all(&mut *s, &Feed::Events(EventFilter::All));
+    let traits = all(&mut *s, &Feed::ProfileTraitsUpdates);
+    let mut every: Vec<i64> =
+        [seqs(&graph), seqs(&mappings), seqs(&events), seqs(&traits)].concat();
+    for feed_seqs in [seqs(&graph), seqs(&mappings), seqs(&events)] {
+        assert!(feed_seqs.windows(2).all(|w| w[0] < w[1]), "{feed_seqs:?}");
+    }
+    every.sort();
+    let n = every.len();
+    every.dedup();
+    assert_eq!(every.len(), n, "a seq was used twice");
+    assert_eq!(s.head_seq().unwrap(), *every.last().unwrap());
+    // The merge row comes after the rows that created both profiles.
+    assert!(graph[2].seq() > graph[1].seq());
+    // Each event carries the profile it resolved to: the last identify resolved to the survivor.
+    match events.last() {
+        Some(FeedRow::Event(e)) => assert_eq!(e.segment_id, p1),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn duplicate_message_ids_are_stored_and_resolved_once(kind: &str) {
+    let (mut s, _, _keep) = fresh(kind);
+    let first = s
+        .ingest(vec![page("dup", "a1"), page("dup", "a1")])
+        .unwrap();
+    assert_eq!((first.accepted, first.duplicates), (1, 1));
+    let again = s
+        .ingest(vec![page("dup", "a1"), page("other", "a9")])
+        .unwrap();
+    assert_eq!((again.accepted, again.duplicates), (1, 1));
+    assert_eq!(s.event_count().unwrap(), 2);
+    let created = all(&mut *s, &Feed::IdGraphUpdates);
+    assert_eq!(created.len(), 2, "a1 and a9 each created once");
+    let a1 = all(&mut *s, &Feed::ExternalIdMappingUpdates)
+        .into_iter()
+        .filter(|r| matches!(r, FeedRow::Mapping(m) if m.external_id_value == "a1"))
+        .count();
+    assert_eq!(a1, 1);
+}
+
+fn feeds_page_without_gaps_or_repeats(kind: &str) {
+    let (mut s, _, _keep) = fresh(kind);
+    for batch in 0..5 {
+        let events = (0..40)
+            .map(|i| {
+                track(
+                    &format!("t{batch}-{i}"),
+                    &format!("u{}", i % 7),
+                    "Order Completed",
+                )
+            })
+            .collect();
+        s.ingest(events).unwrap();
+    }
+    let everything = all(&mut *s, &Feed::Events(EventFilter::All));
+    assert_eq!(everything.len(), 200);
+    for limit in [1, 7, 64, 500] {
+        let mut cursor = 0;
+        let mut got = vec![];
+        loop {
+            let page = s
+                .read_feed(&Feed::Events(EventFilter::All), cursor, limit)
+                .unwrap();
+            assert!(page.len() <= limit);
+            let Some(last) = page.last() else { break };
+            cursor = last.seq();
+            got.extend(page);
+        }
+        assert_eq!(seqs(&got), seqs(&everything), "limit {limit}");
+    }
+}
+
+fn a_reopened_store_resolves_against_its_history(kind: &str) {
+    let (mut s, url, _keep) = fresh(kind);
+    s.ingest(vec![identify("m1", "a1", "jane@example.com")])
+        .unwrap();
+    drop(s);
+    let mut reopened = store::open(&url, Rules::default()).unwrap();
+    let summary = reopened
+        .ingest(vec![
+            page("m2", "a1"),
+            identify("m3", "a2", "jane@example.com"),
+        ])
+        .unwrap();
+    assert_eq!(
+        summary.profiles_created, 0,
+        "known identifiers must find their profile after a restart"
+    );
+    let events = all(&mut *reopened, &Feed::Events(EventFilter::All));
+    let profiles: HashSet<String> = events
+        .iter()
+        .map(|r| match r {
+            FeedRow::Event(e) => e.segment_id.clone(),
+            _ => unreachable!(),
+        })
+        .collect();
+    assert_eq!(profiles.len(), 1, "{profiles:?}");
+}
+
+fn events_read_back_exactly_as_ingested(kind: &str) {
+    let (mut s, _, _keep) = fresh(kind);
+    let original = event(json!({
+        "type": "track", "messageId": "rt1", "userId": "u1", "event": "Order Completed",
+        "timestamp": "2026-01-01T10:00:00.123Z", "sentAt": "2026-01-01T10:00:01Z",
+        "properties": {"total": 99.5, "items": [{"sku": "a"}], "coupon": null},
+        "context": {"ip": "203.0.113.9", "library": {"name": "analytics-python", "version": "2.3.3"}},
+        "customTopLevel": {"kept": true}
+    }));
+    s.ingest(vec![original.clone()]).unwrap();
+    match &all(&mut *s, &Feed::Events(EventFilter::All))[..] {
+        [FeedRow::Event(e)] => assert_eq!(e.event, original),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn track_event_names_and_filters(kind: &str) {
+    let (mut s, _, _keep) = fresh(kind);
+    s.ingest(vec![
+        track("t1", "u1", "Order Completed"),
+        track("t2", "u1", "Signed Up"),
+        page("p1", "a1"),
+        track("t3", "u2", "Order Completed"),
+    ])
+    .unwrap();
+    assert_eq!(
+        s.track_event_names().unwrap(),
+        ["Order Completed", "Signed Up"]
+    );
+    let orders = all(
+        &mut *s,
+        &Feed::Events(EventFilter::TrackNames(vec!["Order Completed".into()])),
+    );
+    assert_eq!(orders.len(), 2);
+    let pages = all(&mut *s, &Feed::from_table("pages").unwrap());
+    assert_eq!(pages.len(), 1);
+    let none = all(&mut *s, &Feed::Events(EventFilter::TrackNames(vec![])));
+    assert!(none.is_empty());
+}
+
+fn two_writers_on_one_store_stay_consistent(kind: &str) {
+    // Two engine replicas on one store: each must see the other's profiles before resolving.
+    let (mut a, url, _keep) = fresh(kind);
+    let mut b = store::open(&url, Rules::default()).unwrap();
+    a.ingest(vec![identify("m1", "a1", "jane@example.com")])
+        .unwrap();
+    let s = b.ingest(vec![page("m2", "a2")]).unwrap();
+    assert_eq!(s.profiles_created, 1);
+    let s = a
+        .ingest(vec![identify("m3", "a2", "jane@example.com")])
+        .unwrap();
+    assert_eq!(
+        (s.profiles_created, s.merges),
+        (0, 1),
+        "a must see b's profile and merge it"
+    );
+    let s = b.ingest(vec![page("m4", "a2")]).unwrap();
+    assert_eq!(s.profiles_created, 0, "b must see a's merge");
+    let events = all(&mut *a, &Feed::Events(EventFilter::All));
+    let last = match events.last() {
+        Some(FeedRow::Event(e)) => e.segment_id.clone(),
+        other => panic!("{other:?}"),
+    };
+    let first = match events.first() {
+        Some(FeedRow::Event(e)) => e.segment_id.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(last, first, "a2 resolves to the surviving (oldest) profile");
+}
+
+fn sources_are_recorded(kind: &str) {
+    let (mut s, _, _keep) = fresh(kind);
+    let src = store::SourceInfo {
+        id: "src_web".into(),
+        name: "Web".into(),
+        slug: "web".into(),
+    };
+    s.upsert_source(&src).unwrap();
+    s.upsert_source(&store::SourceInfo {
+        name: "Website".into(),
+        ..src.clone()
+    })
+    .unwrap();
+    assert_eq!(
+        s.sources().unwrap(),
+        [store::SourceInfo {
+            name: "Website".into(),
+            ..src
+        }]
+    );
+}
+
+#[test]
+fn postgres_a_late_commit_is_never_skipped_by_a_reader() {
+    // Writer A takes seqs and holds its transaction open; writer B must queue behind it rather
+    // than commit higher seqs first, so a reader that read past B could never skip A's rows.
+    let pg = support::pg::shared();
+    let db = pg.create_database("interleave");
+    let url = pg.url(&db);
+    let mut a = store::PostgresStore::connect(&url, Rules::default()).unwrap();
+    let mut reader = store::open(&url, Rules::default()).unwrap();
+    let feed = Feed::Events(EventFilter::All);
+
+    let mut tx_a = a.begin_write().unwrap();
+    let sa = tx_a
+        .ingest(vec![page("a-1", "x1"), page("a-2", "x2")])
+        .unwrap();
+
+    let b_url = format!("{url}?application_name=writer_b");
+    let writer_b = std::thread::spawn(move || {
+        let mut b = store::open(&b_url, Rules::default()).unwrap();
+        b.ingest(vec![page("b-1", "y1")]).unwrap()
+    });
+    // Wait (bounded) until B is blocked on A's lock: the exact interleaving under test.
+    let mut watcher = pg.connect(&db);
+    let mut blocked = false;
+    for _ in 0..10_000 {
+        let row = watcher
+            .query_opt("SELECT 1 FROM pg_stat_activity WHERE application_name = 'writer_b' AND wait_event_type = 'Lock'", &[])
+            .unwrap();
+        if row.is_some() {
+            blocked = true;
+            break;
+        }
+        std::thread::yield_now();
+    }
+    assert!(blocked, "writer B never waited for writer A's lock");
+    assert!(
+        reader.read_feed(&feed, 0, 100).unwrap().is_empty(),
+        "uncommitted rows visible"
+    );
+    tx_a.commit().unwrap();
+    let sb = writer_b.join().unwrap();
+    assert!(sb.head > sa.head, "B's seqs come after A's");
+
+    let rows = reader.read_feed(&feed, 0, 100).unwrap();
+    let ids: Vec<String> = rows
+        .iter()
+        .map(|r| match r {
+            FeedRow::Event(e) => e.event.message_id.clone(),
+            _ => unreachable!(),
+        })
+        .collect();
+    assert_eq!(ids, ["a-1", "a-2", "b-1"]);
+    let cursor = rows.last().unwrap().seq();
+    assert!(
+        reader.read_feed(&feed, cursor, 100).unwrap().is_empty(),
+        "a row was seen twice"
+    );
+}
+
+#[test]
+fn sqlite_a_second_writer_cannot_interleave() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let mut a = store::SqliteStore::open(&path, Rules::default()).unwrap();
+    let b = store::SqliteStore::open(&path, Rules::default()).unwrap();
+    b.set_busy_timeout(std::time::Duration::ZERO).unwrap();
+    let mut b: Box<dyn Store> = Box::new(b);
+    let mut tx_a = a.begin_write().unwrap();
+    tx_a.ingest(vec![page("a-1", "x1")]).unwrap();
+    let err = b.ingest(vec![page("b-1", "y1")]).unwrap_err();
+    assert!(
+        err.to_string().contains("locked") || err.to_string().contains("busy"),
+        "{err}"
+    );
+    let mut reader =
+        store::open(&format!("sqlite://{}", path.display()), Rules::default()).unwrap();
+    assert!(
+        reader
+            .read_feed(&Feed::Events(EventFilter::All), 0, 10)
+            .unwrap()
+            .is_empty()
+    );
+    tx_a.commit().unwrap();
+    b.ingest(vec![page("b-1", "y1")]).unwrap();
+    let rows = reader
+        .read_feed(&Feed::Events(EventFilter::All), 0, 10)
+        .unwrap();
+    assert_eq!(seqs(&rows).len(), 2);
+    assert!(rows[0].seq() < rows[1].seq());
+}

@@ -1,0 +1,59 @@
+//! Starting an engine for tests: in-process on a random port, over a fresh SQLite store.
+
+use std::path::PathBuf;
+
+use profiles_sync::engine::{self, EngineConfig, RunningEngine, sources::Sources};
+use profiles_sync::identity::Rules;
+
+/// The write key of the test source.
+pub const WRITE_KEY: &str = "wk_test_123";
+/// The id of the test source.
+pub const SOURCE_ID: &str = "src_test";
+/// The feed API token.
+pub const FEED_TOKEN: &str = "feed-token-test";
+
+/// The sources file the tests use.
+pub fn sources() -> Sources {
+    Sources::from_yaml(&format!(
+        "sources:\n  - {{id: {SOURCE_ID}, name: Test Site, slug: test-site, writeKey: {WRITE_KEY}}}\n"
+    ))
+    .expect("test sources")
+}
+
+/// A running in-process engine and where its store lives.
+pub struct TestEngine {
+    /// The engine.
+    pub engine: RunningEngine,
+    /// Its base URL.
+    pub base: String,
+    /// The store URL.
+    pub store_url: String,
+    /// The store file.
+    pub store_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts an engine with a queue of `capacity` requests.
+pub async fn start(capacity: usize) -> TestEngine {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store_path = dir.path().join("store.db");
+    let store_url = format!("sqlite://{}", store_path.display());
+    let engine = engine::start(EngineConfig {
+        store: store_url.clone(),
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        sources: sources(),
+        rules: Rules::default(),
+        feed_token: Some(FEED_TOKEN.into()),
+        queue_capacity: capacity,
+    })
+    .await
+    .expect("start engine");
+    let base = format!("http://{}", engine.addr);
+    TestEngine {
+        engine,
+        base,
+        store_url,
+        store_path,
+        _dir: dir,
+    }
+}
