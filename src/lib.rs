@@ -10,5 +10,7 @@ pub mod crd;
 pub mod engine;
 pub mod event;
 pub mod identity;
+pub mod sample;
 pub mod store;
 pub mod sync;
+pub mod warehouse;

@@ -3,6 +3,7 @@
 mod engine;
 mod export;
 mod import;
+pub mod sync;
 pub mod telemetry;
 
 pub use export::{Format, export};
@@ -36,6 +37,8 @@ pub enum Command {
     },
     /// Serve the Segment Tracking API and the change-feed API over a profile store.
     Engine(engine::EngineArgs),
+    /// Run one sync of a WarehouseConnection: land the change feeds in its warehouse.
+    Sync(sync::SyncArgs),
     /// Ingest Segment JSON (one message, or one {"batch": [...]}, per line) into a store.
     Import {
         /// The store: sqlite:///path/file.db or postgres://user@host/db.
@@ -78,6 +81,11 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Crdgen { out_dir: None } => crdgen(&mut std::io::stdout().lock()),
         Command::Crdgen { out_dir: Some(dir) } => crdgen_files(&dir),
         Command::Engine(args) => engine::run(args),
+        Command::Sync(args) => match sync::run(args) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
         Command::Import {
             store,
             rules,

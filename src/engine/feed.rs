@@ -76,19 +76,27 @@ pub fn feed_for(store: &mut dyn Store, table: &str) -> Result<Option<Feed>, Stor
     Ok((!names.is_empty()).then_some(Feed::Events(EventFilter::TrackNames(names))))
 }
 
-/// The `GET /v1/feeds` document.
-pub fn catalog(store: &mut dyn Store) -> Result<Value, StoreError> {
+/// The `GET /v1/feeds` document; with `since`, also the first event `seq` received at or after it.
+pub fn catalog(
+    store: &mut dyn Store,
+    since: Option<crate::event::Timestamp>,
+) -> Result<Value, StoreError> {
     let mut track: Vec<Value> = store
         .track_event_names()?
         .into_iter()
         .map(|n| json!({"event": n, "table": table_name(&n)}))
         .collect();
     track.sort_by(|a, b| a["table"].as_str().cmp(&b["table"].as_str()));
-    Ok(json!({
+    let mut doc = json!({
         "tables": Feed::TABLES,
         "trackEvents": track,
+        "sources": store.sources()?,
         "head": store.head_seq()?,
-    }))
+    });
+    if let Some(at) = since {
+        doc["seqSince"] = json!(store.event_seq_since(at)?);
+    }
+    Ok(doc)
 }
 
 /// One page of a feed as NDJSON: the header line, then the rows.

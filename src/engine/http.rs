@@ -235,12 +235,32 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Option<Response> {
     })
 }
 
-async fn feed_catalog(State(state): State<Shared>, headers: HeaderMap) -> Response {
+/// Query parameters of the feed catalog.
+#[derive(serde::Deserialize)]
+struct CatalogQuery {
+    since: Option<String>,
+}
+
+async fn feed_catalog(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    Query(q): Query<CatalogQuery>,
+) -> Response {
     if let Some(denied) = authorize(&state, &headers) {
         return denied;
     }
+    let since = match q.since.as_deref().map(str::parse::<Timestamp>) {
+        None => None,
+        Some(Ok(t)) => Some(t),
+        Some(Err(e)) => {
+            return json_response(
+                StatusCode::BAD_REQUEST,
+                json!({"error": format!("since: {e}")}),
+            );
+        }
+    };
     let readers = state.readers.clone();
-    match tokio::task::spawn_blocking(move || readers.with(feed::catalog)).await {
+    match tokio::task::spawn_blocking(move || readers.with(|s| feed::catalog(s, since))).await {
         Ok(Ok(doc)) => json_response(StatusCode::OK, doc),
         Ok(Err(e)) => store_unavailable(&e.to_string()),
         Err(e) => store_unavailable(&e.to_string()),

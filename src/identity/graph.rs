@@ -101,7 +101,9 @@ impl IdentityGraph {
     }
 
     /// Resolves one event (see [`Resolution`](super::Resolution)). On `Err` nothing in the
-    /// graph changes.
+    /// graph changes; an event refused with
+    /// [`NoIdentifiers`](super::ResolveError::NoIdentifiers) has no profile and must not be
+    /// stored as resolved.
     pub fn resolve(&mut self, event: &Event) -> Result<super::Resolution, super::ResolveError> {
         super::resolve::resolve(self, event)
     }

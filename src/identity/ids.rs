@@ -43,13 +43,19 @@ fn push_ksuid(out: &mut String) {
 }
 
 /// Base62 of a 160-bit big-endian number, left-padded with `0` to 27 characters.
-fn base62_20(mut n: [u8; 20]) -> String {
+fn base62_20(n: [u8; 20]) -> String {
+    // Long division by 62 over five 32-bit limbs, most significant first.
+    let mut limbs = [0u32; 5];
+    for (limb, chunk) in limbs.iter_mut().zip(n.chunks_exact(4)) {
+        *limb = u32::from_be_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+    }
     let mut digits = [b'0'; 27];
     for slot in digits.iter_mut().rev() {
-        let mut rem: u32 = 0;
-        for byte in n.iter_mut() {
-            let acc = (rem << 8) | u32::from(*byte);
-            *byte = (acc / 62) as u8;
+        let mut rem: u64 = 0;
+        for limb in limbs.iter_mut() {
+            let acc = (rem << 32) | u64::from(*limb);
+            // acc < 62 * 2^32, so the quotient fits in 32 bits.
+            *limb = (acc / 62) as u32;
             rem = acc % 62;
         }
         *slot = BASE62[rem as usize];

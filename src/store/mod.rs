@@ -154,6 +154,12 @@ pub trait Store: Send {
 
     /// How many events are stored.
     fn event_count(&mut self) -> Result<i64, StoreError>;
+
+    /// The lowest `seq` of an event received at or after `received_at` (where a backfill window starts).
+    fn event_seq_since(
+        &mut self,
+        received_at: crate::event::Timestamp,
+    ) -> Result<Option<i64>, StoreError>;
 }
 
 /// Opens the store at `url` (`sqlite:///path/file.db`, `sqlite::memory:`, `postgres://...`),

@@ -505,4 +505,17 @@ impl Store for PostgresStore {
             .query_one("SELECT count(*) FROM events", &[])?
             .get(0))
     }
+
+    fn event_seq_since(
+        &mut self,
+        received_at: crate::event::Timestamp,
+    ) -> Result<Option<i64>, StoreError> {
+        Ok(self
+            .client
+            .query_one(
+                "SELECT min(seq) FROM events WHERE received_at_us >= $1",
+                &[&micros(received_at)],
+            )?
+            .get(0))
+    }
 }

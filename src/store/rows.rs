@@ -2,7 +2,9 @@
 
 use serde_json::{Map, Value};
 
-use crate::event::{Event, EventType, Timestamp};
+use crate::event::{Event, EventType, ParseOptions, Timestamp};
+
+use super::Feed;
 
 /// The event that caused a change-log row (the `triggering_event_*` columns).
 #[derive(Clone, Debug, PartialEq)]
@@ -178,5 +180,95 @@ impl FeedRow {
             }
         }
         m
+    }
+}
+
+fn get_str(m: &Map<String, Value>, key: &str) -> Result<String, String> {
+    m.get(key)
+        .and_then(Value::as_str)
+        .map(String::from)
+        .ok_or_else(|| format!("{key}: missing or not a string"))
+}
+
+fn get_seq(m: &Map<String, Value>) -> Result<i64, String> {
+    m.get("seq")
+        .and_then(Value::as_i64)
+        .ok_or_else(|| "seq: missing or not an integer".to_string())
+}
+
+fn get_ts(m: &Map<String, Value>, key: &str) -> Result<Timestamp, String> {
+    get_str(m, key)?.parse().map_err(|e| format!("{key}: {e}"))
+}
+
+impl Trigger {
+    fn read(m: &Map<String, Value>) -> Result<Trigger, String> {
+        let t = get_str(m, "triggering_event_type")?;
+        Ok(Trigger {
+            event_type: EventType::parse(&t)
+                .ok_or_else(|| format!("triggering_event_type: unknown type {t:?}"))?,
+            event_id: get_str(m, "triggering_event_id")?,
+            event_name: m
+                .get("triggering_event_name")
+                .and_then(Value::as_str)
+                .map(String::from),
+            source_id: get_str(m, "triggering_event_source_id")?,
+            timestamp: get_ts(m, "timestamp")?,
+            received_at: get_ts(m, "received_at")?,
+        })
+    }
+}
+
+impl FeedRow {
+    /// Reads back a row written by [`FeedRow::to_json`] (the feed API's wire format).
+    pub fn from_json(feed: &Feed, m: &Map<String, Value>) -> Result<FeedRow, String> {
+        let seq = get_seq(m)?;
+        Ok(match feed {
+            Feed::IdGraphUpdates => FeedRow::IdGraph(IdGraphRow {
+                seq,
+                segment_id: get_str(m, "segment_id")?,
+                canonical_segment_id: get_str(m, "canonical_segment_id")?,
+                trigger: Trigger::read(m)?,
+            }),
+            Feed::ExternalIdMappingUpdates => FeedRow::Mapping(MappingRow {
+                seq,
+                id: get_str(m, "id")?,
+                external_id_hash: get_str(m, "external_id_hash")?,
+                external_id_type: get_str(m, "external_id_type")?,
+                external_id_value: get_str(m, "external_id_value")?,
+                segment_id: get_str(m, "segment_id")?,
+                trigger: Trigger::read(m)?,
+            }),
+            Feed::ProfileTraitsUpdates => FeedRow::Traits(TraitsRow {
+                seq,
+                segment_id: get_str(m, "segment_id")?,
+                traits: m
+                    .get("traits")
+                    .and_then(Value::as_object)
+                    .cloned()
+                    .ok_or("traits: missing or not an object")?,
+                trigger: Trigger::read(m)?,
+            }),
+            Feed::Events(_) => {
+                let mut event = m.clone();
+                let segment_id = get_str(m, "segment_id")?;
+                let source_id = get_str(m, "event_source_id")?;
+                for k in ["seq", "segment_id", "event_source_id"] {
+                    event.remove(k);
+                }
+                let received_at = get_ts(m, "receivedAt")?;
+                let opts = ParseOptions {
+                    now: received_at,
+                    source_id,
+                    trust_received_at: true,
+                };
+                let event = Event::from_json(&Value::Object(event), None, &opts)
+                    .map_err(|e| e.to_string())?;
+                FeedRow::Event(EventRow {
+                    seq,
+                    segment_id,
+                    event,
+                })
+            }
+        })
     }
 }

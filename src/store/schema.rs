@@ -74,6 +74,7 @@ CREATE TABLE IF NOT EXISTS identifiers (
 CREATE TABLE IF NOT EXISTS track_events (name TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS sources (id TEXT PRIMARY KEY, name TEXT NOT NULL, slug TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS events_type_seq ON events (type, seq);
+CREATE INDEX IF NOT EXISTS events_received_at ON events (received_at_us);
 "#;
 
 /// The trigger columns, in the order the change-log tables declare them.

@@ -485,4 +485,15 @@ impl Store for SqliteStore {
             .conn
             .query_row("SELECT count(*) FROM events", [], |r| r.get(0))?)
     }
+
+    fn event_seq_since(
+        &mut self,
+        received_at: crate::event::Timestamp,
+    ) -> Result<Option<i64>, StoreError> {
+        Ok(self.conn.query_row(
+            "SELECT min(seq) FROM events WHERE received_at_us >= ?1",
+            [micros(received_at)],
+            |r| r.get(0),
+        )?)
+    }
 }

@@ -1,3 +1,717 @@
-//! The sync: lands the store's change feeds in a warehouse (`profiles-sync sync`).
+//! The sync (`profiles-sync sync`): reads the store's change feeds after each table's cursor and
+//! lands DESIGN §4's tables in a warehouse with §5's guarantees — each chunk of rows commits in
+//! the same transaction as its table's cursor, so a sync killed at any instant and run again
+//! leaves every table exactly as one clean run would.
 
+pub mod columns;
+pub mod events;
+pub mod load;
+pub mod materialize;
 pub mod naming;
+pub mod report;
+pub mod source;
+pub mod state;
+pub mod tables;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use jiff::Timestamp;
+use serde_json::Value;
+
+pub use report::{SyncReport, TableReport};
+pub use source::{EngineSource, FeedSource, SourceError, StoreSource};
+
+use crate::crd::{ErrorClass, SelectiveSyncSpec, SyncError, WarehouseConnectionSpec};
+use crate::event::EventType;
+use crate::store::{EventFilter, Feed, FeedRow, SourceInfo};
+use crate::warehouse::{Column, ColumnType, Warehouse, WarehouseError};
+use load::{Chunk, PendingRow, Schema};
+use state::TableState;
+use tables::{
+    EVENTS_WATERMARK, MATERIALIZED, MATERIALIZED_CURSOR, PROFILE_TRAITS_UPDATES, RAW,
+    TRAITS_RESERVED,
+};
+
+/// Why a sync step failed as a whole.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The change feed could not be read.
+    #[error("{0}")]
+    Source(#[from] SourceError),
+    /// The warehouse refused something that is not specific to one table.
+    #[error("{0}")]
+    Warehouse(#[from] WarehouseError),
+}
+
+/// Rows routed to one event table in one page: its event type, the rows, new column names.
+type TableBuffer = (EventType, Vec<PendingRow>, Vec<(String, String)>);
+
+/// What to sync, and how.
+pub struct SyncOptions<'a> {
+    /// The sync's id (reported back; the Job's slot).
+    pub id: String,
+    /// The WarehouseConnection's spec.
+    pub connection: &'a WarehouseConnectionSpec,
+    /// The SelectiveSync's spec, when one applies.
+    pub selection: Option<&'a SelectiveSyncSpec>,
+    /// Rows read from a feed per request (and loaded per transaction at most).
+    pub page_size: usize,
+    /// The time the run is judged at (backfill windows, `enabled_since`).
+    pub now: Timestamp,
+}
+
+/// Runs one sync and reports what it did; never panics on warehouse or store errors.
+pub fn run(
+    source: &mut dyn FeedSource,
+    wh: &mut dyn Warehouse,
+    opts: &SyncOptions<'_>,
+) -> SyncReport {
+    let start = Timestamp::now();
+    let _span = tracing::info_span!("sync", id = %opts.id, schema = %wh.schema()).entered();
+    if let Some(sel) = opts.selection
+        && let Err(e) = sel.validate()
+    {
+        return SyncReport::failed(
+            &opts.id,
+            start,
+            ErrorClass::Schema,
+            format!("invalid SelectiveSync: {e}"),
+        );
+    }
+    if let Err(e) = wh.test_connection() {
+        return SyncReport::failed(
+            &opts.id,
+            start,
+            e.class,
+            format!("connection test failed: {}", e.message),
+        );
+    }
+    let mut run = Run::new(opts, start);
+    match run.execute(source, wh) {
+        Ok(()) => {}
+        Err(e) => {
+            let class = match &e {
+                RunError::Source(_) => ErrorClass::Connection,
+                RunError::Warehouse(w) => w.class,
+            };
+            run.report.errors.push(SyncError {
+                class,
+                message: e.to_string(),
+                table: None,
+            });
+        }
+    }
+    run.report.finish(start);
+    tracing::info!(status = ?run.report.status, rows = run.report.rows.total, "sync finished");
+    run.report
+}
+
+struct Run<'a> {
+    opts: &'a SyncOptions<'a>,
+    report: SyncReport,
+    uuid: Timestamp,
+    head: i64,
+    states: BTreeMap<String, TableState>,
+    failed: BTreeSet<String>,
+    table_reports: BTreeMap<String, TableReport>,
+    rows_left: Option<u64>,
+    bytes_left: Option<u64>,
+}
+
+fn micros(t: Timestamp) -> i64 {
+    t.as_microsecond()
+}
+
+impl<'a> Run<'a> {
+    fn new(opts: &'a SyncOptions<'a>, start: Timestamp) -> Run<'a> {
+        let limits = opts.connection.limits.as_ref();
+        Run {
+            opts,
+            report: SyncReport {
+                id: opts.id.clone(),
+                status: crate::crd::SyncStatus::Success,
+                start_time: start.to_string(),
+                duration_seconds: 0.0,
+                rows: Default::default(),
+                tables: vec![],
+                errors: vec![],
+                backfilling: vec![],
+                not_backfilled: vec![],
+                limit_reached: false,
+                head_seq: 0,
+            },
+            uuid: start,
+            head: 0,
+            states: BTreeMap::new(),
+            failed: BTreeSet::new(),
+            table_reports: BTreeMap::new(),
+            rows_left: limits.and_then(|l| l.max_rows).map(|n| n.max(0) as u64),
+            bytes_left: limits.and_then(|l| l.max_bytes).map(|n| n.max(0) as u64),
+        }
+    }
+
+    fn enabled(&self, table: &str) -> bool {
+        self.opts.selection.is_none_or(|s| s.table_enabled(table))
+    }
+
+    /// The state a table runs with: its stored state with selection changes applied, or a new
+    /// state starting at `cursor` (with `min_received_at`).
+    fn resolve(&mut self, table: &str, cursor: i64, min_received_at: Option<i64>) -> TableState {
+        let on = self.enabled(table);
+        let now = micros(self.opts.now);
+        let st = match self.states.get(table) {
+            Some(s) if s.enabled == on => s.clone(),
+            // Turned back on: new data only, from the current head (no backfill of the gap).
+            Some(s) if on => TableState {
+                cursor: self.head.max(s.cursor),
+                enabled: true,
+                enabled_since_us: now,
+                ..s.clone()
+            },
+            Some(s) => TableState {
+                enabled: false,
+                ..s.clone()
+            },
+            None => TableState {
+                cursor: if on { cursor } else { self.head },
+                enabled: on,
+                enabled_since_us: now,
+                min_received_at_us: min_received_at,
+                backfilled: false,
+            },
+        };
+        self.states.insert(table.to_string(), st.clone());
+        st
+    }
+
+    fn table_report(&mut self, table: &str) -> &mut TableReport {
+        self.table_reports
+            .entry(table.to_string())
+            .or_insert_with(|| TableReport {
+                name: table.to_string(),
+                rows: 0,
+                discards: 0,
+                backfilling: false,
+                error: None,
+            })
+    }
+
+    fn fail_table(&mut self, table: &str, e: WarehouseError) {
+        tracing::warn!(table, error = %e.message, class = ?e.class, "table failed; it is retried by the next sync");
+        self.failed.insert(table.to_string());
+        self.table_report(table).error = Some(SyncError {
+            class: e.class,
+            message: e.message,
+            table: Some(table.to_string()),
+        });
+    }
+
+    fn budget_left(&self) -> bool {
+        self.rows_left != Some(0) && self.bytes_left != Some(0)
+    }
+
+    fn spend(&mut self, rows: u64, bytes: u64) {
+        if let Some(r) = self.rows_left.as_mut() {
+            *r = r.saturating_sub(rows);
+        }
+        if let Some(b) = self.bytes_left.as_mut() {
+            *b = b.saturating_sub(bytes);
+        }
+    }
+
+    fn page(&self) -> usize {
+        let p = self.opts.page_size.max(1);
+        match self.rows_left {
+            Some(r) => p.min(usize::try_from(r).unwrap_or(usize::MAX)).max(1),
+            None => p,
+        }
+    }
+
+    fn execute(
+        &mut self,
+        source: &mut dyn FeedSource,
+        wh: &mut dyn Warehouse,
+    ) -> Result<(), RunError> {
+        state::ensure(wh)?;
+        self.states = state::read(wh)?;
+        let names = state::read_names(wh)?;
+        let mut schema = Schema {
+            tables: wh.describe()?,
+        };
+        self.head = source.head()?;
+        self.report.head_seq = self.head;
+        let sources: HashMap<String, SourceInfo> = source
+            .sources()?
+            .into_iter()
+            .map(|s| (s.id.clone(), s))
+            .collect();
+        let first_sync = !self.states.contains_key(EVENTS_WATERMARK);
+
+        let mut names = names;
+        for table in RAW {
+            let saved = names.remove(table).unwrap_or_default();
+            self.load_raw(source, wh, &mut schema, table, &sources, saved)?;
+        }
+        self.load_materialized(source, wh, &mut schema)?;
+        self.load_events(source, wh, &mut schema, first_sync, names)?;
+        self.finish_states(wh)?;
+        Ok(())
+    }
+
+    fn load_raw(
+        &mut self,
+        source: &mut dyn FeedSource,
+        wh: &mut dyn Warehouse,
+        schema: &mut Schema,
+        table: &'static str,
+        sources: &HashMap<String, SourceInfo>,
+        saved_names: Vec<(String, String)>,
+    ) -> Result<(), RunError> {
+        let mut st = self.resolve(table, 0, None);
+        if !st.enabled {
+            return Ok(());
+        }
+        self.table_report(table);
+        let feed = match table {
+            tables::ID_GRAPH_UPDATES => Feed::IdGraphUpdates,
+            tables::EXTERNAL_ID_MAPPING_UPDATES => Feed::ExternalIdMappingUpdates,
+            _ => Feed::ProfileTraitsUpdates,
+        };
+        let def = tables::fixed(table)
+            .ok_or_else(|| WarehouseError::internal(format!("no definition of {table}")))?;
+        let mut names = columns::ColumnMap::with_reserved(TRAITS_RESERVED);
+        for (s, c) in saved_names {
+            names.restore(s, c);
+        }
+        let max_len = wh.dialect().max_identifier_len();
+        while self.budget_left() {
+            let rows = source.read(&feed, st.cursor, self.page())?;
+            let Some(last) = rows.last().map(FeedRow::seq) else {
+                break;
+            };
+            let mut pending = Vec::with_capacity(rows.len());
+            let mut bytes = 0u64;
+            for row in &rows {
+                let p = raw_row(
+                    row,
+                    sources,
+                    &mut names,
+                    max_len,
+                    self.opts.selection,
+                    table,
+                );
+                bytes += p
+                    .values
+                    .values()
+                    .map(|v| v.to_string().len() as u64)
+                    .sum::<u64>();
+                pending.push(p);
+            }
+            let mut next = st.clone();
+            next.cursor = last;
+            let chunk = Chunk {
+                table,
+                key: def.key,
+                fixed: &def.columns,
+                rows: pending,
+                new_names: names.take_new(),
+                state: next.clone(),
+                uuid_ts: self.uuid,
+            };
+            match load::commit(wh, schema, chunk) {
+                Ok(r) => {
+                    st = next;
+                    self.states.insert(table.to_string(), st.clone());
+                    let rep = self.table_report(table);
+                    rep.rows += r.rows;
+                    rep.discards += r.discards;
+                    self.spend(rows.len() as u64, bytes);
+                }
+                Err(e) if e.class == ErrorClass::Connection => return Err(e.into()),
+                Err(e) => {
+                    self.fail_table(table, e);
+                    break;
+                }
+            }
+        }
+        if !self.budget_left() && st.cursor < self.head {
+            self.report.limit_reached = true;
+        }
+        Ok(())
+    }
+
+    fn load_materialized(
+        &mut self,
+        source: &mut dyn FeedSource,
+        wh: &mut dyn Warehouse,
+        schema: &mut Schema,
+    ) -> Result<(), RunError> {
+        let enabled = materialize::Enabled {
+            identifiers: self.enabled(tables::USER_IDENTIFIERS),
+            traits: self.enabled(tables::USER_TRAITS),
+            merges: self.enabled(tables::PROFILE_MERGES),
+        };
+        for t in MATERIALIZED {
+            self.resolve(t, 0, None);
+        }
+        if !(enabled.identifiers || enabled.traits || enabled.merges) {
+            return Ok(());
+        }
+        let mut cursor = self.resolve(MATERIALIZED_CURSOR, 0, None);
+        cursor.enabled = true;
+        let mut budget = self.rows_left;
+        let result = materialize::run(
+            source,
+            wh,
+            schema,
+            &mut cursor,
+            enabled,
+            self.page(),
+            &mut budget,
+            self.uuid,
+        );
+        self.states
+            .insert(MATERIALIZED_CURSOR.to_string(), cursor.clone());
+        for t in MATERIALIZED {
+            if let Some(s) = self.states.get_mut(t) {
+                s.cursor = cursor.cursor;
+            }
+        }
+        if let (Some(before), Some(after)) = (self.rows_left, budget) {
+            self.spend(before - after, 0);
+        }
+        match result {
+            Ok(counts) => {
+                for (t, n, on) in [
+                    (
+                        tables::USER_IDENTIFIERS,
+                        counts.identifiers,
+                        enabled.identifiers,
+                    ),
+                    (tables::USER_TRAITS, counts.traits, enabled.traits),
+                    (tables::PROFILE_MERGES, counts.merges, enabled.merges),
+                ] {
+                    if on {
+                        self.table_report(t).rows += n;
+                    }
+                }
+                if !self.budget_left() && cursor.cursor < self.head {
+                    self.report.limit_reached = true;
+                }
+                Ok(())
+            }
+            Err(RunError::Warehouse(e)) if e.class != ErrorClass::Connection => {
+                for (t, on) in [
+                    (tables::USER_IDENTIFIERS, enabled.identifiers),
+                    (tables::USER_TRAITS, enabled.traits),
+                    (tables::PROFILE_MERGES, enabled.merges),
+                ] {
+                    if on {
+                        self.fail_table(t, e.clone());
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn load_events(
+        &mut self,
+        source: &mut dyn FeedSource,
+        wh: &mut dyn Warehouse,
+        schema: &mut Schema,
+        first_sync: bool,
+        names: HashMap<String, Vec<(String, String)>>,
+    ) -> Result<(), RunError> {
+        let max_len = wh.dialect().max_identifier_len();
+        let (default_cursor, default_min) = match self.states.get(EVENTS_WATERMARK) {
+            Some(w) if !first_sync => (w.cursor, None),
+            _ => {
+                let window = self
+                    .opts
+                    .connection
+                    .backfill
+                    .events_window()
+                    .unwrap_or_default();
+                let cutoff = self
+                    .opts
+                    .now
+                    .checked_sub(jiff::SignedDuration::try_from(window).unwrap_or_default())
+                    .unwrap_or(self.opts.now);
+                let since = source.event_seq_since(cutoff)?;
+                (
+                    since.map(|s| s - 1).unwrap_or(self.head),
+                    Some(micros(cutoff)),
+                )
+            }
+        };
+        // The first sync backfills at most maxEventTables Track event tables; the rest start at the head.
+        let mut track_tables: Vec<String> = source
+            .track_event_names()?
+            .iter()
+            .map(|n| events::track_table(n, max_len))
+            .collect();
+        track_tables.sort();
+        track_tables.dedup();
+        let max_tables = self.opts.connection.backfill.max_event_tables as usize;
+        let mut head_only: BTreeSet<String> = BTreeSet::new();
+        if first_sync {
+            for t in track_tables
+                .iter()
+                .filter(|t| self.enabled(t))
+                .skip(max_tables)
+            {
+                head_only.insert(t.clone());
+            }
+        }
+        self.report.not_backfilled = head_only.iter().cloned().collect();
+        let mut start = default_cursor;
+        let type_tables: Vec<String> = EventType::ALL
+            .iter()
+            .map(|t| t.table().to_string())
+            .collect();
+        for t in type_tables.iter().chain(track_tables.iter()) {
+            let (c, m) = if head_only.contains(t) {
+                (self.head, None)
+            } else {
+                (default_cursor, default_min)
+            };
+            let st = self.resolve(t, c, m);
+            if st.enabled {
+                start = start.min(st.cursor);
+                self.table_report(t);
+            }
+        }
+
+        let mut router = events::Router::new(self.opts.selection, max_len, names);
+        let mut pos = start;
+        while self.budget_left() {
+            let rows = source.read(&Feed::Events(EventFilter::All), pos, self.page())?;
+            let Some(page_end) = rows.last().map(FeedRow::seq) else {
+                break;
+            };
+            let mut buffers: BTreeMap<String, TableBuffer> = BTreeMap::new();
+            let mut bytes = 0u64;
+            for row in &rows {
+                let FeedRow::Event(e) = row else { continue };
+                let received = micros(e.event.received_at);
+                for target in router.targets(&e.event) {
+                    if self.failed.contains(&target) {
+                        continue;
+                    }
+                    let st = match self.states.get(&target) {
+                        Some(s) => s.clone(),
+                        None => {
+                            let (c, m) = if head_only.contains(&target) {
+                                (self.head, None)
+                            } else {
+                                (default_cursor, default_min)
+                            };
+                            let st = self.resolve(&target, c, m);
+                            if st.enabled {
+                                self.table_report(&target);
+                            }
+                            st
+                        }
+                    };
+                    if !st.enabled
+                        || e.seq <= st.cursor
+                        || st.min_received_at_us.is_some_and(|m| received < m)
+                    {
+                        continue;
+                    }
+                    let (pending, new) = router.row(&target, e);
+                    bytes += pending
+                        .values
+                        .values()
+                        .map(|v| v.to_string().len() as u64)
+                        .sum::<u64>();
+                    let buf = buffers
+                        .entry(target)
+                        .or_insert_with(|| (e.event.event_type, vec![], vec![]));
+                    buf.1.push(pending);
+                    buf.2.extend(new);
+                }
+            }
+            let mut loaded = 0u64;
+            for (table, (event_type, pending, new_names)) in buffers {
+                let Some(mut next) = self.states.get(&table).cloned() else {
+                    continue;
+                };
+                next.cursor = page_end;
+                let fixed = events::fixed_columns(event_type);
+                let chunk = Chunk {
+                    table: &table,
+                    key: &["id"],
+                    fixed: &fixed,
+                    rows: pending,
+                    new_names,
+                    state: next.clone(),
+                    uuid_ts: self.uuid,
+                };
+                match load::commit(wh, schema, chunk) {
+                    Ok(r) => {
+                        self.states.insert(table.clone(), next);
+                        let rep = self.table_report(&table);
+                        rep.rows += r.rows;
+                        rep.discards += r.discards;
+                        loaded += r.rows;
+                    }
+                    Err(e) if e.class == ErrorClass::Connection => return Err(e.into()),
+                    Err(e) => self.fail_table(&table, e),
+                }
+            }
+            self.spend(loaded.max(rows.len() as u64), bytes);
+            pos = page_end;
+        }
+        if !self.budget_left() && pos < self.head {
+            self.report.limit_reached = true;
+        }
+        // Every enabled, healthy event table has seen every event up to `pos`.
+        let tables: Vec<String> = self
+            .states
+            .keys()
+            .filter(|t| {
+                let event_table = matches!(
+                    tables::group(t),
+                    tables::TableGroup::EventTypes | tables::TableGroup::Events
+                );
+                event_table && *t != EVENTS_WATERMARK && *t != MATERIALIZED_CURSOR
+            })
+            .cloned()
+            .collect();
+        for t in tables {
+            if self.failed.contains(&t) {
+                continue;
+            }
+            if let Some(s) = self.states.get_mut(&t)
+                && s.enabled
+                && s.cursor < pos
+            {
+                s.cursor = pos;
+            }
+        }
+        let watermark = self
+            .states
+            .get(EVENTS_WATERMARK)
+            .map(|w| w.cursor)
+            .unwrap_or(default_cursor)
+            .max(pos);
+        let now = micros(self.opts.now);
+        self.states.insert(
+            EVENTS_WATERMARK.to_string(),
+            TableState {
+                cursor: watermark,
+                enabled: true,
+                enabled_since_us: now,
+                min_received_at_us: None,
+                backfilled: true,
+            },
+        );
+        Ok(())
+    }
+
+    /// Records cursors moved without rows, selection changes and backfill progress, in one transaction.
+    fn finish_states(&mut self, wh: &mut dyn Warehouse) -> Result<(), RunError> {
+        let head = self.head;
+        for (name, s) in self.states.iter_mut() {
+            if s.enabled && !self.failed.contains(name) && s.cursor >= head {
+                s.backfilled = true;
+            }
+        }
+        let all: Vec<(&str, &TableState)> =
+            self.states.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        wh.begin()?;
+        if let Err(e) = state::write(wh, &all) {
+            let _ = wh.rollback();
+            return Err(e.into());
+        }
+        wh.commit()?;
+        let mut reports: Vec<TableReport> = std::mem::take(&mut self.table_reports)
+            .into_values()
+            .collect();
+        for r in &mut reports {
+            r.backfilling = self
+                .states
+                .get(&r.name)
+                .is_some_and(|s| s.enabled && !s.backfilled);
+        }
+        self.report.backfilling = reports
+            .iter()
+            .filter(|r| r.backfilling)
+            .map(|r| r.name.clone())
+            .collect();
+        self.report.tables = reports;
+        Ok(())
+    }
+}
+
+/// The row of a change-log feed row for its raw table.
+fn raw_row(
+    row: &FeedRow,
+    sources: &HashMap<String, SourceInfo>,
+    names: &mut columns::ColumnMap,
+    max_len: usize,
+    selection: Option<&SelectiveSyncSpec>,
+    table: &str,
+) -> PendingRow {
+    let mut values: BTreeMap<String, Value> = BTreeMap::new();
+    let m = row.to_json();
+    for (k, v) in &m {
+        if k != "traits" {
+            values.insert(k.clone(), v.clone());
+        }
+    }
+    if let Some(Value::String(src)) = m.get("triggering_event_source_id") {
+        let info = sources.get(src);
+        values.insert(
+            "triggering_event_source_name".into(),
+            info.map(|s| Value::String(s.name.clone()))
+                .unwrap_or(Value::Null),
+        );
+        values.insert(
+            "triggering_event_source_slug".into(),
+            info.map(|s| Value::String(s.slug.clone()))
+                .unwrap_or(Value::Null),
+        );
+    }
+    if let FeedRow::Traits(t) = row {
+        let mut pairs = vec![];
+        columns::flatten("", &t.traits, &mut pairs);
+        for (path, v) in pairs {
+            if v.is_null() || table != PROFILE_TRAITS_UPDATES {
+                continue;
+            }
+            if let Some(col) = names.column(&path, max_len)
+                && selection.is_none_or(|s| s.column_enabled(table, &col))
+            {
+                values.insert(col, v);
+            }
+        }
+    }
+    let row_id = row.seq().to_string();
+    let received_at = m.get("received_at").cloned().unwrap_or(Value::Null);
+    PendingRow {
+        row_id,
+        received_at,
+        values,
+    }
+}
+
+/// The fixed columns of a raw table, for tests and docs.
+pub fn raw_columns(table: &str) -> Vec<Column> {
+    tables::fixed(table).map(|t| t.columns).unwrap_or_default()
+}
+
+/// The column type names, for the README's table reference.
+pub fn type_names() -> [&'static str; 5] {
+    [
+        ColumnType::Timestamp,
+        ColumnType::Integer,
+        ColumnType::Float,
+        ColumnType::Boolean,
+        ColumnType::Varchar,
+    ]
+    .map(ColumnType::as_str)
+}

@@ -1,4 +1,118 @@
-//! Segment's warehouse naming: event and property names become snake_case identifiers.
+//! Segment's warehouse naming: event and property names become snake_case identifiers, made
+//! safe for the warehouse (reserved words, leading digits, length limits) deterministically.
+
+use sha1::{Digest, Sha1};
+
+/// Words no table or column may be named (the union of the warehouses' reserved keywords that
+/// matter for plain identifiers); such names get a `_` prefix.
+const RESERVED: &[&str] = &[
+    "all",
+    "alter",
+    "analyse",
+    "analyze",
+    "and",
+    "any",
+    "array",
+    "as",
+    "asc",
+    "asymmetric",
+    "authorization",
+    "between",
+    "binary",
+    "both",
+    "by",
+    "case",
+    "cast",
+    "check",
+    "collate",
+    "column",
+    "constraint",
+    "create",
+    "cross",
+    "current_date",
+    "current_time",
+    "current_timestamp",
+    "current_user",
+    "default",
+    "deferrable",
+    "delete",
+    "desc",
+    "distinct",
+    "do",
+    "drop",
+    "else",
+    "end",
+    "except",
+    "exists",
+    "false",
+    "fetch",
+    "for",
+    "foreign",
+    "from",
+    "full",
+    "grant",
+    "group",
+    "having",
+    "ilike",
+    "in",
+    "initially",
+    "inner",
+    "insert",
+    "intersect",
+    "interval",
+    "into",
+    "is",
+    "isnull",
+    "join",
+    "lateral",
+    "leading",
+    "left",
+    "like",
+    "limit",
+    "localtime",
+    "localtimestamp",
+    "natural",
+    "not",
+    "notnull",
+    "null",
+    "offset",
+    "on",
+    "only",
+    "or",
+    "order",
+    "outer",
+    "overlaps",
+    "placing",
+    "primary",
+    "qualify",
+    "references",
+    "returning",
+    "right",
+    "rows",
+    "select",
+    "session_user",
+    "similar",
+    "some",
+    "symmetric",
+    "table",
+    "tablesample",
+    "then",
+    "to",
+    "trailing",
+    "true",
+    "union",
+    "unique",
+    "update",
+    "user",
+    "using",
+    "values",
+    "variadic",
+    "verbose",
+    "when",
+    "where",
+    "window",
+    "with",
+];
 
 /// Converts a name to snake_case the way Segment names warehouse tables and columns:
 /// `Order Completed` → `order_completed`, `productId` → `product_id`, `$browser` → `browser`,
@@ -30,15 +144,48 @@ pub fn snake_case(name: &str) -> String {
     out
 }
 
-/// The warehouse table of a Track event name (`Order Completed` → `order_completed`); names with
-/// no letter or digit map to `_` so no event is ever dropped for its name.
-pub fn table_name(event: &str) -> String {
-    let s = snake_case(event);
-    match s.chars().next() {
-        None => "_".into(),
-        Some(c) if c.is_numeric() => format!("_{s}"),
-        Some(_) => s,
+/// Eight hex digits of the SHA-1 of `s`: the deterministic disambiguator of long or colliding names.
+pub fn short_hash(s: &str) -> String {
+    let digest = Sha1::digest(s.as_bytes());
+    digest.iter().take(4).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Truncates `name` to `max` bytes (on a character boundary), replacing the tail with `_` and a
+/// hash of `source` so two long names never truncate to the same identifier.
+pub fn fit(name: &str, source: &str, max: usize) -> String {
+    if name.len() <= max {
+        return name.to_string();
     }
+    let keep = max.saturating_sub(9);
+    let mut end = keep.min(name.len());
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(
+        "{}_{}",
+        name[..end].trim_end_matches('_'),
+        short_hash(source)
+    )
+}
+
+/// A safe identifier for `source` (an event name, or a property path joined with `_`):
+/// snake_case, `_` prefix for reserved words and leading digits, `_` for names with no letter or
+/// digit, at most `max` bytes.
+pub fn identifier(source: &str, max: usize) -> String {
+    let s = snake_case(source);
+    let s = match s.chars().next() {
+        None => "_".to_string(),
+        Some(c) if c.is_numeric() => format!("_{s}"),
+        Some(_) if RESERVED.contains(&s.as_str()) => format!("_{s}"),
+        Some(_) => s,
+    };
+    fit(&s, source, max)
+}
+
+/// The warehouse table of a Track event name (`Order Completed` → `order_completed`), before
+/// the warehouse's length limit is applied.
+pub fn table_name(event: &str) -> String {
+    identifier(event, usize::MAX)
 }
 
 #[cfg(test)]
@@ -57,9 +204,28 @@ mod tests {
     }
 
     #[test]
-    fn tables_never_start_with_a_digit_or_come_out_empty() {
+    fn identifiers_are_safe() {
         assert_eq!(table_name("3D Viewed"), "_3_d_viewed");
         assert_eq!(table_name("!!!"), "_");
-        assert_eq!(table_name("Order Completed"), "order_completed");
+        assert_eq!(table_name("Select"), "_select");
+        assert_eq!(table_name("user"), "_user");
+        assert_eq!(
+            identifier("'; DROP TABLE users; --", 63),
+            "drop_table_users"
+        );
+        assert_eq!(identifier("back\\slash\"quote", 63), "back_slash_quote");
+    }
+
+    #[test]
+    fn long_names_are_truncated_deterministically_and_distinctly() {
+        let a = "a".repeat(10_000);
+        let b = format!("{}b", "a".repeat(9_999));
+        let (ia, ib) = (identifier(&a, 63), identifier(&b, 63));
+        assert!(ia.len() <= 63 && ib.len() <= 63);
+        assert_ne!(ia, ib);
+        assert_eq!(ia, identifier(&a, 63), "deterministic");
+        let unicode = "é".repeat(100);
+        let iu = identifier(&unicode, 63);
+        assert!(iu.len() <= 63, "{iu}");
     }
 }

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import queue
 import signal
 import subprocess
@@ -280,6 +279,13 @@ def main() -> int:
 
     @check('JSON patch: add/remove/test; failed test -> 422; changing resourceVersion -> 409')
     def _():
+        # kube-runtime's finalizer helper: test-null on an absent path must pass (Go json-patch leniency)
+        code, o = c.jsonpatch(WHC + '/a', [{'op': 'test', 'path': '/metadata/finalizers', 'value': None},
+                                           {'op': 'add', 'path': '/metadata/finalizers', 'value': ['k/r']}])
+        eq((code, o['metadata'].get('finalizers')), (200, ['k/r']))
+        code, o = c.jsonpatch(WHC + '/a', [{'op': 'test', 'path': '/metadata/finalizers/0', 'value': 'k/r'},
+                                           {'op': 'remove', 'path': '/metadata/finalizers/0'}])
+        eq(code, 200)
         code, o = c.jsonpatch(WHC + '/a', [{'op': 'add', 'path': '/metadata/finalizers', 'value': ['x/y']}])
         eq((code, o['metadata']['finalizers']), (200, ['x/y']))
         code, o = c.jsonpatch(WHC + '/a', [{'op': 'test', 'path': '/metadata/finalizers', 'value': ['x/y']},
@@ -324,6 +330,12 @@ def main() -> int:
         eq(code, 200)
         eq(o['metadata']['labels'], {'a': '1'})
         eq(o['metadata']['annotations'], {'other': 'manager'})
+        cfg['spec']['backfill'] = {'events': '9d'}
+        eq(c.apply(WHC + '/ssa', cfg)[1]['spec']['backfill']['events'], '9d')
+        del cfg['spec']['backfill']
+        code, o = c.apply(WHC + '/ssa', cfg)  # the manager stops applying backfill: it goes (its default returns)
+        eq((code, o['spec']['backfill']['events']), (200, '60d'))
+        eq(c.get(WHC + '/ssa')[1]['spec']['backfill']['events'], '60d')
         code, o = c.apply(WHC + '/ssa/status', {'apiVersion': cfg['apiVersion'], 'kind': cfg['kind'],
                                                 'metadata': {'name': 'ssa'}, 'status': {'observedGeneration': 1}})
         eq((code, o['status']), (200, {'observedGeneration': 1}))
@@ -501,9 +513,19 @@ def main() -> int:
         c.post('/api/v1/namespaces', {'apiVersion': 'v1', 'kind': 'Namespace', 'metadata': {'name': 'ns1'}})
         base = WHC.replace('/default/', '/ns1/')
         c.post(base, {**whc('x'), 'metadata': {'name': 'x', 'finalizers': ['hold/on']}})
+        _, owner = c.post(base, whc('owner'))
+        c.post('/api/v1/namespaces/ns1/configmaps', {'apiVersion': 'v1', 'kind': 'ConfigMap', 'metadata': {
+            'name': 'dep', 'ownerReferences': [{'apiVersion': owner['apiVersion'], 'kind': owner['kind'],
+                                                'name': 'owner', 'uid': owner['metadata']['uid']}]}})
+        c.post('/apis/events.k8s.io/v1/namespaces/ns1/events', {'apiVersion': 'events.k8s.io/v1', 'kind': 'Event',
+               'metadata': {'name': 'ev'}, 'reason': 'R', 'action': 'A', 'type': 'Normal', 'note': 'n',
+               'reportingController': 'c', 'reportingInstance': 'i', 'eventTime': '2025-01-01T00:00:00.000000Z'})
         code, ns = c.delete('/api/v1/namespaces/ns1')
         eq((code, ns['status']['phase']), (202, 'Terminating'))
         eq(c.post(base, whc('y'))[0], 403)
+        eq(c.get('/api/v1/namespaces/ns1/configmaps/dep')[0], 404)
+        eq(c.get('/api/v1/namespaces/ns1/events/ev')[0], 404)
+        eq(c.get('/api/v1/namespaces/ns1')[0], 200)
         c.merge(base + '/x', {'metadata': {'finalizers': None}})
         eq(c.get('/api/v1/namespaces/ns1')[0], 404)
 
@@ -543,6 +565,19 @@ def main() -> int:
                           {'status': {'succeeded': 1, 'conditions': [{'type': 'Complete', 'status': 'True'}]}})
         eq((code, j['status']['succeeded']), (200, 1))
         eq(c.get('/apis/batch/v1/namespaces/default/jobs?fieldSelector=status.successful%3D1')[0], 200)
+
+    @check('events: an events.k8s.io/v1 Event is also served as a core/v1 Event (and deleted with it)')
+    def _():
+        ev = {'apiVersion': 'events.k8s.io/v1', 'kind': 'Event', 'metadata': {'name': 'ev1'},
+              'eventTime': '2025-01-01T00:00:00.000000Z', 'reportingController': 'profilesync.dev/operator',
+              'reportingInstance': 'i', 'action': 'Sync', 'reason': 'Synced', 'type': 'Normal', 'note': 'done',
+              'regarding': {'kind': 'WarehouseConnection', 'name': 'a', 'namespace': 'default'}}
+        eq(c.post('/apis/events.k8s.io/v1/namespaces/default/events', ev)[0], 201)
+        code, lst = c.get('/api/v1/namespaces/default/events?fieldSelector=involvedObject.name%3Da')
+        eq([(e['message'], e['reportingComponent'], e['involvedObject']['kind']) for e in lst['items']],
+           [('done', 'profilesync.dev/operator', 'WarehouseConnection')])
+        eq(c.delete('/api/v1/namespaces/default/events/ev1')[0], 200)
+        eq(c.get('/apis/events.k8s.io/v1/namespaces/default/events/ev1')[0], 404)
 
     @check('leases: optimistic concurrency with PUT (leader-election pattern)')
     def _():

@@ -38,12 +38,18 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
-import aiohttp.web
-import jsonpatch
-import kmock
-import yaml
-
 REPO = Path(__file__).resolve().parents[2]
+try:
+    import aiohttp.web
+    import jsonpatch
+    import kmock
+    import yaml
+except ImportError:  # run with a python outside the venv: re-exec with the venv's (tests/kmock/install.sh)
+    VENV_PY = Path(os.environ.get('KMOCK_PYTHON') or REPO / '.venv-kmock' / 'bin' / 'python')
+    if VENV_PY.exists() and not os.environ.get('KMOCK_REEXEC'):  # (a venv's python is a symlink: no resolve())
+        os.environ['KMOCK_REEXEC'] = '1'
+        os.execv(str(VENV_PY), [str(VENV_PY), __file__, *sys.argv[1:]])
+    sys.exit(f'apiserver.py: kmock is not installed for {sys.executable}; run tests/kmock/install.sh')
 SERVER_VERSION = {
     'major': '1', 'minor': '32', 'gitVersion': 'v1.32.0-kmock', 'gitCommit': 'kmock',
     'gitTreeState': 'clean', 'buildDate': '2025-01-01T00:00:00Z', 'goVersion': 'go1.23',
@@ -63,6 +69,7 @@ BUILTINS: dict[tuple[str, str], list[str]] = {
     ('policy', 'v1'): ['poddisruptionbudgets'],
     ('networking.k8s.io', 'v1'): ['networkpolicies'],
 }
+GENERATION_GROUPS = {'apps', 'batch', 'policy', 'networking.k8s.io', 'apiextensions.k8s.io'}
 INITIAL_NAMESPACES = ['default', 'kube-system', 'kube-public', 'kube-node-lease']
 # Resources whose API default propagationPolicy is Orphan (legacy; kubectl always sends Background).
 ORPHAN_BY_DEFAULT = {('batch', 'v1', 'jobs')}
@@ -121,6 +128,12 @@ class Res:
         return (self.group, self.version, self.plural)
 
     @property
+    def has_generation(self) -> bool:
+        """Kinds whose metadata.generation a real server maintains (custom resources, workloads, ...);
+        Secrets, ConfigMaps, Events, Leases, RBAC objects etc. have none."""
+        return self.crd is not None or self.group in GENERATION_GROUPS
+
+    @property
     def api_version(self) -> str:
         return f'{self.group}/{self.version}' if self.group else self.version
 
@@ -148,6 +161,42 @@ def merge_patch(target: Any, patch: Any) -> Any:
         else:
             result[key] = merge_patch(result.get(key), value)
     return result
+
+
+def json_patch(doc: Any, ops: list) -> Any:
+    """RFC 6902 via the `jsonpatch` package, op by op, with the apiserver's (evanphx/json-patch)
+    leniency: `test` with value null succeeds when the path is absent.  kube-runtime's finalizer
+    helper relies on it ({"op":"test","path":"/metadata/finalizers","value":null} before an add)."""
+    for op in ops:
+        if isinstance(op, dict) and op.get('op') == 'test' and op.get('value', 0) is None:
+            try:
+                current = jsonpatch.JsonPointer(op.get('path', '')).resolve(doc)
+            except jsonpatch.JsonPointerException:
+                continue
+            if current is not None:
+                raise jsonpatch.JsonPatchTestFailed(f'{current!r} is not equal to tested value None')
+            continue
+        doc = jsonpatch.apply_patch(doc, [op])
+    return doc
+
+
+# core/v1 Events and events.k8s.io/v1 Events are one store on a real server, seen through two
+# APIs; here each write to one is mirrored (same uid and resourceVersion) into the other.
+EVENT_TWINS = {('', 'v1', 'events'): ('events.k8s.io', 'v1', 'events'),
+               ('events.k8s.io', 'v1', 'events'): ('', 'v1', 'events')}
+_EVENT_FIELDS = [('regarding', 'involvedObject'), ('note', 'message'), ('reportingController', 'reportingComponent'),
+                 ('deprecatedSource', 'source'), ('deprecatedFirstTimestamp', 'firstTimestamp'),
+                 ('deprecatedLastTimestamp', 'lastTimestamp'), ('deprecatedCount', 'count')]
+
+
+def convert_event(obj: dict, to: 'Res') -> dict:
+    out = copy.deepcopy(obj)
+    for v1_name, core_name in _EVENT_FIELDS:
+        src, dst = (v1_name, core_name) if to.group == '' else (core_name, v1_name)
+        if src in out:
+            out[dst] = out.pop(src)
+    out['apiVersion'], out['kind'] = to.api_version, 'Event'
+    return out
 
 
 def _strip_directives(value: Any) -> Any:
@@ -477,7 +526,7 @@ class Apiserver(kmock.KubernetesEmulator):
         self.rv = 0
         self.log: collections.deque = collections.deque()
         self.log_floor = 0
-        self.log_limit = 100_000
+        self.log_limit = 10_000
         self.history_limit = 20
         self.watchers: list[Watcher] = []
         self.applied: dict[tuple, dict] = {}  # (res key, ns, name, manager, sub) -> last applied config
@@ -485,6 +534,7 @@ class Apiserver(kmock.KubernetesEmulator):
         self.stopping = asyncio.Event()
         self.address = ''
         self.serve_openapi = True
+        self.in_gc = False
 
     # ---------------- registry ----------------
 
@@ -590,7 +640,7 @@ class Apiserver(kmock.KubernetesEmulator):
             if w.res.key == res.key:
                 w.offer(etype, obj, old)
 
-    def store(self, res: Res, obj: dict, old: dict | None, etype: str) -> None:
+    def store(self, res: Res, obj: dict, old: dict | None, etype: str, mirror: bool = True) -> None:
         meta = obj['metadata']
         k = self.key(res, meta.get('namespace'), meta['name'])
         if etype == 'DELETED':
@@ -604,6 +654,10 @@ class Apiserver(kmock.KubernetesEmulator):
         else:
             self.objects[k] = obj
         self.emit(res, etype, obj, old)
+        if mirror and res.plural == 'events' and res.key in EVENT_TWINS:
+            twin = self.registry.get(EVENT_TWINS[res.key])
+            if twin is not None:
+                self.store(twin, convert_event(obj, twin), convert_event(old, twin) if old else None, etype, mirror=False)
         if res.crd is None and res.plural == 'customresourcedefinitions':
             if etype == 'DELETED':
                 self.unregister_crd(obj)
@@ -715,7 +769,8 @@ class Apiserver(kmock.KubernetesEmulator):
             obj['status'] = self.crd_status(obj)
         meta['uid'] = str(uuid.uuid4())
         meta['creationTimestamp'] = now_ts()
-        meta['generation'] = 1
+        if res.has_generation:
+            meta['generation'] = 1
         if q.get('dryRun') == 'All':
             meta['resourceVersion'] = str(self.rv)
             return obj
@@ -774,7 +829,7 @@ class Apiserver(kmock.KubernetesEmulator):
             c['metadata'] = {k: v for k, v in o['metadata'].items() if k not in ('resourceVersion', 'managedFields')}
             return c
 
-        if body_of(new) != body_of(old) or (meta.get('deletionTimestamp') and not ometa.get('deletionTimestamp')):
+        if res.has_generation and body_of(new) != body_of(old):
             meta['generation'] = int(ometa.get('generation') or 1) + 1
         if comparable(new) == comparable(old):
             return 200, old  # no-op: no new resourceVersion, no watch event
@@ -782,7 +837,7 @@ class Apiserver(kmock.KubernetesEmulator):
             meta['resourceVersion'] = ometa.get('resourceVersion')
             return 200, new
         meta['resourceVersion'] = self.next_rv()
-        if meta.get('deletionTimestamp') and not meta.get('finalizers'):
+        if meta.get('deletionTimestamp') and not meta.get('finalizers') and res.key != ('', 'v1', 'namespaces'):
             self.store(res, new, old, 'MODIFIED')
             self.hard_delete(res, new, 'Background')
             return 200, new
@@ -817,7 +872,7 @@ class Apiserver(kmock.KubernetesEmulator):
             if not isinstance(patch, list):
                 raise ApiError(400, 'json patch must be a list of operations')
             try:
-                new = jsonpatch.apply_patch(copy.deepcopy(old), patch)
+                new = json_patch(copy.deepcopy(old), patch)
             except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException, TypeError, KeyError, IndexError) as e:
                 raise ApiError(422, f'the server rejected our request due to an error in our request: {e}', reason='Invalid')
             if (new.get('metadata') or {}).get('resourceVersion') != old['metadata']['resourceVersion']:
@@ -830,16 +885,16 @@ class Apiserver(kmock.KubernetesEmulator):
                 raise self.conflict(res, name)
             if ctype == 'application/strategic-merge-patch+json':
                 if res.crd is not None:
-                    raise ApiError(415, f'the body of the request was in an unknown format - accepted media types '
-                                        f'include: application/json-patch+json, application/merge-patch+json, '
-                                        f'application/apply-patch+yaml')
+                    raise ApiError(415, 'the body of the request was in an unknown format - accepted media types '
+                                        'include: application/json-patch+json, application/merge-patch+json, '
+                                        'application/apply-patch+yaml')
                 new = strategic_merge(old, patch)
             else:
                 new = merge_patch(old, patch)
         else:
-            raise ApiError(415, f'the body of the request was in an unknown format - accepted media types include: '
-                                f'application/json-patch+json, application/merge-patch+json, '
-                                f'application/apply-patch+yaml, application/strategic-merge-patch+json')
+            raise ApiError(415, 'the body of the request was in an unknown format - accepted media types include: '
+                                'application/json-patch+json, application/merge-patch+json, '
+                                'application/apply-patch+yaml, application/strategic-merge-patch+json')
         return self.update(res, old, new, sub, q, warnings)
 
     def apply(self, res: Res, ns: str | None, name: str, sub: str | None, old: dict | None, cfg: Any, q: dict,
@@ -871,6 +926,7 @@ class Apiserver(kmock.KubernetesEmulator):
         cfg_clean = copy.deepcopy(cfg)
         (cfg_clean.get('metadata') or {}).pop('resourceVersion', None)
         new = strategic_merge(old, cfg_clean, directives=False) if res.crd is None else merge_patch(old, cfg_clean)
+        new = copy.deepcopy(new)  # the merge shares untouched subtrees with the stored object
         for path in removed_paths(self.applied.get(akey, {}), cfg_clean):
             if path[0] in ('apiVersion', 'kind') or path[:2] in (('metadata', 'name'), ('metadata', 'namespace')):
                 continue
@@ -917,7 +973,8 @@ class Apiserver(kmock.KubernetesEmulator):
                 new.setdefault('status', {})['phase'] = 'Terminating'
             if dry:
                 return 202, new
-            meta['generation'] = int(meta.get('generation') or 1) + 1
+            if res.has_generation:
+                meta['generation'] = int(meta.get('generation') or 1) + 1
             meta['resourceVersion'] = self.next_rv()
             self.store(res, new, old, 'MODIFIED')
             if policy == 'Orphan':
@@ -926,8 +983,12 @@ class Apiserver(kmock.KubernetesEmulator):
                 self.delete_dependents(old)
             if is_ns:
                 for r, obj in list(self.all_live()):
-                    if r.namespaced and obj['metadata'].get('namespace') == name:
-                        self.delete(r, name, obj['metadata']['name'], {'propagationPolicy': 'Background'}, {})
+                    if r.namespaced and obj['metadata'].get('namespace') == name \
+                            and self.get_obj(r, name, obj['metadata']['name']) is not None:  # not cascaded away meanwhile
+                        try:
+                            self.delete(r, name, obj['metadata']['name'], {'propagationPolicy': 'Background'}, {})
+                        except ApiError:
+                            pass
             self.gc()
             cur = self.get_obj(res, ns, name)
             return (202, cur) if cur is not None else (200, new)
@@ -973,13 +1034,25 @@ class Apiserver(kmock.KubernetesEmulator):
 
     def gc(self) -> None:
         """Finishes foreground deletions whose dependents are gone, and terminating namespaces."""
+        if self.in_gc:  # writes below call gc() again; the outer loop re-scans anyway
+            return
+        self.in_gc = True
+        try:
+            self._gc()
+        finally:
+            self.in_gc = False
+
+    def _gc(self) -> None:
         changed = True
         while changed:
             changed = False
             for r, o in list(self.all_live()):
-                meta = o['metadata']
-                if not meta.get('deletionTimestamp'):
+                if not o['metadata'].get('deletionTimestamp'):
                     continue
+                o = self.get_obj(r, o['metadata'].get('namespace'), o['metadata']['name'])  # may have changed
+                if o is None:
+                    continue
+                meta = o['metadata']
                 if 'foregroundDeletion' in (meta.get('finalizers') or []) and not self.dependents(o):
                     new = copy.deepcopy(o)
                     new['metadata']['finalizers'] = [f for f in meta['finalizers'] if f != 'foregroundDeletion']
@@ -1119,7 +1192,7 @@ class Apiserver(kmock.KubernetesEmulator):
             traceback.print_exc(file=sys.stderr)
             return aiohttp.web.json_response(ApiError(500, f'kmock apiserver error: {e!r}').body(), status=500)
         finally:
-            if LOG and not raw.query.get('watch') in ('true', '1'):
+            if LOG and not (status == 200 and raw.query.get('watch') in ('true', '1')):  # watches log when opened
                 LOG(f'{raw.method} {raw.path_qs} {status} {(time.monotonic() - start) * 1000:.1f}ms')
 
     async def dispatch(self, raw: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
@@ -1209,8 +1282,8 @@ class Apiserver(kmock.KubernetesEmulator):
             if not body:
                 raise ApiError(400, 'the request body is empty')
             if 'protobuf' in raw.headers.get('Content-Type', '') or 'cbor' in raw.headers.get('Content-Type', ''):
-                raise ApiError(415, f'the body of the request was in an unknown format - accepted media types '
-                                    f'include: application/json, application/yaml')
+                raise ApiError(415, 'the body of the request was in an unknown format - accepted media types '
+                                    'include: application/json, application/yaml')
             try:
                 return json.loads(body)
             except ValueError:
@@ -1279,7 +1352,7 @@ class Apiserver(kmock.KubernetesEmulator):
                     pass
             return aiohttp.web.json_response({'kind': f'{res.kind}List', 'apiVersion': res.api_version,
                                               'metadata': {'resourceVersion': str(self.rv)}, 'items': deleted})
-        raise ApiError(405, f'the server does not allow this method on the requested resource')
+        raise ApiError(405, 'the server does not allow this method on the requested resource')
 
     async def watch(self, raw, res: Res, ns: str | None, name: str | None, q: dict, accept: str | None) -> aiohttp.web.StreamResponse:
         fields = parse_field_selector(q.get('fieldSelector'), res)
@@ -1443,7 +1516,7 @@ def main() -> None:
     p.add_argument('--all-builtins', action='store_true',
                    help="serve every built-in resource of kmock's bundled discovery data, not just the operator's")
     p.add_argument('--bookmark-interval', type=float, default=10.0, help='seconds between watch BOOKMARK events')
-    p.add_argument('--watch-cache-size', type=int, default=100_000,
+    p.add_argument('--watch-cache-size', type=int, default=10_000,
                    help='events kept for watch resumption; older resourceVersions get 410 Expired')
     p.add_argument('--ignore-stdin', action='store_true', help='do not exit when stdin reaches EOF')
     p.add_argument('--verbose', '-v', action='store_true', help='log one line per request to stderr')

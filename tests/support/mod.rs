@@ -4,3 +4,4 @@
 
 pub mod engine;
 pub mod pg;
+pub mod warehouse;

@@ -71,8 +71,7 @@ fn segment_example_two_anonymous_profiles_merge_by_email() {
         ]
     );
     assert_eq!(hash_a1.len(), 40);
-    let mut row_ids: Vec<_> = mapping_rows.iter().map(|m| m.id.clone()).collect();
-    row_ids.dedup();
+    let row_ids: std::collections::HashSet<_> = mapping_rows.iter().map(|m| &m.id).collect();
     assert_eq!(row_ids.len(), 3, "row ids are unique");
 
     assert_eq!(g.profile_count(), 1);

@@ -1,0 +1,229 @@
+//! From JSON values to typed warehouse cells: flattening, type inference (by the first non-null
+//! value), casting into an existing column's type, and the per-table map from source names to
+//! column names that keeps two different properties from ever landing in one column.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use jiff::Timestamp;
+use serde_json::{Map, Value};
+
+use super::naming::{fit, identifier, short_hash};
+use crate::warehouse::{Cell, ColumnType};
+
+/// Flattens nested objects into `(path, value)` pairs joined with `_` (Segment's warehouse
+/// flattening: `{"product": {"name": "x"}}` → `product_name`); arrays stay whole.
+pub fn flatten(prefix: &str, map: &Map<String, Value>, out: &mut Vec<(String, Value)>) {
+    for (k, v) in map {
+        let path = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match v {
+            Value::Object(inner) if !inner.is_empty() => flatten(&path, inner, out),
+            Value::Object(_) => {}
+            other => out.push((path, other.clone())),
+        }
+    }
+}
+
+/// Parses an ISO-8601 / RFC 3339 timestamp string.
+pub fn parse_timestamp(s: &str) -> Option<Timestamp> {
+    // Only strings that look like a date-time (Segment infers timestamps from ISO strings).
+    if s.len() < 20 || s.as_bytes().get(4).is_none_or(|b| *b != b'-') {
+        return None;
+    }
+    s.parse::<Timestamp>().ok()
+}
+
+/// The column type a value implies; `None` for null.
+pub fn infer(v: &Value) -> Option<ColumnType> {
+    match v {
+        Value::Null => None,
+        Value::Bool(_) => Some(ColumnType::Boolean),
+        Value::Number(n) if n.is_i64() => Some(ColumnType::Integer),
+        Value::Number(_) => Some(ColumnType::Float),
+        Value::String(s) if parse_timestamp(s).is_some() => Some(ColumnType::Timestamp),
+        _ => Some(ColumnType::Varchar),
+    }
+}
+
+/// Casts a value into a column of type `ty`; `Err` carries the reason for the discards table.
+pub fn cast(v: &Value, ty: ColumnType) -> Result<Cell, String> {
+    let fail = || Err(format!("{} can't be cast to {}", kind(v), ty.as_str()));
+    match (ty, v) {
+        (_, Value::Null) => Ok(Cell::Null),
+        (ColumnType::Varchar, Value::String(s)) => Ok(Cell::Text(s.clone())),
+        (ColumnType::Varchar, other) => Ok(Cell::Text(other.to_string())),
+        (ColumnType::Integer, Value::Number(n)) => match n.as_i64() {
+            Some(i) => Ok(Cell::Int(i)),
+            None => match n.as_f64() {
+                Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Ok(Cell::Int(f as i64)),
+                _ => fail(),
+            },
+        },
+        (ColumnType::Integer, Value::String(s)) => {
+            s.trim().parse().map(Cell::Int).or_else(|_| fail())
+        }
+        (ColumnType::Float, Value::Number(n)) => n.as_f64().map(Cell::Float).map_or_else(fail, Ok),
+        (ColumnType::Float, Value::String(s)) => match s.trim().parse::<f64>() {
+            Ok(f) if f.is_finite() => Ok(Cell::Float(f)),
+            _ => fail(),
+        },
+        (ColumnType::Boolean, Value::Bool(b)) => Ok(Cell::Bool(*b)),
+        (ColumnType::Boolean, Value::String(s)) if s == "true" || s == "false" => {
+            Ok(Cell::Bool(s == "true"))
+        }
+        (ColumnType::Timestamp, Value::String(s)) => parse_timestamp(s)
+            .map(Cell::Timestamp)
+            .map_or_else(fail, Ok),
+        _ => fail(),
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(n) if n.is_i64() || n.is_u64() => "an integer",
+        Value::Number(_) => "a float",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// The columns of one warehouse table and the source names they were assigned to.
+#[derive(Clone, Debug, Default)]
+pub struct ColumnMap {
+    by_source: HashMap<String, String>,
+    used: HashSet<String>,
+    /// Source → column pairs assigned since the last [`ColumnMap::take_new`].
+    new: Vec<(String, String)>,
+}
+
+impl ColumnMap {
+    /// A map with `reserved` column names already taken (they are never given to a property).
+    pub fn with_reserved<'a>(reserved: impl IntoIterator<Item = &'a str>) -> ColumnMap {
+        ColumnMap {
+            used: reserved.into_iter().map(String::from).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// Restores an assignment read from the warehouse's state.
+    pub fn restore(&mut self, source: String, column: String) {
+        self.used.insert(column.clone());
+        self.by_source.insert(source, column);
+    }
+
+    /// The column of `source` (a dotted property path), assigning one if new. `None` when the
+    /// name is a reserved column (Segment drops such properties).
+    pub fn column(&mut self, source: &str, max_len: usize) -> Option<String> {
+        if let Some(c) = self.by_source.get(source) {
+            return Some(c.clone());
+        }
+        let joined = source.replace('.', "_");
+        let base = identifier(&joined, max_len);
+        if self.used.contains(&base) && self.is_reserved_collision(&base) {
+            return None;
+        }
+        let column = if self.used.contains(&base) {
+            // Another source already has this name (`Total` vs `total`): never merge the two.
+            fit(&format!("{base}_{}", short_hash(source)), source, max_len)
+        } else {
+            base
+        };
+        self.used.insert(column.clone());
+        self.by_source.insert(source.to_string(), column.clone());
+        self.new.push((source.to_string(), column.clone()));
+        Some(column)
+    }
+
+    fn is_reserved_collision(&self, base: &str) -> bool {
+        // A name taken by a reserved column, not by another property.
+        !self.by_source.values().any(|c| c == base)
+    }
+
+    /// The assignments made since the last call, to persist with the rows that use them.
+    pub fn take_new(&mut self) -> Vec<(String, String)> {
+        std::mem::take(&mut self.new)
+    }
+}
+
+/// A row being built: column → value, plus the type of each new column.
+pub type RawRow = BTreeMap<String, Value>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn flattening_joins_nested_keys() {
+        let mut out = vec![];
+        let m = json!({"product": {"name": "x", "tags": [1, 2]}, "total": 3, "empty": {}});
+        flatten("", m.as_object().unwrap(), &mut out);
+        assert_eq!(
+            out,
+            vec![
+                ("product.name".into(), json!("x")),
+                ("product.tags".into(), json!([1, 2])),
+                ("total".into(), json!(3))
+            ]
+        );
+    }
+
+    #[test]
+    fn inference_by_value() {
+        assert_eq!(infer(&json!(1)), Some(ColumnType::Integer));
+        assert_eq!(infer(&json!(1.5)), Some(ColumnType::Float));
+        assert_eq!(infer(&json!(true)), Some(ColumnType::Boolean));
+        assert_eq!(
+            infer(&json!("2026-01-01T00:00:00Z")),
+            Some(ColumnType::Timestamp)
+        );
+        assert_eq!(infer(&json!("2026")), Some(ColumnType::Varchar));
+        assert_eq!(infer(&json!([1])), Some(ColumnType::Varchar));
+        assert_eq!(infer(&json!(null)), None);
+    }
+
+    #[test]
+    fn casting_never_narrows_silently() {
+        assert_eq!(cast(&json!(3), ColumnType::Float), Ok(Cell::Float(3.0)));
+        assert_eq!(cast(&json!(3.0), ColumnType::Integer), Ok(Cell::Int(3)));
+        assert!(
+            cast(&json!(3.5), ColumnType::Integer)
+                .unwrap_err()
+                .contains("a float can't be cast to integer")
+        );
+        assert!(cast(&json!("abc"), ColumnType::Integer).is_err());
+        assert!(cast(&json!("abc"), ColumnType::Timestamp).is_err());
+        assert_eq!(
+            cast(&json!({"a": 1}), ColumnType::Varchar),
+            Ok(Cell::Text("{\"a\":1}".into()))
+        );
+        assert_eq!(
+            cast(&json!(5), ColumnType::Varchar),
+            Ok(Cell::Text("5".into()))
+        );
+        assert!(cast(&json!("yes"), ColumnType::Boolean).is_err());
+    }
+
+    #[test]
+    fn names_differing_in_case_get_distinct_columns() {
+        let mut m = ColumnMap::with_reserved(["id", "received_at"]);
+        let a = m.column("Total", 63).unwrap();
+        let b = m.column("total", 63).unwrap();
+        assert_eq!(a, "total");
+        assert_ne!(a, b);
+        assert!(b.starts_with("total_"));
+        assert_eq!(m.column("Total", 63).unwrap(), a, "stable");
+        assert_eq!(
+            m.column("id", 63),
+            None,
+            "a property named like a reserved column is dropped"
+        );
+        assert_eq!(m.take_new().len(), 2);
+    }
+}

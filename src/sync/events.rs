@@ -1,0 +1,168 @@
+//! Routing events to their warehouse tables (`identifies`, `tracks`, ..., one table per Track
+//! event) and flattening each into that table's columns.
+
+use std::collections::HashMap;
+
+use serde_json::{Map, Value};
+
+use super::columns::{ColumnMap, flatten};
+use super::load::PendingRow;
+use super::naming::{fit, identifier};
+use super::tables::{DISCARDS, event_base_columns, event_reserved_columns, known_tables};
+use crate::crd::SelectiveSyncSpec;
+use crate::event::{Event, EventType};
+use crate::store::EventRow;
+use crate::warehouse::{Column, ColumnType};
+
+/// The per-event table of a Track event name, safe for a warehouse with `max_len`-byte names;
+/// names that would shadow a profiles-sync table get a `_` prefix.
+pub fn track_table(event: &str, max_len: usize) -> String {
+    let name = identifier(event, max_len);
+    let shadows = known_tables().contains(&name.as_str())
+        || name == DISCARDS
+        || name.starts_with("_profiles_sync");
+    if shadows {
+        fit(&format!("_{name}"), event, max_len)
+    } else {
+        name
+    }
+}
+
+/// The fixed columns of an event table of `event_type` (`per_event`: a Track event's own table).
+pub fn fixed_columns(event_type: EventType) -> Vec<Column> {
+    let mut cols = event_base_columns();
+    let v = |n: &str| Column::new(n, ColumnType::Varchar);
+    match event_type {
+        EventType::Track => cols.extend([v("event"), v("event_text")]),
+        EventType::Page | EventType::Screen => cols.extend([v("name"), v("category")]),
+        EventType::Group => cols.push(v("group_id")),
+        EventType::Alias => cols.push(v("previous_id")),
+        EventType::Identify => {}
+    }
+    cols
+}
+
+/// Builds rows for event tables, remembering each table's column names.
+pub struct Router<'a> {
+    selection: Option<&'a SelectiveSyncSpec>,
+    max_len: usize,
+    maps: HashMap<String, ColumnMap>,
+    saved: HashMap<String, Vec<(String, String)>>,
+}
+
+fn ts(t: Option<jiff::Timestamp>) -> Value {
+    t.map(|t| Value::String(t.to_string()))
+        .unwrap_or(Value::Null)
+}
+
+fn opt(s: &Option<String>) -> Value {
+    s.clone().map(Value::String).unwrap_or(Value::Null)
+}
+
+impl<'a> Router<'a> {
+    /// A router applying `selection`'s column choices.
+    pub fn new(
+        selection: Option<&'a SelectiveSyncSpec>,
+        max_len: usize,
+        names: HashMap<String, Vec<(String, String)>>,
+    ) -> Router<'a> {
+        Router {
+            selection,
+            max_len,
+            maps: HashMap::new(),
+            saved: names,
+        }
+    }
+
+    /// The column map of `table`: `reserved` names pre-taken, then the warehouse's saved names.
+    pub fn map(&mut self, table: &str, reserved: &[&str]) -> &mut ColumnMap {
+        let saved = &mut self.saved;
+        self.maps.entry(table.to_string()).or_insert_with(|| {
+            let mut map = ColumnMap::with_reserved(reserved.iter().copied());
+            for (s, c) in saved.remove(table).unwrap_or_default() {
+                map.restore(s, c);
+            }
+            map
+        })
+    }
+
+    /// The tables an event lands in: its type's table, and for a Track event its own table.
+    pub fn targets(&self, event: &Event) -> Vec<String> {
+        let mut t = vec![event.event_type.table().to_string()];
+        if let (EventType::Track, Some(name)) = (event.event_type, &event.event) {
+            t.push(track_table(name, self.max_len));
+        }
+        t
+    }
+
+    /// The row of `event` for `table`.
+    pub fn row(&mut self, table: &str, row: &EventRow) -> (PendingRow, Vec<(String, String)>) {
+        let e = &row.event;
+        let mut values = std::collections::BTreeMap::new();
+        values.insert("id".into(), Value::String(e.message_id.clone()));
+        values.insert("anonymous_id".into(), opt(&e.anonymous_id));
+        values.insert("user_id".into(), opt(&e.user_id));
+        values.insert("received_at".into(), ts(Some(e.received_at)));
+        values.insert("sent_at".into(), ts(e.sent_at));
+        values.insert("original_timestamp".into(), ts(e.original_timestamp));
+        values.insert("timestamp".into(), ts(Some(e.timestamp)));
+        values.insert("segment_id".into(), Value::String(row.segment_id.clone()));
+        values.insert("event_source_id".into(), Value::String(e.source_id.clone()));
+        values.insert("seq".into(), Value::from(row.seq));
+        let per_event_table = table != e.event_type.table();
+        match e.event_type {
+            EventType::Track => {
+                let name = e.event.clone().unwrap_or_default();
+                values.insert(
+                    "event".into(),
+                    Value::String(track_table(&name, self.max_len)),
+                );
+                values.insert("event_text".into(), Value::String(name));
+            }
+            EventType::Page | EventType::Screen => {
+                values.insert("name".into(), opt(&e.name));
+                values.insert("category".into(), opt(&e.category));
+            }
+            EventType::Group => {
+                values.insert("group_id".into(), opt(&e.group_id));
+            }
+            EventType::Alias => {
+                values.insert("previous_id".into(), opt(&e.previous_id));
+            }
+            EventType::Identify => {}
+        }
+        let mut pairs = vec![];
+        flatten("context", &e.context, &mut pairs);
+        let body: &Map<String, Value> = match e.event_type {
+            EventType::Identify | EventType::Group => &e.traits,
+            EventType::Track if !per_event_table => &EMPTY,
+            _ => &e.properties,
+        };
+        flatten("", body, &mut pairs);
+        flatten("", &e.extra, &mut pairs);
+        let reserved = event_reserved_columns(e.event_type);
+        let (max_len, selection) = (self.max_len, self.selection);
+        let map = self.map(table, &reserved);
+        for (path, value) in pairs {
+            if value.is_null() {
+                continue;
+            }
+            let Some(column) = map.column(&path, max_len) else {
+                continue;
+            };
+            if selection.is_some_and(|s| !s.column_enabled(table, &column)) {
+                continue;
+            }
+            values.insert(column, value);
+        }
+        let new = map.take_new();
+        let pending = PendingRow {
+            row_id: e.message_id.clone(),
+            received_at: ts(Some(e.received_at)),
+            values,
+        };
+        (pending, new)
+    }
+}
+
+static EMPTY: std::sync::LazyLock<Map<String, Value>> = std::sync::LazyLock::new(Map::new);

@@ -1,0 +1,245 @@
+//! Writing one chunk of rows into one table, exactly once: the rows, their discards, any new
+//! column names and the table's cursor commit in one transaction, or nothing does.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
+use super::columns::{cast, infer};
+use super::state::{self, TableState};
+use super::tables::DISCARDS;
+use crate::warehouse::{
+    Cell, Column, ColumnType, OnConflict, TableColumns, Warehouse, WarehouseError,
+};
+
+/// One row before typing: its key for the discards table, its receive time, and its values.
+#[derive(Clone, Debug)]
+pub struct PendingRow {
+    /// What identifies the row in `discards.row_id` (the message id, or the seq).
+    pub row_id: String,
+    /// The row's `received_at`, copied into discards.
+    pub received_at: Value,
+    /// Column → value.
+    pub values: BTreeMap<String, Value>,
+}
+
+/// A chunk of rows for one table, with the state to commit alongside.
+pub struct Chunk<'a> {
+    /// Target table.
+    pub table: &'a str,
+    /// Its primary key.
+    pub key: &'a [&'a str],
+    /// Columns whose type is fixed by the design (others are inferred).
+    pub fixed: &'a [Column],
+    /// The rows.
+    pub rows: Vec<PendingRow>,
+    /// Source → column assignments made for these rows.
+    pub new_names: Vec<(String, String)>,
+    /// The table's state after the chunk.
+    pub state: TableState,
+    /// Load time, for `uuid_ts`.
+    pub uuid_ts: jiff::Timestamp,
+}
+
+/// What a committed chunk did.
+#[derive(Debug, Default)]
+pub struct ChunkResult {
+    /// Rows that reached the table.
+    pub rows: u64,
+    /// Values sent to `discards`.
+    pub discards: u64,
+}
+
+/// The schema as this sync knows it (read once, kept current as tables and columns are added).
+pub struct Schema {
+    /// Table → columns.
+    pub tables: BTreeMap<String, TableColumns>,
+}
+
+fn discard_columns() -> Vec<Column> {
+    super::tables::fixed(DISCARDS)
+        .map(|t| t.columns)
+        .unwrap_or_default()
+}
+
+/// Decides each column's type: the warehouse's when the column exists, the design's for fixed
+/// columns, otherwise the first non-null value's. Columns that are null in every row are left out.
+fn column_types(chunk: &Chunk<'_>, existing: Option<&TableColumns>) -> Vec<Column> {
+    let mut types: BTreeMap<&str, ColumnType> = BTreeMap::new();
+    for c in chunk.fixed {
+        types.insert(
+            &c.name,
+            existing
+                .and_then(|e| e.get(&c.name).copied())
+                .unwrap_or(c.ty),
+        );
+    }
+    for row in &chunk.rows {
+        for (col, v) in &row.values {
+            if types.contains_key(col.as_str()) {
+                continue;
+            }
+            if let Some(t) = existing
+                .and_then(|e| e.get(col).copied())
+                .or_else(|| infer(v))
+            {
+                types.insert(col, t);
+            }
+        }
+    }
+    // Fixed columns first, in their order; then the rest by name.
+    let mut out: Vec<Column> = chunk
+        .fixed
+        .iter()
+        .map(|c| Column::new(c.name.clone(), types[c.name.as_str()]))
+        .collect();
+    out.extend(
+        types
+            .iter()
+            .filter(|(n, _)| !chunk.fixed.iter().any(|c| c.name == **n))
+            .map(|(n, t)| Column::new(*n, *t)),
+    );
+    out
+}
+
+/// Commits `chunk`: creates the table or adds columns as needed, stages and merges the rows,
+/// records discards, new names and the cursor. Rolls back and returns the error on failure.
+pub fn commit(
+    wh: &mut dyn Warehouse,
+    schema: &mut Schema,
+    chunk: Chunk<'_>,
+) -> Result<ChunkResult, WarehouseError> {
+    let columns = column_types(&chunk, schema.tables.get(chunk.table));
+    let uuid = Value::String(chunk.uuid_ts.to_string());
+    let mut rows = Vec::with_capacity(chunk.rows.len());
+    let mut discards = vec![];
+    for row in &chunk.rows {
+        let mut cells = Vec::with_capacity(columns.len());
+        for c in &columns {
+            let v = if c.name == "uuid_ts" {
+                &uuid
+            } else {
+                row.values.get(&c.name).unwrap_or(&Value::Null)
+            };
+            match cast(v, c.ty) {
+                Ok(cell) => cells.push(cell),
+                Err(reason) => {
+                    cells.push(Cell::Null);
+                    discards.push(vec![
+                        Cell::Text(chunk.table.to_string()),
+                        Cell::Text(c.name.clone()),
+                        Cell::Text(row.row_id.clone()),
+                        Cell::Text(match v {
+                            Value::String(s) => s.clone(),
+                            other => other.to_string(),
+                        }),
+                        Cell::Text(reason),
+                        cast(&row.received_at, ColumnType::Timestamp).unwrap_or(Cell::Null),
+                        Cell::Timestamp(chunk.uuid_ts),
+                    ]);
+                }
+            }
+        }
+        rows.push(cells);
+    }
+
+    wh.begin()?;
+    let result = write(wh, schema, &chunk, &columns, &rows, &discards);
+    match result {
+        Ok(n) => {
+            wh.commit()?;
+            // The schema changed only once the DDL committed.
+            let t = schema.tables.entry(chunk.table.to_string()).or_default();
+            for c in &columns {
+                t.entry(c.name.clone()).or_insert(c.ty);
+            }
+            if !discards.is_empty() {
+                let d = schema.tables.entry(DISCARDS.to_string()).or_default();
+                for c in discard_columns() {
+                    d.entry(c.name).or_insert(c.ty);
+                }
+            }
+            Ok(ChunkResult {
+                rows: n,
+                discards: discards.len() as u64,
+            })
+        }
+        Err(e) => {
+            let _ = wh.rollback();
+            Err(e)
+        }
+    }
+}
+
+/// Creates `table` or adds the columns it lacks (inside the caller's transaction).
+pub fn ensure_table(
+    wh: &mut dyn Warehouse,
+    schema: &Schema,
+    table: &str,
+    columns: &[Column],
+    key: &[&str],
+) -> Result<(), WarehouseError> {
+    let s = wh.schema().to_string();
+    match schema.tables.get(table) {
+        None => {
+            let sql = wh.dialect().create_table(&s, table, columns, key);
+            wh.execute(&sql)?;
+        }
+        Some(existing) => {
+            for c in columns.iter().filter(|c| !existing.contains_key(&c.name)) {
+                let sql = wh.dialect().add_column(&s, table, c);
+                wh.execute(&sql)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn write(
+    wh: &mut dyn Warehouse,
+    schema: &Schema,
+    chunk: &Chunk<'_>,
+    columns: &[Column],
+    rows: &[Vec<Cell>],
+    discards: &[Vec<Cell>],
+) -> Result<u64, WarehouseError> {
+    ensure_table(wh, schema, chunk.table, columns, chunk.key)?;
+    let mut loaded = 0;
+    if !rows.is_empty() {
+        wh.stage("_ps_stage", columns, rows)?;
+        let names: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
+        let sql = wh.dialect().merge_from_stage(
+            wh.schema(),
+            chunk.table,
+            "_ps_stage",
+            &names,
+            chunk.key,
+            OnConflict::Ignore,
+        );
+        loaded = wh.execute(&sql)?;
+    }
+    if !discards.is_empty() {
+        let cols = discard_columns();
+        ensure_table(
+            wh,
+            schema,
+            DISCARDS,
+            &cols,
+            &["table_name", "column_name", "row_id"],
+        )?;
+        wh.stage("_ps_discards", &cols, discards)?;
+        let names: Vec<&str> = cols.iter().map(|c| c.name.as_str()).collect();
+        let sql = wh.dialect().merge_from_stage(
+            wh.schema(),
+            DISCARDS,
+            "_ps_discards",
+            &names,
+            &["table_name", "column_name", "row_id"],
+            OnConflict::Ignore,
+        );
+        wh.execute(&sql)?;
+    }
+    state::write_names(wh, chunk.table, &chunk.new_names)?;
+    state::write(wh, &[(chunk.table, &chunk.state)])?;
+    Ok(loaded)
+}

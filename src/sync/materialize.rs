@@ -1,0 +1,323 @@
+//! The materialized profile tables — `user_identifiers`, `user_traits`, `profile_merges` —
+//! kept current from the three identity change logs, one window of `seq`s per transaction.
+//!
+//! Within a window the changes are applied set-wise in an order that gives the same result as
+//! applying them one by one: new identifiers first (an identifier is always attached to a live
+//! profile), then each profile's latest trait snapshot, then the merges with each merged-away
+//! profile mapped to its final survivor (the recursive `id_graph_updates` rows make the latest
+//! row per profile fully resolved).
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
+use super::RunError;
+use super::load::{Schema, ensure_table};
+use super::source::FeedSource;
+use super::state::{self, TableState};
+use super::tables::{MATERIALIZED_CURSOR, PROFILE_MERGES, USER_IDENTIFIERS, USER_TRAITS, fixed};
+use crate::store::{Feed, FeedRow, Trigger};
+use crate::warehouse::{Cell, Column, ColumnType, OnConflict, Warehouse, WarehouseError};
+
+/// Which materialized tables the selection has on.
+#[derive(Clone, Copy, Debug)]
+pub struct Enabled {
+    /// `user_identifiers`.
+    pub identifiers: bool,
+    /// `user_traits`.
+    pub traits: bool,
+    /// `profile_merges`.
+    pub merges: bool,
+}
+
+/// Rows written per table by [`run`].
+#[derive(Debug, Default)]
+pub struct Counts {
+    /// Rows written to `user_identifiers` (inserted or re-pointed).
+    pub identifiers: u64,
+    /// Rows written to `user_traits`.
+    pub traits: u64,
+    /// Rows written to `profile_merges`.
+    pub merges: u64,
+}
+
+fn tail(seq: i64, t: &Trigger) -> [Cell; 3] {
+    [
+        Cell::Int(seq),
+        Cell::Timestamp(t.received_at),
+        Cell::Timestamp(t.timestamp),
+    ]
+}
+
+fn columns(table: &str) -> Vec<Column> {
+    fixed(table).map(|t| t.columns).unwrap_or_default()
+}
+
+/// The rows of `table` in column order, with `uuid_ts` filled in.
+fn with_uuid(rows: Vec<(Vec<Cell>, [Cell; 3])>, uuid: jiff::Timestamp) -> Vec<Vec<Cell>> {
+    // The fixed columns end with seq, received_at, uuid_ts, timestamp.
+    rows.into_iter()
+        .map(|(mut head, [seq, received, timestamp])| {
+            head.extend([seq, received, Cell::Timestamp(uuid), timestamp]);
+            head
+        })
+        .collect()
+}
+
+fn trait_text(v: &Value) -> Cell {
+    match v {
+        Value::Null => Cell::Null,
+        Value::String(s) => Cell::Text(s.clone()),
+        other => Cell::Text(other.to_string()),
+    }
+}
+
+/// Loads every window after the shared cursor; returns what was written, or the error that
+/// stopped it (earlier windows stay committed).
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    source: &mut dyn FeedSource,
+    wh: &mut dyn Warehouse,
+    schema: &mut Schema,
+    cursor_state: &mut TableState,
+    enabled: Enabled,
+    page: usize,
+    max_rows: &mut Option<u64>,
+    uuid: jiff::Timestamp,
+) -> Result<Counts, RunError> {
+    let mut counts = Counts::default();
+    loop {
+        if max_rows.is_some_and(|m| m == 0) {
+            break;
+        }
+        let after = cursor_state.cursor;
+        let read = |source: &mut dyn FeedSource, feed: Feed| {
+            source.read(&feed, after, page).map_err(RunError::Source)
+        };
+        let graph = read(source, Feed::IdGraphUpdates)?;
+        let mappings = read(source, Feed::ExternalIdMappingUpdates)?;
+        let traits = read(source, Feed::ProfileTraitsUpdates)?;
+        if graph.is_empty() && mappings.is_empty() && traits.is_empty() {
+            break;
+        }
+        // A full page may have more rows after it: the window ends at the earliest full page's end.
+        let full_end = [&graph, &mappings, &traits]
+            .iter()
+            .filter(|p| p.len() == page)
+            .filter_map(|p| p.last().map(FeedRow::seq))
+            .min();
+        let end = full_end.unwrap_or_else(|| {
+            [&graph, &mappings, &traits]
+                .iter()
+                .filter_map(|p| p.last().map(FeedRow::seq))
+                .max()
+                .unwrap_or(after)
+        });
+
+        let mut idents = vec![];
+        for r in &mappings {
+            if let FeedRow::Mapping(m) = r
+                && m.seq <= end
+            {
+                idents.push((
+                    vec![
+                        Cell::Text(m.segment_id.clone()),
+                        Cell::Text(m.external_id_type.clone()),
+                        Cell::Text(m.external_id_value.clone()),
+                    ],
+                    tail(m.seq, &m.trigger),
+                ));
+            }
+        }
+        let mut snapshots: BTreeMap<&str, &crate::store::TraitsRow> = BTreeMap::new();
+        for r in &traits {
+            if let FeedRow::Traits(t) = r
+                && t.seq <= end
+            {
+                snapshots.insert(&t.segment_id, t);
+            }
+        }
+        let mut final_canonical: BTreeMap<&str, (&str, i64, &Trigger)> = BTreeMap::new();
+        for r in &graph {
+            if let FeedRow::IdGraph(g) = r
+                && g.seq <= end
+                && g.segment_id != g.canonical_segment_id
+            {
+                final_canonical.insert(&g.segment_id, (&g.canonical_segment_id, g.seq, &g.trigger));
+            }
+        }
+
+        let mut next = cursor_state.clone();
+        next.cursor = end;
+        wh.begin().map_err(RunError::Warehouse)?;
+        let result = apply(
+            wh,
+            schema,
+            enabled,
+            uuid,
+            idents,
+            &snapshots,
+            &final_canonical,
+            &next,
+            &mut counts,
+        );
+        match result {
+            Ok(()) => wh.commit().map_err(RunError::Warehouse)?,
+            Err(e) => {
+                let _ = wh.rollback();
+                return Err(RunError::Warehouse(e));
+            }
+        }
+        for t in [USER_IDENTIFIERS, USER_TRAITS, PROFILE_MERGES] {
+            let cols = schema.tables.entry(t.to_string()).or_default();
+            for c in columns(t) {
+                cols.entry(c.name).or_insert(c.ty);
+            }
+        }
+        *cursor_state = next;
+        if let Some(m) = max_rows.as_mut() {
+            *m = m.saturating_sub((mappings.len() + traits.len() + graph.len()) as u64);
+        }
+    }
+    Ok(counts)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn apply(
+    wh: &mut dyn Warehouse,
+    schema: &Schema,
+    enabled: Enabled,
+    uuid: jiff::Timestamp,
+    idents: Vec<(Vec<Cell>, [Cell; 3])>,
+    snapshots: &BTreeMap<&str, &crate::store::TraitsRow>,
+    merges: &BTreeMap<&str, (&str, i64, &Trigger)>,
+    next: &TableState,
+    counts: &mut Counts,
+) -> Result<(), WarehouseError> {
+    let s = wh.schema().to_string();
+    for (table, on) in [
+        (USER_IDENTIFIERS, enabled.identifiers),
+        (USER_TRAITS, enabled.traits),
+        (PROFILE_MERGES, enabled.merges),
+    ] {
+        if on {
+            let t = fixed(table)
+                .ok_or_else(|| WarehouseError::internal(format!("no definition of {table}")))?;
+            ensure_table(wh, schema, table, &t.columns, t.key)?;
+        }
+    }
+    let merge_into = |wh: &mut dyn Warehouse,
+                      table: &str,
+                      stage: &str,
+                      rows: Vec<Vec<Cell>>|
+     -> Result<u64, WarehouseError> {
+        let cols = columns(table);
+        let key = fixed(table).map(|t| t.key).unwrap_or(&[]);
+        wh.stage(stage, &cols, &rows)?;
+        let names: Vec<&str> = cols.iter().map(|c| c.name.as_str()).collect();
+        let sql = wh.dialect().merge_from_stage(
+            wh.schema(),
+            table,
+            stage,
+            &names,
+            key,
+            OnConflict::Update,
+        );
+        wh.execute(&sql)
+    };
+    if enabled.identifiers && !idents.is_empty() {
+        counts.identifiers +=
+            merge_into(wh, USER_IDENTIFIERS, "_ps_idents", with_uuid(idents, uuid))?;
+    }
+    if enabled.traits && !snapshots.is_empty() {
+        let subjects: Vec<Vec<Cell>> = snapshots
+            .keys()
+            .map(|k| vec![Cell::Text(k.to_string())])
+            .collect();
+        wh.stage(
+            "_ps_trait_subjects",
+            &[Column::new("segment_id", ColumnType::Varchar)],
+            &subjects,
+        )?;
+        let sql = wh.dialect().delete_in_stage(
+            &s,
+            USER_TRAITS,
+            "canonical_segment_id",
+            "_ps_trait_subjects",
+            "segment_id",
+        );
+        wh.execute(&sql)?;
+        let mut rows = vec![];
+        for (segment_id, snap) in snapshots {
+            for (name, value) in &snap.traits {
+                rows.push((
+                    vec![
+                        Cell::Text(segment_id.to_string()),
+                        Cell::Text(name.clone()),
+                        trait_text(value),
+                    ],
+                    tail(snap.seq, &snap.trigger),
+                ));
+            }
+        }
+        if !rows.is_empty() {
+            counts.traits += merge_into(wh, USER_TRAITS, "_ps_traits", with_uuid(rows, uuid))?;
+        }
+    }
+    if !merges.is_empty() {
+        let map_cols = [
+            Column::new("segment_id", ColumnType::Varchar),
+            Column::new("canonical_segment_id", ColumnType::Varchar),
+        ];
+        let map_rows: Vec<Vec<Cell>> = merges
+            .iter()
+            .map(|(from, (to, _, _))| {
+                vec![Cell::Text(from.to_string()), Cell::Text(to.to_string())]
+            })
+            .collect();
+        wh.stage("_ps_merge_map", &map_cols, &map_rows)?;
+        if enabled.identifiers {
+            let sql = wh.dialect().update_from_stage(
+                &s,
+                USER_IDENTIFIERS,
+                "canonical_segment_id",
+                "_ps_merge_map",
+                "segment_id",
+                "canonical_segment_id",
+            );
+            counts.identifiers += wh.execute(&sql)?;
+        }
+        if enabled.traits {
+            let sql = wh.dialect().delete_in_stage(
+                &s,
+                USER_TRAITS,
+                "canonical_segment_id",
+                "_ps_merge_map",
+                "segment_id",
+            );
+            wh.execute(&sql)?;
+        }
+        if enabled.merges {
+            let sql = wh.dialect().update_from_stage(
+                &s,
+                PROFILE_MERGES,
+                "canonical_segment_id",
+                "_ps_merge_map",
+                "segment_id",
+                "canonical_segment_id",
+            );
+            wh.execute(&sql)?;
+            let rows: Vec<(Vec<Cell>, [Cell; 3])> = merges
+                .iter()
+                .map(|(from, (to, seq, t))| {
+                    (
+                        vec![Cell::Text(to.to_string()), Cell::Text(from.to_string())],
+                        tail(*seq, t),
+                    )
+                })
+                .collect();
+            counts.merges += merge_into(wh, PROFILE_MERGES, "_ps_merges", with_uuid(rows, uuid))?;
+        }
+    }
+    state::write(wh, &[(MATERIALIZED_CURSOR, next)])
+}

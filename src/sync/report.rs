@@ -1,0 +1,215 @@
+//! The sync report: what one run did, as JSON on stdout, in the pod's termination message, and
+//! folded by the controller into the WarehouseConnection's status.
+
+use serde::{Deserialize, Serialize};
+
+use super::tables::{TableGroup, group};
+use crate::crd::{ErrorClass, SyncError, SyncRows, SyncStatus};
+
+/// What happened to one table.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TableReport {
+    /// Warehouse table.
+    pub name: String,
+    /// Rows written by this run.
+    pub rows: u64,
+    /// Values sent to `discards`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub discards: u64,
+    /// Whether the table has not caught up with the store yet (first sync or a `limits` split).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub backfilling: bool,
+    /// The error that stopped the table in this run (retried by the next).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<SyncError>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// What one sync did.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SyncReport {
+    /// The sync's id (the Job's slot).
+    pub id: String,
+    /// Success, PartialSuccess or Failed.
+    pub status: SyncStatus,
+    /// When it started (RFC 3339).
+    pub start_time: String,
+    /// How long it ran.
+    pub duration_seconds: f64,
+    /// Rows written, in total and per group.
+    pub rows: SyncRows,
+    /// Every table this run touched or tried.
+    pub tables: Vec<TableReport>,
+    /// Classified errors.
+    pub errors: Vec<SyncError>,
+    /// Tables still backfilling after this run.
+    #[serde(default)]
+    pub backfilling: Vec<String>,
+    /// Track event tables that start at the head instead of being backfilled (over `backfill.maxEventTables`).
+    #[serde(default)]
+    pub not_backfilled: Vec<String>,
+    /// Whether `limits` stopped this run before the backlog was loaded (the next run continues).
+    #[serde(default)]
+    pub limit_reached: bool,
+    /// The store's head `seq` when the run started.
+    pub head_seq: i64,
+}
+
+impl SyncReport {
+    /// A report of a sync that failed before loading anything.
+    pub fn failed(
+        id: &str,
+        start: jiff::Timestamp,
+        class: ErrorClass,
+        message: String,
+    ) -> SyncReport {
+        SyncReport {
+            id: id.to_string(),
+            status: SyncStatus::Failed,
+            start_time: start.to_string(),
+            duration_seconds: (jiff::Timestamp::now() - start)
+                .total(jiff::Unit::Second)
+                .unwrap_or(0.0),
+            rows: SyncRows::default(),
+            tables: vec![],
+            errors: vec![SyncError {
+                class,
+                message,
+                table: None,
+            }],
+            backfilling: vec![],
+            not_backfilled: vec![],
+            limit_reached: false,
+            head_seq: 0,
+        }
+    }
+
+    /// Fills `rows`, `errors` and `status` from the per-table reports.
+    pub fn finish(&mut self, start: jiff::Timestamp) {
+        let mut rows = SyncRows::default();
+        for t in &self.tables {
+            let n = i64::try_from(t.rows).unwrap_or(i64::MAX);
+            match group(&t.name) {
+                TableGroup::IdentityGraph => rows.identity_graph += n,
+                TableGroup::EventTypes => rows.event_types += n,
+                TableGroup::Events => rows.events += n,
+                TableGroup::Other => {}
+            }
+        }
+        rows.total = rows.identity_graph + rows.event_types + rows.events;
+        self.rows = rows;
+        self.errors
+            .extend(self.tables.iter().filter_map(|t| t.error.clone()));
+        let failed = self.tables.iter().filter(|t| t.error.is_some()).count();
+        self.status = if self.errors.is_empty() {
+            SyncStatus::Success
+        } else if failed > 0 && failed < self.tables.len() {
+            SyncStatus::PartialSuccess
+        } else {
+            SyncStatus::Failed
+        };
+        self.duration_seconds = (jiff::Timestamp::now() - start)
+            .total(jiff::Unit::Second)
+            .unwrap_or(0.0);
+    }
+
+    /// The report for a pod's termination message: at most 4,096 bytes (Kubernetes' limit),
+    /// dropping per-table detail of successful tables first.
+    pub fn termination_message(&self) -> String {
+        let full = serde_json::to_string(self).unwrap_or_default();
+        if full.len() <= 4096 {
+            return full;
+        }
+        let mut small = self.clone();
+        small.tables.retain(|t| t.error.is_some());
+        small.backfilling.truncate(20);
+        small.not_backfilled.truncate(20);
+        for e in &mut small.errors {
+            e.message.truncate(300);
+        }
+        let mut text = serde_json::to_string(&small).unwrap_or_default();
+        while text.len() > 4096 && (!small.tables.is_empty() || small.errors.len() > 1) {
+            small.tables.pop();
+            if small.errors.len() > 1 {
+                small.errors.pop();
+            }
+            text = serde_json::to_string(&small).unwrap_or_default();
+        }
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(name: &str, rows: u64, error: bool) -> TableReport {
+        TableReport {
+            name: name.into(),
+            rows,
+            discards: 0,
+            backfilling: false,
+            error: error.then(|| SyncError {
+                class: ErrorClass::TypeConflict,
+                message: "x".into(),
+                table: Some(name.into()),
+            }),
+        }
+    }
+
+    fn report(tables: Vec<TableReport>) -> SyncReport {
+        let start = jiff::Timestamp::now();
+        let mut r = SyncReport::failed("s", start, ErrorClass::Internal, String::new());
+        r.errors.clear();
+        r.tables = tables;
+        r.finish(start);
+        r
+    }
+
+    #[test]
+    fn status_and_groups() {
+        let r = report(vec![
+            table("id_graph_updates", 3, false),
+            table("tracks", 2, false),
+            table("order_completed", 1, false),
+        ]);
+        assert_eq!(r.status, SyncStatus::Success);
+        assert_eq!(
+            r.rows,
+            SyncRows {
+                total: 6,
+                identity_graph: 3,
+                event_types: 2,
+                events: 1
+            }
+        );
+        let r = report(vec![
+            table("tracks", 0, false),
+            table("order_completed", 0, true),
+        ]);
+        assert_eq!(r.status, SyncStatus::PartialSuccess);
+        assert_eq!(r.errors.len(), 1);
+        let r = report(vec![table("order_completed", 0, true)]);
+        assert_eq!(r.status, SyncStatus::Failed);
+        let r = report(vec![]);
+        assert_eq!(r.status, SyncStatus::Success, "nothing new is a success");
+    }
+
+    #[test]
+    fn termination_messages_fit_in_4096_bytes() {
+        let many: Vec<TableReport> = (0..2000)
+            .map(|i| table(&format!("t{i}"), 1, i % 10 == 0))
+            .collect();
+        let r = report(many);
+        let msg = r.termination_message();
+        assert!(msg.len() <= 4096, "{}", msg.len());
+        let back: SyncReport = serde_json::from_str(&msg).unwrap();
+        assert_eq!(back.status, r.status);
+        assert_eq!(back.rows, r.rows);
+    }
+}

@@ -1,0 +1,161 @@
+//! Where the sync reads the change feeds from: the engine's feed API (in a cluster) or a store
+//! opened directly (local runs, tests).
+
+use serde_json::Value;
+
+use crate::event::Timestamp;
+use crate::store::{Feed, FeedRow, SourceInfo, Store};
+
+/// A change feed could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("reading the change feed: {0}")]
+pub struct SourceError(pub String);
+
+/// The read side of a profile store.
+pub trait FeedSource {
+    /// Up to `limit` rows of `feed` with `seq > after`, in order.
+    fn read(&mut self, feed: &Feed, after: i64, limit: usize) -> Result<Vec<FeedRow>, SourceError>;
+    /// The highest committed `seq`.
+    fn head(&mut self) -> Result<i64, SourceError>;
+    /// Every Track event name seen.
+    fn track_event_names(&mut self) -> Result<Vec<String>, SourceError>;
+    /// Every source (for the `triggering_event_source_name`/`_slug` columns).
+    fn sources(&mut self) -> Result<Vec<SourceInfo>, SourceError>;
+    /// The lowest `seq` of an event received at or after `at`.
+    fn event_seq_since(&mut self, at: Timestamp) -> Result<Option<i64>, SourceError>;
+}
+
+/// Reads straight from a store.
+pub struct StoreSource(pub Box<dyn Store>);
+
+impl FeedSource for StoreSource {
+    fn read(&mut self, feed: &Feed, after: i64, limit: usize) -> Result<Vec<FeedRow>, SourceError> {
+        self.0
+            .read_feed(feed, after, limit)
+            .map_err(|e| SourceError(e.to_string()))
+    }
+    fn head(&mut self) -> Result<i64, SourceError> {
+        self.0.head_seq().map_err(|e| SourceError(e.to_string()))
+    }
+    fn track_event_names(&mut self) -> Result<Vec<String>, SourceError> {
+        self.0
+            .track_event_names()
+            .map_err(|e| SourceError(e.to_string()))
+    }
+    fn sources(&mut self) -> Result<Vec<SourceInfo>, SourceError> {
+        self.0.sources().map_err(|e| SourceError(e.to_string()))
+    }
+    fn event_seq_since(&mut self, at: Timestamp) -> Result<Option<i64>, SourceError> {
+        self.0
+            .event_seq_since(at)
+            .map_err(|e| SourceError(e.to_string()))
+    }
+}
+
+/// Reads through the engine's feed API with a bearer token.
+pub struct EngineSource {
+    base: String,
+    token: String,
+    http: reqwest::blocking::Client,
+}
+
+impl EngineSource {
+    /// A client of the engine at `base` (`http://engine:8080`).
+    pub fn new(base: &str, token: String) -> Result<EngineSource, SourceError> {
+        let http = reqwest::blocking::Client::builder()
+            .timeout(std::time::Duration::from_secs(120))
+            .build()
+            .map_err(|e| SourceError(e.to_string()))?;
+        Ok(EngineSource {
+            base: base.trim_end_matches('/').to_string(),
+            token,
+            http,
+        })
+    }
+
+    fn get(&self, path: &str) -> Result<String, SourceError> {
+        let url = format!("{}{path}", self.base);
+        let r = self
+            .http
+            .get(&url)
+            .bearer_auth(&self.token)
+            .send()
+            .map_err(|e| SourceError(format!("GET {url}: {e}")))?;
+        let status = r.status();
+        let body = r
+            .text()
+            .map_err(|e| SourceError(format!("GET {url}: {e}")))?;
+        if !status.is_success() {
+            return Err(SourceError(format!("GET {url}: {status}: {body}")));
+        }
+        Ok(body)
+    }
+
+    fn catalog(&self, query: &str) -> Result<Value, SourceError> {
+        serde_json::from_str(&self.get(&format!("/v1/feeds{query}"))?)
+            .map_err(|e| SourceError(format!("feed catalog: {e}")))
+    }
+}
+
+fn feed_table(feed: &Feed) -> Result<String, SourceError> {
+    use crate::store::EventFilter;
+    Ok(match feed {
+        Feed::IdGraphUpdates => "id_graph_updates".into(),
+        Feed::ExternalIdMappingUpdates => "external_id_mapping_updates".into(),
+        Feed::ProfileTraitsUpdates => "profile_traits_updates".into(),
+        Feed::Events(EventFilter::All) => "events".into(),
+        Feed::Events(EventFilter::Type(t)) => t.table().into(),
+        Feed::Events(EventFilter::TrackNames(_)) => {
+            return Err(SourceError(
+                "per-event feeds are read through the events feed".into(),
+            ));
+        }
+    })
+}
+
+impl FeedSource for EngineSource {
+    fn read(&mut self, feed: &Feed, after: i64, limit: usize) -> Result<Vec<FeedRow>, SourceError> {
+        let table = feed_table(feed)?;
+        let body = self.get(&format!("/v1/feeds/{table}?after={after}&limit={limit}"))?;
+        let mut lines = body.lines();
+        lines
+            .next()
+            .ok_or_else(|| SourceError(format!("feed {table}: empty response")))?;
+        lines
+            .map(|line| {
+                let v: Value = serde_json::from_str(line)
+                    .map_err(|e| SourceError(format!("feed {table}: {e}")))?;
+                let m = v
+                    .as_object()
+                    .ok_or_else(|| SourceError(format!("feed {table}: a row is not an object")))?;
+                FeedRow::from_json(feed, m).map_err(|e| SourceError(format!("feed {table}: {e}")))
+            })
+            .collect()
+    }
+
+    fn head(&mut self) -> Result<i64, SourceError> {
+        self.catalog("")?["head"]
+            .as_i64()
+            .ok_or_else(|| SourceError("feed catalog: no head".into()))
+    }
+
+    fn track_event_names(&mut self) -> Result<Vec<String>, SourceError> {
+        Ok(self.catalog("")?["trackEvents"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|t| t["event"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    fn sources(&mut self) -> Result<Vec<SourceInfo>, SourceError> {
+        serde_json::from_value(self.catalog("")?["sources"].clone())
+            .map_err(|e| SourceError(format!("feed catalog: {e}")))
+    }
+
+    fn event_seq_since(&mut self, at: Timestamp) -> Result<Option<i64>, SourceError> {
+        Ok(self.catalog(&format!("?since={at}"))?["seqSince"].as_i64())
+    }
+}

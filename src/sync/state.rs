@@ -1,0 +1,186 @@
+//! The sync's own state, kept in the warehouse schema beside the data so that it commits in the
+//! same transaction as the rows it describes: per-table cursors and selection history, and the
+//! source-name → column-name assignments.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::tables::{COLUMN_NAMES, STATE};
+use crate::warehouse::{Cell, Column, ColumnType, OnConflict, Warehouse, WarehouseError};
+
+/// What the warehouse remembers about one table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableState {
+    /// The last `seq` loaded (rows up to it are in the table).
+    pub cursor: i64,
+    /// Whether the selection had the table on at the last sync.
+    pub enabled: bool,
+    /// When the table was (last) turned on, in microseconds since the epoch.
+    pub enabled_since_us: i64,
+    /// Events received before this (microseconds) never load into the table (the backfill window).
+    pub min_received_at_us: Option<i64>,
+    /// Whether the table has caught up with the store's head at least once.
+    pub backfilled: bool,
+}
+
+fn state_columns() -> Vec<Column> {
+    vec![
+        Column::new("table_name", ColumnType::Varchar),
+        Column::new("cursor_seq", ColumnType::Integer),
+        Column::new("enabled", ColumnType::Integer),
+        Column::new("enabled_since_us", ColumnType::Integer),
+        Column::new("min_received_at_us", ColumnType::Integer),
+        Column::new("backfilled", ColumnType::Integer),
+    ]
+}
+
+fn name_columns() -> Vec<Column> {
+    vec![
+        Column::new("table_name", ColumnType::Varchar),
+        Column::new("source_name", ColumnType::Varchar),
+        Column::new("column_name", ColumnType::Varchar),
+    ]
+}
+
+/// Creates the state tables when missing.
+pub fn ensure(wh: &mut dyn Warehouse) -> Result<(), WarehouseError> {
+    let schema = wh.schema().to_string();
+    let a = wh
+        .dialect()
+        .create_table(&schema, STATE, &state_columns(), &["table_name"]);
+    let b = wh.dialect().create_table(
+        &schema,
+        COLUMN_NAMES,
+        &name_columns(),
+        &["table_name", "source_name"],
+    );
+    wh.begin()?;
+    let result = wh.execute(&a).and_then(|_| wh.execute(&b));
+    match result {
+        Ok(_) => wh.commit(),
+        Err(e) => {
+            let _ = wh.rollback();
+            Err(e)
+        }
+    }
+}
+
+fn int(v: &Option<String>, what: &str) -> Result<i64, WarehouseError> {
+    v.as_deref().and_then(|s| s.parse().ok()).ok_or_else(|| {
+        WarehouseError::internal(format!("state table: {what} is not an integer: {v:?}"))
+    })
+}
+
+/// Every table's state.
+pub fn read(wh: &mut dyn Warehouse) -> Result<BTreeMap<String, TableState>, WarehouseError> {
+    let table = wh.dialect().qualified(wh.schema(), STATE);
+    let rows = wh.query(&format!(
+        "SELECT table_name, cursor_seq, enabled, enabled_since_us, min_received_at_us, backfilled FROM {table}"
+    ))?;
+    let mut out = BTreeMap::new();
+    for r in rows {
+        let name = r
+            .first()
+            .cloned()
+            .flatten()
+            .ok_or_else(|| WarehouseError::internal("state table: a row has no name"))?;
+        let min = match r.get(4).cloned().flatten() {
+            None => None,
+            some => Some(int(&some, "min_received_at_us")?),
+        };
+        out.insert(
+            name,
+            TableState {
+                cursor: int(&r[1], "cursor_seq")?,
+                enabled: int(&r[2], "enabled")? != 0,
+                enabled_since_us: int(&r[3], "enabled_since_us")?,
+                min_received_at_us: min,
+                backfilled: int(&r[5], "backfilled")? != 0,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Every table's source → column assignments.
+pub fn read_names(
+    wh: &mut dyn Warehouse,
+) -> Result<HashMap<String, Vec<(String, String)>>, WarehouseError> {
+    let table = wh.dialect().qualified(wh.schema(), COLUMN_NAMES);
+    let mut out: HashMap<String, Vec<(String, String)>> = HashMap::new();
+    for r in wh.query(&format!(
+        "SELECT table_name, source_name, column_name FROM {table}"
+    ))? {
+        if let [Some(t), Some(s), Some(c)] = &r[..] {
+            out.entry(t.clone())
+                .or_default()
+                .push((s.clone(), c.clone()));
+        }
+    }
+    Ok(out)
+}
+
+/// Writes table states inside the caller's transaction.
+pub fn write(wh: &mut dyn Warehouse, states: &[(&str, &TableState)]) -> Result<(), WarehouseError> {
+    if states.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<Vec<Cell>> = states
+        .iter()
+        .map(|(name, s)| {
+            vec![
+                Cell::Text(name.to_string()),
+                Cell::Int(s.cursor),
+                Cell::Int(i64::from(s.enabled)),
+                Cell::Int(s.enabled_since_us),
+                s.min_received_at_us.map(Cell::Int).unwrap_or(Cell::Null),
+                Cell::Int(i64::from(s.backfilled)),
+            ]
+        })
+        .collect();
+    let cols = state_columns();
+    wh.stage("_ps_state_stage", &cols, &rows)?;
+    let names: Vec<&str> = cols.iter().map(|c| c.name.as_str()).collect();
+    let sql = wh.dialect().merge_from_stage(
+        wh.schema(),
+        STATE,
+        "_ps_state_stage",
+        &names,
+        &["table_name"],
+        OnConflict::Update,
+    );
+    wh.execute(&sql)?;
+    Ok(())
+}
+
+/// Records new source → column assignments of `table` inside the caller's transaction.
+pub fn write_names(
+    wh: &mut dyn Warehouse,
+    table: &str,
+    names: &[(String, String)],
+) -> Result<(), WarehouseError> {
+    if names.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<Vec<Cell>> = names
+        .iter()
+        .map(|(s, c)| {
+            vec![
+                Cell::Text(table.to_string()),
+                Cell::Text(s.clone()),
+                Cell::Text(c.clone()),
+            ]
+        })
+        .collect();
+    let cols = name_columns();
+    wh.stage("_ps_names_stage", &cols, &rows)?;
+    let sql = wh.dialect().merge_from_stage(
+        wh.schema(),
+        COLUMN_NAMES,
+        "_ps_names_stage",
+        &["table_name", "source_name", "column_name"],
+        &["table_name", "source_name"],
+        OnConflict::Ignore,
+    );
+    wh.execute(&sql)?;
+    Ok(())
+}

@@ -1,0 +1,92 @@
+//! Warehouse credentials, read from files named after the Secret's keys — the layout Kubernetes
+//! gives a Secret mounted as a volume. They never come from arguments, the spec or the environment.
+
+use std::path::Path;
+
+use crate::crd::CredentialsSecretRef;
+
+/// The credentials a warehouse type may use; only those present in the directory are set.
+#[derive(Clone, Default)]
+pub struct Credentials {
+    /// User name.
+    pub username: Option<String>,
+    /// Password.
+    pub password: Option<String>,
+    /// PEM private key (Snowflake key-pair authentication).
+    pub private_key: Option<String>,
+    /// Service-account JSON key (BigQuery).
+    pub service_account: Option<String>,
+    /// Access token (Databricks).
+    pub token: Option<String>,
+}
+
+// Credentials must never reach a log line through `{:?}`.
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set = |v: &Option<String>| if v.is_some() { "<set>" } else { "<unset>" };
+        f.debug_struct("Credentials")
+            .field("username", &set(&self.username))
+            .field("password", &set(&self.password))
+            .field("private_key", &set(&self.private_key))
+            .field("service_account", &set(&self.service_account))
+            .field("token", &set(&self.token))
+            .finish()
+    }
+}
+
+/// A credential file could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("credential file {path}: {reason}")]
+pub struct CredentialsError {
+    /// The file.
+    pub path: String,
+    /// Why.
+    pub reason: String,
+}
+
+impl Credentials {
+    /// Reads the keys of `secret` that exist as files in `dir`. A missing file leaves the field
+    /// unset (the warehouse decides what it needs); an unreadable one is an error.
+    pub fn from_dir(
+        dir: &Path,
+        secret: &CredentialsSecretRef,
+    ) -> Result<Credentials, CredentialsError> {
+        let read = |key: &str| -> Result<Option<String>, CredentialsError> {
+            let path = dir.join(key);
+            match std::fs::read_to_string(&path) {
+                Ok(s) => Ok(Some(s.trim_end_matches(['\n', '\r']).to_string())),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(CredentialsError {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                }),
+            }
+        };
+        Ok(Credentials {
+            username: read(&secret.username_key)?,
+            password: read(&secret.password_key)?,
+            private_key: read(&secret.private_key_key)?,
+            service_account: read(&secret.service_account_key)?,
+            token: read(&secret.token_key)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_present_keys_and_never_prints_them() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("username"), "loader\n").unwrap();
+        std::fs::write(dir.path().join("pw"), "s3cret").unwrap();
+        let mut r = CredentialsSecretRef::named("creds");
+        r.password_key = "pw".into();
+        let c = Credentials::from_dir(dir.path(), &r).unwrap();
+        assert_eq!(c.username.as_deref(), Some("loader"));
+        assert_eq!(c.password.as_deref(), Some("s3cret"));
+        assert!(c.token.is_none());
+        assert!(!format!("{c:?}").contains("s3cret"));
+    }
+}

@@ -1,0 +1,221 @@
+//! Warehouses: one folder per destination, each with a [`Dialect`] (DDL, quoting, types, merge
+//! SQL) and a [`Warehouse`] connection whose bulk path loads rows into a staging table. The sync
+//! (`crate::sync`) holds the shared machinery — cursors, batching, schema diff, report — and talks
+//! to every warehouse through these two traits.
+
+pub mod credentials;
+pub mod error;
+pub mod postgres;
+pub mod sqlite;
+pub mod types;
+
+use std::collections::BTreeMap;
+
+pub use credentials::{Credentials, CredentialsError};
+pub use error::WarehouseError;
+pub use types::{Cell, Column, ColumnType};
+
+use crate::crd::{ErrorClass, WarehouseSpec, WarehouseType};
+
+/// How a staged row meets an existing row with the same key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnConflict {
+    /// Keep the existing row (append-only tables: a retried load changes nothing).
+    Ignore,
+    /// Overwrite the existing row (current-state tables).
+    Update,
+}
+
+/// The SQL a warehouse speaks. Implementations are pure: every method returns text.
+pub trait Dialect: Send + Sync {
+    /// Longest identifier the warehouse accepts, in bytes.
+    fn max_identifier_len(&self) -> usize;
+    /// Quotes an identifier (always, so reserved words and odd characters are safe).
+    fn quote(&self, ident: &str) -> String {
+        format!("\"{}\"", ident.replace('"', "\"\""))
+    }
+    /// `schema.table`, quoted.
+    fn qualified(&self, schema: &str, table: &str) -> String {
+        format!("{}.{}", self.quote(schema), self.quote(table))
+    }
+    /// The SQL type of a column type.
+    fn type_sql(&self, ty: ColumnType) -> &'static str;
+    /// The column type of an SQL type read back from the warehouse's catalog.
+    fn parse_type(&self, sql_type: &str) -> ColumnType;
+    /// Creates the schema when missing.
+    fn create_schema(&self, schema: &str) -> String {
+        format!("CREATE SCHEMA IF NOT EXISTS {}", self.quote(schema))
+    }
+    /// Creates a table with a primary key.
+    fn create_table(&self, schema: &str, table: &str, columns: &[Column], key: &[&str]) -> String {
+        let cols: Vec<String> = columns
+            .iter()
+            .map(|c| format!("{} {}", self.quote(&c.name), self.type_sql(c.ty)))
+            .collect();
+        let key: Vec<String> = key.iter().map(|k| self.quote(k)).collect();
+        format!(
+            "CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))",
+            self.qualified(schema, table),
+            cols.join(", "),
+            key.join(", ")
+        )
+    }
+    /// Adds a column.
+    fn add_column(&self, schema: &str, table: &str, column: &Column) -> String {
+        format!(
+            "ALTER TABLE {} ADD COLUMN {} {}",
+            self.qualified(schema, table),
+            self.quote(&column.name),
+            self.type_sql(column.ty)
+        )
+    }
+    /// Moves staged rows into `table`, keyed by `key`.
+    fn merge_from_stage(
+        &self,
+        schema: &str,
+        table: &str,
+        stage: &str,
+        columns: &[&str],
+        key: &[&str],
+        on_conflict: OnConflict,
+    ) -> String {
+        let cols: Vec<String> = columns.iter().map(|c| self.quote(c)).collect();
+        let keys: Vec<String> = key.iter().map(|c| self.quote(c)).collect();
+        let action = match on_conflict {
+            OnConflict::Ignore => "DO NOTHING".to_string(),
+            OnConflict::Update => {
+                let sets: Vec<String> = columns
+                    .iter()
+                    .filter(|c| !key.contains(c))
+                    .map(|c| format!("{0} = excluded.{0}", self.quote(c)))
+                    .collect();
+                if sets.is_empty() {
+                    "DO NOTHING".to_string()
+                } else {
+                    format!("DO UPDATE SET {}", sets.join(", "))
+                }
+            }
+        };
+        // `WHERE true` lets SQLite parse ON CONFLICT after INSERT ... SELECT.
+        format!(
+            "INSERT INTO {} ({}) SELECT {} FROM {} WHERE true ON CONFLICT ({}) {action}",
+            self.qualified(schema, table),
+            cols.join(", "),
+            cols.join(", "),
+            self.quote(stage),
+            keys.join(", ")
+        )
+    }
+    /// Sets `column` of `table` to the stage's `to` where it equals the stage's `from`.
+    fn update_from_stage(
+        &self,
+        schema: &str,
+        table: &str,
+        column: &str,
+        stage: &str,
+        from: &str,
+        to: &str,
+    ) -> String {
+        format!(
+            "UPDATE {t} SET {c} = s.{to} FROM {s} s WHERE {t}.{c} = s.{from}",
+            t = self.qualified(schema, table),
+            c = self.quote(column),
+            s = self.quote(stage),
+            from = self.quote(from),
+            to = self.quote(to),
+        )
+    }
+    /// Deletes the rows of `table` whose `column` is one of the stage's `stage_column` values.
+    fn delete_in_stage(
+        &self,
+        schema: &str,
+        table: &str,
+        column: &str,
+        stage: &str,
+        stage_column: &str,
+    ) -> String {
+        format!(
+            "DELETE FROM {} WHERE {} IN (SELECT {} FROM {})",
+            self.qualified(schema, table),
+            self.quote(column),
+            self.quote(stage_column),
+            self.quote(stage)
+        )
+    }
+}
+
+/// What a warehouse table looks like now: column name → type.
+pub type TableColumns = BTreeMap<String, ColumnType>;
+
+/// A connection to one schema of one warehouse.
+pub trait Warehouse: Send {
+    /// The warehouse's SQL dialect.
+    fn dialect(&self) -> &dyn Dialect;
+    /// The schema this connection writes to.
+    fn schema(&self) -> &str;
+    /// Creates the schema when missing and checks the create, alter, insert and delete rights
+    /// the sync needs (on a probe table it drops again).
+    fn test_connection(&mut self) -> Result<(), WarehouseError>;
+    /// Every table of the schema with its columns.
+    fn describe(&mut self) -> Result<BTreeMap<String, TableColumns>, WarehouseError>;
+    /// Starts a transaction.
+    fn begin(&mut self) -> Result<(), WarehouseError>;
+    /// Commits it.
+    fn commit(&mut self) -> Result<(), WarehouseError>;
+    /// Rolls it back.
+    fn rollback(&mut self) -> Result<(), WarehouseError>;
+    /// Runs one statement; returns the rows it changed.
+    fn execute(&mut self, sql: &str) -> Result<u64, WarehouseError>;
+    /// Runs a query; every value comes back as text (or NULL).
+    fn query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, WarehouseError>;
+    /// The bulk path: creates a transaction-scoped staging table `stage` with `columns` and
+    /// fills it with `rows` (PostgreSQL: binary COPY; SQLite: prepared inserts).
+    fn stage(
+        &mut self,
+        stage: &str,
+        columns: &[Column],
+        rows: &[Vec<Cell>],
+    ) -> Result<(), WarehouseError>;
+}
+
+/// The type's display name for errors.
+fn unsupported(t: WarehouseType) -> WarehouseError {
+    WarehouseError::new(
+        ErrorClass::Internal,
+        format!(
+            "warehouse type {t} is not supported by this version's sync yet (postgres and sqlite are)"
+        ),
+    )
+}
+
+/// Connects to the warehouse `spec` describes, writing into `schema`.
+pub fn connect(
+    spec: &WarehouseSpec,
+    schema: &str,
+    credentials: &Credentials,
+) -> Result<Box<dyn Warehouse>, WarehouseError> {
+    match spec.r#type {
+        WarehouseType::Postgres => {
+            let settings = spec
+                .postgres
+                .as_ref()
+                .ok_or_else(|| WarehouseError::internal("warehouse.postgres is missing"))?;
+            Ok(Box::new(postgres::PostgresWarehouse::connect(
+                settings,
+                schema,
+                credentials,
+            )?))
+        }
+        WarehouseType::Sqlite => {
+            let settings = spec
+                .sqlite
+                .as_ref()
+                .ok_or_else(|| WarehouseError::internal("warehouse.sqlite is missing"))?;
+            Ok(Box::new(sqlite::SqliteWarehouse::open(
+                std::path::Path::new(&settings.path),
+                schema,
+            )?))
+        }
+        other => Err(unsupported(other)),
+    }
+}

@@ -1,0 +1,112 @@
+//! PostgreSQL's SQL, and Redshift's differences from it.
+
+use crate::warehouse::{ColumnType, Dialect};
+
+/// The dialect of PostgreSQL (and, with `redshift`, of Amazon Redshift).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PostgresDialect {
+    redshift: bool,
+}
+
+impl PostgresDialect {
+    /// PostgreSQL.
+    pub fn postgres() -> PostgresDialect {
+        PostgresDialect { redshift: false }
+    }
+
+    /// Amazon Redshift: 127-byte identifiers, VARCHAR(65535) instead of TEXT.
+    pub fn redshift() -> PostgresDialect {
+        PostgresDialect { redshift: true }
+    }
+}
+
+impl Dialect for PostgresDialect {
+    fn max_identifier_len(&self) -> usize {
+        if self.redshift { 127 } else { 63 }
+    }
+
+    fn type_sql(&self, ty: ColumnType) -> &'static str {
+        match ty {
+            ColumnType::Timestamp => "TIMESTAMPTZ",
+            ColumnType::Integer => "BIGINT",
+            ColumnType::Float => "DOUBLE PRECISION",
+            ColumnType::Boolean => "BOOLEAN",
+            ColumnType::Varchar if self.redshift => "VARCHAR(65535)",
+            ColumnType::Varchar => "TEXT",
+        }
+    }
+
+    fn parse_type(&self, sql_type: &str) -> ColumnType {
+        let t = sql_type.to_ascii_lowercase();
+        if t.starts_with("timestamp") || t == "date" {
+            ColumnType::Timestamp
+        } else if ["bigint", "integer", "smallint", "int8", "int4", "int2"].contains(&t.as_str()) {
+            ColumnType::Integer
+        } else if ["double precision", "real", "numeric", "float8", "float4"].contains(&t.as_str())
+            || t.starts_with("numeric")
+        {
+            ColumnType::Float
+        } else if t == "boolean" || t == "bool" {
+            ColumnType::Boolean
+        } else {
+            ColumnType::Varchar
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::warehouse::{Column, OnConflict};
+
+    #[test]
+    fn quoting_escapes_embedded_quotes() {
+        let d = PostgresDialect::postgres();
+        assert_eq!(d.quote("a\"b"), "\"a\"\"b\"");
+        assert_eq!(d.qualified("s", "select"), "\"s\".\"select\"");
+    }
+
+    #[test]
+    fn types_round_trip_through_the_catalog_names() {
+        let d = PostgresDialect::postgres();
+        for (ty, catalog) in [
+            (ColumnType::Timestamp, "timestamp with time zone"),
+            (ColumnType::Integer, "bigint"),
+            (ColumnType::Float, "double precision"),
+            (ColumnType::Boolean, "boolean"),
+            (ColumnType::Varchar, "text"),
+        ] {
+            assert_eq!(d.parse_type(catalog), ty);
+        }
+    }
+
+    #[test]
+    fn redshift_differs_in_identifier_length_and_varchar() {
+        let r = PostgresDialect::redshift();
+        assert_eq!(r.max_identifier_len(), 127);
+        assert_eq!(r.type_sql(ColumnType::Varchar), "VARCHAR(65535)");
+        assert_eq!(r.parse_type("character varying"), ColumnType::Varchar);
+        let sql = r.create_table("s", "t", &[Column::new("id", ColumnType::Varchar)], &["id"]);
+        assert_eq!(
+            sql,
+            "CREATE TABLE IF NOT EXISTS \"s\".\"t\" (\"id\" VARCHAR(65535), PRIMARY KEY (\"id\"))"
+        );
+    }
+
+    #[test]
+    fn merge_sql_ignores_or_updates_on_the_key() {
+        let d = PostgresDialect::postgres();
+        let ignore =
+            d.merge_from_stage("s", "t", "stage", &["id", "v"], &["id"], OnConflict::Ignore);
+        assert!(
+            ignore.ends_with("ON CONFLICT (\"id\") DO NOTHING"),
+            "{ignore}"
+        );
+        let update =
+            d.merge_from_stage("s", "t", "stage", &["id", "v"], &["id"], OnConflict::Update);
+        assert!(
+            update.ends_with("ON CONFLICT (\"id\") DO UPDATE SET \"v\" = excluded.\"v\""),
+            "{update}"
+        );
+    }
+}

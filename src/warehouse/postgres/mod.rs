@@ -1,0 +1,275 @@
+//! PostgreSQL as a warehouse: binary `COPY` into a transaction-scoped staging table, then one
+//! set-based merge, all inside the transaction that also moves the table's cursor.
+
+mod dialect;
+mod tls;
+
+pub use dialect::PostgresDialect;
+
+use std::collections::BTreeMap;
+
+use postgres::binary_copy::BinaryCopyInWriter;
+use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
+use postgres::{Client, Config, NoTls};
+
+use super::{
+    Cell, Column, ColumnType, Credentials, Dialect, TableColumns, Warehouse, WarehouseError,
+};
+use crate::crd::{ErrorClass, PostgresSettings, SslMode};
+use crate::warehouse::error::classify_sqlstate;
+
+/// A connection to one schema of a PostgreSQL database.
+pub struct PostgresWarehouse {
+    client: Client,
+    schema: String,
+    dialect: PostgresDialect,
+}
+
+/// Converts a driver error into a classified warehouse error.
+pub fn pg_error(e: postgres::Error) -> WarehouseError {
+    match e.as_db_error() {
+        Some(db) => WarehouseError::new(
+            classify_sqlstate(db.code().code()),
+            db.message().to_string(),
+        ),
+        None if e.is_closed() => WarehouseError::connection(format!("connection closed: {e}")),
+        None => WarehouseError::connection(e.to_string()),
+    }
+}
+
+impl PostgresWarehouse {
+    /// Connects with the settings and credentials of a WarehouseConnection.
+    pub fn connect(
+        settings: &PostgresSettings,
+        schema: &str,
+        credentials: &Credentials,
+    ) -> Result<PostgresWarehouse, WarehouseError> {
+        let mut config = Config::new();
+        config
+            .host(&settings.host)
+            .port(settings.port)
+            .dbname(&settings.database)
+            .application_name("profiles-sync")
+            .connect_timeout(std::time::Duration::from_secs(30));
+        let user = credentials.username.as_deref().ok_or_else(|| {
+            WarehouseError::new(
+                ErrorClass::Permission,
+                "the credentials Secret has no username key",
+            )
+        })?;
+        config.user(user);
+        if let Some(p) = &credentials.password {
+            config.password(p);
+        }
+        Self::with_config(config, settings.ssl_mode, schema)
+    }
+
+    /// Connects with a ready driver configuration (tests use this with a throwaway server).
+    pub fn with_config(
+        mut config: Config,
+        ssl_mode: SslMode,
+        schema: &str,
+    ) -> Result<PostgresWarehouse, WarehouseError> {
+        let client = match ssl_mode {
+            SslMode::Disable => config.connect(NoTls),
+            mode => {
+                config.ssl_mode(if mode == SslMode::Prefer {
+                    postgres::config::SslMode::Prefer
+                } else {
+                    postgres::config::SslMode::Require
+                });
+                config.connect(tls::connector(mode)?)
+            }
+        }
+        .map_err(|e| match e.as_db_error() {
+            Some(_) => pg_error(e),
+            None => WarehouseError::connection(format!("cannot connect: {e}")),
+        })?;
+        Ok(PostgresWarehouse {
+            client,
+            schema: schema.to_string(),
+            dialect: PostgresDialect::postgres(),
+        })
+    }
+
+    /// Uses a different dialect (Redshift speaks the PostgreSQL protocol with its own SQL).
+    pub fn with_dialect(mut self, dialect: PostgresDialect) -> PostgresWarehouse {
+        self.dialect = dialect;
+        self
+    }
+}
+
+impl ToSql for Cell {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match self {
+            Cell::Null => Ok(IsNull::Yes),
+            Cell::Int(i) => i.to_sql(ty, out),
+            Cell::Float(f) => f.to_sql(ty, out),
+            Cell::Bool(b) => b.to_sql(ty, out),
+            Cell::Text(s) => s.to_sql(ty, out),
+            Cell::Timestamp(t) => t.to_sql(ty, out),
+        }
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        [
+            Type::INT8,
+            Type::FLOAT8,
+            Type::BOOL,
+            Type::TEXT,
+            Type::TIMESTAMPTZ,
+        ]
+        .contains(ty)
+    }
+
+    to_sql_checked!();
+}
+
+fn pg_type(ty: ColumnType) -> Type {
+    match ty {
+        ColumnType::Timestamp => Type::TIMESTAMPTZ,
+        ColumnType::Integer => Type::INT8,
+        ColumnType::Float => Type::FLOAT8,
+        ColumnType::Boolean => Type::BOOL,
+        ColumnType::Varchar => Type::TEXT,
+    }
+}
+
+impl Warehouse for PostgresWarehouse {
+    fn dialect(&self) -> &dyn Dialect {
+        &self.dialect
+    }
+
+    fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    fn test_connection(&mut self) -> Result<(), WarehouseError> {
+        // CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema exists;
+        // a schema a DBA created beforehand must not need that right.
+        let exists = !self
+            .client
+            .query(
+                "SELECT 1 FROM pg_namespace WHERE nspname = $1",
+                &[&self.schema],
+            )
+            .map_err(pg_error)?
+            .is_empty();
+        let d = &self.dialect;
+        let schema_sql = if exists {
+            "SELECT 1".to_string()
+        } else {
+            d.create_schema(&self.schema)
+        };
+        let probe = d.qualified(&self.schema, "_profiles_sync_probe");
+        let sql = format!(
+            "BEGIN;
+             {schema_sql};
+             CREATE TABLE IF NOT EXISTS {probe} (id BIGINT PRIMARY KEY);
+             ALTER TABLE {probe} ADD COLUMN IF NOT EXISTS probe_column TEXT;
+             INSERT INTO {probe} (id) VALUES (1) ON CONFLICT DO NOTHING;
+             DELETE FROM {probe};
+             DROP TABLE {probe};
+             COMMIT;"
+        );
+        self.client.batch_execute(&sql).map_err(|e| {
+            let _ = self.client.batch_execute("ROLLBACK");
+            pg_error(e)
+        })
+    }
+
+    fn describe(&mut self) -> Result<BTreeMap<String, TableColumns>, WarehouseError> {
+        let rows = self
+            .client
+            .query(
+                // pg_catalog, not information_schema: tables the user may not write must still show,
+                // or the sync would try to create them instead of reporting the missing privilege.
+                "SELECT c.relname::text, a.attname::text, format_type(a.atttypid, a.atttypmod)
+                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace JOIN pg_attribute a ON a.attrelid = c.oid
+                  WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND a.attnum > 0 AND NOT a.attisdropped
+                  ORDER BY c.relname, a.attnum",
+                &[&self.schema],
+            )
+            .map_err(pg_error)?;
+        let mut out: BTreeMap<String, TableColumns> = BTreeMap::new();
+        for r in rows {
+            let (table, column, ty): (String, String, String) = (r.get(0), r.get(1), r.get(2));
+            out.entry(table)
+                .or_default()
+                .insert(column, self.dialect.parse_type(&ty));
+        }
+        Ok(out)
+    }
+
+    fn begin(&mut self) -> Result<(), WarehouseError> {
+        self.client.batch_execute("BEGIN").map_err(pg_error)
+    }
+
+    fn commit(&mut self) -> Result<(), WarehouseError> {
+        self.client.batch_execute("COMMIT").map_err(pg_error)
+    }
+
+    fn rollback(&mut self) -> Result<(), WarehouseError> {
+        self.client.batch_execute("ROLLBACK").map_err(pg_error)
+    }
+
+    fn execute(&mut self, sql: &str) -> Result<u64, WarehouseError> {
+        self.client.execute(sql, &[]).map_err(pg_error)
+    }
+
+    fn query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, WarehouseError> {
+        // The simple-query protocol returns every value as text.
+        let messages = self.client.simple_query(sql).map_err(pg_error)?;
+        Ok(messages
+            .into_iter()
+            .filter_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(r) => {
+                    Some((0..r.len()).map(|i| r.get(i).map(String::from)).collect())
+                }
+                _ => None,
+            })
+            .collect())
+    }
+
+    fn stage(
+        &mut self,
+        stage: &str,
+        columns: &[Column],
+        rows: &[Vec<Cell>],
+    ) -> Result<(), WarehouseError> {
+        let d = &self.dialect;
+        let defs: Vec<String> = columns
+            .iter()
+            .map(|c| format!("{} {}", d.quote(&c.name), d.type_sql(c.ty)))
+            .collect();
+        self.client
+            .batch_execute(&format!(
+                "DROP TABLE IF EXISTS pg_temp.{q}; CREATE TEMP TABLE {q} ({}) ON COMMIT DROP",
+                defs.join(", "),
+                q = d.quote(stage)
+            ))
+            .map_err(pg_error)?;
+        let names: Vec<String> = columns.iter().map(|c| d.quote(&c.name)).collect();
+        let sink = self
+            .client
+            .copy_in(&format!(
+                "COPY {} ({}) FROM STDIN (FORMAT binary)",
+                d.quote(stage),
+                names.join(", ")
+            ))
+            .map_err(pg_error)?;
+        let types: Vec<Type> = columns.iter().map(|c| pg_type(c.ty)).collect();
+        let mut writer = BinaryCopyInWriter::new(sink, &types);
+        for row in rows {
+            let values: Vec<&(dyn ToSql + Sync)> =
+                row.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+            writer.write(&values).map_err(pg_error)?;
+        }
+        writer.finish().map_err(pg_error)?;
+        Ok(())
+    }
+}

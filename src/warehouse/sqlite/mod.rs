@@ -1,0 +1,220 @@
+//! An embedded SQLite file as a warehouse (local runs and the demo). SQLite has no schemas:
+//! the tables live in the file itself, one file per WarehouseConnection.
+
+mod dialect;
+
+pub use dialect::SqliteDialect;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use rusqlite::Connection;
+use rusqlite::types::Value as SqlValue;
+
+use super::{Cell, Column, Dialect, TableColumns, Warehouse, WarehouseError};
+use crate::crd::ErrorClass;
+
+/// A SQLite warehouse file.
+pub struct SqliteWarehouse {
+    conn: Connection,
+    schema: String,
+    dialect: SqliteDialect,
+}
+
+fn lite_error(e: rusqlite::Error) -> WarehouseError {
+    let class = match &e {
+        rusqlite::Error::SqliteFailure(f, _) => match f.code {
+            rusqlite::ErrorCode::PermissionDenied
+            | rusqlite::ErrorCode::ReadOnly
+            | rusqlite::ErrorCode::AuthorizationForStatementDenied => ErrorClass::Permission,
+            rusqlite::ErrorCode::CannotOpen
+            | rusqlite::ErrorCode::DatabaseBusy
+            | rusqlite::ErrorCode::DatabaseLocked => ErrorClass::Connection,
+            rusqlite::ErrorCode::DiskFull | rusqlite::ErrorCode::TooBig => ErrorClass::Quota,
+            rusqlite::ErrorCode::TypeMismatch | rusqlite::ErrorCode::ConstraintViolation => {
+                ErrorClass::TypeConflict
+            }
+            _ => ErrorClass::Internal,
+        },
+        rusqlite::Error::InvalidPath(_) => ErrorClass::Connection,
+        _ => ErrorClass::Internal,
+    };
+    let message = e.to_string();
+    let class = if class == ErrorClass::Internal
+        && (message.contains("no such table")
+            || message.contains("no such column")
+            || message.contains("duplicate column"))
+    {
+        ErrorClass::Schema
+    } else {
+        class
+    };
+    WarehouseError::new(class, message)
+}
+
+impl SqliteWarehouse {
+    /// Opens (creating when missing) the warehouse file at `path`.
+    pub fn open(path: &Path, schema: &str) -> Result<SqliteWarehouse, WarehouseError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                WarehouseError::new(
+                    ErrorClass::Permission,
+                    format!("cannot create {}: {e}", dir.display()),
+                )
+            })?;
+        }
+        let conn = Connection::open(path).map_err(lite_error)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(lite_error)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(lite_error)?;
+        conn.busy_timeout(std::time::Duration::from_secs(30))
+            .map_err(lite_error)?;
+        Ok(SqliteWarehouse {
+            conn,
+            schema: schema.to_string(),
+            dialect: SqliteDialect,
+        })
+    }
+}
+
+fn to_sql(cell: &Cell) -> SqlValue {
+    match cell {
+        Cell::Null => SqlValue::Null,
+        Cell::Int(i) => SqlValue::Integer(*i),
+        Cell::Float(f) => SqlValue::Real(*f),
+        Cell::Bool(b) => SqlValue::Integer(i64::from(*b)),
+        Cell::Text(s) => SqlValue::Text(s.clone()),
+        Cell::Timestamp(t) => SqlValue::Text(t.to_string()),
+    }
+}
+
+impl Warehouse for SqliteWarehouse {
+    fn dialect(&self) -> &dyn Dialect {
+        &self.dialect
+    }
+
+    fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    fn test_connection(&mut self) -> Result<(), WarehouseError> {
+        self.conn
+            .execute_batch(
+                "BEGIN IMMEDIATE;
+                 CREATE TABLE IF NOT EXISTS _profiles_sync_probe (id BIGINT PRIMARY KEY);
+                 ALTER TABLE _profiles_sync_probe ADD COLUMN probe_column TEXT;
+                 INSERT INTO _profiles_sync_probe (id) VALUES (1);
+                 DELETE FROM _profiles_sync_probe;
+                 DROP TABLE _profiles_sync_probe;
+                 COMMIT;",
+            )
+            .map_err(|e| {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                lite_error(e)
+            })
+    }
+
+    fn describe(&mut self) -> Result<BTreeMap<String, TableColumns>, WarehouseError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT m.name, p.name, p.type FROM sqlite_master m JOIN pragma_table_info(m.name) p WHERE m.type = 'table' ORDER BY m.name, p.cid")
+            .map_err(lite_error)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })
+            .map_err(lite_error)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(lite_error)?;
+        let mut out: BTreeMap<String, TableColumns> = BTreeMap::new();
+        for (table, column, ty) in rows {
+            out.entry(table)
+                .or_default()
+                .insert(column, self.dialect.parse_type(&ty));
+        }
+        Ok(out)
+    }
+
+    fn begin(&mut self) -> Result<(), WarehouseError> {
+        self.conn
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(lite_error)
+    }
+
+    fn commit(&mut self) -> Result<(), WarehouseError> {
+        self.conn.execute_batch("COMMIT").map_err(lite_error)
+    }
+
+    fn rollback(&mut self) -> Result<(), WarehouseError> {
+        self.conn.execute_batch("ROLLBACK").map_err(lite_error)
+    }
+
+    fn execute(&mut self, sql: &str) -> Result<u64, WarehouseError> {
+        self.conn
+            .execute(sql, [])
+            .map(|n| n as u64)
+            .map_err(lite_error)
+    }
+
+    fn query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, WarehouseError> {
+        let mut stmt = self.conn.prepare(sql).map_err(lite_error)?;
+        let n = stmt.column_count();
+        let rows = stmt
+            .query_map([], |r| {
+                (0..n)
+                    .map(|i| {
+                        Ok(match r.get::<_, SqlValue>(i)? {
+                            SqlValue::Null => None,
+                            SqlValue::Integer(v) => Some(v.to_string()),
+                            SqlValue::Real(v) => Some(v.to_string()),
+                            SqlValue::Text(v) => Some(v),
+                            SqlValue::Blob(v) => Some(String::from_utf8_lossy(&v).into_owned()),
+                        })
+                    })
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(lite_error)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(lite_error)?;
+        Ok(rows)
+    }
+
+    fn stage(
+        &mut self,
+        stage: &str,
+        columns: &[Column],
+        rows: &[Vec<Cell>],
+    ) -> Result<(), WarehouseError> {
+        let d = &self.dialect;
+        let defs: Vec<String> = columns
+            .iter()
+            .map(|c| format!("{} {}", d.quote(&c.name), d.type_sql(c.ty)))
+            .collect();
+        self.conn
+            .execute_batch(&format!(
+                "DROP TABLE IF EXISTS temp.{q}; CREATE TEMP TABLE {q} ({});",
+                defs.join(", "),
+                q = d.quote(stage)
+            ))
+            .map_err(lite_error)?;
+        let marks: Vec<String> = (1..=columns.len()).map(|i| format!("?{i}")).collect();
+        let mut stmt = self
+            .conn
+            .prepare(&format!(
+                "INSERT INTO temp.{} VALUES ({})",
+                d.quote(stage),
+                marks.join(", ")
+            ))
+            .map_err(lite_error)?;
+        for row in rows {
+            stmt.execute(rusqlite::params_from_iter(row.iter().map(to_sql)))
+                .map_err(lite_error)?;
+        }
+        Ok(())
+    }
+}

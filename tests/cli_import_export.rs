@@ -1,0 +1,173 @@
+//! `profiles-sync import` and `export` as a user runs them.
+
+mod support;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use serde_json::{Value, json};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_profiles-sync"))
+}
+
+fn run(cmd: &mut Command) -> (bool, String, String) {
+    let out = cmd.output().expect("run profiles-sync");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn sample() -> String {
+    [
+        json!({"type": "page", "messageId": "m1", "anonymousId": "a1", "name": "Home"}).to_string(),
+        json!({"type": "identify", "messageId": "m2", "anonymousId": "a1", "traits": {"email": "jane@example.com"}}).to_string(),
+        "{broken json".to_string(),
+        json!({"type": "track", "messageId": "m3", "anonymousId": "a2"}).to_string(),
+        String::new(),
+        json!({"batch": [
+            {"type": "page", "messageId": "m4", "anonymousId": "a2", "name": "Pricing"},
+            {"type": "identify", "messageId": "m5", "anonymousId": "a2", "traits": {"email": "jane@example.com", "plan": "pro"}},
+            {"type": "alias", "messageId": "m6", "userId": "u1"}
+        ]})
+        .to_string(),
+        json!({"type": "track", "messageId": "m7", "userId": "u1", "event": "Order Completed", "properties": {"total": 5}}).to_string(),
+        json!({"type": "page", "messageId": "m1", "anonymousId": "a1", "name": "Home"}).to_string(),
+    ]
+    .join("\n")
+}
+
+fn import(store: &str, input: &std::path::Path) -> (bool, String, String) {
+    run(bin()
+        .args(["import", "--json", "--store", store])
+        .arg(input))
+}
+
+fn export(store: &str, table: &str, extra: &[&str]) -> String {
+    let (ok, out, err) = run(bin()
+        .args(["export", "--store", store, "--table", table])
+        .args(extra));
+    assert!(ok, "export {table}: {err}");
+    out
+}
+
+fn check(store: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.jsonl");
+    std::fs::write(&input, sample()).unwrap();
+    let (ok, out, err) = import(store, &input);
+    assert!(ok, "{err}");
+    let summary: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(summary["accepted"], 5);
+    assert_eq!(summary["duplicates"], 1);
+    assert_eq!(summary["profiles_created"], 3);
+    assert_eq!(summary["merges"], 1);
+    assert_eq!(summary["rejected"]["malformed JSON"], 1);
+    let rejected = summary["rejected"].as_object().unwrap();
+    let count = |prefix: &str| -> u64 {
+        rejected
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(_, v)| v.as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(
+        (count("event: "), count("previousId: ")),
+        (1, 1),
+        "{summary}"
+    );
+    // Errors name the line (and the index inside a batch line).
+    assert!(err.contains("line 3: malformed JSON"), "{err}");
+    assert!(err.contains("line 4: event: "), "{err}");
+    assert!(err.contains("line 6 (batch[2]): previousId: "), "{err}");
+
+    let graph: Vec<Value> = export(store, "id_graph_updates", &[])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(graph.len(), 4, "a1, a2 and u1 created, a2's profile merged");
+    let merge = &graph[2];
+    assert_ne!(merge["segment_id"], merge["canonical_segment_id"]);
+    let after = graph[1]["seq"].as_i64().unwrap();
+    let later = export(
+        store,
+        "id_graph_updates",
+        &["--after-seq", &after.to_string()],
+    );
+    assert_eq!(later.lines().count(), 2);
+
+    let orders = export(store, "order_completed", &[]);
+    assert_eq!(orders.lines().count(), 1);
+    let csv = export(store, "pages", &["--format", "csv"]);
+    let mut lines = csv.lines();
+    assert!(
+        lines
+            .next()
+            .unwrap()
+            .starts_with("seq,segment_id,event_source_id,type,messageId")
+    );
+    assert_eq!(lines.count(), 2);
+
+    let merges = export(store, "profile_merges", &[]);
+    assert_eq!(merges.lines().count(), 1);
+    let traits: Vec<Value> = export(store, "user_traits", &[])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let names: Vec<&str> = traits.iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["email", "plan"]);
+
+    let (ok, _, err) = run(bin().args(["export", "--store", store, "--table", "nope"]));
+    assert!(!ok);
+    assert!(
+        err.contains("unknown table \"nope\"") && err.contains("order_completed"),
+        "{err}"
+    );
+}
+
+#[test]
+fn import_and_export_with_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    check(&format!(
+        "sqlite://{}",
+        dir.path().join("store.db").display()
+    ));
+}
+
+#[test]
+fn import_and_export_with_postgres() {
+    let pg = support::pg::shared();
+    check(&pg.url(&pg.create_database("cli")));
+}
+
+#[test]
+fn import_reads_stdin_and_refuses_a_bad_store_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}", dir.path().join("s.db").display());
+    let mut child = bin()
+        .args(["import", "--json", "--store", &store, "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(
+            json!({"type": "track", "userId": "u", "event": "E"})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["accepted"], 1);
+
+    let (ok, _, err) = run(bin().args(["export", "--store", "mysql://x", "--table", "events"]));
+    assert!(!ok);
+    assert!(err.contains("unsupported store URL"), "{err}");
+}

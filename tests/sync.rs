@@ -1,0 +1,614 @@
+//! The sync into real warehouses (a PostgreSQL server and SQLite files): every table of
+//! DESIGN §4, incremental and idempotent runs, selective sync, discards, backfill, limits,
+//! partial failures and hostile names.
+
+mod support;
+
+use std::collections::{BTreeMap, HashSet};
+
+use profiles_sync::crd::{SelectiveSyncSpec, SyncStatus};
+use profiles_sync::store::{StateTable, state_rows};
+use serde_json::{Value, json};
+use support::warehouse::{TestWarehouse, ingest, store};
+
+fn now_iso(offset_secs: i64) -> String {
+    jiff::Timestamp::from_second(jiff::Timestamp::now().as_second() + offset_secs)
+        .unwrap()
+        .to_string()
+}
+
+fn msg(v: Value) -> Value {
+    let mut v = v;
+    if v.get("receivedAt").is_none() {
+        v["receivedAt"] = json!(now_iso(-60));
+    }
+    v
+}
+
+fn basics() -> Vec<Value> {
+    vec![
+        msg(
+            json!({"type": "page", "messageId": "m1", "anonymousId": "a1", "name": "Home", "properties": {"path": "/", "title": "Home"}, "context": {"ip": "203.0.113.1", "library": {"name": "analytics.js"}}}),
+        ),
+        msg(
+            json!({"type": "identify", "messageId": "m2", "anonymousId": "a1", "traits": {"email": "jane@example.com", "plan": "pro", "logins": 3}}),
+        ),
+        msg(json!({"type": "page", "messageId": "m3", "anonymousId": "a2", "name": "Pricing"})),
+        msg(
+            json!({"type": "identify", "messageId": "m4", "anonymousId": "a2", "traits": {"email": "jane@example.com", "company": "Acme"}}),
+        ),
+        msg(
+            json!({"type": "track", "messageId": "m5", "anonymousId": "a2", "event": "Order Completed", "properties": {"total": 42, "currency": "EUR", "product": {"name": "Shoes"}}}),
+        ),
+        msg(json!({"type": "screen", "messageId": "m6", "anonymousId": "a3", "name": "Home"})),
+        msg(
+            json!({"type": "group", "messageId": "m7", "anonymousId": "a3", "groupId": "g1", "traits": {"name": "Acme Inc"}}),
+        ),
+        msg(json!({"type": "alias", "messageId": "m8", "userId": "u9", "previousId": "a3"})),
+    ]
+}
+
+fn selection(v: Value) -> SelectiveSyncSpec {
+    let mut spec = json!({"connectionRef": {"name": "wh"}});
+    for (k, val) in v.as_object().unwrap() {
+        spec[k] = val.clone();
+    }
+    serde_json::from_value(spec).unwrap()
+}
+
+macro_rules! both_warehouses {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite { $( #[test] fn $name() { super::$name("sqlite"); } )* }
+        mod postgres { $( #[test] fn $name() { super::$name("postgres"); } )* }
+    };
+}
+
+both_warehouses!(
+    a_first_sync_lands_every_table,
+    a_rerun_loads_nothing_new_and_changes_nothing,
+    later_syncs_load_only_what_is_new,
+    materialized_tables_follow_merges,
+    selective_sync_turns_tables_and_columns_off_and_on,
+    values_that_cannot_be_cast_go_to_discards,
+    hostile_names_land_safely_and_distinctly,
+    backfill_windows_and_the_event_table_limit,
+    limits_split_a_backlog_without_losing_rows,
+);
+
+fn a_first_sync_lands_every_table(kind: &str) {
+    let (mut s, url, _d) = store();
+    ingest(&mut *s, &basics());
+    let wh = TestWarehouse::of(kind);
+    let report = wh.sync(&url, None);
+    assert_eq!(report.status, SyncStatus::Success, "{report:#?}");
+    for (table, rows) in [
+        ("id_graph_updates", 4),
+        ("external_id_mapping_updates", 6),
+        ("pages", 2),
+        ("identifies", 2),
+        ("tracks", 1),
+        ("order_completed", 1),
+        ("screens", 1),
+        ("groups", 1),
+        ("aliases", 1),
+    ] {
+        assert_eq!(wh.count(table), rows, "{table}");
+    }
+    assert!(wh.count("profile_traits_updates") >= 2);
+    // profile_traits_updates has one column per trait; the event tables have Segment's columns.
+    let traits_cols = wh.columns("profile_traits_updates");
+    for c in [
+        "email",
+        "plan",
+        "logins",
+        "company",
+        "segment_id",
+        "seq",
+        "triggering_event_source_name",
+    ] {
+        assert!(
+            traits_cols.contains(&c.to_string()),
+            "profile_traits_updates lacks {c}: {traits_cols:?}"
+        );
+    }
+    let order_cols = wh.columns("order_completed");
+    for c in [
+        "id",
+        "event",
+        "event_text",
+        "total",
+        "currency",
+        "product_name",
+        "received_at",
+        "uuid_ts",
+        "segment_id",
+        "event_source_id",
+    ] {
+        assert!(
+            order_cols.contains(&c.to_string()),
+            "order_completed lacks {c}: {order_cols:?}"
+        );
+    }
+    assert!(
+        !wh.columns("tracks").contains(&"total".to_string()),
+        "tracks carries no properties"
+    );
+    let pages_cols = wh.columns("pages");
+    for c in [
+        "context_ip",
+        "context_library_name",
+        "path",
+        "title",
+        "name",
+    ] {
+        assert!(
+            pages_cols.contains(&c.to_string()),
+            "pages lacks {c}: {pages_cols:?}"
+        );
+    }
+    let row = wh.query(&format!(
+        "SELECT event, event_text, total, currency FROM {}",
+        wh.table("order_completed")
+    ));
+    assert_eq!(row[0][0].as_deref(), Some("order_completed"));
+    assert_eq!(row[0][1].as_deref(), Some("Order Completed"));
+    assert_eq!(
+        row[0][2].as_deref().and_then(|t| t.parse::<f64>().ok()),
+        Some(42.0)
+    );
+    // Rows by group add up.
+    assert_eq!(
+        report.rows.total,
+        report.rows.identity_graph + report.rows.event_types + report.rows.events
+    );
+    assert_eq!(report.rows.events, 1);
+    assert_eq!(report.rows.event_types, 8);
+}
+
+fn a_rerun_loads_nothing_new_and_changes_nothing(kind: &str) {
+    let (mut s, url, _d) = store();
+    ingest(&mut *s, &basics());
+    let wh = TestWarehouse::of(kind);
+    wh.sync(&url, None);
+    let before = wh.dump();
+    let again = wh.sync(&url, None);
+    assert_eq!(again.status, SyncStatus::Success);
+    assert_eq!(again.rows.total, 0, "{again:#?}");
+    assert_eq!(wh.dump(), before);
+}
+
+fn later_syncs_load_only_what_is_new(kind: &str) {
+    let (mut s, url, _d) = store();
+    ingest(&mut *s, &basics());
+    let wh = TestWarehouse::of(kind);
+    wh.sync(&url, None);
+    ingest(
+        &mut *s,
+        &[
+            msg(
+                json!({"type": "track", "messageId": "n1", "userId": "u9", "event": "Order Completed", "properties": {"total": 7}}),
+            ),
+            msg(
+                json!({"type": "track", "messageId": "n2", "userId": "u9", "event": "Signed Up", "properties": {"plan": "team"}}),
+            ),
+        ],
+    );
+    let r = wh.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::Success);
+    assert_eq!(wh.count("order_completed"), 2);
+    assert_eq!(
+        wh.count("signed_up"),
+        1,
+        "a Track event first seen after the first sync gets its table"
+    );
+    assert_eq!(wh.count("tracks"), 3);
+    assert_eq!(r.rows.event_types, 2);
+}
+
+fn materialized_tables_follow_merges(kind: &str) {
+    let (mut s, url, _d) = store();
+    let wh = TestWarehouse::of(kind);
+    // Sync between the creation of the two profiles and their merge, so the merge lands on
+    // rows already in the warehouse.
+    ingest(&mut *s, &basics()[..3]);
+    wh.sync(&url, None);
+    ingest(&mut *s, &basics()[3..]);
+    wh.sync(&url, None);
+    let (profiles, identifiers) = s.load_state().unwrap();
+    for (table, state) in [
+        ("user_identifiers", StateTable::UserIdentifiers),
+        ("profile_merges", StateTable::ProfileMerges),
+    ] {
+        let expected: HashSet<Vec<String>> = state_rows(state, &profiles, &identifiers)
+            .iter()
+            .map(|r| match state {
+                StateTable::UserIdentifiers => vec![
+                    r["canonical_segment_id"].as_str().unwrap().to_string(),
+                    r["type"].as_str().unwrap().to_string(),
+                    r["value"].as_str().unwrap().to_string(),
+                ],
+                _ => vec![
+                    r["canonical_segment_id"].as_str().unwrap().to_string(),
+                    r["segment_id"].as_str().unwrap().to_string(),
+                ],
+            })
+            .collect();
+        let cols = if table == "user_identifiers" {
+            "canonical_segment_id, type, value"
+        } else {
+            "canonical_segment_id, segment_id"
+        };
+        let got: HashSet<Vec<String>> = wh
+            .query(&format!("SELECT {cols} FROM {}", wh.table(table)))
+            .into_iter()
+            .map(|r| r.into_iter().map(|v| v.unwrap_or_default()).collect())
+            .collect();
+        assert_eq!(got, expected, "{table}");
+    }
+    let traits: BTreeMap<String, String> = wh
+        .query(&format!(
+            "SELECT name, value FROM {}",
+            wh.table("user_traits")
+        ))
+        .into_iter()
+        .map(|r| (r[0].clone().unwrap(), r[1].clone().unwrap()))
+        .collect();
+    // The survivor has the traits of both profiles; the merged-away one has none left.
+    assert_eq!(
+        traits.get("email").map(String::as_str),
+        Some("jane@example.com")
+    );
+    assert_eq!(traits.get("company").map(String::as_str), Some("Acme"));
+    assert_eq!(traits.get("logins").map(String::as_str), Some("3"));
+    let owners = wh.query(&format!(
+        "SELECT DISTINCT canonical_segment_id FROM {} WHERE name = 'email'",
+        wh.table("user_traits")
+    ));
+    assert_eq!(owners.len(), 1);
+}
+
+fn selective_sync_turns_tables_and_columns_off_and_on(kind: &str) {
+    let (mut s, url, _d) = store();
+    let wh = TestWarehouse::of(kind);
+    let off = selection(json!({"tables": [
+        {"name": "pages", "enabled": false},
+        {"name": "identifies", "columns": {"exclude": ["plan", "logins"]}}
+    ]}));
+    ingest(&mut *s, &basics());
+    let r = wh.sync(&url, Some(&off));
+    assert_eq!(r.status, SyncStatus::Success);
+    assert_eq!(wh.count("pages"), 0);
+    let cols = wh.columns("identifies");
+    assert!(
+        cols.contains(&"email".to_string())
+            && !cols.contains(&"plan".to_string())
+            && !cols.contains(&"logins".to_string()),
+        "{cols:?}"
+    );
+    // While pages is off, new pages don't land; turning it on starts at the head.
+    ingest(
+        &mut *s,
+        &[msg(
+            json!({"type": "page", "messageId": "gap", "anonymousId": "a1", "name": "Gap"}),
+        )],
+    );
+    wh.sync(&url, Some(&off));
+    let on = selection(json!({}));
+    wh.sync(&url, Some(&on));
+    assert_eq!(
+        wh.count("pages"),
+        0,
+        "turning a table on doesn't backfill the gap"
+    );
+    ingest(
+        &mut *s,
+        &[msg(
+            json!({"type": "page", "messageId": "after", "anonymousId": "a1", "name": "After"}),
+        )],
+    );
+    wh.sync(&url, Some(&on));
+    let ids: Vec<String> = wh
+        .query(&format!("SELECT id FROM {}", wh.table("pages")))
+        .into_iter()
+        .map(|r| r[0].clone().unwrap())
+        .collect();
+    assert_eq!(ids, ["after"]);
+    // Turning a table off deletes nothing.
+    let before = wh.count("identifies");
+    wh.sync(
+        &url,
+        Some(&selection(
+            json!({"tables": [{"name": "identifies", "enabled": false}]}),
+        )),
+    );
+    assert_eq!(wh.count("identifies"), before);
+    // default: none syncs only listed tables.
+    let none = selection(json!({"default": "none", "tables": [{"name": "tracks"}]}));
+    let wh2 = TestWarehouse::of(kind);
+    wh2.sync(&url, Some(&none));
+    assert_eq!(wh2.count("tracks"), 1);
+    assert_eq!(
+        wh2.count("identifies") + wh2.count("id_graph_updates") + wh2.count("order_completed"),
+        0
+    );
+}
+
+fn values_that_cannot_be_cast_go_to_discards(kind: &str) {
+    let (mut s, url, _d) = store();
+    let wh = TestWarehouse::of(kind);
+    ingest(
+        &mut *s,
+        &[
+            msg(
+                json!({"type": "track", "messageId": "c1", "userId": "u1", "event": "Checkout", "properties": {"total": 10, "paid": true}}),
+            ),
+            msg(
+                json!({"type": "track", "messageId": "c2", "userId": "u1", "event": "Checkout", "properties": {"total": "ten", "paid": "maybe"}}),
+            ),
+            msg(
+                json!({"type": "track", "messageId": "c3", "userId": "u1", "event": "Checkout", "properties": {"total": 12, "paid": false}}),
+            ),
+        ],
+    );
+    let r = wh.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    assert_eq!(wh.count("checkout"), 3, "a bad value never stalls a table");
+    let d = wh.query(&format!(
+        "SELECT table_name, column_name, row_id, value FROM {} ORDER BY column_name",
+        wh.table("discards")
+    ));
+    let d: Vec<Vec<String>> = d
+        .into_iter()
+        .map(|r| r.into_iter().map(|v| v.unwrap_or_default()).collect())
+        .collect();
+    assert_eq!(
+        d,
+        [
+            ["checkout", "paid", "c2", "maybe"],
+            ["checkout", "total", "c2", "ten"]
+        ]
+    );
+    let nulls = wh.query(&format!(
+        "SELECT count(*) FROM {} WHERE total IS NULL",
+        wh.table("checkout")
+    ));
+    assert_eq!(nulls[0][0].as_deref(), Some("1"));
+}
+
+fn hostile_names_land_safely_and_distinctly(kind: &str) {
+    let (mut s, url, _d) = store();
+    let wh = TestWarehouse::of(kind);
+    let long = "x".repeat(10_000);
+    ingest(
+        &mut *s,
+        &[
+            msg(
+                json!({"type": "track", "messageId": "h1", "userId": "u1", "event": "Robert'); DROP TABLE tracks;--",
+            "properties": {"a\"b": 1, "semi;colon": 2, "back\\slash": 3, "größe": 4, long.clone(): 5, "select": 6, "Total": 7, "total": 8, "id": "dropped"}}),
+            ),
+            msg(
+                json!({"type": "track", "messageId": "h2", "userId": "u1", "event": long.clone(), "properties": {"x": 1}}),
+            ),
+            msg(
+                json!({"type": "track", "messageId": "h3", "userId": "u1", "event": format!("{long}y"), "properties": {"x": 1}}),
+            ),
+            msg(json!({"type": "track", "messageId": "h4", "userId": "u1", "event": "Identifies"})),
+        ],
+    );
+    let r = wh.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    assert_eq!(
+        wh.count("tracks"),
+        4,
+        "tracks survived the injection attempt"
+    );
+    let tables: Vec<String> = wh.connect().describe().unwrap().keys().cloned().collect();
+    assert!(tables.iter().all(|t| t.len() <= 63), "{tables:?}");
+    assert!(
+        tables.contains(&"robert_drop_table_tracks".to_string()),
+        "{tables:?}"
+    );
+    assert!(
+        tables.contains(&"_identifies".to_string()),
+        "an event named like a built-in table is prefixed: {tables:?}"
+    );
+    assert_eq!(wh.count("identifies"), 0);
+    let long_tables: Vec<&String> = tables.iter().filter(|t| t.starts_with("xxxx")).collect();
+    assert_eq!(
+        long_tables.len(),
+        2,
+        "two long names truncate to two tables: {tables:?}"
+    );
+    let cols = wh.columns("robert_drop_table_tracks");
+    for c in [
+        "a_b",
+        "semi_colon",
+        "back_slash",
+        "größe",
+        "_select",
+        "total",
+    ] {
+        assert!(cols.contains(&c.to_string()), "{c} missing from {cols:?}");
+    }
+    let totals: Vec<&String> = cols.iter().filter(|c| c.starts_with("total")).collect();
+    assert_eq!(totals.len(), 2, "Total and total stay apart: {cols:?}");
+    assert!(cols.iter().all(|c| c.len() <= 63));
+    let id = wh.query(&format!(
+        "SELECT id FROM {}",
+        wh.table("robert_drop_table_tracks")
+    ));
+    assert_eq!(
+        id[0][0].as_deref(),
+        Some("h1"),
+        "a property named id never overwrites the key"
+    );
+}
+
+fn backfill_windows_and_the_event_table_limit(kind: &str) {
+    let (mut s, url, _d) = store();
+    let wh = TestWarehouse::of(kind);
+    let old = now_iso(-90 * 86_400);
+    ingest(
+        &mut *s,
+        &[
+            msg(
+                json!({"type": "identify", "messageId": "o1", "userId": "old", "traits": {"email": "old@example.com"}, "receivedAt": old}),
+            ),
+            msg(
+                json!({"type": "track", "messageId": "o2", "userId": "old", "event": "Alpha", "receivedAt": old}),
+            ),
+            msg(json!({"type": "track", "messageId": "r1", "userId": "new", "event": "Alpha"})),
+            msg(json!({"type": "track", "messageId": "r2", "userId": "new", "event": "Beta"})),
+        ],
+    );
+    let mut spec = wh.spec.clone();
+    spec.backfill.max_event_tables = 1;
+    let r = wh.sync_with(&url, None, &spec, 500);
+    assert_eq!(r.status, SyncStatus::Success);
+    assert_eq!(
+        wh.count("identifies"),
+        0,
+        "events older than the 60-day window stay out"
+    );
+    assert_eq!(
+        wh.count("id_graph_updates"),
+        2,
+        "profile tables are backfilled completely"
+    );
+    assert_eq!(wh.count("alpha"), 1);
+    assert_eq!(
+        wh.count("beta"),
+        0,
+        "over maxEventTables: starts at the head"
+    );
+    assert_eq!(r.not_backfilled, ["beta"]);
+    ingest(
+        &mut *s,
+        &[msg(
+            json!({"type": "track", "messageId": "r3", "userId": "new", "event": "Beta"}),
+        )],
+    );
+    wh.sync_with(&url, None, &spec, 500);
+    assert_eq!(wh.count("beta"), 1);
+}
+
+fn limits_split_a_backlog_without_losing_rows(kind: &str) {
+    let (mut s, url, _d) = store();
+    let messages: Vec<Value> = (0..120)
+        .map(|i| msg(json!({"type": "track", "messageId": format!("l{i}"), "userId": format!("u{}", i % 9), "event": "Ping", "properties": {"i": i}})))
+        .collect();
+    ingest(&mut *s, &messages);
+    let clean = TestWarehouse::of(kind);
+    clean.sync(&url, None);
+    let limited = TestWarehouse::of(kind);
+    let mut spec = limited.spec.clone();
+    spec.limits = Some(profiles_sync::crd::SyncLimits {
+        max_rows: Some(50),
+        max_bytes: None,
+    });
+    let mut runs = 0;
+    loop {
+        runs += 1;
+        assert!(runs < 50, "the backlog never finished");
+        let r = limited.sync_with(&url, None, &spec, 20);
+        assert_ne!(r.status, SyncStatus::Failed);
+        assert!(
+            r.rows.total <= 50 + 40,
+            "a run loaded {} rows",
+            r.rows.total
+        );
+        if !r.limit_reached {
+            break;
+        }
+        assert!(
+            !r.backfilling.is_empty(),
+            "a limited run names the tables still backfilling"
+        );
+    }
+    assert!(runs > 2, "the limit split the backlog ({runs} runs)");
+    assert_eq!(limited.dump(), clean.dump());
+}
+
+#[test]
+fn postgres_a_failing_table_does_not_stop_the_others() {
+    let (mut s, url, _d) = store();
+    ingest(&mut *s, &basics());
+    let pg = support::pg::shared();
+    let wh = TestWarehouse::postgres();
+    let db = wh.database.clone().unwrap();
+    let mut admin = pg.connect(&db);
+    // A loader role that may create tables in the schema, and one table it may not write to.
+    admin
+        .batch_execute(
+            "DO $$ BEGIN CREATE ROLE loader LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+             CREATE SCHEMA profiles_sync AUTHORIZATION loader;
+             CREATE TABLE profiles_sync.order_completed (id TEXT PRIMARY KEY);",
+        )
+        .unwrap();
+    let mut as_loader = TestWarehouse::postgres();
+    as_loader.spec = wh.spec.clone();
+    as_loader.credentials.username = Some("loader".into());
+    let r = as_loader.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::PartialSuccess, "{r:#?}");
+    let failed: Vec<&str> = r
+        .tables
+        .iter()
+        .filter(|t| t.error.is_some())
+        .map(|t| t.name.as_str())
+        .collect();
+    assert_eq!(failed, ["order_completed"]);
+    let err = r
+        .errors
+        .iter()
+        .find(|e| e.table.as_deref() == Some("order_completed"))
+        .unwrap();
+    assert_eq!(err.class, profiles_sync::crd::ErrorClass::Permission);
+    assert!(
+        err.message.contains("order_completed"),
+        "the warehouse message names the table: {}",
+        err.message
+    );
+    assert_eq!(wh.count("tracks"), 1, "the other tables loaded");
+    // Fix the grant: the next run retries the table and catches up.
+    admin
+        .batch_execute("ALTER TABLE profiles_sync.order_completed OWNER TO loader")
+        .unwrap();
+    let r = as_loader.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    assert_eq!(wh.count("order_completed"), 1);
+}
+
+#[test]
+fn a_wrong_password_fails_the_sync_with_a_classified_error() {
+    let (_s, url, _d) = store();
+    let pg = support::pg::shared();
+    let db = pg.create_database("auth");
+    let mut admin = pg.connect(&db);
+    admin
+        .batch_execute("DO $$ BEGIN CREATE ROLE pw_user LOGIN PASSWORD 'right'; EXCEPTION WHEN duplicate_object THEN NULL; END $$;")
+        .unwrap();
+    let mut wh = TestWarehouse::postgres();
+    wh.spec.warehouse.postgres.as_mut().unwrap().database = db;
+    wh.credentials = profiles_sync::warehouse::Credentials {
+        username: Some("nobody_here".into()),
+        password: Some("wrong".into()),
+        ..Default::default()
+    };
+    let mut source = profiles_sync::sync::StoreSource(
+        profiles_sync::store::open(&url, profiles_sync::identity::Rules::default()).unwrap(),
+    );
+    let err =
+        profiles_sync::warehouse::connect(&wh.spec.warehouse, "profiles_sync", &wh.credentials)
+            .err()
+            .expect("connect must fail");
+    assert_eq!(
+        err.class,
+        profiles_sync::crd::ErrorClass::Permission,
+        "{err}"
+    );
+    assert!(
+        !err.message.contains("wrong"),
+        "the password must not appear in errors"
+    );
+    let _ = &mut source;
+}
