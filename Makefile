@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: test deps lint unit crds demo bench
+.PHONY: test deps lint unit crds chart demo bench
 
 test: deps lint unit
 
@@ -18,6 +18,13 @@ deps:
 	@# Segment's official Python SDK, the real client of the engine in tests/segment_sdk.rs.
 	@test -x .venv-segment/bin/python && .venv-segment/bin/python -c 'import segment.analytics' 2>/dev/null || \
 		{ rm -rf .venv-segment && python3 -m venv .venv-segment && .venv-segment/bin/pip install -q -r tests/sdk/requirements.txt; }
+	@# Helm v4's engine as a library (helm-python-sdk; there is no helm binary here), for
+	@# tests/helm_chart.rs; reinstalled when tests/helm/requirements.txt changes.
+	@cmp -s tests/helm/requirements.txt .venv-helm/requirements.txt && .venv-helm/bin/python -c 'import helm_python' 2>/dev/null || \
+		{ rm -rf .venv-helm && python3 -m venv .venv-helm && .venv-helm/bin/pip install -q -r tests/helm/requirements.txt && cp tests/helm/requirements.txt .venv-helm/requirements.txt; }
+	@# The emulated Kubernetes API server (tests/kmock) that the install manifests are applied to.
+	@tests/kmock/install.sh >/dev/null
+	@command -v kubectl >/dev/null || { echo "kubectl is missing: tests/deploy_manifests.rs and tests/helm_chart.rs run it"; exit 1; }
 
 lint:
 	$(CARGO) fmt --check
@@ -26,9 +33,16 @@ lint:
 unit:
 	$(CARGO) test
 
-# Regenerate crds/ from the Rust types (the tests fail while they differ).
+# Regenerate crds/ from the Rust types, and the Helm chart's copy of them (the tests fail while
+# either differs).
 crds:
 	$(CARGO) run --quiet -- crdgen --out-dir crds
+	cp crds/*.yaml charts/profiles-sync/files/crds/
+
+# Only the install checks: the Helm chart (rendered and linted by Helm's engine) and deploy/
+# (kubectl kustomize), both applied to the emulated API server.
+chart: deps
+	$(CARGO) test --test helm_chart --test helm_values --test deploy_manifests
 
 demo:
 	$(CARGO) run --release -- demo

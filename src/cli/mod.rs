@@ -37,6 +37,16 @@ pub enum Command {
     },
     /// Serve the Segment Tracking API and the change-feed API over a profile store.
     Engine(engine::EngineArgs),
+    /// Run the whole pipeline locally on embedded defaults (no cluster, no server) and show what it did.
+    Demo {
+        /// Directory for the demo's store and warehouse files (earlier demo files there are replaced).
+        #[arg(long, default_value = "profiles-sync-demo")]
+        dir: std::path::PathBuf,
+        /// How many people the sample traffic has.
+        #[arg(long, default_value_t = 2000)]
+        people: u64,
+    },
+    /// Run the Kubernetes operator: reconcile WarehouseConnections and SelectiveSyncs, schedule sync Jobs.
     /// Run one sync of a WarehouseConnection: land the change feeds in its warehouse.
     Sync(sync::SyncArgs),
     /// Ingest Segment JSON (one message, or one {"batch": [...]}, per line) into a store.
@@ -81,6 +91,15 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Crdgen { out_dir: None } => crdgen(&mut std::io::stdout().lock()),
         Command::Crdgen { out_dir: Some(dir) } => crdgen_files(&dir),
         Command::Engine(args) => engine::run(args),
+        Command::Demo { dir, people } => {
+            crate::demo::run(&crate::demo::DemoOptions { dir, people }).and_then(|r| {
+                anyhow::ensure!(
+                    r.status != crate::crd::SyncStatus::Failed,
+                    "the demo's sync failed"
+                );
+                Ok(())
+            })
+        }
         Command::Sync(args) => match sync::run(args) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::FAILURE,

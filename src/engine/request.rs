@@ -243,3 +243,91 @@ pub fn parse(
         events,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sources() -> Sources {
+        Sources::from_yaml("sources:\n  - {id: s, name: S, slug: s, writeKey: k}\n").unwrap()
+    }
+
+    fn auth() -> String {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("k:")
+        )
+    }
+
+    #[test]
+    fn basic_auth_takes_the_user_name() {
+        assert_eq!(basic_auth_user(Some(&auth())), Some("k".into()));
+        assert_eq!(basic_auth_user(Some("Basic !!!")), None);
+        assert_eq!(basic_auth_user(Some("Bearer k")), None);
+        assert_eq!(basic_auth_user(None), None);
+    }
+
+    /// JSON-shaped inputs built from the pieces a Tracking API body is made of.
+    fn json_like() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(Value::from),
+            "[a-zA-Z0-9:.\\- ]{0,30}".prop_map(Value::String),
+            prop_oneof![Just("2026-01-01T00:00:00Z"), Just("not a date"), Just("")]
+                .prop_map(|s| Value::String(s.into())),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            let keys = prop_oneof![
+                Just("type".to_string()),
+                Just("userId".to_string()),
+                Just("anonymousId".to_string()),
+                Just("event".to_string()),
+                Just("batch".to_string()),
+                Just("traits".to_string()),
+                Just("properties".to_string()),
+                Just("context".to_string()),
+                Just("timestamp".to_string()),
+                Just("sentAt".to_string()),
+                Just("groupId".to_string()),
+                Just("previousId".to_string()),
+                Just("messageId".to_string()),
+                "[a-z]{1,8}",
+            ];
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map(keys, inner, 0..8)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn the_parser_never_panics_on_arbitrary_bytes(body in prop::collection::vec(any::<u8>(), 0..2048)) {
+            let rules = Rules::default();
+            for endpoint in [Endpoint::Batch, Endpoint::Single(EventType::Track)] {
+                let _ = parse(endpoint, &body, Some(&auth()), &sources(), &rules, Timestamp::now());
+            }
+            let _ = gunzip(&body, MAX_BATCH_BYTES);
+        }
+
+        #[test]
+        fn the_parser_never_panics_on_arbitrary_json(v in json_like()) {
+            let rules = Rules::default();
+            let body = serde_json::to_vec(&v).unwrap();
+            for endpoint in [Endpoint::Batch, Endpoint::Single(EventType::Identify), Endpoint::Single(EventType::Alias)] {
+                match parse(endpoint, &body, Some(&auth()), &sources(), &rules, Timestamp::now()) {
+                    Ok(a) => prop_assert!(!a.events.is_empty()),
+                    Err(e) => prop_assert!(e.status == 400 || e.status == 413 || e.status == 401, "{e:?}"),
+                }
+            }
+        }
+    }
+}

@@ -31,6 +31,7 @@ pub struct SampleGenerator {
     /// Epoch seconds of the first event.
     start: i64,
     message: u64,
+    round: u64,
 }
 
 impl SampleGenerator {
@@ -42,7 +43,16 @@ impl SampleGenerator {
             next_person: 0,
             start,
             message: 0,
+            round: 0,
         }
+    }
+
+    /// The same people coming back: round `r` repeats the population with new message ids and
+    /// later timestamps (so the number of events grows while the number of profiles does not).
+    pub fn round(mut self, r: u64) -> SampleGenerator {
+        self.round = r;
+        self.start += i64::try_from(r).unwrap_or(0) * 86_400;
+        self
     }
 
     fn base(&mut self, kind: &str, at: i64) -> serde_json::Map<String, Value> {
@@ -52,10 +62,12 @@ impl SampleGenerator {
             .unwrap_or_default();
         let mut m = serde_json::Map::new();
         m.insert("type".into(), kind.into());
-        m.insert(
-            "messageId".into(),
-            format!("sample-{:010}", self.message).into(),
-        );
+        let id = if self.round == 0 {
+            format!("sample-{:010}", self.message)
+        } else {
+            format!("sample-r{}-{:010}", self.round, self.message)
+        };
+        m.insert("messageId".into(), id.into());
         m.insert("timestamp".into(), ts.clone().into());
         m.insert("receivedAt".into(), ts.into());
         m

@@ -45,6 +45,23 @@ pub struct CredentialsError {
 }
 
 impl Credentials {
+    /// Reads the keys of `secret` through `value` (the controller passes a Secret's decoded
+    /// `data`); a key `value` doesn't know leaves the field unset. Trailing newlines are dropped,
+    /// as [`Credentials::from_dir`] does.
+    pub fn from_lookup(
+        secret: &CredentialsSecretRef,
+        value: impl Fn(&str) -> Option<String>,
+    ) -> Credentials {
+        let read = |key: &str| value(key).map(|s| s.trim_end_matches(['\n', '\r']).to_string());
+        Credentials {
+            username: read(&secret.username_key),
+            password: read(&secret.password_key),
+            private_key: read(&secret.private_key_key),
+            service_account: read(&secret.service_account_key),
+            token: read(&secret.token_key),
+        }
+    }
+
     /// Reads the keys of `secret` that exist as files in `dir`. A missing file leaves the field
     /// unset (the warehouse decides what it needs); an unreadable one is an error.
     pub fn from_dir(

@@ -1,0 +1,71 @@
+//! Shared by the bench binaries: peak memory, child-process scenarios, sample events.
+
+#![allow(dead_code)]
+
+use std::process::Command;
+
+use profiles_sync::event::{Event, ParseOptions};
+use profiles_sync::sample::SampleGenerator;
+
+/// Peak resident memory of this process so far, in MiB (Linux `VmHWM`).
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// Runs `scenario` of this bench binary in a fresh process (so its peak memory is its own) and
+/// returns the JSON line it printed.
+pub fn run_child(scenario: &str, extra: &[&str]) -> serde_json::Value {
+    let exe = std::env::current_exe().expect("current exe");
+    let out = Command::new(exe)
+        .arg("--scenario")
+        .arg(scenario)
+        .args(extra)
+        .output()
+        .expect("run scenario");
+    if !out.status.success() {
+        panic!(
+            "scenario {scenario} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or("{}");
+    serde_json::from_str(line).expect("scenario JSON")
+}
+
+/// The scenario named by `--scenario NAME`, if this process is a child.
+pub fn scenario() -> Option<(String, Vec<String>)> {
+    let args: Vec<String> = std::env::args().collect();
+    let i = args.iter().position(|a| a == "--scenario")?;
+    Some((args.get(i + 1)?.clone(), args[i + 2..].to_vec()))
+}
+
+/// The events of one round of `people` people, parsed, person by person.
+pub fn rounds(people: u64, round: u64) -> impl Iterator<Item = Vec<Event>> {
+    let opts = ParseOptions {
+        now: jiff::Timestamp::now(),
+        source_id: "bench".into(),
+        trust_received_at: true,
+    };
+    let start = jiff::Timestamp::now().as_second() - 40 * 86_400;
+    SampleGenerator::new(1, people, start)
+        .round(round)
+        .map(move |msgs| {
+            msgs.iter()
+                .filter_map(|m| Event::from_json(m, None, &opts).ok())
+                .collect()
+        })
+}

@@ -1,0 +1,212 @@
+//! The Tracking API under load: sustained events/s through `POST /v1/batch` and request
+//! latency (p50/p99), with the SQLite and the PostgreSQL store, measured in the same run as the
+//! same HTTP stack parsing and discarding the requests (the ceiling).
+//!
+//! `cargo bench --bench engine` (env `BENCH_EVENTS`, default 200000; `BENCH_CLIENTS`, default 32).
+
+mod common;
+// The throwaway PostgreSQL server of the tests; not every bench uses all of it.
+#[allow(dead_code)]
+#[path = "../tests/support/pg.rs"]
+mod pg;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::routing::post;
+use profiles_sync::engine::request::{self, Endpoint};
+use profiles_sync::engine::sources::Sources;
+use profiles_sync::engine::{EngineConfig, start};
+use profiles_sync::identity::Rules;
+use profiles_sync::sample::SampleGenerator;
+use serde_json::{Value, json};
+
+const WRITE_KEY: &str = "bench-key";
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn sources() -> Sources {
+    Sources::from_yaml(&format!(
+        "sources:\n  - {{id: bench, name: Bench, slug: bench, writeKey: {WRITE_KEY}}}\n"
+    ))
+    .expect("sources")
+}
+
+/// Request bodies of 100 events each, prepared before the clock starts.
+fn bodies(events: usize) -> Vec<Bytes> {
+    let start = jiff::Timestamp::now().as_second() - 86_400;
+    let mut all: Vec<Value> = vec![];
+    let mut round = 0;
+    while all.len() < events {
+        all.extend(
+            SampleGenerator::new(9, 20_000, start)
+                .round(round)
+                .flatten()
+                .map(|mut m| {
+                    if let Some(o) = m.as_object_mut() {
+                        o.remove("receivedAt");
+                    }
+                    m
+                }),
+        );
+        round += 1;
+    }
+    all.truncate(events);
+    all.chunks(100)
+        .map(|c| Bytes::from(json!({"batch": c}).to_string()))
+        .collect()
+}
+
+/// Sends every body with `clients` concurrent connections; returns (seconds, latencies in ms).
+async fn load(base: &str, bodies: Arc<Vec<Bytes>>, clients: usize) -> (f64, Vec<f64>) {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let t = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..clients {
+        let (bodies, next, url) = (bodies.clone(), next.clone(), format!("{base}/v1/batch"));
+        tasks.spawn(async move {
+            let client = reqwest::Client::new();
+            let mut lat = vec![];
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(body) = bodies.get(i) else { break };
+                loop {
+                    let s = Instant::now();
+                    let r = client
+                        .post(&url)
+                        .basic_auth(WRITE_KEY, Some(""))
+                        .header("content-type", "application/json")
+                        .body(body.clone())
+                        .send()
+                        .await
+                        .expect("send");
+                    let status = r.status();
+                    let _ = r.bytes().await;
+                    if status == StatusCode::SERVICE_UNAVAILABLE {
+                        // Backpressure: retry, as SDKs do (the retry counts in the latency).
+                        tokio::task::yield_now().await;
+                        continue;
+                    }
+                    assert!(status.is_success(), "{status}");
+                    lat.push(s.elapsed().as_secs_f64() * 1000.0);
+                    break;
+                }
+            }
+            lat
+        });
+    }
+    let mut lat = vec![];
+    while let Some(l) = tasks.join_next().await {
+        lat.extend(l.expect("client task"));
+    }
+    (t.elapsed().as_secs_f64(), lat)
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+async fn scenario(kind: &str) -> Value {
+    let events = env("BENCH_EVENTS", 200_000);
+    let clients = env("BENCH_CLIENTS", 32);
+    let bodies = Arc::new(bodies(events));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server;
+    let base;
+    let mut engine = None;
+    if kind == "ceiling" {
+        let sources = Arc::new(sources());
+        let rules = Arc::new(Rules::default());
+        let app = axum::Router::new().route(
+            "/v1/batch",
+            post(move |headers: HeaderMap, body: Bytes| {
+                let (sources, rules) = (sources.clone(), rules.clone());
+                async move {
+                    let auth = headers
+                        .get(header::AUTHORIZATION)
+                        .and_then(|v| v.to_str().ok());
+                    match request::parse(
+                        Endpoint::Batch,
+                        &body,
+                        auth,
+                        &sources,
+                        &rules,
+                        jiff::Timestamp::now(),
+                    ) {
+                        Ok(a) => {
+                            drop(a);
+                            (StatusCode::OK, "{\"success\":true}")
+                        }
+                        Err(_) => (StatusCode::BAD_REQUEST, "{}"),
+                    }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        base = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+    } else {
+        let url = if kind == "sqlite" {
+            format!("sqlite://{}", dir.path().join("store.db").display())
+        } else {
+            server = pg::PgServer::start();
+            server.url(&server.create_database("bench"))
+        };
+        let e = start(EngineConfig {
+            store: url,
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            sources: sources(),
+            rules: Rules::default(),
+            feed_token: None,
+            queue_capacity: 64,
+        })
+        .await
+        .expect("engine");
+        base = format!("http://{}", e.addr);
+        engine = Some(e);
+    }
+    let (secs, mut lat) = load(&base, bodies, clients).await;
+    lat.sort_by(|a, b| a.total_cmp(b));
+    if let Some(e) = engine {
+        e.stop().await.expect("stop");
+    }
+    json!({"scenario": kind, "events": events, "seconds": secs, "events_per_sec": events as f64 / secs,
+           "p50_ms": pct(&lat, 0.5), "p99_ms": pct(&lat, 0.99), "clients": clients, "peak_rss_mib": common::peak_rss_mib()})
+}
+
+fn main() {
+    if let Some((name, _)) = common::scenario() {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        println!("{}", rt.block_on(scenario(&name)));
+        return;
+    }
+    let mut ceiling = 0.0;
+    for s in ["ceiling", "sqlite", "postgres"] {
+        let r = common::run_child(s, &[]);
+        let eps = r["events_per_sec"].as_f64().unwrap_or(0.0);
+        if s == "ceiling" {
+            ceiling = eps;
+        }
+        println!(
+            "{:<8} {:>8.0} events/s  p50 {:>6.1} ms  p99 {:>6.1} ms  ({:.2}x the ceiling)",
+            s,
+            eps,
+            r["p50_ms"].as_f64().unwrap_or(0.0),
+            r["p99_ms"].as_f64().unwrap_or(0.0),
+            if ceiling > 0.0 { eps / ceiling } else { 0.0 }
+        );
+        println!("  {r}");
+    }
+}

@@ -1,0 +1,114 @@
+//! Identity resolution and the profile store: events/s and peak memory resolving a synthetic
+//! stream (`SampleGenerator`: browsing, sign-ups, several devices, shared emails, aliases) in
+//! memory, persisted to SQLite, and persisted to PostgreSQL. Each scenario runs in its own
+//! process so its peak memory is its own.
+//!
+//! `cargo bench --bench identity` (env `BENCH_PEOPLE`, default 50000: ~330k events a round,
+//! three rounds — the same people coming back — so ~1M events).
+
+mod common;
+// The throwaway PostgreSQL server of the tests; not every bench uses all of it.
+#[allow(dead_code)]
+#[path = "../tests/support/pg.rs"]
+mod pg;
+
+use std::time::Instant;
+
+use profiles_sync::identity::{IdentityGraph, Rules};
+use profiles_sync::store;
+use serde_json::json;
+
+const ROUNDS: u64 = 3;
+
+fn people() -> u64 {
+    std::env::var("BENCH_PEOPLE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50_000)
+}
+
+/// Resolution alone: parse outside the clock, resolve (and take the dirty state, as the store
+/// does per batch) inside it.
+fn resolve() -> serde_json::Value {
+    let mut graph = IdentityGraph::new(Rules::default());
+    let (mut events, mut secs, mut per_round) = (0u64, 0.0, vec![]);
+    for r in 0..ROUNDS {
+        let mut in_batch = 0;
+        for batch in common::rounds(people(), r) {
+            let t = Instant::now();
+            for e in &batch {
+                let _ = graph.resolve(e);
+            }
+            in_batch += batch.len();
+            if in_batch >= 1000 {
+                let _ = graph.take_dirty();
+                in_batch = 0;
+            }
+            secs += t.elapsed().as_secs_f64();
+            events += batch.len() as u64;
+        }
+        per_round.push(json!({"events": events, "profiles": graph.profile_count(), "peak_rss_mib": common::peak_rss_mib()}));
+    }
+    json!({"scenario": "resolve", "events": events, "seconds": secs, "events_per_sec": events as f64 / secs, "rounds": per_round})
+}
+
+fn persist(kind: &str) -> serde_json::Value {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server;
+    let url = if kind == "sqlite" {
+        format!("sqlite://{}", dir.path().join("store.db").display())
+    } else {
+        server = pg::PgServer::start();
+        server.url(&server.create_database("bench"))
+    };
+    let mut s = store::open(&url, Rules::default()).expect("open store");
+    let (mut events, mut per_round) = (0u64, vec![]);
+    let t = Instant::now();
+    for r in 0..ROUNDS {
+        let mut pending = Vec::with_capacity(5000);
+        for batch in common::rounds(people(), r) {
+            events += batch.len() as u64;
+            pending.extend(batch);
+            if pending.len() >= 5000 {
+                s.ingest(std::mem::take(&mut pending)).expect("ingest");
+            }
+        }
+        if !pending.is_empty() {
+            s.ingest(pending).expect("ingest");
+        }
+        per_round.push(json!({"events": events, "peak_rss_mib": common::peak_rss_mib()}));
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let stored = s.event_count().expect("count");
+    json!({"scenario": kind, "events": events, "stored": stored, "seconds": secs, "events_per_sec": events as f64 / secs, "rounds": per_round, "note": "includes parsing"})
+}
+
+fn main() {
+    if let Some((name, _)) = common::scenario() {
+        let result = match name.as_str() {
+            "resolve" => resolve(),
+            other => persist(other),
+        };
+        println!("{result}");
+        return;
+    }
+    println!("identity bench: {} people x {ROUNDS} rounds", people());
+    for s in ["resolve", "sqlite", "postgres"] {
+        let r = common::run_child(s, &[]);
+        println!(
+            "{:<9} {:>9} events  {:>8.0} events/s  peak RSS by round (MiB): {}",
+            s,
+            r["events"],
+            r["events_per_sec"].as_f64().unwrap_or(0.0),
+            r["rounds"]
+                .as_array()
+                .map(|a| a
+                    .iter()
+                    .map(|x| format!("{:.0}", x["peak_rss_mib"].as_f64().unwrap_or(0.0)))
+                    .collect::<Vec<_>>()
+                    .join(" / "))
+                .unwrap_or_default()
+        );
+        println!("  {r}");
+    }
+}

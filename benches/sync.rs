@@ -1,0 +1,298 @@
+//! The sync: (a) rows/s loading 1M event rows into PostgreSQL, measured in the same run as
+//! `psql \copy` of the same rows from CSV (the ceiling); (b) an idle sync (nothing new) with 10k
+//! and with 1M rows of history — time and number of queries; (c) peak memory of backfills of
+//! growing size (each in its own process).
+//!
+//! `cargo bench --bench sync` (env `BENCH_ROWS`, default 1000000).
+
+mod common;
+// The throwaway PostgreSQL server of the tests; not every bench uses all of it.
+#[allow(dead_code)]
+#[path = "../tests/support/pg.rs"]
+mod pg;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::Instant;
+
+use profiles_sync::crd::{SelectiveSyncSpec, WarehouseConnectionSpec};
+use profiles_sync::event::{Event, ParseOptions};
+use profiles_sync::identity::Rules;
+use profiles_sync::store::{self, Feed, FeedRow, SourceInfo};
+use profiles_sync::sync::{self, FeedSource, SourceError, StoreSource, SyncOptions};
+use profiles_sync::warehouse::{
+    self, Cell, Column, Credentials, Dialect, TableColumns, Warehouse, WarehouseError,
+};
+use serde_json::{Value, json};
+
+fn rows() -> usize {
+    std::env::var("BENCH_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000)
+}
+
+/// A store holding `n` Order Completed events (50k customers), built once per size and reused.
+fn build_store(n: usize) -> String {
+    let path = std::env::temp_dir().join(format!("profiles-sync-bench-store-{n}.db"));
+    let url = format!("sqlite://{}", path.display());
+    let mut s = store::open(&url, Rules::default()).expect("store");
+    if s.event_count().expect("count") as usize >= n {
+        return url;
+    }
+    let opts = ParseOptions {
+        now: jiff::Timestamp::now(),
+        source_id: "bench".into(),
+        trust_received_at: true,
+    };
+    let now = jiff::Timestamp::now().as_second() - 86_400;
+    let mut batch = Vec::with_capacity(10_000);
+    for i in 0..n {
+        let m = json!({"type": "track", "messageId": format!("bench-{i}"), "userId": format!("customer-{}", i % 50_000),
+            "event": "Order Completed", "receivedAt": jiff::Timestamp::from_second(now + (i as i64 % 86_000)).expect("ts").to_string(),
+            "properties": {"order_id": format!("ord-{i}"), "total": (i % 997) as f64 + 0.99, "currency": "EUR", "items": (i % 5) + 1, "coupon": if i % 7 == 0 { json!("SPRING") } else { Value::Null }},
+            "context": {"ip": "203.0.113.7", "library": {"name": "analytics.js", "version": "5.2.0"}, "page": {"path": "/checkout"}}});
+        batch.push(Event::from_json(&m, None, &opts).expect("event"));
+        if batch.len() == 10_000 {
+            s.ingest(std::mem::take(&mut batch)).expect("ingest");
+        }
+    }
+    if !batch.is_empty() {
+        s.ingest(batch).expect("ingest");
+    }
+    url
+}
+
+fn pg_spec(server: &pg::PgServer, db: &str) -> WarehouseConnectionSpec {
+    serde_json::from_value(json!({"warehouse": {"type": "postgres", "postgres": {"host": "127.0.0.1", "port": server.port(), "database": db, "sslMode": "disable"}, "credentialsSecretRef": {"name": "x"}}})).expect("spec")
+}
+
+fn only_orders() -> SelectiveSyncSpec {
+    serde_json::from_value(json!({"connectionRef": {"name": "bench"}, "default": "none", "tables": [{"name": "order_completed"}]})).expect("selection")
+}
+
+fn creds() -> Credentials {
+    Credentials {
+        username: Some("postgres".into()),
+        ..Default::default()
+    }
+}
+
+fn sync_once(
+    url: &str,
+    spec: &WarehouseConnectionSpec,
+    sel: &SelectiveSyncSpec,
+) -> (f64, sync::SyncReport, usize) {
+    let mut source = Counting {
+        inner: StoreSource(store::open(url, Rules::default()).expect("store")),
+        calls: 0,
+    };
+    let mut inner = warehouse::connect(&spec.warehouse, &spec.schema, &creds()).expect("connect");
+    let mut wh = CountingWarehouse {
+        inner: &mut *inner,
+        calls: 0,
+    };
+    let t = Instant::now();
+    let report = sync::run(
+        &mut source,
+        &mut wh,
+        &SyncOptions {
+            id: "bench".into(),
+            connection: spec,
+            selection: Some(sel),
+            page_size: 10_000,
+            now: jiff::Timestamp::now(),
+        },
+    );
+    (t.elapsed().as_secs_f64(), report, wh.calls + source.calls)
+}
+
+fn load_vs_copy() -> Value {
+    let n = rows();
+    let url = build_store(n);
+    let server = pg::PgServer::start();
+    let db = server.create_database("bench");
+    let spec = pg_spec(&server, &db);
+    let (secs, report, _) = sync_once(&url, &spec, &only_orders());
+    assert_eq!(report.rows.total as usize, n, "{report:?}");
+    // The ceiling: the same rows, as CSV, through psql \copy into an identical empty table.
+    let csv = std::env::temp_dir().join("profiles-sync-bench-orders.csv");
+    let psql = |sql: &str| {
+        let out = Command::new(server.program("psql"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &server.port().to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                &db,
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                sql,
+            ])
+            .output()
+            .expect("psql");
+        assert!(
+            out.status.success(),
+            "{sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    psql(&format!(
+        "\\copy (SELECT * FROM profiles_sync.order_completed) TO '{}' CSV",
+        csv.display()
+    ));
+    psql(
+        "CREATE TABLE profiles_sync.copy_target (LIKE profiles_sync.order_completed INCLUDING ALL)",
+    );
+    let t = Instant::now();
+    psql(&format!(
+        "\\copy profiles_sync.copy_target FROM '{}' CSV",
+        csv.display()
+    ));
+    let copy_secs = t.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(&csv);
+    json!({"scenario": "load", "rows": n, "sync_seconds": secs, "sync_rows_per_sec": n as f64 / secs,
+           "copy_seconds": copy_secs, "copy_rows_per_sec": n as f64 / copy_secs, "ratio": copy_secs / secs})
+}
+
+fn idle() -> Value {
+    let mut out = vec![];
+    for n in [10_000, rows()] {
+        let url = build_store(n);
+        let server = pg::PgServer::start();
+        let db = server.create_database("idle");
+        let spec = pg_spec(&server, &db);
+        let sel: SelectiveSyncSpec =
+            serde_json::from_value(json!({"connectionRef": {"name": "bench"}})).expect("sel");
+        sync_once(&url, &spec, &sel);
+        let (secs, report, queries) = sync_once(&url, &spec, &sel);
+        assert_eq!(report.rows.total, 0);
+        out.push(json!({"history": n, "seconds": secs, "queries": queries}));
+    }
+    json!({"scenario": "idle", "runs": out})
+}
+
+fn backfill(n: usize) -> Value {
+    let url = build_store(n);
+    let server = pg::PgServer::start();
+    let db = server.create_database("backfill");
+    let spec = pg_spec(&server, &db);
+    let before = common::peak_rss_mib();
+    let (secs, report, _) = sync_once(&url, &spec, &only_orders());
+    json!({"scenario": "backfill", "rows": report.rows.total, "seconds": secs, "peak_rss_mib": common::peak_rss_mib(), "rss_before_mib": before})
+}
+
+fn main() {
+    if let Some((name, args)) = common::scenario() {
+        let r = match name.as_str() {
+            "load" => load_vs_copy(),
+            "idle" => idle(),
+            _ => backfill(args.first().and_then(|a| a.parse().ok()).unwrap_or(100_000)),
+        };
+        println!("{r}");
+        return;
+    }
+    let r = common::run_child("load", &[]);
+    println!(
+        "(a) {} rows: sync {:.0} rows/s, psql \\copy {:.0} rows/s, ratio {:.2}",
+        r["rows"],
+        r["sync_rows_per_sec"].as_f64().unwrap_or(0.0),
+        r["copy_rows_per_sec"].as_f64().unwrap_or(0.0),
+        r["ratio"].as_f64().unwrap_or(0.0)
+    );
+    println!("  {r}");
+    let r = common::run_child("idle", &[]);
+    println!("(b) idle sync: {r}");
+    let mut sizes = BTreeMap::new();
+    for n in [rows() / 4, rows()] {
+        let r = common::run_child("backfill", &[&n.to_string()]);
+        sizes.insert(n, r["peak_rss_mib"].as_f64().unwrap_or(0.0));
+        println!("(c) backfill of {n} rows: {r}");
+    }
+    println!("(c) peak RSS by backfill size (MiB): {sizes:?}");
+}
+
+/// Counts feed requests.
+struct Counting<S> {
+    inner: S,
+    calls: usize,
+}
+
+impl<S: FeedSource> FeedSource for Counting<S> {
+    fn read(&mut self, feed: &Feed, after: i64, limit: usize) -> Result<Vec<FeedRow>, SourceError> {
+        self.calls += 1;
+        self.inner.read(feed, after, limit)
+    }
+    fn head(&mut self) -> Result<i64, SourceError> {
+        self.calls += 1;
+        self.inner.head()
+    }
+    fn track_event_names(&mut self) -> Result<Vec<String>, SourceError> {
+        self.calls += 1;
+        self.inner.track_event_names()
+    }
+    fn sources(&mut self) -> Result<Vec<SourceInfo>, SourceError> {
+        self.calls += 1;
+        self.inner.sources()
+    }
+    fn event_seq_since(&mut self, at: jiff::Timestamp) -> Result<Option<i64>, SourceError> {
+        self.calls += 1;
+        self.inner.event_seq_since(at)
+    }
+}
+
+/// Counts warehouse round trips.
+struct CountingWarehouse<'a> {
+    inner: &'a mut dyn Warehouse,
+    calls: usize,
+}
+
+impl Warehouse for CountingWarehouse<'_> {
+    fn dialect(&self) -> &dyn Dialect {
+        self.inner.dialect()
+    }
+    fn schema(&self) -> &str {
+        self.inner.schema()
+    }
+    fn test_connection(&mut self) -> Result<(), WarehouseError> {
+        self.calls += 1;
+        self.inner.test_connection()
+    }
+    fn describe(&mut self) -> Result<BTreeMap<String, TableColumns>, WarehouseError> {
+        self.calls += 1;
+        self.inner.describe()
+    }
+    fn begin(&mut self) -> Result<(), WarehouseError> {
+        self.calls += 1;
+        self.inner.begin()
+    }
+    fn commit(&mut self) -> Result<(), WarehouseError> {
+        self.calls += 1;
+        self.inner.commit()
+    }
+    fn rollback(&mut self) -> Result<(), WarehouseError> {
+        self.calls += 1;
+        self.inner.rollback()
+    }
+    fn execute(&mut self, sql: &str) -> Result<u64, WarehouseError> {
+        self.calls += 1;
+        self.inner.execute(sql)
+    }
+    fn query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, WarehouseError> {
+        self.calls += 1;
+        self.inner.query(sql)
+    }
+    fn stage(
+        &mut self,
+        stage: &str,
+        columns: &[Column],
+        rows: &[Vec<Cell>],
+    ) -> Result<(), WarehouseError> {
+        self.calls += 1;
+        self.inner.stage(stage, columns, rows)
+    }
+}

@@ -1,0 +1,55 @@
+//! `profiles-sync demo` runs the whole pipeline from nothing, twice in the same directory.
+
+use std::process::Command;
+
+#[test]
+fn the_demo_runs_end_to_end_and_again() {
+    let dir = tempfile::tempdir().unwrap();
+    for run in 0..2 {
+        let out = Command::new(env!("CARGO_BIN_EXE_profiles-sync"))
+            .args(["demo", "--people", "60", "--dir"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "run {run}: {text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for expected in [
+            "[1/4]",
+            "[4/4]",
+            "kubectl get whc",
+            "Success",
+            "user_identifiers",
+            "One profile's identifiers",
+            "Merges",
+            "order_completed",
+        ] {
+            assert!(
+                text.contains(expected),
+                "run {run}: {expected:?} missing from:\n{text}"
+            );
+        }
+        assert!(
+            !text.contains("\x1b["),
+            "no terminal escapes when stdout is not a terminal"
+        );
+        assert!(dir.path().join("warehouse.db").exists() && dir.path().join("store.db").exists());
+        // The second run starts fresh: the same sample gives the same number of rows.
+        let conn = rusqlite::Connection::open(dir.path().join("warehouse.db")).unwrap();
+        let tracks: i64 = conn
+            .query_row("SELECT count(*) FROM tracks", [], |r| r.get(0))
+            .unwrap();
+        assert!(tracks > 60, "{tracks}");
+        let pages: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name = 'pages'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(pages, 0, "the example SelectiveSync turns pages off");
+    }
+}

@@ -1,0 +1,310 @@
+//! `profiles-sync sync` as the Job runs it: manifests from files, credentials from a mounted
+//! Secret's layout, the feed from a store or the engine's API, the report on stdout and in the
+//! termination log — and killed with SIGKILL at 20 points of a large load, it still ends with
+//! exactly the tables of one clean run.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use profiles_sync::sample::SampleGenerator;
+use serde_json::{Value, json};
+use support::engine::{FEED_TOKEN, WRITE_KEY};
+use support::warehouse::{TestWarehouse, ingest, store};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_profiles-sync"))
+}
+
+/// Writes the connection manifest (and a credentials dir) for a test warehouse.
+fn manifests(dir: &Path, wh: &TestWarehouse, selection: Option<Value>) -> Vec<String> {
+    let conn = json!({
+        "apiVersion": "profilesync.dev/v1alpha1", "kind": "WarehouseConnection",
+        "metadata": {"name": "wh"},
+        "spec": serde_json::to_value(&wh.spec).unwrap(),
+    });
+    std::fs::write(
+        dir.join("connection.yaml"),
+        yaml_serde::to_string(&conn).unwrap(),
+    )
+    .unwrap();
+    let creds = dir.join("creds");
+    std::fs::create_dir_all(&creds).unwrap();
+    if let Some(u) = &wh.credentials.username {
+        std::fs::write(creds.join("username"), u).unwrap();
+        std::fs::write(creds.join("password"), "unused-by-trust-auth").unwrap();
+    }
+    let mut args = vec![
+        "-f".to_string(),
+        dir.join("connection.yaml").display().to_string(),
+    ];
+    if let Some(sel) = selection {
+        let s = json!({"apiVersion": "profilesync.dev/v1alpha1", "kind": "SelectiveSync", "metadata": {"name": "wh"}, "spec": sel});
+        std::fs::write(
+            dir.join("selection.yaml"),
+            yaml_serde::to_string(&s).unwrap(),
+        )
+        .unwrap();
+        args.extend([
+            "-f".to_string(),
+            dir.join("selection.yaml").display().to_string(),
+        ]);
+    }
+    args.extend(["--credentials-dir".to_string(), creds.display().to_string()]);
+    args
+}
+
+fn sample_store(people: u64) -> (String, tempfile::TempDir) {
+    let (mut s, url, dir) = store();
+    let now = jiff::Timestamp::now().as_second() - 86_400;
+    let messages: Vec<Value> = SampleGenerator::new(42, people, now).flatten().collect();
+    for chunk in messages.chunks(5000) {
+        ingest(&mut *s, chunk);
+    }
+    (url, dir)
+}
+
+#[test]
+fn the_job_command_reports_on_stdout_and_in_the_termination_log() {
+    let (url, _d) = sample_store(50);
+    let wh = TestWarehouse::postgres();
+    let dir = tempfile::tempdir().unwrap();
+    let args = manifests(
+        dir.path(),
+        &wh,
+        Some(
+            json!({"connectionRef": {"name": "wh"}, "tables": [{"name": "pages", "enabled": false}]}),
+        ),
+    );
+    let log = dir.path().join("termination-log");
+    let out = bin()
+        .arg("sync")
+        .args(&args)
+        .args(["--store", &url, "--id", "wh-123", "--termination-log"])
+        .arg(&log)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["status"], "Success");
+    assert_eq!(report["id"], "wh-123");
+    assert!(report["rows"]["total"].as_i64().unwrap() > 100);
+    let logged: Value = serde_json::from_str(&std::fs::read_to_string(&log).unwrap()).unwrap();
+    assert_eq!(logged["rows"], report["rows"]);
+    assert!(std::fs::metadata(&log).unwrap().len() <= 4096);
+    assert_eq!(wh.count("pages"), 0, "the SelectiveSync file applies");
+    assert!(wh.count("tracks") > 0);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("unused-by-trust-auth"),
+        "credentials must never be logged"
+    );
+}
+
+#[test]
+fn a_failed_sync_exits_non_zero_with_a_classified_error() {
+    let (url, _d) = sample_store(5);
+    let mut wh = TestWarehouse::postgres();
+    // Nothing listens on port 1.
+    wh.spec.warehouse.postgres.as_mut().unwrap().port = 1;
+    let dir = tempfile::tempdir().unwrap();
+    let args = manifests(dir.path(), &wh, None);
+    let out = bin()
+        .arg("sync")
+        .args(&args)
+        .args(["--store", &url])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["status"], "Failed");
+    assert_eq!(report["errors"][0]["class"], "Connection", "{report}");
+}
+
+#[test]
+fn bad_manifests_are_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, "apiVersion: profilesync.dev/v1alpha1\nkind: WarehouseConnection\nmetadata: {name: x}\nspec:\n  warehouse: {type: postgres}\n  schema: Bad-Name\n").unwrap();
+    let out = bin()
+        .args(["sync", "-f"])
+        .arg(&bad)
+        .args(["--store", "sqlite::memory:"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("invalid WarehouseConnection")
+            && err.contains("warehouse.postgres must be set"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn the_sync_reads_the_feeds_through_the_engine_api() {
+    let t = support::engine::start(8).await;
+    let client = reqwest::Client::new();
+    let batch: Vec<Value> = SampleGenerator::new(3, 30, jiff::Timestamp::now().as_second() - 3600)
+        .flatten()
+        .collect();
+    for chunk in batch.chunks(100) {
+        let mut items: Vec<Value> = chunk.to_vec();
+        for m in &mut items {
+            m.as_object_mut().unwrap().remove("receivedAt");
+        }
+        let r = client
+            .post(format!("{}/v1/batch", t.base))
+            .basic_auth(WRITE_KEY, Some(""))
+            .json(&json!({"batch": items}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+    let via_engine = TestWarehouse::sqlite();
+    let via_store = TestWarehouse::sqlite();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("token"), FEED_TOKEN).unwrap();
+    let a_dir = dir.path().join("a");
+    let b_dir = dir.path().join("b");
+    std::fs::create_dir_all(&a_dir).unwrap();
+    std::fs::create_dir_all(&b_dir).unwrap();
+    let a = manifests(&a_dir, &via_engine, None);
+    let b = manifests(&b_dir, &via_store, None);
+    let token = dir.path().join("token");
+    let base = t.base.clone();
+    let store_url = t.store_url.clone();
+    let (ra, rb) = tokio::task::spawn_blocking(move || {
+        let ra = bin()
+            .arg("sync")
+            .args(&a)
+            .args(["--engine", &base, "--engine-token-file"])
+            .arg(&token)
+            .stdout(Stdio::piped())
+            .output()
+            .unwrap();
+        let rb = bin()
+            .arg("sync")
+            .args(&b)
+            .args(["--store", &store_url])
+            .output()
+            .unwrap();
+        (ra, rb)
+    })
+    .await
+    .unwrap();
+    assert!(
+        ra.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ra.stderr)
+    );
+    assert!(
+        rb.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rb.stderr)
+    );
+    let (da, db) = (via_engine.dump(), via_store.dump());
+    assert!(da.get("tracks").is_some_and(|r| !r.is_empty()));
+    assert_eq!(
+        da, db,
+        "the engine's feed API and the store give the same warehouse"
+    );
+    t.engine.stop().await.unwrap();
+}
+
+/// The sum of every table's cursor: grows with every committed chunk.
+fn progress(wh: &TestWarehouse) -> i64 {
+    let mut c = wh.connect();
+    if !c.describe().unwrap().contains_key("_profiles_sync_state") {
+        return 0;
+    }
+    let t = c
+        .dialect()
+        .qualified(&wh.spec.schema, "_profiles_sync_state");
+    c.query(&format!("SELECT coalesce(sum(cursor_seq), 0) FROM {t}"))
+        .unwrap()[0][0]
+        .as_deref()
+        .unwrap_or("0")
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn sigkill_at_twenty_points_then_rerun_equals_one_clean_run() {
+    let (url, _d) = sample_store(1500);
+    let dir = tempfile::tempdir().unwrap();
+    let clean = TestWarehouse::postgres();
+    let killed = TestWarehouse::postgres();
+    let clean_args = manifests(&dir.path().join("clean").tap_mkdir(), &clean, None);
+    let killed_args = manifests(&dir.path().join("killed").tap_mkdir(), &killed, None);
+    let run = |args: &[String]| {
+        bin()
+            .arg("sync")
+            .args(args)
+            .args(["--store", &url, "--page-size", "150"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+    };
+    assert!(run(&clean_args).success());
+    let total = progress(&clean);
+    assert!(total > 0);
+
+    let mut kills = 0;
+    for k in 1..=20 {
+        let threshold = total * k / 21;
+        let mut child = bin()
+            .arg("sync")
+            .args(&killed_args)
+            .args(["--store", &url, "--page-size", "150"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Kill as soon as the load has passed this point (bounded polling, no sleeps).
+        let mut polls = 0;
+        loop {
+            polls += 1;
+            assert!(polls < 1_000_000, "no progress");
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            if progress(&killed) >= threshold {
+                child.kill().unwrap();
+                kills += 1;
+                break;
+            }
+        }
+        child.wait().unwrap();
+    }
+    assert!(kills >= 20, "only {kills} runs were killed mid-load");
+    assert!(run(&killed_args).success());
+    let (a, b) = (clean.dump(), killed.dump());
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "the same tables"
+    );
+    for (table, rows) in &a {
+        assert_eq!(rows.len(), b[table].len(), "{table}: row count");
+        assert!(rows == &b[table], "{table}: contents differ");
+    }
+}
+
+trait TapMkdir {
+    fn tap_mkdir(self) -> Self;
+}
+
+impl TapMkdir for std::path::PathBuf {
+    fn tap_mkdir(self) -> Self {
+        std::fs::create_dir_all(&self).unwrap();
+        self
+    }
+}
