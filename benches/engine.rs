@@ -161,8 +161,9 @@ async fn scenario(kind: &str) -> Value {
         let url = if kind == "sqlite" {
             format!("sqlite://{}", dir.path().join("store.db").display())
         } else {
-            server = pg::PgServer::start();
-            server.url(&server.create_database("bench"))
+            // The test harness's client is synchronous: keep it off the async workers.
+            server = tokio::task::block_in_place(pg::PgServer::start);
+            tokio::task::block_in_place(|| server.url(&server.create_database("bench")))
         };
         let e = start(EngineConfig {
             store: url,

@@ -612,3 +612,82 @@ fn a_wrong_password_fails_the_sync_with_a_classified_error() {
     );
     let _ = &mut source;
 }
+
+#[test]
+fn postgres_ssl_modes_use_tls_through_rustls() {
+    let server = support::pg::PgServer::start_tls();
+    let db = server.create_database("tls");
+    let ssl_in_use = |mode: &str| -> Result<String, profiles_sync::warehouse::WarehouseError> {
+        let spec = support::warehouse::spec(json!({
+            "type": "postgres",
+            "postgres": {"host": "localhost", "port": server.port(), "database": db, "sslMode": mode},
+            "credentialsSecretRef": {"name": "x"}
+        }));
+        let creds = profiles_sync::warehouse::Credentials {
+            username: Some("postgres".into()),
+            ..Default::default()
+        };
+        let mut wh = profiles_sync::warehouse::connect(&spec.warehouse, "profiles_sync", &creds)?;
+        let rows = wh.query("SELECT ssl::text FROM pg_stat_ssl WHERE pid = pg_backend_pid()")?;
+        Ok(rows[0][0].clone().unwrap_or_default())
+    };
+    assert_eq!(ssl_in_use("require").unwrap(), "true", "require encrypts");
+    assert_eq!(
+        ssl_in_use("prefer").unwrap(),
+        "true",
+        "prefer encrypts when the server offers TLS"
+    );
+    assert_eq!(ssl_in_use("disable").unwrap(), "false");
+    // A self-signed certificate is not trusted by verify-ca / verify-full.
+    for mode in ["verify-ca", "verify-full"] {
+        let err = ssl_in_use(mode).expect_err(mode);
+        assert_eq!(
+            err.class,
+            profiles_sync::crd::ErrorClass::Connection,
+            "{mode}: {err}"
+        );
+        assert!(
+            err.message.to_lowercase().contains("certificate"),
+            "{mode}: {}",
+            err.message
+        );
+    }
+}
+
+#[test]
+fn postgres_a_row_already_in_the_table_falls_back_to_merging() {
+    // The fast path COPYs straight into the table; a row that is already there (a restored
+    // backup, a hand-inserted row) must make the chunk merge instead of fail or duplicate.
+    let (mut s, url, _d) = store();
+    ingest(&mut *s, &basics());
+    let wh = TestWarehouse::postgres();
+    wh.sync(&url, None);
+    let pg = support::pg::shared();
+    let mut admin = pg.connect(wh.database.as_deref().unwrap());
+    admin
+        .batch_execute("INSERT INTO profiles_sync.pages (id, name) VALUES ('m9', 'kept')")
+        .unwrap();
+    ingest(
+        &mut *s,
+        &[
+            msg(json!({"type": "page", "messageId": "m9", "anonymousId": "a9", "name": "New"})),
+            msg(json!({"type": "page", "messageId": "m10", "anonymousId": "a9", "name": "Newer"})),
+        ],
+    );
+    let r = wh.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    let rows =
+        wh.query("SELECT id, name FROM profiles_sync.pages WHERE id IN ('m9', 'm10') ORDER BY id");
+    let rows: Vec<(String, String)> = rows
+        .into_iter()
+        .map(|r| (r[0].clone().unwrap(), r[1].clone().unwrap_or_default()))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("m10".to_string(), "Newer".to_string()),
+            ("m9".to_string(), "kept".to_string())
+        ]
+    );
+    assert_eq!(wh.count("pages"), 4, "m1, m3, m9 and m10, once each");
+}

@@ -23,6 +23,8 @@ pub struct Metrics {
     pub queue_depth: IntGauge,
     /// Profiles created.
     pub profiles_created: IntCounter,
+    /// Live (not merged-away) profiles in the store.
+    pub profiles: IntGauge,
     /// Profiles merged away.
     pub merges: IntCounter,
 }
@@ -65,6 +67,7 @@ impl Metrics {
             "profiles_created_total",
             "Profiles created by identity resolution",
         )?;
+        let profiles = IntGauge::new("profiles", "Live (not merged-away) profiles in the store")?;
         let merges = IntCounter::new("profile_merges_total", "Profiles merged into another")?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(events_accepted.clone()))?;
@@ -74,6 +77,7 @@ impl Metrics {
         registry.register(Box::new(commit_seconds.clone()))?;
         registry.register(Box::new(queue_depth.clone()))?;
         registry.register(Box::new(profiles_created.clone()))?;
+        registry.register(Box::new(profiles.clone()))?;
         registry.register(Box::new(merges.clone()))?;
         Ok(Metrics {
             registry,
@@ -85,6 +89,7 @@ impl Metrics {
             commit_seconds,
             queue_depth,
             profiles_created,
+            profiles,
             merges,
         })
     }

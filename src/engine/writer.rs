@@ -108,6 +108,9 @@ fn run(
                     .profiles_created
                     .inc_by(summary.profiles_created as u64);
                 metrics.merges.inc_by(summary.merges as u64);
+                metrics
+                    .profiles
+                    .set(i64::try_from(store.live_profiles()).unwrap_or(i64::MAX));
                 for (index, reason) in &summary.rejected {
                     tracing::warn!(index, reason, "event refused by identity resolution");
                     metrics

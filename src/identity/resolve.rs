@@ -365,12 +365,17 @@ fn merge_into(g: &mut IdentityGraph, a: ProfileIx, b: ProfileIx, res: &mut Resol
 }
 
 /// Records that the event carried identifier `i`.
+///
+/// `last_seen` only matters to limits with a time window, so only for such types is a newer
+/// sighting persisted; elsewhere it is kept in memory only, sparing the store an identifier
+/// upsert per event.
 fn touch(g: &mut IdentityGraph, i: IdentIx, at: Timestamp) {
+    let windowed = g.types[g.idents[i as usize].ty as usize].window.is_some();
     let e = &mut g.idents[i as usize];
     let mut changed = false;
     if at > e.last_seen {
         e.last_seen = at;
-        changed = true;
+        changed = windowed;
     }
     if at < e.first_seen {
         e.first_seen = at;

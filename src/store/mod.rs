@@ -155,6 +155,9 @@ pub trait Store: Send {
     /// How many events are stored.
     fn event_count(&mut self) -> Result<i64, StoreError>;
 
+    /// Live (not merged-away) profiles as of this handle's last ingest; 0 before its first.
+    fn live_profiles(&self) -> usize;
+
     /// The lowest `seq` of an event received at or after `received_at` (where a backfill window starts).
     fn event_seq_since(
         &mut self,

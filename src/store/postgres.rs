@@ -499,6 +499,10 @@ impl Store for PostgresStore {
             .collect())
     }
 
+    fn live_profiles(&self) -> usize {
+        self.resolver.graph().profile_count()
+    }
+
     fn event_count(&mut self) -> Result<i64, StoreError> {
         Ok(self
             .client

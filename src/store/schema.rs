@@ -4,7 +4,8 @@
 /// The version of the tables below; a store at an older version gets the DDL run again.
 pub(crate) const SCHEMA_VERSION: i64 = 1;
 
-/// Creates every table and index when missing.
+/// Creates every table when missing. `events` has no secondary index beyond `message_id`:
+/// every feed reads it by `seq` (its primary key), and each extra index would cost every ingest.
 pub(crate) const DDL: &str = r#"
 CREATE TABLE IF NOT EXISTS seq_counter (id INTEGER PRIMARY KEY, head BIGINT NOT NULL);
 INSERT INTO seq_counter (id, head) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
@@ -73,8 +74,7 @@ CREATE TABLE IF NOT EXISTS identifiers (
 );
 CREATE TABLE IF NOT EXISTS track_events (name TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS sources (id TEXT PRIMARY KEY, name TEXT NOT NULL, slug TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS events_type_seq ON events (type, seq);
-CREATE INDEX IF NOT EXISTS events_received_at ON events (received_at_us);
+
 "#;
 
 /// The trigger columns, in the order the change-log tables declare them.

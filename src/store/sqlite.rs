@@ -480,6 +480,10 @@ impl Store for SqliteStore {
             .collect::<Result<Vec<_>, _>>()?)
     }
 
+    fn live_profiles(&self) -> usize {
+        self.resolver.graph().profile_count()
+    }
+
     fn event_count(&mut self) -> Result<i64, StoreError> {
         Ok(self
             .conn

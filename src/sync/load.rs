@@ -205,7 +205,9 @@ fn write(
 ) -> Result<u64, WarehouseError> {
     ensure_table(wh, schema, chunk.table, columns, chunk.key)?;
     let mut loaded = 0;
-    if !rows.is_empty() {
+    if !rows.is_empty() && wh.append(chunk.table, columns, rows)? {
+        loaded = rows.len() as u64;
+    } else if !rows.is_empty() {
         wh.stage("_ps_stage", columns, rows)?;
         let names: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
         let sql = wh.dialect().merge_from_stage(

@@ -176,6 +176,17 @@ pub trait Warehouse: Send {
         columns: &[Column],
         rows: &[Vec<Cell>],
     ) -> Result<(), WarehouseError>;
+    /// The fast path for append-only tables: writes `rows` straight into `table` (inside the
+    /// caller's transaction) and returns `Ok(true)`, or returns `Ok(false)` without writing when
+    /// the warehouse has no such path or a row already exists — the caller then stages and merges.
+    fn append(
+        &mut self,
+        _table: &str,
+        _columns: &[Column],
+        _rows: &[Vec<Cell>],
+    ) -> Result<bool, WarehouseError> {
+        Ok(false)
+    }
 }
 
 /// The type's display name for errors.

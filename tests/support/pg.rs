@@ -83,6 +83,15 @@ fn pg_command(bindir: &Path, run_as_postgres: bool, program: &str) -> Command {
 impl PgServer {
     /// Starts a new server. Panics with the server's log when it can't start.
     pub fn start() -> PgServer {
+        Self::start_with(false)
+    }
+
+    /// Starts a new server that also accepts TLS, with a self-signed certificate for `localhost`.
+    pub fn start_tls() -> PgServer {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> PgServer {
         let bindir = bindir();
         let run_as_postgres = is_root();
         let dir = tempfile::Builder::new()
@@ -90,6 +99,41 @@ impl PgServer {
             .tempdir()
             .expect("temp dir");
         let data = dir.path().join("data");
+        let mut tls_opts = String::new();
+        if tls {
+            let (cert, key) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+            let out = Command::new("openssl")
+                .args([
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=localhost",
+                    "-keyout",
+                ])
+                .arg(&key)
+                .arg("-out")
+                .arg(&cert)
+                .output()
+                .expect("run openssl");
+            assert!(
+                out.status.success(),
+                "openssl: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let mut perms = std::fs::metadata(&key).expect("key").permissions();
+            std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o600);
+            std::fs::set_permissions(&key, perms).expect("chmod key");
+            tls_opts = format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                cert.display(),
+                key.display()
+            );
+        }
         if run_as_postgres {
             let status = Command::new("chown")
                 .args(["-R", "postgres:postgres"])
@@ -126,7 +170,7 @@ impl PgServer {
             let port = free_port();
             let log = dir.path().join("server.log");
             let opts = format!(
-                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200",
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200{tls_opts}",
                 dir.path().display()
             );
             let out = pg_command(&bindir, run_as_postgres, "pg_ctl")

@@ -25,6 +25,18 @@ pub struct PostgresWarehouse {
     dialect: PostgresDialect,
 }
 
+/// An error and its causes, joined (the TLS or network reason is in the causes).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 /// Converts a driver error into a classified warehouse error.
 pub fn pg_error(e: postgres::Error) -> WarehouseError {
     match e.as_db_error() {
@@ -83,7 +95,7 @@ impl PostgresWarehouse {
         }
         .map_err(|e| match e.as_db_error() {
             Some(_) => pg_error(e),
-            None => WarehouseError::connection(format!("cannot connect: {e}")),
+            None => WarehouseError::connection(format!("cannot connect: {}", chain(&e))),
         })?;
         Ok(PostgresWarehouse {
             client,
@@ -96,6 +108,47 @@ impl PostgresWarehouse {
     pub fn with_dialect(mut self, dialect: PostgresDialect) -> PostgresWarehouse {
         self.dialect = dialect;
         self
+    }
+}
+
+/// A COPY that failed.
+struct CopyError {
+    unique_violation: bool,
+    error: WarehouseError,
+}
+
+impl PostgresWarehouse {
+    /// Binary COPY of `rows` into `target` (already quoted or qualified).
+    fn copy_rows(
+        &mut self,
+        target: &str,
+        columns: &[Column],
+        rows: &[Vec<Cell>],
+    ) -> Result<(), CopyError> {
+        let wrap = |e: postgres::Error| CopyError {
+            unique_violation: e.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION),
+            error: pg_error(e),
+        };
+        let names: Vec<String> = columns
+            .iter()
+            .map(|c| self.dialect.quote(&c.name))
+            .collect();
+        let sink = self
+            .client
+            .copy_in(&format!(
+                "COPY {target} ({}) FROM STDIN (FORMAT binary)",
+                names.join(", ")
+            ))
+            .map_err(wrap)?;
+        let types: Vec<Type> = columns.iter().map(|c| pg_type(c.ty)).collect();
+        let mut writer = BinaryCopyInWriter::new(sink, &types);
+        for row in rows {
+            let values: Vec<&(dyn ToSql + Sync)> =
+                row.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+            writer.write(&values).map_err(wrap)?;
+        }
+        writer.finish().map_err(wrap)?;
+        Ok(())
     }
 }
 
@@ -253,23 +306,36 @@ impl Warehouse for PostgresWarehouse {
                 q = d.quote(stage)
             ))
             .map_err(pg_error)?;
-        let names: Vec<String> = columns.iter().map(|c| d.quote(&c.name)).collect();
-        let sink = self
-            .client
-            .copy_in(&format!(
-                "COPY {} ({}) FROM STDIN (FORMAT binary)",
-                d.quote(stage),
-                names.join(", ")
-            ))
+        let target = d.quote(stage);
+        self.copy_rows(&target, columns, rows).map_err(|e| e.error)
+    }
+
+    fn append(
+        &mut self,
+        table: &str,
+        columns: &[Column],
+        rows: &[Vec<Cell>],
+    ) -> Result<bool, WarehouseError> {
+        // The cursor makes a duplicate impossible in practice, so COPY straight into the table;
+        // should a row exist after all (unique violation), undo just that and let the caller merge.
+        self.client
+            .batch_execute("SAVEPOINT profiles_sync_append")
             .map_err(pg_error)?;
-        let types: Vec<Type> = columns.iter().map(|c| pg_type(c.ty)).collect();
-        let mut writer = BinaryCopyInWriter::new(sink, &types);
-        for row in rows {
-            let values: Vec<&(dyn ToSql + Sync)> =
-                row.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
-            writer.write(&values).map_err(pg_error)?;
+        let target = self.dialect.qualified(&self.schema, table);
+        match self.copy_rows(&target, columns, rows) {
+            Ok(()) => {
+                self.client
+                    .batch_execute("RELEASE SAVEPOINT profiles_sync_append")
+                    .map_err(pg_error)?;
+                Ok(true)
+            }
+            Err(e) if e.unique_violation => {
+                self.client
+                    .batch_execute("ROLLBACK TO SAVEPOINT profiles_sync_append")
+                    .map_err(pg_error)?;
+                Ok(false)
+            }
+            Err(e) => Err(e.error),
         }
-        writer.finish().map_err(pg_error)?;
-        Ok(())
     }
 }
