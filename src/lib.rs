@@ -3,9 +3,10 @@
 //! One crate, several roles (`profiles-sync <role>`); each concept has its own module:
 //! [`crd`] (the Kubernetes API types), [`event`] (Segment messages), [`identity`] (identity
 //! resolution), [`store`] (the profile store and its change feeds), [`sync`] (landing the feeds
-//! in a warehouse), [`cli`] (the command line).
+//! in a warehouse), [`controller`] (the Kubernetes operator), [`cli`] (the command line).
 
 pub mod cli;
+pub mod controller;
 pub mod crd;
 pub mod demo;
 pub mod engine;

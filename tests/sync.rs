@@ -691,3 +691,19 @@ fn postgres_a_row_already_in_the_table_falls_back_to_merging() {
     );
     assert_eq!(wh.count("pages"), 4, "m1, m3, m9 and m10, once each");
 }
+
+#[test]
+fn backfill_completes_when_every_feed_is_read_to_its_end() {
+    // The newest change is an event, so the identity tables' cursors stay below the head:
+    // they must still count as caught up once their feeds come back empty.
+    let (mut s, url, _d) = store();
+    ingest(&mut *s, &basics());
+    let wh = TestWarehouse::sqlite();
+    let r = wh.sync(&url, None);
+    assert!(
+        r.backfilling.is_empty(),
+        "still backfilling: {:?}",
+        r.backfilling
+    );
+    assert!(r.tables.iter().all(|t| !t.backfilling), "{:#?}", r.tables);
+}

@@ -1,5 +1,6 @@
 //! The command line: one subcommand per role.
 
+pub mod controller;
 mod engine;
 mod export;
 mod import;
@@ -47,6 +48,7 @@ pub enum Command {
         people: u64,
     },
     /// Run the Kubernetes operator: reconcile WarehouseConnections and SelectiveSyncs, schedule sync Jobs.
+    Controller(controller::ControllerArgs),
     /// Run one sync of a WarehouseConnection: land the change feeds in its warehouse.
     Sync(sync::SyncArgs),
     /// Ingest Segment JSON (one message, or one {"batch": [...]}, per line) into a store.
@@ -91,6 +93,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Crdgen { out_dir: None } => crdgen(&mut std::io::stdout().lock()),
         Command::Crdgen { out_dir: Some(dir) } => crdgen_files(&dir),
         Command::Engine(args) => engine::run(args),
+        Command::Controller(args) => controller::run(args),
         Command::Demo { dir, people } => {
             crate::demo::run(&crate::demo::DemoOptions { dir, people }).and_then(|r| {
                 anyhow::ensure!(

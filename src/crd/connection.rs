@@ -82,9 +82,9 @@ fn default_schedule() -> String {
     ),
     printcolumn(
         name = "Next Sync",
-        type_ = "date",
+        type_ = "string",
         json_path = ".status.nextSyncTime",
-        description = "When the next sync is due"
+        description = "When the next sync is due (UTC; kubectl shows future dates of date columns as <invalid>)"
     ),
     printcolumn(
         name = "Age",

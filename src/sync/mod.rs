@@ -116,6 +116,8 @@ struct Run<'a> {
     table_reports: BTreeMap<String, TableReport>,
     rows_left: Option<u64>,
     bytes_left: Option<u64>,
+    /// Tables whose feed came back empty this run: they have everything the store has.
+    caught_up: BTreeSet<String>,
 }
 
 fn micros(t: Timestamp) -> i64 {
@@ -147,6 +149,7 @@ impl<'a> Run<'a> {
             table_reports: BTreeMap::new(),
             rows_left: limits.and_then(|l| l.max_rows).map(|n| n.max(0) as u64),
             bytes_left: limits.and_then(|l| l.max_bytes).map(|n| n.max(0) as u64),
+            caught_up: BTreeSet::new(),
         }
     }
 
@@ -287,6 +290,7 @@ impl<'a> Run<'a> {
         while self.budget_left() {
             let rows = source.read(&feed, st.cursor, self.page())?;
             let Some(last) = rows.last().map(FeedRow::seq) else {
+                self.caught_up.insert(table.to_string());
                 break;
             };
             let mut pending = Vec::with_capacity(rows.len());
@@ -397,6 +401,10 @@ impl<'a> Run<'a> {
                 }
                 if !self.budget_left() && cursor.cursor < self.head {
                     self.report.limit_reached = true;
+                } else {
+                    // The window loop only stops early for the budget; otherwise every feed was read to its end.
+                    self.caught_up
+                        .extend(MATERIALIZED.iter().map(|t| t.to_string()));
                 }
                 Ok(())
             }
@@ -489,6 +497,18 @@ impl<'a> Run<'a> {
         while self.budget_left() {
             let rows = source.read(&Feed::Events(EventFilter::All), pos, self.page())?;
             let Some(page_end) = rows.last().map(FeedRow::seq) else {
+                let done: Vec<String> = self
+                    .states
+                    .keys()
+                    .filter(|t| {
+                        matches!(
+                            tables::group(t),
+                            tables::TableGroup::EventTypes | tables::TableGroup::Events
+                        )
+                    })
+                    .cloned()
+                    .collect();
+                self.caught_up.extend(done);
                 break;
             };
             let mut buffers: BTreeMap<String, TableBuffer> = BTreeMap::new();
@@ -616,7 +636,10 @@ impl<'a> Run<'a> {
     fn finish_states(&mut self, wh: &mut dyn Warehouse) -> Result<(), RunError> {
         let head = self.head;
         for (name, s) in self.states.iter_mut() {
-            if s.enabled && !self.failed.contains(name) && s.cursor >= head {
+            if s.enabled
+                && !self.failed.contains(name)
+                && (s.cursor >= head || self.caught_up.contains(name))
+            {
                 s.backfilled = true;
             }
         }

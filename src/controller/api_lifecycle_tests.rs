@@ -1,0 +1,329 @@
+//! API effects over a connection's life against the in-memory API (see `api_tests.rs` for the
+//! fixture): finished Jobs folded and pruned, a Job adopted after a restart, deletion.
+
+use k8s_openapi::api::batch::v1::{Job, JobCondition, JobStatus};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, ContainerState, ContainerStateTerminated, ContainerStatus, Pod, PodStatus,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use kube::api::ListParams;
+
+use super::api_tests::{NS, builder, condition, connection, fixture};
+use super::*;
+use crate::crd::{ErrorClass, SelectiveSyncSpec, SyncRows, SyncStatus};
+use crate::sync::SyncReport;
+
+fn finished_job(conn: &WarehouseConnection, name: &str, slot: &str, complete: bool) -> Job {
+    let mut job = Job {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(NS.into()),
+            uid: Some(format!("uid-{name}")),
+            labels: Some(build::labels(&conn.metadata.name.clone().unwrap())),
+            annotations: Some([(build::ANNOTATION_SLOT.to_string(), slot.to_string())].into()),
+            owner_references: build::owner(conn).map(|o| vec![o]),
+            ..ObjectMeta::default()
+        },
+        ..Job::default()
+    };
+    let at = Time(slot.parse().unwrap());
+    job.status = Some(JobStatus {
+        start_time: Some(at.clone()),
+        completion_time: complete.then(|| at.clone()),
+        succeeded: Some(i32::from(complete)),
+        failed: Some(i32::from(!complete)),
+        conditions: Some(vec![JobCondition {
+            type_: if complete { "Complete" } else { "Failed" }.into(),
+            status: "True".into(),
+            ..JobCondition::default()
+        }]),
+        ..JobStatus::default()
+    });
+    job
+}
+
+fn pod_with_report(job: &str, message: &str) -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(format!("{job}-x1")),
+            namespace: Some(NS.into()),
+            labels: Some([("job-name".to_string(), job.to_string())].into()),
+            ..ObjectMeta::default()
+        },
+        status: Some(PodStatus {
+            container_statuses: Some(vec![ContainerStatus {
+                name: "sync".into(),
+                state: Some(ContainerState {
+                    terminated: Some(ContainerStateTerminated {
+                        exit_code: 0,
+                        message: Some(message.into()),
+                        ..ContainerStateTerminated::default()
+                    }),
+                    ..ContainerState::default()
+                }),
+                ..ContainerStatus::default()
+            }]),
+            ..PodStatus::default()
+        }),
+        ..Pod::default()
+    }
+}
+
+#[tokio::test]
+async fn finished_jobs_are_folded_pruned_and_announced_and_the_selection_gets_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut conn = connection(dir.path(), "analytics");
+    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    let start: Timestamp = "2025-03-01T09:00:02Z".parse().unwrap();
+    let mut report = SyncReport::failed(
+        "analytics-29013660",
+        start,
+        ErrorClass::Internal,
+        String::new(),
+    );
+    report.errors.clear();
+    report.tables = vec![crate::sync::TableReport {
+        name: "tracks".into(),
+        rows: 7,
+        discards: 0,
+        backfilling: false,
+        error: None,
+    }];
+    report.finish(start);
+    report.start_time = start.to_string();
+    let ok = finished_job(&conn, "analytics-29013660", "2025-03-01T09:00:00Z", true);
+    let failed = finished_job(&conn, "analytics-29013600", "2025-03-01T08:00:00Z", false);
+    let older_failed = finished_job(&conn, "analytics-29013540", "2025-03-01T07:00:00Z", false);
+    let selection = {
+        let spec: SelectiveSyncSpec =
+            serde_json::from_value(serde_json::json!({"connectionRef": {"name": "analytics"}}))
+                .unwrap();
+        let mut s = SelectiveSync::new("analytics", spec);
+        s.metadata.namespace = Some(NS.into());
+        s.metadata.generation = Some(1);
+        s.status = Some(Default::default());
+        s
+    };
+    let client = builder()
+        .with_object(conn)
+        .with_object(ok)
+        .with_object(failed)
+        .with_object(older_failed)
+        .with_object(pod_with_report(
+            "analytics-29013660",
+            &report.termination_message(),
+        ))
+        .with_object(pod_with_report("analytics-29013600", "not json"))
+        .with_object(selection)
+        .build()
+        .await
+        .unwrap();
+    let f = fixture(dir, client, "2025-03-01T09:30:00Z").await;
+    f.reconcile("analytics").await.unwrap();
+    let c = f.connection("analytics").await;
+    let s = c.status.clone().unwrap();
+    let ids: Vec<(&str, SyncStatus)> = s.syncs.iter().map(|r| (r.id.as_str(), r.status)).collect();
+    assert_eq!(
+        ids,
+        [
+            ("analytics-29013660", SyncStatus::Success),
+            ("analytics-29013600", SyncStatus::Failed),
+            ("analytics-29013540", SyncStatus::Failed)
+        ]
+    );
+    assert_eq!(
+        s.syncs[0].rows,
+        SyncRows {
+            total: 7,
+            identity_graph: 0,
+            event_types: 7,
+            events: 0
+        }
+    );
+    assert!(s.syncs[1].errors[0].message.contains("malformed"));
+    assert!(s.syncs[2].errors[0].message.contains("no pod"));
+    assert_eq!(s.last_successful_sync_time.map(|t| t.0), Some(start));
+    assert_eq!(condition(&c, "Ready"), ("True".into(), "Synced".into()));
+    assert_eq!(
+        condition(&c, "BackfillComplete"),
+        ("True".into(), "CaughtUp".into())
+    );
+    let reasons = f.reasons().await;
+    for r in ["SyncSucceeded", "SyncFailed", "BackfillComplete"] {
+        assert!(
+            reasons.contains(&r.to_string()),
+            "{r} missing in {reasons:?}"
+        );
+    }
+    let rows = f.ctx.metrics.render();
+    assert!(
+        rows.contains("profiles_sync_controller_sync_runs_total{result=\"Failed\"} 2"),
+        "{rows}"
+    );
+    assert!(
+        rows.contains(
+            "last_successful_sync_timestamp_seconds{connection=\"analytics\",namespace=\"team-a\"}"
+        ),
+        "{rows}"
+    );
+
+    let sel = f
+        .api::<SelectiveSync>()
+        .get("analytics")
+        .await
+        .unwrap()
+        .status
+        .unwrap();
+    assert_eq!(sel.tables.len(), 1);
+    assert_eq!(
+        (sel.tables[0].name.as_str(), sel.tables[0].rows),
+        ("tracks", 7)
+    );
+
+    // Folded now, so the next reconcile prunes the older failed Job (history: 1 failed).
+    f.reconcile("analytics").await.unwrap();
+    let mut left: Vec<String> = f
+        .api::<Job>()
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|j| j.metadata.name.unwrap())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["analytics-29013600", "analytics-29013660"]);
+}
+
+#[tokio::test]
+async fn a_running_job_found_after_a_restart_is_adopted_and_blocks_a_second_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut conn = connection(dir.path(), "analytics");
+    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    let mut running = finished_job(&conn, "analytics-29013660", "2025-03-01T09:00:00Z", true);
+    running.status = Some(JobStatus {
+        active: Some(1),
+        ..JobStatus::default()
+    });
+    running.metadata.owner_references = None; // orphaned, e.g. by `kubectl delete --cascade=orphan`
+    let client = builder()
+        .with_object(conn)
+        .with_object(running)
+        .build()
+        .await
+        .unwrap();
+    let f = fixture(dir, client, "2025-03-01T10:00:30Z").await;
+    f.reconcile("analytics").await.unwrap();
+    let jobs = f
+        .api::<Job>()
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(jobs.len(), 1, "concurrency Forbid: the 10:00 slot waits");
+    assert_eq!(
+        jobs[0].metadata.owner_references.as_ref().unwrap()[0].uid,
+        "uid-analytics"
+    );
+    assert!(f.reasons().await.contains(&"JobAdopted".to_string()));
+    assert!(
+        f.api::<ConfigMap>().get("analytics-29013660").await.is_ok(),
+        "its ConfigMap is ensured"
+    );
+    assert_eq!(
+        condition(&f.connection("analytics").await, "Syncing").0,
+        "True"
+    );
+}
+
+#[tokio::test]
+async fn deletion_removes_jobs_and_config_maps_then_the_finalizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut conn = connection(dir.path(), "analytics");
+    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    conn.metadata.deletion_timestamp = Some(Time("2025-03-01T10:00:00Z".parse().unwrap()));
+    let job = finished_job(&conn, "analytics-29013660", "2025-03-01T09:00:00Z", true);
+    let cm = build::sync_config_map(
+        &job,
+        "analytics",
+        [("connection.yaml".to_string(), String::new())].into(),
+    );
+    let warehouse_file = dir.path().join("analytics.db");
+    std::fs::write(&warehouse_file, b"data").unwrap();
+    let client = builder()
+        .with_object(conn)
+        .with_object(job)
+        .with_object(cm)
+        .build()
+        .await
+        .unwrap();
+    let f = fixture(dir, client, "2025-03-01T10:00:05Z").await;
+    f.reconcile("analytics").await.unwrap();
+    assert!(
+        f.api::<Job>()
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    assert!(
+        f.api::<ConfigMap>()
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    assert!(
+        f.api::<WarehouseConnection>()
+            .get_opt("analytics")
+            .await
+            .unwrap()
+            .is_none(),
+        "finalizer removed"
+    );
+    assert_eq!(
+        std::fs::read(&warehouse_file).unwrap(),
+        b"data",
+        "warehouse data untouched"
+    );
+}
+
+#[tokio::test]
+async fn deletion_waits_for_a_running_sync_within_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut conn = connection(dir.path(), "analytics");
+    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    conn.metadata.deletion_timestamp = Some(Time("2025-03-01T10:00:00Z".parse().unwrap()));
+    let mut running = finished_job(&conn, "analytics-29013660", "2025-03-01T09:00:00Z", true);
+    running.status = Some(JobStatus {
+        active: Some(1),
+        ..JobStatus::default()
+    });
+    let client = builder()
+        .with_object(conn)
+        .with_object(running)
+        .build()
+        .await
+        .unwrap();
+    let f = fixture(dir, client, "2025-03-01T10:01:00Z").await;
+    let action = f.reconcile("analytics").await.unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(15)));
+    assert_eq!(
+        f.api::<Job>()
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .len(),
+        1
+    );
+    assert!(
+        f.api::<WarehouseConnection>()
+            .get_opt("analytics")
+            .await
+            .unwrap()
+            .is_some()
+    );
+}

@@ -1,0 +1,384 @@
+//! API effects against the in-memory API server of `kube-fake-client`: the real reconcile, the
+//! real warehouse code (an SQLite warehouse in a temporary directory), a real Recorder.
+//!
+//! The fake API has no watches, so each test calls `reconcile` itself, as the runtime would after
+//! a watch event; it deletes objects at once (finalizers are honoured only for objects created
+//! already terminating), which is how the deletion test sets its scene.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::events::v1::Event as K8sEvent;
+use kube::api::{Api, ListParams};
+use kube_fake_client::{ClientBuilder, interceptor};
+
+use super::*;
+use crate::crd::{SelectiveSyncSpec, WarehouseConnectionSpec};
+
+pub(super) const NS: &str = "team-a";
+
+pub(super) struct Fixture {
+    _dir: tempfile::TempDir,
+    pub(super) ctx: Arc<Context>,
+}
+
+pub(super) fn connection(dir: &Path, name: &str) -> WarehouseConnection {
+    let spec: WarehouseConnectionSpec = serde_json::from_value(serde_json::json!({
+        "warehouse": {"type": "sqlite", "sqlite": {"path": dir.join(format!("{name}.db")).display().to_string()}},
+        "schedule": "1h"
+    }))
+    .unwrap();
+    let mut c = WarehouseConnection::new(name, spec);
+    c.metadata.namespace = Some(NS.into());
+    c.metadata.uid = Some(format!("uid-{name}"));
+    c.metadata.generation = Some(1);
+    // An object added with a status registers the status subresource for its kind.
+    c.status = Some(Default::default());
+    c
+}
+
+pub(super) fn settings(dir: &Path) -> Settings {
+    let token = dir.join("token");
+    std::fs::write(&token, "feed-token\n").unwrap();
+    Settings {
+        job: JobSettings {
+            image: "profiles-sync:test".into(),
+            engine_url: "http://127.0.0.1:1".into(),
+            default_cpu: None,
+            default_memory: Some("256Mi".into()),
+        },
+        engine_token_file: token,
+        egress_ips: vec!["203.0.113.7".into()],
+        test_timeout: Duration::from_secs(30),
+    }
+}
+
+pub(super) fn builder() -> ClientBuilder {
+    ClientBuilder::new()
+        .with_resource::<WarehouseConnection>()
+        .with_resource::<SelectiveSync>()
+        .with_status_subresource::<Job>()
+}
+
+pub(super) fn fixed_clock(t: &str) -> Clock {
+    let t: Timestamp = t.parse().unwrap();
+    Arc::new(move || t)
+}
+
+pub(super) async fn fixture(dir: tempfile::TempDir, client: kube::Client, now: &str) -> Fixture {
+    let ctx = Context::new(
+        client,
+        settings(dir.path()),
+        fixed_clock(now),
+        metrics::Metrics::new().unwrap(),
+    );
+    Fixture {
+        _dir: dir,
+        ctx: Arc::new(ctx),
+    }
+}
+
+impl Fixture {
+    pub(super) async fn reconcile(&self, name: &str) -> Result<Action, Error> {
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.ctx.client.clone(), NS, &connection_resource());
+        let obj = api.get(name).await?;
+        reconcile::reconcile(Arc::new(obj), self.ctx.clone()).await
+    }
+
+    pub(super) fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        Api::namespaced(self.ctx.client.clone(), NS)
+    }
+
+    pub(super) async fn connection(&self, name: &str) -> WarehouseConnection {
+        self.api::<WarehouseConnection>().get(name).await.unwrap()
+    }
+
+    pub(super) async fn reasons(&self) -> Vec<String> {
+        let events: Vec<K8sEvent> = self
+            .api::<K8sEvent>()
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items;
+        events.into_iter().filter_map(|e| e.reason).collect()
+    }
+}
+
+pub(super) fn condition(c: &WarehouseConnection, type_: &str) -> (String, String) {
+    let s = c.status.as_ref().expect("a status");
+    let c = conditions::find(&s.conditions, type_).unwrap_or_else(|| panic!("no {type_}"));
+    (c.status.clone(), c.reason.clone())
+}
+
+#[tokio::test]
+async fn a_new_connection_gets_a_finalizer_a_verified_test_a_job_with_its_config_map_and_a_status()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let conn = connection(dir.path(), "analytics");
+    let status_writes = Arc::new(AtomicUsize::new(0));
+    let main_writes = Arc::new(AtomicUsize::new(0));
+    let (sw, mw) = (status_writes.clone(), main_writes.clone());
+    let funcs = interceptor::Funcs::new()
+        .replace_status(move |_| {
+            sw.fetch_add(1, Ordering::SeqCst);
+            Ok(None)
+        })
+        .replace(move |_| {
+            mw.fetch_add(1, Ordering::SeqCst);
+            Ok(None)
+        });
+    let client = builder()
+        .with_object(conn)
+        .with_interceptor_funcs(funcs)
+        .build()
+        .await
+        .unwrap();
+    let f = fixture(dir, client, "2025-03-01T10:17:30Z").await;
+
+    f.reconcile("analytics").await.unwrap();
+    let c = f.connection("analytics").await;
+    assert_eq!(
+        c.metadata.finalizers.as_deref(),
+        Some(&[FINALIZER.to_string()][..])
+    );
+    assert_eq!(
+        c.status,
+        Some(Default::default()),
+        "the finalizer comes first"
+    );
+
+    f.reconcile("analytics").await.unwrap();
+    let c = f.connection("analytics").await;
+    assert_eq!(
+        condition(&c, "ConnectionVerified"),
+        ("True".into(), "Connected".into())
+    );
+    assert_eq!(
+        condition(&c, "Syncing"),
+        ("True".into(), "JobRunning".into())
+    );
+    let status = c.status.clone().unwrap();
+    assert_eq!(status.egress_ips, ["203.0.113.7"]);
+    assert_eq!(
+        status.next_sync_time.map(|t| t.0.to_string()).as_deref(),
+        Some("2025-03-01T11:00:00Z")
+    );
+    // (The fake API bumps generation on metadata patches too, a real one doesn't.)
+    assert_eq!(status.observed_generation, c.metadata.generation);
+
+    let jobs = f
+        .api::<Job>()
+        .list(&ListParams::default().labels("profilesync.dev/connection=analytics"))
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(jobs.len(), 1);
+    let job = &jobs[0];
+    let name = plan::job_name("analytics", "2025-03-01T10:17:00Z".parse().unwrap(), None);
+    assert_eq!(job.metadata.name.as_deref(), Some(name.as_str()));
+    let owner = &job.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.uid.as_str(), owner.controller),
+        ("WarehouseConnection", "uid-analytics", Some(true))
+    );
+    let cm = f.api::<ConfigMap>().get(&name).await.unwrap();
+    assert_eq!(
+        cm.metadata.owner_references.as_ref().unwrap()[0].uid,
+        job.metadata.uid.clone().unwrap()
+    );
+    assert!(cm.data.unwrap()["connection.yaml"].contains("kind: WarehouseConnection"));
+    let token = f
+        .api::<Secret>()
+        .get(build::ENGINE_TOKEN_SECRET)
+        .await
+        .unwrap();
+    assert_eq!(
+        token.data.unwrap()[build::ENGINE_TOKEN_KEY].0,
+        b"feed-token"
+    );
+
+    assert!(
+        status_writes.load(Ordering::SeqCst) >= 1,
+        "status goes through /status"
+    );
+    assert_eq!(
+        main_writes.load(Ordering::SeqCst),
+        0,
+        "never a PUT of the whole object"
+    );
+    let reasons = f.reasons().await;
+    assert!(
+        reasons.contains(&"ConnectionVerified".to_string()),
+        "{reasons:?}"
+    );
+    assert!(reasons.contains(&"SyncStarted".to_string()), "{reasons:?}");
+
+    // Idempotent: the same instant creates nothing more and rewrites no status.
+    let before = status_writes.load(Ordering::SeqCst);
+    f.reconcile("analytics").await.unwrap();
+    assert_eq!(
+        f.api::<Job>()
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .len(),
+        1
+    );
+    assert_eq!(status_writes.load(Ordering::SeqCst), before);
+}
+
+#[tokio::test]
+async fn a_status_write_conflict_is_retried_with_a_fresh_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut conn = connection(dir.path(), "analytics");
+    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let a = attempts.clone();
+    let funcs = interceptor::Funcs::new().replace_status(move |_| {
+        if a.fetch_add(1, Ordering::SeqCst) == 0 {
+            return Err(kube_fake_client::Error::Conflict(
+                "the object has been modified".into(),
+            ));
+        }
+        Ok(None)
+    });
+    let client = builder()
+        .with_object(conn)
+        .with_interceptor_funcs(funcs)
+        .build()
+        .await
+        .unwrap();
+    let f = fixture(dir, client, "2025-03-01T10:17:30Z").await;
+    f.reconcile("analytics").await.unwrap();
+    assert_eq!(
+        attempts.load(Ordering::SeqCst),
+        2,
+        "one conflict, one retry"
+    );
+    assert_eq!(
+        condition(&f.connection("analytics").await, "Ready").0,
+        "True"
+    );
+}
+
+#[tokio::test]
+async fn a_missing_secret_is_reported_and_no_job_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec: WarehouseConnectionSpec = serde_json::from_value(serde_json::json!({
+        "warehouse": {"type": "postgres", "postgres": {"host": "127.0.0.1", "port": 1, "database": "d"},
+                      "credentialsSecretRef": {"name": "missing"}}
+    }))
+    .unwrap();
+    let mut conn = WarehouseConnection::new("pg", spec);
+    conn.metadata.namespace = Some(NS.into());
+    conn.metadata.uid = Some("uid-pg".into());
+    conn.metadata.generation = Some(1);
+    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    conn.status = Some(Default::default());
+    let client = builder().with_object(conn).build().await.unwrap();
+    let f = fixture(dir, client, "2025-03-01T10:00:05Z").await;
+    f.reconcile("pg").await.unwrap();
+    let c = f.connection("pg").await;
+    assert_eq!(
+        condition(&c, "ConnectionVerified"),
+        ("False".into(), "SecretNotFound".into())
+    );
+    assert_eq!(
+        condition(&c, "Ready"),
+        ("False".into(), "ConnectionNotVerified".into())
+    );
+    assert!(
+        f.api::<Job>()
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    assert!(f.reasons().await.contains(&"ConnectionFailed".to_string()));
+}
+
+#[tokio::test]
+async fn a_malformed_connection_is_skipped_without_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = builder().build().await.unwrap();
+    let f = fixture(dir, client, "2025-03-01T10:00:05Z").await;
+    let obj: DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "profilesync.dev/v1alpha1", "kind": "WarehouseConnection",
+        "metadata": {"name": "broken", "namespace": NS},
+        "spec": {"warehouse": {"type": "oracle"}}
+    }))
+    .unwrap();
+    let action = reconcile::reconcile(Arc::new(obj), f.ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(action, Action::await_change());
+    assert!(f.ctx.metrics.render().contains("error=\"Malformed\""));
+}
+
+#[tokio::test]
+async fn an_invalid_selection_blocks_syncs_and_is_reported_on_the_selection() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut conn = connection(dir.path(), "analytics");
+    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    // Listed twice: the API server's list-map would refuse it, an older CRD might not.
+    let spec: SelectiveSyncSpec = serde_json::from_value(serde_json::json!({
+        "connectionRef": {"name": "analytics"},
+        "tables": [{"name": "pages"}, {"name": "pages", "enabled": false}]
+    }))
+    .unwrap();
+    let mut sel = SelectiveSync::new("analytics", spec);
+    sel.metadata.namespace = Some(NS.into());
+    sel.metadata.generation = Some(1);
+    sel.status = Some(Default::default());
+    let client = builder()
+        .with_object(conn)
+        .with_object(sel)
+        .build()
+        .await
+        .unwrap();
+    let f = fixture(dir, client, "2025-03-01T10:17:30Z").await;
+    f.reconcile("analytics").await.unwrap();
+    assert!(
+        f.api::<Job>()
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty(),
+        "no sync with an invalid selection"
+    );
+    assert_eq!(
+        condition(&f.connection("analytics").await, "Ready"),
+        ("False".into(), "SelectiveSyncInvalid".into())
+    );
+    let status = f
+        .api::<SelectiveSync>()
+        .get("analytics")
+        .await
+        .unwrap()
+        .status
+        .unwrap();
+    let valid = conditions::find(&status.conditions, "Valid").unwrap();
+    assert_eq!(valid.status, "False");
+    assert!(
+        valid.message.contains("more than once"),
+        "{}",
+        valid.message
+    );
+    assert!(
+        f.reasons()
+            .await
+            .contains(&"SelectiveSyncInvalid".to_string())
+    );
+}

@@ -1,0 +1,317 @@
+//! Apply and update status: the API writes of a reconcile (Jobs, ConfigMaps, the engine token
+//! Secret, annotations, finalizers, Events) and the status writes with their conflict retries,
+//! plus the deletion path.
+
+use jiff::Timestamp;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+
+use super::build;
+use super::events::Note;
+use super::plan::{self, Deletion};
+use super::status::{self, SelectionFacts};
+use super::{Context, Error, FINALIZER, conditions, observe};
+use crate::crd::{SelectiveSync, WarehouseConnection, WarehouseConnectionStatus};
+use crate::sync::SyncReport;
+
+/// How many times a status write is retried after a resourceVersion conflict.
+const STATUS_ATTEMPTS: u32 = 5;
+
+pub(super) fn connections(ctx: &Context, conn: &WarehouseConnection) -> Api<WarehouseConnection> {
+    Api::namespaced(ctx.client.clone(), &conn.namespace().unwrap_or_default())
+}
+
+pub(super) fn annotation<'a>(conn: &'a WarehouseConnection, key: &str) -> Option<&'a str> {
+    conn.metadata
+        .annotations
+        .as_ref()?
+        .get(key)
+        .map(String::as_str)
+}
+
+/// Removes an annotation from the version of the object this reconcile read: the patch carries
+/// that resourceVersion, so if the user changed the annotation meanwhile (a new request) the
+/// API answers 409 and the request survives for the next reconcile.
+pub(super) async fn remove_annotations(
+    ctx: &Context,
+    conn: &WarehouseConnection,
+    keys: &[&str],
+) -> Result<Option<WarehouseConnection>, Error> {
+    if keys.is_empty() {
+        return Ok(None);
+    }
+    let nulls: serde_json::Map<String, serde_json::Value> = keys
+        .iter()
+        .map(|k| (k.to_string(), serde_json::Value::Null))
+        .collect();
+    let patch =
+        json!({"metadata": {"annotations": nulls, "resourceVersion": conn.resource_version()}});
+    match connections(ctx, conn)
+        .patch(
+            &conn.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(updated) => Ok(Some(updated)),
+        Err(kube::Error::Api(s)) if s.is_conflict() || s.is_not_found() => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub(super) async fn publish(
+    ctx: &Context,
+    reference: &k8s_openapi::api::core::v1::ObjectReference,
+    note: &Note,
+) {
+    if let Err(e) = ctx.recorder.publish(&note.event(), reference).await {
+        tracing::warn!(reason = note.reason(), error = %e, "cannot publish an Event");
+    }
+}
+
+pub(super) async fn delete_job(ctx: &Context, ns: &str, name: &str) -> Result<(), Error> {
+    let api: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
+    match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.is_not_found() => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Copies the controller's engine token into the namespace's token Secret (create or update).
+pub(super) async fn ensure_token_secret(ctx: &Context, ns: &str) -> Result<(), Error> {
+    let token = super::read_token(&ctx.settings.engine_token_file)?;
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let want = build::engine_token_secret(ns, &token);
+    match api.get_opt(build::ENGINE_TOKEN_SECRET).await? {
+        None => match api.create(&PostParams::default(), &want).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+            Err(e) => Err(e.into()),
+        },
+        Some(have) if have.data == want.data => Ok(()),
+        Some(have) => {
+            let mut updated = want;
+            updated.metadata.resource_version = have.metadata.resource_version;
+            api.replace(build::ENGINE_TOKEN_SECRET, &PostParams::default(), &updated)
+                .await?;
+            Ok(())
+        }
+    }
+}
+
+/// Creates a Job's ConfigMap (owned by the Job) unless it exists.
+pub(super) async fn ensure_config_map(
+    ctx: &Context,
+    job: &Job,
+    conn: &WarehouseConnection,
+    selection: Option<&SelectiveSync>,
+) -> Result<(), Error> {
+    let ns = job.namespace().unwrap_or_default();
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+    if api.get_opt(&job.name_any()).await?.is_some() {
+        return Ok(());
+    }
+    let cm = build::sync_config_map(job, &conn.name_any(), build::manifests(conn, selection)?);
+    match api.create(&PostParams::default(), &cm).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Writes the connection's status through the status subresource (`PUT .../status` with the
+/// resourceVersion read, so a concurrent writer causes a 409); on a conflict the object is read
+/// again and the status recomputed from it. Returns the status written (or already there).
+pub(super) async fn write_connection_status(
+    ctx: &Context,
+    conn: &WarehouseConnection,
+    compute: impl Fn(&WarehouseConnectionStatus) -> WarehouseConnectionStatus,
+) -> Result<WarehouseConnectionStatus, Error> {
+    let api = connections(ctx, conn);
+    let mut current = conn.clone();
+    for _ in 0..STATUS_ATTEMPTS {
+        let previous = current.status.clone().unwrap_or_default();
+        let new = compute(&previous);
+        if current.status.as_ref() == Some(&new) {
+            return Ok(new);
+        }
+        let mut obj = current.clone();
+        obj.status = Some(new.clone());
+        match api
+            .replace_status(&conn.name_any(), &PostParams::default(), &obj)
+            .await
+        {
+            Ok(_) => return Ok(new),
+            Err(kube::Error::Api(s)) if s.is_conflict() => {
+                tracing::debug!("status conflict; reading the connection again");
+                current = api.get(&conn.name_any()).await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(Error::StatusConflict(conn.name_any()))
+}
+
+pub(super) async fn write_selection_statuses(
+    ctx: &Context,
+    conn: &WarehouseConnection,
+    selections: &observe::Selections,
+    report: Option<(&SyncReport, Option<i64>)>,
+    now: Timestamp,
+    notes: &mut Vec<Note>,
+) -> Result<(), Error> {
+    let mut targets: Vec<(&SelectiveSync, Option<String>, bool)> = vec![];
+    if let Some(s) = &selections.active {
+        targets.push((s, selections.active_problem.clone(), true));
+    }
+    for (s, why) in &selections.others {
+        targets.push((s, Some(why.clone()), false));
+    }
+    if targets.is_empty() {
+        return Ok(());
+    }
+    let available = observe::available_tables(ctx).await;
+    for (sel, problem, active) in targets {
+        let api: Api<SelectiveSync> =
+            Api::namespaced(ctx.client.clone(), &sel.namespace().unwrap_or_default());
+        let generation = sel.metadata.generation.unwrap_or(0);
+        let mut current = sel.clone();
+        let mut written = false;
+        for _ in 0..STATUS_ATTEMPTS {
+            let previous = current.status.clone().unwrap_or_default();
+            let new = status::selection_status(&SelectionFacts {
+                now,
+                generation,
+                spec: &current.spec,
+                previous: &previous,
+                problem: problem.clone(),
+                available: available.clone(),
+                report: if active { report } else { None },
+            });
+            let was_valid =
+                conditions::find(&previous.conditions, conditions::VALID).map(|c| c.status.clone());
+            if current.status.as_ref() == Some(&new) {
+                written = true;
+                break;
+            }
+            let mut obj = current.clone();
+            obj.status = Some(new);
+            match api
+                .replace_status(&sel.name_any(), &PostParams::default(), &obj)
+                .await
+            {
+                Ok(_) => {
+                    if let Some(p) = &problem
+                        && was_valid.as_deref() != Some("False")
+                    {
+                        let note = Note::SelectiveSyncInvalid(format!(
+                            "{p} (connection {})",
+                            conn.name_any()
+                        ));
+                        publish(ctx, &sel.object_ref(&()), &note).await;
+                        notes.push(note);
+                    }
+                    written = true;
+                    break;
+                }
+                Err(kube::Error::Api(s)) if s.is_conflict() => {
+                    current = api.get(&sel.name_any()).await?
+                }
+                Err(kube::Error::Api(s)) if s.is_not_found() => {
+                    written = true;
+                    break;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if !written {
+            return Err(Error::StatusConflict(sel.name_any()));
+        }
+    }
+    Ok(())
+}
+
+/// The deletion path: wait for a running sync (bounded), delete the Jobs and ConfigMaps, drop
+/// the finalizer. Warehouse data is never touched.
+pub(super) async fn cleanup(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Error> {
+    if !conn.finalizers().iter().any(|f| f == FINALIZER) {
+        return Ok(Action::await_change());
+    }
+    let now = ctx.now();
+    let ns = conn.namespace().unwrap_or_default();
+    let jobs = observe::jobs(ctx, conn).await?;
+    let views: Vec<plan::JobView> = jobs.iter().map(observe::job_view).collect();
+    let deleted_at = conn
+        .meta()
+        .deletion_timestamp
+        .as_ref()
+        .map(|t| t.0)
+        .unwrap_or(now);
+    match plan::plan_deletion(now, deleted_at, &views) {
+        Deletion::WaitForJob { job, requeue_after } => {
+            tracing::info!(%job, "deletion waits for the running sync");
+            Ok(Action::requeue(requeue_after))
+        }
+        Deletion::Cleanup { delete } => {
+            for job in &delete {
+                delete_job(ctx, &ns, job).await?;
+            }
+            let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+            for cm in cms
+                .list(&ListParams::default().labels(&build::selector(&conn.name_any())))
+                .await?
+                .items
+            {
+                match cms
+                    .delete(&cm.name_any(), &DeleteParams::background())
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(s)) if s.is_not_found() => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let others: Vec<&String> = conn
+                .finalizers()
+                .iter()
+                .filter(|f| *f != FINALIZER)
+                .collect();
+            let finalizers = if others.is_empty() {
+                serde_json::Value::Null
+            } else {
+                json!(others)
+            };
+            let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": conn.resource_version()}});
+            match connections(ctx, conn)
+                .patch(
+                    &conn.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await
+            {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.is_not_found() => {}
+                Err(e) => return Err(e.into()),
+            }
+            ctx.metrics.forget(&ns, &conn.name_any());
+            let uid = conn.uid().unwrap_or_default();
+            ctx.with_memory(|m| {
+                m.tests.remove(&uid);
+                m.jobs
+                    .retain(|k| !delete.iter().any(|j| *k == format!("{ns}/{j}")));
+            });
+            tracing::info!(
+                jobs = delete.len(),
+                "connection cleaned up; warehouse data is left in place"
+            );
+            Ok(Action::await_change())
+        }
+    }
+}

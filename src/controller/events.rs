@@ -1,0 +1,188 @@
+//! Kubernetes Events (events.k8s.io, through kube's `Recorder`) with PascalCase reasons.
+
+use kube::runtime::events::{Event, EventType};
+
+use crate::crd::{SyncRecord, SyncStatus};
+
+/// What happened, as an Event reason and note.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Note {
+    /// The connection test passed.
+    ConnectionVerified(String),
+    /// The connection test failed: reason and message.
+    ConnectionFailed(String, String),
+    /// A sync Job was created: Job name and trigger.
+    SyncStarted(String, String),
+    /// A sync loaded every table.
+    SyncSucceeded(String),
+    /// A sync loaded some tables.
+    SyncPartiallySucceeded(String),
+    /// A sync loaded nothing.
+    SyncFailed(String),
+    /// The backfill caught up.
+    BackfillComplete,
+    /// The connection's SelectiveSync is invalid (published on the SelectiveSync).
+    SelectiveSyncInvalid(String),
+    /// A running or orphaned sync Job was adopted by this controller.
+    JobAdopted(String),
+}
+
+impl Note {
+    /// The Event's reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Note::ConnectionVerified(_) => "ConnectionVerified",
+            Note::ConnectionFailed(..) => "ConnectionFailed",
+            Note::SyncStarted(..) => "SyncStarted",
+            Note::SyncSucceeded(_) => "SyncSucceeded",
+            Note::SyncPartiallySucceeded(_) => "SyncPartiallySucceeded",
+            Note::SyncFailed(_) => "SyncFailed",
+            Note::BackfillComplete => "BackfillComplete",
+            Note::SelectiveSyncInvalid(_) => "SelectiveSyncInvalid",
+            Note::JobAdopted(_) => "JobAdopted",
+        }
+    }
+
+    /// The Event to publish.
+    pub fn event(&self) -> Event {
+        let (type_, action, note) = match self {
+            Note::ConnectionVerified(m) => (EventType::Normal, "TestConnection", m.clone()),
+            Note::ConnectionFailed(r, m) => {
+                (EventType::Warning, "TestConnection", format!("{r}: {m}"))
+            }
+            Note::SyncStarted(job, trigger) => (
+                EventType::Normal,
+                "CreateJob",
+                format!("created sync Job {job} ({trigger})"),
+            ),
+            Note::SyncSucceeded(m) => (EventType::Normal, "Sync", m.clone()),
+            Note::SyncPartiallySucceeded(m) => (EventType::Warning, "Sync", m.clone()),
+            Note::SyncFailed(m) => (EventType::Warning, "Sync", m.clone()),
+            Note::BackfillComplete => (
+                EventType::Normal,
+                "Sync",
+                "every table has caught up with the profile store".into(),
+            ),
+            Note::SelectiveSyncInvalid(m) => (EventType::Warning, "Validate", m.clone()),
+            Note::JobAdopted(job) => (
+                EventType::Normal,
+                "AdoptJob",
+                format!("adopted sync Job {job}"),
+            ),
+        };
+        let mut note = note;
+        if note.len() > 1000 {
+            let mut cut = 1000;
+            while !note.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            note.truncate(cut);
+        }
+        Event {
+            type_,
+            reason: self.reason().into(),
+            note: Some(note),
+            action: action.into(),
+            secondary: None,
+        }
+    }
+
+    /// The Event for a sync folded into the status.
+    pub fn for_sync(r: &SyncRecord) -> Note {
+        let job = r.job_name.as_deref().unwrap_or(&r.id);
+        match r.status {
+            SyncStatus::Success => Note::SyncSucceeded(format!(
+                "sync {job} loaded {} rows in {:.1}s",
+                r.rows.total, r.duration_seconds
+            )),
+            SyncStatus::PartialSuccess => {
+                let tables: Vec<&str> = r.tables.iter().map(|t| t.name.as_str()).collect();
+                Note::SyncPartiallySucceeded(format!(
+                    "sync {job} loaded {} rows; failed tables (retried next sync): {}",
+                    r.rows.total,
+                    tables.join(", ")
+                ))
+            }
+            SyncStatus::Failed => {
+                let why = r
+                    .errors
+                    .first()
+                    .map(|e| format!("{:?}: {}", e.class, e.message))
+                    .unwrap_or_default();
+                Note::SyncFailed(format!("sync {job} failed: {why}"))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{ErrorClass, FailedTable, SyncError, SyncRows};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    fn record(status: SyncStatus) -> SyncRecord {
+        SyncRecord {
+            id: "c-1".into(),
+            status,
+            start_time: Time("2025-03-01T10:00:00Z".parse().unwrap()),
+            duration_seconds: 2.0,
+            rows: SyncRows {
+                total: 9,
+                identity_graph: 9,
+                event_types: 0,
+                events: 0,
+            },
+            tables: vec![FailedTable {
+                name: "order_completed".into(),
+                class: ErrorClass::TypeConflict,
+                message: "x".into(),
+            }],
+            errors: vec![SyncError {
+                class: ErrorClass::Permission,
+                message: "permission denied for schema".into(),
+                table: None,
+            }],
+            job_name: Some("c-1".into()),
+        }
+    }
+
+    #[test]
+    fn each_sync_outcome_has_its_reason_and_severity() {
+        let cases = [
+            (
+                SyncStatus::Success,
+                "SyncSucceeded",
+                EventType::Normal,
+                "9 rows",
+            ),
+            (
+                SyncStatus::PartialSuccess,
+                "SyncPartiallySucceeded",
+                EventType::Warning,
+                "order_completed",
+            ),
+            (
+                SyncStatus::Failed,
+                "SyncFailed",
+                EventType::Warning,
+                "Permission: permission denied",
+            ),
+        ];
+        for (status, reason, type_, text) in cases {
+            let e = Note::for_sync(&record(status)).event();
+            assert_eq!((e.reason.as_str(), e.type_), (reason, type_));
+            assert!(
+                e.note.as_deref().unwrap_or_default().contains(text),
+                "{:?}",
+                e.note
+            );
+        }
+        let long = Note::ConnectionFailed("Unreachable".into(), "é".repeat(800)).event();
+        assert!(
+            long.note.unwrap().len() <= 1000,
+            "notes are cut to the API's 1 kB"
+        );
+        assert_eq!(Note::JobAdopted("j".into()).event().reason, "JobAdopted");
+    }
+}

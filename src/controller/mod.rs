@@ -1,0 +1,421 @@
+//! The operator: reconciles WarehouseConnections (and their SelectiveSyncs), tests connections,
+//! schedules and owns the sync Jobs, and writes status, Events and metrics.
+//!
+//! One reconcile is a pipeline (see `reconcile.rs`): *dereference* (`observe.rs`) → *validate*
+//! and *plan* (`plan.rs`, pure) → *build* (`build.rs`, pure) → *apply* → *update status*
+//! (`status.rs`, pure folding; written through the status subresource by `apply.rs`). Time comes from an
+//! injected clock so the pure steps are tested over simulated hours.
+//!
+//! Watches: WarehouseConnections and SelectiveSyncs are watched as `DynamicObject`s and decoded
+//! per object, so one malformed object (an older CRD version, a hand-edited field) is reported
+//! and skipped instead of breaking the list/watch for every other object. Owned Jobs are watched
+//! by metadata; Secrets by metadata too, mapped to the connections that name them.
+
+mod apply;
+pub mod build;
+pub mod conditions;
+pub mod connection_test;
+pub mod events;
+pub mod metrics;
+pub mod observe;
+pub mod plan;
+pub mod reconcile;
+pub mod status;
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use jiff::Timestamp;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, ApiResource, DynamicObject};
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+
+use crate::crd::{SelectiveSync, WarehouseConnection};
+use build::JobSettings;
+use connection_test::TestMemory;
+
+/// The finalizer that lets the controller clean up a connection's Jobs before it goes.
+pub const FINALIZER: &str = "profilesync.dev/cleanup";
+/// The name the controller reports Events under.
+pub const CONTROLLER_NAME: &str = "profiles-sync-controller";
+/// The `controller` label value of the reconcile metrics.
+pub const METRICS_CONTROLLER: &str = "warehouseconnection";
+
+/// Every Kubernetes API call the controller makes, as (API group, resource, verb): what its
+/// ClusterRole must allow (checked against the chart's rules in `tests/controller_rbac.rs`).
+pub const API_CALLS: &[(&str, &str, &str)] = &[
+    // Watched (list + watch) and read again on a status conflict.
+    ("profilesync.dev", "warehouseconnections", "list"),
+    ("profilesync.dev", "warehouseconnections", "watch"),
+    ("profilesync.dev", "warehouseconnections", "get"),
+    // Finalizer and annotation acknowledgements (merge patches).
+    ("profilesync.dev", "warehouseconnections", "patch"),
+    ("profilesync.dev", "warehouseconnections/status", "update"),
+    // blockOwnerDeletion on the Jobs it owns.
+    (
+        "profilesync.dev",
+        "warehouseconnections/finalizers",
+        "update",
+    ),
+    ("profilesync.dev", "selectivesyncs", "list"),
+    ("profilesync.dev", "selectivesyncs", "watch"),
+    ("profilesync.dev", "selectivesyncs", "get"),
+    ("profilesync.dev", "selectivesyncs/status", "update"),
+    ("batch", "jobs", "list"),
+    ("batch", "jobs", "watch"),
+    ("batch", "jobs", "get"),
+    ("batch", "jobs", "create"),
+    ("batch", "jobs", "delete"),
+    // Adoption of an orphaned Job (owner reference).
+    ("batch", "jobs", "patch"),
+    ("", "configmaps", "get"),
+    ("", "configmaps", "list"),
+    ("", "configmaps", "create"),
+    ("", "configmaps", "delete"),
+    // The credentials Secret (connection test) and the engine token Secret it maintains.
+    ("", "secrets", "get"),
+    ("", "secrets", "list"),
+    ("", "secrets", "watch"),
+    ("", "secrets", "create"),
+    ("", "secrets", "update"),
+    ("", "pods", "list"),
+    ("events.k8s.io", "events", "create"),
+    ("events.k8s.io", "events", "patch"),
+];
+
+/// A source of the current time (tests inject a fixed or stepped one).
+pub type Clock = Arc<dyn Fn() -> Timestamp + Send + Sync>;
+
+/// The wall clock.
+pub fn system_clock() -> Clock {
+    Arc::new(Timestamp::now)
+}
+
+/// What the controller was started with.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Image, engine URL and resource defaults of the sync Jobs.
+    pub job: JobSettings,
+    /// The file with the engine's feed API token (copied into each namespace's token Secret).
+    pub engine_token_file: PathBuf,
+    /// Egress IPs to show in each connection's status.
+    pub egress_ips: Vec<String>,
+    /// How long one connection test may take.
+    pub test_timeout: Duration,
+}
+
+/// Errors of one reconcile; each becomes a retry with backoff and a metric.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A Kubernetes API call failed.
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// The engine token file could not be read.
+    #[error("engine token file {path}: {reason}")]
+    EngineToken {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// The Job's ConfigMap could not be rendered.
+    #[error(transparent)]
+    Render(#[from] build::RenderError),
+    /// The status kept conflicting with concurrent writers.
+    #[error("the status of {0} kept conflicting with other writers")]
+    StatusConflict(String),
+}
+
+impl Error {
+    /// A bounded label for the errors metric.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(kube::Error::Api(s)) if s.is_conflict() => "Conflict",
+            Error::Kube(kube::Error::Api(_)) => "ApiError",
+            Error::Kube(_) => "ApiUnreachable",
+            Error::EngineToken { .. } => "EngineToken",
+            Error::Render(_) => "Render",
+            Error::StatusConflict(_) => "StatusConflict",
+        }
+    }
+}
+
+/// What the controller remembers between reconciles (lost on restart, by design: a restarted
+/// controller re-tests each connection once and announces the running Jobs it adopts).
+#[derive(Default)]
+pub struct Memory {
+    /// The last connection test per connection uid.
+    pub tests: HashMap<String, TestMemory>,
+    /// Jobs this process created or adopted (`namespace/name`).
+    pub jobs: HashSet<String>,
+}
+
+/// Watch caches of what a reconcile reads (filled by [`run`]'s watches). Without them — the
+/// in-memory API of the tests has no watches — reconciles list through the API instead. A stale
+/// cache is safe: Job names are deterministic, so creating a Job the cache doesn't show yet
+/// answers `AlreadyExists` and the existing Job is used.
+pub struct Caches {
+    /// The controller's sync Jobs (label `app.kubernetes.io/managed-by`).
+    pub jobs: Store<Job>,
+    /// Every SelectiveSync, undecoded.
+    pub selections: Store<DynamicObject>,
+}
+
+/// What the Job cache keeps of a Job: everything but its pod template and managed fields, which
+/// no reconcile reads (a third of the memory of a cached Job).
+pub fn slim_job(job: &mut Job) {
+    job.metadata.managed_fields = None;
+    if let Some(spec) = job.spec.as_mut() {
+        spec.template.spec = None;
+    }
+}
+
+/// Whether a cache has received its first complete list.
+pub fn cache_ready<K>(store: &Store<K>) -> bool
+where
+    K: kube::runtime::reflector::Lookup + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    futures::FutureExt::now_or_never(store.wait_until_ready()).is_some_and(|r| r.is_ok())
+}
+
+/// Shared state of every reconcile.
+pub struct Context {
+    /// The Kubernetes client.
+    pub client: Client,
+    /// Flags.
+    pub settings: Settings,
+    /// The clock.
+    pub clock: Clock,
+    /// Publishes Events.
+    pub recorder: Recorder,
+    /// Metrics.
+    pub metrics: metrics::Metrics,
+    /// In-memory state.
+    pub memory: std::sync::Mutex<Memory>,
+    /// The engine's table catalog and when it was fetched.
+    pub catalog: tokio::sync::Mutex<Option<(Instant, Option<Vec<String>>)>>,
+    /// HTTP client for the engine.
+    pub http: reqwest::Client,
+    /// Watch caches, once [`run`] (or a benchmark) provides them.
+    pub caches: std::sync::OnceLock<Caches>,
+}
+
+impl Context {
+    /// A context for `client`.
+    pub fn new(
+        client: Client,
+        settings: Settings,
+        clock: Clock,
+        metrics: metrics::Metrics,
+    ) -> Context {
+        let reporter = Reporter {
+            controller: CONTROLLER_NAME.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            settings,
+            clock,
+            metrics,
+            memory: std::sync::Mutex::new(Memory::default()),
+            catalog: tokio::sync::Mutex::new(None),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap_or_default(),
+            caches: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Now, by the injected clock.
+    pub fn now(&self) -> Timestamp {
+        (self.clock)()
+    }
+
+    /// Runs `f` on the in-memory state.
+    pub fn with_memory<T>(&self, f: impl FnOnce(&mut Memory) -> T) -> T {
+        match self.memory.lock() {
+            Ok(mut m) => f(&mut m),
+            Err(poisoned) => f(&mut poisoned.into_inner()),
+        }
+    }
+}
+
+/// Reads the engine token file (a mounted Secret; re-read each time so rotation is picked up).
+pub fn read_token(path: &Path) -> Result<String, Error> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::EngineToken {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let token = text.trim().to_string();
+    if token.is_empty() {
+        return Err(Error::EngineToken {
+            path: path.display().to_string(),
+            reason: "the file is empty".into(),
+        });
+    }
+    Ok(token)
+}
+
+/// The API resource of WarehouseConnections, watched as `DynamicObject`s.
+pub fn connection_resource() -> ApiResource {
+    ApiResource::erase::<WarehouseConnection>(&())
+}
+
+fn error_policy(obj: Arc<DynamicObject>, error: &Error, ctx: Arc<Context>) -> Action {
+    tracing::warn!(connection = %obj.name_any(), namespace = ?obj.namespace(), %error, "reconcile failed; retrying");
+    ctx.metrics
+        .reconcile_errors
+        .with_label_values(&[METRICS_CONTROLLER, error.metric_label()])
+        .inc();
+    let delay = match error {
+        Error::Kube(kube::Error::Api(s)) if s.is_conflict() => Duration::from_secs(1),
+        _ => Duration::from_secs(15),
+    };
+    Action::requeue(delay)
+}
+
+/// The connections (in `store`) whose credentials Secret is `secret`.
+fn connections_using(
+    store: &kube::runtime::reflector::Store<DynamicObject>,
+    ar: &ApiResource,
+    namespace: Option<&str>,
+    secret: &str,
+) -> Vec<ObjectRef<DynamicObject>> {
+    store
+        .state()
+        .iter()
+        .filter(|c| c.namespace().as_deref() == namespace)
+        .filter(|c| {
+            c.data
+                .pointer("/spec/warehouse/credentialsSecretRef/name")
+                .and_then(|v| v.as_str())
+                == Some(secret)
+        })
+        .map(|c| {
+            let r = ObjectRef::new_with(&c.name_any(), ar.clone());
+            match &namespace {
+                Some(ns) => r.within(ns),
+                None => r,
+            }
+        })
+        .collect()
+}
+
+/// Runs the controller until `shutdown` resolves (reconciles in flight finish first). `ready` is
+/// set once the connection cache holds its first complete list.
+pub async fn run(
+    ctx: Arc<Context>,
+    ready: Arc<AtomicBool>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let ar = connection_resource();
+    let connections: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+    let selections_ar = ApiResource::erase::<SelectiveSync>(&());
+    let selections: Api<DynamicObject> = Api::all_with(client.clone(), &selections_ar);
+    let jobs: Api<Job> = Api::all(client.clone());
+    let secrets: Api<PartialObjectMeta<Secret>> = Api::all(client.clone());
+
+    // Jobs and SelectiveSyncs are cached from the same watches that trigger reconciles.
+    let (jobs_cache, jobs_writer) = reflector::store::<Job>();
+    let managed = watcher::Config::default().labels(&format!(
+        "app.kubernetes.io/managed-by={}",
+        build::MANAGED_BY
+    ));
+    let job_events = watcher(jobs, managed)
+        .default_backoff()
+        .modify(slim_job)
+        .reflect(jobs_writer)
+        .touched_objects();
+    let selections_writer = reflector::store::Writer::new(selections_ar.clone());
+    let selections_cache = selections_writer.as_reader();
+    let selection_events = watcher(selections, watcher::Config::default())
+        .default_backoff()
+        .reflect(selections_writer)
+        .touched_objects();
+    let _ = ctx.caches.set(Caches {
+        jobs: jobs_cache,
+        selections: selections_cache,
+    });
+
+    let controller = Controller::new_with(connections, watcher::Config::default(), ar.clone());
+    let store = controller.store();
+    let selection_ar = ar.clone();
+    let secret_ar = ar.clone();
+    let secret_store = store.clone();
+    let ready_store = store.clone();
+    tokio::spawn(async move {
+        // The store's readiness signal wakes only its latest waiter (the controller's own), so
+        // this one asks again now and then instead of waiting once.
+        loop {
+            match tokio::time::timeout(Duration::from_millis(250), ready_store.wait_until_ready())
+                .await
+            {
+                Ok(Ok(())) => {
+                    ready.store(true, Ordering::SeqCst);
+                    break;
+                }
+                Ok(Err(_)) => break,
+                Err(_) => continue,
+            }
+        }
+    });
+    controller
+        .owns_stream(job_events)
+        .watches_stream_with(
+            selection_events,
+            move |s: DynamicObject| {
+                s.data
+                    .pointer("/spec/connectionRef/name")
+                    .and_then(|v| v.as_str())
+                    .map(|name| {
+                        let r = ObjectRef::new_with(name, selection_ar.clone());
+                        match s.namespace() {
+                            Some(ns) => r.within(&ns),
+                            None => r,
+                        }
+                    })
+            },
+            selections_ar,
+        )
+        .watches_with(
+            secrets,
+            (),
+            watcher::Config::default(),
+            move |s: PartialObjectMeta<Secret>| {
+                connections_using(
+                    &secret_store,
+                    &secret_ar,
+                    s.namespace().as_deref(),
+                    &s.name_any(),
+                )
+            },
+        )
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile::reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "controller event");
+            }
+        })
+        .await;
+}
+
+#[cfg(test)]
+mod api_lifecycle_tests;
+#[cfg(test)]
+mod api_tests;

@@ -1,0 +1,429 @@
+//! Scheduling as a pure function of what the controller observed and `now`: which sync Job to
+//! start (if any), which finished Jobs to prune, when the next sync is due and when to look again.
+//!
+//! CronJob semantics, with the controller as the scheduler: one deterministic Job name per slot,
+//! concurrency `Forbid`, at most one catch-up for slots missed while the controller (or a long
+//! sync) was away, `suspend` stops new Jobs, history limits of 3 succeeded and 1 failed Job.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use jiff::Timestamp;
+
+use crate::crd::Schedule;
+
+/// Finished Jobs that succeeded which are kept (like a CronJob's `successfulJobsHistoryLimit`).
+pub const SUCCEEDED_HISTORY: usize = 3;
+/// Finished Jobs that failed which are kept (like a CronJob's `failedJobsHistoryLimit`).
+pub const FAILED_HISTORY: usize = 1;
+/// Longest a Kubernetes object name used as a label value (`job-name`) may be.
+pub const MAX_NAME_LEN: usize = 63;
+/// How long a deleted connection waits for its running sync before cancelling it.
+pub const DELETION_GRACE: Duration = Duration::from_secs(10 * 60);
+/// The longest the controller sleeps before looking at a connection again.
+pub const MAX_REQUEUE: Duration = Duration::from_secs(30 * 60);
+
+/// A schedule that can compute its slots.
+#[derive(Clone, Debug)]
+pub enum Slots {
+    /// Every `Duration`, aligned to the Unix epoch.
+    Interval(Duration),
+    /// A cron expression in UTC.
+    Cron(Box<croner::Cron>, String),
+}
+
+/// Why a schedule can't be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SlotsError {
+    /// The spec's string is neither an interval nor a cron expression.
+    #[error(transparent)]
+    Schedule(#[from] crate::crd::ScheduleError),
+    /// It looks like cron but does not parse as one.
+    #[error("schedule {0:?} is not a valid cron expression: {1}")]
+    Cron(String, String),
+}
+
+fn to_chrono(t: Timestamp) -> DateTime<Utc> {
+    DateTime::from_timestamp(t.as_second(), 0).unwrap_or_default()
+}
+
+fn from_chrono(t: DateTime<Utc>) -> Timestamp {
+    Timestamp::from_second(t.timestamp()).unwrap_or(Timestamp::UNIX_EPOCH)
+}
+
+impl Slots {
+    /// Parses the spec's `schedule` string.
+    pub fn parse(spec: &str) -> Result<Slots, SlotsError> {
+        match spec.parse::<Schedule>()? {
+            Schedule::Interval(d) => Ok(Slots::Interval(d)),
+            Schedule::Cron(expr) => {
+                let cron: croner::Cron = expr.parse().map_err(|e: croner::errors::CronError| {
+                    SlotsError::Cron(expr.clone(), e.to_string())
+                })?;
+                Ok(Slots::Cron(Box::new(cron), expr))
+            }
+        }
+    }
+
+    /// The schedule in words, as `status.frequency` shows it.
+    pub fn frequency(&self) -> String {
+        match self {
+            Slots::Interval(d) => format!("every {}", Schedule::Interval(*d)),
+            Slots::Cron(_, expr) => format!("cron {expr} (UTC)"),
+        }
+    }
+
+    /// The latest slot at or before `now`.
+    pub fn last_at_or_before(&self, now: Timestamp) -> Option<Timestamp> {
+        match self {
+            Slots::Interval(d) => {
+                let step = i64::try_from(d.as_secs()).ok()?.max(1);
+                Timestamp::from_second(now.as_second().div_euclid(step) * step).ok()
+            }
+            Slots::Cron(cron, _) => cron
+                .find_previous_occurrence(&to_chrono(now), true)
+                .ok()
+                .map(from_chrono),
+        }
+    }
+
+    /// The first slot strictly after `now`.
+    pub fn next_after(&self, now: Timestamp) -> Option<Timestamp> {
+        match self {
+            Slots::Interval(d) => {
+                let step = i64::try_from(d.as_secs()).ok()?.max(1);
+                Timestamp::from_second((now.as_second().div_euclid(step) + 1) * step).ok()
+            }
+            Slots::Cron(cron, _) => cron
+                .find_next_occurrence(&to_chrono(now), false)
+                .ok()
+                .map(from_chrono),
+        }
+    }
+
+    /// How long one slot lasts around `now` (the gap to the following slot), for the Job's
+    /// `activeDeadlineSeconds`: a sync never runs into the slot after next.
+    pub fn period(&self, now: Timestamp) -> Duration {
+        match self {
+            Slots::Interval(d) => *d,
+            Slots::Cron(..) => {
+                let next = self.next_after(now);
+                let after = next.and_then(|n| self.next_after(n));
+                match (next, after) {
+                    (Some(a), Some(b)) => Duration::from_secs(
+                        u64::try_from(b.duration_since(a).as_secs()).unwrap_or(3600),
+                    ),
+                    _ => Duration::from_secs(3600),
+                }
+            }
+        }
+    }
+}
+
+/// Where a sync Job is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobPhase {
+    /// Created and not finished.
+    Active,
+    /// Finished with the `Complete` condition.
+    Succeeded,
+    /// Finished with the `Failed` condition.
+    Failed,
+}
+
+/// What the planner needs to know about one sync Job of the connection.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobView {
+    /// The Job's name.
+    pub name: String,
+    /// The slot it was created for (its `profilesync.dev/slot` annotation).
+    pub slot: Option<Timestamp>,
+    /// Its phase.
+    pub phase: JobPhase,
+    /// The `profilesync.dev/sync-now` value it answered, for a manual sync.
+    pub sync_now: Option<String>,
+}
+
+/// Why a Job was started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trigger {
+    /// The first sync, right after the connection verified.
+    First,
+    /// A schedule slot, on time.
+    Scheduled,
+    /// A schedule slot that was missed (controller down or a sync running) and is run late, once.
+    CatchUp,
+    /// The `profilesync.dev/sync-now` annotation.
+    Manual,
+}
+
+impl Trigger {
+    /// The value of the Job's `profilesync.dev/trigger` annotation.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::First => "First",
+            Trigger::Scheduled => "Scheduled",
+            Trigger::CatchUp => "CatchUp",
+            Trigger::Manual => "Manual",
+        }
+    }
+}
+
+/// A sync Job to create.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewSync {
+    /// The slot (a schedule slot, or the minute of a first or manual sync).
+    pub slot: Timestamp,
+    /// The Job's deterministic name.
+    pub name: String,
+    /// Why.
+    pub trigger: Trigger,
+}
+
+/// Why a sync that is due was not started.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Blocked {
+    /// `spec.suspend` is true.
+    Suspended,
+    /// A sync Job is still running (concurrency `Forbid`).
+    JobRunning(String),
+    /// The connection test has not passed.
+    ConnectionNotVerified,
+    /// The SelectiveSync for the connection is invalid.
+    SelectionInvalid,
+    /// A Job for this minute exists already (a manual sync waits for the next minute).
+    SlotTaken(String),
+}
+
+/// The planner's input: the connection as observed, and `now`.
+#[derive(Clone, Debug)]
+pub struct PlanInput<'a> {
+    /// The injected clock's reading.
+    pub now: Timestamp,
+    /// The connection's name (Jobs are named after it).
+    pub connection: &'a str,
+    /// Its parsed schedule.
+    pub slots: &'a Slots,
+    /// `spec.suspend`.
+    pub suspended: bool,
+    /// Whether `ConnectionVerified` is True for the current generation.
+    pub verified: bool,
+    /// Whether the SelectiveSync (if any) is valid.
+    pub selection_valid: bool,
+    /// The connection's sync Jobs.
+    pub jobs: &'a [JobView],
+    /// Names of the Jobs already folded into `status.syncs` (persisted).
+    pub folded: &'a [String],
+    /// Whether any sync was ever recorded (`status.syncs` non-empty or `lastSyncTime` set).
+    pub ever_synced: bool,
+    /// `status.lastSyncTime`.
+    pub last_sync_time: Option<Timestamp>,
+    /// The `profilesync.dev/sync-now` annotation's value.
+    pub sync_now: Option<&'a str>,
+}
+
+/// What to do for one connection now.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Plan {
+    /// The Job to start.
+    pub create: Option<NewSync>,
+    /// Why a due sync was not started.
+    pub blocked: Option<Blocked>,
+    /// Finished Jobs beyond the history limits, to delete (background propagation).
+    pub prune: Vec<String>,
+    /// Whether the sync-now annotation has been answered (by `create` or an earlier Job) and can be removed.
+    pub ack_sync_now: bool,
+    /// When the next scheduled sync is due (None while suspended).
+    pub next_sync: Option<Timestamp>,
+    /// When to reconcile again at the latest.
+    pub requeue_after: Duration,
+}
+
+/// The deterministic Job name for a slot: `<connection>-<unix-minutes>`; a manual sync appends
+/// `-now-<hash of the sync-now value>` (one name per request, never the schedule's name),
+/// shortened to 63 characters with a hash of the full connection name when that name is long.
+pub fn job_name(connection: &str, slot: Timestamp, request: Option<&str>) -> String {
+    let mut minutes = slot.as_second().div_euclid(60).to_string();
+    if let Some(value) = request {
+        minutes.push_str(&format!("-now-{:08x}", fnv1a(value.as_bytes())));
+    }
+    let base = connection.replace('.', "-");
+    let full = format!("{base}-{minutes}");
+    if full.len() <= MAX_NAME_LEN {
+        return full;
+    }
+    let hash = fnv1a(connection.as_bytes());
+    let suffix = format!("-{hash:08x}-{minutes}");
+    let keep = MAX_NAME_LEN - suffix.len();
+    let prefix = base[..floor_char_boundary(&base, keep)].trim_end_matches('-');
+    format!("{prefix}{suffix}")
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    i = i.min(s.len());
+    while i > 0 && !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// 32-bit FNV-1a: stable across Rust releases (unlike `DefaultHasher`), so names stay put.
+fn fnv1a(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+/// The minute `t` falls in (first and manual syncs are named after it).
+pub fn minute_of(t: Timestamp) -> Timestamp {
+    Timestamp::from_second(t.as_second().div_euclid(60) * 60).unwrap_or(t)
+}
+
+fn until(now: Timestamp, t: Timestamp) -> Duration {
+    Duration::from_secs(u64::try_from(t.duration_since(now).as_secs()).unwrap_or(0))
+}
+
+/// Plans one reconcile of a live (not deleting) connection.
+pub fn plan(input: &PlanInput<'_>) -> Plan {
+    let now = input.now;
+    let mut plan = Plan {
+        prune: prune(input.jobs, input.folded),
+        next_sync: (!input.suspended)
+            .then(|| input.slots.next_after(now))
+            .flatten(),
+        ..Plan::default()
+    };
+    let active = input.jobs.iter().find(|j| j.phase == JobPhase::Active);
+    // A sync-now request is answered once a Job carries its value (even a finished one).
+    let pending_manual = input
+        .sync_now
+        .filter(|v| !input.jobs.iter().any(|j| j.sync_now.as_deref() == Some(*v)));
+    plan.ack_sync_now = input.sync_now.is_some() && pending_manual.is_none();
+
+    let last_run = input
+        .jobs
+        .iter()
+        .filter_map(|j| j.slot)
+        .chain(input.last_sync_time)
+        .max();
+    let due_slot = input.slots.last_at_or_before(now);
+    let candidate = if pending_manual.is_some() {
+        Some((minute_of(now), Trigger::Manual))
+    } else if !input.ever_synced && input.jobs.is_empty() {
+        Some((minute_of(now), Trigger::First))
+    } else {
+        match (due_slot, last_run) {
+            (Some(due), Some(last)) if due > last => {
+                let late = now.duration_since(due) > jiff::SignedDuration::from_secs(60)
+                    || active.is_some();
+                Some((
+                    due,
+                    if late {
+                        Trigger::CatchUp
+                    } else {
+                        Trigger::Scheduled
+                    },
+                ))
+            }
+            (Some(due), None) => Some((due, Trigger::Scheduled)),
+            _ => None,
+        }
+    };
+
+    let mut requeue = plan
+        .next_sync
+        .map(|n| until(now, n) + Duration::from_secs(1))
+        .unwrap_or(MAX_REQUEUE);
+    if let Some((slot, trigger)) = candidate {
+        let name = job_name(
+            input.connection,
+            slot,
+            pending_manual.filter(|_| trigger == Trigger::Manual),
+        );
+        plan.blocked = if input.suspended {
+            Some(Blocked::Suspended)
+        } else if let Some(job) = active {
+            Some(Blocked::JobRunning(job.name.clone()))
+        } else if !input.verified {
+            Some(Blocked::ConnectionNotVerified)
+        } else if !input.selection_valid {
+            Some(Blocked::SelectionInvalid)
+        } else if input.jobs.iter().any(|j| j.name == name) {
+            // A request whose value a Job older than the request memory answered, in this very
+            // minute: it waits for the next minute.
+            let next_minute = minute_of(now) + jiff::SignedDuration::from_secs(60);
+            requeue = requeue.min(until(now, next_minute) + Duration::from_secs(1));
+            Some(Blocked::SlotTaken(name.clone()))
+        } else {
+            None
+        };
+        if plan.blocked.is_none() {
+            plan.create = Some(NewSync {
+                slot,
+                name,
+                trigger,
+            });
+            plan.ack_sync_now = input.sync_now.is_some();
+        }
+    }
+    plan.requeue_after = requeue.clamp(Duration::from_secs(1), MAX_REQUEUE);
+    plan
+}
+
+/// Finished Jobs beyond the history limits (3 succeeded, 1 failed), newest kept. Only Jobs whose
+/// result is already in the persisted `status.syncs` are pruned, so no report is lost.
+pub fn prune(jobs: &[JobView], folded: &[String]) -> Vec<String> {
+    let mut out = vec![];
+    for (phase, keep) in [
+        (JobPhase::Succeeded, SUCCEEDED_HISTORY),
+        (JobPhase::Failed, FAILED_HISTORY),
+    ] {
+        let mut finished: Vec<&JobView> = jobs.iter().filter(|j| j.phase == phase).collect();
+        // Newest first: by slot, then by name (names embed the slot's minute).
+        finished.sort_by(|a, b| b.slot.cmp(&a.slot).then_with(|| b.name.cmp(&a.name)));
+        out.extend(
+            finished
+                .into_iter()
+                .skip(keep)
+                .filter(|j| folded.contains(&j.name))
+                .map(|j| j.name.clone()),
+        );
+    }
+    out
+}
+
+/// What deleting a connection does now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Deletion {
+    /// A sync is still running and the grace period has not passed: look again after this long.
+    WaitForJob {
+        /// The running Job.
+        job: String,
+        /// When to look again.
+        requeue_after: Duration,
+    },
+    /// Delete these Jobs (running ones are cancelled), their ConfigMaps, then drop the finalizer.
+    Cleanup {
+        /// Every Job of the connection.
+        delete: Vec<String>,
+    },
+}
+
+/// Plans the cleanup of a connection being deleted since `deleted_at`.
+pub fn plan_deletion(now: Timestamp, deleted_at: Timestamp, jobs: &[JobView]) -> Deletion {
+    let deadline = deleted_at + jiff::SignedDuration::from_secs(DELETION_GRACE.as_secs() as i64);
+    match jobs.iter().find(|j| j.phase == JobPhase::Active) {
+        Some(job) if now < deadline => Deletion::WaitForJob {
+            job: job.name.clone(),
+            requeue_after: until(now, deadline)
+                .clamp(Duration::from_secs(1), Duration::from_secs(15)),
+        },
+        _ => Deletion::Cleanup {
+            delete: jobs.iter().map(|j| j.name.clone()).collect(),
+        },
+    }
+}
+
+#[cfg(test)]
+#[path = "plan_tests.rs"]
+mod tests;

@@ -1,0 +1,385 @@
+//! One reconcile of a WarehouseConnection: dereference → validate → plan → build → apply →
+//! update status (then Events and metrics). Only the first and the last steps talk to the API.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::batch::v1::Job;
+use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tracing::Instrument;
+
+use super::apply::{
+    annotation, cleanup, connections, delete_job, ensure_config_map, ensure_token_secret, publish,
+    remove_annotations, write_connection_status, write_selection_statuses,
+};
+use super::build::{self, ANNOTATION_SYNC_NOW, ANNOTATION_TEST_CONNECTION};
+use super::connection_test::{self, TestMemory, TestOutcome};
+use super::events::Note;
+use super::plan::{self, JobPhase, Slots};
+use super::status::{self, ConnectionFacts};
+use super::{Context, Error, FINALIZER, METRICS_CONTROLLER, conditions, observe};
+use crate::crd::{SyncRecord, SyncStatus, WarehouseConnection, WarehouseConnectionStatus};
+use crate::sync::SyncReport;
+
+/// A manual sync request counts as answered by a Job with its value created this recently.
+const SYNC_NOW_MEMORY: jiff::SignedDuration = jiff::SignedDuration::from_mins(10);
+
+/// The controller's reconcile function (the `DynamicObject` is decoded here, see `mod.rs`).
+pub async fn reconcile(obj: Arc<DynamicObject>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let span = tracing::info_span!(
+        "reconcile",
+        namespace = %obj.namespace().unwrap_or_default(),
+        connection = %obj.name_any()
+    );
+    let timer = ctx
+        .metrics
+        .reconcile_seconds
+        .with_label_values(&[METRICS_CONTROLLER])
+        .start_timer();
+    ctx.metrics
+        .reconciles
+        .with_label_values(&[METRICS_CONTROLLER])
+        .inc();
+    let result = reconcile_object(&obj, &ctx).instrument(span).await;
+    timer.observe_duration();
+    result
+}
+
+async fn reconcile_object(obj: &DynamicObject, ctx: &Context) -> Result<Action, Error> {
+    let conn: WarehouseConnection = match observe::decode(obj) {
+        Ok(c) => c,
+        Err(e) => {
+            // Retrying can't fix a malformed object; its next change brings it back.
+            tracing::warn!(error = %e, "skipping a WarehouseConnection that cannot be decoded");
+            ctx.metrics
+                .reconcile_errors
+                .with_label_values(&[METRICS_CONTROLLER, "Malformed"])
+                .inc();
+            return Ok(Action::await_change());
+        }
+    };
+    if conn.meta().deletion_timestamp.is_some() {
+        return cleanup(&conn, ctx).await;
+    }
+    if !conn.finalizers().iter().any(|f| f == FINALIZER) {
+        let mut finalizers = conn.finalizers().to_vec();
+        finalizers.push(FINALIZER.into());
+        let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": conn.resource_version()}});
+        connections(ctx, &conn)
+            .patch(
+                &conn.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await?;
+        // The patch is a change: the next reconcile continues from the updated object.
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
+    apply(&conn, ctx).await
+}
+
+/// The live path: test, fold, plan, apply, write status.
+async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Error> {
+    let now = ctx.now();
+    let ns = conn.namespace().unwrap_or_default();
+    let name = conn.name_any();
+    let uid = conn.uid().unwrap_or_default();
+    let generation = conn.metadata.generation.unwrap_or(0);
+    let reference = conn.object_ref(&());
+    let previous = conn.status.clone().unwrap_or_default();
+
+    // Dereference.
+    let jobs = observe::jobs(ctx, conn).await?;
+    let selections = observe::selections(ctx, conn).await?;
+    let secret = observe::secret(ctx, conn).await?;
+
+    // Validate.
+    let slots = Slots::parse(&conn.spec.schedule);
+    let selection_problem = selections.active_problem.clone();
+
+    // Connection test.
+    let test_requested = annotation(conn, ANNOTATION_TEST_CONNECTION).map(String::from);
+    let memory = ctx.with_memory(|m| m.tests.get(&uid).cloned());
+    let newest_failed = previous
+        .syncs
+        .first()
+        .filter(|s| s.status == SyncStatus::Failed)
+        .map(|s| s.id.clone());
+    let secret_version = secret
+        .as_ref()
+        .and_then(|s| s.metadata.resource_version.clone());
+    let due = connection_test::test_due(&connection_test::TestInput {
+        now,
+        generation,
+        condition: conditions::find(&previous.conditions, conditions::CONNECTION_VERIFIED),
+        memory: memory.as_ref(),
+        secret_version: secret_version.as_deref(),
+        requested: test_requested.is_some(),
+        failed_sync: newest_failed.as_deref(),
+    });
+    let mut tested: Option<TestOutcome> = None;
+    if let Some(trigger) = due {
+        let outcome = match connection_test::credentials(&conn.spec, secret.as_ref()) {
+            Ok(creds) => connection_test::run(&conn.spec, creds, ctx.settings.test_timeout).await,
+            Err(outcome) => outcome,
+        };
+        tracing::info!(?trigger, reason = outcome.reason.as_str(), detail = %outcome.message, "connection tested");
+        ctx.metrics
+            .connection_tests
+            .with_label_values(&[outcome.reason.as_str()])
+            .inc();
+        ctx.with_memory(|m| {
+            m.tests.insert(
+                uid.clone(),
+                TestMemory {
+                    at: now,
+                    generation,
+                    secret_version: secret_version.clone(),
+                    ok: outcome.ok(),
+                    failed_sync: newest_failed.clone(),
+                },
+            )
+        });
+        tested = Some(outcome);
+    }
+    let verified = match &tested {
+        Some(t) => t.ok(),
+        None => conditions::find(&previous.conditions, conditions::CONNECTION_VERIFIED)
+            .is_some_and(|c| c.status == "True" && c.observed_generation == Some(generation)),
+    };
+
+    // Fold finished Jobs that are not in the status yet.
+    let recorded: Vec<String> = previous
+        .syncs
+        .iter()
+        .filter_map(|s| s.job_name.clone())
+        .collect();
+    let mut new_records: Vec<(SyncRecord, Option<SyncReport>, Option<i64>)> = vec![];
+    for job in jobs
+        .iter()
+        .filter(|j| observe::phase(j) != JobPhase::Active)
+    {
+        if recorded.contains(&job.name_any()) {
+            continue;
+        }
+        let finished = observe::finished(ctx, job).await?;
+        let (record, report) = status::record(&finished);
+        let selection_generation = job
+            .annotations()
+            .get(build::ANNOTATION_SELECTION_GENERATION)
+            .and_then(|g| g.parse().ok());
+        new_records.push((record, report, selection_generation));
+    }
+    let (syncs, added) = status::fold(
+        &previous.syncs,
+        new_records.iter().map(|r| r.0.clone()).collect(),
+    );
+    let newest = syncs
+        .first()
+        .filter(|s| added.iter().any(|a| a.job_name == s.job_name));
+    let newest_report = newest
+        .and_then(|s| new_records.iter().find(|r| r.0.job_name == s.job_name))
+        .and_then(|r| r.1.as_ref().map(|rep| (rep, r.2)));
+
+    // Plan.
+    let views: Vec<plan::JobView> = jobs
+        .iter()
+        .map(observe::job_view)
+        .map(|mut v| {
+            // An old Job's sync-now value no longer answers a new request with the same value.
+            if v.phase != JobPhase::Active
+                && v.slot
+                    .is_some_and(|s| now.duration_since(s) > SYNC_NOW_MEMORY)
+            {
+                v.sync_now = None;
+            }
+            v
+        })
+        .collect();
+    let sync_now = annotation(conn, ANNOTATION_SYNC_NOW);
+    let the_plan = match &slots {
+        Ok(slots) => Some(plan::plan(&plan::PlanInput {
+            now,
+            connection: &name,
+            slots,
+            suspended: conn.spec.suspend,
+            verified,
+            selection_valid: selection_problem.is_none(),
+            jobs: &views,
+            folded: &recorded,
+            ever_synced: !syncs.is_empty() || previous.last_sync_time.is_some(),
+            last_sync_time: previous.last_sync_time.as_ref().map(|t| t.0),
+            sync_now,
+        })),
+        Err(_) => None,
+    };
+
+    // Build and apply.
+    let mut notes: Vec<Note> = vec![];
+    let mut active_job = views
+        .iter()
+        .find(|v| v.phase == JobPhase::Active)
+        .map(|v| v.name.clone());
+    let mut last_started = jobs
+        .iter()
+        .filter_map(|j| j.metadata.creation_timestamp.as_ref().map(|t| t.0))
+        .max();
+    for job in &jobs {
+        let key = format!("{ns}/{}", job.name_any());
+        let known = ctx.with_memory(|m| m.jobs.contains(&key));
+        let orphan = !observe::owned_by(job, conn);
+        if orphan {
+            let mut owners = job.metadata.owner_references.clone().unwrap_or_default();
+            owners.extend(build::owner(conn));
+            let patch = json!({"metadata": {"ownerReferences": owners, "resourceVersion": job.resource_version()}});
+            Api::<Job>::namespaced(ctx.client.clone(), &ns)
+                .patch(
+                    &job.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await?;
+        }
+        if (orphan || !known) && observe::phase(job) == JobPhase::Active {
+            // A Job running across a controller restart (or left without owner): it keeps
+            // running, counts for concurrency, and is folded when it finishes.
+            ensure_config_map(ctx, job, conn, selections.active.as_ref()).await?;
+            notes.push(Note::JobAdopted(job.name_any()));
+        }
+        ctx.with_memory(|m| m.jobs.insert(key));
+    }
+    if let (Some(p), Ok(slots)) = (&the_plan, &slots) {
+        if let Some(new) = &p.create {
+            ensure_token_secret(ctx, &ns).await?;
+            let job = build::sync_job(
+                conn,
+                selections.active.as_ref(),
+                new,
+                sync_now.filter(|_| new.trigger == plan::Trigger::Manual),
+                &ctx.settings.job,
+                slots.period(now),
+            );
+            let api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
+            let created = match api.create(&PostParams::default(), &job).await {
+                Ok(j) => j,
+                Err(kube::Error::Api(s)) if s.code == 409 => api.get(&new.name).await?,
+                Err(e) => return Err(e.into()),
+            };
+            ensure_config_map(ctx, &created, conn, selections.active.as_ref()).await?;
+            ctx.with_memory(|m| m.jobs.insert(format!("{ns}/{}", new.name)));
+            tracing::info!(job = %new.name, trigger = new.trigger.as_str(), "sync Job created");
+            notes.push(Note::SyncStarted(
+                new.name.clone(),
+                new.trigger.as_str().into(),
+            ));
+            active_job = Some(new.name.clone());
+            // The server's creation time (to the second), as later reconciles will read it.
+            let created_at = created
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0)
+                .unwrap_or(now);
+            last_started = last_started.max(Some(created_at));
+        }
+        for job in &p.prune {
+            delete_job(ctx, &ns, job).await?;
+        }
+    }
+    // One patch for both annotations: the first removal changes the resourceVersion.
+    let ack_sync_now = the_plan.as_ref().is_some_and(|p| p.ack_sync_now) && sync_now.is_some();
+    let mut answered: Vec<&str> = vec![];
+    if ack_sync_now {
+        answered.push(ANNOTATION_SYNC_NOW);
+    }
+    if test_requested.is_some() {
+        answered.push(ANNOTATION_TEST_CONNECTION);
+    }
+    let latest = remove_annotations(ctx, conn, &answered).await?;
+
+    // Update status.
+    let blocked = the_plan.as_ref().and_then(|p| p.blocked.clone());
+    let schedule = slots
+        .as_ref()
+        .map(Slots::frequency)
+        .map_err(|e| e.to_string());
+    let next_sync = the_plan.as_ref().and_then(|p| p.next_sync);
+    let written = write_connection_status(ctx, latest.as_ref().unwrap_or(conn), |prev| {
+        let (syncs, _) = status::fold(&prev.syncs, added.clone());
+        status::connection_status(&ConnectionFacts {
+            now,
+            generation,
+            previous: prev,
+            syncs,
+            newest_report: newest_report.map(|r| r.0),
+            test: tested.as_ref(),
+            suspended: conn.spec.suspend,
+            active_job: active_job.as_deref(),
+            last_started,
+            schedule: schedule.clone(),
+            selection_error: selection_problem.clone(),
+            next_sync,
+            blocked: blocked.as_ref(),
+            egress_ips: &ctx.settings.egress_ips,
+        })
+    })
+    .await?;
+    write_selection_statuses(ctx, conn, &selections, newest_report, now, &mut notes).await?;
+
+    // Events and metrics, once the status holds what they announce.
+    if let Some(t) = &tested {
+        let before = conditions::find(&previous.conditions, conditions::CONNECTION_VERIFIED);
+        let changed = before.map(|c| (c.status.as_str(), c.reason.as_str()))
+            != Some((if t.ok() { "True" } else { "False" }, t.reason.as_str()));
+        if changed || test_requested.is_some() {
+            notes.push(if t.ok() {
+                Note::ConnectionVerified(t.message.clone())
+            } else {
+                Note::ConnectionFailed(t.reason.as_str().into(), t.message.clone())
+            });
+        }
+    }
+    for r in &added {
+        ctx.metrics.observe_sync(r);
+        notes.push(Note::for_sync(r));
+    }
+    let backfilled = |s: &WarehouseConnectionStatus| {
+        conditions::find(&s.conditions, conditions::BACKFILL_COMPLETE)
+            .is_some_and(|c| c.status == "True")
+    };
+    if backfilled(&written) && !backfilled(&previous) {
+        notes.push(Note::BackfillComplete);
+    }
+    if let Some(t) = &written.last_successful_sync_time {
+        ctx.metrics
+            .last_successful_sync
+            .with_label_values(&[&ns, &name])
+            .set(t.0.as_second() as f64);
+    }
+    for note in &notes {
+        match note {
+            Note::SelectiveSyncInvalid(_) => {}
+            _ => publish(ctx, &reference, note).await,
+        }
+    }
+
+    // Look again when the next thing is due.
+    let mut requeue = the_plan
+        .as_ref()
+        .map(|p| p.requeue_after)
+        .unwrap_or(plan::MAX_REQUEUE);
+    if let Some(mem) = ctx.with_memory(|m| m.tests.get(&uid).cloned()) {
+        let until = connection_test::next_test(&mem)
+            .duration_since(now)
+            .as_secs()
+            .max(1);
+        requeue = requeue.min(Duration::from_secs(until as u64));
+    }
+    if active_job.is_some() {
+        requeue = requeue.min(Duration::from_secs(5 * 60));
+    }
+    Ok(Action::requeue(requeue))
+}

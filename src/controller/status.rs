@@ -1,0 +1,485 @@
+//! Status folding, pure: finished Jobs' reports (their pods' termination messages) become
+//! `status.syncs`, and the observed state becomes the conditions and the overview fields of the
+//! WarehouseConnection and its SelectiveSync.
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use super::conditions::{self, set};
+use super::connection_test::TestOutcome;
+use super::plan::{Blocked, JobPhase};
+use crate::crd::{
+    ErrorClass, FailedTable, SYNC_HISTORY_LEN, SelectiveSyncSpec, SelectiveSyncStatus, SyncError,
+    SyncRecord, SyncRows, SyncStatus, TableSyncStatus, WarehouseConnectionStatus,
+};
+use crate::sync::SyncReport;
+
+/// A Job that finished, with what its pod left behind.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FinishedJob {
+    /// The Job's name.
+    pub name: String,
+    /// Succeeded or Failed.
+    pub phase: JobPhase,
+    /// When it started (`status.startTime`, else its slot).
+    pub started: Option<Timestamp>,
+    /// When it finished.
+    pub finished: Option<Timestamp>,
+    /// The reason and message of the Job's `Failed` condition (e.g. DeadlineExceeded).
+    pub failure: Option<String>,
+    /// The pod's termination message; None when no pod was found or it wrote none.
+    pub termination_message: Option<String>,
+    /// Whether a pod of the Job was found.
+    pub pod_found: bool,
+}
+
+/// The record of one finished Job, and its report when it had a readable one.
+pub fn record(job: &FinishedJob) -> (SyncRecord, Option<SyncReport>) {
+    let parsed = job
+        .termination_message
+        .as_deref()
+        .map(serde_json::from_str::<SyncReport>);
+    if let Some(Ok(report)) = parsed {
+        let start = report
+            .start_time
+            .parse::<Timestamp>()
+            .ok()
+            .or(job.started)
+            .unwrap_or(Timestamp::UNIX_EPOCH);
+        let failed_tables = report
+            .tables
+            .iter()
+            .filter_map(|t| {
+                t.error.as_ref().map(|e| FailedTable {
+                    name: t.name.clone(),
+                    class: e.class,
+                    message: e.message.clone(),
+                })
+            })
+            .collect();
+        let rec = SyncRecord {
+            id: report.id.clone(),
+            status: report.status,
+            start_time: Time(start),
+            duration_seconds: report.duration_seconds.max(0.0),
+            rows: report.rows.clone(),
+            tables: failed_tables,
+            errors: report.errors.clone(),
+            job_name: Some(job.name.clone()),
+        };
+        return (rec, Some(report));
+    }
+    let why = match parsed {
+        Some(Err(e)) => format!("its report is malformed ({e})"),
+        _ if !job.pod_found => "no pod of the Job was found".to_string(),
+        _ => "its pod wrote no termination message".to_string(),
+    };
+    let outcome = match job.phase {
+        JobPhase::Failed => "failed",
+        _ => "finished",
+    };
+    let mut message = format!(
+        "the sync Job {} {outcome} without a readable report: {why}",
+        job.name
+    );
+    if let Some(f) = &job.failure {
+        message.push_str(&format!(" (Job: {f})"));
+    }
+    let start = job.started.unwrap_or(Timestamp::UNIX_EPOCH);
+    let duration = match (job.started, job.finished) {
+        (Some(a), Some(b)) => b.duration_since(a).as_secs_f64().max(0.0),
+        _ => 0.0,
+    };
+    (
+        SyncRecord {
+            id: job.name.clone(),
+            status: SyncStatus::Failed,
+            start_time: Time(start),
+            duration_seconds: duration,
+            rows: SyncRows::default(),
+            tables: vec![],
+            errors: vec![SyncError {
+                class: ErrorClass::Internal,
+                message,
+                table: None,
+            }],
+            job_name: Some(job.name.clone()),
+        },
+        None,
+    )
+}
+
+/// `status.syncs` after folding `new` records into `previous`: one record per Job, newest
+/// first, at most 10. Returns the list and the records of `new` that made it into the list.
+pub fn fold(previous: &[SyncRecord], new: Vec<SyncRecord>) -> (Vec<SyncRecord>, Vec<SyncRecord>) {
+    let key = |r: &SyncRecord| r.job_name.clone().unwrap_or_else(|| r.id.clone());
+    let mut all: Vec<SyncRecord> = previous.to_vec();
+    let mut added = vec![];
+    for r in new {
+        if all.iter().any(|p| key(p) == key(&r)) {
+            continue;
+        }
+        added.push(key(&r));
+        all.push(r);
+    }
+    all.sort_by(|a, b| {
+        b.start_time
+            .0
+            .cmp(&a.start_time.0)
+            .then_with(|| b.id.cmp(&a.id))
+    });
+    all.truncate(SYNC_HISTORY_LEN);
+    let kept = all
+        .iter()
+        .filter(|r| added.contains(&key(r)))
+        .cloned()
+        .collect();
+    (all, kept)
+}
+
+/// Everything the WarehouseConnection's status is computed from.
+#[derive(Clone, Debug)]
+pub struct ConnectionFacts<'a> {
+    /// Now.
+    pub now: Timestamp,
+    /// metadata.generation.
+    pub generation: i64,
+    /// The status as read.
+    pub previous: &'a WarehouseConnectionStatus,
+    /// `status.syncs` after folding.
+    pub syncs: Vec<SyncRecord>,
+    /// The newest report folded in this reconcile, if it is the newest sync.
+    pub newest_report: Option<&'a SyncReport>,
+    /// The result of a connection test run in this reconcile.
+    pub test: Option<&'a TestOutcome>,
+    /// `spec.suspend`.
+    pub suspended: bool,
+    /// The running Job.
+    pub active_job: Option<&'a str>,
+    /// When the newest Job was created (a sync started).
+    pub last_started: Option<Timestamp>,
+    /// `Slots::frequency`, or the schedule's error.
+    pub schedule: Result<String, String>,
+    /// The SelectiveSync's problem, if any.
+    pub selection_error: Option<String>,
+    /// The next sync time.
+    pub next_sync: Option<Timestamp>,
+    /// Why a due sync did not start.
+    pub blocked: Option<&'a Blocked>,
+    /// The egress IPs to show.
+    pub egress_ips: &'a [String],
+}
+
+fn blocked_message(b: &Blocked) -> String {
+    match b {
+        Blocked::Suspended => "a sync is due but the connection is suspended".into(),
+        Blocked::JobRunning(j) => {
+            format!("a sync is due and waits for Job {j} to finish (concurrency Forbid)")
+        }
+        Blocked::ConnectionNotVerified => "a sync is due but the connection is not verified".into(),
+        Blocked::SelectionInvalid => "a sync is due but the SelectiveSync is invalid".into(),
+        Blocked::SlotTaken(j) => {
+            format!("a manual sync waits for the next minute (Job {j} exists)")
+        }
+    }
+}
+
+/// The connection's new status.
+pub fn connection_status(f: &ConnectionFacts<'_>) -> WarehouseConnectionStatus {
+    let mut conds: Vec<Condition> = f.previous.conditions.clone();
+    let (now, generation) = (f.now, f.generation);
+    if let Some(t) = f.test {
+        let status = if t.ok() { "True" } else { "False" };
+        set(
+            &mut conds,
+            conditions::CONNECTION_VERIFIED,
+            status,
+            t.reason.as_str(),
+            &t.message,
+            generation,
+            now,
+        );
+    }
+    let verified = conditions::find(&conds, conditions::CONNECTION_VERIFIED).cloned();
+    if f.suspended {
+        set(
+            &mut conds,
+            conditions::SUSPENDED,
+            "True",
+            "Suspended",
+            "new syncs are stopped; a running sync finishes",
+            generation,
+            now,
+        );
+    } else {
+        set(
+            &mut conds,
+            conditions::SUSPENDED,
+            "False",
+            "Active",
+            "syncs run on schedule",
+            generation,
+            now,
+        );
+    }
+    match f.active_job {
+        Some(j) => set(
+            &mut conds,
+            conditions::SYNCING,
+            "True",
+            "JobRunning",
+            &format!("sync Job {j} is running"),
+            generation,
+            now,
+        ),
+        None => {
+            let msg = f
+                .blocked
+                .map(blocked_message)
+                .unwrap_or_else(|| "no sync is running".into());
+            set(
+                &mut conds,
+                conditions::SYNCING,
+                "False",
+                "Idle",
+                &msg,
+                generation,
+                now,
+            )
+        }
+    }
+    match f.newest_report {
+        Some(r) if r.status != SyncStatus::Failed && r.backfilling.is_empty() => set(
+            &mut conds,
+            conditions::BACKFILL_COMPLETE,
+            "True",
+            "CaughtUp",
+            "every table has caught up with the profile store",
+            generation,
+            now,
+        ),
+        Some(r) if r.status != SyncStatus::Failed => {
+            let mut names = r.backfilling.clone();
+            names.truncate(5);
+            set(
+                &mut conds,
+                conditions::BACKFILL_COMPLETE,
+                "False",
+                "Backfilling",
+                &format!(
+                    "{} table(s) still backfilling: {}",
+                    r.backfilling.len(),
+                    names.join(", ")
+                ),
+                generation,
+                now,
+            )
+        }
+        _ if conditions::find(&conds, conditions::BACKFILL_COMPLETE).is_none() => set(
+            &mut conds,
+            conditions::BACKFILL_COMPLETE,
+            "Unknown",
+            "NoSyncYet",
+            "no sync has loaded data yet",
+            generation,
+            now,
+        ),
+        _ => {}
+    }
+    let (ready, reason, message) = if let Err(e) = &f.schedule {
+        ("False", "InvalidSchedule", e.clone())
+    } else if verified.as_ref().map(|c| c.status.as_str()) != Some("True") {
+        let why = verified
+            .as_ref()
+            .map(|c| c.message.clone())
+            .unwrap_or_else(|| "the connection has not been tested yet".into());
+        ("False", "ConnectionNotVerified", why)
+    } else if let Some(e) = &f.selection_error {
+        ("False", "SelectiveSyncInvalid", e.clone())
+    } else {
+        match f.syncs.first() {
+            None => (
+                "True",
+                "Verified",
+                "the connection is verified; waiting for the first sync".to_string(),
+            ),
+            Some(s) if s.status == SyncStatus::Failed => {
+                let why = s
+                    .errors
+                    .first()
+                    .map(|e| e.message.clone())
+                    .unwrap_or_default();
+                (
+                    "False",
+                    "SyncFailed",
+                    format!("sync {} failed: {why}", s.id),
+                )
+            }
+            Some(s) => (
+                "True",
+                "Synced",
+                format!(
+                    "sync {} ended {:?} with {} rows",
+                    s.id, s.status, s.rows.total
+                ),
+            ),
+        }
+    };
+    set(
+        &mut conds,
+        conditions::READY,
+        ready,
+        reason,
+        &message,
+        generation,
+        now,
+    );
+    conditions::sort(&mut conds);
+
+    let newest_start = f.syncs.first().map(|s| s.start_time.0);
+    let last_sync = [
+        newest_start,
+        f.last_started,
+        f.previous.last_sync_time.as_ref().map(|t| t.0),
+    ]
+    .into_iter()
+    .flatten()
+    .max();
+    let last_success = f
+        .syncs
+        .iter()
+        .find(|s| s.status == SyncStatus::Success)
+        .map(|s| s.start_time.0)
+        .into_iter()
+        .chain(f.previous.last_successful_sync_time.as_ref().map(|t| t.0))
+        .max();
+    WarehouseConnectionStatus {
+        observed_generation: Some(generation),
+        conditions: conds,
+        last_sync_time: last_sync.map(Time),
+        last_successful_sync_time: last_success.map(Time),
+        next_sync_time: f.next_sync.map(Time),
+        frequency: f.schedule.as_ref().ok().cloned(),
+        syncs: f.syncs.clone(),
+        egress_ips: f.egress_ips.to_vec(),
+    }
+}
+
+/// How many tables a selection enables among the known ones, the available Track event tables
+/// and the ones it lists.
+pub fn enabled_tables(spec: &SelectiveSyncSpec, available: &[String]) -> i64 {
+    let mut names: Vec<&str> = crate::sync::tables::known_tables();
+    names.extend(available.iter().map(String::as_str));
+    names.extend(spec.tables.iter().map(|t| t.name.as_str()));
+    names.sort_unstable();
+    names.dedup();
+    names.iter().filter(|n| spec.table_enabled(n)).count() as i64
+}
+
+/// Everything a SelectiveSync's status is computed from.
+#[derive(Clone, Debug)]
+pub struct SelectionFacts<'a> {
+    /// Now.
+    pub now: Timestamp,
+    /// Its metadata.generation.
+    pub generation: i64,
+    /// Its spec.
+    pub spec: &'a SelectiveSyncSpec,
+    /// The status as read.
+    pub previous: &'a SelectiveSyncStatus,
+    /// Why it is not usable (invalid, or another selection already applies), if so.
+    pub problem: Option<String>,
+    /// The engine's Track event tables; None keeps the previous list (engine unreachable).
+    pub available: Option<Vec<String>>,
+    /// The newest report folded in this reconcile and the selection generation its Job used.
+    pub report: Option<(&'a SyncReport, Option<i64>)>,
+}
+
+/// The SelectiveSync's new status.
+pub fn selection_status(f: &SelectionFacts<'_>) -> SelectiveSyncStatus {
+    let mut conds = f.previous.conditions.clone();
+    let available = f
+        .available
+        .clone()
+        .unwrap_or_else(|| f.previous.available_tables.clone());
+    match &f.problem {
+        Some(p) => {
+            set(
+                &mut conds,
+                conditions::VALID,
+                "False",
+                "Invalid",
+                p,
+                f.generation,
+                f.now,
+            );
+            set(
+                &mut conds,
+                conditions::READY,
+                "False",
+                "Invalid",
+                p,
+                f.generation,
+                f.now,
+            );
+        }
+        None => {
+            set(
+                &mut conds,
+                conditions::VALID,
+                "True",
+                "Valid",
+                "the selection is valid",
+                f.generation,
+                f.now,
+            );
+            let applied_now = f.report.and_then(|(_, g)| g) == Some(f.generation);
+            let was_applied = conditions::find(&conds, conditions::READY)
+                .is_some_and(|c| c.status == "True" && c.observed_generation == Some(f.generation));
+            if applied_now || was_applied {
+                set(
+                    &mut conds,
+                    conditions::READY,
+                    "True",
+                    "Applied",
+                    "the last sync applied this selection",
+                    f.generation,
+                    f.now,
+                );
+            } else {
+                set(
+                    &mut conds,
+                    conditions::READY,
+                    "False",
+                    "Pending",
+                    "the next sync applies this selection",
+                    f.generation,
+                    f.now,
+                );
+            }
+        }
+    }
+    conditions::sort(&mut conds);
+    let tables = match f.report {
+        Some((r, _)) => r
+            .tables
+            .iter()
+            .map(|t| TableSyncStatus {
+                name: t.name.clone(),
+                rows: i64::try_from(t.rows).unwrap_or(i64::MAX),
+            })
+            .collect(),
+        None => f.previous.tables.clone(),
+    };
+    SelectiveSyncStatus {
+        observed_generation: Some(f.generation),
+        conditions: conds,
+        enabled_tables: Some(enabled_tables(f.spec, &available)),
+        available_tables: available,
+        tables,
+    }
+}
+
+#[cfg(test)]
+#[path = "status_tests.rs"]
+mod tests;

@@ -1,0 +1,436 @@
+//! Status folding over time: reports (good, partial, failed, missing, malformed) become sync
+//! records and conditions.
+
+use super::*;
+use crate::controller::connection_test::Reason;
+use crate::crd::SelectiveSyncSpec;
+use crate::sync::report::TableReport;
+
+fn t(s: &str) -> Timestamp {
+    s.parse().unwrap()
+}
+
+fn report(id: &str, start: &str, tables: Vec<TableReport>, backfilling: &[&str]) -> SyncReport {
+    let mut r = SyncReport::failed(id, t(start), ErrorClass::Internal, String::new());
+    r.errors.clear();
+    r.tables = tables;
+    r.finish(t(start));
+    r.start_time = start.into();
+    r.duration_seconds = 12.5;
+    r.backfilling = backfilling.iter().map(|s| s.to_string()).collect();
+    r
+}
+
+fn table(name: &str, rows: u64, error: Option<ErrorClass>) -> TableReport {
+    TableReport {
+        name: name.into(),
+        rows,
+        discards: 0,
+        backfilling: false,
+        error: error.map(|class| SyncError {
+            class,
+            message: format!("{name} broke"),
+            table: Some(name.into()),
+        }),
+    }
+}
+
+fn finished(name: &str, phase: JobPhase, message: Option<String>, pod_found: bool) -> FinishedJob {
+    FinishedJob {
+        name: name.into(),
+        phase,
+        started: Some(t("2025-03-01T10:00:05Z")),
+        finished: Some(t("2025-03-01T10:01:05Z")),
+        failure: (phase == JobPhase::Failed)
+            .then(|| "BackoffLimitExceeded: Job has reached the specified backoff limit".into()),
+        termination_message: message,
+        pod_found,
+    }
+}
+
+#[test]
+fn a_report_becomes_a_record_with_its_failed_tables() {
+    let r = report(
+        "c-1",
+        "2025-03-01T10:00:07Z",
+        vec![
+            table("id_graph_updates", 10, None),
+            table("order_completed", 0, Some(ErrorClass::TypeConflict)),
+            table("tracks", 5, None),
+        ],
+        &[],
+    );
+    let (rec, parsed) = record(&finished(
+        "c-1",
+        JobPhase::Succeeded,
+        Some(r.termination_message()),
+        true,
+    ));
+    assert_eq!(rec.status, SyncStatus::PartialSuccess);
+    assert_eq!(rec.start_time.0, t("2025-03-01T10:00:07Z"));
+    assert_eq!(rec.rows.total, 15);
+    assert_eq!(rec.tables.len(), 1);
+    assert_eq!(rec.tables[0].name, "order_completed");
+    assert_eq!(rec.tables[0].class, ErrorClass::TypeConflict);
+    assert_eq!(rec.job_name.as_deref(), Some("c-1"));
+    assert_eq!(parsed.unwrap().tables.len(), 3);
+}
+
+#[test]
+fn missing_or_malformed_reports_are_failed_syncs_with_a_reason() {
+    let (rec, parsed) = record(&finished("c-2", JobPhase::Failed, None, false));
+    assert!(parsed.is_none());
+    assert_eq!(rec.status, SyncStatus::Failed);
+    assert_eq!(rec.duration_seconds, 60.0);
+    let msg = &rec.errors[0].message;
+    assert!(
+        msg.contains("no pod of the Job was found") && msg.contains("BackoffLimitExceeded"),
+        "{msg}"
+    );
+
+    let (rec, _) = record(&finished("c-3", JobPhase::Succeeded, None, true));
+    assert_eq!(rec.status, SyncStatus::Failed);
+    assert!(
+        rec.errors[0]
+            .message
+            .contains("wrote no termination message")
+    );
+
+    let (rec, _) = record(&finished(
+        "c-4",
+        JobPhase::Failed,
+        Some("panicked at src/main.rs".into()),
+        true,
+    ));
+    assert_eq!(rec.status, SyncStatus::Failed);
+    assert!(
+        rec.errors[0].message.contains("malformed"),
+        "{}",
+        rec.errors[0].message
+    );
+    assert_eq!(rec.errors[0].class, ErrorClass::Internal);
+}
+
+fn rec(id: &str, start: &str, status: SyncStatus) -> SyncRecord {
+    SyncRecord {
+        id: id.into(),
+        status,
+        start_time: Time(t(start)),
+        duration_seconds: 1.0,
+        rows: SyncRows {
+            total: 3,
+            identity_graph: 3,
+            event_types: 0,
+            events: 0,
+        },
+        tables: vec![],
+        errors: vec![],
+        job_name: Some(id.into()),
+    }
+}
+
+#[test]
+fn folding_keeps_ten_records_newest_first_without_duplicates() {
+    let mut syncs = vec![];
+    for h in 0..12 {
+        let new = vec![rec(
+            &format!("s{h:02}"),
+            &format!("2025-03-01T{h:02}:00:00Z"),
+            SyncStatus::Success,
+        )];
+        let (next, added) = fold(&syncs, new.clone());
+        assert_eq!(added, new);
+        syncs = next;
+    }
+    assert_eq!(syncs.len(), SYNC_HISTORY_LEN);
+    assert_eq!(syncs[0].id, "s11");
+    assert_eq!(syncs[9].id, "s02");
+    // Folding a Job again changes nothing; an old Job that fell off the list stays off.
+    let (again, added) = fold(
+        &syncs,
+        vec![
+            syncs[3].clone(),
+            rec("s00", "2025-03-01T00:00:00Z", SyncStatus::Success),
+        ],
+    );
+    assert_eq!(again, syncs);
+    assert!(added.is_empty());
+}
+
+fn facts<'a>(
+    previous: &'a WarehouseConnectionStatus,
+    syncs: Vec<SyncRecord>,
+) -> ConnectionFacts<'a> {
+    ConnectionFacts {
+        now: t("2025-03-01T10:05:00Z"),
+        generation: 1,
+        previous,
+        syncs,
+        newest_report: None,
+        test: None,
+        suspended: false,
+        active_job: None,
+        last_started: None,
+        schedule: Ok("every 1h".into()),
+        selection_error: None,
+        next_sync: Some(t("2025-03-01T11:00:00Z")),
+        blocked: None,
+        egress_ips: &[],
+    }
+}
+
+fn cond<'a>(s: &'a WarehouseConnectionStatus, type_: &str) -> &'a Condition {
+    conditions::find(&s.conditions, type_)
+        .unwrap_or_else(|| panic!("no {type_} in {:?}", s.conditions))
+}
+
+#[test]
+fn conditions_follow_the_connection_test_and_the_last_sync() {
+    let empty = WarehouseConnectionStatus::default();
+    let ok = TestOutcome {
+        reason: Reason::Connected,
+        message: "connected".into(),
+    };
+    let s = connection_status(&ConnectionFacts {
+        test: Some(&ok),
+        ..facts(&empty, vec![])
+    });
+    assert_eq!(cond(&s, "ConnectionVerified").status, "True");
+    assert_eq!(
+        (
+            cond(&s, "Ready").status.as_str(),
+            cond(&s, "Ready").reason.as_str()
+        ),
+        ("True", "Verified")
+    );
+    assert_eq!(cond(&s, "BackfillComplete").status, "Unknown");
+    assert_eq!(cond(&s, "Suspended").status, "False");
+    assert_eq!(cond(&s, "Syncing").status, "False");
+    assert_eq!(s.conditions[0].type_, "Ready");
+    assert_eq!(s.frequency.as_deref(), Some("every 1h"));
+    assert_eq!(
+        s.next_sync_time.as_ref().map(|t| t.0),
+        Some(t("2025-03-01T11:00:00Z"))
+    );
+    assert_eq!(s.observed_generation, Some(1));
+
+    // A sync starts, then finishes backfilling some tables.
+    let s = connection_status(&ConnectionFacts {
+        active_job: Some("c-1"),
+        last_started: Some(t("2025-03-01T10:05:00Z")),
+        ..facts(&s, vec![])
+    });
+    assert_eq!(cond(&s, "Syncing").status, "True");
+    assert_eq!(
+        s.last_sync_time.as_ref().map(|t| t.0),
+        Some(t("2025-03-01T10:05:00Z"))
+    );
+    let r = report(
+        "c-1",
+        "2025-03-01T10:05:03Z",
+        vec![table("tracks", 4, None)],
+        &["tracks"],
+    );
+    let syncs = vec![rec("c-1", "2025-03-01T10:05:03Z", SyncStatus::Success)];
+    let s = connection_status(&ConnectionFacts {
+        newest_report: Some(&r),
+        ..facts(&s, syncs.clone())
+    });
+    assert_eq!(cond(&s, "BackfillComplete").status, "False");
+    assert!(cond(&s, "BackfillComplete").message.contains("tracks"));
+    assert_eq!(
+        s.last_successful_sync_time.as_ref().map(|t| t.0),
+        Some(t("2025-03-01T10:05:03Z"))
+    );
+    assert_eq!(cond(&s, "Ready").reason, "Synced");
+
+    // The next one catches up; then one fails: Ready goes False, lastSuccessfulSyncTime stays.
+    let r = report(
+        "c-2",
+        "2025-03-01T11:00:03Z",
+        vec![table("tracks", 1, None)],
+        &[],
+    );
+    let mut syncs2 = vec![rec("c-2", "2025-03-01T11:00:03Z", SyncStatus::Success)];
+    syncs2.extend(syncs);
+    let s = connection_status(&ConnectionFacts {
+        newest_report: Some(&r),
+        ..facts(&s, syncs2.clone())
+    });
+    assert_eq!(cond(&s, "BackfillComplete").status, "True");
+    let mut failed = rec("c-3", "2025-03-01T12:00:03Z", SyncStatus::Failed);
+    failed.errors.push(SyncError {
+        class: ErrorClass::Connection,
+        message: "refused".into(),
+        table: None,
+    });
+    let mut syncs3 = vec![failed];
+    syncs3.extend(syncs2);
+    let s = connection_status(&facts(&s, syncs3));
+    assert_eq!(
+        (
+            cond(&s, "Ready").status.as_str(),
+            cond(&s, "Ready").reason.as_str()
+        ),
+        ("False", "SyncFailed")
+    );
+    assert!(cond(&s, "Ready").message.contains("refused"));
+    assert_eq!(
+        cond(&s, "BackfillComplete").status,
+        "True",
+        "a failure does not undo the backfill"
+    );
+    assert_eq!(
+        s.last_successful_sync_time.as_ref().map(|t| t.0),
+        Some(t("2025-03-01T11:00:03Z"))
+    );
+}
+
+#[test]
+fn a_failed_test_suspension_and_a_bad_schedule_show_in_the_conditions() {
+    let empty = WarehouseConnectionStatus::default();
+    let bad = TestOutcome {
+        reason: Reason::AuthenticationFailed,
+        message: "password authentication failed".into(),
+    };
+    let ips = vec!["203.0.113.7".to_string()];
+    let s = connection_status(&ConnectionFacts {
+        test: Some(&bad),
+        suspended: true,
+        next_sync: None,
+        blocked: Some(&Blocked::Suspended),
+        egress_ips: &ips,
+        ..facts(&empty, vec![])
+    });
+    assert_eq!(
+        (
+            cond(&s, "ConnectionVerified").status.as_str(),
+            cond(&s, "ConnectionVerified").reason.as_str()
+        ),
+        ("False", "AuthenticationFailed")
+    );
+    assert_eq!(
+        (
+            cond(&s, "Ready").status.as_str(),
+            cond(&s, "Ready").reason.as_str()
+        ),
+        ("False", "ConnectionNotVerified")
+    );
+    assert_eq!(cond(&s, "Suspended").status, "True");
+    assert!(cond(&s, "Syncing").message.contains("suspended"));
+    assert_eq!(s.next_sync_time, None);
+    assert_eq!(s.egress_ips, ips);
+    let s = connection_status(&ConnectionFacts {
+        schedule: Err("schedule \"5m\" is too short".into()),
+        ..facts(&s, vec![])
+    });
+    assert_eq!(cond(&s, "Ready").reason, "InvalidSchedule");
+    assert_eq!(s.frequency, None);
+}
+
+#[test]
+fn an_unchanged_state_folds_to_an_identical_status() {
+    let empty = WarehouseConnectionStatus::default();
+    let ok = TestOutcome {
+        reason: Reason::Connected,
+        message: "connected".into(),
+    };
+    let a = connection_status(&ConnectionFacts {
+        test: Some(&ok),
+        ..facts(&empty, vec![])
+    });
+    let later = ConnectionFacts {
+        now: t("2025-03-01T10:20:00Z"),
+        ..facts(&a, vec![])
+    };
+    assert_eq!(
+        connection_status(&later),
+        a,
+        "no status write (and no watch event) when nothing changed"
+    );
+}
+
+#[test]
+fn selection_status_counts_tables_and_reports_rows_and_validity() {
+    let spec: SelectiveSyncSpec = serde_json::from_value(serde_json::json!({
+        "connectionRef": {"name": "c"}, "default": "none",
+        "tables": [{"name": "tracks"}, {"name": "order_completed"}, {"name": "pages", "enabled": false}]
+    })).unwrap();
+    let r = report(
+        "c-1",
+        "2025-03-01T10:00:03Z",
+        vec![table("tracks", 4, None), table("order_completed", 2, None)],
+        &[],
+    );
+    let previous = SelectiveSyncStatus::default();
+    let s = selection_status(&SelectionFacts {
+        now: t("2025-03-01T10:01:00Z"),
+        generation: 2,
+        spec: &spec,
+        previous: &previous,
+        problem: None,
+        available: Some(vec!["order_completed".into(), "signed_up".into()]),
+        report: Some((&r, Some(2))),
+    });
+    assert_eq!(s.enabled_tables, Some(2));
+    assert_eq!(s.available_tables, ["order_completed", "signed_up"]);
+    assert_eq!(
+        s.tables,
+        vec![
+            TableSyncStatus {
+                name: "tracks".into(),
+                rows: 4
+            },
+            TableSyncStatus {
+                name: "order_completed".into(),
+                rows: 2
+            }
+        ]
+    );
+    assert_eq!(
+        conditions::find(&s.conditions, "Ready").map(|c| c.reason.as_str()),
+        Some("Applied")
+    );
+    assert_eq!(s.observed_generation, Some(2));
+
+    // A new generation is pending until a sync applies it; an unreachable engine keeps the list.
+    let s2 = selection_status(&SelectionFacts {
+        now: t("2025-03-01T10:02:00Z"),
+        generation: 3,
+        spec: &spec,
+        previous: &s,
+        problem: None,
+        available: None,
+        report: None,
+    });
+    assert_eq!(
+        conditions::find(&s2.conditions, "Ready").map(|c| c.reason.as_str()),
+        Some("Pending")
+    );
+    assert_eq!(s2.available_tables, s.available_tables);
+    assert_eq!(s2.tables, s.tables);
+
+    let s3 = selection_status(&SelectionFacts {
+        now: t("2025-03-01T10:03:00Z"),
+        generation: 4,
+        spec: &spec,
+        previous: &s2,
+        problem: Some("table \"pages\" is listed more than once".into()),
+        available: None,
+        report: None,
+    });
+    let valid = conditions::find(&s3.conditions, "Valid").unwrap();
+    assert_eq!(
+        (
+            valid.status.as_str(),
+            valid.message.contains("more than once")
+        ),
+        ("False", true)
+    );
+    let all: SelectiveSyncSpec =
+        serde_json::from_value(serde_json::json!({"connectionRef": {"name": "c"}})).unwrap();
+    assert_eq!(
+        enabled_tables(&all, &["order_completed".into()]),
+        crate::sync::tables::known_tables().len() as i64 + 1
+    );
+}
