@@ -707,3 +707,26 @@ fn backfill_completes_when_every_feed_is_read_to_its_end() {
     );
     assert!(r.tables.iter().all(|t| !t.backfilling), "{:#?}", r.tables);
 }
+
+#[test]
+fn a_byte_limit_splits_a_backlog_too() {
+    let (mut s, url, _d) = store();
+    let messages: Vec<Value> = (0..60)
+        .map(|i| msg(json!({"type": "track", "messageId": format!("b{i}"), "userId": "u1", "event": "Blob", "properties": {"text": "x".repeat(500)}})))
+        .collect();
+    ingest(&mut *s, &messages);
+    let wh = TestWarehouse::sqlite();
+    let mut spec = wh.spec.clone();
+    spec.limits = Some(profiles_sync::crd::SyncLimits {
+        max_rows: None,
+        max_bytes: Some(10_000),
+    });
+    let first = wh.sync_with(&url, None, &spec, 10);
+    assert!(first.limit_reached, "{first:#?}");
+    let mut runs = 1;
+    while wh.sync_with(&url, None, &spec, 10).limit_reached {
+        runs += 1;
+        assert!(runs < 40);
+    }
+    assert_eq!(wh.count("blob"), 60);
+}
