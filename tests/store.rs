@@ -493,3 +493,29 @@ fn replaying_a_stream_into_a_fresh_store_gives_the_same_logs(kind: &str) {
     );
     assert_eq!(la, lb);
 }
+
+#[test]
+fn postgres_store_urls_with_sslmode_use_tls() {
+    let tls = support::pg::PgServer::start_tls();
+    let url = format!("{}?sslmode=require", tls.url(&tls.create_database("tls")));
+    let mut s = store::open(&url, Rules::default()).expect("a TLS store URL connects");
+    s.ingest(vec![page("t1", "a1")]).unwrap();
+    assert_eq!(s.event_count().unwrap(), 1);
+    let mut check = ::postgres::Client::connect(
+        &url.replace("sslmode=require", "sslmode=disable"),
+        ::postgres::NoTls,
+    )
+    .unwrap();
+    let encrypted: i64 = check
+        .query_one("SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE s.ssl AND a.datname = current_database()", &[])
+        .unwrap()
+        .get(0);
+    assert!(encrypted >= 1, "the store's connection is encrypted");
+    // A server without TLS refuses sslmode=require instead of falling back to clear text.
+    let plain = support::pg::shared();
+    let url = format!(
+        "{}?sslmode=require",
+        plain.url(&plain.create_database("notls"))
+    );
+    assert!(store::open(&url, Rules::default()).is_err());
+}

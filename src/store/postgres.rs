@@ -14,6 +14,23 @@ use super::{
 use crate::event::Event;
 use crate::identity::{IdentifierState, ProfileState, Rules};
 
+/// Connects with the URL's `sslmode`: `disable` in clear, `prefer` and `require` through rustls
+/// (encrypted, the certificate not verified — libpq's meaning of those modes).
+fn connect(url: &str) -> Result<Client, StoreError> {
+    let config: postgres::Config = url.parse()?;
+    match config.get_ssl_mode() {
+        postgres::config::SslMode::Disable => Ok(config.connect(NoTls)?),
+        _ => {
+            let tls = crate::warehouse::postgres::tls_connector(crate::crd::SslMode::Require)
+                .map_err(|e| StoreError::Corrupt {
+                    table: "connection",
+                    reason: e.message,
+                })?;
+            Ok(config.connect(tls)?)
+        }
+    }
+}
+
 /// A store in a PostgreSQL database (its own tables in the connection's default schema).
 pub struct PostgresStore {
     client: Client,
@@ -23,7 +40,7 @@ pub struct PostgresStore {
 impl PostgresStore {
     /// Connects to `url` and creates the store's tables when missing.
     pub fn connect(url: &str, rules: Rules) -> Result<PostgresStore, StoreError> {
-        let mut client = Client::connect(url, NoTls)?;
+        let mut client = connect(url)?;
         let ready: bool = client
             .query_one("SELECT to_regclass('store_schema') IS NOT NULL", &[])?
             .get(0);

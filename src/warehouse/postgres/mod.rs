@@ -4,6 +4,8 @@
 mod dialect;
 mod tls;
 
+pub use tls::connector as tls_connector;
+
 pub use dialect::PostgresDialect;
 
 use std::collections::BTreeMap;
