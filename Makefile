@@ -14,6 +14,8 @@ deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql postgresql-client >/dev/null; \
 	fi
 	@id postgres >/dev/null 2>&1 || { echo "the postgres user is missing; reinstall the postgresql package"; exit 1; }
+	@# openssl makes the self-signed certificate of the TLS tests' PostgreSQL server.
+	@command -v openssl >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null; }
 	@python3 -c 'import venv, ensurepip' 2>/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null; }
 	@# Segment's official Python SDK, the real client of the engine in tests/segment_sdk.rs.
 	@test -x .venv-segment/bin/python && .venv-segment/bin/python -c 'import segment.analytics' 2>/dev/null || \
