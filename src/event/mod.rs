@@ -192,6 +192,11 @@ impl Event {
         json::to_json(self)
     }
 
+    /// [`Event::to_json`] as JSON text, written without building the `Value` (what the store keeps).
+    pub fn to_json_string(&self) -> String {
+        json::to_json_string(self)
+    }
+
     /// The traits that describe the user, for identity resolution: an identify call's `traits`;
     /// for every other type `context.traits` (empty when absent or not an object).
     pub fn identity_traits(&self) -> &Map<String, Value> {

@@ -296,7 +296,7 @@ impl WriteTx for PgTx<'_> {
                 srcs.push(e.source_id.as_str());
                 ts.push(micros(e.timestamp));
                 recv.push(micros(e.received_at));
-                payloads.push(e.to_json().to_string());
+                payloads.push(e.to_json_string());
             }
             tx.execute(
                 "INSERT INTO events (seq, message_id, type, event, segment_id, source_id, timestamp_us, received_at_us, payload)

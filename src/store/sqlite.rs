@@ -237,7 +237,7 @@ impl WriteTx for LiteTx<'_> {
                 e.source_id,
                 micros(e.timestamp),
                 micros(e.received_at),
-                e.to_json().to_string(),
+                e.to_json_string(),
             ])?;
         }
         let mut stmt = tx.prepare_cached(
