@@ -5,7 +5,8 @@ use serde_json::{Map, Value};
 use crate::event::{Event, EventType, ParseOptions, Timestamp};
 use crate::identity::{IdentifierState, ProfileState};
 
-use super::{StoreError, Trigger};
+use super::schema::TRIGGER_COLUMNS;
+use super::{Feed, FeedRow, IdGraphRow, MappingRow, StoreError, TraitsRow, Trigger};
 
 /// Microseconds since the epoch, as stored.
 pub(crate) fn micros(t: Timestamp) -> i64 {
@@ -21,7 +22,7 @@ pub(crate) fn timestamp(table: &'static str, us: i64) -> Result<Timestamp, Store
 }
 
 /// The trigger columns as read from a change-log table.
-pub(crate) struct RawTrigger {
+struct RawTrigger {
     pub event_type: String,
     pub event_id: String,
     pub event_name: Option<String>,
@@ -129,4 +130,108 @@ pub(crate) fn identifier(
 /// JSON text of a map (infallible for maps of JSON values).
 pub(crate) fn json_text(m: &Map<String, Value>) -> String {
     serde_json::to_string(m).unwrap_or_else(|_| "{}".into())
+}
+
+/// Typed column access over a result row of either driver, so the change-log rows are decoded
+/// once for both stores.
+pub(crate) trait Columns {
+    /// An integer column.
+    fn int(&self, i: usize) -> Result<i64, StoreError>;
+    /// A non-null text column.
+    fn text(&self, i: usize) -> Result<String, StoreError>;
+    /// A nullable text column.
+    fn opt_text(&self, i: usize) -> Result<Option<String>, StoreError>;
+}
+
+impl Columns for rusqlite::Row<'_> {
+    fn int(&self, i: usize) -> Result<i64, StoreError> {
+        Ok(self.get(i)?)
+    }
+    fn text(&self, i: usize) -> Result<String, StoreError> {
+        Ok(self.get(i)?)
+    }
+    fn opt_text(&self, i: usize) -> Result<Option<String>, StoreError> {
+        Ok(self.get(i)?)
+    }
+}
+
+impl Columns for postgres::Row {
+    fn int(&self, i: usize) -> Result<i64, StoreError> {
+        Ok(self.try_get(i)?)
+    }
+    fn text(&self, i: usize) -> Result<String, StoreError> {
+        Ok(self.try_get(i)?)
+    }
+    fn opt_text(&self, i: usize) -> Result<Option<String>, StoreError> {
+        Ok(self.try_get(i)?)
+    }
+}
+
+/// A change log's table, the columns before the trigger columns, and how many there are.
+fn change_log(feed: &Feed) -> Option<(&'static str, &'static str, usize)> {
+    match feed {
+        Feed::IdGraphUpdates => Some((
+            "id_graph_updates",
+            "seq, segment_id, canonical_segment_id",
+            3,
+        )),
+        Feed::ExternalIdMappingUpdates => Some((
+            "external_id_mapping_updates",
+            "seq, id, external_id_hash, external_id_type, external_id_value, segment_id",
+            6,
+        )),
+        Feed::ProfileTraitsUpdates => {
+            Some(("profile_traits_updates", "seq, segment_id, traits", 3))
+        }
+        Feed::Events(_) => None,
+    }
+}
+
+/// The query reading a change log after `$1`, at most `$2` rows (both drivers bind `$n` by
+/// position); `None` for the events feed, which each store filters its own way.
+pub(crate) fn change_log_sql(feed: &Feed) -> Option<String> {
+    let (table, lead, _) = change_log(feed)?;
+    Some(format!(
+        "SELECT {lead}, {TRIGGER_COLUMNS} FROM {table} WHERE seq > $1 ORDER BY seq LIMIT $2"
+    ))
+}
+
+/// Decodes a row read by [`change_log_sql`].
+pub(crate) fn change_log_row(feed: &Feed, r: &impl Columns) -> Result<FeedRow, StoreError> {
+    let Some((table, _, lead)) = change_log(feed) else {
+        return Err(StoreError::UnknownTable("events".into()));
+    };
+    let trigger = RawTrigger {
+        event_type: r.text(lead)?,
+        event_id: r.text(lead + 1)?,
+        event_name: r.opt_text(lead + 2)?,
+        source_id: r.text(lead + 3)?,
+        timestamp_us: r.int(lead + 4)?,
+        received_at_us: r.int(lead + 5)?,
+    }
+    .decode(table)?;
+    let seq = r.int(0)?;
+    Ok(match feed {
+        Feed::IdGraphUpdates => FeedRow::IdGraph(IdGraphRow {
+            seq,
+            segment_id: r.text(1)?,
+            canonical_segment_id: r.text(2)?,
+            trigger,
+        }),
+        Feed::ExternalIdMappingUpdates => FeedRow::Mapping(MappingRow {
+            seq,
+            id: r.text(1)?,
+            external_id_hash: r.text(2)?,
+            external_id_type: r.text(3)?,
+            external_id_value: r.text(4)?,
+            segment_id: r.text(5)?,
+            trigger,
+        }),
+        _ => FeedRow::Traits(TraitsRow {
+            seq,
+            segment_id: r.text(1)?,
+            traits: object(table, &r.text(2)?)?,
+            trigger,
+        }),
+    })
 }

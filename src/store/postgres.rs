@@ -4,12 +4,12 @@ use std::collections::HashSet;
 
 use postgres::{Client, NoTls, Transaction};
 
-use super::codec::{self, RawProfile, RawTrigger, json_text, micros};
+use super::codec::{self, RawProfile, json_text, micros};
 use super::ingest::{LoadedState, ResolvedBatch, ingest_in_tx};
 use super::schema::{DDL, SCHEMA_VERSION, TRIGGER_COLUMNS};
 use super::{
-    EventFilter, EventRow, Feed, FeedRow, IdGraphRow, IngestSummary, MappingRow, Resolver,
-    SourceInfo, Store, StoreError, TraitsRow, Trigger, WriteTx,
+    EventFilter, EventRow, Feed, FeedRow, IngestSummary, Resolver, SourceInfo, Store, StoreError,
+    Trigger, WriteTx,
 };
 use crate::event::Event;
 use crate::identity::{IdentifierState, ProfileState, Rules};
@@ -351,35 +351,6 @@ impl WriteTx for PgTx<'_> {
     }
 }
 
-impl PostgresStore {
-    fn read_trigger_rows(
-        &mut self,
-        sql: &str,
-        table: &'static str,
-        after: i64,
-        limit: usize,
-        lead: usize,
-        build: impl Fn(&postgres::Row, Trigger) -> Result<FeedRow, StoreError>,
-    ) -> Result<Vec<FeedRow>, StoreError> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        self.client
-            .query(sql, &[&after, &limit])?
-            .iter()
-            .map(|r| {
-                let raw = RawTrigger {
-                    event_type: r.get(lead),
-                    event_id: r.get(lead + 1),
-                    event_name: r.get(lead + 2),
-                    source_id: r.get(lead + 3),
-                    timestamp_us: r.get(lead + 4),
-                    received_at_us: r.get(lead + 5),
-                };
-                build(r, raw.decode(table)?)
-            })
-            .collect()
-    }
-}
-
 impl Store for PostgresStore {
     fn ingest(&mut self, events: Vec<Event>) -> Result<IngestSummary, StoreError> {
         let mut write = self.begin_write()?;
@@ -394,82 +365,42 @@ impl Store for PostgresStore {
         after: i64,
         limit: usize,
     ) -> Result<Vec<FeedRow>, StoreError> {
-        match feed {
-            Feed::IdGraphUpdates => self.read_trigger_rows(
-                &format!("SELECT seq, segment_id, canonical_segment_id, {TRIGGER_COLUMNS} FROM id_graph_updates WHERE seq > $1 ORDER BY seq LIMIT $2"),
-                "id_graph_updates",
-                after,
-                limit,
-                3,
-                |r, trigger| {
-                    Ok(FeedRow::IdGraph(IdGraphRow {
-                        seq: r.get(0),
-                        segment_id: r.get(1),
-                        canonical_segment_id: r.get(2),
-                        trigger,
-                    }))
-                },
-            ),
-            Feed::ExternalIdMappingUpdates => self.read_trigger_rows(
-                &format!("SELECT seq, id, external_id_hash, external_id_type, external_id_value, segment_id, {TRIGGER_COLUMNS} FROM external_id_mapping_updates WHERE seq > $1 ORDER BY seq LIMIT $2"),
-                "external_id_mapping_updates",
-                after,
-                limit,
-                6,
-                |r, trigger| {
-                    Ok(FeedRow::Mapping(MappingRow {
-                        seq: r.get(0),
-                        id: r.get(1),
-                        external_id_hash: r.get(2),
-                        external_id_type: r.get(3),
-                        external_id_value: r.get(4),
-                        segment_id: r.get(5),
-                        trigger,
-                    }))
-                },
-            ),
-            Feed::ProfileTraitsUpdates => self.read_trigger_rows(
-                &format!("SELECT seq, segment_id, traits, {TRIGGER_COLUMNS} FROM profile_traits_updates WHERE seq > $1 ORDER BY seq LIMIT $2"),
-                "profile_traits_updates",
-                after,
-                limit,
-                3,
-                |r, trigger| {
-                    Ok(FeedRow::Traits(TraitsRow {
-                        seq: r.get(0),
-                        segment_id: r.get(1),
-                        traits: codec::object("profile_traits_updates", r.get(2))?,
-                        trigger,
-                    }))
-                },
-            ),
-            Feed::Events(filter) => {
-                let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-                let base = "SELECT seq, segment_id, source_id, received_at_us, payload FROM events WHERE seq > $1";
-                let rows = match filter {
-                    EventFilter::All => self
-                        .client
-                        .query(&format!("{base} ORDER BY seq LIMIT $2"), &[&after, &limit])?,
-                    EventFilter::Type(t) => self.client.query(
-                        &format!("{base} AND type = $3 ORDER BY seq LIMIT $2"),
-                        &[&after, &limit, &t.as_str()],
-                    )?,
-                    EventFilter::TrackNames(names) => self.client.query(
-                        &format!("{base} AND type = 'track' AND event = ANY($3) ORDER BY seq LIMIT $2"),
-                        &[&after, &limit, names],
-                    )?,
-                };
-                rows.iter()
-                    .map(|r| {
-                        Ok(FeedRow::Event(EventRow {
-                            seq: r.get(0),
-                            segment_id: r.get(1),
-                            event: codec::event(r.get(4), r.get(2), r.get(3))?,
-                        }))
-                    })
-                    .collect()
-            }
-        }
+        let Feed::Events(filter) = feed else {
+            let sql = codec::change_log_sql(feed)
+                .ok_or_else(|| StoreError::UnknownTable(format!("{feed:?}")))?;
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            return self
+                .client
+                .query(sql.as_str(), &[&after, &limit])?
+                .iter()
+                .map(|r| codec::change_log_row(feed, r))
+                .collect();
+        };
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let base =
+            "SELECT seq, segment_id, source_id, received_at_us, payload FROM events WHERE seq > $1";
+        let rows = match filter {
+            EventFilter::All => self
+                .client
+                .query(&format!("{base} ORDER BY seq LIMIT $2"), &[&after, &limit])?,
+            EventFilter::Type(t) => self.client.query(
+                &format!("{base} AND type = $3 ORDER BY seq LIMIT $2"),
+                &[&after, &limit, &t.as_str()],
+            )?,
+            EventFilter::TrackNames(names) => self.client.query(
+                &format!("{base} AND type = 'track' AND event = ANY($3) ORDER BY seq LIMIT $2"),
+                &[&after, &limit, names],
+            )?,
+        };
+        rows.iter()
+            .map(|r| {
+                Ok(FeedRow::Event(EventRow {
+                    seq: r.get(0),
+                    segment_id: r.get(1),
+                    event: codec::event(r.get(4), r.get(2), r.get(3))?,
+                }))
+            })
+            .collect()
     }
 
     fn head_seq(&mut self) -> Result<i64, StoreError> {

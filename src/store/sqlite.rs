@@ -5,12 +5,12 @@ use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params, params_from_iter};
 
-use super::codec::{self, RawProfile, RawTrigger, json_text, micros};
+use super::codec::{self, RawProfile, json_text, micros};
 use super::ingest::{LoadedState, ResolvedBatch, ingest_in_tx};
 use super::schema::{DDL, SCHEMA_VERSION, TRIGGER_COLUMNS};
 use super::{
-    EventFilter, EventRow, Feed, FeedRow, IdGraphRow, IngestSummary, MappingRow, Resolver,
-    SourceInfo, Store, StoreError, TraitsRow, Trigger, WriteTx,
+    EventFilter, EventRow, Feed, FeedRow, IngestSummary, Resolver, SourceInfo, Store, StoreError,
+    Trigger, WriteTx,
 };
 use crate::event::Event;
 use crate::identity::{IdentifierState, ProfileState, Rules};
@@ -280,33 +280,6 @@ impl WriteTx for LiteTx<'_> {
 }
 
 impl SqliteStore {
-    fn read_trigger_rows<T>(
-        &self,
-        sql: &str,
-        table: &'static str,
-        after: i64,
-        limit: usize,
-        lead: usize,
-        build: impl Fn(&rusqlite::Row<'_>, Trigger) -> rusqlite::Result<T>,
-    ) -> Result<Vec<T>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(sql)?;
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let mut rows = stmt.query(params![after, limit])?;
-        let mut out = vec![];
-        while let Some(r) = rows.next()? {
-            let raw = RawTrigger {
-                event_type: r.get(lead)?,
-                event_id: r.get(lead + 1)?,
-                event_name: r.get(lead + 2)?,
-                source_id: r.get(lead + 3)?,
-                timestamp_us: r.get(lead + 4)?,
-                received_at_us: r.get(lead + 5)?,
-            };
-            out.push(build(r, raw.decode(table)?)?);
-        }
-        Ok(out)
-    }
-
     fn read_events(
         &self,
         filter: &EventFilter,
@@ -377,62 +350,18 @@ impl Store for SqliteStore {
         after: i64,
         limit: usize,
     ) -> Result<Vec<FeedRow>, StoreError> {
-        match feed {
-            Feed::IdGraphUpdates => self.read_trigger_rows(
-                &format!("SELECT seq, segment_id, canonical_segment_id, {TRIGGER_COLUMNS} FROM id_graph_updates WHERE seq > ?1 ORDER BY seq LIMIT ?2"),
-                "id_graph_updates",
-                after,
-                limit,
-                3,
-                |r, trigger| {
-                    Ok(FeedRow::IdGraph(IdGraphRow {
-                        seq: r.get(0)?,
-                        segment_id: r.get(1)?,
-                        canonical_segment_id: r.get(2)?,
-                        trigger,
-                    }))
-                },
-            ),
-            Feed::ExternalIdMappingUpdates => self.read_trigger_rows(
-                &format!("SELECT seq, id, external_id_hash, external_id_type, external_id_value, segment_id, {TRIGGER_COLUMNS} FROM external_id_mapping_updates WHERE seq > ?1 ORDER BY seq LIMIT ?2"),
-                "external_id_mapping_updates",
-                after,
-                limit,
-                6,
-                |r, trigger| {
-                    Ok(FeedRow::Mapping(MappingRow {
-                        seq: r.get(0)?,
-                        id: r.get(1)?,
-                        external_id_hash: r.get(2)?,
-                        external_id_type: r.get(3)?,
-                        external_id_value: r.get(4)?,
-                        segment_id: r.get(5)?,
-                        trigger,
-                    }))
-                },
-            ),
-            Feed::ProfileTraitsUpdates => {
-                let rows = self.read_trigger_rows(
-                    &format!("SELECT seq, segment_id, traits, {TRIGGER_COLUMNS} FROM profile_traits_updates WHERE seq > ?1 ORDER BY seq LIMIT ?2"),
-                    "profile_traits_updates",
-                    after,
-                    limit,
-                    3,
-                    |r, trigger| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, trigger)),
-                )?;
-                rows.into_iter()
-                    .map(|(seq, segment_id, traits, trigger)| {
-                        Ok(FeedRow::Traits(TraitsRow {
-                            seq,
-                            segment_id,
-                            traits: codec::object("profile_traits_updates", &traits)?,
-                            trigger,
-                        }))
-                    })
-                    .collect()
-            }
-            Feed::Events(filter) => self.read_events(filter, after, limit),
+        if let Feed::Events(filter) = feed {
+            return self.read_events(filter, after, limit);
         }
+        let sql = codec::change_log_sql(feed)
+            .ok_or_else(|| StoreError::UnknownTable(format!("{feed:?}")))?;
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let mut rows = stmt.query(params![after, i64::try_from(limit).unwrap_or(i64::MAX)])?;
+        let mut out = vec![];
+        while let Some(r) = rows.next()? {
+            out.push(codec::change_log_row(feed, r)?);
+        }
+        Ok(out)
     }
 
     fn head_seq(&mut self) -> Result<i64, StoreError> {
