@@ -46,17 +46,25 @@ pub trait Dialect: Send + Sync {
     fn create_schema(&self, schema: &str) -> String {
         format!("CREATE SCHEMA IF NOT EXISTS {}", self.quote(schema))
     }
-    /// Creates a table with a primary key.
-    fn create_table(&self, schema: &str, table: &str, columns: &[Column], key: &[&str]) -> String {
-        let cols: Vec<String> = columns
+    /// Column definitions (`"name" TYPE, ...`) for CREATE TABLE statements.
+    fn column_defs(&self, columns: &[Column]) -> String {
+        let defs: Vec<String> = columns
             .iter()
             .map(|c| format!("{} {}", self.quote(&c.name), self.type_sql(c.ty)))
             .collect();
+        defs.join(", ")
+    }
+    /// How an UPDATE's WHERE clause names its target table (PostgreSQL: qualified; SQLite: bare).
+    fn update_target(&self, schema: &str, table: &str) -> String {
+        self.qualified(schema, table)
+    }
+    /// Creates a table with a primary key.
+    fn create_table(&self, schema: &str, table: &str, columns: &[Column], key: &[&str]) -> String {
         let key: Vec<String> = key.iter().map(|k| self.quote(k)).collect();
         format!(
             "CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))",
             self.qualified(schema, table),
-            cols.join(", "),
+            self.column_defs(columns),
             key.join(", ")
         )
     }
@@ -117,8 +125,9 @@ pub trait Dialect: Send + Sync {
         to: &str,
     ) -> String {
         format!(
-            "UPDATE {t} SET {c} = s.{to} FROM {s} s WHERE {t}.{c} = s.{from}",
+            "UPDATE {t} SET {c} = s.{to} FROM {s} s WHERE {target}.{c} = s.{from}",
             t = self.qualified(schema, table),
+            target = self.update_target(schema, table),
             c = self.quote(column),
             s = self.quote(stage),
             from = self.quote(from),

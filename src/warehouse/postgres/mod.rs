@@ -297,14 +297,10 @@ impl Warehouse for PostgresWarehouse {
         rows: &[Vec<Cell>],
     ) -> Result<(), WarehouseError> {
         let d = &self.dialect;
-        let defs: Vec<String> = columns
-            .iter()
-            .map(|c| format!("{} {}", d.quote(&c.name), d.type_sql(c.ty)))
-            .collect();
         self.client
             .batch_execute(&format!(
                 "DROP TABLE IF EXISTS pg_temp.{q}; CREATE TEMP TABLE {q} ({}) ON COMMIT DROP",
-                defs.join(", "),
+                d.column_defs(columns),
                 q = d.quote(stage)
             ))
             .map_err(pg_error)?;

@@ -40,24 +40,8 @@ impl Dialect for SqliteDialect {
         }
     }
 
-    fn update_from_stage(
-        &self,
-        schema: &str,
-        table: &str,
-        column: &str,
-        stage: &str,
-        from: &str,
-        to: &str,
-    ) -> String {
-        // SQLite names the target by its bare table name in the WHERE clause.
-        format!(
-            "UPDATE {t} SET {c} = s.{to} FROM {s} s WHERE {bare}.{c} = s.{from}",
-            t = self.qualified(schema, table),
-            bare = self.quote(table),
-            c = self.quote(column),
-            s = self.quote(stage),
-            from = self.quote(from),
-            to = self.quote(to),
-        )
+    fn update_target(&self, _schema: &str, table: &str) -> String {
+        // SQLite names an UPDATE's target by its bare table name in the WHERE clause.
+        self.quote(table)
     }
 }

@@ -191,14 +191,10 @@ impl Warehouse for SqliteWarehouse {
         rows: &[Vec<Cell>],
     ) -> Result<(), WarehouseError> {
         let d = &self.dialect;
-        let defs: Vec<String> = columns
-            .iter()
-            .map(|c| format!("{} {}", d.quote(&c.name), d.type_sql(c.ty)))
-            .collect();
         self.conn
             .execute_batch(&format!(
                 "DROP TABLE IF EXISTS temp.{q}; CREATE TEMP TABLE {q} ({});",
-                defs.join(", "),
+                d.column_defs(columns),
                 q = d.quote(stage)
             ))
             .map_err(lite_error)?;
