@@ -1,14 +1,12 @@
 //! The committed CRDs and example manifests agree with the Rust types.
 
-use std::path::Path;
+mod manifests;
+
 use std::process::Command;
 
+use manifests::{repo, strict};
 use profiles_sync::crd::{SelectiveSync, WarehouseConnection, WarehouseType, all_crds, crd_yaml};
 use serde_json::Value;
-
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
 
 #[test]
 fn committed_crds_are_not_stale() {
@@ -40,35 +38,6 @@ fn crdgen_prints_exactly_the_committed_crds() {
         expected.push_str(&std::fs::read_to_string(repo().join("crds").join(file)).unwrap());
     }
     assert_eq!(String::from_utf8(out.stdout).unwrap(), expected);
-}
-
-/// Every leaf of `written` must appear, equal, in `parsed`: a field the types do not know (a typo)
-/// is dropped by deserialization and shows up here.
-fn assert_no_unknown_fields(written: &Value, parsed: &Value, path: &str) {
-    match (written, parsed) {
-        (Value::Object(w), Value::Object(p)) => {
-            for (k, v) in w {
-                let sub = format!("{path}.{k}");
-                let Some(pv) = p.get(k) else {
-                    panic!("{sub} is not a field of the type");
-                };
-                assert_no_unknown_fields(v, pv, &sub);
-            }
-        }
-        (Value::Array(w), Value::Array(p)) => {
-            assert_eq!(w.len(), p.len(), "{path}");
-            for (i, (wv, pv)) in w.iter().zip(p).enumerate() {
-                assert_no_unknown_fields(wv, pv, &format!("{path}[{i}]"));
-            }
-        }
-        (w, p) => assert_eq!(w, p, "{path}"),
-    }
-}
-
-fn strict<T: serde::de::DeserializeOwned + serde::Serialize>(doc: &Value, file: &str) -> T {
-    let parsed: T = serde_json::from_value(doc.clone()).unwrap_or_else(|e| panic!("{file}: {e}"));
-    assert_no_unknown_fields(doc, &serde_json::to_value(&parsed).unwrap(), file);
-    parsed
 }
 
 #[test]
