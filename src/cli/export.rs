@@ -150,13 +150,11 @@ impl Sink<'_> {
                     *header = Some(cols);
                 }
                 let cols = header.as_deref().unwrap_or_default();
-                let json = Value::Object(row.clone()).to_string();
-                out.write_record(cols.iter().map(|c| {
-                    if is_event && c == "json" {
-                        json.clone()
-                    } else {
-                        cell(row.get(c))
-                    }
+                // The events' `json` column holds the whole row; other tables have no such column.
+                let json = is_event.then(|| Value::Object(row.clone()).to_string());
+                out.write_record(cols.iter().map(|c| match &json {
+                    Some(j) if c == "json" => j.clone(),
+                    _ => cell(row.get(c)),
                 }))?;
             }
         }

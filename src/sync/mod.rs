@@ -24,7 +24,7 @@ pub use source::{EngineSource, FeedSource, SourceError, StoreSource};
 use crate::crd::{ErrorClass, SelectiveSyncSpec, SyncError, WarehouseConnectionSpec};
 use crate::event::EventType;
 use crate::store::{EventFilter, Feed, FeedRow, SourceInfo};
-use crate::warehouse::{Column, ColumnType, Warehouse, WarehouseError};
+use crate::warehouse::{Warehouse, WarehouseError};
 use load::{Chunk, PendingRow, Schema};
 use state::TableState;
 use tables::{
@@ -725,21 +725,4 @@ fn raw_row(
         received_at,
         values,
     }
-}
-
-/// The fixed columns of a raw table, for tests and docs.
-pub fn raw_columns(table: &str) -> Vec<Column> {
-    tables::fixed(table).map(|t| t.columns).unwrap_or_default()
-}
-
-/// The column type names, for the README's table reference.
-pub fn type_names() -> [&'static str; 5] {
-    [
-        ColumnType::Timestamp,
-        ColumnType::Integer,
-        ColumnType::Float,
-        ColumnType::Boolean,
-        ColumnType::Varchar,
-    ]
-    .map(ColumnType::as_str)
 }
