@@ -4,6 +4,10 @@
 
 use std::process::Command;
 
+/// The binary's allocator (see `src/main.rs`), so the benches measure what ships.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use profiles_sync::event::{Event, ParseOptions};
 use profiles_sync::sample::SampleGenerator;
 

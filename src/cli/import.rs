@@ -134,8 +134,8 @@ pub fn import(
             source_id: source_id.to_string(),
             trust_received_at: true,
         };
-        for (i, m) in msgs.iter().enumerate() {
-            match Event::from_json(m, None, &opts) {
+        for (i, m) in msgs.into_iter().enumerate() {
+            match Event::from_value(m, None, &opts) {
                 Ok(e) => pending.push(e),
                 Err(e) => {
                     on_error(&LineError {

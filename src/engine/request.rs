@@ -208,10 +208,12 @@ pub fn parse(
         trust_received_at: false,
     };
     let mut events = Vec::with_capacity(messages.len());
-    for (i, m) in messages.iter().enumerate() {
+    for (i, m) in messages.into_iter().enumerate() {
         let index = batched.then_some(i);
         if batched {
-            let size = serde_json::to_vec(m).map(|v| v.len()).unwrap_or(usize::MAX);
+            let size = serde_json::to_vec(&m)
+                .map(|v| v.len())
+                .unwrap_or(usize::MAX);
             if size > MAX_MESSAGE_BYTES {
                 return Err(ApiError {
                     status: 400,
@@ -221,7 +223,7 @@ pub fn parse(
                 });
             }
         }
-        let event = Event::from_json(m, default_type, &opts)
+        let event = Event::from_value(m, default_type, &opts)
             .map_err(|e| field_error(400, &e.field, &e.reason, index))?;
         if extract_identifiers(&event, rules).is_empty() {
             let field = if event.user_id.is_some() {

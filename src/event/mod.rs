@@ -179,6 +179,16 @@ impl Event {
         default_type: Option<EventType>,
         opts: &ParseOptions,
     ) -> Result<Event, EventError> {
+        parse::parse(v.clone(), default_type, opts)
+    }
+
+    /// [`Event::from_json`] taking the message by value, so its objects move into the event
+    /// instead of being copied.
+    pub fn from_value(
+        v: Value,
+        default_type: Option<EventType>,
+        opts: &ParseOptions,
+    ) -> Result<Event, EventError> {
         parse::parse(v, default_type, opts)
     }
 

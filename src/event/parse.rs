@@ -34,13 +34,14 @@ const KNOWN_KEYS: [&str; 17] = [
 const WRITE_KEY: &str = "writeKey";
 
 pub(super) fn parse(
-    v: &Value,
+    v: Value,
     default_type: Option<EventType>,
     opts: &ParseOptions,
 ) -> Result<Event, EventError> {
-    let Value::Object(obj) = v else {
+    let Value::Object(mut obj) = v else {
         return Err(EventError::new("message", "must be a JSON object"));
     };
+    let obj = &mut obj;
     let event_type = event_type(obj, default_type)?;
 
     let message_id = match optional_string(obj, "messageId")? {
@@ -56,10 +57,10 @@ pub(super) fn parse(
         ));
     }
 
-    let context = optional_object(obj, "context")?;
-    let integrations = optional_object(obj, "integrations")?;
-    let traits = optional_object(obj, "traits")?;
-    let properties = optional_object(obj, "properties")?;
+    let context = take_object(obj, "context")?;
+    let integrations = take_object(obj, "integrations")?;
+    let traits = take_object(obj, "traits")?;
+    let properties = take_object(obj, "properties")?;
 
     let event = optional_string(obj, "event")?;
     let name = optional_string(obj, "name")?;
@@ -107,10 +108,10 @@ pub(super) fn parse(
     };
     let timestamp = corrected_timestamp(received_at, sent_at, original_timestamp);
 
-    let extra = obj
-        .iter()
+    // The known keys stay in `obj` (the objects taken out as nulls); the rest is `extra`.
+    let extra = std::mem::take(obj)
+        .into_iter()
         .filter(|(k, _)| !KNOWN_KEYS.contains(&k.as_str()) && k.as_str() != WRITE_KEY)
-        .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
 
     Ok(Event {
@@ -202,10 +203,12 @@ fn optional_id(obj: &Map<String, Value>, key: &str) -> Result<Option<String>, Ev
     }
 }
 
-fn optional_object(obj: &Map<String, Value>, key: &str) -> Result<Map<String, Value>, EventError> {
-    match obj.get(key) {
+/// Moves the object at `key` out of `obj` (leaving the key in place, so the order of the other
+/// keys is kept).
+fn take_object(obj: &mut Map<String, Value>, key: &str) -> Result<Map<String, Value>, EventError> {
+    match obj.get_mut(key) {
         None | Some(Value::Null) => Ok(Map::new()),
-        Some(Value::Object(m)) => Ok(m.clone()),
+        Some(Value::Object(m)) => Ok(std::mem::take(m)),
         Some(_) => Err(EventError::new(key, "must be an object")),
     }
 }

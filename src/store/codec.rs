@@ -77,7 +77,7 @@ pub(crate) fn event(
         source_id,
         trust_received_at: true,
     };
-    Event::from_json(&value, None, &opts).map_err(|e| StoreError::Corrupt {
+    Event::from_value(value, None, &opts).map_err(|e| StoreError::Corrupt {
         table: "events",
         reason: e.to_string(),
     })

@@ -6,7 +6,7 @@ use postgres::{Client, NoTls, Transaction};
 
 use super::codec::{self, RawProfile, json_text, micros};
 use super::ingest::{LoadedState, ResolvedBatch, ingest_in_tx};
-use super::schema::{DDL, SCHEMA_VERSION, TRIGGER_COLUMNS};
+use super::schema::{POSTGRES_SEQ_KEY, SCHEMA_VERSION, TRIGGER_COLUMNS, ddl};
 use super::{
     EventFilter, EventRow, Feed, FeedRow, IngestSummary, Resolver, SourceInfo, Store, StoreError,
     Trigger, WriteTx,
@@ -53,7 +53,7 @@ impl PostgresStore {
             // Concurrent first starts of several replicas must not race on CREATE TABLE.
             let mut tx = client.transaction()?;
             tx.execute("SELECT pg_advisory_xact_lock(7346501)", &[])?;
-            tx.batch_execute(DDL)?;
+            tx.batch_execute(&ddl(POSTGRES_SEQ_KEY))?;
             tx.batch_execute(&format!(
                 "CREATE TABLE IF NOT EXISTS store_schema (version BIGINT PRIMARY KEY);
                  INSERT INTO store_schema VALUES ({SCHEMA_VERSION}) ON CONFLICT DO NOTHING;"
@@ -392,15 +392,15 @@ impl Store for PostgresStore {
                 &[&after, &limit, names],
             )?,
         };
-        rows.iter()
-            .map(|r| {
-                Ok(FeedRow::Event(EventRow {
-                    seq: r.get(0),
-                    segment_id: r.get(1),
-                    event: codec::event(r.get(4), r.get(2), r.get(3))?,
-                }))
-            })
-            .collect()
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            out.push(FeedRow::Event(EventRow {
+                seq: r.get(0),
+                segment_id: r.get(1),
+                event: codec::event(r.get(4), r.get(2), r.get(3))?,
+            }));
+        }
+        Ok(out)
     }
 
     fn head_seq(&mut self) -> Result<i64, StoreError> {

@@ -4,13 +4,26 @@
 /// The version of the tables below; a store at an older version gets the DDL run again.
 pub(crate) const SCHEMA_VERSION: i64 = 1;
 
-/// Creates every table when missing. `events` has no secondary index beyond `message_id`:
-/// every feed reads it by `seq` (its primary key), and each extra index would cost every ingest.
-pub(crate) const DDL: &str = r#"
+/// Creates every table when missing, with `seq_key` as the type of every `seq` primary key (see
+/// [`SQLITE_SEQ_KEY`], [`POSTGRES_SEQ_KEY`]).
+pub(crate) fn ddl(seq_key: &str) -> String {
+    DDL.replace("{seq_key}", seq_key)
+}
+
+/// SQLite: `INTEGER PRIMARY KEY` makes `seq` the rowid, so a change log is one b-tree ordered by
+/// `seq` (a `BIGINT PRIMARY KEY` would add a second index every insert writes and every feed
+/// read goes through).
+pub(crate) const SQLITE_SEQ_KEY: &str = "INTEGER PRIMARY KEY";
+/// PostgreSQL: a 64-bit key with its unique index.
+pub(crate) const POSTGRES_SEQ_KEY: &str = "BIGINT PRIMARY KEY";
+
+/// The tables. `events` has no secondary index beyond `message_id`: every feed reads it by `seq`
+/// (its primary key), and each extra index would cost every ingest.
+const DDL: &str = r#"
 CREATE TABLE IF NOT EXISTS seq_counter (id INTEGER PRIMARY KEY, head BIGINT NOT NULL);
 INSERT INTO seq_counter (id, head) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
 CREATE TABLE IF NOT EXISTS events (
-    seq BIGINT PRIMARY KEY,
+    seq {seq_key},
     message_id TEXT NOT NULL UNIQUE,
     type TEXT NOT NULL,
     event TEXT,
@@ -21,7 +34,7 @@ CREATE TABLE IF NOT EXISTS events (
     payload TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS id_graph_updates (
-    seq BIGINT PRIMARY KEY,
+    seq {seq_key},
     segment_id TEXT NOT NULL,
     canonical_segment_id TEXT NOT NULL,
     triggering_event_type TEXT NOT NULL,
@@ -32,7 +45,7 @@ CREATE TABLE IF NOT EXISTS id_graph_updates (
     received_at_us BIGINT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS external_id_mapping_updates (
-    seq BIGINT PRIMARY KEY,
+    seq {seq_key},
     id TEXT NOT NULL,
     external_id_hash TEXT NOT NULL,
     external_id_type TEXT NOT NULL,
@@ -46,7 +59,7 @@ CREATE TABLE IF NOT EXISTS external_id_mapping_updates (
     received_at_us BIGINT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS profile_traits_updates (
-    seq BIGINT PRIMARY KEY,
+    seq {seq_key},
     segment_id TEXT NOT NULL,
     traits TEXT NOT NULL,
     triggering_event_type TEXT NOT NULL,

@@ -81,6 +81,15 @@ pub fn cast(v: &Value, ty: ColumnType) -> Result<Cell, String> {
     }
 }
 
+/// [`cast`] taking the value by value, so a string moves into its cell; on failure the value
+/// comes back with the reason.
+pub fn cast_owned(v: Value, ty: ColumnType) -> Result<Cell, (String, Value)> {
+    match (ty, v) {
+        (ColumnType::Varchar, Value::String(s)) => Ok(Cell::Text(s)),
+        (_, v) => cast(&v, ty).map_err(|reason| (reason, v)),
+    }
+}
+
 fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",

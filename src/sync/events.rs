@@ -48,6 +48,8 @@ pub struct Router<'a> {
     max_len: usize,
     maps: HashMap<String, ColumnMap>,
     saved: HashMap<String, Vec<(String, String)>>,
+    /// Track event name → its table ([`track_table`] is too slow to run per row).
+    track_tables: HashMap<String, String>,
 }
 
 fn ts(t: Option<jiff::Timestamp>) -> Value {
@@ -71,6 +73,7 @@ impl<'a> Router<'a> {
             max_len,
             maps: HashMap::new(),
             saved: names,
+            track_tables: HashMap::new(),
         }
     }
 
@@ -87,12 +90,21 @@ impl<'a> Router<'a> {
     }
 
     /// The tables an event lands in: its type's table, and for a Track event its own table.
-    pub fn targets(&self, event: &Event) -> Vec<String> {
+    pub fn targets(&mut self, event: &Event) -> Vec<String> {
         let mut t = vec![event.event_type.table().to_string()];
         if let (EventType::Track, Some(name)) = (event.event_type, &event.event) {
-            t.push(track_table(name, self.max_len));
+            t.push(self.track_table(name).to_string());
         }
         t
+    }
+
+    /// [`track_table`] of `name`, computed once per name.
+    fn track_table(&mut self, name: &str) -> &str {
+        if !self.track_tables.contains_key(name) {
+            let table = track_table(name, self.max_len);
+            self.track_tables.insert(name.to_string(), table);
+        }
+        &self.track_tables[name]
     }
 
     /// The row of `event` for `table`.
@@ -113,10 +125,8 @@ impl<'a> Router<'a> {
         match e.event_type {
             EventType::Track => {
                 let name = e.event.clone().unwrap_or_default();
-                values.insert(
-                    "event".into(),
-                    Value::String(track_table(&name, self.max_len)),
-                );
+                let table = self.track_table(&name).to_string();
+                values.insert("event".into(), Value::String(table));
                 values.insert("event_text".into(), Value::String(name));
             }
             EventType::Page | EventType::Screen => {

@@ -1,11 +1,11 @@
 //! Writing one chunk of rows into one table, exactly once: the rows, their discards, any new
 //! column names and the table's cursor commit in one transaction, or nothing does.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde_json::Value;
 
-use super::columns::{cast, infer};
+use super::columns::{cast, cast_owned, infer};
 use super::state::{self, TableState};
 use super::tables::DISCARDS;
 use crate::warehouse::{
@@ -107,37 +107,47 @@ fn column_types(chunk: &Chunk<'_>, existing: Option<&TableColumns>) -> Vec<Colum
 pub fn commit(
     wh: &mut dyn Warehouse,
     schema: &mut Schema,
-    chunk: Chunk<'_>,
+    mut chunk: Chunk<'_>,
 ) -> Result<ChunkResult, WarehouseError> {
     let columns = column_types(&chunk, schema.tables.get(chunk.table));
-    let uuid = Value::String(chunk.uuid_ts.to_string());
+    let index: HashMap<&str, usize> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.name.as_str(), i))
+        .collect();
+    // `uuid_ts` is the load time, whatever a row carries under that name.
+    let uuid = index.get("uuid_ts").map(|&i| {
+        let v = Value::String(chunk.uuid_ts.to_string());
+        (i, cast(&v, columns[i].ty).unwrap_or(Cell::Null))
+    });
     let mut rows = Vec::with_capacity(chunk.rows.len());
     let mut discards = vec![];
-    for row in &chunk.rows {
-        let mut cells = Vec::with_capacity(columns.len());
-        for c in &columns {
-            let v = if c.name == "uuid_ts" {
-                &uuid
-            } else {
-                row.values.get(&c.name).unwrap_or(&Value::Null)
+    for row in std::mem::take(&mut chunk.rows) {
+        let mut cells = vec![Cell::Null; columns.len()];
+        if let Some((i, cell)) = &uuid {
+            cells[*i] = cell.clone();
+        }
+        for (name, v) in row.values {
+            let Some(&i) = index.get(name.as_str()) else {
+                continue; // null in every row of the chunk
             };
-            match cast(v, c.ty) {
-                Ok(cell) => cells.push(cell),
-                Err(reason) => {
-                    cells.push(Cell::Null);
-                    discards.push(vec![
-                        Cell::Text(chunk.table.to_string()),
-                        Cell::Text(c.name.clone()),
-                        Cell::Text(row.row_id.clone()),
-                        Cell::Text(match v {
-                            Value::String(s) => s.clone(),
-                            other => other.to_string(),
-                        }),
-                        Cell::Text(reason),
-                        cast(&row.received_at, ColumnType::Timestamp).unwrap_or(Cell::Null),
-                        Cell::Timestamp(chunk.uuid_ts),
-                    ]);
-                }
+            if uuid.as_ref().is_some_and(|(u, _)| *u == i) {
+                continue;
+            }
+            match cast_owned(v, columns[i].ty) {
+                Ok(cell) => cells[i] = cell,
+                Err((reason, v)) => discards.push(vec![
+                    Cell::Text(chunk.table.to_string()),
+                    Cell::Text(name),
+                    Cell::Text(row.row_id.clone()),
+                    Cell::Text(match v {
+                        Value::String(s) => s,
+                        other => other.to_string(),
+                    }),
+                    Cell::Text(reason),
+                    cast(&row.received_at, ColumnType::Timestamp).unwrap_or(Cell::Null),
+                    Cell::Timestamp(chunk.uuid_ts),
+                ]),
             }
         }
         rows.push(cells);

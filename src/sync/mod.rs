@@ -492,95 +492,115 @@ impl<'a> Run<'a> {
 
         let mut router = events::Router::new(self.opts.selection, max_len, names);
         let mut pos = start;
-        while self.budget_left() {
-            let rows = source.read(&Feed::Events(EventFilter::All), pos, self.page())?;
-            let Some(page_end) = rows.last().map(FeedRow::seq) else {
-                let done: Vec<String> = self
-                    .states
-                    .keys()
-                    .filter(|t| {
-                        matches!(
-                            tables::group(t),
-                            tables::TableGroup::EventTypes | tables::TableGroup::Events
-                        )
-                    })
-                    .cloned()
-                    .collect();
-                self.caught_up.extend(done);
-                break;
+        // Without row limits every page is full-size, so a thread reads (and parses) the next
+        // page while this one loads; with limits each page's size depends on the previous one.
+        let read_ahead = self.rows_left.is_none();
+        let page_size = self.page();
+        std::thread::scope(|scope| -> Result<(), RunError> {
+            let (mut direct, ahead) = if read_ahead {
+                (None, Some(read_pages(scope, source, start, page_size)))
+            } else {
+                (Some(source), None)
             };
-            let mut buffers: BTreeMap<String, TableBuffer> = BTreeMap::new();
-            let mut bytes = 0u64;
-            for row in &rows {
-                let FeedRow::Event(e) = row else { continue };
-                let received = micros(e.event.received_at);
-                for target in router.targets(&e.event) {
-                    if self.failed.contains(&target) {
-                        continue;
+            while self.budget_left() {
+                let rows = match (&mut direct, &ahead) {
+                    (Some(source), _) => {
+                        source.read(&Feed::Events(EventFilter::All), pos, self.page())?
                     }
-                    let st = match self.states.get(&target) {
-                        Some(s) => s.clone(),
-                        None => {
-                            let (c, m) = if head_only.contains(&target) {
-                                (self.head, None)
-                            } else {
-                                (default_cursor, default_min)
-                            };
-                            let st = self.resolve(&target, c, m);
-                            if st.enabled {
-                                self.table_report(&target);
-                            }
-                            st
+                    (None, Some(pages)) => pages
+                        .recv()
+                        .map_err(|_| SourceError("the feed reader stopped".into()))??,
+                    (None, None) => unreachable!("one way of reading is always set"),
+                };
+                let Some(page_end) = rows.last().map(FeedRow::seq) else {
+                    let done: Vec<String> = self
+                        .states
+                        .keys()
+                        .filter(|t| {
+                            matches!(
+                                tables::group(t),
+                                tables::TableGroup::EventTypes | tables::TableGroup::Events
+                            )
+                        })
+                        .cloned()
+                        .collect();
+                    self.caught_up.extend(done);
+                    break;
+                };
+                let mut buffers: BTreeMap<String, TableBuffer> = BTreeMap::new();
+                let mut bytes = 0u64;
+                for row in &rows {
+                    let FeedRow::Event(e) = row else { continue };
+                    let received = micros(e.event.received_at);
+                    for target in router.targets(&e.event) {
+                        if self.failed.contains(&target) {
+                            continue;
                         }
-                    };
-                    if !st.enabled
-                        || e.seq <= st.cursor
-                        || st.min_received_at_us.is_some_and(|m| received < m)
-                    {
+                        let st = match self.states.get(&target) {
+                            Some(s) => s.clone(),
+                            None => {
+                                let (c, m) = if head_only.contains(&target) {
+                                    (self.head, None)
+                                } else {
+                                    (default_cursor, default_min)
+                                };
+                                let st = self.resolve(&target, c, m);
+                                if st.enabled {
+                                    self.table_report(&target);
+                                }
+                                st
+                            }
+                        };
+                        if !st.enabled
+                            || e.seq <= st.cursor
+                            || st.min_received_at_us.is_some_and(|m| received < m)
+                        {
+                            continue;
+                        }
+                        let (pending, new) = router.row(&target, e);
+                        if self.bytes_left.is_some() {
+                            bytes += row_bytes(&pending);
+                        }
+                        let buf = buffers
+                            .entry(target)
+                            .or_insert_with(|| (e.event.event_type, vec![], vec![]));
+                        buf.1.push(pending);
+                        buf.2.extend(new);
+                    }
+                }
+                let mut loaded = 0u64;
+                for (table, (event_type, pending, new_names)) in buffers {
+                    let Some(mut next) = self.states.get(&table).cloned() else {
                         continue;
+                    };
+                    next.cursor = page_end;
+                    let fixed = events::fixed_columns(event_type);
+                    let chunk = Chunk {
+                        table: &table,
+                        key: &["id"],
+                        fixed: &fixed,
+                        rows: pending,
+                        new_names,
+                        state: next.clone(),
+                        uuid_ts: self.uuid,
+                    };
+                    match load::commit(wh, schema, chunk) {
+                        Ok(r) => {
+                            self.states.insert(table.clone(), next);
+                            let rep = self.table_report(&table);
+                            rep.rows += r.rows;
+                            rep.discards += r.discards;
+                            loaded += r.rows;
+                        }
+                        Err(e) if e.class == ErrorClass::Connection => return Err(e.into()),
+                        Err(e) => self.fail_table(&table, e),
                     }
-                    let (pending, new) = router.row(&target, e);
-                    if self.bytes_left.is_some() {
-                        bytes += row_bytes(&pending);
-                    }
-                    let buf = buffers
-                        .entry(target)
-                        .or_insert_with(|| (e.event.event_type, vec![], vec![]));
-                    buf.1.push(pending);
-                    buf.2.extend(new);
                 }
+                self.spend(loaded.max(rows.len() as u64), bytes);
+                pos = page_end;
             }
-            let mut loaded = 0u64;
-            for (table, (event_type, pending, new_names)) in buffers {
-                let Some(mut next) = self.states.get(&table).cloned() else {
-                    continue;
-                };
-                next.cursor = page_end;
-                let fixed = events::fixed_columns(event_type);
-                let chunk = Chunk {
-                    table: &table,
-                    key: &["id"],
-                    fixed: &fixed,
-                    rows: pending,
-                    new_names,
-                    state: next.clone(),
-                    uuid_ts: self.uuid,
-                };
-                match load::commit(wh, schema, chunk) {
-                    Ok(r) => {
-                        self.states.insert(table.clone(), next);
-                        let rep = self.table_report(&table);
-                        rep.rows += r.rows;
-                        rep.discards += r.discards;
-                        loaded += r.rows;
-                    }
-                    Err(e) if e.class == ErrorClass::Connection => return Err(e.into()),
-                    Err(e) => self.fail_table(&table, e),
-                }
-            }
-            self.spend(loaded.max(rows.len() as u64), bytes);
-            pos = page_end;
-        }
+            Ok(())
+        })?;
         if !self.budget_left() && pos < self.head {
             self.report.limit_reached = true;
         }
@@ -668,6 +688,35 @@ impl<'a> Run<'a> {
 
 /// The size of a row as sent to the warehouse, for `limits.maxBytes` (measured only when set:
 /// serializing every value costs a tenth of a load).
+/// Reads the event feed from `start` on a scoped thread, one page ahead of the caller; stops
+/// after an empty page, an error, or when the receiver is dropped.
+fn read_pages<'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    source: &'scope mut dyn FeedSource,
+    start: i64,
+    page_size: usize,
+) -> std::sync::mpsc::Receiver<Result<Vec<FeedRow>, SourceError>> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    scope.spawn(move || {
+        let mut pos = start;
+        loop {
+            let page = source.read(&Feed::Events(EventFilter::All), pos, page_size);
+            let end = page
+                .as_ref()
+                .ok()
+                .and_then(|rows| rows.last().map(FeedRow::seq));
+            if tx.send(page).is_err() {
+                return;
+            }
+            match end {
+                Some(e) => pos = e,
+                None => return,
+            }
+        }
+    });
+    rx
+}
+
 fn row_bytes(row: &PendingRow) -> u64 {
     row.values
         .values()

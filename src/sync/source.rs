@@ -11,8 +11,9 @@ use crate::store::{Feed, FeedRow, SourceInfo, Store};
 #[error("reading the change feed: {0}")]
 pub struct SourceError(pub String);
 
-/// The read side of a profile store.
-pub trait FeedSource {
+/// The read side of a profile store (`Send`: the sync reads the event feed one page ahead on a
+/// second thread).
+pub trait FeedSource: Send {
     /// Up to `limit` rows of `feed` with `seq > after`, in order.
     fn read(&mut self, feed: &Feed, after: i64, limit: usize) -> Result<Vec<FeedRow>, SourceError>;
     /// The highest committed `seq`.

@@ -84,6 +84,9 @@ impl PostgresWarehouse {
         ssl_mode: SslMode,
         schema: &str,
     ) -> Result<PostgresWarehouse, WarehouseError> {
+        // The sync's `DROP TABLE IF EXISTS` of its staging tables would otherwise log a NOTICE
+        // for every chunk; warnings and errors still come through.
+        config.options("-c client_min_messages=warning");
         let client = match ssl_mode {
             SslMode::Disable => config.connect(NoTls),
             mode => {
