@@ -1,6 +1,7 @@
 //! Routing events to their warehouse tables (`identifies`, `tracks`, ..., one table per Track
 //! event) and flattening each into that table's columns.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use serde_json::{Map, Value};
@@ -77,16 +78,17 @@ impl<'a> Router<'a> {
         }
     }
 
-    /// The column map of `table`: `reserved` names pre-taken, then the warehouse's saved names.
-    pub fn map(&mut self, table: &str, reserved: &[&str]) -> &mut ColumnMap {
-        let saved = &mut self.saved;
-        self.maps.entry(table.to_string()).or_insert_with(|| {
-            let mut map = ColumnMap::with_reserved(reserved.iter().copied());
-            for (s, c) in saved.remove(table).unwrap_or_default() {
+    /// The column map of `table` (an event table of `event_type`): its reserved names pre-taken,
+    /// then the warehouse's saved names.
+    fn map(&mut self, table: &str, event_type: EventType) -> &mut ColumnMap {
+        if !self.maps.contains_key(table) {
+            let mut map = ColumnMap::with_reserved(event_reserved_columns(event_type));
+            for (s, c) in self.saved.remove(table).unwrap_or_default() {
                 map.restore(s, c);
             }
-            map
-        })
+            self.maps.insert(table.to_string(), map);
+        }
+        self.maps.get_mut(table).expect("inserted above")
     }
 
     /// The tables an event lands in: its type's table, and for a Track event its own table.
@@ -110,35 +112,31 @@ impl<'a> Router<'a> {
     /// The row of `event` for `table`.
     pub fn row(&mut self, table: &str, row: &EventRow) -> (PendingRow, Vec<(String, String)>) {
         let e = &row.event;
-        let mut values = std::collections::BTreeMap::new();
-        values.insert("id".into(), Value::String(e.message_id.clone()));
-        values.insert("anonymous_id".into(), opt(&e.anonymous_id));
-        values.insert("user_id".into(), opt(&e.user_id));
-        values.insert("received_at".into(), ts(Some(e.received_at)));
-        values.insert("sent_at".into(), ts(e.sent_at));
-        values.insert("original_timestamp".into(), ts(e.original_timestamp));
-        values.insert("timestamp".into(), ts(Some(e.timestamp)));
-        values.insert("segment_id".into(), Value::String(row.segment_id.clone()));
-        values.insert("event_source_id".into(), Value::String(e.source_id.clone()));
-        values.insert("seq".into(), Value::from(row.seq));
+        let mut values: Vec<(Cow<'static, str>, Value)> = Vec::with_capacity(32);
+        let mut fixed = |name: &'static str, v: Value| values.push((Cow::Borrowed(name), v));
+        fixed("id", Value::String(e.message_id.clone()));
+        fixed("anonymous_id", opt(&e.anonymous_id));
+        fixed("user_id", opt(&e.user_id));
+        fixed("received_at", ts(Some(e.received_at)));
+        fixed("sent_at", ts(e.sent_at));
+        fixed("original_timestamp", ts(e.original_timestamp));
+        fixed("timestamp", ts(Some(e.timestamp)));
+        fixed("segment_id", Value::String(row.segment_id.clone()));
+        fixed("event_source_id", Value::String(e.source_id.clone()));
+        fixed("seq", Value::from(row.seq));
         let per_event_table = table != e.event_type.table();
         match e.event_type {
             EventType::Track => {
                 let name = e.event.clone().unwrap_or_default();
-                let table = self.track_table(&name).to_string();
-                values.insert("event".into(), Value::String(table));
-                values.insert("event_text".into(), Value::String(name));
+                fixed("event", Value::String(self.track_table(&name).to_string()));
+                fixed("event_text", Value::String(name));
             }
             EventType::Page | EventType::Screen => {
-                values.insert("name".into(), opt(&e.name));
-                values.insert("category".into(), opt(&e.category));
+                fixed("name", opt(&e.name));
+                fixed("category", opt(&e.category));
             }
-            EventType::Group => {
-                values.insert("group_id".into(), opt(&e.group_id));
-            }
-            EventType::Alias => {
-                values.insert("previous_id".into(), opt(&e.previous_id));
-            }
+            EventType::Group => fixed("group_id", opt(&e.group_id)),
+            EventType::Alias => fixed("previous_id", opt(&e.previous_id)),
             EventType::Identify => {}
         }
         let mut pairs = vec![];
@@ -150,20 +148,21 @@ impl<'a> Router<'a> {
         };
         flatten("", body, &mut pairs);
         flatten("", &e.extra, &mut pairs);
-        let reserved = event_reserved_columns(e.event_type);
         let (max_len, selection) = (self.max_len, self.selection);
-        let map = self.map(table, &reserved);
+        let map = self.map(table, e.event_type);
         for (path, value) in pairs {
             if value.is_null() {
                 continue;
             }
+            // The map never gives a property a reserved (fixed) column, nor two properties one
+            // column, so every column appears once.
             let Some(column) = map.column(&path, max_len) else {
                 continue;
             };
             if selection.is_some_and(|s| !s.column_enabled(table, &column)) {
                 continue;
             }
-            values.insert(column, value);
+            values.push((Cow::Owned(column), value));
         }
         let new = map.take_new();
         let pending = PendingRow {

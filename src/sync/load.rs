@@ -1,6 +1,7 @@
 //! Writing one chunk of rows into one table, exactly once: the rows, their discards, any new
 //! column names and the table's cursor commit in one transaction, or nothing does.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 
 use serde_json::Value;
@@ -19,8 +20,8 @@ pub struct PendingRow {
     pub row_id: String,
     /// The row's `received_at`, copied into discards.
     pub received_at: Value,
-    /// Column → value.
-    pub values: BTreeMap<String, Value>,
+    /// (column, value), each column at most once.
+    pub values: Vec<(Cow<'static, str>, Value)>,
 }
 
 /// A chunk of rows for one table, with the state to commit alongside.
@@ -62,6 +63,14 @@ fn discard_columns() -> Vec<Column> {
         .unwrap_or_default()
 }
 
+/// Records `value` for position `p`, padding the positions before it with `T::default()`.
+fn remember<T: Clone + Default>(at: &mut Vec<T>, p: usize, value: T) {
+    if p >= at.len() {
+        at.resize(p + 1, T::default());
+    }
+    at[p] = value;
+}
+
 /// Decides each column's type: the warehouse's when the column exists, the design's for fixed
 /// columns, otherwise the first non-null value's. Columns that are null in every row are left out.
 fn column_types(chunk: &Chunk<'_>, existing: Option<&TableColumns>) -> Vec<Column> {
@@ -74,16 +83,29 @@ fn column_types(chunk: &Chunk<'_>, existing: Option<&TableColumns>) -> Vec<Colum
                 .unwrap_or(c.ty),
         );
     }
+    // Rows of one table mostly list the same columns in the same order: remember which column
+    // each position had, so a known column costs a string comparison instead of a map lookup.
+    let mut typed_at: Vec<&str> = vec![];
     for row in &chunk.rows {
-        for (col, v) in &row.values {
-            if types.contains_key(col.as_str()) {
+        for (p, (col, v)) in row.values.iter().enumerate() {
+            let col: &str = col;
+            // (Padding is "", which no column is named.)
+            if typed_at.get(p) == Some(&col) {
                 continue;
             }
-            if let Some(t) = existing
-                .and_then(|e| e.get(col).copied())
-                .or_else(|| infer(v))
-            {
-                types.insert(col, t);
+            let known = types.contains_key(col)
+                || match existing
+                    .and_then(|e| e.get(col).copied())
+                    .or_else(|| infer(v))
+                {
+                    Some(t) => {
+                        types.insert(col, t);
+                        true
+                    }
+                    None => false,
+                };
+            if known {
+                remember(&mut typed_at, p, col);
             }
         }
     }
@@ -102,14 +124,9 @@ fn column_types(chunk: &Chunk<'_>, existing: Option<&TableColumns>) -> Vec<Colum
     out
 }
 
-/// Commits `chunk`: creates the table or adds columns as needed, stages and merges the rows,
-/// records discards, new names and the cursor. Rolls back and returns the error on failure.
-pub fn commit(
-    wh: &mut dyn Warehouse,
-    schema: &mut Schema,
-    mut chunk: Chunk<'_>,
-) -> Result<ChunkResult, WarehouseError> {
-    let columns = column_types(&chunk, schema.tables.get(chunk.table));
+/// Casts the chunk's rows (taken out of it) into cells in `columns` order; values that can't be
+/// cast become NULL there and a row of `discards`.
+fn typed_rows(chunk: &mut Chunk<'_>, columns: &[Column]) -> (Vec<Vec<Cell>>, Vec<Vec<Cell>>) {
     let index: HashMap<&str, usize> = columns
         .iter()
         .enumerate()
@@ -122,14 +139,23 @@ pub fn commit(
     });
     let mut rows = Vec::with_capacity(chunk.rows.len());
     let mut discards = vec![];
+    // The column index of each position in the previous row (see `column_types`).
+    let mut column_at: Vec<Option<usize>> = vec![];
     for row in std::mem::take(&mut chunk.rows) {
         let mut cells = vec![Cell::Null; columns.len()];
         if let Some((i, cell)) = &uuid {
             cells[*i] = cell.clone();
         }
-        for (name, v) in row.values {
-            let Some(&i) = index.get(name.as_str()) else {
-                continue; // null in every row of the chunk
+        for (p, (name, v)) in row.values.into_iter().enumerate() {
+            let i = match column_at.get(p) {
+                Some(&Some(i)) if columns[i].name == *name => i,
+                _ => {
+                    let Some(&i) = index.get(&*name) else {
+                        continue; // null in every row of the chunk
+                    };
+                    remember(&mut column_at, p, Some(i));
+                    i
+                }
             };
             if uuid.as_ref().is_some_and(|(u, _)| *u == i) {
                 continue;
@@ -138,7 +164,7 @@ pub fn commit(
                 Ok(cell) => cells[i] = cell,
                 Err((reason, v)) => discards.push(vec![
                     Cell::Text(chunk.table.to_string()),
-                    Cell::Text(name),
+                    Cell::Text(name.into_owned()),
                     Cell::Text(row.row_id.clone()),
                     Cell::Text(match v {
                         Value::String(s) => s,
@@ -152,6 +178,18 @@ pub fn commit(
         }
         rows.push(cells);
     }
+    (rows, discards)
+}
+
+/// Commits `chunk`: creates the table or adds columns as needed, stages and merges the rows,
+/// records discards, new names and the cursor. Rolls back and returns the error on failure.
+pub fn commit(
+    wh: &mut dyn Warehouse,
+    schema: &mut Schema,
+    mut chunk: Chunk<'_>,
+) -> Result<ChunkResult, WarehouseError> {
+    let columns = column_types(&chunk, schema.tables.get(chunk.table));
+    let (rows, discards) = typed_rows(&mut chunk, &columns);
 
     wh.begin()?;
     let result = write(wh, schema, &chunk, &columns, &rows, &discards);
@@ -254,4 +292,132 @@ fn write(
     state::write_names(wh, chunk.table, &chunk.new_names)?;
     state::write(wh, &[(chunk.table, &chunk.state)])?;
     Ok(loaded)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn row(id: &str, values: Vec<(&'static str, Value)>) -> PendingRow {
+        PendingRow {
+            row_id: id.into(),
+            received_at: json!("2026-01-01T00:00:00Z"),
+            values: values
+                .into_iter()
+                .map(|(k, v)| (Cow::Owned(k.to_string()), v))
+                .collect(),
+        }
+    }
+
+    fn chunk(rows: Vec<PendingRow>, fixed: &[Column]) -> Chunk<'_> {
+        Chunk {
+            table: "t",
+            key: &["id"],
+            fixed,
+            rows,
+            new_names: vec![],
+            state: TableState {
+                cursor: 0,
+                enabled: true,
+                enabled_since_us: 0,
+                min_received_at_us: None,
+                backfilled: false,
+            },
+            uuid_ts: jiff::Timestamp::UNIX_EPOCH,
+        }
+    }
+
+    /// Rows whose columns change place, go missing, are null, or fail to cast: every value
+    /// lands in its own column whatever the previous row looked like.
+    #[test]
+    fn values_land_in_their_columns_whatever_the_order_of_the_rows() {
+        let fixed = [Column::new("id", ColumnType::Varchar)];
+        let mut c = chunk(
+            vec![
+                row(
+                    "1",
+                    vec![("id", json!("1")), ("a", json!(null)), ("b", json!(2))],
+                ),
+                row(
+                    "2",
+                    vec![("id", json!("2")), ("b", json!(3)), ("a", json!("x"))],
+                ),
+                row(
+                    "3",
+                    vec![("id", json!("3")), ("c", json!(true)), ("a", json!("y"))],
+                ),
+                row("4", vec![("b", json!("not a number")), ("id", json!("4"))]),
+            ],
+            &fixed,
+        );
+        let columns = column_types(&c, None);
+        let names: Vec<(&str, ColumnType)> =
+            columns.iter().map(|c| (c.name.as_str(), c.ty)).collect();
+        assert_eq!(
+            names,
+            [
+                ("id", ColumnType::Varchar),
+                ("a", ColumnType::Varchar),
+                ("b", ColumnType::Integer),
+                ("c", ColumnType::Boolean)
+            ]
+        );
+        let (rows, discards) = typed_rows(&mut c, &columns);
+        let text = |s: &str| Cell::Text(s.into());
+        assert_eq!(
+            rows,
+            [
+                vec![text("1"), Cell::Null, Cell::Int(2), Cell::Null],
+                vec![text("2"), text("x"), Cell::Int(3), Cell::Null],
+                vec![text("3"), text("y"), Cell::Null, Cell::Bool(true)],
+                vec![text("4"), Cell::Null, Cell::Null, Cell::Null],
+            ]
+        );
+        assert_eq!(discards.len(), 1);
+        assert_eq!(
+            discards[0][..4],
+            [text("t"), text("b"), text("4"), text("not a number")]
+        );
+        assert!(c.rows.is_empty(), "the rows were taken out of the chunk");
+    }
+
+    /// The warehouse's type wins over inference, and `uuid_ts` is always the load time.
+    #[test]
+    fn existing_types_win_and_uuid_ts_is_the_load_time() {
+        let fixed = [
+            Column::new("id", ColumnType::Varchar),
+            Column::new("uuid_ts", ColumnType::Timestamp),
+        ];
+        let mut c = chunk(
+            vec![row(
+                "1",
+                vec![
+                    ("id", json!("1")),
+                    ("uuid_ts", json!("forged")),
+                    ("n", json!(5)),
+                ],
+            )],
+            &fixed,
+        );
+        let existing: TableColumns = [("n".to_string(), ColumnType::Varchar)]
+            .into_iter()
+            .collect();
+        let columns = column_types(&c, Some(&existing));
+        assert_eq!(
+            columns[2].ty,
+            ColumnType::Varchar,
+            "the warehouse's varchar wins"
+        );
+        let (rows, discards) = typed_rows(&mut c, &columns);
+        assert_eq!(
+            rows[0],
+            [
+                Cell::Text("1".into()),
+                Cell::Timestamp(jiff::Timestamp::UNIX_EPOCH),
+                Cell::Text("5".into())
+            ]
+        );
+        assert!(discards.is_empty());
+    }
 }
