@@ -13,17 +13,31 @@ use crate::warehouse::{Cell, ColumnType};
 /// Flattens nested objects into `(path, value)` pairs joined with `_` (Segment's warehouse
 /// flattening: `{"product": {"name": "x"}}` → `product_name`); arrays stay whole.
 pub fn flatten(prefix: &str, map: &Map<String, Value>, out: &mut Vec<(String, Value)>) {
+    flatten_each(prefix, map, &mut |path, v| {
+        out.push((path.to_string(), v.clone()))
+    });
+}
+
+/// [`flatten`] without building the pairs: calls `f` with each dotted path and value.
+pub fn flatten_each(prefix: &str, map: &Map<String, Value>, f: &mut impl FnMut(&str, &Value)) {
+    let mut path = String::with_capacity(64);
+    path.push_str(prefix);
+    walk(&mut path, map, f);
+}
+
+fn walk(path: &mut String, map: &Map<String, Value>, f: &mut impl FnMut(&str, &Value)) {
     for (k, v) in map {
-        let path = if prefix.is_empty() {
-            k.clone()
-        } else {
-            format!("{prefix}.{k}")
-        };
-        match v {
-            Value::Object(inner) if !inner.is_empty() => flatten(&path, inner, out),
-            Value::Object(_) => {}
-            other => out.push((path, other.clone())),
+        let len = path.len();
+        if len > 0 {
+            path.push('.');
         }
+        path.push_str(k);
+        match v {
+            Value::Object(inner) if !inner.is_empty() => walk(path, inner, f),
+            Value::Object(_) => {}
+            other => f(path, other),
+        }
+        path.truncate(len);
     }
 }
 

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use serde_json::{Map, Value};
 
-use super::columns::{ColumnMap, flatten};
+use super::columns::{ColumnMap, flatten_each};
 use super::load::PendingRow;
 use super::naming::{fit, identifier};
 use super::tables::{DISCARDS, event_base_columns, event_reserved_columns, known_tables};
@@ -139,31 +139,30 @@ impl<'a> Router<'a> {
             EventType::Alias => fixed("previous_id", opt(&e.previous_id)),
             EventType::Identify => {}
         }
-        let mut pairs = vec![];
-        flatten("context", &e.context, &mut pairs);
         let body: &Map<String, Value> = match e.event_type {
             EventType::Identify | EventType::Group => &e.traits,
             EventType::Track if !per_event_table => &EMPTY,
             _ => &e.properties,
         };
-        flatten("", body, &mut pairs);
-        flatten("", &e.extra, &mut pairs);
         let (max_len, selection) = (self.max_len, self.selection);
         let map = self.map(table, e.event_type);
-        for (path, value) in pairs {
+        let mut add = |path: &str, value: &Value| {
             if value.is_null() {
-                continue;
+                return;
             }
             // The map never gives a property a reserved (fixed) column, nor two properties one
             // column, so every column appears once.
-            let Some(column) = map.column(&path, max_len) else {
-                continue;
+            let Some(column) = map.column(path, max_len) else {
+                return;
             };
             if selection.is_some_and(|s| !s.column_enabled(table, &column)) {
-                continue;
+                return;
             }
-            values.push((Cow::Owned(column), value));
-        }
+            values.push((Cow::Owned(column), value.clone()));
+        };
+        flatten_each("context", &e.context, &mut add);
+        flatten_each("", body, &mut add);
+        flatten_each("", &e.extra, &mut add);
         let new = map.take_new();
         let pending = PendingRow {
             row_id: e.message_id.clone(),
