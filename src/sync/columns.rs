@@ -104,6 +104,68 @@ pub fn cast_owned(v: Value, ty: ColumnType) -> Result<Cell, (String, Value)> {
     }
 }
 
+/// A value of a row being built: JSON as the event carried it, or a timestamp the sync already
+/// holds typed (which types, casts and discards exactly as its RFC 3339 string would, without
+/// being written out and parsed back for every row).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Field {
+    /// A JSON value.
+    Json(Value),
+    /// A timestamp.
+    Time(Timestamp),
+}
+
+impl From<Value> for Field {
+    fn from(v: Value) -> Field {
+        Field::Json(v)
+    }
+}
+
+impl From<Option<Timestamp>> for Field {
+    fn from(t: Option<Timestamp>) -> Field {
+        t.map(Field::Time).unwrap_or(Field::Json(Value::Null))
+    }
+}
+
+impl Field {
+    /// The column type the field implies; `None` for null.
+    pub fn infer(&self) -> Option<ColumnType> {
+        match self {
+            Field::Json(v) => infer(v),
+            Field::Time(_) => Some(ColumnType::Timestamp),
+        }
+    }
+
+    /// [`cast_owned`] of the field.
+    pub fn cast(self, ty: ColumnType) -> Result<Cell, (String, Field)> {
+        match (self, ty) {
+            (Field::Time(t), ColumnType::Timestamp) => Ok(Cell::Timestamp(t)),
+            (Field::Time(t), _) => {
+                cast_owned(Value::String(t.to_string()), ty).map_err(|(r, v)| (r, Field::Json(v)))
+            }
+            (Field::Json(v), _) => cast_owned(v, ty).map_err(|(r, v)| (r, Field::Json(v))),
+        }
+    }
+
+    /// The length of the field written as JSON.
+    pub fn json_len(&self) -> usize {
+        match self {
+            Field::Json(v) => v.to_string().len(),
+            // A timestamp's JSON is its RFC 3339 string in quotes.
+            Field::Time(t) => t.to_string().len() + 2,
+        }
+    }
+
+    /// The field as text (a string as is, anything else as JSON), for discards.
+    pub fn into_text(self) -> String {
+        match self {
+            Field::Json(Value::String(s)) => s,
+            Field::Json(v) => v.to_string(),
+            Field::Time(t) => t.to_string(),
+        }
+    }
+}
+
 fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
@@ -231,6 +293,30 @@ mod tests {
             Ok(Cell::Text("5".into()))
         );
         assert!(cast(&json!("yes"), ColumnType::Boolean).is_err());
+    }
+
+    /// A typed timestamp behaves exactly as its RFC 3339 string: same type, same cast (or the
+    /// same refusal) into every column type, same size.
+    #[test]
+    fn a_typed_timestamp_types_and_casts_as_its_string() {
+        let t: Timestamp = "2026-03-01T12:34:56.789123Z".parse().unwrap();
+        let as_string = Value::String(t.to_string());
+        assert_eq!(Field::Time(t).infer(), infer(&as_string));
+        assert_eq!(Field::Time(t).json_len(), as_string.to_string().len());
+        for ty in [
+            ColumnType::Timestamp,
+            ColumnType::Varchar,
+            ColumnType::Integer,
+            ColumnType::Float,
+            ColumnType::Boolean,
+        ] {
+            let typed = Field::Time(t)
+                .cast(ty)
+                .map_err(|(reason, f)| (reason, f.into_text()));
+            let text = cast(&as_string, ty).map_err(|reason| (reason, t.to_string()));
+            assert_eq!(typed, text, "{ty:?}");
+        }
+        assert_eq!(Field::from(None::<Timestamp>), Field::Json(Value::Null));
     }
 
     #[test]

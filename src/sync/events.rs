@@ -6,14 +6,14 @@ use std::collections::HashMap;
 
 use serde_json::{Map, Value};
 
-use super::columns::{ColumnMap, flatten_each};
+use super::columns::{ColumnMap, Field, flatten_each};
 use super::load::PendingRow;
 use super::naming::{fit, identifier};
 use super::tables::{DISCARDS, event_base_columns, event_reserved_columns, known_tables};
 use crate::crd::SelectiveSyncSpec;
 use crate::event::{Event, EventType};
 use crate::store::EventRow;
-use crate::warehouse::{Column, ColumnType};
+use crate::warehouse::{Cell, Column, ColumnType};
 
 /// The per-event table of a Track event name, safe for a warehouse with `max_len`-byte names;
 /// names that would shadow a profiles-sync table get a `_` prefix.
@@ -53,13 +53,12 @@ pub struct Router<'a> {
     track_tables: HashMap<String, String>,
 }
 
-fn ts(t: Option<jiff::Timestamp>) -> Value {
-    t.map(|t| Value::String(t.to_string()))
-        .unwrap_or(Value::Null)
+fn opt(s: &Option<String>) -> Field {
+    Field::Json(s.clone().map(Value::String).unwrap_or(Value::Null))
 }
 
-fn opt(s: &Option<String>) -> Value {
-    s.clone().map(Value::String).unwrap_or(Value::Null)
+fn text(s: &str) -> Field {
+    Field::Json(Value::String(s.to_string()))
 }
 
 impl<'a> Router<'a> {
@@ -112,24 +111,24 @@ impl<'a> Router<'a> {
     /// The row of `event` for `table`.
     pub fn row(&mut self, table: &str, row: &EventRow) -> (PendingRow, Vec<(String, String)>) {
         let e = &row.event;
-        let mut values: Vec<(Cow<'static, str>, Value)> = Vec::with_capacity(32);
-        let mut fixed = |name: &'static str, v: Value| values.push((Cow::Borrowed(name), v));
-        fixed("id", Value::String(e.message_id.clone()));
+        let mut values: Vec<(Cow<'static, str>, Field)> = Vec::with_capacity(32);
+        let mut fixed = |name: &'static str, v: Field| values.push((Cow::Borrowed(name), v));
+        fixed("id", text(&e.message_id));
         fixed("anonymous_id", opt(&e.anonymous_id));
         fixed("user_id", opt(&e.user_id));
-        fixed("received_at", ts(Some(e.received_at)));
-        fixed("sent_at", ts(e.sent_at));
-        fixed("original_timestamp", ts(e.original_timestamp));
-        fixed("timestamp", ts(Some(e.timestamp)));
-        fixed("segment_id", Value::String(row.segment_id.clone()));
-        fixed("event_source_id", Value::String(e.source_id.clone()));
-        fixed("seq", Value::from(row.seq));
+        fixed("received_at", Field::Time(e.received_at));
+        fixed("sent_at", e.sent_at.into());
+        fixed("original_timestamp", e.original_timestamp.into());
+        fixed("timestamp", Field::Time(e.timestamp));
+        fixed("segment_id", text(&row.segment_id));
+        fixed("event_source_id", text(&e.source_id));
+        fixed("seq", Field::Json(Value::from(row.seq)));
         let per_event_table = table != e.event_type.table();
         match e.event_type {
             EventType::Track => {
-                let name = e.event.clone().unwrap_or_default();
-                fixed("event", Value::String(self.track_table(&name).to_string()));
-                fixed("event_text", Value::String(name));
+                let name = e.event.as_deref().unwrap_or_default();
+                fixed("event", text(self.track_table(name)));
+                fixed("event_text", text(name));
             }
             EventType::Page | EventType::Screen => {
                 fixed("name", opt(&e.name));
@@ -158,7 +157,7 @@ impl<'a> Router<'a> {
             if selection.is_some_and(|s| !s.column_enabled(table, &column)) {
                 return;
             }
-            values.push((Cow::Owned(column), value.clone()));
+            values.push((Cow::Owned(column), Field::Json(value.clone())));
         };
         flatten_each("context", &e.context, &mut add);
         flatten_each("", body, &mut add);
@@ -166,7 +165,7 @@ impl<'a> Router<'a> {
         let new = map.take_new();
         let pending = PendingRow {
             row_id: e.message_id.clone(),
-            received_at: ts(Some(e.received_at)),
+            received_at: Cell::Timestamp(e.received_at),
             values,
         };
         (pending, new)

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde_json::Value;
 
-use super::columns::{cast, cast_owned, infer};
+use super::columns::{Field, cast};
 use super::state::{self, TableState};
 use super::tables::DISCARDS;
 use crate::warehouse::{
@@ -18,10 +18,10 @@ use crate::warehouse::{
 pub struct PendingRow {
     /// What identifies the row in `discards.row_id` (the message id, or the seq).
     pub row_id: String,
-    /// The row's `received_at`, copied into discards.
-    pub received_at: Value,
+    /// The row's `received_at` (a timestamp cell, or NULL), copied into discards.
+    pub received_at: Cell,
     /// (column, value), each column at most once.
-    pub values: Vec<(Cow<'static, str>, Value)>,
+    pub values: Vec<(Cow<'static, str>, Field)>,
 }
 
 /// A chunk of rows for one table, with the state to commit alongside.
@@ -96,7 +96,7 @@ fn column_types(chunk: &Chunk<'_>, existing: Option<&TableColumns>) -> Vec<Colum
             let known = types.contains_key(col)
                 || match existing
                     .and_then(|e| e.get(col).copied())
-                    .or_else(|| infer(v))
+                    .or_else(|| v.infer())
                 {
                     Some(t) => {
                         types.insert(col, t);
@@ -160,18 +160,15 @@ fn typed_rows(chunk: &mut Chunk<'_>, columns: &[Column]) -> (Vec<Vec<Cell>>, Vec
             if uuid.as_ref().is_some_and(|(u, _)| *u == i) {
                 continue;
             }
-            match cast_owned(v, columns[i].ty) {
+            match v.cast(columns[i].ty) {
                 Ok(cell) => cells[i] = cell,
                 Err((reason, v)) => discards.push(vec![
                     Cell::Text(chunk.table.to_string()),
                     Cell::Text(name.into_owned()),
                     Cell::Text(row.row_id.clone()),
-                    Cell::Text(match v {
-                        Value::String(s) => s,
-                        other => other.to_string(),
-                    }),
+                    Cell::Text(v.into_text()),
                     Cell::Text(reason),
-                    cast(&row.received_at, ColumnType::Timestamp).unwrap_or(Cell::Null),
+                    row.received_at.clone(),
                     Cell::Timestamp(chunk.uuid_ts),
                 ]),
             }
@@ -302,10 +299,10 @@ mod tests {
     fn row(id: &str, values: Vec<(&'static str, Value)>) -> PendingRow {
         PendingRow {
             row_id: id.into(),
-            received_at: json!("2026-01-01T00:00:00Z"),
+            received_at: Cell::Null,
             values: values
                 .into_iter()
-                .map(|(k, v)| (Cow::Owned(k.to_string()), v))
+                .map(|(k, v)| (Cow::Owned(k.to_string()), Field::Json(v)))
                 .collect(),
         }
     }

@@ -736,10 +736,7 @@ fn read_pages<'scope>(
 /// The size of a row as sent to the warehouse, for `limits.maxBytes` (measured only when set:
 /// serializing every value costs a tenth of a load).
 fn row_bytes(row: &PendingRow) -> u64 {
-    row.values
-        .iter()
-        .map(|(_, v)| v.to_string().len() as u64)
-        .sum()
+    row.values.iter().map(|(_, v)| v.json_len() as u64).sum()
 }
 
 /// The row of a change-log feed row for its raw table.
@@ -786,13 +783,16 @@ fn raw_row(
         }
     }
     let row_id = row.seq().to_string();
-    let received_at = m.get("received_at").cloned().unwrap_or(Value::Null);
+    let received_at = m
+        .get("received_at")
+        .and_then(|v| columns::cast(v, crate::warehouse::ColumnType::Timestamp).ok())
+        .unwrap_or(crate::warehouse::Cell::Null);
     PendingRow {
         row_id,
         received_at,
         values: values
             .into_iter()
-            .map(|(k, v)| (std::borrow::Cow::Owned(k), v))
+            .map(|(k, v)| (std::borrow::Cow::Owned(k), columns::Field::Json(v)))
             .collect(),
     }
 }
