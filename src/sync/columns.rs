@@ -41,6 +41,15 @@ fn walk(path: &mut String, map: &Map<String, Value>, f: &mut impl FnMut(&str, &V
     }
 }
 
+/// Records `value` for position `p` of a per-position cache, padding the positions before it
+/// with `T::default()`.
+pub fn remember<T: Clone + Default>(at: &mut Vec<T>, p: usize, value: T) {
+    if p >= at.len() {
+        at.resize(p + 1, T::default());
+    }
+    at[p] = value;
+}
+
 /// Parses an ISO-8601 / RFC 3339 timestamp string.
 pub fn parse_timestamp(s: &str) -> Option<Timestamp> {
     // Only strings that look like a date-time (Segment infers timestamps from ISO strings).

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use serde_json::{Map, Value};
 
-use super::columns::{ColumnMap, Field, flatten_each};
+use super::columns::{ColumnMap, Field, flatten_each, remember};
 use super::load::PendingRow;
 use super::naming::{fit, identifier};
 use super::tables::{DISCARDS, event_base_columns, event_reserved_columns, known_tables};
@@ -47,10 +47,20 @@ pub fn fixed_columns(event_type: EventType) -> Vec<Column> {
 pub struct Router<'a> {
     selection: Option<&'a SelectiveSyncSpec>,
     max_len: usize,
-    maps: HashMap<String, ColumnMap>,
+    maps: HashMap<String, TableColumns>,
     saved: HashMap<String, Vec<(String, String)>>,
     /// Track event name → its table ([`track_table`] is too slow to run per row).
     track_tables: HashMap<String, String>,
+}
+
+/// One event table's columns: the name map, and what each position of the previous row decided.
+struct TableColumns {
+    map: ColumnMap,
+    /// Position → (property path, its column, or `None` when dropped or deselected). Rows of one
+    /// table mostly carry the same properties in the same order, so a repeat costs a string
+    /// comparison instead of a name lookup and a selection check (a linear scan of the
+    /// selection's tables).
+    at: Vec<Option<(String, Option<String>)>>,
 }
 
 fn opt(s: &Option<String>) -> Field {
@@ -79,13 +89,14 @@ impl<'a> Router<'a> {
 
     /// The column map of `table` (an event table of `event_type`): its reserved names pre-taken,
     /// then the warehouse's saved names.
-    fn map(&mut self, table: &str, event_type: EventType) -> &mut ColumnMap {
+    fn map(&mut self, table: &str, event_type: EventType) -> &mut TableColumns {
         if !self.maps.contains_key(table) {
             let mut map = ColumnMap::with_reserved(event_reserved_columns(event_type));
             for (s, c) in self.saved.remove(table).unwrap_or_default() {
                 map.restore(s, c);
             }
-            self.maps.insert(table.to_string(), map);
+            self.maps
+                .insert(table.to_string(), TableColumns { map, at: vec![] });
         }
         self.maps.get_mut(table).expect("inserted above")
     }
@@ -144,25 +155,35 @@ impl<'a> Router<'a> {
             _ => &e.properties,
         };
         let (max_len, selection) = (self.max_len, self.selection);
-        let map = self.map(table, e.event_type);
+        let cols = self.map(table, e.event_type);
+        let mut position = 0;
         let mut add = |path: &str, value: &Value| {
+            let p = position;
+            position += 1;
             if value.is_null() {
                 return;
             }
-            // The map never gives a property a reserved (fixed) column, nor two properties one
-            // column, so every column appears once.
-            let Some(column) = map.column(path, max_len) else {
-                return;
+            let column = match cols.at.get(p) {
+                Some(Some((seen, column))) if seen == path => column.clone(),
+                _ => {
+                    // The map never gives a property a reserved (fixed) column, nor two
+                    // properties one column, so every column appears once in a row.
+                    let column = cols
+                        .map
+                        .column(path, max_len)
+                        .filter(|c| selection.is_none_or(|s| s.column_enabled(table, c)));
+                    remember(&mut cols.at, p, Some((path.to_string(), column.clone())));
+                    column
+                }
             };
-            if selection.is_some_and(|s| !s.column_enabled(table, &column)) {
-                return;
+            if let Some(column) = column {
+                values.push((Cow::Owned(column), Field::Json(value.clone())));
             }
-            values.push((Cow::Owned(column), Field::Json(value.clone())));
         };
         flatten_each("context", &e.context, &mut add);
         flatten_each("", body, &mut add);
         flatten_each("", &e.extra, &mut add);
-        let new = map.take_new();
+        let new = cols.map.take_new();
         let pending = PendingRow {
             row_id: e.message_id.clone(),
             received_at: Cell::Timestamp(e.received_at),
@@ -173,3 +194,82 @@ impl<'a> Router<'a> {
 }
 
 static EMPTY: std::sync::LazyLock<Map<String, Value>> = std::sync::LazyLock::new(Map::new);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::ParseOptions;
+    use serde_json::json;
+
+    fn row(seq: i64, properties: Value) -> EventRow {
+        let msg = json!({"type": "track", "event": "Order Completed", "userId": "u1",
+                         "messageId": format!("m{seq}"), "properties": properties});
+        let opts = ParseOptions::new(jiff::Timestamp::UNIX_EPOCH, "src");
+        EventRow {
+            seq,
+            segment_id: "use_1".into(),
+            event: Event::from_json(&msg, None, &opts).expect("valid event"),
+        }
+    }
+
+    /// The properties part of a row: (column, value) after the fixed columns.
+    fn properties(router: &mut Router<'_>, r: &EventRow) -> Vec<(String, Value)> {
+        let (pending, _) = router.row("order_completed", r);
+        pending
+            .values
+            .into_iter()
+            .filter(|(c, _)| matches!(c, Cow::Owned(_)))
+            .map(|(c, v)| match v {
+                Field::Json(v) => (c.into_owned(), v),
+                Field::Time(t) => (c.into_owned(), json!(t.to_string())),
+            })
+            .collect()
+    }
+
+    /// Properties that move, disappear, turn null, are deselected or have an empty name land in
+    /// the same columns as they would in a row of their own.
+    #[test]
+    fn properties_keep_their_columns_whatever_the_previous_row_carried() {
+        let selection: SelectiveSyncSpec = serde_json::from_value(json!({
+            "connectionRef": {"name": "c"},
+            "tables": [{"name": "order_completed", "columns": {"exclude": ["coupon"]}}]
+        }))
+        .expect("selection");
+        let mut router = Router::new(Some(&selection), 63, HashMap::new());
+        let rows = [
+            row(1, json!({"total": 5, "coupon": "A", "Currency": "EUR"})),
+            row(2, json!({"coupon": "B", "total": 6, "": "blank"})),
+            row(3, json!({"Currency": null, "total": 7, "items": [1]})),
+            row(4, json!({"total": 8, "coupon": "C", "Currency": "USD"})),
+        ];
+        let got: Vec<Vec<(String, Value)>> =
+            rows.iter().map(|r| properties(&mut router, r)).collect();
+        // Each row alone, through a router that has seen nothing else.
+        let alone: Vec<Vec<(String, Value)>> = rows
+            .iter()
+            .map(|r| properties(&mut Router::new(Some(&selection), 63, HashMap::new()), r))
+            .collect();
+        assert_eq!(got, alone);
+        assert_eq!(
+            got[0],
+            [
+                ("total".into(), json!(5)),
+                ("currency".into(), json!("EUR"))
+            ]
+        );
+        assert_eq!(
+            got[2],
+            [("total".into(), json!(7)), ("items".into(), json!([1]))]
+        );
+        assert_eq!(
+            got[1].len(),
+            2,
+            "the empty name gets a column of its own: {:?}",
+            got[1]
+        );
+        assert!(
+            got.iter().flatten().all(|(c, _)| c != "coupon"),
+            "deselected"
+        );
+    }
+}

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde_json::Value;
 
-use super::columns::{Field, cast};
+use super::columns::{Field, cast, remember};
 use super::state::{self, TableState};
 use super::tables::DISCARDS;
 use crate::warehouse::{
@@ -63,14 +63,6 @@ fn discard_columns() -> Vec<Column> {
         .unwrap_or_default()
 }
 
-/// Records `value` for position `p`, padding the positions before it with `T::default()`.
-fn remember<T: Clone + Default>(at: &mut Vec<T>, p: usize, value: T) {
-    if p >= at.len() {
-        at.resize(p + 1, T::default());
-    }
-    at[p] = value;
-}
-
 /// Decides each column's type: the warehouse's when the column exists, the design's for fixed
 /// columns, otherwise the first non-null value's. Columns that are null in every row are left out.
 fn column_types(chunk: &Chunk<'_>, existing: Option<&TableColumns>) -> Vec<Column> {
@@ -85,12 +77,11 @@ fn column_types(chunk: &Chunk<'_>, existing: Option<&TableColumns>) -> Vec<Colum
     }
     // Rows of one table mostly list the same columns in the same order: remember which column
     // each position had, so a known column costs a string comparison instead of a map lookup.
-    let mut typed_at: Vec<&str> = vec![];
+    let mut typed_at: Vec<Option<&str>> = vec![];
     for row in &chunk.rows {
         for (p, (col, v)) in row.values.iter().enumerate() {
             let col: &str = col;
-            // (Padding is "", which no column is named.)
-            if typed_at.get(p) == Some(&col) {
+            if typed_at.get(p) == Some(&Some(col)) {
                 continue;
             }
             let known = types.contains_key(col)
@@ -105,7 +96,7 @@ fn column_types(chunk: &Chunk<'_>, existing: Option<&TableColumns>) -> Vec<Colum
                     None => false,
                 };
             if known {
-                remember(&mut typed_at, p, col);
+                remember(&mut typed_at, p, Some(col));
             }
         }
     }
