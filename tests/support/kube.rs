@@ -29,15 +29,41 @@ pub fn binary() -> PathBuf {
     static COPY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     COPY.get_or_init(|| {
         let built = PathBuf::from(env!("CARGO_BIN_EXE_profiles-sync"));
+        let scratch = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        remove_stale_copies(&scratch);
         // A hard link in cargo's scratch directory: same file system, no copy of 300 MB.
-        let copy = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("profiles-sync-e2e-{}", std::process::id()));
+        let copy = scratch.join(format!("profiles-sync-e2e-{}", std::process::id()));
         let _ = std::fs::remove_file(&copy);
         std::fs::hard_link(&built, &copy)
             .map(|_| copy)
             .unwrap_or(built)
     })
     .clone()
+}
+
+/// Removes the copies earlier test processes left (each keeps an old 400 MB binary alive once
+/// a rebuild replaced the original): those whose process is gone.
+fn remove_stale_copies(scratch: &std::path::Path) {
+    // Whether a process is alive is read from /proc (Linux, where the tests run).
+    let Ok(entries) = std::fs::read_dir(scratch) else {
+        return;
+    };
+    if !std::path::Path::new("/proc/self").exists() {
+        return;
+    }
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("profiles-sync-e2e-"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// Polls `f` until it returns `Some`, at most `timeout`; panics with `what` and the last
