@@ -316,6 +316,25 @@ async fn the_controller_binary_schedules_syncs_and_writes_status_over_http() {
         "{backfill:?}"
     );
 
+    // --- a SelectiveSync whose connectionRef names no connection says so in its status.
+    k.apply("apiVersion: profilesync.dev/v1alpha1\nkind: SelectiveSync\nmetadata:\n  name: typo\nspec:\n  connectionRef:\n    name: analytcs\n");
+    eventually(
+        "ConnectionNotFound on the orphan SelectiveSync",
+        WAIT,
+        async || {
+            let reason = k.jsonpath(
+                &["ssync", "typo"],
+                "{.status.conditions[?(@.type==\"Valid\")].reason}",
+            );
+            if reason == "ConnectionNotFound" {
+                Ok(())
+            } else {
+                Err(format!("Valid reason {reason:?}"))
+            }
+        },
+    )
+    .await;
+
     // --- a malformed connection (kmock stores what a real API server's schema would refuse)
     // must not stop the controller from serving the others.
     k.apply("apiVersion: profilesync.dev/v1alpha1\nkind: WarehouseConnection\nmetadata:\n  name: broken\nspec:\n  warehouse:\n    type: oracle\n");

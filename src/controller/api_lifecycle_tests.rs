@@ -327,3 +327,98 @@ async fn deletion_waits_for_a_running_sync_within_the_grace_period() {
             .is_some()
     );
 }
+
+async fn unmarked(api: &Api<SelectiveSync>, name: &str) -> bool {
+    let s = api.get(name).await.unwrap();
+    s.status.unwrap_or_default().conditions.is_empty()
+}
+
+/// A SelectiveSync whose connection does not exist says so in its status; one pointing at
+/// another connection is left alone, and marking again writes nothing new.
+#[tokio::test]
+async fn a_selection_of_a_missing_connection_is_marked_connection_not_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let selection = |name: &str, connection: &str| {
+        let spec: SelectiveSyncSpec =
+            serde_json::from_value(serde_json::json!({"connectionRef": {"name": connection}}))
+                .unwrap();
+        let mut sel = SelectiveSync::new(name, spec);
+        sel.metadata.namespace = Some(NS.into());
+        sel.metadata.generation = Some(2);
+        sel.status = Some(Default::default());
+        sel
+    };
+    let (orphan, other) = (
+        selection("orphan", "analytcs"),
+        selection("fine", "analytics"),
+    );
+    let client = builder()
+        .with_object(orphan.clone())
+        .with_object(other.clone())
+        .build()
+        .await
+        .unwrap();
+    let f = fixture(dir, client, "2025-03-01T10:17:30Z").await;
+    // The caches the running controller keeps, holding both selections.
+    let mut selections =
+        kube::runtime::reflector::store::Writer::new(ApiResource::erase::<SelectiveSync>(&()));
+    for s in [&orphan, &other] {
+        let obj: DynamicObject = serde_json::from_value(serde_json::to_value(s).unwrap()).unwrap();
+        selections.apply_watcher_event(&kube::runtime::watcher::Event::Apply(obj));
+    }
+    let (jobs, _) = kube::runtime::reflector::store::<Job>();
+    let _ = f.ctx.caches.set(Caches {
+        jobs,
+        selections: selections.as_reader(),
+    });
+
+    apply::mark_orphaned_selections(&f.ctx, NS, "analytcs")
+        .await
+        .unwrap();
+    let api = f.api::<SelectiveSync>();
+    let marked = api.get("orphan").await.unwrap().status.unwrap();
+    for type_ in [conditions::VALID, conditions::READY] {
+        let c = conditions::find(&marked.conditions, type_).unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "ConnectionNotFound")
+        );
+        assert!(
+            c.message.contains("\"analytcs\" does not exist"),
+            "{}",
+            c.message
+        );
+        assert_eq!(c.observed_generation, Some(2));
+    }
+    assert!(
+        unmarked(&api, "fine").await,
+        "a selection of another connection is not touched"
+    );
+    // A connection that exists in the API (the controller's cache may lag) is never "missing".
+    f.api::<WarehouseConnection>()
+        .create(
+            &Default::default(),
+            &connection(
+                f.ctx.settings.engine_token_file.parent().unwrap(),
+                "analytics",
+            ),
+        )
+        .await
+        .unwrap();
+    apply::mark_orphaned_selections(&f.ctx, NS, "analytics")
+        .await
+        .unwrap();
+    assert!(
+        unmarked(&api, "fine").await,
+        "the selection of an existing connection is not marked"
+    );
+    let version = api.get("orphan").await.unwrap().metadata.resource_version;
+    apply::mark_orphaned_selections(&f.ctx, NS, "analytcs")
+        .await
+        .unwrap();
+    assert_eq!(
+        api.get("orphan").await.unwrap().metadata.resource_version,
+        version,
+        "marking again changes nothing"
+    );
+}

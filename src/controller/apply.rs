@@ -237,6 +237,77 @@ pub(super) async fn write_selection_statuses(
     Ok(())
 }
 
+/// Marks every SelectiveSync in `namespace` whose `connectionRef` is `connection` as pointing at
+/// a connection that does not exist (the controller found no such WarehouseConnection).
+pub(super) async fn mark_orphaned_selections(
+    ctx: &Context,
+    namespace: &str,
+    connection: &str,
+) -> Result<(), Error> {
+    let Some(caches) = ctx.caches.get() else {
+        return Ok(());
+    };
+    let orphans: Vec<String> = caches
+        .selections
+        .state()
+        .iter()
+        .filter(|s| s.namespace().as_deref() == Some(namespace))
+        .filter(|s| {
+            s.data
+                .pointer("/spec/connectionRef/name")
+                .and_then(|v| v.as_str())
+                == Some(connection)
+        })
+        .map(|s| s.name_any())
+        .collect();
+    if orphans.is_empty() {
+        return Ok(());
+    }
+    // The controller's cache may lag the API: a connection created a moment ago is not missing.
+    let conns: Api<kube::api::DynamicObject> =
+        Api::namespaced_with(ctx.client.clone(), namespace, &super::connection_resource());
+    match conns.get(connection).await {
+        Ok(_) => return Ok(()),
+        Err(kube::Error::Api(s)) if s.is_not_found() => {}
+        Err(e) => return Err(e.into()),
+    }
+    let api: Api<SelectiveSync> = Api::namespaced(ctx.client.clone(), namespace);
+    for name in orphans {
+        // Read afresh: the cache may predate this function's own last write.
+        let mut current = match api.get(&name).await {
+            Ok(s) => s,
+            Err(kube::Error::Api(s)) if s.is_not_found() => continue,
+            Err(e) => return Err(e.into()),
+        };
+        for attempt in 0..STATUS_ATTEMPTS {
+            let previous = current.status.clone().unwrap_or_default();
+            let new = status::orphan_selection_status(
+                &previous,
+                current.metadata.generation.unwrap_or(0),
+                connection,
+                Timestamp::now(),
+            );
+            if current.status.as_ref() == Some(&new) {
+                break;
+            }
+            let mut obj = current.clone();
+            obj.status = Some(new);
+            match api
+                .replace_status(&current.name_any(), &PostParams::default(), &obj)
+                .await
+            {
+                Ok(_) => break,
+                Err(kube::Error::Api(s)) if s.is_conflict() && attempt + 1 < STATUS_ATTEMPTS => {
+                    current = api.get(&current.name_any()).await?
+                }
+                Err(kube::Error::Api(s)) if s.is_not_found() => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The deletion path: wait for a running sync (bounded), delete the Jobs and ConfigMaps, drop
 /// the finalizer. Warehouse data is never touched.
 pub(super) async fn cleanup(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Error> {

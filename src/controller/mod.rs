@@ -406,10 +406,26 @@ pub async fn run(
             },
         )
         .graceful_shutdown_on(shutdown)
-        .run(reconcile::reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "controller event");
+        .run(reconcile::reconcile, error_policy, ctx.clone())
+        .for_each(|result| {
+            let ctx = ctx.clone();
+            async move {
+                match result {
+                    // A SelectiveSync (or a requeue) named a connection that does not exist:
+                    // say so on the SelectiveSyncs that point at it.
+                    Err(kube::runtime::controller::Error::ObjectNotFound(r)) => {
+                        tokio::spawn(async move {
+                            let namespace = r.namespace.clone().unwrap_or_default();
+                            if let Err(e) =
+                                apply::mark_orphaned_selections(&ctx, &namespace, &r.name).await
+                            {
+                                tracing::warn!(error = %e, connection = %r.name, "marking the SelectiveSyncs of a missing connection failed");
+                            }
+                        });
+                    }
+                    Err(e) => tracing::debug!(error = %e, "controller event"),
+                    Ok(_) => {}
+                }
             }
         })
         .await;

@@ -480,6 +480,39 @@ pub fn selection_status(f: &SelectionFacts<'_>) -> SelectiveSyncStatus {
     }
 }
 
+/// The status of a SelectiveSync whose `connectionRef` names no WarehouseConnection (never
+/// created, misspelled, or deleted): not valid and not ready, with what to do; everything else
+/// as it was.
+pub fn orphan_selection_status(
+    previous: &SelectiveSyncStatus,
+    generation: i64,
+    connection: &str,
+    now: Timestamp,
+) -> SelectiveSyncStatus {
+    let message = format!(
+        "WarehouseConnection {connection:?} does not exist in this namespace; create it, or point \
+         connectionRef at an existing one (connectionRef is immutable: recreate this SelectiveSync)"
+    );
+    let mut conds = previous.conditions.clone();
+    for type_ in [conditions::VALID, conditions::READY] {
+        set(
+            &mut conds,
+            type_,
+            "False",
+            "ConnectionNotFound",
+            &message,
+            generation,
+            now,
+        );
+    }
+    conditions::sort(&mut conds);
+    SelectiveSyncStatus {
+        observed_generation: Some(generation),
+        conditions: conds,
+        ..previous.clone()
+    }
+}
+
 #[cfg(test)]
 #[path = "status_tests.rs"]
 mod tests;
