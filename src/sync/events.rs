@@ -10,7 +10,7 @@ use super::columns::{ColumnMap, Field, flatten_each, remember};
 use super::load::PendingRow;
 use super::naming::{fit, identifier};
 use super::tables::{DISCARDS, event_base_columns, event_reserved_columns, known_tables};
-use crate::crd::SelectiveSyncSpec;
+use crate::crd::{ColumnFilter, SelectiveSyncSpec};
 use crate::event::{Event, EventType};
 use crate::store::EventRow;
 use crate::warehouse::{Cell, Column, ColumnType};
@@ -47,15 +47,17 @@ pub fn fixed_columns(event_type: EventType) -> Vec<Column> {
 pub struct Router<'a> {
     selection: Option<&'a SelectiveSyncSpec>,
     max_len: usize,
-    maps: HashMap<String, TableColumns>,
+    maps: HashMap<String, TableColumns<'a>>,
     saved: HashMap<String, Vec<(String, String)>>,
     /// Track event name → its table ([`track_table`] is too slow to run per row).
     track_tables: HashMap<String, String>,
 }
 
 /// One event table's columns: the name map, and what each position of the previous row decided.
-struct TableColumns {
+struct TableColumns<'a> {
     map: ColumnMap,
+    /// The selection's column choice for the table.
+    filter: Option<ColumnFilter<'a>>,
     /// Position → (property path, its column, or `None` when dropped or deselected). Rows of one
     /// table mostly carry the same properties in the same order, so a repeat costs a string
     /// comparison instead of a name lookup and a selection check (a linear scan of the
@@ -89,14 +91,21 @@ impl<'a> Router<'a> {
 
     /// The column map of `table` (an event table of `event_type`): its reserved names pre-taken,
     /// then the warehouse's saved names.
-    fn map(&mut self, table: &str, event_type: EventType) -> &mut TableColumns {
+    fn map(&mut self, table: &str, event_type: EventType) -> &mut TableColumns<'a> {
         if !self.maps.contains_key(table) {
             let mut map = ColumnMap::with_reserved(event_reserved_columns(event_type));
             for (s, c) in self.saved.remove(table).unwrap_or_default() {
                 map.restore(s, c);
             }
-            self.maps
-                .insert(table.to_string(), TableColumns { map, at: vec![] });
+            let filter = self.selection.map(|s| s.column_filter(table));
+            self.maps.insert(
+                table.to_string(),
+                TableColumns {
+                    map,
+                    filter,
+                    at: vec![],
+                },
+            );
         }
         self.maps.get_mut(table).expect("inserted above")
     }
@@ -154,7 +163,7 @@ impl<'a> Router<'a> {
             EventType::Track if !per_event_table => &EMPTY,
             _ => &e.properties,
         };
-        let (max_len, selection) = (self.max_len, self.selection);
+        let max_len = self.max_len;
         let cols = self.map(table, e.event_type);
         let mut position = 0;
         let mut add = |path: &str, value: &Value| {
@@ -171,7 +180,7 @@ impl<'a> Router<'a> {
                     let column = cols
                         .map
                         .column(path, max_len)
-                        .filter(|c| selection.is_none_or(|s| s.column_enabled(table, c)));
+                        .filter(|c| cols.filter.as_ref().is_none_or(|f| f.enabled(c)));
                     remember(&mut cols.at, p, Some((path.to_string(), column.clone())));
                     column
                 }

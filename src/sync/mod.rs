@@ -21,7 +21,7 @@ use serde_json::Value;
 pub use report::{SyncReport, TableReport};
 pub use source::{EngineSource, FeedSource, SourceError, StoreSource};
 
-use crate::crd::{ErrorClass, SelectiveSyncSpec, SyncError, WarehouseConnectionSpec};
+use crate::crd::{ColumnFilter, ErrorClass, SelectiveSyncSpec, SyncError, WarehouseConnectionSpec};
 use crate::event::EventType;
 use crate::store::{EventFilter, Feed, FeedRow, SourceInfo};
 use crate::warehouse::{Warehouse, WarehouseError};
@@ -287,6 +287,7 @@ impl<'a> Run<'a> {
             names.restore(s, c);
         }
         let max_len = wh.dialect().max_identifier_len();
+        let filter = self.opts.selection.map(|s| s.column_filter(table));
         while self.budget_left() {
             let rows = source.read(&feed, st.cursor, self.page())?;
             let Some(last) = rows.last().map(FeedRow::seq) else {
@@ -296,14 +297,7 @@ impl<'a> Run<'a> {
             let mut pending = Vec::with_capacity(rows.len());
             let mut bytes = 0u64;
             for row in &rows {
-                let p = raw_row(
-                    row,
-                    sources,
-                    &mut names,
-                    max_len,
-                    self.opts.selection,
-                    table,
-                );
+                let p = raw_row(row, sources, &mut names, max_len, filter.as_ref(), table);
                 if self.bytes_left.is_some() {
                     bytes += row_bytes(&p);
                 }
@@ -745,7 +739,7 @@ fn raw_row(
     sources: &HashMap<String, SourceInfo>,
     names: &mut columns::ColumnMap,
     max_len: usize,
-    selection: Option<&SelectiveSyncSpec>,
+    filter: Option<&ColumnFilter<'_>>,
     table: &str,
 ) -> PendingRow {
     let mut values: BTreeMap<String, Value> = BTreeMap::new();
@@ -776,7 +770,7 @@ fn raw_row(
                 continue;
             }
             if let Some(col) = names.column(&path, max_len)
-                && selection.is_none_or(|s| s.column_enabled(table, &col))
+                && filter.is_none_or(|f| f.enabled(&col))
             {
                 values.insert(col, v);
             }
