@@ -730,3 +730,87 @@ fn a_byte_limit_splits_a_backlog_too() {
     }
     assert_eq!(wh.count("blob"), 60);
 }
+
+/// A feed that fails after `ok_reads` reads of the events feed (the engine going away mid-sync).
+struct FailingFeed {
+    inner: profiles_sync::sync::StoreSource,
+    ok_reads: usize,
+}
+
+impl profiles_sync::sync::FeedSource for FailingFeed {
+    fn read(
+        &mut self,
+        feed: &profiles_sync::store::Feed,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<profiles_sync::store::FeedRow>, profiles_sync::sync::SourceError> {
+        if matches!(feed, profiles_sync::store::Feed::Events(_)) {
+            if self.ok_reads == 0 {
+                return Err(profiles_sync::sync::SourceError("engine went away".into()));
+            }
+            self.ok_reads -= 1;
+        }
+        self.inner.read(feed, after, limit)
+    }
+    fn head(&mut self) -> Result<i64, profiles_sync::sync::SourceError> {
+        self.inner.head()
+    }
+    fn track_event_names(&mut self) -> Result<Vec<String>, profiles_sync::sync::SourceError> {
+        self.inner.track_event_names()
+    }
+    fn sources(
+        &mut self,
+    ) -> Result<Vec<profiles_sync::store::SourceInfo>, profiles_sync::sync::SourceError> {
+        self.inner.sources()
+    }
+    fn event_seq_since(
+        &mut self,
+        at: jiff::Timestamp,
+    ) -> Result<Option<i64>, profiles_sync::sync::SourceError> {
+        self.inner.event_seq_since(at)
+    }
+}
+
+/// The events feed failing on its third page (read ahead on the sync's second thread): the sync
+/// reports the error, keeps what it committed, and the next run ends exactly where a clean run
+/// would.
+#[test]
+fn a_feed_failing_mid_sync_is_reported_and_the_rerun_completes_it() {
+    let (mut s, url, _d) = store();
+    ingest(&mut *s, &basics());
+    let (clean, broken) = (TestWarehouse::sqlite(), TestWarehouse::sqlite());
+    clean.sync_with(&url, None, &clean.spec, 2);
+
+    let mut source = FailingFeed {
+        inner: profiles_sync::sync::StoreSource(
+            profiles_sync::store::open(&url, profiles_sync::identity::Rules::default()).unwrap(),
+        ),
+        ok_reads: 2,
+    };
+    let mut wh = broken.connect();
+    let opts = profiles_sync::sync::SyncOptions {
+        id: "test".into(),
+        connection: &broken.spec,
+        selection: None,
+        page_size: 2,
+        now: jiff::Timestamp::now(),
+    };
+    let report = profiles_sync::sync::run(&mut source, &mut *wh, &opts);
+    assert!(
+        report
+            .errors
+            .iter()
+            .any(|e| e.message.contains("engine went away")),
+        "{report:#?}"
+    );
+    assert_ne!(report.status, SyncStatus::Success, "{report:#?}");
+    assert!(
+        broken.count("pages") >= 1,
+        "the pages before the failure stay loaded"
+    );
+    drop(wh);
+
+    let rerun = broken.sync_with(&url, None, &broken.spec, 2);
+    assert_eq!(rerun.status, SyncStatus::Success, "{rerun:#?}");
+    assert_eq!(broken.dump(), clean.dump());
+}

@@ -491,21 +491,20 @@ impl<'a> Run<'a> {
         let read_ahead = self.rows_left.is_none();
         let page_size = self.page();
         std::thread::scope(|scope| -> Result<(), RunError> {
-            let (mut direct, ahead) = if read_ahead {
-                (None, Some(read_pages(scope, source, start, page_size)))
+            let mut pages = if read_ahead {
+                Pages::Ahead(read_pages(scope, source, start, page_size))
             } else {
-                (Some(source), None)
+                Pages::Direct(source)
             };
             while self.budget_left() {
-                let rows = match (&mut direct, &ahead) {
-                    (Some(source), _) => {
+                let rows = match &mut pages {
+                    Pages::Direct(source) => {
                         source.read(&Feed::Events(EventFilter::All), pos, self.page())?
                     }
-                    (None, Some(reader)) => reader
+                    Pages::Ahead(reader) => reader
                         .pages
                         .recv()
                         .map_err(|_| SourceError("the feed reader stopped".into()))??,
-                    (None, None) => unreachable!("one way of reading is always set"),
                 };
                 let Some(page_end) = rows.last().map(FeedRow::seq) else {
                     let done: Vec<String> = self
@@ -593,7 +592,7 @@ impl<'a> Run<'a> {
                 }
                 self.spend(loaded.max(rows.len() as u64), bytes);
                 pos = page_end;
-                if let Some(reader) = &ahead {
+                if let Pages::Ahead(reader) = &pages {
                     // Fails only when the reader has stopped; the page is then freed here.
                     let _ = reader.spent.send(rows);
                 }
@@ -683,6 +682,14 @@ impl<'a> Run<'a> {
         self.report.tables = reports;
         Ok(())
     }
+}
+
+/// Where the events sync's pages come from.
+enum Pages<'s> {
+    /// Read on this thread, each page sized by the budget left.
+    Direct(&'s mut dyn FeedSource),
+    /// Read ahead on a second thread.
+    Ahead(PageReader),
 }
 
 /// The event feed read on a second thread, one page ahead.
