@@ -549,3 +549,58 @@ async fn overload_answers_503_with_retry_after_and_loses_nothing_acknowledged() 
     );
     t.engine.stop().await.unwrap();
 }
+
+/// Once the queue is full (the writer blocked on a locked store), a request is turned away
+/// before its body is parsed: even a malformed one gets 503 with Retry-After, not a 400.
+#[tokio::test]
+async fn a_full_queue_turns_requests_away_before_parsing_them() {
+    let t = start(1).await;
+    let blocker = rusqlite::Connection::open(&t.store_path).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let mut tasks = vec![];
+    for i in 0..3 {
+        let base = t.base.clone();
+        tasks.push(tokio::spawn(async move {
+            client()
+                .post(format!("{base}/v1/track"))
+                .basic_auth(WRITE_KEY, Some(""))
+                .json(&json!({"userId": "u1", "event": "A", "messageId": format!("f{i}")}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }));
+    }
+    // Nothing can commit while the store is locked, so the first answer is a 503: the writer
+    // holds one request, the queue the next, and the queue stays full until the lock goes.
+    let mut spins = 0u64;
+    while !tasks.iter().any(|t| t.is_finished()) {
+        spins += 1;
+        assert!(spins < 50_000_000, "no request was turned away");
+        tokio::task::yield_now().await;
+    }
+    let r = client()
+        .post(format!("{}/v1/track", t.base))
+        .basic_auth(WRITE_KEY, Some(""))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        r.headers().get("retry-after").and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    blocker.execute_batch("ROLLBACK").unwrap();
+    let mut statuses = vec![];
+    for task in tasks {
+        statuses.push(task.await.unwrap());
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == StatusCode::OK).count(),
+        2,
+        "the two queued requests commit once the lock goes: {statuses:?}"
+    );
+    t.engine.stop().await.unwrap();
+}

@@ -146,6 +146,11 @@ async fn ingest_inner(
     endpoint: Endpoint,
 ) -> Response {
     let started = Instant::now();
+    // Under overload a request is turned away before its body is read and parsed, so rejected
+    // requests cost next to nothing while the writer catches up.
+    if state.writer.is_full() {
+        return overloaded(state, 0);
+    }
     let bytes = match read_body(headers, body).await {
         Ok(b) => b,
         Err(e) => {
@@ -184,18 +189,7 @@ async fn ingest_inner(
         .observe(started.elapsed().as_secs_f64());
     let count = accepted.events.len();
     let Ok(done) = state.writer.try_submit(accepted.events) else {
-        state
-            .metrics
-            .events_rejected
-            .with_label_values(&["overloaded"])
-            .inc_by(count as u64);
-        let mut r = json_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            json!({"success": false, "error": "the engine is at capacity; retry after the delay in Retry-After"}),
-        );
-        r.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        return r;
+        return overloaded(state, count);
     };
     state.metrics.queue_depth.set(state.writer.depth() as i64);
     match done.await {
@@ -215,6 +209,23 @@ async fn ingest_inner(
             json!({"success": false, "error": "the engine is shutting down; retry"}),
         ),
     }
+}
+
+/// 503 with `Retry-After` for a request the queue has no room for (`events` of it counted as
+/// rejected; 0 when it was turned away before parsing).
+fn overloaded(state: &AppState, events: usize) -> Response {
+    state
+        .metrics
+        .events_rejected
+        .with_label_values(&["overloaded"])
+        .inc_by(events as u64);
+    let mut r = json_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        json!({"success": false, "error": "the engine is at capacity; retry after the delay in Retry-After"}),
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
 }
 
 fn authorize(state: &AppState, headers: &HeaderMap) -> Option<Response> {

@@ -64,6 +64,11 @@ impl Writer {
         Ok(rx)
     }
 
+    /// Whether the queue is full (a request now would be turned away).
+    pub fn is_full(&self) -> bool {
+        self.tx.capacity() == 0
+    }
+
     /// Requests waiting in the queue.
     pub fn depth(&self) -> usize {
         self.capacity - self.tx.capacity()
