@@ -175,14 +175,7 @@ async fn bad_input_gets_400_naming_the_field_and_stores_nothing() {
             "{reply}"
         );
     }
-    let r = client()
-        .post(format!("{}/v1/track", t.base))
-        .basic_auth(WRITE_KEY, Some(""))
-        .header("content-type", "application/json")
-        .body("{not json")
-        .send()
-        .await
-        .unwrap();
+    let r = post_malformed(&t.base).await;
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     assert!(r.text().await.unwrap().contains("malformed JSON"));
 
@@ -468,26 +461,56 @@ async fn health_readiness_and_metrics() {
     t.engine.stop().await.unwrap();
 }
 
+/// A track call whose body is not JSON.
+async fn post_malformed(base: &str) -> reqwest::Response {
+    client()
+        .post(format!("{base}/v1/track"))
+        .basic_auth(WRITE_KEY, Some(""))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Takes the store's write lock from outside (until the connection rolls back or drops), so the
+/// engine's writer blocks and its queue fills.
+fn lock_store(path: &std::path::Path) -> rusqlite::Connection {
+    let blocker = rusqlite::Connection::open(path).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    blocker
+}
+
+/// Sends `n` track calls at once (messageIds `{prefix}0`, `{prefix}1`, …); each task yields its
+/// index, status and Retry-After.
+fn send_tracks(
+    base: &str,
+    prefix: &str,
+    n: usize,
+) -> Vec<tokio::task::JoinHandle<(usize, StatusCode, Option<reqwest::header::HeaderValue>)>> {
+    (0..n)
+        .map(|i| {
+            let (url, id) = (format!("{base}/v1/track"), format!("{prefix}{i}"));
+            tokio::spawn(async move {
+                let r = client()
+                    .post(url)
+                    .basic_auth(WRITE_KEY, Some(""))
+                    .json(&json!({"userId": "u1", "event": "A", "messageId": id}))
+                    .send()
+                    .await
+                    .unwrap();
+                (i, r.status(), r.headers().get("retry-after").cloned())
+            })
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn overload_answers_503_with_retry_after_and_loses_nothing_acknowledged() {
     let t = start(1).await;
     // Hold the store's write lock from outside so the writer blocks and the queue fills.
-    let blocker = rusqlite::Connection::open(&t.store_path).unwrap();
-    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
-    let mut tasks = vec![];
-    for i in 0..6 {
-        let base = t.base.clone();
-        tasks.push(tokio::spawn(async move {
-            let r = client()
-                .post(format!("{base}/v1/track"))
-                .basic_auth(WRITE_KEY, Some(""))
-                .json(&json!({"userId": "u1", "event": "A", "messageId": format!("o{i}")}))
-                .send()
-                .await
-                .unwrap();
-            (i, r.status(), r.headers().get("retry-after").cloned())
-        }));
-    }
+    let blocker = lock_store(&t.store_path);
+    let tasks = send_tracks(&t.base, "o", 6);
     // The writer holds at most one request and the queue one more: at least four of the six
     // must be answered while the store stays locked. Wait for exactly that (bounded).
     let mut spins = 0u64;
@@ -555,22 +578,8 @@ async fn overload_answers_503_with_retry_after_and_loses_nothing_acknowledged() 
 #[tokio::test]
 async fn a_full_queue_turns_requests_away_before_parsing_them() {
     let t = start(1).await;
-    let blocker = rusqlite::Connection::open(&t.store_path).unwrap();
-    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
-    let mut tasks = vec![];
-    for i in 0..3 {
-        let base = t.base.clone();
-        tasks.push(tokio::spawn(async move {
-            client()
-                .post(format!("{base}/v1/track"))
-                .basic_auth(WRITE_KEY, Some(""))
-                .json(&json!({"userId": "u1", "event": "A", "messageId": format!("f{i}")}))
-                .send()
-                .await
-                .unwrap()
-                .status()
-        }));
-    }
+    let blocker = lock_store(&t.store_path);
+    let tasks = send_tracks(&t.base, "f", 3);
     // Nothing can commit while the store is locked, so the first answer is a 503: the writer
     // holds one request, the queue the next, and the queue stays full until the lock goes.
     let mut spins = 0u64;
@@ -579,14 +588,7 @@ async fn a_full_queue_turns_requests_away_before_parsing_them() {
         assert!(spins < 50_000_000, "no request was turned away");
         tokio::task::yield_now().await;
     }
-    let r = client()
-        .post(format!("{}/v1/track", t.base))
-        .basic_auth(WRITE_KEY, Some(""))
-        .header("content-type", "application/json")
-        .body("{not json")
-        .send()
-        .await
-        .unwrap();
+    let r = post_malformed(&t.base).await;
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(
         r.headers().get("retry-after").and_then(|v| v.to_str().ok()),
@@ -595,7 +597,7 @@ async fn a_full_queue_turns_requests_away_before_parsing_them() {
     blocker.execute_batch("ROLLBACK").unwrap();
     let mut statuses = vec![];
     for task in tasks {
-        statuses.push(task.await.unwrap());
+        statuses.push(task.await.unwrap().1);
     }
     assert_eq!(
         statuses.iter().filter(|s| **s == StatusCode::OK).count(),

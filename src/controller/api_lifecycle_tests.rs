@@ -6,7 +6,6 @@ use k8s_openapi::api::core::v1::{
     ConfigMap, ContainerState, ContainerStateTerminated, ContainerStatus, Pod, PodStatus,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-use kube::api::ListParams;
 
 use super::api_tests::{NS, builder, condition, connection, fixture};
 use super::*;
@@ -183,11 +182,8 @@ async fn finished_jobs_are_folded_pruned_and_announced_and_the_selection_gets_ro
     // Folded now, so the next reconcile prunes the older failed Job (history: 1 failed).
     f.reconcile("analytics").await.unwrap();
     let mut left: Vec<String> = f
-        .api::<Job>()
-        .list(&ListParams::default())
+        .list::<Job>()
         .await
-        .unwrap()
-        .items
         .into_iter()
         .map(|j| j.metadata.name.unwrap())
         .collect();
@@ -214,12 +210,7 @@ async fn a_running_job_found_after_a_restart_is_adopted_and_blocks_a_second_one(
         .unwrap();
     let f = fixture(dir, client, "2025-03-01T10:00:30Z").await;
     f.reconcile("analytics").await.unwrap();
-    let jobs = f
-        .api::<Job>()
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items;
+    let jobs = f.list::<Job>().await;
     assert_eq!(jobs.len(), 1, "concurrency Forbid: the 10:00 slot waits");
     assert_eq!(
         jobs[0].metadata.owner_references.as_ref().unwrap()[0].uid,
@@ -259,22 +250,8 @@ async fn deletion_removes_jobs_and_config_maps_then_the_finalizer() {
         .unwrap();
     let f = fixture(dir, client, "2025-03-01T10:00:05Z").await;
     f.reconcile("analytics").await.unwrap();
-    assert!(
-        f.api::<Job>()
-            .list(&ListParams::default())
-            .await
-            .unwrap()
-            .items
-            .is_empty()
-    );
-    assert!(
-        f.api::<ConfigMap>()
-            .list(&ListParams::default())
-            .await
-            .unwrap()
-            .items
-            .is_empty()
-    );
+    assert!(f.list::<Job>().await.is_empty());
+    assert!(f.list::<ConfigMap>().await.is_empty());
     assert!(
         f.api::<WarehouseConnection>()
             .get_opt("analytics")
@@ -310,15 +287,7 @@ async fn deletion_waits_for_a_running_sync_within_the_grace_period() {
     let f = fixture(dir, client, "2025-03-01T10:01:00Z").await;
     let action = f.reconcile("analytics").await.unwrap();
     assert_eq!(action, Action::requeue(Duration::from_secs(15)));
-    assert_eq!(
-        f.api::<Job>()
-            .list(&ListParams::default())
-            .await
-            .unwrap()
-            .items
-            .len(),
-        1
-    );
+    assert_eq!(f.list::<Job>().await.len(), 1);
     assert!(
         f.api::<WarehouseConnection>()
             .get_opt("analytics")

@@ -98,17 +98,27 @@ impl Fixture {
         Api::namespaced(self.ctx.client.clone(), NS)
     }
 
+    /// Every object of kind `K` in the namespace.
+    pub(super) async fn list<K>(&self) -> Vec<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        self.api::<K>()
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+    }
+
     pub(super) async fn connection(&self, name: &str) -> WarehouseConnection {
         self.api::<WarehouseConnection>().get(name).await.unwrap()
     }
 
     pub(super) async fn reasons(&self) -> Vec<String> {
-        let events: Vec<K8sEvent> = self
-            .api::<K8sEvent>()
-            .list(&ListParams::default())
-            .await
-            .unwrap()
-            .items;
+        let events: Vec<K8sEvent> = self.list::<K8sEvent>().await;
         events.into_iter().filter_map(|e| e.reason).collect()
     }
 }
@@ -225,15 +235,7 @@ async fn a_new_connection_gets_a_finalizer_a_verified_test_a_job_with_its_config
     // Idempotent: the same instant creates nothing more and rewrites no status.
     let before = status_writes.load(Ordering::SeqCst);
     f.reconcile("analytics").await.unwrap();
-    assert_eq!(
-        f.api::<Job>()
-            .list(&ListParams::default())
-            .await
-            .unwrap()
-            .items
-            .len(),
-        1
-    );
+    assert_eq!(f.list::<Job>().await.len(), 1);
     assert_eq!(status_writes.load(Ordering::SeqCst), before);
 }
 
@@ -297,14 +299,7 @@ async fn a_missing_secret_is_reported_and_no_job_starts() {
         condition(&c, "Ready"),
         ("False".into(), "ConnectionNotVerified".into())
     );
-    assert!(
-        f.api::<Job>()
-            .list(&ListParams::default())
-            .await
-            .unwrap()
-            .items
-            .is_empty()
-    );
+    assert!(f.list::<Job>().await.is_empty());
     assert!(f.reasons().await.contains(&"ConnectionFailed".to_string()));
 }
 
@@ -350,12 +345,7 @@ async fn an_invalid_selection_blocks_syncs_and_is_reported_on_the_selection() {
     let f = fixture(dir, client, "2025-03-01T10:17:30Z").await;
     f.reconcile("analytics").await.unwrap();
     assert!(
-        f.api::<Job>()
-            .list(&ListParams::default())
-            .await
-            .unwrap()
-            .items
-            .is_empty(),
+        f.list::<Job>().await.is_empty(),
         "no sync with an invalid selection"
     );
     assert_eq!(
