@@ -25,6 +25,23 @@ pub(super) fn connections(ctx: &Context, conn: &WarehouseConnection) -> Api<Ware
     Api::namespaced(ctx.client.clone(), &conn.namespace().unwrap_or_default())
 }
 
+/// Merge-patches the connection's `metadata` with `fields`, conditional on the resourceVersion
+/// this reconcile read (a change made meanwhile answers 409).
+pub(super) async fn patch_metadata(
+    ctx: &Context,
+    conn: &WarehouseConnection,
+    mut fields: serde_json::Map<String, serde_json::Value>,
+) -> Result<WarehouseConnection, kube::Error> {
+    fields.insert("resourceVersion".into(), json!(conn.resource_version()));
+    connections(ctx, conn)
+        .patch(
+            &conn.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&json!({ "metadata": fields })),
+        )
+        .await
+}
+
 pub(super) fn annotation<'a>(conn: &'a WarehouseConnection, key: &str) -> Option<&'a str> {
     conn.metadata
         .annotations
@@ -48,16 +65,8 @@ pub(super) async fn remove_annotations(
         .iter()
         .map(|k| (k.to_string(), serde_json::Value::Null))
         .collect();
-    let patch =
-        json!({"metadata": {"annotations": nulls, "resourceVersion": conn.resource_version()}});
-    match connections(ctx, conn)
-        .patch(
-            &conn.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await
-    {
+    let fields = serde_json::Map::from_iter([("annotations".into(), json!(nulls))]);
+    match patch_metadata(ctx, conn, fields).await {
         Ok(updated) => Ok(Some(updated)),
         Err(kube::Error::Api(s)) if s.is_conflict() || s.is_not_found() => Ok(None),
         Err(e) => Err(e.into()),
@@ -358,15 +367,8 @@ pub(super) async fn cleanup(conn: &WarehouseConnection, ctx: &Context) -> Result
             } else {
                 json!(others)
             };
-            let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": conn.resource_version()}});
-            match connections(ctx, conn)
-                .patch(
-                    &conn.name_any(),
-                    &PatchParams::default(),
-                    &Patch::Merge(&patch),
-                )
-                .await
-            {
+            let fields = serde_json::Map::from_iter([("finalizers".into(), finalizers)]);
+            match patch_metadata(ctx, conn, fields).await {
                 Ok(_) => {}
                 Err(kube::Error::Api(s)) if s.is_not_found() => {}
                 Err(e) => return Err(e.into()),

@@ -12,8 +12,8 @@ use serde_json::json;
 use tracing::Instrument;
 
 use super::apply::{
-    annotation, cleanup, connections, delete_job, ensure_config_map, ensure_token_secret, publish,
-    remove_annotations, write_connection_status, write_selection_statuses,
+    annotation, cleanup, delete_job, ensure_config_map, ensure_token_secret, patch_metadata,
+    publish, remove_annotations, write_connection_status, write_selection_statuses,
 };
 use super::build::{self, ANNOTATION_SYNC_NOW, ANNOTATION_TEST_CONNECTION};
 use super::connection_test::{self, TestMemory, TestOutcome};
@@ -67,14 +67,8 @@ async fn reconcile_object(obj: &DynamicObject, ctx: &Context) -> Result<Action, 
     if !conn.finalizers().iter().any(|f| f == FINALIZER) {
         let mut finalizers = conn.finalizers().to_vec();
         finalizers.push(FINALIZER.into());
-        let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": conn.resource_version()}});
-        connections(ctx, &conn)
-            .patch(
-                &conn.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
-            )
-            .await?;
+        let fields = serde_json::Map::from_iter([("finalizers".into(), json!(finalizers))]);
+        patch_metadata(ctx, &conn, fields).await?;
         // The patch is a change: the next reconcile continues from the updated object.
         return Ok(Action::requeue(Duration::from_secs(1)));
     }
