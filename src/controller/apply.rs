@@ -15,7 +15,9 @@ use super::events::Note;
 use super::plan::{self, Deletion};
 use super::status::{self, SelectionFacts};
 use super::{Context, Error, FINALIZER, conditions, observe};
-use crate::crd::{SelectiveSync, WarehouseConnection, WarehouseConnectionStatus};
+use crate::crd::{
+    SelectiveSync, SelectiveSyncStatus, WarehouseConnection, WarehouseConnectionStatus,
+};
 use crate::sync::SyncReport;
 
 /// How many times a status write is retried after a resourceVersion conflict.
@@ -190,11 +192,9 @@ pub(super) async fn write_selection_statuses(
         let api: Api<SelectiveSync> =
             Api::namespaced(ctx.client.clone(), &sel.namespace().unwrap_or_default());
         let generation = sel.metadata.generation.unwrap_or(0);
-        let mut current = sel.clone();
-        let mut written = false;
-        for _ in 0..STATUS_ATTEMPTS {
+        let replaced = update_selection_status(&api, sel.clone(), |current| {
             let previous = current.status.clone().unwrap_or_default();
-            let new = status::selection_status(&SelectionFacts {
+            status::selection_status(&SelectionFacts {
                 now,
                 generation,
                 spec: &current.spec,
@@ -202,48 +202,51 @@ pub(super) async fn write_selection_statuses(
                 problem: problem.clone(),
                 available: available.clone(),
                 report: if active { report } else { None },
-            });
-            let was_valid =
-                conditions::find(&previous.conditions, conditions::VALID).map(|c| c.status.clone());
-            if current.status.as_ref() == Some(&new) {
-                written = true;
-                break;
+            })
+        })
+        .await?;
+        if let (Some(previous), Some(p)) = (replaced, &problem) {
+            let was_valid = conditions::find(&previous.conditions, conditions::VALID);
+            if was_valid.map(|c| c.status.as_str()) != Some("False") {
+                let note =
+                    Note::SelectiveSyncInvalid(format!("{p} (connection {})", conn.name_any()));
+                publish(ctx, &sel.object_ref(&()), &note).await;
+                notes.push(note);
             }
-            let mut obj = current.clone();
-            obj.status = Some(new);
-            match api
-                .replace_status(&sel.name_any(), &PostParams::default(), &obj)
-                .await
-            {
-                Ok(_) => {
-                    if let Some(p) = &problem
-                        && was_valid.as_deref() != Some("False")
-                    {
-                        let note = Note::SelectiveSyncInvalid(format!(
-                            "{p} (connection {})",
-                            conn.name_any()
-                        ));
-                        publish(ctx, &sel.object_ref(&()), &note).await;
-                        notes.push(note);
-                    }
-                    written = true;
-                    break;
-                }
-                Err(kube::Error::Api(s)) if s.is_conflict() => {
-                    current = api.get(&sel.name_any()).await?
-                }
-                Err(kube::Error::Api(s)) if s.is_not_found() => {
-                    written = true;
-                    break;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        if !written {
-            return Err(Error::StatusConflict(sel.name_any()));
         }
     }
     Ok(())
+}
+
+/// Replaces `current`'s status with `next(current)` unless that is what it already holds,
+/// re-reading (and recomputing) after a resourceVersion conflict. Returns the status it replaced
+/// when it wrote one; `None` when nothing changed or the object is gone.
+async fn update_selection_status(
+    api: &Api<SelectiveSync>,
+    mut current: SelectiveSync,
+    next: impl Fn(&SelectiveSync) -> SelectiveSyncStatus,
+) -> Result<Option<SelectiveSyncStatus>, Error> {
+    for _ in 0..STATUS_ATTEMPTS {
+        let new = next(&current);
+        if current.status.as_ref() == Some(&new) {
+            return Ok(None);
+        }
+        let previous = current.status.clone().unwrap_or_default();
+        let mut obj = current.clone();
+        obj.status = Some(new);
+        match api
+            .replace_status(&current.name_any(), &PostParams::default(), &obj)
+            .await
+        {
+            Ok(_) => return Ok(Some(previous)),
+            Err(kube::Error::Api(s)) if s.is_conflict() => {
+                current = api.get(&current.name_any()).await?
+            }
+            Err(kube::Error::Api(s)) if s.is_not_found() => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(Error::StatusConflict(current.name_any()))
 }
 
 /// Marks every SelectiveSync in `namespace` whose `connectionRef` is `connection` as pointing at
@@ -283,36 +286,20 @@ pub(super) async fn mark_orphaned_selections(
     let api: Api<SelectiveSync> = Api::namespaced(ctx.client.clone(), namespace);
     for name in orphans {
         // Read afresh: the cache may predate this function's own last write.
-        let mut current = match api.get(&name).await {
+        let current = match api.get(&name).await {
             Ok(s) => s,
             Err(kube::Error::Api(s)) if s.is_not_found() => continue,
             Err(e) => return Err(e.into()),
         };
-        for attempt in 0..STATUS_ATTEMPTS {
-            let previous = current.status.clone().unwrap_or_default();
-            let new = status::orphan_selection_status(
-                &previous,
+        update_selection_status(&api, current, |current| {
+            status::orphan_selection_status(
+                &current.status.clone().unwrap_or_default(),
                 current.metadata.generation.unwrap_or(0),
                 connection,
                 Timestamp::now(),
-            );
-            if current.status.as_ref() == Some(&new) {
-                break;
-            }
-            let mut obj = current.clone();
-            obj.status = Some(new);
-            match api
-                .replace_status(&current.name_any(), &PostParams::default(), &obj)
-                .await
-            {
-                Ok(_) => break,
-                Err(kube::Error::Api(s)) if s.is_conflict() && attempt + 1 < STATUS_ATTEMPTS => {
-                    current = api.get(&current.name_any()).await?
-                }
-                Err(kube::Error::Api(s)) if s.is_not_found() => break,
-                Err(e) => return Err(e.into()),
-            }
-        }
+            )
+        })
+        .await?;
     }
     Ok(())
 }
