@@ -7,9 +7,9 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
-use super::api_tests::{NS, builder, condition, connection, fixture};
+use super::api_tests::{NS, builder, condition, connection, fixture, selective_sync};
 use super::*;
-use crate::crd::{ErrorClass, SelectiveSyncSpec, SyncRows, SyncStatus};
+use crate::crd::{ErrorClass, SyncRows, SyncStatus};
 use crate::sync::SyncReport;
 
 fn finished_job(conn: &WarehouseConnection, name: &str, slot: &str, complete: bool) -> Job {
@@ -93,16 +93,10 @@ async fn finished_jobs_are_folded_pruned_and_announced_and_the_selection_gets_ro
     let ok = finished_job(&conn, "analytics-29013660", "2025-03-01T09:00:00Z", true);
     let failed = finished_job(&conn, "analytics-29013600", "2025-03-01T08:00:00Z", false);
     let older_failed = finished_job(&conn, "analytics-29013540", "2025-03-01T07:00:00Z", false);
-    let selection = {
-        let spec: SelectiveSyncSpec =
-            serde_json::from_value(serde_json::json!({"connectionRef": {"name": "analytics"}}))
-                .unwrap();
-        let mut s = SelectiveSync::new("analytics", spec);
-        s.metadata.namespace = Some(NS.into());
-        s.metadata.generation = Some(1);
-        s.status = Some(Default::default());
-        s
-    };
+    let selection = selective_sync(
+        "analytics",
+        serde_json::json!({"connectionRef": {"name": "analytics"}}),
+    );
     let client = builder()
         .with_object(conn)
         .with_object(ok)
@@ -308,13 +302,11 @@ async fn unmarked(api: &Api<SelectiveSync>, name: &str) -> bool {
 async fn a_selection_of_a_missing_connection_is_marked_connection_not_found() {
     let dir = tempfile::tempdir().unwrap();
     let selection = |name: &str, connection: &str| {
-        let spec: SelectiveSyncSpec =
-            serde_json::from_value(serde_json::json!({"connectionRef": {"name": connection}}))
-                .unwrap();
-        let mut sel = SelectiveSync::new(name, spec);
-        sel.metadata.namespace = Some(NS.into());
+        let mut sel = selective_sync(
+            name,
+            serde_json::json!({"connectionRef": {"name": connection}}),
+        );
         sel.metadata.generation = Some(2);
-        sel.status = Some(Default::default());
         sel
     };
     let (orphan, other) = (

@@ -39,6 +39,17 @@ pub(super) fn connection(dir: &Path, name: &str) -> WarehouseConnection {
     c
 }
 
+/// A SelectiveSync `name` in the test namespace with `spec` (JSON), at generation 1, with an
+/// empty status (which registers the status subresource for its kind).
+pub(super) fn selective_sync(name: &str, spec: serde_json::Value) -> SelectiveSync {
+    let spec: SelectiveSyncSpec = serde_json::from_value(spec).unwrap();
+    let mut s = SelectiveSync::new(name, spec);
+    s.metadata.namespace = Some(NS.into());
+    s.metadata.generation = Some(1);
+    s.status = Some(Default::default());
+    s
+}
+
 pub(super) fn settings(dir: &Path) -> Settings {
     let token = dir.join("token");
     std::fs::write(&token, "feed-token\n").unwrap();
@@ -327,15 +338,13 @@ async fn an_invalid_selection_blocks_syncs_and_is_reported_on_the_selection() {
     let mut conn = connection(dir.path(), "analytics");
     conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
     // Listed twice: the API server's list-map would refuse it, an older CRD might not.
-    let spec: SelectiveSyncSpec = serde_json::from_value(serde_json::json!({
-        "connectionRef": {"name": "analytics"},
-        "tables": [{"name": "pages"}, {"name": "pages", "enabled": false}]
-    }))
-    .unwrap();
-    let mut sel = SelectiveSync::new("analytics", spec);
-    sel.metadata.namespace = Some(NS.into());
-    sel.metadata.generation = Some(1);
-    sel.status = Some(Default::default());
+    let sel = selective_sync(
+        "analytics",
+        serde_json::json!({
+            "connectionRef": {"name": "analytics"},
+            "tables": [{"name": "pages"}, {"name": "pages", "enabled": false}]
+        }),
+    );
     let client = builder()
         .with_object(conn)
         .with_object(sel)
