@@ -295,4 +295,15 @@ impl Warehouse for CountingWarehouse<'_> {
         self.calls += 1;
         self.inner.stage(stage, columns, rows)
     }
+    // Forwarded, or every chunk would take the staging path instead of the direct COPY the
+    // PostgreSQL warehouse uses (the default `append` declines).
+    fn append(
+        &mut self,
+        table: &str,
+        columns: &[Column],
+        rows: &[Vec<Cell>],
+    ) -> Result<bool, WarehouseError> {
+        self.calls += 1;
+        self.inner.append(table, columns, rows)
+    }
 }

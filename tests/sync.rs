@@ -578,6 +578,60 @@ fn postgres_a_failing_table_does_not_stop_the_others() {
     assert_eq!(wh.count("order_completed"), 1);
 }
 
+/// A table whose chunk fails in the middle of a backlog (a CHECK constraint refuses the second
+/// page's rows) keeps only the pages before it — never a later page, which would leave a gap
+/// below its cursor — while the other tables go on; once the constraint is gone the next run
+/// loads the rest exactly once.
+#[test]
+fn postgres_a_table_failing_mid_backlog_keeps_no_rows_past_the_failure() {
+    let (mut s, url, _d) = store();
+    let orders: Vec<Value> = (1..=8)
+        .map(|i| {
+            msg(
+                json!({"type": "track", "messageId": format!("o{i}"), "userId": "u1",
+                       "event": "Order Completed", "properties": {"total": i as f64 + 0.5}}),
+            )
+        })
+        .collect();
+    ingest(&mut *s, &orders);
+    let wh = TestWarehouse::postgres();
+    let mut admin = support::pg::shared().connect(wh.database.as_deref().unwrap());
+    admin
+        .batch_execute(
+            "CREATE SCHEMA profiles_sync;
+             CREATE TABLE profiles_sync.order_completed (id TEXT PRIMARY KEY,
+                 total DOUBLE PRECISION CONSTRAINT not_3 CHECK (total <> 3.5));",
+        )
+        .unwrap();
+    let r = wh.sync_with(&url, None, &wh.spec, 2);
+    assert_eq!(r.status, SyncStatus::PartialSuccess, "{r:#?}");
+    let failed: Vec<&str> = r
+        .tables
+        .iter()
+        .filter(|t| t.error.is_some())
+        .map(|t| t.name.as_str())
+        .collect();
+    assert_eq!(failed, ["order_completed"], "{r:#?}");
+    let ids = |wh: &TestWarehouse| -> Vec<String> {
+        let t = wh.table("order_completed");
+        wh.query(&format!("SELECT id FROM {t} ORDER BY id"))
+            .into_iter()
+            .map(|r| r[0].clone().unwrap_or_default())
+            .collect()
+    };
+    assert_eq!(ids(&wh), ["o1", "o2"], "only the page before the failure");
+    assert_eq!(wh.count("tracks"), 8, "the other tables load everything");
+
+    admin
+        .batch_execute("ALTER TABLE profiles_sync.order_completed DROP CONSTRAINT not_3")
+        .unwrap();
+    let r = wh.sync_with(&url, None, &wh.spec, 2);
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    let all: Vec<String> = (1..=8).map(|i| format!("o{i}")).collect();
+    assert_eq!(ids(&wh), all, "every row once");
+    assert_eq!(wh.count("tracks"), 8);
+}
+
 #[test]
 fn a_wrong_password_fails_the_sync_with_a_classified_error() {
     let (_s, url, _d) = store();
