@@ -219,8 +219,10 @@ impl Trigger {
 }
 
 impl FeedRow {
-    /// Reads back a row written by [`FeedRow::to_json`] (the feed API's wire format).
-    pub fn from_json(feed: &Feed, m: &Map<String, Value>) -> Result<FeedRow, String> {
+    /// Reads back a row written by [`FeedRow::to_json`] (the feed API's wire format), taking
+    /// its values (an event's properties, traits and context move into the row).
+    pub fn from_json(feed: &Feed, mut m: Map<String, Value>) -> Result<FeedRow, String> {
+        let m = &mut m;
         let seq = get_seq(m)?;
         Ok(match feed {
             Feed::IdGraphUpdates => FeedRow::IdGraph(IdGraphRow {
@@ -241,27 +243,25 @@ impl FeedRow {
             Feed::ProfileTraitsUpdates => FeedRow::Traits(TraitsRow {
                 seq,
                 segment_id: get_str(m, "segment_id")?,
-                traits: m
-                    .get("traits")
-                    .and_then(Value::as_object)
-                    .cloned()
-                    .ok_or("traits: missing or not an object")?,
+                traits: match m.remove("traits") {
+                    Some(Value::Object(traits)) => traits,
+                    _ => return Err("traits: missing or not an object".into()),
+                },
                 trigger: Trigger::read(m)?,
             }),
             Feed::Events(_) => {
-                let mut event = m.clone();
                 let segment_id = get_str(m, "segment_id")?;
                 let source_id = get_str(m, "event_source_id")?;
-                for k in ["seq", "segment_id", "event_source_id"] {
-                    event.remove(k);
-                }
                 let received_at = get_ts(m, "receivedAt")?;
+                for k in ["seq", "segment_id", "event_source_id"] {
+                    m.shift_remove(k);
+                }
                 let opts = ParseOptions {
                     now: received_at,
                     source_id,
                     trust_received_at: true,
                 };
-                let event = Event::from_json(&Value::Object(event), None, &opts)
+                let event = Event::from_value(Value::Object(std::mem::take(m)), None, &opts)
                     .map_err(|e| e.to_string())?;
                 FeedRow::Event(EventRow {
                     seq,

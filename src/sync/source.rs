@@ -126,9 +126,9 @@ impl FeedSource for EngineSource {
             .map(|line| {
                 let v: Value = serde_json::from_str(line)
                     .map_err(|e| SourceError(format!("feed {table}: {e}")))?;
-                let m = v
-                    .as_object()
-                    .ok_or_else(|| SourceError(format!("feed {table}: a row is not an object")))?;
+                let Value::Object(m) = v else {
+                    return Err(SourceError(format!("feed {table}: a row is not an object")));
+                };
                 FeedRow::from_json(feed, m).map_err(|e| SourceError(format!("feed {table}: {e}")))
             })
             .collect()
