@@ -519,3 +519,41 @@ fn postgres_store_urls_with_sslmode_use_tls() {
     );
     assert!(store::open(&url, Rules::default()).is_err());
 }
+
+/// A new SQLite store uses 16 KiB pages; a file made with SQLite's default 4 KiB pages (an
+/// older store) keeps them and stays fully usable.
+#[test]
+fn sqlite_new_stores_use_16k_pages_and_older_files_keep_theirs() {
+    let page_size = |path: &std::path::Path| -> i64 {
+        rusqlite::Connection::open(path)
+            .unwrap()
+            .pragma_query_value(None, "page_size", |r| r.get(0))
+            .unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let new = dir.path().join("new.db");
+    let mut s = store::open(&format!("sqlite://{}", new.display()), Rules::default()).unwrap();
+    s.ingest(vec![page("m1", "a1")]).unwrap();
+    drop(s);
+    assert_eq!(page_size(&new), 16_384);
+
+    let old = dir.path().join("old.db");
+    rusqlite::Connection::open(&old)
+        .unwrap()
+        .execute_batch("PRAGMA page_size = 4096; PRAGMA journal_mode = WAL; CREATE TABLE t (x);")
+        .unwrap();
+    let url = format!("sqlite://{}", old.display());
+    let mut s = store::open(&url, Rules::default()).unwrap();
+    s.ingest(vec![
+        page("m1", "a1"),
+        identify("m2", "a1", "jane@example.com"),
+    ])
+    .unwrap();
+    drop(s);
+    assert_eq!(page_size(&old), 4096);
+    let mut s = store::open(&url, Rules::default()).unwrap();
+    assert_eq!(
+        seqs(&all(&mut *s, &Feed::Events(EventFilter::All))).len(),
+        2
+    );
+}
