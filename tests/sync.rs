@@ -48,6 +48,15 @@ fn basics() -> Vec<Value> {
     ]
 }
 
+/// The tables a report says failed.
+fn failed_tables(r: &profiles_sync::sync::SyncReport) -> Vec<&str> {
+    r.tables
+        .iter()
+        .filter(|t| t.error.is_some())
+        .map(|t| t.name.as_str())
+        .collect()
+}
+
 fn selection(v: Value) -> SelectiveSyncSpec {
     let mut spec = json!({"connectionRef": {"name": "wh"}});
     for (k, val) in v.as_object().unwrap() {
@@ -550,13 +559,7 @@ fn postgres_a_failing_table_does_not_stop_the_others() {
     as_loader.credentials.username = Some("loader".into());
     let r = as_loader.sync(&url, None);
     assert_eq!(r.status, SyncStatus::PartialSuccess, "{r:#?}");
-    let failed: Vec<&str> = r
-        .tables
-        .iter()
-        .filter(|t| t.error.is_some())
-        .map(|t| t.name.as_str())
-        .collect();
-    assert_eq!(failed, ["order_completed"]);
+    assert_eq!(failed_tables(&r), ["order_completed"], "{r:#?}");
     let err = r
         .errors
         .iter()
@@ -605,13 +608,7 @@ fn postgres_a_table_failing_mid_backlog_keeps_no_rows_past_the_failure() {
         .unwrap();
     let r = wh.sync_with(&url, None, &wh.spec, 2);
     assert_eq!(r.status, SyncStatus::PartialSuccess, "{r:#?}");
-    let failed: Vec<&str> = r
-        .tables
-        .iter()
-        .filter(|t| t.error.is_some())
-        .map(|t| t.name.as_str())
-        .collect();
-    assert_eq!(failed, ["order_completed"], "{r:#?}");
+    assert_eq!(failed_tables(&r), ["order_completed"], "{r:#?}");
     let ids = |wh: &TestWarehouse| -> Vec<String> {
         let t = wh.table("order_completed");
         wh.query(&format!("SELECT id FROM {t} ORDER BY id"))
