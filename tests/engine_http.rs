@@ -403,6 +403,49 @@ async fn the_feed_api_needs_the_token_and_pages_in_order() {
     t.engine.stop().await.unwrap();
 }
 
+/// Top-level keys named like the feed row's own fields (`seq`, `segment_id`,
+/// `event_source_id`) are the client's data, not the row's: they never move a reader's cursor
+/// nor re-attribute the event.
+#[tokio::test]
+async fn event_keys_named_like_feed_fields_cannot_rewrite_feed_rows() {
+    let t = start(8).await;
+    for (i, seq) in [json!(0), json!(i64::MAX), json!("x")]
+        .into_iter()
+        .enumerate()
+    {
+        let (status, _) = post(
+            &t.base,
+            "/v1/track",
+            &json!({"userId": "u1", "event": "B", "messageId": format!("m{i}"), "seq": seq,
+                    "segment_id": "use_spoofed", "event_source_id": "other"}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let stored = stored(&t.store_url);
+    let text = client()
+        .get(format!("{}/v1/feeds/events?after=0&limit=10", t.base))
+        .bearer_auth(FEED_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut lines = text.lines();
+    let header: Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+    let rows: Vec<Value> = lines.map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 3);
+    for (row, s) in rows.iter().zip(&stored) {
+        assert_eq!(row["seq"], json!(s.seq), "{row}");
+        assert_eq!(row["segment_id"], json!(s.segment_id), "{row}");
+        assert_eq!(row["event_source_id"], json!(s.event.source_id), "{row}");
+        assert_ne!(row["segment_id"], json!("use_spoofed"));
+    }
+    assert_eq!(header["next_after"], json!(stored[2].seq));
+    t.engine.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn health_readiness_and_metrics() {
     let t = start(8).await;

@@ -175,7 +175,15 @@ impl FeedRow {
                 m.insert("segment_id".into(), r.segment_id.clone().into());
                 m.insert("event_source_id".into(), r.event.source_id.clone().into());
                 if let Value::Object(e) = r.event.to_json() {
-                    m.extend(e);
+                    // The row's own keys win: a client may send top-level keys of any name (kept
+                    // as the event's `extra`), and one named `seq` must not move a reader's
+                    // cursor, nor `segment_id` or `event_source_id` re-attribute the event.
+                    // (The warehouse drops such properties anyway: they are reserved columns.)
+                    for (k, v) in e {
+                        if !m.contains_key(&k) {
+                            m.insert(k, v);
+                        }
+                    }
                 }
             }
         }
