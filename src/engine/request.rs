@@ -7,7 +7,7 @@ use base64::Engine as _;
 use serde_json::{Map, Value};
 
 use crate::event::{Event, EventType, ParseOptions, Timestamp};
-use crate::identity::{Rules, extract_identifiers};
+use crate::identity::{Identifier, Rules, extract_identifiers};
 
 use super::sources::{SourceConfig, Sources};
 
@@ -146,6 +146,31 @@ fn field_error(status: u16, field: &str, reason: &str, index: Option<usize>) -> 
     }
 }
 
+/// The first field whose value lands in a store's text column (the message's ids and names,
+/// and every identifier resolution would record) and contains a NUL character, which
+/// PostgreSQL's text type refuses: such a message is refused here instead of failing the whole
+/// group commit it would join.
+fn nul_field(event: &Event, identifiers: &[Identifier]) -> Option<String> {
+    let fields = [
+        ("messageId", Some(&event.message_id)),
+        ("userId", event.user_id.as_ref()),
+        ("anonymousId", event.anonymous_id.as_ref()),
+        ("event", event.event.as_ref()),
+        ("name", event.name.as_ref()),
+        ("category", event.category.as_ref()),
+        ("groupId", event.group_id.as_ref()),
+        ("previousId", event.previous_id.as_ref()),
+    ];
+    let has_nul = |s: &str| s.contains('\0');
+    if let Some((field, _)) = fields.iter().find(|(_, v)| v.is_some_and(|v| has_nul(v))) {
+        return Some(field.to_string());
+    }
+    identifiers
+        .iter()
+        .find(|id| has_nul(&id.value) || has_nul(&id.id_type))
+        .map(|id| format!("identifier {}", id.id_type.replace('\0', "U+0000")))
+}
+
 /// Checks and parses one request body (already decompressed).
 pub fn parse(
     endpoint: Endpoint,
@@ -225,7 +250,31 @@ pub fn parse(
         }
         let event = Event::from_value(m, default_type, &opts)
             .map_err(|e| field_error(400, &e.field, &e.reason, index))?;
-        if extract_identifiers(&event, rules).is_empty() {
+        // The identity rules' trait limit (`caps.max_traits`, at most the parser's 300), checked
+        // here so the request is refused whole: in the writer the event would be dropped after
+        // its request's other events were already committed.
+        let traits = event.identity_traits().len();
+        if event.event_type == EventType::Identify && traits >= rules.max_traits {
+            return Err(field_error(
+                400,
+                "traits",
+                &format!(
+                    "an identify call must carry fewer than {} traits (the identity rules' caps.max_traits), got {traits}",
+                    rules.max_traits
+                ),
+                index,
+            ));
+        }
+        let identifiers = extract_identifiers(&event, rules);
+        if let Some(field) = nul_field(&event, &identifiers) {
+            return Err(field_error(
+                400,
+                &field,
+                "contains a NUL character (U+0000), which the stores' text columns cannot hold",
+                index,
+            ));
+        }
+        if identifiers.is_empty() {
             let field = if event.user_id.is_some() {
                 "userId"
             } else {
@@ -250,6 +299,7 @@ pub fn parse(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use serde_json::json;
 
     fn sources() -> Sources {
         Sources::from_yaml("sources:\n  - {id: s, name: S, slug: s, writeKey: k}\n").unwrap()
@@ -268,6 +318,78 @@ mod tests {
         assert_eq!(basic_auth_user(Some("Basic !!!")), None);
         assert_eq!(basic_auth_user(Some("Bearer k")), None);
         assert_eq!(basic_auth_user(None), None);
+    }
+
+    fn parse_batch(batch: Value, rules: &Rules) -> Result<Accepted, ApiError> {
+        let body = serde_json::to_vec(&json!({ "batch": batch })).unwrap();
+        parse(
+            Endpoint::Batch,
+            &body,
+            Some(&auth()),
+            &sources(),
+            rules,
+            Timestamp::now(),
+        )
+    }
+
+    /// An identify over the identity rules' trait limit is refused with the request (in the
+    /// writer it would be dropped after the request's other events were committed).
+    #[test]
+    fn the_rules_trait_limit_refuses_the_whole_request() {
+        let rules = Rules::from_yaml("caps: {max_traits: 5}").unwrap();
+        let traits: Map<String, Value> = (0..6).map(|i| (format!("t{i}"), json!(i))).collect();
+        let batch = json!([
+            {"type": "track", "userId": "u1", "event": "A"},
+            {"type": "identify", "userId": "u1", "traits": traits},
+        ]);
+        let e = parse_batch(batch.clone(), &rules).err().expect("refused");
+        assert_eq!(
+            (e.status, e.field.as_deref(), e.index),
+            (400, Some("traits"), Some(1))
+        );
+        assert!(e.message.contains("caps.max_traits"), "{}", e.message);
+        // Under the default limit (300) the same batch is accepted.
+        assert_eq!(
+            parse_batch(batch, &Rules::default()).unwrap().events.len(),
+            2
+        );
+    }
+
+    /// A NUL character in an id, a name or an identifier is refused with a 400 naming the field.
+    #[test]
+    fn nul_characters_in_stored_text_are_refused() {
+        let rules = Rules::default();
+        let cases = [
+            (
+                json!({"type": "track", "userId": "u\0x", "event": "A"}),
+                "userId",
+            ),
+            (
+                json!({"type": "track", "userId": "u1", "event": "A\0"}),
+                "event",
+            ),
+            (
+                json!({"type": "track", "userId": "u1", "event": "A", "messageId": "m\0"}),
+                "messageId",
+            ),
+            (
+                json!({"type": "identify", "userId": "u1", "traits": {"email": "a\0@example.com"}}),
+                "identifier email",
+            ),
+        ];
+        for (message, field) in cases {
+            let e = parse_batch(json!([{"type": "page", "userId": "ok"}, message]), &rules)
+                .err()
+                .unwrap_or_else(|| panic!("{field}: accepted"));
+            assert_eq!(
+                (e.status, e.field.as_deref(), e.index),
+                (400, Some(field), Some(1))
+            );
+        }
+        // Elsewhere (a property) a NUL is kept: it is stored inside escaped JSON.
+        let ok =
+            json!([{"type": "track", "userId": "u1", "event": "A", "properties": {"p": "a\0b"}}]);
+        assert!(parse_batch(ok, &rules).is_ok());
     }
 
     /// JSON-shaped inputs built from the pieces a Tracking API body is made of.
