@@ -79,6 +79,7 @@ both_warehouses!(
     materialized_tables_follow_merges,
     selective_sync_turns_tables_and_columns_off_and_on,
     values_that_cannot_be_cast_go_to_discards,
+    values_no_warehouse_can_hold_go_to_discards,
     hostile_names_land_safely_and_distinctly,
     backfill_windows_and_the_event_table_limit,
     limits_split_a_backlog_without_losing_rows,
@@ -382,6 +383,61 @@ fn values_that_cannot_be_cast_go_to_discards(kind: &str) {
         wh.table("checkout")
     ));
     assert_eq!(nulls[0][0].as_deref(), Some("1"));
+}
+
+/// Values a warehouse refuses even though they parse — a NUL character in a string, an event
+/// time before year 1 (a wild `sentAt` skews it there) — go to discards like any uncastable
+/// value, and in the materialized traits (no discards there) NUL is written escaped: nothing
+/// stalls a table.
+fn values_no_warehouse_can_hold_go_to_discards(kind: &str) {
+    let (mut s, url, _d) = store();
+    let wh = TestWarehouse::of(kind);
+    ingest(
+        &mut *s,
+        &[
+            msg(
+                json!({"type": "track", "messageId": "c1", "userId": "u1", "event": "Checkout", "properties": {"note": "a\u{0}b", "ok": "fine"}}),
+            ),
+            msg(
+                json!({"type": "track", "messageId": "c2", "userId": "u1", "event": "Checkout", "properties": {"ok": "fine"},
+                       "sentAt": "9999-12-01T00:00:00Z", "originalTimestamp": "0001-01-01T00:00:00Z"}),
+            ),
+            msg(
+                json!({"type": "identify", "messageId": "i1", "userId": "u1", "traits": {"nick": "x\u{0}y"}}),
+            ),
+        ],
+    );
+    let r = wh.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    assert_eq!(wh.count("checkout"), 2);
+    assert_eq!(wh.count("identifies"), 1);
+    let d: HashSet<(String, String, String)> = wh
+        .query(&format!(
+            "SELECT table_name, column_name, row_id FROM {}",
+            wh.table("discards")
+        ))
+        .into_iter()
+        .map(|r| {
+            let mut r = r.into_iter().map(|v| v.unwrap_or_default());
+            (r.next().unwrap(), r.next().unwrap(), r.next().unwrap())
+        })
+        .collect();
+    for (table, column, row) in [
+        ("checkout", "note", "c1"),
+        ("checkout", "timestamp", "c2"),
+        ("tracks", "timestamp", "c2"),
+        ("identifies", "nick", "i1"),
+    ] {
+        assert!(
+            d.contains(&(table.into(), column.into(), row.into())),
+            "{table}.{column} of {row} discarded: {d:?}"
+        );
+    }
+    let nick = wh.query(&format!(
+        "SELECT value FROM {} WHERE name = 'nick'",
+        wh.table("user_traits")
+    ));
+    assert_eq!(nick, [[Some("x\\u0000y".to_string())]]);
 }
 
 fn hostile_names_land_safely_and_distinctly(kind: &str) {

@@ -59,6 +59,40 @@ pub fn parse_timestamp(s: &str) -> Option<Timestamp> {
     s.parse::<Timestamp>().ok()
 }
 
+/// Whether every warehouse can hold `t`: years 1 to 9999 (BigQuery's and Snowflake's range;
+/// PostgreSQL refuses years before 4713 BC, which skew correction can produce from a wild
+/// `sentAt`).
+pub fn storable_time(t: Timestamp) -> bool {
+    // From 0001-01-01T00:00:00Z; jiff itself ends within 9999 (comparisons: this runs for every
+    // cell).
+    const FIRST: Timestamp = Timestamp::constant(-62_135_596_800, 0);
+    t >= FIRST
+}
+
+/// Why a string can't be stored as text, if it can't: PostgreSQL's text refuses NUL.
+fn text_refusal(s: &str) -> Option<String> {
+    s.contains('\0')
+        .then(|| "a string with a NUL character (U+0000) can't be stored as text".to_string())
+}
+
+/// `s` with each NUL character written as its JSON escape `\u0000`, for text columns that have
+/// no discards path (materialized traits and identifiers).
+pub fn escape_nul(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains('\0') {
+        std::borrow::Cow::Owned(s.replace('\0', "\\u0000"))
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
+}
+
+fn time_cell(t: Timestamp) -> Result<Cell, String> {
+    if storable_time(t) {
+        Ok(Cell::Timestamp(t))
+    } else {
+        Err(format!("timestamp {t} is outside the years 1 to 9999"))
+    }
+}
+
 /// The column type a value implies; `None` for null.
 pub fn infer(v: &Value) -> Option<ColumnType> {
     match v {
@@ -76,7 +110,11 @@ pub fn cast(v: &Value, ty: ColumnType) -> Result<Cell, String> {
     let fail = || Err(format!("{} can't be cast to {}", kind(v), ty.as_str()));
     match (ty, v) {
         (_, Value::Null) => Ok(Cell::Null),
-        (ColumnType::Varchar, Value::String(s)) => Ok(Cell::Text(s.clone())),
+        (ColumnType::Varchar, Value::String(s)) => match text_refusal(s) {
+            Some(reason) => Err(reason),
+            None => Ok(Cell::Text(s.clone())),
+        },
+        // JSON text escapes control characters, NUL included.
         (ColumnType::Varchar, other) => Ok(Cell::Text(other.to_string())),
         (ColumnType::Integer, Value::Number(n)) => match n.as_i64() {
             Some(i) => Ok(Cell::Int(i)),
@@ -97,9 +135,10 @@ pub fn cast(v: &Value, ty: ColumnType) -> Result<Cell, String> {
         (ColumnType::Boolean, Value::String(s)) if s == "true" || s == "false" => {
             Ok(Cell::Bool(s == "true"))
         }
-        (ColumnType::Timestamp, Value::String(s)) => parse_timestamp(s)
-            .map(Cell::Timestamp)
-            .map_or_else(fail, Ok),
+        (ColumnType::Timestamp, Value::String(s)) => match parse_timestamp(s) {
+            Some(t) => time_cell(t),
+            None => fail(),
+        },
         _ => fail(),
     }
 }
@@ -108,7 +147,7 @@ pub fn cast(v: &Value, ty: ColumnType) -> Result<Cell, String> {
 /// comes back with the reason.
 pub fn cast_owned(v: Value, ty: ColumnType) -> Result<Cell, (String, Value)> {
     match (ty, v) {
-        (ColumnType::Varchar, Value::String(s)) => Ok(Cell::Text(s)),
+        (ColumnType::Varchar, Value::String(s)) if !s.contains('\0') => Ok(Cell::Text(s)),
         (_, v) => cast(&v, ty).map_err(|reason| (reason, v)),
     }
 }
@@ -148,7 +187,9 @@ impl Field {
     /// [`cast_owned`] of the field.
     pub fn cast(self, ty: ColumnType) -> Result<Cell, (String, Field)> {
         match (self, ty) {
-            (Field::Time(t), ColumnType::Timestamp) => Ok(Cell::Timestamp(t)),
+            (Field::Time(t), ColumnType::Timestamp) => {
+                time_cell(t).map_err(|reason| (reason, Field::Time(t)))
+            }
             (Field::Time(t), _) => {
                 cast_owned(Value::String(t.to_string()), ty).map_err(|(r, v)| (r, Field::Json(v)))
             }
@@ -266,6 +307,15 @@ mod tests {
                 ("total".into(), json!(3))
             ]
         );
+    }
+
+    #[test]
+    fn storable_times_are_the_years_1_to_9999() {
+        let t = |s: &str| s.parse::<Timestamp>().unwrap();
+        assert!(storable_time(t("0001-01-01T00:00:00Z")));
+        assert!(storable_time(t("9999-12-30T00:00:00Z")));
+        assert!(!storable_time(t("0000-12-31T23:59:59.999999Z")));
+        assert!(!storable_time(t("-007972-03-01T00:00:00Z")));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde_json::Value;
 
-use super::columns::{Field, cast, remember};
+use super::columns::{Field, cast, escape_nul, remember};
 use super::state::{self, TableState};
 use super::tables::DISCARDS;
 use crate::warehouse::{
@@ -156,8 +156,9 @@ fn typed_rows(chunk: &mut Chunk<'_>, columns: &[Column]) -> (Vec<Vec<Cell>>, Vec
                 Err((reason, v)) => discards.push(vec![
                     Cell::Text(chunk.table.to_string()),
                     Cell::Text(name.into_owned()),
-                    Cell::Text(row.row_id.clone()),
-                    Cell::Text(v.into_text()),
+                    Cell::Text(escape_nul(&row.row_id).into_owned()),
+                    // The refused value as text; a NUL (a reason to refuse it) written escaped.
+                    Cell::Text(escape_nul(&v.into_text()).into_owned()),
                     Cell::Text(reason),
                     row.received_at.clone(),
                     Cell::Timestamp(chunk.uuid_ts),

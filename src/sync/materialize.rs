@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 
 use super::RunError;
+use super::columns::{escape_nul, storable_time};
 use super::load::{Schema, ensure_table};
 use super::source::FeedSource;
 use super::state::{self, TableState};
@@ -42,11 +43,16 @@ pub struct Counts {
 }
 
 fn tail(seq: i64, t: &Trigger) -> [Cell; 3] {
-    [
-        Cell::Int(seq),
-        Cell::Timestamp(t.received_at),
-        Cell::Timestamp(t.timestamp),
-    ]
+    // These tables have no discards: an event time no warehouse can hold (a wild `sentAt`
+    // skews it past year 1) is left empty rather than failing the tables on every run.
+    let time = |t: jiff::Timestamp| {
+        if storable_time(t) {
+            Cell::Timestamp(t)
+        } else {
+            Cell::Null
+        }
+    };
+    [Cell::Int(seq), time(t.received_at), time(t.timestamp)]
 }
 
 fn columns(table: &str) -> Vec<Column> {
@@ -67,7 +73,7 @@ fn with_uuid(rows: Vec<(Vec<Cell>, [Cell; 3])>, uuid: jiff::Timestamp) -> Vec<Ve
 fn trait_text(v: &Value) -> Cell {
     match v {
         Value::Null => Cell::Null,
-        Value::String(s) => Cell::Text(s.clone()),
+        Value::String(s) => Cell::Text(escape_nul(s).into_owned()),
         other => Cell::Text(other.to_string()),
     }
 }
@@ -122,8 +128,8 @@ pub fn run(
                 idents.push((
                     vec![
                         Cell::Text(m.segment_id.clone()),
-                        Cell::Text(m.external_id_type.clone()),
-                        Cell::Text(m.external_id_value.clone()),
+                        Cell::Text(escape_nul(&m.external_id_type).into_owned()),
+                        Cell::Text(escape_nul(&m.external_id_value).into_owned()),
                     ],
                     tail(m.seq, &m.trigger),
                 ));
@@ -253,7 +259,7 @@ fn apply(
                 rows.push((
                     vec![
                         Cell::Text(segment_id.to_string()),
-                        Cell::Text(name.clone()),
+                        Cell::Text(escape_nul(name).into_owned()),
                         trait_text(value),
                     ],
                     tail(snap.seq, &snap.trigger),
