@@ -799,6 +799,67 @@ fn postgres_a_row_already_in_the_table_falls_back_to_merging() {
     assert_eq!(wh.count("pages"), 4, "m1, m3, m9 and m10, once each");
 }
 
+/// The warehouse's existing schema wins: columns a DBA made `integer`, `numeric`, `date` or
+/// `jsonb` (types binary COPY cannot convert into) still load, through the staging table's
+/// casts, on every run.
+#[test]
+fn postgres_columns_of_the_warehouses_own_types_still_load() {
+    let (mut s, url, _d) = store();
+    let order = |id: &str, total: i64, price: f64| {
+        msg(
+            json!({"type": "track", "messageId": id, "userId": "u1", "event": "Order Completed",
+                   "properties": {"total": total, "price": price, "day": "2026-03-01T10:00:00Z",
+                                  "cart": {"items": 2}, "note": "n"}}),
+        )
+    };
+    ingest(&mut *s, &[order("o1", 3, 9.5)]);
+    let wh = TestWarehouse::postgres();
+    let mut admin = support::pg::shared().connect(wh.database.as_deref().unwrap());
+    admin
+        .batch_execute(
+            "CREATE SCHEMA profiles_sync;
+             CREATE TABLE profiles_sync.order_completed (id TEXT PRIMARY KEY, total INTEGER,
+                 price NUMERIC(10, 2), day DATE, note VARCHAR(20));",
+        )
+        .unwrap();
+    let read = || {
+        wh.query(
+            "SELECT id, total::text, price::text, day::text, note, cart_items::text
+               FROM profiles_sync.order_completed ORDER BY id",
+        )
+    };
+    for (round, id) in ["o1", "o2"].into_iter().enumerate() {
+        if round == 1 {
+            ingest(&mut *s, &[order("o2", 4, 10.25)]);
+        }
+        let r = wh.sync(&url, None);
+        assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+        assert_eq!(read().len(), round + 1, "{id}");
+    }
+    let some = |v: &str| Some(v.to_string());
+    assert_eq!(
+        read(),
+        [
+            [
+                some("o1"),
+                some("3"),
+                some("9.50"),
+                some("2026-03-01"),
+                some("n"),
+                some("2")
+            ],
+            [
+                some("o2"),
+                some("4"),
+                some("10.25"),
+                some("2026-03-01"),
+                some("n"),
+                some("2")
+            ],
+        ]
+    );
+}
+
 #[test]
 fn backfill_completes_when_every_feed_is_read_to_its_end() {
     // The newest change is an event, so the identity tables' cursors stay below the head:

@@ -187,7 +187,9 @@ pub trait Warehouse: Send {
     ) -> Result<(), WarehouseError>;
     /// The fast path for append-only tables: writes `rows` straight into `table` (inside the
     /// caller's transaction) and returns `Ok(true)`, or returns `Ok(false)` without writing when
-    /// the warehouse has no such path or a row already exists — the caller then stages and merges.
+    /// the warehouse has no such path, a column needs a conversion only the staging path does,
+    /// or a row already exists — the caller then stages and merges. A wrapper around a warehouse
+    /// must forward this method, or every load takes the staging path.
     fn append(
         &mut self,
         _table: &str,

@@ -20,6 +20,26 @@ impl PostgresDialect {
     }
 }
 
+impl PostgresDialect {
+    /// Whether binary COPY can write a value of the type [`Dialect::parse_type`] reads from
+    /// `sql_type` (as `format_type` spells it) straight into such a column. Binary COPY does not
+    /// convert: an 8-byte integer into `integer`, a float into `numeric`, a timestamp into
+    /// `date` or text into `jsonb` are refused (or misread), so such columns are loaded through a
+    /// staging table, whose `INSERT … SELECT` applies PostgreSQL's assignment casts.
+    pub fn copies_directly(&self, sql_type: &str) -> bool {
+        let t = sql_type.to_ascii_lowercase();
+        t.starts_with("character varying")
+            || [
+                "text",
+                "bigint",
+                "double precision",
+                "boolean",
+                "timestamp with time zone",
+            ]
+            .contains(&t.as_str())
+    }
+}
+
 impl Dialect for PostgresDialect {
     fn max_identifier_len(&self) -> usize {
         if self.redshift { 127 } else { 63 }

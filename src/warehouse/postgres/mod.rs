@@ -8,7 +8,7 @@ pub use tls::connector as tls_connector;
 
 pub use dialect::PostgresDialect;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use postgres::binary_copy::BinaryCopyInWriter;
 use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
@@ -25,6 +25,9 @@ pub struct PostgresWarehouse {
     client: Client,
     schema: String,
     dialect: PostgresDialect,
+    /// Table → its columns binary COPY cannot fill directly (see
+    /// [`PostgresDialect::copies_directly`]), as of the last [`Warehouse::describe`].
+    converted: BTreeMap<String, HashSet<String>>,
 }
 
 /// An error and its causes, joined (the TLS or network reason is in the causes).
@@ -106,6 +109,7 @@ impl PostgresWarehouse {
             client,
             schema: schema.to_string(),
             dialect: PostgresDialect::postgres(),
+            converted: BTreeMap::new(),
         })
     }
 
@@ -254,8 +258,15 @@ impl Warehouse for PostgresWarehouse {
             )
             .map_err(pg_error)?;
         let mut out: BTreeMap<String, TableColumns> = BTreeMap::new();
+        self.converted.clear();
         for r in rows {
             let (table, column, ty): (String, String, String) = (r.get(0), r.get(1), r.get(2));
+            if !self.dialect.copies_directly(&ty) {
+                self.converted
+                    .entry(table.clone())
+                    .or_default()
+                    .insert(column.clone());
+            }
             out.entry(table)
                 .or_default()
                 .insert(column, self.dialect.parse_type(&ty));
@@ -317,6 +328,13 @@ impl Warehouse for PostgresWarehouse {
         columns: &[Column],
         rows: &[Vec<Cell>],
     ) -> Result<bool, WarehouseError> {
+        // Columns of other types than the sync's own (a DBA's `integer`, `numeric`, `date`, …)
+        // need the staging path's casts.
+        if let Some(converted) = self.converted.get(table)
+            && columns.iter().any(|c| converted.contains(&c.name))
+        {
+            return Ok(false);
+        }
         // The cursor makes a duplicate impossible in practice, so COPY straight into the table;
         // should a row exist after all (unique violation), undo just that and let the caller merge.
         self.client
