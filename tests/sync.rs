@@ -899,24 +899,47 @@ fn a_byte_limit_splits_a_backlog_too() {
     assert_eq!(wh.count("blob"), 60);
 }
 
-/// A feed that fails after `ok_reads` reads of the events feed (the engine going away mid-sync).
-struct FailingFeed {
+/// A store's feed with scripted trouble: it fails after `ok_reads` reads of the events feed
+/// (the engine going away mid-sync), and runs `before_traits_read` (an engine committing
+/// between the sync's reads) before each read of `profile_traits_updates`.
+struct ScriptedFeed {
     inner: profiles_sync::sync::StoreSource,
     ok_reads: usize,
+    before_traits_read: Option<Box<dyn FnMut() + Send>>,
 }
 
-impl profiles_sync::sync::FeedSource for FailingFeed {
+impl ScriptedFeed {
+    fn new(url: &str) -> ScriptedFeed {
+        ScriptedFeed {
+            inner: profiles_sync::sync::StoreSource(
+                profiles_sync::store::open(url, profiles_sync::identity::Rules::default()).unwrap(),
+            ),
+            ok_reads: usize::MAX,
+            before_traits_read: None,
+        }
+    }
+}
+
+impl profiles_sync::sync::FeedSource for ScriptedFeed {
     fn read(
         &mut self,
         feed: &profiles_sync::store::Feed,
         after: i64,
         limit: usize,
     ) -> Result<Vec<profiles_sync::store::FeedRow>, profiles_sync::sync::SourceError> {
-        if matches!(feed, profiles_sync::store::Feed::Events(_)) {
-            if self.ok_reads == 0 {
-                return Err(profiles_sync::sync::SourceError("engine went away".into()));
+        match feed {
+            profiles_sync::store::Feed::Events(_) => {
+                if self.ok_reads == 0 {
+                    return Err(profiles_sync::sync::SourceError("engine went away".into()));
+                }
+                self.ok_reads -= 1;
             }
-            self.ok_reads -= 1;
+            profiles_sync::store::Feed::ProfileTraitsUpdates => {
+                if let Some(hook) = self.before_traits_read.as_mut() {
+                    hook();
+                }
+            }
+            _ => {}
         }
         self.inner.read(feed, after, limit)
     }
@@ -949,12 +972,8 @@ fn a_feed_failing_mid_sync_is_reported_and_the_rerun_completes_it() {
     let (clean, broken) = (TestWarehouse::sqlite(), TestWarehouse::sqlite());
     clean.sync_with(&url, None, &clean.spec, 2);
 
-    let mut source = FailingFeed {
-        inner: profiles_sync::sync::StoreSource(
-            profiles_sync::store::open(&url, profiles_sync::identity::Rules::default()).unwrap(),
-        ),
-        ok_reads: 2,
-    };
+    let mut source = ScriptedFeed::new(&url);
+    source.ok_reads = 2;
     let mut wh = broken.connect();
     let opts = profiles_sync::sync::SyncOptions {
         id: "test".into(),
@@ -981,4 +1000,66 @@ fn a_feed_failing_mid_sync_is_reported_and_the_rerun_completes_it() {
     let rerun = broken.sync_with(&url, None, &broken.spec, 2);
     assert_eq!(rerun.status, SyncStatus::Success, "{rerun:#?}");
     assert_eq!(broken.dump(), clean.dump());
+}
+
+/// An engine committing a new profile between the sync's reads of the three identity logs (its
+/// graph and mapping rows after those logs were read, its traits row before that one is): the
+/// profile tables' window stops at the head read before the logs, so the next run applies the
+/// whole commit — the warehouse ends equal to one clean sync of the final store.
+#[test]
+fn a_commit_between_the_identity_log_reads_is_not_skipped() {
+    let (mut s, url, _d) = store();
+    ingest(&mut *s, &basics());
+    let (racing, clean) = (TestWarehouse::sqlite(), TestWarehouse::sqlite());
+    racing.sync(&url, None);
+
+    let mut source = ScriptedFeed::new(&url);
+    let writer_url = url.clone();
+    // The raw table's load reads profile_traits_updates first (and finds nothing new); the
+    // second read is the profile tables' window, after its graph and mapping reads.
+    let mut reads = 0;
+    source.before_traits_read = Some(Box::new(move || {
+        reads += 1;
+        if reads == 2 {
+            let mut w =
+                profiles_sync::store::open(&writer_url, profiles_sync::identity::Rules::default())
+                    .unwrap();
+            ingest(
+                &mut *w,
+                &[msg(
+                    json!({"type": "identify", "messageId": "late", "userId": "u77",
+                             "traits": {"email": "late@example.com", "plan": "free"}}),
+                )],
+            );
+        }
+    }));
+    let mut wh = racing.connect();
+    let opts = profiles_sync::sync::SyncOptions {
+        id: "test".into(),
+        connection: &racing.spec,
+        selection: None,
+        page_size: 500,
+        now: jiff::Timestamp::now(),
+    };
+    let r = profiles_sync::sync::run(&mut source, &mut *wh, &opts);
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    drop(wh);
+    racing.sync(&url, None);
+    clean.sync(&url, None);
+    let (a, b) = (racing.dump(), clean.dump());
+    for table in [
+        "user_identifiers",
+        "user_traits",
+        "id_graph_updates",
+        "external_id_mapping_updates",
+    ] {
+        assert_eq!(a[table], b[table], "{table}");
+    }
+    assert!(
+        b["user_identifiers"]
+            .iter()
+            .flatten()
+            .any(|v| v.as_deref() == Some("late@example.com")),
+        "the late profile is there"
+    );
 }

@@ -97,6 +97,9 @@ pub fn run(
             break;
         }
         let after = cursor_state.cursor;
+        // Read before the logs: every row up to it is committed (commit order is seq order), so
+        // the window never ends past a row one log committed after it was read.
+        let head = source.head()?;
         let read = |source: &mut dyn FeedSource, feed: Feed| {
             source.read(&feed, after, page).map_err(RunError::Source)
         };
@@ -112,13 +115,18 @@ pub fn run(
             .filter(|p| p.len() == page)
             .filter_map(|p| p.last().map(FeedRow::seq))
             .min();
-        let end = full_end.unwrap_or_else(|| {
-            [&graph, &mappings, &traits]
-                .iter()
-                .filter_map(|p| p.last().map(FeedRow::seq))
-                .max()
-                .unwrap_or(after)
-        });
+        let end = full_end
+            .unwrap_or_else(|| {
+                [&graph, &mappings, &traits]
+                    .iter()
+                    .filter_map(|p| p.last().map(FeedRow::seq))
+                    .max()
+                    .unwrap_or(after)
+            })
+            .min(head);
+        if end <= after {
+            break;
+        }
 
         let mut idents = vec![];
         for r in &mappings {

@@ -223,7 +223,9 @@ impl<'a> Run<'a> {
     }
 
     fn page(&self) -> usize {
-        let p = self.opts.page_size.max(1);
+        // The engine's feed API serves at most MAX_PAGE rows a page; asking for more would make
+        // a full page look like the end of a log.
+        let p = self.opts.page_size.clamp(1, crate::engine::feed::MAX_PAGE);
         match self.rows_left {
             Some(r) => p.min(usize::try_from(r).unwrap_or(usize::MAX)).max(1),
             None => p,
