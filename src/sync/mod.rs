@@ -99,6 +99,11 @@ pub fn run(
                 message: e.to_string(),
                 table: None,
             });
+            // What committed before the stop is reported (and, rows loaded, makes the run a
+            // partial success rather than a failure).
+            run.report.tables = std::mem::take(&mut run.table_reports)
+                .into_values()
+                .collect();
         }
     }
     run.report.finish(start);

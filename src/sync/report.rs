@@ -103,11 +103,21 @@ impl SyncReport {
         }
         rows.total = rows.identity_graph + rows.event_types + rows.events;
         self.rows = rows;
+        // An error of no table (the feed or the connection lost mid-run) stopped the run.
+        let stopped = self.errors.iter().any(|e| e.table.is_none());
         self.errors
             .extend(self.tables.iter().filter_map(|t| t.error.clone()));
         let failed = self.tables.iter().filter(|t| t.error.is_some()).count();
+        let loaded = self.tables.iter().any(|t| t.error.is_none() && t.rows > 0);
         self.status = if self.errors.is_empty() {
             SyncStatus::Success
+        } else if stopped {
+            // Failed means nothing loaded: what committed before the stop stays committed.
+            if loaded {
+                SyncStatus::PartialSuccess
+            } else {
+                SyncStatus::Failed
+            }
         } else if failed > 0 && failed < self.tables.len() {
             SyncStatus::PartialSuccess
         } else {
@@ -198,6 +208,27 @@ mod tests {
         assert_eq!(r.status, SyncStatus::Failed);
         let r = report(vec![]);
         assert_eq!(r.status, SyncStatus::Success, "nothing new is a success");
+    }
+
+    /// A run stopped by an error of no table (the feed or the connection lost) is Failed only
+    /// when nothing loaded before it; otherwise what loaded is reported, as a partial success.
+    #[test]
+    fn a_stopped_run_reports_what_it_loaded() {
+        let stopped = |tables: Vec<TableReport>| {
+            let start = jiff::Timestamp::now();
+            let mut r = SyncReport::failed("s", start, ErrorClass::Connection, "lost".into());
+            r.tables = tables;
+            r.finish(start);
+            r
+        };
+        let r = stopped(vec![table("tracks", 5, false), table("pages", 0, false)]);
+        assert_eq!(r.status, SyncStatus::PartialSuccess);
+        assert_eq!((r.rows.total, r.errors.len()), (5, 1));
+        assert_eq!(
+            stopped(vec![table("tracks", 0, false)]).status,
+            SyncStatus::Failed
+        );
+        assert_eq!(stopped(vec![]).status, SyncStatus::Failed);
     }
 
     #[test]
