@@ -80,6 +80,7 @@ both_warehouses!(
     selective_sync_turns_tables_and_columns_off_and_on,
     values_that_cannot_be_cast_go_to_discards,
     values_no_warehouse_can_hold_go_to_discards,
+    properties_with_the_same_flattened_name_are_never_merged_silently,
     hostile_names_land_safely_and_distinctly,
     backfill_windows_and_the_event_table_limit,
     limits_split_a_backlog_without_losing_rows,
@@ -438,6 +439,48 @@ fn values_no_warehouse_can_hold_go_to_discards(kind: &str) {
         wh.table("user_traits")
     ));
     assert_eq!(nick, [[Some("x\\u0000y".to_string())]]);
+}
+
+/// A literal dotted key and a nested one flatten to the same path (`a.b`): the first keeps the
+/// column and the other goes to discards, never silently overwritten.
+fn properties_with_the_same_flattened_name_are_never_merged_silently(kind: &str) {
+    let (mut s, url, _d) = store();
+    let wh = TestWarehouse::of(kind);
+    ingest(
+        &mut *s,
+        &[
+            msg(
+                json!({"type": "track", "messageId": "d1", "userId": "u1", "event": "Dotted", "properties": {"a": {"b": 1}, "a.b": 2}}),
+            ),
+            msg(
+                json!({"type": "identify", "messageId": "d2", "userId": "u1", "traits": {"x.y": "literal", "x": {"y": "nested"}}}),
+            ),
+        ],
+    );
+    let r = wh.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    let one = |sql: String| wh.query(&sql)[0][0].clone();
+    assert_eq!(
+        one(format!("SELECT a_b FROM {}", wh.table("dotted"))).as_deref(),
+        Some("1")
+    );
+    assert_eq!(
+        one(format!("SELECT x_y FROM {}", wh.table("identifies"))).as_deref(),
+        Some("literal")
+    );
+    let d: Vec<Vec<Option<String>>> = wh.query(&format!(
+        "SELECT table_name, column_name, value FROM {} ORDER BY table_name",
+        wh.table("discards")
+    ));
+    let some = |v: &str| Some(v.to_string());
+    assert_eq!(
+        d,
+        [
+            vec![some("dotted"), some("a_b"), some("2")],
+            vec![some("identifies"), some("x_y"), some("nested")],
+            vec![some("profile_traits_updates"), some("x_y"), some("nested")],
+        ]
+    );
 }
 
 fn hostile_names_land_safely_and_distinctly(kind: &str) {

@@ -41,6 +41,18 @@ fn walk(path: &mut String, map: &Map<String, Value>, f: &mut impl FnMut(&str, &V
     }
 }
 
+/// Whether a key of `map` or of an object nested in it contains a `.`: only then can two
+/// properties flatten to one path (`{"a": {"b": 1}}` and `{"a.b": 2}` are both `a.b`).
+pub fn has_dotted_key(map: &Map<String, Value>) -> bool {
+    map.iter()
+        .any(|(k, v)| k.contains('.') || matches!(v, Value::Object(inner) if has_dotted_key(inner)))
+}
+
+/// The reason a property is kept out of a row whose earlier property took its column.
+pub fn same_name_reason(column: &str) -> String {
+    format!("another property of the row flattens to the same column ({column})")
+}
+
 /// Records `value` for position `p` of a per-position cache, padding the positions before it
 /// with `T::default()`.
 pub fn remember<T: Clone + Default>(at: &mut Vec<T>, p: usize, value: T) {

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use serde_json::{Map, Value};
 
-use super::columns::{ColumnMap, Field, flatten_each, remember};
+use super::columns::{ColumnMap, Field, flatten_each, has_dotted_key, remember, same_name_reason};
 use super::load::PendingRow;
 use super::naming::{fit, identifier};
 use super::tables::{DISCARDS, event_base_columns, event_reserved_columns, known_tables};
@@ -176,7 +176,8 @@ impl<'a> Router<'a> {
                 Some(Some((seen, column))) if seen == path => column.clone(),
                 _ => {
                     // The map never gives a property a reserved (fixed) column, nor two
-                    // properties one column, so every column appears once in a row.
+                    // property paths one column; only two properties with the same path
+                    // (a literal dotted key and a nested one) meet in a column, handled below.
                     let column = cols
                         .map
                         .column(path, max_len)
@@ -193,10 +194,26 @@ impl<'a> Router<'a> {
         flatten_each("", body, &mut add);
         flatten_each("", &e.extra, &mut add);
         let new = cols.map.take_new();
+        // A literal dotted key can flatten to the path of a nested one: the first keeps the
+        // column, the others go to discards (checked only when a dotted key exists).
+        let mut refused = vec![];
+        if [&e.context, body, &e.extra].into_iter().any(has_dotted_key) {
+            let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
+            let mut kept = Vec::with_capacity(values.len());
+            for (column, v) in values {
+                if matches!(column, Cow::Owned(_)) && !seen.insert(column.to_string()) {
+                    refused.push((column.to_string(), v, same_name_reason(&column)));
+                } else {
+                    kept.push((column, v));
+                }
+            }
+            values = kept;
+        }
         let pending = PendingRow {
             row_id: e.message_id.clone(),
             received_at: Cell::Timestamp(e.received_at),
             values,
+            refused,
         };
         (pending, new)
     }

@@ -22,6 +22,9 @@ pub struct PendingRow {
     pub received_at: Cell,
     /// (column, value), each column at most once.
     pub values: Vec<(Cow<'static, str>, Field)>,
+    /// Values kept out of the row, with the reason, for `discards` (a property whose flattened
+    /// name another property of the row already took).
+    pub refused: Vec<(String, Field, String)>,
 }
 
 /// A chunk of rows for one table, with the state to commit alongside.
@@ -115,6 +118,26 @@ fn column_types(chunk: &Chunk<'_>, existing: Option<&TableColumns>) -> Vec<Colum
     out
 }
 
+/// A row of `discards`: the value as text (a NUL, one reason to refuse it, written escaped).
+fn discard(
+    chunk: &Chunk<'_>,
+    column: String,
+    row_id: &str,
+    v: Field,
+    reason: String,
+    received_at: &Cell,
+) -> Vec<Cell> {
+    vec![
+        Cell::Text(chunk.table.to_string()),
+        Cell::Text(column),
+        Cell::Text(escape_nul(row_id).into_owned()),
+        Cell::Text(escape_nul(&v.into_text()).into_owned()),
+        Cell::Text(reason),
+        received_at.clone(),
+        Cell::Timestamp(chunk.uuid_ts),
+    ]
+}
+
 /// Casts the chunk's rows (taken out of it) into cells in `columns` order; values that can't be
 /// cast become NULL there and a row of `discards`.
 fn typed_rows(chunk: &mut Chunk<'_>, columns: &[Column]) -> (Vec<Vec<Cell>>, Vec<Vec<Cell>>) {
@@ -133,6 +156,16 @@ fn typed_rows(chunk: &mut Chunk<'_>, columns: &[Column]) -> (Vec<Vec<Cell>>, Vec
     // The column index of each position in the previous row (see `column_types`).
     let mut column_at: Vec<Option<usize>> = vec![];
     for row in std::mem::take(&mut chunk.rows) {
+        for (column, v, reason) in row.refused {
+            discards.push(discard(
+                chunk,
+                column,
+                &row.row_id,
+                v,
+                reason,
+                &row.received_at,
+            ));
+        }
         let mut cells = vec![Cell::Null; columns.len()];
         if let Some((i, cell)) = &uuid {
             cells[*i] = cell.clone();
@@ -153,16 +186,14 @@ fn typed_rows(chunk: &mut Chunk<'_>, columns: &[Column]) -> (Vec<Vec<Cell>>, Vec
             }
             match v.cast(columns[i].ty) {
                 Ok(cell) => cells[i] = cell,
-                Err((reason, v)) => discards.push(vec![
-                    Cell::Text(chunk.table.to_string()),
-                    Cell::Text(name.into_owned()),
-                    Cell::Text(escape_nul(&row.row_id).into_owned()),
-                    // The refused value as text; a NUL (a reason to refuse it) written escaped.
-                    Cell::Text(escape_nul(&v.into_text()).into_owned()),
-                    Cell::Text(reason),
-                    row.received_at.clone(),
-                    Cell::Timestamp(chunk.uuid_ts),
-                ]),
+                Err((reason, v)) => discards.push(discard(
+                    chunk,
+                    name.into_owned(),
+                    &row.row_id,
+                    v,
+                    reason,
+                    &row.received_at,
+                )),
             }
         }
         rows.push(cells);
@@ -292,6 +323,7 @@ mod tests {
         PendingRow {
             row_id: id.into(),
             received_at: Cell::Null,
+            refused: vec![],
             values: values
                 .into_iter()
                 .map(|(k, v)| (Cow::Owned(k.to_string()), Field::Json(v)))

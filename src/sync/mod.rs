@@ -776,6 +776,7 @@ fn raw_row(
                 .unwrap_or(Value::Null),
         );
     }
+    let mut refused = vec![];
     if let FeedRow::Traits(t) = row {
         let mut pairs = vec![];
         columns::flatten("", &t.traits, &mut pairs);
@@ -786,7 +787,14 @@ fn raw_row(
             if let Some(col) = names.column(&path, max_len)
                 && filter.is_none_or(|f| f.enabled(&col))
             {
-                values.insert(col, v);
+                // A literal dotted trait name can flatten to a nested one's path: the first
+                // keeps the column, the others go to discards.
+                if values.contains_key(&col) {
+                    let reason = columns::same_name_reason(&col);
+                    refused.push((col, columns::Field::Json(v), reason));
+                } else {
+                    values.insert(col, v);
+                }
             }
         }
     }
@@ -802,5 +810,6 @@ fn raw_row(
             .into_iter()
             .map(|(k, v)| (std::borrow::Cow::Owned(k), columns::Field::Json(v)))
             .collect(),
+        refused,
     }
 }
