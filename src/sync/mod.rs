@@ -789,11 +789,15 @@ fn raw_row(
             {
                 // A literal dotted trait name can flatten to a nested one's path: the first
                 // keeps the column, the others go to discards.
-                if values.contains_key(&col) {
-                    let reason = columns::same_name_reason(&col);
-                    refused.push((col, columns::Field::Json(v), reason));
-                } else {
-                    values.insert(col, v);
+                match values.entry(col) {
+                    std::collections::btree_map::Entry::Occupied(taken) => {
+                        let col = taken.key().clone();
+                        let reason = columns::same_name_reason(&col);
+                        refused.push((col, columns::Field::Json(v), reason));
+                    }
+                    std::collections::btree_map::Entry::Vacant(free) => {
+                        free.insert(v);
+                    }
                 }
             }
         }
