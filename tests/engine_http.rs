@@ -325,6 +325,27 @@ async fn server_time_clock_skew_and_duplicates() {
     t.engine.stop().await.unwrap();
 }
 
+/// One page of a feed: its header line and its rows.
+async fn feed_page(base: &str, table: &str, after: i64, limit: usize) -> (Value, Vec<Value>) {
+    let text = client()
+        .get(format!(
+            "{base}/v1/feeds/{table}?after={after}&limit={limit}"
+        ))
+        .bearer_auth(FEED_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut lines = text.lines();
+    let header: Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+    (
+        header,
+        lines.map(|l| serde_json::from_str(l).unwrap()).collect(),
+    )
+}
+
 #[tokio::test]
 async fn the_feed_api_needs_the_token_and_pages_in_order() {
     let t = start(8).await;
@@ -362,20 +383,7 @@ async fn the_feed_api_needs_the_token_and_pages_in_order() {
     let mut after = 0;
     let mut ids = vec![];
     loop {
-        let text = client()
-            .get(format!(
-                "{}/v1/feeds/order_completed?after={after}&limit=2",
-                t.base
-            ))
-            .bearer_auth(FEED_TOKEN)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let mut lines = text.lines();
-        let header: Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+        let (header, rows) = feed_page(&t.base, "order_completed", after, 2).await;
         assert!(header["count"].as_u64().unwrap() <= 2);
         if header["count"] == 0 {
             break;
@@ -386,8 +394,7 @@ async fn the_feed_api_needs_the_token_and_pages_in_order() {
                 .unwrap()
                 .contains(&json!("segment_id"))
         );
-        for line in lines {
-            let row: Value = serde_json::from_str(line).unwrap();
+        for row in rows {
             ids.push(row["messageId"].as_str().unwrap().to_string());
         }
         after = header["next_after"].as_i64().unwrap();
@@ -423,18 +430,7 @@ async fn event_keys_named_like_feed_fields_cannot_rewrite_feed_rows() {
         assert_eq!(status, StatusCode::OK);
     }
     let stored = stored(&t.store_url);
-    let text = client()
-        .get(format!("{}/v1/feeds/events?after=0&limit=10", t.base))
-        .bearer_auth(FEED_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let mut lines = text.lines();
-    let header: Value = serde_json::from_str(lines.next().unwrap()).unwrap();
-    let rows: Vec<Value> = lines.map(|l| serde_json::from_str(l).unwrap()).collect();
+    let (header, rows) = feed_page(&t.base, "events", 0, 10).await;
     assert_eq!(rows.len(), 3);
     for (row, s) in rows.iter().zip(&stored) {
         assert_eq!(row["seq"], json!(s.seq), "{row}");
