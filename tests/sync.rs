@@ -728,6 +728,45 @@ fn postgres_a_table_failing_mid_backlog_keeps_no_rows_past_the_failure() {
     assert_eq!(wh.count("tracks"), 8);
 }
 
+/// The profile tables keep their own cursors: one the warehouse refuses (`user_traits`, not the
+/// loader's to alter) fails alone while `user_identifiers` and `profile_merges` load, and once
+/// fixed it catches up to exactly what a clean sync gives.
+#[test]
+fn postgres_a_failing_profile_table_does_not_hold_back_the_other_two() {
+    let (mut s, url, _d) = store();
+    ingest(&mut *s, &basics());
+    let wh = TestWarehouse::postgres();
+    let mut admin = support::pg::shared().connect(wh.database.as_deref().unwrap());
+    admin
+        .batch_execute(
+            "DO $$ BEGIN CREATE ROLE loader LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+             CREATE SCHEMA profiles_sync AUTHORIZATION loader;
+             CREATE TABLE profiles_sync.user_traits (canonical_segment_id TEXT, name TEXT,
+                 PRIMARY KEY (canonical_segment_id, name));",
+        )
+        .unwrap();
+    let mut as_loader = TestWarehouse::postgres();
+    as_loader.spec = wh.spec.clone();
+    as_loader.credentials.username = Some("loader".into());
+    let r = as_loader.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::PartialSuccess, "{r:#?}");
+    assert_eq!(failed_tables(&r), ["user_traits"], "{r:#?}");
+    assert!(wh.count("user_identifiers") > 0, "user_identifiers loaded");
+    assert!(wh.count("profile_merges") > 0, "profile_merges loaded");
+
+    admin
+        .batch_execute("ALTER TABLE profiles_sync.user_traits OWNER TO loader")
+        .unwrap();
+    let r = as_loader.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    let clean = TestWarehouse::postgres();
+    clean.sync(&url, None);
+    let (a, b) = (wh.dump(), clean.dump());
+    for table in ["user_identifiers", "user_traits", "profile_merges"] {
+        assert_eq!(a[table], b[table], "{table}");
+    }
+}
+
 #[test]
 fn a_wrong_password_fails_the_sync_with_a_classified_error() {
     let (_s, url, _d) = store();

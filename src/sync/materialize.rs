@@ -16,24 +16,32 @@ use super::columns::{escape_nul, storable_time};
 use super::load::{Schema, ensure_table};
 use super::source::FeedSource;
 use super::state::{self, TableState};
-use super::tables::{MATERIALIZED_CURSOR, PROFILE_MERGES, USER_IDENTIFIERS, USER_TRAITS, fixed};
+use super::tables::{PROFILE_MERGES, USER_IDENTIFIERS, USER_TRAITS, fixed};
 use crate::store::{Feed, FeedRow, Trigger};
 use crate::warehouse::{Cell, Column, ColumnType, OnConflict, Warehouse, WarehouseError};
 
-/// Which materialized tables the selection has on.
+/// Which materialized tables a window applies to.
 #[derive(Clone, Copy, Debug)]
-pub struct Enabled {
-    /// `user_identifiers`.
-    pub identifiers: bool,
-    /// `user_traits`.
-    pub traits: bool,
-    /// `profile_merges`.
-    pub merges: bool,
+struct Enabled {
+    identifiers: bool,
+    traits: bool,
+    merges: bool,
+}
+
+impl Enabled {
+    /// Just `table`.
+    fn only(table: &str) -> Enabled {
+        Enabled {
+            identifiers: table == USER_IDENTIFIERS,
+            traits: table == USER_TRAITS,
+            merges: table == PROFILE_MERGES,
+        }
+    }
 }
 
 /// Rows written per table by [`run`].
 #[derive(Debug, Default)]
-pub struct Counts {
+struct Counts {
     /// Rows written to `user_identifiers` (inserted or re-pointed).
     pub identifiers: u64,
     /// Rows written to `user_traits`.
@@ -78,19 +86,22 @@ fn trait_text(v: &Value) -> Cell {
     }
 }
 
-/// Loads every window after the shared cursor; returns what was written, or the error that
-/// stopped it (earlier windows stay committed).
+/// Brings one materialized table (`table`, with its own cursor) up to date, window after window
+/// of the identity logs; returns the rows written, or the error that stopped it (earlier windows
+/// stay committed). Each table has its own cursor and transactions, so one the warehouse refuses
+/// never holds the others back.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     source: &mut dyn FeedSource,
     wh: &mut dyn Warehouse,
     schema: &mut Schema,
+    table: &str,
     cursor_state: &mut TableState,
-    enabled: Enabled,
     page: usize,
     max_rows: &mut Option<u64>,
     uuid: jiff::Timestamp,
-) -> Result<Counts, RunError> {
+) -> Result<u64, RunError> {
+    let enabled = Enabled::only(table);
     let mut counts = Counts::default();
     loop {
         if max_rows.is_some_and(|m| m == 0) {
@@ -167,7 +178,7 @@ pub fn run(
         let result = apply(
             wh,
             schema,
-            enabled,
+            (table, enabled),
             uuid,
             idents,
             &snapshots,
@@ -182,25 +193,23 @@ pub fn run(
                 return Err(RunError::Warehouse(e));
             }
         }
-        for t in [USER_IDENTIFIERS, USER_TRAITS, PROFILE_MERGES] {
-            let cols = schema.tables.entry(t.to_string()).or_default();
-            for c in columns(t) {
-                cols.entry(c.name).or_insert(c.ty);
-            }
+        let cols = schema.tables.entry(table.to_string()).or_default();
+        for c in columns(table) {
+            cols.entry(c.name).or_insert(c.ty);
         }
         *cursor_state = next;
         if let Some(m) = max_rows.as_mut() {
             *m = m.saturating_sub((mappings.len() + traits.len() + graph.len()) as u64);
         }
     }
-    Ok(counts)
+    Ok(counts.identifiers + counts.traits + counts.merges)
 }
 
 #[allow(clippy::too_many_arguments)]
 fn apply(
     wh: &mut dyn Warehouse,
     schema: &Schema,
-    enabled: Enabled,
+    (table, enabled): (&str, Enabled),
     uuid: jiff::Timestamp,
     idents: Vec<(Vec<Cell>, [Cell; 3])>,
     snapshots: &BTreeMap<&str, &crate::store::TraitsRow>,
@@ -333,5 +342,5 @@ fn apply(
             counts.merges += merge_into(wh, PROFILE_MERGES, "_ps_merges", with_uuid(rows, uuid))?;
         }
     }
-    state::write(wh, &[(MATERIALIZED_CURSOR, next)])
+    state::write(wh, &[(table, next)])
 }

@@ -349,78 +349,46 @@ impl<'a> Run<'a> {
         wh: &mut dyn Warehouse,
         schema: &mut Schema,
     ) -> Result<(), RunError> {
-        let enabled = materialize::Enabled {
-            identifiers: self.enabled(tables::USER_IDENTIFIERS),
-            traits: self.enabled(tables::USER_TRAITS),
-            merges: self.enabled(tables::PROFILE_MERGES),
-        };
         for t in MATERIALIZED {
-            self.resolve(t, 0, None);
-        }
-        if !(enabled.identifiers || enabled.traits || enabled.merges) {
-            return Ok(());
-        }
-        let mut cursor = self.resolve(MATERIALIZED_CURSOR, 0, None);
-        cursor.enabled = true;
-        let mut budget = self.rows_left;
-        let result = materialize::run(
-            source,
-            wh,
-            schema,
-            &mut cursor,
-            enabled,
-            self.page(),
-            &mut budget,
-            self.uuid,
-        );
-        self.states
-            .insert(MATERIALIZED_CURSOR.to_string(), cursor.clone());
-        for t in MATERIALIZED {
-            if let Some(s) = self.states.get_mut(t) {
-                s.cursor = cursor.cursor;
+            // A first sync loads the profile tables from the beginning.
+            let mut cursor = self.resolve(t, 0, None);
+            if !cursor.enabled {
+                continue;
             }
-        }
-        if let (Some(before), Some(after)) = (self.rows_left, budget) {
-            self.spend(before - after, 0);
-        }
-        match result {
-            Ok(counts) => {
-                for (t, n, on) in [
-                    (
-                        tables::USER_IDENTIFIERS,
-                        counts.identifiers,
-                        enabled.identifiers,
-                    ),
-                    (tables::USER_TRAITS, counts.traits, enabled.traits),
-                    (tables::PROFILE_MERGES, counts.merges, enabled.merges),
-                ] {
-                    if on {
-                        self.table_report(t).rows += n;
+            self.table_report(t);
+            let mut budget = self.rows_left;
+            let result = materialize::run(
+                source,
+                wh,
+                schema,
+                t,
+                &mut cursor,
+                self.page(),
+                &mut budget,
+                self.uuid,
+            );
+            self.states.insert(t.to_string(), cursor.clone());
+            if let (Some(before), Some(after)) = (self.rows_left, budget) {
+                self.spend(before - after, 0);
+            }
+            match result {
+                Ok(rows) => {
+                    self.table_report(t).rows += rows;
+                    if !self.budget_left() && cursor.cursor < self.head {
+                        self.report.limit_reached = true;
+                    } else {
+                        // The window loop only stops early for the budget; otherwise every
+                        // feed was read to its end.
+                        self.caught_up.insert(t.to_string());
                     }
                 }
-                if !self.budget_left() && cursor.cursor < self.head {
-                    self.report.limit_reached = true;
-                } else {
-                    // The window loop only stops early for the budget; otherwise every feed was read to its end.
-                    self.caught_up
-                        .extend(MATERIALIZED.iter().map(|t| t.to_string()));
+                Err(RunError::Warehouse(e)) if e.class != ErrorClass::Connection => {
+                    self.fail_table(t, e);
                 }
-                Ok(())
+                Err(e) => return Err(e),
             }
-            Err(RunError::Warehouse(e)) if e.class != ErrorClass::Connection => {
-                for (t, on) in [
-                    (tables::USER_IDENTIFIERS, enabled.identifiers),
-                    (tables::USER_TRAITS, enabled.traits),
-                    (tables::PROFILE_MERGES, enabled.merges),
-                ] {
-                    if on {
-                        self.fail_table(t, e.clone());
-                    }
-                }
-                Ok(())
-            }
-            Err(e) => Err(e),
         }
+        Ok(())
     }
 
     fn load_events(

@@ -36,7 +36,9 @@ pub const DISCARDS: &str = "discards";
 pub const STATE: &str = "_profiles_sync_state";
 /// Source name → column name assignments.
 pub const COLUMN_NAMES: &str = "_profiles_sync_columns";
-/// The shared cursor of the three materialized tables.
+/// The cursor the three materialized tables shared before each got its own (their own states
+/// carried the same value, so they continue from it); an older warehouse's state row of that
+/// name is kept and ignored.
 pub const MATERIALIZED_CURSOR: &str = "_materialized";
 /// The sync-wide events watermark (every event up to it has been routed).
 pub const EVENTS_WATERMARK: &str = "_events";
