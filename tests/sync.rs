@@ -648,7 +648,7 @@ fn postgres_a_failing_table_does_not_stop_the_others() {
     // A loader role that may create tables in the schema, and one table it may not write to.
     admin
         .batch_execute(
-            "DO $$ BEGIN CREATE ROLE loader LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
+            "DO $$ BEGIN CREATE ROLE loader LOGIN; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
              CREATE SCHEMA profiles_sync AUTHORIZATION loader;
              CREATE TABLE profiles_sync.order_completed (id TEXT PRIMARY KEY);",
         )
@@ -739,15 +739,15 @@ fn postgres_a_failing_profile_table_does_not_hold_back_the_other_two() {
     let mut admin = support::pg::shared().connect(wh.database.as_deref().unwrap());
     admin
         .batch_execute(
-            "DO $$ BEGIN CREATE ROLE loader LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$;
-             CREATE SCHEMA profiles_sync AUTHORIZATION loader;
+            "DO $$ BEGIN CREATE ROLE profile_loader LOGIN; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
+             CREATE SCHEMA profiles_sync AUTHORIZATION profile_loader;
              CREATE TABLE profiles_sync.user_traits (canonical_segment_id TEXT, name TEXT,
                  PRIMARY KEY (canonical_segment_id, name));",
         )
         .unwrap();
     let mut as_loader = TestWarehouse::postgres();
     as_loader.spec = wh.spec.clone();
-    as_loader.credentials.username = Some("loader".into());
+    as_loader.credentials.username = Some("profile_loader".into());
     let r = as_loader.sync(&url, None);
     assert_eq!(r.status, SyncStatus::PartialSuccess, "{r:#?}");
     assert_eq!(failed_tables(&r), ["user_traits"], "{r:#?}");
@@ -755,7 +755,7 @@ fn postgres_a_failing_profile_table_does_not_hold_back_the_other_two() {
     assert!(wh.count("profile_merges") > 0, "profile_merges loaded");
 
     admin
-        .batch_execute("ALTER TABLE profiles_sync.user_traits OWNER TO loader")
+        .batch_execute("ALTER TABLE profiles_sync.user_traits OWNER TO profile_loader")
         .unwrap();
     let r = as_loader.sync(&url, None);
     assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
@@ -774,7 +774,7 @@ fn a_wrong_password_fails_the_sync_with_a_classified_error() {
     let db = pg.create_database("auth");
     let mut admin = pg.connect(&db);
     admin
-        .batch_execute("DO $$ BEGIN CREATE ROLE pw_user LOGIN PASSWORD 'right'; EXCEPTION WHEN duplicate_object THEN NULL; END $$;")
+        .batch_execute("DO $$ BEGIN CREATE ROLE pw_user LOGIN PASSWORD 'right'; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;")
         .unwrap();
     let mut wh = TestWarehouse::postgres();
     wh.spec.warehouse.postgres.as_mut().unwrap().database = db;
