@@ -20,36 +20,6 @@ use super::tables::{PROFILE_MERGES, USER_IDENTIFIERS, USER_TRAITS, fixed};
 use crate::store::{Feed, FeedRow, Trigger};
 use crate::warehouse::{Cell, Column, ColumnType, OnConflict, Warehouse, WarehouseError};
 
-/// Which materialized tables a window applies to.
-#[derive(Clone, Copy, Debug)]
-struct Enabled {
-    identifiers: bool,
-    traits: bool,
-    merges: bool,
-}
-
-impl Enabled {
-    /// Just `table`.
-    fn only(table: &str) -> Enabled {
-        Enabled {
-            identifiers: table == USER_IDENTIFIERS,
-            traits: table == USER_TRAITS,
-            merges: table == PROFILE_MERGES,
-        }
-    }
-}
-
-/// Rows written per table by [`run`].
-#[derive(Debug, Default)]
-struct Counts {
-    /// Rows written to `user_identifiers` (inserted or re-pointed).
-    pub identifiers: u64,
-    /// Rows written to `user_traits`.
-    pub traits: u64,
-    /// Rows written to `profile_merges`.
-    pub merges: u64,
-}
-
 fn tail(seq: i64, t: &Trigger) -> [Cell; 3] {
     // These tables have no discards: an event time no warehouse can hold (a wild `sentAt`
     // skews it past year 1) is left empty rather than failing the tables on every run.
@@ -87,9 +57,12 @@ fn trait_text(v: &Value) -> Cell {
 }
 
 /// Brings one materialized table (`table`, with its own cursor) up to date, window after window
-/// of the identity logs; returns the rows written, or the error that stopped it (earlier windows
-/// stay committed). Each table has its own cursor and transactions, so one the warehouse refuses
-/// never holds the others back.
+/// of the identity logs up to `head`; returns the rows written, or the error that stopped it
+/// (earlier windows stay committed). Each table has its own cursor and transactions, so one the
+/// warehouse refuses never holds the others back.
+///
+/// `head` must have been read before any of the logs: every row up to it is committed (commit
+/// order is seq order), so a window never ends past a row one log committed after it was read.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     source: &mut dyn FeedSource,
@@ -97,20 +70,17 @@ pub fn run(
     schema: &mut Schema,
     table: &str,
     cursor_state: &mut TableState,
+    head: i64,
     page: usize,
     max_rows: &mut Option<u64>,
     uuid: jiff::Timestamp,
 ) -> Result<u64, RunError> {
-    let enabled = Enabled::only(table);
-    let mut counts = Counts::default();
+    let mut written = 0;
     loop {
         if max_rows.is_some_and(|m| m == 0) {
             break;
         }
         let after = cursor_state.cursor;
-        // Read before the logs: every row up to it is committed (commit order is seq order), so
-        // the window never ends past a row one log committed after it was read.
-        let head = source.head()?;
         let read = |source: &mut dyn FeedSource, feed: Feed| {
             source.read(&feed, after, page).map_err(RunError::Source)
         };
@@ -178,13 +148,13 @@ pub fn run(
         let result = apply(
             wh,
             schema,
-            (table, enabled),
+            table,
             uuid,
             idents,
             &snapshots,
             &final_canonical,
             &next,
-            &mut counts,
+            &mut written,
         );
         match result {
             Ok(()) => wh.commit().map_err(RunError::Warehouse)?,
@@ -202,33 +172,25 @@ pub fn run(
             *m = m.saturating_sub((mappings.len() + traits.len() + graph.len()) as u64);
         }
     }
-    Ok(counts.identifiers + counts.traits + counts.merges)
+    Ok(written)
 }
 
 #[allow(clippy::too_many_arguments)]
 fn apply(
     wh: &mut dyn Warehouse,
     schema: &Schema,
-    (table, enabled): (&str, Enabled),
+    table: &str,
     uuid: jiff::Timestamp,
     idents: Vec<(Vec<Cell>, [Cell; 3])>,
     snapshots: &BTreeMap<&str, &crate::store::TraitsRow>,
     merges: &BTreeMap<&str, (&str, i64, &Trigger)>,
     next: &TableState,
-    counts: &mut Counts,
+    written: &mut u64,
 ) -> Result<(), WarehouseError> {
     let s = wh.schema().to_string();
-    for (table, on) in [
-        (USER_IDENTIFIERS, enabled.identifiers),
-        (USER_TRAITS, enabled.traits),
-        (PROFILE_MERGES, enabled.merges),
-    ] {
-        if on {
-            let t = fixed(table)
-                .ok_or_else(|| WarehouseError::internal(format!("no definition of {table}")))?;
-            ensure_table(wh, schema, table, &t.columns, t.key)?;
-        }
-    }
+    let t = fixed(table)
+        .ok_or_else(|| WarehouseError::internal(format!("no definition of {table}")))?;
+    ensure_table(wh, schema, table, &t.columns, t.key)?;
     let merge_into = |wh: &mut dyn Warehouse,
                       table: &str,
                       stage: &str,
@@ -248,11 +210,10 @@ fn apply(
         );
         wh.execute(&sql)
     };
-    if enabled.identifiers && !idents.is_empty() {
-        counts.identifiers +=
-            merge_into(wh, USER_IDENTIFIERS, "_ps_idents", with_uuid(idents, uuid))?;
+    if table == USER_IDENTIFIERS && !idents.is_empty() {
+        *written += merge_into(wh, USER_IDENTIFIERS, "_ps_idents", with_uuid(idents, uuid))?;
     }
-    if enabled.traits && !snapshots.is_empty() {
+    if table == USER_TRAITS && !snapshots.is_empty() {
         let subjects: Vec<Vec<Cell>> = snapshots
             .keys()
             .map(|k| vec![Cell::Text(k.to_string())])
@@ -284,7 +245,7 @@ fn apply(
             }
         }
         if !rows.is_empty() {
-            counts.traits += merge_into(wh, USER_TRAITS, "_ps_traits", with_uuid(rows, uuid))?;
+            *written += merge_into(wh, USER_TRAITS, "_ps_traits", with_uuid(rows, uuid))?;
         }
     }
     if !merges.is_empty() {
@@ -299,7 +260,7 @@ fn apply(
             })
             .collect();
         wh.stage("_ps_merge_map", &map_cols, &map_rows)?;
-        if enabled.identifiers {
+        if table == USER_IDENTIFIERS {
             let sql = wh.dialect().update_from_stage(
                 &s,
                 USER_IDENTIFIERS,
@@ -308,9 +269,9 @@ fn apply(
                 "segment_id",
                 "canonical_segment_id",
             );
-            counts.identifiers += wh.execute(&sql)?;
+            *written += wh.execute(&sql)?;
         }
-        if enabled.traits {
+        if table == USER_TRAITS {
             let sql = wh.dialect().delete_in_stage(
                 &s,
                 USER_TRAITS,
@@ -320,7 +281,7 @@ fn apply(
             );
             wh.execute(&sql)?;
         }
-        if enabled.merges {
+        if table == PROFILE_MERGES {
             let sql = wh.dialect().update_from_stage(
                 &s,
                 PROFILE_MERGES,
@@ -339,7 +300,7 @@ fn apply(
                     )
                 })
                 .collect();
-            counts.merges += merge_into(wh, PROFILE_MERGES, "_ps_merges", with_uuid(rows, uuid))?;
+            *written += merge_into(wh, PROFILE_MERGES, "_ps_merges", with_uuid(rows, uuid))?;
         }
     }
     state::write(wh, &[(table, next)])

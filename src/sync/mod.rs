@@ -363,6 +363,7 @@ impl<'a> Run<'a> {
                 schema,
                 t,
                 &mut cursor,
+                self.head,
                 self.page(),
                 &mut budget,
                 self.uuid,
