@@ -544,6 +544,17 @@ fn send_tracks(
         .collect()
 }
 
+/// Yields until at least `n` of `tasks` have finished; fails with `what` if that never happens
+/// (a bounded number of turns, not a timer).
+async fn until_finished<T>(tasks: &[tokio::task::JoinHandle<T>], n: usize, what: &str) {
+    let mut spins = 0u64;
+    while tasks.iter().filter(|t| t.is_finished()).count() < n {
+        spins += 1;
+        assert!(spins < 50_000_000, "{what}");
+        tokio::task::yield_now().await;
+    }
+}
+
 #[tokio::test]
 async fn overload_answers_503_with_retry_after_and_loses_nothing_acknowledged() {
     let t = start(1).await;
@@ -552,15 +563,7 @@ async fn overload_answers_503_with_retry_after_and_loses_nothing_acknowledged() 
     let tasks = send_tracks(&t.base, "o", 6);
     // The writer holds at most one request and the queue one more: at least four of the six
     // must be answered while the store stays locked. Wait for exactly that (bounded).
-    let mut spins = 0u64;
-    while tasks.iter().filter(|t| t.is_finished()).count() < 4 {
-        spins += 1;
-        assert!(
-            spins < 50_000_000,
-            "requests were neither queued nor turned away"
-        );
-        tokio::task::yield_now().await;
-    }
+    until_finished(&tasks, 4, "requests were neither queued nor turned away").await;
     let mut rejected = vec![];
     let mut pending = vec![];
     for task in tasks {
@@ -621,12 +624,7 @@ async fn a_full_queue_turns_requests_away_before_parsing_them() {
     let tasks = send_tracks(&t.base, "f", 3);
     // Nothing can commit while the store is locked, so the first answer is a 503: the writer
     // holds one request, the queue the next, and the queue stays full until the lock goes.
-    let mut spins = 0u64;
-    while !tasks.iter().any(|t| t.is_finished()) {
-        spins += 1;
-        assert!(spins < 50_000_000, "no request was turned away");
-        tokio::task::yield_now().await;
-    }
+    until_finished(&tasks, 1, "no request was turned away").await;
     let r = post_malformed(&t.base).await;
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(

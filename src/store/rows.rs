@@ -180,9 +180,7 @@ impl FeedRow {
                     // cursor, nor `segment_id` or `event_source_id` re-attribute the event.
                     // (The warehouse drops such properties anyway: they are reserved columns.)
                     for (k, v) in e {
-                        if !m.contains_key(&k) {
-                            m.insert(k, v);
-                        }
+                        m.entry(k).or_insert(v);
                     }
                 }
             }
