@@ -546,9 +546,13 @@ fn send_tracks(
 
 /// Yields until at least `n` of `tasks` have finished; fails with `what` if that never happens
 /// (a bounded number of turns, not a timer).
-async fn until_finished<T>(tasks: &[tokio::task::JoinHandle<T>], n: usize, what: &str) {
+async fn until_finished<'a, T: 'a>(
+    tasks: impl Iterator<Item = &'a tokio::task::JoinHandle<T>> + Clone,
+    n: usize,
+    what: &str,
+) {
     let mut spins = 0u64;
-    while tasks.iter().filter(|t| t.is_finished()).count() < n {
+    while tasks.clone().filter(|t| t.is_finished()).count() < n {
         spins += 1;
         assert!(spins < 50_000_000, "{what}");
         tokio::task::yield_now().await;
@@ -563,7 +567,12 @@ async fn overload_answers_503_with_retry_after_and_loses_nothing_acknowledged() 
     let tasks = send_tracks(&t.base, "o", 6);
     // The writer holds at most one request and the queue one more: at least four of the six
     // must be answered while the store stays locked. Wait for exactly that (bounded).
-    until_finished(&tasks, 4, "requests were neither queued nor turned away").await;
+    until_finished(
+        tasks.iter(),
+        4,
+        "requests were neither queued nor turned away",
+    )
+    .await;
     let mut rejected = vec![];
     let mut pending = vec![];
     for task in tasks {
@@ -621,38 +630,66 @@ async fn overload_answers_503_with_retry_after_and_loses_nothing_acknowledged() 
 async fn a_full_queue_turns_requests_away_before_parsing_them() {
     let t = start(1).await;
     let blocker = lock_store(&t.store_path);
-    let tasks = send_tracks(&t.base, "f", 3);
-    // Nothing can commit while the store is locked, so the first answer is a 503, and the queue
-    // stays full until the lock goes. (Whether the writer had taken the first request off the
-    // queue before the others arrived decides if one or two of the three are held: both happen.)
-    until_finished(&tasks, 1, "no request was turned away").await;
-    let r = post_malformed(&t.base).await;
-    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(
-        r.headers().get("retry-after").and_then(|v| v.to_str().ok()),
-        Some("1")
-    );
-    blocker.execute_batch("ROLLBACK").unwrap();
-    let mut statuses = vec![];
-    for task in tasks {
-        statuses.push(task.await.unwrap().1);
+    // (messageId, task) of every track call sent.
+    let named = |prefix: &str, tasks: Vec<_>| -> Vec<_> {
+        tasks
+            .into_iter()
+            .enumerate()
+            .map(|(i, task)| (format!("{prefix}{i}"), task))
+            .collect::<Vec<_>>()
+    };
+    let mut tasks = named("f", send_tracks(&t.base, "f", 3));
+    // Nothing can commit while the store is locked, so the first answer is a 503: the queue was
+    // full then.
+    until_finished(
+        tasks.iter().map(|(_, h)| h),
+        1,
+        "no request was turned away",
+    )
+    .await;
+    // The queue stays full once the writer holds a request (blocked on the lock) and the queue
+    // another; until the writer has taken its one, a malformed request may find room and get
+    // its 400 (storing nothing) — then one more track call refills the queue. Only the check
+    // before parsing can answer a malformed request 503.
+    let mut refills = 0;
+    loop {
+        let r = post_malformed(&t.base).await;
+        if r.status() == StatusCode::SERVICE_UNAVAILABLE {
+            assert_eq!(
+                r.headers().get("retry-after").and_then(|v| v.to_str().ok()),
+                Some("1")
+            );
+            break;
+        }
+        assert_eq!(
+            r.status(),
+            StatusCode::BAD_REQUEST,
+            "room in the queue: parsed"
+        );
+        refills += 1;
+        assert!(refills < 50, "the queue never stayed full");
+        let prefix = format!("g{refills}-");
+        tasks.extend(named(&prefix, send_tracks(&t.base, &prefix, 1)));
     }
-    // Every request is either turned away or held, and every held one commits once the lock
-    // goes: at least the one the queue holds, and exactly the acknowledged ones are stored.
-    assert!(
-        statuses
-            .iter()
-            .all(|s| [StatusCode::OK, StatusCode::SERVICE_UNAVAILABLE].contains(s)),
-        "{statuses:?}"
-    );
-    let acknowledged: Vec<String> = (0..statuses.len())
-        .filter(|&i| statuses[i] == StatusCode::OK)
-        .map(|i| format!("f{i}"))
-        .collect();
+    blocker.execute_batch("ROLLBACK").unwrap();
+    let mut acknowledged = vec![];
+    for (id, task) in tasks {
+        let status = task.await.unwrap().1;
+        assert!(
+            [StatusCode::OK, StatusCode::SERVICE_UNAVAILABLE].contains(&status),
+            "{id}: {status}"
+        );
+        if status == StatusCode::OK {
+            acknowledged.push(id);
+        }
+    }
+    // Every held request commits once the lock goes: one or two (the writer's and the queue's),
+    // and exactly the acknowledged ones are stored.
     assert!(
         (1..=2).contains(&acknowledged.len()),
-        "the held requests commit once the lock goes: {statuses:?}"
+        "the held requests commit once the lock goes: {acknowledged:?}"
     );
+    acknowledged.sort();
     let mut stored: Vec<String> = stored(&t.store_url)
         .into_iter()
         .map(|r| r.event.message_id)
