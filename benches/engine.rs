@@ -65,12 +65,14 @@ fn bodies(events: usize) -> Vec<Bytes> {
 }
 
 /// Sends every body with `clients` concurrent connections; returns (seconds, latencies in ms).
-async fn load(base: &str, bodies: Arc<Vec<Bytes>>, clients: usize) -> (f64, Vec<f64>) {
+async fn load(base: &str, bodies: Arc<Vec<Bytes>>, clients: usize) -> (f64, Vec<f64>, usize) {
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let turned_away = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let t = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..clients {
         let (bodies, next, url) = (bodies.clone(), next.clone(), format!("{base}/v1/batch"));
+        let turned_away = turned_away.clone();
         tasks.spawn(async move {
             let client = reqwest::Client::new();
             let mut lat = vec![];
@@ -90,6 +92,7 @@ async fn load(base: &str, bodies: Arc<Vec<Bytes>>, clients: usize) -> (f64, Vec<
                     let status = r.status();
                     let _ = r.bytes().await;
                     if status == StatusCode::SERVICE_UNAVAILABLE {
+                        turned_away.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         // Backpressure: retry, as SDKs do (the retry counts in the latency).
                         tokio::task::yield_now().await;
                         continue;
@@ -106,7 +109,8 @@ async fn load(base: &str, bodies: Arc<Vec<Bytes>>, clients: usize) -> (f64, Vec<
     while let Some(l) = tasks.join_next().await {
         lat.extend(l.expect("client task"));
     }
-    (t.elapsed().as_secs_f64(), lat)
+    let turned_away = turned_away.load(std::sync::atomic::Ordering::Relaxed);
+    (t.elapsed().as_secs_f64(), lat, turned_away)
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -172,19 +176,20 @@ async fn scenario(kind: &str) -> Value {
             rules: Rules::default(),
             feed_token: None,
             queue_capacity: 64,
+            reading_capacity: 64,
         })
         .await
         .expect("engine");
         base = format!("http://{}", e.addr);
         engine = Some(e);
     }
-    let (secs, mut lat) = load(&base, bodies, clients).await;
+    let (secs, mut lat, turned_away) = load(&base, bodies, clients).await;
     lat.sort_by(|a, b| a.total_cmp(b));
     if let Some(e) = engine {
         e.stop().await.expect("stop");
     }
     json!({"scenario": kind, "events": events, "seconds": secs, "events_per_sec": events as f64 / secs,
-           "p50_ms": pct(&lat, 0.5), "p99_ms": pct(&lat, 0.99), "clients": clients, "peak_rss_mib": common::peak_rss_mib()})
+           "p50_ms": pct(&lat, 0.5), "p99_ms": pct(&lat, 0.99), "clients": clients, "turned_away": turned_away, "peak_rss_mib": common::peak_rss_mib()})
 }
 
 fn main() {

@@ -8,7 +8,7 @@ use profiles_sync::identity::Rules;
 use profiles_sync::store::{self, EventFilter, Feed, FeedRow};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use support::engine::{FEED_TOKEN, SOURCE_ID, WRITE_KEY, start};
+use support::engine::{FEED_TOKEN, SOURCE_ID, WRITE_KEY, start, start_with};
 
 fn client() -> reqwest::Client {
     reqwest::Client::new()
@@ -689,6 +689,81 @@ async fn a_full_queue_turns_requests_away_before_parsing_them() {
         (1..=2).contains(&acknowledged.len()),
         "the held requests commit once the lock goes: {acknowledged:?}"
     );
+    acknowledged.sort();
+    let mut stored: Vec<String> = stored(&t.store_url)
+        .into_iter()
+        .map(|r| r.event.message_id)
+        .collect();
+    stored.sort();
+    assert_eq!(
+        stored, acknowledged,
+        "exactly the acknowledged requests are stored"
+    );
+    t.engine.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_beyond_the_reading_capacity_are_turned_away_before_their_bodies_are_read() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let t = start_with(8, 1).await;
+    // A client sends its headers and half of its body, then stalls: its request holds the one
+    // reading permit while the engine waits for the rest.
+    let body = json!({"writeKey": WRITE_KEY, "batch": [{"type": "track", "userId": "slow", "event": "Slow", "messageId": "slow-1"}]}).to_string();
+    let (head, tail) = body.split_at(body.len() / 2);
+    let addr = t.base.trim_start_matches("http://").to_string();
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(
+        format!(
+            "POST /v1/batch HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{head}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    // Until the engine has taken up that request, others still get in; once it has, the next
+    // one is turned away without its body being read.
+    let mut acknowledged = vec![];
+    loop {
+        let id = format!("fast-{}", acknowledged.len());
+        let r = client()
+            .post(format!("{}/v1/track", t.base))
+            .basic_auth(WRITE_KEY, Some(""))
+            .json(&json!({"userId": "u1", "event": "Fast", "messageId": id}))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == StatusCode::SERVICE_UNAVAILABLE {
+            assert_eq!(
+                r.headers().get("retry-after").and_then(|v| v.to_str().ok()),
+                Some("1")
+            );
+            break;
+        }
+        assert_eq!(r.status(), StatusCode::OK);
+        acknowledged.push(id);
+        assert!(
+            acknowledged.len() < 200,
+            "a stalled request never held the only reading permit"
+        );
+    }
+    // The stalled request completes and releases its permit: the next request gets in.
+    slow.write_all(tail.as_bytes()).await.unwrap();
+    let mut status_line = String::new();
+    tokio::io::BufReader::new(&mut slow)
+        .read_line(&mut status_line)
+        .await
+        .unwrap();
+    assert!(status_line.starts_with("HTTP/1.1 200"), "{status_line}");
+    acknowledged.push("slow-1".into());
+    let (status, _) = post(
+        &t.base,
+        "/v1/track",
+        &json!({"userId": "u1", "event": "Fast", "messageId": "after"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    acknowledged.push("after".into());
     acknowledged.sort();
     let mut stored: Vec<String> = stored(&t.store_url)
         .into_iter()

@@ -26,6 +26,9 @@ pub struct EngineArgs {
     /// Requests the writer queue holds before the engine answers 503 with Retry-After.
     #[arg(long, env = "PROFILES_SYNC_QUEUE_CAPACITY", default_value_t = 64)]
     pub queue_capacity: usize,
+    /// Requests read and parsed at once (bodies in memory); one more is answered 503 with Retry-After.
+    #[arg(long, env = "PROFILES_SYNC_READING_CAPACITY", default_value_t = 64)]
+    pub reading_capacity: usize,
 }
 
 fn read(path: &PathBuf) -> anyhow::Result<String> {
@@ -50,6 +53,7 @@ impl EngineArgs {
             rules: super::load_rules(self.rules.as_deref())?,
             feed_token: token,
             queue_capacity: self.queue_capacity.max(1),
+            reading_capacity: self.reading_capacity.max(1),
         })
     }
 }

@@ -79,6 +79,7 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<SyncReport> {
         rules: crate::identity::Rules::default(),
         feed_token: Some(FEED_TOKEN.into()),
         queue_capacity: 64,
+        reading_capacity: 64,
     }))?;
     let base = format!("http://{}", engine.addr);
     say(&format!("  engine listening on {base}"));

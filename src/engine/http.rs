@@ -15,6 +15,7 @@ use serde_json::json;
 
 use crate::event::{EventType, Timestamp};
 use crate::identity::Rules;
+use crate::store::PreparedEvent;
 
 use super::feed::{self, DEFAULT_PAGE, MAX_PAGE, ReaderPool};
 use super::metrics::Metrics;
@@ -30,6 +31,8 @@ pub struct AppState {
     pub rules: Rules,
     /// The store writer's queue.
     pub writer: Writer,
+    /// One permit per request whose body is being read and parsed.
+    pub reading: tokio::sync::Semaphore,
     /// Read handles for the feed API.
     pub readers: Arc<ReaderPool>,
     /// The feed API's bearer token; the feed API is closed when unset.
@@ -151,6 +154,11 @@ async fn ingest_inner(
     if state.writer.is_full() {
         return overloaded(state, 0);
     }
+    // So are requests beyond the reading capacity: bodies in memory stay bounded however many
+    // clients send at once (held until the events are queued, then released).
+    let Ok(reading) = state.reading.try_acquire() else {
+        return overloaded(state, 0);
+    };
     let bytes = match read_body(headers, body).await {
         Ok(b) => b,
         Err(e) => {
@@ -188,7 +196,15 @@ async fn ingest_inner(
         .parse_seconds
         .observe(started.elapsed().as_secs_f64());
     let count = accepted.events.len();
-    let Ok(done) = state.writer.try_submit(accepted.events) else {
+    // Serialized here, on the HTTP threads, rather than by the single writer.
+    let events = accepted
+        .events
+        .into_iter()
+        .map(PreparedEvent::new)
+        .collect();
+    let submitted = state.writer.try_submit(events);
+    drop(reading);
+    let Ok(done) = submitted else {
         return overloaded(state, count);
     };
     state.metrics.queue_depth.set(state.writer.depth() as i64);

@@ -32,6 +32,10 @@ pub struct EngineConfig {
     pub feed_token: Option<String>,
     /// Requests the writer queue holds before answering 503.
     pub queue_capacity: usize,
+    /// Requests whose bodies are read and parsed at once (each up to the 500 KB batch limit,
+    /// plus its decompressed and parsed forms); one more is answered 503 before its body is
+    /// read, so the memory held by requests in flight stays bounded.
+    pub reading_capacity: usize,
 }
 
 /// A started engine: its address, and a handle to stop it.
@@ -96,6 +100,7 @@ pub async fn start(config: EngineConfig) -> anyhow::Result<RunningEngine> {
         sources: config.sources,
         rules: config.rules,
         writer,
+        reading: tokio::sync::Semaphore::new(config.reading_capacity.max(1)),
         readers: feed::ReaderPool::new(config.store),
         feed_token: config.feed_token,
         metrics,

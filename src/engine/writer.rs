@@ -8,9 +8,8 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::event::Event;
 use crate::identity::Rules;
-use crate::store::{self, IngestSummary, Store, StoreError};
+use crate::store::{self, IngestSummary, PreparedEvent, Store, StoreError};
 
 use super::metrics::Metrics;
 
@@ -19,7 +18,7 @@ const MAX_GROUP_EVENTS: usize = 20_000;
 
 /// A request's events waiting to be committed.
 struct Job {
-    events: Vec<Event>,
+    events: Vec<PreparedEvent>,
     reply: oneshot::Sender<Result<IngestSummary, String>>,
 }
 
@@ -55,7 +54,7 @@ impl Writer {
     /// Queues events; the receiver resolves once they are committed. Fails at once when full.
     pub fn try_submit(
         &self,
-        events: Vec<Event>,
+        events: Vec<PreparedEvent>,
     ) -> Result<oneshot::Receiver<Result<IngestSummary, String>>, Overloaded> {
         let (reply, rx) = oneshot::channel();
         self.tx
@@ -101,7 +100,7 @@ fn run(
             replies.push(job.reply);
         }
         let started = Instant::now();
-        let result = store.ingest(events);
+        let result = store.ingest_prepared(events);
         metrics
             .commit_seconds
             .observe(started.elapsed().as_secs_f64());

@@ -192,6 +192,17 @@ impl Event {
         parse::parse(v, default_type, opts)
     }
 
+    /// [`Event::from_value`] of a message's JSON text, parsed straight into the event (the
+    /// top-level object is never built); a text that is not a JSON object is refused as the
+    /// field `message`.
+    pub fn from_json_text(
+        text: &str,
+        default_type: Option<EventType>,
+        opts: &ParseOptions,
+    ) -> Result<Event, EventError> {
+        parse::parse_text(text, default_type, opts)
+    }
+
     /// The canonical Segment JSON of the event: camelCase keys `type`, `messageId`, `userId`,
     /// `anonymousId`, `timestamp`, `receivedAt`, `sentAt`, `originalTimestamp`, `event`, `name`,
     /// `category`, `groupId`, `previousId`, `context`, `integrations`, `traits`, `properties`,

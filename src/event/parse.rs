@@ -9,47 +9,172 @@ use super::{Event, EventError, EventType, ParseOptions};
 /// An identify call must carry fewer traits than this (Segment's limit).
 pub const MAX_IDENTIFY_TRAITS: usize = 300;
 
-/// Top-level keys the model reads; everything else goes to `Event::extra`.
-const KNOWN_KEYS: [&str; 17] = [
-    "type",
-    "messageId",
-    "userId",
-    "anonymousId",
-    "timestamp",
-    "receivedAt",
-    "sentAt",
-    "originalTimestamp",
-    "event",
-    "name",
-    "category",
-    "groupId",
-    "previousId",
-    "context",
-    "integrations",
-    "traits",
-    "properties",
-];
-
 /// A credential sometimes sent in the body (`writeKey`): read by the collector, never stored.
 const WRITE_KEY: &str = "writeKey";
+
+/// The top-level values the model reads, moved out of a message in one pass over its keys;
+/// every other key (but `writeKey`) goes to `Event::extra`, in the message's order.
+#[derive(Default)]
+struct Fields {
+    event_type: Option<Value>,
+    message_id: Option<Value>,
+    user_id: Option<Value>,
+    anonymous_id: Option<Value>,
+    timestamp: Option<Value>,
+    received_at: Option<Value>,
+    sent_at: Option<Value>,
+    original_timestamp: Option<Value>,
+    event: Option<Value>,
+    name: Option<Value>,
+    category: Option<Value>,
+    group_id: Option<Value>,
+    previous_id: Option<Value>,
+    context: Option<Value>,
+    integrations: Option<Value>,
+    traits: Option<Value>,
+    properties: Option<Value>,
+    extra: Map<String, Value>,
+}
+
+/// Where a top-level key's value goes.
+enum Slot<'a> {
+    Known(&'a mut Option<Value>),
+    Dropped,
+    Extra,
+}
+
+impl Fields {
+    fn slot(&mut self, key: &str) -> Slot<'_> {
+        Slot::Known(match key {
+            "type" => &mut self.event_type,
+            "messageId" => &mut self.message_id,
+            "userId" => &mut self.user_id,
+            "anonymousId" => &mut self.anonymous_id,
+            "timestamp" => &mut self.timestamp,
+            "receivedAt" => &mut self.received_at,
+            "sentAt" => &mut self.sent_at,
+            "originalTimestamp" => &mut self.original_timestamp,
+            "event" => &mut self.event,
+            "name" => &mut self.name,
+            "category" => &mut self.category,
+            "groupId" => &mut self.group_id,
+            "previousId" => &mut self.previous_id,
+            "context" => &mut self.context,
+            "integrations" => &mut self.integrations,
+            "traits" => &mut self.traits,
+            "properties" => &mut self.properties,
+            WRITE_KEY => return Slot::Dropped,
+            _ => return Slot::Extra,
+        })
+    }
+
+    fn split(message: Map<String, Value>) -> Fields {
+        let mut f = Fields::default();
+        for (key, value) in message {
+            match f.slot(&key) {
+                Slot::Known(slot) => *slot = Some(value),
+                Slot::Dropped => {}
+                Slot::Extra => {
+                    f.extra.insert(key, value);
+                }
+            }
+        }
+        f
+    }
+}
+
+/// A message's key, borrowed from the text when it has no escapes.
+struct Key<'de>(std::borrow::Cow<'de, str>);
+
+impl<'de> serde::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Key<'de>, D::Error> {
+        struct KeyVisitor;
+        impl<'de> serde::de::Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Borrowed(s)))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Owned(s.to_string())))
+            }
+            fn visit_string<E>(self, s: String) -> Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Owned(s)))
+            }
+        }
+        d.deserialize_str(KeyVisitor)
+    }
+}
+
+/// Reads a message object from JSON text straight into its [`Fields`], without building the
+/// top-level map first (the store re-reads every event it serves this way).
+impl<'de> serde::Deserialize<'de> for Fields {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Fields, D::Error> {
+        struct FieldsVisitor;
+        impl<'de> serde::de::Visitor<'de> for FieldsVisitor {
+            type Value = Fields;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut a: A) -> Result<Fields, A::Error> {
+                let mut f = Fields::default();
+                while let Some(Key(key)) = a.next_key()? {
+                    match f.slot(&key) {
+                        Slot::Known(slot) => *slot = Some(a.next_value()?),
+                        Slot::Dropped => {
+                            a.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                        Slot::Extra => {
+                            let v = a.next_value()?;
+                            f.extra.insert(key.into_owned(), v);
+                        }
+                    }
+                }
+                Ok(f)
+            }
+        }
+        d.deserialize_map(FieldsVisitor)
+    }
+}
+
+/// Parses a message from its JSON text; the same result as parsing the text to a value and
+/// calling [`parse`], with less work.
+pub(super) fn parse_text(
+    text: &str,
+    default_type: Option<EventType>,
+    opts: &ParseOptions,
+) -> Result<Event, EventError> {
+    let f: Fields = serde_json::from_str(text)
+        .map_err(|e| EventError::new("message", format!("must be a JSON object: {e}")))?;
+    parse_fields(f, default_type, opts)
+}
 
 pub(super) fn parse(
     v: Value,
     default_type: Option<EventType>,
     opts: &ParseOptions,
 ) -> Result<Event, EventError> {
-    let Value::Object(mut obj) = v else {
+    let Value::Object(obj) = v else {
         return Err(EventError::new("message", "must be a JSON object"));
     };
-    let obj = &mut obj;
-    let event_type = event_type(obj, default_type)?;
+    parse_fields(Fields::split(obj), default_type, opts)
+}
 
-    let message_id = match optional_string(obj, "messageId")? {
+fn parse_fields(
+    f: Fields,
+    default_type: Option<EventType>,
+    opts: &ParseOptions,
+) -> Result<Event, EventError> {
+    let event_type = event_type(f.event_type.as_ref(), default_type)?;
+
+    let message_id = match optional_string(f.message_id, "messageId")? {
         Some(id) => id,
         None => generate_message_id(),
     };
-    let user_id = optional_id(obj, "userId")?;
-    let anonymous_id = optional_id(obj, "anonymousId")?;
+    let user_id = optional_id(f.user_id, "userId")?;
+    let anonymous_id = optional_id(f.anonymous_id, "anonymousId")?;
     if user_id.is_none() && anonymous_id.is_none() {
         return Err(EventError::new(
             "userId",
@@ -57,16 +182,16 @@ pub(super) fn parse(
         ));
     }
 
-    let context = take_object(obj, "context")?;
-    let integrations = take_object(obj, "integrations")?;
-    let traits = take_object(obj, "traits")?;
-    let properties = take_object(obj, "properties")?;
+    let context = take_object(f.context, "context")?;
+    let integrations = take_object(f.integrations, "integrations")?;
+    let traits = take_object(f.traits, "traits")?;
+    let properties = take_object(f.properties, "properties")?;
 
-    let event = optional_string(obj, "event")?;
-    let name = optional_string(obj, "name")?;
-    let category = optional_string(obj, "category")?;
-    let group_id = optional_id(obj, "groupId")?;
-    let previous_id = optional_id(obj, "previousId")?;
+    let event = optional_string(f.event, "event")?;
+    let name = optional_string(f.name, "name")?;
+    let category = optional_string(f.category, "category")?;
+    let group_id = optional_id(f.group_id, "groupId")?;
+    let previous_id = optional_id(f.previous_id, "previousId")?;
     match event_type {
         EventType::Track if event.is_none() => {
             return Err(EventError::new(
@@ -98,21 +223,16 @@ pub(super) fn parse(
         _ => {}
     }
 
-    let client_timestamp = optional_time(obj, "timestamp")?;
-    let original_timestamp = optional_time(obj, "originalTimestamp")?.or(client_timestamp);
-    let sent_at = optional_time(obj, "sentAt")?;
+    let client_timestamp = optional_time(f.timestamp.as_ref(), "timestamp")?;
+    let original_timestamp =
+        optional_time(f.original_timestamp.as_ref(), "originalTimestamp")?.or(client_timestamp);
+    let sent_at = optional_time(f.sent_at.as_ref(), "sentAt")?;
     let received_at = if opts.trust_received_at {
-        optional_time(obj, "receivedAt")?.unwrap_or(opts.now)
+        optional_time(f.received_at.as_ref(), "receivedAt")?.unwrap_or(opts.now)
     } else {
         opts.now
     };
     let timestamp = corrected_timestamp(received_at, sent_at, original_timestamp);
-
-    // The known keys stay in `obj` (the objects taken out as nulls); the rest is `extra`.
-    let extra = std::mem::take(obj)
-        .into_iter()
-        .filter(|(k, _)| !KNOWN_KEYS.contains(&k.as_str()) && k.as_str() != WRITE_KEY)
-        .collect();
 
     Ok(Event {
         message_id,
@@ -132,7 +252,7 @@ pub(super) fn parse(
         integrations,
         traits,
         properties,
-        extra,
+        extra: f.extra,
         source_id: opts.source_id.clone(),
     })
 }
@@ -156,10 +276,10 @@ fn corrected_timestamp(
 }
 
 fn event_type(
-    obj: &Map<String, Value>,
+    declared: Option<&Value>,
     default_type: Option<EventType>,
 ) -> Result<EventType, EventError> {
-    let declared = match obj.get("type") {
+    let declared = match declared {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(EventType::parse(s).ok_or_else(|| {
             EventError::new(
@@ -183,38 +303,37 @@ fn event_type(
 }
 
 /// A string field; null and the empty string count as absent.
-fn optional_string(obj: &Map<String, Value>, key: &str) -> Result<Option<String>, EventError> {
-    match obj.get(key) {
+fn optional_string(v: Option<Value>, key: &str) -> Result<Option<String>, EventError> {
+    match v {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if s.is_empty() => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(Value::String(s)) => Ok(Some(s)),
         Some(_) => Err(EventError::new(key, "must be a string")),
     }
 }
 
 /// An id field: a string, or a number converted to its decimal string (as Segment does).
-fn optional_id(obj: &Map<String, Value>, key: &str) -> Result<Option<String>, EventError> {
-    match obj.get(key) {
+fn optional_id(v: Option<Value>, key: &str) -> Result<Option<String>, EventError> {
+    match v {
         Some(Value::Number(n)) => Ok(Some(n.to_string())),
         Some(Value::Bool(_) | Value::Array(_) | Value::Object(_)) => {
             Err(EventError::new(key, "must be a string or a number"))
         }
-        _ => optional_string(obj, key),
+        v => optional_string(v, key),
     }
 }
 
-/// Moves the object at `key` out of `obj` (leaving the key in place, so the order of the other
-/// keys is kept).
-fn take_object(obj: &mut Map<String, Value>, key: &str) -> Result<Map<String, Value>, EventError> {
-    match obj.get_mut(key) {
+/// The object of a field; absent and null are the empty object.
+fn take_object(v: Option<Value>, key: &str) -> Result<Map<String, Value>, EventError> {
+    match v {
         None | Some(Value::Null) => Ok(Map::new()),
-        Some(Value::Object(m)) => Ok(std::mem::take(m)),
+        Some(Value::Object(m)) => Ok(m),
         Some(_) => Err(EventError::new(key, "must be an object")),
     }
 }
 
-fn optional_time(obj: &Map<String, Value>, key: &str) -> Result<Option<Timestamp>, EventError> {
-    match obj.get(key) {
+fn optional_time(v: Option<&Value>, key: &str) -> Result<Option<Timestamp>, EventError> {
+    match v {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => parse_timestamp(s).map(Some).ok_or_else(|| {
             EventError::new(

@@ -351,6 +351,8 @@ fn arb_json() -> impl Strategy<Value = Value> {
         Just("traits".to_string()),
         Just("context".to_string()),
         Just("messageId".to_string()),
+        Just("writeKey".to_string()),
+        Just("properties".to_string()),
         "[a-zA-Z_]{1,8}",
     ];
     leaf.prop_recursive(4, 48, 8, move |inner| {
@@ -375,6 +377,45 @@ proptest! {
             prop_assert_eq!(Event::from_json(&e.to_json(), None, &trusted), Ok(e));
         }
     }
+
+    #[test]
+    fn parsing_the_text_equals_parsing_the_value(v in arb_json(), trust in any::<bool>(), typed in any::<bool>()) {
+        let o = ParseOptions { trust_received_at: trust, ..opts() };
+        let default_type = typed.then_some(EventType::Track);
+        let from_value = Event::from_json(&v, default_type, &o);
+        let from_text = Event::from_json_text(&v.to_string(), default_type, &o);
+        match (from_value, from_text) {
+            (Ok(a), Ok(mut b)) => {
+                // A message without a messageId gets a random one on each parse.
+                if !matches!(v.get("messageId"), Some(Value::String(s)) if !s.is_empty()) {
+                    b.message_id = a.message_id.clone();
+                }
+                prop_assert_eq!(a, b);
+            }
+            (Err(a), Err(b)) if v.is_object() => prop_assert_eq!(a, b),
+            (Err(_), Err(b)) => prop_assert_eq!(b.field, "message"),
+            (a, b) => prop_assert!(false, "value: {:?}, text: {:?}", a, b),
+        }
+    }
+}
+
+#[test]
+fn parsing_the_text_reads_escaped_keys_drops_the_write_key_and_keeps_the_last_duplicate() {
+    let text = r#"{"type":"track","\u0075serId":"u1","event":"A","event":"B","writeKey":"secret","x\"y":1,"z":{"k":2}}"#;
+    let e = Event::from_json_text(text, None, &opts()).unwrap();
+    assert_eq!(e.user_id.as_deref(), Some("u1"));
+    assert_eq!(e.event.as_deref(), Some("B"));
+    assert_eq!(
+        Value::Object(e.extra.clone()),
+        json!({"x\"y": 1, "z": {"k": 2}})
+    );
+    let v: Value = serde_json::from_str(text).unwrap();
+    let mut from_value = Event::from_json(&v, None, &opts()).unwrap();
+    from_value.message_id = e.message_id.clone();
+    assert_eq!(from_value, e);
+    let err = Event::from_json_text("[1]", None, &opts()).unwrap_err();
+    assert_eq!(err.field, "message");
+    assert!(Event::from_json_text("{\"type\": \"track\"} x", None, &opts()).is_err());
 }
 
 #[test]

@@ -68,16 +68,12 @@ pub(crate) fn event(
     source_id: String,
     received_at_us: i64,
 ) -> Result<Event, StoreError> {
-    let value: Value = serde_json::from_str(payload).map_err(|e| StoreError::Corrupt {
-        table: "events",
-        reason: e.to_string(),
-    })?;
     let opts = ParseOptions {
         now: timestamp("events", received_at_us)?,
         source_id,
         trust_received_at: true,
     };
-    Event::from_value(value, None, &opts).map_err(|e| StoreError::Corrupt {
+    Event::from_json_text(payload, None, &opts).map_err(|e| StoreError::Corrupt {
         table: "events",
         reason: e.to_string(),
     })

@@ -3,10 +3,11 @@
 
 use std::collections::HashSet;
 
-use crate::event::Event;
 use crate::identity::{IdentifierState, IdentityGraph, ProfileState, Rules, StateDelta};
 
-use super::{EventRow, IdGraphRow, MappingRow, StoreError, TraitsRow, Trigger, WriteTx};
+use super::{
+    EventRow, IdGraphRow, MappingRow, PreparedEvent, StoreError, TraitsRow, Trigger, WriteTx,
+};
 
 /// The identity graph of one store, and the head `seq` it reflects.
 ///
@@ -89,6 +90,8 @@ pub struct IngestSummary {
 #[derive(Debug, Default)]
 pub(crate) struct ResolvedBatch {
     pub events: Vec<EventRow>,
+    /// The payload text of each of `events`, in the same order.
+    pub payloads: Vec<String>,
     pub id_graph: Vec<IdGraphRow>,
     pub mappings: Vec<MappingRow>,
     pub traits: Vec<TraitsRow>,
@@ -101,7 +104,7 @@ pub(crate) struct ResolvedBatch {
 pub(crate) fn ingest_in_tx<T: WriteTx>(
     tx: &mut T,
     resolver: &mut Resolver,
-    events: Vec<Event>,
+    events: Vec<PreparedEvent>,
     load: impl FnOnce(
         &mut T,
     ) -> Result<(Vec<ProfileState>, Vec<IdentifierState>, Vec<String>), StoreError>,
@@ -113,12 +116,12 @@ pub(crate) fn ingest_in_tx<T: WriteTx>(
     }
     resolver.begin();
 
-    let ids: Vec<&str> = events.iter().map(|e| e.message_id.as_str()).collect();
+    let ids: Vec<&str> = events.iter().map(|e| e.event.message_id.as_str()).collect();
     let mut seen = tx.existing_message_ids(&ids)?;
     let mut summary = IngestSummary::default();
     let mut batch = ResolvedBatch::default();
     let mut seq = head;
-    for (index, event) in events.into_iter().enumerate() {
+    for (index, PreparedEvent { event, payload }) in events.into_iter().enumerate() {
         if !seen.insert(event.message_id.clone()) {
             summary.duplicates += 1;
             continue;
@@ -175,9 +178,12 @@ pub(crate) fn ingest_in_tx<T: WriteTx>(
             segment_id: resolution.segment_id,
             event,
         });
+        batch.payloads.push(payload);
     }
     batch.state = resolver.graph.take_dirty();
     tx.write(&batch, seq)?;
+    // Freeing a large batch costs the writer as much as serializing it: hand it to a thread.
+    super::drop_later(batch);
     summary.head = seq;
     Ok(summary)
 }

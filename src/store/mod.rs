@@ -127,7 +127,12 @@ pub trait Store: Send {
     /// Resolves and stores a batch of parsed events in one transaction: events whose messageId
     /// is already stored (or repeated in the batch) are skipped, the rest are resolved in order
     /// and written with their change-log rows. On error nothing is stored.
-    fn ingest(&mut self, events: Vec<Event>) -> Result<IngestSummary, StoreError>;
+    fn ingest(&mut self, events: Vec<Event>) -> Result<IngestSummary, StoreError> {
+        self.ingest_prepared(events.into_iter().map(PreparedEvent::new).collect())
+    }
+
+    /// [`Store::ingest`] for events whose payload text is already serialized.
+    fn ingest_prepared(&mut self, events: Vec<PreparedEvent>) -> Result<IngestSummary, StoreError>;
 
     /// Up to `limit` rows of `feed` with `seq > after_seq`, in `seq` order.
     fn read_feed(
@@ -181,6 +186,28 @@ pub fn open(url: &str, rules: Rules) -> Result<Box<dyn Store>, StoreError> {
         return Ok(Box::new(PostgresStore::connect(url, rules)?));
     }
     Err(StoreError::BadUrl(url.to_string()))
+}
+
+/// Drops `value` on a background thread (`store-free`), so a writer holding the write lock does
+/// not spend its time freeing what it has written. At most a few values wait; beyond that the
+/// caller blocks until the thread catches up, so memory stays bounded. Without the thread (it
+/// could not be started) the value is dropped here.
+pub(crate) fn drop_later<T: Send + 'static>(value: T) {
+    type Garbage = Box<dyn Send>;
+    static FREE: std::sync::OnceLock<Option<std::sync::mpsc::SyncSender<Garbage>>> =
+        std::sync::OnceLock::new();
+    let free = FREE.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Garbage>(2);
+        std::thread::Builder::new()
+            .name("store-free".into())
+            .spawn(move || rx.into_iter().for_each(drop))
+            .ok()
+            .map(|_| tx)
+    });
+    if let Some(tx) = free {
+        // A send fails only when the thread is gone; the value comes back and drops here.
+        let _ = tx.send(Box::new(value));
+    }
 }
 
 /// What a write transaction must offer the shared ingest logic.

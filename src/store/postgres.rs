@@ -8,10 +8,9 @@ use super::codec::{self, RawProfile, json_text, micros};
 use super::ingest::{LoadedState, ResolvedBatch, ingest_in_tx};
 use super::schema::{POSTGRES_SEQ_KEY, SCHEMA_VERSION, TRIGGER_COLUMNS, ddl};
 use super::{
-    EventFilter, EventRow, Feed, FeedRow, IngestSummary, Resolver, SourceInfo, Store, StoreError,
-    Trigger, WriteTx,
+    EventFilter, EventRow, Feed, FeedRow, IngestSummary, PreparedEvent, Resolver, SourceInfo,
+    Store, StoreError, Trigger, WriteTx,
 };
-use crate::event::Event;
 use crate::identity::{IdentifierState, ProfileState, Rules};
 
 /// Connects with the URL's `sslmode`: `disable` in clear, `prefer` and `require` through rustls
@@ -88,7 +87,11 @@ struct PgTx<'a>(Transaction<'a>);
 
 impl PostgresWrite<'_> {
     /// Resolves and writes `events` (see [`Store::ingest`]) without committing.
-    pub fn ingest(&mut self, events: Vec<Event>) -> Result<IngestSummary, StoreError> {
+    pub fn ingest<E: Into<PreparedEvent>>(
+        &mut self,
+        events: Vec<E>,
+    ) -> Result<IngestSummary, StoreError> {
+        let events = events.into_iter().map(Into::into).collect();
         let summary = ingest_in_tx(&mut self.tx, self.resolver, events, |t| load_all(&mut t.0))?;
         self.head = Some(summary.head);
         Ok(summary)
@@ -286,7 +289,7 @@ impl WriteTx for PgTx<'_> {
             let (mut seqs, mut ids, mut types, mut names, mut segs, mut srcs) =
                 (vec![], vec![], vec![], vec![], vec![], vec![]);
             let (mut ts, mut recv, mut payloads) = (vec![], vec![], vec![]);
-            for r in &b.events {
+            for (r, payload) in b.events.iter().zip(&b.payloads) {
                 let e = &r.event;
                 seqs.push(r.seq);
                 ids.push(e.message_id.as_str());
@@ -296,7 +299,7 @@ impl WriteTx for PgTx<'_> {
                 srcs.push(e.source_id.as_str());
                 ts.push(micros(e.timestamp));
                 recv.push(micros(e.received_at));
-                payloads.push(e.to_json_string());
+                payloads.push(payload.as_str());
             }
             tx.execute(
                 "INSERT INTO events (seq, message_id, type, event, segment_id, source_id, timestamp_us, received_at_us, payload)
@@ -352,7 +355,7 @@ impl WriteTx for PgTx<'_> {
 }
 
 impl Store for PostgresStore {
-    fn ingest(&mut self, events: Vec<Event>) -> Result<IngestSummary, StoreError> {
+    fn ingest_prepared(&mut self, events: Vec<PreparedEvent>) -> Result<IngestSummary, StoreError> {
         let mut write = self.begin_write()?;
         let summary = write.ingest(events)?;
         write.commit()?;

@@ -112,6 +112,36 @@ pub struct EventRow {
     pub event: Event,
 }
 
+/// An event on its way into the store, with the JSON text stored as its payload. The engine
+/// prepares it on its HTTP threads, so the single writer does not serialize payloads while it
+/// holds the write lock.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PreparedEvent {
+    /// The event.
+    pub event: Event,
+    /// `event.to_json_string()`.
+    pub(crate) payload: String,
+}
+
+impl PreparedEvent {
+    /// The event with its payload text.
+    pub fn new(event: Event) -> PreparedEvent {
+        let payload = event.to_json_string();
+        PreparedEvent { event, payload }
+    }
+
+    /// The payload text the store keeps for the event.
+    pub fn payload(&self) -> &str {
+        &self.payload
+    }
+}
+
+impl From<Event> for PreparedEvent {
+    fn from(event: Event) -> PreparedEvent {
+        PreparedEvent::new(event)
+    }
+}
+
 /// Any row of a change feed.
 // Most rows of a feed page are events, so boxing them would only add an allocation per row.
 #[allow(clippy::large_enum_variant)]

@@ -9,10 +9,9 @@ use super::codec::{self, RawProfile, json_text, micros};
 use super::ingest::{LoadedState, ResolvedBatch, ingest_in_tx};
 use super::schema::{SCHEMA_VERSION, SQLITE_SEQ_KEY, TRIGGER_COLUMNS, ddl};
 use super::{
-    EventFilter, EventRow, Feed, FeedRow, IngestSummary, Resolver, SourceInfo, Store, StoreError,
-    Trigger, WriteTx,
+    EventFilter, EventRow, Feed, FeedRow, IngestSummary, PreparedEvent, Resolver, SourceInfo,
+    Store, StoreError, Trigger, WriteTx,
 };
-use crate::event::Event;
 use crate::identity::{IdentifierState, ProfileState, Rules};
 
 /// A store in one SQLite file.
@@ -97,7 +96,11 @@ struct LiteTx<'a>(rusqlite::Transaction<'a>);
 
 impl SqliteWrite<'_> {
     /// Resolves and writes `events` (see [`Store::ingest`]) without committing.
-    pub fn ingest(&mut self, events: Vec<Event>) -> Result<IngestSummary, StoreError> {
+    pub fn ingest<E: Into<PreparedEvent>>(
+        &mut self,
+        events: Vec<E>,
+    ) -> Result<IngestSummary, StoreError> {
+        let events = events.into_iter().map(Into::into).collect();
         let summary = ingest_in_tx(&mut self.tx, self.resolver, events, |t| load_all(&t.0))?;
         self.head = Some(summary.head);
         Ok(summary)
@@ -235,7 +238,7 @@ impl WriteTx for LiteTx<'_> {
         let mut stmt = tx.prepare_cached(
             "INSERT INTO events (seq, message_id, type, event, segment_id, source_id, timestamp_us, received_at_us, payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         )?;
-        for r in &b.events {
+        for (r, payload) in b.events.iter().zip(&b.payloads) {
             let e = &r.event;
             stmt.execute(params![
                 r.seq,
@@ -246,7 +249,7 @@ impl WriteTx for LiteTx<'_> {
                 e.source_id,
                 micros(e.timestamp),
                 micros(e.received_at),
-                e.to_json_string(),
+                payload,
             ])?;
         }
         let mut stmt = tx.prepare_cached(
@@ -342,7 +345,7 @@ impl SqliteStore {
 const PAGE_HINT: usize = 10_000;
 
 impl Store for SqliteStore {
-    fn ingest(&mut self, events: Vec<Event>) -> Result<IngestSummary, StoreError> {
+    fn ingest_prepared(&mut self, events: Vec<PreparedEvent>) -> Result<IngestSummary, StoreError> {
         let mut write = self.begin_write()?;
         let summary = write.ingest(events)?;
         write.commit()?;

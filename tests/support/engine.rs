@@ -35,6 +35,12 @@ pub struct TestEngine {
 
 /// Starts an engine with a queue of `capacity` requests.
 pub async fn start(capacity: usize) -> TestEngine {
+    start_with(capacity, 64).await
+}
+
+/// Starts an engine with a queue of `capacity` requests that reads and parses at most
+/// `reading` requests at once.
+pub async fn start_with(capacity: usize, reading: usize) -> TestEngine {
     let dir = tempfile::tempdir().expect("temp dir");
     let store_path = dir.path().join("store.db");
     let store_url = format!("sqlite://{}", store_path.display());
@@ -45,6 +51,7 @@ pub async fn start(capacity: usize) -> TestEngine {
         rules: Rules::default(),
         feed_token: Some(FEED_TOKEN.into()),
         queue_capacity: capacity,
+        reading_capacity: reading,
     })
     .await
     .expect("start engine");

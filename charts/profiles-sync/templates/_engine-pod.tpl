@@ -39,6 +39,7 @@ spec:
         - --sources=/etc/profiles-sync/sources/sources.yaml
         - --feed-token-file=/etc/profiles-sync/feed-token/token
         - --queue-capacity={{ $e.queueCapacity }}
+        - --reading-capacity={{ $e.readingCapacity }}
         {{- if .Values.identityRules }}
         - --rules=/etc/profiles-sync/rules/rules.yaml
         {{- end }}
