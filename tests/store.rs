@@ -557,3 +557,116 @@ fn sqlite_new_stores_use_16k_pages_and_older_files_keep_theirs() {
         2
     );
 }
+
+/// A TCP proxy to a PostgreSQL server that, once armed, cuts its client off at the client's
+/// next `COMMIT` — after passing it on to the server (`forward`) or before.
+struct CommitCutter {
+    port: u16,
+    armed: std::sync::Arc<std::sync::Mutex<Option<bool>>>,
+}
+
+impl CommitCutter {
+    fn start(server_port: u16) -> CommitCutter {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let armed = std::sync::Arc::new(std::sync::Mutex::new(None::<bool>));
+        let shared = armed.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let server = std::net::TcpStream::connect(("127.0.0.1", server_port)).unwrap();
+                let (mut from_server, mut to_client) =
+                    (server.try_clone().unwrap(), client.try_clone().unwrap());
+                let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let cut_seen = cut.clone();
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 1 << 16];
+                    while let Ok(n @ 1..) = from_server.read(&mut buf) {
+                        if cut_seen.load(std::sync::atomic::Ordering::SeqCst)
+                            || to_client.write_all(&buf[..n]).is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+                let (mut from_client, mut to_server) = (client, server);
+                let armed = shared.clone();
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 1 << 16];
+                    while let Ok(n @ 1..) = from_client.read(&mut buf) {
+                        let chunk = &buf[..n];
+                        let is_commit = chunk.windows(6).any(|w| w == b"COMMIT");
+                        let plan = if is_commit {
+                            armed.lock().unwrap().take()
+                        } else {
+                            None
+                        };
+                        if let Some(forward) = plan {
+                            // The client never hears back: cut it off before the server answers,
+                            // then the server's side too, as a broken network would.
+                            cut.store(true, std::sync::atomic::Ordering::SeqCst);
+                            let _ = from_client.shutdown(std::net::Shutdown::Both);
+                            if forward {
+                                let _ = to_server.write_all(chunk);
+                            }
+                            let _ = to_server.shutdown(std::net::Shutdown::Write);
+                            return;
+                        }
+                        if to_server.write_all(chunk).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        CommitCutter { port, armed }
+    }
+
+    /// Cuts the next COMMIT, passing it on to the server first when `forward`.
+    fn arm(&self, forward: bool) {
+        *self.armed.lock().unwrap() = Some(forward);
+    }
+}
+
+fn without_message_id(user: &str) -> Event {
+    event(json!({"type": "track", "userId": user, "event": "Order Completed"}))
+}
+
+#[test]
+fn postgres_a_connection_lost_during_commit_reports_what_the_server_did() {
+    let pg = support::pg::shared();
+    let db = pg.create_database("cut");
+    let cutter = CommitCutter::start(pg.port());
+    let through_cutter = pg
+        .url(&db)
+        .replace(&format!(":{}/", pg.port()), &format!(":{}/", cutter.port));
+    let mut s = store::open(&through_cutter, Rules::default()).unwrap();
+    let mut direct = store::open(&pg.url(&db), Rules::default()).unwrap();
+
+    // The server applied the COMMIT but its answer never arrived: the events are stored, so the
+    // ingest must say so — a "nothing stored" would make the client's retry store them again
+    // (their messageIds are the engine's own, generated afresh on the retry).
+    cutter.arm(true);
+    let summary = s
+        .ingest(vec![without_message_id("u1"), without_message_id("u2")])
+        .expect("the commit landed, so the ingest succeeded");
+    assert_eq!(summary.accepted, 2);
+    assert_eq!(direct.event_count().unwrap(), 2);
+
+    // The COMMIT never reached the server: nothing is stored and the ingest fails.
+    cutter.arm(false);
+    assert!(s.ingest(vec![without_message_id("u3")]).is_err());
+    assert_eq!(direct.event_count().unwrap(), 2);
+
+    // The store keeps working on its new connection, its graph in step with the server.
+    let summary = s
+        .ingest(vec![without_message_id("u1"), without_message_id("u4")])
+        .unwrap();
+    assert_eq!(summary.accepted, 2);
+    assert_eq!(
+        summary.profiles_created, 1,
+        "u1's profile is known, u4's is new"
+    );
+    assert_eq!(direct.event_count().unwrap(), 4);
+}

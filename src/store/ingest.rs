@@ -99,8 +99,10 @@ pub(crate) struct ResolvedBatch {
     pub new_track_names: Vec<String>,
 }
 
-/// Resolves `events` inside an open write transaction and writes their rows. The caller commits
-/// and then calls `resolver.committed(head)`; `load` rebuilds the graph when it is stale.
+/// Resolves `events` inside an open write transaction and writes their rows; returns what it
+/// did and the `seq` and messageId of the last event written (none when every event was a
+/// duplicate or refused). The caller commits and then calls `resolver.committed(head)`; `load`
+/// rebuilds the graph when it is stale.
 pub(crate) fn ingest_in_tx<T: WriteTx>(
     tx: &mut T,
     resolver: &mut Resolver,
@@ -108,7 +110,7 @@ pub(crate) fn ingest_in_tx<T: WriteTx>(
     load: impl FnOnce(
         &mut T,
     ) -> Result<(Vec<ProfileState>, Vec<IdentifierState>, Vec<String>), StoreError>,
-) -> Result<IngestSummary, StoreError> {
+) -> Result<(IngestSummary, Option<(i64, String)>), StoreError> {
     let head = tx.lock_head()?;
     if !resolver.is_current(head) {
         let (profiles, identifiers, names) = load(tx)?;
@@ -182,8 +184,12 @@ pub(crate) fn ingest_in_tx<T: WriteTx>(
     }
     batch.state = resolver.graph.take_dirty();
     tx.write(&batch, seq)?;
+    let last = batch
+        .events
+        .last()
+        .map(|r| (r.seq, r.event.message_id.clone()));
     // Freeing a large batch costs the writer as much as serializing it: hand it to a thread.
     super::drop_later(batch);
     summary.head = seq;
-    Ok(summary)
+    Ok((summary, last))
 }

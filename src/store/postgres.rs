@@ -34,6 +34,10 @@ fn connect(url: &str) -> Result<Client, StoreError> {
 pub struct PostgresStore {
     client: Client,
     resolver: Resolver,
+    /// Where to reconnect to when the connection breaks during a commit.
+    url: String,
+    /// The server process of `client`, to wait for after its connection broke.
+    backend_pid: i32,
 }
 
 impl PostgresStore {
@@ -59,9 +63,12 @@ impl PostgresStore {
             ))?;
             tx.commit()?;
         }
+        let backend_pid = client.query_one("SELECT pg_backend_pid()", &[])?.get(0);
         Ok(PostgresStore {
             client,
             resolver: Resolver::new(rules),
+            url: url.to_string(),
+            backend_pid,
         })
     }
 
@@ -72,6 +79,7 @@ impl PostgresStore {
             tx: PgTx(self.client.transaction()?),
             resolver: &mut self.resolver,
             head: None,
+            last_event: None,
         })
     }
 }
@@ -81,6 +89,9 @@ pub struct PostgresWrite<'a> {
     tx: PgTx<'a>,
     resolver: &'a mut Resolver,
     head: Option<i64>,
+    /// The `seq` and messageId of the last event written: the transaction's own mark, to tell
+    /// after a broken connection whether its commit landed.
+    last_event: Option<(i64, String)>,
 }
 
 struct PgTx<'a>(Transaction<'a>);
@@ -92,8 +103,12 @@ impl PostgresWrite<'_> {
         events: Vec<E>,
     ) -> Result<IngestSummary, StoreError> {
         let events = events.into_iter().map(Into::into).collect();
-        let summary = ingest_in_tx(&mut self.tx, self.resolver, events, |t| load_all(&mut t.0))?;
+        let (summary, last) =
+            ingest_in_tx(&mut self.tx, self.resolver, events, |t| load_all(&mut t.0))?;
         self.head = Some(summary.head);
+        if last.is_some() {
+            self.last_event = last;
+        }
         Ok(summary)
     }
 
@@ -354,12 +369,66 @@ impl WriteTx for PgTx<'_> {
     }
 }
 
+impl PostgresStore {
+    /// Whether the event `message_id` is stored at `seq`, on a new connection that then
+    /// replaces the broken one. The server process of the broken connection may still be
+    /// committing: it is ended first (waiting up to 10 s; a commit in progress completes, an open
+    /// transaction rolls back), so the answer is final; `None` when that could not be ensured.
+    fn landed(&mut self, seq: i64, message_id: &str) -> Result<Option<bool>, StoreError> {
+        let mut client = connect(&self.url)?;
+        let old = self.backend_pid;
+        client.execute("SELECT pg_terminate_backend($1, 10000)", &[&old])?;
+        let alive = client
+            .query_opt("SELECT 1 FROM pg_stat_activity WHERE pid = $1", &[&old])?
+            .is_some();
+        if alive {
+            return Ok(None);
+        }
+        let row = client.query_opt("SELECT message_id FROM events WHERE seq = $1", &[&seq])?;
+        self.backend_pid = client.query_one("SELECT pg_backend_pid()", &[])?.get(0);
+        self.client = client;
+        Ok(Some(
+            row.is_some_and(|r| r.get::<_, String>(0) == message_id),
+        ))
+    }
+}
+
 impl Store for PostgresStore {
     fn ingest_prepared(&mut self, events: Vec<PreparedEvent>) -> Result<IngestSummary, StoreError> {
         let mut write = self.begin_write()?;
         let summary = write.ingest(events)?;
-        write.commit()?;
-        Ok(summary)
+        let last_event = write.last_event.take();
+        let Err(e) = write.commit() else {
+            return Ok(summary);
+        };
+        if !self.client.is_closed() {
+            return Err(e);
+        }
+        // The connection broke during COMMIT, which the server may or may not have applied.
+        // Answering "nothing stored" when it did would make a client's retry store the events
+        // twice (those whose messageId the engine generated), so look on a new connection.
+        let Some((seq, message_id)) = last_event else {
+            // Nothing was accepted: whichever way it went, nothing new is stored.
+            return Ok(summary);
+        };
+        match self.landed(seq, &message_id) {
+            Ok(Some(true)) => {
+                self.resolver.committed(summary.head);
+                Ok(summary)
+            }
+            Ok(Some(false)) => Err(e),
+            Ok(None) => {
+                tracing::warn!(
+                    "the server process of a connection broken during COMMIT is still running; \
+                     answering as if the commit failed"
+                );
+                Err(e)
+            }
+            Err(check) => {
+                tracing::warn!(error = %check, "could not check whether an interrupted commit landed");
+                Err(e)
+            }
+        }
     }
 
     fn read_feed(

@@ -101,7 +101,7 @@ impl SqliteWrite<'_> {
         events: Vec<E>,
     ) -> Result<IngestSummary, StoreError> {
         let events = events.into_iter().map(Into::into).collect();
-        let summary = ingest_in_tx(&mut self.tx, self.resolver, events, |t| load_all(&t.0))?;
+        let (summary, _) = ingest_in_tx(&mut self.tx, self.resolver, events, |t| load_all(&t.0))?;
         self.head = Some(summary.head);
         Ok(summary)
     }
