@@ -983,11 +983,14 @@ fn a_byte_limit_splits_a_backlog_too() {
 
 /// A store's feed with scripted trouble: it fails after `ok_reads` reads of the events feed
 /// (the engine going away mid-sync), and runs `before_traits_read` (an engine committing
-/// between the sync's reads) before each read of `profile_traits_updates`.
+/// between the sync's reads) before each read of `profile_traits_updates`; with `cut_pages` it
+/// serves the first half of each page of two rows or more, saying more may follow (the engine
+/// cutting pages by size).
 struct ScriptedFeed {
     inner: profiles_sync::sync::StoreSource,
     ok_reads: usize,
     before_traits_read: Option<Box<dyn FnMut() + Send>>,
+    cut_pages: bool,
 }
 
 impl ScriptedFeed {
@@ -998,6 +1001,7 @@ impl ScriptedFeed {
             ),
             ok_reads: usize::MAX,
             before_traits_read: None,
+            cut_pages: false,
         }
     }
 }
@@ -1009,6 +1013,14 @@ impl profiles_sync::sync::FeedSource for ScriptedFeed {
         after: i64,
         limit: usize,
     ) -> Result<Vec<profiles_sync::store::FeedRow>, profiles_sync::sync::SourceError> {
+        Ok(self.read_page(feed, after, limit)?.0)
+    }
+    fn read_page(
+        &mut self,
+        feed: &profiles_sync::store::Feed,
+        after: i64,
+        limit: usize,
+    ) -> Result<(Vec<profiles_sync::store::FeedRow>, bool), profiles_sync::sync::SourceError> {
         match feed {
             profiles_sync::store::Feed::Events(_) => {
                 if self.ok_reads == 0 {
@@ -1023,7 +1035,12 @@ impl profiles_sync::sync::FeedSource for ScriptedFeed {
             }
             _ => {}
         }
-        self.inner.read(feed, after, limit)
+        let (mut rows, more) = self.inner.read_page(feed, after, limit)?;
+        if self.cut_pages && rows.len() > 1 {
+            rows.truncate(rows.len() / 2);
+            return Ok((rows, true));
+        }
+        Ok((rows, more))
     }
     fn head(&mut self) -> Result<i64, profiles_sync::sync::SourceError> {
         self.inner.head()
@@ -1147,4 +1164,38 @@ fn a_commit_between_the_identity_log_reads_is_not_skipped() {
             .any(|v| v.as_deref() == Some("late@example.com")),
         "the late profile is there"
     );
+}
+
+#[test]
+fn pages_cut_short_by_the_feed_lose_no_rows() {
+    let (mut s, url, _d) = store();
+    ingest(&mut *s, &basics());
+    // More identity changes, so each log spans several pages.
+    let more: Vec<Value> = (0..12)
+        .map(|i| {
+            msg(json!({"type": "identify", "messageId": format!("x{i}"), "anonymousId": format!("a{}", i % 5),
+                       "userId": format!("u{}", i % 3), "traits": {"n": i, "email": format!("p{}@example.com", i % 4)}}))
+        })
+        .collect();
+    ingest(&mut *s, &more);
+    let (cut, clean) = (TestWarehouse::sqlite(), TestWarehouse::sqlite());
+    let mut source = ScriptedFeed::new(&url);
+    source.cut_pages = true;
+    let mut wh = cut.connect();
+    let opts = profiles_sync::sync::SyncOptions {
+        id: "test".into(),
+        connection: &cut.spec,
+        selection: None,
+        page_size: 4,
+        now: jiff::Timestamp::now(),
+    };
+    let r = profiles_sync::sync::run(&mut source, &mut *wh, &opts);
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    drop(wh);
+    clean.sync(&url, None);
+    let (a, b) = (cut.dump(), clean.dump());
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (table, rows) in &b {
+        assert_eq!(&a[table], rows, "{table}");
+    }
 }

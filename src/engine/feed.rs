@@ -8,9 +8,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
-use crate::store::{EventFilter, Feed, FeedRow, Store, StoreError};
+use crate::store::{EventFilter, Feed, Store, StoreError};
 use crate::sync::naming::table_name;
 
 /// Largest page a client may ask for.
@@ -99,39 +99,124 @@ pub fn catalog(
     Ok(doc)
 }
 
-/// One page of a feed as NDJSON: the header line, then the rows.
+/// Most bytes of rows a page carries (at least one row): with events of up to 32 KB, a page
+/// of 50,000 could otherwise hold 1.6 GB in the engine's memory.
+pub const MAX_PAGE_BYTES: usize = 16 << 20;
+
+/// Rows read from the store at a time while a page is assembled, so at most this many rows
+/// beyond the byte budget are ever held.
+const READ_PIECE: usize = 1_000;
+
+/// One page of a feed as NDJSON: the header line, then the rows — up to `limit` rows, cut short
+/// once the rows hold `max_bytes`. The header's `more` is false only when the page reached the
+/// end of the feed as of the read; a reader must not take a short page for the end.
 pub fn page(
     store: &mut dyn Store,
     table: &str,
     feed: &Feed,
     after: i64,
     limit: usize,
+    max_bytes: usize,
 ) -> Result<String, StoreError> {
-    let rows: Vec<Map<String, Value>> = store
-        .read_feed(feed, after, limit)?
-        .iter()
-        .map(FeedRow::to_json)
-        .collect();
     let mut columns: Vec<String> = vec![];
-    for r in &rows {
-        for k in r.keys() {
-            if !columns.iter().any(|c| c == k) {
-                columns.push(k.clone());
+    let mut body = String::new();
+    let (mut count, mut next_after, mut more) = (0usize, after, true);
+    'read: while count < limit {
+        let piece = store.read_feed(feed, next_after, (limit - count).min(READ_PIECE))?;
+        let ended = piece.len() < (limit - count).min(READ_PIECE);
+        for row in &piece {
+            if count > 0 && body.len() >= max_bytes {
+                break 'read;
             }
+            let r = row.to_json();
+            for k in r.keys() {
+                if !columns.iter().any(|c| c == k) {
+                    columns.push(k.clone());
+                }
+            }
+            body.push_str(&Value::Object(r).to_string());
+            body.push('\n');
+            count += 1;
+            next_after = row.seq();
+        }
+        if ended {
+            more = false;
+            break;
         }
     }
-    let next_after = rows
-        .last()
-        .and_then(|r| r.get("seq"))
-        .and_then(Value::as_i64)
-        .unwrap_or(after);
-    let mut out =
-        json!({"table": table, "columns": columns, "count": rows.len(), "next_after": next_after})
-            .to_string();
+    let mut out = json!({"table": table, "columns": columns, "count": count, "next_after": next_after, "more": more})
+        .to_string();
     out.push('\n');
-    for r in rows {
-        out.push_str(&Value::Object(r).to_string());
-        out.push('\n');
-    }
+    out.push_str(&body);
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Event, ParseOptions};
+
+    fn page_rows(text: &str) -> (Value, Vec<Value>) {
+        let mut lines = text
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap());
+        let header = lines.next().unwrap();
+        (header, lines.collect())
+    }
+
+    #[test]
+    fn pages_are_cut_by_size_and_say_whether_more_may_follow() {
+        let mut store =
+            crate::store::SqliteStore::open_in_memory(crate::identity::Rules::default()).unwrap();
+        let opts = ParseOptions {
+            now: jiff::Timestamp::from_second(1_767_225_600).unwrap(),
+            source_id: "src".into(),
+            trust_received_at: true,
+        };
+        let events: Vec<Event> = (0..10)
+            .map(|i| {
+                let m = json!({"type": "track", "messageId": format!("m{i}"), "userId": "u1",
+                    "event": "Big", "properties": {"blob": "x".repeat(1000)}});
+                Event::from_json(&m, None, &opts).unwrap()
+            })
+            .collect();
+        store.ingest(events).unwrap();
+        let feed = Feed::Events(EventFilter::All);
+        // A budget of about three rows: pages of three, each saying more may follow, until the
+        // last, which reaches the end.
+        let (mut after, mut seen, mut pages) = (0, vec![], 0);
+        loop {
+            let (header, rows) =
+                page_rows(&page(&mut store, "events", &feed, after, 10, 2_500).unwrap());
+            pages += 1;
+            assert!(rows.len() <= 3, "{} rows past the byte budget", rows.len());
+            assert_eq!(header["count"], rows.len());
+            seen.extend(
+                rows.iter()
+                    .map(|r| r["messageId"].as_str().unwrap().to_string()),
+            );
+            after = header["next_after"].as_i64().unwrap();
+            if header["more"] == false {
+                break;
+            }
+            assert!(
+                !rows.is_empty(),
+                "a page that says more follows carries rows"
+            );
+            assert!(pages < 20);
+        }
+        let expected: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
+        assert_eq!(seen, expected, "every row once, in order");
+        // One row is served whatever its size; a page of exactly `limit` rows may have more after it.
+        let (header, rows) = page_rows(&page(&mut store, "events", &feed, 0, 10, 1).unwrap());
+        assert_eq!((rows.len(), &header["more"]), (1, &json!(true)));
+        let (header, rows) =
+            page_rows(&page(&mut store, "events", &feed, 0, 4, usize::MAX).unwrap());
+        assert_eq!((rows.len(), &header["more"]), (4, &json!(true)));
+        let (first8, _) = page_rows(&page(&mut store, "events", &feed, 0, 8, usize::MAX).unwrap());
+        let after8 = first8["next_after"].as_i64().unwrap();
+        let (header, rows) =
+            page_rows(&page(&mut store, "events", &feed, after8, 4, usize::MAX).unwrap());
+        assert_eq!((rows.len(), &header["more"]), (2, &json!(false)));
+    }
 }

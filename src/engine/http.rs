@@ -326,7 +326,7 @@ async fn feed_page(
             let Some(f) = feed::feed_for(store, &table)? else {
                 return Ok(None);
             };
-            feed::page(store, &table, &f, after, limit).map(Some)
+            feed::page(store, &table, &f, after, limit, feed::MAX_PAGE_BYTES).map(Some)
         })
     })
     .await;

@@ -82,25 +82,33 @@ pub fn run(
         }
         let after = cursor_state.cursor;
         let read = |source: &mut dyn FeedSource, feed: Feed| {
-            source.read(&feed, after, page).map_err(RunError::Source)
+            source
+                .read_page(&feed, after, page)
+                .map_err(RunError::Source)
         };
-        let graph = read(source, Feed::IdGraphUpdates)?;
-        let mappings = read(source, Feed::ExternalIdMappingUpdates)?;
-        let traits = read(source, Feed::ProfileTraitsUpdates)?;
+        let (graph, graph_more) = read(source, Feed::IdGraphUpdates)?;
+        let (mappings, mappings_more) = read(source, Feed::ExternalIdMappingUpdates)?;
+        let (traits, traits_more) = read(source, Feed::ProfileTraitsUpdates)?;
         if graph.is_empty() && mappings.is_empty() && traits.is_empty() {
             break;
         }
-        // A full page may have more rows after it: the window ends at the earliest full page's end.
-        let full_end = [&graph, &mappings, &traits]
+        // A page with more rows after it (full, or cut short by size) ends the window at its
+        // last row: the other logs' rows past it wait for the next window.
+        let pages = [
+            (&graph, graph_more),
+            (&mappings, mappings_more),
+            (&traits, traits_more),
+        ];
+        let open_end = pages
             .iter()
-            .filter(|p| p.len() == page)
-            .filter_map(|p| p.last().map(FeedRow::seq))
+            .filter(|(_, more)| *more)
+            .filter_map(|(p, _)| p.last().map(FeedRow::seq))
             .min();
-        let end = full_end
+        let end = open_end
             .unwrap_or_else(|| {
-                [&graph, &mappings, &traits]
+                pages
                     .iter()
-                    .filter_map(|p| p.last().map(FeedRow::seq))
+                    .filter_map(|(p, _)| p.last().map(FeedRow::seq))
                     .max()
                     .unwrap_or(after)
             })

@@ -14,8 +14,22 @@ pub struct SourceError(pub String);
 /// The read side of a profile store (`Send`: the sync reads the event feed one page ahead on a
 /// second thread).
 pub trait FeedSource: Send {
-    /// Up to `limit` rows of `feed` with `seq > after`, in order.
+    /// Up to `limit` rows of `feed` with `seq > after`, in order. A page may be cut short (the
+    /// engine bounds pages by size): only an empty page is the end of the feed.
     fn read(&mut self, feed: &Feed, after: i64, limit: usize) -> Result<Vec<FeedRow>, SourceError>;
+    /// [`FeedSource::read`], and whether rows may follow the page: `false` only when the page
+    /// reached the end of the feed as of the read. By default, a page of `limit` rows may have
+    /// more after it and a shorter one ends the feed (a store never cuts a page short).
+    fn read_page(
+        &mut self,
+        feed: &Feed,
+        after: i64,
+        limit: usize,
+    ) -> Result<(Vec<FeedRow>, bool), SourceError> {
+        let rows = self.read(feed, after, limit)?;
+        let more = rows.len() >= limit;
+        Ok((rows, more))
+    }
     /// The highest committed `seq`.
     fn head(&mut self) -> Result<i64, SourceError>;
     /// Every Track event name seen.
@@ -116,13 +130,25 @@ fn feed_table(feed: &Feed) -> Result<String, SourceError> {
 
 impl FeedSource for EngineSource {
     fn read(&mut self, feed: &Feed, after: i64, limit: usize) -> Result<Vec<FeedRow>, SourceError> {
+        Ok(self.read_page(feed, after, limit)?.0)
+    }
+
+    fn read_page(
+        &mut self,
+        feed: &Feed,
+        after: i64,
+        limit: usize,
+    ) -> Result<(Vec<FeedRow>, bool), SourceError> {
         let table = feed_table(feed)?;
         let body = self.get(&format!("/v1/feeds/{table}?after={after}&limit={limit}"))?;
         let mut lines = body.lines();
-        lines
+        let header: Value = lines
             .next()
+            .map(serde_json::from_str)
+            .transpose()
+            .map_err(|e| SourceError(format!("feed {table}: {e}")))?
             .ok_or_else(|| SourceError(format!("feed {table}: empty response")))?;
-        lines
+        let rows = lines
             .map(|line| {
                 let v: Value = serde_json::from_str(line)
                     .map_err(|e| SourceError(format!("feed {table}: {e}")))?;
@@ -131,7 +157,10 @@ impl FeedSource for EngineSource {
                 };
                 FeedRow::from_json(feed, m).map_err(|e| SourceError(format!("feed {table}: {e}")))
             })
-            .collect()
+            .collect::<Result<Vec<_>, _>>()?;
+        // An engine without `more` in its header never cut a page short.
+        let more = header["more"].as_bool().unwrap_or(rows.len() >= limit);
+        Ok((rows, more))
     }
 
     fn head(&mut self) -> Result<i64, SourceError> {
