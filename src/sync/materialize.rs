@@ -56,130 +56,141 @@ fn trait_text(v: &Value) -> Cell {
     }
 }
 
-/// Brings one materialized table (`table`, with its own cursor) up to date, window after window
-/// of the identity logs up to `head`; returns the rows written, or the error that stopped it
-/// (earlier windows stay committed). Each table has its own cursor and transactions, so one the
-/// warehouse refuses never holds the others back.
+/// One window of the three identity logs: their rows after the window's start, up to `end`.
+pub struct Window {
+    graph: Vec<FeedRow>,
+    mappings: Vec<FeedRow>,
+    traits: Vec<FeedRow>,
+    /// The window's last `seq`.
+    pub end: i64,
+    /// Rows read from the feeds (for `limits.maxRows`).
+    pub read: u64,
+}
+
+/// Reads the window of the identity logs after `after`: `None` when they hold nothing new up to
+/// `head`. The window ends at the last row of a page that may have more after it (full, or cut
+/// short by size), else at the last row read, and never past `head`.
 ///
 /// `head` must have been read before any of the logs: every row up to it is committed (commit
 /// order is seq order), so a window never ends past a row one log committed after it was read.
-#[allow(clippy::too_many_arguments)]
-pub fn run(
+pub fn read_window(
     source: &mut dyn FeedSource,
+    after: i64,
+    head: i64,
+    page: usize,
+) -> Result<Option<Window>, RunError> {
+    let mut read = |feed: Feed| {
+        source
+            .read_page(&feed, after, page)
+            .map_err(RunError::Source)
+    };
+    let (graph, graph_more) = read(Feed::IdGraphUpdates)?;
+    let (mappings, mappings_more) = read(Feed::ExternalIdMappingUpdates)?;
+    let (traits, traits_more) = read(Feed::ProfileTraitsUpdates)?;
+    let pages = [
+        (&graph, graph_more),
+        (&mappings, mappings_more),
+        (&traits, traits_more),
+    ];
+    let open_end = pages
+        .iter()
+        .filter(|(_, more)| *more)
+        .filter_map(|(p, _)| p.last().map(FeedRow::seq))
+        .min();
+    let end = open_end
+        .unwrap_or_else(|| {
+            pages
+                .iter()
+                .filter_map(|(p, _)| p.last().map(FeedRow::seq))
+                .max()
+                .unwrap_or(after)
+        })
+        .min(head);
+    if end <= after {
+        return Ok(None);
+    }
+    let read = (graph.len() + mappings.len() + traits.len()) as u64;
+    Ok(Some(Window {
+        graph,
+        mappings,
+        traits,
+        end,
+        read,
+    }))
+}
+
+/// Applies `window` to `table` (one of [`USER_IDENTIFIERS`], [`USER_TRAITS`],
+/// [`PROFILE_MERGES`]) in a transaction of its own that also moves the table's cursor to the
+/// window's end; returns the rows written. The table's cursor must be the window's start.
+pub fn apply_window(
     wh: &mut dyn Warehouse,
     schema: &mut Schema,
     table: &str,
     cursor_state: &mut TableState,
-    head: i64,
-    page: usize,
-    max_rows: &mut Option<u64>,
+    window: &Window,
     uuid: jiff::Timestamp,
-) -> Result<u64, RunError> {
-    let mut written = 0;
-    loop {
-        if max_rows.is_some_and(|m| m == 0) {
-            break;
-        }
-        let after = cursor_state.cursor;
-        let read = |source: &mut dyn FeedSource, feed: Feed| {
-            source
-                .read_page(&feed, after, page)
-                .map_err(RunError::Source)
-        };
-        let (graph, graph_more) = read(source, Feed::IdGraphUpdates)?;
-        let (mappings, mappings_more) = read(source, Feed::ExternalIdMappingUpdates)?;
-        let (traits, traits_more) = read(source, Feed::ProfileTraitsUpdates)?;
-        if graph.is_empty() && mappings.is_empty() && traits.is_empty() {
-            break;
-        }
-        // A page with more rows after it (full, or cut short by size) ends the window at its
-        // last row: the other logs' rows past it wait for the next window.
-        let pages = [
-            (&graph, graph_more),
-            (&mappings, mappings_more),
-            (&traits, traits_more),
-        ];
-        let open_end = pages
-            .iter()
-            .filter(|(_, more)| *more)
-            .filter_map(|(p, _)| p.last().map(FeedRow::seq))
-            .min();
-        let end = open_end
-            .unwrap_or_else(|| {
-                pages
-                    .iter()
-                    .filter_map(|(p, _)| p.last().map(FeedRow::seq))
-                    .max()
-                    .unwrap_or(after)
-            })
-            .min(head);
-        if end <= after {
-            break;
-        }
-
-        let mut idents = vec![];
-        for r in &mappings {
-            if let FeedRow::Mapping(m) = r
-                && m.seq <= end
-            {
-                idents.push((
-                    vec![
-                        Cell::Text(m.segment_id.clone()),
-                        Cell::Text(escape_nul(&m.external_id_type).into_owned()),
-                        Cell::Text(escape_nul(&m.external_id_value).into_owned()),
-                    ],
-                    tail(m.seq, &m.trigger),
-                ));
-            }
-        }
-        let mut snapshots: BTreeMap<&str, &crate::store::TraitsRow> = BTreeMap::new();
-        for r in &traits {
-            if let FeedRow::Traits(t) = r
-                && t.seq <= end
-            {
-                snapshots.insert(&t.segment_id, t);
-            }
-        }
-        let mut final_canonical: BTreeMap<&str, (&str, i64, &Trigger)> = BTreeMap::new();
-        for r in &graph {
-            if let FeedRow::IdGraph(g) = r
-                && g.seq <= end
-                && g.segment_id != g.canonical_segment_id
-            {
-                final_canonical.insert(&g.segment_id, (&g.canonical_segment_id, g.seq, &g.trigger));
-            }
-        }
-
-        let mut next = cursor_state.clone();
-        next.cursor = end;
-        wh.begin().map_err(RunError::Warehouse)?;
-        let result = apply(
-            wh,
-            schema,
-            table,
-            uuid,
-            idents,
-            &snapshots,
-            &final_canonical,
-            &next,
-            &mut written,
-        );
-        match result {
-            Ok(()) => wh.commit().map_err(RunError::Warehouse)?,
-            Err(e) => {
-                let _ = wh.rollback();
-                return Err(RunError::Warehouse(e));
-            }
-        }
-        let cols = schema.tables.entry(table.to_string()).or_default();
-        for c in columns(table) {
-            cols.entry(c.name).or_insert(c.ty);
-        }
-        *cursor_state = next;
-        if let Some(m) = max_rows.as_mut() {
-            *m = m.saturating_sub((mappings.len() + traits.len() + graph.len()) as u64);
+) -> Result<u64, WarehouseError> {
+    let end = window.end;
+    let mut idents = vec![];
+    for r in &window.mappings {
+        if let FeedRow::Mapping(m) = r
+            && m.seq <= end
+        {
+            idents.push((
+                vec![
+                    Cell::Text(m.segment_id.clone()),
+                    Cell::Text(escape_nul(&m.external_id_type).into_owned()),
+                    Cell::Text(escape_nul(&m.external_id_value).into_owned()),
+                ],
+                tail(m.seq, &m.trigger),
+            ));
         }
     }
+    let mut snapshots: BTreeMap<&str, &crate::store::TraitsRow> = BTreeMap::new();
+    for r in &window.traits {
+        if let FeedRow::Traits(t) = r
+            && t.seq <= end
+        {
+            snapshots.insert(&t.segment_id, t);
+        }
+    }
+    let mut final_canonical: BTreeMap<&str, (&str, i64, &Trigger)> = BTreeMap::new();
+    for r in &window.graph {
+        if let FeedRow::IdGraph(g) = r
+            && g.seq <= end
+            && g.segment_id != g.canonical_segment_id
+        {
+            final_canonical.insert(&g.segment_id, (&g.canonical_segment_id, g.seq, &g.trigger));
+        }
+    }
+
+    let mut next = cursor_state.clone();
+    next.cursor = end;
+    let mut written = 0;
+    wh.begin()?;
+    let result = apply(
+        wh,
+        schema,
+        table,
+        uuid,
+        idents,
+        &snapshots,
+        &final_canonical,
+        &next,
+        &mut written,
+    );
+    match result {
+        Ok(()) => wh.commit()?,
+        Err(e) => {
+            let _ = wh.rollback();
+            return Err(e);
+        }
+    }
+    let cols = schema.tables.entry(table.to_string()).or_default();
+    for c in columns(table) {
+        cols.entry(c.name).or_insert(c.ty);
+    }
+    *cursor_state = next;
     Ok(written)
 }
 

@@ -343,50 +343,62 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
+    /// Keeps the profile tables current. Each has its own cursor and transactions, so one the
+    /// warehouse refuses never holds the others back; a window of the identity logs is read once
+    /// for every table whose cursor is at its start (all of them, normally).
     fn load_materialized(
         &mut self,
         source: &mut dyn FeedSource,
         wh: &mut dyn Warehouse,
         schema: &mut Schema,
     ) -> Result<(), RunError> {
+        let mut active: Vec<(&'static str, TableState)> = vec![];
         for t in MATERIALIZED {
             // A first sync loads the profile tables from the beginning.
-            let mut cursor = self.resolve(t, 0, None);
-            if !cursor.enabled {
-                continue;
+            let cursor = self.resolve(t, 0, None);
+            if cursor.enabled {
+                self.table_report(t);
+                active.push((t, cursor));
             }
-            self.table_report(t);
-            let mut budget = self.rows_left;
-            let result = materialize::run(
-                source,
-                wh,
-                schema,
-                t,
-                &mut cursor,
-                self.head,
-                self.page(),
-                &mut budget,
-                self.uuid,
-            );
-            self.states.insert(t.to_string(), cursor.clone());
-            if let (Some(before), Some(after)) = (self.rows_left, budget) {
-                self.spend(before - after, 0);
-            }
-            match result {
-                Ok(rows) => {
-                    self.table_report(t).rows += rows;
-                    if !self.budget_left() && cursor.cursor < self.head {
-                        self.report.limit_reached = true;
-                    } else {
-                        // The window loop only stops early for the budget; otherwise every
-                        // feed was read to its end.
-                        self.caught_up.insert(t.to_string());
+        }
+        while self.budget_left() {
+            let Some(after) = active.iter().map(|(_, c)| c.cursor).min() else {
+                break;
+            };
+            let Some(window) = materialize::read_window(source, after, self.head, self.page())?
+            else {
+                // Nothing new after the lowest cursor: every table has read its logs to the end.
+                for (t, _) in &active {
+                    self.caught_up.insert(t.to_string());
+                }
+                active.clear();
+                break;
+            };
+            let mut failed = vec![];
+            for (t, cursor) in active.iter_mut().filter(|(_, c)| c.cursor == after) {
+                match materialize::apply_window(wh, schema, t, cursor, &window, self.uuid) {
+                    Ok(rows) => {
+                        self.states.insert(t.to_string(), cursor.clone());
+                        self.table_report(t).rows += rows;
+                    }
+                    Err(e) if e.class == ErrorClass::Connection => {
+                        return Err(RunError::Warehouse(e));
+                    }
+                    Err(e) => {
+                        self.fail_table(t, e);
+                        failed.push(*t);
                     }
                 }
-                Err(RunError::Warehouse(e)) if e.class != ErrorClass::Connection => {
-                    self.fail_table(t, e);
-                }
-                Err(e) => return Err(e),
+            }
+            active.retain(|(t, _)| !failed.contains(t));
+            self.spend(window.read, 0);
+        }
+        // Stopped by the budget: the tables it left behind wait for the next run.
+        for (t, cursor) in &active {
+            if cursor.cursor < self.head {
+                self.report.limit_reached = true;
+            } else {
+                self.caught_up.insert(t.to_string());
             }
         }
         Ok(())
