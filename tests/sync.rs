@@ -48,6 +48,20 @@ fn basics() -> Vec<Value> {
     ]
 }
 
+/// (name, value) of every row of `user_traits`, sorted.
+fn trait_values(wh: &TestWarehouse) -> Vec<(String, String)> {
+    let mut rows: Vec<(String, String)> = wh
+        .query(&format!(
+            "SELECT name, value FROM {}",
+            wh.table("user_traits")
+        ))
+        .into_iter()
+        .map(|r| (r[0].clone().unwrap(), r[1].clone().unwrap()))
+        .collect();
+    rows.sort();
+    rows
+}
+
 /// The tables a report says failed.
 fn failed_tables(r: &profiles_sync::sync::SyncReport) -> Vec<&str> {
     r.tables
@@ -256,14 +270,7 @@ fn materialized_tables_follow_merges(kind: &str) {
             .collect();
         assert_eq!(got, expected, "{table}");
     }
-    let traits: BTreeMap<String, String> = wh
-        .query(&format!(
-            "SELECT name, value FROM {}",
-            wh.table("user_traits")
-        ))
-        .into_iter()
-        .map(|r| (r[0].clone().unwrap(), r[1].clone().unwrap()))
-        .collect();
+    let traits: BTreeMap<String, String> = trait_values(&wh).into_iter().collect();
     // The survivor has the traits of both profiles; the merged-away one has none left.
     assert_eq!(
         traits.get("email").map(String::as_str),
@@ -1232,16 +1239,7 @@ fn profile_tables_at_different_cursors_each_load_from_their_own() {
     for table in ["user_identifiers", "profile_merges"] {
         assert_eq!(a[table], b[table], "{table}");
     }
-    let traits: Vec<(String, String)> = wh
-        .query(&format!(
-            "SELECT name, value FROM {}",
-            wh.table("user_traits")
-        ))
-        .into_iter()
-        .map(|r| (r[0].clone().unwrap(), r[1].clone().unwrap()))
-        .collect();
-    let mut traits = traits;
-    traits.sort();
+    let traits = trait_values(&wh);
     assert_eq!(
         traits,
         [
