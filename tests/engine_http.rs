@@ -26,6 +26,20 @@ async fn post(base: &str, path: &str, body: &Value) -> (StatusCode, Value) {
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
+/// Asserts that the store holds exactly the events with these messageIds.
+fn assert_stored_exactly(url: &str, mut acknowledged: Vec<String>) {
+    acknowledged.sort();
+    let mut stored: Vec<String> = stored(url)
+        .into_iter()
+        .map(|r| r.event.message_id)
+        .collect();
+    stored.sort();
+    assert_eq!(
+        stored, acknowledged,
+        "exactly the acknowledged requests are stored"
+    );
+}
+
 fn stored(url: &str) -> Vec<profiles_sync::store::EventRow> {
     let mut s = store::open(url, Rules::default()).unwrap();
     s.read_feed(&Feed::Events(EventFilter::All), 0, 100_000)
@@ -689,16 +703,7 @@ async fn a_full_queue_turns_requests_away_before_parsing_them() {
         (1..=2).contains(&acknowledged.len()),
         "the held requests commit once the lock goes: {acknowledged:?}"
     );
-    acknowledged.sort();
-    let mut stored: Vec<String> = stored(&t.store_url)
-        .into_iter()
-        .map(|r| r.event.message_id)
-        .collect();
-    stored.sort();
-    assert_eq!(
-        stored, acknowledged,
-        "exactly the acknowledged requests are stored"
-    );
+    assert_stored_exactly(&t.store_url, acknowledged);
     t.engine.stop().await.unwrap();
 }
 
@@ -764,15 +769,6 @@ async fn requests_beyond_the_reading_capacity_are_turned_away_before_their_bodie
     .await;
     assert_eq!(status, StatusCode::OK);
     acknowledged.push("after".into());
-    acknowledged.sort();
-    let mut stored: Vec<String> = stored(&t.store_url)
-        .into_iter()
-        .map(|r| r.event.message_id)
-        .collect();
-    stored.sort();
-    assert_eq!(
-        stored, acknowledged,
-        "exactly the acknowledged requests are stored"
-    );
+    assert_stored_exactly(&t.store_url, acknowledged);
     t.engine.stop().await.unwrap();
 }
