@@ -1080,15 +1080,7 @@ fn a_feed_failing_mid_sync_is_reported_and_the_rerun_completes_it() {
 
     let mut source = ScriptedFeed::new(&url);
     source.ok_reads = 2;
-    let mut wh = broken.connect();
-    let opts = profiles_sync::sync::SyncOptions {
-        id: "test".into(),
-        connection: &broken.spec,
-        selection: None,
-        page_size: 2,
-        now: jiff::Timestamp::now(),
-    };
-    let report = profiles_sync::sync::run(&mut source, &mut *wh, &opts);
+    let report = broken.sync_source(&mut source, None, &broken.spec, 2);
     assert!(
         report
             .errors
@@ -1104,7 +1096,6 @@ fn a_feed_failing_mid_sync_is_reported_and_the_rerun_completes_it() {
     assert_eq!(report.status, SyncStatus::PartialSuccess, "{report:#?}");
     let reported: u64 = report.tables.iter().map(|t| t.rows).sum();
     assert!(reported >= broken.count("pages") as u64, "{report:#?}");
-    drop(wh);
 
     let rerun = broken.sync_with(&url, None, &broken.spec, 2);
     assert_eq!(rerun.status, SyncStatus::Success, "{rerun:#?}");
@@ -1142,17 +1133,8 @@ fn a_commit_between_the_identity_log_reads_is_not_skipped() {
             );
         }
     }));
-    let mut wh = racing.connect();
-    let opts = profiles_sync::sync::SyncOptions {
-        id: "test".into(),
-        connection: &racing.spec,
-        selection: None,
-        page_size: 500,
-        now: jiff::Timestamp::now(),
-    };
-    let r = profiles_sync::sync::run(&mut source, &mut *wh, &opts);
+    let r = racing.sync_source(&mut source, None, &racing.spec, 500);
     assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
-    drop(wh);
     racing.sync(&url, None);
     clean.sync(&url, None);
     let (a, b) = (racing.dump(), clean.dump());
@@ -1188,17 +1170,8 @@ fn pages_cut_short_by_the_feed_lose_no_rows() {
     let (cut, clean) = (TestWarehouse::sqlite(), TestWarehouse::sqlite());
     let mut source = ScriptedFeed::new(&url);
     source.cut_pages = true;
-    let mut wh = cut.connect();
-    let opts = profiles_sync::sync::SyncOptions {
-        id: "test".into(),
-        connection: &cut.spec,
-        selection: None,
-        page_size: 4,
-        now: jiff::Timestamp::now(),
-    };
-    let r = profiles_sync::sync::run(&mut source, &mut *wh, &opts);
+    let r = cut.sync_source(&mut source, None, &cut.spec, 4);
     assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
-    drop(wh);
     clean.sync(&url, None);
     let (a, b) = (cut.dump(), clean.dump());
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());

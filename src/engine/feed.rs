@@ -122,8 +122,9 @@ pub fn page(
     let mut body = String::new();
     let (mut count, mut next_after, mut more) = (0usize, after, true);
     'read: while count < limit {
-        let piece = store.read_feed(feed, next_after, (limit - count).min(READ_PIECE))?;
-        let ended = piece.len() < (limit - count).min(READ_PIECE);
+        let want = (limit - count).min(READ_PIECE);
+        let piece = store.read_feed(feed, next_after, want)?;
+        let ended = piece.len() < want;
         for row in &piece {
             if count > 0 && body.len() >= max_bytes {
                 break 'read;

@@ -129,11 +129,6 @@ impl PreparedEvent {
         let payload = event.to_json_string();
         PreparedEvent { event, payload }
     }
-
-    /// The payload text the store keeps for the event.
-    pub fn payload(&self) -> &str {
-        &self.payload
-    }
 }
 
 impl From<Event> for PreparedEvent {

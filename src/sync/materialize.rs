@@ -131,8 +131,9 @@ pub fn apply_window(
     uuid: jiff::Timestamp,
 ) -> Result<u64, WarehouseError> {
     let end = window.end;
+    // Each table reads only its part of the window (the window is applied once per table).
     let mut idents = vec![];
-    for r in &window.mappings {
+    for r in window.mappings.iter().filter(|_| table == USER_IDENTIFIERS) {
         if let FeedRow::Mapping(m) = r
             && m.seq <= end
         {
@@ -147,7 +148,7 @@ pub fn apply_window(
         }
     }
     let mut snapshots: BTreeMap<&str, &crate::store::TraitsRow> = BTreeMap::new();
-    for r in &window.traits {
+    for r in window.traits.iter().filter(|_| table == USER_TRAITS) {
         if let FeedRow::Traits(t) = r
             && t.seq <= end
         {

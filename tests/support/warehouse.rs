@@ -89,6 +89,17 @@ impl TestWarehouse {
         page: usize,
     ) -> SyncReport {
         let mut source = StoreSource(store::open(store_url, Rules::default()).expect("open store"));
+        self.sync_source(&mut source, selection, spec, page)
+    }
+
+    /// Runs one sync reading the feeds from `source` (a wrapped store, to script its trouble).
+    pub fn sync_source(
+        &self,
+        source: &mut dyn sync::FeedSource,
+        selection: Option<&SelectiveSyncSpec>,
+        spec: &WarehouseConnectionSpec,
+        page: usize,
+    ) -> SyncReport {
         let mut wh = self.connect();
         let opts = SyncOptions {
             id: "test".into(),
@@ -97,7 +108,7 @@ impl TestWarehouse {
             page_size: page,
             now: jiff::Timestamp::now(),
         };
-        sync::run(&mut source, &mut *wh, &opts)
+        sync::run(source, &mut *wh, &opts)
     }
 
     /// The qualified name of a table.
