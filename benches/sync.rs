@@ -18,7 +18,7 @@ use std::time::Instant;
 use profiles_sync::crd::{SelectiveSyncSpec, WarehouseConnectionSpec};
 use profiles_sync::event::{Event, ParseOptions};
 use profiles_sync::identity::Rules;
-use profiles_sync::store::{self, Feed, FeedRow, SourceInfo};
+use profiles_sync::store::{self, Feed, FeedRow, FlatEventRow, SourceInfo};
 use profiles_sync::sync::{self, FeedSource, SourceError, StoreSource, SyncOptions};
 use profiles_sync::warehouse::{
     self, Cell, Column, Credentials, Dialect, TableColumns, Warehouse, WarehouseError,
@@ -191,6 +191,7 @@ fn main() {
         let r = match name.as_str() {
             "load" => load_vs_copy(),
             "idle" => idle(),
+            "stages" => stages(),
             _ => backfill(args.first().and_then(|a| a.parse().ok()).unwrap_or(100_000)),
         };
         println!("{r}");
@@ -226,6 +227,12 @@ impl<S: FeedSource> FeedSource for Counting<S> {
     fn read(&mut self, feed: &Feed, after: i64, limit: usize) -> Result<Vec<FeedRow>, SourceError> {
         self.calls += 1;
         self.inner.read(feed, after, limit)
+    }
+    // Forwarded, or the events would be read through `read` and flattened from parsed maps
+    // instead of straight from the stored text.
+    fn read_events(&mut self, after: i64, limit: usize) -> Result<Vec<FlatEventRow>, SourceError> {
+        self.calls += 1;
+        self.inner.read_events(after, limit)
     }
     fn head(&mut self) -> Result<i64, SourceError> {
         self.calls += 1;
@@ -306,4 +313,52 @@ impl Warehouse for CountingWarehouse<'_> {
         self.calls += 1;
         self.inner.append(table, columns, rows)
     }
+}
+
+fn stages() -> Value {
+    let n = rows();
+    let url = build_store(n);
+    let path = url.trim_start_matches("sqlite://").to_string();
+    let conn = rusqlite::Connection::open(&path).expect("open");
+    let mut out = serde_json::Map::new();
+    for mode in ["raw", "ignored", "value", "event_store"] {
+        let t = Instant::now();
+        let mut total = 0usize;
+        if mode == "event_store" {
+            let mut s = StoreSource(store::open(&url, Rules::default()).expect("store"));
+            let mut pos = 0;
+            loop {
+                let page = s
+                    .read(&Feed::Events(store::EventFilter::All), pos, 10_000)
+                    .expect("read");
+                let Some(last) = page.last() else { break };
+                pos = last.seq();
+                total += page.len();
+            }
+        } else {
+            let mut stmt = conn
+                .prepare("SELECT payload FROM events ORDER BY seq")
+                .expect("prep");
+            let mut rows = stmt.query([]).expect("q");
+            while let Some(r) = rows.next().expect("row") {
+                let p = r.get_ref(0).expect("c").as_str().expect("s");
+                match mode {
+                    "raw" => total += p.len(),
+                    "ignored" => {
+                        let _: serde::de::IgnoredAny = serde_json::from_str(p).expect("j");
+                        total += 1
+                    }
+                    _ => {
+                        let v: Value = serde_json::from_str(p).expect("j");
+                        total += v.as_object().map_or(0, |m| m.len())
+                    }
+                }
+            }
+        }
+        out.insert(
+            mode.into(),
+            json!({"secs": t.elapsed().as_secs_f64(), "total": total}),
+        );
+    }
+    Value::Object(out)
 }

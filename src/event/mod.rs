@@ -7,6 +7,7 @@
 //! Time fields are clock-skew corrected the way Segment does it:
 //! `timestamp = receivedAt − (sentAt − originalTimestamp)`.
 
+mod flat;
 mod json;
 mod parse;
 #[cfg(test)]
@@ -17,6 +18,7 @@ use std::sync::LazyLock;
 pub use jiff::Timestamp;
 use serde_json::{Map, Value};
 
+pub use flat::{FlatEvent, Leaves, Section, flatten_each};
 pub use parse::{MAX_IDENTIFY_TRAITS, parse_timestamp};
 
 /// The six Segment spec call types.

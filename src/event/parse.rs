@@ -15,36 +15,36 @@ const WRITE_KEY: &str = "writeKey";
 /// The top-level values the model reads, moved out of a message in one pass over its keys;
 /// every other key (but `writeKey`) goes to `Event::extra`, in the message's order.
 #[derive(Default)]
-struct Fields {
-    event_type: Option<Value>,
-    message_id: Option<Value>,
-    user_id: Option<Value>,
-    anonymous_id: Option<Value>,
-    timestamp: Option<Value>,
-    received_at: Option<Value>,
-    sent_at: Option<Value>,
-    original_timestamp: Option<Value>,
-    event: Option<Value>,
-    name: Option<Value>,
-    category: Option<Value>,
-    group_id: Option<Value>,
-    previous_id: Option<Value>,
-    context: Option<Value>,
-    integrations: Option<Value>,
-    traits: Option<Value>,
-    properties: Option<Value>,
-    extra: Map<String, Value>,
+pub(super) struct Fields {
+    pub(super) event_type: Option<Value>,
+    pub(super) message_id: Option<Value>,
+    pub(super) user_id: Option<Value>,
+    pub(super) anonymous_id: Option<Value>,
+    pub(super) timestamp: Option<Value>,
+    pub(super) received_at: Option<Value>,
+    pub(super) sent_at: Option<Value>,
+    pub(super) original_timestamp: Option<Value>,
+    pub(super) event: Option<Value>,
+    pub(super) name: Option<Value>,
+    pub(super) category: Option<Value>,
+    pub(super) group_id: Option<Value>,
+    pub(super) previous_id: Option<Value>,
+    pub(super) context: Option<Value>,
+    pub(super) integrations: Option<Value>,
+    pub(super) traits: Option<Value>,
+    pub(super) properties: Option<Value>,
+    pub(super) extra: Map<String, Value>,
 }
 
 /// Where a top-level key's value goes.
-enum Slot<'a> {
+pub(super) enum Slot<'a> {
     Known(&'a mut Option<Value>),
     Dropped,
     Extra,
 }
 
 impl Fields {
-    fn slot(&mut self, key: &str) -> Slot<'_> {
+    pub(super) fn slot(&mut self, key: &str) -> Slot<'_> {
         Slot::Known(match key {
             "type" => &mut self.event_type,
             "messageId" => &mut self.message_id,
@@ -84,7 +84,7 @@ impl Fields {
 }
 
 /// A message's key, borrowed from the text when it has no escapes.
-struct Key<'de>(std::borrow::Cow<'de, str>);
+pub(super) struct Key<'de>(pub(super) std::borrow::Cow<'de, str>);
 
 impl<'de> serde::Deserialize<'de> for Key<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Key<'de>, D::Error> {
@@ -162,7 +162,7 @@ pub(super) fn parse(
     parse_fields(Fields::split(obj), default_type, opts)
 }
 
-fn parse_fields(
+pub(super) fn parse_fields(
     f: Fields,
     default_type: Option<EventType>,
     opts: &ParseOptions,
@@ -211,15 +211,7 @@ fn parse_fields(
         EventType::Alias if user_id.is_none() => {
             return Err(EventError::new("userId", "an alias call requires userId"));
         }
-        EventType::Identify if traits.len() >= MAX_IDENTIFY_TRAITS => {
-            return Err(EventError::new(
-                "traits",
-                format!(
-                    "an identify call must carry fewer than {MAX_IDENTIFY_TRAITS} traits (the 300 limit), got {}",
-                    traits.len()
-                ),
-            ));
-        }
+        EventType::Identify => check_identify_traits(traits.len())?,
         _ => {}
     }
 
@@ -255,6 +247,19 @@ fn parse_fields(
         extra: f.extra,
         source_id: opts.source_id.clone(),
     })
+}
+
+/// An identify call's traits must number fewer than [`MAX_IDENTIFY_TRAITS`].
+pub(super) fn check_identify_traits(count: usize) -> Result<(), EventError> {
+    if count >= MAX_IDENTIFY_TRAITS {
+        return Err(EventError::new(
+            "traits",
+            format!(
+                "an identify call must carry fewer than {MAX_IDENTIFY_TRAITS} traits (the 300 limit), got {count}"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Segment's clock-skew correction: the client's clock is off by `sentAt − originalTimestamp`

@@ -353,6 +353,7 @@ fn arb_json() -> impl Strategy<Value = Value> {
         Just("messageId".to_string()),
         Just("writeKey".to_string()),
         Just("properties".to_string()),
+        Just("a.b".to_string()),
         "[a-zA-Z_]{1,8}",
     ];
     leaf.prop_recursive(4, 48, 8, move |inner| {
@@ -396,6 +397,160 @@ proptest! {
             (Err(_), Err(b)) => prop_assert_eq!(b.field, "message"),
             (a, b) => prop_assert!(false, "value: {:?}, text: {:?}", a, b),
         }
+    }
+}
+
+/// A valid message of any type with arbitrary objects and extra keys.
+fn arb_message() -> impl Strategy<Value = Value> {
+    let object = || {
+        arb_json().prop_map(|v| match v {
+            Value::Object(m) => Value::Object(m),
+            other => json!({"k": other, "a.b": {"c": other}}),
+        })
+    };
+    (
+        prop_oneof![Just("identify"), Just("track"), Just("page"), Just("group")],
+        object(),
+        object(),
+        object(),
+        object(),
+    )
+        .prop_map(|(t, context, traits, properties, extra)| {
+            let mut m = json!({"type": t, "userId": "u", "event": "E", "groupId": "g",
+                               "context": context, "traits": traits, "properties": properties});
+            if let (Some(m), Value::Object(extra)) = (m.as_object_mut(), extra) {
+                for (k, v) in extra {
+                    m.entry(k).or_insert(v);
+                }
+            }
+            m
+        })
+}
+
+proptest! {
+    /// The sync's flat read of a stored text is the flattening of the parsed event, errors
+    /// included.
+    #[test]
+    fn the_flat_read_of_a_text_equals_the_parsed_event_flattened(
+        v in prop_oneof![arb_json(), arb_message()],
+        trust in any::<bool>(),
+    ) {
+        let o = ParseOptions { trust_received_at: trust, ..opts() };
+        let parsed = Event::from_json(&v, None, &o).map(FlatEvent::from_event);
+        let flat = FlatEvent::from_json_text(&v.to_string(), &o);
+        match (parsed, flat) {
+            (Ok(a), Ok(mut b)) => {
+                if !matches!(v.get("messageId"), Some(Value::String(s)) if !s.is_empty()) {
+                    b.event.message_id = a.event.message_id.clone();
+                }
+                prop_assert_eq!(a, b);
+            }
+            (Err(a), Err(b)) if v.is_object() => prop_assert_eq!(a, b),
+            (Err(_), Err(b)) => prop_assert_eq!(b.field, "message"),
+            (a, b) => prop_assert!(false, "parsed: {:?}, flat: {:?}", a, b),
+        }
+    }
+}
+
+#[test]
+fn flat_events_keep_each_leaf_at_its_dotted_path() {
+    let text = r#"{"type":"identify","userId":"u1","messageId":"m1",
+        "context":{"ip":"1.2.3.4","library":{"name":"x","version":null},"empty":{}},
+        "traits":{"plan":"pro","address":{"city":"Paris","geo":{"lat":1.5}},"tags":["a",{"b":1}],"gone":null},
+        "properties":{"ignored.by.identify":true},
+        "integrations":{"All":false},
+        "custom":{"k":2},"top":"v","writeKey":"secret"}"#;
+    let f = FlatEvent::from_json_text(text, &opts()).unwrap();
+    let of = |s: Section| -> Vec<(String, Value)> {
+        f.leaves
+            .of(s)
+            .map(|(p, v)| (p.to_string(), v.clone()))
+            .collect()
+    };
+    assert_eq!(
+        of(Section::Context),
+        [
+            ("context.ip".into(), json!("1.2.3.4")),
+            ("context.library.name".into(), json!("x"))
+        ]
+    );
+    assert_eq!(
+        of(Section::Traits),
+        [
+            ("plan".into(), json!("pro")),
+            ("address.city".into(), json!("Paris")),
+            ("address.geo.lat".into(), json!(1.5)),
+            ("tags".into(), json!(["a", {"b": 1}])),
+        ]
+    );
+    assert_eq!(
+        of(Section::Properties),
+        [("ignored.by.identify".into(), json!(true))]
+    );
+    assert_eq!(
+        of(Section::Extra),
+        [("custom.k".into(), json!(2)), ("top".into(), json!("v"))]
+    );
+    assert!(f.leaves.has_dotted_key(Section::Properties));
+    assert!(
+        !f.leaves.has_dotted_key(Section::Traits) && !f.leaves.has_dotted_key(Section::Context)
+    );
+    assert!(f.event.traits.is_empty() && f.event.context.is_empty() && f.event.extra.is_empty());
+    assert_eq!(f.event.user_id.as_deref(), Some("u1"));
+    // A dotted key deep inside an object counts; one inside an array does not.
+    let deep =
+        r#"{"type":"track","event":"E","userId":"u","properties":{"a":{"b.c":1},"l":[{"d.e":2}]}}"#;
+    let f = FlatEvent::from_json_text(deep, &opts()).unwrap();
+    assert!(f.leaves.has_dotted_key(Section::Properties));
+    let f = FlatEvent::from_json_text(
+        r#"{"type":"track","event":"E","userId":"u","properties":{"l":[{"d.e":2}]}}"#,
+        &opts(),
+    )
+    .unwrap();
+    assert!(!f.leaves.has_dotted_key(Section::Properties));
+}
+
+#[test]
+fn flat_reads_refuse_what_the_model_refuses() {
+    let traits: serde_json::Map<String, Value> = (0..MAX_IDENTIFY_TRAITS)
+        .map(|i| (format!("t{i}"), json!(i)))
+        .collect();
+    let identify = json!({"type": "identify", "userId": "u", "traits": traits});
+    let err = FlatEvent::from_json_text(&identify.to_string(), &opts()).unwrap_err();
+    assert_eq!(err, Event::from_json(&identify, None, &opts()).unwrap_err());
+    assert_eq!(err.field, "traits");
+    for bad in [
+        r#"{"type":"track","event":"E","userId":"u","context":"x"}"#,
+        r#"{"type":"track","event":"E","userId":"u","integrations":[1]}"#,
+        r#"{"type":"track","userId":"u"}"#,
+    ] {
+        let v: Value = serde_json::from_str(bad).unwrap();
+        assert_eq!(
+            FlatEvent::from_json_text(bad, &opts()).unwrap_err(),
+            Event::from_json(&v, None, &opts()).unwrap_err(),
+            "{bad}"
+        );
+    }
+    assert_eq!(
+        FlatEvent::from_json_text("[1]", &opts()).unwrap_err().field,
+        "message"
+    );
+    assert!(
+        FlatEvent::from_json_text(r#"{"type":"track","event":"E","userId":"u"} x"#, &opts())
+            .is_err()
+    );
+}
+
+#[test]
+fn flat_reads_of_sample_traffic_equal_the_flattened_events() {
+    let o = ParseOptions {
+        trust_received_at: true,
+        ..opts()
+    };
+    for m in crate::sample::SampleGenerator::new(5, 40, 1_767_225_600).flatten() {
+        let e = Event::from_json(&m, None, &o).unwrap();
+        let flat = FlatEvent::from_json_text(&e.to_json_string(), &o).unwrap();
+        assert_eq!(flat, FlatEvent::from_event(e));
     }
 }
 

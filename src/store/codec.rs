@@ -2,11 +2,13 @@
 
 use serde_json::{Map, Value};
 
-use crate::event::{Event, EventType, ParseOptions, Timestamp};
+use crate::event::{Event, EventType, FlatEvent, ParseOptions, Timestamp};
 use crate::identity::{IdentifierState, ProfileState};
 
 use super::schema::TRIGGER_COLUMNS;
-use super::{Feed, FeedRow, IdGraphRow, MappingRow, StoreError, TraitsRow, Trigger};
+use super::{
+    EventRow, Feed, FeedRow, FlatEventRow, IdGraphRow, MappingRow, StoreError, TraitsRow, Trigger,
+};
 
 /// Microseconds since the epoch, as stored.
 pub(crate) fn micros(t: Timestamp) -> i64 {
@@ -62,21 +64,52 @@ pub(crate) fn object(table: &'static str, text: &str) -> Result<Map<String, Valu
     }
 }
 
-/// A stored event, re-parsed from its payload exactly as it was accepted.
-pub(crate) fn event(
-    payload: &str,
-    source_id: String,
-    received_at_us: i64,
-) -> Result<Event, StoreError> {
-    let opts = ParseOptions {
-        now: timestamp("events", received_at_us)?,
-        source_id,
-        trust_received_at: true,
-    };
-    Event::from_json_text(payload, None, &opts).map_err(|e| StoreError::Corrupt {
+/// A row of the `events` table as read: the payload borrowed from the statement's row.
+pub(crate) struct StoredEvent<'a> {
+    pub seq: i64,
+    pub segment_id: String,
+    pub source_id: String,
+    pub received_at_us: i64,
+    pub payload: &'a str,
+}
+
+impl StoredEvent<'_> {
+    fn options(&mut self) -> Result<ParseOptions, StoreError> {
+        Ok(ParseOptions {
+            now: timestamp("events", self.received_at_us)?,
+            source_id: std::mem::take(&mut self.source_id),
+            trust_received_at: true,
+        })
+    }
+
+    /// The event, re-parsed from its payload exactly as it was accepted.
+    pub(crate) fn feed_row(mut self) -> Result<FeedRow, StoreError> {
+        let opts = self.options()?;
+        let event = Event::from_json_text(self.payload, None, &opts).map_err(corrupt_event)?;
+        Ok(FeedRow::Event(EventRow {
+            seq: self.seq,
+            segment_id: self.segment_id,
+            event,
+        }))
+    }
+
+    /// The event with its objects flattened, parsed straight from its payload.
+    pub(crate) fn flat_row(mut self) -> Result<FlatEventRow, StoreError> {
+        let opts = self.options()?;
+        let event = FlatEvent::from_json_text(self.payload, &opts).map_err(corrupt_event)?;
+        Ok(FlatEventRow {
+            seq: self.seq,
+            segment_id: self.segment_id,
+            event,
+        })
+    }
+}
+
+fn corrupt_event(e: crate::event::EventError) -> StoreError {
+    StoreError::Corrupt {
         table: "events",
         reason: e.to_string(),
-    })
+    }
 }
 
 /// The stored form of a profile.

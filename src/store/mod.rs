@@ -142,6 +142,15 @@ pub trait Store: Send {
         limit: usize,
     ) -> Result<Vec<FeedRow>, StoreError>;
 
+    /// [`Store::read_feed`] of `Feed::Events(filter)`, each event flattened: what a sync loads,
+    /// parsed from the stored text without building the events' JSON maps.
+    fn read_flat_events(
+        &mut self,
+        filter: &EventFilter,
+        after_seq: i64,
+        limit: usize,
+    ) -> Result<Vec<FlatEventRow>, StoreError>;
+
     /// The highest committed `seq` (0 for an empty store).
     fn head_seq(&mut self) -> Result<i64, StoreError>;
 

@@ -8,7 +8,7 @@ use super::codec::{self, RawProfile, json_text, micros};
 use super::ingest::{LoadedState, ResolvedBatch, ingest_in_tx};
 use super::schema::{POSTGRES_SEQ_KEY, SCHEMA_VERSION, TRIGGER_COLUMNS, ddl};
 use super::{
-    EventFilter, EventRow, Feed, FeedRow, IngestSummary, PreparedEvent, Resolver, SourceInfo,
+    EventFilter, Feed, FeedRow, FlatEventRow, IngestSummary, PreparedEvent, Resolver, SourceInfo,
     Store, StoreError, Trigger, WriteTx,
 };
 use crate::identity::{IdentifierState, ProfileState, Rules};
@@ -393,6 +393,45 @@ impl PostgresStore {
     }
 }
 
+impl PostgresStore {
+    /// The events of `filter` after `after`, each decoded by `decode`.
+    fn read_events<T>(
+        &mut self,
+        filter: &EventFilter,
+        after: i64,
+        limit: usize,
+        decode: impl Fn(codec::StoredEvent<'_>) -> Result<T, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let base =
+            "SELECT seq, segment_id, source_id, received_at_us, payload FROM events WHERE seq > $1";
+        let rows = match filter {
+            EventFilter::All => self
+                .client
+                .query(&format!("{base} ORDER BY seq LIMIT $2"), &[&after, &limit])?,
+            EventFilter::Type(t) => self.client.query(
+                &format!("{base} AND type = $3 ORDER BY seq LIMIT $2"),
+                &[&after, &limit, &t.as_str()],
+            )?,
+            EventFilter::TrackNames(names) => self.client.query(
+                &format!("{base} AND type = 'track' AND event = ANY($3) ORDER BY seq LIMIT $2"),
+                &[&after, &limit, names],
+            )?,
+        };
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            out.push(decode(codec::StoredEvent {
+                seq: r.get(0),
+                segment_id: r.get(1),
+                source_id: r.get(2),
+                received_at_us: r.get(3),
+                payload: r.get(4),
+            })?);
+        }
+        Ok(out)
+    }
+}
+
 impl Store for PostgresStore {
     fn ingest_prepared(&mut self, events: Vec<PreparedEvent>) -> Result<IngestSummary, StoreError> {
         let mut write = self.begin_write()?;
@@ -448,31 +487,16 @@ impl Store for PostgresStore {
                 .map(|r| codec::change_log_row(feed, r))
                 .collect();
         };
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let base =
-            "SELECT seq, segment_id, source_id, received_at_us, payload FROM events WHERE seq > $1";
-        let rows = match filter {
-            EventFilter::All => self
-                .client
-                .query(&format!("{base} ORDER BY seq LIMIT $2"), &[&after, &limit])?,
-            EventFilter::Type(t) => self.client.query(
-                &format!("{base} AND type = $3 ORDER BY seq LIMIT $2"),
-                &[&after, &limit, &t.as_str()],
-            )?,
-            EventFilter::TrackNames(names) => self.client.query(
-                &format!("{base} AND type = 'track' AND event = ANY($3) ORDER BY seq LIMIT $2"),
-                &[&after, &limit, names],
-            )?,
-        };
-        let mut out = Vec::with_capacity(rows.len());
-        for r in &rows {
-            out.push(FeedRow::Event(EventRow {
-                seq: r.get(0),
-                segment_id: r.get(1),
-                event: codec::event(r.get(4), r.get(2), r.get(3))?,
-            }));
-        }
-        Ok(out)
+        self.read_events(filter, after, limit, |e| e.feed_row())
+    }
+
+    fn read_flat_events(
+        &mut self,
+        filter: &EventFilter,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<FlatEventRow>, StoreError> {
+        self.read_events(filter, after, limit, |e| e.flat_row())
     }
 
     fn head_seq(&mut self) -> Result<i64, StoreError> {

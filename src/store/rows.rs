@@ -2,7 +2,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::event::{Event, EventType, ParseOptions, Timestamp};
+use crate::event::{Event, EventType, FlatEvent, ParseOptions, Timestamp};
 
 use super::Feed;
 
@@ -110,6 +110,28 @@ pub struct EventRow {
     pub segment_id: String,
     /// The event.
     pub event: Event,
+}
+
+/// A stored event, flattened ([`FlatEvent`]), with the profile it resolved to: what a sync
+/// loads into the event tables.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FlatEventRow {
+    /// Position in the store-wide change order.
+    pub seq: i64,
+    /// The canonical profile the event resolved to when it was ingested.
+    pub segment_id: String,
+    /// The event.
+    pub event: FlatEvent,
+}
+
+impl From<EventRow> for FlatEventRow {
+    fn from(r: EventRow) -> FlatEventRow {
+        FlatEventRow {
+            seq: r.seq,
+            segment_id: r.segment_id,
+            event: FlatEvent::from_event(r.event),
+        }
+    }
 }
 
 /// An event on its way into the store, with the JSON text stored as its payload. The engine

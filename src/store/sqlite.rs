@@ -9,7 +9,7 @@ use super::codec::{self, RawProfile, json_text, micros};
 use super::ingest::{LoadedState, ResolvedBatch, ingest_in_tx};
 use super::schema::{SCHEMA_VERSION, SQLITE_SEQ_KEY, TRIGGER_COLUMNS, ddl};
 use super::{
-    EventFilter, EventRow, Feed, FeedRow, IngestSummary, PreparedEvent, Resolver, SourceInfo,
+    EventFilter, Feed, FeedRow, FlatEventRow, IngestSummary, PreparedEvent, Resolver, SourceInfo,
     Store, StoreError, Trigger, WriteTx,
 };
 use crate::identity::{IdentifierState, ProfileState, Rules};
@@ -292,12 +292,14 @@ impl WriteTx for LiteTx<'_> {
 }
 
 impl SqliteStore {
-    fn read_events(
+    /// The events of `filter` after `after`, each decoded by `decode`.
+    fn read_events<T>(
         &self,
         filter: &EventFilter,
         after: i64,
         limit: usize,
-    ) -> Result<Vec<FeedRow>, StoreError> {
+        decode: impl Fn(codec::StoredEvent<'_>) -> Result<T, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let base =
             "SELECT seq, segment_id, source_id, received_at_us, payload FROM events WHERE seq > ?1";
@@ -331,11 +333,13 @@ impl SqliteStore {
         let mut out = Vec::with_capacity(usize::try_from(limit).unwrap_or(0).min(PAGE_HINT));
         while let Some(r) = rows.next()? {
             let payload = r.get_ref(4)?.as_str().map_err(rusqlite::Error::from)?;
-            out.push(FeedRow::Event(EventRow {
+            out.push(decode(codec::StoredEvent {
                 seq: r.get(0)?,
                 segment_id: r.get(1)?,
-                event: codec::event(payload, r.get(2)?, r.get(3)?)?,
-            }));
+                source_id: r.get(2)?,
+                received_at_us: r.get(3)?,
+                payload,
+            })?);
         }
         Ok(out)
     }
@@ -359,7 +363,7 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> Result<Vec<FeedRow>, StoreError> {
         if let Feed::Events(filter) = feed {
-            return self.read_events(filter, after, limit);
+            return self.read_events(filter, after, limit, |e| e.feed_row());
         }
         let sql = codec::change_log_sql(feed)
             .ok_or_else(|| StoreError::UnknownTable(format!("{feed:?}")))?;
@@ -370,6 +374,15 @@ impl Store for SqliteStore {
             out.push(codec::change_log_row(feed, r)?);
         }
         Ok(out)
+    }
+
+    fn read_flat_events(
+        &mut self,
+        filter: &EventFilter,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<FlatEventRow>, StoreError> {
+        self.read_events(filter, after, limit, |e| e.flat_row())
     }
 
     fn head_seq(&mut self) -> Result<i64, StoreError> {

@@ -8,6 +8,7 @@ use jiff::Timestamp;
 use serde_json::{Map, Value};
 
 use super::naming::{fit, identifier, short_hash};
+use crate::event::flatten_each;
 use crate::warehouse::{Cell, ColumnType};
 
 /// Flattens nested objects into `(path, value)` pairs joined with `_` (Segment's warehouse
@@ -16,36 +17,6 @@ pub fn flatten(prefix: &str, map: &Map<String, Value>, out: &mut Vec<(String, Va
     flatten_each(prefix, map, &mut |path, v| {
         out.push((path.to_string(), v.clone()))
     });
-}
-
-/// [`flatten`] without building the pairs: calls `f` with each dotted path and value.
-pub fn flatten_each(prefix: &str, map: &Map<String, Value>, f: &mut impl FnMut(&str, &Value)) {
-    let mut path = String::with_capacity(64);
-    path.push_str(prefix);
-    walk(&mut path, map, f);
-}
-
-fn walk(path: &mut String, map: &Map<String, Value>, f: &mut impl FnMut(&str, &Value)) {
-    for (k, v) in map {
-        let len = path.len();
-        if len > 0 {
-            path.push('.');
-        }
-        path.push_str(k);
-        match v {
-            Value::Object(inner) if !inner.is_empty() => walk(path, inner, f),
-            Value::Object(_) => {}
-            other => f(path, other),
-        }
-        path.truncate(len);
-    }
-}
-
-/// Whether a key of `map` or of an object nested in it contains a `.`: only then can two
-/// properties flatten to one path (`{"a": {"b": 1}}` and `{"a.b": 2}` are both `a.b`).
-pub fn has_dotted_key(map: &Map<String, Value>) -> bool {
-    map.iter()
-        .any(|(k, v)| k.contains('.') || matches!(v, Value::Object(inner) if has_dotted_key(inner)))
 }
 
 /// The reason a property is kept out of a row whose earlier property took its column.

@@ -4,15 +4,15 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
-use super::columns::{ColumnMap, Field, flatten_each, has_dotted_key, remember, same_name_reason};
+use super::columns::{ColumnMap, Field, remember, same_name_reason};
 use super::load::PendingRow;
 use super::naming::{fit, identifier};
 use super::tables::{DISCARDS, event_base_columns, event_reserved_columns, known_tables};
 use crate::crd::{ColumnFilter, SelectiveSyncSpec};
-use crate::event::{Event, EventType};
-use crate::store::EventRow;
+use crate::event::{Event, EventType, Section};
+use crate::store::FlatEventRow;
 use crate::warehouse::{Cell, Column, ColumnType};
 
 /// The per-event table of a Track event name, safe for a warehouse with `max_len`-byte names;
@@ -129,8 +129,9 @@ impl<'a> Router<'a> {
     }
 
     /// The row of `event` for `table`.
-    pub fn row(&mut self, table: &str, row: &EventRow) -> (PendingRow, Vec<(String, String)>) {
-        let e = &row.event;
+    pub fn row(&mut self, table: &str, row: &FlatEventRow) -> (PendingRow, Vec<(String, String)>) {
+        let e = &row.event.event;
+        let leaves = &row.event.leaves;
         let mut values: Vec<(Cow<'static, str>, Field)> = Vec::with_capacity(32);
         let mut fixed = |name: &'static str, v: Field| values.push((Cow::Borrowed(name), v));
         fixed("id", text(&e.message_id));
@@ -158,20 +159,20 @@ impl<'a> Router<'a> {
             EventType::Alias => fixed("previous_id", opt(&e.previous_id)),
             EventType::Identify => {}
         }
-        let body: &Map<String, Value> = match e.event_type {
-            EventType::Identify | EventType::Group => &e.traits,
-            EventType::Track if !per_event_table => &EMPTY,
-            _ => &e.properties,
+        let body = match e.event_type {
+            EventType::Identify | EventType::Group => Some(Section::Traits),
+            EventType::Track if !per_event_table => None,
+            _ => Some(Section::Properties),
         };
+        let sections = [Some(Section::Context), body, Some(Section::Extra)];
         let max_len = self.max_len;
         let cols = self.map(table, e.event_type);
-        let mut position = 0;
-        let mut add = |path: &str, value: &Value| {
-            let p = position;
-            position += 1;
-            if value.is_null() {
-                return;
-            }
+        for (p, (path, value)) in sections
+            .into_iter()
+            .flatten()
+            .flat_map(|s| leaves.of(s))
+            .enumerate()
+        {
             let column = match cols.at.get(p) {
                 Some(Some((seen, column))) if seen == path => column.clone(),
                 _ => {
@@ -189,15 +190,16 @@ impl<'a> Router<'a> {
             if let Some(column) = column {
                 values.push((Cow::Owned(column), Field::Json(value.clone())));
             }
-        };
-        flatten_each("context", &e.context, &mut add);
-        flatten_each("", body, &mut add);
-        flatten_each("", &e.extra, &mut add);
+        }
         let new = cols.map.take_new();
         // A literal dotted key can flatten to the path of a nested one: the first keeps the
         // column, the others go to discards (checked only when a dotted key exists).
         let mut refused = vec![];
-        if [&e.context, body, &e.extra].into_iter().any(has_dotted_key) {
+        if sections
+            .into_iter()
+            .flatten()
+            .any(|s| leaves.has_dotted_key(s))
+        {
             let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
             let mut kept = Vec::with_capacity(values.len());
             for (column, v) in values {
@@ -219,27 +221,26 @@ impl<'a> Router<'a> {
     }
 }
 
-static EMPTY: std::sync::LazyLock<Map<String, Value>> = std::sync::LazyLock::new(Map::new);
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::event::ParseOptions;
     use serde_json::json;
 
-    fn row(seq: i64, properties: Value) -> EventRow {
+    fn row(seq: i64, properties: Value) -> FlatEventRow {
         let msg = json!({"type": "track", "event": "Order Completed", "userId": "u1",
                          "messageId": format!("m{seq}"), "properties": properties});
         let opts = ParseOptions::new(jiff::Timestamp::UNIX_EPOCH, "src");
-        EventRow {
+        crate::store::EventRow {
             seq,
             segment_id: "use_1".into(),
             event: Event::from_json(&msg, None, &opts).expect("valid event"),
         }
+        .into()
     }
 
     /// The properties part of a row: (column, value) after the fixed columns.
-    fn properties(router: &mut Router<'_>, r: &EventRow) -> Vec<(String, Value)> {
+    fn properties(router: &mut Router<'_>, r: &FlatEventRow) -> Vec<(String, Value)> {
         let (pending, _) = router.row("order_completed", r);
         pending
             .values

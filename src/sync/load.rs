@@ -32,7 +32,7 @@ pub struct Chunk<'a> {
     /// Target table.
     pub table: &'a str,
     /// Its primary key.
-    pub key: &'a [&'a str],
+    pub key: &'static [&'static str],
     /// Columns whose type is fixed by the design (others are inferred).
     pub fixed: &'a [Column],
     /// The rows.
@@ -201,35 +201,82 @@ fn typed_rows(chunk: &mut Chunk<'_>, columns: &[Column]) -> (Vec<Vec<Cell>>, Vec
     (rows, discards)
 }
 
+/// A chunk typed and ready to write: everything the warehouse side needs, owned, so it can be
+/// written on another thread while the next chunk is prepared.
+#[derive(Debug)]
+pub struct Prepared {
+    /// Target table.
+    pub table: String,
+    /// Its primary key.
+    pub key: &'static [&'static str],
+    /// The columns, in cell order, with their decided types.
+    pub columns: Vec<Column>,
+    /// The rows' cells.
+    pub rows: Vec<Vec<Cell>>,
+    /// Rows of `discards` for values that could not be cast.
+    pub discards: Vec<Vec<Cell>>,
+    /// Source → column assignments made for these rows.
+    pub new_names: Vec<(String, String)>,
+    /// The table's state after the chunk.
+    pub state: TableState,
+}
+
+/// Types `chunk` against the table's columns as `schema` knows them (see [`column_types`]).
+pub fn prepare(schema: &Schema, mut chunk: Chunk<'_>) -> Prepared {
+    let columns = column_types(&chunk, schema.tables.get(chunk.table));
+    let (rows, discards) = typed_rows(&mut chunk, &columns);
+    Prepared {
+        table: chunk.table.to_string(),
+        key: chunk.key,
+        columns,
+        rows,
+        discards,
+        new_names: chunk.new_names,
+        state: chunk.state,
+    }
+}
+
+/// Records in `schema` the columns `p` creates when it commits (the discards table's too).
+pub fn plan(schema: &mut Schema, p: &Prepared) {
+    let t = schema.tables.entry(p.table.clone()).or_default();
+    for c in &p.columns {
+        t.entry(c.name.clone()).or_insert(c.ty);
+    }
+    if !p.discards.is_empty() {
+        let d = schema.tables.entry(DISCARDS.to_string()).or_default();
+        for c in discard_columns() {
+            d.entry(c.name).or_insert(c.ty);
+        }
+    }
+}
+
 /// Commits `chunk`: creates the table or adds columns as needed, stages and merges the rows,
 /// records discards, new names and the cursor. Rolls back and returns the error on failure.
 pub fn commit(
     wh: &mut dyn Warehouse,
     schema: &mut Schema,
-    mut chunk: Chunk<'_>,
+    chunk: Chunk<'_>,
 ) -> Result<ChunkResult, WarehouseError> {
-    let columns = column_types(&chunk, schema.tables.get(chunk.table));
-    let (rows, discards) = typed_rows(&mut chunk, &columns);
+    let p = prepare(schema, chunk);
+    write_prepared(wh, schema, &p)
+}
 
+/// Writes a prepared chunk in one transaction (see [`commit`]); `schema` is the warehouse's
+/// committed schema, updated once the transaction commits.
+pub fn write_prepared(
+    wh: &mut dyn Warehouse,
+    schema: &mut Schema,
+    p: &Prepared,
+) -> Result<ChunkResult, WarehouseError> {
     wh.begin()?;
-    let result = write(wh, schema, &chunk, &columns, &rows, &discards);
-    match result {
+    match write(wh, schema, p) {
         Ok(n) => {
             wh.commit()?;
             // The schema changed only once the DDL committed.
-            let t = schema.tables.entry(chunk.table.to_string()).or_default();
-            for c in &columns {
-                t.entry(c.name.clone()).or_insert(c.ty);
-            }
-            if !discards.is_empty() {
-                let d = schema.tables.entry(DISCARDS.to_string()).or_default();
-                for c in discard_columns() {
-                    d.entry(c.name).or_insert(c.ty);
-                }
-            }
+            plan(schema, p);
             Ok(ChunkResult {
                 rows: n,
-                discards: discards.len() as u64,
+                discards: p.discards.len() as u64,
             })
         }
         Err(e) => {
@@ -263,27 +310,21 @@ pub fn ensure_table(
     Ok(())
 }
 
-fn write(
-    wh: &mut dyn Warehouse,
-    schema: &Schema,
-    chunk: &Chunk<'_>,
-    columns: &[Column],
-    rows: &[Vec<Cell>],
-    discards: &[Vec<Cell>],
-) -> Result<u64, WarehouseError> {
-    ensure_table(wh, schema, chunk.table, columns, chunk.key)?;
+fn write(wh: &mut dyn Warehouse, schema: &Schema, p: &Prepared) -> Result<u64, WarehouseError> {
+    let (columns, rows, discards) = (&p.columns, &p.rows, &p.discards);
+    ensure_table(wh, schema, &p.table, columns, p.key)?;
     let mut loaded = 0;
-    if !rows.is_empty() && wh.append(chunk.table, columns, rows)? {
+    if !rows.is_empty() && wh.append(&p.table, columns, rows)? {
         loaded = rows.len() as u64;
     } else if !rows.is_empty() {
         wh.stage("_ps_stage", columns, rows)?;
         let names: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
         let sql = wh.dialect().merge_from_stage(
             wh.schema(),
-            chunk.table,
+            &p.table,
             "_ps_stage",
             &names,
-            chunk.key,
+            p.key,
             OnConflict::Ignore,
         );
         loaded = wh.execute(&sql)?;
@@ -309,8 +350,8 @@ fn write(
         );
         wh.execute(&sql)?;
     }
-    state::write_names(wh, chunk.table, &chunk.new_names)?;
-    state::write(wh, &[(chunk.table, &chunk.state)])?;
+    state::write_names(wh, &p.table, &p.new_names)?;
+    state::write(wh, &[(&p.table, &p.state)])?;
     Ok(loaded)
 }
 

@@ -8,6 +8,7 @@ pub mod events;
 pub mod load;
 pub mod materialize;
 pub mod naming;
+mod pipeline;
 pub mod report;
 pub mod source;
 pub mod state;
@@ -23,9 +24,10 @@ pub use source::{EngineSource, FeedSource, SourceError, StoreSource};
 
 use crate::crd::{ColumnFilter, ErrorClass, SelectiveSyncSpec, SyncError, WarehouseConnectionSpec};
 use crate::event::EventType;
-use crate::store::{EventFilter, Feed, FeedRow, SourceInfo};
+use crate::store::{Feed, FeedRow, SourceInfo};
 use crate::warehouse::{Warehouse, WarehouseError};
 use load::{Chunk, PendingRow, Schema};
+use pipeline::{ChunkWriter, Outcome, Pages, Written, read_pages};
 use state::TableState;
 use tables::{
     EVENTS_WATERMARK, MATERIALIZED, MATERIALIZED_CURSOR, PROFILE_TRAITS_UPDATES, RAW,
@@ -478,114 +480,121 @@ impl<'a> Run<'a> {
         // page while this one loads; with limits each page's size depends on the previous one.
         let read_ahead = self.rows_left.is_none();
         let page_size = self.page();
+        // Chunks are typed against the schema as it will be once the chunks before them commit.
+        let mut planned = Schema {
+            tables: schema.tables.clone(),
+        };
         std::thread::scope(|scope| -> Result<(), RunError> {
             let mut pages = if read_ahead {
                 Pages::Ahead(read_pages(scope, source, start, page_size))
             } else {
                 Pages::Direct(source)
             };
-            while self.budget_left() {
-                let rows = match &mut pages {
-                    Pages::Direct(source) => {
-                        source.read(&Feed::Events(EventFilter::All), pos, self.page())?
-                    }
-                    Pages::Ahead(reader) => reader
-                        .pages
-                        .recv()
-                        .map_err(|_| SourceError("the feed reader stopped".into()))??,
-                };
-                let Some(page_end) = rows.last().map(FeedRow::seq) else {
-                    let done: Vec<String> = self
-                        .states
-                        .keys()
-                        .filter(|t| {
-                            matches!(
-                                tables::group(t),
-                                tables::TableGroup::EventTypes | tables::TableGroup::Events
-                            )
-                        })
-                        .cloned()
-                        .collect();
-                    self.caught_up.extend(done);
-                    break;
-                };
-                let mut buffers: BTreeMap<String, TableBuffer> = BTreeMap::new();
-                let mut bytes = 0u64;
-                for row in &rows {
-                    let FeedRow::Event(e) = row else { continue };
-                    let received = micros(e.event.received_at);
-                    for target in router.targets(&e.event) {
-                        if self.failed.contains(&target) {
-                            continue;
-                        }
-                        let st = match self.states.get(&target) {
-                            Some(s) => s.clone(),
-                            None => {
-                                let (c, m) = if head_only.contains(&target) {
-                                    (self.head, None)
-                                } else {
-                                    (default_cursor, default_min)
-                                };
-                                let st = self.resolve(&target, c, m);
-                                if st.enabled {
-                                    self.table_report(&target);
-                                }
-                                st
+            let mut writer = ChunkWriter::spawn(scope, wh, schema);
+            let result = (|| -> Result<(), RunError> {
+                while self.budget_left() {
+                    let rows = match &mut pages {
+                        Pages::Direct(source) => source.read_events(pos, self.page())?,
+                        Pages::Ahead(reader) => reader
+                            .pages
+                            .recv()
+                            .map_err(|_| SourceError("the feed reader stopped".into()))??,
+                    };
+                    let Some(page_end) = rows.last().map(|r| r.seq) else {
+                        let done: Vec<String> = self
+                            .states
+                            .keys()
+                            .filter(|t| {
+                                matches!(
+                                    tables::group(t),
+                                    tables::TableGroup::EventTypes | tables::TableGroup::Events
+                                )
+                            })
+                            .cloned()
+                            .collect();
+                        self.caught_up.extend(done);
+                        break;
+                    };
+                    let mut buffers: BTreeMap<String, TableBuffer> = BTreeMap::new();
+                    let mut bytes = 0u64;
+                    for e in &rows {
+                        let received = micros(e.event.event.received_at);
+                        for target in router.targets(&e.event.event) {
+                            if self.failed.contains(&target) {
+                                continue;
                             }
-                        };
-                        if !st.enabled
-                            || e.seq <= st.cursor
-                            || st.min_received_at_us.is_some_and(|m| received < m)
-                        {
+                            let st = match self.states.get(&target) {
+                                Some(s) => s.clone(),
+                                None => {
+                                    let (c, m) = if head_only.contains(&target) {
+                                        (self.head, None)
+                                    } else {
+                                        (default_cursor, default_min)
+                                    };
+                                    let st = self.resolve(&target, c, m);
+                                    if st.enabled {
+                                        self.table_report(&target);
+                                    }
+                                    st
+                                }
+                            };
+                            if !st.enabled
+                                || e.seq <= st.cursor
+                                || st.min_received_at_us.is_some_and(|m| received < m)
+                            {
+                                continue;
+                            }
+                            let (pending, new) = router.row(&target, e);
+                            if self.bytes_left.is_some() {
+                                bytes += row_bytes(&pending);
+                            }
+                            let buf = buffers
+                                .entry(target)
+                                .or_insert_with(|| (e.event.event.event_type, vec![], vec![]));
+                            buf.1.push(pending);
+                            buf.2.extend(new);
+                        }
+                    }
+                    for (table, (event_type, pending, new_names)) in buffers {
+                        let Some(mut next) = self.states.get(&table).cloned() else {
                             continue;
-                        }
-                        let (pending, new) = router.row(&target, e);
-                        if self.bytes_left.is_some() {
-                            bytes += row_bytes(&pending);
-                        }
-                        let buf = buffers
-                            .entry(target)
-                            .or_insert_with(|| (e.event.event_type, vec![], vec![]));
-                        buf.1.push(pending);
-                        buf.2.extend(new);
+                        };
+                        next.cursor = page_end;
+                        let fixed = events::fixed_columns(event_type);
+                        let chunk = Chunk {
+                            table: &table,
+                            key: &["id"],
+                            fixed: &fixed,
+                            rows: pending,
+                            new_names,
+                            state: next,
+                            uuid_ts: self.uuid,
+                        };
+                        let prepared = load::prepare(&planned, chunk);
+                        load::plan(&mut planned, &prepared);
+                        writer.send(prepared)?;
+                    }
+                    // With a row limit, the next page's size depends on what this one loaded: wait
+                    // for it. Otherwise collect what is done and go on preparing while it writes
+                    // (`loaded` is then partial, and only the byte budget counts).
+                    let written = if read_ahead {
+                        writer.ready()
+                    } else {
+                        writer.wait()
+                    };
+                    let loaded = self.record(written)?;
+                    self.spend(loaded.max(rows.len() as u64), bytes);
+                    pos = page_end;
+                    if let Pages::Ahead(reader) = &pages {
+                        // Fails only when the reader has stopped; the page is then freed here.
+                        let _ = reader.spent.send(rows);
                     }
                 }
-                let mut loaded = 0u64;
-                for (table, (event_type, pending, new_names)) in buffers {
-                    let Some(mut next) = self.states.get(&table).cloned() else {
-                        continue;
-                    };
-                    next.cursor = page_end;
-                    let fixed = events::fixed_columns(event_type);
-                    let chunk = Chunk {
-                        table: &table,
-                        key: &["id"],
-                        fixed: &fixed,
-                        rows: pending,
-                        new_names,
-                        state: next.clone(),
-                        uuid_ts: self.uuid,
-                    };
-                    match load::commit(wh, schema, chunk) {
-                        Ok(r) => {
-                            self.states.insert(table.clone(), next);
-                            let rep = self.table_report(&table);
-                            rep.rows += r.rows;
-                            rep.discards += r.discards;
-                            loaded += r.rows;
-                        }
-                        Err(e) if e.class == ErrorClass::Connection => return Err(e.into()),
-                        Err(e) => self.fail_table(&table, e),
-                    }
-                }
-                self.spend(loaded.max(rows.len() as u64), bytes);
-                pos = page_end;
-                if let Pages::Ahead(reader) = &pages {
-                    // Fails only when the reader has stopped; the page is then freed here.
-                    let _ = reader.spent.send(rows);
-                }
-            }
-            Ok(())
+                Ok(())
+            })();
+            // Whatever ended the loop, the chunks already sent are written: record them.
+            let recorded = self.record(writer.finish());
+            result.and(recorded.map(|_| ()))
         })?;
         if !self.budget_left() && pos < self.head {
             self.report.limit_reached = true;
@@ -634,6 +643,34 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
+    /// Takes in the outcomes of written chunks: a committed chunk moves its table's state and
+    /// counts its rows; a failed one fails its table. Returns the rows loaded; a connection
+    /// error ends the run.
+    fn record(&mut self, written: Vec<Written>) -> Result<u64, RunError> {
+        let mut loaded = 0;
+        let mut broken = None;
+        for (table, state, outcome) in written {
+            match outcome {
+                Outcome::Written(r) => {
+                    self.states.insert(table.clone(), state);
+                    let rep = self.table_report(&table);
+                    rep.rows += r.rows;
+                    rep.discards += r.discards;
+                    loaded += r.rows;
+                }
+                Outcome::Failed(e) if e.class == ErrorClass::Connection => {
+                    broken.get_or_insert(e);
+                }
+                Outcome::Failed(e) => self.fail_table(&table, e),
+                Outcome::Skipped => {}
+            }
+        }
+        match broken {
+            Some(e) => Err(e.into()),
+            None => Ok(loaded),
+        }
+    }
+
     /// Records cursors moved without rows, selection changes and backfill progress, in one transaction.
     fn finish_states(&mut self, wh: &mut dyn Warehouse) -> Result<(), RunError> {
         let head = self.head;
@@ -670,56 +707,6 @@ impl<'a> Run<'a> {
         self.report.tables = reports;
         Ok(())
     }
-}
-
-/// Where the events sync's pages come from.
-enum Pages<'s> {
-    /// Read on this thread, each page sized by the budget left.
-    Direct(&'s mut dyn FeedSource),
-    /// Read ahead on a second thread.
-    Ahead(PageReader),
-}
-
-/// The event feed read on a second thread, one page ahead.
-struct PageReader {
-    /// The pages, in order; the reader stops after an empty page or an error.
-    pages: std::sync::mpsc::Receiver<Result<Vec<FeedRow>, SourceError>>,
-    /// Pages done with go back to the reader to be freed there: it allocated them, and freeing
-    /// them on the loading thread took a tenth of that thread's time.
-    spent: std::sync::mpsc::Sender<Vec<FeedRow>>,
-}
-
-/// Reads the event feed from `start` on a scoped thread, one page ahead of the caller; stops
-/// after an empty page, an error, or when the caller drops the receiver.
-fn read_pages<'scope>(
-    scope: &'scope std::thread::Scope<'scope, '_>,
-    source: &'scope mut dyn FeedSource,
-    start: i64,
-    page_size: usize,
-) -> PageReader {
-    let (tx, pages) = std::sync::mpsc::sync_channel(1);
-    let (spent, spent_rx) = std::sync::mpsc::channel::<Vec<FeedRow>>();
-    scope.spawn(move || {
-        let mut pos = start;
-        loop {
-            while let Ok(page) = spent_rx.try_recv() {
-                drop(page);
-            }
-            let page = source.read(&Feed::Events(EventFilter::All), pos, page_size);
-            let end = page
-                .as_ref()
-                .ok()
-                .and_then(|rows| rows.last().map(FeedRow::seq));
-            if tx.send(page).is_err() {
-                return;
-            }
-            match end {
-                Some(e) => pos = e,
-                None => return,
-            }
-        }
-    });
-    PageReader { pages, spent }
 }
 
 /// The size of a row as sent to the warehouse, for `limits.maxBytes` (measured only when set:

@@ -4,7 +4,7 @@
 use serde_json::Value;
 
 use crate::event::Timestamp;
-use crate::store::{Feed, FeedRow, SourceInfo, Store};
+use crate::store::{EventFilter, Feed, FeedRow, FlatEventRow, SourceInfo, Store};
 
 /// A change feed could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +30,19 @@ pub trait FeedSource: Send {
         let more = rows.len() >= limit;
         Ok((rows, more))
     }
+    /// Up to `limit` events with `seq > after`, in order, flattened ([`FlatEventRow`]): the
+    /// event tables' feed. By default [`FeedSource::read`] of every event, then flattened; a
+    /// store flattens them straight from their stored text.
+    fn read_events(&mut self, after: i64, limit: usize) -> Result<Vec<FlatEventRow>, SourceError> {
+        let rows = self.read(&Feed::Events(EventFilter::All), after, limit)?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| match r {
+                FeedRow::Event(e) => Some(FlatEventRow::from(e)),
+                _ => None,
+            })
+            .collect())
+    }
     /// The highest committed `seq`.
     fn head(&mut self) -> Result<i64, SourceError>;
     /// Every Track event name seen.
@@ -47,6 +60,11 @@ impl FeedSource for StoreSource {
     fn read(&mut self, feed: &Feed, after: i64, limit: usize) -> Result<Vec<FeedRow>, SourceError> {
         self.0
             .read_feed(feed, after, limit)
+            .map_err(|e| SourceError(e.to_string()))
+    }
+    fn read_events(&mut self, after: i64, limit: usize) -> Result<Vec<FlatEventRow>, SourceError> {
+        self.0
+            .read_flat_events(&EventFilter::All, after, limit)
             .map_err(|e| SourceError(e.to_string()))
     }
     fn head(&mut self) -> Result<i64, SourceError> {

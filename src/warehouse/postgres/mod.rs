@@ -1,6 +1,7 @@
 //! PostgreSQL as a warehouse: binary `COPY` into a transaction-scoped staging table, then one
 //! set-based merge, all inside the transaction that also moves the table's cursor.
 
+mod copy;
 mod dialect;
 mod tls;
 
@@ -10,13 +11,12 @@ pub use dialect::PostgresDialect;
 
 use std::collections::{BTreeMap, HashSet};
 
-use postgres::binary_copy::BinaryCopyInWriter;
-use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
+use std::io::Write;
+
+use bytes::{BufMut, BytesMut};
 use postgres::{Client, Config, NoTls};
 
-use super::{
-    Cell, Column, ColumnType, Credentials, Dialect, TableColumns, Warehouse, WarehouseError,
-};
+use super::{Cell, Column, Credentials, Dialect, TableColumns, Warehouse, WarehouseError};
 use crate::crd::{ErrorClass, PostgresSettings, SslMode};
 use crate::warehouse::error::classify_sqlstate;
 
@@ -142,62 +142,44 @@ impl PostgresWarehouse {
             .iter()
             .map(|c| self.dialect.quote(&c.name))
             .collect();
-        let sink = self
+        let mut sink = self
             .client
             .copy_in(&format!(
                 "COPY {target} ({}) FROM STDIN (FORMAT binary)",
                 names.join(", ")
             ))
             .map_err(wrap)?;
-        let types: Vec<Type> = columns.iter().map(|c| pg_type(c.ty)).collect();
-        let mut writer = BinaryCopyInWriter::new(sink, &types);
+        // The sink reports the server's errors as I/O errors wrapping the driver's.
+        let io_wrap = |e: std::io::Error| match e
+            .into_inner()
+            .map(|inner| inner.downcast::<postgres::Error>())
+        {
+            Some(Ok(e)) => wrap(*e),
+            Some(Err(other)) => CopyError {
+                unique_violation: false,
+                error: WarehouseError::connection(other.to_string()),
+            },
+            None => CopyError {
+                unique_violation: false,
+                error: WarehouseError::connection("the COPY stream failed"),
+            },
+        };
+        let mut buf = BytesMut::with_capacity(copy::MESSAGE_BYTES + 64 * 1024);
+        buf.put_slice(copy::HEADER);
         for row in rows {
-            let values: Vec<&(dyn ToSql + Sync)> =
-                row.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
-            writer.write(&values).map_err(wrap)?;
+            copy::encode_row(&mut buf, row, columns).map_err(|e| CopyError {
+                unique_violation: false,
+                error: WarehouseError::new(ErrorClass::Internal, e),
+            })?;
+            if buf.len() >= copy::MESSAGE_BYTES {
+                sink.write_all(&buf).map_err(io_wrap)?;
+                buf.clear();
+            }
         }
-        writer.finish().map_err(wrap)?;
+        buf.put_slice(copy::TRAILER);
+        sink.write_all(&buf).map_err(io_wrap)?;
+        sink.finish().map_err(wrap)?;
         Ok(())
-    }
-}
-
-impl ToSql for Cell {
-    fn to_sql(
-        &self,
-        ty: &Type,
-        out: &mut bytes::BytesMut,
-    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
-        match self {
-            Cell::Null => Ok(IsNull::Yes),
-            Cell::Int(i) => i.to_sql(ty, out),
-            Cell::Float(f) => f.to_sql(ty, out),
-            Cell::Bool(b) => b.to_sql(ty, out),
-            Cell::Text(s) => s.to_sql(ty, out),
-            Cell::Timestamp(t) => t.to_sql(ty, out),
-        }
-    }
-
-    fn accepts(ty: &Type) -> bool {
-        [
-            Type::INT8,
-            Type::FLOAT8,
-            Type::BOOL,
-            Type::TEXT,
-            Type::TIMESTAMPTZ,
-        ]
-        .contains(ty)
-    }
-
-    to_sql_checked!();
-}
-
-fn pg_type(ty: ColumnType) -> Type {
-    match ty {
-        ColumnType::Timestamp => Type::TIMESTAMPTZ,
-        ColumnType::Integer => Type::INT8,
-        ColumnType::Float => Type::FLOAT8,
-        ColumnType::Boolean => Type::BOOL,
-        ColumnType::Varchar => Type::TEXT,
     }
 }
 

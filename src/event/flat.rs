@@ -1,0 +1,396 @@
+//! Events with their objects flattened: what the warehouse's event tables are made of.
+//!
+//! A warehouse row holds an event's model fields and one column per leaf of its `context`, its
+//! traits or properties, and its unknown top-level keys, nested objects joined with `.` into a
+//! path (`context.library.name`; Segment's flattening, named into columns by the sync). Reading a
+//! stored event's text straight into those leaves ([`FlatEvent::from_json_text`]) skips building
+//! the JSON maps of an [`Event`] only to walk and free them: a sync reads every event it loads.
+
+use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Value};
+
+use super::parse::{self, Fields, Key, Slot};
+use super::{Event, EventError, EventType, ParseOptions};
+
+/// Which part of a message a leaf comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Section {
+    /// `context`; paths start with `context.`.
+    Context,
+    /// `traits`.
+    Traits,
+    /// `properties`.
+    Properties,
+    /// The top-level keys the model does not know ([`Event::extra`]).
+    Extra,
+}
+
+impl Section {
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    fn prefix(self) -> &'static str {
+        match self {
+            Section::Context => "context",
+            _ => "",
+        }
+    }
+}
+
+/// A non-null value that is not an object (arrays stay whole), at its path.
+#[derive(Clone, Debug, PartialEq)]
+struct Leaf {
+    section: Section,
+    /// The path's byte range in [`Leaves::paths`].
+    path: (u32, u32),
+    value: Value,
+}
+
+/// The leaves of a message's objects, in message order within each [`Section`]; null values
+/// and empty objects have none.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Leaves {
+    /// Every leaf's path, one after the other (one allocation per event instead of one per leaf).
+    paths: String,
+    items: Vec<Leaf>,
+    /// Per section: whether some key (at any depth) contains a `.`, the only way two leaves of
+    /// a section can share a path (`{"a": {"b": 1}}` and `{"a.b": 2}` are both `a.b`).
+    dotted: [bool; 4],
+}
+
+impl Leaves {
+    /// The `(path, value)` leaves of `section`, in message order.
+    pub fn of(&self, section: Section) -> impl Iterator<Item = (&str, &Value)> {
+        self.items
+            .iter()
+            .filter(move |l| l.section == section)
+            .map(|l| (&self.paths[l.path.0 as usize..l.path.1 as usize], &l.value))
+    }
+
+    /// Whether a key of `section` contains a `.` (see [`Leaves`]).
+    pub fn has_dotted_key(&self, section: Section) -> bool {
+        self.dotted[section.index()]
+    }
+
+    fn push(&mut self, section: Section, path: &str, value: Value) {
+        if value.is_null() {
+            return;
+        }
+        let start = self.paths.len();
+        self.paths.push_str(path);
+        // Paths of one event stay far below 4 GiB (a message is at most 32 KB).
+        let end = u32::try_from(self.paths.len()).unwrap_or(u32::MAX);
+        self.items.push(Leaf {
+            section,
+            path: (u32::try_from(start).unwrap_or(u32::MAX), end),
+            value,
+        });
+    }
+
+    /// Adds the leaves of `map` (taken) under `section`'s prefix.
+    fn add_map(&mut self, section: Section, map: Map<String, Value>) {
+        let mut path = String::from(section.prefix());
+        self.walk(section, &mut path, map);
+    }
+
+    fn walk(&mut self, section: Section, path: &mut String, map: Map<String, Value>) {
+        for (k, v) in map {
+            let len = enter(path, &k);
+            self.dotted[section.index()] |= k.contains('.');
+            match v {
+                Value::Object(inner) => self.walk(section, path, inner),
+                other => self.push(section, path, other),
+            }
+            path.truncate(len);
+        }
+    }
+}
+
+/// Appends `key` to a dotted path (no `.` before the first key); returns the length to go back to.
+fn enter(path: &mut String, key: &str) -> usize {
+    let len = path.len();
+    if len > 0 {
+        path.push('.');
+    }
+    path.push_str(key);
+    len
+}
+
+/// Calls `f` with the dotted path and value of each leaf of `map` under `prefix` (null values
+/// included; empty objects have none).
+pub fn flatten_each(prefix: &str, map: &Map<String, Value>, f: &mut impl FnMut(&str, &Value)) {
+    fn walk(path: &mut String, map: &Map<String, Value>, f: &mut impl FnMut(&str, &Value)) {
+        for (k, v) in map {
+            let len = enter(path, k);
+            match v {
+                Value::Object(inner) => walk(path, inner, f),
+                other => f(path, other),
+            }
+            path.truncate(len);
+        }
+    }
+    let mut path = String::with_capacity(64);
+    path.push_str(prefix);
+    walk(&mut path, map, f);
+}
+
+/// An event whose objects are kept as [`Leaves`]: its `context`, `integrations`, `traits`,
+/// `properties` and `extra` maps are empty.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FlatEvent {
+    /// The model fields.
+    pub event: Event,
+    /// The objects' leaves.
+    pub leaves: Leaves,
+}
+
+impl FlatEvent {
+    /// Flattens a parsed event (its objects move into the leaves; `integrations` is dropped).
+    pub fn from_event(mut event: Event) -> FlatEvent {
+        let mut leaves = Leaves::default();
+        leaves.add_map(Section::Context, std::mem::take(&mut event.context));
+        leaves.add_map(Section::Traits, std::mem::take(&mut event.traits));
+        leaves.add_map(Section::Properties, std::mem::take(&mut event.properties));
+        leaves.add_map(Section::Extra, std::mem::take(&mut event.extra));
+        event.integrations = Map::new();
+        FlatEvent { event, leaves }
+    }
+
+    /// Parses a message's JSON text straight into its model fields and leaves: the same as
+    /// `FlatEvent::from_event(Event::from_json_text(text, None, opts)?)` for any text without
+    /// repeated keys (a stored event's), without building a map.
+    pub fn from_json_text(text: &str, opts: &ParseOptions) -> Result<FlatEvent, EventError> {
+        let mut leaves = Leaves::default();
+        let mut de = serde_json::Deserializer::from_str(text);
+        let (fields, traits) = serde::Deserializer::deserialize_map(
+            &mut de,
+            Message {
+                leaves: &mut leaves,
+            },
+        )
+        // Like `serde_json::from_str`: nothing but whitespace may follow the object.
+        .and_then(|f| de.end().map(|()| f))
+        .map_err(|e| EventError::new("message", format!("must be a JSON object: {e}")))?;
+        let event = parse::parse_fields(fields, None, opts)?;
+        if event.event_type == EventType::Identify {
+            parse::check_identify_traits(traits)?;
+        }
+        Ok(FlatEvent { event, leaves })
+    }
+}
+
+/// The top-level object: model fields into [`Fields`] (objects as markers for their type
+/// checks), leaves into [`Leaves`]; also counts the keys of `traits` (an identify's limit).
+struct Message<'a> {
+    leaves: &'a mut Leaves,
+}
+
+impl<'de> Visitor<'de> for Message<'_> {
+    type Value = (Fields, usize);
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<(Fields, usize), A::Error> {
+        let mut f = Fields::default();
+        let mut traits = 0;
+        while let Some(Key(key)) = a.next_key()? {
+            let section = match key.as_ref() {
+                "context" => Section::Context,
+                "traits" => Section::Traits,
+                "properties" => Section::Properties,
+                "integrations" => {
+                    f.integrations = Some(a.next_value_seed(Object {
+                        into: None,
+                        count: &mut 0,
+                    })?);
+                    continue;
+                }
+                _ => {
+                    match f.slot(&key) {
+                        Slot::Known(slot) => *slot = Some(a.next_value()?),
+                        Slot::Dropped => {
+                            a.next_value::<IgnoredAny>()?;
+                        }
+                        Slot::Extra => {
+                            let mut path = key.into_owned();
+                            self.leaves.dotted[Section::Extra.index()] |= path.contains('.');
+                            a.next_value_seed(Node {
+                                leaves: &mut *self.leaves,
+                                section: Section::Extra,
+                                path: &mut path,
+                            })?;
+                        }
+                    }
+                    continue;
+                }
+            };
+            let mut count = 0;
+            let marker = a.next_value_seed(Object {
+                into: Some((&mut *self.leaves, section)),
+                count: &mut count,
+            })?;
+            match section {
+                Section::Context => f.context = Some(marker),
+                Section::Traits => {
+                    traits = count;
+                    f.traits = Some(marker);
+                }
+                _ => f.properties = Some(marker),
+            }
+        }
+        Ok((f, traits))
+    }
+}
+
+/// One of a message's objects: flattened into the leaves (or skipped, for `integrations`).
+/// Returns what the model's type check needs: an empty object, `null`, or (for any other
+/// type) `false`.
+struct Object<'a, 'b> {
+    into: Option<(&'a mut Leaves, Section)>,
+    count: &'b mut usize,
+}
+
+impl<'de> DeserializeSeed<'de> for Object<'_, '_> {
+    type Value = Value;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Object<'_, '_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object")
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Value, E> {
+        Ok(Value::Bool(false))
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Value, E> {
+        Ok(Value::Bool(false))
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Value, E> {
+        Ok(Value::Bool(false))
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Value, E> {
+        Ok(Value::Bool(false))
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Value, E> {
+        Ok(Value::Bool(false))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Value, A::Error> {
+        while a.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Value::Bool(false))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Value, A::Error> {
+        match self.into {
+            None => while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {},
+            Some((leaves, section)) => {
+                let mut path = String::with_capacity(64);
+                path.push_str(section.prefix());
+                walk_entries(&mut a, leaves, section, &mut path, Some(self.count))?;
+            }
+        }
+        Ok(Value::Object(Map::new()))
+    }
+}
+
+/// Flattens the entries of an object whose path is `path`; counts them into `count`.
+fn walk_entries<'de, A: MapAccess<'de>>(
+    a: &mut A,
+    leaves: &mut Leaves,
+    section: Section,
+    path: &mut String,
+    mut count: Option<&mut usize>,
+) -> Result<(), A::Error> {
+    while let Some(Key(key)) = a.next_key()? {
+        if let Some(c) = count.as_deref_mut() {
+            *c += 1;
+        }
+        leaves.dotted[section.index()] |= key.contains('.');
+        let len = enter(path, &key);
+        a.next_value_seed(Node {
+            leaves: &mut *leaves,
+            section,
+            path: &mut *path,
+        })?;
+        path.truncate(len);
+    }
+    Ok(())
+}
+
+/// A value at `path`: a leaf, or an object whose entries are walked.
+struct Node<'a> {
+    leaves: &'a mut Leaves,
+    section: Section,
+    path: &'a mut String,
+}
+
+impl Node<'_> {
+    fn leaf(self, value: Value) {
+        self.leaves.push(self.section, self.path, value);
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Node<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Node<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_bool<E>(self, b: bool) -> Result<(), E> {
+        self.leaf(Value::Bool(b));
+        Ok(())
+    }
+    fn visit_i64<E>(self, n: i64) -> Result<(), E> {
+        self.leaf(Value::from(n));
+        Ok(())
+    }
+    fn visit_u64<E>(self, n: u64) -> Result<(), E> {
+        self.leaf(Value::from(n));
+        Ok(())
+    }
+    fn visit_f64<E>(self, n: f64) -> Result<(), E> {
+        // As `serde_json::Value` reads it: a non-finite float (never in JSON text) is null.
+        self.leaf(serde_json::Number::from_f64(n).map_or(Value::Null, Value::Number));
+        Ok(())
+    }
+    fn visit_str<E>(self, s: &str) -> Result<(), E> {
+        self.leaf(Value::String(s.to_string()));
+        Ok(())
+    }
+    fn visit_string<E>(self, s: String) -> Result<(), E> {
+        self.leaf(Value::String(s));
+        Ok(())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<(), A::Error> {
+        let mut items = Vec::with_capacity(a.size_hint().unwrap_or(0));
+        while let Some(v) = a.next_element::<Value>()? {
+            items.push(v);
+        }
+        self.leaf(Value::Array(items));
+        Ok(())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<(), A::Error> {
+        walk_entries(&mut a, self.leaves, self.section, self.path, None)
+    }
+}
