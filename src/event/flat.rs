@@ -13,7 +13,7 @@ use super::parse::{self, Fields, Key, Slot};
 use super::{Event, EventError, EventType, ParseOptions};
 
 /// Which part of a message a leaf comes from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Section {
     /// `context`; paths start with `context.`.
     Context,
@@ -47,8 +47,8 @@ struct Leaf {
     value: Value,
 }
 
-/// The leaves of a message's objects, in message order within each [`Section`]; null values
-/// and empty objects have none.
+/// The leaves of a message's objects, section by section in [`Section`] order, each section in
+/// message order; null values and empty objects have none.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Leaves {
     /// Every leaf's path, one after the other (one allocation per event instead of one per leaf).
@@ -66,6 +66,19 @@ impl Leaves {
             .iter()
             .filter(move |l| l.section == section)
             .map(|l| (&self.paths[l.path.0 as usize..l.path.1 as usize], &l.value))
+    }
+
+    /// The leaves of `sections`, in section order (context, traits, properties, extra), each
+    /// section in message order; values mutable (a reader may take them).
+    pub fn of_mut<'a>(
+        &'a mut self,
+        sections: &'a [Section],
+    ) -> impl Iterator<Item = (&'a str, &'a mut Value)> {
+        let paths = &self.paths;
+        self.items
+            .iter_mut()
+            .filter(move |l| sections.contains(&l.section))
+            .map(move |l| (&paths[l.path.0 as usize..l.path.1 as usize], &mut l.value))
     }
 
     /// Whether a key of `section` contains a `.` (see [`Leaves`]).
@@ -172,6 +185,11 @@ impl FlatEvent {
         // Like `serde_json::from_str`: nothing but whitespace may follow the object.
         .and_then(|f| de.end().map(|()| f))
         .map_err(|e| EventError::new("message", format!("must be a JSON object: {e}")))?;
+        // A message may list its objects in any order: keep the leaves section by section (a
+        // stable sort keeps each section's message order).
+        if !leaves.items.is_sorted_by_key(|l| l.section) {
+            leaves.items.sort_by_key(|l| l.section);
+        }
         let event = parse::parse_fields(fields, None, opts)?;
         if event.event_type == EventType::Identify {
             parse::check_identify_traits(traits)?;

@@ -1,13 +1,12 @@
 //! Routing events to their warehouse tables (`identifies`, `tracks`, ..., one table per Track
 //! event) and flattening each into that table's columns.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 
 use serde_json::Value;
 
 use super::columns::{ColumnMap, Field, remember, same_name_reason};
-use super::load::PendingRow;
+use super::load::{ColumnName, PendingRow};
 use super::naming::{fit, identifier};
 use super::tables::{DISCARDS, event_base_columns, event_reserved_columns, known_tables};
 use crate::crd::{ColumnFilter, SelectiveSyncSpec};
@@ -62,15 +61,12 @@ struct TableColumns<'a> {
     /// table mostly carry the same properties in the same order, so a repeat costs a string
     /// comparison instead of a name lookup and a selection check (a linear scan of the
     /// selection's tables).
-    at: Vec<Option<(String, Option<String>)>>,
+    at: Vec<Option<(String, Option<ColumnName>)>>,
 }
 
-fn opt(s: &Option<String>) -> Field {
-    Field::Json(s.clone().map(Value::String).unwrap_or(Value::Null))
-}
-
-fn text(s: &str) -> Field {
-    Field::Json(Value::String(s.to_string()))
+/// `v` moved out (leaving the default) when `take`, else copied.
+fn grab<T: Clone + Default>(v: &mut T, take: bool) -> T {
+    if take { std::mem::take(v) } else { v.clone() }
 }
 
 impl<'a> Router<'a> {
@@ -128,35 +124,47 @@ impl<'a> Router<'a> {
         &self.track_tables[name]
     }
 
-    /// The row of `event` for `table`.
-    pub fn row(&mut self, table: &str, row: &FlatEventRow) -> (PendingRow, Vec<(String, String)>) {
-        let e = &row.event.event;
-        let leaves = &row.event.leaves;
-        let mut values: Vec<(Cow<'static, str>, Field)> = Vec::with_capacity(32);
-        let mut fixed = |name: &'static str, v: Field| values.push((Cow::Borrowed(name), v));
-        fixed("id", text(&e.message_id));
-        fixed("anonymous_id", opt(&e.anonymous_id));
-        fixed("user_id", opt(&e.user_id));
+    /// The row of `event` for `table`. With `take` (the event's last table) the event's strings
+    /// and values move into the row instead of being copied, leaving them empty.
+    pub fn row(
+        &mut self,
+        table: &str,
+        row: &mut FlatEventRow,
+        take: bool,
+    ) -> (PendingRow, Vec<(String, String)>) {
+        let e = &mut row.event.event;
+        let leaves = &mut row.event.leaves;
+        let row_id = e.message_id.clone();
+        let text = |s: &mut String| Field::Json(Value::String(grab(s, take)));
+        let opt = |s: &mut Option<String>| {
+            Field::Json(grab(s, take).map(Value::String).unwrap_or(Value::Null))
+        };
+        let mut values: Vec<(ColumnName, Field)> = Vec::with_capacity(32);
+        let mut fixed = |name: &'static str, v: Field| values.push((ColumnName::Fixed(name), v));
+        fixed("id", text(&mut e.message_id));
+        fixed("anonymous_id", opt(&mut e.anonymous_id));
+        fixed("user_id", opt(&mut e.user_id));
         fixed("received_at", Field::Time(e.received_at));
         fixed("sent_at", e.sent_at.into());
         fixed("original_timestamp", e.original_timestamp.into());
         fixed("timestamp", Field::Time(e.timestamp));
-        fixed("segment_id", text(&row.segment_id));
-        fixed("event_source_id", text(&e.source_id));
+        fixed("segment_id", text(&mut row.segment_id));
+        fixed("event_source_id", text(&mut e.source_id));
         fixed("seq", Field::Json(Value::from(row.seq)));
         let per_event_table = table != e.event_type.table();
         match e.event_type {
             EventType::Track => {
                 let name = e.event.as_deref().unwrap_or_default();
-                fixed("event", text(self.track_table(name)));
-                fixed("event_text", text(name));
+                let table = self.track_table(name).to_string();
+                fixed("event", Field::Json(Value::String(table)));
+                fixed("event_text", opt(&mut e.event));
             }
             EventType::Page | EventType::Screen => {
-                fixed("name", opt(&e.name));
-                fixed("category", opt(&e.category));
+                fixed("name", opt(&mut e.name));
+                fixed("category", opt(&mut e.category));
             }
-            EventType::Group => fixed("group_id", opt(&e.group_id)),
-            EventType::Alias => fixed("previous_id", opt(&e.previous_id)),
+            EventType::Group => fixed("group_id", opt(&mut e.group_id)),
+            EventType::Alias => fixed("previous_id", opt(&mut e.previous_id)),
             EventType::Identify => {}
         }
         let body = match e.event_type {
@@ -164,15 +172,13 @@ impl<'a> Router<'a> {
             EventType::Track if !per_event_table => None,
             _ => Some(Section::Properties),
         };
-        let sections = [Some(Section::Context), body, Some(Section::Extra)];
+        let sections: &[Section] = match body {
+            Some(body) => &[Section::Context, body, Section::Extra],
+            None => &[Section::Context, Section::Extra],
+        };
         let max_len = self.max_len;
         let cols = self.map(table, e.event_type);
-        for (p, (path, value)) in sections
-            .into_iter()
-            .flatten()
-            .flat_map(|s| leaves.of(s))
-            .enumerate()
-        {
+        for (p, (path, value)) in leaves.of_mut(sections).enumerate() {
             let column = match cols.at.get(p) {
                 Some(Some((seen, column))) if seen == path => column.clone(),
                 _ => {
@@ -182,28 +188,25 @@ impl<'a> Router<'a> {
                     let column = cols
                         .map
                         .column(path, max_len)
-                        .filter(|c| cols.filter.as_ref().is_none_or(|f| f.enabled(c)));
+                        .filter(|c| cols.filter.as_ref().is_none_or(|f| f.enabled(c)))
+                        .map(ColumnName::from);
                     remember(&mut cols.at, p, Some((path.to_string(), column.clone())));
                     column
                 }
             };
             if let Some(column) = column {
-                values.push((Cow::Owned(column), Field::Json(value.clone())));
+                values.push((column, Field::Json(grab(value, take))));
             }
         }
         let new = cols.map.take_new();
         // A literal dotted key can flatten to the path of a nested one: the first keeps the
         // column, the others go to discards (checked only when a dotted key exists).
         let mut refused = vec![];
-        if sections
-            .into_iter()
-            .flatten()
-            .any(|s| leaves.has_dotted_key(s))
-        {
+        if sections.iter().any(|s| leaves.has_dotted_key(*s)) {
             let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
             let mut kept = Vec::with_capacity(values.len());
             for (column, v) in values {
-                if matches!(column, Cow::Owned(_)) && !seen.insert(column.to_string()) {
+                if matches!(column, ColumnName::Property(_)) && !seen.insert(column.to_string()) {
                     refused.push((column.to_string(), v, same_name_reason(&column)));
                 } else {
                     kept.push((column, v));
@@ -212,7 +215,7 @@ impl<'a> Router<'a> {
             values = kept;
         }
         let pending = PendingRow {
-            row_id: e.message_id.clone(),
+            row_id,
             received_at: Cell::Timestamp(e.received_at),
             values,
             refused,
@@ -241,14 +244,14 @@ mod tests {
 
     /// The properties part of a row: (column, value) after the fixed columns.
     fn properties(router: &mut Router<'_>, r: &FlatEventRow) -> Vec<(String, Value)> {
-        let (pending, _) = router.row("order_completed", r);
+        let (pending, _) = router.row("order_completed", &mut r.clone(), false);
         pending
             .values
             .into_iter()
-            .filter(|(c, _)| matches!(c, Cow::Owned(_)))
+            .filter(|(c, _)| matches!(c, ColumnName::Property(_)))
             .map(|(c, v)| match v {
-                Field::Json(v) => (c.into_owned(), v),
-                Field::Time(t) => (c.into_owned(), json!(t.to_string())),
+                Field::Json(v) => (c.to_string(), v),
+                Field::Time(t) => (c.to_string(), json!(t.to_string())),
             })
             .collect()
     }

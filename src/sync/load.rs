@@ -1,7 +1,6 @@
 //! Writing one chunk of rows into one table, exactly once: the rows, their discards, any new
 //! column names and the table's cursor commit in one transaction, or nothing does.
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 
 use serde_json::Value;
@@ -13,6 +12,32 @@ use crate::warehouse::{
     Cell, Column, ColumnType, OnConflict, TableColumns, Warehouse, WarehouseError,
 };
 
+/// A column of a pending row: one of the design's fixed names, or a property's column, shared by
+/// every row that carries the property (a reference count instead of a string per value).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ColumnName {
+    /// A fixed column (`id`, `received_at`, …).
+    Fixed(&'static str),
+    /// A property's column.
+    Property(std::sync::Arc<str>),
+}
+
+impl std::ops::Deref for ColumnName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        match self {
+            ColumnName::Fixed(s) => s,
+            ColumnName::Property(s) => s,
+        }
+    }
+}
+
+impl From<String> for ColumnName {
+    fn from(s: String) -> ColumnName {
+        ColumnName::Property(s.into())
+    }
+}
+
 /// One row before typing: its key for the discards table, its receive time, and its values.
 #[derive(Clone, Debug)]
 pub struct PendingRow {
@@ -21,7 +46,7 @@ pub struct PendingRow {
     /// The row's `received_at` (a timestamp cell, or NULL), copied into discards.
     pub received_at: Cell,
     /// (column, value), each column at most once.
-    pub values: Vec<(Cow<'static, str>, Field)>,
+    pub values: Vec<(ColumnName, Field)>,
     /// Values kept out of the row, with the reason, for `discards` (a property whose flattened
     /// name another property of the row already took).
     pub refused: Vec<(String, Field, String)>,
@@ -188,7 +213,7 @@ fn typed_rows(chunk: &mut Chunk<'_>, columns: &[Column]) -> (Vec<Vec<Cell>>, Vec
                 Ok(cell) => cells[i] = cell,
                 Err((reason, v)) => discards.push(discard(
                     chunk,
-                    name.into_owned(),
+                    name.to_string(),
                     &row.row_id,
                     v,
                     reason,
@@ -367,7 +392,7 @@ mod tests {
             refused: vec![],
             values: values
                 .into_iter()
-                .map(|(k, v)| (Cow::Owned(k.to_string()), Field::Json(v)))
+                .map(|(k, v)| (ColumnName::from(k.to_string()), Field::Json(v)))
                 .collect(),
         }
     }

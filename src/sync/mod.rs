@@ -493,7 +493,7 @@ impl<'a> Run<'a> {
             let mut writer = ChunkWriter::spawn(scope, wh, schema);
             let result = (|| -> Result<(), RunError> {
                 while self.budget_left() {
-                    let rows = match &mut pages {
+                    let mut rows = match &mut pages {
                         Pages::Direct(source) => source.read_events(pos, self.page())?,
                         Pages::Ahead(reader) => reader
                             .pages
@@ -517,8 +517,10 @@ impl<'a> Run<'a> {
                     };
                     let mut buffers: BTreeMap<String, TableBuffer> = BTreeMap::new();
                     let mut bytes = 0u64;
-                    for e in &rows {
+                    let mut targets = Vec::with_capacity(2);
+                    for e in rows.iter_mut() {
                         let received = micros(e.event.event.received_at);
+                        targets.clear();
                         for target in router.targets(&e.event.event) {
                             if self.failed.contains(&target) {
                                 continue;
@@ -538,19 +540,24 @@ impl<'a> Run<'a> {
                                     st
                                 }
                             };
-                            if !st.enabled
-                                || e.seq <= st.cursor
-                                || st.min_received_at_us.is_some_and(|m| received < m)
+                            if st.enabled
+                                && e.seq > st.cursor
+                                && st.min_received_at_us.is_none_or(|m| received >= m)
                             {
-                                continue;
+                                targets.push(target);
                             }
-                            let (pending, new) = router.row(&target, e);
+                        }
+                        let event_type = e.event.event.event_type;
+                        let last = targets.len();
+                        for (i, target) in targets.drain(..).enumerate() {
+                            // The event's last table takes its values instead of copying them.
+                            let (pending, new) = router.row(&target, e, i + 1 == last);
                             if self.bytes_left.is_some() {
                                 bytes += row_bytes(&pending);
                             }
                             let buf = buffers
                                 .entry(target)
-                                .or_insert_with(|| (e.event.event.event_type, vec![], vec![]));
+                                .or_insert_with(|| (event_type, vec![], vec![]));
                             buf.1.push(pending);
                             buf.2.extend(new);
                         }
@@ -780,7 +787,7 @@ fn raw_row(
         received_at,
         values: values
             .into_iter()
-            .map(|(k, v)| (std::borrow::Cow::Owned(k), columns::Field::Json(v)))
+            .map(|(k, v)| (load::ColumnName::from(k), columns::Field::Json(v)))
             .collect(),
         refused,
     }
