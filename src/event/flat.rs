@@ -81,6 +81,16 @@ impl Leaves {
             .map(move |l| (&paths[l.path.0 as usize..l.path.1 as usize], &mut l.value))
     }
 
+    /// How many leaves there are, in all sections.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
     /// Whether a key of `section` contains a `.` (see [`Leaves`]).
     pub fn has_dotted_key(&self, section: Section) -> bool {
         self.dotted[section.index()]
@@ -174,7 +184,13 @@ impl FlatEvent {
     /// `FlatEvent::from_event(Event::from_json_text(text, None, opts)?)` for any text without
     /// repeated keys (a stored event's), without building a map.
     pub fn from_json_text(text: &str, opts: &ParseOptions) -> Result<FlatEvent, EventError> {
-        let mut leaves = Leaves::default();
+        // Sized from the text so that a typical event's buffers never grow, and capped so that a
+        // large one's do not reserve more than they hold (pages keep thousands of events).
+        let mut leaves = Leaves {
+            paths: String::with_capacity((text.len() / 2).min(512)),
+            items: Vec::with_capacity((text.len() / 24).min(32)),
+            dotted: [false; 4],
+        };
         let mut de = serde_json::Deserializer::from_str(text);
         let (fields, traits) = serde::Deserializer::deserialize_map(
             &mut de,

@@ -139,7 +139,8 @@ impl<'a> Router<'a> {
         let opt = |s: &mut Option<String>| {
             Field::Json(grab(s, take).map(Value::String).unwrap_or(Value::Null))
         };
-        let mut values: Vec<(ColumnName, Field)> = Vec::with_capacity(32);
+        // The fixed columns (at most 12) and the leaves.
+        let mut values: Vec<(ColumnName, Field)> = Vec::with_capacity(12 + leaves.len());
         let mut fixed = |name: &'static str, v: Field| values.push((ColumnName::Fixed(name), v));
         fixed("id", text(&mut e.message_id));
         fixed("anonymous_id", opt(&mut e.anonymous_id));
