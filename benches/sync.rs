@@ -1,9 +1,11 @@
 //! The sync: (a) rows/s loading 1M event rows into PostgreSQL, measured in the same run as
 //! `psql \copy` of the same rows from CSV (the ceiling); (b) an idle sync (nothing new) with 10k
 //! and with 1M rows of history — time and number of queries; (c) peak memory of backfills of
-//! growing size (each in its own process).
+//! growing size (each in its own process). Not run by default: `--scenario read_stages`, what
+//! reading the events feed costs stage by stage.
 //!
-//! `cargo bench --bench sync` (env `BENCH_ROWS`, default 1000000).
+//! `cargo bench --bench sync` (env `BENCH_ROWS`, default 1000000);
+//! `cargo bench --bench sync -- --scenario read_stages`.
 
 mod common;
 // The throwaway PostgreSQL server of the tests; not every bench uses all of it.
@@ -191,7 +193,7 @@ fn main() {
         let r = match name.as_str() {
             "load" => load_vs_copy(),
             "idle" => idle(),
-            "stages" => stages(),
+            "read_stages" => read_stages(),
             _ => backfill(args.first().and_then(|a| a.parse().ok()).unwrap_or(100_000)),
         };
         println!("{r}");
@@ -315,50 +317,66 @@ impl Warehouse for CountingWarehouse<'_> {
     }
 }
 
-fn stages() -> Value {
+/// What reading the events feed costs, stage by stage, on the load scenario's store (seconds per
+/// `BENCH_ROWS` events, one thread): the payloads out of SQLite only; their JSON scanned without
+/// building anything; parsed into `serde_json` maps; read as the feed's `Event`s; read as the
+/// sync reads them, flattened (`FlatEvent`).
+fn read_stages() -> Value {
     let n = rows();
     let url = build_store(n);
     let path = url.trim_start_matches("sqlite://").to_string();
-    let conn = rusqlite::Connection::open(&path).expect("open");
+    let conn = rusqlite::Connection::open(&path).expect("open the store file");
     let mut out = serde_json::Map::new();
-    for mode in ["raw", "ignored", "value", "event_store"] {
+    for stage in [
+        "payloads",
+        "json_scan",
+        "json_maps",
+        "events",
+        "flat_events",
+    ] {
         let t = Instant::now();
-        let mut total = 0usize;
-        if mode == "event_store" {
-            let mut s = StoreSource(store::open(&url, Rules::default()).expect("store"));
+        let mut count = 0usize;
+        if stage == "events" || stage == "flat_events" {
+            let mut s = store::open(&url, Rules::default()).expect("store");
             let mut pos = 0;
             loop {
-                let page = s
-                    .read(&Feed::Events(store::EventFilter::All), pos, 10_000)
-                    .expect("read");
-                let Some(last) = page.last() else { break };
-                pos = last.seq();
-                total += page.len();
+                let last = if stage == "events" {
+                    let page = s
+                        .read_feed(&Feed::Events(store::EventFilter::All), pos, 10_000)
+                        .expect("read");
+                    count += page.len();
+                    page.last().map(FeedRow::seq)
+                } else {
+                    let page = s
+                        .read_flat_events(&store::EventFilter::All, pos, 10_000)
+                        .expect("read");
+                    count += page.len();
+                    page.last().map(|r| r.seq)
+                };
+                let Some(last) = last else { break };
+                pos = last;
             }
         } else {
             let mut stmt = conn
                 .prepare("SELECT payload FROM events ORDER BY seq")
-                .expect("prep");
-            let mut rows = stmt.query([]).expect("q");
+                .expect("prepare");
+            let mut rows = stmt.query([]).expect("query");
             while let Some(r) = rows.next().expect("row") {
-                let p = r.get_ref(0).expect("c").as_str().expect("s");
-                match mode {
-                    "raw" => total += p.len(),
-                    "ignored" => {
-                        let _: serde::de::IgnoredAny = serde_json::from_str(p).expect("j");
-                        total += 1
+                let p = r.get_ref(0).expect("payload").as_str().expect("text");
+                match stage {
+                    "payloads" => {}
+                    "json_scan" => {
+                        let _: serde::de::IgnoredAny = serde_json::from_str(p).expect("json");
                     }
                     _ => {
-                        let v: Value = serde_json::from_str(p).expect("j");
-                        total += v.as_object().map_or(0, |m| m.len())
+                        let _: Value = serde_json::from_str(p).expect("json");
                     }
                 }
+                count += 1;
             }
         }
-        out.insert(
-            mode.into(),
-            json!({"secs": t.elapsed().as_secs_f64(), "total": total}),
-        );
+        assert_eq!(count, n, "{stage}");
+        out.insert(stage.into(), json!(t.elapsed().as_secs_f64()));
     }
-    Value::Object(out)
+    json!({"scenario": "read_stages", "events": n, "seconds": out})
 }

@@ -184,23 +184,46 @@ impl FlatEvent {
     /// `FlatEvent::from_event(Event::from_json_text(text, None, opts)?)` for any text without
     /// repeated keys (a stored event's), without building a map.
     pub fn from_json_text(text: &str, opts: &ParseOptions) -> Result<FlatEvent, EventError> {
-        // Sized from the text so that a typical event's buffers never grow, and capped so that a
-        // large one's do not reserve more than they hold (pages keep thousands of events).
-        let mut leaves = Leaves {
-            paths: String::with_capacity((text.len() / 2).min(512)),
-            items: Vec::with_capacity((text.len() / 24).min(32)),
-            dotted: [false; 4],
+        let (fields, traits, leaves) = read_message(text, None)?;
+        Self::build(fields, traits, leaves, opts)
+    }
+
+    /// Parses a row of the engine's events feed (the text of `FeedRow::to_json`: the event's
+    /// Segment JSON plus `seq`, `segment_id` and `event_source_id`) straight into its `seq`,
+    /// profile and flattened event: the same as reading the row into a `FeedRow` and flattening
+    /// its event, without building a map. The row's own keys are never the event's.
+    pub fn from_feed_row_text(text: &str) -> Result<(i64, String, FlatEvent), EventError> {
+        let mut row = RowKeys::default();
+        let (fields, traits, leaves) = read_message(text, Some(&mut row))?;
+        let missing =
+            |key: &str, what: &str| EventError::new(key, format!("missing or not {what}"));
+        let seq = row.seq.ok_or_else(|| missing("seq", "an integer"))?;
+        let segment_id = row
+            .segment_id
+            .ok_or_else(|| missing("segment_id", "a string"))?;
+        let source_id = row
+            .event_source_id
+            .ok_or_else(|| missing("event_source_id", "a string"))?;
+        let received_at = match &fields.received_at {
+            Some(Value::String(s)) => s
+                .parse()
+                .map_err(|e| EventError::new("receivedAt", format!("{e}")))?,
+            _ => return Err(missing("receivedAt", "a string")),
         };
-        let mut de = serde_json::Deserializer::from_str(text);
-        let (fields, traits) = serde::Deserializer::deserialize_map(
-            &mut de,
-            Message {
-                leaves: &mut leaves,
-            },
-        )
-        // Like `serde_json::from_str`: nothing but whitespace may follow the object.
-        .and_then(|f| de.end().map(|()| f))
-        .map_err(|e| EventError::new("message", format!("must be a JSON object: {e}")))?;
+        let opts = ParseOptions {
+            now: received_at,
+            source_id,
+            trust_received_at: true,
+        };
+        Ok((seq, segment_id, Self::build(fields, traits, leaves, &opts)?))
+    }
+
+    fn build(
+        fields: Fields,
+        traits: usize,
+        mut leaves: Leaves,
+        opts: &ParseOptions,
+    ) -> Result<FlatEvent, EventError> {
         // A message may list its objects in any order: keep the leaves section by section (a
         // stable sort keeps each section's message order).
         if !leaves.items.is_sorted_by_key(|l| l.section) {
@@ -214,10 +237,47 @@ impl FlatEvent {
     }
 }
 
+/// The keys a feed row adds to its event.
+#[derive(Default)]
+struct RowKeys {
+    seq: Option<i64>,
+    segment_id: Option<String>,
+    event_source_id: Option<String>,
+}
+
+/// Reads a message's text into its fields, the key count of its `traits`, and its leaves; with
+/// `row`, the keys of a feed row go there instead of the event.
+fn read_message(
+    text: &str,
+    row: Option<&mut RowKeys>,
+) -> Result<(Fields, usize, Leaves), EventError> {
+    // Sized from the text so that a typical event's buffers never grow, and capped so that a
+    // large one's do not reserve more than they hold (pages keep thousands of events).
+    let mut leaves = Leaves {
+        paths: String::with_capacity((text.len() / 2).min(512)),
+        items: Vec::with_capacity((text.len() / 24).min(32)),
+        dotted: [false; 4],
+    };
+    let mut de = serde_json::Deserializer::from_str(text);
+    let (fields, traits) = serde::Deserializer::deserialize_map(
+        &mut de,
+        Message {
+            leaves: &mut leaves,
+            row,
+        },
+    )
+    // Like `serde_json::from_str`: nothing but whitespace may follow the object.
+    .and_then(|f| de.end().map(|()| f))
+    .map_err(|e| EventError::new("message", format!("must be a JSON object: {e}")))?;
+    Ok((fields, traits, leaves))
+}
+
 /// The top-level object: model fields into [`Fields`] (objects as markers for their type
 /// checks), leaves into [`Leaves`]; also counts the keys of `traits` (an identify's limit).
 struct Message<'a> {
     leaves: &'a mut Leaves,
+    /// A feed row's own keys, when reading one.
+    row: Option<&'a mut RowKeys>,
 }
 
 impl<'de> Visitor<'de> for Message<'_> {
@@ -227,10 +287,30 @@ impl<'de> Visitor<'de> for Message<'_> {
         f.write_str("a JSON object")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<(Fields, usize), A::Error> {
+    fn visit_map<A: MapAccess<'de>>(mut self, mut a: A) -> Result<(Fields, usize), A::Error> {
         let mut f = Fields::default();
         let mut traits = 0;
         while let Some(Key(key)) = a.next_key()? {
+            if let Some(row) = self.row.as_deref_mut() {
+                // The row's keys come first and are never repeated by the event (the engine
+                // drops event keys of those names); a wrong type is left for the caller's
+                // "missing" error.
+                match key.as_ref() {
+                    "seq" => {
+                        row.seq = a.next_value::<Value>()?.as_i64();
+                        continue;
+                    }
+                    "segment_id" => {
+                        row.segment_id = a.next_value::<Value>()?.as_str().map(String::from);
+                        continue;
+                    }
+                    "event_source_id" => {
+                        row.event_source_id = a.next_value::<Value>()?.as_str().map(String::from);
+                        continue;
+                    }
+                    _ => {}
+                }
+            }
             let section = match key.as_ref() {
                 "context" => Section::Context,
                 "traits" => Section::Traits,

@@ -452,6 +452,59 @@ proptest! {
     }
 }
 
+proptest! {
+    /// A row of the engine's events feed reads into the same seq, profile and flattened event
+    /// as the row read into a `FeedRow` (the map path).
+    #[test]
+    fn a_feed_row_read_flat_equals_the_feed_row_flattened(v in arb_message(), seq in 1i64..i64::MAX) {
+        let o = ParseOptions { trust_received_at: true, ..opts() };
+        let Ok(event) = Event::from_json(&v, None, &o) else { return Ok(()) };
+        let row = crate::store::FeedRow::Event(crate::store::EventRow {
+            seq,
+            segment_id: "use_1".into(),
+            event,
+        });
+        let text = Value::Object(row.to_json()).to_string();
+        let via_map = crate::store::FeedRow::from_json(
+            &crate::store::Feed::Events(crate::store::EventFilter::All),
+            serde_json::from_str(&text).unwrap(),
+        )
+        .unwrap();
+        let crate::store::FeedRow::Event(via_map) = via_map else { panic!("an event row") };
+        let (s, segment_id, flat) = FlatEvent::from_feed_row_text(&text).unwrap();
+        prop_assert_eq!((s, segment_id, flat), (via_map.seq, via_map.segment_id, FlatEvent::from_event(via_map.event)));
+    }
+}
+
+#[test]
+fn a_feed_rows_own_keys_are_never_the_events() {
+    let o = ParseOptions {
+        trust_received_at: true,
+        ..opts()
+    };
+    let msg = json!({"type": "track", "event": "E", "userId": "u", "seq": 0,
+                     "segment_id": "someone_else", "event_source_id": "elsewhere", "kept": 1});
+    let event = Event::from_json(&msg, None, &o).unwrap();
+    let row = crate::store::FeedRow::Event(crate::store::EventRow {
+        seq: 42,
+        segment_id: "use_1".into(),
+        event,
+    });
+    let text = Value::Object(row.to_json()).to_string();
+    let (seq, segment_id, flat) = FlatEvent::from_feed_row_text(&text).unwrap();
+    assert_eq!((seq, segment_id.as_str()), (42, "use_1"));
+    assert_eq!(flat.event.source_id, o.source_id);
+    let extra: Vec<(&str, &Value)> = flat.leaves.of(Section::Extra).collect();
+    assert_eq!(extra, [("kept", &json!(1))]);
+    for broken in [
+        r#"{"segment_id":"s","event_source_id":"e","type":"track","event":"E","userId":"u","receivedAt":"2026-01-01T00:00:00Z"}"#,
+        r#"{"seq":1,"event_source_id":"e","type":"track","event":"E","userId":"u","receivedAt":"2026-01-01T00:00:00Z"}"#,
+        r#"{"seq":1,"segment_id":"s","event_source_id":"e","type":"track","event":"E","userId":"u"}"#,
+    ] {
+        assert!(FlatEvent::from_feed_row_text(broken).is_err(), "{broken}");
+    }
+}
+
 #[test]
 fn flat_events_keep_each_leaf_at_its_dotted_path() {
     let text = r#"{"type":"identify","userId":"u1","messageId":"m1",

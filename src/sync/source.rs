@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use crate::event::Timestamp;
+use crate::event::{FlatEvent, Timestamp};
 use crate::store::{EventFilter, Feed, FeedRow, FlatEventRow, SourceInfo, Store};
 
 /// A change feed could not be read.
@@ -124,6 +124,31 @@ impl EngineSource {
         Ok(body)
     }
 
+    /// A page of the feed `table` (a header line, then one row per line), each row read by
+    /// `row`; and whether rows may follow it.
+    fn page<T>(
+        &self,
+        table: &str,
+        after: i64,
+        limit: usize,
+        row: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<(Vec<T>, bool), SourceError> {
+        let body = self.get(&format!("/v1/feeds/{table}?after={after}&limit={limit}"))?;
+        let mut lines = body.lines();
+        let header: Value = lines
+            .next()
+            .map(serde_json::from_str)
+            .transpose()
+            .map_err(|e| SourceError(format!("feed {table}: {e}")))?
+            .ok_or_else(|| SourceError(format!("feed {table}: empty response")))?;
+        let rows = lines
+            .map(|line| row(line).map_err(|e| SourceError(format!("feed {table}: {e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        // An engine without `more` in its header never cut a page short.
+        let more = header["more"].as_bool().unwrap_or(rows.len() >= limit);
+        Ok((rows, more))
+    }
+
     fn catalog(&self, query: &str) -> Result<Value, SourceError> {
         serde_json::from_str(&self.get(&format!("/v1/feeds{query}"))?)
             .map_err(|e| SourceError(format!("feed catalog: {e}")))
@@ -158,27 +183,27 @@ impl FeedSource for EngineSource {
         limit: usize,
     ) -> Result<(Vec<FeedRow>, bool), SourceError> {
         let table = feed_table(feed)?;
-        let body = self.get(&format!("/v1/feeds/{table}?after={after}&limit={limit}"))?;
-        let mut lines = body.lines();
-        let header: Value = lines
-            .next()
-            .map(serde_json::from_str)
-            .transpose()
-            .map_err(|e| SourceError(format!("feed {table}: {e}")))?
-            .ok_or_else(|| SourceError(format!("feed {table}: empty response")))?;
-        let rows = lines
-            .map(|line| {
-                let v: Value = serde_json::from_str(line)
-                    .map_err(|e| SourceError(format!("feed {table}: {e}")))?;
-                let Value::Object(m) = v else {
-                    return Err(SourceError(format!("feed {table}: a row is not an object")));
-                };
-                FeedRow::from_json(feed, m).map_err(|e| SourceError(format!("feed {table}: {e}")))
+        self.page(&table, after, limit, |line| {
+            let v: Value = serde_json::from_str(line).map_err(|e| e.to_string())?;
+            let Value::Object(m) = v else {
+                return Err("a row is not an object".to_string());
+            };
+            FeedRow::from_json(feed, m)
+        })
+    }
+
+    fn read_events(&mut self, after: i64, limit: usize) -> Result<Vec<FlatEventRow>, SourceError> {
+        // Each row read straight into its flattened event, as from a store.
+        let (rows, _) = self.page("events", after, limit, |line| {
+            let (seq, segment_id, event) =
+                FlatEvent::from_feed_row_text(line).map_err(|e| e.to_string())?;
+            Ok(FlatEventRow {
+                seq,
+                segment_id,
+                event,
             })
-            .collect::<Result<Vec<_>, _>>()?;
-        // An engine without `more` in its header never cut a page short.
-        let more = header["more"].as_bool().unwrap_or(rows.len() >= limit);
-        Ok((rows, more))
+        })?;
+        Ok(rows)
     }
 
     fn head(&mut self) -> Result<i64, SourceError> {
