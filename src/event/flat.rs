@@ -10,7 +10,7 @@ use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
 use super::parse::{self, Fields, Key, Slot};
-use super::{Event, EventError, EventType, ParseOptions};
+use super::{Event, EventError, ParseOptions};
 
 /// Which part of a message a leaf comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -26,6 +26,14 @@ pub enum Section {
 }
 
 impl Section {
+    /// Every section, in order.
+    pub const ALL: [Section; 4] = [
+        Section::Context,
+        Section::Traits,
+        Section::Properties,
+        Section::Extra,
+    ];
+
     fn index(self) -> usize {
         self as usize
     }
@@ -38,47 +46,130 @@ impl Section {
     }
 }
 
-/// A non-null value that is not an object (arrays stay whole), at its path.
-#[derive(Clone, Debug, PartialEq)]
+/// The parent of a key at the top of its section.
+const TOP: u32 = u32::MAX;
+
+/// A byte range of [`Leaves::keys`].
+type KeyRange = (u32, u32);
+
+/// A non-null value that is not an object (arrays stay whole): its key, in the object `parent`.
+#[derive(Clone, Debug)]
 struct Leaf {
     section: Section,
-    /// The path's byte range in [`Leaves::paths`].
-    path: (u32, u32),
+    parent: u32,
+    key: KeyRange,
     value: Value,
 }
 
+/// An object holding leaves: its key, in the object `parent`.
+#[derive(Clone, Debug)]
+struct Branch {
+    parent: u32,
+    key: KeyRange,
+}
+
 /// The leaves of a message's objects, section by section in [`Section`] order, each section in
-/// message order; null values and empty objects have none.
-#[derive(Clone, Debug, Default, PartialEq)]
+/// message order; null values and empty objects have none. Each key is kept once (a tree of
+/// objects), so the memory follows the message's size; a leaf's dotted path is built when it
+/// is visited.
+#[derive(Clone, Debug, Default)]
 pub struct Leaves {
-    /// Every leaf's path, one after the other (one allocation per event instead of one per leaf).
-    paths: String,
+    /// Every key, one after the other (one allocation per event instead of one per key).
+    keys: String,
+    objects: Vec<Branch>,
     items: Vec<Leaf>,
     /// Per section: whether some key (at any depth) contains a `.`, the only way two leaves of
     /// a section can share a path (`{"a": {"b": 1}}` and `{"a.b": 2}` are both `a.b`).
     dotted: [bool; 4],
 }
 
-impl Leaves {
-    /// The `(path, value)` leaves of `section`, in message order.
-    pub fn of(&self, section: Section) -> impl Iterator<Item = (&str, &Value)> {
-        self.items
-            .iter()
-            .filter(move |l| l.section == section)
-            .map(|l| (&self.paths[l.path.0 as usize..l.path.1 as usize], &l.value))
+/// Equal when every section has the same `(path, value)` leaves in the same order (however
+/// the keys are laid out).
+impl PartialEq for Leaves {
+    fn eq(&self, other: &Leaves) -> bool {
+        self.dotted == other.dotted && Section::ALL.iter().all(|s| self.of(*s) == other.of(*s))
+    }
+}
+
+fn key_at(keys: &str, k: KeyRange) -> &str {
+    keys.get(k.0 as usize..k.1 as usize).unwrap_or_default()
+}
+
+/// Builds leaves' dotted paths in one buffer, reusing the parent's part from one leaf to the
+/// next of the same object.
+struct Paths<'a> {
+    keys: &'a str,
+    objects: &'a [Branch],
+    buf: String,
+    /// The object whose path `buf[..at]` holds, if any.
+    last: Option<(Section, u32, usize)>,
+    chain: Vec<KeyRange>,
+}
+
+impl<'a> Paths<'a> {
+    fn new(keys: &'a str, objects: &'a [Branch]) -> Paths<'a> {
+        Paths {
+            keys,
+            objects,
+            buf: String::with_capacity(64),
+            last: None,
+            chain: Vec::new(),
+        }
     }
 
-    /// The leaves of `sections`, in section order (context, traits, properties, extra), each
-    /// section in message order; values mutable (a reader may take them).
-    pub fn of_mut<'a>(
-        &'a mut self,
-        sections: &'a [Section],
-    ) -> impl Iterator<Item = (&'a str, &'a mut Value)> {
-        let paths = &self.paths;
+    /// The path of `leaf`.
+    fn of(&mut self, leaf: &Leaf) -> &str {
+        let at = match self.last {
+            Some((s, p, at)) if s == leaf.section && p == leaf.parent => at,
+            _ => {
+                self.chain.clear();
+                let mut p = leaf.parent;
+                while let Some(o) = self.objects.get(p as usize) {
+                    self.chain.push(o.key);
+                    p = o.parent;
+                }
+                self.buf.clear();
+                self.buf.push_str(leaf.section.prefix());
+                for k in self.chain.iter().rev() {
+                    enter(&mut self.buf, key_at(self.keys, *k));
+                }
+                let at = self.buf.len();
+                self.last = Some((leaf.section, leaf.parent, at));
+                at
+            }
+        };
+        self.buf.truncate(at);
+        enter(&mut self.buf, key_at(self.keys, leaf.key));
+        &self.buf
+    }
+}
+
+impl Leaves {
+    /// The `(path, value)` leaves of `section`, in message order (copied).
+    pub fn of(&self, section: Section) -> Vec<(String, Value)> {
+        let mut paths = Paths::new(&self.keys, &self.objects);
         self.items
-            .iter_mut()
-            .filter(move |l| sections.contains(&l.section))
-            .map(move |l| (&paths[l.path.0 as usize..l.path.1 as usize], &mut l.value))
+            .iter()
+            .filter(|l| l.section == section)
+            .map(|l| (paths.of(l).to_string(), l.value.clone()))
+            .collect()
+    }
+
+    /// Calls `f` with the dotted path and the value of each leaf of `sections`, in section order
+    /// (context, traits, properties, extra), each section in message order; values mutable (a
+    /// reader may take them).
+    pub fn visit(&mut self, sections: &[Section], mut f: impl FnMut(&str, &mut Value)) {
+        let mut paths = Paths::new(&self.keys, &self.objects);
+        for leaf in self.items.iter_mut() {
+            if sections.contains(&leaf.section) {
+                f(paths.of(leaf), &mut leaf.value);
+            }
+        }
+    }
+
+    /// The bytes its keys take (each kept once).
+    pub fn key_bytes(&self) -> usize {
+        self.keys.len()
     }
 
     /// How many leaves there are, in all sections.
@@ -96,36 +187,52 @@ impl Leaves {
         self.dotted[section.index()]
     }
 
-    fn push(&mut self, section: Section, path: &str, value: Value) {
+    /// Keeps `key` (a range of [`Leaves::keys`] from then on), noting a dot.
+    fn key(&mut self, section: Section, key: &str) -> KeyRange {
+        self.dotted[section.index()] |= key.contains('.');
+        let start = self.keys.len();
+        self.keys.push_str(key);
+        // A message is at most 32 KB: its keys stay far below 4 GiB.
+        let end = u32::try_from(self.keys.len()).unwrap_or(u32::MAX);
+        (u32::try_from(start).unwrap_or(u32::MAX), end)
+    }
+
+    /// Opens the object at `key` in `parent`; returns its index, the parent of its entries.
+    fn object(&mut self, section: Section, parent: u32, key: &str) -> u32 {
+        let key = self.key(section, key);
+        self.objects.push(Branch { parent, key });
+        u32::try_from(self.objects.len() - 1).unwrap_or(TOP)
+    }
+
+    fn push(&mut self, section: Section, parent: u32, key: &str, value: Value) {
         if value.is_null() {
+            // The key still counts for the dot check.
+            self.dotted[section.index()] |= key.contains('.');
             return;
         }
-        let start = self.paths.len();
-        self.paths.push_str(path);
-        // Paths of one event stay far below 4 GiB (a message is at most 32 KB).
-        let end = u32::try_from(self.paths.len()).unwrap_or(u32::MAX);
+        let key = self.key(section, key);
         self.items.push(Leaf {
             section,
-            path: (u32::try_from(start).unwrap_or(u32::MAX), end),
+            parent,
+            key,
             value,
         });
     }
 
-    /// Adds the leaves of `map` (taken) under `section`'s prefix.
+    /// Adds the leaves of `map` (taken) at the top of `section`.
     fn add_map(&mut self, section: Section, map: Map<String, Value>) {
-        let mut path = String::from(section.prefix());
-        self.walk(section, &mut path, map);
+        self.walk(section, TOP, map);
     }
 
-    fn walk(&mut self, section: Section, path: &mut String, map: Map<String, Value>) {
+    fn walk(&mut self, section: Section, parent: u32, map: Map<String, Value>) {
         for (k, v) in map {
-            let len = enter(path, &k);
-            self.dotted[section.index()] |= k.contains('.');
             match v {
-                Value::Object(inner) => self.walk(section, path, inner),
-                other => self.push(section, path, other),
+                Value::Object(inner) => {
+                    let o = self.object(section, parent, &k);
+                    self.walk(section, o, inner);
+                }
+                other => self.push(section, parent, &k, other),
             }
-            path.truncate(len);
         }
     }
 }
@@ -229,10 +336,7 @@ impl FlatEvent {
         if !leaves.items.is_sorted_by_key(|l| l.section) {
             leaves.items.sort_by_key(|l| l.section);
         }
-        let event = parse::parse_fields(fields, None, opts)?;
-        if event.event_type == EventType::Identify {
-            parse::check_identify_traits(traits)?;
-        }
+        let event = parse::parse_fields(fields, None, opts, Some(traits))?;
         Ok(FlatEvent { event, leaves })
     }
 }
@@ -254,7 +358,8 @@ fn read_message(
     // Sized from the text so that a typical event's buffers never grow, and capped so that a
     // large one's do not reserve more than they hold (pages keep thousands of events).
     let mut leaves = Leaves {
-        paths: String::with_capacity((text.len() / 2).min(512)),
+        keys: String::with_capacity((text.len() / 3).min(256)),
+        objects: Vec::new(),
         items: Vec::with_capacity((text.len() / 24).min(32)),
         dotted: [false; 4],
     };
@@ -329,12 +434,11 @@ impl<'de> Visitor<'de> for Message<'_> {
                             a.next_value::<IgnoredAny>()?;
                         }
                         Slot::Extra => {
-                            let mut path = key.into_owned();
-                            self.leaves.dotted[Section::Extra.index()] |= path.contains('.');
                             a.next_value_seed(Node {
                                 leaves: &mut *self.leaves,
                                 section: Section::Extra,
-                                path: &mut path,
+                                parent: TOP,
+                                key: &key,
                             })?;
                         }
                     }
@@ -408,60 +512,57 @@ impl<'de> Visitor<'de> for Object<'_, '_> {
         match self.into {
             None => while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {},
             Some((leaves, section)) => {
-                let mut path = String::with_capacity(64);
-                path.push_str(section.prefix());
-                walk_entries(&mut a, leaves, section, &mut path, Some(self.count))?;
+                walk_entries(&mut a, leaves, section, TOP, Some(self.count))?;
             }
         }
         Ok(Value::Object(Map::new()))
     }
 }
 
-/// Flattens the entries of an object whose path is `path`; counts them into `count`.
+/// Flattens the entries of the object `parent`; counts them into `count`.
 fn walk_entries<'de, A: MapAccess<'de>>(
     a: &mut A,
     leaves: &mut Leaves,
     section: Section,
-    path: &mut String,
+    parent: u32,
     mut count: Option<&mut usize>,
 ) -> Result<(), A::Error> {
     while let Some(Key(key)) = a.next_key()? {
         if let Some(c) = count.as_deref_mut() {
             *c += 1;
         }
-        leaves.dotted[section.index()] |= key.contains('.');
-        let len = enter(path, &key);
         a.next_value_seed(Node {
             leaves: &mut *leaves,
             section,
-            path: &mut *path,
+            parent,
+            key: &key,
         })?;
-        path.truncate(len);
     }
     Ok(())
 }
 
-/// A value at `path`: a leaf, or an object whose entries are walked.
-struct Node<'a> {
+/// The value at `key` of the object `parent`: a leaf, or an object whose entries are walked.
+struct Node<'a, 'k> {
     leaves: &'a mut Leaves,
     section: Section,
-    path: &'a mut String,
+    parent: u32,
+    key: &'k str,
 }
 
-impl Node<'_> {
+impl Node<'_, '_> {
     fn leaf(self, value: Value) {
-        self.leaves.push(self.section, self.path, value);
+        self.leaves.push(self.section, self.parent, self.key, value);
     }
 }
 
-impl<'de> DeserializeSeed<'de> for Node<'_> {
+impl<'de> DeserializeSeed<'de> for Node<'_, '_> {
     type Value = ();
     fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
         d.deserialize_any(self)
     }
 }
 
-impl<'de> Visitor<'de> for Node<'_> {
+impl<'de> Visitor<'de> for Node<'_, '_> {
     type Value = ();
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
@@ -469,6 +570,8 @@ impl<'de> Visitor<'de> for Node<'_> {
     }
 
     fn visit_unit<E>(self) -> Result<(), E> {
+        // No leaf, but the key counts for the dot check.
+        self.leaf(Value::Null);
         Ok(())
     }
     fn visit_bool<E>(self, b: bool) -> Result<(), E> {
@@ -505,6 +608,7 @@ impl<'de> Visitor<'de> for Node<'_> {
         Ok(())
     }
     fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<(), A::Error> {
-        walk_entries(&mut a, self.leaves, self.section, self.path, None)
+        let o = self.leaves.object(self.section, self.parent, self.key);
+        walk_entries(&mut a, self.leaves, self.section, o, None)
     }
 }

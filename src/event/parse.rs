@@ -148,7 +148,7 @@ pub(super) fn parse_text(
 ) -> Result<Event, EventError> {
     let f: Fields = serde_json::from_str(text)
         .map_err(|e| EventError::new("message", format!("must be a JSON object: {e}")))?;
-    parse_fields(f, default_type, opts)
+    parse_fields(f, default_type, opts, None)
 }
 
 pub(super) fn parse(
@@ -159,13 +159,16 @@ pub(super) fn parse(
     let Value::Object(obj) = v else {
         return Err(EventError::new("message", "must be a JSON object"));
     };
-    parse_fields(Fields::split(obj), default_type, opts)
+    parse_fields(Fields::split(obj), default_type, opts, None)
 }
 
+/// The event of a message's fields; `traits_count` is the number of keys of `traits` when the
+/// fields do not hold them (a flat read keeps them as leaves).
 pub(super) fn parse_fields(
     f: Fields,
     default_type: Option<EventType>,
     opts: &ParseOptions,
+    traits_count: Option<usize>,
 ) -> Result<Event, EventError> {
     let event_type = event_type(f.event_type.as_ref(), default_type)?;
 
@@ -211,7 +214,7 @@ pub(super) fn parse_fields(
         EventType::Alias if user_id.is_none() => {
             return Err(EventError::new("userId", "an alias call requires userId"));
         }
-        EventType::Identify => check_identify_traits(traits.len())?,
+        EventType::Identify => check_identify_traits(traits_count.unwrap_or(traits.len()))?,
         _ => {}
     }
 

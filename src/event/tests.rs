@@ -415,7 +415,7 @@ fn arb_message() -> impl Strategy<Value = Value> {
         object(),
         object(),
     )
-        .prop_map(|(t, context, traits, properties, extra)| {
+        .prop_flat_map(|(t, context, traits, properties, extra)| {
             let mut m = json!({"type": t, "userId": "u", "event": "E", "groupId": "g",
                                "context": context, "traits": traits, "properties": properties});
             if let (Some(m), Value::Object(extra)) = (m.as_object_mut(), extra) {
@@ -423,7 +423,16 @@ fn arb_message() -> impl Strategy<Value = Value> {
                     m.entry(k).or_insert(v);
                 }
             }
-            m
+            // The keys in any order (objects and unknown keys interleaved).
+            let entries: Vec<(String, Value)> = m
+                .as_object()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .collect();
+            Just(entries)
+                .prop_shuffle()
+                .prop_map(|e| Value::Object(e.into_iter().collect()))
         })
 }
 
@@ -494,8 +503,7 @@ fn a_feed_rows_own_keys_are_never_the_events() {
     let (seq, segment_id, flat) = FlatEvent::from_feed_row_text(&text).unwrap();
     assert_eq!((seq, segment_id.as_str()), (42, "use_1"));
     assert_eq!(flat.event.source_id, o.source_id);
-    let extra: Vec<(&str, &Value)> = flat.leaves.of(Section::Extra).collect();
-    assert_eq!(extra, [("kept", &json!(1))]);
+    assert_eq!(flat.leaves.of(Section::Extra), [("kept".into(), json!(1))]);
     for broken in [
         r#"{"segment_id":"s","event_source_id":"e","type":"track","event":"E","userId":"u","receivedAt":"2026-01-01T00:00:00Z"}"#,
         r#"{"seq":1,"event_source_id":"e","type":"track","event":"E","userId":"u","receivedAt":"2026-01-01T00:00:00Z"}"#,
@@ -514,12 +522,7 @@ fn flat_events_keep_each_leaf_at_its_dotted_path() {
         "integrations":{"All":false},
         "custom":{"k":2},"top":"v","writeKey":"secret"}"#;
     let f = FlatEvent::from_json_text(text, &opts()).unwrap();
-    let of = |s: Section| -> Vec<(String, Value)> {
-        f.leaves
-            .of(s)
-            .map(|(p, v)| (p.to_string(), v.clone()))
-            .collect()
-    };
+    let of = |s: Section| f.leaves.of(s);
     assert_eq!(
         of(Section::Context),
         [
@@ -563,6 +566,29 @@ fn flat_events_keep_each_leaf_at_its_dotted_path() {
     assert!(!f.leaves.has_dotted_key(Section::Properties));
 }
 
+/// Each key is kept once: a message's leaves take memory in proportion to its text, however
+/// long the keys above them.
+#[test]
+fn flat_leaves_keep_each_key_once() {
+    let long = "k".repeat(16_000);
+    let inner: serde_json::Map<String, Value> =
+        (0..1_800).map(|i| (format!("{i:x}"), json!(1))).collect();
+    let msg =
+        json!({"type": "track", "event": "E", "userId": "u", "properties": {long.clone(): inner}});
+    let text = msg.to_string();
+    assert!(text.len() <= 32 * 1024);
+    let f = FlatEvent::from_json_text(&text, &opts()).unwrap();
+    assert!(
+        f.leaves.key_bytes() <= text.len(),
+        "{} bytes of keys for a {}-byte message",
+        f.leaves.key_bytes(),
+        text.len()
+    );
+    let props = f.leaves.of(Section::Properties);
+    assert_eq!(props.len(), 1_800);
+    assert_eq!(props[5].0, format!("{long}.5"));
+}
+
 #[test]
 fn flat_reads_refuse_what_the_model_refuses() {
     let traits: serde_json::Map<String, Value> = (0..MAX_IDENTIFY_TRAITS)
@@ -572,6 +598,13 @@ fn flat_reads_refuse_what_the_model_refuses() {
     let err = FlatEvent::from_json_text(&identify.to_string(), &opts()).unwrap_err();
     assert_eq!(err, Event::from_json(&identify, None, &opts()).unwrap_err());
     assert_eq!(err.field, "traits");
+    // With another fault too, the same one is reported first.
+    let mut both = identify.clone();
+    both["timestamp"] = json!("yesterday");
+    assert_eq!(
+        FlatEvent::from_json_text(&both.to_string(), &opts()).unwrap_err(),
+        Event::from_json(&both, None, &opts()).unwrap_err()
+    );
     for bad in [
         r#"{"type":"track","event":"E","userId":"u","context":"x"}"#,
         r#"{"type":"track","event":"E","userId":"u","integrations":[1]}"#,

@@ -179,7 +179,8 @@ impl<'a> Router<'a> {
         };
         let max_len = self.max_len;
         let cols = self.map(table, e.event_type);
-        for (p, (path, value)) in leaves.of_mut(sections).enumerate() {
+        let mut p = 0;
+        leaves.visit(sections, |path, value| {
             let column = match cols.at.get(p) {
                 Some(Some((seen, column))) if seen == path => column.clone(),
                 _ => {
@@ -195,10 +196,11 @@ impl<'a> Router<'a> {
                     column
                 }
             };
+            p += 1;
             if let Some(column) = column {
                 values.push((column, Field::Json(grab(value, take))));
             }
-        }
+        });
         let new = cols.map.take_new();
         // A literal dotted key can flatten to the path of a nested one: the first keeps the
         // column, the others go to discards (checked only when a dotted key exists).
@@ -255,6 +257,31 @@ mod tests {
                 Field::Time(t) => (c.to_string(), json!(t.to_string())),
             })
             .collect()
+    }
+
+    /// A row built by taking the event's values equals one built by copying them, and taking
+    /// leaves the event's values empty.
+    #[test]
+    fn taking_the_values_builds_the_same_row_as_copying_them() {
+        let mut router = Router::new(None, 63, HashMap::new());
+        let r = row(
+            7,
+            json!({"total": 5, "coupon": "A", "items": [1, 2], "nested": {"x": "y"}}),
+        );
+        let (copied, _) = router.row("order_completed", &mut r.clone(), false);
+        let mut taken_from = r.clone();
+        let (taken, _) = router.row("order_completed", &mut taken_from, true);
+        assert_eq!(copied.values, taken.values);
+        assert_eq!(copied.row_id, taken.row_id);
+        assert!(taken_from.event.event.message_id.is_empty());
+        assert!(
+            taken_from
+                .event
+                .leaves
+                .of(Section::Properties)
+                .iter()
+                .all(|(_, v)| v.is_null())
+        );
     }
 
     /// Properties that move, disappear, turn null, are deselected or have an empty name land in

@@ -34,6 +34,13 @@ pub fn pg_micros(t: Timestamp) -> i64 {
 /// value, as the server's receive function of the column's type reads it. A cell of another
 /// type than its column's is an error (the sync casts every value to its column's type first).
 pub fn encode_row(buf: &mut BytesMut, row: &[Cell], columns: &[Column]) -> Result<(), String> {
+    if row.len() != columns.len() {
+        return Err(format!(
+            "a row of {} values for {} columns",
+            row.len(),
+            columns.len()
+        ));
+    }
     let count = i16::try_from(row.len()).map_err(|_| format!("{} columns in a row", row.len()))?;
     buf.put_i16(count);
     for (cell, column) in row.iter().zip(columns) {
@@ -107,6 +114,49 @@ mod tests {
             t.to_sql(&Type::TIMESTAMPTZ, &mut driver).expect("driver");
             assert_eq!(&driver[..], &pg_micros(t).to_be_bytes()[..], "{t}");
         }
+    }
+
+    proptest! {
+        /// Every value is framed as its length and the bytes the driver's own `ToSql` writes.
+        #[test]
+        fn values_encode_as_the_driver_encodes_them(
+            text in "\\PC{0,40}",
+            int in any::<i64>(),
+            float in any::<f64>(),
+            flag in any::<bool>(),
+        ) {
+            let cases: Vec<(Cell, ColumnType, Box<dyn ToSql>)> = vec![
+                (Cell::Text(text.clone()), ColumnType::Varchar, Box::new(text.clone())),
+                (Cell::Int(int), ColumnType::Integer, Box::new(int)),
+                (Cell::Float(float), ColumnType::Float, Box::new(float)),
+                (Cell::Bool(flag), ColumnType::Boolean, Box::new(flag)),
+            ];
+            for (cell, ty, driver_value) in cases {
+                let pg = match ty {
+                    ColumnType::Varchar => Type::TEXT,
+                    ColumnType::Integer => Type::INT8,
+                    ColumnType::Float => Type::FLOAT8,
+                    _ => Type::BOOL,
+                };
+                let mut driver = BytesMut::new();
+                driver_value.to_sql_checked(&pg, &mut driver).expect("driver");
+                let mut ours = BytesMut::new();
+                encode_row(&mut ours, &[cell, Cell::Null], &[Column::new("v", ty), Column::new("n", ty)])
+                    .expect("encodes");
+                let mut want = vec![0u8, 2];
+                want.extend_from_slice(&i32::try_from(driver.len()).expect("small").to_be_bytes());
+                want.extend_from_slice(&driver);
+                want.extend_from_slice(&(-1i32).to_be_bytes());
+                prop_assert_eq!(&ours[..], &want[..]);
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_of_another_width_than_its_columns_is_refused() {
+        let mut buf = BytesMut::new();
+        let err = encode_row(&mut buf, &[Cell::Null], &[]).expect_err("width");
+        assert!(err.contains("1 values for 0 columns"), "{err}");
     }
 
     #[test]
