@@ -4,7 +4,8 @@
 //! growing size (each in its own process). Not run by default: `--scenario read_stages`, what
 //! reading the events feed costs stage by stage.
 //!
-//! `cargo bench --bench sync` (env `BENCH_ROWS`, default 1000000);
+//! `cargo bench --bench sync` (env `BENCH_ROWS`, default 1000000; `BENCH_ROUNDS`, default 3, the
+//! load's sync / `psql \copy` pairs, reported with their medians);
 //! `cargo bench --bench sync -- --scenario read_stages`.
 
 mod common;
@@ -109,56 +110,96 @@ fn sync_once(
     (t.elapsed().as_secs_f64(), report, wh.calls + source.calls)
 }
 
+/// How many sync / `psql \copy` pairs the load scenario runs (env `BENCH_ROUNDS`, default 3).
+fn rounds() -> usize {
+    std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|r| *r > 0)
+        .unwrap_or(3)
+}
+
+/// The median of `v` (sorted in place).
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Rounds of: a first sync of the rows into a fresh database, then `psql \copy` of the same
+/// rows from CSV into an identical empty table of it (the ceiling). Each round's ratio pairs two
+/// runs made back to back, so the median ratio says more than any one run on a noisy machine.
 fn load_vs_copy() -> Value {
     let n = rows();
     let url = build_store(n);
     let server = pg::PgServer::start();
-    let db = server.create_database("bench");
-    let spec = pg_spec(&server, &db);
-    let (secs, report, _) = sync_once(&url, &spec, &only_orders());
-    assert_eq!(report.rows.total as usize, n, "{report:?}");
-    // The ceiling: the same rows, as CSV, through psql \copy into an identical empty table.
     let csv = std::env::temp_dir().join("profiles-sync-bench-orders.csv");
-    let psql = |sql: &str| {
-        let out = Command::new(server.program("psql"))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &server.port().to_string(),
-                "-U",
-                "postgres",
-                "-d",
-                &db,
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-c",
-                sql,
-            ])
-            .output()
-            .expect("psql");
-        assert!(
-            out.status.success(),
-            "{sql}: {}",
-            String::from_utf8_lossy(&out.stderr)
+    let mut out = vec![];
+    for round in 0..rounds() {
+        let db = server.create_database("bench");
+        let spec = pg_spec(&server, &db);
+        let (secs, report, _) = sync_once(&url, &spec, &only_orders());
+        assert_eq!(report.rows.total as usize, n, "{report:?}");
+        let psql = |sql: &str| {
+            let out = Command::new(server.program("psql"))
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &server.port().to_string(),
+                    "-U",
+                    "postgres",
+                    "-d",
+                    &db,
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-c",
+                    sql,
+                ])
+                .output()
+                .expect("psql");
+            assert!(
+                out.status.success(),
+                "{sql}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        if round == 0 {
+            psql(&format!(
+                "\\copy (SELECT * FROM profiles_sync.order_completed) TO '{}' CSV",
+                csv.display()
+            ));
+        }
+        psql(
+            "CREATE TABLE profiles_sync.copy_target (LIKE profiles_sync.order_completed INCLUDING ALL)",
         );
-    };
-    psql(&format!(
-        "\\copy (SELECT * FROM profiles_sync.order_completed) TO '{}' CSV",
-        csv.display()
-    ));
-    psql(
-        "CREATE TABLE profiles_sync.copy_target (LIKE profiles_sync.order_completed INCLUDING ALL)",
-    );
-    let t = Instant::now();
-    psql(&format!(
-        "\\copy profiles_sync.copy_target FROM '{}' CSV",
-        csv.display()
-    ));
-    let copy_secs = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        psql(&format!(
+            "\\copy profiles_sync.copy_target FROM '{}' CSV",
+            csv.display()
+        ));
+        let copy_secs = t.elapsed().as_secs_f64();
+        // Each round's database goes once measured (a million rows twice over is disk).
+        server
+            .connect("postgres")
+            .batch_execute(&format!("DROP DATABASE \"{db}\" WITH (FORCE)"))
+            .expect("drop the round's database");
+        out.push(
+            json!({"sync_seconds": secs, "copy_seconds": copy_secs, "ratio": copy_secs / secs}),
+        );
+    }
     let _ = std::fs::remove_file(&csv);
-    json!({"scenario": "load", "rows": n, "sync_seconds": secs, "sync_rows_per_sec": n as f64 / secs,
-           "copy_seconds": copy_secs, "copy_rows_per_sec": n as f64 / copy_secs, "ratio": copy_secs / secs})
+    let pick = |key: &str| -> Vec<f64> { out.iter().filter_map(|r| r[key].as_f64()).collect() };
+    let (sync_secs, copy_secs) = (
+        median(&mut pick("sync_seconds")),
+        median(&mut pick("copy_seconds")),
+    );
+    json!({"scenario": "load", "rows": n, "rounds": out,
+           "sync_rows_per_sec": n as f64 / sync_secs, "copy_rows_per_sec": n as f64 / copy_secs,
+           "ratio": median(&mut pick("ratio"))})
 }
 
 fn idle() -> Value {
@@ -201,8 +242,9 @@ fn main() {
     }
     let r = common::run_child("load", &[]);
     println!(
-        "(a) {} rows: sync {:.0} rows/s, psql \\copy {:.0} rows/s, ratio {:.2}",
+        "(a) {} rows, medians of {} rounds: sync {:.0} rows/s, psql \\copy {:.0} rows/s, ratio {:.2}",
         r["rows"],
+        r["rounds"].as_array().map_or(0, Vec::len),
         r["sync_rows_per_sec"].as_f64().unwrap_or(0.0),
         r["copy_rows_per_sec"].as_f64().unwrap_or(0.0),
         r["ratio"].as_f64().unwrap_or(0.0)
