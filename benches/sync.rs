@@ -137,50 +137,57 @@ fn load_vs_copy() -> Value {
     let url = build_store(n);
     let server = pg::PgServer::start();
     let csv = std::env::temp_dir().join("profiles-sync-bench-orders.csv");
+    let psql = |db: &str, sql: &str| {
+        let out = Command::new(server.program("psql"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &server.port().to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                db,
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                sql,
+            ])
+            .output()
+            .expect("psql");
+        assert!(
+            out.status.success(),
+            "{sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
     let mut out = vec![];
     for round in 0..rounds() {
         let db = server.create_database("bench");
         let spec = pg_spec(&server, &db);
         let (secs, report, _) = sync_once(&url, &spec, &only_orders());
         assert_eq!(report.rows.total as usize, n, "{report:?}");
-        let psql = |sql: &str| {
-            let out = Command::new(server.program("psql"))
-                .args([
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &server.port().to_string(),
-                    "-U",
-                    "postgres",
-                    "-d",
-                    &db,
-                    "-v",
-                    "ON_ERROR_STOP=1",
-                    "-c",
-                    sql,
-                ])
-                .output()
-                .expect("psql");
-            assert!(
-                out.status.success(),
-                "{sql}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
         if round == 0 {
-            psql(&format!(
-                "\\copy (SELECT * FROM profiles_sync.order_completed) TO '{}' CSV",
-                csv.display()
-            ));
+            psql(
+                &db,
+                &format!(
+                    "\\copy (SELECT * FROM profiles_sync.order_completed) TO '{}' CSV",
+                    csv.display()
+                ),
+            );
         }
         psql(
+            &db,
             "CREATE TABLE profiles_sync.copy_target (LIKE profiles_sync.order_completed INCLUDING ALL)",
         );
         let t = Instant::now();
-        psql(&format!(
-            "\\copy profiles_sync.copy_target FROM '{}' CSV",
-            csv.display()
-        ));
+        psql(
+            &db,
+            &format!(
+                "\\copy profiles_sync.copy_target FROM '{}' CSV",
+                csv.display()
+            ),
+        );
         let copy_secs = t.elapsed().as_secs_f64();
         // Each round's database goes once measured (a million rows twice over is disk).
         server

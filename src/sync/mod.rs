@@ -26,7 +26,7 @@ use crate::crd::{ColumnFilter, ErrorClass, SelectiveSyncSpec, SyncError, Warehou
 use crate::event::EventType;
 use crate::store::{Feed, FeedRow, SourceInfo};
 use crate::warehouse::{Warehouse, WarehouseError};
-use load::{Chunk, PendingRow, Schema};
+use load::{Chunk, ChunkResult, PendingRow, Schema};
 use pipeline::{ChunkWriter, Outcome, Pages, Written, read_pages};
 use state::TableState;
 use tables::{
@@ -326,10 +326,7 @@ impl<'a> Run<'a> {
             match load::commit(wh, schema, chunk) {
                 Ok(r) => {
                     st = next;
-                    self.states.insert(table.to_string(), st.clone());
-                    let rep = self.table_report(table);
-                    rep.rows += r.rows;
-                    rep.discards += r.discards;
+                    self.committed(table, st.clone(), &r);
                     self.spend(rows.len() as u64, bytes);
                 }
                 Err(e) if e.class == ErrorClass::Connection => return Err(e.into()),
@@ -380,8 +377,8 @@ impl<'a> Run<'a> {
             for (t, cursor) in active.iter_mut().filter(|(_, c)| c.cursor == after) {
                 match materialize::apply_window(wh, schema, t, cursor, &window, self.uuid) {
                     Ok(rows) => {
-                        self.states.insert(t.to_string(), cursor.clone());
-                        self.table_report(t).rows += rows;
+                        let r = ChunkResult { rows, discards: 0 };
+                        self.committed(t, cursor.clone(), &r);
                     }
                     Err(e) if e.class == ErrorClass::Connection => {
                         return Err(RunError::Warehouse(e));
@@ -650,6 +647,15 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
+    /// Records a committed chunk of `table`: its new state, and its rows and discards in the
+    /// report.
+    fn committed(&mut self, table: &str, state: TableState, r: &ChunkResult) {
+        self.states.insert(table.to_string(), state);
+        let rep = self.table_report(table);
+        rep.rows += r.rows;
+        rep.discards += r.discards;
+    }
+
     /// Takes in the outcomes of written chunks: a committed chunk moves its table's state and
     /// counts its rows; a failed one fails its table. Returns the rows loaded; a connection
     /// error ends the run.
@@ -659,10 +665,7 @@ impl<'a> Run<'a> {
         for (table, state, outcome) in written {
             match outcome {
                 Outcome::Written(r) => {
-                    self.states.insert(table.clone(), state);
-                    let rep = self.table_report(&table);
-                    rep.rows += r.rows;
-                    rep.discards += r.discards;
+                    self.committed(&table, state, &r);
                     loaded += r.rows;
                 }
                 Outcome::Failed(e) if e.class == ErrorClass::Connection => {
