@@ -5,7 +5,8 @@
 //! reading the events feed costs stage by stage.
 //!
 //! `cargo bench --bench sync` (env `BENCH_ROWS`, default 1000000; `BENCH_ROUNDS`, default 3, the
-//! load's sync / `psql \copy` pairs, reported with their medians);
+//! load's sync / `psql \copy` pairs, reported with their medians; `BENCH_PAGE`, default 10000,
+//! the sync's page size);
 //! `cargo bench --bench sync -- --scenario read_stages`.
 
 mod common;
@@ -103,7 +104,10 @@ fn sync_once(
             id: "bench".into(),
             connection: spec,
             selection: Some(sel),
-            page_size: 10_000,
+            page_size: std::env::var("BENCH_PAGE")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(10_000),
             now: jiff::Timestamp::now(),
         },
     );
@@ -165,7 +169,9 @@ fn load_vs_copy() -> Value {
     for round in 0..rounds() {
         let db = server.create_database("bench");
         let spec = pg_spec(&server, &db);
+        let cpu = common::cpu_seconds();
         let (secs, report, _) = sync_once(&url, &spec, &only_orders());
+        let cpu = common::cpu_seconds() - cpu;
         assert_eq!(report.rows.total as usize, n, "{report:?}");
         if round == 0 {
             psql(
@@ -195,7 +201,7 @@ fn load_vs_copy() -> Value {
             .batch_execute(&format!("DROP DATABASE \"{db}\" WITH (FORCE)"))
             .expect("drop the round's database");
         out.push(
-            json!({"sync_seconds": secs, "copy_seconds": copy_secs, "ratio": copy_secs / secs}),
+            json!({"sync_seconds": secs, "sync_cpu_seconds": cpu, "copy_seconds": copy_secs, "ratio": copy_secs / secs}),
         );
     }
     let _ = std::fs::remove_file(&csv);
@@ -205,7 +211,8 @@ fn load_vs_copy() -> Value {
         median(&mut pick("copy_seconds")),
     );
     json!({"scenario": "load", "rows": n, "rounds": out,
-           "sync_rows_per_sec": n as f64 / sync_secs, "copy_rows_per_sec": n as f64 / copy_secs,
+           "sync_rows_per_sec": n as f64 / sync_secs,
+           "sync_cpu_seconds": median(&mut pick("sync_cpu_seconds")), "copy_rows_per_sec": n as f64 / copy_secs,
            "ratio": median(&mut pick("ratio"))})
 }
 
@@ -249,10 +256,11 @@ fn main() {
     }
     let r = common::run_child("load", &[]);
     println!(
-        "(a) {} rows, medians of {} rounds: sync {:.0} rows/s, psql \\copy {:.0} rows/s, ratio {:.2}",
+        "(a) {} rows, medians of {} rounds: sync {:.0} rows/s ({:.2} s of the sync process's CPU), psql \\copy {:.0} rows/s, ratio {:.2}",
         r["rows"],
         r["rounds"].as_array().map_or(0, Vec::len),
         r["sync_rows_per_sec"].as_f64().unwrap_or(0.0),
+        r["sync_cpu_seconds"].as_f64().unwrap_or(0.0),
         r["copy_rows_per_sec"].as_f64().unwrap_or(0.0),
         r["ratio"].as_f64().unwrap_or(0.0)
     );

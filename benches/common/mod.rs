@@ -25,6 +25,23 @@ pub fn peak_rss_mib() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// CPU time this process has used so far (user + system, every thread), in seconds, from
+/// `/proc/self/stat` (clock ticks, assumed 100 per second as on every Linux the project
+/// supports). Less noisy than wall time on a shared machine: it counts the work, not the waits.
+pub fn cpu_seconds() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // The fields after the command name, which is in parentheses and may hold spaces.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+            let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+            Some(ticks / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
 /// Runs `scenario` of this bench binary in a fresh process (so its peak memory is its own) and
 /// returns the JSON line it printed.
 pub fn run_child(scenario: &str, extra: &[&str]) -> serde_json::Value {

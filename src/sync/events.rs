@@ -2,6 +2,7 @@
 //! event) and flattening each into that table's columns.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use serde_json::Value;
 
@@ -49,7 +50,12 @@ pub struct Router<'a> {
     maps: HashMap<String, TableColumns<'a>>,
     saved: HashMap<String, Vec<(String, String)>>,
     /// Track event name → its table ([`track_table`] is too slow to run per row).
-    track_tables: HashMap<String, String>,
+    track_tables: HashMap<String, Arc<str>>,
+    /// The last Track event name looked up, and its table: an event's targets and then its
+    /// row ask for the same name, and a run of one event is common.
+    last_track: Option<(String, Arc<str>)>,
+    /// Each event type's table.
+    type_tables: Vec<(EventType, Arc<str>)>,
 }
 
 /// One event table's columns: the name map, and what each position of the previous row decided.
@@ -82,6 +88,11 @@ impl<'a> Router<'a> {
             maps: HashMap::new(),
             saved: names,
             track_tables: HashMap::new(),
+            last_track: None,
+            type_tables: EventType::ALL
+                .iter()
+                .map(|t| (*t, Arc::from(t.table())))
+                .collect(),
         }
     }
 
@@ -106,22 +117,38 @@ impl<'a> Router<'a> {
         self.maps.get_mut(table).expect("inserted above")
     }
 
-    /// The tables an event lands in: its type's table, and for a Track event its own table.
-    pub fn targets(&mut self, event: &Event) -> Vec<String> {
-        let mut t = vec![event.event_type.table().to_string()];
-        if let (EventType::Track, Some(name)) = (event.event_type, &event.event) {
-            t.push(self.track_table(name).to_string());
+    /// Adds to `out` the tables an event lands in: its type's table, and for a Track event its
+    /// own table (names shared, so routing an event allocates none).
+    pub fn targets(&mut self, event: &Event, out: &mut Vec<Arc<str>>) {
+        if let Some((_, t)) = self
+            .type_tables
+            .iter()
+            .find(|(t, _)| *t == event.event_type)
+        {
+            out.push(t.clone());
         }
-        t
+        if let (EventType::Track, Some(name)) = (event.event_type, &event.event) {
+            out.push(self.track_table(name));
+        }
     }
 
     /// [`track_table`] of `name`, computed once per name.
-    fn track_table(&mut self, name: &str) -> &str {
-        if !self.track_tables.contains_key(name) {
-            let table = track_table(name, self.max_len);
-            self.track_tables.insert(name.to_string(), table);
+    fn track_table(&mut self, name: &str) -> Arc<str> {
+        if let Some((last, table)) = &self.last_track
+            && last == name
+        {
+            return table.clone();
         }
-        &self.track_tables[name]
+        let table = match self.track_tables.get(name) {
+            Some(t) => t.clone(),
+            None => {
+                let t: Arc<str> = track_table(name, self.max_len).into();
+                self.track_tables.insert(name.to_string(), t.clone());
+                t
+            }
+        };
+        self.last_track = Some((name.to_string(), table.clone()));
+        table
     }
 
     /// The row of `event` for `table`. With `take` (the event's last table) the event's strings

@@ -80,6 +80,7 @@ pub struct ChunkResult {
 }
 
 /// The schema as this sync knows it (read once, kept current as tables and columns are added).
+#[derive(Default)]
 pub struct Schema {
     /// Table → columns.
     pub tables: BTreeMap<String, TableColumns>,
@@ -91,139 +92,205 @@ fn discard_columns() -> Vec<Column> {
         .unwrap_or_default()
 }
 
-/// Decides each column's type: the warehouse's when the column exists, the design's for fixed
-/// columns, otherwise the first non-null value's. Columns that are null in every row are left out.
-fn column_types(chunk: &Chunk<'_>, existing: Option<&TableColumns>) -> Vec<Column> {
-    let mut types: BTreeMap<&str, ColumnType> = BTreeMap::new();
-    for c in chunk.fixed {
-        types.insert(
-            &c.name,
-            existing
+/// Types a chunk's rows in one pass. Each column's type is decided the first time the column
+/// is seen with a value that implies one: the warehouse's type when the column exists, the
+/// design's for fixed columns, otherwise the first non-null value's; every value is cast to its
+/// column's type as it arrives. Columns that are null in every row are left out. Values that
+/// can't be cast become NULL and a row of `discards`.
+struct Typer<'c> {
+    table: &'c str,
+    existing: Option<&'c TableColumns>,
+    uuid_ts: jiff::Timestamp,
+    /// Fixed columns first, in their order; then the others in the order they were found.
+    columns: Vec<Column>,
+    fixed: usize,
+    /// Column name → index in `columns`.
+    index: HashMap<String, usize>,
+    /// Position in a row's values → (the name it held in the previous row, its column): rows
+    /// of one table mostly list the same columns in the same order, so a repeat costs a name
+    /// comparison (mostly a pointer's) instead of a map lookup.
+    at: Vec<Option<(ColumnName, usize)>>,
+    /// The `uuid_ts` column, once known: its values are replaced by the load time.
+    uuid: Option<usize>,
+    rows: Vec<Vec<Cell>>,
+    discards: Vec<Vec<Cell>>,
+}
+
+/// Whether two column names are the same (the same shared name compares without reading it).
+fn same_name(a: &ColumnName, b: &ColumnName) -> bool {
+    match (a, b) {
+        (ColumnName::Property(x), ColumnName::Property(y)) if std::sync::Arc::ptr_eq(x, y) => true,
+        _ => **a == **b,
+    }
+}
+
+impl<'c> Typer<'c> {
+    fn new(chunk: &Chunk<'c>, existing: Option<&'c TableColumns>) -> Typer<'c> {
+        let mut t = Typer {
+            table: chunk.table,
+            existing,
+            uuid_ts: chunk.uuid_ts,
+            columns: Vec::with_capacity(chunk.fixed.len() + 16),
+            fixed: chunk.fixed.len(),
+            index: HashMap::new(),
+            at: vec![],
+            uuid: None,
+            rows: Vec::with_capacity(chunk.rows.len()),
+            discards: vec![],
+        };
+        for c in chunk.fixed {
+            let ty = existing
                 .and_then(|e| e.get(&c.name).copied())
-                .unwrap_or(c.ty),
-        );
+                .unwrap_or(c.ty);
+            t.add(&c.name, ty);
+        }
+        t
     }
-    // Rows of one table mostly list the same columns in the same order: remember which column
-    // each position had, so a known column costs a string comparison instead of a map lookup.
-    let mut typed_at: Vec<Option<&str>> = vec![];
-    for row in &chunk.rows {
-        for (p, (col, v)) in row.values.iter().enumerate() {
-            let col: &str = col;
-            if typed_at.get(p) == Some(&Some(col)) {
+
+    fn add(&mut self, name: &str, ty: ColumnType) -> usize {
+        let i = self.columns.len();
+        self.columns.push(Column::new(name, ty));
+        self.index.insert(name.to_string(), i);
+        if name == "uuid_ts" {
+            self.uuid = Some(i);
+        }
+        i
+    }
+
+    /// The column of `name` (a value's column), found or added; `None` while the column is
+    /// unknown and the value null.
+    fn column(&mut self, p: usize, name: &ColumnName, v: &Field) -> Option<usize> {
+        if let Some(Some((seen, i))) = self.at.get(p)
+            && same_name(seen, name)
+        {
+            return Some(*i);
+        }
+        let i = match self.index.get(&**name) {
+            Some(&i) => i,
+            None => {
+                let ty = self
+                    .existing
+                    .and_then(|e| e.get(&**name).copied())
+                    .or_else(|| v.infer())?;
+                self.add(name, ty)
+            }
+        };
+        remember(&mut self.at, p, Some((name.clone(), i)));
+        Some(i)
+    }
+
+    fn push(&mut self, row: PendingRow) {
+        let PendingRow {
+            row_id,
+            received_at,
+            values,
+            refused,
+        } = row;
+        for (column, v, reason) in refused {
+            let d = self.discard(column, &row_id, v, reason, &received_at);
+            self.discards.push(d);
+        }
+        let mut cells = vec![Cell::Null; self.columns.len()];
+        for (p, (name, v)) in values.into_iter().enumerate() {
+            let Some(i) = self.column(p, &name, &v) else {
                 continue;
-            }
-            let known = types.contains_key(col)
-                || match existing
-                    .and_then(|e| e.get(col).copied())
-                    .or_else(|| v.infer())
-                {
-                    Some(t) => {
-                        types.insert(col, t);
-                        true
-                    }
-                    None => false,
-                };
-            if known {
-                remember(&mut typed_at, p, Some(col));
-            }
-        }
-    }
-    // Fixed columns first, in their order; then the rest by name.
-    let mut out: Vec<Column> = chunk
-        .fixed
-        .iter()
-        .map(|c| Column::new(c.name.clone(), types[c.name.as_str()]))
-        .collect();
-    out.extend(
-        types
-            .iter()
-            .filter(|(n, _)| !chunk.fixed.iter().any(|c| c.name == **n))
-            .map(|(n, t)| Column::new(*n, *t)),
-    );
-    out
-}
-
-/// A row of `discards`: the value as text (a NUL, one reason to refuse it, written escaped).
-fn discard(
-    chunk: &Chunk<'_>,
-    column: String,
-    row_id: &str,
-    v: Field,
-    reason: String,
-    received_at: &Cell,
-) -> Vec<Cell> {
-    vec![
-        Cell::Text(chunk.table.to_string()),
-        Cell::Text(column),
-        Cell::Text(escape_nul(row_id).into_owned()),
-        Cell::Text(escape_nul(&v.into_text()).into_owned()),
-        Cell::Text(reason),
-        received_at.clone(),
-        Cell::Timestamp(chunk.uuid_ts),
-    ]
-}
-
-/// Casts the chunk's rows (taken out of it) into cells in `columns` order; values that can't be
-/// cast become NULL there and a row of `discards`.
-fn typed_rows(chunk: &mut Chunk<'_>, columns: &[Column]) -> (Vec<Vec<Cell>>, Vec<Vec<Cell>>) {
-    let index: HashMap<&str, usize> = columns
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (c.name.as_str(), i))
-        .collect();
-    // `uuid_ts` is the load time, whatever a row carries under that name.
-    let uuid = index.get("uuid_ts").map(|&i| {
-        let v = Value::String(chunk.uuid_ts.to_string());
-        (i, cast(&v, columns[i].ty).unwrap_or(Cell::Null))
-    });
-    let mut rows = Vec::with_capacity(chunk.rows.len());
-    let mut discards = vec![];
-    // The column index of each position in the previous row (see `column_types`).
-    let mut column_at: Vec<Option<usize>> = vec![];
-    for row in std::mem::take(&mut chunk.rows) {
-        for (column, v, reason) in row.refused {
-            discards.push(discard(
-                chunk,
-                column,
-                &row.row_id,
-                v,
-                reason,
-                &row.received_at,
-            ));
-        }
-        let mut cells = vec![Cell::Null; columns.len()];
-        if let Some((i, cell)) = &uuid {
-            cells[*i] = cell.clone();
-        }
-        for (p, (name, v)) in row.values.into_iter().enumerate() {
-            let i = match column_at.get(p) {
-                Some(&Some(i)) if columns[i].name == *name => i,
-                _ => {
-                    let Some(&i) = index.get(&*name) else {
-                        continue; // null in every row of the chunk
-                    };
-                    remember(&mut column_at, p, Some(i));
-                    i
-                }
             };
-            if uuid.as_ref().is_some_and(|(u, _)| *u == i) {
+            if Some(i) == self.uuid {
                 continue;
             }
-            match v.cast(columns[i].ty) {
+            if i >= cells.len() {
+                cells.resize(self.columns.len(), Cell::Null);
+            }
+            match v.cast(self.columns[i].ty) {
                 Ok(cell) => cells[i] = cell,
-                Err((reason, v)) => discards.push(discard(
-                    chunk,
-                    name.to_string(),
-                    &row.row_id,
-                    v,
-                    reason,
-                    &row.received_at,
-                )),
+                Err((reason, v)) => {
+                    let d = self.discard(name.to_string(), &row_id, v, reason, &received_at);
+                    self.discards.push(d);
+                }
             }
         }
-        rows.push(cells);
+        self.rows.push(cells);
     }
-    (rows, discards)
+
+    /// A row of `discards`: the value as text (a NUL, one reason to refuse it, written escaped).
+    fn discard(
+        &self,
+        column: String,
+        row_id: &str,
+        v: Field,
+        reason: String,
+        received_at: &Cell,
+    ) -> Vec<Cell> {
+        vec![
+            Cell::Text(self.table.to_string()),
+            Cell::Text(column),
+            Cell::Text(escape_nul(row_id).into_owned()),
+            Cell::Text(escape_nul(&v.into_text()).into_owned()),
+            Cell::Text(reason),
+            received_at.clone(),
+            Cell::Timestamp(self.uuid_ts),
+        ]
+    }
+
+    /// The columns (fixed first, in their order; then the rest by name), the rows' cells in
+    /// that order, and the discards.
+    fn finish(mut self) -> (Vec<Column>, Vec<Vec<Cell>>, Vec<Vec<Cell>>) {
+        let width = self.columns.len();
+        // `order[j]`: the column found at `order[j]` goes to place `j`.
+        let mut order: Vec<usize> = (0..width).collect();
+        order[self.fixed..].sort_by(|&a, &b| self.columns[a].name.cmp(&self.columns[b].name));
+        let cycles = cycles(&order);
+        // `uuid_ts` is the load time, whatever a row carries under that name.
+        let uuid = self.uuid.map(|i| {
+            let v = Value::String(self.uuid_ts.to_string());
+            (i, cast(&v, self.columns[i].ty).unwrap_or(Cell::Null))
+        });
+        for row in &mut self.rows {
+            // Rows typed before a column was found lack its cell.
+            row.resize(width, Cell::Null);
+            if let Some((i, cell)) = &uuid {
+                row[*i] = cell.clone();
+            }
+            permute(row, &order, &cycles);
+        }
+        let mut columns = std::mem::take(&mut self.columns);
+        permute(&mut columns, &order, &cycles);
+        (columns, self.rows, self.discards)
+    }
+}
+
+/// One index of each cycle of the permutation `order` (fixed points left out).
+fn cycles(order: &[usize]) -> Vec<usize> {
+    let mut seen = vec![false; order.len()];
+    let mut starts = vec![];
+    for start in 0..order.len() {
+        if seen[start] || order[start] == start {
+            continue;
+        }
+        starts.push(start);
+        let mut j = start;
+        while !seen[j] {
+            seen[j] = true;
+            j = order[j];
+        }
+    }
+    starts
+}
+
+/// Reorders `items` in place so that `items[j]` becomes the item that was at `order[j]`.
+fn permute<T>(items: &mut [T], order: &[usize], cycles: &[usize]) {
+    for &start in cycles {
+        // Walk the cycle, pulling each place's item from where `order` says.
+        let mut j = start;
+        loop {
+            let from = order[j];
+            if from == start {
+                break;
+            }
+            items.swap(j, from);
+            j = from;
+        }
+    }
 }
 
 /// A chunk typed and ready to write: everything the warehouse side needs, owned, so it can be
@@ -248,8 +315,11 @@ pub struct Prepared {
 
 /// Types `chunk` against the table's columns as `schema` knows them (see [`column_types`]).
 pub fn prepare(schema: &Schema, mut chunk: Chunk<'_>) -> Prepared {
-    let columns = column_types(&chunk, schema.tables.get(chunk.table));
-    let (rows, discards) = typed_rows(&mut chunk, &columns);
+    let mut typer = Typer::new(&chunk, schema.tables.get(chunk.table));
+    for row in std::mem::take(&mut chunk.rows) {
+        typer.push(row);
+    }
+    let (columns, rows, discards) = typer.finish();
     Prepared {
         table: chunk.table.to_string(),
         key: chunk.key,
@@ -383,6 +453,7 @@ fn write(wh: &mut dyn Warehouse, schema: &Schema, p: &Prepared) -> Result<u64, W
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use serde_json::json;
 
     fn row(id: &str, values: Vec<(&'static str, Value)>) -> PendingRow {
@@ -420,7 +491,7 @@ mod tests {
     #[test]
     fn values_land_in_their_columns_whatever_the_order_of_the_rows() {
         let fixed = [Column::new("id", ColumnType::Varchar)];
-        let mut c = chunk(
+        let c = chunk(
             vec![
                 row(
                     "1",
@@ -438,9 +509,9 @@ mod tests {
             ],
             &fixed,
         );
-        let columns = column_types(&c, None);
+        let p = prepare(&Schema::default(), c);
         let names: Vec<(&str, ColumnType)> =
-            columns.iter().map(|c| (c.name.as_str(), c.ty)).collect();
+            p.columns.iter().map(|c| (c.name.as_str(), c.ty)).collect();
         assert_eq!(
             names,
             [
@@ -450,10 +521,9 @@ mod tests {
                 ("c", ColumnType::Boolean)
             ]
         );
-        let (rows, discards) = typed_rows(&mut c, &columns);
         let text = |s: &str| Cell::Text(s.into());
         assert_eq!(
-            rows,
+            p.rows,
             [
                 vec![text("1"), Cell::Null, Cell::Int(2), Cell::Null],
                 vec![text("2"), text("x"), Cell::Int(3), Cell::Null],
@@ -461,12 +531,11 @@ mod tests {
                 vec![text("4"), Cell::Null, Cell::Null, Cell::Null],
             ]
         );
-        assert_eq!(discards.len(), 1);
+        assert_eq!(p.discards.len(), 1);
         assert_eq!(
-            discards[0][..4],
+            p.discards[0][..4],
             [text("t"), text("b"), text("4"), text("not a number")]
         );
-        assert!(c.rows.is_empty(), "the rows were taken out of the chunk");
     }
 
     /// The warehouse's type wins over inference, and `uuid_ts` is always the load time.
@@ -476,7 +545,7 @@ mod tests {
             Column::new("id", ColumnType::Varchar),
             Column::new("uuid_ts", ColumnType::Timestamp),
         ];
-        let mut c = chunk(
+        let c = chunk(
             vec![row(
                 "1",
                 vec![
@@ -490,21 +559,193 @@ mod tests {
         let existing: TableColumns = [("n".to_string(), ColumnType::Varchar)]
             .into_iter()
             .collect();
-        let columns = column_types(&c, Some(&existing));
+        let schema = Schema {
+            tables: [("t".to_string(), existing)].into_iter().collect(),
+        };
+        let p = prepare(&schema, c);
         assert_eq!(
-            columns[2].ty,
+            p.columns[2].ty,
             ColumnType::Varchar,
             "the warehouse's varchar wins"
         );
-        let (rows, discards) = typed_rows(&mut c, &columns);
         assert_eq!(
-            rows[0],
+            p.rows[0],
             [
                 Cell::Text("1".into()),
                 Cell::Timestamp(jiff::Timestamp::UNIX_EPOCH),
                 Cell::Text("5".into())
             ]
         );
-        assert!(discards.is_empty());
+        assert!(p.discards.is_empty());
+    }
+
+    /// What typing a chunk means, written plainly (two passes, no caches): the model
+    /// `prepare` is checked against.
+    fn model(
+        chunk: &Chunk<'_>,
+        existing: Option<&TableColumns>,
+    ) -> (Vec<Column>, Vec<Vec<Cell>>, Vec<Vec<Cell>>) {
+        let mut types: BTreeMap<String, ColumnType> = BTreeMap::new();
+        for c in chunk.fixed {
+            let ty = existing.and_then(|e| e.get(&c.name).copied());
+            types.insert(c.name.clone(), ty.unwrap_or(c.ty));
+        }
+        for row in &chunk.rows {
+            for (name, v) in &row.values {
+                if !types.contains_key(&**name)
+                    && let Some(t) = existing.and_then(|e| e.get(&**name).copied()).or(v.infer())
+                {
+                    types.insert(name.to_string(), t);
+                }
+            }
+        }
+        let is_fixed = |n: &str| chunk.fixed.iter().any(|c| c.name == n);
+        let mut columns: Vec<Column> = chunk
+            .fixed
+            .iter()
+            .map(|c| Column::new(c.name.clone(), types[&c.name]))
+            .collect();
+        columns.extend(
+            types
+                .iter()
+                .filter(|(n, _)| !is_fixed(n))
+                .map(|(n, t)| Column::new(n.clone(), *t)),
+        );
+        let place = |n: &str| columns.iter().position(|c| c.name == n);
+        let text = |s: &str| Cell::Text(s.to_string());
+        let discard = |column: &str, row: &PendingRow, v: &Field, reason: &str| {
+            vec![
+                text(chunk.table),
+                text(column),
+                text(&escape_nul(&row.row_id)),
+                text(&escape_nul(&v.clone().into_text())),
+                text(reason),
+                row.received_at.clone(),
+                Cell::Timestamp(chunk.uuid_ts),
+            ]
+        };
+        let (mut rows, mut discards) = (vec![], vec![]);
+        for row in &chunk.rows {
+            for (column, v, reason) in &row.refused {
+                discards.push(discard(column, row, v, reason));
+            }
+            let mut cells = vec![Cell::Null; columns.len()];
+            for (name, v) in &row.values {
+                // `uuid_ts` is the load time, whatever the row carries under that name.
+                let Some(i) = place(name).filter(|_| &**name != "uuid_ts") else {
+                    continue;
+                };
+                match v.clone().cast(columns[i].ty) {
+                    Ok(cell) => cells[i] = cell,
+                    Err((reason, v)) => discards.push(discard(name, row, &v, &reason)),
+                }
+            }
+            if let Some(i) = place("uuid_ts") {
+                let v = Value::String(chunk.uuid_ts.to_string());
+                cells[i] = cast(&v, columns[i].ty).unwrap_or(Cell::Null);
+            }
+            rows.push(cells);
+        }
+        (columns, rows, discards)
+    }
+
+    /// A column name: fixed, or a property's, shared with other values of that name or not.
+    fn name_strategy() -> impl Strategy<Value = ColumnName> {
+        const NAMES: [&str; 7] = ["id", "a", "b", "c", "uuid_ts", "a_b", "B"];
+        (0..NAMES.len(), 0..3u8).prop_map(|(i, how)| match how {
+            0 => ColumnName::Fixed(NAMES[i]),
+            // The same shared name for every value of it, as the router hands out.
+            1 => SHARED.with(|s| ColumnName::Property(s[i].clone())),
+            _ => ColumnName::Property(NAMES[i].into()),
+        })
+    }
+
+    thread_local! {
+        static SHARED: Vec<std::sync::Arc<str>> =
+            ["id", "a", "b", "c", "uuid_ts", "a_b", "B"].iter().map(|n| (*n).into()).collect();
+    }
+
+    fn field_strategy() -> impl Strategy<Value = Field> {
+        prop_oneof![
+            Just(Field::Json(Value::Null)),
+            any::<i64>().prop_map(|n| Field::Json(json!(n))),
+            (-1.0e6..1.0e6f64).prop_map(|f| Field::Json(json!(f))),
+            any::<bool>().prop_map(|b| Field::Json(json!(b))),
+            "[a-z0-9 .]{0,8}".prop_map(|s| Field::Json(json!(s))),
+            Just(Field::Json(json!("2024-05-01T10:00:00Z"))),
+            Just(Field::Json(json!("12"))),
+            Just(Field::Json(json!("a\u{0}b"))),
+            Just(Field::Json(json!([1, "x"]))),
+            (0..2_000_000_000i64)
+                .prop_map(|s| Field::Time(jiff::Timestamp::from_second(s).expect("in range"))),
+        ]
+    }
+
+    fn row_strategy() -> impl Strategy<Value = PendingRow> {
+        (
+            "[a-z0-9]{1,4}",
+            proptest::collection::vec((name_strategy(), field_strategy()), 0..8),
+            proptest::collection::vec(field_strategy(), 0..2),
+        )
+            .prop_map(|(id, values, refused)| {
+                // A row lists each column at most once.
+                let mut seen = std::collections::HashSet::new();
+                let values = values
+                    .into_iter()
+                    .filter(|(n, _)| seen.insert(n.to_string()))
+                    .collect();
+                PendingRow {
+                    row_id: id,
+                    received_at: Cell::Timestamp(jiff::Timestamp::UNIX_EPOCH),
+                    values,
+                    refused: refused
+                        .into_iter()
+                        .map(|v| {
+                            (
+                                "a_b".to_string(),
+                                v,
+                                super::super::columns::same_name_reason("a_b"),
+                            )
+                        })
+                        .collect(),
+                }
+            })
+    }
+
+    proptest! {
+        /// One pass with its caches types every chunk as the plain two-pass model does:
+        /// columns, their types and order, every cell, every discard — whatever the rows'
+        /// column order, nulls, bad values, fixed and existing columns.
+        #[test]
+        fn prepare_types_a_chunk_as_the_model_does(
+            rows in proptest::collection::vec(row_strategy(), 0..12),
+            fixed_uuid in any::<bool>(),
+            existing in proptest::collection::vec(
+                (prop_oneof![Just("a"), Just("c"), Just("uuid_ts"), Just("z")],
+                 prop_oneof![Just(ColumnType::Varchar), Just(ColumnType::Integer),
+                             Just(ColumnType::Timestamp), Just(ColumnType::Boolean)]),
+                0..3),
+            has_table in any::<bool>(),
+        ) {
+            let mut fixed = vec![Column::new("id", ColumnType::Varchar)];
+            if fixed_uuid {
+                fixed.push(Column::new("uuid_ts", ColumnType::Timestamp));
+            }
+            let existing: TableColumns =
+                existing.into_iter().map(|(n, t)| (n.to_string(), t)).collect();
+            let schema = Schema {
+                tables: if has_table {
+                    [("t".to_string(), existing.clone())].into_iter().collect()
+                } else {
+                    BTreeMap::new()
+                },
+            };
+            let c = chunk(rows, &fixed);
+            let want = model(&c, schema.tables.get("t"));
+            let got = prepare(&schema, c);
+            prop_assert_eq!(got.columns, want.0);
+            prop_assert_eq!(got.rows, want.1);
+            prop_assert_eq!(got.discards, want.2);
+        }
     }
 }

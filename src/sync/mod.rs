@@ -514,18 +514,19 @@ impl<'a> Run<'a> {
                     };
                     let mut buffers: BTreeMap<String, TableBuffer> = BTreeMap::new();
                     let mut bytes = 0u64;
-                    let mut targets = Vec::with_capacity(2);
+                    let (mut targets, mut candidates) = (Vec::with_capacity(2), vec![]);
                     for e in rows.iter_mut() {
                         let received = micros(e.event.event.received_at);
                         targets.clear();
-                        for target in router.targets(&e.event.event) {
-                            if self.failed.contains(&target) {
+                        router.targets(&e.event.event, &mut candidates);
+                        for target in candidates.drain(..) {
+                            if self.failed.contains(&*target) {
                                 continue;
                             }
-                            let st = match self.states.get(&target) {
+                            let st = match self.states.get(&*target) {
                                 Some(s) => s.clone(),
                                 None => {
-                                    let (c, m) = if head_only.contains(&target) {
+                                    let (c, m) = if head_only.contains(&*target) {
                                         (self.head, None)
                                     } else {
                                         (default_cursor, default_min)
@@ -552,9 +553,10 @@ impl<'a> Run<'a> {
                             if self.bytes_left.is_some() {
                                 bytes += row_bytes(&pending);
                             }
-                            let buf = buffers
-                                .entry(target)
-                                .or_insert_with(|| (event_type, vec![], vec![]));
+                            if !buffers.contains_key(&*target) {
+                                buffers.insert(target.to_string(), (event_type, vec![], vec![]));
+                            }
+                            let buf = buffers.get_mut(&*target).expect("inserted above");
                             buf.1.push(pending);
                             buf.2.extend(new);
                         }
