@@ -163,3 +163,165 @@ impl ChunkWriter {
         self.wait()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::load::{Chunk, PendingRow};
+    use crate::sync::state;
+    use crate::warehouse::sqlite::SqliteWarehouse;
+    use crate::warehouse::{Cell, Column, ColumnType, Dialect, TableColumns};
+    use std::collections::BTreeMap;
+
+    /// A real SQLite warehouse whose statements naming `table` fail with `class`: a refused
+    /// table, or (with `Connection`) the connection dropping when that table is written.
+    struct FailingOn {
+        inner: SqliteWarehouse,
+        table: &'static str,
+        class: ErrorClass,
+    }
+
+    impl Warehouse for FailingOn {
+        fn dialect(&self) -> &dyn Dialect {
+            self.inner.dialect()
+        }
+        fn schema(&self) -> &str {
+            self.inner.schema()
+        }
+        fn test_connection(&mut self) -> Result<(), WarehouseError> {
+            self.inner.test_connection()
+        }
+        fn describe(&mut self) -> Result<BTreeMap<String, TableColumns>, WarehouseError> {
+            self.inner.describe()
+        }
+        fn begin(&mut self) -> Result<(), WarehouseError> {
+            self.inner.begin()
+        }
+        fn commit(&mut self) -> Result<(), WarehouseError> {
+            self.inner.commit()
+        }
+        fn rollback(&mut self) -> Result<(), WarehouseError> {
+            self.inner.rollback()
+        }
+        fn execute(&mut self, sql: &str) -> Result<u64, WarehouseError> {
+            if sql.contains(&format!("\"{}\"", self.table)) {
+                return Err(WarehouseError::new(self.class, "injected failure"));
+            }
+            self.inner.execute(sql)
+        }
+        fn query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, WarehouseError> {
+            self.inner.query(sql)
+        }
+        fn stage(
+            &mut self,
+            stage: &str,
+            columns: &[Column],
+            rows: &[Vec<Cell>],
+        ) -> Result<(), WarehouseError> {
+            self.inner.stage(stage, columns, rows)
+        }
+        fn append(
+            &mut self,
+            table: &str,
+            columns: &[Column],
+            rows: &[Vec<Cell>],
+        ) -> Result<bool, WarehouseError> {
+            self.inner.append(table, columns, rows)
+        }
+    }
+
+    /// A one-row chunk for `table`, moving its cursor to `seq`.
+    fn chunk(table: &str, seq: i64) -> Prepared {
+        let fixed = [Column::new("id", ColumnType::Varchar)];
+        let row = PendingRow {
+            row_id: seq.to_string(),
+            received_at: Cell::Null,
+            values: vec![(
+                load::ColumnName::Fixed("id"),
+                serde_json::Value::String(seq.to_string()).into(),
+            )],
+            refused: vec![],
+        };
+        load::prepare(
+            &Schema::default(),
+            Chunk {
+                table,
+                key: &["id"],
+                fixed: &fixed,
+                rows: vec![row],
+                new_names: vec![],
+                state: TableState {
+                    cursor: seq,
+                    enabled: true,
+                    enabled_since_us: 0,
+                    min_received_at_us: None,
+                    backfilled: false,
+                },
+                uuid_ts: jiff::Timestamp::UNIX_EPOCH,
+            },
+        )
+    }
+
+    /// Writes chunks of `a`, `b`, `a`, `b` through a writer whose warehouse fails on `a` with
+    /// `class`; returns each chunk's table and outcome ("a failed", "b written", "a skipped")
+    /// and the rows of `b` that landed.
+    fn run(class: ErrorClass) -> (Vec<String>, usize) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let inner = SqliteWarehouse::open(&dir.path().join("wh.db"), "main").expect("warehouse");
+        let mut wh = FailingOn {
+            inner,
+            table: "a",
+            class,
+        };
+        state::ensure(&mut wh).expect("state tables");
+        let mut schema = Schema {
+            tables: wh.describe().expect("describe"),
+        };
+        let written = std::thread::scope(|scope| {
+            let mut writer = ChunkWriter::spawn(scope, &mut wh, &mut schema);
+            for (table, seq) in [("a", 1), ("b", 2), ("a", 3), ("b", 4)] {
+                writer.send(chunk(table, seq)).expect("send");
+            }
+            writer.finish()
+        });
+        let outcomes = written
+            .into_iter()
+            .map(|(table, _, o)| {
+                let what = match o {
+                    Outcome::Written(_) => "written",
+                    Outcome::Failed(_) => "failed",
+                    Outcome::Skipped => "skipped",
+                };
+                format!("{table} {what}")
+            })
+            .collect();
+        let b_rows = wh
+            .query("SELECT id FROM \"b\"")
+            .map(|rows| rows.len())
+            .unwrap_or(0);
+        (outcomes, b_rows)
+    }
+
+    /// A table's failure skips its later chunks (their rows would follow a gap under its
+    /// cursor) and leaves the other tables loading.
+    #[test]
+    fn a_failed_table_skips_only_its_own_later_chunks() {
+        let (outcomes, b_rows) = run(ErrorClass::Schema);
+        assert_eq!(
+            outcomes,
+            ["a failed", "b written", "a skipped", "b written"]
+        );
+        assert_eq!(b_rows, 2);
+    }
+
+    /// A connection error skips every chunk after it, whatever its table.
+    #[test]
+    fn a_connection_error_skips_every_later_chunk() {
+        let (outcomes, b_rows) = run(ErrorClass::Connection);
+        assert_eq!(
+            outcomes,
+            ["a failed", "b skipped", "a skipped", "b skipped"]
+        );
+        assert_eq!(b_rows, 0, "nothing written after the connection broke");
+    }
+}
