@@ -313,7 +313,7 @@ pub struct Prepared {
     pub state: TableState,
 }
 
-/// Types `chunk` against the table's columns as `schema` knows them (see [`column_types`]).
+/// Types `chunk` against the table's columns as `schema` knows them (see [`Typer`]).
 pub fn prepare(schema: &Schema, mut chunk: Chunk<'_>) -> Prepared {
     let mut typer = Typer::new(&chunk, schema.tables.get(chunk.table));
     for row in std::mem::take(&mut chunk.rows) {

@@ -15,6 +15,7 @@ pub mod state;
 pub mod tables;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use jiff::Timestamp;
 use serde_json::Value;
@@ -512,7 +513,7 @@ impl<'a> Run<'a> {
                         self.caught_up.extend(done);
                         break;
                     };
-                    let mut buffers: BTreeMap<String, TableBuffer> = BTreeMap::new();
+                    let mut buffers: BTreeMap<Arc<str>, TableBuffer> = BTreeMap::new();
                     let mut bytes = 0u64;
                     let (mut targets, mut candidates) = (Vec::with_capacity(2), vec![]);
                     for e in rows.iter_mut() {
@@ -553,16 +554,15 @@ impl<'a> Run<'a> {
                             if self.bytes_left.is_some() {
                                 bytes += row_bytes(&pending);
                             }
-                            if !buffers.contains_key(&*target) {
-                                buffers.insert(target.to_string(), (event_type, vec![], vec![]));
-                            }
-                            let buf = buffers.get_mut(&*target).expect("inserted above");
+                            let buf = buffers
+                                .entry(target)
+                                .or_insert_with(|| (event_type, vec![], vec![]));
                             buf.1.push(pending);
                             buf.2.extend(new);
                         }
                     }
                     for (table, (event_type, pending, new_names)) in buffers {
-                        let Some(mut next) = self.states.get(&table).cloned() else {
+                        let Some(mut next) = self.states.get(&*table).cloned() else {
                             continue;
                         };
                         next.cursor = page_end;
