@@ -669,4 +669,40 @@ fn postgres_a_connection_lost_during_commit_reports_what_the_server_did() {
         "u1's profile is known, u4's is new"
     );
     assert_eq!(direct.event_count().unwrap(), 4);
+
+    // The same through an explicit write transaction: its commit looks too.
+    let mut pg_store = store::PostgresStore::connect(&through_cutter, Rules::default()).unwrap();
+    let mut write = pg_store.begin_write().unwrap();
+    write.ingest(vec![without_message_id("u5")]).unwrap();
+    cutter.arm(true);
+    write.commit().expect("the commit landed");
+    assert_eq!(direct.event_count().unwrap(), 5);
+    let mut write = pg_store.begin_write().unwrap();
+    write.ingest(vec![without_message_id("u6")]).unwrap();
+    cutter.arm(false);
+    assert!(
+        write.commit().is_err(),
+        "the commit never reached the server"
+    );
+    assert_eq!(direct.event_count().unwrap(), 5);
+}
+
+#[test]
+fn postgres_a_write_dropped_without_commit_stores_nothing() {
+    let pg = support::pg::shared();
+    let db = pg.create_database("dropped");
+    let mut s = store::PostgresStore::connect(&pg.url(&db), Rules::default()).unwrap();
+    let mut direct = store::open(&pg.url(&db), Rules::default()).unwrap();
+    let mut write = s.begin_write().unwrap();
+    write.ingest(vec![without_message_id("u1")]).unwrap();
+    drop(write);
+    assert_eq!(direct.event_count().unwrap(), 0);
+    // The transaction is over: the next one stores only its own events.
+    let mut write = s.begin_write().unwrap();
+    write.ingest(vec![without_message_id("u2")]).unwrap();
+    write.commit().unwrap();
+    assert_eq!(direct.event_count().unwrap(), 1);
+    // The dropped write's profile never landed: u1 is new again.
+    let summary = s.ingest(vec![without_message_id("u1")]).unwrap();
+    assert_eq!(summary.profiles_created, 1);
 }

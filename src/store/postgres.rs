@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 
-use postgres::{Client, NoTls, Transaction};
+use postgres::{Client, NoTls};
 
 use super::codec::{self, RawProfile, json_text, micros};
 use super::ingest::{LoadedState, ResolvedBatch, ingest_in_tx};
@@ -75,26 +75,30 @@ impl PostgresStore {
     /// Starts a write transaction: ingest into it, then commit. The first ingest takes the
     /// store's write lock, held until the transaction ends.
     pub fn begin_write(&mut self) -> Result<PostgresWrite<'_>, StoreError> {
+        self.client.batch_execute("BEGIN")?;
         Ok(PostgresWrite {
-            tx: PgTx(self.client.transaction()?),
-            resolver: &mut self.resolver,
+            store: self,
+            open: true,
             head: None,
             last_event: None,
         })
     }
 }
 
-/// An open write transaction on a PostgreSQL store.
+/// An open write transaction on a PostgreSQL store; dropped without [`PostgresWrite::commit`],
+/// it rolls back.
 pub struct PostgresWrite<'a> {
-    tx: PgTx<'a>,
-    resolver: &'a mut Resolver,
+    store: &'a mut PostgresStore,
+    /// Whether the transaction is still open (to roll back on drop).
+    open: bool,
     head: Option<i64>,
     /// The `seq` and messageId of the last event written: the transaction's own mark, to tell
     /// after a broken connection whether its commit landed.
     last_event: Option<(i64, String)>,
 }
 
-struct PgTx<'a>(Transaction<'a>);
+/// The store's connection inside its open write transaction.
+struct PgTx<'a>(&'a mut Client);
 
 impl PostgresWrite<'_> {
     /// Resolves and writes `events` (see [`Store::ingest`]) without committing.
@@ -103,8 +107,13 @@ impl PostgresWrite<'_> {
         events: Vec<E>,
     ) -> Result<IngestSummary, StoreError> {
         let events = events.into_iter().map(Into::into).collect();
-        let (summary, last) =
-            ingest_in_tx(&mut self.tx, self.resolver, events, |t| load_all(&mut t.0))?;
+        let store = &mut *self.store;
+        let (summary, last) = ingest_in_tx(
+            &mut PgTx(&mut store.client),
+            &mut store.resolver,
+            events,
+            |t| load_all(&mut *t.0),
+        )?;
         self.head = Some(summary.head);
         if last.is_some() {
             self.last_event = last;
@@ -112,17 +121,62 @@ impl PostgresWrite<'_> {
         Ok(summary)
     }
 
-    /// Commits what was ingested.
-    pub fn commit(self) -> Result<(), StoreError> {
-        self.tx.0.commit()?;
-        if let Some(head) = self.head {
-            self.resolver.committed(head);
+    /// Commits what was ingested. When the connection breaks during COMMIT — which the server
+    /// may or may not have applied — this looks on a new connection: `Ok` when the transaction
+    /// landed, the error when it did not (or that could not be told).
+    pub fn commit(mut self) -> Result<(), StoreError> {
+        self.open = false;
+        let Err(e) = self.store.client.batch_execute("COMMIT") else {
+            self.committed();
+            return Ok(());
+        };
+        if !self.store.client.is_closed() {
+            return Err(e.into());
         }
-        Ok(())
+        // Answering "nothing stored" when it was would make a client's retry store the events
+        // twice (those whose messageId the engine generated).
+        let Some((seq, message_id)) = self.last_event.take() else {
+            // Nothing was accepted: whichever way it went, nothing new is stored.
+            return Ok(());
+        };
+        match self.store.landed(seq, &message_id) {
+            Ok(Some(true)) => {
+                self.committed();
+                Ok(())
+            }
+            Ok(Some(false)) => Err(e.into()),
+            Ok(None) => {
+                tracing::warn!(
+                    "the server process of a connection broken during COMMIT is still running; \
+                     answering as if the commit failed"
+                );
+                Err(e.into())
+            }
+            Err(check) => {
+                tracing::warn!(error = %check, "could not check whether an interrupted commit landed");
+                Err(e.into())
+            }
+        }
+    }
+
+    fn committed(&mut self) {
+        if let Some(head) = self.head {
+            self.store.resolver.committed(head);
+        }
     }
 }
 
-fn load_all(tx: &mut Transaction<'_>) -> Result<LoadedState, StoreError> {
+impl Drop for PostgresWrite<'_> {
+    fn drop(&mut self) {
+        if self.open && !self.store.client.is_closed() {
+            // An error here leaves the connection broken, which the next use reports.
+            let _ = self.store.client.batch_execute("ROLLBACK");
+        }
+    }
+}
+
+/// The resolver's state: profiles, identifiers and the Track event names seen.
+fn load_all(tx: &mut impl postgres::GenericClient) -> Result<LoadedState, StoreError> {
     let profiles = tx
         .query(
             "SELECT segment_id, canonical_segment_id, created_rank, merges, traits, trait_times FROM profiles",
@@ -185,7 +239,7 @@ const TRIGGER_UNNEST: &str =
 /// Inserts rows through one `INSERT ... SELECT FROM unnest(arrays)` statement: one round trip
 /// per table per batch instead of one per row.
 fn insert_unnest(
-    tx: &mut Transaction<'_>,
+    tx: &mut Client,
     table: &str,
     lead_columns: &str,
     lead_arrays: &[&str],
@@ -241,7 +295,7 @@ impl WriteTx for PgTx<'_> {
     }
 
     fn write(&mut self, b: &ResolvedBatch, head: i64) -> Result<(), StoreError> {
-        let tx = &mut self.0;
+        let tx = &mut *self.0;
         if !b.id_graph.is_empty() {
             let mut t = TriggerColumns::default();
             let (mut seqs, mut ids, mut canon) = (vec![], vec![], vec![]);
@@ -436,38 +490,8 @@ impl Store for PostgresStore {
     fn ingest_prepared(&mut self, events: Vec<PreparedEvent>) -> Result<IngestSummary, StoreError> {
         let mut write = self.begin_write()?;
         let summary = write.ingest(events)?;
-        let last_event = write.last_event.take();
-        let Err(e) = write.commit() else {
-            return Ok(summary);
-        };
-        if !self.client.is_closed() {
-            return Err(e);
-        }
-        // The connection broke during COMMIT, which the server may or may not have applied.
-        // Answering "nothing stored" when it did would make a client's retry store the events
-        // twice (those whose messageId the engine generated), so look on a new connection.
-        let Some((seq, message_id)) = last_event else {
-            // Nothing was accepted: whichever way it went, nothing new is stored.
-            return Ok(summary);
-        };
-        match self.landed(seq, &message_id) {
-            Ok(Some(true)) => {
-                self.resolver.committed(summary.head);
-                Ok(summary)
-            }
-            Ok(Some(false)) => Err(e),
-            Ok(None) => {
-                tracing::warn!(
-                    "the server process of a connection broken during COMMIT is still running; \
-                     answering as if the commit failed"
-                );
-                Err(e)
-            }
-            Err(check) => {
-                tracing::warn!(error = %check, "could not check whether an interrupted commit landed");
-                Err(e)
-            }
-        }
+        write.commit()?;
+        Ok(summary)
     }
 
     fn read_feed(
