@@ -42,6 +42,26 @@ pub fn cpu_seconds() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The whole machine's busy CPU time so far, in seconds (every process: the bench, the servers it
+/// started, `psql`), from `/proc/stat`'s first line (user, nice, system, irq, softirq, steal).
+pub fn machine_cpu_seconds() -> f64 {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            let f: Vec<f64> = s
+                .lines()
+                .next()?
+                .split_whitespace()
+                .skip(1)
+                .map(|v| v.parse().unwrap_or(0.0))
+                .collect();
+            // user nice system idle iowait irq softirq steal: all but idle and iowait.
+            let busy: f64 = [0, 1, 2, 5, 6, 7].iter().filter_map(|i| f.get(*i)).sum();
+            Some(busy / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
 /// Runs `scenario` of this bench binary in a fresh process (so its peak memory is its own) and
 /// returns the JSON line it printed.
 pub fn run_child(scenario: &str, extra: &[&str]) -> serde_json::Value {
