@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use rusqlite::Connection;
-use rusqlite::types::Value as SqlValue;
+use rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
 
 use super::{Cell, Column, Dialect, TableColumns, Warehouse, WarehouseError};
 use crate::crd::ErrorClass;
@@ -78,14 +78,19 @@ impl SqliteWarehouse {
     }
 }
 
-fn to_sql(cell: &Cell) -> SqlValue {
-    match cell {
-        Cell::Null => SqlValue::Null,
-        Cell::Int(i) => SqlValue::Integer(*i),
-        Cell::Float(f) => SqlValue::Real(*f),
-        Cell::Bool(b) => SqlValue::Integer(i64::from(*b)),
-        Cell::Text(s) => SqlValue::Text(s.clone()),
-        Cell::Timestamp(t) => SqlValue::Text(t.to_string()),
+/// A cell bound as a statement parameter: text borrowed, not copied.
+struct Bind<'a>(&'a Cell);
+
+impl rusqlite::ToSql for Bind<'_> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(match self.0 {
+            Cell::Null => ToSqlOutput::Owned(SqlValue::Null),
+            Cell::Int(i) => ToSqlOutput::Owned(SqlValue::Integer(*i)),
+            Cell::Float(f) => ToSqlOutput::Owned(SqlValue::Real(*f)),
+            Cell::Bool(b) => ToSqlOutput::Owned(SqlValue::Integer(i64::from(*b))),
+            Cell::Text(s) => ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes())),
+            Cell::Timestamp(t) => ToSqlOutput::Owned(SqlValue::Text(t.to_string())),
+        })
     }
 }
 
@@ -208,7 +213,7 @@ impl Warehouse for SqliteWarehouse {
             ))
             .map_err(lite_error)?;
         for row in rows {
-            stmt.execute(rusqlite::params_from_iter(row.iter().map(to_sql)))
+            stmt.execute(rusqlite::params_from_iter(row.iter().map(Bind)))
                 .map_err(lite_error)?;
         }
         Ok(())
