@@ -216,6 +216,8 @@ fn load_vs_copy() -> Value {
     json!({"scenario": "load", "rows": n, "rounds": out,
            "sync_rows_per_sec": n as f64 / sync_secs,
            "sync_cpu_seconds": median(&mut pick("sync_cpu_seconds")), "copy_rows_per_sec": n as f64 / copy_secs,
+           "sync_machine_cpu_seconds": median(&mut pick("sync_machine_cpu_seconds")),
+           "copy_machine_cpu_seconds": median(&mut pick("copy_machine_cpu_seconds")),
            "ratio": median(&mut pick("ratio"))})
 }
 
@@ -259,12 +261,14 @@ fn main() {
     }
     let r = common::run_child("load", &[]);
     println!(
-        "(a) {} rows, medians of {} rounds: sync {:.0} rows/s ({:.2} s of the sync process's CPU), psql \\copy {:.0} rows/s, ratio {:.2}",
+        "(a) {} rows, medians of {} rounds: sync {:.0} rows/s ({:.2} s of the sync process's CPU, {:.2} s of the machine's), psql \\copy {:.0} rows/s ({:.2} s of the machine's CPU), ratio {:.2}",
         r["rows"],
         r["rounds"].as_array().map_or(0, Vec::len),
         r["sync_rows_per_sec"].as_f64().unwrap_or(0.0),
         r["sync_cpu_seconds"].as_f64().unwrap_or(0.0),
+        r["sync_machine_cpu_seconds"].as_f64().unwrap_or(0.0),
         r["copy_rows_per_sec"].as_f64().unwrap_or(0.0),
+        r["copy_machine_cpu_seconds"].as_f64().unwrap_or(0.0),
         r["ratio"].as_f64().unwrap_or(0.0)
     );
     println!("  {r}");
