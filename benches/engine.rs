@@ -177,6 +177,7 @@ async fn scenario(kind: &str) -> Value {
             feed_token: None,
             queue_capacity: 64,
             reading_capacity: 64,
+            body_timeout: std::time::Duration::from_secs(30),
         })
         .await
         .expect("engine");

@@ -772,3 +772,52 @@ async fn requests_beyond_the_reading_capacity_are_turned_away_before_their_bodie
     assert_stored_exactly(&t.store_url, acknowledged);
     t.engine.stop().await.unwrap();
 }
+
+/// A client whose body stalls is answered 408 once the body timeout passes, which frees its
+/// reading permit: stalled clients cannot hold the engine's capacity (or its shutdown).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_body_is_answered_408_and_frees_its_permit() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = support::engine::start_configured(8, 1, std::time::Duration::from_millis(300)).await;
+    let body = json!({"writeKey": WRITE_KEY, "batch": [{"type": "track", "userId": "slow", "event": "Slow", "messageId": "slow-1"}]}).to_string();
+    let addr = t.base.trim_start_matches("http://").to_string();
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(
+        format!(
+            "POST /v1/batch HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{}",
+            body.len(),
+            &body[..body.len() / 2]
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    // The engine answers on its own, the rest of the body never sent (10 s only bounds how
+    // long a broken engine makes this test wait).
+    let read_answer = async {
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&answer).contains("}") {
+            match slow.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(10), read_answer)
+        .await
+        .expect("no answer to the stalled request");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("did not arrive within 0.3 s"), "{answer}");
+    // Its permit is free again: the next request (the only reading slot) gets in.
+    let (status, _) = post(
+        &t.base,
+        "/v1/track",
+        &json!({"userId": "u1", "event": "Fast", "messageId": "after"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_stored_exactly(&t.store_url, vec!["after".into()]);
+    t.engine.stop().await.unwrap();
+}

@@ -706,3 +706,44 @@ fn postgres_a_write_dropped_without_commit_stores_nothing() {
     let summary = s.ingest(vec![without_message_id("u1")]).unwrap();
     assert_eq!(summary.profiles_created, 1);
 }
+
+/// Text no compression shrinks: `n` bytes of hex from a hash chain.
+fn incompressible(n: usize, seed: &str) -> String {
+    use sha1::{Digest, Sha1};
+    let mut out = String::new();
+    let mut block = Sha1::digest(seed.as_bytes());
+    while out.len() < n {
+        out.push_str(&format!("{block:x}"));
+        block = Sha1::digest(block);
+    }
+    out.truncate(n);
+    out
+}
+
+/// The engine's limit on indexed values (ids, identifiers, Track event names) is one
+/// PostgreSQL's indexes hold: a message at the limit commits; past what they hold, the commit
+/// fails — which is why the engine refuses such a message alone instead of failing its group.
+#[test]
+fn postgres_indexes_hold_values_at_the_engines_limit() {
+    use profiles_sync::engine::request::MAX_ID_BYTES;
+    let pg = support::pg::shared();
+    let db = pg.create_database("longids");
+    let mut s = store::open(&pg.url(&db), Rules::default()).unwrap();
+    let at = |seed: &str| incompressible(MAX_ID_BYTES, seed);
+    let summary = s
+        .ingest(vec![
+            event(json!({"type": "identify", "userId": at("u"), "messageId": at("m1"),
+                         "anonymousId": at("a"), "traits": {"email": at("e")}})),
+            event(json!({"type": "track", "userId": at("u"), "messageId": at("m2"), "event": at("n")})),
+        ])
+        .unwrap();
+    assert_eq!(summary.accepted, 2);
+    let past = incompressible(3 * 1024, "u2");
+    assert!(
+        s.ingest(vec![event(
+            json!({"type": "track", "userId": past, "event": "A"})
+        )])
+        .is_err(),
+        "PostgreSQL's index took a 3 KB key: the limit could be raised"
+    );
+}

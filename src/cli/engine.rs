@@ -29,6 +29,9 @@ pub struct EngineArgs {
     /// Requests read and parsed at once (bodies in memory); one more is answered 503 with Retry-After.
     #[arg(long, env = "PROFILES_SYNC_READING_CAPACITY", default_value_t = 64)]
     pub reading_capacity: usize,
+    /// Seconds a request's body may take to arrive after its headers; a slower client is answered 408.
+    #[arg(long, env = "PROFILES_SYNC_BODY_TIMEOUT_SECS", default_value_t = 30)]
+    pub body_timeout_secs: u64,
 }
 
 fn read(path: &PathBuf) -> anyhow::Result<String> {
@@ -54,6 +57,7 @@ impl EngineArgs {
             feed_token: token,
             queue_capacity: self.queue_capacity.max(1),
             reading_capacity: self.reading_capacity.max(1),
+            body_timeout: std::time::Duration::from_secs(self.body_timeout_secs.max(1)),
         })
     }
 }

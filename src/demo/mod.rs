@@ -80,6 +80,7 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<SyncReport> {
         feed_token: Some(FEED_TOKEN.into()),
         queue_capacity: 64,
         reading_capacity: 64,
+        body_timeout: std::time::Duration::from_secs(30),
     }))?;
     let base = format!("http://{}", engine.addr);
     say(&format!("  engine listening on {base}"));

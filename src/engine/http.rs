@@ -41,6 +41,8 @@ pub struct AppState {
     pub metrics: Metrics,
     /// False once shutdown started.
     pub ready: AtomicBool,
+    /// How long a request's body may take to arrive (408 past it).
+    pub body_timeout: std::time::Duration,
 }
 
 type Shared = Arc<AppState>;
@@ -159,7 +161,19 @@ async fn ingest_inner(
     let Ok(reading) = state.reading.try_acquire() else {
         return overloaded(state, 0);
     };
-    let bytes = match read_body(headers, body).await {
+    let read = tokio::time::timeout(state.body_timeout, read_body(headers, body)).await;
+    let read = read.unwrap_or_else(|_| {
+        Err(ApiError {
+            status: 408,
+            message: format!(
+                "the request body did not arrive within {} s",
+                state.body_timeout.as_secs_f64()
+            ),
+            field: None,
+            index: None,
+        })
+    });
+    let bytes = match read {
         Ok(b) => b,
         Err(e) => {
             state

@@ -36,6 +36,10 @@ pub struct EngineConfig {
     /// plus its decompressed and parsed forms); one more is answered 503 before its body is
     /// read, so the memory held by requests in flight stays bounded.
     pub reading_capacity: usize,
+    /// How long a request's body may take to arrive once its headers have: a client that
+    /// stalls longer is answered 408, so stalled clients cannot hold the reading capacity (or
+    /// a graceful shutdown) for ever.
+    pub body_timeout: std::time::Duration,
 }
 
 /// A started engine: its address, and a handle to stop it.
@@ -105,6 +109,7 @@ pub async fn start(config: EngineConfig) -> anyhow::Result<RunningEngine> {
         feed_token: config.feed_token,
         metrics,
         ready: AtomicBool::new(true),
+        body_timeout: config.body_timeout,
     });
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;

@@ -15,6 +15,15 @@ use super::sources::{SourceConfig, Sources};
 pub const MAX_MESSAGE_BYTES: usize = 32 * 1024;
 /// Segment's limit on one batch request.
 pub const MAX_BATCH_BYTES: usize = 500 * 1024;
+/// How much a batch may grow when its top-level `context` and `sentAt` are copied into each
+/// message that has none. It bounds the memory one request takes: without it, a 500 KB batch
+/// of empty messages sharing a large `context` would expand a hundred-thousand-fold.
+pub const MAX_EXPANDED_BATCH_BYTES: usize = 2 * 1024 * 1024;
+/// The longest message id, user or anonymous id, group or previous id, identifier value and
+/// Track event name, in bytes: the stores index these, and PostgreSQL refuses an index entry
+/// larger than about a third of a page (2,704 bytes), which would fail the commit of every
+/// request grouped with the message.
+pub const MAX_ID_BYTES: usize = 1024;
 
 /// A refused request: the HTTP status and a JSON body that names what was wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +66,7 @@ impl ApiError {
     pub fn reason(&self) -> &'static str {
         match self.status {
             401 => "unauthorized",
+            408 => "timeout",
             413 => "too_large",
             _ if self.field.is_some() => "invalid_field",
             _ => "invalid",
@@ -112,29 +122,48 @@ pub fn basic_auth_user(header: Option<&str>) -> Option<String> {
 }
 
 /// The messages of a batch object; its top-level `context` and `sentAt` apply to each message
-/// that has none, as in Segment's batch API.
+/// that has none, as in Segment's batch API — refused (413) before the copies would grow the
+/// batch past [`MAX_EXPANDED_BATCH_BYTES`].
 pub fn batch_messages(obj: &Map<String, Value>) -> Result<Vec<Value>, ApiError> {
     let items = match obj.get("batch") {
         Some(Value::Array(items)) => items,
         Some(_) => return Err(field_error(400, "batch", "must be an array", None)),
         None => return Err(field_error(400, "batch", "is required", None)),
     };
-    Ok(items
-        .iter()
-        .map(|item| {
-            let mut item = item.clone();
-            if let Some(m) = item.as_object_mut() {
-                for key in ["sentAt", "context"] {
-                    if let Some(v) = obj.get(key)
-                        && !m.contains_key(key)
-                    {
-                        m.insert(key.into(), v.clone());
-                    }
-                }
-            }
-            item
+    // Each shared key with the bytes it adds to a message (as `"key":value,`).
+    let shared: Vec<(&str, &Value, usize)> = ["sentAt", "context"]
+        .into_iter()
+        .filter_map(|key| {
+            let v = obj.get(key)?;
+            let len = serde_json::to_vec(v).map_or(usize::MAX, |t| t.len());
+            Some((key, v, len.saturating_add(key.len() + 4)))
         })
-        .collect())
+        .collect();
+    let mut added = 0usize;
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        let mut item = item.clone();
+        if let Some(m) = item.as_object_mut() {
+            for (key, v, len) in &shared {
+                if m.contains_key(*key) {
+                    continue;
+                }
+                added = added.saturating_add(*len);
+                if added > MAX_EXPANDED_BATCH_BYTES {
+                    return Err(ApiError::new(
+                        413,
+                        format!(
+                            "batch exceeds the {} KB limit once its context and sentAt are copied into each message",
+                            MAX_EXPANDED_BATCH_BYTES / 1024
+                        ),
+                    ));
+                }
+                m.insert((*key).into(), (*v).clone());
+            }
+        }
+        out.push(item);
+    }
+    Ok(out)
 }
 
 fn field_error(status: u16, field: &str, reason: &str, index: Option<usize>) -> ApiError {
@@ -146,29 +175,49 @@ fn field_error(status: u16, field: &str, reason: &str, index: Option<usize>) -> 
     }
 }
 
-/// The first field whose value lands in a store's text column (the message's ids and names,
-/// and every identifier resolution would record) and contains a NUL character, which
-/// PostgreSQL's text type refuses: such a message is refused here instead of failing the whole
-/// group commit it would join.
-fn nul_field(event: &Event, identifiers: &[Identifier]) -> Option<String> {
+/// The first field whose value a store could not keep, and why: a value that lands in a
+/// store's text column (the message's ids and names, and every identifier resolution would
+/// record) with a NUL character, which PostgreSQL's text type refuses, or an indexed one (ids,
+/// identifiers, a Track event's name) longer than [`MAX_ID_BYTES`]. Such a message is refused
+/// here instead of failing the whole group commit it would join.
+fn unstorable_field(event: &Event, identifiers: &[Identifier]) -> Option<(String, String)> {
+    const NUL: &str =
+        "contains a NUL character (U+0000), which the stores' text columns cannot hold";
+    let too_long = || {
+        format!(
+            "is longer than {MAX_ID_BYTES} bytes, the limit for ids, identifiers and event names"
+        )
+    };
     let fields = [
-        ("messageId", Some(&event.message_id)),
-        ("userId", event.user_id.as_ref()),
-        ("anonymousId", event.anonymous_id.as_ref()),
-        ("event", event.event.as_ref()),
-        ("name", event.name.as_ref()),
-        ("category", event.category.as_ref()),
-        ("groupId", event.group_id.as_ref()),
-        ("previousId", event.previous_id.as_ref()),
+        ("messageId", Some(&event.message_id), true),
+        ("userId", event.user_id.as_ref(), true),
+        ("anonymousId", event.anonymous_id.as_ref(), true),
+        ("event", event.event.as_ref(), true),
+        ("name", event.name.as_ref(), false),
+        ("category", event.category.as_ref(), false),
+        ("groupId", event.group_id.as_ref(), true),
+        ("previousId", event.previous_id.as_ref(), true),
     ];
     let has_nul = |s: &str| s.contains('\0');
-    if let Some((field, _)) = fields.iter().find(|(_, v)| v.is_some_and(|v| has_nul(v))) {
-        return Some(field.to_string());
+    for (field, value, indexed) in fields {
+        let Some(value) = value else { continue };
+        if has_nul(value) {
+            return Some((field.to_string(), NUL.to_string()));
+        }
+        if indexed && value.len() > MAX_ID_BYTES {
+            return Some((field.to_string(), too_long()));
+        }
     }
-    identifiers
-        .iter()
-        .find(|id| has_nul(&id.value) || has_nul(&id.id_type))
-        .map(|id| format!("identifier {}", id.id_type.replace('\0', "U+0000")))
+    identifiers.iter().find_map(|id| {
+        let field = || format!("identifier {}", id.id_type.replace('\0', "U+0000"));
+        if has_nul(&id.value) || has_nul(&id.id_type) {
+            Some((field(), NUL.to_string()))
+        } else if id.value.len() > MAX_ID_BYTES || id.id_type.len() > MAX_ID_BYTES {
+            Some((field(), too_long()))
+        } else {
+            None
+        }
+    })
 }
 
 /// Checks and parses one request body (already decompressed).
@@ -266,13 +315,8 @@ pub fn parse(
             ));
         }
         let identifiers = extract_identifiers(&event, rules);
-        if let Some(field) = nul_field(&event, &identifiers) {
-            return Err(field_error(
-                400,
-                &field,
-                "contains a NUL character (U+0000), which the stores' text columns cannot hold",
-                index,
-            ));
+        if let Some((field, reason)) = unstorable_field(&event, &identifiers) {
+            return Err(field_error(400, &field, &reason, index));
         }
         if identifiers.is_empty() {
             let field = if event.user_id.is_some() {
@@ -392,6 +436,110 @@ mod tests {
         let ok =
             json!([{"type": "track", "userId": "u1", "event": "A", "properties": {"p": "a\0b"}}]);
         assert!(parse_batch(ok, &rules).is_ok());
+    }
+
+    /// Ids, identifiers and Track event names the stores index are refused past their limit
+    /// (PostgreSQL would fail the commit of every request grouped with the message); other
+    /// names are not limited.
+    #[test]
+    fn indexed_values_longer_than_the_limit_are_refused() {
+        let rules = Rules::default();
+        let long = "x".repeat(MAX_ID_BYTES + 1);
+        let cases = [
+            (
+                json!({"type": "track", "userId": long, "event": "A"}),
+                "userId",
+            ),
+            (
+                json!({"type": "track", "anonymousId": long, "event": "A"}),
+                "anonymousId",
+            ),
+            (
+                json!({"type": "track", "userId": "u1", "event": long}),
+                "event",
+            ),
+            (
+                json!({"type": "track", "userId": "u1", "event": "A", "messageId": long}),
+                "messageId",
+            ),
+            (
+                json!({"type": "group", "userId": "u1", "groupId": long}),
+                "groupId",
+            ),
+            (
+                json!({"type": "alias", "userId": "u1", "previousId": long}),
+                "previousId",
+            ),
+            (
+                json!({"type": "identify", "userId": "u1", "traits": {"email": format!("{long}@example.com")}}),
+                "identifier email",
+            ),
+        ];
+        for (message, field) in cases {
+            let e = parse_batch(json!([{"type": "page", "userId": "ok"}, message]), &rules)
+                .err()
+                .unwrap_or_else(|| panic!("{field}: accepted"));
+            assert_eq!(
+                (e.status, e.field.as_deref(), e.index),
+                (400, Some(field), Some(1)),
+                "{e:?}"
+            );
+            assert!(
+                e.message.contains(&MAX_ID_BYTES.to_string()),
+                "{}",
+                e.message
+            );
+        }
+        // At the limit, and a long page name (not indexed), are accepted.
+        let at = "x".repeat(MAX_ID_BYTES);
+        let ok = json!([{"type": "track", "userId": at, "event": at, "messageId": at},
+                        {"type": "page", "userId": "u1", "name": long}]);
+        assert_eq!(parse_batch(ok, &rules).unwrap().events.len(), 2);
+    }
+
+    /// A batch's shared `context` is copied into each message up to a total, so one request
+    /// cannot expand into far more memory than its body.
+    #[test]
+    fn a_batch_expanding_past_its_limit_is_refused() {
+        let context = json!({"note": "c".repeat(30 * 1024)});
+        let item = json!({"type": "track", "userId": "u1", "event": "A"});
+        let body = |n: usize| {
+            serde_json::to_vec(&json!({"context": context, "batch": vec![item.clone(); n]}))
+                .unwrap()
+        };
+        let parse_body = |b: &[u8]| {
+            parse(
+                Endpoint::Batch,
+                b,
+                Some(&auth()),
+                &sources(),
+                &Rules::default(),
+                Timestamp::now(),
+            )
+        };
+        // 60 copies (~1.8 MB) fit; every message carries the context.
+        let ok = parse_body(&body(60)).unwrap();
+        assert_eq!(ok.events.len(), 60);
+        assert!(
+            ok.events
+                .iter()
+                .all(|e| e.context.get("note") == context.get("note"))
+        );
+        // 100 (~3 MB) do not, though the body itself is small.
+        let big = body(100);
+        assert!(big.len() < MAX_BATCH_BYTES);
+        let e = parse_body(&big).unwrap_err();
+        assert_eq!(e.status, 413);
+        assert!(
+            e.message
+                .contains(&(MAX_EXPANDED_BATCH_BYTES / 1024).to_string()),
+            "{}",
+            e.message
+        );
+        // A message with its own context takes nothing from the batch's.
+        let own = json!({"type": "track", "userId": "u1", "event": "A", "context": {}});
+        let b = serde_json::to_vec(&json!({"context": context, "batch": vec![own; 100]})).unwrap();
+        assert_eq!(parse_body(&b).unwrap().events.len(), 100);
     }
 
     /// JSON-shaped inputs built from the pieces a Tracking API body is made of.

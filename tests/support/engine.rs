@@ -41,6 +41,15 @@ pub async fn start(capacity: usize) -> TestEngine {
 /// Starts an engine with a queue of `capacity` requests that reads and parses at most
 /// `reading` requests at once.
 pub async fn start_with(capacity: usize, reading: usize) -> TestEngine {
+    start_configured(capacity, reading, std::time::Duration::from_secs(30)).await
+}
+
+/// [`start_with`], a request's body given at most `body_timeout` to arrive.
+pub async fn start_configured(
+    capacity: usize,
+    reading: usize,
+    body_timeout: std::time::Duration,
+) -> TestEngine {
     let dir = tempfile::tempdir().expect("temp dir");
     let store_path = dir.path().join("store.db");
     let store_url = format!("sqlite://{}", store_path.display());
@@ -52,6 +61,7 @@ pub async fn start_with(capacity: usize, reading: usize) -> TestEngine {
         feed_token: Some(FEED_TOKEN.into()),
         queue_capacity: capacity,
         reading_capacity: reading,
+        body_timeout,
     })
     .await
     .expect("start engine");
