@@ -81,13 +81,18 @@ pub struct Leaves {
     /// Per section: whether some key (at any depth) contains a `.`, the only way two leaves of
     /// a section can share a path (`{"a": {"b": 1}}` and `{"a.b": 2}` are both `a.b`).
     dotted: [bool; 4],
+    /// Per section: whether it holds an object named `context` at its top, whose leaves' paths
+    /// (`context.ip`) are those of the message's own context.
+    context_key: [bool; 4],
 }
 
 /// Equal when every section has the same `(path, value)` leaves in the same order (however
 /// the keys are laid out).
 impl PartialEq for Leaves {
     fn eq(&self, other: &Leaves) -> bool {
-        self.dotted == other.dotted && Section::ALL.iter().all(|s| self.of(*s) == other.of(*s))
+        self.dotted == other.dotted
+            && self.context_key == other.context_key
+            && Section::ALL.iter().all(|s| self.of(*s) == other.of(*s))
     }
 }
 
@@ -187,6 +192,23 @@ impl Leaves {
         self.dotted[section.index()]
     }
 
+    /// Whether two leaves of `sections` may share a dotted path: a dotted key in one of them;
+    /// an unknown top-level key beside traits or properties (`{"channel": …, "properties":
+    /// {"channel": …}}`); an object named `context` in traits or properties beside the context.
+    /// When not, every leaf of `sections` has a path of its own.
+    pub fn may_share_paths(&self, sections: &[Section]) -> bool {
+        let has = |s: Section| sections.contains(&s);
+        let leaves_in = |s: Section| self.items.iter().any(|l| l.section == s);
+        sections.iter().any(|s| self.has_dotted_key(*s))
+            || (has(Section::Context)
+                && sections.iter().any(|s| self.context_key[s.index()]))
+            || (has(Section::Extra)
+                && leaves_in(Section::Extra)
+                && sections
+                    .iter()
+                    .any(|s| matches!(s, Section::Traits | Section::Properties) && leaves_in(*s)))
+    }
+
     /// Keeps `key` (a range of [`Leaves::keys`] from then on), noting a dot.
     fn key(&mut self, section: Section, key: &str) -> KeyRange {
         self.dotted[section.index()] |= key.contains('.');
@@ -199,6 +221,9 @@ impl Leaves {
 
     /// Opens the object at `key` in `parent`; returns its index, the parent of its entries.
     fn object(&mut self, section: Section, parent: u32, key: &str) -> u32 {
+        if parent == TOP && key == "context" && section != Section::Context {
+            self.context_key[section.index()] = true;
+        }
         let key = self.key(section, key);
         self.objects.push(Branch { parent, key });
         u32::try_from(self.objects.len() - 1).unwrap_or(TOP)
@@ -362,6 +387,7 @@ fn read_message(
         objects: Vec::new(),
         items: Vec::with_capacity((text.len() / 24).min(32)),
         dotted: [false; 4],
+        context_key: [false; 4],
     };
     let mut de = serde_json::Deserializer::from_str(text);
     let (fields, traits) = serde::Deserializer::deserialize_map(

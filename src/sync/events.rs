@@ -229,10 +229,12 @@ impl<'a> Router<'a> {
             }
         });
         let new = cols.map.take_new();
-        // A literal dotted key can flatten to the path of a nested one: the first keeps the
-        // column, the others go to discards (checked only when a dotted key exists).
+        // Leaves can share a path (a literal dotted key and a nested one; a property and an
+        // unknown top-level key of the same name; a property object named `context` and the
+        // context): the first keeps the column, the others go to discards (checked only when
+        // the message makes it possible).
         let mut refused = vec![];
-        if sections.iter().any(|s| leaves.has_dotted_key(*s)) {
+        if leaves.may_share_paths(sections) {
             let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
             let mut kept = Vec::with_capacity(values.len());
             for (column, v) in values {
@@ -308,6 +310,53 @@ mod tests {
                 .of(Section::Properties)
                 .iter()
                 .all(|(_, v)| v.is_null())
+        );
+    }
+
+    /// Leaves of different parts of a message with the same path (an unknown top-level key and a
+    /// property of that name; a property object named `context` and the real context) never
+    /// share a column silently: the first keeps it, the others go to discards.
+    #[test]
+    fn leaves_sharing_a_path_across_sections_keep_one_column() {
+        let opts = ParseOptions::new(jiff::Timestamp::UNIX_EPOCH, "src");
+        let msg = json!({"type": "track", "event": "Order Completed", "userId": "u1",
+                         "messageId": "m1", "channel": "web",
+                         "context": {"ip": "1.2.3.4"},
+                         "properties": {"channel": "email", "context": {"ip": "5.6.7.8"}}});
+        let mut r: FlatEventRow = crate::store::EventRow {
+            seq: 1,
+            segment_id: "use_1".into(),
+            event: Event::from_json(&msg, None, &opts).expect("valid event"),
+        }
+        .into();
+        let mut router = Router::new(None, 63, HashMap::new());
+        let (pending, _) = router.row("order_completed", &mut r, false);
+        let mut names: Vec<String> = pending.values.iter().map(|(c, _)| c.to_string()).collect();
+        let all = names.len();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), all, "a column listed twice: {names:?}");
+        let value = |col: &str| {
+            pending
+                .values
+                .iter()
+                .find(|(c, _)| c.to_string() == col)
+                .map(|(_, v)| v.clone().into_text())
+        };
+        assert_eq!(value("context_ip").as_deref(), Some("1.2.3.4"));
+        assert_eq!(value("channel").as_deref(), Some("email"));
+        let mut refused: Vec<(String, String)> = pending
+            .refused
+            .into_iter()
+            .map(|(c, v, _)| (c, v.into_text()))
+            .collect();
+        refused.sort();
+        assert_eq!(
+            refused,
+            [
+                ("channel".to_string(), "web".to_string()),
+                ("context_ip".to_string(), "5.6.7.8".to_string())
+            ]
         );
     }
 
