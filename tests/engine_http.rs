@@ -821,3 +821,43 @@ async fn a_stalled_body_is_answered_408_and_frees_its_permit() {
     assert_stored_exactly(&t.store_url, vec!["after".into()]);
     t.engine.stop().await.unwrap();
 }
+
+/// A Track event whose table name is one of profiles-sync's own (`Pages`) is served under the
+/// name the warehouse gives it (`_pages`), and the event-type feed keeps its own name.
+#[tokio::test]
+async fn a_track_event_named_like_a_feed_is_served_under_its_warehouse_name() {
+    let t = start(8).await;
+    post(
+        &t.base,
+        "/v1/track",
+        &json!({"userId": "u1", "event": "Pages", "messageId": "t1"}),
+    )
+    .await;
+    post(
+        &t.base,
+        "/v1/page",
+        &json!({"userId": "u1", "name": "Home", "messageId": "p1"}),
+    )
+    .await;
+    let catalog: Value = client()
+        .get(format!("{}/v1/feeds", t.base))
+        .bearer_auth(FEED_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        catalog["trackEvents"],
+        json!([{"event": "Pages", "table": "_pages"}])
+    );
+    let ids = |rows: Vec<Value>| -> Vec<String> {
+        rows.iter()
+            .map(|r| r["messageId"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    assert_eq!(ids(feed_page(&t.base, "_pages", 0, 10).await.1), ["t1"]);
+    assert_eq!(ids(feed_page(&t.base, "pages", 0, 10).await.1), ["p1"]);
+    t.engine.stop().await.unwrap();
+}

@@ -200,8 +200,7 @@ impl Leaves {
         let has = |s: Section| sections.contains(&s);
         let leaves_in = |s: Section| self.items.iter().any(|l| l.section == s);
         sections.iter().any(|s| self.has_dotted_key(*s))
-            || (has(Section::Context)
-                && sections.iter().any(|s| self.context_key[s.index()]))
+            || (has(Section::Context) && sections.iter().any(|s| self.context_key[s.index()]))
             || (has(Section::Extra)
                 && leaves_in(Section::Extra)
                 && sections

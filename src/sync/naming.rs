@@ -182,10 +182,11 @@ pub fn identifier(source: &str, max: usize) -> String {
     fit(&s, source, max)
 }
 
-/// The warehouse table of a Track event name (`Order Completed` → `order_completed`), before
-/// the warehouse's length limit is applied.
+/// The warehouse table of a Track event name (`Order Completed` → `order_completed`; `Pages`
+/// → `_pages`, not to shadow the `pages` table), before the warehouse's length limit is applied:
+/// the name the engine's feed API and `export` use for it.
 pub fn table_name(event: &str) -> String {
-    identifier(event, usize::MAX)
+    super::events::track_table(event, usize::MAX)
 }
 
 #[cfg(test)]
