@@ -1222,3 +1222,57 @@ fn profile_tables_at_different_cursors_each_load_from_their_own() {
         "u50's snapshot after x2 only"
     );
 }
+
+/// A first sync stopped part-way (before one Track event table's first page) and rerun hours
+/// later ends as a clean first sync followed by a later one: every event table keeps the
+/// backfill window of the first attempt, not one computed afresh by the rerun.
+#[test]
+fn a_first_sync_stopped_and_rerun_later_keeps_the_first_backfill_window() {
+    let (mut s, url, _d) = store();
+    let t = jiff::Timestamp::now();
+    let at = |secs: i64| {
+        jiff::Timestamp::from_second(t.as_second() + secs)
+            .unwrap()
+            .to_string()
+    };
+    let later = jiff::Timestamp::from_second(t.as_second() + 3 * 3600).unwrap();
+    let day = 86_400;
+    ingest(
+        &mut *s,
+        &[
+            msg(
+                json!({"type": "track", "messageId": "b1", "userId": "u1", "event": "Beta", "receivedAt": at(-60 * day + 3600)}),
+            ),
+            msg(
+                json!({"type": "page", "messageId": "p1", "userId": "u1", "name": "Home", "receivedAt": at(-60 * day + 3700)}),
+            ),
+            msg(
+                json!({"type": "track", "messageId": "a1", "userId": "u1", "event": "Alpha", "receivedAt": at(-60 * day + 7200)}),
+            ),
+            msg(
+                json!({"type": "page", "messageId": "p2", "userId": "u1", "name": "Home", "receivedAt": at(-60)}),
+            ),
+        ],
+    );
+    let (clean, broken, late) = (
+        TestWarehouse::sqlite(),
+        TestWarehouse::sqlite(),
+        TestWarehouse::sqlite(),
+    );
+    clean.sync_source_at(&mut ScriptedFeed::new(&url), None, &clean.spec, 2, t);
+    clean.sync_source_at(&mut ScriptedFeed::new(&url), None, &clean.spec, 2, later);
+    assert_eq!(clean.count("alpha"), 1);
+    // A first sync made three hours later leaves Alpha's event out of its window: the two
+    // windows differ.
+    late.sync_source_at(&mut ScriptedFeed::new(&url), None, &late.spec, 2, later);
+    assert_eq!(late.count("alpha"), 0);
+
+    // The events feed fails on its second page: Beta's table and `tracks` have committed rows,
+    // Alpha's table nothing yet.
+    let mut source = ScriptedFeed::new(&url);
+    source.ok_reads = 1;
+    broken.sync_source_at(&mut source, None, &broken.spec, 2, t);
+    assert_eq!((broken.count("beta"), broken.count("alpha")), (1, 0));
+    broken.sync_source_at(&mut ScriptedFeed::new(&url), None, &broken.spec, 2, later);
+    assert_eq!(broken.dump(), clean.dump());
+}

@@ -471,6 +471,17 @@ impl<'a> Run<'a> {
                 self.table_report(t);
             }
         }
+        if first_sync {
+            // Each event table's starting point (the backfill window's, or the head for tables
+            // over maxEventTables) is kept before any row loads: a first sync stopped part-way
+            // and rerun later resumes from the same points instead of a window computed anew.
+            let tables: BTreeSet<&str> = type_tables
+                .iter()
+                .chain(track_tables.iter())
+                .map(String::as_str)
+                .collect();
+            self.save_states(wh, |t| tables.contains(t))?;
+        }
 
         let mut router = events::Router::new(self.opts.selection, max_len, names);
         let mut pos = start;
@@ -683,6 +694,27 @@ impl<'a> Run<'a> {
         }
     }
 
+    /// Writes the states of the tables `which` picks, in one transaction.
+    fn save_states(
+        &self,
+        wh: &mut dyn Warehouse,
+        which: impl Fn(&str) -> bool,
+    ) -> Result<(), RunError> {
+        let states: Vec<(&str, &TableState)> = self
+            .states
+            .iter()
+            .filter(|(k, _)| which(k))
+            .map(|(k, v)| (k.as_str(), v))
+            .collect();
+        wh.begin()?;
+        if let Err(e) = state::write(wh, &states) {
+            let _ = wh.rollback();
+            return Err(e.into());
+        }
+        wh.commit()?;
+        Ok(())
+    }
+
     /// Records cursors moved without rows, selection changes and backfill progress, in one transaction.
     fn finish_states(&mut self, wh: &mut dyn Warehouse) -> Result<(), RunError> {
         let head = self.head;
@@ -694,14 +726,7 @@ impl<'a> Run<'a> {
                 s.backfilled = true;
             }
         }
-        let all: Vec<(&str, &TableState)> =
-            self.states.iter().map(|(k, v)| (k.as_str(), v)).collect();
-        wh.begin()?;
-        if let Err(e) = state::write(wh, &all) {
-            let _ = wh.rollback();
-            return Err(e.into());
-        }
-        wh.commit()?;
+        self.save_states(wh, |_| true)?;
         let mut reports: Vec<TableReport> = std::mem::take(&mut self.table_reports)
             .into_values()
             .collect();

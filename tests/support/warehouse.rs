@@ -100,13 +100,25 @@ impl TestWarehouse {
         spec: &WarehouseConnectionSpec,
         page: usize,
     ) -> SyncReport {
+        self.sync_source_at(source, selection, spec, page, jiff::Timestamp::now())
+    }
+
+    /// [`TestWarehouse::sync_source`] with the sync's clock at `now`.
+    pub fn sync_source_at(
+        &self,
+        source: &mut dyn sync::FeedSource,
+        selection: Option<&SelectiveSyncSpec>,
+        spec: &WarehouseConnectionSpec,
+        page: usize,
+        now: jiff::Timestamp,
+    ) -> SyncReport {
         let mut wh = self.connect();
         let opts = SyncOptions {
             id: "test".into(),
             connection: spec,
             selection,
             page_size: page,
-            now: jiff::Timestamp::now(),
+            now,
         };
         sync::run(source, &mut *wh, &opts)
     }
