@@ -144,6 +144,50 @@ fn bad_manifests_are_refused_with_a_clear_error() {
             && err.contains("warehouse.postgres must be set"),
         "{err}"
     );
+    // A sync that cannot start still reports why (stdout, and the termination log in a pod).
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["status"], "Failed");
+    assert_eq!(report["errors"][0]["class"], "Internal", "{report}");
+    assert!(
+        report["errors"][0]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("warehouse.postgres must be set"),
+        "{report}"
+    );
+}
+
+#[test]
+fn a_feed_that_cannot_be_opened_is_reported_without_its_url() {
+    let wh = TestWarehouse::sqlite();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("termination-log");
+    let args = manifests(dir.path(), &wh, None);
+    let out = bin()
+        .arg("sync")
+        .args(&args)
+        .args(["--store", "mysql://admin:hunter2@db.internal/x"])
+        .arg("--termination-log")
+        .arg(&log)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["status"], "Failed");
+    assert_eq!(report["errors"][0]["class"], "Connection", "{report}");
+    let message = report["errors"][0]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("unsupported store URL"), "{message}");
+    let written = std::fs::read_to_string(&log).unwrap();
+    for text in [
+        message,
+        written.as_str(),
+        &String::from_utf8_lossy(&out.stderr),
+    ] {
+        assert!(
+            !text.contains("hunter2"),
+            "the URL's password leaked: {text}"
+        );
+    }
 }
 
 #[tokio::test]

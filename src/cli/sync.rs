@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::crd::{SelectiveSync, SyncStatus, WarehouseConnection};
+use crate::crd::{ErrorClass, SelectiveSync, SyncStatus, WarehouseConnection};
 use crate::sync::{EngineSource, FeedSource, StoreSource, SyncOptions, SyncReport};
 use crate::warehouse::{self, Credentials};
 
@@ -116,57 +116,109 @@ fn read_token(path: &Path) -> anyhow::Result<String> {
     Ok(t)
 }
 
-/// Runs the sync; the report goes to stdout (and the termination log). Returns whether the
-/// sync counts as successful (Success or PartialSuccess).
-pub fn run(args: SyncArgs) -> anyhow::Result<bool> {
-    super::telemetry::init();
-    let m = read_manifests(&args.files)?;
+/// What a sync needs before it starts: the manifests, the credentials and the change feed.
+struct Inputs {
+    m: Manifests,
+    credentials: Credentials,
+    source: Box<dyn FeedSource>,
+}
+
+/// Reads the sync's inputs; an error is classified for the report (a sync that cannot start
+/// still reports why, on stdout and in the termination log).
+fn inputs(args: &SyncArgs) -> Result<Inputs, (Option<String>, ErrorClass, String)> {
+    let m = read_manifests(&args.files).map_err(|e| {
+        (
+            None,
+            ErrorClass::Internal,
+            format!("cannot read the manifests: {e:#}"),
+        )
+    })?;
+    let name = m.connection.metadata.name.clone();
     let spec = &m.connection.spec;
     let credentials = match (
         &spec.warehouse.credentials_secret_ref,
         &args.credentials_dir,
     ) {
-        (Some(secret), Some(dir)) => Credentials::from_dir(dir, secret)?,
+        (Some(secret), Some(dir)) => Credentials::from_dir(dir, secret).map_err(|e| {
+            (
+                name.clone(),
+                ErrorClass::Permission,
+                format!("cannot read the credentials: {e:#}"),
+            )
+        })?,
         _ => Credentials::default(),
     };
-    let mut source: Box<dyn FeedSource> = match (&args.engine, &args.store) {
+    let feed_error = |e: anyhow::Error| {
+        (
+            name.clone(),
+            ErrorClass::Connection,
+            format!("cannot open the change feed: {e:#}"),
+        )
+    };
+    let source: Box<dyn FeedSource> = match (&args.engine, &args.store) {
         (Some(url), _) => {
             let token_file = args.engine_token_file.as_deref().ok_or_else(|| {
-                anyhow::anyhow!("--engine needs --engine-token-file (the feed API token)")
+                feed_error(anyhow::anyhow!(
+                    "--engine needs --engine-token-file (the feed API token)"
+                ))
             })?;
-            Box::new(EngineSource::new(url, read_token(token_file)?)?)
+            let token = read_token(token_file).map_err(feed_error)?;
+            Box::new(EngineSource::new(url, token).map_err(|e| feed_error(e.into()))?)
         }
-        (None, Some(url)) => Box::new(StoreSource(crate::store::open(
-            url,
-            crate::identity::Rules::default(),
-        )?)),
-        (None, None) => anyhow::bail!("give --engine or --store"),
+        (None, Some(url)) => Box::new(StoreSource(
+            crate::store::open(url, crate::identity::Rules::default())
+                .map_err(|e| feed_error(e.into()))?,
+        )),
+        (None, None) => return Err(feed_error(anyhow::anyhow!("give --engine or --store"))),
     };
+    Ok(Inputs {
+        m,
+        credentials,
+        source,
+    })
+}
+
+/// Runs the sync; the report goes to stdout (and the termination log). Returns whether the
+/// sync counts as successful (Success or PartialSuccess).
+pub fn run(args: SyncArgs) -> anyhow::Result<bool> {
+    super::telemetry::init();
     let start = jiff::Timestamp::now();
-    let id = args.id.clone().unwrap_or_else(|| {
-        format!(
-            "{}-{}",
-            m.connection.metadata.name.as_deref().unwrap_or("sync"),
-            start.as_second() / 60
-        )
-    });
-    let report = match warehouse::connect(&spec.warehouse, &spec.schema, &credentials) {
-        Ok(mut wh) => {
-            let opts = SyncOptions {
-                id,
-                connection: spec,
-                selection: m.selection.as_ref().map(|s| &s.spec),
-                page_size: args.page_size,
-                now: start,
-            };
-            crate::sync::run(&mut *source, &mut *wh, &opts)
+    let id = |name: Option<&str>| {
+        args.id
+            .clone()
+            .unwrap_or_else(|| format!("{}-{}", name.unwrap_or("sync"), start.as_second() / 60))
+    };
+    let report = match inputs(&args) {
+        Err((name, class, message)) => {
+            tracing::error!(%message, "the sync cannot start");
+            SyncReport::failed(&id(name.as_deref()), start, class, message)
         }
-        Err(e) => SyncReport::failed(
-            &id,
-            start,
-            e.class,
-            format!("cannot connect to the warehouse: {}", e.message),
-        ),
+        Ok(Inputs {
+            m,
+            credentials,
+            mut source,
+        }) => {
+            let spec = &m.connection.spec;
+            let id = id(m.connection.metadata.name.as_deref());
+            match warehouse::connect(&spec.warehouse, &spec.schema, &credentials) {
+                Ok(mut wh) => {
+                    let opts = SyncOptions {
+                        id,
+                        connection: spec,
+                        selection: m.selection.as_ref().map(|s| &s.spec),
+                        page_size: args.page_size,
+                        now: start,
+                    };
+                    crate::sync::run(&mut *source, &mut *wh, &opts)
+                }
+                Err(e) => SyncReport::failed(
+                    &id,
+                    start,
+                    e.class,
+                    format!("cannot connect to the warehouse: {}", e.message),
+                ),
+            }
+        }
     };
     println!("{}", serde_json::to_string_pretty(&report)?);
     let log = args.termination_log.clone().or_else(|| {

@@ -31,9 +31,10 @@ use crate::identity::{IdentifierState, ProfileState, Rules};
 /// Everything that can go wrong in the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The store URL is not `sqlite:///path` or `postgres://...`.
+    /// The store URL is not `sqlite:///path` or `postgres://...` (only its scheme is kept: the
+    /// rest may hold a password).
     #[error(
-        "unsupported store URL {0:?}: expected sqlite:///path/to/file.db or postgres://user@host/db"
+        "unsupported store URL (scheme {0:?}): expected sqlite:///path/to/file.db or postgres://user@host/db"
     )]
     BadUrl(String),
     /// An SQLite error.
@@ -194,7 +195,8 @@ pub fn open(url: &str, rules: Rules) -> Result<Box<dyn Store>, StoreError> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         return Ok(Box::new(PostgresStore::connect(url, rules)?));
     }
-    Err(StoreError::BadUrl(url.to_string()))
+    let scheme = url.split_once("://").map_or("", |(s, _)| s);
+    Err(StoreError::BadUrl(scheme.to_string()))
 }
 
 /// Drops `value` on a background thread (`store-free`), so a writer holding the write lock does
