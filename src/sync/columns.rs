@@ -253,8 +253,16 @@ impl ColumnMap {
             return None;
         }
         let column = if self.used.contains(&base) {
-            // Another source already has this name (`Total` vs `total`): never merge the two.
-            fit(&format!("{base}_{}", short_hash(source)), source, max_len)
+            // Another source already has this name (`Total` vs `total`): never merge the two —
+            // nor with a source literally named like the suffixed name (`total_<hash>`).
+            let suffixed = format!("{base}_{}", short_hash(source));
+            let mut column = fit(&suffixed, source, max_len);
+            let mut n = 2;
+            while self.used.contains(&column) {
+                column = fit(&format!("{suffixed}_{n}"), source, max_len);
+                n += 1;
+            }
+            column
         } else {
             base
         };
@@ -282,6 +290,26 @@ pub type RawRow = BTreeMap<String, Value>;
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// Names that collide get a hashed suffix, and one already taken (a property literally
+    /// named like it) a further one: three sources, three columns, whatever their order.
+    #[test]
+    fn a_suffixed_name_already_taken_is_never_shared() {
+        let crafted = format!("total_{}", short_hash("Total"));
+        let orders = [
+            [crafted.as_str(), "total", "Total"],
+            ["total", crafted.as_str(), "Total"],
+            ["Total", "total", crafted.as_str()],
+        ];
+        for sources in orders {
+            let mut map = ColumnMap::default();
+            let columns: HashSet<String> = sources
+                .iter()
+                .map(|s| map.column(s, 63).unwrap_or_default())
+                .collect();
+            assert_eq!(columns.len(), 3, "{sources:?} → {columns:?}");
+        }
+    }
 
     #[test]
     fn flattening_joins_nested_keys() {
