@@ -108,17 +108,13 @@ impl SyncReport {
         self.errors
             .extend(self.tables.iter().filter_map(|t| t.error.clone()));
         let failed = self.tables.iter().filter(|t| t.error.is_some()).count();
-        let loaded = self.tables.iter().any(|t| t.error.is_none() && t.rows > 0);
+        // Rows committed count, even those of a table that failed after them.
+        let loaded = self.tables.iter().any(|t| t.rows > 0);
+        // Failed means nothing loaded; with rows loaded, or other tables in step (their
+        // "nothing new" is a success), it is a partial success.
         self.status = if self.errors.is_empty() {
             SyncStatus::Success
-        } else if stopped {
-            // Failed means nothing loaded: what committed before the stop stays committed.
-            if loaded {
-                SyncStatus::PartialSuccess
-            } else {
-                SyncStatus::Failed
-            }
-        } else if failed > 0 && failed < self.tables.len() {
+        } else if loaded || (!stopped && failed < self.tables.len()) {
             SyncStatus::PartialSuccess
         } else {
             SyncStatus::Failed
@@ -206,6 +202,9 @@ mod tests {
         assert_eq!(r.errors.len(), 1);
         let r = report(vec![table("order_completed", 0, true)]);
         assert_eq!(r.status, SyncStatus::Failed);
+        // A table that committed rows, then failed: something loaded, so not Failed.
+        let r = report(vec![table("order_completed", 4, true)]);
+        assert_eq!((r.status, r.rows.total), (SyncStatus::PartialSuccess, 4));
         let r = report(vec![]);
         assert_eq!(r.status, SyncStatus::Success, "nothing new is a success");
     }
