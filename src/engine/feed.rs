@@ -118,7 +118,8 @@ pub fn page(
     limit: usize,
     max_bytes: usize,
 ) -> Result<String, StoreError> {
-    let mut columns: Vec<String> = vec![];
+    // The feed's declared columns, then any unknown top-level key an event of the page carries.
+    let mut columns: Vec<String> = feed.columns().iter().map(|c| c.to_string()).collect();
     let mut body = String::new();
     let (mut count, mut next_after, mut more) = (0usize, after, true);
     'read: while count < limit {
@@ -163,6 +164,57 @@ mod tests {
             .map(|l| serde_json::from_str::<Value>(l).unwrap());
         let header = lines.next().unwrap();
         (header, lines.collect())
+    }
+
+    /// A page's header lists the table's columns, even when the page is empty; a change log's
+    /// rows have exactly those keys, an event feed's rows some of them plus the unknown
+    /// top-level keys their events carried (listed too).
+    #[test]
+    fn a_page_header_lists_the_tables_columns() {
+        let mut store =
+            crate::store::SqliteStore::open_in_memory(crate::identity::Rules::default()).unwrap();
+        let opts = ParseOptions {
+            now: jiff::Timestamp::from_second(1_767_225_600).unwrap(),
+            source_id: "src".into(),
+            trust_received_at: true,
+        };
+        let events: Vec<Event> = [
+            json!({"type": "identify", "messageId": "m1", "userId": "u1", "anonymousId": "a1",
+                   "traits": {"email": "u1@example.com", "plan": "pro"}}),
+            json!({"type": "track", "messageId": "m2", "userId": "u1", "event": "Bought",
+                   "properties": {"total": 5}, "custom_top": 1}),
+        ]
+        .iter()
+        .map(|m| Event::from_json(m, None, &opts).unwrap())
+        .collect();
+        store.ingest(events).unwrap();
+        let head = store.head_seq().unwrap();
+        for table in Feed::TABLES {
+            let feed = Feed::from_table(table).unwrap();
+            let declared: Vec<String> = feed.columns().iter().map(|c| c.to_string()).collect();
+            let (header, rows) =
+                page_rows(&page(&mut store, table, &feed, 0, 100, usize::MAX).unwrap());
+            let listed: Vec<String> = serde_json::from_value(header["columns"].clone()).unwrap();
+            assert_eq!(listed[..declared.len()], declared[..], "{table}");
+            for row in &rows {
+                let keys: Vec<String> = row.as_object().unwrap().keys().cloned().collect();
+                if matches!(feed, Feed::Events(_)) {
+                    assert!(keys.iter().all(|k| listed.contains(k)), "{table}: {keys:?}");
+                } else {
+                    assert_eq!(keys, declared, "{table}");
+                }
+            }
+            if table == "events" {
+                assert!(listed.contains(&"custom_top".to_string()), "{listed:?}");
+            }
+            if ["id_graph_updates", "profile_traits_updates", "events"].contains(&table) {
+                assert!(!rows.is_empty(), "{table} has rows to check");
+            }
+            let (empty, _) =
+                page_rows(&page(&mut store, table, &feed, head, 100, usize::MAX).unwrap());
+            assert_eq!(empty["count"], 0);
+            assert_eq!(empty["columns"], json!(declared), "{table}: an empty page");
+        }
     }
 
     #[test]
