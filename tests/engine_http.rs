@@ -861,3 +861,93 @@ async fn a_track_event_named_like_a_feed_is_served_under_its_warehouse_name() {
     assert_eq!(ids(feed_page(&t.base, "pages", 0, 10).await.1), ["p1"]);
     t.engine.stop().await.unwrap();
 }
+
+/// The remaining error paths each answer with their status and an error naming the cause, and
+/// store nothing; every short path the SDKs use is served.
+#[tokio::test]
+async fn every_error_path_names_its_cause_and_every_short_path_is_served() {
+    let t = start(8).await;
+    let send = |path: &str, body: Vec<u8>, gzip: bool| {
+        let mut r = client()
+            .post(format!("{}{path}", t.base))
+            .basic_auth(WRITE_KEY, Some(""))
+            .header("content-type", "application/json")
+            .body(body);
+        if gzip {
+            r = r.header("content-encoding", "gzip");
+        }
+        async move {
+            let r = r.send().await.unwrap();
+            let status = r.status();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let bad = br#"{"userId": "u1", "event": "A", "messageId": "never"}"#.to_vec();
+    let (status, body) = send("/v1/track", bad, true).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["error"].as_str().unwrap_or_default().contains("gzip"),
+        "{body}"
+    );
+    let (status, body) = send("/v1/track", b"[1, 2]".to_vec(), false).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("must be an object"),
+        "{body}"
+    );
+    let typed = json!({"userId": true, "event": "A", "messageId": "never-2"});
+    let (status, body) = send("/v1/track", typed.to_string().into_bytes(), false).await;
+    assert_eq!(
+        (status, &body["field"]),
+        (StatusCode::BAD_REQUEST, &json!("userId")),
+        "{body}"
+    );
+
+    let r = client()
+        .get(format!("{}/v1/feeds?since=yesterday", t.base))
+        .bearer_auth(FEED_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("since:"),
+        "{body}"
+    );
+
+    let mut served = vec![];
+    for (path, message) in [
+        ("/v1/i", json!({"userId": "u1", "traits": {"plan": "pro"}})),
+        ("/v1/p", json!({"userId": "u1", "name": "Home"})),
+        ("/v1/s", json!({"userId": "u1", "name": "Home"})),
+        ("/v1/g", json!({"userId": "u1", "groupId": "g1"})),
+        ("/v1/a", json!({"userId": "u1", "previousId": "a1"})),
+        (
+            "/v1/b",
+            json!({"batch": [{"type": "track", "userId": "u1", "event": "A"}]}),
+        ),
+        (
+            "/v1/import",
+            json!({"batch": [{"type": "track", "userId": "u1", "event": "B"}]}),
+        ),
+    ] {
+        let id = format!("short{}", path.replace('/', "-"));
+        let mut message = message;
+        match message.get_mut("batch").and_then(Value::as_array_mut) {
+            Some(items) => items[0]["messageId"] = json!(id),
+            None => message["messageId"] = json!(id),
+        }
+        let (status, body) = send(path, message.to_string().into_bytes(), false).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+        served.push(id);
+    }
+    assert_stored_exactly(&t.store_url, served);
+    t.engine.stop().await.unwrap();
+}
