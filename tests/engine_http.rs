@@ -479,6 +479,16 @@ async fn health_readiness_and_metrics() {
     );
     post(&t.base, "/v1/track", &json!({"userId": "u1", "event": "A"})).await;
     post(&t.base, "/v1/track", &json!({"event": "A"})).await;
+    // A refused batch counts each of its events.
+    let (status, _) = post(
+        &t.base,
+        "/v1/batch",
+        &json!({"batch": [{"type": "track", "userId": "u1", "event": "A"},
+                          {"type": "track", "event": "A"},
+                          {"type": "track", "userId": "u2", "event": "A"}]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
     let text = client()
         .get(format!("{}/metrics", t.base))
         .send()
@@ -501,6 +511,10 @@ async fn health_readiness_and_metrics() {
     );
     assert!(
         text.contains("profiles_sync_engine_events_accepted_total 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("profiles_sync_engine_events_rejected_total{reason=\"invalid_field\"} 4"),
         "{text}"
     );
     assert!(

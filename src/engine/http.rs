@@ -111,6 +111,7 @@ async fn read_body(headers: &HeaderMap, body: Body) -> Result<Vec<u8>, ApiError>
         ),
         field: None,
         index: None,
+        events: 1,
     };
     let raw = Limited::new(body, MAX_BATCH_BYTES)
         .collect()
@@ -171,6 +172,7 @@ async fn ingest_inner(
             ),
             field: None,
             index: None,
+            events: 1,
         })
     });
     let bytes = match read {
@@ -180,7 +182,7 @@ async fn ingest_inner(
                 .metrics
                 .events_rejected
                 .with_label_values(&[e.reason()])
-                .inc();
+                .inc_by(e.events as u64);
             return api_error(&e);
         }
     };
@@ -201,7 +203,7 @@ async fn ingest_inner(
                 .metrics
                 .events_rejected
                 .with_label_values(&[e.reason()])
-                .inc();
+                .inc_by(e.events as u64);
             return api_error(&e);
         }
     };

@@ -36,6 +36,10 @@ pub struct ApiError {
     pub field: Option<String>,
     /// The index of the offending message in a batch.
     pub index: Option<usize>,
+    /// How many events the refused request carried, as far as it could be read (1 when its
+    /// body is not a readable message or batch): what the refusal adds to
+    /// `events_rejected_total`.
+    pub events: usize,
 }
 
 impl ApiError {
@@ -45,6 +49,7 @@ impl ApiError {
             message: message.into(),
             field: None,
             index: None,
+            events: 1,
         }
     }
 
@@ -172,6 +177,7 @@ fn field_error(status: u16, field: &str, reason: &str, index: Option<usize>) -> 
         message: format!("{field}: {reason}"),
         field: Some(field.into()),
         index,
+        events: 1,
     }
 }
 
@@ -255,6 +261,25 @@ pub fn parse(
             "malformed JSON: the body must be an object",
         ));
     };
+    let events = match endpoint {
+        Endpoint::Single(_) => 1,
+        Endpoint::Batch => obj
+            .get("batch")
+            .and_then(Value::as_array)
+            .map_or(1, Vec::len),
+    };
+    accept(endpoint, obj, auth_header, sources, rules, now).map_err(|e| ApiError { events, ..e })
+}
+
+/// [`parse`] of a body that is a JSON object.
+fn accept(
+    endpoint: Endpoint,
+    obj: Map<String, Value>,
+    auth_header: Option<&str>,
+    sources: &Sources,
+    rules: &Rules,
+    now: Timestamp,
+) -> Result<Accepted, ApiError> {
     let key = basic_auth_user(auth_header).or_else(|| {
         obj.get("writeKey")
             .and_then(Value::as_str)
@@ -294,6 +319,7 @@ pub fn parse(
                     message: format!("message exceeds the {} KB limit", MAX_MESSAGE_BYTES / 1024),
                     field: None,
                     index,
+                    events: 1,
                 });
             }
         }
