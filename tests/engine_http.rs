@@ -360,6 +360,19 @@ async fn feed_page(base: &str, table: &str, after: i64, limit: usize) -> (Value,
     )
 }
 
+/// The feed catalog (`GET /v1/feeds`).
+async fn catalog(base: &str) -> Value {
+    client()
+        .get(format!("{base}/v1/feeds"))
+        .bearer_auth(FEED_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn the_feed_api_needs_the_token_and_pages_in_order() {
     let t = start(8).await;
@@ -380,15 +393,7 @@ async fn the_feed_api_needs_the_token_and_pages_in_order() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
 
-    let catalog: Value = client()
-        .get(format!("{}/v1/feeds", t.base))
-        .bearer_auth(FEED_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let catalog = catalog(&t.base).await;
     assert_eq!(
         catalog["trackEvents"],
         json!([{"event": "Order Completed", "table": "order_completed"}])
@@ -721,15 +726,13 @@ async fn a_full_queue_turns_requests_away_before_parsing_them() {
     t.engine.stop().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_beyond_the_reading_capacity_are_turned_away_before_their_bodies_are_read() {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-    let t = start_with(8, 1).await;
-    // A client sends its headers and half of its body, then stalls: its request holds the one
-    // reading permit while the engine waits for the rest.
+/// Sends the headers and half the body of a one-event batch (messageId `slow-1`), then stalls:
+/// returns the connection and the rest of the body.
+async fn stall_a_batch(base: &str) -> (tokio::net::TcpStream, String) {
+    use tokio::io::AsyncWriteExt;
     let body = json!({"writeKey": WRITE_KEY, "batch": [{"type": "track", "userId": "slow", "event": "Slow", "messageId": "slow-1"}]}).to_string();
     let (head, tail) = body.split_at(body.len() / 2);
-    let addr = t.base.trim_start_matches("http://").to_string();
+    let addr = base.trim_start_matches("http://").to_string();
     let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
     slow.write_all(
         format!(
@@ -740,6 +743,16 @@ async fn requests_beyond_the_reading_capacity_are_turned_away_before_their_bodie
     )
     .await
     .unwrap();
+    (slow, tail.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_beyond_the_reading_capacity_are_turned_away_before_their_bodies_are_read() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let t = start_with(8, 1).await;
+    // A client sends its headers and half of its body, then stalls: its request holds the one
+    // reading permit while the engine waits for the rest.
+    let (mut slow, tail) = stall_a_batch(&t.base).await;
     // Until the engine has taken up that request, others still get in; once it has, the next
     // one is turned away without its body being read.
     let mut acknowledged = vec![];
@@ -791,21 +804,9 @@ async fn requests_beyond_the_reading_capacity_are_turned_away_before_their_bodie
 /// reading permit: stalled clients cannot hold the engine's capacity (or its shutdown).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_body_is_answered_408_and_frees_its_permit() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     let t = support::engine::start_configured(8, 1, std::time::Duration::from_millis(300)).await;
-    let body = json!({"writeKey": WRITE_KEY, "batch": [{"type": "track", "userId": "slow", "event": "Slow", "messageId": "slow-1"}]}).to_string();
-    let addr = t.base.trim_start_matches("http://").to_string();
-    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    slow.write_all(
-        format!(
-            "POST /v1/batch HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{}",
-            body.len(),
-            &body[..body.len() / 2]
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
+    let (mut slow, _) = stall_a_batch(&t.base).await;
     // The engine answers on its own, the rest of the body never sent (10 s only bounds how
     // long a broken engine makes this test wait).
     let read_answer = async {
@@ -853,15 +854,7 @@ async fn a_track_event_named_like_a_feed_is_served_under_its_warehouse_name() {
         &json!({"userId": "u1", "name": "Home", "messageId": "p1"}),
     )
     .await;
-    let catalog: Value = client()
-        .get(format!("{}/v1/feeds", t.base))
-        .bearer_auth(FEED_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let catalog = catalog(&t.base).await;
     assert_eq!(
         catalog["trackEvents"],
         json!([{"event": "Pages", "table": "_pages"}])

@@ -120,10 +120,17 @@ fn a_failed_sync_exits_non_zero_with_a_classified_error() {
         .args(["--store", &url])
         .output()
         .unwrap();
+    failed_report(&out, "Connection");
+}
+
+/// Asserts a sync process failed with a `Failed` report on stdout whose first error is of
+/// `class`; returns the report.
+fn failed_report(out: &std::process::Output, class: &str) -> Value {
     assert!(!out.status.success());
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["status"], "Failed");
-    assert_eq!(report["errors"][0]["class"], "Connection", "{report}");
+    assert_eq!(report["errors"][0]["class"], class, "{report}");
+    report
 }
 
 #[test]
@@ -137,7 +144,6 @@ fn bad_manifests_are_refused_with_a_clear_error() {
         .args(["--store", "sqlite::memory:"])
         .output()
         .unwrap();
-    assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("invalid WarehouseConnection")
@@ -145,9 +151,7 @@ fn bad_manifests_are_refused_with_a_clear_error() {
         "{err}"
     );
     // A sync that cannot start still reports why (stdout, and the termination log in a pod).
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(report["status"], "Failed");
-    assert_eq!(report["errors"][0]["class"], "Internal", "{report}");
+    let report = failed_report(&out, "Internal");
     assert!(
         report["errors"][0]["message"]
             .as_str()
@@ -171,10 +175,7 @@ fn a_feed_that_cannot_be_opened_is_reported_without_its_url() {
         .arg(&log)
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(report["status"], "Failed");
-    assert_eq!(report["errors"][0]["class"], "Connection", "{report}");
+    let report = failed_report(&out, "Connection");
     let message = report["errors"][0]["message"].as_str().unwrap_or_default();
     assert!(message.contains("unsupported store URL"), "{message}");
     let written = std::fs::read_to_string(&log).unwrap();

@@ -166,11 +166,8 @@ mod tests {
         (header, lines.collect())
     }
 
-    /// A page's header lists the table's columns, even when the page is empty; a change log's
-    /// rows have exactly those keys, an event feed's rows some of them plus the unknown
-    /// top-level keys their events carried (listed too).
-    #[test]
-    fn a_page_header_lists_the_tables_columns() {
+    /// An in-memory store holding `messages`.
+    fn store_with(messages: &[Value]) -> crate::store::SqliteStore {
         let mut store =
             crate::store::SqliteStore::open_in_memory(crate::identity::Rules::default()).unwrap();
         let opts = ParseOptions {
@@ -178,16 +175,25 @@ mod tests {
             source_id: "src".into(),
             trust_received_at: true,
         };
-        let events: Vec<Event> = [
+        let events: Vec<Event> = messages
+            .iter()
+            .map(|m| Event::from_json(m, None, &opts).unwrap())
+            .collect();
+        store.ingest(events).unwrap();
+        store
+    }
+
+    /// A page's header lists the table's columns, even when the page is empty; a change log's
+    /// rows have exactly those keys, an event feed's rows some of them plus the unknown
+    /// top-level keys their events carried (listed too).
+    #[test]
+    fn a_page_header_lists_the_tables_columns() {
+        let mut store = store_with(&[
             json!({"type": "identify", "messageId": "m1", "userId": "u1", "anonymousId": "a1",
                    "traits": {"email": "u1@example.com", "plan": "pro"}}),
             json!({"type": "track", "messageId": "m2", "userId": "u1", "event": "Bought",
                    "properties": {"total": 5}, "custom_top": 1}),
-        ]
-        .iter()
-        .map(|m| Event::from_json(m, None, &opts).unwrap())
-        .collect();
-        store.ingest(events).unwrap();
+        ]);
         let head = store.head_seq().unwrap();
         for table in Feed::TABLES {
             let feed = Feed::from_table(table).unwrap();
@@ -219,21 +225,13 @@ mod tests {
 
     #[test]
     fn pages_are_cut_by_size_and_say_whether_more_may_follow() {
-        let mut store =
-            crate::store::SqliteStore::open_in_memory(crate::identity::Rules::default()).unwrap();
-        let opts = ParseOptions {
-            now: jiff::Timestamp::from_second(1_767_225_600).unwrap(),
-            source_id: "src".into(),
-            trust_received_at: true,
-        };
-        let events: Vec<Event> = (0..10)
+        let messages: Vec<Value> = (0..10)
             .map(|i| {
-                let m = json!({"type": "track", "messageId": format!("m{i}"), "userId": "u1",
-                    "event": "Big", "properties": {"blob": "x".repeat(1000)}});
-                Event::from_json(&m, None, &opts).unwrap()
+                json!({"type": "track", "messageId": format!("m{i}"), "userId": "u1",
+                    "event": "Big", "properties": {"blob": "x".repeat(1000)}})
             })
             .collect();
-        store.ingest(events).unwrap();
+        let mut store = store_with(&messages);
         let feed = Feed::Events(EventFilter::All);
         // A budget of about three rows: pages of three, each saying more may follow, until the
         // last, which reaches the end.

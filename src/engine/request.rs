@@ -427,6 +427,20 @@ mod tests {
         );
     }
 
+    /// Sends `message` second in a batch after a valid one, asserts the batch is refused with a
+    /// 400 naming `field` at index 1, and returns the error.
+    fn refused_as_second_of_a_batch(message: Value, field: &str, rules: &Rules) -> ApiError {
+        let e = parse_batch(json!([{"type": "page", "userId": "ok"}, message]), rules)
+            .err()
+            .unwrap_or_else(|| panic!("{field}: accepted"));
+        assert_eq!(
+            (e.status, e.field.as_deref(), e.index),
+            (400, Some(field), Some(1)),
+            "{e:?}"
+        );
+        e
+    }
+
     /// A NUL character in an id, a name or an identifier is refused with a 400 naming the field.
     #[test]
     fn nul_characters_in_stored_text_are_refused() {
@@ -450,13 +464,7 @@ mod tests {
             ),
         ];
         for (message, field) in cases {
-            let e = parse_batch(json!([{"type": "page", "userId": "ok"}, message]), &rules)
-                .err()
-                .unwrap_or_else(|| panic!("{field}: accepted"));
-            assert_eq!(
-                (e.status, e.field.as_deref(), e.index),
-                (400, Some(field), Some(1))
-            );
+            refused_as_second_of_a_batch(message, field, &rules);
         }
         // Elsewhere (a property) a NUL is kept: it is stored inside escaped JSON.
         let ok =
@@ -502,14 +510,7 @@ mod tests {
             ),
         ];
         for (message, field) in cases {
-            let e = parse_batch(json!([{"type": "page", "userId": "ok"}, message]), &rules)
-                .err()
-                .unwrap_or_else(|| panic!("{field}: accepted"));
-            assert_eq!(
-                (e.status, e.field.as_deref(), e.index),
-                (400, Some(field), Some(1)),
-                "{e:?}"
-            );
+            let e = refused_as_second_of_a_batch(message, field, &rules);
             assert!(
                 e.message.contains(&MAX_ID_BYTES.to_string()),
                 "{}",

@@ -111,67 +111,47 @@ impl Feed {
     /// The columns of the feed's rows, in their order: every key a row of a change log has, and
     /// the keys an event feed's rows may have (each row only those its event carries, plus
     /// any unknown top-level keys the event was sent with).
-    pub fn columns(&self) -> &'static [&'static str] {
-        match self {
-            Feed::IdGraphUpdates => &[
-                "seq",
-                "segment_id",
-                "canonical_segment_id",
-                "triggering_event_type",
-                "triggering_event_id",
-                "triggering_event_name",
-                "triggering_event_source_id",
-                "timestamp",
-                "received_at",
-            ],
-            Feed::ExternalIdMappingUpdates => &[
-                "seq",
-                "id",
-                "external_id_hash",
-                "external_id_type",
-                "external_id_value",
-                "segment_id",
-                "triggering_event_type",
-                "triggering_event_id",
-                "triggering_event_name",
-                "triggering_event_source_id",
-                "timestamp",
-                "received_at",
-            ],
-            Feed::ProfileTraitsUpdates => &[
-                "seq",
-                "segment_id",
-                "triggering_event_type",
-                "triggering_event_id",
-                "triggering_event_name",
-                "triggering_event_source_id",
-                "timestamp",
-                "received_at",
-                "traits",
-            ],
-            Feed::Events(_) => &[
-                "seq",
-                "segment_id",
-                "event_source_id",
-                "type",
-                "messageId",
-                "userId",
-                "anonymousId",
-                "timestamp",
-                "receivedAt",
-                "sentAt",
-                "originalTimestamp",
-                "event",
-                "name",
-                "category",
-                "groupId",
-                "previousId",
-                "context",
-                "integrations",
-                "traits",
-                "properties",
-            ],
-        }
+    pub fn columns(&self) -> Vec<&'static str> {
+        let (lead, tail): (&[&str], &[&str]) = match self {
+            Feed::IdGraphUpdates => (&["seq", "segment_id", "canonical_segment_id"], &[]),
+            Feed::ExternalIdMappingUpdates => (
+                &[
+                    "seq",
+                    "id",
+                    "external_id_hash",
+                    "external_id_type",
+                    "external_id_value",
+                    "segment_id",
+                ],
+                &[],
+            ),
+            Feed::ProfileTraitsUpdates => (&["seq", "segment_id"], &["traits"]),
+            Feed::Events(_) => {
+                return vec![
+                    "seq",
+                    "segment_id",
+                    "event_source_id",
+                    "type",
+                    "messageId",
+                    "userId",
+                    "anonymousId",
+                    "timestamp",
+                    "receivedAt",
+                    "sentAt",
+                    "originalTimestamp",
+                    "event",
+                    "name",
+                    "category",
+                    "groupId",
+                    "previousId",
+                    "context",
+                    "integrations",
+                    "traits",
+                    "properties",
+                ];
+            }
+        };
+        [lead, &rows::TRIGGER_KEYS, tail].concat()
     }
 
     /// Every name `from_table` accepts.

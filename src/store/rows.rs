@@ -37,20 +37,29 @@ impl Trigger {
     }
 
     fn write(&self, m: &mut Map<String, Value>) {
-        m.insert(
-            "triggering_event_type".into(),
+        let values = [
             self.event_type.as_str().into(),
-        );
-        m.insert("triggering_event_id".into(), self.event_id.clone().into());
-        m.insert("triggering_event_name".into(), opt(&self.event_name));
-        m.insert(
-            "triggering_event_source_id".into(),
+            self.event_id.clone().into(),
+            opt(&self.event_name),
             self.source_id.clone().into(),
-        );
-        m.insert("timestamp".into(), self.timestamp.to_string().into());
-        m.insert("received_at".into(), self.received_at.to_string().into());
+            self.timestamp.to_string().into(),
+            self.received_at.to_string().into(),
+        ];
+        for (key, value) in TRIGGER_KEYS.into_iter().zip(values) {
+            m.insert(key.into(), value);
+        }
     }
 }
+
+/// The keys a change-log row's trigger adds to it, in order.
+pub(crate) const TRIGGER_KEYS: [&str; 6] = [
+    "triggering_event_type",
+    "triggering_event_id",
+    "triggering_event_name",
+    "triggering_event_source_id",
+    "timestamp",
+    "received_at",
+];
 
 fn opt(v: &Option<String>) -> Value {
     v.clone().map(Value::String).unwrap_or(Value::Null)
