@@ -339,6 +339,9 @@ impl Warehouse for CountingWarehouse<'_> {
         self.calls += 1;
         self.inner.describe()
     }
+    fn column_limits(&self) -> BTreeMap<String, profiles_sync::warehouse::ColumnLimits> {
+        self.inner.column_limits()
+    }
     fn begin(&mut self) -> Result<(), WarehouseError> {
         self.calls += 1;
         self.inner.begin()

@@ -949,6 +949,104 @@ fn postgres_columns_of_the_warehouses_own_types_still_load() {
     );
 }
 
+/// A DBA may narrow a column (`varchar(5)`, `integer`, `numeric(6,2)`, `real`): a value of the
+/// right type that the column still refuses goes to `discards` like an uncastable one, instead
+/// of failing the table's load on every run.
+#[test]
+fn postgres_values_a_narrowed_column_refuses_go_to_discards() {
+    let (mut s, url, _d) = store();
+    let order = |id: &str, properties: Value| {
+        msg(
+            json!({"type": "track", "messageId": id, "userId": "u1", "event": "Order Completed",
+                   "properties": properties}),
+        )
+    };
+    ingest(
+        &mut *s,
+        &[
+            // Every value at its column's limit.
+            order(
+                "o1",
+                json!({"total": 2_147_483_647_i64, "qty": -32768, "price": 9999.99, "ratio": 1.5,
+                       "note": "ééééé", "code": "abc"}),
+            ),
+            // Every value past it.
+            order(
+                "o2",
+                json!({"total": 2_147_483_648_i64, "qty": 40000, "price": 9999.995, "ratio": 1e39,
+                       "note": "abcdef", "code": "abcd"}),
+            ),
+            // Spaces past the limit are trimmed by the warehouse; a tiny float underflows `real`.
+            order(
+                "o3",
+                json!({"total": 7, "qty": 1, "price": -12.5, "ratio": 1e-50,
+                       "note": "abc     ", "code": "x"}),
+            ),
+        ],
+    );
+    let wh = TestWarehouse::postgres();
+    let mut admin = support::pg::shared().connect(wh.database.as_deref().unwrap());
+    admin
+        .batch_execute(
+            "CREATE SCHEMA profiles_sync;
+             CREATE TABLE profiles_sync.order_completed (id TEXT PRIMARY KEY, total INTEGER,
+                 qty SMALLINT, price NUMERIC(6, 2), ratio REAL, note VARCHAR(5), code CHAR(3));",
+        )
+        .unwrap();
+    for round in 0..2 {
+        let r = wh.sync(&url, None);
+        assert_eq!(r.status, SyncStatus::Success, "round {round}: {r:#?}");
+    }
+    let some = |v: &str| Some(v.to_string());
+    assert_eq!(
+        wh.query(
+            "SELECT id, total::text, qty::text, price::text, ratio::text, note, code
+               FROM profiles_sync.order_completed ORDER BY id"
+        ),
+        [
+            [
+                some("o1"),
+                some("2147483647"),
+                some("-32768"),
+                some("9999.99"),
+                some("1.5"),
+                some("ééééé"),
+                some("abc")
+            ],
+            [some("o2"), None, None, None, None, None, None],
+            [
+                some("o3"),
+                some("7"),
+                some("1"),
+                some("-12.50"),
+                None,
+                some("abc  "),
+                some("x  ")
+            ],
+        ]
+    );
+    let d: Vec<Vec<String>> = wh
+        .query(&format!(
+            "SELECT row_id, column_name, value FROM {} ORDER BY row_id, column_name",
+            wh.table("discards")
+        ))
+        .into_iter()
+        .map(|r| r.into_iter().map(|v| v.unwrap_or_default()).collect())
+        .collect();
+    assert_eq!(
+        d,
+        [
+            ["o2", "code", "abcd"],
+            ["o2", "note", "abcdef"],
+            ["o2", "price", "9999.995"],
+            ["o2", "qty", "40000"],
+            ["o2", "ratio", "1e+39"],
+            ["o2", "total", "2147483648"],
+            ["o3", "ratio", "1e-50"],
+        ]
+    );
+}
+
 #[test]
 fn backfill_completes_when_every_feed_is_read_to_its_end() {
     // The newest change is an event, so the identity tables' cursors stay below the head:

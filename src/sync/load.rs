@@ -9,7 +9,8 @@ use super::columns::{Field, cast, escape_nul, remember};
 use super::state::{self, TableState};
 use super::tables::DISCARDS;
 use crate::warehouse::{
-    Cell, Column, ColumnType, OnConflict, TableColumns, Warehouse, WarehouseError,
+    Cell, Column, ColumnLimit, ColumnLimits, ColumnType, OnConflict, TableColumns, Warehouse,
+    WarehouseError,
 };
 
 /// A column of a pending row: one of the design's fixed names, or a property's column, shared by
@@ -84,6 +85,19 @@ pub struct ChunkResult {
 pub struct Schema {
     /// Table → columns.
     pub tables: BTreeMap<String, TableColumns>,
+    /// Table → its narrowed columns (the sync never creates one; a DBA may alter one).
+    pub limits: BTreeMap<String, ColumnLimits>,
+}
+
+impl Schema {
+    /// The schema `wh` describes.
+    pub fn of(wh: &mut dyn Warehouse) -> Result<Schema, WarehouseError> {
+        let tables = wh.describe()?;
+        Ok(Schema {
+            tables,
+            limits: wh.column_limits(),
+        })
+    }
 }
 
 fn discard_columns() -> Vec<Column> {
@@ -96,10 +110,13 @@ fn discard_columns() -> Vec<Column> {
 /// is seen with a value that implies one: the warehouse's type when the column exists, the
 /// design's for fixed columns, otherwise the first non-null value's; every value is cast to its
 /// column's type as it arrives. Columns that are null in every row are left out. Values that
-/// can't be cast become NULL and a row of `discards`.
+/// can't be cast, or that a narrowed column refuses, become NULL and a row of `discards`.
 struct Typer<'c> {
     table: &'c str,
     existing: Option<&'c TableColumns>,
+    limits: Option<&'c ColumnLimits>,
+    /// The limit of each of `columns`, when narrowed.
+    column_limits: Vec<Option<ColumnLimit>>,
     uuid_ts: jiff::Timestamp,
     /// Fixed columns first, in their order; then the others in the order they were found.
     columns: Vec<Column>,
@@ -125,10 +142,16 @@ fn same_name(a: &ColumnName, b: &ColumnName) -> bool {
 }
 
 impl<'c> Typer<'c> {
-    fn new(chunk: &Chunk<'c>, existing: Option<&'c TableColumns>) -> Typer<'c> {
+    fn new(
+        chunk: &Chunk<'c>,
+        existing: Option<&'c TableColumns>,
+        limits: Option<&'c ColumnLimits>,
+    ) -> Typer<'c> {
         let mut t = Typer {
             table: chunk.table,
             existing,
+            limits,
+            column_limits: Vec::with_capacity(chunk.fixed.len() + 16),
             uuid_ts: chunk.uuid_ts,
             columns: Vec::with_capacity(chunk.fixed.len() + 16),
             fixed: chunk.fixed.len(),
@@ -150,6 +173,8 @@ impl<'c> Typer<'c> {
     fn add(&mut self, name: &str, ty: ColumnType) -> usize {
         let i = self.columns.len();
         self.columns.push(Column::new(name, ty));
+        self.column_limits
+            .push(self.limits.and_then(|l| l.get(name).copied()));
         self.index.insert(name.to_string(), i);
         if name == "uuid_ts" {
             self.uuid = Some(i);
@@ -187,7 +212,7 @@ impl<'c> Typer<'c> {
             refused,
         } = row;
         for (column, v, reason) in refused {
-            let d = self.discard(column, &row_id, v, reason, &received_at);
+            let d = self.discard(column, &row_id, v.into_text(), reason, &received_at);
             self.discards.push(d);
         }
         let mut cells = vec![Cell::Null; self.columns.len()];
@@ -202,9 +227,21 @@ impl<'c> Typer<'c> {
                 cells.resize(self.columns.len(), Cell::Null);
             }
             match v.cast(self.columns[i].ty) {
-                Ok(cell) => cells[i] = cell,
+                Ok(cell) => match self.column_limits[i].map(|l| l.admits(&cell)) {
+                    Some(Err(reason)) => {
+                        // A float as JSON writes it (`1e39`), as the event carried it.
+                        let text = match cell {
+                            Cell::Float(f) => Value::from(f).to_string(),
+                            other => other.to_text().unwrap_or_default(),
+                        };
+                        let d = self.discard(name.to_string(), &row_id, text, reason, &received_at);
+                        self.discards.push(d);
+                    }
+                    _ => cells[i] = cell,
+                },
                 Err((reason, v)) => {
-                    let d = self.discard(name.to_string(), &row_id, v, reason, &received_at);
+                    let text = v.into_text();
+                    let d = self.discard(name.to_string(), &row_id, text, reason, &received_at);
                     self.discards.push(d);
                 }
             }
@@ -217,7 +254,7 @@ impl<'c> Typer<'c> {
         &self,
         column: String,
         row_id: &str,
-        v: Field,
+        value: String,
         reason: String,
         received_at: &Cell,
     ) -> Vec<Cell> {
@@ -225,7 +262,7 @@ impl<'c> Typer<'c> {
             Cell::Text(self.table.to_string()),
             Cell::Text(column),
             Cell::Text(escape_nul(row_id).into_owned()),
-            Cell::Text(escape_nul(&v.into_text()).into_owned()),
+            Cell::Text(escape_nul(&value).into_owned()),
             Cell::Text(reason),
             received_at.clone(),
             Cell::Timestamp(self.uuid_ts),
@@ -315,7 +352,11 @@ pub struct Prepared {
 
 /// Types `chunk` against the table's columns as `schema` knows them (see [`Typer`]).
 pub fn prepare(schema: &Schema, mut chunk: Chunk<'_>) -> Prepared {
-    let mut typer = Typer::new(&chunk, schema.tables.get(chunk.table));
+    let mut typer = Typer::new(
+        &chunk,
+        schema.tables.get(chunk.table),
+        schema.limits.get(chunk.table),
+    );
     for row in std::mem::take(&mut chunk.rows) {
         typer.push(row);
     }
@@ -561,6 +602,7 @@ mod tests {
             .collect();
         let schema = Schema {
             tables: [("t".to_string(), existing)].into_iter().collect(),
+            ..Schema::default()
         };
         let p = prepare(&schema, c);
         assert_eq!(
@@ -739,6 +781,7 @@ mod tests {
                 } else {
                     BTreeMap::new()
                 },
+                ..Schema::default()
             };
             let c = chunk(rows, &fixed);
             let want = model(&c, schema.tables.get("t"));

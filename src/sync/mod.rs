@@ -248,9 +248,7 @@ impl<'a> Run<'a> {
         state::ensure(wh)?;
         self.states = state::read(wh)?;
         let names = state::read_names(wh)?;
-        let mut schema = Schema {
-            tables: wh.describe()?,
-        };
+        let mut schema = Schema::of(wh)?;
         self.head = source.head()?;
         self.report.head_seq = self.head;
         let sources: HashMap<String, SourceInfo> = source
@@ -492,6 +490,7 @@ impl<'a> Run<'a> {
         // Chunks are typed against the schema as it will be once the chunks before them commit.
         let mut planned = Schema {
             tables: schema.tables.clone(),
+            limits: schema.limits.clone(),
         };
         std::thread::scope(|scope| -> Result<(), RunError> {
             let mut pages = if read_ahead {

@@ -194,6 +194,9 @@ mod tests {
         fn describe(&mut self) -> Result<BTreeMap<String, TableColumns>, WarehouseError> {
             self.inner.describe()
         }
+        fn column_limits(&self) -> BTreeMap<String, crate::warehouse::ColumnLimits> {
+            self.inner.column_limits()
+        }
         fn begin(&mut self) -> Result<(), WarehouseError> {
             self.inner.begin()
         }
@@ -274,9 +277,7 @@ mod tests {
             class,
         };
         state::ensure(&mut wh).expect("state tables");
-        let mut schema = Schema {
-            tables: wh.describe().expect("describe"),
-        };
+        let mut schema = Schema::of(&mut wh).expect("describe");
         let written = std::thread::scope(|scope| {
             let mut writer = ChunkWriter::spawn(scope, &mut wh, &mut schema);
             for (table, seq) in [("a", 1), ("b", 2), ("a", 3), ("b", 4)] {

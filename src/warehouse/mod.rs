@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 pub use credentials::{Credentials, CredentialsError};
 pub use error::WarehouseError;
-pub use types::{Cell, Column, ColumnType};
+pub use types::{Cell, Column, ColumnLimit, ColumnType};
 
 use crate::crd::{ErrorClass, WarehouseSpec, WarehouseType};
 
@@ -42,6 +42,11 @@ pub trait Dialect: Send + Sync {
     fn type_sql(&self, ty: ColumnType) -> &'static str;
     /// The column type of an SQL type read back from the warehouse's catalog.
     fn parse_type(&self, sql_type: &str) -> ColumnType;
+    /// What a column of `sql_type` refuses beyond its [`ColumnType`] (a length, a range, a
+    /// precision); `None` when it holds every value of its type family.
+    fn column_limit(&self, _sql_type: &str) -> Option<ColumnLimit> {
+        None
+    }
     /// Creates the schema when missing.
     fn create_schema(&self, schema: &str) -> String {
         format!("CREATE SCHEMA IF NOT EXISTS {}", self.quote(schema))
@@ -156,6 +161,9 @@ pub trait Dialect: Send + Sync {
 /// What a warehouse table looks like now: column name → type.
 pub type TableColumns = BTreeMap<String, ColumnType>;
 
+/// The narrowed columns of a table: column name → what it refuses beyond its type.
+pub type ColumnLimits = BTreeMap<String, ColumnLimit>;
+
 /// A connection to one schema of one warehouse.
 pub trait Warehouse: Send {
     /// The warehouse's SQL dialect.
@@ -167,6 +175,10 @@ pub trait Warehouse: Send {
     fn test_connection(&mut self) -> Result<(), WarehouseError>;
     /// Every table of the schema with its columns.
     fn describe(&mut self) -> Result<BTreeMap<String, TableColumns>, WarehouseError>;
+    /// Table → its narrowed columns (see [`Dialect::column_limit`]), as of the last
+    /// [`Warehouse::describe`]. A wrapper around a warehouse must forward this method, or values
+    /// a narrowed column refuses fail their table's loads instead of going to `discards`.
+    fn column_limits(&self) -> BTreeMap<String, ColumnLimits>;
     /// Starts a transaction.
     fn begin(&mut self) -> Result<(), WarehouseError>;
     /// Commits it.

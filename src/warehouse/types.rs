@@ -33,6 +33,93 @@ impl ColumnType {
     }
 }
 
+/// What a DBA-narrowed column holds beyond its [`ColumnType`]: a value of the right type family
+/// that the column still refuses (`varchar(20)`, `integer`, `numeric(10,2)`, `real`). The sync
+/// sends such values to `discards` rather than let the warehouse fail the whole load on them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ColumnLimit {
+    /// Text of at most `max` characters (or bytes, with `bytes`); like PostgreSQL, excess
+    /// characters that are all spaces are accepted (the warehouse trims them).
+    Text {
+        /// The longest text the column holds.
+        max: usize,
+        /// Whether `max` counts bytes (Redshift) rather than characters.
+        bytes: bool,
+    },
+    /// Integers from `min` to `max` (`integer`, `smallint`).
+    Range {
+        /// The smallest value.
+        min: i64,
+        /// The largest value.
+        max: i64,
+    },
+    /// Numbers with at most `precision - scale` digits before the point once rounded to
+    /// `scale` decimals (`numeric(p,s)`).
+    Numeric {
+        /// Total significant digits.
+        precision: i32,
+        /// Digits after the point.
+        scale: i32,
+    },
+    /// Single-precision floats (`real`): neither overflow nor underflow to zero.
+    Real,
+}
+
+impl ColumnLimit {
+    /// `Err` with the reason when the column refuses `cell` (a cell of the column's type).
+    pub fn admits(&self, cell: &Cell) -> Result<(), String> {
+        match (*self, cell) {
+            (ColumnLimit::Text { max, bytes }, Cell::Text(s)) => {
+                let (len, unit) = if bytes {
+                    (s.len(), "bytes")
+                } else {
+                    (s.chars().count(), "characters")
+                };
+                if len <= max {
+                    return Ok(());
+                }
+                let excess = if bytes {
+                    s.get(max..)
+                } else {
+                    s.char_indices().nth(max).map(|(at, _)| &s[at..])
+                };
+                match excess {
+                    Some(rest) if rest.bytes().all(|b| b == b' ') => Ok(()),
+                    _ => Err(format!(
+                        "text of {len} {unit} is longer than the column's limit of {max}"
+                    )),
+                }
+            }
+            (ColumnLimit::Range { min, max }, Cell::Int(i)) if *i < min || *i > max => Err(
+                format!("integer {i} is outside the column's range {min} to {max}"),
+            ),
+            (ColumnLimit::Numeric { precision, scale }, Cell::Float(f)) => {
+                // PostgreSQL rounds half away from zero to `scale` decimals, then refuses a
+                // value of `precision - scale` or more integer digits. The bound is lowered by a
+                // few ulps so a value the float arithmetic puts on either side of it is refused
+                // rather than risk a load the warehouse fails.
+                let bound = 10f64.powi(precision - scale) - 0.5 * 10f64.powi(-scale);
+                if f.abs() < bound * (1.0 - 8.0 * f64::EPSILON) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{f} does not fit the column's numeric({precision},{scale})"
+                    ))
+                }
+            }
+            (ColumnLimit::Real, Cell::Float(f)) => {
+                let narrowed = *f as f32;
+                if narrowed.is_infinite() || (narrowed == 0.0 && *f != 0.0) {
+                    Err(format!("{f} is out of the range of the column's real"))
+                } else {
+                    Ok(())
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// One value of a row.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Cell {
@@ -94,6 +181,86 @@ impl Column {
         Column {
             name: name.into(),
             ty,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_admit_values_up_to_their_bound_and_refuse_the_next() {
+        let text = |max, bytes| ColumnLimit::Text { max, bytes };
+        let t = |s: &str| Cell::Text(s.to_string());
+        let cases: Vec<(ColumnLimit, Cell, bool)> = vec![
+            (text(3, false), t("abc"), true),
+            (text(3, false), t("abcd"), false),
+            (text(3, false), t("ééé"), true),
+            (text(3, true), t("ééé"), false),
+            (text(3, false), t("ab    "), true),
+            (text(3, false), t("abc  d"), false),
+            (text(3, true), t("aé"), true),
+            (text(2, true), t("aé"), false),
+            (ColumnLimit::Range { min: -5, max: 5 }, Cell::Int(5), true),
+            (ColumnLimit::Range { min: -5, max: 5 }, Cell::Int(-6), false),
+            (
+                ColumnLimit::Numeric {
+                    precision: 4,
+                    scale: 2,
+                },
+                Cell::Float(99.99),
+                true,
+            ),
+            (
+                ColumnLimit::Numeric {
+                    precision: 4,
+                    scale: 2,
+                },
+                Cell::Float(-99.994),
+                true,
+            ),
+            (
+                ColumnLimit::Numeric {
+                    precision: 4,
+                    scale: 2,
+                },
+                Cell::Float(99.995),
+                false,
+            ),
+            (
+                ColumnLimit::Numeric {
+                    precision: 4,
+                    scale: 2,
+                },
+                Cell::Float(100.0),
+                false,
+            ),
+            (
+                ColumnLimit::Numeric {
+                    precision: 3,
+                    scale: 0,
+                },
+                Cell::Float(999.4),
+                true,
+            ),
+            (
+                ColumnLimit::Numeric {
+                    precision: 3,
+                    scale: 0,
+                },
+                Cell::Float(999.5),
+                false,
+            ),
+            (ColumnLimit::Real, Cell::Float(3.4e38), true),
+            (ColumnLimit::Real, Cell::Float(3.5e38), false),
+            (ColumnLimit::Real, Cell::Float(1e-44), true),
+            (ColumnLimit::Real, Cell::Float(1e-50), false),
+            (ColumnLimit::Real, Cell::Float(0.0), true),
+            (text(1, false), Cell::Null, true),
+        ];
+        for (limit, cell, admitted) in cases {
+            assert_eq!(limit.admits(&cell).is_ok(), admitted, "{limit:?} {cell:?}");
         }
     }
 }

@@ -1,6 +1,6 @@
 //! PostgreSQL's SQL, and Redshift's differences from it.
 
-use crate::warehouse::{ColumnType, Dialect};
+use crate::warehouse::{ColumnLimit, ColumnType, Dialect};
 
 /// The dialect of PostgreSQL (and, with `redshift`, of Amazon Redshift).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,6 +72,49 @@ impl Dialect for PostgresDialect {
             ColumnType::Varchar
         }
     }
+
+    fn column_limit(&self, sql_type: &str) -> Option<ColumnLimit> {
+        let t = sql_type.to_ascii_lowercase();
+        // `format_type` spells a modifier as `(n)` or `(p,s)`.
+        let args = |prefix: &str| -> Option<Vec<i64>> {
+            let inner = t
+                .strip_prefix(prefix)?
+                .strip_prefix('(')?
+                .strip_suffix(')')?;
+            inner.split(',').map(|a| a.trim().parse().ok()).collect()
+        };
+        match t.as_str() {
+            "integer" | "int4" => Some(ColumnLimit::Range {
+                min: i32::MIN.into(),
+                max: i32::MAX.into(),
+            }),
+            "smallint" | "int2" => Some(ColumnLimit::Range {
+                min: i16::MIN.into(),
+                max: i16::MAX.into(),
+            }),
+            "real" | "float4" => Some(ColumnLimit::Real),
+            _ => {
+                if let Some(n) = args("character varying").or_else(|| args("character")) {
+                    let max = usize::try_from(*n.first()?).ok()?;
+                    return Some(ColumnLimit::Text {
+                        max,
+                        bytes: self.redshift,
+                    });
+                }
+                match args("numeric")?.as_slice() {
+                    [p] => Some(ColumnLimit::Numeric {
+                        precision: i32::try_from(*p).ok()?,
+                        scale: 0,
+                    }),
+                    [p, s] => Some(ColumnLimit::Numeric {
+                        precision: i32::try_from(*p).ok()?,
+                        scale: i32::try_from(*s).ok()?,
+                    }),
+                    _ => None,
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -98,6 +141,62 @@ mod tests {
         ] {
             assert_eq!(d.parse_type(catalog), ty);
         }
+    }
+
+    #[test]
+    fn narrowed_catalog_types_have_limits_and_the_sync_s_own_have_none() {
+        let d = PostgresDialect::postgres();
+        let text = |max| Some(ColumnLimit::Text { max, bytes: false });
+        for (catalog, limit) in [
+            ("character varying(20)", text(20)),
+            ("character(3)", text(3)),
+            (
+                "integer",
+                Some(ColumnLimit::Range {
+                    min: -2_147_483_648,
+                    max: 2_147_483_647,
+                }),
+            ),
+            (
+                "smallint",
+                Some(ColumnLimit::Range {
+                    min: -32_768,
+                    max: 32_767,
+                }),
+            ),
+            (
+                "numeric(10,2)",
+                Some(ColumnLimit::Numeric {
+                    precision: 10,
+                    scale: 2,
+                }),
+            ),
+            (
+                "numeric(5)",
+                Some(ColumnLimit::Numeric {
+                    precision: 5,
+                    scale: 0,
+                }),
+            ),
+            ("real", Some(ColumnLimit::Real)),
+            ("numeric", None),
+            ("character varying", None),
+            ("text", None),
+            ("bigint", None),
+            ("double precision", None),
+            ("timestamp with time zone", None),
+            ("date", None),
+            ("integer[]", None),
+        ] {
+            assert_eq!(d.column_limit(catalog), limit, "{catalog}");
+        }
+        assert_eq!(
+            PostgresDialect::redshift().column_limit("character varying(256)"),
+            Some(ColumnLimit::Text {
+                max: 256,
+                bytes: true
+            })
+        );
     }
 
     #[test]

@@ -16,7 +16,9 @@ use std::io::Write;
 use bytes::{BufMut, BytesMut};
 use postgres::{Client, Config, NoTls};
 
-use super::{Cell, Column, Credentials, Dialect, TableColumns, Warehouse, WarehouseError};
+use super::{
+    Cell, Column, ColumnLimits, Credentials, Dialect, TableColumns, Warehouse, WarehouseError,
+};
 use crate::crd::{ErrorClass, PostgresSettings, SslMode};
 use crate::warehouse::error::classify_sqlstate;
 
@@ -28,6 +30,8 @@ pub struct PostgresWarehouse {
     /// Table → its columns binary COPY cannot fill directly (see
     /// [`PostgresDialect::copies_directly`]), as of the last [`Warehouse::describe`].
     converted: BTreeMap<String, HashSet<String>>,
+    /// Table → its narrowed columns, as of the last [`Warehouse::describe`].
+    limits: BTreeMap<String, ColumnLimits>,
 }
 
 /// An error and its causes, joined (the TLS or network reason is in the causes).
@@ -110,6 +114,7 @@ impl PostgresWarehouse {
             schema: schema.to_string(),
             dialect: PostgresDialect::postgres(),
             converted: BTreeMap::new(),
+            limits: BTreeMap::new(),
         })
     }
 
@@ -241,8 +246,15 @@ impl Warehouse for PostgresWarehouse {
             .map_err(pg_error)?;
         let mut out: BTreeMap<String, TableColumns> = BTreeMap::new();
         self.converted.clear();
+        self.limits.clear();
         for r in rows {
             let (table, column, ty): (String, String, String) = (r.get(0), r.get(1), r.get(2));
+            if let Some(limit) = self.dialect.column_limit(&ty) {
+                self.limits
+                    .entry(table.clone())
+                    .or_default()
+                    .insert(column.clone(), limit);
+            }
             if !self.dialect.copies_directly(&ty) {
                 self.converted
                     .entry(table.clone())
@@ -254,6 +266,10 @@ impl Warehouse for PostgresWarehouse {
                 .insert(column, self.dialect.parse_type(&ty));
         }
         Ok(out)
+    }
+
+    fn column_limits(&self) -> BTreeMap<String, ColumnLimits> {
+        self.limits.clone()
     }
 
     fn begin(&mut self) -> Result<(), WarehouseError> {

@@ -11,7 +11,7 @@ use std::path::Path;
 use rusqlite::Connection;
 use rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
 
-use super::{Cell, Column, Dialect, TableColumns, Warehouse, WarehouseError};
+use super::{Cell, Column, ColumnLimits, Dialect, TableColumns, Warehouse, WarehouseError};
 use crate::crd::ErrorClass;
 
 /// A SQLite warehouse file.
@@ -143,6 +143,11 @@ impl Warehouse for SqliteWarehouse {
                 .insert(column, self.dialect.parse_type(&ty));
         }
         Ok(out)
+    }
+
+    /// SQLite stores any value in any column (a declared `VARCHAR(20)` is only an affinity).
+    fn column_limits(&self) -> BTreeMap<String, ColumnLimits> {
+        BTreeMap::new()
     }
 
     fn begin(&mut self) -> Result<(), WarehouseError> {
