@@ -92,6 +92,7 @@ both_warehouses!(
     later_syncs_load_only_what_is_new,
     materialized_tables_follow_merges,
     selective_sync_turns_tables_and_columns_off_and_on,
+    fixed_columns_other_than_keys_can_be_excluded_and_included_again,
     values_that_cannot_be_cast_go_to_discards,
     values_no_warehouse_can_hold_go_to_discards,
     properties_with_the_same_flattened_name_are_never_merged_silently,
@@ -348,6 +349,67 @@ fn selective_sync_turns_tables_and_columns_off_and_on(kind: &str) {
     assert_eq!(
         wh2.count("identifies") + wh2.count("id_graph_updates") + wh2.count("order_completed"),
         0
+    );
+}
+
+/// A fixed column that keys nothing (`anonymous_id`, `event_text` of an event table,
+/// `external_id_value` of a change log) can be excluded like a property: it is not created, the
+/// rows land without it; included again, it is added and filled for new rows only.
+fn fixed_columns_other_than_keys_can_be_excluded_and_included_again(kind: &str) {
+    let (mut s, url, _d) = store();
+    let wh = TestWarehouse::of(kind);
+    let off = selection(json!({"tables": [
+        {"name": "order_completed", "columns": {"exclude": ["anonymous_id", "event_text", "total"]}},
+        {"name": "external_id_mapping_updates", "columns": {"exclude": ["external_id_value"]}}
+    ]}));
+    ingest(&mut *s, &basics());
+    let r = wh.sync(&url, Some(&off));
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    let orders = wh.columns("order_completed");
+    for gone in ["anonymous_id", "event_text", "total"] {
+        assert!(!orders.contains(&gone.to_string()), "{gone}: {orders:?}");
+    }
+    for kept in ["id", "received_at", "event", "currency", "timestamp"] {
+        assert!(orders.contains(&kept.to_string()), "{kept}: {orders:?}");
+    }
+    assert!(wh.columns("tracks").contains(&"anonymous_id".to_string()));
+    let mappings = wh.columns("external_id_mapping_updates");
+    assert!(!mappings.contains(&"external_id_value".to_string()), "{mappings:?}");
+    let landed = wh.count("external_id_mapping_updates");
+    assert!(landed > 0 && wh.count("order_completed") == 1);
+
+    ingest(
+        &mut *s,
+        &[msg(
+            json!({"type": "track", "messageId": "m9", "anonymousId": "a4", "event": "Order Completed",
+                   "properties": {"total": 7}}),
+        )],
+    );
+    let r = wh.sync(&url, Some(&selection(json!({}))));
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    assert_eq!(
+        wh.query(&format!(
+            "SELECT id, anonymous_id, event_text, CAST(total AS TEXT) FROM {} ORDER BY id",
+            wh.table("order_completed")
+        )),
+        [
+            vec![Some("m5".to_string()), None, None, None],
+            vec![
+                Some("m9".to_string()),
+                Some("a4".to_string()),
+                Some("Order Completed".to_string()),
+                Some("7".to_string())
+            ],
+        ],
+        "included again: filled for new rows only"
+    );
+    let values = wh.query(&format!(
+        "SELECT count(*) FROM {} WHERE external_id_value IS NOT NULL",
+        wh.table("external_id_mapping_updates")
+    ));
+    assert_eq!(
+        values[0][0].as_deref(),
+        Some((wh.count("external_id_mapping_updates") - landed).to_string().as_str())
     );
 }
 

@@ -13,6 +13,25 @@ pub const MAX_TABLES: usize = 5000;
 pub const MAX_COLUMNS_PER_TABLE: usize = 5000;
 /// Columns that key every table and can never be excluded.
 pub const REQUIRED_COLUMNS: [&str; 2] = ["id", "received_at"];
+/// The identity graph change logs, keyed (and read back) by `seq` besides [`REQUIRED_COLUMNS`].
+pub const SEQ_KEYED_TABLES: [&str; 3] = [
+    "id_graph_updates",
+    "external_id_mapping_updates",
+    "profile_traits_updates",
+];
+/// The materialized tables: merges rewrite their rows by every column, so their columns can't
+/// be selected (the table as a whole can).
+pub const MATERIALIZED_TABLES: [&str; 3] = ["user_identifiers", "user_traits", "profile_merges"];
+
+/// The columns of `table` that can never be excluded: [`REQUIRED_COLUMNS`], and `seq` for the
+/// change logs.
+pub fn key_columns(table: &str) -> &'static [&'static str] {
+    if SEQ_KEYED_TABLES.contains(&table) {
+        &["id", "received_at", "seq"]
+    } else {
+        &REQUIRED_COLUMNS
+    }
+}
 
 /// Which tables and columns of one connection are synced.
 // Several printer columns share a type, which clippy mistakes for repeated attributes.
@@ -98,6 +117,7 @@ fn default_true() -> bool {
 /// The choice for one table.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!(self.name in ['user_identifiers', 'user_traits', 'profile_merges'] && has(self.columns))").message("the materialized tables (user_identifiers, user_traits, profile_merges) keep every column; select or deselect the table as a whole"))]
 pub struct TableSelection {
     /// Table name in the warehouse (snake_case, as the sync names it).
     #[schemars(regex(pattern = r"^[a-z_][a-z0-9_]*$"), length(min = 1, max = 255))]
@@ -105,7 +125,8 @@ pub struct TableSelection {
     /// Whether the table is synced. Off stops new rows and deletes nothing; back on syncs new rows only.
     #[serde(default = "default_true")]
     pub enabled: bool,
-    /// Which columns of the table are synced; every column when unset.
+    /// Which columns of the table are synced; every column when unset. Not settable on the
+    /// materialized tables (user_identifiers, user_traits, profile_merges), which keep every column.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub columns: Option<ColumnSelection>,
 }
@@ -115,11 +136,14 @@ pub struct TableSelection {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!(has(self.include) && has(self.exclude))").message("set either columns.include or columns.exclude, not both"))]
 pub struct ColumnSelection {
-    /// Only these columns are synced (id and received_at always are).
+    /// Only these columns are synced (id and received_at always are, and seq in the identity
+    /// graph change logs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 5000), inner(length(min = 1, max = 255)))]
     pub include: Option<Vec<String>>,
-    /// These columns are not synced; id and received_at key every table and can't be excluded.
+    /// These columns are not synced (an excluded column is not created, or stays NULL in new
+    /// rows); id and received_at key every table, and seq the identity graph change logs, so
+    /// they can't be excluded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "excluded_columns_schema")]
     pub exclude: Option<Vec<String>>,
@@ -185,13 +209,18 @@ pub enum SelectionError {
         count: usize,
     },
     /// A key column excluded.
-    #[error("table {table:?} excludes {column:?}, which keys every table and can't be excluded")]
+    #[error("table {table:?} excludes {column:?}, which keys the table and can't be excluded")]
     RequiredColumnExcluded {
         /// The table.
         table: String,
         /// The column.
         column: String,
     },
+    /// Columns selected on a materialized table.
+    #[error(
+        "table {0:?} is materialized (merges rewrite its rows by every column), so its columns can't be selected; enable or disable the table as a whole"
+    )]
+    MaterializedColumns(String),
     /// Both include and exclude given.
     #[error("table {0:?} sets both columns.include and columns.exclude; set one")]
     IncludeAndExclude(String),
@@ -213,6 +242,9 @@ impl SelectiveSyncSpec {
                 return Err(SelectionError::DuplicateTable(t.name.clone()));
             }
             let Some(cols) = &t.columns else { continue };
+            if MATERIALIZED_TABLES.contains(&t.name.as_str()) {
+                return Err(SelectionError::MaterializedColumns(t.name.clone()));
+            }
             if cols.include.is_some() && cols.exclude.is_some() {
                 return Err(SelectionError::IncludeAndExclude(t.name.clone()));
             }
@@ -228,7 +260,7 @@ impl SelectiveSyncSpec {
             if let Some(excluded) = &cols.exclude
                 && let Some(c) = excluded
                     .iter()
-                    .find(|c| REQUIRED_COLUMNS.contains(&c.as_str()))
+                    .find(|c| key_columns(&t.name).contains(&c.as_str()))
             {
                 return Err(SelectionError::RequiredColumnExcluded {
                     table: t.name.clone(),
@@ -264,20 +296,32 @@ impl SelectiveSyncSpec {
             list.as_ref()
                 .map(|l| l.iter().map(String::as_str).collect())
         }
-        match cols {
-            None => ColumnFilter::All,
+        let choice = match cols {
+            None => ColumnChoice::All,
             Some(c) => match (set(&c.include), set(&c.exclude)) {
-                (Some(inc), _) => ColumnFilter::Only(inc),
-                (None, Some(exc)) => ColumnFilter::Except(exc),
-                (None, None) => ColumnFilter::All,
+                (Some(inc), _) => ColumnChoice::Only(inc),
+                (None, Some(exc)) => ColumnChoice::Except(exc),
+                (None, None) => ColumnChoice::All,
             },
+        };
+        ColumnFilter {
+            keys: key_columns(table),
+            choice,
         }
     }
 }
 
 /// Which columns of one table a selection syncs (see [`SelectiveSyncSpec::column_filter`]).
 #[derive(Clone, Debug)]
-pub enum ColumnFilter<'a> {
+pub struct ColumnFilter<'a> {
+    /// The table's key columns, synced whatever the choice (see [`key_columns`]).
+    keys: &'static [&'static str],
+    choice: ColumnChoice<'a>,
+}
+
+/// A table's column list as the selection gives it.
+#[derive(Clone, Debug)]
+enum ColumnChoice<'a> {
     /// Every column.
     All,
     /// These columns (and the key columns).
@@ -289,13 +333,13 @@ pub enum ColumnFilter<'a> {
 impl ColumnFilter<'_> {
     /// Whether `column` is synced.
     pub fn enabled(&self, column: &str) -> bool {
-        if REQUIRED_COLUMNS.contains(&column) {
+        if self.keys.contains(&column) {
             return true;
         }
-        match self {
-            ColumnFilter::All => true,
-            ColumnFilter::Only(inc) => inc.contains(column),
-            ColumnFilter::Except(exc) => !exc.contains(column),
+        match &self.choice {
+            ColumnChoice::All => true,
+            ColumnChoice::Only(inc) => inc.contains(column),
+            ColumnChoice::Except(exc) => !exc.contains(column),
         }
     }
 }

@@ -303,6 +303,65 @@ fn include_and_exclude_together_are_rejected() {
 }
 
 #[test]
+fn table_specific_keys_and_materialized_columns_are_refused_by_both_checks() {
+    // `seq` in a change log's exclude list is checked by the controller and the sync only: a CEL
+    // rule searching a 5,000-item list inside the 5,000-item table list would exceed the API
+    // server's cost budget.
+    for (table, columns, cel, own) in [
+        (
+            "user_traits",
+            json!({"exclude": ["value"]}),
+            Some("keep every column"),
+            SelectionError::MaterializedColumns("user_traits".into()),
+        ),
+        (
+            "profile_merges",
+            json!({"include": ["segment_id"]}),
+            Some("keep every column"),
+            SelectionError::MaterializedColumns("profile_merges".into()),
+        ),
+        (
+            "external_id_mapping_updates",
+            json!({"exclude": ["external_id_value", "seq"]}),
+            None,
+            SelectionError::RequiredColumnExcluded {
+                table: "external_id_mapping_updates".into(),
+                column: "seq".into(),
+            },
+        ),
+    ] {
+        let s = selective_sync(json!({
+            "connectionRef": {"name": "wh"},
+            "tables": [{"name": table, "columns": columns}]
+        }));
+        match cel {
+            Some(cel) => {
+                let err = messages(s.validate_cel().unwrap_err());
+                assert!(err.contains(cel), "{table}: {err}");
+            }
+            None => s.validate_cel().map_err(messages).unwrap(),
+        }
+        assert_eq!(s.spec.validate(), Err(own), "{table}");
+    }
+    // `seq` is only a key of the change logs; elsewhere, and any other fixed column, it can go.
+    let s = selective_sync(json!({
+        "connectionRef": {"name": "wh"},
+        "tables": [
+            {"name": "order_completed", "columns": {"exclude": ["seq", "user_id", "context_ip"]}},
+            {"name": "id_graph_updates", "columns": {"include": ["segment_id"]}}
+        ]
+    }));
+    s.validate_cel().map_err(messages).unwrap();
+    assert_eq!(s.spec.validate(), Ok(()));
+    assert!(!s.spec.column_enabled("order_completed", "seq"));
+    assert!(!s.spec.column_enabled("order_completed", "user_id"));
+    assert!(s.spec.column_enabled("order_completed", "id"));
+    assert!(s.spec.column_enabled("id_graph_updates", "seq"));
+    assert!(s.spec.column_enabled("id_graph_updates", "received_at"));
+    assert!(!s.spec.column_enabled("id_graph_updates", "canonical_segment_id"));
+}
+
+#[test]
 fn selection_limits_and_key_columns_are_enforced() {
     let mut s = selective_sync(json!({"connectionRef": {"name": "wh"}})).spec;
     s.tables = (0..=MAX_TABLES)

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde_json::Value;
 
 use super::columns::{Field, cast, escape_nul, remember};
+use crate::crd::ColumnFilter;
 use super::state::{self, TableState};
 use super::tables::DISCARDS;
 use crate::warehouse::{
@@ -61,6 +62,9 @@ pub struct Chunk<'a> {
     pub key: &'static [&'static str],
     /// Columns whose type is fixed by the design (others are inferred).
     pub fixed: &'a [Column],
+    /// The selection's columns of the table, when it has one: a column it turns off (a
+    /// property, or a fixed column that is not a key) is neither created nor filled.
+    pub filter: Option<&'a ColumnFilter<'a>>,
     /// The rows.
     pub rows: Vec<PendingRow>,
     /// Source → column assignments made for these rows.
@@ -115,6 +119,7 @@ struct Typer<'c> {
     table: &'c str,
     existing: Option<&'c TableColumns>,
     limits: Option<&'c ColumnLimits>,
+    filter: Option<&'c ColumnFilter<'c>>,
     /// The limit of each of `columns`, when narrowed.
     column_limits: Vec<Option<ColumnLimit>>,
     uuid_ts: jiff::Timestamp,
@@ -151,22 +156,28 @@ impl<'c> Typer<'c> {
             table: chunk.table,
             existing,
             limits,
+            filter: chunk.filter,
             column_limits: Vec::with_capacity(chunk.fixed.len() + 16),
             uuid_ts: chunk.uuid_ts,
             columns: Vec::with_capacity(chunk.fixed.len() + 16),
-            fixed: chunk.fixed.len(),
+            fixed: 0,
             index: HashMap::new(),
             at: vec![],
             uuid: None,
             rows: Vec::with_capacity(chunk.rows.len()),
             discards: vec![],
         };
-        for c in chunk.fixed {
+        for c in chunk
+            .fixed
+            .iter()
+            .filter(|c| chunk.filter.is_none_or(|f| f.enabled(&c.name)))
+        {
             let ty = existing
                 .and_then(|e| e.get(&c.name).copied())
                 .unwrap_or(c.ty);
             t.add(&c.name, ty);
         }
+        t.fixed = t.columns.len();
         t
     }
 
@@ -192,6 +203,8 @@ impl<'c> Typer<'c> {
         }
         let i = match self.index.get(&**name) {
             Some(&i) => i,
+            // A column the selection turns off.
+            None if self.filter.is_some_and(|f| !f.enabled(name)) => return None,
             None => {
                 let ty = self
                     .existing
@@ -514,6 +527,7 @@ mod tests {
             table: "t",
             key: &["id"],
             fixed,
+            filter: None,
             rows,
             new_names: vec![],
             state: TableState {
@@ -628,7 +642,11 @@ mod tests {
         existing: Option<&TableColumns>,
     ) -> (Vec<Column>, Vec<Vec<Cell>>, Vec<Vec<Cell>>) {
         let mut types: BTreeMap<String, ColumnType> = BTreeMap::new();
-        for c in chunk.fixed {
+        for c in chunk
+            .fixed
+            .iter()
+            .filter(|c| chunk.filter.is_none_or(|f| f.enabled(&c.name)))
+        {
             let ty = existing.and_then(|e| e.get(&c.name).copied());
             types.insert(c.name.clone(), ty.unwrap_or(c.ty));
         }

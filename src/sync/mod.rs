@@ -317,6 +317,7 @@ impl<'a> Run<'a> {
                 table,
                 key: def.key,
                 fixed: &def.columns,
+                filter: filter.as_ref(),
                 rows: pending,
                 new_names: names.take_new(),
                 state: next.clone(),
@@ -577,10 +578,12 @@ impl<'a> Run<'a> {
                         };
                         next.cursor = page_end;
                         let fixed = events::fixed_columns(event_type);
+                        let filter = self.opts.selection.map(|s| s.column_filter(&table));
                         let chunk = Chunk {
                             table: &table,
                             key: &["id"],
                             fixed: &fixed,
+                            filter: filter.as_ref(),
                             rows: pending,
                             new_names,
                             state: next,

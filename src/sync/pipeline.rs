@@ -251,6 +251,7 @@ mod tests {
                 table,
                 key: &["id"],
                 fixed: &fixed,
+                filter: None,
                 rows: vec![row],
                 new_names: vec![],
                 state: TableState {
