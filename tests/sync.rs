@@ -374,7 +374,10 @@ fn fixed_columns_other_than_keys_can_be_excluded_and_included_again(kind: &str) 
     }
     assert!(wh.columns("tracks").contains(&"anonymous_id".to_string()));
     let mappings = wh.columns("external_id_mapping_updates");
-    assert!(!mappings.contains(&"external_id_value".to_string()), "{mappings:?}");
+    assert!(
+        !mappings.contains(&"external_id_value".to_string()),
+        "{mappings:?}"
+    );
     let landed = wh.count("external_id_mapping_updates");
     assert!(landed > 0 && wh.count("order_completed") == 1);
 
@@ -409,7 +412,11 @@ fn fixed_columns_other_than_keys_can_be_excluded_and_included_again(kind: &str) 
     ));
     assert_eq!(
         values[0][0].as_deref(),
-        Some((wh.count("external_id_mapping_updates") - landed).to_string().as_str())
+        Some(
+            (wh.count("external_id_mapping_updates") - landed)
+                .to_string()
+                .as_str()
+        )
     );
 }
 

@@ -358,7 +358,10 @@ fn table_specific_keys_and_materialized_columns_are_refused_by_both_checks() {
     assert!(s.spec.column_enabled("order_completed", "id"));
     assert!(s.spec.column_enabled("id_graph_updates", "seq"));
     assert!(s.spec.column_enabled("id_graph_updates", "received_at"));
-    assert!(!s.spec.column_enabled("id_graph_updates", "canonical_segment_id"));
+    assert!(
+        !s.spec
+            .column_enabled("id_graph_updates", "canonical_segment_id")
+    );
 }
 
 #[test]

@@ -2,7 +2,10 @@
 //!
 //! - `GET /v1/feeds` → the tables that can be read, the Track event tables seen, and the head `seq`;
 //! - `GET /v1/feeds/{table}?after=N&limit=M` → newline-delimited JSON: a header line
-//!   `{"table", "columns", "count", "next_after"}` then one row per line, in `seq` order.
+//!   `{"table", "columns", "count", "next_after", "more"}` then one row per line, in `seq` order;
+//! - `GET /v1/feeds/{state_table}?after_key=K&limit=M` → the same for a current-state table
+//!   (`user_identifiers`, `user_traits`, `profile_merges`), read by key: the header's
+//!   `next_after_key` (a JSON array) is the `after_key` of the next page.
 //!
 //! Both need `Authorization: Bearer <token>` with the token the engine was started with.
 
@@ -10,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::{Value, json};
 
-use crate::store::{EventFilter, Feed, Store, StoreError};
+use crate::store::{EventFilter, Feed, StateTable, Store, StoreError, state_page};
 use crate::sync::naming::table_name;
 
 /// Largest page a client may ask for.
@@ -89,6 +92,7 @@ pub fn catalog(
     track.sort_by(|a, b| a["table"].as_str().cmp(&b["table"].as_str()));
     let mut doc = json!({
         "tables": Feed::TABLES,
+        "stateTables": StateTable::TABLES,
         "trackEvents": track,
         "sources": store.sources()?,
         "head": store.head_seq()?,
@@ -148,6 +152,41 @@ pub fn page(
     }
     let mut out = json!({"table": table, "columns": columns, "count": count, "next_after": next_after, "more": more})
         .to_string();
+    out.push('\n');
+    out.push_str(&body);
+    Ok(out)
+}
+
+/// One page of a current-state table as NDJSON: the header line (with `next_after_key`), then
+/// up to about `limit` rows (a profile's traits stay together), cut short once they hold
+/// `max_bytes`. `more` is false only when the read reached the end of the table.
+pub fn state_table_page(
+    store: &mut dyn Store,
+    table: StateTable,
+    name: &str,
+    after: Option<Vec<String>>,
+    limit: usize,
+    max_bytes: usize,
+) -> Result<String, StoreError> {
+    let mut body = String::new();
+    let (mut count, mut after, mut more) = (0usize, after, true);
+    while count < limit && body.len() < max_bytes {
+        let want = (limit - count).min(READ_PIECE);
+        let page = state_page(store, table, after.as_deref(), want)?;
+        for row in &page.rows {
+            body.push_str(&serde_json::to_string(row).unwrap_or_default());
+            body.push('\n');
+            count += 1;
+        }
+        after = page.next;
+        if !page.more {
+            more = false;
+            break;
+        }
+    }
+    let mut out = json!({"table": name, "columns": table.columns(), "count": count,
+                         "next_after_key": after, "more": more})
+    .to_string();
     out.push('\n');
     out.push_str(&body);
     Ok(out)

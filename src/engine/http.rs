@@ -15,7 +15,7 @@ use serde_json::json;
 
 use crate::event::{EventType, Timestamp};
 use crate::identity::Rules;
-use crate::store::PreparedEvent;
+use crate::store::{PreparedEvent, StateTable, StoreError};
 
 use super::feed::{self, DEFAULT_PAGE, MAX_PAGE, ReaderPool};
 use super::metrics::Metrics;
@@ -322,7 +322,34 @@ fn store_unavailable(e: &str) -> Response {
 #[derive(serde::Deserialize)]
 struct PageQuery {
     after: Option<i64>,
+    after_key: Option<String>,
     limit: Option<usize>,
+}
+
+/// The page a request asks for: a change log's by `seq`, or a current-state table's by key.
+enum PageStart {
+    Seq(i64),
+    Key(StateTable, Option<Vec<String>>),
+}
+
+/// Reads `after` / `after_key` for `table`; `Err` is the 400 to answer.
+fn page_start(table: &str, q: &PageQuery) -> Result<PageStart, String> {
+    match (StateTable::from_table(table), &q.after_key) {
+        (Some(_), Some(_)) | (Some(_), None) if q.after.is_some() => Err(format!(
+            "{table} is a current-state table, read by after_key (the previous page's next_after_key), not after"
+        )),
+        (Some(t), None) => Ok(PageStart::Key(t, None)),
+        (Some(t), Some(key)) => match serde_json::from_str::<Vec<String>>(key) {
+            Ok(key) => Ok(PageStart::Key(t, Some(key))),
+            Err(e) => Err(format!(
+                "after_key must be the JSON array of strings a page's next_after_key gave: {e}"
+            )),
+        },
+        (None, Some(_)) => Err(format!(
+            "{table} is read by after (a seq); after_key is for the current-state tables"
+        )),
+        (None, None) => Ok(PageStart::Seq(q.after.unwrap_or(0))),
+    }
 }
 
 async fn feed_page(
@@ -334,15 +361,24 @@ async fn feed_page(
     if let Some(denied) = authorize(&state, &headers) {
         return denied;
     }
-    let after = q.after.unwrap_or(0);
+    let start = match page_start(&table, &q) {
+        Ok(start) => start,
+        Err(e) => return json_response(StatusCode::BAD_REQUEST, json!({"error": e})),
+    };
     let limit = q.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
     let readers = state.readers.clone();
     let result = tokio::task::spawn_blocking(move || {
-        readers.with(|store| {
-            let Some(f) = feed::feed_for(store, &table)? else {
-                return Ok(None);
-            };
-            feed::page(store, &table, &f, after, limit, feed::MAX_PAGE_BYTES).map(Some)
+        readers.with(|store| match start {
+            PageStart::Key(t, after) => {
+                feed::state_table_page(store, t, &table, after, limit, feed::MAX_PAGE_BYTES)
+                    .map(Some)
+            }
+            PageStart::Seq(after) => {
+                let Some(f) = feed::feed_for(store, &table)? else {
+                    return Ok(None);
+                };
+                feed::page(store, &table, &f, after, limit, feed::MAX_PAGE_BYTES).map(Some)
+            }
         })
     })
     .await;
@@ -356,6 +392,10 @@ async fn feed_page(
         Ok(Ok(None)) => json_response(
             StatusCode::NOT_FOUND,
             json!({"error": "unknown table; GET /v1/feeds lists them"}),
+        ),
+        Ok(Err(e @ StoreError::BadKey(_))) => json_response(
+            StatusCode::BAD_REQUEST,
+            json!({"error": format!("after_key: {e}")}),
         ),
         Ok(Err(e)) => store_unavailable(&e.to_string()),
         Err(e) => store_unavailable(&e.to_string()),

@@ -264,3 +264,39 @@ pub(crate) fn change_log_row(feed: &Feed, r: &impl Columns) -> Result<FeedRow, S
         }),
     })
 }
+
+/// The columns of a stored profile, in [`RawProfile`]'s order.
+pub(crate) const PROFILE_COLUMNS: &str =
+    "segment_id, canonical_segment_id, created_rank, merges, traits, trait_times";
+/// The columns of a stored identifier, in [`identifier`]'s order.
+pub(crate) const IDENTIFIER_COLUMNS: &str =
+    "id_type, value, segment_id, first_seen_us, last_seen_us";
+
+/// A current-state read by key.
+#[derive(Clone, Copy)]
+pub(crate) enum StateRead {
+    /// `profiles`, by `segment_id`.
+    Profiles,
+    /// `identifiers`, by `(id_type, value)`.
+    Identifiers,
+}
+
+/// The query of a [`StateRead`] with placeholders written `{mark}1`, `{mark}2`, …: the key after
+/// which to start (when `after`), then the limit. Two statements rather than one with
+/// `? IS NULL OR …`, which would keep both stores from seeking the primary key.
+pub(crate) fn state_read_sql(read: StateRead, after: bool, mark: &str) -> String {
+    let (columns, table, key, width) = match read {
+        StateRead::Profiles => (PROFILE_COLUMNS, "profiles", "segment_id", 1),
+        StateRead::Identifiers => (IDENTIFIER_COLUMNS, "identifiers", "id_type, value", 2),
+    };
+    let (filter, limit) = if after {
+        let marks: Vec<String> = (1..=width).map(|i| format!("{mark}{i}")).collect();
+        (
+            format!(" WHERE ({key}) > ({})", marks.join(", ")),
+            width + 1,
+        )
+    } else {
+        (String::new(), 1)
+    };
+    format!("SELECT {columns} FROM {table}{filter} ORDER BY {key} LIMIT {mark}{limit}")
+}

@@ -21,7 +21,7 @@ pub use ingest::{IngestSummary, Resolver};
 pub use postgres::PostgresStore;
 pub use rows::*;
 pub use sqlite::SqliteStore;
-pub use state::{StateTable, state_rows};
+pub use state::{StatePage, StateTable, state_page, state_rows};
 
 use std::collections::HashSet;
 
@@ -52,6 +52,9 @@ pub enum StoreError {
         reason: String,
     },
     /// An unknown table name was asked for.
+    /// A current-state key of the wrong shape.
+    #[error("a key of this table is {0}")]
+    BadKey(&'static str),
     #[error("unknown table {0:?}")]
     UnknownTable(String),
 }
@@ -206,6 +209,25 @@ pub trait Store: Send {
 
     /// Every profile ever created (merged-away ones too) and every identifier.
     fn load_state(&mut self) -> Result<(Vec<ProfileState>, Vec<IdentifierState>), StoreError>;
+
+    /// Up to `limit` profiles (merged-away ones too) whose `segment_id` sorts after `after`
+    /// (from the first without it), in that order: a current-state table read by key.
+    fn read_profiles(
+        &mut self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ProfileState>, StoreError>;
+
+    /// The stored profiles among `ids`, in any order.
+    fn profiles_by_id(&mut self, ids: &[&str]) -> Result<Vec<ProfileState>, StoreError>;
+
+    /// Up to `limit` identifiers whose `(id_type, value)` sorts after `after` (from the first
+    /// without it), in that order.
+    fn read_identifiers(
+        &mut self,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> Result<Vec<IdentifierState>, StoreError>;
 
     /// Records (or renames) a source.
     fn upsert_source(&mut self, source: &SourceInfo) -> Result<(), StoreError>;

@@ -4,7 +4,10 @@ use std::collections::HashSet;
 
 use postgres::{Client, NoTls};
 
-use super::codec::{self, RawProfile, json_text, micros};
+use super::codec::StateRead;
+use super::codec::{
+    self, IDENTIFIER_COLUMNS, PROFILE_COLUMNS, RawProfile, json_text, micros, state_read_sql,
+};
 use super::ingest::{LoadedState, ResolvedBatch, ingest_in_tx};
 use super::schema::{POSTGRES_SEQ_KEY, SCHEMA_VERSION, TRIGGER_COLUMNS, ddl};
 use super::{
@@ -176,13 +179,9 @@ impl Drop for PostgresWrite<'_> {
 }
 
 /// The resolver's state: profiles, identifiers and the Track event names seen.
-fn load_all(tx: &mut impl postgres::GenericClient) -> Result<LoadedState, StoreError> {
-    let profiles = tx
-        .query(
-            "SELECT segment_id, canonical_segment_id, created_rank, merges, traits, trait_times FROM profiles",
-            &[],
-        )?
-        .into_iter()
+/// Profiles from rows of [`PROFILE_COLUMNS`].
+fn decode_profiles(rows: Vec<postgres::Row>) -> Result<Vec<ProfileState>, StoreError> {
+    rows.into_iter()
         .map(|r| {
             RawProfile {
                 segment_id: r.get(0),
@@ -194,15 +193,23 @@ fn load_all(tx: &mut impl postgres::GenericClient) -> Result<LoadedState, StoreE
             }
             .decode()
         })
-        .collect::<Result<Vec<_>, _>>()?;
-    let identifiers = tx
-        .query(
-            "SELECT id_type, value, segment_id, first_seen_us, last_seen_us FROM identifiers",
-            &[],
-        )?
-        .into_iter()
+        .collect()
+}
+
+/// Identifiers from rows of [`IDENTIFIER_COLUMNS`].
+fn decode_identifiers(rows: Vec<postgres::Row>) -> Result<Vec<IdentifierState>, StoreError> {
+    rows.into_iter()
         .map(|r| codec::identifier(r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect()
+}
+
+fn load_all(tx: &mut impl postgres::GenericClient) -> Result<LoadedState, StoreError> {
+    let profiles =
+        decode_profiles(tx.query(&format!("SELECT {PROFILE_COLUMNS} FROM profiles"), &[])?)?;
+    let identifiers = decode_identifiers(tx.query(
+        &format!("SELECT {IDENTIFIER_COLUMNS} FROM identifiers"),
+        &[],
+    )?)?;
     let names = tx
         .query("SELECT name FROM track_events ORDER BY name", &[])?
         .into_iter()
@@ -544,6 +551,41 @@ impl Store for PostgresStore {
         let (p, i, _) = load_all(&mut tx)?;
         tx.commit()?;
         Ok((p, i))
+    }
+
+    fn read_profiles(
+        &mut self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ProfileState>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let sql = state_read_sql(StateRead::Profiles, after.is_some(), "$");
+        let rows = match after {
+            Some(after) => self.client.query(&sql, &[&after, &limit])?,
+            None => self.client.query(&sql, &[&limit])?,
+        };
+        decode_profiles(rows)
+    }
+
+    fn profiles_by_id(&mut self, ids: &[&str]) -> Result<Vec<ProfileState>, StoreError> {
+        decode_profiles(self.client.query(
+            &format!("SELECT {PROFILE_COLUMNS} FROM profiles WHERE segment_id = ANY($1)"),
+            &[&ids],
+        )?)
+    }
+
+    fn read_identifiers(
+        &mut self,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> Result<Vec<IdentifierState>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let sql = state_read_sql(StateRead::Identifiers, after.is_some(), "$");
+        let rows = match after {
+            Some((t, v)) => self.client.query(&sql, &[&t, &v, &limit])?,
+            None => self.client.query(&sql, &[&limit])?,
+        };
+        decode_identifiers(rows)
     }
 
     fn upsert_source(&mut self, s: &SourceInfo) -> Result<(), StoreError> {

@@ -5,7 +5,10 @@ use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params, params_from_iter};
 
-use super::codec::{self, RawProfile, json_text, micros};
+use super::codec::{
+    self, IDENTIFIER_COLUMNS, PROFILE_COLUMNS, RawProfile, StateRead, json_text, micros,
+    state_read_sql,
+};
 use super::ingest::{LoadedState, ResolvedBatch, ingest_in_tx};
 use super::schema::{SCHEMA_VERSION, SQLITE_SEQ_KEY, TRIGGER_COLUMNS, ddl};
 use super::{
@@ -116,29 +119,28 @@ impl SqliteWrite<'_> {
     }
 }
 
+/// A stored profile from a row of [`PROFILE_COLUMNS`].
+fn raw_profile(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawProfile> {
+    Ok(RawProfile {
+        segment_id: r.get(0)?,
+        canonical_segment_id: r.get(1)?,
+        created_rank: r.get(2)?,
+        merges: r.get(3)?,
+        traits: r.get(4)?,
+        trait_times: r.get(5)?,
+    })
+}
+
 fn load_all(conn: &Connection) -> Result<LoadedState, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT segment_id, canonical_segment_id, created_rank, merges, traits, trait_times FROM profiles",
-    )?;
+    let mut stmt = conn.prepare_cached(&format!("SELECT {PROFILE_COLUMNS} FROM profiles"))?;
     let raw = stmt
-        .query_map([], |r| {
-            Ok(RawProfile {
-                segment_id: r.get(0)?,
-                canonical_segment_id: r.get(1)?,
-                created_rank: r.get(2)?,
-                merges: r.get(3)?,
-                traits: r.get(4)?,
-                trait_times: r.get(5)?,
-            })
-        })?
+        .query_map([], raw_profile)?
         .collect::<Result<Vec<_>, _>>()?;
     let profiles = raw
         .into_iter()
         .map(RawProfile::decode)
         .collect::<Result<Vec<_>, _>>()?;
-    let mut stmt = conn.prepare_cached(
-        "SELECT id_type, value, segment_id, first_seen_us, last_seen_us FROM identifiers",
-    )?;
+    let mut stmt = conn.prepare_cached(&format!("SELECT {IDENTIFIER_COLUMNS} FROM identifiers"))?;
     let raw = stmt
         .query_map([], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
@@ -405,6 +407,56 @@ impl Store for SqliteStore {
     fn load_state(&mut self) -> Result<(Vec<ProfileState>, Vec<IdentifierState>), StoreError> {
         let (p, i, _) = load_all(&self.conn)?;
         Ok((p, i))
+    }
+
+    fn read_profiles(
+        &mut self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ProfileState>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let sql = state_read_sql(StateRead::Profiles, after.is_some(), "?");
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let raw = match after {
+            Some(after) => stmt.query_map(params![after, limit], raw_profile)?,
+            None => stmt.query_map(params![limit], raw_profile)?,
+        }
+        .collect::<Result<Vec<_>, _>>()?;
+        raw.into_iter().map(RawProfile::decode).collect()
+    }
+
+    fn profiles_by_id(&mut self, ids: &[&str]) -> Result<Vec<ProfileState>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {PROFILE_COLUMNS} FROM profiles WHERE segment_id = ?1"
+        ))?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(raw) = stmt.query_row([id], raw_profile).optional()? {
+                out.push(raw.decode()?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn read_identifiers(
+        &mut self,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> Result<Vec<IdentifierState>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let sql = state_read_sql(StateRead::Identifiers, after.is_some(), "?");
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let row = |r: &rusqlite::Row<'_>| -> rusqlite::Result<(String, String, String, i64, i64)> {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        };
+        let raw = match after {
+            Some((t, v)) => stmt.query_map(params![t, v, limit], row)?,
+            None => stmt.query_map(params![limit], row)?,
+        }
+        .collect::<Result<Vec<_>, _>>()?;
+        raw.into_iter()
+            .map(|(t, v, s, f, l)| codec::identifier(t, v, s, f, l))
+            .collect()
     }
 
     fn upsert_source(&mut self, s: &SourceInfo) -> Result<(), StoreError> {

@@ -7,6 +7,8 @@ use serde_json::{Map, Value};
 
 use crate::identity::{IdentifierState, ProfileState};
 
+use super::{Store, StoreError};
+
 /// A current-state table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StateTable {
@@ -31,6 +33,15 @@ impl StateTable {
 
     /// Every current-state table name.
     pub const TABLES: [&'static str; 3] = ["user_identifiers", "user_traits", "profile_merges"];
+
+    /// The columns of the table's rows, in their order.
+    pub fn columns(self) -> &'static [&'static str] {
+        match self {
+            StateTable::UserIdentifiers => &["canonical_segment_id", "type", "value", "timestamp"],
+            StateTable::UserTraits => &["canonical_segment_id", "name", "value"],
+            StateTable::ProfileMerges => &["canonical_segment_id", "segment_id"],
+        }
+    }
 }
 
 /// Follows merges to the live profile.
@@ -46,6 +57,35 @@ fn canonical_of<'a>(by_id: &HashMap<&'a str, &'a ProfileState>, id: &'a str) -> 
     current
 }
 
+/// A row of `user_identifiers`.
+fn identifier_row(i: &IdentifierState, canonical: &str) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("canonical_segment_id".into(), canonical.into());
+    m.insert("type".into(), i.id_type.clone().into());
+    m.insert("value".into(), i.value.clone().into());
+    m.insert("timestamp".into(), i.first_seen.to_string().into());
+    m
+}
+
+/// The rows of `user_traits` of a live profile.
+fn trait_rows(p: &ProfileState) -> impl Iterator<Item = Map<String, Value>> + '_ {
+    p.traits.iter().map(move |(name, value)| {
+        let mut m = Map::new();
+        m.insert("canonical_segment_id".into(), p.segment_id.clone().into());
+        m.insert("name".into(), name.clone().into());
+        m.insert("value".into(), value.clone());
+        m
+    })
+}
+
+/// The row of `profile_merges` of a merged-away profile.
+fn merge_row(p: &ProfileState, canonical: &str) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("canonical_segment_id".into(), canonical.into());
+    m.insert("segment_id".into(), p.segment_id.clone().into());
+    m
+}
+
 /// The rows of `table`, sorted for stable output.
 pub fn state_rows(
     table: StateTable,
@@ -59,43 +99,17 @@ pub fn state_rows(
     let mut rows: Vec<Map<String, Value>> = match table {
         StateTable::UserIdentifiers => identifiers
             .iter()
-            .map(|i| {
-                let mut m = Map::new();
-                m.insert(
-                    "canonical_segment_id".into(),
-                    canonical_of(&by_id, &i.segment_id).into(),
-                );
-                m.insert("type".into(), i.id_type.clone().into());
-                m.insert("value".into(), i.value.clone().into());
-                m.insert("timestamp".into(), i.first_seen.to_string().into());
-                m
-            })
+            .map(|i| identifier_row(i, canonical_of(&by_id, &i.segment_id)))
             .collect(),
         StateTable::UserTraits => profiles
             .iter()
             .filter(|p| p.canonical_segment_id == p.segment_id)
-            .flat_map(|p| {
-                p.traits.iter().map(move |(name, value)| {
-                    let mut m = Map::new();
-                    m.insert("canonical_segment_id".into(), p.segment_id.clone().into());
-                    m.insert("name".into(), name.clone().into());
-                    m.insert("value".into(), value.clone());
-                    m
-                })
-            })
+            .flat_map(trait_rows)
             .collect(),
         StateTable::ProfileMerges => profiles
             .iter()
             .filter(|p| p.canonical_segment_id != p.segment_id)
-            .map(|p| {
-                let mut m = Map::new();
-                m.insert(
-                    "canonical_segment_id".into(),
-                    canonical_of(&by_id, &p.segment_id).into(),
-                );
-                m.insert("segment_id".into(), p.segment_id.clone().into());
-                m
-            })
+            .map(|p| merge_row(p, canonical_of(&by_id, &p.segment_id)))
             .collect(),
     };
     rows.sort_by(|a, b| {
@@ -103,4 +117,126 @@ pub fn state_rows(
         key(a).cmp(&key(b))
     });
     rows
+}
+
+/// Where a page of a current-state table ends: the key of the last profile (`[segment_id]`) or
+/// identifier (`[type, value]`) read, which the next page starts after.
+pub type StateKey = Vec<String>;
+
+/// One page of a current-state table read by key.
+#[derive(Debug)]
+pub struct StatePage {
+    /// The rows, in key order (a profile's traits together).
+    pub rows: Vec<Map<String, Value>>,
+    /// The key to read the next page after (`after` again when nothing was read).
+    pub next: Option<StateKey>,
+    /// False once the read reached the end of the table.
+    pub more: bool,
+}
+
+/// Reads the profiles `ids` point at and, through merges, their live profiles into `known`.
+fn load_chains(
+    store: &mut dyn Store,
+    known: &mut HashMap<String, ProfileState>,
+    ids: impl IntoIterator<Item = String>,
+) -> Result<(), StoreError> {
+    let mut missing: Vec<String> = ids
+        .into_iter()
+        .filter(|id| !known.contains_key(id))
+        .collect();
+    // Each round follows one more step of the merge chains; a chain is at most as long as the
+    // profiles read, and a profile missing from the store ends its chain.
+    while !missing.is_empty() {
+        missing.sort();
+        missing.dedup();
+        let ids: Vec<&str> = missing.iter().map(String::as_str).collect();
+        let found = store.profiles_by_id(&ids)?;
+        let mut next = vec![];
+        for p in found {
+            if p.canonical_segment_id != p.segment_id
+                && !known.contains_key(&p.canonical_segment_id)
+                && !missing.contains(&p.canonical_segment_id)
+            {
+                next.push(p.canonical_segment_id.clone());
+            }
+            known.insert(p.segment_id.clone(), p);
+        }
+        missing = next;
+    }
+    Ok(())
+}
+
+/// Up to about `limit` rows of `table` after `after`, read by key from the store (each
+/// profile's traits stay on one page, so a page of `user_traits` may hold more). Each page
+/// reflects the store when it was read: a merge between two pages can move a profile's traits
+/// to a key already passed; the change logs are the consistent record.
+pub fn state_page(
+    store: &mut dyn Store,
+    table: StateTable,
+    after: Option<&[String]>,
+    limit: usize,
+) -> Result<StatePage, StoreError> {
+    let limit = limit.max(1);
+    let mut known: HashMap<String, ProfileState> = HashMap::new();
+    match table {
+        StateTable::UserIdentifiers => {
+            let after = match after {
+                Some([t, v]) => Some((t.as_str(), v.as_str())),
+                Some(_) => return Err(StoreError::BadKey("[type, value]")),
+                None => None,
+            };
+            let ids = store.read_identifiers(after, limit)?;
+            load_chains(store, &mut known, ids.iter().map(|i| i.segment_id.clone()))?;
+            let by_id: HashMap<&str, &ProfileState> =
+                known.iter().map(|(k, p)| (k.as_str(), p)).collect();
+            Ok(StatePage {
+                rows: ids
+                    .iter()
+                    .map(|i| identifier_row(i, canonical_of(&by_id, &i.segment_id)))
+                    .collect(),
+                more: ids.len() == limit,
+                next: ids
+                    .last()
+                    .map(|i| vec![i.id_type.clone(), i.value.clone()])
+                    .or_else(|| after.map(|(t, v)| vec![t.to_string(), v.to_string()])),
+            })
+        }
+        StateTable::UserTraits | StateTable::ProfileMerges => {
+            let after = match after {
+                Some([id]) => Some(id.as_str()),
+                Some(_) => return Err(StoreError::BadKey("[segment_id]")),
+                None => None,
+            };
+            let profiles = store.read_profiles(after, limit)?;
+            let rows = if table == StateTable::UserTraits {
+                profiles
+                    .iter()
+                    .filter(|p| p.canonical_segment_id == p.segment_id)
+                    .flat_map(trait_rows)
+                    .collect()
+            } else {
+                let merged = || {
+                    profiles
+                        .iter()
+                        .filter(|p| p.canonical_segment_id != p.segment_id)
+                };
+                let targets = merged().map(|p| p.canonical_segment_id.clone());
+                load_chains(store, &mut known, targets)?;
+                let mut by_id: HashMap<&str, &ProfileState> =
+                    known.iter().map(|(k, p)| (k.as_str(), p)).collect();
+                by_id.extend(profiles.iter().map(|p| (p.segment_id.as_str(), p)));
+                merged()
+                    .map(|p| merge_row(p, canonical_of(&by_id, &p.segment_id)))
+                    .collect()
+            };
+            Ok(StatePage {
+                rows,
+                more: profiles.len() == limit,
+                next: profiles
+                    .last()
+                    .map(|p| vec![p.segment_id.clone()])
+                    .or_else(|| after.map(|a| vec![a.to_string()])),
+            })
+        }
+    }
 }

@@ -6,9 +6,9 @@ use std::collections::{BTreeMap, HashMap};
 use serde_json::Value;
 
 use super::columns::{Field, cast, escape_nul, remember};
-use crate::crd::ColumnFilter;
 use super::state::{self, TableState};
 use super::tables::DISCARDS;
+use crate::crd::ColumnFilter;
 use crate::warehouse::{
     Cell, Column, ColumnLimit, ColumnLimits, ColumnType, OnConflict, TableColumns, Warehouse,
     WarehouseError,
