@@ -610,6 +610,14 @@ async fn health_readiness_and_metrics() {
     )
     .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+    // Feed API requests count too: one without the token, one with it.
+    let r = client()
+        .get(format!("{}/v1/feeds/tracks", t.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    catalog(&t.base).await;
     let text = client()
         .get(format!("{}/metrics", t.base))
         .send()
@@ -642,10 +650,18 @@ async fn health_readiness_and_metrics() {
         text.contains("profiles_sync_engine_profiles_created_total 1"),
         "{text}"
     );
-    assert!(
-        text.contains("profiles_sync_engine_commit_seconds_bucket"),
-        "{text}"
-    );
+    for counted in [
+        "http_requests_total{endpoint=\"feed_page\",status=\"401\"} 1",
+        "http_requests_total{endpoint=\"feeds\",status=\"200\"} 1",
+        // Resolution and commit each have their histogram, one observation per committed group.
+        "resolve_seconds_count 1",
+        "commit_seconds_count 1",
+    ] {
+        assert!(
+            text.contains(&format!("profiles_sync_engine_{counted}")),
+            "{counted}: {text}"
+        );
+    }
     t.engine.stop().await.unwrap();
 }
 

@@ -75,8 +75,14 @@ pub fn router(state: Shared) -> Router {
             }),
         );
     }
-    r.route("/v1/feeds", get(feed_catalog))
+    let feeds = Router::new()
+        .route("/v1/feeds", get(feed_catalog))
         .route("/v1/feeds/{table}", get(feed_page))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            count_feed_request,
+        ));
+    r.merge(feeds)
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -137,6 +143,26 @@ async fn ingest(
     label: &'static str,
 ) -> Response {
     let response = ingest_inner(&state, &headers, body, endpoint).await;
+    state
+        .metrics
+        .requests
+        .with_label_values(&[label, response.status().as_str()])
+        .inc();
+    response
+}
+
+/// Counts a feed API request under `feeds` (the catalog) or `feed_page` and its status.
+async fn count_feed_request(
+    State(state): State<Shared>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let label = if request.uri().path() == "/v1/feeds" {
+        "feeds"
+    } else {
+        "feed_page"
+    };
+    let response = next.run(request).await;
     state
         .metrics
         .requests

@@ -17,7 +17,9 @@ pub struct Metrics {
     pub events_rejected: IntCounterVec,
     /// Seconds to validate and resolve-check a request.
     pub parse_seconds: Histogram,
-    /// Seconds to resolve and commit one group of requests.
+    /// Seconds to resolve the identities of one group of requests.
+    pub resolve_seconds: Histogram,
+    /// Seconds to write and commit one group of requests (after resolution), or to fail.
     pub commit_seconds: Histogram,
     /// Requests waiting for the writer.
     pub queue_depth: IntGauge,
@@ -55,10 +57,17 @@ impl Metrics {
             HistogramOpts::new("request_parse_seconds", "Time to validate a request")
                 .buckets(buckets.clone()),
         )?;
+        let resolve_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "resolve_seconds",
+                "Time to resolve the identities of one group of requests",
+            )
+            .buckets(buckets.clone()),
+        )?;
         let commit_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "commit_seconds",
-                "Time to resolve and commit one group of requests",
+                "Time to write and commit one group of requests once resolved (or to fail)",
             )
             .buckets(buckets),
         )?;
@@ -74,6 +83,7 @@ impl Metrics {
         registry.register(Box::new(events_duplicate.clone()))?;
         registry.register(Box::new(events_rejected.clone()))?;
         registry.register(Box::new(parse_seconds.clone()))?;
+        registry.register(Box::new(resolve_seconds.clone()))?;
         registry.register(Box::new(commit_seconds.clone()))?;
         registry.register(Box::new(queue_depth.clone()))?;
         registry.register(Box::new(profiles_created.clone()))?;
@@ -86,6 +96,7 @@ impl Metrics {
             events_duplicate,
             events_rejected,
             parse_seconds,
+            resolve_seconds,
             commit_seconds,
             queue_depth,
             profiles_created,

@@ -84,6 +84,10 @@ pub struct IngestSummary {
     pub merges: usize,
     /// The head `seq` after the batch.
     pub head: i64,
+    /// Time spent resolving the batch's identities (the rest of an ingest is the store's writes
+    /// and commit); for the engine's latency metrics.
+    #[serde(skip)]
+    pub resolve_time: std::time::Duration,
 }
 
 /// The rows a batch produced, with their `seq`s assigned.
@@ -123,6 +127,7 @@ pub(crate) fn ingest_in_tx<T: WriteTx>(
     let mut summary = IngestSummary::default();
     let mut batch = ResolvedBatch::default();
     let mut seq = head;
+    let resolving = std::time::Instant::now();
     for (index, PreparedEvent { event, payload }) in events.into_iter().enumerate() {
         if !seen.insert(event.message_id.clone()) {
             summary.duplicates += 1;
@@ -183,6 +188,7 @@ pub(crate) fn ingest_in_tx<T: WriteTx>(
         batch.payloads.push(payload);
     }
     batch.state = resolver.graph.take_dirty();
+    summary.resolve_time = resolving.elapsed();
     tx.write(&batch, seq)?;
     let last = batch
         .events
