@@ -8,7 +8,9 @@ use profiles_sync::identity::Rules;
 use profiles_sync::store::{self, EventFilter, Feed, FeedRow};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use support::engine::{FEED_TOKEN, SOURCE_ID, WRITE_KEY, start, start_with};
+use support::engine::{
+    FEED_TOKEN, Options, SOURCE_ID, WRITE_KEY, start, start_options, start_with,
+};
 
 fn client() -> reqwest::Client {
     reqwest::Client::new()
@@ -1089,4 +1091,90 @@ async fn every_error_path_names_its_cause_and_every_short_path_is_served() {
     }
     assert_stored_exactly(&t.store_url, served);
     t.engine.stop().await.unwrap();
+}
+
+/// An engine started without a feed token keeps the feed API closed: 403 saying how to open it,
+/// while ingest works.
+#[tokio::test]
+async fn without_a_feed_token_the_feed_api_answers_403() {
+    let t = start_options(Options {
+        feed_token: None,
+        ..Options::default()
+    })
+    .await;
+    let (status, _) = post(&t.base, "/v1/track", &json!({"userId": "u1", "event": "A"})).await;
+    assert_eq!(status, StatusCode::OK);
+    for path in ["/v1/feeds", "/v1/feeds/tracks", "/v1/feeds/user_traits"] {
+        let r = client()
+            .get(format!("{}{path}", t.base))
+            .bearer_auth(FEED_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN, "{path}");
+        let text = r.text().await.unwrap();
+        assert!(text.contains("--feed-token-file"), "{path}: {text}");
+    }
+    t.engine.stop().await.unwrap();
+}
+
+/// A commit the store refuses (here a PostgreSQL constraint a DBA added) answers every request
+/// of the group 503 with `Retry-After`, stores nothing of it, and the next request commits.
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_a_commit_the_store_refuses_answers_503_and_stores_nothing() {
+    let pg = tokio::task::block_in_place(support::pg::shared);
+    let db = tokio::task::block_in_place(|| pg.create_database("refuse"));
+    let url = pg.url(&db);
+    let t = start_options(Options {
+        store_url: Some(url.clone()),
+        ..Options::default()
+    })
+    .await;
+    let (status, _) = post(
+        &t.base,
+        "/v1/track",
+        &json!({"userId": "u1", "event": "A", "messageId": "ok1"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    tokio::task::block_in_place(|| {
+        pg.connect(&db)
+            .batch_execute(
+                "ALTER TABLE events ADD CONSTRAINT no_poison CHECK (message_id <> 'poison')",
+            )
+            .unwrap()
+    });
+    let r = client()
+        .post(format!("{}/v1/batch", t.base))
+        .basic_auth(WRITE_KEY, Some(""))
+        .json(&json!({"batch": [
+            {"type": "identify", "userId": "u2", "messageId": "fine", "traits": {"plan": "pro"}},
+            {"type": "track", "userId": "u2", "event": "B", "messageId": "poison"}
+        ]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.headers().contains_key("retry-after"));
+    let (status, _) = post(
+        &t.base,
+        "/v1/track",
+        &json!({"userId": "u3", "event": "C", "messageId": "ok2"}),
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the writer recovers for the next group"
+    );
+    t.engine.stop().await.unwrap();
+    let ids: Vec<String> = tokio::task::block_in_place(|| stored(&url))
+        .into_iter()
+        .map(|e| e.event.message_id)
+        .collect();
+    assert_eq!(
+        ids,
+        ["ok1", "ok2"],
+        "nothing of the refused group was stored"
+    );
 }

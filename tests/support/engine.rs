@@ -50,18 +50,57 @@ pub async fn start_configured(
     reading: usize,
     body_timeout: std::time::Duration,
 ) -> TestEngine {
+    start_options(Options {
+        capacity,
+        reading,
+        body_timeout,
+        ..Options::default()
+    })
+    .await
+}
+
+/// How [`start_options`] starts an engine.
+pub struct Options {
+    /// Requests the writer's queue holds.
+    pub capacity: usize,
+    /// Requests read and parsed at once.
+    pub reading: usize,
+    /// How long a body may take to arrive.
+    pub body_timeout: std::time::Duration,
+    /// The feed API's token (`None`: the feed API is closed).
+    pub feed_token: Option<&'static str>,
+    /// The store; a fresh SQLite file when unset.
+    pub store_url: Option<String>,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            capacity: 8,
+            reading: 64,
+            body_timeout: std::time::Duration::from_secs(30),
+            feed_token: Some(FEED_TOKEN),
+            store_url: None,
+        }
+    }
+}
+
+/// Starts an engine as `o` says.
+pub async fn start_options(o: Options) -> TestEngine {
     let dir = tempfile::tempdir().expect("temp dir");
     let store_path = dir.path().join("store.db");
-    let store_url = format!("sqlite://{}", store_path.display());
+    let store_url = o
+        .store_url
+        .unwrap_or_else(|| format!("sqlite://{}", store_path.display()));
     let engine = engine::start(EngineConfig {
         store: store_url.clone(),
         listen: "127.0.0.1:0".parse().expect("addr"),
         sources: sources(),
         rules: Rules::default(),
-        feed_token: Some(FEED_TOKEN.into()),
-        queue_capacity: capacity,
-        reading_capacity: reading,
-        body_timeout,
+        feed_token: o.feed_token.map(str::to_string),
+        queue_capacity: o.capacity,
+        reading_capacity: o.reading,
+        body_timeout: o.body_timeout,
     })
     .await
     .expect("start engine");
