@@ -33,6 +33,10 @@ pub fn key_columns(table: &str) -> &'static [&'static str] {
     }
 }
 
+/// The pattern of a table name in a selection: what the sync's naming can produce (uppercase
+/// ASCII never; other characters it lowercases when they have a lowercase form).
+pub const TABLE_NAME_PATTERN: &str = r"^[a-z_\x{80}-\x{10FFFF}][a-z0-9_\x{80}-\x{10FFFF}]*$";
+
 /// Which tables and columns of one connection are synced.
 // Several printer columns share a type, which clippy mistakes for repeated attributes.
 #[allow(clippy::duplicated_attributes)]
@@ -119,8 +123,13 @@ fn default_true() -> bool {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!(self.name in ['user_identifiers', 'user_traits', 'profile_merges'] && has(self.columns))").message("the materialized tables (user_identifiers, user_traits, profile_merges) keep every column; select or deselect the table as a whole"))]
 pub struct TableSelection {
-    /// Table name in the warehouse (snake_case, as the sync names it).
-    #[schemars(regex(pattern = r"^[a-z_][a-z0-9_]*$"), length(min = 1, max = 255))]
+    /// Table name in the warehouse (snake_case, as the sync names it: lowercase ASCII letters,
+    /// digits and `_`, and any non-ASCII letter or digit an event name carries, as in
+    /// `größe_geändert`).
+    #[schemars(
+        regex(pattern = r"^[a-z_\x{80}-\x{10FFFF}][a-z0-9_\x{80}-\x{10FFFF}]*$"),
+        length(min = 1, max = 255)
+    )]
     pub name: String,
     /// Whether the table is synced. Off stops new rows and deletes nothing; back on syncs new rows only.
     #[serde(default = "default_true")]

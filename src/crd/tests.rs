@@ -444,6 +444,10 @@ fn limits_and_key_columns_are_in_the_published_schema() {
         columns["exclude"]["items"]["not"]["enum"],
         json!(["id", "received_at"])
     );
+    assert_eq!(
+        spec["properties"]["tables"]["items"]["properties"]["name"]["pattern"],
+        TABLE_NAME_PATTERN
+    );
     let whc = serde_json::to_value(WarehouseConnection::crd()).unwrap();
     let schema = &whc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
         ["schema"];
@@ -597,5 +601,41 @@ fn no_credential_field_exists_in_any_spec() {
                 "{file} has a {forbidden} property"
             );
         }
+    }
+}
+
+/// Every Track event table the sync can name — whatever the event's characters — is a name a
+/// selection may list, and a name the sync never produces (uppercase, spaces, quotes) is refused.
+#[test]
+fn the_table_name_pattern_admits_every_name_the_sync_produces() {
+    use crate::sync::naming::table_name;
+    let pattern = regex::Regex::new(TABLE_NAME_PATTERN).unwrap();
+    for event in [
+        "Order Completed",
+        "Größe geändert",
+        "注文完了",
+        "Ωmega Δelta",
+        "3D Viewed",
+        "select",
+        "Pages",
+        "ǅungla",
+        "٣ items",
+        "a\"b;c",
+        &"x".repeat(300),
+    ] {
+        let name = table_name(event);
+        assert!(pattern.is_match(&name), "{event:?} → {name:?}");
+    }
+    for refused in ["Order_Completed", "order completed", "a\"b", "", "a-b"] {
+        assert!(!pattern.is_match(refused), "{refused:?}");
+    }
+}
+
+proptest::proptest! {
+    #[test]
+    fn any_event_names_table_matches_the_pattern(event in "\\PC{1,40}") {
+        let name = crate::sync::naming::table_name(&event);
+        let pattern = regex::Regex::new(TABLE_NAME_PATTERN).unwrap();
+        proptest::prop_assert!(pattern.is_match(&name), "{:?} → {:?}", event, name);
     }
 }
