@@ -169,11 +169,14 @@ impl Backfill {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SyncLimits {
-    /// Most rows one sync loads across all tables.
+    /// Rows after which a sync starts no new page, across all tables (checked between pages:
+    /// the last page can pass it, by at most its own rows — a Track event loads two); the rest
+    /// waits for the next run, nothing is dropped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_rows: Option<i64>,
-    /// Most bytes (of row data, as sent to the warehouse) one sync loads.
+    /// Bytes of row data (as sent to the warehouse) after which a sync starts no new page of
+    /// the change logs and event tables (checked between pages, like maxRows).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_bytes: Option<i64>,
