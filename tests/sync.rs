@@ -882,20 +882,25 @@ fn a_wrong_password_fails_the_sync_with_a_classified_error() {
 fn postgres_ssl_modes_use_tls_through_rustls() {
     let server = support::pg::PgServer::start_tls();
     let db = server.create_database("tls");
-    let ssl_in_use = |mode: &str| -> Result<String, profiles_sync::warehouse::WarehouseError> {
+    let connect = |host: &str,
+                   mode: &str,
+                   ca: Option<String>|
+     -> Result<String, profiles_sync::warehouse::WarehouseError> {
         let spec = support::warehouse::spec(json!({
             "type": "postgres",
-            "postgres": {"host": "localhost", "port": server.port(), "database": db, "sslMode": mode},
+            "postgres": {"host": host, "port": server.port(), "database": db, "sslMode": mode},
             "credentialsSecretRef": {"name": "x"}
         }));
         let creds = profiles_sync::warehouse::Credentials {
             username: Some("postgres".into()),
+            ca_cert: ca,
             ..Default::default()
         };
         let mut wh = profiles_sync::warehouse::connect(&spec.warehouse, "profiles_sync", &creds)?;
         let rows = wh.query("SELECT ssl::text FROM pg_stat_ssl WHERE pid = pg_backend_pid()")?;
         Ok(rows[0][0].clone().unwrap_or_default())
     };
+    let ssl_in_use = |mode: &str| connect("localhost", mode, None);
     assert_eq!(ssl_in_use("require").unwrap(), "true", "require encrypts");
     assert_eq!(
         ssl_in_use("prefer").unwrap(),
@@ -903,18 +908,42 @@ fn postgres_ssl_modes_use_tls_through_rustls() {
         "prefer encrypts when the server offers TLS"
     );
     assert_eq!(ssl_in_use("disable").unwrap(), "false");
-    // A self-signed certificate is not trusted by verify-ca / verify-full.
-    for mode in ["verify-ca", "verify-full"] {
-        let err = ssl_in_use(mode).expect_err(mode);
+    let refused = |err: profiles_sync::warehouse::WarehouseError, what: &str, says: &str| {
         assert_eq!(
             err.class,
             profiles_sync::crd::ErrorClass::Connection,
-            "{mode}: {err}"
+            "{what}: {err}"
         );
         assert!(
-            err.message.to_lowercase().contains("certificate"),
-            "{mode}: {}",
+            err.message.to_lowercase().contains(says),
+            "{what}: {}",
             err.message
+        );
+    };
+    // A certificate of a CA the system does not know is not trusted by verify-ca / verify-full…
+    for mode in ["verify-ca", "verify-full"] {
+        refused(ssl_in_use(mode).expect_err(mode), mode, "certificate");
+    }
+    // …until the credentials Secret's CA certificate is given: then both verify the chain, and
+    // verify-full the host name too (the certificate names `localhost`, not 127.0.0.1).
+    let ca = || Some(server.ca_cert());
+    assert_eq!(connect("localhost", "verify-full", ca()).unwrap(), "true");
+    assert_eq!(connect("localhost", "verify-ca", ca()).unwrap(), "true");
+    assert_eq!(connect("127.0.0.1", "verify-ca", ca()).unwrap(), "true");
+    refused(
+        connect("127.0.0.1", "verify-full", ca()).expect_err("name"),
+        "verify-full to an address the certificate does not name",
+        "certificate",
+    );
+    // A CA entry that is not a certificate is refused with a message naming it.
+    for bad in [
+        "not a certificate",
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    ] {
+        refused(
+            connect("localhost", "verify-full", Some(bad.into())).expect_err(bad),
+            bad,
+            "cacertkey",
         );
     }
 }

@@ -115,9 +115,11 @@ pub enum SslMode {
     /// TLS required, without certificate verification.
     #[default]
     Require,
-    /// TLS required; the server certificate must chain to a trusted CA.
+    /// TLS required; the server certificate must chain to a trusted CA (the system's, or the
+    /// credentials Secret's caCertKey).
     VerifyCa,
-    /// TLS required; the certificate must chain to a trusted CA and match the host name.
+    /// TLS required; the certificate must chain to a trusted CA (as for verify-ca) and match the
+    /// host name.
     VerifyFull,
 }
 
@@ -262,6 +264,10 @@ fn default_token_key() -> String {
     "token".into()
 }
 
+fn default_ca_cert_key() -> String {
+    "ca.crt".into()
+}
+
 /// A Secret holding warehouse credentials, and which of its keys hold what. Only the keys the
 /// warehouse type uses are read: username+password (postgres, redshift, azureSynapse, snowflake),
 /// privateKey (snowflake key-pair auth, instead of password), serviceAccount.json (bigquery), token (databricks).
@@ -291,6 +297,11 @@ pub struct CredentialsSecretRef {
     #[serde(default = "default_token_key")]
     #[schemars(regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
     pub token_key: String,
+    /// Key of the Secret that holds PEM CA certificates to trust besides the system's, for
+    /// sslMode verify-ca and verify-full (a private CA, a cloud provider's bundle). Optional.
+    #[serde(default = "default_ca_cert_key")]
+    #[schemars(regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub ca_cert_key: String,
 }
 
 impl CredentialsSecretRef {
@@ -303,6 +314,7 @@ impl CredentialsSecretRef {
             private_key_key: default_private_key_key(),
             service_account_key: default_service_account_key(),
             token_key: default_token_key(),
+            ca_cert_key: default_ca_cert_key(),
         }
     }
 }

@@ -23,7 +23,7 @@ fn connect(url: &str) -> Result<Client, StoreError> {
     match config.get_ssl_mode() {
         postgres::config::SslMode::Disable => Ok(config.connect(NoTls)?),
         _ => {
-            let tls = crate::warehouse::postgres::tls_connector(crate::crd::SslMode::Require)
+            let tls = crate::warehouse::postgres::tls_connector(crate::crd::SslMode::Require, None)
                 .map_err(|e| StoreError::Corrupt {
                     table: "connection",
                     reason: e.message,

@@ -18,6 +18,8 @@ pub struct Credentials {
     pub service_account: Option<String>,
     /// Access token (Databricks).
     pub token: Option<String>,
+    /// PEM CA certificates to trust besides the system's (verify-ca / verify-full).
+    pub ca_cert: Option<String>,
 }
 
 // Credentials must never reach a log line through `{:?}`.
@@ -30,6 +32,7 @@ impl std::fmt::Debug for Credentials {
             .field("private_key", &set(&self.private_key))
             .field("service_account", &set(&self.service_account))
             .field("token", &set(&self.token))
+            .field("ca_cert", &set(&self.ca_cert))
             .finish()
     }
 }
@@ -59,6 +62,7 @@ impl Credentials {
             private_key: read(&secret.private_key_key),
             service_account: read(&secret.service_account_key),
             token: read(&secret.token_key),
+            ca_cert: read(&secret.ca_cert_key),
         }
     }
 
@@ -85,6 +89,7 @@ impl Credentials {
             private_key: read(&secret.private_key_key)?,
             service_account: read(&secret.service_account_key)?,
             token: read(&secret.token_key)?,
+            ca_cert: read(&secret.ca_cert_key)?,
         })
     }
 }

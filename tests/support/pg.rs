@@ -86,7 +86,8 @@ impl PgServer {
         Self::start_with(false)
     }
 
-    /// Starts a new server that also accepts TLS, with a self-signed certificate for `localhost`.
+    /// Starts a new server that also accepts TLS, with a certificate for `localhost` signed by a
+    /// test CA of its own (see [`PgServer::ca_cert`]).
     pub fn start_tls() -> PgServer {
         Self::start_with(true)
     }
@@ -102,8 +103,13 @@ impl PgServer {
         let mut tls_opts = String::new();
         if tls {
             let (cert, key) = (dir.path().join("server.crt"), dir.path().join("server.key"));
-            let out = Command::new("openssl")
-                .args([
+            // A test CA (`ca.crt`, see `ca_cert`) and a server certificate it signs for
+            // `localhost` only, so `verify-full` to 127.0.0.1 has a name to refuse.
+            let ext = dir.path().join("server.ext");
+            std::fs::write(&ext, "subjectAltName=DNS:localhost\n").expect("write ext");
+            let p = |name: &str| dir.path().join(name).display().to_string();
+            for args in [
+                vec![
                     "req",
                     "-x509",
                     "-newkey",
@@ -112,19 +118,52 @@ impl PgServer {
                     "-days",
                     "2",
                     "-subj",
+                    "/CN=profiles-sync test CA",
+                    "-keyout",
+                    &p("ca.key"),
+                    "-out",
+                    &p("ca.crt"),
+                ],
+                vec![
+                    "req",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-subj",
                     "/CN=localhost",
                     "-keyout",
-                ])
-                .arg(&key)
-                .arg("-out")
-                .arg(&cert)
-                .output()
-                .expect("run openssl");
-            assert!(
-                out.status.success(),
-                "openssl: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+                    &p("server.key"),
+                    "-out",
+                    &p("server.csr"),
+                ],
+                vec![
+                    "x509",
+                    "-req",
+                    "-in",
+                    &p("server.csr"),
+                    "-CA",
+                    &p("ca.crt"),
+                    "-CAkey",
+                    &p("ca.key"),
+                    "-CAcreateserial",
+                    "-days",
+                    "2",
+                    "-extfile",
+                    &p("server.ext"),
+                    "-out",
+                    &p("server.crt"),
+                ],
+            ] {
+                let out = Command::new("openssl")
+                    .args(&args)
+                    .output()
+                    .expect("run openssl");
+                assert!(
+                    out.status.success(),
+                    "openssl {args:?}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
             let mut perms = std::fs::metadata(&key).expect("key").permissions();
             std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o600);
             std::fs::set_permissions(&key, perms).expect("chmod key");
@@ -234,6 +273,11 @@ impl PgServer {
         } else {
             format!("{inner} >/dev/null 2>&1")
         }
+    }
+
+    /// The PEM certificate of the CA that signed a TLS server's certificate.
+    pub fn ca_cert(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("ca.crt")).expect("a TLS server's CA")
     }
 
     /// The TCP port the server listens on (127.0.0.1).

@@ -82,13 +82,20 @@ impl PostgresWarehouse {
         if let Some(p) = &credentials.password {
             config.password(p);
         }
-        Self::with_config(config, settings.ssl_mode, schema)
+        Self::with_config(
+            config,
+            settings.ssl_mode,
+            credentials.ca_cert.as_deref(),
+            schema,
+        )
     }
 
-    /// Connects with a ready driver configuration (tests use this with a throwaway server).
+    /// Connects with a ready driver configuration (tests use this with a throwaway server),
+    /// trusting the PEM certificates `ca_cert` besides the system's for `verify-*`.
     pub fn with_config(
         mut config: Config,
         ssl_mode: SslMode,
+        ca_cert: Option<&str>,
         schema: &str,
     ) -> Result<PostgresWarehouse, WarehouseError> {
         // The sync's `DROP TABLE IF EXISTS` of its staging tables would otherwise log a NOTICE
@@ -102,7 +109,7 @@ impl PostgresWarehouse {
                 } else {
                     postgres::config::SslMode::Require
                 });
-                config.connect(tls::connector(mode)?)
+                config.connect(tls::connector(mode, ca_cert)?)
             }
         }
         .map_err(|e| match e.as_db_error() {

@@ -4,13 +4,14 @@ use std::sync::Arc;
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, Error, RootCertStore, SignatureScheme,
 };
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use crate::crd::SslMode;
+use crate::crd::{ErrorClass, SslMode};
 use crate::warehouse::WarehouseError;
 
 /// A verifier for `prefer`/`require` (encryption without authentication, as libpq does) and
@@ -77,29 +78,53 @@ impl ServerCertVerifier for Relaxed {
     }
 }
 
-fn roots() -> RootCertStore {
+/// The system's CA certificates, and those of `extra` (PEM) when given.
+fn roots(extra: Option<&str>) -> Result<RootCertStore, WarehouseError> {
     let mut roots = RootCertStore::empty();
     for cert in rustls_native_certs::load_native_certs().certs {
         let _ = roots.add(cert);
     }
-    roots
+    if let Some(pem) = extra {
+        let bad = |reason: String| {
+            WarehouseError::new(
+                ErrorClass::Connection,
+                format!("the CA certificate of the credentials Secret (caCertKey) {reason}"),
+            )
+        };
+        let mut added = 0;
+        for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            let cert = cert.map_err(|e| bad(format!("is not valid PEM: {e}")))?;
+            roots
+                .add(cert)
+                .map_err(|e| bad(format!("is not a usable certificate: {e}")))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(bad("holds no PEM certificate".into()));
+        }
+    }
+    Ok(roots)
 }
 
-/// The TLS connector for `mode` (not called for `disable`).
-pub fn connector(mode: SslMode) -> Result<MakeRustlsConnect, WarehouseError> {
+/// The TLS connector for `mode` (not called for `disable`), trusting the PEM certificates of
+/// `ca_cert` besides the system's for `verify-ca` and `verify-full`.
+pub fn connector(
+    mode: SslMode,
+    ca_cert: Option<&str>,
+) -> Result<MakeRustlsConnect, WarehouseError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| WarehouseError::internal(format!("TLS setup: {e}")))?;
     let config = match mode {
         SslMode::VerifyFull => builder
-            .with_root_certificates(roots())
+            .with_root_certificates(roots(ca_cert)?)
             .with_no_client_auth(),
         SslMode::VerifyCa | SslMode::Prefer | SslMode::Require | SslMode::Disable => {
             let inner = if mode == SslMode::VerifyCa {
                 Some(
                     WebPkiServerVerifier::builder_with_provider(
-                        Arc::new(roots()),
+                        Arc::new(roots(ca_cert)?),
                         provider.clone(),
                     )
                     .build()
