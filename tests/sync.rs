@@ -93,6 +93,7 @@ both_warehouses!(
     materialized_tables_follow_merges,
     selective_sync_turns_tables_and_columns_off_and_on,
     fixed_columns_other_than_keys_can_be_excluded_and_included_again,
+    a_profile_table_turned_off_and_on_skips_the_gap_and_records_when,
     values_that_cannot_be_cast_go_to_discards,
     values_no_warehouse_can_hold_go_to_discards,
     properties_with_the_same_flattened_name_are_never_merged_silently,
@@ -417,6 +418,76 @@ fn fixed_columns_other_than_keys_can_be_excluded_and_included_again(kind: &str) 
                 .to_string()
                 .as_str()
         )
+    );
+}
+
+/// A materialized table turned off keeps its rows as they were; turned back on it applies only
+/// changes made after (the gap is not backfilled, as for any table), and the state table records
+/// when it was enabled: the first sync's time, kept while off, the re-enabling sync's after.
+fn a_profile_table_turned_off_and_on_skips_the_gap_and_records_when(kind: &str) {
+    let (mut s, url, _d) = store();
+    let wh = TestWarehouse::of(kind);
+    let plan = |id: &str, plan: &str| {
+        msg(
+            json!({"type": "identify", "messageId": id, "anonymousId": "a1", "traits": {"plan": plan}}),
+        )
+    };
+    let t = |hours: i64| jiff::Timestamp::from_second(1_767_225_600 + hours * 3600).unwrap();
+    let sync_at = |hour: i64, selection: &SelectiveSyncSpec| {
+        let mut source = profiles_sync::sync::StoreSource(
+            profiles_sync::store::open(&url, profiles_sync::identity::Rules::default()).unwrap(),
+        );
+        let r = wh.sync_source_at(&mut source, Some(selection), &wh.spec, 500, t(hour));
+        assert_eq!(r.status, SyncStatus::Success, "hour {hour}: {r:#?}");
+    };
+    let since = || -> (String, String) {
+        let rows = wh.query(&format!(
+            "SELECT CAST(enabled AS TEXT), CAST(enabled_since_us AS TEXT) FROM {} WHERE table_name = 'user_traits'",
+            wh.table("_profiles_sync_state")
+        ));
+        (rows[0][0].clone().unwrap(), rows[0][1].clone().unwrap())
+    };
+    let micros = |hour: i64| (t(hour).as_microsecond()).to_string();
+    let on = selection(json!({}));
+    let off = selection(json!({"tables": [{"name": "user_traits", "enabled": false}]}));
+    let plan_of = || {
+        trait_values(&wh)
+            .into_iter()
+            .find(|(n, _)| n == "plan")
+            .map(|(_, v)| v)
+    };
+
+    ingest(&mut *s, &[plan("m1", "pro")]);
+    sync_at(0, &on);
+    assert_eq!(plan_of().as_deref(), Some("pro"));
+    assert_eq!(since(), ("1".into(), micros(0)));
+
+    ingest(&mut *s, &[plan("m2", "enterprise")]);
+    sync_at(1, &off);
+    assert_eq!(plan_of().as_deref(), Some("pro"), "off: nothing new");
+    assert_eq!(since(), ("0".into(), micros(0)));
+    let logged = wh.count("profile_traits_updates");
+
+    sync_at(2, &on);
+    assert_eq!(
+        plan_of().as_deref(),
+        Some("pro"),
+        "back on: the gap is not backfilled"
+    );
+    assert_eq!(since(), ("1".into(), micros(2)));
+
+    ingest(&mut *s, &[plan("m3", "team")]);
+    sync_at(3, &on);
+    assert_eq!(
+        plan_of().as_deref(),
+        Some("team"),
+        "changes after re-enabling apply"
+    );
+    assert_eq!(since(), ("1".into(), micros(2)));
+    assert_eq!(
+        wh.count("profile_traits_updates"),
+        logged + 1,
+        "the change log stayed on throughout"
     );
 }
 

@@ -46,3 +46,32 @@ pub fn classify_sqlstate(code: &str) -> ErrorClass {
         _ => ErrorClass::Internal,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each class from the codes PostgreSQL answers in the situations the report names.
+    #[test]
+    fn sqlstates_map_to_the_reports_classes() {
+        for (code, class) in [
+            ("42501", ErrorClass::Permission),   // permission denied for table
+            ("28P01", ErrorClass::Permission),   // password authentication failed
+            ("28000", ErrorClass::Permission),   // no pg_hba.conf entry
+            ("42P01", ErrorClass::Schema),       // relation does not exist
+            ("42703", ErrorClass::Schema),       // column does not exist
+            ("3F000", ErrorClass::Schema),       // schema does not exist
+            ("22001", ErrorClass::TypeConflict), // value too long for type
+            ("22P02", ErrorClass::TypeConflict), // invalid input syntax
+            ("42804", ErrorClass::TypeConflict), // column is of type … but expression is of type …
+            ("53100", ErrorClass::Quota),        // disk full
+            ("54000", ErrorClass::Quota),        // program limit exceeded
+            ("08006", ErrorClass::Connection),   // connection failure
+            ("57P01", ErrorClass::Connection),   // admin shutdown
+            ("23505", ErrorClass::Internal),     // unique violation: the sync's own bug
+            ("XX000", ErrorClass::Internal),
+        ] {
+            assert_eq!(classify_sqlstate(code), class, "{code}");
+        }
+    }
+}
