@@ -121,6 +121,82 @@ fn check_store(url: &str) {
     );
     let names: HashSet<&str> = traits.iter().map(|r| r["name"].as_str().unwrap()).collect();
     assert_eq!(names, HashSet::from(["email", "name", "plan"]));
+    check_change_logs(&mut *s, &events);
+}
+
+/// The change logs the SDK's calls produced: a new identifier each time one is first seen,
+/// attributed to the call that carried it; a creation row per profile and the alias's merge in
+/// the identity graph; the identify's traits snapshot.
+fn check_change_logs(s: &mut dyn store::Store, events: &[store::EventRow]) {
+    let log =
+        |s: &mut dyn store::Store, feed: Feed| -> Vec<serde_json::Map<String, serde_json::Value>> {
+            s.read_feed(&feed, 0, 1000)
+                .unwrap()
+                .iter()
+                .map(FeedRow::to_json)
+                .collect()
+        };
+    let id_of = |i: usize| events[i].event.message_id.clone();
+    let mappings: HashSet<(String, String, String)> = log(s, Feed::ExternalIdMappingUpdates)
+        .into_iter()
+        .map(|r| {
+            let text = |k: &str| r[k].as_str().unwrap().to_string();
+            (
+                text("external_id_type"),
+                text("external_id_value"),
+                text("triggering_event_id"),
+            )
+        })
+        .collect();
+    for (ty, value, by) in [
+        ("anonymous_id", "anon-1", 0),
+        ("user_id", "user-1", 1),
+        ("email", "ada@example.com", 1),
+        ("group_id", "group-1", 4),
+        ("anonymous_id", "anon-2", 5),
+    ] {
+        let want = (ty.to_string(), value.to_string(), id_of(by));
+        assert!(
+            mappings.contains(&want),
+            "{want:?} missing from {mappings:?}"
+        );
+    }
+    assert_eq!(mappings.len(), 5, "one row per identifier: {mappings:?}");
+
+    let graph = log(s, Feed::IdGraphUpdates);
+    let pair = |r: &serde_json::Map<String, serde_json::Value>| {
+        (
+            r["segment_id"].as_str().unwrap().to_string(),
+            r["canonical_segment_id"].as_str().unwrap().to_string(),
+            r["triggering_event_type"].as_str().unwrap().to_string(),
+        )
+    };
+    let rows: Vec<(String, String, String)> = graph.iter().map(pair).collect();
+    let (first, second) = (&events[0].segment_id, &events[5].segment_id);
+    assert_ne!(first, second, "the second device starts its own profile");
+    assert!(
+        rows.contains(&(first.clone(), first.clone(), "page".into())),
+        "{rows:?}"
+    );
+    assert!(
+        rows.contains(&(second.clone(), second.clone(), "page".into())),
+        "{rows:?}"
+    );
+    // The alias merges the younger profile into the older.
+    assert!(
+        rows.contains(&(second.clone(), first.clone(), "alias".into())),
+        "{rows:?}"
+    );
+
+    let traits = log(s, Feed::ProfileTraitsUpdates);
+    let identify = traits
+        .iter()
+        .find(|r| r["triggering_event_id"] == serde_json::json!(id_of(1)))
+        .unwrap_or_else(|| panic!("no traits row for the identify: {traits:?}"));
+    assert_eq!(
+        identify["traits"],
+        serde_json::json!({"email": "ada@example.com", "name": "Ada", "plan": "pro"})
+    );
 }
 
 #[tokio::test]
