@@ -341,6 +341,12 @@ async fn server_time_clock_skew_and_duplicates() {
     t.engine.stop().await.unwrap();
 }
 
+/// Posts `body` and asserts it was accepted.
+async fn post_ok(base: &str, path: &str, body: &Value) {
+    let (status, answer) = post(base, path, body).await;
+    assert_eq!(status, StatusCode::OK, "{path}: {answer}");
+}
+
 /// One page of a feed: its header line and its rows.
 async fn feed_page(base: &str, table: &str, after: i64, limit: usize) -> (Value, Vec<Value>) {
     let text = client()
@@ -557,14 +563,13 @@ async fn event_keys_named_like_feed_fields_cannot_rewrite_feed_rows() {
         .into_iter()
         .enumerate()
     {
-        let (status, _) = post(
+        post_ok(
             &t.base,
             "/v1/track",
             &json!({"userId": "u1", "event": "B", "messageId": format!("m{i}"), "seq": seq,
                     "segment_id": "use_spoofed", "event_source_id": "other"}),
         )
         .await;
-        assert_eq!(status, StatusCode::OK);
     }
     let stored = stored(&t.store_url);
     let (header, rows) = feed_page(&t.base, "events", 0, 10).await;
@@ -922,13 +927,12 @@ async fn requests_beyond_the_reading_capacity_are_turned_away_before_their_bodie
         .unwrap();
     assert!(status_line.starts_with("HTTP/1.1 200"), "{status_line}");
     acknowledged.push("slow-1".into());
-    let (status, _) = post(
+    post_ok(
         &t.base,
         "/v1/track",
         &json!({"userId": "u1", "event": "Fast", "messageId": "after"}),
     )
     .await;
-    assert_eq!(status, StatusCode::OK);
     acknowledged.push("after".into());
     assert_stored_exactly(&t.store_url, acknowledged);
     t.engine.stop().await.unwrap();
@@ -960,13 +964,12 @@ async fn a_stalled_body_is_answered_408_and_frees_its_permit() {
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("did not arrive within 0.3 s"), "{answer}");
     // Its permit is free again: the next request (the only reading slot) gets in.
-    let (status, _) = post(
+    post_ok(
         &t.base,
         "/v1/track",
         &json!({"userId": "u1", "event": "Fast", "messageId": "after"}),
     )
     .await;
-    assert_eq!(status, StatusCode::OK);
     assert_stored_exactly(&t.store_url, vec!["after".into()]);
     t.engine.stop().await.unwrap();
 }
@@ -1102,8 +1105,7 @@ async fn without_a_feed_token_the_feed_api_answers_403() {
         ..Options::default()
     })
     .await;
-    let (status, _) = post(&t.base, "/v1/track", &json!({"userId": "u1", "event": "A"})).await;
-    assert_eq!(status, StatusCode::OK);
+    post_ok(&t.base, "/v1/track", &json!({"userId": "u1", "event": "A"})).await;
     for path in ["/v1/feeds", "/v1/feeds/tracks", "/v1/feeds/user_traits"] {
         let r = client()
             .get(format!("{}{path}", t.base))
@@ -1130,13 +1132,12 @@ async fn postgres_a_commit_the_store_refuses_answers_503_and_stores_nothing() {
         ..Options::default()
     })
     .await;
-    let (status, _) = post(
+    post_ok(
         &t.base,
         "/v1/track",
         &json!({"userId": "u1", "event": "A", "messageId": "ok1"}),
     )
     .await;
-    assert_eq!(status, StatusCode::OK);
     tokio::task::block_in_place(|| {
         pg.connect(&db)
             .batch_execute(

@@ -457,36 +457,48 @@ fn a_profile_table_turned_off_and_on_skips_the_gap_and_records_when(kind: &str) 
             .map(|(_, v)| v)
     };
 
-    ingest(&mut *s, &[plan("m1", "pro")]);
-    sync_at(0, &on);
-    assert_eq!(plan_of().as_deref(), Some("pro"));
-    assert_eq!(since(), ("1".into(), micros(0)));
-
-    ingest(&mut *s, &[plan("m2", "enterprise")]);
-    sync_at(1, &off);
-    assert_eq!(plan_of().as_deref(), Some("pro"), "off: nothing new");
-    assert_eq!(since(), ("0".into(), micros(0)));
-    let logged = wh.count("profile_traits_updates");
-
-    sync_at(2, &on);
+    // (hour, a plan set before the sync, the selection, the plan user_traits shows after it,
+    // user_traits' state row: enabled and since which hour)
+    let steps = [
+        (0, Some(("m1", "pro")), &on, "pro", ("1", 0), "first sync"),
+        (
+            1,
+            Some(("m2", "enterprise")),
+            &off,
+            "pro",
+            ("0", 0),
+            "off: nothing new",
+        ),
+        (
+            2,
+            None,
+            &on,
+            "pro",
+            ("1", 2),
+            "back on: the gap is not backfilled",
+        ),
+        (
+            3,
+            Some(("m3", "team")),
+            &on,
+            "team",
+            ("1", 2),
+            "changes after re-enabling apply",
+        ),
+    ];
+    let mut logged = vec![];
+    for (hour, set, selection, shown, (enabled, since_hour), why) in steps {
+        if let Some((id, value)) = set {
+            ingest(&mut *s, &[plan(id, value)]);
+        }
+        sync_at(hour, selection);
+        assert_eq!(plan_of().as_deref(), Some(shown), "{why}");
+        assert_eq!(since(), (enabled.to_string(), micros(since_hour)), "{why}");
+        logged.push(wh.count("profile_traits_updates"));
+    }
     assert_eq!(
-        plan_of().as_deref(),
-        Some("pro"),
-        "back on: the gap is not backfilled"
-    );
-    assert_eq!(since(), ("1".into(), micros(2)));
-
-    ingest(&mut *s, &[plan("m3", "team")]);
-    sync_at(3, &on);
-    assert_eq!(
-        plan_of().as_deref(),
-        Some("team"),
-        "changes after re-enabling apply"
-    );
-    assert_eq!(since(), ("1".into(), micros(2)));
-    assert_eq!(
-        wh.count("profile_traits_updates"),
-        logged + 1,
+        logged[3],
+        logged[1] + 1,
         "the change log stayed on throughout"
     );
 }

@@ -143,6 +143,11 @@ async fn ingest(
     label: &'static str,
 ) -> Response {
     let response = ingest_inner(&state, &headers, body, endpoint).await;
+    counted(&state, label, response)
+}
+
+/// Counts `response` in the request metric under `label` and its status.
+fn counted(state: &AppState, label: &str, response: Response) -> Response {
     state
         .metrics
         .requests
@@ -162,13 +167,7 @@ async fn count_feed_request(
     } else {
         "feed_page"
     };
-    let response = next.run(request).await;
-    state
-        .metrics
-        .requests
-        .with_label_values(&[label, response.status().as_str()])
-        .inc();
-    response
+    counted(&state, label, next.run(request).await)
 }
 
 async fn ingest_inner(
