@@ -48,6 +48,11 @@ fn basics() -> Vec<Value> {
     ]
 }
 
+/// A superuser connection to a PostgreSQL test warehouse's database: a DBA's changes.
+fn as_dba(wh: &TestWarehouse) -> ::postgres::Client {
+    support::pg::shared().connect(wh.database.as_deref().expect("a PostgreSQL warehouse"))
+}
+
 /// (name, value) of every row of `user_traits`, sorted.
 fn trait_values(wh: &TestWarehouse) -> Vec<(String, String)> {
     let mut rows: Vec<(String, String)> = wh
@@ -856,8 +861,7 @@ fn postgres_a_table_failing_mid_backlog_keeps_no_rows_past_the_failure() {
         .collect();
     ingest(&mut *s, &orders);
     let wh = TestWarehouse::postgres();
-    let mut admin = support::pg::shared().connect(wh.database.as_deref().unwrap());
-    admin
+    as_dba(&wh)
         .batch_execute(
             "CREATE SCHEMA profiles_sync;
              CREATE TABLE profiles_sync.order_completed (id TEXT PRIMARY KEY,
@@ -877,7 +881,7 @@ fn postgres_a_table_failing_mid_backlog_keeps_no_rows_past_the_failure() {
     assert_eq!(ids(&wh), ["o1", "o2"], "only the page before the failure");
     assert_eq!(wh.count("tracks"), 8, "the other tables load everything");
 
-    admin
+    as_dba(&wh)
         .batch_execute("ALTER TABLE profiles_sync.order_completed DROP CONSTRAINT not_3")
         .unwrap();
     let r = wh.sync_with(&url, None, &wh.spec, 2);
@@ -895,9 +899,7 @@ fn postgres_a_failing_profile_table_does_not_hold_back_the_other_two() {
     let (mut s, url, _d) = store();
     ingest(&mut *s, &basics());
     let wh = TestWarehouse::postgres();
-    let mut admin = support::pg::shared().connect(wh.database.as_deref().unwrap());
-    admin
-        .batch_execute(
+    as_dba(&wh).batch_execute(
             "DO $$ BEGIN CREATE ROLE profile_loader LOGIN; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
              CREATE SCHEMA profiles_sync AUTHORIZATION profile_loader;
              CREATE TABLE profiles_sync.user_traits (canonical_segment_id TEXT, name TEXT,
@@ -913,7 +915,7 @@ fn postgres_a_failing_profile_table_does_not_hold_back_the_other_two() {
     assert!(wh.count("user_identifiers") > 0, "user_identifiers loaded");
     assert!(wh.count("profile_merges") > 0, "profile_merges loaded");
 
-    admin
+    as_dba(&wh)
         .batch_execute("ALTER TABLE profiles_sync.user_traits OWNER TO profile_loader")
         .unwrap();
     let r = as_loader.sync(&url, None);
@@ -1084,8 +1086,7 @@ fn postgres_columns_of_the_warehouses_own_types_still_load() {
     };
     ingest(&mut *s, &[order("o1", 3, 9.5)]);
     let wh = TestWarehouse::postgres();
-    let mut admin = support::pg::shared().connect(wh.database.as_deref().unwrap());
-    admin
+    as_dba(&wh)
         .batch_execute(
             "CREATE SCHEMA profiles_sync;
              CREATE TABLE profiles_sync.order_completed (id TEXT PRIMARY KEY, total INTEGER,
@@ -1166,8 +1167,7 @@ fn postgres_values_a_narrowed_column_refuses_go_to_discards() {
         ],
     );
     let wh = TestWarehouse::postgres();
-    let mut admin = support::pg::shared().connect(wh.database.as_deref().unwrap());
-    admin
+    as_dba(&wh)
         .batch_execute(
             "CREATE SCHEMA profiles_sync;
              CREATE TABLE profiles_sync.order_completed (id TEXT PRIMARY KEY, total INTEGER,
