@@ -1,8 +1,12 @@
 //! The in-memory identity graph: profiles and identifiers in vectors, indexed by hash maps,
 //! and the persistence boundary (`take_dirty`, `restore`).
 
-use std::collections::HashMap;
 use std::sync::Arc;
+
+// The graph's indexes are hashed on every event: foldhash (randomly seeded per map, as
+// hashbrown's default) instead of SipHash.
+use foldhash::HashMap;
+use foldhash::HashMapExt;
 
 use jiff::{SignedDuration, Timestamp};
 use serde_json::{Map, Value};

@@ -1,7 +1,7 @@
 //! Profile traits: last write wins per trait, `null` removes, and on a merge the newest value
 //! of each trait wins (by when it was last set; removals count as writes).
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 
 use jiff::Timestamp;
 use serde_json::{Map, Value};
