@@ -1228,6 +1228,49 @@ fn postgres_values_a_narrowed_column_refuses_go_to_discards() {
     );
 }
 
+/// `availableTables` lists a Track event table by its whole name; PostgreSQL's 63-byte limit
+/// shortens a long one (a 23-character Japanese name is 69 bytes). A selection naming the table
+/// as listed still selects it, and its column choice applies.
+#[test]
+fn postgres_a_selection_may_name_a_shortened_table_as_available_tables_lists_it() {
+    let (mut s, url, _d) = store();
+    let event = "会員登録フォームの入力内容の送信が完了しました";
+    ingest(
+        &mut *s,
+        &[
+            msg(
+                json!({"type": "track", "messageId": "t1", "userId": "u1", "event": event,
+                       "properties": {"plan": "pro", "coupon": "X"}}),
+            ),
+            msg(json!({"type": "track", "messageId": "t2", "userId": "u1", "event": "Other"})),
+        ],
+    );
+    let listed = profiles_sync::sync::naming::table_name(event);
+    assert!(listed.len() > 63, "{listed}");
+    let wh = TestWarehouse::postgres();
+    let only = selection(json!({"default": "none", "tables": [
+        {"name": listed, "columns": {"exclude": ["coupon"]}}
+    ]}));
+    let r = wh.sync(&url, Some(&only));
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    let tables: Vec<String> = wh
+        .query("SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'profiles_sync' AND table_name NOT LIKE '\\_%'")
+        .into_iter()
+        .map(|r| r[0].clone().unwrap())
+        .collect();
+    assert_eq!(tables.len(), 1, "only the selected table: {tables:?}");
+    let stored = &tables[0];
+    assert!(
+        stored.len() <= 63 && stored.starts_with("会員登録"),
+        "{stored}"
+    );
+    let cols = wh.columns(stored);
+    assert!(
+        cols.contains(&"plan".to_string()) && !cols.contains(&"coupon".to_string()),
+        "{cols:?}"
+    );
+}
+
 #[test]
 fn backfill_completes_when_every_feed_is_read_to_its_end() {
     // The newest change is an event, so the identity tables' cursors stay below the head:

@@ -158,8 +158,10 @@ pub fn page(
 }
 
 /// One page of a current-state table as NDJSON: the header line (with `next_after_key`), then
-/// up to about `limit` rows (a profile's traits stay together), cut short once they hold
-/// `max_bytes`. `more` is false only when the read reached the end of the table.
+/// the rows of at most `limit` profiles or identifiers — stopping once `limit` rows are out or
+/// they hold `max_bytes` (a profile's traits stay together). Bounded by what is read, not by
+/// the rows found, a page may be short, even empty, with more after it; `more` is false only
+/// when the read reached the end of the table.
 pub fn state_table_page(
     store: &mut dyn Store,
     table: StateTable,
@@ -169,10 +171,11 @@ pub fn state_table_page(
     max_bytes: usize,
 ) -> Result<String, StoreError> {
     let mut body = String::new();
-    let (mut count, mut after, mut more) = (0usize, after, true);
-    while count < limit && body.len() < max_bytes {
-        let want = (limit - count).min(READ_PIECE);
+    let (mut count, mut read, mut after, mut more) = (0usize, 0usize, after, true);
+    while count < limit && read < limit && body.len() < max_bytes {
+        let want = (limit - read).min(READ_PIECE);
         let page = state_page(store, table, after.as_deref(), want)?;
+        read += page.read;
         for row in &page.rows {
             body.push_str(&serde_json::to_string(row).unwrap_or_default());
             body.push('\n');
@@ -260,6 +263,45 @@ mod tests {
             assert_eq!(empty["count"], 0);
             assert_eq!(empty["columns"], json!(declared), "{table}: an empty page");
         }
+    }
+
+    /// A current-state page reads at most `limit` profiles however few rows they give, so a
+    /// table of mostly traitless profiles never makes one request read the whole store.
+    #[test]
+    fn a_state_page_is_bounded_by_the_profiles_it_reads() {
+        let mut messages: Vec<Value> = (0..10)
+            .map(|i| json!({"type": "page", "messageId": format!("p{i}"), "anonymousId": format!("a{i}")}))
+            .collect();
+        messages.push(
+            json!({"type": "identify", "messageId": "i1", "userId": "u1",
+                             "traits": {"plan": "pro"}}),
+        );
+        let mut store = store_with(&messages);
+        let (mut after, mut rows, mut pages) = (None::<Vec<String>>, vec![], 0);
+        loop {
+            let text = state_table_page(
+                &mut store,
+                StateTable::UserTraits,
+                "user_traits",
+                after,
+                2,
+                usize::MAX,
+            )
+            .unwrap();
+            let (header, page) = page_rows(&text);
+            pages += 1;
+            rows.extend(page);
+            after = serde_json::from_value(header["next_after_key"].clone()).unwrap();
+            if header["more"] == false {
+                break;
+            }
+        }
+        assert_eq!(
+            pages, 6,
+            "11 profiles, 2 a page: 6 pages, most of them empty"
+        );
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0]["name"], "plan");
     }
 
     #[test]

@@ -365,14 +365,19 @@ fn page_start(table: &str, q: &PageQuery) -> Result<PageStart, String> {
         )),
         (Some(t), None) => Ok(PageStart::Key(t, None)),
         (Some(t), Some(key)) => match serde_json::from_str::<Vec<String>>(key) {
-            Ok(key) => Ok(PageStart::Key(t, Some(key))),
+            Ok(key) if key.len() == t.key_columns().len() => Ok(PageStart::Key(t, Some(key))),
+            Ok(_) => Err(format!(
+                "after_key: a key of {table} is [{}]",
+                t.key_columns().join(", ")
+            )),
             Err(e) => Err(format!(
                 "after_key must be the JSON array of strings a page's next_after_key gave: {e}"
             )),
         },
-        (None, Some(_)) => Err(format!(
-            "{table} is read by after (a seq); after_key is for the current-state tables"
-        )),
+        (None, Some(_)) => Err(
+            "after_key is for the current-state tables (user_identifiers, user_traits, profile_merges); other feeds are read by after (a seq)"
+                .to_string(),
+        ),
         (None, None) => Ok(PageStart::Seq(q.after.unwrap_or(0))),
     }
 }

@@ -51,10 +51,10 @@ pub enum StoreError {
         /// What was wrong.
         reason: String,
     },
-    /// An unknown table name was asked for.
     /// A current-state key of the wrong shape.
     #[error("a key of this table is {0}")]
     BadKey(&'static str),
+    /// An unknown table name was asked for.
     #[error("unknown table {0:?}")]
     UnknownTable(String),
 }

@@ -34,6 +34,14 @@ impl StateTable {
     /// Every current-state table name.
     pub const TABLES: [&'static str; 3] = ["user_identifiers", "user_traits", "profile_merges"];
 
+    /// What a position in the table is made of (see [`StateKey`]).
+    pub fn key_columns(self) -> &'static [&'static str] {
+        match self {
+            StateTable::UserIdentifiers => &["type", "value"],
+            StateTable::UserTraits | StateTable::ProfileMerges => &["segment_id"],
+        }
+    }
+
     /// The columns of the table's rows, in their order.
     pub fn columns(self) -> &'static [&'static str] {
         match self {
@@ -132,6 +140,9 @@ pub struct StatePage {
     pub next: Option<StateKey>,
     /// False once the read reached the end of the table.
     pub more: bool,
+    /// Profiles or identifiers read (a profile without traits, or a live one read for
+    /// `profile_merges`, gives no row).
+    pub read: usize,
 }
 
 /// Reads the profiles `ids` point at and, through merges, their live profiles into `known`.
@@ -166,8 +177,9 @@ fn load_chains(
     Ok(())
 }
 
-/// Up to about `limit` rows of `table` after `after`, read by key from the store (each
-/// profile's traits stay on one page, so a page of `user_traits` may hold more). Each page
+/// The rows of the next `limit` profiles (or identifiers) of `table` after `after`, read by
+/// key from the store: a page of `user_traits` may hold more rows than `limit` (a profile's
+/// traits stay together) or fewer (profiles without traits, merged ones). Each page
 /// reflects the store when it was read: a merge between two pages can move a profile's traits
 /// to a key already passed; the change logs are the consistent record.
 pub fn state_page(
@@ -195,6 +207,7 @@ pub fn state_page(
                     .map(|i| identifier_row(i, canonical_of(&by_id, &i.segment_id)))
                     .collect(),
                 more: ids.len() == limit,
+                read: ids.len(),
                 next: ids
                     .last()
                     .map(|i| vec![i.id_type.clone(), i.value.clone()])
@@ -232,6 +245,7 @@ pub fn state_page(
             Ok(StatePage {
                 rows,
                 more: profiles.len() == limit,
+                read: profiles.len(),
                 next: profiles
                     .last()
                     .map(|p| vec![p.segment_id.clone()])

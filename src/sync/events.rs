@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use super::columns::{ColumnMap, Field, remember, same_name_reason};
 use super::load::{ColumnName, PendingRow};
-use super::naming::{fit, identifier};
+use super::naming::{fit, identifier, table_name};
 use super::tables::{DISCARDS, event_base_columns, event_reserved_columns, known_tables};
 use crate::crd::{ColumnFilter, SelectiveSyncSpec};
 use crate::event::{Event, EventType, Section};
@@ -27,6 +27,29 @@ pub fn track_table(event: &str, max_len: usize) -> String {
     } else {
         name
     }
+}
+
+/// `sel` with each Track event table it names by its whole name (`naming::table_name`, as
+/// `SelectiveSync.status.availableTables` lists it) renamed to the table the warehouse holds,
+/// when its identifier limit shortens the name; `None` when nothing needs renaming. An entry
+/// naming the shortened table already wins.
+pub fn with_warehouse_names(
+    sel: &SelectiveSyncSpec,
+    events: &[String],
+    max_len: usize,
+) -> Option<SelectiveSyncSpec> {
+    let mut out: Option<SelectiveSyncSpec> = None;
+    for event in events {
+        let (whole, short) = (table_name(event), track_table(event, max_len));
+        let current = out.as_ref().unwrap_or(sel);
+        if whole == short || current.tables.iter().any(|t| t.name == short) {
+            continue;
+        }
+        if let Some(i) = current.tables.iter().position(|t| t.name == whole) {
+            out.get_or_insert_with(|| sel.clone()).tables[i].name = short;
+        }
+    }
+    out
 }
 
 /// The fixed columns of an event table of `event_type` (`per_event`: a Track event's own table).

@@ -120,6 +120,9 @@ struct Typer<'c> {
     existing: Option<&'c TableColumns>,
     limits: Option<&'c ColumnLimits>,
     filter: Option<&'c ColumnFilter<'c>>,
+    /// The table's key columns: never checked against a limit (a value discarded there would
+    /// leave the row without its key; the warehouse's own error names the problem instead).
+    key: &'static [&'static str],
     /// The limit of each of `columns`, when narrowed.
     column_limits: Vec<Option<ColumnLimit>>,
     uuid_ts: jiff::Timestamp,
@@ -157,6 +160,7 @@ impl<'c> Typer<'c> {
             existing,
             limits,
             filter: chunk.filter,
+            key: chunk.key,
             column_limits: Vec::with_capacity(chunk.fixed.len() + 16),
             uuid_ts: chunk.uuid_ts,
             columns: Vec::with_capacity(chunk.fixed.len() + 16),
@@ -184,8 +188,9 @@ impl<'c> Typer<'c> {
     fn add(&mut self, name: &str, ty: ColumnType) -> usize {
         let i = self.columns.len();
         self.columns.push(Column::new(name, ty));
+        let limit = self.limits.and_then(|l| l.get(name).copied());
         self.column_limits
-            .push(self.limits.and_then(|l| l.get(name).copied()));
+            .push(limit.filter(|_| !self.key.contains(&name)));
         self.index.insert(name.to_string(), i);
         if name == "uuid_ts" {
             self.uuid = Some(i);
@@ -633,6 +638,36 @@ mod tests {
             ]
         );
         assert!(p.discards.is_empty());
+    }
+
+    /// A narrowed column's limit sends a value past it to discards, but never on a key column:
+    /// a key discarded would leave the row without it (the warehouse's own error says why).
+    #[test]
+    fn limits_discard_values_but_never_a_key() {
+        let fixed = [Column::new("id", ColumnType::Varchar)];
+        let c = chunk(
+            vec![row(
+                "long-id",
+                vec![("id", json!("long-id")), ("note", json!("abcdef"))],
+            )],
+            &fixed,
+        );
+        let narrow = ColumnLimit::Text {
+            max: 3,
+            bytes: false,
+        };
+        let limits: ColumnLimits = [("id".to_string(), narrow), ("note".to_string(), narrow)]
+            .into_iter()
+            .collect();
+        let schema = Schema {
+            limits: [("t".to_string(), limits)].into_iter().collect(),
+            ..Schema::default()
+        };
+        let p = prepare(&schema, c);
+        assert_eq!(p.rows[0], [Cell::Text("long-id".into()), Cell::Null]);
+        assert_eq!(p.discards.len(), 1);
+        assert_eq!(p.discards[0][1], Cell::Text("note".into()));
+        assert_eq!(p.discards[0][3], Cell::Text("abcdef".into()));
     }
 
     /// What typing a chunk means, written plainly (two passes, no caches): the model

@@ -89,6 +89,24 @@ pub fn run(
             format!("connection test failed: {}", e.message),
         );
     }
+    // A selection may name a Track event table as `availableTables` lists it (its whole name);
+    // where the warehouse shortens that name, the entry applies to the shortened table.
+    let renamed = opts.selection.and_then(|sel| {
+        let events = source.track_event_names().ok()?;
+        events::with_warehouse_names(sel, &events, wh.dialect().max_identifier_len())
+    });
+    let renamed_opts;
+    let opts = match &renamed {
+        Some(sel) => {
+            renamed_opts = SyncOptions {
+                id: opts.id.clone(),
+                selection: Some(sel),
+                ..*opts
+            };
+            &renamed_opts
+        }
+        None => opts,
+    };
     let mut run = Run::new(opts, start);
     match run.execute(source, wh) {
         Ok(()) => {}

@@ -62,7 +62,7 @@ impl Credentials {
             private_key: read(&secret.private_key_key),
             service_account: read(&secret.service_account_key),
             token: read(&secret.token_key),
-            ca_cert: read(&secret.ca_cert_key),
+            ca_cert: read(&secret.ca_cert_key).filter(|s| !s.trim().is_empty()),
         }
     }
 
@@ -89,7 +89,13 @@ impl Credentials {
             private_key: read(&secret.private_key_key)?,
             service_account: read(&secret.service_account_key)?,
             token: read(&secret.token_key)?,
-            ca_cert: read(&secret.ca_cert_key)?,
+            // Optional and only used by verify-ca / verify-full: read as the controller's
+            // connection test reads it (a value that is not text, or blank, counts as absent),
+            // so it can never fail a sync that does not use it.
+            ca_cert: std::fs::read(dir.join(&secret.ca_cert_key))
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .filter(|s| !s.trim().is_empty()),
         })
     }
 }

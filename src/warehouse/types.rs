@@ -98,8 +98,12 @@ impl ColumnLimit {
                 // value of `precision - scale` or more integer digits. The bound is lowered by a
                 // few ulps so a value the float arithmetic puts on either side of it is refused
                 // rather than risk a load the warehouse fails.
-                let bound = 10f64.powi(precision - scale) - 0.5 * 10f64.powi(-scale);
-                if f.abs() < bound * (1.0 - 8.0 * f64::EPSILON) {
+                let whole = 10f64.powi(precision - scale);
+                let bound = whole - 0.5 * 10f64.powi(-scale);
+                // Zero always fits; a bound past f64's range holds every float (and an
+                // infinite half-unit means every float rounds to zero).
+                if *f == 0.0 || whole.is_infinite() || f.abs() < bound * (1.0 - 8.0 * f64::EPSILON)
+                {
                     Ok(())
                 } else {
                     Err(format!(
@@ -251,6 +255,40 @@ mod tests {
                 },
                 Cell::Float(999.5),
                 false,
+            ),
+            // Scales past f64's range: numeric(2,-400) rounds every float to 0;
+            // numeric(10,400) holds only values below 1e-390, so of floats only 0.
+            (
+                ColumnLimit::Numeric {
+                    precision: 2,
+                    scale: -400,
+                },
+                Cell::Float(1e300),
+                true,
+            ),
+            (
+                ColumnLimit::Numeric {
+                    precision: 10,
+                    scale: 400,
+                },
+                Cell::Float(0.0),
+                true,
+            ),
+            (
+                ColumnLimit::Numeric {
+                    precision: 10,
+                    scale: 400,
+                },
+                Cell::Float(1e-300),
+                false,
+            ),
+            (
+                ColumnLimit::Numeric {
+                    precision: 4,
+                    scale: 2,
+                },
+                Cell::Float(0.0),
+                true,
             ),
             (ColumnLimit::Real, Cell::Float(3.4e38), true),
             (ColumnLimit::Real, Cell::Float(3.5e38), false),

@@ -28,7 +28,8 @@ impl PostgresDialect {
     /// staging table, whose `INSERT … SELECT` applies PostgreSQL's assignment casts.
     pub fn copies_directly(&self, sql_type: &str) -> bool {
         let t = sql_type.to_ascii_lowercase();
-        t.starts_with("character varying")
+        // An array of any of these (`text[]`, `character varying(20)[]`) is another type.
+        (t.starts_with("character varying") && !t.ends_with("[]"))
             || [
                 "text",
                 "bigint",
@@ -172,12 +173,14 @@ mod tests {
                 }),
             ),
             (
-                "numeric(5)",
+                "numeric(5,0)",
                 Some(ColumnLimit::Numeric {
                     precision: 5,
                     scale: 0,
                 }),
             ),
+            ("numeric(10,2)[]", None),
+            ("character varying(20)[]", None),
             ("real", Some(ColumnLimit::Real)),
             ("numeric", None),
             ("character varying", None),
@@ -190,6 +193,10 @@ mod tests {
         ] {
             assert_eq!(d.column_limit(catalog), limit, "{catalog}");
         }
+        // Arrays are other types than their elements: never written by binary COPY directly.
+        assert!(d.copies_directly("character varying(20)"));
+        assert!(!d.copies_directly("character varying(20)[]"));
+        assert!(!d.copies_directly("text[]"));
         assert_eq!(
             PostgresDialect::redshift().column_limit("character varying(256)"),
             Some(ColumnLimit::Text {
