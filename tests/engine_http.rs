@@ -885,6 +885,57 @@ async fn stall_a_batch(base: &str) -> (tokio::net::TcpStream, String) {
     (slow, tail.to_string())
 }
 
+/// Shutdown finishes a request already in flight: the stalled request is known to be in the
+/// handler (it holds the only reading permit, so others are turned away), shutdown starts (the
+/// listener closes: new connections are refused), then its body completes — it is answered
+/// 200 and stored, and the engine's stop completes after it. Fails if shutdown refused or
+/// dropped work it had taken up (a 503, a closed connection, or a lost event).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_in_flight_when_shutdown_starts_is_finished_and_stored() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let t = start_with(8, 1).await;
+    let (mut slow, tail) = stall_a_batch(&t.base).await;
+    let mut acknowledged = vec![];
+    loop {
+        let id = format!("fast-{}", acknowledged.len());
+        let r = client()
+            .post(format!("{}/v1/track", t.base))
+            .basic_auth(WRITE_KEY, Some(""))
+            .json(&json!({"userId": "u1", "event": "Fast", "messageId": id}))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == StatusCode::SERVICE_UNAVAILABLE {
+            break;
+        }
+        assert_eq!(r.status(), StatusCode::OK);
+        acknowledged.push(id);
+        assert!(acknowledged.len() < 200, "the stalled request never got in");
+    }
+    t.engine.shutdown_sender().send(true).unwrap();
+    let addr = t.base.trim_start_matches("http://").to_string();
+    let mut tries = 0;
+    while tokio::net::TcpStream::connect(&addr).await.is_ok() {
+        tries += 1;
+        assert!(
+            tries < 100_000,
+            "the engine kept accepting connections after shutdown"
+        );
+        tokio::task::yield_now().await;
+    }
+    slow.write_all(tail.as_bytes()).await.unwrap();
+    let mut status_line = String::new();
+    tokio::io::BufReader::new(&mut slow)
+        .read_line(&mut status_line)
+        .await
+        .unwrap();
+    assert!(status_line.starts_with("HTTP/1.1 200"), "{status_line}");
+    drop(slow);
+    t.engine.wait().await.unwrap();
+    acknowledged.push("slow-1".into());
+    assert_stored_exactly(&t.store_url, acknowledged);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_beyond_the_reading_capacity_are_turned_away_before_their_bodies_are_read() {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
