@@ -885,6 +885,48 @@ async fn stall_a_batch(base: &str) -> (tokio::net::TcpStream, String) {
     (slow, tail.to_string())
 }
 
+/// Sends track calls until the engine turns one away (a stalled request holds its only reading
+/// permit); returns the messageIds it accepted and the refusal's `Retry-After`.
+async fn track_until_turned_away(base: &str) -> (Vec<String>, Option<String>) {
+    let mut acknowledged = vec![];
+    loop {
+        let id = format!("fast-{}", acknowledged.len());
+        let r = client()
+            .post(format!("{base}/v1/track"))
+            .basic_auth(WRITE_KEY, Some(""))
+            .json(&json!({"userId": "u1", "event": "Fast", "messageId": id}))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == StatusCode::SERVICE_UNAVAILABLE {
+            let retry_after = r
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            return (acknowledged, retry_after);
+        }
+        assert_eq!(r.status(), StatusCode::OK);
+        acknowledged.push(id);
+        assert!(
+            acknowledged.len() < 200,
+            "a stalled request never held the only reading permit"
+        );
+    }
+}
+
+/// Sends the rest of a stalled request's body; returns the status line of its answer.
+async fn finish_stalled(slow: &mut tokio::net::TcpStream, tail: &str) -> String {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    slow.write_all(tail.as_bytes()).await.unwrap();
+    let mut status_line = String::new();
+    tokio::io::BufReader::new(slow)
+        .read_line(&mut status_line)
+        .await
+        .unwrap();
+    status_line
+}
+
 /// Shutdown finishes a request already in flight: the stalled request is known to be in the
 /// handler (it holds the only reading permit, so others are turned away), shutdown starts (the
 /// listener closes: new connections are refused), then its body completes — it is answered
@@ -892,26 +934,9 @@ async fn stall_a_batch(base: &str) -> (tokio::net::TcpStream, String) {
 /// dropped work it had taken up (a 503, a closed connection, or a lost event).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_in_flight_when_shutdown_starts_is_finished_and_stored() {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let t = start_with(8, 1).await;
     let (mut slow, tail) = stall_a_batch(&t.base).await;
-    let mut acknowledged = vec![];
-    loop {
-        let id = format!("fast-{}", acknowledged.len());
-        let r = client()
-            .post(format!("{}/v1/track", t.base))
-            .basic_auth(WRITE_KEY, Some(""))
-            .json(&json!({"userId": "u1", "event": "Fast", "messageId": id}))
-            .send()
-            .await
-            .unwrap();
-        if r.status() == StatusCode::SERVICE_UNAVAILABLE {
-            break;
-        }
-        assert_eq!(r.status(), StatusCode::OK);
-        acknowledged.push(id);
-        assert!(acknowledged.len() < 200, "the stalled request never got in");
-    }
+    let (mut acknowledged, _) = track_until_turned_away(&t.base).await;
     t.engine.shutdown_sender().send(true).unwrap();
     let addr = t.base.trim_start_matches("http://").to_string();
     let mut tries = 0;
@@ -923,12 +948,7 @@ async fn a_request_in_flight_when_shutdown_starts_is_finished_and_stored() {
         );
         tokio::task::yield_now().await;
     }
-    slow.write_all(tail.as_bytes()).await.unwrap();
-    let mut status_line = String::new();
-    tokio::io::BufReader::new(&mut slow)
-        .read_line(&mut status_line)
-        .await
-        .unwrap();
+    let status_line = finish_stalled(&mut slow, &tail).await;
     assert!(status_line.starts_with("HTTP/1.1 200"), "{status_line}");
     drop(slow);
     t.engine.wait().await.unwrap();
@@ -938,44 +958,16 @@ async fn a_request_in_flight_when_shutdown_starts_is_finished_and_stored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_beyond_the_reading_capacity_are_turned_away_before_their_bodies_are_read() {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let t = start_with(8, 1).await;
     // A client sends its headers and half of its body, then stalls: its request holds the one
     // reading permit while the engine waits for the rest.
     let (mut slow, tail) = stall_a_batch(&t.base).await;
     // Until the engine has taken up that request, others still get in; once it has, the next
     // one is turned away without its body being read.
-    let mut acknowledged = vec![];
-    loop {
-        let id = format!("fast-{}", acknowledged.len());
-        let r = client()
-            .post(format!("{}/v1/track", t.base))
-            .basic_auth(WRITE_KEY, Some(""))
-            .json(&json!({"userId": "u1", "event": "Fast", "messageId": id}))
-            .send()
-            .await
-            .unwrap();
-        if r.status() == StatusCode::SERVICE_UNAVAILABLE {
-            assert_eq!(
-                r.headers().get("retry-after").and_then(|v| v.to_str().ok()),
-                Some("1")
-            );
-            break;
-        }
-        assert_eq!(r.status(), StatusCode::OK);
-        acknowledged.push(id);
-        assert!(
-            acknowledged.len() < 200,
-            "a stalled request never held the only reading permit"
-        );
-    }
+    let (mut acknowledged, retry_after) = track_until_turned_away(&t.base).await;
+    assert_eq!(retry_after.as_deref(), Some("1"));
     // The stalled request completes and releases its permit: the next request gets in.
-    slow.write_all(tail.as_bytes()).await.unwrap();
-    let mut status_line = String::new();
-    tokio::io::BufReader::new(&mut slow)
-        .read_line(&mut status_line)
-        .await
-        .unwrap();
+    let status_line = finish_stalled(&mut slow, &tail).await;
     assert!(status_line.starts_with("HTTP/1.1 200"), "{status_line}");
     acknowledged.push("slow-1".into());
     post_ok(

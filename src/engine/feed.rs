@@ -150,11 +150,18 @@ pub fn page(
             break;
         }
     }
-    let mut out = json!({"table": table, "columns": columns, "count": count, "next_after": next_after, "more": more})
-        .to_string();
+    Ok(ndjson(
+        json!({"table": table, "columns": columns, "count": count, "next_after": next_after, "more": more}),
+        &body,
+    ))
+}
+
+/// A page as sent: its header line, then the rows' lines.
+fn ndjson(header: Value, rows: &str) -> String {
+    let mut out = header.to_string();
     out.push('\n');
-    out.push_str(&body);
-    Ok(out)
+    out.push_str(rows);
+    out
 }
 
 /// One page of a current-state table as NDJSON: the header line (with `next_after_key`), then
@@ -187,12 +194,11 @@ pub fn state_table_page(
             break;
         }
     }
-    let mut out = json!({"table": name, "columns": table.columns(), "count": count,
-                         "next_after_key": after, "more": more})
-    .to_string();
-    out.push('\n');
-    out.push_str(&body);
-    Ok(out)
+    Ok(ndjson(
+        json!({"table": name, "columns": table.columns(), "count": count,
+               "next_after_key": after, "more": more}),
+        &body,
+    ))
 }
 
 #[cfg(test)]

@@ -51,9 +51,9 @@ pub enum StoreError {
         /// What was wrong.
         reason: String,
     },
-    /// A current-state key of the wrong shape.
-    #[error("a key of this table is {0}")]
-    BadKey(&'static str),
+    /// A current-state key of the wrong shape for its table.
+    #[error("a key of this table is [{}]", .0.key_columns().join(", "))]
+    BadKey(StateTable),
     /// An unknown table name was asked for.
     #[error("unknown table {0:?}")]
     UnknownTable(String),

@@ -189,14 +189,13 @@ pub fn state_page(
     limit: usize,
 ) -> Result<StatePage, StoreError> {
     let limit = limit.max(1);
+    if after.is_some_and(|k| k.len() != table.key_columns().len()) {
+        return Err(StoreError::BadKey(table));
+    }
     let mut known: HashMap<String, ProfileState> = HashMap::new();
     match table {
         StateTable::UserIdentifiers => {
-            let after = match after {
-                Some([t, v]) => Some((t.as_str(), v.as_str())),
-                Some(_) => return Err(StoreError::BadKey("[type, value]")),
-                None => None,
-            };
+            let after = after.map(|k| (k[0].as_str(), k[1].as_str()));
             let ids = store.read_identifiers(after, limit)?;
             load_chains(store, &mut known, ids.iter().map(|i| i.segment_id.clone()))?;
             let by_id: HashMap<&str, &ProfileState> =
@@ -215,11 +214,7 @@ pub fn state_page(
             })
         }
         StateTable::UserTraits | StateTable::ProfileMerges => {
-            let after = match after {
-                Some([id]) => Some(id.as_str()),
-                Some(_) => return Err(StoreError::BadKey("[segment_id]")),
-                None => None,
-            };
+            let after = after.map(|k| k[0].as_str());
             let profiles = store.read_profiles(after, limit)?;
             let rows = if table == StateTable::UserTraits {
                 profiles

@@ -85,7 +85,7 @@ pub struct ChunkResult {
 }
 
 /// The schema as this sync knows it (read once, kept current as tables and columns are added).
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct Schema {
     /// Table → columns.
     pub tables: BTreeMap<String, TableColumns>,

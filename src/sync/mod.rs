@@ -507,10 +507,7 @@ impl<'a> Run<'a> {
         let read_ahead = self.rows_left.is_none();
         let page_size = self.page();
         // Chunks are typed against the schema as it will be once the chunks before them commit.
-        let mut planned = Schema {
-            tables: schema.tables.clone(),
-            limits: schema.limits.clone(),
-        };
+        let mut planned = schema.clone();
         std::thread::scope(|scope| -> Result<(), RunError> {
             let mut pages = if read_ahead {
                 Pages::Ahead(read_pages(scope, source, start, page_size))
