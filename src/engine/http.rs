@@ -241,7 +241,8 @@ async fn ingest_inner(
     let events = accepted
         .events
         .into_iter()
-        .map(PreparedEvent::new)
+        .zip(accepted.identifiers)
+        .map(|(event, ids)| PreparedEvent::with_identifiers(event, ids))
         .collect();
     let submitted = state.writer.try_submit(events);
     drop(reading);

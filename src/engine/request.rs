@@ -7,7 +7,7 @@ use base64::Engine as _;
 use serde_json::{Map, Value};
 
 use crate::event::{Event, EventType, ParseOptions, Timestamp};
-use crate::identity::{Identifier, Rules, extract_identifiers};
+use crate::identity::{Identifier, Rules, extract_all};
 
 use super::sources::{SourceConfig, Sources};
 
@@ -95,6 +95,9 @@ pub struct Accepted {
     pub source: SourceConfig,
     /// Its events, in order.
     pub events: Vec<Event>,
+    /// Every identifier of each of `events` ([`extract_all`]), in the same order: read here to
+    /// check them, kept so the store does not read them again.
+    pub identifiers: Vec<Vec<Identifier>>,
 }
 
 /// Decompresses a gzip body, refusing to inflate past `limit` bytes (a zip bomb stays small).
@@ -186,7 +189,7 @@ fn field_error(status: u16, field: &str, reason: &str, index: Option<usize>) -> 
 /// record) with a NUL character, which PostgreSQL's text type refuses, or an indexed one (ids,
 /// identifiers, a Track event's name) longer than [`MAX_ID_BYTES`]. Such a message is refused
 /// here instead of failing the whole group commit it would join.
-fn unstorable_field(event: &Event, identifiers: &[Identifier]) -> Option<(String, String)> {
+fn unstorable_field(event: &Event, identifiers: &[&Identifier]) -> Option<(String, String)> {
     const NUL: &str =
         "contains a NUL character (U+0000), which the stores' text columns cannot hold";
     let too_long = || {
@@ -307,6 +310,7 @@ fn accept(
         trust_received_at: false,
     };
     let mut events = Vec::with_capacity(messages.len());
+    let mut all_identifiers = Vec::with_capacity(messages.len());
     for (i, m) in messages.into_iter().enumerate() {
         let index = batched.then_some(i);
         if batched {
@@ -340,11 +344,15 @@ fn accept(
                 index,
             ));
         }
-        let identifiers = extract_identifiers(&event, rules);
-        if let Some((field, reason)) = unstorable_field(&event, &identifiers) {
+        let identifiers = extract_all(&event);
+        let usable: Vec<&Identifier> = identifiers
+            .iter()
+            .filter(|id| !rules.is_blocked(&id.value))
+            .collect();
+        if let Some((field, reason)) = unstorable_field(&event, &usable) {
             return Err(field_error(400, &field, &reason, index));
         }
-        if identifiers.is_empty() {
+        if usable.is_empty() {
             let field = if event.user_id.is_some() {
                 "userId"
             } else {
@@ -358,10 +366,12 @@ fn accept(
             ));
         }
         events.push(event);
+        all_identifiers.push(identifiers);
     }
     Ok(Accepted {
         source: source.clone(),
         events,
+        identifiers: all_identifiers,
     })
 }
 

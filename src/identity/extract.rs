@@ -33,8 +33,9 @@ pub fn extract_identifiers(event: &Event, rules: &Rules) -> Vec<Identifier> {
     ids
 }
 
-/// Every identifier of the event, blocked values included, without duplicates.
-pub(crate) fn extract_all(event: &Event) -> Vec<Identifier> {
+/// Every identifier of the event, blocked values included, without duplicates, in the order of
+/// [`extract_identifiers`].
+pub fn extract_all(event: &Event) -> Vec<Identifier> {
     let mut out = Extracted(Vec::with_capacity(4));
     if let Some(v) = &event.user_id {
         out.push_str("user_id", v);

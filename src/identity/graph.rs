@@ -109,7 +109,16 @@ impl IdentityGraph {
     /// [`NoIdentifiers`](super::ResolveError::NoIdentifiers) has no profile and must not be
     /// stored as resolved.
     pub fn resolve(&mut self, event: &Event) -> Result<super::Resolution, super::ResolveError> {
-        super::resolve::resolve(self, event)
+        super::resolve::resolve(self, super::Subject::of(event))
+    }
+
+    /// [`IdentityGraph::resolve`] of what resolution reads of an event, taken from it earlier
+    /// (the engine does so on its HTTP threads, so the single writer never holds whole events).
+    pub fn resolve_subject(
+        &mut self,
+        subject: super::Subject<'_>,
+    ) -> Result<super::Resolution, super::ResolveError> {
+        super::resolve::resolve(self, subject)
     }
 
     /// Profile and identifier state changed since the last call, each once in its latest

@@ -17,7 +17,7 @@ mod rules;
 mod tests;
 mod traits;
 
-pub use extract::extract_identifiers;
+pub use extract::{extract_all, extract_identifiers};
 pub use graph::IdentityGraph;
 pub use ids::{external_id_hash, new_row_id, new_segment_id};
 pub use model::{
@@ -25,6 +25,44 @@ pub use model::{
     ProfileTraitsUpdate, Resolution, ResolveError, StateDelta,
 };
 pub use rules::{Limit, Rules, RulesError};
+
+use serde_json::{Map, Value};
+
+use crate::event::{Event, EventType};
+
+/// What identity resolution reads of an event: its type and time, every identifier it carries
+/// ([`extract_all`]: blocked values included, so their drops are reported), the alias fields and
+/// an identify call's traits.
+#[derive(Clone, Debug)]
+pub struct Subject<'a> {
+    /// The call's type.
+    pub event_type: EventType,
+    /// The event's (clock-skew corrected) timestamp.
+    pub timestamp: jiff::Timestamp,
+    /// [`extract_all`] of the event.
+    pub identifiers: Vec<Identifier>,
+    /// `previousId` (alias calls).
+    pub previous_id: Option<&'a str>,
+    /// `anonymousId`.
+    pub anonymous_id: Option<&'a str>,
+    /// An identify call's traits (applied to its profile; their count is checked against the
+    /// trait cap); `None` for other calls.
+    pub identify_traits: Option<&'a Map<String, Value>>,
+}
+
+impl<'a> Subject<'a> {
+    /// What resolution reads of `event`.
+    pub fn of(event: &'a Event) -> Subject<'a> {
+        Subject {
+            event_type: event.event_type,
+            timestamp: event.timestamp,
+            identifiers: extract_all(event),
+            previous_id: event.previous_id.as_deref(),
+            anonymous_id: event.anonymous_id.as_deref(),
+            identify_traits: (event.event_type == EventType::Identify).then_some(&event.traits),
+        }
+    }
+}
 
 /// One identifier: a type (`user_id`, `email`, `ios.idfa`, a custom `context.externalIds` type)
 /// and its value.

@@ -6,16 +6,16 @@
 use std::sync::Arc;
 
 use jiff::Timestamp;
+use serde_json::{Map, Value};
 
-use super::extract::extract_all;
 use super::graph::{IdentIx, IdentityGraph, ProfileIx, TypeIx};
 use super::ids::{external_id_hash, new_row_id, new_segment_id};
 use super::model::{
     DropReason, ExternalIdMappingUpdate, IdGraphUpdate, ProfileTraitsUpdate, Resolution,
     ResolveError,
 };
-use super::{Identifier, traits};
-use crate::event::{Event, EventType};
+use super::{Identifier, Subject, traits};
+use crate::event::EventType;
 
 /// One identifier of the event under consideration.
 struct Candidate {
@@ -35,9 +35,12 @@ struct Plan {
     merge: Vec<ProfileIx>,
 }
 
-pub(super) fn resolve(g: &mut IdentityGraph, event: &Event) -> Result<Resolution, ResolveError> {
-    if event.event_type == EventType::Identify {
-        let count = event.identity_traits().len();
+pub(super) fn resolve(
+    g: &mut IdentityGraph,
+    event: Subject<'_>,
+) -> Result<Resolution, ResolveError> {
+    if let Some(traits) = event.identify_traits {
+        let count = traits.len();
         if count >= g.rules.max_traits {
             return Err(ResolveError::TooManyTraits {
                 count,
@@ -45,9 +48,9 @@ pub(super) fn resolve(g: &mut IdentityGraph, event: &Event) -> Result<Resolution
             });
         }
     }
-    let mut ids = extract_all(event);
+    let mut ids = event.identifiers;
     if event.event_type == EventType::Alias {
-        retype_previous_id(g, event, &mut ids);
+        retype_previous_id(g, event.previous_id, event.anonymous_id, &mut ids);
     }
     let mut dropped = Vec::new();
     let mut candidates = Vec::with_capacity(ids.len());
@@ -66,14 +69,26 @@ pub(super) fn resolve(g: &mut IdentityGraph, event: &Event) -> Result<Resolution
         });
     }
     let plan = plan(g, &mut candidates, event.timestamp, &mut dropped)?;
-    Ok(apply(g, event, &candidates, plan, dropped))
+    Ok(apply(
+        g,
+        event.timestamp,
+        event.identify_traits,
+        &candidates,
+        plan,
+        dropped,
+    ))
 }
 
 /// An alias call's `previousId` was extracted as an `anonymous_id`. When the graph knows it as
 /// a `user_id`, use it as one (too), so the alias links the profile that holds it; keep the
 /// `anonymous_id` only when the graph knows that too or it is also the call's `anonymousId`.
-fn retype_previous_id(g: &IdentityGraph, event: &Event, ids: &mut Vec<Identifier>) {
-    let Some(prev) = event.previous_id.as_deref() else {
+fn retype_previous_id(
+    g: &IdentityGraph,
+    previous_id: Option<&str>,
+    anonymous_id: Option<&str>,
+    ids: &mut Vec<Identifier>,
+) {
+    let Some(prev) = previous_id else {
         return;
     };
     if g.find("user_id", prev).is_none() {
@@ -85,8 +100,7 @@ fn retype_previous_id(g: &IdentityGraph, event: &Event, ids: &mut Vec<Identifier
     else {
         return;
     };
-    let keep_anonymous =
-        g.find("anonymous_id", prev).is_some() || event.anonymous_id.as_deref() == Some(prev);
+    let keep_anonymous = g.find("anonymous_id", prev).is_some() || anonymous_id == Some(prev);
     let already_user = ids
         .iter()
         .any(|i| i.id_type == "user_id" && i.value == prev);
@@ -259,14 +273,15 @@ fn apply_caps(
     Plan { survivor, merge }
 }
 
+/// Applies `plan` for an event of time `at`; `identify_traits` are an identify call's traits.
 fn apply(
     g: &mut IdentityGraph,
-    event: &Event,
+    at: Timestamp,
+    identify_traits: Option<&Map<String, Value>>,
     candidates: &[Candidate],
     plan: Plan,
     dropped: Vec<(Identifier, DropReason)>,
 ) -> Resolution {
-    let at = event.timestamp;
     let mut res = Resolution {
         dropped,
         ..Resolution::default()
@@ -310,12 +325,8 @@ fn apply(
         }
     }
 
-    if event.event_type == EventType::Identify && !event.identity_traits().is_empty() {
-        traits_changed |= traits::apply_identify(
-            &mut g.profiles[survivor as usize],
-            event.identity_traits(),
-            at,
-        );
+    if let Some(identify) = identify_traits.filter(|t| !t.is_empty()) {
+        traits_changed |= traits::apply_identify(&mut g.profiles[survivor as usize], identify, at);
         g.mark_profile(survivor);
     }
     if traits_changed {

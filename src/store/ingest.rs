@@ -5,9 +5,7 @@ use std::collections::HashSet;
 
 use crate::identity::{IdentifierState, IdentityGraph, ProfileState, Rules, StateDelta};
 
-use super::{
-    EventRow, IdGraphRow, MappingRow, PreparedEvent, StoreError, TraitsRow, Trigger, WriteTx,
-};
+use super::{IdGraphRow, MappingRow, NewEventRow, PreparedEvent, StoreError, TraitsRow, WriteTx};
 
 /// The identity graph of one store, and the head `seq` it reflects.
 ///
@@ -93,7 +91,7 @@ pub struct IngestSummary {
 /// The rows a batch produced, with their `seq`s assigned.
 #[derive(Debug, Default)]
 pub(crate) struct ResolvedBatch {
-    pub events: Vec<EventRow>,
+    pub events: Vec<NewEventRow>,
     /// The payload text of each of `events`, in the same order.
     pub payloads: Vec<String>,
     pub id_graph: Vec<IdGraphRow>,
@@ -122,25 +120,30 @@ pub(crate) fn ingest_in_tx<T: WriteTx>(
     }
     resolver.begin();
 
-    let ids: Vec<&str> = events.iter().map(|e| e.event.message_id.as_str()).collect();
+    let ids: Vec<&str> = events.iter().map(PreparedEvent::message_id).collect();
     let mut seen = tx.existing_message_ids(&ids)?;
     let mut summary = IngestSummary::default();
     let mut batch = ResolvedBatch::default();
     let mut seq = head;
     let resolving = std::time::Instant::now();
-    for (index, PreparedEvent { event, payload }) in events.into_iter().enumerate() {
-        if !seen.insert(event.message_id.clone()) {
+    for (index, mut event) in events.into_iter().enumerate() {
+        if !seen.insert(event.message_id().to_string()) {
             summary.duplicates += 1;
             continue;
         }
-        let resolution = match resolver.graph.resolve(&event) {
+        let resolution = match resolver.graph.resolve_subject(event.take_subject()) {
             Ok(r) => r,
             Err(e) => {
                 summary.rejected.push((index, e.to_string()));
                 continue;
             }
         };
-        let trigger = Trigger::of(&event);
+        let PreparedEvent {
+            trigger,
+            event: name,
+            payload,
+            ..
+        } = event;
         summary.accepted += 1;
         summary.profiles_created += usize::from(resolution.created);
         summary.merges += resolution.merged.len();
@@ -174,16 +177,17 @@ pub(crate) fn ingest_in_tx<T: WriteTx>(
                 trigger: trigger.clone(),
             });
         }
-        if let (crate::event::EventType::Track, Some(name)) = (event.event_type, &event.event)
+        if let (crate::event::EventType::Track, Some(name)) = (trigger.event_type, &name)
             && resolver.track_names.insert(name.clone())
         {
             batch.new_track_names.push(name.clone());
         }
         seq += 1;
-        batch.events.push(EventRow {
+        batch.events.push(NewEventRow {
             seq,
             segment_id: resolution.segment_id,
-            event,
+            event: name,
+            trigger,
         });
         batch.payloads.push(payload);
     }
@@ -193,7 +197,7 @@ pub(crate) fn ingest_in_tx<T: WriteTx>(
     let last = batch
         .events
         .last()
-        .map(|r| (r.seq, r.event.message_id.clone()));
+        .map(|r| (r.seq, r.trigger.event_id.clone()));
     // Freeing a large batch costs the writer as much as serializing it: hand it to a thread.
     super::drop_later(batch);
     summary.head = seq;

@@ -366,15 +366,15 @@ impl WriteTx for PgTx<'_> {
                 (vec![], vec![], vec![], vec![], vec![], vec![]);
             let (mut ts, mut recv, mut payloads) = (vec![], vec![], vec![]);
             for (r, payload) in b.events.iter().zip(&b.payloads) {
-                let e = &r.event;
+                let t = &r.trigger;
                 seqs.push(r.seq);
-                ids.push(e.message_id.as_str());
-                types.push(e.event_type.as_str());
-                names.push(e.event.as_deref());
+                ids.push(t.event_id.as_str());
+                types.push(t.event_type.as_str());
+                names.push(r.event.as_deref());
                 segs.push(r.segment_id.as_str());
-                srcs.push(e.source_id.as_str());
-                ts.push(micros(e.timestamp));
-                recv.push(micros(e.received_at));
+                srcs.push(t.source_id.as_str());
+                ts.push(micros(t.timestamp));
+                recv.push(micros(t.received_at));
                 payloads.push(payload.as_str());
             }
             tx.execute(

@@ -3,6 +3,7 @@
 use serde_json::{Map, Value};
 
 use crate::event::{Event, EventType, FlatEvent, ParseOptions, Timestamp};
+use crate::identity::{Identifier, Subject, extract_all};
 
 use super::Feed;
 
@@ -143,13 +144,25 @@ impl From<EventRow> for FlatEventRow {
     }
 }
 
-/// An event on its way into the store, with the JSON text stored as its payload. The engine
-/// prepares it on its HTTP threads, so the single writer does not serialize payloads while it
-/// holds the write lock.
+/// An event on its way into the store: the JSON text stored as its payload, and only what the
+/// store's columns and identity resolution read of the rest. The engine prepares it on its HTTP
+/// threads, so the single writer neither serializes payloads nor holds (and frees) whole events
+/// while it holds the write lock.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PreparedEvent {
-    /// The event.
-    pub event: Event,
+    /// Type, messageId, name, source and times: the events table's columns and the trigger of
+    /// the change-log rows the event causes.
+    pub(crate) trigger: Trigger,
+    /// The `event` key (the Track event name), as stored in the events table's `event` column.
+    pub(crate) event: Option<String>,
+    /// Every identifier of the event ([`extract_all`]).
+    pub(crate) identifiers: Vec<Identifier>,
+    /// `previousId`.
+    pub(crate) previous_id: Option<String>,
+    /// `anonymousId`.
+    pub(crate) anonymous_id: Option<String>,
+    /// An identify call's traits (`None` for other calls).
+    pub(crate) identify_traits: Option<Map<String, Value>>,
     /// `event.to_json_string()`.
     pub(crate) payload: String,
 }
@@ -157,8 +170,41 @@ pub struct PreparedEvent {
 impl PreparedEvent {
     /// The event with its payload text.
     pub fn new(event: Event) -> PreparedEvent {
+        let identifiers = extract_all(&event);
+        PreparedEvent::with_identifiers(event, identifiers)
+    }
+
+    /// [`PreparedEvent::new`] when `identifiers` ([`extract_all`] of `event`) are already known.
+    pub fn with_identifiers(event: Event, identifiers: Vec<Identifier>) -> PreparedEvent {
         let payload = event.to_json_string();
-        PreparedEvent { event, payload }
+        let trigger = Trigger::of(&event);
+        let identify = event.event_type == EventType::Identify;
+        PreparedEvent {
+            trigger,
+            event: event.event,
+            identifiers,
+            previous_id: event.previous_id,
+            anonymous_id: event.anonymous_id,
+            identify_traits: identify.then_some(event.traits),
+            payload,
+        }
+    }
+
+    /// The messageId.
+    pub fn message_id(&self) -> &str {
+        &self.trigger.event_id
+    }
+
+    /// What identity resolution reads of the event; takes its identifiers.
+    pub(crate) fn take_subject(&mut self) -> Subject<'_> {
+        Subject {
+            event_type: self.trigger.event_type,
+            timestamp: self.trigger.timestamp,
+            identifiers: std::mem::take(&mut self.identifiers),
+            previous_id: self.previous_id.as_deref(),
+            anonymous_id: self.anonymous_id.as_deref(),
+            identify_traits: self.identify_traits.as_ref(),
+        }
     }
 }
 
@@ -166,6 +212,19 @@ impl From<Event> for PreparedEvent {
     fn from(event: Event) -> PreparedEvent {
         PreparedEvent::new(event)
     }
+}
+
+/// A newly resolved event as the store writes it: the columns beside its payload.
+#[derive(Debug)]
+pub(crate) struct NewEventRow {
+    /// Position in the store-wide change order.
+    pub seq: i64,
+    /// The canonical profile the event resolved to.
+    pub segment_id: String,
+    /// The `event` column.
+    pub event: Option<String>,
+    /// Type, messageId, source and times.
+    pub trigger: Trigger,
 }
 
 /// Any row of a change feed.

@@ -3,6 +3,8 @@
 use std::collections::HashSet;
 use std::path::Path;
 
+use rusqlite::types::ToSqlOutput::{self, Borrowed};
+use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params, params_from_iter};
 
 use super::codec::{
@@ -157,15 +159,19 @@ fn load_all(conn: &Connection) -> Result<LoadedState, StoreError> {
     Ok((profiles, identifiers, names))
 }
 
-fn trigger_params(t: &Trigger) -> [rusqlite::types::Value; 6] {
-    use rusqlite::types::Value as V;
+/// The trigger columns' values, borrowed (binding copies them into the statement).
+fn trigger_params(t: &Trigger) -> [ToSqlOutput<'_>; 6] {
     [
-        V::Text(t.event_type.as_str().into()),
-        V::Text(t.event_id.clone()),
-        t.event_name.clone().map(V::Text).unwrap_or(V::Null),
-        V::Text(t.source_id.clone()),
-        V::Integer(micros(t.timestamp)),
-        V::Integer(micros(t.received_at)),
+        Borrowed(ValueRef::Text(t.event_type.as_str().as_bytes())),
+        Borrowed(ValueRef::Text(t.event_id.as_bytes())),
+        t.event_name
+            .as_deref()
+            .map_or(Borrowed(ValueRef::Null), |n| {
+                Borrowed(ValueRef::Text(n.as_bytes()))
+            }),
+        Borrowed(ValueRef::Text(t.source_id.as_bytes())),
+        Borrowed(ValueRef::Integer(micros(t.timestamp))),
+        Borrowed(ValueRef::Integer(micros(t.received_at))),
     ]
 }
 
@@ -193,16 +199,15 @@ impl WriteTx for LiteTx<'_> {
     }
 
     fn write(&mut self, b: &ResolvedBatch, head: i64) -> Result<(), StoreError> {
-        use rusqlite::types::Value as V;
         let tx = &self.0;
         let mut stmt = tx.prepare_cached(&format!(
             "INSERT INTO id_graph_updates (seq, segment_id, canonical_segment_id, {TRIGGER_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
         ))?;
         for r in &b.id_graph {
             let head = [
-                V::Integer(r.seq),
-                V::Text(r.segment_id.clone()),
-                V::Text(r.canonical_segment_id.clone()),
+                Borrowed(ValueRef::Integer(r.seq)),
+                Borrowed(ValueRef::Text(r.segment_id.as_bytes())),
+                Borrowed(ValueRef::Text(r.canonical_segment_id.as_bytes())),
             ];
             stmt.execute(params_from_iter(
                 head.into_iter().chain(trigger_params(&r.trigger)),
@@ -213,12 +218,12 @@ impl WriteTx for LiteTx<'_> {
         ))?;
         for r in &b.mappings {
             let head = [
-                V::Integer(r.seq),
-                V::Text(r.id.clone()),
-                V::Text(r.external_id_hash.clone()),
-                V::Text(r.external_id_type.clone()),
-                V::Text(r.external_id_value.clone()),
-                V::Text(r.segment_id.clone()),
+                Borrowed(ValueRef::Integer(r.seq)),
+                Borrowed(ValueRef::Text(r.id.as_bytes())),
+                Borrowed(ValueRef::Text(r.external_id_hash.as_bytes())),
+                Borrowed(ValueRef::Text(r.external_id_type.as_bytes())),
+                Borrowed(ValueRef::Text(r.external_id_value.as_bytes())),
+                Borrowed(ValueRef::Text(r.segment_id.as_bytes())),
             ];
             stmt.execute(params_from_iter(
                 head.into_iter().chain(trigger_params(&r.trigger)),
@@ -228,10 +233,11 @@ impl WriteTx for LiteTx<'_> {
             "INSERT INTO profile_traits_updates (seq, segment_id, traits, {TRIGGER_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
         ))?;
         for r in &b.traits {
+            let traits = json_text(&r.traits);
             let head = [
-                V::Integer(r.seq),
-                V::Text(r.segment_id.clone()),
-                V::Text(json_text(&r.traits)),
+                Borrowed(ValueRef::Integer(r.seq)),
+                Borrowed(ValueRef::Text(r.segment_id.as_bytes())),
+                Borrowed(ValueRef::Text(traits.as_bytes())),
             ];
             stmt.execute(params_from_iter(
                 head.into_iter().chain(trigger_params(&r.trigger)),
@@ -241,16 +247,16 @@ impl WriteTx for LiteTx<'_> {
             "INSERT INTO events (seq, message_id, type, event, segment_id, source_id, timestamp_us, received_at_us, payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         )?;
         for (r, payload) in b.events.iter().zip(&b.payloads) {
-            let e = &r.event;
+            let t = &r.trigger;
             stmt.execute(params![
                 r.seq,
-                e.message_id,
-                e.event_type.as_str(),
-                e.event,
+                t.event_id,
+                t.event_type.as_str(),
+                r.event,
                 r.segment_id,
-                e.source_id,
-                micros(e.timestamp),
-                micros(e.received_at),
+                t.source_id,
+                micros(t.timestamp),
+                micros(t.received_at),
                 payload,
             ])?;
         }
