@@ -60,8 +60,8 @@ impl std::fmt::Display for LineError {
 /// The messages of one input line: a message object, or `{"batch": [...]}` (expanded as the
 /// Tracking API's batch endpoint does).
 fn messages(line: &str) -> Result<Vec<Value>, String> {
-    let v: Value = serde_json::from_str(line).map_err(|e| format!("malformed JSON: {e}"))?;
-    let Some(obj) = v.as_object() else {
+    let mut v: Value = serde_json::from_str(line).map_err(|e| format!("malformed JSON: {e}"))?;
+    let Some(obj) = v.as_object_mut() else {
         return Err("malformed JSON: expected an object".into());
     };
     if obj.contains_key("batch") {

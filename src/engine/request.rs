@@ -131,9 +131,9 @@ pub fn basic_auth_user(header: Option<&str>) -> Option<String> {
 
 /// The messages of a batch object; its top-level `context` and `sentAt` apply to each message
 /// that has none, as in Segment's batch API — refused (413) before the copies would grow the
-/// batch past [`MAX_EXPANDED_BATCH_BYTES`].
-pub fn batch_messages(obj: &Map<String, Value>) -> Result<Vec<Value>, ApiError> {
-    let items = match obj.get("batch") {
+/// batch past [`MAX_EXPANDED_BATCH_BYTES`]. Takes the messages out of `obj` (no copy).
+pub fn batch_messages(obj: &mut Map<String, Value>) -> Result<Vec<Value>, ApiError> {
+    let mut items = match obj.remove("batch") {
         Some(Value::Array(items)) => items,
         Some(_) => return Err(field_error(400, "batch", "must be an array", None)),
         None => return Err(field_error(400, "batch", "is required", None)),
@@ -143,14 +143,12 @@ pub fn batch_messages(obj: &Map<String, Value>) -> Result<Vec<Value>, ApiError> 
         .into_iter()
         .filter_map(|key| {
             let v = obj.get(key)?;
-            let len = serde_json::to_vec(v).map_or(usize::MAX, |t| t.len());
+            let len = json_len(v);
             Some((key, v, len.saturating_add(key.len() + 4)))
         })
         .collect();
     let mut added = 0usize;
-    let mut out = Vec::with_capacity(items.len());
-    for item in items {
-        let mut item = item.clone();
+    for item in &mut items {
         if let Some(m) = item.as_object_mut() {
             for (key, v, len) in &shared {
                 if m.contains_key(*key) {
@@ -169,9 +167,24 @@ pub fn batch_messages(obj: &Map<String, Value>) -> Result<Vec<Value>, ApiError> 
                 m.insert((*key).into(), (*v).clone());
             }
         }
-        out.push(item);
     }
-    Ok(out)
+    Ok(items)
+}
+
+/// The length of `v` as compact JSON, counted without building the text.
+fn json_len(v: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, v).map_or(usize::MAX, |()| count.0)
 }
 
 fn field_error(status: u16, field: &str, reason: &str, index: Option<usize>) -> ApiError {
@@ -277,7 +290,7 @@ pub fn parse(
 /// [`parse`] of a body that is a JSON object.
 fn accept(
     endpoint: Endpoint,
-    obj: Map<String, Value>,
+    mut obj: Map<String, Value>,
     auth_header: Option<&str>,
     sources: &Sources,
     rules: &Rules,
@@ -299,7 +312,7 @@ fn accept(
     };
     let (messages, default_type, batched) = match endpoint {
         Endpoint::Single(t) => (vec![Value::Object(obj)], Some(t), false),
-        Endpoint::Batch => (batch_messages(&obj)?, None, true),
+        Endpoint::Batch => (batch_messages(&mut obj)?, None, true),
     };
     if batched && messages.is_empty() {
         return Err(field_error(400, "batch", "is empty", None));
@@ -314,9 +327,7 @@ fn accept(
     for (i, m) in messages.into_iter().enumerate() {
         let index = batched.then_some(i);
         if batched {
-            let size = serde_json::to_vec(&m)
-                .map(|v| v.len())
-                .unwrap_or(usize::MAX);
+            let size = json_len(&m);
             if size > MAX_MESSAGE_BYTES {
                 return Err(ApiError {
                     status: 400,
@@ -390,6 +401,17 @@ mod tests {
             "Basic {}",
             base64::engine::general_purpose::STANDARD.encode("k:")
         )
+    }
+
+    #[test]
+    fn json_len_is_the_length_of_the_compact_text() {
+        for v in [
+            json!({}),
+            json!({"a": "é\u{0}\"\\\n", "b": [1, 2.5, -3e300, null, true], "c": {"d": "日本"}}),
+            json!("x".repeat(40_000)),
+        ] {
+            assert_eq!(json_len(&v), serde_json::to_vec(&v).unwrap().len());
+        }
     }
 
     #[test]
