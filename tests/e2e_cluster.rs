@@ -12,15 +12,13 @@
 //! asked to run without `KUBECONFIG`, it prints `skipped: KUBECONFIG not set` and returns (the
 //! kind workflow fails on that line).
 
-#[path = "support/kube.rs"]
-mod kube_harness;
 mod support;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use kube_harness::{Kubectl, eventually};
+use support::kube::{self as kube_harness, Kubectl, eventually};
 
 const WAIT: Duration = Duration::from_secs(300);
 

@@ -1222,3 +1222,96 @@ async fn postgres_a_commit_the_store_refuses_answers_503_and_stores_nothing() {
         "nothing of the refused group was stored"
     );
 }
+
+/// A request the store refuses fails alone: the requests committed in the same group are
+/// committed again one by one, so a client whose data breaks a constraint a DBA added does not
+/// take every other client down with it (they would all get 503 for as long as it retries).
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_a_refused_request_fails_alone_and_its_group_commits() {
+    let pg = tokio::task::block_in_place(support::pg::shared);
+    let db = tokio::task::block_in_place(|| pg.create_database("isolate"));
+    let url = pg.url(&db);
+    let t = start_options(Options {
+        store_url: Some(url.clone()),
+        ..Options::default()
+    })
+    .await;
+    let mut dba = tokio::task::block_in_place(|| pg.connect(&db));
+    tokio::task::block_in_place(|| {
+        dba.batch_execute(
+            "ALTER TABLE events ADD CONSTRAINT no_poison CHECK (message_id <> 'poison');
+             BEGIN; SELECT head FROM seq_counter WHERE id = 1 FOR UPDATE;",
+        )
+        .unwrap()
+    });
+    // While the DBA's transaction holds the head, the writer blocks on the first request...
+    let send = |id: &'static str| {
+        let base = t.base.clone();
+        tokio::spawn(async move {
+            post(
+                &base,
+                "/v1/track",
+                &json!({"userId": id, "event": "E", "messageId": id}),
+            )
+            .await
+            .0
+        })
+    };
+    let first = send("first");
+    let mut watch = tokio::task::block_in_place(|| pg.connect(&db));
+    support::kube::eventually(
+        "the writer to wait for the head",
+        std::time::Duration::from_secs(30),
+        async || {
+            let waiting: i64 = tokio::task::block_in_place(|| {
+                watch.query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                    &[],
+                )
+            })
+            .map_err(|e| e.to_string())?
+            .get(0);
+            (waiting == 1).then_some(()).ok_or(format!("{waiting} waiting"))
+        },
+    )
+    .await;
+    // ...so the next two queue up and are committed as one group.
+    let good = send("good");
+    let poison = send("poison");
+    support::kube::eventually(
+        "both requests to be queued",
+        std::time::Duration::from_secs(30),
+        async || {
+            let text = client()
+                .get(format!("{}/metrics", t.base))
+                .send()
+                .await
+                .map_err(|e| e.to_string())?
+                .text()
+                .await
+                .map_err(|e| e.to_string())?;
+            text.contains("profiles_sync_engine_queue_depth 2")
+                .then_some(())
+                .ok_or(text)
+        },
+    )
+    .await;
+    tokio::task::block_in_place(move || {
+        dba.batch_execute("COMMIT").unwrap();
+        // The synchronous clients close on a thread that may block.
+        drop((dba, watch));
+    });
+    assert_eq!(first.await.unwrap(), StatusCode::OK);
+    assert_eq!(
+        good.await.unwrap(),
+        StatusCode::OK,
+        "refused with the poison"
+    );
+    assert_eq!(poison.await.unwrap(), StatusCode::SERVICE_UNAVAILABLE);
+    t.engine.stop().await.unwrap();
+    let ids: Vec<String> = tokio::task::block_in_place(|| stored(&url))
+        .into_iter()
+        .map(|e| e.event.message_id)
+        .collect();
+    assert_eq!(ids, ["first", "good"]);
+}

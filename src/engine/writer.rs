@@ -74,6 +74,8 @@ impl Writer {
     }
 }
 
+type Reply = oneshot::Sender<Result<IngestSummary, String>>;
+
 fn run(
     mut store: Box<dyn Store>,
     url: String,
@@ -93,59 +95,97 @@ fn run(
                 Err(_) => break,
             }
         }
+        // One vector for the group; each request keeps the range of its events in it.
         let mut events = Vec::with_capacity(count);
-        let mut replies = Vec::with_capacity(jobs.len());
+        let mut requests: Vec<(Reply, std::ops::Range<usize>)> = Vec::with_capacity(jobs.len());
         for job in jobs {
+            let start = events.len();
             events.extend(job.events);
-            replies.push(job.reply);
+            requests.push((job.reply, start..events.len()));
         }
-        let started = Instant::now();
-        let result = store.ingest_prepared(events);
-        let took = started.elapsed();
-        // A failed ingest has no resolution time to report; all of it counts as the commit.
-        let resolving = result.as_ref().map(|s| s.resolve_time).unwrap_or_default();
-        if result.is_ok() {
-            metrics.resolve_seconds.observe(resolving.as_secs_f64());
-        }
-        metrics
-            .commit_seconds
-            .observe(took.saturating_sub(resolving).as_secs_f64());
-        match result {
+        match ingest(&mut *store, &events, &metrics) {
             Ok(summary) => {
-                metrics.events_accepted.inc_by(summary.accepted as u64);
-                metrics.events_duplicate.inc_by(summary.duplicates as u64);
-                metrics
-                    .profiles_created
-                    .inc_by(summary.profiles_created as u64);
-                metrics.merges.inc_by(summary.merges as u64);
-                metrics
-                    .profiles
-                    .set(i64::try_from(store.live_profiles()).unwrap_or(i64::MAX));
-                for (index, reason) in &summary.rejected {
-                    tracing::warn!(index, reason, "event refused by identity resolution");
-                    metrics
-                        .events_rejected
-                        .with_label_values(&["resolution"])
-                        .inc();
-                }
-                for reply in replies {
+                for (reply, _) in requests {
                     let _ = reply.send(Ok(summary.clone()));
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "store commit failed; the batch was not stored");
-                for reply in replies {
-                    let _ = reply.send(Err(e.to_string()));
-                }
-                if let StoreError::Postgres(_) | StoreError::Sqlite(_) = e {
-                    match store::open(&url, rules.clone()) {
-                        Ok(s) => store = s,
-                        Err(e) => {
-                            tracing::error!(error = %e, "reopening the store failed; will retry on the next batch")
+                tracing::error!(error = %e, requests = requests.len(), "store commit failed; the group was not stored");
+                let usable = reopen_after(&e, &mut store, &url, &rules);
+                if requests.len() > 1 && usable {
+                    // The refusal may be one request's alone (a constraint its data breaks):
+                    // commit the group's requests one by one, so the others still succeed.
+                    for (reply, range) in requests {
+                        let result = ingest(&mut *store, &events[range], &metrics);
+                        if let Err(e) = &result {
+                            tracing::warn!(error = %e, "a request failed to commit on its own; it was not stored");
+                            reopen_after(e, &mut store, &url, &rules);
                         }
+                        let _ = reply.send(result.map_err(|e| e.to_string()));
+                    }
+                } else {
+                    for (reply, _) in requests {
+                        let _ = reply.send(Err(e.to_string()));
                     }
                 }
             }
+        }
+        store::drop_later(events);
+    }
+}
+
+/// Ingests `events` in one transaction, recording latency and outcome metrics.
+fn ingest(
+    store: &mut dyn Store,
+    events: &[PreparedEvent],
+    metrics: &Metrics,
+) -> Result<IngestSummary, StoreError> {
+    let started = Instant::now();
+    let result = store.ingest_prepared(events);
+    let took = started.elapsed();
+    // A failed ingest has no resolution time to report; all of it counts as the commit.
+    let resolving = result.as_ref().map(|s| s.resolve_time).unwrap_or_default();
+    if result.is_ok() {
+        metrics.resolve_seconds.observe(resolving.as_secs_f64());
+    }
+    metrics
+        .commit_seconds
+        .observe(took.saturating_sub(resolving).as_secs_f64());
+    if let Ok(summary) = &result {
+        metrics.events_accepted.inc_by(summary.accepted as u64);
+        metrics.events_duplicate.inc_by(summary.duplicates as u64);
+        metrics
+            .profiles_created
+            .inc_by(summary.profiles_created as u64);
+        metrics.merges.inc_by(summary.merges as u64);
+        metrics
+            .profiles
+            .set(i64::try_from(store.live_profiles()).unwrap_or(i64::MAX));
+        for (index, reason) in &summary.rejected {
+            tracing::warn!(index, reason, "event refused by identity resolution");
+            metrics
+                .events_rejected
+                .with_label_values(&["resolution"])
+                .inc();
+        }
+    }
+    result
+}
+
+/// After a database error, replaces `store` with a fresh connection (a broken one would fail
+/// every later group). Returns whether the store can be used for another attempt.
+fn reopen_after(e: &StoreError, store: &mut Box<dyn Store>, url: &str, rules: &Rules) -> bool {
+    if !matches!(e, StoreError::Postgres(_) | StoreError::Sqlite(_)) {
+        return true;
+    }
+    match store::open(url, rules.clone()) {
+        Ok(s) => {
+            *store = s;
+            true
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "reopening the store failed; will retry on the next batch");
+            false
         }
     }
 }

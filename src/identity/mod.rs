@@ -26,6 +26,8 @@ pub use model::{
 };
 pub use rules::{Limit, Rules, RulesError};
 
+use std::borrow::Cow;
+
 use serde_json::{Map, Value};
 
 use crate::event::{Event, EventType};
@@ -40,7 +42,7 @@ pub struct Subject<'a> {
     /// The event's (clock-skew corrected) timestamp.
     pub timestamp: jiff::Timestamp,
     /// [`extract_all`] of the event.
-    pub identifiers: Vec<Identifier>,
+    pub identifiers: Cow<'a, [Identifier]>,
     /// `previousId` (alias calls).
     pub previous_id: Option<&'a str>,
     /// `anonymousId`.
@@ -56,7 +58,7 @@ impl<'a> Subject<'a> {
         Subject {
             event_type: event.event_type,
             timestamp: event.timestamp,
-            identifiers: extract_all(event),
+            identifiers: Cow::Owned(extract_all(event)),
             previous_id: event.previous_id.as_deref(),
             anonymous_id: event.anonymous_id.as_deref(),
             identify_traits: (event.event_type == EventType::Identify).then_some(&event.traits),

@@ -18,8 +18,8 @@ use super::{Identifier, Subject, traits};
 use crate::event::EventType;
 
 /// One identifier of the event under consideration.
-struct Candidate {
-    id: Identifier,
+struct Candidate<'i> {
+    id: &'i Identifier,
     ty: TypeIx,
     /// The identifier, when the graph already knows it.
     existing: Option<IdentIx>,
@@ -50,13 +50,13 @@ pub(super) fn resolve(
     }
     let mut ids = event.identifiers;
     if event.event_type == EventType::Alias {
-        retype_previous_id(g, event.previous_id, event.anonymous_id, &mut ids);
+        retype_previous_id(g, event.previous_id, event.anonymous_id, ids.to_mut());
     }
     let mut dropped = Vec::new();
     let mut candidates = Vec::with_capacity(ids.len());
-    for id in ids {
+    for id in ids.iter() {
         if g.rules.is_blocked(&id.value) {
-            dropped.push((id, DropReason::Blocked));
+            dropped.push((id.clone(), DropReason::Blocked));
             continue;
         }
         let ty = g.intern(&id.id_type);
@@ -116,7 +116,7 @@ fn retype_previous_id(
 
 fn plan(
     g: &IdentityGraph,
-    candidates: &mut [Candidate],
+    candidates: &mut [Candidate<'_>],
     at: Timestamp,
     dropped: &mut Vec<(Identifier, DropReason)>,
 ) -> Result<Plan, ResolveError> {
@@ -163,7 +163,7 @@ fn plan(
 /// event carries them (it refreshes them).
 fn exceeds_limit(
     g: &IdentityGraph,
-    candidates: &[Candidate],
+    candidates: &[Candidate<'_>],
     matched: &[ProfileIx],
     at: Timestamp,
 ) -> bool {
@@ -226,7 +226,7 @@ fn exceeds_limit(
 /// are dropped with [`DropReason::ProfileIdentifierCap`].
 fn apply_caps(
     g: &IdentityGraph,
-    candidates: &mut [Candidate],
+    candidates: &mut [Candidate<'_>],
     matched: &[ProfileIx],
     dropped: &mut Vec<(Identifier, DropReason)>,
 ) -> Plan {
@@ -278,7 +278,7 @@ fn apply(
     g: &mut IdentityGraph,
     at: Timestamp,
     identify_traits: Option<&Map<String, Value>>,
-    candidates: &[Candidate],
+    candidates: &[Candidate<'_>],
     plan: Plan,
     dropped: Vec<(Identifier, DropReason)>,
 ) -> Resolution {

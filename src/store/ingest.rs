@@ -90,10 +90,8 @@ pub struct IngestSummary {
 
 /// The rows a batch produced, with their `seq`s assigned.
 #[derive(Debug, Default)]
-pub(crate) struct ResolvedBatch {
-    pub events: Vec<NewEventRow>,
-    /// The payload text of each of `events`, in the same order.
-    pub payloads: Vec<String>,
+pub(crate) struct ResolvedBatch<'e> {
+    pub events: Vec<NewEventRow<'e>>,
     pub id_graph: Vec<IdGraphRow>,
     pub mappings: Vec<MappingRow>,
     pub traits: Vec<TraitsRow>,
@@ -108,7 +106,7 @@ pub(crate) struct ResolvedBatch {
 pub(crate) fn ingest_in_tx<T: WriteTx>(
     tx: &mut T,
     resolver: &mut Resolver,
-    events: Vec<PreparedEvent>,
+    events: &[PreparedEvent],
     load: impl FnOnce(
         &mut T,
     ) -> Result<(Vec<ProfileState>, Vec<IdentifierState>, Vec<String>), StoreError>,
@@ -121,29 +119,25 @@ pub(crate) fn ingest_in_tx<T: WriteTx>(
     resolver.begin();
 
     let ids: Vec<&str> = events.iter().map(PreparedEvent::message_id).collect();
-    let mut seen = tx.existing_message_ids(&ids)?;
+    let found = tx.existing_message_ids(&ids)?;
+    let mut seen: HashSet<&str> = found.iter().map(String::as_str).collect();
     let mut summary = IngestSummary::default();
     let mut batch = ResolvedBatch::default();
     let mut seq = head;
     let resolving = std::time::Instant::now();
-    for (index, mut event) in events.into_iter().enumerate() {
-        if !seen.insert(event.message_id().to_string()) {
+    for (index, event) in events.iter().enumerate() {
+        if !seen.insert(event.message_id()) {
             summary.duplicates += 1;
             continue;
         }
-        let resolution = match resolver.graph.resolve_subject(event.take_subject()) {
+        let resolution = match resolver.graph.resolve_subject(event.subject()) {
             Ok(r) => r,
             Err(e) => {
                 summary.rejected.push((index, e.to_string()));
                 continue;
             }
         };
-        let PreparedEvent {
-            trigger,
-            event: name,
-            payload,
-            ..
-        } = event;
+        let trigger = &event.trigger;
         summary.accepted += 1;
         summary.profiles_created += usize::from(resolution.created);
         summary.merges += resolution.merged.len();
@@ -177,7 +171,7 @@ pub(crate) fn ingest_in_tx<T: WriteTx>(
                 trigger: trigger.clone(),
             });
         }
-        if let (crate::event::EventType::Track, Some(name)) = (trigger.event_type, &name)
+        if let (crate::event::EventType::Track, Some(name)) = (trigger.event_type, &event.event)
             && resolver.track_names.insert(name.clone())
         {
             batch.new_track_names.push(name.clone());
@@ -186,10 +180,8 @@ pub(crate) fn ingest_in_tx<T: WriteTx>(
         batch.events.push(NewEventRow {
             seq,
             segment_id: resolution.segment_id,
-            event: name,
-            trigger,
+            event,
         });
-        batch.payloads.push(payload);
     }
     batch.state = resolver.graph.take_dirty();
     summary.resolve_time = resolving.elapsed();
@@ -197,9 +189,10 @@ pub(crate) fn ingest_in_tx<T: WriteTx>(
     let last = batch
         .events
         .last()
-        .map(|r| (r.seq, r.trigger.event_id.clone()));
-    // Freeing a large batch costs the writer as much as serializing it: hand it to a thread.
-    super::drop_later(batch);
+        .map(|r| (r.seq, r.event.message_id().to_string()));
+    // Freeing the change-log rows and state costs the writer as much as serializing them: hand
+    // them to a thread (the events are the caller's).
+    super::drop_later((batch.id_graph, batch.mappings, batch.traits, batch.state));
     summary.head = seq;
     Ok((summary, last))
 }

@@ -178,11 +178,15 @@ pub trait Store: Send {
     /// is already stored (or repeated in the batch) are skipped, the rest are resolved in order
     /// and written with their change-log rows. On error nothing is stored.
     fn ingest(&mut self, events: Vec<Event>) -> Result<IngestSummary, StoreError> {
-        self.ingest_prepared(events.into_iter().map(PreparedEvent::new).collect())
+        let events: Vec<PreparedEvent> = events.into_iter().map(PreparedEvent::new).collect();
+        let summary = self.ingest_prepared(&events);
+        drop_later(events);
+        summary
     }
 
-    /// [`Store::ingest`] for events whose payload text is already serialized.
-    fn ingest_prepared(&mut self, events: Vec<PreparedEvent>) -> Result<IngestSummary, StoreError>;
+    /// [`Store::ingest`] of prepared events (the engine prepares them on its HTTP threads). The
+    /// events stay the caller's, so after an error it can send them again, in other groups.
+    fn ingest_prepared(&mut self, events: &[PreparedEvent]) -> Result<IngestSummary, StoreError>;
 
     /// Up to `limit` rows of `feed` with `seq > after_seq`, in `seq` order.
     fn read_feed(

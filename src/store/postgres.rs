@@ -109,7 +109,17 @@ impl PostgresWrite<'_> {
         &mut self,
         events: Vec<E>,
     ) -> Result<IngestSummary, StoreError> {
-        let events = events.into_iter().map(Into::into).collect();
+        let events: Vec<PreparedEvent> = events.into_iter().map(Into::into).collect();
+        let summary = self.ingest_prepared(&events);
+        super::drop_later(events);
+        summary
+    }
+
+    /// [`PostgresWrite::ingest`] of prepared events.
+    pub fn ingest_prepared(
+        &mut self,
+        events: &[PreparedEvent],
+    ) -> Result<IngestSummary, StoreError> {
         let store = &mut *self.store;
         let (summary, last) = ingest_in_tx(
             &mut PgTx(&mut store.client),
@@ -365,12 +375,13 @@ impl WriteTx for PgTx<'_> {
             let (mut seqs, mut ids, mut types, mut names, mut segs, mut srcs) =
                 (vec![], vec![], vec![], vec![], vec![], vec![]);
             let (mut ts, mut recv, mut payloads) = (vec![], vec![], vec![]);
-            for (r, payload) in b.events.iter().zip(&b.payloads) {
-                let t = &r.trigger;
+            for r in &b.events {
+                let payload = &r.event.payload;
+                let t = &r.event.trigger;
                 seqs.push(r.seq);
                 ids.push(t.event_id.as_str());
                 types.push(t.event_type.as_str());
-                names.push(r.event.as_deref());
+                names.push(r.event.event.as_deref());
                 segs.push(r.segment_id.as_str());
                 srcs.push(t.source_id.as_str());
                 ts.push(micros(t.timestamp));
@@ -494,9 +505,9 @@ impl PostgresStore {
 }
 
 impl Store for PostgresStore {
-    fn ingest_prepared(&mut self, events: Vec<PreparedEvent>) -> Result<IngestSummary, StoreError> {
+    fn ingest_prepared(&mut self, events: &[PreparedEvent]) -> Result<IngestSummary, StoreError> {
         let mut write = self.begin_write()?;
-        let summary = write.ingest(events)?;
+        let summary = write.ingest_prepared(events)?;
         write.commit()?;
         Ok(summary)
     }

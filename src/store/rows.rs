@@ -1,5 +1,7 @@
 //! The rows of the store's change feeds: what the sync reads, in `seq` order.
 
+use std::borrow::Cow;
+
 use serde_json::{Map, Value};
 
 use crate::event::{Event, EventType, FlatEvent, ParseOptions, Timestamp};
@@ -195,12 +197,12 @@ impl PreparedEvent {
         &self.trigger.event_id
     }
 
-    /// What identity resolution reads of the event; takes its identifiers.
-    pub(crate) fn take_subject(&mut self) -> Subject<'_> {
+    /// What identity resolution reads of the event.
+    pub(crate) fn subject(&self) -> Subject<'_> {
         Subject {
             event_type: self.trigger.event_type,
             timestamp: self.trigger.timestamp,
-            identifiers: std::mem::take(&mut self.identifiers),
+            identifiers: Cow::Borrowed(&self.identifiers),
             previous_id: self.previous_id.as_deref(),
             anonymous_id: self.anonymous_id.as_deref(),
             identify_traits: self.identify_traits.as_ref(),
@@ -214,17 +216,15 @@ impl From<Event> for PreparedEvent {
     }
 }
 
-/// A newly resolved event as the store writes it: the columns beside its payload.
+/// A newly resolved event as the store writes it.
 #[derive(Debug)]
-pub(crate) struct NewEventRow {
+pub(crate) struct NewEventRow<'e> {
     /// Position in the store-wide change order.
     pub seq: i64,
     /// The canonical profile the event resolved to.
     pub segment_id: String,
-    /// The `event` column.
-    pub event: Option<String>,
-    /// Type, messageId, source and times.
-    pub trigger: Trigger,
+    /// The event: its columns and payload.
+    pub event: &'e PreparedEvent,
 }
 
 /// Any row of a change feed.

@@ -105,7 +105,17 @@ impl SqliteWrite<'_> {
         &mut self,
         events: Vec<E>,
     ) -> Result<IngestSummary, StoreError> {
-        let events = events.into_iter().map(Into::into).collect();
+        let events: Vec<PreparedEvent> = events.into_iter().map(Into::into).collect();
+        let summary = self.ingest_prepared(&events);
+        super::drop_later(events);
+        summary
+    }
+
+    /// [`SqliteWrite::ingest`] of prepared events.
+    pub fn ingest_prepared(
+        &mut self,
+        events: &[PreparedEvent],
+    ) -> Result<IngestSummary, StoreError> {
         let (summary, _) = ingest_in_tx(&mut self.tx, self.resolver, events, |t| load_all(&t.0))?;
         self.head = Some(summary.head);
         Ok(summary)
@@ -246,13 +256,14 @@ impl WriteTx for LiteTx<'_> {
         let mut stmt = tx.prepare_cached(
             "INSERT INTO events (seq, message_id, type, event, segment_id, source_id, timestamp_us, received_at_us, payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         )?;
-        for (r, payload) in b.events.iter().zip(&b.payloads) {
-            let t = &r.trigger;
+        for r in &b.events {
+            let payload = &r.event.payload;
+            let t = &r.event.trigger;
             stmt.execute(params![
                 r.seq,
                 t.event_id,
                 t.event_type.as_str(),
-                r.event,
+                r.event.event,
                 r.segment_id,
                 t.source_id,
                 micros(t.timestamp),
@@ -357,9 +368,9 @@ impl SqliteStore {
 const PAGE_HINT: usize = 10_000;
 
 impl Store for SqliteStore {
-    fn ingest_prepared(&mut self, events: Vec<PreparedEvent>) -> Result<IngestSummary, StoreError> {
+    fn ingest_prepared(&mut self, events: &[PreparedEvent]) -> Result<IngestSummary, StoreError> {
         let mut write = self.begin_write()?;
-        let summary = write.ingest(events)?;
+        let summary = write.ingest_prepared(events)?;
         write.commit()?;
         Ok(summary)
     }

@@ -3,5 +3,6 @@
 #![allow(dead_code)]
 
 pub mod engine;
+pub mod kube;
 pub mod pg;
 pub mod warehouse;
