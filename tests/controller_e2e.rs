@@ -21,9 +21,9 @@ mod support;
 
 use std::time::Duration;
 
-use support::kube::{ApiServer, ControllerProcess, Kubectl, Kubelet, eventually};
 use serde_json::json;
 use support::engine::{FEED_TOKEN, WRITE_KEY};
+use support::kube::{ApiServer, ControllerProcess, Kubectl, Kubelet, eventually};
 
 const WAIT: Duration = Duration::from_secs(60);
 
