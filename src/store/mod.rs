@@ -178,10 +178,7 @@ pub trait Store: Send {
     /// is already stored (or repeated in the batch) are skipped, the rest are resolved in order
     /// and written with their change-log rows. On error nothing is stored.
     fn ingest(&mut self, events: Vec<Event>) -> Result<IngestSummary, StoreError> {
-        let events: Vec<PreparedEvent> = events.into_iter().map(PreparedEvent::new).collect();
-        let summary = self.ingest_prepared(&events);
-        drop_later(events);
-        summary
+        with_prepared(events, |events| self.ingest_prepared(events))
     }
 
     /// [`Store::ingest`] of prepared events (the engine prepares them on its HTTP threads). The
@@ -269,6 +266,18 @@ pub fn open(url: &str, rules: Rules) -> Result<Box<dyn Store>, StoreError> {
     }
     let scheme = url.split_once("://").map_or("", |(s, _)| s);
     Err(StoreError::BadUrl(scheme.to_string()))
+}
+
+/// Prepares `events` ([`PreparedEvent::new`]), hands them to `ingest`, then frees them on the
+/// `store-free` thread.
+pub(crate) fn with_prepared<E: Into<PreparedEvent>, T>(
+    events: Vec<E>,
+    ingest: impl FnOnce(&[PreparedEvent]) -> T,
+) -> T {
+    let events: Vec<PreparedEvent> = events.into_iter().map(Into::into).collect();
+    let out = ingest(&events);
+    drop_later(events);
+    out
 }
 
 /// Drops `value` on a background thread (`store-free`), so a writer holding the write lock does

@@ -109,10 +109,7 @@ impl PostgresWrite<'_> {
         &mut self,
         events: Vec<E>,
     ) -> Result<IngestSummary, StoreError> {
-        let events: Vec<PreparedEvent> = events.into_iter().map(Into::into).collect();
-        let summary = self.ingest_prepared(&events);
-        super::drop_later(events);
-        summary
+        super::with_prepared(events, |events| self.ingest_prepared(events))
     }
 
     /// [`PostgresWrite::ingest`] of prepared events.
