@@ -17,13 +17,16 @@
 //! timestamps are to the second; no garbage collector runs except the owner-reference cascade on
 //! delete. Waiting is by bounded polling, never by sleeping for a fixed time.
 
+#[path = "support/kube.rs"]
+mod kube_harness;
 mod support;
 
 use std::time::Duration;
 
+use kube_harness::{ApiServer, ControllerProcess, Kubectl, Kubelet};
 use serde_json::json;
 use support::engine::{FEED_TOKEN, WRITE_KEY};
-use support::kube::{ApiServer, ControllerProcess, Kubectl, Kubelet, eventually};
+use support::eventually;
 
 const WAIT: Duration = Duration::from_secs(60);
 

@@ -12,13 +12,16 @@
 //! asked to run without `KUBECONFIG`, it prints `skipped: KUBECONFIG not set` and returns (the
 //! kind workflow fails on that line).
 
+#[path = "support/kube.rs"]
+mod kube_harness;
 mod support;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use support::kube::{self as kube_harness, Kubectl, eventually};
+use kube_harness::Kubectl;
+use support::eventually;
 
 const WAIT: Duration = Duration::from_secs(300);
 

@@ -1163,8 +1163,8 @@ async fn without_a_feed_token_the_feed_api_answers_403() {
     t.engine.stop().await.unwrap();
 }
 
-/// A commit the store refuses (here a PostgreSQL constraint a DBA added) answers every request
-/// of the group 503 with `Retry-After`, stores nothing of it, and the next request commits.
+/// A commit the store refuses (here a PostgreSQL constraint a DBA added) answers the request
+/// 503 with `Retry-After`, stores nothing of it, and the next request commits.
 #[tokio::test(flavor = "multi_thread")]
 async fn postgres_a_commit_the_store_refuses_answers_503_and_stores_nothing() {
     let pg = tokio::task::block_in_place(support::pg::shared);
@@ -1259,7 +1259,7 @@ async fn postgres_a_refused_request_fails_alone_and_its_group_commits() {
     };
     let first = send("first");
     let mut watch = tokio::task::block_in_place(|| pg.connect(&db));
-    support::kube::eventually(
+    support::eventually(
         "the writer to wait for the head",
         std::time::Duration::from_secs(30),
         async || {
@@ -1275,27 +1275,31 @@ async fn postgres_a_refused_request_fails_alone_and_its_group_commits() {
         },
     )
     .await;
-    // ...so the next two queue up and are committed as one group.
-    let good = send("good");
+    // ...so the next two queue up, the poisoned one first, and are committed as one group.
+    let queued = async |depth: usize| {
+        support::eventually(
+            "requests to be queued",
+            std::time::Duration::from_secs(30),
+            async || {
+                let text = client()
+                    .get(format!("{}/metrics", t.base))
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .text()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                text.contains(&format!("profiles_sync_engine_queue_depth {depth}\n"))
+                    .then_some(())
+                    .ok_or(text)
+            },
+        )
+        .await
+    };
     let poison = send("poison");
-    support::kube::eventually(
-        "both requests to be queued",
-        std::time::Duration::from_secs(30),
-        async || {
-            let text = client()
-                .get(format!("{}/metrics", t.base))
-                .send()
-                .await
-                .map_err(|e| e.to_string())?
-                .text()
-                .await
-                .map_err(|e| e.to_string())?;
-            text.contains("profiles_sync_engine_queue_depth 2")
-                .then_some(())
-                .ok_or(text)
-        },
-    )
-    .await;
+    queued(1).await;
+    let good = send("good");
+    queued(2).await;
     tokio::task::block_in_place(move || {
         dba.batch_execute("COMMIT").unwrap();
         // The synchronous clients close on a thread that may block.

@@ -111,19 +111,29 @@ fn run(
             }
             Err(e) => {
                 tracing::error!(error = %e, requests = requests.len(), "store commit failed; the group was not stored");
-                let usable = reopen_after(&e, &mut store, &url, &rules);
-                if requests.len() > 1 && usable {
-                    // The refusal may be one request's alone (a constraint its data breaks):
-                    // commit the group's requests one by one, so the others still succeed.
+                if e.is_data_refusal() && requests.len() > 1 {
+                    // The store refused the data (a constraint, a value), which may be one
+                    // request's alone: commit the group's requests one by one, so the others
+                    // still succeed. A failure of the store itself on the way fails the rest
+                    // without trying them.
+                    let mut broken: Option<String> = None;
                     for (reply, range) in requests {
+                        if let Some(error) = &broken {
+                            let _ = reply.send(Err(error.clone()));
+                            continue;
+                        }
                         let result = ingest(&mut *store, &events[range], &metrics);
                         if let Err(e) = &result {
                             tracing::warn!(error = %e, "a request failed to commit on its own; it was not stored");
-                            reopen_after(e, &mut store, &url, &rules);
+                            if !e.is_data_refusal() {
+                                broken = Some(e.to_string());
+                                reopen_after(e, &mut store, &url, &rules);
+                            }
                         }
                         let _ = reply.send(result.map_err(|e| e.to_string()));
                     }
                 } else {
+                    reopen_after(&e, &mut store, &url, &rules);
                     for (reply, _) in requests {
                         let _ = reply.send(Err(e.to_string()));
                     }
@@ -172,20 +182,16 @@ fn ingest(
     result
 }
 
-/// After a database error, replaces `store` with a fresh connection (a broken one would fail
-/// every later group). Returns whether the store can be used for another attempt.
-fn reopen_after(e: &StoreError, store: &mut Box<dyn Store>, url: &str, rules: &Rules) -> bool {
-    if !matches!(e, StoreError::Postgres(_) | StoreError::Sqlite(_)) {
-        return true;
+/// After a database error other than a refusal of the data, replaces `store` with a fresh
+/// connection (a broken one would fail every later group).
+fn reopen_after(e: &StoreError, store: &mut Box<dyn Store>, url: &str, rules: &Rules) {
+    if e.is_data_refusal() || !matches!(e, StoreError::Postgres(_) | StoreError::Sqlite(_)) {
+        return;
     }
     match store::open(url, rules.clone()) {
-        Ok(s) => {
-            *store = s;
-            true
-        }
+        Ok(s) => *store = s,
         Err(e) => {
-            tracing::error!(error = %e, "reopening the store failed; will retry on the next batch");
-            false
+            tracing::error!(error = %e, "reopening the store failed; will retry on the next batch")
         }
     }
 }

@@ -268,6 +268,28 @@ pub fn open(url: &str, rules: Rules) -> Result<Box<dyn Store>, StoreError> {
     Err(StoreError::BadUrl(scheme.to_string()))
 }
 
+impl StoreError {
+    /// Whether the store refused the data rather than failed: a constraint or a value it does
+    /// not take (PostgreSQL SQLSTATE classes 22 and 23; SQLite's constraint, too-big and
+    /// type-mismatch errors). The connection is still good, and other data may commit.
+    pub fn is_data_refusal(&self) -> bool {
+        match self {
+            StoreError::Postgres(e) => e
+                .code()
+                .is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23")),
+            StoreError::Sqlite(e) => matches!(
+                e.sqlite_error_code(),
+                Some(
+                    rusqlite::ErrorCode::ConstraintViolation
+                        | rusqlite::ErrorCode::TooBig
+                        | rusqlite::ErrorCode::TypeMismatch
+                )
+            ),
+            _ => false,
+        }
+    }
+}
+
 /// Prepares `events` ([`PreparedEvent::new`]), hands them to `ingest`, then frees them on the
 /// `store-free` thread.
 pub(crate) fn with_prepared<E: Into<PreparedEvent>, T>(
@@ -310,4 +332,25 @@ pub(crate) trait WriteTx {
     fn existing_message_ids(&mut self, ids: &[&str]) -> Result<HashSet<String>, StoreError>;
     /// Writes the rows of a resolved batch and moves the head to `head`.
     fn write(&mut self, batch: &ingest::ResolvedBatch, head: i64) -> Result<(), StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StoreError;
+
+    #[test]
+    fn a_refusal_of_the_data_is_told_from_a_failure_of_the_store() {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE t (v TEXT CHECK (v <> 'poison'))")
+            .unwrap();
+        let refused = conn
+            .execute("INSERT INTO t VALUES ('poison')", [])
+            .unwrap_err();
+        assert!(StoreError::Sqlite(refused).is_data_refusal());
+        let failed = conn
+            .execute("INSERT INTO missing VALUES (1)", [])
+            .unwrap_err();
+        assert!(!StoreError::Sqlite(failed).is_data_refusal());
+        assert!(!StoreError::BadUrl("x".into()).is_data_refusal());
+    }
 }

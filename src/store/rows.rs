@@ -177,7 +177,7 @@ impl PreparedEvent {
     }
 
     /// [`PreparedEvent::new`] when `identifiers` ([`extract_all`] of `event`) are already known.
-    pub fn with_identifiers(event: Event, identifiers: Vec<Identifier>) -> PreparedEvent {
+    pub(crate) fn with_identifiers(event: Event, identifiers: Vec<Identifier>) -> PreparedEvent {
         let payload = event.to_json_string();
         let trigger = Trigger::of(&event);
         let identify = event.event_type == EventType::Identify;

@@ -66,25 +66,6 @@ fn remove_stale_copies(scratch: &std::path::Path) {
     }
 }
 
-/// Polls `f` until it returns `Some`, at most `timeout`; panics with `what` and the last
-/// observation otherwise. The pause between polls only spaces the polls out.
-pub async fn eventually<T>(
-    what: &str,
-    timeout: Duration,
-    mut f: impl AsyncFnMut() -> Result<T, String>,
-) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match f().await {
-            Ok(v) => return v,
-            Err(last) if Instant::now() >= deadline => {
-                panic!("timed out after {timeout:?} waiting for {what}; last seen: {last}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
-}
-
 /// The emulated API server, stopped when dropped (EOF on its stdin).
 pub struct ApiServer {
     child: Child,
