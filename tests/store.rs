@@ -179,8 +179,9 @@ fn duplicate_message_ids_are_stored_and_resolved_once(kind: &str) {
 
 fn feeds_page_without_gaps_or_repeats(kind: &str) {
     let (mut s, _, _keep) = fresh(kind);
+    // 150 events a batch: more than one multi-row INSERT's worth, and a remainder.
     for batch in 0..5 {
-        let events = (0..40)
+        let events = (0..150)
             .map(|i| {
                 track(
                     &format!("t{batch}-{i}"),
@@ -192,7 +193,18 @@ fn feeds_page_without_gaps_or_repeats(kind: &str) {
         s.ingest(events).unwrap();
     }
     let everything = all(&mut *s, &Feed::Events(EventFilter::All));
-    assert_eq!(everything.len(), 200);
+    assert_eq!(everything.len(), 750);
+    let ids: Vec<String> = everything
+        .iter()
+        .filter_map(|r| match r {
+            FeedRow::Event(e) => Some(e.event.message_id.clone()),
+            _ => None,
+        })
+        .collect();
+    let sent: Vec<String> = (0..5)
+        .flat_map(|b| (0..150).map(move |i| format!("t{b}-{i}")))
+        .collect();
+    assert_eq!(ids, sent, "events in the order they were ingested");
     for limit in [1, 7, 64, 500] {
         let mut cursor = 0;
         let mut got = vec![];

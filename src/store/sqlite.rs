@@ -250,23 +250,57 @@ impl WriteTx for LiteTx<'_> {
                 head.into_iter().chain(trigger_params(&r.trigger)),
             ))?;
         }
-        let mut stmt = tx.prepare_cached(
-            "INSERT INTO events (seq, message_id, type, event, segment_id, source_id, timestamp_us, received_at_us, payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-        )?;
-        for r in &b.events {
-            let payload = &r.event.payload;
-            let t = &r.event.trigger;
-            stmt.execute(params![
-                r.seq,
-                t.event_id,
-                t.event_type.as_str(),
-                r.event.event,
-                r.segment_id,
-                t.source_id,
-                micros(t.timestamp),
-                micros(t.received_at),
-                payload,
-            ])?;
+        // Many rows per statement: one statement start, cursor open and reset per chunk.
+        let rows_sql = |n: usize| {
+            let marks: Vec<String> = (0..n)
+                .map(|i| {
+                    let k = i * 9;
+                    format!(
+                        "(?{}, ?{}, ?{}, ?{}, ?{}, ?{}, ?{}, ?{}, ?{})",
+                        k + 1,
+                        k + 2,
+                        k + 3,
+                        k + 4,
+                        k + 5,
+                        k + 6,
+                        k + 7,
+                        k + 8,
+                        k + 9
+                    )
+                })
+                .collect();
+            format!(
+                "INSERT INTO events (seq, message_id, type, event, segment_id, source_id, timestamp_us, received_at_us, payload) VALUES {}",
+                marks.join(", ")
+            )
+        };
+        let full = rows_sql(EVENT_ROWS_PER_INSERT);
+        for chunk in b.events.chunks(EVENT_ROWS_PER_INSERT) {
+            let mut stmt = if chunk.len() == EVENT_ROWS_PER_INSERT {
+                tx.prepare_cached(&full)?
+            } else {
+                tx.prepare_cached(&rows_sql(chunk.len()))?
+            };
+            let values = chunk.iter().flat_map(|r| {
+                let t = &r.event.trigger;
+                [
+                    ToSqlOutput::Owned(rusqlite::types::Value::Integer(r.seq)),
+                    Borrowed(ValueRef::Text(t.event_id.as_bytes())),
+                    Borrowed(ValueRef::Text(t.event_type.as_str().as_bytes())),
+                    r.event
+                        .event
+                        .as_deref()
+                        .map_or(Borrowed(ValueRef::Null), |n| {
+                            Borrowed(ValueRef::Text(n.as_bytes()))
+                        }),
+                    Borrowed(ValueRef::Text(r.segment_id.as_bytes())),
+                    Borrowed(ValueRef::Text(t.source_id.as_bytes())),
+                    Borrowed(ValueRef::Integer(micros(t.timestamp))),
+                    Borrowed(ValueRef::Integer(micros(t.received_at))),
+                    Borrowed(ValueRef::Text(r.event.payload.as_bytes())),
+                ]
+            });
+            stmt.execute(params_from_iter(values))?;
         }
         let mut stmt = tx.prepare_cached(
             "INSERT INTO profiles (segment_id, canonical_segment_id, created_rank, merges, traits, trait_times) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
@@ -360,6 +394,9 @@ impl SqliteStore {
         Ok(out)
     }
 }
+
+/// Event rows per `INSERT` statement (9 values each, under SQLite's 32,766 variables).
+const EVENT_ROWS_PER_INSERT: usize = 64;
 
 /// The most rows a feed read reserves room for up front.
 const PAGE_HINT: usize = 10_000;
