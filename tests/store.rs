@@ -175,6 +175,19 @@ fn duplicate_message_ids_are_stored_and_resolved_once(kind: &str) {
         .filter(|r| matches!(r, FeedRow::Mapping(m) if m.external_id_value == "a1"))
         .count();
     assert_eq!(a1, 1);
+    // Stored ids anywhere in a large batch (the lookups go 64 to a statement): 200 new, with
+    // every 7th of 200 stored ones among them.
+    let stored: Vec<Event> = (0..200).map(|i| page(&format!("s{i}"), "a1")).collect();
+    s.ingest(stored).unwrap();
+    let mixed: Vec<Event> = (0..200)
+        .flat_map(|i| {
+            let old = (i % 7 == 0).then(|| page(&format!("s{i}"), "a1"));
+            std::iter::once(page(&format!("n{i}"), "a1")).chain(old)
+        })
+        .collect();
+    let r = s.ingest(mixed).unwrap();
+    assert_eq!((r.accepted, r.duplicates), (200, 29));
+    assert_eq!(s.event_count().unwrap(), 402);
 }
 
 fn feeds_page_without_gaps_or_repeats(kind: &str) {

@@ -193,13 +193,25 @@ impl WriteTx for LiteTx<'_> {
     }
 
     fn existing_message_ids(&mut self, ids: &[&str]) -> Result<HashSet<String>, StoreError> {
-        let mut stmt = self
-            .0
-            .prepare_cached("SELECT 1 FROM events WHERE message_id = ?1")?;
+        // Looked up 64 to a statement, as the events are inserted.
+        let sql = |n: usize| {
+            let marks: Vec<String> = (1..=n).map(|i| format!("?{i}")).collect();
+            format!(
+                "SELECT message_id FROM events WHERE message_id IN ({})",
+                marks.join(", ")
+            )
+        };
+        let full = sql(EVENT_ROWS_PER_INSERT);
         let mut found = HashSet::new();
-        for id in ids {
-            if stmt.query_row([id], |_| Ok(())).optional()?.is_some() {
-                found.insert((*id).to_string());
+        for chunk in ids.chunks(EVENT_ROWS_PER_INSERT) {
+            let mut stmt = if chunk.len() == EVENT_ROWS_PER_INSERT {
+                self.0.prepare_cached(&full)?
+            } else {
+                self.0.prepare_cached(&sql(chunk.len()))?
+            };
+            let mut rows = stmt.query(params_from_iter(chunk))?;
+            while let Some(r) = rows.next()? {
+                found.insert(r.get(0)?);
             }
         }
         Ok(found)
