@@ -9,7 +9,7 @@ use profiles_sync::store::{self, EventFilter, Feed, FeedRow};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use support::engine::{
-    FEED_TOKEN, Options, SOURCE_ID, WRITE_KEY, start, start_options, start_with,
+    FEED_TOKEN, Options, SOURCE_ID, TestEngine, WRITE_KEY, start, start_options, start_with,
 };
 
 fn client() -> reqwest::Client {
@@ -1163,23 +1163,19 @@ async fn without_a_feed_token_the_feed_api_answers_403() {
     t.engine.stop().await.unwrap();
 }
 
-/// A commit the store refuses (here a PostgreSQL constraint a DBA added) answers the request
-/// 503 with `Retry-After`, stores nothing of it, and the next request commits.
-#[tokio::test(flavor = "multi_thread")]
-async fn postgres_a_commit_the_store_refuses_answers_503_and_stores_nothing() {
+/// An engine on a fresh PostgreSQL database `name` whose `events` table then gets a CHECK
+/// constraint, as a DBA might add, refusing the messageId `poison`: the server, the database,
+/// its URL and the engine.
+async fn engine_refusing_poison(
+    name: &str,
+) -> (&'static support::pg::PgServer, String, String, TestEngine) {
     let pg = tokio::task::block_in_place(support::pg::shared);
-    let db = tokio::task::block_in_place(|| pg.create_database("refuse"));
+    let db = tokio::task::block_in_place(|| pg.create_database(name));
     let url = pg.url(&db);
     let t = start_options(Options {
         store_url: Some(url.clone()),
         ..Options::default()
     })
-    .await;
-    post_ok(
-        &t.base,
-        "/v1/track",
-        &json!({"userId": "u1", "event": "A", "messageId": "ok1"}),
-    )
     .await;
     tokio::task::block_in_place(|| {
         pg.connect(&db)
@@ -1188,6 +1184,20 @@ async fn postgres_a_commit_the_store_refuses_answers_503_and_stores_nothing() {
             )
             .unwrap()
     });
+    (pg, db, url, t)
+}
+
+/// A commit the store refuses (here a PostgreSQL constraint a DBA added) answers the request
+/// 503 with `Retry-After`, stores nothing of it, and the next request commits.
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_a_commit_the_store_refuses_answers_503_and_stores_nothing() {
+    let (_, _, url, t) = engine_refusing_poison("refuse").await;
+    post_ok(
+        &t.base,
+        "/v1/track",
+        &json!({"userId": "u1", "event": "A", "messageId": "ok1"}),
+    )
+    .await;
     let r = client()
         .post(format!("{}/v1/batch", t.base))
         .basic_auth(WRITE_KEY, Some(""))
@@ -1228,21 +1238,11 @@ async fn postgres_a_commit_the_store_refuses_answers_503_and_stores_nothing() {
 /// take every other client down with it (they would all get 503 for as long as it retries).
 #[tokio::test(flavor = "multi_thread")]
 async fn postgres_a_refused_request_fails_alone_and_its_group_commits() {
-    let pg = tokio::task::block_in_place(support::pg::shared);
-    let db = tokio::task::block_in_place(|| pg.create_database("isolate"));
-    let url = pg.url(&db);
-    let t = start_options(Options {
-        store_url: Some(url.clone()),
-        ..Options::default()
-    })
-    .await;
+    let (pg, db, url, t) = engine_refusing_poison("isolate").await;
     let mut dba = tokio::task::block_in_place(|| pg.connect(&db));
     tokio::task::block_in_place(|| {
-        dba.batch_execute(
-            "ALTER TABLE events ADD CONSTRAINT no_poison CHECK (message_id <> 'poison');
-             BEGIN; SELECT head FROM seq_counter WHERE id = 1 FOR UPDATE;",
-        )
-        .unwrap()
+        dba.batch_execute("BEGIN; SELECT head FROM seq_counter WHERE id = 1 FOR UPDATE;")
+            .unwrap()
     });
     // While the DBA's transaction holds the head, the writer blocks on the first request...
     let send = |id: &'static str| {
