@@ -193,27 +193,14 @@ impl WriteTx for LiteTx<'_> {
     }
 
     fn existing_message_ids(&mut self, ids: &[&str]) -> Result<HashSet<String>, StoreError> {
-        // Looked up 64 to a statement, as the events are inserted.
-        let sql = |n: usize| {
-            let marks: Vec<String> = (1..=n).map(|i| format!("?{i}")).collect();
-            format!(
-                "SELECT message_id FROM events WHERE message_id IN ({})",
-                marks.join(", ")
-            )
-        };
-        let full = sql(EVENT_ROWS_PER_INSERT);
         let mut found = HashSet::new();
-        for chunk in ids.chunks(EVENT_ROWS_PER_INSERT) {
-            let mut stmt = if chunk.len() == EVENT_ROWS_PER_INSERT {
-                self.0.prepare_cached(&full)?
-            } else {
-                self.0.prepare_cached(&sql(chunk.len()))?
-            };
+        in_chunks(&self.0, ids, find_message_ids_sql, |stmt, chunk| {
             let mut rows = stmt.query(params_from_iter(chunk))?;
             while let Some(r) = rows.next()? {
                 found.insert(r.get(0)?);
             }
-        }
+            Ok(())
+        })?;
         Ok(found)
     }
 
@@ -262,37 +249,7 @@ impl WriteTx for LiteTx<'_> {
                 head.into_iter().chain(trigger_params(&r.trigger)),
             ))?;
         }
-        // Many rows per statement: one statement start, cursor open and reset per chunk.
-        let rows_sql = |n: usize| {
-            let marks: Vec<String> = (0..n)
-                .map(|i| {
-                    let k = i * 9;
-                    format!(
-                        "(?{}, ?{}, ?{}, ?{}, ?{}, ?{}, ?{}, ?{}, ?{})",
-                        k + 1,
-                        k + 2,
-                        k + 3,
-                        k + 4,
-                        k + 5,
-                        k + 6,
-                        k + 7,
-                        k + 8,
-                        k + 9
-                    )
-                })
-                .collect();
-            format!(
-                "INSERT INTO events (seq, message_id, type, event, segment_id, source_id, timestamp_us, received_at_us, payload) VALUES {}",
-                marks.join(", ")
-            )
-        };
-        let full = rows_sql(EVENT_ROWS_PER_INSERT);
-        for chunk in b.events.chunks(EVENT_ROWS_PER_INSERT) {
-            let mut stmt = if chunk.len() == EVENT_ROWS_PER_INSERT {
-                tx.prepare_cached(&full)?
-            } else {
-                tx.prepare_cached(&rows_sql(chunk.len()))?
-            };
+        in_chunks(tx, &b.events, insert_events_sql, |stmt, chunk| {
             let values = chunk.iter().flat_map(|r| {
                 let t = &r.event.trigger;
                 [
@@ -312,8 +269,8 @@ impl WriteTx for LiteTx<'_> {
                     Borrowed(ValueRef::Text(r.event.payload.as_bytes())),
                 ]
             });
-            stmt.execute(params_from_iter(values))?;
-        }
+            stmt.execute(params_from_iter(values)).map(|_| ())
+        })?;
         let mut stmt = tx.prepare_cached(
             "INSERT INTO profiles (segment_id, canonical_segment_id, created_rank, merges, traits, trait_times) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
              ON CONFLICT (segment_id) DO UPDATE SET canonical_segment_id = excluded.canonical_segment_id, created_rank = excluded.created_rank,
@@ -407,8 +364,54 @@ impl SqliteStore {
     }
 }
 
-/// Event rows per `INSERT` statement (9 values each, under SQLite's 32,766 variables).
-const EVENT_ROWS_PER_INSERT: usize = 64;
+/// Event rows per `INSERT` statement (9 values each, under SQLite's 32,766 variables), and
+/// messageIds per dedupe `SELECT`: one statement start and cursor open per this many rows.
+const ROWS_PER_STATEMENT: usize = 64;
+
+/// Runs `run` over `items` [`ROWS_PER_STATEMENT`] at a time with the statement `sql(64)`, then
+/// over the rest one at a time with `sql(1)`: only two statements of each kind are prepared
+/// (and kept in the connection's small statement cache), whatever the batch size.
+fn in_chunks<T>(
+    conn: &Connection,
+    items: &[T],
+    sql: fn(usize) -> String,
+    mut run: impl FnMut(&mut rusqlite::Statement<'_>, &[T]) -> rusqlite::Result<()>,
+) -> rusqlite::Result<()> {
+    let (full, rest) = items.split_at(items.len() - items.len() % ROWS_PER_STATEMENT);
+    for (rows, part) in [(ROWS_PER_STATEMENT, full), (1, rest)] {
+        if part.is_empty() {
+            continue;
+        }
+        let mut stmt = conn.prepare_cached(&sql(rows))?;
+        for chunk in part.chunks_exact(rows) {
+            run(&mut stmt, chunk)?;
+        }
+    }
+    Ok(())
+}
+
+/// The `INSERT` of `n` event rows.
+fn insert_events_sql(n: usize) -> String {
+    let rows: Vec<String> = (0..n)
+        .map(|i| {
+            let marks: Vec<String> = (1..=9).map(|c| format!("?{}", i * 9 + c)).collect();
+            format!("({})", marks.join(", "))
+        })
+        .collect();
+    format!(
+        "INSERT INTO events (seq, message_id, type, event, segment_id, source_id, timestamp_us, received_at_us, payload) VALUES {}",
+        rows.join(", ")
+    )
+}
+
+/// The dedupe lookup of `n` messageIds.
+fn find_message_ids_sql(n: usize) -> String {
+    let marks: Vec<String> = (1..=n).map(|i| format!("?{i}")).collect();
+    format!(
+        "SELECT message_id FROM events WHERE message_id IN ({})",
+        marks.join(", ")
+    )
+}
 
 /// The most rows a feed read reserves room for up front.
 const PAGE_HINT: usize = 10_000;
