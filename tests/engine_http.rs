@@ -342,6 +342,26 @@ async fn server_time_clock_skew_and_duplicates() {
 }
 
 /// Posts `body` and asserts it was accepted.
+/// The engine's `/metrics` text.
+async fn metrics(base: &str) -> reqwest::Result<String> {
+    client()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await
+}
+
+/// The status of a feed request sent without the token.
+async fn feed_without_token(base: &str) -> StatusCode {
+    client()
+        .get(format!("{base}/v1/feeds/tracks"))
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
 async fn post_ok(base: &str, path: &str, body: &Value) {
     let (status, answer) = post(base, path, body).await;
     assert_eq!(status, StatusCode::OK, "{path}: {answer}");
@@ -387,12 +407,7 @@ async fn the_feed_api_needs_the_token_and_pages_in_order() {
     for i in 0..5 {
         post(&t.base, "/v1/track", &json!({"userId": format!("u{i}"), "event": "Order Completed", "messageId": format!("m{i}")})).await;
     }
-    let r = client()
-        .get(format!("{}/v1/feeds/tracks", t.base))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(feed_without_token(&t.base).await, StatusCode::UNAUTHORIZED);
     let r = client()
         .get(format!("{}/v1/feeds/tracks", t.base))
         .bearer_auth("wrong")
@@ -618,21 +633,9 @@ async fn health_readiness_and_metrics() {
     .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     // Feed API requests count too: one without the token, one with it.
-    let r = client()
-        .get(format!("{}/v1/feeds/tracks", t.base))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(feed_without_token(&t.base).await, StatusCode::UNAUTHORIZED);
     catalog(&t.base).await;
-    let text = client()
-        .get(format!("{}/metrics", t.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics(&t.base).await.unwrap();
     assert!(
         text.contains(
             "profiles_sync_engine_http_requests_total{endpoint=\"track\",status=\"200\"} 1"
@@ -1281,14 +1284,7 @@ async fn postgres_a_refused_request_fails_alone_and_its_group_commits() {
             "requests to be queued",
             std::time::Duration::from_secs(30),
             async || {
-                let text = client()
-                    .get(format!("{}/metrics", t.base))
-                    .send()
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .text()
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let text = metrics(&t.base).await.map_err(|e| e.to_string())?;
                 text.contains(&format!("profiles_sync_engine_queue_depth {depth}\n"))
                     .then_some(())
                     .ok_or(text)
