@@ -23,14 +23,36 @@ const PAGES: [(&str, &str); 5] = [
 ];
 const PLANS: [&str; 3] = ["free", "pro", "team"];
 
+/// The messageId stream of round `round` of seed `seed`.
+fn id_stream(seed: u64, round: u64) -> StdRng {
+    StdRng::seed_from_u64(seed ^ round.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15))
+}
+
+/// A random version-4 UUID, the messageId Segment's SDKs send: random ids land all over a store's
+/// dedupe index, where sequential ones would only ever append to it.
+pub fn uuid_v4(rng: &mut impl Rng) -> String {
+    let b: u128 = rng.random::<u128>() & !(0xf << 76) & !(0x3 << 62) | (0x4 << 76) | (0x2 << 62);
+    let h = format!("{b:032x}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
 /// Generates the message stream of `people` people, in time order per person.
 pub struct SampleGenerator {
     rng: StdRng,
+    /// The messageIds' own stream (so that they leave the traffic's shape as it was).
+    ids: StdRng,
+    seed: u64,
     people: u64,
     next_person: u64,
     /// Epoch seconds of the first event.
     start: i64,
-    message: u64,
     round: u64,
 }
 
@@ -39,10 +61,11 @@ impl SampleGenerator {
     pub fn new(seed: u64, people: u64, start: i64) -> SampleGenerator {
         SampleGenerator {
             rng: StdRng::seed_from_u64(seed),
+            ids: id_stream(seed, 0),
+            seed,
             people,
             next_person: 0,
             start,
-            message: 0,
             round: 0,
         }
     }
@@ -51,23 +74,18 @@ impl SampleGenerator {
     /// later timestamps (so the number of events grows while the number of profiles does not).
     pub fn round(mut self, r: u64) -> SampleGenerator {
         self.round = r;
+        self.ids = id_stream(self.seed, r);
         self.start += i64::try_from(r).unwrap_or(0) * 86_400;
         self
     }
 
     fn base(&mut self, kind: &str, at: i64) -> serde_json::Map<String, Value> {
-        self.message += 1;
         let ts = jiff::Timestamp::from_second(at)
             .map(|t| t.to_string())
             .unwrap_or_default();
         let mut m = serde_json::Map::new();
         m.insert("type".into(), kind.into());
-        let id = if self.round == 0 {
-            format!("sample-{:010}", self.message)
-        } else {
-            format!("sample-r{}-{:010}", self.round, self.message)
-        };
-        m.insert("messageId".into(), id.into());
+        m.insert("messageId".into(), uuid_v4(&mut self.ids).into());
         m.insert("timestamp".into(), ts.clone().into());
         m.insert("receivedAt".into(), ts.into());
         m
@@ -246,6 +264,34 @@ mod tests {
         };
         for m in &a {
             crate::event::Event::from_json(m, None, &opts).unwrap_or_else(|e| panic!("{m}: {e}"));
+        }
+    }
+
+    #[test]
+    fn message_ids_are_distinct_version_4_uuids_across_rounds() {
+        let ids: Vec<String> = (0..3)
+            .flat_map(|r| {
+                SampleGenerator::new(7, 50, 1_767_225_600)
+                    .round(r)
+                    .flatten()
+            })
+            .map(|m| m["messageId"].as_str().unwrap().to_string())
+            .collect();
+        let distinct: std::collections::HashSet<&String> = ids.iter().collect();
+        assert_eq!(distinct.len(), ids.len());
+        for id in &ids {
+            let parts: Vec<&str> = id.split('-').collect();
+            let lens: Vec<usize> = parts.iter().map(|p| p.len()).collect();
+            assert_eq!(lens, [8, 4, 4, 4, 12], "{id}");
+            assert!(
+                id.chars().all(|c| c == '-' || c.is_ascii_hexdigit()),
+                "{id}"
+            );
+            assert!(parts[2].starts_with('4'), "version 4: {id}");
+            assert!(
+                parts[3].starts_with(['8', '9', 'a', 'b']),
+                "variant 1: {id}"
+            );
         }
     }
 }
