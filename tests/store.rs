@@ -584,6 +584,63 @@ fn sqlite_new_stores_use_16k_pages_and_older_files_keep_theirs() {
     );
 }
 
+#[test]
+fn sqlite_a_version_1_store_is_migrated_to_the_hash_index_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v1.db");
+    let url = format!("sqlite://{}", path.display());
+    let mut s = store::open(&url, Rules::default()).unwrap();
+    let first: Vec<Event> = (0..150)
+        .map(|i| {
+            identify(
+                &format!("old-{i}"),
+                &format!("a{}", i % 9),
+                "jane@example.com",
+            )
+        })
+        .collect();
+    s.ingest(first).unwrap();
+    let before = all(&mut *s, &Feed::Events(EventFilter::All));
+    let head = s.head_seq().unwrap();
+    drop(s);
+    // The layout version 1 wrote: a unique index on events.message_id, no hash index.
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch(
+        "BEGIN;
+         CREATE TABLE events_v1 (seq INTEGER PRIMARY KEY, message_id TEXT NOT NULL UNIQUE, type TEXT NOT NULL,
+           event TEXT, segment_id TEXT NOT NULL, source_id TEXT NOT NULL, timestamp_us BIGINT NOT NULL,
+           received_at_us BIGINT NOT NULL, payload TEXT NOT NULL);
+         INSERT INTO events_v1 SELECT * FROM events;
+         DROP TABLE events; ALTER TABLE events_v1 RENAME TO events;
+         DROP TABLE message_ids; DROP TABLE message_id_index;
+         PRAGMA user_version = 1;
+         COMMIT;",
+    )
+    .unwrap();
+    drop(conn);
+
+    let mut s = store::open(&url, Rules::default()).unwrap();
+    assert_eq!(all(&mut *s, &Feed::Events(EventFilter::All)), before);
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let one = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
+    assert_eq!(one("PRAGMA user_version"), 2);
+    assert_eq!(
+        one("SELECT count(*) FROM pragma_index_list('events') WHERE \"unique\" = 1"),
+        0,
+        "the unique messageId index is gone"
+    );
+    assert_eq!(one("SELECT count(*) FROM message_ids"), 150);
+    assert_eq!(one("SELECT indexed_through FROM message_id_index"), head);
+    // The migrated ids are still duplicates; new ones are not.
+    let again: Vec<Event> = (0..150)
+        .map(|i| page(&format!("old-{i}"), "a1"))
+        .chain((0..5).map(|i| page(&format!("new-{i}"), "a1")))
+        .collect();
+    let r = s.ingest(again).unwrap();
+    assert_eq!((r.accepted, r.duplicates), (5, 150));
+    assert_eq!(s.event_count().unwrap(), 155);
+}
+
 /// A TCP proxy to a PostgreSQL server that, once armed, cuts its client off at the client's
 /// next `COMMIT` — after passing it on to the server (`forward`) or before.
 struct CommitCutter {

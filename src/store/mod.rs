@@ -10,6 +10,7 @@
 //! has one writer anyway); resolution is sequential by nature, so nothing is lost by it.
 
 mod codec;
+mod dedupe;
 mod ingest;
 mod postgres;
 mod rows;

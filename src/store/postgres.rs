@@ -9,7 +9,7 @@ use super::codec::{
     self, IDENTIFIER_COLUMNS, PROFILE_COLUMNS, RawProfile, json_text, micros, state_read_sql,
 };
 use super::ingest::{LoadedState, ResolvedBatch, ingest_in_tx};
-use super::schema::{POSTGRES_SEQ_KEY, SCHEMA_VERSION, TRIGGER_COLUMNS, ddl};
+use super::schema::{Dialect, POSTGRES_SCHEMA_VERSION, TRIGGER_COLUMNS, ddl};
 use super::{
     EventFilter, Feed, FeedRow, FlatEventRow, IngestSummary, PreparedEvent, Resolver, SourceInfo,
     Store, StoreError, Trigger, WriteTx,
@@ -54,15 +54,15 @@ impl PostgresStore {
             && client
                 .query_one("SELECT coalesce(max(version), 0) FROM store_schema", &[])?
                 .get::<_, i64>(0)
-                >= SCHEMA_VERSION;
+                >= POSTGRES_SCHEMA_VERSION;
         if !current {
             // Concurrent first starts of several replicas must not race on CREATE TABLE.
             let mut tx = client.transaction()?;
             tx.execute("SELECT pg_advisory_xact_lock(7346501)", &[])?;
-            tx.batch_execute(&ddl(POSTGRES_SEQ_KEY))?;
+            tx.batch_execute(&ddl(Dialect::Postgres))?;
             tx.batch_execute(&format!(
                 "CREATE TABLE IF NOT EXISTS store_schema (version BIGINT PRIMARY KEY);
-                 INSERT INTO store_schema VALUES ({SCHEMA_VERSION}) ON CONFLICT DO NOTHING;"
+                 INSERT INTO store_schema VALUES ({POSTGRES_SCHEMA_VERSION}) ON CONFLICT DO NOTHING;"
             ))?;
             tx.commit()?;
         }

@@ -1,30 +1,67 @@
-//! The store's tables; the same DDL runs on SQLite and PostgreSQL. Timestamps are microseconds
-//! since the Unix epoch (`*_us`), JSON documents are text.
+//! The store's tables; the same DDL runs on SQLite and PostgreSQL, but for how `events` is
+//! deduplicated. Timestamps are microseconds since the Unix epoch (`*_us`), JSON documents are
+//! text.
 
-/// The version of the tables below; a store at an older version gets the DDL run again.
-pub(crate) const SCHEMA_VERSION: i64 = 1;
+/// The version of SQLite's tables: 2 since `events.message_id` lost its unique index to the
+/// bulk-merged hash index of [`SQLITE_DEDUPE_DDL`] (`store::dedupe`).
+pub(crate) const SQLITE_SCHEMA_VERSION: i64 = 2;
+/// The version of PostgreSQL's tables.
+pub(crate) const POSTGRES_SCHEMA_VERSION: i64 = 1;
 
-/// Creates every table when missing, with `seq_key` as the type of every `seq` primary key (see
-/// [`SQLITE_SEQ_KEY`], [`POSTGRES_SEQ_KEY`]).
-pub(crate) fn ddl(seq_key: &str) -> String {
-    DDL.replace("{seq_key}", seq_key)
+/// The dialect a DDL is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+/// Creates every table when missing.
+pub(crate) fn ddl(dialect: Dialect) -> String {
+    let tables = DDL.replace("{seq_key}", seq_key(dialect));
+    match dialect {
+        Dialect::Sqlite => format!(
+            "{tables}{}{SQLITE_DEDUPE_DDL}",
+            events_ddl(dialect, "events")
+        ),
+        Dialect::Postgres => format!("{tables}{}", events_ddl(dialect, "events")),
+    }
+}
+
+/// The `events` table, named `name` (a migration builds it under another name first).
+/// PostgreSQL keeps messageIds unique with an index; SQLite with `store::dedupe`, as a unique
+/// index on random ids costs it a page write per event.
+pub(crate) fn events_ddl(dialect: Dialect, name: &str) -> String {
+    let unique = match dialect {
+        Dialect::Sqlite => "",
+        Dialect::Postgres => " UNIQUE",
+    };
+    EVENTS_DDL
+        .replace("{name}", name)
+        .replace("{seq_key}", seq_key(dialect))
+        .replace("{unique}", unique)
+}
+
+/// The type of every `seq` primary key.
+fn seq_key(dialect: Dialect) -> &'static str {
+    match dialect {
+        Dialect::Sqlite => SQLITE_SEQ_KEY,
+        Dialect::Postgres => POSTGRES_SEQ_KEY,
+    }
 }
 
 /// SQLite: `INTEGER PRIMARY KEY` makes `seq` the rowid, so a change log is one b-tree ordered by
 /// `seq` (a `BIGINT PRIMARY KEY` would add a second index every insert writes and every feed
 /// read goes through).
-pub(crate) const SQLITE_SEQ_KEY: &str = "INTEGER PRIMARY KEY";
+const SQLITE_SEQ_KEY: &str = "INTEGER PRIMARY KEY";
 /// PostgreSQL: a 64-bit key with its unique index.
-pub(crate) const POSTGRES_SEQ_KEY: &str = "BIGINT PRIMARY KEY";
+const POSTGRES_SEQ_KEY: &str = "BIGINT PRIMARY KEY";
 
-/// The tables. `events` has no secondary index beyond `message_id`: every feed reads it by `seq`
-/// (its primary key), and each extra index would cost every ingest.
-const DDL: &str = r#"
-CREATE TABLE IF NOT EXISTS seq_counter (id INTEGER PRIMARY KEY, head BIGINT NOT NULL);
-INSERT INTO seq_counter (id, head) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
-CREATE TABLE IF NOT EXISTS events (
+/// The events. No secondary index beyond the messageId's (PostgreSQL): every feed reads them by
+/// `seq` (the primary key), and each extra index would cost every ingest.
+const EVENTS_DDL: &str = r#"
+CREATE TABLE IF NOT EXISTS {name} (
     seq {seq_key},
-    message_id TEXT NOT NULL UNIQUE,
+    message_id TEXT NOT NULL{unique},
     type TEXT NOT NULL,
     event TEXT,
     segment_id TEXT NOT NULL,
@@ -33,6 +70,29 @@ CREATE TABLE IF NOT EXISTS events (
     received_at_us BIGINT NOT NULL,
     payload TEXT NOT NULL
 );
+"#;
+
+/// SQLite's messageId index (`store::dedupe`): a keyed 64-bit hash of each messageId and the
+/// `seq` of its event, for the events up to `indexed_through`; the hash key; how many entries.
+pub(crate) const SQLITE_DEDUPE_DDL: &str = r#"
+CREATE TABLE IF NOT EXISTS message_ids (
+    hash BIGINT NOT NULL,
+    seq BIGINT NOT NULL,
+    PRIMARY KEY (hash, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS message_id_index (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    key0 BIGINT NOT NULL,
+    key1 BIGINT NOT NULL,
+    indexed_through BIGINT NOT NULL,
+    entries BIGINT NOT NULL
+);
+"#;
+
+/// The other tables.
+const DDL: &str = r#"
+CREATE TABLE IF NOT EXISTS seq_counter (id INTEGER PRIMARY KEY, head BIGINT NOT NULL);
+INSERT INTO seq_counter (id, head) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
 CREATE TABLE IF NOT EXISTS id_graph_updates (
     seq {seq_key},
     segment_id TEXT NOT NULL,

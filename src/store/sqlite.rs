@@ -11,8 +11,9 @@ use super::codec::{
     self, IDENTIFIER_COLUMNS, PROFILE_COLUMNS, RawProfile, StateRead, json_text, micros,
     state_read_sql,
 };
+use super::dedupe::{self, RecentIds, Tuning};
 use super::ingest::{LoadedState, ResolvedBatch, ingest_in_tx};
-use super::schema::{SCHEMA_VERSION, SQLITE_SEQ_KEY, TRIGGER_COLUMNS, ddl};
+use super::schema::{Dialect, SQLITE_SCHEMA_VERSION, TRIGGER_COLUMNS, ddl, events_ddl};
 use super::{
     EventFilter, Feed, FeedRow, FlatEventRow, IngestSummary, PreparedEvent, Resolver, SourceInfo,
     Store, StoreError, Trigger, WriteTx,
@@ -23,6 +24,10 @@ use crate::identity::{IdentifierState, ProfileState, Rules};
 pub struct SqliteStore {
     conn: Connection,
     resolver: Resolver,
+    /// The messageIds since the dedupe index's last merge, as of the last commit; `None` when
+    /// they must be read again (first write, after a failed one).
+    recent: Option<RecentIds>,
+    dedupe: Tuning,
 }
 
 impl SqliteStore {
@@ -57,18 +62,27 @@ impl SqliteStore {
         // 64 MiB of page cache (the default is 2 MiB): the dedupe index and the state tables'
         // pages stay in memory instead of being read back from the OS on every batch.
         conn.pragma_update(None, "cache_size", -65_536)?;
-        // Only a new file takes the write lock for DDL, so opening a reader never waits for the writer.
-        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        if version < SCHEMA_VERSION {
-            conn.execute_batch(&format!(
-                "BEGIN IMMEDIATE; {}; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;",
-                ddl(SQLITE_SEQ_KEY)
-            ))?;
+        // Statements of the ingest path, with their 64-row and 1-row forms, outnumber the
+        // default cache of 16.
+        conn.set_prepared_statement_cache_capacity(32);
+        // Only a new or older file takes the write lock for DDL, so opening a reader never waits
+        // for the writer.
+        if schema_version(&conn)? < SQLITE_SCHEMA_VERSION {
+            create_or_migrate(&conn)?;
         }
         Ok(SqliteStore {
             conn,
             resolver: Resolver::new(rules),
+            recent: None,
+            dedupe: Tuning::default(),
         })
+    }
+
+    /// Test settings of the messageId dedupe.
+    #[cfg(test)]
+    pub(crate) fn set_dedupe(&mut self, tuning: Tuning) {
+        self.dedupe = tuning;
+        self.recent = None;
     }
 
     /// Sets how long a writer waits for another writer's lock before failing with "database is locked".
@@ -80,10 +94,14 @@ impl SqliteStore {
     /// it, then commit.
     pub fn begin_write(&mut self) -> Result<SqliteWrite<'_>, StoreError> {
         Ok(SqliteWrite {
-            tx: LiteTx(
-                self.conn
+            tx: LiteTx {
+                tx: self
+                    .conn
                     .transaction_with_behavior(TransactionBehavior::Immediate)?,
-            ),
+                committed: &mut self.recent,
+                recent: None,
+                tuning: self.dedupe,
+            },
             resolver: &mut self.resolver,
             head: None,
         })
@@ -97,7 +115,41 @@ pub struct SqliteWrite<'a> {
     head: Option<i64>,
 }
 
-struct LiteTx<'a>(rusqlite::Transaction<'a>);
+struct LiteTx<'a> {
+    tx: rusqlite::Transaction<'a>,
+    /// The store's recent messageIds, as of its last commit: taken by the transaction, put back
+    /// (moved on) by its commit, so that a failed transaction leaves them to be read again.
+    committed: &'a mut Option<RecentIds>,
+    /// The recent messageIds as of this transaction's writes.
+    recent: Option<RecentIds>,
+    tuning: Tuning,
+}
+
+impl LiteTx<'_> {
+    /// The recent messageIds as of `head` (the head this transaction locked), with the
+    /// transaction they are read through.
+    fn recent(
+        &mut self,
+        head: i64,
+    ) -> Result<(&mut RecentIds, &rusqlite::Transaction<'_>), StoreError> {
+        let recent = match self.recent.take() {
+            Some(r) if r.head == head => r,
+            _ => match self.committed.take() {
+                Some(r) if r.head == head => r,
+                _ => RecentIds::load(&self.tx, head, self.tuning)?,
+            },
+        };
+        Ok((self.recent.insert(recent), &self.tx))
+    }
+
+    /// The head this transaction locked and wrote up to so far.
+    fn head(&mut self) -> Result<i64, StoreError> {
+        match &self.recent {
+            Some(r) => Ok(r.head),
+            None => self.lock_head(),
+        }
+    }
+}
 
 impl SqliteWrite<'_> {
     /// Resolves and writes `events` (see [`Store::ingest`]) without committing.
@@ -113,17 +165,19 @@ impl SqliteWrite<'_> {
         &mut self,
         events: &[PreparedEvent],
     ) -> Result<IngestSummary, StoreError> {
-        let (summary, _) = ingest_in_tx(&mut self.tx, self.resolver, events, |t| load_all(&t.0))?;
+        let (summary, _) = ingest_in_tx(&mut self.tx, self.resolver, events, |t| load_all(&t.tx))?;
         self.head = Some(summary.head);
         Ok(summary)
     }
 
     /// Commits what was ingested.
-    pub fn commit(self) -> Result<(), StoreError> {
-        self.tx.0.commit()?;
+    pub fn commit(mut self) -> Result<(), StoreError> {
+        let recent = self.tx.recent.take();
+        self.tx.tx.commit()?;
         if let Some(head) = self.head {
             self.resolver.committed(head);
         }
+        *self.tx.committed = recent;
         Ok(())
     }
 }
@@ -166,6 +220,46 @@ fn load_all(conn: &Connection) -> Result<LoadedState, StoreError> {
     Ok((profiles, identifiers, names))
 }
 
+/// The version of the tables in the file (`PRAGMA user_version`; 0 for a new file).
+fn schema_version(conn: &Connection) -> Result<i64, StoreError> {
+    Ok(conn.pragma_query_value(None, "user_version", |r| r.get(0))?)
+}
+
+/// Creates the tables of a new file, or brings an older file's up to
+/// [`SQLITE_SCHEMA_VERSION`], in one transaction: a crash leaves the file as it was.
+///
+/// Version 1 kept messageIds unique with an index on `events`; version 2 rebuilds `events`
+/// without it and indexes the stored events in `message_ids` instead (`store::dedupe`).
+fn create_or_migrate(conn: &Connection) -> Result<(), StoreError> {
+    let tx = rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
+    // Another process may have done it while this one waited for the lock.
+    if schema_version(&tx)? >= SQLITE_SCHEMA_VERSION {
+        return Ok(());
+    }
+    let unique_ids: bool = tx.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pragma_index_list('events') WHERE \"unique\" = 1 AND origin = 'u')",
+        [],
+        |r| r.get(0),
+    )?;
+    if unique_ids {
+        tx.execute_batch(&format!(
+            "{}
+             INSERT INTO events_v2 SELECT seq, message_id, type, event, segment_id, source_id, timestamp_us, received_at_us, payload FROM events;
+             DROP TABLE events;
+             ALTER TABLE events_v2 RENAME TO events;",
+            events_ddl(Dialect::Sqlite, "events_v2")
+        ))?;
+    }
+    tx.execute_batch(&ddl(Dialect::Sqlite))?;
+    let head: i64 = tx.query_row("SELECT head FROM seq_counter WHERE id = 1", [], |r| {
+        r.get(0)
+    })?;
+    dedupe::create(&tx, unique_ids.then_some(head))?;
+    tx.pragma_update(None, "user_version", SQLITE_SCHEMA_VERSION)?;
+    tx.commit()?;
+    Ok(())
+}
+
 /// The trigger columns' values, borrowed (binding copies them into the statement).
 fn trigger_params(t: &Trigger) -> [ToSqlOutput<'_>; 6] {
     [
@@ -185,129 +279,140 @@ fn trigger_params(t: &Trigger) -> [ToSqlOutput<'_>; 6] {
 impl WriteTx for LiteTx<'_> {
     fn lock_head(&mut self) -> Result<i64, StoreError> {
         // The IMMEDIATE transaction already holds the write lock.
-        Ok(self
-            .0
+        let head = self
+            .tx
             .query_row("SELECT head FROM seq_counter WHERE id = 1", [], |r| {
                 r.get(0)
-            })?)
+            })?;
+        self.recent(head)?;
+        Ok(head)
     }
 
     fn existing_message_ids(&mut self, ids: &[&str]) -> Result<HashSet<String>, StoreError> {
-        let mut found = HashSet::new();
-        in_chunks(&self.0, ids, find_message_ids_sql, |stmt, chunk| {
-            let mut rows = stmt.query(params_from_iter(chunk))?;
-            while let Some(r) = rows.next()? {
-                found.insert(r.get(0)?);
-            }
-            Ok(())
-        })?;
-        Ok(found)
+        let head = self.head()?;
+        let (recent, tx) = self.recent(head)?;
+        recent.existing(tx, ids)
     }
 
     fn write(&mut self, b: &ResolvedBatch, head: i64) -> Result<(), StoreError> {
-        let tx = &self.0;
-        let mut stmt = tx.prepare_cached(&format!(
-            "INSERT INTO id_graph_updates (seq, segment_id, canonical_segment_id, {TRIGGER_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
-        ))?;
-        for r in &b.id_graph {
-            let head = [
-                Borrowed(ValueRef::Integer(r.seq)),
-                Borrowed(ValueRef::Text(r.segment_id.as_bytes())),
-                Borrowed(ValueRef::Text(r.canonical_segment_id.as_bytes())),
-            ];
-            stmt.execute(params_from_iter(
-                head.into_iter().chain(trigger_params(&r.trigger)),
-            ))?;
-        }
-        let mut stmt = tx.prepare_cached(&format!(
-            "INSERT INTO external_id_mapping_updates (seq, id, external_id_hash, external_id_type, external_id_value, segment_id, {TRIGGER_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
-        ))?;
-        for r in &b.mappings {
-            let head = [
-                Borrowed(ValueRef::Integer(r.seq)),
-                Borrowed(ValueRef::Text(r.id.as_bytes())),
-                Borrowed(ValueRef::Text(r.external_id_hash.as_bytes())),
-                Borrowed(ValueRef::Text(r.external_id_type.as_bytes())),
-                Borrowed(ValueRef::Text(r.external_id_value.as_bytes())),
-                Borrowed(ValueRef::Text(r.segment_id.as_bytes())),
-            ];
-            stmt.execute(params_from_iter(
-                head.into_iter().chain(trigger_params(&r.trigger)),
-            ))?;
-        }
-        let mut stmt = tx.prepare_cached(&format!(
-            "INSERT INTO profile_traits_updates (seq, segment_id, traits, {TRIGGER_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
-        ))?;
-        for r in &b.traits {
-            let traits = json_text(&r.traits);
-            let head = [
-                Borrowed(ValueRef::Integer(r.seq)),
-                Borrowed(ValueRef::Text(r.segment_id.as_bytes())),
-                Borrowed(ValueRef::Text(traits.as_bytes())),
-            ];
-            stmt.execute(params_from_iter(
-                head.into_iter().chain(trigger_params(&r.trigger)),
-            ))?;
-        }
-        in_chunks(tx, &b.events, insert_events_sql, |stmt, chunk| {
-            let values = chunk.iter().flat_map(|r| {
-                let t = &r.event.trigger;
-                [
-                    ToSqlOutput::Owned(rusqlite::types::Value::Integer(r.seq)),
-                    Borrowed(ValueRef::Text(t.event_id.as_bytes())),
-                    Borrowed(ValueRef::Text(t.event_type.as_str().as_bytes())),
-                    r.event
-                        .event
-                        .as_deref()
-                        .map_or(Borrowed(ValueRef::Null), |n| {
-                            Borrowed(ValueRef::Text(n.as_bytes()))
-                        }),
-                    Borrowed(ValueRef::Text(r.segment_id.as_bytes())),
-                    Borrowed(ValueRef::Text(t.source_id.as_bytes())),
-                    Borrowed(ValueRef::Integer(micros(t.timestamp))),
-                    Borrowed(ValueRef::Integer(micros(t.received_at))),
-                    Borrowed(ValueRef::Text(r.event.payload.as_bytes())),
-                ]
-            });
-            stmt.execute(params_from_iter(values)).map(|_| ())
-        })?;
-        let mut stmt = tx.prepare_cached(
-            "INSERT INTO profiles (segment_id, canonical_segment_id, created_rank, merges, traits, trait_times) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT (segment_id) DO UPDATE SET canonical_segment_id = excluded.canonical_segment_id, created_rank = excluded.created_rank,
-               merges = excluded.merges, traits = excluded.traits, trait_times = excluded.trait_times",
-        )?;
-        for p in &b.state.profiles {
-            stmt.execute(params![
-                p.segment_id,
-                p.canonical_segment_id,
-                i64::try_from(p.created_rank).unwrap_or(i64::MAX),
-                i64::from(p.merges),
-                json_text(&p.traits),
-                json_text(&p.trait_times),
-            ])?;
-        }
-        let mut stmt = tx.prepare_cached(
-            "INSERT INTO identifiers (id_type, value, segment_id, first_seen_us, last_seen_us) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (id_type, value) DO UPDATE SET segment_id = excluded.segment_id, last_seen_us = excluded.last_seen_us",
-        )?;
-        for i in &b.state.identifiers {
-            stmt.execute(params![
-                i.id_type,
-                i.value,
-                i.segment_id,
-                micros(i.first_seen),
-                micros(i.last_seen)
-            ])?;
-        }
-        let mut stmt = tx.prepare_cached(
-            "INSERT INTO track_events (name) VALUES (?1) ON CONFLICT (name) DO NOTHING",
-        )?;
-        for name in &b.new_track_names {
-            stmt.execute([name])?;
-        }
-        tx.execute("UPDATE seq_counter SET head = ?1 WHERE id = 1", [head])?;
-        Ok(())
+        let base = self.head()?;
+        write_rows(&self.tx, b, head)?;
+        let (recent, tx) = self.recent(base)?;
+        recent.written(
+            tx,
+            b.events.iter().map(|r| (r.event.message_id(), r.seq)),
+            head,
+        )
     }
+}
+
+/// Writes the rows of a resolved batch and moves the head to `head`.
+fn write_rows(
+    tx: &rusqlite::Transaction<'_>,
+    b: &ResolvedBatch,
+    head: i64,
+) -> Result<(), StoreError> {
+    let mut stmt = tx.prepare_cached(&format!(
+        "INSERT INTO id_graph_updates (seq, segment_id, canonical_segment_id, {TRIGGER_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+    ))?;
+    for r in &b.id_graph {
+        let head = [
+            Borrowed(ValueRef::Integer(r.seq)),
+            Borrowed(ValueRef::Text(r.segment_id.as_bytes())),
+            Borrowed(ValueRef::Text(r.canonical_segment_id.as_bytes())),
+        ];
+        stmt.execute(params_from_iter(
+            head.into_iter().chain(trigger_params(&r.trigger)),
+        ))?;
+    }
+    let mut stmt = tx.prepare_cached(&format!(
+        "INSERT INTO external_id_mapping_updates (seq, id, external_id_hash, external_id_type, external_id_value, segment_id, {TRIGGER_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+    ))?;
+    for r in &b.mappings {
+        let head = [
+            Borrowed(ValueRef::Integer(r.seq)),
+            Borrowed(ValueRef::Text(r.id.as_bytes())),
+            Borrowed(ValueRef::Text(r.external_id_hash.as_bytes())),
+            Borrowed(ValueRef::Text(r.external_id_type.as_bytes())),
+            Borrowed(ValueRef::Text(r.external_id_value.as_bytes())),
+            Borrowed(ValueRef::Text(r.segment_id.as_bytes())),
+        ];
+        stmt.execute(params_from_iter(
+            head.into_iter().chain(trigger_params(&r.trigger)),
+        ))?;
+    }
+    let mut stmt = tx.prepare_cached(&format!(
+        "INSERT INTO profile_traits_updates (seq, segment_id, traits, {TRIGGER_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+    ))?;
+    for r in &b.traits {
+        let traits = json_text(&r.traits);
+        let head = [
+            Borrowed(ValueRef::Integer(r.seq)),
+            Borrowed(ValueRef::Text(r.segment_id.as_bytes())),
+            Borrowed(ValueRef::Text(traits.as_bytes())),
+        ];
+        stmt.execute(params_from_iter(
+            head.into_iter().chain(trigger_params(&r.trigger)),
+        ))?;
+    }
+    in_chunks(tx, &b.events, insert_events_sql, |stmt, chunk| {
+        let values = chunk.iter().flat_map(|r| {
+            let t = &r.event.trigger;
+            [
+                ToSqlOutput::Owned(rusqlite::types::Value::Integer(r.seq)),
+                Borrowed(ValueRef::Text(t.event_id.as_bytes())),
+                Borrowed(ValueRef::Text(t.event_type.as_str().as_bytes())),
+                r.event
+                    .event
+                    .as_deref()
+                    .map_or(Borrowed(ValueRef::Null), |n| {
+                        Borrowed(ValueRef::Text(n.as_bytes()))
+                    }),
+                Borrowed(ValueRef::Text(r.segment_id.as_bytes())),
+                Borrowed(ValueRef::Text(t.source_id.as_bytes())),
+                Borrowed(ValueRef::Integer(micros(t.timestamp))),
+                Borrowed(ValueRef::Integer(micros(t.received_at))),
+                Borrowed(ValueRef::Text(r.event.payload.as_bytes())),
+            ]
+        });
+        stmt.execute(params_from_iter(values)).map(|_| ())
+    })?;
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO profiles (segment_id, canonical_segment_id, created_rank, merges, traits, trait_times) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (segment_id) DO UPDATE SET canonical_segment_id = excluded.canonical_segment_id, created_rank = excluded.created_rank,
+           merges = excluded.merges, traits = excluded.traits, trait_times = excluded.trait_times",
+    )?;
+    for p in &b.state.profiles {
+        stmt.execute(params![
+            p.segment_id,
+            p.canonical_segment_id,
+            i64::try_from(p.created_rank).unwrap_or(i64::MAX),
+            i64::from(p.merges),
+            json_text(&p.traits),
+            json_text(&p.trait_times),
+        ])?;
+    }
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO identifiers (id_type, value, segment_id, first_seen_us, last_seen_us) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (id_type, value) DO UPDATE SET segment_id = excluded.segment_id, last_seen_us = excluded.last_seen_us",
+    )?;
+    for i in &b.state.identifiers {
+        stmt.execute(params![
+            i.id_type,
+            i.value,
+            i.segment_id,
+            micros(i.first_seen),
+            micros(i.last_seen)
+        ])?;
+    }
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO track_events (name) VALUES (?1) ON CONFLICT (name) DO NOTHING",
+    )?;
+    for name in &b.new_track_names {
+        stmt.execute([name])?;
+    }
+    tx.execute("UPDATE seq_counter SET head = ?1 WHERE id = 1", [head])?;
+    Ok(())
 }
 
 impl SqliteStore {
@@ -371,7 +476,7 @@ const ROWS_PER_STATEMENT: usize = 64;
 /// Runs `run` over `items` [`ROWS_PER_STATEMENT`] at a time with the statement `sql(64)`, then
 /// over the rest one at a time with `sql(1)`: only two statements of each kind are prepared
 /// (and kept in the connection's small statement cache), whatever the batch size.
-fn in_chunks<T>(
+pub(super) fn in_chunks<T>(
     conn: &Connection,
     items: &[T],
     sql: fn(usize) -> String,
@@ -401,15 +506,6 @@ fn insert_events_sql(n: usize) -> String {
     format!(
         "INSERT INTO events (seq, message_id, type, event, segment_id, source_id, timestamp_us, received_at_us, payload) VALUES {}",
         rows.join(", ")
-    )
-}
-
-/// The dedupe lookup of `n` messageIds.
-fn find_message_ids_sql(n: usize) -> String {
-    let marks: Vec<String> = (1..=n).map(|i| format!("?{i}")).collect();
-    format!(
-        "SELECT message_id FROM events WHERE message_id IN ({})",
-        marks.join(", ")
     )
 }
 
