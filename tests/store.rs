@@ -641,6 +641,53 @@ fn sqlite_a_version_1_store_is_migrated_to_the_hash_index_in_place() {
     assert_eq!(s.event_count().unwrap(), 155);
 }
 
+#[test]
+fn postgres_a_version_1_store_is_migrated_to_the_hash_index_in_place() {
+    let (mut s, url, _keep) = fresh("postgres");
+    let first: Vec<Event> = (0..150)
+        .map(|i| {
+            identify(
+                &format!("old-{i}"),
+                &format!("a{}", i % 9),
+                "jane@example.com",
+            )
+        })
+        .collect();
+    s.ingest(first).unwrap();
+    let before = all(&mut *s, &Feed::Events(EventFilter::All));
+    let head = s.head_seq().unwrap();
+    drop(s);
+    // The layout version 1 wrote: a unique constraint on events.message_id, no hash index.
+    let mut c = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+    c.batch_execute(
+        "ALTER TABLE events ADD CONSTRAINT events_message_id_key UNIQUE (message_id);
+         DROP TABLE message_ids; DROP TABLE message_id_index;
+         DELETE FROM store_schema; INSERT INTO store_schema VALUES (1);",
+    )
+    .unwrap();
+
+    let mut s = store::open(&url, Rules::default()).unwrap();
+    assert_eq!(all(&mut *s, &Feed::Events(EventFilter::All)), before);
+    let mut one = |sql: &str| -> i64 { c.query_one(sql, &[]).unwrap().get(0) };
+    assert_eq!(one("SELECT max(version) FROM store_schema"), 2);
+    assert_eq!(
+        one(
+            "SELECT count(*) FROM pg_constraint WHERE conrelid = 'events'::regclass AND contype = 'u'"
+        ),
+        0,
+        "the unique messageId constraint is gone"
+    );
+    assert_eq!(one("SELECT count(*) FROM message_ids"), 150);
+    assert_eq!(one("SELECT indexed_through FROM message_id_index"), head);
+    let again: Vec<Event> = (0..150)
+        .map(|i| page(&format!("old-{i}"), "a1"))
+        .chain((0..5).map(|i| page(&format!("new-{i}"), "a1")))
+        .collect();
+    let r = s.ingest(again).unwrap();
+    assert_eq!((r.accepted, r.duplicates), (5, 150));
+    assert_eq!(s.event_count().unwrap(), 155);
+}
+
 /// A TCP proxy to a PostgreSQL server that, once armed, cuts its client off at the client's
 /// next `COMMIT` — after passing it on to the server (`forward`) or before.
 struct CommitCutter {

@@ -1,37 +1,38 @@
-//! SQLite's messageId dedupe.
+//! The stores' messageId dedupe.
 //!
-//! A unique index on the messageId text costs SQLite about one page write per event: the ids
-//! Segment's SDKs send are random UUIDs, so the events of one commit land on as many leaf pages
-//! of the index, and a WAL commit writes every page it touched whole (16 KiB). With such ids the
-//! engine's SQLite ingest ran at ~50k events/s against ~130k with sequential ones. Instead:
+//! A unique index on the messageId text costs a store about one random index page per event:
+//! the ids Segment's SDKs send are random UUIDs, so the events of one commit land on as many
+//! leaf pages of the index. SQLite's WAL then writes every page a commit touched whole (16 KiB):
+//! with such ids the engine's SQLite ingest ran at 44k–52k events/s against ~120k with
+//! sequential ones; PostgreSQL spent a third of its time on the index and its lookup. Instead:
 //! - `message_ids` maps a keyed 64-bit hash of each messageId to its event's `seq`, for the
 //!   events up to `message_id_index.indexed_through`. It is written in bulk, sorted, once enough
-//!   events have come since the last merge ([`merge_at`]): a leaf page is then written once per
-//!   merge, not once per event;
-//! - the events after `indexed_through` are held in memory by hash ([`RecentIds`]), rebuilt from
-//!   `events` when the store is opened, after a failed write, or when another writer moved the
-//!   head;
+//!   events have come since the last merge ([`merge_at`]), so that a leaf page is written once
+//!   per merge, not once per event;
+//! - the events after `indexed_through` are held in memory by hash ([`RecentIds`]). They are
+//!   read from `events` when the store is opened and after a failed write, and caught up with
+//!   the events another writer (an engine replica) committed since;
 //! - a lookup probes both by hash and then compares the candidates' stored text, so a collision
-//!   can cost a read, never an event. The hash is SipHash-1-3 under a random key kept in the
-//!   store: clients cannot choose ids that collide.
+//!   costs a read, never an event. The hash is SipHash-1-3 under a random key kept in the store:
+//!   clients cannot choose ids that collide.
 //!
 //! The index and `indexed_through` move in the same transaction as the events, so a crash leaves
-//! them consistent; the memory part is rebuilt from what was committed.
+//! them consistent, and writers are serialized by the store's head lock; the memory part is
+//! rebuilt from what was committed.
 
 use std::collections::HashSet;
 
 use foldhash::{HashMap, HashMapExt};
-
-use rusqlite::{Transaction, params, params_from_iter};
 use siphasher::sip::SipHasher13;
 
 use super::StoreError;
-use super::sqlite::in_chunks;
 
 /// Fewest recent events to merge at once.
 const MERGE_MIN: usize = 65_536;
 /// Most recent events held in memory (~40 bytes each) before a merge.
 const MERGE_MAX: usize = 1_048_576;
+/// Events indexed at a time by a migration (~16 bytes each in memory).
+const MIGRATE_CHUNK: i64 = 1_000_000;
 
 /// How many recent events trigger a merge into an index of `indexed` entries: an eighth of it
 /// (within bounds), so a merge writes about as many leaf pages as it has entries / 8 at most,
@@ -40,6 +41,86 @@ pub(crate) fn merge_at(indexed: i64, min: usize) -> usize {
     usize::try_from(indexed / 8)
         .unwrap_or(usize::MAX)
         .clamp(min, MERGE_MAX.max(min))
+}
+
+/// What the dedupe needs of a store's open write transaction.
+pub(crate) trait IndexTx {
+    /// The index's hash key, `indexed_through` and number of entries; `None` without its row.
+    fn index_row(&mut self) -> Result<Option<[i64; 4]>, StoreError>;
+    /// Creates the index's row with this key, unless it exists.
+    fn create_index_row(&mut self, key0: i64, key1: i64) -> Result<(), StoreError>;
+    /// Calls `f(seq, messageId)` for up to `limit` events after `after`, in `seq` order.
+    fn events_after(
+        &mut self,
+        after: i64,
+        limit: i64,
+        f: &mut dyn FnMut(i64, &str),
+    ) -> Result<(), StoreError>;
+    /// Calls `f` with every hash in the index.
+    fn index_hashes(&mut self, f: &mut dyn FnMut(i64)) -> Result<(), StoreError>;
+    /// Adds to `seqs` those the index holds under these hashes.
+    fn probe(&mut self, hashes: &[i64], seqs: &mut Vec<i64>) -> Result<(), StoreError>;
+    /// Calls `f` with the messageId of each event at these seqs.
+    fn ids_at(&mut self, seqs: &[i64], f: &mut dyn FnMut(String)) -> Result<(), StoreError>;
+    /// Adds entries `(hash, seq)`, sorted, and records the index's new extent.
+    fn add_entries(
+        &mut self,
+        sorted: &[(i64, i64)],
+        indexed_through: i64,
+        entries: i64,
+    ) -> Result<(), StoreError>;
+}
+
+/// The hashes in the index, as a Bloom filter: a lookup probes the index only for the ids whose
+/// hash may be there, about 0.3 % of new ones at 16 bits an entry (the size it is built with,
+/// up to [`BLOOM_MAX_BITS`]; 7 % at 5 bits an entry, past 100M entries). A probe costs
+/// PostgreSQL about as much as all the rest of an event's ingest.
+struct Bloom {
+    bits: Vec<u64>,
+    /// Entries it was sized for; past them it is rebuilt twice as large.
+    capacity: i64,
+}
+
+/// Most bits a Bloom filter gets (64 MiB).
+const BLOOM_MAX_BITS: u64 = 1 << 29;
+
+impl Bloom {
+    /// An empty filter for `entries` entries.
+    fn new(entries: i64) -> Bloom {
+        let want = u64::try_from(entries.max(1 << 16))
+            .unwrap_or(u64::MAX)
+            .saturating_mul(16)
+            .next_power_of_two()
+            .min(BLOOM_MAX_BITS);
+        Bloom {
+            bits: vec![0; usize::try_from(want / 64).unwrap_or(1 << 23)],
+            // At its largest it takes every entry, ever less precisely.
+            capacity: if want == BLOOM_MAX_BITS {
+                i64::MAX
+            } else {
+                i64::try_from(want / 16).unwrap_or(i64::MAX)
+            },
+        }
+    }
+
+    /// The 4 bit positions of `hash` (double hashing on its two halves).
+    fn positions(&self, hash: u64) -> [usize; 4] {
+        let mask = (self.bits.len() as u64 * 64) - 1;
+        let (h1, h2) = (hash, hash.rotate_left(32) | 1);
+        [0_u64, 1, 2, 3].map(|i| (h1.wrapping_add(i.wrapping_mul(h2)) & mask) as usize)
+    }
+
+    fn insert(&mut self, hash: u64) {
+        for p in self.positions(hash) {
+            self.bits[p / 64] |= 1 << (p % 64);
+        }
+    }
+
+    fn may_contain(&self, hash: u64) -> bool {
+        self.positions(hash)
+            .iter()
+            .all(|p| self.bits[p / 64] & (1 << (p % 64)) != 0)
+    }
 }
 
 /// Test settings of a store's dedupe; the defaults everywhere else.
@@ -66,6 +147,7 @@ impl Default for Tuning {
 pub(crate) struct RecentIds {
     /// The head `seq` these reflect.
     pub head: i64,
+    key: (i64, i64),
     hasher: SipHasher13,
     /// The last `seq` the index covers.
     indexed_through: i64,
@@ -73,32 +155,115 @@ pub(crate) struct RecentIds {
     indexed: i64,
     /// Recent events: hash → seq.
     tail: HashMap<u64, i64>,
-    /// Recent events whose hash was already in `tail` (a collision, or a stored duplicate).
+    /// Recent events whose hash was already in `tail` (a collision).
     more: Vec<(u64, i64)>,
+    /// The index's hashes.
+    bloom: Bloom,
     tuning: Tuning,
 }
 
+fn missing_row() -> StoreError {
+    StoreError::Corrupt {
+        table: "message_id_index",
+        reason: "its row is missing".into(),
+    }
+}
+
 impl RecentIds {
-    /// Reads the index's key and extent and the events after it, as of `head`.
-    pub fn load(tx: &Transaction<'_>, head: i64, tuning: Tuning) -> Result<Self, StoreError> {
-        let (hasher, indexed_through, indexed) = index_row(tx)?;
-        let mut ids = RecentIds {
-            head,
-            hasher,
-            indexed_through,
-            indexed,
-            tail: HashMap::new(),
-            more: vec![],
-            tuning,
+    /// The recent messageIds as of `head`, the head `tx` locked: `known` when it is there
+    /// already, `known` caught up with the events committed since (by another writer) when it
+    /// is behind, else read afresh.
+    pub fn at_head(
+        known: Option<RecentIds>,
+        tx: &mut dyn IndexTx,
+        head: i64,
+        tuning: Tuning,
+    ) -> Result<RecentIds, StoreError> {
+        let known = match known {
+            Some(r) if r.head == head => return Ok(r),
+            other => other,
         };
-        let mut stmt = tx.prepare("SELECT seq, message_id FROM events WHERE seq > ?1")?;
-        let mut rows = stmt.query([indexed_through])?;
-        while let Some(r) = rows.next()? {
-            let seq: i64 = r.get(0)?;
-            let h = ids.hash(id_text(r)?);
-            ids.remember(h, seq);
-        }
+        let [key0, key1, indexed_through, indexed] = tx.index_row()?.ok_or_else(missing_row)?;
+        let mut ids = match known {
+            Some(mut r)
+                if r.head < head
+                    && r.key == (key0, key1)
+                    && indexed_through >= r.indexed_through =>
+            {
+                let mut indexed_by_other = vec![];
+                if indexed_through > r.indexed_through {
+                    // Another writer merged: what it indexed leaves memory for the filter.
+                    r.tail.retain(|h, seq| {
+                        let keep = *seq > indexed_through;
+                        if !keep {
+                            indexed_by_other.push(*h);
+                        }
+                        keep
+                    });
+                    r.more.retain(|(h, seq)| {
+                        let keep = *seq > indexed_through;
+                        if !keep {
+                            indexed_by_other.push(*h);
+                        }
+                        keep
+                    });
+                }
+                for h in indexed_by_other {
+                    r.bloom.insert(h);
+                }
+                r.indexed_through = indexed_through;
+                r.indexed = indexed;
+                let after = r.head;
+                r.read_events(tx, after)?;
+                if r.indexed > r.bloom.capacity {
+                    r.fill_bloom(tx)?;
+                }
+                r
+            }
+            _ => {
+                let mut r = RecentIds {
+                    head,
+                    key: (key0, key1),
+                    hasher: SipHasher13::new_with_keys(key0 as u64, key1 as u64),
+                    indexed_through,
+                    indexed,
+                    tail: HashMap::new(),
+                    more: vec![],
+                    bloom: Bloom::new(indexed),
+                    tuning,
+                };
+                r.fill_bloom(tx)?;
+                r.read_events(tx, indexed_through)?;
+                r
+            }
+        };
+        ids.head = head;
         Ok(ids)
+    }
+
+    /// Remembers the events after `after`: in memory those after `indexed_through`, in the
+    /// filter those another writer merged already.
+    fn read_events(&mut self, tx: &mut dyn IndexTx, after: i64) -> Result<(), StoreError> {
+        let mut read = vec![];
+        tx.events_after(after, i64::MAX, &mut |seq, id| {
+            read.push((self.hash(id.as_bytes()), seq));
+        })?;
+        for (h, seq) in read {
+            if seq > self.indexed_through {
+                self.remember(h, seq);
+            } else {
+                self.bloom.insert(h);
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds the filter afresh from the index, sized for it.
+    fn fill_bloom(&mut self, tx: &mut dyn IndexTx) -> Result<(), StoreError> {
+        let mut bloom = Bloom::new(self.indexed.saturating_mul(2));
+        tx.index_hashes(&mut |h| bloom.insert(h as u64))?;
+        self.bloom = bloom;
+        Ok(())
     }
 
     fn hash(&self, id: &[u8]) -> u64 {
@@ -112,12 +277,11 @@ impl RecentIds {
     }
 
     fn remember(&mut self, hash: u64, seq: i64) {
-        if let Some(&taken) = self.tail.get(&hash)
-            && taken != seq
-        {
-            self.more.push((hash, seq));
-        } else {
-            self.tail.insert(hash, seq);
+        match self.tail.get(&hash) {
+            Some(&taken) if taken != seq => self.more.push((hash, seq)),
+            _ => {
+                self.tail.insert(hash, seq);
+            }
         }
     }
 
@@ -128,29 +292,23 @@ impl RecentIds {
     /// Which of `ids` are stored (committed, or written earlier in `tx`).
     pub fn existing(
         &self,
-        tx: &Transaction<'_>,
+        tx: &mut dyn IndexTx,
         ids: &[&str],
     ) -> Result<HashSet<String>, StoreError> {
         let mut candidates: Vec<i64> = vec![];
-        let hashes: Vec<i64> = ids
-            .iter()
-            .map(|id| {
-                let h = self.hash(id.as_bytes());
-                candidates.extend(self.tail.get(&h));
-                if !self.more.is_empty() {
-                    candidates.extend(self.more.iter().filter(|(m, _)| *m == h).map(|(_, s)| *s));
-                }
-                h as i64
-            })
-            .collect();
-        if self.indexed > 0 {
-            in_chunks(tx, &hashes, probe_sql, |stmt, chunk| {
-                let mut rows = stmt.query(params_from_iter(chunk))?;
-                while let Some(r) = rows.next()? {
-                    candidates.push(r.get(0)?);
-                }
-                Ok(())
-            })?;
+        let mut probes: Vec<i64> = vec![];
+        for id in ids {
+            let h = self.hash(id.as_bytes());
+            candidates.extend(self.tail.get(&h));
+            if !self.more.is_empty() {
+                candidates.extend(self.more.iter().filter(|(m, _)| *m == h).map(|(_, s)| *s));
+            }
+            if self.bloom.may_contain(h) {
+                probes.push(h as i64);
+            }
+        }
+        if !probes.is_empty() {
+            tx.probe(&probes, &mut candidates)?;
         }
         let mut found = HashSet::new();
         if candidates.is_empty() {
@@ -158,15 +316,10 @@ impl RecentIds {
         }
         // The candidates' text: a hash can be shared by another id.
         let wanted: HashSet<&str> = ids.iter().copied().collect();
-        in_chunks(tx, &candidates, text_sql, |stmt, chunk| {
-            let mut rows = stmt.query(params_from_iter(chunk))?;
-            while let Some(r) = rows.next()? {
-                let id: String = r.get(0)?;
-                if wanted.contains(id.as_str()) {
-                    found.insert(id);
-                }
+        tx.ids_at(&candidates, &mut |id| {
+            if wanted.contains(id.as_str()) {
+                found.insert(id);
             }
-            Ok(())
         })?;
         Ok(found)
     }
@@ -175,7 +328,7 @@ impl RecentIds {
     /// the recent events into the index, in `tx`, when there are enough of them.
     pub fn written<'i>(
         &mut self,
-        tx: &Transaction<'_>,
+        tx: &mut dyn IndexTx,
         events: impl Iterator<Item = (&'i str, i64)>,
         head: i64,
     ) -> Result<(), StoreError> {
@@ -190,7 +343,7 @@ impl RecentIds {
     }
 
     /// Writes every recent event into the index, sorted so that each leaf page is visited once.
-    fn merge(&mut self, tx: &Transaction<'_>) -> Result<(), StoreError> {
+    fn merge(&mut self, tx: &mut dyn IndexTx) -> Result<(), StoreError> {
         let mut all: Vec<(i64, i64)> = self
             .tail
             .drain()
@@ -198,133 +351,68 @@ impl RecentIds {
             .map(|(h, s)| (h as i64, s))
             .collect();
         all.sort_unstable();
-        insert_entries(tx, &all)?;
         let added = i64::try_from(all.len()).unwrap_or(i64::MAX);
-        tx.execute(
-            "UPDATE message_id_index SET indexed_through = ?1, entries = entries + ?2 WHERE id = 1",
-            params![self.head, added],
-        )?;
+        tx.add_entries(&all, self.head, self.indexed + added)?;
         self.indexed_through = self.head;
         self.indexed += added;
+        if self.indexed > self.bloom.capacity {
+            self.fill_bloom(tx)?;
+        } else {
+            for (h, _) in &all {
+                self.bloom.insert(*h as u64);
+            }
+        }
         Ok(())
     }
 }
 
-/// The index's hash key, last indexed `seq` and number of entries.
-fn index_row(tx: &Transaction<'_>) -> Result<(SipHasher13, i64, i64), StoreError> {
-    tx.query_row(
-        "SELECT key0, key1, indexed_through, entries FROM message_id_index WHERE id = 1",
-        [],
-        |r| {
-            Ok((
-                SipHasher13::new_with_keys(r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64),
-                r.get(2)?,
-                r.get(3)?,
-            ))
-        },
-    )
-    .map_err(|e| match e {
-        rusqlite::Error::QueryReturnedNoRows => StoreError::Corrupt {
-            table: "message_id_index",
-            reason: "its row is missing".into(),
-        },
-        e => e.into(),
-    })
+/// A write transaction's recent messageIds as of `head`, the head it locked: its own (`own`),
+/// else the store's as of its last commit (`committed`), taken so that a transaction that fails
+/// leaves them to be read again, and moved on to `head`.
+pub(crate) fn in_tx<'r>(
+    own: &'r mut Option<RecentIds>,
+    committed: &mut Option<RecentIds>,
+    tx: &mut dyn IndexTx,
+    head: i64,
+    tuning: Tuning,
+) -> Result<&'r mut RecentIds, StoreError> {
+    let known = own.take().or_else(|| committed.take());
+    let recent = RecentIds::at_head(known, tx, head, tuning)?;
+    Ok(own.insert(recent))
 }
-
-/// Inserts index entries, sorted by hash.
-fn insert_entries(tx: &Transaction<'_>, sorted: &[(i64, i64)]) -> Result<(), StoreError> {
-    Ok(in_chunks(tx, sorted, insert_sql, |stmt, chunk| {
-        stmt.execute(params_from_iter(chunk.iter().flat_map(|(h, s)| [h, s])))
-            .map(|_| ())
-    })?)
-}
-
-/// The messageId (column 1) of a row of `events`.
-fn id_text<'r>(r: &'r rusqlite::Row<'_>) -> Result<&'r [u8], StoreError> {
-    match r.get_ref(1)? {
-        rusqlite::types::ValueRef::Text(t) => Ok(t),
-        other => Err(StoreError::Corrupt {
-            table: "events",
-            reason: format!("a message_id of type {}", other.data_type()),
-        }),
-    }
-}
-
-/// Events indexed at a time by a migration (~16 bytes each in memory).
-const MIGRATE_CHUNK: i64 = 1_000_000;
 
 /// Creates the index's row with a fresh random key, unless it exists. `index_stored`: the head
-/// of a store migrated from a unique messageId index, whose stored events are indexed here.
-pub(crate) fn create(tx: &Transaction<'_>, index_stored: Option<i64>) -> Result<(), StoreError> {
-    tx.execute(
-        "INSERT INTO message_id_index (id, key0, key1, indexed_through, entries) VALUES (1, ?1, ?2, 0, 0)
-         ON CONFLICT (id) DO NOTHING",
-        params![rand::random::<i64>(), rand::random::<i64>()],
-    )?;
+/// of a store migrated from a unique messageId index, whose stored events are indexed here, a
+/// million at a time.
+pub(crate) fn create(tx: &mut dyn IndexTx, index_stored: Option<i64>) -> Result<(), StoreError> {
+    tx.create_index_row(rand::random(), rand::random())?;
     let Some(head) = index_stored else {
         return Ok(());
     };
-    let (hasher, _, _) = index_row(tx)?;
-    let mut stmt =
-        tx.prepare("SELECT seq, message_id FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
-    let (mut after, mut entries) = (0_i64, 0_i64);
+    let [key0, key1, _, mut entries] = tx.index_row()?.ok_or_else(missing_row)?;
+    let hasher = SipHasher13::new_with_keys(key0 as u64, key1 as u64);
+    let mut after = 0_i64;
     loop {
         let mut chunk: Vec<(i64, i64)> = vec![];
-        let mut rows = stmt.query([after, MIGRATE_CHUNK])?;
-        while let Some(r) = rows.next()? {
-            let seq: i64 = r.get(0)?;
-            chunk.push((hasher.hash(id_text(r)?) as i64, seq));
+        tx.events_after(after, MIGRATE_CHUNK, &mut |seq, id| {
+            chunk.push((hasher.hash(id.as_bytes()) as i64, seq));
             after = seq;
-        }
+        })?;
         if chunk.is_empty() {
             break;
         }
         chunk.sort_unstable();
-        insert_entries(tx, &chunk)?;
         entries += i64::try_from(chunk.len()).unwrap_or(i64::MAX);
+        tx.add_entries(&chunk, after, entries)?;
     }
-    tx.execute(
-        "UPDATE message_id_index SET indexed_through = ?1, entries = ?2 WHERE id = 1",
-        params![head, entries],
-    )?;
-    Ok(())
+    tx.add_entries(&[], head, entries)
 }
 
-/// The index probe of `n` hashes.
-fn probe_sql(n: usize) -> String {
-    format!(
-        "SELECT seq FROM message_ids WHERE hash IN ({})",
-        marks(n, 1)
-    )
-}
-
-/// The messageIds of `n` events by seq.
-fn text_sql(n: usize) -> String {
-    format!(
-        "SELECT message_id FROM events WHERE seq IN ({})",
-        marks(n, 1)
-    )
-}
-
-/// The insert of `n` index entries.
-fn insert_sql(n: usize) -> String {
-    let rows: Vec<String> = (0..n)
-        .map(|i| format!("({})", marks(2, 2 * i + 1)))
-        .collect();
-    format!(
-        "INSERT INTO message_ids (hash, seq) VALUES {}",
-        rows.join(", ")
-    )
-}
-
-/// `n` numbered parameters from `?first`.
-fn marks(n: usize, first: usize) -> String {
-    (first..first + n)
-        .map(|i| format!("?{i}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
+// The tests' throwaway PostgreSQL server (`tests/support`).
+#[cfg(test)]
+#[allow(dead_code)]
+#[path = "../../tests/support/pg.rs"]
+mod test_pg;
 
 #[cfg(test)]
 mod tests {
@@ -333,7 +421,9 @@ mod tests {
     use super::Tuning;
     use crate::event::{Event, ParseOptions};
     use crate::identity::Rules;
-    use crate::store::{SqliteStore, Store};
+    use crate::store::{PostgresStore, SqliteStore, Store};
+
+    use super::test_pg as pg;
 
     fn page(id: &str) -> Event {
         let opts = ParseOptions::new(jiff::Timestamp::UNIX_EPOCH, "src");
@@ -345,123 +435,218 @@ mod tests {
         ids.into_iter().map(|id| page(&id)).collect()
     }
 
-    /// A store whose hashes take 16 values and whose index merges every 40 events or more.
-    fn narrow(path: &std::path::Path) -> SqliteStore {
-        let mut s = SqliteStore::open(path, Rules::default()).unwrap();
-        s.set_dedupe(Tuning {
-            merge_min: 40,
-            narrow: true,
-        });
-        s
+    /// Where a test's store lives: an SQLite file or a PostgreSQL database.
+    enum Place {
+        Lite(tempfile::TempDir),
+        Pg(String),
     }
 
-    fn indexed(path: &std::path::Path) -> (i64, i64) {
-        let conn = rusqlite::Connection::open(path).unwrap();
-        let through = conn
-            .query_row("SELECT indexed_through FROM message_id_index", [], |r| {
-                r.get(0)
-            })
-            .unwrap();
-        let rows = conn
-            .query_row("SELECT count(*) FROM message_ids", [], |r| r.get(0))
-            .unwrap();
-        (through, rows)
+    impl Place {
+        fn new(kind: &str) -> Place {
+            match kind {
+                "sqlite" => Place::Lite(tempfile::tempdir().unwrap()),
+                _ => {
+                    let server = pg::shared();
+                    Place::Pg(server.url(&server.create_database("dedupe")))
+                }
+            }
+        }
+
+        /// A store whose hashes take 16 values and whose index merges every 40 events or more.
+        fn open(&self) -> Opened {
+            self.open_with(true)
+        }
+
+        /// A store whose index merges every 40 events or more, its hashes `narrow` or not.
+        fn open_with(&self, narrow: bool) -> Opened {
+            let tuning = Tuning {
+                merge_min: 40,
+                narrow,
+            };
+            match self {
+                Place::Lite(dir) => {
+                    let mut s =
+                        SqliteStore::open(&dir.path().join("s.db"), Rules::default()).unwrap();
+                    s.set_dedupe(tuning);
+                    Opened::Lite(s)
+                }
+                Place::Pg(url) => {
+                    let mut s = PostgresStore::connect(url, Rules::default()).unwrap();
+                    s.set_dedupe(tuning);
+                    Opened::Pg(s)
+                }
+            }
+        }
+
+        /// The index's `indexed_through` and its number of rows.
+        fn indexed(&self) -> (i64, i64) {
+            let (through, rows) = (
+                "SELECT indexed_through FROM message_id_index",
+                "SELECT count(*) FROM message_ids",
+            );
+            match self {
+                Place::Lite(dir) => {
+                    let conn = rusqlite::Connection::open(dir.path().join("s.db")).unwrap();
+                    let one = |sql: &str| conn.query_row(sql, [], |r| r.get(0)).unwrap();
+                    (one(through), one(rows))
+                }
+                Place::Pg(url) => {
+                    let mut c = ::postgres::Client::connect(url, ::postgres::NoTls).unwrap();
+                    let mut one = |sql: &str| c.query_one(sql, &[]).unwrap().get(0);
+                    (one(through), one(rows))
+                }
+            }
+        }
     }
 
-    #[test]
-    fn duplicates_are_found_in_memory_and_in_the_index_through_collisions() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.db");
-        let mut s = narrow(&path);
+    #[allow(clippy::large_enum_variant)] // a test's one or two stores
+    enum Opened {
+        Lite(SqliteStore),
+        Pg(PostgresStore),
+    }
+
+    impl Opened {
+        fn store(&mut self) -> &mut dyn Store {
+            match self {
+                Opened::Lite(s) => s,
+                Opened::Pg(s) => s,
+            }
+        }
+
+        /// (accepted, duplicates) of one ingest.
+        fn ingest(&mut self, events: Vec<Event>) -> (usize, usize) {
+            let r = self.store().ingest(events).unwrap();
+            (r.accepted, r.duplicates)
+        }
+
+        /// Ingests `events` in a transaction that is dropped without a commit; what it accepted.
+        fn ingest_uncommitted(&mut self, events: Vec<Event>) -> usize {
+            match self {
+                Opened::Lite(s) => s.begin_write().unwrap().ingest(events).unwrap().accepted,
+                Opened::Pg(s) => s.begin_write().unwrap().ingest(events).unwrap().accepted,
+            }
+        }
+
+        /// Two ingests in one transaction, committed.
+        fn ingest_twice(&mut self, a: Vec<Event>, b: Vec<Event>) -> [(usize, usize); 2] {
+            let pair = |r: crate::store::IngestSummary| (r.accepted, r.duplicates);
+            match self {
+                Opened::Lite(s) => {
+                    let mut w = s.begin_write().unwrap();
+                    let out = [pair(w.ingest(a).unwrap()), pair(w.ingest(b).unwrap())];
+                    w.commit().unwrap();
+                    out
+                }
+                Opened::Pg(s) => {
+                    let mut w = s.begin_write().unwrap();
+                    let out = [pair(w.ingest(a).unwrap()), pair(w.ingest(b).unwrap())];
+                    w.commit().unwrap();
+                    out
+                }
+            }
+        }
+    }
+
+    macro_rules! both {
+        ($($name:ident),* $(,)?) => {
+            mod sqlite { $( #[test] fn $name() { super::$name("sqlite"); } )* }
+            mod postgres { $( #[test] fn $name() { super::$name("postgres"); } )* }
+        };
+    }
+
+    both!(
+        duplicates_are_found_in_memory_and_in_the_index_through_collisions,
+        a_write_that_is_not_committed_leaves_its_ids_free,
+        two_batches_in_one_transaction_see_each_other,
+        another_writer_s_events_and_merges_are_seen,
+        another_writer_s_merges_reach_the_filter,
+    );
+
+    fn duplicates_are_found_in_memory_and_in_the_index_through_collisions(kind: &str) {
+        let place = Place::new(kind);
+        let mut s = place.open();
         // 100 ids in batches of 25: merges after the 2nd and 4th batch (40 or more recent).
         for b in 0..4 {
-            let r = s
-                .ingest(pages((0..25).map(|i| format!("id-{b}-{i}"))))
-                .unwrap();
-            assert_eq!((r.accepted, r.duplicates), (25, 0), "batch {b}");
+            let r = s.ingest(pages((0..25).map(|i| format!("id-{b}-{i}"))));
+            assert_eq!(r, (25, 0), "batch {b}");
         }
-        let (through, rows) = indexed(&path);
+        let (through, rows) = place.indexed();
         assert_eq!(rows, 100, "every event merged into the index");
-        assert_eq!(through, s.head_seq().unwrap());
+        assert_eq!(through, s.store().head_seq().unwrap());
         // Stored ids (all in the index, sharing 16 hashes with 100 others) among new ones.
-        let r = s
-            .ingest(pages((0..30).flat_map(|i| {
-                [format!("id-{}-{}", i % 4, i % 25), format!("new-{i}")]
-            })))
-            .unwrap();
-        assert_eq!((r.accepted, r.duplicates), (30, 30));
+        let mixed = (0..30).flat_map(|i| [format!("id-{}-{}", i % 4, i % 25), format!("new-{i}")]);
+        assert_eq!(s.ingest(pages(mixed)), (30, 30));
         // The 30 new ones are in memory only: found there, and again after a reopen.
-        let r = s
-            .ingest(pages((0..30).map(|i| format!("new-{i}"))))
-            .unwrap();
-        assert_eq!((r.accepted, r.duplicates), (0, 30));
-        drop(s);
-        let mut s = narrow(&path);
-        let r = s
-            .ingest(pages(
-                (0..30).map(|i| format!("new-{i}")).chain(["last".into()]),
-            ))
-            .unwrap();
-        assert_eq!((r.accepted, r.duplicates), (1, 30));
-        assert_eq!(s.event_count().unwrap(), 131);
-    }
-
-    #[test]
-    fn a_write_that_is_not_committed_leaves_its_ids_free() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.db");
-        let mut s = narrow(&path);
-        s.ingest(pages((0..10).map(|i| format!("kept-{i}"))))
-            .unwrap();
-        // 50 events: enough to merge, inside a transaction that is dropped.
-        {
-            let mut w = s.begin_write().unwrap();
-            let r = w
-                .ingest(pages((0..50).map(|i| format!("lost-{i}"))))
-                .unwrap();
-            assert_eq!(r.accepted, 50);
-        }
-        assert_eq!(indexed(&path), (0, 0), "the merge was rolled back");
-        let r = s
-            .ingest(pages(
-                (0..50)
-                    .map(|i| format!("lost-{i}"))
-                    .chain((0..10).map(|i| format!("kept-{i}"))),
-            ))
-            .unwrap();
-        assert_eq!((r.accepted, r.duplicates), (50, 10));
-        assert_eq!(s.event_count().unwrap(), 60);
-    }
-
-    #[test]
-    fn two_batches_in_one_transaction_see_each_other() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = narrow(&dir.path().join("s.db"));
-        let mut w = s.begin_write().unwrap();
-        let first = w.ingest(pages((0..45).map(|i| format!("a-{i}")))).unwrap();
-        let second = w.ingest(pages((40..90).map(|i| format!("a-{i}")))).unwrap();
-        w.commit().unwrap();
         assert_eq!(
-            (first.accepted, second.accepted, second.duplicates),
-            (45, 45, 5)
+            s.ingest(pages((0..30).map(|i| format!("new-{i}")))),
+            (0, 30)
         );
-        let r = s.ingest(pages((0..90).map(|i| format!("a-{i}")))).unwrap();
-        assert_eq!((r.accepted, r.duplicates), (0, 90));
+        drop(s);
+        let mut s = place.open();
+        let again = (0..30).map(|i| format!("new-{i}")).chain(["last".into()]);
+        assert_eq!(s.ingest(pages(again)), (1, 30));
+        assert_eq!(s.store().event_count().unwrap(), 131);
     }
 
-    #[test]
-    fn another_writer_s_events_are_seen() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("s.db");
-        let (mut a, mut b) = (narrow(&path), narrow(&path));
-        a.ingest(pages((0..30).map(|i| format!("a-{i}")))).unwrap();
-        b.ingest(pages((0..30).map(|i| format!("b-{i}")))).unwrap();
-        let r = a
-            .ingest(pages((0..30).map(|i| format!("b-{i}")).chain(["c".into()])))
-            .unwrap();
-        assert_eq!((r.accepted, r.duplicates), (1, 30));
-        let r = b.ingest(pages((0..30).map(|i| format!("a-{i}")))).unwrap();
-        assert_eq!((r.accepted, r.duplicates), (0, 30));
+    fn a_write_that_is_not_committed_leaves_its_ids_free(kind: &str) {
+        let place = Place::new(kind);
+        let mut s = place.open();
+        s.ingest(pages((0..10).map(|i| format!("kept-{i}"))));
+        // 50 events: enough to merge, inside a transaction that is dropped.
+        let lost = || pages((0..50).map(|i| format!("lost-{i}")));
+        assert_eq!(s.ingest_uncommitted(lost()), 50);
+        assert_eq!(place.indexed(), (0, 0), "the merge was rolled back");
+        let mut again = lost();
+        again.extend(pages((0..10).map(|i| format!("kept-{i}"))));
+        assert_eq!(s.ingest(again), (50, 10));
+        assert_eq!(s.store().event_count().unwrap(), 60);
+    }
+
+    fn two_batches_in_one_transaction_see_each_other(kind: &str) {
+        let place = Place::new(kind);
+        let mut s = place.open();
+        let [first, second] = s.ingest_twice(
+            pages((0..45).map(|i| format!("a-{i}"))),
+            pages((40..90).map(|i| format!("a-{i}"))),
+        );
+        assert_eq!((first, second), ((45, 0), (45, 5)));
+        assert_eq!(s.ingest(pages((0..90).map(|i| format!("a-{i}")))), (0, 90));
+    }
+
+    fn another_writer_s_events_and_merges_are_seen(kind: &str) {
+        two_writers(kind, true);
+    }
+
+    /// With real hashes, the filter in front of the index must learn what the other writer
+    /// merged, or a's lookups would skip the index.
+    fn another_writer_s_merges_reach_the_filter(kind: &str) {
+        two_writers(kind, false);
+    }
+
+    fn two_writers(kind: &str, narrow: bool) {
+        // Two engine replicas on one store, each catching up with what the other committed.
+        let place = Place::new(kind);
+        let (mut a, mut b) = (place.open_with(narrow), place.open_with(narrow));
+        a.ingest(pages((0..30).map(|i| format!("a-{i}"))));
+        // b catches up with a's 30 and merges the 60.
+        b.ingest(pages((0..30).map(|i| format!("b-{i}"))));
+        assert_eq!(place.indexed().1, 60);
+        let bs = (0..30).map(|i| format!("b-{i}")).chain(["c".into()]);
+        assert_eq!(a.ingest(pages(bs)), (1, 30), "a sees b's merge");
+        assert_eq!(b.ingest(pages((0..30).map(|i| format!("a-{i}")))), (0, 30));
+        // a's "c" is recent (not merged): b learns it by catching up; then a learns b's "d".
+        assert_eq!(b.ingest(pages(["c".into(), "d".into()])), (1, 1));
+        assert_eq!(
+            a.ingest(pages(["c".into(), "d".into(), "e".into()])),
+            (1, 2)
+        );
+        // a merges: everything once, nothing b merged twice.
+        assert_eq!(a.ingest(pages((0..40).map(|i| format!("f-{i}")))), (40, 0));
+        assert_eq!(place.indexed(), (a.store().head_seq().unwrap(), 103));
+        assert_eq!(
+            b.ingest(pages(["f-7".into(), "a-7".into(), "c".into()])),
+            (0, 3)
+        );
     }
 
     #[test]

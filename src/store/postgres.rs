@@ -8,8 +8,9 @@ use super::codec::StateRead;
 use super::codec::{
     self, IDENTIFIER_COLUMNS, PROFILE_COLUMNS, RawProfile, json_text, micros, state_read_sql,
 };
+use super::dedupe::{self, IndexTx, RecentIds, Tuning};
 use super::ingest::{LoadedState, ResolvedBatch, ingest_in_tx};
-use super::schema::{Dialect, POSTGRES_SCHEMA_VERSION, TRIGGER_COLUMNS, ddl};
+use super::schema::{Dialect, SCHEMA_VERSION, TRIGGER_COLUMNS, ddl};
 use super::{
     EventFilter, Feed, FeedRow, FlatEventRow, IngestSummary, PreparedEvent, Resolver, SourceInfo,
     Store, StoreError, Trigger, WriteTx,
@@ -41,6 +42,10 @@ pub struct PostgresStore {
     url: String,
     /// The server process of `client`, to wait for after its connection broke.
     backend_pid: i32,
+    /// The messageIds since the dedupe index's last merge, as of the last commit; `None` when
+    /// they must be read again (first write, after a failed one).
+    recent: Option<RecentIds>,
+    dedupe: Tuning,
 }
 
 impl PostgresStore {
@@ -54,17 +59,9 @@ impl PostgresStore {
             && client
                 .query_one("SELECT coalesce(max(version), 0) FROM store_schema", &[])?
                 .get::<_, i64>(0)
-                >= POSTGRES_SCHEMA_VERSION;
+                >= SCHEMA_VERSION;
         if !current {
-            // Concurrent first starts of several replicas must not race on CREATE TABLE.
-            let mut tx = client.transaction()?;
-            tx.execute("SELECT pg_advisory_xact_lock(7346501)", &[])?;
-            tx.batch_execute(&ddl(Dialect::Postgres))?;
-            tx.batch_execute(&format!(
-                "CREATE TABLE IF NOT EXISTS store_schema (version BIGINT PRIMARY KEY);
-                 INSERT INTO store_schema VALUES ({POSTGRES_SCHEMA_VERSION}) ON CONFLICT DO NOTHING;"
-            ))?;
-            tx.commit()?;
+            create_or_migrate(&mut client)?;
         }
         let backend_pid = client.query_one("SELECT pg_backend_pid()", &[])?.get(0);
         Ok(PostgresStore {
@@ -72,7 +69,16 @@ impl PostgresStore {
             resolver: Resolver::new(rules),
             url: url.to_string(),
             backend_pid,
+            recent: None,
+            dedupe: Tuning::default(),
         })
+    }
+
+    /// Test settings of the messageId dedupe.
+    #[cfg(test)]
+    pub(crate) fn set_dedupe(&mut self, tuning: Tuning) {
+        self.dedupe = tuning;
+        self.recent = None;
     }
 
     /// Starts a write transaction: ingest into it, then commit. The first ingest takes the
@@ -84,6 +90,7 @@ impl PostgresStore {
             open: true,
             head: None,
             last_event: None,
+            recent: None,
         })
     }
 }
@@ -98,10 +105,38 @@ pub struct PostgresWrite<'a> {
     /// The `seq` and messageId of the last event written: the transaction's own mark, to tell
     /// after a broken connection whether its commit landed.
     last_event: Option<(i64, String)>,
+    /// The recent messageIds as of this transaction's writes (the store's, taken by the first
+    /// ingest and given back by the commit).
+    recent: Option<RecentIds>,
 }
 
 /// The store's connection inside its open write transaction.
-struct PgTx<'a>(&'a mut Client);
+struct PgTx<'a> {
+    client: &'a mut Client,
+    /// The store's recent messageIds as of its last commit.
+    committed: &'a mut Option<RecentIds>,
+    /// The recent messageIds as of this transaction's writes.
+    recent: &'a mut Option<RecentIds>,
+    tuning: Tuning,
+}
+
+impl PgTx<'_> {
+    /// The recent messageIds as of `head` (the head this transaction locked), with the
+    /// connection they are read through.
+    fn recent(&mut self, head: i64) -> Result<(&mut RecentIds, Pg<'_, Client>), StoreError> {
+        let tx = &mut Pg(&mut *self.client);
+        let recent = dedupe::in_tx(self.recent, self.committed, tx, head, self.tuning)?;
+        Ok((recent, Pg(&mut *self.client)))
+    }
+
+    /// The head this transaction locked and wrote up to so far.
+    fn head(&mut self) -> Result<i64, StoreError> {
+        match &*self.recent {
+            Some(r) => Ok(r.head),
+            None => self.lock_head(),
+        }
+    }
+}
 
 impl PostgresWrite<'_> {
     /// Resolves and writes `events` (see [`Store::ingest`]) without committing.
@@ -118,12 +153,15 @@ impl PostgresWrite<'_> {
         events: &[PreparedEvent],
     ) -> Result<IngestSummary, StoreError> {
         let store = &mut *self.store;
-        let (summary, last) = ingest_in_tx(
-            &mut PgTx(&mut store.client),
-            &mut store.resolver,
-            events,
-            |t| load_all(&mut *t.0),
-        )?;
+        let mut tx = PgTx {
+            client: &mut store.client,
+            committed: &mut store.recent,
+            recent: &mut self.recent,
+            tuning: store.dedupe,
+        };
+        let (summary, last) = ingest_in_tx(&mut tx, &mut store.resolver, events, |t| {
+            load_all(&mut *t.client)
+        })?;
         self.head = Some(summary.head);
         if last.is_some() {
             self.last_event = last;
@@ -173,6 +211,7 @@ impl PostgresWrite<'_> {
         if let Some(head) = self.head {
             self.store.resolver.committed(head);
         }
+        self.store.recent = self.recent.take();
     }
 }
 
@@ -290,152 +329,297 @@ impl WriteTx for PgTx<'_> {
     fn lock_head(&mut self) -> Result<i64, StoreError> {
         // The row lock is held until commit: the next writer waits here, so seqs are committed
         // in order and a feed reader never skips one that commits late.
-        Ok(self
-            .0
+        let head = self
+            .client
             .query_one("SELECT head FROM seq_counter WHERE id = 1 FOR UPDATE", &[])?
-            .get(0))
+            .get(0);
+        self.recent(head)?;
+        Ok(head)
     }
 
     fn existing_message_ids(&mut self, ids: &[&str]) -> Result<HashSet<String>, StoreError> {
-        Ok(self
-            .0
-            .query(
-                "SELECT message_id FROM events WHERE message_id = ANY($1)",
-                &[&ids],
-            )?
-            .into_iter()
-            .map(|r| r.get(0))
-            .collect())
+        let head = self.head()?;
+        let (recent, mut tx) = self.recent(head)?;
+        recent.existing(&mut tx, ids)
     }
 
     fn write(&mut self, b: &ResolvedBatch, head: i64) -> Result<(), StoreError> {
-        let tx = &mut *self.0;
-        if !b.id_graph.is_empty() {
-            let mut t = TriggerColumns::default();
-            let (mut seqs, mut ids, mut canon) = (vec![], vec![], vec![]);
-            for r in &b.id_graph {
-                seqs.push(r.seq);
-                ids.push(r.segment_id.as_str());
-                canon.push(r.canonical_segment_id.as_str());
-                t.push(&r.trigger);
-            }
-            insert_unnest(
-                tx,
-                "id_graph_updates",
-                "seq, segment_id, canonical_segment_id",
-                &["bigint", "text", "text"],
-                &[&seqs, &ids, &canon],
-                &t,
-            )?;
+        let base = self.head()?;
+        write_rows(self.client, b, head)?;
+        let (recent, mut tx) = self.recent(base)?;
+        recent.written(
+            &mut tx,
+            b.events.iter().map(|r| (r.event.message_id(), r.seq)),
+            head,
+        )
+    }
+}
+
+/// Writes the rows of a resolved batch and moves the head to `head`.
+fn write_rows(tx: &mut Client, b: &ResolvedBatch, head: i64) -> Result<(), StoreError> {
+    if !b.id_graph.is_empty() {
+        let mut t = TriggerColumns::default();
+        let (mut seqs, mut ids, mut canon) = (vec![], vec![], vec![]);
+        for r in &b.id_graph {
+            seqs.push(r.seq);
+            ids.push(r.segment_id.as_str());
+            canon.push(r.canonical_segment_id.as_str());
+            t.push(&r.trigger);
         }
-        if !b.mappings.is_empty() {
-            let mut t = TriggerColumns::default();
-            let (mut seqs, mut ids, mut hashes, mut types, mut values, mut segs) =
-                (vec![], vec![], vec![], vec![], vec![], vec![]);
-            for r in &b.mappings {
-                seqs.push(r.seq);
-                ids.push(r.id.as_str());
-                hashes.push(r.external_id_hash.as_str());
-                types.push(r.external_id_type.as_str());
-                values.push(r.external_id_value.as_str());
-                segs.push(r.segment_id.as_str());
-                t.push(&r.trigger);
-            }
-            insert_unnest(
-                tx,
-                "external_id_mapping_updates",
-                "seq, id, external_id_hash, external_id_type, external_id_value, segment_id",
-                &["bigint", "text", "text", "text", "text", "text"],
-                &[&seqs, &ids, &hashes, &types, &values, &segs],
-                &t,
-            )?;
+        insert_unnest(
+            tx,
+            "id_graph_updates",
+            "seq, segment_id, canonical_segment_id",
+            &["bigint", "text", "text"],
+            &[&seqs, &ids, &canon],
+            &t,
+        )?;
+    }
+    if !b.mappings.is_empty() {
+        let mut t = TriggerColumns::default();
+        let (mut seqs, mut ids, mut hashes, mut types, mut values, mut segs) =
+            (vec![], vec![], vec![], vec![], vec![], vec![]);
+        for r in &b.mappings {
+            seqs.push(r.seq);
+            ids.push(r.id.as_str());
+            hashes.push(r.external_id_hash.as_str());
+            types.push(r.external_id_type.as_str());
+            values.push(r.external_id_value.as_str());
+            segs.push(r.segment_id.as_str());
+            t.push(&r.trigger);
         }
-        if !b.traits.is_empty() {
-            let mut t = TriggerColumns::default();
-            let (mut seqs, mut segs, mut traits) = (vec![], vec![], vec![]);
-            for r in &b.traits {
-                seqs.push(r.seq);
-                segs.push(r.segment_id.as_str());
-                traits.push(json_text(&r.traits));
-                t.push(&r.trigger);
-            }
-            insert_unnest(
-                tx,
-                "profile_traits_updates",
-                "seq, segment_id, traits",
-                &["bigint", "text", "text"],
-                &[&seqs, &segs, &traits],
-                &t,
-            )?;
+        insert_unnest(
+            tx,
+            "external_id_mapping_updates",
+            "seq, id, external_id_hash, external_id_type, external_id_value, segment_id",
+            &["bigint", "text", "text", "text", "text", "text"],
+            &[&seqs, &ids, &hashes, &types, &values, &segs],
+            &t,
+        )?;
+    }
+    if !b.traits.is_empty() {
+        let mut t = TriggerColumns::default();
+        let (mut seqs, mut segs, mut traits) = (vec![], vec![], vec![]);
+        for r in &b.traits {
+            seqs.push(r.seq);
+            segs.push(r.segment_id.as_str());
+            traits.push(json_text(&r.traits));
+            t.push(&r.trigger);
         }
-        if !b.events.is_empty() {
-            let (mut seqs, mut ids, mut types, mut names, mut segs, mut srcs) =
-                (vec![], vec![], vec![], vec![], vec![], vec![]);
-            let (mut ts, mut recv, mut payloads) = (vec![], vec![], vec![]);
-            for r in &b.events {
-                let payload = &r.event.payload;
-                let t = &r.event.trigger;
-                seqs.push(r.seq);
-                ids.push(t.event_id.as_str());
-                types.push(t.event_type.as_str());
-                names.push(r.event.event.as_deref());
-                segs.push(r.segment_id.as_str());
-                srcs.push(t.source_id.as_str());
-                ts.push(micros(t.timestamp));
-                recv.push(micros(t.received_at));
-                payloads.push(payload.as_str());
-            }
-            tx.execute(
-                "INSERT INTO events (seq, message_id, type, event, segment_id, source_id, timestamp_us, received_at_us, payload)
-                 SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::bigint[], $9::text[])",
-                &[&seqs, &ids, &types, &names, &segs, &srcs, &ts, &recv, &payloads],
-            )?;
+        insert_unnest(
+            tx,
+            "profile_traits_updates",
+            "seq, segment_id, traits",
+            &["bigint", "text", "text"],
+            &[&seqs, &segs, &traits],
+            &t,
+        )?;
+    }
+    if !b.events.is_empty() {
+        let (mut seqs, mut ids, mut types, mut names, mut segs, mut srcs) =
+            (vec![], vec![], vec![], vec![], vec![], vec![]);
+        let (mut ts, mut recv, mut payloads) = (vec![], vec![], vec![]);
+        for r in &b.events {
+            let payload = &r.event.payload;
+            let t = &r.event.trigger;
+            seqs.push(r.seq);
+            ids.push(t.event_id.as_str());
+            types.push(t.event_type.as_str());
+            names.push(r.event.event.as_deref());
+            segs.push(r.segment_id.as_str());
+            srcs.push(t.source_id.as_str());
+            ts.push(micros(t.timestamp));
+            recv.push(micros(t.received_at));
+            payloads.push(payload.as_str());
         }
-        if !b.state.profiles.is_empty() {
-            let (mut ids, mut canon, mut ranks, mut merges, mut traits, mut times) =
-                (vec![], vec![], vec![], vec![], vec![], vec![]);
-            for p in &b.state.profiles {
-                ids.push(p.segment_id.as_str());
-                canon.push(p.canonical_segment_id.as_str());
-                ranks.push(i64::try_from(p.created_rank).unwrap_or(i64::MAX));
-                merges.push(i64::from(p.merges));
-                traits.push(json_text(&p.traits));
-                times.push(json_text(&p.trait_times));
-            }
-            tx.execute(
-                "INSERT INTO profiles (segment_id, canonical_segment_id, created_rank, merges, traits, trait_times)
-                 SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::text[])
-                 ON CONFLICT (segment_id) DO UPDATE SET canonical_segment_id = excluded.canonical_segment_id,
-                   created_rank = excluded.created_rank, merges = excluded.merges, traits = excluded.traits, trait_times = excluded.trait_times",
-                &[&ids, &canon, &ranks, &merges, &traits, &times],
-            )?;
+        tx.execute(
+            "INSERT INTO events (seq, message_id, type, event, segment_id, source_id, timestamp_us, received_at_us, payload)
+             SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::bigint[], $9::text[])",
+            &[&seqs, &ids, &types, &names, &segs, &srcs, &ts, &recv, &payloads],
+        )?;
+    }
+    if !b.state.profiles.is_empty() {
+        let (mut ids, mut canon, mut ranks, mut merges, mut traits, mut times) =
+            (vec![], vec![], vec![], vec![], vec![], vec![]);
+        for p in &b.state.profiles {
+            ids.push(p.segment_id.as_str());
+            canon.push(p.canonical_segment_id.as_str());
+            ranks.push(i64::try_from(p.created_rank).unwrap_or(i64::MAX));
+            merges.push(i64::from(p.merges));
+            traits.push(json_text(&p.traits));
+            times.push(json_text(&p.trait_times));
         }
-        if !b.state.identifiers.is_empty() {
-            let (mut types, mut values, mut segs, mut first, mut last) =
-                (vec![], vec![], vec![], vec![], vec![]);
-            for i in &b.state.identifiers {
-                types.push(i.id_type.as_str());
-                values.push(i.value.as_str());
-                segs.push(i.segment_id.as_str());
-                first.push(micros(i.first_seen));
-                last.push(micros(i.last_seen));
-            }
-            tx.execute(
-                "INSERT INTO identifiers (id_type, value, segment_id, first_seen_us, last_seen_us)
-                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[])
-                 ON CONFLICT (id_type, value) DO UPDATE SET segment_id = excluded.segment_id, last_seen_us = excluded.last_seen_us",
-                &[&types, &values, &segs, &first, &last],
-            )?;
+        tx.execute(
+            "INSERT INTO profiles (segment_id, canonical_segment_id, created_rank, merges, traits, trait_times)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::text[])
+             ON CONFLICT (segment_id) DO UPDATE SET canonical_segment_id = excluded.canonical_segment_id,
+               created_rank = excluded.created_rank, merges = excluded.merges, traits = excluded.traits, trait_times = excluded.trait_times",
+            &[&ids, &canon, &ranks, &merges, &traits, &times],
+        )?;
+    }
+    if !b.state.identifiers.is_empty() {
+        let (mut types, mut values, mut segs, mut first, mut last) =
+            (vec![], vec![], vec![], vec![], vec![]);
+        for i in &b.state.identifiers {
+            types.push(i.id_type.as_str());
+            values.push(i.value.as_str());
+            segs.push(i.segment_id.as_str());
+            first.push(micros(i.first_seen));
+            last.push(micros(i.last_seen));
         }
-        if !b.new_track_names.is_empty() {
-            tx.execute(
-                "INSERT INTO track_events (name) SELECT * FROM unnest($1::text[]) ON CONFLICT (name) DO NOTHING",
-                &[&b.new_track_names],
-            )?;
-        }
-        tx.execute("UPDATE seq_counter SET head = $1 WHERE id = 1", &[&head])?;
+        tx.execute(
+            "INSERT INTO identifiers (id_type, value, segment_id, first_seen_us, last_seen_us)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[])
+             ON CONFLICT (id_type, value) DO UPDATE SET segment_id = excluded.segment_id, last_seen_us = excluded.last_seen_us",
+            &[&types, &values, &segs, &first, &last],
+        )?;
+    }
+    if !b.new_track_names.is_empty() {
+        tx.execute(
+            "INSERT INTO track_events (name) SELECT * FROM unnest($1::text[]) ON CONFLICT (name) DO NOTHING",
+            &[&b.new_track_names],
+        )?;
+    }
+    tx.execute("UPDATE seq_counter SET head = $1 WHERE id = 1", &[&head])?;
+    Ok(())
+}
+
+/// The dedupe index's statements on a connection inside a transaction (`store::dedupe`).
+struct Pg<'a, C>(&'a mut C);
+
+impl<C: postgres::GenericClient> IndexTx for Pg<'_, C> {
+    fn index_row(&mut self) -> Result<Option<[i64; 4]>, StoreError> {
+        Ok(self
+            .0
+            .query_opt(
+                "SELECT key0, key1, indexed_through, entries FROM message_id_index WHERE id = 1",
+                &[],
+            )?
+            .map(|r| [r.get(0), r.get(1), r.get(2), r.get(3)]))
+    }
+
+    fn create_index_row(&mut self, key0: i64, key1: i64) -> Result<(), StoreError> {
+        self.0.execute(
+            "INSERT INTO message_id_index (id, key0, key1, indexed_through, entries) VALUES (1, $1, $2, 0, 0)
+             ON CONFLICT (id) DO NOTHING",
+            &[&key0, &key1],
+        )?;
         Ok(())
     }
+
+    fn events_after(
+        &mut self,
+        after: i64,
+        limit: i64,
+        f: &mut dyn FnMut(i64, &str),
+    ) -> Result<(), StoreError> {
+        for r in self.0.query(
+            "SELECT seq, message_id FROM events WHERE seq > $1 ORDER BY seq LIMIT $2",
+            &[&after, &limit],
+        )? {
+            f(r.get(0), r.get(1));
+        }
+        Ok(())
+    }
+
+    fn index_hashes(&mut self, f: &mut dyn FnMut(i64)) -> Result<(), StoreError> {
+        use postgres::fallible_iterator::FallibleIterator;
+        // Streamed: a large index is never held whole.
+        let mut rows = self
+            .0
+            .query_raw("SELECT hash FROM message_ids", std::iter::empty::<i64>())?;
+        while let Some(r) = rows.next()? {
+            f(r.get(0));
+        }
+        Ok(())
+    }
+
+    fn probe(&mut self, hashes: &[i64], seqs: &mut Vec<i64>) -> Result<(), StoreError> {
+        let rows = self.0.query(
+            "SELECT seq FROM message_ids WHERE hash = ANY($1)",
+            &[&hashes],
+        )?;
+        seqs.extend(rows.iter().map(|r| r.get::<_, i64>(0)));
+        Ok(())
+    }
+
+    fn ids_at(&mut self, seqs: &[i64], f: &mut dyn FnMut(String)) -> Result<(), StoreError> {
+        for r in self.0.query(
+            "SELECT message_id FROM events WHERE seq = ANY($1)",
+            &[&seqs],
+        )? {
+            f(r.get(0));
+        }
+        Ok(())
+    }
+
+    fn add_entries(
+        &mut self,
+        sorted: &[(i64, i64)],
+        indexed_through: i64,
+        entries: i64,
+    ) -> Result<(), StoreError> {
+        if !sorted.is_empty() {
+            let (hashes, seqs): (Vec<i64>, Vec<i64>) = sorted.iter().copied().unzip();
+            self.0.execute(
+                "INSERT INTO message_ids (hash, seq) SELECT * FROM unnest($1::bigint[], $2::bigint[])",
+                &[&hashes, &seqs],
+            )?;
+        }
+        self.0.execute(
+            "UPDATE message_id_index SET indexed_through = $1, entries = $2 WHERE id = 1",
+            &[&indexed_through, &entries],
+        )?;
+        Ok(())
+    }
+}
+
+/// Creates the store's tables, or brings an older store's up to [`SCHEMA_VERSION`], in one
+/// transaction under an advisory lock (several replicas may start at once).
+///
+/// Version 1 kept messageIds unique with a constraint on `events`; version 2 drops it and
+/// indexes the stored events in `message_ids` instead (`store::dedupe`).
+fn create_or_migrate(client: &mut Client) -> Result<(), StoreError> {
+    let mut tx = client.transaction()?;
+    tx.execute("SELECT pg_advisory_xact_lock(7346501)", &[])?;
+    let versioned: bool = tx
+        .query_one("SELECT to_regclass('store_schema') IS NOT NULL", &[])?
+        .get(0);
+    let version: i64 = if versioned {
+        tx.query_one("SELECT coalesce(max(version), 0) FROM store_schema", &[])?
+            .get(0)
+    } else {
+        0
+    };
+    if version >= SCHEMA_VERSION {
+        return Ok(tx.commit()?);
+    }
+    // The unique constraint version 1 put on events.message_id, if any.
+    let unique: Option<String> = tx
+        .query_opt(
+            "SELECT c.conname::text FROM pg_constraint c
+               JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = ANY (c.conkey)
+              WHERE c.conrelid = to_regclass('events') AND c.contype = 'u'
+                AND a.attname = 'message_id' AND cardinality(c.conkey) = 1",
+            &[],
+        )?
+        .map(|r| r.get(0));
+    if let Some(name) = &unique {
+        tx.batch_execute(&format!(
+            "ALTER TABLE events DROP CONSTRAINT \"{}\"",
+            name.replace('"', "\"\"")
+        ))?;
+    }
+    tx.batch_execute(&ddl(Dialect::Postgres))?;
+    let head: i64 = tx
+        .query_one("SELECT head FROM seq_counter WHERE id = 1", &[])?
+        .get(0);
+    dedupe::create(&mut Pg(&mut tx), unique.is_some().then_some(head))?;
+    tx.batch_execute(&format!(
+        "CREATE TABLE IF NOT EXISTS store_schema (version BIGINT PRIMARY KEY);
+         INSERT INTO store_schema VALUES ({SCHEMA_VERSION}) ON CONFLICT DO NOTHING;"
+    ))?;
+    Ok(tx.commit()?)
 }
 
 impl PostgresStore {

@@ -1,12 +1,10 @@
-//! The store's tables; the same DDL runs on SQLite and PostgreSQL, but for how `events` is
-//! deduplicated. Timestamps are microseconds since the Unix epoch (`*_us`), JSON documents are
-//! text.
+//! The store's tables; the same DDL runs on SQLite and PostgreSQL. Timestamps are microseconds
+//! since the Unix epoch (`*_us`), JSON documents are text.
 
-/// The version of SQLite's tables: 2 since `events.message_id` lost its unique index to the
-/// bulk-merged hash index of [`SQLITE_DEDUPE_DDL`] (`store::dedupe`).
-pub(crate) const SQLITE_SCHEMA_VERSION: i64 = 2;
-/// The version of PostgreSQL's tables.
-pub(crate) const POSTGRES_SCHEMA_VERSION: i64 = 1;
+/// The version of the tables below: 2 since `events.message_id` lost its unique index to the
+/// bulk-merged hash index of [`DEDUPE_DDL`] (`store::dedupe`); a store at an older version is
+/// migrated when opened.
+pub(crate) const SCHEMA_VERSION: i64 = 2;
 
 /// The dialect a DDL is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -17,28 +15,23 @@ pub(crate) enum Dialect {
 
 /// Creates every table when missing.
 pub(crate) fn ddl(dialect: Dialect) -> String {
-    let tables = DDL.replace("{seq_key}", seq_key(dialect));
-    match dialect {
-        Dialect::Sqlite => format!(
-            "{tables}{}{SQLITE_DEDUPE_DDL}",
-            events_ddl(dialect, "events")
-        ),
-        Dialect::Postgres => format!("{tables}{}", events_ddl(dialect, "events")),
-    }
+    let without_rowid = match dialect {
+        Dialect::Sqlite => " WITHOUT ROWID",
+        Dialect::Postgres => "",
+    };
+    format!(
+        "{}{}{}",
+        DDL.replace("{seq_key}", seq_key(dialect)),
+        events_ddl(dialect, "events"),
+        DEDUPE_DDL.replace("{without_rowid}", without_rowid)
+    )
 }
 
-/// The `events` table, named `name` (a migration builds it under another name first).
-/// PostgreSQL keeps messageIds unique with an index; SQLite with `store::dedupe`, as a unique
-/// index on random ids costs it a page write per event.
+/// The `events` table, named `name` (SQLite's migration builds it under another name first).
 pub(crate) fn events_ddl(dialect: Dialect, name: &str) -> String {
-    let unique = match dialect {
-        Dialect::Sqlite => "",
-        Dialect::Postgres => " UNIQUE",
-    };
     EVENTS_DDL
         .replace("{name}", name)
         .replace("{seq_key}", seq_key(dialect))
-        .replace("{unique}", unique)
 }
 
 /// The type of every `seq` primary key.
@@ -56,12 +49,12 @@ const SQLITE_SEQ_KEY: &str = "INTEGER PRIMARY KEY";
 /// PostgreSQL: a 64-bit key with its unique index.
 const POSTGRES_SEQ_KEY: &str = "BIGINT PRIMARY KEY";
 
-/// The events. No secondary index beyond the messageId's (PostgreSQL): every feed reads them by
-/// `seq` (the primary key), and each extra index would cost every ingest.
+/// The events. No secondary index: every feed reads them by `seq` (the primary key), each extra
+/// index would cost every ingest, and messageIds are deduplicated through [`DEDUPE_DDL`].
 const EVENTS_DDL: &str = r#"
 CREATE TABLE IF NOT EXISTS {name} (
     seq {seq_key},
-    message_id TEXT NOT NULL{unique},
+    message_id TEXT NOT NULL,
     type TEXT NOT NULL,
     event TEXT,
     segment_id TEXT NOT NULL,
@@ -72,14 +65,14 @@ CREATE TABLE IF NOT EXISTS {name} (
 );
 "#;
 
-/// SQLite's messageId index (`store::dedupe`): a keyed 64-bit hash of each messageId and the
-/// `seq` of its event, for the events up to `indexed_through`; the hash key; how many entries.
-pub(crate) const SQLITE_DEDUPE_DDL: &str = r#"
+/// The messageId index (`store::dedupe`): a keyed 64-bit hash of each messageId and the `seq`
+/// of its event, for the events up to `indexed_through`; the hash key; how many entries.
+const DEDUPE_DDL: &str = r#"
 CREATE TABLE IF NOT EXISTS message_ids (
     hash BIGINT NOT NULL,
     seq BIGINT NOT NULL,
     PRIMARY KEY (hash, seq)
-) WITHOUT ROWID;
+){without_rowid};
 CREATE TABLE IF NOT EXISTS message_id_index (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     key0 BIGINT NOT NULL,

@@ -13,7 +13,7 @@ use super::codec::{
 };
 use super::dedupe::{self, RecentIds, Tuning};
 use super::ingest::{LoadedState, ResolvedBatch, ingest_in_tx};
-use super::schema::{Dialect, SQLITE_SCHEMA_VERSION, TRIGGER_COLUMNS, ddl, events_ddl};
+use super::schema::{Dialect, SCHEMA_VERSION, TRIGGER_COLUMNS, ddl, events_ddl};
 use super::{
     EventFilter, Feed, FeedRow, FlatEventRow, IngestSummary, PreparedEvent, Resolver, SourceInfo,
     Store, StoreError, Trigger, WriteTx,
@@ -67,7 +67,7 @@ impl SqliteStore {
         conn.set_prepared_statement_cache_capacity(32);
         // Only a new or older file takes the write lock for DDL, so opening a reader never waits
         // for the writer.
-        if schema_version(&conn)? < SQLITE_SCHEMA_VERSION {
+        if schema_version(&conn)? < SCHEMA_VERSION {
             create_or_migrate(&conn)?;
         }
         Ok(SqliteStore {
@@ -131,15 +131,15 @@ impl LiteTx<'_> {
     fn recent(
         &mut self,
         head: i64,
-    ) -> Result<(&mut RecentIds, &rusqlite::Transaction<'_>), StoreError> {
-        let recent = match self.recent.take() {
-            Some(r) if r.head == head => r,
-            _ => match self.committed.take() {
-                Some(r) if r.head == head => r,
-                _ => RecentIds::load(&self.tx, head, self.tuning)?,
-            },
-        };
-        Ok((self.recent.insert(recent), &self.tx))
+    ) -> Result<(&mut RecentIds, &mut dyn dedupe::IndexTx), StoreError> {
+        let recent = dedupe::in_tx(
+            &mut self.recent,
+            self.committed,
+            &mut self.tx,
+            head,
+            self.tuning,
+        )?;
+        Ok((recent, &mut self.tx))
     }
 
     /// The head this transaction locked and wrote up to so far.
@@ -149,6 +149,128 @@ impl LiteTx<'_> {
             None => self.lock_head(),
         }
     }
+}
+
+/// The dedupe index's statements (`store::dedupe`).
+impl dedupe::IndexTx for rusqlite::Transaction<'_> {
+    fn index_row(&mut self) -> Result<Option<[i64; 4]>, StoreError> {
+        Ok(self
+            .query_row(
+                "SELECT key0, key1, indexed_through, entries FROM message_id_index WHERE id = 1",
+                [],
+                |r| Ok([r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?]),
+            )
+            .optional()?)
+    }
+
+    fn create_index_row(&mut self, key0: i64, key1: i64) -> Result<(), StoreError> {
+        self.execute(
+            "INSERT INTO message_id_index (id, key0, key1, indexed_through, entries) VALUES (1, ?1, ?2, 0, 0)
+             ON CONFLICT (id) DO NOTHING",
+            params![key0, key1],
+        )?;
+        Ok(())
+    }
+
+    fn events_after(
+        &mut self,
+        after: i64,
+        limit: i64,
+        f: &mut dyn FnMut(i64, &str),
+    ) -> Result<(), StoreError> {
+        let mut stmt = self.prepare_cached(
+            "SELECT seq, message_id FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )?;
+        let mut rows = stmt.query([after, limit])?;
+        while let Some(r) = rows.next()? {
+            f(
+                r.get(0)?,
+                r.get_ref(1)?.as_str().map_err(rusqlite::Error::from)?,
+            );
+        }
+        Ok(())
+    }
+
+    fn index_hashes(&mut self, f: &mut dyn FnMut(i64)) -> Result<(), StoreError> {
+        let mut stmt = self.prepare("SELECT hash FROM message_ids")?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            f(r.get(0)?);
+        }
+        Ok(())
+    }
+
+    fn probe(&mut self, hashes: &[i64], seqs: &mut Vec<i64>) -> Result<(), StoreError> {
+        Ok(in_chunks(self, hashes, probe_sql, |stmt, chunk| {
+            let mut rows = stmt.query(params_from_iter(chunk))?;
+            while let Some(r) = rows.next()? {
+                seqs.push(r.get(0)?);
+            }
+            Ok(())
+        })?)
+    }
+
+    fn ids_at(&mut self, seqs: &[i64], f: &mut dyn FnMut(String)) -> Result<(), StoreError> {
+        Ok(in_chunks(self, seqs, ids_at_sql, |stmt, chunk| {
+            let mut rows = stmt.query(params_from_iter(chunk))?;
+            while let Some(r) = rows.next()? {
+                f(r.get(0)?);
+            }
+            Ok(())
+        })?)
+    }
+
+    fn add_entries(
+        &mut self,
+        sorted: &[(i64, i64)],
+        indexed_through: i64,
+        entries: i64,
+    ) -> Result<(), StoreError> {
+        in_chunks(self, sorted, add_entries_sql, |stmt, chunk| {
+            stmt.execute(params_from_iter(chunk.iter().flat_map(|(h, s)| [h, s])))
+                .map(|_| ())
+        })?;
+        self.execute(
+            "UPDATE message_id_index SET indexed_through = ?1, entries = ?2 WHERE id = 1",
+            params![indexed_through, entries],
+        )?;
+        Ok(())
+    }
+}
+
+/// The index probe of `n` hashes.
+fn probe_sql(n: usize) -> String {
+    format!(
+        "SELECT seq FROM message_ids WHERE hash IN ({})",
+        marks(n, 1)
+    )
+}
+
+/// The messageIds of `n` events by seq.
+fn ids_at_sql(n: usize) -> String {
+    format!(
+        "SELECT message_id FROM events WHERE seq IN ({})",
+        marks(n, 1)
+    )
+}
+
+/// The insert of `n` index entries.
+fn add_entries_sql(n: usize) -> String {
+    let rows: Vec<String> = (0..n)
+        .map(|i| format!("({})", marks(2, 2 * i + 1)))
+        .collect();
+    format!(
+        "INSERT INTO message_ids (hash, seq) VALUES {}",
+        rows.join(", ")
+    )
+}
+
+/// `n` numbered parameters from `?first`.
+fn marks(n: usize, first: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("?{i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl SqliteWrite<'_> {
@@ -226,14 +348,14 @@ fn schema_version(conn: &Connection) -> Result<i64, StoreError> {
 }
 
 /// Creates the tables of a new file, or brings an older file's up to
-/// [`SQLITE_SCHEMA_VERSION`], in one transaction: a crash leaves the file as it was.
+/// [`SCHEMA_VERSION`], in one transaction: a crash leaves the file as it was.
 ///
 /// Version 1 kept messageIds unique with an index on `events`; version 2 rebuilds `events`
 /// without it and indexes the stored events in `message_ids` instead (`store::dedupe`).
 fn create_or_migrate(conn: &Connection) -> Result<(), StoreError> {
-    let tx = rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
+    let mut tx = rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
     // Another process may have done it while this one waited for the lock.
-    if schema_version(&tx)? >= SQLITE_SCHEMA_VERSION {
+    if schema_version(&tx)? >= SCHEMA_VERSION {
         return Ok(());
     }
     let unique_ids: bool = tx.query_row(
@@ -254,8 +376,8 @@ fn create_or_migrate(conn: &Connection) -> Result<(), StoreError> {
     let head: i64 = tx.query_row("SELECT head FROM seq_counter WHERE id = 1", [], |r| {
         r.get(0)
     })?;
-    dedupe::create(&tx, unique_ids.then_some(head))?;
-    tx.pragma_update(None, "user_version", SQLITE_SCHEMA_VERSION)?;
+    dedupe::create(&mut tx, unique_ids.then_some(head))?;
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()?;
     Ok(())
 }
