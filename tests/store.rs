@@ -584,12 +584,8 @@ fn sqlite_new_stores_use_16k_pages_and_older_files_keep_theirs() {
     );
 }
 
-#[test]
-fn sqlite_a_version_1_store_is_migrated_to_the_hash_index_in_place() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("v1.db");
-    let url = format!("sqlite://{}", path.display());
-    let mut s = store::open(&url, Rules::default()).unwrap();
+/// 150 events for a store about to be turned into a version-1 one: its events and head.
+fn before_migration(s: &mut dyn Store) -> (Vec<FeedRow>, i64) {
     let first: Vec<Event> = (0..150)
         .map(|i| {
             identify(
@@ -600,8 +596,28 @@ fn sqlite_a_version_1_store_is_migrated_to_the_hash_index_in_place() {
         })
         .collect();
     s.ingest(first).unwrap();
-    let before = all(&mut *s, &Feed::Events(EventFilter::All));
-    let head = s.head_seq().unwrap();
+    let before = all(s, &Feed::Events(EventFilter::All));
+    (before, s.head_seq().unwrap())
+}
+
+/// After a migration, the stored ids are still duplicates; new ones are not.
+fn migrated_ids_are_still_duplicates(s: &mut dyn Store) {
+    let again: Vec<Event> = (0..150)
+        .map(|i| page(&format!("old-{i}"), "a1"))
+        .chain((0..5).map(|i| page(&format!("new-{i}"), "a1")))
+        .collect();
+    let r = s.ingest(again).unwrap();
+    assert_eq!((r.accepted, r.duplicates), (5, 150));
+    assert_eq!(s.event_count().unwrap(), 155);
+}
+
+#[test]
+fn sqlite_a_version_1_store_is_migrated_to_the_hash_index_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v1.db");
+    let url = format!("sqlite://{}", path.display());
+    let mut s = store::open(&url, Rules::default()).unwrap();
+    let (before, head) = before_migration(&mut *s);
     drop(s);
     // The layout version 1 wrote: a unique index on events.message_id, no hash index.
     let conn = rusqlite::Connection::open(&path).unwrap();
@@ -631,31 +647,13 @@ fn sqlite_a_version_1_store_is_migrated_to_the_hash_index_in_place() {
     );
     assert_eq!(one("SELECT count(*) FROM message_ids"), 150);
     assert_eq!(one("SELECT indexed_through FROM message_id_index"), head);
-    // The migrated ids are still duplicates; new ones are not.
-    let again: Vec<Event> = (0..150)
-        .map(|i| page(&format!("old-{i}"), "a1"))
-        .chain((0..5).map(|i| page(&format!("new-{i}"), "a1")))
-        .collect();
-    let r = s.ingest(again).unwrap();
-    assert_eq!((r.accepted, r.duplicates), (5, 150));
-    assert_eq!(s.event_count().unwrap(), 155);
+    migrated_ids_are_still_duplicates(&mut *s);
 }
 
 #[test]
 fn postgres_a_version_1_store_is_migrated_to_the_hash_index_in_place() {
     let (mut s, url, _keep) = fresh("postgres");
-    let first: Vec<Event> = (0..150)
-        .map(|i| {
-            identify(
-                &format!("old-{i}"),
-                &format!("a{}", i % 9),
-                "jane@example.com",
-            )
-        })
-        .collect();
-    s.ingest(first).unwrap();
-    let before = all(&mut *s, &Feed::Events(EventFilter::All));
-    let head = s.head_seq().unwrap();
+    let (before, head) = before_migration(&mut *s);
     drop(s);
     // The layout version 1 wrote: a unique constraint on events.message_id, no hash index.
     let mut c = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
@@ -679,13 +677,7 @@ fn postgres_a_version_1_store_is_migrated_to_the_hash_index_in_place() {
     );
     assert_eq!(one("SELECT count(*) FROM message_ids"), 150);
     assert_eq!(one("SELECT indexed_through FROM message_id_index"), head);
-    let again: Vec<Event> = (0..150)
-        .map(|i| page(&format!("old-{i}"), "a1"))
-        .chain((0..5).map(|i| page(&format!("new-{i}"), "a1")))
-        .collect();
-    let r = s.ingest(again).unwrap();
-    assert_eq!((r.accepted, r.duplicates), (5, 150));
-    assert_eq!(s.event_count().unwrap(), 155);
+    migrated_ids_are_still_duplicates(&mut *s);
 }
 
 /// A TCP proxy to a PostgreSQL server that, once armed, cuts its client off at the client's

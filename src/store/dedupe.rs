@@ -43,6 +43,22 @@ pub(crate) fn merge_at(indexed: i64, min: usize) -> usize {
         .clamp(min, MERGE_MAX.max(min))
 }
 
+/// The index's row (both dialects: SQLite reads `$n` as the n-th parameter).
+pub(crate) const INDEX_ROW_SQL: &str =
+    "SELECT key0, key1, indexed_through, entries FROM message_id_index WHERE id = 1";
+/// Creates the index's row with the key `$1`, `$2`, unless it exists.
+pub(crate) const CREATE_INDEX_ROW_SQL: &str =
+    "INSERT INTO message_id_index (id, key0, key1, indexed_through, entries)
+     VALUES (1, $1, $2, 0, 0) ON CONFLICT (id) DO NOTHING";
+/// Up to `$2` events after `$1`: their seq and messageId.
+pub(crate) const EVENTS_AFTER_SQL: &str =
+    "SELECT seq, message_id FROM events WHERE seq > $1 ORDER BY seq LIMIT $2";
+/// Every hash in the index.
+pub(crate) const INDEX_HASHES_SQL: &str = "SELECT hash FROM message_ids";
+/// Sets the index's extent: `indexed_through` `$1`, `$2` entries.
+pub(crate) const SET_EXTENT_SQL: &str =
+    "UPDATE message_id_index SET indexed_through = $1, entries = $2 WHERE id = 1";
+
 /// What the dedupe needs of a store's open write transaction.
 pub(crate) trait IndexTx {
     /// The index's hash key, `indexed_through` and number of entries; `None` without its row.
@@ -140,6 +156,24 @@ impl Default for Tuning {
             #[cfg(test)]
             narrow: false,
         }
+    }
+}
+
+/// A store's dedupe state between its write transactions.
+#[derive(Default)]
+pub(crate) struct Dedupe {
+    /// The messageIds since the index's last merge, as of the last commit; `None` when they
+    /// must be read again (first write, after a failed one).
+    pub committed: Option<RecentIds>,
+    pub tuning: Tuning,
+}
+
+impl Dedupe {
+    /// Test settings.
+    #[cfg(test)]
+    pub fn set_tuning(&mut self, tuning: Tuning) {
+        self.tuning = tuning;
+        self.committed = None;
     }
 }
 

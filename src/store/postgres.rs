@@ -8,7 +8,7 @@ use super::codec::StateRead;
 use super::codec::{
     self, IDENTIFIER_COLUMNS, PROFILE_COLUMNS, RawProfile, json_text, micros, state_read_sql,
 };
-use super::dedupe::{self, IndexTx, RecentIds, Tuning};
+use super::dedupe::{self, Dedupe, IndexTx, RecentIds, Tuning};
 use super::ingest::{LoadedState, ResolvedBatch, ingest_in_tx};
 use super::schema::{Dialect, SCHEMA_VERSION, TRIGGER_COLUMNS, ddl};
 use super::{
@@ -42,10 +42,7 @@ pub struct PostgresStore {
     url: String,
     /// The server process of `client`, to wait for after its connection broke.
     backend_pid: i32,
-    /// The messageIds since the dedupe index's last merge, as of the last commit; `None` when
-    /// they must be read again (first write, after a failed one).
-    recent: Option<RecentIds>,
-    dedupe: Tuning,
+    dedupe: Dedupe,
 }
 
 impl PostgresStore {
@@ -69,16 +66,14 @@ impl PostgresStore {
             resolver: Resolver::new(rules),
             url: url.to_string(),
             backend_pid,
-            recent: None,
-            dedupe: Tuning::default(),
+            dedupe: Dedupe::default(),
         })
     }
 
     /// Test settings of the messageId dedupe.
     #[cfg(test)]
     pub(crate) fn set_dedupe(&mut self, tuning: Tuning) {
-        self.dedupe = tuning;
-        self.recent = None;
+        self.dedupe.set_tuning(tuning);
     }
 
     /// Starts a write transaction: ingest into it, then commit. The first ingest takes the
@@ -155,9 +150,9 @@ impl PostgresWrite<'_> {
         let store = &mut *self.store;
         let mut tx = PgTx {
             client: &mut store.client,
-            committed: &mut store.recent,
+            committed: &mut store.dedupe.committed,
             recent: &mut self.recent,
-            tuning: store.dedupe,
+            tuning: store.dedupe.tuning,
         };
         let (summary, last) = ingest_in_tx(&mut tx, &mut store.resolver, events, |t| {
             load_all(&mut *t.client)
@@ -211,7 +206,7 @@ impl PostgresWrite<'_> {
         if let Some(head) = self.head {
             self.store.resolver.committed(head);
         }
-        self.store.recent = self.recent.take();
+        self.store.dedupe.committed = self.recent.take();
     }
 }
 
@@ -491,19 +486,13 @@ impl<C: postgres::GenericClient> IndexTx for Pg<'_, C> {
     fn index_row(&mut self) -> Result<Option<[i64; 4]>, StoreError> {
         Ok(self
             .0
-            .query_opt(
-                "SELECT key0, key1, indexed_through, entries FROM message_id_index WHERE id = 1",
-                &[],
-            )?
+            .query_opt(dedupe::INDEX_ROW_SQL, &[])?
             .map(|r| [r.get(0), r.get(1), r.get(2), r.get(3)]))
     }
 
     fn create_index_row(&mut self, key0: i64, key1: i64) -> Result<(), StoreError> {
-        self.0.execute(
-            "INSERT INTO message_id_index (id, key0, key1, indexed_through, entries) VALUES (1, $1, $2, 0, 0)
-             ON CONFLICT (id) DO NOTHING",
-            &[&key0, &key1],
-        )?;
+        self.0
+            .execute(dedupe::CREATE_INDEX_ROW_SQL, &[&key0, &key1])?;
         Ok(())
     }
 
@@ -513,10 +502,7 @@ impl<C: postgres::GenericClient> IndexTx for Pg<'_, C> {
         limit: i64,
         f: &mut dyn FnMut(i64, &str),
     ) -> Result<(), StoreError> {
-        for r in self.0.query(
-            "SELECT seq, message_id FROM events WHERE seq > $1 ORDER BY seq LIMIT $2",
-            &[&after, &limit],
-        )? {
+        for r in self.0.query(dedupe::EVENTS_AFTER_SQL, &[&after, &limit])? {
             f(r.get(0), r.get(1));
         }
         Ok(())
@@ -527,7 +513,7 @@ impl<C: postgres::GenericClient> IndexTx for Pg<'_, C> {
         // Streamed: a large index is never held whole.
         let mut rows = self
             .0
-            .query_raw("SELECT hash FROM message_ids", std::iter::empty::<i64>())?;
+            .query_raw(dedupe::INDEX_HASHES_SQL, std::iter::empty::<i64>())?;
         while let Some(r) = rows.next()? {
             f(r.get(0));
         }
@@ -566,10 +552,8 @@ impl<C: postgres::GenericClient> IndexTx for Pg<'_, C> {
                 &[&hashes, &seqs],
             )?;
         }
-        self.0.execute(
-            "UPDATE message_id_index SET indexed_through = $1, entries = $2 WHERE id = 1",
-            &[&indexed_through, &entries],
-        )?;
+        self.0
+            .execute(dedupe::SET_EXTENT_SQL, &[&indexed_through, &entries])?;
         Ok(())
     }
 }

@@ -11,7 +11,7 @@ use super::codec::{
     self, IDENTIFIER_COLUMNS, PROFILE_COLUMNS, RawProfile, StateRead, json_text, micros,
     state_read_sql,
 };
-use super::dedupe::{self, RecentIds, Tuning};
+use super::dedupe::{self, Dedupe, RecentIds, Tuning};
 use super::ingest::{LoadedState, ResolvedBatch, ingest_in_tx};
 use super::schema::{Dialect, SCHEMA_VERSION, TRIGGER_COLUMNS, ddl, events_ddl};
 use super::{
@@ -24,10 +24,7 @@ use crate::identity::{IdentifierState, ProfileState, Rules};
 pub struct SqliteStore {
     conn: Connection,
     resolver: Resolver,
-    /// The messageIds since the dedupe index's last merge, as of the last commit; `None` when
-    /// they must be read again (first write, after a failed one).
-    recent: Option<RecentIds>,
-    dedupe: Tuning,
+    dedupe: Dedupe,
 }
 
 impl SqliteStore {
@@ -73,16 +70,14 @@ impl SqliteStore {
         Ok(SqliteStore {
             conn,
             resolver: Resolver::new(rules),
-            recent: None,
-            dedupe: Tuning::default(),
+            dedupe: Dedupe::default(),
         })
     }
 
     /// Test settings of the messageId dedupe.
     #[cfg(test)]
     pub(crate) fn set_dedupe(&mut self, tuning: Tuning) {
-        self.dedupe = tuning;
-        self.recent = None;
+        self.dedupe.set_tuning(tuning);
     }
 
     /// Sets how long a writer waits for another writer's lock before failing with "database is locked".
@@ -98,9 +93,9 @@ impl SqliteStore {
                 tx: self
                     .conn
                     .transaction_with_behavior(TransactionBehavior::Immediate)?,
-                committed: &mut self.recent,
+                committed: &mut self.dedupe.committed,
                 recent: None,
-                tuning: self.dedupe,
+                tuning: self.dedupe.tuning,
             },
             resolver: &mut self.resolver,
             head: None,
@@ -155,20 +150,14 @@ impl LiteTx<'_> {
 impl dedupe::IndexTx for rusqlite::Transaction<'_> {
     fn index_row(&mut self) -> Result<Option<[i64; 4]>, StoreError> {
         Ok(self
-            .query_row(
-                "SELECT key0, key1, indexed_through, entries FROM message_id_index WHERE id = 1",
-                [],
-                |r| Ok([r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?]),
-            )
+            .query_row(dedupe::INDEX_ROW_SQL, [], |r| {
+                Ok([r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?])
+            })
             .optional()?)
     }
 
     fn create_index_row(&mut self, key0: i64, key1: i64) -> Result<(), StoreError> {
-        self.execute(
-            "INSERT INTO message_id_index (id, key0, key1, indexed_through, entries) VALUES (1, ?1, ?2, 0, 0)
-             ON CONFLICT (id) DO NOTHING",
-            params![key0, key1],
-        )?;
+        self.execute(dedupe::CREATE_INDEX_ROW_SQL, params![key0, key1])?;
         Ok(())
     }
 
@@ -178,9 +167,7 @@ impl dedupe::IndexTx for rusqlite::Transaction<'_> {
         limit: i64,
         f: &mut dyn FnMut(i64, &str),
     ) -> Result<(), StoreError> {
-        let mut stmt = self.prepare_cached(
-            "SELECT seq, message_id FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-        )?;
+        let mut stmt = self.prepare_cached(dedupe::EVENTS_AFTER_SQL)?;
         let mut rows = stmt.query([after, limit])?;
         while let Some(r) = rows.next()? {
             f(
@@ -192,7 +179,7 @@ impl dedupe::IndexTx for rusqlite::Transaction<'_> {
     }
 
     fn index_hashes(&mut self, f: &mut dyn FnMut(i64)) -> Result<(), StoreError> {
-        let mut stmt = self.prepare("SELECT hash FROM message_ids")?;
+        let mut stmt = self.prepare(dedupe::INDEX_HASHES_SQL)?;
         let mut rows = stmt.query([])?;
         while let Some(r) = rows.next()? {
             f(r.get(0)?);
@@ -230,10 +217,7 @@ impl dedupe::IndexTx for rusqlite::Transaction<'_> {
             stmt.execute(params_from_iter(chunk.iter().flat_map(|(h, s)| [h, s])))
                 .map(|_| ())
         })?;
-        self.execute(
-            "UPDATE message_id_index SET indexed_through = ?1, entries = ?2 WHERE id = 1",
-            params![indexed_through, entries],
-        )?;
+        self.execute(dedupe::SET_EXTENT_SQL, params![indexed_through, entries])?;
         Ok(())
     }
 }
