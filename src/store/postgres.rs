@@ -2,6 +2,7 @@
 
 use std::collections::HashSet;
 
+use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, NoTls};
 
 use super::codec::StateRead;
@@ -502,14 +503,15 @@ impl<C: postgres::GenericClient> IndexTx for Pg<'_, C> {
         limit: i64,
         f: &mut dyn FnMut(i64, &str),
     ) -> Result<(), StoreError> {
-        for r in self.0.query(dedupe::EVENTS_AFTER_SQL, &[&after, &limit])? {
+        // Streamed, as the index below: up to a million rows are never held whole.
+        let mut rows = self.0.query_raw(dedupe::EVENTS_AFTER_SQL, [after, limit])?;
+        while let Some(r) = rows.next()? {
             f(r.get(0), r.get(1));
         }
         Ok(())
     }
 
     fn index_hashes(&mut self, f: &mut dyn FnMut(i64)) -> Result<(), StoreError> {
-        use postgres::fallible_iterator::FallibleIterator;
         // Streamed: a large index is never held whole.
         let mut rows = self
             .0
