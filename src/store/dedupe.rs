@@ -10,8 +10,10 @@
 //!   events have come since the last merge ([`merge_at`]), so that a leaf page is written once
 //!   per merge, not once per event;
 //! - the events after `indexed_through` are held in memory by hash ([`RecentIds`]). They are
-//!   read from `events` when the store is opened and after a failed write, and caught up with
-//!   the events another writer (an engine replica) committed since;
+//!   read from `events` by a store's first write and after a failed one, and caught up with the
+//!   events another writer (an engine replica) committed since;
+//! - a Bloom filter of the index's hashes sends only the ids whose hash may be there to the
+//!   index (a probe per id cost PostgreSQL more than the rest of an event's ingest);
 //! - a lookup probes both by hash and then compares the candidates' stored text, so a collision
 //!   costs a read, never an event. The hash is SipHash-1-3 under a random key kept in the store:
 //!   clients cannot choose ids that collide.
@@ -34,16 +36,18 @@ const MERGE_MAX: usize = 1_048_576;
 /// Events indexed at a time by a migration (~16 bytes each in memory).
 const MIGRATE_CHUNK: i64 = 1_000_000;
 
-/// How many recent events trigger a merge into an index of `indexed` entries: an eighth of it
-/// (within bounds), so a merge writes about as many leaf pages as it has entries / 8 at most,
-/// whatever the size of the store.
+/// How many recent events trigger a merge into an index of `indexed` entries: an eighth of it,
+/// within bounds. Up to ~8M entries a merge so writes each leaf page for about 8 new entries or
+/// more; past that (merges capped at [`MERGE_MAX`] ids held in memory) nearly every leaf page is
+/// rewritten by each merge, a cost that grows with the index.
 pub(crate) fn merge_at(indexed: i64, min: usize) -> usize {
     usize::try_from(indexed / 8)
         .unwrap_or(usize::MAX)
         .clamp(min, MERGE_MAX.max(min))
 }
 
-/// The index's row (both dialects: SQLite reads `$n` as the n-th parameter).
+/// The index's row. The statements below serve both dialects: SQLite numbers `$n` parameters in
+/// the order they first appear, so each names `$1` before `$2`.
 pub(crate) const INDEX_ROW_SQL: &str =
     "SELECT key0, key1, indexed_through, entries FROM message_id_index WHERE id = 1";
 /// Creates the index's row with the key `$1`, `$2`, unless it exists.
@@ -88,9 +92,10 @@ pub(crate) trait IndexTx {
 }
 
 /// The hashes in the index, as a Bloom filter: a lookup probes the index only for the ids whose
-/// hash may be there, about 0.3 % of new ones at 16 bits an entry (the size it is built with,
-/// up to [`BLOOM_MAX_BITS`]; 7 % at 5 bits an entry, past 100M entries). A probe costs
-/// PostgreSQL about as much as all the rest of an event's ingest.
+/// hash may be there: ~0.3 % of new ones at 16 bits an entry, the least it has until
+/// [`BLOOM_MAX_BITS`] (built with 32 or more, rebuilt twice as large past 16); ~7 % at 5 bits an
+/// entry, past 100M entries. A probe costs PostgreSQL about as much as all the rest of an
+/// event's ingest.
 struct Bloom {
     bits: Vec<u64>,
     /// Entries it was sized for; past them it is rebuilt twice as large.
@@ -263,7 +268,8 @@ impl RecentIds {
                     indexed,
                     tail: HashMap::new(),
                     more: vec![],
-                    bloom: Bloom::new(indexed),
+                    // A placeholder (128 KiB): `fill_bloom` sizes the filter.
+                    bloom: Bloom::new(0),
                     tuning,
                 };
                 r.fill_bloom(tx)?;
@@ -278,18 +284,16 @@ impl RecentIds {
     /// Remembers the events after `after`: in memory those after `indexed_through`, in the
     /// filter those another writer merged already.
     fn read_events(&mut self, tx: &mut dyn IndexTx, after: i64) -> Result<(), StoreError> {
-        let mut read = vec![];
+        // Streamed: a writer catching up after a long idle time keeps in memory only what is
+        // not indexed yet, at most a merge's worth.
         tx.events_after(after, i64::MAX, &mut |seq, id| {
-            read.push((self.hash(id.as_bytes()), seq));
-        })?;
-        for (h, seq) in read {
+            let h = self.hash(id.as_bytes());
             if seq > self.indexed_through {
                 self.remember(h, seq);
             } else {
                 self.bloom.insert(h);
             }
-        }
-        Ok(())
+        })
     }
 
     /// Builds the filter afresh from the index, sized for it.
@@ -366,11 +370,14 @@ impl RecentIds {
         events: impl Iterator<Item = (&'i str, i64)>,
         head: i64,
     ) -> Result<(), StoreError> {
+        let mut any = false;
         for (id, seq) in events {
             self.remember(self.hash(id.as_bytes()), seq);
+            any = true;
         }
         self.head = head;
-        if self.recent() >= merge_at(self.indexed, self.tuning.merge_min) {
+        // Only with events: a merge must move the head, which other writers go by.
+        if any && self.recent() >= merge_at(self.indexed, self.tuning.merge_min) {
             self.merge(tx)?;
         }
         Ok(())
@@ -415,14 +422,11 @@ pub(crate) fn in_tx<'r>(
     Ok(own.insert(recent))
 }
 
-/// Creates the index's row with a fresh random key, unless it exists. `index_stored`: the head
-/// of a store migrated from a unique messageId index, whose stored events are indexed here, a
-/// million at a time.
-pub(crate) fn create(tx: &mut dyn IndexTx, index_stored: Option<i64>) -> Result<(), StoreError> {
+/// Creates the index's row with a fresh random key and indexes the events already stored (a
+/// store migrated from a unique messageId index), a million at a time; `head` is the store's.
+/// Runs in the transaction that creates the tables, before any index exists.
+pub(crate) fn create(tx: &mut dyn IndexTx, head: i64) -> Result<(), StoreError> {
     tx.create_index_row(rand::random(), rand::random())?;
-    let Some(head) = index_stored else {
-        return Ok(());
-    };
     let [key0, key1, _, mut entries] = tx.index_row()?.ok_or_else(missing_row)?;
     let hasher = SipHasher13::new_with_keys(key0 as u64, key1 as u64);
     let mut after = 0_i64;
@@ -512,6 +516,25 @@ mod tests {
             }
         }
 
+        /// Makes the store refuse a Track event named "poison", as a DBA's constraint would.
+        fn refuse_poison(&self) {
+            match self {
+                Place::Lite(dir) => rusqlite::Connection::open(dir.path().join("s.db"))
+                    .unwrap()
+                    .execute_batch(
+                        "CREATE TRIGGER no_poison BEFORE INSERT ON events WHEN NEW.event = 'poison'
+                         BEGIN SELECT RAISE(ABORT, 'poison refused'); END;",
+                    )
+                    .unwrap(),
+                Place::Pg(url) => ::postgres::Client::connect(url, ::postgres::NoTls)
+                    .unwrap()
+                    .batch_execute(
+                        "ALTER TABLE events ADD CONSTRAINT no_poison CHECK (event IS DISTINCT FROM 'poison')",
+                    )
+                    .unwrap(),
+            }
+        }
+
         /// The index's `indexed_through` and its number of rows.
         fn indexed(&self) -> (i64, i64) {
             let (through, rows) = (
@@ -561,6 +584,29 @@ mod tests {
             }
         }
 
+        /// Ingests `good` then `bad` in one transaction and commits it: the second ingest's
+        /// error and the commit's outcome.
+        fn commit_after_failure(
+            &mut self,
+            good: Vec<Event>,
+            bad: Vec<Event>,
+        ) -> (String, Result<(), crate::store::StoreError>) {
+            match self {
+                Opened::Lite(s) => {
+                    let mut w = s.begin_write().unwrap();
+                    w.ingest(good).unwrap();
+                    let e = format!("{:?}", w.ingest(bad).unwrap_err());
+                    (e, w.commit())
+                }
+                Opened::Pg(s) => {
+                    let mut w = s.begin_write().unwrap();
+                    w.ingest(good).unwrap();
+                    let e = format!("{:?}", w.ingest(bad).unwrap_err());
+                    (e, w.commit())
+                }
+            }
+        }
+
         /// Two ingests in one transaction, committed.
         fn ingest_twice(&mut self, a: Vec<Event>, b: Vec<Event>) -> [(usize, usize); 2] {
             let pair = |r: crate::store::IngestSummary| (r.accepted, r.duplicates);
@@ -594,7 +640,34 @@ mod tests {
         two_batches_in_one_transaction_see_each_other,
         another_writer_s_events_and_merges_are_seen,
         another_writer_s_merges_reach_the_filter,
+        a_write_whose_ingest_failed_is_rolled_back_by_its_commit,
     );
+
+    fn a_write_whose_ingest_failed_is_rolled_back_by_its_commit(kind: &str) {
+        let place = Place::new(kind);
+        let mut s = place.open();
+        s.ingest(pages((0..30).map(|i| format!("kept-{i}"))));
+        place.refuse_poison();
+        let poison = {
+            let opts = ParseOptions::new(jiff::Timestamp::UNIX_EPOCH, "src");
+            let v = json!({"type": "track", "messageId": "p", "userId": "u1", "event": "poison"});
+            Event::from_json(&v, None, &opts).unwrap()
+        };
+        // 15 more would merge the 45 recent ids; the poison fails the second ingest.
+        let (error, commit) =
+            s.commit_after_failure(pages((0..15).map(|i| format!("more-{i}"))), vec![poison]);
+        assert!(error.contains("poison"), "{error}");
+        assert!(
+            matches!(commit, Err(crate::store::StoreError::FailedWrite)),
+            "{commit:?}"
+        );
+        assert_eq!(s.store().event_count().unwrap(), 30, "nothing of it stored");
+        assert_eq!(place.indexed(), (0, 0));
+        let again = (0..15)
+            .map(|i| format!("more-{i}"))
+            .chain((0..30).map(|i| format!("kept-{i}")));
+        assert_eq!(s.ingest(pages(again)), (15, 30));
+    }
 
     fn duplicates_are_found_in_memory_and_in_the_index_through_collisions(kind: &str) {
         let place = Place::new(kind);

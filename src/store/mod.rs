@@ -58,6 +58,11 @@ pub enum StoreError {
     /// An unknown table name was asked for.
     #[error("unknown table {0:?}")]
     UnknownTable(String),
+    /// A write transaction was committed after one of its ingests failed; it was rolled back.
+    #[error(
+        "a write whose ingest failed cannot be committed: it was rolled back, nothing of it is stored"
+    )]
+    FailedWrite,
 }
 
 /// A source of events (from the engine's sources file), as shown in the warehouse's

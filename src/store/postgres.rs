@@ -87,6 +87,7 @@ impl PostgresStore {
             head: None,
             last_event: None,
             recent: None,
+            failed: false,
         })
     }
 }
@@ -104,6 +105,8 @@ pub struct PostgresWrite<'a> {
     /// The recent messageIds as of this transaction's writes (the store's, taken by the first
     /// ingest and given back by the commit).
     recent: Option<RecentIds>,
+    /// Whether an ingest failed: the transaction can then only be rolled back.
+    failed: bool,
 }
 
 /// The store's connection inside its open write transaction.
@@ -155,9 +158,10 @@ impl PostgresWrite<'_> {
             recent: &mut self.recent,
             tuning: store.dedupe.tuning,
         };
-        let (summary, last) = ingest_in_tx(&mut tx, &mut store.resolver, events, |t| {
+        let result = ingest_in_tx(&mut tx, &mut store.resolver, events, |t| {
             load_all(&mut *t.client)
-        })?;
+        });
+        let (summary, last) = result.inspect_err(|_| self.failed = true)?;
         self.head = Some(summary.head);
         if last.is_some() {
             self.last_event = last;
@@ -168,7 +172,14 @@ impl PostgresWrite<'_> {
     /// Commits what was ingested. When the connection breaks during COMMIT — which the server
     /// may or may not have applied — this looks on a new connection: `Ok` when the transaction
     /// landed, the error when it did not (or that could not be told).
+    ///
+    /// After a failed ingest it rolls back instead and says so ([`StoreError::FailedWrite`]):
+    /// PostgreSQL would turn that `COMMIT` into a silent rollback.
     pub fn commit(mut self) -> Result<(), StoreError> {
+        if self.failed {
+            // Dropping the write rolls it back.
+            return Err(StoreError::FailedWrite);
+        }
         self.open = false;
         let Err(e) = self.store.client.batch_execute("COMMIT") else {
             self.committed();
@@ -207,7 +218,9 @@ impl PostgresWrite<'_> {
         if let Some(head) = self.head {
             self.store.resolver.committed(head);
         }
-        self.store.dedupe.committed = self.recent.take();
+        if let Some(recent) = self.recent.take() {
+            self.store.dedupe.committed = Some(recent);
+        }
     }
 }
 
@@ -600,7 +613,7 @@ fn create_or_migrate(client: &mut Client) -> Result<(), StoreError> {
     let head: i64 = tx
         .query_one("SELECT head FROM seq_counter WHERE id = 1", &[])?
         .get(0);
-    dedupe::create(&mut Pg(&mut tx), unique.is_some().then_some(head))?;
+    dedupe::create(&mut Pg(&mut tx), head)?;
     tx.batch_execute(&format!(
         "CREATE TABLE IF NOT EXISTS store_schema (version BIGINT PRIMARY KEY);
          INSERT INTO store_schema VALUES ({SCHEMA_VERSION}) ON CONFLICT DO NOTHING;"

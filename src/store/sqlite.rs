@@ -99,6 +99,7 @@ impl SqliteStore {
             },
             resolver: &mut self.resolver,
             head: None,
+            failed: false,
         })
     }
 }
@@ -108,6 +109,8 @@ pub struct SqliteWrite<'a> {
     tx: LiteTx<'a>,
     resolver: &'a mut Resolver,
     head: Option<i64>,
+    /// Whether an ingest failed: the transaction can then only be rolled back.
+    failed: bool,
 }
 
 struct LiteTx<'a> {
@@ -271,19 +274,27 @@ impl SqliteWrite<'_> {
         &mut self,
         events: &[PreparedEvent],
     ) -> Result<IngestSummary, StoreError> {
-        let (summary, _) = ingest_in_tx(&mut self.tx, self.resolver, events, |t| load_all(&t.tx))?;
+        let result = ingest_in_tx(&mut self.tx, self.resolver, events, |t| load_all(&t.tx));
+        let (summary, _) = result.inspect_err(|_| self.failed = true)?;
         self.head = Some(summary.head);
         Ok(summary)
     }
 
-    /// Commits what was ingested.
+    /// Commits what was ingested; after a failed ingest, rolls back instead and says so
+    /// ([`StoreError::FailedWrite`]): part of that ingest may have been written.
     pub fn commit(mut self) -> Result<(), StoreError> {
+        if self.failed {
+            // Dropping the transaction rolls it back.
+            return Err(StoreError::FailedWrite);
+        }
         let recent = self.tx.recent.take();
         self.tx.tx.commit()?;
         if let Some(head) = self.head {
             self.resolver.committed(head);
         }
-        *self.tx.committed = recent;
+        if recent.is_some() {
+            *self.tx.committed = recent;
+        }
         Ok(())
     }
 }
@@ -360,7 +371,7 @@ fn create_or_migrate(conn: &Connection) -> Result<(), StoreError> {
     let head: i64 = tx.query_row("SELECT head FROM seq_counter WHERE id = 1", [], |r| {
         r.get(0)
     })?;
-    dedupe::create(&mut tx, unique_ids.then_some(head))?;
+    dedupe::create(&mut tx, head)?;
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()?;
     Ok(())
@@ -576,7 +587,7 @@ impl SqliteStore {
 }
 
 /// Event rows per `INSERT` statement (9 values each, under SQLite's 32,766 variables), and
-/// messageIds per dedupe `SELECT`: one statement start and cursor open per this many rows.
+/// hashes or seqs per dedupe `SELECT`: one statement start and cursor open per this many rows.
 const ROWS_PER_STATEMENT: usize = 64;
 
 /// Runs `run` over `items` [`ROWS_PER_STATEMENT`] at a time with the statement `sql(64)`, then
