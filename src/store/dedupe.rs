@@ -641,7 +641,62 @@ mod tests {
         another_writer_s_events_and_merges_are_seen,
         another_writer_s_merges_reach_the_filter,
         a_write_whose_ingest_failed_is_rolled_back_by_its_commit,
+        three_writers_at_random_agree_with_a_model,
     );
+
+    /// Three writers on one store take random steps — batches mixing new ids, stored ids and
+    /// repeats; writes dropped without a commit; reopens — with narrow and with real hashes,
+    /// merging every 40 events: each batch's counts and the stored total must match a model.
+    fn three_writers_at_random_agree_with_a_model(kind: &str) {
+        use rand::{Rng, SeedableRng};
+        for (seed, narrow) in [(1_u64, true), (2, false), (3, false)] {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let place = Place::new(kind);
+            let mut writers: Vec<Opened> = (0..3).map(|_| place.open_with(narrow)).collect();
+            let mut stored: Vec<String> = vec![];
+            let mut next = 0;
+            for step in 0..120 {
+                let w = rng.random_range(0..writers.len());
+                let action = rng.random_range(0..10);
+                if action == 0 {
+                    writers[w] = place.open_with(narrow);
+                    continue;
+                }
+                let mut ids: Vec<String> = vec![];
+                for _ in 0..rng.random_range(1..40) {
+                    let pick = rng.random_range(0..10);
+                    if pick < 6 || stored.is_empty() {
+                        next += 1;
+                        ids.push(format!("id-{seed}-{next}"));
+                    } else if pick < 9 {
+                        ids.push(stored[rng.random_range(0..stored.len())].clone());
+                    } else if let Some(last) = ids.last().cloned() {
+                        ids.push(last);
+                    }
+                }
+                if action == 1 {
+                    writers[w].ingest_uncommitted(pages(ids));
+                    continue;
+                }
+                let known: std::collections::HashSet<&String> = stored.iter().collect();
+                let mut fresh: Vec<String> = vec![];
+                for id in &ids {
+                    if !known.contains(id) && !fresh.contains(id) {
+                        fresh.push(id.clone());
+                    }
+                }
+                let expected = (fresh.len(), ids.len() - fresh.len());
+                assert_eq!(
+                    writers[w].ingest(pages(ids)),
+                    expected,
+                    "seed {seed}, step {step}, writer {w}"
+                );
+                stored.extend(fresh);
+            }
+            let count = writers[0].store().event_count().unwrap();
+            assert_eq!(count, i64::try_from(stored.len()).unwrap(), "seed {seed}");
+        }
+    }
 
     fn a_write_whose_ingest_failed_is_rolled_back_by_its_commit(kind: &str) {
         let place = Place::new(kind);
