@@ -131,6 +131,13 @@ impl Bloom {
         [0_u64, 1, 2, 3].map(|i| (h1.wrapping_add(i.wrapping_mul(h2)) & mask) as usize)
     }
 
+    /// The filter of the index's `entries` hashes, with room for twice as many.
+    fn of_index(tx: &mut dyn IndexTx, entries: i64) -> Result<Bloom, StoreError> {
+        let mut bloom = Bloom::new(entries.saturating_mul(2));
+        tx.index_hashes(&mut |h| bloom.insert(h as u64))?;
+        Ok(bloom)
+    }
+
     fn insert(&mut self, hash: u64) {
         for p in self.positions(hash) {
             self.bits[p / 64] |= 1 << (p % 64);
@@ -186,7 +193,7 @@ impl Dedupe {
 pub(crate) struct RecentIds {
     /// The head `seq` these reflect.
     pub head: i64,
-    key: (i64, i64),
+    /// Keyed with the index's key.
     hasher: SipHasher13,
     /// The last `seq` the index covers.
     indexed_through: i64,
@@ -226,29 +233,12 @@ impl RecentIds {
         let mut ids = match known {
             Some(mut r)
                 if r.head < head
-                    && r.key == (key0, key1)
+                    && r.hasher.keys() == (key0 as u64, key1 as u64)
                     && indexed_through >= r.indexed_through =>
             {
-                let mut indexed_by_other = vec![];
                 if indexed_through > r.indexed_through {
                     // Another writer merged: what it indexed leaves memory for the filter.
-                    r.tail.retain(|h, seq| {
-                        let keep = *seq > indexed_through;
-                        if !keep {
-                            indexed_by_other.push(*h);
-                        }
-                        keep
-                    });
-                    r.more.retain(|(h, seq)| {
-                        let keep = *seq > indexed_through;
-                        if !keep {
-                            indexed_by_other.push(*h);
-                        }
-                        keep
-                    });
-                }
-                for h in indexed_by_other {
-                    r.bloom.insert(h);
+                    r.indexed_up_to(indexed_through);
                 }
                 r.indexed_through = indexed_through;
                 r.indexed = indexed;
@@ -262,17 +252,14 @@ impl RecentIds {
             _ => {
                 let mut r = RecentIds {
                     head,
-                    key: (key0, key1),
                     hasher: SipHasher13::new_with_keys(key0 as u64, key1 as u64),
                     indexed_through,
                     indexed,
                     tail: HashMap::new(),
                     more: vec![],
-                    // A placeholder (128 KiB): `fill_bloom` sizes the filter.
-                    bloom: Bloom::new(0),
+                    bloom: Bloom::of_index(tx, indexed)?,
                     tuning,
                 };
-                r.fill_bloom(tx)?;
                 r.read_events(tx, indexed_through)?;
                 r
             }
@@ -298,10 +285,22 @@ impl RecentIds {
 
     /// Builds the filter afresh from the index, sized for it.
     fn fill_bloom(&mut self, tx: &mut dyn IndexTx) -> Result<(), StoreError> {
-        let mut bloom = Bloom::new(self.indexed.saturating_mul(2));
-        tx.index_hashes(&mut |h| bloom.insert(h as u64))?;
-        self.bloom = bloom;
+        self.bloom = Bloom::of_index(tx, self.indexed)?;
         Ok(())
+    }
+
+    /// Moves the recent events the index now holds (up to `through`) from memory to the filter.
+    fn indexed_up_to(&mut self, through: i64) {
+        let bloom = &mut self.bloom;
+        let mut keep = |h: u64, seq: i64| {
+            if seq > through {
+                return true;
+            }
+            bloom.insert(h);
+            false
+        };
+        self.tail.retain(|h, seq| keep(*h, *seq));
+        self.more.retain(|(h, seq)| keep(*h, *seq));
     }
 
     fn hash(&self, id: &[u8]) -> u64 {
