@@ -119,7 +119,10 @@ pub(crate) fn ingest_in_tx<T: WriteTx>(
     resolver.begin();
 
     let ids: Vec<&str> = events.iter().map(PreparedEvent::message_id).collect();
-    let found = tx.existing_message_ids(&ids)?;
+    let found = {
+        let (recent, index) = tx.dedupe(head)?;
+        recent.existing(index, &ids)?
+    };
     let mut seen: HashSet<&str> = found.iter().map(String::as_str).collect();
     let mut summary = IngestSummary::default();
     let mut batch = ResolvedBatch::default();
@@ -186,6 +189,12 @@ pub(crate) fn ingest_in_tx<T: WriteTx>(
     batch.state = resolver.graph.take_dirty();
     summary.resolve_time = resolving.elapsed();
     tx.write(&batch, seq)?;
+    let (recent, index) = tx.dedupe(head)?;
+    recent.written(
+        index,
+        batch.events.iter().map(|r| (r.event.message_id(), r.seq)),
+        seq,
+    )?;
     let last = batch
         .events
         .last()

@@ -24,8 +24,6 @@ pub use rows::*;
 pub use sqlite::SqliteStore;
 pub use state::{StatePage, StateTable, state_page, state_rows};
 
-use std::collections::HashSet;
-
 use crate::event::{Event, EventType};
 use crate::identity::{IdentifierState, ProfileState, Rules};
 
@@ -334,8 +332,12 @@ pub(crate) fn drop_later<T: Send + 'static>(value: T) {
 pub(crate) trait WriteTx {
     /// The committed head `seq`, locking the counter until commit so seqs become visible in order.
     fn lock_head(&mut self) -> Result<i64, StoreError>;
-    /// Which of `ids` are already stored.
-    fn existing_message_ids(&mut self, ids: &[&str]) -> Result<HashSet<String>, StoreError>;
+    /// The recent messageIds as of `head`, the head this transaction locked or wrote up to
+    /// ([`dedupe::in_tx`]), and the transaction to reach the dedupe index through.
+    fn dedupe(
+        &mut self,
+        head: i64,
+    ) -> Result<(&mut dedupe::RecentIds, &mut dyn dedupe::IndexTx), StoreError>;
     /// Writes the rows of a resolved batch and moves the head to `head`.
     fn write(&mut self, batch: &ingest::ResolvedBatch, head: i64) -> Result<(), StoreError>;
 }

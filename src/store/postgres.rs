@@ -1,7 +1,5 @@
 //! The PostgreSQL store, for production and several engine replicas.
 
-use std::collections::HashSet;
-
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, NoTls};
 
@@ -111,30 +109,13 @@ pub struct PostgresWrite<'a> {
 
 /// The store's connection inside its open write transaction.
 struct PgTx<'a> {
-    client: &'a mut Client,
+    /// The connection, as the dedupe index is reached through it.
+    client: Pg<'a, Client>,
     /// The store's recent messageIds as of its last commit.
     committed: &'a mut Option<RecentIds>,
     /// The recent messageIds as of this transaction's writes.
     recent: &'a mut Option<RecentIds>,
     tuning: Tuning,
-}
-
-impl PgTx<'_> {
-    /// The recent messageIds as of `head` (the head this transaction locked), with the
-    /// connection they are read through.
-    fn recent(&mut self, head: i64) -> Result<(&mut RecentIds, Pg<'_, Client>), StoreError> {
-        let tx = &mut Pg(&mut *self.client);
-        let recent = dedupe::in_tx(self.recent, self.committed, tx, head, self.tuning)?;
-        Ok((recent, Pg(&mut *self.client)))
-    }
-
-    /// The head this transaction locked and wrote up to so far.
-    fn head(&mut self) -> Result<i64, StoreError> {
-        match &*self.recent {
-            Some(r) => Ok(r.head),
-            None => self.lock_head(),
-        }
-    }
 }
 
 impl PostgresWrite<'_> {
@@ -153,13 +134,13 @@ impl PostgresWrite<'_> {
     ) -> Result<IngestSummary, StoreError> {
         let store = &mut *self.store;
         let mut tx = PgTx {
-            client: &mut store.client,
+            client: Pg(&mut store.client),
             committed: &mut store.dedupe.committed,
             recent: &mut self.recent,
             tuning: store.dedupe.tuning,
         };
         let result = ingest_in_tx(&mut tx, &mut store.resolver, events, |t| {
-            load_all(&mut *t.client)
+            load_all(&mut *t.client.0)
         });
         let (summary, last) = result.inspect_err(|_| self.failed = true)?;
         self.head = Some(summary.head);
@@ -338,29 +319,26 @@ impl WriteTx for PgTx<'_> {
     fn lock_head(&mut self) -> Result<i64, StoreError> {
         // The row lock is held until commit: the next writer waits here, so seqs are committed
         // in order and a feed reader never skips one that commits late.
-        let head = self
+        Ok(self
             .client
+            .0
             .query_one("SELECT head FROM seq_counter WHERE id = 1 FOR UPDATE", &[])?
-            .get(0);
-        self.recent(head)?;
-        Ok(head)
+            .get(0))
     }
 
-    fn existing_message_ids(&mut self, ids: &[&str]) -> Result<HashSet<String>, StoreError> {
-        let head = self.head()?;
-        let (recent, mut tx) = self.recent(head)?;
-        recent.existing(&mut tx, ids)
+    fn dedupe(&mut self, head: i64) -> Result<(&mut RecentIds, &mut dyn IndexTx), StoreError> {
+        let recent = dedupe::in_tx(
+            self.recent,
+            self.committed,
+            &mut self.client,
+            head,
+            self.tuning,
+        )?;
+        Ok((recent, &mut self.client))
     }
 
     fn write(&mut self, b: &ResolvedBatch, head: i64) -> Result<(), StoreError> {
-        let base = self.head()?;
-        write_rows(self.client, b, head)?;
-        let (recent, mut tx) = self.recent(base)?;
-        recent.written(
-            &mut tx,
-            b.events.iter().map(|r| (r.event.message_id(), r.seq)),
-            head,
-        )
+        write_rows(self.client.0, b, head)
     }
 }
 

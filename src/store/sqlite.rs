@@ -1,6 +1,5 @@
 //! The embedded store: one SQLite file in WAL mode.
 
-use std::collections::HashSet;
 use std::path::Path;
 
 use rusqlite::types::ToSqlOutput::{self, Borrowed};
@@ -121,32 +120,6 @@ struct LiteTx<'a> {
     /// The recent messageIds as of this transaction's writes.
     recent: Option<RecentIds>,
     tuning: Tuning,
-}
-
-impl LiteTx<'_> {
-    /// The recent messageIds as of `head` (the head this transaction locked), with the
-    /// transaction they are read through.
-    fn recent(
-        &mut self,
-        head: i64,
-    ) -> Result<(&mut RecentIds, &mut dyn dedupe::IndexTx), StoreError> {
-        let recent = dedupe::in_tx(
-            &mut self.recent,
-            self.committed,
-            &mut self.tx,
-            head,
-            self.tuning,
-        )?;
-        Ok((recent, &mut self.tx))
-    }
-
-    /// The head this transaction locked and wrote up to so far.
-    fn head(&mut self) -> Result<i64, StoreError> {
-        match &self.recent {
-            Some(r) => Ok(r.head),
-            None => self.lock_head(),
-        }
-    }
 }
 
 /// The dedupe index's statements (`store::dedupe`).
@@ -396,30 +369,29 @@ fn trigger_params(t: &Trigger) -> [ToSqlOutput<'_>; 6] {
 impl WriteTx for LiteTx<'_> {
     fn lock_head(&mut self) -> Result<i64, StoreError> {
         // The IMMEDIATE transaction already holds the write lock.
-        let head = self
+        Ok(self
             .tx
             .query_row("SELECT head FROM seq_counter WHERE id = 1", [], |r| {
                 r.get(0)
-            })?;
-        self.recent(head)?;
-        Ok(head)
+            })?)
     }
 
-    fn existing_message_ids(&mut self, ids: &[&str]) -> Result<HashSet<String>, StoreError> {
-        let head = self.head()?;
-        let (recent, tx) = self.recent(head)?;
-        recent.existing(tx, ids)
+    fn dedupe(
+        &mut self,
+        head: i64,
+    ) -> Result<(&mut RecentIds, &mut dyn dedupe::IndexTx), StoreError> {
+        let recent = dedupe::in_tx(
+            &mut self.recent,
+            self.committed,
+            &mut self.tx,
+            head,
+            self.tuning,
+        )?;
+        Ok((recent, &mut self.tx))
     }
 
     fn write(&mut self, b: &ResolvedBatch, head: i64) -> Result<(), StoreError> {
-        let base = self.head()?;
-        write_rows(&self.tx, b, head)?;
-        let (recent, tx) = self.recent(base)?;
-        recent.written(
-            tx,
-            b.events.iter().map(|r| (r.event.message_id(), r.seq)),
-            head,
-        )
+        write_rows(&self.tx, b, head)
     }
 }
 
