@@ -258,8 +258,20 @@ async fn size_limits_name_the_limit() {
     let many: Vec<Value> = (0..20)
         .map(|i| json!({"type": "track", "userId": "u1", "event": "A", "properties": {"blob": "y".repeat(30 * 1024), "i": i}}))
         .collect();
-    let (status, reply) = post(&t.base, "/v1/batch", &json!({"batch": many})).await;
-    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    let r = client()
+        .post(format!("{}/v1/batch", t.base))
+        .basic_auth(WRITE_KEY, Some(""))
+        .json(&json!({"batch": many}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    // The rest of the body is left unread, so the connection is closed, and the answer says so.
+    assert_eq!(
+        r.headers().get("connection").and_then(|v| v.to_str().ok()),
+        Some("close")
+    );
+    let reply: Value = r.json().await.unwrap();
     assert!(
         reply["error"].as_str().unwrap().contains("500 KB"),
         "{reply}"
@@ -980,6 +992,58 @@ async fn requests_beyond_the_reading_capacity_are_turned_away_before_their_bodie
     )
     .await;
     acknowledged.push("after".into());
+    assert_stored_exactly(&t.store_url, acknowledged);
+    t.engine.stop().await.unwrap();
+}
+
+/// A batch turned away under overload gets its 503 (with `Retry-After`) on a connection that
+/// stays usable: the engine takes in and discards the body it will not read before answering.
+/// It used to answer while the body was still arriving and then close the connection, without
+/// saying so: a client that sent its next request on it (SDKs keep connections alive) got a
+/// broken connection instead of an answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_turned_away_gets_its_503_on_a_connection_that_stays_open() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = start_with(8, 1).await;
+    let (mut slow, tail) = stall_a_batch(&t.base).await;
+    let (mut acknowledged, _) = track_until_turned_away(&t.base).await;
+    let addr = t.base.trim_start_matches("http://").to_string();
+    let request = |body: &str| {
+        format!(
+            "POST /v1/batch HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let big: Vec<Value> = (0..1000)
+        .map(|i| json!({"type": "track", "userId": "u1", "event": "Big", "messageId": format!("big-{i}"), "properties": {"pad": "x".repeat(200)}}))
+        .collect();
+    let big = request(&json!({"writeKey": WRITE_KEY, "batch": big}).to_string());
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    // The first request arrives in two parts, the second right after it on the same connection.
+    let (first, rest) = big.split_at(big.len() / 2);
+    conn.write_all(first.as_bytes()).await.unwrap();
+    conn.write_all(rest.as_bytes()).await.unwrap();
+    let second = request(
+        &json!({"writeKey": WRITE_KEY, "batch": [{"type": "track", "userId": "u1", "event": "Small", "messageId": "small-1"}]}).to_string(),
+    );
+    // A closed connection may refuse this write; the read below says what happened either way.
+    let _ = conn.write_all(second.as_bytes()).await;
+    // Both are answered 503, in order; a connection closed after the first ends the read early.
+    let mut answers = String::new();
+    let mut buf = [0u8; 4096];
+    while answers.matches("HTTP/1.1 ").count() < 2 || !answers.ends_with('}') {
+        match tokio::time::timeout(std::time::Duration::from_secs(10), conn.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => answers.push_str(&String::from_utf8_lossy(&buf[..n])),
+            other => panic!("the connection ended after {answers:?}: {other:?}"),
+        }
+    }
+    assert_eq!(answers.matches("HTTP/1.1 503").count(), 2, "{answers}");
+    assert_eq!(answers.matches("retry-after: 1").count(), 2, "{answers}");
+    assert!(!answers.contains("connection: close"), "{answers}");
+    let status_line = finish_stalled(&mut slow, &tail).await;
+    assert!(status_line.starts_with("HTTP/1.1 200"), "{status_line}");
+    acknowledged.push("slow-1".into());
+    // Nothing of the refused batches was stored.
     assert_stored_exactly(&t.store_url, acknowledged);
     t.engine.stop().await.unwrap();
 }

@@ -177,15 +177,15 @@ async fn ingest_inner(
     endpoint: Endpoint,
 ) -> Response {
     let started = Instant::now();
-    // Under overload a request is turned away before its body is read and parsed, so rejected
-    // requests cost next to nothing while the writer catches up.
+    // Under overload a request is turned away without its body being kept or parsed, so
+    // rejected requests cost next to nothing while the writer catches up.
     if state.writer.is_full() {
-        return overloaded(state, 0);
+        return turned_away(state, body).await;
     }
     // So are requests beyond the reading capacity: bodies in memory stay bounded however many
     // clients send at once (held until the events are queued, then released).
     let Ok(reading) = state.reading.try_acquire() else {
-        return overloaded(state, 0);
+        return turned_away(state, body).await;
     };
     let read = tokio::time::timeout(state.body_timeout, read_body(headers, body)).await;
     let read = read.unwrap_or_else(|_| {
@@ -208,7 +208,9 @@ async fn ingest_inner(
                 .events_rejected
                 .with_label_values(&[e.reason()])
                 .inc_by(e.events as u64);
-            return api_error(&e);
+            // Too large or too slow: the rest of the body may be unread, so the connection
+            // cannot carry another request.
+            return closing(api_error(&e));
         }
     };
     let auth = headers
@@ -267,6 +269,48 @@ async fn ingest_inner(
             json!({"success": false, "error": "the engine is shutting down; retry"}),
         ),
     }
+}
+
+/// [`overloaded`] for a request turned away before its body was read. The body is taken in
+/// and discarded first (up to the batch limit, within the body timeout), which keeps the
+/// connection usable: answering with the body unread makes the server close the connection
+/// after the answer, and a client that reuses it (every SDK keeps connections alive) then
+/// sees a broken connection instead of a 503. A body past those bounds is answered with
+/// `Connection: close`.
+async fn turned_away(state: &AppState, body: Body) -> Response {
+    let drained = tokio::time::timeout(state.body_timeout, discard(body, MAX_BATCH_BYTES)).await;
+    let response = overloaded(state, 0);
+    if drained == Ok(true) {
+        response
+    } else {
+        closing(response)
+    }
+}
+
+/// Reads `body` to its end without keeping it; false if it failed or passed `limit` bytes.
+async fn discard(mut body: Body, limit: usize) -> bool {
+    let mut read = 0;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                read += frame.data_ref().map_or(0, Bytes::len);
+                if read > limit {
+                    return false;
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
+/// `response` with `Connection: close`: for answers sent while part of the request body is
+/// still unread, so that the client does not send another request on the connection.
+fn closing(mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 /// 503 with `Retry-After` for a request the queue has no room for (`events` of it counted as
