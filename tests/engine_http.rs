@@ -972,13 +972,13 @@ async fn a_request_in_flight_when_shutdown_starts_is_finished_and_stored() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_beyond_the_reading_capacity_are_turned_away_before_their_bodies_are_read() {
+async fn requests_beyond_the_reading_capacity_are_turned_away_unparsed() {
     let t = start_with(8, 1).await;
     // A client sends its headers and half of its body, then stalls: its request holds the one
     // reading permit while the engine waits for the rest.
     let (mut slow, tail) = stall_a_batch(&t.base).await;
     // Until the engine has taken up that request, others still get in; once it has, the next
-    // one is turned away without its body being read.
+    // one is turned away without its body being parsed.
     let (mut acknowledged, retry_after) = track_until_turned_away(&t.base).await;
     assert_eq!(retry_after.as_deref(), Some("1"));
     // The stalled request completes and releases its permit: the next request gets in.
