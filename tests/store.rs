@@ -188,6 +188,13 @@ fn duplicate_message_ids_are_stored_and_resolved_once(kind: &str) {
     let r = s.ingest(mixed).unwrap();
     assert_eq!((r.accepted, r.duplicates), (200, 29));
     assert_eq!(s.event_count().unwrap(), 402);
+    // A refused event is not stored, so a later event of the batch with its messageId (the
+    // client's corrected copy) is stored, not counted as a duplicate of it.
+    // (Its only identifier is blocked: the default rules block "anonymous".)
+    let refused = page("fixed", "anonymous");
+    let r = s.ingest(vec![refused, page("fixed", "a1")]).unwrap();
+    assert_eq!((r.accepted, r.duplicates, r.rejected.len()), (1, 0, 1));
+    assert_eq!(s.event_count().unwrap(), 403);
 }
 
 fn feeds_page_without_gaps_or_repeats(kind: &str) {

@@ -129,17 +129,20 @@ pub(crate) fn ingest_in_tx<T: WriteTx>(
     let mut seq = head;
     let resolving = std::time::Instant::now();
     for (index, event) in events.iter().enumerate() {
-        if !seen.insert(event.message_id()) {
+        if seen.contains(event.message_id()) {
             summary.duplicates += 1;
             continue;
         }
         let resolution = match resolver.graph.resolve_subject(event.subject()) {
             Ok(r) => r,
             Err(e) => {
+                // Not stored: a later event of the batch with its messageId (a corrected copy)
+                // is not a duplicate of it.
                 summary.rejected.push((index, e.to_string()));
                 continue;
             }
         };
+        seen.insert(event.message_id());
         let trigger = &event.trigger;
         summary.accepted += 1;
         summary.profiles_created += usize::from(resolution.created);
