@@ -10,8 +10,9 @@
 //!   events have come since the last merge ([`merge_at`]), so that a leaf page is written once
 //!   per merge, not once per event;
 //! - the events after `indexed_through` are held in memory by hash ([`RecentIds`]). They are
-//!   read from `events` by a store's first write and after a failed one, and caught up with the
-//!   events another writer (an engine replica) committed since;
+//!   read from `events` by a store's first write, caught up with the events another writer (an
+//!   engine replica) committed since, and returned to their state before a write that was
+//!   rolled back;
 //! - a Bloom filter of the index's hashes sends only the ids whose hash may be there to the
 //!   index (a probe per id cost PostgreSQL more than the rest of an event's ingest);
 //! - a lookup probes both by hash and then compares the candidates' stored text, so a collision
@@ -105,6 +106,12 @@ struct Bloom {
 /// Most bits a Bloom filter gets (64 MiB).
 const BLOOM_MAX_BITS: u64 = 1 << 29;
 
+#[cfg(test)]
+thread_local! {
+    /// Tests: how many times this thread built a filter by reading a whole index.
+    static FILTER_BUILDS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 impl Bloom {
     /// An empty filter for `entries` entries.
     fn new(entries: i64) -> Bloom {
@@ -133,6 +140,8 @@ impl Bloom {
 
     /// The filter of the index's `entries` hashes, with room for twice as many.
     fn of_index(tx: &mut dyn IndexTx, entries: i64) -> Result<Bloom, StoreError> {
+        #[cfg(test)]
+        FILTER_BUILDS.with(|n| n.set(n.get() + 1));
         let mut bloom = Bloom::new(entries.saturating_mul(2));
         tx.index_hashes(&mut |h| bloom.insert(h as u64))?;
         Ok(bloom)
@@ -174,8 +183,8 @@ impl Default for Tuning {
 /// A store's dedupe state between its write transactions.
 #[derive(Default)]
 pub(crate) struct Dedupe {
-    /// The messageIds since the index's last merge, as of the last commit; `None` when they
-    /// must be read again (first write, after a failed one).
+    /// The messageIds since the index's last merge, as of the last commit (or of before a
+    /// rolled-back write); `None` when they must be read (first write, a failed read).
     pub committed: Option<RecentIds>,
     pub tuning: Tuning,
 }
@@ -206,6 +215,12 @@ pub(crate) struct RecentIds {
     /// The index's hashes.
     bloom: Bloom,
     tuning: Tuning,
+    /// `head`, `indexed_through` and `indexed` when the current write transaction took these:
+    /// what a rollback returns to ([`RecentIds::rolled_back`]).
+    at_start: (i64, i64, i64),
+    /// Whether the current write transaction began a merge (which takes the recent events out
+    /// of memory).
+    merging: bool,
 }
 
 fn missing_row() -> StoreError {
@@ -259,6 +274,8 @@ impl RecentIds {
                     more: vec![],
                     bloom: Bloom::of_index(tx, indexed)?,
                     tuning,
+                    at_start: (head, indexed_through, indexed),
+                    merging: false,
                 };
                 r.read_events(tx, indexed_through)?;
                 r
@@ -266,6 +283,36 @@ impl RecentIds {
         };
         ids.head = head;
         Ok(ids)
+    }
+
+    /// Marks the start of a write transaction.
+    fn began(&mut self) {
+        self.at_start = (self.head, self.indexed_through, self.indexed);
+        self.merging = false;
+    }
+
+    /// These ids as they were when the write transaction that took them began, for one that was
+    /// rolled back: its own events leave memory, and after a merge (the recent events left
+    /// memory for the index) they are all read again from `events`, as a writer catches up
+    /// with another's. The filter keeps what the transaction added: it may only ever send an
+    /// id to the index for nothing. A store's next write then need not rebuild it from the
+    /// whole index. Also right when the transaction did land after all (a commit whose outcome
+    /// was unknown): its events are read back as another writer's would be.
+    pub fn rolled_back(mut self) -> RecentIds {
+        let (head, indexed_through, indexed) = self.at_start;
+        if self.merging {
+            self.tail.clear();
+            self.more.clear();
+            self.head = indexed_through;
+        } else {
+            self.tail.retain(|_, seq| *seq <= head);
+            self.more.retain(|(_, seq)| *seq <= head);
+            self.head = head;
+        }
+        self.indexed_through = indexed_through;
+        self.indexed = indexed;
+        self.merging = false;
+        self
     }
 
     /// Remembers the events after `after`: in memory those after `indexed_through`, in the
@@ -384,6 +431,7 @@ impl RecentIds {
 
     /// Writes every recent event into the index, sorted so that each leaf page is visited once.
     fn merge(&mut self, tx: &mut dyn IndexTx) -> Result<(), StoreError> {
+        self.merging = true;
         let mut all: Vec<(i64, i64)> = self
             .tail
             .drain()
@@ -407,8 +455,8 @@ impl RecentIds {
 }
 
 /// A write transaction's recent messageIds as of `head`, the head it locked: its own (`own`),
-/// else the store's as of its last commit (`committed`), taken so that a transaction that fails
-/// leaves them to be read again, and moved on to `head`.
+/// else the store's (`committed`), taken by the transaction's first ingest (which marks where
+/// a rollback returns them to), and moved on to `head`.
 pub(crate) fn in_tx<'r>(
     own: &'r mut Option<RecentIds>,
     committed: &mut Option<RecentIds>,
@@ -416,9 +464,53 @@ pub(crate) fn in_tx<'r>(
     head: i64,
     tuning: Tuning,
 ) -> Result<&'r mut RecentIds, StoreError> {
+    let starting = own.is_none();
     let known = own.take().or_else(|| committed.take());
-    let recent = RecentIds::at_head(known, tx, head, tuning)?;
+    let mut recent = RecentIds::at_head(known, tx, head, tuning)?;
+    if starting {
+        recent.began();
+    }
     Ok(own.insert(recent))
+}
+
+/// A write transaction's recent messageIds: the store's as of its last commit, taken by its
+/// first ingest ([`TxIds::at`]); given back moved on by its commit ([`TxIds::committed`]), or
+/// as they were when it began when it is dropped uncommitted ([`RecentIds::rolled_back`]).
+pub(crate) struct TxIds<'a> {
+    store: &'a mut Option<RecentIds>,
+    own: Option<RecentIds>,
+}
+
+impl<'a> TxIds<'a> {
+    /// The ids of a transaction on the store whose ids are `store`.
+    pub fn new(store: &'a mut Option<RecentIds>) -> TxIds<'a> {
+        TxIds { store, own: None }
+    }
+
+    /// The ids as of `head`, the head the transaction locked ([`in_tx`]).
+    pub fn at(
+        &mut self,
+        tx: &mut dyn IndexTx,
+        head: i64,
+        tuning: Tuning,
+    ) -> Result<&mut RecentIds, StoreError> {
+        in_tx(&mut self.own, self.store, tx, head, tuning)
+    }
+
+    /// The transaction committed: its ids become the store's.
+    pub fn committed(&mut self) {
+        if let Some(own) = self.own.take() {
+            *self.store = Some(own);
+        }
+    }
+}
+
+impl Drop for TxIds<'_> {
+    fn drop(&mut self) {
+        if let Some(own) = self.own.take() {
+            *self.store = Some(own.rolled_back());
+        }
+    }
 }
 
 /// Creates the index's row with a fresh random key and indexes the events already stored (a
@@ -640,8 +732,52 @@ mod tests {
         another_writer_s_events_and_merges_are_seen,
         another_writer_s_merges_reach_the_filter,
         a_write_whose_ingest_failed_is_rolled_back_by_its_commit,
+        a_rolled_back_write_keeps_the_filter,
         three_writers_at_random_agree_with_a_model,
     );
+
+    fn poison() -> Event {
+        let opts = ParseOptions::new(jiff::Timestamp::UNIX_EPOCH, "src");
+        let v = json!({"type": "track", "messageId": "p", "userId": "u1", "event": "poison"});
+        Event::from_json(&v, None, &opts).unwrap()
+    }
+
+    /// A write that fails or is dropped gives the store its messageIds back as they were, so
+    /// the next write does not read the whole index again to rebuild the filter, and finds
+    /// exactly the committed ids, those in memory included: after rollbacks with a merge in
+    /// them and without.
+    fn a_rolled_back_write_keeps_the_filter(kind: &str) {
+        let builds = || super::FILTER_BUILDS.with(std::cell::Cell::get);
+        let ids = |prefix: &str, n: usize| pages((0..n).map(|i| format!("{prefix}-{i}")));
+        let place = Place::new(kind);
+        let mut s = place.open_with(false);
+        s.ingest(ids("kept", 50));
+        assert_eq!(place.indexed().1, 50, "merged");
+        // In memory only, until a merge.
+        s.ingest(ids("recent", 5));
+        place.refuse_poison();
+        let before = builds();
+        // With the 5 recent ones, 40 events merge before the poison fails the write; 10 do not.
+        for n in [40, 10] {
+            let (_, commit) = s.commit_after_failure(ids("lost", n), vec![poison()]);
+            assert!(commit.is_err());
+            assert_eq!(s.ingest_uncommitted(ids("dropped", n)), n);
+            assert_eq!(place.indexed().1, 50, "{n}: nothing merged");
+        }
+        s.ingest(ids("new", 5));
+        assert_eq!(builds(), before, "the filter was rebuilt from the index");
+        let mut again = ids("kept", 50);
+        again.extend(ids("recent", 5));
+        again.extend(ids("lost", 40));
+        again.extend(ids("dropped", 40));
+        again.extend(ids("new", 5));
+        assert_eq!(s.ingest(again), (80, 60));
+        assert_eq!(s.store().event_count().unwrap(), 140);
+        // That write merged: one entry per event, none left over from the rolled-back writes.
+        let head = s.store().head_seq().unwrap();
+        assert_eq!(place.indexed(), (head, 140));
+        assert_eq!(builds(), before);
+    }
 
     /// Three writers on one store take random steps — batches mixing new ids, stored ids and
     /// repeats; writes dropped without a commit; reopens — with narrow and with real hashes,

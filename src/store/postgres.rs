@@ -101,7 +101,7 @@ pub struct PostgresWrite<'a> {
     /// after a broken connection whether its commit landed.
     last_event: Option<(i64, String)>,
     /// The recent messageIds as of this transaction's writes (the store's, taken by the first
-    /// ingest and given back by the commit).
+    /// ingest; given back by the commit, or as they were before it when it is dropped).
     recent: Option<RecentIds>,
     /// Whether an ingest failed: the transaction can then only be rolled back.
     failed: bool,
@@ -210,6 +210,10 @@ impl Drop for PostgresWrite<'_> {
         if self.open && !self.store.client.is_closed() {
             // An error here leaves the connection broken, which the next use reports.
             let _ = self.store.client.batch_execute("ROLLBACK");
+        }
+        // Not committed (or not known to be): the messageIds as they were before it.
+        if let Some(recent) = self.recent.take() {
+            self.store.dedupe.committed = Some(recent.rolled_back());
         }
     }
 }

@@ -10,7 +10,7 @@ use super::codec::{
     self, IDENTIFIER_COLUMNS, PROFILE_COLUMNS, RawProfile, StateRead, json_text, micros,
     state_read_sql,
 };
-use super::dedupe::{self, Dedupe, RecentIds, Tuning};
+use super::dedupe::{self, Dedupe, RecentIds, Tuning, TxIds};
 use super::ingest::{LoadedState, ResolvedBatch, ingest_in_tx};
 use super::schema::{Dialect, SCHEMA_VERSION, TRIGGER_COLUMNS, ddl, events_ddl};
 use super::{
@@ -92,8 +92,7 @@ impl SqliteStore {
                 tx: self
                     .conn
                     .transaction_with_behavior(TransactionBehavior::Immediate)?,
-                committed: &mut self.dedupe.committed,
-                recent: None,
+                ids: TxIds::new(&mut self.dedupe.committed),
                 tuning: self.dedupe.tuning,
             },
             resolver: &mut self.resolver,
@@ -114,11 +113,8 @@ pub struct SqliteWrite<'a> {
 
 struct LiteTx<'a> {
     tx: rusqlite::Transaction<'a>,
-    /// The store's recent messageIds, as of its last commit: taken by the transaction, put back
-    /// (moved on) by its commit, so that a failed transaction leaves them to be read again.
-    committed: &'a mut Option<RecentIds>,
-    /// The recent messageIds as of this transaction's writes.
-    recent: Option<RecentIds>,
+    /// The recent messageIds as of this transaction's writes; the store's again when it ends.
+    ids: TxIds<'a>,
     tuning: Tuning,
 }
 
@@ -257,17 +253,15 @@ impl SqliteWrite<'_> {
     /// ([`StoreError::FailedWrite`]): part of that ingest may have been written.
     pub fn commit(mut self) -> Result<(), StoreError> {
         if self.failed {
-            // Dropping the transaction rolls it back.
+            // Dropping the transaction rolls it back (and its messageIds with it).
             return Err(StoreError::FailedWrite);
         }
-        let recent = self.tx.recent.take();
+        // A failed commit rolls back: the ids go back to the store as they were before it.
         self.tx.tx.commit()?;
         if let Some(head) = self.head {
             self.resolver.committed(head);
         }
-        if recent.is_some() {
-            *self.tx.committed = recent;
-        }
+        self.tx.ids.committed();
         Ok(())
     }
 }
@@ -380,13 +374,7 @@ impl WriteTx for LiteTx<'_> {
         &mut self,
         head: i64,
     ) -> Result<(&mut RecentIds, &mut dyn dedupe::IndexTx), StoreError> {
-        let recent = dedupe::in_tx(
-            &mut self.recent,
-            self.committed,
-            &mut self.tx,
-            head,
-            self.tuning,
-        )?;
+        let recent = self.ids.at(&mut self.tx, head, self.tuning)?;
         Ok((recent, &mut self.tx))
     }
 
