@@ -68,13 +68,14 @@ fn bodies(events: usize) -> Vec<Bytes> {
 async fn load(base: &str, bodies: Arc<Vec<Bytes>>, clients: usize) -> (f64, Vec<f64>, usize) {
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let turned_away = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // Built before the clock starts: a client loads its TLS roots when built.
+    let built: Vec<reqwest::Client> = (0..clients).map(|_| reqwest::Client::new()).collect();
     let t = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..clients {
+    for client in built {
         let (bodies, next, url) = (bodies.clone(), next.clone(), format!("{base}/v1/batch"));
         let turned_away = turned_away.clone();
         tasks.spawn(async move {
-            let client = reqwest::Client::new();
             let mut lat = vec![];
             loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
