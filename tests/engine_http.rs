@@ -1048,6 +1048,31 @@ async fn a_batch_turned_away_gets_its_503_on_a_connection_that_stays_open() {
     t.engine.stop().await.unwrap();
 }
 
+/// An in-memory store is refused with a reason: the feed readers would each open an empty
+/// database of their own, and a reopen after an error would forget every stored event.
+#[tokio::test]
+async fn an_in_memory_store_is_refused_with_a_reason() {
+    let result = profiles_sync::engine::start(profiles_sync::engine::EngineConfig {
+        store: "sqlite::memory:".into(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        sources: support::engine::sources(),
+        rules: Rules::default(),
+        feed_token: None,
+        queue_capacity: 8,
+        reading_capacity: 8,
+        body_timeout: std::time::Duration::from_secs(30),
+    })
+    .await;
+    let Err(e) = result else {
+        panic!("an engine started on sqlite::memory:")
+    };
+    let e = e.to_string();
+    assert!(
+        e.contains("sqlite::memory:") && e.contains("sqlite:///path/store.db"),
+        "{e}"
+    );
+}
+
 /// A client whose body stalls is answered 408 once the body timeout passes, which frees its
 /// reading permit: stalled clients cannot hold the engine's capacity (or its shutdown).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -79,6 +79,17 @@ impl RunningEngine {
 
 /// Opens the store, records the sources, and starts serving.
 pub async fn start(config: EngineConfig) -> anyhow::Result<RunningEngine> {
+    if config.store == crate::store::MEMORY_URL {
+        // The writer, the feed readers and a reopen after an error each open the store's URL:
+        // each would get a database of its own, the feeds would be empty, and a reopen would
+        // forget every event (and messageId) stored before it.
+        anyhow::bail!(
+            "--store {}: an engine needs a store its feed readers can open too; \
+             an in-memory SQLite database lives in one connection. \
+             Use a file (sqlite:///path/store.db) or PostgreSQL",
+            crate::store::MEMORY_URL
+        );
+    }
     let metrics = metrics::Metrics::new()?;
     let (url, rules, infos) = (
         config.store.clone(),

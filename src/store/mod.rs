@@ -253,6 +253,9 @@ pub trait Store: Send {
     ) -> Result<Option<i64>, StoreError>;
 }
 
+/// The URL of a store in memory, private to the connection that opens it (tests, dry runs).
+pub const MEMORY_URL: &str = "sqlite::memory:";
+
 /// Opens the store at `url` (`sqlite:///path/file.db`, `sqlite::memory:`, `postgres://...`),
 /// creating its tables when missing, with the identity `rules` used for ingest.
 pub fn open(url: &str, rules: Rules) -> Result<Box<dyn Store>, StoreError> {
@@ -262,7 +265,7 @@ pub fn open(url: &str, rules: Rules) -> Result<Box<dyn Store>, StoreError> {
             rules,
         )?));
     }
-    if url == "sqlite::memory:" {
+    if url == MEMORY_URL {
         return Ok(Box::new(SqliteStore::open_in_memory(rules)?));
     }
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
