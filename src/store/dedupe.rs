@@ -105,6 +105,8 @@ struct Bloom {
 
 /// Most bits a Bloom filter gets (64 MiB).
 const BLOOM_MAX_BITS: u64 = 1 << 29;
+/// Fewest entries a Bloom filter is sized for (128 KiB).
+const BLOOM_MIN_ENTRIES: i64 = 1 << 16;
 
 #[cfg(test)]
 thread_local! {
@@ -113,9 +115,9 @@ thread_local! {
 }
 
 impl Bloom {
-    /// An empty filter for `entries` entries.
-    fn new(entries: i64) -> Bloom {
-        let want = u64::try_from(entries.max(1 << 16))
+    /// An empty filter for `entries` entries, or `min` if more.
+    fn new(entries: i64, min: i64) -> Bloom {
+        let want = u64::try_from(entries.max(min))
             .unwrap_or(u64::MAX)
             .saturating_mul(16)
             .next_power_of_two()
@@ -139,10 +141,10 @@ impl Bloom {
     }
 
     /// The filter of the index's `entries` hashes, with room for twice as many.
-    fn of_index(tx: &mut dyn IndexTx, entries: i64) -> Result<Bloom, StoreError> {
+    fn of_index(tx: &mut dyn IndexTx, entries: i64, tuning: Tuning) -> Result<Bloom, StoreError> {
         #[cfg(test)]
         FILTER_BUILDS.with(|n| n.set(n.get() + 1));
-        let mut bloom = Bloom::new(entries.saturating_mul(2));
+        let mut bloom = Bloom::new(entries.saturating_mul(2), tuning.bloom_min());
         tx.index_hashes(&mut |h| bloom.insert(h as u64))?;
         Ok(bloom)
     }
@@ -168,6 +170,9 @@ pub(crate) struct Tuning {
     /// Hashes cut to 4 bits, so that collisions happen all the time.
     #[cfg(test)]
     pub narrow: bool,
+    /// Filters sized for 16 entries or more, so that they fill and grow every few merges.
+    #[cfg(test)]
+    pub small_filters: bool,
 }
 
 impl Default for Tuning {
@@ -176,7 +181,20 @@ impl Default for Tuning {
             merge_min: MERGE_MIN,
             #[cfg(test)]
             narrow: false,
+            #[cfg(test)]
+            small_filters: false,
         }
+    }
+}
+
+impl Tuning {
+    /// Fewest entries a filter is sized for.
+    fn bloom_min(&self) -> i64 {
+        #[cfg(test)]
+        if self.small_filters {
+            return 16;
+        }
+        BLOOM_MIN_ENTRIES
     }
 }
 
@@ -272,7 +290,7 @@ impl RecentIds {
                     indexed,
                     tail: HashMap::new(),
                     more: vec![],
-                    bloom: Bloom::of_index(tx, indexed)?,
+                    bloom: Bloom::of_index(tx, indexed, tuning)?,
                     tuning,
                     at_start: (head, indexed_through, indexed),
                     merging: false,
@@ -332,7 +350,7 @@ impl RecentIds {
 
     /// Builds the filter afresh from the index, sized for it.
     fn fill_bloom(&mut self, tx: &mut dyn IndexTx) -> Result<(), StoreError> {
-        self.bloom = Bloom::of_index(tx, self.indexed)?;
+        self.bloom = Bloom::of_index(tx, self.indexed, self.tuning)?;
         Ok(())
     }
 
@@ -588,10 +606,14 @@ mod tests {
 
         /// A store whose index merges every 40 events or more, its hashes `narrow` or not.
         fn open_with(&self, narrow: bool) -> Opened {
-            let tuning = Tuning {
+            self.open_tuned(Tuning {
                 merge_min: 40,
                 narrow,
-            };
+                small_filters: false,
+            })
+        }
+
+        fn open_tuned(&self, tuning: Tuning) -> Opened {
             match self {
                 Place::Lite(dir) => {
                     let mut s =
@@ -733,8 +755,41 @@ mod tests {
         another_writer_s_merges_reach_the_filter,
         a_write_whose_ingest_failed_is_rolled_back_by_its_commit,
         a_rolled_back_write_keeps_the_filter,
+        filters_grow_with_the_index_and_miss_nothing,
         three_writers_at_random_agree_with_a_model,
     );
+
+    /// Filters sized for 16 entries fill after a merge or two and are rebuilt larger, by the
+    /// writer that merged and by one catching up with it; neither misses a stored id after.
+    fn filters_grow_with_the_index_and_miss_nothing(kind: &str) {
+        let builds = || super::FILTER_BUILDS.with(std::cell::Cell::get);
+        let tuning = Tuning {
+            merge_min: 40,
+            narrow: false,
+            small_filters: true,
+        };
+        let place = Place::new(kind);
+        let (mut a, mut b) = (place.open_tuned(tuning), place.open_tuned(tuning));
+        let ids = |from: usize, to: usize| pages((from..to).map(|i| format!("id-{i}")));
+        b.ingest(ids(0, 1));
+        let before = builds();
+        for batch in 0..12 {
+            assert_eq!(a.ingest(ids(1 + batch * 25, 1 + (batch + 1) * 25)), (25, 0));
+        }
+        let (through, entries) = place.indexed();
+        assert!(entries > 200, "{entries} indexed");
+        assert!(
+            builds() - before >= 3,
+            "a's filter grew {} times",
+            builds() - before
+        );
+        // b catches up past its filter's room: it rebuilds it before it looks.
+        let before = builds();
+        assert_eq!(b.ingest(ids(0, 301)), (0, 301));
+        assert!(builds() > before, "b kept a filter too small for the index");
+        assert_eq!(a.ingest(ids(0, 301)), (0, 301));
+        assert_eq!(place.indexed(), (through, entries));
+    }
 
     fn poison() -> Event {
         let opts = ParseOptions::new(jiff::Timestamp::UNIX_EPOCH, "src");
@@ -781,20 +836,29 @@ mod tests {
 
     /// Three writers on one store take random steps — batches mixing new ids, stored ids and
     /// repeats; writes dropped without a commit; reopens — with narrow and with real hashes,
-    /// merging every 40 events: each batch's counts and the stored total must match a model.
+    /// with small filters, merging every 40 events: each batch's counts and the stored total
+    /// must match a model.
     fn three_writers_at_random_agree_with_a_model(kind: &str) {
         use rand::{Rng, SeedableRng};
-        for (seed, narrow) in [(1_u64, true), (2, false), (3, false)] {
+        // The third with filters that fill and grow every few merges.
+        for (seed, narrow, small_filters) in
+            [(1_u64, true, false), (2, false, false), (3, false, true)]
+        {
+            let tuning = Tuning {
+                merge_min: 40,
+                narrow,
+                small_filters,
+            };
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             let place = Place::new(kind);
-            let mut writers: Vec<Opened> = (0..3).map(|_| place.open_with(narrow)).collect();
+            let mut writers: Vec<Opened> = (0..3).map(|_| place.open_tuned(tuning)).collect();
             let mut stored: Vec<String> = vec![];
             let mut next = 0;
             for step in 0..120 {
                 let w = rng.random_range(0..writers.len());
                 let action = rng.random_range(0..10);
                 if action == 0 {
-                    writers[w] = place.open_with(narrow);
+                    writers[w] = place.open_tuned(tuning);
                     continue;
                 }
                 let mut ids: Vec<String> = vec![];
