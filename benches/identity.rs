@@ -4,7 +4,8 @@
 //! process so its peak memory is its own.
 //!
 //! `cargo bench --bench identity` (env `BENCH_PEOPLE`, default 50000: ~330k events a round,
-//! three rounds — the same people coming back — so ~1M events).
+//! three rounds — the same people coming back — so ~1M events). The `replicas` scenario has two
+//! writers on one PostgreSQL store take turns, as engine replicas do.
 
 mod common;
 // The throwaway PostgreSQL server of the tests; not every bench uses all of it.
@@ -87,10 +88,56 @@ fn persist(kind: &str) -> serde_json::Value {
     json!({"scenario": kind, "events": events, "stored": stored, "seconds": secs, "events_per_sec": events as f64 / secs, "rounds": per_round, "note": "ingest only: resolution and commits, batches of 5000"})
 }
 
+/// Two engine replicas on one PostgreSQL store: after a round through one writer, the next
+/// round's events in batches of 100, first all through that writer, then alternately through
+/// two (each write follows one by the other). Every write of the second half must first catch
+/// up with what the other writer changed.
+fn replicas() -> serde_json::Value {
+    let server = pg::PgServer::start();
+    let url = server.url(&server.create_database("bench"));
+    let mut a = store::open(&url, Rules::default()).expect("open store");
+    let mut b = store::open(&url, Rules::default()).expect("open store");
+    let mut pending = Vec::with_capacity(5000);
+    for batch in common::rounds(people(), 0) {
+        pending.extend(batch);
+        if pending.len() >= 5000 {
+            a.ingest(std::mem::take(&mut pending)).expect("ingest");
+        }
+    }
+    a.ingest(pending).expect("ingest");
+    let batches: Vec<Vec<profiles_sync::event::Event>> = common::rounds(people(), 1)
+        .flatten()
+        .take(40_000)
+        .collect::<Vec<_>>()
+        .chunks(100)
+        .map(<[_]>::to_vec)
+        .collect();
+    let (one, two) = batches.split_at(batches.len() / 2);
+    // b's first write loads the whole graph: not part of either timing.
+    b.ingest(vec![]).expect("ingest");
+    let t = Instant::now();
+    for batch in one {
+        a.ingest(batch.clone()).expect("ingest");
+    }
+    let single = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for (i, batch) in two.iter().enumerate() {
+        let writer = if i % 2 == 0 { &mut a } else { &mut b };
+        writer.ingest(batch.clone()).expect("ingest");
+    }
+    let alternating = t.elapsed().as_secs_f64();
+    let events = (one.len() * 100) as f64;
+    json!({"scenario": "replicas", "profiles": a.live_profiles(),
+           "one_writer_events_per_sec": events / single,
+           "two_writers_events_per_sec": (two.len() * 100) as f64 / alternating,
+           "note": "batches of 100 after one round; two writers alternate, each catching up with the other"})
+}
+
 fn main() {
     if let Some((name, _)) = common::scenario() {
         let result = match name.as_str() {
             "resolve" => resolve(),
+            "replicas" => replicas(),
             other => persist(other),
         };
         println!("{result}");
@@ -115,4 +162,12 @@ fn main() {
         );
         println!("  {r}");
     }
+    let r = common::run_child("replicas", &[]);
+    println!(
+        "replicas  one writer {:>8.0} events/s, two writers taking turns {:>8.0} events/s ({} profiles)",
+        r["one_writer_events_per_sec"].as_f64().unwrap_or(0.0),
+        r["two_writers_events_per_sec"].as_f64().unwrap_or(0.0),
+        r["profiles"]
+    );
+    println!("  {r}");
 }

@@ -83,6 +83,7 @@ both_stores!(
     sources_are_recorded,
     replaying_a_stream_into_a_fresh_store_gives_the_same_logs,
     current_state_tables_page_by_key_to_the_whole_state,
+    a_version_2_store_is_migrated_in_place,
 );
 
 fn segment_example_rows_land_in_seq_order(kind: &str) {
@@ -591,6 +592,80 @@ fn sqlite_new_stores_use_16k_pages_and_older_files_keep_theirs() {
     );
 }
 
+/// Turns a store's tables into those of version 2: no `updated_seq` on the state tables.
+const SQLITE_TO_VERSION_2: &str = "BEGIN;
+    DROP INDEX profiles_updated_seq; ALTER TABLE profiles DROP COLUMN updated_seq;
+    DROP INDEX identifiers_updated_seq; ALTER TABLE identifiers DROP COLUMN updated_seq;
+    PRAGMA user_version = 2;
+    COMMIT;";
+const POSTGRES_TO_VERSION_2: &str = "ALTER TABLE profiles DROP COLUMN updated_seq;
+    ALTER TABLE identifiers DROP COLUMN updated_seq;
+    DELETE FROM store_schema; INSERT INTO store_schema VALUES (2);";
+
+/// A version-2 store gains `updated_seq` in place: its rows at 0, its messageId index kept as
+/// it was (not built again), and writers after it catch up with each other from there.
+fn a_version_2_store_is_migrated_in_place(kind: &str) {
+    let (mut s, url, _keep) = fresh(kind);
+    let (before, head) = before_migration(&mut *s);
+    drop(s);
+    let count = |sql: &str| -> i64 {
+        match kind {
+            "sqlite" => {
+                let path = url.trim_start_matches("sqlite://");
+                let conn = rusqlite::Connection::open(path).unwrap();
+                conn.query_row(sql, [], |r| r.get(0)).unwrap()
+            }
+            _ => ::postgres::Client::connect(&url, ::postgres::NoTls)
+                .unwrap()
+                .query_one(sql, &[])
+                .unwrap()
+                .get(0),
+        }
+    };
+    let index = |count: &dyn Fn(&str) -> i64| {
+        (
+            count("SELECT count(*) FROM message_ids"),
+            count("SELECT indexed_through FROM message_id_index"),
+        )
+    };
+    let indexed = index(&count);
+    match kind {
+        "sqlite" => rusqlite::Connection::open(url.trim_start_matches("sqlite://"))
+            .unwrap()
+            .execute_batch(SQLITE_TO_VERSION_2)
+            .unwrap(),
+        _ => ::postgres::Client::connect(&url, ::postgres::NoTls)
+            .unwrap()
+            .batch_execute(POSTGRES_TO_VERSION_2)
+            .unwrap(),
+    }
+    let mut a = store::open(&url, Rules::default()).unwrap();
+    let mut b = store::open(&url, Rules::default()).unwrap();
+    assert_eq!(all(&mut *a, &Feed::Events(EventFilter::All)), before);
+    assert_eq!(index(&count), indexed, "the messageId index is as it was");
+    assert_eq!(a.head_seq().unwrap(), head);
+    assert_eq!(
+        count("SELECT count(*) FROM identifiers WHERE updated_seq = 0"),
+        count("SELECT count(*) FROM identifiers")
+    );
+    migrated_ids_are_still_duplicates(&mut *a);
+    // Two writers after the migration: b sees what a changed since its own write.
+    b.ingest(vec![page("b-0", "a1")]).unwrap();
+    a.ingest(vec![identify("a-0", "a1", "new@example.com")])
+        .unwrap();
+    b.ingest(vec![page("b-1", "a1")]).unwrap();
+    let rows = all(&mut *b, &Feed::Events(EventFilter::All));
+    let segment = |id: &str| {
+        rows.iter()
+            .find_map(|r| match r {
+                FeedRow::Event(e) if e.event.message_id == id => Some(e.segment_id.clone()),
+                _ => None,
+            })
+            .unwrap()
+    };
+    assert_eq!(segment("b-1"), segment("a-0"));
+}
+
 /// 150 events for a store about to be turned into a version-1 one: its events and head.
 fn before_migration(s: &mut dyn Store) -> (Vec<FeedRow>, i64) {
     let first: Vec<Event> = (0..150)
@@ -628,6 +703,7 @@ fn sqlite_a_version_1_store_is_migrated_to_the_hash_index_in_place() {
     drop(s);
     // The layout version 1 wrote: a unique index on events.message_id, no hash index.
     let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch(SQLITE_TO_VERSION_2).unwrap();
     conn.execute_batch(
         "BEGIN;
          CREATE TABLE events_v1 (seq INTEGER PRIMARY KEY, message_id TEXT NOT NULL UNIQUE, type TEXT NOT NULL,
@@ -646,7 +722,11 @@ fn sqlite_a_version_1_store_is_migrated_to_the_hash_index_in_place() {
     assert_eq!(all(&mut *s, &Feed::Events(EventFilter::All)), before);
     let conn = rusqlite::Connection::open(&path).unwrap();
     let one = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
-    assert_eq!(one("PRAGMA user_version"), 2);
+    assert_eq!(one("PRAGMA user_version"), 3);
+    assert_eq!(
+        one("SELECT count(*) FROM pragma_table_info('profiles') WHERE name = 'updated_seq'"),
+        1
+    );
     assert_eq!(
         one("SELECT count(*) FROM pragma_index_list('events') WHERE \"unique\" = 1"),
         0,
@@ -664,6 +744,7 @@ fn postgres_a_version_1_store_is_migrated_to_the_hash_index_in_place() {
     drop(s);
     // The layout version 1 wrote: a unique constraint on events.message_id, no hash index.
     let mut c = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+    c.batch_execute(POSTGRES_TO_VERSION_2).unwrap();
     c.batch_execute(
         "ALTER TABLE events ADD CONSTRAINT events_message_id_key UNIQUE (message_id);
          DROP TABLE message_ids; DROP TABLE message_id_index;
@@ -674,7 +755,13 @@ fn postgres_a_version_1_store_is_migrated_to_the_hash_index_in_place() {
     let mut s = store::open(&url, Rules::default()).unwrap();
     assert_eq!(all(&mut *s, &Feed::Events(EventFilter::All)), before);
     let mut one = |sql: &str| -> i64 { c.query_one(sql, &[]).unwrap().get(0) };
-    assert_eq!(one("SELECT max(version) FROM store_schema"), 2);
+    assert_eq!(one("SELECT max(version) FROM store_schema"), 3);
+    assert_eq!(
+        one(
+            "SELECT count(*) FROM information_schema.columns WHERE table_name = 'identifiers' AND column_name = 'updated_seq'"
+        ),
+        1
+    );
     assert_eq!(
         one(
             "SELECT count(*) FROM pg_constraint WHERE conrelid = 'events'::regclass AND contype = 'u'"

@@ -35,7 +35,7 @@ pub struct IdentityGraph {
     pub(super) profiles: Vec<Profile>,
     by_segment_id: HashMap<Arc<str>, ProfileIx>,
     pub(super) idents: Vec<IdentEntry>,
-    next_rank: u64,
+    pub(super) next_rank: u64,
     live_profiles: usize,
     dirty_profiles: Vec<ProfileIx>,
     dirty_idents: Vec<IdentIx>,
@@ -75,6 +75,33 @@ pub(super) struct IdentEntry {
     pub(super) first_seen: Timestamp,
     pub(super) last_seen: Timestamp,
     dirty: bool,
+}
+
+impl Profile {
+    /// A profile from its persisted state, canonical pointer unset, and the name of the
+    /// profile its state says it resolves to.
+    fn of(state: ProfileState) -> (Profile, String) {
+        let trait_times = state
+            .trait_times
+            .iter()
+            .filter_map(|(k, v)| {
+                let t = v.as_str().and_then(crate::event::parse_timestamp)?;
+                Some((k.clone(), t))
+            })
+            .collect();
+        let profile = Profile {
+            segment_id: Arc::from(state.segment_id.as_str()),
+            canonical: 0,
+            created_rank: state.created_rank,
+            merges: state.merges,
+            members: Vec::new(),
+            identifiers: Vec::new(),
+            traits: state.traits,
+            trait_times,
+            dirty: false,
+        };
+        (profile, state.canonical_segment_id)
+    }
 }
 
 fn ix(n: usize) -> u32 {
@@ -181,35 +208,17 @@ impl IdentityGraph {
 
         let mut canonical_names = Vec::with_capacity(profiles.len());
         for state in profiles {
-            let trait_times = state
-                .trait_times
-                .iter()
-                .filter_map(|(k, v)| {
-                    let t = v.as_str().and_then(crate::event::parse_timestamp)?;
-                    Some((k.clone(), t))
-                })
-                .collect();
-            let profile = Profile {
-                segment_id: Arc::from(state.segment_id.as_str()),
-                canonical: 0,
-                created_rank: state.created_rank,
-                merges: state.merges,
-                members: Vec::new(),
-                identifiers: Vec::new(),
-                traits: state.traits,
-                trait_times,
-                dirty: false,
-            };
-            match self.by_segment_id.get(state.segment_id.as_str()) {
+            let (profile, canonical_name) = Profile::of(state);
+            match self.by_segment_id.get(&*profile.segment_id) {
                 Some(&p) => {
                     self.profiles[p as usize] = profile;
-                    canonical_names[p as usize] = state.canonical_segment_id;
+                    canonical_names[p as usize] = canonical_name;
                 }
                 None => {
                     let p = ix(self.profiles.len());
                     self.by_segment_id.insert(profile.segment_id.clone(), p);
                     self.profiles.push(profile);
-                    canonical_names.push(state.canonical_segment_id);
+                    canonical_names.push(canonical_name);
                 }
             }
         }
@@ -250,6 +259,93 @@ impl IdentityGraph {
             .filter(|(p, prof)| prof.canonical as usize == *p)
             .count();
 
+        self.put_identifiers(identifiers);
+    }
+
+    /// Applies persisted state that changed since the graph was restored or last applied to —
+    /// what another writer stored (several engine replicas on one store) — instead of
+    /// restoring everything again. The graph is then as [`restore`](Self::restore) of the
+    /// whole state would leave it, for any state this module's resolution writes: profiles
+    /// merge whole, into a profile that stays canonical. Returns false, with the graph half
+    /// updated, on a change it cannot apply that way (a profile leaving the profile it was
+    /// merged into): the caller must then restore the whole state. Call it with nothing dirty
+    /// (after [`take_dirty`](Self::take_dirty)).
+    pub fn apply(
+        &mut self,
+        profiles: Vec<ProfileState>,
+        identifiers: Vec<IdentifierState>,
+    ) -> bool {
+        let mut repointed = Vec::with_capacity(profiles.len());
+        for state in profiles {
+            let (profile, canonical_name) = Profile::of(state);
+            self.next_rank = self.next_rank.max(profile.created_rank.saturating_add(1));
+            let p = match self.by_segment_id.get(&*profile.segment_id) {
+                Some(&p) => {
+                    let old = &mut self.profiles[p as usize];
+                    old.created_rank = profile.created_rank;
+                    old.merges = profile.merges;
+                    old.traits = profile.traits;
+                    old.trait_times = profile.trait_times;
+                    p
+                }
+                None => {
+                    let p = ix(self.profiles.len());
+                    self.by_segment_id.insert(profile.segment_id.clone(), p);
+                    self.profiles.push(Profile {
+                        canonical: p,
+                        ..profile
+                    });
+                    self.live_profiles += 1;
+                    p
+                }
+            };
+            repointed.push((p, canonical_name));
+        }
+        // Profiles that were canonical and now point elsewhere take everything merged into them
+        // along; then every profile must resolve as its row says.
+        for &(p, ref name) in &repointed {
+            let target = self.by_segment_id.get(name.as_str()).copied().unwrap_or(p);
+            let root = self.profiles[target as usize].canonical;
+            if self.profiles[p as usize].canonical == p && root != p {
+                self.absorb(root, p);
+            }
+        }
+        for (p, name) in repointed {
+            let target = self.by_segment_id.get(name.as_str()).copied().unwrap_or(p);
+            // A row naming the profile itself says it is canonical.
+            let root = if target == p {
+                p
+            } else {
+                self.profiles[target as usize].canonical
+            };
+            if self.profiles[p as usize].canonical != root {
+                return false;
+            }
+        }
+        self.put_identifiers(identifiers);
+        true
+    }
+
+    /// Makes canonical profile `b`, and every profile merged into it, resolve to canonical
+    /// profile `a`, with its identifiers (as a merge of `b` into `a`, with no rows).
+    fn absorb(&mut self, a: ProfileIx, b: ProfileIx) {
+        let members = std::mem::take(&mut self.profiles[b as usize].members);
+        let identifiers = std::mem::take(&mut self.profiles[b as usize].identifiers);
+        for &m in std::iter::once(&b).chain(members.iter()) {
+            self.profiles[m as usize].canonical = a;
+        }
+        self.live_profiles -= 1;
+        let mut a_members = std::mem::take(&mut self.profiles[a as usize].members);
+        a_members.push(b);
+        a_members.extend(members);
+        a_members.sort_unstable_by_key(|&m| (self.profiles[m as usize].created_rank, m));
+        self.profiles[a as usize].members = a_members;
+        self.profiles[a as usize].identifiers.extend(identifiers);
+    }
+
+    /// Restores or updates identifiers from persisted state; one of an unknown profile gets a
+    /// new profile (reported by the next `take_dirty`).
+    fn put_identifiers(&mut self, identifiers: Vec<IdentifierState>) {
         for state in identifiers {
             let ty = self.intern(&state.id_type);
             let profile = match self.by_segment_id.get(state.segment_id.as_str()) {
@@ -262,15 +358,17 @@ impl IdentityGraph {
             };
             if let Some(&i) = self.by_value[ty as usize].get(state.value.as_str()) {
                 let old_owner = self.owner(i);
-                self.profiles[old_owner as usize]
-                    .identifiers
-                    .retain(|&x| x != i);
+                let c = self.profiles[profile as usize].canonical;
+                if old_owner != c {
+                    self.profiles[old_owner as usize]
+                        .identifiers
+                        .retain(|&x| x != i);
+                    self.profiles[c as usize].identifiers.push(i);
+                }
                 let e = &mut self.idents[i as usize];
                 e.profile = profile;
                 e.first_seen = state.first_seen;
                 e.last_seen = state.last_seen;
-                let c = self.profiles[profile as usize].canonical;
-                self.profiles[c as usize].identifiers.push(i);
             } else {
                 let i = self.push_ident(ty, &state.value, profile, state.first_seen);
                 self.idents[i as usize].last_seen = state.last_seen;

@@ -531,6 +531,11 @@ impl Drop for TxIds<'_> {
     }
 }
 
+/// Whether the store has the index (format 2 or later).
+pub(crate) fn exists(tx: &mut dyn IndexTx) -> Result<bool, StoreError> {
+    Ok(tx.index_row()?.is_some())
+}
+
 /// Creates the index's row with a fresh random key and indexes the events already stored (a
 /// store migrated from a unique messageId index), a million at a time; `head` is the store's.
 /// Runs in the transaction that creates the tables, before any index exists.
@@ -562,7 +567,7 @@ pub(crate) fn create(tx: &mut dyn IndexTx, head: i64) -> Result<(), StoreError> 
 mod test_pg;
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use serde_json::json;
 
     use super::Tuning;
@@ -583,13 +588,13 @@ mod tests {
     }
 
     /// Where a test's store lives: an SQLite file or a PostgreSQL database.
-    enum Place {
+    pub(crate) enum Place {
         Lite(tempfile::TempDir),
         Pg(String),
     }
 
     impl Place {
-        fn new(kind: &str) -> Place {
+        pub(crate) fn new(kind: &str) -> Place {
             match kind {
                 "sqlite" => Place::Lite(tempfile::tempdir().unwrap()),
                 _ => {
@@ -605,7 +610,7 @@ mod tests {
         }
 
         /// A store whose index merges every 40 events or more, its hashes `narrow` or not.
-        fn open_with(&self, narrow: bool) -> Opened {
+        pub(crate) fn open_with(&self, narrow: bool) -> Opened {
             self.open_tuned(Tuning {
                 merge_min: 40,
                 narrow,
@@ -670,13 +675,13 @@ mod tests {
     }
 
     #[allow(clippy::large_enum_variant)] // a test's one or two stores
-    enum Opened {
+    pub(crate) enum Opened {
         Lite(SqliteStore),
         Pg(PostgresStore),
     }
 
     impl Opened {
-        fn store(&mut self) -> &mut dyn Store {
+        pub(crate) fn store(&mut self) -> &mut dyn Store {
             match self {
                 Opened::Lite(s) => s,
                 Opened::Pg(s) => s,
@@ -684,7 +689,7 @@ mod tests {
         }
 
         /// (accepted, duplicates) of one ingest.
-        fn ingest(&mut self, events: Vec<Event>) -> (usize, usize) {
+        pub(crate) fn ingest(&mut self, events: Vec<Event>) -> (usize, usize) {
             let r = self.store().ingest(events).unwrap();
             (r.accepted, r.duplicates)
         }

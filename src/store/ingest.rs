@@ -41,6 +41,8 @@ impl Resolver {
         track_names: Vec<String>,
         head: i64,
     ) {
+        #[cfg(test)]
+        RESTORES.with(|n| n.set(n.get() + 1));
         let rules = self.graph.rules().clone();
         self.graph = IdentityGraph::new(rules);
         self.graph.restore(profiles, identifiers);
@@ -53,6 +55,31 @@ impl Resolver {
         self.known_head == Some(head)
     }
 
+    /// The head the graph reflects, when it is behind `head` (another writer wrote since).
+    pub(crate) fn behind(&self, head: i64) -> Option<i64> {
+        self.known_head.filter(|&known| known < head)
+    }
+
+    /// Applies what another writer changed since the head the graph reflects, which moves it
+    /// to `head`; false (the graph then to be restored) when the changes cannot be applied.
+    pub(crate) fn apply(
+        &mut self,
+        profiles: Vec<ProfileState>,
+        identifiers: Vec<IdentifierState>,
+        track_names: Vec<String>,
+        head: i64,
+    ) -> bool {
+        #[cfg(test)]
+        CATCH_UPS.with(|n| n.set(n.get() + 1));
+        if !self.graph.apply(profiles, identifiers) {
+            self.known_head = None;
+            return false;
+        }
+        self.track_names.extend(track_names);
+        self.known_head = Some(head);
+        true
+    }
+
     /// Marks the graph as ahead of the store (call before writing; [`Resolver::committed`] after).
     pub(crate) fn begin(&mut self) {
         self.known_head = None;
@@ -62,6 +89,14 @@ impl Resolver {
     pub(crate) fn committed(&mut self, head: i64) {
         self.known_head = Some(head);
     }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests: how many times this thread's resolvers restored their whole graph.
+    pub(crate) static RESTORES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// Tests: how many times this thread's resolvers caught up with another writer's changes.
+    pub(crate) static CATCH_UPS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// Everything a resolver is rebuilt from: profiles, identifiers, Track event names.
@@ -107,14 +142,23 @@ pub(crate) fn ingest_in_tx<T: WriteTx>(
     tx: &mut T,
     resolver: &mut Resolver,
     events: &[PreparedEvent],
-    load: impl FnOnce(
-        &mut T,
-    ) -> Result<(Vec<ProfileState>, Vec<IdentifierState>, Vec<String>), StoreError>,
+    mut load: impl FnMut(&mut T, Option<i64>) -> Result<LoadedState, StoreError>,
 ) -> Result<(IngestSummary, Option<(i64, String)>), StoreError> {
     let head = tx.lock_head()?;
     if !resolver.is_current(head) {
-        let (profiles, identifiers, names) = load(tx)?;
-        resolver.restore(profiles, identifiers, names, head);
+        // Behind another writer: what it changed since is read and applied; anything else (a
+        // first write, a failed one, changes that cannot be applied) reloads everything.
+        let caught_up = match resolver.behind(head) {
+            Some(since) => {
+                let (profiles, identifiers, names) = load(tx, Some(since))?;
+                resolver.apply(profiles, identifiers, names, head)
+            }
+            None => false,
+        };
+        if !caught_up {
+            let (profiles, identifiers, names) = load(tx, None)?;
+            resolver.restore(profiles, identifiers, names, head);
+        }
     }
     resolver.begin();
 
@@ -207,4 +251,88 @@ pub(crate) fn ingest_in_tx<T: WriteTx>(
     super::drop_later((batch.id_graph, batch.mappings, batch.traits, batch.state));
     summary.head = seq;
     Ok((summary, last))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use super::{CATCH_UPS, RESTORES};
+    use crate::event::{Event, ParseOptions};
+    use crate::store::dedupe::tests::Place;
+    use crate::store::{EventFilter, Feed, FeedRow};
+
+    fn ev(v: Value) -> Event {
+        let opts = ParseOptions::new(jiff::Timestamp::UNIX_EPOCH, "src");
+        Event::from_json(&v, None, &opts).expect("valid test event")
+    }
+
+    fn page(id: &str, anon: &str) -> Event {
+        ev(json!({"type": "page", "messageId": id, "anonymousId": anon, "name": "Home"}))
+    }
+
+    fn identify(id: &str, anon: &str, email: &str) -> Event {
+        ev(
+            json!({"type": "identify", "messageId": id, "anonymousId": anon, "traits": {"email": email}}),
+        )
+    }
+
+    #[test]
+    fn sqlite_another_writer_s_changes_are_applied_not_reloaded() {
+        another_writer_s_changes_are_applied_not_reloaded("sqlite");
+    }
+
+    #[test]
+    fn postgres_another_writer_s_changes_are_applied_not_reloaded() {
+        another_writer_s_changes_are_applied_not_reloaded("postgres");
+    }
+
+    /// Two writers on one store (engine replicas) take turns: each catches up with the
+    /// profiles, identifiers and merges the other stored by reading what changed since its
+    /// own last write, not by reloading the whole graph, and resolves as if it had made them.
+    fn another_writer_s_changes_are_applied_not_reloaded(kind: &str) {
+        let count = |c: &'static std::thread::LocalKey<std::cell::Cell<usize>>| c.with(|n| n.get());
+        let place = Place::new(kind);
+        let (mut a, mut b) = (place.open_with(false), place.open_with(false));
+        // Each writer's first write loads the whole graph.
+        b.ingest(vec![page("3", "b1")]);
+        a.ingest(vec![page("1", "a3"), page("2", "a4")]);
+        let (restores, catch_ups) = (count(&RESTORES), count(&CATCH_UPS));
+        // b gives a's a3 profile an email; a then merges its a4 profile into it by that email;
+        // b then sees a4 on the merged profile.
+        b.ingest(vec![identify("4", "a3", "jo@example.com")]);
+        a.ingest(vec![identify("5", "a4", "jo@example.com")]);
+        b.ingest(vec![page("6", "a4")]);
+        assert_eq!(
+            count(&RESTORES),
+            restores,
+            "a writer reloaded its whole graph"
+        );
+        assert_eq!(count(&CATCH_UPS), catch_ups + 3);
+        let rows = b
+            .store()
+            .read_feed(&Feed::Events(EventFilter::All), 0, 100)
+            .unwrap();
+        let segment = |id: &str| {
+            rows.iter()
+                .find_map(|r| match r {
+                    FeedRow::Event(e) if e.event.message_id == id => Some(e.segment_id.clone()),
+                    _ => None,
+                })
+                .unwrap()
+        };
+        assert_eq!(segment("4"), segment("1"), "b found a's profile of a3");
+        assert_eq!(segment("5"), segment("1"), "a found b's email on it");
+        assert_eq!(segment("6"), segment("1"), "b followed a's merge");
+        // Both graphs hold what a full load of the store gives: a3/a4's profile and b1's.
+        let mut fresh = place.open_with(false);
+        let (profiles, _) = fresh.store().load_state().unwrap();
+        let live = profiles
+            .iter()
+            .filter(|p| p.segment_id == p.canonical_segment_id)
+            .count();
+        assert_eq!(live, 2);
+        assert_eq!(a.store().live_profiles(), live);
+        assert_eq!(b.store().live_profiles(), live);
+    }
 }

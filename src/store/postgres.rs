@@ -9,7 +9,7 @@ use super::codec::{
 };
 use super::dedupe::{self, Dedupe, IndexTx, RecentIds, Tuning};
 use super::ingest::{LoadedState, ResolvedBatch, ingest_in_tx};
-use super::schema::{Dialect, SCHEMA_VERSION, TRIGGER_COLUMNS, ddl};
+use super::schema::{Dialect, SCHEMA_VERSION, TRIGGER_COLUMNS, ddl, state_seq_ddl};
 use super::{
     EventFilter, Feed, FeedRow, FlatEventRow, IngestSummary, PreparedEvent, Resolver, SourceInfo,
     Store, StoreError, Trigger, WriteTx,
@@ -139,8 +139,8 @@ impl PostgresWrite<'_> {
             recent: &mut self.recent,
             tuning: store.dedupe.tuning,
         };
-        let result = ingest_in_tx(&mut tx, &mut store.resolver, events, |t| {
-            load_all(&mut *t.client.0)
+        let result = ingest_in_tx(&mut tx, &mut store.resolver, events, |t, since| {
+            load_state(&mut *t.client.0, since)
         });
         let (summary, last) = result.inspect_err(|_| self.failed = true)?;
         self.head = Some(summary.head);
@@ -244,11 +244,23 @@ fn decode_identifiers(rows: Vec<postgres::Row>) -> Result<Vec<IdentifierState>, 
 }
 
 fn load_all(tx: &mut impl postgres::GenericClient) -> Result<LoadedState, StoreError> {
-    let profiles =
-        decode_profiles(tx.query(&format!("SELECT {PROFILE_COLUMNS} FROM profiles"), &[])?)?;
+    load_state(tx, None)
+}
+
+/// The state a resolver is built from: every profile and identifier, or (`since`) those a
+/// write after that head changed; every Track event name.
+fn load_state(
+    tx: &mut impl postgres::GenericClient,
+    since: Option<i64>,
+) -> Result<LoadedState, StoreError> {
+    let after = since.unwrap_or(i64::MIN);
+    let profiles = decode_profiles(tx.query(
+        &format!("SELECT {PROFILE_COLUMNS} FROM profiles WHERE updated_seq > $1"),
+        &[&after],
+    )?)?;
     let identifiers = decode_identifiers(tx.query(
-        &format!("SELECT {IDENTIFIER_COLUMNS} FROM identifiers"),
-        &[],
+        &format!("SELECT {IDENTIFIER_COLUMNS} FROM identifiers WHERE updated_seq > $1"),
+        &[&after],
     )?)?;
     let names = tx
         .query("SELECT name FROM track_events ORDER BY name", &[])?
@@ -440,12 +452,14 @@ fn write_rows(tx: &mut Client, b: &ResolvedBatch, head: i64) -> Result<(), Store
             traits.push(json_text(&p.traits));
             times.push(json_text(&p.trait_times));
         }
+        // Each changed row is stamped with the write's head (`updated_seq`), for other writers.
         tx.execute(
-            "INSERT INTO profiles (segment_id, canonical_segment_id, created_rank, merges, traits, trait_times)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::text[])
+            "INSERT INTO profiles (segment_id, canonical_segment_id, created_rank, merges, traits, trait_times, updated_seq)
+             SELECT *, $7::bigint FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::text[])
              ON CONFLICT (segment_id) DO UPDATE SET canonical_segment_id = excluded.canonical_segment_id,
-               created_rank = excluded.created_rank, merges = excluded.merges, traits = excluded.traits, trait_times = excluded.trait_times",
-            &[&ids, &canon, &ranks, &merges, &traits, &times],
+               created_rank = excluded.created_rank, merges = excluded.merges, traits = excluded.traits, trait_times = excluded.trait_times,
+               updated_seq = excluded.updated_seq",
+            &[&ids, &canon, &ranks, &merges, &traits, &times, &head],
         )?;
     }
     if !b.state.identifiers.is_empty() {
@@ -459,10 +473,11 @@ fn write_rows(tx: &mut Client, b: &ResolvedBatch, head: i64) -> Result<(), Store
             last.push(micros(i.last_seen));
         }
         tx.execute(
-            "INSERT INTO identifiers (id_type, value, segment_id, first_seen_us, last_seen_us)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[])
-             ON CONFLICT (id_type, value) DO UPDATE SET segment_id = excluded.segment_id, last_seen_us = excluded.last_seen_us",
-            &[&types, &values, &segs, &first, &last],
+            "INSERT INTO identifiers (id_type, value, segment_id, first_seen_us, last_seen_us, updated_seq)
+             SELECT *, $6::bigint FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[])
+             ON CONFLICT (id_type, value) DO UPDATE SET segment_id = excluded.segment_id, last_seen_us = excluded.last_seen_us,
+               updated_seq = excluded.updated_seq",
+            &[&types, &values, &segs, &first, &last, &head],
         )?;
     }
     if !b.new_track_names.is_empty() {
@@ -592,10 +607,13 @@ fn create_or_migrate(client: &mut Client) -> Result<(), StoreError> {
         ))?;
     }
     tx.batch_execute(&ddl(Dialect::Postgres))?;
+    tx.batch_execute(&state_seq_ddl(Dialect::Postgres, |_| Ok(true))?)?;
     let head: i64 = tx
         .query_one("SELECT head FROM seq_counter WHERE id = 1", &[])?
         .get(0);
-    dedupe::create(&mut Pg(&mut tx), head)?;
+    if !dedupe::exists(&mut Pg(&mut tx))? {
+        dedupe::create(&mut Pg(&mut tx), head)?;
+    }
     tx.batch_execute(&format!(
         "CREATE TABLE IF NOT EXISTS store_schema (version BIGINT PRIMARY KEY);
          INSERT INTO store_schema VALUES ({SCHEMA_VERSION}) ON CONFLICT DO NOTHING;"

@@ -2,9 +2,40 @@
 //! since the Unix epoch (`*_us`), JSON documents are text.
 
 /// The version of the tables below: 2 since `events.message_id` lost its unique index to the
-/// bulk-merged hash index of [`DEDUPE_DDL`] (`store::dedupe`); a store at an older version is
+/// bulk-merged hash index of [`DEDUPE_DDL`] (`store::dedupe`); 3 since `profiles` and
+/// `identifiers` carry `updated_seq` ([`state_seq_ddl`]). A store at an older version is
 /// migrated when opened.
-pub(crate) const SCHEMA_VERSION: i64 = 2;
+pub(crate) const SCHEMA_VERSION: i64 = 3;
+
+/// The tables whose rows carry `updated_seq`: the head `seq` of the write that last changed the
+/// row, indexed, so that a writer can read what another writer (an engine replica) changed
+/// since it last wrote instead of reloading every profile and identifier.
+const STATE_SEQ_TABLES: [&str; 2] = ["profiles", "identifiers"];
+
+/// Adds `updated_seq` (0 for the rows already there) and its index to the state tables;
+/// `missing(table)` says whether a table lacks the column.
+pub(crate) fn state_seq_ddl(
+    dialect: Dialect,
+    mut missing: impl FnMut(&str) -> Result<bool, super::StoreError>,
+) -> Result<String, super::StoreError> {
+    let mut ddl = String::new();
+    for table in STATE_SEQ_TABLES {
+        if dialect == Dialect::Postgres || missing(table)? {
+            // SQLite has no ADD COLUMN IF NOT EXISTS; PostgreSQL adds it without a rewrite.
+            let if_missing = match dialect {
+                Dialect::Sqlite => "",
+                Dialect::Postgres => "IF NOT EXISTS ",
+            };
+            ddl.push_str(&format!(
+                "ALTER TABLE {table} ADD COLUMN {if_missing}updated_seq BIGINT NOT NULL DEFAULT 0;\n"
+            ));
+        }
+        ddl.push_str(&format!(
+            "CREATE INDEX IF NOT EXISTS {table}_updated_seq ON {table} (updated_seq);\n"
+        ));
+    }
+    Ok(ddl)
+}
 
 /// The dialect a DDL is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -12,7 +12,7 @@ use super::codec::{
 };
 use super::dedupe::{self, Dedupe, RecentIds, Tuning, TxIds};
 use super::ingest::{LoadedState, ResolvedBatch, ingest_in_tx};
-use super::schema::{Dialect, SCHEMA_VERSION, TRIGGER_COLUMNS, ddl, events_ddl};
+use super::schema::{Dialect, SCHEMA_VERSION, TRIGGER_COLUMNS, ddl, events_ddl, state_seq_ddl};
 use super::{
     EventFilter, Feed, FeedRow, FlatEventRow, IngestSummary, PreparedEvent, Resolver, SourceInfo,
     Store, StoreError, Trigger, WriteTx,
@@ -243,7 +243,9 @@ impl SqliteWrite<'_> {
         &mut self,
         events: &[PreparedEvent],
     ) -> Result<IngestSummary, StoreError> {
-        let result = ingest_in_tx(&mut self.tx, self.resolver, events, |t| load_all(&t.tx));
+        let result = ingest_in_tx(&mut self.tx, self.resolver, events, |t, since| {
+            load_state(&t.tx, since)
+        });
         let (summary, _) = result.inspect_err(|_| self.failed = true)?;
         self.head = Some(summary.head);
         Ok(summary)
@@ -279,17 +281,28 @@ fn raw_profile(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawProfile> {
 }
 
 fn load_all(conn: &Connection) -> Result<LoadedState, StoreError> {
-    let mut stmt = conn.prepare_cached(&format!("SELECT {PROFILE_COLUMNS} FROM profiles"))?;
+    load_state(conn, None)
+}
+
+/// The state a resolver is built from: every profile and identifier, or (`since`) those a
+/// write after that head changed; every Track event name.
+fn load_state(conn: &Connection, since: Option<i64>) -> Result<LoadedState, StoreError> {
+    let after = since.unwrap_or(i64::MIN);
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {PROFILE_COLUMNS} FROM profiles WHERE updated_seq > ?1"
+    ))?;
     let raw = stmt
-        .query_map([], raw_profile)?
+        .query_map([after], raw_profile)?
         .collect::<Result<Vec<_>, _>>()?;
     let profiles = raw
         .into_iter()
         .map(RawProfile::decode)
         .collect::<Result<Vec<_>, _>>()?;
-    let mut stmt = conn.prepare_cached(&format!("SELECT {IDENTIFIER_COLUMNS} FROM identifiers"))?;
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {IDENTIFIER_COLUMNS} FROM identifiers WHERE updated_seq > ?1"
+    ))?;
     let raw = stmt
-        .query_map([], |r| {
+        .query_map([after], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
         })?
         .collect::<Result<Vec<(String, String, String, i64, i64)>, _>>()?;
@@ -335,10 +348,21 @@ fn create_or_migrate(conn: &Connection) -> Result<(), StoreError> {
         ))?;
     }
     tx.execute_batch(&ddl(Dialect::Sqlite))?;
+    let seq_ddl = state_seq_ddl(Dialect::Sqlite, |table| {
+        let present: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM pragma_table_info(?1) WHERE name = 'updated_seq')",
+            [table],
+            |r| r.get(0),
+        )?;
+        Ok(!present)
+    })?;
+    tx.execute_batch(&seq_ddl)?;
     let head: i64 = tx.query_row("SELECT head FROM seq_counter WHERE id = 1", [], |r| {
         r.get(0)
     })?;
-    dedupe::create(&mut tx, head)?;
+    if !dedupe::exists(&mut tx)? {
+        dedupe::create(&mut tx, head)?;
+    }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     tx.commit()?;
     Ok(())
@@ -454,10 +478,11 @@ fn write_rows(
         });
         stmt.execute(params_from_iter(values)).map(|_| ())
     })?;
+    // Each changed row is stamped with the write's head (`updated_seq`), for other writers.
     let mut stmt = tx.prepare_cached(
-        "INSERT INTO profiles (segment_id, canonical_segment_id, created_rank, merges, traits, trait_times) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+        "INSERT INTO profiles (segment_id, canonical_segment_id, created_rank, merges, traits, trait_times, updated_seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
          ON CONFLICT (segment_id) DO UPDATE SET canonical_segment_id = excluded.canonical_segment_id, created_rank = excluded.created_rank,
-           merges = excluded.merges, traits = excluded.traits, trait_times = excluded.trait_times",
+           merges = excluded.merges, traits = excluded.traits, trait_times = excluded.trait_times, updated_seq = excluded.updated_seq",
     )?;
     for p in &b.state.profiles {
         stmt.execute(params![
@@ -467,11 +492,13 @@ fn write_rows(
             i64::from(p.merges),
             json_text(&p.traits),
             json_text(&p.trait_times),
+            head,
         ])?;
     }
     let mut stmt = tx.prepare_cached(
-        "INSERT INTO identifiers (id_type, value, segment_id, first_seen_us, last_seen_us) VALUES (?1, ?2, ?3, ?4, ?5)
-         ON CONFLICT (id_type, value) DO UPDATE SET segment_id = excluded.segment_id, last_seen_us = excluded.last_seen_us",
+        "INSERT INTO identifiers (id_type, value, segment_id, first_seen_us, last_seen_us, updated_seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (id_type, value) DO UPDATE SET segment_id = excluded.segment_id, last_seen_us = excluded.last_seen_us,
+           updated_seq = excluded.updated_seq",
     )?;
     for i in &b.state.identifiers {
         stmt.execute(params![
@@ -479,7 +506,8 @@ fn write_rows(
             i.value,
             i.segment_id,
             micros(i.first_seen),
-            micros(i.last_seen)
+            micros(i.last_seen),
+            head,
         ])?;
     }
     let mut stmt = tx.prepare_cached(

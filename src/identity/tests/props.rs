@@ -297,6 +297,109 @@ fn run_stream(
     Ok(())
 }
 
+/// Everything a graph holds, by name: each profile's fields, canonical profile, members and
+/// identifiers; each identifier's fields; the live count and the next creation rank.
+fn snapshot(g: &IdentityGraph) -> String {
+    let name = |p: u32| g.profiles[p as usize].segment_id.to_string();
+    let ident = |i: u32| {
+        let e = &g.idents[i as usize];
+        format!("{}:{}", g.types[e.ty as usize].name, e.value)
+    };
+    let mut profiles: Vec<String> = g
+        .profiles
+        .iter()
+        .map(|p| {
+            let mut members: Vec<String> = p.members.iter().map(|&m| name(m)).collect();
+            members.sort();
+            let mut ids: Vec<String> = p.identifiers.iter().map(|&i| ident(i)).collect();
+            ids.sort();
+            let mut times: Vec<String> =
+                p.trait_times.iter().map(|(k, t)| format!("{k}@{t}")).collect();
+            times.sort();
+            format!(
+                "{} -> {} rank {} merges {} traits {} times {times:?} members {members:?} ids {ids:?}",
+                p.segment_id,
+                name(p.canonical),
+                p.created_rank,
+                p.merges,
+                serde_json::Value::Object(p.traits.clone()),
+            )
+        })
+        .collect();
+    profiles.sort();
+    let mut idents: Vec<String> = (0..g.idents.len())
+        .map(|i| {
+            let e = &g.idents[i];
+            format!(
+                "{} of {} seen {}..{}",
+                ident(i as u32),
+                name(e.profile),
+                e.first_seen,
+                e.last_seen
+            )
+        })
+        .collect();
+    idents.sort();
+    format!(
+        "{}\n{}\nlive {} next rank {}",
+        profiles.join("\n"),
+        idents.join("\n"),
+        g.profile_count(),
+        g.next_rank
+    )
+}
+
+/// Another writer's view: a graph restored from the state persisted up to `split` follows the
+/// rest by applying what each later batch of `batch` events persisted — each row once, in its
+/// latest state, in no particular order, as a store returns the rows changed since a `seq` —
+/// and ends as a graph restored from the whole state.
+fn follow_stream(
+    rules: Rules,
+    msgs: &[Msg],
+    split: usize,
+    batch: usize,
+) -> Result<(), TestCaseError> {
+    let evs = events(msgs);
+    let split = split % (evs.len() + 1);
+    let mut g = IdentityGraph::new(rules.clone());
+    let (mut all_profiles, mut all_idents) = (Vec::new(), Vec::new());
+    let mut follower = IdentityGraph::new(rules.clone());
+    let (mut profiles, mut idents) = (HashMap::new(), HashMap::new());
+    for (n, e) in evs.iter().enumerate() {
+        let _ = g.resolve(e);
+        let delta = g.take_dirty();
+        all_profiles.extend(delta.profiles.clone());
+        all_idents.extend(delta.identifiers.clone());
+        for p in delta.profiles {
+            profiles.insert(p.segment_id.clone(), p);
+        }
+        for i in delta.identifiers {
+            idents.insert((i.id_type.clone(), i.value.clone()), i);
+        }
+        if n + 1 == split {
+            follower.restore(
+                std::mem::take(&mut profiles).into_values().collect(),
+                std::mem::take(&mut idents).into_values().collect(),
+            );
+        } else if n + 1 > split && ((n + 1 - split) % batch == 0 || n + 1 == evs.len()) {
+            prop_assert!(follower.apply(
+                std::mem::take(&mut profiles).into_values().collect(),
+                std::mem::take(&mut idents).into_values().collect(),
+            ));
+            prop_assert!(follower.take_dirty().is_empty());
+            check_invariants(&follower, false)?;
+        }
+    }
+    if split == 0 {
+        // Nothing restored: the follower applied every batch to an empty graph.
+        prop_assert!(evs.is_empty() || follower.profile_count() == g.profile_count());
+    }
+    let mut whole = IdentityGraph::new(rules);
+    whole.restore(all_profiles, all_idents);
+    prop_assert_eq!(snapshot(&follower), snapshot(&whole));
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
 
@@ -306,6 +409,17 @@ proptest! {
         split in any::<usize>(),
     ) {
         run_stream(Rules::default(), &msgs, split, true)?;
+    }
+
+    #[test]
+    fn a_follower_applying_another_writer_s_changes_ends_as_a_restore(
+        msgs in prop::collection::vec(msg(), 1..40),
+        split in any::<usize>(),
+        batch in 1usize..6,
+        tight in any::<bool>(),
+    ) {
+        let rules = if tight { tight_rules() } else { Rules::default() };
+        follow_stream(rules, &msgs, split, batch)?;
     }
 
     #[test]
