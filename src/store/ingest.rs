@@ -309,18 +309,17 @@ mod tests {
             "a writer reloaded its whole graph"
         );
         assert_eq!(count(&CATCH_UPS), catch_ups + 3);
-        let rows = b
+        let segment: std::collections::HashMap<String, String> = b
             .store()
             .read_feed(&Feed::Events(EventFilter::All), 0, 100)
-            .unwrap();
-        let segment = |id: &str| {
-            rows.iter()
-                .find_map(|r| match r {
-                    FeedRow::Event(e) if e.event.message_id == id => Some(e.segment_id.clone()),
-                    _ => None,
-                })
-                .unwrap()
-        };
+            .unwrap()
+            .into_iter()
+            .filter_map(|r| match r {
+                FeedRow::Event(e) => Some((e.event.message_id, e.segment_id)),
+                _ => None,
+            })
+            .collect();
+        let segment = |id: &str| segment[id].clone();
         assert_eq!(segment("4"), segment("1"), "b found a's profile of a3");
         assert_eq!(segment("5"), segment("1"), "a found b's email on it");
         assert_eq!(segment("6"), segment("1"), "b followed a's merge");

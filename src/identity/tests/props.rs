@@ -381,7 +381,7 @@ fn follow_stream(
                 std::mem::take(&mut profiles).into_values().collect(),
                 std::mem::take(&mut idents).into_values().collect(),
             );
-        } else if n + 1 > split && ((n + 1 - split) % batch == 0 || n + 1 == evs.len()) {
+        } else if n + 1 > split && ((n + 1 - split).is_multiple_of(batch) || n + 1 == evs.len()) {
             prop_assert!(follower.apply(
                 std::mem::take(&mut profiles).into_values().collect(),
                 std::mem::take(&mut idents).into_values().collect(),
