@@ -84,7 +84,25 @@ both_stores!(
     replaying_a_stream_into_a_fresh_store_gives_the_same_logs,
     current_state_tables_page_by_key_to_the_whole_state,
     a_version_2_store_is_migrated_in_place,
+    an_earlier_sighting_moves_an_identifier_s_first_seen_back,
 );
+
+/// An event stamped before an identifier's first sighting (a late upload from a device)
+/// moves its stored `first_seen` back (the warehouse's `user_identifiers.timestamp`): the
+/// upsert used to keep the first value it stored.
+fn an_earlier_sighting_moves_an_identifier_s_first_seen_back(kind: &str) {
+    let (mut s, _, _keep) = fresh(kind);
+    let page_at = |id: &str, ts: &str| {
+        event(json!({"type": "page", "messageId": id, "anonymousId": "late", "timestamp": ts}))
+    };
+    s.ingest(vec![page_at("p1", "2026-01-01T10:00:00Z")])
+        .unwrap();
+    s.ingest(vec![page_at("p2", "2025-12-31T08:00:00Z")])
+        .unwrap();
+    let (_, identifiers) = s.load_state().unwrap();
+    let late = identifiers.iter().find(|i| i.value == "late").unwrap();
+    assert_eq!(late.first_seen.to_string(), "2025-12-31T08:00:00Z");
+}
 
 fn segment_example_rows_land_in_seq_order(kind: &str) {
     let (mut s, _, _keep) = fresh(kind);

@@ -475,8 +475,8 @@ fn write_rows(tx: &mut Client, b: &ResolvedBatch, head: i64) -> Result<(), Store
         tx.execute(
             "INSERT INTO identifiers (id_type, value, segment_id, first_seen_us, last_seen_us, updated_seq)
              SELECT *, $6::bigint FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[])
-             ON CONFLICT (id_type, value) DO UPDATE SET segment_id = excluded.segment_id, last_seen_us = excluded.last_seen_us,
-               updated_seq = excluded.updated_seq",
+             ON CONFLICT (id_type, value) DO UPDATE SET segment_id = excluded.segment_id, first_seen_us = excluded.first_seen_us,
+               last_seen_us = excluded.last_seen_us, updated_seq = excluded.updated_seq",
             &[&types, &values, &segs, &first, &last, &head],
         )?;
     }

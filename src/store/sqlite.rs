@@ -497,8 +497,8 @@ fn write_rows(
     }
     let mut stmt = tx.prepare_cached(
         "INSERT INTO identifiers (id_type, value, segment_id, first_seen_us, last_seen_us, updated_seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-         ON CONFLICT (id_type, value) DO UPDATE SET segment_id = excluded.segment_id, last_seen_us = excluded.last_seen_us,
-           updated_seq = excluded.updated_seq",
+         ON CONFLICT (id_type, value) DO UPDATE SET segment_id = excluded.segment_id, first_seen_us = excluded.first_seen_us,
+           last_seen_us = excluded.last_seen_us, updated_seq = excluded.updated_seq",
     )?;
     for i in &b.state.identifiers {
         stmt.execute(params![
