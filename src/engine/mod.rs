@@ -101,6 +101,14 @@ pub async fn start(config: EngineConfig) -> anyhow::Result<RunningEngine> {
         for s in &infos {
             store.upsert_source(s)?;
         }
+        // Before serving, so that the first write does not load the store under its lock.
+        let started = std::time::Instant::now();
+        store.warm_up()?;
+        tracing::info!(
+            profiles = store.live_profiles(),
+            seconds = started.elapsed().as_secs_f64(),
+            "identity graph and messageId filter loaded"
+        );
         Ok(store)
     })
     .await??;

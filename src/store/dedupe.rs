@@ -111,7 +111,7 @@ const BLOOM_MIN_ENTRIES: i64 = 1 << 16;
 #[cfg(test)]
 thread_local! {
     /// Tests: how many times this thread built a filter by reading a whole index.
-    static FILTER_BUILDS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    pub(crate) static FILTER_BUILDS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 impl Bloom {

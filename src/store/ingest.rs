@@ -278,6 +278,50 @@ mod tests {
     }
 
     #[test]
+    fn sqlite_a_warmed_up_store_only_catches_up_at_its_first_write() {
+        a_warmed_up_store_only_catches_up_at_its_first_write("sqlite");
+    }
+
+    #[test]
+    fn postgres_a_warmed_up_store_only_catches_up_at_its_first_write() {
+        a_warmed_up_store_only_catches_up_at_its_first_write("postgres");
+    }
+
+    /// `warm_up` loads the graph and the messageIds without the write lock; another writer
+    /// commits after it; the warmed-up store's first write then reads only that commit's
+    /// changes — no whole graph, no whole index — and resolves and dedupes against all of it.
+    fn a_warmed_up_store_only_catches_up_at_its_first_write(kind: &str) {
+        let count = |c: &'static std::thread::LocalKey<std::cell::Cell<usize>>| c.with(|n| n.get());
+        let place = Place::new(kind);
+        let mut a = place.open_with(false);
+        // Enough events to merge the dedupe index (every 40 in these stores).
+        let pages: Vec<Event> = (0..50).map(|i| page(&format!("old-{i}"), "a1")).collect();
+        a.ingest(pages);
+        let mut b = place.open_with(false);
+        b.store().warm_up().unwrap();
+        assert_eq!(b.store().live_profiles(), 1);
+        a.ingest(vec![identify("new", "a2", "jo@example.com")]);
+        let (restores, builds, catch_ups) = (
+            count(&RESTORES),
+            count(&crate::store::dedupe::FILTER_BUILDS),
+            count(&CATCH_UPS),
+        );
+        // Stored ids (indexed, recent, and a's last) are duplicates; a2 is a's profile.
+        let again = vec![page("old-3", "a1"), page("old-49", "a1"), page("new", "a2")];
+        assert_eq!(b.ingest(again), (0, 3));
+        b.ingest(vec![page("b-1", "a2")]);
+        assert_eq!(
+            count(&RESTORES),
+            restores,
+            "the first write loaded the whole graph"
+        );
+        assert_eq!(count(&crate::store::dedupe::FILTER_BUILDS), builds);
+        assert_eq!(count(&CATCH_UPS), catch_ups + 1);
+        assert_eq!(b.store().live_profiles(), 2);
+        assert_eq!(a.store().live_profiles(), 2);
+    }
+
+    #[test]
     fn sqlite_another_writer_s_changes_are_applied_not_reloaded() {
         another_writer_s_changes_are_applied_not_reloaded("sqlite");
     }

@@ -243,8 +243,15 @@ pub trait Store: Send {
     /// How many events are stored.
     fn event_count(&mut self) -> Result<i64, StoreError>;
 
-    /// Live (not merged-away) profiles as of this handle's last ingest; 0 before its first.
+    /// Live (not merged-away) profiles as of this handle's last ingest or
+    /// [`warm_up`](Store::warm_up); 0 before either.
     fn live_profiles(&self) -> usize;
+
+    /// Loads what writes resolve against — the identity graph and the recent messageIds with
+    /// their filter — from one consistent read of the store, without the write lock, so that
+    /// the first write only catches up with what was committed since instead of loading
+    /// everything while it holds the lock. The engine calls it before it serves.
+    fn warm_up(&mut self) -> Result<(), StoreError>;
 
     /// The lowest `seq` of an event received at or after `received_at` (where a backfill window starts).
     fn event_seq_since(

@@ -800,6 +800,26 @@ impl Store for PostgresStore {
             .collect())
     }
 
+    fn warm_up(&mut self) -> Result<(), StoreError> {
+        let tuning = self.dedupe.tuning;
+        // One snapshot for every read, and no lock: other replicas keep writing meanwhile.
+        let mut tx = self
+            .client
+            .build_transaction()
+            .isolation_level(postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()?;
+        let head: i64 = tx
+            .query_one("SELECT head FROM seq_counter WHERE id = 1", &[])?
+            .get(0);
+        let (profiles, identifiers, names) = load_state(&mut tx, None)?;
+        let recent = RecentIds::at_head(None, &mut Pg(&mut tx), head, tuning)?;
+        tx.commit()?;
+        self.resolver.restore(profiles, identifiers, names, head);
+        self.dedupe.committed = Some(recent);
+        Ok(())
+    }
+
     fn live_profiles(&self) -> usize {
         self.resolver.graph().profile_count()
     }

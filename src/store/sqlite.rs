@@ -749,6 +749,23 @@ impl Store for SqliteStore {
             .collect::<Result<Vec<_>, _>>()?)
     }
 
+    fn warm_up(&mut self) -> Result<(), StoreError> {
+        let tuning = self.dedupe.tuning;
+        // A deferred transaction reads one snapshot (WAL) and takes no write lock.
+        let mut tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Deferred)?;
+        let head: i64 = tx.query_row("SELECT head FROM seq_counter WHERE id = 1", [], |r| {
+            r.get(0)
+        })?;
+        let (profiles, identifiers, names) = load_state(&tx, None)?;
+        let recent = RecentIds::at_head(None, &mut tx, head, tuning)?;
+        tx.commit()?;
+        self.resolver.restore(profiles, identifiers, names, head);
+        self.dedupe.committed = Some(recent);
+        Ok(())
+    }
+
     fn live_profiles(&self) -> usize {
         self.resolver.graph().profile_count()
     }
