@@ -182,6 +182,7 @@ async fn scenario(kind: &str) -> Value {
         })
         .await
         .expect("engine");
+        e.loaded().await;
         base = format!("http://{}", e.addr);
         engine = Some(e);
     }

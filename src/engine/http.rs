@@ -41,6 +41,8 @@ pub struct AppState {
     pub metrics: Metrics,
     /// False once shutdown started.
     pub ready: AtomicBool,
+    /// True once the writer has loaded the store (requests queue until then).
+    pub loaded: tokio::sync::watch::Receiver<bool>,
     /// How long a request's body may take to arrive (408 past it).
     pub body_timeout: std::time::Duration,
 }
@@ -478,7 +480,13 @@ async fn feed_page(
 }
 
 async fn readyz(State(state): State<Shared>) -> Response {
-    if state.ready.load(Ordering::Relaxed) {
+    if !*state.loaded.borrow() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "loading the identity graph",
+        )
+            .into_response()
+    } else if state.ready.load(Ordering::Relaxed) {
         (StatusCode::OK, "ready").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()

@@ -49,9 +49,18 @@ pub struct RunningEngine {
     shutdown: tokio::sync::watch::Sender<bool>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     writer: std::thread::JoinHandle<()>,
+    loaded: tokio::sync::watch::Receiver<bool>,
 }
 
 impl RunningEngine {
+    /// Waits until the writer has loaded the store (`/readyz` answers 200 from then on); it
+    /// serves meanwhile, queueing requests until the queue is full.
+    pub async fn loaded(&self) {
+        let mut loaded = self.loaded.clone();
+        // An error means the writer ended: nothing more to wait for.
+        let _ = loaded.wait_for(|done| *done).await;
+    }
+
     /// Stops accepting, finishes in-flight requests, drains the writer, and returns.
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.shutdown.send(true);
@@ -101,23 +110,17 @@ pub async fn start(config: EngineConfig) -> anyhow::Result<RunningEngine> {
         for s in &infos {
             store.upsert_source(s)?;
         }
-        // Before serving, so that the first write does not load the store under its lock.
-        let started = std::time::Instant::now();
-        store.warm_up()?;
-        tracing::info!(
-            profiles = store.live_profiles(),
-            seconds = started.elapsed().as_secs_f64(),
-            "identity graph and messageId filter loaded"
-        );
         Ok(store)
     })
     .await??;
+    let (loaded_tx, loaded) = tokio::sync::watch::channel(false);
     let (writer, writer_thread) = writer::Writer::spawn(
         store,
         config.store.clone(),
         config.rules.clone(),
         config.queue_capacity,
         metrics.clone(),
+        loaded_tx,
     );
     let state = Arc::new(http::AppState {
         sources: config.sources,
@@ -128,6 +131,7 @@ pub async fn start(config: EngineConfig) -> anyhow::Result<RunningEngine> {
         feed_token: config.feed_token,
         metrics,
         ready: AtomicBool::new(true),
+        loaded: loaded.clone(),
         body_timeout: config.body_timeout,
     });
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
@@ -148,5 +152,6 @@ pub async fn start(config: EngineConfig) -> anyhow::Result<RunningEngine> {
         shutdown,
         server,
         writer: writer_thread,
+        loaded,
     })
 }

@@ -37,16 +37,21 @@ impl Writer {
     /// Starts the writer thread on `store` (reopened from `url` after an error) with a queue of
     /// `capacity` requests. The thread ends once every [`Writer`] is dropped and the queue drained.
     pub fn spawn(
-        store: Box<dyn Store>,
+        mut store: Box<dyn Store>,
         url: String,
         rules: Rules,
         capacity: usize,
         metrics: Metrics,
+        loaded: tokio::sync::watch::Sender<bool>,
     ) -> (Writer, std::thread::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(capacity);
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || run(store, url, rules, rx, metrics))
+            .spawn(move || {
+                warm_up(&mut *store, &metrics);
+                loaded.send_replace(true);
+                run(store, url, rules, rx, metrics)
+            })
             .unwrap_or_else(|e| panic!("cannot start the store writer thread: {e}"));
         (Writer { tx, capacity }, handle)
     }
@@ -141,6 +146,28 @@ fn run(
             }
         }
         store::drop_later(events);
+    }
+}
+
+/// Loads the identity graph and the messageIds before the first write
+/// ([`Store::warm_up`](crate::store::Store::warm_up)); requests queue meanwhile. On an error the
+/// first write loads them instead.
+fn warm_up(store: &mut dyn Store, metrics: &Metrics) {
+    let started = Instant::now();
+    match store.warm_up() {
+        Ok(()) => {
+            metrics
+                .profiles
+                .set(i64::try_from(store.live_profiles()).unwrap_or(i64::MAX));
+            tracing::info!(
+                profiles = store.live_profiles(),
+                seconds = started.elapsed().as_secs_f64(),
+                "identity graph and messageId filter loaded"
+            );
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "loading the store before serving failed; the first write will load it")
+        }
     }
 }
 

@@ -104,6 +104,7 @@ pub async fn start_options(o: Options) -> TestEngine {
     })
     .await
     .expect("start engine");
+    engine.loaded().await;
     let base = format!("http://{}", engine.addr);
     TestEngine {
         engine,
