@@ -87,6 +87,53 @@ both_stores!(
     an_earlier_sighting_moves_an_identifier_s_first_seen_back,
 );
 
+/// An engine older than format 3, still running beside a newer one during a rolling upgrade,
+/// writes state rows without stamping them (`updated_seq` 0 on an insert, unchanged on an
+/// update). PostgreSQL stamps them past the head, so the newer writer's catch-up still reads
+/// them: it resolves to the older writer's profile instead of creating another, and keeps the
+/// traits the older writer set. (SQLite's one engine never runs beside another.)
+#[test]
+fn postgres_an_older_replica_s_rows_are_stamped_for_the_others() {
+    let (mut a, url, _keep) = fresh("postgres");
+    a.ingest(vec![page("a-0", "x1")]).unwrap();
+    let x1 = match &all(&mut *a, &Feed::Events(EventFilter::All))[0] {
+        FeedRow::Event(e) => e.segment_id.clone(),
+        other => panic!("{other:?}"),
+    };
+    // What an older engine's write leaves: a new profile with an identifier, another profile
+    // changed, the head moved.
+    let older = format!(
+        "INSERT INTO profiles (segment_id, canonical_segment_id, created_rank, merges, traits, trait_times)
+           VALUES ('use_old', 'use_old', 1000, 0, '{{\"plan\":\"old\"}}', '{{}}');
+         INSERT INTO identifiers (id_type, value, segment_id, first_seen_us, last_seen_us)
+           VALUES ('anonymous_id', 'z9', 'use_old', 0, 0);
+         UPDATE profiles SET traits = '{{\"tier\":\"gold\"}}' WHERE segment_id = '{x1}';
+         UPDATE seq_counter SET head = head + 1 WHERE id = 1;"
+    );
+    ::postgres::Client::connect(&url, ::postgres::NoTls)
+        .unwrap()
+        .batch_execute(&older)
+        .unwrap();
+    let r = a
+        .ingest(vec![
+            page("a-1", "z9"),
+            identify("a-2", "x1", "x@example.com"),
+        ])
+        .unwrap();
+    assert_eq!(r.profiles_created, 0, "z9 got a profile of its own");
+    let rows = all(&mut *a, &Feed::Events(EventFilter::All));
+    assert!(
+        rows.iter().any(
+            |r| matches!(r, FeedRow::Event(e) if e.event.message_id == "a-1" && e.segment_id == "use_old")
+        ),
+        "a-1 resolved to the older writer's profile"
+    );
+    let (profiles, _) = a.load_state().unwrap();
+    let traits = &profiles.iter().find(|p| p.segment_id == x1).unwrap().traits;
+    assert_eq!(traits.get("tier"), Some(&json!("gold")), "{traits:?}");
+    assert_eq!(traits.get("email"), Some(&json!("x@example.com")));
+}
+
 /// An event stamped before an identifier's first sighting (a late upload from a device)
 /// moves its stored `first_seen` back (the warehouse's `user_identifiers.timestamp`): the
 /// upsert used to keep the first value it stored.
@@ -616,8 +663,9 @@ const SQLITE_TO_VERSION_2: &str = "BEGIN;
     DROP INDEX identifiers_updated_seq; ALTER TABLE identifiers DROP COLUMN updated_seq;
     PRAGMA user_version = 2;
     COMMIT;";
-const POSTGRES_TO_VERSION_2: &str = "ALTER TABLE profiles DROP COLUMN updated_seq;
-    ALTER TABLE identifiers DROP COLUMN updated_seq;
+const POSTGRES_TO_VERSION_2: &str = "ALTER TABLE profiles DROP COLUMN updated_seq CASCADE;
+    ALTER TABLE identifiers DROP COLUMN updated_seq CASCADE;
+    DROP FUNCTION profiles_sync_stamp();
     DELETE FROM store_schema; INSERT INTO store_schema VALUES (2);";
 
 /// A version-2 store gains `updated_seq` in place: its rows at 0, its messageId index kept as

@@ -268,7 +268,8 @@ impl IdentityGraph {
     /// whole state would leave it, for any state this module's resolution writes: profiles
     /// merge whole, into a profile that stays canonical. Returns false, with the graph half
     /// updated, on a change it cannot apply that way (a profile leaving the profile it was
-    /// merged into): the caller must then restore the whole state. Call it with nothing dirty
+    /// merged into, an identifier of an unknown profile): the caller must then restore the
+    /// whole state. Call it with nothing dirty
     /// (after [`take_dirty`](Self::take_dirty)).
     pub fn apply(
         &mut self,
@@ -321,6 +322,15 @@ impl IdentityGraph {
             if self.profiles[p as usize].canonical != root {
                 return false;
             }
+        }
+        // An identifier of a profile neither known nor among the changes: the changes are not
+        // all there, and restore's repair (a new empty profile of that name) would overwrite
+        // the real one at the next write.
+        if identifiers
+            .iter()
+            .any(|i| !self.by_segment_id.contains_key(i.segment_id.as_str()))
+        {
+            return false;
         }
         self.put_identifiers(identifiers);
         true

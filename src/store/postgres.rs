@@ -253,13 +253,17 @@ fn load_state(
     tx: &mut impl postgres::GenericClient,
     since: Option<i64>,
 ) -> Result<LoadedState, StoreError> {
-    let after = since.unwrap_or(i64::MIN);
+    // A full load scans the tables rather than going through the `updated_seq` index.
+    let (changed, after) = match since {
+        Some(since) => ("WHERE updated_seq > $1", since),
+        None => ("WHERE $1::bigint IS NOT NULL", 0),
+    };
     let profiles = decode_profiles(tx.query(
-        &format!("SELECT {PROFILE_COLUMNS} FROM profiles WHERE updated_seq > $1"),
+        &format!("SELECT {PROFILE_COLUMNS} FROM profiles {changed}"),
         &[&after],
     )?)?;
     let identifiers = decode_identifiers(tx.query(
-        &format!("SELECT {IDENTIFIER_COLUMNS} FROM identifiers WHERE updated_seq > $1"),
+        &format!("SELECT {IDENTIFIER_COLUMNS} FROM identifiers {changed}"),
         &[&after],
     )?)?;
     let names = tx

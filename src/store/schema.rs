@@ -12,8 +12,28 @@ pub(crate) const SCHEMA_VERSION: i64 = 3;
 /// since it last wrote instead of reloading every profile and identifier.
 const STATE_SEQ_TABLES: [&str; 2] = ["profiles", "identifiers"];
 
-/// Adds `updated_seq` (0 for the rows already there) and its index to the state tables;
-/// `missing(table)` says whether a table lacks the column.
+/// PostgreSQL: stamps a row that a write did not stamp — one from an engine older than
+/// version 3 still running beside newer ones during a rolling upgrade (the chart's Deployment
+/// starts the new pod before it stops the old), or a write with no events (at a head the
+/// others know) — with the head after the current one, so that other writers still read it
+/// when they catch up. Rows a version-3 write stamped are left alone (the `WHEN`). `DROP` then
+/// `CREATE`: `CREATE OR REPLACE TRIGGER` needs version 14. SQLite has none: its one engine
+/// never runs beside another (a StatefulSet of one, replaced rather than rolled), and the
+/// triggers cost its ingest a fifth even when their `WHEN` is false.
+const POSTGRES_STAMP_TRIGGERS: &str = "
+CREATE OR REPLACE FUNCTION profiles_sync_stamp() RETURNS trigger LANGUAGE plpgsql AS
+  'BEGIN NEW.updated_seq := (SELECT head FROM seq_counter WHERE id = 1) + 1; RETURN NEW; END';
+DROP TRIGGER IF EXISTS {table}_stamp_insert ON {table};
+CREATE TRIGGER {table}_stamp_insert BEFORE INSERT ON {table} FOR EACH ROW
+  WHEN (NEW.updated_seq = 0) EXECUTE FUNCTION profiles_sync_stamp();
+DROP TRIGGER IF EXISTS {table}_stamp_update ON {table};
+CREATE TRIGGER {table}_stamp_update BEFORE UPDATE ON {table} FOR EACH ROW
+  WHEN (NEW.updated_seq = OLD.updated_seq) EXECUTE FUNCTION profiles_sync_stamp();
+";
+
+/// Adds `updated_seq` (0 for the rows already there), its index and (PostgreSQL) the triggers
+/// that stamp rows a write left unstamped to the state tables; `missing(table)` says whether a
+/// table lacks the column.
 pub(crate) fn state_seq_ddl(
     dialect: Dialect,
     mut missing: impl FnMut(&str) -> Result<bool, super::StoreError>,
@@ -33,6 +53,9 @@ pub(crate) fn state_seq_ddl(
         ddl.push_str(&format!(
             "CREATE INDEX IF NOT EXISTS {table}_updated_seq ON {table} (updated_seq);\n"
         ));
+        if dialect == Dialect::Postgres {
+            ddl.push_str(&POSTGRES_STAMP_TRIGGERS.replace("{table}", table));
+        }
     }
     Ok(ddl)
 }

@@ -401,3 +401,23 @@ fn restore_repairs_inconsistent_state() {
     // A new profile ranks after every restored one.
     assert!(delta.profiles[0].created_rank > 2);
 }
+
+#[test]
+fn apply_refuses_an_identifier_of_an_unknown_profile() {
+    // Changes that name a profile neither known nor among them are incomplete: apply says so
+    // (the caller restores everything) rather than inventing an empty profile of that name.
+    let mut g = IdentityGraph::new(Rules::default());
+    g.resolve(&ev(json!({"type": "page", "anonymousId": "a1"})))
+        .unwrap();
+    let _ = g.take_dirty();
+    let orphan = IdentifierState {
+        id_type: "anonymous_id".into(),
+        value: "z9".into(),
+        segment_id: "use_unknown".into(),
+        first_seen: at(NOW),
+        last_seen: at(NOW),
+    };
+    assert!(!g.apply(vec![], vec![orphan]));
+    assert!(g.take_dirty().is_empty());
+    assert_eq!(g.canonical("use_unknown"), None);
+}
