@@ -400,6 +400,75 @@ fn follow_stream(
     Ok(())
 }
 
+/// Two writers (engine replicas) take turns on one simulated store: before its turn, a writer
+/// whose graph is behind applies the rows the other stamped since its own last write (or
+/// restores everything on its first turn, or when they cannot be applied). Every event must
+/// resolve exactly as one writer that saw the whole stream resolves it.
+fn two_writers(rules: Rules, msgs: &[Msg], turns: &[bool]) -> Result<(), TestCaseError> {
+    let evs = events(msgs);
+    let mut reference = IdentityGraph::new(rules.clone());
+    let mut writers = [
+        IdentityGraph::new(rules.clone()),
+        IdentityGraph::new(rules.clone()),
+    ];
+    let mut known: [Option<i64>; 2] = [None, None];
+    let mut head = 0_i64;
+    // The store: each row's latest state and the head of the write that stored it.
+    let mut profiles: HashMap<String, (ProfileState, i64)> = HashMap::new();
+    let mut idents: HashMap<(String, String), (IdentifierState, i64)> = HashMap::new();
+    let mut names = HashMap::new();
+    for (n, e) in evs.iter().enumerate() {
+        let k = usize::from(turns.get(n).copied().unwrap_or(false));
+        if known[k] != Some(head) {
+            let caught_up = match known[k] {
+                Some(since) => writers[k].apply(
+                    profiles
+                        .values()
+                        .filter(|(_, s)| *s > since)
+                        .map(|(p, _)| p.clone())
+                        .collect(),
+                    idents
+                        .values()
+                        .filter(|(_, s)| *s > since)
+                        .map(|(i, _)| i.clone())
+                        .collect(),
+                ),
+                None => false,
+            };
+            if !caught_up {
+                writers[k] = IdentityGraph::new(rules.clone());
+                writers[k].restore(
+                    profiles.values().map(|(p, _)| p.clone()).collect(),
+                    idents.values().map(|(i, _)| i.clone()).collect(),
+                );
+            }
+        }
+        let expected = reference.resolve(e);
+        reference.take_dirty();
+        let got = writers[k].resolve(e);
+        let delta = writers[k].take_dirty();
+        match (&got, &expected) {
+            (Ok(got), Ok(expected)) => {
+                prop_assert_eq!(
+                    normalized(got, &mut names, expected),
+                    blank_row_ids(expected)
+                );
+                head += 1;
+            }
+            (got, expected) => prop_assert_eq!(got.clone().err(), expected.clone().err()),
+        }
+        for p in delta.profiles {
+            profiles.insert(p.segment_id.clone(), (p, head));
+        }
+        for i in delta.identifiers {
+            idents.insert((i.id_type.clone(), i.value.clone()), (i, head));
+        }
+        known[k] = Some(head);
+        check_invariants(&writers[k], false)?;
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
 
@@ -420,6 +489,16 @@ proptest! {
     ) {
         let rules = if tight { tight_rules() } else { Rules::default() };
         follow_stream(rules, &msgs, split, batch)?;
+    }
+
+    #[test]
+    fn two_writers_taking_turns_resolve_as_one(
+        msgs in prop::collection::vec(msg(), 1..40),
+        turns in prop::collection::vec(any::<bool>(), 40),
+        tight in any::<bool>(),
+    ) {
+        let rules = if tight { tight_rules() } else { Rules::default() };
+        two_writers(rules, &msgs, &turns)?;
     }
 
     #[test]
