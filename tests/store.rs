@@ -732,6 +732,62 @@ fn a_version_2_store_is_migrated_in_place(kind: &str) {
     assert_eq!(segment("b-1"), segment("a-0"));
 }
 
+/// A PostgreSQL store migrated while an older engine is in the middle of a write (a rolling
+/// upgrade): the migration waits for that write and both succeed. It used to alter the state
+/// tables one by one, taking `profiles` while waiting for `identifiers`, which the writer had
+/// read and the writer's next upsert of `profiles` then waited for: a deadlock, which
+/// PostgreSQL broke by failing one side.
+#[test]
+fn postgres_a_migration_waits_for_an_older_writer_in_flight() {
+    let (mut s, url, _keep) = fresh("postgres");
+    s.ingest(vec![page("p-0", "a1")]).unwrap();
+    drop(s);
+    let mut c = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+    c.batch_execute(POSTGRES_TO_VERSION_2).unwrap();
+    // A version-2 writer: the head locked, the identifiers read (as its graph load does).
+    let mut writer = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+    let mut w = writer.transaction().unwrap();
+    w.query_one("SELECT head FROM seq_counter WHERE id = 1 FOR UPDATE", &[])
+        .unwrap();
+    w.query_one("SELECT count(*) FROM identifiers", &[])
+        .unwrap();
+    let opening = std::thread::spawn({
+        let url = url.clone();
+        move || store::open(&url, Rules::default()).map(|_| ())
+    });
+    // Until the migration waits on a lock (or has finished: then the assertions below fail).
+    let mut tries = 0;
+    while c
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE wait_event_type = 'Lock' AND datname = current_database()",
+            &[],
+        )
+        .unwrap()
+        .get::<_, i64>(0)
+        == 0
+        && !opening.is_finished()
+    {
+        tries += 1;
+        assert!(tries < 1_000_000, "the migration never waited");
+        std::thread::yield_now();
+    }
+    // The writer goes on to the state tables and commits.
+    w.batch_execute(
+        "INSERT INTO profiles (segment_id, canonical_segment_id, created_rank, merges, traits, trait_times)
+           VALUES ('use_w', 'use_w', 99, 0, '{}', '{}');
+         UPDATE seq_counter SET head = head + 1 WHERE id = 1;",
+    )
+    .unwrap();
+    w.commit().unwrap();
+    opening.join().unwrap().unwrap();
+    let version: i64 = c
+        .query_one("SELECT max(version) FROM store_schema", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(version, 3);
+}
+
 /// 150 events for a store about to be turned into a version-1 one: its events and head.
 fn before_migration(s: &mut dyn Store) -> (Vec<FeedRow>, i64) {
     let first: Vec<Event> = (0..150)

@@ -594,6 +594,16 @@ fn create_or_migrate(client: &mut Client) -> Result<(), StoreError> {
     if version >= SCHEMA_VERSION {
         return Ok(tx.commit()?);
     }
+    // An older engine may be writing (a rolling upgrade): wait for its write to end and keep
+    // the next out by taking the head first, as every writer does. Altering the tables one by
+    // one instead could take one the writer needs while waiting for one it holds: a deadlock
+    // that PostgreSQL breaks by failing one side.
+    let existing: bool = tx
+        .query_one("SELECT to_regclass('seq_counter') IS NOT NULL", &[])?
+        .get(0);
+    if existing {
+        tx.batch_execute("LOCK TABLE seq_counter IN EXCLUSIVE MODE")?;
+    }
     // The unique constraint version 1 put on events.message_id, if any.
     let unique: Option<String> = tx
         .query_opt(
