@@ -1048,6 +1048,76 @@ async fn a_batch_turned_away_gets_its_503_on_a_connection_that_stays_open() {
     t.engine.stop().await.unwrap();
 }
 
+/// While the engine loads its store at start it serves: `/healthz` answers, `/readyz` answers
+/// 503 until the load is done (so a long load never outlasts a startup probe, and no traffic is
+/// routed to the pod meanwhile), and a request sent meanwhile waits in the queue and is stored
+/// once the load is done. The load is held up by a lock on `profiles`, as a long one would be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_says_loading_until_the_store_is_loaded() {
+    let pg = tokio::task::block_in_place(support::pg::shared);
+    let url = tokio::task::block_in_place(|| pg.url(&pg.create_database("loading")));
+    tokio::task::block_in_place(|| drop(store::open(&url, Rules::default()).unwrap()));
+    // A thread of its own holds the lock until told to let go.
+    let (locked_tx, locked) = std::sync::mpsc::channel();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let blocker = std::thread::spawn({
+        let url = url.clone();
+        move || {
+            let mut c = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+            let mut tx = c.transaction().unwrap();
+            tx.batch_execute("LOCK TABLE profiles IN ACCESS EXCLUSIVE MODE")
+                .unwrap();
+            locked_tx.send(()).unwrap();
+            released.recv().unwrap();
+            tx.commit().unwrap();
+        }
+    });
+    tokio::task::block_in_place(|| locked.recv().unwrap());
+    let engine = profiles_sync::engine::start(profiles_sync::engine::EngineConfig {
+        store: url.clone(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        sources: support::engine::sources(),
+        rules: Rules::default(),
+        feed_token: None,
+        queue_capacity: 8,
+        reading_capacity: 8,
+        body_timeout: std::time::Duration::from_secs(30),
+    })
+    .await
+    .unwrap();
+    let base = format!("http://{}", engine.addr);
+    let get = |path: &str| {
+        let url = format!("{base}{path}");
+        async move {
+            let r = client().get(url).send().await.unwrap();
+            let status = r.status();
+            (status, r.text().await.unwrap())
+        }
+    };
+    assert_eq!(get("/healthz").await.0, StatusCode::OK);
+    let (status, body) = get("/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body.contains("loading"), "{body}");
+    let pending = tokio::spawn({
+        let base = base.clone();
+        async move {
+            post(
+                &base,
+                "/v1/track",
+                &json!({"userId": "u1", "event": "Early", "messageId": "early"}),
+            )
+            .await
+        }
+    });
+    release.send(()).unwrap();
+    tokio::task::block_in_place(|| blocker.join().unwrap());
+    engine.loaded().await;
+    assert_eq!(get("/readyz").await.0, StatusCode::OK);
+    assert_eq!(pending.await.unwrap().0, StatusCode::OK);
+    tokio::task::block_in_place(|| assert_stored_exactly(&url, vec!["early".into()]));
+    engine.stop().await.unwrap();
+}
+
 /// An in-memory store is refused with a reason: the feed readers would each open an empty
 /// database of their own, and a reopen after an error would forget every stored event.
 #[tokio::test]
