@@ -302,17 +302,26 @@ impl IdentityGraph {
             };
             repointed.push((p, canonical_name));
         }
+        // Each changed profile and the one its row says it resolves to (itself when unknown),
+        // once every changed profile is in the graph.
+        let targets: Vec<(ProfileIx, ProfileIx)> = repointed
+            .into_iter()
+            .map(|(p, name)| {
+                (
+                    p,
+                    self.by_segment_id.get(name.as_str()).copied().unwrap_or(p),
+                )
+            })
+            .collect();
         // Profiles that were canonical and now point elsewhere take everything merged into them
         // along; then every profile must resolve as its row says.
-        for &(p, ref name) in &repointed {
-            let target = self.by_segment_id.get(name.as_str()).copied().unwrap_or(p);
+        for &(p, target) in &targets {
             let root = self.profiles[target as usize].canonical;
             if self.profiles[p as usize].canonical == p && root != p {
                 self.absorb(root, p);
             }
         }
-        for (p, name) in repointed {
-            let target = self.by_segment_id.get(name.as_str()).copied().unwrap_or(p);
+        for (p, target) in targets {
             // A row naming the profile itself says it is canonical.
             let root = if target == p {
                 p
@@ -337,8 +346,9 @@ impl IdentityGraph {
     }
 
     /// Makes canonical profile `b`, and every profile merged into it, resolve to canonical
-    /// profile `a`, with its identifiers (as a merge of `b` into `a`, with no rows).
-    fn absorb(&mut self, a: ProfileIx, b: ProfileIx) {
+    /// profile `a`, with its identifiers: what a merge of `b` into `a` does to the graph's
+    /// structure (resolution adds the rows, the traits and the merge count).
+    pub(super) fn absorb(&mut self, a: ProfileIx, b: ProfileIx) {
         let members = std::mem::take(&mut self.profiles[b as usize].members);
         let identifiers = std::mem::take(&mut self.profiles[b as usize].identifiers);
         for &m in std::iter::once(&b).chain(members.iter()) {
@@ -511,10 +521,6 @@ impl IdentityGraph {
             e.dirty = true;
             self.dirty_idents.push(i);
         }
-    }
-
-    pub(super) fn profile_merged_away(&mut self) {
-        self.live_profiles -= 1;
     }
 }
 

@@ -345,31 +345,25 @@ fn apply(
 fn merge_into(g: &mut IdentityGraph, a: ProfileIx, b: ProfileIx, res: &mut Resolution) -> bool {
     let a_id = g.profiles[a as usize].segment_id.to_string();
     let prof_b = &mut g.profiles[b as usize];
-    let members = std::mem::take(&mut prof_b.members);
-    let identifiers = std::mem::take(&mut prof_b.identifiers);
     let b_traits = std::mem::take(&mut prof_b.traits);
     let b_times = std::mem::take(&mut prof_b.trait_times);
     let b_merges = prof_b.merges;
     res.merged.push(prof_b.segment_id.to_string());
+    let moved: Vec<ProfileIx> = std::iter::once(b)
+        .chain(prof_b.members.iter().copied())
+        .collect();
 
-    for &m in std::iter::once(&b).chain(members.iter()) {
-        g.profiles[m as usize].canonical = a;
+    g.absorb(a, b);
+    for m in moved {
         g.mark_profile(m);
         res.id_graph_updates.push(IdGraphUpdate {
             segment_id: g.profiles[m as usize].segment_id.to_string(),
             canonical_segment_id: a_id.clone(),
         });
     }
-    g.profile_merged_away();
 
-    let mut a_members = std::mem::take(&mut g.profiles[a as usize].members);
-    a_members.push(b);
-    a_members.extend(members);
-    a_members.sort_unstable_by_key(|&m| (g.profiles[m as usize].created_rank, m));
     let prof_a = &mut g.profiles[a as usize];
-    prof_a.members = a_members;
     prof_a.merges = prof_a.merges.saturating_add(b_merges.saturating_add(1));
-    prof_a.identifiers.extend(identifiers);
     let changed = traits::merge(prof_a, b_traits, b_times);
     g.mark_profile(a);
     changed
