@@ -1073,18 +1073,9 @@ async fn readyz_says_loading_until_the_store_is_loaded() {
         }
     });
     tokio::task::block_in_place(|| locked.recv().unwrap());
-    let engine = profiles_sync::engine::start(profiles_sync::engine::EngineConfig {
-        store: url.clone(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        sources: support::engine::sources(),
-        rules: Rules::default(),
-        feed_token: None,
-        queue_capacity: 8,
-        reading_capacity: 8,
-        body_timeout: std::time::Duration::from_secs(30),
-    })
-    .await
-    .unwrap();
+    let engine = profiles_sync::engine::start(Options::default().config(url.clone()))
+        .await
+        .unwrap();
     let base = format!("http://{}", engine.addr);
     let get = |path: &str| {
         let url = format!("{base}{path}");
@@ -1122,17 +1113,8 @@ async fn readyz_says_loading_until_the_store_is_loaded() {
 /// database of their own, and a reopen after an error would forget every stored event.
 #[tokio::test]
 async fn an_in_memory_store_is_refused_with_a_reason() {
-    let result = profiles_sync::engine::start(profiles_sync::engine::EngineConfig {
-        store: "sqlite::memory:".into(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        sources: support::engine::sources(),
-        rules: Rules::default(),
-        feed_token: None,
-        queue_capacity: 8,
-        reading_capacity: 8,
-        body_timeout: std::time::Duration::from_secs(30),
-    })
-    .await;
+    let result =
+        profiles_sync::engine::start(Options::default().config("sqlite::memory:".into())).await;
     let Err(e) = result else {
         panic!("an engine started on sqlite::memory:")
     };

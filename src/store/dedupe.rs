@@ -745,12 +745,14 @@ pub(crate) mod tests {
         }
     }
 
+    /// Runs each named test function on an SQLite and on a PostgreSQL store.
     macro_rules! both {
         ($($name:ident),* $(,)?) => {
             mod sqlite { $( #[test] fn $name() { super::$name("sqlite"); } )* }
             mod postgres { $( #[test] fn $name() { super::$name("postgres"); } )* }
         };
     }
+    pub(crate) use both;
 
     both!(
         duplicates_are_found_in_memory_and_in_the_index_through_collisions,

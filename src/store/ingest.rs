@@ -259,7 +259,7 @@ mod tests {
 
     use super::{CATCH_UPS, RESTORES};
     use crate::event::{Event, ParseOptions};
-    use crate::store::dedupe::tests::Place;
+    use crate::store::dedupe::tests::{Place, both};
     use crate::store::{EventFilter, Feed, FeedRow};
 
     fn ev(v: Value) -> Event {
@@ -277,15 +277,10 @@ mod tests {
         )
     }
 
-    #[test]
-    fn sqlite_a_warmed_up_store_only_catches_up_at_its_first_write() {
-        a_warmed_up_store_only_catches_up_at_its_first_write("sqlite");
-    }
-
-    #[test]
-    fn postgres_a_warmed_up_store_only_catches_up_at_its_first_write() {
-        a_warmed_up_store_only_catches_up_at_its_first_write("postgres");
-    }
+    both!(
+        a_warmed_up_store_only_catches_up_at_its_first_write,
+        another_writer_s_changes_are_applied_not_reloaded,
+    );
 
     /// `warm_up` loads the graph and the messageIds without the write lock; another writer
     /// commits after it; the warmed-up store's first write then reads only that commit's
@@ -319,16 +314,6 @@ mod tests {
         assert_eq!(count(&CATCH_UPS), catch_ups + 1);
         assert_eq!(b.store().live_profiles(), 2);
         assert_eq!(a.store().live_profiles(), 2);
-    }
-
-    #[test]
-    fn sqlite_another_writer_s_changes_are_applied_not_reloaded() {
-        another_writer_s_changes_are_applied_not_reloaded("sqlite");
-    }
-
-    #[test]
-    fn postgres_another_writer_s_changes_are_applied_not_reloaded() {
-        another_writer_s_changes_are_applied_not_reloaded("postgres");
     }
 
     /// Two writers on one store (engine replicas) take turns: each catches up with the

@@ -85,25 +85,33 @@ impl Default for Options {
     }
 }
 
+impl Options {
+    /// The engine's configuration on the store at `store`, on a free local port.
+    pub fn config(&self, store: String) -> EngineConfig {
+        EngineConfig {
+            store,
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            sources: sources(),
+            rules: Rules::default(),
+            feed_token: self.feed_token.map(str::to_string),
+            queue_capacity: self.capacity,
+            reading_capacity: self.reading,
+            body_timeout: self.body_timeout,
+        }
+    }
+}
+
 /// Starts an engine as `o` says.
 pub async fn start_options(o: Options) -> TestEngine {
     let dir = tempfile::tempdir().expect("temp dir");
     let store_path = dir.path().join("store.db");
     let store_url = o
         .store_url
+        .clone()
         .unwrap_or_else(|| format!("sqlite://{}", store_path.display()));
-    let engine = engine::start(EngineConfig {
-        store: store_url.clone(),
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        sources: sources(),
-        rules: Rules::default(),
-        feed_token: o.feed_token.map(str::to_string),
-        queue_capacity: o.capacity,
-        reading_capacity: o.reading,
-        body_timeout: o.body_timeout,
-    })
-    .await
-    .expect("start engine");
+    let engine = engine::start(o.config(store_url.clone()))
+        .await
+        .expect("start engine");
     engine.loaded().await;
     let base = format!("http://{}", engine.addr);
     TestEngine {
