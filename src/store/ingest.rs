@@ -173,7 +173,7 @@ pub(crate) fn ingest_in_tx<T: WriteTx>(
     let mut seq = head;
     let resolving = std::time::Instant::now();
     for (index, event) in events.iter().enumerate() {
-        if seen.contains(event.message_id()) {
+        if !seen.insert(event.message_id()) {
             summary.duplicates += 1;
             continue;
         }
@@ -182,11 +182,11 @@ pub(crate) fn ingest_in_tx<T: WriteTx>(
             Err(e) => {
                 // Not stored: a later event of the batch with its messageId (a corrected copy)
                 // is not a duplicate of it.
+                seen.remove(event.message_id());
                 summary.rejected.push((index, e.to_string()));
                 continue;
             }
         };
-        seen.insert(event.message_id());
         let trigger = &event.trigger;
         summary.accepted += 1;
         summary.profiles_created += usize::from(resolution.created);
