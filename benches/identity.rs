@@ -6,6 +6,12 @@
 //! `cargo bench --bench identity` (env `BENCH_PEOPLE`, default 50000: ~330k events a round,
 //! three rounds — the same people coming back — so ~1M events). The `replicas` scenario has two
 //! writers on one PostgreSQL store take turns, as engine replicas do.
+//!
+//! `cargo bench --bench identity -- --scenario dedupe_sqlite` (or `dedupe_postgres`; env
+//! `BENCH_DEDUPE_EVENTS`, default 16M; not part of the default run, it takes minutes): how the
+//! messageId dedupe index's upkeep grows with the number of events stored. Page events of 1,000
+//! visitors with random UUID messageIds, in batches of 20,000; the ingest rate of each slice of
+//! 2M events and its slowest batch.
 
 mod common;
 // The throwaway PostgreSQL server of the tests; not every bench uses all of it.
@@ -53,16 +59,29 @@ fn resolve() -> serde_json::Value {
     json!({"scenario": "resolve", "events": events, "seconds": secs, "events_per_sec": events as f64 / secs, "rounds": per_round})
 }
 
-fn persist(kind: &str) -> serde_json::Value {
+/// A store for a scenario: an SQLite file in a temporary directory, or a database on a
+/// throwaway PostgreSQL server; both last as long as the directory and server returned.
+fn open_store(
+    sqlite: bool,
+) -> (
+    Box<dyn store::Store>,
+    tempfile::TempDir,
+    Option<pg::PgServer>,
+) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let server;
-    let url = if kind == "sqlite" {
-        format!("sqlite://{}", dir.path().join("store.db").display())
+    let (url, server) = if sqlite {
+        let url = format!("sqlite://{}", dir.path().join("store.db").display());
+        (url, None)
     } else {
-        server = pg::PgServer::start();
-        server.url(&server.create_database("bench"))
+        let server = pg::PgServer::start();
+        (server.url(&server.create_database("bench")), Some(server))
     };
-    let mut s = store::open(&url, Rules::default()).expect("open store");
+    let s = store::open(&url, Rules::default()).expect("open store");
+    (s, dir, server)
+}
+
+fn persist(kind: &str) -> serde_json::Value {
+    let (mut s, _dir, _server) = open_store(kind == "sqlite");
     let (mut events, mut per_round, mut secs) = (0u64, vec![], 0.0);
     // Only the store's ingest (resolution + commit) is timed, not generating and parsing.
     let mut ingest = |pending: Vec<profiles_sync::event::Event>| {
@@ -133,11 +152,77 @@ fn replicas() -> serde_json::Value {
            "note": "batches of 100 after one round; two writers alternate, each catching up with the other"})
 }
 
+/// The dedupe index as it grows: page events with random UUID messageIds (what the SDKs send),
+/// 1,000 visitors so that resolution stays small, in batches of 20,000. Only the ingest is
+/// timed; each slice of 2M events reports its rate and its slowest batch (a batch that merges
+/// the recent messageIds into the index commits late).
+fn dedupe(kind: &str) -> serde_json::Value {
+    let total: u64 = std::env::var("BENCH_DEDUPE_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16_000_000);
+    let (mut s, _dir, _server) = open_store(kind == "dedupe_sqlite");
+    let opts = profiles_sync::event::ParseOptions {
+        now: jiff::Timestamp::now(),
+        source_id: "bench".into(),
+        trust_received_at: true,
+    };
+    const BATCH: u64 = 20_000;
+    const SLICE: u64 = 2_000_000;
+    let (mut done, mut slices) = (0u64, vec![]);
+    let (mut slice_secs, mut slowest) = (0.0_f64, 0.0_f64);
+    while done < total {
+        let batch: Vec<profiles_sync::store::PreparedEvent> = (0..BATCH.min(total - done))
+            .map(|i| {
+                let m = json!({"type": "page", "messageId": uuid_v4(),
+                               "anonymousId": format!("visitor-{}", (done + i) % 1000), "name": "Home"});
+                let e = profiles_sync::event::Event::from_json(&m, None, &opts).expect("event");
+                profiles_sync::store::PreparedEvent::new(e)
+            })
+            .collect();
+        let n = batch.len() as u64;
+        let t = Instant::now();
+        s.ingest_prepared(&batch).expect("ingest");
+        let secs = t.elapsed().as_secs_f64();
+        slice_secs += secs;
+        slowest = slowest.max(secs);
+        done += n;
+        if done % SLICE == 0 || done == total {
+            let events = done - slices.len() as u64 * SLICE;
+            slices.push(
+                json!({"through": done, "events_per_sec": (events as f64 / slice_secs).round(),
+                               "slowest_batch_s": (slowest * 1000.0).round() / 1000.0}),
+            );
+            eprintln!("{}", slices[slices.len() - 1]);
+            (slice_secs, slowest) = (0.0, 0.0);
+        }
+    }
+    json!({"scenario": kind, "events": done, "slices": slices, "peak_rss_mib": common::peak_rss_mib(),
+           "note": "ingest only; page events of 1,000 visitors, random UUID messageIds, batches of 20,000"})
+}
+
+/// A random version-4 UUID, as the SDKs make messageIds.
+fn uuid_v4() -> String {
+    let b: [u8; 16] = rand::random();
+    let hex =
+        |r: std::ops::Range<usize>| b[r].iter().map(|x| format!("{x:02x}")).collect::<String>();
+    format!(
+        "{}-{}-4{}-{:x}{}-{}",
+        hex(0..4),
+        hex(4..6),
+        &hex(6..8)[1..],
+        8 | (b[8] & 3),
+        &hex(8..10)[2..],
+        hex(10..16)
+    )
+}
+
 fn main() {
     if let Some((name, _)) = common::scenario() {
         let result = match name.as_str() {
             "resolve" => resolve(),
             "replicas" => replicas(),
+            "dedupe_sqlite" | "dedupe_postgres" => dedupe(&name),
             other => persist(other),
         };
         println!("{result}");

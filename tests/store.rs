@@ -657,13 +657,21 @@ fn sqlite_new_stores_use_16k_pages_and_older_files_keep_theirs() {
     );
 }
 
-/// Turns a store's tables into those of version 2: no `updated_seq` on the state tables.
+/// Turns a store's tables into those of version 2: the messageId index in one table keyed by
+/// hash (as in version 3), no `updated_seq` on the state tables.
 const SQLITE_TO_VERSION_2: &str = "BEGIN;
+    CREATE TABLE message_ids (hash BIGINT NOT NULL, seq BIGINT NOT NULL, PRIMARY KEY (hash, seq)) WITHOUT ROWID;
+    INSERT INTO message_ids SELECT hash, seq FROM message_id_entries;
+    DROP TABLE message_id_entries; DROP TABLE message_id_runs;
     DROP INDEX profiles_updated_seq; ALTER TABLE profiles DROP COLUMN updated_seq;
     DROP INDEX identifiers_updated_seq; ALTER TABLE identifiers DROP COLUMN updated_seq;
     PRAGMA user_version = 2;
     COMMIT;";
-const POSTGRES_TO_VERSION_2: &str = "ALTER TABLE profiles DROP COLUMN updated_seq CASCADE;
+const POSTGRES_TO_VERSION_2: &str = "
+    CREATE TABLE message_ids (hash BIGINT NOT NULL, seq BIGINT NOT NULL, PRIMARY KEY (hash, seq));
+    INSERT INTO message_ids SELECT hash, seq FROM message_id_entries;
+    DROP TABLE message_id_entries; DROP TABLE message_id_runs;
+    ALTER TABLE profiles DROP COLUMN updated_seq CASCADE;
     ALTER TABLE identifiers DROP COLUMN updated_seq CASCADE;
     DROP FUNCTION profiles_sync_stamp();
     DELETE FROM store_schema; INSERT INTO store_schema VALUES (2);";
@@ -690,7 +698,7 @@ fn a_version_2_store_is_migrated_in_place(kind: &str) {
     };
     let index = |count: &dyn Fn(&str) -> i64| {
         (
-            count("SELECT count(*) FROM message_ids"),
+            count("SELECT count(*) FROM message_id_entries"),
             count("SELECT indexed_through FROM message_id_index"),
         )
     };
@@ -785,7 +793,7 @@ fn postgres_a_migration_waits_for_an_older_writer_in_flight() {
         .query_one("SELECT max(version) FROM store_schema", &[])
         .unwrap()
         .get(0);
-    assert_eq!(version, 3);
+    assert_eq!(version, 4);
 }
 
 /// 150 events for a store about to be turned into a version-1 one: its events and head.
@@ -844,7 +852,7 @@ fn sqlite_a_version_1_store_is_migrated_to_the_hash_index_in_place() {
     assert_eq!(all(&mut *s, &Feed::Events(EventFilter::All)), before);
     let conn = rusqlite::Connection::open(&path).unwrap();
     let one = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
-    assert_eq!(one("PRAGMA user_version"), 3);
+    assert_eq!(one("PRAGMA user_version"), 4);
     assert_eq!(
         one("SELECT count(*) FROM pragma_table_info('profiles') WHERE name = 'updated_seq'"),
         1
@@ -854,7 +862,7 @@ fn sqlite_a_version_1_store_is_migrated_to_the_hash_index_in_place() {
         0,
         "the unique messageId index is gone"
     );
-    assert_eq!(one("SELECT count(*) FROM message_ids"), 150);
+    assert_eq!(one("SELECT count(*) FROM message_id_entries"), 150);
     assert_eq!(one("SELECT indexed_through FROM message_id_index"), head);
     migrated_ids_are_still_duplicates(&mut *s);
 }
@@ -877,7 +885,7 @@ fn postgres_a_version_1_store_is_migrated_to_the_hash_index_in_place() {
     let mut s = store::open(&url, Rules::default()).unwrap();
     assert_eq!(all(&mut *s, &Feed::Events(EventFilter::All)), before);
     let mut one = |sql: &str| -> i64 { c.query_one(sql, &[]).unwrap().get(0) };
-    assert_eq!(one("SELECT max(version) FROM store_schema"), 3);
+    assert_eq!(one("SELECT max(version) FROM store_schema"), 4);
     assert_eq!(
         one(
             "SELECT count(*) FROM information_schema.columns WHERE table_name = 'identifiers' AND column_name = 'updated_seq'"
@@ -891,7 +899,7 @@ fn postgres_a_version_1_store_is_migrated_to_the_hash_index_in_place() {
         0,
         "the unique messageId constraint is gone"
     );
-    assert_eq!(one("SELECT count(*) FROM message_ids"), 150);
+    assert_eq!(one("SELECT count(*) FROM message_id_entries"), 150);
     assert_eq!(one("SELECT indexed_through FROM message_id_index"), head);
     migrated_ids_are_still_duplicates(&mut *s);
 }

@@ -5,10 +5,15 @@
 //! leaf pages of the index. SQLite's WAL then writes every page a commit touched whole (16 KiB):
 //! with such ids the engine's SQLite ingest ran at 44k–52k events/s against ~120k with
 //! sequential ones; PostgreSQL spent a third of its time on the index and its lookup. Instead:
-//! - `message_ids` maps a keyed 64-bit hash of each messageId to its event's `seq`, for the
-//!   events up to `message_id_index.indexed_through`. It is written in bulk, sorted, once enough
-//!   events have come since the last merge ([`merge_at`]), so that a leaf page is written once
-//!   per merge, not once per event;
+//! - `message_id_entries` maps a keyed 64-bit hash of each messageId to its event's `seq`, for
+//!   the events up to `message_id_index.indexed_through`. It is written in bulk, sorted, once
+//!   enough events have come since the last merge ([`merge_at`]), so that a leaf page is written
+//!   once per merge, not once per event. The entries are keyed by (run, hash, seq): a merge goes
+//!   into the newest run until that holds [`Tuning::max_run`] entries, then starts a new one
+//!   (`message_id_runs`). A merge into one index keyed by hash alone (store formats 2 and 3)
+//!   landed on nearly every leaf page once the index held ~8M entries, rewriting all of it each
+//!   time: the cost of a merge grew with the store. Now it grows with the newest run only, and a
+//!   lookup probes every run instead of one, which the filter below makes rare;
 //! - the events after `indexed_through` are held in memory by hash ([`RecentIds`]). They are
 //!   read from `events` by a store's first write, caught up with the events another writer (an
 //!   engine replica) committed since, and returned to their state before a write that was
@@ -36,11 +41,14 @@ const MERGE_MIN: usize = 65_536;
 const MERGE_MAX: usize = 1_048_576;
 /// Events indexed at a time by a migration (~16 bytes each in memory).
 const MIGRATE_CHUNK: i64 = 1_000_000;
+/// Entries of a run before merges start a new one: a merge rewrites at most the leaf pages of
+/// this many (~100 MB of index on SQLite), and a lookup of an id the filter lets through
+/// probes one run per this many events stored.
+const MAX_RUN: i64 = 4_194_304;
 
 /// How many recent events trigger a merge into an index of `indexed` entries: an eighth of it,
-/// within bounds. Up to ~8M entries a merge so writes each leaf page for about 8 new entries or
-/// more; past that (merges capped at [`MERGE_MAX`] ids held in memory) nearly every leaf page is
-/// rewritten by each merge, a cost that grows with the index.
+/// within bounds (the ids held in memory until then are capped at [`MERGE_MAX`]): a merge
+/// writes each leaf page of the newest run it lands on for several new entries.
 pub(crate) fn merge_at(indexed: i64, min: usize) -> usize {
     usize::try_from(indexed / 8)
         .unwrap_or(usize::MAX)
@@ -59,10 +67,26 @@ pub(crate) const CREATE_INDEX_ROW_SQL: &str =
 pub(crate) const EVENTS_AFTER_SQL: &str =
     "SELECT seq, message_id FROM events WHERE seq > $1 ORDER BY seq LIMIT $2";
 /// Every hash in the index.
-pub(crate) const INDEX_HASHES_SQL: &str = "SELECT hash FROM message_ids";
+pub(crate) const INDEX_HASHES_SQL: &str = "SELECT hash FROM message_id_entries";
 /// Sets the index's extent: `indexed_through` `$1`, `$2` entries.
-pub(crate) const SET_EXTENT_SQL: &str =
+const SET_EXTENT_SQL: &str =
     "UPDATE message_id_index SET indexed_through = $1, entries = $2 WHERE id = 1";
+/// The index's runs, oldest first: (run, entries).
+pub(crate) const RUNS_SQL: &str = "SELECT run, entries FROM message_id_runs ORDER BY run";
+/// Records run `$1` of `$2` entries.
+const ADD_RUN_SQL: &str = "INSERT INTO message_id_runs (run, entries) VALUES ($1, $2)";
+/// Records `$1` more entries in run `$2`.
+const GROW_RUN_SQL: &str = "UPDATE message_id_runs SET entries = entries + $1 WHERE run = $2";
+/// Format 4: the index of a store of format 2 or 3 (`message_ids`, keyed by hash alone)
+/// becomes run 0, and its table is dropped. An engine of an older format still writing to the
+/// store (a rolling upgrade) then fails any write that needs the index, instead of missing
+/// the entries of newer runs: its requests are answered with an error and retried by the
+/// clients, on the newer engines.
+pub(crate) const MOVE_LEGACY_INDEX_SQL: &str = "
+INSERT INTO message_id_entries (run, hash, seq) SELECT 0, hash, seq FROM message_ids ORDER BY hash, seq;
+INSERT INTO message_id_runs (run, entries) SELECT 0, count(*) FROM message_ids HAVING count(*) > 0;
+DROP TABLE message_ids;
+";
 
 /// What the dedupe needs of a store's open write transaction.
 pub(crate) trait IndexTx {
@@ -79,17 +103,21 @@ pub(crate) trait IndexTx {
     ) -> Result<(), StoreError>;
     /// Calls `f` with every hash in the index.
     fn index_hashes(&mut self, f: &mut dyn FnMut(i64)) -> Result<(), StoreError>;
-    /// Adds to `seqs` those the index holds under these hashes.
-    fn probe(&mut self, hashes: &[i64], seqs: &mut Vec<i64>) -> Result<(), StoreError>;
+    /// The index's runs, oldest first: (run, entries) ([`RUNS_SQL`]).
+    fn runs(&mut self) -> Result<Vec<(i64, i64)>, StoreError>;
+    /// Adds to `seqs` those the index holds under these hashes in these runs.
+    fn probe(
+        &mut self,
+        hashes: &[i64],
+        runs: &[i64],
+        seqs: &mut Vec<i64>,
+    ) -> Result<(), StoreError>;
     /// Calls `f` with the messageId of each event at these seqs.
     fn ids_at(&mut self, seqs: &[i64], f: &mut dyn FnMut(String)) -> Result<(), StoreError>;
-    /// Adds entries `(hash, seq)`, sorted, and records the index's new extent.
-    fn add_entries(
-        &mut self,
-        sorted: &[(i64, i64)],
-        indexed_through: i64,
-        entries: i64,
-    ) -> Result<(), StoreError>;
+    /// Adds entries `(hash, seq)`, sorted, to run `run`.
+    fn add_entries(&mut self, run: i64, sorted: &[(i64, i64)]) -> Result<(), StoreError>;
+    /// Runs one of the statements above with these parameters.
+    fn exec(&mut self, sql: &str, params: &[i64]) -> Result<(), StoreError>;
 }
 
 /// The hashes in the index, as a Bloom filter: a lookup probes the index only for the ids whose
@@ -167,6 +195,8 @@ impl Bloom {
 pub(crate) struct Tuning {
     /// Fewest recent events to merge at once.
     pub merge_min: usize,
+    /// Entries of a run before merges start a new one.
+    pub max_run: i64,
     /// Hashes cut to 4 bits, so that collisions happen all the time.
     #[cfg(test)]
     pub narrow: bool,
@@ -179,6 +209,7 @@ impl Default for Tuning {
     fn default() -> Self {
         Tuning {
             merge_min: MERGE_MIN,
+            max_run: MAX_RUN,
             #[cfg(test)]
             narrow: false,
             #[cfg(test)]
@@ -226,6 +257,8 @@ pub(crate) struct RecentIds {
     indexed_through: i64,
     /// Entries in the index.
     indexed: i64,
+    /// The index's runs, oldest first: (run, entries).
+    runs: Vec<(i64, i64)>,
     /// Recent events: hash → seq.
     tail: HashMap<u64, i64>,
     /// Recent events whose hash was already in `tail` (a collision).
@@ -233,9 +266,9 @@ pub(crate) struct RecentIds {
     /// The index's hashes.
     bloom: Bloom,
     tuning: Tuning,
-    /// `head`, `indexed_through` and `indexed` when the current write transaction took these:
-    /// what a rollback returns to ([`RecentIds::rolled_back`]).
-    at_start: (i64, i64, i64),
+    /// `head`, `indexed_through`, `indexed` and the runs when the current write transaction
+    /// took these: what a rollback returns to ([`RecentIds::rolled_back`]).
+    at_start: (i64, i64, i64, Vec<(i64, i64)>),
     /// Whether the current write transaction began a merge (which takes the recent events out
     /// of memory).
     merging: bool,
@@ -275,6 +308,7 @@ impl RecentIds {
                 }
                 r.indexed_through = indexed_through;
                 r.indexed = indexed;
+                r.runs = tx.runs()?;
                 let after = r.head;
                 r.read_events(tx, after)?;
                 if r.indexed > r.bloom.capacity {
@@ -288,11 +322,12 @@ impl RecentIds {
                     hasher: SipHasher13::new_with_keys(key0 as u64, key1 as u64),
                     indexed_through,
                     indexed,
+                    runs: tx.runs()?,
                     tail: HashMap::new(),
                     more: vec![],
                     bloom: Bloom::of_index(tx, indexed, tuning)?,
                     tuning,
-                    at_start: (head, indexed_through, indexed),
+                    at_start: (head, indexed_through, indexed, vec![]),
                     merging: false,
                 };
                 r.read_events(tx, indexed_through)?;
@@ -305,7 +340,12 @@ impl RecentIds {
 
     /// Marks the start of a write transaction.
     fn began(&mut self) {
-        self.at_start = (self.head, self.indexed_through, self.indexed);
+        self.at_start = (
+            self.head,
+            self.indexed_through,
+            self.indexed,
+            self.runs.clone(),
+        );
         self.merging = false;
     }
 
@@ -317,7 +357,7 @@ impl RecentIds {
     /// whole index. Also right when the transaction did land after all (a commit whose outcome
     /// was unknown): its events are read back as another writer's would be.
     pub fn rolled_back(mut self) -> RecentIds {
-        let (head, indexed_through, indexed) = self.at_start;
+        let (head, indexed_through, indexed, runs) = std::mem::take(&mut self.at_start);
         if self.merging {
             self.tail.clear();
             self.more.clear();
@@ -329,6 +369,7 @@ impl RecentIds {
         }
         self.indexed_through = indexed_through;
         self.indexed = indexed;
+        self.runs = runs;
         self.merging = false;
         self
     }
@@ -409,8 +450,9 @@ impl RecentIds {
                 probes.push(h as i64);
             }
         }
-        if !probes.is_empty() {
-            tx.probe(&probes, &mut candidates)?;
+        if !probes.is_empty() && !self.runs.is_empty() {
+            let runs: Vec<i64> = self.runs.iter().map(|&(run, _)| run).collect();
+            tx.probe(&probes, &runs, &mut candidates)?;
         }
         let mut found = HashSet::new();
         if candidates.is_empty() {
@@ -458,7 +500,8 @@ impl RecentIds {
             .collect();
         all.sort_unstable();
         let added = i64::try_from(all.len()).unwrap_or(i64::MAX);
-        tx.add_entries(&all, self.head, self.indexed + added)?;
+        add_to_runs(tx, &mut self.runs, &all, self.tuning.max_run)?;
+        tx.exec(SET_EXTENT_SQL, &[self.head, self.indexed + added])?;
         self.indexed_through = self.head;
         self.indexed += added;
         if self.indexed > self.bloom.capacity {
@@ -470,6 +513,34 @@ impl RecentIds {
         }
         Ok(())
     }
+}
+
+/// Adds `sorted` entries to the index: to its newest run while that holds fewer than `max_run`
+/// entries, else as a new run after `runs` (the index's, oldest first); `runs` follows.
+fn add_to_runs(
+    tx: &mut dyn IndexTx,
+    runs: &mut Vec<(i64, i64)>,
+    sorted: &[(i64, i64)],
+    max_run: i64,
+) -> Result<(), StoreError> {
+    if sorted.is_empty() {
+        return Ok(());
+    }
+    let entries = i64::try_from(sorted.len()).unwrap_or(i64::MAX);
+    match runs.last_mut() {
+        Some((run, held)) if *held < max_run => {
+            tx.add_entries(*run, sorted)?;
+            tx.exec(GROW_RUN_SQL, &[entries, *run])?;
+            *held += entries;
+        }
+        last => {
+            let run = last.map_or(1, |&mut (run, _)| run + 1);
+            tx.add_entries(run, sorted)?;
+            tx.exec(ADD_RUN_SQL, &[run, entries])?;
+            runs.push((run, entries));
+        }
+    }
+    Ok(())
 }
 
 /// A write transaction's recent messageIds as of `head`, the head it locked: its own (`own`),
@@ -543,6 +614,7 @@ pub(crate) fn create(tx: &mut dyn IndexTx, head: i64) -> Result<(), StoreError> 
     tx.create_index_row(rand::random(), rand::random())?;
     let [key0, key1, _, mut entries] = tx.index_row()?.ok_or_else(missing_row)?;
     let hasher = SipHasher13::new_with_keys(key0 as u64, key1 as u64);
+    let mut runs = tx.runs()?;
     let mut after = 0_i64;
     loop {
         let mut chunk: Vec<(i64, i64)> = vec![];
@@ -555,9 +627,9 @@ pub(crate) fn create(tx: &mut dyn IndexTx, head: i64) -> Result<(), StoreError> 
         }
         chunk.sort_unstable();
         entries += i64::try_from(chunk.len()).unwrap_or(i64::MAX);
-        tx.add_entries(&chunk, after, entries)?;
+        add_to_runs(tx, &mut runs, &chunk, MAX_RUN)?;
     }
-    tx.add_entries(&[], head, entries)
+    tx.exec(SET_EXTENT_SQL, &[head, entries])
 }
 
 // The tests' throwaway PostgreSQL server (`tests/support`).
@@ -613,6 +685,7 @@ pub(crate) mod tests {
         pub(crate) fn open_with(&self, narrow: bool) -> Opened {
             self.open_tuned(Tuning {
                 merge_min: 40,
+                max_run: 200,
                 narrow,
                 small_filters: false,
             })
@@ -653,11 +726,56 @@ pub(crate) mod tests {
             }
         }
 
+        /// Runs `sql` (statements without results) on a connection of its own.
+        fn raw(&self, sql: &str) {
+            match self {
+                Place::Lite(dir) => rusqlite::Connection::open(dir.path().join("s.db"))
+                    .unwrap()
+                    .execute_batch(sql)
+                    .unwrap(),
+                Place::Pg(url) => ::postgres::Client::connect(url, ::postgres::NoTls)
+                    .unwrap()
+                    .batch_execute(sql)
+                    .unwrap(),
+            }
+        }
+
+        /// Rows of two integers.
+        fn pairs(&self, sql: &str) -> Vec<(i64, i64)> {
+            match self {
+                Place::Lite(dir) => {
+                    let conn = rusqlite::Connection::open(dir.path().join("s.db")).unwrap();
+                    let mut stmt = conn.prepare(sql).unwrap();
+                    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                        .unwrap()
+                        .map(Result::unwrap)
+                        .collect()
+                }
+                Place::Pg(url) => ::postgres::Client::connect(url, ::postgres::NoTls)
+                    .unwrap()
+                    .query(sql, &[])
+                    .unwrap()
+                    .iter()
+                    .map(|r| (r.get(0), r.get(1)))
+                    .collect(),
+            }
+        }
+
+        /// The runs as recorded, and as counted in the index's rows: (run, entries), oldest first.
+        fn runs(&self) -> (Runs, Runs) {
+            (
+                self.pairs(super::RUNS_SQL),
+                self.pairs(
+                    "SELECT run, count(*) FROM message_id_entries GROUP BY run ORDER BY run",
+                ),
+            )
+        }
+
         /// The index's `indexed_through` and its number of rows.
         fn indexed(&self) -> (i64, i64) {
             let (through, rows) = (
                 "SELECT indexed_through FROM message_id_index",
-                "SELECT count(*) FROM message_ids",
+                "SELECT count(*) FROM message_id_entries",
             );
             match self {
                 Place::Lite(dir) => {
@@ -673,6 +791,9 @@ pub(crate) mod tests {
             }
         }
     }
+
+    /// An index's runs: (run, entries), oldest first.
+    type Runs = Vec<(i64, i64)>;
 
     #[allow(clippy::large_enum_variant)] // a test's one or two stores
     pub(crate) enum Opened {
@@ -764,7 +885,76 @@ pub(crate) mod tests {
         a_rolled_back_write_keeps_the_filter,
         filters_grow_with_the_index_and_miss_nothing,
         three_writers_at_random_agree_with_a_model,
+        merges_fill_runs_and_every_run_is_probed,
+        a_version_3_index_becomes_the_first_run,
     );
+
+    /// Merges fill the newest run until it holds `max_run` entries (200 here), then start
+    /// another. Every run is probed: each stored id is found again, whichever run holds it.
+    fn merges_fill_runs_and_every_run_is_probed(kind: &str) {
+        let place = Place::new(kind);
+        let mut s = place.open_with(false);
+        for batch in 0..24 {
+            let ids = (0..41).map(|i| format!("id-{batch}-{i}"));
+            assert_eq!(s.ingest(pages(ids)), (41, 0));
+            let (recorded, counted) = place.runs();
+            assert_eq!(recorded, counted, "after batch {batch}");
+            // Every run but the newest is full: it took merges until it held 200 or more.
+            if let Some((_, full)) = recorded.split_last() {
+                assert!(full.iter().all(|&(_, n)| n >= 200), "{recorded:?}");
+            }
+            let total: i64 = recorded.iter().map(|&(_, n)| n).sum();
+            assert_eq!(place.indexed().1, total);
+        }
+        let (runs, _) = place.runs();
+        assert!(runs.len() >= 3, "{runs:?}");
+        // A fresh writer (its filter read from the index) finds every id, in whichever run.
+        let mut fresh = place.open_with(false);
+        let again = (0..24).flat_map(|b| (0..41).map(move |i| format!("id-{b}-{i}")));
+        assert_eq!(
+            fresh.ingest(pages(again.chain(["new".into()]))),
+            (1, 24 * 41)
+        );
+    }
+
+    /// A store of version 2 or 3 keeps its messageId index in `message_ids`, keyed by hash:
+    /// opened, its entries become run 0 and the table is gone (so that an older engine still
+    /// running fails the writes that need the index rather than miss newer runs); its ids are
+    /// still found, and merges go on into run 0.
+    fn a_version_3_index_becomes_the_first_run(kind: &str) {
+        let place = Place::new(kind);
+        let mut s = place.open_with(false);
+        assert_eq!(
+            s.ingest(pages((0..45).map(|i| format!("old-{i}")))),
+            (45, 0)
+        );
+        drop(s);
+        assert_eq!(place.indexed().1, 45);
+        let (without_rowid, version) = match kind {
+            "sqlite" => (" WITHOUT ROWID", "PRAGMA user_version = 3;"),
+            _ => (
+                "",
+                "DELETE FROM store_schema; INSERT INTO store_schema VALUES (3);",
+            ),
+        };
+        place.raw(&format!(
+            "CREATE TABLE message_ids (hash BIGINT NOT NULL, seq BIGINT NOT NULL, PRIMARY KEY (hash, seq)){without_rowid};
+             INSERT INTO message_ids SELECT hash, seq FROM message_id_entries;
+             DROP TABLE message_id_entries; DROP TABLE message_id_runs; {version}"
+        ));
+        let mut s = place.open_with(false);
+        assert_eq!(place.runs(), (vec![(0, 45)], vec![(0, 45)]));
+        let legacy = match kind {
+            "sqlite" => "SELECT count(*), 0 FROM sqlite_master WHERE name = 'message_ids'",
+            _ => "SELECT count(*), 0::bigint FROM pg_class WHERE relname = 'message_ids'",
+        };
+        assert_eq!(place.pairs(legacy), vec![(0, 0)]);
+        let again = (0..45).map(|i| format!("old-{i}"));
+        let new = (0..41).map(|i| format!("new-{i}"));
+        assert_eq!(s.ingest(pages(again.chain(new))), (41, 45));
+        // The 41 new ones merged into run 0, which held fewer than 200.
+        assert_eq!(place.runs().0, vec![(0, 86)]);
+    }
 
     /// Filters sized for 16 entries fill after a merge or two and are rebuilt larger, by the
     /// writer that merged and by one catching up with it; neither misses a stored id after.
@@ -772,6 +962,7 @@ pub(crate) mod tests {
         let builds = || super::FILTER_BUILDS.with(std::cell::Cell::get);
         let tuning = Tuning {
             merge_min: 40,
+            max_run: 200,
             narrow: false,
             small_filters: true,
         };
@@ -839,6 +1030,10 @@ pub(crate) mod tests {
         let head = s.store().head_seq().unwrap();
         assert_eq!(place.indexed(), (head, 140));
         assert_eq!(builds(), before);
+        // Nor a run: the runs the rolled-back merges added left memory with them.
+        let (recorded, counted) = place.runs();
+        assert_eq!(recorded, counted);
+        assert_eq!(recorded.iter().map(|&(_, n)| n).sum::<i64>(), 140);
     }
 
     /// Three writers on one store take random steps — batches mixing new ids, stored ids and
@@ -853,6 +1048,7 @@ pub(crate) mod tests {
         {
             let tuning = Tuning {
                 merge_min: 40,
+                max_run: 200,
                 narrow,
                 small_filters,
             };
@@ -901,6 +1097,11 @@ pub(crate) mod tests {
             }
             let count = writers[0].store().event_count().unwrap();
             assert_eq!(count, i64::try_from(stored.len()).unwrap(), "seed {seed}");
+            let (recorded, counted) = place.runs();
+            assert_eq!(
+                recorded, counted,
+                "seed {seed}: the runs as recorded and as stored"
+            );
         }
     }
 

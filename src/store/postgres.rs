@@ -536,10 +536,21 @@ impl<C: postgres::GenericClient> IndexTx for Pg<'_, C> {
         Ok(())
     }
 
-    fn probe(&mut self, hashes: &[i64], seqs: &mut Vec<i64>) -> Result<(), StoreError> {
+    fn runs(&mut self) -> Result<Vec<(i64, i64)>, StoreError> {
+        let rows = self.0.query(dedupe::RUNS_SQL, &[])?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    fn probe(
+        &mut self,
+        hashes: &[i64],
+        runs: &[i64],
+        seqs: &mut Vec<i64>,
+    ) -> Result<(), StoreError> {
+        // Both lists: the runs lead the index's key.
         let rows = self.0.query(
-            "SELECT seq FROM message_ids WHERE hash = ANY($1)",
-            &[&hashes],
+            "SELECT seq FROM message_id_entries WHERE run = ANY($1) AND hash = ANY($2)",
+            &[&runs, &hashes],
         )?;
         seqs.extend(rows.iter().map(|r| r.get::<_, i64>(0)));
         Ok(())
@@ -555,21 +566,22 @@ impl<C: postgres::GenericClient> IndexTx for Pg<'_, C> {
         Ok(())
     }
 
-    fn add_entries(
-        &mut self,
-        sorted: &[(i64, i64)],
-        indexed_through: i64,
-        entries: i64,
-    ) -> Result<(), StoreError> {
-        if !sorted.is_empty() {
-            let (hashes, seqs): (Vec<i64>, Vec<i64>) = sorted.iter().copied().unzip();
-            self.0.execute(
-                "INSERT INTO message_ids (hash, seq) SELECT * FROM unnest($1::bigint[], $2::bigint[])",
-                &[&hashes, &seqs],
-            )?;
-        }
-        self.0
-            .execute(dedupe::SET_EXTENT_SQL, &[&indexed_through, &entries])?;
+    fn add_entries(&mut self, run: i64, sorted: &[(i64, i64)]) -> Result<(), StoreError> {
+        let (hashes, seqs): (Vec<i64>, Vec<i64>) = sorted.iter().copied().unzip();
+        self.0.execute(
+            "INSERT INTO message_id_entries (run, hash, seq)
+             SELECT $1::bigint, * FROM unnest($2::bigint[], $3::bigint[])",
+            &[&run, &hashes, &seqs],
+        )?;
+        Ok(())
+    }
+
+    fn exec(&mut self, sql: &str, params: &[i64]) -> Result<(), StoreError> {
+        let params: Vec<&(dyn postgres::types::ToSql + Sync)> = params
+            .iter()
+            .map(|p| p as &(dyn postgres::types::ToSql + Sync))
+            .collect();
+        self.0.execute(sql, &params)?;
         Ok(())
     }
 }
@@ -578,7 +590,9 @@ impl<C: postgres::GenericClient> IndexTx for Pg<'_, C> {
 /// transaction under an advisory lock (several replicas may start at once).
 ///
 /// Version 1 kept messageIds unique with a constraint on `events`; version 2 drops it and
-/// indexes the stored events in `message_ids` instead (`store::dedupe`).
+/// indexes the stored events in `message_ids` instead (`store::dedupe`), which version 4 moves
+/// into the first run of `message_id_entries` (an engine of version 3 or older still running
+/// then fails the writes that need the index, and its clients retry).
 fn create_or_migrate(client: &mut Client) -> Result<(), StoreError> {
     let mut tx = client.transaction()?;
     tx.execute("SELECT pg_advisory_xact_lock(7346501)", &[])?;
@@ -622,6 +636,12 @@ fn create_or_migrate(client: &mut Client) -> Result<(), StoreError> {
     }
     tx.batch_execute(&ddl(Dialect::Postgres))?;
     tx.batch_execute(&state_seq_ddl(Dialect::Postgres, |_| Ok(true))?)?;
+    let legacy_index: bool = tx
+        .query_one("SELECT to_regclass('message_ids') IS NOT NULL", &[])?
+        .get(0);
+    if legacy_index {
+        tx.batch_execute(dedupe::MOVE_LEGACY_INDEX_SQL)?;
+    }
     let head: i64 = tx
         .query_one("SELECT head FROM seq_counter WHERE id = 1", &[])?
         .get(0);

@@ -3,9 +3,10 @@
 
 /// The version of the tables below: 2 since `events.message_id` lost its unique index to the
 /// bulk-merged hash index of [`DEDUPE_DDL`] (`store::dedupe`); 3 since `profiles` and
-/// `identifiers` carry `updated_seq` ([`state_seq_ddl`]). A store at an older version is
-/// migrated when opened.
-pub(crate) const SCHEMA_VERSION: i64 = 3;
+/// `identifiers` carry `updated_seq` ([`state_seq_ddl`]); 4 since that index is kept in runs
+/// (`message_id_entries`, `message_id_runs`) instead of one table keyed by hash
+/// (`message_ids`). A store at an older version is migrated when opened.
+pub(crate) const SCHEMA_VERSION: i64 = 4;
 
 /// The tables whose rows carry `updated_seq`: the head `seq` of the write that last changed the
 /// row, indexed, so that a writer can read what another writer (an engine replica) changed
@@ -120,13 +121,19 @@ CREATE TABLE IF NOT EXISTS {name} (
 "#;
 
 /// The messageId index (`store::dedupe`): a keyed 64-bit hash of each messageId and the `seq`
-/// of its event, for the events up to `indexed_through`; the hash key; how many entries.
+/// of its event, by run, for the events up to `indexed_through`; the runs and their sizes; the
+/// hash key; how many entries.
 const DEDUPE_DDL: &str = r#"
-CREATE TABLE IF NOT EXISTS message_ids (
+CREATE TABLE IF NOT EXISTS message_id_entries (
+    run BIGINT NOT NULL,
     hash BIGINT NOT NULL,
     seq BIGINT NOT NULL,
-    PRIMARY KEY (hash, seq)
+    PRIMARY KEY (run, hash, seq)
 ){without_rowid};
+CREATE TABLE IF NOT EXISTS message_id_runs (
+    run BIGINT PRIMARY KEY,
+    entries BIGINT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS message_id_index (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     key0 BIGINT NOT NULL,

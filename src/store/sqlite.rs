@@ -159,14 +159,29 @@ impl dedupe::IndexTx for rusqlite::Transaction<'_> {
         Ok(())
     }
 
-    fn probe(&mut self, hashes: &[i64], seqs: &mut Vec<i64>) -> Result<(), StoreError> {
-        Ok(in_chunks(self, hashes, probe_sql, |stmt, chunk| {
-            let mut rows = stmt.query(params_from_iter(chunk))?;
-            while let Some(r) = rows.next()? {
-                seqs.push(r.get(0)?);
-            }
-            Ok(())
-        })?)
+    fn runs(&mut self) -> Result<Vec<(i64, i64)>, StoreError> {
+        let mut stmt = self.prepare_cached(dedupe::RUNS_SQL)?;
+        let runs = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(runs.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn probe(
+        &mut self,
+        hashes: &[i64],
+        runs: &[i64],
+        seqs: &mut Vec<i64>,
+    ) -> Result<(), StoreError> {
+        // Run by run: each is a range of the index's key.
+        for run in runs {
+            in_chunks(self, hashes, probe_sql, |stmt, chunk| {
+                let mut rows = stmt.query(params_from_iter(std::iter::once(run).chain(chunk)))?;
+                while let Some(r) = rows.next()? {
+                    seqs.push(r.get(0)?);
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
     }
 
     fn ids_at(&mut self, seqs: &[i64], f: &mut dyn FnMut(String)) -> Result<(), StoreError> {
@@ -179,26 +194,25 @@ impl dedupe::IndexTx for rusqlite::Transaction<'_> {
         })?)
     }
 
-    fn add_entries(
-        &mut self,
-        sorted: &[(i64, i64)],
-        indexed_through: i64,
-        entries: i64,
-    ) -> Result<(), StoreError> {
-        in_chunks(self, sorted, add_entries_sql, |stmt, chunk| {
-            stmt.execute(params_from_iter(chunk.iter().flat_map(|(h, s)| [h, s])))
-                .map(|_| ())
-        })?;
-        self.execute(dedupe::SET_EXTENT_SQL, params![indexed_through, entries])?;
+    fn add_entries(&mut self, run: i64, sorted: &[(i64, i64)]) -> Result<(), StoreError> {
+        Ok(in_chunks(self, sorted, add_entries_sql, |stmt, chunk| {
+            let values = chunk.iter().flat_map(|&(h, s)| [run, h, s]);
+            stmt.execute(params_from_iter(values)).map(|_| ())
+        })?)
+    }
+
+    fn exec(&mut self, sql: &str, params: &[i64]) -> Result<(), StoreError> {
+        // Once a merge: not worth a place in the statement cache of the ingest path.
+        rusqlite::Connection::execute(self, sql, params_from_iter(params))?;
         Ok(())
     }
 }
 
-/// The index probe of `n` hashes.
+/// The index probe of `n` hashes in one run (`?1`).
 fn probe_sql(n: usize) -> String {
     format!(
-        "SELECT seq FROM message_ids WHERE hash IN ({})",
-        marks(n, 1)
+        "SELECT seq FROM message_id_entries WHERE run = ?1 AND hash IN ({})",
+        marks(n, 2)
     )
 }
 
@@ -213,10 +227,10 @@ fn ids_at_sql(n: usize) -> String {
 /// The insert of `n` index entries.
 fn add_entries_sql(n: usize) -> String {
     let rows: Vec<String> = (0..n)
-        .map(|i| format!("({})", marks(2, 2 * i + 1)))
+        .map(|i| format!("({})", marks(3, 3 * i + 1)))
         .collect();
     format!(
-        "INSERT INTO message_ids (hash, seq) VALUES {}",
+        "INSERT INTO message_id_entries (run, hash, seq) VALUES {}",
         rows.join(", ")
     )
 }
@@ -330,7 +344,8 @@ fn schema_version(conn: &Connection) -> Result<i64, StoreError> {
 /// [`SCHEMA_VERSION`], in one transaction: a crash leaves the file as it was.
 ///
 /// Version 1 kept messageIds unique with an index on `events`; version 2 rebuilds `events`
-/// without it and indexes the stored events in `message_ids` instead (`store::dedupe`).
+/// without it and indexes the stored events in `message_ids` instead (`store::dedupe`), which
+/// version 4 moves into the first run of `message_id_entries`.
 fn create_or_migrate(conn: &Connection) -> Result<(), StoreError> {
     let mut tx = rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
     // Another process may have done it while this one waited for the lock.
@@ -361,6 +376,14 @@ fn create_or_migrate(conn: &Connection) -> Result<(), StoreError> {
         Ok(!present)
     })?;
     tx.execute_batch(&seq_ddl)?;
+    let legacy_index: bool = tx.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'message_ids')",
+        [],
+        |r| r.get(0),
+    )?;
+    if legacy_index {
+        tx.execute_batch(dedupe::MOVE_LEGACY_INDEX_SQL)?;
+    }
     let head: i64 = tx.query_row("SELECT head FROM seq_counter WHERE id = 1", [], |r| {
         r.get(0)
     })?;
