@@ -717,6 +717,11 @@ fn a_version_2_store_is_migrated_in_place(kind: &str) {
     let mut b = store::open(&url, Rules::default()).unwrap();
     assert_eq!(all(&mut *a, &Feed::Events(EventFilter::All)), before);
     assert_eq!(index(&count), indexed, "the messageId index is as it was");
+    // Recorded runs for exactly the runs there are (none when the index was empty).
+    assert_eq!(
+        count("SELECT count(*) FROM message_id_runs"),
+        count("SELECT count(DISTINCT run) FROM message_id_entries")
+    );
     assert_eq!(a.head_seq().unwrap(), head);
     assert_eq!(
         count("SELECT count(*) FROM identifiers WHERE updated_seq = 0"),
@@ -863,6 +868,11 @@ fn sqlite_a_version_1_store_is_migrated_to_the_hash_index_in_place() {
         "the unique messageId index is gone"
     );
     assert_eq!(one("SELECT count(*) FROM message_id_entries"), 150);
+    assert_eq!(
+        one("SELECT CAST(sum(entries) AS BIGINT) FROM message_id_runs"),
+        150,
+        "the runs record every entry"
+    );
     assert_eq!(one("SELECT indexed_through FROM message_id_index"), head);
     migrated_ids_are_still_duplicates(&mut *s);
 }
@@ -900,6 +910,11 @@ fn postgres_a_version_1_store_is_migrated_to_the_hash_index_in_place() {
         "the unique messageId constraint is gone"
     );
     assert_eq!(one("SELECT count(*) FROM message_id_entries"), 150);
+    assert_eq!(
+        one("SELECT CAST(sum(entries) AS BIGINT) FROM message_id_runs"),
+        150,
+        "the runs record every entry"
+    );
     assert_eq!(one("SELECT indexed_through FROM message_id_index"), head);
     migrated_ids_are_still_duplicates(&mut *s);
 }

@@ -116,8 +116,8 @@ pub(crate) trait IndexTx {
     fn ids_at(&mut self, seqs: &[i64], f: &mut dyn FnMut(String)) -> Result<(), StoreError>;
     /// Adds entries `(hash, seq)`, sorted, to run `run`.
     fn add_entries(&mut self, run: i64, sorted: &[(i64, i64)]) -> Result<(), StoreError>;
-    /// Runs one of the statements above with these parameters.
-    fn exec(&mut self, sql: &str, params: &[i64]) -> Result<(), StoreError>;
+    /// Runs one of the statements above with these parameters; the rows it changed.
+    fn exec(&mut self, sql: &str, params: &[i64]) -> Result<u64, StoreError>;
 }
 
 /// The hashes in the index, as a Bloom filter: a lookup probes the index only for the ids whose
@@ -501,7 +501,9 @@ impl RecentIds {
         all.sort_unstable();
         let added = i64::try_from(all.len()).unwrap_or(i64::MAX);
         add_to_runs(tx, &mut self.runs, &all, self.tuning.max_run)?;
-        tx.exec(SET_EXTENT_SQL, &[self.head, self.indexed + added])?;
+        if tx.exec(SET_EXTENT_SQL, &[self.head, self.indexed + added])? != 1 {
+            return Err(missing_row());
+        }
         self.indexed_through = self.head;
         self.indexed += added;
         if self.indexed > self.bloom.capacity {
@@ -530,7 +532,14 @@ fn add_to_runs(
     match runs.last_mut() {
         Some((run, held)) if *held < max_run => {
             tx.add_entries(*run, sorted)?;
-            tx.exec(GROW_RUN_SQL, &[entries, *run])?;
+            // A run the store does not record would never be probed by the other writers:
+            // refuse the write rather than hide its entries.
+            if tx.exec(GROW_RUN_SQL, &[entries, *run])? != 1 {
+                return Err(StoreError::Corrupt {
+                    table: "message_id_runs",
+                    reason: format!("run {run} is not recorded"),
+                });
+            }
             *held += entries;
         }
         last => {
@@ -629,7 +638,7 @@ pub(crate) fn create(tx: &mut dyn IndexTx, head: i64) -> Result<(), StoreError> 
         entries += i64::try_from(chunk.len()).unwrap_or(i64::MAX);
         add_to_runs(tx, &mut runs, &chunk, MAX_RUN)?;
     }
-    tx.exec(SET_EXTENT_SQL, &[head, entries])
+    tx.exec(SET_EXTENT_SQL, &[head, entries]).map(drop)
 }
 
 // The tests' throwaway PostgreSQL server (`tests/support`).
@@ -887,7 +896,30 @@ pub(crate) mod tests {
         three_writers_at_random_agree_with_a_model,
         merges_fill_runs_and_every_run_is_probed,
         a_version_3_index_becomes_the_first_run,
+        a_rolled_back_merge_that_started_a_run_leaves_no_trace,
     );
+
+    /// A dropped write whose merge started a new run: the run leaves memory with it, so the
+    /// next merge starts that run again for real, recorded, and every writer probes it.
+    /// (Found by a review: a run kept in memory but never recorded was probed only by the
+    /// writer that made it, and its ids were stored again by any other.)
+    fn a_rolled_back_merge_that_started_a_run_leaves_no_trace(kind: &str) {
+        let ids = |p: &str, n: usize| pages((0..n).map(|i| format!("{p}-{i}")));
+        let place = Place::new(kind);
+        let mut s = place.open_with(false);
+        for b in 0..5 {
+            s.ingest(ids(&format!("kept{b}"), 41));
+        }
+        assert_eq!(place.runs().0, vec![(1, 205)]);
+        // Its merge starts run 2, and the write is dropped.
+        assert_eq!(s.ingest_uncommitted(ids("lost", 41)), 41);
+        assert_eq!(place.runs().0, vec![(1, 205)]);
+        s.ingest(ids("next", 41));
+        let (recorded, counted) = place.runs();
+        assert_eq!(recorded, vec![(1, 205), (2, 41)]);
+        assert_eq!(recorded, counted);
+        assert_eq!(place.open_with(false).ingest(ids("next", 41)), (0, 41));
+    }
 
     /// Merges fill the newest run until it holds `max_run` entries (200 here), then start
     /// another. Every run is probed: each stored id is found again, whichever run holds it.
@@ -1030,7 +1062,7 @@ pub(crate) mod tests {
         let head = s.store().head_seq().unwrap();
         assert_eq!(place.indexed(), (head, 140));
         assert_eq!(builds(), before);
-        // Nor a run: the runs the rolled-back merges added left memory with them.
+        // Nor in the runs: what the rolled-back merges added to run 1 went with them.
         let (recorded, counted) = place.runs();
         assert_eq!(recorded, counted);
         assert_eq!(recorded.iter().map(|&(_, n)| n).sum::<i64>(), 140);

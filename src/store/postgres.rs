@@ -576,13 +576,12 @@ impl<C: postgres::GenericClient> IndexTx for Pg<'_, C> {
         Ok(())
     }
 
-    fn exec(&mut self, sql: &str, params: &[i64]) -> Result<(), StoreError> {
+    fn exec(&mut self, sql: &str, params: &[i64]) -> Result<u64, StoreError> {
         let params: Vec<&(dyn postgres::types::ToSql + Sync)> = params
             .iter()
             .map(|p| p as &(dyn postgres::types::ToSql + Sync))
             .collect();
-        self.0.execute(sql, &params)?;
-        Ok(())
+        Ok(self.0.execute(sql, &params)?)
     }
 }
 

@@ -201,10 +201,10 @@ impl dedupe::IndexTx for rusqlite::Transaction<'_> {
         })?)
     }
 
-    fn exec(&mut self, sql: &str, params: &[i64]) -> Result<(), StoreError> {
+    fn exec(&mut self, sql: &str, params: &[i64]) -> Result<u64, StoreError> {
         // Once a merge: not worth a place in the statement cache of the ingest path.
-        rusqlite::Connection::execute(self, sql, params_from_iter(params))?;
-        Ok(())
+        let rows = rusqlite::Connection::execute(self, sql, params_from_iter(params))?;
+        Ok(u64::try_from(rows).unwrap_or(u64::MAX))
     }
 }
 
