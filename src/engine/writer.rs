@@ -156,9 +156,7 @@ fn warm_up(store: &mut dyn Store, metrics: &Metrics) {
     let started = Instant::now();
     match store.warm_up() {
         Ok(()) => {
-            metrics
-                .profiles
-                .set(i64::try_from(store.live_profiles()).unwrap_or(i64::MAX));
+            record_profiles(store, metrics);
             tracing::info!(
                 profiles = store.live_profiles(),
                 seconds = started.elapsed().as_secs_f64(),
@@ -169,6 +167,13 @@ fn warm_up(store: &mut dyn Store, metrics: &Metrics) {
             tracing::warn!(error = %e, "loading the store before serving failed; the first write will load it")
         }
     }
+}
+
+/// Sets the live-profiles gauge from the store's graph.
+fn record_profiles(store: &dyn Store, metrics: &Metrics) {
+    metrics
+        .profiles
+        .set(i64::try_from(store.live_profiles()).unwrap_or(i64::MAX));
 }
 
 /// Ingests `events` in one transaction, recording latency and outcome metrics.
@@ -195,9 +200,7 @@ fn ingest(
             .profiles_created
             .inc_by(summary.profiles_created as u64);
         metrics.merges.inc_by(summary.merges as u64);
-        metrics
-            .profiles
-            .set(i64::try_from(store.live_profiles()).unwrap_or(i64::MAX));
+        record_profiles(store, metrics);
         for (index, reason) in &summary.rejected {
             tracing::warn!(index, reason, "event refused by identity resolution");
             metrics

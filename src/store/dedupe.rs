@@ -804,6 +804,12 @@ pub(crate) mod tests {
     /// An index's runs: (run, entries), oldest first.
     type Runs = Vec<(i64, i64)>;
 
+    /// The value of one of the test-only counters (`FILTER_BUILDS`, the resolvers' `RESTORES`
+    /// and `CATCH_UPS`) on this thread.
+    pub(crate) fn count(counter: &'static std::thread::LocalKey<std::cell::Cell<usize>>) -> usize {
+        counter.with(std::cell::Cell::get)
+    }
+
     #[allow(clippy::large_enum_variant)] // a test's one or two stores
     pub(crate) enum Opened {
         Lite(SqliteStore),
@@ -991,7 +997,7 @@ pub(crate) mod tests {
     /// Filters sized for 16 entries fill after a merge or two and are rebuilt larger, by the
     /// writer that merged and by one catching up with it; neither misses a stored id after.
     fn filters_grow_with_the_index_and_miss_nothing(kind: &str) {
-        let builds = || super::FILTER_BUILDS.with(std::cell::Cell::get);
+        let builds = || count(&super::FILTER_BUILDS);
         let tuning = Tuning {
             merge_min: 40,
             max_run: 200,
@@ -1032,7 +1038,7 @@ pub(crate) mod tests {
     /// exactly the committed ids, those in memory included: after rollbacks with a merge in
     /// them and without.
     fn a_rolled_back_write_keeps_the_filter(kind: &str) {
-        let builds = || super::FILTER_BUILDS.with(std::cell::Cell::get);
+        let builds = || count(&super::FILTER_BUILDS);
         let ids = |prefix: &str, n: usize| pages((0..n).map(|i| format!("{prefix}-{i}")));
         let place = Place::new(kind);
         let mut s = place.open_with(false);

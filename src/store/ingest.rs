@@ -259,7 +259,7 @@ mod tests {
 
     use super::{CATCH_UPS, RESTORES};
     use crate::event::{Event, ParseOptions};
-    use crate::store::dedupe::tests::{Place, both};
+    use crate::store::dedupe::tests::{Place, both, count};
     use crate::store::{EventFilter, Feed, FeedRow};
 
     fn ev(v: Value) -> Event {
@@ -286,7 +286,6 @@ mod tests {
     /// commits after it; the warmed-up store's first write then reads only that commit's
     /// changes — no whole graph, no whole index — and resolves and dedupes against all of it.
     fn a_warmed_up_store_only_catches_up_at_its_first_write(kind: &str) {
-        let count = |c: &'static std::thread::LocalKey<std::cell::Cell<usize>>| c.with(|n| n.get());
         let place = Place::new(kind);
         let mut a = place.open_with(false);
         // Enough events to merge the dedupe index (every 40 in these stores).
@@ -320,7 +319,6 @@ mod tests {
     /// profiles, identifiers and merges the other stored by reading what changed since its
     /// own last write, not by reloading the whole graph, and resolves as if it had made them.
     fn another_writer_s_changes_are_applied_not_reloaded(kind: &str) {
-        let count = |c: &'static std::thread::LocalKey<std::cell::Cell<usize>>| c.with(|n| n.get());
         let place = Place::new(kind);
         let (mut a, mut b) = (place.open_with(false), place.open_with(false));
         // Each writer's first write loads the whole graph.

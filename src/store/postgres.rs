@@ -243,10 +243,6 @@ fn decode_identifiers(rows: Vec<postgres::Row>) -> Result<Vec<IdentifierState>, 
         .collect()
 }
 
-fn load_all(tx: &mut impl postgres::GenericClient) -> Result<LoadedState, StoreError> {
-    load_state(tx, None)
-}
-
 /// The state a resolver is built from: every profile and identifier, or (`since`) those a
 /// write after that head changed; every Track event name.
 fn load_state(
@@ -772,7 +768,7 @@ impl Store for PostgresStore {
 
     fn load_state(&mut self) -> Result<(Vec<ProfileState>, Vec<IdentifierState>), StoreError> {
         let mut tx = self.client.transaction()?;
-        let (p, i, _) = load_all(&mut tx)?;
+        let (p, i, _) = load_state(&mut tx, None)?;
         tx.commit()?;
         Ok((p, i))
     }

@@ -294,10 +294,6 @@ fn raw_profile(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawProfile> {
     })
 }
 
-fn load_all(conn: &Connection) -> Result<LoadedState, StoreError> {
-    load_state(conn, None)
-}
-
 /// The state a resolver is built from: every profile and identifier, or (`since`) those a
 /// write after that head changed; every Track event name.
 fn load_state(conn: &Connection, since: Option<i64>) -> Result<LoadedState, StoreError> {
@@ -699,7 +695,7 @@ impl Store for SqliteStore {
     }
 
     fn load_state(&mut self) -> Result<(Vec<ProfileState>, Vec<IdentifierState>), StoreError> {
-        let (p, i, _) = load_all(&self.conn)?;
+        let (p, i, _) = load_state(&self.conn, None)?;
         Ok((p, i))
     }
 
