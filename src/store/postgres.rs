@@ -532,6 +532,22 @@ impl<C: postgres::GenericClient> IndexTx for Pg<'_, C> {
         Ok(())
     }
 
+    fn entries_after(
+        &mut self,
+        after: [i64; 3],
+        limit: i64,
+        f: &mut dyn FnMut([i64; 3]),
+    ) -> Result<(), StoreError> {
+        let [run, hash, seq] = after;
+        let mut rows = self
+            .0
+            .query_raw(dedupe::ENTRIES_AFTER_SQL, [run, hash, seq, limit])?;
+        while let Some(r) = rows.next()? {
+            f([r.get(0), r.get(1), r.get(2)]);
+        }
+        Ok(())
+    }
+
     fn runs(&mut self) -> Result<Vec<(i64, i64)>, StoreError> {
         let rows = self.0.query(dedupe::RUNS_SQL, &[])?;
         Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())

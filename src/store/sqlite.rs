@@ -159,6 +159,21 @@ impl dedupe::IndexTx for rusqlite::Transaction<'_> {
         Ok(())
     }
 
+    fn entries_after(
+        &mut self,
+        after: [i64; 3],
+        limit: i64,
+        f: &mut dyn FnMut([i64; 3]),
+    ) -> Result<(), StoreError> {
+        let mut stmt = self.prepare_cached(dedupe::ENTRIES_AFTER_SQL)?;
+        let [run, hash, seq] = after;
+        let mut rows = stmt.query([run, hash, seq, limit])?;
+        while let Some(r) = rows.next()? {
+            f([r.get(0)?, r.get(1)?, r.get(2)?]);
+        }
+        Ok(())
+    }
+
     fn runs(&mut self) -> Result<Vec<(i64, i64)>, StoreError> {
         let mut stmt = self.prepare_cached(dedupe::RUNS_SQL)?;
         let runs = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
