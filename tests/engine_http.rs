@@ -1109,6 +1109,87 @@ async fn readyz_says_loading_until_the_store_is_loaded() {
     engine.stop().await.unwrap();
 }
 
+/// When its store connection breaks, the engine answers the request that found it broken with
+/// a 503 at once, reconnects, and loads the identity graph again before its next write, as at
+/// start: `/readyz` says "loading" meanwhile (so traffic goes to the other replicas), and a
+/// request sent meanwhile waits in the queue and is stored once the load is done. The load is
+/// held up by a lock on `profiles`; before, the reconnected engine stayed ready and loaded the
+/// graph inside its next write, holding the head lock every replica writes under.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnected_store_is_loaded_again_before_its_next_write() {
+    let pg = tokio::task::block_in_place(support::pg::shared);
+    let url = tokio::task::block_in_place(|| pg.url(&pg.create_database("reconnect")));
+    let engine = profiles_sync::engine::start(Options::default().config(url.clone()))
+        .await
+        .unwrap();
+    engine.loaded().await;
+    let base = format!("http://{}", engine.addr);
+    let readyz = || {
+        let url = format!("{base}/readyz");
+        async move {
+            let r = client().get(url).send().await.unwrap();
+            let status = r.status();
+            (status, r.text().await.unwrap())
+        }
+    };
+    let track = |id: &str| json!({"userId": "u1", "event": "Seen", "messageId": id});
+    assert_eq!(
+        post(&base, "/v1/track", &track("before")).await.0,
+        StatusCode::OK
+    );
+    // A thread of its own breaks the engine's connections, then holds `profiles` locked until
+    // told to let go.
+    let (locked_tx, locked) = std::sync::mpsc::channel();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let blocker = std::thread::spawn({
+        let url = url.clone();
+        move || {
+            let mut c = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+            let ended = c
+                .query(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                     WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                    &[],
+                )
+                .unwrap();
+            assert!(!ended.is_empty(), "the engine had no connection");
+            let mut tx = c.transaction().unwrap();
+            tx.batch_execute("LOCK TABLE profiles IN ACCESS EXCLUSIVE MODE")
+                .unwrap();
+            locked_tx.send(()).unwrap();
+            released.recv().unwrap();
+            tx.commit().unwrap();
+        }
+    });
+    tokio::task::block_in_place(|| locked.recv().unwrap());
+    // The write finds the connection gone: answered at once, not after the reconnection,
+    // which waits for the lock (10 s only bounds how long a broken engine makes this test wait).
+    let answer = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        post(&base, "/v1/track", &track("broken")),
+    )
+    .await;
+    let Ok((status, _)) = answer else {
+        panic!("the request that found the store broken waited for the reconnection")
+    };
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let (status, body) = readyz().await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("loading"), "{body}");
+    let pending = tokio::spawn({
+        let base = base.clone();
+        async move { post(&base, "/v1/track", &track("after")).await }
+    });
+    release.send(()).unwrap();
+    tokio::task::block_in_place(|| blocker.join().unwrap());
+    assert_eq!(pending.await.unwrap().0, StatusCode::OK);
+    assert_eq!(readyz().await.0, StatusCode::OK);
+    tokio::task::block_in_place(|| {
+        assert_stored_exactly(&url, vec!["before".into(), "after".into()])
+    });
+    engine.stop().await.unwrap();
+}
+
 /// An in-memory store is refused with a reason: the feed readers would each open an empty
 /// database of their own, and a reopen after an error would forget every stored event.
 #[tokio::test]

@@ -50,7 +50,8 @@ impl Writer {
             .spawn(move || {
                 warm_up(&mut *store, &metrics);
                 loaded.send_replace(true);
-                run(store, url, rules, rx, metrics)
+                let reopen = Reopen { url, rules, loaded };
+                run(store, reopen, rx, metrics)
             })
             .unwrap_or_else(|e| panic!("cannot start the store writer thread: {e}"));
         (Writer { tx, capacity }, handle)
@@ -81,13 +82,7 @@ impl Writer {
 
 type Reply = oneshot::Sender<Result<IngestSummary, String>>;
 
-fn run(
-    mut store: Box<dyn Store>,
-    url: String,
-    rules: Rules,
-    mut rx: mpsc::Receiver<Job>,
-    metrics: Metrics,
-) {
+fn run(mut store: Box<dyn Store>, reopen: Reopen, mut rx: mpsc::Receiver<Job>, metrics: Metrics) {
     while let Some(first) = rx.blocking_recv() {
         let mut jobs = vec![first];
         let mut count = jobs[0].events.len();
@@ -131,16 +126,24 @@ fn run(
                         if let Err(e) = &result {
                             tracing::warn!(error = %e, "a request failed to commit on its own; it was not stored");
                             if !e.is_data_refusal() {
+                                reopen.due(e);
                                 broken = Some(e.to_string());
-                                reopen_after(e, &mut store, &url, &rules);
                             }
                         }
                         let _ = reply.send(result.map_err(|e| e.to_string()));
                     }
+                    if broken.is_some() {
+                        reopen.reopen(&mut store, &metrics);
+                    }
                 } else {
-                    reopen_after(&e, &mut store, &url, &rules);
+                    // Answered before the store is reopened: the clients need not wait for
+                    // that to retry.
+                    let due = reopen.due(&e);
                     for (reply, _) in requests {
                         let _ = reply.send(Err(e.to_string()));
+                    }
+                    if due {
+                        reopen.reopen(&mut store, &metrics);
                     }
                 }
             }
@@ -212,16 +215,42 @@ fn ingest(
     result
 }
 
-/// After a database error other than a refusal of the data, replaces `store` with a fresh
-/// connection (a broken one would fail every later group).
-fn reopen_after(e: &StoreError, store: &mut Box<dyn Store>, url: &str, rules: &Rules) {
-    if e.is_data_refusal() || !matches!(e, StoreError::Postgres(_) | StoreError::Sqlite(_)) {
-        return;
-    }
-    match store::open(url, rules.clone()) {
-        Ok(s) => *store = s,
-        Err(e) => {
-            tracing::error!(error = %e, "reopening the store failed; will retry on the next batch")
+/// What the writer reopens its store with after a database error.
+struct Reopen {
+    url: String,
+    rules: Rules,
+    /// `/readyz`'s "loaded": false while a reopened store loads.
+    loaded: tokio::sync::watch::Sender<bool>,
+}
+
+impl Reopen {
+    /// Whether `e` calls for a new connection: a database error other than a refusal of the
+    /// data (a broken connection would fail every later group). If so `/readyz` says "loading"
+    /// from now until [`Reopen::reopen`] has loaded the new one.
+    fn due(&self, e: &StoreError) -> bool {
+        let due =
+            !e.is_data_refusal() && matches!(e, StoreError::Postgres(_) | StoreError::Sqlite(_));
+        if due {
+            self.loaded.send_replace(false);
         }
+        due
+    }
+
+    /// Replaces `store` with a new connection and loads its graph and filter before its first
+    /// write, as at start ([`warm_up`]): without the write lock, so that the other replicas of
+    /// a PostgreSQL store go on writing meanwhile, and with `/readyz` saying "loading", so that
+    /// traffic goes to them. Requests queue meanwhile. When the store cannot be opened, the
+    /// next group tries again; `/readyz` says ready meanwhile, and requests are answered 503.
+    fn reopen(&self, store: &mut Box<dyn Store>, metrics: &Metrics) {
+        match store::open(&self.url, self.rules.clone()) {
+            Ok(s) => {
+                *store = s;
+                warm_up(&mut **store, metrics);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reopening the store failed; will retry on the next batch")
+            }
+        }
+        self.loaded.send_replace(true);
     }
 }
