@@ -37,6 +37,8 @@ use super::StoreError;
 
 /// Fewest recent events to merge at once.
 const MERGE_MIN: usize = 65_536;
+/// Most recent events a PostgreSQL write merges ([`Tuning::merge_chunk`]): ~0.3 s.
+pub(crate) const PG_MERGE_CHUNK: usize = 131_072;
 /// Most recent events held in memory (~40 bytes each) before a merge.
 const MERGE_MAX: usize = 1_048_576;
 /// Events indexed at a time by a migration (~16 bytes each in memory).
@@ -315,6 +317,11 @@ impl Filter {
 pub(crate) struct Tuning {
     /// Fewest recent events to merge at once.
     pub merge_min: usize,
+    /// Most recent events a write merges (more only to keep at most [`MERGE_MAX`] in memory):
+    /// PostgreSQL's merge costs per entry (~2.5 µs each on the bench server, a million in one
+    /// write held every writer ~3 s), so it merges a part at a time, one per write; SQLite's
+    /// costs per page of the run it lands on, so it merges everything at once.
+    pub merge_chunk: usize,
     /// Entries of a run before merges start a new one.
     pub max_run: i64,
     /// Fewest index entries a write reads into a larger filter being filled.
@@ -331,6 +338,7 @@ impl Default for Tuning {
     fn default() -> Self {
         Tuning {
             merge_min: MERGE_MIN,
+            merge_chunk: usize::MAX,
             max_run: MAX_RUN,
             grow_step: GROW_STEP,
             #[cfg(test)]
@@ -603,22 +611,46 @@ impl RecentIds {
         self.filter.keep_up(tx, self.indexed, head, self.tuning)
     }
 
-    /// Writes every recent event into the index, sorted so that each leaf page is visited once.
+    /// Writes the recent events into the index, sorted so that each leaf page is visited once:
+    /// all of them, or the oldest [`Tuning::merge_chunk`] (and enough more to leave at most
+    /// [`MERGE_MAX`] in memory), the index then covering the events up to the last of those.
     fn merge(&mut self, tx: &mut dyn IndexTx) -> Result<(), StoreError> {
         self.merging = true;
+        // (seq, hash): a part is cut by seq.
         let mut all: Vec<(i64, i64)> = self
             .tail
-            .drain()
-            .chain(self.more.drain(..))
-            .map(|(h, s)| (h as i64, s))
+            .iter()
+            .map(|(&h, &s)| (s, h as i64))
+            .chain(self.more.iter().map(|&(h, s)| (s, h as i64)))
             .collect();
+        let take = self
+            .tuning
+            .merge_chunk
+            .max(all.len().saturating_sub(MERGE_MAX));
+        let through = if take < all.len() {
+            all.select_nth_unstable(take - 1);
+            all.truncate(take);
+            let through = all
+                .iter()
+                .map(|&(s, _)| s)
+                .max()
+                .unwrap_or(self.indexed_through);
+            self.tail.retain(|_, s| *s > through);
+            self.more.retain(|&(_, s)| s > through);
+            through
+        } else {
+            self.tail.clear();
+            self.more.clear();
+            self.head
+        };
+        let mut all: Vec<(i64, i64)> = all.into_iter().map(|(s, h)| (h, s)).collect();
         all.sort_unstable();
         let added = i64::try_from(all.len()).unwrap_or(i64::MAX);
         add_to_runs(tx, &mut self.runs, &all, self.tuning.max_run)?;
-        if tx.exec(SET_EXTENT_SQL, &[self.head, self.indexed + added])? != 1 {
+        if tx.exec(SET_EXTENT_SQL, &[through, self.indexed + added])? != 1 {
             return Err(missing_row());
         }
-        self.indexed_through = self.head;
+        self.indexed_through = through;
         self.indexed += added;
         for (h, _) in &all {
             self.filter.insert(*h as u64);
@@ -804,6 +836,7 @@ pub(crate) mod tests {
         pub(crate) fn open_with(&self, narrow: bool) -> Opened {
             self.open_tuned(Tuning {
                 merge_min: 40,
+                merge_chunk: usize::MAX,
                 max_run: 200,
                 grow_step: 8,
                 narrow,
@@ -1014,7 +1047,51 @@ pub(crate) mod tests {
         merges_fill_runs_and_every_run_is_probed,
         a_version_3_index_becomes_the_first_run,
         a_rolled_back_merge_that_started_a_run_leaves_no_trace,
+        merges_in_parts_keep_the_index_exact,
     );
+
+    /// Merges of at most 16 ids (PostgreSQL's take at most 131,072): once 40 recent ids wait,
+    /// each write merges the 16 oldest, and the index then covers exactly the events up to the
+    /// last one merged: each event at or before `indexed_through` has its entry, none after
+    /// does. Every id is found again, by the writer and by a fresh one.
+    fn merges_in_parts_keep_the_index_exact(kind: &str) {
+        let place = Place::new(kind);
+        let tuning = Tuning {
+            merge_min: 40,
+            merge_chunk: 16,
+            max_run: 200,
+            grow_step: 8,
+            narrow: false,
+            small_filters: false,
+        };
+        let mut s = place.open_tuned(tuning);
+        let count = |sql: String| place.pairs(&sql)[0].0;
+        let (mut parts, mut before) = (0, 0);
+        for batch in 0..30 {
+            let ids = (0..7).map(|i| format!("id-{batch}-{i}"));
+            assert_eq!(s.ingest(pages(ids)), (7, 0));
+            let (through, entries) = place.indexed();
+            let at_or_before = "SELECT count(*), 0 * count(*) FROM events WHERE seq <= ";
+            assert_eq!(
+                entries,
+                count(format!("{at_or_before}{through}")),
+                "batch {batch}"
+            );
+            let after = "SELECT count(*), 0 * count(*) FROM message_id_entries WHERE seq > ";
+            assert_eq!(count(format!("{after}{through}")), 0, "batch {batch}");
+            assert!(
+                entries - before <= 16,
+                "batch {batch} merged {}",
+                entries - before
+            );
+            parts += usize::from(entries - before == 16);
+            before = entries;
+        }
+        assert!(parts >= 8, "{parts} merges of 16");
+        let again = || pages((0..30).flat_map(|b| (0..7).map(move |i| format!("id-{b}-{i}"))));
+        assert_eq!(s.ingest(again()), (0, 210));
+        assert_eq!(place.open_tuned(tuning).ingest(again()), (0, 210));
+    }
 
     /// A dropped write whose merge started a new run: the run leaves memory with it, so the
     /// next merge starts that run again for real, recorded, and every writer probes it.
@@ -1115,6 +1192,7 @@ pub(crate) mod tests {
         let growths = || count(&super::FILTER_GROWTHS);
         let tuning = Tuning {
             merge_min: 40,
+            merge_chunk: usize::MAX,
             max_run: 200,
             grow_step: 8,
             narrow: false,
@@ -1201,11 +1279,16 @@ pub(crate) mod tests {
     fn three_writers_at_random_agree_with_a_model(kind: &str) {
         use rand::{Rng, SeedableRng};
         // The third with filters that fill and grow every few merges.
-        for (seed, narrow, small_filters) in
-            [(1_u64, true, false), (2, false, false), (3, false, true)]
-        {
+        // The fourth merging at most 7 ids at a time.
+        for (seed, narrow, small_filters, merge_chunk) in [
+            (1_u64, true, false, usize::MAX),
+            (2, false, false, usize::MAX),
+            (3, false, true, usize::MAX),
+            (4, true, true, 7),
+        ] {
             let tuning = Tuning {
                 merge_min: 40,
+                merge_chunk,
                 max_run: 200,
                 grow_step: 8,
                 narrow,

@@ -65,7 +65,13 @@ impl PostgresStore {
             resolver: Resolver::new(rules),
             url: url.to_string(),
             backend_pid,
-            dedupe: Dedupe::default(),
+            dedupe: Dedupe {
+                committed: None,
+                tuning: Tuning {
+                    merge_chunk: dedupe::PG_MERGE_CHUNK,
+                    ..Tuning::default()
+                },
+            },
         })
     }
 
