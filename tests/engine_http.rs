@@ -1147,7 +1147,7 @@ async fn a_reconnected_store_is_loaded_again_before_its_next_write() {
             let mut c = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
             let ended = c
                 .query(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                    "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity
                      WHERE datname = current_database() AND pid <> pg_backend_pid()",
                     &[],
                 )
@@ -1176,10 +1176,43 @@ async fn a_reconnected_store_is_loaded_again_before_its_next_write() {
     let (status, body) = readyz().await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert!(body.contains("loading"), "{body}");
+    // Sent while the graph loads: it waits in the queue.
     let pending = tokio::spawn({
         let base = base.clone();
         async move { post(&base, "/v1/track", &track("after")).await }
     });
+    // Once the engine waits on the lock on `profiles` (a condition, polled), it must hold no
+    // head lock: the other replicas go on writing while it loads.
+    tokio::task::block_in_place(|| {
+        let mut c = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+        let waiting = |c: &mut ::postgres::Client| -> i64 {
+            c.query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+        };
+        let mut tries = 0;
+        while waiting(&mut c) == 0 {
+            tries += 1;
+            assert!(
+                tries < 1000,
+                "the engine never waited for the lock on profiles"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let mut tx = c.transaction().unwrap();
+        tx.query_one(
+            "SELECT head FROM seq_counter WHERE id = 1 FOR UPDATE NOWAIT",
+            &[],
+        )
+        .expect("the engine loads while holding the head lock");
+        tx.rollback().unwrap();
+    });
+    let (status, body) = readyz().await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     release.send(()).unwrap();
     tokio::task::block_in_place(|| blocker.join().unwrap());
     assert_eq!(pending.await.unwrap().0, StatusCode::OK);

@@ -116,7 +116,7 @@ fn run(mut store: Box<dyn Store>, reopen: Reopen, mut rx: mpsc::Receiver<Job>, m
                     // request's alone: commit the group's requests one by one, so the others
                     // still succeed. A failure of the store itself on the way fails the rest
                     // without trying them.
-                    let mut broken: Option<String> = None;
+                    let (mut broken, mut reopening): (Option<String>, bool) = (None, false);
                     for (reply, range) in requests {
                         if let Some(error) = &broken {
                             let _ = reply.send(Err(error.clone()));
@@ -126,13 +126,13 @@ fn run(mut store: Box<dyn Store>, reopen: Reopen, mut rx: mpsc::Receiver<Job>, m
                         if let Err(e) = &result {
                             tracing::warn!(error = %e, "a request failed to commit on its own; it was not stored");
                             if !e.is_data_refusal() {
-                                reopen.due(e);
+                                reopening = reopen.due(e);
                                 broken = Some(e.to_string());
                             }
                         }
                         let _ = reply.send(result.map_err(|e| e.to_string()));
                     }
-                    if broken.is_some() {
+                    if reopening {
                         reopen.reopen(&mut store, &metrics);
                     }
                 } else {

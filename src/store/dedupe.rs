@@ -169,7 +169,8 @@ impl Bloom {
         let want = u64::try_from(entries.max(min))
             .unwrap_or(u64::MAX)
             .saturating_mul(16)
-            .next_power_of_two()
+            .checked_next_power_of_two()
+            .unwrap_or(BLOOM_MAX_BITS)
             .min(BLOOM_MAX_BITS);
         Bloom {
             bits: vec![0; usize::try_from(want / 64).unwrap_or(1 << 23)],
@@ -264,6 +265,12 @@ impl Filter {
         self.bloom.may_contain(hash)
     }
 
+    /// Whether an index of `indexed` entries is past twice this filter's room (8 bits an
+    /// entry): [`Filter::keep_up`] then reads the rest of the index at once.
+    fn outgrown(&self, indexed: i64) -> bool {
+        indexed > self.bloom.capacity.saturating_mul(2)
+    }
+
     /// A write's step, the index now of `indexed` entries and the head `head`: starts a larger
     /// filter when the index fills half this one's room, reads the next entries into it, and
     /// makes it the filter once it has them all.
@@ -275,6 +282,7 @@ impl Filter {
         tuning: Tuning,
     ) -> Result<(), StoreError> {
         let room = self.bloom.capacity;
+        let outgrown = self.outgrown(indexed);
         let since = head.saturating_sub(self.stepped_at);
         self.stepped_at = head;
         let growing = match &mut self.growing {
@@ -285,7 +293,7 @@ impl Filter {
             }),
             None => return Ok(()),
         };
-        let limit = if indexed > room.saturating_mul(2) {
+        let limit = if outgrown {
             #[cfg(test)]
             FILTER_BUILDS.with(|n| n.set(n.get() + 1));
             i64::MAX
@@ -442,6 +450,11 @@ impl RecentIds {
                 r.runs = tx.runs()?;
                 let after = r.head;
                 r.read_events(tx, after)?;
+                // Far behind (another writer merged a lot since): the larger filter now,
+                // before this write's lookups, rather than a probe for nearly every id.
+                if r.filter.outgrown(r.indexed) {
+                    r.filter.keep_up(tx, r.indexed, head, tuning)?;
+                }
                 r
             }
             _ => {
