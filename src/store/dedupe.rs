@@ -573,6 +573,18 @@ impl RecentIds {
         tx: &mut dyn IndexTx,
         ids: &[&str],
     ) -> Result<HashSet<String>, StoreError> {
+        // Tests: every lookup first checks that the filter holds every hash of the index (a
+        // hash missing from it would let a duplicate be stored).
+        #[cfg(test)]
+        {
+            let mut missing = vec![];
+            tx.index_hashes(&mut |h| {
+                if !self.filter.may_contain(h as u64) {
+                    missing.push(h);
+                }
+            })?;
+            assert!(missing.is_empty(), "the filter misses {missing:?}");
+        }
         let mut candidates: Vec<i64> = vec![];
         let mut probes: Vec<i64> = vec![];
         for id in ids {
