@@ -1048,6 +1048,31 @@ async fn a_batch_turned_away_gets_its_503_on_a_connection_that_stays_open() {
     t.engine.stop().await.unwrap();
 }
 
+/// Holds `profiles` locked (`ACCESS EXCLUSIVE`) on a thread and connection of its own, after
+/// running `first` on that connection; returns once the lock is held, with the sender that
+/// tells the thread to let go and the thread to join.
+fn hold_profiles_locked(
+    url: &str,
+    first: impl FnOnce(&mut ::postgres::Client) + Send + 'static,
+) -> (std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+    let (locked_tx, locked) = std::sync::mpsc::channel();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let url = url.to_string();
+    let blocker = std::thread::spawn(move || {
+        let mut c = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+        first(&mut c);
+        let mut tx = c.transaction().unwrap();
+        tx.batch_execute("LOCK TABLE profiles IN ACCESS EXCLUSIVE MODE")
+            .unwrap();
+        locked_tx.send(()).unwrap();
+        // Let go when told, or when the test ends without telling.
+        let _ = released.recv();
+        tx.commit().unwrap();
+    });
+    locked.recv().unwrap();
+    (release, blocker)
+}
+
 /// While the engine loads its store at start it serves: `/healthz` answers, `/readyz` answers
 /// 503 until the load is done (so a long load never outlasts a startup probe, and no traffic is
 /// routed to the pod meanwhile), and a request sent meanwhile waits in the queue and is stored
@@ -1057,22 +1082,7 @@ async fn readyz_says_loading_until_the_store_is_loaded() {
     let pg = tokio::task::block_in_place(support::pg::shared);
     let url = tokio::task::block_in_place(|| pg.url(&pg.create_database("loading")));
     tokio::task::block_in_place(|| drop(store::open(&url, Rules::default()).unwrap()));
-    // A thread of its own holds the lock until told to let go.
-    let (locked_tx, locked) = std::sync::mpsc::channel();
-    let (release, released) = std::sync::mpsc::channel::<()>();
-    let blocker = std::thread::spawn({
-        let url = url.clone();
-        move || {
-            let mut c = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
-            let mut tx = c.transaction().unwrap();
-            tx.batch_execute("LOCK TABLE profiles IN ACCESS EXCLUSIVE MODE")
-                .unwrap();
-            locked_tx.send(()).unwrap();
-            released.recv().unwrap();
-            tx.commit().unwrap();
-        }
-    });
-    tokio::task::block_in_place(|| locked.recv().unwrap());
+    let (release, blocker) = tokio::task::block_in_place(|| hold_profiles_locked(&url, |_| ()));
     let engine = profiles_sync::engine::start(Options::default().config(url.clone()))
         .await
         .unwrap();
@@ -1137,14 +1147,9 @@ async fn a_reconnected_store_is_loaded_again_before_its_next_write() {
         post(&base, "/v1/track", &track("before")).await.0,
         StatusCode::OK
     );
-    // A thread of its own breaks the engine's connections, then holds `profiles` locked until
-    // told to let go.
-    let (locked_tx, locked) = std::sync::mpsc::channel();
-    let (release, released) = std::sync::mpsc::channel::<()>();
-    let blocker = std::thread::spawn({
-        let url = url.clone();
-        move || {
-            let mut c = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+    // The engine's connections are ended, then `profiles` held locked.
+    let (release, blocker) = tokio::task::block_in_place(|| {
+        hold_profiles_locked(&url, |c| {
             let ended = c
                 .query(
                     "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity
@@ -1153,15 +1158,8 @@ async fn a_reconnected_store_is_loaded_again_before_its_next_write() {
                 )
                 .unwrap();
             assert!(!ended.is_empty(), "the engine had no connection");
-            let mut tx = c.transaction().unwrap();
-            tx.batch_execute("LOCK TABLE profiles IN ACCESS EXCLUSIVE MODE")
-                .unwrap();
-            locked_tx.send(()).unwrap();
-            released.recv().unwrap();
-            tx.commit().unwrap();
-        }
+        })
     });
-    tokio::task::block_in_place(|| locked.recv().unwrap());
     // The write finds the connection gone: answered at once, not after the reconnection,
     // which waits for the lock (10 s only bounds how long a broken engine makes this test wait).
     let answer = tokio::time::timeout(
