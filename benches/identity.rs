@@ -167,6 +167,7 @@ fn dedupe(kind: &str) -> serde_json::Value {
         source_id: "bench".into(),
         trust_received_at: true,
     };
+    let mut rng = rand::rng();
     const BATCH: u64 = 20_000;
     const SLICE: u64 = 2_000_000;
     let (mut done, mut slices) = (0u64, vec![]);
@@ -174,7 +175,7 @@ fn dedupe(kind: &str) -> serde_json::Value {
     while done < total {
         let batch: Vec<profiles_sync::store::PreparedEvent> = (0..BATCH.min(total - done))
             .map(|i| {
-                let m = json!({"type": "page", "messageId": uuid_v4(),
+                let m = json!({"type": "page", "messageId": profiles_sync::sample::uuid_v4(&mut rng),
                                "anonymousId": format!("visitor-{}", (done + i) % 1000), "name": "Home"});
                 let e = profiles_sync::event::Event::from_json(&m, None, &opts).expect("event");
                 profiles_sync::store::PreparedEvent::new(e)
@@ -199,22 +200,6 @@ fn dedupe(kind: &str) -> serde_json::Value {
     }
     json!({"scenario": kind, "events": done, "slices": slices, "peak_rss_mib": common::peak_rss_mib(),
            "note": "ingest only; page events of 1,000 visitors, random UUID messageIds, batches of 20,000"})
-}
-
-/// A random version-4 UUID, as the SDKs make messageIds.
-fn uuid_v4() -> String {
-    let b: [u8; 16] = rand::random();
-    let hex =
-        |r: std::ops::Range<usize>| b[r].iter().map(|x| format!("{x:02x}")).collect::<String>();
-    format!(
-        "{}-{}-4{}-{:x}{}-{}",
-        hex(0..4),
-        hex(4..6),
-        &hex(6..8)[1..],
-        8 | (b[8] & 3),
-        &hex(8..10)[2..],
-        hex(10..16)
-    )
 }
 
 fn main() {

@@ -16,6 +16,17 @@ fn client() -> reqwest::Client {
     reqwest::Client::new()
 }
 
+/// A GET's status and text.
+async fn get(base: &str, path: &str) -> (StatusCode, String) {
+    let r = client()
+        .get(format!("{base}{path}"))
+        .send()
+        .await
+        .expect("request");
+    let status = r.status();
+    (status, r.text().await.unwrap_or_default())
+}
+
 async fn post(base: &str, path: &str, body: &Value) -> (StatusCode, Value) {
     let r = client()
         .post(format!("{base}{path}"))
@@ -1087,16 +1098,8 @@ async fn readyz_says_loading_until_the_store_is_loaded() {
         .await
         .unwrap();
     let base = format!("http://{}", engine.addr);
-    let get = |path: &str| {
-        let url = format!("{base}{path}");
-        async move {
-            let r = client().get(url).send().await.unwrap();
-            let status = r.status();
-            (status, r.text().await.unwrap())
-        }
-    };
-    assert_eq!(get("/healthz").await.0, StatusCode::OK);
-    let (status, body) = get("/readyz").await;
+    assert_eq!(get(&base, "/healthz").await.0, StatusCode::OK);
+    let (status, body) = get(&base, "/readyz").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(body.contains("loading"), "{body}");
     let pending = tokio::spawn({
@@ -1113,7 +1116,7 @@ async fn readyz_says_loading_until_the_store_is_loaded() {
     release.send(()).unwrap();
     tokio::task::block_in_place(|| blocker.join().unwrap());
     engine.loaded().await;
-    assert_eq!(get("/readyz").await.0, StatusCode::OK);
+    assert_eq!(get(&base, "/readyz").await.0, StatusCode::OK);
     assert_eq!(pending.await.unwrap().0, StatusCode::OK);
     tokio::task::block_in_place(|| assert_stored_exactly(&url, vec!["early".into()]));
     engine.stop().await.unwrap();
@@ -1134,14 +1137,7 @@ async fn a_reconnected_store_is_loaded_again_before_its_next_write() {
         .unwrap();
     engine.loaded().await;
     let base = format!("http://{}", engine.addr);
-    let readyz = || {
-        let url = format!("{base}/readyz");
-        async move {
-            let r = client().get(url).send().await.unwrap();
-            let status = r.status();
-            (status, r.text().await.unwrap())
-        }
-    };
+    let readyz = || get(&base, "/readyz");
     let track = |id: &str| json!({"userId": "u1", "event": "Seen", "messageId": id});
     assert_eq!(
         post(&base, "/v1/track", &track("before")).await.0,

@@ -653,13 +653,9 @@ impl RecentIds {
             .merge_chunk
             .max(all.len().saturating_sub(MERGE_MAX));
         let through = if take < all.len() {
-            all.select_nth_unstable(take - 1);
+            // The `take`-th smallest seq; the ones before it are the smaller ones.
+            let (_, &mut (through, _), _) = all.select_nth_unstable(take - 1);
             all.truncate(take);
-            let through = all
-                .iter()
-                .map(|&(s, _)| s)
-                .max()
-                .unwrap_or(self.indexed_through);
             self.tail.retain(|_, s| *s > through);
             self.more.retain(|&(_, s)| s > through);
             through
@@ -951,22 +947,10 @@ pub(crate) mod tests {
 
         /// The index's `indexed_through` and its number of rows.
         fn indexed(&self) -> (i64, i64) {
-            let (through, rows) = (
-                "SELECT indexed_through FROM message_id_index",
-                "SELECT count(*) FROM message_id_entries",
-            );
-            match self {
-                Place::Lite(dir) => {
-                    let conn = rusqlite::Connection::open(dir.path().join("s.db")).unwrap();
-                    let one = |sql: &str| conn.query_row(sql, [], |r| r.get(0)).unwrap();
-                    (one(through), one(rows))
-                }
-                Place::Pg(url) => {
-                    let mut c = ::postgres::Client::connect(url, ::postgres::NoTls).unwrap();
-                    let mut one = |sql: &str| c.query_one(sql, &[]).unwrap().get(0);
-                    (one(through), one(rows))
-                }
-            }
+            self.pairs(
+                "SELECT (SELECT indexed_through FROM message_id_index),
+                        (SELECT count(*) FROM message_id_entries)",
+            )[0]
         }
     }
 
