@@ -822,6 +822,74 @@ async fn overload_answers_503_with_retry_after_and_loses_nothing_acknowledged() 
     t.engine.stop().await.unwrap();
 }
 
+/// A write that does not end (the store locked from outside, as a database server that stopped
+/// answering would hold it up) turns `/healthz` and `/readyz` to 503 once it has run past the
+/// stall timeout, saying why, so that the kubelet restarts the engine; `/metrics` shows how long
+/// it has run. Once the write ends both are 200 again and the request is stored.
+#[tokio::test]
+async fn a_write_past_the_stall_timeout_turns_healthz_to_503() {
+    let t = start_options(Options {
+        stall_timeout: std::time::Duration::from_secs(1),
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(get(&t.base, "/healthz").await.0, StatusCode::OK);
+    let blocker = lock_store(&t.store_path);
+    let pending = tokio::spawn({
+        let base = t.base.clone();
+        async move {
+            post(
+                &base,
+                "/v1/track",
+                &json!({"userId": "u1", "event": "A", "messageId": "stalled"}),
+            )
+            .await
+        }
+    });
+    // The condition is the passing of the stall timeout itself: poll for it, within a bound
+    // well under the store's 30 s busy timeout (which would end the write).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let body = loop {
+        let (status, body) = get(&t.base, "/healthz").await;
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            break body;
+        }
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/healthz never reported the stalled write"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(body.contains("stall timeout of 1 s"), "{body}");
+    let (status, body) = get(&t.base, "/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body.contains("one write"), "{body}");
+    let text = metrics(&t.base).await.unwrap();
+    let running: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("profiles_sync_engine_write_running_seconds "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no write_running_seconds: {text}"));
+    assert!(running >= 1.0, "write_running_seconds {running}");
+    assert!(
+        !pending.is_finished(),
+        "the write ended while the store was locked"
+    );
+    blocker.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(pending.await.unwrap().0, StatusCode::OK);
+    assert_eq!(get(&t.base, "/healthz").await.0, StatusCode::OK);
+    assert_eq!(get(&t.base, "/readyz").await.0, StatusCode::OK);
+    assert!(
+        metrics(&t.base)
+            .await
+            .unwrap()
+            .contains("profiles_sync_engine_write_running_seconds 0\n")
+    );
+    assert_stored_exactly(&t.store_url, vec!["stalled".into()]);
+    t.engine.stop().await.unwrap();
+}
+
 /// Once the queue is full (the writer blocked on a locked store), a request is turned away
 /// before its body is parsed: even a malformed one gets 503 with Retry-After, not a 400.
 #[tokio::test]

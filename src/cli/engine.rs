@@ -32,6 +32,10 @@ pub struct EngineArgs {
     /// Seconds a request's body may take to arrive after its headers; a slower client is answered 408.
     #[arg(long, env = "PROFILES_SYNC_BODY_TIMEOUT_SECS", default_value_t = 30)]
     pub body_timeout_secs: u64,
+    /// Seconds one store write may run before /healthz and /readyz answer 503 (the store does
+    /// not answer: the kubelet then restarts the engine); 0 turns the check off.
+    #[arg(long, env = "PROFILES_SYNC_STALL_TIMEOUT_SECS", default_value_t = 60)]
+    pub stall_timeout_secs: u64,
 }
 
 fn read(path: &PathBuf) -> anyhow::Result<String> {
@@ -58,6 +62,7 @@ impl EngineArgs {
             queue_capacity: self.queue_capacity.max(1),
             reading_capacity: self.reading_capacity.max(1),
             body_timeout: std::time::Duration::from_secs(self.body_timeout_secs.max(1)),
+            stall_timeout: std::time::Duration::from_secs(self.stall_timeout_secs),
         })
     }
 }

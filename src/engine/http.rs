@@ -45,6 +45,8 @@ pub struct AppState {
     pub loaded: tokio::sync::watch::Receiver<bool>,
     /// How long a request's body may take to arrive (408 past it).
     pub body_timeout: std::time::Duration,
+    /// How long one write may run before `/healthz` reports the writer stalled (never when 0).
+    pub stall_timeout: std::time::Duration,
 }
 
 type Shared = Arc<AppState>;
@@ -85,7 +87,7 @@ pub fn router(state: Shared) -> Router {
             count_feed_request,
         ));
     r.merge(feeds)
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(state)
@@ -254,6 +256,12 @@ async fn ingest_inner(
         return overloaded(state, count);
     };
     state.metrics.queue_depth.set(state.writer.depth() as i64);
+    state.metrics.write_running_seconds.set(
+        state
+            .writer
+            .write_running_for()
+            .map_or(0.0, |d| d.as_secs_f64()),
+    );
     match done.await {
         Ok(Ok(_)) => json_response(StatusCode::OK, json!({"success": true})),
         Ok(Err(e)) => {
@@ -479,8 +487,39 @@ async fn feed_page(
     }
 }
 
+/// Why the engine cannot write any more, if it cannot: its writer thread ended, or one write has
+/// run past the stall timeout (a database server that stopped answering, a lock never let go).
+fn writer_failure(state: &AppState) -> Option<String> {
+    if state.writer.has_ended() {
+        return Some("the store writer has ended".into());
+    }
+    let running = state.writer.write_running_for()?;
+    (!state.stall_timeout.is_zero() && running > state.stall_timeout).then(|| {
+        format!(
+            "the store writer has been in one write for {:.0} s, past the stall timeout of {} s: \
+             the store does not answer",
+            running.as_secs_f64(),
+            state.stall_timeout.as_secs()
+        )
+    })
+}
+
+/// Liveness: 503 once the engine cannot write any more ([`writer_failure`]), so that the
+/// kubelet restarts it; a restart opens new connections, which also ends a transaction it held.
+async fn healthz(State(state): State<Shared>) -> Response {
+    match writer_failure(&state) {
+        Some(why) => {
+            tracing::error!(reason = %why, "unhealthy");
+            (StatusCode::SERVICE_UNAVAILABLE, why).into_response()
+        }
+        None => (StatusCode::OK, "ok").into_response(),
+    }
+}
+
 async fn readyz(State(state): State<Shared>) -> Response {
-    if !*state.loaded.borrow() {
+    if let Some(why) = writer_failure(&state) {
+        (StatusCode::SERVICE_UNAVAILABLE, why).into_response()
+    } else if !*state.loaded.borrow() {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "loading the identity graph",
@@ -495,6 +534,12 @@ async fn readyz(State(state): State<Shared>) -> Response {
 
 async fn metrics(State(state): State<Shared>) -> Response {
     state.metrics.queue_depth.set(state.writer.depth() as i64);
+    state.metrics.write_running_seconds.set(
+        state
+            .writer
+            .write_running_for()
+            .map_or(0.0, |d| d.as_secs_f64()),
+    );
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

@@ -1,6 +1,8 @@
 //! The engine's Prometheus metrics.
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
 
 /// Every metric the engine exports on `/metrics`.
 #[derive(Clone)]
@@ -23,6 +25,8 @@ pub struct Metrics {
     pub commit_seconds: Histogram,
     /// Requests waiting for the writer.
     pub queue_depth: IntGauge,
+    /// Seconds the write under way has been running (0 between writes).
+    pub write_running_seconds: Gauge,
     /// Profiles created.
     pub profiles_created: IntCounter,
     /// Live (not merged-away) profiles in the store.
@@ -72,6 +76,10 @@ impl Metrics {
             .buckets(buckets),
         )?;
         let queue_depth = IntGauge::new("queue_depth", "Requests waiting for the store writer")?;
+        let write_running_seconds = Gauge::new(
+            "write_running_seconds",
+            "Seconds the store writer's current write has been running (0 between writes)",
+        )?;
         let profiles_created = IntCounter::new(
             "profiles_created_total",
             "Profiles created by identity resolution",
@@ -86,6 +94,7 @@ impl Metrics {
         registry.register(Box::new(resolve_seconds.clone()))?;
         registry.register(Box::new(commit_seconds.clone()))?;
         registry.register(Box::new(queue_depth.clone()))?;
+        registry.register(Box::new(write_running_seconds.clone()))?;
         registry.register(Box::new(profiles_created.clone()))?;
         registry.register(Box::new(profiles.clone()))?;
         registry.register(Box::new(merges.clone()))?;
@@ -99,6 +108,7 @@ impl Metrics {
             resolve_seconds,
             commit_seconds,
             queue_depth,
+            write_running_seconds,
             profiles_created,
             profiles,
             merges,

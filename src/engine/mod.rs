@@ -40,6 +40,9 @@ pub struct EngineConfig {
     /// stalls longer is answered 408, so stalled clients cannot hold the reading capacity (or
     /// a graceful shutdown) for ever.
     pub body_timeout: std::time::Duration,
+    /// How long one write of the store writer may run before `/healthz` and `/readyz` answer
+    /// 503 (so that the kubelet restarts the engine); zero turns the check off.
+    pub stall_timeout: std::time::Duration,
 }
 
 /// A started engine: its address, and a handle to stop it.
@@ -133,6 +136,7 @@ pub async fn start(config: EngineConfig) -> anyhow::Result<RunningEngine> {
         ready: AtomicBool::new(true),
         loaded: loaded.clone(),
         body_timeout: config.body_timeout,
+        stall_timeout: config.stall_timeout,
     });
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;

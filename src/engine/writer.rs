@@ -4,7 +4,9 @@
 //! The queue is bounded: when it is full the HTTP layer answers 503 with `Retry-After` instead
 //! of buffering, so memory stays bounded under overload.
 
-use std::time::Instant;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -31,6 +33,47 @@ pub struct Overloaded;
 pub struct Writer {
     tx: mpsc::Sender<Job>,
     capacity: usize,
+    clock: WriteClock,
+}
+
+/// When the writer's current write began, shared with `/healthz`. A write that never ends (a
+/// database server that stopped answering without closing its connections, a lock never let
+/// go) is otherwise invisible: the process is up and answers 503s. Loads of the store (at start
+/// and after a reconnect) are not writes: `/readyz` reports those.
+#[derive(Clone)]
+struct WriteClock {
+    origin: Instant,
+    /// Microseconds from `origin` to the start of the write under way, plus one; 0 when idle.
+    started: Arc<AtomicU64>,
+}
+
+impl WriteClock {
+    fn new() -> WriteClock {
+        WriteClock {
+            origin: Instant::now(),
+            started: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn begin(&self) {
+        let now = u64::try_from(self.origin.elapsed().as_micros()).unwrap_or(u64::MAX - 1);
+        self.started.store(now + 1, Ordering::Relaxed);
+    }
+
+    fn end(&self) {
+        self.started.store(0, Ordering::Relaxed);
+    }
+
+    fn running_for(&self) -> Option<Duration> {
+        match self.started.load(Ordering::Relaxed) {
+            0 => None,
+            began => Some(
+                self.origin
+                    .elapsed()
+                    .saturating_sub(Duration::from_micros(began - 1)),
+            ),
+        }
+    }
 }
 
 impl Writer {
@@ -45,16 +88,25 @@ impl Writer {
         loaded: tokio::sync::watch::Sender<bool>,
     ) -> (Writer, std::thread::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(capacity);
+        let clock = WriteClock::new();
+        let writing = clock.clone();
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || {
                 warm_up(&mut *store, &metrics);
                 loaded.send_replace(true);
                 let reopen = Reopen { url, rules, loaded };
-                run(store, reopen, rx, metrics)
+                run(store, reopen, rx, &Context { metrics, writing })
             })
             .unwrap_or_else(|e| panic!("cannot start the store writer thread: {e}"));
-        (Writer { tx, capacity }, handle)
+        (
+            Writer {
+                tx,
+                capacity,
+                clock,
+            },
+            handle,
+        )
     }
 
     /// Queues events; the receiver resolves once they are committed. Fails at once when full.
@@ -78,11 +130,27 @@ impl Writer {
     pub fn depth(&self) -> usize {
         self.capacity - self.tx.capacity()
     }
+
+    /// Whether the writer thread has ended (it only does on a panic while the engine runs).
+    pub fn has_ended(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    /// How long the write under way has been running (`None` between writes).
+    pub fn write_running_for(&self) -> Option<Duration> {
+        self.clock.running_for()
+    }
+}
+
+/// What the writer thread records into: the metrics and the clock of the write under way.
+struct Context {
+    metrics: Metrics,
+    writing: WriteClock,
 }
 
 type Reply = oneshot::Sender<Result<IngestSummary, String>>;
 
-fn run(mut store: Box<dyn Store>, reopen: Reopen, mut rx: mpsc::Receiver<Job>, metrics: Metrics) {
+fn run(mut store: Box<dyn Store>, reopen: Reopen, mut rx: mpsc::Receiver<Job>, cx: &Context) {
     while let Some(first) = rx.blocking_recv() {
         let mut jobs = vec![first];
         let mut count = jobs[0].events.len();
@@ -103,7 +171,7 @@ fn run(mut store: Box<dyn Store>, reopen: Reopen, mut rx: mpsc::Receiver<Job>, m
             events.extend(job.events);
             requests.push((job.reply, start..events.len()));
         }
-        match ingest(&mut *store, &events, &metrics) {
+        match ingest(&mut *store, &events, cx) {
             Ok(summary) => {
                 for (reply, _) in requests {
                     let _ = reply.send(Ok(summary.clone()));
@@ -122,7 +190,7 @@ fn run(mut store: Box<dyn Store>, reopen: Reopen, mut rx: mpsc::Receiver<Job>, m
                             let _ = reply.send(Err(error.clone()));
                             continue;
                         }
-                        let result = ingest(&mut *store, &events[range], &metrics);
+                        let result = ingest(&mut *store, &events[range], cx);
                         if let Err(e) = &result {
                             tracing::warn!(error = %e, "a request failed to commit on its own; it was not stored");
                             if !e.is_data_refusal() {
@@ -133,7 +201,7 @@ fn run(mut store: Box<dyn Store>, reopen: Reopen, mut rx: mpsc::Receiver<Job>, m
                         let _ = reply.send(result.map_err(|e| e.to_string()));
                     }
                     if reopening {
-                        reopen.reopen(&mut store, &metrics);
+                        reopen.reopen(&mut store, &cx.metrics);
                     }
                 } else {
                     // Answered before the store is reopened: the clients need not wait for
@@ -143,7 +211,7 @@ fn run(mut store: Box<dyn Store>, reopen: Reopen, mut rx: mpsc::Receiver<Job>, m
                         let _ = reply.send(Err(e.to_string()));
                     }
                     if due {
-                        reopen.reopen(&mut store, &metrics);
+                        reopen.reopen(&mut store, &cx.metrics);
                     }
                 }
             }
@@ -183,10 +251,13 @@ fn record_profiles(store: &dyn Store, metrics: &Metrics) {
 fn ingest(
     store: &mut dyn Store,
     events: &[PreparedEvent],
-    metrics: &Metrics,
+    cx: &Context,
 ) -> Result<IngestSummary, StoreError> {
+    let metrics = &cx.metrics;
     let started = Instant::now();
+    cx.writing.begin();
     let result = store.ingest_prepared(events);
+    cx.writing.end();
     let took = started.elapsed();
     // A failed ingest has no resolution time to report; all of it counts as the commit.
     let resolving = result.as_ref().map(|s| s.resolve_time).unwrap_or_default();

@@ -98,7 +98,7 @@ pub fn render_cases() -> Vec<(&'static str, Value, &'static str, &'static str)> 
                 "identityRules": {"limits": {"email": {"max": 3, "window": "30d"}},
                                   "priority": ["user_id", "email"],
                                   "caps": {"max_traits": 200}},
-                "engine": {"queueCapacity": 128, "logLevel": "debug",
+                "engine": {"queueCapacity": 128, "stallTimeoutSeconds": 90, "logLevel": "debug",
                     "service": {"type": "LoadBalancer", "port": 80, "annotations": {"a": "b"}},
                     "nodeSelector": {"pool": "data"},
                     "tolerations": [{"key": "pool", "operator": "Equal", "value": "data", "effect": "NoSchedule"}],

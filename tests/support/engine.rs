@@ -67,6 +67,8 @@ pub struct Options {
     pub reading: usize,
     /// How long a body may take to arrive.
     pub body_timeout: std::time::Duration,
+    /// How long one write may run before the engine says it is stalled.
+    pub stall_timeout: std::time::Duration,
     /// The feed API's token (`None`: the feed API is closed).
     pub feed_token: Option<&'static str>,
     /// The store; a fresh SQLite file when unset.
@@ -79,6 +81,7 @@ impl Default for Options {
             capacity: 8,
             reading: 64,
             body_timeout: std::time::Duration::from_secs(30),
+            stall_timeout: std::time::Duration::from_secs(60),
             feed_token: Some(FEED_TOKEN),
             store_url: None,
         }
@@ -97,6 +100,7 @@ impl Options {
             queue_capacity: self.capacity,
             reading_capacity: self.reading,
             body_timeout: self.body_timeout,
+            stall_timeout: self.stall_timeout,
         }
     }
 }

@@ -40,6 +40,7 @@ spec:
         - --feed-token-file=/etc/profiles-sync/feed-token/token
         - --queue-capacity={{ $e.queueCapacity }}
         - --reading-capacity={{ $e.readingCapacity }}
+        - --stall-timeout-secs={{ $e.stallTimeoutSeconds }}
         {{- if .Values.identityRules }}
         - --rules=/etc/profiles-sync/rules/rules.yaml
         {{- end }}
