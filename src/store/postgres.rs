@@ -15,10 +15,12 @@ use super::{
     Store, StoreError, Trigger, WriteTx,
 };
 use crate::identity::{IdentifierState, ProfileState, Rules};
+use crate::warehouse::postgres::with_timeouts;
 
 /// Connects with the URL's `sslmode`: `disable` in clear, `prefer` and `require` through rustls
 /// (encrypted, the certificate not verified — libpq's meaning of those modes), and the
-/// connection's timeouts ([`with_timeouts`]).
+/// connection's timeouts ([`with_timeouts`]): a database host that vanishes then fails the
+/// store's statements in about a minute, and the engine answers 503 and reconnects.
 fn connect(url: &str) -> Result<Client, StoreError> {
     let mut config: postgres::Config = url.parse()?;
     with_timeouts(&mut config);
@@ -32,34 +34,6 @@ fn connect(url: &str) -> Result<Client, StoreError> {
                 })?;
             Ok(config.connect(tls)?)
         }
-    }
-}
-
-/// libpq's (and the driver's) default idle time before TCP keepalives start: 2 hours.
-const DRIVER_KEEPALIVES_IDLE: std::time::Duration = std::time::Duration::from_secs(7200);
-
-/// Sets the timeouts the URL leaves unset (`connect_timeout`, `keepalives_idle` other than the
-/// driver's default of 2 hours, `keepalives_interval`, `keepalives_retries`, `tcp_user_timeout`),
-/// so that a server that vanishes without closing the connection (a failed-over host, a network
-/// partition) fails the store's statements in about a minute rather than hours: 10 s to
-/// connect; keepalives after 30 s idle, every 10 s, 3 unanswered ending the connection; sent
-/// data unacknowledged for 60 s ending it too. The engine then answers 503 and reconnects.
-fn with_timeouts(config: &mut postgres::Config) {
-    use std::time::Duration;
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(Duration::from_secs(10));
-    }
-    if config.get_keepalives_idle() == DRIVER_KEEPALIVES_IDLE {
-        config.keepalives_idle(Duration::from_secs(30));
-    }
-    if config.get_keepalives_interval().is_none() {
-        config.keepalives_interval(Duration::from_secs(10));
-    }
-    if config.get_keepalives_retries().is_none() {
-        config.keepalives_retries(3);
-    }
-    if config.get_tcp_user_timeout().is_none() {
-        config.tcp_user_timeout(Duration::from_secs(60));
     }
 }
 
@@ -923,35 +897,5 @@ impl Store for PostgresStore {
                 &[&micros(received_at)],
             )?
             .get(0))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    /// A URL that sets no timeouts gets the store's; one that sets them keeps its own.
-    #[test]
-    fn timeouts_apply_unless_the_url_sets_them() {
-        let mut plain: postgres::Config = "postgresql://u@localhost/db".parse().unwrap();
-        super::with_timeouts(&mut plain);
-        assert_eq!(plain.get_connect_timeout(), Some(&Duration::from_secs(10)));
-        assert_eq!(plain.get_keepalives_idle(), Duration::from_secs(30));
-        assert_eq!(
-            plain.get_keepalives_interval(),
-            Some(Duration::from_secs(10))
-        );
-        assert_eq!(plain.get_keepalives_retries(), Some(3));
-        assert_eq!(plain.get_tcp_user_timeout(), Some(&Duration::from_secs(60)));
-        let mut own: postgres::Config = "postgresql://u@localhost/db?connect_timeout=3\
-            &keepalives_idle=5&keepalives_interval=2&keepalives_retries=9&tcp_user_timeout=7"
-            .parse()
-            .unwrap();
-        super::with_timeouts(&mut own);
-        assert_eq!(own.get_connect_timeout(), Some(&Duration::from_secs(3)));
-        assert_eq!(own.get_keepalives_idle(), Duration::from_secs(5));
-        assert_eq!(own.get_keepalives_interval(), Some(Duration::from_secs(2)));
-        assert_eq!(own.get_keepalives_retries(), Some(9));
-        assert_eq!(own.get_tcp_user_timeout(), Some(&Duration::from_secs(7)));
     }
 }

@@ -58,6 +58,63 @@ pub fn pg_error(e: postgres::Error) -> WarehouseError {
     }
 }
 
+/// libpq's (and the driver's) default idle time before TCP keepalives start: 2 hours.
+const DRIVER_KEEPALIVES_IDLE: std::time::Duration = std::time::Duration::from_secs(7200);
+
+/// Sets the timeouts the URL leaves unset (`connect_timeout`, `keepalives_idle` other than the
+/// driver's default of 2 hours, `keepalives_interval`, `keepalives_retries`, `tcp_user_timeout`),
+/// so that a server that vanishes without closing the connection (a failed-over host, a network
+/// partition) fails the connection's statements in about a minute rather than hours: 10 s to
+/// connect; keepalives after 30 s idle, every 10 s, 3 unanswered ending the connection; sent
+/// data unacknowledged for 60 s ending it too. Both the store's connections and the sync's
+/// warehouse connections get them.
+pub fn with_timeouts(config: &mut postgres::Config) {
+    use std::time::Duration;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(10));
+    }
+    if config.get_keepalives_idle() == DRIVER_KEEPALIVES_IDLE {
+        config.keepalives_idle(Duration::from_secs(30));
+    }
+    if config.get_keepalives_interval().is_none() {
+        config.keepalives_interval(Duration::from_secs(10));
+    }
+    if config.get_keepalives_retries().is_none() {
+        config.keepalives_retries(3);
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(Duration::from_secs(60));
+    }
+}
+
+/// The driver's configuration for a WarehouseConnection's settings and credentials: 30 s to
+/// connect, and the keepalives of [`with_timeouts`], so that a warehouse host that vanishes
+/// mid-sync fails the run in about a minute (the next run retries) instead of hanging it.
+fn driver_config(
+    settings: &PostgresSettings,
+    credentials: &Credentials,
+) -> Result<Config, WarehouseError> {
+    let mut config = Config::new();
+    config
+        .host(&settings.host)
+        .port(settings.port)
+        .dbname(&settings.database)
+        .application_name("profiles-sync")
+        .connect_timeout(std::time::Duration::from_secs(30));
+    with_timeouts(&mut config);
+    let user = credentials.username.as_deref().ok_or_else(|| {
+        WarehouseError::new(
+            ErrorClass::Permission,
+            "the credentials Secret has no username key",
+        )
+    })?;
+    config.user(user);
+    if let Some(p) = &credentials.password {
+        config.password(p);
+    }
+    Ok(config)
+}
+
 impl PostgresWarehouse {
     /// Connects with the settings and credentials of a WarehouseConnection.
     pub fn connect(
@@ -65,25 +122,8 @@ impl PostgresWarehouse {
         schema: &str,
         credentials: &Credentials,
     ) -> Result<PostgresWarehouse, WarehouseError> {
-        let mut config = Config::new();
-        config
-            .host(&settings.host)
-            .port(settings.port)
-            .dbname(&settings.database)
-            .application_name("profiles-sync")
-            .connect_timeout(std::time::Duration::from_secs(30));
-        let user = credentials.username.as_deref().ok_or_else(|| {
-            WarehouseError::new(
-                ErrorClass::Permission,
-                "the credentials Secret has no username key",
-            )
-        })?;
-        config.user(user);
-        if let Some(p) = &credentials.password {
-            config.password(p);
-        }
         Self::with_config(
-            config,
+            driver_config(settings, credentials)?,
             settings.ssl_mode,
             credentials.ca_cert.as_deref(),
             schema,
@@ -361,5 +401,69 @@ impl Warehouse for PostgresWarehouse {
             }
             Err(e) => Err(e.error),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::with_timeouts;
+
+    /// A URL that sets no timeouts gets the store's; one that sets them keeps its own.
+    #[test]
+    fn timeouts_apply_unless_the_url_sets_them() {
+        let mut plain: postgres::Config = "postgresql://u@localhost/db".parse().unwrap();
+        with_timeouts(&mut plain);
+        assert_eq!(plain.get_connect_timeout(), Some(&Duration::from_secs(10)));
+        assert_eq!(plain.get_keepalives_idle(), Duration::from_secs(30));
+        assert_eq!(
+            plain.get_keepalives_interval(),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(plain.get_keepalives_retries(), Some(3));
+        assert_eq!(plain.get_tcp_user_timeout(), Some(&Duration::from_secs(60)));
+        let mut own: postgres::Config = "postgresql://u@localhost/db?connect_timeout=3\
+            &keepalives_idle=5&keepalives_interval=2&keepalives_retries=9&tcp_user_timeout=7"
+            .parse()
+            .unwrap();
+        with_timeouts(&mut own);
+        assert_eq!(own.get_connect_timeout(), Some(&Duration::from_secs(3)));
+        assert_eq!(own.get_keepalives_idle(), Duration::from_secs(5));
+        assert_eq!(own.get_keepalives_interval(), Some(Duration::from_secs(2)));
+        assert_eq!(own.get_keepalives_retries(), Some(9));
+        assert_eq!(own.get_tcp_user_timeout(), Some(&Duration::from_secs(7)));
+    }
+
+    /// A warehouse connection gets 30 s to connect and the keepalive timeouts; without a
+    /// username it is refused before any connection is tried.
+    #[test]
+    fn warehouse_connections_get_the_keepalive_timeouts() {
+        let settings = crate::crd::PostgresSettings {
+            host: "db.example".into(),
+            port: 5432,
+            database: "analytics".into(),
+            ssl_mode: crate::crd::SslMode::Require,
+        };
+        let credentials = crate::warehouse::Credentials {
+            username: Some("loader".into()),
+            ..Default::default()
+        };
+        let config = super::driver_config(&settings, &credentials).unwrap();
+        assert_eq!(config.get_connect_timeout(), Some(&Duration::from_secs(30)));
+        assert_eq!(config.get_keepalives_idle(), Duration::from_secs(30));
+        assert_eq!(
+            config.get_keepalives_interval(),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(config.get_keepalives_retries(), Some(3));
+        assert_eq!(
+            config.get_tcp_user_timeout(),
+            Some(&Duration::from_secs(60))
+        );
+        assert_eq!(config.get_user(), Some("loader"));
+        let nobody = crate::warehouse::Credentials::default();
+        let e = super::driver_config(&settings, &nobody).unwrap_err();
+        assert!(e.to_string().contains("no username"), "{e}");
     }
 }
