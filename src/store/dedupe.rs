@@ -161,6 +161,8 @@ thread_local! {
     /// Tests: how many times this thread's filters were replaced by a larger one filled a step
     /// at a time.
     pub(crate) static FILTER_GROWTHS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// Tests: how many times a larger filter was started (a growth, or a growth begun again).
+    pub(crate) static FILTER_STARTS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 impl Bloom {
@@ -220,7 +222,8 @@ impl Bloom {
 /// Once it has read to the end of the index, it replaces the smaller one. Entries another
 /// writer adds behind the point reached reach it as every hash does: through the catch-up with
 /// that writer's events. Only an index that reaches twice the filter's room first (a filter at
-/// 8 bits an entry) has the rest read at once.
+/// 8 bits an entry) has the rest read at once; into a filter sized for it, begun again, when
+/// the growth under way was sized for an index smaller than half of it.
 ///
 /// Rebuilt whole inside the write that outgrew it instead, as it was before, the filter made
 /// that write take 5 s near 17M entries on SQLite, and on PostgreSQL each engine replica had
@@ -285,12 +288,25 @@ impl Filter {
         let outgrown = self.outgrown(indexed);
         let since = head.saturating_sub(self.stepped_at);
         self.stepped_at = head;
-        let growing = match &mut self.growing {
-            Some(g) => g,
-            None if indexed > room / 2 => self.growing.insert(Growing {
+        let start = || {
+            #[cfg(test)]
+            FILTER_STARTS.with(|n| n.set(n.get() + 1));
+            Growing {
                 next: Bloom::new(room.max(indexed).saturating_mul(2), tuning.bloom_min()),
                 after: [i64::MIN; 3],
-            }),
+            }
+        };
+        let growing = match &mut self.growing {
+            // Begun for an index since outgrown (a writer catching up after another merged
+            // much): the larger filter would be too small for the index once filled, and
+            // another growth would follow at once, a second pass over the index. The index is
+            // read whole now anyway: into a filter sized for it.
+            Some(g) if outgrown && indexed > g.next.capacity / 2 => {
+                *g = start();
+                g
+            }
+            Some(g) => g,
+            None if indexed > room / 2 => self.growing.insert(start()),
             None => return Ok(()),
         };
         let limit = if outgrown {
@@ -1052,6 +1068,7 @@ pub(crate) mod tests {
         a_write_whose_ingest_failed_is_rolled_back_by_its_commit,
         a_rolled_back_write_keeps_the_filter,
         filters_grow_with_the_index_and_miss_nothing,
+        a_growth_outgrown_during_a_catch_up_starts_again_sized_for_the_index,
         three_writers_at_random_agree_with_a_model,
         merges_fill_runs_and_every_run_is_probed,
         a_version_3_index_becomes_the_first_run,
@@ -1232,6 +1249,59 @@ pub(crate) mod tests {
         assert!(builds() > before, "b kept a filter too small for the index");
         assert_eq!(b.ingest(ids(0, 400)), (0, 400));
         assert_eq!(place.indexed(), (through, entries));
+    }
+
+    /// A writer whose filter is growing a step at a time, catching up after another writer
+    /// merged past twice its room, begins the growth again sized for the index and reads the
+    /// index once, in that write. Before, it filled the larger filter sized when its growth
+    /// began, too small for the index, and read the whole index a second time into another.
+    fn a_growth_outgrown_during_a_catch_up_starts_again_sized_for_the_index(kind: &str) {
+        let (builds, growths, starts) = (
+            || count(&super::FILTER_BUILDS),
+            || count(&super::FILTER_GROWTHS),
+            || count(&super::FILTER_STARTS),
+        );
+        let tuning = Tuning {
+            merge_min: 40,
+            merge_chunk: usize::MAX,
+            max_run: 200,
+            grow_step: 8,
+            narrow: false,
+            small_filters: true,
+        };
+        let place = Place::new(kind);
+        let (mut a, mut b) = (place.open_tuned(tuning), place.open_tuned(tuning));
+        let ids = |from: usize, to: usize| pages((from..to).map(|i| format!("id-{i}")));
+        a.ingest(ids(0, 1));
+        // b alone, an event a write, until its filter starts growing; its steps of 8 then
+        // take several writes.
+        let (mut next, before) = (1, starts());
+        while starts() == before {
+            assert!(next < 1_000, "b's filter never started growing");
+            assert_eq!(b.ingest(ids(next, next + 1)), (1, 0));
+            next += 1;
+        }
+        assert!(b.ingest(ids(next, next + 1)) == (1, 0) && starts() == before + 1);
+        next += 1;
+        // a merges far past b's room.
+        assert_eq!(a.ingest(ids(next, next + 600)), (600, 0));
+        next += 600;
+        let (built, grown) = (builds(), growths());
+        assert_eq!(b.ingest(ids(next, next + 1)), (1, 0));
+        next += 1;
+        assert_eq!(
+            (builds() - built, growths() - grown),
+            (1, 1),
+            "b's catch-up read the index whole other than once into one larger filter"
+        );
+        let begun = starts();
+        for i in 0..3 {
+            assert_eq!(b.ingest(ids(next + i, next + i + 1)), (1, 0));
+        }
+        assert_eq!(starts(), begun, "b's filter began growing again at once");
+        next += 3;
+        assert_eq!(b.ingest(ids(0, next)), (0, next));
+        assert_eq!(a.ingest(ids(0, next)), (0, next));
     }
 
     fn poison() -> Event {
