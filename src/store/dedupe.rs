@@ -1208,6 +1208,18 @@ pub(crate) mod tests {
         assert_eq!(place.runs().0, vec![(0, 86)]);
     }
 
+    /// Small filters that grow a step of 8 entries at a time, merges of 40 and more.
+    fn growing_tuning() -> Tuning {
+        Tuning {
+            merge_min: 40,
+            merge_chunk: usize::MAX,
+            max_run: 200,
+            grow_step: 8,
+            narrow: false,
+            small_filters: true,
+        }
+    }
+
     /// Filters sized for 32 entries fill after a merge or two. A writer's grows a step at a
     /// time: once the index fills half its room, each write reads 8 more entries into a filter
     /// twice as large, which replaces it once it has them all; no write reads the whole index.
@@ -1216,14 +1228,7 @@ pub(crate) mod tests {
     fn filters_grow_with_the_index_and_miss_nothing(kind: &str) {
         let builds = || count(&super::FILTER_BUILDS);
         let growths = || count(&super::FILTER_GROWTHS);
-        let tuning = Tuning {
-            merge_min: 40,
-            merge_chunk: usize::MAX,
-            max_run: 200,
-            grow_step: 8,
-            narrow: false,
-            small_filters: true,
-        };
+        let tuning = growing_tuning();
         let place = Place::new(kind);
         let (mut a, mut b) = (place.open_tuned(tuning), place.open_tuned(tuning));
         let ids = |from: usize, to: usize| pages((from..to).map(|i| format!("id-{i}")));
@@ -1261,14 +1266,7 @@ pub(crate) mod tests {
             || count(&super::FILTER_GROWTHS),
             || count(&super::FILTER_STARTS),
         );
-        let tuning = Tuning {
-            merge_min: 40,
-            merge_chunk: usize::MAX,
-            max_run: 200,
-            grow_step: 8,
-            narrow: false,
-            small_filters: true,
-        };
+        let tuning = growing_tuning();
         let place = Place::new(kind);
         let (mut a, mut b) = (place.open_tuned(tuning), place.open_tuned(tuning));
         let ids = |from: usize, to: usize| pages((from..to).map(|i| format!("id-{i}")));
