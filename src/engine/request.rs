@@ -15,10 +15,11 @@ use super::sources::{SourceConfig, Sources};
 pub const MAX_MESSAGE_BYTES: usize = 32 * 1024;
 /// Segment's limit on one batch request.
 pub const MAX_BATCH_BYTES: usize = 500 * 1024;
-/// How much a batch may grow when its top-level `context` and `sentAt` are copied into each
-/// message that has none. It bounds the memory one request takes: without it, a 500 KB batch
-/// of empty messages sharing a large `context` would expand a hundred-thousand-fold.
-pub const MAX_EXPANDED_BATCH_BYTES: usize = 2 * 1024 * 1024;
+/// How much a batch may grow when its top-level `sentAt`, `context` and `integrations` are
+/// copied or merged into each message (8 times the batch limit). It bounds the memory one
+/// request takes: without it, a 500 KB batch of empty messages sharing a large `context` would
+/// expand a hundred-thousand-fold.
+pub const MAX_EXPANDED_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// The longest message id, user or anonymous id, group or previous id, identifier value and
 /// Track event name, in bytes: the stores index these, and PostgreSQL refuses an index entry
 /// larger than about a third of a page (2,704 bytes), which would fail the commit of every
@@ -103,7 +104,8 @@ pub struct Accepted {
 /// Decompresses a gzip body, refusing to inflate past `limit` bytes (a zip bomb stays small).
 pub fn gunzip(body: &[u8], limit: usize) -> Result<Vec<u8>, ApiError> {
     let mut out = Vec::with_capacity(body.len() * 4);
-    let mut decoder = flate2::read::GzDecoder::new(body).take(limit as u64 + 1);
+    // Every member: a body may be several gzip streams one after another (RFC 1952).
+    let mut decoder = flate2::read::MultiGzDecoder::new(body).take(limit as u64 + 1);
     decoder
         .read_to_end(&mut out)
         .map_err(|e| ApiError::new(400, format!("body is not valid gzip: {e}")))?;
@@ -129,46 +131,110 @@ pub fn basic_auth_user(header: Option<&str>) -> Option<String> {
     (!user.is_empty()).then(|| user.to_string())
 }
 
-/// The messages of a batch object; its top-level `context` and `sentAt` apply to each message
-/// that has none, as in Segment's batch API — refused (413) before the copies would grow the
-/// batch past [`MAX_EXPANDED_BATCH_BYTES`]. Takes the messages out of `obj` (no copy).
+/// The messages of a batch object, as Segment's batch API reads it: the batch's `sentAt`
+/// applies to each message that has none, and its `context` and `integrations` are merged into
+/// each message's own (the message's values win; objects in both are merged key by key). Each
+/// message is held to the 32 KB limit as it was sent, before the merge; the batch is refused
+/// (413) before the merged copies would grow it past [`MAX_EXPANDED_BATCH_BYTES`]. Takes the
+/// messages out of `obj` (no copy).
 pub fn batch_messages(obj: &mut Map<String, Value>) -> Result<Vec<Value>, ApiError> {
     let mut items = match obj.remove("batch") {
         Some(Value::Array(items)) => items,
         Some(_) => return Err(field_error(400, "batch", "must be an array", None)),
         None => return Err(field_error(400, "batch", "is required", None)),
     };
-    // Each shared key with the bytes it adds to a message (as `"key":value,`).
-    let shared: Vec<(&str, &Value, usize)> = ["sentAt", "context"]
-        .into_iter()
-        .filter_map(|key| {
-            let v = obj.get(key)?;
-            let len = json_len(v);
-            Some((key, v, len.saturating_add(key.len() + 4)))
-        })
-        .collect();
+    // The batch's own fields are checked here, so that an error names them, not a message.
+    let sent_at = match obj.get("sentAt") {
+        None | Some(Value::Null) => None,
+        Some(v @ Value::String(s)) if crate::event::parse_timestamp(s).is_some() => Some(v),
+        Some(_) => {
+            return Err(field_error(
+                400,
+                "sentAt",
+                "must be an ISO-8601 date-time string (e.g. 2024-05-01T12:00:00.000Z)",
+                None,
+            ));
+        }
+    };
+    let mut shared = vec![];
+    for key in ["context", "integrations"] {
+        match obj.get(key) {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(m)) if m.is_empty() => {}
+            Some(Value::Object(m)) => shared.push((key, m)),
+            Some(_) => return Err(field_error(400, key, "must be an object", None)),
+        }
+    }
     let mut added = 0usize;
-    for item in &mut items {
-        if let Some(m) = item.as_object_mut() {
-            for (key, v, len) in &shared {
-                if m.contains_key(*key) {
-                    continue;
+    for (i, item) in items.iter_mut().enumerate() {
+        if json_len(item) > MAX_MESSAGE_BYTES {
+            return Err(ApiError {
+                status: 400,
+                message: format!("message exceeds the {} KB limit", MAX_MESSAGE_BYTES / 1024),
+                field: None,
+                index: Some(i),
+                events: 1,
+            });
+        }
+        let Some(m) = item.as_object_mut() else {
+            continue;
+        };
+        if let Some(v) = sent_at
+            && !m.contains_key("sentAt")
+        {
+            added = added.saturating_add(entry_len("sentAt", v));
+            m.insert("sentAt".into(), v.clone());
+        }
+        for (key, batch) in &shared {
+            match m.get_mut(*key) {
+                None | Some(Value::Null) => {
+                    added = added.saturating_add(entry_len(key, &Value::Null));
+                    m.insert((*key).into(), Value::Object(Map::new()));
+                    if let Some(Value::Object(own)) = m.get_mut(*key) {
+                        added = added.saturating_add(merge_into(own, batch));
+                    }
                 }
-                added = added.saturating_add(*len);
-                if added > MAX_EXPANDED_BATCH_BYTES {
-                    return Err(ApiError::new(
-                        413,
-                        format!(
-                            "batch exceeds the {} KB limit once its context and sentAt are copied into each message",
-                            MAX_EXPANDED_BATCH_BYTES / 1024
-                        ),
-                    ));
-                }
-                m.insert((*key).into(), (*v).clone());
+                Some(Value::Object(own)) => added = added.saturating_add(merge_into(own, batch)),
+                // A message's own value of the wrong type gets its 400 when it is read.
+                Some(_) => {}
             }
+        }
+        if added > MAX_EXPANDED_BATCH_BYTES {
+            return Err(ApiError::new(
+                413,
+                format!(
+                    "batch exceeds the {} KB limit once its context, integrations and sentAt are \
+                     merged into each message: send smaller batches, or these fields in each message",
+                    MAX_EXPANDED_BATCH_BYTES / 1024
+                ),
+            ));
         }
     }
     Ok(items)
+}
+
+/// Copies into `own` each key of `batch` it lacks, merging the objects both hold key by key
+/// (`own`'s values win); returns about how many bytes of JSON that added.
+fn merge_into(own: &mut Map<String, Value>, batch: &Map<String, Value>) -> usize {
+    let mut added = 0usize;
+    for (key, value) in batch {
+        match (own.get_mut(key), value) {
+            (None, _) => {
+                added = added.saturating_add(entry_len(key, value));
+                own.insert(key.clone(), value.clone());
+            }
+            (Some(Value::Object(mine)), Value::Object(theirs)) => {
+                added = added.saturating_add(merge_into(mine, theirs));
+            }
+            (Some(_), _) => {}
+        }
+    }
+    added
+}
+
+/// The bytes `"key":value,` takes in compact JSON.
+fn entry_len(key: &str, value: &Value) -> usize {
+    json_len(value).saturating_add(key.len() + 4)
 }
 
 /// The length of `v` as compact JSON, counted without building the text.
@@ -326,18 +392,6 @@ fn accept(
     let mut all_identifiers = Vec::with_capacity(messages.len());
     for (i, m) in messages.into_iter().enumerate() {
         let index = batched.then_some(i);
-        if batched {
-            let size = json_len(&m);
-            if size > MAX_MESSAGE_BYTES {
-                return Err(ApiError {
-                    status: 400,
-                    message: format!("message exceeds the {} KB limit", MAX_MESSAGE_BYTES / 1024),
-                    field: None,
-                    index,
-                    events: 1,
-                });
-            }
-        }
         let event = Event::from_value(m, default_type, &opts)
             .map_err(|e| field_error(400, &e.field, &e.reason, index))?;
         // The identity rules' trait limit (`caps.max_traits`, at most the parser's 300), checked
@@ -576,16 +630,16 @@ mod tests {
                 Timestamp::now(),
             )
         };
-        // 60 copies (~1.8 MB) fit; every message carries the context.
-        let ok = parse_body(&body(60)).unwrap();
-        assert_eq!(ok.events.len(), 60);
+        // 120 copies (~3.6 MB) fit; every message carries the context.
+        let ok = parse_body(&body(120)).unwrap();
+        assert_eq!(ok.events.len(), 120);
         assert!(
             ok.events
                 .iter()
                 .all(|e| e.context.get("note") == context.get("note"))
         );
-        // 100 (~3 MB) do not, though the body itself is small.
-        let big = body(100);
+        // 150 (~4.5 MB) do not, though the body itself is small.
+        let big = body(150);
         assert!(big.len() < MAX_BATCH_BYTES);
         let e = parse_body(&big).unwrap_err();
         assert_eq!(e.status, 413);
@@ -595,10 +649,180 @@ mod tests {
             "{}",
             e.message
         );
-        // A message with its own context takes nothing from the batch's.
-        let own = json!({"type": "track", "userId": "u1", "event": "A", "context": {}});
-        let b = serde_json::to_vec(&json!({"context": context, "batch": vec![own; 100]})).unwrap();
-        assert_eq!(parse_body(&b).unwrap().events.len(), 100);
+        // A message whose context has the batch's keys already takes nothing from it.
+        let own = json!({"type": "track", "userId": "u1", "event": "A", "context": {"note": "n"}});
+        let b = serde_json::to_vec(&json!({"context": context, "batch": vec![own; 150]})).unwrap();
+        let ok = parse_body(&b).unwrap();
+        assert!(ok.events.iter().all(|e| e.context["note"] == "n"));
+    }
+
+    /// The batch's `context` and `integrations` are merged into each message's own, key by key
+    /// and into nested objects, the message's values winning; its `sentAt` applies to the
+    /// messages without one. A batch of realistic size with a shared context is accepted.
+    #[test]
+    fn batch_context_and_integrations_merge_into_each_message() {
+        let body = json!({
+            "context": {"ip": "1.2.3.4", "device": {"id": "d1", "type": "ios"},
+                        "traits": {"email": "jane@example.com"}},
+            "integrations": {"All": false, "Google Analytics": {"clientId": "ga-1"}},
+            "sentAt": "2024-05-01T12:00:05Z",
+            "batch": [
+                {"type": "track", "userId": "u1", "event": "A",
+                 "context": {"ip": "5.6.7.8", "device": {"type": "android"}},
+                 "integrations": {"All": true},
+                 "sentAt": "2024-05-01T12:00:07Z"},
+                {"type": "track", "userId": "u1", "event": "B", "context": null},
+                {"type": "page", "anonymousId": "a1"},
+            ]
+        });
+        let parsed = parse(
+            Endpoint::Batch,
+            &serde_json::to_vec(&body).unwrap(),
+            Some(&auth()),
+            &sources(),
+            &Rules::default(),
+            Timestamp::now(),
+        )
+        .unwrap();
+        let [own, null, none] = &parsed.events[..] else {
+            panic!("{} events", parsed.events.len())
+        };
+        assert_eq!(
+            Value::Object(own.context.clone()),
+            json!({"ip": "5.6.7.8", "device": {"id": "d1", "type": "android"},
+                   "traits": {"email": "jane@example.com"}})
+        );
+        assert_eq!(
+            Value::Object(own.integrations.clone()),
+            json!({"All": true, "Google Analytics": {"clientId": "ga-1"}})
+        );
+        assert_eq!(
+            own.sent_at.map(|t| t.to_string()).as_deref(),
+            Some("2024-05-01T12:00:07Z")
+        );
+        for e in [null, none] {
+            assert_eq!(Value::Object(e.context.clone()), body["context"]);
+            assert_eq!(Value::Object(e.integrations.clone()), body["integrations"]);
+            assert_eq!(
+                e.sent_at.map(|t| t.to_string()).as_deref(),
+                Some("2024-05-01T12:00:05Z")
+            );
+        }
+        // The identifiers the batch's context carries reach identity resolution.
+        let ids = |i: usize| -> Vec<String> {
+            parsed.identifiers[i]
+                .iter()
+                .map(|id| format!("{}={}", id.id_type, id.value))
+                .collect()
+        };
+        assert!(
+            ids(2).contains(&"email=jane@example.com".to_string()),
+            "{:?}",
+            ids(2)
+        );
+        assert!(
+            ids(2).contains(&"ga_client_id=ga-1".to_string()),
+            "{:?}",
+            ids(2)
+        );
+
+        // 1,500 small events sharing a 1.5 KB context: 150 KB sent, ~2.4 MB merged.
+        let context = json!({"library": {"name": "x", "version": "1"}, "note": "c".repeat(1500)});
+        let item = json!({"type": "track", "userId": "u1", "event": "A"});
+        let body =
+            serde_json::to_vec(&json!({"context": context, "batch": vec![item; 1500]})).unwrap();
+        assert!(body.len() < MAX_BATCH_BYTES / 3);
+        let parsed = parse(
+            Endpoint::Batch,
+            &body,
+            Some(&auth()),
+            &sources(),
+            &Rules::default(),
+            Timestamp::now(),
+        )
+        .unwrap();
+        assert_eq!(parsed.events.len(), 1500);
+    }
+
+    /// The batch's own `sentAt`, `context` and `integrations` are checked as the batch's: a bad
+    /// one is named, without a message index.
+    #[test]
+    fn bad_batch_level_fields_are_named_without_an_index() {
+        for (field, value) in [
+            ("sentAt", json!("yesterday")),
+            ("sentAt", json!(12)),
+            ("context", json!("x")),
+            ("integrations", json!("x")),
+            ("integrations", json!([1])),
+        ] {
+            let mut body = json!({"batch": [{"type": "track", "userId": "u1", "event": "A"}]});
+            body[field] = value.clone();
+            let e = parse(
+                Endpoint::Batch,
+                &serde_json::to_vec(&body).unwrap(),
+                Some(&auth()),
+                &sources(),
+                &Rules::default(),
+                Timestamp::now(),
+            )
+            .unwrap_err();
+            assert_eq!(
+                (e.status, e.field.as_deref(), e.index),
+                (400, Some(field), None),
+                "{field}: {value}: {e:?}"
+            );
+        }
+    }
+
+    /// The 32 KB limit holds each message of a batch as it was sent: a 20 KB message in a batch
+    /// with a 15 KB context is accepted; a message of 33 KB is refused, with its index.
+    #[test]
+    fn the_message_limit_counts_each_message_as_sent() {
+        let context = json!({"note": "c".repeat(15 * 1024)});
+        let item = |kb: usize| {
+            json!({"type": "track", "userId": "u1", "event": "A",
+                   "properties": {"p": "p".repeat(kb * 1024)}})
+        };
+        let body = |batch: Value| {
+            serde_json::to_vec(&json!({"context": context, "batch": batch})).unwrap()
+        };
+        let run = |b: Vec<u8>| {
+            parse(
+                Endpoint::Batch,
+                &b,
+                Some(&auth()),
+                &sources(),
+                &Rules::default(),
+                Timestamp::now(),
+            )
+        };
+        let ok = run(body(json!([item(20)]))).unwrap();
+        assert_eq!(ok.events[0].context["note"], context["note"]);
+        let e = run(body(json!([item(1), item(33)]))).unwrap_err();
+        assert_eq!((e.status, e.index), (400, Some(1)), "{e:?}");
+        assert!(e.message.contains("32 KB"), "{}", e.message);
+    }
+
+    /// A body of several gzip members one after another reads as their concatenation; a member
+    /// followed by bytes that are not one is refused.
+    #[test]
+    fn every_gzip_member_is_read() {
+        use std::io::Write as _;
+        let gz = |text: &str| {
+            let mut e = flate2::write::GzEncoder::new(vec![], flate2::Compression::default());
+            e.write_all(text.as_bytes()).unwrap();
+            e.finish().unwrap()
+        };
+        let mut two = gz(r#"{"batch": [{"type": "track", "#);
+        two.extend(gz(r#""userId": "u1", "event": "A"}]}"#));
+        let text = gunzip(&two, MAX_BATCH_BYTES).unwrap();
+        assert_eq!(
+            serde_json::from_slice::<Value>(&text).unwrap()["batch"][0]["event"],
+            "A"
+        );
+        let mut junk = gz(r#"{"userId": "u1", "event": "A"}"#);
+        junk.extend(b"trailing junk");
+        assert_eq!(gunzip(&junk, MAX_BATCH_BYTES).unwrap_err().status, 400);
     }
 
     /// JSON-shaped inputs built from the pieces a Tracking API body is made of.
