@@ -798,7 +798,103 @@ fn postgres_a_migration_waits_for_an_older_writer_in_flight() {
         .query_one("SELECT max(version) FROM store_schema", &[])
         .unwrap()
         .get(0);
-    assert_eq!(version, 4);
+    assert_eq!(version, 5);
+}
+
+/// How many of the PostgreSQL store's text keys (`profiles.segment_id`, `identifiers.id_type`
+/// and `.value`, `track_events.name`) have the "C" collation.
+const BYTEWISE_KEY_COLUMNS: &str = "SELECT count(*) FROM pg_attribute a
+    JOIN pg_collation k ON k.oid = a.attcollation
+   WHERE k.collname = 'C'
+     AND (a.attrelid::regclass::text, a.attname::text) IN
+         (('profiles', 'segment_id'), ('identifiers', 'id_type'), ('identifiers', 'value'),
+          ('track_events', 'name'))";
+
+/// A PostgreSQL store's text keys compare byte by byte, as SQLite's do, whatever the database's
+/// collation: a new store's are created so, and a version-4 store's, in a linguistic collation
+/// (ICU's here, as `en_US.UTF-8` would be), are given the "C" collation when it is opened. Its
+/// rows, history and messageIds are as they were, its keys then ordered by bytes.
+#[test]
+fn postgres_text_keys_compare_bytewise_and_a_version_4_store_is_migrated() {
+    let (mut s, url, _keep) = fresh("postgres");
+    let mut c = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+    let one =
+        |c: &mut ::postgres::Client, sql: &str| -> i64 { c.query_one(sql, &[]).unwrap().get(0) };
+    assert_eq!(one(&mut c, BYTEWISE_KEY_COLUMNS), 4, "a new store's keys");
+    let (before, head) = before_migration(&mut *s);
+    // Identifiers whose linguistic and byte orders differ.
+    s.ingest(vec![
+        identify("case-0", "Zed", "b@example.com"),
+        identify("case-1", "alpha", "B@example.com"),
+    ])
+    .unwrap();
+    s.ingest(vec![
+        track("case-2", "u-case", "Zoo"),
+        track("case-3", "u-case", "apple"),
+    ])
+    .unwrap();
+    let before_all = all(&mut *s, &Feed::Events(EventFilter::All));
+    let (profiles, identifiers) = (
+        one(&mut c, "SELECT count(*) FROM profiles"),
+        one(&mut c, "SELECT count(*) FROM identifiers"),
+    );
+    drop(s);
+    c.batch_execute(
+        r#"ALTER TABLE profiles ALTER COLUMN segment_id TYPE text COLLATE "und-x-icu";
+           ALTER TABLE identifiers ALTER COLUMN id_type TYPE text COLLATE "und-x-icu",
+                                   ALTER COLUMN value TYPE text COLLATE "und-x-icu";
+           ALTER TABLE track_events ALTER COLUMN name TYPE text COLLATE "und-x-icu";
+           DELETE FROM store_schema; INSERT INTO store_schema VALUES (4);"#,
+    )
+    .unwrap();
+    assert_eq!(one(&mut c, BYTEWISE_KEY_COLUMNS), 0);
+
+    let mut s = store::open(&url, Rules::default()).unwrap();
+    assert_eq!(
+        one(&mut c, BYTEWISE_KEY_COLUMNS),
+        4,
+        "the migrated store's keys"
+    );
+    assert_eq!(one(&mut c, "SELECT max(version) FROM store_schema"), 5);
+    assert_eq!(all(&mut *s, &Feed::Events(EventFilter::All)), before_all);
+    assert_eq!(before_all[..before.len()], before[..]);
+    assert!(s.head_seq().unwrap() > head);
+    assert_eq!(
+        (
+            one(&mut c, "SELECT count(*) FROM profiles"),
+            one(&mut c, "SELECT count(*) FROM identifiers")
+        ),
+        (profiles, identifiers)
+    );
+    let ordered = |c: &mut ::postgres::Client, sql: &str| -> Vec<String> {
+        c.query(sql, &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    };
+    for sql in [
+        "SELECT value FROM identifiers WHERE id_type = 'anonymous_id' ORDER BY value",
+        "SELECT value FROM identifiers WHERE id_type = 'email' ORDER BY value",
+        "SELECT name FROM track_events ORDER BY name",
+        "SELECT segment_id FROM profiles ORDER BY segment_id",
+    ] {
+        let got = ordered(&mut c, sql);
+        let mut bytewise = got.clone();
+        bytewise.sort();
+        assert_eq!(got, bytewise, "{sql}");
+    }
+    // The graph resolves against the migrated rows: an old identifier finds its profile.
+    let r = s
+        .ingest(vec![page("after-0", "Zed"), page("after-1", "a1")])
+        .unwrap();
+    assert_eq!((r.accepted, r.profiles_created), (2, 0));
+    let again: Vec<Event> = (0..150)
+        .map(|i| page(&format!("old-{i}"), "a1"))
+        .chain((0..2).map(|i| page(&format!("case-{i}"), "a1")))
+        .collect();
+    let r = s.ingest(again).unwrap();
+    assert_eq!((r.accepted, r.duplicates), (0, 152));
 }
 
 /// 150 events for a store about to be turned into a version-1 one: its events and head.
@@ -857,7 +953,7 @@ fn sqlite_a_version_1_store_is_migrated_to_the_hash_index_in_place() {
     assert_eq!(all(&mut *s, &Feed::Events(EventFilter::All)), before);
     let conn = rusqlite::Connection::open(&path).unwrap();
     let one = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
-    assert_eq!(one("PRAGMA user_version"), 4);
+    assert_eq!(one("PRAGMA user_version"), 5);
     assert_eq!(
         one("SELECT count(*) FROM pragma_table_info('profiles') WHERE name = 'updated_seq'"),
         1
@@ -895,7 +991,7 @@ fn postgres_a_version_1_store_is_migrated_to_the_hash_index_in_place() {
     let mut s = store::open(&url, Rules::default()).unwrap();
     assert_eq!(all(&mut *s, &Feed::Events(EventFilter::All)), before);
     let mut one = |sql: &str| -> i64 { c.query_one(sql, &[]).unwrap().get(0) };
-    assert_eq!(one("SELECT max(version) FROM store_schema"), 4);
+    assert_eq!(one("SELECT max(version) FROM store_schema"), 5);
     assert_eq!(
         one(
             "SELECT count(*) FROM information_schema.columns WHERE table_name = 'identifiers' AND column_name = 'updated_seq'"

@@ -613,7 +613,8 @@ impl<C: postgres::GenericClient> IndexTx for Pg<'_, C> {
 /// Version 1 kept messageIds unique with a constraint on `events`; version 2 drops it and
 /// indexes the stored events in `message_ids` instead (`store::dedupe`), which version 4 moves
 /// into the first run of `message_id_entries` (an engine of version 3 or older still running
-/// then fails the writes that need the index, and its clients retry).
+/// then fails the writes that need the index, and its clients retry); version 5 collates the
+/// text keys byte by byte ([`collate_keys_bytewise`]).
 fn create_or_migrate(client: &mut Client) -> Result<(), StoreError> {
     let mut tx = client.transaction()?;
     tx.execute("SELECT pg_advisory_xact_lock(7346501)", &[])?;
@@ -657,6 +658,7 @@ fn create_or_migrate(client: &mut Client) -> Result<(), StoreError> {
     }
     tx.batch_execute(&ddl(Dialect::Postgres))?;
     tx.batch_execute(&state_seq_ddl(Dialect::Postgres, |_| Ok(true))?)?;
+    collate_keys_bytewise(&mut tx)?;
     let legacy_index: bool = tx
         .query_one("SELECT to_regclass('message_ids') IS NOT NULL", &[])?
         .get(0);
@@ -674,6 +676,41 @@ fn create_or_migrate(client: &mut Client) -> Result<(), StoreError> {
          INSERT INTO store_schema VALUES ({SCHEMA_VERSION}) ON CONFLICT DO NOTHING;"
     ))?;
     Ok(tx.commit()?)
+}
+
+/// The text key columns that version 5 collates byte by byte (`schema::key_text`), by table.
+const BYTEWISE_KEYS: &[(&str, &[&str])] = &[
+    ("profiles", &["segment_id"]),
+    ("identifiers", &["id_type", "value"]),
+    ("track_events", &["name"]),
+];
+
+/// Version 5: gives the key columns of a store created before it the `"C"` collation, where
+/// they have another (the database's default). Each table's primary key is rebuilt, once,
+/// under the head lock the migration holds; the rows are not rewritten.
+fn collate_keys_bytewise(tx: &mut postgres::Transaction<'_>) -> Result<(), StoreError> {
+    for (table, columns) in BYTEWISE_KEYS {
+        let mut alter = vec![];
+        for column in *columns {
+            let bytewise: bool = tx
+                .query_one(
+                    "SELECT a.attcollation = (SELECT oid FROM pg_collation
+                                               WHERE collname = 'C'
+                                                 AND collnamespace = 'pg_catalog'::regnamespace)
+                       FROM pg_attribute a
+                      WHERE a.attrelid = to_regclass($1) AND a.attname = $2",
+                    &[table, column],
+                )?
+                .get(0);
+            if !bytewise {
+                alter.push(format!("ALTER COLUMN {column} TYPE text COLLATE \"C\""));
+            }
+        }
+        if !alter.is_empty() {
+            tx.batch_execute(&format!("ALTER TABLE {table} {}", alter.join(", ")))?;
+        }
+    }
+    Ok(())
 }
 
 impl PostgresStore {

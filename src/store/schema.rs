@@ -5,8 +5,10 @@
 /// bulk-merged hash index of [`DEDUPE_DDL`] (`store::dedupe`); 3 since `profiles` and
 /// `identifiers` carry `updated_seq` ([`state_seq_ddl`]); 4 since that index is kept in runs
 /// (`message_id_entries`, `message_id_runs`) instead of one table keyed by hash
-/// (`message_ids`). A store at an older version is migrated when opened.
-pub(crate) const SCHEMA_VERSION: i64 = 4;
+/// (`message_ids`); 5 since the text keys of the state tables and `track_events` compare byte
+/// by byte on PostgreSQL too ([`key_text`]; nothing changes on SQLite). A store at an older
+/// version is migrated when opened.
+pub(crate) const SCHEMA_VERSION: i64 = 5;
 
 /// The tables whose rows carry `updated_seq`: the head `seq` of the write that last changed the
 /// row, indexed, so that a writer can read what another writer (an engine replica) changed
@@ -76,7 +78,8 @@ pub(crate) fn ddl(dialect: Dialect) -> String {
     };
     format!(
         "{}{}{}",
-        DDL.replace("{seq_key}", seq_key(dialect)),
+        DDL.replace("{seq_key}", seq_key(dialect))
+            .replace("{key_text}", key_text(dialect)),
         events_ddl(dialect, "events"),
         DEDUPE_DDL.replace("{without_rowid}", without_rowid)
     )
@@ -87,6 +90,18 @@ pub(crate) fn events_ddl(dialect: Dialect, name: &str) -> String {
     EVENTS_DDL
         .replace("{name}", name)
         .replace("{seq_key}", seq_key(dialect))
+}
+
+/// The type of the text keys of the current-state tables and `track_events`: compared
+/// byte by byte in both stores. SQLite's default collation does; PostgreSQL's is the
+/// database's, and under a linguistic one (`en_US.UTF-8`, the default of most managed
+/// servers) every comparison in their B-trees calls the locale's, several times slower than
+/// `memcmp`; their order then also differs from SQLite's.
+fn key_text(dialect: Dialect) -> &'static str {
+    match dialect {
+        Dialect::Sqlite => "TEXT",
+        Dialect::Postgres => "TEXT COLLATE \"C\"",
+    }
 }
 
 /// The type of every `seq` primary key.
@@ -184,7 +199,7 @@ CREATE TABLE IF NOT EXISTS profile_traits_updates (
     received_at_us BIGINT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS profiles (
-    segment_id TEXT PRIMARY KEY,
+    segment_id {key_text} PRIMARY KEY,
     canonical_segment_id TEXT NOT NULL,
     created_rank BIGINT NOT NULL,
     merges BIGINT NOT NULL,
@@ -192,14 +207,14 @@ CREATE TABLE IF NOT EXISTS profiles (
     trait_times TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS identifiers (
-    id_type TEXT NOT NULL,
-    value TEXT NOT NULL,
+    id_type {key_text} NOT NULL,
+    value {key_text} NOT NULL,
     segment_id TEXT NOT NULL,
     first_seen_us BIGINT NOT NULL,
     last_seen_us BIGINT NOT NULL,
     PRIMARY KEY (id_type, value)
 );
-CREATE TABLE IF NOT EXISTS track_events (name TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS track_events (name {key_text} PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS sources (id TEXT PRIMARY KEY, name TEXT NOT NULL, slug TEXT NOT NULL);
 
 "#;
