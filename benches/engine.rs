@@ -179,7 +179,7 @@ async fn scenario(kind: &str) -> Value {
             queue_capacity: 64,
             reading_capacity: 64,
             body_timeout: std::time::Duration::from_secs(30),
-            stall_timeout: std::time::Duration::from_secs(60),
+            stall_timeout: std::time::Duration::from_secs(120),
         })
         .await
         .expect("engine");

@@ -16,3 +16,9 @@ pub mod sample;
 pub mod store;
 pub mod sync;
 pub mod warehouse;
+
+// The tests' throwaway PostgreSQL server (`tests/support`), for the unit tests of both stores.
+#[cfg(test)]
+#[allow(dead_code)]
+#[path = "../tests/support/pg.rs"]
+pub(crate) mod test_pg;

@@ -820,12 +820,6 @@ pub(crate) fn create(tx: &mut dyn IndexTx, head: i64) -> Result<(), StoreError> 
     tx.exec(SET_EXTENT_SQL, &[head, entries]).map(drop)
 }
 
-// The tests' throwaway PostgreSQL server (`tests/support`).
-#[cfg(test)]
-#[allow(dead_code)]
-#[path = "../../tests/support/pg.rs"]
-mod test_pg;
-
 #[cfg(test)]
 pub(crate) mod tests {
     use serde_json::json;
@@ -835,7 +829,7 @@ pub(crate) mod tests {
     use crate::identity::Rules;
     use crate::store::{PostgresStore, SqliteStore, Store};
 
-    use super::test_pg as pg;
+    use crate::test_pg as pg;
 
     fn page(id: &str) -> Event {
         let opts = ParseOptions::new(jiff::Timestamp::UNIX_EPOCH, "src");

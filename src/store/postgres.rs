@@ -15,26 +15,30 @@ use super::{
     Store, StoreError, Trigger, WriteTx,
 };
 use crate::identity::{IdentifierState, ProfileState, Rules};
-use crate::warehouse::postgres::with_timeouts;
+use crate::warehouse::postgres::{server_keepalives, with_timeouts};
 
 /// Connects with the URL's `sslmode`: `disable` in clear, `prefer` and `require` through rustls
 /// (encrypted, the certificate not verified — libpq's meaning of those modes), and the
 /// connection's timeouts ([`with_timeouts`]): a database host that vanishes then fails the
-/// store's statements in about a minute, and the engine answers 503 and reconnects.
+/// store's statements in about a minute, and the engine answers 503 and reconnects; and the
+/// server's ([`server_keepalives`]): an engine that vanishes in the middle of a write has its
+/// transaction, and the head lock, ended by the server in about a minute.
 fn connect(url: &str) -> Result<Client, StoreError> {
     let mut config: postgres::Config = url.parse()?;
     with_timeouts(&mut config);
-    match config.get_ssl_mode() {
-        postgres::config::SslMode::Disable => Ok(config.connect(NoTls)?),
+    let mut client = match config.get_ssl_mode() {
+        postgres::config::SslMode::Disable => config.connect(NoTls)?,
         _ => {
             let tls = crate::warehouse::postgres::tls_connector(crate::crd::SslMode::Require, None)
                 .map_err(|e| StoreError::Corrupt {
                     table: "connection",
                     reason: e.message,
                 })?;
-            Ok(config.connect(tls)?)
+            config.connect(tls)?
         }
-    }
+    };
+    server_keepalives(&mut client)?;
+    Ok(client)
 }
 
 /// A store in a PostgreSQL database (its own tables in the connection's default schema).
@@ -934,5 +938,51 @@ impl Store for PostgresStore {
                 &[&micros(received_at)],
             )?
             .get(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::test_pg as pg;
+
+    /// A store session asks the server for TCP keepalives (after 30 s, every 10 s, 3 unanswered)
+    /// unless they are set elsewhere: here the URL's options set one, which is kept.
+    #[test]
+    fn store_sessions_get_server_keepalives_unless_set_elsewhere() {
+        let server = pg::shared();
+        let url = server.url(&server.create_database("keepalives"));
+        let settings = |c: &mut postgres::Client| -> Vec<(String, String, String)> {
+            c.query(
+                "SELECT name, setting, source FROM pg_settings
+                  WHERE name LIKE 'tcp_keepalives_%' ORDER BY name",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect()
+        };
+        let row = |name: &str, value: &str, source: &str| {
+            (name.to_string(), value.to_string(), source.to_string())
+        };
+        let mut plain = super::connect(&url).unwrap();
+        assert_eq!(
+            settings(&mut plain),
+            [
+                row("tcp_keepalives_count", "3", "session"),
+                row("tcp_keepalives_idle", "30", "session"),
+                row("tcp_keepalives_interval", "10", "session"),
+            ]
+        );
+        let mut own =
+            super::connect(&format!("{url}?options=-c%20tcp_keepalives_count%3D7")).unwrap();
+        assert_eq!(
+            settings(&mut own),
+            [
+                row("tcp_keepalives_count", "7", "client"),
+                row("tcp_keepalives_idle", "30", "session"),
+                row("tcp_keepalives_interval", "10", "session"),
+            ]
+        );
     }
 }

@@ -81,7 +81,7 @@ impl Default for Options {
             capacity: 8,
             reading: 64,
             body_timeout: std::time::Duration::from_secs(30),
-            stall_timeout: std::time::Duration::from_secs(60),
+            stall_timeout: std::time::Duration::from_secs(120),
             feed_token: Some(FEED_TOKEN),
             store_url: None,
         }

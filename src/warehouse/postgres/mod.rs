@@ -87,6 +87,38 @@ pub fn with_timeouts(config: &mut postgres::Config) {
     }
 }
 
+/// The server's side of [`with_timeouts`], set on a new session unless configured elsewhere
+/// (the URL's `options`, the role, the database, the server's configuration): TCP keepalives
+/// after 30 s idle, every 10 s, 3 unanswered. A client that vanishes (its node lost, a network
+/// partition) is otherwise noticed by the server only after the operating system's keepalive
+/// time, 2 hours by default, and its open transaction keeps its locks all that time: the store's
+/// head, which every engine replica writes under, or the warehouse tables the next sync loads.
+/// A session over a Unix socket ignores them.
+pub fn server_keepalives(client: &mut Client) -> Result<(), postgres::Error> {
+    const WANTED: [(&str, &str); 3] = [
+        ("tcp_keepalives_idle", "30"),
+        ("tcp_keepalives_interval", "10"),
+        ("tcp_keepalives_count", "3"),
+    ];
+    let defaults: Vec<String> = client
+        .query(
+            "SELECT name FROM pg_settings WHERE source = 'default' AND name = ANY($1)",
+            &[&WANTED.map(|(name, _)| name).to_vec()],
+        )?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let set: String = WANTED
+        .iter()
+        .filter(|(name, _)| defaults.iter().any(|d| d == name))
+        .map(|(name, value)| format!("SET {name} = {value};"))
+        .collect();
+    if !set.is_empty() {
+        client.batch_execute(&set)?;
+    }
+    Ok(())
+}
+
 /// The driver's configuration for a WarehouseConnection's settings and credentials: 30 s to
 /// connect, and the keepalives of [`with_timeouts`], so that a warehouse host that vanishes
 /// mid-sync fails the run in about a minute (the next run retries) instead of hanging it.
@@ -156,6 +188,8 @@ impl PostgresWarehouse {
             Some(_) => pg_error(e),
             None => WarehouseError::connection(format!("cannot connect: {}", chain(&e))),
         })?;
+        let mut client = client;
+        server_keepalives(&mut client).map_err(pg_error)?;
         Ok(PostgresWarehouse {
             client,
             schema: schema.to_string(),
@@ -465,5 +499,29 @@ mod tests {
         let nobody = crate::warehouse::Credentials::default();
         let e = super::driver_config(&settings, &nobody).unwrap_err();
         assert!(e.to_string().contains("no username"), "{e}");
+    }
+
+    /// A warehouse session asks the server for TCP keepalives, so that a sync Job that vanishes
+    /// mid-load does not keep its transaction's locks on the warehouse tables for hours.
+    #[test]
+    fn warehouse_sessions_get_server_keepalives() {
+        let server = crate::test_pg::shared();
+        let url = server.url(&server.create_database("warehouse_keepalives"));
+        let mut w = super::PostgresWarehouse::with_config(
+            url.parse().unwrap(),
+            crate::crd::SslMode::Disable,
+            None,
+            "analytics",
+        )
+        .unwrap();
+        let count: String = w
+            .client
+            .query_one(
+                "SELECT setting FROM pg_settings WHERE name = 'tcp_keepalives_count'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(count, "3");
     }
 }
