@@ -476,6 +476,23 @@ mod tests {
         assert_eq!(basic_auth_user(None), None);
     }
 
+    /// A batch request's body, parsed with the default rules.
+    fn parse_bytes(body: &[u8]) -> Result<Accepted, ApiError> {
+        parse(
+            Endpoint::Batch,
+            body,
+            Some(&auth()),
+            &sources(),
+            &Rules::default(),
+            Timestamp::now(),
+        )
+    }
+
+    /// [`parse_bytes`] of a JSON body.
+    fn parse_json(body: &Value) -> Result<Accepted, ApiError> {
+        parse_bytes(&serde_json::to_vec(body).unwrap())
+    }
+
     fn parse_batch(batch: Value, rules: &Rules) -> Result<Accepted, ApiError> {
         let body = serde_json::to_vec(&json!({ "batch": batch })).unwrap();
         parse(
@@ -620,16 +637,7 @@ mod tests {
             serde_json::to_vec(&json!({"context": context, "batch": vec![item.clone(); n]}))
                 .unwrap()
         };
-        let parse_body = |b: &[u8]| {
-            parse(
-                Endpoint::Batch,
-                b,
-                Some(&auth()),
-                &sources(),
-                &Rules::default(),
-                Timestamp::now(),
-            )
-        };
+        let parse_body = parse_bytes;
         // 120 copies (~3.6 MB) fit; every message carries the context.
         let ok = parse_body(&body(120)).unwrap();
         assert_eq!(ok.events.len(), 120);
@@ -675,15 +683,7 @@ mod tests {
                 {"type": "page", "anonymousId": "a1"},
             ]
         });
-        let parsed = parse(
-            Endpoint::Batch,
-            &serde_json::to_vec(&body).unwrap(),
-            Some(&auth()),
-            &sources(),
-            &Rules::default(),
-            Timestamp::now(),
-        )
-        .unwrap();
+        let parsed = parse_json(&body).unwrap();
         let [own, null, none] = &parsed.events[..] else {
             panic!("{} events", parsed.events.len())
         };
@@ -732,16 +732,7 @@ mod tests {
         let body =
             serde_json::to_vec(&json!({"context": context, "batch": vec![item; 1500]})).unwrap();
         assert!(body.len() < MAX_BATCH_BYTES / 3);
-        let parsed = parse(
-            Endpoint::Batch,
-            &body,
-            Some(&auth()),
-            &sources(),
-            &Rules::default(),
-            Timestamp::now(),
-        )
-        .unwrap();
-        assert_eq!(parsed.events.len(), 1500);
+        assert_eq!(parse_bytes(&body).unwrap().events.len(), 1500);
     }
 
     /// The batch's own `sentAt`, `context` and `integrations` are checked as the batch's: a bad
@@ -757,15 +748,7 @@ mod tests {
         ] {
             let mut body = json!({"batch": [{"type": "track", "userId": "u1", "event": "A"}]});
             body[field] = value.clone();
-            let e = parse(
-                Endpoint::Batch,
-                &serde_json::to_vec(&body).unwrap(),
-                Some(&auth()),
-                &sources(),
-                &Rules::default(),
-                Timestamp::now(),
-            )
-            .unwrap_err();
+            let e = parse_json(&body).unwrap_err();
             assert_eq!(
                 (e.status, e.field.as_deref(), e.index),
                 (400, Some(field), None),
@@ -786,19 +769,9 @@ mod tests {
         let body = |batch: Value| {
             serde_json::to_vec(&json!({"context": context, "batch": batch})).unwrap()
         };
-        let run = |b: Vec<u8>| {
-            parse(
-                Endpoint::Batch,
-                &b,
-                Some(&auth()),
-                &sources(),
-                &Rules::default(),
-                Timestamp::now(),
-            )
-        };
-        let ok = run(body(json!([item(20)]))).unwrap();
+        let ok = parse_bytes(&body(json!([item(20)]))).unwrap();
         assert_eq!(ok.events[0].context["note"], context["note"]);
-        let e = run(body(json!([item(1), item(33)]))).unwrap_err();
+        let e = parse_bytes(&body(json!([item(1), item(33)]))).unwrap_err();
         assert_eq!((e.status, e.index), (400, Some(1)), "{e:?}");
         assert!(e.message.contains("32 KB"), "{}", e.message);
     }
