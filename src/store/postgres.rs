@@ -26,6 +26,7 @@ use crate::warehouse::postgres::{server_keepalives, with_timeouts};
 fn connect(url: &str) -> Result<Client, StoreError> {
     let mut config: postgres::Config = url.parse()?;
     with_timeouts(&mut config);
+    with_send_timeout(&mut config);
     let mut client = match config.get_ssl_mode() {
         postgres::config::SslMode::Disable => config.connect(NoTls)?,
         _ => {
@@ -39,6 +40,17 @@ fn connect(url: &str) -> Result<Client, StoreError> {
     };
     server_keepalives(&mut client)?;
     Ok(client)
+}
+
+/// Sets `tcp_user_timeout` to 60 s unless the URL does: sent data unacknowledged that long ends
+/// the connection, so that a server that vanishes while a write is being sent fails it in a
+/// minute (keepalives cover only an idle connection). Safe for the store, whose statements the
+/// server reads whole before running them; a warehouse COPY is not
+/// ([`with_timeouts`]).
+fn with_send_timeout(config: &mut postgres::Config) {
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(std::time::Duration::from_secs(60));
+    }
 }
 
 /// A store in a PostgreSQL database (its own tables in the connection's default schema).
@@ -944,6 +956,20 @@ impl Store for PostgresStore {
 #[cfg(test)]
 mod tests {
     use crate::test_pg as pg;
+
+    /// A store connection gets a 60 s send timeout unless its URL sets one.
+    #[test]
+    fn store_connections_get_a_send_timeout_unless_the_url_sets_one() {
+        use std::time::Duration;
+        let mut plain: postgres::Config = "postgresql://u@localhost/db".parse().unwrap();
+        super::with_send_timeout(&mut plain);
+        assert_eq!(plain.get_tcp_user_timeout(), Some(&Duration::from_secs(60)));
+        let mut own: postgres::Config = "postgresql://u@localhost/db?tcp_user_timeout=7"
+            .parse()
+            .unwrap();
+        super::with_send_timeout(&mut own);
+        assert_eq!(own.get_tcp_user_timeout(), Some(&Duration::from_secs(7)));
+    }
 
     /// A store session asks the server for TCP keepalives (after 30 s, every 10 s, 3 unanswered)
     /// unless they are set elsewhere: here the URL's options set one, which is kept.

@@ -62,12 +62,17 @@ pub fn pg_error(e: postgres::Error) -> WarehouseError {
 const DRIVER_KEEPALIVES_IDLE: std::time::Duration = std::time::Duration::from_secs(7200);
 
 /// Sets the timeouts the URL leaves unset (`connect_timeout`, `keepalives_idle` other than the
-/// driver's default of 2 hours, `keepalives_interval`, `keepalives_retries`, `tcp_user_timeout`),
-/// so that a server that vanishes without closing the connection (a failed-over host, a network
-/// partition) fails the connection's statements in about a minute rather than hours: 10 s to
-/// connect; keepalives after 30 s idle, every 10 s, 3 unanswered ending the connection; sent
-/// data unacknowledged for 60 s ending it too. Both the store's connections and the sync's
-/// warehouse connections get them.
+/// driver's default of 2 hours, `keepalives_interval`, `keepalives_retries`), so that a server
+/// that vanishes without closing the connection (a failed-over host, a network partition) fails
+/// a connection waiting on it in about a minute rather than hours: 10 s to connect; keepalives
+/// after 30 s idle, every 10 s, 3 unanswered ending the connection. Both the store's connections
+/// and the sync's warehouse connections get them.
+///
+/// Not `tcp_user_timeout` (sent data unacknowledged for so long ends the connection): Linux
+/// applies it to a receive window that stays closed too, so a live warehouse server that stops
+/// reading a COPY for a while (a lock wait, a trigger, a slow disk) would have the sync's
+/// connection cut. The store, whose statements the server reads whole before running them,
+/// sets it itself.
 pub fn with_timeouts(config: &mut postgres::Config) {
     use std::time::Duration;
     if config.get_connect_timeout().is_none() {
@@ -81,9 +86,6 @@ pub fn with_timeouts(config: &mut postgres::Config) {
     }
     if config.get_keepalives_retries().is_none() {
         config.keepalives_retries(3);
-    }
-    if config.get_tcp_user_timeout().is_none() {
-        config.tcp_user_timeout(Duration::from_secs(60));
     }
 }
 
@@ -456,9 +458,9 @@ mod tests {
             Some(Duration::from_secs(10))
         );
         assert_eq!(plain.get_keepalives_retries(), Some(3));
-        assert_eq!(plain.get_tcp_user_timeout(), Some(&Duration::from_secs(60)));
+        assert_eq!(plain.get_tcp_user_timeout(), None);
         let mut own: postgres::Config = "postgresql://u@localhost/db?connect_timeout=3\
-            &keepalives_idle=5&keepalives_interval=2&keepalives_retries=9&tcp_user_timeout=7"
+            &keepalives_idle=5&keepalives_interval=2&keepalives_retries=9"
             .parse()
             .unwrap();
         with_timeouts(&mut own);
@@ -466,10 +468,10 @@ mod tests {
         assert_eq!(own.get_keepalives_idle(), Duration::from_secs(5));
         assert_eq!(own.get_keepalives_interval(), Some(Duration::from_secs(2)));
         assert_eq!(own.get_keepalives_retries(), Some(9));
-        assert_eq!(own.get_tcp_user_timeout(), Some(&Duration::from_secs(7)));
     }
 
-    /// A warehouse connection gets 30 s to connect and the keepalive timeouts; without a
+    /// A warehouse connection gets 30 s to connect and the keepalive timeouts, not a send
+    /// timeout; without a
     /// username it is refused before any connection is tried.
     #[test]
     fn warehouse_connections_get_the_keepalive_timeouts() {
@@ -491,10 +493,8 @@ mod tests {
             Some(Duration::from_secs(10))
         );
         assert_eq!(config.get_keepalives_retries(), Some(3));
-        assert_eq!(
-            config.get_tcp_user_timeout(),
-            Some(&Duration::from_secs(60))
-        );
+        // A COPY the server stops reading for a while must not be cut.
+        assert_eq!(config.get_tcp_user_timeout(), None);
         assert_eq!(config.get_user(), Some("loader"));
         let nobody = crate::warehouse::Credentials::default();
         let e = super::driver_config(&settings, &nobody).unwrap_err();
