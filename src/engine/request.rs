@@ -15,11 +15,16 @@ use super::sources::{SourceConfig, Sources};
 pub const MAX_MESSAGE_BYTES: usize = 32 * 1024;
 /// Segment's limit on one batch request.
 pub const MAX_BATCH_BYTES: usize = 500 * 1024;
-/// How much a batch may grow when its top-level `sentAt`, `context` and `integrations` are
-/// copied or merged into each message (8 times the batch limit). It bounds the memory one
-/// request takes: without it, a 500 KB batch of empty messages sharing a large `context` would
-/// expand a hundred-thousand-fold.
+/// How much memory the copies of a batch's top-level `sentAt`, `context` and `integrations`
+/// merged into each message may take ([`value_memory`]). It bounds the memory one request
+/// takes: without it, a 500 KB batch of empty messages sharing a large `context` would expand
+/// a hundred-thousand-fold.
 pub const MAX_EXPANDED_BATCH_BYTES: usize = 4 * 1024 * 1024;
+
+/// What a parsed JSON value holds in memory beyond its text, about: a `Value` and, in an
+/// object, the entry's key and index slot.
+const VALUE_OVERHEAD: usize = 32;
+const ENTRY_OVERHEAD: usize = 48;
 /// The longest message id, user or anonymous id, group or previous id, identifier value and
 /// Track event name, in bytes: the stores index these, and PostgreSQL refuses an index entry
 /// larger than about a third of a page (2,704 bytes), which would fail the commit of every
@@ -214,7 +219,7 @@ pub fn batch_messages(obj: &mut Map<String, Value>) -> Result<Vec<Value>, ApiErr
 }
 
 /// Copies into `own` each key of `batch` it lacks, merging the objects both hold key by key
-/// (`own`'s values win); returns about how many bytes of JSON that added.
+/// (`own`'s values win); returns about how much memory that took ([`entry_len`]).
 fn merge_into(own: &mut Map<String, Value>, batch: &Map<String, Value>) -> usize {
     let mut added = 0usize;
     for (key, value) in batch {
@@ -232,9 +237,27 @@ fn merge_into(own: &mut Map<String, Value>, batch: &Map<String, Value>) -> usize
     added
 }
 
-/// The bytes `"key":value,` takes in compact JSON.
+/// The memory an object entry `key: value` takes once parsed, about: its text and, for each
+/// value and key in it, [`VALUE_OVERHEAD`] and [`ENTRY_OVERHEAD`]. Counting the text alone
+/// would let a context of many tiny keys take ten times the limit.
 fn entry_len(key: &str, value: &Value) -> usize {
-    json_len(value).saturating_add(key.len() + 4)
+    ENTRY_OVERHEAD
+        .saturating_add(key.len())
+        .saturating_add(value_memory(value))
+}
+
+/// The memory a parsed JSON value takes, about (see [`entry_len`]).
+fn value_memory(value: &Value) -> usize {
+    match value {
+        Value::Object(m) => m.iter().fold(VALUE_OVERHEAD, |n, (k, v)| {
+            n.saturating_add(entry_len(k, v))
+        }),
+        Value::Array(a) => a
+            .iter()
+            .fold(VALUE_OVERHEAD, |n, v| n.saturating_add(value_memory(v))),
+        Value::String(text) => VALUE_OVERHEAD.saturating_add(text.len()),
+        _ => VALUE_OVERHEAD,
+    }
 }
 
 /// The length of `v` as compact JSON, counted without building the text.
@@ -662,6 +685,20 @@ mod tests {
         let b = serde_json::to_vec(&json!({"context": context, "batch": vec![own; 150]})).unwrap();
         let ok = parse_body(&b).unwrap();
         assert!(ok.events.iter().all(|e| e.context["note"] == "n"));
+    }
+
+    /// The limit counts the memory the merged copies take, not their text: a context of 40,000
+    /// tiny keys (~440 KB sent, ~3.4 MB parsed per copy) may go into one message, not two.
+    #[test]
+    fn the_expansion_limit_counts_memory_not_text() {
+        let context: Map<String, Value> =
+            (0..40_000).map(|i| (format!("k{i}"), json!(1))).collect();
+        let item = json!({"type": "track", "userId": "u1", "event": "A"});
+        let body = |n: usize| json!({"context": context, "batch": vec![item.clone(); n]});
+        assert!(serde_json::to_vec(&body(2)).unwrap().len() < MAX_BATCH_BYTES);
+        assert_eq!(parse_json(&body(1)).unwrap().events.len(), 1);
+        let e = parse_json(&body(2)).unwrap_err();
+        assert_eq!(e.status, 413, "{e:?}");
     }
 
     /// The batch's `context` and `integrations` are merged into each message's own, key by key
