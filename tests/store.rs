@@ -897,6 +897,51 @@ fn postgres_text_keys_compare_bytewise_and_a_version_4_store_is_migrated() {
     assert_eq!((r.accepted, r.duplicates), (0, 152));
 }
 
+/// In a database whose collation is `C` (the tests' cluster), a version-4 store's keys in the
+/// default collation compare byte by byte already: opening it moves it to version 5 without
+/// rebuilding their indexes.
+#[test]
+fn postgres_a_version_4_store_in_a_c_database_keeps_its_key_indexes() {
+    let (mut s, url, _keep) = fresh("postgres");
+    s.ingest(vec![identify("c-0", "a1", "jane@example.com")])
+        .unwrap();
+    drop(s);
+    let mut c = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+    c.batch_execute(
+        r#"ALTER TABLE profiles ALTER COLUMN segment_id TYPE text COLLATE "default";
+           ALTER TABLE identifiers ALTER COLUMN id_type TYPE text COLLATE "default",
+                                   ALTER COLUMN value TYPE text COLLATE "default";
+           ALTER TABLE track_events ALTER COLUMN name TYPE text COLLATE "default";
+           DELETE FROM store_schema; INSERT INTO store_schema VALUES (4);"#,
+    )
+    .unwrap();
+    let files = |c: &mut ::postgres::Client| -> Vec<i64> {
+        c.query(
+            "SELECT pg_relation_filenode(i.indexrelid)::bigint FROM pg_index i
+              WHERE i.indisprimary
+                AND i.indrelid IN ('profiles'::regclass, 'identifiers'::regclass,
+                                   'track_events'::regclass)
+              ORDER BY i.indrelid",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    };
+    let before = files(&mut c);
+    assert_eq!(before.len(), 3);
+    let mut s = store::open(&url, Rules::default()).unwrap();
+    let version: i64 = c
+        .query_one("SELECT max(version) FROM store_schema", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(version, 5);
+    assert_eq!(files(&mut c), before, "a key index was rebuilt");
+    let r = s.ingest(vec![page("c-1", "a1")]).unwrap();
+    assert_eq!((r.accepted, r.profiles_created), (1, 0));
+}
+
 /// 150 events for a store about to be turned into a version-1 one: its events and head.
 fn before_migration(s: &mut dyn Store) -> (Vec<FeedRow>, i64) {
     let first: Vec<Event> = (0..150)

@@ -701,23 +701,28 @@ const BYTEWISE_KEYS: &[(&str, &[&str])] = &[
     ("track_events", &["name"]),
 ];
 
+/// Whether column `$2` of table `$1` compares byte by byte: its collation is `"C"`, or it is the
+/// database's default and that is `C` or `POSIX` from the C library (`datlocprovider`, from
+/// PostgreSQL 15 on, reads as libc before).
+const BYTEWISE_COLUMN_SQL: &str = "
+    SELECT a.attcollation = (SELECT oid FROM pg_collation
+                              WHERE collname = 'C' AND collnamespace = 'pg_catalog'::regnamespace)
+        OR (a.attcollation = (SELECT oid FROM pg_collation WHERE collname = 'default')
+            AND (SELECT d.datcollate IN ('C', 'POSIX')
+                        AND coalesce(to_jsonb(d) ->> 'datlocprovider', 'c') = 'c'
+                   FROM pg_database d WHERE d.datname = current_database()))
+      FROM pg_attribute a
+     WHERE a.attrelid = to_regclass($1) AND a.attname = $2";
+
 /// Version 5: gives the key columns of a store created before it the `"C"` collation, where
-/// they have another (the database's default). Each table's primary key is rebuilt, once,
-/// under the head lock the migration holds; the rows are not rewritten.
+/// they do not compare byte by byte already ([`BYTEWISE_COLUMN_SQL`]: in a `C` database they
+/// do, and are left alone). Each table's primary key is rebuilt, once, under the head lock the
+/// migration holds; the rows are not rewritten.
 fn collate_keys_bytewise(tx: &mut postgres::Transaction<'_>) -> Result<(), StoreError> {
     for (table, columns) in BYTEWISE_KEYS {
         let mut alter = vec![];
         for column in *columns {
-            let bytewise: bool = tx
-                .query_one(
-                    "SELECT a.attcollation = (SELECT oid FROM pg_collation
-                                               WHERE collname = 'C'
-                                                 AND collnamespace = 'pg_catalog'::regnamespace)
-                       FROM pg_attribute a
-                      WHERE a.attrelid = to_regclass($1) AND a.attname = $2",
-                    &[table, column],
-                )?
-                .get(0);
+            let bytewise: bool = tx.query_one(BYTEWISE_COLUMN_SQL, &[table, column])?.get(0);
             if !bytewise {
                 alter.push(format!("ALTER COLUMN {column} TYPE text COLLATE \"C\""));
             }
