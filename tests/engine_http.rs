@@ -1152,6 +1152,37 @@ fn hold_profiles_locked(
     (release, blocker)
 }
 
+/// Once the engine waits on the lock on `profiles` (a condition, polled), it must hold no head
+/// lock: the other replicas go on writing while it loads.
+fn assert_loading_without_the_head_lock(url: &str) {
+    let mut c = ::postgres::Client::connect(url, ::postgres::NoTls).unwrap();
+    let waiting = |c: &mut ::postgres::Client| -> i64 {
+        c.query_one(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    };
+    let mut tries = 0;
+    while waiting(&mut c) == 0 {
+        tries += 1;
+        assert!(
+            tries < 1000,
+            "the engine never waited for the lock on profiles"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let mut tx = c.transaction().unwrap();
+    tx.query_one(
+        "SELECT head FROM seq_counter WHERE id = 1 FOR UPDATE NOWAIT",
+        &[],
+    )
+    .expect("the engine loads while holding the head lock");
+    tx.rollback().unwrap();
+}
+
 /// While the engine loads its store at start it serves: `/healthz` answers, `/readyz` answers
 /// 503 until the load is done (so a long load never outlasts a startup probe, and no traffic is
 /// routed to the pod meanwhile), and a request sent meanwhile waits in the queue and is stored
@@ -1243,36 +1274,7 @@ async fn a_reconnected_store_is_loaded_again_before_its_next_write() {
         let base = base.clone();
         async move { post(&base, "/v1/track", &track("after")).await }
     });
-    // Once the engine waits on the lock on `profiles` (a condition, polled), it must hold no
-    // head lock: the other replicas go on writing while it loads.
-    tokio::task::block_in_place(|| {
-        let mut c = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
-        let waiting = |c: &mut ::postgres::Client| -> i64 {
-            c.query_one(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                &[],
-            )
-            .unwrap()
-            .get(0)
-        };
-        let mut tries = 0;
-        while waiting(&mut c) == 0 {
-            tries += 1;
-            assert!(
-                tries < 1000,
-                "the engine never waited for the lock on profiles"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        let mut tx = c.transaction().unwrap();
-        tx.query_one(
-            "SELECT head FROM seq_counter WHERE id = 1 FOR UPDATE NOWAIT",
-            &[],
-        )
-        .expect("the engine loads while holding the head lock");
-        tx.rollback().unwrap();
-    });
+    tokio::task::block_in_place(|| assert_loading_without_the_head_lock(&url));
     let (status, body) = readyz().await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     release.send(()).unwrap();
@@ -1551,6 +1553,44 @@ async fn postgres_a_commit_the_store_refuses_answers_503_and_stores_nothing() {
         ["ok1", "ok2"],
         "nothing of the refused group was stored"
     );
+}
+
+/// After a write the store refused, the engine loads its graph again (the refused write's
+/// changes forgotten) before its next write, outside the head lock and with `/readyz` saying
+/// "loading"; a request sent meanwhile is stored once the load is done. Before, the next write
+/// loaded the whole graph under the head lock every replica writes under (and, on a large
+/// store, long enough for the stall check to take it for a stalled write).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_refused_write_the_graph_is_reloaded_outside_the_head_lock() {
+    let (_, _, url, t) = engine_refusing_poison("refused_reload").await;
+    let track = |id: &str| json!({"userId": "u1", "event": "A", "messageId": id});
+    post_ok(&t.base, "/v1/track", &track("ok1")).await;
+    // A known user and event name: the refused write touches neither `profiles` nor the
+    // other state tables, which the reload reads and the test holds locked.
+    let (release, blocker) = tokio::task::block_in_place(|| hold_profiles_locked(&url, |_| ()));
+    let answer = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        post(&t.base, "/v1/track", &track("poison")),
+    )
+    .await;
+    let Ok((status, _)) = answer else {
+        panic!("the refused write waited for the lock on profiles")
+    };
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let (status, body) = get(&t.base, "/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("loading"), "{body}");
+    let pending = tokio::spawn({
+        let base = t.base.clone();
+        async move { post(&base, "/v1/track", &track("after")).await }
+    });
+    tokio::task::block_in_place(|| assert_loading_without_the_head_lock(&url));
+    release.send(()).unwrap();
+    tokio::task::block_in_place(|| blocker.join().unwrap());
+    assert_eq!(pending.await.unwrap().0, StatusCode::OK);
+    assert_eq!(get(&t.base, "/readyz").await.0, StatusCode::OK);
+    t.engine.stop().await.unwrap();
+    tokio::task::block_in_place(|| assert_stored_exactly(&url, vec!["ok1".into(), "after".into()]));
 }
 
 /// A request the store refuses fails alone: the requests committed in the same group are

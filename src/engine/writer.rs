@@ -185,6 +185,7 @@ fn run(mut store: Box<dyn Store>, reopen: Reopen, mut rx: mpsc::Receiver<Job>, c
                     // still succeed. A failure of the store itself on the way fails the rest
                     // without trying them.
                     let (mut broken, mut reopening): (Option<String>, bool) = (None, false);
+                    reopen.reload(&mut *store, &cx.metrics);
                     for (reply, range) in requests {
                         if let Some(error) = &broken {
                             let _ = reply.send(Err(error.clone()));
@@ -193,7 +194,9 @@ fn run(mut store: Box<dyn Store>, reopen: Reopen, mut rx: mpsc::Receiver<Job>, c
                         let result = ingest(&mut *store, &events[range], cx);
                         if let Err(e) = &result {
                             tracing::warn!(error = %e, "a request failed to commit on its own; it was not stored");
-                            if !e.is_data_refusal() {
+                            if e.is_data_refusal() {
+                                reopen.reload(&mut *store, &cx.metrics);
+                            } else {
                                 reopening = reopen.due(e);
                                 broken = Some(e.to_string());
                             }
@@ -202,6 +205,8 @@ fn run(mut store: Box<dyn Store>, reopen: Reopen, mut rx: mpsc::Receiver<Job>, c
                     }
                     if reopening {
                         reopen.reopen(&mut store, &cx.metrics);
+                    } else if broken.is_some() {
+                        reopen.reload(&mut *store, &cx.metrics);
                     }
                 } else {
                     // Answered before the store is reopened: the clients need not wait for
@@ -212,6 +217,8 @@ fn run(mut store: Box<dyn Store>, reopen: Reopen, mut rx: mpsc::Receiver<Job>, c
                     }
                     if due {
                         reopen.reopen(&mut store, &cx.metrics);
+                    } else {
+                        reopen.reload(&mut *store, &cx.metrics);
                     }
                 }
             }
@@ -305,6 +312,16 @@ impl Reopen {
             self.loaded.send_replace(false);
         }
         due
+    }
+
+    /// Loads the graph of `store`, whose connection is kept, again after a failed write (its
+    /// graph had resolved the write's events): as at start ([`warm_up`]), without the write
+    /// lock and with `/readyz` saying "loading", rather than inside the next write, under the
+    /// head lock every replica writes under and timed as a write by the stall check.
+    fn reload(&self, store: &mut dyn Store, metrics: &Metrics) {
+        self.loaded.send_replace(false);
+        warm_up(store, metrics);
+        self.loaded.send_replace(true);
     }
 
     /// Replaces `store` with a new connection and loads its graph and filter before its first

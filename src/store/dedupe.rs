@@ -892,7 +892,7 @@ pub(crate) mod tests {
         }
 
         /// Makes the store refuse a Track event named "poison", as a DBA's constraint would.
-        fn refuse_poison(&self) {
+        pub(crate) fn refuse_poison(&self) {
             match self {
                 Place::Lite(dir) => rusqlite::Connection::open(dir.path().join("s.db"))
                     .unwrap()
@@ -1296,7 +1296,7 @@ pub(crate) mod tests {
         assert_eq!(a.ingest(ids(0, next)), (0, next));
     }
 
-    fn poison() -> Event {
+    pub(crate) fn poison() -> Event {
         let opts = ParseOptions::new(jiff::Timestamp::UNIX_EPOCH, "src");
         let v = json!({"type": "track", "messageId": "p", "userId": "u1", "event": "poison"});
         Event::from_json(&v, None, &opts).unwrap()

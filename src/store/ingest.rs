@@ -280,7 +280,47 @@ mod tests {
     both!(
         a_warmed_up_store_only_catches_up_at_its_first_write,
         another_writer_s_changes_are_applied_not_reloaded,
+        a_warm_up_after_a_failed_write_reloads_the_graph_but_keeps_the_ids,
     );
+
+    /// After a write the store refused, `warm_up` (the engine's reload, outside the write lock)
+    /// loads the graph again — the failed write's changes forgotten — but catches the recent
+    /// messageIds up instead of reading the whole index; the next write then neither loads the
+    /// graph nor reads the index, stores the event that failed once it is fixed, and finds
+    /// every stored id.
+    fn a_warm_up_after_a_failed_write_reloads_the_graph_but_keeps_the_ids(kind: &str) {
+        use crate::store::dedupe::FILTER_BUILDS;
+        use crate::store::dedupe::tests::poison;
+        let place = Place::new(kind);
+        let mut a = place.open_with(false);
+        let pages: Vec<Event> = (0..50).map(|i| page(&format!("old-{i}"), "a1")).collect();
+        a.ingest(pages);
+        place.refuse_poison();
+        assert!(
+            a.store()
+                .ingest(vec![identify("new", "a9", "x@example.com"), poison()])
+                .is_err()
+        );
+        let (restores, builds) = (count(&RESTORES), count(&FILTER_BUILDS));
+        a.store().warm_up().unwrap();
+        assert_eq!(count(&RESTORES), restores + 1, "the graph was not reloaded");
+        assert_eq!(
+            count(&FILTER_BUILDS),
+            builds,
+            "the whole index was read again"
+        );
+        // The refused write's profile is forgotten: one profile (a1's), not two.
+        assert_eq!(a.store().live_profiles(), 1);
+        let again = vec![page("old-3", "a1"), page("old-49", "a1"), page("new", "a9")];
+        assert_eq!(a.ingest(again), (1, 2));
+        assert_eq!(
+            count(&RESTORES),
+            restores + 1,
+            "the next write loaded the graph"
+        );
+        assert_eq!(count(&FILTER_BUILDS), builds);
+        assert_eq!(a.store().live_profiles(), 2);
+    }
 
     /// `warm_up` loads the graph and the messageIds without the write lock; another writer
     /// commits after it; the warmed-up store's first write then reads only that commit's

@@ -250,7 +250,9 @@ pub trait Store: Send {
     /// Loads what writes resolve against — the identity graph and the recent messageIds with
     /// their filter — from one consistent read of the store, without the write lock, so that
     /// the first write only catches up with what was committed since instead of loading
-    /// everything while it holds the lock. The engine calls it before it serves.
+    /// everything while it holds the lock. The engine calls it before it serves, and after a
+    /// failed write (whose changes its graph must forget). Recent messageIds it has already
+    /// are caught up rather than read again.
     fn warm_up(&mut self) -> Result<(), StoreError>;
 
     /// The lowest `seq` of an event received at or after `received_at` (where a backfill window starts).

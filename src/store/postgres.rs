@@ -926,7 +926,9 @@ impl Store for PostgresStore {
             .query_one("SELECT head FROM seq_counter WHERE id = 1", &[])?
             .get(0);
         let (profiles, identifiers, names) = load_state(&mut tx, None)?;
-        let recent = RecentIds::at_head(None, &mut Pg(&mut tx), head, tuning)?;
+        // After a failed write the ids are as before it: caught up, not read again.
+        let recent =
+            RecentIds::at_head(self.dedupe.committed.take(), &mut Pg(&mut tx), head, tuning)?;
         tx.commit()?;
         self.resolver.restore(profiles, identifiers, names, head);
         self.dedupe.committed = Some(recent);

@@ -797,7 +797,8 @@ impl Store for SqliteStore {
             r.get(0)
         })?;
         let (profiles, identifiers, names) = load_state(&tx, None)?;
-        let recent = RecentIds::at_head(None, &mut tx, head, tuning)?;
+        // After a failed write the ids are as before it: caught up, not read again.
+        let recent = RecentIds::at_head(self.dedupe.committed.take(), &mut tx, head, tuning)?;
         tx.commit()?;
         self.resolver.restore(profiles, identifiers, names, head);
         self.dedupe.committed = Some(recent);
