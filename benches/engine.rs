@@ -2,7 +2,9 @@
 //! latency (p50/p99), with the SQLite and the PostgreSQL store, measured in the same run as the
 //! same HTTP stack parsing and discarding the requests (the ceiling).
 //!
-//! `cargo bench --bench engine` (env `BENCH_EVENTS`, default 200000; `BENCH_CLIENTS`, default 32).
+//! `cargo bench --bench engine` (env `BENCH_EVENTS`, default 200000; `BENCH_CLIENTS`, default 32;
+//! `BENCH_PG_DURABLE`, default 1: the PostgreSQL server commits durably; 0: the tests' server,
+//! without fsync).
 
 mod common;
 // The throwaway PostgreSQL server of the tests; not every bench uses all of it.
@@ -166,8 +168,14 @@ async fn scenario(kind: &str) -> Value {
         let url = if kind == "sqlite" {
             format!("sqlite://{}", dir.path().join("store.db").display())
         } else {
-            // The test harness's client is synchronous: keep it off the async workers.
-            server = tokio::task::block_in_place(pg::PgServer::start);
+            // The test harness's client is synchronous: keep it off the async workers. Durable
+            // commits, as in production and as SQLite's (`BENCH_PG_DURABLE=0`: the tests' server,
+            // without fsync, for comparison with figures from before).
+            server = tokio::task::block_in_place(if env("BENCH_PG_DURABLE", 1) == 0 {
+                pg::PgServer::start
+            } else {
+                pg::PgServer::start_durable
+            });
             tokio::task::block_in_place(|| server.url(&server.create_database("bench")))
         };
         let e = start(EngineConfig {

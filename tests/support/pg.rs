@@ -83,16 +83,23 @@ fn pg_command(bindir: &Path, run_as_postgres: bool, program: &str) -> Command {
 impl PgServer {
     /// Starts a new server. Panics with the server's log when it can't start.
     pub fn start() -> PgServer {
-        Self::start_with(false)
+        Self::start_with(false, false)
+    }
+
+    /// Starts a new server that makes every commit durable, as a production server does
+    /// (`fsync`, `synchronous_commit` and `full_page_writes` at their defaults): for benches
+    /// whose figures must compare with an `fsync` per commit on SQLite.
+    pub fn start_durable() -> PgServer {
+        Self::start_with(false, true)
     }
 
     /// Starts a new server that also accepts TLS, with a certificate for `localhost` signed by a
     /// test CA of its own (see [`PgServer::ca_cert`]).
     pub fn start_tls() -> PgServer {
-        Self::start_with(true)
+        Self::start_with(true, false)
     }
 
-    fn start_with(tls: bool) -> PgServer {
+    fn start_with(tls: bool, durable: bool) -> PgServer {
         let bindir = bindir();
         let run_as_postgres = is_root();
         let dir = tempfile::Builder::new()
@@ -208,8 +215,14 @@ impl PgServer {
         for _ in 0..5 {
             let port = free_port();
             let log = dir.path().join("server.log");
+            // Tests need no durability; a durable server keeps the defaults.
+            let fast = if durable {
+                ""
+            } else {
+                " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+            };
             let opts = format!(
-                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200{tls_opts}",
+                "-p {port} -k {} -c listen_addresses=127.0.0.1{fast} -c max_connections=200{tls_opts}",
                 dir.path().display()
             );
             let out = pg_command(&bindir, run_as_postgres, "pg_ctl")
