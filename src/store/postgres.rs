@@ -38,7 +38,7 @@ fn connect(url: &str) -> Result<Client, StoreError> {
             config.connect(tls)?
         }
     };
-    server_keepalives(&mut client)?;
+    server_keepalives(&mut client);
     Ok(client)
 }
 

@@ -95,8 +95,16 @@ pub fn with_timeouts(config: &mut postgres::Config) {
 /// partition) is otherwise noticed by the server only after the operating system's keepalive
 /// time, 2 hours by default, and its open transaction keeps its locks all that time: the store's
 /// head, which every engine replica writes under, or the warehouse tables the next sync loads.
-/// A session over a Unix socket ignores them.
-pub fn server_keepalives(client: &mut Client) -> Result<(), postgres::Error> {
+/// A session over a Unix socket ignores them. A server that refuses them (a PostgreSQL-compatible
+/// one without these settings) only gets a warning logged: they are a safety net, not a
+/// requirement.
+pub fn server_keepalives(client: &mut Client) {
+    if let Err(e) = try_server_keepalives(client) {
+        tracing::warn!(error = %e, "the server's TCP keepalives could not be set; a client that vanishes may keep its transaction open until the server's own keepalives end it");
+    }
+}
+
+fn try_server_keepalives(client: &mut Client) -> Result<(), postgres::Error> {
     const WANTED: [(&str, &str); 3] = [
         ("tcp_keepalives_idle", "30"),
         ("tcp_keepalives_interval", "10"),
@@ -191,7 +199,7 @@ impl PostgresWarehouse {
             None => WarehouseError::connection(format!("cannot connect: {}", chain(&e))),
         })?;
         let mut client = client;
-        server_keepalives(&mut client).map_err(pg_error)?;
+        server_keepalives(&mut client);
         Ok(PostgresWarehouse {
             client,
             schema: schema.to_string(),
