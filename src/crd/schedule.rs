@@ -23,7 +23,7 @@ pub enum ScheduleError {
         "schedule {0:?} is neither an interval (e.g. 1h, 30m, 1h30m) nor a cron expression (e.g. \"0 * * * *\")"
     )]
     Unrecognized(String),
-    /// An interval below [`MIN_INTERVAL`].
+    /// An interval below `MIN_INTERVAL`.
     #[error("schedule interval {0:?} is shorter than the minimum of 15m")]
     TooFrequent(String),
 }

@@ -16,7 +16,7 @@ pub const MAX_MESSAGE_BYTES: usize = 32 * 1024;
 /// Segment's limit on one batch request.
 pub const MAX_BATCH_BYTES: usize = 500 * 1024;
 /// How much memory the copies of a batch's top-level `sentAt`, `context` and `integrations`
-/// merged into each message may take ([`value_memory`]). It bounds the memory one request
+/// merged into each message may take (`value_memory`). It bounds the memory one request
 /// takes: without it, a 500 KB batch of empty messages sharing a large `context` would expand
 /// a hundred-thousand-fold.
 pub const MAX_EXPANDED_BATCH_BYTES: usize = 4 * 1024 * 1024;

@@ -34,7 +34,7 @@ impl StateTable {
     /// Every current-state table name.
     pub const TABLES: [&'static str; 3] = ["user_identifiers", "user_traits", "profile_merges"];
 
-    /// What a position in the table is made of (see [`StateKey`]).
+    /// What a position in the table is made of (see `StateKey`).
     pub fn key_columns(self) -> &'static [&'static str] {
         match self {
             StateTable::UserIdentifiers => &["type", "value"],

@@ -368,7 +368,7 @@ pub struct Prepared {
     pub state: TableState,
 }
 
-/// Types `chunk` against the table's columns as `schema` knows them (see [`Typer`]).
+/// Types `chunk` against the table's columns as `schema` knows them (see `Typer`).
 pub fn prepare(schema: &Schema, mut chunk: Chunk<'_>) -> Prepared {
     let mut typer = Typer::new(
         &chunk,
