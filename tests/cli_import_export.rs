@@ -171,3 +171,42 @@ fn import_reads_stdin_and_refuses_a_bad_store_url() {
     assert!(!ok);
     assert!(err.contains("unsupported store URL"), "{err}");
 }
+
+/// `import` reads a batch line as the Tracking API does (the batch's context merged into each
+/// message) but without its 32 KB limit per message: a large message is imported in a batch
+/// line as it is alone on a line.
+#[test]
+fn import_takes_large_messages_in_batch_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}", dir.path().join("s.db").display());
+    let big = "x".repeat(40 * 1024);
+    let lines = [
+        json!({"context": {"ip": "1.2.3.4"}, "batch": [
+            {"type": "track", "messageId": "b1", "userId": "u1", "event": "Big",
+             "properties": {"blob": big}},
+            {"type": "track", "messageId": "b2", "userId": "u1", "event": "Small"}
+        ]})
+        .to_string(),
+        json!({"type": "track", "messageId": "b3", "userId": "u1", "event": "Big",
+               "properties": {"blob": big}})
+        .to_string(),
+    ];
+    let input = dir.path().join("events.jsonl");
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let (ok, out, err) = import(&store, &input);
+    assert!(ok, "{err}");
+    let summary: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(summary["accepted"], 3, "{summary} {err}");
+    let events: Vec<Value> = export(&store, "events", &[])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), 3);
+    assert!(
+        events
+            .iter()
+            .take(2)
+            .all(|e| e.to_string().contains("1.2.3.4")),
+        "the batch's context reaches each message"
+    );
+}

@@ -65,7 +65,8 @@ fn messages(line: &str) -> Result<Vec<Value>, String> {
         return Err("malformed JSON: expected an object".into());
     };
     if obj.contains_key("batch") {
-        return batch_messages(obj).map_err(|e| e.message);
+        // No per-message limit: a line holding one large message alone is imported too.
+        return batch_messages(obj, None).map_err(|e| e.message);
     }
     Ok(vec![v])
 }

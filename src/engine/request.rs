@@ -139,10 +139,14 @@ pub fn basic_auth_user(header: Option<&str>) -> Option<String> {
 /// The messages of a batch object, as Segment's batch API reads it: the batch's `sentAt`
 /// applies to each message that has none, and its `context` and `integrations` are merged into
 /// each message's own (the message's values win; objects in both are merged key by key). Each
-/// message is held to the 32 KB limit as it was sent, before the merge; the batch is refused
-/// (413) before the merged copies would grow it past [`MAX_EXPANDED_BATCH_BYTES`]. Takes the
+/// message is held to `max_message` bytes as it was sent, before the merge (the Tracking API's
+/// 32 KB; `None`, as `import` reads a batch line, for no limit); the batch is refused (413)
+/// before the merged copies would grow it past [`MAX_EXPANDED_BATCH_BYTES`]. Takes the
 /// messages out of `obj` (no copy).
-pub fn batch_messages(obj: &mut Map<String, Value>) -> Result<Vec<Value>, ApiError> {
+pub fn batch_messages(
+    obj: &mut Map<String, Value>,
+    max_message: Option<usize>,
+) -> Result<Vec<Value>, ApiError> {
     let mut items = match obj.remove("batch") {
         Some(Value::Array(items)) => items,
         Some(_) => return Err(field_error(400, "batch", "must be an array", None)),
@@ -172,10 +176,12 @@ pub fn batch_messages(obj: &mut Map<String, Value>) -> Result<Vec<Value>, ApiErr
     }
     let mut added = 0usize;
     for (i, item) in items.iter_mut().enumerate() {
-        if json_len(item) > MAX_MESSAGE_BYTES {
+        if let Some(max) = max_message
+            && json_len(item) > max
+        {
             return Err(ApiError {
                 status: 400,
-                message: format!("message exceeds the {} KB limit", MAX_MESSAGE_BYTES / 1024),
+                message: format!("message exceeds the {} KB limit", max / 1024),
                 field: None,
                 index: Some(i),
                 events: 1,
@@ -401,7 +407,11 @@ fn accept(
     };
     let (messages, default_type, batched) = match endpoint {
         Endpoint::Single(t) => (vec![Value::Object(obj)], Some(t), false),
-        Endpoint::Batch => (batch_messages(&mut obj)?, None, true),
+        Endpoint::Batch => (
+            batch_messages(&mut obj, Some(MAX_MESSAGE_BYTES))?,
+            None,
+            true,
+        ),
     };
     if batched && messages.is_empty() {
         return Err(field_error(400, "batch", "is empty", None));
