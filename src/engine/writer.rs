@@ -192,16 +192,21 @@ fn run(mut store: Box<dyn Store>, reopen: Reopen, mut rx: mpsc::Receiver<Job>, c
                             continue;
                         }
                         let result = ingest(&mut *store, &events[range], cx);
+                        let mut refused = false;
                         if let Err(e) = &result {
                             tracing::warn!(error = %e, "a request failed to commit on its own; it was not stored");
                             if e.is_data_refusal() {
-                                reopen.reload(&mut *store, &cx.metrics);
+                                refused = true;
                             } else {
                                 reopening = reopen.due(e);
                                 broken = Some(e.to_string());
                             }
                         }
+                        // Answered before the graph is loaded again.
                         let _ = reply.send(result.map_err(|e| e.to_string()));
+                        if refused {
+                            reopen.reload(&mut *store, &cx.metrics);
+                        }
                     }
                     if reopening {
                         reopen.reopen(&mut store, &cx.metrics);
