@@ -256,12 +256,6 @@ async fn ingest_inner(
         return overloaded(state, count);
     };
     state.metrics.queue_depth.set(state.writer.depth() as i64);
-    state.metrics.write_running_seconds.set(
-        state
-            .writer
-            .write_running_for()
-            .map_or(0.0, |d| d.as_secs_f64()),
-    );
     match done.await {
         Ok(Ok(_)) => json_response(StatusCode::OK, json!({"success": true})),
         Ok(Err(e)) => {
