@@ -208,10 +208,8 @@ fn run(mut store: Box<dyn Store>, reopen: Reopen, mut rx: mpsc::Receiver<Job>, c
                             reopen.reload(&mut *store, &cx.metrics);
                         }
                     }
-                    if reopening {
-                        reopen.reopen(&mut store, &cx.metrics);
-                    } else if broken.is_some() {
-                        reopen.reload(&mut *store, &cx.metrics);
+                    if broken.is_some() {
+                        reopen.recover(&mut store, reopening, &cx.metrics);
                     }
                 } else {
                     // Answered before the store is reopened: the clients need not wait for
@@ -220,11 +218,7 @@ fn run(mut store: Box<dyn Store>, reopen: Reopen, mut rx: mpsc::Receiver<Job>, c
                     for (reply, _) in requests {
                         let _ = reply.send(Err(e.to_string()));
                     }
-                    if due {
-                        reopen.reopen(&mut store, &cx.metrics);
-                    } else {
-                        reopen.reload(&mut *store, &cx.metrics);
-                    }
+                    reopen.recover(&mut store, due, &cx.metrics);
                 }
             }
         }
@@ -317,6 +311,16 @@ impl Reopen {
             self.loaded.send_replace(false);
         }
         due
+    }
+
+    /// After a failed write: a new connection when [`Reopen::due`] said so, else the graph of
+    /// the one kept loaded again.
+    fn recover(&self, store: &mut Box<dyn Store>, due: bool, metrics: &Metrics) {
+        if due {
+            self.reopen(store, metrics);
+        } else {
+            self.reload(&mut **store, metrics);
+        }
     }
 
     /// Loads the graph of `store`, whose connection is kept, again after a failed write (its
