@@ -197,17 +197,15 @@ pub fn batch_messages(
             m.insert("sentAt".into(), v.clone());
         }
         for (key, batch) in &shared {
-            match m.get_mut(*key) {
-                None | Some(Value::Null) => {
-                    added = added.saturating_add(entry_len(key, &Value::Null));
-                    m.insert((*key).into(), Value::Object(Map::new()));
-                    if let Some(Value::Object(own)) = m.get_mut(*key) {
-                        added = added.saturating_add(merge_into(own, batch));
-                    }
-                }
-                Some(Value::Object(own)) => added = added.saturating_add(merge_into(own, batch)),
-                // A message's own value of the wrong type gets its 400 when it is read.
-                Some(_) => {}
+            // Absent or null, the message's own is an empty object the batch's merges into.
+            let own = m.entry(*key).or_insert(Value::Null);
+            if own.is_null() {
+                added = added.saturating_add(entry_len(key, own));
+                *own = Value::Object(Map::new());
+            }
+            // A message's own value of the wrong type gets its 400 when it is read.
+            if let Value::Object(own) = own {
+                added = added.saturating_add(merge_into(own, batch));
             }
         }
         if added > MAX_EXPANDED_BATCH_BYTES {
