@@ -61,6 +61,12 @@ pub fn pg_error(e: postgres::Error) -> WarehouseError {
 /// libpq's (and the driver's) default idle time before TCP keepalives start: 2 hours.
 const DRIVER_KEEPALIVES_IDLE: std::time::Duration = std::time::Duration::from_secs(7200);
 
+/// The TCP keepalives asked of both ends ([`with_timeouts`], [`server_keepalives`]): seconds
+/// idle before the first, seconds between them, how many unanswered end the connection.
+const KEEPALIVE_IDLE_SECS: u64 = 30;
+const KEEPALIVE_INTERVAL_SECS: u64 = 10;
+const KEEPALIVE_COUNT: u32 = 3;
+
 /// Sets the timeouts the URL leaves unset (`connect_timeout`, `keepalives_idle` other than the
 /// driver's default of 2 hours, `keepalives_interval`, `keepalives_retries`), so that a server
 /// that vanishes without closing the connection (a failed-over host, a network partition) fails
@@ -79,13 +85,13 @@ pub fn with_timeouts(config: &mut postgres::Config) {
         config.connect_timeout(Duration::from_secs(10));
     }
     if config.get_keepalives_idle() == DRIVER_KEEPALIVES_IDLE {
-        config.keepalives_idle(Duration::from_secs(30));
+        config.keepalives_idle(Duration::from_secs(KEEPALIVE_IDLE_SECS));
     }
     if config.get_keepalives_interval().is_none() {
-        config.keepalives_interval(Duration::from_secs(10));
+        config.keepalives_interval(Duration::from_secs(KEEPALIVE_INTERVAL_SECS));
     }
     if config.get_keepalives_retries().is_none() {
-        config.keepalives_retries(3);
+        config.keepalives_retries(KEEPALIVE_COUNT);
     }
 }
 
@@ -105,20 +111,20 @@ pub fn server_keepalives(client: &mut Client) {
 }
 
 fn try_server_keepalives(client: &mut Client) -> Result<(), postgres::Error> {
-    const WANTED: [(&str, &str); 3] = [
-        ("tcp_keepalives_idle", "30"),
-        ("tcp_keepalives_interval", "10"),
-        ("tcp_keepalives_count", "3"),
+    let wanted = [
+        ("tcp_keepalives_idle", KEEPALIVE_IDLE_SECS),
+        ("tcp_keepalives_interval", KEEPALIVE_INTERVAL_SECS),
+        ("tcp_keepalives_count", u64::from(KEEPALIVE_COUNT)),
     ];
     let defaults: Vec<String> = client
         .query(
             "SELECT name FROM pg_settings WHERE source = 'default' AND name = ANY($1)",
-            &[&WANTED.map(|(name, _)| name).to_vec()],
+            &[&wanted.map(|(name, _)| name).to_vec()],
         )?
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let set: String = WANTED
+    let set: String = wanted
         .iter()
         .filter(|(name, _)| defaults.iter().any(|d| d == name))
         .map(|(name, value)| format!("SET {name} = {value};"))
@@ -183,7 +189,7 @@ impl PostgresWarehouse {
         // The sync's `DROP TABLE IF EXISTS` of its staging tables would otherwise log a NOTICE
         // for every chunk; warnings and errors still come through.
         config.options("-c client_min_messages=warning");
-        let client = match ssl_mode {
+        let mut client = match ssl_mode {
             SslMode::Disable => config.connect(NoTls),
             mode => {
                 config.ssl_mode(if mode == SslMode::Prefer {
@@ -198,7 +204,6 @@ impl PostgresWarehouse {
             Some(_) => pg_error(e),
             None => WarehouseError::connection(format!("cannot connect: {}", chain(&e))),
         })?;
-        let mut client = client;
         server_keepalives(&mut client);
         Ok(PostgresWarehouse {
             client,
