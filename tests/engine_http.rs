@@ -27,6 +27,13 @@ async fn get(base: &str, path: &str) -> (StatusCode, String) {
     (status, r.text().await.unwrap_or_default())
 }
 
+/// Sends a track call on a task of its own (its answer may wait on the store); the task yields
+/// the status and body.
+fn track_in_background(base: &str, body: Value) -> tokio::task::JoinHandle<(StatusCode, Value)> {
+    let base = base.to_string();
+    tokio::spawn(async move { post(&base, "/v1/track", &body).await })
+}
+
 async fn post(base: &str, path: &str, body: &Value) -> (StatusCode, Value) {
     let r = client()
         .post(format!("{base}{path}"))
@@ -835,17 +842,10 @@ async fn a_write_past_the_stall_timeout_turns_healthz_to_503() {
     .await;
     assert_eq!(get(&t.base, "/healthz").await.0, StatusCode::OK);
     let blocker = lock_store(&t.store_path);
-    let pending = tokio::spawn({
-        let base = t.base.clone();
-        async move {
-            post(
-                &base,
-                "/v1/track",
-                &json!({"userId": "u1", "event": "A", "messageId": "stalled"}),
-            )
-            .await
-        }
-    });
+    let pending = track_in_background(
+        &t.base,
+        json!({"userId": "u1", "event": "A", "messageId": "stalled"}),
+    );
     // The condition is the passing of the stall timeout itself: poll for it, within a bound
     // well under the store's 30 s busy timeout (which would end the write).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -1201,17 +1201,10 @@ async fn readyz_says_loading_until_the_store_is_loaded() {
     let (status, body) = get(&base, "/readyz").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(body.contains("loading"), "{body}");
-    let pending = tokio::spawn({
-        let base = base.clone();
-        async move {
-            post(
-                &base,
-                "/v1/track",
-                &json!({"userId": "u1", "event": "Early", "messageId": "early"}),
-            )
-            .await
-        }
-    });
+    let pending = track_in_background(
+        &base,
+        json!({"userId": "u1", "event": "Early", "messageId": "early"}),
+    );
     release.send(()).unwrap();
     tokio::task::block_in_place(|| blocker.join().unwrap());
     engine.loaded().await;
@@ -1270,10 +1263,7 @@ async fn a_reconnected_store_is_loaded_again_before_its_next_write() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert!(body.contains("loading"), "{body}");
     // Sent while the graph loads: it waits in the queue.
-    let pending = tokio::spawn({
-        let base = base.clone();
-        async move { post(&base, "/v1/track", &track("after")).await }
-    });
+    let pending = track_in_background(&base, track("after"));
     tokio::task::block_in_place(|| assert_loading_without_the_head_lock(&url));
     let (status, body) = readyz().await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
@@ -1580,10 +1570,7 @@ async fn after_a_refused_write_the_graph_is_reloaded_outside_the_head_lock() {
     let (status, body) = get(&t.base, "/readyz").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert!(body.contains("loading"), "{body}");
-    let pending = tokio::spawn({
-        let base = t.base.clone();
-        async move { post(&base, "/v1/track", &track("after")).await }
-    });
+    let pending = track_in_background(&t.base, track("after"));
     tokio::task::block_in_place(|| assert_loading_without_the_head_lock(&url));
     release.send(()).unwrap();
     tokio::task::block_in_place(|| blocker.join().unwrap());
