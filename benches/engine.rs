@@ -187,7 +187,9 @@ async fn scenario(kind: &str) -> Value {
             queue_capacity: 64,
             reading_capacity: 64,
             body_timeout: std::time::Duration::from_secs(30),
-            stall_timeout: std::time::Duration::from_secs(120),
+            stall_timeout: std::time::Duration::from_secs(
+                profiles_sync::engine::DEFAULT_STALL_TIMEOUT_SECS,
+            ),
         })
         .await
         .expect("engine");

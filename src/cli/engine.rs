@@ -34,7 +34,11 @@ pub struct EngineArgs {
     pub body_timeout_secs: u64,
     /// Seconds one store write may run before /healthz and /readyz answer 503 (the store does
     /// not answer: the kubelet then restarts the engine); 0 turns the check off.
-    #[arg(long, env = "PROFILES_SYNC_STALL_TIMEOUT_SECS", default_value_t = 120)]
+    #[arg(
+        long,
+        env = "PROFILES_SYNC_STALL_TIMEOUT_SECS",
+        default_value_t = crate::engine::DEFAULT_STALL_TIMEOUT_SECS
+    )]
     pub stall_timeout_secs: u64,
 }
 

@@ -81,7 +81,7 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<SyncReport> {
         queue_capacity: 64,
         reading_capacity: 64,
         body_timeout: std::time::Duration::from_secs(30),
-            stall_timeout: std::time::Duration::from_secs(120),
+            stall_timeout: std::time::Duration::from_secs(engine::DEFAULT_STALL_TIMEOUT_SECS),
     }))?;
     let base = format!("http://{}", engine.addr);
     say(&format!("  engine listening on {base}"));

@@ -17,6 +17,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::identity::Rules;
 
+/// The default of [`EngineConfig::stall_timeout`], in seconds: longer than the ~1 minute after
+/// which PostgreSQL ends the transaction of a replica that vanished holding the head lock, so
+/// that the replicas waiting on it are not restarted for that.
+pub const DEFAULT_STALL_TIMEOUT_SECS: u64 = 120;
+
 /// How the engine runs.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {

@@ -81,7 +81,9 @@ impl Default for Options {
             capacity: 8,
             reading: 64,
             body_timeout: std::time::Duration::from_secs(30),
-            stall_timeout: std::time::Duration::from_secs(120),
+            stall_timeout: std::time::Duration::from_secs(
+                profiles_sync::engine::DEFAULT_STALL_TIMEOUT_SECS,
+            ),
             feed_token: Some(FEED_TOKEN),
             store_url: None,
         }
