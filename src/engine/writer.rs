@@ -305,8 +305,11 @@ impl Reopen {
     /// data (a broken connection would fail every later group). If so `/readyz` says "loading"
     /// from now until [`Reopen::reopen`] has loaded the new one.
     fn due(&self, e: &StoreError) -> bool {
-        let due =
-            !e.is_data_refusal() && matches!(e, StoreError::Postgres(_) | StoreError::Sqlite(_));
+        let due = !e.is_data_refusal()
+            && matches!(
+                e,
+                StoreError::Postgres(_) | StoreError::Sqlite(_) | StoreError::CopyStream(_)
+            );
         if due {
             self.loaded.send_replace(false);
         }

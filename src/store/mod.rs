@@ -10,6 +10,7 @@
 //! has one writer anyway); resolution is sequential by nature, so nothing is lost by it.
 
 mod codec;
+mod copy;
 mod dedupe;
 mod ingest;
 mod postgres;
@@ -61,6 +62,10 @@ pub enum StoreError {
         "a write whose ingest failed cannot be committed: it was rolled back, nothing of it is stored"
     )]
     FailedWrite,
+    /// A `COPY` of rows to a PostgreSQL store failed outside the server (the connection, or a
+    /// value too large for the format); the transaction is rolled back.
+    #[error("postgres store: the COPY stream failed: {0}")]
+    CopyStream(std::io::Error),
 }
 
 /// A source of events (from the engine's sources file), as shown in the warehouse's

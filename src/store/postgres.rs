@@ -7,12 +7,13 @@ use super::codec::StateRead;
 use super::codec::{
     self, IDENTIFIER_COLUMNS, PROFILE_COLUMNS, RawProfile, json_text, micros, state_read_sql,
 };
+use super::copy::copy_rows;
 use super::dedupe::{self, Dedupe, IndexTx, RecentIds, Tuning};
 use super::ingest::{LoadedState, ResolvedBatch, ingest_in_tx};
 use super::schema::{Dialect, SCHEMA_VERSION, TRIGGER_COLUMNS, ddl, state_seq_ddl};
 use super::{
     EventFilter, Feed, FeedRow, FlatEventRow, IngestSummary, PreparedEvent, Resolver, SourceInfo,
-    Store, StoreError, Trigger, WriteTx,
+    Store, StoreError, WriteTx,
 };
 use crate::identity::{IdentifierState, ProfileState, Rules};
 use crate::warehouse::postgres::{server_keepalives, with_timeouts};
@@ -296,67 +297,6 @@ fn load_state(
     Ok((profiles, identifiers, names))
 }
 
-/// Column vectors of the trigger columns, for `unnest` inserts.
-#[derive(Default)]
-struct TriggerColumns {
-    types: Vec<&'static str>,
-    ids: Vec<String>,
-    names: Vec<Option<String>>,
-    sources: Vec<String>,
-    timestamps: Vec<i64>,
-    received: Vec<i64>,
-}
-
-impl TriggerColumns {
-    fn push(&mut self, t: &Trigger) {
-        self.types.push(t.event_type.as_str());
-        self.ids.push(t.event_id.clone());
-        self.names.push(t.event_name.clone());
-        self.sources.push(t.source_id.clone());
-        self.timestamps.push(micros(t.timestamp));
-        self.received.push(micros(t.received_at));
-    }
-}
-
-const TRIGGER_UNNEST: &str =
-    "$T1::text[], $T2::text[], $T3::text[], $T4::text[], $T5::bigint[], $T6::bigint[]";
-
-/// Inserts rows through one `INSERT ... SELECT FROM unnest(arrays)` statement: one round trip
-/// per table per batch instead of one per row.
-fn insert_unnest(
-    tx: &mut Client,
-    table: &str,
-    lead_columns: &str,
-    lead_arrays: &[&str],
-    lead: &[&(dyn postgres::types::ToSql + Sync)],
-    t: &TriggerColumns,
-) -> Result<(), StoreError> {
-    let n = lead.len();
-    let arrays = lead_arrays
-        .iter()
-        .enumerate()
-        .map(|(i, ty)| format!("${}::{ty}[]", i + 1))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let trigger = (1..=6).fold(TRIGGER_UNNEST.to_string(), |s, i| {
-        s.replace(&format!("$T{i}"), &format!("${}", n + i))
-    });
-    let sql = format!(
-        "INSERT INTO {table} ({lead_columns}, {TRIGGER_COLUMNS}) SELECT * FROM unnest({arrays}, {trigger})"
-    );
-    let mut params: Vec<&(dyn postgres::types::ToSql + Sync)> = lead.to_vec();
-    params.extend([
-        &t.types as &(dyn postgres::types::ToSql + Sync),
-        &t.ids,
-        &t.names,
-        &t.sources,
-        &t.timestamps,
-        &t.received,
-    ]);
-    tx.execute(sql.as_str(), &params)?;
-    Ok(())
-}
-
 impl WriteTx for PgTx<'_> {
     fn lock_head(&mut self) -> Result<i64, StoreError> {
         // The row lock is held until commit: the next writer waits here, so seqs are committed
@@ -384,89 +324,68 @@ impl WriteTx for PgTx<'_> {
     }
 }
 
-/// Writes the rows of a resolved batch and moves the head to `head`.
+/// Writes the rows of a resolved batch and moves the head to `head`: the change logs and the
+/// events by binary `COPY`, the state by upserts.
 fn write_rows(tx: &mut Client, b: &ResolvedBatch, head: i64) -> Result<(), StoreError> {
-    if !b.id_graph.is_empty() {
-        let mut t = TriggerColumns::default();
-        let (mut seqs, mut ids, mut canon) = (vec![], vec![], vec![]);
-        for r in &b.id_graph {
-            seqs.push(r.seq);
-            ids.push(r.segment_id.as_str());
-            canon.push(r.canonical_segment_id.as_str());
-            t.push(&r.trigger);
-        }
-        insert_unnest(
-            tx,
-            "id_graph_updates",
-            "seq, segment_id, canonical_segment_id",
-            &["bigint", "text", "text"],
-            &[&seqs, &ids, &canon],
-            &t,
-        )?;
-    }
-    if !b.mappings.is_empty() {
-        let mut t = TriggerColumns::default();
-        let (mut seqs, mut ids, mut hashes, mut types, mut values, mut segs) =
-            (vec![], vec![], vec![], vec![], vec![], vec![]);
-        for r in &b.mappings {
-            seqs.push(r.seq);
-            ids.push(r.id.as_str());
-            hashes.push(r.external_id_hash.as_str());
-            types.push(r.external_id_type.as_str());
-            values.push(r.external_id_value.as_str());
-            segs.push(r.segment_id.as_str());
-            t.push(&r.trigger);
-        }
-        insert_unnest(
-            tx,
-            "external_id_mapping_updates",
-            "seq, id, external_id_hash, external_id_type, external_id_value, segment_id",
-            &["bigint", "text", "text", "text", "text", "text"],
-            &[&seqs, &ids, &hashes, &types, &values, &segs],
-            &t,
-        )?;
-    }
-    if !b.traits.is_empty() {
-        let mut t = TriggerColumns::default();
-        let (mut seqs, mut segs, mut traits) = (vec![], vec![], vec![]);
-        for r in &b.traits {
-            seqs.push(r.seq);
-            segs.push(r.segment_id.as_str());
-            traits.push(json_text(&r.traits));
-            t.push(&r.trigger);
-        }
-        insert_unnest(
-            tx,
-            "profile_traits_updates",
-            "seq, segment_id, traits",
-            &["bigint", "text", "text"],
-            &[&seqs, &segs, &traits],
-            &t,
-        )?;
-    }
-    if !b.events.is_empty() {
-        let (mut seqs, mut ids, mut types, mut names, mut segs, mut srcs) =
-            (vec![], vec![], vec![], vec![], vec![], vec![]);
-        let (mut ts, mut recv, mut payloads) = (vec![], vec![], vec![]);
-        for r in &b.events {
-            let payload = &r.event.payload;
+    copy_rows(
+        tx,
+        "id_graph_updates",
+        &format!("seq, segment_id, canonical_segment_id, {TRIGGER_COLUMNS}"),
+        &b.id_graph,
+        |row, r| {
+            row.int(r.seq);
+            row.text(&r.segment_id);
+            row.text(&r.canonical_segment_id);
+            row.trigger(&r.trigger);
+        },
+    )?;
+    copy_rows(
+        tx,
+        "external_id_mapping_updates",
+        &format!(
+            "seq, id, external_id_hash, external_id_type, external_id_value, segment_id, {TRIGGER_COLUMNS}"
+        ),
+        &b.mappings,
+        |row, r| {
+            row.int(r.seq);
+            row.text(&r.id);
+            row.text(&r.external_id_hash);
+            row.text(&r.external_id_type);
+            row.text(&r.external_id_value);
+            row.text(&r.segment_id);
+            row.trigger(&r.trigger);
+        },
+    )?;
+    copy_rows(
+        tx,
+        "profile_traits_updates",
+        &format!("seq, segment_id, traits, {TRIGGER_COLUMNS}"),
+        &b.traits,
+        |row, r| {
+            row.int(r.seq);
+            row.text(&r.segment_id);
+            row.text(&json_text(&r.traits));
+            row.trigger(&r.trigger);
+        },
+    )?;
+    copy_rows(
+        tx,
+        "events",
+        "seq, message_id, type, event, segment_id, source_id, timestamp_us, received_at_us, payload",
+        &b.events,
+        |row, r| {
             let t = &r.event.trigger;
-            seqs.push(r.seq);
-            ids.push(t.event_id.as_str());
-            types.push(t.event_type.as_str());
-            names.push(r.event.event.as_deref());
-            segs.push(r.segment_id.as_str());
-            srcs.push(t.source_id.as_str());
-            ts.push(micros(t.timestamp));
-            recv.push(micros(t.received_at));
-            payloads.push(payload.as_str());
-        }
-        tx.execute(
-            "INSERT INTO events (seq, message_id, type, event, segment_id, source_id, timestamp_us, received_at_us, payload)
-             SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[], $8::bigint[], $9::text[])",
-            &[&seqs, &ids, &types, &names, &segs, &srcs, &ts, &recv, &payloads],
-        )?;
-    }
+            row.int(r.seq);
+            row.text(&t.event_id);
+            row.text(t.event_type.as_str());
+            row.opt_text(r.event.event.as_deref());
+            row.text(&r.segment_id);
+            row.text(&t.source_id);
+            row.int(micros(t.timestamp));
+            row.int(micros(t.received_at));
+            row.text(r.event.payload.as_str());
+        },
+    )?;
     if !b.state.profiles.is_empty() {
         let (mut ids, mut canon, mut ranks, mut merges, mut traits, mut times) =
             (vec![], vec![], vec![], vec![], vec![], vec![]);
@@ -605,13 +524,17 @@ impl<C: postgres::GenericClient> IndexTx for Pg<'_, C> {
     }
 
     fn add_entries(&mut self, run: i64, sorted: &[(i64, i64)]) -> Result<(), StoreError> {
-        let (hashes, seqs): (Vec<i64>, Vec<i64>) = sorted.iter().copied().unzip();
-        self.0.execute(
-            "INSERT INTO message_id_entries (run, hash, seq)
-             SELECT $1::bigint, * FROM unnest($2::bigint[], $3::bigint[])",
-            &[&run, &hashes, &seqs],
-        )?;
-        Ok(())
+        copy_rows(
+            self.0,
+            "message_id_entries",
+            "run, hash, seq",
+            sorted,
+            |row, &(hash, seq)| {
+                row.int(run);
+                row.int(hash);
+                row.int(seq);
+            },
+        )
     }
 
     fn exec(&mut self, sql: &str, params: &[i64]) -> Result<u64, StoreError> {

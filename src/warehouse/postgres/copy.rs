@@ -19,6 +19,22 @@ pub const TRAILER: &[u8] = &[0xff, 0xff];
 /// few messages per chunk rather than one per row.
 pub const MESSAGE_BYTES: usize = 256 * 1024;
 
+/// The driver's error inside an error of a COPY sink's `write` (the sink reports the server's
+/// errors as I/O errors wrapping the driver's); the I/O error itself when it wraps none.
+pub fn driver_error(e: std::io::Error) -> Result<postgres::Error, std::io::Error> {
+    if e.get_ref().is_none() {
+        return Err(e);
+    }
+    let kind = e.kind();
+    match e.into_inner() {
+        Some(inner) => inner
+            .downcast::<postgres::Error>()
+            .map(|e| *e)
+            .map_err(|other| std::io::Error::new(kind, other)),
+        None => Err(kind.into()),
+    }
+}
+
 /// Seconds from the Unix epoch to PostgreSQL's, 2000-01-01T00:00:00Z.
 const PG_EPOCH_S: i64 = 946_684_800;
 

@@ -1,7 +1,7 @@
 //! PostgreSQL as a warehouse: binary `COPY` into a transaction-scoped staging table, then one
 //! set-based merge, all inside the transaction that also moves the table's cursor.
 
-mod copy;
+pub(crate) mod copy;
 mod dialect;
 mod tls;
 
@@ -251,18 +251,11 @@ impl PostgresWarehouse {
             ))
             .map_err(wrap)?;
         // The sink reports the server's errors as I/O errors wrapping the driver's.
-        let io_wrap = |e: std::io::Error| match e
-            .into_inner()
-            .map(|inner| inner.downcast::<postgres::Error>())
-        {
-            Some(Ok(e)) => wrap(*e),
-            Some(Err(other)) => CopyError {
+        let io_wrap = |e: std::io::Error| match copy::driver_error(e) {
+            Ok(e) => wrap(e),
+            Err(other) => CopyError {
                 unique_violation: false,
-                error: WarehouseError::connection(other.to_string()),
-            },
-            None => CopyError {
-                unique_violation: false,
-                error: WarehouseError::connection("the COPY stream failed"),
+                error: WarehouseError::connection(format!("the COPY stream failed: {other}")),
             },
         };
         let mut buf = BytesMut::with_capacity(copy::MESSAGE_BYTES + 64 * 1024);
