@@ -865,12 +865,7 @@ async fn a_write_past_the_stall_timeout_turns_healthz_to_503() {
     let (status, body) = get(&t.base, "/readyz").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(body.contains("one write"), "{body}");
-    let text = metrics(&t.base).await.unwrap();
-    let running: f64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("profiles_sync_engine_write_running_seconds "))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no write_running_seconds: {text}"));
+    let running = write_running(&t.base).await;
     assert!(running >= 1.0, "write_running_seconds {running}");
     assert!(
         !pending.is_finished(),
@@ -887,6 +882,51 @@ async fn a_write_past_the_stall_timeout_turns_healthz_to_503() {
             .contains("profiles_sync_engine_write_running_seconds 0\n")
     );
     assert_stored_exactly(&t.store_url, vec!["stalled".into()]);
+    t.engine.stop().await.unwrap();
+}
+
+/// The engine's `profiles_sync_engine_write_running_seconds`.
+async fn write_running(base: &str) -> f64 {
+    let text = metrics(base).await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("profiles_sync_engine_write_running_seconds "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no write_running_seconds: {text}"))
+}
+
+/// A stall timeout of 0 turns the check off: a write blocked for longer than a second (as the
+/// write-running gauge shows) leaves `/healthz` and `/readyz` at 200.
+#[tokio::test]
+async fn a_stall_timeout_of_zero_never_fails_healthz() {
+    let t = start_options(Options {
+        stall_timeout: std::time::Duration::ZERO,
+        ..Options::default()
+    })
+    .await;
+    let blocker = lock_store(&t.store_path);
+    let pending = track_in_background(
+        &t.base,
+        json!({"userId": "u1", "event": "A", "messageId": "blocked"}),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        if write_running(&t.base).await >= 1.5 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the write never ran for 1.5 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    for path in ["/healthz", "/readyz"] {
+        let (status, body) = get(&t.base, path).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+    }
+    assert!(!pending.is_finished());
+    blocker.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(pending.await.unwrap().0, StatusCode::OK);
+    assert_stored_exactly(&t.store_url, vec!["blocked".into()]);
     t.engine.stop().await.unwrap();
 }
 
