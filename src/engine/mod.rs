@@ -19,7 +19,8 @@ use crate::identity::Rules;
 
 /// The default of [`EngineConfig::stall_timeout`], in seconds: longer than the ~1 minute after
 /// which PostgreSQL ends the transaction of a replica that vanished holding the head lock, so
-/// that the replicas waiting on it are not restarted for that.
+/// that the replicas waiting on it are not restarted for that. The PostgreSQL store's send
+/// timeout (`tcp_user_timeout`) is as long.
 pub const DEFAULT_STALL_TIMEOUT_SECS: u64 = 120;
 
 /// How the engine runs.

@@ -15,6 +15,7 @@ use super::{
     EventFilter, Feed, FeedRow, FlatEventRow, IngestSummary, PreparedEvent, Resolver, SourceInfo,
     Store, StoreError, WriteTx,
 };
+use crate::engine::DEFAULT_STALL_TIMEOUT_SECS;
 use crate::identity::{IdentifierState, ProfileState, Rules};
 use crate::warehouse::postgres::{server_keepalives, with_timeouts};
 
@@ -43,14 +44,20 @@ fn connect(url: &str) -> Result<Client, StoreError> {
     Ok(client)
 }
 
-/// Sets `tcp_user_timeout` to 60 s unless the URL does: sent data unacknowledged that long ends
-/// the connection, so that a server that vanishes while a write is being sent fails it in a
-/// minute (keepalives cover only an idle connection). Safe for the store, whose statements the
-/// server reads whole before running them; a warehouse COPY is not
+/// Sets `tcp_user_timeout` unless the URL does: sent data unacknowledged for as long as the
+/// engine tolerates a stalled write ([`DEFAULT_STALL_TIMEOUT_SECS`], 120 s) ends the
+/// connection, so that a server that vanishes while a write is being sent fails it then and the
+/// engine reconnects, rather than waiting for the kernel's retransmissions (~15 min;
+/// keepalives cover only an idle connection). Linux applies it to a server that stops reading
+/// too: a server that pauses a write in the middle of its `COPY` of events (an I/O stall, a
+/// trigger of its own) for that long has it fail and rolled back, when at the default stall
+/// timeout the write would have been reported stalled (and the engine restarted) anyway. Lock
+/// waits do not trip it: a COPY takes its table lock before any data is sent, and its keys
+/// (`seq`s, under the head lock) conflict with no other writer's. A warehouse COPY gets none
 /// ([`with_timeouts`]).
 fn with_send_timeout(config: &mut postgres::Config) {
     if config.get_tcp_user_timeout().is_none() {
-        config.tcp_user_timeout(std::time::Duration::from_secs(60));
+        config.tcp_user_timeout(std::time::Duration::from_secs(DEFAULT_STALL_TIMEOUT_SECS));
     }
 }
 
@@ -887,13 +894,16 @@ impl Store for PostgresStore {
 mod tests {
     use crate::test_pg as pg;
 
-    /// A store connection gets a 60 s send timeout unless its URL sets one.
+    /// A store connection gets a 120 s send timeout unless its URL sets one.
     #[test]
     fn store_connections_get_a_send_timeout_unless_the_url_sets_one() {
         use std::time::Duration;
         let mut plain: postgres::Config = "postgresql://u@localhost/db".parse().unwrap();
         super::with_send_timeout(&mut plain);
-        assert_eq!(plain.get_tcp_user_timeout(), Some(&Duration::from_secs(60)));
+        assert_eq!(
+            plain.get_tcp_user_timeout(),
+            Some(&Duration::from_secs(120))
+        );
         let mut own: postgres::Config = "postgresql://u@localhost/db?tcp_user_timeout=7"
             .parse()
             .unwrap();

@@ -77,8 +77,7 @@ const KEEPALIVE_COUNT: u32 = 3;
 /// Not `tcp_user_timeout` (sent data unacknowledged for so long ends the connection): Linux
 /// applies it to a receive window that stays closed too, so a live warehouse server that stops
 /// reading a COPY for a while (a lock wait, a trigger, a slow disk) would have the sync's
-/// connection cut. The store, whose statements the server reads whole before running them,
-/// sets it itself.
+/// connection cut. The store sets one itself, as long as the engine tolerates a stalled write.
 pub fn with_timeouts(config: &mut postgres::Config) {
     use std::time::Duration;
     if config.get_connect_timeout().is_none() {
