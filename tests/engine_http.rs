@@ -1254,6 +1254,112 @@ async fn readyz_says_loading_until_the_store_is_loaded() {
     engine.stop().await.unwrap();
 }
 
+/// An engine on a store whose load fails: its role (named after the store's database) may use
+/// every table of the store but read `profiles`. Returns the engine and a superuser connection
+/// to the store's database.
+async fn start_unloadable(db: &str) -> (profiles_sync::engine::RunningEngine, ::postgres::Client) {
+    let pg = tokio::task::block_in_place(support::pg::shared);
+    let db = tokio::task::block_in_place(|| pg.create_database(db));
+    let admin = tokio::task::block_in_place(|| {
+        // The store's tables, created by the superuser.
+        drop(store::open(&pg.url(&db), Rules::default()).unwrap());
+        let mut admin = pg.connect(&db);
+        admin
+            .batch_execute(&format!(
+                "CREATE ROLE {db} LOGIN;
+                 GRANT ALL ON ALL TABLES IN SCHEMA public TO {db};
+                 REVOKE SELECT ON profiles FROM {db};"
+            ))
+            .unwrap();
+        admin
+    });
+    let url = format!("postgres://{db}@127.0.0.1:{}/{db}", pg.port());
+    let engine = profiles_sync::engine::start(Options::default().config(url))
+        .await
+        .unwrap();
+    (engine, admin)
+}
+
+/// Waits until the engine at `base` has failed to load its store `n` times.
+async fn load_failures_reach(base: &str, n: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let text = metrics(base).await.unwrap();
+        let failures: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("profiles_sync_engine_store_load_failures_total "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no store_load_failures_total: {text}"));
+        if failures >= n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{failures} failed loads, not {n}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// A load of the store that fails is tried again while the engine stays unready, requests
+/// meanwhile answered 503 at once; once a load succeeds the engine turns ready and stores.
+/// Before, the engine turned ready with nothing loaded, and each write loaded the graph under
+/// the head lock (and here failed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_load_is_tried_again_before_the_engine_turns_ready() {
+    let (engine, mut admin) = start_unloadable("load_retry").await;
+    let base = format!("http://{}", engine.addr);
+    let track = |id: &str| json!({"userId": "u1", "event": "Seen", "messageId": id});
+    // Two failed loads: the second is a retry, after which the engine is still unready.
+    load_failures_reach(&base, 2).await;
+    let (status, body) = get(&base, "/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("loading"), "{body}");
+    // Answered at once, not held until a load succeeds (10 s only bounds a broken engine).
+    let answer = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        post(&base, "/v1/track", &track("refused")),
+    )
+    .await
+    .expect("a request was held while the store could not be loaded");
+    assert_eq!(answer.0, StatusCode::SERVICE_UNAVAILABLE);
+    let url = tokio::task::block_in_place(move || {
+        // The role is named after the database.
+        let db: String = admin
+            .query_one("SELECT current_database()", &[])
+            .unwrap()
+            .get(0);
+        admin
+            .batch_execute(&format!("GRANT SELECT ON profiles TO {db}"))
+            .unwrap();
+        support::pg::shared().url(&db)
+    });
+    tokio::time::timeout(std::time::Duration::from_secs(60), engine.loaded())
+        .await
+        .expect("the load was never tried again after the grant");
+    assert_eq!(get(&base, "/readyz").await.0, StatusCode::OK);
+    assert_eq!(
+        post(&base, "/v1/track", &track("stored")).await.0,
+        StatusCode::OK
+    );
+    tokio::task::block_in_place(|| assert_stored_exactly(&url, vec!["stored".into()]));
+    engine.stop().await.unwrap();
+}
+
+/// An engine whose store cannot be loaded still stops when told to: its writer leaves the
+/// retries once the server has stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_that_cannot_load_its_store_still_stops() {
+    let (engine, admin) = start_unloadable("load_stop").await;
+    let base = format!("http://{}", engine.addr);
+    load_failures_reach(&base, 1).await;
+    tokio::time::timeout(std::time::Duration::from_secs(20), engine.stop())
+        .await
+        .expect("the engine did not stop")
+        .unwrap();
+    tokio::task::block_in_place(move || drop(admin));
+}
+
 /// When its store connection breaks, the engine answers the request that found it broken with
 /// a 503 at once, reconnects, and loads the identity graph again before its next write, as at
 /// start: `/readyz` says "loading" meanwhile (so traffic goes to the other replicas), and a

@@ -33,6 +33,8 @@ pub struct Metrics {
     pub profiles: IntGauge,
     /// Profiles merged away.
     pub merges: IntCounter,
+    /// Loads of the store (its identity graph and messageIds) that failed and are tried again.
+    pub load_failures: IntCounter,
 }
 
 impl Metrics {
@@ -86,6 +88,10 @@ impl Metrics {
         )?;
         let profiles = IntGauge::new("profiles", "Live (not merged-away) profiles in the store")?;
         let merges = IntCounter::new("profile_merges_total", "Profiles merged into another")?;
+        let load_failures = IntCounter::new(
+            "store_load_failures_total",
+            "Loads of the store's identity graph and messageIds that failed (each is tried again)",
+        )?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(events_accepted.clone()))?;
         registry.register(Box::new(events_duplicate.clone()))?;
@@ -98,6 +104,7 @@ impl Metrics {
         registry.register(Box::new(profiles_created.clone()))?;
         registry.register(Box::new(profiles.clone()))?;
         registry.register(Box::new(merges.clone()))?;
+        registry.register(Box::new(load_failures.clone()))?;
         Ok(Metrics {
             registry,
             requests,
@@ -112,6 +119,7 @@ impl Metrics {
             profiles_created,
             profiles,
             merges,
+            load_failures,
         })
     }
 

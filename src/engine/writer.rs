@@ -18,6 +18,12 @@ use super::metrics::Metrics;
 /// Most events committed in one transaction (several requests are grouped up to this).
 const MAX_GROUP_EVENTS: usize = 20_000;
 
+/// The pause before a failed load of the store is tried again; it doubles after each failure
+/// up to [`LOAD_RETRY_MAX`].
+const LOAD_RETRY_FIRST: Duration = Duration::from_secs(1);
+/// The longest pause between two tries of a failed load.
+const LOAD_RETRY_MAX: Duration = Duration::from_secs(30);
+
 /// A request's events waiting to be committed.
 struct Job {
     events: Vec<PreparedEvent>,
@@ -87,16 +93,16 @@ impl Writer {
         metrics: Metrics,
         loaded: tokio::sync::watch::Sender<bool>,
     ) -> (Writer, std::thread::JoinHandle<()>) {
-        let (tx, rx) = mpsc::channel(capacity);
+        let (tx, mut rx) = mpsc::channel(capacity);
         let clock = WriteClock::new();
         let writing = clock.clone();
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || {
-                warm_up(&mut *store, &metrics);
-                loaded.send_replace(true);
                 let reopen = Reopen { url, rules, loaded };
-                run(store, reopen, rx, &Context { metrics, writing })
+                if reopen.load(&mut store, false, &metrics, &mut rx) {
+                    run(store, reopen, rx, &Context { metrics, writing })
+                }
             })
             .unwrap_or_else(|e| panic!("cannot start the store writer thread: {e}"));
         (
@@ -185,7 +191,9 @@ fn run(mut store: Box<dyn Store>, reopen: Reopen, mut rx: mpsc::Receiver<Job>, c
                     // still succeed. A failure of the store itself on the way fails the rest
                     // without trying them.
                     let (mut broken, mut reopening): (Option<String>, bool) = (None, false);
-                    reopen.reload(&mut *store, &cx.metrics);
+                    if !reopen.load(&mut store, false, &cx.metrics, &mut rx) {
+                        return;
+                    }
                     for (reply, range) in requests {
                         if let Some(error) = &broken {
                             let _ = reply.send(Err(error.clone()));
@@ -204,12 +212,13 @@ fn run(mut store: Box<dyn Store>, reopen: Reopen, mut rx: mpsc::Receiver<Job>, c
                         }
                         // Answered before the graph is loaded again.
                         let _ = reply.send(result.map_err(|e| e.to_string()));
-                        if refused {
-                            reopen.reload(&mut *store, &cx.metrics);
+                        if refused && !reopen.load(&mut store, false, &cx.metrics, &mut rx) {
+                            return;
                         }
                     }
-                    if broken.is_some() {
-                        reopen.recover(&mut store, reopening, &cx.metrics);
+                    if broken.is_some() && !reopen.load(&mut store, reopening, &cx.metrics, &mut rx)
+                    {
+                        return;
                     }
                 } else {
                     // Answered before the store is reopened: the clients need not wait for
@@ -218,7 +227,9 @@ fn run(mut store: Box<dyn Store>, reopen: Reopen, mut rx: mpsc::Receiver<Job>, c
                     for (reply, _) in requests {
                         let _ = reply.send(Err(e.to_string()));
                     }
-                    reopen.recover(&mut store, due, &cx.metrics);
+                    if !reopen.load(&mut store, due, &cx.metrics, &mut rx) {
+                        return;
+                    }
                 }
             }
         }
@@ -227,23 +238,17 @@ fn run(mut store: Box<dyn Store>, reopen: Reopen, mut rx: mpsc::Receiver<Job>, c
 }
 
 /// Loads the identity graph and the messageIds before the first write
-/// ([`Store::warm_up`](crate::store::Store::warm_up)); requests queue meanwhile. On an error the
-/// first write loads them instead.
-fn warm_up(store: &mut dyn Store, metrics: &Metrics) {
+/// ([`Store::warm_up`](crate::store::Store::warm_up)), logging how long it took.
+fn warm_up(store: &mut dyn Store, metrics: &Metrics) -> Result<(), StoreError> {
     let started = Instant::now();
-    match store.warm_up() {
-        Ok(()) => {
-            record_profiles(store, metrics);
-            tracing::info!(
-                profiles = store.live_profiles(),
-                seconds = started.elapsed().as_secs_f64(),
-                "identity graph and messageId filter loaded"
-            );
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "loading the store before serving failed; the first write will load it")
-        }
-    }
+    store.warm_up()?;
+    record_profiles(store, metrics);
+    tracing::info!(
+        profiles = store.live_profiles(),
+        seconds = started.elapsed().as_secs_f64(),
+        "identity graph and messageId filter loaded"
+    );
+    Ok(())
 }
 
 /// Sets the live-profiles gauge from the store's graph.
@@ -303,7 +308,7 @@ struct Reopen {
 impl Reopen {
     /// Whether `e` calls for a new connection: a database error other than a refusal of the
     /// data (a broken connection would fail every later group). If so `/readyz` says "loading"
-    /// from now until [`Reopen::reopen`] has loaded the new one.
+    /// from now until [`Reopen::load`] has loaded the new one.
     fn due(&self, e: &StoreError) -> bool {
         let due = !e.is_data_refusal()
             && matches!(
@@ -316,41 +321,64 @@ impl Reopen {
         due
     }
 
-    /// After a failed write: a new connection when [`Reopen::due`] said so, else the graph of
-    /// the one kept loaded again.
-    fn recover(&self, store: &mut Box<dyn Store>, due: bool, metrics: &Metrics) {
-        if due {
-            self.reopen(store, metrics);
-        } else {
-            self.reload(&mut **store, metrics);
-        }
-    }
-
-    /// Loads the graph of `store`, whose connection is kept, again after a failed write (its
-    /// graph had resolved the write's events): as at start ([`warm_up`]), without the write
-    /// lock and with `/readyz` saying "loading", rather than inside the next write, under the
-    /// head lock every replica writes under and timed as a write by the stall check.
-    fn reload(&self, store: &mut dyn Store, metrics: &Metrics) {
+    /// Loads the graph and the messageIds of `store` before its next write, as at start — on a
+    /// new connection first when `reconnect` ([`Reopen::due`] after a database error), else on
+    /// the one kept (after a refused write, whose events its graph had resolved). Without the
+    /// write lock, so that the other replicas of a PostgreSQL store go on writing meanwhile,
+    /// untimed by the stall check, and with `/readyz` saying "loading", so that traffic goes to
+    /// them; requests wait in the queue. While it fails (the database unreachable, a query
+    /// refused) it is tried again, on a new connection, after a pause that doubles from
+    /// [`LOAD_RETRY_FIRST`] to [`LOAD_RETRY_MAX`], still "loading", and the requests that queue
+    /// meanwhile are answered 503 with the reason: an engine never turns ready with its graph
+    /// unloaded (it used to, its next write then loading the graph under the head lock). False
+    /// when the engine stopped (its queue closed) before the store could be loaded.
+    fn load(
+        &self,
+        store: &mut Box<dyn Store>,
+        mut reconnect: bool,
+        metrics: &Metrics,
+        rx: &mut mpsc::Receiver<Job>,
+    ) -> bool {
         self.loaded.send_replace(false);
-        warm_up(store, metrics);
-        self.loaded.send_replace(true);
-    }
-
-    /// Replaces `store` with a new connection and loads its graph and filter before its first
-    /// write, as at start ([`warm_up`]): without the write lock, so that the other replicas of
-    /// a PostgreSQL store go on writing meanwhile, and with `/readyz` saying "loading", so that
-    /// traffic goes to them. Requests queue meanwhile. When the store cannot be opened, the
-    /// next group tries again; `/readyz` says ready meanwhile, and requests are answered 503.
-    fn reopen(&self, store: &mut Box<dyn Store>, metrics: &Metrics) {
-        match store::open(&self.url, self.rules.clone()) {
-            Ok(s) => {
-                *store = s;
-                warm_up(&mut **store, metrics);
+        let mut pause = LOAD_RETRY_FIRST;
+        loop {
+            let opened = if reconnect {
+                store::open(&self.url, self.rules.clone()).map(|s| {
+                    *store = s;
+                    reconnect = false;
+                })
+            } else {
+                Ok(())
+            };
+            let failure = match opened.and_then(|()| warm_up(&mut **store, metrics)) {
+                Ok(()) => {
+                    self.loaded.send_replace(true);
+                    return true;
+                }
+                Err(e) => e,
+            };
+            metrics.load_failures.inc();
+            tracing::error!(
+                error = %failure,
+                retry_in_seconds = pause.as_secs(),
+                "loading the store failed; the engine stays unready and tries again"
+            );
+            // The connection may be what failed: the next try opens a new one.
+            reconnect = true;
+            // Until then, requests are answered at once (their clients retry), not held: a
+            // graceful shutdown waits for them.
+            let why = format!("the store could not be loaded: {failure}");
+            let until = Instant::now() + pause;
+            while let Some(left) = until.checked_duration_since(Instant::now()) {
+                while let Ok(job) = rx.try_recv() {
+                    let _ = job.reply.send(Err(why.clone()));
+                }
+                if rx.is_closed() {
+                    return false;
+                }
+                std::thread::sleep(left.min(Duration::from_millis(100)));
             }
-            Err(e) => {
-                tracing::error!(error = %e, "reopening the store failed; will retry on the next batch")
-            }
+            pause = (pause * 2).min(LOAD_RETRY_MAX);
         }
-        self.loaded.send_replace(true);
     }
 }
