@@ -1255,29 +1255,28 @@ async fn readyz_says_loading_until_the_store_is_loaded() {
 }
 
 /// An engine on a store whose load fails: its role (named after the store's database) may use
-/// every table of the store but read `profiles`. Returns the engine and a superuser connection
-/// to the store's database.
-async fn start_unloadable(db: &str) -> (profiles_sync::engine::RunningEngine, ::postgres::Client) {
+/// every table of the store but read `profiles`. Returns the engine and the database's name.
+/// (No superuser connection is kept across an `await`: dropped while a test panics, its
+/// runtime would abort every test of this binary.)
+async fn start_unloadable(db: &str) -> (profiles_sync::engine::RunningEngine, String) {
     let pg = tokio::task::block_in_place(support::pg::shared);
     let db = tokio::task::block_in_place(|| pg.create_database(db));
-    let admin = tokio::task::block_in_place(|| {
+    tokio::task::block_in_place(|| {
         // The store's tables, created by the superuser.
         drop(store::open(&pg.url(&db), Rules::default()).unwrap());
-        let mut admin = pg.connect(&db);
-        admin
+        pg.connect(&db)
             .batch_execute(&format!(
                 "CREATE ROLE {db} LOGIN;
                  GRANT ALL ON ALL TABLES IN SCHEMA public TO {db};
                  REVOKE SELECT ON profiles FROM {db};"
             ))
             .unwrap();
-        admin
     });
     let url = format!("postgres://{db}@127.0.0.1:{}/{db}", pg.port());
     let engine = profiles_sync::engine::start(Options::default().config(url))
         .await
         .unwrap();
-    (engine, admin)
+    (engine, db)
 }
 
 /// Waits until the engine at `base` has failed to load its store `n` times.
@@ -1307,11 +1306,18 @@ async fn load_failures_reach(base: &str, n: u64) {
 /// the head lock (and here failed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_load_is_tried_again_before_the_engine_turns_ready() {
-    let (engine, mut admin) = start_unloadable("load_retry").await;
+    let (engine, db) = start_unloadable("load_retry").await;
     let base = format!("http://{}", engine.addr);
     let track = |id: &str| json!({"userId": "u1", "event": "Seen", "messageId": id});
-    // Two failed loads: the second is a retry, after which the engine is still unready.
+    // Two failed loads: the second is a retry, after which the engine is still unready. The
+    // retry waits (1 s) rather than spin: the two are seen well apart.
+    load_failures_reach(&base, 1).await;
+    let first = std::time::Instant::now();
     load_failures_reach(&base, 2).await;
+    assert!(
+        first.elapsed() >= std::time::Duration::from_millis(500),
+        "the load was retried without a pause"
+    );
     let (status, body) = get(&base, "/readyz").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert!(body.contains("loading"), "{body}");
@@ -1323,16 +1329,11 @@ async fn a_failed_load_is_tried_again_before_the_engine_turns_ready() {
     .await
     .expect("a request was held while the store could not be loaded");
     assert_eq!(answer.0, StatusCode::SERVICE_UNAVAILABLE);
-    let url = tokio::task::block_in_place(move || {
-        // The role is named after the database.
-        let db: String = admin
-            .query_one("SELECT current_database()", &[])
-            .unwrap()
-            .get(0);
-        admin
+    let pg = tokio::task::block_in_place(support::pg::shared);
+    tokio::task::block_in_place(|| {
+        pg.connect(&db)
             .batch_execute(&format!("GRANT SELECT ON profiles TO {db}"))
-            .unwrap();
-        support::pg::shared().url(&db)
+            .unwrap()
     });
     tokio::time::timeout(std::time::Duration::from_secs(60), engine.loaded())
         .await
@@ -1342,7 +1343,7 @@ async fn a_failed_load_is_tried_again_before_the_engine_turns_ready() {
         post(&base, "/v1/track", &track("stored")).await.0,
         StatusCode::OK
     );
-    tokio::task::block_in_place(|| assert_stored_exactly(&url, vec!["stored".into()]));
+    tokio::task::block_in_place(|| assert_stored_exactly(&pg.url(&db), vec!["stored".into()]));
     engine.stop().await.unwrap();
 }
 
@@ -1350,14 +1351,13 @@ async fn a_failed_load_is_tried_again_before_the_engine_turns_ready() {
 /// retries once the server has stopped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_engine_that_cannot_load_its_store_still_stops() {
-    let (engine, admin) = start_unloadable("load_stop").await;
+    let (engine, _) = start_unloadable("load_stop").await;
     let base = format!("http://{}", engine.addr);
     load_failures_reach(&base, 1).await;
     tokio::time::timeout(std::time::Duration::from_secs(20), engine.stop())
         .await
         .expect("the engine did not stop")
         .unwrap();
-    tokio::task::block_in_place(move || drop(admin));
 }
 
 /// When its store connection breaks, the engine answers the request that found it broken with
@@ -1804,4 +1804,172 @@ async fn postgres_a_refused_request_fails_alone_and_its_group_commits() {
         .map(|e| e.event.message_id)
         .collect();
     assert_eq!(ids, ["first", "good"]);
+}
+
+/// An engine on a role that may do everything, with a poison constraint; `first` blocked on the
+/// head (a DBA holds it), then `poison` and `good` queued as one group; SELECT on profiles is
+/// revoked, then the head let go: the group is refused, split, and the load before the split
+/// (on the kept connection) fails — and keeps failing.
+async fn split_group_with_failing_load(
+    name: &str,
+) -> (
+    profiles_sync::engine::RunningEngine,
+    String,
+    tokio::task::JoinHandle<(StatusCode, Value)>,
+    tokio::task::JoinHandle<(StatusCode, Value)>,
+    String,
+) {
+    let pg = tokio::task::block_in_place(support::pg::shared);
+    let db = tokio::task::block_in_place(|| pg.create_database(name));
+    let mut admin = tokio::task::block_in_place(|| {
+        drop(store::open(&pg.url(&db), Rules::default()).unwrap());
+        let mut admin = pg.connect(&db);
+        admin
+            .batch_execute(&format!(
+                "CREATE ROLE {db} LOGIN;
+                 GRANT ALL ON ALL TABLES IN SCHEMA public TO {db};
+                 GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {db};
+                 ALTER TABLE events ADD CONSTRAINT no_poison CHECK (message_id <> 'poison');"
+            ))
+            .unwrap();
+        admin
+    });
+    let url = format!("postgres://{db}@127.0.0.1:{}/{db}", pg.port());
+    let engine = profiles_sync::engine::start(Options::default().config(url))
+        .await
+        .unwrap();
+    engine.loaded().await;
+    let base = format!("http://{}", engine.addr);
+    let track = |id: &str| json!({"userId": "u1", "event": "A", "messageId": id});
+    assert_eq!(
+        post(&base, "/v1/track", &track("ok1")).await.0,
+        StatusCode::OK
+    );
+    let mut dba = tokio::task::block_in_place(|| pg.connect(&db));
+    tokio::task::block_in_place(|| {
+        dba.batch_execute("BEGIN; SELECT head FROM seq_counter WHERE id = 1 FOR UPDATE;")
+            .unwrap()
+    });
+    let first = track_in_background(&base, track("first"));
+    support::eventually(
+        "the writer to wait for the head",
+        std::time::Duration::from_secs(30),
+        async || {
+            let waiting: i64 = tokio::task::block_in_place(|| {
+                admin.query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                    &[],
+                )
+            })
+            .map_err(|e| e.to_string())?
+            .get(0);
+            (waiting == 1).then_some(()).ok_or(format!("{waiting} waiting"))
+        },
+    )
+    .await;
+    let queued = async |depth: usize| {
+        support::eventually(
+            "requests to be queued",
+            std::time::Duration::from_secs(30),
+            async || {
+                let text = metrics(&base).await.map_err(|e| e.to_string())?;
+                text.contains(&format!("profiles_sync_engine_queue_depth {depth}\n"))
+                    .then_some(())
+                    .ok_or(text)
+            },
+        )
+        .await
+    };
+    let poison = track_in_background(&base, track("poison"));
+    queued(1).await;
+    let good = track_in_background(&base, track("good"));
+    queued(2).await;
+    tokio::task::block_in_place(|| {
+        admin
+            .batch_execute(&format!("REVOKE SELECT ON profiles FROM {db}"))
+            .unwrap();
+        dba.batch_execute("COMMIT").unwrap();
+        drop(dba);
+        drop(admin);
+    });
+    assert_eq!(first.await.unwrap().0, StatusCode::OK, "first");
+    // The load after the refused group fails, and is retried.
+    load_failures_reach(&base, 2).await;
+    (engine, base, poison, good, db)
+}
+
+/// When the load after a refused group fails, the group's own requests are answered (503, not
+/// stored) while it keeps failing, like requests queued meanwhile — not held until a load
+/// succeeds, which would also hold a graceful shutdown: the engine still stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_groups_requests_are_answered_while_its_load_fails() {
+    let (engine, base, poison, good, db) = split_group_with_failing_load("split_load_fails").await;
+    let later = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        post(
+            &base,
+            "/v1/track",
+            &json!({"userId": "u1", "event": "A", "messageId": "later"}),
+        ),
+    )
+    .await
+    .expect("a request queued during the retries was held");
+    assert_eq!(later.0, StatusCode::SERVICE_UNAVAILABLE);
+    let answered = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        (poison.await.unwrap().0, good.await.unwrap().0)
+    })
+    .await;
+    let url = tokio::task::block_in_place(|| support::pg::shared().url(&db));
+    let stopped = tokio::time::timeout(std::time::Duration::from_secs(20), engine.stop()).await;
+    assert_eq!(
+        answered.expect("the refused group's requests were held while its load kept failing"),
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            StatusCode::SERVICE_UNAVAILABLE
+        )
+    );
+    stopped.expect("the engine did not stop").unwrap();
+    tokio::task::block_in_place(|| assert_stored_exactly(&url, vec!["ok1".into(), "first".into()]));
+}
+
+/// A load that fails because its connection broke (ended while it waited on a lock) is tried
+/// again on a new connection, and the engine then stores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_whose_connection_broke_is_tried_again_on_a_new_one() {
+    let pg = tokio::task::block_in_place(support::pg::shared);
+    let url = tokio::task::block_in_place(|| pg.url(&pg.create_database("load_broke")));
+    tokio::task::block_in_place(|| drop(store::open(&url, Rules::default()).unwrap()));
+    let (release, blocker) = tokio::task::block_in_place(|| hold_profiles_locked(&url, |_| ()));
+    let engine = profiles_sync::engine::start(Options::default().config(url.clone()))
+        .await
+        .unwrap();
+    let base = format!("http://{}", engine.addr);
+    tokio::task::block_in_place(|| {
+        let mut c = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+        for _ in 0..1000 {
+            let n = c.query("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'", &[]).unwrap().len();
+            if n > 0 {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("the engine never waited on the lock");
+    });
+    release.send(()).unwrap();
+    tokio::task::block_in_place(|| blocker.join().unwrap());
+    load_failures_reach(&base, 1).await;
+    tokio::time::timeout(std::time::Duration::from_secs(15), engine.loaded())
+        .await
+        .expect("never loaded after the connection broke");
+    assert_eq!(
+        post(
+            &base,
+            "/v1/track",
+            &json!({"userId": "u1", "event": "E", "messageId": "m"})
+        )
+        .await
+        .0,
+        StatusCode::OK
+    );
+    engine.stop().await.unwrap();
 }

@@ -100,7 +100,7 @@ impl Writer {
             .name("store-writer".into())
             .spawn(move || {
                 let reopen = Reopen { url, rules, loaded };
-                if reopen.load(&mut store, false, &metrics, &mut rx) {
+                if reopen.load(&mut store, false, &metrics, &mut rx, &mut Held::new()) {
                     run(store, reopen, rx, &Context { metrics, writing })
                 }
             })
@@ -156,6 +156,10 @@ struct Context {
 
 type Reply = oneshot::Sender<Result<IngestSummary, String>>;
 
+/// Requests taken from the queue and not yet answered (a refused group being split), each with
+/// the range of its events in the group.
+type Held = std::collections::VecDeque<(Reply, std::ops::Range<usize>)>;
+
 fn run(mut store: Box<dyn Store>, reopen: Reopen, mut rx: mpsc::Receiver<Job>, cx: &Context) {
     while let Some(first) = rx.blocking_recv() {
         let mut jobs = vec![first];
@@ -191,10 +195,11 @@ fn run(mut store: Box<dyn Store>, reopen: Reopen, mut rx: mpsc::Receiver<Job>, c
                     // still succeed. A failure of the store itself on the way fails the rest
                     // without trying them.
                     let (mut broken, mut reopening): (Option<String>, bool) = (None, false);
-                    if !reopen.load(&mut store, false, &cx.metrics, &mut rx) {
+                    let mut pending: Held = requests.into();
+                    if !reopen.load(&mut store, false, &cx.metrics, &mut rx, &mut pending) {
                         return;
                     }
-                    for (reply, range) in requests {
+                    while let Some((reply, range)) = pending.pop_front() {
                         if let Some(error) = &broken {
                             let _ = reply.send(Err(error.clone()));
                             continue;
@@ -212,11 +217,20 @@ fn run(mut store: Box<dyn Store>, reopen: Reopen, mut rx: mpsc::Receiver<Job>, c
                         }
                         // Answered before the graph is loaded again.
                         let _ = reply.send(result.map_err(|e| e.to_string()));
-                        if refused && !reopen.load(&mut store, false, &cx.metrics, &mut rx) {
+                        if refused
+                            && !reopen.load(&mut store, false, &cx.metrics, &mut rx, &mut pending)
+                        {
                             return;
                         }
                     }
-                    if broken.is_some() && !reopen.load(&mut store, reopening, &cx.metrics, &mut rx)
+                    if broken.is_some()
+                        && !reopen.load(
+                            &mut store,
+                            reopening,
+                            &cx.metrics,
+                            &mut rx,
+                            &mut Held::new(),
+                        )
                     {
                         return;
                     }
@@ -227,7 +241,7 @@ fn run(mut store: Box<dyn Store>, reopen: Reopen, mut rx: mpsc::Receiver<Job>, c
                     for (reply, _) in requests {
                         let _ = reply.send(Err(e.to_string()));
                     }
-                    if !reopen.load(&mut store, due, &cx.metrics, &mut rx) {
+                    if !reopen.load(&mut store, due, &cx.metrics, &mut rx, &mut Held::new()) {
                         return;
                     }
                 }
@@ -329,15 +343,17 @@ impl Reopen {
     /// them; requests wait in the queue. While it fails (the database unreachable, a query
     /// refused) it is tried again, on a new connection, after a pause that doubles from
     /// [`LOAD_RETRY_FIRST`] to [`LOAD_RETRY_MAX`], still "loading", and the requests that queue
-    /// meanwhile are answered 503 with the reason: an engine never turns ready with its graph
-    /// unloaded (it used to, its next write then loading the graph under the head lock). False
-    /// when the engine stopped (its queue closed) before the store could be loaded.
+    /// meanwhile are answered 503 with the reason, as are the `held` ones (whose handlers a
+    /// graceful shutdown would wait for): an engine never turns ready with its graph unloaded
+    /// (it used to, its next write then loading the graph under the head lock). False when the
+    /// engine stopped (its queue closed) before the store could be loaded.
     fn load(
         &self,
         store: &mut Box<dyn Store>,
         mut reconnect: bool,
         metrics: &Metrics,
         rx: &mut mpsc::Receiver<Job>,
+        held: &mut Held,
     ) -> bool {
         self.loaded.send_replace(false);
         let mut pause = LOAD_RETRY_FIRST;
@@ -368,6 +384,9 @@ impl Reopen {
             // Until then, requests are answered at once (their clients retry), not held: a
             // graceful shutdown waits for them.
             let why = format!("the store could not be loaded: {failure}");
+            for (reply, _) in held.drain(..) {
+                let _ = reply.send(Err(why.clone()));
+            }
             let until = Instant::now() + pause;
             while let Some(left) = until.checked_duration_since(Instant::now()) {
                 while let Ok(job) = rx.try_recv() {
