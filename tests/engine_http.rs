@@ -1223,19 +1223,33 @@ fn assert_loading_without_the_head_lock(url: &str) {
     tx.rollback().unwrap();
 }
 
+/// An engine started on a new store whose `profiles` a session holds locked, so that its load
+/// waits: the engine, the store's URL, and the lock's release and holder.
+async fn start_with_profiles_locked(
+    db: &str,
+) -> (
+    profiles_sync::engine::RunningEngine,
+    String,
+    std::sync::mpsc::Sender<()>,
+    std::thread::JoinHandle<()>,
+) {
+    let pg = tokio::task::block_in_place(support::pg::shared);
+    let url = tokio::task::block_in_place(|| pg.url(&pg.create_database(db)));
+    tokio::task::block_in_place(|| drop(store::open(&url, Rules::default()).unwrap()));
+    let (release, blocker) = tokio::task::block_in_place(|| hold_profiles_locked(&url, |_| ()));
+    let engine = profiles_sync::engine::start(Options::default().config(url.clone()))
+        .await
+        .unwrap();
+    (engine, url, release, blocker)
+}
+
 /// While the engine loads its store at start it serves: `/healthz` answers, `/readyz` answers
 /// 503 until the load is done (so a long load never outlasts a startup probe, and no traffic is
 /// routed to the pod meanwhile), and a request sent meanwhile waits in the queue and is stored
 /// once the load is done. The load is held up by a lock on `profiles`, as a long one would be.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_says_loading_until_the_store_is_loaded() {
-    let pg = tokio::task::block_in_place(support::pg::shared);
-    let url = tokio::task::block_in_place(|| pg.url(&pg.create_database("loading")));
-    tokio::task::block_in_place(|| drop(store::open(&url, Rules::default()).unwrap()));
-    let (release, blocker) = tokio::task::block_in_place(|| hold_profiles_locked(&url, |_| ()));
-    let engine = profiles_sync::engine::start(Options::default().config(url.clone()))
-        .await
-        .unwrap();
+    let (engine, url, release, blocker) = start_with_profiles_locked("loading").await;
     let base = format!("http://{}", engine.addr);
     assert_eq!(get(&base, "/healthz").await.0, StatusCode::OK);
     let (status, body) = get(&base, "/readyz").await;
@@ -1252,6 +1266,42 @@ async fn readyz_says_loading_until_the_store_is_loaded() {
     assert_eq!(pending.await.unwrap().0, StatusCode::OK);
     tokio::task::block_in_place(|| assert_stored_exactly(&url, vec!["early".into()]));
     engine.stop().await.unwrap();
+}
+
+/// Waits until one session of `client`'s database waits on a lock (the engine's writer, on a
+/// lock the test holds).
+async fn writer_waits_on_a_lock(client: &mut ::postgres::Client) {
+    support::eventually(
+        "the writer to wait for the head",
+        std::time::Duration::from_secs(30),
+        async || {
+            let waiting: i64 = tokio::task::block_in_place(|| {
+                client.query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                    &[],
+                )
+            })
+            .map_err(|e| e.to_string())?
+            .get(0);
+            (waiting == 1).then_some(()).ok_or(format!("{waiting} waiting"))
+        },
+    )
+    .await;
+}
+
+/// Waits until the engine at `base` holds `depth` requests in its queue.
+async fn queue_depth_reaches(base: &str, depth: usize) {
+    support::eventually(
+        "requests to be queued",
+        std::time::Duration::from_secs(30),
+        async || {
+            let text = metrics(base).await.map_err(|e| e.to_string())?;
+            text.contains(&format!("profiles_sync_engine_queue_depth {depth}\n"))
+                .then_some(())
+                .ok_or(text)
+        },
+    )
+    .await
 }
 
 /// An engine on a store whose load fails: its role (named after the store's database) may use
@@ -1752,36 +1802,9 @@ async fn postgres_a_refused_request_fails_alone_and_its_group_commits() {
     };
     let first = send("first");
     let mut watch = tokio::task::block_in_place(|| pg.connect(&db));
-    support::eventually(
-        "the writer to wait for the head",
-        std::time::Duration::from_secs(30),
-        async || {
-            let waiting: i64 = tokio::task::block_in_place(|| {
-                watch.query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                    &[],
-                )
-            })
-            .map_err(|e| e.to_string())?
-            .get(0);
-            (waiting == 1).then_some(()).ok_or(format!("{waiting} waiting"))
-        },
-    )
-    .await;
+    writer_waits_on_a_lock(&mut watch).await;
     // ...so the next two queue up, the poisoned one first, and are committed as one group.
-    let queued = async |depth: usize| {
-        support::eventually(
-            "requests to be queued",
-            std::time::Duration::from_secs(30),
-            async || {
-                let text = metrics(&t.base).await.map_err(|e| e.to_string())?;
-                text.contains(&format!("profiles_sync_engine_queue_depth {depth}\n"))
-                    .then_some(())
-                    .ok_or(text)
-            },
-        )
-        .await
-    };
+    let queued = |depth: usize| queue_depth_reaches(&t.base, depth);
     let poison = send("poison");
     queued(1).await;
     let good = send("good");
@@ -1851,35 +1874,8 @@ async fn split_group_with_failing_load(
             .unwrap()
     });
     let first = track_in_background(&base, track("first"));
-    support::eventually(
-        "the writer to wait for the head",
-        std::time::Duration::from_secs(30),
-        async || {
-            let waiting: i64 = tokio::task::block_in_place(|| {
-                admin.query_one(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                    &[],
-                )
-            })
-            .map_err(|e| e.to_string())?
-            .get(0);
-            (waiting == 1).then_some(()).ok_or(format!("{waiting} waiting"))
-        },
-    )
-    .await;
-    let queued = async |depth: usize| {
-        support::eventually(
-            "requests to be queued",
-            std::time::Duration::from_secs(30),
-            async || {
-                let text = metrics(&base).await.map_err(|e| e.to_string())?;
-                text.contains(&format!("profiles_sync_engine_queue_depth {depth}\n"))
-                    .then_some(())
-                    .ok_or(text)
-            },
-        )
-        .await
-    };
+    writer_waits_on_a_lock(&mut admin).await;
+    let queued = |depth: usize| queue_depth_reaches(&base, depth);
     let poison = track_in_background(&base, track("poison"));
     queued(1).await;
     let good = track_in_background(&base, track("good"));
@@ -1936,13 +1932,7 @@ async fn a_refused_groups_requests_are_answered_while_its_load_fails() {
 /// again on a new connection, and the engine then stores.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_load_whose_connection_broke_is_tried_again_on_a_new_one() {
-    let pg = tokio::task::block_in_place(support::pg::shared);
-    let url = tokio::task::block_in_place(|| pg.url(&pg.create_database("load_broke")));
-    tokio::task::block_in_place(|| drop(store::open(&url, Rules::default()).unwrap()));
-    let (release, blocker) = tokio::task::block_in_place(|| hold_profiles_locked(&url, |_| ()));
-    let engine = profiles_sync::engine::start(Options::default().config(url.clone()))
-        .await
-        .unwrap();
+    let (engine, url, release, blocker) = start_with_profiles_locked("load_broke").await;
     let base = format!("http://{}", engine.addr);
     tokio::task::block_in_place(|| {
         let mut c = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
