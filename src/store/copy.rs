@@ -3,14 +3,12 @@
 //! per row) and reads no parameter arrays: the engine bench's `events` inserts took a third
 //! less time than through `INSERT … SELECT FROM unnest(…)`.
 
-use std::io::Write;
-
 use bytes::{BufMut, BytesMut};
 use postgres::GenericClient;
 
 use super::codec::micros;
 use super::{StoreError, Trigger};
-use crate::warehouse::postgres::copy::{HEADER, MESSAGE_BYTES, TRAILER, driver_error};
+use crate::warehouse::postgres::copy::{CopySink, SinkError};
 
 /// The values of one row of a binary COPY stream.
 pub(super) struct CopyRow<'b> {
@@ -65,14 +63,21 @@ impl CopyRow<'_> {
     }
 }
 
-/// A binary `COPY` into one table, open on the connection inside its transaction: rows are
-/// encoded into one buffer, sent in messages of [`MESSAGE_BYTES`] that the server inserts as
-/// they arrive. Dropped without [`CopyIn::finish`], the COPY is aborted (and with it the
-/// transaction).
+/// A binary `COPY` into one table, open on the connection inside its transaction
+/// ([`CopySink`]: the server inserts each message of rows as it arrives). Dropped without
+/// [`CopyIn::finish`], the COPY is aborted (and with it the transaction).
 struct CopyIn<'c> {
-    sink: postgres::CopyInWriter<'c>,
+    sink: CopySink<'c>,
     table: &'static str,
-    buf: BytesMut,
+}
+
+/// A COPY stream's error as the store's: the server's keep their SQLSTATE, so a refused value
+/// is still told from a broken connection.
+fn store_error(e: SinkError) -> StoreError {
+    match e {
+        SinkError::Driver(e) => StoreError::Postgres(e),
+        SinkError::Stream(e) => StoreError::CopyStream(e),
+    }
 }
 
 impl<'c> CopyIn<'c> {
@@ -85,18 +90,20 @@ impl<'c> CopyIn<'c> {
         let sink = client.copy_in(&format!(
             "COPY {table} ({columns}) FROM STDIN (FORMAT binary)"
         ))?;
-        let mut buf = BytesMut::with_capacity(MESSAGE_BYTES + 64 * 1024);
-        buf.put_slice(HEADER);
-        Ok(CopyIn { sink, table, buf })
+        Ok(CopyIn {
+            sink: CopySink::new(sink),
+            table,
+        })
     }
 
     /// Adds the row `encode` writes, sending the rows so far once they fill a message.
     fn row(&mut self, encode: impl FnOnce(&mut CopyRow<'_>)) -> Result<(), StoreError> {
-        let start = self.buf.len();
+        let buf = &mut self.sink.buf;
+        let start = buf.len();
         // The field count, written once the row's values are.
-        self.buf.put_i16(0);
+        buf.put_i16(0);
         let mut row = CopyRow {
-            buf: &mut self.buf,
+            buf,
             fields: 0,
             too_long: false,
         };
@@ -111,32 +118,13 @@ impl<'c> CopyIn<'c> {
                 ),
             )));
         }
-        self.buf[start..start + 2].copy_from_slice(&fields.to_be_bytes());
-        if self.buf.len() >= MESSAGE_BYTES {
-            self.send()?;
-        }
-        Ok(())
-    }
-
-    fn send(&mut self) -> Result<(), StoreError> {
-        // The sink reports its errors (a closed connection) as I/O errors wrapping the
-        // driver's; the server's own come back from `finish`, with their SQLSTATE.
-        self.sink
-            .write_all(&self.buf)
-            .map_err(|e| match driver_error(e) {
-                Ok(e) => StoreError::Postgres(e),
-                Err(e) => StoreError::CopyStream(e),
-            })?;
-        self.buf.clear();
-        Ok(())
+        self.sink.buf[start..start + 2].copy_from_slice(&fields.to_be_bytes());
+        self.sink.row_done().map_err(store_error)
     }
 
     /// Sends the last rows and ends the COPY: the rows are written once this returns.
-    fn finish(mut self) -> Result<(), StoreError> {
-        self.buf.put_slice(TRAILER);
-        self.send()?;
-        self.sink.finish()?;
-        Ok(())
+    fn finish(self) -> Result<(), StoreError> {
+        self.sink.finish().map_err(store_error)
     }
 }
 

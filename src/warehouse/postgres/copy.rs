@@ -19,9 +19,67 @@ pub const TRAILER: &[u8] = &[0xff, 0xff];
 /// few messages per chunk rather than one per row.
 pub const MESSAGE_BYTES: usize = 256 * 1024;
 
-/// The driver's error inside an error of a COPY sink's `write` (the sink reports the server's
-/// errors as I/O errors wrapping the driver's); the I/O error itself when it wraps none.
-pub fn driver_error(e: std::io::Error) -> Result<postgres::Error, std::io::Error> {
+/// A binary COPY stream on a connection whose `COPY … FROM STDIN (FORMAT binary)` has started:
+/// rows are encoded into [`CopySink::buf`] (which opens with the header), sent in messages of
+/// [`MESSAGE_BYTES`] as they fill one ([`CopySink::row_done`]), and the stream ended with
+/// [`CopySink::finish`]. Dropped unfinished, the COPY is aborted. The sync's loads and the
+/// store's writes both COPY through it.
+pub struct CopySink<'c> {
+    sink: postgres::CopyInWriter<'c>,
+    /// The rows not yet sent.
+    pub buf: BytesMut,
+}
+
+/// Why a COPY stream failed.
+pub enum SinkError {
+    /// The driver's error: the server's (with its SQLSTATE, from [`CopySink::finish`]) or a
+    /// closed connection.
+    Driver(postgres::Error),
+    /// An I/O error of the stream that wraps no driver error.
+    Stream(std::io::Error),
+}
+
+impl<'c> CopySink<'c> {
+    /// The stream of a started COPY, its buffer opened with the header.
+    pub fn new(sink: postgres::CopyInWriter<'c>) -> CopySink<'c> {
+        let mut buf = BytesMut::with_capacity(MESSAGE_BYTES + 64 * 1024);
+        buf.put_slice(HEADER);
+        CopySink { sink, buf }
+    }
+
+    /// After a row was encoded into the buffer: sends the rows so far once they fill a message.
+    pub fn row_done(&mut self) -> Result<(), SinkError> {
+        if self.buf.len() >= MESSAGE_BYTES {
+            self.send()?;
+        }
+        Ok(())
+    }
+
+    /// Sends the last rows and ends the COPY: the rows are written once this returns.
+    pub fn finish(mut self) -> Result<(), SinkError> {
+        self.buf.put_slice(TRAILER);
+        self.send()?;
+        self.sink.finish().map_err(SinkError::Driver)?;
+        Ok(())
+    }
+
+    fn send(&mut self) -> Result<(), SinkError> {
+        use std::io::Write;
+        // The sink reports the driver's errors as I/O errors wrapping them.
+        self.sink
+            .write_all(&self.buf)
+            .map_err(|e| match driver_error(e) {
+                Ok(e) => SinkError::Driver(e),
+                Err(e) => SinkError::Stream(e),
+            })?;
+        self.buf.clear();
+        Ok(())
+    }
+}
+
+/// The driver's error inside an error of a COPY sink's `write`; the I/O error itself when it
+/// wraps none.
+fn driver_error(e: std::io::Error) -> Result<postgres::Error, std::io::Error> {
     if e.get_ref().is_none() {
         return Err(e);
     }

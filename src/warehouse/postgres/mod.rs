@@ -11,9 +11,6 @@ pub use dialect::PostgresDialect;
 
 use std::collections::{BTreeMap, HashSet};
 
-use std::io::Write;
-
-use bytes::{BufMut, BytesMut};
 use postgres::{Client, Config, NoTls};
 
 use super::{
@@ -242,36 +239,29 @@ impl PostgresWarehouse {
             .iter()
             .map(|c| self.dialect.quote(&c.name))
             .collect();
-        let mut sink = self
+        let sink = self
             .client
             .copy_in(&format!(
                 "COPY {target} ({}) FROM STDIN (FORMAT binary)",
                 names.join(", ")
             ))
             .map_err(wrap)?;
-        // The sink reports the server's errors as I/O errors wrapping the driver's.
-        let io_wrap = |e: std::io::Error| match copy::driver_error(e) {
-            Ok(e) => wrap(e),
-            Err(other) => CopyError {
+        let sink_wrap = |e: copy::SinkError| match e {
+            copy::SinkError::Driver(e) => wrap(e),
+            copy::SinkError::Stream(other) => CopyError {
                 unique_violation: false,
                 error: WarehouseError::connection(format!("the COPY stream failed: {other}")),
             },
         };
-        let mut buf = BytesMut::with_capacity(copy::MESSAGE_BYTES + 64 * 1024);
-        buf.put_slice(copy::HEADER);
+        let mut sink = copy::CopySink::new(sink);
         for row in rows {
-            copy::encode_row(&mut buf, row, columns).map_err(|e| CopyError {
+            copy::encode_row(&mut sink.buf, row, columns).map_err(|e| CopyError {
                 unique_violation: false,
                 error: WarehouseError::new(ErrorClass::Internal, e),
             })?;
-            if buf.len() >= copy::MESSAGE_BYTES {
-                sink.write_all(&buf).map_err(io_wrap)?;
-                buf.clear();
-            }
+            sink.row_done().map_err(sink_wrap)?;
         }
-        buf.put_slice(copy::TRAILER);
-        sink.write_all(&buf).map_err(io_wrap)?;
-        sink.finish().map_err(wrap)?;
+        sink.finish().map_err(sink_wrap)?;
         Ok(())
     }
 }
