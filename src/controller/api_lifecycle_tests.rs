@@ -7,6 +7,9 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
+use k8s_openapi::api::events::v1::Event as K8sEvent;
+use kube::api::DynamicObject;
+
 use super::api_tests::{NS, builder, condition, connection, fixture, selective_sync};
 use super::*;
 use crate::crd::{ErrorClass, SyncRows, SyncStatus};
@@ -183,6 +186,81 @@ async fn finished_jobs_are_folded_pruned_and_announced_and_the_selection_gets_ro
         .collect();
     left.sort();
     assert_eq!(left, ["analytics-29013600", "analytics-29013660"]);
+}
+
+/// A reconcile handed a copy of the connection older than the controller's own last status
+/// write (the watch cache behind it, as after the Job deletions of a prune) announces and counts
+/// nothing that write had already announced.
+#[tokio::test]
+async fn a_reconcile_of_a_stale_copy_announces_and_counts_a_sync_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut conn = connection(dir.path(), "analytics");
+    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    let start: Timestamp = "2025-03-01T09:00:02Z".parse().unwrap();
+    let mut report = SyncReport::failed(
+        "analytics-29013660",
+        start,
+        ErrorClass::Internal,
+        String::new(),
+    );
+    report.errors.clear();
+    report.tables = vec![crate::sync::TableReport {
+        name: "tracks".into(),
+        rows: 7,
+        discards: 0,
+        backfilling: false,
+        error: None,
+    }];
+    report.finish(start);
+    report.start_time = start.to_string();
+    let ok = finished_job(&conn, "analytics-29013660", "2025-03-01T09:00:00Z", true);
+    let client = builder()
+        .with_object(conn)
+        .with_object(ok)
+        .with_object(pod_with_report(
+            "analytics-29013660",
+            &report.termination_message(),
+        ))
+        .build()
+        .await
+        .unwrap();
+    let f = fixture(dir, client, "2025-03-01T09:30:00Z").await;
+    let stale: DynamicObject =
+        Api::namespaced_with(f.ctx.client.clone(), NS, &super::connection_resource())
+            .get("analytics")
+            .await
+            .unwrap();
+    f.reconcile("analytics").await.unwrap();
+    reconcile::reconcile(std::sync::Arc::new(stale), f.ctx.clone())
+        .await
+        .unwrap();
+    let s = f.connection("analytics").await.status.unwrap();
+    assert_eq!(s.syncs.len(), 1);
+    let announced: i32 = f
+        .list::<K8sEvent>()
+        .await
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some("SyncSucceeded"))
+        .map(|e| e.series.as_ref().map_or(1, |s| s.count))
+        .sum();
+    assert_eq!(announced, 1, "SyncSucceeded announced {announced} times");
+    let backfilled = f
+        .list::<K8sEvent>()
+        .await
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some("BackfillComplete"))
+        .map(|e| e.series.as_ref().map_or(1, |s| s.count))
+        .sum::<i32>();
+    assert_eq!(backfilled, 1);
+    let m = f.ctx.metrics.render();
+    assert!(
+        m.contains("profiles_sync_controller_sync_runs_total{result=\"Success\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("rows_synced_total{group=\"event_types\"} 7"),
+        "{m}"
+    );
 }
 
 #[tokio::test]

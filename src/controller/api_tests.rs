@@ -381,3 +381,196 @@ async fn an_invalid_selection_blocks_syncs_and_is_reported_on_the_selection() {
             .contains(&"SelectiveSyncInvalid".to_string())
     );
 }
+
+#[tokio::test]
+async fn a_job_the_api_refuses_is_reported_in_the_status_and_an_event_then_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut conn = connection(dir.path(), "analytics");
+    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    let refuse = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let r = refuse.clone();
+    let funcs = interceptor::Funcs::new().create(move |cx| {
+        if cx.object["kind"] == "Job" && r.load(Ordering::SeqCst) {
+            return Err(kube_fake_client::Error::InvalidRequest(
+                "exceeded quota: jobs, requested: count/jobs.batch=1".into(),
+            ));
+        }
+        Ok(None)
+    });
+    let client = builder()
+        .with_object(conn)
+        .with_interceptor_funcs(funcs)
+        .build()
+        .await
+        .unwrap();
+    let f = fixture(dir, client, "2025-03-01T10:17:30Z").await;
+    assert!(
+        f.reconcile("analytics").await.is_err(),
+        "the reconcile fails, so that it is retried with backoff"
+    );
+    let c = f.connection("analytics").await;
+    // The connection test of the same reconcile is in the status too.
+    assert_eq!(condition(&c, "ConnectionVerified").0, "True");
+    assert_eq!(
+        condition(&c, "Syncing"),
+        ("False".into(), "StartFailed".into())
+    );
+    assert_eq!(
+        condition(&c, "Ready"),
+        ("False".into(), "SyncNotStarted".into())
+    );
+    let said = conditions::find(&c.status.as_ref().unwrap().conditions, "Ready")
+        .unwrap()
+        .message
+        .clone();
+    assert!(said.contains("exceeded quota"), "{said}");
+    assert!(f.list::<Job>().await.is_empty());
+    let events = f.list::<K8sEvent>().await;
+    let warning = events
+        .iter()
+        .find(|e| e.reason.as_deref() == Some("SyncNotStarted"))
+        .expect("a SyncNotStarted Event");
+    assert_eq!(warning.type_.as_deref(), Some("Warning"));
+    assert!(
+        warning
+            .note
+            .as_deref()
+            .unwrap_or("")
+            .contains("exceeded quota")
+    );
+
+    // Once the API takes it, the next try starts the sync and the status says so.
+    refuse.store(false, Ordering::SeqCst);
+    f.reconcile("analytics").await.unwrap();
+    let c = f.connection("analytics").await;
+    assert_eq!(
+        condition(&c, "Syncing"),
+        ("True".into(), "JobRunning".into())
+    );
+    assert_eq!(condition(&c, "Ready").0, "True");
+    assert_eq!(f.list::<Job>().await.len(), 1);
+}
+
+#[tokio::test]
+async fn dotted_and_dashed_connection_names_get_jobs_of_their_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut dotted = connection(dir.path(), "web.prod");
+    dotted.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    let mut dashed = connection(dir.path(), "web-prod");
+    dashed.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    let client = builder()
+        .with_object(dotted)
+        .with_object(dashed)
+        .build()
+        .await
+        .unwrap();
+    let f = fixture(dir, client, "2025-03-01T10:17:30Z").await;
+    f.reconcile("web.prod").await.unwrap();
+    f.reconcile("web-prod").await.unwrap();
+    let jobs: Api<Job> = f.api();
+    for name in ["web.prod", "web-prod"] {
+        let owned = jobs
+            .list(&ListParams::default().labels(&build::selector(name)))
+            .await
+            .unwrap()
+            .items;
+        assert_eq!(owned.len(), 1, "{name} has a Job of its own");
+        assert_eq!(
+            owned[0].metadata.owner_references.as_ref().unwrap()[0].uid,
+            format!("uid-{name}")
+        );
+        assert_eq!(
+            condition(&f.connection(name).await, "Syncing"),
+            ("True".into(), "JobRunning".into())
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_job_name_taken_by_another_object_is_not_claimed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut conn = connection(dir.path(), "analytics");
+    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    // A Job of someone else's with the name the first sync would get (named after its minute).
+    let taken = plan::job_name(
+        "analytics",
+        plan::minute_of("2025-03-01T10:17:30Z".parse().unwrap()),
+        None,
+    );
+    let stranger = Job {
+        metadata: kube::api::ObjectMeta {
+            name: Some(taken.clone()),
+            namespace: Some(NS.into()),
+            ..Default::default()
+        },
+        ..Job::default()
+    };
+    let client = builder()
+        .with_object(conn)
+        .with_object(stranger)
+        .build()
+        .await
+        .unwrap();
+    let f = fixture(dir, client, "2025-03-01T10:17:30Z").await;
+    assert!(f.reconcile("analytics").await.is_err());
+    let c = f.connection("analytics").await;
+    assert_eq!(
+        condition(&c, "Syncing"),
+        ("False".into(), "StartFailed".into())
+    );
+    let why = &conditions::find(&c.status.as_ref().unwrap().conditions, "Syncing")
+        .unwrap()
+        .message;
+    assert!(
+        why.contains(&taken) && why.contains("not this connection's"),
+        "{why}"
+    );
+    let job: Job = f.api().get(&taken).await.unwrap();
+    assert!(
+        job.metadata.owner_references.is_none(),
+        "the stranger's Job is left alone"
+    );
+}
+
+#[tokio::test]
+async fn a_connection_with_a_long_name_gets_its_job_labelled_within_63_characters() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = format!("{}.{}", "a".repeat(40), "b".repeat(40));
+    let mut conn = connection(dir.path(), &name);
+    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    let client = builder().with_object(conn).build().await.unwrap();
+    let f = fixture(dir, client, "2025-03-01T10:17:30Z").await;
+    f.reconcile(&name).await.unwrap();
+    let jobs: Vec<Job> = f.list().await;
+    assert_eq!(jobs.len(), 1);
+    let job = &jobs[0];
+    assert!(job.metadata.name.as_ref().unwrap().len() <= 63);
+    let pod_labels = job
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.metadata.as_ref())
+        .and_then(|m| m.labels.clone())
+        .unwrap();
+    let config_maps: Vec<ConfigMap> = f.list().await;
+    assert_eq!(config_maps.len(), 1);
+    for labels in [
+        job.metadata.labels.clone().unwrap(),
+        pod_labels,
+        config_maps[0].metadata.labels.clone().unwrap(),
+    ] {
+        for (k, v) in &labels {
+            assert!(v.len() <= 63, "{k}={v}: longer than a label value may be");
+        }
+        assert_eq!(
+            labels[build::LABEL_CONNECTION],
+            plan::connection_label(&name)
+        );
+    }
+    // Found again by its label: the next reconcile sees the running Job and starts none.
+    f.reconcile(&name).await.unwrap();
+    assert_eq!(f.list::<Job>().await.len(), 1);
+    assert_eq!(
+        condition(&f.connection(&name).await, "Syncing"),
+        ("True".into(), "JobRunning".into())
+    );
+}

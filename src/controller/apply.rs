@@ -116,6 +116,34 @@ pub(super) async fn ensure_token_secret(ctx: &Context, ns: &str) -> Result<(), E
     }
 }
 
+/// Starts a sync: the namespace's engine token Secret, the Job, then its ConfigMap. A Job of
+/// that name already there (a create that reached the server before a retry) is this sync's
+/// only when the connection controls it; otherwise the name is taken
+/// ([`Error::JobNameTaken`]) and nothing is started.
+pub(super) async fn start_job(
+    ctx: &Context,
+    conn: &WarehouseConnection,
+    job: &Job,
+    selection: Option<&SelectiveSync>,
+) -> Result<Job, Error> {
+    let ns = job.namespace().unwrap_or_default();
+    ensure_token_secret(ctx, &ns).await?;
+    let api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
+    let created = match api.create(&PostParams::default(), job).await {
+        Ok(j) => j,
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            let existing = api.get(&job.name_any()).await?;
+            if !observe::owned_by(&existing, conn) {
+                return Err(Error::JobNameTaken(job.name_any()));
+            }
+            existing
+        }
+        Err(e) => return Err(e.into()),
+    };
+    ensure_config_map(ctx, &created, conn, selection).await?;
+    Ok(created)
+}
+
 /// Creates a Job's ConfigMap (owned by the Job) unless it exists.
 pub(super) async fn ensure_config_map(
     ctx: &Context,
@@ -136,21 +164,32 @@ pub(super) async fn ensure_config_map(
     }
 }
 
+/// A status written, and the one on the server it was computed from and replaced: when the
+/// reconcile started from a stale copy of the connection (the watch cache behind its own last
+/// write), `previous` is the fresh one, and what the stale copy lacked was already there.
+pub(super) struct Written {
+    /// The status now on the server.
+    pub new: WarehouseConnectionStatus,
+    /// The status it replaced.
+    pub previous: WarehouseConnectionStatus,
+}
+
 /// Writes the connection's status through the status subresource (`PUT .../status` with the
 /// resourceVersion read, so a concurrent writer causes a 409); on a conflict the object is read
-/// again and the status recomputed from it. Returns the status written (or already there).
+/// again and the status recomputed from it. Returns the status written (or already there) and
+/// the one it replaced.
 pub(super) async fn write_connection_status(
     ctx: &Context,
     conn: &WarehouseConnection,
     compute: impl Fn(&WarehouseConnectionStatus) -> WarehouseConnectionStatus,
-) -> Result<WarehouseConnectionStatus, Error> {
+) -> Result<Written, Error> {
     let api = connections(ctx, conn);
     let mut current = conn.clone();
     for _ in 0..STATUS_ATTEMPTS {
         let previous = current.status.clone().unwrap_or_default();
         let new = compute(&previous);
         if current.status.as_ref() == Some(&new) {
-            return Ok(new);
+            return Ok(Written { new, previous });
         }
         let mut obj = current.clone();
         obj.status = Some(new.clone());
@@ -158,7 +197,7 @@ pub(super) async fn write_connection_status(
             .replace_status(&conn.name_any(), &PostParams::default(), &obj)
             .await
         {
-            Ok(_) => return Ok(new),
+            Ok(_) => return Ok(Written { new, previous }),
             Err(kube::Error::Api(s)) if s.is_conflict() => {
                 tracing::debug!("status conflict; reading the connection again");
                 current = api.get(&conn.name_any()).await?;

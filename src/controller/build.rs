@@ -14,10 +14,11 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Resource;
 
-use super::plan::NewSync;
+use super::plan::{NewSync, connection_label};
 use crate::crd::{SelectiveSync, WarehouseConnection};
 
-/// Label on every Job, ConfigMap and pod of a connection: the connection's name.
+/// Label on every Job, ConfigMap and pod of a connection: the connection's name
+/// ([`super::plan::connection_label`]: shortened with a hash past 63 characters).
 pub const LABEL_CONNECTION: &str = "profilesync.dev/connection";
 /// The `app.kubernetes.io/managed-by` value of what the controller creates.
 pub const MANAGED_BY: &str = "profiles-sync-controller";
@@ -68,7 +69,7 @@ pub struct JobSettings {
 /// The labels of everything that belongs to a connection's syncs.
 pub fn labels(connection: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
-        (LABEL_CONNECTION.to_string(), connection.to_string()),
+        (LABEL_CONNECTION.to_string(), connection_label(connection)),
         ("app.kubernetes.io/name".into(), "profiles-sync".into()),
         ("app.kubernetes.io/component".into(), "sync".into()),
         ("app.kubernetes.io/managed-by".into(), MANAGED_BY.into()),
@@ -77,7 +78,7 @@ pub fn labels(connection: &str) -> BTreeMap<String, String> {
 
 /// The label selector of a connection's Jobs and ConfigMaps.
 pub fn selector(connection: &str) -> String {
-    format!("{LABEL_CONNECTION}={connection}")
+    format!("{LABEL_CONNECTION}={}", connection_label(connection))
 }
 
 /// The owner reference that makes the connection the controller of an object.

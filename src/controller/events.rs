@@ -13,6 +13,8 @@ pub enum Note {
     ConnectionFailed(String, String),
     /// A sync Job was created: Job name and trigger.
     SyncStarted(String, String),
+    /// A due sync's Job could not be created: Job name and why.
+    SyncNotStarted(String, String),
     /// A sync loaded every table.
     SyncSucceeded(String),
     /// A sync loaded some tables.
@@ -34,6 +36,7 @@ impl Note {
             Note::ConnectionVerified(_) => "ConnectionVerified",
             Note::ConnectionFailed(..) => "ConnectionFailed",
             Note::SyncStarted(..) => "SyncStarted",
+            Note::SyncNotStarted(..) => "SyncNotStarted",
             Note::SyncSucceeded(_) => "SyncSucceeded",
             Note::SyncPartiallySucceeded(_) => "SyncPartiallySucceeded",
             Note::SyncFailed(_) => "SyncFailed",
@@ -54,6 +57,11 @@ impl Note {
                 EventType::Normal,
                 "CreateJob",
                 format!("created sync Job {job} ({trigger})"),
+            ),
+            Note::SyncNotStarted(job, why) => (
+                EventType::Warning,
+                "CreateJob",
+                format!("could not create sync Job {job}: {why}"),
             ),
             Note::SyncSucceeded(m) => (EventType::Normal, "Sync", m.clone()),
             Note::SyncPartiallySucceeded(m) => (EventType::Warning, "Sync", m.clone()),

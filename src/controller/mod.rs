@@ -135,6 +135,12 @@ pub enum Error {
     /// The status kept conflicting with concurrent writers.
     #[error("the status of {0} kept conflicting with other writers")]
     StatusConflict(String),
+    /// A sync Job's name is taken by a Job this connection does not control.
+    #[error(
+        "a Job named {0} already exists and is not this connection's: delete or rename it \
+         (the controller names each sync Job after its connection and time slot)"
+    )]
+    JobNameTaken(String),
 }
 
 impl Error {
@@ -147,6 +153,7 @@ impl Error {
             Error::EngineToken { .. } => "EngineToken",
             Error::Render(_) => "Render",
             Error::StatusConflict(_) => "StatusConflict",
+            Error::JobNameTaken(_) => "JobNameTaken",
         }
     }
 }

@@ -66,7 +66,7 @@ pub fn job_view(job: &Job) -> JobView {
 /// The connection's sync Jobs: those it controls, and labelled ones with no controller (to adopt).
 pub async fn jobs(ctx: &Context, conn: &WarehouseConnection) -> Result<Vec<Job>, Error> {
     let ns = conn.namespace().unwrap_or_default();
-    let name = conn.name_any();
+    let label = super::plan::connection_label(&conn.name_any());
     let uid = conn.uid();
     let listed: Vec<Job> = match ctx.caches.get().filter(|c| super::cache_ready(&c.jobs)) {
         Some(c) => c
@@ -74,12 +74,12 @@ pub async fn jobs(ctx: &Context, conn: &WarehouseConnection) -> Result<Vec<Job>,
             .state()
             .iter()
             .filter(|j| j.metadata.namespace.as_deref() == Some(ns.as_str()))
-            .filter(|j| j.labels().get(LABEL_CONNECTION) == Some(&name))
+            .filter(|j| j.labels().get(LABEL_CONNECTION) == Some(&label))
             .map(|j| Job::clone(j))
             .collect(),
         None => {
             let api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
-            let lp = ListParams::default().labels(&format!("{LABEL_CONNECTION}={name}"));
+            let lp = ListParams::default().labels(&super::build::selector(&conn.name_any()));
             api.list(&lp).await?.items
         }
     };

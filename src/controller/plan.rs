@@ -240,22 +240,38 @@ pub struct Plan {
 }
 
 /// The deterministic Job name for a slot: `<connection>-<unix-minutes>`; a manual sync appends
-/// `-now-<hash of the sync-now value>` (one name per request, never the schedule's name),
-/// shortened to 63 characters with a hash of the full connection name when that name is long.
+/// `-now-<hash of the sync-now value>` (one name per request, never the schedule's name).
+/// A connection name with a dot (not allowed in a Job name) has its dots turned into dashes and
+/// a hash of the full name added, so that `web.prod` and `web-prod` never share a Job name; so
+/// has one too long for 63 characters, shortened.
 pub fn job_name(connection: &str, slot: Timestamp, request: Option<&str>) -> String {
     let mut minutes = slot.as_second().div_euclid(60).to_string();
     if let Some(value) = request {
         minutes.push_str(&format!("-now-{:08x}", fnv1a(value.as_bytes())));
     }
-    let base = connection.replace('.', "-");
-    let full = format!("{base}-{minutes}");
-    if full.len() <= MAX_NAME_LEN {
+    let full = format!("{connection}-{minutes}");
+    if full.len() <= MAX_NAME_LEN && !connection.contains('.') {
         return full;
     }
+    let base = connection.replace('.', "-");
     let hash = fnv1a(connection.as_bytes());
     let suffix = format!("-{hash:08x}-{minutes}");
     let keep = MAX_NAME_LEN - suffix.len();
     let prefix = base[..floor_char_boundary(&base, keep)].trim_end_matches('-');
+    format!("{prefix}{suffix}")
+}
+
+/// The value of a connection's label ([`crate::controller::build::LABEL_CONNECTION`]): its name,
+/// or, when that is longer than a label value may be (63 characters; a connection's name may
+/// have 253), its first characters and a hash of the whole name.
+pub fn connection_label(connection: &str) -> String {
+    if connection.len() <= MAX_NAME_LEN {
+        return connection.to_string();
+    }
+    let suffix = format!("-{:08x}", fnv1a(connection.as_bytes()));
+    let keep = MAX_NAME_LEN - suffix.len();
+    // A label value starts and ends with an alphanumeric character.
+    let prefix = connection[..floor_char_boundary(connection, keep)].trim_end_matches(['-', '.']);
     format!("{prefix}{suffix}")
 }
 

@@ -392,7 +392,14 @@ fn job_names_are_deterministic_and_fit_63_characters() {
     assert!(name.ends_with("-29013720"));
     let other = job_name(&format!("{}b", "a".repeat(69)), slot, None);
     assert_ne!(name, other, "the hash tells long names apart");
-    assert_eq!(job_name("web.prod", slot, None), "web-prod-29013720");
+    // A dot is not allowed in a Job name: `web.prod` and `web-prod` must still differ.
+    let dotted = job_name("web.prod", slot, None);
+    assert!(
+        dotted.starts_with("web-prod-") && dotted.ends_with("-29013720"),
+        "{dotted}"
+    );
+    assert_ne!(dotted, job_name("web-prod", slot, None));
+    assert!(!dotted.contains('.'));
     let manual = job_name("analytics", slot, Some("1"));
     assert!(
         manual.starts_with("analytics-29013720-now-")
@@ -445,4 +452,31 @@ fn deletion_waits_for_a_running_job_up_to_the_grace_period_then_cancels_it() {
         },
         "nothing running: clean up at once"
     );
+}
+
+#[test]
+fn connection_labels_are_valid_label_values_and_tell_long_names_apart() {
+    assert_eq!(connection_label("analytics"), "analytics");
+    assert_eq!(connection_label("web.prod"), "web.prod");
+    let at_limit = "a".repeat(MAX_NAME_LEN);
+    assert_eq!(connection_label(&at_limit), at_limit);
+    // Names may have 253 characters; a label value 63, alphanumeric at both ends.
+    let long = format!("{}.{}", "a".repeat(60), "b".repeat(100));
+    let label = connection_label(&long);
+    assert!(label.len() <= MAX_NAME_LEN, "{label}");
+    assert!(label.starts_with(&"a".repeat(54)), "{label}");
+    assert!(
+        label
+            .chars()
+            .next_back()
+            .is_some_and(|c| c.is_ascii_alphanumeric()),
+        "{label}"
+    );
+    // Cut right after a dot: the dot goes, a label value may not have it before the hash.
+    let dotted = format!("{}.{}", "a".repeat(53), "b".repeat(20));
+    let cut = connection_label(&dotted);
+    assert!(cut.starts_with(&format!("{}-", "a".repeat(53))), "{cut}");
+    assert_eq!(cut.len(), 53 + 9, "{cut}");
+    assert_eq!(label, connection_label(&long), "same name, same label");
+    assert_ne!(label, connection_label(&format!("{long}c")));
 }

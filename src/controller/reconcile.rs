@@ -5,15 +5,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
-use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::Instrument;
 
 use super::apply::{
-    annotation, cleanup, delete_job, ensure_config_map, ensure_token_secret, patch_metadata,
-    publish, remove_annotations, write_connection_status, write_selection_statuses,
+    Written, annotation, cleanup, delete_job, ensure_config_map, patch_metadata, publish,
+    remove_annotations, start_job, write_connection_status, write_selection_statuses,
 };
 use super::build::{self, ANNOTATION_SYNC_NOW, ANNOTATION_TEST_CONNECTION};
 use super::connection_test::{self, TestMemory, TestOutcome};
@@ -245,9 +245,11 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
         }
         ctx.with_memory(|m| m.jobs.insert(key));
     }
+    // A sync that could not be started: said in the status and an Event, then returned, so
+    // that the reconcile is retried with backoff.
+    let mut start_failure: Option<(String, Error)> = None;
     if let (Some(p), Ok(slots)) = (&the_plan, &slots) {
         if let Some(new) = &p.create {
-            ensure_token_secret(ctx, &ns).await?;
             let job = build::sync_job(
                 conn,
                 selections.active.as_ref(),
@@ -256,28 +258,30 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
                 &ctx.settings.job,
                 slots.period(now),
             );
-            let api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
-            let created = match api.create(&PostParams::default(), &job).await {
-                Ok(j) => j,
-                Err(kube::Error::Api(s)) if s.code == 409 => api.get(&new.name).await?,
-                Err(e) => return Err(e.into()),
-            };
-            ensure_config_map(ctx, &created, conn, selections.active.as_ref()).await?;
-            ctx.with_memory(|m| m.jobs.insert(format!("{ns}/{}", new.name)));
-            tracing::info!(job = %new.name, trigger = new.trigger.as_str(), "sync Job created");
-            notes.push(Note::SyncStarted(
-                new.name.clone(),
-                new.trigger.as_str().into(),
-            ));
-            active_job = Some(new.name.clone());
-            // The server's creation time (to the second), as later reconciles will read it.
-            let created_at = created
-                .metadata
-                .creation_timestamp
-                .as_ref()
-                .map(|t| t.0)
-                .unwrap_or(now);
-            last_started = last_started.max(Some(created_at));
+            match start_job(ctx, conn, &job, selections.active.as_ref()).await {
+                Ok(created) => {
+                    ctx.with_memory(|m| m.jobs.insert(format!("{ns}/{}", new.name)));
+                    tracing::info!(job = %new.name, trigger = new.trigger.as_str(), "sync Job created");
+                    notes.push(Note::SyncStarted(
+                        new.name.clone(),
+                        new.trigger.as_str().into(),
+                    ));
+                    active_job = Some(new.name.clone());
+                    // The server's creation time (to the second), as later reconciles will read it.
+                    let created_at = created
+                        .metadata
+                        .creation_timestamp
+                        .as_ref()
+                        .map(|t| t.0)
+                        .unwrap_or(now);
+                    last_started = last_started.max(Some(created_at));
+                }
+                Err(e) => {
+                    tracing::warn!(job = %new.name, error = %e, "the sync Job could not be started");
+                    notes.push(Note::SyncNotStarted(new.name.clone(), e.to_string()));
+                    start_failure = Some((new.name.clone(), e));
+                }
+            }
         }
         for job in &p.prune {
             delete_job(ctx, &ns, job).await?;
@@ -301,6 +305,9 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
         .map(Slots::frequency)
         .map_err(|e| e.to_string());
     let next_sync = the_plan.as_ref().and_then(|p| p.next_sync);
+    let start_failed = start_failure
+        .as_ref()
+        .map(|(job, e)| format!("sync Job {job} could not be created: {e}"));
     let written = write_connection_status(ctx, latest.as_ref().unwrap_or(conn), |prev| {
         let (syncs, _) = status::fold(&prev.syncs, added.clone());
         status::connection_status(&ConnectionFacts {
@@ -317,15 +324,22 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
             selection_error: selection_problem.clone(),
             next_sync,
             blocked: blocked.as_ref(),
+            start_failed: start_failed.as_deref(),
             egress_ips: &ctx.settings.egress_ips,
         })
     })
     .await?;
     write_selection_statuses(ctx, conn, &selections, newest_report, now, &mut notes).await?;
 
-    // Events and metrics, once the status holds what they announce.
+    // Events and metrics, once the status holds what they announce, and only for what the
+    // status on the server did not hold already (this reconcile may have started from a copy
+    // older than the controller's own last write).
+    let Written {
+        new: written,
+        previous: replaced,
+    } = written;
     if let Some(t) = &tested {
-        let before = conditions::find(&previous.conditions, conditions::CONNECTION_VERIFIED);
+        let before = conditions::find(&replaced.conditions, conditions::CONNECTION_VERIFIED);
         let changed = before.map(|c| (c.status.as_str(), c.reason.as_str()))
             != Some((if t.ok() { "True" } else { "False" }, t.reason.as_str()));
         if changed || test_requested.is_some() {
@@ -336,7 +350,10 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
             });
         }
     }
-    for r in &added {
+    for r in added
+        .iter()
+        .filter(|r| !replaced.syncs.iter().any(|s| s.job_name == r.job_name))
+    {
         ctx.metrics.observe_sync(r);
         notes.push(Note::for_sync(r));
     }
@@ -344,7 +361,7 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
         conditions::find(&s.conditions, conditions::BACKFILL_COMPLETE)
             .is_some_and(|c| c.status == "True")
     };
-    if backfilled(&written) && !backfilled(&previous) {
+    if backfilled(&written) && !backfilled(&replaced) {
         notes.push(Note::BackfillComplete);
     }
     if let Some(t) = &written.last_successful_sync_time {
@@ -374,6 +391,10 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
     }
     if active_job.is_some() {
         requeue = requeue.min(Duration::from_secs(5 * 60));
+    }
+    if let Some((_, e)) = start_failure {
+        // Retried with the controller's backoff; the status and an Event say why meanwhile.
+        return Err(e);
     }
     Ok(Action::requeue(requeue))
 }

@@ -166,6 +166,9 @@ pub struct ConnectionFacts<'a> {
     pub next_sync: Option<Timestamp>,
     /// Why a due sync did not start.
     pub blocked: Option<&'a Blocked>,
+    /// The error of a sync Job this reconcile tried to start and could not (the API refused
+    /// it: a quota, an admission webhook, a name taken; the engine token unreadable).
+    pub start_failed: Option<&'a str>,
     /// The egress IPs to show.
     pub egress_ips: &'a [String],
 }
@@ -233,15 +236,20 @@ pub fn connection_status(f: &ConnectionFacts<'_>) -> WarehouseConnectionStatus {
             now,
         ),
         None => {
-            let msg = f
-                .blocked
-                .map(blocked_message)
-                .unwrap_or_else(|| "no sync is running".into());
+            let (reason, msg) = match f.start_failed {
+                Some(why) => ("StartFailed", why.to_string()),
+                None => (
+                    "Idle",
+                    f.blocked
+                        .map(blocked_message)
+                        .unwrap_or_else(|| "no sync is running".into()),
+                ),
+            };
             set(
                 &mut conds,
                 conditions::SYNCING,
                 "False",
-                "Idle",
+                reason,
                 &msg,
                 generation,
                 now,
@@ -296,6 +304,8 @@ pub fn connection_status(f: &ConnectionFacts<'_>) -> WarehouseConnectionStatus {
         ("False", "ConnectionNotVerified", why)
     } else if let Some(e) = &f.selection_error {
         ("False", "SelectiveSyncInvalid", e.clone())
+    } else if let Some(why) = f.start_failed {
+        ("False", "SyncNotStarted", why.to_string())
     } else {
         match f.syncs.first() {
             None => (

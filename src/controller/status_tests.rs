@@ -175,6 +175,7 @@ fn facts<'a>(
         selection_error: None,
         next_sync: Some(t("2025-03-01T11:00:00Z")),
         blocked: None,
+        start_failed: None,
         egress_ips: &[],
     }
 }
