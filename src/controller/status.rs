@@ -470,16 +470,18 @@ pub fn selection_status(f: &SelectionFacts<'_>) -> SelectiveSyncStatus {
         }
     }
     conditions::sort(&mut conds);
-    let tables = match f.report {
-        Some((r, _)) => r
-            .tables
-            .iter()
-            .map(|t| TableSyncStatus {
-                name: t.name.clone(),
-                rows: i64::try_from(t.rows).unwrap_or(i64::MAX),
-            })
-            .collect(),
-        None => f.previous.tables.clone(),
+    let (tables, tables_omitted) = match f.report {
+        Some((r, _)) => (
+            r.tables
+                .iter()
+                .map(|t| TableSyncStatus {
+                    name: t.name.clone(),
+                    rows: i64::try_from(t.rows).unwrap_or(i64::MAX),
+                })
+                .collect(),
+            (r.tables_omitted > 0).then(|| i64::try_from(r.tables_omitted).unwrap_or(i64::MAX)),
+        ),
+        None => (f.previous.tables.clone(), f.previous.tables_omitted),
     };
     SelectiveSyncStatus {
         observed_generation: Some(f.generation),
@@ -487,6 +489,7 @@ pub fn selection_status(f: &SelectionFacts<'_>) -> SelectiveSyncStatus {
         enabled_tables: Some(enabled_tables(f.spec, &available)),
         available_tables: available,
         tables,
+        tables_omitted,
     }
 }
 

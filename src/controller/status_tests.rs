@@ -435,3 +435,68 @@ fn selection_status_counts_tables_and_reports_rows_and_validity() {
         crate::sync::tables::known_tables().len() as i64 + 1
     );
 }
+
+/// A sync of more tables than its pod's 4 KiB report holds: the selection lists the failed
+/// tables and the largest, and says how many more there were (it listed none before).
+#[test]
+fn a_selection_says_how_many_tables_a_large_report_left_out() {
+    let spec: SelectiveSyncSpec =
+        serde_json::from_value(serde_json::json!({"connectionRef": {"name": "c"}})).unwrap();
+    let tables: Vec<TableReport> = (0..120)
+        .map(|i| table(&format!("event_number_{i}"), 10 + i, None))
+        .collect();
+    let r = report("c-1", "2025-03-01T10:00:03Z", tables, &[]);
+    let job = finished(
+        "c-1",
+        JobPhase::Succeeded,
+        Some(r.termination_message()),
+        true,
+    );
+    let (record, parsed) = record(&job);
+    assert_eq!(record.rows.total, (10..130).sum::<u64>() as i64);
+    let parsed = parsed.expect("the report parses");
+    let s = selection_status(&SelectionFacts {
+        now: t("2025-03-01T10:01:00Z"),
+        generation: 1,
+        spec: &spec,
+        previous: &SelectiveSyncStatus::default(),
+        problem: None,
+        available: None,
+        report: Some((&parsed, Some(1))),
+    });
+    let listed = s.tables.len();
+    assert!(listed > 40, "{listed} tables listed");
+    assert_eq!(s.tables_omitted, Some(120 - listed as i64));
+    assert_eq!(s.tables[0].name, "event_number_119", "the largest first");
+    // The next sync lists them all again: no omission left over.
+    let small = report(
+        "c-2",
+        "2025-03-01T11:00:03Z",
+        vec![table("tracks", 1, None)],
+        &[],
+    );
+    let s2 = selection_status(&SelectionFacts {
+        now: t("2025-03-01T11:01:00Z"),
+        generation: 1,
+        spec: &spec,
+        previous: &s,
+        problem: None,
+        available: None,
+        report: Some((&small, Some(1))),
+    });
+    assert_eq!((s2.tables.len(), s2.tables_omitted), (1, None));
+    // Without a new report, both are kept.
+    let s3 = selection_status(&SelectionFacts {
+        now: t("2025-03-01T11:02:00Z"),
+        generation: 1,
+        spec: &spec,
+        previous: &s,
+        problem: None,
+        available: None,
+        report: None,
+    });
+    assert_eq!(
+        (s3.tables.len(), s3.tables_omitted),
+        (listed, s.tables_omitted)
+    );
+}

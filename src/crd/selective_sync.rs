@@ -188,9 +188,14 @@ pub struct SelectiveSyncStatus {
     /// Track event tables the profile store has seen, so they can be selected after the first sync.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub available_tables: Vec<String>,
-    /// Rows synced per table in the last sync.
+    /// Rows synced per table in the last sync: every table it touched, or, for a sync of more
+    /// tables than its pod's 4 KiB report holds, the failed ones and those with the most rows.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tables: Vec<TableSyncStatus>,
+    /// How many tables the last sync touched that `tables` does not list (its report was too
+    /// large for the pod's 4 KiB termination message); absent when it lists them all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tables_omitted: Option<i64>,
 }
 
 /// Rows synced into one table by the last sync.

@@ -167,6 +167,7 @@ impl<'a> Run<'a> {
                 not_backfilled: vec![],
                 limit_reached: false,
                 head_seq: 0,
+                tables_omitted: 0,
             },
             uuid: start,
             head: 0,

@@ -29,6 +29,17 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
+/// Cuts `s` to at most `max` bytes, at a character boundary.
+fn cut_at_char(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut at = max;
+        while !s.is_char_boundary(at) {
+            at -= 1;
+        }
+        s.truncate(at);
+    }
+}
+
 /// What one sync did.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -58,6 +69,10 @@ pub struct SyncReport {
     pub limit_reached: bool,
     /// The store's head `seq` when the run started.
     pub head_seq: i64,
+    /// How many tables `tables` leaves out: a pod's termination message holds 4,096 bytes, so
+    /// a report of many tables there keeps the failed ones and those with the most rows.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tables_omitted: u64,
 }
 
 impl SyncReport {
@@ -86,6 +101,7 @@ impl SyncReport {
             not_backfilled: vec![],
             limit_reached: false,
             head_seq: 0,
+            tables_omitted: 0,
         }
     }
 
@@ -124,26 +140,36 @@ impl SyncReport {
             .unwrap_or(0.0);
     }
 
-    /// The report for a pod's termination message: at most 4,096 bytes (Kubernetes' limit),
-    /// dropping per-table detail of successful tables first.
+    /// The report for a pod's termination message: at most 4,096 bytes (Kubernetes' limit).
+    /// A larger one keeps its totals and lists first the failed tables, then those with the
+    /// most rows, as many as fit ([`SyncReport::tables_omitted`] counts the others), with the
+    /// first errors, each cut to 300 bytes, and the first 20 backfilling and not backfilled
+    /// tables.
     pub fn termination_message(&self) -> String {
+        const LIMIT: usize = 4096;
         let full = serde_json::to_string(self).unwrap_or_default();
-        if full.len() <= 4096 {
+        if full.len() <= LIMIT {
             return full;
         }
         let mut small = self.clone();
-        small.tables.retain(|t| t.error.is_some());
+        small
+            .tables
+            .sort_by(|a, b| (b.error.is_some(), b.rows).cmp(&(a.error.is_some(), a.rows)));
         small.backfilling.truncate(20);
         small.not_backfilled.truncate(20);
         for e in &mut small.errors {
-            e.message.truncate(300);
+            cut_at_char(&mut e.message, 300);
         }
         let mut text = serde_json::to_string(&small).unwrap_or_default();
-        while text.len() > 4096 && (!small.tables.is_empty() || small.errors.len() > 1) {
-            small.tables.pop();
-            if small.errors.len() > 1 {
-                small.errors.pop();
-            }
+        while text.len() > LIMIT && (!small.tables.is_empty() || small.errors.len() > 1) {
+            // A table's entry is 30 bytes or more: half the excess in entries at a time.
+            let step = ((text.len() - LIMIT) / 64).max(1);
+            let keep = small.tables.len().saturating_sub(step);
+            small.tables_omitted += (small.tables.len() - keep) as u64;
+            small.tables.truncate(keep);
+            small
+                .errors
+                .truncate(small.errors.len().saturating_sub(step).max(1));
             text = serde_json::to_string(&small).unwrap_or_default();
         }
         text
@@ -241,5 +267,50 @@ mod tests {
         let back: SyncReport = serde_json::from_str(&msg).unwrap();
         assert_eq!(back.status, r.status);
         assert_eq!(back.rows, r.rows);
+    }
+
+    /// A report too large for a termination message keeps the tables that matter most and
+    /// says how many it leaves out.
+    #[test]
+    fn a_large_report_lists_failed_tables_then_the_largest_and_counts_the_rest() {
+        let tables: Vec<TableReport> = (0..120)
+            .map(|i| table(&format!("event_number_{i}"), i, i == 3 || i == 7))
+            .collect();
+        let r = report(tables);
+        let msg = r.termination_message();
+        assert!(msg.len() <= 4096, "{}", msg.len());
+        let back: SyncReport = serde_json::from_str(&msg).unwrap();
+        let listed = back.tables.len() as u64;
+        assert!(listed > 40 && listed < 120, "{listed} listed");
+        assert_eq!(back.tables_omitted + listed, 120);
+        assert_eq!(back.rows, r.rows, "the totals count every table");
+        let names: Vec<&str> = back.tables.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(
+            names[..3],
+            ["event_number_7", "event_number_3", "event_number_119"]
+        );
+        let smallest_listed = back.tables.last().unwrap().rows;
+        assert_eq!(smallest_listed, 120 - (listed - 2), "the largest, in order");
+        // A small report lists everything and says nothing of omissions.
+        let small = report(vec![table("tracks", 1, false)]).termination_message();
+        assert!(!small.contains("tablesOmitted"), "{small}");
+    }
+
+    /// Error messages are cut at a character boundary (a localized server's message).
+    #[test]
+    fn a_large_report_cuts_non_ascii_errors_without_panicking() {
+        let tables: Vec<TableReport> = (0..200)
+            .map(|i| table(&format!("order_completed_{i}"), 1, false))
+            .collect();
+        let mut r = report(tables);
+        r.errors.push(SyncError {
+            class: ErrorClass::Connection,
+            message: format!("{}é la connexion a été perdue", "x".repeat(299)),
+            table: None,
+        });
+        let msg = r.termination_message();
+        assert!(msg.len() <= 4096, "{}", msg.len());
+        let back: SyncReport = serde_json::from_str(&msg).unwrap();
+        assert_eq!(back.errors[0].message, "x".repeat(299));
     }
 }
