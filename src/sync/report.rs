@@ -154,7 +154,7 @@ impl SyncReport {
         let mut small = self.clone();
         small
             .tables
-            .sort_by(|a, b| (b.error.is_some(), b.rows).cmp(&(a.error.is_some(), a.rows)));
+            .sort_by_key(|t| std::cmp::Reverse((t.error.is_some(), t.rows)));
         small.backfilling.truncate(20);
         small.not_backfilled.truncate(20);
         for e in &mut small.errors {
