@@ -1598,3 +1598,122 @@ fn a_first_sync_stopped_and_rerun_later_keeps_the_first_backfill_window() {
     broken.sync_source_at(&mut ScriptedFeed::new(&url), None, &broken.spec, 2, later);
     assert_eq!(broken.dump(), clean.dump());
 }
+
+/// Text no compressor shrinks (PostgreSQL compresses long index entries): `n` letters.
+fn incompressible(n: usize) -> String {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'a' + (x % 26) as u8)
+        })
+        .collect()
+}
+
+/// Property and trait names the warehouse's keys could not hold as they are — with a NUL, of
+/// 4 KB — load on PostgreSQL, run after run into the same columns (they stopped their tables
+/// for good: the column assignments' key refused them), and the materialized traits keep them
+/// apart.
+#[test]
+fn postgres_property_and_trait_names_with_a_nul_or_of_4_kb_load_into_the_same_columns() {
+    let (mut s, url, _d) = store();
+    let long = incompressible(4000);
+    let event = |id: &str, total: i64| {
+        msg(
+            json!({"type": "track", "messageId": id, "userId": "u1", "event": "Order Completed",
+                   "properties": {"a\u{0}b": total, long.clone(): total, "total": total}}),
+        )
+    };
+    ingest(
+        &mut *s,
+        &[
+            event("k1", 1),
+            msg(
+                json!({"type": "identify", "messageId": "t1", "userId": "u1",
+                       "traits": {long.clone(): "long", "a\u{0}": "x", "a\\u0000": "y"}}),
+            ),
+        ],
+    );
+    let wh = TestWarehouse::postgres();
+    let r = wh.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::Success, "{:#?}", r.errors);
+    let columns = wh.columns("order_completed");
+    ingest(&mut *s, &[event("k2", 2)]);
+    let r = wh.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::Success, "{:#?}", r.errors);
+    assert_eq!(wh.count("order_completed"), 2);
+    assert_eq!(wh.columns("order_completed"), columns, "no new column");
+    // The NUL property's column holds both values.
+    let nul_column = columns
+        .iter()
+        .find(|c| c.starts_with("a_b") || c.starts_with("ab"))
+        .unwrap_or_else(|| panic!("no column for a\\0b in {columns:?}"));
+    let t = wh.table("order_completed");
+    let values = wh.query(&format!(
+        "SELECT \"{nul_column}\"::text FROM {t} ORDER BY 1"
+    ));
+    assert_eq!(values, [[Some("1".to_string())], [Some("2".to_string())]]);
+    // Three traits, three rows: the two names that spell each other's escape stay apart, the
+    // long one is cut with a hash of the whole.
+    let mut names: Vec<String> = trait_values(&wh).into_iter().map(|(n, _)| n).collect();
+    names.sort();
+    assert_eq!(names.len(), 3, "{names:?}");
+    assert_eq!(names[0], "a\\\\u0000");
+    assert_eq!(names[1], "a\\u0000");
+    assert!(
+        names[2].len() <= 1024 && names[2].contains("…#sha1:"),
+        "{}",
+        names[2]
+    );
+}
+
+/// Properties named like PostgreSQL's system columns get their columns with an underscore
+/// (the table stopped for good: `ADD COLUMN "xmin"` is refused).
+#[test]
+fn postgres_properties_named_like_system_columns_load_with_an_underscore() {
+    let (mut s, url, _d) = store();
+    ingest(
+        &mut *s,
+        &[msg(
+            json!({"type": "track", "messageId": "x1", "userId": "u1", "event": "Chart Viewed",
+                      "properties": {"xmin": 3, "ctid": "c"}}),
+        )],
+    );
+    let wh = TestWarehouse::postgres();
+    let r = wh.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::Success, "{:#?}", r.errors);
+    let t = wh.table("chart_viewed");
+    assert_eq!(
+        wh.query(&format!("SELECT _xmin::text, _ctid FROM {t}")),
+        [[Some("3".to_string()), Some("c".to_string())]]
+    );
+}
+
+/// A column a DBA made `timestamp` (without time zone) holds the UTC time, whatever the
+/// database's `TimeZone` (it held Tokyo's).
+#[test]
+fn postgres_a_timestamp_column_of_the_dba_holds_utc_in_any_time_zone() {
+    let (mut s, url, _d) = store();
+    ingest(
+        &mut *s,
+        &[msg(
+            json!({"type": "track", "messageId": "z1", "userId": "u1", "event": "Order Completed",
+                      "properties": {"day": "2026-03-01T23:30:00Z"}}),
+        )],
+    );
+    let wh = TestWarehouse::postgres();
+    let db = wh.database.clone().unwrap();
+    as_dba(&wh)
+        .batch_execute(&format!(
+            "ALTER DATABASE {db} SET timezone = 'Asia/Tokyo';
+             CREATE SCHEMA profiles_sync;
+             CREATE TABLE profiles_sync.order_completed (id TEXT PRIMARY KEY, day TIMESTAMP);"
+        ))
+        .unwrap();
+    let r = wh.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::Success, "{:#?}", r.errors);
+    let got = wh.query("SELECT day::text FROM profiles_sync.order_completed");
+    assert_eq!(got[0][0].as_deref(), Some("2026-03-01 23:30:00"));
+}

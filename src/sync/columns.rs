@@ -2,6 +2,7 @@
 //! value), casting into an existing column's type, and the per-table map from source names to
 //! column names that keeps two different properties from ever landing in one column.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use jiff::Timestamp;
@@ -10,6 +11,11 @@ use serde_json::{Map, Value};
 use super::naming::{fit, identifier, short_hash};
 use crate::event::flatten_each;
 use crate::warehouse::{Cell, ColumnType};
+
+/// Names of PostgreSQL's system columns, which no table may have a column of: a property of
+/// such a name gets a column with a leading underscore (`xmin` → `_xmin`), in every warehouse
+/// alike.
+const SYSTEM_COLUMNS: [&str; 6] = ["tableoid", "xmin", "cmin", "xmax", "cmax", "ctid"];
 
 /// Flattens nested objects into `(path, value)` pairs joined with `_` (Segment's warehouse
 /// flattening: `{"product": {"name": "x"}}` → `product_name`); arrays stay whole.
@@ -59,13 +65,65 @@ fn text_refusal(s: &str) -> Option<String> {
 }
 
 /// `s` with each NUL character written as its JSON escape `\u0000`, for text columns that have
-/// no discards path (materialized traits and identifiers).
-pub fn escape_nul(s: &str) -> std::borrow::Cow<'_, str> {
-    if s.contains('\0') {
-        std::borrow::Cow::Owned(s.replace('\0', "\\u0000"))
+/// no discards path (materialized traits and identifiers). No two strings become one: in a
+/// string with a NUL, or one that spells `\u0000` itself, every backslash is doubled first;
+/// any other string is kept as it is.
+pub fn escape_nul(s: &str) -> Cow<'_, str> {
+    if s.contains('\0') || s.contains("\\u0000") {
+        Cow::Owned(s.replace('\\', "\\\\").replace('\0', "\\u0000"))
     } else {
-        std::borrow::Cow::Borrowed(s)
+        Cow::Borrowed(s)
     }
+}
+
+/// The longest text a key column of a materialized table holds: longer (a trait name has no
+/// limit, and NUL escapes lengthen ids) would pass PostgreSQL's B-tree entry limit (~2.7 KB).
+pub const MAX_KEY_TEXT: usize = 1024;
+
+/// [`escape_nul`], then, past [`MAX_KEY_TEXT`] bytes, cut with a hash of the whole string
+/// (`<start>…#sha1:<hex>`), for the key columns of the materialized tables.
+pub fn key_text(s: &str) -> Cow<'_, str> {
+    let escaped = escape_nul(s);
+    if escaped.len() <= MAX_KEY_TEXT {
+        return escaped;
+    }
+    let tail = format!("…#sha1:{}", sha1_hex(s));
+    let mut cut = MAX_KEY_TEXT - tail.len();
+    while !escaped.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    Cow::Owned(format!("{}{tail}", &escaped[..cut]))
+}
+
+fn sha1_hex(s: &str) -> String {
+    use sha1::{Digest, Sha1};
+    Sha1::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// What marks a source name recorded as its hash ([`source_key`]).
+const SOURCE_DIGEST: &str = "#sha1:";
+
+/// The key a property's source name is recorded under in the warehouse's column assignments
+/// (`_profiles_sync_columns`): the name itself, or `#sha1:<hex of its SHA-1>` for one that
+/// PostgreSQL could not hold in that table's key — with a NUL character, or longer than
+/// [`MAX_KEY_TEXT`] bytes — and for one that starts with `#sha1:`, so that the two kinds never
+/// meet.
+pub fn source_key(source: &str) -> Cow<'_, str> {
+    if source.contains('\0') || source.len() > MAX_KEY_TEXT || source.starts_with(SOURCE_DIGEST) {
+        Cow::Owned(format!("{SOURCE_DIGEST}{}", sha1_hex(source)))
+    } else {
+        Cow::Borrowed(source)
+    }
+}
+
+/// Whether a recorded source name is already a key of [`source_key`]'s hashed kind.
+fn is_source_digest(recorded: &str) -> bool {
+    recorded
+        .strip_prefix(SOURCE_DIGEST)
+        .is_some_and(|hex| hex.len() == 40 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 fn time_cell(t: Timestamp) -> Result<Cell, String> {
@@ -222,7 +280,8 @@ fn kind(v: &Value) -> &'static str {
 pub struct ColumnMap {
     by_source: HashMap<String, String>,
     used: HashSet<String>,
-    /// Source → column pairs assigned since the last [`ColumnMap::take_new`].
+    /// Source key ([`source_key`]) → column pairs assigned since the last
+    /// [`ColumnMap::take_new`].
     new: Vec<(String, String)>,
 }
 
@@ -235,20 +294,32 @@ impl ColumnMap {
         }
     }
 
-    /// Restores an assignment read from the warehouse's state.
-    pub fn restore(&mut self, source: String, column: String) {
+    /// Restores an assignment read from the warehouse's state: recorded under its
+    /// [`source_key`], or (an SQLite warehouse of an earlier release) under a name that key
+    /// now hashes.
+    pub fn restore(&mut self, recorded: String, column: String) {
         self.used.insert(column.clone());
-        self.by_source.insert(source, column);
+        let key = if is_source_digest(&recorded) {
+            recorded
+        } else {
+            source_key(&recorded).into_owned()
+        };
+        self.by_source.insert(key, column);
     }
 
     /// The column of `source` (a dotted property path), assigning one if new. `None` when the
     /// name is a reserved column (Segment drops such properties).
     pub fn column(&mut self, source: &str, max_len: usize) -> Option<String> {
-        if let Some(c) = self.by_source.get(source) {
+        let key = source_key(source);
+        if let Some(c) = self.by_source.get(key.as_ref()) {
             return Some(c.clone());
         }
         let joined = source.replace('.', "_");
-        let base = identifier(&joined, max_len);
+        let mut base = identifier(&joined, max_len);
+        if SYSTEM_COLUMNS.contains(&base.as_str()) {
+            // PostgreSQL (and Redshift) refuse a column named like a system column.
+            base = format!("_{base}");
+        }
         if self.used.contains(&base) && self.is_reserved_collision(&base) {
             return None;
         }
@@ -267,8 +338,8 @@ impl ColumnMap {
             base
         };
         self.used.insert(column.clone());
-        self.by_source.insert(source.to_string(), column.clone());
-        self.new.push((source.to_string(), column.clone()));
+        self.by_source.insert(key.to_string(), column.clone());
+        self.new.push((key.into_owned(), column.clone()));
         Some(column)
     }
 
@@ -410,5 +481,85 @@ mod tests {
             "a property named like a reserved column is dropped"
         );
         assert_eq!(m.take_new().len(), 2);
+    }
+
+    /// Reads [`escape_nul`]'s output back: it is the string itself unless it spells `\u0000`.
+    fn unescape_nul(escaped: &str) -> String {
+        if !escaped.contains("\\u0000") {
+            return escaped.to_string();
+        }
+        let (mut out, mut rest) = (String::new(), escaped);
+        while let Some(at) = rest.find('\\') {
+            out.push_str(&rest[..at]);
+            if rest[at..].starts_with("\\\\") {
+                out.push('\\');
+                rest = &rest[at + 2..];
+            } else {
+                assert!(rest[at..].starts_with("\\u0000"), "{escaped}");
+                out.push('\0');
+                rest = &rest[at + 6..];
+            }
+        }
+        out + rest
+    }
+
+    proptest::proptest! {
+        /// No two strings escape alike (two trait names or ids would become one key): each is
+        /// read back from its escape. Without a NUL or a spelled `\u0000`, a string is kept.
+        #[test]
+        fn escape_nul_reads_back(
+            parts in proptest::collection::vec(
+                proptest::sample::select(vec!["a", "\\", "\\u0000", "\0", "u0000", "é"]),
+                0..8,
+            )
+        ) {
+            let s: String = parts.concat();
+            let escaped = escape_nul(&s);
+            proptest::prop_assert!(!escaped.contains('\0'));
+            proptest::prop_assert_eq!(unescape_nul(&escaped), s.clone());
+            if !s.contains('\0') && !s.contains("\\u0000") {
+                proptest::prop_assert_eq!(escaped.as_ref(), s.as_str());
+            }
+        }
+    }
+
+    #[test]
+    fn key_text_fits_a_key_and_tells_long_strings_apart() {
+        let long = "é".repeat(2000);
+        let cut = key_text(&long);
+        assert!(cut.len() <= MAX_KEY_TEXT, "{}", cut.len());
+        assert!(cut.starts_with("éé") && cut.contains("…#sha1:"));
+        assert_ne!(cut, key_text(&format!("{long}x")));
+        assert_eq!(key_text("plan"), "plan");
+        assert_ne!(key_text("a\0"), key_text("a\\u0000"));
+        // NUL escapes lengthen a string: 1,024 NULs are cut too.
+        assert!(key_text(&"\0".repeat(1024)).len() <= MAX_KEY_TEXT);
+    }
+
+    /// Source names PostgreSQL's key refuses are recorded by hash; one recorded raw by an
+    /// earlier release (SQLite) is found again under that hash, and keeps its column.
+    #[test]
+    fn unkeyable_source_names_are_recorded_by_hash_and_found_again() {
+        let long = "p".repeat(MAX_KEY_TEXT + 1);
+        for name in ["a\0b", long.as_str(), "#sha1:crafted"] {
+            let mut map = ColumnMap::default();
+            let column = map.column(name, 63).unwrap();
+            let new = map.take_new();
+            assert_eq!(new.len(), 1);
+            assert!(
+                new[0].0.starts_with("#sha1:") && new[0].0.len() == 46,
+                "{new:?}"
+            );
+            // Restored from the key, or from the raw name an earlier release wrote.
+            for recorded in [new[0].0.clone(), name.to_string()] {
+                let mut again = ColumnMap::default();
+                again.restore(recorded, column.clone());
+                assert_eq!(again.column(name, 63), Some(column.clone()));
+                assert!(again.take_new().is_empty(), "no new assignment");
+            }
+        }
+        let mut map = ColumnMap::default();
+        map.column("total", 63);
+        assert_eq!(map.take_new(), [("total".to_string(), "total".to_string())]);
     }
 }

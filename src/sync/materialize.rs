@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 
 use super::RunError;
-use super::columns::{escape_nul, storable_time};
+use super::columns::{escape_nul, key_text, storable_time};
 use super::load::{Schema, ensure_table};
 use super::source::FeedSource;
 use super::state::{self, TableState};
@@ -140,8 +140,8 @@ pub fn apply_window(
             idents.push((
                 vec![
                     Cell::Text(m.segment_id.clone()),
-                    Cell::Text(escape_nul(&m.external_id_type).into_owned()),
-                    Cell::Text(escape_nul(&m.external_id_value).into_owned()),
+                    Cell::Text(key_text(&m.external_id_type).into_owned()),
+                    Cell::Text(key_text(&m.external_id_value).into_owned()),
                 ],
                 tail(m.seq, &m.trigger),
             ));
@@ -257,7 +257,7 @@ fn apply(
                 rows.push((
                     vec![
                         Cell::Text(segment_id.to_string()),
-                        Cell::Text(escape_nul(name).into_owned()),
+                        Cell::Text(key_text(name).into_owned()),
                         trait_text(value),
                     ],
                     tail(snap.seq, &snap.trigger),

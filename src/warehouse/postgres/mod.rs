@@ -183,8 +183,10 @@ impl PostgresWarehouse {
         schema: &str,
     ) -> Result<PostgresWarehouse, WarehouseError> {
         // The sync's `DROP TABLE IF EXISTS` of its staging tables would otherwise log a NOTICE
-        // for every chunk; warnings and errors still come through.
-        config.options("-c client_min_messages=warning");
+        // for every chunk; warnings and errors still come through. UTC: a column a DBA made
+        // `timestamp` (without time zone) or `date` takes the UTC time, whatever the
+        // database's or the role's `TimeZone`.
+        config.options("-c client_min_messages=warning -c TimeZone=UTC");
         let mut client = match ssl_mode {
             SslMode::Disable => config.connect(NoTls),
             mode => {
