@@ -1717,3 +1717,69 @@ fn postgres_a_timestamp_column_of_the_dba_holds_utc_in_any_time_zone() {
     let got = wh.query("SELECT day::text FROM profiles_sync.order_completed");
     assert_eq!(got[0][0].as_deref(), Some("2026-03-01 23:30:00"));
 }
+
+/// Track events whose property names are ids (a client bug seen in the wild) pass the
+/// warehouse's column limit: the properties past it go to `discards`, and the table keeps
+/// loading (it stopped for good: every chunk's `ADD COLUMN` failed).
+#[test]
+fn a_table_at_the_warehouses_column_limit_keeps_loading_and_discards_new_properties() {
+    for (wh, limit) in [
+        (TestWarehouse::postgres(), 1600),
+        (TestWarehouse::sqlite(), 2000),
+    ] {
+        let (mut s, url, _d) = store();
+        let wide = |e: usize, keys: std::ops::Range<usize>| {
+            let props: serde_json::Map<String, Value> =
+                keys.map(|p| (format!("k{p}"), json!(e))).collect();
+            msg(
+                json!({"type": "track", "messageId": format!("w{e}"), "userId": "u1",
+                       "event": "Wide", "properties": props}),
+            )
+        };
+        // limit + 200 distinct properties over ten events.
+        let per = (limit + 200) / 10;
+        let events: Vec<Value> = (0..10).map(|e| wide(e, e * per..(e + 1) * per)).collect();
+        ingest(&mut *s, &events);
+        let r = wh.sync(&url, None);
+        assert_eq!(r.status, SyncStatus::Success, "{:#?}", r.errors);
+        let columns = wh.columns("wide").len();
+        assert_eq!(columns, limit, "the table is filled up to the limit");
+        let t = wh.table("discards");
+        let refused = wh.query(&format!(
+            "SELECT count(*), min(reason) FROM {t} WHERE table_name = 'wide'"
+        ));
+        let fixed =
+            columns - (limit + 200 - refused[0][0].as_deref().unwrap().parse::<usize>().unwrap());
+        assert!(fixed > 0 && fixed < 40, "{fixed} fixed columns");
+        assert!(
+            refused[0][1]
+                .as_deref()
+                .unwrap()
+                .contains("as many as the warehouse allows"),
+            "{refused:?}"
+        );
+        // A later event: its known column loads, its new one is discarded, the run succeeds.
+        ingest(
+            &mut *s,
+            &[msg(
+                json!({"type": "track", "messageId": "plain", "userId": "u1", "event": "Wide",
+                          "properties": {"k0": 7, "brand_new": 1}}),
+            )],
+        );
+        let r = wh.sync(&url, None);
+        assert_eq!(r.status, SyncStatus::Success, "{:#?}", r.errors);
+        assert_eq!(wh.count("wide"), 11);
+        let t = wh.table("wide");
+        assert_eq!(
+            wh.query(&format!("SELECT k0 FROM {t} WHERE id = 'plain'")),
+            [[Some("7".to_string())]]
+        );
+        let d = wh.table("discards");
+        assert_eq!(
+            wh.query(&format!(
+                "SELECT count(*) FROM {d} WHERE column_name = 'brand_new' AND row_id = 'plain'"
+            )),
+            [[Some("1".to_string())]]
+        );
+    }
+}

@@ -85,12 +85,25 @@ pub struct ChunkResult {
 }
 
 /// The schema as this sync knows it (read once, kept current as tables and columns are added).
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Schema {
     /// Table → columns.
     pub tables: BTreeMap<String, TableColumns>,
     /// Table → its narrowed columns (the sync never creates one; a DBA may alter one).
     pub limits: BTreeMap<String, ColumnLimits>,
+    /// Most columns a table may have ([`crate::warehouse::Dialect::max_columns`]).
+    pub max_columns: usize,
+}
+
+impl Default for Schema {
+    /// No tables, and no limit on their columns.
+    fn default() -> Schema {
+        Schema {
+            tables: BTreeMap::new(),
+            limits: BTreeMap::new(),
+            max_columns: usize::MAX,
+        }
+    }
 }
 
 impl Schema {
@@ -100,6 +113,7 @@ impl Schema {
         Ok(Schema {
             tables,
             limits: wh.column_limits(),
+            max_columns: wh.dialect().max_columns(),
         })
     }
 }
@@ -139,6 +153,18 @@ struct Typer<'c> {
     uuid: Option<usize>,
     rows: Vec<Vec<Cell>>,
     discards: Vec<Vec<Cell>>,
+    /// Most columns the table may have, and how many it will have: the warehouse's, and the
+    /// ones this chunk adds.
+    max_columns: usize,
+    width: usize,
+}
+
+/// Why a value has no column in a chunk.
+enum NoColumn {
+    /// The selection turns it off, or it is null in a column not known yet: nothing to load.
+    Skipped,
+    /// The table has as many columns as the warehouse allows: the value goes to `discards`.
+    TableFull,
 }
 
 /// Whether two column names are the same (the same shared name compares without reading it).
@@ -154,6 +180,7 @@ impl<'c> Typer<'c> {
         chunk: &Chunk<'c>,
         existing: Option<&'c TableColumns>,
         limits: Option<&'c ColumnLimits>,
+        max_columns: usize,
     ) -> Typer<'c> {
         let mut t = Typer {
             table: chunk.table,
@@ -170,6 +197,8 @@ impl<'c> Typer<'c> {
             uuid: None,
             rows: Vec::with_capacity(chunk.rows.len()),
             discards: vec![],
+            max_columns,
+            width: existing.map_or(0, |e| e.len()),
         };
         for c in chunk
             .fixed
@@ -186,6 +215,9 @@ impl<'c> Typer<'c> {
     }
 
     fn add(&mut self, name: &str, ty: ColumnType) -> usize {
+        if !self.existing.is_some_and(|e| e.contains_key(name)) {
+            self.width += 1;
+        }
         let i = self.columns.len();
         self.columns.push(Column::new(name, ty));
         let limit = self.limits.and_then(|l| l.get(name).copied());
@@ -200,26 +232,27 @@ impl<'c> Typer<'c> {
 
     /// The column of `name` (a value's column), found or added; `None` while the column is
     /// unknown and the value null.
-    fn column(&mut self, p: usize, name: &ColumnName, v: &Field) -> Option<usize> {
+    fn column(&mut self, p: usize, name: &ColumnName, v: &Field) -> Result<usize, NoColumn> {
         if let Some(Some((seen, i))) = self.at.get(p)
             && same_name(seen, name)
         {
-            return Some(*i);
+            return Ok(*i);
         }
         let i = match self.index.get(&**name) {
             Some(&i) => i,
             // A column the selection turns off.
-            None if self.filter.is_some_and(|f| !f.enabled(name)) => return None,
+            None if self.filter.is_some_and(|f| !f.enabled(name)) => return Err(NoColumn::Skipped),
             None => {
-                let ty = self
-                    .existing
-                    .and_then(|e| e.get(&**name).copied())
-                    .or_else(|| v.infer())?;
+                let known = self.existing.and_then(|e| e.get(&**name).copied());
+                let ty = known.or_else(|| v.infer()).ok_or(NoColumn::Skipped)?;
+                if known.is_none() && self.width >= self.max_columns {
+                    return Err(NoColumn::TableFull);
+                }
                 self.add(name, ty)
             }
         };
         remember(&mut self.at, p, Some((name.clone(), i)));
-        Some(i)
+        Ok(i)
     }
 
     fn push(&mut self, row: PendingRow) {
@@ -235,8 +268,25 @@ impl<'c> Typer<'c> {
         }
         let mut cells = vec![Cell::Null; self.columns.len()];
         for (p, (name, v)) in values.into_iter().enumerate() {
-            let Some(i) = self.column(p, &name, &v) else {
-                continue;
+            let i = match self.column(p, &name, &v) {
+                Ok(i) => i,
+                Err(NoColumn::Skipped) => continue,
+                Err(NoColumn::TableFull) => {
+                    let reason = format!(
+                        "the table has {} columns, as many as the warehouse allows: \
+                         a new property gets no column",
+                        self.max_columns
+                    );
+                    let d = self.discard(
+                        name.to_string(),
+                        &row_id,
+                        v.into_text(),
+                        reason,
+                        &received_at,
+                    );
+                    self.discards.push(d);
+                    continue;
+                }
             };
             if Some(i) == self.uuid {
                 continue;
@@ -374,6 +424,7 @@ pub fn prepare(schema: &Schema, mut chunk: Chunk<'_>) -> Prepared {
         &chunk,
         schema.tables.get(chunk.table),
         schema.limits.get(chunk.table),
+        schema.max_columns,
     );
     for row in std::mem::take(&mut chunk.rows) {
         typer.push(row);

@@ -30,6 +30,8 @@ pub enum OnConflict {
 pub trait Dialect: Send + Sync {
     /// Longest identifier the warehouse accepts, in bytes.
     fn max_identifier_len(&self) -> usize;
+    /// Most columns a table may have.
+    fn max_columns(&self) -> usize;
     /// Quotes an identifier (always, so reserved words and odd characters are safe).
     fn quote(&self, ident: &str) -> String {
         format!("\"{}\"", ident.replace('"', "\"\""))

@@ -12,6 +12,11 @@ impl Dialect for SqliteDialect {
         63
     }
 
+    fn max_columns(&self) -> usize {
+        // SQLITE_MAX_COLUMN as the bundled library is built.
+        2000
+    }
+
     fn qualified(&self, _schema: &str, table: &str) -> String {
         format!("main.{}", self.quote(table))
     }
