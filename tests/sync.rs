@@ -1783,3 +1783,64 @@ fn a_table_at_the_warehouses_column_limit_keeps_loading_and_discards_new_propert
         );
     }
 }
+
+/// Columns a DBA made `jsonb` and `json` load the event's arrays and numbers as JSON
+/// (the load stopped on every run: text reaches them by no implicit cast); a string, which is
+/// not JSON text, goes to `discards`.
+#[test]
+fn postgres_json_columns_of_the_dba_load_json_and_discard_other_text() {
+    let (mut s, url, _d) = store();
+    ingest(
+        &mut *s,
+        &[
+            msg(
+                json!({"type": "track", "messageId": "j1", "userId": "u1", "event": "Order Completed",
+                       "properties": {"cart": [1, {"sku": "a"}], "meta": [{"n": 2}], "total": 3}}),
+            ),
+            msg(
+                json!({"type": "track", "messageId": "j2", "userId": "u1", "event": "Order Completed",
+                       "properties": {"cart": 7, "meta": "plain words", "total": 4}}),
+            ),
+        ],
+    );
+    let wh = TestWarehouse::postgres();
+    as_dba(&wh)
+        .batch_execute(
+            "CREATE SCHEMA profiles_sync;
+             CREATE TABLE profiles_sync.order_completed (id TEXT PRIMARY KEY, cart JSONB, meta JSON);",
+        )
+        .unwrap();
+    let r = wh.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::Success, "{:#?}", r.errors);
+    assert_eq!(
+        wh.query(
+            "SELECT id, cart->1->>'sku', jsonb_typeof(cart), meta::text
+               FROM profiles_sync.order_completed ORDER BY id"
+        ),
+        [
+            [
+                Some("j1".to_string()),
+                Some("a".to_string()),
+                Some("array".to_string()),
+                Some("[{\"n\":2}]".to_string())
+            ],
+            [
+                Some("j2".to_string()),
+                None,
+                Some("number".to_string()),
+                None
+            ]
+        ]
+    );
+    let d = wh.table("discards");
+    let refused = wh.query(&format!(
+        "SELECT column_name, row_id, value, reason FROM {d} WHERE table_name = 'order_completed'"
+    ));
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0][0].as_deref(), Some("meta"));
+    assert_eq!(refused[0][2].as_deref(), Some("plain words"));
+    assert!(
+        refused[0][3].as_deref().unwrap().contains("not JSON"),
+        "{refused:?}"
+    );
+}

@@ -524,14 +524,7 @@ fn write(wh: &mut dyn Warehouse, schema: &Schema, p: &Prepared) -> Result<u64, W
     } else if !rows.is_empty() {
         wh.stage("_ps_stage", columns, rows)?;
         let names: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
-        let sql = wh.dialect().merge_from_stage(
-            wh.schema(),
-            &p.table,
-            "_ps_stage",
-            &names,
-            p.key,
-            OnConflict::Ignore,
-        );
+        let sql = wh.merge_stage(&p.table, "_ps_stage", &names, p.key, OnConflict::Ignore);
         loaded = wh.execute(&sql)?;
     }
     if !discards.is_empty() {

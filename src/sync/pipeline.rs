@@ -197,6 +197,17 @@ mod tests {
         fn column_limits(&self) -> BTreeMap<String, crate::warehouse::ColumnLimits> {
             self.inner.column_limits()
         }
+        fn merge_stage(
+            &self,
+            table: &str,
+            stage: &str,
+            columns: &[&str],
+            key: &[&str],
+            on_conflict: crate::warehouse::OnConflict,
+        ) -> String {
+            self.inner
+                .merge_stage(table, stage, columns, key, on_conflict)
+        }
         fn begin(&mut self) -> Result<(), WarehouseError> {
             self.inner.begin()
         }

@@ -94,6 +94,22 @@ pub trait Dialect: Send + Sync {
         key: &[&str],
         on_conflict: OnConflict,
     ) -> String {
+        let select: Vec<String> = columns.iter().map(|c| self.quote(c)).collect();
+        self.merge_from_stage_as(schema, table, stage, columns, &select, key, on_conflict)
+    }
+    /// [`Dialect::merge_from_stage`] with the stage's value of each of `columns` written as
+    /// `select` has it (an explicit cast, where the target column needs one).
+    #[allow(clippy::too_many_arguments)]
+    fn merge_from_stage_as(
+        &self,
+        schema: &str,
+        table: &str,
+        stage: &str,
+        columns: &[&str],
+        select: &[String],
+        key: &[&str],
+        on_conflict: OnConflict,
+    ) -> String {
         let cols: Vec<String> = columns.iter().map(|c| self.quote(c)).collect();
         let keys: Vec<String> = key.iter().map(|c| self.quote(c)).collect();
         let action = match on_conflict {
@@ -116,7 +132,7 @@ pub trait Dialect: Send + Sync {
             "INSERT INTO {} ({}) SELECT {} FROM {} WHERE true ON CONFLICT ({}) {action}",
             self.qualified(schema, table),
             cols.join(", "),
-            cols.join(", "),
+            select.join(", "),
             self.quote(stage),
             keys.join(", ")
         )
@@ -189,6 +205,21 @@ pub trait Warehouse: Send {
     fn rollback(&mut self) -> Result<(), WarehouseError>;
     /// Runs one statement; returns the rows it changed.
     fn execute(&mut self, sql: &str) -> Result<u64, WarehouseError>;
+    /// The statement that moves the rows of `stage` into `table` of this connection's schema
+    /// ([`Dialect::merge_from_stage`]), with the explicit casts the table's columns need, as of
+    /// the last [`Warehouse::describe`] (PostgreSQL: a DBA's `json`/`jsonb` column, which
+    /// text reaches by no implicit cast). A wrapper around a warehouse must forward it.
+    fn merge_stage(
+        &self,
+        table: &str,
+        stage: &str,
+        columns: &[&str],
+        key: &[&str],
+        on_conflict: OnConflict,
+    ) -> String {
+        self.dialect()
+            .merge_from_stage(self.schema(), table, stage, columns, key, on_conflict)
+    }
     /// Runs a query; every value comes back as text (or NULL).
     fn query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, WarehouseError>;
     /// The bulk path: creates a transaction-scoped staging table `stage` with `columns` and

@@ -63,6 +63,9 @@ pub enum ColumnLimit {
     },
     /// Single-precision floats (`real`): neither overflow nor underflow to zero.
     Real,
+    /// JSON text (PostgreSQL's `json` and `jsonb`): an object, an array, a number or a boolean
+    /// of the event loads as it is; a string property (not JSON text) is refused.
+    Json,
 }
 
 impl ColumnLimit {
@@ -119,6 +122,9 @@ impl ColumnLimit {
                     Ok(())
                 }
             }
+            (ColumnLimit::Json, Cell::Text(s)) => serde_json::from_str::<serde::de::IgnoredAny>(s)
+                .map(|_| ())
+                .map_err(|_| "text that is not JSON, in a json column".to_string()),
             _ => Ok(()),
         }
     }
@@ -295,6 +301,12 @@ mod tests {
             (ColumnLimit::Real, Cell::Float(1e-44), true),
             (ColumnLimit::Real, Cell::Float(1e-50), false),
             (ColumnLimit::Real, Cell::Float(0.0), true),
+            (ColumnLimit::Json, Cell::Text("[1,{\"a\":null}]".into()), true),
+            (ColumnLimit::Json, Cell::Text("-1.5e3".into()), true),
+            (ColumnLimit::Json, Cell::Text("true".into()), true),
+            (ColumnLimit::Json, Cell::Text("plain words".into()), false),
+            (ColumnLimit::Json, Cell::Text("[1,".into()), false),
+            (ColumnLimit::Json, Cell::Null, true),
             (text(1, false), Cell::Null, true),
         ];
         for (limit, cell, admitted) in cases {

@@ -25,7 +25,8 @@ impl PostgresDialect {
     /// `sql_type` (as `format_type` spells it) straight into such a column. Binary COPY does not
     /// convert: an 8-byte integer into `integer`, a float into `numeric`, a timestamp into
     /// `date` or text into `jsonb` are refused (or misread), so such columns are loaded through a
-    /// staging table, whose `INSERT … SELECT` applies PostgreSQL's assignment casts.
+    /// staging table, whose `INSERT … SELECT` applies PostgreSQL's assignment casts, and the
+    /// explicit ones of [`PostgresDialect::stage_cast`].
     pub fn copies_directly(&self, sql_type: &str) -> bool {
         let t = sql_type.to_ascii_lowercase();
         // An array of any of these (`text[]`, `character varying(20)[]`) is another type.
@@ -38,6 +39,21 @@ impl PostgresDialect {
                 "timestamp with time zone",
             ]
             .contains(&t.as_str())
+    }
+}
+
+impl PostgresDialect {
+    /// The explicit cast the stage's value needs into a column of `sql_type`, where no implicit
+    /// one reaches it from the stage's text: `json` and `jsonb` (whose values the sync checks
+    /// are JSON, [`ColumnLimit::Json`]). Other types text has no assignment cast to (`uuid`,
+    /// `inet`, enums, arrays) get none: their loads fail with PostgreSQL's message naming the
+    /// column.
+    pub fn stage_cast(&self, sql_type: &str) -> Option<&'static str> {
+        match sql_type.to_ascii_lowercase().as_str() {
+            "json" => Some("json"),
+            "jsonb" => Some("jsonb"),
+            _ => None,
+        }
     }
 }
 
@@ -91,6 +107,7 @@ impl Dialect for PostgresDialect {
             inner.split(',').map(|a| a.trim().parse().ok()).collect()
         };
         match t.as_str() {
+            "json" | "jsonb" => Some(ColumnLimit::Json),
             "integer" | "int4" => Some(ColumnLimit::Range {
                 min: i32::MIN.into(),
                 max: i32::MAX.into(),

@@ -9,12 +9,13 @@ pub use tls::connector as tls_connector;
 
 pub use dialect::PostgresDialect;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use postgres::{Client, Config, NoTls};
 
 use super::{
-    Cell, Column, ColumnLimits, Credentials, Dialect, TableColumns, Warehouse, WarehouseError,
+    Cell, Column, ColumnLimits, Credentials, Dialect, OnConflict, TableColumns, Warehouse,
+    WarehouseError,
 };
 use crate::crd::{ErrorClass, PostgresSettings, SslMode};
 use crate::warehouse::error::classify_sqlstate;
@@ -29,6 +30,9 @@ pub struct PostgresWarehouse {
     converted: BTreeMap<String, HashSet<String>>,
     /// Table → its narrowed columns, as of the last [`Warehouse::describe`].
     limits: BTreeMap<String, ColumnLimits>,
+    /// Table → column → the explicit cast its staged values need
+    /// ([`PostgresDialect::stage_cast`]), as of the last [`Warehouse::describe`].
+    casts: BTreeMap<String, HashMap<String, &'static str>>,
 }
 
 /// An error and its causes, joined (the TLS or network reason is in the causes).
@@ -208,6 +212,7 @@ impl PostgresWarehouse {
             schema: schema.to_string(),
             dialect: PostgresDialect::postgres(),
             converted: BTreeMap::new(),
+            casts: BTreeMap::new(),
             limits: BTreeMap::new(),
         })
     }
@@ -327,6 +332,7 @@ impl Warehouse for PostgresWarehouse {
         let mut out: BTreeMap<String, TableColumns> = BTreeMap::new();
         self.converted.clear();
         self.limits.clear();
+        self.casts.clear();
         for r in rows {
             let (table, column, ty): (String, String, String) = (r.get(0), r.get(1), r.get(2));
             if let Some(limit) = self.dialect.column_limit(&ty) {
@@ -334,6 +340,12 @@ impl Warehouse for PostgresWarehouse {
                     .entry(table.clone())
                     .or_default()
                     .insert(column.clone(), limit);
+            }
+            if let Some(cast) = self.dialect.stage_cast(&ty) {
+                self.casts
+                    .entry(table.clone())
+                    .or_default()
+                    .insert(column.clone(), cast);
             }
             if !self.dialect.copies_directly(&ty) {
                 self.converted
@@ -380,6 +392,34 @@ impl Warehouse for PostgresWarehouse {
                 _ => None,
             })
             .collect())
+    }
+
+    fn merge_stage(
+        &self,
+        table: &str,
+        stage: &str,
+        columns: &[&str],
+        key: &[&str],
+        on_conflict: OnConflict,
+    ) -> String {
+        let d = &self.dialect;
+        let casts = self.casts.get(table);
+        let select: Vec<String> = columns
+            .iter()
+            .map(|c| match casts.and_then(|m| m.get(*c)) {
+                Some(cast) => format!("{}::{cast}", d.quote(c)),
+                None => d.quote(c),
+            })
+            .collect();
+        d.merge_from_stage_as(
+            &self.schema,
+            table,
+            stage,
+            columns,
+            &select,
+            key,
+            on_conflict,
+        )
     }
 
     fn stage(
