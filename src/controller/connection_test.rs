@@ -42,6 +42,9 @@ pub enum Reason {
     PermissionDenied,
     /// Connected, but the schema could not be created or written.
     SchemaNotWritable,
+    /// The warehouse type has no loader in this version (the CRD accepts every type DESIGN
+    /// plans).
+    NotSupported,
 }
 
 impl Reason {
@@ -55,6 +58,7 @@ impl Reason {
             Reason::Unreachable => "Unreachable",
             Reason::PermissionDenied => "PermissionDenied",
             Reason::SchemaNotWritable => "SchemaNotWritable",
+            Reason::NotSupported => "NotSupported",
         }
     }
 }
@@ -252,6 +256,16 @@ pub async fn run(
     credentials: Credentials,
     timeout: Duration,
 ) -> TestOutcome {
+    if !warehouse::supported(spec.warehouse.r#type) {
+        return TestOutcome {
+            reason: Reason::NotSupported,
+            message: format!(
+                "warehouse type {} has no loader in this version of profiles-sync yet \
+                 (postgres and sqlite do): no sync runs for this connection",
+                spec.warehouse.r#type
+            ),
+        };
+    }
     let warehouse = spec.warehouse.clone();
     let schema = spec.schema.clone();
     let task = tokio::task::spawn_blocking(move || {
@@ -482,5 +496,19 @@ mod tests {
         };
         let out = run(&p, creds, Duration::from_secs(30)).await;
         assert_eq!(out.reason, Reason::Unreachable, "{}", out.message);
+    }
+
+    /// A type the CRD accepts but this version cannot load into says so, rather than
+    /// "Unreachable".
+    #[tokio::test]
+    async fn a_warehouse_type_without_a_loader_is_not_supported() {
+        let sf = spec(json!({"type": "snowflake",
+            "snowflake": {"account": "a", "warehouse": "w", "database": "d"},
+            "credentialsSecretRef": {"name": "creds"}}));
+        let out = run(&sf, Credentials::default(), Duration::from_secs(30)).await;
+        assert_eq!(out.reason, Reason::NotSupported, "{}", out.message);
+        assert_eq!(out.reason.as_str(), "NotSupported");
+        assert!(out.message.contains("snowflake"), "{}", out.message);
+        assert!(!out.ok());
     }
 }

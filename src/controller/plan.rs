@@ -41,6 +41,12 @@ pub enum SlotsError {
     /// It looks like cron but does not parse as one.
     #[error("schedule {0:?} is not a valid cron expression: {1}")]
     Cron(String, String),
+    /// A cron expression that fires twice within the minimum interval.
+    #[error(
+        "schedule {0:?} fires at {1} and again at {2}: syncs must be at least 15m apart, \
+         as with an interval"
+    )]
+    CronTooFrequent(String, Timestamp, Timestamp),
 }
 
 fn to_chrono(t: Timestamp) -> DateTime<Utc> {
@@ -60,9 +66,31 @@ impl Slots {
                 let cron: croner::Cron = expr.parse().map_err(|e: croner::errors::CronError| {
                     SlotsError::Cron(expr.clone(), e.to_string())
                 })?;
-                Ok(Slots::Cron(Box::new(cron), expr))
+                let slots = Slots::Cron(Box::new(cron), expr.clone());
+                if let Some((a, b)) = slots.closest_fires() {
+                    return Err(SlotsError::CronTooFrequent(expr, a, b));
+                }
+                Ok(slots)
             }
         }
+    }
+
+    /// Two consecutive fires of a cron schedule less than [`crate::crd::MIN_INTERVAL`] apart,
+    /// if any, over the eight days from a fixed Monday (every hour and weekday; a schedule
+    /// that fires every 15 minutes has 768 fires there).
+    fn closest_fires(&self) -> Option<(Timestamp, Timestamp)> {
+        const FROM: i64 = 1_735_516_800; // 2024-12-30T00:00:00Z, a Monday
+        let min = i64::try_from(crate::crd::MIN_INTERVAL.as_secs()).unwrap_or(900);
+        let until = FROM + 8 * 86_400;
+        let mut last = self.next_after(Timestamp::from_second(FROM - 1).ok()?)?;
+        while last.as_second() < until {
+            let next = self.next_after(last)?;
+            if next.as_second() - last.as_second() < min {
+                return Some((last, next));
+            }
+            last = next;
+        }
+        None
     }
 
     /// The schedule in words, as `status.frequency` shows it.

@@ -176,6 +176,50 @@ fn cron_schedules_run_in_utc() {
     assert!(matches!(Slots::parse("5m"), Err(SlotsError::Schedule(_))));
 }
 
+/// Cron schedules are held to the interval's 15-minute floor: every fire, in every hour of
+/// every weekday, at least 15 minutes after the last.
+#[test]
+fn cron_schedules_that_fire_within_15_minutes_are_refused() {
+    for ok in [
+        "*/15 * * * *",
+        "0,15,30,45 * * * *",
+        "0 9 * * 1-5",
+        "@hourly",
+        "50 23 * * *",
+    ] {
+        assert!(Slots::parse(ok).is_ok(), "{ok}");
+    }
+    for (bad, first, second) in [
+        ("* * * * *", "2024-12-30T00:00:00Z", "2024-12-30T00:01:00Z"),
+        (
+            "*/5 * * * *",
+            "2024-12-30T00:00:00Z",
+            "2024-12-30T00:05:00Z",
+        ),
+        // Only in one hour of one weekday.
+        (
+            "0,10 9 * * 3",
+            "2025-01-01T09:00:00Z",
+            "2025-01-01T09:10:00Z",
+        ),
+        // Across midnight.
+        (
+            "0,55 0,23 * * *",
+            "2024-12-30T23:55:00Z",
+            "2024-12-31T00:00:00Z",
+        ),
+    ] {
+        match Slots::parse(bad) {
+            Err(SlotsError::CronTooFrequent(expr, a, b)) => {
+                assert_eq!((expr.as_str(), a, b), (bad, t(first), t(second)));
+            }
+            other => panic!("{bad}: {other:?}"),
+        }
+    }
+    let why = Slots::parse("*/5 * * * *").unwrap_err().to_string();
+    assert!(why.contains("at least 15m apart"), "{why}");
+}
+
 #[test]
 fn after_downtime_only_the_latest_missed_slot_runs_once() {
     let mut w = World::new(hourly());

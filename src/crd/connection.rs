@@ -105,7 +105,7 @@ pub struct WarehouseConnectionSpec {
     /// Stops new syncs while true (a running sync finishes); credentials and history are kept.
     #[serde(default)]
     pub suspend: bool,
-    /// How often to sync: an interval of at least 15m (`1h`, `30m`, `1h30m`) aligned to the clock, or a five-field cron expression / macro (`0 */2 * * *`, `@daily`) in UTC.
+    /// How often to sync: an interval of at least 15m (`1h`, `30m`, `1h30m`) aligned to the clock, or a five-field cron expression / macro (`0 */2 * * *`, `@daily`) in UTC whose fires are at least 15m apart (checked by the controller: `Ready=False` `InvalidSchedule` otherwise).
     #[serde(default = "default_schedule")]
     #[schemars(length(min = 1, max = 100))]
     #[x_kube(validation = Rule::new("self.matches('^([0-9]+h)?([0-9]+m)?$') ? (self != '' && duration(self) >= duration('15m')) : self.matches('^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|[^ ]+( +[^ ]+){4})$')").message("schedule must be an interval of at least 15m (e.g. 1h, 30m, 1h30m) or a five-field cron expression (e.g. '0 * * * *')"))]

@@ -9,7 +9,7 @@ mod selective_sync;
 mod warehouse;
 
 pub use connection::*;
-pub use schedule::{Schedule, ScheduleError};
+pub use schedule::{MIN_INTERVAL, Schedule, ScheduleError};
 pub use selective_sync::*;
 pub use warehouse::*;
 

@@ -286,3 +286,9 @@ pub fn connect(
         other => Err(unsupported(other)),
     }
 }
+
+/// Whether this version's sync can load into a warehouse of type `t` ([`connect`] refuses
+/// the others).
+pub fn supported(t: WarehouseType) -> bool {
+    matches!(t, WarehouseType::Postgres | WarehouseType::Sqlite)
+}

@@ -301,7 +301,11 @@ mod tests {
             (ColumnLimit::Real, Cell::Float(1e-44), true),
             (ColumnLimit::Real, Cell::Float(1e-50), false),
             (ColumnLimit::Real, Cell::Float(0.0), true),
-            (ColumnLimit::Json, Cell::Text("[1,{\"a\":null}]".into()), true),
+            (
+                ColumnLimit::Json,
+                Cell::Text("[1,{\"a\":null}]".into()),
+                true,
+            ),
             (ColumnLimit::Json, Cell::Text("-1.5e3".into()), true),
             (ColumnLimit::Json, Cell::Text("true".into()), true),
             (ColumnLimit::Json, Cell::Text("plain words".into()), false),
