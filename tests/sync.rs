@@ -1844,3 +1844,39 @@ fn postgres_json_columns_of_the_dba_load_json_and_discard_other_text() {
         "{refused:?}"
     );
 }
+
+/// A statement the warehouse cancels (a DBA's `statement_timeout`, here on a table whose
+/// trigger is slow) fails its table, not the run: the other tables load (it stopped the whole
+/// run as a lost connection, every run, so the tables after it never loaded).
+#[test]
+fn postgres_a_statement_timeout_fails_its_table_not_the_run() {
+    let (mut s, url, _d) = store();
+    ingest(&mut *s, &basics());
+    let wh = TestWarehouse::postgres();
+    let db = wh.database.clone().unwrap();
+    as_dba(&wh)
+        .batch_execute(&format!(
+            "ALTER DATABASE {db} SET statement_timeout = '1s';
+             CREATE SCHEMA profiles_sync;
+             CREATE TABLE profiles_sync.id_graph_updates (seq BIGINT PRIMARY KEY);
+             CREATE FUNCTION profiles_sync.slow() RETURNS trigger LANGUAGE plpgsql AS
+               'BEGIN PERFORM pg_sleep(5); RETURN NEW; END';
+             CREATE TRIGGER slow BEFORE INSERT ON profiles_sync.id_graph_updates
+               FOR EACH ROW EXECUTE FUNCTION profiles_sync.slow();"
+        ))
+        .unwrap();
+    let r = wh.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::PartialSuccess, "{r:#?}");
+    assert_eq!(failed_tables(&r), ["id_graph_updates"], "{r:#?}");
+    let err = &r.errors[0];
+    assert_eq!(err.class, profiles_sync::crd::ErrorClass::Quota, "{err:?}");
+    assert!(err.message.contains("statement timeout"), "{err:?}");
+    for table in [
+        "external_id_mapping_updates",
+        "user_identifiers",
+        "pages",
+        "tracks",
+    ] {
+        assert!(wh.count(table) > 0, "{table} loaded");
+    }
+}

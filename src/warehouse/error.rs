@@ -41,7 +41,8 @@ pub fn classify_sqlstate(code: &str) -> ErrorClass {
         "42P01" | "42703" | "42P07" | "42701" | "3F000" | "42809" => ErrorClass::Schema,
         c if c.starts_with("22") => ErrorClass::TypeConflict,
         "42804" => ErrorClass::TypeConflict,
-        c if c.starts_with("53") || c.starts_with("54") => ErrorClass::Quota,
+        // A statement cancelled (a `statement_timeout`): that table's load, not the connection.
+        c if c.starts_with("53") || c.starts_with("54") || c == "57014" => ErrorClass::Quota,
         c if c.starts_with("08") || c.starts_with("57") => ErrorClass::Connection,
         _ => ErrorClass::Internal,
     }
@@ -68,6 +69,7 @@ mod tests {
             ("54000", ErrorClass::Quota),        // program limit exceeded
             ("08006", ErrorClass::Connection),   // connection failure
             ("57P01", ErrorClass::Connection),   // admin shutdown
+            ("57014", ErrorClass::Quota),        // canceling statement due to statement timeout
             ("23505", ErrorClass::Internal),     // unique violation: the sync's own bug
             ("XX000", ErrorClass::Internal),
         ] {
