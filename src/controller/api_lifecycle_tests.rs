@@ -71,12 +71,8 @@ fn pod_with_report(job: &str, message: &str) -> Pod {
     }
 }
 
-#[tokio::test]
-async fn finished_jobs_are_folded_pruned_and_announced_and_the_selection_gets_rows() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut conn = connection(dir.path(), "analytics");
-    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
-    let start: Timestamp = "2025-03-01T09:00:02Z".parse().unwrap();
+/// The report of sync `analytics-29013660`, started at `start`: 7 rows into `tracks`.
+fn tracks_report(start: Timestamp) -> SyncReport {
     let mut report = SyncReport::failed(
         "analytics-29013660",
         start,
@@ -93,6 +89,16 @@ async fn finished_jobs_are_folded_pruned_and_announced_and_the_selection_gets_ro
     }];
     report.finish(start);
     report.start_time = start.to_string();
+    report
+}
+
+#[tokio::test]
+async fn finished_jobs_are_folded_pruned_and_announced_and_the_selection_gets_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut conn = connection(dir.path(), "analytics");
+    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    let start: Timestamp = "2025-03-01T09:00:02Z".parse().unwrap();
+    let report = tracks_report(start);
     let ok = finished_job(&conn, "analytics-29013660", "2025-03-01T09:00:00Z", true);
     let failed = finished_job(&conn, "analytics-29013600", "2025-03-01T08:00:00Z", false);
     let older_failed = finished_job(&conn, "analytics-29013540", "2025-03-01T07:00:00Z", false);
@@ -197,22 +203,7 @@ async fn a_reconcile_of_a_stale_copy_announces_and_counts_a_sync_once() {
     let mut conn = connection(dir.path(), "analytics");
     conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
     let start: Timestamp = "2025-03-01T09:00:02Z".parse().unwrap();
-    let mut report = SyncReport::failed(
-        "analytics-29013660",
-        start,
-        ErrorClass::Internal,
-        String::new(),
-    );
-    report.errors.clear();
-    report.tables = vec![crate::sync::TableReport {
-        name: "tracks".into(),
-        rows: 7,
-        discards: 0,
-        backfilling: false,
-        error: None,
-    }];
-    report.finish(start);
-    report.start_time = start.to_string();
+    let report = tracks_report(start);
     let ok = finished_job(&conn, "analytics-29013660", "2025-03-01T09:00:00Z", true);
     let client = builder()
         .with_object(conn)

@@ -250,11 +250,23 @@ async fn a_new_connection_gets_a_finalizer_a_verified_test_a_job_with_its_config
     assert_eq!(status_writes.load(Ordering::SeqCst), before);
 }
 
-#[tokio::test]
-async fn a_status_write_conflict_is_retried_with_a_fresh_read() {
+/// A fixture at 10:17:30 with one connection, `analytics` (its finalizer set), on an API whose
+/// calls go through `funcs`.
+async fn analytics_with(funcs: interceptor::Funcs) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let mut conn = connection(dir.path(), "analytics");
     conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    let client = builder()
+        .with_object(conn)
+        .with_interceptor_funcs(funcs)
+        .build()
+        .await
+        .unwrap();
+    fixture(dir, client, "2025-03-01T10:17:30Z").await
+}
+
+#[tokio::test]
+async fn a_status_write_conflict_is_retried_with_a_fresh_read() {
     let attempts = Arc::new(AtomicUsize::new(0));
     let a = attempts.clone();
     let funcs = interceptor::Funcs::new().replace_status(move |_| {
@@ -265,13 +277,7 @@ async fn a_status_write_conflict_is_retried_with_a_fresh_read() {
         }
         Ok(None)
     });
-    let client = builder()
-        .with_object(conn)
-        .with_interceptor_funcs(funcs)
-        .build()
-        .await
-        .unwrap();
-    let f = fixture(dir, client, "2025-03-01T10:17:30Z").await;
+    let f = analytics_with(funcs).await;
     f.reconcile("analytics").await.unwrap();
     assert_eq!(
         attempts.load(Ordering::SeqCst),
@@ -384,9 +390,6 @@ async fn an_invalid_selection_blocks_syncs_and_is_reported_on_the_selection() {
 
 #[tokio::test]
 async fn a_job_the_api_refuses_is_reported_in_the_status_and_an_event_then_retried() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut conn = connection(dir.path(), "analytics");
-    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
     let refuse = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let r = refuse.clone();
     let funcs = interceptor::Funcs::new().create(move |cx| {
@@ -397,13 +400,7 @@ async fn a_job_the_api_refuses_is_reported_in_the_status_and_an_event_then_retri
         }
         Ok(None)
     });
-    let client = builder()
-        .with_object(conn)
-        .with_interceptor_funcs(funcs)
-        .build()
-        .await
-        .unwrap();
-    let f = fixture(dir, client, "2025-03-01T10:17:30Z").await;
+    let f = analytics_with(funcs).await;
     assert!(
         f.reconcile("analytics").await.is_err(),
         "the reconcile fails, so that it is retried with backoff"
