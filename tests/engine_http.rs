@@ -1525,17 +1525,21 @@ async fn a_stalled_body_is_answered_408_and_frees_its_permit() {
     t.engine.stop().await.unwrap();
 }
 
-/// A Track event whose table name is one of profiles-sync's own (`Pages`) is served under the
-/// name the warehouse gives it (`_pages`), and the event-type feed keeps its own name.
+/// A Track event whose table name is one of profiles-sync's own (`Pages`), or a feed of the
+/// API (`Events`: its table was `events`, and `/v1/feeds/events` served every event instead of
+/// its rows), is served under the name the warehouse gives it (`_pages`, `_events`), and the
+/// feeds keep their own names.
 #[tokio::test]
 async fn a_track_event_named_like_a_feed_is_served_under_its_warehouse_name() {
     let t = start(8).await;
-    post(
-        &t.base,
-        "/v1/track",
-        &json!({"userId": "u1", "event": "Pages", "messageId": "t1"}),
-    )
-    .await;
+    for (event, id) in [("Pages", "t1"), ("Events", "t2")] {
+        post(
+            &t.base,
+            "/v1/track",
+            &json!({"userId": "u1", "event": event, "messageId": id}),
+        )
+        .await;
+    }
     post(
         &t.base,
         "/v1/page",
@@ -1545,7 +1549,7 @@ async fn a_track_event_named_like_a_feed_is_served_under_its_warehouse_name() {
     let catalog = catalog(&t.base).await;
     assert_eq!(
         catalog["trackEvents"],
-        json!([{"event": "Pages", "table": "_pages"}])
+        json!([{"event": "Events", "table": "_events"}, {"event": "Pages", "table": "_pages"}])
     );
     let ids = |rows: Vec<Value>| -> Vec<String> {
         rows.iter()
@@ -1553,7 +1557,81 @@ async fn a_track_event_named_like_a_feed_is_served_under_its_warehouse_name() {
             .collect()
     };
     assert_eq!(ids(feed_page(&t.base, "_pages", 0, 10).await.1), ["t1"]);
+    assert_eq!(ids(feed_page(&t.base, "_events", 0, 10).await.1), ["t2"]);
     assert_eq!(ids(feed_page(&t.base, "pages", 0, 10).await.1), ["p1"]);
+    assert_eq!(
+        ids(feed_page(&t.base, "events", 0, 10).await.1),
+        ["t1", "t2", "p1"]
+    );
+    t.engine.stop().await.unwrap();
+}
+
+/// A batch's `sentAt` applies to a message whose own is null, as to one that has none: the
+/// clock-skew correction is made (the client's skewed timestamp was kept).
+#[tokio::test]
+async fn a_batch_sent_at_applies_to_a_message_whose_own_is_null() {
+    let t = start(8).await;
+    let body = json!({"sentAt": "2030-01-01T00:10:00Z", "batch": [
+        {"type": "track", "userId": "u1", "event": "A", "messageId": "absent",
+         "timestamp": "2030-01-01T00:09:58Z"},
+        {"type": "track", "userId": "u1", "event": "A", "messageId": "null",
+         "timestamp": "2030-01-01T00:09:58Z", "sentAt": null}]});
+    post_ok(&t.base, "/v1/batch", &body).await;
+    let events = stored(&t.store_url);
+    assert_eq!(events.len(), 2);
+    for e in &events {
+        let skew = e.event.received_at.as_millisecond() - e.event.timestamp.as_millisecond();
+        assert_eq!(skew, 2000, "{}", e.event.message_id);
+    }
+    t.engine.stop().await.unwrap();
+}
+
+/// A browser's analytics.js posts from the site's origin: the Tracking API answers with CORS
+/// headers (a 200 without them reads as a failure there, and the events are sent again), and
+/// answers a preflight; the feed API does not.
+#[tokio::test]
+async fn the_tracking_api_answers_browsers_and_the_feed_api_does_not() {
+    let t = start(8).await;
+    let origin = "https://shop.example.com";
+    let r = client()
+        .post(format!("{}/v1/t", t.base))
+        .header("origin", origin)
+        .header("content-type", "text/plain")
+        .body(
+            json!({"writeKey": WRITE_KEY, "type": "track", "userId": "u1", "event": "A"})
+                .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["access-control-allow-origin"], "*");
+    let preflight = client()
+        .request(reqwest::Method::OPTIONS, format!("{}/v1/batch", t.base))
+        .header("origin", origin)
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "content-type,authorization",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(preflight.status().is_success(), "{}", preflight.status());
+    let allowed = preflight.headers()["access-control-allow-methods"]
+        .to_str()
+        .unwrap()
+        .to_ascii_uppercase();
+    assert!(allowed.contains("POST"), "{allowed}");
+    assert_eq!(stored(&t.store_url).len(), 1, "a preflight stores nothing");
+    let feed = client()
+        .get(format!("{}/v1/feeds", t.base))
+        .header("origin", origin)
+        .bearer_auth(FEED_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert!(feed.headers().get("access-control-allow-origin").is_none());
     t.engine.stop().await.unwrap();
 }
 

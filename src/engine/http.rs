@@ -79,6 +79,9 @@ pub fn router(state: Shared) -> Router {
             }),
         );
     }
+    // Browsers (analytics.js) post from the site's origin: without these headers a 200 reads
+    // as a failure there, and the library sends the events again and again.
+    let r = r.layer(tracking_cors());
     let feeds = Router::new()
         .route("/v1/feeds", get(feed_catalog))
         .route("/v1/feeds/{table}", get(feed_page))
@@ -91,6 +94,22 @@ pub fn router(state: Shared) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(state)
+}
+
+/// CORS for the Tracking API, as Segment's own API answers: any origin may post (the write
+/// key, not the origin, is the credential; no cookies are read), with the headers the SDKs
+/// send; preflights are answered for a day. The feed API gets none: it is no browser's.
+fn tracking_cors() -> tower_http::cors::CorsLayer {
+    use axum::http::Method;
+    tower_http::cors::CorsLayer::new()
+        .allow_origin(tower_http::cors::Any)
+        .allow_methods([Method::POST, Method::OPTIONS])
+        .allow_headers([
+            header::CONTENT_TYPE,
+            header::CONTENT_ENCODING,
+            header::AUTHORIZATION,
+        ])
+        .max_age(std::time::Duration::from_secs(86_400))
 }
 
 fn json_response(status: StatusCode, body: serde_json::Value) -> Response {

@@ -190,8 +190,9 @@ pub fn batch_messages(
         let Some(m) = item.as_object_mut() else {
             continue;
         };
+        // Absent or null (null is absent everywhere else too), the message takes the batch's.
         if let Some(v) = sent_at
-            && !m.contains_key("sentAt")
+            && m.get("sentAt").is_none_or(Value::is_null)
         {
             added = added.saturating_add(entry_len("sentAt", v));
             m.insert("sentAt".into(), v.clone());

@@ -16,10 +16,12 @@ use crate::store::FlatEventRow;
 use crate::warehouse::{Cell, Column, ColumnType};
 
 /// The per-event table of a Track event name, safe for a warehouse with `max_len`-byte names;
-/// names that would shadow a profiles-sync table get a `_` prefix.
+/// names that would shadow a profiles-sync table, or a feed of the engine's API (`events`),
+/// get a `_` prefix.
 pub fn track_table(event: &str, max_len: usize) -> String {
     let name = identifier(event, max_len);
     let shadows = known_tables().contains(&name.as_str())
+        || crate::store::Feed::TABLES.contains(&name.as_str())
         || name == DISCARDS
         || name.starts_with("_profiles_sync");
     if shadows {
