@@ -1465,3 +1465,81 @@ fn current_state_tables_page_by_key_to_the_whole_state(kind: &str) {
     let wrong = store::state_page(&mut *s, StateTable::UserIdentifiers, Some(&["a".into()]), 5);
     assert!(matches!(wrong, Err(StoreError::BadKey(_))), "{wrong:?}");
 }
+
+/// Imports `lines` into `s`; the summary (or the error that stopped the import), the events
+/// stored, and the errors reported.
+fn import_lines(
+    s: &mut dyn Store,
+    lines: &[&str],
+) -> (
+    anyhow::Result<profiles_sync::cli::ImportSummary>,
+    i64,
+    Vec<String>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.jsonl");
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let mut errors = vec![];
+    let result = profiles_sync::cli::import(
+        s,
+        &Rules::default(),
+        &input,
+        "src_web",
+        |e| errors.push(e.to_string()),
+        |_| {},
+    );
+    let stored = s.event_count().unwrap();
+    (result, stored, errors)
+}
+
+/// A line the engine would refuse (a NUL in an id: PostgreSQL's text refuses it), one identity
+/// resolution refuses (every identifier blocked) and one the store refuses (a DBA's CHECK) are
+/// each reported with their line and left out, and the good lines around them are stored, on
+/// both stores: the first ended the import on PostgreSQL with nothing of its group stored, and
+/// the second was counted but never reported.
+#[test]
+fn import_reports_every_refused_line_and_stores_the_good_ones_around_it() {
+    for kind in ["sqlite", "postgres"] {
+        let (mut s, url, _keep) = fresh(kind);
+        if kind == "postgres" {
+            let mut admin = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+            admin
+                .batch_execute("ALTER TABLE events ADD CONSTRAINT no_m4 CHECK (message_id <> 'm4')")
+                .unwrap();
+        }
+        let (result, stored, errors) = import_lines(
+            &mut *s,
+            &[
+                r#"{"type":"page","messageId":"m1","anonymousId":"a1","name":"Home"}"#,
+                r#"{"type":"track","messageId":"m2","userId":"u\u0000x","event":"Bad"}"#,
+                r#"{"type":"track","messageId":"m3","userId":"null","event":"Blocked"}"#,
+                r#"{"type":"page","messageId":"m4","anonymousId":"a4","name":"Home"}"#,
+                r#"{"type":"page","messageId":"m5","anonymousId":"a5","name":"Home"}"#,
+            ],
+        );
+        let summary = result.unwrap_or_else(|e| panic!("{kind}: the import stopped: {e:#}"));
+        let expected_stored = if kind == "postgres" { 2 } else { 3 };
+        assert_eq!(stored, expected_stored, "{kind}: {errors:?}");
+        assert_eq!(summary.accepted as i64, expected_stored, "{kind}");
+        let lines: Vec<&str> = errors
+            .iter()
+            .map(|e| e.split(':').next().unwrap())
+            .collect();
+        let expected: &[&str] = if kind == "postgres" {
+            &["line 2", "line 3", "line 4"]
+        } else {
+            &["line 2", "line 3"]
+        };
+        assert_eq!(lines, expected, "{kind}: {errors:?}");
+        assert!(errors[0].contains("NUL"), "{errors:?}");
+        assert!(errors[1].contains("blocked"), "{errors:?}");
+        assert_eq!(
+            summary.rejected_total(),
+            expected.len(),
+            "{kind}: {summary:?}"
+        );
+        if kind == "postgres" {
+            assert!(errors[2].contains("no_m4"), "{errors:?}");
+        }
+    }
+}

@@ -6,9 +6,10 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 
-use crate::engine::request::batch_messages;
+use crate::engine::request::{batch_messages, storable};
 use crate::event::{Event, ParseOptions, Timestamp};
-use crate::store::Store;
+use crate::identity::Rules;
+use crate::store::{IngestSummary, PreparedEvent, Store, StoreError};
 
 /// How many parsed events go into one store transaction.
 const BATCH: usize = 5_000;
@@ -71,10 +72,24 @@ fn messages(line: &str) -> Result<Vec<Value>, String> {
     Ok(vec![v])
 }
 
+/// Where a message was read: its line, and its index in a `{"batch": [...]}` line.
+type Origin = (usize, Option<usize>);
+
+/// An event waiting for its group's transaction, and where it was read.
+struct Pending {
+    line: usize,
+    index: Option<usize>,
+    event: PreparedEvent,
+}
+
 /// Reads `input` (a file, or stdin for `-`) and ingests it into `store`; every refused line or
-/// message is passed to `on_error` and counted, and never stops the good ones.
+/// message is passed to `on_error` and counted, and never stops the good ones: a message the
+/// engine would refuse (`engine::request::storable` under `rules`) is skipped, one that
+/// identity resolution refuses is reported with its line, and a group the store refuses is
+/// stored again one event at a time, so that only the events it refuses are left out.
 pub fn import(
     store: &mut dyn Store,
+    rules: &Rules,
     input: &PathBuf,
     source_id: &str,
     mut on_error: impl FnMut(&LineError),
@@ -88,21 +103,7 @@ pub fn import(
         ))
     };
     let mut summary = ImportSummary::default();
-    let mut pending: Vec<Event> = Vec::with_capacity(BATCH);
-    let mut flush = |pending: &mut Vec<Event>, summary: &mut ImportSummary| -> anyhow::Result<()> {
-        if pending.is_empty() {
-            return Ok(());
-        }
-        let s = store.ingest(std::mem::take(pending))?;
-        summary.accepted += s.accepted;
-        summary.duplicates += s.duplicates;
-        summary.profiles_created += s.profiles_created;
-        summary.merges += s.merges;
-        for (_, reason) in s.rejected {
-            *summary.rejected.entry(reason).or_default() += 1;
-        }
-        Ok(())
-    };
+    let mut pending: Vec<Pending> = Vec::with_capacity(BATCH);
     let mut bytes = 0u64;
     for (n, line) in reader.lines().enumerate() {
         let line_no = n + 1;
@@ -136,29 +137,113 @@ pub fn import(
             trust_received_at: true,
         };
         for (i, m) in msgs.into_iter().enumerate() {
-            match Event::from_value(m, None, &opts) {
-                Ok(e) => pending.push(e),
-                Err(e) => {
-                    on_error(&LineError {
-                        line: line_no,
-                        index: batched.then_some(i),
-                        reason: e.to_string(),
-                    });
-                    *summary
-                        .rejected
-                        .entry(format!("{}: {}", e.field, e.reason))
-                        .or_default() += 1;
-                }
-            }
+            let index = batched.then_some(i);
+            let refusal = match Event::from_value(m, None, &opts) {
+                Ok(e) => match storable(&e, rules) {
+                    Ok(_) => {
+                        pending.push(Pending {
+                            line: line_no,
+                            index,
+                            event: e.into(),
+                        });
+                        continue;
+                    }
+                    Err(refusal) => refusal,
+                },
+                Err(e) => (e.field.to_string(), e.reason.to_string()),
+            };
+            refuse(&mut summary, &mut on_error, line_no, index, refusal);
         }
         if pending.len() >= BATCH {
-            flush(&mut pending, &mut summary)?;
+            flush(store, &mut pending, &mut summary, &mut on_error)?;
             on_progress(bytes);
         }
     }
-    flush(&mut pending, &mut summary)?;
+    flush(store, &mut pending, &mut summary, &mut on_error)?;
     on_progress(bytes);
     Ok(summary)
+}
+
+/// Reports and counts one refused message.
+fn refuse(
+    summary: &mut ImportSummary,
+    on_error: &mut impl FnMut(&LineError),
+    line: usize,
+    index: Option<usize>,
+    (field, reason): (String, String),
+) {
+    let reason = format!("{field}: {reason}");
+    on_error(&LineError {
+        line,
+        index,
+        reason: reason.clone(),
+    });
+    *summary.rejected.entry(reason).or_default() += 1;
+}
+
+/// Stores the pending events in one transaction; when the store refuses the group, forgets
+/// what its graph resolved for it and stores the events one at a time, leaving out (and
+/// reporting) only those it refuses.
+fn flush(
+    store: &mut dyn Store,
+    pending: &mut Vec<Pending>,
+    summary: &mut ImportSummary,
+    on_error: &mut impl FnMut(&LineError),
+) -> anyhow::Result<()> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let (origins, events): (Vec<Origin>, Vec<PreparedEvent>) = std::mem::take(pending)
+        .into_iter()
+        .map(|p| ((p.line, p.index), p.event))
+        .unzip();
+    match store.ingest_prepared(&events) {
+        Ok(s) => add(summary, on_error, s, &origins),
+        Err(e) if e.is_data_refusal() => {
+            store.warm_up()?;
+            for (event, origin) in events.iter().zip(&origins) {
+                match store.ingest_prepared(std::slice::from_ref(event)) {
+                    Ok(s) => add(summary, on_error, s, std::slice::from_ref(origin)),
+                    Err(e) if e.is_data_refusal() => {
+                        store.warm_up()?;
+                        // The server's own words (the driver's Display is only "db error").
+                        let why = match &e {
+                            StoreError::Postgres(pg) => pg.as_db_error().map(ToString::to_string),
+                            _ => None,
+                        }
+                        .unwrap_or_else(|| e.to_string());
+                        let refusal = ("store".to_string(), format!("refused the event: {why}"));
+                        refuse(summary, on_error, origin.0, origin.1, refusal);
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(())
+}
+
+/// Adds what one transaction did, reporting each event identity resolution refused by its line.
+fn add(
+    summary: &mut ImportSummary,
+    on_error: &mut impl FnMut(&LineError),
+    s: IngestSummary,
+    origins: &[Origin],
+) {
+    summary.accepted += s.accepted;
+    summary.duplicates += s.duplicates;
+    summary.profiles_created += s.profiles_created;
+    summary.merges += s.merges;
+    for (i, reason) in s.rejected {
+        let (line, index) = origins.get(i).copied().unwrap_or((0, None));
+        on_error(&LineError {
+            line,
+            index,
+            reason: reason.clone(),
+        });
+        *summary.rejected.entry(reason).or_default() += 1;
+    }
 }
 
 #[cfg(test)]

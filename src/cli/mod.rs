@@ -178,7 +178,8 @@ fn run_import(
     json: bool,
     input: &PathBuf,
 ) -> anyhow::Result<()> {
-    let mut store = crate::store::open(store, load_rules(rules)?)?;
+    let rules = load_rules(rules)?;
+    let mut store = crate::store::open(store, rules.clone())?;
     let total = std::fs::metadata(input).map(|m| m.len()).unwrap_or(0);
     let bar = if std::io::stderr().is_terminal() && total > 0 {
         let bar = indicatif::ProgressBar::new(total);
@@ -194,6 +195,7 @@ fn run_import(
     let mut shown = 0usize;
     let summary = import(
         &mut *store,
+        &rules,
         input,
         source_id,
         |e| {

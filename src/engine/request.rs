@@ -336,6 +336,45 @@ fn unstorable_field(event: &Event, identifiers: &[&Identifier]) -> Option<(Strin
     })
 }
 
+/// The identifiers of a parsed event the store can take, or the field that keeps it out and
+/// why: more traits than the identity rules' `caps.max_traits` (at most the parser's 300), a
+/// value the stores cannot hold ([`unstorable_field`]), or every identifier blocked by the
+/// rules. Checked before a group commit (the engine refuses the request whole; `import` skips
+/// the line): in the writer the event would be dropped after the other events of its request
+/// were committed, or fail the whole group.
+pub fn storable(event: &Event, rules: &Rules) -> Result<Vec<Identifier>, (String, String)> {
+    let traits = event.identity_traits().len();
+    if event.event_type == EventType::Identify && traits >= rules.max_traits {
+        return Err((
+            "traits".into(),
+            format!(
+                "an identify call must carry fewer than {} traits (the identity rules' caps.max_traits), got {traits}",
+                rules.max_traits
+            ),
+        ));
+    }
+    let identifiers = extract_all(event);
+    let usable: Vec<&Identifier> = identifiers
+        .iter()
+        .filter(|id| !rules.is_blocked(&id.value))
+        .collect();
+    if let Some(refusal) = unstorable_field(event, &usable) {
+        return Err(refusal);
+    }
+    if usable.is_empty() {
+        let field = if event.user_id.is_some() {
+            "userId"
+        } else {
+            "anonymousId"
+        };
+        return Err((
+            field.into(),
+            "every identifier of this message is blocked by the identity rules".into(),
+        ));
+    }
+    Ok(identifiers)
+}
+
 /// Checks and parses one request body (already decompressed).
 pub fn parse(
     endpoint: Endpoint,
@@ -426,42 +465,8 @@ fn accept(
         let index = batched.then_some(i);
         let event = Event::from_value(m, default_type, &opts)
             .map_err(|e| field_error(400, &e.field, &e.reason, index))?;
-        // The identity rules' trait limit (`caps.max_traits`, at most the parser's 300), checked
-        // here so the request is refused whole: in the writer the event would be dropped after
-        // its request's other events were already committed.
-        let traits = event.identity_traits().len();
-        if event.event_type == EventType::Identify && traits >= rules.max_traits {
-            return Err(field_error(
-                400,
-                "traits",
-                &format!(
-                    "an identify call must carry fewer than {} traits (the identity rules' caps.max_traits), got {traits}",
-                    rules.max_traits
-                ),
-                index,
-            ));
-        }
-        let identifiers = extract_all(&event);
-        let usable: Vec<&Identifier> = identifiers
-            .iter()
-            .filter(|id| !rules.is_blocked(&id.value))
-            .collect();
-        if let Some((field, reason)) = unstorable_field(&event, &usable) {
-            return Err(field_error(400, &field, &reason, index));
-        }
-        if usable.is_empty() {
-            let field = if event.user_id.is_some() {
-                "userId"
-            } else {
-                "anonymousId"
-            };
-            return Err(field_error(
-                400,
-                field,
-                "every identifier of this message is blocked by the identity rules",
-                index,
-            ));
-        }
+        let identifiers = storable(&event, rules)
+            .map_err(|(field, reason)| field_error(400, &field, &reason, index))?;
         events.push(event);
         all_identifiers.push(identifiers);
     }
