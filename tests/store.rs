@@ -426,13 +426,28 @@ fn sources_are_recorded(kind: &str) {
     );
 }
 
+/// Writer A takes seqs and holds its transaction open; writer B must queue behind it rather
+/// than commit higher seqs first, so a reader that read past B could never skip A's rows. The
+/// same on a database whose default isolation is `SERIALIZABLE` or `REPEATABLE READ` (B's lock
+/// failed there with a serialization error: a writer sets `READ COMMITTED` itself).
 #[test]
 fn postgres_a_late_commit_is_never_skipped_by_a_reader() {
-    // Writer A takes seqs and holds its transaction open; writer B must queue behind it rather
-    // than commit higher seqs first, so a reader that read past B could never skip A's rows.
+    for isolation in [None, Some("serializable"), Some("repeatable read")] {
+        a_late_commit_is_never_skipped(isolation);
+    }
+}
+
+fn a_late_commit_is_never_skipped(isolation: Option<&str>) {
     let pg = support::pg::shared();
     let db = pg.create_database("interleave");
     let url = pg.url(&db);
+    if let Some(level) = isolation {
+        pg.connect(&db)
+            .batch_execute(&format!(
+                "ALTER DATABASE {db} SET default_transaction_isolation = '{level}'"
+            ))
+            .unwrap();
+    }
     let mut a = store::PostgresStore::connect(&url, Rules::default()).unwrap();
     let mut reader = store::open(&url, Rules::default()).unwrap();
     let feed = Feed::Events(EventFilter::All);

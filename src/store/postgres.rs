@@ -110,9 +110,13 @@ impl PostgresStore {
     }
 
     /// Starts a write transaction: ingest into it, then commit. The first ingest takes the
-    /// store's write lock, held until the transaction ends.
+    /// store's write lock, held until the transaction ends. `READ COMMITTED` whatever the
+    /// database's default: a writer that waited for the lock must then read what the writer
+    /// before it committed (under `REPEATABLE READ` or `SERIALIZABLE` its lock would fail with
+    /// a serialization error instead, every time two replicas meet).
     pub fn begin_write(&mut self) -> Result<PostgresWrite<'_>, StoreError> {
-        self.client.batch_execute("BEGIN")?;
+        self.client
+            .batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED")?;
         Ok(PostgresWrite {
             store: self,
             open: true,
@@ -781,7 +785,14 @@ impl Store for PostgresStore {
     }
 
     fn load_state(&mut self) -> Result<(Vec<ProfileState>, Vec<IdentifierState>), StoreError> {
-        let mut tx = self.client.transaction()?;
+        // One snapshot for both tables: under `READ COMMITTED` each read would take its own,
+        // and a write committed between them would give profiles and identifiers that disagree.
+        let mut tx = self
+            .client
+            .build_transaction()
+            .isolation_level(postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()?;
         let (p, i, _) = load_state(&mut tx, None)?;
         tx.commit()?;
         Ok((p, i))

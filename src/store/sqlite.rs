@@ -710,7 +710,13 @@ impl Store for SqliteStore {
     }
 
     fn load_state(&mut self) -> Result<(Vec<ProfileState>, Vec<IdentifierState>), StoreError> {
-        let (p, i, _) = load_state(&self.conn, None)?;
+        // One snapshot for both tables (WAL), as PostgreSQL's one transaction: a write
+        // committed between the two reads would give profiles and identifiers that disagree.
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Deferred)?;
+        let (p, i, _) = load_state(&tx, None)?;
+        tx.commit()?;
         Ok((p, i))
     }
 
