@@ -1219,7 +1219,9 @@ impl CommitCutter {
                     let mut buf = vec![0u8; 1 << 16];
                     while let Ok(n @ 1..) = from_client.read(&mut buf) {
                         let chunk = &buf[..n];
-                        let is_commit = chunk.windows(6).any(|w| w == b"COMMIT");
+                        // The statement `COMMIT` itself (a simple query ends with NUL), not a
+                        // `BEGIN ISOLATION LEVEL READ COMMITTED`.
+                        let is_commit = chunk.windows(7).any(|w| w == b"COMMIT\0");
                         let plan = if is_commit {
                             armed.lock().unwrap().take()
                         } else {
