@@ -59,10 +59,10 @@ impl ReaderPool {
 
 /// Constant-time comparison of a presented bearer token with the configured one.
 pub fn token_matches(header: Option<&str>, expected: &str) -> bool {
-    let Some(presented) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
+    let Some(presented) = super::request::auth_credentials(header, "Bearer") else {
         return false;
     };
-    let (a, b) = (presented.trim().as_bytes(), expected.as_bytes());
+    let (a, b) = (presented.as_bytes(), expected.as_bytes());
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -205,6 +205,23 @@ pub fn state_table_page(
 mod tests {
     use super::*;
     use crate::event::{Event, ParseOptions};
+
+    #[test]
+    fn the_bearer_token_must_match_and_its_scheme_compares_without_case() {
+        assert!(token_matches(Some("Bearer s3cret"), "s3cret"));
+        assert!(token_matches(Some("bearer s3cret"), "s3cret"));
+        assert!(token_matches(Some("BEARER  s3cret "), "s3cret"));
+        for wrong in [
+            "Bearer s3cre",
+            "Bearer s3cret2",
+            "Basic s3cret",
+            "s3cret",
+            "Bearer",
+        ] {
+            assert!(!token_matches(Some(wrong), "s3cret"), "{wrong}");
+        }
+        assert!(!token_matches(None, "s3cret"));
+    }
 
     fn page_rows(text: &str) -> (Value, Vec<Value>) {
         let mut lines = text

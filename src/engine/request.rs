@@ -123,11 +123,18 @@ pub fn gunzip(body: &[u8], limit: usize) -> Result<Vec<u8>, ApiError> {
     Ok(out)
 }
 
+/// The credentials of an `Authorization` header of `scheme`, which compares without case
+/// (RFC 9110: `Basic`, `basic`, `BASIC` are one scheme).
+pub fn auth_credentials<'h>(header: Option<&'h str>, scheme: &str) -> Option<&'h str> {
+    let (presented, credentials) = header?.trim_start().split_once(' ')?;
+    presented
+        .eq_ignore_ascii_case(scheme)
+        .then_some(credentials.trim())
+}
+
 /// The write key of HTTP basic auth (`Authorization: Basic base64(writeKey:)`).
 pub fn basic_auth_user(header: Option<&str>) -> Option<String> {
-    let encoded = header?
-        .strip_prefix("Basic ")
-        .or_else(|| header?.strip_prefix("basic "))?;
+    let encoded = auth_credentials(header, "Basic")?;
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(encoded.trim())
         .ok()?;
@@ -509,6 +516,12 @@ mod tests {
     fn basic_auth_takes_the_user_name() {
         assert_eq!(basic_auth_user(Some(&auth())), Some("k".into()));
         assert_eq!(basic_auth_user(Some("Basic !!!")), None);
+        // The scheme compares without case.
+        let encoded = base64::engine::general_purpose::STANDARD.encode("k:");
+        for scheme in ["basic", "BASIC", "bAsIc"] {
+            let header = format!("{scheme} {encoded}");
+            assert_eq!(basic_auth_user(Some(&header)), Some("k".into()), "{scheme}");
+        }
         assert_eq!(basic_auth_user(Some("Bearer k")), None);
         assert_eq!(basic_auth_user(None), None);
     }
