@@ -445,6 +445,30 @@ async fn the_feed_api_needs_the_token_and_pages_in_order() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    // A query string that does not parse: 401 without the token, then a JSON 400 naming it.
+    for (path, token) in [
+        ("/v1/feeds/tracks?after=abc", None),
+        ("/v1/feeds/tracks?after=abc", Some(FEED_TOKEN)),
+        ("/v1/feeds/tracks?limit=-1", Some(FEED_TOKEN)),
+        ("/v1/feeds?since=1", Some(FEED_TOKEN)),
+    ] {
+        let mut req = client().get(format!("{}{path}", t.base));
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status();
+        if token.is_none() {
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
+            continue;
+        }
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}");
+        let body: Value = r
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("{path}: not JSON: {e}"));
+        assert!(body["error"].as_str().is_some(), "{path}: {body}");
+    }
 
     let catalog = catalog(&t.base).await;
     assert_eq!(

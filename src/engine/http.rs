@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -377,14 +378,27 @@ struct CatalogQuery {
     since: Option<String>,
 }
 
+/// A feed query string that does not parse (`after=abc`, `limit=-1`): 400 with a JSON error,
+/// as every other refusal of the API, after the token is checked.
+fn bad_query(e: &QueryRejection) -> Response {
+    json_response(
+        StatusCode::BAD_REQUEST,
+        json!({"error": format!("bad query string: {}", e.body_text())}),
+    )
+}
+
 async fn feed_catalog(
     State(state): State<Shared>,
     headers: HeaderMap,
-    Query(q): Query<CatalogQuery>,
+    q: Result<Query<CatalogQuery>, QueryRejection>,
 ) -> Response {
     if let Some(denied) = authorize(&state, &headers) {
         return denied;
     }
+    let q = match q {
+        Ok(Query(q)) => q,
+        Err(e) => return bad_query(&e),
+    };
     let since = match q.since.as_deref().map(str::parse::<Timestamp>) {
         None => None,
         Some(Ok(t)) => Some(t),
@@ -454,11 +468,15 @@ async fn feed_page(
     State(state): State<Shared>,
     headers: HeaderMap,
     Path(table): Path<String>,
-    Query(q): Query<PageQuery>,
+    q: Result<Query<PageQuery>, QueryRejection>,
 ) -> Response {
     if let Some(denied) = authorize(&state, &headers) {
         return denied;
     }
+    let q = match q {
+        Ok(Query(q)) => q,
+        Err(e) => return bad_query(&e),
+    };
     let start = match page_start(&table, &q) {
         Ok(start) => start,
         Err(e) => return json_response(StatusCode::BAD_REQUEST, json!({"error": e})),
