@@ -425,3 +425,71 @@ fn the_chart_defaults_and_deploy_install_the_same_objects() {
         );
     }
 }
+
+/// Every file the crate compiles in (`include_str!`, `include_bytes!`) reaches the image's build
+/// stage: a `COPY` of the Dockerfile brings it and `.dockerignore` lets it through (the demo's
+/// example did not: `docker build .` failed).
+#[test]
+fn every_file_the_crate_includes_is_in_the_docker_build() {
+    fn rs_files(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                rs_files(&path, out);
+            } else if path.extension().is_some_and(|x| x == "rs") {
+                out.push(path);
+            }
+        }
+    }
+    let root = std::fs::canonicalize(repo()).unwrap();
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    // The sources of the build stage's COPY lines (not `COPY --from=`).
+    let copied: Vec<String> = dockerfile
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("COPY "))
+        .filter(|rest| !rest.starts_with("--"))
+        .flat_map(|rest| {
+            let words: Vec<&str> = rest.split_whitespace().collect();
+            words[..words.len() - 1]
+                .iter()
+                .map(|w| w.trim_end_matches('/').to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let allowed: Vec<String> = std::fs::read_to_string(root.join(".dockerignore"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix('!'))
+        .map(|p| p.trim_end_matches('/').to_string())
+        .collect();
+    let covers = |list: &[String], path: &str| {
+        list.iter()
+            .any(|p| path == p || path.starts_with(&format!("{p}/")))
+    };
+    let mut files = vec![];
+    rs_files(&root.join("src"), &mut files);
+    let mut includes = 0;
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for mac in ["include_str!(\"", "include_bytes!(\""] {
+            for (at, _) in text.match_indices(mac) {
+                let rest = &text[at + mac.len()..];
+                let rel = &rest[..rest.find('"').unwrap()];
+                let target = std::fs::canonicalize(file.parent().unwrap().join(rel)).unwrap();
+                let path = target.strip_prefix(&root).unwrap().display().to_string();
+                assert!(
+                    covers(&copied, &path),
+                    "{}: {path} is not copied by the Dockerfile ({copied:?})",
+                    file.display()
+                );
+                assert!(
+                    covers(&allowed, &path),
+                    "{}: {path} is kept out of the build by .dockerignore ({allowed:?})",
+                    file.display()
+                );
+                includes += 1;
+            }
+        }
+    }
+    assert!(includes > 0, "the demo's example is compiled in");
+}
