@@ -57,3 +57,39 @@ fn deploy_binds_that_role_to_the_controllers_service_account() {
         .expect("a ClusterRoleBinding");
     assert_eq!(binding["roleRef"]["name"], "profiles-sync-controller");
 }
+
+/// The reverse: the ClusterRole grants nothing the controller does not call (a verb granted
+/// for nothing is a privilege whoever takes the controller's token gets cluster-wide), and
+/// it may replace one Secret only, the engine token's.
+#[test]
+fn the_cluster_role_grants_nothing_the_controller_does_not_call() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(RULES);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let role: Value = yaml_serde::from_str(&text).expect("ClusterRole YAML");
+    let mut extra = vec![];
+    for rule in role["rules"].as_array().expect("rules") {
+        for group in strings(&rule["apiGroups"]) {
+            for resource in strings(&rule["resources"]) {
+                for verb in strings(&rule["verbs"]) {
+                    if !API_CALLS
+                        .iter()
+                        .any(|(g, r, v)| *g == group && *r == resource && *v == verb)
+                    {
+                        extra.push(format!("{verb} {resource}.{group}"));
+                    }
+                    if resource == "secrets" && verb == "update" {
+                        assert_eq!(
+                            strings(&rule["resourceNames"]),
+                            [profiles_sync::controller::build::ENGINE_TOKEN_SECRET],
+                            "Secrets are replaced by name only"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        extra.is_empty(),
+        "{RULES} grants what the controller never calls: {extra:?}"
+    );
+}

@@ -245,16 +245,23 @@ pub fn kustomize(dir: &Path) -> String {
 /// contract). Both installs must grant these and nothing else.
 pub fn expected_controller_rules() -> Value {
     let rule = |groups: &[&str], resources: &[&str], verbs: &[&str]| serde_json::json!({"apiGroups": groups, "resources": resources, "verbs": verbs});
+    let mut token_update = rule(&[""], &["secrets"], &["update"]);
+    token_update["resourceNames"] = serde_json::json!(["profiles-sync-engine-token"]);
     Value::Array(vec![
         rule(
             &["profilesync.dev"],
-            &["warehouseconnections", "selectivesyncs"],
-            &["get", "list", "watch", "update", "patch"],
+            &["warehouseconnections"],
+            &["get", "list", "watch", "patch"],
+        ),
+        rule(
+            &["profilesync.dev"],
+            &["selectivesyncs"],
+            &["get", "list", "watch"],
         ),
         rule(
             &["profilesync.dev"],
             &["warehouseconnections/status", "selectivesyncs/status"],
-            &["get", "update", "patch"],
+            &["update"],
         ),
         rule(
             &["profilesync.dev"],
@@ -266,25 +273,11 @@ pub fn expected_controller_rules() -> Value {
             &["jobs"],
             &["get", "list", "watch", "create", "delete", "patch"],
         ),
-        rule(
-            &[""],
-            &["configmaps"],
-            &[
-                "get", "list", "watch", "create", "update", "patch", "delete",
-            ],
-        ),
-        rule(
-            &[""],
-            &["secrets"],
-            &["get", "list", "watch", "create", "update", "patch"],
-        ),
-        rule(&[""], &["pods"], &["get", "list", "watch"]),
+        rule(&[""], &["configmaps"], &["get", "list", "create", "delete"]),
+        rule(&[""], &["secrets"], &["get", "list", "watch", "create"]),
+        token_update,
+        rule(&[""], &["pods"], &["list"]),
         rule(&["events.k8s.io"], &["events"], &["create", "patch"]),
-        rule(
-            &["coordination.k8s.io"],
-            &["leases"],
-            &["get", "create", "update"],
-        ),
     ])
 }
 
