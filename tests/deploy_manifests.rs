@@ -191,14 +191,23 @@ fn the_generated_secrets_are_marked_placeholders_that_the_pods_mount() {
             .unwrap_or_else(|| panic!("no Secret {prefix}-*: {names:?}"));
         String::from_utf8(s.data.as_ref().unwrap()[key].0.clone()).unwrap()
     };
+    // The engine refuses the published placeholders until they are replaced, and takes the
+    // file once they are.
     let sources_text = value("profiles-sync-sources", "sources.yaml");
-    let sources = Sources::from_yaml(&sources_text).expect("the engine accepts the sources file");
-    let write_key = "CHANGE-ME-write-key";
+    let refused = Sources::from_yaml(&sources_text)
+        .expect_err("the engine refuses the placeholder write key")
+        .to_string();
+    assert!(
+        refused.contains("CHANGE-ME") && refused.contains("\"default\""),
+        "{refused}"
+    );
+    let replaced = sources_text.replace("CHANGE-ME-write-key", "k-3f9a7c");
+    let sources = Sources::from_yaml(&replaced).expect("the engine accepts the sources file");
     assert_eq!(
-        sources.by_write_key(write_key).map(|s| s.id.as_str()),
+        sources.by_write_key("k-3f9a7c").map(|s| s.id.as_str()),
         Some("default")
     );
-    assert!(value("profiles-sync-feed-token", "token").contains("CHANGE-ME"));
+    assert!(value("profiles-sync-feed-token", "token").starts_with("CHANGE-ME"));
 
     // Every Secret a pod mounts is one that the install creates (kustomize rewrote the names).
     let mut mounted = BTreeSet::new();

@@ -46,17 +46,24 @@ fn read(path: &PathBuf) -> anyhow::Result<String> {
     std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
+/// The feed token in `path`: neither empty nor still the placeholder of `deploy/`.
+fn feed_token(path: &PathBuf) -> anyhow::Result<String> {
+    let t = read(path)?.trim().to_string();
+    anyhow::ensure!(!t.is_empty(), "{}: the feed token is empty", path.display());
+    anyhow::ensure!(
+        !t.starts_with(crate::engine::sources::PLACEHOLDER),
+        "{}: the feed token is still the {} placeholder of deploy/: write a secret value \
+         (deploy/base/secrets/feed-token)",
+        path.display(),
+        crate::engine::sources::PLACEHOLDER
+    );
+    Ok(t)
+}
+
 impl EngineArgs {
     /// The engine configuration these flags describe.
     pub fn config(&self) -> anyhow::Result<EngineConfig> {
-        let token = match &self.feed_token_file {
-            Some(p) => {
-                let t = read(p)?.trim().to_string();
-                anyhow::ensure!(!t.is_empty(), "{}: the feed token is empty", p.display());
-                Some(t)
-            }
-            None => None,
-        };
+        let token = self.feed_token_file.as_ref().map(feed_token).transpose()?;
         Ok(EngineConfig {
             store: self.store.clone(),
             listen: self.listen,
@@ -108,5 +115,23 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = ctrl_c.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_feed_token_is_neither_empty_nor_the_published_placeholder() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "  s3cret-7f2a\n").unwrap();
+        assert_eq!(feed_token(&path).unwrap(), "s3cret-7f2a");
+        std::fs::write(&path, "CHANGE-ME-feed-token\n").unwrap();
+        let why = feed_token(&path).unwrap_err().to_string();
+        assert!(why.contains("placeholder"), "{why}");
+        std::fs::write(&path, " \n").unwrap();
+        assert!(feed_token(&path).unwrap_err().to_string().contains("empty"));
     }
 }

@@ -51,7 +51,17 @@ pub enum SourcesError {
     /// An empty id or write key.
     #[error("sources file: source #{0} has an empty id or writeKey")]
     Empty(usize),
+    /// A write key still the placeholder of `deploy/`, which anyone can read.
+    #[error(
+        "sources file: the writeKey of source {0:?} is still a {PLACEHOLDER} placeholder: \
+         replace it with a secret value (deploy/base/secrets/sources.yaml)"
+    )]
+    Placeholder(String),
 }
+
+/// How the example secrets of `deploy/` start: published values, refused by the engine (a
+/// write key or feed token anyone could read is no secret).
+pub const PLACEHOLDER: &str = "CHANGE-ME";
 
 /// The configured sources, looked up by write key.
 #[derive(Clone, Debug, Default)]
@@ -69,6 +79,9 @@ impl Sources {
         for (i, s) in file.sources.into_iter().enumerate() {
             if s.id.is_empty() || s.write_key.is_empty() {
                 return Err(SourcesError::Empty(i));
+            }
+            if s.write_key.starts_with(PLACEHOLDER) {
+                return Err(SourcesError::Placeholder(s.id));
             }
             if !ids.insert(s.id.clone()) {
                 return Err(SourcesError::Duplicate {
@@ -129,6 +142,19 @@ mod tests {
         .to_string();
         assert!(err.contains("writeKey"), "{err}");
         assert!(!err.contains("secret"), "{err}");
+    }
+
+    #[test]
+    fn the_published_placeholder_write_key_is_refused() {
+        let err = Sources::from_yaml(
+            "sources:\n  - {id: web, name: a, slug: a, writeKey: CHANGE-ME-write-key}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("\"web\"") && err.contains("placeholder"),
+            "{err}"
+        );
     }
 
     #[test]
