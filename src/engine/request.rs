@@ -345,10 +345,10 @@ fn unstorable_field(event: &Event, identifiers: &[&Identifier]) -> Option<(Strin
 
 /// The identifiers of a parsed event the store can take, or the field that keeps it out and
 /// why: more traits than the identity rules' `caps.max_traits` (at most the parser's 300), a
-/// value the stores cannot hold ([`unstorable_field`]), or every identifier blocked by the
-/// rules. Checked before a group commit (the engine refuses the request whole; `import` skips
-/// the line): in the writer the event would be dropped after the other events of its request
-/// were committed, or fail the whole group.
+/// value the stores cannot hold (a NUL in a text column, an id past 1,024 bytes), or every
+/// identifier blocked by the rules. Checked before a group commit (the engine refuses the
+/// request whole; `import` skips the line): in the writer the event would be dropped after the
+/// other events of its request were committed, or fail the whole group.
 pub fn storable(event: &Event, rules: &Rules) -> Result<Vec<Identifier>, (String, String)> {
     let traits = event.identity_traits().len();
     if event.event_type == EventType::Identify && traits >= rules.max_traits {
