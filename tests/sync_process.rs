@@ -353,3 +353,90 @@ impl TapMkdir for std::path::PathBuf {
         self
     }
 }
+
+/// `--help` never prints the store URL the environment holds (the chart passes it, password
+/// included, as `PROFILES_SYNC_STORE`; clap showed env values in help).
+#[test]
+fn help_never_prints_the_store_url_of_the_environment() {
+    for cmd in ["engine", "sync", "import", "export"] {
+        let out = bin()
+            .args([cmd, "--help"])
+            .env(
+                "PROFILES_SYNC_STORE",
+                "postgres://loader:S3cretPw@db.internal/profiles",
+            )
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{cmd} --help");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("--store"), "{cmd}: {text}");
+        assert!(
+            !text.contains("S3cretPw"),
+            "{cmd} --help prints the password:\n{text}"
+        );
+    }
+}
+
+/// A feed flag on the command line wins over the other one from the environment (a
+/// `PROFILES_SYNC_STORE` exported for import/export made every `sync --engine …` a usage
+/// error, with no report); both on the command line is a `Failed` report that says so.
+#[test]
+fn a_feed_flag_on_the_command_line_wins_over_the_environment() {
+    let wh = TestWarehouse::sqlite();
+    let (url, _d) = sample_store(5);
+    let dir = tempfile::tempdir().unwrap();
+    let args = manifests(dir.path(), &wh, None);
+    let token = dir.path().join("token");
+    std::fs::write(&token, "t").unwrap();
+    // --engine given, the store from the environment: the engine (unreachable) is used.
+    let log = dir.path().join("log");
+    let out = bin()
+        .arg("sync")
+        .args(&args)
+        .args(["--engine", "http://127.0.0.1:1", "--engine-token-file"])
+        .arg(&token)
+        .arg("--termination-log")
+        .arg(&log)
+        .env("PROFILES_SYNC_STORE", &url)
+        .output()
+        .unwrap();
+    assert_ne!(
+        out.status.code(),
+        Some(2),
+        "a usage error: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    failed_report(&out, "Connection");
+    assert!(log.exists(), "the termination log is written");
+    // --store given, the engine from the environment: the store is used, and the sync runs.
+    let out = bin()
+        .arg("sync")
+        .args(&args)
+        .args(["--store", &url])
+        .env("PROFILES_SYNC_ENGINE_URL", "http://127.0.0.1:1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(wh.count("identifies") > 0);
+    // Both on the command line.
+    let out = bin()
+        .arg("sync")
+        .args(&args)
+        .args(["--store", &url, "--engine", "http://127.0.0.1:1"])
+        .env_remove("PROFILES_SYNC_STORE")
+        .env_remove("PROFILES_SYNC_ENGINE_URL")
+        .output()
+        .unwrap();
+    let report = failed_report(&out, "Connection");
+    assert!(
+        report["errors"][0]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not both"),
+        "{report}"
+    );
+}

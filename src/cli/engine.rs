@@ -9,7 +9,7 @@ use crate::engine::{EngineConfig, sources::Sources};
 #[derive(Debug, clap::Args)]
 pub struct EngineArgs {
     /// The store: sqlite:///path/file.db or postgres://user@host/db.
-    #[arg(long, env = "PROFILES_SYNC_STORE")]
+    #[arg(long, env = "PROFILES_SYNC_STORE", hide_env_values = true)]
     pub store: String,
     /// Address to listen on.
     #[arg(long, env = "PROFILES_SYNC_LISTEN", default_value = "0.0.0.0:8080")]

@@ -54,7 +54,7 @@ pub enum Command {
     /// Ingest Segment JSON (one message, or one {"batch": [...]}, per line) into a store.
     Import {
         /// The store: sqlite:///path/file.db or postgres://user@host/db.
-        #[arg(long, env = "PROFILES_SYNC_STORE")]
+        #[arg(long, env = "PROFILES_SYNC_STORE", hide_env_values = true)]
         store: String,
         /// Identity resolution rules (YAML); Segment's defaults when unset.
         #[arg(long, env = "PROFILES_SYNC_RULES")]
@@ -71,7 +71,7 @@ pub enum Command {
     /// Print a change log, an event table or a current-state table of a store.
     Export {
         /// The store: sqlite:///path/file.db or postgres://user@host/db.
-        #[arg(long, env = "PROFILES_SYNC_STORE")]
+        #[arg(long, env = "PROFILES_SYNC_STORE", hide_env_values = true)]
         store: String,
         /// Table: id_graph_updates, external_id_mapping_updates, profile_traits_updates, events,
         /// identifies, tracks, pages, screens, groups, aliases, a Track event table, user_identifiers,

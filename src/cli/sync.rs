@@ -13,18 +13,15 @@ pub struct SyncArgs {
     #[arg(short = 'f', long = "file", required = true)]
     pub files: Vec<PathBuf>,
     /// Read the change feeds from the engine's feed API at this URL (in a cluster).
-    #[arg(
-        long,
-        env = "PROFILES_SYNC_ENGINE_URL",
-        conflicts_with = "store",
-        required_unless_present = "store"
-    )]
+    /// One of `--engine` and `--store` is needed; given both, the one on the command line wins
+    /// over the one from the environment (both on the command line is a `Failed` report).
+    #[arg(long, env = "PROFILES_SYNC_ENGINE_URL")]
     pub engine: Option<String>,
     /// File with the engine's feed API bearer token (a mounted Secret).
     #[arg(long, env = "PROFILES_SYNC_ENGINE_TOKEN_FILE")]
     pub engine_token_file: Option<PathBuf>,
     /// Read the change feeds straight from a store (local runs): sqlite:///path or postgres://...
-    #[arg(long, env = "PROFILES_SYNC_STORE")]
+    #[arg(long, env = "PROFILES_SYNC_STORE", hide_env_values = true)]
     pub store: Option<String>,
     /// Directory with one file per credentials Secret key (the layout of a mounted Secret).
     #[arg(long, env = "PROFILES_SYNC_CREDENTIALS_DIR")]
@@ -155,7 +152,28 @@ fn inputs(args: &SyncArgs) -> Result<Inputs, (Option<String>, ErrorClass, String
             format!("cannot open the change feed: {e:#}"),
         )
     };
-    let source: Box<dyn FeedSource> = match (&args.engine, &args.store) {
+    // The environment's value of a flag, as clap took it when the command line had none.
+    let from_env = |var: &str, value: &Option<String>| {
+        value.is_some() && std::env::var(var).ok().as_ref() == value.as_ref()
+    };
+    let (engine, store) = match (&args.engine, &args.store) {
+        (Some(_), Some(_)) => {
+            match (
+                from_env("PROFILES_SYNC_ENGINE_URL", &args.engine),
+                from_env("PROFILES_SYNC_STORE", &args.store),
+            ) {
+                (false, true) => (&args.engine, &None),
+                (true, false) => (&None, &args.store),
+                _ => {
+                    return Err(feed_error(anyhow::anyhow!(
+                        "give --engine or --store, not both"
+                    )));
+                }
+            }
+        }
+        _ => (&args.engine, &args.store),
+    };
+    let source: Box<dyn FeedSource> = match (engine, store) {
         (Some(url), _) => {
             let token_file = args.engine_token_file.as_deref().ok_or_else(|| {
                 feed_error(anyhow::anyhow!(
