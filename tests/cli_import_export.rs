@@ -210,3 +210,32 @@ fn import_takes_large_messages_in_batch_lines() {
         "the batch's context reaches each message"
     );
 }
+
+/// A line that is not UTF-8 is reported with its number and skipped; the good lines before
+/// and after it are stored (it ended the import, and the lines read since the last group were
+/// lost). CRLF line ends read as LF.
+#[test]
+fn a_line_that_is_not_utf8_is_reported_and_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}", dir.path().join("s.db").display());
+    let input = dir.path().join("events.jsonl");
+    let mut bytes = json!({"type": "track", "messageId": "u1", "userId": "u", "event": "A"})
+        .to_string()
+        .into_bytes();
+    bytes.extend_from_slice(
+        b"\r\n{\"type\":\"track\",\"messageId\":\"u2\",\"userId\":\"u\",\"event\":\"\xff\"}\n",
+    );
+    bytes.extend_from_slice(
+        json!({"type": "track", "messageId": "u3", "userId": "u", "event": "C"})
+            .to_string()
+            .as_bytes(),
+    );
+    std::fs::write(&input, bytes).unwrap();
+    let (ok, out, err) = import(&store, &input);
+    assert!(ok, "{err}");
+    let summary: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(summary["lines"], 3);
+    assert_eq!(summary["accepted"], 2, "{summary}");
+    assert_eq!(summary["rejected"]["malformed JSON"], 1, "{summary}");
+    assert!(err.contains("line 2: malformed JSON: not UTF-8"), "{err}");
+}

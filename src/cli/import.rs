@@ -105,11 +105,29 @@ pub fn import(
     let mut summary = ImportSummary::default();
     let mut pending: Vec<Pending> = Vec::with_capacity(BATCH);
     let mut bytes = 0u64;
-    for (n, line) in reader.lines().enumerate() {
+    for (n, raw) in reader.split(b'\n').enumerate() {
         let line_no = n + 1;
-        let line = line.map_err(|e| anyhow::anyhow!("reading line {line_no}: {e}"))?;
-        bytes += line.len() as u64 + 1;
+        let mut raw = raw.map_err(|e| anyhow::anyhow!("reading line {line_no}: {e}"))?;
+        bytes += raw.len() as u64 + 1;
         summary.lines += 1;
+        if raw.last() == Some(&b'\r') {
+            raw.pop();
+        }
+        // A line that is not UTF-8 is a bad line like any other, not the end of the import.
+        let line = match String::from_utf8(raw) {
+            Ok(line) => line,
+            Err(e) => {
+                let at = e.utf8_error().valid_up_to();
+                let reason = format!("malformed JSON: not UTF-8 (byte {})", at + 1);
+                on_error(&LineError {
+                    line: line_no,
+                    index: None,
+                    reason,
+                });
+                *summary.rejected.entry("malformed JSON".into()).or_default() += 1;
+                continue;
+            }
+        };
         if line.trim().is_empty() {
             continue;
         }
