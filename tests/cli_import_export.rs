@@ -239,3 +239,35 @@ fn a_line_that_is_not_utf8_is_reported_and_skipped() {
     assert_eq!(summary["rejected"]["malformed JSON"], 1, "{summary}");
     assert!(err.contains("line 2: malformed JSON: not UTF-8"), "{err}");
 }
+
+/// A CSV export with no rows still has its header: the columns the table's rows would have
+/// (it was an empty file).
+#[test]
+fn a_csv_export_of_an_empty_table_has_its_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}", dir.path().join("s.db").display());
+    let input = dir.path().join("events.jsonl");
+    std::fs::write(
+        &input,
+        json!({"type": "track", "messageId": "t1", "userId": "u", "event": "A"}).to_string(),
+    )
+    .unwrap();
+    let (ok, _, err) = import(&store, &input);
+    assert!(ok, "{err}");
+    for (table, first) in [
+        ("screens", "seq,"),
+        ("id_graph_updates", "seq,segment_id,canonical_segment_id"),
+        ("profile_merges", ""),
+    ] {
+        let out = export(&store, table, &["--format", "csv", "--after-seq", "1000"]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 1, "{table}: {out:?}");
+        assert!(
+            lines[0].starts_with(first) && !lines[0].is_empty(),
+            "{table}: {out:?}"
+        );
+    }
+    // With rows, the header is the rows' (unchanged).
+    let tracks = export(&store, "tracks", &["--format", "csv"]);
+    assert_eq!(tracks.lines().count(), 2, "{tracks}");
+}

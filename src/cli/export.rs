@@ -89,11 +89,18 @@ pub fn export(
     out: &mut dyn Write,
 ) -> anyhow::Result<usize> {
     let source = resolve_table(store, table)?;
+    // The header of a CSV with no rows: the columns its rows would have.
+    let empty_header: Vec<String> = match &source {
+        Source::State(t) => t.columns().iter().map(|c| c.to_string()).collect(),
+        Source::Feed(Feed::Events(_)) => EVENT_CSV_COLUMNS.iter().map(|c| c.to_string()).collect(),
+        Source::Feed(feed) => feed.columns().iter().map(|c| c.to_string()).collect(),
+    };
     let mut sink = match format {
         Format::Jsonl => Sink::Jsonl(out),
         Format::Csv => Sink::Csv {
             out: Box::new(csv::Writer::from_writer(out)),
             header: None,
+            empty_header,
         },
     };
     let mut count = 0;
@@ -129,6 +136,8 @@ enum Sink<'a> {
     Csv {
         out: Box<csv::Writer<&'a mut dyn Write>>,
         header: Option<Vec<String>>,
+        /// Written when no row came (a CSV reader still gets the columns).
+        empty_header: Vec<String>,
     },
 }
 
@@ -139,7 +148,7 @@ impl Sink<'_> {
                 serde_json::to_writer(&mut **w, &row)?;
                 w.write_all(b"\n")?;
             }
-            Sink::Csv { out, header } => {
+            Sink::Csv { out, header, .. } => {
                 if header.is_none() {
                     let cols: Vec<String> = if is_event {
                         EVENT_CSV_COLUMNS.iter().map(|s| s.to_string()).collect()
@@ -162,7 +171,15 @@ impl Sink<'_> {
     }
 
     fn finish(self) -> anyhow::Result<()> {
-        if let Sink::Csv { mut out, .. } = self {
+        if let Sink::Csv {
+            mut out,
+            header,
+            empty_header,
+        } = self
+        {
+            if header.is_none() {
+                out.write_record(&empty_header)?;
+            }
             out.flush()?;
         }
         Ok(())
