@@ -44,6 +44,15 @@ fn connect(url: &str) -> Result<Client, StoreError> {
     Ok(client)
 }
 
+/// A read-only transaction that reads one snapshot (`REPEATABLE READ`), and takes no lock.
+fn snapshot(client: &mut Client) -> Result<postgres::Transaction<'_>, StoreError> {
+    Ok(client
+        .build_transaction()
+        .isolation_level(postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()?)
+}
+
 /// Sets `tcp_user_timeout` unless the URL does: sent data unacknowledged for as long as the
 /// engine tolerates a stalled write ([`DEFAULT_STALL_TIMEOUT_SECS`], 120 s) ends the
 /// connection, so that a server that vanishes while a write is being sent fails it then and the
@@ -787,12 +796,7 @@ impl Store for PostgresStore {
     fn load_state(&mut self) -> Result<(Vec<ProfileState>, Vec<IdentifierState>), StoreError> {
         // One snapshot for both tables: under `READ COMMITTED` each read would take its own,
         // and a write committed between them would give profiles and identifiers that disagree.
-        let mut tx = self
-            .client
-            .build_transaction()
-            .isolation_level(postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()?;
+        let mut tx = snapshot(&mut self.client)?;
         let (p, i, _) = load_state(&mut tx, None)?;
         tx.commit()?;
         Ok((p, i))
@@ -857,12 +861,7 @@ impl Store for PostgresStore {
     fn warm_up(&mut self) -> Result<(), StoreError> {
         let tuning = self.dedupe.tuning;
         // One snapshot for every read, and no lock: other replicas keep writing meanwhile.
-        let mut tx = self
-            .client
-            .build_transaction()
-            .isolation_level(postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()?;
+        let mut tx = snapshot(&mut self.client)?;
         let head: i64 = tx
             .query_one("SELECT head FROM seq_counter WHERE id = 1", &[])?
             .get(0);
