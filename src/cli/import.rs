@@ -9,7 +9,7 @@ use serde_json::Value;
 use crate::engine::request::{batch_messages, storable};
 use crate::event::{Event, ParseOptions, Timestamp};
 use crate::identity::Rules;
-use crate::store::{IngestSummary, PreparedEvent, Store, StoreError};
+use crate::store::{IngestSummary, PreparedEvent, Store};
 
 /// How many parsed events go into one store transaction.
 const BATCH: usize = 5_000;
@@ -224,13 +224,7 @@ fn flush(
                     Ok(s) => add(summary, on_error, s, std::slice::from_ref(origin)),
                     Err(e) if e.is_data_refusal() => {
                         store.warm_up()?;
-                        // The server's own words (the driver's Display is only "db error").
-                        let why = match &e {
-                            StoreError::Postgres(pg) => pg.as_db_error().map(ToString::to_string),
-                            _ => None,
-                        }
-                        .unwrap_or_else(|| e.to_string());
-                        let refusal = ("store".to_string(), format!("refused the event: {why}"));
+                        let refusal = ("store".to_string(), format!("refused the event: {e}"));
                         refuse(summary, on_error, origin.0, origin.1, refusal);
                     }
                     Err(e) => return Err(e.into()),

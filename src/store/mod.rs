@@ -40,8 +40,9 @@ pub enum StoreError {
     /// An SQLite error.
     #[error("sqlite store: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    /// A PostgreSQL error.
-    #[error("postgres store: {0}")]
+    /// A PostgreSQL error: the server's own message when it is the server's (the driver's
+    /// Display alone says only "db error").
+    #[error("postgres store: {}", postgres_message(.0))]
     Postgres(#[from] ::postgres::Error),
     /// A stored value could not be decoded (the store was written by a newer version, or edited).
     #[error("corrupt row in {table}: {reason}")]
@@ -66,6 +67,13 @@ pub enum StoreError {
     /// value too large for the format); the transaction is rolled back.
     #[error("postgres store: the COPY stream failed: {0}")]
     CopyStream(std::io::Error),
+}
+
+/// The server's message of a driver error (`permission denied for table profiles`, a refused
+/// constraint), or the driver's own words when the server said nothing (a closed connection).
+fn postgres_message(e: &::postgres::Error) -> String {
+    e.as_db_error()
+        .map_or_else(|| e.to_string(), |db| db.message().to_string())
 }
 
 /// A source of events (from the engine's sources file), as shown in the warehouse's
