@@ -75,13 +75,6 @@ fn messages(line: &str) -> Result<Vec<Value>, String> {
 /// Where a message was read: its line, and its index in a `{"batch": [...]}` line.
 type Origin = (usize, Option<usize>);
 
-/// An event waiting for its group's transaction, and where it was read.
-struct Pending {
-    line: usize,
-    index: Option<usize>,
-    event: PreparedEvent,
-}
-
 /// Reads `input` (a file, or stdin for `-`) and ingests it into `store`; every refused line or
 /// message is passed to `on_error` and counted, and never stops the good ones: a message the
 /// engine would refuse (`engine::request::storable` under `rules`) is skipped, one that
@@ -103,7 +96,8 @@ pub fn import(
         ))
     };
     let mut summary = ImportSummary::default();
-    let mut pending: Vec<Pending> = Vec::with_capacity(BATCH);
+    // The events waiting for their group's transaction, and where each was read.
+    let mut pending: Vec<(Origin, PreparedEvent)> = Vec::with_capacity(BATCH);
     let mut bytes = 0u64;
     for (n, raw) in reader.split(b'\n').enumerate() {
         let line_no = n + 1;
@@ -117,14 +111,9 @@ pub fn import(
         let line = match String::from_utf8(raw) {
             Ok(line) => line,
             Err(e) => {
-                let at = e.utf8_error().valid_up_to();
-                let reason = format!("malformed JSON: not UTF-8 (byte {})", at + 1);
-                on_error(&LineError {
-                    line: line_no,
-                    index: None,
-                    reason,
-                });
-                *summary.rejected.entry("malformed JSON".into()).or_default() += 1;
+                let at = e.utf8_error().valid_up_to() + 1;
+                let reason = format!("malformed JSON: not UTF-8 (byte {at})");
+                refuse_line(&mut summary, &mut on_error, line_no, reason);
                 continue;
             }
         };
@@ -134,17 +123,7 @@ pub fn import(
         let msgs = match messages(&line) {
             Ok(m) => m,
             Err(reason) => {
-                on_error(&LineError {
-                    line: line_no,
-                    index: None,
-                    reason: reason.clone(),
-                });
-                let key = reason
-                    .split(':')
-                    .next()
-                    .unwrap_or("malformed JSON")
-                    .to_string();
-                *summary.rejected.entry(key).or_default() += 1;
+                refuse_line(&mut summary, &mut on_error, line_no, reason);
                 continue;
             }
         };
@@ -159,18 +138,14 @@ pub fn import(
             let refusal = match Event::from_value(m, None, &opts) {
                 Ok(e) => match storable(&e, rules) {
                     Ok(_) => {
-                        pending.push(Pending {
-                            line: line_no,
-                            index,
-                            event: e.into(),
-                        });
+                        pending.push(((line_no, index), e.into()));
                         continue;
                     }
                     Err(refusal) => refusal,
                 },
                 Err(e) => (e.field.to_string(), e.reason.to_string()),
             };
-            refuse(&mut summary, &mut on_error, line_no, index, refusal);
+            refuse(&mut summary, &mut on_error, (line_no, index), refusal);
         }
         if pending.len() >= BATCH {
             flush(store, &mut pending, &mut summary, &mut on_error)?;
@@ -182,21 +157,47 @@ pub fn import(
     Ok(summary)
 }
 
-/// Reports and counts one refused message.
-fn refuse(
+/// Reports one refused line or message and counts it under `key`.
+fn report(
     summary: &mut ImportSummary,
     on_error: &mut impl FnMut(&LineError),
-    line: usize,
-    index: Option<usize>,
-    (field, reason): (String, String),
+    (line, index): Origin,
+    reason: String,
+    key: String,
 ) {
-    let reason = format!("{field}: {reason}");
     on_error(&LineError {
         line,
         index,
-        reason: reason.clone(),
+        reason,
     });
-    *summary.rejected.entry(reason).or_default() += 1;
+    *summary.rejected.entry(key).or_default() += 1;
+}
+
+/// Reports a line that is no message at all, counted by the kind of its fault (the reason's
+/// first words: `malformed JSON`, `batch`).
+fn refuse_line(
+    summary: &mut ImportSummary,
+    on_error: &mut impl FnMut(&LineError),
+    line: usize,
+    reason: String,
+) {
+    let key = reason
+        .split(':')
+        .next()
+        .unwrap_or("malformed JSON")
+        .to_string();
+    report(summary, on_error, (line, None), reason, key);
+}
+
+/// Reports a refused message: the field that keeps it out, and why.
+fn refuse(
+    summary: &mut ImportSummary,
+    on_error: &mut impl FnMut(&LineError),
+    origin: Origin,
+    (field, reason): (String, String),
+) {
+    let reason = format!("{field}: {reason}");
+    report(summary, on_error, origin, reason.clone(), reason);
 }
 
 /// Stores the pending events in one transaction; when the store refuses the group, forgets
@@ -204,17 +205,15 @@ fn refuse(
 /// reporting) only those it refuses.
 fn flush(
     store: &mut dyn Store,
-    pending: &mut Vec<Pending>,
+    pending: &mut Vec<(Origin, PreparedEvent)>,
     summary: &mut ImportSummary,
     on_error: &mut impl FnMut(&LineError),
 ) -> anyhow::Result<()> {
     if pending.is_empty() {
         return Ok(());
     }
-    let (origins, events): (Vec<Origin>, Vec<PreparedEvent>) = std::mem::take(pending)
-        .into_iter()
-        .map(|p| ((p.line, p.index), p.event))
-        .unzip();
+    let (origins, events): (Vec<Origin>, Vec<PreparedEvent>) =
+        std::mem::take(pending).into_iter().unzip();
     match store.ingest_prepared(&events) {
         Ok(s) => add(summary, on_error, s, &origins),
         Err(e) if e.is_data_refusal() => {
@@ -225,7 +224,7 @@ fn flush(
                     Err(e) if e.is_data_refusal() => {
                         store.warm_up()?;
                         let refusal = ("store".to_string(), format!("refused the event: {e}"));
-                        refuse(summary, on_error, origin.0, origin.1, refusal);
+                        refuse(summary, on_error, *origin, refusal);
                     }
                     Err(e) => return Err(e.into()),
                 }
@@ -248,13 +247,8 @@ fn add(
     summary.profiles_created += s.profiles_created;
     summary.merges += s.merges;
     for (i, reason) in s.rejected {
-        let (line, index) = origins.get(i).copied().unwrap_or((0, None));
-        on_error(&LineError {
-            line,
-            index,
-            reason: reason.clone(),
-        });
-        *summary.rejected.entry(reason).or_default() += 1;
+        let origin = origins.get(i).copied().unwrap_or((0, None));
+        report(summary, on_error, origin, reason.clone(), reason);
     }
 }
 
