@@ -33,13 +33,7 @@ pub fn set(
     now: Timestamp,
 ) {
     let mut message = message.to_string();
-    if message.len() > 32_000 {
-        let mut cut = 32_000;
-        while !message.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        message.truncate(cut);
-    }
+    crate::sync::naming::truncate_at_char(&mut message, 32_000);
     let new = Condition {
         type_: type_.to_string(),
         status: status.to_string(),

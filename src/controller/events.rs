@@ -79,13 +79,7 @@ impl Note {
             ),
         };
         let mut note = note;
-        if note.len() > 1000 {
-            let mut cut = 1000;
-            while !note.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            note.truncate(cut);
-        }
+        crate::sync::naming::truncate_at_char(&mut note, 1000);
         Event {
             type_,
             reason: self.reason().into(),

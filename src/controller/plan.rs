@@ -11,6 +11,7 @@ use chrono::{DateTime, Utc};
 use jiff::Timestamp;
 
 use crate::crd::Schedule;
+use crate::sync::naming::floor_char_boundary;
 
 /// Finished Jobs that succeeded which are kept (like a CronJob's `successfulJobsHistoryLimit`).
 pub const SUCCEEDED_HISTORY: usize = 3;
@@ -281,12 +282,11 @@ pub fn job_name(connection: &str, slot: Timestamp, request: Option<&str>) -> Str
     if full.len() <= MAX_NAME_LEN && !connection.contains('.') {
         return full;
     }
-    let base = connection.replace('.', "-");
     let hash = fnv1a(connection.as_bytes());
-    let suffix = format!("-{hash:08x}-{minutes}");
-    let keep = MAX_NAME_LEN - suffix.len();
-    let prefix = base[..floor_char_boundary(&base, keep)].trim_end_matches('-');
-    format!("{prefix}{suffix}")
+    before_suffix(
+        &connection.replace('.', "-"),
+        &format!("-{hash:08x}-{minutes}"),
+    )
 }
 
 /// The value of a connection's label ([`crate::controller::build::LABEL_CONNECTION`]): its name,
@@ -296,19 +296,18 @@ pub fn connection_label(connection: &str) -> String {
     if connection.len() <= MAX_NAME_LEN {
         return connection.to_string();
     }
-    let suffix = format!("-{:08x}", fnv1a(connection.as_bytes()));
-    let keep = MAX_NAME_LEN - suffix.len();
-    // A label value starts and ends with an alphanumeric character.
-    let prefix = connection[..floor_char_boundary(connection, keep)].trim_end_matches(['-', '.']);
-    format!("{prefix}{suffix}")
+    before_suffix(
+        connection,
+        &format!("-{:08x}", fnv1a(connection.as_bytes())),
+    )
 }
 
-fn floor_char_boundary(s: &str, mut i: usize) -> usize {
-    i = i.min(s.len());
-    while i > 0 && !s.is_char_boundary(i) {
-        i -= 1;
-    }
-    i
+/// `base` cut to leave room for `suffix` within [`MAX_NAME_LEN`], without the dashes or dots
+/// the cut leaves at its end (a name or label value ends in a letter or digit), then `suffix`.
+fn before_suffix(base: &str, suffix: &str) -> String {
+    let keep = MAX_NAME_LEN - suffix.len();
+    let prefix = base[..floor_char_boundary(base, keep)].trim_end_matches(['-', '.']);
+    format!("{prefix}{suffix}")
 }
 
 /// 32-bit FNV-1a: stable across Rust releases (unlike `DefaultHasher`), so names stay put.

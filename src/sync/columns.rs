@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use jiff::Timestamp;
 use serde_json::{Map, Value};
 
-use super::naming::{fit, identifier, short_hash};
+use super::naming::{fit, floor_char_boundary, identifier, sha1_hex, short_hash};
 use crate::event::flatten_each;
 use crate::warehouse::{Cell, ColumnType};
 
@@ -88,19 +88,8 @@ pub fn key_text(s: &str) -> Cow<'_, str> {
         return escaped;
     }
     let tail = format!("…#sha1:{}", sha1_hex(s));
-    let mut cut = MAX_KEY_TEXT - tail.len();
-    while !escaped.is_char_boundary(cut) {
-        cut -= 1;
-    }
+    let cut = floor_char_boundary(&escaped, MAX_KEY_TEXT - tail.len());
     Cow::Owned(format!("{}{tail}", &escaped[..cut]))
-}
-
-fn sha1_hex(s: &str) -> String {
-    use sha1::{Digest, Sha1};
-    Sha1::digest(s.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// What marks a source name recorded as its hash ([`source_key`]).

@@ -146,8 +146,33 @@ pub fn snake_case(name: &str) -> String {
 
 /// Eight hex digits of the SHA-1 of `s`: the deterministic disambiguator of long or colliding names.
 pub fn short_hash(s: &str) -> String {
-    let digest = Sha1::digest(s.as_bytes());
-    digest.iter().take(4).map(|b| format!("{b:02x}")).collect()
+    let mut hex = sha1_hex(s);
+    hex.truncate(8);
+    hex
+}
+
+/// The SHA-1 of `s`, in 40 hex digits.
+pub fn sha1_hex(s: &str) -> String {
+    Sha1::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The largest index of `s` at most `i` (and at most its length) that starts a character: where
+/// a text cut to `i` bytes ends.
+pub fn floor_char_boundary(s: &str, i: usize) -> usize {
+    let mut i = i.min(s.len());
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// Cuts `s` to at most `max` bytes, at a character boundary.
+pub fn truncate_at_char(s: &mut String, max: usize) {
+    let at = floor_char_boundary(s, max);
+    s.truncate(at);
 }
 
 /// Truncates `name` to `max` bytes (on a character boundary), replacing the tail with `_` and a
@@ -156,11 +181,7 @@ pub fn fit(name: &str, source: &str, max: usize) -> String {
     if name.len() <= max {
         return name.to_string();
     }
-    let keep = max.saturating_sub(9);
-    let mut end = keep.min(name.len());
-    while !name.is_char_boundary(end) {
-        end -= 1;
-    }
+    let end = floor_char_boundary(name, max.saturating_sub(9));
     format!(
         "{}_{}",
         name[..end].trim_end_matches('_'),

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::naming::truncate_at_char;
 use super::tables::{TableGroup, group};
 use crate::crd::{ErrorClass, SyncError, SyncRows, SyncStatus};
 
@@ -27,17 +28,6 @@ pub struct TableReport {
 
 fn is_zero(n: &u64) -> bool {
     *n == 0
-}
-
-/// Cuts `s` to at most `max` bytes, at a character boundary.
-fn cut_at_char(s: &mut String, max: usize) {
-    if s.len() > max {
-        let mut at = max;
-        while !s.is_char_boundary(at) {
-            at -= 1;
-        }
-        s.truncate(at);
-    }
 }
 
 /// What one sync did.
@@ -158,7 +148,7 @@ impl SyncReport {
         small.backfilling.truncate(20);
         small.not_backfilled.truncate(20);
         for e in &mut small.errors {
-            cut_at_char(&mut e.message, 300);
+            truncate_at_char(&mut e.message, 300);
         }
         let mut text = serde_json::to_string(&small).unwrap_or_default();
         while text.len() > LIMIT && (!small.tables.is_empty() || small.errors.len() > 1) {
