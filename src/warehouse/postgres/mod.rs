@@ -9,7 +9,7 @@ pub use tls::connector as tls_connector;
 
 pub use dialect::PostgresDialect;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 
 use postgres::{Client, Config, NoTls};
 
@@ -26,13 +26,12 @@ pub struct PostgresWarehouse {
     schema: String,
     dialect: PostgresDialect,
     /// Table → its columns binary COPY cannot fill directly (see
-    /// [`PostgresDialect::copies_directly`]), as of the last [`Warehouse::describe`].
-    converted: BTreeMap<String, HashSet<String>>,
+    /// [`PostgresDialect::copies_directly`]), each with its type as `format_type` spells it
+    /// (the staging merge's explicit cast, [`PostgresDialect::stage_cast`], goes by it), as of
+    /// the last [`Warehouse::describe`].
+    converted: BTreeMap<String, HashMap<String, String>>,
     /// Table → its narrowed columns, as of the last [`Warehouse::describe`].
     limits: BTreeMap<String, ColumnLimits>,
-    /// Table → column → the explicit cast its staged values need
-    /// ([`PostgresDialect::stage_cast`]), as of the last [`Warehouse::describe`].
-    casts: BTreeMap<String, HashMap<String, &'static str>>,
 }
 
 /// An error and its causes, joined (the TLS or network reason is in the causes).
@@ -212,7 +211,6 @@ impl PostgresWarehouse {
             schema: schema.to_string(),
             dialect: PostgresDialect::postgres(),
             converted: BTreeMap::new(),
-            casts: BTreeMap::new(),
             limits: BTreeMap::new(),
         })
     }
@@ -332,7 +330,6 @@ impl Warehouse for PostgresWarehouse {
         let mut out: BTreeMap<String, TableColumns> = BTreeMap::new();
         self.converted.clear();
         self.limits.clear();
-        self.casts.clear();
         for r in rows {
             let (table, column, ty): (String, String, String) = (r.get(0), r.get(1), r.get(2));
             if let Some(limit) = self.dialect.column_limit(&ty) {
@@ -341,21 +338,14 @@ impl Warehouse for PostgresWarehouse {
                     .or_default()
                     .insert(column.clone(), limit);
             }
-            if let Some(cast) = self.dialect.stage_cast(&ty) {
-                self.casts
-                    .entry(table.clone())
-                    .or_default()
-                    .insert(column.clone(), cast);
-            }
+            let parsed = self.dialect.parse_type(&ty);
             if !self.dialect.copies_directly(&ty) {
                 self.converted
                     .entry(table.clone())
                     .or_default()
-                    .insert(column.clone());
+                    .insert(column.clone(), ty);
             }
-            out.entry(table)
-                .or_default()
-                .insert(column, self.dialect.parse_type(&ty));
+            out.entry(table).or_default().insert(column, parsed);
         }
         Ok(out)
     }
@@ -403,12 +393,17 @@ impl Warehouse for PostgresWarehouse {
         on_conflict: OnConflict,
     ) -> String {
         let d = &self.dialect;
-        let casts = self.casts.get(table);
+        let converted = self.converted.get(table);
         let select: Vec<String> = columns
             .iter()
-            .map(|c| match casts.and_then(|m| m.get(*c)) {
-                Some(cast) => format!("{}::{cast}", d.quote(c)),
-                None => d.quote(c),
+            .map(|c| {
+                match converted
+                    .and_then(|m| m.get(*c))
+                    .and_then(|ty| d.stage_cast(ty))
+                {
+                    Some(cast) => format!("{}::{cast}", d.quote(c)),
+                    None => d.quote(c),
+                }
             })
             .collect();
         d.merge_from_stage_as(
@@ -449,7 +444,7 @@ impl Warehouse for PostgresWarehouse {
         // Columns of other types than the sync's own (a DBA's `integer`, `numeric`, `date`, …)
         // need the staging path's casts.
         if let Some(converted) = self.converted.get(table)
-            && columns.iter().any(|c| converted.contains(&c.name))
+            && columns.iter().any(|c| converted.contains_key(&c.name))
         {
             return Ok(false);
         }
