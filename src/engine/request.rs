@@ -136,7 +136,7 @@ pub fn auth_credentials<'h>(header: Option<&'h str>, scheme: &str) -> Option<&'h
 pub fn basic_auth_user(header: Option<&str>) -> Option<String> {
     let encoded = auth_credentials(header, "Basic")?;
     let decoded = base64::engine::general_purpose::STANDARD
-        .decode(encoded.trim())
+        .decode(encoded)
         .ok()?;
     let text = String::from_utf8(decoded).ok()?;
     let user = text.split_once(':').map(|(u, _)| u).unwrap_or(&text);
