@@ -1,16 +1,21 @@
 //! `profiles-sync demo` runs the whole pipeline from nothing, twice in the same directory.
 
-use std::process::Command;
+use std::process::{Command, Output};
+
+/// Runs `demo --people <people> --dir <dir>`.
+fn demo(people: &str, dir: &std::path::Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_profiles-sync"))
+        .args(["demo", "--people", people, "--dir"])
+        .arg(dir)
+        .output()
+        .unwrap()
+}
 
 #[test]
 fn the_demo_runs_end_to_end_and_again() {
     let dir = tempfile::tempdir().unwrap();
     for run in 0..2 {
-        let out = Command::new(env!("CARGO_BIN_EXE_profiles-sync"))
-            .args(["demo", "--people", "60", "--dir"])
-            .arg(dir.path())
-            .output()
-            .unwrap();
+        let out = demo("60", dir.path());
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),
@@ -61,11 +66,7 @@ fn the_demo_runs_end_to_end_and_again() {
 fn the_demo_runs_with_a_small_sample() {
     for (people, expected) in [("0", "no profiles"), ("3", "no order_completed table")] {
         let dir = tempfile::tempdir().unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_profiles-sync"))
-            .args(["demo", "--people", people, "--dir"])
-            .arg(dir.path())
-            .output()
-            .unwrap();
+        let out = demo(people, dir.path());
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),

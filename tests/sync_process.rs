@@ -123,6 +123,11 @@ fn a_failed_sync_exits_non_zero_with_a_classified_error() {
     failed_report(&out, "Connection");
 }
 
+/// The message of a report's first error.
+fn first_error(report: &Value) -> &str {
+    report["errors"][0]["message"].as_str().unwrap_or_default()
+}
+
 /// Asserts a sync process failed with a `Failed` report on stdout whose first error is of
 /// `class`; returns the report.
 fn failed_report(out: &std::process::Output, class: &str) -> Value {
@@ -153,10 +158,7 @@ fn bad_manifests_are_refused_with_a_clear_error() {
     // A sync that cannot start still reports why (stdout, and the termination log in a pod).
     let report = failed_report(&out, "Internal");
     assert!(
-        report["errors"][0]["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("warehouse.postgres must be set"),
+        first_error(&report).contains("warehouse.postgres must be set"),
         "{report}"
     );
 }
@@ -176,7 +178,7 @@ fn a_feed_that_cannot_be_opened_is_reported_without_its_url() {
         .output()
         .unwrap();
     let report = failed_report(&out, "Connection");
-    let message = report["errors"][0]["message"].as_str().unwrap_or_default();
+    let message = first_error(&report);
     assert!(message.contains("unsupported store URL"), "{message}");
     let written = std::fs::read_to_string(&log).unwrap();
     for text in [
@@ -432,11 +434,5 @@ fn a_feed_flag_on_the_command_line_wins_over_the_environment() {
         .output()
         .unwrap();
     let report = failed_report(&out, "Connection");
-    assert!(
-        report["errors"][0]["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("not both"),
-        "{report}"
-    );
+    assert!(first_error(&report).contains("not both"), "{report}");
 }
