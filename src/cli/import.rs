@@ -137,8 +137,9 @@ pub fn import(
             let index = batched.then_some(i);
             let refusal = match Event::from_value(m, None, &opts) {
                 Ok(e) => match storable(&e, rules) {
-                    Ok(_) => {
-                        pending.push(((line_no, index), e.into()));
+                    Ok(identifiers) => {
+                        let event = PreparedEvent::with_identifiers(e, identifiers);
+                        pending.push(((line_no, index), event));
                         continue;
                     }
                     Err(refusal) => refusal,
