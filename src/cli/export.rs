@@ -89,18 +89,19 @@ pub fn export(
     out: &mut dyn Write,
 ) -> anyhow::Result<usize> {
     let source = resolve_table(store, table)?;
-    // The header of a CSV with no rows: the columns its rows would have.
-    let empty_header: Vec<String> = match &source {
-        Source::State(t) => t.columns().iter().map(|c| c.to_string()).collect(),
-        Source::Feed(Feed::Events(_)) => EVENT_CSV_COLUMNS.iter().map(|c| c.to_string()).collect(),
-        Source::Feed(feed) => feed.columns().iter().map(|c| c.to_string()).collect(),
-    };
     let mut sink = match format {
         Format::Jsonl => Sink::Jsonl(out),
         Format::Csv => Sink::Csv {
             out: Box::new(csv::Writer::from_writer(out)),
             header: None,
-            empty_header,
+            // The header of a CSV with no rows: the columns its rows would have.
+            empty_header: match &source {
+                Source::State(t) => t.columns().iter().map(|c| c.to_string()).collect(),
+                Source::Feed(Feed::Events(_)) => {
+                    EVENT_CSV_COLUMNS.iter().map(|c| c.to_string()).collect()
+                }
+                Source::Feed(feed) => feed.columns().iter().map(|c| c.to_string()).collect(),
+            },
         },
     };
     let mut count = 0;
