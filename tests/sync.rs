@@ -1880,3 +1880,96 @@ fn postgres_a_statement_timeout_fails_its_table_not_the_run() {
         assert!(wh.count(table) > 0, "{table} loaded");
     }
 }
+
+/// A lock a warehouse user holds on a table (an open transaction in someone's SQL client)
+/// fails that table once the session's `lock_timeout` passes — here the DBA's, which wins over
+/// the sync's own default — and the other tables load; the next run, the lock gone, loads the
+/// table's rows exactly once. (A lock timeout was an `Internal` error before.)
+#[test]
+fn postgres_a_table_locked_by_a_user_fails_its_table_not_the_run() {
+    let (mut s, url, _d) = store();
+    ingest(&mut *s, &basics());
+    let wh = TestWarehouse::postgres();
+    let db = wh.database.clone().unwrap();
+    let first = wh.sync(&url, None);
+    assert_eq!(first.status, SyncStatus::Success, "{first:#?}");
+    let pages_before = wh.count("pages");
+
+    ingest(
+        &mut *s,
+        &[msg(
+            json!({"type": "page", "messageId": "m-late", "anonymousId": "a9", "name": "Late"}),
+        )],
+    );
+    let mut dba = as_dba(&wh);
+    dba.batch_execute(&format!("ALTER DATABASE {db} SET lock_timeout = '1s'"))
+        .unwrap();
+    let mut holder = as_dba(&wh);
+    let mut tx = holder.transaction().unwrap();
+    tx.batch_execute("LOCK TABLE profiles_sync.pages IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    let r = wh.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::PartialSuccess, "{r:#?}");
+    assert_eq!(failed_tables(&r), ["pages"], "{r:#?}");
+    let err = &r.errors[0];
+    assert_eq!(err.class, profiles_sync::crd::ErrorClass::Quota, "{err:?}");
+    assert!(err.message.contains("lock timeout"), "{err:?}");
+    tx.rollback().unwrap();
+
+    let again = wh.sync(&url, None);
+    assert_eq!(again.status, SyncStatus::Success, "{again:#?}");
+    assert_eq!(wh.count("pages"), pages_before + 1);
+}
+
+/// A table the loader may no longer insert into (a DBA revoked it after the first sync) fails
+/// with its `Permission` error while the other tables load. The COPY the server refuses before
+/// it begins used to leave the driver out of step with the server: every table after it failed
+/// as a lost connection.
+#[test]
+fn postgres_a_table_the_loader_may_not_insert_into_fails_alone() {
+    let (mut s, url, _d) = store();
+    ingest(&mut *s, &basics());
+    let wh = TestWarehouse::postgres();
+    let mut admin = as_dba(&wh);
+    admin
+        .batch_execute(
+            "DO $$ BEGIN CREATE ROLE loader LOGIN; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
+             CREATE SCHEMA profiles_sync AUTHORIZATION loader;",
+        )
+        .unwrap();
+    let mut as_loader = TestWarehouse::postgres();
+    as_loader.spec = wh.spec.clone();
+    as_loader.credentials.username = Some("loader".into());
+    let first = as_loader.sync(&url, None);
+    assert_eq!(first.status, SyncStatus::Success, "{first:#?}");
+    let (pages, identifies) = (wh.count("pages"), wh.count("identifies"));
+
+    ingest(
+        &mut *s,
+        &[
+            msg(json!({"type": "page", "messageId": "m-p", "anonymousId": "a7", "name": "Later"})),
+            msg(
+                json!({"type": "identify", "messageId": "m-i", "anonymousId": "a7", "traits": {"plan": "free"}}),
+            ),
+        ],
+    );
+    admin
+        .batch_execute("REVOKE INSERT ON profiles_sync.pages FROM loader")
+        .unwrap();
+    let r = as_loader.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::PartialSuccess, "{r:#?}");
+    assert_eq!(failed_tables(&r), ["pages"], "{r:#?}");
+    assert_eq!(r.errors.len(), 1, "{r:#?}");
+    assert_eq!(
+        r.errors[0].class,
+        profiles_sync::crd::ErrorClass::Permission
+    );
+    assert_eq!(wh.count("identifies"), identifies + 1);
+
+    admin
+        .batch_execute("GRANT INSERT ON profiles_sync.pages TO loader")
+        .unwrap();
+    let again = as_loader.sync(&url, None);
+    assert_eq!(again.status, SyncStatus::Success, "{again:#?}");
+    assert_eq!(wh.count("pages"), pages + 1);
+}

@@ -41,8 +41,17 @@ pub fn classify_sqlstate(code: &str) -> ErrorClass {
         "42P01" | "42703" | "42P07" | "42701" | "3F000" | "42809" => ErrorClass::Schema,
         c if c.starts_with("22") => ErrorClass::TypeConflict,
         "42804" => ErrorClass::TypeConflict,
-        // A statement cancelled (a `statement_timeout`): that table's load, not the connection.
-        c if c.starts_with("53") || c.starts_with("54") || c == "57014" => ErrorClass::Quota,
+        // A statement cancelled (a `statement_timeout`), a lock not granted in time
+        // (`lock_timeout`), a deadlock or a serialization failure: that table's load, retried
+        // by the next run, not the connection.
+        c if c.starts_with("53")
+            || c.starts_with("54")
+            || c.starts_with("40")
+            || c == "57014"
+            || c == "55P03" =>
+        {
+            ErrorClass::Quota
+        }
         c if c.starts_with("08") || c.starts_with("57") => ErrorClass::Connection,
         _ => ErrorClass::Internal,
     }
@@ -70,6 +79,9 @@ mod tests {
             ("08006", ErrorClass::Connection),   // connection failure
             ("57P01", ErrorClass::Connection),   // admin shutdown
             ("57014", ErrorClass::Quota),        // canceling statement due to statement timeout
+            ("55P03", ErrorClass::Quota),        // canceling statement due to lock timeout
+            ("40P01", ErrorClass::Quota),        // deadlock detected
+            ("40001", ErrorClass::Quota),        // could not serialize access
             ("23505", ErrorClass::Internal),     // unique violation: the sync's own bug
             ("XX000", ErrorClass::Internal),
         ] {

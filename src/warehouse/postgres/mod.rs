@@ -23,6 +23,13 @@ use crate::warehouse::error::classify_sqlstate;
 /// A connection to one schema of a PostgreSQL database.
 pub struct PostgresWarehouse {
     client: Client,
+    /// How `client` was opened, to open it again (see `broken`).
+    session: Session,
+    /// The driver's connection is unusable: a COPY the server refused before it began (a lock
+    /// timeout, a permission denied) leaves the driver out of step with the server (it sends
+    /// two Syncs; rust-postgres issue 789). [`Warehouse::rollback`] opens a new session, so
+    /// that the failed table is that table's error and the next one loads.
+    broken: bool,
     schema: String,
     dialect: PostgresDialect,
     /// Table → its columns binary COPY cannot fill directly (see
@@ -110,15 +117,31 @@ pub fn server_keepalives(client: &mut Client) {
 }
 
 fn try_server_keepalives(client: &mut Client) -> Result<(), postgres::Error> {
-    let wanted = [
-        ("tcp_keepalives_idle", KEEPALIVE_IDLE_SECS),
-        ("tcp_keepalives_interval", KEEPALIVE_INTERVAL_SECS),
-        ("tcp_keepalives_count", u64::from(KEEPALIVE_COUNT)),
-    ];
+    set_unless_configured(
+        client,
+        &[
+            ("tcp_keepalives_idle", KEEPALIVE_IDLE_SECS.to_string()),
+            (
+                "tcp_keepalives_interval",
+                KEEPALIVE_INTERVAL_SECS.to_string(),
+            ),
+            ("tcp_keepalives_count", KEEPALIVE_COUNT.to_string()),
+        ],
+    )
+}
+
+/// Sets each `(name, value)` server setting on the session where nothing has configured it
+/// (its source is still the server's built-in default): a DBA's value on the role, the
+/// database or the server wins.
+fn set_unless_configured(
+    client: &mut Client,
+    wanted: &[(&str, String)],
+) -> Result<(), postgres::Error> {
+    let names: Vec<&str> = wanted.iter().map(|(name, _)| *name).collect();
     let defaults: Vec<String> = client
         .query(
             "SELECT name FROM pg_settings WHERE source = 'default' AND name = ANY($1)",
-            &[&wanted.map(|(name, _)| name).to_vec()],
+            &[&names],
         )?
         .iter()
         .map(|r| r.get(0))
@@ -132,6 +155,25 @@ fn try_server_keepalives(client: &mut Client) -> Result<(), postgres::Error> {
         client.batch_execute(&set)?;
     }
     Ok(())
+}
+
+/// How long a sync's statement waits for a lock a warehouse user holds (an `ALTER TABLE` of
+/// the sync's waits behind every running query on that table, and queues the queries after
+/// it): past it the statement fails with `lock_not_available`, that table's load is `Quota`
+/// in the report and the next run retries it, while the other tables load. Without it a lock
+/// held for hours (an open transaction in someone's SQL client) held the whole run until the
+/// Job's deadline killed it, report and all. A `lock_timeout` the DBA set on the role or the
+/// database wins.
+pub const LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Sets [`LOCK_TIMEOUT`] on a warehouse session unless the role, the database or the server
+/// configures `lock_timeout`. A server without the setting (a PostgreSQL-compatible one) only
+/// gets a warning logged, as for [`server_keepalives`].
+fn warehouse_lock_timeout(client: &mut Client) {
+    let wanted = [("lock_timeout", format!("'{}s'", LOCK_TIMEOUT.as_secs()))];
+    if let Err(e) = set_unless_configured(client, &wanted) {
+        tracing::warn!(error = %e, "the warehouse session's lock_timeout could not be set; a lock a warehouse user holds may hold the sync until its deadline");
+    }
 }
 
 /// The driver's configuration for a WarehouseConnection's settings and credentials: 30 s to
@@ -190,24 +232,15 @@ impl PostgresWarehouse {
         // `timestamp` (without time zone) or `date` takes the UTC time, whatever the
         // database's or the role's `TimeZone`.
         config.options("-c client_min_messages=warning -c TimeZone=UTC");
-        let mut client = match ssl_mode {
-            SslMode::Disable => config.connect(NoTls),
-            mode => {
-                config.ssl_mode(if mode == SslMode::Prefer {
-                    postgres::config::SslMode::Prefer
-                } else {
-                    postgres::config::SslMode::Require
-                });
-                config.connect(tls::connector(mode, ca_cert)?)
-            }
-        }
-        .map_err(|e| match e.as_db_error() {
-            Some(_) => pg_error(e),
-            None => WarehouseError::connection(format!("cannot connect: {}", chain(&e))),
-        })?;
-        server_keepalives(&mut client);
+        let session = Session {
+            config,
+            ssl_mode,
+            ca_cert: ca_cert.map(str::to_string),
+        };
         Ok(PostgresWarehouse {
-            client,
+            client: session.open()?,
+            session,
+            broken: false,
             schema: schema.to_string(),
             dialect: PostgresDialect::postgres(),
             converted: BTreeMap::new(),
@@ -219,6 +252,40 @@ impl PostgresWarehouse {
     pub fn with_dialect(mut self, dialect: PostgresDialect) -> PostgresWarehouse {
         self.dialect = dialect;
         self
+    }
+}
+
+/// What opens a warehouse session.
+struct Session {
+    config: Config,
+    ssl_mode: SslMode,
+    /// PEM certificates trusted besides the system's for `verify-*`.
+    ca_cert: Option<String>,
+}
+
+impl Session {
+    /// A new session, with the server-side settings of [`server_keepalives`] and
+    /// [`warehouse_lock_timeout`].
+    fn open(&self) -> Result<Client, WarehouseError> {
+        let mut client = match self.ssl_mode {
+            SslMode::Disable => self.config.connect(NoTls),
+            mode => {
+                let mut config = self.config.clone();
+                config.ssl_mode(if mode == SslMode::Prefer {
+                    postgres::config::SslMode::Prefer
+                } else {
+                    postgres::config::SslMode::Require
+                });
+                config.connect(tls::connector(mode, self.ca_cert.as_deref())?)
+            }
+        }
+        .map_err(|e| match e.as_db_error() {
+            Some(_) => pg_error(e),
+            None => WarehouseError::connection(format!("cannot connect: {}", chain(&e))),
+        })?;
+        server_keepalives(&mut client);
+        warehouse_lock_timeout(&mut client);
+        Ok(client)
     }
 }
 
@@ -250,7 +317,10 @@ impl PostgresWarehouse {
                 "COPY {target} ({}) FROM STDIN (FORMAT binary)",
                 names.join(", ")
             ))
-            .map_err(wrap)?;
+            .map_err(|e| {
+                self.broken = true;
+                wrap(e)
+            })?;
         let sink_wrap = |e: copy::SinkError| match e {
             copy::SinkError::Driver(e) => wrap(e),
             copy::SinkError::Stream(other) => CopyError {
@@ -363,6 +433,12 @@ impl Warehouse for PostgresWarehouse {
     }
 
     fn rollback(&mut self) -> Result<(), WarehouseError> {
+        if self.broken {
+            // The server ends the old session's transaction when its connection closes.
+            self.client = self.session.open()?;
+            self.broken = false;
+            return Ok(());
+        }
         self.client.batch_execute("ROLLBACK").map_err(pg_error)
     }
 
@@ -555,5 +631,30 @@ mod tests {
             .unwrap()
             .get(0);
         assert_eq!(count, "3");
+    }
+
+    /// A warehouse session waits at most [`super::LOCK_TIMEOUT`] for a lock unless the
+    /// database (or the role, or the server) sets its own `lock_timeout`, which wins.
+    #[test]
+    fn warehouse_sessions_get_a_lock_timeout_unless_the_dba_set_one() {
+        let server = crate::test_pg::shared();
+        let lock_timeout = |db: &str| -> String {
+            let mut w = super::PostgresWarehouse::with_config(
+                server.url(db).parse().unwrap(),
+                crate::crd::SslMode::Disable,
+                None,
+                "analytics",
+            )
+            .unwrap();
+            w.client.query_one("SHOW lock_timeout", &[]).unwrap().get(0)
+        };
+        let plain = server.create_database("warehouse_lock_timeout");
+        assert_eq!(lock_timeout(&plain), "1min");
+        let dba = server.create_database("warehouse_dba_lock_timeout");
+        server
+            .connect(&dba)
+            .batch_execute(&format!("ALTER DATABASE {dba} SET lock_timeout = '5s'"))
+            .unwrap();
+        assert_eq!(lock_timeout(&dba), "5s");
     }
 }
