@@ -39,10 +39,17 @@ fn sample() -> String {
     .join("\n")
 }
 
-fn import(store: &str, input: &std::path::Path) -> (bool, String, String) {
-    run(bin()
+fn import(store: &str, input: &std::path::Path) -> (Option<i32>, String, String) {
+    let out = bin()
         .args(["import", "--json", "--store", store])
-        .arg(input))
+        .arg(input)
+        .output()
+        .expect("run profiles-sync");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn export(store: &str, table: &str, extra: &[&str]) -> String {
@@ -57,8 +64,11 @@ fn check(store: &str) {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("events.jsonl");
     std::fs::write(&input, sample()).unwrap();
-    let (ok, out, err) = import(store, &input);
-    assert!(ok, "{err}");
+    // Some lines are refused: the good ones are stored, the summary printed, and the exit
+    // status says that not everything was imported.
+    let (code, out, err) = import(store, &input);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("refused and not imported"), "{err}");
     let summary: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(summary["accepted"], 5);
     assert_eq!(summary["duplicates"], 1);
@@ -193,8 +203,8 @@ fn import_takes_large_messages_in_batch_lines() {
     ];
     let input = dir.path().join("events.jsonl");
     std::fs::write(&input, lines.join("\n")).unwrap();
-    let (ok, out, err) = import(&store, &input);
-    assert!(ok, "{err}");
+    let (code, out, err) = import(&store, &input);
+    assert_eq!(code, Some(0), "{err}");
     let summary: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(summary["accepted"], 3, "{summary} {err}");
     let events: Vec<Value> = export(&store, "events", &[])
@@ -231,8 +241,8 @@ fn a_line_that_is_not_utf8_is_reported_and_skipped() {
             .as_bytes(),
     );
     std::fs::write(&input, bytes).unwrap();
-    let (ok, out, err) = import(&store, &input);
-    assert!(ok, "{err}");
+    let (code, out, err) = import(&store, &input);
+    assert_eq!(code, Some(1), "{err}");
     let summary: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(summary["lines"], 3);
     assert_eq!(summary["accepted"], 2, "{summary}");
@@ -252,8 +262,8 @@ fn a_csv_export_of_an_empty_table_has_its_header() {
         json!({"type": "track", "messageId": "t1", "userId": "u", "event": "A"}).to_string(),
     )
     .unwrap();
-    let (ok, _, err) = import(&store, &input);
-    assert!(ok, "{err}");
+    let (code, _, err) = import(&store, &input);
+    assert_eq!(code, Some(0), "{err}");
     for (table, first) in [
         ("screens", "seq,"),
         ("id_graph_updates", "seq,segment_id,canonical_segment_id"),

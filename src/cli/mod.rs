@@ -52,6 +52,9 @@ pub enum Command {
     /// Run one sync of a WarehouseConnection: land the change feeds in its warehouse.
     Sync(sync::SyncArgs),
     /// Ingest Segment JSON (one message, or one {"batch": [...]}, per line) into a store.
+    ///
+    /// Exits 1 when any line or message was refused (the others are stored, the summary says
+    /// how many of each), 0 when every one was stored or already there.
     Import {
         /// The store: sqlite:///path/file.db or postgres://user@host/db.
         #[arg(long, env = "PROFILES_SYNC_STORE", hide_env_values = true)]
@@ -114,7 +117,11 @@ pub fn run(cli: Cli) -> ExitCode {
             source_id,
             json,
             input,
-        } => run_import(&store, rules.as_deref(), &source_id, json, &input),
+        } => match run_import(&store, rules.as_deref(), &source_id, json, &input) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
         Command::Export {
             store,
             table,
@@ -177,7 +184,7 @@ fn run_import(
     source_id: &str,
     json: bool,
     input: &PathBuf,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let rules = load_rules(rules)?;
     let mut store = crate::store::open(store, rules.clone())?;
     let total = std::fs::metadata(input).map(|m| m.len()).unwrap_or(0);
@@ -224,5 +231,11 @@ fn run_import(
             println!("  {n:>8}  {reason}");
         }
     }
-    Ok(())
+    let rejected = summary.rejected_total();
+    if rejected > 0 {
+        eprintln!(
+            "{rejected} of the input's messages or lines were refused and not imported; the others were"
+        );
+    }
+    Ok(rejected == 0)
 }
