@@ -21,6 +21,8 @@ pub enum Note {
     SyncPartiallySucceeded(String),
     /// A sync loaded nothing.
     SyncFailed(String),
+    /// A sync Job completed without a readable report.
+    SyncOutcomeUnknown(String),
     /// The backfill caught up.
     BackfillComplete,
     /// The connection's SelectiveSync is invalid (published on the SelectiveSync).
@@ -40,6 +42,7 @@ impl Note {
             Note::SyncSucceeded(_) => "SyncSucceeded",
             Note::SyncPartiallySucceeded(_) => "SyncPartiallySucceeded",
             Note::SyncFailed(_) => "SyncFailed",
+            Note::SyncOutcomeUnknown(_) => "SyncOutcomeUnknown",
             Note::BackfillComplete => "BackfillComplete",
             Note::SelectiveSyncInvalid(_) => "SelectiveSyncInvalid",
             Note::JobAdopted(_) => "JobAdopted",
@@ -65,7 +68,9 @@ impl Note {
             ),
             Note::SyncSucceeded(m) => (EventType::Normal, "Sync", m.clone()),
             Note::SyncPartiallySucceeded(m) => (EventType::Warning, "Sync", m.clone()),
-            Note::SyncFailed(m) => (EventType::Warning, "Sync", m.clone()),
+            Note::SyncFailed(m) | Note::SyncOutcomeUnknown(m) => {
+                (EventType::Warning, "Sync", m.clone())
+            }
             Note::BackfillComplete => (
                 EventType::Normal,
                 "Sync",
@@ -113,6 +118,12 @@ impl Note {
                     .unwrap_or_default();
                 Note::SyncFailed(format!("sync {job} failed: {why}"))
             }
+            SyncStatus::Unknown => Note::SyncOutcomeUnknown(
+                r.errors
+                    .first()
+                    .map(|e| e.message.clone())
+                    .unwrap_or_else(|| format!("sync {job} completed without a readable report")),
+            ),
         }
     }
 }
@@ -169,6 +180,12 @@ mod tests {
                 "SyncFailed",
                 EventType::Warning,
                 "Permission: permission denied",
+            ),
+            (
+                SyncStatus::Unknown,
+                "SyncOutcomeUnknown",
+                EventType::Warning,
+                "permission denied for schema",
             ),
         ];
         for (status, reason, type_, text) in cases {

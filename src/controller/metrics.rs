@@ -102,6 +102,7 @@ impl Metrics {
             SyncStatus::Success => "Success",
             SyncStatus::PartialSuccess => "PartialSuccess",
             SyncStatus::Failed => "Failed",
+            SyncStatus::Unknown => "Unknown",
         };
         self.sync_runs.with_label_values(&[result]).inc();
         for (group, n) in [

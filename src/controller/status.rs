@@ -74,9 +74,11 @@ pub fn record(job: &FinishedJob) -> (SyncRecord, Option<SyncReport>) {
         _ if !job.pod_found => "no pod of the Job was found".to_string(),
         _ => "its pod wrote no termination message".to_string(),
     };
-    let outcome = match job.phase {
-        JobPhase::Failed => "failed",
-        _ => "finished",
+    // A Job that completed exited 0: its sync was not `Failed`, but which tables loaded only
+    // its report said.
+    let (outcome, status) = match job.phase {
+        JobPhase::Failed => ("failed", SyncStatus::Failed),
+        _ => ("completed", SyncStatus::Unknown),
     };
     let mut message = format!(
         "the sync Job {} {outcome} without a readable report: {why}",
@@ -93,7 +95,7 @@ pub fn record(job: &FinishedJob) -> (SyncRecord, Option<SyncReport>) {
     (
         SyncRecord {
             id: job.name.clone(),
-            status: SyncStatus::Failed,
+            status,
             start_time: Time(start),
             duration_seconds: duration,
             rows: SyncRows::default(),
@@ -325,6 +327,17 @@ pub fn connection_status(f: &ConnectionFacts<'_>) -> WarehouseConnectionStatus {
                     format!("sync {} failed: {why}", s.id),
                 )
             }
+            // Its Job completed (a `Failed` sync exits non-zero), so the connection works.
+            Some(s) if s.status == SyncStatus::Unknown => (
+                "True",
+                "SyncOutcomeUnknown",
+                s.errors
+                    .first()
+                    .map(|e| e.message.clone())
+                    .unwrap_or_else(|| {
+                        format!("sync {} completed without a readable report", s.id)
+                    }),
+            ),
             Some(s) => (
                 "True",
                 "Synced",

@@ -88,8 +88,10 @@ fn missing_or_malformed_reports_are_failed_syncs_with_a_reason() {
         "{msg}"
     );
 
+    // A Job that completed exited 0: not a failed sync, but its outcome is not known either
+    // (it was recorded Failed).
     let (rec, _) = record(&finished("c-3", JobPhase::Succeeded, None, true));
-    assert_eq!(rec.status, SyncStatus::Failed);
+    assert_eq!(rec.status, SyncStatus::Unknown);
     assert!(
         rec.errors[0]
             .message
@@ -109,6 +111,40 @@ fn missing_or_malformed_reports_are_failed_syncs_with_a_reason() {
         rec.errors[0].message
     );
     assert_eq!(rec.errors[0].class, ErrorClass::Internal);
+}
+
+/// A Job that completed but whose pod is gone before the controller read its report is
+/// `Unknown`, not `Failed` (it exited 0, so its sync was not `Failed`): the record says why, and
+/// Ready stays True with its own reason. A Job that failed without a report is still `Failed`.
+#[test]
+fn a_completed_job_without_its_report_is_unknown_not_failed() {
+    let (rec, parsed) = record(&finished("c-5", JobPhase::Succeeded, None, false));
+    assert!(parsed.is_none());
+    assert_eq!(rec.status, SyncStatus::Unknown);
+    let msg = &rec.errors[0].message;
+    assert!(
+        msg.contains("completed") && msg.contains("no pod of the Job was found"),
+        "{msg}"
+    );
+    let empty = WarehouseConnectionStatus::default();
+    let ok = TestOutcome {
+        reason: Reason::Connected,
+        message: "connected".into(),
+    };
+    let s = connection_status(&ConnectionFacts {
+        test: Some(&ok),
+        ..facts(&empty, vec![rec])
+    });
+    let ready = cond(&s, "Ready");
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("True", "SyncOutcomeUnknown")
+    );
+    assert!(ready.message.contains("no pod"), "{}", ready.message);
+    assert_eq!(s.last_successful_sync_time, None);
+
+    let (rec, _) = record(&finished("c-6", JobPhase::Failed, None, false));
+    assert_eq!(rec.status, SyncStatus::Failed);
 }
 
 fn rec(id: &str, start: &str, status: SyncStatus) -> SyncRecord {

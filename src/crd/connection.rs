@@ -223,6 +223,11 @@ pub enum SyncStatus {
     PartialSuccess,
     /// No table loaded.
     Failed,
+    /// The sync Job completed (it exits non-zero only for `Failed`), but its report could not be
+    /// read: its pod was removed before the controller read it, or it left no or a malformed
+    /// termination message. Whether every table loaded is not known; nothing is lost, as the
+    /// next sync continues from the cursors in the warehouse. Never in a sync's own report.
+    Unknown,
 }
 
 /// The class of a sync error, for alerting and troubleshooting.
@@ -248,7 +253,7 @@ pub enum ErrorClass {
 pub struct SyncRecord {
     /// Unique id of the sync (the Job's slot id).
     pub id: String,
-    /// Success, PartialSuccess or Failed.
+    /// Success, PartialSuccess, Failed, or Unknown (the Job completed but its report was lost).
     pub status: SyncStatus,
     /// When the sync started.
     pub start_time: Time,
