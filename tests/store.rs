@@ -85,6 +85,7 @@ both_stores!(
     current_state_tables_page_by_key_to_the_whole_state,
     a_version_2_store_is_migrated_in_place,
     an_earlier_sighting_moves_an_identifier_s_first_seen_back,
+    a_window_added_later_counts_identifiers_by_their_last_sighting,
 );
 
 /// An engine older than format 3, still running beside a newer one during a rolling upgrade,
@@ -149,6 +150,40 @@ fn an_earlier_sighting_moves_an_identifier_s_first_seen_back(kind: &str) {
     let (_, identifiers) = s.load_state().unwrap();
     let late = identifiers.iter().find(|i| i.value == "late").unwrap();
     assert_eq!(late.first_seen.to_string(), "2025-12-31T08:00:00Z");
+}
+
+/// A user_id seen every month is stored with its latest sighting (to the day) though its type
+/// has no window: once the rules give the type a window and the store is reopened, the limit
+/// counts it, and a second user_id does not join the profile. (It was stored as last seen at
+/// its first sighting, outside the window, and u2 joined u1's profile.)
+fn a_window_added_later_counts_identifiers_by_their_last_sighting(kind: &str) {
+    let (mut s, url, _keep) = fresh(kind);
+    let seen = |id: &str, user: &str, ts: &str| {
+        event(
+            json!({"type": "track", "messageId": id, "userId": user, "anonymousId": "a1",
+                     "event": "E", "timestamp": ts}),
+        )
+    };
+    for (i, day) in ["2025-09-01", "2025-10-01", "2025-11-01", "2025-12-30"]
+        .iter()
+        .enumerate()
+    {
+        s.ingest(vec![seen(
+            &format!("d{i}"),
+            "u1",
+            &format!("{day}T00:00:00Z"),
+        )])
+        .unwrap();
+    }
+    drop(s);
+    let rules = Rules::from_yaml("limits: {user_id: {max: 1, window: 30d}}").unwrap();
+    let mut s = store::open(&url, rules).unwrap();
+    s.ingest(vec![seen("d9", "u2", "2025-12-31T00:00:00Z")])
+        .unwrap();
+    let (_, identifiers) = s.load_state().unwrap();
+    let find = |v: &str| identifiers.iter().find(|i| i.value == v).unwrap();
+    assert_eq!(find("u1").last_seen.to_string(), "2025-12-30T00:00:00Z");
+    assert_ne!(find("u2").segment_id, find("u1").segment_id);
 }
 
 fn segment_example_rows_land_in_seq_order(kind: &str) {

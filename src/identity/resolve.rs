@@ -371,16 +371,20 @@ fn merge_into(g: &mut IdentityGraph, a: ProfileIx, b: ProfileIx, res: &mut Resol
 
 /// Records that the event carried identifier `i`.
 ///
-/// `last_seen` only matters to limits with a time window, so only for such types is a newer
-/// sighting persisted; elsewhere it is kept in memory only, sparing the store an identifier
-/// upsert per event.
+/// `last_seen` only matters to limits with a time window: for such types every newer sighting
+/// is persisted; for the others the first one of each UTC day, sparing the store an identifier
+/// upsert per event while keeping the stored `last_seen` within a day of the truth — so that a
+/// window the rules add later counts an identifier by when it was really last seen, not by its
+/// first sighting.
 fn touch(g: &mut IdentityGraph, i: IdentIx, at: Timestamp) {
+    const DAY: i64 = 86_400;
     let windowed = g.types[g.idents[i as usize].ty as usize].window.is_some();
     let e = &mut g.idents[i as usize];
     let mut changed = false;
     if at > e.last_seen {
+        let new_day = at.as_second().div_euclid(DAY) != e.last_seen.as_second().div_euclid(DAY);
         e.last_seen = at;
-        changed = windowed;
+        changed = windowed || new_day;
     }
     if at < e.first_seen {
         e.first_seen = at;

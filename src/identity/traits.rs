@@ -1,5 +1,9 @@
-//! Profile traits: last write wins per trait, `null` removes, and on a merge the newest value
-//! of each trait wins (by when it was last set; removals count as writes).
+//! Profile traits: the newest write wins per trait, `null` removes, and on a merge the newest
+//! value of each trait wins. "Newest" is the identify's `timestamp` (removals count as writes);
+//! of two writes with the same timestamp the later one to arrive wins. An identify that arrives
+//! late with an older timestamp (a mobile SDK's queue flushed after a newer one) changes no
+//! trait a newer write set — on one profile as across a merge, so that where an identify landed
+//! does not decide the value.
 
 use foldhash::HashMap;
 
@@ -8,8 +12,9 @@ use serde_json::{Map, Value};
 
 use super::graph::Profile;
 
-/// Applies an identify call's traits at time `at`. Returns whether the trait values changed
-/// (setting a trait to its current value changes only its time).
+/// Applies an identify call's traits at time `at`, each unless a newer write set (or removed)
+/// it. Returns whether the trait values changed (setting a trait to its current value changes
+/// only its time).
 pub(super) fn apply_identify(
     profile: &mut Profile,
     traits: &Map<String, Value>,
@@ -17,6 +22,13 @@ pub(super) fn apply_identify(
 ) -> bool {
     let mut changed = false;
     for (name, value) in traits {
+        if profile
+            .trait_times
+            .get(name)
+            .is_some_and(|&newer| at < newer)
+        {
+            continue;
+        }
         if value.is_null() {
             changed |= profile.traits.shift_remove(name).is_some();
         } else if profile.traits.get(name) != Some(value) {

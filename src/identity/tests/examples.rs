@@ -421,3 +421,65 @@ fn apply_refuses_an_identifier_of_an_unknown_profile() {
     assert!(g.take_dirty().is_empty());
     assert_eq!(g.canonical("use_unknown"), None);
 }
+
+fn anonymous_ext(v: &str) -> Value {
+    json!({"id": v, "type": "anonymous_id", "collection": "users", "encoding": "none"})
+}
+
+fn identify_at(anonymous_id: &str, ts: &str, plan: &str) -> Value {
+    json!({"type": "identify", "anonymousId": anonymous_id, "timestamp": ts, "traits": {"plan": plan}})
+}
+
+/// An identify arriving late with an older timestamp (a mobile SDK's queue flushed after a
+/// newer one) does not overwrite a trait a newer write set: on one profile as across a merge
+/// of the same writes (it did on one profile — the later arrival won there, the newer
+/// timestamp across a merge — and the late write moved the trait's time back, so that a merge
+/// afterwards kept a value that was neither the last one received nor the newest).
+#[test]
+fn a_late_identify_with_an_older_timestamp_does_not_overwrite_a_newer_trait() {
+    let plan = |g: &IdentityGraph, p: &str| g.traits(p).expect("profile")["plan"].clone();
+    // One profile: "pro" (March), then, late, "free" (January).
+    let mut g = IdentityGraph::new(Rules::default());
+    let a = resolve(&mut g, identify_at("a", "2024-03-01T00:00:00Z", "pro")).segment_id;
+    let late = resolve(&mut g, identify_at("a", "2024-01-01T00:00:00Z", "free"));
+    assert_eq!(plan(&g, &a), json!("pro"));
+    assert!(late.profile_traits_updates.is_empty(), "{late:?}");
+    // A write with the same timestamp as the newest is applied (the later arrival wins).
+    resolve(&mut g, identify_at("a", "2024-03-01T00:00:00Z", "team"));
+    assert_eq!(plan(&g, &a), json!("team"));
+
+    // The same writes on two profiles, merged afterwards: the same value.
+    let mut g = IdentityGraph::new(Rules::default());
+    let a = resolve(&mut g, identify_at("a", "2024-03-01T00:00:00Z", "pro")).segment_id;
+    resolve(&mut g, identify_at("b", "2024-01-01T00:00:00Z", "free"));
+    let merge = json!({"type": "page", "anonymousId": "a", "timestamp": "2024-04-01T00:00:00Z",
+                       "context": {"externalIds": [anonymous_ext("b")]}});
+    assert_eq!(resolve(&mut g, merge.clone()).segment_id, a);
+    assert_eq!(plan(&g, &a), json!("pro"));
+
+    // Three writes: "pro" (March) and, late, "free" (January) on A; "basic" (February) on B.
+    // The merge keeps the newest, "pro" (it kept "basic").
+    let mut g = IdentityGraph::new(Rules::default());
+    let a = resolve(&mut g, identify_at("a", "2024-03-01T00:00:00Z", "pro")).segment_id;
+    resolve(&mut g, identify_at("b", "2024-02-01T00:00:00Z", "basic"));
+    resolve(&mut g, identify_at("a", "2024-01-01T00:00:00Z", "free"));
+    assert_eq!(resolve(&mut g, merge).segment_id, a);
+    assert_eq!(plan(&g, &a), json!("pro"));
+}
+
+/// A late removal (`null`) older than the trait's last set leaves it; a newer one removes it.
+#[test]
+fn a_late_trait_removal_older_than_the_last_set_leaves_the_trait() {
+    let mut g = IdentityGraph::new(Rules::default());
+    let a = resolve(&mut g, identify_at("a", "2024-03-01T00:00:00Z", "pro")).segment_id;
+    resolve(
+        &mut g,
+        json!({"type": "identify", "anonymousId": "a", "timestamp": "2024-02-01T00:00:00Z", "traits": {"plan": null}}),
+    );
+    assert_eq!(g.traits(&a).expect("profile")["plan"], json!("pro"));
+    resolve(
+        &mut g,
+        json!({"type": "identify", "anonymousId": "a", "timestamp": "2024-04-01T00:00:00Z", "traits": {"plan": null}}),
+    );
+    assert!(!g.traits(&a).expect("profile").contains_key("plan"));
+}
