@@ -1973,3 +1973,189 @@ fn postgres_a_table_the_loader_may_not_insert_into_fails_alone() {
     assert_eq!(again.status, SyncStatus::Success, "{again:#?}");
     assert_eq!(wh.count("pages"), pages + 1);
 }
+
+/// The table of a Track event named `Events` (`_events`) keeps its own cursor: a load that
+/// fails once (here a lock a user holds) is retried by the next run, its rows loaded once. It
+/// shared its state row with the sync's events watermark, whose cursor moved past the failed
+/// rows at the end of the run: they were never loaded.
+#[test]
+fn postgres_a_failed_load_of_an_events_named_track_table_is_retried() {
+    let (mut s, url, _d) = store();
+    let events = |id: &str| {
+        msg(json!({"type": "track", "messageId": id, "anonymousId": "x1", "event": "Events"}))
+    };
+    ingest(&mut *s, &[events("e1")]);
+    let wh = TestWarehouse::postgres();
+    let db = wh.database.clone().unwrap();
+    assert_eq!(wh.sync(&url, None).status, SyncStatus::Success);
+    assert_eq!(wh.count("_events"), 1);
+
+    ingest(&mut *s, &[events("e2")]);
+    as_dba(&wh)
+        .batch_execute(&format!("ALTER DATABASE {db} SET lock_timeout = '1s'"))
+        .unwrap();
+    let mut holder = as_dba(&wh);
+    let mut tx = holder.transaction().unwrap();
+    tx.batch_execute("LOCK TABLE profiles_sync._events IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    let r = wh.sync(&url, None);
+    assert_eq!(failed_tables(&r), ["_events"], "{r:#?}");
+    tx.rollback().unwrap();
+
+    let again = wh.sync(&url, None);
+    assert_eq!(again.status, SyncStatus::Success, "{again:#?}");
+    assert_eq!(wh.count("_events"), 2);
+    assert_eq!(wh.count("tracks"), 2);
+}
+
+/// A warehouse an older release synced keeps its events watermark under the old name
+/// (`_events`): the next sync moves it to its own row, loads only what is new, and leaves no
+/// `_events` state behind when no such table exists.
+fn an_older_events_watermark_is_moved_to_its_own_row(kind: &str) {
+    let (mut s, url, _d) = store();
+    ingest(&mut *s, &basics());
+    let wh = TestWarehouse::of(kind);
+    assert_eq!(wh.sync(&url, None).status, SyncStatus::Success);
+    let (pages, tracks) = (wh.count("pages"), wh.count("tracks"));
+    let state = wh.table("_profiles_sync_state");
+    wh.connect()
+        .execute(&format!(
+            "UPDATE {state} SET table_name = '_events' WHERE table_name = '_profiles_sync_events'"
+        ))
+        .unwrap();
+
+    ingest(
+        &mut *s,
+        &[msg(
+            json!({"type": "page", "messageId": "m-new", "anonymousId": "a9", "name": "New"}),
+        )],
+    );
+    let r = wh.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    assert!(
+        r.backfilling.is_empty(),
+        "not taken for a first sync: {r:#?}"
+    );
+    assert_eq!((wh.count("pages"), wh.count("tracks")), (pages + 1, tracks));
+    let names: Vec<Option<String>> = wh
+        .query(&format!(
+            "SELECT table_name FROM {state} WHERE table_name IN ('_events', '_profiles_sync_events')"
+        ))
+        .into_iter()
+        .map(|r| r[0].clone())
+        .collect();
+    assert_eq!(names, [Some("_profiles_sync_events".to_string())]);
+}
+
+#[test]
+fn sqlite_an_older_events_watermark_is_moved_to_its_own_row() {
+    an_older_events_watermark_is_moved_to_its_own_row("sqlite");
+}
+
+#[test]
+fn postgres_an_older_events_watermark_is_moved_to_its_own_row() {
+    an_older_events_watermark_is_moved_to_its_own_row("postgres");
+}
+
+/// A first sync stopped midway by the feed (some rows loaded: `PartialSuccess`) has not caught
+/// up: its report lists the tables still backfilling, and the controller does not turn
+/// `BackfillComplete` True from it (it said "every table has caught up").
+#[test]
+fn a_first_sync_stopped_midway_is_not_backfill_complete() {
+    use profiles_sync::controller::status::{ConnectionFacts, connection_status};
+    let (mut s, url, _d) = store();
+    let identifies: Vec<Value> = (0..20)
+        .map(|i| {
+            msg(json!({"type": "identify", "messageId": format!("e{i}"), "anonymousId": format!("an{i}"), "traits": {"n": i}}))
+        })
+        .collect();
+    ingest(&mut *s, &identifies);
+    let wh = TestWarehouse::sqlite();
+    let mut source = ScriptedFeed::new(&url);
+    source.ok_reads = 2;
+    let r = wh.sync_source(&mut source, None, &wh.spec, 2);
+    assert_eq!(r.status, SyncStatus::PartialSuccess, "{r:#?}");
+    assert!(wh.count("identifies") < 20, "stopped midway");
+    assert!(
+        r.backfilling.iter().any(|t| t == "identifies"),
+        "{:?}",
+        r.backfilling
+    );
+    let previous = Default::default();
+    let status = connection_status(&ConnectionFacts {
+        now: jiff::Timestamp::now(),
+        generation: 1,
+        previous: &previous,
+        syncs: vec![],
+        newest_report: Some(&r),
+        test: None,
+        suspended: false,
+        active_job: None,
+        last_started: None,
+        schedule: Ok("every 1h".into()),
+        selection_error: None,
+        next_sync: None,
+        blocked: None,
+        start_failed: None,
+        egress_ips: &[],
+    });
+    let backfill = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "BackfillComplete")
+        .unwrap();
+    assert_eq!(
+        (backfill.status.as_str(), backfill.reason.as_str()),
+        ("False", "Backfilling")
+    );
+}
+
+/// Events that reach the store after the first sync load into every table they belong to,
+/// whatever their `receivedAt` (`profiles-sync import` keeps a historical event's): the first
+/// sync's backfill window bounds only the history it found. (The tables of the first sync kept
+/// the window for good and dropped them; a Track table created later loaded them.)
+fn events_imported_after_the_first_sync_load_into_every_table(kind: &str) {
+    let (mut s, url, _d) = store();
+    let track = |id: &str, event: &str, at: Option<&str>| {
+        let mut m = json!({"type": "track", "messageId": id, "anonymousId": "x1", "event": event});
+        if let Some(at) = at {
+            m["receivedAt"] = json!(at);
+            m["timestamp"] = json!(at);
+        }
+        m
+    };
+    ingest(&mut *s, &[msg(track("r1", "Order Completed", None))]);
+    let wh = TestWarehouse::of(kind);
+    assert_eq!(wh.sync(&url, None).status, SyncStatus::Success);
+    let old = jiff::Timestamp::now()
+        .checked_sub(jiff::SignedDuration::from_hours(90 * 24))
+        .unwrap()
+        .to_string();
+    ingest(
+        &mut *s,
+        &[
+            track("h1", "Order Completed", Some(&old)),
+            track("h2", "Refund Issued", Some(&old)),
+        ],
+    );
+    let r = wh.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    assert_eq!(
+        (
+            wh.count("tracks"),
+            wh.count("order_completed"),
+            wh.count("refund_issued")
+        ),
+        (3, 2, 1)
+    );
+}
+
+#[test]
+fn sqlite_events_imported_after_the_first_sync_load_into_every_table() {
+    events_imported_after_the_first_sync_load_into_every_table("sqlite");
+}
+
+#[test]
+fn postgres_events_imported_after_the_first_sync_load_into_every_table() {
+    events_imported_after_the_first_sync_load_into_every_table("postgres");
+}

@@ -258,17 +258,22 @@ pub fn connection_status(f: &ConnectionFacts<'_>) -> WarehouseConnectionStatus {
             )
         }
     }
+    // A sync stopped midway (the engine or the warehouse connection lost: an error of no
+    // table) did not reach every table, so it cannot tell that they all caught up.
+    let stopped = |r: &SyncReport| r.errors.iter().any(|e| e.table.is_none());
     match f.newest_report {
-        Some(r) if r.status != SyncStatus::Failed && r.backfilling.is_empty() => set(
-            &mut conds,
-            conditions::BACKFILL_COMPLETE,
-            "True",
-            "CaughtUp",
-            "every table has caught up with the profile store",
-            generation,
-            now,
-        ),
-        Some(r) if r.status != SyncStatus::Failed => {
+        Some(r) if r.status != SyncStatus::Failed && r.backfilling.is_empty() && !stopped(r) => {
+            set(
+                &mut conds,
+                conditions::BACKFILL_COMPLETE,
+                "True",
+                "CaughtUp",
+                "every table has caught up with the profile store",
+                generation,
+                now,
+            )
+        }
+        Some(r) if r.status != SyncStatus::Failed && !r.backfilling.is_empty() => {
             let mut names = r.backfilling.clone();
             names.truncate(5);
             set(

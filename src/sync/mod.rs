@@ -121,10 +121,29 @@ pub fn run(
                 table: None,
             });
             // What committed before the stop is reported (and, rows loaded, makes the run a
-            // partial success rather than a failure).
-            run.report.tables = std::mem::take(&mut run.table_reports)
+            // partial success rather than a failure). Tables that had not caught up before it
+            // are still backfilling (a first sync stopped midway is not complete).
+            let mut tables: Vec<TableReport> = std::mem::take(&mut run.table_reports)
                 .into_values()
                 .collect();
+            for t in &mut tables {
+                t.backfilling = run
+                    .states
+                    .get(&t.name)
+                    .is_some_and(|s| s.enabled && !s.backfilled);
+            }
+            run.report.backfilling = run
+                .states
+                .iter()
+                .filter(|(name, s)| {
+                    s.enabled
+                        && !s.backfilled
+                        && *name != EVENTS_WATERMARK
+                        && *name != MATERIALIZED_CURSOR
+                })
+                .map(|(name, _)| name.clone())
+                .collect();
+            run.report.tables = tables;
         }
     }
     run.report.finish(start);
@@ -268,6 +287,7 @@ impl<'a> Run<'a> {
         self.states = state::read(wh)?;
         let names = state::read_names(wh)?;
         let mut schema = Schema::of(wh)?;
+        self.migrate_events_watermark(wh, &schema)?;
         self.head = source.head()?;
         self.report.head_seq = self.head;
         let sources: HashMap<String, SourceInfo> = source
@@ -418,6 +438,41 @@ impl<'a> Run<'a> {
             } else {
                 self.caught_up.insert(t.to_string());
             }
+        }
+        Ok(())
+    }
+
+    /// Moves an older warehouse's events watermark ([`tables::LEGACY_EVENTS_WATERMARK`]) to
+    /// its own row. Its old row stays as the state of a `_events` table when the warehouse has
+    /// one (the two shared it), and is deleted otherwise.
+    fn migrate_events_watermark(
+        &mut self,
+        wh: &mut dyn Warehouse,
+        schema: &Schema,
+    ) -> Result<(), RunError> {
+        if self.states.contains_key(EVENTS_WATERMARK) {
+            return Ok(());
+        }
+        let Some(legacy) = self.states.get(tables::LEGACY_EVENTS_WATERMARK).cloned() else {
+            return Ok(());
+        };
+        let table_exists = schema.tables.contains_key(tables::LEGACY_EVENTS_WATERMARK);
+        wh.begin()?;
+        let moved = state::write(wh, &[(EVENTS_WATERMARK, &legacy)]).and_then(|()| {
+            if table_exists {
+                Ok(())
+            } else {
+                state::remove(wh, tables::LEGACY_EVENTS_WATERMARK)
+            }
+        });
+        if let Err(e) = moved {
+            let _ = wh.rollback();
+            return Err(e.into());
+        }
+        wh.commit()?;
+        self.states.insert(EVENTS_WATERMARK.to_string(), legacy);
+        if !table_exists {
+            self.states.remove(tables::LEGACY_EVENTS_WATERMARK);
         }
         Ok(())
     }
@@ -742,6 +797,10 @@ impl<'a> Run<'a> {
                 && (s.cursor >= head || self.caught_up.contains(name))
             {
                 s.backfilled = true;
+                // The backfill window bounds the history the first sync found, no more: events
+                // that reach the store later load whatever their receivedAt (an import keeps
+                // its events' own).
+                s.min_received_at_us = None;
             }
         }
         self.save_states(wh, |_| true)?;

@@ -152,6 +152,14 @@ pub fn write(wh: &mut dyn Warehouse, states: &[(&str, &TableState)]) -> Result<(
     Ok(())
 }
 
+/// Deletes the state row of `name` inside the caller's transaction.
+pub fn remove(wh: &mut dyn Warehouse, name: &str) -> Result<(), WarehouseError> {
+    let table = wh.dialect().qualified(wh.schema(), STATE);
+    let name = name.replace('\'', "''");
+    wh.execute(&format!("DELETE FROM {table} WHERE table_name = '{name}'"))?;
+    Ok(())
+}
+
 /// Records new source → column assignments of `table` inside the caller's transaction.
 pub fn write_names(
     wh: &mut dyn Warehouse,

@@ -40,8 +40,14 @@ pub const COLUMN_NAMES: &str = "_profiles_sync_columns";
 /// carried the same value, so they continue from it); an older warehouse's state row of that
 /// name is kept and ignored.
 pub const MATERIALIZED_CURSOR: &str = "_materialized";
-/// The sync-wide events watermark (every event up to it has been routed).
-pub const EVENTS_WATERMARK: &str = "_events";
+/// The sync-wide events watermark (every event up to it has been routed). No Track event's
+/// table can take this name ([`super::events::track_table`] prefixes none with `_profiles_sync`).
+pub const EVENTS_WATERMARK: &str = "_profiles_sync_events";
+/// The watermark's name before: the table of a Track event named `Events` took the same state
+/// row, so that a failed load of that table lost its rows (its cursor moved with the
+/// watermark). A warehouse's row of that name is moved to [`EVENTS_WATERMARK`] by the first
+/// sync that finds no [`EVENTS_WATERMARK`] row (and left to that table if it exists).
+pub const LEGACY_EVENTS_WATERMARK: &str = "_events";
 
 /// The materialized tables.
 pub const MATERIALIZED: [&str; 3] = [USER_IDENTIFIERS, USER_TRAITS, PROFILE_MERGES];
