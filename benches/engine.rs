@@ -163,7 +163,18 @@ async fn scenario(kind: &str) -> Value {
             .await
             .expect("bind");
         base = format!("http://{}", listener.local_addr().expect("addr"));
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        // The engine's own server (its limits included), so that only the handler differs.
+        let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+        let limits = profiles_sync::engine::serve::Limits {
+            header_timeout: std::time::Duration::from_secs(
+                profiles_sync::engine::DEFAULT_HEADER_TIMEOUT_SECS,
+            ),
+            max_connections: profiles_sync::engine::DEFAULT_MAX_CONNECTIONS,
+        };
+        tokio::spawn(async move {
+            let _stop = _stop;
+            profiles_sync::engine::serve::serve(listener, app, limits, stop_rx).await
+        });
     } else {
         let url = if kind == "sqlite" {
             format!("sqlite://{}", dir.path().join("store.db").display())
@@ -178,19 +189,11 @@ async fn scenario(kind: &str) -> Value {
             });
             tokio::task::block_in_place(|| server.url(&server.create_database("bench")))
         };
-        let e = start(EngineConfig {
-            store: url,
-            listen: "127.0.0.1:0".parse().expect("addr"),
-            sources: sources(),
-            rules: Rules::default(),
-            feed_token: None,
-            queue_capacity: 64,
-            reading_capacity: 64,
-            body_timeout: std::time::Duration::from_secs(30),
-            stall_timeout: std::time::Duration::from_secs(
-                profiles_sync::engine::DEFAULT_STALL_TIMEOUT_SECS,
-            ),
-        })
+        let e = start(EngineConfig::new(
+            url,
+            "127.0.0.1:0".parse().expect("addr"),
+            sources(),
+        ))
         .await
         .expect("engine");
         e.loaded().await;

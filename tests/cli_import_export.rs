@@ -281,3 +281,38 @@ fn a_csv_export_of_an_empty_table_has_its_header() {
     let tracks = export(&store, "tracks", &["--format", "csv"]);
     assert_eq!(tracks.lines().count(), 2, "{tracks}");
 }
+
+/// `export … | head`: the reader going away ends the export quietly with status 0, as for any
+/// Unix filter (it printed "error: Broken pipe" and exited 1 — after the demo suggested it).
+#[test]
+fn an_export_whose_reader_goes_away_ends_quietly() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}", dir.path().join("s.db").display());
+    let input = dir.path().join("events.jsonl");
+    // Far more than a pipe's buffer of output.
+    let lines: Vec<String> = (0..3000)
+        .map(|i| {
+            json!({"type": "track", "messageId": format!("t{i}"), "userId": format!("u{i}"), "event": "A", "properties": {"pad": "x".repeat(100)}})
+                .to_string()
+        })
+        .collect();
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let (code, _, err) = import(&store, &input);
+    assert_eq!(code, Some(0), "{err}");
+    let mut child = bin()
+        .args(["export", "--store", &store, "--table", "tracks"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.contains("\"seq\""), "{first}");
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    assert!(stderr.is_empty(), "{stderr}");
+}

@@ -2065,3 +2065,277 @@ async fn a_load_whose_connection_broke_is_tried_again_on_a_new_one() {
     );
     engine.stop().await.unwrap();
 }
+
+/// A raw HTTP/1.1 exchange: sends `request` on a new connection and reads what comes back
+/// until the engine closes it (or 10 s pass, which fails the test).
+async fn raw_exchange(base: &str, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    c.write_all(request).await.unwrap();
+    let mut answer = vec![];
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        c.read_to_end(&mut answer),
+    )
+    .await
+    .expect("the engine closed the connection")
+    .unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// A client that never finishes its request's headers is disconnected after the header
+/// timeout, and does not hold a graceful shutdown (there was no header timeout: one such
+/// connection kept a SIGTERM'd engine alive until the kubelet's SIGKILL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_stalled_in_its_headers_is_disconnected_and_holds_no_shutdown() {
+    use tokio::io::AsyncWriteExt;
+    let t = start_options(Options {
+        header_timeout: std::time::Duration::from_millis(300),
+        ..Options::default()
+    })
+    .await;
+    let answer = raw_exchange(&t.base, b"POST /v1/track HTTP/1.1\r\nHost: x\r\n").await;
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
+
+    let mut stalled = tokio::net::TcpStream::connect(t.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    stalled
+        .write_all(b"POST /v1/track HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(20), t.engine.stop())
+        .await
+        .expect("the engine stopped")
+        .unwrap();
+}
+
+/// A request head over 64 KB is refused 431 (hyper's default let each connection buffer
+/// ~400 KB of headers, without a deadline).
+#[tokio::test]
+async fn a_request_head_over_64_kb_is_refused_431() {
+    let t = start(8).await;
+    let mut request = b"POST /v1/track HTTP/1.1\r\nHost: x\r\n".to_vec();
+    for i in 0..20 {
+        request.extend_from_slice(format!("X-Pad-{i}: {}\r\n", "a".repeat(4000)).as_bytes());
+    }
+    request.extend_from_slice(b"Content-Length: 2\r\n\r\n{}");
+    let answer = raw_exchange(&t.base, &request).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    t.engine.stop().await.unwrap();
+}
+
+/// A write key in the `Authorization` header that no source has is answered 401 at once,
+/// before the body is read: clients with a wrong key that send slowly hold no reading permit,
+/// and real clients keep being served (two such clients took both permits of a reading
+/// capacity of 2 for the body timeout, and real clients got 503).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_write_key_is_refused_before_the_body_and_holds_no_reading_permit() {
+    use base64::Engine as _;
+    let t = start_with(8, 2).await;
+    let bad = base64::engine::general_purpose::STANDARD.encode("not-a-write-key:");
+    for _ in 0..3 {
+        // Headers, then nothing of the 100 KB body they announce.
+        let answer = raw_exchange(
+            &t.base,
+            format!(
+                "POST /v1/batch HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {bad}\r\n\
+                 Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+        assert!(answer.contains("unknown write key"), "{answer}");
+    }
+    let (status, _) = post(
+        &t.base,
+        "/v1/track",
+        &json!({"userId": "u1", "event": "Real", "messageId": "real-1"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    t.engine.stop().await.unwrap();
+}
+
+/// Content codings: gzip and x-gzip (alone or with identity) are decoded; any other is refused
+/// 415 (`br` was read as plain JSON, `deflate` misreported as malformed JSON), storing nothing.
+#[tokio::test]
+async fn content_codings_other_than_gzip_are_refused_415() {
+    let t = start(8).await;
+    let body = json!({"userId": "u1", "event": "E", "messageId": "coded"}).to_string();
+    let mut gz = flate2::write::GzEncoder::new(vec![], flate2::Compression::default());
+    gz.write_all(body.as_bytes()).unwrap();
+    let gz = gz.finish().unwrap();
+    let send = |coding: &'static str, bytes: Vec<u8>| {
+        client()
+            .post(format!("{}/v1/track", t.base))
+            .basic_auth(WRITE_KEY, Some(""))
+            .header("content-type", "application/json")
+            .header("content-encoding", coding)
+            .body(bytes)
+            .send()
+    };
+    for (coding, bytes) in [("br", body.clone().into_bytes()), ("deflate", gz.clone())] {
+        let r = send(coding, bytes).await.unwrap();
+        assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE, "{coding}");
+        let err: Value = r.json().await.unwrap();
+        assert!(err["error"].as_str().unwrap().contains(coding), "{err}");
+    }
+    assert!(stored(&t.store_url).is_empty());
+    for coding in ["x-gzip", "gzip, identity"] {
+        let r = send(coding, gz.clone()).await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{coding}");
+    }
+    assert_eq!(stored(&t.store_url).len(), 1, "one event, deduplicated");
+    t.engine.stop().await.unwrap();
+}
+
+/// A body whose HTTP framing is broken (a chunk size that is not hex) is a 400, not "413:
+/// request body exceeds the 500 KB batch limit" for a 2-byte body.
+#[tokio::test]
+async fn a_malformed_chunked_body_is_a_400_not_too_large() {
+    use base64::Engine as _;
+    let t = start(8).await;
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{WRITE_KEY}:"));
+    let answer = raw_exchange(
+        &t.base,
+        format!(
+            "POST /v1/track HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {auth}\r\n\
+             Transfer-Encoding: chunked\r\n\r\nzz\r\n{{}}\r\n0\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("could not be read"), "{answer}");
+    t.engine.stop().await.unwrap();
+}
+
+/// Feed reads share a bounded set of store handles: on PostgreSQL, with 2 feed readers and a
+/// role allowed 4 connections, 30 concurrent feed reads (held up by a lock, so that they
+/// overlap) are all served. Each read opened a connection of its own: the role's limit (in
+/// production, the server's `max_connections`) refused the rest, and the writer, the other
+/// replicas and the operators with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_feed_reads_hold_a_bounded_number_of_connections() {
+    let pg = tokio::task::block_in_place(support::pg::shared);
+    let (url, db) = tokio::task::block_in_place(|| {
+        let db = pg.create_database("feed_readers");
+        pg.connect(&db)
+            .batch_execute(
+                "DO $$ BEGIN CREATE ROLE feed_engine LOGIN CONNECTION LIMIT 4; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;",
+            )
+            .unwrap();
+        pg.connect(&db)
+            .batch_execute(&format!("ALTER DATABASE {db} OWNER TO feed_engine"))
+            .unwrap();
+        let url = pg.url(&db).replacen("postgres@", "feed_engine@", 1);
+        (url, db)
+    });
+    assert!(url.contains("feed_engine@"), "{url}");
+    let t = start_options(Options {
+        store_url: Some(url),
+        feed_readers: 2,
+        ..Options::default()
+    })
+    .await;
+    let (locked_tx, locked) = std::sync::mpsc::channel();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let blocker = std::thread::spawn(move || {
+        let mut c = pg.connect(&db);
+        let mut tx = c.transaction().unwrap();
+        tx.batch_execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+            .unwrap();
+        locked_tx.send(()).unwrap();
+        // Released once both feed readers wait on the lock.
+        let mut watcher = pg.connect(&db);
+        loop {
+            let waiting: i64 = watcher
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE usename = 'feed_engine' AND wait_event_type = 'Lock'",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            if waiting >= 2 {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        tx.commit().unwrap();
+        let _ = released.recv();
+    });
+    tokio::task::block_in_place(|| locked.recv().unwrap());
+    let reads: Vec<_> = (0..30)
+        .map(|_| {
+            let base = t.base.clone();
+            tokio::spawn(async move {
+                client()
+                    .get(format!("{base}/v1/feeds/tracks"))
+                    .bearer_auth(FEED_TOKEN)
+                    .send()
+                    .await
+                    .map(|r| r.status())
+            })
+        })
+        .collect();
+    let mut statuses = vec![];
+    for r in reads {
+        statuses.push(r.await.unwrap().unwrap());
+    }
+    release.send(()).unwrap();
+    tokio::task::block_in_place(|| blocker.join().unwrap());
+    assert!(
+        statuses
+            .iter()
+            .all(|s| *s == StatusCode::OK || *s == StatusCode::NOT_FOUND),
+        "{statuses:?}"
+    );
+    t.engine.stop().await.unwrap();
+}
+
+/// An engine on PostgreSQL that served feed reads stops cleanly: its idle feed readers were
+/// dropped on an async worker, where closing a blocking PostgreSQL client panics ("Cannot
+/// start a runtime from within a runtime"; the process aborted with two or more readers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_an_engine_stops_cleanly_after_serving_feed_reads() {
+    let pg = tokio::task::block_in_place(support::pg::shared);
+    let db = tokio::task::block_in_place(|| pg.create_database("feed_stop"));
+    let t = start_options(Options {
+        store_url: Some(pg.url(&db)),
+        ..Options::default()
+    })
+    .await;
+    let reads: Vec<_> = (0..3)
+        .map(|_| {
+            client()
+                .get(format!("{}/v1/feeds", t.base))
+                .bearer_auth(FEED_TOKEN)
+                .send()
+        })
+        .collect();
+    for r in futures_join(reads).await {
+        assert_eq!(r.unwrap().status(), StatusCode::OK);
+    }
+    t.engine.stop().await.unwrap();
+}
+
+/// Runs `futures` concurrently and returns their outputs in order.
+async fn futures_join<F>(futures: Vec<F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+    let mut out = vec![];
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}

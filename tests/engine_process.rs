@@ -174,3 +174,75 @@ fn sigterm_stops_the_engine_gracefully() {
     );
     assert_eq!(stored_ids(dir.path()).len(), 10);
 }
+
+/// An engine whose stdout and stderr are pipes nobody reads any more (`engine … 2>&1 | head`,
+/// a supervisor gone) serves, logs nowhere, and stops on SIGTERM with status 0. Its address
+/// line panicked the main thread when stdout was closed first; a log line to a closed stderr
+/// panicked whichever thread logged — the signal handler's one meant no SIGTERM ever stopped it.
+#[test]
+fn an_engine_with_its_output_pipes_closed_serves_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let sources = dir.path().join("sources.yaml");
+    std::fs::write(
+        &sources,
+        format!("sources:\n  - {{id: src_test, name: Test, slug: test, writeKey: {WRITE_KEY}}}\n"),
+    )
+    .unwrap();
+    // A free port: the address line cannot be read from a closed stdout.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_profiles-sync"))
+        .args([
+            "engine",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--sources",
+        ])
+        .arg(&sources)
+        .arg("--store")
+        .arg(format!(
+            "sqlite://{}",
+            dir.path().join("store.db").display()
+        ))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the engine");
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::blocking::Client::new();
+    // Ready once /readyz answers 200; an engine that died answers nothing, and its exit ends
+    // the wait.
+    loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            panic!("the engine exited with {exit:?}");
+        }
+        if client
+            .get(format!("{base}/readyz"))
+            .send()
+            .is_ok_and(|r| r.status().is_success())
+        {
+            break;
+        }
+        std::thread::yield_now();
+    }
+    let r = client
+        .post(format!("{base}/v1/batch"))
+        .basic_auth(WRITE_KEY, Some(""))
+        .json(&batch(0, 5))
+        .send()
+        .unwrap();
+    assert!(r.status().is_success());
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "exit on SIGTERM: {exit:?}");
+    assert_eq!(stored_ids(dir.path()).len(), 5);
+}

@@ -1,5 +1,6 @@
 //! `profiles-sync engine`.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -24,14 +25,25 @@ pub struct EngineArgs {
     #[arg(long, env = "PROFILES_SYNC_FEED_TOKEN_FILE")]
     pub feed_token_file: Option<PathBuf>,
     /// Requests the writer queue holds before the engine answers 503 with Retry-After.
-    #[arg(long, env = "PROFILES_SYNC_QUEUE_CAPACITY", default_value_t = 64)]
+    #[arg(long, env = "PROFILES_SYNC_QUEUE_CAPACITY", default_value_t = crate::engine::DEFAULT_QUEUE_CAPACITY)]
     pub queue_capacity: usize,
     /// Requests read and parsed at once (bodies in memory); one more is answered 503 with Retry-After.
-    #[arg(long, env = "PROFILES_SYNC_READING_CAPACITY", default_value_t = 64)]
+    #[arg(long, env = "PROFILES_SYNC_READING_CAPACITY", default_value_t = crate::engine::DEFAULT_READING_CAPACITY)]
     pub reading_capacity: usize,
     /// Seconds a request's body may take to arrive after its headers; a slower client is answered 408.
-    #[arg(long, env = "PROFILES_SYNC_BODY_TIMEOUT_SECS", default_value_t = 30)]
+    #[arg(long, env = "PROFILES_SYNC_BODY_TIMEOUT_SECS", default_value_t = crate::engine::DEFAULT_BODY_TIMEOUT_SECS)]
     pub body_timeout_secs: u64,
+    /// Seconds a client may take to send a request's headers, and an idle keep-alive
+    /// connection may wait for its next request, before the connection is closed.
+    #[arg(long, env = "PROFILES_SYNC_HEADER_TIMEOUT_SECS", default_value_t = crate::engine::DEFAULT_HEADER_TIMEOUT_SECS)]
+    pub header_timeout_secs: u64,
+    /// Client connections open at once; more wait in the listen backlog.
+    #[arg(long, env = "PROFILES_SYNC_MAX_CONNECTIONS", default_value_t = crate::engine::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// Store handles the change-feed API holds open at once (PostgreSQL connections); more
+    /// feed reads wait for one.
+    #[arg(long, env = "PROFILES_SYNC_FEED_READERS", default_value_t = crate::engine::DEFAULT_FEED_READERS)]
+    pub feed_readers: usize,
     /// Seconds one store write may run before /healthz and /readyz answer 503 (the store does
     /// not answer: the kubelet then restarts the engine); 0 turns the check off.
     #[arg(
@@ -73,6 +85,9 @@ impl EngineArgs {
             queue_capacity: self.queue_capacity.max(1),
             reading_capacity: self.reading_capacity.max(1),
             body_timeout: std::time::Duration::from_secs(self.body_timeout_secs.max(1)),
+            header_timeout: std::time::Duration::from_secs(self.header_timeout_secs.max(1)),
+            max_connections: self.max_connections.max(1),
+            feed_readers: self.feed_readers.max(1),
             stall_timeout: std::time::Duration::from_secs(self.stall_timeout_secs),
         })
     }
@@ -85,7 +100,8 @@ pub fn run(args: EngineArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let engine = crate::engine::start(config).await?;
-        println!("engine listening on {}", engine.addr);
+        // A closed stdout (a pipe whose reader went away) must not stop the engine.
+        let _ = writeln!(std::io::stdout(), "engine listening on {}", engine.addr);
         let stop = engine.shutdown_sender();
         tokio::spawn(async move {
             wait_for_signal().await;

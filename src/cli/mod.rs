@@ -129,14 +129,18 @@ pub fn run(cli: Cli) -> ExitCode {
             format,
         } => (|| {
             let mut store = crate::store::open(&store, Rules::default())?;
-            export(
+            let exported = export(
                 &mut *store,
                 &table,
                 after_seq,
                 format,
                 &mut std::io::stdout().lock(),
-            )?;
-            Ok(())
+            );
+            match exported {
+                // The reader went away (`export … | head`): as for any Unix filter, not an error.
+                Err(e) if broken_pipe(&e) => Ok(()),
+                other => other.map(|_| ()),
+            }
         })(),
     };
     match result {
@@ -176,6 +180,18 @@ pub fn load_rules(path: Option<&std::path::Path>) -> anyhow::Result<Rules> {
             Rules::from_yaml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
         }
     }
+}
+
+/// Whether `e` is (or was caused by) writing to a pipe whose reader has gone.
+fn broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            || cause
+                .downcast_ref::<csv::Error>()
+                .is_some_and(|c| matches!(c.kind(), csv::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::BrokenPipe))
+    })
 }
 
 fn run_import(

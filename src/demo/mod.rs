@@ -70,18 +70,16 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<SyncReport> {
         1,
         "Starting the engine (Segment Tracking API + identity resolution) on an embedded SQLite store",
     );
+    let sources = Sources::from_yaml(&format!(
+        "sources:\n  - {{id: src_demo_web, name: Demo Website, slug: demo-website, writeKey: {WRITE_KEY}}}\n"
+    ))?;
     let engine = runtime.block_on(engine::start(EngineConfig {
-        store: format!("sqlite://{}", store_path.display()),
-        listen: "127.0.0.1:0".parse()?,
-        sources: Sources::from_yaml(&format!(
-            "sources:\n  - {{id: src_demo_web, name: Demo Website, slug: demo-website, writeKey: {WRITE_KEY}}}\n"
-        ))?,
-        rules: crate::identity::Rules::default(),
         feed_token: Some(FEED_TOKEN.into()),
-        queue_capacity: 64,
-        reading_capacity: 64,
-        body_timeout: std::time::Duration::from_secs(30),
-            stall_timeout: std::time::Duration::from_secs(engine::DEFAULT_STALL_TIMEOUT_SECS),
+        ..EngineConfig::new(
+            format!("sqlite://{}", store_path.display()),
+            "127.0.0.1:0".parse()?,
+            sources,
+        )
     }))?;
     let base = format!("http://{}", engine.addr);
     say(&format!("  engine listening on {base}"));

@@ -25,19 +25,43 @@ pub const DEFAULT_PAGE: usize = 10_000;
 pub struct ReaderPool {
     url: String,
     idle: Mutex<Vec<Box<dyn Store>>>,
+    /// One permit per handle that may be open.
+    open: Arc<tokio::sync::Semaphore>,
 }
 
 impl ReaderPool {
-    /// A pool opening handles on `url` as needed.
-    pub fn new(url: String) -> Arc<ReaderPool> {
+    /// A pool opening handles on `url` as needed, at most `max` at once (in use or idle): on
+    /// PostgreSQL each is a server connection, and sync Jobs reading at once must not take the
+    /// server's connections from the writer, the other replicas and the operators.
+    pub fn new(url: String, max: usize) -> Arc<ReaderPool> {
         Arc::new(ReaderPool {
             url,
             idle: Mutex::new(vec![]),
+            open: Arc::new(tokio::sync::Semaphore::new(max.max(1))),
         })
     }
 
-    /// Runs `f` with a handle; a handle that failed is dropped instead of returned to the pool.
-    pub fn with<T>(
+    /// Runs `f` with a handle on a blocking thread, once one of the pool's handles is free (a
+    /// read beyond them waits); a handle that failed is dropped instead of returned to the pool. The outer error is
+    /// the blocking task's (it panicked or was cancelled).
+    pub async fn read<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&mut dyn Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<Result<T, StoreError>, String> {
+        let permit = Arc::clone(&self.open)
+            .acquire_owned()
+            .await
+            .map_err(|e| e.to_string())?;
+        let pool = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            pool.with(f)
+        })
+        .await
+        .map_err(|e| e.to_string())
+    }
+
+    fn with<T>(
         &self,
         f: impl FnOnce(&mut dyn Store) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
@@ -49,11 +73,24 @@ impl ReaderPool {
         let result = f(&mut *store);
         if result.is_ok()
             && let Ok(mut idle) = self.idle.lock()
-            && idle.len() < 8
         {
             idle.push(store);
         }
         result
+    }
+}
+
+impl Drop for ReaderPool {
+    /// The idle handles are closed on a thread of their own: the pool is dropped with the
+    /// engine's state on an async worker, where closing a PostgreSQL handle (a blocking client
+    /// with a runtime of its own) panics.
+    fn drop(&mut self) {
+        if let Ok(idle) = self.idle.get_mut() {
+            let idle = std::mem::take(idle);
+            if !idle.is_empty() {
+                crate::store::drop_later(idle);
+            }
+        }
     }
 }
 

@@ -133,30 +133,60 @@ fn api_error(e: &ApiError) -> Response {
 }
 
 async fn read_body(headers: &HeaderMap, body: Body) -> Result<Vec<u8>, ApiError> {
-    let too_large = || ApiError {
-        status: 413,
-        message: format!(
-            "request body exceeds the {} KB batch limit",
-            MAX_BATCH_BYTES / 1024
-        ),
-        field: None,
-        index: None,
-        events: 1,
+    let gzip = gzipped(headers)?;
+    let raw = match Limited::new(body, MAX_BATCH_BYTES).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(ApiError::new(
+                413,
+                format!(
+                    "request body exceeds the {} KB batch limit",
+                    MAX_BATCH_BYTES / 1024
+                ),
+            ));
+        }
+        // A framing error (a bad chunk size, a connection cut mid-body): not a size problem.
+        Err(e) => {
+            return Err(ApiError::new(
+                400,
+                format!("the request body could not be read: {e}"),
+            ));
+        }
     };
-    let raw = Limited::new(body, MAX_BATCH_BYTES)
-        .collect()
-        .await
-        .map_err(|_| too_large())?
-        .to_bytes();
-    let gzip = headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("gzip"));
     if gzip {
         request::gunzip(&raw, MAX_BATCH_BYTES)
     } else {
         Ok(raw.to_vec())
     }
+}
+
+/// Whether the body is gzipped (`Content-Encoding: gzip`, or `x-gzip`, alone or with
+/// `identity`s); any other content coding is refused 415 before the body is read, rather than
+/// read as plain JSON or misreported as malformed.
+fn gzipped(headers: &HeaderMap) -> Result<bool, ApiError> {
+    let mut gzip = 0;
+    for value in headers.get_all(header::CONTENT_ENCODING) {
+        let value = value.to_str().unwrap_or("\u{fffd}");
+        for coding in value.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            if coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip") {
+                gzip += 1;
+            } else if !coding.eq_ignore_ascii_case("identity") {
+                return Err(ApiError::new(
+                    415,
+                    format!(
+                        "Content-Encoding {coding:?} is not supported: send gzip or no encoding"
+                    ),
+                ));
+            }
+        }
+    }
+    if gzip > 1 {
+        return Err(ApiError::new(
+            415,
+            "Content-Encoding: a body gzipped more than once is not supported",
+        ));
+    }
+    Ok(gzip == 1)
 }
 
 async fn ingest(
@@ -201,6 +231,23 @@ async fn ingest_inner(
     endpoint: Endpoint,
 ) -> Response {
     let started = Instant::now();
+    let auth = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    // A write key in the header that no source has is refused before the body is read: such
+    // a client never holds a reading permit (sending its body slowly, it would keep real
+    // clients out for the body timeout). The header's key wins over a body's writeKey.
+    if let Some(key) = request::basic_auth_user(auth)
+        && state.sources.by_write_key(&key).is_none()
+    {
+        let e = ApiError::new(401, "unknown write key");
+        state
+            .metrics
+            .events_rejected
+            .with_label_values(&[e.reason()])
+            .inc();
+        return closing(api_error(&e));
+    }
     // Under overload a request is turned away without its body being kept or parsed, so
     // rejected requests cost next to nothing while the writer catches up.
     if state.writer.is_full() {
@@ -237,9 +284,6 @@ async fn ingest_inner(
             return closing(api_error(&e));
         }
     };
-    let auth = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
     let accepted = match request::parse(
         endpoint,
         &bytes,
@@ -409,20 +453,22 @@ async fn feed_catalog(
             );
         }
     };
-    let readers = state.readers.clone();
-    match tokio::task::spawn_blocking(move || readers.with(|s| feed::catalog(s, since))).await {
+    match state.readers.read(move |s| feed::catalog(s, since)).await {
         Ok(Ok(doc)) => json_response(StatusCode::OK, doc),
         Ok(Err(e)) => store_unavailable(&e.to_string()),
-        Err(e) => store_unavailable(&e.to_string()),
+        Err(e) => store_unavailable(&e),
     }
 }
 
 fn store_unavailable(e: &str) -> Response {
     tracing::error!(error = e, "feed read failed");
-    json_response(
+    let mut r = json_response(
         StatusCode::SERVICE_UNAVAILABLE,
         json!({"error": "the store could not be read; retry"}),
-    )
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    r
 }
 
 /// Query parameters of a feed page.
@@ -482,9 +528,9 @@ async fn feed_page(
         Err(e) => return json_response(StatusCode::BAD_REQUEST, json!({"error": e})),
     };
     let limit = q.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
-    let readers = state.readers.clone();
-    let result = tokio::task::spawn_blocking(move || {
-        readers.with(|store| match start {
+    let result = state
+        .readers
+        .read(move |store| match start {
             PageStart::Key(t, after) => {
                 feed::state_table_page(store, t, &table, after, limit, feed::MAX_PAGE_BYTES)
                     .map(Some)
@@ -496,8 +542,7 @@ async fn feed_page(
                 feed::page(store, &table, &f, after, limit, feed::MAX_PAGE_BYTES).map(Some)
             }
         })
-    })
-    .await;
+        .await;
     match result {
         Ok(Ok(Some(body))) => (
             StatusCode::OK,
@@ -514,7 +559,7 @@ async fn feed_page(
             json!({"error": format!("after_key: {e}")}),
         ),
         Ok(Err(e)) => store_unavailable(&e.to_string()),
-        Err(e) => store_unavailable(&e.to_string()),
+        Err(e) => store_unavailable(&e),
     }
 }
 

@@ -8,6 +8,7 @@ pub mod feed;
 pub mod http;
 pub mod metrics;
 pub mod request;
+pub mod serve;
 pub mod sources;
 pub mod writer;
 
@@ -22,6 +23,19 @@ use crate::identity::Rules;
 /// that the replicas waiting on it are not restarted for that. The PostgreSQL store's send
 /// timeout (`tcp_user_timeout`) is as long.
 pub const DEFAULT_STALL_TIMEOUT_SECS: u64 = 120;
+
+/// The default of [`EngineConfig::queue_capacity`].
+pub const DEFAULT_QUEUE_CAPACITY: usize = 64;
+/// The default of [`EngineConfig::reading_capacity`].
+pub const DEFAULT_READING_CAPACITY: usize = 64;
+/// The default of [`EngineConfig::body_timeout`], in seconds.
+pub const DEFAULT_BODY_TIMEOUT_SECS: u64 = 30;
+/// The default of [`EngineConfig::header_timeout`], in seconds.
+pub const DEFAULT_HEADER_TIMEOUT_SECS: u64 = 30;
+/// The default of [`EngineConfig::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// The default of [`EngineConfig::feed_readers`].
+pub const DEFAULT_FEED_READERS: usize = 8;
 
 /// How the engine runs.
 #[derive(Clone, Debug)]
@@ -46,9 +60,38 @@ pub struct EngineConfig {
     /// stalls longer is answered 408, so stalled clients cannot hold the reading capacity (or
     /// a graceful shutdown) for ever.
     pub body_timeout: std::time::Duration,
+    /// How long a client may take to send a request's headers (and an idle keep-alive
+    /// connection may wait for its next request) before the connection is closed.
+    pub header_timeout: std::time::Duration,
+    /// Most client connections open at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Most store handles the feed API holds open at once (each a server connection on
+    /// PostgreSQL); a feed read beyond them waits for one.
+    pub feed_readers: usize,
     /// How long one write of the store writer may run before `/healthz` and `/readyz` answer
     /// 503 (so that the kubelet restarts the engine); zero turns the check off.
     pub stall_timeout: std::time::Duration,
+}
+
+impl EngineConfig {
+    /// The engine on `store`, listening on `listen`, for `sources`, with Segment's identity
+    /// rules, the feed API closed, and the default capacities and timeouts.
+    pub fn new(store: String, listen: SocketAddr, sources: sources::Sources) -> EngineConfig {
+        EngineConfig {
+            store,
+            listen,
+            sources,
+            rules: Rules::default(),
+            feed_token: None,
+            queue_capacity: DEFAULT_QUEUE_CAPACITY,
+            reading_capacity: DEFAULT_READING_CAPACITY,
+            body_timeout: std::time::Duration::from_secs(DEFAULT_BODY_TIMEOUT_SECS),
+            header_timeout: std::time::Duration::from_secs(DEFAULT_HEADER_TIMEOUT_SECS),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            feed_readers: DEFAULT_FEED_READERS,
+            stall_timeout: std::time::Duration::from_secs(DEFAULT_STALL_TIMEOUT_SECS),
+        }
+    }
 }
 
 /// A started engine: its address, and a handle to stop it.
@@ -56,7 +99,7 @@ pub struct RunningEngine {
     /// The address it listens on (useful with port 0).
     pub addr: SocketAddr,
     shutdown: tokio::sync::watch::Sender<bool>,
-    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    server: tokio::task::JoinHandle<()>,
     writer: std::thread::JoinHandle<()>,
     loaded: tokio::sync::watch::Receiver<bool>,
 }
@@ -73,7 +116,7 @@ impl RunningEngine {
     /// Stops accepting, finishes in-flight requests, drains the writer, and returns.
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.shutdown.send(true);
-        self.server.await??;
+        self.server.await?;
         tokio::task::spawn_blocking(move || self.writer.join())
             .await?
             .map_err(|_| anyhow::anyhow!("the store writer panicked"))?;
@@ -87,7 +130,7 @@ impl RunningEngine {
 
     /// Waits until the server has stopped (after a shutdown signal) and the writer drained.
     pub async fn wait(self) -> anyhow::Result<()> {
-        self.server.await??;
+        self.server.await?;
         tokio::task::spawn_blocking(move || self.writer.join())
             .await?
             .map_err(|_| anyhow::anyhow!("the store writer panicked"))?;
@@ -136,7 +179,7 @@ pub async fn start(config: EngineConfig) -> anyhow::Result<RunningEngine> {
         rules: config.rules,
         writer,
         reading: tokio::sync::Semaphore::new(config.reading_capacity.max(1)),
-        readers: feed::ReaderPool::new(config.store),
+        readers: feed::ReaderPool::new(config.store, config.feed_readers),
         feed_token: config.feed_token,
         metrics,
         ready: AtomicBool::new(true),
@@ -146,16 +189,18 @@ pub async fn start(config: EngineConfig) -> anyhow::Result<RunningEngine> {
     });
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
-    let (shutdown, mut rx) = tokio::sync::watch::channel(false);
+    let (shutdown, rx) = tokio::sync::watch::channel(false);
     let app = http::router(state.clone());
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = rx.wait_for(|stop| *stop).await;
-                state.ready.store(false, Ordering::Relaxed);
-            })
-            .await
+    let mut stopping = rx.clone();
+    tokio::spawn(async move {
+        let _ = stopping.wait_for(|stop| *stop).await;
+        state.ready.store(false, Ordering::Relaxed);
     });
+    let limits = serve::Limits {
+        header_timeout: config.header_timeout,
+        max_connections: config.max_connections,
+    };
+    let server = tokio::spawn(serve::serve(listener, app, limits, rx));
     tracing::info!(%addr, "engine listening");
     Ok(RunningEngine {
         addr,

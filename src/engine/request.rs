@@ -49,7 +49,8 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: u16, message: impl Into<String>) -> ApiError {
+    /// An error of `status` with `message`, naming no field, counting one event.
+    pub fn new(status: u16, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
             message: message.into(),
@@ -79,6 +80,7 @@ impl ApiError {
             401 => "unauthorized",
             408 => "timeout",
             413 => "too_large",
+            415 => "unsupported_encoding",
             _ if self.field.is_some() => "invalid_field",
             _ => "invalid",
         }

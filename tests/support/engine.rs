@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 
 use profiles_sync::engine::{self, EngineConfig, RunningEngine, sources::Sources};
-use profiles_sync::identity::Rules;
 
 /// The write key of the test source.
 pub const WRITE_KEY: &str = "wk_test_123";
@@ -67,6 +66,10 @@ pub struct Options {
     pub reading: usize,
     /// How long a body may take to arrive.
     pub body_timeout: std::time::Duration,
+    /// How long a request's headers may take to arrive.
+    pub header_timeout: std::time::Duration,
+    /// Store handles the feed API holds open at once.
+    pub feed_readers: usize,
     /// How long one write may run before the engine says it is stalled.
     pub stall_timeout: std::time::Duration,
     /// The feed API's token (`None`: the feed API is closed).
@@ -81,6 +84,8 @@ impl Default for Options {
             capacity: 8,
             reading: 64,
             body_timeout: std::time::Duration::from_secs(30),
+            header_timeout: std::time::Duration::from_secs(30),
+            feed_readers: profiles_sync::engine::DEFAULT_FEED_READERS,
             stall_timeout: std::time::Duration::from_secs(
                 profiles_sync::engine::DEFAULT_STALL_TIMEOUT_SECS,
             ),
@@ -94,15 +99,14 @@ impl Options {
     /// The engine's configuration on the store at `store`, on a free local port.
     pub fn config(&self, store: String) -> EngineConfig {
         EngineConfig {
-            store,
-            listen: "127.0.0.1:0".parse().expect("addr"),
-            sources: sources(),
-            rules: Rules::default(),
             feed_token: self.feed_token.map(str::to_string),
             queue_capacity: self.capacity,
             reading_capacity: self.reading,
             body_timeout: self.body_timeout,
+            header_timeout: self.header_timeout,
+            feed_readers: self.feed_readers,
             stall_timeout: self.stall_timeout,
+            ..EngineConfig::new(store, "127.0.0.1:0".parse().expect("addr"), sources())
         }
     }
 }

@@ -1,0 +1,115 @@
+//! The engine's HTTP/1.1 server: axum's router over hyper, with the limits `axum::serve` does
+//! not set — a deadline on each request's headers, a cap on their size and on open
+//! connections — and a graceful shutdown with a deadline.
+
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+
+/// Largest request head (the request line and its headers) a client may send: beyond it the
+/// engine answers 431 and closes the connection. Segment's SDKs send well under 2 KB.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// How long a graceful shutdown waits for the connections still open (requests in flight, a
+/// client slow to send its headers) before it closes them: under the 30 s Kubernetes gives a
+/// pod between SIGTERM and SIGKILL. Requests whose events were queued are committed by the
+/// writer all the same (it drains its queue); their clients, unanswered, retry, and the
+/// messageId keeps the retry from being stored twice.
+pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(25);
+
+/// The limits of [`serve`].
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// How long a client may take to send a request's headers, and how long an idle
+    /// keep-alive connection stays open waiting for its next request.
+    pub header_timeout: Duration,
+    /// Most connections open at once; the next waits in the listen backlog until one closes.
+    pub max_connections: usize,
+}
+
+/// Serves `app` on `listener` until `stop` turns true, then stops accepting, lets open
+/// connections finish their requests (idle ones close at once) for up to
+/// [`SHUTDOWN_DEADLINE`], and closes the rest.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: Limits,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_header_size(MAX_HEADER_BYTES);
+    let open = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let mut connections = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            () = stopped(&mut stop) => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            accepted = accept(&listener, &open) => accepted,
+        };
+        let Some((stream, permit)) = accepted else {
+            continue;
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let connection = http.serve_connection(TokioIo::new(stream), service);
+        let mut stop = stop.clone();
+        connections.spawn(async move {
+            let _permit = permit;
+            let mut connection = pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                () = stopped(&mut stop) => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
+    }
+    drop(listener);
+    let drained = tokio::time::timeout(SHUTDOWN_DEADLINE, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            open = connections.len(),
+            "connections still open {} s after shutdown began were closed",
+            SHUTDOWN_DEADLINE.as_secs()
+        );
+        connections.shutdown().await;
+    }
+}
+
+/// Returns once `stop` is true (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
+}
+
+/// The next connection, once one of the open-connection permits is free. `None` when the
+/// accept failed (a client that reset, too many open files): logged, and after a pause so
+/// that a persistent failure does not spin.
+async fn accept(
+    listener: &TcpListener,
+    open: &Arc<Semaphore>,
+) -> Option<(tokio::net::TcpStream, tokio::sync::OwnedSemaphorePermit)> {
+    let permit = Arc::clone(open).acquire_owned().await.ok()?;
+    match listener.accept().await {
+        Ok((stream, _)) => {
+            let _ = stream.set_nodelay(true);
+            Some((stream, permit))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "accepting a connection failed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            None
+        }
+    }
+}
