@@ -2159,3 +2159,85 @@ fn sqlite_events_imported_after_the_first_sync_load_into_every_table() {
 fn postgres_events_imported_after_the_first_sync_load_into_every_table() {
     events_imported_after_the_first_sync_load_into_every_table("postgres");
 }
+
+/// A column of a profile table a DBA narrowed (`user_traits.value` to `varchar(20)`): a value
+/// it refuses goes to `discards` (the trait's row keeps a NULL value) and the table loads — it
+/// failed on every run, and no trait change after it ever landed.
+#[test]
+fn postgres_a_narrowed_profile_table_column_sends_its_refusals_to_discards() {
+    let (mut s, url, _d) = store();
+    let identify = |id: &str, anon: &str, traits: Value| {
+        msg(json!({"type": "identify", "messageId": id, "anonymousId": anon, "traits": traits}))
+    };
+    ingest(&mut *s, &[identify("n1", "an1", json!({"plan": "pro"}))]);
+    let wh = TestWarehouse::postgres();
+    assert_eq!(wh.sync(&url, None).status, SyncStatus::Success);
+    as_dba(&wh)
+        .batch_execute("ALTER TABLE profiles_sync.user_traits ALTER COLUMN value TYPE VARCHAR(20)")
+        .unwrap();
+    ingest(
+        &mut *s,
+        &[
+            identify("n2", "an2", json!({"bio": "x".repeat(50)})),
+            identify("n3", "an3", json!({"plan": "team"})),
+        ],
+    );
+    let r = wh.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::Success, "{:?}", r.errors);
+    let traits = r.tables.iter().find(|t| t.name == "user_traits").unwrap();
+    assert_eq!(traits.discards, 1, "{r:#?}");
+    let values = wh.query(&format!(
+        "SELECT name, value FROM {} ORDER BY name, value",
+        wh.table("user_traits")
+    ));
+    assert_eq!(
+        values,
+        [
+            vec![Some("bio".to_string()), None],
+            vec![Some("plan".to_string()), Some("pro".to_string())],
+            vec![Some("plan".to_string()), Some("team".to_string())],
+        ]
+    );
+    let d = wh.query(&format!(
+        "SELECT column_name, value, reason FROM {} WHERE table_name = 'user_traits'",
+        wh.table("discards")
+    ));
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert_eq!(d[0][0].as_deref(), Some("value"));
+    assert_eq!(d[0][1].as_deref(), Some("x".repeat(50).as_str()));
+    assert_eq!(wh.sync(&url, None).status, SyncStatus::Success);
+}
+
+/// `limits.maxBytes` bounds the profile tables too: with ~1 KB traits and a 20 KB limit, no run
+/// writes more than a window past it into `user_traits` (one run wrote all 200 rows), and the
+/// runs together load every row once.
+#[test]
+fn a_byte_limit_bounds_the_profile_tables_too() {
+    let (mut s, url, _d) = store();
+    let identifies: Vec<Value> = (0..200)
+        .map(|i| {
+            msg(json!({"type": "identify", "messageId": format!("big{i}"), "anonymousId": format!("an{i}"), "traits": {"bio": "x".repeat(1000)}}))
+        })
+        .collect();
+    ingest(&mut *s, &identifies);
+    let wh = TestWarehouse::sqlite();
+    let mut spec = wh.spec.clone();
+    spec.limits = Some(profiles_sync::crd::SyncLimits {
+        max_rows: None,
+        max_bytes: Some(20_000),
+    });
+    let mut most = 0;
+    for _ in 0..100 {
+        let r = wh.sync_with(&url, None, &spec, 10);
+        let traits = r.tables.iter().find(|t| t.name == "user_traits");
+        most = most.max(traits.map_or(0, |t| t.rows));
+        if !r.limit_reached {
+            break;
+        }
+    }
+    assert_eq!(wh.count("user_traits"), 200);
+    assert!(
+        most <= 40,
+        "{most} rows of ~1 KB in one run under a 20 KB limit"
+    );
+}

@@ -326,15 +326,15 @@ impl<'c> Typer<'c> {
         reason: String,
         received_at: &Cell,
     ) -> Vec<Cell> {
-        vec![
-            Cell::Text(self.table.to_string()),
-            Cell::Text(column),
-            Cell::Text(escape_nul(row_id).into_owned()),
-            Cell::Text(escape_nul(&value).into_owned()),
-            Cell::Text(reason),
-            received_at.clone(),
-            Cell::Timestamp(self.uuid_ts),
-        ]
+        discard_row(
+            self.table,
+            &column,
+            row_id,
+            &value,
+            reason,
+            received_at,
+            self.uuid_ts,
+        )
     }
 
     /// The columns (fixed first, in their order; then the rest by name), the rows' cells in
@@ -515,6 +515,55 @@ pub fn ensure_table(
     Ok(())
 }
 
+/// Writes rows of `discards` (creating the table when missing) inside the caller's
+/// transaction; a row already there (same table, column and row) is kept.
+pub fn write_discards(
+    wh: &mut dyn Warehouse,
+    schema: &Schema,
+    discards: &[Vec<Cell>],
+) -> Result<(), WarehouseError> {
+    if discards.is_empty() {
+        return Ok(());
+    }
+    let cols = discard_columns();
+    let key = ["table_name", "column_name", "row_id"];
+    ensure_table(wh, schema, DISCARDS, &cols, &key)?;
+    wh.stage("_ps_discards", &cols, discards)?;
+    let names: Vec<&str> = cols.iter().map(|c| c.name.as_str()).collect();
+    let sql = wh.dialect().merge_from_stage(
+        wh.schema(),
+        DISCARDS,
+        "_ps_discards",
+        &names,
+        &key,
+        OnConflict::Ignore,
+    );
+    wh.execute(&sql)?;
+    Ok(())
+}
+
+/// A row of `discards` for `value` of `table.column` in the row `row_id`, refused for `reason`
+/// (the row id and the value written with NULs escaped).
+pub fn discard_row(
+    table: &str,
+    column: &str,
+    row_id: &str,
+    value: &str,
+    reason: String,
+    received_at: &Cell,
+    uuid_ts: jiff::Timestamp,
+) -> Vec<Cell> {
+    vec![
+        Cell::Text(table.to_string()),
+        Cell::Text(column.to_string()),
+        Cell::Text(escape_nul(row_id).into_owned()),
+        Cell::Text(escape_nul(value).into_owned()),
+        Cell::Text(reason),
+        received_at.clone(),
+        Cell::Timestamp(uuid_ts),
+    ]
+}
+
 fn write(wh: &mut dyn Warehouse, schema: &Schema, p: &Prepared) -> Result<u64, WarehouseError> {
     let (columns, rows, discards) = (&p.columns, &p.rows, &p.discards);
     ensure_table(wh, schema, &p.table, columns, p.key)?;
@@ -527,27 +576,7 @@ fn write(wh: &mut dyn Warehouse, schema: &Schema, p: &Prepared) -> Result<u64, W
         let sql = wh.merge_stage(&p.table, "_ps_stage", &names, p.key, OnConflict::Ignore);
         loaded = wh.execute(&sql)?;
     }
-    if !discards.is_empty() {
-        let cols = discard_columns();
-        ensure_table(
-            wh,
-            schema,
-            DISCARDS,
-            &cols,
-            &["table_name", "column_name", "row_id"],
-        )?;
-        wh.stage("_ps_discards", &cols, discards)?;
-        let names: Vec<&str> = cols.iter().map(|c| c.name.as_str()).collect();
-        let sql = wh.dialect().merge_from_stage(
-            wh.schema(),
-            DISCARDS,
-            "_ps_discards",
-            &names,
-            &["table_name", "column_name", "row_id"],
-            OnConflict::Ignore,
-        );
-        wh.execute(&sql)?;
-    }
+    write_discards(wh, schema, discards)?;
     state::write_names(wh, &p.table, &p.new_names)?;
     state::write(wh, &[(&p.table, &p.state)])?;
     Ok(loaded)

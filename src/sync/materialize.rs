@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use super::RunError;
 use super::columns::{escape_nul, key_text, storable_time};
-use super::load::{Schema, ensure_table};
+use super::load::{Schema, discard_row, ensure_table, write_discards};
 use super::source::FeedSource;
 use super::state::{self, TableState};
 use super::tables::{PROFILE_MERGES, USER_IDENTIFIERS, USER_TRAITS, fixed};
@@ -119,9 +119,85 @@ pub fn read_window(
     }))
 }
 
+/// What applying a window to one table wrote.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Rows written (inserted, updated or moved).
+    pub rows: u64,
+    /// Values sent to `discards`.
+    pub discards: u64,
+    /// Approximate bytes of the rows staged, for `limits.maxBytes`.
+    pub bytes: u64,
+}
+
+/// Rows of `table` that its columns admit: a value a column a DBA narrowed refuses (a
+/// `varchar(20)` for a long trait) becomes NULL and a row of `discards`; a refused key value
+/// leaves its whole row out, recorded in `discards` likewise. (The value failed the table's
+/// load on every run.)
+fn fit(
+    table: &str,
+    schema: &Schema,
+    rows: Vec<Vec<Cell>>,
+    uuid: jiff::Timestamp,
+    discards: &mut Vec<Vec<Cell>>,
+) -> Vec<Vec<Cell>> {
+    let Some(limits) = schema.limits.get(table).filter(|l| !l.is_empty()) else {
+        return rows;
+    };
+    let cols = columns(table);
+    let key = fixed(table).map(|t| t.key).unwrap_or(&[]);
+    let checks: Vec<(usize, crate::warehouse::ColumnLimit, bool)> = cols
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| {
+            limits
+                .get(&c.name)
+                .map(|l| (i, *l, key.contains(&c.name.as_str())))
+        })
+        .collect();
+    if checks.is_empty() {
+        return rows;
+    }
+    let key_at: Vec<usize> = key
+        .iter()
+        .filter_map(|k| cols.iter().position(|c| c.name == *k))
+        .collect();
+    let received_at = cols.iter().position(|c| c.name == "received_at");
+    rows.into_iter()
+        .filter_map(|mut row| {
+            let mut keep = true;
+            for &(i, limit, is_key) in &checks {
+                let Err(reason) = limit.admits(&row[i]) else {
+                    continue;
+                };
+                let row_id = serde_json::to_string(
+                    &key_at.iter().map(|&k| row[k].to_text()).collect::<Vec<_>>(),
+                )
+                .unwrap_or_default();
+                let received = received_at.map_or(Cell::Null, |r| row[r].clone());
+                discards.push(discard_row(
+                    table,
+                    &cols[i].name,
+                    &row_id,
+                    &row[i].to_text().unwrap_or_default(),
+                    reason,
+                    &received,
+                    uuid,
+                ));
+                if is_key {
+                    keep = false;
+                } else {
+                    row[i] = Cell::Null;
+                }
+            }
+            keep.then_some(row)
+        })
+        .collect()
+}
+
 /// Applies `window` to `table` (one of [`USER_IDENTIFIERS`], [`USER_TRAITS`],
 /// [`PROFILE_MERGES`]) in a transaction of its own that also moves the table's cursor to the
-/// window's end; returns the rows written. The table's cursor must be the window's start.
+/// window's end. The table's cursor must be the window's start.
 pub fn apply_window(
     wh: &mut dyn Warehouse,
     schema: &mut Schema,
@@ -129,7 +205,7 @@ pub fn apply_window(
     cursor_state: &mut TableState,
     window: &Window,
     uuid: jiff::Timestamp,
-) -> Result<u64, WarehouseError> {
+) -> Result<Applied, WarehouseError> {
     let end = window.end;
     // Each table reads only its part of the window (the window is applied once per table).
     let mut idents = vec![];
@@ -167,7 +243,7 @@ pub fn apply_window(
 
     let mut next = cursor_state.clone();
     next.cursor = end;
-    let mut written = 0;
+    let mut applied = Applied::default();
     wh.begin()?;
     let result = apply(
         wh,
@@ -178,7 +254,7 @@ pub fn apply_window(
         &snapshots,
         &final_canonical,
         &next,
-        &mut written,
+        &mut applied,
     );
     match result {
         Ok(()) => wh.commit()?,
@@ -191,8 +267,17 @@ pub fn apply_window(
     for c in columns(table) {
         cols.entry(c.name).or_insert(c.ty);
     }
+    if applied.discards > 0 {
+        let d = schema
+            .tables
+            .entry(super::tables::DISCARDS.to_string())
+            .or_default();
+        for c in columns(super::tables::DISCARDS) {
+            d.entry(c.name).or_insert(c.ty);
+        }
+    }
     *cursor_state = next;
-    Ok(written)
+    Ok(applied)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -205,33 +290,31 @@ fn apply(
     snapshots: &BTreeMap<&str, &crate::store::TraitsRow>,
     merges: &BTreeMap<&str, (&str, i64, &Trigger)>,
     next: &TableState,
-    written: &mut u64,
+    applied: &mut Applied,
 ) -> Result<(), WarehouseError> {
     let s = wh.schema().to_string();
     let t = fixed(table)
         .ok_or_else(|| WarehouseError::internal(format!("no definition of {table}")))?;
     ensure_table(wh, schema, table, &t.columns, t.key)?;
-    let merge_into = |wh: &mut dyn Warehouse,
-                      table: &str,
-                      stage: &str,
-                      rows: Vec<Vec<Cell>>|
+    let mut discards = vec![];
+    let mut written = 0;
+    let mut merge_into = |wh: &mut dyn Warehouse,
+                          table: &str,
+                          stage: &str,
+                          rows: Vec<Vec<Cell>>|
      -> Result<u64, WarehouseError> {
+        let rows = fit(table, schema, rows, uuid, &mut discards);
+        applied.bytes += rows.iter().flatten().map(|c| c.size() as u64).sum::<u64>();
         let cols = columns(table);
         let key = fixed(table).map(|t| t.key).unwrap_or(&[]);
         wh.stage(stage, &cols, &rows)?;
         let names: Vec<&str> = cols.iter().map(|c| c.name.as_str()).collect();
-        let sql = wh.dialect().merge_from_stage(
-            wh.schema(),
-            table,
-            stage,
-            &names,
-            key,
-            OnConflict::Update,
-        );
+        // Through the warehouse's merge: a column a DBA gave another type gets its cast.
+        let sql = wh.merge_stage(table, stage, &names, key, OnConflict::Update);
         wh.execute(&sql)
     };
     if table == USER_IDENTIFIERS && !idents.is_empty() {
-        *written += merge_into(wh, USER_IDENTIFIERS, "_ps_idents", with_uuid(idents, uuid))?;
+        written += merge_into(wh, USER_IDENTIFIERS, "_ps_idents", with_uuid(idents, uuid))?;
     }
     if table == USER_TRAITS && !snapshots.is_empty() {
         let subjects: Vec<Vec<Cell>> = snapshots
@@ -265,7 +348,7 @@ fn apply(
             }
         }
         if !rows.is_empty() {
-            *written += merge_into(wh, USER_TRAITS, "_ps_traits", with_uuid(rows, uuid))?;
+            written += merge_into(wh, USER_TRAITS, "_ps_traits", with_uuid(rows, uuid))?;
         }
     }
     if !merges.is_empty() {
@@ -289,7 +372,7 @@ fn apply(
                 "segment_id",
                 "canonical_segment_id",
             );
-            *written += wh.execute(&sql)?;
+            written += wh.execute(&sql)?;
         }
         if table == USER_TRAITS {
             let sql = wh.dialect().delete_in_stage(
@@ -320,8 +403,11 @@ fn apply(
                     )
                 })
                 .collect();
-            *written += merge_into(wh, PROFILE_MERGES, "_ps_merges", with_uuid(rows, uuid))?;
+            written += merge_into(wh, PROFILE_MERGES, "_ps_merges", with_uuid(rows, uuid))?;
         }
     }
+    applied.rows = written;
+    applied.discards = discards.len() as u64;
+    write_discards(wh, schema, &discards)?;
     state::write(wh, &[(table, next)])
 }

@@ -413,10 +413,15 @@ impl<'a> Run<'a> {
                 break;
             };
             let mut failed = vec![];
+            let mut bytes = 0;
             for (t, cursor) in active.iter_mut().filter(|(_, c)| c.cursor == after) {
                 match materialize::apply_window(wh, schema, t, cursor, &window, self.uuid) {
-                    Ok(rows) => {
-                        let r = ChunkResult { rows, discards: 0 };
+                    Ok(applied) => {
+                        bytes += applied.bytes;
+                        let r = ChunkResult {
+                            rows: applied.rows,
+                            discards: applied.discards,
+                        };
                         self.committed(t, cursor.clone(), &r);
                     }
                     Err(e) if e.class == ErrorClass::Connection => {
@@ -429,7 +434,7 @@ impl<'a> Run<'a> {
                 }
             }
             active.retain(|(t, _)| !failed.contains(t));
-            self.spend(window.read, 0);
+            self.spend(window.read, bytes);
         }
         // Stopped by the budget: the tables it left behind wait for the next run.
         for (t, cursor) in &active {
