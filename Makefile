@@ -6,17 +6,20 @@ CARGO ?= cargo
 
 test: deps lint unit
 
+# apt-get needs root: as another user, through sudo.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
 # System packages the tests use: a PostgreSQL server (started per test run by the harness in
 # tests/support/pg.rs, never as a system service) and its client tools.
 deps:
 	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
 		echo "installing PostgreSQL from Debian packages"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql postgresql-client >/dev/null; \
+		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql postgresql-client >/dev/null; \
 	fi
 	@id postgres >/dev/null 2>&1 || { echo "the postgres user is missing; reinstall the postgresql package"; exit 1; }
 	@# openssl makes the self-signed certificate of the TLS tests' PostgreSQL server.
-	@command -v openssl >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null; }
-	@python3 -c 'import venv, ensurepip' 2>/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null; }
+	@command -v openssl >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null; }
+	@python3 -c 'import venv, ensurepip' 2>/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null; }
 	@# Segment's official Python SDK, the real client of the engine in tests/segment_sdk.rs.
 	@test -x .venv-segment/bin/python && .venv-segment/bin/python -c 'import segment.analytics' 2>/dev/null || \
 		{ rm -rf .venv-segment && python3 -m venv .venv-segment && .venv-segment/bin/pip install -q -r tests/sdk/requirements.txt; }

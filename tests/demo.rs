@@ -41,6 +41,20 @@ fn the_demo_runs_end_to_end_and_again() {
             !text.contains("\x1b["),
             "no terminal escapes when stdout is not a terminal"
         );
+        // NEXT SYNC as `kubectl get whc` shows it: the next hourly slot, in UTC (it showed
+        // the schedule, "1h").
+        let row = text
+            .lines()
+            .skip_while(|l| !l.contains("NEXT SYNC"))
+            .nth(1)
+            .unwrap_or_default();
+        let next = row.split_whitespace().last().unwrap_or_default();
+        let at: jiff::Timestamp = next
+            .parse()
+            .unwrap_or_else(|e| panic!("NEXT SYNC {next:?}: {e}"));
+        assert_eq!(at.as_second() % 3600, 0, "{next}");
+        let now = jiff::Timestamp::now().as_second();
+        assert!((now - 60..=now + 3600).contains(&at.as_second()), "{next}");
         assert!(dir.path().join("warehouse.db").exists() && dir.path().join("store.db").exists());
         // The second run starts fresh: the same sample gives the same number of rows.
         let conn = rusqlite::Connection::open(dir.path().join("warehouse.db")).unwrap();

@@ -243,7 +243,9 @@ pub struct AzureSynapseSettings {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SqliteSettings {
-    /// Path of the SQLite file, created when missing; the schema becomes an attached database file beside it.
+    /// Path of the SQLite file, created when missing. The tables live in the file itself (SQLite
+    /// has no schemas: `spec.schema` is not used), so two connections must not share a file —
+    /// they would share its tables and their cursors.
     #[schemars(length(min = 1, max = 4096))]
     pub path: String,
 }

@@ -249,7 +249,12 @@ fn print_report(connection: &WarehouseConnection, r: &SyncReport) {
             "0s".into(),
             format!("{:?}", r.status),
             r.rows.total.to_string(),
-            connection.spec.schedule.clone(),
+            // As `status.nextSyncTime` holds it (UTC), the schedule's next slot.
+            crate::controller::plan::Slots::parse(&connection.spec.schedule)
+                .ok()
+                .and_then(|s| s.next_after(jiff::Timestamp::now()))
+                .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
+                .unwrap_or_else(|| connection.spec.schedule.clone()),
         ],
     ];
     print_table(&rows, "  ");
