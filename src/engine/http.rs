@@ -324,19 +324,24 @@ async fn ingest_inner(
         Ok(Ok(_)) => json_response(StatusCode::OK, json!({"success": true})),
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "request failed to commit");
-            let mut r = json_response(
-                StatusCode::SERVICE_UNAVAILABLE,
+            retry_later(
                 json!({"success": false, "error": "the store could not commit the events; nothing was stored, retry"}),
-            );
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-            r
+                "5",
+            )
         }
-        Err(_) => json_response(
-            StatusCode::SERVICE_UNAVAILABLE,
+        Err(_) => retry_later(
             json!({"success": false, "error": "the engine is shutting down; retry"}),
+            "5",
         ),
     }
+}
+
+/// A 503 with `body` and `Retry-After: seconds`.
+fn retry_later(body: serde_json::Value, seconds: &'static str) -> Response {
+    let mut r = json_response(StatusCode::SERVICE_UNAVAILABLE, body);
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static(seconds));
+    r
 }
 
 /// [`overloaded`] for a request turned away before its body was read. The body is taken in
@@ -389,13 +394,10 @@ fn overloaded(state: &AppState, events: usize) -> Response {
         .events_rejected
         .with_label_values(&["overloaded"])
         .inc_by(events as u64);
-    let mut r = json_response(
-        StatusCode::SERVICE_UNAVAILABLE,
+    retry_later(
         json!({"success": false, "error": "the engine is at capacity; retry after the delay in Retry-After"}),
-    );
-    r.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    r
+        "1",
+    )
 }
 
 fn authorize(state: &AppState, headers: &HeaderMap) -> Option<Response> {
@@ -462,13 +464,7 @@ async fn feed_catalog(
 
 fn store_unavailable(e: &str) -> Response {
     tracing::error!(error = e, "feed read failed");
-    let mut r = json_response(
-        StatusCode::SERVICE_UNAVAILABLE,
-        json!({"error": "the store could not be read; retry"}),
-    );
-    r.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-    r
+    retry_later(json!({"error": "the store could not be read; retry"}), "5")
 }
 
 /// Query parameters of a feed page.
