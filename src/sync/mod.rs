@@ -123,27 +123,7 @@ pub fn run(
             // What committed before the stop is reported (and, rows loaded, makes the run a
             // partial success rather than a failure). Tables that had not caught up before it
             // are still backfilling (a first sync stopped midway is not complete).
-            let mut tables: Vec<TableReport> = std::mem::take(&mut run.table_reports)
-                .into_values()
-                .collect();
-            for t in &mut tables {
-                t.backfilling = run
-                    .states
-                    .get(&t.name)
-                    .is_some_and(|s| s.enabled && !s.backfilled);
-            }
-            run.report.backfilling = run
-                .states
-                .iter()
-                .filter(|(name, s)| {
-                    s.enabled
-                        && !s.backfilled
-                        && *name != EVENTS_WATERMARK
-                        && *name != MATERIALIZED_CURSOR
-                })
-                .map(|(name, _)| name.clone())
-                .collect();
-            run.report.tables = tables;
+            run.close_report();
         }
     }
     run.report.finish(start);
@@ -809,22 +789,32 @@ impl<'a> Run<'a> {
             }
         }
         self.save_states(wh, |_| true)?;
-        let mut reports: Vec<TableReport> = std::mem::take(&mut self.table_reports)
+        self.close_report();
+        Ok(())
+    }
+
+    /// Moves the table reports into the report, each marked as backfilling when its table is
+    /// on and has not caught up yet, and lists every such table in `report.backfilling`.
+    fn close_report(&mut self) {
+        let pending = |name: &str, s: &TableState| {
+            s.enabled && !s.backfilled && name != EVENTS_WATERMARK && name != MATERIALIZED_CURSOR
+        };
+        let mut tables: Vec<TableReport> = std::mem::take(&mut self.table_reports)
             .into_values()
             .collect();
-        for r in &mut reports {
-            r.backfilling = self
+        for t in &mut tables {
+            t.backfilling = self
                 .states
-                .get(&r.name)
-                .is_some_and(|s| s.enabled && !s.backfilled);
+                .get(&t.name)
+                .is_some_and(|s| pending(&t.name, s));
         }
-        self.report.backfilling = reports
+        self.report.backfilling = self
+            .states
             .iter()
-            .filter(|r| r.backfilling)
-            .map(|r| r.name.clone())
+            .filter(|(name, s)| pending(name, s))
+            .map(|(name, _)| name.clone())
             .collect();
-        self.report.tables = reports;
-        Ok(())
+        self.report.tables = tables;
     }
 }
 
