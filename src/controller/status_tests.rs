@@ -127,10 +127,7 @@ fn a_completed_job_without_its_report_is_unknown_not_failed() {
         "{msg}"
     );
     let empty = WarehouseConnectionStatus::default();
-    let ok = TestOutcome {
-        reason: Reason::Connected,
-        message: "connected".into(),
-    };
+    let ok = connected();
     let s = connection_status(&ConnectionFacts {
         test: Some(&ok),
         ..facts(&empty, vec![rec])
@@ -216,6 +213,14 @@ fn facts<'a>(
     }
 }
 
+/// A connection test that passed.
+fn connected() -> TestOutcome {
+    TestOutcome {
+        reason: Reason::Connected,
+        message: "connected".into(),
+    }
+}
+
 fn cond<'a>(s: &'a WarehouseConnectionStatus, type_: &str) -> &'a Condition {
     conditions::find(&s.conditions, type_)
         .unwrap_or_else(|| panic!("no {type_} in {:?}", s.conditions))
@@ -224,10 +229,7 @@ fn cond<'a>(s: &'a WarehouseConnectionStatus, type_: &str) -> &'a Condition {
 #[test]
 fn conditions_follow_the_connection_test_and_the_last_sync() {
     let empty = WarehouseConnectionStatus::default();
-    let ok = TestOutcome {
-        reason: Reason::Connected,
-        message: "connected".into(),
-    };
+    let ok = connected();
     let s = connection_status(&ConnectionFacts {
         test: Some(&ok),
         ..facts(&empty, vec![])
@@ -368,10 +370,7 @@ fn a_failed_test_suspension_and_a_bad_schedule_show_in_the_conditions() {
 #[test]
 fn an_unchanged_state_folds_to_an_identical_status() {
     let empty = WarehouseConnectionStatus::default();
-    let ok = TestOutcome {
-        reason: Reason::Connected,
-        message: "connected".into(),
-    };
+    let ok = connected();
     let a = connection_status(&ConnectionFacts {
         test: Some(&ok),
         ..facts(&empty, vec![])
