@@ -99,7 +99,11 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
         let settings = Settings {
             job: JobSettings {
                 image: args.sync_image,
-                engine_url: args.engine_url,
+                engine_url: {
+                    crate::sync::source::check_engine_url(&args.engine_url)
+                        .map_err(|e| anyhow::anyhow!("--engine-url: {}", e.0))?;
+                    args.engine_url
+                },
                 default_cpu: args.default_sync_cpu,
                 default_memory: args.default_sync_memory,
             },

@@ -25,31 +25,32 @@ pub struct EngineArgs {
     #[arg(long, env = "PROFILES_SYNC_FEED_TOKEN_FILE")]
     pub feed_token_file: Option<PathBuf>,
     /// Requests the writer queue holds before the engine answers 503 with Retry-After.
-    #[arg(long, env = "PROFILES_SYNC_QUEUE_CAPACITY", default_value_t = crate::engine::DEFAULT_QUEUE_CAPACITY)]
+    #[arg(long, env = "PROFILES_SYNC_QUEUE_CAPACITY", default_value_t = crate::engine::DEFAULT_QUEUE_CAPACITY, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65_536))]
     pub queue_capacity: usize,
     /// Requests read and parsed at once (bodies in memory); one more is answered 503 with Retry-After.
-    #[arg(long, env = "PROFILES_SYNC_READING_CAPACITY", default_value_t = crate::engine::DEFAULT_READING_CAPACITY)]
+    #[arg(long, env = "PROFILES_SYNC_READING_CAPACITY", default_value_t = crate::engine::DEFAULT_READING_CAPACITY, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65_536))]
     pub reading_capacity: usize,
     /// Seconds a request's body may take to arrive after its headers; a slower client is answered 408.
-    #[arg(long, env = "PROFILES_SYNC_BODY_TIMEOUT_SECS", default_value_t = crate::engine::DEFAULT_BODY_TIMEOUT_SECS)]
+    #[arg(long, env = "PROFILES_SYNC_BODY_TIMEOUT_SECS", default_value_t = crate::engine::DEFAULT_BODY_TIMEOUT_SECS, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub body_timeout_secs: u64,
     /// Seconds a client may take to send a request's headers, and an idle keep-alive
     /// connection may wait for its next request, before the connection is closed.
-    #[arg(long, env = "PROFILES_SYNC_HEADER_TIMEOUT_SECS", default_value_t = crate::engine::DEFAULT_HEADER_TIMEOUT_SECS)]
+    #[arg(long, env = "PROFILES_SYNC_HEADER_TIMEOUT_SECS", default_value_t = crate::engine::DEFAULT_HEADER_TIMEOUT_SECS, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub header_timeout_secs: u64,
     /// Client connections open at once; more wait in the listen backlog.
-    #[arg(long, env = "PROFILES_SYNC_MAX_CONNECTIONS", default_value_t = crate::engine::DEFAULT_MAX_CONNECTIONS)]
+    #[arg(long, env = "PROFILES_SYNC_MAX_CONNECTIONS", default_value_t = crate::engine::DEFAULT_MAX_CONNECTIONS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
     pub max_connections: usize,
     /// Store handles the change-feed API holds open at once (PostgreSQL connections); more
     /// feed reads wait for one.
-    #[arg(long, env = "PROFILES_SYNC_FEED_READERS", default_value_t = crate::engine::DEFAULT_FEED_READERS)]
+    #[arg(long, env = "PROFILES_SYNC_FEED_READERS", default_value_t = crate::engine::DEFAULT_FEED_READERS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_024))]
     pub feed_readers: usize,
     /// Seconds one store write may run before /healthz and /readyz answer 503 (the store does
     /// not answer: the kubelet then restarts the engine); 0 turns the check off.
     #[arg(
         long,
         env = "PROFILES_SYNC_STALL_TIMEOUT_SECS",
-        default_value_t = crate::engine::DEFAULT_STALL_TIMEOUT_SECS
+        default_value_t = crate::engine::DEFAULT_STALL_TIMEOUT_SECS,
+        value_parser = clap::value_parser!(u64).range(0..=86_400)
     )]
     pub stall_timeout_secs: u64,
 }
@@ -149,5 +150,35 @@ mod tests {
         assert!(why.contains("placeholder"), "{why}");
         std::fs::write(&path, " \n").unwrap();
         assert!(feed_token(&path).unwrap_err().to_string().contains("empty"));
+    }
+
+    /// Capacities and timeouts out of range are a usage error naming the flag (a huge reading
+    /// capacity panicked the engine at start, a huge header timeout on every connection).
+    #[test]
+    fn capacities_and_timeouts_out_of_range_are_usage_errors() {
+        use clap::Parser;
+        for (flag, value) in [
+            ("--reading-capacity", "18446744073709551615"),
+            ("--queue-capacity", "0"),
+            ("--feed-readers", "100000"),
+            ("--max-connections", "18446744073709551615"),
+            ("--header-timeout-secs", "18446744073709551615"),
+            ("--body-timeout-secs", "0"),
+        ] {
+            let e = crate::cli::Cli::try_parse_from([
+                "profiles-sync",
+                "engine",
+                "--store",
+                "sqlite:///tmp/s.db",
+                "--sources",
+                "s.yaml",
+                flag,
+                value,
+            ])
+            .err()
+            .unwrap_or_else(|| panic!("{flag} {value} was accepted"))
+            .to_string();
+            assert!(e.contains(flag) && e.contains("is not in"), "{e}");
+        }
     }
 }

@@ -128,7 +128,7 @@ pub fn run(cli: Cli) -> ExitCode {
             after_seq,
             format,
         } => (|| {
-            let mut store = crate::store::open(&store, Rules::default())?;
+            let mut store = crate::store::open_existing(&store, Rules::default())?;
             let exported = export(
                 &mut *store,
                 &table,

@@ -184,7 +184,7 @@ fn inputs(args: &SyncArgs) -> Result<Inputs, (Option<String>, ErrorClass, String
             Box::new(EngineSource::new(url, token).map_err(|e| feed_error(e.into()))?)
         }
         (None, Some(url)) => Box::new(StoreSource(
-            crate::store::open(url, crate::identity::Rules::default())
+            crate::store::open_existing(url, crate::identity::Rules::default())
                 .map_err(|e| feed_error(e.into()))?,
         )),
         (None, None) => return Err(feed_error(anyhow::anyhow!("give --engine or --store"))),

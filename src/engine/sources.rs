@@ -51,6 +51,9 @@ pub enum SourcesError {
     /// An empty id or write key.
     #[error("sources file: source #{0} has an empty id or writeKey")]
     Empty(usize),
+    /// No source at all: every request would be refused 401.
+    #[error("sources file: no source is configured: every request would be refused (401)")]
+    NoSources,
     /// A write key still the placeholder of `deploy/`, which anyone can read.
     #[error(
         "sources file: the writeKey of source {0:?} is still a {PLACEHOLDER} placeholder: \
@@ -96,6 +99,9 @@ impl Sources {
                 });
             }
             by_key.insert(s.write_key.clone(), s);
+        }
+        if by_key.is_empty() {
+            return Err(SourcesError::NoSources);
         }
         Ok(Sources { by_key })
     }
@@ -163,5 +169,12 @@ mod tests {
             Sources::from_yaml("sources:\n  - {id: s1, name: a, slug: a, writeKey: k, extra: 1}\n")
                 .is_err()
         );
+    }
+
+    /// A sources file without a source is refused: the engine would refuse every request.
+    #[test]
+    fn a_file_without_sources_is_refused() {
+        let e = Sources::from_yaml("sources: []").err().unwrap().to_string();
+        assert!(e.contains("no source is configured"), "{e}");
     }
 }

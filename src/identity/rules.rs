@@ -105,10 +105,41 @@ pub enum RulesError {
 #[serde(deny_unknown_fields)]
 struct RawRules {
     blocked: Option<RawBlocked>,
-    limits: Option<HashMap<String, RawLimit>>,
+    #[serde(default, deserialize_with = "unique_limits")]
+    limits: Option<Vec<(String, RawLimit)>>,
     default_limit: Option<RawLimit>,
     priority: Option<Vec<String>>,
     caps: Option<RawCaps>,
+}
+
+/// The `limits` map, each type once: a type given twice is an error (a map would keep the
+/// last silently).
+fn unique_limits<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<(String, RawLimit)>>, D::Error> {
+    struct Limits;
+    impl<'de> serde::de::Visitor<'de> for Limits {
+        type Value = Vec<(String, RawLimit)>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a map of identifier types to limits")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out: Vec<(String, RawLimit)> = vec![];
+            while let Some((id_type, limit)) = map.next_entry::<String, RawLimit>()? {
+                if out.iter().any(|(t, _)| *t == id_type) {
+                    return Err(serde::de::Error::custom(format!(
+                        "limits: {id_type:?} is given more than once"
+                    )));
+                }
+                out.push((id_type, limit));
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(Limits).map(Some)
 }
 
 #[derive(Deserialize)]
@@ -200,6 +231,16 @@ impl Rules {
                 rules.max_identifiers_per_profile = n;
             }
             if let Some(n) = caps.max_traits {
+                // The parser refuses an identify of 300 traits or more whatever the rules say.
+                let most = crate::event::MAX_IDENTIFY_TRAITS;
+                if n == 0 || n > most {
+                    return Err(invalid(
+                        "caps.max_traits",
+                        format!(
+                            "must be from 1 to {most} (identify calls of {most} traits or more are refused)"
+                        ),
+                    ));
+                }
                 rules.max_traits = n;
             }
         }
@@ -417,5 +458,31 @@ caps:
         assert_eq!(parse_window("3y"), None);
         assert_eq!(parse_window(""), None);
         assert_eq!(parse_window("1é"), None);
+    }
+
+    /// `caps.max_traits` beyond what the parser lets through (300) or 0 is refused (0 refused
+    /// every identify; 500 was accepted and still refused an identify of 350 traits), and a
+    /// type given twice under `limits` is refused (the last one won silently).
+    #[test]
+    fn impossible_caps_and_repeated_limits_are_refused() {
+        for yaml in ["caps: {max_traits: 0}", "caps: {max_traits: 301}"] {
+            let e = Rules::from_yaml(yaml).unwrap_err().to_string();
+            assert!(
+                e.contains("caps.max_traits") && e.contains("1 to 300"),
+                "{e}"
+            );
+        }
+        assert_eq!(
+            Rules::from_yaml("caps: {max_traits: 300}")
+                .unwrap()
+                .max_traits,
+            300
+        );
+        let e = Rules::from_yaml("limits: {email: {max: 1}, email: {max: 9}}")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"email\" is given more than once"), "{e}");
+        let ok = Rules::from_yaml("limits: {email: {max: 2}, phone: {max: 3}}").unwrap();
+        assert_eq!((ok.limit("email").max, ok.limit("phone").max), (2, 3));
     }
 }

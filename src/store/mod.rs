@@ -37,6 +37,15 @@ pub enum StoreError {
         "unsupported store URL (scheme {0:?}): expected sqlite:///path/to/file.db or postgres://user@host/db"
     )]
     BadUrl(String),
+    /// An SQLite store URL without a file (`sqlite://`, `sqlite://:memory:`): its data would
+    /// live only as long as the process.
+    #[error(
+        "the store URL {0:?} names no file: give one (sqlite:///path/to/store.db); a store in memory loses everything at exit"
+    )]
+    NoFile(String),
+    /// A store a command only reads does not exist (a mistyped path must not create one).
+    #[error("no store at {0}: the file does not exist")]
+    Missing(String),
     /// An SQLite error.
     #[error("sqlite store: {0}")]
     Sqlite(#[from] rusqlite::Error),
@@ -281,11 +290,8 @@ pub const MEMORY_URL: &str = "sqlite::memory:";
 /// Opens the store at `url` (`sqlite:///path/file.db`, `sqlite::memory:`, `postgres://...`),
 /// creating its tables when missing, with the identity `rules` used for ingest.
 pub fn open(url: &str, rules: Rules) -> Result<Box<dyn Store>, StoreError> {
-    if let Some(path) = url.strip_prefix("sqlite://") {
-        return Ok(Box::new(SqliteStore::open(
-            std::path::Path::new(path),
-            rules,
-        )?));
+    if let Some(path) = sqlite_path(url)? {
+        return Ok(Box::new(SqliteStore::open(path, rules)?));
     }
     if url == MEMORY_URL {
         return Ok(Box::new(SqliteStore::open_in_memory(rules)?));
@@ -295,6 +301,28 @@ pub fn open(url: &str, rules: Rules) -> Result<Box<dyn Store>, StoreError> {
     }
     let scheme = url.split_once("://").map_or("", |(s, _)| s);
     Err(StoreError::BadUrl(scheme.to_string()))
+}
+
+/// [`open`] for a command that only reads a store (`export`, a local `sync`): an SQLite file
+/// that does not exist is an error rather than a new, empty store.
+pub fn open_existing(url: &str, rules: Rules) -> Result<Box<dyn Store>, StoreError> {
+    if let Some(path) = sqlite_path(url)?
+        && !path.exists()
+    {
+        return Err(StoreError::Missing(path.display().to_string()));
+    }
+    open(url, rules)
+}
+
+/// The file of an `sqlite://` URL (`None` for other URLs); a URL naming no file is refused.
+fn sqlite_path(url: &str) -> Result<Option<&std::path::Path>, StoreError> {
+    let Some(path) = url.strip_prefix("sqlite://") else {
+        return Ok(None);
+    };
+    if path.trim().is_empty() || path == ":memory:" || path.starts_with("file:") {
+        return Err(StoreError::NoFile(url.to_string()));
+    }
+    Ok(Some(std::path::Path::new(path)))
 }
 
 impl StoreError {
@@ -369,7 +397,7 @@ pub(crate) trait WriteTx {
 
 #[cfg(test)]
 mod tests {
-    use super::StoreError;
+    use super::{Rules, StoreError};
 
     #[test]
     fn a_refusal_of_the_data_is_told_from_a_failure_of_the_store() {
@@ -385,5 +413,30 @@ mod tests {
             .unwrap_err();
         assert!(!StoreError::Sqlite(failed).is_data_refusal());
         assert!(!StoreError::BadUrl("x".into()).is_data_refusal());
+    }
+
+    /// An SQLite URL that names no file is refused (its data would vanish with the process:
+    /// `import` reported every event accepted), and a read-only open of a missing file fails
+    /// without creating it.
+    #[test]
+    fn sqlite_urls_without_a_file_are_refused_and_reads_create_nothing() {
+        for url in ["sqlite://", "sqlite://:memory:", "sqlite://file::memory:"] {
+            let e = super::open(url, Rules::default())
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(e.contains("names no file"), "{url}: {e}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("missing").join("s.db");
+        let url = format!("sqlite://{}", path.display());
+        let e = super::open_existing(&url, Rules::default())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("does not exist"), "{e}");
+        assert!(!dir.path().join("missing").exists());
+        super::open(&url, Rules::default()).unwrap();
+        super::open_existing(&url, Rules::default()).unwrap();
     }
 }

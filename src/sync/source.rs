@@ -92,9 +92,35 @@ pub struct EngineSource {
     http: reqwest::blocking::Client,
 }
 
+/// Checks that `url` is an `http://` or `https://` URL without a user name or password: the feed
+/// API authenticates with the token file, and the URL shows in reports, the status and logs.
+/// The errors never repeat the URL.
+pub fn check_engine_url(url: &str) -> Result<(), SourceError> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| {
+        SourceError(format!(
+            "the engine URL is not a URL ({e}): expected http://host:port"
+        ))
+    })?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(SourceError(format!(
+            "the engine URL's scheme is {:?}: expected http:// or https://",
+            parsed.scheme()
+        )));
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(SourceError(
+            "the engine URL carries a user name or password: leave them out (the feed API \
+             authenticates with the token file, and the URL shows in reports and logs)"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
 impl EngineSource {
     /// A client of the engine at `base` (`http://engine:8080`).
     pub fn new(base: &str, token: String) -> Result<EngineSource, SourceError> {
+        check_engine_url(base)?;
         let http = reqwest::blocking::Client::builder()
             .timeout(std::time::Duration::from_secs(120))
             .build()
@@ -230,5 +256,26 @@ impl FeedSource for EngineSource {
 
     fn event_seq_since(&mut self, at: Timestamp) -> Result<Option<i64>, SourceError> {
         Ok(self.catalog(&format!("?since={at}"))?["seqSince"].as_i64())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The engine URL is an http(s) URL without credentials (a password in it reached the
+    /// report, the status and the logs); its errors never repeat it.
+    #[test]
+    fn engine_urls_with_credentials_or_without_http_are_refused() {
+        for (url, why) in [
+            ("http://u:p4ssw0rd@engine:8080", "user name or password"),
+            ("http://u@engine:8080", "user name or password"),
+            ("ftp://engine", "scheme"),
+            ("not a url", "not a URL"),
+        ] {
+            let e = super::check_engine_url(url).unwrap_err().0;
+            assert!(e.contains(why), "{url}: {e}");
+            assert!(!e.contains("p4ssw0rd"), "{e}");
+        }
+        super::check_engine_url("http://profiles-sync-engine.profiles-sync:8080").unwrap();
+        super::check_engine_url("https://engine.example.com").unwrap();
     }
 }

@@ -55,6 +55,15 @@ fn lite_error(e: rusqlite::Error) -> WarehouseError {
 impl SqliteWarehouse {
     /// Opens (creating when missing) the warehouse file at `path`.
     pub fn open(path: &Path, schema: &str) -> Result<SqliteWarehouse, WarehouseError> {
+        // SQLite takes these as a database in memory (or a private temporary one): the sync
+        // would report rows that vanish with it.
+        let text = path.to_string_lossy();
+        if text.trim().is_empty() || text == ":memory:" || text.starts_with("file:") {
+            return Err(WarehouseError::new(
+                ErrorClass::Schema,
+                format!("sqlite.path {text:?} names no file: give the path of the warehouse file"),
+            ));
+        }
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| {
                 WarehouseError::new(
@@ -222,5 +231,20 @@ impl Warehouse for SqliteWarehouse {
                 .map_err(lite_error)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A path SQLite takes as a database in memory is refused: the sync reported rows that
+    /// vanished with it.
+    #[test]
+    fn a_path_that_is_no_file_is_refused() {
+        for path in ["", ":memory:", "file::memory:"] {
+            let e = super::SqliteWarehouse::open(std::path::Path::new(path), "s")
+                .err()
+                .unwrap();
+            assert!(e.message.contains("names no file"), "{path:?}: {e}");
+        }
     }
 }
