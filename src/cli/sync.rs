@@ -56,36 +56,53 @@ pub fn read_manifests(files: &[PathBuf]) -> anyhow::Result<Manifests> {
         for doc in yaml_serde::Deserializer::from_str(&text) {
             let value: serde_json::Value = serde::Deserialize::deserialize(doc)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-            match value.get("kind").and_then(|k| k.as_str()) {
-                Some("WarehouseConnection") => {
-                    anyhow::ensure!(
-                        connection.is_none(),
-                        "{}: more than one WarehouseConnection given",
-                        file.display()
-                    );
-                    let c: WarehouseConnection = serde_json::from_value(value).map_err(|e| {
-                        anyhow::anyhow!("{}: invalid WarehouseConnection: {e}", file.display())
-                    })?;
-                    c.validate_cel().map_err(|e| {
-                        anyhow::anyhow!("{}: invalid WarehouseConnection: {e}", file.display())
-                    })?;
-                    connection = Some(c);
-                }
-                Some("SelectiveSync") => {
-                    anyhow::ensure!(
-                        selection.is_none(),
-                        "{}: more than one SelectiveSync given",
-                        file.display()
-                    );
-                    let s: SelectiveSync = serde_json::from_value(value).map_err(|e| {
-                        anyhow::anyhow!("{}: invalid SelectiveSync: {e}", file.display())
-                    })?;
-                    s.spec.validate().map_err(|e| {
-                        anyhow::anyhow!("{}: invalid SelectiveSync: {e}", file.display())
-                    })?;
-                    selection = Some(s);
-                }
-                _ => {}
+            let text_of = |key: &str| {
+                value
+                    .get(key)
+                    .and_then(|v| v.as_str())
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            let (kind, api_version) = (text_of("kind"), text_of("apiVersion"));
+            let (kind, api_version) = (kind.as_str(), api_version.as_str());
+            let ours = matches!(kind, "WarehouseConnection" | "SelectiveSync");
+            // Other objects (a Secret, a Namespace) may share the file; an object of this API
+            // group that is neither kind, or one of them of another version, is a mistake.
+            if !ours && !api_version.starts_with(API_GROUP_PREFIX) {
+                continue;
+            }
+            let invalid = |e: &dyn std::fmt::Display| {
+                anyhow::anyhow!("{}: invalid {kind}: {e}", file.display())
+            };
+            anyhow::ensure!(
+                ours,
+                "{}: unknown kind {kind:?} of {api_version}: expected WarehouseConnection or SelectiveSync",
+                file.display()
+            );
+            anyhow::ensure!(
+                api_version == API_VERSION,
+                "{}: {kind} of apiVersion {api_version:?}: expected {API_VERSION}",
+                file.display()
+            );
+            if kind == "WarehouseConnection" {
+                anyhow::ensure!(
+                    connection.is_none(),
+                    "{}: more than one WarehouseConnection given",
+                    file.display()
+                );
+                let c: WarehouseConnection = strict(value).map_err(|e| invalid(&e))?;
+                c.validate_cel().map_err(|e| invalid(&e))?;
+                c.spec.validate_fields().map_err(|e| invalid(&e))?;
+                connection = Some(c);
+            } else {
+                anyhow::ensure!(
+                    selection.is_none(),
+                    "{}: more than one SelectiveSync given",
+                    file.display()
+                );
+                let s: SelectiveSync = strict(value).map_err(|e| invalid(&e))?;
+                s.spec.validate().map_err(|e| invalid(&e))?;
+                selection = Some(s);
             }
         }
     }
@@ -103,6 +120,31 @@ pub fn read_manifests(files: &[PathBuf]) -> anyhow::Result<Manifests> {
         connection,
         selection,
     })
+}
+
+/// The API version of the two kinds, and its group's prefix.
+const API_VERSION: &str = "profilesync.dev/v1alpha1";
+const API_GROUP_PREFIX: &str = "profilesync.dev/";
+
+/// `value` as a `T`, refusing a field `T` does not have: a typo (`exlude`, `enabeld`,
+/// `suspnd`) was dropped, and the sync ran as if the setting were not there. `apiVersion` and
+/// `kind` are checked by the caller, `metadata` and `status` left to the API server's rules.
+fn strict<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> anyhow::Result<T> {
+    let mut unknown = vec![];
+    let t: T = serde_ignored::deserialize(value, |path| {
+        // `?` marks where an optional field held a value: not part of the name.
+        let path = path.to_string().replace(".?", "");
+        let api_servers = ["apiVersion", "kind", "metadata", "status"];
+        if !api_servers.iter().any(|top| path.split('.').next() == Some(top)) {
+            unknown.push(path);
+        }
+    })?;
+    anyhow::ensure!(
+        unknown.is_empty(),
+        "unknown field {} (a typo?)",
+        unknown.join(", ")
+    );
+    Ok(t)
 }
 
 fn read_token(path: &Path) -> anyhow::Result<String> {
@@ -249,4 +291,85 @@ pub fn run(args: SyncArgs) -> anyhow::Result<bool> {
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     }
     Ok(report.status != SyncStatus::Failed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_manifests;
+
+    const CONNECTION: &str = "apiVersion: profilesync.dev/v1alpha1
+kind: WarehouseConnection
+metadata: {name: wh}
+spec:
+  warehouse: {type: sqlite, sqlite: {path: /tmp/w.db}}
+";
+
+    fn read(yaml: &str) -> Result<(), String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        read_manifests(&[path])
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// What the API server would refuse is refused by a local `sync -f` too, naming the field:
+    /// a typo was dropped (a column the user excluded got synced), a backfill window that does
+    /// not parse loaded no events for good, a limit of 0 loaded nothing, an odd schema name was
+    /// created as such; an object of another kind or version of the API group is a mistake.
+    /// Objects of other APIs in the same file are left alone.
+    #[test]
+    fn local_manifests_are_held_to_the_crd_rules() {
+        assert_eq!(read(CONNECTION), Ok(()));
+        let with_secret =
+            format!("{CONNECTION}---\napiVersion: v1\nkind: Secret\nmetadata: {{name: s}}\n");
+        assert_eq!(read(&with_secret), Ok(()));
+        let selection = |spec: &str| {
+            format!(
+                "{CONNECTION}---\napiVersion: profilesync.dev/v1alpha1\nkind: SelectiveSync\nmetadata: {{name: s}}\nspec: {spec}\n"
+            )
+        };
+        assert_eq!(read(&selection("{connectionRef: {name: wh}}")), Ok(()));
+        for (yaml, expected) in [
+            (
+                selection(
+                    "{connectionRef: {name: wh}, tables: [{name: tracks, columns: {exlude: [total]}}]}",
+                ),
+                "unknown field spec.tables.0.columns.exlude",
+            ),
+            (
+                selection("{connectionRef: {name: wh}, tables: [{name: tracks, enabeld: false}]}"),
+                "enabeld",
+            ),
+            (
+                CONNECTION.replace("spec:\n", "spec:\n  suspnd: true\n"),
+                "suspnd",
+            ),
+            (
+                CONNECTION.replace("spec:\n", "spec:\n  backfill: {events: 2w}\n"),
+                "spec.backfill.events \"2w\"",
+            ),
+            (
+                CONNECTION.replace("spec:\n", "spec:\n  schema: Profiles\n"),
+                "spec.schema \"Profiles\"",
+            ),
+            (
+                CONNECTION.replace("spec:\n", "spec:\n  limits: {maxRows: 0}\n"),
+                "spec.limits.maxRows 0",
+            ),
+            (
+                CONNECTION.replace("v1alpha1", "v9"),
+                "expected profilesync.dev/v1alpha1",
+            ),
+            (
+                format!(
+                    "{CONNECTION}---\napiVersion: profilesync.dev/v1alpha1\nkind: SelectiveSyncs\nmetadata: {{name: s}}\n"
+                ),
+                "unknown kind \"SelectiveSyncs\"",
+            ),
+        ] {
+            let e = read(&yaml).unwrap_err();
+            assert!(e.contains(expected), "{expected}: {e}");
+        }
+    }
 }

@@ -121,6 +121,52 @@ pub struct WarehouseConnectionSpec {
     pub resources: Option<ResourceRequirements>,
 }
 
+impl WarehouseConnectionSpec {
+    /// The field rules of the CRD's schema that change what a sync does when broken — the
+    /// API server enforces them in a cluster; `profiles-sync sync -f` reads files no API server
+    /// checked: the schema name, the backfill window (one that does not parse loaded no events,
+    /// for good), the limits (0 loaded nothing, every run) and `backfill.maxEventTables`.
+    pub fn validate_fields(&self) -> Result<(), String> {
+        let schema_ok = self.schema.len() <= 63
+            && self
+                .schema
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+            && self
+                .schema
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !schema_ok {
+            return Err(format!(
+                "spec.schema {:?}: lowercase letters, digits and _, not starting with a digit, at most 63 characters",
+                self.schema
+            ));
+        }
+        let events = &self.backfill.events;
+        let digits = events.len().saturating_sub(1);
+        if !(1..=5).contains(&digits) || self.backfill.events_window().is_none() {
+            return Err(format!(
+                "spec.backfill.events {events:?}: days (60d) or hours (36h), at most 5 digits"
+            ));
+        }
+        if self.backfill.max_event_tables > 5000 {
+            return Err(format!(
+                "spec.backfill.maxEventTables {}: at most 5000",
+                self.backfill.max_event_tables
+            ));
+        }
+        if let Some(l) = &self.limits {
+            for (name, v) in [("maxRows", l.max_rows), ("maxBytes", l.max_bytes)] {
+                if v.is_some_and(|v| v < 1) {
+                    return Err(format!("spec.limits.{name} {}: at least 1", v.unwrap_or(0)));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 fn default_event_backfill() -> String {
     DEFAULT_EVENT_BACKFILL.into()
 }
