@@ -135,7 +135,10 @@ fn strict<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> anyhow::R
         // `?` marks where an optional field held a value: not part of the name.
         let path = path.to_string().replace(".?", "");
         let api_servers = ["apiVersion", "kind", "metadata", "status"];
-        if !api_servers.iter().any(|top| path.split('.').next() == Some(top)) {
+        if !api_servers
+            .iter()
+            .any(|top| path.split('.').next() == Some(top))
+        {
             unknown.push(path);
         }
     })?;

@@ -60,6 +60,7 @@ pub fn job_view(job: &Job) -> JobView {
         sync_now: annotations
             .and_then(|a| a.get(ANNOTATION_SYNC_NOW))
             .cloned(),
+        created: job.metadata.creation_timestamp.as_ref().map(|t| t.0),
     }
 }
 

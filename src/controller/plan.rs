@@ -34,7 +34,7 @@ pub enum Slots {
 }
 
 /// Why a schedule can't be used.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SlotsError {
     /// The spec's string is neither an interval nor a cron expression.
     #[error(transparent)]
@@ -48,6 +48,9 @@ pub enum SlotsError {
          as with an interval"
     )]
     CronTooFrequent(String, Timestamp, Timestamp),
+    /// A cron expression that never fires (`0 0 30 2 *`, the 30th of February).
+    #[error("schedule {0:?} never fires: no sync would ever run")]
+    CronNeverFires(String),
 }
 
 fn to_chrono(t: Timestamp) -> DateTime<Utc> {
@@ -58,40 +61,95 @@ fn from_chrono(t: DateTime<Utc>) -> Timestamp {
     Timestamp::from_second(t.timestamp()).unwrap_or(Timestamp::UNIX_EPOCH)
 }
 
+/// Cron expressions already checked, with the outcome: the check walks a year of fires, and
+/// runs at every reconcile of a connection.
+static CHECKED: std::sync::Mutex<
+    Option<std::collections::HashMap<String, Result<(), SlotsError>>>,
+> = std::sync::Mutex::new(None);
+
 impl Slots {
     /// Parses the spec's `schedule` string.
     pub fn parse(spec: &str) -> Result<Slots, SlotsError> {
         match spec.parse::<Schedule>()? {
             Schedule::Interval(d) => Ok(Slots::Interval(d)),
             Schedule::Cron(expr) => {
-                let cron: croner::Cron = expr.parse().map_err(|e: croner::errors::CronError| {
-                    SlotsError::Cron(expr.clone(), e.to_string())
-                })?;
+                // croner knows no `@midnight` (the CRD accepts it, as cron does): `@daily`.
+                let pattern = if expr == "@midnight" { "@daily" } else { &expr };
+                let cron: croner::Cron =
+                    pattern.parse().map_err(|e: croner::errors::CronError| {
+                        SlotsError::Cron(expr.clone(), e.to_string())
+                    })?;
                 let slots = Slots::Cron(Box::new(cron), expr.clone());
-                if let Some((a, b)) = slots.closest_fires() {
-                    return Err(SlotsError::CronTooFrequent(expr, a, b));
-                }
-                Ok(slots)
+                let known = CHECKED
+                    .lock()
+                    .ok()
+                    .and_then(|m| m.as_ref().and_then(|m| m.get(&expr).cloned()));
+                let checked = match known {
+                    Some(outcome) => outcome,
+                    None => {
+                        let outcome = slots.check_fires(&expr);
+                        if let Ok(mut m) = CHECKED.lock() {
+                            let m = m.get_or_insert_with(Default::default);
+                            if m.len() >= 4096 {
+                                m.clear();
+                            }
+                            m.insert(expr.clone(), outcome.clone());
+                        }
+                        outcome
+                    }
+                };
+                checked.map(|()| slots)
             }
         }
     }
 
-    /// Two consecutive fires of a cron schedule less than [`crate::crd::MIN_INTERVAL`] apart,
-    /// if any, over the eight days from a fixed Monday (every hour and weekday; a schedule
-    /// that fires every 15 minutes has 768 fires there).
-    fn closest_fires(&self) -> Option<(Timestamp, Timestamp)> {
-        const FROM: i64 = 1_735_516_800; // 2024-12-30T00:00:00Z, a Monday
+    /// Refuses a cron schedule that never fires, or fires twice within
+    /// [`crate::crd::MIN_INTERVAL`]. Every day it fires, it fires at the same times of day (the
+    /// minute and hour fields do not depend on the day), so the times of one firing day give
+    /// the gaps within a day; the gap across midnight is checked for every firing day of a leap
+    /// year (every month, day of the month and weekday — the 29th of February included).
+    fn check_fires(&self, expr: &str) -> Result<(), SlotsError> {
+        const FROM: i64 = 1_704_067_200; // 2024-01-01T00:00:00Z, a leap year's first day
+        const DAY: i64 = 86_400;
         let min = i64::try_from(crate::crd::MIN_INTERVAL.as_secs()).unwrap_or(900);
-        let until = FROM + 8 * 86_400;
-        let mut last = self.next_after(Timestamp::from_second(FROM - 1).ok()?)?;
-        while last.as_second() < until {
-            let next = self.next_after(last)?;
-            if next.as_second() - last.as_second() < min {
-                return Some((last, next));
+        let at = |s: i64| Timestamp::from_second(s).ok();
+        let never = || SlotsError::CronNeverFires(expr.to_string());
+        let too_close = |a: Timestamp, b: Timestamp| {
+            (b.as_second() - a.as_second() < min)
+                .then(|| SlotsError::CronTooFrequent(expr.to_string(), a, b))
+        };
+        // Over four years: a schedule of the 29th of February fires only in leap years.
+        let first = at(FROM - 1)
+            .and_then(|t| self.next_after(t))
+            .filter(|f| f.as_second() < FROM + 4 * 366 * DAY)
+            .ok_or_else(never)?;
+        // Within a day: the fires of the first firing day.
+        let day_end = first.as_second().div_euclid(DAY) * DAY + DAY;
+        let mut last = first;
+        while let Some(next) = self.next_after(last).filter(|n| n.as_second() < day_end) {
+            if let Some(e) = too_close(last, next) {
+                return Err(e);
             }
             last = next;
         }
-        None
+        // Across midnight: each firing day's last fire and the next fire after it.
+        let mut from = at(FROM - 1);
+        while let Some(fire) = from.and_then(|t| self.next_after(t)) {
+            if fire.as_second() >= FROM + 366 * DAY {
+                break;
+            }
+            let end = fire.as_second().div_euclid(DAY) * DAY + DAY;
+            let Some(last) = at(end - 1).and_then(|t| self.last_at_or_before(t)) else {
+                break;
+            };
+            if let Some(next) = self.next_after(last)
+                && let Some(e) = too_close(last, next)
+            {
+                return Err(e);
+            }
+            from = at(end - 1);
+        }
+        Ok(())
     }
 
     /// The schedule in words, as `status.frequency` shows it.
@@ -171,6 +229,9 @@ pub struct JobView {
     pub phase: JobPhase,
     /// The `profilesync.dev/sync-now` value it answered, for a manual sync.
     pub sync_now: Option<String>,
+    /// When it was created (`metadata.creationTimestamp`): manual syncs share their minute's
+    /// slot, and their names end in a hash, so this orders them.
+    pub created: Option<Timestamp>,
 }
 
 /// Why a Job was started.
@@ -422,8 +483,14 @@ pub fn prune(jobs: &[JobView], folded: &[String]) -> Vec<String> {
         (JobPhase::Failed, FAILED_HISTORY),
     ] {
         let mut finished: Vec<&JobView> = jobs.iter().filter(|j| j.phase == phase).collect();
-        // Newest first: by slot, then by name (names embed the slot's minute).
-        finished.sort_by(|a, b| b.slot.cmp(&a.slot).then_with(|| b.name.cmp(&a.name)));
+        // Newest first: by slot, then by creation (manual syncs of one minute share its slot,
+        // and their names end in a hash), then by name.
+        finished.sort_by(|a, b| {
+            b.slot
+                .cmp(&a.slot)
+                .then_with(|| b.created.cmp(&a.created))
+                .then_with(|| b.name.cmp(&a.name))
+        });
         out.extend(
             finished
                 .into_iter()

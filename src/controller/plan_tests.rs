@@ -61,6 +61,7 @@ impl World {
                 sync_now: (new.trigger == Trigger::Manual)
                     .then(|| self.sync_now.clone())
                     .flatten(),
+                created: Some(now),
             });
             self.last_sync_time = Some(now);
         }
@@ -176,8 +177,10 @@ fn cron_schedules_run_in_utc() {
     assert!(matches!(Slots::parse("5m"), Err(SlotsError::Schedule(_))));
 }
 
-/// Cron schedules are held to the interval's 15-minute floor: every fire, in every hour of
-/// every weekday, at least 15 minutes after the last.
+/// Cron schedules are held to the interval's 15-minute floor: every fire, on every day of the
+/// year, at least 15 minutes after the last (only eight days were looked at: `*/5 * 15 * *`
+/// ran a sync every 5 minutes on the 15th); a schedule that never fires is refused, and
+/// `@midnight`, which the CRD accepts, works.
 #[test]
 fn cron_schedules_that_fire_within_15_minutes_are_refused() {
     for ok in [
@@ -185,28 +188,52 @@ fn cron_schedules_that_fire_within_15_minutes_are_refused() {
         "0,15,30,45 * * * *",
         "0 9 * * 1-5",
         "@hourly",
+        "@midnight",
         "50 23 * * *",
+        // Late and early on the 15th only: the next fire after 23:50 is a month later.
+        "0,50 0,23 15 * *",
+        "0 0 29 2 *",
     ] {
-        assert!(Slots::parse(ok).is_ok(), "{ok}");
+        assert!(
+            Slots::parse(ok).is_ok(),
+            "{ok}: {:?}",
+            Slots::parse(ok).err()
+        );
     }
+    let midnight = Slots::parse("@midnight").unwrap();
+    assert_eq!(
+        midnight.next_after(t("2025-03-01T10:00:00Z")),
+        Some(t("2025-03-02T00:00:00Z"))
+    );
     for (bad, first, second) in [
-        ("* * * * *", "2024-12-30T00:00:00Z", "2024-12-30T00:01:00Z"),
+        ("* * * * *", "2024-01-01T00:00:00Z", "2024-01-01T00:01:00Z"),
         (
             "*/5 * * * *",
-            "2024-12-30T00:00:00Z",
-            "2024-12-30T00:05:00Z",
+            "2024-01-01T00:00:00Z",
+            "2024-01-01T00:05:00Z",
         ),
         // Only in one hour of one weekday.
         (
             "0,10 9 * * 3",
-            "2025-01-01T09:00:00Z",
-            "2025-01-01T09:10:00Z",
+            "2024-01-03T09:00:00Z",
+            "2024-01-03T09:10:00Z",
+        ),
+        // Only on one day of the month, or of a leap year.
+        (
+            "*/5 * 15 * *",
+            "2024-01-15T00:00:00Z",
+            "2024-01-15T00:05:00Z",
+        ),
+        (
+            "*/5 * 29 2 *",
+            "2024-02-29T00:00:00Z",
+            "2024-02-29T00:05:00Z",
         ),
         // Across midnight.
         (
             "0,55 0,23 * * *",
-            "2024-12-30T23:55:00Z",
-            "2024-12-31T00:00:00Z",
+            "2024-01-01T23:55:00Z",
+            "2024-01-02T00:00:00Z",
         ),
     ] {
         match Slots::parse(bad) {
@@ -218,6 +245,10 @@ fn cron_schedules_that_fire_within_15_minutes_are_refused() {
     }
     let why = Slots::parse("*/5 * * * *").unwrap_err().to_string();
     assert!(why.contains("at least 15m apart"), "{why}");
+    assert_eq!(
+        Slots::parse("0 0 30 2 *").err(),
+        Some(SlotsError::CronNeverFires("0 0 30 2 *".into()))
+    );
 }
 
 #[test]
@@ -341,6 +372,7 @@ fn history_keeps_three_succeeded_and_one_failed_job_once_folded() {
             slot: Some(t("2025-03-01T00:00:00Z") + jiff::SignedDuration::from_hours(i)),
             phase: JobPhase::Succeeded,
             sync_now: None,
+            created: None,
         })
         .collect();
     assert_eq!(prune(&jobs, &["j0".into()]), vec!["j0".to_string()]);
@@ -471,12 +503,14 @@ fn deletion_waits_for_a_running_job_up_to_the_grace_period_then_cancels_it() {
             slot: None,
             phase: JobPhase::Active,
             sync_now: None,
+            created: None,
         },
         JobView {
             name: "b".into(),
             slot: None,
             phase: JobPhase::Succeeded,
             sync_now: None,
+            created: None,
         },
     ];
     assert!(matches!(
@@ -523,4 +557,32 @@ fn connection_labels_are_valid_label_values_and_tell_long_names_apart() {
     assert_eq!(cut.len(), 53 + 9, "{cut}");
     assert_eq!(label, connection_label(&long), "same name, same label");
     assert_ne!(label, connection_label(&format!("{long}c")));
+}
+
+/// Manual syncs of one minute share its slot and their names end in a hash: pruning keeps the
+/// newest three by creation (it went by name, and kept older Jobs than it deleted).
+#[test]
+fn pruning_keeps_the_newest_manual_jobs_of_one_minute() {
+    let slot = t("2025-03-01T10:07:00Z");
+    // Names in an order unrelated to their creation, as hashes are.
+    let names = [
+        "c-29-9f", "c-29-1a", "c-29-e3", "c-29-07", "c-29-b2", "c-29-55",
+    ];
+    let jobs: Vec<JobView> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| JobView {
+            name: (*name).into(),
+            slot: Some(slot),
+            phase: JobPhase::Succeeded,
+            sync_now: Some(format!("w{i}")),
+            created: Some(slot + jiff::SignedDuration::from_secs(i as i64 * 5)),
+        })
+        .collect();
+    let folded: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let mut pruned = prune(&jobs, &folded);
+    pruned.sort();
+    let mut oldest: Vec<String> = names[..3].iter().map(|n| n.to_string()).collect();
+    oldest.sort();
+    assert_eq!(pruned, oldest);
 }

@@ -16,7 +16,7 @@ pub enum Schedule {
 }
 
 /// Why a schedule string was refused.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ScheduleError {
     /// Neither an interval nor a cron expression.
     #[error(
