@@ -571,3 +571,64 @@ async fn a_connection_with_a_long_name_gets_its_job_labelled_within_63_character
         ("True".into(), "JobRunning".into())
     );
 }
+
+/// A connection whose test fails again for another cause shows that cause in its Events too:
+/// kube's Recorder folds an Event into an earlier one of the same reason and action (for
+/// minutes), keeping the earlier message, so `kubectl describe` said "Secret not found" while
+/// the status said the Secret lacked a key.
+#[tokio::test]
+async fn a_connection_failing_for_another_cause_shows_it_in_its_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec: WarehouseConnectionSpec = serde_json::from_value(serde_json::json!({
+        "warehouse": {"type": "postgres", "postgres": {"host": "127.0.0.1", "port": 1, "database": "d"},
+                      "credentialsSecretRef": {"name": "creds"}}
+    }))
+    .unwrap();
+    let mut conn = WarehouseConnection::new("pg", spec);
+    conn.metadata.namespace = Some(NS.into());
+    conn.metadata.uid = Some("uid-pg".into());
+    conn.metadata.generation = Some(1);
+    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    conn.status = Some(Default::default());
+    let client = builder().with_object(conn).build().await.unwrap();
+    let f = fixture(dir, client, "2025-03-01T10:00:05Z").await;
+    f.reconcile("pg").await.unwrap();
+    assert_eq!(
+        condition(&f.connection("pg").await, "ConnectionVerified").1,
+        "SecretNotFound"
+    );
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some("creds".into()),
+            namespace: Some(NS.into()),
+            ..Default::default()
+        },
+        data: Some(std::collections::BTreeMap::from([(
+            "user".to_string(),
+            k8s_openapi::ByteString(b"x".to_vec()),
+        )])),
+        ..Default::default()
+    };
+    f.api::<Secret>()
+        .create(&kube::api::PostParams::default(), &secret)
+        .await
+        .unwrap();
+    f.reconcile("pg").await.unwrap();
+    assert_eq!(
+        condition(&f.connection("pg").await, "ConnectionVerified").1,
+        "SecretKeyMissing"
+    );
+    let notes: Vec<String> = f
+        .list::<K8sEvent>()
+        .await
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some("ConnectionFailed"))
+        .filter_map(|e| e.note.clone())
+        .collect();
+    for cause in ["SecretNotFound", "SecretKeyMissing"] {
+        assert!(
+            notes.iter().any(|n| n.starts_with(cause)),
+            "{cause}: {notes:?}"
+        );
+    }
+}

@@ -80,7 +80,12 @@ pub(super) async fn publish(
     reference: &k8s_openapi::api::core::v1::ObjectReference,
     note: &Note,
 ) {
-    if let Err(e) = ctx.recorder.publish(&note.event(), reference).await {
+    let mut event = note.event();
+    // A related Job lives in the connection's namespace.
+    if let Some(job) = event.secondary.as_mut() {
+        job.namespace.clone_from(&reference.namespace);
+    }
+    if let Err(e) = ctx.recorder.publish(&event, reference).await {
         tracing::warn!(reason = note.reason(), error = %e, "cannot publish an Event");
     }
 }

@@ -1,5 +1,6 @@
 //! Kubernetes Events (events.k8s.io, through kube's `Recorder`) with PascalCase reasons.
 
+use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType};
 
 use crate::crd::{SyncRecord, SyncStatus};
@@ -15,14 +16,14 @@ pub enum Note {
     SyncStarted(String, String),
     /// A due sync's Job could not be created: Job name and why.
     SyncNotStarted(String, String),
-    /// A sync loaded every table.
-    SyncSucceeded(String),
-    /// A sync loaded some tables.
-    SyncPartiallySucceeded(String),
-    /// A sync loaded nothing.
-    SyncFailed(String),
-    /// A sync Job completed without a readable report.
-    SyncOutcomeUnknown(String),
+    /// A sync loaded every table: its Job and the message.
+    SyncSucceeded(String, String),
+    /// A sync loaded some tables: its Job and the message.
+    SyncPartiallySucceeded(String, String),
+    /// A sync loaded nothing: its Job and the message.
+    SyncFailed(String, String),
+    /// A sync Job completed without a readable report: the Job and the message.
+    SyncOutcomeUnknown(String, String),
     /// The backfill caught up.
     BackfillComplete,
     /// The connection's SelectiveSync is invalid (published on the SelectiveSync).
@@ -39,10 +40,10 @@ impl Note {
             Note::ConnectionFailed(..) => "ConnectionFailed",
             Note::SyncStarted(..) => "SyncStarted",
             Note::SyncNotStarted(..) => "SyncNotStarted",
-            Note::SyncSucceeded(_) => "SyncSucceeded",
-            Note::SyncPartiallySucceeded(_) => "SyncPartiallySucceeded",
-            Note::SyncFailed(_) => "SyncFailed",
-            Note::SyncOutcomeUnknown(_) => "SyncOutcomeUnknown",
+            Note::SyncSucceeded(..) => "SyncSucceeded",
+            Note::SyncPartiallySucceeded(..) => "SyncPartiallySucceeded",
+            Note::SyncFailed(..) => "SyncFailed",
+            Note::SyncOutcomeUnknown(..) => "SyncOutcomeUnknown",
             Note::BackfillComplete => "BackfillComplete",
             Note::SelectiveSyncInvalid(_) => "SelectiveSyncInvalid",
             Note::JobAdopted(_) => "JobAdopted",
@@ -53,9 +54,15 @@ impl Note {
     pub fn event(&self) -> Event {
         let (type_, action, note) = match self {
             Note::ConnectionVerified(m) => (EventType::Normal, "TestConnection", m.clone()),
-            Note::ConnectionFailed(r, m) => {
-                (EventType::Warning, "TestConnection", format!("{r}: {m}"))
-            }
+            // The cause in the action too: the Recorder folds an Event into an earlier one of
+            // the same type, reason and action (within minutes), keeping the earlier message,
+            // so a connection whose Secret was fixed but whose host is unreachable showed the
+            // Secret's message (`kubectl describe` shows the reason and message, not the action).
+            Note::ConnectionFailed(r, m) => (
+                EventType::Warning,
+                &*format!("TestConnection:{r}"),
+                format!("{r}: {m}"),
+            ),
             Note::SyncStarted(job, trigger) => (
                 EventType::Normal,
                 "CreateJob",
@@ -66,9 +73,9 @@ impl Note {
                 "CreateJob",
                 format!("could not create sync Job {job}: {why}"),
             ),
-            Note::SyncSucceeded(m) => (EventType::Normal, "Sync", m.clone()),
-            Note::SyncPartiallySucceeded(m) => (EventType::Warning, "Sync", m.clone()),
-            Note::SyncFailed(m) | Note::SyncOutcomeUnknown(m) => {
+            Note::SyncSucceeded(_, m) => (EventType::Normal, "Sync", m.clone()),
+            Note::SyncPartiallySucceeded(_, m) => (EventType::Warning, "Sync", m.clone()),
+            Note::SyncFailed(_, m) | Note::SyncOutcomeUnknown(_, m) => {
                 (EventType::Warning, "Sync", m.clone())
             }
             Note::BackfillComplete => (
@@ -90,7 +97,28 @@ impl Note {
             reason: self.reason().into(),
             note: Some(note),
             action: action.into(),
-            secondary: None,
+            // The Job as the related object: each Job's Events are its own (the Recorder folded
+            // the next Job's into the first's, message and all).
+            secondary: self.job().map(|name| ObjectReference {
+                api_version: Some("batch/v1".into()),
+                kind: Some("Job".into()),
+                name: Some(name.to_string()),
+                ..ObjectReference::default()
+            }),
+        }
+    }
+
+    /// The sync Job the note is about, if any.
+    fn job(&self) -> Option<&str> {
+        match self {
+            Note::SyncStarted(job, _)
+            | Note::SyncNotStarted(job, _)
+            | Note::JobAdopted(job)
+            | Note::SyncSucceeded(job, _)
+            | Note::SyncPartiallySucceeded(job, _)
+            | Note::SyncFailed(job, _)
+            | Note::SyncOutcomeUnknown(job, _) => Some(job),
+            _ => None,
         }
     }
 
@@ -98,17 +126,23 @@ impl Note {
     pub fn for_sync(r: &SyncRecord) -> Note {
         let job = r.job_name.as_deref().unwrap_or(&r.id);
         match r.status {
-            SyncStatus::Success => Note::SyncSucceeded(format!(
-                "sync {job} loaded {} rows in {:.1}s",
-                r.rows.total, r.duration_seconds
-            )),
+            SyncStatus::Success => Note::SyncSucceeded(
+                job.to_string(),
+                format!(
+                    "sync {job} loaded {} rows in {:.1}s",
+                    r.rows.total, r.duration_seconds
+                ),
+            ),
             SyncStatus::PartialSuccess => {
                 let tables: Vec<&str> = r.tables.iter().map(|t| t.name.as_str()).collect();
-                Note::SyncPartiallySucceeded(format!(
-                    "sync {job} loaded {} rows; failed tables (retried next sync): {}",
-                    r.rows.total,
-                    tables.join(", ")
-                ))
+                Note::SyncPartiallySucceeded(
+                    job.to_string(),
+                    format!(
+                        "sync {job} loaded {} rows; failed tables (retried next sync): {}",
+                        r.rows.total,
+                        tables.join(", ")
+                    ),
+                )
             }
             SyncStatus::Failed => {
                 let why = r
@@ -116,9 +150,10 @@ impl Note {
                     .first()
                     .map(|e| format!("{:?}: {}", e.class, e.message))
                     .unwrap_or_default();
-                Note::SyncFailed(format!("sync {job} failed: {why}"))
+                Note::SyncFailed(job.to_string(), format!("sync {job} failed: {why}"))
             }
             SyncStatus::Unknown => Note::SyncOutcomeUnknown(
+                job.to_string(),
                 r.errors
                     .first()
                     .map(|e| e.message.clone())
@@ -203,5 +238,26 @@ mod tests {
             "notes are cut to the API's 1 kB"
         );
         assert_eq!(Note::JobAdopted("j".into()).event().reason, "JobAdopted");
+    }
+
+    /// A sync's Events name its Job as the related object, so that the Recorder keeps each
+    /// Job's apart (it folded a later Job's Event, message and all, into the first's); a failed
+    /// connection test's action carries its cause, for the same reason.
+    #[test]
+    fn events_of_different_jobs_and_causes_are_kept_apart() {
+        let related = |job: &str| {
+            let mut r = record(SyncStatus::Success);
+            r.job_name = Some(job.into());
+            Note::for_sync(&r).event().secondary.and_then(|s| s.name)
+        };
+        assert_eq!(related("c-1"), Some("c-1".to_string()));
+        assert_eq!(related("c-2"), Some("c-2".to_string()));
+        let action = |cause: &str| {
+            Note::ConnectionFailed(cause.into(), "x".into())
+                .event()
+                .action
+        };
+        assert_ne!(action("SecretNotFound"), action("Unreachable"));
+        assert_eq!(Note::BackfillComplete.event().secondary, None);
     }
 }
