@@ -452,3 +452,46 @@ async fn a_selection_of_a_missing_connection_is_marked_connection_not_found() {
         "marking again changes nothing"
     );
 }
+
+/// `kubectl annotate … sync-now=go` run again after the sync it started finished: the value
+/// was answered already, so the annotation goes without a sync — and an Event says so (it
+/// went silently, and the user waited for a sync that never came).
+#[tokio::test]
+async fn a_sync_now_value_already_answered_is_removed_with_an_event_saying_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut conn = connection(dir.path(), "analytics");
+    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    conn.metadata.annotations =
+        Some([(build::ANNOTATION_SYNC_NOW.to_string(), "go".to_string())].into());
+    let mut done = finished_job(&conn, "analytics-29013688", "2025-03-01T09:28:00Z", true);
+    done.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(build::ANNOTATION_SYNC_NOW.to_string(), "go".to_string());
+    let client = builder()
+        .with_object(conn)
+        .with_object(done)
+        .build()
+        .await
+        .unwrap();
+    let f = fixture(dir, client, "2025-03-01T09:30:00Z").await;
+    f.reconcile("analytics").await.unwrap();
+    let c = f.connection("analytics").await;
+    assert!(
+        apply::annotation(&c, build::ANNOTATION_SYNC_NOW).is_none(),
+        "{:?}",
+        c.metadata.annotations
+    );
+    let jobs: Vec<Job> = f.list::<Job>().await;
+    assert_eq!(jobs.len(), 1, "no new Job");
+    let events: Vec<K8sEvent> = f.list::<K8sEvent>().await;
+    let said = events
+        .iter()
+        .find(|e| e.reason.as_deref() == Some("SyncNowAlreadyAnswered"))
+        .and_then(|e| e.note.clone())
+        .unwrap_or_default();
+    assert!(
+        said.contains("analytics-29013688") && said.contains("\"go\""),
+        "{said}"
+    );
+}

@@ -24,6 +24,8 @@ pub enum Note {
     SyncFailed(String, String),
     /// A sync Job completed without a readable report: the Job and the message.
     SyncOutcomeUnknown(String, String),
+    /// A `sync-now` value a finished Job already answered: the Job and the value.
+    SyncNowAlreadyAnswered(String, String),
     /// The backfill caught up.
     BackfillComplete,
     /// The connection's SelectiveSync is invalid (published on the SelectiveSync).
@@ -44,6 +46,7 @@ impl Note {
             Note::SyncPartiallySucceeded(..) => "SyncPartiallySucceeded",
             Note::SyncFailed(..) => "SyncFailed",
             Note::SyncOutcomeUnknown(..) => "SyncOutcomeUnknown",
+            Note::SyncNowAlreadyAnswered(..) => "SyncNowAlreadyAnswered",
             Note::BackfillComplete => "BackfillComplete",
             Note::SelectiveSyncInvalid(_) => "SelectiveSyncInvalid",
             Note::JobAdopted(_) => "JobAdopted",
@@ -78,6 +81,14 @@ impl Note {
             Note::SyncFailed(_, m) | Note::SyncOutcomeUnknown(_, m) => {
                 (EventType::Warning, "Sync", m.clone())
             }
+            Note::SyncNowAlreadyAnswered(job, value) => (
+                EventType::Warning,
+                "Sync",
+                format!(
+                    "sync-now value {value:?} was answered by sync Job {job} already: no sync started; \
+                     give each request a new value (profilesync.dev/sync-now=\"$(date +%s)\")"
+                ),
+            ),
             Note::BackfillComplete => (
                 EventType::Normal,
                 "Sync",
@@ -117,7 +128,8 @@ impl Note {
             | Note::SyncSucceeded(job, _)
             | Note::SyncPartiallySucceeded(job, _)
             | Note::SyncFailed(job, _)
-            | Note::SyncOutcomeUnknown(job, _) => Some(job),
+            | Note::SyncOutcomeUnknown(job, _)
+            | Note::SyncNowAlreadyAnswered(job, _) => Some(job),
             _ => None,
         }
     }

@@ -292,6 +292,19 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
     let mut answered: Vec<&str> = vec![];
     if ack_sync_now {
         answered.push(ANNOTATION_SYNC_NOW);
+        // A value a finished Job already answered (the same `kubectl annotate` run twice): the
+        // annotation goes and no sync runs; say so, rather than nothing at all.
+        let started_now = the_plan.as_ref().is_some_and(|p| p.create.is_some());
+        if let Some(job) = views
+            .iter()
+            .find(|j| j.sync_now.as_deref() == sync_now && j.phase != JobPhase::Active)
+            .filter(|_| !started_now)
+        {
+            notes.push(Note::SyncNowAlreadyAnswered(
+                job.name.clone(),
+                sync_now.unwrap_or_default().to_string(),
+            ));
+        }
     }
     if test_requested.is_some() {
         answered.push(ANNOTATION_TEST_CONNECTION);
