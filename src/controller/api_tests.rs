@@ -632,3 +632,63 @@ async fn a_connection_failing_for_another_cause_shows_it_in_its_events() {
         );
     }
 }
+
+/// Of two SelectiveSyncs for one connection, the oldest *valid* one applies, as documented:
+/// an invalid older one held back a valid newer one, and no sync ran at all. The invalid one
+/// says why, and which applies meanwhile.
+#[tokio::test]
+async fn a_valid_selection_applies_when_an_older_one_is_invalid() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut conn = connection(dir.path(), "analytics");
+    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    let with_created = |mut s: SelectiveSync, at: &str| {
+        s.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            at.parse().unwrap(),
+        ));
+        s
+    };
+    let broken = with_created(
+        selective_sync(
+            "older",
+            serde_json::json!({
+                "connectionRef": {"name": "analytics"},
+                "tables": [{"name": "pages"}, {"name": "pages", "enabled": false}]
+            }),
+        ),
+        "2025-03-01T08:00:00Z",
+    );
+    let good = with_created(
+        selective_sync(
+            "newer",
+            serde_json::json!({"connectionRef": {"name": "analytics"}, "default": "none"}),
+        ),
+        "2025-03-01T09:00:00Z",
+    );
+    let client = builder()
+        .with_object(conn)
+        .with_object(broken)
+        .with_object(good)
+        .build()
+        .await
+        .unwrap();
+    let f = fixture(dir, client, "2025-03-01T10:17:30Z").await;
+    f.reconcile("analytics").await.unwrap();
+    assert_eq!(f.list::<Job>().await.len(), 1, "the sync runs");
+    let valid = |name: &'static str| {
+        let api = f.api::<SelectiveSync>();
+        async move {
+            let status = api.get(name).await.unwrap().status.unwrap();
+            let c = conditions::find(&status.conditions, "Valid")
+                .unwrap()
+                .clone();
+            (c.status, c.message)
+        }
+    };
+    assert_eq!(valid("newer").await.0, "True");
+    let (status, message) = valid("older").await;
+    assert_eq!(status, "False");
+    assert!(
+        message.contains("more than once") && message.contains("\"newer\" applies"),
+        "{message}"
+    );
+}

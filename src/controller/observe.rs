@@ -228,17 +228,28 @@ pub async fn selections(ctx: &Context, conn: &WarehouseConnection) -> Result<Sel
         };
         key(a).cmp(&key(b))
     });
-    let mut it = mine.into_iter();
-    let active = it.next();
+    // The oldest valid one applies (an invalid older one held back a valid newer one, and no
+    // sync ran); when none is valid, the oldest, whose problem stops the syncs.
+    let chosen = mine
+        .iter()
+        .position(|s| s.spec.validate().is_ok())
+        .unwrap_or(0);
+    let active = (!mine.is_empty()).then(|| mine.remove(chosen));
     let active_problem = active
         .as_ref()
         .and_then(|s| s.spec.validate().err().map(|e| e.to_string()));
     let first_name = active.as_ref().map(|s| s.name_any()).unwrap_or_default();
-    let others = it
+    let others = mine
+        .into_iter()
         .map(|s| {
-            let why = format!(
-                "SelectiveSync {first_name:?} already selects the tables of connection {name:?}; only one SelectiveSync per connection applies"
-            );
+            let why = match s.spec.validate() {
+                Err(e) if active_problem.is_none() => format!(
+                    "{e}; SelectiveSync {first_name:?} applies to connection {name:?} meanwhile"
+                ),
+                _ => format!(
+                    "SelectiveSync {first_name:?} already selects the tables of connection {name:?}; only one SelectiveSync per connection applies"
+                ),
+            };
             (s, why)
         })
         .collect();

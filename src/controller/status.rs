@@ -299,7 +299,21 @@ pub fn connection_status(f: &ConnectionFacts<'_>) -> WarehouseConnectionStatus {
             generation,
             now,
         ),
-        _ => {}
+        // Nothing new about the backfill: the condition stands, observed at this generation
+        // (it kept the generation of its last change while every other condition moved on).
+        _ => {
+            if let Some(c) = conditions::find(&conds, conditions::BACKFILL_COMPLETE).cloned() {
+                set(
+                    &mut conds,
+                    conditions::BACKFILL_COMPLETE,
+                    &c.status,
+                    &c.reason,
+                    &c.message,
+                    generation,
+                    now,
+                );
+            }
+        }
     }
     let (ready, reason, message) = if let Err(e) = &f.schedule {
         ("False", "InvalidSchedule", e.clone())

@@ -535,3 +535,25 @@ fn a_selection_says_how_many_tables_a_large_report_left_out() {
         (listed, s.tables_omitted)
     );
 }
+
+/// A reconcile with nothing new about the backfill keeps `BackfillComplete` as it was, observed
+/// at the current generation like every other condition (it kept the generation of its last
+/// change: `kubectl get -o yaml` showed it stale after a `suspend` patch).
+#[test]
+fn backfill_complete_is_observed_at_the_current_generation() {
+    let empty = WarehouseConnectionStatus::default();
+    let first = connection_status(&facts(&empty, vec![]));
+    let before = cond(&first, "BackfillComplete").clone();
+    assert_eq!(before.observed_generation, Some(1));
+    let later = connection_status(&ConnectionFacts {
+        generation: 2,
+        now: t("2025-03-01T11:05:00Z"),
+        ..facts(&first, vec![])
+    });
+    let after = cond(&later, "BackfillComplete");
+    assert_eq!(after.observed_generation, Some(2));
+    assert_eq!(
+        (&after.status, &after.reason, &after.last_transition_time),
+        (&before.status, &before.reason, &before.last_transition_time)
+    );
+}
