@@ -436,3 +436,48 @@ fn a_feed_flag_on_the_command_line_wins_over_the_environment() {
     let report = failed_report(&out, "Connection");
     assert!(first_error(&report).contains("not both"), "{report}");
 }
+
+/// A connection whose credentials are in a Secret, run without `--credentials-dir` (or with
+/// one that does not exist), fails saying so — it read as a Secret without keys and failed
+/// with "no username key".
+#[test]
+fn missing_credentials_are_named_as_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let conn = dir.path().join("conn.yaml");
+    std::fs::write(
+        &conn,
+        "apiVersion: profilesync.dev/v1alpha1
+kind: WarehouseConnection
+metadata: {name: wh}
+spec:
+  warehouse:
+    type: postgres
+    postgres: {host: 127.0.0.1, port: 1, database: d}
+    credentialsSecretRef: {name: creds}
+",
+    )
+    .unwrap();
+    let store = format!("sqlite://{}", dir.path().join("s.db").display());
+    for (extra, expected) in [
+        (vec![], "give --credentials-dir"),
+        (
+            vec![
+                "--credentials-dir".to_string(),
+                dir.path().join("nope").display().to_string(),
+            ],
+            "does not exist",
+        ),
+    ] {
+        let out = bin()
+            .args(["sync", "-f"])
+            .arg(&conn)
+            .args(["--store", &store])
+            .args(&extra)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let message = report["errors"][0]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(expected), "{message}");
+    }
+}

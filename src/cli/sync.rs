@@ -188,7 +188,17 @@ fn inputs(args: &SyncArgs) -> Result<Inputs, (Option<String>, ErrorClass, String
                 format!("cannot read the credentials: {e:#}"),
             )
         })?,
-        _ => Credentials::default(),
+        (Some(secret), None) => {
+            return Err((
+                name.clone(),
+                ErrorClass::Permission,
+                format!(
+                    "the connection's credentials are in Secret {:?}: give --credentials-dir (a directory with a file per key, as a mounted Secret)",
+                    secret.name
+                ),
+            ));
+        }
+        (None, _) => Credentials::default(),
     };
     let feed_error = |e: anyhow::Error| {
         (
@@ -253,7 +263,7 @@ pub fn run(args: SyncArgs) -> anyhow::Result<bool> {
     };
     let report = match inputs(&args) {
         Err((name, class, message)) => {
-            tracing::error!(%message, "the sync cannot start");
+            tracing::error!(reason = %message, "the sync cannot start");
             SyncReport::failed(&id(name.as_deref()), start, class, message)
         }
         Ok(Inputs {

@@ -72,6 +72,14 @@ impl Credentials {
         dir: &Path,
         secret: &CredentialsSecretRef,
     ) -> Result<Credentials, CredentialsError> {
+        // A directory that is not there is no Secret at all (a mount missing, a mistyped
+        // path): said as such, not as "the Secret has no username key".
+        if !dir.is_dir() {
+            return Err(CredentialsError {
+                path: dir.display().to_string(),
+                reason: "the credentials directory does not exist (the Secret's mount, or --credentials-dir)".into(),
+            });
+        }
         let read = |key: &str| -> Result<Option<String>, CredentialsError> {
             let path = dir.join(key);
             match std::fs::read_to_string(&path) {
@@ -116,5 +124,17 @@ mod tests {
         assert_eq!(c.password.as_deref(), Some("s3cret"));
         assert!(c.token.is_none());
         assert!(!format!("{c:?}").contains("s3cret"));
+    }
+
+    /// A credentials directory that does not exist is said as such (it read as a Secret
+    /// without keys: "no username key").
+    #[test]
+    fn a_missing_directory_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope");
+        let e = Credentials::from_dir(&missing, &CredentialsSecretRef::named("creds"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("does not exist") && e.contains("nope"), "{e}");
     }
 }
