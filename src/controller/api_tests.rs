@@ -290,12 +290,13 @@ async fn a_status_write_conflict_is_retried_with_a_fresh_read() {
     );
 }
 
-#[tokio::test]
-async fn a_missing_secret_is_reported_and_no_job_starts() {
+/// A PostgreSQL connection named `pg` (host 127.0.0.1, port 1) whose credentials are in
+/// Secret `secret`, alone in the fake API.
+async fn unreachable_postgres(secret: &str) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let spec: WarehouseConnectionSpec = serde_json::from_value(serde_json::json!({
         "warehouse": {"type": "postgres", "postgres": {"host": "127.0.0.1", "port": 1, "database": "d"},
-                      "credentialsSecretRef": {"name": "missing"}}
+                      "credentialsSecretRef": {"name": secret}}
     }))
     .unwrap();
     let mut conn = WarehouseConnection::new("pg", spec);
@@ -305,7 +306,12 @@ async fn a_missing_secret_is_reported_and_no_job_starts() {
     conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
     conn.status = Some(Default::default());
     let client = builder().with_object(conn).build().await.unwrap();
-    let f = fixture(dir, client, "2025-03-01T10:00:05Z").await;
+    fixture(dir, client, "2025-03-01T10:00:05Z").await
+}
+
+#[tokio::test]
+async fn a_missing_secret_is_reported_and_no_job_starts() {
+    let f = unreachable_postgres("missing").await;
     f.reconcile("pg").await.unwrap();
     let c = f.connection("pg").await;
     assert_eq!(
@@ -578,20 +584,7 @@ async fn a_connection_with_a_long_name_gets_its_job_labelled_within_63_character
 /// the status said the Secret lacked a key.
 #[tokio::test]
 async fn a_connection_failing_for_another_cause_shows_it_in_its_events() {
-    let dir = tempfile::tempdir().unwrap();
-    let spec: WarehouseConnectionSpec = serde_json::from_value(serde_json::json!({
-        "warehouse": {"type": "postgres", "postgres": {"host": "127.0.0.1", "port": 1, "database": "d"},
-                      "credentialsSecretRef": {"name": "creds"}}
-    }))
-    .unwrap();
-    let mut conn = WarehouseConnection::new("pg", spec);
-    conn.metadata.namespace = Some(NS.into());
-    conn.metadata.uid = Some("uid-pg".into());
-    conn.metadata.generation = Some(1);
-    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
-    conn.status = Some(Default::default());
-    let client = builder().with_object(conn).build().await.unwrap();
-    let f = fixture(dir, client, "2025-03-01T10:00:05Z").await;
+    let f = unreachable_postgres("creds").await;
     f.reconcile("pg").await.unwrap();
     assert_eq!(
         condition(&f.connection("pg").await, "ConnectionVerified").1,
