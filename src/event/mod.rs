@@ -19,6 +19,7 @@ pub use jiff::Timestamp;
 use serde_json::{Map, Value};
 
 pub use flat::{FlatEvent, Leaves, Section, flatten_each};
+pub(crate) use parse::number_id;
 pub use parse::{MAX_IDENTIFY_TRAITS, parse_timestamp};
 
 /// The six Segment spec call types.

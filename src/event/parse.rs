@@ -320,15 +320,32 @@ fn optional_string(v: Option<Value>, key: &str) -> Result<Option<String>, EventE
     }
 }
 
-/// An id field: a string, or a number converted to its decimal string (as Segment does).
+/// An id field: a string, or a number converted to its decimal string (as Segment does). A
+/// number that is neither a 64-bit integer nor exact as a float (past 2^53) would be rounded
+/// (`123456789012345678901234567890` read as `1.2345678901234568e29`), and two such ids
+/// could become one profile: refused.
 fn optional_id(v: Option<Value>, key: &str) -> Result<Option<String>, EventError> {
     match v {
-        Some(Value::Number(n)) => Ok(Some(n.to_string())),
+        Some(Value::Number(n)) => number_id(&n).map(Some).ok_or_else(|| {
+            EventError::new(
+                key,
+                "is a number too large to keep exactly: send it as a string",
+            )
+        }),
         Some(Value::Bool(_) | Value::Array(_) | Value::Object(_)) => {
             Err(EventError::new(key, "must be a string or a number"))
         }
         v => optional_string(v, key),
     }
+}
+
+/// A number used as an id, as its decimal string; `None` when it is not exact (a float past
+/// 2^53, which JSON parsing rounded).
+pub(crate) fn number_id(n: &serde_json::Number) -> Option<String> {
+    let inexact = n.is_f64()
+        && n.as_f64()
+            .is_some_and(|f| f.abs() >= 9_007_199_254_740_992.0);
+    (!inexact).then(|| n.to_string())
 }
 
 /// The object of a field; absent and null are the empty object.

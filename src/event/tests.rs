@@ -117,6 +117,20 @@ fn numeric_ids_become_strings() {
     assert_eq!(e.user_id.as_deref(), Some("42"));
     assert_eq!(e.anonymous_id.as_deref(), Some("1.5"));
     assert_eq!(e.group_id.as_deref(), Some("7"));
+    // Integers of 64 bits are exact; a larger one was rounded through a float, and two
+    // different ids could become one profile: refused, naming the field.
+    let big = parse(json!({"type": "track", "event": "E", "userId": 18446744073709551615u64}))
+        .expect("u64 accepted");
+    assert_eq!(big.user_id.as_deref(), Some("18446744073709551615"));
+    let e = parse(
+        serde_json::from_str(
+            r#"{"type": "track", "event": "E", "userId": 123456789012345678901234567890}"#,
+        )
+        .unwrap(),
+    )
+    .unwrap_err();
+    assert_eq!(e.field, "userId");
+    assert!(e.reason.contains("send it as a string"), "{e:?}");
 }
 
 #[test]

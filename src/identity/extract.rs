@@ -121,7 +121,7 @@ impl Extracted {
 fn id_value(v: &Value) -> Option<String> {
     match v {
         Value::String(s) if !s.is_empty() => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
+        Value::Number(n) => crate::event::number_id(n),
         _ => None,
     }
 }
