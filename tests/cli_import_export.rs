@@ -264,12 +264,16 @@ fn a_csv_export_of_an_empty_table_has_its_header() {
     .unwrap();
     let (code, _, err) = import(&store, &input);
     assert_eq!(code, Some(0), "{err}");
-    for (table, first) in [
-        ("screens", "seq,"),
-        ("id_graph_updates", "seq,segment_id,canonical_segment_id"),
-        ("profile_merges", ""),
+    for (table, first, after) in [
+        ("screens", "seq,", "1000"),
+        (
+            "id_graph_updates",
+            "seq,segment_id,canonical_segment_id",
+            "1000",
+        ),
+        ("profile_merges", "", "0"),
     ] {
-        let out = export(&store, table, &["--format", "csv", "--after-seq", "1000"]);
+        let out = export(&store, table, &["--format", "csv", "--after-seq", after]);
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines.len(), 1, "{table}: {out:?}");
         assert!(
@@ -277,6 +281,17 @@ fn a_csv_export_of_an_empty_table_has_its_header() {
             "{table}: {out:?}"
         );
     }
+    // A current-state table has no seq to start after: asking is an error, not ignored.
+    let (ok, _, err) = run(bin().args([
+        "export",
+        "--store",
+        &store,
+        "--table",
+        "user_traits",
+        "--after-seq",
+        "5",
+    ]));
+    assert!(!ok && err.contains("current-state table"), "{err}");
     // With rows, the header is the rows' (unchanged).
     let tracks = export(&store, "tracks", &["--format", "csv"]);
     assert_eq!(tracks.lines().count(), 2, "{tracks}");

@@ -89,6 +89,11 @@ pub fn export(
     out: &mut dyn Write,
 ) -> anyhow::Result<usize> {
     let source = resolve_table(store, table)?;
+    // A current-state table has no seq: it is exported whole (the option was ignored).
+    anyhow::ensure!(
+        after == 0 || !matches!(source, Source::State(_)),
+        "--after-seq applies to the change logs and event tables; {table} is a current-state table, exported whole"
+    );
     let mut sink = match format {
         Format::Jsonl => Sink::Jsonl(out),
         Format::Csv => Sink::Csv {
