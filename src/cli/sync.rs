@@ -155,6 +155,13 @@ fn read_token(path: &Path) -> anyhow::Result<String> {
         std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let t = t.trim().to_string();
     anyhow::ensure!(!t.is_empty(), "{}: the token is empty", path.display());
+    // It goes into an Authorization header: a second line or a control character made every
+    // request fail with the HTTP client's bare "builder error".
+    anyhow::ensure!(
+        t.chars().all(|c| c.is_ascii_graphic()),
+        "{}: the token holds a space, a line break or a character an HTTP header cannot carry",
+        path.display()
+    );
     Ok(t)
 }
 
@@ -383,6 +390,22 @@ spec:
         ] {
             let e = read(&yaml).unwrap_err();
             assert!(e.contains(expected), "{expected}: {e}");
+        }
+    }
+
+    /// A token file with a second line or a control character is refused naming the file (every
+    /// feed request failed with "builder error").
+    #[test]
+    fn a_token_a_header_cannot_carry_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "  s3cret\n").unwrap();
+        assert_eq!(super::read_token(&path).unwrap(), "s3cret");
+        for bad in ["s3cret\nsecond", "s3\u{7}cret", "s3 cret"] {
+            std::fs::write(&path, bad).unwrap();
+            let e = super::read_token(&path).unwrap_err().to_string();
+            assert!(e.contains("HTTP header"), "{bad:?}: {e}");
+            assert!(!e.contains(bad), "{e}");
         }
     }
 }
