@@ -64,6 +64,11 @@ fn feed_token(path: &PathBuf) -> anyhow::Result<String> {
     let t = read(path)?.trim().to_string();
     anyhow::ensure!(!t.is_empty(), "{}: the feed token is empty", path.display());
     anyhow::ensure!(
+        t.chars().all(|c| c.is_ascii_graphic()),
+        "{}: the feed token holds a space, a line break or a character an HTTP header cannot carry: no client could send it",
+        path.display()
+    );
+    anyhow::ensure!(
         !t.starts_with(crate::engine::sources::PLACEHOLDER),
         "{}: the feed token is still the {} placeholder of deploy/: write a secret value \
          (deploy/base/secrets/feed-token)",
@@ -150,6 +155,9 @@ mod tests {
         assert!(why.contains("placeholder"), "{why}");
         std::fs::write(&path, " \n").unwrap();
         assert!(feed_token(&path).unwrap_err().to_string().contains("empty"));
+        std::fs::write(&path, "s3cret\nsecond line\n").unwrap();
+        let why = feed_token(&path).unwrap_err().to_string();
+        assert!(why.contains("HTTP header"), "{why}");
     }
 
     /// Capacities and timeouts out of range are a usage error naming the flag (a huge reading
