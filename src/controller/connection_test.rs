@@ -42,8 +42,8 @@ pub enum Reason {
     PermissionDenied,
     /// Connected, but the schema could not be created or written.
     SchemaNotWritable,
-    /// The warehouse type has no loader in this version (the CRD accepts every type DESIGN
-    /// plans).
+    /// The warehouse type has no loader in this version (the CRD accepts every type the
+    /// project plans).
     NotSupported,
 }
 

@@ -1,5 +1,5 @@
 //! The sync (`profiles-sync sync`): reads the store's change feeds after each table's cursor and
-//! lands DESIGN §4's tables in a warehouse with §5's guarantees — each chunk of rows commits in
+//! lands Profiles Sync's tables (README, "The sync") in a warehouse with its guarantees — each chunk of rows commits in
 //! the same transaction as its table's cursor, so a sync killed at any instant and run again
 //! leaves every table exactly as one clean run would.
 

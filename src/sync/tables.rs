@@ -1,4 +1,4 @@
-//! The warehouse tables of DESIGN §4 with their fixed columns, and the state tables the sync
+//! The warehouse tables of Profiles Sync with their fixed columns, and the state tables the sync
 //! keeps in the schema.
 
 use crate::event::EventType;
