@@ -502,3 +502,55 @@ fn every_file_the_crate_includes_is_in_the_docker_build() {
     }
     assert!(includes > 0, "the demo's example is compiled in");
 }
+
+/// The overlay the README gives for installing `deploy/` into another namespace: every object
+/// moves, and the patch it documents points the controller (and so every sync Job) at the
+/// engine there; without the patch the address still names `profiles-sync`, which is why the
+/// README gives it.
+#[test]
+fn a_namespace_overlay_with_the_readme_patch_reaches_the_engine() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let start = readme
+        .find("patches:\n  - target: {kind: Deployment, name: profiles-sync-controller}")
+        .expect("the README's namespace patch");
+    let patch = &readme[start..start + readme[start..].find("```").unwrap()];
+    let engine_url = |with_patch: bool| {
+        let dir = tempfile::tempdir().unwrap();
+        let up = "../".repeat(dir.path().components().count() - 1);
+        let deploy = format!(
+            "{up}{}",
+            deploy_dir().display().to_string().trim_start_matches('/')
+        );
+        let mut k = format!(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: data-platform\nresources:\n  - {deploy}\n"
+        );
+        if with_patch {
+            k.push_str(patch);
+        }
+        std::fs::write(dir.path().join("kustomization.yaml"), k).unwrap();
+        let docs = yaml_docs(&kustomize(dir.path()), "the overlay");
+        let controller = docs
+            .iter()
+            .find(|d| {
+                d["kind"] == "Deployment" && d["metadata"]["name"] == "profiles-sync-controller"
+            })
+            .unwrap();
+        assert_eq!(controller["metadata"]["namespace"], "data-platform");
+        controller["spec"]["template"]["spec"]["containers"][0]["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|a| a.as_str())
+            .find(|a| a.starts_with("--engine-url="))
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(
+        engine_url(true),
+        "--engine-url=http://profiles-sync-engine.data-platform.svc:8080"
+    );
+    assert_eq!(
+        engine_url(false),
+        "--engine-url=http://profiles-sync-engine.profiles-sync.svc:8080"
+    );
+}

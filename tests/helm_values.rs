@@ -494,6 +494,21 @@ fn optional_objects_follow_their_values() {
             .any(|v| v["name"] == "store" && v.get("emptyDir").is_some())
     );
     assert!(r.notes().contains("WARNING"), "{}", r.notes());
+    // ... and names no claim that does not exist (it named store-…-0).
+    assert!(
+        !r.notes().contains("PersistentVolumeClaim"),
+        "{}",
+        r.notes()
+    );
+
+    // CRDs not kept: the store's claim still is (its retention policy keeps it), and NOTES.txt
+    // says so (the sentence went with the CRDs').
+    let notes = rendered("crds-not-kept").notes();
+    assert!(
+        notes.contains("PersistentVolumeClaim store-profiles-sync-engine-0")
+            && !notes.contains("keeps the CRDs"),
+        "{notes}"
+    );
 
     let docs = rendered("no-crds-no-roles").docs();
     assert!(!docs.iter().any(|d| d["kind"] == "CustomResourceDefinition"));
@@ -542,6 +557,14 @@ fn every_value_reaches_the_objects_it_configures() {
     assert_eq!(e.image.as_deref(), Some(digest.as_str()));
     assert_eq!(arg_value(e, "--queue-capacity"), Some("128"));
     assert_eq!(arg_value(e, "--stall-timeout-secs"), Some("90"));
+    for (flag, value) in [
+        ("--feed-readers", "3"),
+        ("--max-connections", "500"),
+        ("--header-timeout-secs", "10"),
+        ("--body-timeout-secs", "20"),
+    ] {
+        assert_eq!(arg_value(e, flag), Some(value), "{flag}");
+    }
     let pod = engine.spec.as_ref().unwrap();
     assert_eq!(pod.priority_class_name.as_deref(), Some("high"));
     assert_eq!(

@@ -85,6 +85,12 @@ pub fn render_cases() -> Vec<(&'static str, Value, &'static str, &'static str)> 
         ),
         ("other-release", json!({}), "analytics", "data"),
         (
+            "crds-not-kept",
+            json!({"crds": {"keep": false}}),
+            "profiles-sync",
+            "profiles-sync",
+        ),
+        (
             "everything",
             json!({
                 "image": {"digest": format!("sha256:{}", "ab".repeat(32))},
@@ -99,6 +105,8 @@ pub fn render_cases() -> Vec<(&'static str, Value, &'static str, &'static str)> 
                                   "priority": ["user_id", "email"],
                                   "caps": {"max_traits": 200}},
                 "engine": {"queueCapacity": 128, "stallTimeoutSeconds": 90, "logLevel": "debug",
+                    "feedReaders": 3, "maxConnections": 500, "headerTimeoutSeconds": 10,
+                    "bodyTimeoutSeconds": 20,
                     "service": {"type": "LoadBalancer", "port": 80, "annotations": {"a": "b"}},
                     "nodeSelector": {"pool": "data"},
                     "tolerations": [{"key": "pool", "operator": "Equal", "value": "data", "effect": "NoSchedule"}],
@@ -193,6 +201,42 @@ pub fn reject_cases() -> Vec<Reject> {
             "rules-window",
             json!({"identityRules": {"limits": {"email": {"max": 2, "window": "a month"}}}}),
             "/identityRules/limits/email/window",
+        ),
+        // Values the engine refuses at start (it crash-looped on them): refused here first.
+        reject(
+            "rules-zero-window",
+            json!({"identityRules": {"limits": {"email": {"max": 2, "window": "0d"}}}}),
+            "/identityRules/limits/email/window",
+        ),
+        reject(
+            "rules-type-case",
+            json!({"identityRules": {"limits": {"Email": {"max": 2}}}}),
+            "invalid propertyName 'Email'",
+        ),
+        reject(
+            "rules-priority-twice",
+            json!({"identityRules": {"priority": ["email", "email"]}}),
+            "/identityRules/priority",
+        ),
+        reject(
+            "rules-max-traits",
+            json!({"identityRules": {"caps": {"max_traits": 500}}}),
+            "/identityRules/caps/max_traits",
+        ),
+        reject(
+            "queue-capacity",
+            json!({"engine": {"queueCapacity": 100000}}),
+            "/engine/queueCapacity",
+        ),
+        reject(
+            "reading-capacity",
+            json!({"engine": {"readingCapacity": 100000}}),
+            "/engine/readingCapacity",
+        ),
+        reject(
+            "stall-timeout",
+            json!({"engine": {"stallTimeoutSeconds": 100000}}),
+            "/engine/stallTimeoutSeconds",
         ),
         reject(
             "pdb",

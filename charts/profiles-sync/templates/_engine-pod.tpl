@@ -41,6 +41,10 @@ spec:
         - --queue-capacity={{ $e.queueCapacity }}
         - --reading-capacity={{ $e.readingCapacity }}
         - --stall-timeout-secs={{ $e.stallTimeoutSeconds }}
+        - --body-timeout-secs={{ $e.bodyTimeoutSeconds }}
+        - --header-timeout-secs={{ $e.headerTimeoutSeconds }}
+        - --max-connections={{ $e.maxConnections }}
+        - --feed-readers={{ $e.feedReaders }}
         {{- if .Values.identityRules }}
         - --rules=/etc/profiles-sync/rules/rules.yaml
         {{- end }}
