@@ -2153,6 +2153,16 @@ async fn an_unknown_write_key_is_refused_before_the_body_and_holds_no_reading_pe
         assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
         assert!(answer.contains("unknown write key"), "{answer}");
     }
+    // Refused before its body was read, a request counts no event (it counted one, where the
+    // same batch with the key in its body counts each of its events).
+    let text = metrics(&t.base).await.unwrap();
+    assert!(
+        !text.lines().any(
+            |l| l.starts_with("profiles_sync_engine_events_rejected_total")
+                && l.contains("unauthorized")
+        ),
+        "{text}"
+    );
     let (status, _) = post(
         &t.base,
         "/v1/track",
@@ -2338,4 +2348,115 @@ where
         out.push(h.await.unwrap());
     }
     out
+}
+
+/// With every allowed connection held by idle keep-alive clients, the probes and the scrape
+/// still answer (they waited in the listen backlog, and the kubelet restarted an engine that
+/// was only busy), and a Tracking API request gets 503 with `Retry-After` rather than a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_answer_and_clients_get_503_when_every_connection_is_taken() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = start_options(Options {
+        max_connections: 2,
+        ..Options::default()
+    })
+    .await;
+    let addr = t.base.trim_start_matches("http://").to_string();
+    let mut idle = vec![];
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        idle.push(s);
+    }
+    let bounded = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .unwrap();
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let r = bounded
+            .get(format!("{}{path}", t.base))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_eq!(r.status(), StatusCode::OK, "{path}");
+    }
+    let r = bounded
+        .post(format!("{}/v1/track", t.base))
+        .basic_auth(WRITE_KEY, Some(""))
+        .json(&json!({"userId": "u1", "event": "E"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.headers()["retry-after"], "1");
+    drop(idle);
+    t.engine.stop().await.unwrap();
+}
+
+/// Polls `/metrics` until `ready` holds; fails after 30 s (the behaviour is broken, not slow).
+async fn wait_for_metrics(base: &str, what: &str, ready: impl Fn(&str) -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if ready(&metrics(base).await.unwrap()) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "never saw {what}");
+        tokio::task::yield_now().await;
+    }
+}
+
+/// A request whose client hangs up before the answer is still counted (under 499): its
+/// events are committed all the same, and it appeared nowhere in the requests metric — in
+/// exactly the incident (a slow store, clients timing out) that metric is for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_client_hung_up_is_counted() {
+    use tokio::io::AsyncWriteExt;
+    let t = start(8).await;
+    // The store's write lock, held: the request waits for its commit.
+    let lock = rusqlite::Connection::open(&t.store_path).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let body = json!({"userId": "u1", "event": "E", "messageId": "hung-up"}).to_string();
+    {
+        use base64::Engine as _;
+        let auth = base64::engine::general_purpose::STANDARD.encode(format!("{WRITE_KEY}:"));
+        let mut c = tokio::net::TcpStream::connect(t.base.trim_start_matches("http://"))
+            .await
+            .unwrap();
+        c.write_all(
+            format!(
+                "POST /v1/track HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {auth}\r\n\
+                 Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        // The request reached the writer (its write waiting on the lock) before the client goes.
+        wait_for_metrics(&t.base, "a write under way", |text| {
+            text.lines().any(|l| {
+                l.strip_prefix("profiles_sync_engine_write_running_seconds ")
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .is_some_and(|v| v > 0.0)
+            })
+        })
+        .await;
+    }
+    let counted = |text: &str| {
+        text.lines().any(|l| {
+            l.starts_with("profiles_sync_engine_http_requests_total")
+                && l.contains("endpoint=\"track\"")
+                && l.contains("status=\"499\"")
+                && l.ends_with(" 1")
+        })
+    };
+    wait_for_metrics(&t.base, "the request counted under 499", counted).await;
+    lock.execute_batch("ROLLBACK").unwrap();
+    t.engine.stop().await.unwrap();
+    assert_eq!(stored(&t.store_url).len(), 1, "its events are committed");
 }

@@ -37,7 +37,8 @@ pub struct EngineArgs {
     /// connection may wait for its next request, before the connection is closed.
     #[arg(long, env = "PROFILES_SYNC_HEADER_TIMEOUT_SECS", default_value_t = crate::engine::DEFAULT_HEADER_TIMEOUT_SECS, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub header_timeout_secs: u64,
-    /// Client connections open at once; more wait in the listen backlog.
+    /// Client connections open at once; beyond them 64 more serve one request each (the probes
+    /// and /metrics as usual, anything else 503 with Retry-After), then the listen backlog.
     #[arg(long, env = "PROFILES_SYNC_MAX_CONNECTIONS", default_value_t = crate::engine::DEFAULT_MAX_CONNECTIONS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
     pub max_connections: usize,
     /// Store handles the change-feed API holds open at once (PostgreSQL connections); more

@@ -164,7 +164,7 @@ async fn finished_jobs_are_folded_pruned_and_announced_and_the_selection_gets_ro
     );
     assert!(
         rows.contains(
-            "last_successful_sync_timestamp_seconds{connection=\"analytics\",namespace=\"team-a\"}"
+            "last_successful_sync_timestamp_seconds{connection=\"analytics\",connection_namespace=\"team-a\"}"
         ),
         "{rows}"
     );

@@ -75,7 +75,10 @@ impl Metrics {
                 "last_successful_sync_timestamp_seconds",
                 "Start of the last successful sync of each connection (Unix seconds)",
             ),
-            &["namespace", "connection"],
+            // Not `namespace`: Prometheus gives that label the scraped pod's namespace (the
+            // controller's), renaming ours, and same-named connections of two namespaces then
+            // read as one.
+            &["connection_namespace", "connection"],
         )?;
         registry.register(Box::new(reconciles.clone()))?;
         registry.register(Box::new(reconcile_errors.clone()))?;

@@ -196,8 +196,33 @@ async fn ingest(
     endpoint: Endpoint,
     label: &'static str,
 ) -> Response {
+    // A client that hangs up before the answer drops this future: its request is still
+    // counted (under 499, nginx's "client closed request"), its events perhaps committed.
+    let mut unanswered = Unanswered {
+        state: Some(Arc::clone(&state)),
+        label,
+    };
     let response = ingest_inner(&state, &headers, body, endpoint).await;
+    unanswered.state = None;
     counted(&state, label, response)
+}
+
+/// Counts a request whose answer was never sent (the client went away) when dropped armed.
+struct Unanswered {
+    state: Option<Shared>,
+    label: &'static str,
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(state) = &self.state {
+            state
+                .metrics
+                .requests
+                .with_label_values(&[self.label, "499"])
+                .inc();
+        }
+    }
 }
 
 /// Counts `response` in the request metric under `label` and its status.
@@ -230,7 +255,6 @@ async fn ingest_inner(
     body: Body,
     endpoint: Endpoint,
 ) -> Response {
-    let started = Instant::now();
     let auth = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
@@ -240,13 +264,9 @@ async fn ingest_inner(
     if let Some(key) = request::basic_auth_user(auth)
         && state.sources.by_write_key(&key).is_none()
     {
-        let e = ApiError::new(401, "unknown write key");
-        state
-            .metrics
-            .events_rejected
-            .with_label_values(&[e.reason()])
-            .inc();
-        return closing(api_error(&e));
+        // Turned away before its body is read: it counts no event, as the README says of
+        // requests refused before parsing (the requests metric has it, under 401).
+        return closing(api_error(&ApiError::new(401, "unknown write key")));
     }
     // Under overload a request is turned away without its body being kept or parsed, so
     // rejected requests cost next to nothing while the writer catches up.
@@ -271,6 +291,8 @@ async fn ingest_inner(
             events: 1,
         })
     });
+    // Validation from here: the body's upload is the client's time, not the engine's.
+    let started = Instant::now();
     let bytes = match read {
         Ok(b) => b,
         Err(e) => {

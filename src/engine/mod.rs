@@ -63,7 +63,8 @@ pub struct EngineConfig {
     /// How long a client may take to send a request's headers (and an idle keep-alive
     /// connection may wait for its next request) before the connection is closed.
     pub header_timeout: std::time::Duration,
-    /// Most client connections open at once; more wait in the listen backlog.
+    /// Most client connections open at once; beyond them [`serve::OVERFLOW_CONNECTIONS`] more
+    /// serve one request each (the probes and `/metrics`; anything else 503), then the backlog.
     pub max_connections: usize,
     /// Most store handles the feed API holds open at once (each a server connection on
     /// PostgreSQL); a feed read beyond them waits for one.

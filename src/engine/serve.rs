@@ -17,7 +17,17 @@ use tokio::task::JoinSet;
 /// engine answers 431 and closes the connection. Segment's SDKs send well under 2 KB.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
-/// How long a graceful shutdown waits for the connections still open (requests in flight, a
+/// Connections accepted beyond [`Limits::max_connections`]: each serves one request — the
+/// kubelet's probes and Prometheus' scrape as usual, anything else a 503 with `Retry-After` —
+/// and closes. Without them, clients holding every connection (idle keep-alives, for up to the
+/// header timeout) left the probes waiting in the listen backlog, and the kubelet restarted an
+/// engine that was only busy.
+pub const OVERFLOW_CONNECTIONS: usize = 64;
+
+/// How long an overflow connection may take to send its one request's headers.
+const OVERFLOW_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How a graceful shutdown waits for the connections still open (requests in flight, a
 /// client slow to send its headers) before it closes them: under the 30 s Kubernetes gives a
 /// pod between SIGTERM and SIGKILL. Requests whose events were queued are committed by the
 /// writer all the same (it drains its queue); their clients, unanswered, retry, and the
@@ -47,19 +57,30 @@ pub async fn serve(
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
         .max_header_size(MAX_HEADER_BYTES);
+    let mut overflow_http = http.clone();
+    overflow_http
+        .keep_alive(false)
+        .header_read_timeout(limits.header_timeout.min(OVERFLOW_HEADER_TIMEOUT));
+    let overflow_app = app.clone().layer(axum::middleware::from_fn(probes_only));
     let open = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let overflow = Arc::new(Semaphore::new(OVERFLOW_CONNECTIONS));
     let mut connections = JoinSet::new();
     loop {
         let accepted = tokio::select! {
             () = stopped(&mut stop) => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-            accepted = accept(&listener, &open) => accepted,
+            accepted = accept(&listener, &open, &overflow) => accepted,
         };
-        let Some((stream, permit)) = accepted else {
+        let Some((stream, permit, overflowed)) = accepted else {
             continue;
         };
+        let (builder, app) = if overflowed {
+            (&overflow_http, &overflow_app)
+        } else {
+            (&http, &app)
+        };
         let service = TowerToHyperService::new(app.clone());
-        let connection = http.serve_connection(TokioIo::new(stream), service);
+        let connection = builder.serve_connection(TokioIo::new(stream), service);
         let mut stop = stop.clone();
         connections.spawn(async move {
             let _permit = permit;
@@ -93,18 +114,51 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await;
 }
 
-/// The next connection, once one of the open-connection permits is free. `None` when the
-/// accept failed (a client that reset, too many open files): logged, and after a pause so
-/// that a persistent failure does not spin.
+/// Lets the probes and the metrics through on an overflow connection; anything else is
+/// answered 503 with `Retry-After`, as the engine answers when its queue is full.
+async fn probes_only(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if matches!(request.uri().path(), "/healthz" | "/readyz" | "/metrics") {
+        return next.run(request).await;
+    }
+    let mut response = axum::response::IntoResponse::into_response((
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        r#"{"success":false,"error":"the engine has as many connections open as it allows; retry after the delay in Retry-After"}"#,
+    ));
+    response.headers_mut().insert(
+        axum::http::header::RETRY_AFTER,
+        axum::http::HeaderValue::from_static("1"),
+    );
+    response
+}
+
+/// The next connection, with its permit: one of the open-connection permits, else (all taken)
+/// one of the overflow permits (`true`), else it waits for an open-connection permit. `None`
+/// when the accept failed (a client that reset, too many open files): logged, and after a
+/// pause so that a persistent failure does not spin.
 async fn accept(
     listener: &TcpListener,
     open: &Arc<Semaphore>,
-) -> Option<(tokio::net::TcpStream, tokio::sync::OwnedSemaphorePermit)> {
-    let permit = Arc::clone(open).acquire_owned().await.ok()?;
+    overflow: &Arc<Semaphore>,
+) -> Option<(
+    tokio::net::TcpStream,
+    tokio::sync::OwnedSemaphorePermit,
+    bool,
+)> {
+    let (permit, overflowed) = match Arc::clone(open).try_acquire_owned() {
+        Ok(p) => (p, false),
+        Err(_) => match Arc::clone(overflow).try_acquire_owned() {
+            Ok(p) => (p, true),
+            Err(_) => (Arc::clone(open).acquire_owned().await.ok()?, false),
+        },
+    };
     match listener.accept().await {
         Ok((stream, _)) => {
             let _ = stream.set_nodelay(true);
-            Some((stream, permit))
+            Some((stream, permit, overflowed))
         }
         Err(e) => {
             tracing::warn!(error = %e, "accepting a connection failed");

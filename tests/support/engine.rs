@@ -70,6 +70,8 @@ pub struct Options {
     pub header_timeout: std::time::Duration,
     /// Store handles the feed API holds open at once.
     pub feed_readers: usize,
+    /// Client connections open at once.
+    pub max_connections: usize,
     /// How long one write may run before the engine says it is stalled.
     pub stall_timeout: std::time::Duration,
     /// The feed API's token (`None`: the feed API is closed).
@@ -86,6 +88,7 @@ impl Default for Options {
             body_timeout: std::time::Duration::from_secs(30),
             header_timeout: std::time::Duration::from_secs(30),
             feed_readers: profiles_sync::engine::DEFAULT_FEED_READERS,
+            max_connections: profiles_sync::engine::DEFAULT_MAX_CONNECTIONS,
             stall_timeout: std::time::Duration::from_secs(
                 profiles_sync::engine::DEFAULT_STALL_TIMEOUT_SECS,
             ),
@@ -105,6 +108,7 @@ impl Options {
             body_timeout: self.body_timeout,
             header_timeout: self.header_timeout,
             feed_readers: self.feed_readers,
+            max_connections: self.max_connections,
             stall_timeout: self.stall_timeout,
             ..EngineConfig::new(store, "127.0.0.1:0".parse().expect("addr"), sources())
         }
