@@ -2241,3 +2241,41 @@ fn a_byte_limit_bounds_the_profile_tables_too() {
         "{most} rows of ~1 KB in one run under a 20 KB limit"
     );
 }
+
+/// Two values refused for one column of one row (two properties flattened to one column, the
+/// one kept failing its cast too) land as one `discards` row holding both values, and the
+/// report counts what landed: the second one was dropped by the table's key, its value lost,
+/// and the report counted two.
+#[test]
+fn two_refused_values_of_one_column_and_row_are_both_kept() {
+    let (mut s, url, _d) = store();
+    let wh = TestWarehouse::sqlite();
+    ingest(
+        &mut *s,
+        &[msg(
+            json!({"type": "track", "messageId": "d1", "userId": "u1", "event": "Dotted", "properties": {"a.b": 5}}),
+        )],
+    );
+    assert_eq!(wh.sync(&url, None).status, SyncStatus::Success);
+    ingest(
+        &mut *s,
+        &[msg(
+            json!({"type": "track", "messageId": "d2", "userId": "u1", "event": "Dotted", "properties": {"a": {"b": "x"}, "a.b": "y"}}),
+        )],
+    );
+    let r = wh.sync(&url, None);
+    let reported: u64 = r
+        .tables
+        .iter()
+        .filter(|t| t.name == "dotted")
+        .map(|t| t.discards)
+        .sum();
+    let landed = wh.query(&format!(
+        "SELECT column_name, row_id, value FROM {} WHERE table_name = 'dotted'",
+        wh.table("discards")
+    ));
+    assert_eq!(reported, landed.len() as u64, "{landed:?}");
+    assert_eq!(landed.len(), 1, "{landed:?}");
+    let value = landed[0][2].clone().unwrap_or_default();
+    assert!(value.contains('x') && value.contains('y'), "{value}");
+}

@@ -256,6 +256,12 @@ impl<'c> Typer<'c> {
     }
 
     fn push(&mut self, row: PendingRow) {
+        let first_discard = self.discards.len();
+        self.push_cells(row);
+        merge_row_discards(&mut self.discards, first_discard);
+    }
+
+    fn push_cells(&mut self, row: PendingRow) {
         let PendingRow {
             row_id,
             received_at,
@@ -513,6 +519,37 @@ pub fn ensure_table(
         }
     }
     Ok(())
+}
+
+/// Folds the discards of one row (from `from` on) that share a column into one: `discards` is
+/// keyed by table, column and row, so a second refused value of a column (two properties
+/// flattened to one column, the one kept failing its cast too) was dropped by the merge — the
+/// value lost, the report counting it. The folded row holds the values as a JSON array and the
+/// reasons joined.
+fn merge_row_discards(discards: &mut Vec<Vec<Cell>>, from: usize) {
+    // Columns of a discard row: table_name, column_name, row_id, value, reason, …
+    let (column, value, reason) = (1, 3, 4);
+    let mut i = from;
+    while i < discards.len() {
+        let same: Vec<usize> = (i + 1..discards.len())
+            .filter(|&j| discards[j][column] == discards[i][column])
+            .collect();
+        if !same.is_empty() {
+            let text = |c: &Cell| c.to_text().unwrap_or_default();
+            let mut values = vec![text(&discards[i][value])];
+            let mut reasons = vec![text(&discards[i][reason])];
+            for &j in &same {
+                values.push(text(&discards[j][value]));
+                reasons.push(text(&discards[j][reason]));
+            }
+            discards[i][value] = Cell::Text(Value::from(values).to_string());
+            discards[i][reason] = Cell::Text(reasons.join("; "));
+            for &j in same.iter().rev() {
+                discards.remove(j);
+            }
+        }
+        i += 1;
+    }
 }
 
 /// Writes rows of `discards` (creating the table when missing) inside the caller's
@@ -781,21 +818,45 @@ mod tests {
         );
         let place = |n: &str| columns.iter().position(|c| c.name == n);
         let text = |s: &str| Cell::Text(s.to_string());
-        let discard = |column: &str, row: &PendingRow, v: &Field, reason: &str| {
+        // A row's refusals of one column are one discard: its values as a JSON array, its
+        // reasons joined.
+        let discard = |column: &str, row: &PendingRow, refusals: &[(String, String)]| {
+            let (value, reason) = match refusals {
+                [(v, r)] => (v.clone(), r.clone()),
+                many => (
+                    Value::from(many.iter().map(|(v, _)| v.clone()).collect::<Vec<_>>())
+                        .to_string(),
+                    many.iter()
+                        .map(|(_, r)| r.as_str())
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                ),
+            };
             vec![
                 text(chunk.table),
                 text(column),
                 text(&escape_nul(&row.row_id)),
-                text(&escape_nul(&v.clone().into_text())),
-                text(reason),
+                text(&value),
+                text(&reason),
                 row.received_at.clone(),
                 Cell::Timestamp(chunk.uuid_ts),
             ]
         };
         let (mut rows, mut discards) = (vec![], vec![]);
         for row in &chunk.rows {
+            let mut refusals: Vec<(String, Vec<(String, String)>)> = vec![];
+            let mut refuse = |column: &str, v: &Field, reason: &str| {
+                let entry = (
+                    escape_nul(&v.clone().into_text()).into_owned(),
+                    reason.to_string(),
+                );
+                match refusals.iter_mut().find(|(c, _)| c == column) {
+                    Some((_, list)) => list.push(entry),
+                    None => refusals.push((column.to_string(), vec![entry])),
+                }
+            };
             for (column, v, reason) in &row.refused {
-                discards.push(discard(column, row, v, reason));
+                refuse(column, v, reason);
             }
             let mut cells = vec![Cell::Null; columns.len()];
             for (name, v) in &row.values {
@@ -805,8 +866,11 @@ mod tests {
                 };
                 match v.clone().cast(columns[i].ty) {
                     Ok(cell) => cells[i] = cell,
-                    Err((reason, v)) => discards.push(discard(name, row, &v, &reason)),
+                    Err((reason, v)) => refuse(name, &v, &reason),
                 }
+            }
+            for (column, list) in &refusals {
+                discards.push(discard(column, row, list));
             }
             if let Some(i) = place("uuid_ts") {
                 let v = Value::String(chunk.uuid_ts.to_string());
