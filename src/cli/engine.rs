@@ -61,14 +61,9 @@ fn read(path: &PathBuf) -> anyhow::Result<String> {
 }
 
 /// The feed token in `path`: neither empty nor still the placeholder of `deploy/`.
-fn feed_token(path: &PathBuf) -> anyhow::Result<String> {
-    let t = read(path)?.trim().to_string();
-    anyhow::ensure!(!t.is_empty(), "{}: the feed token is empty", path.display());
-    anyhow::ensure!(
-        t.chars().all(|c| c.is_ascii_graphic()),
-        "{}: the feed token holds a space, a line break or a character an HTTP header cannot carry: no client could send it",
-        path.display()
-    );
+fn feed_token(path: &std::path::Path) -> anyhow::Result<String> {
+    let t = crate::engine::feed::read_token_file(path)
+        .map_err(|why| anyhow::anyhow!("{}: {why}", path.display()))?;
     anyhow::ensure!(
         !t.starts_with(crate::engine::sources::PLACEHOLDER),
         "{}: the feed token is still the {} placeholder of deploy/: write a secret value \
@@ -82,19 +77,24 @@ fn feed_token(path: &PathBuf) -> anyhow::Result<String> {
 impl EngineArgs {
     /// The engine configuration these flags describe.
     pub fn config(&self) -> anyhow::Result<EngineConfig> {
-        let token = self.feed_token_file.as_ref().map(feed_token).transpose()?;
+        let token = self
+            .feed_token_file
+            .as_deref()
+            .map(feed_token)
+            .transpose()?;
         Ok(EngineConfig {
             store: self.store.clone(),
             listen: self.listen,
             sources: Sources::from_yaml(&read(&self.sources)?)?,
             rules: super::load_rules(self.rules.as_deref())?,
             feed_token: token,
-            queue_capacity: self.queue_capacity.max(1),
-            reading_capacity: self.reading_capacity.max(1),
-            body_timeout: std::time::Duration::from_secs(self.body_timeout_secs.max(1)),
-            header_timeout: std::time::Duration::from_secs(self.header_timeout_secs.max(1)),
-            max_connections: self.max_connections.max(1),
-            feed_readers: self.feed_readers.max(1),
+            // The flags' ranges keep each of these at 1 or more.
+            queue_capacity: self.queue_capacity,
+            reading_capacity: self.reading_capacity,
+            body_timeout: std::time::Duration::from_secs(self.body_timeout_secs),
+            header_timeout: std::time::Duration::from_secs(self.header_timeout_secs),
+            max_connections: self.max_connections,
+            feed_readers: self.feed_readers,
             stall_timeout: std::time::Duration::from_secs(self.stall_timeout_secs),
         })
     }

@@ -151,18 +151,8 @@ fn strict<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> anyhow::R
 }
 
 fn read_token(path: &Path) -> anyhow::Result<String> {
-    let t =
-        std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    let t = t.trim().to_string();
-    anyhow::ensure!(!t.is_empty(), "{}: the token is empty", path.display());
-    // It goes into an Authorization header: a second line or a control character made every
-    // request fail with the HTTP client's bare "builder error".
-    anyhow::ensure!(
-        t.chars().all(|c| c.is_ascii_graphic()),
-        "{}: the token holds a space, a line break or a character an HTTP header cannot carry",
-        path.display()
-    );
-    Ok(t)
+    crate::engine::feed::read_token_file(path)
+        .map_err(|why| anyhow::anyhow!("{}: {why}", path.display()))
 }
 
 /// What a sync needs before it starts: the manifests, the credentials and the change feed.

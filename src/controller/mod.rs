@@ -263,18 +263,10 @@ impl Context {
 
 /// Reads the engine token file (a mounted Secret; re-read each time so rotation is picked up).
 pub fn read_token(path: &Path) -> Result<String, Error> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::EngineToken {
+    crate::engine::feed::read_token_file(path).map_err(|reason| Error::EngineToken {
         path: path.display().to_string(),
-        reason: e.to_string(),
-    })?;
-    let token = text.trim().to_string();
-    if token.is_empty() {
-        return Err(Error::EngineToken {
-            path: path.display().to_string(),
-            reason: "the file is empty".into(),
-        });
-    }
-    Ok(token)
+        reason,
+    })
 }
 
 /// The API resource of WarehouseConnections, watched as `DynamicObject`s.

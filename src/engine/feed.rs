@@ -94,6 +94,25 @@ impl Drop for ReaderPool {
     }
 }
 
+/// The feed API's bearer token in the file at `path` (a mounted Secret), trimmed; the error is
+/// the reason it can't be used, without the token: the file unreadable, empty, or holding a
+/// space, a line break or a character an HTTP header cannot carry (every request with it
+/// failed). The engine, the controller and the sync read it through here.
+pub fn read_token_file(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err("the token is empty".into());
+    }
+    if !token.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(
+            "the token holds a space, a line break or a character an HTTP header cannot carry"
+                .into(),
+        );
+    }
+    Ok(token.to_string())
+}
+
 /// Constant-time comparison of a presented bearer token with the configured one. Their SHA-1
 /// digests are compared, so that neither the first differing byte nor the token's length shows
 /// in the time the answer takes.
