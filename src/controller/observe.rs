@@ -228,22 +228,29 @@ pub async fn selections(ctx: &Context, conn: &WarehouseConnection) -> Result<Sel
         };
         key(a).cmp(&key(b))
     });
-    // The oldest valid one applies (an invalid older one held back a valid newer one, and no
-    // sync ran); when none is valid, the oldest, whose problem stops the syncs.
-    let chosen = mine
-        .iter()
-        .position(|s| s.spec.validate().is_ok())
-        .unwrap_or(0);
-    let active = (!mine.is_empty()).then(|| mine.remove(chosen));
-    let active_problem = active
-        .as_ref()
-        .and_then(|s| s.spec.validate().err().map(|e| e.to_string()));
-    let first_name = active.as_ref().map(|s| s.name_any()).unwrap_or_default();
-    let others = mine
+    // Each validated once: its problem, if any.
+    let mut checked: Vec<(SelectiveSync, Option<String>)> = mine
         .into_iter()
         .map(|s| {
-            let why = match s.spec.validate() {
-                Err(e) if active_problem.is_none() => format!(
+            let problem = s.spec.validate().err().map(|e| e.to_string());
+            (s, problem)
+        })
+        .collect();
+    // The oldest valid one applies (an invalid older one held back a valid newer one, and no
+    // sync ran); when none is valid, the oldest, whose problem stops the syncs.
+    let chosen = checked.iter().position(|(_, p)| p.is_none()).unwrap_or(0);
+    let (active, active_problem) = if checked.is_empty() {
+        (None, None)
+    } else {
+        let (s, problem) = checked.remove(chosen);
+        (Some(s), problem)
+    };
+    let first_name = active.as_ref().map(|s| s.name_any()).unwrap_or_default();
+    let others = checked
+        .into_iter()
+        .map(|(s, problem)| {
+            let why = match problem {
+                Some(e) if active_problem.is_none() => format!(
                     "{e}; SelectiveSync {first_name:?} applies to connection {name:?} meanwhile"
                 ),
                 _ => format!(

@@ -280,16 +280,13 @@ async fn ingest_inner(
     };
     let read = tokio::time::timeout(state.body_timeout, read_body(headers, body)).await;
     let read = read.unwrap_or_else(|_| {
-        Err(ApiError {
-            status: 408,
-            message: format!(
+        Err(ApiError::new(
+            408,
+            format!(
                 "the request body did not arrive within {} s",
                 state.body_timeout.as_secs_f64()
             ),
-            field: None,
-            index: None,
-            events: 1,
-        })
+        ))
     });
     // Validation from here: the body's upload is the client's time, not the engine's.
     let started = Instant::now();
@@ -359,7 +356,7 @@ async fn ingest_inner(
 }
 
 /// A 503 with `body` and `Retry-After: seconds`.
-fn retry_later(body: serde_json::Value, seconds: &'static str) -> Response {
+pub(super) fn retry_later(body: serde_json::Value, seconds: &'static str) -> Response {
     let mut r = json_response(StatusCode::SERVICE_UNAVAILABLE, body);
     r.headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static(seconds));

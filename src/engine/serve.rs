@@ -123,16 +123,10 @@ async fn probes_only(
     if matches!(request.uri().path(), "/healthz" | "/readyz" | "/metrics") {
         return next.run(request).await;
     }
-    let mut response = axum::response::IntoResponse::into_response((
-        axum::http::StatusCode::SERVICE_UNAVAILABLE,
-        [(axum::http::header::CONTENT_TYPE, "application/json")],
-        r#"{"success":false,"error":"the engine has as many connections open as it allows; retry after the delay in Retry-After"}"#,
-    ));
-    response.headers_mut().insert(
-        axum::http::header::RETRY_AFTER,
-        axum::http::HeaderValue::from_static("1"),
-    );
-    response
+    super::http::retry_later(
+        serde_json::json!({"success": false, "error": "the engine has as many connections open as it allows; retry after the delay in Retry-After"}),
+        "1",
+    )
 }
 
 /// The next connection, with its permit: one of the open-connection permits, else (all taken)

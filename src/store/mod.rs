@@ -319,7 +319,7 @@ fn sqlite_path(url: &str) -> Result<Option<&std::path::Path>, StoreError> {
     let Some(path) = url.strip_prefix("sqlite://") else {
         return Ok(None);
     };
-    if path.trim().is_empty() || path == ":memory:" || path.starts_with("file:") {
+    if crate::warehouse::sqlite::names_no_file(path) {
         return Err(StoreError::NoFile(url.to_string()));
     }
     Ok(Some(std::path::Path::new(path)))

@@ -107,6 +107,20 @@ impl Default for Schema {
 }
 
 impl Schema {
+    /// Records that `table` has `columns` (once the DDL creating them committed); a column
+    /// already known keeps its type.
+    pub fn record<'c>(&mut self, table: &str, columns: impl IntoIterator<Item = &'c Column>) {
+        let t = self.tables.entry(table.to_string()).or_default();
+        for c in columns {
+            t.entry(c.name.clone()).or_insert(c.ty);
+        }
+    }
+
+    /// Records the `discards` table (once rows of it committed).
+    pub fn record_discards(&mut self) {
+        self.record(DISCARDS, &discard_columns());
+    }
+
     /// The schema `wh` describes.
     pub fn of(wh: &mut dyn Warehouse) -> Result<Schema, WarehouseError> {
         let tables = wh.describe()?;
@@ -449,15 +463,9 @@ pub fn prepare(schema: &Schema, mut chunk: Chunk<'_>) -> Prepared {
 
 /// Records in `schema` the columns `p` creates when it commits (the discards table's too).
 pub fn plan(schema: &mut Schema, p: &Prepared) {
-    let t = schema.tables.entry(p.table.clone()).or_default();
-    for c in &p.columns {
-        t.entry(c.name.clone()).or_insert(c.ty);
-    }
+    schema.record(&p.table, &p.columns);
     if !p.discards.is_empty() {
-        let d = schema.tables.entry(DISCARDS.to_string()).or_default();
-        for c in discard_columns() {
-            d.entry(c.name).or_insert(c.ty);
-        }
+        schema.record_discards();
     }
 }
 

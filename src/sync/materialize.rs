@@ -263,18 +263,9 @@ pub fn apply_window(
             return Err(e);
         }
     }
-    let cols = schema.tables.entry(table.to_string()).or_default();
-    for c in columns(table) {
-        cols.entry(c.name).or_insert(c.ty);
-    }
+    schema.record(table, &columns(table));
     if applied.discards > 0 {
-        let d = schema
-            .tables
-            .entry(super::tables::DISCARDS.to_string())
-            .or_default();
-        for c in columns(super::tables::DISCARDS) {
-            d.entry(c.name).or_insert(c.ty);
-        }
+        schema.record_discards();
     }
     *cursor_state = next;
     Ok(applied)

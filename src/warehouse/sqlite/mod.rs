@@ -52,13 +52,20 @@ fn lite_error(e: rusqlite::Error) -> WarehouseError {
     WarehouseError::new(class, message)
 }
 
+/// Whether SQLite would take `path` for no file at all — a database in memory (`:memory:`,
+/// `file:…` URIs) or a private temporary one (empty) — whose data would vanish with the
+/// connection. The store and the warehouse both refuse such paths.
+pub fn names_no_file(path: &str) -> bool {
+    path.trim().is_empty() || path == ":memory:" || path.starts_with("file:")
+}
+
 impl SqliteWarehouse {
     /// Opens (creating when missing) the warehouse file at `path`.
     pub fn open(path: &Path, schema: &str) -> Result<SqliteWarehouse, WarehouseError> {
         // SQLite takes these as a database in memory (or a private temporary one): the sync
         // would report rows that vanish with it.
         let text = path.to_string_lossy();
-        if text.trim().is_empty() || text == ":memory:" || text.starts_with("file:") {
+        if names_no_file(&text) {
             return Err(WarehouseError::new(
                 ErrorClass::Schema,
                 format!("sqlite.path {text:?} names no file: give the path of the warehouse file"),
