@@ -105,6 +105,7 @@ both_warehouses!(
     hostile_names_land_safely_and_distinctly,
     backfill_windows_and_the_event_table_limit,
     limits_split_a_backlog_without_losing_rows,
+    a_limit_is_shared_so_identity_churn_never_starves_the_events,
 );
 
 fn a_first_sync_lands_every_table(kind: &str) {
@@ -798,6 +799,49 @@ fn limits_split_a_backlog_without_losing_rows(kind: &str) {
         );
     }
     assert!(runs > 2, "the limit split the backlog ({runs} runs)");
+    assert_eq!(limited.dump(), clean.dump());
+}
+
+/// Identity logs busier than `maxRows` a run took the whole budget (they load first), so the
+/// event tables never got a row while the churn lasted.
+fn a_limit_is_shared_so_identity_churn_never_starves_the_events(kind: &str) {
+    let (mut s, url, _d) = store();
+    let messages: Vec<Value> = (0..60)
+        .flat_map(|i| {
+            [
+                msg(json!({"type": "identify", "messageId": format!("i{i}"), "userId": format!("u{i}"), "anonymousId": format!("a{i}"), "traits": {"plan": format!("p{i}")}})),
+                msg(json!({"type": "track", "messageId": format!("t{i}"), "userId": format!("u{i}"), "event": "Ping"})),
+            ]
+        })
+        .collect();
+    ingest(&mut *s, &messages);
+    let clean = TestWarehouse::of(kind);
+    clean.sync(&url, None);
+    assert!(clean.count("external_id_mapping_updates") >= 100);
+    let limited = TestWarehouse::of(kind);
+    let mut spec = limited.spec.clone();
+    spec.limits = Some(profiles_sync::crd::SyncLimits {
+        max_rows: Some(50),
+        max_bytes: None,
+    });
+    let first = limited.sync_with(&url, None, &spec, 10);
+    assert!(first.limit_reached, "{first:#?}");
+    assert!(
+        first.rows.total <= 50 + 20,
+        "a run loaded {} rows",
+        first.rows.total
+    );
+    for table in ["id_graph_updates", "user_traits", "tracks", "ping"] {
+        assert!(
+            limited.count(table) > 0,
+            "the first limited run loaded nothing into {table}: {first:#?}"
+        );
+    }
+    let mut runs = 1;
+    while limited.sync_with(&url, None, &spec, 10).limit_reached {
+        runs += 1;
+        assert!(runs < 50, "the backlog never finished");
+    }
     assert_eq!(limited.dump(), clean.dump());
 }
 

@@ -141,6 +141,8 @@ struct Run<'a> {
     table_reports: BTreeMap<String, TableReport>,
     rows_left: Option<u64>,
     bytes_left: Option<u64>,
+    /// Rows and bytes spent so far (of `limits`).
+    spent: (u64, u64),
     /// Tables whose feed came back empty this run: they have everything the store has.
     caught_up: BTreeSet<String>,
 }
@@ -175,6 +177,7 @@ impl<'a> Run<'a> {
             table_reports: BTreeMap::new(),
             rows_left: limits.and_then(|l| l.max_rows).map(|n| n.max(0) as u64),
             bytes_left: limits.and_then(|l| l.max_bytes).map(|n| n.max(0) as u64),
+            spent: (0, 0),
             caught_up: BTreeSet::new(),
         }
     }
@@ -240,6 +243,8 @@ impl<'a> Run<'a> {
     }
 
     fn spend(&mut self, rows: u64, bytes: u64) {
+        self.spent.0 += rows;
+        self.spent.1 += bytes;
         if let Some(r) = self.rows_left.as_mut() {
             *r = r.saturating_sub(rows);
         }
@@ -277,15 +282,62 @@ impl<'a> Run<'a> {
             .collect();
         let first_sync = !self.states.contains_key(EVENTS_WATERMARK);
 
+        // Under a row or byte limit each part of the run (each identity log, the profile
+        // tables, the events) first gets an equal share of what is left, so that a busy part
+        // never starves the ones after it; what the events leave goes back to the others.
+        let limited = self.rows_left.is_some() || self.bytes_left.is_some();
+        let parts = RAW.len() as u64 + 2;
         let mut names = names;
-        for table in RAW {
-            let saved = names.remove(table).unwrap_or_default();
-            self.load_raw(source, wh, &mut schema, table, &sources, saved)?;
+        let mut raw_names: Vec<columns::ColumnMap> = RAW
+            .iter()
+            .map(|table| {
+                let mut map = columns::ColumnMap::with_reserved(TRAITS_RESERVED);
+                for (s, c) in names.remove(*table).unwrap_or_default() {
+                    map.restore(s, c);
+                }
+                map
+            })
+            .collect();
+        for (i, (table, map)) in RAW.into_iter().zip(&mut raw_names).enumerate() {
+            let share = parts - i as u64;
+            self.with_share(limited.then_some(share), |run| {
+                run.load_raw(source, wh, &mut schema, table, &sources, map)
+            })?;
         }
-        self.load_materialized(source, wh, &mut schema)?;
+        self.with_share(limited.then_some(2), |run| {
+            run.load_materialized(source, wh, &mut schema)
+        })?;
+        self.report.limit_reached = false;
         self.load_events(source, wh, &mut schema, first_sync, names)?;
+        if limited {
+            for (table, map) in RAW.into_iter().zip(&mut raw_names) {
+                self.load_raw(source, wh, &mut schema, table, &sources, map)?;
+            }
+            self.load_materialized(source, wh, &mut schema)?;
+        }
         self.finish_states(wh)?;
         Ok(())
+    }
+
+    /// Runs `part` with `1/share` of the rows and bytes left (all of them without a share),
+    /// then takes what it spent from the run's budget.
+    fn with_share<T>(
+        &mut self,
+        share: Option<u64>,
+        part: impl FnOnce(&mut Self) -> Result<T, RunError>,
+    ) -> Result<T, RunError> {
+        let Some(share) = share else {
+            return part(self);
+        };
+        let (rows, bytes) = (self.rows_left, self.bytes_left);
+        self.rows_left = rows.map(|r| r.div_ceil(share));
+        self.bytes_left = bytes.map(|b| b.div_ceil(share));
+        let before = self.spent;
+        let out = part(self);
+        let (spent_rows, spent_bytes) = (self.spent.0 - before.0, self.spent.1 - before.1);
+        self.rows_left = rows.map(|r| r.saturating_sub(spent_rows));
+        self.bytes_left = bytes.map(|b| b.saturating_sub(spent_bytes));
+        out
     }
 
     fn load_raw(
@@ -295,10 +347,12 @@ impl<'a> Run<'a> {
         schema: &mut Schema,
         table: &'static str,
         sources: &HashMap<String, SourceInfo>,
-        saved_names: Vec<(String, String)>,
+        names: &mut columns::ColumnMap,
     ) -> Result<(), RunError> {
         let mut st = self.resolve(table, 0, None);
-        if !st.enabled {
+        // A table is read until it fails or catches up; a second call (under a limit, with
+        // what the events left) goes on from its cursor.
+        if !st.enabled || self.failed.contains(table) || self.caught_up.contains(table) {
             return Ok(());
         }
         self.table_report(table);
@@ -309,10 +363,6 @@ impl<'a> Run<'a> {
         };
         let def = tables::fixed(table)
             .ok_or_else(|| WarehouseError::internal(format!("no definition of {table}")))?;
-        let mut names = columns::ColumnMap::with_reserved(TRAITS_RESERVED);
-        for (s, c) in saved_names {
-            names.restore(s, c);
-        }
         let max_len = wh.dialect().max_identifier_len();
         let filter = self.opts.selection.map(|s| s.column_filter(table));
         while self.budget_left() {
@@ -324,7 +374,7 @@ impl<'a> Run<'a> {
             let mut pending = Vec::with_capacity(rows.len());
             let mut bytes = 0u64;
             for row in &rows {
-                let p = raw_row(row, sources, &mut names, max_len, filter.as_ref(), table);
+                let p = raw_row(row, sources, names, max_len, filter.as_ref(), table);
                 if self.bytes_left.is_some() {
                     bytes += row_bytes(&p);
                 }
@@ -374,7 +424,7 @@ impl<'a> Run<'a> {
         for t in MATERIALIZED {
             // A first sync loads the profile tables from the beginning.
             let cursor = self.resolve(t, 0, None);
-            if cursor.enabled {
+            if cursor.enabled && !self.failed.contains(t) && !self.caught_up.contains(t) {
                 self.table_report(t);
                 active.push((t, cursor));
             }
@@ -383,8 +433,13 @@ impl<'a> Run<'a> {
             let Some(after) = active.iter().map(|(_, c)| c.cursor).min() else {
                 break;
             };
-            let Some(window) = materialize::read_window(source, after, self.head, self.page())?
-            else {
+            // A window reads a page of each of the three identity logs: under a row limit, a
+            // third of the rows left each.
+            let page = match self.rows_left {
+                Some(_) => self.page().div_ceil(3),
+                None => self.page(),
+            };
+            let Some(window) = materialize::read_window(source, after, self.head, page)? else {
                 // Nothing new after the lowest cursor: every table has read its logs to the end.
                 for (t, _) in &active {
                     self.caught_up.insert(t.to_string());
