@@ -543,6 +543,34 @@ fn optional_objects_follow_their_values() {
     );
 }
 
+/// A pinned digest reaches the sync Jobs: the chart's own through a mirror repository, or
+/// `controller.syncImage.digest` over its tag.
+#[test]
+fn the_sync_jobs_image_keeps_a_pinned_digest() {
+    for (case, expected) in [
+        (
+            "sync-image-mirror",
+            format!("mirror.example/profiles-sync@sha256:{}", "cd".repeat(32)),
+        ),
+        (
+            "sync-image-digest",
+            format!(
+                "ghcr.io/profiles-sync/profiles-sync@sha256:{}",
+                "ef".repeat(32)
+            ),
+        ),
+    ] {
+        let objects = rendered(case).objects(case);
+        let controller = workload(&objects, "Deployment", "profiles-sync-controller");
+        let c = container(controller, "controller");
+        assert_eq!(
+            arg_value(c, "--sync-image"),
+            Some(expected.as_str()),
+            "{case}"
+        );
+    }
+}
+
 #[test]
 fn every_value_reaches_the_objects_it_configures() {
     let r = rendered("everything");

@@ -91,6 +91,20 @@ pub fn render_cases() -> Vec<(&'static str, Value, &'static str, &'static str)> 
             "profiles-sync",
         ),
         (
+            "sync-image-mirror",
+            json!({"image": {"digest": format!("sha256:{}", "cd".repeat(32))},
+                   "controller": {"syncImage": {"repository": "mirror.example/profiles-sync"}}}),
+            "profiles-sync",
+            "profiles-sync",
+        ),
+        (
+            "sync-image-digest",
+            json!({"image": {"tag": "0.1.0"},
+                   "controller": {"syncImage": {"tag": "ignored", "digest": format!("sha256:{}", "ef".repeat(32))}}}),
+            "profiles-sync",
+            "profiles-sync",
+        ),
+        (
             "everything",
             json!({
                 "image": {"digest": format!("sha256:{}", "ab".repeat(32))},
@@ -176,6 +190,11 @@ pub fn reject_cases() -> Vec<Reject> {
             "digest",
             json!({"image": {"digest": "latest"}}),
             "/image/digest",
+        ),
+        reject(
+            "sync-digest",
+            json!({"controller": {"syncImage": {"digest": "sha256:short"}}}),
+            "/controller/syncImage/digest",
         ),
         reject(
             "pull-policy",

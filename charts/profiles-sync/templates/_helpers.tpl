@@ -45,15 +45,20 @@ helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+
 {{- end }}
 {{- end }}
 
-{{/* The image of the sync Jobs: controller.syncImage, else the chart's image. */}}
+{{/* The image of the sync Jobs: controller.syncImage's digest or tag, else the chart's image
+     version (image.digest, else image.tag, else appVersion), from controller.syncImage.repository
+     (a mirror keeps a pinned digest) or image.repository. */}}
 {{- define "profiles-sync.syncImage" -}}
 {{- $s := .Values.controller.syncImage }}
-{{- if $s.repository }}
-{{- printf "%s:%s" $s.repository (default (default .Chart.AppVersion .Values.image.tag) $s.tag) }}
+{{- $repository := default .Values.image.repository $s.repository }}
+{{- if $s.digest }}
+{{- printf "%s@%s" $repository $s.digest }}
 {{- else if $s.tag }}
-{{- printf "%s:%s" .Values.image.repository $s.tag }}
+{{- printf "%s:%s" $repository $s.tag }}
+{{- else if .Values.image.digest }}
+{{- printf "%s@%s" $repository .Values.image.digest }}
 {{- else }}
-{{- include "profiles-sync.image" . }}
+{{- printf "%s:%s" $repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 {{- end }}
 
