@@ -60,7 +60,7 @@ fn deploy_binds_that_role_to_the_controllers_service_account() {
 
 /// The reverse: the ClusterRole grants nothing the controller does not call (a verb granted
 /// for nothing is a privilege whoever takes the controller's token gets cluster-wide), and
-/// it may replace one Secret only, the engine token's.
+/// it may replace and delete one Secret only, the engine token's.
 #[test]
 fn the_cluster_role_grants_nothing_the_controller_does_not_call() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(RULES);
@@ -77,11 +77,11 @@ fn the_cluster_role_grants_nothing_the_controller_does_not_call() {
                     {
                         extra.push(format!("{verb} {resource}.{group}"));
                     }
-                    if resource == "secrets" && verb == "update" {
+                    if resource == "secrets" && (verb == "update" || verb == "delete") {
                         assert_eq!(
                             strings(&rule["resourceNames"]),
                             [profiles_sync::controller::build::ENGINE_TOKEN_SECRET],
-                            "Secrets are replaced by name only"
+                            "Secrets are replaced and deleted by name only"
                         );
                     }
                 }

@@ -3,14 +3,14 @@
 
 use k8s_openapi::api::batch::v1::{Job, JobCondition, JobStatus};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ContainerState, ContainerStateTerminated, ContainerStatus, Pod, PodStatus,
+    ConfigMap, ContainerState, ContainerStateTerminated, ContainerStatus, Pod, PodStatus, Secret,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
 use k8s_openapi::api::events::v1::Event as K8sEvent;
 use kube::api::DynamicObject;
 
-use super::api_tests::{NS, builder, condition, connection, fixture, selective_sync};
+use super::api_tests::{Fixture, NS, builder, condition, connection, fixture, selective_sync};
 use super::*;
 use crate::crd::{ErrorClass, SyncRows, SyncStatus};
 use crate::sync::SyncReport;
@@ -328,6 +328,98 @@ async fn deletion_removes_jobs_and_config_maps_then_the_finalizer() {
         b"data",
         "warehouse data untouched"
     );
+}
+
+/// The engine token Secret goes with the namespace's last connection (not before: another
+/// connection, or one still cleaning up, keeps it), and a Secret of that name the controller
+/// did not make is never deleted.
+#[tokio::test]
+async fn the_last_connection_of_a_namespace_takes_the_token_secret_with_it() {
+    let deleting = |dir: &std::path::Path, name: &str| {
+        let mut conn = connection(dir, name);
+        conn.metadata.uid = Some(format!("uid-{name}"));
+        conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+        conn.metadata.deletion_timestamp = Some(Time("2025-03-01T10:00:00Z".parse().unwrap()));
+        conn
+    };
+    let token = || build::engine_token_secret(NS, "t0ken");
+    let secret_left = |f: &Fixture| {
+        let api = f.api::<Secret>();
+        async move {
+            api.get_opt(build::ENGINE_TOKEN_SECRET)
+                .await
+                .unwrap()
+                .is_some()
+        }
+    };
+
+    // Two connections being deleted: the first cleaned up keeps the Secret for the other.
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (deleting(dir.path(), "a"), deleting(dir.path(), "b"));
+    let client = builder()
+        .with_object(a)
+        .with_object(b)
+        .with_object(token())
+        .build()
+        .await
+        .unwrap();
+    let f = fixture(dir, client, "2025-03-01T10:00:05Z").await;
+    f.reconcile("a").await.unwrap();
+    assert!(secret_left(&f).await, "connection b still uses it");
+    f.reconcile("b").await.unwrap();
+    assert!(!secret_left(&f).await, "deleted with the last connection");
+
+    // A connection that stays keeps it.
+    let dir = tempfile::tempdir().unwrap();
+    let mut staying = connection(dir.path(), "staying");
+    staying.metadata.uid = Some("uid-staying".into());
+    let client = builder()
+        .with_object(deleting(dir.path(), "a"))
+        .with_object(staying)
+        .with_object(token())
+        .build()
+        .await
+        .unwrap();
+    let f = fixture(dir, client, "2025-03-01T10:00:05Z").await;
+    f.reconcile("a").await.unwrap();
+    assert!(secret_left(&f).await);
+
+    // So does one that does not decode (a type this version does not know).
+    let dir = tempfile::tempdir().unwrap();
+    let client = builder()
+        .with_object(deleting(dir.path(), "a"))
+        .with_object(token())
+        .build()
+        .await
+        .unwrap();
+    let f = fixture(dir, client, "2025-03-01T10:00:05Z").await;
+    let resource = kube::discovery::ApiResource::erase::<WarehouseConnection>(&());
+    let broken: DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "profilesync.dev/v1alpha1", "kind": "WarehouseConnection",
+        "metadata": {"name": "broken", "namespace": NS, "uid": "uid-broken"},
+        "spec": {"warehouse": {"type": "oracle"}}
+    }))
+    .unwrap();
+    Api::<DynamicObject>::namespaced_with(f.ctx.client.clone(), NS, &resource)
+        .create(&Default::default(), &broken)
+        .await
+        .unwrap();
+    f.reconcile("a").await.unwrap();
+    assert!(secret_left(&f).await);
+
+    // A user's Secret of that name is not the controller's to delete.
+    let dir = tempfile::tempdir().unwrap();
+    let mut users = token();
+    users.metadata.labels = None;
+    let client = builder()
+        .with_object(deleting(dir.path(), "a"))
+        .with_object(users)
+        .build()
+        .await
+        .unwrap();
+    let f = fixture(dir, client, "2025-03-01T10:00:05Z").await;
+    f.reconcile("a").await.unwrap();
+    assert!(secret_left(&f).await);
 }
 
 #[tokio::test]

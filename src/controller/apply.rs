@@ -121,6 +121,44 @@ pub(super) async fn ensure_token_secret(ctx: &Context, ns: &str) -> Result<(), E
     }
 }
 
+/// Deletes the namespace's engine token Secret when `conn` is its last connection: a live
+/// credential of the engine is not left behind at uninstall. A connection that is not being
+/// deleted, or is still being cleaned up (its sync may still run), keeps it; one created later
+/// gets it again before its first Job. Only a Secret the controller made is deleted.
+async fn remove_token_secret_after_last(
+    ctx: &Context,
+    conn: &WarehouseConnection,
+    ns: &str,
+) -> Result<(), Error> {
+    // Metadata only: a connection of the namespace that does not decode still counts.
+    let others = connections(ctx, conn)
+        .list_metadata(&ListParams::default())
+        .await?;
+    let in_use = others.items.iter().any(|c| {
+        c.uid() != conn.uid()
+            && (c.meta().deletion_timestamp.is_none()
+                || c.finalizers().iter().any(|f| f == FINALIZER))
+    });
+    if in_use {
+        return Ok(());
+    }
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let Some(secret) = api.get_opt(build::ENGINE_TOKEN_SECRET).await? else {
+        return Ok(());
+    };
+    if !build::made_by_controller(&secret.metadata) {
+        return Ok(());
+    }
+    match api
+        .delete(build::ENGINE_TOKEN_SECRET, &DeleteParams::background())
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.is_not_found() => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Starts a sync: the namespace's engine token Secret, the Job, then its ConfigMap. A Job of
 /// that name already there (a create that reached the server before a retry) is this sync's
 /// only when the connection controls it; otherwise the name is taken
@@ -388,6 +426,7 @@ pub(super) async fn cleanup(conn: &WarehouseConnection, ctx: &Context) -> Result
                     Err(e) => return Err(e.into()),
                 }
             }
+            remove_token_secret_after_last(ctx, conn, &ns).await?;
             let others: Vec<&String> = conn
                 .finalizers()
                 .iter()

@@ -363,6 +363,14 @@ pub fn sync_config_map(job: &Job, connection: &str, data: BTreeMap<String, Strin
     }
 }
 
+/// Whether an object carries the controller's `app.kubernetes.io/managed-by` label.
+pub fn made_by_controller(meta: &ObjectMeta) -> bool {
+    meta.labels
+        .as_ref()
+        .and_then(|l| l.get("app.kubernetes.io/managed-by"))
+        .is_some_and(|v| v == MANAGED_BY)
+}
+
 /// The engine token Secret of a namespace (see [`ENGINE_TOKEN_SECRET`]).
 pub fn engine_token_secret(namespace: &str, token: &str) -> Secret {
     Secret {

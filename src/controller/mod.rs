@@ -89,6 +89,8 @@ pub const API_CALLS: &[(&str, &str, &str)] = &[
     ("", "secrets", "watch"),
     ("", "secrets", "create"),
     ("", "secrets", "update"),
+    // The engine token Secret, with the namespace's last connection.
+    ("", "secrets", "delete"),
     ("", "pods", "list"),
     ("events.k8s.io", "events", "create"),
     ("events.k8s.io", "events", "patch"),

@@ -245,7 +245,7 @@ pub fn kustomize(dir: &Path) -> String {
 /// contract). Both installs must grant these and nothing else.
 pub fn expected_controller_rules() -> Value {
     let rule = |groups: &[&str], resources: &[&str], verbs: &[&str]| serde_json::json!({"apiGroups": groups, "resources": resources, "verbs": verbs});
-    let mut token_update = rule(&[""], &["secrets"], &["update"]);
+    let mut token_update = rule(&[""], &["secrets"], &["update", "delete"]);
     token_update["resourceNames"] = serde_json::json!(["profiles-sync-engine-token"]);
     Value::Array(vec![
         rule(
