@@ -240,6 +240,25 @@ pub fn apply_window(
             final_canonical.insert(&g.segment_id, (&g.canonical_segment_id, g.seq, &g.trigger));
         }
     }
+    // A window may end between a merge's own row and its recursive rows (a page boundary):
+    // a profile's latest row then names a survivor that is itself merged away later in the
+    // window. Follow each chain to its end, so the single-pass updates below never leave rows
+    // on a merged-away profile.
+    let targets: Vec<&str> = final_canonical.keys().copied().collect();
+    for from in targets {
+        let mut to = final_canonical[from].0;
+        let mut hops = 0;
+        while let Some(&(next, _, _)) = final_canonical.get(to) {
+            if next == to || hops > final_canonical.len() {
+                break;
+            }
+            to = next;
+            hops += 1;
+        }
+        if let Some(entry) = final_canonical.get_mut(from) {
+            entry.0 = to;
+        }
+    }
 
     let mut next = cursor_state.clone();
     next.cursor = end;
