@@ -845,6 +845,78 @@ fn a_limit_is_shared_so_identity_churn_never_starves_the_events(kind: &str) {
     assert_eq!(limited.dump(), clean.dump());
 }
 
+/// PostgreSQL stores a row in one 8 KB page: one page event with 1,100 integer properties (an
+/// 11 KB event, under Segment's 32 KB), or a profile whose traits add up to 1,120, failed its
+/// table on every run (`row is too big`), the row retried for ever. The values past the row's
+/// room go to discards; the row and every later one load.
+#[test]
+fn postgres_a_row_too_wide_for_a_page_loads_with_its_excess_in_discards() {
+    let (mut s, url, _d) = store();
+    let props: serde_json::Map<String, Value> =
+        (0..1100).map(|i| (format!("p{i:04}"), json!(i))).collect();
+    let wide = json!({"type": "page", "messageId": "w1", "anonymousId": "a1", "name": "Wide",
+                      "properties": props});
+    assert!(wide.to_string().len() < 32 * 1024, "within Segment's 32 KB");
+    let identifies: Vec<Value> = (0..4)
+        .map(|k| {
+            let traits: serde_json::Map<String, Value> = (0..280)
+                .map(|i| (format!("t{k}_{i:03}"), json!(i)))
+                .collect();
+            msg(
+                json!({"type": "identify", "messageId": format!("i{k}"), "userId": "u1",
+                       "traits": traits}),
+            )
+        })
+        .collect();
+    ingest(&mut *s, &[msg(wide)]);
+    ingest(&mut *s, &identifies);
+    let wh = TestWarehouse::postgres();
+    let r = wh.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    assert_eq!(wh.count("pages"), 1);
+    assert_eq!(wh.count("profile_traits_updates"), 4);
+    let discarded = |table: &str| -> Vec<(String, String)> {
+        wh.query(&format!(
+            "SELECT column_name, reason FROM {} WHERE table_name = '{table}' ORDER BY column_name",
+            wh.table("discards")
+        ))
+        .into_iter()
+        .map(|r| (r[0].clone().unwrap(), r[1].clone().unwrap()))
+        .collect()
+    };
+    let pages = discarded("pages");
+    assert!(!pages.is_empty() && pages.len() < 400, "{}", pages.len());
+    assert!(pages[0].1.contains("wider than the warehouse"), "{pages:?}");
+    // What loaded is what was sent, and every value is either loaded or discarded.
+    let row = wh.query(&format!(
+        "SELECT to_jsonb(t)::text FROM {} t",
+        wh.table("pages")
+    ));
+    let row: Value = serde_json::from_str(row[0][0].as_deref().unwrap()).unwrap();
+    for i in 0..1100 {
+        let c = format!("p{i:04}");
+        let discarded = pages.iter().any(|(d, _)| *d == c);
+        match row.get(&c) {
+            Some(v) if !v.is_null() => {
+                assert_eq!(v, &json!(i), "{c}");
+                assert!(!discarded, "{c} both loaded and discarded");
+            }
+            _ => assert!(discarded, "{c} neither loaded nor discarded"),
+        }
+    }
+    assert!(!discarded("profile_traits_updates").is_empty());
+
+    ingest(
+        &mut *s,
+        &[msg(
+            json!({"type": "page", "messageId": "n1", "anonymousId": "a2", "name": "Home"}),
+        )],
+    );
+    let r = wh.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    assert_eq!(wh.count("pages"), 2);
+}
+
 #[test]
 fn postgres_a_failing_table_does_not_stop_the_others() {
     let (mut s, url, _d) = store();

@@ -156,7 +156,19 @@ pub fn cast(v: &Value, ty: ColumnType) -> Result<Cell, String> {
         (ColumnType::Integer, Value::String(s)) => {
             s.trim().parse().map(Cell::Int).or_else(|_| fail())
         }
-        (ColumnType::Float, Value::Number(n)) => n.as_f64().map(Cell::Float).map_or_else(fail, Ok),
+        // An integer a double cannot hold exactly (past 2^53) is refused, never rounded: the
+        // column would hold a number nobody sent (an id-like value off by one).
+        (ColumnType::Float, Value::Number(n)) => {
+            let exact = |f: f64| match (n.as_i64(), n.as_u64()) {
+                (Some(i), _) => f as i128 == i128::from(i),
+                (None, Some(u)) => f as i128 == i128::from(u),
+                (None, None) => true,
+            };
+            match n.as_f64() {
+                Some(f) if exact(f) => Ok(Cell::Float(f)),
+                _ => fail(),
+            }
+        }
         (ColumnType::Float, Value::String(s)) => match s.trim().parse::<f64>() {
             Ok(f) if f.is_finite() => Ok(Cell::Float(f)),
             _ => fail(),
@@ -319,7 +331,13 @@ impl ColumnMap {
             let mut column = fit(&suffixed, source, max_len);
             let mut n = 2;
             while self.used.contains(&column) {
-                column = fit(&format!("{suffixed}_{n}"), source, max_len);
+                // Each attempt hashes differently: a name cut to the limit keeps only the hash
+                // of its end, and the same hash would give the same (taken) name for ever.
+                column = fit(
+                    &format!("{suffixed}_{n}"),
+                    &format!("{source}\0{n}"),
+                    max_len,
+                );
                 n += 1;
             }
             column
@@ -550,5 +568,63 @@ mod tests {
         let mut map = ColumnMap::default();
         map.column("total", 63);
         assert_eq!(map.take_new(), [("total".to_string(), "total".to_string())]);
+    }
+
+    /// Runs `f` on a thread and waits at most a minute for it: a regression here is an
+    /// endless loop, which must fail the test rather than hang the suite.
+    fn returns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(60))
+            .expect("ColumnMap::column never returned")
+    }
+
+    /// A nested property (`a.<long>`) and a top-level one spelled with `_` (`a_<long>`) join
+    /// to the same long name, and a crafted short name can take the column a suffixing would
+    /// give: each still gets a column of its own (the retries hashed the same and looped).
+    #[test]
+    fn long_names_that_collide_after_cutting_each_get_a_column() {
+        let long = "x".repeat(100);
+        let (nested, flat) = (format!("a.{long}"), format!("a_{long}"));
+        let (a, b) = returns(move || {
+            let mut map = ColumnMap::default();
+            (map.column(&nested, 63), map.column(&flat, 63))
+        });
+        assert!(a.is_some() && b.is_some() && a != b, "{a:?} {b:?}");
+        assert!(b.unwrap().len() <= 63);
+
+        let (lower, upper) = ("x".repeat(60), "X".repeat(60));
+        let crafted = format!("{}_{}", "x".repeat(54), short_hash(&upper));
+        let columns = returns(move || {
+            let mut map = ColumnMap::default();
+            [crafted, lower, upper]
+                .iter()
+                .map(|s| map.column(s, 63))
+                .collect::<Vec<_>>()
+        });
+        let distinct: HashSet<_> = columns.iter().flatten().collect();
+        assert_eq!(distinct.len(), 3, "{columns:?}");
+    }
+
+    /// An integer a float column cannot hold exactly (past 2^53) goes to discards; one it can
+    /// hold is cast.
+    #[test]
+    fn an_integer_is_never_rounded_into_a_float_column() {
+        for sent in [
+            json!(9_007_199_254_740_993_i64),
+            json!(i64::MAX),
+            json!(u64::MAX),
+        ] {
+            assert!(cast(&sent, ColumnType::Float).is_err(), "{sent}");
+        }
+        for (sent, held) in [
+            (json!(9_007_199_254_740_992_i64), 9_007_199_254_740_992.0),
+            (json!(-3), -3.0),
+            (json!(1.5e300), 1.5e300),
+        ] {
+            assert_eq!(cast(&sent, ColumnType::Float), Ok(Cell::Float(held)));
+        }
     }
 }

@@ -16,14 +16,17 @@ use crate::store::FlatEventRow;
 use crate::warehouse::{Cell, Column, ColumnType};
 
 /// The per-event table of a Track event name, safe for a warehouse with `max_len`-byte names;
-/// names that would shadow a profiles-sync table, or a feed of the engine's API (`events`),
-/// get a `_` prefix.
+/// names that would shadow a profiles-sync table, a feed of the engine's API (`events`) or
+/// SQLite's own (`sqlite_…`) get a `_` prefix.
 pub fn track_table(event: &str, max_len: usize) -> String {
     let name = identifier(event, max_len);
     let shadows = known_tables().contains(&name.as_str())
         || crate::store::Feed::TABLES.contains(&name.as_str())
         || name == DISCARDS
-        || name.starts_with("_profiles_sync");
+        || name.starts_with("_profiles_sync")
+        // SQLite keeps `sqlite_` names for itself; every warehouse prefixes them, so names
+        // stay the same across warehouses.
+        || name.starts_with("sqlite_");
     if shadows {
         fit(&format!("_{name}"), event, max_len)
     } else {
@@ -311,6 +314,15 @@ mod tests {
                 Field::Time(t) => (c.to_string(), json!(t.to_string())),
             })
             .collect()
+    }
+
+    /// SQLite refuses to create `sqlite_…` tables ("reserved for internal use"): such events
+    /// get a `_` prefix, in every warehouse alike.
+    #[test]
+    fn events_named_like_sqlites_own_tables_get_a_prefix() {
+        assert_eq!(track_table("sqlite stat1", 63), "_sqlite_stat1");
+        assert_eq!(track_table("sqlite master", 63), "_sqlite_master");
+        assert_eq!(track_table("sqlitely", 63), "sqlitely");
     }
 
     /// A row built by taking the event's values equals one built by copying them, and taking

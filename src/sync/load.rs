@@ -93,6 +93,8 @@ pub struct Schema {
     pub limits: BTreeMap<String, ColumnLimits>,
     /// Most columns a table may have ([`crate::warehouse::Dialect::max_columns`]).
     pub max_columns: usize,
+    /// Most bytes a row may take ([`crate::warehouse::Dialect::max_row_bytes`]).
+    pub max_row_bytes: Option<usize>,
 }
 
 impl Default for Schema {
@@ -102,6 +104,7 @@ impl Default for Schema {
             tables: BTreeMap::new(),
             limits: BTreeMap::new(),
             max_columns: usize::MAX,
+            max_row_bytes: None,
         }
     }
 }
@@ -128,6 +131,7 @@ impl Schema {
             tables,
             limits: wh.column_limits(),
             max_columns: wh.dialect().max_columns(),
+            max_row_bytes: wh.dialect().max_row_bytes(),
         })
     }
 }
@@ -171,6 +175,61 @@ struct Typer<'c> {
     /// ones this chunk adds.
     max_columns: usize,
     width: usize,
+    /// Most bytes a row may take, when the warehouse limits it.
+    max_row_bytes: Option<usize>,
+}
+
+/// A cast value as the discards table keeps it; a float as JSON writes it (`1e39`), as the
+/// event carried it.
+fn discarded_text(cell: Cell) -> String {
+    match cell {
+        Cell::Float(f) => Value::from(f).to_string(),
+        other => other.to_text().unwrap_or_default(),
+    }
+}
+
+/// A row's stored size, estimated from above for a warehouse that limits it
+/// ([`crate::warehouse::Dialect::max_row_bytes`]): an 8-byte value (integer, float, timestamp)
+/// counts 8, a boolean 1, a text its length and header up to 24 bytes (a longer one can be
+/// moved out of line, leaving an 18-byte pointer); plus the padding 8-byte values may need, at
+/// most 7 bytes before each run of them — and there are no more runs than other values plus one.
+#[derive(Clone, Copy, Default)]
+struct RowWidth {
+    bytes: usize,
+    wide: usize,
+    narrow: usize,
+}
+
+impl RowWidth {
+    fn with(self, cell: &Cell) -> RowWidth {
+        let (bytes, wide) = match cell {
+            Cell::Null => return self,
+            Cell::Int(_) | Cell::Float(_) | Cell::Timestamp(_) => (8, true),
+            Cell::Bool(_) => (1, false),
+            Cell::Text(s) => ((s.len() + 1).min(24), false),
+        };
+        RowWidth {
+            bytes: self.bytes + bytes,
+            wide: self.wide + usize::from(wide),
+            narrow: self.narrow + usize::from(!wide),
+        }
+    }
+
+    /// A value not cast yet, at its widest: whatever column it goes to, it takes no more.
+    fn with_uncast(self, v: &Field) -> RowWidth {
+        match v {
+            Field::Json(Value::Null) => self,
+            _ => RowWidth {
+                bytes: self.bytes + 24,
+                narrow: self.narrow + 1,
+                ..self
+            },
+        }
+    }
+
+    fn total(&self) -> usize {
+        self.bytes + 7 * self.wide.min(self.narrow + 1)
+    }
 }
 
 /// Why a value has no column in a chunk.
@@ -194,7 +253,7 @@ impl<'c> Typer<'c> {
         chunk: &Chunk<'c>,
         existing: Option<&'c TableColumns>,
         limits: Option<&'c ColumnLimits>,
-        max_columns: usize,
+        (max_columns, max_row_bytes): (usize, Option<usize>),
     ) -> Typer<'c> {
         let mut t = Typer {
             table: chunk.table,
@@ -213,6 +272,7 @@ impl<'c> Typer<'c> {
             discards: vec![],
             max_columns,
             width: existing.map_or(0, |e| e.len()),
+            max_row_bytes,
         };
         for c in chunk
             .fixed
@@ -287,6 +347,14 @@ impl<'c> Typer<'c> {
             self.discards.push(d);
         }
         let mut cells = vec![Cell::Null; self.columns.len()];
+        // With a row size limit, the fixed columns' values are counted first (at their widest):
+        // they always load, and the properties share what is left.
+        let mut width = self.max_row_bytes.map(|_| {
+            values
+                .iter()
+                .filter(|(name, _)| matches!(name, ColumnName::Fixed(_)))
+                .fold(RowWidth::default(), |w, (_, v)| w.with_uncast(v))
+        });
         for (p, (name, v)) in values.into_iter().enumerate() {
             let i = match self.column(p, &name, &v) {
                 Ok(i) => i,
@@ -317,15 +385,35 @@ impl<'c> Typer<'c> {
             match v.cast(self.columns[i].ty) {
                 Ok(cell) => match self.column_limits[i].map(|l| l.admits(&cell)) {
                     Some(Err(reason)) => {
-                        // A float as JSON writes it (`1e39`), as the event carried it.
-                        let text = match cell {
-                            Cell::Float(f) => Value::from(f).to_string(),
-                            other => other.to_text().unwrap_or_default(),
-                        };
+                        let text = discarded_text(cell);
                         let d = self.discard(name.to_string(), &row_id, text, reason, &received_at);
                         self.discards.push(d);
                     }
-                    _ => cells[i] = cell,
+                    _ => match (&mut width, &name) {
+                        (Some(w), ColumnName::Property(_)) => {
+                            let wider = w.with(&cell);
+                            let max = self.max_row_bytes.unwrap_or(usize::MAX);
+                            if wider.total() > max {
+                                let reason = format!(
+                                    "the row is wider than the warehouse stores in one row \
+                                     (~{max} bytes): this value gets no column in it"
+                                );
+                                let text = discarded_text(cell);
+                                let d = self.discard(
+                                    name.to_string(),
+                                    &row_id,
+                                    text,
+                                    reason,
+                                    &received_at,
+                                );
+                                self.discards.push(d);
+                            } else {
+                                *w = wider;
+                                cells[i] = cell;
+                            }
+                        }
+                        _ => cells[i] = cell,
+                    },
                 },
                 Err((reason, v)) => {
                     let text = v.into_text();
@@ -444,7 +532,7 @@ pub fn prepare(schema: &Schema, mut chunk: Chunk<'_>) -> Prepared {
         &chunk,
         schema.tables.get(chunk.table),
         schema.limits.get(chunk.table),
-        schema.max_columns,
+        (schema.max_columns, schema.max_row_bytes),
     );
     for row in std::mem::take(&mut chunk.rows) {
         typer.push(row);

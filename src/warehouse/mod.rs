@@ -32,6 +32,11 @@ pub trait Dialect: Send + Sync {
     fn max_identifier_len(&self) -> usize;
     /// Most columns a table may have.
     fn max_columns(&self) -> usize;
+    /// Most bytes a row's values may take once stored, when the warehouse limits a row's size
+    /// whatever its columns' types (PostgreSQL: one 8 KB page); `None` without such a limit.
+    fn max_row_bytes(&self) -> Option<usize> {
+        None
+    }
     /// Quotes an identifier (always, so reserved words and odd characters are safe).
     fn quote(&self, ident: &str) -> String {
         format!("\"{}\"", ident.replace('"', "\"\""))

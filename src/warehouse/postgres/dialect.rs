@@ -68,6 +68,14 @@ impl Dialect for PostgresDialect {
         1600
     }
 
+    fn max_row_bytes(&self) -> Option<usize> {
+        // A heap tuple must fit one page (MaxHeapTupleSize, 8,160 bytes with 8 KB pages):
+        // less its 24-byte header and a null bitmap of up to 1,600 columns (200 bytes). Long
+        // values are moved out of line first (TOAST), so text counts its pointer, not its
+        // length. Redshift stores columns apart and has no such limit.
+        (!self.redshift).then_some(8160 - 24 - 200)
+    }
+
     fn type_sql(&self, ty: ColumnType) -> &'static str {
         match ty {
             ColumnType::Timestamp => "TIMESTAMPTZ",
