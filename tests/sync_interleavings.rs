@@ -344,6 +344,10 @@ struct Flaky {
     rng: Rng,
     per_mille: u64,
     gone: bool,
+    /// The commit (counted from 1) refused as SQLite refuses one it cannot take its lock for
+    /// (`SQLITE_BUSY`): the transaction is left open.
+    refuse_commit: u64,
+    commits: u64,
 }
 
 impl Flaky {
@@ -389,6 +393,10 @@ impl Warehouse for Flaky {
         self.inner.begin()
     }
     fn commit(&mut self) -> Result<(), WarehouseError> {
+        self.commits += 1;
+        if self.commits == self.refuse_commit {
+            return Err(WarehouseError::new(ErrorClass::Quota, "database is locked"));
+        }
         self.maybe()?;
         self.inner.commit()
     }
@@ -465,6 +473,8 @@ fn flaky(kind: &str, seed: u64) {
             rng: Rng(r.next()),
             per_mille: 40,
             gone: false,
+            refuse_commit: 0,
+            commits: 0,
         };
         let opts = profiles_sync::sync::SyncOptions {
             id: "t".into(),
@@ -577,4 +587,53 @@ fn postgres_store_concurrent_replicas_match_a_clean_sync() {
     for seed in 1..4 {
         concurrent_replicas("sqlite", seed);
     }
+}
+
+/// A commit the warehouse refuses and leaves open (SQLite's `SQLITE_BUSY`) fails its table
+/// alone: the session is rolled back, so the tables after it begin and load as usual, and the
+/// next run loads what the refused one held.
+#[test]
+fn sqlite_a_refused_commit_fails_its_table_alone() {
+    let (mut s, url, _d) = store();
+    let mut r = Rng(7);
+    let batch: Vec<Value> = (1..40).map(|n| random_message(&mut r, n)).collect();
+    ingest(&mut *s, &batch);
+    let wh = TestWarehouse::of("sqlite");
+    // Commits 1 and 2 are the state tables' setup; 3 the first chunk of the first table.
+    let mut w = Flaky {
+        inner: wh.connect(),
+        rng: Rng(1),
+        per_mille: 0,
+        gone: false,
+        refuse_commit: 3,
+        commits: 0,
+    };
+    let opts = profiles_sync::sync::SyncOptions {
+        id: "t".into(),
+        connection: &wh.spec,
+        selection: None,
+        page_size: 500,
+        now: jiff::Timestamp::now(),
+    };
+    let report = profiles_sync::sync::run(
+        &mut StoreSource(profiles_sync::store::open(&url, Default::default()).unwrap()),
+        &mut w,
+        &opts,
+    );
+    let failed: Vec<&str> = report
+        .tables
+        .iter()
+        .filter(|t| t.error.is_some())
+        .map(|t| t.name.as_str())
+        .collect();
+    assert_eq!(failed.len(), 1, "{report:#?}");
+    assert!(
+        report.errors.iter().all(|e| e.table.is_some()),
+        "no run-level error: {report:#?}"
+    );
+    assert!(report.rows.total > 0, "{report:#?}");
+    wh.sync_with(&url, None, &wh.spec, 500);
+    let clean = TestWarehouse::of("sqlite");
+    clean.sync_with(&url, None, &clean.spec, 500);
+    assert_eq!(wh.dump(), clean.dump());
 }

@@ -575,22 +575,13 @@ pub fn write_prepared(
     schema: &mut Schema,
     p: &Prepared,
 ) -> Result<ChunkResult, WarehouseError> {
-    wh.begin()?;
-    match write(wh, schema, p) {
-        Ok(n) => {
-            wh.commit()?;
-            // The schema changed only once the DDL committed.
-            plan(schema, p);
-            Ok(ChunkResult {
-                rows: n,
-                discards: p.discards.len() as u64,
-            })
-        }
-        Err(e) => {
-            let _ = wh.rollback();
-            Err(e)
-        }
-    }
+    let n = crate::warehouse::in_transaction(wh, |wh| write(wh, schema, p))?;
+    // The schema changed only once the DDL committed.
+    plan(schema, p);
+    Ok(ChunkResult {
+        rows: n,
+        discards: p.discards.len() as u64,
+    })
 }
 
 /// Creates `table` or adds the columns it lacks (inside the caller's transaction).

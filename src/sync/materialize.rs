@@ -263,25 +263,19 @@ pub fn apply_window(
     let mut next = cursor_state.clone();
     next.cursor = end;
     let mut applied = Applied::default();
-    wh.begin()?;
-    let result = apply(
-        wh,
-        schema,
-        table,
-        uuid,
-        idents,
-        &snapshots,
-        &final_canonical,
-        &next,
-        &mut applied,
-    );
-    match result {
-        Ok(()) => wh.commit()?,
-        Err(e) => {
-            let _ = wh.rollback();
-            return Err(e);
-        }
-    }
+    crate::warehouse::in_transaction(wh, |wh| {
+        apply(
+            wh,
+            schema,
+            table,
+            uuid,
+            idents,
+            &snapshots,
+            &final_canonical,
+            &next,
+            &mut applied,
+        )
+    })?;
     schema.record(table, &columns(table));
     if applied.discards > 0 {
         schema.record_discards();

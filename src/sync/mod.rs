@@ -497,19 +497,14 @@ impl<'a> Run<'a> {
             return Ok(());
         };
         let table_exists = schema.tables.contains_key(tables::LEGACY_EVENTS_WATERMARK);
-        wh.begin()?;
-        let moved = state::write(wh, &[(EVENTS_WATERMARK, &legacy)]).and_then(|()| {
+        crate::warehouse::in_transaction(wh, |wh| {
+            state::write(wh, &[(EVENTS_WATERMARK, &legacy)])?;
             if table_exists {
                 Ok(())
             } else {
                 state::remove(wh, tables::LEGACY_EVENTS_WATERMARK)
             }
-        });
-        if let Err(e) = moved {
-            let _ = wh.rollback();
-            return Err(e.into());
-        }
-        wh.commit()?;
+        })?;
         self.states.insert(EVENTS_WATERMARK.to_string(), legacy);
         if !table_exists {
             self.states.remove(tables::LEGACY_EVENTS_WATERMARK);
@@ -819,12 +814,7 @@ impl<'a> Run<'a> {
             .filter(|(k, _)| which(k))
             .map(|(k, v)| (k.as_str(), v))
             .collect();
-        wh.begin()?;
-        if let Err(e) = state::write(wh, &states) {
-            let _ = wh.rollback();
-            return Err(e.into());
-        }
-        wh.commit()?;
+        crate::warehouse::in_transaction(wh, |wh| state::write(wh, &states))?;
         Ok(())
     }
 

@@ -53,15 +53,10 @@ pub fn ensure(wh: &mut dyn Warehouse) -> Result<(), WarehouseError> {
         &name_columns(),
         &["table_name", "source_name"],
     );
-    wh.begin()?;
-    let result = wh.execute(&a).and_then(|_| wh.execute(&b));
-    match result {
-        Ok(_) => wh.commit(),
-        Err(e) => {
-            let _ = wh.rollback();
-            Err(e)
-        }
-    }
+    crate::warehouse::in_transaction(wh, |wh| {
+        wh.execute(&a)?;
+        wh.execute(&b).map(|_| ())
+    })
 }
 
 fn int(v: &Option<String>, what: &str) -> Result<i64, WarehouseError> {

@@ -187,6 +187,23 @@ pub type TableColumns = BTreeMap<String, ColumnType>;
 /// The narrowed columns of a table: column name → what it refuses beyond its type.
 pub type ColumnLimits = BTreeMap<String, ColumnLimit>;
 
+/// Runs `work` in one transaction of `wh`: committed when it succeeds, rolled back when it or
+/// the commit fails — SQLite keeps a transaction whose `COMMIT` failed (`SQLITE_BUSY`) open,
+/// and the session could begin no other.
+pub fn in_transaction<T>(
+    wh: &mut dyn Warehouse,
+    work: impl FnOnce(&mut dyn Warehouse) -> Result<T, WarehouseError>,
+) -> Result<T, WarehouseError> {
+    wh.begin()?;
+    match work(wh).and_then(|out| wh.commit().map(|()| out)) {
+        Ok(out) => Ok(out),
+        Err(e) => {
+            let _ = wh.rollback();
+            Err(e)
+        }
+    }
+}
+
 /// A connection to one schema of one warehouse.
 pub trait Warehouse: Send {
     /// The warehouse's SQL dialect.
