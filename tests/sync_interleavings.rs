@@ -78,6 +78,22 @@ fn rows(wh: &TestWarehouse, table: &str, cols: &str) -> BTreeSet<Vec<String>> {
         .collect()
 }
 
+/// Asserts that `wh` holds what one clean sync of the store at `url` lands (`what` names the
+/// scenario in a failure).
+fn assert_matches_a_clean_sync(wh: &TestWarehouse, kind: &str, url: &str, what: &str) {
+    let clean = TestWarehouse::of(kind);
+    clean.sync_with(url, None, &clean.spec, 500);
+    let (a, b) = (wh.dump(), clean.dump());
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "{what}"
+    );
+    for (table, rows) in &b {
+        assert_eq!(&a[table], rows, "{what}: {table}");
+    }
+}
+
 fn interleaved(kind: &str, seed: u64, page: usize) {
     let (mut s, url, _d) = store();
     let wh = TestWarehouse::of(kind);
@@ -95,13 +111,7 @@ fn interleaved(kind: &str, seed: u64, page: usize) {
         let rep = wh.sync_with(&url, None, &wh.spec, page);
         assert!(rep.errors.is_empty(), "{:?}", rep.errors);
     }
-    let clean = TestWarehouse::of(kind);
-    clean.sync_with(&url, None, &clean.spec, 500);
-    let (a, b) = (wh.dump(), clean.dump());
-    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
-    for (table, rows) in &b {
-        assert_eq!(&a[table], rows, "seed {seed} page {page}: {table}");
-    }
+    assert_matches_a_clean_sync(&wh, kind, &url, &format!("seed {seed} page {page}"));
     // And the materialized tables equal the store's state.
     let (profiles, identifiers) = s.load_state().unwrap();
     let expect = |t: StateTable, keys: &[&str]| -> BTreeSet<Vec<String>> {
@@ -244,6 +254,19 @@ struct Chaos {
 }
 
 impl Chaos {
+    /// The store at `url`, gaining random events (numbered from `n`) between reads, and
+    /// failing its `fail_at`-th read.
+    fn new(url: &str, rng: Rng, n: usize, fail_at: u64) -> Chaos {
+        Chaos {
+            inner: StoreSource(profiles_sync::store::open(url, Default::default()).unwrap()),
+            writer: profiles_sync::store::open(url, Default::default()).unwrap(),
+            rng,
+            n,
+            fail_at,
+            reads: 0,
+        }
+    }
+
     fn between(&mut self) -> Result<(), SourceError> {
         self.reads += 1;
         if self.reads == self.fail_at {
@@ -298,18 +321,12 @@ fn chaos(kind: &str, seed: u64) {
                 Some(serde_json::from_value(json!({"maxRows": 1 + r.below(20)})).unwrap());
         }
         let page = [1usize, 2, 3, 5, 8][r.below(5) as usize];
-        let mut src = Chaos {
-            inner: StoreSource(profiles_sync::store::open(&url, Default::default()).unwrap()),
-            writer: profiles_sync::store::open(&url, Default::default()).unwrap(),
-            rng: Rng(r.next()),
-            n,
-            fail_at: if r.below(2) == 0 {
-                1 + r.below(30)
-            } else {
-                u64::MAX
-            },
-            reads: 0,
+        let fail_at = if r.below(2) == 0 {
+            1 + r.below(30)
+        } else {
+            u64::MAX
         };
+        let mut src = Chaos::new(&url, Rng(r.next()), n, fail_at);
         wh.sync_source(&mut src, None, &spec, page);
         n = src.n + 1000;
     }
@@ -317,17 +334,7 @@ fn chaos(kind: &str, seed: u64) {
     for _ in 0..3 {
         wh.sync_with(&url, None, &wh.spec, 7);
     }
-    let clean = TestWarehouse::of(kind);
-    clean.sync_with(&url, None, &clean.spec, 500);
-    let (a, b) = (wh.dump(), clean.dump());
-    assert_eq!(
-        a.keys().collect::<Vec<_>>(),
-        b.keys().collect::<Vec<_>>(),
-        "seed {seed}"
-    );
-    for (table, rows) in &b {
-        assert_eq!(&a[table], rows, "seed {seed}: {table}");
-    }
+    assert_matches_a_clean_sync(&wh, kind, &url, &format!("seed {seed}"));
 }
 
 #[test]
@@ -460,14 +467,7 @@ fn flaky(kind: &str, seed: u64) {
                 Some(serde_json::from_value(json!({"maxRows": 1 + r.below(20)})).unwrap());
         }
         let page = [1usize, 2, 3, 5, 8][r.below(5) as usize];
-        let mut src = Chaos {
-            inner: StoreSource(profiles_sync::store::open(&url, Default::default()).unwrap()),
-            writer: profiles_sync::store::open(&url, Default::default()).unwrap(),
-            rng: Rng(r.next()),
-            n,
-            fail_at: u64::MAX,
-            reads: 0,
-        };
+        let mut src = Chaos::new(&url, Rng(r.next()), n, u64::MAX);
         let mut w = Flaky {
             inner: wh.connect(),
             rng: Rng(r.next()),
@@ -489,17 +489,7 @@ fn flaky(kind: &str, seed: u64) {
     for _ in 0..3 {
         wh.sync_with(&url, None, &wh.spec, 7);
     }
-    let clean = TestWarehouse::of(kind);
-    clean.sync_with(&url, None, &clean.spec, 500);
-    let (a, b) = (wh.dump(), clean.dump());
-    assert_eq!(
-        a.keys().collect::<Vec<_>>(),
-        b.keys().collect::<Vec<_>>(),
-        "seed {seed}"
-    );
-    for (table, rows) in &b {
-        assert_eq!(&a[table], rows, "seed {seed}: {table}");
-    }
+    assert_matches_a_clean_sync(&wh, kind, &url, &format!("seed {seed}"));
 }
 
 #[test]
@@ -553,17 +543,7 @@ fn concurrent_replicas(wh_kind: &str, seed: u64) {
         w.join().unwrap();
     }
     wh.sync_with(&url, None, &wh.spec, 7);
-    let clean = TestWarehouse::of(wh_kind);
-    clean.sync_with(&url, None, &clean.spec, 500);
-    let (a, b) = (wh.dump(), clean.dump());
-    assert_eq!(
-        a.keys().collect::<Vec<_>>(),
-        b.keys().collect::<Vec<_>>(),
-        "seed {seed}"
-    );
-    for (table, rows) in &b {
-        assert_eq!(&a[table], rows, "seed {seed}: {table}");
-    }
+    assert_matches_a_clean_sync(&wh, wh_kind, &url, &format!("seed {seed}"));
     let mut s = profiles_sync::store::open(&url, Default::default()).unwrap();
     let events = s
         .read_feed(&Feed::Events(EventFilter::All), 0, 1 << 30)
@@ -633,7 +613,5 @@ fn sqlite_a_refused_commit_fails_its_table_alone() {
     );
     assert!(report.rows.total > 0, "{report:#?}");
     wh.sync_with(&url, None, &wh.spec, 500);
-    let clean = TestWarehouse::of("sqlite");
-    clean.sync_with(&url, None, &clean.spec, 500);
-    assert_eq!(wh.dump(), clean.dump());
+    assert_matches_a_clean_sync(&wh, "sqlite", &url, "after the refused commit");
 }
