@@ -106,6 +106,7 @@ both_warehouses!(
     backfill_windows_and_the_event_table_limit,
     limits_split_a_backlog_without_losing_rows,
     a_limit_is_shared_so_identity_churn_never_starves_the_events,
+    a_row_a_merge_moves_gets_the_load_time,
 );
 
 fn a_first_sync_lands_every_table(kind: &str) {
@@ -915,6 +916,78 @@ fn postgres_a_row_too_wide_for_a_page_loads_with_its_excess_in_discards() {
     let r = wh.sync(&url, None);
     assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
     assert_eq!(wh.count("pages"), 2);
+}
+
+/// `uuid_ts` is the load time: a merge moves the merged profile's rows of `user_identifiers`
+/// and `profile_merges` (the report counts them), and they kept their first load's `uuid_ts`,
+/// so a reader of the rows loaded since its last read missed the move.
+fn a_row_a_merge_moves_gets_the_load_time(kind: &str) {
+    let (mut s, url, _d) = store();
+    let wh = TestWarehouse::of(kind);
+    let page =
+        |id: &str, anon: &str| msg(json!({"type": "page", "messageId": id, "anonymousId": anon}));
+    let merge = |id: &str, anon: &str, email: &str| {
+        msg(
+            json!({"type": "identify", "messageId": id, "anonymousId": anon,
+                   "traits": {"email": email}}),
+        )
+    };
+    // a3 merges into a2's profile first, so that a later merge moves a profile_merges row too.
+    ingest(
+        &mut *s,
+        &[
+            page("m1", "a1"),
+            page("m2", "a2"),
+            page("m3", "a3"),
+            merge("m4", "a2", "x@example.com"),
+            merge("m5", "a3", "x@example.com"),
+        ],
+    );
+    wh.sync(&url, None);
+    ingest(
+        &mut *s,
+        &[
+            merge("m6", "a1", "y@example.com"),
+            merge("m7", "a2", "y@example.com"),
+        ],
+    );
+    wh.sync(&url, None);
+    let uuid_ts = |table: &str, filter: &str| -> Vec<(String, String)> {
+        wh.query(&format!(
+            "SELECT canonical_segment_id, uuid_ts FROM {} WHERE {filter}",
+            wh.table(table)
+        ))
+        .into_iter()
+        .map(|r| (r[0].clone().unwrap(), r[1].clone().unwrap()))
+        .collect()
+    };
+    // y@example.com was first loaded by the second sync: its uuid_ts is that load's.
+    let second = uuid_ts("user_identifiers", "value = 'y@example.com'");
+    let second_load = &second[0].1;
+    let survivor = &second[0].0;
+    // a1's profile (the oldest) survives: its own row stays as first loaded; the merged
+    // profile's rows move, and carry the second load's time.
+    let kept = uuid_ts("user_identifiers", "value = 'a1'");
+    assert_eq!(&kept[0].0, survivor);
+    assert_ne!(
+        &kept[0].1, second_load,
+        "a row no merge moved is not loaded again"
+    );
+    let moved = uuid_ts("user_identifiers", "value IN ('a2', 'a3', 'x@example.com')");
+    assert_eq!(moved.len(), 3);
+    for (canonical, ts) in &moved {
+        assert_eq!(canonical, survivor, "{moved:?}");
+        assert_eq!(
+            ts, second_load,
+            "a moved row kept its first load's uuid_ts: {moved:?}"
+        );
+    }
+    let merges = uuid_ts("profile_merges", "true");
+    assert!(!merges.is_empty());
+    for (canonical, ts) in &merges {
+        assert_eq!(canonical, survivor);
+        assert_eq!(ts, second_load, "{merges:?}");
+    }
 }
 
 #[test]

@@ -356,14 +356,20 @@ fn apply(
         }
     }
     if !merges.is_empty() {
+        // A row a merge moves is loaded again: it gets this load's `uuid_ts`.
         let map_cols = [
             Column::new("segment_id", ColumnType::Varchar),
             Column::new("canonical_segment_id", ColumnType::Varchar),
+            Column::new("uuid_ts", ColumnType::Timestamp),
         ];
         let map_rows: Vec<Vec<Cell>> = merges
             .iter()
             .map(|(from, (to, _, _))| {
-                vec![Cell::Text(from.to_string()), Cell::Text(to.to_string())]
+                vec![
+                    Cell::Text(from.to_string()),
+                    Cell::Text(to.to_string()),
+                    Cell::Timestamp(uuid),
+                ]
             })
             .collect();
         wh.stage("_ps_merge_map", &map_cols, &map_rows)?;
@@ -373,8 +379,8 @@ fn apply(
                 USER_IDENTIFIERS,
                 "canonical_segment_id",
                 "_ps_merge_map",
-                "segment_id",
-                "canonical_segment_id",
+                ("segment_id", "canonical_segment_id"),
+                &["uuid_ts"],
             );
             written += wh.execute(&sql)?;
         }
@@ -394,8 +400,8 @@ fn apply(
                 PROFILE_MERGES,
                 "canonical_segment_id",
                 "_ps_merge_map",
-                "segment_id",
-                "canonical_segment_id",
+                ("segment_id", "canonical_segment_id"),
+                &["uuid_ts"],
             );
             wh.execute(&sql)?;
             let rows: Vec<(Vec<Cell>, [Cell; 3])> = merges

@@ -142,18 +142,24 @@ pub trait Dialect: Send + Sync {
             keys.join(", ")
         )
     }
-    /// Sets `column` of `table` to the stage's `to` where it equals the stage's `from`.
+    /// Sets `column` of `table` to the stage's `to` where it equals the stage's `from`, and
+    /// each other column of `also` to the stage's column of the same name.
+    #[allow(clippy::too_many_arguments)]
     fn update_from_stage(
         &self,
         schema: &str,
         table: &str,
         column: &str,
         stage: &str,
-        from: &str,
-        to: &str,
+        (from, to): (&str, &str),
+        also: &[&str],
     ) -> String {
+        let also: String = also
+            .iter()
+            .map(|c| format!(", {c} = s.{c}", c = self.quote(c)))
+            .collect();
         format!(
-            "UPDATE {t} SET {c} = s.{to} FROM {s} s WHERE {target}.{c} = s.{from}",
+            "UPDATE {t} SET {c} = s.{to}{also} FROM {s} s WHERE {target}.{c} = s.{from}",
             t = self.qualified(schema, table),
             target = self.update_target(schema, table),
             c = self.quote(column),
