@@ -2460,3 +2460,33 @@ async fn a_request_whose_client_hung_up_is_counted() {
     t.engine.stop().await.unwrap();
     assert_eq!(stored(&t.store_url).len(), 1, "its events are committed");
 }
+
+/// analytics-java (3.x) posts every batch to `{endpoint}/v1/import/` — `Analytics.Builder`'s
+/// `DEFAULT_PATH` ends with a slash — and gives a batch up on any 4xx but 429: a 404 there loses
+/// every event the SDK sends. Each Tracking API path is served with a trailing slash too.
+#[tokio::test]
+async fn tracking_paths_with_a_trailing_slash_are_served() {
+    let t = start(8).await;
+    let java = json!({
+        "batch": [{"type": "track", "userId": "u1", "event": "Java", "messageId": "java-1",
+                   "timestamp": "2024-05-01T12:00:00.123Z"}],
+        "sentAt": "2024-05-01T12:00:01.000Z",
+        "context": {"library": {"name": "analytics-java", "version": "3.5.1"}},
+        "sequence": 1,
+        "writeKey": WRITE_KEY,
+    });
+    let (status, reply) = post(&t.base, "/v1/import/", &java).await;
+    assert_eq!(status, StatusCode::OK, "/v1/import/: {reply}");
+    let (status, reply) = post(
+        &t.base,
+        "/v1/track/",
+        &json!({"userId": "u1", "event": "A", "messageId": "slash-track"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "/v1/track/: {reply}");
+    assert_stored_exactly(
+        &t.store_url,
+        vec!["java-1".to_string(), "slash-track".to_string()],
+    );
+    t.engine.stop().await.unwrap();
+}

@@ -63,18 +63,25 @@ pub fn router(state: Shared) -> Router {
         (["/v1/group", "/v1/g"], EventType::Group),
         (["/v1/alias", "/v1/a"], EventType::Alias),
     ] {
-        for p in paths {
+        // Each path also with a trailing slash: analytics-java posts to `/v1/import/`.
+        for p in paths
+            .into_iter()
+            .flat_map(|p| [p.to_string(), format!("{p}/")])
+        {
             r = r.route(
-                p,
+                &p,
                 post(move |s: State<Shared>, h: HeaderMap, b: Body| {
                     ingest(s, h, b, Endpoint::Single(t), t.as_str())
                 }),
             );
         }
     }
-    for p in ["/v1/batch", "/v1/b", "/v1/import"] {
+    for p in ["/v1/batch", "/v1/b", "/v1/import"]
+        .into_iter()
+        .flat_map(|p| [p.to_string(), format!("{p}/")])
+    {
         r = r.route(
-            p,
+            &p,
             post(move |s: State<Shared>, h: HeaderMap, b: Body| {
                 ingest(s, h, b, Endpoint::Batch, "batch")
             }),
