@@ -990,6 +990,57 @@ fn a_row_a_merge_moves_gets_the_load_time(kind: &str) {
     }
 }
 
+/// The SQLite warehouse wrote jiff's shortest text (`…:02Z`, `…:02.5Z`, nanoseconds kept):
+/// `ORDER BY received_at` was not time order, and one event's time differed between tables
+/// and from PostgreSQL's microseconds. Fixed width, microseconds, now.
+#[test]
+fn sqlite_timestamps_sort_as_times_and_hold_postgres_microseconds() {
+    let (mut s, url, _d) = store();
+    let base = jiff::Timestamp::from_second(jiff::Timestamp::now().as_second() - 120).unwrap();
+    let at = |d: jiff::SignedDuration| (base + d).to_string();
+    ingest(
+        &mut *s,
+        &[
+            json!({"type": "page", "messageId": "later", "anonymousId": "z1",
+                   "receivedAt": at(jiff::SignedDuration::from_millis(500))}),
+            json!({"type": "page", "messageId": "earlier", "anonymousId": "z1",
+                   "receivedAt": at(jiff::SignedDuration::ZERO)}),
+            json!({"type": "track", "messageId": "nanos", "anonymousId": "z2", "event": "Clicked",
+                   "originalTimestamp": "2026-01-01T10:00:00.123456789Z",
+                   "receivedAt": at(jiff::SignedDuration::from_nanos(1_234_567))}),
+        ],
+    );
+    let wh = TestWarehouse::sqlite();
+    wh.sync(&url, None);
+    let one = |sql: String| -> Vec<Option<String>> {
+        wh.query(&sql)
+            .into_iter()
+            .map(|mut r| r.remove(0))
+            .collect()
+    };
+    let order = one(format!(
+        "SELECT id FROM {} ORDER BY received_at",
+        wh.table("pages")
+    ));
+    assert_eq!(order, [Some("earlier".into()), Some("later".into())]);
+    let original = one(format!(
+        "SELECT original_timestamp FROM {} WHERE id = 'nanos'",
+        wh.table("tracks")
+    ));
+    assert_eq!(original, [Some("2026-01-01T10:00:00.123456Z".into())]);
+    assert_eq!(
+        one(format!(
+            "SELECT received_at FROM {} WHERE id = 'nanos'",
+            wh.table("tracks")
+        )),
+        one(format!(
+            "SELECT received_at FROM {} WHERE triggering_event_id = 'nanos'",
+            wh.table("id_graph_updates")
+        )),
+        "one event's time is the same in its event table and its identity log"
+    );
+}
+
 #[test]
 fn postgres_a_failing_table_does_not_stop_the_others() {
     let (mut s, url, _d) = store();

@@ -114,6 +114,12 @@ pub fn pg_micros(t: Timestamp) -> i64 {
     }
 }
 
+/// `t` cut to the microseconds PostgreSQL keeps ([`pg_micros`]): the other warehouses hold the
+/// same instant.
+pub fn as_postgres_holds_it(t: Timestamp) -> Timestamp {
+    Timestamp::from_microsecond(pg_micros(t) + PG_EPOCH_S * 1_000_000).unwrap_or(t)
+}
+
 /// Appends one tuple: the field count, then each field's length (-1 for NULL) and its binary
 /// value, as the server's receive function of the column's type reads it. A cell of another
 /// type than its column's is an error (the sync casts every value to its column's type first).

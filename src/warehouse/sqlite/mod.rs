@@ -94,6 +94,15 @@ impl SqliteWarehouse {
     }
 }
 
+/// A timestamp as the SQLite warehouse writes it: RFC 3339 in UTC with exactly six fractional
+/// digits, so that text order is time order (`…:02Z` sorted after `…:02.5Z`), and the
+/// microseconds PostgreSQL keeps, so that both warehouses hold the same value.
+pub fn timestamp_text(t: jiff::Timestamp) -> String {
+    crate::warehouse::postgres::copy::as_postgres_holds_it(t)
+        .strftime("%Y-%m-%dT%H:%M:%S%.6fZ")
+        .to_string()
+}
+
 /// A cell bound as a statement parameter: text borrowed, not copied.
 struct Bind<'a>(&'a Cell);
 
@@ -105,7 +114,7 @@ impl rusqlite::ToSql for Bind<'_> {
             Cell::Float(f) => ToSqlOutput::Owned(SqlValue::Real(*f)),
             Cell::Bool(b) => ToSqlOutput::Owned(SqlValue::Integer(i64::from(*b))),
             Cell::Text(s) => ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes())),
-            Cell::Timestamp(t) => ToSqlOutput::Owned(SqlValue::Text(t.to_string())),
+            Cell::Timestamp(t) => ToSqlOutput::Owned(SqlValue::Text(timestamp_text(*t))),
         })
     }
 }
