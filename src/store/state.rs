@@ -114,9 +114,9 @@ pub fn state_rows(
             .filter(|p| p.canonical_segment_id == p.segment_id)
             .flat_map(trait_rows)
             .collect(),
+        // One row per profile: a live one maps to itself.
         StateTable::ProfileMerges => profiles
             .iter()
-            .filter(|p| p.canonical_segment_id != p.segment_id)
             .map(|p| merge_row(p, canonical_of(&by_id, &p.segment_id)))
             .collect(),
     };
@@ -233,7 +233,9 @@ pub fn state_page(
                 let mut by_id: HashMap<&str, &ProfileState> =
                     known.iter().map(|(k, p)| (k.as_str(), p)).collect();
                 by_id.extend(profiles.iter().map(|p| (p.segment_id.as_str(), p)));
-                merged()
+                // One row per profile: a live one maps to itself.
+                profiles
+                    .iter()
                     .map(|p| merge_row(p, canonical_of(&by_id, &p.segment_id)))
                     .collect()
             };

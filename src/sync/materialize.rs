@@ -208,12 +208,14 @@ pub fn apply_window(
 ) -> Result<Applied, WarehouseError> {
     let end = window.end;
     // Each table reads only its part of the window (the window is applied once per table).
-    let mut idents = vec![];
+    // The rows the window adds to the table: identifiers (user_identifiers), or created
+    // profiles' own rows (profile_merges, below).
+    let mut new_rows = vec![];
     for r in window.mappings.iter().filter(|_| table == USER_IDENTIFIERS) {
         if let FeedRow::Mapping(m) = r
             && m.seq <= end
         {
-            idents.push((
+            new_rows.push((
                 vec![
                     Cell::Text(m.segment_id.clone()),
                     Cell::Text(key_text(&m.external_id_type).into_owned()),
@@ -232,12 +234,18 @@ pub fn apply_window(
         }
     }
     let mut final_canonical: BTreeMap<&str, (&str, i64, &Trigger)> = BTreeMap::new();
+    // Profiles created in the window: each has a row of its own in `profile_merges`
+    // (`canonical_segment_id = segment_id`, as Segment's table has) until a merge moves it.
+    let mut created: Vec<(&str, i64, &Trigger)> = vec![];
     for r in &window.graph {
         if let FeedRow::IdGraph(g) = r
             && g.seq <= end
-            && g.segment_id != g.canonical_segment_id
         {
-            final_canonical.insert(&g.segment_id, (&g.canonical_segment_id, g.seq, &g.trigger));
+            if g.segment_id != g.canonical_segment_id {
+                final_canonical.insert(&g.segment_id, (&g.canonical_segment_id, g.seq, &g.trigger));
+            } else if table == PROFILE_MERGES {
+                created.push((&g.segment_id, g.seq, &g.trigger));
+            }
         }
     }
     // A window may end between a merge's own row and its recursive rows (a page boundary):
@@ -260,6 +268,20 @@ pub fn apply_window(
         }
     }
 
+    // One row per profile: one merged away in the window has its merge's row instead.
+    if table == PROFILE_MERGES {
+        new_rows = created
+            .into_iter()
+            .filter(|(id, _, _)| !final_canonical.contains_key(id))
+            .map(|(id, seq, t)| {
+                (
+                    vec![Cell::Text(id.to_string()), Cell::Text(id.to_string())],
+                    tail(seq, t),
+                )
+            })
+            .collect();
+    }
+
     let mut next = cursor_state.clone();
     next.cursor = end;
     let mut applied = Applied::default();
@@ -269,7 +291,7 @@ pub fn apply_window(
             schema,
             table,
             uuid,
-            idents,
+            new_rows,
             &snapshots,
             &final_canonical,
             &next,
@@ -290,7 +312,7 @@ fn apply(
     schema: &Schema,
     table: &str,
     uuid: jiff::Timestamp,
-    idents: Vec<(Vec<Cell>, [Cell; 3])>,
+    mut new_rows: Vec<(Vec<Cell>, [Cell; 3])>,
     snapshots: &BTreeMap<&str, &crate::store::TraitsRow>,
     merges: &BTreeMap<&str, (&str, i64, &Trigger)>,
     next: &TableState,
@@ -317,8 +339,13 @@ fn apply(
         let sql = wh.merge_stage(table, stage, &names, key, OnConflict::Update);
         wh.execute(&sql)
     };
-    if table == USER_IDENTIFIERS && !idents.is_empty() {
-        written += merge_into(wh, USER_IDENTIFIERS, "_ps_idents", with_uuid(idents, uuid))?;
+    if table == USER_IDENTIFIERS && !new_rows.is_empty() {
+        written += merge_into(
+            wh,
+            USER_IDENTIFIERS,
+            "_ps_idents",
+            with_uuid(std::mem::take(&mut new_rows), uuid),
+        )?;
     }
     if table == USER_TRAITS && !snapshots.is_empty() {
         let subjects: Vec<Vec<Cell>> = snapshots
@@ -404,15 +431,18 @@ fn apply(
                 &["uuid_ts"],
             );
             wh.execute(&sql)?;
-            let rows: Vec<(Vec<Cell>, [Cell; 3])> = merges
-                .iter()
-                .map(|(from, (to, seq, t))| {
-                    (
-                        vec![Cell::Text(to.to_string()), Cell::Text(from.to_string())],
-                        tail(*seq, t),
-                    )
-                })
-                .collect();
+        }
+    }
+    if table == PROFILE_MERGES {
+        // The created profiles' own rows (in `new_rows`), and each merged profile's row.
+        let mut rows = new_rows;
+        rows.extend(merges.iter().map(|(from, (to, seq, t))| {
+            (
+                vec![Cell::Text(to.to_string()), Cell::Text(from.to_string())],
+                tail(*seq, t),
+            )
+        }));
+        if !rows.is_empty() {
             written += merge_into(wh, PROFILE_MERGES, "_ps_merges", with_uuid(rows, uuid))?;
         }
     }
