@@ -70,6 +70,23 @@ fn the_demo_runs_end_to_end_and_again() {
             )
             .unwrap();
         assert_eq!(pages, 0, "the example SelectiveSync turns pages off");
+        // The merges shown are the profiles merged away (profile_merges also maps each live
+        // profile to itself).
+        let shown: i64 = text
+            .lines()
+            .skip_while(|l| !l.contains("MERGED PROFILES"))
+            .nth(1)
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no merge count in:\n{text}"));
+        let merged: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM profile_merges WHERE segment_id <> canonical_segment_id",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(shown, merged);
     }
 }
 

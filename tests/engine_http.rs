@@ -584,7 +584,15 @@ async fn current_state_tables_are_served_by_key() {
         4,
         "a1, a2, a3 and the email"
     );
-    assert_eq!(seen["profile_merges"].len(), 2);
+    // One row per profile: the live one maps to itself, the two merged ones to it.
+    assert_eq!(seen["profile_merges"].len(), 3);
+    assert!(
+        seen["profile_merges"]
+            .iter()
+            .all(|r| live.contains(r["canonical_segment_id"].as_str().unwrap())),
+        "{:?}",
+        seen["profile_merges"]
+    );
     let traits: Vec<(&str, &Value)> = seen["user_traits"]
         .iter()
         .map(|r| (r["name"].as_str().unwrap(), &r["value"]))

@@ -355,7 +355,7 @@ fn tour(wh: &mut dyn Warehouse) -> anyhow::Result<()> {
         query_table(
             wh,
             "Merges: anonymous profiles folded into known ones:",
-            "SELECT count(*) AS merged_profiles, count(DISTINCT canonical_segment_id) AS into_profiles FROM profile_merges",
+            "SELECT count(*) AS merged_profiles, count(DISTINCT canonical_segment_id) AS into_profiles FROM profile_merges WHERE segment_id <> canonical_segment_id",
             &["MERGED PROFILES", "INTO PROFILES"],
         )?;
     }
