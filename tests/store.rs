@@ -1504,15 +1504,28 @@ fn current_state_tables_page_by_key_to_the_whole_state(kind: &str) {
             );
         }
     }
+    // One row per profile: the merged ones point at one survivor, the live ones at themselves.
     let merges = store::state_rows(StateTable::ProfileMerges, &profiles, &identifiers);
-    let live: HashSet<&str> = merges
+    assert_eq!(merges.len(), profiles.len());
+    let merged: Vec<&serde_json::Map<String, Value>> = merges
+        .iter()
+        .filter(|r| r["canonical_segment_id"] != r["segment_id"])
+        .collect();
+    let survivors: HashSet<&str> = merged
         .iter()
         .map(|r| r["canonical_segment_id"].as_str().unwrap())
         .collect();
     assert_eq!(
-        live.len(),
-        1,
+        (merged.len(), survivors.len()),
+        (2, 1),
         "both merged profiles point at the survivor: {merges:?}"
+    );
+    let survivor = survivors.into_iter().next().unwrap();
+    assert!(
+        merges
+            .iter()
+            .any(|r| r["segment_id"] == survivor && r["canonical_segment_id"] == survivor),
+        "the survivor maps to itself: {merges:?}"
     );
     let wrong = store::state_page(&mut *s, StateTable::UserIdentifiers, Some(&["a".into()]), 5);
     assert!(matches!(wrong, Err(StoreError::BadKey(_))), "{wrong:?}");
