@@ -217,7 +217,8 @@ impl Backfill {
 pub struct SyncLimits {
     /// Rows after which a sync starts no new page, across all tables (checked between pages:
     /// the last page can pass it, by at most its own rows — a Track event loads two); the rest
-    /// waits for the next run, nothing is dropped.
+    /// waits for the next run, nothing is dropped. Each identity log, the profile tables and
+    /// the events first get an equal share, so that none starves the others.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_rows: Option<i64>,
