@@ -335,64 +335,49 @@ async fn deletion_removes_jobs_and_config_maps_then_the_finalizer() {
 /// did not make is never deleted.
 #[tokio::test]
 async fn the_last_connection_of_a_namespace_takes_the_token_secret_with_it() {
-    let deleting = |dir: &std::path::Path, name: &str| {
+    fn deleting(dir: &std::path::Path, name: &str) -> WarehouseConnection {
         let mut conn = connection(dir, name);
         conn.metadata.uid = Some(format!("uid-{name}"));
         conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
         conn.metadata.deletion_timestamp = Some(Time("2025-03-01T10:00:00Z".parse().unwrap()));
         conn
-    };
+    }
     let token = || build::engine_token_secret(NS, "t0ken");
-    let secret_left = |f: &Fixture| {
-        let api = f.api::<Secret>();
-        async move {
-            api.get_opt(build::ENGINE_TOKEN_SECRET)
-                .await
-                .unwrap()
-                .is_some()
-        }
+    // Connection `a` being deleted, with what `more` adds.
+    type Objects = kube_fake_client::ClientBuilder;
+    let scenario = async |more: &dyn Fn(&std::path::Path, Objects) -> Objects| {
+        let dir = tempfile::tempdir().unwrap();
+        let objects = builder().with_object(deleting(dir.path(), "a"));
+        let client = more(dir.path(), objects).build().await.unwrap();
+        fixture(dir, client, "2025-03-01T10:00:05Z").await
+    };
+    let secret_left = async |f: &Fixture| {
+        f.api::<Secret>()
+            .get_opt(build::ENGINE_TOKEN_SECRET)
+            .await
+            .unwrap()
+            .is_some()
     };
 
     // Two connections being deleted: the first cleaned up keeps the Secret for the other.
-    let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (deleting(dir.path(), "a"), deleting(dir.path(), "b"));
-    let client = builder()
-        .with_object(a)
-        .with_object(b)
-        .with_object(token())
-        .build()
-        .await
-        .unwrap();
-    let f = fixture(dir, client, "2025-03-01T10:00:05Z").await;
+    let f = scenario(&|dir, b| b.with_object(deleting(dir, "b")).with_object(token())).await;
     f.reconcile("a").await.unwrap();
     assert!(secret_left(&f).await, "connection b still uses it");
     f.reconcile("b").await.unwrap();
     assert!(!secret_left(&f).await, "deleted with the last connection");
 
     // A connection that stays keeps it.
-    let dir = tempfile::tempdir().unwrap();
-    let mut staying = connection(dir.path(), "staying");
-    staying.metadata.uid = Some("uid-staying".into());
-    let client = builder()
-        .with_object(deleting(dir.path(), "a"))
-        .with_object(staying)
-        .with_object(token())
-        .build()
-        .await
-        .unwrap();
-    let f = fixture(dir, client, "2025-03-01T10:00:05Z").await;
+    let f = scenario(&|dir, b| {
+        let mut staying = connection(dir, "staying");
+        staying.metadata.uid = Some("uid-staying".into());
+        b.with_object(staying).with_object(token())
+    })
+    .await;
     f.reconcile("a").await.unwrap();
     assert!(secret_left(&f).await);
 
     // So does one that does not decode (a type this version does not know).
-    let dir = tempfile::tempdir().unwrap();
-    let client = builder()
-        .with_object(deleting(dir.path(), "a"))
-        .with_object(token())
-        .build()
-        .await
-        .unwrap();
-    let f = fixture(dir, client, "2025-03-01T10:00:05Z").await;
+    let f = scenario(&|_, b| b.with_object(token())).await;
     let resource = kube::discovery::ApiResource::erase::<WarehouseConnection>(&());
     let broken: DynamicObject = serde_json::from_value(serde_json::json!({
         "apiVersion": "profilesync.dev/v1alpha1", "kind": "WarehouseConnection",
@@ -408,16 +393,12 @@ async fn the_last_connection_of_a_namespace_takes_the_token_secret_with_it() {
     assert!(secret_left(&f).await);
 
     // A user's Secret of that name is not the controller's to delete.
-    let dir = tempfile::tempdir().unwrap();
-    let mut users = token();
-    users.metadata.labels = None;
-    let client = builder()
-        .with_object(deleting(dir.path(), "a"))
-        .with_object(users)
-        .build()
-        .await
-        .unwrap();
-    let f = fixture(dir, client, "2025-03-01T10:00:05Z").await;
+    let f = scenario(&|_, b| {
+        let mut users = token();
+        users.metadata.labels = None;
+        b.with_object(users)
+    })
+    .await;
     f.reconcile("a").await.unwrap();
     assert!(secret_left(&f).await);
 }
