@@ -659,6 +659,7 @@ fn every_value_reaches_the_objects_it_configures() {
         Some(std::time::Duration::from_secs(30 * 86400))
     );
     assert_eq!(rules.max_traits, 200);
+    assert_eq!(rules.max_traits_per_profile, 1500);
     assert_eq!(
         arg_value(e, "--rules"),
         Some("/etc/profiles-sync/rules/rules.yaml")

@@ -300,6 +300,12 @@ fn ingest(
             .inc_by(summary.profiles_created as u64);
         metrics.merges.inc_by(summary.merges as u64);
         record_profiles(store, metrics);
+        if summary.traits_dropped > 0 {
+            tracing::warn!(
+                traits = summary.traits_dropped,
+                "new traits not added to profiles that hold caps.max_traits_per_profile already (the events are stored with them)"
+            );
+        }
         for (index, reason) in &summary.rejected {
             tracing::warn!(index, reason, "event refused by identity resolution");
             metrics

@@ -25,6 +25,9 @@ pub struct Resolution {
     pub profile_traits_updates: Vec<ProfileTraitsUpdate>,
     /// Identifiers of the event that were not used, and why.
     pub dropped: Vec<(Identifier, DropReason)>,
+    /// New traits of the identify its profile had no room for (`caps.max_traits_per_profile`);
+    /// the event itself is stored with them.
+    pub traits_dropped: usize,
 }
 
 /// One `id_graph_updates` row: `segment_id` now resolves to `canonical_segment_id`.

@@ -326,7 +326,11 @@ fn apply(
     }
 
     if let Some(identify) = identify_traits.filter(|t| !t.is_empty()) {
-        traits_changed |= traits::apply_identify(&mut g.profiles[survivor as usize], identify, at);
+        let max = g.rules.max_traits_per_profile;
+        let (changed, no_room) =
+            traits::apply_identify(&mut g.profiles[survivor as usize], identify, at, max);
+        traits_changed |= changed;
+        res.traits_dropped = no_room;
         g.mark_profile(survivor);
     }
     if traits_changed {

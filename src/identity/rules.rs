@@ -44,6 +44,7 @@ impl Limit {
 ///   max_merges_per_profile: 100
 ///   max_identifiers_per_profile: 1000
 ///   max_traits: 300
+///   max_traits_per_profile: 1000
 /// ```
 ///
 /// (The `email` window above is an example; by default no limit has a window.)
@@ -65,6 +66,10 @@ pub struct Rules {
     pub max_identifiers_per_profile: u32,
     /// An identify call with this many traits or more is rejected.
     pub max_traits: usize,
+    /// A profile holding this many traits takes no new ones (its own still change): each
+    /// identify that changes a trait writes the profile's whole snapshot, so this bounds that
+    /// row and the memory a batch of identifies takes.
+    pub max_traits_per_profile: usize,
 }
 
 impl Default for Rules {
@@ -81,6 +86,7 @@ impl Default for Rules {
             max_merges_per_profile: 100,
             max_identifiers_per_profile: 1000,
             max_traits: 300,
+            max_traits_per_profile: 1000,
         }
     }
 }
@@ -156,12 +162,17 @@ struct RawLimit {
     window: Option<String>,
 }
 
+/// The largest `caps.max_traits_per_profile`: a warehouse table holds 1,600 (PostgreSQL) to
+/// 2,000 (SQLite) columns, and every snapshot of a larger profile is that much larger.
+pub const MAX_TRAITS_PER_PROFILE: usize = 10_000;
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawCaps {
     max_merges_per_profile: Option<u32>,
     max_identifiers_per_profile: Option<u32>,
     max_traits: Option<usize>,
+    max_traits_per_profile: Option<usize>,
 }
 
 fn invalid(key: impl Into<String>, reason: impl Into<String>) -> RulesError {
@@ -242,6 +253,15 @@ impl Rules {
                     ));
                 }
                 rules.max_traits = n;
+            }
+            if let Some(n) = caps.max_traits_per_profile {
+                if !(1..=MAX_TRAITS_PER_PROFILE).contains(&n) {
+                    return Err(invalid(
+                        "caps.max_traits_per_profile",
+                        format!("must be from 1 to {MAX_TRAITS_PER_PROFILE}"),
+                    ));
+                }
+                rules.max_traits_per_profile = n;
             }
         }
         Ok(rules)

@@ -13,20 +13,27 @@ use serde_json::{Map, Value};
 use super::graph::Profile;
 
 /// Applies an identify call's traits at time `at`, each unless a newer write set (or removed)
-/// it. Returns whether the trait values changed (setting a trait to its current value changes
-/// only its time).
+/// it; a profile holding `max` traits takes no new one (its own still change). Returns whether
+/// the trait values changed (setting a trait to its current value changes only its time), and
+/// how many new traits found no room.
 pub(super) fn apply_identify(
     profile: &mut Profile,
     traits: &Map<String, Value>,
     at: Timestamp,
-) -> bool {
+    max: usize,
+) -> (bool, usize) {
     let mut changed = false;
+    let mut no_room = 0;
     for (name, value) in traits {
         if profile
             .trait_times
             .get(name)
             .is_some_and(|&newer| at < newer)
         {
+            continue;
+        }
+        if !value.is_null() && profile.traits.len() >= max && !profile.traits.contains_key(name) {
+            no_room += 1;
             continue;
         }
         if value.is_null() {
@@ -42,7 +49,7 @@ pub(super) fn apply_identify(
             }
         }
     }
-    changed
+    (changed, no_room)
 }
 
 /// Folds a merged-away profile's traits into the survivor: per trait, the side that set (or

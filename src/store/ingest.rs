@@ -109,6 +109,8 @@ pub struct IngestSummary {
     pub accepted: usize,
     /// Events skipped because their messageId was already stored.
     pub duplicates: usize,
+    /// New traits that full profiles had no room for (`caps.max_traits_per_profile`).
+    pub traits_dropped: usize,
     /// Events refused by identity resolution: (index in the batch, reason).
     pub rejected: Vec<(usize, String)>,
     /// Profiles created.
@@ -187,6 +189,7 @@ pub(crate) fn ingest_in_tx<T: WriteTx>(
                 continue;
             }
         };
+        summary.traits_dropped += resolution.traits_dropped;
         let trigger = &event.trigger;
         summary.accepted += 1;
         summary.profiles_created += usize::from(resolution.created);

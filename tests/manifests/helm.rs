@@ -117,7 +117,7 @@ pub fn render_cases() -> Vec<(&'static str, Value, &'static str, &'static str)> 
                     {"id": "ios", "name": "iOS", "slug": "ios"}]},
                 "identityRules": {"limits": {"email": {"max": 3, "window": "30d"}},
                                   "priority": ["user_id", "email"],
-                                  "caps": {"max_traits": 200}},
+                                  "caps": {"max_traits": 200, "max_traits_per_profile": 1500}},
                 "engine": {"queueCapacity": 128, "stallTimeoutSeconds": 90, "logLevel": "debug",
                     "feedReaders": 3, "maxConnections": 500, "headerTimeoutSeconds": 10,
                     "bodyTimeoutSeconds": 20,
@@ -241,6 +241,11 @@ pub fn reject_cases() -> Vec<Reject> {
             "rules-max-traits",
             json!({"identityRules": {"caps": {"max_traits": 500}}}),
             "/identityRules/caps/max_traits",
+        ),
+        reject(
+            "profile-traits",
+            json!({"identityRules": {"caps": {"max_traits_per_profile": 20000}}}),
+            "/identityRules/caps/max_traits_per_profile",
         ),
         reject(
             "queue-capacity",

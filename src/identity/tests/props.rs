@@ -222,6 +222,7 @@ fn normalized(
             })
             .collect(),
         dropped: r.dropped.clone(),
+        traits_dropped: r.traits_dropped,
     }
 }
 

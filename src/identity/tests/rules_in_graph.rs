@@ -231,3 +231,50 @@ fn identifier_cap_stops_new_identifiers_and_merges() {
     );
     assert_eq!(r.external_id_mapping_updates.len(), 3);
 }
+
+/// A profile holding `caps.max_traits_per_profile` traits takes no new one, while its own
+/// traits still change and a removal makes room; the cap is checked when the rules are read.
+#[test]
+fn a_full_profile_takes_no_new_trait() {
+    let rules = Rules::from_yaml("caps: {max_traits_per_profile: 3}").expect("rules");
+    let mut g = IdentityGraph::new(rules);
+    let snapshot = |r: &Resolution| {
+        r.profile_traits_updates
+            .last()
+            .map(|u| u.traits.keys().cloned().collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    let r = resolve(
+        &mut g,
+        json!({"type": "identify", "userId": "u1", "traits": {"a": 1, "b": 2}}),
+    );
+    assert_eq!(r.traits_dropped, 0);
+    let r = resolve(
+        &mut g,
+        json!({"type": "identify", "userId": "u1", "traits": {"c": 3, "d": 4, "a": 10}}),
+    );
+    assert_eq!(r.traits_dropped, 1, "d finds no room");
+    assert_eq!(snapshot(&r), ["a", "b", "c"]);
+    assert_eq!(
+        r.profile_traits_updates[0].traits["a"],
+        json!(10),
+        "its own still change"
+    );
+    let r = resolve(
+        &mut g,
+        json!({"type": "identify", "userId": "u1", "traits": {"b": null, "d": 4}}),
+    );
+    assert_eq!(
+        (r.traits_dropped, snapshot(&r)),
+        (0, vec!["a".to_string(), "c".into(), "d".into()])
+    );
+
+    for bad in ["0", "10001"] {
+        let err = Rules::from_yaml(&format!("caps: {{max_traits_per_profile: {bad}}}"))
+            .expect_err("out of range");
+        assert!(
+            err.to_string().contains("caps.max_traits_per_profile"),
+            "{err}"
+        );
+    }
+}
