@@ -169,9 +169,23 @@ pub fn catalog(
 /// of 50,000 could otherwise hold 1.6 GB in the engine's memory.
 pub const MAX_PAGE_BYTES: usize = 16 << 20;
 
-/// Rows read from the store at a time while a page is assembled, so at most this many rows
-/// beyond the byte budget are ever held.
+/// Most rows read from the store at a time while a page is assembled.
 const READ_PIECE: usize = 1_000;
+
+/// Rows read first, before the page knows how large its rows are.
+const FIRST_PIECE: usize = 8;
+
+/// How many rows (or profiles) to read next, `read` of them holding `bytes` so far: a few
+/// first, then as many as the bytes left would hold at their average size (at most
+/// [`READ_PIECE`]) — so that rows far larger than usual (an imported event of megabytes, a
+/// profile of many traits) put about one row more than `max_bytes` in memory, not a thousand.
+fn next_piece(read: usize, bytes: usize, max_bytes: usize) -> usize {
+    if read == 0 {
+        return FIRST_PIECE;
+    }
+    let average = (bytes / read).max(1);
+    (max_bytes.saturating_sub(bytes) / average + 1).clamp(1, READ_PIECE)
+}
 
 /// One page of a feed as NDJSON: the header line, then the rows — up to `limit` rows, cut short
 /// once the rows hold `max_bytes`. The header's `more` is false only when the page reached the
@@ -189,7 +203,7 @@ pub fn page(
     let mut body = String::new();
     let (mut count, mut next_after, mut more) = (0usize, after, true);
     'read: while count < limit {
-        let want = (limit - count).min(READ_PIECE);
+        let want = (limit - count).min(next_piece(count, body.len(), max_bytes));
         let piece = store.read_feed(feed, next_after, want)?;
         let ended = piece.len() < want;
         for row in &piece {
@@ -242,7 +256,7 @@ pub fn state_table_page(
     let mut body = String::new();
     let (mut count, mut read, mut after, mut more) = (0usize, 0usize, after, true);
     while count < limit && read < limit && body.len() < max_bytes {
-        let want = (limit - read).min(READ_PIECE);
+        let want = (limit - read).min(next_piece(read, body.len(), max_bytes));
         let page = state_page(store, table, after.as_deref(), want)?;
         read += page.read;
         for row in &page.rows {
@@ -267,6 +281,26 @@ pub fn state_table_page(
 mod tests {
     use super::*;
     use crate::event::{Event, ParseOptions};
+
+    /// A page reads a few rows first, then as many as its bytes left hold at their average
+    /// size: rows of a megabyte are read about one at a time past the budget, small ones a
+    /// thousand at a time.
+    #[test]
+    fn a_page_reads_its_rows_in_pieces_sized_by_what_they_weigh() {
+        let mb = 1 << 20;
+        assert_eq!(next_piece(0, 0, 16 * mb), FIRST_PIECE);
+        assert_eq!(next_piece(8, 8 * mb, 16 * mb), 9);
+        assert_eq!(next_piece(16, 16 * mb, 16 * mb), 1);
+        assert_eq!(next_piece(8, 800, 16 * mb), READ_PIECE);
+        // Rows of a megabyte read with a 16 MB budget: never more than a row past it.
+        let (mut read, mut bytes) = (0, 0);
+        while bytes < 16 * mb {
+            let piece = next_piece(read, bytes, 16 * mb);
+            read += piece;
+            bytes += piece * mb;
+        }
+        assert!(bytes <= 17 * mb, "{bytes}");
+    }
 
     #[test]
     fn the_bearer_token_must_match_and_its_scheme_compares_without_case() {
