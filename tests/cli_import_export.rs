@@ -195,6 +195,43 @@ fn import_reads_stdin_and_refuses_a_bad_store_url() {
 /// `import` reads a batch line as the Tracking API does (the batch's context merged into each
 /// message) but without its 32 KB limit per message: a large message is imported in a batch
 /// line as it is alone on a line.
+/// A whole export written as one JSON array, or a line past 16 MB, was parsed whole (a 125 MB
+/// array took 1.9 GB before "expected an object"): such lines are refused, saying why, without
+/// being held, and the lines after them import.
+#[test]
+fn a_json_array_or_an_overlong_line_is_refused_and_the_rest_imports() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}", dir.path().join("s.db").display());
+    let input = dir.path().join("events.jsonl");
+    let msg = |id: &str| json!({"type": "track", "messageId": id, "userId": "u", "event": "A"});
+    let mut text = format!("{}\n", json!([msg("in-array")]));
+    text.push_str(&format!(
+        "{{\"batch\": [{}], \"pad\": \"{}\"}}\n",
+        msg("in-long-line"),
+        "x".repeat(17 << 20)
+    ));
+    text.push_str(&format!("{}\n", msg("after")));
+    std::fs::write(&input, text).unwrap();
+    let (code, out, err) = import(&store, &input);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("line 1: malformed JSON: a JSON array"),
+        "{err}"
+    );
+    assert!(err.contains("line 2: line too long"), "{err}");
+    let summary: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (summary["lines"].as_u64(), summary["accepted"].as_u64()),
+        (Some(3), Some(1)),
+        "{summary}"
+    );
+    let tracks = export(&store, "tracks", &[]);
+    assert!(
+        tracks.contains("\"after\"") && !tracks.contains("in-long-line"),
+        "{tracks}"
+    );
+}
+
 #[test]
 fn import_takes_large_messages_in_batch_lines() {
     let dir = tempfile::tempdir().unwrap();

@@ -14,6 +14,50 @@ use crate::store::{IngestSummary, PreparedEvent, Store};
 /// How many parsed events go into one store transaction.
 const BATCH: usize = 5_000;
 
+/// The longest line `import` reads: a message, or a `{"batch": […]}` of them (Segment's own
+/// limit on a batch is 500 KB). A longer line is skipped without being held in memory — a
+/// whole export written as one JSON array would otherwise be parsed whole (~15× its size).
+const MAX_LINE_BYTES: usize = 16 << 20;
+
+/// Reads the next line (without its `\n`) into `buf`: `Ok(Some(Ok(len)))`, or
+/// `Ok(Some(Err(len)))` for a line longer than `max`, read to its end but not kept; `Ok(None)`
+/// at the end of the input.
+fn read_line(
+    reader: &mut dyn BufRead,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<Option<Result<u64, u64>>> {
+    buf.clear();
+    let (mut len, mut any, mut too_long) = (0u64, false, false);
+    loop {
+        let available = match reader.fill_buf() {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if available.is_empty() {
+            break;
+        }
+        any = true;
+        let end = available.iter().position(|&b| b == b'\n');
+        let chunk = &available[..end.unwrap_or(available.len())];
+        len += chunk.len() as u64;
+        if !too_long && buf.len() + chunk.len() > max {
+            too_long = true;
+            buf.clear();
+        }
+        if !too_long {
+            buf.extend_from_slice(chunk);
+        }
+        let used = chunk.len() + usize::from(end.is_some());
+        reader.consume(used);
+        if end.is_some() {
+            break;
+        }
+    }
+    Ok(any.then_some(if too_long { Err(len) } else { Ok(len) }))
+}
+
 /// What an import did.
 #[derive(Debug, Default, serde::Serialize)]
 pub struct ImportSummary {
@@ -88,7 +132,7 @@ pub fn import(
     mut on_error: impl FnMut(&LineError),
     mut on_progress: impl FnMut(u64),
 ) -> anyhow::Result<ImportSummary> {
-    let reader: Box<dyn BufRead> = if input.as_os_str() == "-" {
+    let mut reader: Box<dyn BufRead> = if input.as_os_str() == "-" {
         Box::new(std::io::stdin().lock())
     } else {
         Box::new(std::io::BufReader::new(
@@ -99,11 +143,28 @@ pub fn import(
     // The events waiting for their group's transaction, and where each was read.
     let mut pending: Vec<(Origin, PreparedEvent)> = Vec::with_capacity(BATCH);
     let mut bytes = 0u64;
-    for (n, raw) in reader.split(b'\n').enumerate() {
-        let line_no = n + 1;
-        let mut raw = raw.map_err(|e| anyhow::anyhow!("reading line {line_no}: {e}"))?;
-        bytes += raw.len() as u64 + 1;
+    let mut buf = Vec::new();
+    for line_no in 1.. {
+        let read = read_line(&mut *reader, &mut buf, MAX_LINE_BYTES)
+            .map_err(|e| anyhow::anyhow!("reading line {line_no}: {e}"))?;
+        let Some(read) = read else {
+            break;
+        };
         summary.lines += 1;
+        let len = match read {
+            Ok(len) => len,
+            Err(len) => {
+                bytes += len + 1;
+                let reason = format!(
+                    "line too long: {len} bytes, over {} MB (import reads one JSON message, or one {{\"batch\": […]}}, per line)",
+                    MAX_LINE_BYTES >> 20
+                );
+                refuse_line(&mut summary, &mut on_error, line_no, reason);
+                continue;
+            }
+        };
+        bytes += len + 1;
+        let mut raw = std::mem::take(&mut buf);
         if raw.last() == Some(&b'\r') {
             raw.pop();
         }
@@ -118,6 +179,11 @@ pub fn import(
             }
         };
         if line.trim().is_empty() {
+            continue;
+        }
+        if line.trim_start().starts_with('[') {
+            let reason = "malformed JSON: a JSON array (import reads one message, or one {\"batch\": […]}, per line: JSON lines)".to_string();
+            refuse_line(&mut summary, &mut on_error, line_no, reason);
             continue;
         }
         let msgs = match messages(&line) {
@@ -276,6 +342,28 @@ mod tests {
         assert_eq!(
             messages(r#"{"batch": 3}"#).unwrap_err(),
             "batch: must be an array"
+        );
+    }
+
+    /// Lines are read whole up to the cap; a longer one is read to its end, not kept, and
+    /// reported by its length; the lines after it read as usual.
+    #[test]
+    fn a_line_past_the_cap_is_skipped_without_being_kept() {
+        let input = b"short\r\n0123456789abc\n\nlast";
+        let mut reader = std::io::BufReader::with_capacity(4, &input[..]);
+        let mut buf = Vec::new();
+        let mut lines = vec![];
+        while let Some(read) = read_line(&mut reader, &mut buf, 10).unwrap() {
+            lines.push((read, String::from_utf8(buf.clone()).unwrap()));
+        }
+        assert_eq!(
+            lines,
+            [
+                (Ok(6), "short\r".to_string()),
+                (Err(13), String::new()),
+                (Ok(0), String::new()),
+                (Ok(4), "last".to_string()),
+            ]
         );
     }
 }
