@@ -5,7 +5,7 @@ use std::collections::HashSet;
 
 use crate::identity::{IdentifierState, IdentityGraph, ProfileState, Rules, StateDelta};
 
-use super::{IdGraphRow, MappingRow, NewEventRow, PreparedEvent, StoreError, TraitsRow, WriteTx};
+use super::{IdGraphRow, MappingRow, NewEventRow, PreparedEvent, StoreError, Trigger, WriteTx};
 
 /// The identity graph of one store, and the head `seq` it reflects.
 ///
@@ -125,13 +125,24 @@ pub struct IngestSummary {
     pub resolve_time: std::time::Duration,
 }
 
+/// A `profile_traits_updates` row to write, its snapshot already JSON text: a batch of
+/// identifies on one large profile holds a snapshot per identify until the commit, and the
+/// text is several times smaller than the parsed map.
+#[derive(Debug)]
+pub(crate) struct NewTraitsRow {
+    pub seq: i64,
+    pub segment_id: String,
+    pub traits: String,
+    pub trigger: Trigger,
+}
+
 /// The rows a batch produced, with their `seq`s assigned.
 #[derive(Debug, Default)]
 pub(crate) struct ResolvedBatch<'e> {
     pub events: Vec<NewEventRow<'e>>,
     pub id_graph: Vec<IdGraphRow>,
     pub mappings: Vec<MappingRow>,
-    pub traits: Vec<TraitsRow>,
+    pub traits: Vec<NewTraitsRow>,
     pub state: StateDelta,
     pub new_track_names: Vec<String>,
 }
@@ -217,10 +228,10 @@ pub(crate) fn ingest_in_tx<T: WriteTx>(
         }
         for u in resolution.profile_traits_updates {
             seq += 1;
-            batch.traits.push(TraitsRow {
+            batch.traits.push(NewTraitsRow {
                 seq,
                 segment_id: u.segment_id,
-                traits: u.traits,
+                traits: super::codec::json_text(&u.traits),
                 trigger: trigger.clone(),
             });
         }

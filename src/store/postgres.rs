@@ -384,7 +384,7 @@ fn write_rows(tx: &mut Client, b: &ResolvedBatch, head: i64) -> Result<(), Store
         |row, r| {
             row.int(r.seq);
             row.text(&r.segment_id);
-            row.text(&json_text(&r.traits));
+            row.text(&r.traits);
             row.trigger(&r.trigger);
         },
     )?;

@@ -484,11 +484,10 @@ fn write_rows(
         "INSERT INTO profile_traits_updates (seq, segment_id, traits, {TRIGGER_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
     ))?;
     for r in &b.traits {
-        let traits = json_text(&r.traits);
         let head = [
             Borrowed(ValueRef::Integer(r.seq)),
             Borrowed(ValueRef::Text(r.segment_id.as_bytes())),
-            Borrowed(ValueRef::Text(traits.as_bytes())),
+            Borrowed(ValueRef::Text(r.traits.as_bytes())),
         ];
         stmt.execute(params_from_iter(
             head.into_iter().chain(trigger_params(&r.trigger)),
