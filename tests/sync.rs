@@ -2408,6 +2408,17 @@ fn a_first_sync_stopped_midway_is_not_backfill_complete() {
 /// sync's backfill window bounds only the history it found. (The tables of the first sync kept
 /// the window for good and dropped them; a Track table created later loaded them.)
 fn events_imported_after_the_first_sync_load_into_every_table(kind: &str) {
+    imported_after_the_first_sync(kind, false);
+}
+
+/// As above on a warehouse an older release synced: its tables kept their first sync's
+/// backfill cutoff (`min_received_at_us`) though they had caught up, and the first sync of
+/// this release still applied it, skipping the events imported since and moving past them.
+fn events_imported_after_an_older_release_s_sync_load_into_every_table(kind: &str) {
+    imported_after_the_first_sync(kind, true);
+}
+
+fn imported_after_the_first_sync(kind: &str, older_release: bool) {
     let (mut s, url, _d) = store();
     let track = |id: &str, event: &str, at: Option<&str>| {
         let mut m = json!({"type": "track", "messageId": id, "anonymousId": "x1", "event": event});
@@ -2420,6 +2431,16 @@ fn events_imported_after_the_first_sync_load_into_every_table(kind: &str) {
     ingest(&mut *s, &[msg(track("r1", "Order Completed", None))]);
     let wh = TestWarehouse::of(kind);
     assert_eq!(wh.sync(&url, None).status, SyncStatus::Success);
+    if older_release {
+        // What an older release left: the 60-day cutoff kept on every caught-up table.
+        let cutoff = jiff::Timestamp::now().as_microsecond() - 60 * 86_400 * 1_000_000;
+        let state = wh.table("_profiles_sync_state");
+        wh.connect()
+            .execute(&format!(
+                "UPDATE {state} SET min_received_at_us = {cutoff} WHERE table_name IN ('tracks', 'order_completed')"
+            ))
+            .unwrap();
+    }
     let old = jiff::Timestamp::now()
         .checked_sub(jiff::SignedDuration::from_hours(90 * 24))
         .unwrap()
@@ -2451,6 +2472,16 @@ fn sqlite_events_imported_after_the_first_sync_load_into_every_table() {
 #[test]
 fn postgres_events_imported_after_the_first_sync_load_into_every_table() {
     events_imported_after_the_first_sync_load_into_every_table("postgres");
+}
+
+#[test]
+fn sqlite_events_imported_after_an_older_release_s_sync_load_into_every_table() {
+    events_imported_after_an_older_release_s_sync_load_into_every_table("sqlite");
+}
+
+#[test]
+fn postgres_events_imported_after_an_older_release_s_sync_load_into_every_table() {
+    events_imported_after_an_older_release_s_sync_load_into_every_table("postgres");
 }
 
 /// A column of a profile table a DBA narrowed (`user_traits.value` to `varchar(20)`): a value

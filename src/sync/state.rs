@@ -78,8 +78,13 @@ pub fn read(wh: &mut dyn Warehouse) -> Result<BTreeMap<String, TableState>, Ware
             .cloned()
             .flatten()
             .ok_or_else(|| WarehouseError::internal("state table: a row has no name"))?;
+        let backfilled = int(&r[5], "backfilled")? != 0;
+        // The backfill window bounds only the history a table's first sync found: an older
+        // release kept the cutoff after the table caught up, and this release's first sync
+        // would still skip the events imported (with their own, older receivedAt) since.
         let min = match r.get(4).cloned().flatten() {
             None => None,
+            _ if backfilled => None,
             some => Some(int(&some, "min_received_at_us")?),
         };
         out.insert(
@@ -89,7 +94,7 @@ pub fn read(wh: &mut dyn Warehouse) -> Result<BTreeMap<String, TableState>, Ware
                 enabled: int(&r[2], "enabled")? != 0,
                 enabled_since_us: int(&r[3], "enabled_since_us")?,
                 min_received_at_us: min,
-                backfilled: int(&r[5], "backfilled")? != 0,
+                backfilled,
             },
         );
     }
