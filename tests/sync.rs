@@ -108,6 +108,7 @@ both_warehouses!(
     a_limit_is_shared_so_identity_churn_never_starves_the_events,
     a_row_a_merge_moves_gets_the_load_time,
     profile_merges_has_a_row_for_every_profile,
+    an_older_release_s_sqlite_named_track_table_moves_to_its_prefixed_name,
 );
 
 fn a_first_sync_lands_every_table(kind: &str) {
@@ -917,6 +918,64 @@ fn postgres_a_row_too_wide_for_a_page_loads_with_its_excess_in_discards() {
     let r = wh.sync(&url, None);
     assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
     assert_eq!(wh.count("pages"), 2);
+}
+
+/// Track tables named `sqlite_…` get a `_` prefix since SQLite refuses such names. What an
+/// older release left moves over: on PostgreSQL its `sqlite_foo` table (rows, column names,
+/// cursor), on SQLite the state of a table it could never create, whose events then load.
+fn an_older_release_s_sqlite_named_track_table_moves_to_its_prefixed_name(kind: &str) {
+    let (mut s, url, _d) = store();
+    let foo = |id: &str| {
+        msg(
+            json!({"type": "track", "messageId": id, "userId": "u1", "event": "sqlite foo",
+                   "properties": {"n": 1}}),
+        )
+    };
+    ingest(&mut *s, &[foo("f1"), foo("f2")]);
+    let wh = TestWarehouse::of(kind);
+    wh.sync(&url, None);
+    assert_eq!(wh.count("_sqlite_foo"), 2);
+    // Make it what an older release left.
+    let state = wh.table("_profiles_sync_state");
+    let columns = wh.table("_profiles_sync_columns");
+    let mut c = wh.connect();
+    if kind == "postgres" {
+        c.execute(&format!(
+            "ALTER TABLE {} RENAME TO sqlite_foo",
+            wh.table("_sqlite_foo")
+        ))
+        .unwrap();
+        c.execute(&format!(
+            "UPDATE {columns} SET table_name = 'sqlite_foo' WHERE table_name = '_sqlite_foo'"
+        ))
+        .unwrap();
+        c.execute(&format!(
+            "UPDATE {state} SET table_name = 'sqlite_foo' WHERE table_name = '_sqlite_foo'"
+        ))
+        .unwrap();
+    } else {
+        // The table failed every run: never created, its cursor where it started.
+        c.execute(&format!("DROP TABLE {}", wh.table("_sqlite_foo")))
+            .unwrap();
+        c.execute(&format!(
+            "DELETE FROM {columns} WHERE table_name = '_sqlite_foo'"
+        ))
+        .unwrap();
+        c.execute(&format!(
+            "UPDATE {state} SET table_name = 'sqlite_foo', cursor_seq = 0, backfilled = 0 WHERE table_name = '_sqlite_foo'"
+        ))
+        .unwrap();
+    }
+    drop(c);
+    ingest(&mut *s, &[foo("f3")]);
+    let r = wh.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    let clean = TestWarehouse::of(kind);
+    clean.sync(&url, None);
+    let (a, b) = (wh.dump(), clean.dump());
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    assert_eq!(a["_sqlite_foo"], b["_sqlite_foo"]);
+    assert_eq!(wh.count("_sqlite_foo"), 3);
 }
 
 /// Segment's `profile_merges` has one row per profile, a created one mapping to itself; only

@@ -270,9 +270,10 @@ impl<'a> Run<'a> {
     ) -> Result<(), RunError> {
         state::ensure(wh)?;
         self.states = state::read(wh)?;
-        let names = state::read_names(wh)?;
+        let mut names = state::read_names(wh)?;
         let mut schema = Schema::of(wh)?;
         self.migrate_events_watermark(wh, &schema)?;
+        self.migrate_sqlite_prefixed(wh, &mut schema, &mut names)?;
         self.head = source.head()?;
         self.report.head_seq = self.head;
         let sources: HashMap<String, SourceInfo> = source
@@ -287,7 +288,6 @@ impl<'a> Run<'a> {
         // never starves the ones after it; what the events leave goes back to the others.
         let limited = self.rows_left.is_some() || self.bytes_left.is_some();
         let parts = RAW.len() as u64 + 2;
-        let mut names = names;
         let mut raw_names: Vec<columns::ColumnMap> = RAW
             .iter()
             .map(|table| {
@@ -508,6 +508,58 @@ impl<'a> Run<'a> {
         self.states.insert(EVENTS_WATERMARK.to_string(), legacy);
         if !table_exists {
             self.states.remove(tables::LEGACY_EVENTS_WATERMARK);
+        }
+        Ok(())
+    }
+
+    /// Moves the Track tables an older release named `sqlite_…` to their `_sqlite_…` names
+    /// (SQLite refuses to create `sqlite_…` tables; every warehouse prefixes them since): the
+    /// table where the warehouse has it (PostgreSQL), its column names and its state, with the
+    /// cursor — on SQLite the events the refused table held back then load into the new one.
+    fn migrate_sqlite_prefixed(
+        &mut self,
+        wh: &mut dyn Warehouse,
+        schema: &mut Schema,
+        names: &mut HashMap<String, Vec<(String, String)>>,
+    ) -> Result<(), RunError> {
+        let max_len = wh.dialect().max_identifier_len();
+        let legacy: Vec<(String, String)> = self
+            .states
+            .keys()
+            .filter(|t| t.starts_with("sqlite_"))
+            .map(|t| (t.clone(), format!("_{t}")))
+            .filter(|(_, new)| new.len() <= max_len && !self.states.contains_key(new))
+            .collect();
+        for (old, new) in legacy {
+            let Some(st) = self.states.get(&old).cloned() else {
+                continue;
+            };
+            let exists = schema.tables.contains_key(&old);
+            crate::warehouse::in_transaction(wh, |wh| {
+                if exists {
+                    let d = wh.dialect();
+                    let sql = format!(
+                        "ALTER TABLE {} RENAME TO {}",
+                        d.qualified(wh.schema(), &old),
+                        d.quote(&new)
+                    );
+                    wh.execute(&sql)?;
+                }
+                state::rename_names(wh, &old, &new)?;
+                state::write(wh, &[(new.as_str(), &st)])?;
+                state::remove(wh, &old)
+            })?;
+            self.states.remove(&old);
+            self.states.insert(new.clone(), st);
+            if let Some(columns) = schema.tables.remove(&old) {
+                schema.tables.insert(new.clone(), columns);
+            }
+            if let Some(limits) = schema.limits.remove(&old) {
+                schema.limits.insert(new.clone(), limits);
+            }
+            if let Some(n) = names.remove(&old) {
+                names.insert(new, n);
+            }
         }
         Ok(())
     }

@@ -160,6 +160,17 @@ pub fn remove(wh: &mut dyn Warehouse, name: &str) -> Result<(), WarehouseError> 
     Ok(())
 }
 
+/// Moves `old`'s source → column assignments to `new` (a renamed table), inside the caller's
+/// transaction.
+pub fn rename_names(wh: &mut dyn Warehouse, old: &str, new: &str) -> Result<(), WarehouseError> {
+    let table = wh.dialect().qualified(wh.schema(), COLUMN_NAMES);
+    let (old, new) = (old.replace('\'', "''"), new.replace('\'', "''"));
+    wh.execute(&format!(
+        "UPDATE {table} SET table_name = '{new}' WHERE table_name = '{old}'"
+    ))?;
+    Ok(())
+}
+
 /// Records new source → column assignments of `table` inside the caller's transaction.
 pub fn write_names(
     wh: &mut dyn Warehouse,
