@@ -925,13 +925,13 @@ fn postgres_a_row_too_wide_for_a_page_loads_with_its_excess_in_discards() {
 /// cursor), on SQLite the state of a table it could never create, whose events then load.
 fn an_older_release_s_sqlite_named_track_table_moves_to_its_prefixed_name(kind: &str) {
     let (mut s, url, _d) = store();
-    let foo = |id: &str| {
+    let sqlite_event = |id: &str| {
         msg(
             json!({"type": "track", "messageId": id, "userId": "u1", "event": "sqlite foo",
                    "properties": {"n": 1}}),
         )
     };
-    ingest(&mut *s, &[foo("f1"), foo("f2")]);
+    ingest(&mut *s, &[sqlite_event("f1"), sqlite_event("f2")]);
     let wh = TestWarehouse::of(kind);
     wh.sync(&url, None);
     assert_eq!(wh.count("_sqlite_foo"), 2);
@@ -967,7 +967,7 @@ fn an_older_release_s_sqlite_named_track_table_moves_to_its_prefixed_name(kind: 
         .unwrap();
     }
     drop(c);
-    ingest(&mut *s, &[foo("f3")]);
+    ingest(&mut *s, &[sqlite_event("f3")]);
     let r = wh.sync(&url, None);
     assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
     let clean = TestWarehouse::of(kind);
