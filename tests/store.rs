@@ -86,7 +86,37 @@ both_stores!(
     a_version_2_store_is_migrated_in_place,
     an_earlier_sighting_moves_an_identifier_s_first_seen_back,
     a_window_added_later_counts_identifiers_by_their_last_sighting,
+    a_store_a_newer_release_wrote_is_refused,
 );
+
+/// A store in a format newer than this binary knows (a downgrade) is refused with an error
+/// that says so, and left as it is — an older binary writing it could break what the newer
+/// format relies on.
+fn a_store_a_newer_release_wrote_is_refused(kind: &str) {
+    let (s, url, _dir) = fresh(kind);
+    drop(s);
+    let bump = "99";
+    if kind == "sqlite" {
+        let path = url.trim_start_matches("sqlite://");
+        let c = rusqlite::Connection::open(path).unwrap();
+        c.pragma_update(None, "user_version", bump).unwrap();
+    } else {
+        let mut c = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+        c.batch_execute(&format!("INSERT INTO store_schema VALUES ({bump})"))
+            .unwrap();
+    }
+    let err = store::open(&url, Rules::default())
+        .err()
+        .expect("a newer store is refused");
+    assert!(
+        matches!(err, StoreError::NewerFormat { found: 99, .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("written by a newer release"),
+        "{err}"
+    );
+}
 
 /// An engine older than format 3, still running beside a newer one during a rolling upgrade,
 /// writes state rows without stamping them (`updated_seq` 0 on an insert, unchanged on an

@@ -54,6 +54,16 @@ pub enum StoreError {
     #[error("postgres store: {}", postgres_message(.0))]
     Postgres(#[from] ::postgres::Error),
     /// A stored value could not be decoded (the store was written by a newer version, or edited).
+    /// The store was written by a newer release than this binary.
+    #[error(
+        "the store is in format {found}, written by a newer release; this binary knows formats up to {supported}: run the newer release (or restore a backup taken before the upgrade)"
+    )]
+    NewerFormat {
+        /// The store's format.
+        found: i64,
+        /// The newest format this binary reads and writes.
+        supported: i64,
+    },
     #[error("corrupt row in {table}: {reason}")]
     Corrupt {
         /// The table.

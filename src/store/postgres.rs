@@ -88,12 +88,20 @@ impl PostgresStore {
         let ready: bool = client
             .query_one("SELECT to_regclass('store_schema') IS NOT NULL", &[])?
             .get(0);
-        let current = ready
-            && client
+        let version: i64 = if ready {
+            client
                 .query_one("SELECT coalesce(max(version), 0) FROM store_schema", &[])?
-                .get::<_, i64>(0)
-                >= SCHEMA_VERSION;
-        if !current {
+                .get(0)
+        } else {
+            0
+        };
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::NewerFormat {
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        if version < SCHEMA_VERSION {
             create_or_migrate(&mut client)?;
         }
         let backend_pid = client.query_one("SELECT pg_backend_pid()", &[])?.get(0);

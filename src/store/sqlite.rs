@@ -63,7 +63,14 @@ impl SqliteStore {
         conn.set_prepared_statement_cache_capacity(32);
         // Only a new or older file takes the write lock for DDL, so opening a reader never waits
         // for the writer.
-        if schema_version(&conn)? < SCHEMA_VERSION {
+        let version = schema_version(&conn)?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::NewerFormat {
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        if version < SCHEMA_VERSION {
             create_or_migrate(&conn)?;
         }
         Ok(SqliteStore {
