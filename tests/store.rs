@@ -1579,7 +1579,7 @@ fn import_lines(
         s,
         &Rules::default(),
         &input,
-        "src_web",
+        Some("src_web"),
         |e| errors.push(e.to_string()),
         |_| {},
     );

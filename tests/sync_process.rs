@@ -104,6 +104,26 @@ fn the_job_command_reports_on_stdout_and_in_the_termination_log() {
         !stderr.contains("unused-by-trust-auth"),
         "credentials must never be logged"
     );
+
+    // A stdout that takes nothing (`> /dev/full`): the termination log is still written and
+    // the outcome stands (the report's print panicked first, exit 101, no log).
+    std::fs::remove_file(&log).unwrap();
+    let out = bin()
+        .arg("sync")
+        .args(&args)
+        .args(["--store", &url, "--id", "wh-124", "--termination-log"])
+        .arg(&log)
+        .stdout(std::fs::File::create("/dev/full").unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let logged: Value = serde_json::from_str(&std::fs::read_to_string(&log).unwrap()).unwrap();
+    assert_eq!(logged["status"], "Success");
 }
 
 #[test]

@@ -169,6 +169,11 @@ impl Sink<'_> {
                 let json = is_event.then(|| Value::Object(row.clone()).to_string());
                 out.write_record(cols.iter().map(|c| match &json {
                     Some(j) if c == "json" => j.clone(),
+                    // An event sent without a time has its receipt's (as the store and the
+                    // warehouse have it); its JSON leaves `timestamp` out, as it came.
+                    Some(_) if c == "timestamp" && row.get(c).is_none() => {
+                        cell(row.get("receivedAt"))
+                    }
                     _ => cell(row.get(c)),
                 }))?;
             }

@@ -14,6 +14,9 @@ use crate::store::{IngestSummary, PreparedEvent, Store};
 /// How many parsed events go into one store transaction.
 const BATCH: usize = 5_000;
 
+/// The events' `event_source_id` unless `--source-id` names one (or `export` wrote the line).
+const DEFAULT_SOURCE: &str = "import";
+
 /// The longest line `import` reads: a message, or a `{"batch": […]}` of them (Segment's own
 /// limit on a batch is 500 KB). A longer line is skipped without being held in memory — a
 /// whole export written as one JSON array would otherwise be parsed whole (~15× its size).
@@ -128,7 +131,7 @@ pub fn import(
     store: &mut dyn Store,
     rules: &Rules,
     input: &PathBuf,
-    source_id: &str,
+    source_id: Option<&str>,
     mut on_error: impl FnMut(&LineError),
     mut on_progress: impl FnMut(u64),
 ) -> anyhow::Result<ImportSummary> {
@@ -170,6 +173,10 @@ pub fn import(
         }
         // A line that is not UTF-8 is a bad line like any other, not the end of the import.
         let line = match String::from_utf8(raw) {
+            // A byte-order mark that Windows tools write before the first line.
+            Ok(line) if line_no == 1 && line.starts_with('\u{feff}') => {
+                line.trim_start_matches('\u{feff}').to_string()
+            }
             Ok(line) => line,
             Err(e) => {
                 let at = e.utf8_error().valid_up_to() + 1;
@@ -194,13 +201,32 @@ pub fn import(
             }
         };
         let batched = msgs.len() > 1 || line.trim_start().starts_with("{\"batch\"");
-        let opts = ParseOptions {
+        let mut opts = ParseOptions {
             now: Timestamp::now(),
-            source_id: source_id.to_string(),
+            source_id: source_id.unwrap_or(DEFAULT_SOURCE).to_string(),
             trust_received_at: true,
         };
-        for (i, m) in msgs.into_iter().enumerate() {
+        for (i, mut m) in msgs.into_iter().enumerate() {
             let index = batched.then_some(i);
+            // A line `export` wrote carries its row's own fields: the event keeps the source
+            // it came from (unless `--source-id` names one); `seq` and `segment_id` were the
+            // old store's.
+            let exported = m.as_object_mut().and_then(|o| {
+                let row = o.contains_key("seq") && o.contains_key("segment_id");
+                match o.get("event_source_id") {
+                    Some(Value::String(_)) if row => {
+                        o.remove("seq");
+                        o.remove("segment_id");
+                        o.remove("event_source_id")
+                    }
+                    _ => None,
+                }
+            });
+            opts.source_id = match (source_id, exported) {
+                (Some(s), _) => s.to_string(),
+                (None, Some(Value::String(s))) => s,
+                _ => DEFAULT_SOURCE.to_string(),
+            };
             let refusal = match Event::from_value(m, None, &opts) {
                 Ok(e) => match storable(&e, rules) {
                     Ok(identifiers) => {

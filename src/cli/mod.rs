@@ -62,9 +62,10 @@ pub enum Command {
         /// Identity resolution rules (YAML); Segment's defaults when unset.
         #[arg(long, env = "PROFILES_SYNC_RULES")]
         rules: Option<PathBuf>,
-        /// Source id recorded as the events' event_source_id.
-        #[arg(long, default_value = "import")]
-        source_id: String,
+        /// Source id recorded as the events' event_source_id: `import` by default, or for
+        /// the lines `export` wrote, the source each event came from.
+        #[arg(long)]
+        source_id: Option<String>,
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
@@ -117,7 +118,7 @@ pub fn run(cli: Cli) -> ExitCode {
             source_id,
             json,
             input,
-        } => match run_import(&store, rules.as_deref(), &source_id, json, &input) {
+        } => match run_import(&store, rules.as_deref(), source_id.as_deref(), json, &input) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::FAILURE,
             Err(e) => Err(e),
@@ -188,6 +189,10 @@ fn broken_pipe(e: &anyhow::Error) -> bool {
         cause
             .downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            // serde_json's `source()` skips its io::Error: ask for the kind.
+            || cause
+                .downcast_ref::<serde_json::Error>()
+                .is_some_and(|j| j.io_error_kind() == Some(std::io::ErrorKind::BrokenPipe))
             || cause
                 .downcast_ref::<csv::Error>()
                 .is_some_and(|c| matches!(c.kind(), csv::ErrorKind::Io(io) if io.kind() == std::io::ErrorKind::BrokenPipe))
@@ -197,7 +202,7 @@ fn broken_pipe(e: &anyhow::Error) -> bool {
 fn run_import(
     store: &str,
     rules: Option<&std::path::Path>,
-    source_id: &str,
+    source_id: Option<&str>,
     json: bool,
     input: &PathBuf,
 ) -> anyhow::Result<bool> {
@@ -231,10 +236,13 @@ fn run_import(
         |bytes| bar.set_position(bytes),
     )?;
     bar.finish_and_clear();
+    // A summary that cannot be written (`> /dev/full`, a closed pipe) is an error, not a panic.
+    let mut out = std::io::stdout().lock();
     if json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&summary)?)?;
     } else {
-        println!(
+        writeln!(
+            out,
             "lines: {}\naccepted: {}\nduplicates: {}\nrejected: {}\nprofiles created: {}\nmerges: {}",
             summary.lines,
             summary.accepted,
@@ -242,11 +250,12 @@ fn run_import(
             summary.rejected_total(),
             summary.profiles_created,
             summary.merges
-        );
+        )?;
         for (reason, n) in &summary.rejected {
-            println!("  {n:>8}  {reason}");
+            writeln!(out, "  {n:>8}  {reason}")?;
         }
     }
+    out.flush()?;
     let rejected = summary.rejected_total();
     if rejected > 0 {
         eprintln!(

@@ -1,5 +1,6 @@
 //! `profiles-sync sync`: one sync of one WarehouseConnection, as each scheduled Job runs it.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::crd::{ErrorClass, SelectiveSync, SyncStatus, WarehouseConnection};
@@ -290,7 +291,7 @@ pub fn run(args: SyncArgs) -> anyhow::Result<bool> {
             }
         }
     };
-    println!("{}", serde_json::to_string_pretty(&report)?);
+    // The termination log first: it is what the controller reads, and stdout may be gone.
     let log = args.termination_log.clone().or_else(|| {
         let default = PathBuf::from("/dev/termination-log");
         (std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() && default.exists())
@@ -299,6 +300,16 @@ pub fn run(args: SyncArgs) -> anyhow::Result<bool> {
     if let Some(path) = log {
         std::fs::write(&path, report.termination_message())
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    }
+    // A report stdout cannot take (`> /dev/full`, a closed pipe) changes no outcome: the sync
+    // is done and its log written.
+    let mut out = std::io::stdout().lock();
+    let printed = serde_json::to_string_pretty(&report)
+        .map_err(std::io::Error::from)
+        .and_then(|text| writeln!(out, "{text}"))
+        .and_then(|()| out.flush());
+    if let Err(e) = printed {
+        tracing::warn!(error = %e, "the sync report could not be written to stdout");
     }
     Ok(report.status != SyncStatus::Failed)
 }

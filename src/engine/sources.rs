@@ -66,6 +66,32 @@ pub enum SourcesError {
 /// write key or feed token anyone could read is no secret).
 pub const PLACEHOLDER: &str = "CHANGE-ME";
 
+/// `message` (a YAML/serde error about the sources file) with every quoted or backquoted text
+/// that is not one of the file's field names replaced by `…`: serde echoes the offending value
+/// or key (`invalid type: string "…"`, `unknown field `…``), and in this file that may be a write
+/// key (`{writeKey:wk_…}` without the space reads as a key), or a whole other secret when
+/// `--sources` names the wrong file (the feed token, the store URL, a private key).
+fn redact(message: &str) -> String {
+    const KNOWN: [&str; 5] = ["sources", "id", "name", "slug", "writeKey"];
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(start) = rest.find(['"', '`']) {
+        let quote = rest[start..].chars().next().unwrap_or('"');
+        out.push_str(&rest[..=start]);
+        let after = &rest[start + 1..];
+        let Some(end) = after.find(quote) else {
+            out.push('…');
+            return out;
+        };
+        let inner = &after[..end];
+        out.push_str(if KNOWN.contains(&inner) { inner } else { "…" });
+        out.push(quote);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// The configured sources, looked up by write key.
 #[derive(Clone, Debug, Default)]
 pub struct Sources {
@@ -76,7 +102,7 @@ impl Sources {
     /// Parses a sources file.
     pub fn from_yaml(text: &str) -> Result<Sources, SourcesError> {
         let file: SourcesFile =
-            yaml_serde::from_str(text).map_err(|e| SourcesError::Parse(e.to_string()))?;
+            yaml_serde::from_str(text).map_err(|e| SourcesError::Parse(redact(&e.to_string())))?;
         let mut by_key = HashMap::new();
         let mut ids = std::collections::HashSet::new();
         for (i, s) in file.sources.into_iter().enumerate() {
@@ -148,6 +174,33 @@ mod tests {
         .to_string();
         assert!(err.contains("writeKey"), "{err}");
         assert!(!err.contains("secret"), "{err}");
+    }
+
+    /// A serde error never echoes a value or an unknown key of the file: a write key typed
+    /// without the space after `writeKey:` is read as a key, and `--sources` pointed at another
+    /// Secret's file (the feed token, the store URL, a private key) is one string.
+    #[test]
+    fn parse_errors_never_echo_the_files_text() {
+        for yaml in [
+            "sources:\n  - {id: s1, name: a, slug: a, writeKey:wk_SEKRIT}\n",
+            "sources:\n  - {id: s1, name: a, slug: a, writeKey: wk_x}\n  - {id: s2, wk_SEKRIT}\n",
+            "tok_SEKRIT\n",
+            "postgres://u:SEKRIT@db/profiles\n",
+            "-----BEGIN PRIVATE KEY-----\nSEKRIT\n-----END PRIVATE KEY-----\n",
+            "sources:\n  - wk_SEKRIT\n",
+            "wk_SEKRIT: 1\n",
+            "sources: [{id: \"s1\", name: a, slug: a, writeKey: \"wk_SEKRIT}]\n",
+        ] {
+            let e = Sources::from_yaml(yaml).unwrap_err().to_string();
+            assert!(!e.contains("SEKRIT"), "{yaml:?} -> {e}");
+        }
+        let e = Sources::from_yaml("sources:\n  - {id: s1, name: a, slug: a, writekey: k}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("expected one of `id`, `name`, `slug`, `writeKey`"),
+            "{e}"
+        );
     }
 
     #[test]
