@@ -339,6 +339,16 @@ fn a_csv_export_of_an_empty_table_has_its_header() {
         "5",
     ]));
     assert!(!ok && err.contains("current-state table"), "{err}");
+    // A negative seq is a usage error (it read as 0).
+    let (ok, _, err) = run(bin().args([
+        "export",
+        "--store",
+        &store,
+        "--table",
+        "tracks",
+        "--after-seq=-5",
+    ]));
+    assert!(!ok && err.contains("--after-seq"), "{err}");
     // With rows, the header is the rows' (unchanged).
     let tracks = export(&store, "tracks", &["--format", "csv"]);
     assert_eq!(tracks.lines().count(), 2, "{tracks}");

@@ -82,8 +82,8 @@ pub enum Command {
         /// user_traits or profile_merges.
         #[arg(long)]
         table: String,
-        /// Only rows with a greater seq (change logs and event tables).
-        #[arg(long, default_value_t = 0)]
+        /// Only rows with a greater seq (change logs and event tables); 0 or more.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i64).range(0..))]
         after_seq: i64,
         /// Output format.
         #[arg(long, value_enum, default_value_t = Format::Jsonl)]
