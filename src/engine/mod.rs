@@ -37,8 +37,9 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// The default of [`EngineConfig::feed_readers`].
 pub const DEFAULT_FEED_READERS: usize = 8;
 
-/// How the engine runs.
-#[derive(Clone, Debug)]
+/// How the engine runs (its `Debug` shows neither the store URL's credentials, nor the feed
+/// token, nor a write key).
+#[derive(Clone)]
 pub struct EngineConfig {
     /// Store URL (`sqlite:///path`, `postgres://...`).
     pub store: String,
@@ -72,6 +73,27 @@ pub struct EngineConfig {
     /// How long one write of the store writer may run before `/healthz` and `/readyz` answer
     /// 503 (so that the kubelet restarts the engine); zero turns the check off.
     pub stall_timeout: std::time::Duration,
+}
+
+impl std::fmt::Debug for EngineConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The scheme only: a PostgreSQL URL may carry a password.
+        let store = self.store.split("://").next().unwrap_or_default();
+        f.debug_struct("EngineConfig")
+            .field("store", &format!("{store}://(hidden)"))
+            .field("listen", &self.listen)
+            .field("sources", &self.sources)
+            .field("rules", &self.rules)
+            .field("feed_token", &self.feed_token.as_ref().map(|_| "(hidden)"))
+            .field("queue_capacity", &self.queue_capacity)
+            .field("reading_capacity", &self.reading_capacity)
+            .field("body_timeout", &self.body_timeout)
+            .field("header_timeout", &self.header_timeout)
+            .field("max_connections", &self.max_connections)
+            .field("feed_readers", &self.feed_readers)
+            .field("stall_timeout", &self.stall_timeout)
+            .finish()
+    }
 }
 
 impl EngineConfig {

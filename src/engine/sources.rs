@@ -14,8 +14,8 @@ use serde::Deserialize;
 
 use crate::store::SourceInfo;
 
-/// One source as configured.
-#[derive(Clone, Debug, Deserialize)]
+/// One source as configured (its `Debug` leaves the write key out).
+#[derive(Clone, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SourceConfig {
     /// Stable id, recorded as each event's `event_source_id`.
@@ -26,6 +26,17 @@ pub struct SourceConfig {
     pub slug: String,
     /// The write key clients authenticate with.
     pub write_key: String,
+}
+
+impl std::fmt::Debug for SourceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceConfig")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("slug", &self.slug)
+            .field("write_key", &"(hidden)")
+            .finish()
+    }
 }
 
 #[derive(Deserialize)]
@@ -92,10 +103,16 @@ fn redact(message: &str) -> String {
     out
 }
 
-/// The configured sources, looked up by write key.
-#[derive(Clone, Debug, Default)]
+/// The configured sources, looked up by write key (its `Debug` lists the sources, no key).
+#[derive(Clone, Default)]
 pub struct Sources {
     by_key: HashMap<String, SourceConfig>,
+}
+
+impl std::fmt::Debug for Sources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.by_key.values()).finish()
+    }
 }
 
 impl Sources {
@@ -200,6 +217,28 @@ mod tests {
         assert!(
             e.contains("expected one of `id`, `name`, `slug`, `writeKey`"),
             "{e}"
+        );
+    }
+
+    /// The engine's configuration, printed with `{:?}` (a log line, a panic), shows no write
+    /// key, no feed token and no store password.
+    #[test]
+    fn debug_output_holds_no_secret() {
+        let sources = Sources::from_yaml(
+            "sources:\n  - {id: s1, name: Web, slug: web, writeKey: wk_SEKRIT}\n",
+        )
+        .unwrap();
+        let mut config = crate::engine::EngineConfig::new(
+            "postgres://app:PASSWORD_SEKRIT@db/profiles".into(),
+            "127.0.0.1:0".parse().unwrap(),
+            sources,
+        );
+        config.feed_token = Some("TOKEN_SEKRIT".into());
+        let printed = format!("{config:?} {:?}", config.sources);
+        assert!(!printed.contains("SEKRIT"), "{printed}");
+        assert!(
+            printed.contains("s1") && printed.contains("postgres://"),
+            "{printed}"
         );
     }
 
