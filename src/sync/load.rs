@@ -343,8 +343,7 @@ impl<'c> Typer<'c> {
             refused,
         } = row;
         for (column, v, reason) in refused {
-            let d = self.discard(column, &row_id, v.into_text(), reason, &received_at);
-            self.discards.push(d);
+            self.refuse(&column, &row_id, v.into_text(), reason, &received_at);
         }
         let mut cells = vec![Cell::Null; self.columns.len()];
         // With a row size limit, the fixed columns' values are counted first (at their widest):
@@ -365,14 +364,7 @@ impl<'c> Typer<'c> {
                          a new property gets no column",
                         self.max_columns
                     );
-                    let d = self.discard(
-                        name.to_string(),
-                        &row_id,
-                        v.into_text(),
-                        reason,
-                        &received_at,
-                    );
-                    self.discards.push(d);
+                    self.refuse(&name, &row_id, v.into_text(), reason, &received_at);
                     continue;
                 }
             };
@@ -382,67 +374,56 @@ impl<'c> Typer<'c> {
             if i >= cells.len() {
                 cells.resize(self.columns.len(), Cell::Null);
             }
-            match v.cast(self.columns[i].ty) {
-                Ok(cell) => match self.column_limits[i].map(|l| l.admits(&cell)) {
-                    Some(Err(reason)) => {
-                        let text = discarded_text(cell);
-                        let d = self.discard(name.to_string(), &row_id, text, reason, &received_at);
-                        self.discards.push(d);
-                    }
-                    _ => match (&mut width, &name) {
-                        (Some(w), ColumnName::Property(_)) => {
-                            let wider = w.with(&cell);
-                            let max = self.max_row_bytes.unwrap_or(usize::MAX);
-                            if wider.total() > max {
-                                let reason = format!(
-                                    "the row is wider than the warehouse stores in one row \
-                                     (~{max} bytes): this value gets no column in it"
-                                );
-                                let text = discarded_text(cell);
-                                let d = self.discard(
-                                    name.to_string(),
-                                    &row_id,
-                                    text,
-                                    reason,
-                                    &received_at,
-                                );
-                                self.discards.push(d);
-                            } else {
-                                *w = wider;
-                                cells[i] = cell;
-                            }
-                        }
-                        _ => cells[i] = cell,
-                    },
-                },
+            let cell = match v.cast(self.columns[i].ty) {
+                Ok(cell) => cell,
                 Err((reason, v)) => {
-                    let text = v.into_text();
-                    let d = self.discard(name.to_string(), &row_id, text, reason, &received_at);
-                    self.discards.push(d);
+                    self.refuse(&name, &row_id, v.into_text(), reason, &received_at);
+                    continue;
                 }
+            };
+            if let Some(Err(reason)) = self.column_limits[i].map(|l| l.admits(&cell)) {
+                self.refuse(&name, &row_id, discarded_text(cell), reason, &received_at);
+                continue;
             }
+            if let (Some(w), ColumnName::Property(_), Some(max)) =
+                (&mut width, &name, self.max_row_bytes)
+            {
+                let wider = w.with(&cell);
+                if wider.total() > max {
+                    let reason = format!(
+                        "the row is wider than the warehouse stores in one row \
+                         (~{max} bytes): this value gets no column in it"
+                    );
+                    self.refuse(&name, &row_id, discarded_text(cell), reason, &received_at);
+                    continue;
+                }
+                *w = wider;
+            }
+            cells[i] = cell;
         }
         self.rows.push(cells);
     }
 
-    /// A row of `discards`: the value as text (a NUL, one reason to refuse it, written escaped).
-    fn discard(
-        &self,
-        column: String,
+    /// Adds a row of `discards`: the value as text (a NUL, one reason to refuse it, written
+    /// escaped).
+    fn refuse(
+        &mut self,
+        column: &str,
         row_id: &str,
         value: String,
         reason: String,
         received_at: &Cell,
-    ) -> Vec<Cell> {
-        discard_row(
+    ) {
+        let d = discard_row(
             self.table,
-            &column,
+            column,
             row_id,
             &value,
             reason,
             received_at,
             self.uuid_ts,
-        )
+        );
+        self.discards.push(d);
     }
 
     /// The columns (fixed first, in their order; then the rest by name), the rows' cells in
