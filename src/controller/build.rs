@@ -20,7 +20,9 @@ use crate::crd::{SelectiveSync, WarehouseConnection};
 /// Label on every Job, ConfigMap and pod of a connection: the connection's name
 /// ([`super::plan::connection_label`]: shortened with a hash past 63 characters).
 pub const LABEL_CONNECTION: &str = "profilesync.dev/connection";
-/// The `app.kubernetes.io/managed-by` value of what the controller creates.
+/// The label that names what manages an object.
+pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// The [`LABEL_MANAGED_BY`] value of what the controller creates.
 pub const MANAGED_BY: &str = "profiles-sync-controller";
 /// Annotation on a Job: the slot it syncs (RFC 3339).
 pub const ANNOTATION_SLOT: &str = "profilesync.dev/slot";
@@ -72,7 +74,7 @@ pub fn labels(connection: &str) -> BTreeMap<String, String> {
         (LABEL_CONNECTION.to_string(), connection_label(connection)),
         ("app.kubernetes.io/name".into(), "profiles-sync".into()),
         ("app.kubernetes.io/component".into(), "sync".into()),
-        ("app.kubernetes.io/managed-by".into(), MANAGED_BY.into()),
+        (LABEL_MANAGED_BY.into(), MANAGED_BY.into()),
     ])
 }
 
@@ -363,11 +365,11 @@ pub fn sync_config_map(job: &Job, connection: &str, data: BTreeMap<String, Strin
     }
 }
 
-/// Whether an object carries the controller's `app.kubernetes.io/managed-by` label.
+/// Whether an object carries the controller's [`LABEL_MANAGED_BY`] label.
 pub fn made_by_controller(meta: &ObjectMeta) -> bool {
     meta.labels
         .as_ref()
-        .and_then(|l| l.get("app.kubernetes.io/managed-by"))
+        .and_then(|l| l.get(LABEL_MANAGED_BY))
         .is_some_and(|v| v == MANAGED_BY)
 }
 
@@ -379,7 +381,7 @@ pub fn engine_token_secret(namespace: &str, token: &str) -> Secret {
             namespace: Some(namespace.into()),
             labels: Some(BTreeMap::from([
                 ("app.kubernetes.io/name".into(), "profiles-sync".into()),
-                ("app.kubernetes.io/managed-by".into(), MANAGED_BY.into()),
+                (LABEL_MANAGED_BY.into(), MANAGED_BY.into()),
             ])),
             ..ObjectMeta::default()
         },

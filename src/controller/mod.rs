@@ -334,7 +334,8 @@ pub async fn run(
     // Jobs and SelectiveSyncs are cached from the same watches that trigger reconciles.
     let (jobs_cache, jobs_writer) = reflector::store::<Job>();
     let managed = watcher::Config::default().labels(&format!(
-        "app.kubernetes.io/managed-by={}",
+        "{}={}",
+        build::LABEL_MANAGED_BY,
         build::MANAGED_BY
     ));
     let job_events = watcher(jobs, managed)

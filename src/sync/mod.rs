@@ -523,17 +523,14 @@ impl<'a> Run<'a> {
         names: &mut HashMap<String, Vec<(String, String)>>,
     ) -> Result<(), RunError> {
         let max_len = wh.dialect().max_identifier_len();
-        let legacy: Vec<(String, String)> = self
+        let legacy: Vec<(String, String, TableState)> = self
             .states
-            .keys()
-            .filter(|t| t.starts_with("sqlite_"))
-            .map(|t| (t.clone(), format!("_{t}")))
-            .filter(|(_, new)| new.len() <= max_len && !self.states.contains_key(new))
+            .iter()
+            .filter(|(t, _)| t.starts_with("sqlite_"))
+            .map(|(t, st)| (t.clone(), format!("_{t}"), st.clone()))
+            .filter(|(_, new, _)| new.len() <= max_len && !self.states.contains_key(new))
             .collect();
-        for (old, new) in legacy {
-            let Some(st) = self.states.get(&old).cloned() else {
-                continue;
-            };
+        for (old, new, st) in legacy {
             let exists = schema.tables.contains_key(&old);
             crate::warehouse::in_transaction(wh, |wh| {
                 if exists {
