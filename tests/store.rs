@@ -87,7 +87,173 @@ both_stores!(
     an_earlier_sighting_moves_an_identifier_s_first_seen_back,
     a_window_added_later_counts_identifiers_by_their_last_sighting,
     a_store_a_newer_release_wrote_is_refused,
+    events_are_pruned_oldest_first_and_nothing_else_is,
+    feed_consumers_are_recorded_replaced_and_removed,
+    a_store_from_before_retention_gets_its_tables,
 );
+
+/// An event received at `at(secs)`.
+fn received(id: &str, secs: i64, v: Value) -> Event {
+    let mut v = v;
+    v["messageId"] = json!(id);
+    v["receivedAt"] = json!(at(secs).to_string());
+    event(v)
+}
+
+fn event_ids(store: &mut dyn Store) -> Vec<String> {
+    all(store, &Feed::Events(EventFilter::All))
+        .iter()
+        .filter_map(|r| match r {
+            FeedRow::Event(e) => Some(e.event.message_id.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Retention deletes events from the oldest, in `seq` order, while each is within the cut (at
+/// or below the consumers' `seq`, received before the window): it stops at the first event too
+/// young, so an imported event with an old `receivedAt` waits for the horizon; the change logs
+/// and the current state stay whole; a deleted event's messageId is new again, a kept one's
+/// still a duplicate; a second handle sees the horizon.
+fn events_are_pruned_oldest_first_and_nothing_else_is(kind: &str) {
+    let (mut s, url, _keep) = fresh(kind);
+    let anon = json!({"type": "page", "anonymousId": "a1", "name": "Home"});
+    s.ingest(vec![
+        received("e1", 100, anon.clone()),
+        received("e2", 200, anon.clone()),
+        received(
+            "e3",
+            300,
+            json!({"type": "identify", "anonymousId": "a1", "userId": "u1", "traits": {"plan": "pro"}}),
+        ),
+        received("e4", 400, anon.clone()),
+        received("e5", 50, anon.clone()),
+        received("e6", 500, anon.clone()),
+    ])
+    .unwrap();
+    let logs = [
+        Feed::IdGraphUpdates,
+        Feed::ExternalIdMappingUpdates,
+        Feed::ProfileTraitsUpdates,
+    ];
+    let logs_before: Vec<Vec<FeedRow>> = logs.iter().map(|f| all(&mut *s, f)).collect();
+    let state_before = s.load_state().unwrap();
+    let seq_of = |s: &mut dyn Store, id: &str| {
+        all(s, &Feed::Events(EventFilter::All))
+            .iter()
+            .find_map(|r| match r {
+                FeedRow::Event(e) if e.event.message_id == id => Some(e.seq),
+                _ => None,
+            })
+            .unwrap()
+    };
+    let (e2, e4) = (seq_of(&mut *s, "e2"), seq_of(&mut *s, "e4"));
+    let head = s.head_seq().unwrap();
+    let before = |secs: i64| at(secs).as_microsecond();
+    assert_eq!(s.pruned().unwrap(), store::Pruned::default());
+
+    let step = s.prune_events(head, before(250), 1).unwrap();
+    assert_eq!(
+        (step.deleted, step.done),
+        (1, false),
+        "a full step: more may follow"
+    );
+    let step = s.prune_events(head, before(250), 10).unwrap();
+    assert_eq!((step.deleted, step.done), (1, true), "e3 is too young");
+    assert_eq!(
+        step.pruned,
+        store::Pruned {
+            through_seq: e2,
+            max_received_at_us: Some(before(200))
+        }
+    );
+    assert_eq!(event_ids(&mut *s), ["e3", "e4", "e5", "e6"]);
+    // Nothing more under the same cut.
+    let again = s.prune_events(head, before(250), 10).unwrap();
+    assert_eq!((again.deleted, again.pruned), (0, step.pruned));
+
+    // Every event is old enough now, but the consumers have loaded only up to e4.
+    let step = s.prune_events(e4, before(10_000), 10).unwrap();
+    assert_eq!((step.deleted, step.done), (2, true));
+    assert_eq!(event_ids(&mut *s), ["e5", "e6"], "e5 waits for the horizon");
+    assert_eq!(s.event_count().unwrap(), 2);
+    let logs_after: Vec<Vec<FeedRow>> = logs.iter().map(|f| all(&mut *s, f)).collect();
+    assert_eq!(logs_after, logs_before, "the change logs are whole");
+    assert_eq!(s.load_state().unwrap(), state_before);
+
+    let other = store::open(&url, Rules::default())
+        .unwrap()
+        .pruned()
+        .unwrap();
+    assert_eq!(
+        other,
+        store::Pruned {
+            through_seq: e4,
+            max_received_at_us: Some(before(400))
+        }
+    );
+    // A deleted event's messageId is new again; a kept one's is still a duplicate.
+    let summary = s
+        .ingest(vec![
+            received("e1", 600, anon.clone()),
+            received("e6", 600, anon),
+        ])
+        .unwrap();
+    assert_eq!((summary.accepted, summary.duplicates), (1, 1));
+    assert_eq!(event_ids(&mut *s), ["e5", "e6", "e1"]);
+}
+
+/// A consumer's progress is recorded, replaced by its next record, listed by name and removed.
+fn feed_consumers_are_recorded_replaced_and_removed(kind: &str) {
+    let (mut s, url, _keep) = fresh(kind);
+    let consumer = |name: &str, after_seq: i64, secs: i64| store::Consumer {
+        name: name.into(),
+        after_seq,
+        window_seconds: 86_400,
+        updated_at: at(secs),
+    };
+    assert_eq!(s.consumers().unwrap(), []);
+    s.set_consumer(&consumer("team-b/wh", 40, 1)).unwrap();
+    s.set_consumer(&consumer("team-a/wh", 7, 2)).unwrap();
+    // A warehouse emptied and synced from scratch goes back: its record follows.
+    s.set_consumer(&consumer("team-b/wh", 12, 3)).unwrap();
+    let mut other = store::open(&url, Rules::default()).unwrap();
+    assert_eq!(
+        other.consumers().unwrap(),
+        [consumer("team-a/wh", 7, 2), consumer("team-b/wh", 12, 3)]
+    );
+    assert!(other.remove_consumer("team-a/wh").unwrap());
+    assert!(!s.remove_consumer("team-a/wh").unwrap());
+    assert_eq!(s.consumers().unwrap(), [consumer("team-b/wh", 12, 3)]);
+}
+
+/// A store written before retention (format 5 without its tables) gets them when opened, its
+/// events untouched.
+fn a_store_from_before_retention_gets_its_tables(kind: &str) {
+    let (mut s, url, _keep) = fresh(kind);
+    s.ingest(vec![page("p1", "a1")]).unwrap();
+    drop(s);
+    let drop_tables = "DROP TABLE feed_consumers; DROP TABLE event_retention;";
+    match kind {
+        "sqlite" => rusqlite::Connection::open(url.trim_start_matches("sqlite://"))
+            .unwrap()
+            .execute_batch(drop_tables)
+            .unwrap(),
+        _ => ::postgres::Client::connect(&url, ::postgres::NoTls)
+            .unwrap()
+            .batch_execute(drop_tables)
+            .unwrap(),
+    }
+    let mut s = store::open(&url, Rules::default()).unwrap();
+    assert_eq!(s.pruned().unwrap(), store::Pruned::default());
+    assert_eq!(s.consumers().unwrap(), []);
+    let head = s.head_seq().unwrap();
+    let step = s
+        .prune_events(head, at(10_000).as_microsecond(), 10)
+        .unwrap();
+    assert_eq!(step.deleted, 1);
+    assert_eq!(event_ids(&mut *s), Vec::<String>::new());
+}
 
 /// A store in a format newer than this binary knows (a downgrade) is refused with an error
 /// that says so, and left as it is — an older binary writing it could break what the newer

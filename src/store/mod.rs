@@ -14,6 +14,7 @@ mod copy;
 mod dedupe;
 mod ingest;
 mod postgres;
+mod retention;
 mod rows;
 mod schema;
 mod sqlite;
@@ -21,6 +22,7 @@ mod state;
 
 pub use ingest::{IngestSummary, Resolver};
 pub use postgres::PostgresStore;
+pub use retention::{Consumer, Cut, PruneStep, Pruned, cut};
 pub use rows::*;
 pub use sqlite::SqliteStore;
 pub use state::{StatePage, StateTable, state_page, state_rows};
@@ -292,6 +294,29 @@ pub trait Store: Send {
         &mut self,
         received_at: crate::event::Timestamp,
     ) -> Result<Option<i64>, StoreError>;
+
+    /// Records a feed consumer's progress (`store::retention`), replacing what it recorded
+    /// before.
+    fn set_consumer(&mut self, consumer: &Consumer) -> Result<(), StoreError>;
+
+    /// Forgets a consumer; whether it was recorded.
+    fn remove_consumer(&mut self, name: &str) -> Result<bool, StoreError>;
+
+    /// Every recorded consumer, by name.
+    fn consumers(&mut self) -> Result<Vec<Consumer>, StoreError>;
+
+    /// How far events have been deleted.
+    fn pruned(&mut self) -> Result<Pruned, StoreError>;
+
+    /// Deletes, in one transaction, up to `max` of the oldest events left, in `seq` order,
+    /// while each has a `seq` at or below `through_seq` and was received before
+    /// `received_before_us` (microseconds), and moves the horizon past them.
+    fn prune_events(
+        &mut self,
+        through_seq: i64,
+        received_before_us: i64,
+        max: usize,
+    ) -> Result<PruneStep, StoreError>;
 }
 
 /// The URL of a store in memory, private to the connection that opens it (tests, dry runs).

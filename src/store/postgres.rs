@@ -10,7 +10,10 @@ use super::codec::{
 use super::copy::copy_rows;
 use super::dedupe::{self, Dedupe, IndexTx, RecentIds, Tuning};
 use super::ingest::{LoadedState, ResolvedBatch, ingest_in_tx};
-use super::schema::{Dialect, SCHEMA_VERSION, TRIGGER_COLUMNS, ddl, state_seq_ddl};
+use super::retention::{self, Consumer, PruneStep, Pruned};
+use super::schema::{
+    Dialect, RETENTION_TABLE, SCHEMA_VERSION, TRIGGER_COLUMNS, ddl, retention_ddl, state_seq_ddl,
+};
 use super::{
     EventFilter, Feed, FeedRow, FlatEventRow, IngestSummary, PreparedEvent, Resolver, SourceInfo,
     Store, StoreError, WriteTx,
@@ -103,6 +106,17 @@ impl PostgresStore {
         }
         if version < SCHEMA_VERSION {
             create_or_migrate(&mut client)?;
+        } else {
+            let present: bool = client
+                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&RETENTION_TABLE])?
+                .get(0);
+            if !present {
+                // Under the migrations' lock: replicas starting at once would race to create it.
+                let mut tx = client.transaction()?;
+                tx.execute("SELECT pg_advisory_xact_lock(7346501)", &[])?;
+                tx.batch_execute(&retention_ddl(Dialect::Postgres))?;
+                tx.commit()?;
+            }
         }
         let backend_pid = client.query_one("SELECT pg_backend_pid()", &[])?.get(0);
         Ok(PostgresStore {
@@ -574,6 +588,21 @@ impl<C: postgres::GenericClient> IndexTx for Pg<'_, C> {
     }
 }
 
+impl<C: postgres::GenericClient> retention::PruneTx for Pg<'_, C> {
+    fn pairs(&mut self, sql: &str, params: &[i64]) -> Result<Vec<(i64, i64)>, StoreError> {
+        let params: Vec<&(dyn postgres::types::ToSql + Sync)> = params
+            .iter()
+            .map(|p| p as &(dyn postgres::types::ToSql + Sync))
+            .collect();
+        Ok(self
+            .0
+            .query(sql, &params)?
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect())
+    }
+}
+
 /// Creates the store's tables, or brings an older store's up to [`SCHEMA_VERSION`], in one
 /// transaction under an advisory lock (several replicas may start at once).
 ///
@@ -905,6 +934,64 @@ impl Store for PostgresStore {
                 &[&micros(received_at)],
             )?
             .get(0))
+    }
+
+    fn set_consumer(&mut self, c: &Consumer) -> Result<(), StoreError> {
+        self.client.execute(
+            retention::SET_CONSUMER_SQL,
+            &[
+                &c.name,
+                &c.after_seq,
+                &c.window_seconds,
+                &micros(c.updated_at),
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn remove_consumer(&mut self, name: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .client
+            .execute(retention::REMOVE_CONSUMER_SQL, &[&name])?
+            > 0)
+    }
+
+    fn consumers(&mut self) -> Result<Vec<Consumer>, StoreError> {
+        self.client
+            .query(retention::CONSUMERS_SQL, &[])?
+            .into_iter()
+            .map(|r| {
+                Ok(Consumer {
+                    name: r.get(0),
+                    after_seq: r.get(1),
+                    window_seconds: r.get(2),
+                    updated_at: codec::timestamp("feed_consumers", r.get(3))?,
+                })
+            })
+            .collect()
+    }
+
+    fn pruned(&mut self) -> Result<Pruned, StoreError> {
+        let r = self.client.query_one(retention::PRUNED_SQL, &[])?;
+        Ok(Pruned::from_row(r.get(0), r.get(1)))
+    }
+
+    fn prune_events(
+        &mut self,
+        through_seq: i64,
+        received_before_us: i64,
+        max: usize,
+    ) -> Result<PruneStep, StoreError> {
+        let mut tx = self.client.transaction()?;
+        let step = retention::prune_in(
+            &mut Pg(&mut tx),
+            " FOR UPDATE",
+            through_seq,
+            received_before_us,
+            max,
+        )?;
+        tx.commit()?;
+        Ok(step)
     }
 }
 

@@ -77,13 +77,24 @@ pub(crate) fn ddl(dialect: Dialect) -> String {
         Dialect::Postgres => "",
     };
     format!(
-        "{}{}{}",
+        "{}{}{}{}",
         DDL.replace("{seq_key}", seq_key(dialect))
             .replace("{key_text}", key_text(dialect)),
         events_ddl(dialect, "events"),
-        DEDUPE_DDL.replace("{without_rowid}", without_rowid)
+        DEDUPE_DDL.replace("{without_rowid}", without_rowid),
+        retention_ddl(dialect)
     )
 }
+
+/// The retention tables (`store::retention`). They came after format 5 without changing it
+/// (an older engine reading the store never touches them): a store without them gets them when
+/// first opened ([`RETENTION_TABLE`] tells).
+pub(crate) fn retention_ddl(dialect: Dialect) -> String {
+    super::retention::RETENTION_DDL.replace("{key_text}", key_text(dialect))
+}
+
+/// The table whose absence means a store predates retention.
+pub(crate) const RETENTION_TABLE: &str = "event_retention";
 
 /// The `events` table, named `name` (SQLite's migration builds it under another name first).
 pub(crate) fn events_ddl(dialect: Dialect, name: &str) -> String {

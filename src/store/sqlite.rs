@@ -12,7 +12,11 @@ use super::codec::{
 };
 use super::dedupe::{self, Dedupe, RecentIds, Tuning, TxIds};
 use super::ingest::{LoadedState, ResolvedBatch, ingest_in_tx};
-use super::schema::{Dialect, SCHEMA_VERSION, TRIGGER_COLUMNS, ddl, events_ddl, state_seq_ddl};
+use super::retention::{self, Consumer, PruneStep, Pruned};
+use super::schema::{
+    Dialect, RETENTION_TABLE, SCHEMA_VERSION, TRIGGER_COLUMNS, ddl, events_ddl, retention_ddl,
+    state_seq_ddl,
+};
 use super::{
     EventFilter, Feed, FeedRow, FlatEventRow, IngestSummary, PreparedEvent, Resolver, SourceInfo,
     Store, StoreError, Trigger, WriteTx,
@@ -72,6 +76,10 @@ impl SqliteStore {
         }
         if version < SCHEMA_VERSION {
             create_or_migrate(&conn)?;
+        } else if !has_table(&conn, RETENTION_TABLE)? {
+            let tx = rusqlite::Transaction::new_unchecked(&conn, TransactionBehavior::Immediate)?;
+            tx.execute_batch(&retention_ddl(Dialect::Sqlite))?;
+            tx.commit()?;
         }
         Ok(SqliteStore {
             conn,
@@ -230,6 +238,15 @@ impl dedupe::IndexTx for rusqlite::Transaction<'_> {
     }
 }
 
+impl retention::PruneTx for rusqlite::Transaction<'_> {
+    fn pairs(&mut self, sql: &str, params: &[i64]) -> Result<Vec<(i64, i64)>, StoreError> {
+        Ok(self
+            .prepare_cached(sql)?
+            .query_map(params_from_iter(params), |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<Vec<_>, _>>()?)
+    }
+}
+
 /// The index probe of `n` hashes in one run (`?1`).
 fn probe_sql(n: usize) -> String {
     format!(
@@ -351,6 +368,15 @@ fn load_state(conn: &Connection, since: Option<i64>) -> Result<LoadedState, Stor
         .query_map([], |r| r.get(0))?
         .collect::<Result<Vec<String>, _>>()?;
     Ok((profiles, identifiers, names))
+}
+
+/// Whether the file has a table `name`.
+fn has_table(conn: &Connection, name: &str) -> Result<bool, StoreError> {
+    Ok(conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
+        [name],
+        |r| r.get(0),
+    )?)
 }
 
 /// The version of the tables in the file (`PRAGMA user_version`; 0 for a new file).
@@ -836,5 +862,55 @@ impl Store for SqliteStore {
             [micros(received_at)],
             |r| r.get(0),
         )?)
+    }
+
+    fn set_consumer(&mut self, c: &Consumer) -> Result<(), StoreError> {
+        self.conn.execute(
+            retention::SET_CONSUMER_SQL,
+            params![c.name, c.after_seq, c.window_seconds, micros(c.updated_at)],
+        )?;
+        Ok(())
+    }
+
+    fn remove_consumer(&mut self, name: &str) -> Result<bool, StoreError> {
+        Ok(self.conn.execute(retention::REMOVE_CONSUMER_SQL, [name])? > 0)
+    }
+
+    fn consumers(&mut self) -> Result<Vec<Consumer>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(retention::CONSUMERS_SQL)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get::<_, i64>(3)?))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter()
+            .map(|(name, after_seq, window_seconds, at)| {
+                Ok(Consumer {
+                    name,
+                    after_seq,
+                    window_seconds,
+                    updated_at: codec::timestamp("feed_consumers", at)?,
+                })
+            })
+            .collect()
+    }
+
+    fn pruned(&mut self) -> Result<Pruned, StoreError> {
+        Ok(self.conn.query_row(retention::PRUNED_SQL, [], |r| {
+            Ok(Pruned::from_row(r.get(0)?, r.get(1)?))
+        })?)
+    }
+
+    fn prune_events(
+        &mut self,
+        through_seq: i64,
+        received_before_us: i64,
+        max: usize,
+    ) -> Result<PruneStep, StoreError> {
+        let mut tx =
+            rusqlite::Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
+        let step = retention::prune_in(&mut tx, "", through_seq, received_before_us, max)?;
+        tx.commit()?;
+        Ok(step)
     }
 }

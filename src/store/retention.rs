@@ -1,0 +1,239 @@
+//! Event retention (DESIGN §3): the feed consumers' progress, and the deletion of events that
+//! are older than the retention window and that every consumer has loaded.
+//!
+//! A consumer is one warehouse connection (`namespace/name`); after each sync its Job records
+//! the `seq` after which it still needs events (the lowest cursor of its event tables) and its
+//! backfill window. Events are deleted in `seq` order from the oldest, while each is older than
+//! the cut and at or below every consumer's `after`: [`Pruned::through_seq`] is then a horizon
+//! below which no event is left, which a sync compares with its own cursor to say when events
+//! it needed were gone before it loaded them. Only events are deleted: the change logs and the
+//! current state are complete backfills and stay. (An imported event with an old `receivedAt`
+//! but a recent `seq` waits until the horizon reaches it.)
+//!
+//! The messageId index keeps its entries of deleted events: a lookup that lands on one finds no
+//! event and reads the id as new, so an event sent again after its copy was deleted is stored
+//! again (Segment's own dedupe holds for a window too).
+
+use super::StoreError;
+use super::dedupe::IndexTx;
+use crate::event::Timestamp;
+
+/// The tables, for both dialects; `{key_text}` as in the store's DDL.
+pub(crate) const RETENTION_DDL: &str = "
+CREATE TABLE IF NOT EXISTS feed_consumers (
+    consumer {key_text} PRIMARY KEY,
+    after_seq BIGINT NOT NULL,
+    window_seconds BIGINT NOT NULL,
+    updated_us BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS event_retention (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    pruned_through BIGINT NOT NULL,
+    pruned_max_received_us BIGINT NOT NULL
+);
+INSERT INTO event_retention (id, pruned_through, pruned_max_received_us) VALUES (1, 0, 0)
+    ON CONFLICT (id) DO NOTHING;
+";
+
+/// Records a consumer's progress (`$1` name, `$2` after, `$3` window, `$4` time).
+pub(crate) const SET_CONSUMER_SQL: &str = "INSERT INTO feed_consumers (consumer, after_seq, window_seconds, updated_us)
+     VALUES ($1, $2, $3, $4) ON CONFLICT (consumer) DO UPDATE
+     SET after_seq = excluded.after_seq, window_seconds = excluded.window_seconds, updated_us = excluded.updated_us";
+/// Removes a consumer.
+pub(crate) const REMOVE_CONSUMER_SQL: &str = "DELETE FROM feed_consumers WHERE consumer = $1";
+/// Every consumer, by name.
+pub(crate) const CONSUMERS_SQL: &str =
+    "SELECT consumer, after_seq, window_seconds, updated_us FROM feed_consumers ORDER BY consumer";
+/// The horizon.
+pub(crate) const PRUNED_SQL: &str =
+    "SELECT pruned_through, pruned_max_received_us FROM event_retention WHERE id = 1";
+/// Up to `$3` events after `$1` up to `$2`: their `seq` and `receivedAt`.
+pub(crate) const OLDEST_EVENTS_SQL: &str = "SELECT seq, received_at_us FROM events
+     WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3";
+/// Deletes the events after `$1` up to `$2`.
+pub(crate) const DELETE_EVENTS_SQL: &str = "DELETE FROM events WHERE seq > $1 AND seq <= $2";
+/// Moves the horizon to `$1`, the newest `receivedAt` deleted to `$2`.
+pub(crate) const SET_PRUNED_SQL: &str =
+    "UPDATE event_retention SET pruned_through = $1, pruned_max_received_us = $2 WHERE id = 1";
+
+/// A reader of the events feed whose progress holds events back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Consumer {
+    /// `namespace/name` of its WarehouseConnection.
+    pub name: String,
+    /// Events with a higher `seq` are still needed by it.
+    pub after_seq: i64,
+    /// Its backfill window, in seconds: events younger than the longest window stay.
+    pub window_seconds: i64,
+    /// When it last recorded its progress.
+    pub updated_at: Timestamp,
+}
+
+/// How far events have been deleted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// No event at or below this `seq` is left (0: none was ever deleted).
+    pub through_seq: i64,
+    /// The newest `receivedAt` (microseconds) of a deleted event; `None` when none was.
+    pub max_received_at_us: Option<i64>,
+}
+
+impl Pruned {
+    /// From the stored row (`0, 0` when nothing was deleted).
+    pub(crate) fn from_row(through_seq: i64, max_received_us: i64) -> Pruned {
+        Pruned {
+            through_seq,
+            max_received_at_us: (through_seq > 0).then_some(max_received_us),
+        }
+    }
+}
+
+/// One step of deletion.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PruneStep {
+    /// Events deleted by it.
+    pub deleted: u64,
+    /// The horizon after it.
+    pub pruned: Pruned,
+    /// Whether nothing more can be deleted under the same cut (the next event is too young or
+    /// past the consumers, or there is none).
+    pub done: bool,
+}
+
+/// Of the oldest events after the horizon, read in `seq` order (`rows`: `seq`, `receivedAt`,
+/// at most `limit` of them), the leading run received before `before_us`: its last `seq`,
+/// its newest `receivedAt`, its length, and whether the cut may go further (the whole page
+/// qualified and it was full).
+pub(crate) fn leading_run(
+    rows: &[(i64, i64)],
+    before_us: i64,
+    limit: usize,
+) -> Option<(i64, i64, usize, bool)> {
+    let n = rows.iter().take_while(|(_, r)| *r < before_us).count();
+    let last = rows.get(n.checked_sub(1)?)?.0;
+    let newest = rows[..n].iter().map(|(_, r)| *r).max()?;
+    Some((last, newest, n, n == rows.len() && rows.len() == limit))
+}
+
+/// Where a retention pass may delete up to: events at or below `through_seq` received before
+/// `received_before_us`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cut {
+    /// Every consumer has loaded the events up to here (the store's head without consumers).
+    pub through_seq: i64,
+    /// Events received before this (microseconds) are older than every window.
+    pub received_before_us: i64,
+    /// The consumer that holds `through_seq` lowest, if any.
+    pub held_by: Option<String>,
+    /// The window applied, in seconds: the retention's own or a consumer's longer backfill.
+    pub window_seconds: i64,
+}
+
+/// The cut for a store whose head is `head`, with these consumers, events kept at least
+/// `min_age_seconds`, at `now`: no event a consumer still needs, and none younger than the
+/// longest of the retention and the consumers' backfill windows (a connection that has not
+/// synced yet needs only its window, which it backfills from).
+pub fn cut(consumers: &[Consumer], min_age_seconds: i64, now: Timestamp, head: i64) -> Cut {
+    let held = consumers.iter().min_by_key(|c| c.after_seq);
+    let window_seconds = consumers
+        .iter()
+        .map(|c| c.window_seconds)
+        .fold(min_age_seconds, i64::max)
+        .max(0);
+    Cut {
+        through_seq: held.map_or(head, |c| c.after_seq.min(head)),
+        received_before_us: now
+            .as_microsecond()
+            .saturating_sub(window_seconds.saturating_mul(1_000_000)),
+        held_by: held.map(|c| c.name.clone()),
+        window_seconds,
+    }
+}
+
+/// What a prune needs of a store's open transaction beyond the dedupe's statements.
+pub(crate) trait PruneTx: IndexTx {
+    /// The rows of `sql` (two integer columns) with these parameters.
+    fn pairs(&mut self, sql: &str, params: &[i64]) -> Result<Vec<(i64, i64)>, StoreError>;
+}
+
+/// [`Store::prune_events`](super::Store::prune_events) in `tx`, which the caller commits;
+/// `lock` is appended to the read of the horizon (PostgreSQL's `FOR UPDATE`: replicas pruning
+/// at once take turns on its row; SQLite's transaction holds the write lock already).
+pub(crate) fn prune_in(
+    tx: &mut dyn PruneTx,
+    lock: &str,
+    through_seq: i64,
+    received_before_us: i64,
+    max: usize,
+) -> Result<PruneStep, StoreError> {
+    let horizon = tx.pairs(&format!("{PRUNED_SQL}{lock}"), &[])?;
+    let (from, newest) = horizon.first().copied().unwrap_or_default();
+    let limit = i64::try_from(max).unwrap_or(i64::MAX);
+    let rows = tx.pairs(OLDEST_EVENTS_SQL, &[from, through_seq, limit])?;
+    let Some((last, run_newest, n, more)) = leading_run(&rows, received_before_us, max) else {
+        return Ok(PruneStep {
+            deleted: 0,
+            pruned: Pruned::from_row(from, newest),
+            done: true,
+        });
+    };
+    tx.exec(DELETE_EVENTS_SQL, &[from, last])?;
+    let newest = if from > 0 {
+        newest.max(run_newest)
+    } else {
+        run_newest
+    };
+    tx.exec(SET_PRUNED_SQL, &[last, newest])?;
+    Ok(PruneStep {
+        deleted: n as u64,
+        pruned: Pruned::from_row(last, newest),
+        done: !more,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn consumer(name: &str, after_seq: i64, window_seconds: i64) -> Consumer {
+        Consumer {
+            name: name.into(),
+            after_seq,
+            window_seconds,
+            updated_at: Timestamp::UNIX_EPOCH,
+        }
+    }
+
+    #[test]
+    fn the_cut_is_the_slowest_consumer_and_the_longest_window() {
+        let now = Timestamp::from_second(1_000_000).unwrap();
+        let c = cut(&[], 3600, now, 500);
+        assert_eq!((c.through_seq, c.held_by), (500, None));
+        assert_eq!(c.received_before_us, (1_000_000 - 3600) * 1_000_000);
+        let consumers = [
+            consumer("a/fast", 400, 60),
+            consumer("a/slow", 120, 7200),
+            consumer("b/ahead", 900, 0),
+        ];
+        let c = cut(&consumers, 3600, now, 500);
+        assert_eq!(c.through_seq, 120);
+        assert_eq!(c.held_by.as_deref(), Some("a/slow"));
+        assert_eq!(c.window_seconds, 7200);
+        assert_eq!(c.received_before_us, (1_000_000 - 7200) * 1_000_000);
+        // A consumer past the head (a store restored from a backup) holds no event past it.
+        assert_eq!(cut(&consumers[2..], 0, now, 500).through_seq, 500);
+    }
+
+    #[test]
+    fn the_run_stops_at_the_first_event_too_young() {
+        let rows = [(3, 10), (5, 30), (6, 20), (9, 50), (10, 5)];
+        // 9 is too young: 10 waits behind it although it is old (an import's receivedAt).
+        assert_eq!(leading_run(&rows, 40, 5), Some((6, 30, 3, false)));
+        assert_eq!(leading_run(&rows, 5, 5), None);
+        // A full page that qualifies whole: more may follow.
+        assert_eq!(leading_run(&rows[..3], 100, 3), Some((6, 30, 3, true)));
+        // A short page: the feed ended there.
+        assert_eq!(leading_run(&rows[..3], 100, 4), Some((6, 30, 3, false)));
+        assert_eq!(leading_run(&[], 100, 4), None);
+    }
+}
