@@ -54,6 +54,30 @@ pub struct EngineArgs {
         value_parser = clap::value_parser!(u64).range(0..=86_400)
     )]
     pub stall_timeout_secs: u64,
+    /// Delete events older than this (days `60d` or hours `36h`, at most 5 digits) once every
+    /// connection's sync has loaded them; a connection's longer backfill window keeps them longer.
+    /// Unset, the store keeps every event.
+    #[arg(long, env = "PROFILES_SYNC_EVENT_RETENTION", value_parser = retention_window)]
+    pub event_retention: Option<std::time::Duration>,
+    /// Seconds between two retention passes.
+    #[arg(
+        long,
+        env = "PROFILES_SYNC_RETENTION_INTERVAL_SECS",
+        default_value_t = crate::engine::retention::DEFAULT_INTERVAL_SECS,
+        value_parser = clap::value_parser!(u64).range(1..=86_400)
+    )]
+    pub retention_interval_secs: u64,
+}
+
+/// `--event-retention`'s value.
+fn retention_window(text: &str) -> Result<std::time::Duration, String> {
+    let digits = text.len().saturating_sub(1);
+    match crate::crd::parse_window(text) {
+        Some(w) if (1..=5).contains(&digits) => Ok(w),
+        _ => Err(format!(
+            "{text:?}: days (60d) or hours (36h), at most 5 digits"
+        )),
+    }
 }
 
 fn read(path: &PathBuf) -> anyhow::Result<String> {
@@ -96,6 +120,12 @@ impl EngineArgs {
             max_connections: self.max_connections,
             feed_readers: self.feed_readers,
             stall_timeout: std::time::Duration::from_secs(self.stall_timeout_secs),
+            retention: self
+                .event_retention
+                .map(|min_age| crate::engine::retention::Retention {
+                    min_age,
+                    interval: std::time::Duration::from_secs(self.retention_interval_secs),
+                }),
         })
     }
 }

@@ -200,15 +200,20 @@ impl Default for Backfill {
 impl Backfill {
     /// The event backfill window as a duration (`60d` is 60 × 24 hours).
     pub fn events_window(&self) -> Option<std::time::Duration> {
-        let (n, unit) = self.events.split_at(self.events.len().checked_sub(1)?);
-        let n: u64 = n.parse().ok()?;
-        let hours = match unit {
-            "d" => n.checked_mul(24)?,
-            "h" => n,
-            _ => return None,
-        };
-        Some(std::time::Duration::from_secs(hours.checked_mul(3600)?))
+        parse_window(&self.events)
     }
+}
+
+/// A window written as days (`60d`) or hours (`36h`); `None` for anything else.
+pub fn parse_window(text: &str) -> Option<std::time::Duration> {
+    let (n, unit) = text.split_at(text.len().checked_sub(1)?);
+    let n: u64 = n.parse().ok()?;
+    let hours = match unit {
+        "d" => n.checked_mul(24)?,
+        "h" => n,
+        _ => return None,
+    };
+    Some(std::time::Duration::from_secs(hours.checked_mul(3600)?))
 }
 
 /// Caps on how much one sync loads.

@@ -158,6 +158,7 @@ pub fn catalog(
         "trackEvents": track,
         "sources": store.sources()?,
         "head": store.head_seq()?,
+        "pruned": super::retention::pruned_json(&store.pruned()?),
     });
     if let Some(at) = since {
         doc["seqSince"] = json!(store.event_seq_since(at)?);

@@ -10,7 +10,7 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use http_body_util::{BodyExt, Limited};
 use serde_json::json;
 
@@ -21,6 +21,7 @@ use crate::store::{PreparedEvent, StateTable, StoreError};
 use super::feed::{self, DEFAULT_PAGE, MAX_PAGE, ReaderPool};
 use super::metrics::Metrics;
 use super::request::{self, ApiError, Endpoint, MAX_BATCH_BYTES};
+use super::retention;
 use super::sources::Sources;
 use super::writer::Writer;
 
@@ -48,6 +49,8 @@ pub struct AppState {
     pub body_timeout: std::time::Duration,
     /// How long one write may run before `/healthz` reports the writer stalled (never when 0).
     pub stall_timeout: std::time::Duration,
+    /// Event retention; `None` keeps every event.
+    pub retention: Option<super::retention::Retention>,
 }
 
 type Shared = Arc<AppState>;
@@ -93,6 +96,12 @@ pub fn router(state: Shared) -> Router {
     let feeds = Router::new()
         .route("/v1/feeds", get(feed_catalog))
         .route("/v1/feeds/{table}", get(feed_page))
+        .route("/v1/feed-consumers", get(retention::list))
+        .route(
+            "/v1/feed-consumers/{namespace}/{name}",
+            put(retention::record).delete(retention::remove),
+        )
+        .route("/v1/retention", post(retention::run_now))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             count_feed_request,
@@ -120,7 +129,7 @@ fn tracking_cors() -> tower_http::cors::CorsLayer {
         .max_age(std::time::Duration::from_secs(86_400))
 }
 
-fn json_response(status: StatusCode, body: serde_json::Value) -> Response {
+pub(super) fn json_response(status: StatusCode, body: serde_json::Value) -> Response {
     (
         status,
         [(
@@ -242,14 +251,20 @@ fn counted(state: &AppState, label: &str, response: Response) -> Response {
     response
 }
 
-/// Counts a feed API request under `feeds` (the catalog) or `feed_page` and its status.
+/// Counts a feed API request under `feeds` (the catalog), `feed_consumers`, `retention` or
+/// `feed_page`, and its status.
 async fn count_feed_request(
     State(state): State<Shared>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let label = if request.uri().path() == "/v1/feeds" {
+    let path = request.uri().path();
+    let label = if path == "/v1/feeds" {
         "feeds"
+    } else if path.starts_with("/v1/feed-consumers") {
+        "feed_consumers"
+    } else if path == "/v1/retention" {
+        "retention"
     } else {
         "feed_page"
     };
@@ -426,7 +441,7 @@ fn overloaded(state: &AppState, events: usize) -> Response {
     )
 }
 
-fn authorize(state: &AppState, headers: &HeaderMap) -> Option<Response> {
+pub(super) fn authorize(state: &AppState, headers: &HeaderMap) -> Option<Response> {
     let Some(token) = &state.feed_token else {
         return Some(json_response(
             StatusCode::FORBIDDEN,
@@ -488,7 +503,7 @@ async fn feed_catalog(
     }
 }
 
-fn store_unavailable(e: &str) -> Response {
+pub(super) fn store_unavailable(e: &str) -> Response {
     tracing::error!(error = e, "feed read failed");
     retry_later(json!({"error": "the store could not be read; retry"}), "5")
 }

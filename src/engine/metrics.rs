@@ -35,6 +35,10 @@ pub struct Metrics {
     pub merges: IntCounter,
     /// Loads of the store (its identity graph and messageIds) that failed and are tried again.
     pub load_failures: IntCounter,
+    /// Events deleted by retention.
+    pub events_pruned: IntCounter,
+    /// The `seq` at or below which retention has deleted every event.
+    pub events_pruned_through: IntGauge,
 }
 
 impl Metrics {
@@ -104,7 +108,17 @@ impl Metrics {
         registry.register(Box::new(profiles_created.clone()))?;
         registry.register(Box::new(profiles.clone()))?;
         registry.register(Box::new(merges.clone()))?;
+        let events_pruned = IntCounter::new(
+            "events_pruned_total",
+            "Events deleted by retention (every consumer had loaded them, no backfill window reached them)",
+        )?;
+        let events_pruned_through = IntGauge::new(
+            "events_pruned_through_seq",
+            "The seq at or below which retention has deleted every event (0 before its first deletion)",
+        )?;
         registry.register(Box::new(load_failures.clone()))?;
+        registry.register(Box::new(events_pruned.clone()))?;
+        registry.register(Box::new(events_pruned_through.clone()))?;
         Ok(Metrics {
             registry,
             requests,
@@ -120,6 +134,8 @@ impl Metrics {
             profiles,
             merges,
             load_failures,
+            events_pruned,
+            events_pruned_through,
         })
     }
 

@@ -8,6 +8,7 @@ pub mod feed;
 pub mod http;
 pub mod metrics;
 pub mod request;
+pub mod retention;
 pub mod serve;
 pub mod sources;
 pub mod writer;
@@ -73,6 +74,8 @@ pub struct EngineConfig {
     /// How long one write of the store writer may run before `/healthz` and `/readyz` answer
     /// 503 (so that the kubelet restarts the engine); zero turns the check off.
     pub stall_timeout: std::time::Duration,
+    /// Event retention (`--event-retention`); `None` keeps every event.
+    pub retention: Option<retention::Retention>,
 }
 
 impl std::fmt::Debug for EngineConfig {
@@ -92,6 +95,7 @@ impl std::fmt::Debug for EngineConfig {
             .field("max_connections", &self.max_connections)
             .field("feed_readers", &self.feed_readers)
             .field("stall_timeout", &self.stall_timeout)
+            .field("retention", &self.retention)
             .finish()
     }
 }
@@ -113,6 +117,7 @@ impl EngineConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             feed_readers: DEFAULT_FEED_READERS,
             stall_timeout: std::time::Duration::from_secs(DEFAULT_STALL_TIMEOUT_SECS),
+            retention: None,
         }
     }
 }
@@ -209,11 +214,15 @@ pub async fn start(config: EngineConfig) -> anyhow::Result<RunningEngine> {
         loaded: loaded.clone(),
         body_timeout: config.body_timeout,
         stall_timeout: config.stall_timeout,
+        retention: config.retention,
     });
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
     let (shutdown, rx) = tokio::sync::watch::channel(false);
     let app = http::router(state.clone());
+    if let Some(r) = config.retention {
+        retention::spawn(state.clone(), r, rx.clone());
+    }
     let mut stopping = rx.clone();
     tokio::spawn(async move {
         let _ = stopping.wait_for(|stop| *stop).await;

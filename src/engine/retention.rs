@@ -1,0 +1,335 @@
+//! Event retention in the engine (DESIGN §3, `store::retention`): the feed consumers' API and
+//! the periodic deletion of events every consumer has loaded and no backfill window still
+//! reaches.
+//!
+//! - `GET /v1/feed-consumers` → the consumers' progress, the retention and its horizon;
+//! - `PUT /v1/feed-consumers/{namespace}/{name}` with `{"afterSeq": N, "backfillWindowSeconds": W}`
+//!   → records a connection's progress (its sync Job, after each run);
+//! - `DELETE /v1/feed-consumers/{namespace}/{name}` → forgets it (the controller, when the
+//!   connection is deleted); 204 whether or not it was recorded;
+//! - `POST /v1/retention` → runs a pass now and says what it deleted (409 when retention is off).
+//!
+//! All need the feed API's bearer token.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use super::http::{AppState, authorize, json_response, store_unavailable};
+use crate::event::Timestamp;
+use crate::store::{Consumer, Cut, Pruned, Store, StoreError};
+
+/// Seconds between two passes unless `--retention-interval-secs` says otherwise.
+pub const DEFAULT_INTERVAL_SECS: u64 = 600;
+/// Events deleted per transaction: each holds SQLite's write lock for tens of milliseconds.
+const STEP: usize = 5_000;
+/// The longest backfill window a consumer may record (the CRD's: 5 digits of days).
+const MAX_WINDOW_SECONDS: i64 = 99_999 * 86_400;
+
+/// How the engine deletes events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// Events younger than this stay, whatever the consumers have loaded.
+    pub min_age: Duration,
+    /// Time between two passes.
+    pub interval: Duration,
+}
+
+/// What a pass did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PassOutcome {
+    /// Events deleted.
+    pub deleted: u64,
+    /// The horizon after it.
+    pub pruned: Pruned,
+    /// The cut it deleted up to.
+    pub cut: Cut,
+    /// Whether it stopped before the cut (the engine is shutting down).
+    pub interrupted: bool,
+}
+
+/// One pass: the cut from the consumers recorded now, then steps of [`STEP`] events until
+/// nothing more is within it or `go_on` says stop.
+pub fn pass(
+    store: &mut dyn Store,
+    min_age: Duration,
+    now: Timestamp,
+    go_on: &dyn Fn() -> bool,
+) -> Result<PassOutcome, StoreError> {
+    let consumers = store.consumers()?;
+    let head = store.head_seq()?;
+    let min_age = i64::try_from(min_age.as_secs()).unwrap_or(i64::MAX);
+    let cut = crate::store::cut(&consumers, min_age, now, head);
+    let mut deleted = 0;
+    loop {
+        let step = store.prune_events(cut.through_seq, cut.received_before_us, STEP)?;
+        deleted += step.deleted;
+        if step.done || !go_on() {
+            return Ok(PassOutcome {
+                deleted,
+                pruned: step.pruned,
+                cut,
+                interrupted: !step.done,
+            });
+        }
+    }
+}
+
+/// Runs a pass every `retention.interval` until the engine stops.
+pub fn spawn(
+    state: Arc<AppState>,
+    retention: Retention,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(retention.interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            // Failures are logged by `run_pass`; the next tick tries again.
+            let _ = run_pass(&state, retention).await;
+        }
+    });
+}
+
+/// A pass on one of the feed API's store handles, logged and counted.
+async fn run_pass(state: &Arc<AppState>, retention: Retention) -> Result<PassOutcome, String> {
+    let shared = Arc::clone(state);
+    let outcome = state
+        .readers
+        .read(move |s| {
+            pass(s, retention.min_age, Timestamp::now(), &|| {
+                shared.ready.load(Ordering::Relaxed)
+            })
+        })
+        .await;
+    match outcome {
+        Ok(Ok(o)) => {
+            state.metrics.events_pruned.inc_by(o.deleted);
+            state
+                .metrics
+                .events_pruned_through
+                .set(o.pruned.through_seq);
+            if o.deleted > 0 {
+                tracing::info!(
+                    deleted = o.deleted,
+                    pruned_through = o.pruned.through_seq,
+                    held_by = o.cut.held_by.as_deref().unwrap_or("-"),
+                    "events past retention deleted"
+                );
+            }
+            Ok(o)
+        }
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "event retention pass failed");
+            Err(e.to_string())
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "event retention pass failed");
+            Err(e)
+        }
+    }
+}
+
+fn consumer_json(c: &Consumer) -> Value {
+    json!({
+        "name": c.name,
+        "afterSeq": c.after_seq,
+        "backfillWindowSeconds": c.window_seconds,
+        "updatedAt": c.updated_at.to_string(),
+    })
+}
+
+/// The horizon as the feed catalog and the consumers' list show it.
+pub fn pruned_json(p: &Pruned) -> Value {
+    json!({
+        "throughSeq": p.through_seq,
+        "maxReceivedAt": p.max_received_at_us
+            .and_then(|us| Timestamp::from_microsecond(us).ok())
+            .map(|t| t.to_string()),
+    })
+}
+
+fn cut_json(c: &Cut) -> Value {
+    json!({
+        "throughSeq": c.through_seq,
+        "receivedBefore": Timestamp::from_microsecond(c.received_before_us)
+            .ok()
+            .map(|t| t.to_string()),
+        "heldBy": c.held_by,
+        "windowSeconds": c.window_seconds,
+    })
+}
+
+fn bad_request(message: String) -> Response {
+    json_response(StatusCode::BAD_REQUEST, json!({"error": message}))
+}
+
+/// `GET /v1/feed-consumers`.
+pub async fn list(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Some(denied) = authorize(&state, &headers) {
+        return denied;
+    }
+    let retention = state.retention;
+    let read = state
+        .readers
+        .read(move |s| {
+            let consumers = s.consumers()?;
+            let pruned = s.pruned()?;
+            let cut = match retention {
+                Some(r) => {
+                    let min_age = i64::try_from(r.min_age.as_secs()).unwrap_or(i64::MAX);
+                    Some(crate::store::cut(
+                        &consumers,
+                        min_age,
+                        Timestamp::now(),
+                        s.head_seq()?,
+                    ))
+                }
+                None => None,
+            };
+            Ok((consumers, pruned, cut))
+        })
+        .await;
+    match read {
+        Ok(Ok((consumers, pruned, cut))) => json_response(
+            StatusCode::OK,
+            json!({
+                "consumers": consumers.iter().map(consumer_json).collect::<Vec<_>>(),
+                "retention": {
+                    "enabled": retention.is_some(),
+                    "minAgeSeconds": retention.map(|r| r.min_age.as_secs()),
+                    "pruned": pruned_json(&pruned),
+                    "cut": cut.as_ref().map(cut_json),
+                },
+            }),
+        ),
+        Ok(Err(e)) => store_unavailable(&e.to_string()),
+        Err(e) => store_unavailable(&e),
+    }
+}
+
+/// A consumer's name from the path: a Kubernetes namespace and object name (lower-case
+/// letters, digits, `-` and `.`), so that no two connections share one.
+fn consumer_name(namespace: &str, name: &str) -> Result<String, Response> {
+    for (what, v, max) in [("namespace", namespace, 63), ("name", name, 253)] {
+        let ok = !v.is_empty()
+            && v.len() <= max
+            && v.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+        if !ok {
+            return Err(bad_request(format!(
+                "{what} {v:?}: a Kubernetes {what} (lower-case letters, digits, '-' and '.', at most {max})"
+            )));
+        }
+    }
+    Ok(format!("{namespace}/{name}"))
+}
+
+/// The body of a consumer's record.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Progress {
+    /// Events after this `seq` are still needed.
+    after_seq: i64,
+    /// The connection's backfill window.
+    backfill_window_seconds: i64,
+}
+
+/// `PUT /v1/feed-consumers/{namespace}/{name}`.
+pub async fn record(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((namespace, name)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    if let Some(denied) = authorize(&state, &headers) {
+        return denied;
+    }
+    let name = match consumer_name(&namespace, &name) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    let p: Progress = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => {
+            return bad_request(format!(
+                "body: {e}; expected {{\"afterSeq\": N, \"backfillWindowSeconds\": W}}"
+            ));
+        }
+    };
+    if p.after_seq < 0 {
+        return bad_request(format!("afterSeq {}: a seq, 0 or more", p.after_seq));
+    }
+    if !(0..=MAX_WINDOW_SECONDS).contains(&p.backfill_window_seconds) {
+        return bad_request(format!(
+            "backfillWindowSeconds {}: 0 to {MAX_WINDOW_SECONDS}",
+            p.backfill_window_seconds
+        ));
+    }
+    let consumer = Consumer {
+        name,
+        after_seq: p.after_seq,
+        window_seconds: p.backfill_window_seconds,
+        updated_at: Timestamp::now(),
+    };
+    match state.readers.read(move |s| s.set_consumer(&consumer)).await {
+        Ok(Ok(())) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Err(e)) => store_unavailable(&e.to_string()),
+        Err(e) => store_unavailable(&e),
+    }
+}
+
+/// `DELETE /v1/feed-consumers/{namespace}/{name}`.
+pub async fn remove(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((namespace, name)): Path<(String, String)>,
+) -> Response {
+    if let Some(denied) = authorize(&state, &headers) {
+        return denied;
+    }
+    let name = match consumer_name(&namespace, &name) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    match state.readers.read(move |s| s.remove_consumer(&name)).await {
+        Ok(Ok(_)) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Err(e)) => store_unavailable(&e.to_string()),
+        Err(e) => store_unavailable(&e),
+    }
+}
+
+/// `POST /v1/retention`.
+pub async fn run_now(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Some(denied) = authorize(&state, &headers) {
+        return denied;
+    }
+    let Some(retention) = state.retention else {
+        return json_response(
+            StatusCode::CONFLICT,
+            json!({"error": "event retention is off: start the engine with --event-retention"}),
+        );
+    };
+    match run_pass(&state, retention).await {
+        Ok(o) => json_response(
+            StatusCode::OK,
+            json!({
+                "deleted": o.deleted,
+                "pruned": pruned_json(&o.pruned),
+                "cut": cut_json(&o.cut),
+                "interrupted": o.interrupted,
+            }),
+        ),
+        Err(e) => store_unavailable(&e),
+    }
+}
