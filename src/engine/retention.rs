@@ -220,16 +220,16 @@ pub async fn list(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Res
 
 /// A consumer's name from the path: a Kubernetes namespace and object name (lower-case
 /// letters, digits, `-` and `.`), so that no two connections share one.
-fn consumer_name(namespace: &str, name: &str) -> Result<String, Response> {
+fn consumer_name(namespace: &str, name: &str) -> Result<String, String> {
     for (what, v, max) in [("namespace", namespace, 63), ("name", name, 253)] {
         let ok = !v.is_empty()
             && v.len() <= max
             && v.bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
         if !ok {
-            return Err(bad_request(format!(
+            return Err(format!(
                 "{what} {v:?}: a Kubernetes {what} (lower-case letters, digits, '-' and '.', at most {max})"
-            )));
+            ));
         }
     }
     Ok(format!("{namespace}/{name}"))
@@ -257,7 +257,7 @@ pub async fn record(
     }
     let name = match consumer_name(&namespace, &name) {
         Ok(n) => n,
-        Err(r) => return r,
+        Err(why) => return bad_request(why),
     };
     let p: Progress = match serde_json::from_slice(&body) {
         Ok(p) => p,
@@ -300,7 +300,7 @@ pub async fn remove(
     }
     let name = match consumer_name(&namespace, &name) {
         Ok(n) => n,
-        Err(r) => return r,
+        Err(why) => return bad_request(why),
     };
     match state.readers.read(move |s| s.remove_consumer(&name)).await {
         Ok(Ok(_)) => StatusCode::NO_CONTENT.into_response(),
