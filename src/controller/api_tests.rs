@@ -79,9 +79,21 @@ pub(super) fn fixed_clock(t: &str) -> Clock {
 }
 
 pub(super) async fn fixture(dir: tempfile::TempDir, client: kube::Client, now: &str) -> Fixture {
+    fixture_with(dir, client, now, |_| {}).await
+}
+
+/// [`fixture`] with its [`settings`] changed by `adjust`.
+pub(super) async fn fixture_with(
+    dir: tempfile::TempDir,
+    client: kube::Client,
+    now: &str,
+    adjust: impl FnOnce(&mut Settings),
+) -> Fixture {
+    let mut settings = settings(dir.path());
+    adjust(&mut settings);
     let ctx = Context::new(
         client,
-        settings(dir.path()),
+        settings,
         fixed_clock(now),
         metrics::Metrics::new().unwrap(),
     );

@@ -12,6 +12,7 @@ use serde_json::json;
 
 use super::build;
 use super::events::Note;
+use super::feed_consumer;
 use super::plan::{self, Deletion};
 use super::status::{self, SelectionFacts};
 use super::{Context, Error, FINALIZER, conditions, observe};
@@ -386,8 +387,9 @@ pub(super) async fn mark_orphaned_selections(
     Ok(())
 }
 
-/// The deletion path: wait for a running sync (bounded), delete the Jobs and ConfigMaps, drop
-/// the finalizer. Warehouse data is never touched.
+/// The deletion path: wait for a running sync (bounded), delete the Jobs and ConfigMaps,
+/// release the connection's hold on the engine's events, drop the finalizer. Warehouse data is
+/// never touched.
 pub(super) async fn cleanup(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Error> {
     if !conn.finalizers().iter().any(|f| f == FINALIZER) {
         return Ok(Action::await_change());
@@ -427,6 +429,7 @@ pub(super) async fn cleanup(conn: &WarehouseConnection, ctx: &Context) -> Result
                 }
             }
             remove_token_secret_after_last(ctx, conn, &ns).await?;
+            release_retention_hold(ctx, conn, &ns).await;
             let others: Vec<&String> = conn
                 .finalizers()
                 .iter()
@@ -457,4 +460,31 @@ pub(super) async fn cleanup(conn: &WarehouseConnection, ctx: &Context) -> Result
             Ok(Action::await_change())
         }
     }
+}
+
+/// Removes the connection's feed consumer from the engine, so that its event retention no longer
+/// keeps what the connection had not loaded. Best effort: a failure (no token, no engine — as at
+/// uninstall —, an error answer) is logged and said in a Warning Event with the command that
+/// releases it by hand, and the deletion goes on.
+async fn release_retention_hold(ctx: &Context, conn: &WarehouseConnection, ns: &str) {
+    let name = conn.name_any();
+    let Err(e) = feed_consumer::release(ctx, ns, &name).await else {
+        tracing::info!("the engine's feed consumer of this connection is removed");
+        return;
+    };
+    let url = feed_consumer::consumer_url(&ctx.settings.job.engine_url, ns, &name)
+        .map(|u| u.to_string())
+        .unwrap_or_else(|_| {
+            format!(
+                "{}/v1/feed-consumers/{ns}/{name}",
+                ctx.settings.job.engine_url.trim_end_matches('/')
+            )
+        });
+    tracing::warn!(error = %e, %url, "the engine's feed consumer of this connection could not be removed; the deletion goes on");
+    publish(
+        ctx,
+        &conn.object_ref(&()),
+        &Note::RetentionHoldNotReleased(url, e.to_string()),
+    )
+    .await;
 }

@@ -32,6 +32,9 @@ pub enum Note {
     SelectiveSyncInvalid(String),
     /// A running or orphaned sync Job was adopted by this controller.
     JobAdopted(String),
+    /// A deleted connection's feed consumer could not be removed from the engine, whose event
+    /// retention still keeps what it had not loaded: the consumer's URL and why.
+    RetentionHoldNotReleased(String, String),
 }
 
 impl Note {
@@ -50,6 +53,7 @@ impl Note {
             Note::BackfillComplete => "BackfillComplete",
             Note::SelectiveSyncInvalid(_) => "SelectiveSyncInvalid",
             Note::JobAdopted(_) => "JobAdopted",
+            Note::RetentionHoldNotReleased(..) => "RetentionHoldNotReleased",
         }
     }
 
@@ -100,6 +104,21 @@ impl Note {
                 "AdoptJob",
                 format!("adopted sync Job {job}"),
             ),
+            Note::RetentionHoldNotReleased(url, why) => {
+                // The cause is cut so that the command to run by hand always fits the note.
+                let mut why = why.clone();
+                crate::sync::naming::truncate_at_char(&mut why, 400);
+                (
+                    EventType::Warning,
+                    "ReleaseRetentionHold",
+                    format!(
+                        "the engine still keeps the events this connection had not loaded \
+                         (its feed consumer could not be removed: {why}); the connection is deleted all the same. \
+                         Release them by hand: curl -X DELETE -H \"Authorization: Bearer $TOKEN\" \
+                         {url} ($TOKEN: the engine's feed API token)"
+                    ),
+                )
+            }
         };
         let mut note = note;
         crate::sync::naming::truncate_at_char(&mut note, 1000);
@@ -271,5 +290,31 @@ mod tests {
         };
         assert_ne!(action("SecretNotFound"), action("Unreachable"));
         assert_eq!(Note::BackfillComplete.event().secondary, None);
+    }
+
+    /// However long the cause, the note ends with the whole command that releases the hold.
+    #[test]
+    fn a_hold_not_released_says_how_to_release_it_by_hand() {
+        let url =
+            "http://profiles-sync-engine.profiles-sync.svc:8080/v1/feed-consumers/team-a/analytics";
+        for why in [
+            "the engine is unreachable: connection refused".to_string(),
+            "x".repeat(5000),
+        ] {
+            let e = Note::RetentionHoldNotReleased(url.into(), why.clone()).event();
+            assert_eq!(
+                (e.reason.as_str(), e.type_),
+                ("RetentionHoldNotReleased", EventType::Warning)
+            );
+            let note = e.note.unwrap_or_default();
+            assert!(note.len() <= 1000, "{note}");
+            assert!(
+                note.ends_with(&format!(
+                    "curl -X DELETE -H \"Authorization: Bearer $TOKEN\" {url} ($TOKEN: the engine's feed API token)"
+                )),
+                "{note}"
+            );
+            assert!(note.contains(&why[..40]), "{note}");
+        }
     }
 }

@@ -16,6 +16,7 @@ pub mod build;
 pub mod conditions;
 pub mod connection_test;
 pub mod events;
+pub mod feed_consumer;
 pub mod metrics;
 pub mod observe;
 pub mod plan;
@@ -435,5 +436,7 @@ pub async fn run(
 
 #[cfg(test)]
 mod api_lifecycle_tests;
+#[cfg(test)]
+mod api_retention_tests;
 #[cfg(test)]
 mod api_tests;
