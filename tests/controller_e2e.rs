@@ -2,11 +2,12 @@
 //! server (`tests/kmock/apiserver.py`), driven with `kubectl` the way users drive a cluster.
 //!
 //! Real parts: the controller binary, kubectl, the PostgreSQL test server as the warehouse, an
-//! engine (in this process, on a random port) serving the change feeds, and the sync binary
-//! itself. The test harness stands in for the kubelet and the Job controller, which kmock does
-//! not run: it executes each new Job's command on this machine with the Job's ConfigMap and
-//! Secrets written to directories at the mount paths' places, then writes a Pod with the
-//! termination message and the Job's completion back through the API (`support/kube.rs`).
+//! engine (in this process, on a random port) serving the change feeds and the feed consumers
+//! (whose records a deleted connection releases), and the sync binary itself. The test harness
+//! stands in for the kubelet and the Job controller, which kmock does not run: it executes each
+//! new Job's command on this machine with the Job's ConfigMap and Secrets written to directories
+//! at the mount paths' places, then writes a Pod with the termination message and the Job's
+//! completion back through the API (`support/kube.rs`).
 //!
 //! kmock's limits, and how this test stays clear of them: merge patches are naive (the
 //! controller's patches are plain merge patches carrying a resourceVersion); server-side apply
@@ -79,6 +80,24 @@ async fn send_events(base: &str) {
             .expect("ingest");
         assert!(r.status().is_success(), "{path}: {}", r.status());
     }
+}
+
+/// The names of the engine's feed consumers (`GET /v1/feed-consumers`).
+async fn feed_consumers(base: &str) -> Vec<String> {
+    let r = reqwest::Client::new()
+        .get(format!("{base}/v1/feed-consumers"))
+        .bearer_auth(FEED_TOKEN)
+        .send()
+        .await
+        .expect("list feed consumers");
+    assert_eq!(r.status(), 200, "GET /v1/feed-consumers");
+    let doc: serde_json::Value = r.json().await.expect("feed consumers JSON");
+    doc["consumers"]
+        .as_array()
+        .expect("consumers")
+        .iter()
+        .map(|c| c["name"].as_str().expect("a consumer's name").to_string())
+        .collect()
 }
 
 fn manifests(port: u16, database: &str) -> String {
@@ -484,9 +503,36 @@ async fn the_controller_binary_schedules_syncs_and_writes_status_over_http() {
     })
     .await;
 
-    // --- deletion: Jobs and ConfigMaps go, the finalizer goes, the warehouse data stays.
+    // --- deletion: Jobs and ConfigMaps go, the engine lets go of the events the connection had
+    // not loaded (its feed consumer, recorded here as a sync Job records it, is removed before
+    // the finalizer goes, so by the time `kubectl delete` returns), the finalizer goes, the
+    // warehouse data stays.
+    let recorded = reqwest::Client::new()
+        .put(format!(
+            "{}/v1/feed-consumers/default/analytics",
+            engine.base
+        ))
+        .bearer_auth(FEED_TOKEN)
+        .json(&json!({"afterSeq": 1, "backfillWindowSeconds": 0}))
+        .send()
+        .await
+        .expect("record the connection's feed consumer");
+    assert_eq!(recorded.status(), 204, "PUT /v1/feed-consumers");
+    assert_eq!(feed_consumers(&engine.base).await, ["default/analytics"]);
     let (ok, out, err) = k.try_run(&["delete", "whc", "analytics", "--timeout=60s"], None);
     assert!(ok, "{out}{err}\n{}", controller.log());
+    assert_eq!(
+        feed_consumers(&engine.base).await,
+        Vec::<String>::new(),
+        "the deleted connection's hold is released; controller log:\n{}",
+        controller.log()
+    );
+    let reasons = k.jsonpath(&["events"], "{.items[*].reason}");
+    assert!(!reasons.contains("RetentionHoldNotReleased"), "{reasons}");
+    assert!(
+        !controller.log().contains(FEED_TOKEN),
+        "the engine token leaked into the log"
+    );
     eventually("owned objects removed", WAIT, async || {
         let left = k.run(&[
             "get",
