@@ -6,6 +6,9 @@
 mod manifests;
 
 use std::collections::BTreeSet;
+use std::time::Duration;
+
+use clap::Parser;
 
 use k8s_openapi::api::core::v1::{Container, PodTemplateSpec};
 use manifests::helm::rendered;
@@ -13,6 +16,7 @@ use manifests::{
     IMAGE, Object, arg_value, args, chart_dir, container, find, kind_name, kinds, secret_string,
     workload,
 };
+use profiles_sync::cli::{Cli, Command};
 use profiles_sync::engine::sources::Sources;
 use profiles_sync::identity::Rules;
 use serde_json::Value;
@@ -127,6 +131,11 @@ fn the_defaults_install_the_documented_objects() {
             .any(|m| m.name == "store" && m.mount_path == "/var/lib/profiles-sync"),
         "the store's claim is mounted where --store points"
     );
+    // Event retention is off unless asked for: the store keeps every event.
+    for flag in ["--event-retention", "--retention-interval-secs"] {
+        assert_eq!(arg_value(e, flag), None, "{flag}");
+    }
+    assert_eq!(engine_retention(e), (None, 600));
     assert_token_file_is_mounted(
         e,
         &spec.template,
@@ -216,6 +225,22 @@ fn the_defaults_install_the_documented_objects() {
             notes.contains(needle),
             "NOTES.txt does not mention {needle:?}:\n{notes}"
         );
+    }
+}
+
+/// What the engine's own command line makes of container `c`'s arguments: its event retention
+/// and the seconds between two retention passes.
+fn engine_retention(c: &Container) -> (Option<Duration>, u64) {
+    let argv = std::iter::once("profiles-sync").chain(args(c));
+    match Cli::try_parse_from(argv) {
+        Ok(Cli {
+            command: Command::Engine(a),
+        }) => (a.event_retention, a.retention_interval_secs),
+        Ok(other) => panic!("not the engine: {other:?}"),
+        Err(e) => panic!(
+            "the engine refuses the chart's arguments {:?}: {e}",
+            args(c)
+        ),
     }
 }
 
@@ -590,9 +615,16 @@ fn every_value_reaches_the_objects_it_configures() {
         ("--max-connections", "500"),
         ("--header-timeout-secs", "10"),
         ("--body-timeout-secs", "20"),
+        ("--event-retention", "60d"),
+        ("--retention-interval-secs", "300"),
     ] {
         assert_eq!(arg_value(e, flag), Some(value), "{flag}");
     }
+    // The engine's own command line takes them as meant.
+    assert_eq!(
+        engine_retention(e),
+        (Some(Duration::from_secs(60 * 86400)), 300)
+    );
     let pod = engine.spec.as_ref().unwrap();
     assert_eq!(pod.priority_class_name.as_deref(), Some("high"));
     assert_eq!(
@@ -656,7 +688,7 @@ fn every_value_reaches_the_objects_it_configures() {
     assert_eq!(rules.limits["email"].max, 3);
     assert_eq!(
         rules.limits["email"].window,
-        Some(std::time::Duration::from_secs(30 * 86400))
+        Some(Duration::from_secs(30 * 86400))
     );
     assert_eq!(rules.max_traits, 200);
     assert_eq!(rules.max_traits_per_profile, 1500);

@@ -120,7 +120,7 @@ pub fn render_cases() -> Vec<(&'static str, Value, &'static str, &'static str)> 
                                   "caps": {"max_traits": 200, "max_traits_per_profile": 1500}},
                 "engine": {"queueCapacity": 128, "stallTimeoutSeconds": 90, "logLevel": "debug",
                     "feedReaders": 3, "maxConnections": 500, "headerTimeoutSeconds": 10,
-                    "bodyTimeoutSeconds": 20,
+                    "bodyTimeoutSeconds": 20, "eventRetention": "60d", "retentionIntervalSeconds": 300,
                     "service": {"type": "LoadBalancer", "port": 80, "annotations": {"a": "b"}},
                     "nodeSelector": {"pool": "data"},
                     "tolerations": [{"key": "pool", "operator": "Equal", "value": "data", "effect": "NoSchedule"}],
@@ -261,6 +261,22 @@ pub fn reject_cases() -> Vec<Reject> {
             "stall-timeout",
             json!({"engine": {"stallTimeoutSeconds": 100000}}),
             "/engine/stallTimeoutSeconds",
+        ),
+        reject(
+            "event-retention",
+            json!({"engine": {"eventRetention": "60 days"}}),
+            "/engine/eventRetention",
+        ),
+        // The engine's own limit: at most 5 digits.
+        reject(
+            "event-retention-digits",
+            json!({"engine": {"eventRetention": "100000d"}}),
+            "/engine/eventRetention",
+        ),
+        reject(
+            "retention-interval",
+            json!({"engine": {"eventRetention": "60d", "retentionIntervalSeconds": 0}}),
+            "/engine/retentionIntervalSeconds",
         ),
         reject(
             "pdb",

@@ -45,6 +45,10 @@ spec:
         - --header-timeout-secs={{ $e.headerTimeoutSeconds }}
         - --max-connections={{ $e.maxConnections }}
         - --feed-readers={{ $e.feedReaders }}
+        {{- with $e.eventRetention }}
+        - --event-retention={{ . }}
+        - --retention-interval-secs={{ $e.retentionIntervalSeconds }}
+        {{- end }}
         {{- if .Values.identityRules }}
         - --rules=/etc/profiles-sync/rules/rules.yaml
         {{- end }}
