@@ -4,7 +4,9 @@
 //! One reconcile is a pipeline (see `reconcile.rs`): *dereference* (`observe.rs`) → *validate*
 //! and *plan* (`plan.rs`, pure) → *build* (`build.rs`, pure) → *apply* → *update status*
 //! (`status.rs`, pure folding; written through the status subresource by `apply.rs`). Time comes from an
-//! injected clock so the pure steps are tested over simulated hours.
+//! injected clock so the pure steps are tested over simulated hours. A connection's deletion
+//! (its finalizer) also removes its feed consumer from the engine (`feed_consumer.rs`), so that
+//! the engine's event retention no longer keeps events for it.
 //!
 //! Watches: WarehouseConnections and SelectiveSyncs are watched as `DynamicObject`s and decoded
 //! per object, so one malformed object (an older CRD version, a hand-edited field) is reported
