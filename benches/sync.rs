@@ -108,6 +108,7 @@ fn sync_once(
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(10_000),
+            consumer: None,
             now: jiff::Timestamp::now(),
         },
     );
@@ -315,6 +316,14 @@ impl<S: FeedSource> FeedSource for Counting<S> {
     fn event_seq_since(&mut self, at: jiff::Timestamp) -> Result<Option<i64>, SourceError> {
         self.calls += 1;
         self.inner.event_seq_since(at)
+    }
+    fn pruned(&mut self) -> Result<profiles_sync::store::Pruned, SourceError> {
+        self.calls += 1;
+        self.inner.pruned()
+    }
+    fn record_progress(&mut self, c: &str, after: i64, window: i64) -> Result<(), SourceError> {
+        self.calls += 1;
+        self.inner.record_progress(c, after, window)
     }
 }
 

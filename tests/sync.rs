@@ -1740,6 +1740,17 @@ impl profiles_sync::sync::FeedSource for ScriptedFeed {
     ) -> Result<Option<i64>, profiles_sync::sync::SourceError> {
         self.inner.event_seq_since(at)
     }
+    fn pruned(&mut self) -> Result<profiles_sync::store::Pruned, profiles_sync::sync::SourceError> {
+        self.inner.pruned()
+    }
+    fn record_progress(
+        &mut self,
+        consumer: &str,
+        after: i64,
+        window: i64,
+    ) -> Result<(), profiles_sync::sync::SourceError> {
+        self.inner.record_progress(consumer, after, window)
+    }
 }
 
 /// The events feed failing on its third page (read ahead on the sync's second thread): the sync

@@ -306,6 +306,12 @@ impl FeedSource for Chaos {
     fn event_seq_since(&mut self, at: jiff::Timestamp) -> Result<Option<i64>, SourceError> {
         self.inner.event_seq_since(at)
     }
+    fn pruned(&mut self) -> Result<profiles_sync::store::Pruned, SourceError> {
+        self.inner.pruned()
+    }
+    fn record_progress(&mut self, c: &str, after: i64, window: i64) -> Result<(), SourceError> {
+        self.inner.record_progress(c, after, window)
+    }
 }
 
 fn chaos(kind: &str, seed: u64) {
@@ -481,6 +487,7 @@ fn flaky(kind: &str, seed: u64) {
             connection: &spec,
             selection: None,
             page_size: page,
+            consumer: None,
             now: jiff::Timestamp::now(),
         };
         profiles_sync::sync::run(&mut src, &mut w, &opts);
@@ -593,6 +600,7 @@ fn sqlite_a_refused_commit_fails_its_table_alone() {
         connection: &wh.spec,
         selection: None,
         page_size: 500,
+        consumer: None,
         now: jiff::Timestamp::now(),
     };
     let report = profiles_sync::sync::run(

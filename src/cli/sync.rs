@@ -36,6 +36,12 @@ pub struct SyncArgs {
     /// Rows read per feed request and loaded per transaction at most.
     #[arg(long, default_value_t = 10_000)]
     pub page_size: usize,
+    /// After the run, record the events this connection still needs under its
+    /// `namespace/name` (the engine's event retention keeps them); the controller's Jobs do.
+    /// A one-off local run should not: its record would hold events for a connection that
+    /// never comes back (or overwrite the real connection's of the same name).
+    #[arg(long, env = "PROFILES_SYNC_RECORD_PROGRESS")]
+    pub record_progress: bool,
 }
 
 /// The connection and selection found in the files.
@@ -271,6 +277,17 @@ pub fn run(args: SyncArgs) -> anyhow::Result<bool> {
         }) => {
             let spec = &m.connection.spec;
             let id = id(m.connection.metadata.name.as_deref());
+            let consumer = args.record_progress.then(|| {
+                format!(
+                    "{}/{}",
+                    m.connection
+                        .metadata
+                        .namespace
+                        .as_deref()
+                        .unwrap_or("default"),
+                    m.connection.metadata.name.as_deref().unwrap_or_default()
+                )
+            });
             match warehouse::connect(&spec.warehouse, &spec.schema, &credentials) {
                 Ok(mut wh) => {
                     let opts = SyncOptions {
@@ -278,6 +295,7 @@ pub fn run(args: SyncArgs) -> anyhow::Result<bool> {
                         connection: spec,
                         selection: m.selection.as_ref().map(|s| &s.spec),
                         page_size: args.page_size,
+                        consumer: consumer.as_deref(),
                         now: start,
                     };
                     crate::sync::run(&mut *source, &mut *wh, &opts)

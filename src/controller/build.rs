@@ -122,6 +122,8 @@ pub fn command(
         job_name.into(),
         "--termination-log".into(),
         TERMINATION_LOG.into(),
+        // The connection's progress keeps the events it has not loaded from retention.
+        "--record-progress".into(),
     ]);
     cmd
 }

@@ -119,7 +119,7 @@ fn the_job_is_owned_labelled_restricted_and_bounded() {
         cmd,
         "profiles-sync sync -f /etc/profiles-sync/connection.yaml -f /etc/profiles-sync/selection.yaml \
          --engine http://engine.profiles-sync.svc:8080 --engine-token-file /var/run/secrets/profiles-sync/engine/token \
-         --credentials-dir /var/run/secrets/profiles-sync/warehouse --id analytics-29013720 --termination-log /dev/termination-log"
+         --credentials-dir /var/run/secrets/profiles-sync/warehouse --id analytics-29013720 --termination-log /dev/termination-log --record-progress"
     );
     assert!(
         c.env.is_none(),

@@ -297,6 +297,9 @@ pub enum ErrorClass {
     Quota,
     /// A bug or an unexpected state in profiles-sync.
     Internal,
+    /// The engine's event retention deleted events before this connection loaded them (they
+    /// are missing from its event tables; the run goes on with the events after them).
+    Retention,
 }
 
 /// One sync in the connection's history.

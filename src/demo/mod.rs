@@ -106,6 +106,16 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<SyncReport> {
         &connection.spec.schema,
         &Credentials::default(),
     )?;
+    // The demo's connection records its progress as the cluster's Jobs do.
+    let consumer = format!(
+        "{}/{}",
+        connection
+            .metadata
+            .namespace
+            .as_deref()
+            .unwrap_or("default"),
+        connection.metadata.name.as_deref().unwrap_or_default()
+    );
     let report = crate::sync::run(
         &mut source,
         &mut *wh,
@@ -114,6 +124,7 @@ pub fn run(opts: &DemoOptions) -> anyhow::Result<SyncReport> {
             connection: &connection.spec,
             selection: selection.as_ref().map(|s| &s.spec),
             page_size: 10_000,
+            consumer: Some(&consumer),
             now: jiff::Timestamp::now(),
         },
     );

@@ -88,7 +88,10 @@ pub fn spawn(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     tokio::spawn(async move {
-        let mut ticks = tokio::time::interval(retention.interval);
+        // The first pass one interval after the start, not at once: a restarting engine has
+        // enough to do.
+        let first = tokio::time::Instant::now() + retention.interval;
+        let mut ticks = tokio::time::interval_at(first, retention.interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {

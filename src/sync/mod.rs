@@ -25,7 +25,7 @@ pub use source::{EngineSource, FeedSource, SourceError, StoreSource};
 
 use crate::crd::{ColumnFilter, ErrorClass, SelectiveSyncSpec, SyncError, WarehouseConnectionSpec};
 use crate::event::EventType;
-use crate::store::{Feed, FeedRow, SourceInfo};
+use crate::store::{Feed, FeedRow, Pruned, SourceInfo};
 use crate::warehouse::{Warehouse, WarehouseError};
 use load::{Chunk, ChunkResult, PendingRow, Schema};
 use pipeline::{ChunkWriter, Outcome, Pages, Written, read_pages};
@@ -59,6 +59,10 @@ pub struct SyncOptions<'a> {
     pub selection: Option<&'a SelectiveSyncSpec>,
     /// Rows read from a feed per request (and loaded per transaction at most).
     pub page_size: usize,
+    /// The connection as a feed consumer (`namespace/name`): after a run, the events it still
+    /// needs are recorded under this name, so that the engine's retention keeps them. `None`
+    /// records nothing (a dry run, a one-off sync).
+    pub consumer: Option<&'a str>,
     /// The time the run is judged at (backfill windows, `enabled_since`).
     pub now: Timestamp,
 }
@@ -109,7 +113,7 @@ pub fn run(
     };
     let mut run = Run::new(opts, start);
     match run.execute(source, wh) {
-        Ok(()) => {}
+        Ok(()) => run.record_progress(source),
         Err(e) => {
             let class = match &e {
                 RunError::Source(_) => ErrorClass::Connection,
@@ -214,6 +218,88 @@ impl<'a> Run<'a> {
         };
         self.states.insert(table.to_string(), st.clone());
         st
+    }
+
+    /// Records, for the engine's retention, the `seq` after which this connection still needs
+    /// events: the lowest cursor of its event tables that are on (a table turned on later
+    /// starts at the head) and of the watermark new tables start from. A failure is logged
+    /// only: the consumer's older record (or, without one, the retention window) still holds.
+    fn record_progress(&self, source: &mut dyn FeedSource) {
+        let Some(consumer) = self.opts.consumer else {
+            return;
+        };
+        let Some(after) = self.events_needed_after() else {
+            return;
+        };
+        let window = self
+            .opts
+            .connection
+            .backfill
+            .events_window()
+            .unwrap_or_default()
+            .as_secs();
+        let window = i64::try_from(window).unwrap_or(i64::MAX);
+        if let Err(e) = source.record_progress(consumer, after, window) {
+            tracing::warn!(error = %e, consumer, "could not record this connection's progress for the engine's event retention");
+        }
+    }
+
+    /// The `seq` after which the event tables still need events; `None` before the first
+    /// event load.
+    fn events_needed_after(&self) -> Option<i64> {
+        let watermark = self.states.get(EVENTS_WATERMARK)?.cursor;
+        Some(
+            self.states
+                .iter()
+                .filter(|(t, s)| s.enabled && is_event_table(t))
+                .map(|(_, s)| s.cursor)
+                .fold(watermark, i64::min),
+        )
+    }
+
+    /// Reports the events the store's retention deleted before this connection loaded them:
+    /// those after an event table's cursor up to the horizon or, on a first sync, those
+    /// received since the start of the backfill window.
+    fn note_retention_gap(&mut self, pruned: &Pruned, start: i64, first_window: Option<i64>) {
+        let message = if start < pruned.through_seq {
+            let behind: Vec<&str> = self
+                .states
+                .iter()
+                .filter(|(t, s)| s.enabled && is_event_table(t) && s.cursor < pruned.through_seq)
+                .map(|(t, _)| t.as_str())
+                .collect();
+            let shown: Vec<&str> = behind.iter().take(5).copied().collect();
+            let more = if behind.len() > shown.len() {
+                ", …"
+            } else {
+                ""
+            };
+            format!(
+                "the engine's event retention deleted events up to seq {} before this connection loaded them: {} event table(s) ({}{more}) were at seq {start} and miss the events between; keep the connection syncing, or lengthen the engine's --event-retention",
+                pruned.through_seq,
+                behind.len(),
+                shown.join(", ")
+            )
+        } else if let (Some(from), Some(newest)) = (first_window, pruned.max_received_at_us)
+            && newest >= from
+        {
+            let at = |us: i64| {
+                Timestamp::from_microsecond(us).map_or_else(|_| us.to_string(), |t| t.to_string())
+            };
+            format!(
+                "the backfill window starts at {}, but the engine's event retention had deleted events received up to {}: those received between are not loaded; lengthen the engine's --event-retention to at least the longest backfill window",
+                at(from),
+                at(newest)
+            )
+        } else {
+            return;
+        };
+        tracing::warn!("{message}");
+        self.report.errors.push(SyncError {
+            class: ErrorClass::Retention,
+            message,
+            table: None,
+        });
     }
 
     fn table_report(&mut self, table: &str) -> &mut TableReport {
@@ -628,6 +714,8 @@ impl<'a> Run<'a> {
                 self.table_report(t);
             }
         }
+        let pruned = source.pruned()?;
+        self.note_retention_gap(&pruned, start, default_min);
         if first_sync {
             // Each event table's starting point (the backfill window's, or the head for tables
             // over maxEventTables) is kept before any row loads: a first sync stopped part-way
@@ -777,13 +865,7 @@ impl<'a> Run<'a> {
         let tables: Vec<String> = self
             .states
             .keys()
-            .filter(|t| {
-                let event_table = matches!(
-                    tables::group(t),
-                    tables::TableGroup::EventTypes | tables::TableGroup::Events
-                );
-                event_table && *t != EVENTS_WATERMARK && *t != MATERIALIZED_CURSOR
-            })
+            .filter(|t| is_event_table(t))
             .cloned()
             .collect();
         for t in tables {
@@ -910,6 +992,16 @@ impl<'a> Run<'a> {
             .collect();
         self.report.tables = tables;
     }
+}
+
+/// Whether a state row is an event table's (not the events watermark's or the materialized
+/// cursor's).
+fn is_event_table(t: &str) -> bool {
+    matches!(
+        tables::group(t),
+        tables::TableGroup::EventTypes | tables::TableGroup::Events
+    ) && t != EVENTS_WATERMARK
+        && t != MATERIALIZED_CURSOR
 }
 
 /// The size of a row as sent to the warehouse, for `limits.maxBytes` (measured only when set:

@@ -110,7 +110,11 @@ impl SyncReport {
         rows.total = rows.identity_graph + rows.event_types + rows.events;
         self.rows = rows;
         // An error of no table (the feed or the connection lost mid-run) stopped the run.
-        let stopped = self.errors.iter().any(|e| e.table.is_none());
+        // (Events that retention deleted before they loaded stop nothing.)
+        let stopped = self
+            .errors
+            .iter()
+            .any(|e| e.table.is_none() && e.class != ErrorClass::Retention);
         self.errors
             .extend(self.tables.iter().filter_map(|t| t.error.clone()));
         let failed = self.tables.iter().filter(|t| t.error.is_some()).count();

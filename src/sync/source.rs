@@ -4,7 +4,7 @@
 use serde_json::Value;
 
 use crate::event::{FlatEvent, Timestamp};
-use crate::store::{EventFilter, Feed, FeedRow, FlatEventRow, SourceInfo, Store};
+use crate::store::{Consumer, EventFilter, Feed, FeedRow, FlatEventRow, Pruned, SourceInfo, Store};
 
 /// A change feed could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +51,17 @@ pub trait FeedSource: Send {
     fn sources(&mut self) -> Result<Vec<SourceInfo>, SourceError>;
     /// The lowest `seq` of an event received at or after `at`.
     fn event_seq_since(&mut self, at: Timestamp) -> Result<Option<i64>, SourceError>;
+    /// How far the store's retention has deleted events (nothing from an engine older than
+    /// retention).
+    fn pruned(&mut self) -> Result<Pruned, SourceError>;
+    /// Records that `consumer` (`namespace/name`) still needs the events after `after_seq`,
+    /// and its backfill window, so that retention keeps them.
+    fn record_progress(
+        &mut self,
+        consumer: &str,
+        after_seq: i64,
+        window_seconds: i64,
+    ) -> Result<(), SourceError>;
 }
 
 /// Reads straight from a store.
@@ -81,6 +92,26 @@ impl FeedSource for StoreSource {
     fn event_seq_since(&mut self, at: Timestamp) -> Result<Option<i64>, SourceError> {
         self.0
             .event_seq_since(at)
+            .map_err(|e| SourceError(e.to_string()))
+    }
+
+    fn pruned(&mut self) -> Result<Pruned, SourceError> {
+        self.0.pruned().map_err(|e| SourceError(e.to_string()))
+    }
+
+    fn record_progress(
+        &mut self,
+        consumer: &str,
+        after_seq: i64,
+        window_seconds: i64,
+    ) -> Result<(), SourceError> {
+        self.0
+            .set_consumer(&Consumer {
+                name: consumer.to_string(),
+                after_seq,
+                window_seconds,
+                updated_at: Timestamp::now(),
+            })
             .map_err(|e| SourceError(e.to_string()))
     }
 }
@@ -256,6 +287,43 @@ impl FeedSource for EngineSource {
 
     fn event_seq_since(&mut self, at: Timestamp) -> Result<Option<i64>, SourceError> {
         Ok(self.catalog(&format!("?since={at}"))?["seqSince"].as_i64())
+    }
+
+    fn pruned(&mut self) -> Result<Pruned, SourceError> {
+        let doc = self.catalog("")?;
+        let pruned = &doc["pruned"];
+        Ok(Pruned {
+            through_seq: pruned["throughSeq"].as_i64().unwrap_or(0),
+            max_received_at_us: pruned["maxReceivedAt"]
+                .as_str()
+                .and_then(|t| t.parse::<Timestamp>().ok())
+                .map(|t| t.as_microsecond()),
+        })
+    }
+
+    fn record_progress(
+        &mut self,
+        consumer: &str,
+        after_seq: i64,
+        window_seconds: i64,
+    ) -> Result<(), SourceError> {
+        let url = format!("{}/v1/feed-consumers/{consumer}", self.base);
+        let r = self
+            .http
+            .put(&url)
+            .bearer_auth(&self.token)
+            .json(&serde_json::json!({
+                "afterSeq": after_seq,
+                "backfillWindowSeconds": window_seconds,
+            }))
+            .send()
+            .map_err(|e| SourceError(format!("PUT {url}: {e}")))?;
+        let status = r.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let body = r.text().unwrap_or_default();
+        Err(SourceError(format!("PUT {url}: {status}: {body}")))
     }
 }
 

@@ -78,6 +78,8 @@ pub struct Options {
     pub feed_token: Option<&'static str>,
     /// The store; a fresh SQLite file when unset.
     pub store_url: Option<String>,
+    /// Event retention (off when unset).
+    pub retention: Option<profiles_sync::engine::retention::Retention>,
 }
 
 impl Default for Options {
@@ -94,6 +96,7 @@ impl Default for Options {
             ),
             feed_token: Some(FEED_TOKEN),
             store_url: None,
+            retention: None,
         }
     }
 }
@@ -110,6 +113,7 @@ impl Options {
             feed_readers: self.feed_readers,
             max_connections: self.max_connections,
             stall_timeout: self.stall_timeout,
+            retention: self.retention,
             ..EngineConfig::new(store, "127.0.0.1:0".parse().expect("addr"), sources())
         }
     }

@@ -112,12 +112,26 @@ impl TestWarehouse {
         page: usize,
         now: jiff::Timestamp,
     ) -> SyncReport {
+        self.sync_as(source, selection, spec, page, now, None)
+    }
+
+    /// [`TestWarehouse::sync_source_at`] recording its progress as the feed consumer `consumer`.
+    pub fn sync_as(
+        &self,
+        source: &mut dyn sync::FeedSource,
+        selection: Option<&SelectiveSyncSpec>,
+        spec: &WarehouseConnectionSpec,
+        page: usize,
+        now: jiff::Timestamp,
+        consumer: Option<&str>,
+    ) -> SyncReport {
         let mut wh = self.connect();
         let opts = SyncOptions {
             id: "test".into(),
             connection: spec,
             selection,
             page_size: page,
+            consumer,
             now,
         };
         sync::run(source, &mut *wh, &opts)

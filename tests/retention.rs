@@ -1,0 +1,450 @@
+//! Event retention (DESIGN §3) end to end: the sync records what its connection still needs,
+//! the engine deletes only what every consumer has loaded and no window reaches, and a sync
+//! that finds events gone before it loaded them says so. Real stores, real warehouses, an
+//! engine in-process over HTTP.
+
+mod support;
+
+use profiles_sync::crd::{ErrorClass, SyncStatus};
+use profiles_sync::engine::retention::{Retention, pass};
+use profiles_sync::identity::Rules;
+use profiles_sync::store::{self, Store};
+use profiles_sync::sync::{EngineSource, StoreSource};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use support::engine::FEED_TOKEN;
+use support::warehouse::{TestWarehouse, ingest, store};
+
+const CONSUMER: &str = "analytics/warehouse";
+
+/// `days` days before now, as text.
+fn days_ago(days: i64) -> String {
+    jiff::Timestamp::now()
+        .checked_sub(jiff::SignedDuration::from_hours(days * 24))
+        .unwrap()
+        .to_string()
+}
+
+/// Events received `days` ago (as `import` stores them), one per id.
+fn received(days: i64, ids: &[&str]) -> Vec<Value> {
+    ids.iter()
+        .map(|id| {
+            json!({"type": "track", "messageId": id, "anonymousId": "a1", "event": "Order Completed",
+                   "properties": {"total": 1}, "receivedAt": days_ago(days), "timestamp": days_ago(days)})
+        })
+        .collect()
+}
+
+fn open(url: &str) -> Box<dyn Store> {
+    store::open(url, Rules::default()).unwrap()
+}
+
+fn sync(wh: &TestWarehouse, url: &str, consumer: Option<&str>) -> profiles_sync::sync::SyncReport {
+    let mut source = StoreSource(open(url));
+    wh.sync_as(
+        &mut source,
+        None,
+        &wh.spec,
+        500,
+        jiff::Timestamp::now(),
+        consumer,
+    )
+}
+
+/// A retention pass keeping events a day, as the engine runs it, at `now`.
+fn prune_at(url: &str, now: jiff::Timestamp) -> profiles_sync::engine::retention::PassOutcome {
+    pass(
+        &mut *open(url),
+        std::time::Duration::from_secs(86_400),
+        now,
+        &|| true,
+    )
+    .unwrap()
+}
+
+/// [`prune_at`] 200 days from now: every event stored now is older than any window then.
+fn prune(url: &str) -> profiles_sync::engine::retention::PassOutcome {
+    let later = jiff::Timestamp::now()
+        .checked_add(jiff::SignedDuration::from_hours(200 * 24))
+        .unwrap();
+    prune_at(url, later)
+}
+
+macro_rules! both_warehouses {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite { $( #[test] fn $name() { super::$name("sqlite"); } )* }
+        mod postgres { $( #[test] fn $name() { super::$name("postgres"); } )* }
+    };
+}
+
+both_warehouses!(
+    a_sync_records_what_its_event_tables_still_need,
+    retention_keeps_what_a_consumer_has_not_loaded,
+    events_deleted_before_a_connection_loaded_them_are_reported,
+);
+
+/// After each run the connection's record is the lowest cursor of its event tables: under a
+/// row limit the events not loaded yet, after a full run the head; with its backfill window.
+/// A run without a consumer name records nothing.
+fn a_sync_records_what_its_event_tables_still_need(kind: &str) {
+    let (mut s, url, _d) = store();
+    ingest(&mut *s, &received(0, &["e1", "e2", "e3", "e4", "e5", "e6"]));
+    let wh = TestWarehouse::of(kind);
+    assert_eq!(sync(&wh, &url, None).status, SyncStatus::Success);
+    assert_eq!(s.consumers().unwrap(), []);
+
+    let wh = TestWarehouse::of(kind);
+    let mut limited = wh.spec.clone();
+    limited.limits = Some(serde_json::from_value(json!({"maxRows": 4})).unwrap());
+    let mut source = StoreSource(open(&url));
+    let r = wh.sync_as(
+        &mut source,
+        None,
+        &limited,
+        1,
+        jiff::Timestamp::now(),
+        Some(CONSUMER),
+    );
+    assert!(r.limit_reached, "{r:#?}");
+    let recorded = s.consumers().unwrap();
+    assert_eq!(recorded.len(), 1);
+    assert_eq!(recorded[0].name, CONSUMER);
+    assert_eq!(recorded[0].window_seconds, 60 * 86_400);
+    let head = s.head_seq().unwrap();
+    let cursor: i64 = wh.query(&format!(
+        "SELECT min(cursor_seq) FROM {} WHERE table_name IN ('tracks', 'order_completed')",
+        wh.table("_profiles_sync_state")
+    ))[0][0]
+        .as_deref()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(cursor < head, "the limit left events behind");
+    assert_eq!(recorded[0].after_seq, cursor);
+
+    assert_eq!(sync(&wh, &url, Some(CONSUMER)).status, SyncStatus::Success);
+    assert_eq!(s.consumers().unwrap()[0].after_seq, head);
+}
+
+/// Events older than the consumer's 60-day window that it has loaded go (the pass runs 200
+/// days later); those after its record stay, and its next sync
+/// loads them whole, with no report of a gap.
+fn retention_keeps_what_a_consumer_has_not_loaded(kind: &str) {
+    let (mut s, url, _d) = store();
+    ingest(&mut *s, &received(0, &["a1", "a2", "a3"]));
+    let wh = TestWarehouse::of(kind);
+    assert_eq!(sync(&wh, &url, Some(CONSUMER)).status, SyncStatus::Success);
+    ingest(&mut *s, &received(0, &["b1", "b2"]));
+    let outcome = prune(&url);
+    assert_eq!(outcome.deleted, 3, "{outcome:?}");
+    assert_eq!(outcome.cut.held_by.as_deref(), Some(CONSUMER));
+    assert_eq!(s.event_count().unwrap(), 2);
+    let r = sync(&wh, &url, Some(CONSUMER));
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    assert_eq!((wh.count("tracks"), wh.count("order_completed")), (5, 5));
+    // Loaded now: the next pass takes them.
+    assert_eq!(prune(&url).deleted, 2);
+    assert_eq!(s.event_count().unwrap(), 0);
+}
+
+/// A connection whose record was gone (deleted, or never recorded) finds the events it had
+/// not loaded deleted: its next sync reports it (class Retention, a partial success, the
+/// events after them loaded) and the one after is clean. A first sync whose backfill window
+/// reaches further back than what retention left says so too.
+fn events_deleted_before_a_connection_loaded_them_are_reported(kind: &str) {
+    let (mut s, url, _d) = store();
+    ingest(&mut *s, &received(0, &["a1", "a2"]));
+    let wh = TestWarehouse::of(kind);
+    assert_eq!(sync(&wh, &url, Some(CONSUMER)).status, SyncStatus::Success);
+    ingest(&mut *s, &received(0, &["b1", "b2"]));
+    assert!(s.remove_consumer(CONSUMER).unwrap());
+    assert_eq!(prune(&url).deleted, 4);
+    ingest(&mut *s, &received(0, &["c1"]));
+
+    let r = sync(&wh, &url, Some(CONSUMER));
+    assert_eq!(r.status, SyncStatus::PartialSuccess, "{r:#?}");
+    let gaps: Vec<_> = r
+        .errors
+        .iter()
+        .filter(|e| e.class == ErrorClass::Retention)
+        .collect();
+    assert_eq!(gaps.len(), 1, "{r:#?}");
+    assert!(
+        gaps[0].message.contains("deleted events up to seq")
+            && gaps[0].message.contains("order_completed"),
+        "{}",
+        gaps[0].message
+    );
+    assert_eq!((wh.count("tracks"), wh.count("order_completed")), (3, 3));
+    let r = sync(&wh, &url, Some(CONSUMER));
+    assert_eq!(
+        (r.status, r.errors.len()),
+        (SyncStatus::Success, 0),
+        "{r:#?}"
+    );
+
+    // A new connection whose window (120 days) reaches further back than the events the
+    // store kept (those older than the first connection's 60 days went).
+    let fresh = TestWarehouse::of(kind);
+    let mut spec = fresh.spec.clone();
+    spec.backfill.events = "120d".into();
+    let mut source = StoreSource(open(&url));
+    let r = fresh.sync_as(&mut source, None, &spec, 500, jiff::Timestamp::now(), None);
+    let gap = r
+        .errors
+        .iter()
+        .find(|e| e.class == ErrorClass::Retention)
+        .unwrap_or_else(|| panic!("{r:#?}"));
+    assert!(
+        gap.message.contains("backfill window starts at"),
+        "{}",
+        gap.message
+    );
+    assert_eq!(fresh.count("tracks"), 1);
+}
+
+/// A one-day window keeps nothing older than a day with no consumer recorded, and nothing
+/// younger whatever the consumers have loaded.
+#[test]
+fn young_events_stay_whatever_the_consumers_loaded() {
+    let (mut s, url, _d) = store();
+    ingest(&mut *s, &received(3, &["old"]));
+    ingest(&mut *s, &received(0, &["young"]));
+    let head = s.head_seq().unwrap();
+    s.set_consumer(&store::Consumer {
+        name: CONSUMER.into(),
+        after_seq: head,
+        window_seconds: 3600,
+        updated_at: jiff::Timestamp::now(),
+    })
+    .unwrap();
+    let outcome = prune_at(&url, jiff::Timestamp::now());
+    assert_eq!(outcome.deleted, 1);
+    assert_eq!(
+        outcome.cut.window_seconds, 86_400,
+        "the longer of the two windows"
+    );
+    assert_eq!(s.event_count().unwrap(), 1);
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+async fn call(method: reqwest::Method, url: String, body: Option<Value>) -> (StatusCode, Value) {
+    let mut req = client().request(method, url).bearer_auth(FEED_TOKEN);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status();
+    let text = r.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// The consumers' API: recorded, listed, removed; every refusal names what is wrong and
+/// changes nothing; the token is required; a pass asked for with retention off is refused.
+#[tokio::test]
+async fn the_feed_consumers_api_records_lists_removes_and_refuses_bad_input() {
+    let engine = support::engine::start(8).await;
+    let base = &engine.base;
+    let consumers = format!("{base}/v1/feed-consumers");
+    let put = |path: &str, body: Value| {
+        call(
+            reqwest::Method::PUT,
+            format!("{consumers}/{path}"),
+            Some(body),
+        )
+    };
+    for (path, body, names) in [
+        (
+            "Team_A/wh",
+            json!({"afterSeq": 1, "backfillWindowSeconds": 60}),
+            "namespace",
+        ),
+        (
+            "team-a/WH",
+            json!({"afterSeq": 1, "backfillWindowSeconds": 60}),
+            "name",
+        ),
+        (
+            "team-a/wh",
+            json!({"afterSeq": -1, "backfillWindowSeconds": 60}),
+            "afterSeq",
+        ),
+        (
+            "team-a/wh",
+            json!({"afterSeq": 1, "backfillWindowSeconds": -5}),
+            "backfillWindowSeconds",
+        ),
+        ("team-a/wh", json!({"afterSeq": 1}), "backfillWindowSeconds"),
+        (
+            "team-a/wh",
+            json!({"afterSeq": 1, "backfillWindowSeconds": 60, "extra": 1}),
+            "extra",
+        ),
+        (
+            "team-a/wh",
+            json!({"afterSeq": "1", "backfillWindowSeconds": 60}),
+            "body",
+        ),
+    ] {
+        let (status, err) = put(path, body.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path} {body}");
+        assert!(
+            err["error"].as_str().unwrap().contains(names),
+            "{path} {body}: {err}"
+        );
+    }
+    let (status, list) = call(reqwest::Method::GET, consumers.clone(), None).await;
+    assert_eq!(
+        (status, list["consumers"].clone()),
+        (StatusCode::OK, json!([]))
+    );
+
+    let (status, _) = put(
+        "team-a/wh",
+        json!({"afterSeq": 7, "backfillWindowSeconds": 3600}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (_, list) = call(reqwest::Method::GET, consumers.clone(), None).await;
+    assert_eq!(list["consumers"][0]["name"], "team-a/wh");
+    assert_eq!(list["consumers"][0]["afterSeq"], 7);
+    assert_eq!(list["consumers"][0]["backfillWindowSeconds"], 3600);
+    assert_eq!(list["retention"]["enabled"], false);
+    assert_eq!(list["retention"]["cut"], Value::Null);
+
+    // Without the token: refused, nothing changes.
+    let r = client()
+        .delete(format!("{consumers}/team-a/wh"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = client().get(consumers.clone()).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let (_, list) = call(reqwest::Method::GET, consumers.clone(), None).await;
+    assert_eq!(list["consumers"].as_array().unwrap().len(), 1);
+
+    for _ in 0..2 {
+        let (status, _) = call(
+            reqwest::Method::DELETE,
+            format!("{consumers}/team-a/wh"),
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+    }
+    let (_, list) = call(reqwest::Method::GET, consumers.clone(), None).await;
+    assert_eq!(list["consumers"], json!([]));
+    let (status, err) = call(reqwest::Method::POST, format!("{base}/v1/retention"), None).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(err["error"].as_str().unwrap().contains("--event-retention"));
+    engine.engine.stop().await.unwrap();
+}
+
+/// An engine with retention: a sync through its feed API records the connection; a pass
+/// deletes the events it loaded (not the ones after), the catalog shows the horizon, the
+/// metrics count them; the connection's next sync loads the rest.
+#[tokio::test]
+async fn an_engine_deletes_what_its_consumers_loaded_and_keeps_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("store.db").display());
+    ingest(&mut *open(&url), &received(90, &["a1", "a2", "a3"]));
+    let engine = support::engine::start_options(support::engine::Options {
+        store_url: Some(url.clone()),
+        retention: Some(Retention {
+            min_age: std::time::Duration::from_secs(86_400),
+            interval: std::time::Duration::from_secs(86_400),
+        }),
+        ..Default::default()
+    })
+    .await;
+    let base = engine.base.clone();
+    // A 30-day window: the first sync loads none of the 90-day-old events, and the pass may
+    // delete them (older than every window, loaded as far as the connection goes).
+    let mut wh = TestWarehouse::sqlite();
+    wh.spec.backfill.events = "30d".into();
+    let spec = wh.spec.clone();
+    let (wh, r) = tokio::task::spawn_blocking(move || {
+        let mut source = EngineSource::new(&base, FEED_TOKEN.into()).unwrap();
+        let r = wh.sync_as(
+            &mut source,
+            None,
+            &spec,
+            500,
+            jiff::Timestamp::now(),
+            Some(CONSUMER),
+        );
+        (wh, r)
+    })
+    .await
+    .unwrap();
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    ingest(&mut *open(&url), &received(90, &["b1"]));
+
+    let (status, list) = call(
+        reqwest::Method::GET,
+        format!("{}/v1/feed-consumers", engine.base),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(list["consumers"][0]["name"], CONSUMER);
+    assert_eq!(list["retention"]["cut"]["heldBy"], CONSUMER);
+
+    let (status, done) = call(
+        reqwest::Method::POST,
+        format!("{}/v1/retention", engine.base),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{done}");
+    assert_eq!(done["deleted"], 3, "{done}");
+    let (_, catalog) = call(
+        reqwest::Method::GET,
+        format!("{}/v1/feeds", engine.base),
+        None,
+    )
+    .await;
+    assert_eq!(catalog["pruned"], done["pruned"]);
+    assert!(catalog["pruned"]["throughSeq"].as_i64().unwrap() > 0);
+    let metrics = client()
+        .get(format!("{}/metrics", engine.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("profiles_sync_engine_events_pruned_total 3"),
+        "{metrics}"
+    );
+
+    let base = engine.base.clone();
+    let r = tokio::task::spawn_blocking(move || {
+        let mut source = EngineSource::new(&base, FEED_TOKEN.into()).unwrap();
+        let spec = wh.spec.clone();
+        let r = wh.sync_as(
+            &mut source,
+            None,
+            &spec,
+            500,
+            jiff::Timestamp::now(),
+            Some(CONSUMER),
+        );
+        (r, wh.count("order_completed"))
+    })
+    .await
+    .unwrap();
+    // b1, imported after the first sync, loads whatever its receivedAt.
+    assert_eq!(
+        (r.0.status, r.0.errors.len(), r.1),
+        (SyncStatus::Success, 0, 1),
+        "{:#?}",
+        r.0
+    );
+    engine.engine.stop().await.unwrap();
+}
