@@ -54,20 +54,21 @@ pub struct PassOutcome {
     pub interrupted: bool,
 }
 
-/// One pass: the cut from the consumers recorded now, then steps of [`STEP`] events until
-/// nothing more is within it or `go_on` says stop.
+/// One pass: steps of [`STEP`] events until nothing more is within the cut or `go_on` says
+/// stop. Each step takes the cut from the consumers recorded then (the head as of the pass's
+/// start bounds it), so that a sync that records a lower `seq` while a long pass runs (its
+/// warehouse restored from a backup) holds back every step after its record.
 pub fn pass(
     store: &mut dyn Store,
     min_age: Duration,
     now: Timestamp,
     go_on: &dyn Fn() -> bool,
 ) -> Result<PassOutcome, StoreError> {
-    let consumers = store.consumers()?;
     let head = store.head_seq()?;
     let min_age = i64::try_from(min_age.as_secs()).unwrap_or(i64::MAX);
-    let cut = crate::store::cut(&consumers, min_age, now, head);
     let mut deleted = 0;
     loop {
+        let cut = crate::store::cut(&store.consumers()?, min_age, now, head);
         let step = store.prune_events(cut.through_seq, cut.received_before_us, STEP)?;
         deleted += step.deleted;
         if step.done || !go_on() {

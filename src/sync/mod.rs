@@ -113,7 +113,11 @@ pub fn run(
     };
     let mut run = Run::new(opts, start);
     match run.execute(source, wh) {
-        Ok(()) => run.record_progress(source),
+        Ok(()) => {
+            if let Some(after) = run.events_needed_after() {
+                run.record_progress(source, after);
+            }
+        }
         Err(e) => {
             let class = match &e {
                 RunError::Source(_) => ErrorClass::Connection,
@@ -220,15 +224,13 @@ impl<'a> Run<'a> {
         st
     }
 
-    /// Records, for the engine's retention, the `seq` after which this connection still needs
-    /// events: the lowest cursor of its event tables that are on (a table turned on later
-    /// starts at the head) and of the watermark new tables start from. A failure is logged
-    /// only: the consumer's older record (or, without one, the retention window) still holds.
-    fn record_progress(&self, source: &mut dyn FeedSource) {
+    /// Records, for the engine's retention, that this connection still needs the events after
+    /// `after`: at the start of its event load (a warehouse restored from a backup may be
+    /// behind its last record), then after the run ([`Run::events_needed_after`]). A failure is
+    /// logged only: the consumer's older record (or, without one, the retention window) still
+    /// holds.
+    fn record_progress(&self, source: &mut dyn FeedSource, after: i64) {
         let Some(consumer) = self.opts.consumer else {
-            return;
-        };
-        let Some(after) = self.events_needed_after() else {
             return;
         };
         let window = self
@@ -244,8 +246,9 @@ impl<'a> Run<'a> {
         }
     }
 
-    /// The `seq` after which the event tables still need events; `None` before the first
-    /// event load.
+    /// The `seq` after which the event tables still need events: the lowest cursor of those
+    /// that are on (a table turned on later starts at the head) and of the watermark new
+    /// tables start from; `None` before the first event load.
     fn events_needed_after(&self) -> Option<i64> {
         let watermark = self.states.get(EVENTS_WATERMARK)?.cursor;
         Some(
@@ -714,6 +717,9 @@ impl<'a> Run<'a> {
                 self.table_report(t);
             }
         }
+        // Recorded before the horizon is read: a retention pass that starts after the record
+        // keeps everything this run reads.
+        self.record_progress(source, start);
         let pruned = source.pruned()?;
         self.note_retention_gap(&pruned, start, default_min);
         if first_sync {
