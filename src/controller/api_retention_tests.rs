@@ -1,52 +1,79 @@
 //! A deleted connection releases its hold on the engine's events (its feed consumer), against
-//! the in-memory API (see `api_tests.rs` for the fixture) and a one-request stand-in for the
-//! engine: the request it makes, and a deletion that goes on, with a Warning Event saying how to
-//! release the hold by hand, whenever the engine can't be told.
+//! the in-memory API (see `api_tests.rs` for the fixture) and a real engine in-process: the
+//! record is gone, and the deletion goes on, with a Warning Event saying how to release the
+//! hold by hand, whenever the engine can't be told.
 
 use k8s_openapi::api::events::v1::Event as K8sEvent;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::api_tests::{Fixture, NS, builder, connection, fixture_with};
 use super::*;
+use crate::store::Store;
 
 /// The token of the fixture's token file.
 const TOKEN: &str = "feed-token";
 /// The engine's answer to a wrong token.
 const UNAUTHORIZED: &str = r#"{"error":"missing or wrong bearer token"}"#;
 
-/// An engine that answers one request with `status` (and, for an error, [`UNAUTHORIZED`]'s
-/// body); the task returns the request's head (request line and headers).
-async fn one_answer_engine(status: u16) -> (String, tokio::task::JoinHandle<String>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let served = tokio::spawn(async move {
-        let (mut socket, _) = listener.accept().await.unwrap();
-        let mut head = Vec::new();
-        let mut buf = [0u8; 1024];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = socket.read(&mut buf).await.unwrap();
-            assert!(n > 0, "the request ended before its headers");
-            head.extend_from_slice(&buf[..n]);
-        }
-        let body = if status >= 400 { UNAUTHORIZED } else { "" };
-        let answer = format!(
-            "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        socket.write_all(answer.as_bytes()).await.unwrap();
-        String::from_utf8_lossy(&head).into_owned()
-    });
-    (url, served)
+/// A real engine on a fresh SQLite store, its feed API taking `token`, with the connection
+/// `analytics` recorded as a feed consumer; its URL and store URL.
+struct Engine {
+    running: crate::engine::RunningEngine,
+    url: String,
+    store_url: String,
+    _dir: tempfile::TempDir,
 }
 
-/// The head of the request the engine of [`one_answer_engine`] was sent (the reconcile that
-/// sends it has returned; the bound only keeps a missing request from hanging the test).
-async fn request_head(served: tokio::task::JoinHandle<String>) -> String {
-    tokio::time::timeout(Duration::from_secs(10), served)
-        .await
-        .expect("the engine was sent no request")
-        .unwrap()
+impl Engine {
+    async fn start(token: &str) -> Engine {
+        let dir = tempfile::tempdir().unwrap();
+        let store_url = format!("sqlite://{}", dir.path().join("store.db").display());
+        let sources = crate::engine::sources::Sources::from_yaml(
+            "sources:\n  - {id: src, name: Site, slug: site, writeKey: wk_test}\n",
+        )
+        .unwrap();
+        let config = crate::engine::EngineConfig {
+            feed_token: Some(token.into()),
+            ..crate::engine::EngineConfig::new(
+                store_url.clone(),
+                "127.0.0.1:0".parse().unwrap(),
+                sources,
+            )
+        };
+        let running = crate::engine::start(config).await.unwrap();
+        running.loaded().await;
+        let url = format!("http://{}", running.addr);
+        let engine = Engine {
+            running,
+            url,
+            store_url,
+            _dir: dir,
+        };
+        engine
+            .store()
+            .set_consumer(&crate::store::Consumer {
+                name: format!("{NS}/analytics"),
+                after_seq: 0,
+                window_seconds: 60,
+                updated_at: jiff::Timestamp::now(),
+            })
+            .unwrap();
+        engine
+    }
+
+    fn store(&self) -> Box<dyn Store> {
+        crate::store::open(&self.store_url, crate::identity::Rules::default()).unwrap()
+    }
+
+    /// The names of the consumers the engine's store records.
+    fn consumers(&self) -> Vec<String> {
+        self.store()
+            .consumers()
+            .unwrap()
+            .into_iter()
+            .map(|c| c.name)
+            .collect()
+    }
 }
 
 /// A fixture with connection `analytics` being deleted, the engine at `engine_url`.
@@ -89,30 +116,27 @@ async fn hold_warnings(f: &Fixture) -> Vec<(String, String, String)> {
 
 #[tokio::test]
 async fn deletion_removes_the_connections_feed_consumer_from_the_engine() {
-    let (engine, served) = one_answer_engine(204).await;
-    let f = deleting(&engine).await;
+    let engine = Engine::start(TOKEN).await;
+    assert_eq!(engine.consumers(), [format!("{NS}/analytics")]);
+    let f = deleting(&engine.url).await;
     f.reconcile("analytics").await.unwrap();
-    let head = request_head(served).await;
-    let mut lines = head.lines();
     assert_eq!(
-        lines.next(),
-        Some(format!("DELETE /v1/feed-consumers/{NS}/analytics HTTP/1.1").as_str()),
-        "{head}"
-    );
-    assert!(
-        lines.any(|l| l.eq_ignore_ascii_case(&format!("authorization: Bearer {TOKEN}"))),
-        "the feed API token: {head}"
+        engine.consumers(),
+        Vec::<String>::new(),
+        "the record is gone"
     );
     assert!(deleted(&f).await, "finalizer removed");
     assert_eq!(hold_warnings(&f).await, vec![], "nothing to warn about");
+    engine.running.stop().await.unwrap();
 }
 
-/// Whatever keeps the engine from being told — no engine (as at uninstall), an error answer, no
-/// token — the connection goes all the same, and a Warning on it says why and how to release
-/// the hold by hand; the token is in none of it.
+/// Whatever keeps the engine from being told — no engine (as at uninstall), an error answer (an
+/// engine with another token), no token — the connection goes all the same, and a Warning on it
+/// says why and how to release the hold by hand; the token is in none of it.
 #[tokio::test]
 async fn a_hold_the_engine_was_not_told_to_release_is_warned_about_and_the_deletion_goes_on() {
-    let (refusing, served) = one_answer_engine(401).await;
+    let refusing = Engine::start("another-token").await;
+    let refused = format!("the engine answered 401 Unauthorized: {UNAUTHORIZED}");
     let cases: [(&str, &str, bool, &str); 3] = [
         (
             "unreachable",
@@ -120,12 +144,7 @@ async fn a_hold_the_engine_was_not_told_to_release_is_warned_about_and_the_delet
             false,
             "the engine is unreachable",
         ),
-        (
-            "refused",
-            &refusing,
-            false,
-            "the engine answered 401 Unauthorized: {\"error\":\"missing or wrong bearer token\"}",
-        ),
+        ("refused", &refusing.url, false, &refused),
         ("no token", "http://127.0.0.1:1", true, "engine token file"),
     ];
     for (case, engine, remove_token, why) in cases {
@@ -154,5 +173,10 @@ async fn a_hold_the_engine_was_not_told_to_release_is_warned_about_and_the_delet
         );
         assert!(!note.contains(TOKEN), "{case}: the token leaked: {note}");
     }
-    assert!(request_head(served).await.starts_with("DELETE "));
+    assert_eq!(
+        refusing.consumers(),
+        [format!("{NS}/analytics")],
+        "a refused request changed nothing"
+    );
+    refusing.running.stop().await.unwrap();
 }
