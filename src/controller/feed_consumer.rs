@@ -2,18 +2,20 @@
 //! Sync Jobs record how far their connection has loaded; with event retention on, the engine
 //! keeps every event a recorded consumer has not loaded. A deleted connection would hold them
 //! back for ever, so its cleanup removes the record — best effort: the engine may be gone (an
-//! uninstall), and a deletion never waits on it.
+//! uninstall), and a deletion never waits on it. A record that outlives its connection all the
+//! same is removed later by `stale_consumers.rs`, which lists them here.
 
-use reqwest::Url;
+use jiff::Timestamp;
+use reqwest::{Method, Url};
 
 use super::Context;
 
 /// The longest engine answer quoted in an error (it becomes part of an Event's note).
 const MAX_QUOTED_BODY: usize = 200;
 
-/// Why a connection's feed-consumer record could not be removed. No variant carries the token.
+/// Why a call to the engine's feed-consumer API failed. No variant carries the token.
 #[derive(Debug, thiserror::Error)]
-pub enum ReleaseError {
+pub enum ConsumerApiError {
     /// The controller's engine token could not be read.
     #[error("{0}")]
     Token(String),
@@ -31,38 +33,111 @@ pub enum ReleaseError {
         /// The start of the answer's body, when it had one.
         body: Option<String>,
     },
+    /// The engine's answer could not be read as a list of consumers.
+    #[error("the engine's list of feed consumers could not be read: {0}")]
+    Malformed(String),
+}
+
+/// A feed consumer as the engine lists it (`GET /v1/feed-consumers`), with what the
+/// controller reads of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordedConsumer {
+    /// `namespace/name` of the connection it was recorded for.
+    pub name: String,
+    /// When it last recorded its progress; `None` when the engine's `updatedAt` is not a
+    /// timestamp.
+    pub updated_at: Option<Timestamp>,
+}
+
+/// The part of `GET /v1/feed-consumers` the controller reads.
+#[derive(serde::Deserialize)]
+struct ConsumerList {
+    consumers: Vec<ListedConsumer>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ListedConsumer {
+    name: String,
+    #[serde(default)]
+    updated_at: Option<String>,
 }
 
 /// The URL of the feed consumer of connection `namespace`/`name` on the engine at
 /// `engine_url` (a base path in `engine_url` is kept; the names are percent-encoded as path
 /// segments).
-pub fn consumer_url(engine_url: &str, namespace: &str, name: &str) -> Result<Url, ReleaseError> {
-    let invalid = || ReleaseError::Url(engine_url.to_string());
+pub fn consumer_url(
+    engine_url: &str,
+    namespace: &str,
+    name: &str,
+) -> Result<Url, ConsumerApiError> {
+    api_url(engine_url, &["v1", "feed-consumers", namespace, name])
+}
+
+/// `engine_url` with `segments` appended to its path.
+fn api_url(engine_url: &str, segments: &[&str]) -> Result<Url, ConsumerApiError> {
+    let invalid = || ConsumerApiError::Url(engine_url.to_string());
     let mut url = Url::parse(engine_url).map_err(|_| invalid())?;
     url.path_segments_mut()
         .map_err(|()| invalid())?
         .pop_if_empty()
-        .extend(["v1", "feed-consumers", namespace, name]);
+        .extend(segments);
     Ok(url)
 }
 
 /// Removes the feed consumer of connection `namespace`/`name` from the engine
 /// (`DELETE /v1/feed-consumers/{namespace}/{name}` with the feed API token; the engine answers
 /// 204 whether or not it held one).
-pub async fn release(ctx: &Context, namespace: &str, name: &str) -> Result<(), ReleaseError> {
-    let token = super::read_token(&ctx.settings.engine_token_file)
-        .map_err(|e| ReleaseError::Token(e.to_string()))?;
+pub async fn release(ctx: &Context, namespace: &str, name: &str) -> Result<(), ConsumerApiError> {
     let url = consumer_url(&ctx.settings.job.engine_url, namespace, name)?;
+    call(ctx, Method::DELETE, url).await.map(drop)
+}
+
+/// Every feed consumer the engine records (`GET /v1/feed-consumers` with the feed API token).
+pub async fn list(ctx: &Context) -> Result<Vec<RecordedConsumer>, ConsumerApiError> {
+    let url = api_url(&ctx.settings.job.engine_url, &["v1", "feed-consumers"])?;
+    let body = call(ctx, Method::GET, url)
+        .await?
+        .bytes()
+        .await
+        .map_err(|e| ConsumerApiError::Unreachable(causes(&e)))?;
+    decode_list(&body)
+}
+
+/// The consumers of a `GET /v1/feed-consumers` answer (a malformed `updatedAt` makes that one
+/// consumer's time unknown, not the whole list unreadable).
+fn decode_list(body: &[u8]) -> Result<Vec<RecordedConsumer>, ConsumerApiError> {
+    let list: ConsumerList =
+        serde_json::from_slice(body).map_err(|e| ConsumerApiError::Malformed(e.to_string()))?;
+    Ok(list
+        .consumers
+        .into_iter()
+        .map(|c| RecordedConsumer {
+            updated_at: c.updated_at.and_then(|t| t.parse().ok()),
+            name: c.name,
+        })
+        .collect())
+}
+
+/// Sends `method` to `url` with the feed API token (read anew each time, so that a rotated
+/// token is picked up); the answer when its status is a success.
+async fn call(
+    ctx: &Context,
+    method: Method,
+    url: Url,
+) -> Result<reqwest::Response, ConsumerApiError> {
+    let token = super::read_token(&ctx.settings.engine_token_file)
+        .map_err(|e| ConsumerApiError::Token(e.to_string()))?;
     let response = ctx
         .http
-        .delete(url)
+        .request(method, url)
         .bearer_auth(token)
         .send()
         .await
-        .map_err(|e| ReleaseError::Unreachable(causes(&e)))?;
+        .map_err(|e| ConsumerApiError::Unreachable(causes(&e)))?;
     let status = response.status();
     if status.is_success() {
-        return Ok(());
+        return Ok(response);
     }
     let body = response
         .text()
@@ -74,7 +149,7 @@ pub async fn release(ctx: &Context, namespace: &str, name: &str) -> Result<(), R
             crate::sync::naming::truncate_at_char(&mut b, MAX_QUOTED_BODY);
             b
         });
-    Err(ReleaseError::Refused { status, body })
+    Err(ConsumerApiError::Refused { status, body })
 }
 
 /// An error and its causes on one line (reqwest's own message leaves out why a connection
@@ -122,7 +197,7 @@ mod tests {
             assert!(
                 matches!(
                     consumer_url(bad, "ns", "n"),
-                    Err(ReleaseError::Url(u)) if u == bad
+                    Err(ConsumerApiError::Url(u)) if u == bad
                 ),
                 "{bad}"
             );
@@ -130,9 +205,38 @@ mod tests {
     }
 
     #[test]
+    fn the_consumers_list_is_read_from_the_engines_answer() {
+        let body = br#"{"consumers":[
+            {"name":"team-a/analytics","afterSeq":7,"backfillWindowSeconds":60,"updatedAt":"2025-03-01T10:00:00Z"},
+            {"name":"team-a/odd","afterSeq":0,"backfillWindowSeconds":0,"updatedAt":"yesterday"},
+            {"name":"team-b/old","afterSeq":0,"backfillWindowSeconds":0}
+        ],"retention":{"enabled":false}}"#;
+        let listed = decode_list(body).map_err(|e| e.to_string());
+        let want = |name: &str, at: Option<&str>| RecordedConsumer {
+            name: name.into(),
+            updated_at: at.map(|t| t.parse().unwrap()),
+        };
+        assert_eq!(
+            listed,
+            Ok(vec![
+                want("team-a/analytics", Some("2025-03-01T10:00:00Z")),
+                want("team-a/odd", None),
+                want("team-b/old", None),
+            ])
+        );
+        for bad in [&b"<html>gateway timeout</html>"[..], br#"{"retention":{}}"#] {
+            assert!(
+                matches!(decode_list(bad), Err(ConsumerApiError::Malformed(_))),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
     fn a_refusal_quotes_the_engine_answer_when_there_is_one() {
         let refused = |body: Option<&str>| {
-            ReleaseError::Refused {
+            ConsumerApiError::Refused {
                 status: reqwest::StatusCode::SERVICE_UNAVAILABLE,
                 body: body.map(String::from),
             }
