@@ -1,7 +1,8 @@
 //! A deleted connection releases its hold on the engine's events (its feed consumer), against
 //! the in-memory API (see `api_tests.rs` for the fixture) and a real engine in-process: the
 //! record is gone, and the deletion goes on, with a Warning Event saying how to release the
-//! hold by hand, whenever the engine can't be told.
+//! hold by hand, whenever the engine can't be told. A record that outlives its connection all
+//! the same is removed by the periodic pass of `stale_consumers.rs` once past its grace.
 
 use k8s_openapi::api::events::v1::Event as K8sEvent;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -63,6 +64,18 @@ impl Engine {
 
     fn store(&self) -> Box<dyn Store> {
         crate::store::open(&self.store_url, crate::identity::Rules::default()).unwrap()
+    }
+
+    /// Records `name` (`namespace/name`) as a feed consumer last updated at `updated_at`.
+    fn record(&self, name: &str, updated_at: Timestamp) {
+        self.store()
+            .set_consumer(&crate::store::Consumer {
+                name: name.into(),
+                after_seq: 0,
+                window_seconds: 60,
+                updated_at,
+            })
+            .unwrap();
     }
 
     /// The names of the consumers the engine's store records.
@@ -178,5 +191,168 @@ async fn a_hold_the_engine_was_not_told_to_release_is_warned_about_and_the_delet
         [format!("{NS}/analytics")],
         "a refused request changed nothing"
     );
+    refusing.running.stop().await.unwrap();
+}
+
+/// Connections `team-a/analytics` and `team-b/marketing`, the engine at `engine_url`, the clock
+/// at `now`; `funcs` intercept the in-memory API.
+async fn two_connections(
+    engine_url: &str,
+    now: Timestamp,
+    funcs: kube_fake_client::interceptor::Funcs,
+) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let analytics = connection(dir.path(), "analytics");
+    let mut marketing = connection(dir.path(), "marketing");
+    marketing.metadata.namespace = Some("team-b".into());
+    let client = builder()
+        .with_object(analytics)
+        .with_object(marketing)
+        .with_interceptor_funcs(funcs)
+        .build()
+        .await
+        .unwrap();
+    let url = engine_url.to_string();
+    fixture_with(dir, client, &now.to_string(), |s| s.job.engine_url = url).await
+}
+
+/// `now` less `minutes`.
+fn ago(now: Timestamp, minutes: i64) -> Timestamp {
+    now - jiff::SignedDuration::from_mins(minutes)
+}
+
+#[tokio::test]
+async fn a_pass_removes_the_consumers_of_connections_gone_for_longer_than_the_grace() {
+    let engine = Engine::start(TOKEN).await;
+    let now = Timestamp::now();
+    let grace = stale_consumers::GRACE.as_secs() / 60;
+    engine.record("team-a/analytics", ago(now, 2 * grace));
+    engine.record("team-b/marketing", ago(now, 2 * grace));
+    engine.record("team-a/gone", ago(now, 2 * grace));
+    engine.record("team-b/analytics", ago(now, grace + 1));
+    engine.record("team-a/just-written", ago(now, 5));
+    let f = two_connections(&engine.url, now, Default::default()).await;
+
+    let collected = stale_consumers::collect(&f.ctx).await.unwrap();
+    assert_eq!(
+        collected,
+        stale_consumers::Collected {
+            removed: vec!["team-a/gone".into(), "team-b/analytics".into()],
+            failed: vec![],
+        }
+    );
+    assert_eq!(
+        engine.consumers(),
+        [
+            "team-a/analytics",
+            "team-a/just-written",
+            "team-b/marketing"
+        ],
+        "the records of existing connections (in any namespace) and a record within its grace stay"
+    );
+    assert_eq!(
+        stale_consumers::collect(&f.ctx).await.unwrap(),
+        Default::default(),
+        "the next pass has nothing left to remove"
+    );
+    engine.running.stop().await.unwrap();
+}
+
+/// A stale record the engine won't delete (a name its API refuses, as an older engine may have
+/// stored) is reported, and the pass goes on with the others.
+#[tokio::test]
+async fn a_stale_consumer_the_engine_refuses_to_remove_is_reported_and_the_others_go() {
+    let engine = Engine::start(TOKEN).await;
+    let now = Timestamp::now();
+    engine.record("team-a/Not_A_Name", ago(now, 120));
+    engine.record("team-a/gone", ago(now, 120));
+    let f = two_connections(&engine.url, now, Default::default()).await;
+
+    let collected = stale_consumers::collect(&f.ctx).await.unwrap();
+    assert_eq!(collected.removed, ["team-a/gone"]);
+    let [(name, why)] = collected.failed.as_slice() else {
+        panic!("one failure, not {:?}", collected.failed);
+    };
+    assert_eq!(name, "team-a/Not_A_Name");
+    assert!(
+        why.starts_with("the engine answered 400 Bad Request"),
+        "{why}"
+    );
+    assert_eq!(
+        engine.consumers(),
+        ["team-a/Not_A_Name", "team-a/analytics"]
+    );
+    engine.running.stop().await.unwrap();
+}
+
+/// Whatever keeps a pass from listing — no engine, an engine with another token, no token, a
+/// failing Kubernetes API — it fails with an error that says which list failed and removes
+/// nothing; the token is in none of it.
+#[tokio::test]
+async fn a_pass_that_cannot_list_fails_cleanly_and_removes_nothing() {
+    let engine = Engine::start(TOKEN).await;
+    let refusing = Engine::start("another-token").await;
+    let now = Timestamp::now();
+    for e in [&engine, &refusing] {
+        e.record("team-a/gone", ago(now, 120));
+    }
+    let failing_list = || {
+        kube_fake_client::interceptor::Funcs::new().list(|_| {
+            Err(kube_fake_client::Error::Internal(
+                "etcdserver: request timed out".into(),
+            ))
+        })
+    };
+    let refused = format!("the engine answered 401 Unauthorized: {UNAUTHORIZED}");
+    let cases = [
+        (
+            "unreachable",
+            "http://127.0.0.1:1",
+            Default::default(),
+            false,
+            "listing the engine's feed consumers: the engine is unreachable",
+        ),
+        (
+            "refused",
+            refusing.url.as_str(),
+            Default::default(),
+            false,
+            refused.as_str(),
+        ),
+        (
+            "no token",
+            engine.url.as_str(),
+            Default::default(),
+            true,
+            "listing the engine's feed consumers: engine token file",
+        ),
+        (
+            "no connections list",
+            engine.url.as_str(),
+            failing_list(),
+            false,
+            "listing the WarehouseConnections: ",
+        ),
+    ];
+    for (case, url, funcs, remove_token, why) in cases {
+        let f = two_connections(url, now, funcs).await;
+        if remove_token {
+            std::fs::remove_file(&f.ctx.settings.engine_token_file).unwrap();
+        }
+        let error = match stale_consumers::collect(&f.ctx).await {
+            Ok(c) => panic!("{case}: the pass went on: {c:?}"),
+            Err(e) => e.to_string(),
+        };
+        assert!(error.contains(why), "{case}: {error}");
+        assert!(!error.contains(TOKEN), "{case}: the token leaked: {error}");
+    }
+    for e in [&engine, &refusing] {
+        assert_eq!(
+            e.consumers(),
+            ["team-a/analytics", "team-a/gone"],
+            "nothing removed"
+        );
+    }
+    engine.running.stop().await.unwrap();
     refusing.running.stop().await.unwrap();
 }

@@ -6,7 +6,8 @@
 //! (`status.rs`, pure folding; written through the status subresource by `apply.rs`). Time comes from an
 //! injected clock so the pure steps are tested over simulated hours. A connection's deletion
 //! (its finalizer) also removes its feed consumer from the engine (`feed_consumer.rs`), so that
-//! the engine's event retention no longer keeps events for it.
+//! the engine's event retention no longer keeps events for it; a periodic pass
+//! (`stale_consumers.rs`) removes the feed consumers that outlive their connection all the same.
 //!
 //! Watches: WarehouseConnections and SelectiveSyncs are watched as `DynamicObject`s and decoded
 //! per object, so one malformed object (an older CRD version, a hand-edited field) is reported
@@ -23,6 +24,7 @@ pub mod metrics;
 pub mod observe;
 pub mod plan;
 pub mod reconcile;
+pub mod stale_consumers;
 pub mod status;
 
 use std::collections::{HashMap, HashSet};
@@ -58,7 +60,8 @@ pub const METRICS_CONTROLLER: &str = "warehouseconnection";
 /// Every Kubernetes API call the controller makes, as (API group, resource, verb): what its
 /// ClusterRole must allow (checked against the chart's rules in `tests/controller_rbac.rs`).
 pub const API_CALLS: &[(&str, &str, &str)] = &[
-    // Watched (list + watch) and read again on a status conflict.
+    // Watched (list + watch) and read again on a status conflict; listed in every namespace by
+    // the collection of stale feed consumers.
     ("profilesync.dev", "warehouseconnections", "list"),
     ("profilesync.dev", "warehouseconnections", "watch"),
     ("profilesync.dev", "warehouseconnections", "get"),
@@ -319,8 +322,9 @@ fn connections_using(
         .collect()
 }
 
-/// Runs the controller until `shutdown` resolves (reconciles in flight finish first). `ready` is
-/// set once the connection cache holds its first complete list.
+/// Runs the controller until `shutdown` resolves (reconciles in flight finish first), and with
+/// it the periodic collection of stale feed consumers. `ready` is set once the connection cache
+/// holds its first complete list.
 pub async fn run(
     ctx: Arc<Context>,
     ready: Arc<AtomicBool>,
@@ -379,6 +383,8 @@ pub async fn run(
             }
         }
     });
+    // Stopped with the controller below; a pass cut short is redone by the next start's.
+    let collector = tokio::spawn(stale_consumers::run(ctx.clone()));
     controller
         .owns_stream(job_events)
         .watches_stream_with(
@@ -434,6 +440,7 @@ pub async fn run(
             }
         })
         .await;
+    collector.abort();
 }
 
 #[cfg(test)]
