@@ -7,6 +7,12 @@
 //! three rounds — the same people coming back — so ~1M events). The `replicas` scenario has two
 //! writers on one PostgreSQL store take turns, as engine replicas do.
 //!
+//! `cargo bench --bench identity -- --scenario retention_sqlite` (or `retention_postgres`; part
+//! of the default run): event retention's deletion against the ingest of the same events — one
+//! round stored, then deleted by the engine's retention steps (5,000 events a transaction),
+//! the slowest step (how long SQLite's write lock is held at once), and the store's size after a
+//! second round stored into the space the first one freed.
+//!
 //! `cargo bench --bench identity -- --scenario dedupe_sqlite` (or `dedupe_postgres`; env
 //! `BENCH_DEDUPE_EVENTS`, default 16M; not part of the default run, it takes minutes): how the
 //! messageId dedupe index's upkeep grows with the number of events stored. Page events of 1,000
@@ -202,12 +208,68 @@ fn dedupe(kind: &str) -> serde_json::Value {
            "note": "ingest only; page events of 1,000 visitors, random UUID messageIds, batches of 20,000"})
 }
 
+/// Retention: one round ingested (timed), every event deleted as the engine's pass does, step
+/// by step (timed), then a second round ingested into the freed space.
+fn retention(kind: &str) -> serde_json::Value {
+    let (mut s, dir, _server) = open_store(kind == "retention_sqlite");
+    let file = dir.path().join("store.db");
+    let size = || std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0) as f64 / 1048576.0;
+    let ingest = |s: &mut Box<dyn store::Store>, round: u64| {
+        let (mut events, mut secs) = (0u64, 0.0);
+        let mut pending = Vec::with_capacity(5000);
+        for batch in common::rounds(people(), round) {
+            pending.extend(batch);
+            if pending.len() >= 5000 {
+                events += pending.len() as u64;
+                let t = Instant::now();
+                s.ingest(std::mem::take(&mut pending)).expect("ingest");
+                secs += t.elapsed().as_secs_f64();
+            }
+        }
+        events += pending.len() as u64;
+        let t = Instant::now();
+        s.ingest(pending).expect("ingest");
+        (events, secs + t.elapsed().as_secs_f64())
+    };
+    let (stored, ingest_secs) = ingest(&mut s, 0);
+    let size_stored = size();
+    // Every event is past the window 200 days from now, and no consumer holds any back.
+    let later = jiff::Timestamp::now()
+        .checked_add(jiff::SignedDuration::from_hours(200 * 24))
+        .expect("time");
+    let head = s.head_seq().expect("head");
+    let cut = store::cut(&[], 86_400, later, head);
+    let (mut deleted, mut steps, mut slowest) = (0u64, 0u64, 0.0f64);
+    let t = Instant::now();
+    loop {
+        let step_start = Instant::now();
+        let step = s
+            .prune_events(cut.through_seq, cut.received_before_us, 5_000)
+            .expect("prune");
+        slowest = slowest.max(step_start.elapsed().as_secs_f64());
+        deleted += step.deleted;
+        steps += 1;
+        if step.done {
+            break;
+        }
+    }
+    let prune_secs = t.elapsed().as_secs_f64();
+    let size_pruned = size();
+    let (again, _) = ingest(&mut s, 1);
+    json!({"scenario": kind, "stored": stored, "ingest_events_per_sec": stored as f64 / ingest_secs,
+           "deleted": deleted, "steps": steps, "prune_seconds": prune_secs,
+           "prune_events_per_sec": deleted as f64 / prune_secs, "slowest_step_ms": slowest * 1000.0,
+           "sqlite_file_mib": (kind == "retention_sqlite").then(|| json!({"stored": size_stored, "after_prune": size_pruned, "after_second_round": size(), "second_round_events": again})),
+           "note": "deletion in steps of 5,000 events, each a transaction; ingest in batches of 5,000"})
+}
+
 fn main() {
     if let Some((name, _)) = common::scenario() {
         let result = match name.as_str() {
             "resolve" => resolve(),
             "replicas" => replicas(),
             "dedupe_sqlite" | "dedupe_postgres" => dedupe(&name),
+            "retention_sqlite" | "retention_postgres" => retention(&name),
             other => persist(other),
         };
         println!("{result}");
@@ -240,4 +302,14 @@ fn main() {
         r["profiles"]
     );
     println!("  {r}");
+    for s in ["retention_sqlite", "retention_postgres"] {
+        let r = common::run_child(s, &[]);
+        println!(
+            "{s:<18} ingest {:>8.0} events/s, retention deletes {:>8.0} events/s (slowest step {:.0} ms)",
+            r["ingest_events_per_sec"].as_f64().unwrap_or(0.0),
+            r["prune_events_per_sec"].as_f64().unwrap_or(0.0),
+            r["slowest_step_ms"].as_f64().unwrap_or(0.0),
+        );
+        println!("  {r}");
+    }
 }
