@@ -76,13 +76,8 @@ pub fn consumer_url(
 
 /// `engine_url` with `segments` appended to its path.
 fn api_url(engine_url: &str, segments: &[&str]) -> Result<Url, ConsumerApiError> {
-    let invalid = || ConsumerApiError::Url(engine_url.to_string());
-    let mut url = Url::parse(engine_url).map_err(|_| invalid())?;
-    url.path_segments_mut()
-        .map_err(|()| invalid())?
-        .pop_if_empty()
-        .extend(segments);
-    Ok(url)
+    crate::engine::retention::api_url(engine_url, segments)
+        .ok_or_else(|| ConsumerApiError::Url(engine_url.to_string()))
 }
 
 /// Removes the feed consumer of connection `namespace`/`name` from the engine

@@ -144,6 +144,24 @@ async fn run_pass(state: &Arc<AppState>, retention: Retention) -> Result<PassOut
     }
 }
 
+/// The URL of the record of consumer `namespace`/`name` on the engine at `base` (a base path
+/// is kept; each name is its own percent-encoded path segment, so none reaches another path);
+/// `None` for a base that is no URL or takes no path. What the sync and the controller call.
+pub fn consumer_url(base: &str, namespace: &str, name: &str) -> Option<reqwest::Url> {
+    api_url(base, &["v1", "feed-consumers", namespace, name])
+}
+
+/// `base` with `segments` appended to its path, each percent-encoded; `None` for a base that
+/// is no URL or takes no path.
+pub fn api_url(base: &str, segments: &[&str]) -> Option<reqwest::Url> {
+    let mut url = reqwest::Url::parse(base).ok()?;
+    url.path_segments_mut()
+        .ok()?
+        .pop_if_empty()
+        .extend(segments);
+    Some(url)
+}
+
 fn consumer_json(c: &Consumer) -> Value {
     json!({
         "name": c.name,

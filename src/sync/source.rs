@@ -307,10 +307,12 @@ impl FeedSource for EngineSource {
         after_seq: i64,
         window_seconds: i64,
     ) -> Result<(), SourceError> {
-        let url = format!("{}/v1/feed-consumers/{consumer}", self.base);
+        let (namespace, name) = consumer.split_once('/').unwrap_or(("", consumer));
+        let url = crate::engine::retention::consumer_url(&self.base, namespace, name)
+            .ok_or_else(|| SourceError(format!("engine URL {}: takes no path", self.base)))?;
         let r = self
             .http
-            .put(&url)
+            .put(url.clone())
             .bearer_auth(&self.token)
             .json(&serde_json::json!({
                 "afterSeq": after_seq,
