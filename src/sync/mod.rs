@@ -277,11 +277,19 @@ impl<'a> Run<'a> {
             } else {
                 ""
             };
+            // Behind the horizon with no table: the watermark new Track tables start from.
+            let which = if behind.is_empty() {
+                "the event tables that appear from now on miss".to_string()
+            } else {
+                format!(
+                    "{} event table(s) ({}{more}) miss",
+                    behind.len(),
+                    shown.join(", ")
+                )
+            };
             format!(
-                "the engine's event retention deleted events up to seq {} before this connection loaded them: {} event table(s) ({}{more}) were at seq {start} and miss the events between; keep the connection syncing, or lengthen the engine's --event-retention",
+                "the engine's event retention deleted events up to seq {} before this connection loaded them: {which} the events from their cursor (the lowest at seq {start}) to it; keep the connection syncing, or lengthen the engine's --event-retention",
                 pruned.through_seq,
-                behind.len(),
-                shown.join(", ")
             )
         } else if let (Some(from), Some(newest)) = (first_window, pruned.max_received_at_us)
             && newest >= from
