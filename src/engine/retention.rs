@@ -4,9 +4,10 @@
 //!
 //! - `GET /v1/feed-consumers` → the consumers' progress, the retention and its horizon;
 //! - `PUT /v1/feed-consumers/{namespace}/{name}` with `{"afterSeq": N, "backfillWindowSeconds": W}`
-//!   → records a connection's progress (its sync Job, after each run);
+//!   → records a connection's progress (its sync Job, as its event load starts and after the run);
 //! - `DELETE /v1/feed-consumers/{namespace}/{name}` → forgets it (the controller, when the
-//!   connection is deleted); 204 whether or not it was recorded;
+//!   connection is deleted, or when a record has outlived its connection by an hour); 204
+//!   whether or not it was recorded;
 //! - `POST /v1/retention` → runs a pass now and says what it deleted (409 when retention is off).
 //!
 //! All need the feed API's bearer token.
