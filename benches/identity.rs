@@ -237,15 +237,16 @@ fn retention(kind: &str) -> serde_json::Value {
     let later = jiff::Timestamp::now()
         .checked_add(jiff::SignedDuration::from_hours(200 * 24))
         .expect("time");
-    let head = s.head_seq().expect("head");
-    let cut = store::cut(&[], 86_400, later, head);
+    let keep = store::Keep {
+        min_age_seconds: 86_400,
+        now_us: later.as_microsecond(),
+        head: s.head_seq().expect("head"),
+    };
     let (mut deleted, mut steps, mut slowest) = (0u64, 0u64, 0.0f64);
     let t = Instant::now();
     loop {
         let step_start = Instant::now();
-        let step = s
-            .prune_events(cut.through_seq, cut.received_before_us, 5_000)
-            .expect("prune");
+        let step = s.prune_events(&keep, 5_000).expect("prune");
         slowest = slowest.max(step_start.elapsed().as_secs_f64());
         deleted += step.deleted;
         steps += 1;

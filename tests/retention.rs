@@ -203,6 +203,201 @@ fn events_deleted_before_a_connection_loaded_them_are_reported(kind: &str) {
     assert_eq!(fresh.count("tracks"), 1);
 }
 
+/// A new connection's first sync reports deleted events only of the tables it backfills: none
+/// when the deletions inside its window were all of a table it turned off; the table when one
+/// it syncs lost events inside its window.
+#[test]
+fn a_first_sync_reports_only_deletions_of_the_tables_it_syncs() {
+    let (mut s, url, _d) = store();
+    let page = |id: &str, days: i64| {
+        json!({"type": "page", "messageId": id, "anonymousId": "a1", "name": "Home",
+               "receivedAt": days_ago(days), "timestamp": days_ago(days)})
+    };
+    ingest(&mut *s, &received(90, &["t-old"]));
+    ingest(&mut *s, &[page("p1", 30), page("p2", 30)]);
+    ingest(&mut *s, &received(0, &["t-now"]));
+    // A connection with a one-day window has loaded everything: the pass deletes the first
+    // three (the track outside every 60-day window, the pages inside one).
+    let head = s.head_seq().unwrap();
+    s.set_consumer(&store::Consumer {
+        name: CONSUMER.into(),
+        after_seq: head,
+        window_seconds: 86_400,
+        updated_at: jiff::Timestamp::now(),
+    })
+    .unwrap();
+    let outcome = prune_at(&url, jiff::Timestamp::now());
+    assert_eq!(outcome.deleted, 3);
+
+    let pages_off: profiles_sync::crd::SelectiveSyncSpec = serde_json::from_value(
+        json!({"connectionRef": {"name": "wh"}, "tables": [{"name": "pages", "enabled": false}]}),
+    )
+    .unwrap();
+    let first_sync = |selection: Option<&profiles_sync::crd::SelectiveSyncSpec>| {
+        let wh = TestWarehouse::sqlite();
+        let mut source = StoreSource(open(&url));
+        let r = wh.sync_as(
+            &mut source,
+            selection,
+            &wh.spec,
+            500,
+            jiff::Timestamp::now(),
+            None,
+        );
+        (r, wh.count("tracks"))
+    };
+    let (r, tracks) = first_sync(Some(&pages_off));
+    assert_eq!(
+        (r.status, r.errors.len(), tracks),
+        (SyncStatus::Success, 0, 1),
+        "{r:#?}"
+    );
+    let (r, _) = first_sync(None);
+    let gap = r
+        .errors
+        .iter()
+        .find(|e| e.class == ErrorClass::Retention)
+        .unwrap_or_else(|| panic!("{r:#?}"));
+    assert!(
+        gap.message.contains("1 table(s) (pages)"),
+        "{}",
+        gap.message
+    );
+}
+
+/// A consumer that lowers its record while a pass waits to delete (another PostgreSQL replica's
+/// step holds the horizon) is either held by the pass, or, when the pass deleted first, reads a
+/// horizon that shows it: no deletion lands after its record returned. (A pass that took its
+/// cut before the record deleted what it held, and the sync read the horizon from before.)
+#[test]
+fn postgres_a_record_lowered_while_a_pass_waits_is_held_or_sees_the_deletion() {
+    let pg = support::pg::shared();
+    let db = pg.create_database("race");
+    let url = pg.url(&db);
+    let mut s = open(&url);
+    ingest(&mut *s, &received(0, &["e1", "e2", "e3", "e4", "e5"]));
+    let head = s.head_seq().unwrap();
+    s.set_consumer(&store::Consumer {
+        name: CONSUMER.into(),
+        after_seq: head,
+        window_seconds: 60,
+        updated_at: jiff::Timestamp::now(),
+    })
+    .unwrap();
+    let mut side = pg.connect(&db);
+    side.batch_execute("BEGIN; SELECT * FROM event_retention WHERE id = 1 FOR UPDATE")
+        .unwrap();
+    let waiting = |pg_probe: &mut ::postgres::Client| -> i64 {
+        pg_probe
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    };
+    let mut probe = pg.connect(&db);
+    let wait_for = |probe: &mut ::postgres::Client, n: i64| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while waiting(probe) < n {
+            assert!(std::time::Instant::now() < deadline, "no lock wait");
+            std::thread::yield_now();
+        }
+    };
+    let pass_url = url.clone();
+    let pass_thread = std::thread::spawn(move || prune(&pass_url));
+    wait_for(&mut probe, 1);
+    // The warehouse went back (restored): the consumer records that it needs everything.
+    let record_url = url.clone();
+    let record = std::thread::spawn(move || {
+        open(&record_url)
+            .set_consumer(&store::Consumer {
+                name: CONSUMER.into(),
+                after_seq: 0,
+                window_seconds: 60,
+                updated_at: jiff::Timestamp::now(),
+            })
+            .unwrap();
+        // What the sync reads next.
+        open(&record_url).pruned().unwrap().through_seq
+    });
+    // The record waits for the horizon too (or, were it not to, returns at once).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !record.is_finished() && waiting(&mut probe) < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the record neither waits nor returns"
+        );
+        std::thread::yield_now();
+    }
+    side.batch_execute("COMMIT").unwrap();
+    let seen = record.join().unwrap();
+    let outcome = pass_thread.join().unwrap();
+    let after = s.pruned().unwrap().through_seq;
+    assert_eq!(
+        seen, after,
+        "a deletion landed after the record returned: {outcome:?}"
+    );
+    assert!(after == 0 || after >= head, "all or nothing: {after}");
+}
+
+/// A consumer that records while a deletion step is under way (it has read the consumers
+/// already) waits for the step to commit, so the horizon it reads next shows what the step
+/// deleted. Here the step is played by a transaction of the store's own statements.
+#[test]
+fn postgres_a_record_made_during_a_step_waits_for_it() {
+    let pg = support::pg::shared();
+    let db = pg.create_database("step");
+    let url = pg.url(&db);
+    let mut s = open(&url);
+    ingest(&mut *s, &received(0, &["e1", "e2", "e3"]));
+    let head = s.head_seq().unwrap();
+    let mut step = pg.connect(&db);
+    step.batch_execute("BEGIN; SELECT * FROM event_retention WHERE id = 1 FOR UPDATE; SELECT * FROM feed_consumers")
+        .unwrap();
+    let record_url = url.clone();
+    let record = std::thread::spawn(move || {
+        open(&record_url)
+            .set_consumer(&store::Consumer {
+                name: CONSUMER.into(),
+                after_seq: 0,
+                window_seconds: 60,
+                updated_at: jiff::Timestamp::now(),
+            })
+            .unwrap();
+        open(&record_url).pruned().unwrap().through_seq
+    });
+    let mut probe = pg.connect(&db);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let waiting: i64 = probe
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        if record.is_finished() || waiting > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the record neither waits nor returns"
+        );
+        std::thread::yield_now();
+    }
+    step.batch_execute(&format!(
+        "DELETE FROM events WHERE seq <= {head}; \
+         UPDATE event_retention SET pruned_through = {head}, pruned_max_received_us = 1 WHERE id = 1; COMMIT"
+    ))
+    .unwrap();
+    assert_eq!(
+        record.join().unwrap(),
+        head,
+        "the record returned before the step committed"
+    );
+}
+
 /// A one-day window keeps nothing older than a day with no consumer recorded, and nothing
 /// younger whatever the consumers have loaded.
 #[test]

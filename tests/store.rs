@@ -147,33 +147,51 @@ fn events_are_pruned_oldest_first_and_nothing_else_is(kind: &str) {
             })
             .unwrap()
     };
-    let (e2, e4) = (seq_of(&mut *s, "e2"), seq_of(&mut *s, "e4"));
+    let (e2, e3, e4) = (
+        seq_of(&mut *s, "e2"),
+        seq_of(&mut *s, "e3"),
+        seq_of(&mut *s, "e4"),
+    );
     let head = s.head_seq().unwrap();
     let before = |secs: i64| at(secs).as_microsecond();
     assert_eq!(s.pruned().unwrap(), store::Pruned::default());
 
-    let step = s.prune_events(head, before(250), 1).unwrap();
+    // No consumer, no window: events received before `now` go, up to the head.
+    let keep = |now: i64| store::Keep {
+        min_age_seconds: 0,
+        now_us: now,
+        head,
+    };
+    let step = s.prune_events(&keep(before(250)), 1).unwrap();
     assert_eq!(
         (step.deleted, step.done),
         (1, false),
         "a full step: more may follow"
     );
-    let step = s.prune_events(head, before(250), 10).unwrap();
+    let step = s.prune_events(&keep(before(250)), 10).unwrap();
     assert_eq!((step.deleted, step.done), (1, true), "e3 is too young");
-    assert_eq!(
-        step.pruned,
-        store::Pruned {
-            through_seq: e2,
-            max_received_at_us: Some(before(200))
-        }
-    );
+    assert_eq!(step.blocked_by, Some((e3, before(300))), "e3 stopped it");
+    let horizon = |p: &store::Pruned| (p.through_seq, p.max_received_at_us);
+    assert_eq!(horizon(&step.pruned), (e2, Some(before(200))));
     assert_eq!(event_ids(&mut *s), ["e3", "e4", "e5", "e6"]);
     // Nothing more under the same cut.
-    let again = s.prune_events(head, before(250), 10).unwrap();
-    assert_eq!((again.deleted, again.pruned), (0, step.pruned));
+    let again = s.prune_events(&keep(before(250)), 10).unwrap();
+    assert_eq!(
+        (again.deleted, horizon(&again.pruned)),
+        (0, horizon(&step.pruned))
+    );
 
-    // Every event is old enough now, but the consumers have loaded only up to e4.
-    let step = s.prune_events(e4, before(10_000), 10).unwrap();
+    // Every event is old enough now, but a consumer has loaded only up to e4: the step takes
+    // its record (and its one-second window) from inside its own transaction.
+    s.set_consumer(&store::Consumer {
+        name: "analytics/wh".into(),
+        after_seq: e4,
+        window_seconds: 1,
+        updated_at: at(0),
+    })
+    .unwrap();
+    let step = s.prune_events(&keep(before(10_000)), 10).unwrap();
+    assert_eq!(step.cut, (e4, before(10_000) - 1_000_000));
     assert_eq!((step.deleted, step.done), (2, true));
     assert_eq!(event_ids(&mut *s), ["e5", "e6"], "e5 waits for the horizon");
     assert_eq!(s.event_count().unwrap(), 2);
@@ -185,12 +203,19 @@ fn events_are_pruned_oldest_first_and_nothing_else_is(kind: &str) {
         .unwrap()
         .pruned()
         .unwrap();
+    assert_eq!(horizon(&other), (e4, Some(before(400))));
+    // The newest deleted event of each type (and Track name: none were tracks).
+    let names: Vec<(String, String, i64)> = other
+        .by_name
+        .into_iter()
+        .map(|n| (n.event_type, n.event, n.max_received_at_us))
+        .collect();
     assert_eq!(
-        other,
-        store::Pruned {
-            through_seq: e4,
-            max_received_at_us: Some(before(400))
-        }
+        names,
+        [
+            ("identify".to_string(), String::new(), before(300)),
+            ("page".to_string(), String::new(), before(400))
+        ]
     );
     // A deleted event's messageId is new again; a kept one's is still a duplicate.
     let summary = s
@@ -233,7 +258,8 @@ fn a_store_from_before_retention_gets_its_tables(kind: &str) {
     let (mut s, url, _keep) = fresh(kind);
     s.ingest(vec![page("p1", "a1")]).unwrap();
     drop(s);
-    let drop_tables = "DROP TABLE feed_consumers; DROP TABLE event_retention;";
+    let drop_tables =
+        "DROP TABLE feed_consumers; DROP TABLE event_retention; DROP TABLE pruned_events;";
     match kind {
         "sqlite" => rusqlite::Connection::open(url.trim_start_matches("sqlite://"))
             .unwrap()
@@ -248,9 +274,12 @@ fn a_store_from_before_retention_gets_its_tables(kind: &str) {
     assert_eq!(s.pruned().unwrap(), store::Pruned::default());
     assert_eq!(s.consumers().unwrap(), []);
     let head = s.head_seq().unwrap();
-    let step = s
-        .prune_events(head, at(10_000).as_microsecond(), 10)
-        .unwrap();
+    let keep = store::Keep {
+        min_age_seconds: 0,
+        now_us: at(10_000).as_microsecond(),
+        head,
+    };
+    let step = s.prune_events(&keep, 10).unwrap();
     assert_eq!(step.deleted, 1);
     assert_eq!(event_ids(&mut *s), Vec::<String>::new());
 }

@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 
 use super::http::{AppState, authorize, json_response, store_unavailable};
 use crate::event::Timestamp;
-use crate::store::{Consumer, Cut, Pruned, Store, StoreError};
+use crate::store::{Consumer, Cut, Keep, Pruned, Store, StoreError};
 
 /// Seconds between two passes unless `--retention-interval-secs` says otherwise.
 pub const DEFAULT_INTERVAL_SECS: u64 = 600;
@@ -49,34 +49,39 @@ pub struct PassOutcome {
     pub deleted: u64,
     /// The horizon after it.
     pub pruned: Pruned,
-    /// The cut it deleted up to.
+    /// The cut as the consumers recorded now allow (each step took it anew).
     pub cut: Cut,
+    /// The event its last step stopped at for its age: `seq` and `receivedAt` (microseconds).
+    pub blocked_by: Option<(i64, i64)>,
     /// Whether it stopped before the cut (the engine is shutting down).
     pub interrupted: bool,
 }
 
 /// One pass: steps of [`STEP`] events until nothing more is within the cut or `go_on` says
-/// stop. Each step takes the cut from the consumers recorded then (the head as of the pass's
-/// start bounds it), so that a sync that records a lower `seq` while a long pass runs (its
-/// warehouse restored from a backup) holds back every step after its record.
+/// stop. Each step takes the cut from the consumers as recorded inside its own transaction
+/// (`Store::prune_events`), never past the head as of the pass's start.
 pub fn pass(
     store: &mut dyn Store,
     min_age: Duration,
     now: Timestamp,
     go_on: &dyn Fn() -> bool,
 ) -> Result<PassOutcome, StoreError> {
-    let head = store.head_seq()?;
-    let min_age = i64::try_from(min_age.as_secs()).unwrap_or(i64::MAX);
+    let keep = Keep {
+        min_age_seconds: i64::try_from(min_age.as_secs()).unwrap_or(i64::MAX),
+        now_us: now.as_microsecond(),
+        head: store.head_seq()?,
+    };
     let mut deleted = 0;
     loop {
-        let cut = crate::store::cut(&store.consumers()?, min_age, now, head);
-        let step = store.prune_events(cut.through_seq, cut.received_before_us, STEP)?;
+        let step = store.prune_events(&keep, STEP)?;
         deleted += step.deleted;
         if step.done || !go_on() {
+            let cut = crate::store::cut(&store.consumers()?, keep.min_age_seconds, now, keep.head);
             return Ok(PassOutcome {
                 deleted,
-                pruned: step.pruned,
+                pruned: store.pruned()?,
                 cut,
+                blocked_by: step.blocked_by,
                 interrupted: !step.done,
             });
         }
@@ -124,6 +129,15 @@ async fn run_pass(state: &Arc<AppState>, retention: Retention) -> Result<PassOut
                 .metrics
                 .events_pruned_through
                 .set(o.pruned.through_seq);
+            if let Some((seq, at)) = o.blocked_by
+                && at > Timestamp::now().as_microsecond()
+            {
+                tracing::warn!(
+                    seq,
+                    received_at = %timestamp_text(at),
+                    "an event received in the future (an import's receivedAt) holds every later event back from retention until then"
+                );
+            }
             if o.deleted > 0 {
                 tracing::info!(
                     deleted = o.deleted,
@@ -172,14 +186,50 @@ fn consumer_json(c: &Consumer) -> Value {
     })
 }
 
+/// A time in microseconds as RFC 3339 text (the number itself when out of range).
+fn timestamp_text(us: i64) -> String {
+    Timestamp::from_microsecond(us).map_or_else(|_| us.to_string(), |t| t.to_string())
+}
+
 /// The horizon as the feed catalog and the consumers' list show it.
 pub fn pruned_json(p: &Pruned) -> Value {
     json!({
         "throughSeq": p.through_seq,
-        "maxReceivedAt": p.max_received_at_us
-            .and_then(|us| Timestamp::from_microsecond(us).ok())
-            .map(|t| t.to_string()),
+        "maxReceivedAt": p.max_received_at_us.map(timestamp_text),
+        "events": p.by_name.iter().map(|n| json!({
+            "type": n.event_type,
+            "event": n.event,
+            "maxReceivedAt": timestamp_text(n.max_received_at_us),
+        })).collect::<Vec<_>>(),
     })
+}
+
+/// [`pruned_json`] read back (what the sync reads from the catalog); an engine older than
+/// retention has none: nothing deleted.
+pub fn pruned_from_json(v: &Value) -> Pruned {
+    let micros = |v: &Value| {
+        v.as_str()
+            .and_then(|t| t.parse::<Timestamp>().ok())
+            .map(|t| t.as_microsecond())
+    };
+    Pruned {
+        through_seq: v["throughSeq"].as_i64().unwrap_or(0),
+        max_received_at_us: micros(&v["maxReceivedAt"]),
+        by_name: v["events"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|n| {
+                        Some(crate::store::PrunedName {
+                            event_type: n["type"].as_str()?.to_string(),
+                            event: n["event"].as_str()?.to_string(),
+                            max_received_at_us: micros(&n["maxReceivedAt"])?,
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
 }
 
 fn cut_json(c: &Cut) -> Value {
@@ -350,6 +400,7 @@ pub async fn run_now(State(state): State<Arc<AppState>>, headers: HeaderMap) -> 
                 "deleted": o.deleted,
                 "pruned": pruned_json(&o.pruned),
                 "cut": cut_json(&o.cut),
+                "blockedBy": o.blocked_by.map(|(seq, at)| json!({"seq": seq, "receivedAt": timestamp_text(at)})),
                 "interrupted": o.interrupted,
             }),
         ),

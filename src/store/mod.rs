@@ -22,7 +22,7 @@ mod state;
 
 pub use ingest::{IngestSummary, Resolver};
 pub use postgres::PostgresStore;
-pub use retention::{Consumer, Cut, PruneStep, Pruned, cut};
+pub use retention::{Consumer, Cut, Keep, PruneStep, Pruned, PrunedName, cut};
 pub use rows::*;
 pub use sqlite::SqliteStore;
 pub use state::{StatePage, StateTable, state_page, state_rows};
@@ -305,18 +305,15 @@ pub trait Store: Send {
     /// Every recorded consumer, by name.
     fn consumers(&mut self) -> Result<Vec<Consumer>, StoreError>;
 
-    /// How far events have been deleted.
+    /// How far events have been deleted, with the newest deleted event of each type and Track
+    /// name.
     fn pruned(&mut self) -> Result<Pruned, StoreError>;
 
     /// Deletes, in one transaction, up to `max` of the oldest events left, in `seq` order,
-    /// while each has a `seq` at or below `through_seq` and was received before
-    /// `received_before_us` (microseconds), and moves the horizon past them.
-    fn prune_events(
-        &mut self,
-        through_seq: i64,
-        received_before_us: i64,
-        max: usize,
-    ) -> Result<PruneStep, StoreError>;
+    /// while each is within the cut that `keep` and the consumers recorded then allow (at or
+    /// below every consumer's `after_seq` and the head, received before the longest window),
+    /// and moves the horizon past them.
+    fn prune_events(&mut self, keep: &Keep, max: usize) -> Result<PruneStep, StoreError>;
 }
 
 /// The URL of a store in memory, private to the connection that opens it (tests, dry runs).

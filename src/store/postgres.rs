@@ -10,7 +10,7 @@ use super::codec::{
 use super::copy::copy_rows;
 use super::dedupe::{self, Dedupe, IndexTx, RecentIds, Tuning};
 use super::ingest::{LoadedState, ResolvedBatch, ingest_in_tx};
-use super::retention::{self, Consumer, PruneStep, Pruned};
+use super::retention::{self, Consumer, Keep, OldEvent, PruneStep, Pruned, PrunedName};
 use super::schema::{
     Dialect, RETENTION_TABLE, SCHEMA_VERSION, TRIGGER_COLUMNS, ddl, retention_ddl, state_seq_ddl,
 };
@@ -598,8 +598,35 @@ impl<C: postgres::GenericClient> retention::PruneTx for Pg<'_, C> {
             .0
             .query(sql, &params)?
             .into_iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect())
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect::<Result<_, postgres::Error>>()?)
+    }
+
+    fn oldest(
+        &mut self,
+        after: i64,
+        through: i64,
+        limit: i64,
+    ) -> Result<Vec<OldEvent>, StoreError> {
+        Ok(self
+            .0
+            .query(retention::OLDEST_EVENTS_SQL, &[&after, &through, &limit])?
+            .into_iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?)))
+            .collect::<Result<_, postgres::Error>>()?)
+    }
+
+    fn note_pruned(
+        &mut self,
+        event_type: &str,
+        event: &str,
+        received_us: i64,
+    ) -> Result<(), StoreError> {
+        self.0.execute(
+            retention::NOTE_PRUNED_NAME_SQL,
+            &[&event_type, &event, &received_us],
+        )?;
+        Ok(())
     }
 }
 
@@ -937,7 +964,12 @@ impl Store for PostgresStore {
     }
 
     fn set_consumer(&mut self, c: &Consumer) -> Result<(), StoreError> {
-        self.client.execute(
+        // Under the horizon's lock: a deletion step in progress (another replica's, with the
+        // consumers it read before this record) commits first, so that the horizon read
+        // after this returns shows what it deleted.
+        let mut tx = self.client.transaction()?;
+        tx.execute(retention::LOCK_HORIZON_SQL, &[])?;
+        tx.execute(
             retention::SET_CONSUMER_SQL,
             &[
                 &c.name,
@@ -946,6 +978,7 @@ impl Store for PostgresStore {
                 &micros(c.updated_at),
             ],
         )?;
+        tx.commit()?;
         Ok(())
     }
 
@@ -973,23 +1006,23 @@ impl Store for PostgresStore {
 
     fn pruned(&mut self) -> Result<Pruned, StoreError> {
         let r = self.client.query_one(retention::PRUNED_SQL, &[])?;
-        Ok(Pruned::from_row(r.get(0), r.get(1)))
+        let mut pruned = Pruned::from_row(r.get(0), r.get(1));
+        pruned.by_name = self
+            .client
+            .query(retention::PRUNED_NAMES_SQL, &[])?
+            .into_iter()
+            .map(|r| PrunedName {
+                event_type: r.get(0),
+                event: r.get(1),
+                max_received_at_us: r.get(2),
+            })
+            .collect();
+        Ok(pruned)
     }
 
-    fn prune_events(
-        &mut self,
-        through_seq: i64,
-        received_before_us: i64,
-        max: usize,
-    ) -> Result<PruneStep, StoreError> {
+    fn prune_events(&mut self, keep: &Keep, max: usize) -> Result<PruneStep, StoreError> {
         let mut tx = self.client.transaction()?;
-        let step = retention::prune_in(
-            &mut Pg(&mut tx),
-            " FOR UPDATE",
-            through_seq,
-            received_before_us,
-            max,
-        )?;
+        let step = retention::prune_in(&mut Pg(&mut tx), " FOR UPDATE", keep, max)?;
         tx.commit()?;
         Ok(step)
     }

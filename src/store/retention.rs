@@ -33,6 +33,12 @@ CREATE TABLE IF NOT EXISTS event_retention (
 );
 INSERT INTO event_retention (id, pruned_through, pruned_max_received_us) VALUES (1, 0, 0)
     ON CONFLICT (id) DO NOTHING;
+CREATE TABLE IF NOT EXISTS pruned_events (
+    type {key_text} NOT NULL,
+    event {key_text} NOT NULL,
+    max_received_us BIGINT NOT NULL,
+    PRIMARY KEY (type, event)
+);
 ";
 
 /// Records a consumer's progress (`$1` name, `$2` after, `$3` window, `$4` time).
@@ -47,9 +53,27 @@ pub(crate) const CONSUMERS_SQL: &str =
 /// The horizon.
 pub(crate) const PRUNED_SQL: &str =
     "SELECT pruned_through, pruned_max_received_us FROM event_retention WHERE id = 1";
-/// Up to `$3` events after `$1` up to `$2`: their `seq` and `receivedAt`.
-pub(crate) const OLDEST_EVENTS_SQL: &str = "SELECT seq, received_at_us FROM events
+/// Up to `$3` events after `$1` up to `$2`: their `seq`, `receivedAt`, type and Track name.
+pub(crate) const OLDEST_EVENTS_SQL: &str = "SELECT seq, received_at_us, type, event FROM events
      WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3";
+/// How many consumers there are and the lowest `seq` one still needs after.
+const CONSUMERS_HOLD_SQL: &str = "SELECT count(*), coalesce(min(after_seq), 0) FROM feed_consumers";
+/// The longest backfill window a consumer recorded (and a filler column).
+const CONSUMERS_WINDOW_SQL: &str =
+    "SELECT coalesce(max(window_seconds), 0), CAST(0 AS BIGINT) FROM feed_consumers";
+/// Raises the newest deleted `receivedAt` of a type and Track name (`$1`, `$2`) to `$3`.
+pub(crate) const NOTE_PRUNED_NAME_SQL: &str =
+    "INSERT INTO pruned_events (type, event, max_received_us)
+     VALUES ($1, $2, $3) ON CONFLICT (type, event) DO UPDATE SET max_received_us =
+     CASE WHEN excluded.max_received_us > pruned_events.max_received_us
+          THEN excluded.max_received_us ELSE pruned_events.max_received_us END";
+/// Every type and Track name deleted events had, with the newest deleted `receivedAt`.
+pub(crate) const PRUNED_NAMES_SQL: &str =
+    "SELECT type, event, max_received_us FROM pruned_events ORDER BY type, event";
+/// Locks the horizon's row (PostgreSQL) so that a consumer's record and a deletion step take
+/// turns.
+pub(crate) const LOCK_HORIZON_SQL: &str =
+    "SELECT pruned_through FROM event_retention WHERE id = 1 FOR UPDATE";
 /// Deletes the events after `$1` up to `$2`.
 pub(crate) const DELETE_EVENTS_SQL: &str = "DELETE FROM events WHERE seq > $1 AND seq <= $2";
 /// Moves the horizon to `$1`, the newest `receivedAt` deleted to `$2`.
@@ -70,35 +94,72 @@ pub struct Consumer {
 }
 
 /// How far events have been deleted.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Pruned {
     /// No event at or below this `seq` is left (0: none was ever deleted).
     pub through_seq: i64,
     /// The newest `receivedAt` (microseconds) of a deleted event; `None` when none was.
     pub max_received_at_us: Option<i64>,
+    /// Per event type and Track event name (`""` for the other types), the newest `receivedAt`
+    /// of a deleted event: a new connection's backfill tells from it whether events of the
+    /// tables it syncs were deleted inside its window.
+    pub by_name: Vec<PrunedName>,
+}
+
+/// The newest deleted event of one type and Track event name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PrunedName {
+    /// The event type (`track`, `page`, ...).
+    pub event_type: String,
+    /// The Track event's name; `""` for the other types.
+    pub event: String,
+    /// Its newest deleted `receivedAt`, in microseconds.
+    pub max_received_at_us: i64,
 }
 
 impl Pruned {
-    /// From the stored row (`0, 0` when nothing was deleted).
+    /// From the stored row (`0, 0` when nothing was deleted), without the names.
     pub(crate) fn from_row(through_seq: i64, max_received_us: i64) -> Pruned {
         Pruned {
             through_seq,
             max_received_at_us: (through_seq > 0).then_some(max_received_us),
+            by_name: vec![],
         }
     }
 }
 
 /// One step of deletion.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PruneStep {
     /// Events deleted by it.
     pub deleted: u64,
-    /// The horizon after it.
+    /// The horizon after it (without the names).
     pub pruned: Pruned,
     /// Whether nothing more can be deleted under the same cut (the next event is too young or
     /// past the consumers, or there is none).
     pub done: bool,
+    /// The cut it took: events at or below this `seq`, received before this (microseconds).
+    pub cut: (i64, i64),
+    /// The event that stopped it for its age, when one did: its `seq` and `receivedAt` (an
+    /// imported event with a `receivedAt` in the future holds every later one back).
+    pub blocked_by: Option<(i64, i64)>,
 }
+
+/// What a retention pass keeps: events younger than `min_age_seconds` (or than a consumer's
+/// longer backfill window) at `now_us`, and the events any consumer still needs; no cut goes
+/// past `head` (the head when the pass started).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keep {
+    /// The retention's own window, in seconds.
+    pub min_age_seconds: i64,
+    /// The time the pass judges at, in microseconds.
+    pub now_us: i64,
+    /// The highest `seq` a pass may delete.
+    pub head: i64,
+}
+
+/// An event read by a step: `seq`, `receivedAt`, type, Track name.
+pub(crate) type OldEvent = (i64, i64, String, Option<String>);
 
 /// Of the oldest events after the horizon, read in `seq` order (`rows`: `seq`, `receivedAt`,
 /// at most `limit` of them), the leading run received before `before_us`: its last `seq`,
@@ -109,10 +170,15 @@ pub(crate) fn leading_run(
     before_us: i64,
     limit: usize,
 ) -> Option<(i64, i64, usize, bool)> {
-    let n = rows.iter().take_while(|(_, r)| *r < before_us).count();
+    let n = leading(rows, before_us);
     let last = rows.get(n.checked_sub(1)?)?.0;
     let newest = rows[..n].iter().map(|(_, r)| *r).max()?;
     Some((last, newest, n, n == rows.len() && rows.len() == limit))
+}
+
+/// How many of `rows` lead, received before `before_us`.
+fn leading(rows: &[(i64, i64)], before_us: i64) -> usize {
+    rows.iter().take_while(|(_, r)| *r < before_us).count()
 }
 
 /// Where a retention pass may delete up to: events at or below `through_seq` received before
@@ -135,48 +201,107 @@ pub struct Cut {
 /// synced yet needs only its window, which it backfills from).
 pub fn cut(consumers: &[Consumer], min_age_seconds: i64, now: Timestamp, head: i64) -> Cut {
     let held = consumers.iter().min_by_key(|c| c.after_seq);
-    let window_seconds = consumers
+    let longest = consumers
         .iter()
         .map(|c| c.window_seconds)
-        .fold(min_age_seconds, i64::max)
-        .max(0);
+        .max()
+        .unwrap_or(0);
+    let keep = Keep {
+        min_age_seconds,
+        now_us: now.as_microsecond(),
+        head,
+    };
+    let (through_seq, received_before_us, window_seconds) =
+        cut_from(held.map(|c| c.after_seq), longest, &keep);
     Cut {
-        through_seq: held.map_or(head, |c| c.after_seq.min(head)),
-        received_before_us: now
-            .as_microsecond()
-            .saturating_sub(window_seconds.saturating_mul(1_000_000)),
+        through_seq,
+        received_before_us,
         held_by: held.map(|c| c.name.clone()),
         window_seconds,
     }
+}
+
+/// The cut from the lowest `after_seq` of the consumers (none without one) and their longest
+/// window: (through `seq`, received before, the window applied).
+fn cut_from(lowest: Option<i64>, longest_window: i64, keep: &Keep) -> (i64, i64, i64) {
+    let window = longest_window.max(keep.min_age_seconds).max(0);
+    (
+        lowest.map_or(keep.head, |a| a.min(keep.head)),
+        keep.now_us.saturating_sub(window.saturating_mul(1_000_000)),
+        window,
+    )
 }
 
 /// What a prune needs of a store's open transaction beyond the dedupe's statements.
 pub(crate) trait PruneTx: IndexTx {
     /// The rows of `sql` (two integer columns) with these parameters.
     fn pairs(&mut self, sql: &str, params: &[i64]) -> Result<Vec<(i64, i64)>, StoreError>;
+    /// Up to `limit` events after `after` up to `through`, in `seq` order
+    /// ([`OLDEST_EVENTS_SQL`]).
+    fn oldest(&mut self, after: i64, through: i64, limit: i64)
+    -> Result<Vec<OldEvent>, StoreError>;
+    /// Raises the newest deleted `receivedAt` of a type and Track name
+    /// ([`NOTE_PRUNED_NAME_SQL`]).
+    fn note_pruned(
+        &mut self,
+        event_type: &str,
+        event: &str,
+        received_us: i64,
+    ) -> Result<(), StoreError>;
 }
 
-/// [`Store::prune_events`](super::Store::prune_events) in `tx`, which the caller commits;
+/// [`Store::prune_events`](super::Store::prune_events) in `tx`, which the caller commits.
 /// `lock` is appended to the read of the horizon (PostgreSQL's `FOR UPDATE`: replicas pruning
-/// at once take turns on its row; SQLite's transaction holds the write lock already).
+/// at once, and consumers recording, take turns on its row; SQLite's transaction holds the
+/// write lock already). The cut is taken from the consumers as recorded inside the
+/// transaction, after that lock: a consumer whose record committed before the step is held,
+/// and one that records after it commits reads a horizon that shows what it deleted.
 pub(crate) fn prune_in(
     tx: &mut dyn PruneTx,
     lock: &str,
-    through_seq: i64,
-    received_before_us: i64,
+    keep: &Keep,
     max: usize,
 ) -> Result<PruneStep, StoreError> {
     let horizon = tx.pairs(&format!("{PRUNED_SQL}{lock}"), &[])?;
     let (from, newest) = horizon.first().copied().unwrap_or_default();
+    let (count, lowest) = tx
+        .pairs(CONSUMERS_HOLD_SQL, &[])?
+        .first()
+        .copied()
+        .unwrap_or_default();
+    let (longest, _) = tx
+        .pairs(CONSUMERS_WINDOW_SQL, &[])?
+        .first()
+        .copied()
+        .unwrap_or_default();
+    let (through_seq, received_before_us, _) =
+        cut_from((count > 0).then_some(lowest), longest, keep);
     let limit = i64::try_from(max).unwrap_or(i64::MAX);
-    let rows = tx.pairs(OLDEST_EVENTS_SQL, &[from, through_seq, limit])?;
+    let events = tx.oldest(from, through_seq, limit)?;
+    let rows: Vec<(i64, i64)> = events.iter().map(|e| (e.0, e.1)).collect();
+    let n_lead = leading(&rows, received_before_us);
+    let blocked_by = rows.get(n_lead).copied();
+    let cut = (through_seq, received_before_us);
     let Some((last, run_newest, n, more)) = leading_run(&rows, received_before_us, max) else {
         return Ok(PruneStep {
             deleted: 0,
             pruned: Pruned::from_row(from, newest),
             done: true,
+            cut,
+            blocked_by,
         });
     };
+    // The newest deleted receivedAt of each type and Track name.
+    let mut names: std::collections::BTreeMap<(&str, &str), i64> = Default::default();
+    for (_, received, event_type, event) in &events[..n] {
+        let at = names
+            .entry((event_type.as_str(), event.as_deref().unwrap_or("")))
+            .or_insert(*received);
+        *at = (*at).max(*received);
+    }
+    for ((event_type, event), received) in names {
+        tx.note_pruned(event_type, event, received)?;
+    }
     tx.exec(DELETE_EVENTS_SQL, &[from, last])?;
     let newest = if from > 0 {
         newest.max(run_newest)
@@ -188,6 +313,8 @@ pub(crate) fn prune_in(
         deleted: n as u64,
         pruned: Pruned::from_row(last, newest),
         done: !more,
+        cut,
+        blocked_by,
     })
 }
 

@@ -12,7 +12,7 @@ use super::codec::{
 };
 use super::dedupe::{self, Dedupe, RecentIds, Tuning, TxIds};
 use super::ingest::{LoadedState, ResolvedBatch, ingest_in_tx};
-use super::retention::{self, Consumer, PruneStep, Pruned};
+use super::retention::{self, Consumer, Keep, OldEvent, PruneStep, Pruned, PrunedName};
 use super::schema::{
     Dialect, RETENTION_TABLE, SCHEMA_VERSION, TRIGGER_COLUMNS, ddl, events_ddl, retention_ddl,
     state_seq_ddl,
@@ -244,6 +244,31 @@ impl retention::PruneTx for rusqlite::Transaction<'_> {
             .prepare_cached(sql)?
             .query_map(params_from_iter(params), |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<Result<Vec<_>, _>>()?)
+    }
+
+    fn oldest(
+        &mut self,
+        after: i64,
+        through: i64,
+        limit: i64,
+    ) -> Result<Vec<OldEvent>, StoreError> {
+        Ok(self
+            .prepare_cached(retention::OLDEST_EVENTS_SQL)?
+            .query_map([after, through, limit], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })?
+            .collect::<Result<Vec<_>, _>>()?)
+    }
+
+    fn note_pruned(
+        &mut self,
+        event_type: &str,
+        event: &str,
+        received_us: i64,
+    ) -> Result<(), StoreError> {
+        self.prepare_cached(retention::NOTE_PRUNED_NAME_SQL)?
+            .execute(params![event_type, event, received_us])?;
+        Ok(())
     }
 }
 
@@ -896,20 +921,27 @@ impl Store for SqliteStore {
     }
 
     fn pruned(&mut self) -> Result<Pruned, StoreError> {
-        Ok(self.conn.query_row(retention::PRUNED_SQL, [], |r| {
+        let mut pruned = self.conn.query_row(retention::PRUNED_SQL, [], |r| {
             Ok(Pruned::from_row(r.get(0)?, r.get(1)?))
-        })?)
+        })?;
+        pruned.by_name = self
+            .conn
+            .prepare_cached(retention::PRUNED_NAMES_SQL)?
+            .query_map([], |r| {
+                Ok(PrunedName {
+                    event_type: r.get(0)?,
+                    event: r.get(1)?,
+                    max_received_at_us: r.get(2)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(pruned)
     }
 
-    fn prune_events(
-        &mut self,
-        through_seq: i64,
-        received_before_us: i64,
-        max: usize,
-    ) -> Result<PruneStep, StoreError> {
+    fn prune_events(&mut self, keep: &Keep, max: usize) -> Result<PruneStep, StoreError> {
         let mut tx =
             rusqlite::Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
-        let step = retention::prune_in(&mut tx, "", through_seq, received_before_us, max)?;
+        let step = retention::prune_in(&mut tx, "", keep, max)?;
         tx.commit()?;
         Ok(step)
     }

@@ -263,7 +263,14 @@ impl<'a> Run<'a> {
     /// Reports the events the store's retention deleted before this connection loaded them:
     /// those after an event table's cursor up to the horizon or, on a first sync, those
     /// received since the start of the backfill window.
-    fn note_retention_gap(&mut self, pruned: &Pruned, start: i64, first_window: Option<i64>) {
+    fn note_retention_gap(
+        &mut self,
+        pruned: &Pruned,
+        start: i64,
+        first_window: Option<i64>,
+        head_only: &BTreeSet<String>,
+        max_len: usize,
+    ) {
         let message = if start < pruned.through_seq {
             let behind: Vec<&str> = self
                 .states
@@ -291,15 +298,43 @@ impl<'a> Run<'a> {
                 "the engine's event retention deleted events up to seq {} before this connection loaded them: {which} the events from their cursor (the lowest at seq {start}) to it; keep the connection syncing, or lengthen the engine's --event-retention",
                 pruned.through_seq,
             )
-        } else if let (Some(from), Some(newest)) = (first_window, pruned.max_received_at_us)
-            && newest >= from
-        {
+        } else if let Some(from) = first_window {
+            // A first sync: the deleted events of the tables it backfills, received inside
+            // its window (each type and Track name's newest deleted receivedAt).
+            let mut hit: BTreeSet<String> = BTreeSet::new();
+            let mut newest = i64::MIN;
+            for n in pruned
+                .by_name
+                .iter()
+                .filter(|n| n.max_received_at_us >= from)
+            {
+                let Some(t) = EventType::parse(&n.event_type) else {
+                    continue;
+                };
+                let mut tables = vec![t.table().to_string()];
+                if t == EventType::Track && !n.event.is_empty() {
+                    tables.push(events::track_table(&n.event, max_len));
+                }
+                for table in tables {
+                    if self.enabled(&table) && !head_only.contains(&table) {
+                        newest = newest.max(n.max_received_at_us);
+                        hit.insert(table);
+                    }
+                }
+            }
+            if hit.is_empty() {
+                return;
+            }
             let at = |us: i64| {
                 Timestamp::from_microsecond(us).map_or_else(|_| us.to_string(), |t| t.to_string())
             };
+            let shown: Vec<&str> = hit.iter().take(5).map(String::as_str).collect();
+            let more = if hit.len() > shown.len() { ", …" } else { "" };
             format!(
-                "the backfill window starts at {}, but the engine's event retention had deleted events received up to {}: those received between are not loaded; lengthen the engine's --event-retention to at least the longest backfill window",
+                "the backfill window starts at {}, but the engine's event retention had deleted events of {} table(s) ({}{more}) received after it (up to {}): they are not loaded; lengthen the engine's --event-retention to at least the longest backfill window",
                 at(from),
+                hit.len(),
+                shown.join(", "),
                 at(newest)
             )
         } else {
@@ -729,7 +764,7 @@ impl<'a> Run<'a> {
         // keeps everything this run reads.
         self.record_progress(source, start);
         let pruned = source.pruned()?;
-        self.note_retention_gap(&pruned, start, default_min);
+        self.note_retention_gap(&pruned, start, default_min, &head_only, max_len);
         if first_sync {
             // Each event table's starting point (the backfill window's, or the head for tables
             // over maxEventTables) is kept before any row loads: a first sync stopped part-way

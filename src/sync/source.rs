@@ -290,15 +290,9 @@ impl FeedSource for EngineSource {
     }
 
     fn pruned(&mut self) -> Result<Pruned, SourceError> {
-        let doc = self.catalog("")?;
-        let pruned = &doc["pruned"];
-        Ok(Pruned {
-            through_seq: pruned["throughSeq"].as_i64().unwrap_or(0),
-            max_received_at_us: pruned["maxReceivedAt"]
-                .as_str()
-                .and_then(|t| t.parse::<Timestamp>().ok())
-                .map(|t| t.as_microsecond()),
-        })
+        Ok(crate::engine::retention::pruned_from_json(
+            &self.catalog("")?["pruned"],
+        ))
     }
 
     fn record_progress(
