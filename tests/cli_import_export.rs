@@ -232,6 +232,38 @@ fn a_json_array_or_an_overlong_line_is_refused_and_the_rest_imports() {
     );
 }
 
+/// An event received more than a day ahead of the importer's clock (a typo in the year) is
+/// refused naming `receivedAt` — it would hold every later event back from retention until
+/// then; a day ahead passes (clocks disagree), as does any past receipt.
+#[test]
+fn an_event_received_in_the_future_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}", dir.path().join("s.db").display());
+    let input = dir.path().join("events.jsonl");
+    let at = |hours: i64| {
+        jiff::Timestamp::now()
+            .checked_add(jiff::SignedDuration::from_hours(hours))
+            .unwrap()
+            .to_string()
+    };
+    let msg = |id: &str, received: String| json!({"type": "track", "messageId": id, "userId": "u", "event": "A", "receivedAt": received});
+    let text = [
+        msg("typo", "2099-01-01T00:00:00Z".into()),
+        msg("ahead", at(23)),
+        msg("past", at(-24 * 400)),
+    ]
+    .iter()
+    .map(|m| format!("{m}\n"))
+    .collect::<String>();
+    std::fs::write(&input, text).unwrap();
+    let (code, out, err) = import(&store, &input);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("line 1: receivedAt"), "{err}");
+    assert!(err.contains("future"), "{err}");
+    let summary: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(summary["accepted"].as_u64(), Some(2), "{summary}");
+}
+
 #[test]
 fn import_takes_large_messages_in_batch_lines() {
     let dir = tempfile::tempdir().unwrap();

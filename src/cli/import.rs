@@ -228,6 +228,19 @@ pub fn import(
                 _ => DEFAULT_SOURCE.to_string(),
             };
             let refusal = match Event::from_value(m, None, &opts) {
+                // A receipt in the future (a typo in the year) would hold every later event
+                // back from retention until then; a day covers clocks that disagree. (Only
+                // here: stored events are read back with whatever receipt they have.)
+                Ok(e)
+                    if e.received_at.as_second()
+                        > opts.now.as_second().saturating_add(MAX_RECEIVED_AHEAD_SECS) =>
+                {
+                    (
+                        "receivedAt".to_string(),
+                        "is more than a day after now: an event cannot have been received in the future"
+                            .to_string(),
+                    )
+                }
                 Ok(e) => match storable(&e, rules) {
                     Ok(identifiers) => {
                         let event = PreparedEvent::with_identifiers(e, identifiers);
@@ -249,6 +262,9 @@ pub fn import(
     on_progress(bytes);
     Ok(summary)
 }
+
+/// How far after the importer's clock an event's `receivedAt` may be.
+const MAX_RECEIVED_AHEAD_SECS: i64 = 86_400;
 
 /// Reports one refused line or message and counts it under `key`.
 fn report(

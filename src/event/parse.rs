@@ -223,16 +223,7 @@ pub(super) fn parse_fields(
         optional_time(f.original_timestamp.as_ref(), "originalTimestamp")?.or(client_timestamp);
     let sent_at = optional_time(f.sent_at.as_ref(), "sentAt")?;
     let received_at = if opts.trust_received_at {
-        let at = optional_time(f.received_at.as_ref(), "receivedAt")?.unwrap_or(opts.now);
-        // A receipt in the future (a typo in the year) would hold every later event back from
-        // retention until then; a day covers clocks that disagree.
-        if at.as_second() > opts.now.as_second().saturating_add(MAX_RECEIVED_AHEAD_SECS) {
-            return Err(EventError::new(
-                "receivedAt",
-                "is more than a day after now: an event cannot have been received in the future",
-            ));
-        }
-        at
+        optional_time(f.received_at.as_ref(), "receivedAt")?.unwrap_or(opts.now)
     } else {
         opts.now
     };
@@ -365,9 +356,6 @@ fn take_object(v: Option<Value>, key: &str) -> Result<Map<String, Value>, EventE
         Some(_) => Err(EventError::new(key, "must be an object")),
     }
 }
-
-/// How far after the importer's clock a trusted `receivedAt` may be.
-const MAX_RECEIVED_AHEAD_SECS: i64 = 86_400;
 
 fn optional_time(v: Option<&Value>, key: &str) -> Result<Option<Timestamp>, EventError> {
     match v {
