@@ -39,6 +39,26 @@ fn open(url: &str) -> Box<dyn Store> {
     store::open(url, Rules::default()).unwrap()
 }
 
+/// The message of a report's Retention error (there must be one).
+fn retention_gap(r: &profiles_sync::sync::SyncReport) -> &str {
+    &r.errors
+        .iter()
+        .find(|e| e.class == ErrorClass::Retention)
+        .unwrap_or_else(|| panic!("no Retention error: {r:#?}"))
+        .message
+}
+
+/// Records [`CONSUMER`]'s progress.
+fn record(s: &mut dyn Store, after_seq: i64, window_seconds: i64) {
+    s.set_consumer(&store::Consumer {
+        name: CONSUMER.into(),
+        after_seq,
+        window_seconds,
+        updated_at: jiff::Timestamp::now(),
+    })
+    .unwrap();
+}
+
 fn sync(wh: &TestWarehouse, url: &str, consumer: Option<&str>) -> profiles_sync::sync::SyncReport {
     let mut source = StoreSource(open(url));
     wh.sync_as(
@@ -190,16 +210,8 @@ fn events_deleted_before_a_connection_loaded_them_are_reported(kind: &str) {
     spec.backfill.events = "120d".into();
     let mut source = StoreSource(open(&url));
     let r = fresh.sync_as(&mut source, None, &spec, 500, jiff::Timestamp::now(), None);
-    let gap = r
-        .errors
-        .iter()
-        .find(|e| e.class == ErrorClass::Retention)
-        .unwrap_or_else(|| panic!("{r:#?}"));
-    assert!(
-        gap.message.contains("backfill window starts at"),
-        "{}",
-        gap.message
-    );
+    let gap = retention_gap(&r);
+    assert!(gap.contains("backfill window starts at"), "{gap}");
     assert_eq!(fresh.count("tracks"), 1);
 }
 
@@ -219,13 +231,7 @@ fn a_first_sync_reports_only_deletions_of_the_tables_it_syncs() {
     // A connection with a one-day window has loaded everything: the pass deletes the first
     // three (the track outside every 60-day window, the pages inside one).
     let head = s.head_seq().unwrap();
-    s.set_consumer(&store::Consumer {
-        name: CONSUMER.into(),
-        after_seq: head,
-        window_seconds: 86_400,
-        updated_at: jiff::Timestamp::now(),
-    })
-    .unwrap();
+    record(&mut *s, head, 86_400);
     let outcome = prune_at(&url, jiff::Timestamp::now());
     assert_eq!(outcome.deleted, 3);
 
@@ -253,16 +259,8 @@ fn a_first_sync_reports_only_deletions_of_the_tables_it_syncs() {
         "{r:#?}"
     );
     let (r, _) = first_sync(None);
-    let gap = r
-        .errors
-        .iter()
-        .find(|e| e.class == ErrorClass::Retention)
-        .unwrap_or_else(|| panic!("{r:#?}"));
-    assert!(
-        gap.message.contains("1 table(s) (pages)"),
-        "{}",
-        gap.message
-    );
+    let gap = retention_gap(&r);
+    assert!(gap.contains("1 table(s) (pages)"), "{gap}");
 }
 
 /// A consumer that lowers its record while a pass waits to delete (another PostgreSQL replica's
@@ -277,13 +275,7 @@ fn postgres_a_record_lowered_while_a_pass_waits_is_held_or_sees_the_deletion() {
     let mut s = open(&url);
     ingest(&mut *s, &received(0, &["e1", "e2", "e3", "e4", "e5"]));
     let head = s.head_seq().unwrap();
-    s.set_consumer(&store::Consumer {
-        name: CONSUMER.into(),
-        after_seq: head,
-        window_seconds: 60,
-        updated_at: jiff::Timestamp::now(),
-    })
-    .unwrap();
+    record(&mut *s, head, 60);
     let mut side = pg.connect(&db);
     side.batch_execute("BEGIN; SELECT * FROM event_retention WHERE id = 1 FOR UPDATE")
         .unwrap();
@@ -310,14 +302,7 @@ fn postgres_a_record_lowered_while_a_pass_waits_is_held_or_sees_the_deletion() {
     // The warehouse went back (restored): the consumer records that it needs everything.
     let record_url = url.clone();
     let record = std::thread::spawn(move || {
-        open(&record_url)
-            .set_consumer(&store::Consumer {
-                name: CONSUMER.into(),
-                after_seq: 0,
-                window_seconds: 60,
-                updated_at: jiff::Timestamp::now(),
-            })
-            .unwrap();
+        record(&mut *open(&record_url), 0, 60);
         // What the sync reads next.
         open(&record_url).pruned().unwrap().through_seq
     });
@@ -357,14 +342,7 @@ fn postgres_a_record_made_during_a_step_waits_for_it() {
         .unwrap();
     let record_url = url.clone();
     let record = std::thread::spawn(move || {
-        open(&record_url)
-            .set_consumer(&store::Consumer {
-                name: CONSUMER.into(),
-                after_seq: 0,
-                window_seconds: 60,
-                updated_at: jiff::Timestamp::now(),
-            })
-            .unwrap();
+        record(&mut *open(&record_url), 0, 60);
         open(&record_url).pruned().unwrap().through_seq
     });
     let mut probe = pg.connect(&db);
@@ -406,13 +384,7 @@ fn young_events_stay_whatever_the_consumers_loaded() {
     ingest(&mut *s, &received(3, &["old"]));
     ingest(&mut *s, &received(0, &["young"]));
     let head = s.head_seq().unwrap();
-    s.set_consumer(&store::Consumer {
-        name: CONSUMER.into(),
-        after_seq: head,
-        window_seconds: 3600,
-        updated_at: jiff::Timestamp::now(),
-    })
-    .unwrap();
+    record(&mut *s, head, 3600);
     let outcome = prune_at(&url, jiff::Timestamp::now());
     assert_eq!(outcome.deleted, 1);
     assert_eq!(
@@ -539,6 +511,29 @@ async fn the_feed_consumers_api_records_lists_removes_and_refuses_bad_input() {
     engine.engine.stop().await.unwrap();
 }
 
+/// A sync of `wh` as [`CONSUMER`] through the engine's feed API at `base` (on a blocking
+/// thread: the source's client is blocking).
+async fn sync_through(
+    base: String,
+    wh: TestWarehouse,
+) -> (TestWarehouse, profiles_sync::sync::SyncReport) {
+    tokio::task::spawn_blocking(move || {
+        let mut source = EngineSource::new(&base, FEED_TOKEN.into()).unwrap();
+        let spec = wh.spec.clone();
+        let r = wh.sync_as(
+            &mut source,
+            None,
+            &spec,
+            500,
+            jiff::Timestamp::now(),
+            Some(CONSUMER),
+        );
+        (wh, r)
+    })
+    .await
+    .unwrap()
+}
+
 /// An engine with retention: a sync through its feed API records the connection; a pass
 /// deletes the events it loaded (not the ones after), the catalog shows the horizon, the
 /// metrics count them; the connection's next sync loads the rest.
@@ -561,21 +556,7 @@ async fn an_engine_deletes_what_its_consumers_loaded_and_keeps_the_rest() {
     // delete them (older than every window, loaded as far as the connection goes).
     let mut wh = TestWarehouse::sqlite();
     wh.spec.backfill.events = "30d".into();
-    let spec = wh.spec.clone();
-    let (wh, r) = tokio::task::spawn_blocking(move || {
-        let mut source = EngineSource::new(&base, FEED_TOKEN.into()).unwrap();
-        let r = wh.sync_as(
-            &mut source,
-            None,
-            &spec,
-            500,
-            jiff::Timestamp::now(),
-            Some(CONSUMER),
-        );
-        (wh, r)
-    })
-    .await
-    .unwrap();
+    let (wh, r) = sync_through(base, wh).await;
     assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
     ingest(&mut *open(&url), &received(90, &["b1"]));
 
@@ -618,22 +599,8 @@ async fn an_engine_deletes_what_its_consumers_loaded_and_keeps_the_rest() {
         "{metrics}"
     );
 
-    let base = engine.base.clone();
-    let r = tokio::task::spawn_blocking(move || {
-        let mut source = EngineSource::new(&base, FEED_TOKEN.into()).unwrap();
-        let spec = wh.spec.clone();
-        let r = wh.sync_as(
-            &mut source,
-            None,
-            &spec,
-            500,
-            jiff::Timestamp::now(),
-            Some(CONSUMER),
-        );
-        (r, wh.count("order_completed"))
-    })
-    .await
-    .unwrap();
+    let (wh, r) = sync_through(engine.base.clone(), wh).await;
+    let r = (r, wh.count("order_completed"));
     // b1, imported after the first sync, loads whatever its receivedAt.
     assert_eq!(
         (r.0.status, r.0.errors.len(), r.1),

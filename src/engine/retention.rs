@@ -57,7 +57,7 @@ pub struct PassOutcome {
     pub interrupted: bool,
 }
 
-/// One pass: steps of [`STEP`] events until nothing more is within the cut or `go_on` says
+/// One pass: steps of 5,000 events until nothing more is within the cut or `go_on` says
 /// stop. Each step takes the cut from the consumers as recorded inside its own transaction
 /// (`Store::prune_events`), never past the head as of the pass's start.
 pub fn pass(
@@ -308,6 +308,19 @@ fn consumer_name(namespace: &str, name: &str) -> Result<String, String> {
     Ok(format!("{namespace}/{name}"))
 }
 
+/// The consumer a request names, once its token is checked; the refusal otherwise.
+fn authorized_name(
+    state: &AppState,
+    headers: &HeaderMap,
+    namespace: &str,
+    name: &str,
+) -> Result<String, Box<Response>> {
+    if let Some(denied) = authorize(state, headers) {
+        return Err(Box::new(denied));
+    }
+    consumer_name(namespace, name).map_err(|why| Box::new(bad_request(why)))
+}
+
 /// The body of a consumer's record.
 #[derive(serde::Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -325,12 +338,9 @@ pub async fn record(
     Path((namespace, name)): Path<(String, String)>,
     body: Bytes,
 ) -> Response {
-    if let Some(denied) = authorize(&state, &headers) {
-        return denied;
-    }
-    let name = match consumer_name(&namespace, &name) {
+    let name = match authorized_name(&state, &headers, &namespace, &name) {
         Ok(n) => n,
-        Err(why) => return bad_request(why),
+        Err(refused) => return *refused,
     };
     let p: Progress = match serde_json::from_slice(&body) {
         Ok(p) => p,
@@ -355,8 +365,13 @@ pub async fn record(
         window_seconds: p.backfill_window_seconds,
         updated_at: Timestamp::now(),
     };
-    match state.readers.read(move |s| s.set_consumer(&consumer)).await {
-        Ok(Ok(())) => StatusCode::NO_CONTENT.into_response(),
+    no_content(state.readers.read(move |s| s.set_consumer(&consumer)).await)
+}
+
+/// 204 for a store write that went through, 503 otherwise.
+fn no_content<T>(written: Result<Result<T, StoreError>, String>) -> Response {
+    match written {
+        Ok(Ok(_)) => StatusCode::NO_CONTENT.into_response(),
         Ok(Err(e)) => store_unavailable(&e.to_string()),
         Err(e) => store_unavailable(&e),
     }
@@ -368,18 +383,11 @@ pub async fn remove(
     headers: HeaderMap,
     Path((namespace, name)): Path<(String, String)>,
 ) -> Response {
-    if let Some(denied) = authorize(&state, &headers) {
-        return denied;
-    }
-    let name = match consumer_name(&namespace, &name) {
+    let name = match authorized_name(&state, &headers, &namespace, &name) {
         Ok(n) => n,
-        Err(why) => return bad_request(why),
+        Err(refused) => return *refused,
     };
-    match state.readers.read(move |s| s.remove_consumer(&name)).await {
-        Ok(Ok(_)) => StatusCode::NO_CONTENT.into_response(),
-        Ok(Err(e)) => store_unavailable(&e.to_string()),
-        Err(e) => store_unavailable(&e),
-    }
+    no_content(state.readers.read(move |s| s.remove_consumer(&name)).await)
 }
 
 /// `POST /v1/retention`.
