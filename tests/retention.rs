@@ -9,7 +9,8 @@ use profiles_sync::crd::{ErrorClass, SyncStatus};
 use profiles_sync::engine::retention::{Retention, pass};
 use profiles_sync::identity::Rules;
 use profiles_sync::store::{self, Store};
-use profiles_sync::sync::{EngineSource, StoreSource};
+use profiles_sync::store::{FeedRow, FlatEventRow, Pruned, SourceInfo};
+use profiles_sync::sync::{EngineSource, FeedSource, SourceError, StoreSource};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use support::engine::FEED_TOKEN;
@@ -266,12 +267,34 @@ fn a_first_sync_reports_only_deletions_of_the_tables_it_syncs() {
 /// A consumer that lowers its record while a pass waits to delete (another PostgreSQL replica's
 /// step holds the horizon) is either held by the pass, or, when the pass deleted first, reads a
 /// horizon that shows it: no deletion lands after its record returned. (A pass that took its
-/// cut before the record deleted what it held, and the sync read the horizon from before.)
+/// cut before the record deleted what it held, and the sync read the horizon from before.) The
+/// same on a database whose default isolation is `REPEATABLE READ` (the step read the consumers
+/// from a snapshot taken before its wait).
 #[test]
 fn postgres_a_record_lowered_while_a_pass_waits_is_held_or_sees_the_deletion() {
+    for isolation in [None, Some("repeatable read")] {
+        a_record_lowered_while_a_pass_waits(isolation);
+    }
+}
+
+/// A fresh database of the test server, its default isolation set when given; its name and URL.
+fn database(prefix: &str, isolation: Option<&str>) -> (String, String) {
     let pg = support::pg::shared();
-    let db = pg.create_database("race");
+    let db = pg.create_database(prefix);
+    if let Some(level) = isolation {
+        pg.connect(&db)
+            .batch_execute(&format!(
+                "ALTER DATABASE \"{db}\" SET default_transaction_isolation = '{level}'"
+            ))
+            .unwrap();
+    }
     let url = pg.url(&db);
+    (db, url)
+}
+
+fn a_record_lowered_while_a_pass_waits(isolation: Option<&str>) {
+    let pg = support::pg::shared();
+    let (db, url) = database("race", isolation);
     let mut s = open(&url);
     ingest(&mut *s, &received(0, &["e1", "e2", "e3", "e4", "e5"]));
     let head = s.head_seq().unwrap();
@@ -326,14 +349,82 @@ fn postgres_a_record_lowered_while_a_pass_waits_is_held_or_sees_the_deletion() {
     assert!(after == 0 || after >= head, "all or nothing: {after}");
 }
 
+/// A pass that waits for a consumer's record to commit (it holds the horizon) reads that
+/// record once it has the horizon: it deletes nothing the record holds — also on a database
+/// whose default isolation is `REPEATABLE READ`, where the step's snapshot was taken before
+/// its wait. The record is played by a transaction of the store's own statements.
+#[test]
+fn postgres_a_pass_that_waited_for_a_record_reads_it() {
+    for isolation in [None, Some("repeatable read")] {
+        let pg = support::pg::shared();
+        let (db, url) = database("wait", isolation);
+        let mut s = open(&url);
+        ingest(&mut *s, &received(0, &["e1", "e2", "e3"]));
+        let head = s.head_seq().unwrap();
+        record(&mut *s, head, 60);
+        let mut recording = pg.connect(&db);
+        recording
+            .batch_execute(&format!(
+                "BEGIN ISOLATION LEVEL READ COMMITTED; \
+                 UPDATE event_retention SET pruned_through = pruned_through WHERE id = 1; \
+                 UPDATE feed_consumers SET after_seq = 0 WHERE consumer = '{CONSUMER}'"
+            ))
+            .unwrap();
+        let pass_url = url.clone();
+        let pass_thread = std::thread::spawn(move || {
+            pass(
+                &mut *open(&pass_url),
+                std::time::Duration::from_secs(86_400),
+                jiff::Timestamp::now()
+                    .checked_add(jiff::SignedDuration::from_hours(200 * 24))
+                    .unwrap(),
+                &|| true,
+            )
+        });
+        let mut probe = pg.connect(&db);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let waiting: i64 = probe
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            if waiting > 0 || pass_thread.is_finished() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the pass neither waits nor ends"
+            );
+            std::thread::yield_now();
+        }
+        recording.batch_execute("COMMIT").unwrap();
+        let outcome = pass_thread.join().unwrap();
+        // Deleting nothing, or failing (a serialization error: the next pass tries again),
+        // both hold the record; deleting the events does not.
+        if let Ok(o) = &outcome {
+            assert_eq!(o.deleted, 0, "{isolation:?}: {o:?}");
+        }
+        assert_eq!(s.event_count().unwrap(), 3, "{isolation:?}: {outcome:?}");
+    }
+}
+
 /// A consumer that records while a deletion step is under way (it has read the consumers
 /// already) waits for the step to commit, so the horizon it reads next shows what the step
-/// deleted. Here the step is played by a transaction of the store's own statements.
+/// deleted. Here the step is played by a transaction of the store's own statements. The same
+/// under a `REPEATABLE READ` default.
 #[test]
 fn postgres_a_record_made_during_a_step_waits_for_it() {
+    for isolation in [None, Some("repeatable read")] {
+        a_record_made_during_a_step(isolation);
+    }
+}
+
+fn a_record_made_during_a_step(isolation: Option<&str>) {
     let pg = support::pg::shared();
-    let db = pg.create_database("step");
-    let url = pg.url(&db);
+    let (db, url) = database("step", isolation);
     let mut s = open(&url);
     ingest(&mut *s, &received(0, &["e1", "e2", "e3"]));
     let head = s.head_seq().unwrap();
@@ -373,6 +464,135 @@ fn postgres_a_record_made_during_a_step_waits_for_it() {
         record.join().unwrap(),
         head,
         "the record returned before the step committed"
+    );
+}
+
+/// A store's feed whose first `fail_records` records fail (an engine restarting) and that runs
+/// `during` once, as the sync reads its first page of events.
+struct Interrupted {
+    inner: StoreSource,
+    fail_records: usize,
+    during: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl FeedSource for Interrupted {
+    fn read(
+        &mut self,
+        feed: &store::Feed,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<FeedRow>, SourceError> {
+        self.inner.read(feed, after, limit)
+    }
+    fn read_events(&mut self, after: i64, limit: usize) -> Result<Vec<FlatEventRow>, SourceError> {
+        if let Some(during) = self.during.take() {
+            during();
+        }
+        self.inner.read_events(after, limit)
+    }
+    fn head(&mut self) -> Result<i64, SourceError> {
+        self.inner.head()
+    }
+    fn track_event_names(&mut self) -> Result<Vec<String>, SourceError> {
+        self.inner.track_event_names()
+    }
+    fn sources(&mut self) -> Result<Vec<SourceInfo>, SourceError> {
+        self.inner.sources()
+    }
+    fn event_seq_since(&mut self, at: jiff::Timestamp) -> Result<Option<i64>, SourceError> {
+        self.inner.event_seq_since(at)
+    }
+    fn pruned(&mut self) -> Result<Pruned, SourceError> {
+        self.inner.pruned()
+    }
+    fn record_progress(&mut self, c: &str, after: i64, window: i64) -> Result<(), SourceError> {
+        if self.fail_records > 0 {
+            self.fail_records -= 1;
+            return Err(SourceError("PUT: 503 Service Unavailable".into()));
+        }
+        self.inner.record_progress(c, after, window)
+    }
+}
+
+/// A connection whose record did not hold while it loaded — it could not be written as the
+/// event load started (a first sync with a window longer than any recorded: the pass deletes
+/// inside it), or it was removed meanwhile — reports that events it had not read yet may be
+/// gone, in that run; with its record in place, the same pass deletes nothing it needs.
+#[test]
+fn a_record_that_did_not_hold_during_a_run_is_reported() {
+    // A first sync, 120-day window; another connection (one day) has loaded everything.
+    for fail_records in [0, 1] {
+        let (mut s, url, _d) = store();
+        ingest(&mut *s, &received(90, &["a1", "a2", "a3"]));
+        ingest(&mut *s, &received(0, &["now"]));
+        let head = s.head_seq().unwrap();
+        s.set_consumer(&store::Consumer {
+            name: "other/wh".into(),
+            after_seq: head,
+            window_seconds: 86_400,
+            updated_at: jiff::Timestamp::now(),
+        })
+        .unwrap();
+        let wh = TestWarehouse::sqlite();
+        let mut spec = wh.spec.clone();
+        spec.backfill.events = "120d".into();
+        let during_url = url.clone();
+        let mut source = Interrupted {
+            inner: StoreSource(open(&url)),
+            fail_records,
+            during: Some(Box::new(move || {
+                prune_at(&during_url, jiff::Timestamp::now());
+            })),
+        };
+        let r = wh.sync_as(
+            &mut source,
+            None,
+            &spec,
+            500,
+            jiff::Timestamp::now(),
+            Some(CONSUMER),
+        );
+        if fail_records == 0 {
+            assert_eq!(
+                (r.status, wh.count("tracks")),
+                (SyncStatus::Success, 4),
+                "{r:#?}"
+            );
+        } else {
+            assert!(
+                retention_gap(&r).contains("its record did not hold"),
+                "{r:#?}"
+            );
+        }
+    }
+
+    // A record removed while its connection loads.
+    let (mut s, url, _d) = store();
+    ingest(&mut *s, &received(3, &["a1", "a2"]));
+    let wh = TestWarehouse::sqlite();
+    assert_eq!(sync(&wh, &url, Some(CONSUMER)).status, SyncStatus::Success);
+    ingest(&mut *s, &received(3, &["b1", "b2", "b3"]));
+    ingest(&mut *s, &received(0, &["fresh"]));
+    let during_url = url.clone();
+    let mut source = Interrupted {
+        inner: StoreSource(open(&url)),
+        fail_records: 0,
+        during: Some(Box::new(move || {
+            assert!(open(&during_url).remove_consumer(CONSUMER).unwrap());
+            prune_at(&during_url, jiff::Timestamp::now());
+        })),
+    };
+    let r = wh.sync_as(
+        &mut source,
+        None,
+        &wh.spec,
+        500,
+        jiff::Timestamp::now(),
+        Some(CONSUMER),
+    );
+    assert!(
+        retention_gap(&r).contains("its record did not hold"),
+        "{r:#?}"
     );
 }
 
@@ -428,6 +648,16 @@ async fn the_feed_consumers_api_records_lists_removes_and_refuses_bad_input() {
             "Team_A/wh",
             json!({"afterSeq": 1, "backfillWindowSeconds": 60}),
             "namespace",
+        ),
+        (
+            "-team/wh",
+            json!({"afterSeq": 1, "backfillWindowSeconds": 60}),
+            "namespace",
+        ),
+        (
+            "team-a/wh..x",
+            json!({"afterSeq": 1, "backfillWindowSeconds": 60}),
+            "name",
         ),
         (
             "team-a/WH",
@@ -508,6 +738,41 @@ async fn the_feed_consumers_api_records_lists_removes_and_refuses_bad_input() {
     let (status, err) = call(reqwest::Method::POST, format!("{base}/v1/retention"), None).await;
     assert_eq!(status, StatusCode::CONFLICT);
     assert!(err["error"].as_str().unwrap().contains("--event-retention"));
+    engine.engine.stop().await.unwrap();
+}
+
+/// One retention pass at a time: while one waits for the store (another connection holds
+/// SQLite's write lock), a second asked for is refused with a 409 at once; the first completes
+/// once the lock is let go.
+#[tokio::test]
+async fn one_pass_at_a_time() {
+    let engine = support::engine::start_options(support::engine::Options {
+        retention: Some(Retention {
+            min_age: std::time::Duration::from_secs(86_400),
+            interval: std::time::Duration::from_secs(86_400),
+        }),
+        ..Default::default()
+    })
+    .await;
+    let lock = rusqlite::Connection::open(&engine.store_path).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let url = format!("{}/v1/retention", engine.base);
+    let mut a = tokio::spawn(call(reqwest::Method::POST, url.clone(), None));
+    let mut b = tokio::spawn(call(reqwest::Method::POST, url, None));
+    let (first, other) = tokio::select! {
+        r = &mut a => (r.unwrap(), b),
+        r = &mut b => (r.unwrap(), a),
+    };
+    assert_eq!(first.0, StatusCode::CONFLICT, "{}", first.1);
+    assert!(
+        first.1["error"]
+            .as_str()
+            .unwrap()
+            .contains("already running")
+    );
+    lock.execute_batch("COMMIT").unwrap();
+    let (status, done) = other.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{done}");
     engine.engine.stop().await.unwrap();
 }
 

@@ -51,6 +51,8 @@ pub struct AppState {
     pub stall_timeout: std::time::Duration,
     /// Event retention; `None` keeps every event.
     pub retention: Option<super::retention::Retention>,
+    /// True while a retention pass runs (one at a time).
+    pub retention_running: AtomicBool,
 }
 
 type Shared = Arc<AppState>;

@@ -215,6 +215,7 @@ pub async fn start(config: EngineConfig) -> anyhow::Result<RunningEngine> {
         body_timeout: config.body_timeout,
         stall_timeout: config.stall_timeout,
         retention: config.retention,
+        retention_running: AtomicBool::new(false),
     });
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;

@@ -26,6 +26,9 @@ use super::http::{AppState, authorize, json_response, store_unavailable};
 use crate::event::Timestamp;
 use crate::store::{Consumer, Cut, Keep, Pruned, Store, StoreError};
 
+/// Why a pass did not start.
+const ALREADY_RUNNING: &str = "a retention pass is already running";
+
 /// Seconds between two passes unless `--retention-interval-secs` says otherwise.
 pub const DEFAULT_INTERVAL_SECS: u64 = 600;
 /// Events deleted per transaction: each holds SQLite's write lock for tens of milliseconds.
@@ -113,6 +116,22 @@ pub fn spawn(
 
 /// A pass on one of the feed API's store handles, logged and counted.
 async fn run_pass(state: &Arc<AppState>, retention: Retention) -> Result<PassOutcome, String> {
+    // One pass at a time per engine: a pass ties up a feed reader (and, on SQLite, the write
+    // lock a step at a time), and a second one would only wait on the first's horizon.
+    if state
+        .retention_running
+        .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        return Err(ALREADY_RUNNING.to_string());
+    }
+    struct Running<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for Running<'_> {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::Release);
+        }
+    }
+    let _running = Running(&state.retention_running);
     let shared = Arc::clone(state);
     let outcome = state
         .readers
@@ -294,16 +313,24 @@ pub async fn list(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Res
 /// A consumer's name from the path: a Kubernetes namespace and object name (lower-case
 /// letters, digits, `-` and `.`), so that no two connections share one.
 fn consumer_name(namespace: &str, name: &str) -> Result<String, String> {
-    for (what, v, max) in [("namespace", namespace, 63), ("name", name, 253)] {
-        let ok = !v.is_empty()
-            && v.len() <= max
+    // A DNS label: lower-case letters, digits and '-', a letter or digit at each end.
+    let label = |v: &str| {
+        !v.is_empty()
+            && v.len() <= 63
             && v.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
-        if !ok {
-            return Err(format!(
-                "{what} {v:?}: a Kubernetes {what} (lower-case letters, digits, '-' and '.', at most {max})"
-            ));
-        }
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !v.starts_with('-')
+            && !v.ends_with('-')
+    };
+    if !label(namespace) {
+        return Err(format!(
+            "namespace {namespace:?}: a Kubernetes namespace (lower-case letters, digits and '-', a letter or digit at each end, at most 63)"
+        ));
+    }
+    if name.len() > 253 || !name.split('.').all(label) {
+        return Err(format!(
+            "name {name:?}: a Kubernetes object name (labels of lower-case letters, digits and '-' joined by '.', at most 253)"
+        ));
     }
     Ok(format!("{namespace}/{name}"))
 }
@@ -402,6 +429,9 @@ pub async fn run_now(State(state): State<Arc<AppState>>, headers: HeaderMap) -> 
         );
     };
     match run_pass(&state, retention).await {
+        Err(e) if e == ALREADY_RUNNING => {
+            json_response(StatusCode::CONFLICT, json!({"error": ALREADY_RUNNING}))
+        }
         Ok(o) => json_response(
             StatusCode::OK,
             json!({

@@ -47,6 +47,15 @@ fn connect(url: &str) -> Result<Client, StoreError> {
     Ok(client)
 }
 
+/// A `READ COMMITTED` transaction whatever the database's default: each statement sees what
+/// committed before it, so that what waited for a lock reads what its holder wrote.
+fn read_committed(client: &mut Client) -> Result<postgres::Transaction<'_>, StoreError> {
+    Ok(client
+        .build_transaction()
+        .isolation_level(postgres::IsolationLevel::ReadCommitted)
+        .start()?)
+}
+
 /// A read-only transaction that reads one snapshot (`REPEATABLE READ`), and takes no lock.
 fn snapshot(client: &mut Client) -> Result<postgres::Transaction<'_>, StoreError> {
     Ok(client
@@ -967,8 +976,8 @@ impl Store for PostgresStore {
         // Under the horizon's lock: a deletion step in progress (another replica's, with the
         // consumers it read before this record) commits first, so that the horizon read
         // after this returns shows what it deleted.
-        let mut tx = self.client.transaction()?;
-        tx.execute(retention::LOCK_HORIZON_SQL, &[])?;
+        let mut tx = read_committed(&mut self.client)?;
+        tx.execute(retention::TOUCH_HORIZON_SQL, &[])?;
         tx.execute(
             retention::SET_CONSUMER_SQL,
             &[
@@ -1021,7 +1030,10 @@ impl Store for PostgresStore {
     }
 
     fn prune_events(&mut self, keep: &Keep, max: usize) -> Result<PruneStep, StoreError> {
-        let mut tx = self.client.transaction()?;
+        // READ COMMITTED whatever the database's default: a step that waited for the horizon
+        // must read the consumers recorded meanwhile (a snapshot from before the wait would
+        // delete what a lowered record holds).
+        let mut tx = read_committed(&mut self.client)?;
         let step = retention::prune_in(&mut Pg(&mut tx), " FOR UPDATE", keep, max)?;
         tx.commit()?;
         Ok(step)

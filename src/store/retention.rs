@@ -70,10 +70,13 @@ pub(crate) const NOTE_PRUNED_NAME_SQL: &str =
 /// Every type and Track name deleted events had, with the newest deleted `receivedAt`.
 pub(crate) const PRUNED_NAMES_SQL: &str =
     "SELECT type, event, max_received_us FROM pruned_events ORDER BY type, event";
-/// Locks the horizon's row (PostgreSQL) so that a consumer's record and a deletion step take
-/// turns.
-pub(crate) const LOCK_HORIZON_SQL: &str =
-    "SELECT pruned_through FROM event_retention WHERE id = 1 FOR UPDATE";
+/// Takes the horizon's row (PostgreSQL) with a write that changes nothing, so that a
+/// consumer's record and a deletion step take turns: under `READ COMMITTED` the step that
+/// waited reads the record; under snapshot isolation (a database whose default is `REPEATABLE
+/// READ`, a distributed PostgreSQL) a step that raced it fails with a serialization error
+/// instead of deleting past it.
+pub(crate) const TOUCH_HORIZON_SQL: &str =
+    "UPDATE event_retention SET pruned_through = pruned_through WHERE id = 1";
 /// Deletes the events after `$1` up to `$2`.
 pub(crate) const DELETE_EVENTS_SQL: &str = "DELETE FROM events WHERE seq > $1 AND seq <= $2";
 /// Moves the horizon to `$1`, the newest `receivedAt` deleted to `$2`.

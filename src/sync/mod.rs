@@ -348,6 +348,39 @@ impl<'a> Run<'a> {
         });
     }
 
+    /// With this connection recorded as a consumer from the start of its event load, the
+    /// horizon cannot pass that start during the run; when it has, the record did not hold (it
+    /// could not be written, or was removed meanwhile) and events the run had not read yet may
+    /// have been deleted: reported, unless a gap was already.
+    fn note_deleted_during_run(
+        &mut self,
+        source: &mut dyn FeedSource,
+        start: i64,
+    ) -> Result<(), RunError> {
+        if self.opts.consumer.is_none()
+            || self
+                .report
+                .errors
+                .iter()
+                .any(|e| e.class == ErrorClass::Retention)
+        {
+            return Ok(());
+        }
+        let through = source.pruned()?.through_seq;
+        if through > start {
+            let message = format!(
+                "during this run the engine's event retention deleted events up to seq {through}, past where this connection's event load started (seq {start}): its record did not hold (it could not be written, or was removed meanwhile), so events between may be missing from its event tables; keep the connection's record in place (GET /v1/feed-consumers)"
+            );
+            tracing::warn!("{message}");
+            self.report.errors.push(SyncError {
+                class: ErrorClass::Retention,
+                message,
+                table: None,
+            });
+        }
+        Ok(())
+    }
+
     fn table_report(&mut self, table: &str) -> &mut TableReport {
         self.table_reports
             .entry(table.to_string())
@@ -910,6 +943,7 @@ impl<'a> Run<'a> {
         if !self.budget_left() && pos < self.head {
             self.report.limit_reached = true;
         }
+        self.note_deleted_during_run(source, start)?;
         // Every enabled, healthy event table has seen every event up to `pos`.
         let tables: Vec<String> = self
             .states
