@@ -735,6 +735,18 @@ async fn the_feed_consumers_api_records_lists_removes_and_refuses_bad_input() {
     }
     let (_, list) = call(reqwest::Method::GET, consumers.clone(), None).await;
     assert_eq!(list["consumers"], json!([]));
+    // A sync's record to an engine older than retention (its 404, played by a path this one
+    // does not serve) is no error: that engine deletes nothing.
+    let older = format!("{base}/older-release");
+    let recorded = tokio::task::spawn_blocking(move || {
+        EngineSource::new(&older, FEED_TOKEN.into())
+            .unwrap()
+            .record_progress(CONSUMER, 1, 60)
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap();
+    assert_eq!(recorded, Ok(()));
     let (status, err) = call(reqwest::Method::POST, format!("{base}/v1/retention"), None).await;
     assert_eq!(status, StatusCode::CONFLICT);
     assert!(err["error"].as_str().unwrap().contains("--event-retention"));

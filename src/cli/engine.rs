@@ -54,9 +54,10 @@ pub struct EngineArgs {
         value_parser = clap::value_parser!(u64).range(0..=86_400)
     )]
     pub stall_timeout_secs: u64,
-    /// Delete events older than this (days `60d` or hours `36h`, at most 5 digits) once every
-    /// connection's sync has loaded them; a connection's longer backfill window keeps them longer.
-    /// Unset, the store keeps every event.
+    /// Delete events older than this (days `60d` or hours `36h`, 1 to 5 digits, not 0) once
+    /// every connection that has recorded its progress (each sync does) has loaded them; a
+    /// connection's longer backfill window keeps them longer, and one not yet synced under this
+    /// release holds nothing back beyond the windows. Unset, the store keeps every event.
     #[arg(long, env = "PROFILES_SYNC_EVENT_RETENTION", value_parser = retention_window)]
     pub event_retention: Option<std::time::Duration>,
     /// Seconds between two retention passes.
@@ -71,11 +72,12 @@ pub struct EngineArgs {
 
 /// `--event-retention`'s value.
 fn retention_window(text: &str) -> Result<std::time::Duration, String> {
-    let digits = text.len().saturating_sub(1);
+    let digits = text.as_bytes().split_last().map_or(&[][..], |(_, d)| d);
+    let plain = (1..=5).contains(&digits.len()) && digits.iter().all(u8::is_ascii_digit);
     match crate::crd::parse_window(text) {
-        Some(w) if (1..=5).contains(&digits) => Ok(w),
+        Some(w) if plain && !w.is_zero() => Ok(w),
         _ => Err(format!(
-            "{text:?}: days (60d) or hours (36h), at most 5 digits"
+            "{text:?}: days (60d) or hours (36h), 1 to 5 digits, not 0"
         )),
     }
 }
@@ -189,6 +191,25 @@ mod tests {
         std::fs::write(&path, "s3cret\nsecond line\n").unwrap();
         let why = feed_token(&path).unwrap_err().to_string();
         assert!(why.contains("HTTP header"), "{why}");
+    }
+
+    /// `--event-retention` takes 1 to 5 digits and `d` or `h`, not 0 (no record would then keep
+    /// anything), no sign, no other unit; a multi-byte last character is refused, not a panic.
+    #[test]
+    fn the_retention_window_is_days_or_hours_and_not_zero() {
+        assert_eq!(
+            retention_window("60d"),
+            Ok(std::time::Duration::from_secs(60 * 86_400))
+        );
+        assert_eq!(
+            retention_window("36h"),
+            Ok(std::time::Duration::from_secs(36 * 3_600))
+        );
+        for bad in [
+            "0d", "0h", "+1d", "100000d", "60", "d", "", "5日", "1.5d", "60 days",
+        ] {
+            assert!(retention_window(bad).is_err(), "{bad}");
+        }
     }
 
     /// Capacities and timeouts out of range are a usage error naming the flag (a huge reading

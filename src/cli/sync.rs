@@ -36,8 +36,9 @@ pub struct SyncArgs {
     /// Rows read per feed request and loaded per transaction at most.
     #[arg(long, default_value_t = 10_000)]
     pub page_size: usize,
-    /// After the run, record the events this connection still needs under its
-    /// `namespace/name` (the engine's event retention keeps them); the controller's Jobs do.
+    /// As the event load starts and after the run, record the events this connection still
+    /// needs under its `namespace/name` (the engine's event retention keeps them); the
+    /// controller's Jobs do.
     /// A one-off local run should not: its record would hold events for a connection that
     /// never comes back (or overwrite the real connection's of the same name).
     #[arg(long, env = "PROFILES_SYNC_RECORD_PROGRESS")]

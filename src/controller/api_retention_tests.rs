@@ -216,6 +216,26 @@ async fn two_connections(
     fixture_with(dir, client, &now.to_string(), |s| s.job.engine_url = url).await
 }
 
+/// An engine older than retention answers 404 on the consumers' routes (played by a real
+/// engine under a path it does not serve, which answers as an older one does): it holds no
+/// record, so a deletion releases nothing and warns about nothing, and the periodic pass finds
+/// nothing to remove, without an error.
+#[tokio::test]
+async fn an_engine_older_than_retention_holds_nothing_and_is_not_warned_about() {
+    let engine = Engine::start(TOKEN).await;
+    let older = format!("{}/older-release", engine.url);
+    let f = deleting(&older).await;
+    f.reconcile("analytics").await.unwrap();
+    assert!(deleted(&f).await);
+    assert_eq!(hold_warnings(&f).await, vec![]);
+    let f = two_connections(&older, Timestamp::now(), Default::default()).await;
+    assert_eq!(
+        stale_consumers::collect(&f.ctx).await.unwrap(),
+        Default::default()
+    );
+    engine.running.stop().await.unwrap();
+}
+
 /// `now` less `minutes`.
 fn ago(now: Timestamp, minutes: i64) -> Timestamp {
     now - jiff::SignedDuration::from_mins(minutes)

@@ -85,14 +85,29 @@ fn api_url(engine_url: &str, segments: &[&str]) -> Result<Url, ConsumerApiError>
 /// 204 whether or not it held one).
 pub async fn release(ctx: &Context, namespace: &str, name: &str) -> Result<(), ConsumerApiError> {
     let url = consumer_url(&ctx.settings.job.engine_url, namespace, name)?;
-    call(ctx, Method::DELETE, url).await.map(drop)
+    match call(ctx, Method::DELETE, url).await {
+        Err(e) if predates_retention(&e) => {
+            tracing::debug!("the engine predates event retention: no feed consumer to release");
+            Ok(())
+        }
+        other => other.map(drop),
+    }
+}
+
+/// Whether the engine answered 404 on the consumers' routes: a release older than retention
+/// (a newer one answers them, 204 for a consumer it never recorded), which holds no record.
+fn predates_retention(e: &ConsumerApiError) -> bool {
+    matches!(e, ConsumerApiError::Refused { status, .. } if *status == reqwest::StatusCode::NOT_FOUND)
 }
 
 /// Every feed consumer the engine records (`GET /v1/feed-consumers` with the feed API token).
 pub async fn list(ctx: &Context) -> Result<Vec<RecordedConsumer>, ConsumerApiError> {
     let url = api_url(&ctx.settings.job.engine_url, &["v1", "feed-consumers"])?;
-    let body = call(ctx, Method::GET, url)
-        .await?
+    let response = match call(ctx, Method::GET, url).await {
+        Err(e) if predates_retention(&e) => return Ok(vec![]),
+        other => other?,
+    };
+    let body = response
         .bytes()
         .await
         .map_err(|e| ConsumerApiError::Unreachable(causes(&e)))?;

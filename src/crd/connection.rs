@@ -206,13 +206,16 @@ impl Backfill {
 
 /// A window written as days (`60d`) or hours (`36h`); `None` for anything else.
 pub fn parse_window(text: &str) -> Option<std::time::Duration> {
-    let (n, unit) = text.split_at(text.len().checked_sub(1)?);
-    let n: u64 = n.parse().ok()?;
-    let hours = match unit {
-        "d" => n.checked_mul(24)?,
-        "h" => n,
+    // By suffix, not by byte position: a last character of several bytes (`5日`) is no unit.
+    let (n, per) = match (text.strip_suffix('d'), text.strip_suffix('h')) {
+        (Some(n), _) => (n, 24),
+        (_, Some(n)) => (n, 1),
         _ => return None,
     };
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let hours = n.parse::<u64>().ok()?.checked_mul(per)?;
     Some(std::time::Duration::from_secs(hours.checked_mul(3600)?))
 }
 

@@ -66,6 +66,19 @@ fn connection_defaults_match_the_design() {
     assert_eq!(creds, &CredentialsSecretRef::named("creds"));
 }
 
+/// A backfill window other than days or hours is refused by `validate` (what a local `sync -f`
+/// checks; the API server has the CRD's pattern) — one ending in a multi-byte character too,
+/// which panicked the window's parser (it cut the text at a byte position).
+#[test]
+fn a_backfill_window_that_is_no_days_or_hours_is_refused_without_a_panic() {
+    for bad in ["5日", "日", "+5d", "5", "0x5d", ""] {
+        let mut c = connection(postgres_spec());
+        c.spec.backfill.events = bad.into();
+        let err = c.spec.validate_fields().unwrap_err();
+        assert!(err.contains("spec.backfill.events"), "{bad}: {err}");
+    }
+}
+
 #[test]
 fn schema_defaults_are_published_for_the_api_server() {
     // The API server applies defaults from the schema, so `kubectl get -o yaml` shows them.

@@ -114,7 +114,7 @@ impl Metrics {
         )?;
         let events_pruned_through = IntGauge::new(
             "events_pruned_through_seq",
-            "The seq at or below which retention has deleted every event (0 before its first deletion)",
+            "The seq at or below which retention has deleted every event (0 while none was ever deleted)",
         )?;
         registry.register(Box::new(load_failures.clone()))?;
         registry.register(Box::new(events_pruned.clone()))?;

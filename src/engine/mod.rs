@@ -185,14 +185,26 @@ pub async fn start(config: EngineConfig) -> anyhow::Result<RunningEngine> {
         config.rules.clone(),
         config.sources.infos(),
     );
-    let store = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+    let (store, pruned) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let mut store = crate::store::open(&url, rules)?;
         for s in &infos {
             store.upsert_source(s)?;
         }
-        Ok(store)
+        let pruned = store.pruned()?.through_seq;
+        Ok((store, pruned))
     })
     .await??;
+    // The horizon as of the start, not 0 until the first pass.
+    metrics.events_pruned_through.set(pruned);
+    match config.retention {
+        Some(r) => tracing::info!(
+            min_age_seconds = r.min_age.as_secs(),
+            interval_seconds = r.interval.as_secs(),
+            pruned_through = pruned,
+            "event retention on"
+        ),
+        None => tracing::info!("event retention off: the store keeps every event"),
+    }
     let (loaded_tx, loaded) = tokio::sync::watch::channel(false);
     let (writer, writer_thread) = writer::Writer::spawn(
         store,

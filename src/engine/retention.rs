@@ -56,12 +56,14 @@ pub struct PassOutcome {
     pub cut: Cut,
     /// The event its last step stopped at for its age: `seq` and `receivedAt` (microseconds).
     pub blocked_by: Option<(i64, i64)>,
+    /// When the consumer that holds the cut lowest last recorded, if one does.
+    pub held_since: Option<Timestamp>,
     /// Whether it stopped before the cut (the engine is shutting down).
     pub interrupted: bool,
 }
 
 /// One pass: steps of 5,000 events until nothing more is within the cut or `go_on` says
-/// stop. Each step takes the cut from the consumers as recorded inside its own transaction
+/// stop (it is called between steps, and may wait: the engine's lets its writer go first). Each step takes the cut from the consumers as recorded inside its own transaction
 /// (`Store::prune_events`), never past the head as of the pass's start.
 pub fn pass(
     store: &mut dyn Store,
@@ -79,12 +81,18 @@ pub fn pass(
         let step = store.prune_events(&keep, STEP)?;
         deleted += step.deleted;
         if step.done || !go_on() {
-            let cut = crate::store::cut(&store.consumers()?, keep.min_age_seconds, now, keep.head);
+            let consumers = store.consumers()?;
+            let cut = crate::store::cut(&consumers, keep.min_age_seconds, now, keep.head);
+            let held_since = consumers
+                .iter()
+                .find(|c| cut.held_by.as_deref() == Some(c.name.as_str()))
+                .map(|c| c.updated_at);
             return Ok(PassOutcome {
                 deleted,
                 pruned: store.pruned()?,
                 cut,
                 blocked_by: step.blocked_by,
+                held_since,
                 interrupted: !step.done,
             });
         }
@@ -114,8 +122,41 @@ pub fn spawn(
     });
 }
 
-/// A pass on one of the feed API's store handles, logged and counted.
+/// A pass on one of the feed API's store handles, logged and counted, on a task of its own:
+/// a request that asked for it and went away (a client's timeout) neither ends the guard
+/// against a second pass nor loses the count while the pass goes on.
 async fn run_pass(state: &Arc<AppState>, retention: Retention) -> Result<PassOutcome, String> {
+    let state = Arc::clone(state);
+    tokio::spawn(async move { run_pass_owned(&state, retention).await })
+        .await
+        .map_err(|e| e.to_string())?
+}
+
+/// Longest a pass waits between two steps for the store writer to have nothing to do.
+const MAX_YIELD: Duration = Duration::from_secs(1);
+
+/// Between two steps: waits while the store writer has requests queued or a write under way
+/// (at most [`MAX_YIELD`]), so that ingest goes first — on SQLite a step holds the one write
+/// lock, and a writer retrying on its busy handler would rarely catch the moment between two
+/// steps; then whether the pass may go on (not once shutdown has begun).
+fn yield_to_writer(state: &AppState) -> bool {
+    let until = std::time::Instant::now() + MAX_YIELD;
+    while (state.writer.depth() > 0 || state.writer.write_running_for().is_some())
+        && std::time::Instant::now() < until
+        && state.ready.load(Ordering::Relaxed)
+    {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    state.ready.load(Ordering::Relaxed)
+}
+
+/// Held back for longer than this by one consumer's old record, a pass says so.
+const STALE_HOLD: Duration = Duration::from_secs(86_400);
+
+async fn run_pass_owned(
+    state: &Arc<AppState>,
+    retention: Retention,
+) -> Result<PassOutcome, String> {
     // One pass at a time per engine: a pass ties up a feed reader (and, on SQLite, the write
     // lock a step at a time), and a second one would only wait on the first's horizon.
     if state
@@ -137,7 +178,7 @@ async fn run_pass(state: &Arc<AppState>, retention: Retention) -> Result<PassOut
         .readers
         .read(move |s| {
             pass(s, retention.min_age, Timestamp::now(), &|| {
-                shared.ready.load(Ordering::Relaxed)
+                yield_to_writer(&shared)
             })
         })
         .await;
@@ -155,6 +196,16 @@ async fn run_pass(state: &Arc<AppState>, retention: Retention) -> Result<PassOut
                     seq,
                     received_at = %timestamp_text(at),
                     "an event received in the future (an import's receivedAt) holds every later event back from retention until then"
+                );
+            }
+            if let (Some(holder), Some(since)) = (&o.cut.held_by, o.held_since)
+                && Timestamp::now().duration_since(since).as_secs() > STALE_HOLD.as_secs() as i64
+            {
+                tracing::warn!(
+                    consumer = %holder,
+                    last_recorded = %since,
+                    held_through_seq = o.cut.through_seq,
+                    "retention is held back by a connection that has not synced for over a day (suspended, failing before its event load, or deleted while the engine was unreachable): every event after its cursor is kept"
                 );
             }
             if o.deleted > 0 {
@@ -397,11 +448,16 @@ pub async fn record(
 
 /// 204 for a store write that went through, 503 otherwise.
 fn no_content<T>(written: Result<Result<T, StoreError>, String>) -> Response {
-    match written {
-        Ok(Ok(_)) => StatusCode::NO_CONTENT.into_response(),
-        Ok(Err(e)) => store_unavailable(&e.to_string()),
-        Err(e) => store_unavailable(&e),
-    }
+    let failed = match written {
+        Ok(Ok(_)) => return StatusCode::NO_CONTENT.into_response(),
+        Ok(Err(e)) => e.to_string(),
+        Err(e) => e,
+    };
+    tracing::error!(error = %failed, "a feed consumer's record could not be written");
+    super::http::retry_later(
+        json!({"error": "the store could not be written; retry"}),
+        "5",
+    )
 }
 
 /// `DELETE /v1/feed-consumers/{namespace}/{name}`.

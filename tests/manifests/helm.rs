@@ -273,6 +273,12 @@ pub fn reject_cases() -> Vec<Reject> {
             json!({"engine": {"eventRetention": "100000d"}}),
             "/engine/eventRetention",
         ),
+        // 0 would delete every event a recorded connection has loaded, and all of them with none.
+        reject(
+            "event-retention-zero",
+            json!({"engine": {"eventRetention": "0d"}}),
+            "/engine/eventRetention",
+        ),
         reject(
             "retention-interval",
             json!({"engine": {"eventRetention": "60d", "retentionIntervalSeconds": 0}}),
