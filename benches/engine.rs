@@ -5,6 +5,11 @@
 //! `cargo bench --bench engine` (env `BENCH_EVENTS`, default 200000; `BENCH_CLIENTS`, default 32;
 //! `BENCH_PG_DURABLE`, default 1: the PostgreSQL server commits durably; 0: the tests' server,
 //! without fsync).
+//!
+//! `cargo bench --bench engine -- --scenario retention_sqlite` (env `BENCH_RETENTION_EVENTS`,
+//! default 500000; part of the default run): the SQLite engine taking the same load while a
+//! retention pass deletes that many old events, against the load alone just before — how much
+//! ingest a pass costs (the pass yields to the writer between its steps).
 
 mod common;
 // The throwaway PostgreSQL server of the tests; not every bench uses all of it.
@@ -66,8 +71,23 @@ fn bodies(events: usize) -> Vec<Bytes> {
         .collect()
 }
 
-/// Sends every body with `clients` concurrent connections; returns (seconds, latencies in ms).
+/// Sends every body with `clients` concurrent connections; returns (seconds, latencies in ms,
+/// requests turned away).
 async fn load(base: &str, bodies: Arc<Vec<Bytes>>, clients: usize) -> (f64, Vec<f64>, usize) {
+    let (secs, timed, turned_away) = load_timed(base, bodies, clients).await;
+    (
+        secs,
+        timed.into_iter().map(|(_, l)| l).collect(),
+        turned_away,
+    )
+}
+
+/// [`load`], each latency with when its request was sent (seconds after the load started).
+async fn load_timed(
+    base: &str,
+    bodies: Arc<Vec<Bytes>>,
+    clients: usize,
+) -> (f64, Vec<(f64, f64)>, usize) {
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let turned_away = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     // Built before the clock starts: a client loads its TLS roots when built.
@@ -101,7 +121,7 @@ async fn load(base: &str, bodies: Arc<Vec<Bytes>>, clients: usize) -> (f64, Vec<
                         continue;
                     }
                     assert!(status.is_success(), "{status}");
-                    lat.push(s.elapsed().as_secs_f64() * 1000.0);
+                    lat.push(((s - t).as_secs_f64(), s.elapsed().as_secs_f64() * 1000.0));
                     break;
                 }
             }
@@ -209,10 +229,107 @@ async fn scenario(kind: &str) -> Value {
            "p50_ms": pct(&lat, 0.5), "p99_ms": pct(&lat, 0.99), "clients": clients, "turned_away": turned_away, "peak_rss_mib": common::peak_rss_mib()})
 }
 
+/// Latency figures of `lat` (ms) over `secs`: requests/s, p50, p99, max.
+fn phase(lat: &mut [f64], secs: f64) -> Value {
+    lat.sort_by(|a, b| a.total_cmp(b));
+    json!({"requests_per_sec": lat.len() as f64 / secs, "p50_ms": pct(lat, 0.5),
+           "p99_ms": pct(lat, 0.99), "max_ms": lat.last().copied().unwrap_or(0.0)})
+}
+
+/// The SQLite engine's load alone, then the same load while a retention pass deletes
+/// `BENCH_RETENTION_EVENTS` old events (stored before the clock starts).
+async fn retention_sqlite() -> Value {
+    let old = env("BENCH_RETENTION_EVENTS", 500_000);
+    let clients = env("BENCH_CLIENTS", 32);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}", dir.path().join("store.db").display());
+    let received = jiff::Timestamp::now()
+        .checked_sub(jiff::SignedDuration::from_hours(10 * 24))
+        .expect("time")
+        .to_string();
+    tokio::task::block_in_place(|| {
+        let mut store = profiles_sync::store::open(&url, Rules::default()).expect("store");
+        let opts = profiles_sync::event::ParseOptions {
+            now: jiff::Timestamp::now(),
+            source_id: "bench".into(),
+            trust_received_at: true,
+        };
+        let mut n = 0;
+        while n < old {
+            let batch: Vec<profiles_sync::event::Event> = (n..(n + 5_000).min(old))
+                .map(|i| {
+                    let m = json!({"type": "track", "messageId": format!("old-{i}"),
+                        "anonymousId": format!("a{}", i % 5_000), "event": "Order Completed",
+                        "properties": {"total": i % 100, "currency": "EUR"},
+                        "receivedAt": received, "timestamp": received});
+                    profiles_sync::event::Event::from_json(&m, None, &opts).expect("event")
+                })
+                .collect();
+            n += batch.len();
+            store.ingest(batch).expect("ingest");
+        }
+    });
+    let token = "bench-feed-token";
+    let config = EngineConfig {
+        feed_token: Some(token.into()),
+        retention: Some(profiles_sync::engine::retention::Retention {
+            min_age: std::time::Duration::from_secs(86_400),
+            interval: std::time::Duration::from_secs(86_400),
+        }),
+        ..EngineConfig::new(url, "127.0.0.1:0".parse().expect("addr"), sources())
+    };
+    let e = start(config).await.expect("engine");
+    e.loaded().await;
+    let base = format!("http://{}", e.addr);
+    // One load of 400k events (~4 s); a pass asked for 1.5 s in, once the load is steady.
+    let each = env("BENCH_EVENTS", 400_000);
+    let pass_url = format!("{base}/v1/retention");
+    let t = Instant::now();
+    let pass = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+        let from = t.elapsed().as_secs_f64();
+        let r = reqwest::Client::new()
+            .post(pass_url)
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("pass");
+        let doc: Value = r.json().await.expect("pass answer");
+        (from, t.elapsed().as_secs_f64(), doc)
+    });
+    let (_, timed, _) = load_timed(&base, Arc::new(bodies(each)), clients).await;
+    let (from, to, doc) = pass.await.expect("pass task");
+    // Requests completed in a window (their latencies), the window before the pass as long as
+    // the pass (at most the time since 0.5 s into the load).
+    let window = |a: f64, b: f64| -> Vec<f64> {
+        timed
+            .iter()
+            .filter(|(sent, l)| {
+                let done = sent + l / 1000.0;
+                done >= a && done < b
+            })
+            .map(|(_, l)| *l)
+            .collect()
+    };
+    let before_from = (from - (to - from)).max(0.5);
+    let alone = phase(&mut window(before_from, from), from - before_from);
+    let during = phase(&mut window(from, to), to - from);
+    let pass_secs = to - from;
+    e.stop().await.expect("stop");
+    json!({"scenario": "retention_sqlite", "old_events": old, "deleted": doc["deleted"],
+           "pass_seconds": pass_secs, "deleted_per_sec": doc["deleted"].as_f64().unwrap_or(0.0) / pass_secs,
+           "alone": alone, "during_pass": during, "clients": clients,
+           "note": "100-event batches; requests completed per second in the pass's time, and in as long a time just before it"})
+}
+
 fn main() {
     if let Some((name, _)) = common::scenario() {
         let rt = tokio::runtime::Runtime::new().expect("runtime");
-        println!("{}", rt.block_on(scenario(&name)));
+        if name == "retention_sqlite" {
+            println!("{}", rt.block_on(retention_sqlite()));
+        } else {
+            println!("{}", rt.block_on(scenario(&name)));
+        }
         return;
     }
     let mut ceiling = 0.0;
@@ -232,4 +349,16 @@ fn main() {
         );
         println!("  {r}");
     }
+    let r = common::run_child("retention_sqlite", &[]);
+    println!(
+        "retention pass on SQLite: {} old events deleted in {:.2} s; ingest alone {:.0} requests/s (p99 {:.1} ms), during the pass {:.0} requests/s (p99 {:.1} ms, max {:.1} ms)",
+        r["deleted"],
+        r["pass_seconds"].as_f64().unwrap_or(0.0),
+        r["alone"]["requests_per_sec"].as_f64().unwrap_or(0.0),
+        r["alone"]["p99_ms"].as_f64().unwrap_or(0.0),
+        r["during_pass"]["requests_per_sec"].as_f64().unwrap_or(0.0),
+        r["during_pass"]["p99_ms"].as_f64().unwrap_or(0.0),
+        r["during_pass"]["max_ms"].as_f64().unwrap_or(0.0),
+    );
+    println!("  {r}");
 }
