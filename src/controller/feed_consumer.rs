@@ -9,6 +9,7 @@ use jiff::Timestamp;
 use reqwest::{Method, Url};
 
 use super::Context;
+use crate::warehouse::error::error_chain;
 
 /// The longest engine answer quoted in an error (it becomes part of an Event's note).
 const MAX_QUOTED_BODY: usize = 200;
@@ -110,7 +111,7 @@ pub async fn list(ctx: &Context) -> Result<Vec<RecordedConsumer>, ConsumerApiErr
     let body = response
         .bytes()
         .await
-        .map_err(|e| ConsumerApiError::Unreachable(causes(&e)))?;
+        .map_err(|e| ConsumerApiError::Unreachable(error_chain(&e)))?;
     decode_list(&body)
 }
 
@@ -144,7 +145,7 @@ async fn call(
         .bearer_auth(token)
         .send()
         .await
-        .map_err(|e| ConsumerApiError::Unreachable(causes(&e)))?;
+        .map_err(|e| ConsumerApiError::Unreachable(error_chain(&e)))?;
     let status = response.status();
     if status.is_success() {
         return Ok(response);
@@ -160,22 +161,6 @@ async fn call(
             b
         });
     Err(ConsumerApiError::Refused { status, body })
-}
-
-/// An error and its causes on one line (reqwest's own message leaves out why a connection
-/// failed: refused, DNS, timeout).
-fn causes(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let more = cause.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -32,6 +32,23 @@ impl WarehouseError {
     }
 }
 
+/// An error and its causes on one line, each cause not already in the text (the network or TLS
+/// reason of a failed connection is in the causes; a driver's message often repeats its
+/// cause's).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// Classifies a PostgreSQL-protocol SQLSTATE (PostgreSQL, Redshift).
 pub fn classify_sqlstate(code: &str) -> ErrorClass {
     match code {

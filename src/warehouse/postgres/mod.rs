@@ -41,18 +41,6 @@ pub struct PostgresWarehouse {
     limits: BTreeMap<String, ColumnLimits>,
 }
 
-/// An error and its causes, joined (the TLS or network reason is in the causes).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
 /// Converts a driver error into a classified warehouse error.
 pub fn pg_error(e: postgres::Error) -> WarehouseError {
     match e.as_db_error() {
@@ -281,7 +269,10 @@ impl Session {
         }
         .map_err(|e| match e.as_db_error() {
             Some(_) => pg_error(e),
-            None => WarehouseError::connection(format!("cannot connect: {}", chain(&e))),
+            None => WarehouseError::connection(format!(
+                "cannot connect: {}",
+                super::error::error_chain(&e)
+            )),
         })?;
         server_keepalives(&mut client);
         warehouse_lock_timeout(&mut client);
