@@ -45,6 +45,11 @@ pub struct Retention {
     pub interval: Duration,
 }
 
+/// `d` in whole seconds, as the store counts windows.
+fn seconds(d: Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
+}
+
 /// What a pass did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PassOutcome {
@@ -72,7 +77,7 @@ pub fn pass(
     go_on: &dyn Fn() -> bool,
 ) -> Result<PassOutcome, StoreError> {
     let keep = Keep {
-        min_age_seconds: i64::try_from(min_age.as_secs()).unwrap_or(i64::MAX),
+        min_age_seconds: seconds(min_age),
         now_us: now.as_microsecond(),
         head: store.head_seq()?,
     };
@@ -257,7 +262,7 @@ fn consumer_json(c: &Consumer) -> Value {
 }
 
 /// A time in microseconds as RFC 3339 text (the number itself when out of range).
-fn timestamp_text(us: i64) -> String {
+pub(crate) fn timestamp_text(us: i64) -> String {
     Timestamp::from_microsecond(us).map_or_else(|_| us.to_string(), |t| t.to_string())
 }
 
@@ -329,15 +334,12 @@ pub async fn list(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Res
             let consumers = s.consumers()?;
             let pruned = s.pruned()?;
             let cut = match retention {
-                Some(r) => {
-                    let min_age = i64::try_from(r.min_age.as_secs()).unwrap_or(i64::MAX);
-                    Some(crate::store::cut(
-                        &consumers,
-                        min_age,
-                        Timestamp::now(),
-                        s.head_seq()?,
-                    ))
-                }
+                Some(r) => Some(crate::store::cut(
+                    &consumers,
+                    seconds(r.min_age),
+                    Timestamp::now(),
+                    s.head_seq()?,
+                )),
                 None => None,
             };
             Ok((consumers, pruned, cut))

@@ -173,15 +173,10 @@ pub(crate) fn leading_run(
     before_us: i64,
     limit: usize,
 ) -> Option<(i64, i64, usize, bool)> {
-    let n = leading(rows, before_us);
+    let n = rows.iter().take_while(|(_, r)| *r < before_us).count();
     let last = rows.get(n.checked_sub(1)?)?.0;
     let newest = rows[..n].iter().map(|(_, r)| *r).max()?;
     Some((last, newest, n, n == rows.len() && rows.len() == limit))
-}
-
-/// How many of `rows` lead, received before `before_us`.
-fn leading(rows: &[(i64, i64)], before_us: i64) -> usize {
-    rows.iter().take_while(|(_, r)| *r < before_us).count()
 }
 
 /// Where a retention pass may delete up to: events at or below `through_seq` received before
@@ -282,10 +277,11 @@ pub(crate) fn prune_in(
     let limit = i64::try_from(max).unwrap_or(i64::MAX);
     let events = tx.oldest(from, through_seq, limit)?;
     let rows: Vec<(i64, i64)> = events.iter().map(|e| (e.0, e.1)).collect();
-    let n_lead = leading(&rows, received_before_us);
-    let blocked_by = rows.get(n_lead).copied();
+    let run = leading_run(&rows, received_before_us, max);
+    // The first event after the run, when one stopped it (too young: the run ends there).
+    let blocked_by = rows.get(run.map_or(0, |r| r.2)).copied();
     let cut = (through_seq, received_before_us);
-    let Some((last, run_newest, n, more)) = leading_run(&rows, received_before_us, max) else {
+    let Some((last, run_newest, n, more)) = run else {
         return Ok(PruneStep {
             deleted: 0,
             pruned: Pruned::from_row(from, newest),

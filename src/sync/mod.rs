@@ -278,21 +278,11 @@ impl<'a> Run<'a> {
                 .filter(|(t, s)| s.enabled && is_event_table(t) && s.cursor < pruned.through_seq)
                 .map(|(t, _)| t.as_str())
                 .collect();
-            let shown: Vec<&str> = behind.iter().take(5).copied().collect();
-            let more = if behind.len() > shown.len() {
-                ", …"
-            } else {
-                ""
-            };
             // Behind the horizon with no table: the watermark new Track tables start from.
             let which = if behind.is_empty() {
                 "the event tables that appear from now on miss".to_string()
             } else {
-                format!(
-                    "{} event table(s) ({}{more}) miss",
-                    behind.len(),
-                    shown.join(", ")
-                )
+                format!("{} miss", some_tables(&behind, "event table(s)"))
             };
             format!(
                 "the engine's event retention deleted events up to seq {} before this connection loaded them: {which} the events from their cursor (the lowest at seq {start}) to it; keep the connection syncing, or lengthen the engine's --event-retention",
@@ -325,21 +315,22 @@ impl<'a> Run<'a> {
             if hit.is_empty() {
                 return;
             }
-            let at = |us: i64| {
-                Timestamp::from_microsecond(us).map_or_else(|_| us.to_string(), |t| t.to_string())
-            };
-            let shown: Vec<&str> = hit.iter().take(5).map(String::as_str).collect();
-            let more = if hit.len() > shown.len() { ", …" } else { "" };
+            let at = crate::engine::retention::timestamp_text;
+            let hit: Vec<&str> = hit.iter().map(String::as_str).collect();
             format!(
-                "the backfill window starts at {}, but the engine's event retention had deleted events of {} table(s) ({}{more}) received after it (up to {}): they are not loaded; lengthen the engine's --event-retention to at least the longest backfill window",
+                "the backfill window starts at {}, but the engine's event retention had deleted events of {} received after it (up to {}): they are not loaded; lengthen the engine's --event-retention to at least the longest backfill window",
                 at(from),
-                hit.len(),
-                shown.join(", "),
+                some_tables(&hit, "table(s)"),
                 at(newest)
             )
         } else {
             return;
         };
+        self.retention_error(message);
+    }
+
+    /// Reports events retention deleted before the run loaded them (logged too).
+    fn retention_error(&mut self, message: String) {
         tracing::warn!("{message}");
         self.report.errors.push(SyncError {
             class: ErrorClass::Retention,
@@ -371,12 +362,7 @@ impl<'a> Run<'a> {
             let message = format!(
                 "during this run the engine's event retention deleted events up to seq {through}, past where this connection's event load started (seq {start}): its record did not hold (it could not be written, or was removed meanwhile), so events between may be missing from its event tables; keep the connection's record in place (GET /v1/feed-consumers)"
             );
-            tracing::warn!("{message}");
-            self.report.errors.push(SyncError {
-                class: ErrorClass::Retention,
-                message,
-                table: None,
-            });
+            self.retention_error(message);
         }
         Ok(())
     }
@@ -1075,6 +1061,13 @@ impl<'a> Run<'a> {
             .collect();
         self.report.tables = tables;
     }
+}
+
+/// `N <noun> (a, b, c, d, e, …)`: how many tables, and the first five.
+fn some_tables(tables: &[&str], noun: &str) -> String {
+    let more = if tables.len() > 5 { ", …" } else { "" };
+    let shown: Vec<&str> = tables.iter().take(5).copied().collect();
+    format!("{} {noun} ({}{more})", tables.len(), shown.join(", "))
 }
 
 /// Whether a state row is an event table's (not the events watermark's or the materialized
