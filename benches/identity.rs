@@ -13,6 +13,13 @@
 //! the slowest step (how long SQLite's write lock is held at once), and the store's size after a
 //! second round stored into the space the first one freed.
 //!
+//! `cargo bench --bench identity -- --scenario retention_ids_sqlite` (or
+//! `retention_ids_postgres`; env `BENCH_RETENTION_IDS_EVENTS`, default 10M; not part of the
+//! default run): the messageId index's runs of deleted events dropped by retention — 10M page
+//! events stored, all but the last 2M deleted, then their index entries in steps of 50,000
+//! (rate and slowest step), and the ingest of 2M events before and after
+//! (`BENCH_SKIP_ID_PRUNE=1`: the same without the drop, the baseline).
+//!
 //! `cargo bench --bench identity -- --scenario dedupe_sqlite` (or `dedupe_postgres`; env
 //! `BENCH_DEDUPE_EVENTS`, default 16M; not part of the default run, it takes minutes): how the
 //! messageId dedupe index's upkeep grows with the number of events stored. Page events of 1,000
@@ -174,19 +181,11 @@ fn dedupe(kind: &str) -> serde_json::Value {
         trust_received_at: true,
     };
     let mut rng = rand::rng();
-    const BATCH: u64 = 20_000;
     const SLICE: u64 = 2_000_000;
     let (mut done, mut slices) = (0u64, vec![]);
     let (mut slice_secs, mut slowest) = (0.0_f64, 0.0_f64);
     while done < total {
-        let batch: Vec<profiles_sync::store::PreparedEvent> = (0..BATCH.min(total - done))
-            .map(|i| {
-                let m = json!({"type": "page", "messageId": profiles_sync::sample::uuid_v4(&mut rng),
-                               "anonymousId": format!("visitor-{}", (done + i) % 1000), "name": "Home"});
-                let e = profiles_sync::event::Event::from_json(&m, None, &opts).expect("event");
-                profiles_sync::store::PreparedEvent::new(e)
-            })
-            .collect();
+        let batch = uuid_pages(&mut rng, &opts, done, DEDUPE_BATCH.min(total - done));
         let n = batch.len() as u64;
         let t = Instant::now();
         s.ingest_prepared(&batch).expect("ingest");
@@ -206,6 +205,122 @@ fn dedupe(kind: &str) -> serde_json::Value {
     }
     json!({"scenario": kind, "events": done, "slices": slices, "peak_rss_mib": common::peak_rss_mib(),
            "note": "ingest only; page events of 1,000 visitors, random UUID messageIds, batches of 20,000"})
+}
+
+/// A retention pass's cut that deletes every event up to `head`: each is past the window 200
+/// days from now, and no consumer holds any back.
+fn keep_all_through(head: i64) -> store::Keep {
+    let later = jiff::Timestamp::now()
+        .checked_add(jiff::SignedDuration::from_hours(200 * 24))
+        .expect("time");
+    store::Keep {
+        min_age_seconds: 86_400,
+        now_us: later.as_microsecond(),
+        head,
+    }
+}
+
+/// Events a batch of the dedupe scenarios.
+const DEDUPE_BATCH: u64 = 20_000;
+
+/// `n` page events of 1,000 visitors with random UUID messageIds, the first numbered `from`.
+fn uuid_pages(
+    rng: &mut impl rand::Rng,
+    opts: &profiles_sync::event::ParseOptions,
+    from: u64,
+    n: u64,
+) -> Vec<profiles_sync::store::PreparedEvent> {
+    (0..n)
+        .map(|i| {
+            let m = json!({"type": "page", "messageId": profiles_sync::sample::uuid_v4(rng),
+                           "anonymousId": format!("visitor-{}", (from + i) % 1000), "name": "Home"});
+            let e = profiles_sync::event::Event::from_json(&m, None, opts).expect("event");
+            profiles_sync::store::PreparedEvent::new(e)
+        })
+        .collect()
+}
+
+/// Retention and the messageId index: `BENCH_RETENTION_IDS_EVENTS` (default 10M) page events
+/// with random UUID messageIds stored as in the dedupe scenario, all but the last 2M then
+/// deleted by retention's event steps, then the index's runs of deleted events dropped in
+/// retention's steps of 50,000 entries (timed, with the slowest step: how long SQLite's write
+/// lock is held at once), then 2M more events stored (the writer's filter rebuilt meanwhile).
+fn retention_ids(kind: &str) -> serde_json::Value {
+    let total: u64 = std::env::var("BENCH_RETENTION_IDS_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000_000);
+    const KEPT: u64 = 2_000_000;
+    let sqlite = kind == "retention_ids_sqlite";
+    let (mut s, dir, _server) = open_store(sqlite);
+    let file = dir.path().join("store.db");
+    let size = || std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0) as f64 / 1048576.0;
+    let opts = profiles_sync::event::ParseOptions {
+        now: jiff::Timestamp::now(),
+        source_id: "bench".into(),
+        trust_received_at: true,
+    };
+    let mut rng = rand::rng();
+    let mut stored = 0u64;
+    // The rate of ingesting `n` more events.
+    let mut ingest = |s: &mut Box<dyn store::Store>, n: u64| {
+        let (mut secs, end) = (0.0, stored + n);
+        while stored < end {
+            let batch = uuid_pages(&mut rng, &opts, stored, DEDUPE_BATCH.min(end - stored));
+            let t = Instant::now();
+            s.ingest_prepared(&batch).expect("ingest");
+            secs += t.elapsed().as_secs_f64();
+            stored += batch.len() as u64;
+        }
+        n as f64 / secs
+    };
+    ingest(&mut s, total.saturating_sub(KEPT));
+    let head = s.head_seq().expect("head");
+    let before = ingest(&mut s, KEPT);
+    let size_stored = size();
+    let keep = keep_all_through(head);
+    let t = Instant::now();
+    let mut deleted = 0u64;
+    loop {
+        let step = s.prune_events(&keep, 5_000).expect("prune");
+        deleted += step.deleted;
+        if step.done {
+            break;
+        }
+    }
+    let events_secs = t.elapsed().as_secs_f64();
+    let (mut entries, mut runs, mut steps, mut slowest) = (0u64, 0u64, 0u64, 0.0f64);
+    let mut first = 0.0f64;
+    let t = Instant::now();
+    // The baseline: the same without the index's runs dropped.
+    let skip = std::env::var("BENCH_SKIP_ID_PRUNE").is_ok_and(|v| v == "1");
+    let mut go_on = !skip;
+    while go_on {
+        let step_start = Instant::now();
+        let step = s.prune_message_ids(50_000).expect("prune ids");
+        let took = step_start.elapsed().as_secs_f64();
+        // The first step also scans the oldest run for its newest seq (outside SQLite's write
+        // lock): reported apart.
+        if steps == 0 {
+            first = took;
+        } else {
+            slowest = slowest.max(took);
+        }
+        entries += step.deleted;
+        runs += u64::from(step.dropped_run);
+        steps += 1;
+        go_on = !step.done;
+    }
+    let ids_secs = t.elapsed().as_secs_f64();
+    let size_pruned = size();
+    let after = ingest(&mut s, KEPT);
+    json!({"scenario": kind, "stored": total, "events_deleted": deleted,
+           "events_deleted_per_sec": deleted as f64 / events_secs,
+           "index_entries_deleted": entries, "runs_dropped": runs, "id_prune_skipped": skip, "steps": steps,
+           "index_entries_deleted_per_sec": entries as f64 / ids_secs, "first_step_ms": first * 1000.0,
+           "slowest_later_step_ms": slowest * 1000.0, "ingest_events_per_sec_before": before, "ingest_events_per_sec_after": after,
+           "sqlite_file_mib": sqlite.then(|| json!({"stored": size_stored, "after_prune": size_pruned, "after_2m_more": size()})),
+           "note": "2M events kept; index entries deleted in steps of 50,000; ingest rates of the 2M events before the deletion and of 2M after"})
 }
 
 /// Retention: one round ingested (timed), every event deleted as the engine's pass does, step
@@ -233,15 +348,7 @@ fn retention(kind: &str) -> serde_json::Value {
     };
     let (stored, ingest_secs) = ingest(&mut s, 0);
     let size_stored = size();
-    // Every event is past the window 200 days from now, and no consumer holds any back.
-    let later = jiff::Timestamp::now()
-        .checked_add(jiff::SignedDuration::from_hours(200 * 24))
-        .expect("time");
-    let keep = store::Keep {
-        min_age_seconds: 86_400,
-        now_us: later.as_microsecond(),
-        head: s.head_seq().expect("head"),
-    };
+    let keep = keep_all_through(s.head_seq().expect("head"));
     let (mut deleted, mut steps, mut slowest) = (0u64, 0u64, 0.0f64);
     let t = Instant::now();
     loop {
@@ -271,6 +378,7 @@ fn main() {
             "replicas" => replicas(),
             "dedupe_sqlite" | "dedupe_postgres" => dedupe(&name),
             "retention_sqlite" | "retention_postgres" => retention(&name),
+            "retention_ids_sqlite" | "retention_ids_postgres" => retention_ids(&name),
             other => persist(other),
         };
         println!("{result}");

@@ -39,6 +39,8 @@ pub struct Metrics {
     pub events_pruned: IntCounter,
     /// The `seq` at or below which retention has deleted every event.
     pub events_pruned_through: IntGauge,
+    /// messageId index entries deleted by retention.
+    pub message_ids_pruned: IntCounter,
 }
 
 impl Metrics {
@@ -118,7 +120,12 @@ impl Metrics {
         )?;
         registry.register(Box::new(load_failures.clone()))?;
         registry.register(Box::new(events_pruned.clone()))?;
+        let message_ids_pruned = IntCounter::new(
+            "message_ids_pruned_total",
+            "messageId index entries deleted by retention (runs that indexed only deleted events)",
+        )?;
         registry.register(Box::new(events_pruned_through.clone()))?;
+        registry.register(Box::new(message_ids_pruned.clone()))?;
         Ok(Metrics {
             registry,
             requests,
@@ -136,6 +143,7 @@ impl Metrics {
             load_failures,
             events_pruned,
             events_pruned_through,
+            message_ids_pruned,
         })
     }
 

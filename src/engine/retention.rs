@@ -33,6 +33,8 @@ const ALREADY_RUNNING: &str = "a retention pass is already running";
 pub const DEFAULT_INTERVAL_SECS: u64 = 600;
 /// Events deleted per transaction: each holds SQLite's write lock for tens of milliseconds.
 const STEP: usize = 5_000;
+/// messageId index entries deleted per transaction (24 bytes each, a few milliseconds).
+const ID_STEP: usize = 50_000;
 /// The longest backfill window a consumer may record (the CRD's: 5 digits of days).
 const MAX_WINDOW_SECONDS: i64 = 99_999 * 86_400;
 
@@ -55,6 +57,9 @@ fn seconds(d: Duration) -> i64 {
 pub struct PassOutcome {
     /// Events deleted.
     pub deleted: u64,
+    /// Entries of the messageId index deleted (those of runs that indexed only deleted
+    /// events).
+    pub message_ids_deleted: u64,
     /// The horizon after it.
     pub pruned: Pruned,
     /// The cut as the consumers recorded now allow (each step took it anew).
@@ -67,9 +72,11 @@ pub struct PassOutcome {
     pub interrupted: bool,
 }
 
-/// One pass: steps of 5,000 events until nothing more is within the cut or `go_on` says
-/// stop (it is called between steps, and may wait: the engine's lets its writer go first). Each step takes the cut from the consumers as recorded inside its own transaction
-/// (`Store::prune_events`), never past the head as of the pass's start.
+/// One pass: steps of 5,000 events until nothing more is within the cut, then steps of 50,000
+/// messageId index entries of runs that only indexed deleted events (`Store::prune_message_ids`),
+/// unless `go_on` says stop (it is called between steps, and may wait: the engine's lets its
+/// writer go first). Each step takes the cut from the consumers as recorded inside its own
+/// transaction (`Store::prune_events`), never past the head as of the pass's start.
 pub fn pass(
     store: &mut dyn Store,
     min_age: Duration,
@@ -86,6 +93,16 @@ pub fn pass(
         let step = store.prune_events(&keep, STEP)?;
         deleted += step.deleted;
         if step.done || !go_on() {
+            let mut interrupted = !step.done;
+            let mut message_ids_deleted = 0;
+            while !interrupted {
+                let ids = store.prune_message_ids(ID_STEP)?;
+                message_ids_deleted += ids.deleted;
+                if ids.done {
+                    break;
+                }
+                interrupted = !go_on();
+            }
             let consumers = store.consumers()?;
             let cut = crate::store::cut(&consumers, keep.min_age_seconds, now, keep.head);
             let held_since = consumers
@@ -94,11 +111,12 @@ pub fn pass(
                 .map(|c| c.updated_at);
             return Ok(PassOutcome {
                 deleted,
+                message_ids_deleted,
                 pruned: store.pruned()?,
                 cut,
                 blocked_by: step.blocked_by,
                 held_since,
-                interrupted: !step.done,
+                interrupted,
             });
         }
     }
@@ -192,6 +210,10 @@ async fn run_pass_owned(
             state.metrics.events_pruned.inc_by(o.deleted);
             state
                 .metrics
+                .message_ids_pruned
+                .inc_by(o.message_ids_deleted);
+            state
+                .metrics
                 .events_pruned_through
                 .set(o.pruned.through_seq);
             if let Some((seq, at)) = o.blocked_by
@@ -213,9 +235,10 @@ async fn run_pass_owned(
                     "retention is held back by a connection that has not synced for over a day (suspended, failing before its event load, or deleted while the engine was unreachable): every event after its cursor is kept"
                 );
             }
-            if o.deleted > 0 {
+            if o.deleted > 0 || o.message_ids_deleted > 0 {
                 tracing::info!(
                     deleted = o.deleted,
+                    message_ids_deleted = o.message_ids_deleted,
                     pruned_through = o.pruned.through_seq,
                     held_by = o.cut.held_by.as_deref().unwrap_or("-"),
                     "events past retention deleted"
@@ -494,6 +517,7 @@ pub async fn run_now(State(state): State<Arc<AppState>>, headers: HeaderMap) -> 
             StatusCode::OK,
             json!({
                 "deleted": o.deleted,
+                "messageIdsDeleted": o.message_ids_deleted,
                 "pruned": pruned_json(&o.pruned),
                 "cut": cut_json(&o.cut),
                 "blockedBy": o.blocked_by.map(|(seq, at)| json!({"seq": seq, "receivedAt": timestamp_text(at)})),
@@ -501,5 +525,66 @@ pub async fn run_now(State(state): State<Arc<AppState>>, headers: HeaderMap) -> 
             }),
         ),
         Err(e) => store_unavailable(&e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use super::*;
+    use crate::event::{Event, ParseOptions};
+    use crate::identity::Rules;
+    use crate::store::{SqliteStore, Tuning};
+
+    /// A store whose messageId index starts a run every 200 entries, holding 1,000 page
+    /// events received in 1970.
+    fn store_of_old_events(dir: &tempfile::TempDir) -> SqliteStore {
+        let mut store = SqliteStore::open(&dir.path().join("s.db"), Rules::default()).unwrap();
+        store.set_dedupe(Tuning {
+            merge_min: 40,
+            merge_chunk: usize::MAX,
+            max_run: 200,
+            grow_step: 8,
+            narrow: false,
+            small_filters: false,
+        });
+        let opts = ParseOptions::new(Timestamp::UNIX_EPOCH, "src");
+        for batch in 0..10 {
+            let events = (0..100)
+                .map(|i| {
+                    let v = json!({"type": "page", "messageId": format!("m-{batch}-{i}"), "anonymousId": "a1"});
+                    Event::from_json(&v, None, &opts).unwrap()
+                })
+                .collect();
+            store.ingest(events).unwrap();
+        }
+        store
+    }
+
+    /// A pass deletes the events past retention, then the index entries of the runs that
+    /// indexed only them, a run a step; told to stop between steps, it stops there.
+    #[test]
+    fn a_pass_drops_the_index_runs_of_the_events_it_deleted() {
+        let week = Duration::from_secs(7 * 86_400);
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = store_of_old_events(&dir);
+        let o = pass(&mut store, week, Timestamp::now(), &|| true).unwrap();
+        assert_eq!((o.deleted, o.interrupted), (1_000, false));
+        // Every run but the newest, which merges still fill.
+        assert!(o.message_ids_deleted >= 600, "{o:?}");
+        let again = pass(&mut store, week, Timestamp::now(), &|| true).unwrap();
+        assert_eq!((again.deleted, again.message_ids_deleted), (0, 0));
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = store_of_old_events(&dir);
+        let asked = Cell::new(0);
+        let o = pass(&mut store, week, Timestamp::now(), &|| {
+            asked.set(asked.get() + 1);
+            false
+        })
+        .unwrap();
+        assert_eq!((o.deleted, o.message_ids_deleted), (1_000, 200));
+        assert!(o.interrupted && asked.get() == 1, "{o:?}");
     }
 }

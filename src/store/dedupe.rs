@@ -74,9 +74,14 @@ pub(crate) const INDEX_HASHES_SQL: &str = "SELECT hash FROM message_id_entries";
 /// seq), a range of the primary key.
 pub(crate) const ENTRIES_AFTER_SQL: &str = "SELECT run, hash, seq FROM message_id_entries
      WHERE (run, hash, seq) > ($1, $2, $3) ORDER BY run, hash, seq LIMIT $4";
-/// Sets the index's extent: `indexed_through` `$1`, `$2` entries.
+/// Moves the index's extent: `indexed_through` to `$1`, `$2` more entries. The count is moved,
+/// not set: a retention pass may have taken entries out since this writer read it.
 const SET_EXTENT_SQL: &str =
-    "UPDATE message_id_index SET indexed_through = $1, entries = $2 WHERE id = 1";
+    "UPDATE message_id_index SET indexed_through = $1, entries = entries + $2 WHERE id = 1";
+/// The index's entries and its oldest run (0 without one): a retention pass that dropped runs
+/// (`store::retention`) changes both.
+const EXTENT_SQL: &str = "SELECT entries, coalesce((SELECT min(run) FROM message_id_runs), 0)
+     FROM message_id_index WHERE id = 1";
 /// The index's runs, oldest first: (run, entries).
 pub(crate) const RUNS_SQL: &str = "SELECT run, entries FROM message_id_runs ORDER BY run";
 /// Records run `$1` of `$2` entries.
@@ -132,6 +137,8 @@ pub(crate) trait IndexTx {
     fn add_entries(&mut self, run: i64, sorted: &[(i64, i64)]) -> Result<(), StoreError>;
     /// Runs one of the statements above with these parameters; the rows it changed.
     fn exec(&mut self, sql: &str, params: &[i64]) -> Result<u64, StoreError>;
+    /// The rows of `sql` (two integer columns) with these parameters.
+    fn pairs(&mut self, sql: &str, params: &[i64]) -> Result<Vec<(i64, i64)>, StoreError>;
 }
 
 /// The hashes in the index, as a Bloom filter: a lookup probes the index only for the ids whose
@@ -143,6 +150,9 @@ struct Bloom {
     bits: Vec<u64>,
     /// Entries it was sized for; past them it is rebuilt twice as large.
     capacity: i64,
+    /// Hashes put in it: past twice the index's entries (retention dropped runs whose hashes
+    /// it still holds), it is rebuilt sized for the index.
+    held: i64,
 }
 
 /// Most bits a Bloom filter gets (64 MiB).
@@ -182,6 +192,7 @@ impl Bloom {
             } else {
                 i64::try_from(want / 16).unwrap_or(i64::MAX)
             },
+            held: 0,
         }
     }
 
@@ -205,6 +216,7 @@ impl Bloom {
         for p in self.positions(hash) {
             self.bits[p / 64] |= 1 << (p % 64);
         }
+        self.held = self.held.saturating_add(1);
     }
 
     fn may_contain(&self, hash: u64) -> bool {
@@ -288,25 +300,32 @@ impl Filter {
         let outgrown = self.outgrown(indexed);
         let since = head.saturating_sub(self.stepped_at);
         self.stepped_at = head;
-        let start = || {
+        let start = |entries: i64| {
             #[cfg(test)]
             FILTER_STARTS.with(|n| n.set(n.get() + 1));
             Growing {
-                next: Bloom::new(room.max(indexed).saturating_mul(2), tuning.bloom_min()),
+                next: Bloom::new(entries, tuning.bloom_min()),
                 after: [i64::MIN; 3],
             }
         };
+        let larger = room.max(indexed).saturating_mul(2);
         let growing = match &mut self.growing {
             // Begun for an index since outgrown (a writer catching up after another merged
             // much): the larger filter would be too small for the index once filled, and
             // another growth would follow at once, a second pass over the index. The index is
             // read whole now anyway: into a filter sized for it.
             Some(g) if outgrown && indexed > g.next.capacity / 2 => {
-                *g = start();
+                *g = start(larger);
                 g
             }
             Some(g) => g,
-            None if indexed > room / 2 => self.growing.insert(start()),
+            None if indexed > room / 2 => self.growing.insert(start(larger)),
+            // Holding more than twice the index: retention dropped runs whose hashes it still
+            // holds, which send ids to the index for nothing (and, the filter at its largest,
+            // ever more of them). A filter sized for the index as it is, filled the same way.
+            None if self.bloom.held > indexed.max(tuning.bloom_min()).saturating_mul(2) => {
+                self.growing.insert(start(indexed.saturating_mul(2)))
+            }
             None => return Ok(()),
         };
         let limit = if outgrown {
@@ -391,6 +410,9 @@ pub(crate) struct Dedupe {
     /// rolled-back write); `None` when they must be read (first write, a failed read).
     pub committed: Option<RecentIds>,
     pub tuning: Tuning,
+    /// The newest `seq` of the index's oldest run, as a retention pass on this handle found it
+    /// (`store::retention::prune_ids_in`).
+    pub oldest_run_top: super::retention::RunTop,
 }
 
 impl Dedupe {
@@ -399,6 +421,14 @@ impl Dedupe {
     pub fn set_tuning(&mut self, tuning: Tuning) {
         self.tuning = tuning;
         self.committed = None;
+    }
+
+    /// Tests: the hashes the filter holds and the index's entries, as of the last write.
+    #[cfg(test)]
+    pub fn filter_held(&self) -> Option<(i64, i64)> {
+        self.committed
+            .as_ref()
+            .map(|r| (r.filter.bloom.held, r.indexed))
     }
 }
 
@@ -445,9 +475,15 @@ impl RecentIds {
         tx: &mut dyn IndexTx,
         head: i64,
         tuning: Tuning,
+        starting: bool,
     ) -> Result<RecentIds, StoreError> {
         let known = match known {
-            Some(r) if r.head == head => return Ok(r),
+            Some(mut r) if r.head == head => {
+                if starting {
+                    r.follow_extent(tx)?;
+                }
+                return Ok(r);
+            }
             other => other,
         };
         let [key0, key1, indexed_through, indexed] = tx.index_row()?.ok_or_else(missing_row)?;
@@ -493,6 +529,23 @@ impl RecentIds {
         };
         ids.head = head;
         Ok(ids)
+    }
+
+    /// Follows the index's entries and runs when a retention pass (on another handle or
+    /// replica, which moves no head) dropped runs since this writer read them: read once per
+    /// transaction, so that the filter is rebuilt smaller once it holds mostly dropped hashes,
+    /// and no dropped run is probed.
+    fn follow_extent(&mut self, tx: &mut dyn IndexTx) -> Result<(), StoreError> {
+        let (entries, oldest) = tx
+            .pairs(EXTENT_SQL, &[])?
+            .first()
+            .copied()
+            .ok_or_else(missing_row)?;
+        if entries != self.indexed || self.runs.first().map_or(0, |&(run, _)| run) != oldest {
+            self.indexed = entries;
+            self.runs = tx.runs()?;
+        }
+        Ok(())
     }
 
     /// Marks the start of a write transaction.
@@ -589,16 +642,19 @@ impl RecentIds {
         tx: &mut dyn IndexTx,
         ids: &[&str],
     ) -> Result<HashSet<String>, StoreError> {
-        // Tests: every lookup first checks that the filter holds every hash of the index (a
-        // hash missing from it would let a duplicate be stored).
+        // Tests: every lookup first checks that the filter holds every hash of the index that
+        // names a stored event (a hash missing from it would let a duplicate be stored). Those
+        // of events retention deleted may be missing: a writer that catches up reads the
+        // events, and finds none of them; their lookups would find no event anyway.
         #[cfg(test)]
         {
-            let mut missing = vec![];
-            tx.index_hashes(&mut |h| {
-                if !self.filter.may_contain(h as u64) {
-                    missing.push(h);
-                }
-            })?;
+            let index = "SELECT hash, seq FROM message_id_entries WHERE seq > coalesce(
+                (SELECT pruned_through FROM event_retention WHERE id = 1), 0)";
+            let missing: Vec<(i64, i64)> = tx
+                .pairs(index, &[])?
+                .into_iter()
+                .filter(|&(h, _)| !self.filter.may_contain(h as u64))
+                .collect();
             assert!(missing.is_empty(), "the filter misses {missing:?}");
         }
         let mut candidates: Vec<i64> = vec![];
@@ -684,7 +740,7 @@ impl RecentIds {
         all.sort_unstable();
         let added = i64::try_from(all.len()).unwrap_or(i64::MAX);
         add_to_runs(tx, &mut self.runs, &all, self.tuning.max_run)?;
-        if tx.exec(SET_EXTENT_SQL, &[through, self.indexed + added])? != 1 {
+        if tx.exec(SET_EXTENT_SQL, &[through, added])? != 1 {
             return Err(missing_row());
         }
         self.indexed_through = through;
@@ -743,7 +799,7 @@ pub(crate) fn in_tx<'r>(
 ) -> Result<&'r mut RecentIds, StoreError> {
     let starting = own.is_none();
     let known = own.take().or_else(|| committed.take());
-    let mut recent = RecentIds::at_head(known, tx, head, tuning)?;
+    let mut recent = RecentIds::at_head(known, tx, head, tuning, starting)?;
     if starting {
         recent.began();
     }
@@ -800,7 +856,8 @@ pub(crate) fn exists(tx: &mut dyn IndexTx) -> Result<bool, StoreError> {
 /// Runs in the transaction that creates the tables, before any index exists.
 pub(crate) fn create(tx: &mut dyn IndexTx, head: i64) -> Result<(), StoreError> {
     tx.create_index_row(rand::random(), rand::random())?;
-    let [key0, key1, _, mut entries] = tx.index_row()?.ok_or_else(missing_row)?;
+    let [key0, key1, _, _] = tx.index_row()?.ok_or_else(missing_row)?;
+    let mut added = 0_i64;
     let hasher = SipHasher13::new_with_keys(key0 as u64, key1 as u64);
     let mut runs = tx.runs()?;
     let mut after = 0_i64;
@@ -814,10 +871,10 @@ pub(crate) fn create(tx: &mut dyn IndexTx, head: i64) -> Result<(), StoreError> 
             break;
         }
         chunk.sort_unstable();
-        entries += i64::try_from(chunk.len()).unwrap_or(i64::MAX);
+        added += i64::try_from(chunk.len()).unwrap_or(i64::MAX);
         add_to_runs(tx, &mut runs, &chunk, MAX_RUN)?;
     }
-    tx.exec(SET_EXTENT_SQL, &[head, entries]).map(drop)
+    tx.exec(SET_EXTENT_SQL, &[head, added]).map(drop)
 }
 
 #[cfg(test)]
@@ -955,6 +1012,39 @@ pub(crate) mod tests {
             )
         }
 
+        /// Deletes the events up to the `n`th stored, as retention's steps do, then the index's
+        /// runs that indexed only deleted events, `max` entries a step, through `s`: the entries
+        /// deleted.
+        fn retire(&self, s: &mut Opened, n: usize, max: usize) -> u64 {
+            self.retire_events(s, n);
+            let mut deleted = 0;
+            // A run of n entries goes in n / max steps or one more.
+            for _ in 0..100_000 {
+                let step = s.store().prune_message_ids(max).unwrap();
+                deleted += step.deleted;
+                if step.done {
+                    return deleted;
+                }
+            }
+            panic!("the index's runs were never all dropped");
+        }
+
+        /// Deletes the events up to the `n`th stored, as retention's steps do, through `s`; the
+        /// cut it took.
+        fn retire_events(&self, s: &mut Opened, n: usize) -> crate::store::Keep {
+            let nth = format!(
+                "SELECT seq, CAST(0 AS BIGINT) FROM events ORDER BY seq LIMIT 1 OFFSET {}",
+                n - 1
+            );
+            let keep = crate::store::Keep {
+                min_age_seconds: 0,
+                now_us: 1 << 50,
+                head: self.pairs(&nth)[0].0,
+            };
+            while !s.store().prune_events(&keep, 1_000).unwrap().done {}
+            keep
+        }
+
         /// The index's `indexed_through` and its number of rows.
         fn indexed(&self) -> (i64, i64) {
             self.pairs(
@@ -985,6 +1075,15 @@ pub(crate) mod tests {
                 Opened::Lite(s) => s,
                 Opened::Pg(s) => s,
             }
+        }
+
+        /// The hashes its filter holds and the index's entries, as of its last write.
+        fn filter_held(&self) -> (i64, i64) {
+            match self {
+                Opened::Lite(s) => s.dedupe().filter_held(),
+                Opened::Pg(s) => s.dedupe().filter_held(),
+            }
+            .expect("a store that wrote")
         }
 
         /// (accepted, duplicates) of one ingest.
@@ -1068,7 +1167,168 @@ pub(crate) mod tests {
         a_version_3_index_becomes_the_first_run,
         a_rolled_back_merge_that_started_a_run_leaves_no_trace,
         merges_in_parts_keep_the_index_exact,
+        retention_drops_the_runs_of_deleted_events_and_the_filter_follows,
+        a_failed_step_of_retention_leaves_no_entry_behind,
+        the_newest_run_stays_whoever_it_indexes,
     );
+
+    /// Retention deleted the events up to the 1,800th of 2,000: the index's runs that indexed
+    /// only those go (at most one run's worth of their entries stays, in the run that also
+    /// indexes kept events), its count follows, kept ids are still duplicates and deleted ones
+    /// new again. The writer's filter, which still holds the dropped hashes, is rebuilt sized
+    /// for what is left; a fresh writer agrees.
+    fn retention_drops_the_runs_of_deleted_events_and_the_filter_follows(kind: &str) {
+        // A filter's growth reads the whole index in the write it begins in.
+        let tuning = Tuning {
+            grow_step: 1 << 20,
+            ..growing_tuning()
+        };
+        let place = Place::new(kind);
+        let mut s = place.open_tuned(tuning);
+        let ids = |from: usize, to: usize| pages((from..to).map(|i| format!("id-{i}")));
+        for i in (0..2_000).step_by(50) {
+            assert_eq!(s.ingest(ids(i, i + 50)), (50, 0));
+        }
+        let entries = |place: &Place| {
+            place.pairs("SELECT entries, CAST(0 AS BIGINT) FROM message_id_index")[0].0
+        };
+        let (before, runs_before) = (entries(&place), place.runs().0.len());
+        assert!(runs_before >= 8, "{runs_before} runs");
+        let deleted = place.retire(&mut s, 1_800, 64);
+        let horizon = s.store().pruned().unwrap().through_seq;
+        let (recorded, counted) = place.runs();
+        assert_eq!(recorded, counted, "the runs as recorded and as stored");
+        assert!(recorded.len() < runs_before - 5, "{recorded:?}");
+        let oldest_top = place.pairs(&format!(
+            "SELECT max(seq), CAST(0 AS BIGINT) FROM message_id_entries WHERE run = {}",
+            recorded[0].0
+        ))[0]
+            .0;
+        assert!(
+            oldest_top > horizon,
+            "run {} indexes only deleted events",
+            recorded[0].0
+        );
+        let dead = place.pairs(&format!(
+            "SELECT count(*), CAST(0 AS BIGINT) FROM message_id_entries WHERE seq <= {horizon}"
+        ))[0]
+            .0;
+        assert!(dead < 200, "{dead} entries of deleted events left");
+        assert_eq!(
+            entries(&place),
+            place.indexed().1,
+            "the count follows the rows"
+        );
+        assert_eq!(entries(&place) + i64::try_from(deleted).unwrap(), before);
+        let (held, _) = s.filter_held();
+        assert!(held >= 1_800, "the filter held {held} hashes");
+        let started = count(&super::FILTER_STARTS);
+        assert_eq!(
+            s.ingest(ids(1_900, 1_950)),
+            (0, 50),
+            "kept ids are duplicates"
+        );
+        assert_eq!(s.ingest(ids(0, 50)), (50, 0), "deleted ids are new again");
+        // The filter is rebuilt from what the index holds now.
+        assert!(count(&super::FILTER_STARTS) > started, "no smaller filter");
+        let (held, indexed) = (s.filter_held().0, entries(&place));
+        assert!(
+            held <= 2 * indexed,
+            "the filter holds {held} hashes for {indexed}"
+        );
+        assert_eq!(s.ingest(ids(1_800, 1_850)), (0, 50));
+        let mut fresh = place.open_tuned(tuning);
+        assert_eq!(fresh.ingest(ids(1_950, 2_000)), (0, 50));
+        assert_eq!(fresh.ingest(ids(50, 60)), (10, 0));
+        assert_eq!(place.runs().0, place.runs().1);
+    }
+
+    /// A step that fails (here the index's count refused, as a full disk or a lost connection
+    /// would fail it) deleted nothing, and the next steps start where the last committed one
+    /// ended: every entry of the dropped runs goes, none is left in a run no longer recorded.
+    fn a_failed_step_of_retention_leaves_no_entry_behind(kind: &str) {
+        let place = Place::new(kind);
+        let mut s = place.open_with(false);
+        let ids = |from: usize, to: usize| pages((from..to).map(|i| format!("id-{i}")));
+        for i in (0..1_000).step_by(100) {
+            assert_eq!(s.ingest(ids(i, i + 100)), (100, 0));
+        }
+        place.retire_events(&mut s, 900);
+        let step = s.store().prune_message_ids(30).unwrap();
+        assert!(step.deleted > 0 && !step.done, "{step:?}");
+        match &place {
+            Place::Lite(_) => place.raw(
+                "CREATE TRIGGER refuse BEFORE UPDATE ON message_id_index
+                 BEGIN SELECT RAISE(ABORT, 'refused'); END;",
+            ),
+            Place::Pg(_) => place.raw(
+                "ALTER TABLE message_id_index ADD CONSTRAINT refuse CHECK (entries > 1000000) NOT VALID",
+            ),
+        }
+        assert!(s.store().prune_message_ids(30).is_err());
+        match &place {
+            Place::Lite(_) => place.raw("DROP TRIGGER refuse"),
+            Place::Pg(_) => place.raw("ALTER TABLE message_id_index DROP CONSTRAINT refuse"),
+        }
+        while !s.store().prune_message_ids(30).unwrap().done {}
+        let (recorded, counted) = place.runs();
+        assert_eq!(recorded, counted, "entries left in runs no longer recorded");
+        let entries = place.pairs("SELECT entries, CAST(0 AS BIGINT) FROM message_id_index")[0].0;
+        assert_eq!(entries, place.indexed().1);
+        assert!(recorded.len() <= 2, "{recorded:?}");
+    }
+
+    /// PostgreSQL: a writer that read the index's count as its write began, and merges after
+    /// another handle's retention dropped a run meanwhile, adds to the count as it is then:
+    /// set from the writer's own figure, the count would take the dropped entries back.
+    #[test]
+    fn postgres_a_run_dropped_during_a_write_leaves_the_count_right() {
+        let place = Place::new("postgres");
+        let (mut a, mut b) = (place.open_with(false), place.open_with(false));
+        let ids = |from: usize, to: usize| pages((from..to).map(|i| format!("id-{i}")));
+        for i in (0..1_000).step_by(100) {
+            assert_eq!(a.ingest(ids(i, i + 100)), (100, 0));
+        }
+        let keep = place.retire_events(&mut b, 900);
+        let Opened::Pg(a) = &mut a else {
+            unreachable!()
+        };
+        let mut w = a.begin_write().unwrap();
+        // Only duplicates: the write takes the head and reads the count, and merges nothing.
+        assert_eq!(w.ingest(ids(950, 960)).unwrap().duplicates, 10);
+        let mut dropped = 0;
+        loop {
+            let step = b.store().prune_message_ids(1_000).unwrap();
+            dropped += step.deleted;
+            if step.done {
+                break;
+            }
+        }
+        assert!(dropped > 0);
+        // Enough to merge.
+        assert_eq!(w.ingest(ids(1_000, 1_300)).unwrap().accepted, 300);
+        w.commit().unwrap();
+        let (through, rows) = place.indexed();
+        assert!(through > keep.head, "no merge");
+        let entries = place.pairs("SELECT entries, CAST(0 AS BIGINT) FROM message_id_index")[0].0;
+        assert_eq!(entries, rows);
+    }
+
+    /// Every event deleted: the newest run stays (merges still land there), with its entries,
+    /// which now name no event: their ids are new again.
+    fn the_newest_run_stays_whoever_it_indexes(kind: &str) {
+        let place = Place::new(kind);
+        let mut s = place.open_with(false);
+        let ids = |from: usize, to: usize| pages((from..to).map(|i| format!("id-{i}")));
+        for i in (0..1_000).step_by(100) {
+            assert_eq!(s.ingest(ids(i, i + 100)), (100, 0));
+        }
+        let newest = *place.runs().0.last().unwrap();
+        place.retire(&mut s, 1_000, 1_000);
+        assert_eq!(place.runs().0, vec![newest]);
+        assert_eq!(place.runs().1, vec![newest]);
+        assert_eq!(s.ingest(ids(990, 1_000)), (10, 0));
+    }
 
     /// Merges of at most 16 ids (PostgreSQL's take at most 131,072): once 40 recent ids wait,
     /// each write merges the 16 oldest, and the index then covers exactly the events up to the
@@ -1393,6 +1653,14 @@ pub(crate) mod tests {
                     writers[w].ingest_uncommitted(pages(ids));
                     continue;
                 }
+                // Retention, through one of the writers' handles: the model keeps what is left.
+                if action == 2 && !stored.is_empty() {
+                    let n = rng.random_range(1..=stored.len());
+                    place.retire(&mut writers[w], n, rng.random_range(1..100));
+                    // `stored` is in the order the events were stored in, their `seq`s'.
+                    stored.drain(..n);
+                    continue;
+                }
                 let known: std::collections::HashSet<&String> = stored.iter().collect();
                 let mut fresh: Vec<String> = vec![];
                 for id in &ids {
@@ -1410,6 +1678,12 @@ pub(crate) mod tests {
             }
             let count = writers[0].store().event_count().unwrap();
             assert_eq!(count, i64::try_from(stored.len()).unwrap(), "seed {seed}");
+            let entries = place.pairs("SELECT entries, CAST(0 AS BIGINT) FROM message_id_index");
+            assert_eq!(
+                entries[0].0,
+                place.indexed().1,
+                "seed {seed}: the index's count"
+            );
             let (recorded, counted) = place.runs();
             assert_eq!(
                 recorded, counted,

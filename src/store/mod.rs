@@ -20,9 +20,11 @@ mod schema;
 mod sqlite;
 mod state;
 
+#[cfg(test)]
+pub(crate) use dedupe::Tuning;
 pub use ingest::{IngestSummary, Resolver};
 pub use postgres::PostgresStore;
-pub use retention::{Consumer, Cut, Keep, PruneStep, Pruned, PrunedName, cut};
+pub use retention::{Consumer, Cut, IdPruneStep, Keep, PruneStep, Pruned, PrunedName, cut};
 pub use rows::*;
 pub use sqlite::SqliteStore;
 pub use state::{StatePage, StateTable, state_page, state_rows};
@@ -314,6 +316,11 @@ pub trait Store: Send {
     /// below every consumer's `after_seq` and the head, received before the longest window),
     /// and moves the horizon past them.
     fn prune_events(&mut self, keep: &Keep, max: usize) -> Result<PruneStep, StoreError>;
+
+    /// Deletes, in one transaction, about `max` entries of the messageId index that name
+    /// only deleted events: those of its oldest run once retention's horizon has passed every
+    /// event that run indexes, then the run itself (`store::retention`). Never the newest run.
+    fn prune_message_ids(&mut self, max: usize) -> Result<IdPruneStep, StoreError>;
 }
 
 /// The URL of a store in memory, private to the connection that opens it (tests, dry runs).

@@ -10,7 +10,9 @@ use super::codec::{
 use super::copy::copy_rows;
 use super::dedupe::{self, Dedupe, IndexTx, RecentIds, Tuning};
 use super::ingest::{LoadedState, ResolvedBatch, ingest_in_tx};
-use super::retention::{self, Consumer, Keep, OldEvent, PruneStep, Pruned, PrunedName};
+use super::retention::{
+    self, Consumer, IdPruneStep, Keep, OldEvent, PruneStep, Pruned, PrunedName,
+};
 use super::schema::{
     Dialect, RETENTION_TABLE, SCHEMA_VERSION, TRIGGER_COLUMNS, ddl, retention_ddl, state_seq_ddl,
 };
@@ -139,6 +141,7 @@ impl PostgresStore {
                     merge_chunk: dedupe::PG_MERGE_CHUNK,
                     ..Tuning::default()
                 },
+                oldest_run_top: None,
             },
         })
     }
@@ -147,6 +150,12 @@ impl PostgresStore {
     #[cfg(test)]
     pub(crate) fn set_dedupe(&mut self, tuning: Tuning) {
         self.dedupe.set_tuning(tuning);
+    }
+
+    /// Tests: the messageId dedupe's state between writes.
+    #[cfg(test)]
+    pub(crate) fn dedupe(&self) -> &Dedupe {
+        &self.dedupe
     }
 
     /// Starts a write transaction: ingest into it, then commit. The first ingest takes the
@@ -595,9 +604,7 @@ impl<C: postgres::GenericClient> IndexTx for Pg<'_, C> {
             .collect();
         Ok(self.0.execute(sql, &params)?)
     }
-}
 
-impl<C: postgres::GenericClient> retention::PruneTx for Pg<'_, C> {
     fn pairs(&mut self, sql: &str, params: &[i64]) -> Result<Vec<(i64, i64)>, StoreError> {
         let params: Vec<&(dyn postgres::types::ToSql + Sync)> = params
             .iter()
@@ -610,7 +617,9 @@ impl<C: postgres::GenericClient> retention::PruneTx for Pg<'_, C> {
             .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
             .collect::<Result<_, postgres::Error>>()?)
     }
+}
 
+impl<C: postgres::GenericClient> retention::PruneTx for Pg<'_, C> {
     fn oldest(
         &mut self,
         after: i64,
@@ -940,8 +949,13 @@ impl Store for PostgresStore {
             .get(0);
         let (profiles, identifiers, names) = load_state(&mut tx, None)?;
         // After a failed write the ids are as before it: caught up, not read again.
-        let recent =
-            RecentIds::at_head(self.dedupe.committed.take(), &mut Pg(&mut tx), head, tuning)?;
+        let recent = RecentIds::at_head(
+            self.dedupe.committed.take(),
+            &mut Pg(&mut tx),
+            head,
+            tuning,
+            true,
+        )?;
         tx.commit()?;
         self.resolver.restore(profiles, identifiers, names, head);
         self.dedupe.committed = Some(recent);
@@ -1036,6 +1050,16 @@ impl Store for PostgresStore {
         let mut tx = read_committed(&mut self.client)?;
         let step = retention::prune_in(&mut Pg(&mut tx), " FOR UPDATE", keep, max)?;
         tx.commit()?;
+        Ok(step)
+    }
+
+    fn prune_message_ids(&mut self, max: usize) -> Result<IdPruneStep, StoreError> {
+        // READ COMMITTED: the index's count is moved by writers meanwhile (each adds to it).
+        let mut tx = read_committed(&mut self.client)?;
+        let (step, known) =
+            retention::prune_ids_in(&mut Pg(&mut tx), self.dedupe.oldest_run_top, max)?;
+        tx.commit()?;
+        self.dedupe.oldest_run_top = known;
         Ok(step)
     }
 }

@@ -10,9 +10,12 @@
 //! current state are complete backfills and stay. (An imported event with an old `receivedAt`
 //! but a recent `seq` waits until the horizon reaches it.)
 //!
-//! The messageId index keeps its entries of deleted events: a lookup that lands on one finds no
-//! event and reads the id as new, so an event sent again after its copy was deleted is stored
-//! again (Segment's own dedupe holds for a window too).
+//! A deleted event's messageId is new again: a lookup that lands on its index entry finds no
+//! event, so an event sent again after its copy was deleted is stored again (Segment's own
+//! dedupe holds for a window too). Those entries are dropped a run at a time
+//! ([`prune_ids_in`]): the index's runs hold consecutive ranges of `seq`, so once the horizon
+//! passes the last `seq` of the oldest run, every entry in it names a deleted event. The index
+//! then grows with the events kept, plus at most one run, not with every event ever stored.
 
 use super::StoreError;
 use super::dedupe::IndexTx;
@@ -83,6 +86,20 @@ pub(crate) const DELETE_EVENTS_SQL: &str = "DELETE FROM events WHERE seq > $1 AN
 pub(crate) const SET_PRUNED_SQL: &str =
     "UPDATE event_retention SET pruned_through = $1, pruned_max_received_us = $2 WHERE id = 1";
 
+/// The newest `seq` and the number of entries of run `$1` of the messageId index (a scan of
+/// the run: taken once per run and handle, see [`prune_ids_in`]).
+const RUN_TOP_SQL: &str =
+    "SELECT coalesce(max(seq), 0), count(*) FROM message_id_entries WHERE run = $1";
+/// Deletes the entries of run `$1` from hash `$2` up to hash `$3`.
+const DELETE_RUN_PART_SQL: &str =
+    "DELETE FROM message_id_entries WHERE run = $1 AND hash >= $2 AND hash <= $3";
+/// Deletes the entries of run `$1` from hash `$2` on.
+const DELETE_RUN_SQL: &str = "DELETE FROM message_id_entries WHERE run = $1 AND hash >= $2";
+/// Takes `$1` entries off the index's count.
+const SHRINK_INDEX_SQL: &str = "UPDATE message_id_index SET entries = entries - $1 WHERE id = 1";
+/// Forgets run `$1`.
+const DROP_RUN_SQL: &str = "DELETE FROM message_id_runs WHERE run = $1";
+
 /// A reader of the events feed whose progress holds events back.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Consumer {
@@ -147,6 +164,35 @@ pub struct PruneStep {
     /// imported event with a `receivedAt` in the future holds every later one back).
     pub blocked_by: Option<(i64, i64)>,
 }
+
+/// One step of dropping the messageId index's entries of deleted events.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IdPruneStep {
+    /// Entries deleted by it.
+    pub deleted: u64,
+    /// Whether it deleted the last entries of a run, and the run with them.
+    pub dropped_run: bool,
+    /// Whether no run is left to drop: the oldest one still indexes an event above the
+    /// horizon, or it is the newest (merges still land there).
+    pub done: bool,
+}
+
+/// What a handle knows of the index's oldest run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct OldestRun {
+    /// The run.
+    pub run: i64,
+    /// Its newest `seq`: a run other than the newest never gets another entry, so this holds
+    /// until the run is dropped.
+    pub top: i64,
+    /// Its entries when it was scanned.
+    pub entries: i64,
+    /// The hash its entries are left from: this handle's steps deleted those below.
+    pub from: i64,
+}
+
+/// A handle's memory of the index's oldest run, if it looked.
+pub(crate) type RunTop = Option<OldestRun>;
 
 /// What a retention pass keeps: events younger than `min_age_seconds` (or than a consumer's
 /// longer backfill window) at `now_us`, and the events any consumer still needs; no cut goes
@@ -232,8 +278,6 @@ fn cut_from(lowest: Option<i64>, longest_window: i64, keep: &Keep) -> (i64, i64,
 
 /// What a prune needs of a store's open transaction beyond the dedupe's statements.
 pub(crate) trait PruneTx: IndexTx {
-    /// The rows of `sql` (two integer columns) with these parameters.
-    fn pairs(&mut self, sql: &str, params: &[i64]) -> Result<Vec<(i64, i64)>, StoreError>;
     /// Up to `limit` events after `after` up to `through`, in `seq` order
     /// ([`OLDEST_EVENTS_SQL`]).
     fn oldest(&mut self, after: i64, through: i64, limit: i64)
@@ -315,6 +359,102 @@ pub(crate) fn prune_in(
         cut,
         blocked_by,
     })
+}
+
+/// The index's oldest run as `top` knows it, unless it is the newest run (or there is none);
+/// a run `top` does not know yet is scanned for its newest `seq`, and remembered.
+/// SQLite takes it in a read before the step's write transaction, so that the scan (a tenth
+/// of a second or more for 4M entries) does not hold the write lock.
+pub(crate) fn oldest_run_top(
+    tx: &mut dyn IndexTx,
+    top: &mut RunTop,
+) -> Result<Option<OldestRun>, StoreError> {
+    let runs = tx.runs()?;
+    let (Some(&(run, _)), true) = (runs.first(), runs.len() > 1) else {
+        return Ok(None);
+    };
+    if let Some(known) = *top
+        && known.run == run
+    {
+        return Ok(Some(known));
+    }
+    let (seq, entries) = tx
+        .pairs(RUN_TOP_SQL, &[run])?
+        .first()
+        .copied()
+        .unwrap_or_default();
+    let known = OldestRun {
+        run,
+        top: seq,
+        entries,
+        from: i64::MIN,
+    };
+    *top = Some(known);
+    Ok(Some(known))
+}
+
+/// [`Store::prune_message_ids`](super::Store::prune_message_ids) in `tx`: deletes about `max`
+/// entries of the index's oldest run once its newest `seq` is at or below the horizon (a range
+/// of hashes: a run of `n` entries goes in `n / max` steps or one more), and the run itself
+/// with its last entries; never the newest run. `known` is the handle's memory of the oldest
+/// run ([`OldestRun`]: its newest `seq`, so that a run is scanned once, not once a step, and
+/// where its steps got to); the memory returned is the caller's to keep once it has committed
+/// `tx` (a step rolled back deleted nothing). Writers, on this handle or another, see the count and the runs move at
+/// their next write (`dedupe::RecentIds`); until then a lookup that probes a dropped entry
+/// finds no event, as it would have anyway.
+pub(crate) fn prune_ids_in(
+    tx: &mut dyn PruneTx,
+    known: RunTop,
+    max: usize,
+) -> Result<(IdPruneStep, RunTop), StoreError> {
+    let mut top = known;
+    let done = IdPruneStep {
+        done: true,
+        ..IdPruneStep::default()
+    };
+    let (horizon, _) = tx
+        .pairs(PRUNED_SQL, &[])?
+        .first()
+        .copied()
+        .unwrap_or_default();
+    let Some(oldest) = oldest_run_top(tx, &mut top)? else {
+        return Ok((done, top));
+    };
+    if oldest.top > horizon {
+        return Ok((done, top));
+    }
+    // A range of hashes that holds about `max` of the run's entries (its hashes are SipHash
+    // outputs, spread evenly), deleted as a range of the key, which both stores read in the
+    // table's order. (A bound found by counting `max` entries in key order cost PostgreSQL a
+    // visit of the table per entry, ~1 s a step.)
+    let (run, from) = (oldest.run, oldest.from);
+    let width = ((1_i128 << 64) * max as i128 / i128::from(oldest.entries.max(1))).max(1);
+    let to = i128::from(from) + width - 1;
+    let last = to >= i128::from(i64::MAX);
+    let deleted = if last {
+        tx.exec(DELETE_RUN_SQL, &[run, from])?
+    } else {
+        let to = i64::try_from(to).unwrap_or(i64::MAX);
+        top = Some(OldestRun {
+            from: to.saturating_add(1),
+            ..oldest
+        });
+        tx.exec(DELETE_RUN_PART_SQL, &[run, from, to])?
+    };
+    tx.exec(
+        SHRINK_INDEX_SQL,
+        &[i64::try_from(deleted).unwrap_or(i64::MAX)],
+    )?;
+    if last {
+        tx.exec(DROP_RUN_SQL, &[run])?;
+        top = None;
+    }
+    let step = IdPruneStep {
+        deleted,
+        dropped_run: last,
+        done: false,
+    };
+    Ok((step, top))
 }
 
 #[cfg(test)]

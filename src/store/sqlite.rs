@@ -12,7 +12,9 @@ use super::codec::{
 };
 use super::dedupe::{self, Dedupe, RecentIds, Tuning, TxIds};
 use super::ingest::{LoadedState, ResolvedBatch, ingest_in_tx};
-use super::retention::{self, Consumer, Keep, OldEvent, PruneStep, Pruned, PrunedName};
+use super::retention::{
+    self, Consumer, IdPruneStep, Keep, OldEvent, PruneStep, Pruned, PrunedName,
+};
 use super::schema::{
     Dialect, RETENTION_TABLE, SCHEMA_VERSION, TRIGGER_COLUMNS, ddl, events_ddl, retention_ddl,
     state_seq_ddl,
@@ -92,6 +94,12 @@ impl SqliteStore {
     #[cfg(test)]
     pub(crate) fn set_dedupe(&mut self, tuning: Tuning) {
         self.dedupe.set_tuning(tuning);
+    }
+
+    /// Tests: the messageId dedupe's state between writes.
+    #[cfg(test)]
+    pub(crate) fn dedupe(&self) -> &Dedupe {
+        &self.dedupe
     }
 
     /// Sets how long a writer waits for another writer's lock before failing with "database is locked".
@@ -236,16 +244,16 @@ impl dedupe::IndexTx for rusqlite::Transaction<'_> {
         let rows = rusqlite::Connection::execute(self, sql, params_from_iter(params))?;
         Ok(u64::try_from(rows).unwrap_or(u64::MAX))
     }
-}
 
-impl retention::PruneTx for rusqlite::Transaction<'_> {
     fn pairs(&mut self, sql: &str, params: &[i64]) -> Result<Vec<(i64, i64)>, StoreError> {
         Ok(self
             .prepare_cached(sql)?
             .query_map(params_from_iter(params), |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<Result<Vec<_>, _>>()?)
     }
+}
 
+impl retention::PruneTx for rusqlite::Transaction<'_> {
     fn oldest(
         &mut self,
         after: i64,
@@ -861,7 +869,7 @@ impl Store for SqliteStore {
         })?;
         let (profiles, identifiers, names) = load_state(&tx, None)?;
         // After a failed write the ids are as before it: caught up, not read again.
-        let recent = RecentIds::at_head(self.dedupe.committed.take(), &mut tx, head, tuning)?;
+        let recent = RecentIds::at_head(self.dedupe.committed.take(), &mut tx, head, tuning, true)?;
         tx.commit()?;
         self.resolver.restore(profiles, identifiers, names, head);
         self.dedupe.committed = Some(recent);
@@ -943,6 +951,21 @@ impl Store for SqliteStore {
             rusqlite::Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
         let step = retention::prune_in(&mut tx, "", keep, max)?;
         tx.commit()?;
+        Ok(step)
+    }
+
+    fn prune_message_ids(&mut self, max: usize) -> Result<IdPruneStep, StoreError> {
+        // The oldest run's scan in a read: no write lock held for it.
+        let mut read = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Deferred)?;
+        retention::oldest_run_top(&mut read, &mut self.dedupe.oldest_run_top)?;
+        read.commit()?;
+        let mut tx =
+            rusqlite::Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
+        let (step, known) = retention::prune_ids_in(&mut tx, self.dedupe.oldest_run_top, max)?;
+        tx.commit()?;
+        self.dedupe.oldest_run_top = known;
         Ok(step)
     }
 }
