@@ -855,6 +855,8 @@ async fn an_engine_deletes_what_its_consumers_loaded_and_keeps_the_rest() {
     .await;
     assert_eq!(status, StatusCode::OK, "{done}");
     assert_eq!(done["deleted"], 3, "{done}");
+    // Three events fill no run of the messageId index but its newest, which stays.
+    assert_eq!(done["messageIdsDeleted"], 0, "{done}");
     let (_, catalog) = call(
         reqwest::Method::GET,
         format!("{}/v1/feeds", engine.base),
@@ -872,7 +874,8 @@ async fn an_engine_deletes_what_its_consumers_loaded_and_keeps_the_rest() {
         .await
         .unwrap();
     assert!(
-        metrics.contains("profiles_sync_engine_events_pruned_total 3"),
+        metrics.contains("profiles_sync_engine_events_pruned_total 3")
+            && metrics.contains("profiles_sync_engine_message_ids_pruned_total 0"),
         "{metrics}"
     );
 
