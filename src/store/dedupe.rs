@@ -1170,6 +1170,8 @@ pub(crate) mod tests {
         retention_drops_the_runs_of_deleted_events_and_the_filter_follows,
         a_failed_step_of_retention_leaves_no_entry_behind,
         the_newest_run_stays_whoever_it_indexes,
+        review_a_step_of_usize_max_entries_drops_a_run,
+        review_steps_of_zero_entries_end,
     );
 
     /// Retention deleted the events up to the 1,800th of 2,000: the index's runs that indexed
@@ -1312,6 +1314,42 @@ pub(crate) mod tests {
         assert!(through > keep.head, "no merge");
         let entries = place.pairs("SELECT entries, CAST(0 AS BIGINT) FROM message_id_index")[0].0;
         assert_eq!(entries, rows);
+    }
+
+    /// Review: 1,000 events in runs of 200, the first 900 deleted by retention.
+    fn review_retired(kind: &str) -> (Place, Opened) {
+        let place = Place::new(kind);
+        let mut s = place.open_with(false);
+        let ids = |from: usize, to: usize| pages((from..to).map(|i| format!("id-{i}")));
+        for i in (0..1_000).step_by(100) {
+            assert_eq!(s.ingest(ids(i, i + 100)), (100, 0));
+        }
+        place.retire_events(&mut s, 900);
+        (place, s)
+    }
+
+    /// Review: a step asked for as many entries as there may be (`usize::MAX`) deletes the
+    /// oldest run whole; the hash-range width `2^64 * max / entries` overflows i128 instead.
+    fn review_a_step_of_usize_max_entries_drops_a_run(kind: &str) {
+        let (place, mut s) = review_retired(kind);
+        let runs = place.runs().0.len();
+        let step = s.store().prune_message_ids(usize::MAX).unwrap();
+        assert!(step.dropped_run && step.deleted > 0, "{step:?}");
+        assert_eq!(place.runs().0.len(), runs - 1);
+    }
+
+    /// Review: steps of `max` 0 (as `prune_events(.., 0)`, which answers done at once) end:
+    /// the width becomes 1 hash, and a run takes 2^64 steps.
+    fn review_steps_of_zero_entries_end(kind: &str) {
+        let (place, mut s) = review_retired(kind);
+        for _ in 0..10_000 {
+            if s.store().prune_message_ids(0).unwrap().done {
+                let (recorded, counted) = place.runs();
+                assert_eq!(recorded, counted);
+                return;
+            }
+        }
+        panic!("10,000 steps of max 0 and the runs are still not dropped: {:?}", place.runs());
     }
 
     /// Every event deleted: the newest run stays (merges still land there), with its entries,

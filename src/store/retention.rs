@@ -428,7 +428,10 @@ pub(crate) fn prune_ids_in(
     // table's order. (A bound found by counting `max` entries in key order cost PostgreSQL a
     // visit of the table per entry, ~1 s a step.)
     let (run, from) = (oldest.run, oldest.from);
-    let width = ((1_i128 << 64) * max as i128 / i128::from(oldest.entries.max(1))).max(1);
+    // `max` within 1..=i64::MAX: 0 would make a step one hash wide (2^64 steps a run), and
+    // 2^64 times more than i64::MAX overflows.
+    let max = i128::from(i64::try_from(max).unwrap_or(i64::MAX).max(1));
+    let width = ((1_i128 << 64) * max / i128::from(oldest.entries.max(1))).max(1);
     let to = i128::from(from) + width - 1;
     let last = to >= i128::from(i64::MAX);
     let deleted = if last {
