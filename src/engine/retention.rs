@@ -68,7 +68,8 @@ pub struct PassOutcome {
     pub blocked_by: Option<(i64, i64)>,
     /// When the consumer that holds the cut lowest last recorded, if one does.
     pub held_since: Option<Timestamp>,
-    /// Whether it stopped before the cut (the engine is shutting down).
+    /// Whether it stopped early (the engine is shutting down): before the cut, or before the
+    /// messageId index's entries of deleted events were all dropped.
     pub interrupted: bool,
 }
 
@@ -596,11 +597,11 @@ mod tests {
         assert!(o.interrupted && asked.get() == 1, "{o:?}");
     }
 
-    /// Review: a step of the messageId index that fails (here its count refused, as a full
+    /// A step of the messageId index that fails (here its count refused, as a full
     /// disk, a lock timeout or a lost connection would) after the pass deleted its events:
     /// the pass still reports the events it deleted (the metrics, `POST /v1/retention`).
     #[test]
-    fn review_a_failed_index_step_keeps_the_events_deleted() {
+    fn a_failed_index_step_keeps_the_events_deleted() {
         let week = Duration::from_secs(7 * 86_400);
         let dir = tempfile::tempdir().unwrap();
         let mut store = store_of_old_events(&dir);

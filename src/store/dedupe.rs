@@ -78,10 +78,10 @@ pub(crate) const ENTRIES_AFTER_SQL: &str = "SELECT run, hash, seq FROM message_i
 /// not set: a retention pass may have taken entries out since this writer read it.
 const SET_EXTENT_SQL: &str =
     "UPDATE message_id_index SET indexed_through = $1, entries = entries + $2 WHERE id = 1";
-/// The index's entries and its oldest run (0 without one): a retention pass that dropped runs
-/// (`store::retention`) changes both.
-const EXTENT_SQL: &str = "SELECT entries, coalesce((SELECT min(run) FROM message_id_runs), 0)
-     FROM message_id_index WHERE id = 1";
+/// The index's entries (the sum of its runs') and its oldest run (0 without one): a retention
+/// pass that dropped runs (`store::retention`) changes both.
+const EXTENT_SQL: &str =
+    "SELECT CAST(coalesce(sum(entries), 0) AS BIGINT), coalesce(min(run), 0) FROM message_id_runs";
 /// The index's runs, oldest first: (run, entries).
 pub(crate) const RUNS_SQL: &str = "SELECT run, entries FROM message_id_runs ORDER BY run";
 /// Records run `$1` of `$2` entries.
@@ -98,6 +98,14 @@ INSERT INTO message_id_entries (run, hash, seq) SELECT 0, hash, seq FROM message
 INSERT INTO message_id_runs (run, entries) SELECT 0, count(*) FROM message_ids HAVING count(*) > 0;
 DROP TABLE message_ids;
 ";
+
+/// The entries of an index of these runs: the sum of theirs. A writer counts them so, not by
+/// `message_id_index.entries`, which an engine older than retention's drops sets from its own
+/// figure (during a rolling upgrade) and so would give back the entries dropped since; every
+/// release moves a run's count by what it adds or deletes.
+fn entries_of(runs: &[(i64, i64)]) -> i64 {
+    runs.iter().map(|&(_, n)| n).sum()
+}
 
 /// What the dedupe needs of a store's open write transaction.
 pub(crate) trait IndexTx {
@@ -486,7 +494,9 @@ impl RecentIds {
             }
             other => other,
         };
-        let [key0, key1, indexed_through, indexed] = tx.index_row()?.ok_or_else(missing_row)?;
+        let [key0, key1, indexed_through, _] = tx.index_row()?.ok_or_else(missing_row)?;
+        let runs = tx.runs()?;
+        let indexed = entries_of(&runs);
         let mut ids = match known {
             Some(mut r)
                 if r.head < head
@@ -499,7 +509,7 @@ impl RecentIds {
                 }
                 r.indexed_through = indexed_through;
                 r.indexed = indexed;
-                r.runs = tx.runs()?;
+                r.runs = runs;
                 let after = r.head;
                 r.read_events(tx, after)?;
                 // Far behind (another writer merged a lot since): the larger filter now,
@@ -515,7 +525,7 @@ impl RecentIds {
                     hasher: SipHasher13::new_with_keys(key0 as u64, key1 as u64),
                     indexed_through,
                     indexed,
-                    runs: tx.runs()?,
+                    runs,
                     tail: HashMap::new(),
                     more: vec![],
                     filter: Filter::of_index(tx, indexed, head, tuning)?,
@@ -534,7 +544,8 @@ impl RecentIds {
     /// Follows the index's entries and runs when a retention pass (on another handle or
     /// replica, which moves no head) dropped runs since this writer read them: read once per
     /// transaction, so that the filter is rebuilt smaller once it holds mostly dropped hashes,
-    /// and no dropped run is probed.
+    /// and runs dropped before the write began are not probed (one dropped during it may be:
+    /// it finds no event either way).
     fn follow_extent(&mut self, tx: &mut dyn IndexTx) -> Result<(), StoreError> {
         let (entries, oldest) = tx
             .pairs(EXTENT_SQL, &[])?
@@ -1170,8 +1181,9 @@ pub(crate) mod tests {
         retention_drops_the_runs_of_deleted_events_and_the_filter_follows,
         a_failed_step_of_retention_leaves_no_entry_behind,
         the_newest_run_stays_whoever_it_indexes,
-        review_a_step_of_usize_max_entries_drops_a_run,
-        review_steps_of_zero_entries_end,
+        a_step_of_usize_max_entries_drops_a_run,
+        a_count_an_older_engine_set_is_not_believed,
+        steps_of_zero_entries_end,
     );
 
     /// Retention deleted the events up to the 1,800th of 2,000: the index's runs that indexed
@@ -1249,13 +1261,7 @@ pub(crate) mod tests {
     /// would fail it) deleted nothing, and the next steps start where the last committed one
     /// ended: every entry of the dropped runs goes, none is left in a run no longer recorded.
     fn a_failed_step_of_retention_leaves_no_entry_behind(kind: &str) {
-        let place = Place::new(kind);
-        let mut s = place.open_with(false);
-        let ids = |from: usize, to: usize| pages((from..to).map(|i| format!("id-{i}")));
-        for i in (0..1_000).step_by(100) {
-            assert_eq!(s.ingest(ids(i, i + 100)), (100, 0));
-        }
-        place.retire_events(&mut s, 900);
+        let (place, mut s) = retired_900_of_1000(kind);
         let step = s.store().prune_message_ids(30).unwrap();
         assert!(step.deleted > 0 && !step.done, "{step:?}");
         match &place {
@@ -1316,8 +1322,8 @@ pub(crate) mod tests {
         assert_eq!(entries, rows);
     }
 
-    /// Review: 1,000 events in runs of 200, the first 900 deleted by retention.
-    fn review_retired(kind: &str) -> (Place, Opened) {
+    /// 1,000 events in runs of 200, the first 900 deleted by retention.
+    fn retired_900_of_1000(kind: &str) -> (Place, Opened) {
         let place = Place::new(kind);
         let mut s = place.open_with(false);
         let ids = |from: usize, to: usize| pages((from..to).map(|i| format!("id-{i}")));
@@ -1328,20 +1334,39 @@ pub(crate) mod tests {
         (place, s)
     }
 
-    /// Review: a step asked for as many entries as there may be (`usize::MAX`) deletes the
-    /// oldest run whole; the hash-range width `2^64 * max / entries` overflows i128 instead.
-    fn review_a_step_of_usize_max_entries_drops_a_run(kind: &str) {
-        let (place, mut s) = review_retired(kind);
+    /// A step asked for as many entries as there may be (`usize::MAX`) deletes the oldest run
+    /// whole (the hash-range width `2^64 * max / entries` must not overflow).
+    fn a_step_of_usize_max_entries_drops_a_run(kind: &str) {
+        let (place, mut s) = retired_900_of_1000(kind);
         let runs = place.runs().0.len();
         let step = s.store().prune_message_ids(usize::MAX).unwrap();
         assert!(step.dropped_run && step.deleted > 0, "{step:?}");
         assert_eq!(place.runs().0.len(), runs - 1);
     }
 
-    /// Review: steps of `max` 0 (as `prune_events(.., 0)`, which answers done at once) end:
-    /// the width becomes 1 hash, and a run takes 2^64 steps.
-    fn review_steps_of_zero_entries_end(kind: &str) {
-        let (place, mut s) = review_retired(kind);
+    /// During a rolling upgrade an engine older than retention's drops sets the index's count
+    /// from its own figure at each merge, giving back the entries dropped since: writers count
+    /// the runs' entries instead, which every release moves by what it adds or deletes.
+    fn a_count_an_older_engine_set_is_not_believed(kind: &str) {
+        let (place, mut s) = retired_900_of_1000(kind);
+        while !s.store().prune_message_ids(1_000).unwrap().done {}
+        place.raw("UPDATE message_id_index SET entries = entries + 800");
+        let ids = |from: usize, to: usize| pages((from..to).map(|i| format!("id-{i}")));
+        assert_eq!(s.ingest(ids(2_000, 2_010)), (10, 0));
+        assert_eq!(s.filter_held().1, place.indexed().1, "the writer's count");
+        let mut fresh = place.open_with(false);
+        assert_eq!(fresh.ingest(ids(3_000, 3_001)), (1, 0));
+        assert_eq!(
+            fresh.filter_held().1,
+            place.indexed().1,
+            "a new writer's count"
+        );
+    }
+
+    /// Steps of `max` 0 end (a step of 0 works as one of 1; a range one hash wide would take
+    /// a run 2^64 steps).
+    fn steps_of_zero_entries_end(kind: &str) {
+        let (place, mut s) = retired_900_of_1000(kind);
         for _ in 0..10_000 {
             if s.store().prune_message_ids(0).unwrap().done {
                 let (recorded, counted) = place.runs();
@@ -1349,7 +1374,10 @@ pub(crate) mod tests {
                 return;
             }
         }
-        panic!("10,000 steps of max 0 and the runs are still not dropped: {:?}", place.runs());
+        panic!(
+            "10,000 steps of max 0 and the runs are still not dropped: {:?}",
+            place.runs()
+        );
     }
 
     /// Every event deleted: the newest run stays (merges still land there), with its entries,

@@ -95,7 +95,10 @@ const DELETE_RUN_PART_SQL: &str =
     "DELETE FROM message_id_entries WHERE run = $1 AND hash >= $2 AND hash <= $3";
 /// Deletes the entries of run `$1` from hash `$2` on.
 const DELETE_RUN_SQL: &str = "DELETE FROM message_id_entries WHERE run = $1 AND hash >= $2";
-/// Takes `$1` entries off the index's count.
+/// Takes `$1` entries off the count of run `$2`, which writers sum.
+const SHRINK_RUN_SQL: &str = "UPDATE message_id_runs SET entries = entries - $1 WHERE run = $2";
+/// Takes `$1` entries off the index's count (kept for engines older than the drops, which read
+/// it).
 const SHRINK_INDEX_SQL: &str = "UPDATE message_id_index SET entries = entries - $1 WHERE id = 1";
 /// Forgets run `$1`.
 const DROP_RUN_SQL: &str = "DELETE FROM message_id_runs WHERE run = $1";
@@ -444,10 +447,9 @@ pub(crate) fn prune_ids_in(
         });
         tx.exec(DELETE_RUN_PART_SQL, &[run, from, to])?
     };
-    tx.exec(
-        SHRINK_INDEX_SQL,
-        &[i64::try_from(deleted).unwrap_or(i64::MAX)],
-    )?;
+    let n = i64::try_from(deleted).unwrap_or(i64::MAX);
+    tx.exec(SHRINK_INDEX_SQL, &[n])?;
+    tx.exec(SHRINK_RUN_SQL, &[n, run])?;
     if last {
         tx.exec(DROP_RUN_SQL, &[run])?;
         top = None;
