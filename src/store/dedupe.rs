@@ -483,15 +483,9 @@ impl RecentIds {
         tx: &mut dyn IndexTx,
         head: i64,
         tuning: Tuning,
-        starting: bool,
     ) -> Result<RecentIds, StoreError> {
         let known = match known {
-            Some(mut r) if r.head == head => {
-                if starting {
-                    r.follow_extent(tx)?;
-                }
-                return Ok(r);
-            }
+            Some(r) if r.head == head => return Ok(r),
             other => other,
         };
         let [key0, key1, indexed_through, _] = tx.index_row()?.ok_or_else(missing_row)?;
@@ -546,7 +540,7 @@ impl RecentIds {
     /// transaction, so that the filter is rebuilt smaller once it holds mostly dropped hashes,
     /// and runs dropped before the write began are not probed (one dropped during it may be:
     /// it finds no event either way).
-    fn follow_extent(&mut self, tx: &mut dyn IndexTx) -> Result<(), StoreError> {
+    pub fn follow_extent(&mut self, tx: &mut dyn IndexTx) -> Result<(), StoreError> {
         let (entries, oldest) = tx
             .pairs(EXTENT_SQL, &[])?
             .first()
@@ -810,11 +804,17 @@ pub(crate) fn in_tx<'r>(
 ) -> Result<&'r mut RecentIds, StoreError> {
     let starting = own.is_none();
     let known = own.take().or_else(|| committed.take());
-    let mut recent = RecentIds::at_head(known, tx, head, tuning, starting)?;
+    let mut recent = RecentIds::at_head(known, tx, head, tuning)?;
     if starting {
         recent.began();
     }
-    Ok(own.insert(recent))
+    let recent = own.insert(recent);
+    if starting {
+        // Held by the transaction meanwhile: if this read fails, the ids go back to the store
+        // as they were (`TxIds`' drop), not read whole again by its next write.
+        recent.follow_extent(tx)?;
+    }
+    Ok(recent)
 }
 
 /// A write transaction's recent messageIds: the store's as of its last commit, taken by its
@@ -1183,6 +1183,8 @@ pub(crate) mod tests {
         the_newest_run_stays_whoever_it_indexes,
         a_step_of_usize_max_entries_drops_a_run,
         a_count_an_older_engine_set_is_not_believed,
+        a_run_half_dropped_is_taken_up_in_steps_of_max,
+        a_write_whose_count_could_not_be_read_keeps_the_filter,
         steps_of_zero_entries_end,
     );
 
@@ -1360,6 +1362,59 @@ pub(crate) mod tests {
             fresh.filter_held().1,
             place.indexed().1,
             "a new writer's count"
+        );
+    }
+
+    /// A run half dropped through one handle is taken up by another (a replica, or the engine
+    /// after a restart) in steps of about `max` too: steps share the hashes left, not the whole
+    /// range of them (a step then deleted twice `max` or more, holding SQLite's lock as long).
+    fn a_run_half_dropped_is_taken_up_in_steps_of_max(kind: &str) {
+        let place = Place::new(kind);
+        let tuning = Tuning {
+            max_run: 2_000,
+            ..growing_tuning()
+        };
+        let (mut a, mut b) = (place.open_tuned(tuning), place.open_tuned(tuning));
+        let ids = |from: usize, to: usize| pages((from..to).map(|i| format!("id-{i}")));
+        for i in (0..5_000).step_by(500) {
+            assert_eq!(a.ingest(ids(i, i + 500)), (500, 0));
+        }
+        place.retire_events(&mut a, 4_500);
+        for _ in 0..5 {
+            assert!(!a.store().prune_message_ids(200).unwrap().done);
+        }
+        let mut steps = vec![place.indexed().1];
+        while !b.store().prune_message_ids(200).unwrap().done {
+            steps.push(place.indexed().1);
+            assert!(steps.len() < 100, "{steps:?}");
+        }
+        let deleted: Vec<i64> = steps.windows(2).map(|w| w[0] - w[1]).collect();
+        assert!(
+            deleted.iter().all(|&n| n <= 300),
+            "entries deleted a step: {deleted:?}"
+        );
+        assert_eq!(place.runs().0, place.runs().1);
+    }
+
+    /// A write that fails as it reads the index's count (once per write) gives the writer's
+    /// ids back as they were: its next write does not read the whole index into a new filter.
+    fn a_write_whose_count_could_not_be_read_keeps_the_filter(kind: &str) {
+        let place = Place::new(kind);
+        let mut s = place.open_with(false);
+        let ids = |from: usize, to: usize| pages((from..to).map(|i| format!("id-{i}")));
+        for i in (0..300).step_by(100) {
+            assert_eq!(s.ingest(ids(i, i + 100)), (100, 0));
+        }
+        let built = count(&super::FILTER_BUILDS);
+        place.raw("ALTER TABLE message_id_runs RENAME TO runs_away");
+        assert!(s.store().ingest(ids(300, 310)).is_err());
+        place.raw("ALTER TABLE runs_away RENAME TO message_id_runs");
+        assert_eq!(s.ingest(ids(300, 310)), (10, 0));
+        assert_eq!(s.ingest(ids(0, 10)), (0, 10));
+        assert_eq!(
+            count(&super::FILTER_BUILDS),
+            built,
+            "the filter was read again"
         );
     }
 

@@ -949,13 +949,9 @@ impl Store for PostgresStore {
             .get(0);
         let (profiles, identifiers, names) = load_state(&mut tx, None)?;
         // After a failed write the ids are as before it: caught up, not read again.
-        let recent = RecentIds::at_head(
-            self.dedupe.committed.take(),
-            &mut Pg(&mut tx),
-            head,
-            tuning,
-            true,
-        )?;
+        let mut recent =
+            RecentIds::at_head(self.dedupe.committed.take(), &mut Pg(&mut tx), head, tuning)?;
+        recent.follow_extent(&mut Pg(&mut tx))?;
         tx.commit()?;
         self.resolver.restore(profiles, identifiers, names, head);
         self.dedupe.committed = Some(recent);

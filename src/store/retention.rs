@@ -90,6 +90,9 @@ pub(crate) const SET_PRUNED_SQL: &str =
 /// the run: taken once per run and handle, see [`prune_ids_in`]).
 const RUN_TOP_SQL: &str =
     "SELECT coalesce(max(seq), 0), count(*) FROM message_id_entries WHERE run = $1";
+/// The lowest hash of run `$1` (and a filler column).
+const RUN_LOW_SQL: &str = "SELECT coalesce(min(hash), 0), CAST(0 AS BIGINT)
+     FROM message_id_entries WHERE run = $1";
 /// Deletes the entries of run `$1` from hash `$2` up to hash `$3`.
 const DELETE_RUN_PART_SQL: &str =
     "DELETE FROM message_id_entries WHERE run = $1 AND hash >= $2 AND hash <= $3";
@@ -188,8 +191,10 @@ pub(crate) struct OldestRun {
     /// Its newest `seq`: a run other than the newest never gets another entry, so this holds
     /// until the run is dropped.
     pub top: i64,
-    /// Its entries when it was scanned.
+    /// Its entries when it was scanned,
     pub entries: i64,
+    /// and the lowest of their hashes: steps share the hashes from there on between them.
+    pub low: i64,
     /// The hash its entries are left from: this handle's steps deleted those below.
     pub from: i64,
 }
@@ -386,11 +391,19 @@ pub(crate) fn oldest_run_top(
         .first()
         .copied()
         .unwrap_or_default();
+    // From its lowest hash: a run half dropped by another handle (or before a restart) is
+    // taken up in steps of `max` again, not in steps sized for the whole range of hashes.
+    let (low, _) = tx
+        .pairs(RUN_LOW_SQL, &[run])?
+        .first()
+        .copied()
+        .unwrap_or_default();
     let known = OldestRun {
         run,
         top: seq,
         entries,
-        from: i64::MIN,
+        low,
+        from: low,
     };
     *top = Some(known);
     Ok(Some(known))
@@ -434,7 +447,8 @@ pub(crate) fn prune_ids_in(
     // `max` within 1..=i64::MAX: 0 would make a step one hash wide (2^64 steps a run), and
     // 2^64 times more than i64::MAX overflows.
     let max = i128::from(i64::try_from(max).unwrap_or(i64::MAX).max(1));
-    let width = ((1_i128 << 64) * max / i128::from(oldest.entries.max(1))).max(1);
+    let span = i128::from(i64::MAX) - i128::from(oldest.low) + 1;
+    let width = (span * max / i128::from(oldest.entries.max(1))).max(1);
     let to = i128::from(from) + width - 1;
     let last = to >= i128::from(i64::MAX);
     let deleted = if last {

@@ -869,7 +869,8 @@ impl Store for SqliteStore {
         })?;
         let (profiles, identifiers, names) = load_state(&tx, None)?;
         // After a failed write the ids are as before it: caught up, not read again.
-        let recent = RecentIds::at_head(self.dedupe.committed.take(), &mut tx, head, tuning, true)?;
+        let mut recent = RecentIds::at_head(self.dedupe.committed.take(), &mut tx, head, tuning)?;
+        recent.follow_extent(&mut tx)?;
         tx.commit()?;
         self.resolver.restore(profiles, identifiers, names, head);
         self.dedupe.committed = Some(recent);
