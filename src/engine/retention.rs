@@ -90,43 +90,56 @@ pub fn pass(
         head: store.head_seq()?,
     };
     let mut deleted = 0;
-    loop {
+    let step = loop {
         let step = store.prune_events(&keep, STEP)?;
         deleted += step.deleted;
         if step.done || !go_on() {
-            let mut interrupted = !step.done;
-            let mut message_ids_deleted = 0;
-            while !interrupted {
-                // A failure here leaves the events' outcome standing (they are deleted): the
-                // next pass takes the index up again.
-                let ids = match store.prune_message_ids(ID_STEP) {
-                    Ok(ids) => ids,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "dropping the messageId index's runs of deleted events failed; the next pass tries again");
-                        break;
-                    }
-                };
-                message_ids_deleted += ids.deleted;
-                if ids.done {
-                    break;
+            break step;
+        }
+    };
+    let (message_ids_deleted, interrupted) = if step.done {
+        drop_index_runs(store, go_on)
+    } else {
+        (0, true)
+    };
+    let consumers = store.consumers()?;
+    let cut = crate::store::cut(&consumers, keep.min_age_seconds, now, keep.head);
+    let held_since = consumers
+        .iter()
+        .find(|c| cut.held_by.as_deref() == Some(c.name.as_str()))
+        .map(|c| c.updated_at);
+    Ok(PassOutcome {
+        deleted,
+        message_ids_deleted,
+        pruned: store.pruned()?,
+        cut,
+        blocked_by: step.blocked_by,
+        held_since,
+        interrupted,
+    })
+}
+
+/// A pass's second part: steps of 50,000 messageId index entries of runs that only indexed
+/// deleted events, while `go_on` says so; the entries deleted, and whether it stopped early. A
+/// failure is logged and ends it: the events' deletion stands, and the next pass takes the
+/// index up again.
+fn drop_index_runs(store: &mut dyn Store, go_on: &dyn Fn() -> bool) -> (u64, bool) {
+    let mut deleted = 0;
+    loop {
+        match store.prune_message_ids(ID_STEP) {
+            Ok(step) => {
+                deleted += step.deleted;
+                if step.done {
+                    return (deleted, false);
                 }
-                interrupted = !go_on();
             }
-            let consumers = store.consumers()?;
-            let cut = crate::store::cut(&consumers, keep.min_age_seconds, now, keep.head);
-            let held_since = consumers
-                .iter()
-                .find(|c| cut.held_by.as_deref() == Some(c.name.as_str()))
-                .map(|c| c.updated_at);
-            return Ok(PassOutcome {
-                deleted,
-                message_ids_deleted,
-                pruned: store.pruned()?,
-                cut,
-                blocked_by: step.blocked_by,
-                held_since,
-                interrupted,
-            });
+            Err(e) => {
+                tracing::warn!(error = %e, "dropping the messageId index's runs of deleted events failed; the next pass tries again");
+                return (deleted, false);
+            }
+        }
+        if !go_on() {
+            return (deleted, true);
         }
     }
 }

@@ -60,7 +60,7 @@ pub(crate) fn merge_at(indexed: i64, min: usize) -> usize {
 /// The index's row. The statements below serve both dialects: SQLite numbers `$n` parameters in
 /// the order they first appear, so each names `$1` before `$2`.
 pub(crate) const INDEX_ROW_SQL: &str =
-    "SELECT key0, key1, indexed_through, entries FROM message_id_index WHERE id = 1";
+    "SELECT key0, key1, indexed_through FROM message_id_index WHERE id = 1";
 /// Creates the index's row with the key `$1`, `$2`, unless it exists.
 pub(crate) const CREATE_INDEX_ROW_SQL: &str =
     "INSERT INTO message_id_index (id, key0, key1, indexed_through, entries)
@@ -109,8 +109,9 @@ fn entries_of(runs: &[(i64, i64)]) -> i64 {
 
 /// What the dedupe needs of a store's open write transaction.
 pub(crate) trait IndexTx {
-    /// The index's hash key, `indexed_through` and number of entries; `None` without its row.
-    fn index_row(&mut self) -> Result<Option<[i64; 4]>, StoreError>;
+    /// The index's hash key and `indexed_through`; `None` without its row. (Its count of
+    /// entries is not read: writers sum the runs' counts, [`entries_of`].)
+    fn index_row(&mut self) -> Result<Option<[i64; 3]>, StoreError>;
     /// Creates the index's row with this key, unless it exists.
     fn create_index_row(&mut self, key0: i64, key1: i64) -> Result<(), StoreError>;
     /// Calls `f(seq, messageId)` for up to `limit` events after `after`, in `seq` order.
@@ -418,7 +419,7 @@ pub(crate) struct Dedupe {
     /// rolled-back write); `None` when they must be read (first write, a failed read).
     pub committed: Option<RecentIds>,
     pub tuning: Tuning,
-    /// The newest `seq` of the index's oldest run, as a retention pass on this handle found it
+    /// What retention's steps on this handle know of the index's oldest run
     /// (`store::retention::prune_ids_in`).
     pub oldest_run_top: super::retention::RunTop,
 }
@@ -488,7 +489,7 @@ impl RecentIds {
             Some(r) if r.head == head => return Ok(r),
             other => other,
         };
-        let [key0, key1, indexed_through, _] = tx.index_row()?.ok_or_else(missing_row)?;
+        let [key0, key1, indexed_through] = tx.index_row()?.ok_or_else(missing_row)?;
         let runs = tx.runs()?;
         let indexed = entries_of(&runs);
         let mut ids = match known {
@@ -804,12 +805,15 @@ pub(crate) fn in_tx<'r>(
 ) -> Result<&'r mut RecentIds, StoreError> {
     let starting = own.is_none();
     let known = own.take().or_else(|| committed.take());
+    // Taken as they are (no other writer since): only then can a retention pass, which moves
+    // no head, have changed the runs unseen; catching up or reading afresh reads them anyway.
+    let current = known.as_ref().is_some_and(|r| r.head == head);
     let mut recent = RecentIds::at_head(known, tx, head, tuning)?;
     if starting {
         recent.began();
     }
     let recent = own.insert(recent);
-    if starting {
+    if starting && current {
         // Held by the transaction meanwhile: if this read fails, the ids go back to the store
         // as they were (`TxIds`' drop), not read whole again by its next write.
         recent.follow_extent(tx)?;
@@ -867,7 +871,7 @@ pub(crate) fn exists(tx: &mut dyn IndexTx) -> Result<bool, StoreError> {
 /// Runs in the transaction that creates the tables, before any index exists.
 pub(crate) fn create(tx: &mut dyn IndexTx, head: i64) -> Result<(), StoreError> {
     tx.create_index_row(rand::random(), rand::random())?;
-    let [key0, key1, _, _] = tx.index_row()?.ok_or_else(missing_row)?;
+    let [key0, key1, _] = tx.index_row()?.ok_or_else(missing_row)?;
     let mut added = 0_i64;
     let hasher = SipHasher13::new_with_keys(key0 as u64, key1 as u64);
     let mut runs = tx.runs()?;

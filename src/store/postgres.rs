@@ -499,11 +499,11 @@ fn write_rows(tx: &mut Client, b: &ResolvedBatch, head: i64) -> Result<(), Store
 struct Pg<'a, C>(&'a mut C);
 
 impl<C: postgres::GenericClient> IndexTx for Pg<'_, C> {
-    fn index_row(&mut self) -> Result<Option<[i64; 4]>, StoreError> {
+    fn index_row(&mut self) -> Result<Option<[i64; 3]>, StoreError> {
         Ok(self
             .0
             .query_opt(dedupe::INDEX_ROW_SQL, &[])?
-            .map(|r| [r.get(0), r.get(1), r.get(2), r.get(3)]))
+            .map(|r| [r.get(0), r.get(1), r.get(2)]))
     }
 
     fn create_index_row(&mut self, key0: i64, key1: i64) -> Result<(), StoreError> {

@@ -191,9 +191,9 @@ pub(crate) struct OldestRun {
     /// Its newest `seq`: a run other than the newest never gets another entry, so this holds
     /// until the run is dropped.
     pub top: i64,
-    /// Its entries when it was scanned,
+    /// Its entries when it was scanned.
     pub entries: i64,
-    /// and the lowest of their hashes: steps share the hashes from there on between them.
+    /// The lowest of their hashes then: steps share the hashes from there on between them.
     pub low: i64,
     /// The hash its entries are left from: this handle's steps deleted those below.
     pub from: i64,
@@ -415,9 +415,9 @@ pub(crate) fn oldest_run_top(
 /// with its last entries; never the newest run. `known` is the handle's memory of the oldest
 /// run ([`OldestRun`]: its newest `seq`, so that a run is scanned once, not once a step, and
 /// where its steps got to); the memory returned is the caller's to keep once it has committed
-/// `tx` (a step rolled back deleted nothing). Writers, on this handle or another, see the count and the runs move at
-/// their next write (`dedupe::RecentIds`); until then a lookup that probes a dropped entry
-/// finds no event, as it would have anyway.
+/// `tx` (a step rolled back deleted nothing). Writers, on this handle or another, see the
+/// count and the runs move at their next write (`dedupe::RecentIds`); until then a lookup that
+/// probes a dropped entry finds no event, as it would have anyway.
 pub(crate) fn prune_ids_in(
     tx: &mut dyn PruneTx,
     known: RunTop,
@@ -463,10 +463,11 @@ pub(crate) fn prune_ids_in(
     };
     let n = i64::try_from(deleted).unwrap_or(i64::MAX);
     tx.exec(SHRINK_INDEX_SQL, &[n])?;
-    tx.exec(SHRINK_RUN_SQL, &[n, run])?;
     if last {
         tx.exec(DROP_RUN_SQL, &[run])?;
         top = None;
+    } else {
+        tx.exec(SHRINK_RUN_SQL, &[n, run])?;
     }
     let step = IdPruneStep {
         deleted,

@@ -143,10 +143,10 @@ struct LiteTx<'a> {
 
 /// The dedupe index's statements (`store::dedupe`).
 impl dedupe::IndexTx for rusqlite::Transaction<'_> {
-    fn index_row(&mut self) -> Result<Option<[i64; 4]>, StoreError> {
+    fn index_row(&mut self) -> Result<Option<[i64; 3]>, StoreError> {
         Ok(self
             .query_row(dedupe::INDEX_ROW_SQL, [], |r| {
-                Ok([r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?])
+                Ok([r.get(0)?, r.get(1)?, r.get(2)?])
             })
             .optional()?)
     }
