@@ -64,6 +64,9 @@ pub(super) struct Profile {
     /// When each trait was last set or removed (removals stay as tombstones).
     pub(super) trait_times: HashMap<String, Timestamp>,
     dirty: bool,
+    /// Whether the store holds a row of it: read from the store, or reported by
+    /// [`IdentityGraph::take_dirty`] since it was created.
+    stored: bool,
 }
 
 #[derive(Debug)]
@@ -75,6 +78,8 @@ pub(super) struct IdentEntry {
     pub(super) first_seen: Timestamp,
     pub(super) last_seen: Timestamp,
     dirty: bool,
+    /// Whether the store holds a row of it (as [`Profile`]'s).
+    stored: bool,
 }
 
 impl Profile {
@@ -99,6 +104,7 @@ impl Profile {
             traits: state.traits,
             trait_times,
             dirty: false,
+            stored: true,
         };
         (profile, state.canonical_segment_id)
     }
@@ -149,20 +155,39 @@ impl IdentityGraph {
     }
 
     /// Profile and identifier state changed since the last call, each once in its latest
-    /// state, for the store to persist in the same transaction as the change logs.
+    /// state, for the store to persist in the same transaction as the change logs; those the
+    /// store holds no row of yet (created since the graph was restored, or since they were
+    /// last taken) first ([`StateDelta::new_profiles`]). A graph whose delta was not stored
+    /// must be restored from the store before its next delta is.
     pub fn take_dirty(&mut self) -> StateDelta {
-        let profiles = std::mem::take(&mut self.dirty_profiles)
+        let mut dirty = std::mem::take(&mut self.dirty_profiles);
+        // New first, in the order they were marked.
+        dirty.sort_by_key(|&p| self.profiles[p as usize].stored);
+        let new_profiles = dirty
+            .iter()
+            .take_while(|&&p| !self.profiles[p as usize].stored)
+            .count();
+        let profiles = dirty
             .into_iter()
             .map(|p| {
-                self.profiles[p as usize].dirty = false;
+                let prof = &mut self.profiles[p as usize];
+                prof.dirty = false;
+                prof.stored = true;
                 self.profile_state(p)
             })
             .collect();
-        let identifiers = std::mem::take(&mut self.dirty_idents)
+        let mut dirty = std::mem::take(&mut self.dirty_idents);
+        dirty.sort_by_key(|&i| self.idents[i as usize].stored);
+        let new_identifiers = dirty
+            .iter()
+            .take_while(|&&i| !self.idents[i as usize].stored)
+            .count();
+        let identifiers = dirty
             .into_iter()
             .map(|i| {
                 let e = &mut self.idents[i as usize];
                 e.dirty = false;
+                e.stored = true;
                 IdentifierState {
                     id_type: self.types[e.ty as usize].name.to_string(),
                     value: e.value.to_string(),
@@ -175,6 +200,8 @@ impl IdentityGraph {
         StateDelta {
             profiles,
             identifiers,
+            new_profiles,
+            new_identifiers,
         }
     }
 
@@ -287,6 +314,7 @@ impl IdentityGraph {
                     old.merges = profile.merges;
                     old.traits = profile.traits;
                     old.trait_times = profile.trait_times;
+                    old.stored = true;
                     p
                 }
                 None => {
@@ -389,9 +417,12 @@ impl IdentityGraph {
                 e.profile = profile;
                 e.first_seen = state.first_seen;
                 e.last_seen = state.last_seen;
+                e.stored = true;
             } else {
                 let i = self.push_ident(ty, &state.value, profile, state.first_seen);
-                self.idents[i as usize].last_seen = state.last_seen;
+                let e = &mut self.idents[i as usize];
+                e.last_seen = state.last_seen;
+                e.stored = true;
             }
         }
     }
@@ -472,6 +503,7 @@ impl IdentityGraph {
             traits: Map::new(),
             trait_times: HashMap::new(),
             dirty: false,
+            stored: false,
         });
         self.next_rank += 1;
         self.live_profiles += 1;
@@ -500,6 +532,7 @@ impl IdentityGraph {
             first_seen: seen,
             last_seen: seen,
             dirty: false,
+            stored: false,
         });
         self.by_value[ty as usize].insert(value, i);
         let c = self.profiles[profile as usize].canonical;

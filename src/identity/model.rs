@@ -137,6 +137,11 @@ pub struct StateDelta {
     pub profiles: Vec<ProfileState>,
     /// Identifiers to upsert by `(id_type, value)`.
     pub identifiers: Vec<IdentifierState>,
+    /// How many of `profiles`, at its start, the store holds no row of yet: it may insert them
+    /// without looking for one (an upsert costs PostgreSQL a third more per row).
+    pub new_profiles: usize,
+    /// How many of `identifiers`, at its start, the store holds no row of yet.
+    pub new_identifiers: usize,
 }
 
 impl StateDelta {

@@ -983,7 +983,7 @@ pub(crate) mod tests {
         }
 
         /// Runs `sql` (statements without results) on a connection of its own.
-        fn raw(&self, sql: &str) {
+        pub(crate) fn raw(&self, sql: &str) {
             match self {
                 Place::Lite(dir) => rusqlite::Connection::open(dir.path().join("s.db"))
                     .unwrap()

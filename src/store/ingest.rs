@@ -145,6 +145,9 @@ pub(crate) struct ResolvedBatch<'e> {
     pub traits: Vec<NewTraitsRow>,
     pub state: StateDelta,
     pub new_track_names: Vec<String>,
+    /// Whether the events were written already, as they were resolved
+    /// ([`WriteTx::event_stream`]).
+    pub events_written: bool,
 }
 
 /// Resolves `events` inside an open write transaction and writes their rows; returns what it
@@ -185,6 +188,10 @@ pub(crate) fn ingest_in_tx<T: WriteTx>(
     let mut batch = ResolvedBatch::default();
     let mut seq = head;
     let resolving = std::time::Instant::now();
+    // The events' rows, when the store takes them as they come: the time spent handing them
+    // over is the write's, not resolution's.
+    let mut stream = tx.event_stream();
+    let mut streaming = std::time::Duration::ZERO;
     for (index, event) in events.iter().enumerate() {
         if !seen.insert(event.message_id()) {
             summary.duplicates += 1;
@@ -241,14 +248,21 @@ pub(crate) fn ingest_in_tx<T: WriteTx>(
             batch.new_track_names.push(name.clone());
         }
         seq += 1;
-        batch.events.push(NewEventRow {
+        let row = NewEventRow {
             seq,
             segment_id: resolution.segment_id,
             event,
-        });
+        };
+        if let Some(stream) = &mut stream {
+            let pushing = std::time::Instant::now();
+            stream.push(&row)?;
+            streaming += pushing.elapsed();
+        }
+        batch.events.push(row);
     }
     batch.state = resolver.graph.take_dirty();
-    summary.resolve_time = resolving.elapsed();
+    summary.resolve_time = resolving.elapsed().saturating_sub(streaming);
+    batch.events_written = stream.map(|s| s.finish()).transpose()?.is_some();
     tx.write(&batch, seq)?;
     let (recent, index) = tx.dedupe(head)?;
     recent.written(
@@ -296,6 +310,48 @@ mod tests {
         another_writer_s_changes_are_applied_not_reloaded,
         a_warm_up_after_a_failed_write_reloads_the_graph_but_keeps_the_ids,
     );
+
+    /// PostgreSQL COPYs the profiles and identifiers its graph holds no row of, without looking
+    /// for one. A row of one written behind the writer's back (not by a write it catches up
+    /// with) fails the write as a refusal of the data, which stores nothing; the engine answers
+    /// a refusal by reloading its graph (`warm_up`), and the write then lands once, resolved
+    /// against that row rather than overwriting it.
+    #[test]
+    fn postgres_a_new_row_stored_behind_the_writer_s_back_is_refused_then_resolved_against() {
+        let place = Place::new("postgres");
+        let mut a = place.open_with(false);
+        a.ingest(vec![page("1", "a1")]);
+        place.raw(
+            "INSERT INTO profiles (segment_id, canonical_segment_id, created_rank, merges, traits, trait_times, updated_seq)
+               VALUES ('use_other', 'use_other', 1000, 0, '{}', '{}', 1);
+             INSERT INTO identifiers (id_type, value, segment_id, first_seen_us, last_seen_us, updated_seq)
+               VALUES ('anonymous_id', 'a9', 'use_other', 0, 0, 1);",
+        );
+        let events = |a: &mut crate::store::dedupe::tests::Opened| -> Vec<(String, String)> {
+            a.store()
+                .read_feed(&Feed::Events(EventFilter::All), 0, 100)
+                .unwrap()
+                .into_iter()
+                .filter_map(|r| match r {
+                    FeedRow::Event(e) => Some((e.event.message_id, e.segment_id)),
+                    _ => None,
+                })
+                .collect()
+        };
+        let err = a.store().ingest(vec![page("2", "a9")]).unwrap_err();
+        assert!(err.is_data_refusal(), "{err}");
+        assert_eq!(events(&mut a).len(), 1, "the refused write stored nothing");
+        a.store().warm_up().unwrap();
+        assert_eq!(a.ingest(vec![page("2", "a9")]), (1, 0));
+        let stored = events(&mut a);
+        assert_eq!(stored.len(), 2);
+        assert_eq!(stored[1], ("2".to_string(), "use_other".to_string()));
+        let (profiles, identifiers) = a.store().load_state().unwrap();
+        assert_eq!(profiles.len(), 2, "no profile was made for a9");
+        let a9: Vec<_> = identifiers.iter().filter(|i| i.value == "a9").collect();
+        assert_eq!(a9.len(), 1);
+        assert_eq!(a9[0].segment_id, "use_other");
+    }
 
     /// After a write the store refused, `warm_up` (the engine's reload, outside the write lock)
     /// loads the graph again — the failed write's changes forgotten — but catches the recent

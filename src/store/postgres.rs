@@ -7,7 +7,7 @@ use super::codec::StateRead;
 use super::codec::{
     self, IDENTIFIER_COLUMNS, PROFILE_COLUMNS, RawProfile, json_text, micros, state_read_sql,
 };
-use super::copy::copy_rows;
+use super::copy::{self, copy_rows};
 use super::dedupe::{self, Dedupe, IndexTx, RecentIds, Tuning};
 use super::ingest::{LoadedState, ResolvedBatch, ingest_in_tx};
 use super::retention::{
@@ -17,8 +17,8 @@ use super::schema::{
     Dialect, RETENTION_TABLE, SCHEMA_VERSION, TRIGGER_COLUMNS, ddl, retention_ddl, state_seq_ddl,
 };
 use super::{
-    EventFilter, Feed, FeedRow, FlatEventRow, IngestSummary, PreparedEvent, Resolver, SourceInfo,
-    Store, StoreError, WriteTx,
+    EventFilter, EventStream, Feed, FeedRow, FlatEventRow, IngestSummary, PreparedEvent, Resolver,
+    SourceInfo, Store, StoreError, WriteTx,
 };
 use crate::engine::DEFAULT_STALL_TIMEOUT_SECS;
 use crate::identity::{IdentifierState, ProfileState, Rules};
@@ -382,6 +382,10 @@ impl WriteTx for PgTx<'_> {
     fn write(&mut self, b: &ResolvedBatch, head: i64) -> Result<(), StoreError> {
         write_rows(self.client.0, b, head)
     }
+
+    fn event_stream(&mut self) -> Option<Box<dyn EventStream + '_>> {
+        Some(Box::new(copy::EventCopy::Idle(&mut *self.client.0)))
+    }
 }
 
 /// Writes the rows of a resolved batch and moves the head to `head`: the change logs and the
@@ -428,28 +432,42 @@ fn write_rows(tx: &mut Client, b: &ResolvedBatch, head: i64) -> Result<(), Store
             row.trigger(&r.trigger);
         },
     )?;
+    if !b.events_written {
+        copy_rows(
+            tx,
+            "events",
+            copy::EVENT_COLUMNS,
+            &b.events,
+            copy::event_row,
+        )?;
+    }
+    // Profiles and identifiers the store holds no row of are COPYed (each stamped with the
+    // write's head, `updated_seq`, for other writers); the others upserted. A new one that is
+    // there after all (written behind the graph's back) fails the write with a unique
+    // violation, a refusal of the data: the writer reloads its graph and writes them again.
+    let (new, known) = b
+        .state
+        .profiles
+        .split_at(b.state.new_profiles.min(b.state.profiles.len()));
     copy_rows(
         tx,
-        "events",
-        "seq, message_id, type, event, segment_id, source_id, timestamp_us, received_at_us, payload",
-        &b.events,
-        |row, r| {
-            let t = &r.event.trigger;
-            row.int(r.seq);
-            row.text(&t.event_id);
-            row.text(t.event_type.as_str());
-            row.opt_text(r.event.event.as_deref());
-            row.text(&r.segment_id);
-            row.text(&t.source_id);
-            row.int(micros(t.timestamp));
-            row.int(micros(t.received_at));
-            row.text(r.event.payload.as_str());
+        "profiles",
+        "segment_id, canonical_segment_id, created_rank, merges, traits, trait_times, updated_seq",
+        new,
+        |row, p| {
+            row.text(&p.segment_id);
+            row.text(&p.canonical_segment_id);
+            row.int(i64::try_from(p.created_rank).unwrap_or(i64::MAX));
+            row.int(i64::from(p.merges));
+            row.text(&json_text(&p.traits));
+            row.text(&json_text(&p.trait_times));
+            row.int(head);
         },
     )?;
-    if !b.state.profiles.is_empty() {
+    if !known.is_empty() {
         let (mut ids, mut canon, mut ranks, mut merges, mut traits, mut times) =
             (vec![], vec![], vec![], vec![], vec![], vec![]);
-        for p in &b.state.profiles {
+        for p in known {
             ids.push(p.segment_id.as_str());
             canon.push(p.canonical_segment_id.as_str());
             ranks.push(i64::try_from(p.created_rank).unwrap_or(i64::MAX));
@@ -457,7 +475,6 @@ fn write_rows(tx: &mut Client, b: &ResolvedBatch, head: i64) -> Result<(), Store
             traits.push(json_text(&p.traits));
             times.push(json_text(&p.trait_times));
         }
-        // Each changed row is stamped with the write's head (`updated_seq`), for other writers.
         tx.execute(
             "INSERT INTO profiles (segment_id, canonical_segment_id, created_rank, merges, traits, trait_times, updated_seq)
              SELECT *, $7::bigint FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::text[])
@@ -467,10 +484,28 @@ fn write_rows(tx: &mut Client, b: &ResolvedBatch, head: i64) -> Result<(), Store
             &[&ids, &canon, &ranks, &merges, &traits, &times, &head],
         )?;
     }
-    if !b.state.identifiers.is_empty() {
+    let (new, known) = b
+        .state
+        .identifiers
+        .split_at(b.state.new_identifiers.min(b.state.identifiers.len()));
+    copy_rows(
+        tx,
+        "identifiers",
+        "id_type, value, segment_id, first_seen_us, last_seen_us, updated_seq",
+        new,
+        |row, i| {
+            row.text(&i.id_type);
+            row.text(&i.value);
+            row.text(&i.segment_id);
+            row.int(micros(i.first_seen));
+            row.int(micros(i.last_seen));
+            row.int(head);
+        },
+    )?;
+    if !known.is_empty() {
         let (mut types, mut values, mut segs, mut first, mut last) =
             (vec![], vec![], vec![], vec![], vec![]);
-        for i in &b.state.identifiers {
+        for i in known {
             types.push(i.id_type.as_str());
             values.push(i.value.as_str());
             segs.push(i.segment_id.as_str());

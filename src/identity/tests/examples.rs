@@ -362,6 +362,82 @@ fn take_dirty_reports_each_change_once_and_restore_rebuilds() {
     assert!(!r.created);
 }
 
+/// A delta lists first what the store holds no row of (created since the graph was restored or
+/// since its last delta), and counts them; a store inserts those without looking for a row.
+#[test]
+fn take_dirty_puts_first_the_rows_the_store_lacks() {
+    let mut g = IdentityGraph::new(Rules::default());
+    let p1 = resolve(
+        &mut g,
+        json!({"type": "identify", "anonymousId": "a1", "traits": {"k": "v"}}),
+    )
+    .segment_id;
+    let first = g.take_dirty();
+    assert_eq!((first.new_profiles, first.new_identifiers), (1, 1));
+    // A day later: a1's profile changes (a trait, a new identifier); a2 makes a new profile.
+    let later = "2024-05-02T12:00:00Z";
+    g.resolve(&ev_at(
+        json!({"type": "identify", "anonymousId": "a1", "userId": "u1", "traits": {"k": "w"}}),
+        later,
+    ))
+    .unwrap();
+    let p2 = g
+        .resolve(&ev_at(json!({"type": "page", "anonymousId": "a2"}), later))
+        .unwrap()
+        .segment_id;
+    let delta = g.take_dirty();
+    let names = |d: &StateDelta| -> (Vec<String>, Vec<String>) {
+        (
+            d.profiles.iter().map(|p| p.segment_id.clone()).collect(),
+            d.identifiers.iter().map(|i| i.value.clone()).collect(),
+        )
+    };
+    let (profiles, identifiers) = names(&delta);
+    assert_eq!(profiles, [p2.clone(), p1.clone()], "the new profile first");
+    assert_eq!(delta.new_profiles, 1);
+    assert_eq!(identifiers.len(), 3);
+    assert_eq!(delta.new_identifiers, 2);
+    let mut created = identifiers[..2].to_vec();
+    created.sort();
+    assert_eq!(created, ["a2", "u1"]);
+    assert_eq!(
+        identifiers[2], "a1",
+        "a1's row is there: its last sighting changes"
+    );
+
+    // Restored from those rows, nothing is new; what is created after is.
+    let mut h = IdentityGraph::new(Rules::default());
+    let mut profiles = first.profiles;
+    profiles.extend(delta.profiles);
+    let mut identifiers = first.identifiers;
+    identifiers.extend(delta.identifiers);
+    h.restore(profiles, identifiers);
+    h.resolve(&ev_at(
+        json!({"type": "identify", "anonymousId": "a2", "traits": {"k": "x"}}),
+        "2024-05-03T12:00:00Z",
+    ))
+    .unwrap();
+    h.resolve(&ev_at(json!({"type": "page", "anonymousId": "a3"}), NOW))
+        .unwrap();
+    let d = h.take_dirty();
+    assert_eq!((d.new_profiles, d.new_identifiers), (1, 1));
+    assert_eq!(d.profiles.len(), 2);
+    assert_eq!(d.identifiers[0].value, "a3");
+    assert_eq!(d.profiles[1].segment_id, p2);
+
+    // Rows another writer stored (`apply`) are not new either.
+    let mut k = IdentityGraph::new(Rules::default());
+    assert!(k.apply(d.profiles, d.identifiers));
+    k.resolve(&ev_at(
+        json!({"type": "identify", "anonymousId": "a3", "traits": {"k": "y"}}),
+        "2024-05-04T12:00:00Z",
+    ))
+    .unwrap();
+    let d = k.take_dirty();
+    assert_eq!((d.new_profiles, d.new_identifiers), (0, 0));
+    assert_eq!(d.profiles.len(), 1);
+}
+
 #[test]
 fn restore_repairs_inconsistent_state() {
     let mut g = IdentityGraph::new(Rules::default());
@@ -398,6 +474,7 @@ fn restore_repairs_inconsistent_state() {
         "the placeholder profile is reported"
     );
     assert_eq!(delta.profiles[0].segment_id, "use_unknown");
+    assert_eq!(delta.new_profiles, 1, "the store holds no row of it");
     // A new profile ranks after every restored one.
     assert!(delta.profiles[0].created_rank > 2);
 }
