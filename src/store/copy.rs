@@ -7,8 +7,8 @@ use bytes::{BufMut, BytesMut};
 use postgres::GenericClient;
 
 use super::codec::micros;
-use super::{EventStream, NewEventRow, StoreError, Trigger};
-use crate::warehouse::postgres::copy::{CopySink, MESSAGE_BYTES, SinkError};
+use super::{StoreError, Trigger};
+use crate::warehouse::postgres::copy::{CopySink, SinkError};
 
 /// The values of one row of a binary COPY stream.
 pub(super) struct CopyRow<'b> {
@@ -66,7 +66,7 @@ impl CopyRow<'_> {
 /// A binary `COPY` into one table, open on the connection inside its transaction
 /// ([`CopySink`]: the server inserts each message of rows as it arrives). Dropped without
 /// [`CopyIn::finish`], the COPY is aborted (and with it the transaction).
-pub(super) struct CopyIn<'c> {
+struct CopyIn<'c> {
     sink: CopySink<'c>,
     table: &'static str,
 }
@@ -87,21 +87,11 @@ impl<'c> CopyIn<'c> {
         table: &'static str,
         columns: &str,
     ) -> Result<CopyIn<'c>, StoreError> {
-        Self::start_with(client, table, columns, MESSAGE_BYTES)
-    }
-
-    /// [`CopyIn::start`] with messages of `message` bytes ([`CopySink::with_message`]).
-    fn start_with(
-        client: &'c mut impl GenericClient,
-        table: &'static str,
-        columns: &str,
-        message: usize,
-    ) -> Result<CopyIn<'c>, StoreError> {
         let sink = client.copy_in(&format!(
             "COPY {table} ({columns}) FROM STDIN (FORMAT binary)"
         ))?;
         Ok(CopyIn {
-            sink: CopySink::with_message(sink, message),
+            sink: CopySink::new(sink),
             table,
         })
     }
@@ -155,64 +145,4 @@ pub(super) fn copy_rows<R>(
         copy.row(|row| encode(row, r))?;
     }
     copy.finish()
-}
-
-/// The columns of `events` in the order [`EventCopy`] writes them.
-pub(super) const EVENT_COLUMNS: &str =
-    "seq, message_id, type, event, segment_id, source_id, timestamp_us, received_at_us, payload";
-
-/// Writes one event's row: [`EVENT_COLUMNS`].
-pub(super) fn event_row(row: &mut CopyRow<'_>, r: &NewEventRow<'_>) {
-    let t = &r.event.trigger;
-    row.int(r.seq);
-    row.text(&t.event_id);
-    row.text(t.event_type.as_str());
-    row.opt_text(r.event.event.as_deref());
-    row.text(&r.segment_id);
-    row.text(&t.source_id);
-    row.int(micros(t.timestamp));
-    row.int(micros(t.received_at));
-    row.text(r.event.payload.as_str());
-}
-
-/// The messages of [`EventCopy`]: each reaches the server as the next is sent, whole.
-const STREAM_MESSAGE_BYTES: usize = 64 * 1024;
-
-/// A write's events COPYed as they are resolved ([`EventStream`]): the COPY starts with the
-/// first row, and the server inserts each message of rows while the writer resolves the next
-/// events.
-pub(super) enum EventCopy<'c, C: GenericClient> {
-    /// No row yet.
-    Idle(&'c mut C),
-    /// The COPY under way.
-    Copying(CopyIn<'c>),
-    /// A failed start (the transaction is lost with it).
-    Failed,
-}
-
-impl<C: GenericClient> EventStream for EventCopy<'_, C> {
-    fn push(&mut self, r: &NewEventRow<'_>) -> Result<(), StoreError> {
-        if let EventCopy::Idle(_) = self
-            && let EventCopy::Idle(client) = std::mem::replace(self, EventCopy::Failed)
-        {
-            *self = EventCopy::Copying(CopyIn::start_with(
-                client,
-                "events",
-                EVENT_COLUMNS,
-                STREAM_MESSAGE_BYTES,
-            )?);
-        }
-        match self {
-            EventCopy::Copying(copy) => copy.row(|row| event_row(row, r)),
-            _ => Err(StoreError::FailedWrite),
-        }
-    }
-
-    fn finish(self: Box<Self>) -> Result<(), StoreError> {
-        match *self {
-            EventCopy::Idle(_) => Ok(()),
-            EventCopy::Copying(copy) => copy.finish(),
-            EventCopy::Failed => Err(StoreError::FailedWrite),
-        }
-    }
 }

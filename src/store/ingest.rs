@@ -145,9 +145,6 @@ pub(crate) struct ResolvedBatch<'e> {
     pub traits: Vec<NewTraitsRow>,
     pub state: StateDelta,
     pub new_track_names: Vec<String>,
-    /// Whether the events were written already, as they were resolved
-    /// ([`WriteTx::event_stream`]).
-    pub events_written: bool,
 }
 
 /// Resolves `events` inside an open write transaction and writes their rows; returns what it
@@ -188,10 +185,6 @@ pub(crate) fn ingest_in_tx<T: WriteTx>(
     let mut batch = ResolvedBatch::default();
     let mut seq = head;
     let resolving = std::time::Instant::now();
-    // The events' rows, when the store takes them as they come: the time spent handing them
-    // over is the write's, not resolution's.
-    let mut stream = tx.event_stream();
-    let mut streaming = std::time::Duration::ZERO;
     for (index, event) in events.iter().enumerate() {
         if !seen.insert(event.message_id()) {
             summary.duplicates += 1;
@@ -248,21 +241,14 @@ pub(crate) fn ingest_in_tx<T: WriteTx>(
             batch.new_track_names.push(name.clone());
         }
         seq += 1;
-        let row = NewEventRow {
+        batch.events.push(NewEventRow {
             seq,
             segment_id: resolution.segment_id,
             event,
-        };
-        if let Some(stream) = &mut stream {
-            let pushing = std::time::Instant::now();
-            stream.push(&row)?;
-            streaming += pushing.elapsed();
-        }
-        batch.events.push(row);
+        });
     }
     batch.state = resolver.graph.take_dirty();
-    summary.resolve_time = resolving.elapsed().saturating_sub(streaming);
-    batch.events_written = stream.map(|s| s.finish()).transpose()?.is_some();
+    summary.resolve_time = resolving.elapsed();
     tx.write(&batch, seq)?;
     let (recent, index) = tx.dedupe(head)?;
     recent.written(

@@ -430,24 +430,8 @@ pub(crate) trait WriteTx {
         &mut self,
         head: i64,
     ) -> Result<(&mut dedupe::RecentIds, &mut dyn dedupe::IndexTx), StoreError>;
-    /// Writes the rows of a resolved batch and moves the head to `head`; its events too unless
-    /// they went through [`WriteTx::event_stream`].
+    /// Writes the rows of a resolved batch and moves the head to `head`.
     fn write(&mut self, batch: &ingest::ResolvedBatch, head: i64) -> Result<(), StoreError>;
-    /// A stream the events' rows are written to one by one as they are resolved, before
-    /// [`WriteTx::write`], when the store gains from it: PostgreSQL inserts the first rows of
-    /// the batch while the writer resolves the next. `None` (the default): `write` writes them
-    /// with the rest.
-    fn event_stream(&mut self) -> Option<Box<dyn EventStream + '_>> {
-        None
-    }
-}
-
-/// The events of a write, written as they are resolved ([`WriteTx::event_stream`]).
-pub(crate) trait EventStream {
-    /// Writes one event's row.
-    fn push(&mut self, row: &NewEventRow<'_>) -> Result<(), StoreError>;
-    /// Writes the rows still buffered; they are in the transaction once this returns.
-    fn finish(self: Box<Self>) -> Result<(), StoreError>;
 }
 
 #[cfg(test)]

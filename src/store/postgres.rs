@@ -7,7 +7,7 @@ use super::codec::StateRead;
 use super::codec::{
     self, IDENTIFIER_COLUMNS, PROFILE_COLUMNS, RawProfile, json_text, micros, state_read_sql,
 };
-use super::copy::{self, copy_rows};
+use super::copy::copy_rows;
 use super::dedupe::{self, Dedupe, IndexTx, RecentIds, Tuning};
 use super::ingest::{LoadedState, ResolvedBatch, ingest_in_tx};
 use super::retention::{
@@ -17,8 +17,8 @@ use super::schema::{
     Dialect, RETENTION_TABLE, SCHEMA_VERSION, TRIGGER_COLUMNS, ddl, retention_ddl, state_seq_ddl,
 };
 use super::{
-    EventFilter, EventStream, Feed, FeedRow, FlatEventRow, IngestSummary, PreparedEvent, Resolver,
-    SourceInfo, Store, StoreError, WriteTx,
+    EventFilter, Feed, FeedRow, FlatEventRow, IngestSummary, PreparedEvent, Resolver, SourceInfo,
+    Store, StoreError, WriteTx,
 };
 use crate::engine::DEFAULT_STALL_TIMEOUT_SECS;
 use crate::identity::{IdentifierState, ProfileState, Rules};
@@ -382,10 +382,6 @@ impl WriteTx for PgTx<'_> {
     fn write(&mut self, b: &ResolvedBatch, head: i64) -> Result<(), StoreError> {
         write_rows(self.client.0, b, head)
     }
-
-    fn event_stream(&mut self) -> Option<Box<dyn EventStream + '_>> {
-        Some(Box::new(copy::EventCopy::Idle(&mut *self.client.0)))
-    }
 }
 
 /// Writes the rows of a resolved batch and moves the head to `head`: the change logs and the
@@ -432,15 +428,24 @@ fn write_rows(tx: &mut Client, b: &ResolvedBatch, head: i64) -> Result<(), Store
             row.trigger(&r.trigger);
         },
     )?;
-    if !b.events_written {
-        copy_rows(
-            tx,
-            "events",
-            copy::EVENT_COLUMNS,
-            &b.events,
-            copy::event_row,
-        )?;
-    }
+    copy_rows(
+        tx,
+        "events",
+        "seq, message_id, type, event, segment_id, source_id, timestamp_us, received_at_us, payload",
+        &b.events,
+        |row, r| {
+            let t = &r.event.trigger;
+            row.int(r.seq);
+            row.text(&t.event_id);
+            row.text(t.event_type.as_str());
+            row.opt_text(r.event.event.as_deref());
+            row.text(&r.segment_id);
+            row.text(&t.source_id);
+            row.int(micros(t.timestamp));
+            row.int(micros(t.received_at));
+            row.text(r.event.payload.as_str());
+        },
+    )?;
     // Profiles and identifiers the store holds no row of are COPYed (each stamped with the
     // write's head, `updated_seq`, for other writers); the others upserted. A new one that is
     // there after all (written behind the graph's back) fails the write with a unique

@@ -28,8 +28,6 @@ pub struct CopySink<'c> {
     sink: postgres::CopyInWriter<'c>,
     /// The rows not yet sent.
     pub buf: BytesMut,
-    /// The bytes of rows sent per message.
-    message: usize,
 }
 
 /// Why a COPY stream failed.
@@ -44,22 +42,14 @@ pub enum SinkError {
 impl<'c> CopySink<'c> {
     /// The stream of a started COPY, its buffer opened with the header.
     pub fn new(sink: postgres::CopyInWriter<'c>) -> CopySink<'c> {
-        CopySink::with_message(sink, MESSAGE_BYTES)
-    }
-
-    /// The same with messages of `message` bytes. The driver hands a message to the socket as
-    /// it sends the next (or ends the stream), and a message larger than the socket's buffer
-    /// only in part: a stream the server should insert while the client is still encoding rows
-    /// needs messages well under the socket's buffer (~200 KiB).
-    pub fn with_message(sink: postgres::CopyInWriter<'c>, message: usize) -> CopySink<'c> {
-        let mut buf = BytesMut::with_capacity(message + 64 * 1024);
+        let mut buf = BytesMut::with_capacity(MESSAGE_BYTES + 64 * 1024);
         buf.put_slice(HEADER);
-        CopySink { sink, buf, message }
+        CopySink { sink, buf }
     }
 
     /// After a row was encoded into the buffer: sends the rows so far once they fill a message.
     pub fn row_done(&mut self) -> Result<(), SinkError> {
-        if self.buf.len() >= self.message {
+        if self.buf.len() >= MESSAGE_BYTES {
             self.send()?;
         }
         Ok(())
