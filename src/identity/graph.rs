@@ -160,13 +160,9 @@ impl IdentityGraph {
     /// last taken) first ([`StateDelta::new_profiles`]). A graph whose delta was not stored
     /// must be restored from the store before its next delta is.
     pub fn take_dirty(&mut self) -> StateDelta {
-        let mut dirty = std::mem::take(&mut self.dirty_profiles);
-        // New first, in the order they were marked.
-        dirty.sort_by_key(|&p| self.profiles[p as usize].stored);
-        let new_profiles = dirty
-            .iter()
-            .take_while(|&&p| !self.profiles[p as usize].stored)
-            .count();
+        let (dirty, new_profiles) = new_first(std::mem::take(&mut self.dirty_profiles), |p| {
+            self.profiles[p as usize].stored
+        });
         let profiles = dirty
             .into_iter()
             .map(|p| {
@@ -176,12 +172,9 @@ impl IdentityGraph {
                 self.profile_state(p)
             })
             .collect();
-        let mut dirty = std::mem::take(&mut self.dirty_idents);
-        dirty.sort_by_key(|&i| self.idents[i as usize].stored);
-        let new_identifiers = dirty
-            .iter()
-            .take_while(|&&i| !self.idents[i as usize].stored)
-            .count();
+        let (dirty, new_identifiers) = new_first(std::mem::take(&mut self.dirty_idents), |i| {
+            self.idents[i as usize].stored
+        });
         let identifiers = dirty
             .into_iter()
             .map(|i| {
@@ -555,6 +548,15 @@ impl IdentityGraph {
             self.dirty_idents.push(i);
         }
     }
+}
+
+/// `dirty` with the entries the store holds no row of (`stored` false) first, each part in the
+/// order it was marked, and how many those are.
+fn new_first(dirty: Vec<u32>, stored: impl Fn(u32) -> bool) -> (Vec<u32>, usize) {
+    let (mut new, known): (Vec<u32>, Vec<u32>) = dirty.into_iter().partition(|&x| !stored(x));
+    let count = new.len();
+    new.extend(known);
+    (new, count)
 }
 
 /// The root of `p`'s canonical chain; a chain that loops makes `p` its own root.

@@ -291,6 +291,19 @@ mod tests {
         )
     }
 
+    /// The first 100 stored events, in order: (messageId, segment_id).
+    fn stored_events(store: &mut dyn crate::store::Store) -> Vec<(String, String)> {
+        store
+            .read_feed(&Feed::Events(EventFilter::All), 0, 100)
+            .unwrap()
+            .into_iter()
+            .filter_map(|r| match r {
+                FeedRow::Event(e) => Some((e.event.message_id, e.segment_id)),
+                _ => None,
+            })
+            .collect()
+    }
+
     both!(
         a_warmed_up_store_only_catches_up_at_its_first_write,
         another_writer_s_changes_are_applied_not_reloaded,
@@ -313,23 +326,16 @@ mod tests {
              INSERT INTO identifiers (id_type, value, segment_id, first_seen_us, last_seen_us, updated_seq)
                VALUES ('anonymous_id', 'a9', 'use_other', 0, 0, 1);",
         );
-        let events = |a: &mut crate::store::dedupe::tests::Opened| -> Vec<(String, String)> {
-            a.store()
-                .read_feed(&Feed::Events(EventFilter::All), 0, 100)
-                .unwrap()
-                .into_iter()
-                .filter_map(|r| match r {
-                    FeedRow::Event(e) => Some((e.event.message_id, e.segment_id)),
-                    _ => None,
-                })
-                .collect()
-        };
         let err = a.store().ingest(vec![page("2", "a9")]).unwrap_err();
         assert!(err.is_data_refusal(), "{err}");
-        assert_eq!(events(&mut a).len(), 1, "the refused write stored nothing");
+        assert_eq!(
+            stored_events(a.store()).len(),
+            1,
+            "the refused write stored nothing"
+        );
         a.store().warm_up().unwrap();
         assert_eq!(a.ingest(vec![page("2", "a9")]), (1, 0));
-        let stored = events(&mut a);
+        let stored = stored_events(a.store());
         assert_eq!(stored.len(), 2);
         assert_eq!(stored[1], ("2".to_string(), "use_other".to_string()));
         let (profiles, identifiers) = a.store().load_state().unwrap();
@@ -432,16 +438,8 @@ mod tests {
             "a writer reloaded its whole graph"
         );
         assert_eq!(count(&CATCH_UPS), catch_ups + 3);
-        let segment: std::collections::HashMap<String, String> = b
-            .store()
-            .read_feed(&Feed::Events(EventFilter::All), 0, 100)
-            .unwrap()
-            .into_iter()
-            .filter_map(|r| match r {
-                FeedRow::Event(e) => Some((e.event.message_id, e.segment_id)),
-                _ => None,
-            })
-            .collect();
+        let segment: std::collections::HashMap<String, String> =
+            stored_events(b.store()).into_iter().collect();
         let segment = |id: &str| segment[id].clone();
         assert_eq!(segment("4"), segment("1"), "b found a's profile of a3");
         assert_eq!(segment("5"), segment("1"), "a found b's email on it");
