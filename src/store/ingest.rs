@@ -345,6 +345,33 @@ mod tests {
         assert_eq!(a9[0].segment_id, "use_other");
     }
 
+    /// Review: an identifier whose profile row is missing gets a profile from `restore`'s
+    /// repair in every replica that loads the store. One replica stores it in a write that
+    /// accepts no event (all duplicates): the head does not move, so the other replica, current
+    /// at that head, catches up with nothing, and its own repair of the same profile must not
+    /// fail its next write as a refusal (which reloads its whole graph).
+    #[test]
+    fn postgres_a_profile_repaired_by_two_replicas_does_not_refuse_the_second() {
+        let place = Place::new("postgres");
+        let mut a = place.open_with(false);
+        a.ingest(vec![page("1", "a1")]);
+        place.raw(
+            "INSERT INTO identifiers (id_type, value, segment_id, first_seen_us, last_seen_us, updated_seq)
+               VALUES ('anonymous_id', 'orphan', 'use_gone', 0, 0, 1);",
+        );
+        let mut b = place.open_with(false);
+        a.store().warm_up().unwrap();
+        b.store().warm_up().unwrap();
+        // a stores its repair in a write of duplicates only.
+        assert_eq!(a.ingest(vec![page("1", "a1")]), (0, 1));
+        let restores = count(&RESTORES);
+        let r = b.store().ingest(vec![page("2", "b2")]);
+        assert!(r.is_ok(), "b's write refused: {:?}", r.err());
+        assert_eq!(count(&RESTORES), restores, "b reloaded its graph");
+        let (profiles, _) = b.store().load_state().unwrap();
+        assert_eq!(profiles.iter().filter(|p| p.segment_id == "use_gone").count(), 1);
+    }
+
     /// After a write the store refused, `warm_up` (the engine's reload, outside the write lock)
     /// loads the graph again — the failed write's changes forgotten — but catches the recent
     /// messageIds up instead of reading the whole index; the next write then neither loads the
