@@ -64,8 +64,9 @@ pub(super) struct Profile {
     /// When each trait was last set or removed (removals stay as tombstones).
     pub(super) trait_times: HashMap<String, Timestamp>,
     dirty: bool,
-    /// Whether the store holds a row of it: read from the store, or reported by
-    /// [`IdentityGraph::take_dirty`] since it was created.
+    /// Whether the store may hold a row of it: read from the store, made by `restore`'s repair,
+    /// or reported by [`IdentityGraph::take_dirty`] since it was created. False only when it
+    /// certainly holds none.
     stored: bool,
 }
 
@@ -156,8 +157,8 @@ impl IdentityGraph {
 
     /// Profile and identifier state changed since the last call, each once in its latest
     /// state, for the store to persist in the same transaction as the change logs; those the
-    /// store holds no row of yet (created since the graph was restored, or since they were
-    /// last taken) first ([`StateDelta::new_profiles`]). A graph whose delta was not stored
+    /// store holds no row of yet (created by resolution since the graph was restored, or since
+    /// they were last taken) first ([`StateDelta::new_profiles`]). A graph whose delta was not stored
     /// must be restored from the store before its next delta is.
     pub fn take_dirty(&mut self) -> StateDelta {
         let (dirty, new_profiles) = new_first(std::mem::take(&mut self.dirty_profiles), |p| {
@@ -393,6 +394,10 @@ impl IdentityGraph {
                 Some(&p) => p,
                 None => {
                     let p = self.push_profile(Arc::from(state.segment_id.as_str()));
+                    // Not new to the store for sure: every writer that loads this state makes
+                    // the same repair, and one may have stored it in a write that accepted no
+                    // event — which moves no head, so the others catch up with nothing. Upserted.
+                    self.profiles[p as usize].stored = true;
                     self.mark_profile(p);
                     p
                 }

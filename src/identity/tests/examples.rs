@@ -474,7 +474,10 @@ fn restore_repairs_inconsistent_state() {
         "the placeholder profile is reported"
     );
     assert_eq!(delta.profiles[0].segment_id, "use_unknown");
-    assert_eq!(delta.new_profiles, 1, "the store holds no row of it");
+    assert_eq!(
+        delta.new_profiles, 0,
+        "upserted: another writer that loaded the same state may have stored its own repair"
+    );
     // A new profile ranks after every restored one.
     assert!(delta.profiles[0].created_rank > 2);
 }
