@@ -133,9 +133,11 @@ pub struct IdentifierState {
 /// [`IdentityGraph::take_dirty`]: super::IdentityGraph::take_dirty
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct StateDelta {
-    /// Profiles to upsert by `segment_id`.
+    /// Profiles to store by `segment_id`: the first [`StateDelta::new_profiles`] to insert, the
+    /// rest to upsert.
     pub profiles: Vec<ProfileState>,
-    /// Identifiers to upsert by `(id_type, value)`.
+    /// Identifiers to store by `(id_type, value)`: the first [`StateDelta::new_identifiers`] to
+    /// insert, the rest to upsert.
     pub identifiers: Vec<IdentifierState>,
     /// How many of `profiles`, at its start, the store holds no row of yet: it may insert them
     /// without looking for one (an upsert costs PostgreSQL a third more per row).

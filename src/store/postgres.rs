@@ -385,7 +385,8 @@ impl WriteTx for PgTx<'_> {
 }
 
 /// Writes the rows of a resolved batch and moves the head to `head`: the change logs and the
-/// events by binary `COPY`, the state by upserts.
+/// events by binary `COPY`, the profiles and identifiers the store holds no row of too, the
+/// other state by upserts.
 fn write_rows(tx: &mut Client, b: &ResolvedBatch, head: i64) -> Result<(), StoreError> {
     copy_rows(
         tx,
