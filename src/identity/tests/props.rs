@@ -458,6 +458,22 @@ fn two_writers(rules: Rules, msgs: &[Msg], turns: &[bool]) -> Result<(), TestCas
             }
             (got, expected) => prop_assert_eq!(got.clone().err(), expected.clone().err()),
         }
+        // The rows flagged new are exactly those the store lacks (a new one there would fail
+        // PostgreSQL's COPY; a known one absent would only cost an upsert).
+        for (n, p) in delta.profiles.iter().enumerate() {
+            prop_assert_eq!(
+                n < delta.new_profiles,
+                !profiles.contains_key(&p.segment_id),
+                "profile {} flagged wrongly", p.segment_id
+            );
+        }
+        for (n, i) in delta.identifiers.iter().enumerate() {
+            prop_assert_eq!(
+                n < delta.new_identifiers,
+                !idents.contains_key(&(i.id_type.clone(), i.value.clone())),
+                "identifier {}:{} flagged wrongly", i.id_type, i.value
+            );
+        }
         for p in delta.profiles {
             profiles.insert(p.segment_id.clone(), (p, head));
         }
