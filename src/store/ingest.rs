@@ -369,7 +369,13 @@ mod tests {
         assert!(r.is_ok(), "b's write refused: {:?}", r.err());
         assert_eq!(count(&RESTORES), restores, "b reloaded its graph");
         let (profiles, _) = b.store().load_state().unwrap();
-        assert_eq!(profiles.iter().filter(|p| p.segment_id == "use_gone").count(), 1);
+        assert_eq!(
+            profiles
+                .iter()
+                .filter(|p| p.segment_id == "use_gone")
+                .count(),
+            1
+        );
     }
 
     /// After a write the store refused, `warm_up` (the engine's reload, outside the write lock)

@@ -464,14 +464,17 @@ fn two_writers(rules: Rules, msgs: &[Msg], turns: &[bool]) -> Result<(), TestCas
             prop_assert_eq!(
                 n < delta.new_profiles,
                 !profiles.contains_key(&p.segment_id),
-                "profile {} flagged wrongly", p.segment_id
+                "profile {} flagged wrongly",
+                p.segment_id
             );
         }
         for (n, i) in delta.identifiers.iter().enumerate() {
             prop_assert_eq!(
                 n < delta.new_identifiers,
                 !idents.contains_key(&(i.id_type.clone(), i.value.clone())),
-                "identifier {}:{} flagged wrongly", i.id_type, i.value
+                "identifier {}:{} flagged wrongly",
+                i.id_type,
+                i.value
             );
         }
         for p in delta.profiles {
