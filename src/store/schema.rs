@@ -17,9 +17,13 @@ const STATE_SEQ_TABLES: [&str; 2] = ["profiles", "identifiers"];
 
 /// PostgreSQL: stamps a row that a write did not stamp — one from an engine older than
 /// version 3 still running beside newer ones during a rolling upgrade (the chart's Deployment
-/// starts the new pod before it stops the old), or a write with no events (at a head the
-/// others know) — with the head after the current one, so that other writers still read it
-/// when they catch up. Rows a version-3 write stamped are left alone (the `WHEN`). `DROP` then
+/// starts the new pod before it stops the old) — with the head after the current one, so that
+/// other writers still read it when they catch up. Rows a version-3 write stamped are left
+/// alone (the `WHEN`). Writes stamp every row with their head; one that accepts no event moves
+/// no head, so its new rows keep a stamp other writers have read past (an updated row whose
+/// stamp was already that head is stamped one higher by the update trigger). The only state
+/// such a write changes is `restore`'s repair of a profile missing from the store, which every
+/// writer that loads the store makes alike (and upserts). `DROP` then
 /// `CREATE`: `CREATE OR REPLACE TRIGGER` needs version 14. SQLite has none: its one engine
 /// never runs beside another (a StatefulSet of one, replaced rather than rolled), and the
 /// triggers cost its ingest a fifth even when their `WHEN` is false.
