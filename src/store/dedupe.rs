@@ -37,8 +37,10 @@ use super::StoreError;
 
 /// Fewest recent events to merge at once.
 const MERGE_MIN: usize = 65_536;
-/// Most recent events a PostgreSQL write merges ([`Tuning::merge_chunk`]): ~0.3 s.
-pub(crate) const PG_MERGE_CHUNK: usize = 131_072;
+/// Most recent events a PostgreSQL write merges ([`Tuning::merge_chunk`]), unless it wrote more
+/// than half as many itself: ~30–40 ms on the bench's server, at most a few writes' worth
+/// (the engine's writes of ~1,600 events waited ~120 ms behind a merge of 65k: the p99).
+pub(crate) const PG_MERGE_CHUNK: usize = 16_384;
 /// Most recent events held in memory (~40 bytes each) before a merge.
 const MERGE_MAX: usize = 1_048_576;
 /// Events indexed at a time by a migration (~16 bytes each in memory).
@@ -369,10 +371,11 @@ impl Filter {
 pub(crate) struct Tuning {
     /// Fewest recent events to merge at once.
     pub merge_min: usize,
-    /// Most recent events a write merges (more only to keep at most [`MERGE_MAX`] in memory):
-    /// PostgreSQL's merge costs per entry (~2.5 µs each on the bench server, a million in one
-    /// write held every writer ~3 s), so it merges a part at a time, one per write; SQLite's
-    /// costs per page of the run it lands on, so it merges everything at once.
+    /// Most recent events a write merges (more only to keep at most [`MERGE_MAX`] in memory,
+    /// or twice the write's own events, so that writes larger than a chunk keep the index up
+    /// with them): PostgreSQL's merge costs per entry (~2.5 µs each on the bench server, a
+    /// million in one write held every writer ~3 s), so it merges a part at a time, one per
+    /// write; SQLite's costs per page of the run it lands on, so it merges everything at once.
     pub merge_chunk: usize,
     /// Entries of a run before merges start a new one.
     pub max_run: i64,
@@ -701,23 +704,24 @@ impl RecentIds {
         events: impl Iterator<Item = (&'i str, i64)>,
         head: i64,
     ) -> Result<(), StoreError> {
-        let mut any = false;
+        let mut written = 0;
         for (id, seq) in events {
             self.remember(self.hash(id.as_bytes()), seq);
-            any = true;
+            written += 1;
         }
         self.head = head;
         // Only with events: a merge must move the head, which other writers go by.
-        if any && self.recent() >= merge_at(self.indexed, self.tuning.merge_min) {
-            self.merge(tx)?;
+        if written > 0 && self.recent() >= merge_at(self.indexed, self.tuning.merge_min) {
+            self.merge(tx, written)?;
         }
         self.filter.keep_up(tx, self.indexed, head, self.tuning)
     }
 
     /// Writes the recent events into the index, sorted so that each leaf page is visited once:
-    /// all of them, or the oldest [`Tuning::merge_chunk`] (and enough more to leave at most
-    /// [`MERGE_MAX`] in memory), the index then covering the events up to the last of those.
-    fn merge(&mut self, tx: &mut dyn IndexTx) -> Result<(), StoreError> {
+    /// all of them, or the oldest [`Tuning::merge_chunk`] (or twice the `written` events of
+    /// this write, and enough more to leave at most [`MERGE_MAX`] in memory), the index then
+    /// covering the events up to the last of those.
+    fn merge(&mut self, tx: &mut dyn IndexTx, written: usize) -> Result<(), StoreError> {
         self.merging = true;
         // (seq, hash): a part is cut by seq.
         let mut all: Vec<(i64, i64)> = self
@@ -729,6 +733,7 @@ impl RecentIds {
         let take = self
             .tuning
             .merge_chunk
+            .max(written.saturating_mul(2))
             .max(all.len().saturating_sub(MERGE_MAX));
         let through = if take < all.len() {
             // The `take`-th smallest seq; the ones before it are the smaller ones.
@@ -1182,6 +1187,7 @@ pub(crate) mod tests {
         a_version_3_index_becomes_the_first_run,
         a_rolled_back_merge_that_started_a_run_leaves_no_trace,
         merges_in_parts_keep_the_index_exact,
+        writes_larger_than_a_chunk_keep_the_index_up,
         retention_drops_the_runs_of_deleted_events_and_the_filter_follows,
         a_failed_step_of_retention_leaves_no_entry_behind,
         the_newest_run_stays_whoever_it_indexes,
@@ -1496,6 +1502,36 @@ pub(crate) mod tests {
         let again = || pages((0..30).flat_map(|b| (0..7).map(move |i| format!("id-{b}-{i}"))));
         assert_eq!(s.ingest(again()), (0, 210));
         assert_eq!(place.open_tuned(tuning).ingest(again()), (0, 210));
+    }
+
+    /// Writes of more events than half a merge chunk merge twice their own events when a merge
+    /// is due, so the events not yet indexed stay within the merge threshold and a write,
+    /// instead of growing by the difference at every write until [`MERGE_MAX`] are in memory.
+    fn writes_larger_than_a_chunk_keep_the_index_up(kind: &str) {
+        let place = Place::new(kind);
+        let tuning = Tuning {
+            merge_min: 40,
+            merge_chunk: 16,
+            max_run: 200,
+            grow_step: 8,
+            narrow: false,
+            small_filters: false,
+        };
+        let mut s = place.open_tuned(tuning);
+        for batch in 0..30 {
+            let ids = (0..20).map(|i| format!("id-{batch}-{i}"));
+            assert_eq!(s.ingest(pages(ids)), (20, 0));
+            let (_, entries) = place.indexed();
+            let unindexed = (batch + 1) * 20 - entries;
+            let threshold = i64::try_from(super::merge_at(entries, 40)).unwrap();
+            assert!(
+                unindexed < threshold + 20,
+                "batch {batch}: {unindexed} events not indexed"
+            );
+        }
+        let again = || pages((0..30).flat_map(|b| (0..20).map(move |i| format!("id-{b}-{i}"))));
+        assert_eq!(s.ingest(again()), (0, 600));
+        assert_eq!(place.open_tuned(tuning).ingest(again()), (0, 600));
     }
 
     /// A dropped write whose merge started a new run: the run leaves memory with it, so the
