@@ -1463,8 +1463,9 @@ pub(crate) mod tests {
 
     /// Merges of at most 16 ids (PostgreSQL's take at most 16,384, or twice a write's events):
     /// once 40 recent ids wait, each write merges the 16 oldest, and the index then covers
-    /// exactly the events up to the last one merged: each event at or before `indexed_through` has its entry, none after
-    /// does. Every id is found again, by the writer and by a fresh one.
+    /// exactly the events up to the last one merged: each event at or before `indexed_through`
+    /// has its entry, none after does. Every id is found again, by the writer and by a fresh
+    /// one.
     fn merges_in_parts_keep_the_index_exact(kind: &str) {
         let place = Place::new(kind);
         let tuning = Tuning {
