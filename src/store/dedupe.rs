@@ -1461,6 +1461,19 @@ pub(crate) mod tests {
         assert_eq!(s.ingest(ids(990, 1_000)), (10, 0));
     }
 
+    /// Stores that merge once 40 recent ids wait, at most 16 at a time (unless a write wrote
+    /// more than 8).
+    fn in_parts_of_16() -> Tuning {
+        Tuning {
+            merge_min: 40,
+            merge_chunk: 16,
+            max_run: 200,
+            grow_step: 8,
+            narrow: false,
+            small_filters: false,
+        }
+    }
+
     /// Merges of at most 16 ids (PostgreSQL's take at most 16,384, or twice a write's events):
     /// once 40 recent ids wait, each write merges the 16 oldest, and the index then covers
     /// exactly the events up to the last one merged: each event at or before `indexed_through`
@@ -1468,14 +1481,7 @@ pub(crate) mod tests {
     /// one.
     fn merges_in_parts_keep_the_index_exact(kind: &str) {
         let place = Place::new(kind);
-        let tuning = Tuning {
-            merge_min: 40,
-            merge_chunk: 16,
-            max_run: 200,
-            grow_step: 8,
-            narrow: false,
-            small_filters: false,
-        };
+        let tuning = in_parts_of_16();
         let mut s = place.open_tuned(tuning);
         let count = |sql: String| place.pairs(&sql)[0].0;
         let (mut parts, mut before) = (0, 0);
@@ -1510,14 +1516,7 @@ pub(crate) mod tests {
     /// instead of growing by the difference at every write until [`MERGE_MAX`] are in memory.
     fn writes_larger_than_a_chunk_keep_the_index_up(kind: &str) {
         let place = Place::new(kind);
-        let tuning = Tuning {
-            merge_min: 40,
-            merge_chunk: 16,
-            max_run: 200,
-            grow_step: 8,
-            narrow: false,
-            small_filters: false,
-        };
+        let tuning = in_parts_of_16();
         let mut s = place.open_tuned(tuning);
         for batch in 0..30 {
             let ids = (0..20).map(|i| format!("id-{batch}-{i}"));
