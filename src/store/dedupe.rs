@@ -1521,7 +1521,17 @@ pub(crate) mod tests {
         for batch in 0..30 {
             let ids = (0..20).map(|i| format!("id-{batch}-{i}"));
             assert_eq!(s.ingest(pages(ids)), (20, 0));
-            let (_, entries) = place.indexed();
+            let (through, entries) = place.indexed();
+            // Parts of twice the write cut the index exactly too.
+            let count = |sql: String| place.pairs(&sql)[0].0;
+            let at_or_before = "SELECT count(*), 0 * count(*) FROM events WHERE seq <= ";
+            assert_eq!(
+                entries,
+                count(format!("{at_or_before}{through}")),
+                "batch {batch}"
+            );
+            let after = "SELECT count(*), 0 * count(*) FROM message_id_entries WHERE seq > ";
+            assert_eq!(count(format!("{after}{through}")), 0, "batch {batch}");
             let unindexed = (batch + 1) * 20 - entries;
             let threshold = i64::try_from(super::merge_at(entries, 40)).unwrap();
             assert!(
@@ -1771,7 +1781,7 @@ pub(crate) mod tests {
     fn three_writers_at_random_agree_with_a_model(kind: &str) {
         use rand::{Rng, SeedableRng};
         // The third with filters that fill and grow every few merges.
-        // The fourth merging at most 7 ids at a time.
+        // The fourth merging 7 ids at a time, or twice a write's own if more (most writes).
         for (seed, narrow, small_filters, merge_chunk) in [
             (1_u64, true, false, usize::MAX),
             (2, false, false, usize::MAX),
