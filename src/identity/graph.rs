@@ -158,8 +158,8 @@ impl IdentityGraph {
     /// Profile and identifier state changed since the last call, each once in its latest
     /// state, for the store to persist in the same transaction as the change logs; those the
     /// store holds no row of yet (created by resolution since the graph was restored, or since
-    /// they were last taken) first ([`StateDelta::new_profiles`]). A graph whose delta was not stored
-    /// must be restored from the store before its next delta is.
+    /// they were last taken) first ([`StateDelta::new_profiles`]). A graph whose delta was not
+    /// stored must be restored from the store before its next delta is.
     pub fn take_dirty(&mut self) -> StateDelta {
         let (dirty, new_profiles) = new_first(std::mem::take(&mut self.dirty_profiles), |p| {
             self.profiles[p as usize].stored

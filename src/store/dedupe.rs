@@ -1072,6 +1072,22 @@ pub(crate) mod tests {
                         (SELECT count(*) FROM message_id_entries)",
             )[0]
         }
+
+        /// The index's number of rows, asserting it is exact after `batch`: every event at or
+        /// before `indexed_through` has its entry, none after does.
+        fn indexed_exactly(&self, batch: i64) -> i64 {
+            let (through, entries) = self.indexed();
+            let count = |sql: String| self.pairs(&sql)[0].0;
+            let at_or_before = "SELECT count(*), 0 * count(*) FROM events WHERE seq <= ";
+            assert_eq!(
+                entries,
+                count(format!("{at_or_before}{through}")),
+                "batch {batch}"
+            );
+            let after = "SELECT count(*), 0 * count(*) FROM message_id_entries WHERE seq > ";
+            assert_eq!(count(format!("{after}{through}")), 0, "batch {batch}");
+            entries
+        }
     }
 
     /// An index's runs: (run, entries), oldest first.
@@ -1483,20 +1499,11 @@ pub(crate) mod tests {
         let place = Place::new(kind);
         let tuning = in_parts_of_16();
         let mut s = place.open_tuned(tuning);
-        let count = |sql: String| place.pairs(&sql)[0].0;
         let (mut parts, mut before) = (0, 0);
         for batch in 0..30 {
             let ids = (0..7).map(|i| format!("id-{batch}-{i}"));
             assert_eq!(s.ingest(pages(ids)), (7, 0));
-            let (through, entries) = place.indexed();
-            let at_or_before = "SELECT count(*), 0 * count(*) FROM events WHERE seq <= ";
-            assert_eq!(
-                entries,
-                count(format!("{at_or_before}{through}")),
-                "batch {batch}"
-            );
-            let after = "SELECT count(*), 0 * count(*) FROM message_id_entries WHERE seq > ";
-            assert_eq!(count(format!("{after}{through}")), 0, "batch {batch}");
+            let entries = place.indexed_exactly(batch);
             assert!(
                 entries - before <= 16,
                 "batch {batch} merged {}",
@@ -1521,17 +1528,8 @@ pub(crate) mod tests {
         for batch in 0..30 {
             let ids = (0..20).map(|i| format!("id-{batch}-{i}"));
             assert_eq!(s.ingest(pages(ids)), (20, 0));
-            let (through, entries) = place.indexed();
             // Parts of twice the write cut the index exactly too.
-            let count = |sql: String| place.pairs(&sql)[0].0;
-            let at_or_before = "SELECT count(*), 0 * count(*) FROM events WHERE seq <= ";
-            assert_eq!(
-                entries,
-                count(format!("{at_or_before}{through}")),
-                "batch {batch}"
-            );
-            let after = "SELECT count(*), 0 * count(*) FROM message_id_entries WHERE seq > ";
-            assert_eq!(count(format!("{after}{through}")), 0, "batch {batch}");
+            let entries = place.indexed_exactly(batch);
             let unindexed = (batch + 1) * 20 - entries;
             let threshold = i64::try_from(super::merge_at(entries, 40)).unwrap();
             assert!(
