@@ -128,17 +128,39 @@ pub fn token_matches(header: Option<&str>, expected: &str) -> bool {
         == 0
 }
 
-/// The feed for a table name: a change log, an event-type table, or a Track event table.
-pub fn feed_for(store: &mut dyn Store, table: &str) -> Result<Option<Feed>, StoreError> {
+/// The feed for a table name: a change log, an event-type table, or a Track event table; for a
+/// Track event table, also the head its names were read at (see [`seq_page`]).
+fn feed_for(store: &mut dyn Store, table: &str) -> Result<Option<(Feed, Option<i64>)>, StoreError> {
     if let Some(f) = Feed::from_table(table) {
-        return Ok(Some(f));
+        return Ok(Some((f, None)));
     }
+    // The head first: an event's name is committed with it, so every event at or below this
+    // head has its name among those read next.
+    let head = store.head_seq()?;
     let names: Vec<String> = store
         .track_event_names()?
         .into_iter()
         .filter(|n| table_name(n) == table)
         .collect();
-    Ok((!names.is_empty()).then_some(Feed::Events(EventFilter::TrackNames(names))))
+    Ok((!names.is_empty()).then_some((Feed::Events(EventFilter::TrackNames(names)), Some(head))))
+}
+
+/// One page of the feed of `table` after `after` ([`page`]), `None` for a table no feed has. A
+/// Track event table's page ends at the head its event names were read at: the event names
+/// that table gathers can grow meanwhile (`Order Completed`, then `order_completed`), and an
+/// event of a name first committed after that read would otherwise be passed over by the
+/// page's later events, and skipped for good.
+pub fn seq_page(
+    store: &mut dyn Store,
+    table: &str,
+    after: i64,
+    limit: usize,
+    max_bytes: usize,
+) -> Result<Option<String>, StoreError> {
+    let Some((feed, through)) = feed_for(store, table)? else {
+        return Ok(None);
+    };
+    page(store, table, &feed, after, limit, max_bytes, through).map(Some)
 }
 
 /// The `GET /v1/feeds` document; with `since`, also the first event `seq` received at or after it.
@@ -189,8 +211,9 @@ fn next_piece(read: usize, bytes: usize, max_bytes: usize) -> usize {
 }
 
 /// One page of a feed as NDJSON: the header line, then the rows — up to `limit` rows, cut short
-/// once the rows hold `max_bytes`. The header's `more` is false only when the page reached the
-/// end of the feed as of the read; a reader must not take a short page for the end.
+/// once the rows hold `max_bytes`, or at the first row past `through`. The header's `more` is
+/// false only when the page reached the end of the feed as of the read; a reader must not take
+/// a short page for the end.
 pub fn page(
     store: &mut dyn Store,
     table: &str,
@@ -198,6 +221,7 @@ pub fn page(
     after: i64,
     limit: usize,
     max_bytes: usize,
+    through: Option<i64>,
 ) -> Result<String, StoreError> {
     // The feed's declared columns, then any unknown top-level key an event of the page carries.
     let mut columns: Vec<String> = feed.columns().iter().map(|c| c.to_string()).collect();
@@ -208,7 +232,7 @@ pub fn page(
         let piece = store.read_feed(feed, next_after, want)?;
         let ended = piece.len() < want;
         for row in &piece {
-            if count > 0 && body.len() >= max_bytes {
+            if (count > 0 && body.len() >= max_bytes) || through.is_some_and(|t| row.seq() > t) {
                 break 'read;
             }
             let r = row.to_json();
@@ -332,6 +356,12 @@ mod tests {
     fn store_with(messages: &[Value]) -> crate::store::SqliteStore {
         let mut store =
             crate::store::SqliteStore::open_in_memory(crate::identity::Rules::default()).unwrap();
+        ingest_into(&mut store, messages);
+        store
+    }
+
+    /// Ingests `messages` (in one write).
+    fn ingest_into(store: &mut crate::store::SqliteStore, messages: &[Value]) {
         let opts = ParseOptions {
             now: jiff::Timestamp::from_second(1_767_225_600).unwrap(),
             source_id: "src".into(),
@@ -342,7 +372,60 @@ mod tests {
             .map(|m| Event::from_json(m, None, &opts).unwrap())
             .collect();
         store.ingest(events).unwrap();
-        store
+    }
+
+    /// A Track event table's feed reads its event names, then its rows: an event of a name new
+    /// to the table (`order_completed` after `Order Completed`) committed between the two, then
+    /// more events of the old name, is served by the next page — not passed over by the page's
+    /// cursor (review). The page ends at the head the names were read at.
+    #[test]
+    fn a_track_feed_never_skips_an_event_of_a_name_first_committed_during_a_page() {
+        let track = |id: &str, name: &str| json!({"type": "track", "messageId": id, "userId": "u1", "event": name});
+        let mut store = store_with(&[track("m1", "Order Completed")]);
+        let ids = |text: &str| -> (Value, Vec<String>) {
+            let (header, rows) = page_rows(text);
+            let ids = rows
+                .iter()
+                .map(|r| r["messageId"].as_str().unwrap().to_string())
+                .collect();
+            (header, ids)
+        };
+        // As `seq_page` does, with writes between the names' read and the rows' read.
+        let (feed, through) = feed_for(&mut store, "order_completed").unwrap().unwrap();
+        assert_eq!(through, Some(store.head_seq().unwrap()));
+        ingest_into(&mut store, &[track("m2", "order_completed")]);
+        ingest_into(&mut store, &[track("m3", "Order Completed")]);
+        let text = page(
+            &mut store,
+            "order_completed",
+            &feed,
+            0,
+            100,
+            usize::MAX,
+            through,
+        );
+        let (header, mut seen) = ids(&text.unwrap());
+        assert_eq!(
+            seen,
+            ["m1"],
+            "the page ends at the head its names were read at"
+        );
+        assert_eq!(header["more"], true, "and says there is more");
+        let after = header["next_after"].as_i64().unwrap();
+        let text = seq_page(&mut store, "order_completed", after, 100, usize::MAX).unwrap();
+        let (header, rest) = ids(&text.unwrap());
+        seen.extend(rest);
+        assert_eq!(
+            seen,
+            ["m1", "m2", "m3"],
+            "every event of the table, once, in order"
+        );
+        assert_eq!(header["more"], false);
+        assert!(
+            seq_page(&mut store, "no_such_event", 0, 100, usize::MAX)
+                .unwrap()
+                .is_none()
+        );
     }
 
     /// A page's header lists the table's columns, even when the page is empty; a change log's
@@ -361,7 +444,7 @@ mod tests {
             let feed = Feed::from_table(table).unwrap();
             let declared: Vec<String> = feed.columns().iter().map(|c| c.to_string()).collect();
             let (header, rows) =
-                page_rows(&page(&mut store, table, &feed, 0, 100, usize::MAX).unwrap());
+                page_rows(&page(&mut store, table, &feed, 0, 100, usize::MAX, None).unwrap());
             let listed: Vec<String> = serde_json::from_value(header["columns"].clone()).unwrap();
             assert_eq!(listed[..declared.len()], declared[..], "{table}");
             for row in &rows {
@@ -379,7 +462,7 @@ mod tests {
                 assert!(!rows.is_empty(), "{table} has rows to check");
             }
             let (empty, _) =
-                page_rows(&page(&mut store, table, &feed, head, 100, usize::MAX).unwrap());
+                page_rows(&page(&mut store, table, &feed, head, 100, usize::MAX, None).unwrap());
             assert_eq!(empty["count"], 0);
             assert_eq!(empty["columns"], json!(declared), "{table}: an empty page");
         }
@@ -439,7 +522,7 @@ mod tests {
         let (mut after, mut seen, mut pages) = (0, vec![], 0);
         loop {
             let (header, rows) =
-                page_rows(&page(&mut store, "events", &feed, after, 10, 2_500).unwrap());
+                page_rows(&page(&mut store, "events", &feed, after, 10, 2_500, None).unwrap());
             pages += 1;
             assert!(rows.len() <= 3, "{} rows past the byte budget", rows.len());
             assert_eq!(header["count"], rows.len());
@@ -460,15 +543,16 @@ mod tests {
         let expected: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
         assert_eq!(seen, expected, "every row once, in order");
         // One row is served whatever its size; a page of exactly `limit` rows may have more after it.
-        let (header, rows) = page_rows(&page(&mut store, "events", &feed, 0, 10, 1).unwrap());
+        let (header, rows) = page_rows(&page(&mut store, "events", &feed, 0, 10, 1, None).unwrap());
         assert_eq!((rows.len(), &header["more"]), (1, &json!(true)));
         let (header, rows) =
-            page_rows(&page(&mut store, "events", &feed, 0, 4, usize::MAX).unwrap());
+            page_rows(&page(&mut store, "events", &feed, 0, 4, usize::MAX, None).unwrap());
         assert_eq!((rows.len(), &header["more"]), (4, &json!(true)));
-        let (first8, _) = page_rows(&page(&mut store, "events", &feed, 0, 8, usize::MAX).unwrap());
+        let (first8, _) =
+            page_rows(&page(&mut store, "events", &feed, 0, 8, usize::MAX, None).unwrap());
         let after8 = first8["next_after"].as_i64().unwrap();
         let (header, rows) =
-            page_rows(&page(&mut store, "events", &feed, after8, 4, usize::MAX).unwrap());
+            page_rows(&page(&mut store, "events", &feed, after8, 4, usize::MAX, None).unwrap());
         assert_eq!((rows.len(), &header["more"]), (2, &json!(false)));
     }
 }

@@ -575,10 +575,7 @@ async fn feed_page(
                     .map(Some)
             }
             PageStart::Seq(after) => {
-                let Some(f) = feed::feed_for(store, &table)? else {
-                    return Ok(None);
-                };
-                feed::page(store, &table, &f, after, limit, feed::MAX_PAGE_BYTES).map(Some)
+                feed::seq_page(store, &table, after, limit, feed::MAX_PAGE_BYTES)
             }
         })
         .await;

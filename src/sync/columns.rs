@@ -80,14 +80,20 @@ pub fn escape_nul(s: &str) -> Cow<'_, str> {
 /// limit, and NUL escapes lengthen ids) would pass PostgreSQL's B-tree entry limit (~2.7 KB).
 pub const MAX_KEY_TEXT: usize = 1024;
 
+/// What marks a key cut by [`key_text`]: `<start>…#sha1:<hex>`.
+const CUT_MARK: &str = "…#sha1:";
+
 /// [`escape_nul`], then, past [`MAX_KEY_TEXT`] bytes, cut with a hash of the whole string
-/// (`<start>…#sha1:<hex>`), for the key columns of the materialized tables.
+/// (`<start>…#sha1:<hex>`), for the key columns of the materialized tables. A string that holds
+/// the cut's mark itself is cut too, however short (a trait can be *named* like another's cut
+/// key): so a key with the mark always ends with the hash of the string it stands for, and no
+/// two strings share a key.
 pub fn key_text(s: &str) -> Cow<'_, str> {
     let escaped = escape_nul(s);
-    if escaped.len() <= MAX_KEY_TEXT {
+    if escaped.len() <= MAX_KEY_TEXT && !escaped.contains(CUT_MARK) {
         return escaped;
     }
-    let tail = format!("…#sha1:{}", sha1_hex(s));
+    let tail = format!("{CUT_MARK}{}", sha1_hex(s));
     let cut = floor_char_boundary(&escaped, MAX_KEY_TEXT - tail.len());
     Cow::Owned(format!("{}{tail}", &escaped[..cut]))
 }
@@ -541,6 +547,11 @@ mod tests {
         assert_ne!(key_text("a\0"), key_text("a\\u0000"));
         // NUL escapes lengthen a string: 1,024 NULs are cut too.
         assert!(key_text(&"\0".repeat(1024)).len() <= MAX_KEY_TEXT);
+        // A short string spelling a cut key is another key (cut with its own hash).
+        let spelled = key_text(&cut);
+        assert_ne!(spelled, cut);
+        assert!(spelled.len() <= MAX_KEY_TEXT && spelled.ends_with(&sha1_hex(&cut)));
+        assert_eq!(key_text(&spelled), key_text(&spelled), "deterministic");
     }
 
     /// Source names PostgreSQL's key refuses are recorded by hash; one recorded raw by an

@@ -201,9 +201,19 @@ impl<'a> Run<'a> {
         let now = micros(self.opts.now);
         let st = match self.states.get(table) {
             Some(s) if s.enabled == on => s.clone(),
-            // Turned back on: new data only, from the current head (no backfill of the gap).
+            // Turned back on: new data only, from the current head (no backfill of the gap) —
+            // except a materialized table, which holds current state, not a ledger: resumed
+            // at the head it would keep what changed while it was off (a merge's moved rows, a
+            // changed trait) wrong for good. It replays the identity logs, which are complete,
+            // from their start over its rows: each row is rewritten as the logs say (every
+            // merge and trait snapshot applied again in order), so once caught up the table is
+            // what a first sync would have built.
             Some(s) if on => TableState {
-                cursor: self.head.max(s.cursor),
+                cursor: if MATERIALIZED.contains(&table) {
+                    0
+                } else {
+                    self.head.max(s.cursor)
+                },
                 enabled: true,
                 enabled_since_us: now,
                 ..s.clone()
