@@ -1833,3 +1833,50 @@ fn import_reports_every_refused_line_and_stores_the_good_ones_around_it() {
         }
     }
 }
+
+/// Review C, finding 2: the store keeps an identifier's sightings to the microsecond
+/// (`first_seen_us`, `last_seen_us`) while the in-memory graph keeps the event's nanoseconds
+/// (a `receivedAt`-based timestamp has them). A windowed limit compares the last sighting with
+/// `timestamp - window`, so an engine restarted between two events can decide a limit the
+/// other way than the engine that kept running.
+#[test]
+fn review_c_a_restart_does_not_change_a_windowed_limit_s_decision() {
+    let rules = || Rules::from_yaml("limits: {email: {max: 1, window: 1s}}").unwrap();
+    let first = event(json!({"type": "identify", "messageId": "m1", "anonymousId": "a1",
+        "traits": {"email": "one@example.com"}, "timestamp": "2026-01-01T00:00:00.000000500Z"}));
+    let second = || {
+        event(json!({"type": "track", "messageId": "m2", "anonymousId": "a1", "event": "E",
+            "context": {"traits": {"email": "two@example.com"}},
+            "timestamp": "2026-01-01T00:00:01.000000200Z"}))
+    };
+    let segment_of = |s: &mut dyn Store, id: &str| {
+        all(s, &Feed::Events(EventFilter::All))
+            .into_iter()
+            .find_map(|r| match r {
+                FeedRow::Event(e) if e.event.message_id == id => Some(e.segment_id),
+                _ => None,
+            })
+            .unwrap()
+    };
+    // Kept running: one@ was seen 0.9999997 s before, inside the window, so two@ would be a
+    // second email: the anonymous id is dropped and two@ gets a profile of its own.
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("a.db").display());
+    let mut running = store::open(&url, rules()).unwrap();
+    running.ingest(vec![first.clone()]).unwrap();
+    running.ingest(vec![second()]).unwrap();
+    let kept = segment_of(&mut *running, "m1") == segment_of(&mut *running, "m2");
+    // Restarted between the two events: the same decision.
+    let url = format!("sqlite://{}", dir.path().join("b.db").display());
+    let mut s = store::open(&url, rules()).unwrap();
+    s.ingest(vec![first]).unwrap();
+    drop(s);
+    let mut restarted = store::open(&url, rules()).unwrap();
+    restarted.ingest(vec![second()]).unwrap();
+    let after_restart = segment_of(&mut *restarted, "m1") == segment_of(&mut *restarted, "m2");
+    assert_eq!(
+        (kept, after_restart),
+        (false, false),
+        "(same profile kept running, same profile after a restart)"
+    );
+}

@@ -563,3 +563,44 @@ fn a_late_trait_removal_older_than_the_last_set_leaves_the_trait() {
     );
     assert!(!g.traits(&a).expect("profile").contains_key("plan"));
 }
+
+/// Review C, finding 1: writes with equal timestamps. On one profile the later arrival wins
+/// (README: "of equal timestamps the later arrival wins"); the same writes landing on two
+/// profiles that a later event merges keep the survivor's value instead — where an identify
+/// landed decides the value, which `traits.rs` says it must not.
+#[test]
+fn review_c_equal_timestamps_the_later_arrival_wins_across_a_merge_too() {
+    let plan = |g: &IdentityGraph, p: &str| g.traits(p).expect("profile").get("plan").cloned();
+    let ts = "2024-03-01T00:00:00Z";
+    // One profile: "free", then "pro" with the same timestamp: "pro".
+    let mut g = IdentityGraph::new(Rules::default());
+    let a = resolve(&mut g, identify_at("a", ts, "free")).segment_id;
+    resolve(&mut g, identify_at("a", ts, "pro"));
+    assert_eq!(plan(&g, &a), Some(json!("pro")));
+
+    // The same two writes on A (older) and B, then a page linking them: A survives.
+    let mut g = IdentityGraph::new(Rules::default());
+    let a = resolve(&mut g, identify_at("a", ts, "free")).segment_id;
+    resolve(&mut g, identify_at("b", ts, "pro"));
+    let merge = json!({"type": "page", "anonymousId": "a", "timestamp": "2024-04-01T00:00:00Z",
+                       "context": {"externalIds": [anonymous_ext("b")]}});
+    let r = resolve(&mut g, merge.clone());
+    assert_eq!(r.segment_id, a);
+    assert_eq!(
+        plan(&g, &a),
+        Some(json!("pro")),
+        "the later arrival of two equal timestamps; profile_traits_updates: {:?}",
+        r.profile_traits_updates
+    );
+
+    // A removal tied with a set: on one profile the later removal wins; across a merge the
+    // removal on the merged-away profile is lost.
+    let mut g = IdentityGraph::new(Rules::default());
+    let a = resolve(&mut g, identify_at("a", ts, "free")).segment_id;
+    resolve(
+        &mut g,
+        json!({"type": "identify", "anonymousId": "b", "timestamp": ts, "traits": {"plan": null}}),
+    );
+    resolve(&mut g, merge);
+    assert_eq!(plan(&g, &a), None, "the later removal");
+}

@@ -529,3 +529,182 @@ proptest! {
         run_stream(tight_rules(), &msgs, split, true)?;
     }
 }
+
+/// Review C: an oracle for traits. A live profile's traits are, per trait, the newest write
+/// (by the identify's timestamp; of equal timestamps the later arrival) among every identify
+/// resolved to it or to a profile merged into it, `null` removing the trait; and its latest
+/// `profile_traits_updates` row is that snapshot.
+fn traits_follow_the_newest_write(rules: Rules, msgs: &[Msg]) -> Result<(), TestCaseError> {
+    traits_oracle(rules, msgs, false)
+}
+
+/// [`traits_follow_the_newest_write`]; with `skip_ties`, traits whose newest timestamp is shared
+/// by writes of different values are left out of the comparison.
+fn traits_oracle(rules: Rules, msgs: &[Msg], skip_ties: bool) -> Result<(), TestCaseError> {
+    let evs = events(msgs);
+    let mut g = IdentityGraph::new(rules);
+    // (segment_id resolved to, timestamp, arrival, traits)
+    let mut writes: Vec<(String, Timestamp, usize, Map<String, Value>)> = Vec::new();
+    let mut latest_row: HashMap<String, Map<String, Value>> = HashMap::new();
+    for (n, e) in evs.iter().enumerate() {
+        let Ok(r) = g.resolve(e) else { continue };
+        g.take_dirty();
+        if e.event_type == crate::event::EventType::Identify {
+            writes.push((r.segment_id.clone(), e.timestamp, n, e.traits.clone()));
+        }
+        for row in &r.profile_traits_updates {
+            latest_row.insert(row.segment_id.clone(), row.traits.clone());
+        }
+    }
+    let mut expected: HashMap<String, HashMap<String, (Timestamp, usize, Value)>> =
+        HashMap::new();
+    for (segment_id, ts, n, traits) in &writes {
+        let live = g.canonical(segment_id).expect("known profile").to_string();
+        let per = expected.entry(live).or_default();
+        for (k, v) in traits {
+            match per.get(k) {
+                Some((t, m, _)) if (t, m) > (ts, n) => {}
+                _ => {
+                    per.insert(k.clone(), (*ts, *n, v.clone()));
+                }
+            }
+        }
+    }
+    // Traits whose newest timestamp two writes of different values share, per live profile.
+    let mut tied: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
+    if skip_ties {
+        for (segment_id, ts, _, traits) in &writes {
+            let live = g.canonical(segment_id).expect("known profile").to_string();
+            for (k, v) in traits {
+                if let Some((t, _, w)) = expected.get(&live).and_then(|p| p.get(k))
+                    && t == ts
+                    && w != v
+                {
+                    tied.entry(live.clone()).or_default().insert(k.clone());
+                }
+            }
+        }
+    }
+    for (live, per) in expected {
+        let skip = tied.remove(&live).unwrap_or_default();
+        let per: HashMap<String, (Timestamp, usize, Value)> =
+            per.into_iter().filter(|(k, _)| !skip.contains(k)).collect();
+        let want: Map<String, Value> = per
+            .into_iter()
+            .filter(|(_, (_, _, v))| !v.is_null())
+            .map(|(k, (_, _, v))| (k, v))
+            .collect();
+        let mut got = g.traits(&live).expect("live profile").clone();
+        got.retain(|k, _| !skip.contains(k));
+        got.sort_keys();
+        let mut want = want;
+        want.sort_keys();
+        prop_assert_eq!(&got, &want, "traits of {}", live);
+        let mut row = latest_row.get(&live).cloned().unwrap_or_default();
+        row.retain(|k, _| !skip.contains(k));
+        row.sort_keys();
+        prop_assert_eq!(&row, &want, "latest profile_traits_updates row of {}", live);
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn review_c_traits_follow_the_newest_write(
+        msgs in prop::collection::vec(msg(), 1..40),
+        tight in any::<bool>(),
+    ) {
+        let rules = if tight { tight_rules() } else { Rules::default() };
+        traits_follow_the_newest_write(rules.clone(), &msgs)?;
+        // Close timestamps, so that writes tie.
+        let close: Vec<Msg> = msgs
+            .iter()
+            .map(|m| Msg { gap: m.gap % 2, lag: m.lag % 2, ..m.clone() })
+            .collect();
+        traits_follow_the_newest_write(rules, &close)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+    /// The oracle without ties (they are the finding above): any other difference is a bug.
+    #[test]
+    fn review_c_traits_follow_the_newest_write_untied(
+        msgs in prop::collection::vec(msg(), 1..40),
+        tight in any::<bool>(),
+    ) {
+        let rules = if tight { tight_rules() } else { Rules::default() };
+        let close: Vec<Msg> = msgs
+            .iter()
+            .map(|m| Msg { gap: m.gap % 3, lag: m.lag % 3, ..m.clone() })
+            .collect();
+        traits_oracle(rules.clone(), &msgs, true)?;
+        traits_oracle(rules, &close, true)?;
+    }
+}
+
+/// Review C: every identifier an event used (not dropped) belongs to the profile it resolved
+/// to, right after it; every identifier of the graph has exactly one
+/// `external_id_mapping_updates` row, whose profile resolves (by the latest `id_graph_updates`
+/// row) to the identifier's owner.
+fn used_identifiers_and_mappings(rules: Rules, msgs: &[Msg]) -> Result<(), TestCaseError> {
+    let evs = events(msgs);
+    let mut g = IdentityGraph::new(rules);
+    let mut latest: HashMap<String, String> = HashMap::new();
+    let mut mappings: HashMap<(String, String), Vec<String>> = HashMap::new();
+    for e in &evs {
+        let Ok(r) = g.resolve(e) else { continue };
+        g.take_dirty();
+        for u in &r.id_graph_updates {
+            latest.insert(u.segment_id.clone(), u.canonical_segment_id.clone());
+        }
+        for m in &r.external_id_mapping_updates {
+            mappings
+                .entry((m.external_id_type.clone(), m.external_id_value.clone()))
+                .or_default()
+                .push(m.segment_id.clone());
+        }
+        for i in extract_all(e) {
+            let retyped = Identifier::new("user_id", i.value.clone());
+            if r.dropped.iter().any(|(d, _)| *d == i)
+                || (e.event_type == crate::event::EventType::Alias
+                    && r.dropped.iter().any(|(d, _)| *d == retyped))
+            {
+                continue;
+            }
+            let owner = g.lookup(&i).map(str::to_string);
+            let owner = match (owner, e.event_type) {
+                (None, crate::event::EventType::Alias) => g
+                    .lookup(&Identifier::new("user_id", i.value.clone()))
+                    .map(str::to_string),
+                (o, _) => o,
+            };
+            prop_assert_eq!(owner.as_deref(), Some(r.segment_id.as_str()), "{} of {:?}", i, e);
+        }
+    }
+    for e in &g.idents {
+        let key = (g.types[e.ty as usize].name.to_string(), e.value.to_string());
+        let rows = mappings.remove(&key).unwrap_or_default();
+        prop_assert_eq!(rows.len(), 1, "mapping rows of {:?}", key);
+        let owner = g.lookup(&Identifier::new(key.0.clone(), key.1.clone())).unwrap();
+        prop_assert_eq!(latest.get(&rows[0]).map(String::as_str), Some(owner));
+    }
+    prop_assert!(mappings.is_empty(), "rows of identifiers the graph lacks: {:?}", mappings);
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn review_c_used_identifiers_and_mappings(
+        msgs in prop::collection::vec(msg(), 1..40),
+        tight in any::<bool>(),
+    ) {
+        let rules = if tight { tight_rules() } else { Rules::default() };
+        used_identifiers_and_mappings(rules, &msgs)?;
+    }
+}
