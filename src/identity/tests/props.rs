@@ -708,3 +708,25 @@ proptest! {
         used_identifiers_and_mappings(rules, &msgs)?;
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1500, ..ProptestConfig::default() })]
+
+    /// Review C: the restore and two-writer properties with close timestamps (ties) and caps.
+    #[test]
+    fn review_c_restore_and_two_writers_with_close_timestamps(
+        msgs in prop::collection::vec(msg(), 1..40),
+        split in any::<usize>(),
+        turns in prop::collection::vec(any::<bool>(), 40),
+        tight in any::<bool>(),
+    ) {
+        let rules = if tight { tight_rules() } else { Rules::default() };
+        let close: Vec<Msg> = msgs
+            .iter()
+            .map(|m| Msg { gap: m.gap % 3, lag: m.lag % 3, ..m.clone() })
+            .collect();
+        run_stream(rules.clone(), &close, split, true)?;
+        two_writers(rules.clone(), &close, &turns)?;
+        follow_stream(rules, &close, split, 1 + split % 4)?;
+    }
+}
