@@ -1834,20 +1834,24 @@ fn import_reports_every_refused_line_and_stores_the_good_ones_around_it() {
     }
 }
 
-/// Review C, finding 2: the store keeps an identifier's sightings to the microsecond
-/// (`first_seen_us`, `last_seen_us`) while the in-memory graph keeps the event's nanoseconds
-/// (a `receivedAt`-based timestamp has them). A windowed limit compares the last sighting with
-/// `timestamp - window`, so an engine restarted between two events can decide a limit the
-/// other way than the engine that kept running.
+/// The store keeps an identifier's sightings to the microsecond; the graph kept the event's
+/// nanoseconds (a `receivedAt`-based timestamp has them), so that a windowed limit, which compares
+/// the last sighting with `timestamp - window`, could decide the other way in an engine
+/// restarted between two events than in the one that kept running (review). The graph now keeps
+/// sightings to the microsecond too.
 #[test]
-fn review_c_a_restart_does_not_change_a_windowed_limit_s_decision() {
+fn a_restart_does_not_change_a_windowed_limit_s_decision() {
     let rules = || Rules::from_yaml("limits: {email: {max: 1, window: 1s}}").unwrap();
-    let first = event(json!({"type": "identify", "messageId": "m1", "anonymousId": "a1",
-        "traits": {"email": "one@example.com"}, "timestamp": "2026-01-01T00:00:00.000000500Z"}));
+    let first = event(
+        json!({"type": "identify", "messageId": "m1", "anonymousId": "a1",
+        "traits": {"email": "one@example.com"}, "timestamp": "2026-01-01T00:00:00.000000500Z"}),
+    );
     let second = || {
-        event(json!({"type": "track", "messageId": "m2", "anonymousId": "a1", "event": "E",
+        event(
+            json!({"type": "track", "messageId": "m2", "anonymousId": "a1", "event": "E",
             "context": {"traits": {"email": "two@example.com"}},
-            "timestamp": "2026-01-01T00:00:01.000000200Z"}))
+            "timestamp": "2026-01-01T00:00:01.000000200Z"}),
+        )
     };
     let segment_of = |s: &mut dyn Store, id: &str| {
         all(s, &Feed::Events(EventFilter::All))
@@ -1874,9 +1878,11 @@ fn review_c_a_restart_does_not_change_a_windowed_limit_s_decision() {
     let mut restarted = store::open(&url, rules()).unwrap();
     restarted.ingest(vec![second()]).unwrap();
     let after_restart = segment_of(&mut *restarted, "m1") == segment_of(&mut *restarted, "m2");
+    // `one@`, last seen at .000000 (to the microsecond), is outside the window of an event at
+    // 00:00:01.000000200 in both: the two events share a profile.
     assert_eq!(
         (kept, after_restart),
-        (false, false),
+        (true, true),
         "(same profile kept running, same profile after a restart)"
     );
 }

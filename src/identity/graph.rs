@@ -36,6 +36,9 @@ pub struct IdentityGraph {
     by_segment_id: HashMap<Arc<str>, ProfileIx>,
     pub(super) idents: Vec<IdentEntry>,
     pub(super) next_rank: u64,
+    /// The order the next identify's trait writes get ([`TraitTime::order`]): above every
+    /// order the graph holds.
+    pub(super) next_write: u64,
     live_profiles: usize,
     dirty_profiles: Vec<ProfileIx>,
     dirty_idents: Vec<IdentIx>,
@@ -62,7 +65,7 @@ pub(super) struct Profile {
     pub(super) identifiers: Vec<IdentIx>,
     pub(super) traits: Map<String, Value>,
     /// When each trait was last set or removed (removals stay as tombstones).
-    pub(super) trait_times: HashMap<String, Timestamp>,
+    pub(super) trait_times: HashMap<String, TraitTime>,
     dirty: bool,
     /// Whether the store may hold a row of it: read from the store, made by `restore`'s repair,
     /// or reported by [`IdentityGraph::take_dirty`] since it was created. False only when it
@@ -83,6 +86,48 @@ pub(super) struct IdentEntry {
     stored: bool,
 }
 
+/// When a trait was last set or removed: the identify's `timestamp`, then the order in which
+/// the graph applied the identifies, so that of two writes with one timestamp the later to
+/// arrive wins — on one profile as across a merge (where the two were applied to different
+/// profiles). Stored as `["<timestamp>", order]`; a time an earlier release stored (a bare
+/// timestamp) has order 0, before any write since.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct TraitTime {
+    pub(super) at: Timestamp,
+    pub(super) order: u64,
+}
+
+impl TraitTime {
+    /// Older than any recorded time (a trait with none).
+    pub(super) const MIN: TraitTime = TraitTime {
+        at: Timestamp::MIN,
+        order: 0,
+    };
+
+    /// A stored time: `["<timestamp>", order]`, or a bare timestamp (order 0).
+    fn parse(v: &Value) -> Option<TraitTime> {
+        let (at, order) = match v {
+            Value::String(s) => (s.as_str(), 0),
+            Value::Array(pair) => match pair.as_slice() {
+                [Value::String(s), n] => (s.as_str(), n.as_u64()?),
+                _ => return None,
+            },
+            _ => return None,
+        };
+        Some(TraitTime {
+            at: crate::event::parse_timestamp(at)?,
+            order,
+        })
+    }
+
+    fn to_json(self) -> Value {
+        Value::Array(vec![
+            Value::String(self.at.to_string()),
+            Value::from(self.order),
+        ])
+    }
+}
+
 impl Profile {
     /// A profile from its persisted state, canonical pointer unset, and the name of the
     /// profile its state says it resolves to.
@@ -90,10 +135,7 @@ impl Profile {
         let trait_times = state
             .trait_times
             .iter()
-            .filter_map(|(k, v)| {
-                let t = v.as_str().and_then(crate::event::parse_timestamp)?;
-                Some((k.clone(), t))
-            })
+            .filter_map(|(k, v)| Some((k.clone(), TraitTime::parse(v)?)))
             .collect();
         let profile = Profile {
             segment_id: Arc::from(state.segment_id.as_str()),
@@ -109,6 +151,22 @@ impl Profile {
         };
         (profile, state.canonical_segment_id)
     }
+
+    /// One more than the highest write order of its traits.
+    fn next_write(&self) -> u64 {
+        self.trait_times
+            .values()
+            .map(|t| t.order.saturating_add(1))
+            .max()
+            .unwrap_or(1)
+    }
+}
+
+/// `t` to the microsecond, as the store keeps identifiers' sightings: so that a graph that
+/// kept running and one restored from the store (a restarted engine, another replica) compare
+/// the same times against a limit's window.
+pub(super) fn to_micros(t: Timestamp) -> Timestamp {
+    Timestamp::from_microsecond(t.as_microsecond()).unwrap_or(t)
 }
 
 fn ix(n: usize) -> u32 {
@@ -127,6 +185,7 @@ impl IdentityGraph {
             by_segment_id: HashMap::new(),
             idents: Vec::new(),
             next_rank: 0,
+            next_write: 1,
             live_profiles: 0,
             dirty_profiles: Vec::new(),
             dirty_idents: Vec::new(),
@@ -212,7 +271,7 @@ impl IdentityGraph {
             trait_times: prof
                 .trait_times
                 .iter()
-                .map(|(k, t)| (k.clone(), Value::String(t.to_string())))
+                .map(|(k, t)| (k.clone(), t.to_json()))
                 .collect(),
         }
     }
@@ -268,6 +327,7 @@ impl IdentityGraph {
             .map(|p| p.created_rank.saturating_add(1))
             .max()
             .unwrap_or(0);
+        self.next_write = self.profiles.iter().fold(1, |n, p| n.max(p.next_write()));
         for p in 0..self.profiles.len() {
             let mut members = std::mem::take(&mut self.profiles[p].members);
             members.sort_unstable_by_key(|&m| (self.profiles[m as usize].created_rank, m));
@@ -301,6 +361,7 @@ impl IdentityGraph {
         for state in profiles {
             let (profile, canonical_name) = Profile::of(state);
             self.next_rank = self.next_rank.max(profile.created_rank.saturating_add(1));
+            self.next_write = self.next_write.max(profile.next_write());
             let p = match self.by_segment_id.get(&*profile.segment_id) {
                 Some(&p) => {
                     let old = &mut self.profiles[p as usize];
@@ -521,6 +582,7 @@ impl IdentityGraph {
         profile: ProfileIx,
         seen: Timestamp,
     ) -> IdentIx {
+        let seen = to_micros(seen);
         let i = ix(self.idents.len());
         let value: Arc<str> = Arc::from(value);
         self.idents.push(IdentEntry {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use jiff::Timestamp;
 use serde_json::{Map, Value};
 
-use super::graph::{IdentIx, IdentityGraph, ProfileIx, TypeIx};
+use super::graph::{IdentIx, IdentityGraph, ProfileIx, TraitTime, TypeIx};
 use super::ids::{external_id_hash, new_row_id, new_segment_id};
 use super::model::{
     DropReason, ExternalIdMappingUpdate, IdGraphUpdate, ProfileTraitsUpdate, Resolution,
@@ -327,8 +327,13 @@ fn apply(
 
     if let Some(identify) = identify_traits.filter(|t| !t.is_empty()) {
         let max = g.rules.max_traits_per_profile;
+        let written = TraitTime {
+            at,
+            order: g.next_write,
+        };
+        g.next_write = g.next_write.saturating_add(1);
         let (changed, no_room) =
-            traits::apply_identify(&mut g.profiles[survivor as usize], identify, at, max);
+            traits::apply_identify(&mut g.profiles[survivor as usize], identify, written, max);
         traits_changed |= changed;
         res.traits_dropped = no_room;
         g.mark_profile(survivor);
@@ -382,6 +387,7 @@ fn merge_into(g: &mut IdentityGraph, a: ProfileIx, b: ProfileIx, res: &mut Resol
 /// first sighting.
 fn touch(g: &mut IdentityGraph, i: IdentIx, at: Timestamp) {
     const DAY: i64 = 86_400;
+    let at = super::graph::to_micros(at);
     let windowed = g.types[g.idents[i as usize].ty as usize].window.is_some();
     let e = &mut g.idents[i as usize];
     let mut changed = false;

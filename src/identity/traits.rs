@@ -7,19 +7,18 @@
 
 use foldhash::HashMap;
 
-use jiff::Timestamp;
 use serde_json::{Map, Value};
 
-use super::graph::Profile;
+use super::graph::{Profile, TraitTime};
 
-/// Applies an identify call's traits at time `at`, each unless a newer write set (or removed)
-/// it; a profile holding `max` traits takes no new one (its own still change). Returns whether
+/// Applies an identify call's traits at time `at` (its timestamp and write order), each unless
+/// a newer write set (or removed) it; a profile holding `max` traits takes no new one (its own still change). Returns whether
 /// the trait values changed (setting a trait to its current value changes only its time), and
 /// how many new traits found no room.
 pub(super) fn apply_identify(
     profile: &mut Profile,
     traits: &Map<String, Value>,
-    at: Timestamp,
+    at: TraitTime,
     max: usize,
 ) -> (bool, usize) {
     let mut changed = false;
@@ -53,16 +52,17 @@ pub(super) fn apply_identify(
 }
 
 /// Folds a merged-away profile's traits into the survivor: per trait, the side that set (or
-/// removed) it more recently wins; on a tie the survivor keeps its own. A trait without a
-/// recorded time counts as older than any recorded one. Returns whether the values changed.
+/// removed) it more recently wins — by timestamp, then by write order, as on one profile. A
+/// trait without a recorded time counts as older than any recorded one (on a tie of two such,
+/// the survivor keeps its own). Returns whether the values changed.
 pub(super) fn merge(
     into: &mut Profile,
     from_traits: Map<String, Value>,
-    mut from_times: HashMap<String, Timestamp>,
+    mut from_times: HashMap<String, TraitTime>,
 ) -> bool {
     let mut changed = false;
     for (name, value) in from_traits {
-        let at = from_times.remove(&name).unwrap_or(Timestamp::MIN);
+        let at = from_times.remove(&name).unwrap_or(TraitTime::MIN);
         if newer_than_survivor(into, &name, at) {
             if into.traits.get(&name) != Some(&value) {
                 into.traits.insert(name.clone(), value);
@@ -81,9 +81,9 @@ pub(super) fn merge(
     changed
 }
 
-fn newer_than_survivor(into: &Profile, name: &str, at: Timestamp) -> bool {
+fn newer_than_survivor(into: &Profile, name: &str, at: TraitTime) -> bool {
     match into.trait_times.get(name) {
         Some(&mine) => at > mine,
-        None => !into.traits.contains_key(name) || at > Timestamp::MIN,
+        None => !into.traits.contains_key(name) || at > TraitTime::MIN,
     }
 }

@@ -564,12 +564,11 @@ fn a_late_trait_removal_older_than_the_last_set_leaves_the_trait() {
     assert!(!g.traits(&a).expect("profile").contains_key("plan"));
 }
 
-/// Review C, finding 1: writes with equal timestamps. On one profile the later arrival wins
-/// (README: "of equal timestamps the later arrival wins"); the same writes landing on two
-/// profiles that a later event merges keep the survivor's value instead — where an identify
-/// landed decides the value, which `traits.rs` says it must not.
+/// Writes with equal timestamps: the later arrival wins, on one profile as across a merge of the
+/// profiles they landed on (the survivor used to keep its own value: where an identify landed
+/// decided it — review). Each write carries the order the graph applied it in.
 #[test]
-fn review_c_equal_timestamps_the_later_arrival_wins_across_a_merge_too() {
+fn equal_timestamps_the_later_arrival_wins_across_a_merge_too() {
     let plan = |g: &IdentityGraph, p: &str| g.traits(p).expect("profile").get("plan").cloned();
     let ts = "2024-03-01T00:00:00Z";
     // One profile: "free", then "pro" with the same timestamp: "pro".
@@ -593,8 +592,7 @@ fn review_c_equal_timestamps_the_later_arrival_wins_across_a_merge_too() {
         r.profile_traits_updates
     );
 
-    // A removal tied with a set: on one profile the later removal wins; across a merge the
-    // removal on the merged-away profile is lost.
+    // A removal tied with a set, on the merged-away profile: the later removal wins.
     let mut g = IdentityGraph::new(Rules::default());
     let a = resolve(&mut g, identify_at("a", ts, "free")).segment_id;
     resolve(
@@ -603,4 +601,62 @@ fn review_c_equal_timestamps_the_later_arrival_wins_across_a_merge_too() {
     );
     resolve(&mut g, merge);
     assert_eq!(plan(&g, &a), None, "the later removal");
+}
+
+/// A trait time stored by an earlier release (a bare timestamp, no write order) counts as
+/// written before any write since: a new write with the same timestamp wins, on the profile
+/// and across a merge; times are stored with their order, and a restored graph orders its next
+/// writes after every stored one.
+#[test]
+fn trait_times_of_an_earlier_release_are_older_than_any_write_since() {
+    let ts = "2024-03-01T00:00:00Z";
+    let profile = |s: &str, rank, plan: &str| ProfileState {
+        segment_id: s.into(),
+        canonical_segment_id: s.into(),
+        created_rank: rank,
+        merges: 0,
+        traits: json!({"plan": plan}).as_object().unwrap().clone(),
+        trait_times: json!({"plan": ts}).as_object().unwrap().clone(),
+    };
+    let ident = |v: &str, s: &str| IdentifierState {
+        id_type: "anonymous_id".into(),
+        value: v.into(),
+        segment_id: s.into(),
+        first_seen: at(NOW),
+        last_seen: at(NOW),
+    };
+    let plan = |g: &IdentityGraph, p: &str| g.traits(p).expect("profile").get("plan").cloned();
+    let mut g = IdentityGraph::new(Rules::default());
+    g.restore(
+        vec![profile("use_a", 0, "free"), profile("use_b", 1, "basic")],
+        vec![ident("a", "use_a"), ident("b", "use_b")],
+    );
+    resolve(&mut g, identify_at("a", ts, "pro"));
+    assert_eq!(
+        plan(&g, "use_a"),
+        Some(json!("pro")),
+        "a write since wins the tie"
+    );
+    // use_b's bare time ties use_a's new write: the new write stays across the merge.
+    let merge = json!({"type": "page", "anonymousId": "a", "timestamp": "2024-04-01T00:00:00Z",
+                       "context": {"externalIds": [anonymous_ext("b")]}});
+    assert_eq!(resolve(&mut g, merge).segment_id, "use_a");
+    assert_eq!(plan(&g, "use_a"), Some(json!("pro")));
+    let delta = g.take_dirty();
+    let stored = delta
+        .profiles
+        .iter()
+        .find(|p| p.segment_id == "use_a")
+        .expect("use_a written");
+    let time = &stored.trait_times["plan"];
+    assert_eq!(time[0], json!(ts), "stored as [timestamp, order]: {time}");
+    assert!(time[1].as_u64().is_some_and(|n| n > 0), "{time}");
+    // Restored from what was stored, a graph orders its next write after it.
+    let mut restored = IdentityGraph::new(Rules::default());
+    restored.restore(
+        delta.profiles,
+        vec![ident("a", "use_a"), ident("b", "use_a")],
+    );
+    resolve(&mut restored, identify_at("b", ts, "team"));
+    assert_eq!(plan(&restored, "use_a"), Some(json!("team")));
 }
