@@ -1442,10 +1442,20 @@ fn postgres_a_version_1_store_is_migrated_to_the_hash_index_in_place() {
 }
 
 /// A TCP proxy to a PostgreSQL server that, once armed, cuts its client off at the client's
-/// next `COMMIT` — after passing it on to the server (`forward`) or before.
+/// next `COMMIT` — after passing it on to the server (`forward`) or before. Armed to hold, it
+/// then keeps the connections opened after the cut waiting until [`CommitCutter::release`]:
+/// the test decides what another replica does before the cut-off store looks at the server.
 struct CommitCutter {
     port: u16,
-    armed: std::sync::Arc<std::sync::Mutex<Option<bool>>>,
+    state: std::sync::Arc<(std::sync::Mutex<CutState>, std::sync::Condvar)>,
+}
+
+#[derive(Default)]
+struct CutState {
+    /// The next cut: whether to forward the COMMIT, whether to hold new connections after it.
+    armed: Option<(bool, bool)>,
+    /// New connections wait while set.
+    holding: bool,
 }
 
 impl CommitCutter {
@@ -1453,11 +1463,21 @@ impl CommitCutter {
         use std::io::{Read, Write};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let armed = std::sync::Arc::new(std::sync::Mutex::new(None::<bool>));
-        let shared = armed.clone();
+        let state = std::sync::Arc::new((
+            std::sync::Mutex::new(CutState::default()),
+            std::sync::Condvar::new(),
+        ));
+        let shared = state.clone();
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { return };
+                {
+                    let (lock, changed) = &*shared;
+                    let mut st = lock.lock().unwrap();
+                    while st.holding {
+                        st = changed.wait(st).unwrap();
+                    }
+                }
                 let server = std::net::TcpStream::connect(("127.0.0.1", server_port)).unwrap();
                 let (mut from_server, mut to_client) =
                     (server.try_clone().unwrap(), client.try_clone().unwrap());
@@ -1474,7 +1494,7 @@ impl CommitCutter {
                     }
                 });
                 let (mut from_client, mut to_server) = (client, server);
-                let armed = shared.clone();
+                let state = shared.clone();
                 std::thread::spawn(move || {
                     let mut buf = vec![0u8; 1 << 16];
                     while let Ok(n @ 1..) = from_client.read(&mut buf) {
@@ -1482,12 +1502,13 @@ impl CommitCutter {
                         // The statement `COMMIT` itself (a simple query ends with NUL), not a
                         // `BEGIN ISOLATION LEVEL READ COMMITTED`.
                         let is_commit = chunk.windows(7).any(|w| w == b"COMMIT\0");
+                        let (lock, changed) = &*state;
                         let plan = if is_commit {
-                            armed.lock().unwrap().take()
+                            lock.lock().unwrap().armed
                         } else {
                             None
                         };
-                        if let Some(forward) = plan {
+                        if let Some((forward, hold)) = plan {
                             // The client never hears back: cut it off before the server answers,
                             // then the server's side too, as a broken network would.
                             cut.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -1496,6 +1517,10 @@ impl CommitCutter {
                                 let _ = to_server.write_all(chunk);
                             }
                             let _ = to_server.shutdown(std::net::Shutdown::Write);
+                            let mut st = lock.lock().unwrap();
+                            st.armed = None;
+                            st.holding = hold;
+                            changed.notify_all();
                             return;
                         }
                         if to_server.write_all(chunk).is_err() {
@@ -1505,12 +1530,40 @@ impl CommitCutter {
                 });
             }
         });
-        CommitCutter { port, armed }
+        CommitCutter { port, state }
     }
 
     /// Cuts the next COMMIT, passing it on to the server first when `forward`.
     fn arm(&self, forward: bool) {
-        *self.armed.lock().unwrap() = Some(forward);
+        self.state.0.lock().unwrap().armed = Some((forward, false));
+    }
+
+    /// Cuts the next COMMIT without passing it on, then holds new connections until
+    /// [`CommitCutter::release`].
+    fn arm_and_hold(&self) {
+        self.state.0.lock().unwrap().armed = Some((false, true));
+    }
+
+    /// Waits until the armed cut happened.
+    fn wait_for_cut(&self) {
+        let (lock, changed) = &*self.state;
+        let mut st = lock.lock().unwrap();
+        while st.armed.is_some() {
+            st = changed.wait(st).unwrap();
+        }
+    }
+
+    /// Lets the held connections through.
+    fn release(&self) {
+        let (lock, changed) = &*self.state;
+        lock.lock().unwrap().holding = false;
+        changed.notify_all();
+    }
+
+    /// A URL of `db` on `pg` through the cutter.
+    fn url(&self, pg: &support::pg::PgServer, db: &str) -> String {
+        pg.url(db)
+            .replace(&format!(":{}/", pg.port()), &format!(":{}/", self.port))
     }
 }
 
@@ -1518,14 +1571,121 @@ fn without_message_id(user: &str) -> Event {
     event(json!({"type": "track", "userId": user, "event": "Order Completed"}))
 }
 
+/// (seq, messageId, segment_id) of every stored event, in `seq` order.
+fn stored_events(client: &mut ::postgres::Client) -> Vec<(i64, String, String)> {
+    client
+        .query(
+            "SELECT seq, message_id, segment_id FROM events ORDER BY seq",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+/// Replica A's COMMIT never reaches the server, which rolls A back and frees the head lock.
+/// Replica B, waiting on that lock, commits a group of its own — another client's page and the
+/// retry of A's second request (balanced to B) — which puts that messageId at the very `seq` A
+/// had given it. A must not take that for its own commit: it used to (it looked for its last
+/// event's messageId at its `seq`), and answered 200 for its whole group, r1 included, which
+/// nobody stored (review). It asks the server about its transaction instead.
+#[test]
+fn postgres_an_unknown_commit_is_not_taken_for_another_replica_s_at_the_same_seqs() {
+    let pg = support::pg::shared();
+    let db = pg.create_database("cut_reused_seq");
+    let cutter = CommitCutter::start(pg.port());
+    let mut a = store::open(&cutter.url(pg, &db), Rules::default()).unwrap();
+    let mut b = store::open(&pg.url(&db), Rules::default()).unwrap();
+    a.ingest(vec![page("init", "a0")]).unwrap();
+    b.warm_up().unwrap();
+    cutter.arm_and_hold();
+    let replica_a = std::thread::spawn(move || {
+        let r = a.ingest(vec![page("r1", "a1"), page("m", "a2")]);
+        (a, r)
+    });
+    cutter.wait_for_cut();
+    // B waits for the head until the server has rolled A back.
+    b.ingest(vec![page("x", "b1"), page("m", "a2")]).unwrap();
+    cutter.release();
+    let (mut a, result) = replica_a.join().unwrap();
+    let ids = |client: &mut ::postgres::Client| -> Vec<String> {
+        stored_events(client)
+            .into_iter()
+            .map(|(_, m, _)| m)
+            .collect()
+    };
+    let mut direct = pg.connect(&db);
+    assert_eq!(ids(&mut direct), ["init", "x", "m"]);
+    assert!(
+        result.is_err(),
+        "A's group was not stored, yet answered as committed: {result:?}"
+    );
+    // A goes on, its graph in step with the store: r1's retry is stored, a2's next event
+    // lands on the profile B stored a2 under.
+    a.ingest(vec![page("r1", "a1"), page("m2", "a2")]).unwrap();
+    let events = stored_events(&mut direct);
+    assert_eq!(ids(&mut direct), ["init", "x", "m", "r1", "m2"]);
+    let segment = |id: &str| events.iter().find(|e| e.1 == id).unwrap().2.clone();
+    assert_eq!(segment("m"), segment("m2"), "{events:?}");
+}
+
+/// The same with one request retried whole on B (same messageId, same `seq`): A's answer may
+/// be either (the event is stored once, by B), but its graph must follow the store: it used to
+/// take B's commit for its own and keep a2 on its own profile, which the store does not have,
+/// so that a2's next event landed on a second profile (review).
+#[test]
+fn postgres_a_graph_follows_the_store_when_another_replica_committed_at_its_seqs() {
+    let pg = support::pg::shared();
+    let db = pg.create_database("cut_diverge");
+    let cutter = CommitCutter::start(pg.port());
+    let mut a = store::open(&cutter.url(pg, &db), Rules::default()).unwrap();
+    let mut b = store::open(&pg.url(&db), Rules::default()).unwrap();
+    a.ingest(vec![page("init", "a0")]).unwrap();
+    b.warm_up().unwrap();
+    cutter.arm_and_hold();
+    let replica_a = std::thread::spawn(move || {
+        let r = a.ingest(vec![page("m", "a2")]);
+        (a, r)
+    });
+    cutter.wait_for_cut();
+    b.ingest(vec![page("m", "a2")]).unwrap();
+    cutter.release();
+    let (mut a, _answer) = replica_a.join().unwrap();
+    a.ingest(vec![page("m2", "a2")]).unwrap();
+    let events = stored_events(&mut pg.connect(&db));
+    let segment = |id: &str| events.iter().find(|e| e.1 == id).unwrap().2.clone();
+    assert_eq!(segment("m"), segment("m2"), "a2 on one profile: {events:?}");
+}
+
+/// A write whose events were all duplicates has its COMMIT cut: nothing new is stored either
+/// way, so it succeeds — and the store goes on on a new connection (it kept the broken one, so
+/// that its next write failed, and in the engine the next group's requests with it; review).
+#[test]
+fn postgres_a_cut_commit_of_duplicates_leaves_a_working_connection() {
+    let pg = support::pg::shared();
+    let db = pg.create_database("cut_duplicates");
+    let cutter = CommitCutter::start(pg.port());
+    let mut a = store::open(&cutter.url(pg, &db), Rules::default()).unwrap();
+    a.ingest(vec![page("m", "a1")]).unwrap();
+    cutter.arm(false);
+    let summary = a.ingest(vec![page("m", "a1")]).unwrap();
+    assert_eq!((summary.accepted, summary.duplicates), (0, 1));
+    let next = a.ingest(vec![page("n", "a1")]);
+    assert!(next.is_ok(), "the write after it: {next:?}");
+    let ids: Vec<String> = stored_events(&mut pg.connect(&db))
+        .into_iter()
+        .map(|(_, m, _)| m)
+        .collect();
+    assert_eq!(ids, ["m", "n"]);
+}
+
 #[test]
 fn postgres_a_connection_lost_during_commit_reports_what_the_server_did() {
     let pg = support::pg::shared();
     let db = pg.create_database("cut");
     let cutter = CommitCutter::start(pg.port());
-    let through_cutter = pg
-        .url(&db)
-        .replace(&format!(":{}/", pg.port()), &format!(":{}/", cutter.port));
+    let through_cutter = cutter.url(pg, &db);
     let mut s = store::open(&through_cutter, Rules::default()).unwrap();
     let mut direct = store::open(&pg.url(&db), Rules::default()).unwrap();
 

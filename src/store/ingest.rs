@@ -148,15 +148,14 @@ pub(crate) struct ResolvedBatch<'e> {
 }
 
 /// Resolves `events` inside an open write transaction and writes their rows; returns what it
-/// did and the `seq` and messageId of the last event written (none when every event was a
-/// duplicate or refused). The caller commits and then calls `resolver.committed(head)`; `load`
-/// rebuilds the graph when it is stale.
+/// did. The caller commits and then calls `resolver.committed(head)`; `load` rebuilds the graph
+/// when it is stale.
 pub(crate) fn ingest_in_tx<T: WriteTx>(
     tx: &mut T,
     resolver: &mut Resolver,
     events: &[PreparedEvent],
     mut load: impl FnMut(&mut T, Option<i64>) -> Result<LoadedState, StoreError>,
-) -> Result<(IngestSummary, Option<(i64, String)>), StoreError> {
+) -> Result<IngestSummary, StoreError> {
     let head = tx.lock_head()?;
     if !resolver.is_current(head) {
         // Behind another writer: what it changed since is read and applied; anything else (a
@@ -256,15 +255,11 @@ pub(crate) fn ingest_in_tx<T: WriteTx>(
         batch.events.iter().map(|r| (r.event.message_id(), r.seq)),
         seq,
     )?;
-    let last = batch
-        .events
-        .last()
-        .map(|r| (r.seq, r.event.message_id().to_string()));
     // Freeing the change-log rows and state costs the writer as much as serializing them: hand
     // them to a thread (the events are the caller's).
     super::drop_later((batch.id_graph, batch.mappings, batch.traits, batch.state));
     summary.head = seq;
-    Ok((summary, last))
+    Ok(summary)
 }
 
 #[cfg(test)]

@@ -170,7 +170,8 @@ impl PostgresStore {
             store: self,
             open: true,
             head: None,
-            last_event: None,
+            xid: None,
+            accepted: false,
             recent: None,
             failed: false,
         })
@@ -184,9 +185,13 @@ pub struct PostgresWrite<'a> {
     /// Whether the transaction is still open (to roll back on drop).
     open: bool,
     head: Option<i64>,
-    /// The `seq` and messageId of the last event written: the transaction's own mark, to tell
-    /// after a broken connection whether its commit landed.
-    last_event: Option<(i64, String)>,
+    /// The transaction's id (`txid_current()`, read with the head's lock), to ask the server
+    /// after a broken connection whether its commit landed. Not the `seq`s it wrote: once it
+    /// rolled back, another replica writes from the same head and may put the same messageIds
+    /// (a client's retry) at the same `seq`s.
+    xid: Option<i64>,
+    /// Whether an ingest accepted an event (so that a broken COMMIT must be looked into).
+    accepted: bool,
     /// The recent messageIds as of this transaction's writes (the store's, taken by the first
     /// ingest; given back by the commit, or as they were before it when it is dropped).
     recent: Option<RecentIds>,
@@ -198,6 +203,8 @@ pub struct PostgresWrite<'a> {
 struct PgTx<'a> {
     /// The connection, as the dedupe index is reached through it.
     client: Pg<'a, Client>,
+    /// The transaction's id, once the head is locked.
+    xid: &'a mut Option<i64>,
     /// The store's recent messageIds as of its last commit.
     committed: &'a mut Option<RecentIds>,
     /// The recent messageIds as of this transaction's writes.
@@ -222,6 +229,7 @@ impl PostgresWrite<'_> {
         let store = &mut *self.store;
         let mut tx = PgTx {
             client: Pg(&mut store.client),
+            xid: &mut self.xid,
             committed: &mut store.dedupe.committed,
             recent: &mut self.recent,
             tuning: store.dedupe.tuning,
@@ -229,17 +237,16 @@ impl PostgresWrite<'_> {
         let result = ingest_in_tx(&mut tx, &mut store.resolver, events, |t, since| {
             load_state(&mut *t.client.0, since)
         });
-        let (summary, last) = result.inspect_err(|_| self.failed = true)?;
+        let summary = result.inspect_err(|_| self.failed = true)?;
         self.head = Some(summary.head);
-        if last.is_some() {
-            self.last_event = last;
-        }
+        self.accepted |= summary.accepted > 0;
         Ok(summary)
     }
 
     /// Commits what was ingested. When the connection breaks during COMMIT — which the server
-    /// may or may not have applied — this looks on a new connection: `Ok` when the transaction
-    /// landed, the error when it did not (or that could not be told).
+    /// may or may not have applied — this asks on a new connection (which then replaces the
+    /// broken one) whether the transaction committed: `Ok` when it did, the error when it did
+    /// not (or that could not be told).
     ///
     /// After a failed ingest it rolls back instead and says so ([`StoreError::FailedWrite`]):
     /// PostgreSQL would turn that `COMMIT` into a silent rollback.
@@ -258,11 +265,18 @@ impl PostgresWrite<'_> {
         }
         // Answering "nothing stored" when it was would make a client's retry store the events
         // twice (those whose messageId the engine generated).
-        let Some((seq, message_id)) = self.last_event.take() else {
-            // Nothing was accepted: whichever way it went, nothing new is stored.
+        if !self.accepted {
+            // Nothing was accepted: whichever way it went, nothing new is stored. The broken
+            // connection is replaced all the same (else the next write fails on it).
+            if let Err(reconnect) = self.store.reconnect() {
+                tracing::warn!(error = %reconnect, "could not reconnect after a broken COMMIT");
+            }
             return Ok(());
+        }
+        let Some(xid) = self.xid else {
+            return Err(e.into());
         };
-        match self.store.landed(seq, &message_id) {
+        match self.store.landed(xid) {
             Ok(Some(true)) => {
                 self.committed();
                 Ok(())
@@ -361,11 +375,12 @@ impl WriteTx for PgTx<'_> {
     fn lock_head(&mut self) -> Result<i64, StoreError> {
         // The row lock is held until commit: the next writer waits here, so seqs are committed
         // in order and a feed reader never skips one that commits late.
-        Ok(self
-            .client
-            .0
-            .query_one("SELECT head FROM seq_counter WHERE id = 1 FOR UPDATE", &[])?
-            .get(0))
+        let row = self.client.0.query_one(
+            "SELECT head, txid_current() FROM seq_counter WHERE id = 1 FOR UPDATE",
+            &[],
+        )?;
+        *self.xid = Some(row.get(1));
+        Ok(row.get(0))
     }
 
     fn dedupe(&mut self, head: i64) -> Result<(&mut RecentIds, &mut dyn IndexTx), StoreError> {
@@ -801,11 +816,12 @@ fn collate_keys_bytewise(tx: &mut postgres::Transaction<'_>) -> Result<(), Store
 }
 
 impl PostgresStore {
-    /// Whether the event `message_id` is stored at `seq`, on a new connection that then
+    /// Whether transaction `xid` committed (`txid_status`), asked on a new connection that then
     /// replaces the broken one. The server process of the broken connection may still be
     /// committing: it is ended first (waiting up to 10 s; a commit in progress completes, an open
-    /// transaction rolls back), so the answer is final; `None` when that could not be ensured.
-    fn landed(&mut self, seq: i64, message_id: &str) -> Result<Option<bool>, StoreError> {
+    /// transaction rolls back), so the answer is final; `None` when that could not be ensured,
+    /// or when the server no longer knows the transaction.
+    fn landed(&mut self, xid: i64) -> Result<Option<bool>, StoreError> {
         let mut client = connect(&self.url)?;
         let old = self.backend_pid;
         client.execute("SELECT pg_terminate_backend($1, 10000)", &[&old])?;
@@ -815,12 +831,26 @@ impl PostgresStore {
         if alive {
             return Ok(None);
         }
-        let row = client.query_opt("SELECT message_id FROM events WHERE seq = $1", &[&seq])?;
+        let status: Option<String> = client.query_one("SELECT txid_status($1)", &[&xid])?.get(0);
+        self.use_client(client)?;
+        Ok(match status.as_deref() {
+            Some("committed") => Some(true),
+            Some("aborted") => Some(false),
+            _ => None,
+        })
+    }
+
+    /// Replaces the connection with a new one.
+    fn reconnect(&mut self) -> Result<(), StoreError> {
+        let client = connect(&self.url)?;
+        self.use_client(client)
+    }
+
+    /// Makes `client` the store's connection.
+    fn use_client(&mut self, mut client: Client) -> Result<(), StoreError> {
         self.backend_pid = client.query_one("SELECT pg_backend_pid()", &[])?.get(0);
         self.client = client;
-        Ok(Some(
-            row.is_some_and(|r| r.get::<_, String>(0) == message_id),
-        ))
+        Ok(())
     }
 }
 

@@ -332,7 +332,7 @@ impl SqliteWrite<'_> {
         let result = ingest_in_tx(&mut self.tx, self.resolver, events, |t, since| {
             load_state(&t.tx, since)
         });
-        let (summary, _) = result.inspect_err(|_| self.failed = true)?;
+        let summary = result.inspect_err(|_| self.failed = true)?;
         self.head = Some(summary.head);
         Ok(summary)
     }
