@@ -7,7 +7,9 @@ use std::collections::HashSet;
 
 use profiles_sync::event::{Event, ParseOptions, Timestamp};
 use profiles_sync::identity::Rules;
-use profiles_sync::store::{self, EventFilter, Feed, FeedRow, StateTable, Store, StoreError};
+use profiles_sync::store::{
+    self, EventFilter, Feed, FeedRow, IngestSummary, StateTable, Store, StoreError,
+};
 use serde_json::{Value, json};
 
 /// A fresh store of the given kind, and its URL (to open a second handle on it).
@@ -1584,6 +1586,31 @@ fn stored_events(client: &mut ::postgres::Client) -> Vec<(i64, String, String)> 
         .collect()
 }
 
+/// Two replicas of database `db` (one event stored first): A ingests `a_events`, whose COMMIT
+/// is cut before it reaches the server; B, which waits for the head until the server has rolled
+/// A back, then ingests `b_events`; only then can A look at the server. A and its answer.
+fn cut_while_another_replica_writes(
+    db: &str,
+    a_events: Vec<Event>,
+    b_events: Vec<Event>,
+) -> (Box<dyn Store>, Result<IngestSummary, StoreError>) {
+    let pg = support::pg::shared();
+    let cutter = CommitCutter::start(pg.port());
+    let mut a = store::open(&cutter.url(pg, db), Rules::default()).unwrap();
+    let mut b = store::open(&pg.url(db), Rules::default()).unwrap();
+    a.ingest(vec![page("init", "a0")]).unwrap();
+    b.warm_up().unwrap();
+    cutter.arm_and_hold();
+    let replica_a = std::thread::spawn(move || {
+        let r = a.ingest(a_events);
+        (a, r)
+    });
+    cutter.wait_for_cut();
+    b.ingest(b_events).unwrap();
+    cutter.release();
+    replica_a.join().unwrap()
+}
+
 /// Replica A's COMMIT never reaches the server, which rolls A back and frees the head lock.
 /// Replica B, waiting on that lock, commits a group of its own — another client's page and the
 /// retry of A's second request (balanced to B) — which puts that messageId at the very `seq` A
@@ -1594,21 +1621,11 @@ fn stored_events(client: &mut ::postgres::Client) -> Vec<(i64, String, String)> 
 fn postgres_an_unknown_commit_is_not_taken_for_another_replica_s_at_the_same_seqs() {
     let pg = support::pg::shared();
     let db = pg.create_database("cut_reused_seq");
-    let cutter = CommitCutter::start(pg.port());
-    let mut a = store::open(&cutter.url(pg, &db), Rules::default()).unwrap();
-    let mut b = store::open(&pg.url(&db), Rules::default()).unwrap();
-    a.ingest(vec![page("init", "a0")]).unwrap();
-    b.warm_up().unwrap();
-    cutter.arm_and_hold();
-    let replica_a = std::thread::spawn(move || {
-        let r = a.ingest(vec![page("r1", "a1"), page("m", "a2")]);
-        (a, r)
-    });
-    cutter.wait_for_cut();
-    // B waits for the head until the server has rolled A back.
-    b.ingest(vec![page("x", "b1"), page("m", "a2")]).unwrap();
-    cutter.release();
-    let (mut a, result) = replica_a.join().unwrap();
+    let (mut a, result) = cut_while_another_replica_writes(
+        &db,
+        vec![page("r1", "a1"), page("m", "a2")],
+        vec![page("x", "b1"), page("m", "a2")],
+    );
     let ids = |client: &mut ::postgres::Client| -> Vec<String> {
         stored_events(client)
             .into_iter()
@@ -1638,20 +1655,8 @@ fn postgres_an_unknown_commit_is_not_taken_for_another_replica_s_at_the_same_seq
 fn postgres_a_graph_follows_the_store_when_another_replica_committed_at_its_seqs() {
     let pg = support::pg::shared();
     let db = pg.create_database("cut_diverge");
-    let cutter = CommitCutter::start(pg.port());
-    let mut a = store::open(&cutter.url(pg, &db), Rules::default()).unwrap();
-    let mut b = store::open(&pg.url(&db), Rules::default()).unwrap();
-    a.ingest(vec![page("init", "a0")]).unwrap();
-    b.warm_up().unwrap();
-    cutter.arm_and_hold();
-    let replica_a = std::thread::spawn(move || {
-        let r = a.ingest(vec![page("m", "a2")]);
-        (a, r)
-    });
-    cutter.wait_for_cut();
-    b.ingest(vec![page("m", "a2")]).unwrap();
-    cutter.release();
-    let (mut a, _answer) = replica_a.join().unwrap();
+    let (mut a, _answer) =
+        cut_while_another_replica_writes(&db, vec![page("m", "a2")], vec![page("m", "a2")]);
     a.ingest(vec![page("m2", "a2")]).unwrap();
     let events = stored_events(&mut pg.connect(&db));
     let segment = |id: &str| events.iter().find(|e| e.1 == id).unwrap().2.clone();

@@ -449,20 +449,16 @@ fn restore_repairs_inconsistent_state() {
         traits: Default::default(),
         trait_times: Default::default(),
     };
-    let ident = |v: &str, s: &str| IdentifierState {
-        id_type: "anonymous_id".into(),
-        value: v.into(),
-        segment_id: s.into(),
-        first_seen: at(NOW),
-        last_seen: at(NOW),
-    };
     g.restore(
         vec![
             profile("use_x", "use_y", 0),
             profile("use_y", "use_x", 1),
             profile("use_z", "use_missing", 2),
         ],
-        vec![ident("a1", "use_x"), ident("a2", "use_unknown")],
+        vec![
+            anonymous_state("a1", "use_x"),
+            anonymous_state("a2", "use_unknown"),
+        ],
     );
     assert_eq!(g.canonical("use_x"), Some("use_x"));
     assert_eq!(g.canonical("use_z"), Some("use_z"));
@@ -504,6 +500,17 @@ fn apply_refuses_an_identifier_of_an_unknown_profile() {
 
 fn anonymous_ext(v: &str) -> Value {
     json!({"id": v, "type": "anonymous_id", "collection": "users", "encoding": "none"})
+}
+
+/// The stored state of anonymous id `value`, of profile `segment_id`.
+fn anonymous_state(value: &str, segment_id: &str) -> IdentifierState {
+    IdentifierState {
+        id_type: "anonymous_id".into(),
+        value: value.into(),
+        segment_id: segment_id.into(),
+        first_seen: at(NOW),
+        last_seen: at(NOW),
+    }
 }
 
 fn identify_at(anonymous_id: &str, ts: &str, plan: &str) -> Value {
@@ -618,18 +625,11 @@ fn trait_times_of_an_earlier_release_are_older_than_any_write_since() {
         traits: json!({"plan": plan}).as_object().unwrap().clone(),
         trait_times: json!({"plan": ts}).as_object().unwrap().clone(),
     };
-    let ident = |v: &str, s: &str| IdentifierState {
-        id_type: "anonymous_id".into(),
-        value: v.into(),
-        segment_id: s.into(),
-        first_seen: at(NOW),
-        last_seen: at(NOW),
-    };
     let plan = |g: &IdentityGraph, p: &str| g.traits(p).expect("profile").get("plan").cloned();
     let mut g = IdentityGraph::new(Rules::default());
     g.restore(
         vec![profile("use_a", 0, "free"), profile("use_b", 1, "basic")],
-        vec![ident("a", "use_a"), ident("b", "use_b")],
+        vec![anonymous_state("a", "use_a"), anonymous_state("b", "use_b")],
     );
     resolve(&mut g, identify_at("a", ts, "pro"));
     assert_eq!(
@@ -655,7 +655,7 @@ fn trait_times_of_an_earlier_release_are_older_than_any_write_since() {
     let mut restored = IdentityGraph::new(Rules::default());
     restored.restore(
         delta.profiles,
-        vec![ident("a", "use_a"), ident("b", "use_a")],
+        vec![anonymous_state("a", "use_a"), anonymous_state("b", "use_a")],
     );
     resolve(&mut restored, identify_at("b", ts, "team"));
     assert_eq!(plan(&restored, "use_a"), Some(json!("team")));
