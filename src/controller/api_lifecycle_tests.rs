@@ -15,7 +15,7 @@ use super::*;
 use crate::crd::{ErrorClass, SyncRows, SyncStatus};
 use crate::sync::SyncReport;
 
-fn finished_job(conn: &WarehouseConnection, name: &str, slot: &str, complete: bool) -> Job {
+pub(super) fn finished_job(conn: &WarehouseConnection, name: &str, slot: &str, complete: bool) -> Job {
     let mut job = Job {
         metadata: ObjectMeta {
             name: Some(name.into()),
@@ -44,7 +44,7 @@ fn finished_job(conn: &WarehouseConnection, name: &str, slot: &str, complete: bo
     job
 }
 
-fn pod_with_report(job: &str, message: &str) -> Pod {
+pub(super) fn pod_with_report(job: &str, message: &str) -> Pod {
     Pod {
         metadata: ObjectMeta {
             name: Some(format!("{job}-x1")),
@@ -72,7 +72,7 @@ fn pod_with_report(job: &str, message: &str) -> Pod {
 }
 
 /// The report of sync `analytics-29013660`, started at `start`: 7 rows into `tracks`.
-fn tracks_report(start: Timestamp) -> SyncReport {
+pub(super) fn tracks_report(start: Timestamp) -> SyncReport {
     let mut report = SyncReport::failed(
         "analytics-29013660",
         start,

@@ -449,3 +449,5 @@ mod api_lifecycle_tests;
 mod api_retention_tests;
 #[cfg(test)]
 mod api_tests;
+#[cfg(test)]
+mod review_d_tests;
