@@ -82,3 +82,80 @@ async fn review_d_a_failed_selection_status_write_loses_the_sync_for_the_selecti
          metrics (sync_runs_total Success 1 missing)"
     );
 }
+
+/// Two connections of a namespace deleted together (`kubectl delete whc --all`, a namespace's
+/// GitOps app removed) are cleaned up by two concurrent reconciles. Each lists the namespace's
+/// connections before either has dropped its finalizer, so each sees the other "still cleaning
+/// up" and keeps the engine token Secret for it; then both finalizers go, and the Secret, a live
+/// credential of the engine's feed API, stays behind with no connection left to remove it —
+/// contrary to the README ("deleting your connections before uninstalling leaves no engine
+/// credential behind"). The interceptor only makes the two lists meet, as they do when both
+/// reconciles run at once (the engine call of each, up to 10 s, lies between its list and its
+/// finalizer patch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_d_two_connections_deleted_together_leave_the_engine_token_secret_behind() {
+    use k8s_openapi::api::core::v1::Secret;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use std::sync::{Condvar, Mutex};
+
+    let dir = tempfile::tempdir().unwrap();
+    let deleting = |name: &str| {
+        let mut conn = connection(dir.path(), name);
+        conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+        conn.metadata.deletion_timestamp = Some(Time("2025-03-01T10:00:00Z".parse().unwrap()));
+        conn
+    };
+    // The namespace's connections are listed (no label selector) by each cleanup: the two
+    // lists wait for each other (at most 3 s), as two reconciles running at once do.
+    let meet = Arc::new((Mutex::new(0usize), Condvar::new()));
+    let m = meet.clone();
+    let funcs = interceptor::Funcs::new().list(move |cx| {
+        if cx.params.label_selector.is_none() {
+            let (count, cv) = &*m;
+            let mut n = count.lock().unwrap();
+            *n += 1;
+            cv.notify_all();
+            let _ = cv
+                .wait_timeout_while(n, Duration::from_secs(3), |n| *n < 2)
+                .unwrap();
+        }
+        Ok(None)
+    });
+    let client = builder()
+        .with_object(deleting("a"))
+        .with_object(deleting("b"))
+        .with_object(build::engine_token_secret(super::api_tests::NS, "t0ken"))
+        .with_interceptor_funcs(funcs)
+        .build()
+        .await
+        .unwrap();
+    let f = fixture(dir, client, "2025-03-01T10:00:05Z").await;
+    let api: Api<DynamicObject> = Api::namespaced_with(
+        f.ctx.client.clone(),
+        super::api_tests::NS,
+        &connection_resource(),
+    );
+    let (a, b) = (api.get("a").await.unwrap(), api.get("b").await.unwrap());
+    let (ca, cb) = (f.ctx.clone(), f.ctx.clone());
+    let ta = tokio::spawn(async move { reconcile::reconcile(Arc::new(a), ca).await });
+    let tb = tokio::spawn(async move { reconcile::reconcile(Arc::new(b), cb).await });
+    ta.await.unwrap().unwrap();
+    tb.await.unwrap().unwrap();
+
+    let left: Vec<String> = f
+        .list::<WarehouseConnection>()
+        .await
+        .into_iter()
+        .filter_map(|c| c.metadata.name)
+        .collect();
+    assert!(left.is_empty(), "both connections are gone: {left:?}");
+    let secret = f
+        .api::<Secret>()
+        .get_opt(build::ENGINE_TOKEN_SECRET)
+        .await
+        .unwrap();
+    assert!(
+        secret.is_none(),
+        "no connection is left in the namespace, yet the engine token Secret is"
+    );
+}
