@@ -159,3 +159,75 @@ async fn review_d_two_connections_deleted_together_leave_the_engine_token_secret
         "no connection is left in the namespace, yet the engine token Secret is"
     );
 }
+
+/// A `sync-now` request whose Job the API refuses (a ResourceQuota, an admission webhook, the
+/// engine token unreadable) is acknowledged all the same: the annotation is removed in the
+/// reconcile that failed to start the Job, so the retry has no request left and the manual sync
+/// never runs. The README says the annotation is removed "when the Job exists"; the user sees
+/// the annotation gone, one `SyncNotStarted` Event, and no sync.
+#[tokio::test]
+async fn review_d_a_sync_now_whose_job_is_refused_is_not_acknowledged() {
+    use k8s_openapi::api::batch::v1::Job;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut conn = connection(dir.path(), "analytics");
+    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    conn.metadata.annotations = Some(
+        [(
+            build::ANNOTATION_SYNC_NOW.to_string(),
+            "req-1".to_string(),
+        )]
+        .into(),
+    );
+    // It synced at 10:00 (its Jobs pruned since): nothing is due before 11:00.
+    conn.status = Some(crate::crd::WarehouseConnectionStatus {
+        last_sync_time: Some(Time("2025-03-01T10:00:05Z".parse().unwrap())),
+        ..Default::default()
+    });
+    let refuse = Arc::new(AtomicBool::new(true));
+    let r = refuse.clone();
+    let funcs = interceptor::Funcs::new().create(move |cx| {
+        if cx.object["kind"] == "Job" && r.load(Ordering::SeqCst) {
+            return Err(kube_fake_client::Error::InvalidRequest(
+                "exceeded quota: jobs, requested: count/jobs.batch=1".into(),
+            ));
+        }
+        Ok(None)
+    });
+    let client = builder()
+        .with_object(conn)
+        .with_interceptor_funcs(funcs)
+        .build()
+        .await
+        .unwrap();
+    let f = fixture(dir, client, "2025-03-01T10:17:30Z").await;
+    assert!(f.reconcile("analytics").await.is_err(), "the Job is refused");
+    // The quota frees up; the runtime retries.
+    refuse.store(false, Ordering::SeqCst);
+    f.reconcile("analytics").await.unwrap();
+    let manual: Vec<String> = f
+        .list::<Job>()
+        .await
+        .into_iter()
+        .filter(|j| {
+            j.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(build::ANNOTATION_SYNC_NOW))
+                .is_some_and(|v| v == "req-1")
+        })
+        .filter_map(|j| j.metadata.name)
+        .collect();
+    let annotation = f
+        .connection("analytics")
+        .await
+        .metadata
+        .annotations
+        .and_then(|a| a.get(build::ANNOTATION_SYNC_NOW).cloned());
+    assert_eq!(
+        manual.len(),
+        1,
+        "the manual sync never runs once its first Job was refused (annotation now {annotation:?})"
+    );
+}
