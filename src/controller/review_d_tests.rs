@@ -17,8 +17,7 @@ use super::*;
 /// after a selection change) until the next sync, and the sync's Event and metrics
 /// (`SyncSucceeded`, `sync_runs_total`, `rows_synced_total`) are never emitted at all.
 #[tokio::test]
-async fn review_d_a_failed_selection_status_write_loses_the_sync_for_the_selection_and_its_event()
-{
+async fn review_d_a_failed_selection_status_write_loses_the_sync_for_the_selection_and_its_event() {
     let dir = tempfile::tempdir().unwrap();
     let mut conn = connection(dir.path(), "analytics");
     conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
@@ -65,7 +64,11 @@ async fn review_d_a_failed_selection_status_write_loses_the_sync_for_the_selecti
         .unwrap()
         .status
         .unwrap();
-    let rows: Vec<(String, i64)> = sel.tables.iter().map(|t| (t.name.clone(), t.rows)).collect();
+    let rows: Vec<(String, i64)> = sel
+        .tables
+        .iter()
+        .map(|t| (t.name.clone(), t.rows))
+        .collect();
     let events: Vec<String> = f
         .list::<K8sEvent>()
         .await
@@ -173,13 +176,8 @@ async fn review_d_a_sync_now_whose_job_is_refused_is_not_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let mut conn = connection(dir.path(), "analytics");
     conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
-    conn.metadata.annotations = Some(
-        [(
-            build::ANNOTATION_SYNC_NOW.to_string(),
-            "req-1".to_string(),
-        )]
-        .into(),
-    );
+    conn.metadata.annotations =
+        Some([(build::ANNOTATION_SYNC_NOW.to_string(), "req-1".to_string())].into());
     // It synced at 10:00 (its Jobs pruned since): nothing is due before 11:00.
     conn.status = Some(crate::crd::WarehouseConnectionStatus {
         last_sync_time: Some(Time("2025-03-01T10:00:05Z".parse().unwrap())),
@@ -202,7 +200,10 @@ async fn review_d_a_sync_now_whose_job_is_refused_is_not_acknowledged() {
         .await
         .unwrap();
     let f = fixture(dir, client, "2025-03-01T10:17:30Z").await;
-    assert!(f.reconcile("analytics").await.is_err(), "the Job is refused");
+    assert!(
+        f.reconcile("analytics").await.is_err(),
+        "the Job is refused"
+    );
     // The quota frees up; the runtime retries.
     refuse.store(false, Ordering::SeqCst);
     f.reconcile("analytics").await.unwrap();
@@ -229,5 +230,101 @@ async fn review_d_a_sync_now_whose_job_is_refused_is_not_acknowledged() {
         manual.len(),
         1,
         "the manual sync never runs once its first Job was refused (annotation now {annotation:?})"
+    );
+}
+
+/// A failed Job outlives the history limit for good once its record has left `status.syncs`.
+/// The newest failed Job is kept (history: 1 failed) while ten newer syncs push its record out
+/// of the ten-record history; when the next sync fails, the older failed Job is beyond the
+/// limit but no longer "folded" (pruning takes only Jobs whose record is in `status.syncs`), so
+/// it is never deleted: after one failure, ten good hours and another failure, a Job, its pod
+/// and its ConfigMap stay until the connection is deleted (one more per such episode), and
+/// every reconcile lists its pods again and re-reads its report, only to drop it.
+#[tokio::test]
+async fn review_d_a_failed_job_whose_record_left_the_history_is_never_pruned() {
+    use crate::crd::{SyncRecord, SyncRows, SyncStatus, WarehouseConnectionStatus};
+    use k8s_openapi::api::batch::v1::{Job, JobStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut conn = connection(dir.path(), "analytics");
+    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    let at = |h: u32| -> Timestamp { format!("2025-03-01T{h:02}:00:00Z").parse().unwrap() };
+    let name = |h: u32| plan::job_name("analytics", at(h), None);
+    let record = |h: u32, status: SyncStatus| SyncRecord {
+        id: name(h),
+        status,
+        start_time: Time(at(h)),
+        duration_seconds: 10.0,
+        rows: SyncRows::default(),
+        tables: vec![],
+        errors: vec![],
+        job_name: Some(name(h)),
+    };
+    // 01:00 failed, then 02:00..10:00 succeeded: ten records, newest first. Of the Jobs, the
+    // history limits kept the failed one and the three newest succeeded ones; 11:00 has
+    // succeeded and is not folded yet; 12:00 is running.
+    let mut syncs: Vec<SyncRecord> = (2..=10)
+        .rev()
+        .map(|h| record(h, SyncStatus::Success))
+        .collect();
+    syncs.push(record(1, SyncStatus::Failed));
+    conn.status = Some(WarehouseConnectionStatus {
+        last_sync_time: Some(Time(at(12))),
+        syncs,
+        ..Default::default()
+    });
+    let conn_for_jobs = conn.clone();
+    let job = |h: u32, complete: bool| {
+        finished_job(&conn_for_jobs, &name(h), &at(h).to_string(), complete)
+    };
+    let mut running = job(12, false);
+    running.status = Some(JobStatus {
+        active: Some(1),
+        start_time: Some(Time(at(12))),
+        ..JobStatus::default()
+    });
+    let client = builder()
+        .with_object(conn)
+        .with_object(job(1, false))
+        .with_object(job(8, true))
+        .with_object(job(9, true))
+        .with_object(job(10, true))
+        .with_object(job(11, true))
+        .with_object(running)
+        .build()
+        .await
+        .unwrap();
+    let f = fixture(dir, client, "2025-03-01T12:30:00Z").await;
+    // 11:00 is folded: the 01:00 record leaves the ten-record history; its Job stays, being
+    // the newest failed one.
+    f.reconcile("analytics").await.unwrap();
+    let s = f.connection("analytics").await.status.unwrap();
+    assert!(!s.syncs.iter().any(|r| r.job_name == Some(name(1))));
+    // 12:00 fails (no pod left: its record says so), and is folded.
+    let jobs: Api<Job> = f.api();
+    let failed = job(12, false);
+    let mut current = jobs.get(&name(12)).await.unwrap();
+    current.status = failed.status;
+    jobs.replace_status(&name(12), &Default::default(), &current)
+        .await
+        .unwrap();
+    f.reconcile("analytics").await.unwrap();
+    f.reconcile("analytics").await.unwrap();
+    f.reconcile("analytics").await.unwrap();
+    let mut left: Vec<String> = f
+        .list::<Job>()
+        .await
+        .into_iter()
+        .filter_map(|j| j.metadata.name)
+        .collect();
+    left.sort();
+    let mut want = vec![name(10), name(11), name(12), name(9)];
+    want.sort();
+    assert_eq!(
+        left,
+        want,
+        "history limits: 3 succeeded and 1 failed Job (the 01:00 failure is left forever: {})",
+        name(1)
     );
 }
