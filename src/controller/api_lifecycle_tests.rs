@@ -15,7 +15,12 @@ use super::*;
 use crate::crd::{ErrorClass, SyncRows, SyncStatus};
 use crate::sync::SyncReport;
 
-pub(super) fn finished_job(conn: &WarehouseConnection, name: &str, slot: &str, complete: bool) -> Job {
+pub(super) fn finished_job(
+    conn: &WarehouseConnection,
+    name: &str,
+    slot: &str,
+    complete: bool,
+) -> Job {
     let mut job = Job {
         metadata: ObjectMeta {
             name: Some(name.into()),

@@ -446,6 +446,13 @@ pub(super) async fn cleanup(conn: &WarehouseConnection, ctx: &Context) -> Result
                 Err(kube::Error::Api(s)) if s.is_not_found() => {}
                 Err(e) => return Err(e.into()),
             }
+            // Looked at again now that this connection's finalizer is gone: connections deleted
+            // together each saw the others still cleaning up above, and kept the Secret. Of
+            // them, the last to drop its finalizer sees none left here. Nothing retries this
+            // (the connection is gone), so a failure is logged.
+            if let Err(e) = remove_token_secret_after_last(ctx, conn, &ns).await {
+                tracing::warn!(error = %e, secret = build::ENGINE_TOKEN_SECRET, "could not delete the namespace's engine token Secret after its last connection");
+            }
             ctx.metrics.forget(&ns, &conn.name_any());
             let uid = conn.uid().unwrap_or_default();
             ctx.with_memory(|m| {

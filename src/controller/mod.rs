@@ -444,10 +444,10 @@ pub async fn run(
 }
 
 #[cfg(test)]
+mod api_failure_tests;
+#[cfg(test)]
 mod api_lifecycle_tests;
 #[cfg(test)]
 mod api_retention_tests;
 #[cfg(test)]
 mod api_tests;
-#[cfg(test)]
-mod review_d_tests;

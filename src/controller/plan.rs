@@ -302,7 +302,8 @@ pub struct PlanInput<'a> {
     pub selection_valid: bool,
     /// The connection's sync Jobs.
     pub jobs: &'a [JobView],
-    /// Names of the Jobs already folded into `status.syncs` (persisted).
+    /// Names of the finished Jobs whose result the status needs no more: folded into
+    /// `status.syncs` (persisted), or left out of it as older than every record it keeps.
     pub folded: &'a [String],
     /// Whether any sync was ever recorded (`status.syncs` non-empty or `lastSyncTime` set).
     pub ever_synced: bool,
@@ -475,7 +476,8 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
 }
 
 /// Finished Jobs beyond the history limits (3 succeeded, 1 failed), newest kept. Only Jobs whose
-/// result is already in the persisted `status.syncs` are pruned, so no report is lost.
+/// result the status is done with (`folded`: in the persisted `status.syncs`, or too old for
+/// it) are pruned, so no report is lost.
 pub fn prune(jobs: &[JobView], folded: &[String]) -> Vec<String> {
     let mut out = vec![];
     for (phase, keep) in [

@@ -177,6 +177,19 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
     let newest_report = newest
         .and_then(|s| new_records.iter().find(|r| r.0.job_name == s.job_name))
         .and_then(|r| r.1.as_ref().map(|rep| (rep, r.2)));
+    // Jobs the history is done with: those it records, and those whose record it left out, as
+    // older than the ten it keeps (a record pushed out by newer ones leaves its Job unrecorded;
+    // read again here, it is left out again). The history limits may prune either.
+    let done: Vec<String> = recorded
+        .iter()
+        .cloned()
+        .chain(
+            new_records
+                .iter()
+                .filter(|r| !added.iter().any(|a| a.job_name == r.0.job_name))
+                .filter_map(|r| r.0.job_name.clone()),
+        )
+        .collect();
 
     // Plan.
     let views: Vec<plan::JobView> = jobs
@@ -203,7 +216,7 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
             verified,
             selection_valid: selection_problem.is_none(),
             jobs: &views,
-            folded: &recorded,
+            folded: &done,
             ever_synced: !syncs.is_empty() || previous.last_sync_time.is_some(),
             last_sync_time: previous.last_sync_time.as_ref().map(|t| t.0),
             sync_now,
@@ -287,8 +300,11 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
             delete_job(ctx, &ns, job).await?;
         }
     }
-    // One patch for both annotations: the first removal changes the resourceVersion.
-    let ack_sync_now = the_plan.as_ref().is_some_and(|p| p.ack_sync_now) && sync_now.is_some();
+    // One patch for both annotations: the first removal changes the resourceVersion. A request
+    // whose Job could not be created stays, for the retry to start it.
+    let ack_sync_now = the_plan.as_ref().is_some_and(|p| p.ack_sync_now)
+        && sync_now.is_some()
+        && start_failure.is_none();
     let mut answered: Vec<&str> = vec![];
     if ack_sync_now {
         answered.push(ANNOTATION_SYNC_NOW);
@@ -321,6 +337,11 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
     let start_failed = start_failure
         .as_ref()
         .map(|(job, e)| format!("sync Job {job} could not be created: {e}"));
+    // The SelectiveSyncs first: the connection's status records the Jobs folded, which no
+    // later reconcile reads again — were its write first and theirs to fail, the sync would be
+    // lost to them (and to the Events and metrics below, which a failed reconcile never
+    // reaches). Written again with the same report by the retry, they end the same.
+    write_selection_statuses(ctx, conn, &selections, newest_report, now, &mut notes).await?;
     let written = write_connection_status(ctx, latest.as_ref().unwrap_or(conn), |prev| {
         let (syncs, _) = status::fold(&prev.syncs, added.clone());
         status::connection_status(&ConnectionFacts {
@@ -342,7 +363,6 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
         })
     })
     .await?;
-    write_selection_statuses(ctx, conn, &selections, newest_report, now, &mut notes).await?;
 
     // Events and metrics, once the status holds what they announce, and only for what the
     // status on the server did not hold already (this reconcile may have started from a copy

@@ -1,4 +1,6 @@
-//! Review D: failing tests for the controller (each names the bug it demonstrates).
+//! The controller against API failures, refusals and races: what a failed status write, a
+//! refused Job, connections deleted together and a history outgrown by its Jobs leave behind
+//! (each found by a review, failing before its fix).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,14 +12,13 @@ use super::api_lifecycle_tests::{finished_job, pod_with_report, tracks_report};
 use super::api_tests::{builder, connection, fixture, selective_sync};
 use super::*;
 
-/// A sync's report is folded into the connection's status, then the SelectiveSync's status
-/// write fails once (an API timeout, a 500, the controller restarting between the two writes).
-/// The retry finds the Job already in `status.syncs` and never reads its report again: the
-/// SelectiveSync keeps showing the previous sync's rows per table (and `Ready=False Pending`
-/// after a selection change) until the next sync, and the sync's Event and metrics
-/// (`SyncSucceeded`, `sync_runs_total`, `rows_synced_total`) are never emitted at all.
+/// A SelectiveSync's status write fails once (an API timeout, a 500): the retry still gives the
+/// sync to the SelectiveSync (its rows per table), the Events and the metrics. The connection's
+/// status, which records the Jobs folded, used to be written first: the retry found the Job in
+/// `status.syncs` and never read its report again, so the SelectiveSync kept the previous
+/// sync's rows and no `SyncSucceeded` Event or `sync_runs_total` count ever came.
 #[tokio::test]
-async fn review_d_a_failed_selection_status_write_loses_the_sync_for_the_selection_and_its_event() {
+async fn a_failed_selection_status_write_loses_nothing_of_the_sync() {
     let dir = tempfile::tempdir().unwrap();
     let mut conn = connection(dir.path(), "analytics");
     conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
@@ -87,16 +88,13 @@ async fn review_d_a_failed_selection_status_write_loses_the_sync_for_the_selecti
 }
 
 /// Two connections of a namespace deleted together (`kubectl delete whc --all`, a namespace's
-/// GitOps app removed) are cleaned up by two concurrent reconciles. Each lists the namespace's
-/// connections before either has dropped its finalizer, so each sees the other "still cleaning
-/// up" and keeps the engine token Secret for it; then both finalizers go, and the Secret, a live
-/// credential of the engine's feed API, stays behind with no connection left to remove it —
-/// contrary to the README ("deleting your connections before uninstalling leaves no engine
-/// credential behind"). The interceptor only makes the two lists meet, as they do when both
-/// reconciles run at once (the engine call of each, up to 10 s, lies between its list and its
-/// finalizer patch).
+/// GitOps app removed) are cleaned up by two concurrent reconciles, whose first lists of the
+/// namespace's connections meet (the interceptor makes them; the engine call of each, up to
+/// 10 s, lies between its list and its finalizer patch): each sees the other still cleaning up
+/// and keeps the engine token Secret for it. The last to drop its finalizer then deletes it; the
+/// Secret, a live credential of the engine's feed API, used to stay behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn review_d_two_connections_deleted_together_leave_the_engine_token_secret_behind() {
+async fn two_connections_deleted_together_leave_no_engine_token_secret() {
     use k8s_openapi::api::core::v1::Secret;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use std::sync::{Condvar, Mutex};
@@ -164,12 +162,11 @@ async fn review_d_two_connections_deleted_together_leave_the_engine_token_secret
 }
 
 /// A `sync-now` request whose Job the API refuses (a ResourceQuota, an admission webhook, the
-/// engine token unreadable) is acknowledged all the same: the annotation is removed in the
-/// reconcile that failed to start the Job, so the retry has no request left and the manual sync
-/// never runs. The README says the annotation is removed "when the Job exists"; the user sees
-/// the annotation gone, one `SyncNotStarted` Event, and no sync.
+/// engine token unreadable) keeps its annotation, and the retry starts the manual sync. The
+/// annotation used to be removed by the reconcile that failed to start the Job, so that no
+/// manual sync ever ran (the README says it is removed "when the Job exists").
 #[tokio::test]
-async fn review_d_a_sync_now_whose_job_is_refused_is_not_acknowledged() {
+async fn a_sync_now_whose_job_is_refused_stays_until_it_runs() {
     use k8s_openapi::api::batch::v1::Job;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
@@ -233,15 +230,12 @@ async fn review_d_a_sync_now_whose_job_is_refused_is_not_acknowledged() {
     );
 }
 
-/// A failed Job outlives the history limit for good once its record has left `status.syncs`.
 /// The newest failed Job is kept (history: 1 failed) while ten newer syncs push its record out
-/// of the ten-record history; when the next sync fails, the older failed Job is beyond the
-/// limit but no longer "folded" (pruning takes only Jobs whose record is in `status.syncs`), so
-/// it is never deleted: after one failure, ten good hours and another failure, a Job, its pod
-/// and its ConfigMap stay until the connection is deleted (one more per such episode), and
-/// every reconcile lists its pods again and re-reads its report, only to drop it.
+/// of the ten-record history; when the next sync fails, the older failed Job is beyond the limit
+/// and is pruned. Pruning took only Jobs whose record is in `status.syncs`, so such a Job (its
+/// pod, its ConfigMap) used to stay until the connection was deleted, one more per episode.
 #[tokio::test]
-async fn review_d_a_failed_job_whose_record_left_the_history_is_never_pruned() {
+async fn a_job_whose_record_left_the_history_is_pruned() {
     use crate::crd::{SyncRecord, SyncRows, SyncStatus, WarehouseConnectionStatus};
     use k8s_openapi::api::batch::v1::{Job, JobStatus};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
