@@ -153,7 +153,14 @@ async fn missing_or_unknown_write_keys_get_401_and_store_nothing() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
-    assert!(r.text().await.unwrap().contains("missing write key"));
+    let reply: Value = r.json().await.unwrap();
+    assert_eq!(reply["code"], "unauthorized", "{reply}");
+    assert!(
+        reply["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("missing write key")),
+        "{reply}"
+    );
     let r = client()
         .post(format!("{}/v1/track", t.base))
         .basic_auth("wrong", Some(""))
@@ -208,6 +215,10 @@ async fn bad_input_gets_400_naming_the_field_and_stores_nothing() {
             reply["error"].as_str().unwrap().starts_with(field),
             "{reply}"
         );
+        // Segment's `code` and `message`, which its SDKs read (review: the Python SDK up to
+        // 2.3 resent a refused batch ten times without them).
+        assert_eq!(reply["code"], "invalid_field", "{reply}");
+        assert_eq!(reply["message"], reply["error"], "{reply}");
     }
     let r = post_malformed(&t.base).await;
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
@@ -249,6 +260,36 @@ async fn bad_input_gets_400_naming_the_field_and_stores_nothing() {
     t.engine.stop().await.unwrap();
 }
 
+/// Half of an emoji (a lone surrogate escape, as `JSON.stringify` writes a JavaScript string cut
+/// between the two halves) is valid JSON: the event is stored with U+FFFD in its place, and the
+/// rest of the batch with it. It used to refuse the whole batch as malformed JSON, which
+/// analytics.js does not retry (review).
+#[tokio::test]
+async fn a_lone_surrogate_escape_is_read_as_the_replacement_character() {
+    let t = start(8).await;
+    let body = format!(
+        r#"{{"writeKey":"{WRITE_KEY}","batch":[
+            {{"type":"page","anonymousId":"a1","messageId":"m1","name":"Home"}},
+            {{"type":"track","anonymousId":"a1","messageId":"m2","event":"Search","properties":{{"query":"caf\u00e9 \ud83d","emoji":"\ud83d\ude00"}}}}
+        ]}}"#
+    );
+    let r = client()
+        .post(format!("{}/v1/b", t.base))
+        .header("content-type", "text/plain")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let reply = r.text().await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{reply}");
+    assert_stored_exactly(&t.store_url, vec!["m1".into(), "m2".into()]);
+    let stored = stored(&t.store_url);
+    assert_eq!(stored[1].event.properties["query"], "café \u{fffd}");
+    assert_eq!(stored[1].event.properties["emoji"], "\u{1f600}");
+    t.engine.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn size_limits_name_the_limit() {
     let t = start(8).await;
@@ -263,6 +304,10 @@ async fn size_limits_name_the_limit() {
     assert!(
         reply["error"].as_str().unwrap().contains("32 KB"),
         "{reply}"
+    );
+    assert_eq!(
+        (&reply["code"], &reply["message"]),
+        (&json!("too_large"), &reply["error"])
     );
     let (status, reply) = post(
         &t.base,

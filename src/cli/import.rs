@@ -108,7 +108,9 @@ impl std::fmt::Display for LineError {
 /// The messages of one input line: a message object, or `{"batch": [...]}` (expanded as the
 /// Tracking API's batch endpoint does).
 fn messages(line: &str) -> Result<Vec<Value>, String> {
-    let mut v: Value = serde_json::from_str(line).map_err(|e| format!("malformed JSON: {e}"))?;
+    let mended = crate::event::mend_lone_surrogates(line.as_bytes());
+    let mut v: Value = serde_json::from_slice(mended.as_deref().unwrap_or(line.as_bytes()))
+        .map_err(|e| format!("malformed JSON: {e}"))?;
     let Some(obj) = v.as_object_mut() else {
         return Err("malformed JSON: expected an object".into());
     };
@@ -372,6 +374,13 @@ mod tests {
         assert_eq!(msgs[0]["sentAt"], "2024-01-01T00:00:00Z");
         assert_eq!(msgs[0]["context"]["ip"], "1.2.3.4");
         assert_eq!(msgs[1]["sentAt"], "x", "a message's own sentAt wins");
+    }
+
+    /// A lone surrogate escape (half of an emoji) reads as U+FFFD, as the Tracking API reads it.
+    #[test]
+    fn a_lone_surrogate_escape_is_imported_as_the_replacement_character() {
+        let msgs = messages(r#"{"type":"track","event":"caf\u00e9 \ud83d"}"#).unwrap();
+        assert_eq!(msgs[0]["event"], "café \u{fffd}");
     }
 
     #[test]

@@ -368,12 +368,15 @@ async fn ingest_inner(
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "request failed to commit");
             retry_later(
-                json!({"success": false, "error": "the store could not commit the events; nothing was stored, retry"}),
+                request::error_body(
+                    "unavailable",
+                    "the store could not commit the events; nothing was stored, retry",
+                ),
                 "5",
             )
         }
         Err(_) => retry_later(
-            json!({"success": false, "error": "the engine is shutting down; retry"}),
+            request::error_body("unavailable", "the engine is shutting down; retry"),
             "5",
         ),
     }
@@ -438,7 +441,10 @@ fn overloaded(state: &AppState, events: usize) -> Response {
         .with_label_values(&["overloaded"])
         .inc_by(events as u64);
     retry_later(
-        json!({"success": false, "error": "the engine is at capacity; retry after the delay in Retry-After"}),
+        request::error_body(
+            "overloaded",
+            "the engine is at capacity; retry after the delay in Retry-After",
+        ),
         "1",
     )
 }

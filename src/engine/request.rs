@@ -60,11 +60,11 @@ impl ApiError {
         }
     }
 
-    /// The JSON body sent to the client.
+    /// The JSON body sent to the client ([`error_body`], with the field and the index).
     pub fn body(&self) -> Value {
-        let mut m = Map::new();
-        m.insert("success".into(), false.into());
-        m.insert("error".into(), self.message.clone().into());
+        let Value::Object(mut m) = error_body(self.reason(), &self.message) else {
+            unreachable!("error_body makes an object")
+        };
         if let Some(f) = &self.field {
             m.insert("field".into(), f.clone().into());
         }
@@ -85,6 +85,15 @@ impl ApiError {
             _ => "invalid",
         }
     }
+}
+
+/// The body of a refused Tracking API request: `{"success": false, "code", "message",
+/// "error"}`. `code` and `message` are what Segment's API answers and its SDKs read: the Python
+/// SDK up to 2.3 builds its error from them, and without them takes a 400 for a network error
+/// and sends the batch again, up to ten times. `error` (the message again) is kept for clients
+/// of earlier releases.
+pub fn error_body(code: &str, message: &str) -> Value {
+    serde_json::json!({"success": false, "code": code, "message": message, "error": message})
 }
 
 /// Which endpoint a request came to.
@@ -411,7 +420,8 @@ pub fn parse(
             },
         ));
     }
-    let value: Value = serde_json::from_slice(body)
+    let mended = crate::event::mend_lone_surrogates(body);
+    let value: Value = serde_json::from_slice(mended.as_deref().unwrap_or(body))
         .map_err(|e| ApiError::new(400, format!("malformed JSON: {e}")))?;
     let Value::Object(obj) = value else {
         return Err(ApiError::new(

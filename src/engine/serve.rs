@@ -124,7 +124,10 @@ async fn probes_only(
         return next.run(request).await;
     }
     super::http::retry_later(
-        serde_json::json!({"success": false, "error": "the engine has as many connections open as it allows; retry after the delay in Retry-After"}),
+        super::request::error_body(
+            "overloaded",
+            "the engine has as many connections open as it allows; retry after the delay in Retry-After",
+        ),
         "1",
     )
 }

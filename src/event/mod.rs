@@ -10,6 +10,7 @@
 mod flat;
 mod json;
 mod parse;
+mod surrogates;
 #[cfg(test)]
 mod tests;
 
@@ -21,6 +22,7 @@ use serde_json::{Map, Value};
 pub use flat::{FlatEvent, Leaves, Section, flatten_each};
 pub(crate) use parse::number_id;
 pub use parse::{MAX_IDENTIFY_TRAITS, parse_timestamp};
+pub use surrogates::mend_lone_surrogates;
 
 /// The six Segment spec call types.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
