@@ -1458,6 +1458,11 @@ struct CutState {
     armed: Option<(bool, bool)>,
     /// New connections wait while set.
     holding: bool,
+    /// Cut silently: the server's side of the connection is kept open (a network that drops
+    /// packets), so that the server keeps the session, not knowing its client is gone.
+    silent: bool,
+    /// The server sides kept open by silent cuts.
+    kept: Vec<std::net::TcpStream>,
 }
 
 impl CommitCutter {
@@ -1518,8 +1523,12 @@ impl CommitCutter {
                             if forward {
                                 let _ = to_server.write_all(chunk);
                             }
-                            let _ = to_server.shutdown(std::net::Shutdown::Write);
                             let mut st = lock.lock().unwrap();
+                            if st.silent {
+                                st.kept.push(to_server);
+                            } else {
+                                let _ = to_server.shutdown(std::net::Shutdown::Write);
+                            }
                             st.armed = None;
                             st.holding = hold;
                             changed.notify_all();
@@ -1538,6 +1547,14 @@ impl CommitCutter {
     /// Cuts the next COMMIT, passing it on to the server first when `forward`.
     fn arm(&self, forward: bool) {
         self.state.0.lock().unwrap().armed = Some((forward, false));
+    }
+
+    /// Cuts the next COMMIT without passing it on, and keeps the server's side open: the server
+    /// keeps the session, idle in its transaction.
+    fn arm_silent(&self) {
+        let mut st = self.state.0.lock().unwrap();
+        st.armed = Some((false, false));
+        st.silent = true;
     }
 
     /// Cuts the next COMMIT without passing it on, then holds new connections until
@@ -1665,7 +1682,8 @@ fn postgres_a_graph_follows_the_store_when_another_replica_committed_at_its_seqs
 
 /// A write whose events were all duplicates has its COMMIT cut: nothing new is stored either
 /// way, so it succeeds — and the store goes on on a new connection (it kept the broken one, so
-/// that its next write failed, and in the engine the next group's requests with it; review).
+/// that its next write failed, and in the engine the next group's requests with it), having
+/// ended the old session (reviews).
 #[test]
 fn postgres_a_cut_commit_of_duplicates_leaves_a_working_connection() {
     let pg = support::pg::shared();
@@ -1673,9 +1691,20 @@ fn postgres_a_cut_commit_of_duplicates_leaves_a_working_connection() {
     let cutter = CommitCutter::start(pg.port());
     let mut a = store::open(&cutter.url(pg, &db), Rules::default()).unwrap();
     a.ingest(vec![page("m", "a1")]).unwrap();
-    cutter.arm(false);
+    // The COMMIT is lost on the way and the server never hears of it: its session, holding the
+    // head's lock, is ended (else every writer would wait until the server gives up on it).
+    cutter.arm_silent();
     let summary = a.ingest(vec![page("m", "a1")]).unwrap();
     assert_eq!((summary.accepted, summary.duplicates), (0, 1));
+    let idle: i64 = pg
+        .connect(&db)
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state LIKE 'idle in transaction%'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(idle, 0, "the cut session is left holding the head");
     let next = a.ingest(vec![page("n", "a1")]);
     assert!(next.is_ok(), "the write after it: {next:?}");
     let ids: Vec<String> = stored_events(&mut pg.connect(&db))

@@ -98,7 +98,7 @@ both_warehouses!(
     materialized_tables_follow_merges,
     selective_sync_turns_tables_and_columns_off_and_on,
     fixed_columns_other_than_keys_can_be_excluded_and_included_again,
-    a_profile_table_turned_off_and_on_replays_the_logs_and_records_when,
+    a_profile_table_turned_off_and_on_catches_up_and_records_when,
     a_merge_while_a_profile_table_is_off_is_applied_when_it_is_back_on,
     a_trait_named_like_another_trait_s_cut_key_is_another_trait,
     values_that_cannot_be_cast_go_to_discards,
@@ -432,11 +432,11 @@ fn fixed_columns_other_than_keys_can_be_excluded_and_included_again(kind: &str) 
     );
 }
 
-/// A materialized table turned off keeps its rows as they were; turned back on it replays the
-/// identity logs from their start, so that it shows the current state again (a current-state
-/// table with a gap would hold wrong values for good), and the state table records when it was
-/// enabled: the first sync's time, kept while off, the re-enabling sync's after.
-fn a_profile_table_turned_off_and_on_replays_the_logs_and_records_when(kind: &str) {
+/// A materialized table turned off keeps its rows as they were; turned back on it catches up
+/// from where it stopped, so that it shows the current state again (resumed at the head, a
+/// current-state table would hold wrong values for good), and the state table records when it
+/// was enabled: the first sync's time, kept while off, the re-enabling sync's after.
+fn a_profile_table_turned_off_and_on_catches_up_and_records_when(kind: &str) {
     let (mut s, url, _d) = store();
     let wh = TestWarehouse::of(kind);
     let plan = |id: &str, plan: &str| {
@@ -487,7 +487,7 @@ fn a_profile_table_turned_off_and_on_replays_the_logs_and_records_when(kind: &st
             &on,
             "enterprise",
             ("1", 2),
-            "back on: the logs replayed, the change made while off shows",
+            "back on: caught up, the change made while off shows",
         ),
         (
             3,
@@ -516,8 +516,8 @@ fn a_profile_table_turned_off_and_on_replays_the_logs_and_records_when(kind: &st
 }
 
 /// Two profiles whose rows a materialized table holds merge while it is off: back on, its rows
-/// are on the one live profile (the table replays the logs from their start; resumed from the
-/// head it would keep the merged-away profile's rows for good), once each.
+/// are on the one live profile (the table catches up from its cursor; resumed from the head it
+/// would keep the merged-away profile's rows for good), once each.
 fn a_merge_while_a_profile_table_is_off_is_applied_when_it_is_back_on(kind: &str) {
     let (mut s, url, _d) = store();
     let wh = TestWarehouse::of(kind);
@@ -1984,9 +1984,9 @@ fn pages_cut_short_by_the_feed_lose_no_rows() {
     }
 }
 
-/// Profile tables at different cursors (one turned back on, which replays the identity logs from
-/// their start, beside two that go on from theirs) each get exactly the changes after their own
-/// cursor, though the identity logs are read once per window.
+/// Profile tables at different cursors (one turned on that was never loaded, which loads the
+/// identity logs from their start, beside two that go on from theirs) each get exactly the
+/// changes after their own cursor, though the identity logs are read once per window.
 #[test]
 fn profile_tables_at_different_cursors_each_load_from_their_own() {
     let (mut s, url, _d) = store();
@@ -2787,4 +2787,131 @@ fn two_refused_values_of_one_column_and_row_are_both_kept() {
     assert_eq!(landed.len(), 1, "{landed:?}");
     let value = landed[0][2].clone().unwrap_or_default();
     assert!(value.contains('x') && value.contains('y'), "{value}");
+}
+
+/// A warehouse database in a single-byte encoding (`LATIN1`, as legacy databases are) cannot
+/// store every character events carry: the connection test refuses it with a message naming the
+/// encoding, and nothing loads — rather than a table failing at every run on its first emoji
+/// (review).
+#[test]
+fn postgres_a_warehouse_database_not_in_utf8_is_refused_by_name() {
+    let (mut s, url, _d) = store();
+    ingest(
+        &mut *s,
+        &[msg(
+            json!({"type": "track", "messageId": "e1", "userId": "u1", "event": "Reacted", "properties": {"emoji": "\u{1F389}"}}),
+        )],
+    );
+    let mut wh = TestWarehouse::postgres();
+    let pg = support::pg::shared();
+    let db = format!("{}_latin1", wh.database.clone().unwrap());
+    pg.connect("postgres")
+        .batch_execute(&format!(
+            "CREATE DATABASE \"{db}\" ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+        ))
+        .unwrap();
+    wh.spec.warehouse.postgres.as_mut().unwrap().database = db.clone();
+    wh.database = Some(db);
+    let r = wh.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::Failed, "{r:#?}");
+    assert!(
+        r.errors
+            .iter()
+            .any(|e| e.message.contains("encoding is LATIN1") && e.message.contains("UTF8")),
+        "{:#?}",
+        r.errors
+    );
+}
+
+/// Materialized tables turned off, then back on, catch up — with a row limit that stops them
+/// midway, with new merges between their runs, with all or only some profile tables off — and
+/// then hold exactly what a fresh sync builds (review).
+#[test]
+fn profile_tables_turned_back_on_match_a_fresh_sync() {
+    let profile_tables = ["user_identifiers", "user_traits", "profile_merges"];
+    let cases: [(&[&str], Option<i64>); 5] = [
+        (&["user_traits"], Some(7)),
+        (&profile_tables, Some(5)),
+        (&["user_identifiers", "profile_merges"], None),
+        (&profile_tables, Some(1)),
+        (&["profile_merges"], Some(2)),
+    ];
+    for (case, (off_tables, max_rows)) in cases.into_iter().enumerate() {
+        let (mut s, url, _d) = store();
+        let wh = TestWarehouse::sqlite();
+        let on = selection(json!({}));
+        let off_list: Vec<Value> = off_tables
+            .iter()
+            .map(|t| json!({"name": t, "enabled": false}))
+            .collect();
+        let off = selection(json!({ "tables": off_list }));
+        let id = |p: &str, i: usize| format!("{case}-{p}-{i}");
+        let batch: Vec<Value> = (0..6)
+            .map(|i| {
+                msg(json!({"type": "identify", "messageId": id("p1", i), "anonymousId": format!("a{i}"),
+                    "traits": {"plan": "free", "n": i}}))
+            })
+            .collect();
+        ingest(&mut *s, &batch);
+        assert_eq!(wh.sync(&url, Some(&on)).status, SyncStatus::Success);
+        // While off: merges (a1 into a0's profile by u0, a3 into a2's by u2), changed and
+        // removed traits, a new profile.
+        let phase2 = vec![
+            msg(
+                json!({"type": "identify", "messageId": id("p2", 0), "anonymousId": "a0", "userId": "u0", "traits": {"plan": "pro"}}),
+            ),
+            msg(
+                json!({"type": "identify", "messageId": id("p2", 1), "anonymousId": "a1", "userId": "u0", "traits": {"seats": 4}}),
+            ),
+            msg(
+                json!({"type": "identify", "messageId": id("p2", 2), "anonymousId": "a2", "userId": "u2", "traits": {"n": null}}),
+            ),
+            msg(
+                json!({"type": "identify", "messageId": id("p2", 3), "anonymousId": "a3", "userId": "u2", "traits": {"plan": "team"}}),
+            ),
+            msg(
+                json!({"type": "identify", "messageId": id("p2", 4), "anonymousId": "a9", "traits": {"plan": "new"}}),
+            ),
+        ];
+        ingest(&mut *s, &phase2);
+        assert_eq!(wh.sync(&url, Some(&off)).status, SyncStatus::Success);
+        let mut spec = wh.spec.clone();
+        spec.limits = Some(profiles_sync::crd::SyncLimits {
+            max_rows,
+            ..Default::default()
+        });
+        let mut runs = 0;
+        loop {
+            let r = wh.sync_with(&url, Some(&on), &spec, 500);
+            assert_ne!(r.status, SyncStatus::Failed, "{r:#?}");
+            runs += 1;
+            if runs == 2 {
+                // More merges while the replay is midway.
+                ingest(
+                    &mut *s,
+                    &[
+                        msg(
+                            json!({"type": "identify", "messageId": id("p3", 0), "anonymousId": "a4", "userId": "u0", "traits": {"plan": "merged"}}),
+                        ),
+                        msg(
+                            json!({"type": "identify", "messageId": id("p3", 1), "anonymousId": "a5", "userId": "u2"}),
+                        ),
+                    ],
+                );
+            }
+            if !r.limit_reached && runs > 2 {
+                break;
+            }
+            assert!(runs < 500, "case {case}: never caught up");
+        }
+        let clean = TestWarehouse::sqlite();
+        assert_eq!(clean.sync(&url, None).status, SyncStatus::Success);
+        let (a, b) = (wh.dump(), clean.dump());
+        for t in profile_tables {
+            assert_eq!(
+                a[t], b[t],
+                "case {case} ({off_tables:?} off, maxRows {max_rows:?}): {t}"
+            );
+        }
+    }
 }

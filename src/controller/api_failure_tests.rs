@@ -87,6 +87,63 @@ async fn a_failed_selection_status_write_loses_nothing_of_the_sync() {
     );
 }
 
+/// A SelectiveSync not in effect (a second one for the connection) whose status cannot be
+/// written (RBAC, an admission policy, its size) does not hold the connection up: the sync is
+/// recorded, announced and given to the SelectiveSync in effect (review of the write order
+/// above, which would otherwise have let it fail every reconcile).
+#[tokio::test]
+async fn a_selection_not_in_effect_that_cannot_be_written_holds_nothing_up() {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    let dir = tempfile::tempdir().unwrap();
+    let mut conn = connection(dir.path(), "analytics");
+    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    let report = tracks_report("2025-03-01T09:00:02Z".parse().unwrap());
+    let ok = finished_job(&conn, "analytics-29013660", "2025-03-01T09:00:00Z", true);
+    let created = |name: &str, at: &str| {
+        let mut s = selective_sync(
+            name,
+            serde_json::json!({"connectionRef": {"name": "analytics"}}),
+        );
+        s.metadata.creation_timestamp = Some(Time(at.parse().unwrap()));
+        s
+    };
+    let funcs = interceptor::Funcs::new().replace_status(move |cx| {
+        if cx.object["kind"] == "SelectiveSync" && cx.object["metadata"]["name"] == "second" {
+            return Err(kube_fake_client::Error::Internal(
+                "admission webhook denied the request".into(),
+            ));
+        }
+        Ok(None)
+    });
+    let client = builder()
+        .with_object(conn)
+        .with_object(ok)
+        .with_object(pod_with_report(
+            "analytics-29013660",
+            &report.termination_message(),
+        ))
+        .with_object(created("analytics", "2025-03-01T08:00:00Z"))
+        .with_object(created("second", "2025-03-01T08:30:00Z"))
+        .with_interceptor_funcs(funcs)
+        .build()
+        .await
+        .unwrap();
+    let f = fixture(dir, client, "2025-03-01T09:30:00Z").await;
+    f.reconcile("analytics").await.unwrap();
+    let s = f.connection("analytics").await.status.unwrap();
+    assert_eq!(s.syncs.len(), 1, "the sync is in the connection's history");
+    let sel = f.api::<SelectiveSync>().get("analytics").await.unwrap();
+    let rows: Vec<i64> = sel.status.unwrap().tables.iter().map(|t| t.rows).collect();
+    assert_eq!(rows, [7]);
+    let events: Vec<String> = f
+        .list::<K8sEvent>()
+        .await
+        .into_iter()
+        .filter_map(|e| e.reason)
+        .collect();
+    assert!(events.contains(&"SyncSucceeded".to_string()), "{events:?}");
+}
+
 /// Two connections of a namespace deleted together (`kubectl delete whc --all`, a namespace's
 /// GitOps app removed) are cleaned up by two concurrent reconciles, whose first lists of the
 /// namespace's connections meet (the interceptor makes them; the engine call of each, up to

@@ -287,7 +287,19 @@ pub(super) async fn write_selection_statuses(
                 report: if active { report } else { None },
             })
         })
-        .await?;
+        .await;
+        // The active selection's status carries the sync's report, and is written before the
+        // connection's: its failure fails the reconcile, to be retried with the same report.
+        // Another one's (marked not in effect) is only logged: it must not hold up the
+        // connection's status, Events and Job pruning.
+        let replaced = match replaced {
+            Ok(replaced) => replaced,
+            Err(e) if !active => {
+                tracing::warn!(selective_sync = %sel.name_any(), error = %e, "could not write the status of a SelectiveSync not in effect");
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if let (Some(previous), Some(p)) = (replaced, &problem) {
             let was_valid = conditions::find(&previous.conditions, conditions::VALID);
             if was_valid.map(|c| c.status.as_str()) != Some("False") {

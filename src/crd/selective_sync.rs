@@ -51,7 +51,7 @@ pub const TABLE_NAME_PATTERN: &str = r"^[a-z_\x{80}-\x{10FFFF}][a-z0-9_\x{80}-\x
     status = "SelectiveSyncStatus",
     derive = "PartialEq",
     cel,
-    doc = "Selects which tables and columns of a WarehouseConnection are synced. Turning a table or column off stops new data and deletes nothing; turning it back on syncs new data only, except that a materialized table (user_identifiers, user_traits, profile_merges) replays the identity logs from their start so that it shows the current state again.",
+    doc = "Selects which tables and columns of a WarehouseConnection are synced. Turning a table or column off stops new data and deletes nothing; turning it back on syncs new data only, except that a materialized table (user_identifiers, user_traits, profile_merges) catches up from where it stopped, so that it shows the current state again.",
     printcolumn(
         name = "Connection",
         type_ = "string",
@@ -133,7 +133,7 @@ pub struct TableSelection {
     pub name: String,
     /// Whether the table is synced. Off stops new rows and deletes nothing; back on syncs new
     /// rows only, except that a materialized table (user_identifiers, user_traits,
-    /// profile_merges) replays the identity logs from their start, to show the current state again.
+    /// profile_merges) catches up from where it stopped, to show the current state again.
     #[serde(default = "default_true")]
     pub enabled: bool,
     /// Which columns of the table are synced; every column when unset. Not settable on the

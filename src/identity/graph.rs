@@ -89,13 +89,18 @@ pub(super) struct IdentEntry {
 /// When a trait was last set or removed: the identify's `timestamp`, then the order in which
 /// the graph applied the identifies, so that of two writes with one timestamp the later to
 /// arrive wins — on one profile as across a merge (where the two were applied to different
-/// profiles). Stored as `["<timestamp>", order]`; a time an earlier release stored (a bare
-/// timestamp) has order 0, before any write since.
+/// profiles). Stored as the timestamp with the order in an RFC 9557 annotation,
+/// `2024-03-01T00:00:00Z[x-order=17]`, which an earlier release reads as the timestamp alone
+/// (its parser ignores the annotation, and it writes the time back without it); a time stored
+/// without one has order 0, before any write since.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) struct TraitTime {
     pub(super) at: Timestamp,
     pub(super) order: u64,
 }
+
+/// What starts the write order's annotation in a stored trait time.
+const ORDER_MARK: &str = "[x-order=";
 
 impl TraitTime {
     /// Older than any recorded time (a trait with none).
@@ -104,15 +109,15 @@ impl TraitTime {
         order: 0,
     };
 
-    /// A stored time: `["<timestamp>", order]`, or a bare timestamp (order 0).
+    /// A stored time: `<timestamp>[x-order=<order>]`, or a timestamp alone (order 0).
     fn parse(v: &Value) -> Option<TraitTime> {
-        let (at, order) = match v {
-            Value::String(s) => (s.as_str(), 0),
-            Value::Array(pair) => match pair.as_slice() {
-                [Value::String(s), n] => (s.as_str(), n.as_u64()?),
-                _ => return None,
-            },
-            _ => return None,
+        let s = v.as_str()?;
+        let (at, order) = match s
+            .strip_suffix(']')
+            .and_then(|rest| rest.rsplit_once(ORDER_MARK))
+        {
+            Some((at, order)) => (at, order.parse().ok()?),
+            None => (s, 0),
         };
         Some(TraitTime {
             at: crate::event::parse_timestamp(at)?,
@@ -121,10 +126,11 @@ impl TraitTime {
     }
 
     fn to_json(self) -> Value {
-        Value::Array(vec![
-            Value::String(self.at.to_string()),
-            Value::from(self.order),
-        ])
+        Value::String(if self.order == 0 {
+            self.at.to_string()
+        } else {
+            format!("{}{ORDER_MARK}{}]", self.at, self.order)
+        })
     }
 }
 

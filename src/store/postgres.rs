@@ -823,12 +823,7 @@ impl PostgresStore {
     /// or when the server no longer knows the transaction.
     fn landed(&mut self, xid: i64) -> Result<Option<bool>, StoreError> {
         let mut client = connect(&self.url)?;
-        let old = self.backend_pid;
-        client.execute("SELECT pg_terminate_backend($1, 10000)", &[&old])?;
-        let alive = client
-            .query_opt("SELECT 1 FROM pg_stat_activity WHERE pid = $1", &[&old])?
-            .is_some();
-        if alive {
+        if !self.end_old_session(&mut client)? {
             return Ok(None);
         }
         let status: Option<String> = client.query_one("SELECT txid_status($1)", &[&xid])?.get(0);
@@ -840,10 +835,23 @@ impl PostgresStore {
         })
     }
 
-    /// Replaces the connection with a new one.
+    /// Replaces the broken connection with a new one, ending its server session first: a
+    /// COMMIT that never reached the server leaves it idle in its transaction, holding the head
+    /// lock (every replica's writes would wait for the server to notice, a minute or more).
     fn reconnect(&mut self) -> Result<(), StoreError> {
-        let client = connect(&self.url)?;
+        let mut client = connect(&self.url)?;
+        self.end_old_session(&mut client)?;
         self.use_client(client)
+    }
+
+    /// Ends the server session of the broken connection, through `client` (waiting up to 10 s:
+    /// a commit in progress completes, an open transaction rolls back); whether it is gone.
+    fn end_old_session(&self, client: &mut Client) -> Result<bool, StoreError> {
+        let old = self.backend_pid;
+        client.execute("SELECT pg_terminate_backend($1, 10000)", &[&old])?;
+        Ok(client
+            .query_opt("SELECT 1 FROM pg_stat_activity WHERE pid = $1", &[&old])?
+            .is_none())
     }
 
     /// Makes `client` the store's connection.

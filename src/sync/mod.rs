@@ -204,16 +204,18 @@ impl<'a> Run<'a> {
             // Turned back on: new data only, from the current head (no backfill of the gap) —
             // except a materialized table, which holds current state, not a ledger: resumed
             // at the head it would keep what changed while it was off (a merge's moved rows, a
-            // changed trait) wrong for good. It replays the identity logs, which are complete,
-            // from their start over its rows: each row is rewritten as the logs say (every
-            // merge and trait snapshot applied again in order), so once caught up the table is
-            // what a first sync would have built.
+            // changed trait) wrong for good. It catches up from its own cursor, where it
+            // stopped (the identity logs are complete); one that was never loaded (turned off
+            // before its first sync, or midway through its backfill) loads from the start,
+            // reported as backfilling until it is done.
+            Some(s) if on && MATERIALIZED.contains(&table) => TableState {
+                cursor: if s.backfilled { s.cursor } else { 0 },
+                enabled: true,
+                enabled_since_us: now,
+                ..s.clone()
+            },
             Some(s) if on => TableState {
-                cursor: if MATERIALIZED.contains(&table) {
-                    0
-                } else {
-                    self.head.max(s.cursor)
-                },
+                cursor: self.head.max(s.cursor),
                 enabled: true,
                 enabled_since_us: now,
                 ..s.clone()

@@ -612,8 +612,8 @@ fn equal_timestamps_the_later_arrival_wins_across_a_merge_too() {
 
 /// A trait time stored by an earlier release (a bare timestamp, no write order) counts as
 /// written before any write since: a new write with the same timestamp wins, on the profile
-/// and across a merge; times are stored with their order, and a restored graph orders its next
-/// writes after every stored one.
+/// and across a merge; times are stored with their order in an annotation an earlier release
+/// reads past, and a restored graph orders its next writes after every stored one.
 #[test]
 fn trait_times_of_an_earlier_release_are_older_than_any_write_since() {
     let ts = "2024-03-01T00:00:00Z";
@@ -648,9 +648,20 @@ fn trait_times_of_an_earlier_release_are_older_than_any_write_since() {
         .iter()
         .find(|p| p.segment_id == "use_a")
         .expect("use_a written");
-    let time = &stored.trait_times["plan"];
-    assert_eq!(time[0], json!(ts), "stored as [timestamp, order]: {time}");
-    assert!(time[1].as_u64().is_some_and(|n| n > 0), "{time}");
+    let time = stored.trait_times["plan"].as_str().expect("a string");
+    let order = time
+        .strip_prefix(&format!("{ts}[x-order="))
+        .and_then(|rest| rest.strip_suffix(']'))
+        .and_then(|n| n.parse::<u64>().ok());
+    assert!(
+        order.is_some_and(|n| n > 0),
+        "stored as <timestamp>[x-order=n]: {time}"
+    );
+    // An earlier release's parser reads the timestamp (ignoring the annotation).
+    assert_eq!(
+        crate::event::parse_timestamp(time),
+        crate::event::parse_timestamp(ts)
+    );
     // Restored from what was stored, a graph orders its next write after it.
     let mut restored = IdentityGraph::new(Rules::default());
     restored.restore(
@@ -659,4 +670,45 @@ fn trait_times_of_an_earlier_release_are_older_than_any_write_since() {
     );
     resolve(&mut restored, identify_at("b", ts, "team"));
     assert_eq!(plan(&restored, "use_a"), Some(json!("team")));
+}
+
+/// During a rolling upgrade an older replica reads the stored trait times (its parser reads the
+/// timestamp past the write order's annotation) and writes back the ones it holds, without the
+/// annotation: only the order is lost, so a late identify with an older timestamp still does not
+/// overwrite the trait after the rollout. (Stored as `[timestamp, order]`, the times were
+/// dropped by the older replica's read, and lost for good — review.)
+#[test]
+fn a_time_an_older_replica_rewrote_keeps_its_timestamp() {
+    let plan = |g: &IdentityGraph, p: &str| g.traits(p).expect("profile").get("plan").cloned();
+    let mut g = IdentityGraph::new(Rules::default());
+    let a = resolve(&mut g, identify_at("a", "2024-03-02T00:00:00Z", "pro")).segment_id;
+    let delta = g.take_dirty();
+    // The older replica's read (a time its parser reads) then its write (that time, as it
+    // prints it), with a trait of its own added.
+    let rewritten: Vec<ProfileState> = delta
+        .profiles
+        .into_iter()
+        .map(|mut p| {
+            p.trait_times = p
+                .trait_times
+                .iter()
+                .filter_map(|(k, v)| {
+                    let t = v.as_str().and_then(crate::event::parse_timestamp)?;
+                    Some((k.clone(), json!(t.to_string())))
+                })
+                .collect();
+            p.traits.insert("seats".into(), json!(3));
+            p.trait_times
+                .insert("seats".into(), json!("2024-03-02T00:00:01Z"));
+            p
+        })
+        .collect();
+    assert_eq!(
+        rewritten[0].trait_times["plan"],
+        json!("2024-03-02T00:00:00Z")
+    );
+    let mut after = IdentityGraph::new(Rules::default());
+    after.restore(rewritten, delta.identifiers);
+    resolve(&mut after, identify_at("a", "2024-03-01T00:00:00Z", "free"));
+    assert_eq!(plan(&after, &a), Some(json!("pro")), "an older write lost");
 }

@@ -18,6 +18,11 @@ impl PostgresDialect {
     pub fn redshift() -> PostgresDialect {
         PostgresDialect { redshift: true }
     }
+
+    /// Whether this is Redshift's dialect.
+    pub fn is_redshift(&self) -> bool {
+        self.redshift
+    }
 }
 
 impl PostgresDialect {

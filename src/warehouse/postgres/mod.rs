@@ -342,6 +342,25 @@ impl Warehouse for PostgresWarehouse {
     }
 
     fn test_connection(&mut self) -> Result<(), WarehouseError> {
+        // Events carry any Unicode character; a database in another encoding (LATIN1, WIN1252)
+        // refuses those it cannot represent, and would fail a table at every run on one emoji.
+        // (Redshift stores UTF-8 only.)
+        if !self.dialect.is_redshift() {
+            let encoding: String = self
+                .client
+                .query_one("SELECT current_setting('server_encoding')", &[])
+                .map_err(pg_error)?
+                .get(0);
+            if !matches!(encoding.as_str(), "UTF8" | "SQL_ASCII") {
+                return Err(WarehouseError::new(
+                    ErrorClass::Schema,
+                    format!(
+                        "the database's encoding is {encoding}, which cannot store every character events carry: \
+                         sync into a database created with ENCODING 'UTF8'"
+                    ),
+                ));
+            }
+        }
         // CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema exists;
         // a schema a DBA created beforehand must not need that right.
         let exists = !self
