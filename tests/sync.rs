@@ -2915,3 +2915,40 @@ fn profile_tables_turned_back_on_match_a_fresh_sync() {
         }
     }
 }
+
+/// A NUL inside an array loads into a DBA's `json` column as it is, but `jsonb` refuses it: the
+/// value goes to `discards` and the table loads, rather than failing at every run (review).
+#[test]
+fn postgres_a_nul_inside_json_goes_to_discards_from_a_jsonb_column() {
+    let (mut s, url, _d) = store();
+    ingest(
+        &mut *s,
+        &[
+            msg(
+                json!({"type": "track", "messageId": "j1", "userId": "u1", "event": "Order Completed", "properties": {"cart": ["a\u{0}b"], "total": 1}}),
+            ),
+            msg(
+                json!({"type": "track", "messageId": "j2", "userId": "u1", "event": "Order Completed", "properties": {"cart": ["fine"], "total": 2}}),
+            ),
+        ],
+    );
+    let wh = TestWarehouse::postgres();
+    as_dba(&wh)
+        .batch_execute(
+            "CREATE SCHEMA profiles_sync;
+             CREATE TABLE profiles_sync.order_completed (id TEXT PRIMARY KEY, cart JSONB);",
+        )
+        .unwrap();
+    for _ in 0..2 {
+        let r = wh.sync(&url, None);
+        assert_eq!(r.status, SyncStatus::Success, "{:#?}", r.errors);
+    }
+    assert_eq!(wh.count("order_completed"), 2);
+    let d = wh.table("discards");
+    assert_eq!(
+        wh.query(&format!(
+            "SELECT column_name, row_id FROM {d} WHERE table_name = 'order_completed'"
+        )),
+        [[Some("cart".to_string()), Some("j1".to_string())]]
+    );
+}

@@ -63,9 +63,12 @@ pub enum ColumnLimit {
     },
     /// Single-precision floats (`real`): neither overflow nor underflow to zero.
     Real,
-    /// JSON text (PostgreSQL's `json` and `jsonb`): an object, an array, a number or a boolean
-    /// of the event loads as it is; a string property (not JSON text) is refused.
+    /// JSON text (PostgreSQL's `json`): an object, an array, a number or a boolean of the
+    /// event loads as it is; a string property (not JSON text) is refused.
     Json,
+    /// JSON text for PostgreSQL's `jsonb`, which also refuses a NUL character (`\u0000`) in
+    /// any string or key (`json` keeps the text as it is).
+    Jsonb,
 }
 
 impl ColumnLimit {
@@ -125,8 +128,27 @@ impl ColumnLimit {
             (ColumnLimit::Json, Cell::Text(s)) => serde_json::from_str::<serde::de::IgnoredAny>(s)
                 .map(|_| ())
                 .map_err(|_| "text that is not JSON, in a json column".to_string()),
+            (ColumnLimit::Jsonb, Cell::Text(s)) => {
+                let v: serde_json::Value = serde_json::from_str(s)
+                    .map_err(|_| "text that is not JSON, in a jsonb column".to_string())?;
+                if holds_nul(&v) {
+                    Err("a NUL character (U+0000), which a jsonb column refuses".to_string())
+                } else {
+                    Ok(())
+                }
+            }
             _ => Ok(()),
         }
+    }
+}
+
+/// Whether a string or a key anywhere in `v` holds a NUL character.
+fn holds_nul(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Array(a) => a.iter().any(holds_nul),
+        serde_json::Value::Object(m) => m.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
+        _ => false,
     }
 }
 
@@ -311,6 +333,32 @@ mod tests {
             (ColumnLimit::Json, Cell::Text("plain words".into()), false),
             (ColumnLimit::Json, Cell::Text("[1,".into()), false),
             (ColumnLimit::Json, Cell::Null, true),
+            (
+                ColumnLimit::Json,
+                Cell::Text(r#"["a\u0000b"]"#.into()),
+                true,
+            ),
+            (
+                ColumnLimit::Jsonb,
+                Cell::Text(r#"["a\u0000b"]"#.into()),
+                false,
+            ),
+            (
+                ColumnLimit::Jsonb,
+                Cell::Text(r#"{"k\u0000":1}"#.into()),
+                false,
+            ),
+            (
+                ColumnLimit::Jsonb,
+                Cell::Text(r#"["a\\u0000b"]"#.into()),
+                true,
+            ),
+            (
+                ColumnLimit::Jsonb,
+                Cell::Text("[1,{\"a\":null}]".into()),
+                true,
+            ),
+            (ColumnLimit::Jsonb, Cell::Text("plain words".into()), false),
             (text(1, false), Cell::Null, true),
         ];
         for (limit, cell, admitted) in cases {

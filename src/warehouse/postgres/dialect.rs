@@ -120,7 +120,8 @@ impl Dialect for PostgresDialect {
             inner.split(',').map(|a| a.trim().parse().ok()).collect()
         };
         match t.as_str() {
-            "json" | "jsonb" => Some(ColumnLimit::Json),
+            "json" => Some(ColumnLimit::Json),
+            "jsonb" => Some(ColumnLimit::Jsonb),
             "integer" | "int4" => Some(ColumnLimit::Range {
                 min: i32::MIN.into(),
                 max: i32::MAX.into(),
