@@ -2080,3 +2080,36 @@ fn a_restart_does_not_change_a_windowed_limit_s_decision() {
         "(same profile kept running, same profile after a restart)"
     );
 }
+
+/// review H: the reconnect after a cut COMMIT of duplicates now ends the old session first,
+/// and fails as a whole when that cannot be done — here the store's role may not call
+/// `pg_terminate_backend(integer, bigint)` (as on PostgreSQL 13 and older, which has no such
+/// function, and which the README still serves, answering 503 "as before"). The broken
+/// connection is then kept, and the next write fails on it (what the earlier review fixed).
+#[test]
+fn review_h_postgres_a_cut_commit_of_duplicates_reconnects_when_the_old_session_cannot_be_ended()
+{
+    let pg = support::pg::shared();
+    let db = pg.create_database("cut_dup_role");
+    let role = format!("r_{db}");
+    pg.connect(&db)
+        .batch_execute(&format!(
+            "CREATE ROLE \"{role}\" LOGIN;
+             ALTER DATABASE \"{db}\" OWNER TO \"{role}\";
+             ALTER SCHEMA public OWNER TO \"{role}\";
+             REVOKE EXECUTE ON FUNCTION pg_terminate_backend(integer, bigint) FROM PUBLIC;"
+        ))
+        .unwrap();
+    let cutter = CommitCutter::start(pg.port());
+    let url = cutter
+        .url(pg, &db)
+        .replace("postgres@", &format!("{role}@"));
+    let mut a = store::open(&url, Rules::default()).unwrap();
+    a.ingest(vec![page("m", "a1")]).unwrap();
+    // An ordinary cut: the server sees the connection close and ends the session itself.
+    cutter.arm(false);
+    let summary = a.ingest(vec![page("m", "a1")]).unwrap();
+    assert_eq!((summary.accepted, summary.duplicates), (0, 1));
+    let next = a.ingest(vec![page("n", "a1")]);
+    assert!(next.is_ok(), "the write after it: {next:?}");
+}

@@ -2952,3 +2952,188 @@ fn postgres_a_nul_inside_json_goes_to_discards_from_a_jsonb_column() {
         [[Some("cart".to_string()), Some("j1".to_string())]]
     );
 }
+
+// ---- review H ----
+
+/// A warehouse an older release synced (the profile tables sharing the `_materialized` cursor,
+/// before each got its own): that release moved every profile table's cursor to the shared one
+/// after each run, the tables that were off included, though nothing loaded into them
+/// (`git show 9ac569d^:src/sync/mod.rs`, `load_materialized`: `for t in MATERIALIZED {
+/// s.cursor = cursor.cursor }`). Such a table, backfilled before it was turned off, is turned
+/// back on under this release: it must show the trait changed while it was off, as a fresh
+/// sync does.
+#[test]
+fn review_h_a_profile_table_off_under_the_legacy_shared_cursor_catches_up_when_back_on() {
+    let (mut s, url, _d) = store();
+    let wh = TestWarehouse::sqlite();
+    let on = selection(json!({}));
+    let off = selection(json!({"tables": [{"name": "user_traits", "enabled": false}]}));
+    ingest(
+        &mut *s,
+        &[msg(
+            json!({"type": "identify", "messageId": "h1", "userId": "u1", "traits": {"plan": "free"}}),
+        )],
+    );
+    assert_eq!(wh.sync(&url, Some(&on)).status, SyncStatus::Success);
+    // Turned off, then a change while it is off, synced by the older release.
+    assert_eq!(wh.sync(&url, Some(&off)).status, SyncStatus::Success);
+    ingest(
+        &mut *s,
+        &[msg(
+            json!({"type": "identify", "messageId": "h2", "userId": "u1", "traits": {"plan": "pro"}}),
+        )],
+    );
+    assert_eq!(wh.sync(&url, Some(&off)).status, SyncStatus::Success);
+    // The state rows the older release's run wrote: the shared cursor, and every profile
+    // table's (user_traits' included) moved to it.
+    let state = wh.table("_profiles_sync_state");
+    let mut w = wh.connect();
+    w.execute(&format!(
+        "UPDATE {state} SET cursor_seq = (SELECT cursor_seq FROM {state} WHERE table_name = 'user_identifiers') WHERE table_name = 'user_traits'"
+    ))
+    .unwrap();
+    w.execute(&format!(
+        "INSERT INTO {state} (table_name, cursor_seq, enabled, enabled_since_us, min_received_at_us, backfilled)
+         SELECT '_materialized', cursor_seq, 1, enabled_since_us, NULL, 1 FROM {state} WHERE table_name = 'user_identifiers'"
+    ))
+    .unwrap();
+    drop(w);
+    // Upgraded; the table turned back on.
+    for _ in 0..2 {
+        assert_eq!(wh.sync(&url, Some(&on)).status, SyncStatus::Success);
+    }
+    let clean = TestWarehouse::sqlite();
+    assert_eq!(clean.sync(&url, None).status, SyncStatus::Success);
+    assert_eq!(
+        trait_values(&wh),
+        trait_values(&clean),
+        "user_traits kept the value from before it was turned off"
+    );
+}
+
+/// A profile table turned off midway through its first backfill (a row limit), while merges
+/// happen, then back on: it loads from the start over its rows and ends as a fresh sync.
+#[test]
+fn review_h_a_profile_table_off_midway_through_its_first_backfill_matches_a_fresh_sync() {
+    let profile_tables = ["user_identifiers", "user_traits", "profile_merges"];
+    for off_table in profile_tables {
+        let (mut s, url, _d) = store();
+        let wh = TestWarehouse::sqlite();
+        let on = selection(json!({}));
+        let off = selection(json!({"tables": [{"name": off_table, "enabled": false}]}));
+        let batch: Vec<Value> = (0..8)
+            .map(|i| {
+                msg(json!({"type": "identify", "messageId": format!("b{i}"), "anonymousId": format!("a{i}"),
+                    "userId": format!("u{}", i % 3), "traits": {"plan": format!("p{i}"), "n": i}}))
+            })
+            .collect();
+        ingest(&mut *s, &batch);
+        let mut spec = wh.spec.clone();
+        spec.limits = Some(profiles_sync::crd::SyncLimits {
+            max_rows: Some(4),
+            ..Default::default()
+        });
+        let r = wh.sync_with(&url, Some(&on), &spec, 500);
+        assert!(r.limit_reached, "{r:#?}");
+        assert!(r.backfilling.iter().any(|t| t == off_table), "{r:#?}");
+        assert_ne!(wh.sync(&url, Some(&off)).status, SyncStatus::Failed);
+        ingest(
+            &mut *s,
+            &[
+                msg(
+                    json!({"type": "identify", "messageId": "c1", "anonymousId": "a1", "userId": "u0", "traits": {"plan": null}}),
+                ),
+                msg(
+                    json!({"type": "identify", "messageId": "c2", "anonymousId": "a9", "userId": "u2", "traits": {"plan": "late"}}),
+                ),
+            ],
+        );
+        let mut runs = 0;
+        loop {
+            let r = wh.sync_with(&url, Some(&on), &spec, 500);
+            assert_ne!(r.status, SyncStatus::Failed, "{r:#?}");
+            runs += 1;
+            if !r.limit_reached {
+                break;
+            }
+            assert!(runs < 500);
+        }
+        let clean = TestWarehouse::sqlite();
+        assert_eq!(clean.sync(&url, None).status, SyncStatus::Success);
+        let (a, b) = (wh.dump(), clean.dump());
+        for t in profile_tables {
+            assert_eq!(a[t], b[t], "{off_table} off midway: {t}");
+        }
+    }
+}
+
+/// A database in `SQL_ASCII`, which the connection test accepts, counts a `varchar(n)`'s
+/// length in bytes: a value of 5 characters in 10 bytes fits the sync's check of a DBA's
+/// `varchar(5)` (characters), and the warehouse refuses it — the table fails at every run
+/// instead of the value going to discards.
+#[test]
+fn review_h_postgres_a_sql_ascii_database_counts_varchar_in_bytes() {
+    let (mut s, url, _d) = store();
+    ingest(
+        &mut *s,
+        &[msg(
+            json!({"type": "track", "messageId": "s1", "userId": "u1", "event": "Order Completed", "properties": {"note": "ééééé"}}),
+        )],
+    );
+    let mut wh = TestWarehouse::postgres();
+    let pg = support::pg::shared();
+    let db = format!("{}_ascii", wh.database.clone().unwrap());
+    pg.connect("postgres")
+        .batch_execute(&format!(
+            "CREATE DATABASE \"{db}\" ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+        ))
+        .unwrap();
+    wh.spec.warehouse.postgres.as_mut().unwrap().database = db.clone();
+    wh.database = Some(db);
+    as_dba(&wh)
+        .batch_execute(
+            "CREATE SCHEMA profiles_sync;
+             CREATE TABLE profiles_sync.order_completed (id TEXT PRIMARY KEY, note VARCHAR(5));",
+        )
+        .unwrap();
+    let r = wh.sync(&url, None);
+    assert_eq!(failed_tables(&r), Vec::<&str>::new(), "{:#?}", r.errors);
+    assert_eq!(wh.count("order_completed"), 1);
+}
+
+/// `[1e400]` is JSON text that PostgreSQL's `jsonb` stores (a numeric), and that the `json`
+/// limit admits; the `jsonb` limit parses it into a `serde_json::Value`, which cannot hold the
+/// number, and sends it to discards as "text that is not JSON".
+#[test]
+fn review_h_jsonb_admits_json_text_with_a_number_past_f64() {
+    use profiles_sync::warehouse::{Cell, ColumnLimit};
+    let text = Cell::Text("[1e400]".into());
+    assert_eq!(ColumnLimit::Json.admits(&text), Ok(()));
+    let wh = TestWarehouse::postgres();
+    let stored: Vec<Vec<Option<String>>> = wh.query("SELECT '[1e400]'::jsonb::text");
+    assert!(stored[0][0].is_some(), "jsonb stores it");
+    assert_eq!(ColumnLimit::Jsonb.admits(&text), Ok(()), "jsonb refuses nothing here");
+}
+
+/// A database not in UTF8 is refused by the connection test; the controller shows that as
+/// `SchemaNotWritable`, "creating, altering, writing or deleting in schema … failed" — though
+/// nothing was tried in the schema and it may well be writable.
+#[test]
+fn review_h_postgres_the_controller_names_the_encoding_not_the_schema() {
+    use profiles_sync::controller::connection_test::{Reason, probe_failure};
+    let mut wh = TestWarehouse::postgres();
+    let pg = support::pg::shared();
+    let db = format!("{}_latin1", wh.database.clone().unwrap());
+    pg.connect("postgres")
+        .batch_execute(&format!(
+            "CREATE DATABASE \"{db}\" ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+        ))
+        .unwrap();
+    wh.spec.warehouse.postgres.as_mut().unwrap().database = db.clone();
+    wh.database = Some(db);
+    let e = wh.connect().test_connection().unwrap_err();
+    let outcome = probe_failure(&e, "profiles_sync");
+    eprintln!("{:?}: {}", outcome.reason, outcome.message);
+    assert_ne!(outcome.reason, Reason::SchemaNotWritable, "{}", outcome.message);
+    assert!(!outcome.message.contains("creating, altering, writing or deleting"), "{}", outcome.message);
+}
