@@ -2081,14 +2081,12 @@ fn a_restart_does_not_change_a_windowed_limit_s_decision() {
     );
 }
 
-/// review H: the reconnect after a cut COMMIT of duplicates now ends the old session first,
-/// and fails as a whole when that cannot be done — here the store's role may not call
-/// `pg_terminate_backend(integer, bigint)` (as on PostgreSQL 13 and older, which has no such
-/// function, and which the README still serves, answering 503 "as before"). The broken
-/// connection is then kept, and the next write fails on it (what the earlier review fixed).
+/// The reconnect after a cut COMMIT of duplicates ends the old session when it can, and takes
+/// the new connection when it cannot — here the store's role may not call
+/// `pg_terminate_backend(integer, bigint)` (PostgreSQL 13 and older have no such function). It
+/// used to keep the broken connection then, so that the next write failed on it (review).
 #[test]
-fn review_h_postgres_a_cut_commit_of_duplicates_reconnects_when_the_old_session_cannot_be_ended()
-{
+fn postgres_a_cut_commit_of_duplicates_reconnects_when_the_old_session_cannot_be_ended() {
     let pg = support::pg::shared();
     let db = pg.create_database("cut_dup_role");
     let role = format!("r_{db}");

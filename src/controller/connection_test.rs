@@ -42,6 +42,9 @@ pub enum Reason {
     PermissionDenied,
     /// Connected, but the schema could not be created or written.
     SchemaNotWritable,
+    /// Connected, but the database cannot take the sync's rows (PostgreSQL: an encoding other
+    /// than UTF8).
+    UnsupportedDatabase,
     /// The warehouse type has no loader in this version (the CRD accepts every type the
     /// project plans).
     NotSupported,
@@ -58,6 +61,7 @@ impl Reason {
             Reason::Unreachable => "Unreachable",
             Reason::PermissionDenied => "PermissionDenied",
             Reason::SchemaNotWritable => "SchemaNotWritable",
+            Reason::UnsupportedDatabase => "UnsupportedDatabase",
             Reason::NotSupported => "NotSupported",
         }
     }
@@ -250,6 +254,28 @@ pub fn probe_failure(e: &WarehouseError, schema: &str) -> TestOutcome {
     }
 }
 
+/// Probes a connected warehouse: the database first (whether it can hold the sync's rows at
+/// all), then the schema (create, alter, insert, delete on a probe table).
+pub fn probe(wh: &mut dyn warehouse::Warehouse, schema: &str) -> TestOutcome {
+    match wh.unsupported_database() {
+        Ok(Some(why)) => {
+            return TestOutcome {
+                reason: Reason::UnsupportedDatabase,
+                message: format!("connected, but {why}"),
+            };
+        }
+        Ok(None) => {}
+        Err(e) => return probe_failure(&e, schema),
+    }
+    match wh.test_connection() {
+        Ok(()) => TestOutcome {
+            reason: Reason::Connected,
+            message: format!("connected; schema {schema:?} is writable"),
+        },
+        Err(e) => probe_failure(&e, schema),
+    }
+}
+
 /// Runs the test: connect, then probe the schema, on a blocking thread, within `timeout`.
 pub async fn run(
     spec: &WarehouseConnectionSpec,
@@ -269,16 +295,9 @@ pub async fn run(
     let warehouse = spec.warehouse.clone();
     let schema = spec.schema.clone();
     let task = tokio::task::spawn_blocking(move || {
-        let mut wh = match warehouse::connect(&warehouse, &schema, &credentials) {
-            Ok(wh) => wh,
-            Err(e) => return connect_failure(&e),
-        };
-        match wh.test_connection() {
-            Ok(()) => TestOutcome {
-                reason: Reason::Connected,
-                message: format!("connected; schema {schema:?} is writable"),
-            },
-            Err(e) => probe_failure(&e, &schema),
+        match warehouse::connect(&warehouse, &schema, &credentials) {
+            Ok(mut wh) => probe(&mut *wh, &schema),
+            Err(e) => connect_failure(&e),
         }
     });
     match tokio::time::timeout(timeout, task).await {

@@ -112,13 +112,12 @@ impl TraitTime {
     /// A stored time: `<timestamp>[x-order=<order>]`, or a timestamp alone (order 0).
     fn parse(v: &Value) -> Option<TraitTime> {
         let s = v.as_str()?;
-        let (at, order) = match s
+        // A malformed order reads as none, as an earlier release reads it.
+        let (at, order) = s
             .strip_suffix(']')
             .and_then(|rest| rest.rsplit_once(ORDER_MARK))
-        {
-            Some((at, order)) => (at, order.parse().ok()?),
-            None => (s, 0),
-        };
+            .and_then(|(at, order)| Some((at, order.parse().ok()?)))
+            .unwrap_or((s, 0));
         Some(TraitTime {
             at: crate::event::parse_timestamp(at)?,
             order,

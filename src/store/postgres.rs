@@ -840,7 +840,11 @@ impl PostgresStore {
     /// lock (every replica's writes would wait for the server to notice, a minute or more).
     fn reconnect(&mut self) -> Result<(), StoreError> {
         let mut client = connect(&self.url)?;
-        self.end_old_session(&mut client)?;
+        // Best effort (PostgreSQL 13 has no wait argument; the role may not end sessions): the
+        // new connection is taken either way.
+        if let Err(e) = self.end_old_session(&mut client) {
+            tracing::warn!(error = %e, "could not end the session of a connection broken during COMMIT");
+        }
         self.use_client(client)
     }
 

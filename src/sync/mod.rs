@@ -207,9 +207,15 @@ impl<'a> Run<'a> {
             // changed trait) wrong for good. It catches up from its own cursor, where it
             // stopped (the identity logs are complete); one that was never loaded (turned off
             // before its first sync, or midway through its backfill) loads from the start,
-            // reported as backfilling until it is done.
+            // reported as backfilling until it is done — as does one in a warehouse an earlier
+            // release synced with the shared `_materialized` cursor, which moved the cursors
+            // of tables that were off along with it.
             Some(s) if on && MATERIALIZED.contains(&table) => TableState {
-                cursor: if s.backfilled { s.cursor } else { 0 },
+                cursor: if s.backfilled && !self.states.contains_key(MATERIALIZED_CURSOR) {
+                    s.cursor
+                } else {
+                    0
+                },
                 enabled: true,
                 enabled_since_us: now,
                 ..s.clone()

@@ -216,6 +216,11 @@ pub trait Warehouse: Send {
     fn dialect(&self) -> &dyn Dialect;
     /// The schema this connection writes to.
     fn schema(&self) -> &str;
+    /// Why the database cannot take the sync's rows whatever its rights (PostgreSQL: an encoding
+    /// other than UTF8), if it cannot. [`Warehouse::test_connection`] fails with it too.
+    fn unsupported_database(&mut self) -> Result<Option<String>, WarehouseError> {
+        Ok(None)
+    }
     /// Creates the schema when missing and checks the create, alter, insert and delete rights
     /// the sync needs (on a probe table it drops again).
     fn test_connection(&mut self) -> Result<(), WarehouseError>;

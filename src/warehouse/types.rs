@@ -129,9 +129,9 @@ impl ColumnLimit {
                 .map(|_| ())
                 .map_err(|_| "text that is not JSON, in a json column".to_string()),
             (ColumnLimit::Jsonb, Cell::Text(s)) => {
-                let v: serde_json::Value = serde_json::from_str(s)
+                serde_json::from_str::<serde::de::IgnoredAny>(s)
                     .map_err(|_| "text that is not JSON, in a jsonb column".to_string())?;
-                if holds_nul(&v) {
+                if escapes_nul(s) {
                     Err("a NUL character (U+0000), which a jsonb column refuses".to_string())
                 } else {
                     Ok(())
@@ -142,14 +142,23 @@ impl ColumnLimit {
     }
 }
 
-/// Whether a string or a key anywhere in `v` holds a NUL character.
-fn holds_nul(v: &serde_json::Value) -> bool {
-    match v {
-        serde_json::Value::String(s) => s.contains('\0'),
-        serde_json::Value::Array(a) => a.iter().any(holds_nul),
-        serde_json::Value::Object(m) => m.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
-        _ => false,
+/// Whether JSON text `s` holds a `\u0000` escape (the only way a NUL gets into valid JSON):
+/// escapes are read pairwise, so that an escaped backslash before `u0000` is no escape. Valid
+/// JSON is not parsed into values, whose numbers could not hold what `jsonb` takes (`1e400`).
+fn escapes_nul(s: &str) -> bool {
+    let b = s.as_bytes();
+    let mut i = 0;
+    while let Some(at) = b
+        .get(i..)
+        .and_then(|rest| rest.iter().position(|&c| c == b'\\'))
+    {
+        let at = i + at;
+        if b.get(at + 1..at + 6) == Some(b"u0000".as_slice()) {
+            return true;
+        }
+        i = at + 2;
     }
+    false
 }
 
 /// One value of a row.

@@ -341,25 +341,30 @@ impl Warehouse for PostgresWarehouse {
         &self.schema
     }
 
-    fn test_connection(&mut self) -> Result<(), WarehouseError> {
+    fn unsupported_database(&mut self) -> Result<Option<String>, WarehouseError> {
         // Events carry any Unicode character; a database in another encoding (LATIN1, WIN1252)
         // refuses those it cannot represent, and would fail a table at every run on one emoji.
-        // (Redshift stores UTF-8 only.)
-        if !self.dialect.is_redshift() {
-            let encoding: String = self
-                .client
-                .query_one("SELECT current_setting('server_encoding')", &[])
-                .map_err(pg_error)?
-                .get(0);
-            if !matches!(encoding.as_str(), "UTF8" | "SQL_ASCII") {
-                return Err(WarehouseError::new(
-                    ErrorClass::Schema,
-                    format!(
-                        "the database's encoding is {encoding}, which cannot store every character events carry: \
-                         sync into a database created with ENCODING 'UTF8'"
-                    ),
-                ));
-            }
+        // SQL_ASCII takes any bytes but measures `varchar(n)` in bytes, which the sync's checks
+        // of a DBA's narrowed columns count in characters. (Redshift stores UTF-8 only.)
+        if self.dialect.is_redshift() {
+            return Ok(None);
+        }
+        let encoding: String = self
+            .client
+            .query_one("SELECT current_setting('server_encoding')", &[])
+            .map_err(pg_error)?
+            .get(0);
+        Ok((encoding != "UTF8").then(|| {
+            format!(
+                "the database's encoding is {encoding}, which cannot hold every character events \
+                 carry as the sync writes them: sync into a database created with ENCODING 'UTF8'"
+            )
+        }))
+    }
+
+    fn test_connection(&mut self) -> Result<(), WarehouseError> {
+        if let Some(why) = self.unsupported_database()? {
+            return Err(WarehouseError::new(ErrorClass::Schema, why));
         }
         // CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema exists;
         // a schema a DBA created beforehand must not need that right.
