@@ -84,6 +84,19 @@ pub fn pass(
     now: Timestamp,
     go_on: &dyn Fn() -> bool,
 ) -> Result<PassOutcome, StoreError> {
+    pass_counting(store, min_age, now, go_on, &|_, _| {})
+}
+
+/// [`pass`], telling `counted` after each step that committed how many events and messageId
+/// index entries it deleted: a pass that fails after earlier steps committed has deleted
+/// those all the same, and the metrics must say so.
+pub fn pass_counting(
+    store: &mut dyn Store,
+    min_age: Duration,
+    now: Timestamp,
+    go_on: &dyn Fn() -> bool,
+    counted: &dyn Fn(u64, u64),
+) -> Result<PassOutcome, StoreError> {
     let keep = Keep {
         min_age_seconds: seconds(min_age),
         now_us: now.as_microsecond(),
@@ -93,12 +106,13 @@ pub fn pass(
     let step = loop {
         let step = store.prune_events(&keep, STEP)?;
         deleted += step.deleted;
+        counted(step.deleted, 0);
         if step.done || !go_on() {
             break step;
         }
     };
     let (message_ids_deleted, interrupted) = if step.done {
-        drop_index_runs(store, go_on)
+        drop_index_runs(store, go_on, counted)
     } else {
         (0, true)
     };
@@ -123,12 +137,17 @@ pub fn pass(
 /// deleted events, while `go_on` says so; the entries deleted, and whether it stopped early. A
 /// failure is logged and ends it: the events' deletion stands, and the next pass takes the
 /// index up again.
-fn drop_index_runs(store: &mut dyn Store, go_on: &dyn Fn() -> bool) -> (u64, bool) {
+fn drop_index_runs(
+    store: &mut dyn Store,
+    go_on: &dyn Fn() -> bool,
+    counted: &dyn Fn(u64, u64),
+) -> (u64, bool) {
     let mut deleted = 0;
     loop {
         match store.prune_message_ids(ID_STEP) {
             Ok(step) => {
                 deleted += step.deleted;
+                counted(0, step.deleted);
                 if step.done {
                     return (deleted, false);
                 }
@@ -219,21 +238,28 @@ async fn run_pass_owned(
     }
     let _running = Running(&state.retention_running);
     let shared = Arc::clone(state);
+    // Counted step by step: a pass that fails midway keeps the count of what it deleted.
+    let (events_pruned, message_ids_pruned) = (
+        state.metrics.events_pruned.clone(),
+        state.metrics.message_ids_pruned.clone(),
+    );
     let outcome = state
         .readers
         .read(move |s| {
-            pass(s, retention.min_age, Timestamp::now(), &|| {
-                yield_to_writer(&shared)
-            })
+            pass_counting(
+                s,
+                retention.min_age,
+                Timestamp::now(),
+                &|| yield_to_writer(&shared),
+                &|events, ids| {
+                    events_pruned.inc_by(events);
+                    message_ids_pruned.inc_by(ids);
+                },
+            )
         })
         .await;
     match outcome {
         Ok(Ok(o)) => {
-            state.metrics.events_pruned.inc_by(o.deleted);
-            state
-                .metrics
-                .message_ids_pruned
-                .inc_by(o.message_ids_deleted);
             state
                 .metrics
                 .events_pruned_through
@@ -629,5 +655,49 @@ mod tests {
         assert_eq!(store.event_count().unwrap(), 0, "the events were deleted");
         let o = o.expect("the pass's outcome");
         assert_eq!((o.deleted, o.message_ids_deleted), (1_000, 0));
+    }
+
+    /// An event step that fails after earlier steps of the pass committed (a lock timeout, a
+    /// full disk, a lost connection): the pass fails, and what the steps before deleted is
+    /// counted all the same (the metrics lost it — review).
+    #[test]
+    fn a_failed_event_step_keeps_the_count_of_the_steps_before() {
+        let week = Duration::from_secs(7 * 86_400);
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = SqliteStore::open(&dir.path().join("s.db"), Rules::default()).unwrap();
+        let opts = ParseOptions::new(Timestamp::UNIX_EPOCH, "src");
+        for batch in 0..6 {
+            let events = (0..1_000)
+                .map(|i| {
+                    let v = json!({"type": "page", "messageId": format!("m-{batch}-{i}"), "anonymousId": "a1"});
+                    Event::from_json(&v, None, &opts).unwrap()
+                })
+                .collect();
+            store.ingest(events).unwrap();
+        }
+        let conn = rusqlite::Connection::open(dir.path().join("s.db")).unwrap();
+        let last_of_first_step: i64 = conn
+            .query_row(
+                &format!(
+                    "SELECT seq FROM events ORDER BY seq LIMIT 1 OFFSET {}",
+                    STEP - 1
+                ),
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        conn.execute_batch(&format!(
+            "CREATE TRIGGER refuse BEFORE DELETE ON events WHEN OLD.seq > {last_of_first_step}
+             BEGIN SELECT RAISE(ABORT, 'refused'); END;"
+        ))
+        .unwrap();
+        let counted = Cell::new((0, 0));
+        let o = pass_counting(&mut store, week, Timestamp::now(), &|| true, &|e, i| {
+            let (events, ids) = counted.get();
+            counted.set((events + e, ids + i));
+        });
+        assert!(o.is_err(), "{o:?}");
+        assert_eq!(store.event_count().unwrap(), 6_000 - STEP as i64);
+        assert_eq!(counted.get(), (STEP as u64, 0));
     }
 }
