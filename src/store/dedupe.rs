@@ -1022,6 +1022,27 @@ pub(crate) mod tests {
             }
         }
 
+        /// Rows of one text column.
+        fn strings(&self, sql: &str) -> Vec<String> {
+            match self {
+                Place::Lite(dir) => {
+                    let conn = rusqlite::Connection::open(dir.path().join("s.db")).unwrap();
+                    let mut stmt = conn.prepare(sql).unwrap();
+                    stmt.query_map([], |r| r.get(0))
+                        .unwrap()
+                        .map(Result::unwrap)
+                        .collect()
+                }
+                Place::Pg(url) => ::postgres::Client::connect(url, ::postgres::NoTls)
+                    .unwrap()
+                    .query(sql, &[])
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect(),
+            }
+        }
+
         /// The runs as recorded, and as counted in the index's rows: (run, entries), oldest first.
         fn runs(&self) -> (Runs, Runs) {
             (
@@ -1206,6 +1227,7 @@ pub(crate) mod tests {
         writes_larger_than_a_chunk_keep_the_index_up,
         retention_drops_the_runs_of_deleted_events_and_the_filter_follows,
         a_failed_step_of_retention_leaves_no_entry_behind,
+        writers_and_retention_at_random_agree_with_a_model,
         the_newest_run_stays_whoever_it_indexes,
         a_step_of_usize_max_entries_drops_a_run,
         a_count_an_older_engine_set_is_not_believed,
@@ -1776,6 +1798,129 @@ pub(crate) mod tests {
     /// repeats; writes dropped without a commit; reopens — with narrow and with real hashes,
     /// with small filters, merging every 40 events: each batch's counts and the stored total
     /// must match a model.
+    /// Two writers and a separate retention handle (as the engine's reader pool has) at random:
+    /// partial event steps, partial index steps, rolled-back writes, reopened handles, random
+    /// tuning. Each write's counts match a model of the events kept (a deleted id is new again,
+    /// a kept one a duplicate), the runs and the index count match the rows, and after a full
+    /// index prune the entries of deleted events fit in two runs (review).
+    fn writers_and_retention_at_random_agree_with_a_model(kind: &str) {
+        use rand::{Rng, SeedableRng};
+        let seeds = if kind == "postgres" { 0..1 } else { 0..12 };
+        for seed in seeds {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let tuning = Tuning {
+                merge_min: rng.random_range(5..50),
+                merge_chunk: [usize::MAX, 7, 16][rng.random_range(0..3)],
+                max_run: rng.random_range(10..80),
+                grow_step: rng.random_range(1..10),
+                narrow: rng.random_bool(0.3),
+                small_filters: rng.random_bool(0.7),
+            };
+            let place = Place::new(kind);
+            let mut writers: Vec<Opened> = (0..2).map(|_| place.open_tuned(tuning)).collect();
+            let mut pruner = place.open_tuned(tuning);
+            let mut next = 0;
+            let mut all_ids: Vec<String> = vec![];
+            for step in 0..300 {
+                let w = rng.random_range(0..writers.len());
+                let action = rng.random_range(0..20);
+                if action == 0 {
+                    writers[w] = place.open_tuned(tuning);
+                    continue;
+                }
+                if action == 1 {
+                    pruner = place.open_tuned(tuning);
+                    continue;
+                }
+                if (2..5).contains(&action) {
+                    // Retention: the events up to a stored one, in partial steps.
+                    let n = place.pairs("SELECT count(*), CAST(0 AS BIGINT) FROM events")[0].0;
+                    if n > 0 {
+                        let k = rng.random_range(0..n);
+                        let head = place.pairs(&format!(
+                            "SELECT seq, CAST(0 AS BIGINT) FROM events ORDER BY seq LIMIT 1 OFFSET {k}"
+                        ))[0]
+                            .0;
+                        let keep = crate::store::Keep {
+                            min_age_seconds: 0,
+                            now_us: 1 << 50,
+                            head,
+                        };
+                        for _ in 0..rng.random_range(1..4) {
+                            let max = rng.random_range(1..30);
+                            if pruner.store().prune_events(&keep, max).unwrap().done {
+                                break;
+                            }
+                        }
+                    }
+                    for _ in 0..rng.random_range(0..6) {
+                        let max = rng.random_range(1..40);
+                        if pruner.store().prune_message_ids(max).unwrap().done {
+                            break;
+                        }
+                    }
+                    continue;
+                }
+                let stored: std::collections::HashSet<String> = place
+                    .strings("SELECT message_id FROM events")
+                    .into_iter()
+                    .collect();
+                let mut ids: Vec<String> = vec![];
+                for _ in 0..rng.random_range(1..30) {
+                    let pick = rng.random_range(0..10);
+                    if pick < 5 || all_ids.is_empty() {
+                        next += 1;
+                        ids.push(format!("id-{seed}-{next}"));
+                        all_ids.push(format!("id-{seed}-{next}"));
+                    } else if pick < 9 {
+                        ids.push(all_ids[rng.random_range(0..all_ids.len())].clone());
+                    } else if let Some(last) = ids.last().cloned() {
+                        ids.push(last);
+                    }
+                }
+                if action == 5 {
+                    writers[w].ingest_uncommitted(pages(ids));
+                    continue;
+                }
+                let mut fresh: Vec<&String> = vec![];
+                for id in &ids {
+                    if !stored.contains(id) && !fresh.contains(&id) {
+                        fresh.push(id);
+                    }
+                }
+                let expected = (fresh.len(), ids.len() - fresh.len());
+                assert_eq!(
+                    writers[w].ingest(pages(ids.clone())),
+                    expected,
+                    "seed {seed}, step {step}, writer {w}, tuning {tuning:?}"
+                );
+                let (mut recorded, counted) = place.runs();
+                // A run its partial steps emptied keeps its row until the next step.
+                recorded.retain(|&(_, n)| n != 0);
+                assert_eq!(recorded, counted, "seed {seed}, step {step}: runs");
+                let entries =
+                    place.pairs("SELECT entries, CAST(0 AS BIGINT) FROM message_id_index")[0].0;
+                assert_eq!(
+                    entries,
+                    place.indexed().1,
+                    "seed {seed}, step {step}: count"
+                );
+            }
+            while !pruner.store().prune_message_ids(1000).unwrap().done {}
+            let (recorded, _) = place.runs();
+            let horizon = pruner.store().pruned().unwrap().through_seq;
+            let dead = place.pairs(&format!(
+                "SELECT count(*), CAST(0 AS BIGINT) FROM message_id_entries WHERE seq <= {horizon}"
+            ))[0]
+                .0;
+            let two_runs: i64 = recorded.iter().rev().take(2).map(|&(_, n)| n).sum();
+            assert!(
+                dead <= two_runs,
+                "seed {seed}: {dead} dead entries, runs {recorded:?}"
+            );
+        }
+    }
+
     fn three_writers_at_random_agree_with_a_model(kind: &str) {
         use rand::{Rng, SeedableRng};
         // The third with filters that fill and grow every few merges.
