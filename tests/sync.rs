@@ -3123,3 +3123,40 @@ fn postgres_the_connection_test_names_the_encoding_not_the_schema() {
         outcome.message
     );
 }
+
+/// Columns a DBA dropped still count toward PostgreSQL's 1,600 until the table is rewritten: a
+/// table that has used them up takes no new column, and a new property goes to `discards` — not
+/// an `ADD COLUMN` the server refuses at every run (review).
+#[test]
+fn postgres_dropped_columns_count_against_the_column_limit() {
+    let (mut s, url, _d) = store();
+    let event = |id: &str, props: Value| {
+        msg(
+            json!({"type": "track", "messageId": id, "userId": "u1", "event": "Cleaned", "properties": props}),
+        )
+    };
+    ingest(&mut *s, &[event("c1", json!({"n": 1}))]);
+    let wh = TestWarehouse::postgres();
+    let r = wh.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::Success, "{:#?}", r.errors);
+    let garbage = 1600 - wh.columns("cleaned").len();
+    let add: String = (0..garbage)
+        .map(|i| format!("ALTER TABLE profiles_sync.cleaned ADD COLUMN g{i} BIGINT;"))
+        .collect();
+    let drop: String = (0..garbage)
+        .map(|i| format!("ALTER TABLE profiles_sync.cleaned DROP COLUMN g{i};"))
+        .collect();
+    as_dba(&wh).batch_execute(&add).unwrap();
+    as_dba(&wh).batch_execute(&drop).unwrap();
+    ingest(&mut *s, &[event("c2", json!({"n": 2, "fresh": 1}))]);
+    for _ in 0..2 {
+        let r = wh.sync(&url, None);
+        assert_eq!(r.status, SyncStatus::Success, "{:#?}", r.errors);
+    }
+    assert_eq!(wh.count("cleaned"), 2);
+    let d = wh.table("discards");
+    assert_eq!(
+        wh.query(&format!("SELECT column_name, row_id FROM {d}")),
+        [[Some("fresh".to_string()), Some("c2".to_string())]]
+    );
+}

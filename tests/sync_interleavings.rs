@@ -399,6 +399,9 @@ impl Warehouse for Flaky {
     fn column_limits(&self) -> std::collections::BTreeMap<String, ColumnLimits> {
         self.inner.column_limits()
     }
+    fn dropped_columns(&self) -> std::collections::BTreeMap<String, usize> {
+        self.inner.dropped_columns()
+    }
     fn begin(&mut self) -> Result<(), WarehouseError> {
         if self.gone {
             return Err(WarehouseError::new(ErrorClass::Connection, "gone"));

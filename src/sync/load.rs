@@ -91,6 +91,8 @@ pub struct Schema {
     pub tables: BTreeMap<String, TableColumns>,
     /// Table → its narrowed columns (the sync never creates one; a DBA may alter one).
     pub limits: BTreeMap<String, ColumnLimits>,
+    /// Table → columns a DBA dropped that still count toward `max_columns`.
+    pub dropped: BTreeMap<String, usize>,
     /// Most columns a table may have ([`crate::warehouse::Dialect::max_columns`]).
     pub max_columns: usize,
     /// Most bytes a row may take ([`crate::warehouse::Dialect::max_row_bytes`]).
@@ -103,6 +105,7 @@ impl Default for Schema {
         Schema {
             tables: BTreeMap::new(),
             limits: BTreeMap::new(),
+            dropped: BTreeMap::new(),
             max_columns: usize::MAX,
             max_row_bytes: None,
         }
@@ -130,6 +133,7 @@ impl Schema {
         Ok(Schema {
             tables,
             limits: wh.column_limits(),
+            dropped: wh.dropped_columns(),
             max_columns: wh.dialect().max_columns(),
             max_row_bytes: wh.dialect().max_row_bytes(),
         })
@@ -515,6 +519,8 @@ pub fn prepare(schema: &Schema, mut chunk: Chunk<'_>) -> Prepared {
         schema.limits.get(chunk.table),
         (schema.max_columns, schema.max_row_bytes),
     );
+    // Columns a DBA dropped keep their slots (PostgreSQL counts them toward its limit).
+    typer.width += schema.dropped.get(chunk.table).copied().unwrap_or(0);
     for row in std::mem::take(&mut chunk.rows) {
         typer.push(row);
     }

@@ -197,6 +197,9 @@ mod tests {
         fn column_limits(&self) -> BTreeMap<String, crate::warehouse::ColumnLimits> {
             self.inner.column_limits()
         }
+        fn dropped_columns(&self) -> BTreeMap<String, usize> {
+            self.inner.dropped_columns()
+        }
         fn merge_stage(
             &self,
             table: &str,

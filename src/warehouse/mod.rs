@@ -230,6 +230,12 @@ pub trait Warehouse: Send {
     /// [`Warehouse::describe`]. A wrapper around a warehouse must forward this method, or values
     /// a narrowed column refuses fail their table's loads instead of going to `discards`.
     fn column_limits(&self) -> BTreeMap<String, ColumnLimits>;
+    /// Table → columns dropped from it that still count toward
+    /// [`Dialect::max_columns`] (PostgreSQL keeps their slots until the table is rewritten),
+    /// as of the last [`Warehouse::describe`]; tables without any are absent.
+    fn dropped_columns(&self) -> BTreeMap<String, usize> {
+        BTreeMap::new()
+    }
     /// Starts a transaction.
     fn begin(&mut self) -> Result<(), WarehouseError>;
     /// Commits it.

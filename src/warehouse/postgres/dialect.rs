@@ -68,8 +68,8 @@ impl Dialect for PostgresDialect {
     }
 
     fn max_columns(&self) -> usize {
-        // PostgreSQL's limit counts the columns a DBA dropped too (which the catalog read
-        // skips): past it, `ADD COLUMN` still fails with the server's own message.
+        // PostgreSQL's limit counts the columns a DBA dropped too: `describe` reports those
+        // apart (`Warehouse::dropped_columns`), and the sync counts them against it.
         1600
     }
 

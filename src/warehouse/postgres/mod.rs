@@ -39,6 +39,9 @@ pub struct PostgresWarehouse {
     converted: BTreeMap<String, HashMap<String, String>>,
     /// Table → its narrowed columns, as of the last [`Warehouse::describe`].
     limits: BTreeMap<String, ColumnLimits>,
+    /// Table → columns a DBA dropped, as of the last `describe` (they still count toward
+    /// PostgreSQL's 1,600).
+    dropped: BTreeMap<String, usize>,
 }
 
 /// Converts a driver error into a classified warehouse error.
@@ -233,6 +236,7 @@ impl PostgresWarehouse {
             dialect: PostgresDialect::postgres(),
             converted: BTreeMap::new(),
             limits: BTreeMap::new(),
+            dropped: BTreeMap::new(),
         })
     }
 
@@ -415,6 +419,22 @@ impl Warehouse for PostgresWarehouse {
         let mut out: BTreeMap<String, TableColumns> = BTreeMap::new();
         self.converted.clear();
         self.limits.clear();
+        self.dropped = self
+            .client
+            .query(
+                "SELECT c.relname::text, count(*)
+                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace JOIN pg_attribute a ON a.attrelid = c.oid
+                  WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND a.attnum > 0 AND a.attisdropped
+                  GROUP BY c.relname",
+                &[&self.schema],
+            )
+            .map_err(pg_error)?
+            .iter()
+            .map(|r| {
+                let (table, n): (String, i64) = (r.get(0), r.get(1));
+                (table, usize::try_from(n).unwrap_or(0))
+            })
+            .collect();
         for r in rows {
             let (table, column, ty): (String, String, String) = (r.get(0), r.get(1), r.get(2));
             if let Some(limit) = self.dialect.column_limit(&ty) {
@@ -437,6 +457,10 @@ impl Warehouse for PostgresWarehouse {
 
     fn column_limits(&self) -> BTreeMap<String, ColumnLimits> {
         self.limits.clone()
+    }
+
+    fn dropped_columns(&self) -> BTreeMap<String, usize> {
+        self.dropped.clone()
     }
 
     fn begin(&mut self) -> Result<(), WarehouseError> {
