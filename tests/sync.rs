@@ -3160,3 +3160,127 @@ fn postgres_dropped_columns_count_against_the_column_limit() {
         [[Some("fresh".to_string()), Some("c2".to_string())]]
     );
 }
+
+/// Writes the state row an earlier release kept: the profile tables' shared `_materialized`
+/// cursor.
+fn with_legacy_shared_cursor(wh: &TestWarehouse) {
+    let state = wh.table("_profiles_sync_state");
+    wh.connect()
+        .execute(&format!(
+            "INSERT INTO {state} (table_name, cursor_seq, enabled, enabled_since_us, min_received_at_us, backfilled)
+             SELECT '_materialized', cursor_seq, 1, enabled_since_us, NULL, 1 FROM {state} WHERE table_name = 'user_identifiers'"
+        ))
+        .unwrap();
+}
+
+fn identifies(n: usize) -> Vec<Value> {
+    (0..n)
+        .map(|i| {
+            msg(
+                json!({"type": "identify", "messageId": format!("b{i}"), "userId": format!("u{i}"),
+                "traits": {"plan": format!("p{i}")}}),
+            )
+        })
+        .collect()
+}
+
+/// The earlier release's shared cursor is retired by the first sync: a profile table turned off
+/// and on afterwards resumes at its own cursor (nothing new: nothing loaded), as in a warehouse
+/// that never had it — it reloaded everything at every re-enable while the row stayed (review).
+#[test]
+fn a_profile_table_off_and_on_after_the_upgrade_resumes_at_its_cursor() {
+    let (mut s, url, _d) = store();
+    ingest(&mut *s, &identifies(8));
+    let on = selection(json!({}));
+    let off = selection(json!({"tables": [{"name": "user_traits", "enabled": false}]}));
+    let mut reloaded = vec![];
+    for legacy in [false, true] {
+        let wh = TestWarehouse::sqlite();
+        assert_eq!(wh.sync(&url, Some(&on)).status, SyncStatus::Success);
+        if legacy {
+            with_legacy_shared_cursor(&wh);
+        }
+        assert_eq!(wh.sync(&url, Some(&on)).status, SyncStatus::Success);
+        let left = wh.query(&format!(
+            "SELECT count(*) FROM {} WHERE table_name = '_materialized'",
+            wh.table("_profiles_sync_state")
+        ));
+        assert_eq!(
+            left,
+            [[Some("0".to_string())]],
+            "the shared cursor is retired"
+        );
+        assert_eq!(wh.sync(&url, Some(&off)).status, SyncStatus::Success);
+        let r = wh.sync(&url, Some(&on));
+        assert_eq!(r.status, SyncStatus::Success, "{:#?}", r.errors);
+        reloaded.push(
+            r.tables
+                .iter()
+                .find(|t| t.name == "user_traits")
+                .map_or(0, |t| t.rows),
+        );
+    }
+    assert_eq!(
+        reloaded,
+        [0, 0],
+        "rows user_traits loaded when turned back on"
+    );
+}
+
+/// A profile table that was off under the earlier release's shared cursor loads from the start
+/// when turned back on, and says so: a run stopped by a row limit lists it as backfilling
+/// (review).
+#[test]
+fn a_profile_table_reloaded_for_the_legacy_cursor_is_reported_as_backfilling() {
+    let (mut s, url, _d) = store();
+    ingest(&mut *s, &identifies(8));
+    let on = selection(json!({}));
+    let off = selection(json!({"tables": [{"name": "user_traits", "enabled": false}]}));
+    let wh = TestWarehouse::sqlite();
+    assert_eq!(wh.sync(&url, Some(&on)).status, SyncStatus::Success);
+    assert_eq!(wh.sync(&url, Some(&off)).status, SyncStatus::Success);
+    with_legacy_shared_cursor(&wh);
+    let mut spec = wh.spec.clone();
+    spec.limits = Some(profiles_sync::crd::SyncLimits {
+        max_rows: Some(2),
+        ..Default::default()
+    });
+    let r = wh.sync_with(&url, Some(&on), &spec, 500);
+    assert_ne!(r.status, SyncStatus::Failed, "{:#?}", r.errors);
+    assert!(r.limit_reached, "{r:#?}");
+    assert!(
+        r.backfilling.iter().any(|t| t == "user_traits"),
+        "{:?}",
+        r.backfilling
+    );
+}
+
+/// Half of a surrogate pair in JSON text bound for a DBA's `jsonb` column, which refuses it,
+/// goes to `discards` and the table loads (review).
+#[test]
+fn postgres_a_lone_surrogate_goes_to_discards_from_a_jsonb_column() {
+    let (mut s, url, _d) = store();
+    ingest(
+        &mut *s,
+        &[
+            msg(
+                json!({"type": "track", "messageId": "j1", "userId": "u1", "event": "Order Completed", "properties": {"cart": "[\"\\ud800\"]", "total": 1}}),
+            ),
+            msg(
+                json!({"type": "track", "messageId": "j2", "userId": "u1", "event": "Order Completed", "properties": {"cart": "[\"fine\"]", "total": 2}}),
+            ),
+        ],
+    );
+    let wh = TestWarehouse::postgres();
+    as_dba(&wh)
+        .batch_execute(
+            "CREATE SCHEMA profiles_sync;
+             CREATE TABLE profiles_sync.order_completed (id TEXT PRIMARY KEY, cart JSONB);",
+        )
+        .unwrap();
+    for _ in 0..2 {
+        let r = wh.sync(&url, None);
+        assert_eq!(r.status, SyncStatus::Success, "{:#?}", r.errors);
+    }
+    assert_eq!(wh.count("order_completed"), 2);
+}

@@ -206,16 +206,11 @@ impl<'a> Run<'a> {
             // at the head it would keep what changed while it was off (a merge's moved rows, a
             // changed trait) wrong for good. It catches up from its own cursor, where it
             // stopped (the identity logs are complete); one that was never loaded (turned off
-            // before its first sync, or midway through its backfill) loads from the start,
-            // reported as backfilling until it is done — as does one in a warehouse an earlier
-            // release synced with the shared `_materialized` cursor, which moved the cursors
-            // of tables that were off along with it.
+            // before its first sync, or midway through its backfill, or off under an earlier
+            // release's shared cursor: `migrate_shared_profile_cursor`) loads from the start,
+            // reported as backfilling until it is done.
             Some(s) if on && MATERIALIZED.contains(&table) => TableState {
-                cursor: if s.backfilled && !self.states.contains_key(MATERIALIZED_CURSOR) {
-                    s.cursor
-                } else {
-                    0
-                },
+                cursor: if s.backfilled { s.cursor } else { 0 },
                 enabled: true,
                 enabled_since_us: now,
                 ..s.clone()
@@ -442,6 +437,7 @@ impl<'a> Run<'a> {
         let mut names = state::read_names(wh)?;
         let mut schema = Schema::of(wh)?;
         self.migrate_events_watermark(wh, &schema)?;
+        self.migrate_shared_profile_cursor(wh)?;
         self.migrate_sqlite_prefixed(wh, &mut schema, &mut names)?;
         self.head = source.head()?;
         self.report.head_seq = self.head;
@@ -681,6 +677,40 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
+    /// Retires the cursor the profile tables shared under an earlier release
+    /// ([`MATERIALIZED_CURSOR`]), once: that release moved every profile table's cursor along
+    /// with it, those turned off included, though nothing loaded into them — so the cursor of a
+    /// table that is off now cannot be trusted, and it is marked not loaded (turned back on, it
+    /// loads from the start, reported as backfilling). The row goes in the same transaction.
+    fn migrate_shared_profile_cursor(&mut self, wh: &mut dyn Warehouse) -> Result<(), RunError> {
+        if !self.states.contains_key(MATERIALIZED_CURSOR) {
+            return Ok(());
+        }
+        let off: Vec<(&'static str, TableState)> = MATERIALIZED
+            .iter()
+            .filter_map(|t| {
+                let s = self.states.get(*t).filter(|s| !s.enabled && s.backfilled)?;
+                Some((
+                    *t,
+                    TableState {
+                        backfilled: false,
+                        ..s.clone()
+                    },
+                ))
+            })
+            .collect();
+        crate::warehouse::in_transaction(wh, |wh| {
+            let rows: Vec<(&str, &TableState)> = off.iter().map(|(t, s)| (*t, s)).collect();
+            state::write(wh, &rows)?;
+            state::remove(wh, MATERIALIZED_CURSOR)
+        })?;
+        for (t, s) in off {
+            self.states.insert(t.to_string(), s);
+        }
+        self.states.remove(MATERIALIZED_CURSOR);
+        Ok(())
+    }
+
     /// Moves the Track tables an older release named `sqlite_…` to their `_sqlite_…` names
     /// (SQLite refuses to create `sqlite_…` tables; every warehouse prefixes them since): the
     /// table where the warehouse has it (PostgreSQL), its column names and its state, with the
@@ -719,6 +749,9 @@ impl<'a> Run<'a> {
             self.states.insert(new.clone(), st);
             if let Some(columns) = schema.tables.remove(&old) {
                 schema.tables.insert(new.clone(), columns);
+            }
+            if let Some(dropped) = schema.dropped.remove(&old) {
+                schema.dropped.insert(new.clone(), dropped);
             }
             if let Some(limits) = schema.limits.remove(&old) {
                 schema.limits.insert(new.clone(), limits);

@@ -38,7 +38,8 @@ pub const STATE: &str = "_profiles_sync_state";
 pub const COLUMN_NAMES: &str = "_profiles_sync_columns";
 /// The cursor the three materialized tables shared before each got its own (their own states
 /// carried the same value, so they continue from it); an older warehouse's state row of that
-/// name is kept and ignored.
+/// name is removed by the first sync of a later release, which marks the tables that are off
+/// then as not loaded (that release moved their cursors along with the shared one).
 pub const MATERIALIZED_CURSOR: &str = "_materialized";
 /// The sync-wide events watermark (every event up to it has been routed). No Track event's
 /// table can take this name ([`super::events::track_table`] prefixes none with `_profiles_sync`).

@@ -231,7 +231,7 @@ pub trait Warehouse: Send {
     /// a narrowed column refuses fail their table's loads instead of going to `discards`.
     fn column_limits(&self) -> BTreeMap<String, ColumnLimits>;
     /// Table → columns dropped from it that still count toward
-    /// [`Dialect::max_columns`] (PostgreSQL keeps their slots until the table is rewritten),
+    /// [`Dialect::max_columns`] (PostgreSQL keeps their slots until the table is recreated),
     /// as of the last [`Warehouse::describe`]; tables without any are absent.
     fn dropped_columns(&self) -> BTreeMap<String, usize> {
         BTreeMap::new()

@@ -66,8 +66,8 @@ pub enum ColumnLimit {
     /// JSON text (PostgreSQL's `json`): an object, an array, a number or a boolean of the
     /// event loads as it is; a string property (not JSON text) is refused.
     Json,
-    /// JSON text for PostgreSQL's `jsonb`, which also refuses a NUL character (`\u0000`) in
-    /// any string or key (`json` keeps the text as it is).
+    /// JSON text for PostgreSQL's `jsonb`, which also refuses a NUL character (`\u0000`) and a
+    /// lone surrogate escape (`\ud800`) in any string or key (`json` keeps the text as it is).
     Jsonb,
 }
 
@@ -133,6 +133,8 @@ impl ColumnLimit {
                     .map_err(|_| "text that is not JSON, in a jsonb column".to_string())?;
                 if escapes_nul(s) {
                     Err("a NUL character (U+0000), which a jsonb column refuses".to_string())
+                } else if crate::event::mend_lone_surrogates(s.as_bytes()).is_some() {
+                    Err("half of a UTF-16 surrogate pair, which a jsonb column refuses".to_string())
                 } else {
                     Ok(())
                 }
@@ -368,6 +370,27 @@ mod tests {
                 true,
             ),
             (ColumnLimit::Jsonb, Cell::Text("plain words".into()), false),
+            (
+                ColumnLimit::Jsonb,
+                Cell::Text(r#"["\ud800"]"#.into()),
+                false,
+            ),
+            (
+                ColumnLimit::Jsonb,
+                Cell::Text(r#"{"k\udc00":1}"#.into()),
+                false,
+            ),
+            (
+                ColumnLimit::Jsonb,
+                Cell::Text(r#"["\ud83d\ude00"]"#.into()),
+                true,
+            ),
+            (
+                ColumnLimit::Jsonb,
+                Cell::Text(r#"["\\ud800"]"#.into()),
+                true,
+            ),
+            (ColumnLimit::Jsonb, Cell::Text("[1e400]".into()), true),
             (text(1, false), Cell::Null, true),
         ];
         for (limit, cell, admitted) in cases {
