@@ -835,9 +835,9 @@ impl PostgresStore {
         })
     }
 
-    /// Replaces the broken connection with a new one, ending its server session first: a
-    /// COMMIT that never reached the server leaves it idle in its transaction, holding the head
-    /// lock (every replica's writes would wait for the server to notice, a minute or more).
+    /// Replaces the broken connection with a new one, ending its server session first where it
+    /// can: a COMMIT that never reached the server leaves it idle in its transaction, holding the
+    /// head lock (every replica's writes would wait for the server to notice, a minute or more).
     fn reconnect(&mut self) -> Result<(), StoreError> {
         let mut client = connect(&self.url)?;
         // Best effort (PostgreSQL 13 has no wait argument; the role may not end sessions): the

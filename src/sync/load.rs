@@ -364,8 +364,9 @@ impl<'c> Typer<'c> {
                 Err(NoColumn::Skipped) => continue,
                 Err(NoColumn::TableFull) => {
                     let reason = format!(
-                        "the table has {} columns, as many as the warehouse allows: \
-                         a new property gets no column",
+                        "the table has {} columns (counting those a DBA dropped, which the \
+                         warehouse still counts), as many as the warehouse allows: a new \
+                         property gets no column",
                         self.max_columns
                     );
                     self.refuse(&name, &row_id, v.into_text(), reason, &received_at);
