@@ -19,6 +19,11 @@ struct EngineProcess {
 }
 
 fn spawn_engine(dir: &Path) -> EngineProcess {
+    spawn_engine_with(dir, &[])
+}
+
+/// [`spawn_engine`] with more arguments.
+fn spawn_engine_with(dir: &Path, args: &[&str]) -> EngineProcess {
     let sources = dir.join("sources.yaml");
     std::fs::write(
         &sources,
@@ -30,6 +35,7 @@ fn spawn_engine(dir: &Path) -> EngineProcess {
         .arg(&sources)
         .arg("--store")
         .arg(format!("sqlite://{}", dir.join("store.db").display()))
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -173,6 +179,51 @@ fn sigterm_stops_the_engine_gracefully() {
         "the engine must exit 0 on SIGTERM, got {exit:?}"
     );
     assert_eq!(stored_ids(dir.path()).len(), 10);
+}
+
+/// After SIGTERM the engine goes on accepting connections for `--shutdown-delay-secs`, `/readyz`
+/// answering 503 "shutting down" (Kubernetes' endpoints and ingresses take a pod out only after
+/// its SIGTERM; a refused connection then is a 502 at an ingress), then stops by itself with
+/// status 0. It used to close its listener at once, so that nobody could see it "shutting
+/// down" (review).
+#[test]
+fn after_sigterm_the_engine_answers_not_ready_before_it_stops_accepting() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut engine = spawn_engine_with(dir.path(), &["--shutdown-delay-secs", "3"]);
+    let client = reqwest::blocking::Client::new();
+    let r = client
+        .post(format!("{}/v1/batch", engine.base))
+        .basic_auth(WRITE_KEY, Some(""))
+        .json(&batch(0, 5))
+        .send()
+        .unwrap();
+    assert!(r.status().is_success());
+    let status = Command::new("kill")
+        .args(["-TERM", &engine.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // Until the signal is handled /readyz answers 200; then 503 on a new connection, which
+    // the engine still accepts.
+    let answer = loop {
+        let r = client
+            .get(format!("{}/readyz", engine.base))
+            .send()
+            .expect("a new connection during the shutdown delay is accepted");
+        if r.status() != reqwest::StatusCode::OK {
+            break (r.status(), r.text().unwrap());
+        }
+        std::thread::yield_now();
+    };
+    assert_eq!(
+        answer.0,
+        reqwest::StatusCode::SERVICE_UNAVAILABLE,
+        "{answer:?}"
+    );
+    assert!(answer.1.contains("shutting down"), "{answer:?}");
+    let exit = engine.child.wait().unwrap();
+    assert!(exit.success(), "{exit:?}");
+    assert_eq!(stored_ids(dir.path()).len(), 5);
 }
 
 /// An engine whose stdout and stderr are pipes nobody reads any more (`engine … 2>&1 | head`,

@@ -54,6 +54,17 @@ pub struct EngineArgs {
         value_parser = clap::value_parser!(u64).range(0..=86_400)
     )]
     pub stall_timeout_secs: u64,
+    /// Seconds the engine goes on serving after SIGTERM, `/readyz` answering 503 "shutting
+    /// down", before it stops accepting connections and finishes the requests in flight: the
+    /// time Kubernetes' endpoints, kube-proxy and ingress controllers take to stop sending it
+    /// new connections. 0 stops accepting at once.
+    #[arg(
+        long,
+        env = "PROFILES_SYNC_SHUTDOWN_DELAY_SECS",
+        default_value_t = 5,
+        value_parser = clap::value_parser!(u64).range(0..=300)
+    )]
+    pub shutdown_delay_secs: u64,
     /// Delete events older than this (days `60d` or hours `36h`, 1 to 5 digits, not 0) once
     /// every connection that has recorded its progress (each sync does) has loaded them; a
     /// connection's longer backfill window keeps them longer, and one not yet synced under this
@@ -122,6 +133,7 @@ impl EngineArgs {
             max_connections: self.max_connections,
             feed_readers: self.feed_readers,
             stall_timeout: std::time::Duration::from_secs(self.stall_timeout_secs),
+            shutdown_delay: std::time::Duration::from_secs(self.shutdown_delay_secs),
             retention: self
                 .event_retention
                 .map(|min_age| crate::engine::retention::Retention {

@@ -76,6 +76,12 @@ pub struct EngineConfig {
     pub stall_timeout: std::time::Duration,
     /// Event retention (`--event-retention`); `None` keeps every event.
     pub retention: Option<retention::Retention>,
+    /// How long the engine goes on serving after a shutdown starts, `/readyz` answering 503
+    /// "shutting down" meanwhile, before it stops accepting connections and drains: in
+    /// Kubernetes the Service's endpoints, kube-proxy and ingress controllers take the pod out
+    /// only a few seconds after its SIGTERM, and a connection refused then is a 502 at an
+    /// ingress. Zero stops accepting at once.
+    pub shutdown_delay: std::time::Duration,
 }
 
 impl std::fmt::Debug for EngineConfig {
@@ -96,6 +102,7 @@ impl std::fmt::Debug for EngineConfig {
             .field("feed_readers", &self.feed_readers)
             .field("stall_timeout", &self.stall_timeout)
             .field("retention", &self.retention)
+            .field("shutdown_delay", &self.shutdown_delay)
             .finish()
     }
 }
@@ -118,6 +125,7 @@ impl EngineConfig {
             feed_readers: DEFAULT_FEED_READERS,
             stall_timeout: std::time::Duration::from_secs(DEFAULT_STALL_TIMEOUT_SECS),
             retention: None,
+            shutdown_delay: std::time::Duration::ZERO,
         }
     }
 }
@@ -236,16 +244,28 @@ pub async fn start(config: EngineConfig) -> anyhow::Result<RunningEngine> {
     if let Some(r) = config.retention {
         retention::spawn(state.clone(), r, rx.clone());
     }
+    // A shutdown turns `/readyz` to 503 at once; the server stops accepting connections (and
+    // drains) only after `shutdown_delay`, while load balancers take the engine out.
+    let (stop_serving, serving) = tokio::sync::watch::channel(false);
     let mut stopping = rx.clone();
+    let delay = config.shutdown_delay;
     tokio::spawn(async move {
         let _ = stopping.wait_for(|stop| *stop).await;
         state.ready.store(false, Ordering::Relaxed);
+        if !delay.is_zero() {
+            tracing::info!(
+                seconds = delay.as_secs_f64(),
+                "shutting down: not ready, still serving while load balancers take the engine out"
+            );
+            tokio::time::sleep(delay).await;
+        }
+        let _ = stop_serving.send(true);
     });
     let limits = serve::Limits {
         header_timeout: config.header_timeout,
         max_connections: config.max_connections,
     };
-    let server = tokio::spawn(serve::serve(listener, app, limits, rx));
+    let server = tokio::spawn(serve::serve(listener, app, limits, serving));
     tracing::info!(%addr, "engine listening");
     Ok(RunningEngine {
         addr,

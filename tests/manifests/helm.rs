@@ -166,6 +166,18 @@ pub fn reject_cases() -> Vec<Reject> {
     };
     let source = |id: &str, key: &str| json!({"id": id, "name": id, "slug": id, "writeKey": key});
     vec![
+        // A budget of 0 on the one-replica engine would block every eviction (node drains,
+        // cluster upgrades, the autoscaler) for good (review).
+        reject(
+            "pdb-zero",
+            json!({"podDisruptionBudget": {"enabled": true, "maxUnavailable": 0}}),
+            "/podDisruptionBudget/maxUnavailable",
+        ),
+        reject(
+            "pdb-zero-percent",
+            json!({"podDisruptionBudget": {"enabled": true, "maxUnavailable": "0%"}}),
+            "/podDisruptionBudget/maxUnavailable",
+        ),
         reject(
             "unknown-top-level-key",
             json!({"replicas": 2}),

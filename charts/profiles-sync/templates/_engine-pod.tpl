@@ -17,6 +17,9 @@ metadata:
 spec:
   serviceAccountName: {{ include "profiles-sync.engineName" . }}
   automountServiceAccountToken: false
+  # After SIGTERM: 5 s still serving (not ready) while endpoints and ingresses let go, up to
+  # 25 s finishing requests in flight, then the writer's last commit.
+  terminationGracePeriodSeconds: 45
   securityContext:
     {{- include "profiles-sync.podSecurityContext" . | nindent 4 }}
   {{- with .Values.imagePullSecrets }}
