@@ -178,6 +178,23 @@ pub fn reject_cases() -> Vec<Reject> {
             json!({"podDisruptionBudget": {"enabled": true, "maxUnavailable": "0%"}}),
             "/podDisruptionBudget/maxUnavailable",
         ),
+        // A label that repeats one the chart sets renders twice; the API server refuses the
+        // manifest with no hint of the value behind it (review).
+        reject(
+            "pod-labels-selector",
+            json!({"engine": {"podLabels": {"app.kubernetes.io/instance": "other"}}}),
+            "/engine/podLabels",
+        ),
+        reject(
+            "controller-pod-labels-selector",
+            json!({"controller": {"podLabels": {"app.kubernetes.io/component": "x"}}}),
+            "/controller/podLabels",
+        ),
+        reject(
+            "common-labels-chart",
+            json!({"commonLabels": {"helm.sh/chart": "x"}}),
+            "/commonLabels",
+        ),
         reject(
             "unknown-top-level-key",
             json!({"replicas": 2}),
