@@ -4,7 +4,7 @@ use std::io::Write;
 
 use serde_json::{Map, Value};
 
-use crate::store::{EventFilter, Feed, StateTable, Store, state_rows};
+use crate::store::{Feed, StateTable, Store, state_rows};
 use crate::sync::naming::table_name;
 
 /// Output format of `export`.
@@ -42,28 +42,16 @@ enum Source {
 }
 
 fn resolve_table(store: &mut dyn Store, table: &str) -> anyhow::Result<Source> {
-    if let Some(feed) = Feed::from_table(table) {
-        return Ok(Source::Feed(feed, None));
-    }
     if let Some(state) = StateTable::from_table(table) {
         return Ok(Source::State(state));
     }
-    // The head first: an event's name is committed with it, so every event up to this head
-    // has its name among those read next. The export ends there: an event of a name new to
-    // the table committed later would be passed over (and skipped by a resumed export).
-    let head = store.head_seq()?;
-    let names = store.track_event_names()?;
-    let matching: Vec<String> = names
-        .iter()
-        .filter(|n| table_name(n) == table)
-        .cloned()
-        .collect();
-    if !matching.is_empty() {
-        return Ok(Source::Feed(
-            Feed::Events(EventFilter::TrackNames(matching)),
-            Some(head),
-        ));
+    // A Track event table's export ends at the head its event names were read at: an event of
+    // a name new to the table committed later would be passed over (and skipped by a resumed
+    // export).
+    if let Some((feed, through)) = crate::engine::feed::feed_for(store, table)? {
+        return Ok(Source::Feed(feed, through));
     }
+    let names = store.track_event_names()?;
     let mut known: Vec<String> = Feed::TABLES
         .iter()
         .chain(StateTable::TABLES.iter())
@@ -222,6 +210,7 @@ impl Sink<'_> {
 mod tests {
     use super::*;
     use crate::event::{Event, ParseOptions};
+    use crate::store::EventFilter;
     use serde_json::json;
 
     fn ingest(store: &mut crate::store::SqliteStore, id: &str, name: &str) {

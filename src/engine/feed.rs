@@ -129,8 +129,12 @@ pub fn token_matches(header: Option<&str>, expected: &str) -> bool {
 }
 
 /// The feed for a table name: a change log, an event-type table, or a Track event table; for a
-/// Track event table, also the head its names were read at (see [`seq_page`]).
-fn feed_for(store: &mut dyn Store, table: &str) -> Result<Option<(Feed, Option<i64>)>, StoreError> {
+/// Track event table, also the head its names were read at, which its reads must end at (see
+/// [`seq_page`]; `profiles-sync export` reads through it too).
+pub(crate) fn feed_for(
+    store: &mut dyn Store,
+    table: &str,
+) -> Result<Option<(Feed, Option<i64>)>, StoreError> {
     if let Some(f) = Feed::from_table(table) {
         return Ok(Some((f, None)));
     }
