@@ -55,6 +55,26 @@ fn spawn_engine_with(dir: &Path, args: &[&str]) -> EngineProcess {
     }
 }
 
+/// Posts `n` events to the engine at `base`, answered 200.
+fn post_ok(client: &reqwest::blocking::Client, base: &str, n: usize) {
+    let r = client
+        .post(format!("{base}/v1/batch"))
+        .basic_auth(WRITE_KEY, Some(""))
+        .json(&batch(0, n))
+        .send()
+        .unwrap();
+    assert!(r.status().is_success());
+}
+
+/// Sends SIGTERM to `child`.
+fn sigterm(child: &std::process::Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
 fn batch(from: usize, n: usize) -> serde_json::Value {
     json!({"batch": (from..from + n).map(|i| json!({
         "type": "track", "messageId": format!("m{i}"), "userId": format!("u{}", i % 37), "event": "Order Completed",
@@ -161,18 +181,8 @@ fn sigterm_stops_the_engine_gracefully() {
     let dir = tempfile::tempdir().unwrap();
     let mut engine = spawn_engine(dir.path());
     let client = reqwest::blocking::Client::new();
-    let r = client
-        .post(format!("{}/v1/batch", engine.base))
-        .basic_auth(WRITE_KEY, Some(""))
-        .json(&batch(0, 10))
-        .send()
-        .unwrap();
-    assert!(r.status().is_success());
-    let status = Command::new("kill")
-        .args(["-TERM", &engine.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    post_ok(&client, &engine.base, 10);
+    sigterm(&engine.child);
     let exit = engine.child.wait().unwrap();
     assert!(
         exit.success(),
@@ -191,18 +201,8 @@ fn after_sigterm_the_engine_answers_not_ready_before_it_stops_accepting() {
     let dir = tempfile::tempdir().unwrap();
     let mut engine = spawn_engine_with(dir.path(), &["--shutdown-delay-secs", "3"]);
     let client = reqwest::blocking::Client::new();
-    let r = client
-        .post(format!("{}/v1/batch", engine.base))
-        .basic_auth(WRITE_KEY, Some(""))
-        .json(&batch(0, 5))
-        .send()
-        .unwrap();
-    assert!(r.status().is_success());
-    let status = Command::new("kill")
-        .args(["-TERM", &engine.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    post_ok(&client, &engine.base, 5);
+    sigterm(&engine.child);
     // Until the signal is handled /readyz answers 200; then 503 on a new connection, which
     // the engine still accepts.
     let answer = loop {
@@ -281,18 +281,8 @@ fn an_engine_with_its_output_pipes_closed_serves_and_stops_on_sigterm() {
         }
         std::thread::yield_now();
     }
-    let r = client
-        .post(format!("{base}/v1/batch"))
-        .basic_auth(WRITE_KEY, Some(""))
-        .json(&batch(0, 5))
-        .send()
-        .unwrap();
-    assert!(r.status().is_success());
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    post_ok(&client, &base, 5);
+    sigterm(&child);
     let exit = child.wait().unwrap();
     assert!(exit.success(), "exit on SIGTERM: {exit:?}");
     assert_eq!(stored_ids(dir.path()).len(), 5);
