@@ -40,12 +40,7 @@ pub fn record(job: &FinishedJob) -> (SyncRecord, Option<SyncReport>) {
         .as_deref()
         .map(serde_json::from_str::<SyncReport>);
     if let Some(Ok(report)) = parsed {
-        let start = report
-            .start_time
-            .parse::<Timestamp>()
-            .ok()
-            .or(job.started)
-            .unwrap_or(Timestamp::UNIX_EPOCH);
+        let start = report_start(&report, job);
         let failed_tables = report
             .tables
             .iter()
@@ -109,6 +104,27 @@ pub fn record(job: &FinishedJob) -> (SyncRecord, Option<SyncReport>) {
         },
         None,
     )
+}
+
+/// How far a report's start may stray from its Job's times (the pod's node clock against the
+/// API server's) before the Job's own start is taken instead.
+const CLOCK_SKEW: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// When the sync of `job` started: its report's time (the sync's own clock, as the rows it
+/// loaded have it), unless the Job's times show that clock wrong — a node days ahead would
+/// otherwise hold `lastSyncTime` in the future and order the history by it.
+fn report_start(report: &SyncReport, job: &FinishedJob) -> Timestamp {
+    let reported = report.start_time.parse::<Timestamp>().ok();
+    let Some(started) = job.started else {
+        return reported.unwrap_or(Timestamp::UNIX_EPOCH);
+    };
+    let earliest = started.checked_sub(CLOCK_SKEW).unwrap_or(started);
+    let latest = job.finished.unwrap_or(started);
+    let latest = latest.checked_add(CLOCK_SKEW).unwrap_or(latest);
+    match reported {
+        Some(r) if (earliest..=latest).contains(&r) => r,
+        _ => started,
+    }
 }
 
 /// `status.syncs` after folding `new` records into `previous`: one record per Job, newest
@@ -418,6 +434,11 @@ pub fn enabled_tables(spec: &SelectiveSyncSpec, available: &[String]) -> i64 {
     names.iter().filter(|n| spec.table_enabled(n)).count() as i64
 }
 
+/// Most Track event tables `SelectiveSync.status.availableTables` lists (each name up to 63
+/// bytes: ~330 KB of the object's 1.5 MiB the API server stores); the engine's catalog can hold
+/// any number.
+pub const MAX_AVAILABLE_TABLES: usize = 5_000;
+
 /// Everything a SelectiveSync's status is computed from.
 #[derive(Clone, Debug)]
 pub struct SelectionFacts<'a> {
@@ -440,10 +461,36 @@ pub struct SelectionFacts<'a> {
 /// The SelectiveSync's new status.
 pub fn selection_status(f: &SelectionFacts<'_>) -> SelectiveSyncStatus {
     let mut conds = f.previous.conditions.clone();
-    let available = f
-        .available
-        .clone()
-        .unwrap_or_else(|| f.previous.available_tables.clone());
+    let (enabled, available, available_omitted) = match &f.available {
+        Some(all) => {
+            let listed = all.len().min(MAX_AVAILABLE_TABLES);
+            let omitted = all.len() - listed;
+            (
+                enabled_tables(f.spec, all),
+                all[..listed].to_vec(),
+                (omitted > 0).then(|| i64::try_from(omitted).unwrap_or(i64::MAX)),
+            )
+        }
+        None => {
+            let previous = &f.previous.available_tables;
+            // The previous list may be cut: its count stands while the spec it was computed
+            // for does.
+            let enabled = match f.previous.enabled_tables {
+                Some(n)
+                    if f.previous.available_tables_omitted.is_some()
+                        && f.previous.observed_generation == Some(f.generation) =>
+                {
+                    n
+                }
+                _ => enabled_tables(f.spec, previous),
+            };
+            (
+                enabled,
+                previous.clone(),
+                f.previous.available_tables_omitted,
+            )
+        }
+    };
     match &f.problem {
         Some(p) => {
             set(
@@ -518,8 +565,9 @@ pub fn selection_status(f: &SelectionFacts<'_>) -> SelectiveSyncStatus {
     SelectiveSyncStatus {
         observed_generation: Some(f.generation),
         conditions: conds,
-        enabled_tables: Some(enabled_tables(f.spec, &available)),
+        enabled_tables: Some(enabled),
         available_tables: available,
+        available_tables_omitted: available_omitted,
         tables,
         tables_omitted,
     }

@@ -163,6 +163,30 @@ fn rec(id: &str, start: &str, status: SyncStatus) -> SyncRecord {
 }
 
 #[test]
+fn a_report_from_a_node_with_a_wrong_clock_is_dated_by_its_job() {
+    let job = |start: &str| {
+        let r = report("c-1", start, vec![table("tracks", 5, None)], &[]);
+        finished(
+            "c-1",
+            JobPhase::Succeeded,
+            Some(r.termination_message()),
+            true,
+        )
+    };
+    // A day ahead (it would hold lastSyncTime in the future), or a day behind.
+    for wrong in ["2025-03-02T10:00:07Z", "2025-02-28T10:00:07Z"] {
+        let (rec, parsed) = record(&job(wrong));
+        assert_eq!(rec.start_time.0, t("2025-03-01T10:00:05Z"), "{wrong}");
+        assert_eq!(rec.rows.total, 5, "the report is still read");
+        assert!(parsed.is_some());
+    }
+    // Within a few minutes of the Job's times, the sync's own clock is kept.
+    for right in ["2025-03-01T09:58:00Z", "2025-03-01T10:04:00Z"] {
+        assert_eq!(record(&job(right)).0.start_time.0, t(right));
+    }
+}
+
+#[test]
 fn folding_keeps_ten_records_newest_first_without_duplicates() {
     let mut syncs = vec![];
     for h in 0..12 {
@@ -556,4 +580,63 @@ fn backfill_complete_is_observed_at_the_current_generation() {
         (&after.status, &after.reason, &after.last_transition_time),
         (&before.status, &before.reason, &before.last_transition_time)
     );
+}
+
+#[test]
+fn available_tables_beyond_the_status_limit_are_counted_not_listed() {
+    // An event name per product is a common tracking plan's mistake: the store then sees tens of
+    // thousands of Track event tables, and a status listing them all would pass the API
+    // server's object size limit (the write refused at every reconcile, the status stale).
+    let all_on: SelectiveSyncSpec = serde_json::from_value(serde_json::json!({
+        "connectionRef": {"name": "c"}, "default": "all",
+        "tables": [{"name": "viewed_product_00007", "enabled": false}]
+    }))
+    .unwrap();
+    let seen: Vec<String> = (0..MAX_AVAILABLE_TABLES + 3)
+        .map(|i| format!("viewed_product_{i:05}"))
+        .collect();
+    let known = crate::sync::tables::known_tables().len() as i64;
+    let previous = SelectiveSyncStatus::default();
+    let facts = SelectionFacts {
+        now: t("2025-03-01T10:01:00Z"),
+        generation: 2,
+        spec: &all_on,
+        previous: &previous,
+        problem: None,
+        available: Some(seen.clone()),
+        report: None,
+    };
+    let s = selection_status(&facts);
+    assert_eq!(s.available_tables, seen[..MAX_AVAILABLE_TABLES]);
+    assert_eq!(s.available_tables_omitted, Some(3));
+    // Every table the store has seen counts, listed or not.
+    assert_eq!(s.enabled_tables, Some(known + seen.len() as i64 - 1));
+    let size = serde_json::to_vec(&s).unwrap().len();
+    assert!(size < 512 << 10, "status of {size} bytes");
+
+    // The engine unreachable: the list and its count stand while the spec does...
+    let s2 = selection_status(&SelectionFacts {
+        previous: &s,
+        available: None,
+        ..facts.clone()
+    });
+    assert_eq!(
+        (
+            s2.available_tables.len(),
+            s2.available_tables_omitted,
+            s2.enabled_tables
+        ),
+        (MAX_AVAILABLE_TABLES, Some(3), s.enabled_tables)
+    );
+    // ... and the next catalog that fits the list clears the count.
+    let s3 = selection_status(&SelectionFacts {
+        previous: &s2,
+        available: Some(seen[..10].to_vec()),
+        ..facts.clone()
+    });
+    assert_eq!(
+        (s3.available_tables.len(), s3.available_tables_omitted),
+        (10, None)
+    );
+    assert_eq!(s3.enabled_tables, Some(known + 9));
 }
