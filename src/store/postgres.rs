@@ -90,8 +90,9 @@ pub struct PostgresStore {
     resolver: Resolver,
     /// Where to reconnect to when the connection breaks during a commit.
     url: String,
-    /// The server process of `client`, to wait for after its connection broke.
-    backend_pid: i32,
+    /// The server session of `client` (its process and when that started: after a failover
+    /// or a restart the PID alone may be another session's), to end after its connection broke.
+    backend: Backend,
     dedupe: Dedupe,
 }
 
@@ -129,12 +130,12 @@ impl PostgresStore {
                 tx.commit()?;
             }
         }
-        let backend_pid = client.query_one("SELECT pg_backend_pid()", &[])?.get(0);
+        let backend = Backend::of(&mut client)?;
         Ok(PostgresStore {
             client,
             resolver: Resolver::new(rules),
             url: url.to_string(),
-            backend_pid,
+            backend,
             dedupe: Dedupe {
                 committed: None,
                 tuning: Tuning {
@@ -851,18 +852,50 @@ impl PostgresStore {
     /// Ends the server session of the broken connection, through `client` (waiting up to 10 s:
     /// a commit in progress completes, an open transaction rolls back); whether it is gone.
     fn end_old_session(&self, client: &mut Client) -> Result<bool, StoreError> {
-        let old = self.backend_pid;
-        client.execute("SELECT pg_terminate_backend($1, 10000)", &[&old])?;
+        let Backend { pid, started } = &self.backend;
+        client.execute(
+            &format!("SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity WHERE pid = $1 AND {BACKEND_START} = $2"),
+            &[pid, started],
+        )?;
         Ok(client
-            .query_opt("SELECT 1 FROM pg_stat_activity WHERE pid = $1", &[&old])?
+            .query_opt(
+                &format!("SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND {BACKEND_START} = $2"),
+                &[pid, started],
+            )?
             .is_none())
     }
 
     /// Makes `client` the store's connection.
     fn use_client(&mut self, mut client: Client) -> Result<(), StoreError> {
-        self.backend_pid = client.query_one("SELECT pg_backend_pid()", &[])?.get(0);
+        self.backend = Backend::of(&mut client)?;
         self.client = client;
         Ok(())
+    }
+}
+
+/// `pg_stat_activity.backend_start` as text in UTC (the same whatever a session's time zone).
+const BACKEND_START: &str = "to_char(backend_start AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')";
+
+/// A server session: its process ID and when that process started.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Backend {
+    pid: i32,
+    started: String,
+}
+
+impl Backend {
+    /// The session of `client`.
+    fn of(client: &mut Client) -> Result<Backend, StoreError> {
+        let row = client.query_one(
+            &format!(
+                "SELECT pid, {BACKEND_START} FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+            ),
+            &[],
+        )?;
+        Ok(Backend {
+            pid: row.get(0),
+            started: row.get(1),
+        })
     }
 }
 
@@ -1162,6 +1195,36 @@ mod tests {
             .unwrap();
         super::with_send_timeout(&mut own);
         assert_eq!(own.get_tcp_user_timeout(), Some(&Duration::from_secs(7)));
+    }
+
+    /// The session a broken connection is ended by is that connection's: another session
+    /// that has since taken its process ID (after a failover or a restart) is left alone.
+    #[test]
+    fn reconnecting_ends_the_broken_session_not_another_with_its_pid() {
+        let server = pg::shared();
+        let url = server.url(&server.create_database("end_old_session"));
+        let mut store =
+            super::PostgresStore::connect(&url, crate::identity::Rules::default()).unwrap();
+        let mut bystander = super::connect(&url).unwrap();
+        let other = super::Backend::of(&mut bystander).unwrap();
+        // The broken connection's process ID, now another session's.
+        store.backend = super::Backend {
+            pid: other.pid,
+            started: "2000-01-01 00:00:00.000000".into(),
+        };
+        store.reconnect().unwrap();
+        bystander
+            .query_one("SELECT 1", &[])
+            .expect("the other session is untouched");
+        // Its own broken session is ended.
+        let mut old = super::connect(&url).unwrap();
+        store.backend = super::Backend::of(&mut old).unwrap();
+        store.reconnect().unwrap();
+        assert!(
+            old.query_one("SELECT 1", &[]).is_err(),
+            "the old session is ended"
+        );
+        assert_ne!(store.backend, super::Backend::of(&mut bystander).unwrap());
     }
 
     /// A store session asks the server for TCP keepalives (after 30 s, every 10 s, 3 unanswered)
