@@ -1315,6 +1315,81 @@ fn postgres_a_failing_table_does_not_stop_the_others() {
     assert_eq!(wh.count("order_completed"), 1);
 }
 
+/// A Track event named like a table's primary-key index as PostgreSQL names it
+/// (`Tracks Pkey` → `tracks_pkey`) gets its table — in a new warehouse and in one an earlier
+/// release created, whose key indexes have those names — while an object of a DBA's under a
+/// table's name fails that table alone, saying what holds the name.
+#[test]
+fn postgres_a_track_event_named_like_a_key_index_gets_its_table() {
+    let (mut s, url, _d) = store();
+    ingest(&mut *s, &basics());
+    let older = TestWarehouse::postgres();
+    assert_eq!(older.sync(&url, None).status, SyncStatus::Success);
+    // An earlier release let PostgreSQL name the keys' constraints and indexes.
+    let mut dba = as_dba(&older);
+    for t in ["tracks", "order_completed", "identifies"] {
+        let old: String = dba
+            .query_one(
+                "SELECT conname::text FROM pg_constraint WHERE contype = 'p' AND conrelid = $1::text::regclass",
+                &[&format!("profiles_sync.{t}")],
+            )
+            .unwrap()
+            .get(0);
+        dba.batch_execute(&format!(
+            "ALTER TABLE profiles_sync.{t} RENAME CONSTRAINT \"{old}\" TO {t}_pkey"
+        ))
+        .unwrap();
+    }
+    dba.batch_execute("CREATE VIEW profiles_sync.signed_up AS SELECT 1 AS x")
+        .unwrap();
+    ingest(
+        &mut *s,
+        &[
+            msg(
+                json!({"type": "track", "messageId": "k1", "anonymousId": "a1", "event": "Tracks Pkey"}),
+            ),
+            msg(
+                json!({"type": "track", "messageId": "k2", "anonymousId": "a1", "event": "Order Completed Pkey"}),
+            ),
+            msg(
+                json!({"type": "track", "messageId": "k3", "anonymousId": "a1", "event": "Signed Up"}),
+            ),
+        ],
+    );
+    let fresh = TestWarehouse::postgres();
+    let view_fails: Vec<&str> = vec!["signed_up"];
+    for (wh, failing) in [(&older, view_fails), (&fresh, vec![])] {
+        let r = wh.sync(&url, None);
+        assert_eq!(failed_tables(&r), failing, "{r:#?}");
+        assert_eq!(wh.count("tracks_pkey"), 1, "{r:#?}");
+        assert_eq!(wh.count("order_completed_pkey"), 1, "{r:#?}");
+        assert_eq!(wh.count("tracks"), 4);
+    }
+    let r = older.sync(&url, None);
+    assert_eq!(failed_tables(&r), ["signed_up"], "{r:#?}");
+    let err = r
+        .errors
+        .iter()
+        .find(|e| e.table.as_deref() == Some("signed_up"))
+        .unwrap();
+    assert_eq!(err.class, profiles_sync::crd::ErrorClass::Schema);
+    assert!(err.message.contains("a view"), "{}", err.message);
+    assert_eq!(fresh.count("signed_up"), 1);
+    let keys: Vec<String> = as_dba(&older)
+        .query(
+            "SELECT conname::text FROM pg_constraint k JOIN pg_namespace n ON n.oid = k.connamespace
+              WHERE n.nspname = 'profiles_sync' AND contype = 'p' AND conrelid::regclass::text IN ('profiles_sync.tracks', 'profiles_sync.order_completed', 'profiles_sync.identifies')
+              ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    // Only the keys whose names a table needed were renamed.
+    assert_eq!(keys, ["identifies_pkey", "order_completed$pk", "tracks$pk"]);
+}
+
 /// A table whose chunk fails in the middle of a backlog (a CHECK constraint refuses the second
 /// page's rows) keeps only the pages before it — never a later page, which would leave a gap
 /// below its cursor — while the other tables go on; once the constraint is gone the next run

@@ -583,6 +583,7 @@ pub fn ensure_table(
     let s = wh.schema().to_string();
     match schema.tables.get(table) {
         None => {
+            wh.make_room(table)?;
             let sql = wh.dialect().create_table(&s, table, columns, key);
             wh.execute(&sql)?;
         }

@@ -236,6 +236,13 @@ pub trait Warehouse: Send {
     fn dropped_columns(&self) -> BTreeMap<String, usize> {
         BTreeMap::new()
     }
+    /// Frees `table`'s name for the CREATE TABLE that follows (in the caller's transaction)
+    /// when something other than a table holds it: PostgreSQL renames a primary-key index of
+    /// the sync's own tables that took it (earlier releases let PostgreSQL name them
+    /// `<table>_pkey`) and refuses, naming what holds it, anything else of the same name.
+    fn make_room(&mut self, _table: &str) -> Result<(), WarehouseError> {
+        Ok(())
+    }
     /// Starts a transaction.
     fn begin(&mut self) -> Result<(), WarehouseError>;
     /// Commits it.

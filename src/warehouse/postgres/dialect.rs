@@ -1,6 +1,6 @@
 //! PostgreSQL's SQL, and Redshift's differences from it.
 
-use crate::warehouse::{ColumnLimit, ColumnType, Dialect};
+use crate::warehouse::{Column, ColumnLimit, ColumnType, Dialect};
 
 /// The dialect of PostgreSQL (and, with `redshift`, of Amazon Redshift).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,7 +62,39 @@ impl PostgresDialect {
     }
 }
 
+impl PostgresDialect {
+    /// The name of `table`'s primary-key constraint (and index). Left to PostgreSQL it would be
+    /// `<table>_pkey`, a name a Track event's table can take (`Tracks Pkey` → `tracks_pkey`,
+    /// then refused or, under `IF NOT EXISTS`, silently not created); the sync's identifiers
+    /// hold only letters, digits and `_`, so a `$` keeps this one apart. A name too long for
+    /// the suffix is cut and disambiguated by its hash.
+    pub fn key_constraint(&self, table: &str) -> String {
+        let max = self.max_identifier_len();
+        if table.len() + 3 <= max {
+            return format!("{table}$pk");
+        }
+        let hash = crate::sync::naming::short_hash(table);
+        let end = crate::sync::naming::floor_char_boundary(table, max - 4 - hash.len());
+        format!("{}$pk${hash}", &table[..end])
+    }
+}
+
 impl Dialect for PostgresDialect {
+    fn create_table(&self, schema: &str, table: &str, columns: &[Column], key: &[&str]) -> String {
+        let key: Vec<String> = key.iter().map(|k| self.quote(k)).collect();
+        // Redshift names no constraints (and builds no index for a key).
+        let name = match self.redshift {
+            true => String::new(),
+            false => format!("CONSTRAINT {} ", self.quote(&self.key_constraint(table))),
+        };
+        format!(
+            "CREATE TABLE IF NOT EXISTS {} ({}, {name}PRIMARY KEY ({}))",
+            self.qualified(schema, table),
+            self.column_defs(columns),
+            key.join(", ")
+        )
+    }
+
     fn max_identifier_len(&self) -> usize {
         if self.redshift { 127 } else { 63 }
     }
@@ -254,6 +286,21 @@ mod tests {
             sql,
             "CREATE TABLE IF NOT EXISTS \"s\".\"t\" (\"id\" VARCHAR(65535), PRIMARY KEY (\"id\"))"
         );
+    }
+
+    #[test]
+    fn key_constraints_are_names_no_table_takes_and_fit_the_limit() {
+        let d = PostgresDialect::postgres();
+        assert_eq!(d.key_constraint("tracks"), "tracks$pk");
+        let long = "é".repeat(31); // 62 bytes
+        let other = format!("{}e", "é".repeat(30)); // 61 bytes, the same first 60
+        let (a, b) = (d.key_constraint(&long), d.key_constraint(&other));
+        assert!(a.len() <= 63 && b.len() <= 63, "{a} {b}");
+        assert_ne!(a, b);
+        assert!(a.contains('$') && b.contains('$'));
+        let at_limit = "t".repeat(63);
+        let c = d.key_constraint(&at_limit);
+        assert!(c.len() <= 63 && c != at_limit, "{c}");
     }
 
     #[test]

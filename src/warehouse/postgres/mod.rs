@@ -463,6 +463,61 @@ impl Warehouse for PostgresWarehouse {
         self.dropped.clone()
     }
 
+    fn make_room(&mut self, table: &str) -> Result<(), WarehouseError> {
+        // Relations and types share the schema's names with tables (a table's row type takes
+        // its name in `pg_type`; the array type of table `t`, `_t`, PostgreSQL moves out of
+        // the way of a table named `_t`).
+        let row = self
+            .client
+            .query_opt(
+                "SELECT c.relkind::text, o.relname::text
+                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                   LEFT JOIN pg_constraint k ON k.conindid = c.oid AND k.contype = 'p'
+                   LEFT JOIN pg_class o ON o.oid = k.conrelid
+                  WHERE n.nspname = $1 AND c.relname = $2
+                 UNION ALL
+                 SELECT 'type', NULL
+                   FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+                  WHERE n.nspname = $1 AND t.typname = $2 AND t.typrelid = 0 AND t.typcategory <> 'A'
+                  LIMIT 1",
+                &[&self.schema, &table],
+            )
+            .map_err(pg_error)?;
+        let Some(row) = row else { return Ok(()) };
+        let (kind, key_of): (String, Option<String>) = (row.get(0), row.get(1));
+        let what = match (kind.as_str(), key_of) {
+            // A table (one with no columns, which `describe` does not list): CREATE TABLE IF
+            // NOT EXISTS leaves it as it is.
+            ("r" | "p", _) => return Ok(()),
+            ("i", Some(owner)) => {
+                let d = &self.dialect;
+                let sql = format!(
+                    "ALTER TABLE {} RENAME CONSTRAINT {} TO {}",
+                    d.qualified(&self.schema, &owner),
+                    d.quote(table),
+                    d.quote(&d.key_constraint(&owner)),
+                );
+                return self.client.batch_execute(&sql).map_err(pg_error);
+            }
+            ("i" | "I", None) => "an index",
+            ("S", _) => "a sequence",
+            ("v", _) => "a view",
+            ("m", _) => "a materialized view",
+            ("f", _) => "a foreign table",
+            ("c" | "type", _) => "a type",
+            _ => "another object",
+        };
+        Err(WarehouseError::new(
+            ErrorClass::Schema,
+            format!(
+                "the name {table:?} is taken in schema {:?} by {what}, so the sync cannot create \
+                 the table of that name: rename or drop that object, or turn the table off in \
+                 the SelectiveSync",
+                self.schema
+            ),
+        ))
+    }
+
     fn begin(&mut self) -> Result<(), WarehouseError> {
         self.client.batch_execute("BEGIN").map_err(pg_error)
     }
