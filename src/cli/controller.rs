@@ -13,7 +13,8 @@ use axum::routing::get;
 
 use crate::controller::{self, Context, Settings, build::JobSettings, metrics::Metrics};
 
-/// Flags of `profiles-sync controller` (the Helm chart passes them as these environment variables).
+/// Flags of `profiles-sync controller` (the Helm chart and `deploy/` pass them as arguments;
+/// most can also come from the environment).
 #[derive(Debug, clap::Args)]
 pub struct ControllerArgs {
     /// The engine's URL, as sync Jobs reach it (its feed API).
