@@ -257,7 +257,7 @@ pub struct WarehouseConnectionStatus {
     /// When the next scheduled sync is due (unset while suspended).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_sync_time: Option<Time>,
-    /// The effective schedule in words (`every 1h`, `cron 0 * * * *`).
+    /// The effective schedule in words (`every 1h`, `cron 0 * * * * (UTC)`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub frequency: Option<String>,
     /// The last syncs, newest first (at most 10).
