@@ -92,6 +92,7 @@ both_stores!(
     events_are_pruned_oldest_first_and_nothing_else_is,
     feed_consumers_are_recorded_replaced_and_removed,
     a_store_from_before_retention_gets_its_tables,
+    a_store_url_read_from_a_secret_may_end_in_a_line_break,
 );
 
 /// An event received at `at(secs)`.
@@ -664,6 +665,43 @@ fn two_writers_on_one_store_stay_consistent(kind: &str) {
         other => panic!("{other:?}"),
     };
     assert_eq!(last, first, "a2 resolves to the surviving (oldest) profile");
+}
+
+/// The store URL reaches the engine from a Secret (the chart's `secretKeyRef`), and a Secret
+/// made from a file (`kubectl create secret --from-file`, a `stringData` block scalar) ends in
+/// a line break: the URL opens the same store as without it. It named database `profiles\n`
+/// (PostgreSQL: "does not exist"; with `?sslmode=require` at the end, "invalid value for
+/// option `sslmode`"), and SQLite created a new, empty store file whose name ends in `\n`.
+fn a_store_url_read_from_a_secret_may_end_in_a_line_break(kind: &str) {
+    let (mut s, url, dir) = fresh(kind);
+    let src = store::SourceInfo {
+        id: "src_web".into(),
+        name: "Web".into(),
+        slug: "web".into(),
+    };
+    s.upsert_source(&src).unwrap();
+    drop(s);
+    for ending in ["\n", "\r\n"] {
+        let mut again = store::open(&format!("{url}{ending}"), Rules::default())
+            .unwrap_or_else(|e| panic!("{url:?} + {ending:?}: {e}"));
+        assert_eq!(
+            again.sources().unwrap(),
+            std::slice::from_ref(&src),
+            "{ending:?}"
+        );
+        drop(again);
+        let existing = store::open_existing(&format!("{url}{ending}"), Rules::default())
+            .unwrap_or_else(|e| panic!("{url:?} + {ending:?}: {e}"));
+        drop(existing);
+    }
+    if let Some(dir) = dir {
+        let files: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.contains(['\n', '\r']))
+            .collect();
+        assert!(files.is_empty(), "{files:?}");
+    }
 }
 
 fn sources_are_recorded(kind: &str) {

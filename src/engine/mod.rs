@@ -176,7 +176,7 @@ impl RunningEngine {
 
 /// Opens the store, records the sources, and starts serving.
 pub async fn start(config: EngineConfig) -> anyhow::Result<RunningEngine> {
-    if config.store == crate::store::MEMORY_URL {
+    if crate::store::store_url(&config.store) == crate::store::MEMORY_URL {
         // The writer, the feed readers and a reopen after an error each open the store's URL:
         // each would get a database of its own, the feeds would be empty, and a reopen would
         // forget every event (and messageId) stored before it.

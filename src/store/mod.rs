@@ -327,8 +327,10 @@ pub trait Store: Send {
 pub const MEMORY_URL: &str = "sqlite::memory:";
 
 /// Opens the store at `url` (`sqlite:///path/file.db`, `sqlite::memory:`, `postgres://...`),
-/// creating its tables when missing, with the identity `rules` used for ingest.
+/// creating its tables when missing, with the identity `rules` used for ingest. White space
+/// around the URL is no part of it (see [`store_url`]).
 pub fn open(url: &str, rules: Rules) -> Result<Box<dyn Store>, StoreError> {
+    let url = store_url(url);
     if let Some(path) = sqlite_path(url)? {
         return Ok(Box::new(SqliteStore::open(path, rules)?));
     }
@@ -345,12 +347,22 @@ pub fn open(url: &str, rules: Rules) -> Result<Box<dyn Store>, StoreError> {
 /// [`open`] for a command that only reads a store (`export`, a local `sync`): an SQLite file
 /// that does not exist is an error rather than a new, empty store.
 pub fn open_existing(url: &str, rules: Rules) -> Result<Box<dyn Store>, StoreError> {
+    let url = store_url(url);
     if let Some(path) = sqlite_path(url)?
         && !path.exists()
     {
         return Err(StoreError::Missing(path.display().to_string()));
     }
     open(url, rules)
+}
+
+/// `url` without the white space around it: the URL comes from a Secret (the chart's
+/// `secretKeyRef`), and a Secret made from a file (`kubectl create secret --from-file`, a
+/// `stringData` block scalar) ends in a line break, which named another database
+/// (`profiles\n`), or made `?sslmode=require` invalid, or created another SQLite file. A URL
+/// has no white space of its own (a password's is percent-encoded).
+pub fn store_url(url: &str) -> &str {
+    url.trim()
 }
 
 /// The file of an `sqlite://` URL (`None` for other URLs); a URL naming no file is refused.
