@@ -1509,6 +1509,64 @@ fn a_wrong_password_fails_the_sync_with_a_classified_error() {
     let _ = &mut source;
 }
 
+/// A credentials Secret without a password key, for a server that asks for one (scram, md5,
+/// password), is the credentials' failure: `Permission` in the report, `AuthenticationFailed`
+/// in the connection test, saying the password is missing. It was `Connection`, shown as
+/// `Unreachable` ("invalid configuration: password missing"), though the server answered.
+#[test]
+fn a_password_the_server_asks_for_and_the_secret_lacks_is_an_authentication_failure() {
+    let pg = support::pg::shared();
+    let db = pg.create_database("nopw");
+    let role = "pw_required_role";
+    pg.connect(&db)
+        .batch_execute(&format!(
+            "DO $$ BEGIN CREATE ROLE {role} LOGIN PASSWORD 'right'; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;"
+        ))
+        .unwrap();
+    // This role, and only it, must give a password (the shared server trusts the others).
+    let hba = pg.dir().join("data").join("pg_hba.conf");
+    let rules = std::fs::read_to_string(&hba).unwrap();
+    let line = format!("host all {role} 127.0.0.1/32 scram-sha-256\n");
+    if !rules.contains(&line) {
+        std::fs::write(&hba, format!("{line}{rules}")).unwrap();
+        pg.connect("postgres")
+            .batch_execute("SELECT pg_reload_conf()")
+            .unwrap();
+    }
+    let without_password = format!("postgres://{role}@127.0.0.1:{}/{db}", pg.port());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while ::postgres::Client::connect(&without_password, ::postgres::NoTls).is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pg_hba.conf not reloaded"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let mut wh = TestWarehouse::postgres();
+    wh.spec.warehouse.postgres.as_mut().unwrap().database = db;
+    wh.credentials = profiles_sync::warehouse::Credentials {
+        username: Some(role.into()),
+        ..Default::default()
+    };
+    let err =
+        profiles_sync::warehouse::connect(&wh.spec.warehouse, "profiles_sync", &wh.credentials)
+            .err()
+            .expect("connect must fail");
+    assert_eq!(
+        err.class,
+        profiles_sync::crd::ErrorClass::Permission,
+        "{err}"
+    );
+    assert!(err.message.contains("password"), "{err}");
+    let outcome = profiles_sync::controller::connection_test::connect_failure(&err);
+    assert_eq!(
+        outcome.reason,
+        profiles_sync::controller::connection_test::Reason::AuthenticationFailed,
+        "{}",
+        outcome.message
+    );
+}
+
 #[test]
 fn postgres_ssl_modes_use_tls_through_rustls() {
     let server = support::pg::PgServer::start_tls();

@@ -273,6 +273,15 @@ impl Session {
         }
         .map_err(|e| match e.as_db_error() {
             Some(_) => pg_error(e),
+            // The server asked for a password (scram, md5, password) and there is none: the
+            // driver fails before sending anything. The credentials' fault, not the network's.
+            None if self.config.get_password().is_none() && asked_for_a_password(&e) => {
+                WarehouseError::new(
+                    ErrorClass::Permission,
+                    "the server asks for a password, and the credentials Secret holds none \
+                     (its passwordKey key is missing or empty)",
+                )
+            }
             None => WarehouseError::connection(format!(
                 "cannot connect: {}",
                 super::error::error_chain(&e)
@@ -282,6 +291,11 @@ impl Session {
         warehouse_lock_timeout(&mut client);
         Ok(client)
     }
+}
+
+/// Whether the driver gave up because the server asked for a password and it had none.
+fn asked_for_a_password(e: &postgres::Error) -> bool {
+    std::error::Error::source(e).is_some_and(|cause| cause.to_string() == "password missing")
 }
 
 /// A COPY that failed.
