@@ -124,8 +124,9 @@ pub struct WarehouseConnectionSpec {
 impl WarehouseConnectionSpec {
     /// The field rules of the CRD's schema that change what a sync does when broken — the
     /// API server enforces them in a cluster; `profiles-sync sync -f` reads files no API server
-    /// checked: the schema name, the backfill window (one that does not parse loaded no events,
-    /// for good), the limits (0 loaded nothing, every run) and `backfill.maxEventTables`.
+    /// checked: the schema name, the port (0 is no server's), the backfill window (one that does
+    /// not parse loaded no events, for good), the limits (0 loaded nothing, every run) and
+    /// `backfill.maxEventTables`.
     pub fn validate_fields(&self) -> Result<(), String> {
         let schema_ok = self.schema.len() <= 63
             && self
@@ -142,6 +143,18 @@ impl WarehouseConnectionSpec {
                 "spec.schema {:?}: lowercase letters, digits and _, not starting with a digit, at most 63 characters",
                 self.schema
             ));
+        }
+        let w = &self.warehouse;
+        for (block, port) in [
+            ("postgres", w.postgres.as_ref().map(|s| s.port)),
+            ("redshift", w.redshift.as_ref().map(|s| s.port)),
+            ("azureSynapse", w.azure_synapse.as_ref().map(|s| s.port)),
+        ] {
+            if port == Some(0) {
+                return Err(format!(
+                    "spec.warehouse.{block}.port 0: a TCP port from 1 to 65535"
+                ));
+            }
         }
         let events = &self.backfill.events;
         let digits = events.len().saturating_sub(1);

@@ -79,6 +79,25 @@ fn a_backfill_window_that_is_no_days_or_hours_is_refused_without_a_panic() {
     }
 }
 
+/// Port 0 is no server's port: the schema refuses it (it allowed 0 to 65535, and the sync then
+/// failed "Connection refused" without naming the port), and so does a local `sync -f`.
+#[test]
+fn a_port_of_zero_is_refused_by_the_schema_and_the_field_check() {
+    let whc = serde_json::to_value(WarehouseConnection::crd()).unwrap();
+    let warehouse = &whc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+        ["properties"]["warehouse"]["properties"];
+    for block in ["postgres", "redshift", "azureSynapse"] {
+        let port = &warehouse[block]["properties"]["port"];
+        assert_eq!(port["minimum"].as_f64(), Some(1.0), "{block}: {port}");
+        assert_eq!(port["maximum"].as_f64(), Some(65535.0), "{block}: {port}");
+    }
+    let mut c = connection(postgres_spec());
+    c.spec.validate_fields().unwrap();
+    c.spec.warehouse.postgres.as_mut().unwrap().port = 0;
+    let err = c.spec.validate_fields().unwrap_err();
+    assert!(err.contains("spec.warehouse.postgres.port 0"), "{err}");
+}
+
 #[test]
 fn schema_defaults_are_published_for_the_api_server() {
     // The API server applies defaults from the schema, so `kubectl get -o yaml` shows them.

@@ -142,6 +142,7 @@ pub struct PostgresSettings {
     pub host: String,
     /// TCP port of the server.
     #[serde(default = "default_postgres_port")]
+    #[schemars(range(min = 1))]
     pub port: u16,
     /// Database to connect to; the schema is created inside it.
     #[schemars(length(min = 1, max = 63))]
@@ -200,6 +201,7 @@ pub struct RedshiftSettings {
     pub host: String,
     /// TCP port of the endpoint.
     #[serde(default = "default_redshift_port")]
+    #[schemars(range(min = 1))]
     pub port: u16,
     /// Database that holds the schema.
     #[schemars(length(min = 1, max = 127))]
@@ -233,6 +235,7 @@ pub struct AzureSynapseSettings {
     pub host: String,
     /// TCP port of the server.
     #[serde(default = "default_synapse_port")]
+    #[schemars(range(min = 1))]
     pub port: u16,
     /// Dedicated SQL pool (database) that holds the schema.
     #[schemars(length(min = 1, max = 128))]
