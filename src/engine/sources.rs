@@ -19,13 +19,21 @@ use crate::store::SourceInfo;
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SourceConfig {
     /// Stable id, recorded as each event's `event_source_id`.
+    #[serde(deserialize_with = "text_or_null")]
     pub id: String,
     /// Display name.
     pub name: String,
     /// URL-safe slug.
     pub slug: String,
     /// The write key clients authenticate with.
+    #[serde(deserialize_with = "text_or_null")]
     pub write_key: String,
+}
+
+/// A string, YAML's null (`null`, `~`) read as empty (and refused as such): read as a
+/// `String`, it was the text `null` or `~` — for a write key, one anyone could guess.
+fn text_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.unwrap_or_default())
 }
 
 impl std::fmt::Debug for SourceConfig {
@@ -59,8 +67,8 @@ pub enum SourcesError {
         /// The repeated value (ids only; keys are not printed).
         value: String,
     },
-    /// An empty id or write key.
-    #[error("sources file: source #{0} has an empty id or writeKey")]
+    /// An empty (or null) id or write key.
+    #[error("sources file: source #{0} has an empty or null id or writeKey")]
     Empty(usize),
     /// No source at all: every request would be refused 401.
     #[error("sources file: no source is configured: every request would be refused (401)")]
@@ -288,6 +296,40 @@ mod tests {
                 "sources:\n  - {id: s1, name: a, slug: a, writeKey: wk_live_abc123}\n"
             )
             .is_ok()
+        );
+    }
+
+    /// YAML's null (`null`, `~`, `Null`, `NULL`) is no id or write key: read as a string it
+    /// became the text `null` or `~`, a write key anyone could guess (and one a client whose
+    /// key is unset may well send); a file generated from JSON writes `"writeKey": null`. The
+    /// quoted text is a value like any other.
+    #[test]
+    fn a_null_id_or_write_key_is_refused_as_empty() {
+        for (id, key) in [
+            ("s1", "null"),
+            ("s1", "~"),
+            ("s1", "Null"),
+            ("s1", "NULL"),
+            ("null", "k1"),
+            ("~", "k1"),
+        ] {
+            let yaml = format!("sources:\n  - {{id: {id}, name: a, slug: a, writeKey: {key}}}\n");
+            let got = Sources::from_yaml(&yaml).map(|s| format!("{s:?}"));
+            assert!(
+                matches!(got, Err(SourcesError::Empty(0))),
+                "{yaml:?}: {got:?}"
+            );
+        }
+        let quoted =
+            Sources::from_yaml("sources:\n  - {id: s1, name: a, slug: a, writeKey: \"null\"}\n")
+                .unwrap();
+        assert!(quoted.by_write_key("null").is_some());
+        let digits =
+            Sources::from_yaml("sources:\n  - {id: 7, name: a, slug: a, writeKey: 0123}\n")
+                .unwrap();
+        assert_eq!(
+            digits.by_write_key("0123").map(|s| s.id.as_str()),
+            Some("7")
         );
     }
 
