@@ -413,6 +413,30 @@ spec:
         }
     }
 
+    /// A local selection is held to the CRD's table name pattern too: a table named as the
+    /// event is (`Order Completed`), or in capitals, matched no table, so the table it turned
+    /// off went on loading (and one it turned on under `default: none` never did), silently.
+    #[test]
+    fn a_local_selection_of_a_table_the_sync_never_names_is_refused() {
+        let selection = |name: &str| {
+            format!(
+                "{CONNECTION}---\napiVersion: profilesync.dev/v1alpha1\nkind: SelectiveSync\nmetadata: {{name: s}}\nspec: {{connectionRef: {{name: wh}}, tables: [{{name: {name:?}, enabled: false}}]}}\n"
+            )
+        };
+        assert_eq!(read(&selection("order_completed")), Ok(()));
+        assert_eq!(read(&selection("größe_geändert")), Ok(()));
+        for bad in [
+            "Order Completed",
+            "Tracks",
+            "order-completed",
+            "1st_order",
+            "",
+        ] {
+            let e = read(&selection(bad)).unwrap_err();
+            assert!(e.contains(&format!("{bad:?}")), "{bad:?}: {e}");
+        }
+    }
+
     /// A token file with a second line or a control character is refused naming the file (every
     /// feed request failed with "builder error").
     #[test]

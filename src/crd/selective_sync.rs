@@ -249,6 +249,19 @@ pub enum SelectionError {
     /// The same table listed twice.
     #[error("table {0:?} is listed more than once")]
     DuplicateTable(String),
+    /// A name the sync never gives a table (the CRD's pattern refuses it): it would match none.
+    #[error(
+        "table {0:?} is no table name: 1 to 255 characters, lowercase snake_case as the sync \
+         names tables (the event \"Order Completed\" is table order_completed)"
+    )]
+    TableName(String),
+}
+
+/// Whether `name` matches [`TABLE_NAME_PATTERN`] within the schema's 255 characters.
+fn table_name_ok(name: &str) -> bool {
+    static PATTERN: std::sync::LazyLock<Option<regex::Regex>> =
+        std::sync::LazyLock::new(|| regex::Regex::new(TABLE_NAME_PATTERN).ok());
+    (1..=255).contains(&name.chars().count()) && PATTERN.as_ref().is_some_and(|p| p.is_match(name))
 }
 
 impl SelectiveSyncSpec {
@@ -260,6 +273,9 @@ impl SelectiveSyncSpec {
         }
         let mut seen = std::collections::HashSet::new();
         for t in &self.tables {
+            if !table_name_ok(&t.name) {
+                return Err(SelectionError::TableName(t.name.clone()));
+            }
             if !seen.insert(t.name.as_str()) {
                 return Err(SelectionError::DuplicateTable(t.name.clone()));
             }
