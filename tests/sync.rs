@@ -1567,6 +1567,29 @@ fn a_password_the_server_asks_for_and_the_secret_lacks_is_an_authentication_fail
     );
 }
 
+/// An empty `database` or `host` (the CRD refuses them; a file given to `sync -f` need not) is
+/// refused at connect, naming the field. PostgreSQL takes an empty database name as the user's:
+/// the sync connected to database `postgres` and loaded its tables there.
+#[test]
+fn an_empty_database_or_host_is_refused_not_taken_as_a_default() {
+    for field in ["database", "host"] {
+        let mut wh = TestWarehouse::postgres();
+        let settings = wh.spec.warehouse.postgres.as_mut().unwrap();
+        match field {
+            "database" => settings.database = String::new(),
+            _ => settings.host = String::new(),
+        }
+        let err =
+            profiles_sync::warehouse::connect(&wh.spec.warehouse, "profiles_sync", &wh.credentials)
+                .err()
+                .unwrap_or_else(|| panic!("an empty {field} connected"));
+        assert!(
+            err.message.contains(&format!("postgres.{field}")),
+            "{field}: {err}"
+        );
+    }
+}
+
 #[test]
 fn postgres_ssl_modes_use_tls_through_rustls() {
     let server = support::pg::PgServer::start_tls();

@@ -174,6 +174,15 @@ fn driver_config(
     settings: &PostgresSettings,
     credentials: &Credentials,
 ) -> Result<Config, WarehouseError> {
+    // The CRD refuses them empty; a file given to `sync -f` may not. PostgreSQL takes an empty
+    // database name as the user's: the sync would load into another database.
+    for (field, value) in [("host", &settings.host), ("database", &settings.database)] {
+        if value.trim().is_empty() {
+            return Err(WarehouseError::internal(format!(
+                "warehouse.postgres.{field} is empty: give the server's {field}"
+            )));
+        }
+    }
     let mut config = Config::new();
     config
         .host(&settings.host)
