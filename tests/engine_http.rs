@@ -2451,6 +2451,69 @@ async fn probes_answer_and_clients_get_503_when_every_connection_is_taken() {
     t.engine.stop().await.unwrap();
 }
 
+/// A Tracking API or feed API request turned away because every allowed connection is taken
+/// counts in the requests metric under its endpoint and 503, as one turned away by a full
+/// queue does: it counted nowhere, and the metric showed no 503s while clients got them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_turned_away_for_want_of_a_connection_are_counted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = start_options(Options {
+        max_connections: 2,
+        feed_token: Some(FEED_TOKEN),
+        ..Options::default()
+    })
+    .await;
+    let addr = t.base.trim_start_matches("http://").to_string();
+    let mut idle = vec![];
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        idle.push(s);
+    }
+    let bounded = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .unwrap();
+    for path in ["/v1/track", "/v1/batch/"] {
+        let r = bounded
+            .post(format!("{}{path}", t.base))
+            .basic_auth(WRITE_KEY, Some(""))
+            .json(&json!({"userId": "u1", "event": "E"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE, "{path}");
+    }
+    let r = bounded
+        .get(format!("{}/v1/feeds", t.base))
+        .bearer_auth(FEED_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let text = bounded
+        .get(format!("{}/metrics", t.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for endpoint in ["track", "batch", "feeds"] {
+        let line = format!(
+            "profiles_sync_engine_http_requests_total{{endpoint=\"{endpoint}\",status=\"503\"}} 1"
+        );
+        assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+    }
+    drop(idle);
+    t.engine.stop().await.unwrap();
+}
+
 /// Polls `/metrics` until `ready` holds; fails after 30 s (the behaviour is broken, not slow).
 async fn wait_for_metrics(base: &str, what: &str, ready: impl Fn(&str) -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);

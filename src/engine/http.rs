@@ -112,7 +112,78 @@ pub fn router(state: Shared) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            overflow_guard,
+        ))
         .with_state(state)
+}
+
+/// Marks a request that arrived on one of the connections [`super::serve`] accepts beyond its
+/// limit: only the probes and the scrape are served on those.
+#[derive(Clone, Copy, Debug)]
+pub struct Overflow;
+
+/// On an overflow connection ([`Overflow`]), lets the probes and the metrics through and
+/// answers anything else 503 with `Retry-After`, as the engine answers when its queue is full —
+/// counted in the requests metric under its endpoint, as that answer is (it counted nowhere,
+/// and the metric showed no 503s while clients got them).
+async fn overflow_guard(
+    State(state): State<Shared>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = request.uri().path();
+    if request.extensions().get::<Overflow>().is_none()
+        || matches!(path, "/healthz" | "/readyz" | "/metrics")
+    {
+        return next.run(request).await;
+    }
+    let label = endpoint_label(path);
+    let response = retry_later(
+        request::error_body(
+            "overloaded",
+            "the engine has as many connections open as it allows; retry after the delay in Retry-After",
+        ),
+        "1",
+    );
+    match label {
+        Some(label) => counted(&state, label, response),
+        None => response,
+    }
+}
+
+/// The requests metric's `endpoint` label of a path the Tracking API or the feed API serves;
+/// `None` for any other path (not counted, as a 404 is not).
+fn endpoint_label(path: &str) -> Option<&'static str> {
+    if let Some(label) = feed_label(path) {
+        return Some(label);
+    }
+    let path = path.strip_suffix('/').unwrap_or(path);
+    let name = path.strip_prefix("/v1/")?;
+    if matches!(name, "batch" | "b" | "import") {
+        return Some("batch");
+    }
+    EventType::ALL
+        .iter()
+        .find(|t| name == t.as_str() || name == &t.as_str()[..1])
+        .map(|t| t.as_str())
+}
+
+/// The feed API's label of `path`: `feeds` (the catalog), `feed_page`, `feed_consumers` or
+/// `retention`; `None` for a path the feed API does not serve.
+fn feed_label(path: &str) -> Option<&'static str> {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match segments.as_slice() {
+        ["v1", "feeds"] => Some("feeds"),
+        ["v1", "feeds", table] if !table.is_empty() => Some("feed_page"),
+        ["v1", "feed-consumers"] => Some("feed_consumers"),
+        ["v1", "feed-consumers", ns, name] if !ns.is_empty() && !name.is_empty() => {
+            Some("feed_consumers")
+        }
+        ["v1", "retention"] => Some("retention"),
+        _ => None,
+    }
 }
 
 /// CORS for the Tracking API, as Segment's own API answers: any origin may post (the write
@@ -260,16 +331,7 @@ async fn count_feed_request(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let path = request.uri().path();
-    let label = if path == "/v1/feeds" {
-        "feeds"
-    } else if path.starts_with("/v1/feed-consumers") {
-        "feed_consumers"
-    } else if path == "/v1/retention" {
-        "retention"
-    } else {
-        "feed_page"
-    };
+    let label = feed_label(request.uri().path()).unwrap_or("feed_page");
     counted(&state, label, next.run(request).await)
 }
 

@@ -61,7 +61,7 @@ pub async fn serve(
     overflow_http
         .keep_alive(false)
         .header_read_timeout(limits.header_timeout.min(OVERFLOW_HEADER_TIMEOUT));
-    let overflow_app = app.clone().layer(axum::middleware::from_fn(probes_only));
+    let overflow_app = app.clone().layer(axum::middleware::from_fn(mark_overflow));
     let open = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let overflow = Arc::new(Semaphore::new(OVERFLOW_CONNECTIONS));
     let mut connections = JoinSet::new();
@@ -114,22 +114,15 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await;
 }
 
-/// Lets the probes and the metrics through on an overflow connection; anything else is
-/// answered 503 with `Retry-After`, as the engine answers when its queue is full.
-async fn probes_only(
-    request: axum::extract::Request,
+/// Marks a request of an overflow connection: the router (`http::overflow_guard`) serves the
+/// probes and the metrics on it and answers anything else 503 with `Retry-After`, counted in
+/// the requests metric as the engine's other 503s are.
+async fn mark_overflow(
+    mut request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    if matches!(request.uri().path(), "/healthz" | "/readyz" | "/metrics") {
-        return next.run(request).await;
-    }
-    super::http::retry_later(
-        super::request::error_body(
-            "overloaded",
-            "the engine has as many connections open as it allows; retry after the delay in Retry-After",
-        ),
-        "1",
-    )
+    request.extensions_mut().insert(super::http::Overflow);
+    next.run(request).await
 }
 
 /// The next connection, with its permit: one of the open-connection permits, else (all taken)
