@@ -299,7 +299,7 @@ pub fn connection_status(f: &ConnectionFacts<'_>) -> WarehouseConnectionStatus {
                 "Backfilling",
                 &format!(
                     "{} table(s) still backfilling: {}",
-                    r.backfilling.len(),
+                    (r.backfilling.len() as u64).saturating_add(r.backfilling_omitted),
                     names.join(", ")
                 ),
                 generation,

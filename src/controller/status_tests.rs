@@ -640,3 +640,44 @@ fn available_tables_beyond_the_status_limit_are_counted_not_listed() {
     );
     assert_eq!(s3.enabled_tables, Some(known + 9));
 }
+
+/// A first sync of a store with hundreds of Track event tables: its report is cut to fit the
+/// pod's 4 KiB termination message, which keeps 20 of the names still backfilling. The
+/// condition counts them all (it said "20 table(s) still backfilling" of 300).
+#[test]
+fn the_backfilling_count_survives_a_report_cut_for_the_termination_message() {
+    let names: Vec<String> = (0..300)
+        .map(|i| format!("order_step_{i:03}_done"))
+        .collect();
+    let tables = names
+        .iter()
+        .map(|n| TableReport {
+            backfilling: true,
+            ..table(n, 10, None)
+        })
+        .collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let full = report("c-1", "2025-03-01T10:00:07Z", tables, &refs);
+    let message = full.termination_message();
+    assert!(message.len() <= 4096);
+    let (_, cut) = record(&finished("c-1", JobPhase::Succeeded, Some(message), true));
+    let cut = cut.expect("the cut report parses");
+    let empty = WarehouseConnectionStatus::default();
+    let s = connection_status(&ConnectionFacts {
+        newest_report: Some(&cut),
+        ..facts(
+            &empty,
+            vec![rec("c-1", "2025-03-01T10:00:07Z", SyncStatus::Success)],
+        )
+    });
+    let c = cond(&s, "BackfillComplete");
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", "Backfilling")
+    );
+    assert!(
+        c.message.starts_with("300 table(s) still backfilling"),
+        "{}",
+        c.message
+    );
+}

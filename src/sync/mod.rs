@@ -177,6 +177,7 @@ impl<'a> Run<'a> {
                 limit_reached: false,
                 head_seq: 0,
                 tables_omitted: 0,
+                backfilling_omitted: 0,
             },
             uuid: start,
             head: 0,

@@ -63,6 +63,10 @@ pub struct SyncReport {
     /// a report of many tables there keeps the failed ones and those with the most rows.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub tables_omitted: u64,
+    /// How many names of tables still backfilling `backfilling` leaves out (a report cut for
+    /// the termination message keeps 20 of them): the condition counts them too.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub backfilling_omitted: u64,
 }
 
 impl SyncReport {
@@ -92,6 +96,7 @@ impl SyncReport {
             limit_reached: false,
             head_seq: 0,
             tables_omitted: 0,
+            backfilling_omitted: 0,
         }
     }
 
@@ -137,8 +142,8 @@ impl SyncReport {
     /// The report for a pod's termination message: at most 4,096 bytes (Kubernetes' limit).
     /// A larger one keeps its totals and lists first the failed tables, then those with the
     /// most rows, as many as fit ([`SyncReport::tables_omitted`] counts the others), with the
-    /// first errors, each cut to 300 bytes, and the first 20 backfilling and not backfilled
-    /// tables.
+    /// first errors, each cut to 300 bytes, and the first 20 backfilling (the others counted
+    /// in [`SyncReport::backfilling_omitted`]) and not backfilled tables.
     pub fn termination_message(&self) -> String {
         const LIMIT: usize = 4096;
         let full = serde_json::to_string(self).unwrap_or_default();
@@ -149,6 +154,7 @@ impl SyncReport {
         small
             .tables
             .sort_by_key(|t| std::cmp::Reverse((t.error.is_some(), t.rows)));
+        small.backfilling_omitted += small.backfilling.len().saturating_sub(20) as u64;
         small.backfilling.truncate(20);
         small.not_backfilled.truncate(20);
         for e in &mut small.errors {
