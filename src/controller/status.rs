@@ -522,7 +522,12 @@ pub fn selection_status(f: &SelectionFacts<'_>) -> SelectiveSyncStatus {
                 f.generation,
                 f.now,
             );
-            let applied_now = f.report.and_then(|(_, g)| g) == Some(f.generation);
+            // A sync that failed loaded nothing: it applied no selection.
+            let applied_now = f
+                .report
+                .filter(|(r, _)| r.status != SyncStatus::Failed)
+                .and_then(|(_, g)| g)
+                == Some(f.generation);
             let was_applied = conditions::find(&conds, conditions::READY)
                 .is_some_and(|c| c.status == "True" && c.observed_generation == Some(f.generation));
             if applied_now || was_applied {

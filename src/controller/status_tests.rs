@@ -681,3 +681,60 @@ fn the_backfilling_count_survives_a_report_cut_for_the_termination_message() {
         c.message
     );
 }
+
+/// A sync that failed (nothing loaded: the warehouse unreachable, say) did not apply a
+/// changed selection: it stays `Pending`, rather than `Ready=True` "the last sync applied this
+/// selection" next to its connection's `Ready=False` `SyncFailed`.
+#[test]
+fn a_failed_sync_does_not_apply_a_selection() {
+    let spec: SelectiveSyncSpec =
+        serde_json::from_value(serde_json::json!({"connectionRef": {"name": "c"}})).unwrap();
+    let pending = selection_status(&SelectionFacts {
+        now: t("2025-03-01T10:01:00Z"),
+        generation: 2,
+        spec: &spec,
+        previous: &SelectiveSyncStatus::default(),
+        problem: None,
+        available: None,
+        report: None,
+    });
+    let ready = |s: &SelectiveSyncStatus| {
+        conditions::find(&s.conditions, "Ready")
+            .map(|c| (c.status.clone(), c.reason.clone()))
+            .unwrap()
+    };
+    assert_eq!(ready(&pending), ("False".into(), "Pending".into()));
+    let failed = SyncReport::failed(
+        "c-2",
+        t("2025-03-01T11:00:03Z"),
+        ErrorClass::Connection,
+        "connection refused".into(),
+    );
+    let s = selection_status(&SelectionFacts {
+        now: t("2025-03-01T11:01:00Z"),
+        generation: 2,
+        spec: &spec,
+        previous: &pending,
+        problem: None,
+        available: None,
+        report: Some((&failed, Some(2))),
+    });
+    assert_eq!(ready(&s), ("False".into(), "Pending".into()));
+    // The next sync that loads applies it.
+    let ok = report(
+        "c-3",
+        "2025-03-01T12:00:03Z",
+        vec![table("tracks", 1, None)],
+        &[],
+    );
+    let s = selection_status(&SelectionFacts {
+        now: t("2025-03-01T12:01:00Z"),
+        generation: 2,
+        spec: &spec,
+        previous: &s,
+        problem: None,
+        available: None,
+        report: Some((&ok, Some(2))),
+    });
+    assert_eq!(ready(&s), ("True".into(), "Applied".into()));
+}
