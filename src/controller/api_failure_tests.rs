@@ -379,3 +379,97 @@ async fn a_job_whose_record_left_the_history_is_pruned() {
         name(1)
     );
 }
+
+/// The connection's status write fails (an API timeout) in the reconcile that created a sync
+/// Job: the retry finds the Job running and still announces it (`SyncStarted`). The Event was
+/// published only by the reconcile that created the Job, after its status write, so a failed
+/// write lost it for good — `kubectl describe` showed no start for a sync that ran.
+#[tokio::test]
+async fn a_sync_started_by_a_reconcile_that_failed_afterwards_is_still_announced() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut conn = connection(dir.path(), "analytics");
+    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    let fail_once = Arc::new(AtomicBool::new(true));
+    let fo = fail_once.clone();
+    let funcs = interceptor::Funcs::new().replace_status(move |cx| {
+        if cx.object["kind"] == "WarehouseConnection" && fo.swap(false, Ordering::SeqCst) {
+            return Err(kube_fake_client::Error::Internal(
+                "etcdserver: request timed out".into(),
+            ));
+        }
+        Ok(None)
+    });
+    let client = builder()
+        .with_object(conn)
+        .with_interceptor_funcs(funcs)
+        .build()
+        .await
+        .unwrap();
+    let f = fixture(dir, client, "2025-03-01T10:17:30Z").await;
+    assert!(
+        f.reconcile("analytics").await.is_err(),
+        "the status write fails once"
+    );
+    assert_eq!(f.list::<Job>().await.len(), 1, "the Job was created");
+    f.reconcile("analytics").await.unwrap();
+    assert_eq!(f.list::<Job>().await.len(), 1, "and not created again");
+    let c = f.connection("analytics").await;
+    assert_eq!(
+        super::api_tests::condition(&c, "Syncing"),
+        ("True".into(), "JobRunning".into())
+    );
+    let reasons = f.reasons().await;
+    assert_eq!(
+        reasons.iter().filter(|r| *r == "SyncStarted").count(),
+        1,
+        "one SyncStarted for the running sync: {reasons:?}"
+    );
+    // Announced once: later reconciles say nothing more.
+    f.reconcile("analytics").await.unwrap();
+    let reasons = f.reasons().await;
+    assert_eq!(
+        reasons.iter().filter(|r| *r == "SyncStarted").count(),
+        1,
+        "{reasons:?}"
+    );
+}
+
+/// The same for a running Job adopted after a restart: a failed status write in the reconcile
+/// that adopted it lost its `JobAdopted` Event (the retry knew the Job already).
+#[tokio::test]
+async fn a_job_adopted_by_a_reconcile_that_failed_afterwards_is_still_announced() {
+    use k8s_openapi::api::batch::v1::JobStatus;
+    let dir = tempfile::tempdir().unwrap();
+    let mut conn = connection(dir.path(), "analytics");
+    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    let mut running = finished_job(&conn, "analytics-29013660", "2025-03-01T09:00:00Z", true);
+    running.status = Some(JobStatus {
+        active: Some(1),
+        ..JobStatus::default()
+    });
+    let fail_once = Arc::new(AtomicBool::new(true));
+    let fo = fail_once.clone();
+    let funcs = interceptor::Funcs::new().replace_status(move |cx| {
+        if cx.object["kind"] == "WarehouseConnection" && fo.swap(false, Ordering::SeqCst) {
+            return Err(kube_fake_client::Error::Internal(
+                "etcdserver: request timed out".into(),
+            ));
+        }
+        Ok(None)
+    });
+    let client = builder()
+        .with_object(conn)
+        .with_object(running)
+        .with_interceptor_funcs(funcs)
+        .build()
+        .await
+        .unwrap();
+    let f = fixture(dir, client, "2025-03-01T10:00:30Z").await;
+    assert!(f.reconcile("analytics").await.is_err());
+    f.reconcile("analytics").await.unwrap();
+    let reasons = f.reasons().await;
+    assert!(
+        reasons.contains(&"JobAdopted".to_string()),
+        "the adoption is announced: {reasons:?}"
+    );
+}

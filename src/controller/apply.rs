@@ -471,6 +471,8 @@ pub(super) async fn cleanup(conn: &WarehouseConnection, ctx: &Context) -> Result
                 m.tests.remove(&uid);
                 m.jobs
                     .retain(|k| !delete.iter().any(|j| *k == format!("{ns}/{j}")));
+                m.unannounced
+                    .retain(|k, _| !delete.iter().any(|j| *k == format!("{ns}/{j}")));
             });
             tracing::info!(
                 jobs = delete.len(),

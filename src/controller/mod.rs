@@ -174,6 +174,10 @@ pub struct Memory {
     pub tests: HashMap<String, TestMemory>,
     /// Jobs this process created or adopted (`namespace/name`).
     pub jobs: HashSet<String>,
+    /// Jobs this process created or adopted whose Event (`SyncStarted`, `JobAdopted`) has not
+    /// been published yet (`namespace/name`): a reconcile that fails after creating or adopting
+    /// its Job (a status write refused) leaves the announcement to its retry.
+    pub unannounced: HashMap<String, events::Note>,
 }
 
 /// Watch caches of what a reconcile reads (filled by [`run`]'s watches). Without them — the

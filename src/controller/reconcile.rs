@@ -250,11 +250,17 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
                 )
                 .await?;
         }
+        // Created or adopted by a reconcile of this process that failed before announcing it.
+        if let Some(note) = ctx.with_memory(|m| m.unannounced.get(&key).cloned()) {
+            notes.push(note);
+        }
         if (orphan || !known) && observe::phase(job) == JobPhase::Active {
             // A Job running across a controller restart (or left without owner): it keeps
             // running, counts for concurrency, and is folded when it finishes.
             ensure_config_map(ctx, job, conn, selections.active.as_ref()).await?;
-            notes.push(Note::JobAdopted(job.name_any()));
+            let note = Note::JobAdopted(job.name_any());
+            ctx.with_memory(|m| m.unannounced.insert(key.clone(), note.clone()));
+            notes.push(note);
         }
         ctx.with_memory(|m| m.jobs.insert(key));
     }
@@ -273,7 +279,14 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
             );
             match start_job(ctx, conn, &job, selections.active.as_ref()).await {
                 Ok(created) => {
-                    ctx.with_memory(|m| m.jobs.insert(format!("{ns}/{}", new.name)));
+                    ctx.with_memory(|m| {
+                        let key = format!("{ns}/{}", new.name);
+                        m.jobs.insert(key.clone());
+                        m.unannounced.insert(
+                            key,
+                            Note::SyncStarted(new.name.clone(), new.trigger.as_str().into()),
+                        );
+                    });
                     tracing::info!(job = %new.name, trigger = new.trigger.as_str(), "sync Job created");
                     notes.push(Note::SyncStarted(
                         new.name.clone(),
@@ -298,6 +311,7 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
         }
         for job in &p.prune {
             delete_job(ctx, &ns, job).await?;
+            ctx.with_memory(|m| m.unannounced.remove(&format!("{ns}/{job}")));
         }
     }
     // One patch for both annotations: the first removal changes the resourceVersion. A request
@@ -407,6 +421,9 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
         match note {
             Note::SelectiveSyncInvalid(_) => {}
             _ => publish(ctx, &reference, note).await,
+        }
+        if let Note::SyncStarted(job, _) | Note::JobAdopted(job) = note {
+            ctx.with_memory(|m| m.unannounced.remove(&format!("{ns}/{job}")));
         }
     }
 
