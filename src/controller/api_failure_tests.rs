@@ -473,3 +473,58 @@ async fn a_job_adopted_by_a_reconcile_that_failed_afterwards_is_still_announced(
         "the adoption is announced: {reasons:?}"
     );
 }
+
+/// A sync pod killed for its memory limit (OOMKilled, exit code 137) writes no report: the
+/// status and the `SyncFailed` Event said only "its pod wrote no termination message", hiding
+/// the cause the pod's status gives (and the fix: more memory in `spec.resources`).
+#[tokio::test]
+async fn a_sync_pod_killed_for_memory_is_said_to_be() {
+    use k8s_openapi::api::core::v1::ContainerStateTerminated;
+    let dir = tempfile::tempdir().unwrap();
+    let mut conn = connection(dir.path(), "analytics");
+    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    let failed = finished_job(&conn, "analytics-29013660", "2025-03-01T09:00:00Z", false);
+    let mut pod = pod_with_report("analytics-29013660", "");
+    let state = pod
+        .status
+        .as_mut()
+        .unwrap()
+        .container_statuses
+        .as_mut()
+        .unwrap()[0]
+        .state
+        .as_mut()
+        .unwrap();
+    state.terminated = Some(ContainerStateTerminated {
+        exit_code: 137,
+        reason: Some("OOMKilled".into()),
+        message: None,
+        ..ContainerStateTerminated::default()
+    });
+    let client = builder()
+        .with_object(conn)
+        .with_object(failed)
+        .with_object(pod)
+        .build()
+        .await
+        .unwrap();
+    let f = fixture(dir, client, "2025-03-01T09:30:00Z").await;
+    f.reconcile("analytics").await.unwrap();
+    let s = f.connection("analytics").await.status.unwrap();
+    let message = &s.syncs[0].errors[0].message;
+    assert!(
+        message.contains("OOMKilled") && message.contains("137"),
+        "the record names the cause: {message}"
+    );
+    let notes: Vec<String> = f
+        .list::<K8sEvent>()
+        .await
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("SyncFailed"))
+        .filter_map(|e| e.note)
+        .collect();
+    assert!(
+        notes.iter().any(|n| n.contains("OOMKilled")),
+        "and so does the Event: {notes:?}"
+    );
+}

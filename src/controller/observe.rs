@@ -109,20 +109,28 @@ pub fn owned_by(job: &Job, conn: &WarehouseConnection) -> bool {
     })
 }
 
-fn termination_message(pod: &Pod) -> Option<String> {
+/// The terminated state of a pod's sync container.
+fn terminated(pod: &Pod) -> Option<&k8s_openapi::api::core::v1::ContainerStateTerminated> {
     let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
     let status = statuses
         .iter()
         .find(|c| c.name == "sync")
         .or(statuses.first())?;
-    let message = status
-        .state
-        .as_ref()?
-        .terminated
-        .as_ref()?
-        .message
-        .clone()?;
+    status.state.as_ref()?.terminated.as_ref()
+}
+
+fn termination_message(pod: &Pod) -> Option<String> {
+    let message = terminated(pod)?.message.clone()?;
     (!message.trim().is_empty()).then_some(message)
+}
+
+/// How a pod's sync container ended (`OOMKilled, exit code 137`), when it did.
+fn container_end(pod: &Pod) -> Option<String> {
+    let t = terminated(pod)?;
+    Some(match t.reason.as_deref().filter(|r| !r.is_empty()) {
+        Some(reason) => format!("{reason}, exit code {}", t.exit_code),
+        None => format!("exit code {}", t.exit_code),
+    })
 }
 
 /// A finished Job with its pod's termination message.
@@ -136,6 +144,7 @@ pub async fn finished(ctx: &Context, job: &Job) -> Result<FinishedJob, Error> {
     // The newest pod holds the final report.
     list.sort_by_key(|p| p.metadata.creation_timestamp.as_ref().map(|t| t.0));
     let message = list.iter().rev().find_map(termination_message);
+    let container_end = list.iter().rev().find_map(container_end);
     let status = job.status.as_ref();
     let failed = status.and_then(|s| s.conditions.as_ref()).and_then(|cs| {
         cs.iter()
@@ -159,6 +168,7 @@ pub async fn finished(ctx: &Context, job: &Job) -> Result<FinishedJob, Error> {
             }
         }),
         termination_message: message,
+        container_end,
         pod_found: !list.is_empty(),
     })
 }

@@ -29,6 +29,8 @@ pub struct FinishedJob {
     pub failure: Option<String>,
     /// The pod's termination message; None when no pod was found or it wrote none.
     pub termination_message: Option<String>,
+    /// How the newest pod's sync container ended (`OOMKilled, exit code 137`), if it did.
+    pub container_end: Option<String>,
     /// Whether a pod of the Job was found.
     pub pod_found: bool,
 }
@@ -79,7 +81,14 @@ pub fn record(job: &FinishedJob) -> (SyncRecord, Option<SyncReport>) {
         "the sync Job {} {outcome} without a readable report: {why}",
         job.name
     );
-    if let Some(f) = &job.failure {
+    // What killed it, when its pod says (a memory limit: OOMKilled; a signal).
+    if let Some(end) = &job.container_end {
+        message.push_str(&format!(" (container: {end})"));
+        if end.starts_with("OOMKilled") {
+            message.push_str("; the sync ran out of memory: raise spec.resources' memory limit");
+        }
+    }
+    if let Some(f) = job.failure.as_ref().filter(|f| !f.is_empty()) {
         message.push_str(&format!(" (Job: {f})"));
     }
     let start = job.started.unwrap_or(Timestamp::UNIX_EPOCH);

@@ -44,6 +44,7 @@ fn finished(name: &str, phase: JobPhase, message: Option<String>, pod_found: boo
         failure: (phase == JobPhase::Failed)
             .then(|| "BackoffLimitExceeded: Job has reached the specified backoff limit".into()),
         termination_message: message,
+        container_end: None,
         pod_found,
     }
 }
