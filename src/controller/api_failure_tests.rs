@@ -528,3 +528,79 @@ async fn a_sync_pod_killed_for_memory_is_said_to_be() {
         "and so does the Event: {notes:?}"
     );
 }
+
+/// A re-test passes (the warehouse reachable again) but the status write that would say so
+/// fails once: the retry kept `ConnectionVerified=False` and `Ready=False` — and held every sync
+/// back — until the next periodic test 30 minutes later, the passing result living only in the
+/// controller's memory, which had marked the connection tested.
+#[tokio::test]
+async fn a_test_result_whose_status_write_failed_is_not_lost() {
+    use std::sync::Mutex;
+    let dir = tempfile::tempdir().unwrap();
+    // A directory where the SQLite warehouse file should be: it cannot be opened.
+    let blocker = dir.path().join("analytics.db");
+    std::fs::create_dir(&blocker).unwrap();
+    let mut conn = connection(dir.path(), "analytics");
+    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    let armed = Arc::new(AtomicBool::new(false));
+    let a = armed.clone();
+    let funcs = interceptor::Funcs::new().replace_status(move |cx| {
+        if cx.object["kind"] == "WarehouseConnection" && a.swap(false, Ordering::SeqCst) {
+            return Err(kube_fake_client::Error::Internal(
+                "etcdserver: request timed out".into(),
+            ));
+        }
+        Ok(None)
+    });
+    let client = builder()
+        .with_object(conn)
+        .with_interceptor_funcs(funcs)
+        .build()
+        .await
+        .unwrap();
+    let t0: Timestamp = "2025-03-01T10:17:30Z".parse().unwrap();
+    let now = Arc::new(Mutex::new(t0));
+    let n = now.clone();
+    let ctx = Arc::new(Context::new(
+        client,
+        super::api_tests::settings(dir.path()),
+        Arc::new(move || *n.lock().unwrap()),
+        metrics::Metrics::new().unwrap(),
+    ));
+    let api: Api<DynamicObject> = Api::namespaced_with(
+        ctx.client.clone(),
+        super::api_tests::NS,
+        &connection_resource(),
+    );
+    let conns: Api<WarehouseConnection> = Api::namespaced(ctx.client.clone(), super::api_tests::NS);
+    let reconcile = || async {
+        let obj = api.get("analytics").await.unwrap();
+        reconcile::reconcile(Arc::new(obj), ctx.clone()).await
+    };
+    reconcile().await.unwrap();
+    let c = conns.get("analytics").await.unwrap();
+    assert_eq!(
+        super::api_tests::condition(&c, "ConnectionVerified").0,
+        "False",
+        "the warehouse file cannot be opened"
+    );
+    // Fixed; the periodic re-test passes, and the status write fails once.
+    std::fs::remove_dir(&blocker).unwrap();
+    *now.lock().unwrap() = t0 + jiff::SignedDuration::from_mins(6);
+    armed.store(true, Ordering::SeqCst);
+    assert!(reconcile().await.is_err());
+    *now.lock().unwrap() = t0 + jiff::SignedDuration::from_secs(6 * 60 + 15);
+    reconcile().await.unwrap();
+    let c = conns.get("analytics").await.unwrap();
+    assert_eq!(
+        super::api_tests::condition(&c, "ConnectionVerified"),
+        ("True".into(), "Connected".into()),
+        "the passing test is in the status"
+    );
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), super::api_tests::NS);
+    assert_eq!(
+        jobs.list(&Default::default()).await.unwrap().items.len(),
+        1,
+        "and the first sync runs"
+    );
+}

@@ -93,8 +93,9 @@ pub struct TestMemory {
     pub generation: i64,
     /// The credentials Secret's resourceVersion then (None: no Secret).
     pub secret_version: Option<String>,
-    /// Whether it passed.
-    pub ok: bool,
+    /// Its result, which the status may not hold yet (its write failed): a reconcile that
+    /// does not test writes it again.
+    pub outcome: TestOutcome,
     /// The newest failed sync seen when it ran (a newer failure triggers a test).
     pub failed_sync: Option<String>,
 }
@@ -159,7 +160,7 @@ pub fn test_due(input: &TestInput<'_>) -> Option<TestTrigger> {
 
 /// When the periodic re-test after `mem` is due.
 pub fn next_test(mem: &TestMemory) -> Timestamp {
-    let period = if mem.ok {
+    let period = if mem.outcome.ok() {
         RETEST_VERIFIED
     } else {
         RETEST_FAILED
@@ -408,7 +409,14 @@ mod tests {
             at,
             generation: 1,
             secret_version: Some("7".into()),
-            ok,
+            outcome: TestOutcome {
+                reason: if ok {
+                    Reason::Connected
+                } else {
+                    Reason::Unreachable
+                },
+                message: String::new(),
+            },
             failed_sync: None,
         }
     }

@@ -132,12 +132,22 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
                     at: now,
                     generation,
                     secret_version: secret_version.clone(),
-                    ok: outcome.ok(),
+                    outcome: outcome.clone(),
                     failed_sync: newest_failed.clone(),
                 },
             )
         });
         tested = Some(outcome);
+    } else if let Some(mem) = &memory {
+        // The last test's result is not in the status (the reconcile that ran it failed to
+        // write it): it is written now, rather than the status contradicting it until the
+        // next test — a passing one kept the syncs held back for 30 minutes.
+        let shown = conditions::find(&previous.conditions, conditions::CONNECTION_VERIFIED)
+            .map(|c| (c.status.as_str(), c.reason.as_str()));
+        let status = if mem.outcome.ok() { "True" } else { "False" };
+        if shown != Some((status, mem.outcome.reason.as_str())) {
+            tested = Some(mem.outcome.clone());
+        }
     }
     let verified = match &tested {
         Some(t) => t.ok(),
