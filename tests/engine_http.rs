@@ -2403,21 +2403,13 @@ where
     out
 }
 
-/// With every allowed connection held by idle keep-alive clients, the probes and the scrape
-/// still answer (they waited in the listen backlog, and the kubelet restarted an engine that
-/// was only busy), and a Tracking API request gets 503 with `Retry-After` rather than a hang.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn probes_answer_and_clients_get_503_when_every_connection_is_taken() {
+/// `n` keep-alive connections to the engine at `base`, each idle after one answered request.
+async fn hold_connections(base: &str, n: usize) -> Vec<tokio::net::TcpStream> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let t = start_options(Options {
-        max_connections: 2,
-        ..Options::default()
-    })
-    .await;
-    let addr = t.base.trim_start_matches("http://").to_string();
+    let addr = base.trim_start_matches("http://");
     let mut idle = vec![];
-    for _ in 0..2 {
-        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    for _ in 0..n {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
         s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
             .unwrap();
@@ -2426,6 +2418,20 @@ async fn probes_answer_and_clients_get_503_when_every_connection_is_taken() {
         assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
         idle.push(s);
     }
+    idle
+}
+
+/// With every allowed connection held by idle keep-alive clients, the probes and the scrape
+/// still answer (they waited in the listen backlog, and the kubelet restarted an engine that
+/// was only busy), and a Tracking API request gets 503 with `Retry-After` rather than a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_answer_and_clients_get_503_when_every_connection_is_taken() {
+    let t = start_options(Options {
+        max_connections: 2,
+        ..Options::default()
+    })
+    .await;
+    let idle = hold_connections(&t.base, 2).await;
     let bounded = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(10))
         .build()
@@ -2456,25 +2462,13 @@ async fn probes_answer_and_clients_get_503_when_every_connection_is_taken() {
 /// queue does: it counted nowhere, and the metric showed no 503s while clients got them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_turned_away_for_want_of_a_connection_are_counted() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let t = start_options(Options {
         max_connections: 2,
         feed_token: Some(FEED_TOKEN),
         ..Options::default()
     })
     .await;
-    let addr = t.base.trim_start_matches("http://").to_string();
-    let mut idle = vec![];
-    for _ in 0..2 {
-        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
-        s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let mut buf = [0u8; 1024];
-        let n = s.read(&mut buf).await.unwrap();
-        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
-        idle.push(s);
-    }
+    let idle = hold_connections(&t.base, 2).await;
     let bounded = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(10))
         .build()

@@ -9,8 +9,21 @@ use k8s_openapi::api::events::v1::Event as K8sEvent;
 use kube_fake_client::interceptor;
 
 use super::api_lifecycle_tests::{finished_job, pod_with_report, tracks_report};
-use super::api_tests::{builder, connection, fixture, selective_sync};
+use super::api_tests::{builder, finalized_connection, fixture, selective_sync};
 use super::*;
+
+/// Interceptors that fail the next status write of a `kind` object (an API timeout) whenever
+/// `armed` is set, disarming it.
+fn status_write_fails(kind: &'static str, armed: Arc<AtomicBool>) -> interceptor::Funcs {
+    interceptor::Funcs::new().replace_status(move |cx| {
+        if cx.object["kind"] == kind && armed.swap(false, Ordering::SeqCst) {
+            return Err(kube_fake_client::Error::Internal(
+                "etcdserver: request timed out".into(),
+            ));
+        }
+        Ok(None)
+    })
+}
 
 /// A SelectiveSync's status write fails once (an API timeout, a 500): the retry still gives the
 /// sync to the SelectiveSync (its rows per table), the Events and the metrics. The connection's
@@ -20,8 +33,7 @@ use super::*;
 #[tokio::test]
 async fn a_failed_selection_status_write_loses_nothing_of_the_sync() {
     let dir = tempfile::tempdir().unwrap();
-    let mut conn = connection(dir.path(), "analytics");
-    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    let conn = finalized_connection(dir.path(), "analytics");
     let start: Timestamp = "2025-03-01T09:00:02Z".parse().unwrap();
     let report = tracks_report(start);
     let ok = finished_job(&conn, "analytics-29013660", "2025-03-01T09:00:00Z", true);
@@ -29,16 +41,7 @@ async fn a_failed_selection_status_write_loses_nothing_of_the_sync() {
         "analytics",
         serde_json::json!({"connectionRef": {"name": "analytics"}}),
     );
-    let fail_once = Arc::new(AtomicBool::new(true));
-    let fo = fail_once.clone();
-    let funcs = interceptor::Funcs::new().replace_status(move |cx| {
-        if cx.object["kind"] == "SelectiveSync" && fo.swap(false, Ordering::SeqCst) {
-            return Err(kube_fake_client::Error::Internal(
-                "etcdserver: request timed out".into(),
-            ));
-        }
-        Ok(None)
-    });
+    let funcs = status_write_fails("SelectiveSync", Arc::new(AtomicBool::new(true)));
     let client = builder()
         .with_object(conn)
         .with_object(ok)
@@ -95,8 +98,7 @@ async fn a_failed_selection_status_write_loses_nothing_of_the_sync() {
 async fn a_selection_not_in_effect_that_cannot_be_written_holds_nothing_up() {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     let dir = tempfile::tempdir().unwrap();
-    let mut conn = connection(dir.path(), "analytics");
-    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    let conn = finalized_connection(dir.path(), "analytics");
     let report = tracks_report("2025-03-01T09:00:02Z".parse().unwrap());
     let ok = finished_job(&conn, "analytics-29013660", "2025-03-01T09:00:00Z", true);
     let created = |name: &str, at: &str| {
@@ -158,8 +160,7 @@ async fn two_connections_deleted_together_leave_no_engine_token_secret() {
 
     let dir = tempfile::tempdir().unwrap();
     let deleting = |name: &str| {
-        let mut conn = connection(dir.path(), name);
-        conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+        let mut conn = finalized_connection(dir.path(), name);
         conn.metadata.deletion_timestamp = Some(Time("2025-03-01T10:00:00Z".parse().unwrap()));
         conn
     };
@@ -228,8 +229,7 @@ async fn a_sync_now_whose_job_is_refused_stays_until_it_runs() {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     let dir = tempfile::tempdir().unwrap();
-    let mut conn = connection(dir.path(), "analytics");
-    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    let mut conn = finalized_connection(dir.path(), "analytics");
     conn.metadata.annotations =
         Some([(build::ANNOTATION_SYNC_NOW.to_string(), "req-1".to_string())].into());
     // It synced at 10:00 (its Jobs pruned since): nothing is due before 11:00.
@@ -298,8 +298,7 @@ async fn a_job_whose_record_left_the_history_is_pruned() {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     let dir = tempfile::tempdir().unwrap();
-    let mut conn = connection(dir.path(), "analytics");
-    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    let mut conn = finalized_connection(dir.path(), "analytics");
     let at = |h: u32| -> Timestamp { format!("2025-03-01T{h:02}:00:00Z").parse().unwrap() };
     let name = |h: u32| plan::job_name("analytics", at(h), None);
     let record = |h: u32, status: SyncStatus| SyncRecord {
@@ -387,18 +386,8 @@ async fn a_job_whose_record_left_the_history_is_pruned() {
 #[tokio::test]
 async fn a_sync_started_by_a_reconcile_that_failed_afterwards_is_still_announced() {
     let dir = tempfile::tempdir().unwrap();
-    let mut conn = connection(dir.path(), "analytics");
-    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
-    let fail_once = Arc::new(AtomicBool::new(true));
-    let fo = fail_once.clone();
-    let funcs = interceptor::Funcs::new().replace_status(move |cx| {
-        if cx.object["kind"] == "WarehouseConnection" && fo.swap(false, Ordering::SeqCst) {
-            return Err(kube_fake_client::Error::Internal(
-                "etcdserver: request timed out".into(),
-            ));
-        }
-        Ok(None)
-    });
+    let conn = finalized_connection(dir.path(), "analytics");
+    let funcs = status_write_fails("WarehouseConnection", Arc::new(AtomicBool::new(true)));
     let client = builder()
         .with_object(conn)
         .with_interceptor_funcs(funcs)
@@ -440,23 +429,13 @@ async fn a_sync_started_by_a_reconcile_that_failed_afterwards_is_still_announced
 async fn a_job_adopted_by_a_reconcile_that_failed_afterwards_is_still_announced() {
     use k8s_openapi::api::batch::v1::JobStatus;
     let dir = tempfile::tempdir().unwrap();
-    let mut conn = connection(dir.path(), "analytics");
-    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    let conn = finalized_connection(dir.path(), "analytics");
     let mut running = finished_job(&conn, "analytics-29013660", "2025-03-01T09:00:00Z", true);
     running.status = Some(JobStatus {
         active: Some(1),
         ..JobStatus::default()
     });
-    let fail_once = Arc::new(AtomicBool::new(true));
-    let fo = fail_once.clone();
-    let funcs = interceptor::Funcs::new().replace_status(move |cx| {
-        if cx.object["kind"] == "WarehouseConnection" && fo.swap(false, Ordering::SeqCst) {
-            return Err(kube_fake_client::Error::Internal(
-                "etcdserver: request timed out".into(),
-            ));
-        }
-        Ok(None)
-    });
+    let funcs = status_write_fails("WarehouseConnection", Arc::new(AtomicBool::new(true)));
     let client = builder()
         .with_object(conn)
         .with_object(running)
@@ -481,8 +460,7 @@ async fn a_job_adopted_by_a_reconcile_that_failed_afterwards_is_still_announced(
 async fn a_sync_pod_killed_for_memory_is_said_to_be() {
     use k8s_openapi::api::core::v1::ContainerStateTerminated;
     let dir = tempfile::tempdir().unwrap();
-    let mut conn = connection(dir.path(), "analytics");
-    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    let conn = finalized_connection(dir.path(), "analytics");
     let failed = finished_job(&conn, "analytics-29013660", "2025-03-01T09:00:00Z", false);
     let mut pod = pod_with_report("analytics-29013660", "");
     let state = pod
@@ -540,18 +518,9 @@ async fn a_test_result_whose_status_write_failed_is_not_lost() {
     // A directory where the SQLite warehouse file should be: it cannot be opened.
     let blocker = dir.path().join("analytics.db");
     std::fs::create_dir(&blocker).unwrap();
-    let mut conn = connection(dir.path(), "analytics");
-    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    let conn = finalized_connection(dir.path(), "analytics");
     let armed = Arc::new(AtomicBool::new(false));
-    let a = armed.clone();
-    let funcs = interceptor::Funcs::new().replace_status(move |cx| {
-        if cx.object["kind"] == "WarehouseConnection" && a.swap(false, Ordering::SeqCst) {
-            return Err(kube_fake_client::Error::Internal(
-                "etcdserver: request timed out".into(),
-            ));
-        }
-        Ok(None)
-    });
+    let funcs = status_write_fails("WarehouseConnection", armed.clone());
     let client = builder()
         .with_object(conn)
         .with_interceptor_funcs(funcs)

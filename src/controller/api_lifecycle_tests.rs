@@ -10,7 +10,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::api::events::v1::Event as K8sEvent;
 use kube::api::DynamicObject;
 
-use super::api_tests::{Fixture, NS, builder, condition, connection, fixture, selective_sync};
+use super::api_tests::{
+    Fixture, NS, builder, condition, connection, finalized_connection, fixture, selective_sync,
+};
 use super::*;
 use crate::crd::{ErrorClass, SyncRows, SyncStatus};
 use crate::sync::SyncReport;
@@ -100,8 +102,7 @@ pub(super) fn tracks_report(start: Timestamp) -> SyncReport {
 #[tokio::test]
 async fn finished_jobs_are_folded_pruned_and_announced_and_the_selection_gets_rows() {
     let dir = tempfile::tempdir().unwrap();
-    let mut conn = connection(dir.path(), "analytics");
-    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    let conn = finalized_connection(dir.path(), "analytics");
     let start: Timestamp = "2025-03-01T09:00:02Z".parse().unwrap();
     let report = tracks_report(start);
     let ok = finished_job(&conn, "analytics-29013660", "2025-03-01T09:00:00Z", true);
@@ -205,8 +206,7 @@ async fn finished_jobs_are_folded_pruned_and_announced_and_the_selection_gets_ro
 #[tokio::test]
 async fn a_reconcile_of_a_stale_copy_announces_and_counts_a_sync_once() {
     let dir = tempfile::tempdir().unwrap();
-    let mut conn = connection(dir.path(), "analytics");
-    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    let conn = finalized_connection(dir.path(), "analytics");
     let start: Timestamp = "2025-03-01T09:00:02Z".parse().unwrap();
     let report = tracks_report(start);
     let ok = finished_job(&conn, "analytics-29013660", "2025-03-01T09:00:00Z", true);
@@ -262,8 +262,7 @@ async fn a_reconcile_of_a_stale_copy_announces_and_counts_a_sync_once() {
 #[tokio::test]
 async fn a_running_job_found_after_a_restart_is_adopted_and_blocks_a_second_one() {
     let dir = tempfile::tempdir().unwrap();
-    let mut conn = connection(dir.path(), "analytics");
-    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    let conn = finalized_connection(dir.path(), "analytics");
     let mut running = finished_job(&conn, "analytics-29013660", "2025-03-01T09:00:00Z", true);
     running.status = Some(JobStatus {
         active: Some(1),
@@ -298,8 +297,7 @@ async fn a_running_job_found_after_a_restart_is_adopted_and_blocks_a_second_one(
 #[tokio::test]
 async fn deletion_removes_jobs_and_config_maps_then_the_finalizer() {
     let dir = tempfile::tempdir().unwrap();
-    let mut conn = connection(dir.path(), "analytics");
-    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    let mut conn = finalized_connection(dir.path(), "analytics");
     conn.metadata.deletion_timestamp = Some(Time("2025-03-01T10:00:00Z".parse().unwrap()));
     let job = finished_job(&conn, "analytics-29013660", "2025-03-01T09:00:00Z", true);
     let cm = build::sync_config_map(
@@ -411,8 +409,7 @@ async fn the_last_connection_of_a_namespace_takes_the_token_secret_with_it() {
 #[tokio::test]
 async fn deletion_waits_for_a_running_sync_within_the_grace_period() {
     let dir = tempfile::tempdir().unwrap();
-    let mut conn = connection(dir.path(), "analytics");
-    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    let mut conn = finalized_connection(dir.path(), "analytics");
     conn.metadata.deletion_timestamp = Some(Time("2025-03-01T10:00:00Z".parse().unwrap()));
     let mut running = finished_job(&conn, "analytics-29013660", "2025-03-01T09:00:00Z", true);
     running.status = Some(JobStatus {
@@ -537,8 +534,7 @@ async fn a_selection_of_a_missing_connection_is_marked_connection_not_found() {
 #[tokio::test]
 async fn a_sync_now_value_already_answered_is_removed_with_an_event_saying_so() {
     let dir = tempfile::tempdir().unwrap();
-    let mut conn = connection(dir.path(), "analytics");
-    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    let mut conn = finalized_connection(dir.path(), "analytics");
     conn.metadata.annotations =
         Some([(build::ANNOTATION_SYNC_NOW.to_string(), "go".to_string())].into());
     let mut done = finished_job(&conn, "analytics-29013688", "2025-03-01T09:28:00Z", true);

@@ -7,7 +7,7 @@
 use k8s_openapi::api::events::v1::Event as K8sEvent;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use super::api_tests::{Fixture, NS, builder, connection, fixture_with};
+use super::api_tests::{Fixture, NS, builder, connection, finalized_connection, fixture_with};
 use super::*;
 use crate::store::Store;
 
@@ -92,8 +92,7 @@ impl Engine {
 /// A fixture with connection `analytics` being deleted, the engine at `engine_url`.
 async fn deleting(engine_url: &str) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let mut conn = connection(dir.path(), "analytics");
-    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    let mut conn = finalized_connection(dir.path(), "analytics");
     conn.metadata.deletion_timestamp = Some(Time("2025-03-01T10:00:00Z".parse().unwrap()));
     let client = builder().with_object(conn).build().await.unwrap();
     let url = engine_url.to_string();

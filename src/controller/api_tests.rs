@@ -39,6 +39,14 @@ pub(super) fn connection(dir: &Path, name: &str) -> WarehouseConnection {
     c
 }
 
+/// [`connection`] with the controller's finalizer already on it: a connection the controller
+/// has reconciled before.
+pub(super) fn finalized_connection(dir: &Path, name: &str) -> WarehouseConnection {
+    let mut c = connection(dir, name);
+    c.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    c
+}
+
 /// A SelectiveSync `name` in the test namespace with `spec` (JSON), at generation 1, with an
 /// empty status (which registers the status subresource for its kind).
 pub(super) fn selective_sync(name: &str, spec: serde_json::Value) -> SelectiveSync {
@@ -266,8 +274,7 @@ async fn a_new_connection_gets_a_finalizer_a_verified_test_a_job_with_its_config
 /// calls go through `funcs`.
 async fn analytics_with(funcs: interceptor::Funcs) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let mut conn = connection(dir.path(), "analytics");
-    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    let conn = finalized_connection(dir.path(), "analytics");
     let client = builder()
         .with_object(conn)
         .with_interceptor_funcs(funcs)
@@ -359,8 +366,7 @@ async fn a_malformed_connection_is_skipped_without_an_error() {
 #[tokio::test]
 async fn an_invalid_selection_blocks_syncs_and_is_reported_on_the_selection() {
     let dir = tempfile::tempdir().unwrap();
-    let mut conn = connection(dir.path(), "analytics");
-    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    let conn = finalized_connection(dir.path(), "analytics");
     // Listed twice: the API server's list-map would refuse it, an older CRD might not.
     let sel = selective_sync(
         "analytics",
@@ -504,8 +510,7 @@ async fn dotted_and_dashed_connection_names_get_jobs_of_their_own() {
 #[tokio::test]
 async fn a_job_name_taken_by_another_object_is_not_claimed() {
     let dir = tempfile::tempdir().unwrap();
-    let mut conn = connection(dir.path(), "analytics");
-    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    let conn = finalized_connection(dir.path(), "analytics");
     // A Job of someone else's with the name the first sync would get (named after its minute).
     let taken = plan::job_name(
         "analytics",
@@ -551,8 +556,7 @@ async fn a_job_name_taken_by_another_object_is_not_claimed() {
 async fn a_connection_with_a_long_name_gets_its_job_labelled_within_63_characters() {
     let dir = tempfile::tempdir().unwrap();
     let name = format!("{}.{}", "a".repeat(40), "b".repeat(40));
-    let mut conn = connection(dir.path(), &name);
-    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    let conn = finalized_connection(dir.path(), &name);
     let client = builder().with_object(conn).build().await.unwrap();
     let f = fixture(dir, client, "2025-03-01T10:17:30Z").await;
     f.reconcile(&name).await.unwrap();
@@ -644,8 +648,7 @@ async fn a_connection_failing_for_another_cause_shows_it_in_its_events() {
 #[tokio::test]
 async fn a_valid_selection_applies_when_an_older_one_is_invalid() {
     let dir = tempfile::tempdir().unwrap();
-    let mut conn = connection(dir.path(), "analytics");
-    conn.metadata.finalizers = Some(vec![FINALIZER.into()]);
+    let conn = finalized_connection(dir.path(), "analytics");
     let with_created = |mut s: SelectiveSync, at: &str| {
         s.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
             at.parse().unwrap(),
