@@ -443,10 +443,28 @@ pub fn enabled_tables(spec: &SelectiveSyncSpec, available: &[String]) -> i64 {
     names.iter().filter(|n| spec.table_enabled(n)).count() as i64
 }
 
-/// Most Track event tables `SelectiveSync.status.availableTables` lists (each name up to 63
-/// bytes: ~330 KB of the object's 1.5 MiB the API server stores); the engine's catalog can hold
-/// any number.
+/// Most Track event tables `SelectiveSync.status.availableTables` lists; the engine's catalog
+/// can hold any number.
 pub const MAX_AVAILABLE_TABLES: usize = 5_000;
+
+/// Most bytes of names `availableTables` holds (of the object's 1.5 MiB the API server
+/// stores): it lists whole table names ([`crate::sync::naming::table_name`], not cut to a
+/// warehouse's 63 bytes), and a Track event name may be 1,024 bytes — 5,000 of them were
+/// megabytes. 5,000 names of 63 bytes fit.
+pub const MAX_AVAILABLE_TABLES_BYTES: usize = 384 << 10;
+
+/// How many of `all` (in order) `availableTables` lists: at most [`MAX_AVAILABLE_TABLES`]
+/// names of at most [`MAX_AVAILABLE_TABLES_BYTES`] in all (each with its quotes and comma).
+fn listed_available(all: &[String]) -> usize {
+    let mut bytes = 0;
+    all.iter()
+        .take(MAX_AVAILABLE_TABLES)
+        .take_while(|n| {
+            bytes += n.len() + 3;
+            bytes <= MAX_AVAILABLE_TABLES_BYTES
+        })
+        .count()
+}
 
 /// Everything a SelectiveSync's status is computed from.
 #[derive(Clone, Debug)]
@@ -472,7 +490,7 @@ pub fn selection_status(f: &SelectionFacts<'_>) -> SelectiveSyncStatus {
     let mut conds = f.previous.conditions.clone();
     let (enabled, available, available_omitted) = match &f.available {
         Some(all) => {
-            let listed = all.len().min(MAX_AVAILABLE_TABLES);
+            let listed = listed_available(all);
             let omitted = all.len() - listed;
             (
                 enabled_tables(f.spec, all),

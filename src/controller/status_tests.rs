@@ -642,6 +642,47 @@ fn available_tables_beyond_the_status_limit_are_counted_not_listed() {
     assert_eq!(s3.enabled_tables, Some(known + 9));
 }
 
+/// `availableTables` lists whole table names (`naming::table_name`, not cut to the warehouse's
+/// 63 bytes): a Track event name may be 1,024 bytes, its table name longer still. 5,000 such
+/// names are megabytes, past the API server's object size limit, and every status write failed
+/// again: the list is held to a size too, the rest counted.
+#[test]
+fn available_tables_of_long_names_stay_within_the_status_limit() {
+    let spec: SelectiveSyncSpec = serde_json::from_value(serde_json::json!({
+        "connectionRef": {"name": "c"}, "default": "all"
+    }))
+    .unwrap();
+    let mut seen: Vec<String> = (0..MAX_AVAILABLE_TABLES + 3)
+        .map(|i| {
+            crate::sync::naming::table_name(&format!(
+                "{} {i:05}",
+                "Viewed Product Page ".repeat(50)
+            ))
+        })
+        .collect();
+    seen.sort();
+    assert!(seen[0].len() > 1000, "{}", seen[0].len());
+    let previous = SelectiveSyncStatus::default();
+    let s = selection_status(&SelectionFacts {
+        now: t("2025-03-01T10:01:00Z"),
+        generation: 2,
+        spec: &spec,
+        previous: &previous,
+        problem: None,
+        available: Some(seen.clone()),
+        report: None,
+    });
+    let size = serde_json::to_vec(&s).unwrap().len();
+    assert!(size < 512 << 10, "status of {size} bytes");
+    let listed = s.available_tables.len();
+    assert!(listed > 0);
+    assert_eq!(s.available_tables, seen[..listed]);
+    assert_eq!(
+        s.available_tables_omitted,
+        Some((seen.len() - listed) as i64)
+    );
+}
+
 /// A first sync of a store with hundreds of Track event tables: its report is cut to fit the
 /// pod's 4 KiB termination message, which keeps 20 of the names still backfilling. The
 /// condition counts them all (it said "20 table(s) still backfilling" of 300).

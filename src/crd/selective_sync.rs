@@ -188,12 +188,13 @@ pub struct SelectiveSyncStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enabled_tables: Option<i64>,
     /// Track event tables the profile store has seen, so they can be selected after the first
-    /// sync: at most 5,000, in name order (the object must fit the API server's size limit);
-    /// `availableTablesOmitted` counts the rest, and the engine's `/v1/feeds` lists them all.
+    /// sync: at most 5,000 (and 384 KiB of names), in name order (the object must fit the API
+    /// server's size limit); `availableTablesOmitted` counts the rest, and the engine's
+    /// `/v1/feeds` lists them all.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub available_tables: Vec<String>,
-    /// How many Track event tables the store has seen beyond the 5,000 `availableTables`
-    /// lists; absent when it lists them all.
+    /// How many Track event tables the store has seen beyond those `availableTables` lists;
+    /// absent when it lists them all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub available_tables_omitted: Option<i64>,
     /// Rows synced per table in the last sync: every table it touched, or, for a sync of more
