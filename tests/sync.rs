@@ -1390,6 +1390,55 @@ fn postgres_a_track_event_named_like_a_key_index_gets_its_table() {
     assert_eq!(keys, ["identifies_pkey", "order_completed$pk", "tracks$pk"]);
 }
 
+/// A table a DBA partitioned (`describe` takes partitioned tables as the sync's: its key is a
+/// partitioned index, and each partition's key an index of its own, both named `<table>_pkey`
+/// by PostgreSQL) gives up the key's name to a Track event's table like any other table: the
+/// name of the partitioned key was refused as "another object", and the partition's key could
+/// not be renamed as a constraint (an inherited one).
+#[test]
+fn postgres_a_key_index_of_a_partitioned_table_gives_up_its_name() {
+    let (mut s, url, _d) = store();
+    ingest(&mut *s, &basics());
+    let wh = TestWarehouse::postgres();
+    assert_eq!(wh.sync(&url, None).status, SyncStatus::Success);
+    let mut dba = as_dba(&wh);
+    // The DBA rebuilds order_completed partitioned by its key, keeping its columns and rows.
+    dba.batch_execute(
+        "ALTER TABLE profiles_sync.order_completed RENAME TO order_completed_old;
+         CREATE TABLE profiles_sync.order_completed (LIKE profiles_sync.order_completed_old,
+             CONSTRAINT order_completed_pkey PRIMARY KEY (id)) PARTITION BY HASH (id);
+         CREATE TABLE profiles_sync.order_completed_p0 PARTITION OF profiles_sync.order_completed
+             FOR VALUES WITH (MODULUS 1, REMAINDER 0);
+         INSERT INTO profiles_sync.order_completed SELECT * FROM profiles_sync.order_completed_old;
+         DROP TABLE profiles_sync.order_completed_old;",
+    )
+    .unwrap();
+    let before = wh.count("order_completed");
+    ingest(
+        &mut *s,
+        &[
+            msg(
+                json!({"type": "track", "messageId": "k1", "anonymousId": "a1", "event": "Order Completed Pkey"}),
+            ),
+            msg(
+                json!({"type": "track", "messageId": "k2", "anonymousId": "a1", "event": "Order Completed P0 Pkey"}),
+            ),
+            msg(
+                json!({"type": "track", "messageId": "k3", "userId": "u9", "event": "Order Completed"}),
+            ),
+        ],
+    );
+    let r = wh.sync(&url, None);
+    assert_eq!(failed_tables(&r), Vec::<&str>::new(), "{r:#?}");
+    assert_eq!(wh.count("order_completed_pkey"), 1, "{r:#?}");
+    assert_eq!(wh.count("order_completed_p0_pkey"), 1, "{r:#?}");
+    assert_eq!(
+        wh.count("order_completed"),
+        before + 1,
+        "the partitioned table loads on"
+    );
+}
+
 /// A table whose chunk fails in the middle of a backlog (a CHECK constraint refuses the second
 /// page's rows) keeps only the pages before it — never a later page, which would leave a gap
 /// below its cursor — while the other tables go on; once the constraint is gone the next run

@@ -512,7 +512,9 @@ impl Warehouse for PostgresWarehouse {
             // A table (one with no columns, which `describe` does not list): CREATE TABLE IF
             // NOT EXISTS leaves it as it is.
             ("r" | "p", _) => return Ok(()),
-            ("i", Some(owner)) => {
+            // A key's index; a partitioned table's (a DBA partitioned a table of the sync's)
+            // is a partitioned index.
+            ("i" | "I", Some(owner)) => {
                 let d = &self.dialect;
                 let sql = format!(
                     "ALTER TABLE {} RENAME CONSTRAINT {} TO {}",
