@@ -143,14 +143,19 @@ pub fn auth_credentials<'h>(header: Option<&'h str>, scheme: &str) -> Option<&'h
         .then_some(credentials.trim())
 }
 
-/// The write key of HTTP basic auth (`Authorization: Basic base64(writeKey:)`).
+/// The write key of HTTP basic auth (`Authorization: Basic base64(writeKey:)`). The SDKs send
+/// the key with an empty password, so all before the final `:` is the key (a key may hold `:`
+/// itself); with a password (`key:secret`) the user name ends at the first `:`.
 pub fn basic_auth_user(header: Option<&str>) -> Option<String> {
     let encoded = auth_credentials(header, "Basic")?;
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(encoded)
         .ok()?;
     let text = String::from_utf8(decoded).ok()?;
-    let user = text.split_once(':').map(|(u, _)| u).unwrap_or(&text);
+    let user = match text.strip_suffix(':') {
+        Some(user) => user,
+        None => text.split_once(':').map(|(u, _)| u).unwrap_or(&text),
+    };
     (!user.is_empty()).then(|| user.to_string())
 }
 
@@ -536,6 +541,44 @@ mod tests {
         }
         assert_eq!(basic_auth_user(Some("Bearer k")), None);
         assert_eq!(basic_auth_user(None), None);
+    }
+
+    /// A write key holding ':' (a sources file of the previous release could hold one, and
+    /// analytics.js, which sends the key in the body, authenticated with it) keeps working: the
+    /// engine refused to start with it (a crash loop on upgrade, every source down), and the
+    /// SDKs' basic auth, `base64(writeKey + ":")`, finds it too. A password after the user
+    /// name (`curl -u key:secret`) still ends the key at the first ':'.
+    #[test]
+    fn a_write_key_holding_a_colon_authenticates_in_the_body_and_the_header() {
+        let sources =
+            Sources::from_yaml("sources:\n  - {id: s, name: S, slug: s, writeKey: \"wk:web\"}\n")
+                .expect("a key holding ':' is taken");
+        let header = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("wk:web:")
+        );
+        for (auth, body) in [
+            (
+                None,
+                json!({"writeKey": "wk:web", "userId": "u", "event": "E"}),
+            ),
+            (Some(header.as_str()), json!({"userId": "u", "event": "E"})),
+        ] {
+            let got = parse(
+                Endpoint::Single(EventType::Track),
+                &serde_json::to_vec(&body).unwrap(),
+                auth,
+                &sources,
+                &Rules::default(),
+                Timestamp::now(),
+            );
+            assert!(got.is_ok(), "{auth:?}: {:?}", got.err());
+        }
+        let password = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("k:secret")
+        );
+        assert_eq!(basic_auth_user(Some(&password)), Some("k".into()));
     }
 
     /// A batch request's body, parsed with the default rules.

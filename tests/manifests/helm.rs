@@ -195,13 +195,6 @@ pub fn reject_cases() -> Vec<Reject> {
             json!({"commonLabels": {"helm.sh/chart": "x"}}),
             "/commonLabels",
         ),
-        // The SDKs send the write key as basic auth's user name, which ends at the first ':':
-        // every request of that source would be refused (the engine refuses it at start too).
-        reject(
-            "write-key-with-colon",
-            json!({"sources": {"list": [source("web", "wk:web")]}}),
-            "/sources/list/0/writeKey",
-        ),
         reject(
             "unknown-top-level-key",
             json!({"replicas": 2}),
