@@ -112,31 +112,26 @@ pub fn router(state: Shared) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            overflow_guard,
-        ))
         .with_state(state)
 }
 
-/// Marks a request that arrived on one of the connections [`super::serve`] accepts beyond its
-/// limit: only the probes and the scrape are served on those.
-#[derive(Clone, Copy, Debug)]
-pub struct Overflow;
+/// `app` as served on the connections [`super::serve`] accepts beyond its limit: only the
+/// probes and the scrape are served on those ([`overflow_guard`]).
+pub fn overflow_router(app: Router, state: Shared) -> Router {
+    app.layer(axum::middleware::from_fn_with_state(state, overflow_guard))
+}
 
-/// On an overflow connection ([`Overflow`]), lets the probes and the metrics through and
-/// answers anything else 503 with `Retry-After`, as the engine answers when its queue is full —
-/// counted in the requests metric under its endpoint, as that answer is (it counted nowhere,
-/// and the metric showed no 503s while clients got them).
+/// Lets the probes and the metrics through and answers anything else 503 with `Retry-After`,
+/// as the engine answers when its queue is full — counted in the requests metric under its
+/// endpoint, as that answer is (it counted nowhere, and the metric showed no 503s while clients
+/// got them).
 async fn overflow_guard(
     State(state): State<Shared>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
     let path = request.uri().path();
-    if request.extensions().get::<Overflow>().is_none()
-        || matches!(path, "/healthz" | "/readyz" | "/metrics")
-    {
+    if matches!(path, "/healthz" | "/readyz" | "/metrics") {
         return next.run(request).await;
     }
     let label = endpoint_label(path);

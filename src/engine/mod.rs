@@ -241,6 +241,7 @@ pub async fn start(config: EngineConfig) -> anyhow::Result<RunningEngine> {
     let addr = listener.local_addr()?;
     let (shutdown, rx) = tokio::sync::watch::channel(false);
     let app = http::router(state.clone());
+    let overflow_app = http::overflow_router(app.clone(), state.clone());
     if let Some(r) = config.retention {
         retention::spawn(state.clone(), r, rx.clone());
     }
@@ -265,7 +266,7 @@ pub async fn start(config: EngineConfig) -> anyhow::Result<RunningEngine> {
         header_timeout: config.header_timeout,
         max_connections: config.max_connections,
     };
-    let server = tokio::spawn(serve::serve(listener, app, limits, serving));
+    let server = tokio::spawn(serve::serve(listener, app, overflow_app, limits, serving));
     tracing::info!(%addr, "engine listening");
     Ok(RunningEngine {
         addr,

@@ -44,12 +44,14 @@ pub struct Limits {
     pub max_connections: usize,
 }
 
-/// Serves `app` on `listener` until `stop` turns true, then stops accepting, lets open
+/// Serves `app` on `listener` (and `overflow_app` on the few connections accepted beyond
+/// `limits.max_connections`, see [`super::http::overflow_router`]) until `stop` turns true, then stops accepting, lets open
 /// connections finish their requests (idle ones close at once) for up to
 /// [`SHUTDOWN_DEADLINE`], and closes the rest.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
+    overflow_app: Router,
     limits: Limits,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -61,7 +63,6 @@ pub async fn serve(
     overflow_http
         .keep_alive(false)
         .header_read_timeout(limits.header_timeout.min(OVERFLOW_HEADER_TIMEOUT));
-    let overflow_app = app.clone().layer(axum::middleware::from_fn(mark_overflow));
     let open = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let overflow = Arc::new(Semaphore::new(OVERFLOW_CONNECTIONS));
     let mut connections = JoinSet::new();
@@ -112,17 +113,6 @@ pub async fn serve(
 /// Returns once `stop` is true (or its sender is gone).
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await;
-}
-
-/// Marks a request of an overflow connection: the router (`http::overflow_guard`) serves the
-/// probes and the metrics on it and answers anything else 503 with `Retry-After`, counted in
-/// the requests metric as the engine's other 503s are.
-async fn mark_overflow(
-    mut request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    request.extensions_mut().insert(super::http::Overflow);
-    next.run(request).await
 }
 
 /// The next connection, with its permit: one of the open-connection permits, else (all taken)
