@@ -289,19 +289,14 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
             );
             match start_job(ctx, conn, &job, selections.active.as_ref()).await {
                 Ok(created) => {
+                    let note = Note::SyncStarted(new.name.clone(), new.trigger.as_str().into());
                     ctx.with_memory(|m| {
                         let key = format!("{ns}/{}", new.name);
                         m.jobs.insert(key.clone());
-                        m.unannounced.insert(
-                            key,
-                            Note::SyncStarted(new.name.clone(), new.trigger.as_str().into()),
-                        );
+                        m.unannounced.insert(key, note.clone());
                     });
                     tracing::info!(job = %new.name, trigger = new.trigger.as_str(), "sync Job created");
-                    notes.push(Note::SyncStarted(
-                        new.name.clone(),
-                        new.trigger.as_str().into(),
-                    ));
+                    notes.push(note);
                     active_job = Some(new.name.clone());
                     // The server's creation time (to the second), as later reconciles will read it.
                     let created_at = created
