@@ -416,7 +416,6 @@ async fn server_time_clock_skew_and_duplicates() {
     t.engine.stop().await.unwrap();
 }
 
-/// Posts `body` and asserts it was accepted.
 /// The engine's `/metrics` text.
 async fn metrics(base: &str) -> reqwest::Result<String> {
     client()
@@ -2490,14 +2489,7 @@ async fn requests_turned_away_for_want_of_a_connection_are_counted() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
-    let text = bounded
-        .get(format!("{}/metrics", t.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics(&t.base).await.unwrap();
     for endpoint in ["track", "batch", "feeds"] {
         let line = format!(
             "profiles_sync_engine_http_requests_total{{endpoint=\"{endpoint}\",status=\"503\"}} 1"
