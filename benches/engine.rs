@@ -193,7 +193,9 @@ async fn scenario(kind: &str) -> Value {
         };
         tokio::spawn(async move {
             let _stop = _stop;
-            profiles_sync::engine::serve::serve(listener, app, limits, stop_rx).await
+            // Its 32 clients stay within the connection limit: no overflow connection is used.
+            let overflow = app.clone();
+            profiles_sync::engine::serve::serve(listener, app, overflow, limits, stop_rx).await
         });
     } else {
         let url = if kind == "sqlite" {
