@@ -173,6 +173,74 @@ async fn missing_or_unknown_write_keys_get_401_and_store_nothing() {
     t.engine.stop().await.unwrap();
 }
 
+/// A message of a batch that the identity rules refuse (its only identifier blocked) is left
+/// out and the batch's others are stored: the 200 lists it under `skipped`, and
+/// `events_rejected_total{reason="identity_rules"}` counts it.
+#[tokio::test]
+async fn a_batch_stores_its_messages_but_those_the_identity_rules_refuse() {
+    let t = start(8).await;
+    let (status, reply) = post(
+        &t.base,
+        "/v1/batch",
+        &json!({"batch": [
+            {"type": "track", "userId": "u1", "event": "A"},
+            {"type": "page", "anonymousId": "anonymous"},
+            {"type": "track", "userId": "u2", "event": "B"}
+        ]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{reply}");
+    assert_eq!(reply["success"], true, "{reply}");
+    assert_eq!(
+        (
+            reply["skipped"][0]["index"].clone(),
+            reply["skipped"][0]["field"].clone()
+        ),
+        (json!(1), json!("anonymousId")),
+        "{reply}"
+    );
+    assert_eq!(
+        reply["skipped"].as_array().map(Vec::len),
+        Some(1),
+        "{reply}"
+    );
+    let users: Vec<Option<String>> = stored(&t.store_url)
+        .into_iter()
+        .map(|e| e.event.user_id)
+        .collect();
+    assert_eq!(users, [Some("u1".to_string()), Some("u2".to_string())]);
+    let text = metrics(&t.base).await.unwrap();
+    assert!(
+        text.lines().any(
+            |l| l == r#"profiles_sync_engine_events_rejected_total{reason="identity_rules"} 1"#
+        ),
+        "{text}"
+    );
+    // A clean batch's answer is as before.
+    let (status, reply) = post(
+        &t.base,
+        "/v1/batch",
+        &json!({"batch": [{"type": "track", "userId": "u3", "event": "C"}]}),
+    )
+    .await;
+    assert_eq!((status, reply), (StatusCode::OK, json!({"success": true})));
+    // Alone, such a message is refused (nothing of the request stored), and counted the same.
+    let (status, reply) = post(&t.base, "/v1/page", &json!({"anonymousId": "anonymous"})).await;
+    assert_eq!(
+        (status, reply["field"].clone()),
+        (StatusCode::BAD_REQUEST, json!("anonymousId"))
+    );
+    let text = metrics(&t.base).await.unwrap();
+    assert!(
+        text.lines().any(
+            |l| l == r#"profiles_sync_engine_events_rejected_total{reason="identity_rules"} 2"#
+        ),
+        "{text}"
+    );
+    assert_eq!(stored(&t.store_url).len(), 3);
+    t.engine.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn bad_input_gets_400_naming_the_field_and_stores_nothing() {
     let t = start(8).await;

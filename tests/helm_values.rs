@@ -228,6 +228,54 @@ fn the_defaults_install_the_documented_objects() {
     }
 }
 
+/// `store.postgres.caCertSecret` mounts its CA bundle read-only and names it to the engine with
+/// `PGSSLROOTCERT` (which the store's `sslmode=verify-full` reads); without it nothing is mounted.
+#[test]
+fn a_store_ca_secret_is_mounted_and_named_by_pgsslrootcert() {
+    let objects = rendered("postgres-store-ca").objects("postgres-store-ca");
+    let template = workload(&objects, "Deployment", "profiles-sync-engine");
+    let e = container(template, "engine");
+    let path = e
+        .env
+        .iter()
+        .flatten()
+        .find(|v| v.name == "PGSSLROOTCERT")
+        .and_then(|v| v.value.as_deref())
+        .expect("PGSSLROOTCERT");
+    assert_file_is_mounted(e, template, path, "PGSSLROOTCERT", "store-ca", "bundle.pem");
+    let objects = rendered("postgres").objects("postgres");
+    let template = workload(&objects, "Deployment", "profiles-sync-engine");
+    let e = container(template, "engine");
+    assert!(
+        !e.env.iter().flatten().any(|v| v.name == "PGSSLROOTCERT"),
+        "no CA named without caCertSecret"
+    );
+    assert!(
+        !e.volume_mounts
+            .iter()
+            .flatten()
+            .any(|m| m.name == "store-ca"),
+        "no CA mounted without caCertSecret"
+    );
+}
+
+/// A retention the engine takes, written with a leading zero (`07d`), passes the chart's
+/// schema too and reaches the engine as meant (the schema refused it while the engine took it).
+#[test]
+fn an_event_retention_with_a_leading_zero_reaches_the_engine() {
+    let r = rendered("event-retention-leading-zero");
+    let objects = r.objects("event-retention-leading-zero");
+    let e = container(
+        workload(&objects, "StatefulSet", "profiles-sync-engine"),
+        "engine",
+    );
+    assert_eq!(arg_value(e, "--event-retention"), Some("07d"));
+    assert_eq!(
+        engine_retention(e),
+        (Some(Duration::from_secs(7 * 86400)), 600)
+    );
+}
+
 /// What the engine's own command line makes of container `c`'s arguments: its event retention
 /// and the seconds between two retention passes.
 fn engine_retention(c: &Container) -> (Option<Duration>, u64) {
@@ -253,6 +301,19 @@ fn assert_token_file_is_mounted(
     key: &str,
 ) {
     let path = arg_value(c, flag).unwrap_or_else(|| panic!("{} has no {flag}", c.name));
+    assert_file_is_mounted(c, template, path, flag, secret, key);
+}
+
+/// `path` (what `flag` — an argument or a variable — names) is a file inside a read-only
+/// volume mounted from `secret`'s `key`.
+fn assert_file_is_mounted(
+    c: &Container,
+    template: &PodTemplateSpec,
+    path: &str,
+    flag: &str,
+    secret: &str,
+    key: &str,
+) {
     let (dir, file) = path.rsplit_once('/').unwrap();
     let mount = c
         .volume_mounts

@@ -25,10 +25,22 @@ fn sdk_python() -> PathBuf {
 }
 
 async fn send_with_sdk(base: &str, gzip: bool) {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/send_events.py");
+    run_sdk_script(
+        "send_events.py",
+        &[base, WRITE_KEY, if gzip { "1" } else { "0" }],
+    )
+    .await;
+}
+
+/// Runs `tests/sdk/<script>` with the SDK's Python and `args`; fails the test when it fails
+/// (the scripts exit non-zero when the SDK reports an error).
+async fn run_sdk_script(script: &str, args: &[&str]) {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/sdk")
+        .join(script);
     let out = tokio::process::Command::new(sdk_python())
         .arg(script)
-        .args([base, WRITE_KEY, if gzip { "1" } else { "0" }])
+        .args(args)
         .output()
         .await
         .expect("run the SDK script");
@@ -212,5 +224,46 @@ async fn the_python_sdk_with_gzip() {
     let t = start(8).await;
     send_with_sdk(&t.base, true).await;
     check_store(&t.store_url);
+    t.engine.stop().await.unwrap();
+}
+
+/// A batch holding a call from a user whose only identifier the identity rules block (`userId`
+/// "null") is stored without that call, and answered 200: the SDK does not send a refused
+/// batch again, so a 400 lost the batch's other calls.
+#[tokio::test]
+async fn a_blocked_user_in_an_sdk_batch_leaves_the_others_stored() {
+    let t = start(8).await;
+    run_sdk_script("send_with_blocked.py", &[&t.base, WRITE_KEY]).await;
+    let mut s = store::open(&t.store_url, Rules::default()).unwrap();
+    let users: Vec<(String, Option<String>)> = s
+        .read_feed(&Feed::Events(EventFilter::All), 0, 100)
+        .unwrap()
+        .into_iter()
+        .map(|r| match r {
+            FeedRow::Event(e) => (e.event.event_type.as_str().to_string(), e.event.user_id),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    let some = |t: &str, u: &str| (t.to_string(), Some(u.to_string()));
+    assert_eq!(
+        users,
+        [
+            some("track", "user-a"),
+            some("track", "user-b"),
+            some("identify", "user-c")
+        ]
+    );
+    let metrics = reqwest::get(format!("{}/metrics", t.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "profiles_sync_engine_events_rejected_total{reason=\"identity_rules\"} 1"),
+        "{metrics}"
+    );
     t.engine.stop().await.unwrap();
 }

@@ -1040,6 +1040,100 @@ fn postgres_store_urls_with_sslmode_use_tls() {
     assert!(store::open(&url, Rules::default()).is_err());
 }
 
+/// A store URL may ask to verify the server (`sslmode=verify-full` or `verify-ca`, which the
+/// driver alone refused as unknown values), trusting the CAs of the file `sslrootcert` names:
+/// verify-full checks the host name too. The settings mean what they mean to libpq (`require`
+/// with a CA file verifies the chain; `verify-ca` needs a CA file). An unreadable CA file, or
+/// one with no certificate, is an error naming it.
+#[test]
+fn postgres_store_urls_verify_the_server_certificate() {
+    let tls = support::pg::PgServer::start_tls();
+    let db = tls.create_database("verify");
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.crt");
+    std::fs::write(&ca, tls.ca_cert()).unwrap();
+    let url = |host: &str, query: &str| {
+        format!("{}?{query}", tls.url(&db)).replacen("127.0.0.1", host, 1)
+    };
+    let with_ca = |mode: &str| format!("sslmode={mode}&sslrootcert={}", ca.display());
+    let open = |url: String| store::open(&url, Rules::default());
+    // Trusted through the file, the name matching: stored, over TLS.
+    let mut s = open(url("localhost", &with_ca("verify-full"))).expect("verify-full connects");
+    s.ingest(vec![page("v1", "a1")]).unwrap();
+    assert_eq!(s.event_count().unwrap(), 1);
+    // The store's connection is the encrypted one (this check connects in clear).
+    let encrypted: i64 = tls
+        .connect(&db)
+        .query_one(
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE s.ssl AND a.datname = current_database()",
+            &[],
+        )
+        .map(|r| r.get(0))
+        .unwrap();
+    assert!(encrypted >= 1, "the store's connection is encrypted");
+    drop(s);
+    // verify-ca checks the chain only: 127.0.0.1, which the certificate does not name, passes.
+    open(url("127.0.0.1", &with_ca("verify-ca"))).expect("verify-ca to the address");
+    let error = |url: String| match open(url) {
+        Ok(_) => panic!("connected"),
+        Err(e) => e.to_string(),
+    };
+    // verify-full refuses the address the certificate does not name.
+    let e = error(url("127.0.0.1", &with_ca("verify-full")));
+    assert!(e.to_lowercase().contains("certificate"), "{e}");
+    // Without the file, verify-full trusts the system's CAs, which do not know the test CA;
+    // verify-ca is refused (against the system's CAs it would take any public certificate).
+    let e = error(url("localhost", "sslmode=verify-full"));
+    assert!(e.to_lowercase().contains("certificate"), "{e}");
+    let e = error(url("localhost", "sslmode=verify-ca"));
+    assert!(e.contains("verify-ca") && e.contains("sslrootcert"), "{e}");
+    // As in libpq, `require` with a CA file verifies the chain: the test CA's passes, another
+    // CA's fails.
+    open(url("127.0.0.1", &with_ca("require"))).expect("require with the server's CA");
+    let other = dir.path().join("other.crt");
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args(["-subj", "/CN=another CA", "-keyout"])
+        .arg(dir.path().join("other.key"))
+        .arg("-out")
+        .arg(&other)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let e = error(url(
+        "127.0.0.1",
+        &format!("sslmode=require&sslrootcert={}", other.display()),
+    ));
+    assert!(e.to_lowercase().contains("certificate"), "{e}");
+    // A CA file that is missing, or holds no certificate, is named, with what named it.
+    let missing = dir.path().join("missing.crt");
+    let e = error(url(
+        "localhost",
+        &format!("sslmode=verify-full&sslrootcert={}", missing.display()),
+    ));
+    assert!(e.contains("missing.crt (named by sslrootcert)"), "{e}");
+    let junk = dir.path().join("junk.crt");
+    std::fs::write(&junk, "not a certificate").unwrap();
+    let e = error(url(
+        "localhost",
+        &format!("sslmode=verify-full&sslrootcert={}", junk.display()),
+    ));
+    assert!(e.contains("junk.crt (named by sslrootcert)"), "{e}");
+    // sslrootcert=system takes verify-full only (libpq's rule).
+    let e = error(url("localhost", "sslmode=require&sslrootcert=system"));
+    assert!(
+        e.contains("sslrootcert=system needs sslmode=verify-full"),
+        "{e}"
+    );
+}
+
 /// A new SQLite store uses 16 KiB pages; a file made with SQLite's default 4 KiB pages (an
 /// older store) keeps them and stays fully usable.
 #[test]

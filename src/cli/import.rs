@@ -249,7 +249,7 @@ pub fn import(
                         pending.push(((line_no, index), event));
                         continue;
                     }
-                    Err(refusal) => refusal,
+                    Err(refusal) => (refusal.field, refusal.reason),
                 },
                 Err(e) => (e.field.to_string(), e.reason.to_string()),
             };

@@ -6,7 +6,7 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use super::conditions::{self, set};
-use super::connection_test::TestOutcome;
+use super::connection_test::{Reason, TestOutcome};
 use super::plan::{Blocked, JobPhase};
 use crate::crd::{
     ErrorClass, FailedTable, SYNC_HISTORY_LEN, SelectiveSyncSpec, SelectiveSyncStatus, SyncError,
@@ -231,6 +231,9 @@ pub fn connection_status(f: &ConnectionFacts<'_>) -> WarehouseConnectionStatus {
         );
     }
     let verified = conditions::find(&conds, conditions::CONNECTION_VERIFIED).cloned();
+    let never_syncs = verified
+        .as_ref()
+        .is_some_and(|c| c.reason == Reason::NotSupported.as_str());
     if f.suspended {
         set(
             &mut conds,
@@ -425,7 +428,8 @@ pub fn connection_status(f: &ConnectionFacts<'_>) -> WarehouseConnectionStatus {
         conditions: conds,
         last_sync_time: last_sync.map(Time),
         last_successful_sync_time: last_success.map(Time),
-        next_sync_time: f.next_sync.map(Time),
+        // A warehouse type without a loader never syncs: no time to show for it.
+        next_sync_time: f.next_sync.filter(|_| !never_syncs).map(Time),
         frequency: f.schedule.as_ref().ok().cloned(),
         syncs: f.syncs.clone(),
         egress_ips: f.egress_ips.to_vec(),

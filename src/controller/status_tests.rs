@@ -392,6 +392,36 @@ fn a_failed_test_suspension_and_a_bad_schedule_show_in_the_conditions() {
     assert_eq!(s.frequency, None);
 }
 
+/// A warehouse type without a loader never syncs: its status shows no next sync time (kubectl's
+/// `Next Sync` column showed one every hour that never came), until a test that connects.
+#[test]
+fn a_warehouse_type_without_a_loader_shows_no_next_sync() {
+    let empty = WarehouseConnectionStatus::default();
+    let unsupported = TestOutcome {
+        reason: Reason::NotSupported,
+        message: "warehouse type snowflake has no loader".into(),
+    };
+    let s = connection_status(&ConnectionFacts {
+        test: Some(&unsupported),
+        ..facts(&empty, vec![])
+    });
+    assert_eq!(cond(&s, "ConnectionVerified").reason, "NotSupported");
+    assert_eq!(s.next_sync_time, None);
+    // The next reconcile (no new test) keeps it so.
+    let s = connection_status(&facts(&s, vec![]));
+    assert_eq!(s.next_sync_time, None);
+    // Once a test connects, the schedule's next time shows again.
+    let ok = connected();
+    let s = connection_status(&ConnectionFacts {
+        test: Some(&ok),
+        ..facts(&s, vec![])
+    });
+    assert_eq!(
+        s.next_sync_time.as_ref().map(|t| t.0),
+        Some(t("2025-03-01T11:00:00Z"))
+    );
+}
+
 #[test]
 fn an_unchanged_state_folds_to_an_identical_status() {
     let empty = WarehouseConnectionStatus::default();

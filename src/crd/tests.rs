@@ -487,6 +487,43 @@ fn limits_and_key_columns_are_in_the_published_schema() {
     assert_eq!(schema["maxLength"], 63);
 }
 
+/// Every Secret key field of `credentialsSecretRef` refuses what Kubernetes refuses as a Secret
+/// key — `.`, `..` and names starting with `..` (the Secret's mount names its own entries so:
+/// `..data`, where the sync would read a directory) — and takes every key a Secret can hold.
+#[test]
+fn secret_key_fields_take_the_keys_a_secret_can_hold() {
+    let whc = serde_json::to_value(WarehouseConnection::crd()).unwrap();
+    let secret_ref = &whc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+        ["properties"]["warehouse"]["properties"]["credentialsSecretRef"]["properties"];
+    let keys: Vec<&String> = secret_ref
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|k| k.as_str() != "name")
+        .collect();
+    assert_eq!(keys.len(), 6, "{keys:?}");
+    for key in keys {
+        assert_eq!(secret_ref[key]["pattern"], SECRET_KEY_PATTERN, "{key}");
+        assert_eq!(secret_ref[key]["maxLength"], 253, "{key}");
+    }
+    let pattern = regex::Regex::new(SECRET_KEY_PATTERN).unwrap();
+    for ok in [
+        "password",
+        "ca.crt",
+        ".hidden",
+        "a..b",
+        "-k",
+        "_k",
+        "serviceAccount.json",
+        "k.",
+    ] {
+        assert!(pattern.is_match(ok), "{ok} refused");
+    }
+    for refused in [".", "..", "..data", "...", "", "a/b", "a b", "ключ"] {
+        assert!(!pattern.is_match(refused), "{refused:?} taken");
+    }
+}
+
 /// Walks a schema and collects the path of every property that has no description.
 fn undocumented(schema: &Value, path: &str, out: &mut Vec<String>) {
     if let Some(props) = schema.get("properties").and_then(Value::as_object) {

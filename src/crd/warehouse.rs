@@ -273,6 +273,12 @@ fn default_ca_cert_key() -> String {
     "ca.crt".into()
 }
 
+/// What a Secret's key may be (Kubernetes' own rule for Secret and ConfigMap keys, with the
+/// fields' `length(max = 253)`): letters, digits, `-`, `_` and `.`, but not `.` or `..` and not
+/// starting with `..` — names the Secret's mounted directory gives its own entries (`..data`),
+/// which no Secret can hold. Each key field of [`CredentialsSecretRef`] carries it.
+pub const SECRET_KEY_PATTERN: &str = r"^\.?[-_a-zA-Z0-9][-._a-zA-Z0-9]*$";
+
 /// A Secret holding warehouse credentials, and which of its keys hold what. Only the keys the
 /// warehouse type uses are read: username+password (postgres, redshift, azureSynapse, snowflake),
 /// privateKey (snowflake key-pair auth, instead of password), serviceAccount.json (bigquery), token (databricks).
@@ -284,28 +290,29 @@ pub struct CredentialsSecretRef {
     pub name: String,
     /// Key of the Secret that holds the user name.
     #[serde(default = "default_username_key")]
-    #[schemars(regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    #[schemars(regex(pattern = SECRET_KEY_PATTERN), length(max = 253))]
     pub username_key: String,
     /// Key of the Secret that holds the password.
     #[serde(default = "default_password_key")]
-    #[schemars(regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    #[schemars(regex(pattern = SECRET_KEY_PATTERN), length(max = 253))]
     pub password_key: String,
     /// Key of the Secret that holds a PEM private key (Snowflake key-pair authentication).
     #[serde(default = "default_private_key_key")]
-    #[schemars(regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    #[schemars(regex(pattern = SECRET_KEY_PATTERN), length(max = 253))]
     pub private_key_key: String,
     /// Key of the Secret that holds a Google service-account JSON key (BigQuery).
     #[serde(default = "default_service_account_key")]
-    #[schemars(regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    #[schemars(regex(pattern = SECRET_KEY_PATTERN), length(max = 253))]
     pub service_account_key: String,
     /// Key of the Secret that holds an access token (Databricks).
     #[serde(default = "default_token_key")]
-    #[schemars(regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    #[schemars(regex(pattern = SECRET_KEY_PATTERN), length(max = 253))]
     pub token_key: String,
-    /// Key of the Secret that holds PEM CA certificates to trust besides the system's, for
-    /// sslMode verify-ca and verify-full (a private CA, a cloud provider's bundle). Optional.
+    /// Key of the Secret that holds PEM CA certificates to trust, for sslMode verify-ca and
+    /// verify-full (a private CA, a cloud provider's bundle): when the Secret has it, those
+    /// alone are trusted, else the system's CAs. Optional.
     #[serde(default = "default_ca_cert_key")]
-    #[schemars(regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    #[schemars(regex(pattern = SECRET_KEY_PATTERN), length(max = 253))]
     pub ca_cert_key: String,
 }
 

@@ -377,7 +377,7 @@ async fn ingest_inner(
             state
                 .metrics
                 .events_rejected
-                .with_label_values(&[e.reason()])
+                .with_label_values(&[e.metric_reason()])
                 .inc_by(e.events as u64);
             // Too large or too slow: the rest of the body may be unread, so the connection
             // cannot carry another request.
@@ -397,7 +397,7 @@ async fn ingest_inner(
             state
                 .metrics
                 .events_rejected
-                .with_label_values(&[e.reason()])
+                .with_label_values(&[e.metric_reason()])
                 .inc_by(e.events as u64);
             return api_error(&e);
         }
@@ -407,6 +407,14 @@ async fn ingest_inner(
         .parse_seconds
         .observe(started.elapsed().as_secs_f64());
     let count = accepted.events.len();
+    let skipped = accepted.skipped;
+    if !skipped.is_empty() {
+        state
+            .metrics
+            .events_rejected
+            .with_label_values(&["identity_rules"])
+            .inc_by(skipped.len() as u64);
+    }
     // Serialized here, on the HTTP threads, rather than by the single writer.
     let events = accepted
         .events
@@ -421,7 +429,9 @@ async fn ingest_inner(
     };
     state.metrics.queue_depth.set(state.writer.depth() as i64);
     match done.await {
-        Ok(Ok(_)) => json_response(StatusCode::OK, json!({"success": true})),
+        Ok(Ok(_)) if skipped.is_empty() => json_response(StatusCode::OK, json!({"success": true})),
+        // The batch's other messages are stored; the client learns which were left out.
+        Ok(Ok(_)) => json_response(StatusCode::OK, json!({"success": true, "skipped": skipped})),
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "request failed to commit");
             retry_later(

@@ -46,6 +46,9 @@ pub struct ApiError {
     /// body is not a readable message or batch): what the refusal adds to
     /// `events_rejected_total`.
     pub events: usize,
+    /// Refused by the identity rules alone ([`Unstorable::by_rules`]): counted in
+    /// `events_rejected_total` as `identity_rules`, as the messages a batch leaves out are.
+    pub by_rules: bool,
 }
 
 impl ApiError {
@@ -57,6 +60,7 @@ impl ApiError {
             field: None,
             index: None,
             events: 1,
+            by_rules: false,
         }
     }
 
@@ -83,6 +87,16 @@ impl ApiError {
             415 => "unsupported_encoding",
             _ if self.field.is_some() => "invalid_field",
             _ => "invalid",
+        }
+    }
+
+    /// The label of `events_rejected_total`: [`ApiError::reason`], or `identity_rules` for a
+    /// refusal by the identity rules.
+    pub fn metric_reason(&self) -> &'static str {
+        if self.by_rules {
+            "identity_rules"
+        } else {
+            self.reason()
         }
     }
 }
@@ -115,6 +129,21 @@ pub struct Accepted {
     /// Every identifier of each of `events` ([`extract_all`]), in the same order: read here to
     /// check them, kept so the store does not read them again.
     pub identifiers: Vec<Vec<Identifier>>,
+    /// Messages of a batch that the identity rules refuse ([`Unstorable::by_rules`]), left out
+    /// of `events` in the batch's order: the batch's other messages are stored. (Refusing the
+    /// whole batch would lose them: the SDKs do not send a batch again after a 400.)
+    pub skipped: Vec<Skipped>,
+}
+
+/// A message of a batch left out because the identity rules refuse it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Skipped {
+    /// Its index in the batch.
+    pub index: usize,
+    /// The field at fault.
+    pub field: String,
+    /// `"<field>: <reason>"`, as a refused request's message reads.
+    pub message: String,
 }
 
 /// Decompresses a gzip body, refusing to inflate past `limit` bytes (a zip bomb stays small).
@@ -208,6 +237,7 @@ pub fn batch_messages(
                 field: None,
                 index: Some(i),
                 events: 1,
+                by_rules: false,
             });
         }
         let Some(m) = item.as_object_mut() else {
@@ -311,6 +341,15 @@ fn field_error(status: u16, field: &str, reason: &str, index: Option<usize>) -> 
         field: Some(field.into()),
         index,
         events: 1,
+        by_rules: false,
+    }
+}
+
+/// The 400 of a message [`storable`] refuses.
+fn unstorable_error(refusal: &Unstorable, index: Option<usize>) -> ApiError {
+    ApiError {
+        by_rules: refusal.by_rules,
+        ..field_error(400, &refusal.field, &refusal.reason, index)
     }
 }
 
@@ -359,30 +398,56 @@ fn unstorable_field(event: &Event, identifiers: &[&Identifier]) -> Option<(Strin
     })
 }
 
+/// Why [`storable`] keeps a message out: the field at fault and the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unstorable {
+    /// The field that keeps the message out (`traits`, `userId`, `identifier email`, …).
+    pub field: String,
+    /// Why, for the client.
+    pub reason: String,
+    /// Refused by the identity rules (every identifier blocked, too many traits for
+    /// `caps.max_traits`) rather than for a value no store can hold: the message is well
+    /// formed, so a batch leaves it out and stores the rest ([`Accepted::skipped`]).
+    pub by_rules: bool,
+}
+
+impl Unstorable {
+    fn new(field: impl Into<String>, reason: impl Into<String>, by_rules: bool) -> Unstorable {
+        Unstorable {
+            field: field.into(),
+            reason: reason.into(),
+            by_rules,
+        }
+    }
+}
+
 /// The identifiers of a parsed event the store can take, or the field that keeps it out and
 /// why: more traits than the identity rules' `caps.max_traits` (at most the parser's 300), a
 /// value the stores cannot hold (a NUL in a text column, an id past 1,024 bytes), or every
 /// identifier blocked by the rules. Checked before a group commit (the engine refuses the
-/// request whole; `import` skips the line): in the writer the event would be dropped after the
-/// other events of its request were committed, or fail the whole group.
-pub fn storable(event: &Event, rules: &Rules) -> Result<Vec<Identifier>, (String, String)> {
-    let traits = event.identity_traits().len();
-    if event.event_type == EventType::Identify && traits >= rules.max_traits {
-        return Err((
-            "traits".into(),
-            format!(
-                "an identify call must carry fewer than {} traits (the identity rules' caps.max_traits), got {traits}",
-                rules.max_traits
-            ),
-        ));
-    }
+/// request, or leaves a message the rules refuse out of its batch; `import` skips the line): in
+/// the writer the event would be dropped after the other events of its request were
+/// committed, or fail the whole group.
+pub fn storable(event: &Event, rules: &Rules) -> Result<Vec<Identifier>, Unstorable> {
     let identifiers = extract_all(event);
     let usable: Vec<&Identifier> = identifiers
         .iter()
         .filter(|id| !rules.is_blocked(&id.value))
         .collect();
-    if let Some(refusal) = unstorable_field(event, &usable) {
-        return Err(refusal);
+    // Bad input first: it refuses a whole batch, whatever the rules would say of the message.
+    if let Some((field, reason)) = unstorable_field(event, &usable) {
+        return Err(Unstorable::new(field, reason, false));
+    }
+    let traits = event.identity_traits().len();
+    if event.event_type == EventType::Identify && traits >= rules.max_traits {
+        return Err(Unstorable::new(
+            "traits",
+            format!(
+                "an identify call must carry fewer than {} traits (the identity rules' caps.max_traits), got {traits}",
+                rules.max_traits
+            ),
+            true,
+        ));
     }
     if usable.is_empty() {
         let field = if event.user_id.is_some() {
@@ -390,9 +455,10 @@ pub fn storable(event: &Event, rules: &Rules) -> Result<Vec<Identifier>, (String
         } else {
             "anonymousId"
         };
-        return Err((
-            field.into(),
-            "every identifier of this message is blocked by the identity rules".into(),
+        return Err(Unstorable::new(
+            field,
+            "every identifier of this message is blocked by the identity rules",
+            true,
         ));
     }
     Ok(identifiers)
@@ -485,19 +551,41 @@ fn accept(
     };
     let mut events = Vec::with_capacity(messages.len());
     let mut all_identifiers = Vec::with_capacity(messages.len());
+    let mut skipped = Vec::new();
+    // The first message the rules refused: the request's error when no message is left.
+    let mut first_refusal = None;
     for (i, m) in messages.into_iter().enumerate() {
         let index = batched.then_some(i);
         let event = Event::from_value(m, default_type, &opts)
             .map_err(|e| field_error(400, &e.field, &e.reason, index))?;
-        let identifiers = storable(&event, rules)
-            .map_err(|(field, reason)| field_error(400, &field, &reason, index))?;
-        events.push(event);
-        all_identifiers.push(identifiers);
+        match storable(&event, rules) {
+            Ok(identifiers) => {
+                events.push(event);
+                all_identifiers.push(identifiers);
+            }
+            Err(refusal) if refusal.by_rules && batched => {
+                let error = unstorable_error(&refusal, index);
+                skipped.push(Skipped {
+                    index: i,
+                    field: refusal.field,
+                    message: error.message.clone(),
+                });
+                first_refusal.get_or_insert(error);
+            }
+            Err(refusal) => return Err(unstorable_error(&refusal, index)),
+        }
+    }
+    if events.is_empty()
+        && let Some(error) = first_refusal
+    {
+        // Nothing of the batch would be stored: refused, as a single message would be.
+        return Err(error);
     }
     Ok(Accepted {
         source: source.clone(),
         events,
         identifiers: all_identifiers,
+        skipped,
     })
 }
 
@@ -610,28 +698,97 @@ mod tests {
         )
     }
 
-    /// An identify over the identity rules' trait limit is refused with the request (in the
-    /// writer it would be dropped after the request's other events were committed).
+    /// A message the identity rules refuse (an identify over `caps.max_traits`, every
+    /// identifier blocked) is left out of its batch and the batch's other messages are kept:
+    /// the SDKs do not send a batch again after a 400, so refusing it whole lost them. Sent
+    /// alone, or with nothing else storable in its batch, it is refused with a 400 naming the
+    /// field (and the index).
     #[test]
-    fn the_rules_trait_limit_refuses_the_whole_request() {
+    fn messages_the_identity_rules_refuse_are_left_out_of_their_batch() {
         let rules = Rules::from_yaml("caps: {max_traits: 5}").unwrap();
         let traits: Map<String, Value> = (0..6).map(|i| (format!("t{i}"), json!(i))).collect();
+        let over = json!({"type": "identify", "userId": "u1", "traits": traits});
+        let blocked = json!({"type": "track", "userId": "null", "event": "B"});
         let batch = json!([
             {"type": "track", "userId": "u1", "event": "A"},
-            {"type": "identify", "userId": "u1", "traits": traits},
+            over.clone(),
+            blocked.clone(),
+            {"type": "page", "anonymousId": "a1"},
         ]);
-        let e = parse_batch(batch.clone(), &rules)
+        let accepted = parse_batch(batch.clone(), &rules).expect("the batch is accepted");
+        let kept: Vec<EventType> = accepted.events.iter().map(|e| e.event_type).collect();
+        assert_eq!(kept, [EventType::Track, EventType::Page]);
+        assert_eq!(accepted.identifiers.len(), 2);
+        let skipped: Vec<(usize, &str)> = accepted
+            .skipped
+            .iter()
+            .map(|s| (s.index, s.field.as_str()))
+            .collect();
+        assert_eq!(skipped, [(1, "traits"), (2, "userId")]);
+        assert!(
+            accepted.skipped[0].message.contains("caps.max_traits"),
+            "{:?}",
+            accepted.skipped
+        );
+        assert!(
+            accepted.skipped[1].message.contains("blocked"),
+            "{:?}",
+            accepted.skipped
+        );
+        // Under the default limit (300) only the blocked message is left out.
+        let accepted = parse_batch(batch, &Rules::default()).unwrap();
+        assert_eq!((accepted.events.len(), accepted.skipped.len()), (3, 1));
+
+        // Nothing left to store: the batch is refused, naming the first message refused.
+        let e = parse_batch(json!([blocked, over]), &rules)
             .err()
-            .unwrap_or_else(|| panic!("accepted over the limit"));
+            .unwrap_or_else(|| panic!("a batch of refused messages accepted"));
+        assert_eq!(
+            (e.status, e.field.as_deref(), e.index, e.events),
+            (400, Some("userId"), Some(0), 2)
+        );
+        // Counted as the rules' refusals, its body's code as any invalid field's.
+        assert_eq!(
+            (e.metric_reason(), e.body()["code"].clone()),
+            ("identity_rules", json!("invalid_field"))
+        );
+        // Alone, at its endpoint: refused.
+        let body = serde_json::to_vec(&json!({"userId": "u1", "traits": traits})).unwrap();
+        let e = parse(
+            Endpoint::Single(EventType::Identify),
+            &body,
+            Some(&auth()),
+            &sources(),
+            &rules,
+            Timestamp::now(),
+        )
+        .err()
+        .unwrap_or_else(|| panic!("accepted over the limit"));
+        assert_eq!(
+            (e.status, e.field.as_deref(), e.index, e.metric_reason()),
+            (400, Some("traits"), None, "identity_rules")
+        );
+        // A value no store can hold still refuses the whole batch (it is bad input).
+        let e = parse_batch(
+            json!([{"type": "page", "userId": "ok"}, {"type": "page", "userId": "u\0"}]),
+            &rules,
+        )
+        .err()
+        .unwrap_or_else(|| panic!("a NUL accepted"));
+        assert_eq!(
+            (e.status, e.index, e.metric_reason()),
+            (400, Some(1), "invalid_field")
+        );
+        // Even in a message the rules would leave out (too many traits): bad input comes first.
+        let e = parse_batch(
+            json!([{"type": "page", "userId": "ok"}, {"type": "identify", "userId": "u\0", "traits": traits}]),
+            &rules,
+        )
+        .err()
+        .unwrap_or_else(|| panic!("a NUL accepted"));
         assert_eq!(
             (e.status, e.field.as_deref(), e.index),
-            (400, Some("traits"), Some(1))
-        );
-        assert!(e.message.contains("caps.max_traits"), "{}", e.message);
-        // Under the default limit (300) the same batch is accepted.
-        assert_eq!(
-            parse_batch(batch, &Rules::default()).unwrap().events.len(),
-            2
+            (400, Some("userId"), Some(1))
         );
     }
 

@@ -86,6 +86,10 @@ pub enum StoreError {
         "a write whose ingest failed cannot be committed: it was rolled back, nothing of it is stored"
     )]
     FailedWrite,
+    /// The TLS settings of a PostgreSQL store URL cannot be used (a CA file that cannot be
+    /// read, or holds no certificate; `sslrootcert` without a verify mode).
+    #[error("postgres store: TLS: {0}")]
+    Tls(String),
     /// A `COPY` of rows to a PostgreSQL store failed outside the server (the connection, or a
     /// value too large for the format); the transaction is rolled back.
     #[error("postgres store: the COPY stream failed: {0}")]
@@ -93,10 +97,22 @@ pub enum StoreError {
 }
 
 /// The server's message of a driver error (`permission denied for table profiles`, a refused
-/// constraint), or the driver's own words when the server said nothing (a closed connection).
+/// constraint), or the driver's own words and their causes when the server said nothing (a
+/// closed connection; a TLS handshake and why it failed: `invalid peer certificate:
+/// NotValidForName`).
 fn postgres_message(e: &::postgres::Error) -> String {
-    e.as_db_error()
-        .map_or_else(|| e.to_string(), |db| db.message().to_string())
+    if let Some(db) = e.as_db_error() {
+        return db.message().to_string();
+    }
+    let top = e.to_string();
+    // A URL's parse error quotes the URL's text (a malformed password's pieces): not shown.
+    if matches!(
+        top.as_str(),
+        "invalid connection string" | "invalid configuration"
+    ) {
+        return top;
+    }
+    crate::warehouse::error::error_chain(e)
 }
 
 /// A source of events (from the engine's sources file), as shown in the warehouse's

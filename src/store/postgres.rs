@@ -24,29 +24,180 @@ use crate::engine::DEFAULT_STALL_TIMEOUT_SECS;
 use crate::identity::{IdentifierState, ProfileState, Rules};
 use crate::warehouse::postgres::{server_keepalives, with_timeouts};
 
-/// Connects with the URL's `sslmode`: `disable` in clear, `prefer` and `require` through rustls
-/// (encrypted, the certificate not verified — libpq's meaning of those modes), and the
-/// connection's timeouts ([`with_timeouts`]): a database host that vanishes then fails the
-/// store's statements in about a minute, and the engine answers 503 and reconnects; and the
-/// server's ([`server_keepalives`]): an engine that vanishes in the middle of a write has its
+/// Connects with the URL's TLS settings, read as libpq reads them ([`StoreTls`]): `disable` in
+/// clear; `prefer` and `require` encrypted through rustls without verifying the certificate —
+/// except that `require` verifies it as `verify-ca` does when a CA file is named; `verify-ca`
+/// (the certificate chains to the CA file's certificates) and `verify-full` (and names the
+/// host; the system's CAs when no file is named). And the connection's timeouts
+/// ([`with_timeouts`]): a database host that vanishes then fails the store's statements in
+/// about a minute, and the engine answers 503 and reconnects; and the server's
+/// ([`server_keepalives`]): an engine that vanishes in the middle of a write has its
 /// transaction, and the head lock, ended by the server in about a minute.
 fn connect(url: &str) -> Result<Client, StoreError> {
+    let (url, tls) = StoreTls::split(url, std::env::var("PGSSLROOTCERT").ok())?;
     let mut config: postgres::Config = url.parse()?;
     with_timeouts(&mut config);
     with_send_timeout(&mut config);
-    let mut client = match config.get_ssl_mode() {
-        postgres::config::SslMode::Disable => config.connect(NoTls)?,
-        _ => {
-            let tls = crate::warehouse::postgres::tls_connector(crate::crd::SslMode::Require, None)
-                .map_err(|e| StoreError::Corrupt {
-                    table: "connection",
-                    reason: e.message,
-                })?;
+    let mut client = match tls.verification()? {
+        None => config.connect(NoTls)?,
+        Some((mode, ca_cert)) => {
+            let origin = match &tls.root {
+                RootCert::File { path, named_by } => format!("{path} (named by {named_by})"),
+                RootCert::System { .. } => "the system's CA certificates".to_string(),
+            };
+            let tls =
+                crate::warehouse::postgres::tls_connector_from(mode, ca_cert.as_deref(), &origin)
+                    .map_err(|e| StoreError::Tls(e.message))?;
             config.connect(tls)?
         }
     };
     server_keepalives(&mut client);
     Ok(client)
+}
+
+/// The CA certificates a store connection trusts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum RootCert {
+    /// The system's: `sslrootcert=system` (`explicit`), or no CA file named.
+    System {
+        /// Asked for by `sslrootcert=system` (libpq then insists on `verify-full`).
+        explicit: bool,
+    },
+    /// The PEM file at `path` alone, named by the URL's `sslrootcert` or by `PGSSLROOTCERT`.
+    File {
+        /// The file.
+        path: String,
+        /// `sslrootcert` or `PGSSLROOTCERT`, for errors.
+        named_by: &'static str,
+    },
+}
+
+/// A store URL's TLS settings: `sslmode` — `disable`, `prefer` (the default), `require`, and
+/// `verify-ca` and `verify-full`, which the driver does not read — and `sslrootcert`, a PEM file
+/// of the CA certificates to trust (those alone, as libpq trusts them) or `system` for the
+/// system's; without it in the URL, the file `PGSSLROOTCERT` names (libpq's variable; the chart
+/// sets it to the Secret `store.postgres.caCertSecret`, which it mounts).
+#[derive(Debug, PartialEq, Eq)]
+struct StoreTls {
+    /// `sslmode`'s last value.
+    mode: crate::crd::SslMode,
+    /// What to verify against.
+    root: RootCert,
+}
+
+impl StoreTls {
+    /// `url` with its `sslmode` the driver's (`disable`, `prefer`, or `require` for every mode
+    /// that insists on TLS) and without `sslrootcert`, which the driver does not take, and the
+    /// settings; `env_root_cert` is `PGSSLROOTCERT`'s value, used when the URL has no
+    /// `sslrootcert`. The query starts at the first `?` after the user's password (which may
+    /// hold one; the driver ends the password at the first `@`); empty parameters (`…&&…`, a
+    /// `&` at the end) are dropped.
+    fn split(url: &str, env_root_cert: Option<String>) -> Result<(String, StoreTls), StoreError> {
+        use crate::crd::SslMode;
+        let mut tls = StoreTls {
+            mode: SslMode::Prefer,
+            root: match env_root_cert.filter(|v| !v.is_empty()) {
+                Some(v) if v == "system" => RootCert::System { explicit: true },
+                Some(path) => RootCert::File {
+                    path,
+                    named_by: "PGSSLROOTCERT",
+                },
+                None => RootCert::System { explicit: false },
+            },
+        };
+        // Where the driver ends the user and password: the first `@` after the scheme.
+        let after_scheme = url.find("://").map_or(0, |i| i + 3);
+        let after_password = url[after_scheme..]
+            .find('@')
+            .map_or(after_scheme, |at| after_scheme + at + 1);
+        let (base, query) = match url[after_password..].find('?') {
+            Some(q) => url.split_at(after_password + q),
+            None => (url, ""),
+        };
+        let query = query.strip_prefix('?').unwrap_or(query);
+        let mut kept = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let decoded = || {
+                percent_encoding::percent_decode_str(value)
+                    .decode_utf8()
+                    .map(|v| v.into_owned())
+                    .map_err(|_| {
+                        StoreError::Tls(format!("the store URL's {key} is not UTF-8 text"))
+                    })
+            };
+            match key {
+                "sslmode" => {
+                    let v = decoded()?;
+                    tls.mode = serde_json::from_value(serde_json::Value::String(v.clone()))
+                        .map_err(|_| {
+                            StoreError::Tls(format!(
+                                "the store URL's sslmode {v:?} is none of disable, prefer, \
+                                 require, verify-ca, verify-full"
+                            ))
+                        })?;
+                }
+                "sslrootcert" => {
+                    let v = decoded()?;
+                    tls.root = match v.as_str() {
+                        "" => RootCert::System { explicit: false },
+                        "system" => RootCert::System { explicit: true },
+                        _ => RootCert::File {
+                            path: v,
+                            named_by: "sslrootcert",
+                        },
+                    };
+                }
+                _ => kept.push(pair),
+            }
+        }
+        kept.push(match tls.mode {
+            SslMode::Disable => "sslmode=disable",
+            SslMode::Prefer => "sslmode=prefer",
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => "sslmode=require",
+        });
+        Ok((format!("{base}?{}", kept.join("&")), tls))
+    }
+
+    /// How to verify the server: `None` in clear; else the connector's mode and the PEM text
+    /// of the CA file (`None` for the system's CAs). Refused as libpq refuses them:
+    /// `sslrootcert=system` with a mode weaker than `verify-full`, and `verify-ca` against the
+    /// system's CAs, which would take any publicly trusted certificate for any name.
+    fn verification(&self) -> Result<Option<(crate::crd::SslMode, Option<String>)>, StoreError> {
+        use crate::crd::SslMode;
+        if self.root == (RootCert::System { explicit: true }) && self.mode != SslMode::VerifyFull {
+            return Err(StoreError::Tls(format!(
+                "sslrootcert=system needs sslmode=verify-full, not {}: the system's CAs \
+                 vouch for names, so only a check of the host name makes them mean anything",
+                serde_json::to_value(self.mode)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default()
+            )));
+        }
+        let mode = match (self.mode, &self.root) {
+            (SslMode::Disable, _) => return Ok(None),
+            // libpq: `require` with a CA file verifies the chain, as `verify-ca`.
+            (SslMode::Require, RootCert::File { .. }) => SslMode::VerifyCa,
+            (SslMode::VerifyCa, RootCert::System { .. }) => {
+                return Err(StoreError::Tls(
+                    "sslmode=verify-ca checks no host name, so against the system's CAs it \
+                     would accept any publicly trusted certificate: name the CA file with \
+                     sslrootcert (or PGSSLROOTCERT), or use verify-full"
+                        .into(),
+                ));
+            }
+            (mode, _) => mode,
+        };
+        let ca_cert = match (&self.root, mode) {
+            (RootCert::File { path, named_by }, SslMode::VerifyCa | SslMode::VerifyFull) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| StoreError::Tls(format!("{path} (named by {named_by}): {e}")))?,
+            ),
+            _ => None,
+        };
+        Ok(Some((mode, ca_cert)))
+    }
 }
 
 /// A `READ COMMITTED` transaction whatever the database's default: each statement sees what
@@ -1179,6 +1330,139 @@ impl Store for PostgresStore {
 #[cfg(test)]
 mod tests {
     use crate::test_pg as pg;
+
+    /// A store URL's TLS settings are read as libpq reads them: the driver gets `sslmode`
+    /// `disable`, `prefer` or `require` (for every mode insisting on TLS) and no `sslrootcert`;
+    /// `sslrootcert` (percent-decoded) or else `PGSSLROOTCERT` names the CA file, `system` the
+    /// system's CAs; the last `sslmode` wins; the query starts after the password, whatever it
+    /// holds; empty parameters are dropped; other parameters stay, in order.
+    #[test]
+    fn store_urls_give_up_the_tls_parameters_the_driver_does_not_read() {
+        use super::{RootCert, StoreTls};
+        use crate::crd::SslMode;
+        let split = |url: &str, env: Option<&str>| {
+            StoreTls::split(url, env.map(String::from)).map_err(|e| e.to_string())
+        };
+        let file = |path: &str, named_by| RootCert::File {
+            path: path.into(),
+            named_by,
+        };
+        let none = RootCert::System { explicit: false };
+        let tls = |mode, root| StoreTls { mode, root };
+        let base = "postgres://u:p%40ss@db:5432/profiles";
+        assert_eq!(
+            split(base, None),
+            Ok((
+                format!("{base}?sslmode=prefer"),
+                tls(SslMode::Prefer, none.clone())
+            ))
+        );
+        assert_eq!(
+            split(
+                &format!(
+                    "{base}?connect_timeout=5&sslmode=verify-full&sslrootcert=%2Fetc%2Fca%20x.crt&application_name=e&"
+                ),
+                None
+            ),
+            Ok((
+                format!("{base}?connect_timeout=5&application_name=e&sslmode=require"),
+                tls(SslMode::VerifyFull, file("/etc/ca x.crt", "sslrootcert"))
+            ))
+        );
+        // PGSSLROOTCERT when the URL names no file; `system` in either means the system's CAs.
+        assert_eq!(
+            split(&format!("{base}?sslmode=verify-ca"), Some("/etc/ca.crt")),
+            Ok((
+                format!("{base}?sslmode=require"),
+                tls(SslMode::VerifyCa, file("/etc/ca.crt", "PGSSLROOTCERT"))
+            ))
+        );
+        assert_eq!(
+            split(
+                &format!("{base}?sslmode=verify-full&&sslrootcert=system"),
+                Some("/etc/ca.crt")
+            ),
+            Ok((
+                format!("{base}?sslmode=require"),
+                tls(SslMode::VerifyFull, RootCert::System { explicit: true })
+            ))
+        );
+        assert_eq!(
+            split(&format!("{base}?sslmode=verify-full&sslmode=disable"), None),
+            Ok((
+                format!("{base}?sslmode=disable"),
+                tls(SslMode::Disable, none.clone())
+            ))
+        );
+        // A password holding `?` (and `&`, `=`) is not a query.
+        let odd = "postgres://u:p?a&sslmode=x@db/profiles";
+        assert_eq!(
+            split(&format!("{odd}?sslmode=verify-full"), None),
+            Ok((
+                format!("{odd}?sslmode=require"),
+                tls(SslMode::VerifyFull, none.clone())
+            ))
+        );
+        let e = split(&format!("{base}?sslmode=verify"), None).unwrap_err();
+        assert!(e.contains("\"verify\"") && e.contains("verify-full"), "{e}");
+        assert!(!e.contains("p%40ss"), "{e}");
+    }
+
+    /// What a store's TLS settings verify, as libpq: `require` with a CA file verifies the
+    /// chain; `verify-ca` needs a CA file; `sslrootcert=system` needs `verify-full`; the CA
+    /// file is read for a verifying mode only, and an unreadable one is named, with what named
+    /// it.
+    #[test]
+    fn store_tls_verifies_as_libpq_does() {
+        use super::{RootCert, StoreTls};
+        use crate::crd::SslMode::{self, *};
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.crt");
+        std::fs::write(&ca, "PEM").unwrap();
+        let path = ca.display().to_string();
+        let file = RootCert::File {
+            path: path.clone(),
+            named_by: "PGSSLROOTCERT",
+        };
+        let system = RootCert::System { explicit: true };
+        let none = RootCert::System { explicit: false };
+        let verify = |mode: SslMode, root: &RootCert| {
+            StoreTls {
+                mode,
+                root: root.clone(),
+            }
+            .verification()
+            .map_err(|e| e.to_string())
+        };
+        let pem = Some("PEM".to_string());
+        assert_eq!(verify(Disable, &file), Ok(None));
+        assert_eq!(verify(Prefer, &file), Ok(Some((Prefer, None))));
+        assert_eq!(verify(Require, &none), Ok(Some((Require, None))));
+        assert_eq!(verify(Require, &file), Ok(Some((VerifyCa, pem.clone()))));
+        assert_eq!(verify(VerifyCa, &file), Ok(Some((VerifyCa, pem.clone()))));
+        assert_eq!(verify(VerifyFull, &file), Ok(Some((VerifyFull, pem))));
+        assert_eq!(verify(VerifyFull, &none), Ok(Some((VerifyFull, None))));
+        assert_eq!(verify(VerifyFull, &system), Ok(Some((VerifyFull, None))));
+        for root in [&none, &system] {
+            let e = verify(VerifyCa, root).unwrap_err();
+            assert!(e.contains("verify-ca") && e.contains("sslrootcert"), "{e}");
+        }
+        for mode in [Disable, Prefer, Require] {
+            let e = verify(mode, &system).unwrap_err();
+            assert!(
+                e.contains("sslrootcert=system needs sslmode=verify-full"),
+                "{e}"
+            );
+        }
+        let missing = RootCert::File {
+            path: dir.path().join("gone.crt").display().to_string(),
+            named_by: "sslrootcert",
+        };
+        let e = verify(VerifyFull, &missing).unwrap_err();
+        assert!(e.contains("gone.crt (named by sslrootcert)"), "{e}");
+        // Not read where nothing is verified.
+        assert_eq!(verify(Prefer, &missing), Ok(Some((Prefer, None))));
+    }
 
     /// A store connection gets a 120 s send timeout unless its URL sets one.
     #[test]

@@ -18,7 +18,7 @@ pub struct Credentials {
     pub service_account: Option<String>,
     /// Access token (Databricks).
     pub token: Option<String>,
-    /// PEM CA certificates to trust besides the system's (verify-ca / verify-full).
+    /// PEM CA certificates to trust instead of the system's (verify-ca / verify-full).
     pub ca_cert: Option<String>,
 }
 

@@ -105,6 +105,19 @@ pub fn render_cases() -> Vec<(&'static str, Value, &'static str, &'static str)> 
             "profiles-sync",
         ),
         (
+            "postgres-store-ca",
+            json!({"store": {"type": "postgres", "postgres": {"existingSecret": "profiles-sync-store",
+                "caCertSecret": "store-ca", "caCertKey": "bundle.pem"}}}),
+            "profiles-sync",
+            "profiles-sync",
+        ),
+        (
+            "event-retention-leading-zero",
+            json!({"engine": {"eventRetention": "07d"}}),
+            "profiles-sync",
+            "profiles-sync",
+        ),
+        (
             "everything",
             json!({
                 "image": {"digest": format!("sha256:{}", "ab".repeat(32))},
@@ -306,6 +319,17 @@ pub fn reject_cases() -> Vec<Reject> {
         reject(
             "event-retention-zero",
             json!({"engine": {"eventRetention": "0d"}}),
+            "/engine/eventRetention",
+        ),
+        // Kubernetes refuses such Secret keys: `..data` is the mount's own directory.
+        reject(
+            "secret-key-dot-dot",
+            json!({"sources": {"key": "..data"}}),
+            "/sources/key",
+        ),
+        reject(
+            "event-retention-zeros",
+            json!({"engine": {"eventRetention": "000h"}}),
             "/engine/eventRetention",
         ),
         reject(

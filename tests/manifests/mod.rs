@@ -282,7 +282,7 @@ pub fn expected_controller_rules() -> Value {
 }
 
 /// Environment variables the installs may set to a literal value.
-const PLAIN_ENV: &[&str] = &["RUST_LOG"];
+const PLAIN_ENV: &[&str] = &["RUST_LOG", "PGSSLROOTCERT"];
 
 /// Checks what every pod of both installs must be: the restricted Pod Security Standard,
 /// resource requests, and no secret material in arguments or environment values.

@@ -65,6 +65,11 @@ spec:
             secretKeyRef:
               name: {{ .Values.store.postgres.existingSecret }}
               key: {{ .Values.store.postgres.key }}
+        {{- if .Values.store.postgres.caCertSecret }}
+        # The CAs to verify the store's server against (sslmode=verify-ca / verify-full).
+        - name: PGSSLROOTCERT
+          value: /etc/profiles-sync/store-ca/ca.crt
+        {{- end }}
         {{- end }}
       ports:
         - name: http
@@ -107,6 +112,11 @@ spec:
         - name: store
           mountPath: /var/lib/profiles-sync
         {{- end }}
+        {{- if and (eq .Values.store.type "postgres") .Values.store.postgres.caCertSecret }}
+        - name: store-ca
+          mountPath: /etc/profiles-sync/store-ca
+          readOnly: true
+        {{- end }}
         - name: tmp
           mountPath: /tmp
   volumes:
@@ -126,6 +136,14 @@ spec:
     - name: identity-rules
       configMap:
         name: {{ include "profiles-sync.fullname" . }}-identity-rules
+    {{- end }}
+    {{- if and (eq .Values.store.type "postgres") .Values.store.postgres.caCertSecret }}
+    - name: store-ca
+      secret:
+        secretName: {{ .Values.store.postgres.caCertSecret }}
+        items:
+          - key: {{ .Values.store.postgres.caCertKey }}
+            path: ca.crt
     {{- end }}
     {{- if and (eq .Values.store.type "sqlite") (not .Values.store.sqlite.persistence.enabled) }}
     - name: store

@@ -5,7 +5,7 @@ pub(crate) mod copy;
 mod dialect;
 mod tls;
 
-pub use tls::connector as tls_connector;
+pub use tls::{connector as tls_connector, connector_from as tls_connector_from};
 
 pub use dialect::PostgresDialect;
 
@@ -220,7 +220,7 @@ impl PostgresWarehouse {
     }
 
     /// Connects with a ready driver configuration (tests use this with a throwaway server),
-    /// trusting the PEM certificates `ca_cert` besides the system's for `verify-*`.
+    /// trusting for `verify-*` the PEM certificates `ca_cert` when given, else the system's.
     pub fn with_config(
         mut config: Config,
         ssl_mode: SslMode,
@@ -260,7 +260,7 @@ impl PostgresWarehouse {
 struct Session {
     config: Config,
     ssl_mode: SslMode,
-    /// PEM certificates trusted besides the system's for `verify-*`.
+    /// PEM certificates trusted (instead of the system's) for `verify-*`.
     ca_cert: Option<String>,
 }
 
