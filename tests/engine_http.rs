@@ -204,6 +204,7 @@ async fn a_batch_stores_its_messages_but_those_the_identity_rules_refuse() {
         Some(1),
         "{reply}"
     );
+    assert_eq!(reply["skippedCount"], 1, "{reply}");
     let users: Vec<Option<String>> = stored(&t.store_url)
         .into_iter()
         .map(|e| e.event.user_id)
@@ -238,6 +239,17 @@ async fn a_batch_stores_its_messages_but_those_the_identity_rules_refuse() {
         "{text}"
     );
     assert_eq!(stored(&t.store_url).len(), 3);
+    // Many left out: the first 100 are listed, all counted.
+    let mut batch: Vec<Value> = (0..150)
+        .map(|_| json!({"type": "page", "anonymousId": "anonymous"}))
+        .collect();
+    batch.push(json!({"type": "page", "anonymousId": "a-150"}));
+    let (status, reply) = post(&t.base, "/v1/batch", &json!({ "batch": batch })).await;
+    assert_eq!(status, StatusCode::OK, "{reply}");
+    assert_eq!(reply["skippedCount"], 150);
+    assert_eq!(reply["skipped"].as_array().map(Vec::len), Some(100));
+    assert_eq!(reply["skipped"][99]["index"], 99);
+    assert_eq!(stored(&t.store_url).len(), 4);
     t.engine.stop().await.unwrap();
 }
 

@@ -431,7 +431,7 @@ async fn ingest_inner(
     match done.await {
         Ok(Ok(_)) if skipped.is_empty() => json_response(StatusCode::OK, json!({"success": true})),
         // The batch's other messages are stored; the client learns which were left out.
-        Ok(Ok(_)) => json_response(StatusCode::OK, json!({"success": true, "skipped": skipped})),
+        Ok(Ok(_)) => json_response(StatusCode::OK, skipped_body(&skipped)),
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "request failed to commit");
             retry_later(
@@ -447,6 +447,19 @@ async fn ingest_inner(
             "5",
         ),
     }
+}
+
+/// Most messages a 200 lists under `skipped` (a batch of small messages the rules refuse would
+/// otherwise be answered with a megabyte): `skippedCount` counts them all.
+const MAX_SKIPPED_LISTED: usize = 100;
+
+/// The 200 of a batch whose `skipped` messages the identity rules left out.
+fn skipped_body(skipped: &[request::Skipped]) -> serde_json::Value {
+    json!({
+        "success": true,
+        "skipped": &skipped[..skipped.len().min(MAX_SKIPPED_LISTED)],
+        "skippedCount": skipped.len(),
+    })
 }
 
 /// A 503 with `body` and `Retry-After: seconds`.
