@@ -1091,22 +1091,7 @@ fn postgres_store_urls_verify_the_server_certificate() {
     // As in libpq, `require` with a CA file verifies the chain: the test CA's passes, another
     // CA's fails.
     open(url("127.0.0.1", &with_ca("require"))).expect("require with the server's CA");
-    let other = dir.path().join("other.crt");
-    let out = std::process::Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-        ])
-        .args(["-subj", "/CN=another CA", "-keyout"])
-        .arg(dir.path().join("other.key"))
-        .arg("-out")
-        .arg(&other)
-        .output()
-        .expect("run openssl");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let other = support::pg::make_ca(dir.path(), "other-ca");
     let e = error(url(
         "127.0.0.1",
         &format!("sslmode=require&sslrootcert={}", other.display()),

@@ -80,6 +80,45 @@ fn pg_command(bindir: &Path, run_as_postgres: bool, program: &str) -> Command {
     }
 }
 
+/// Runs `openssl` with `args`, panicking with its error output when it fails.
+fn openssl(args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Makes a self-signed CA certificate `<name>.crt` (and its key `<name>.key`) in `dir`, for
+/// TLS tests; returns the certificate's path.
+pub fn make_ca(dir: &Path, name: &str) -> std::path::PathBuf {
+    let (crt, key) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    let subject = format!("/CN=profiles-sync {name}");
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        &subject,
+        "-keyout",
+        &key.display().to_string(),
+        "-out",
+        &crt.display().to_string(),
+    ]);
+    crt
+}
+
 impl PgServer {
     /// Starts a new server. Panics with the server's log when it can't start.
     pub fn start() -> PgServer {
@@ -115,22 +154,8 @@ impl PgServer {
             let ext = dir.path().join("server.ext");
             std::fs::write(&ext, "subjectAltName=DNS:localhost\n").expect("write ext");
             let p = |name: &str| dir.path().join(name).display().to_string();
+            make_ca(dir.path(), "ca");
             for args in [
-                vec![
-                    "req",
-                    "-x509",
-                    "-newkey",
-                    "rsa:2048",
-                    "-nodes",
-                    "-days",
-                    "2",
-                    "-subj",
-                    "/CN=profiles-sync test CA",
-                    "-keyout",
-                    &p("ca.key"),
-                    "-out",
-                    &p("ca.crt"),
-                ],
                 vec![
                     "req",
                     "-newkey",
@@ -161,15 +186,7 @@ impl PgServer {
                     &p("server.crt"),
                 ],
             ] {
-                let out = Command::new("openssl")
-                    .args(&args)
-                    .output()
-                    .expect("run openssl");
-                assert!(
-                    out.status.success(),
-                    "openssl {args:?}: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
+                openssl(&args);
             }
             let mut perms = std::fs::metadata(&key).expect("key").permissions();
             std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o600);
