@@ -221,6 +221,8 @@ pub fn batch_messages(
     for key in ["context", "integrations"] {
         match obj.get(key) {
             None | Some(Value::Null) => {}
+            // An empty array is an empty object, as in a message ([`Event::from_value`]).
+            Some(Value::Array(a)) if a.is_empty() => {}
             Some(Value::Object(m)) if m.is_empty() => {}
             Some(Value::Object(m)) => shared.push((key, m)),
             Some(_) => return Err(field_error(400, key, "must be an object", None)),
@@ -251,9 +253,9 @@ pub fn batch_messages(
             m.insert("sentAt".into(), v.clone());
         }
         for (key, batch) in &shared {
-            // Absent or null, the message's own is an empty object the batch's merges into.
+            // Absent, null or `[]`, the message's own is an empty object the batch's merges into.
             let own = m.entry(*key).or_insert(Value::Null);
-            if own.is_null() {
+            if own.is_null() || own.as_array().is_some_and(Vec::is_empty) {
                 added = added.saturating_add(entry_len(key, own));
                 *own = Value::Object(Map::new());
             }
@@ -735,9 +737,25 @@ mod tests {
             "{:?}",
             accepted.skipped
         );
-        // Under the default limit (300) only the blocked message is left out.
+        // Under the default limit (300) only the blocked message is left out…
         let accepted = parse_batch(batch, &Rules::default()).unwrap();
         assert_eq!((accepted.events.len(), accepted.skipped.len()), (3, 1));
+        // …and an identify of 300 traits (Segment's limit) is left out like any other.
+        let many: Map<String, Value> = (0..300).map(|i| (format!("t{i}"), json!(i))).collect();
+        let accepted = parse_batch(
+            json!([{"type": "identify", "userId": "u1", "traits": many}, {"type": "page", "userId": "u1"}]),
+            &Rules::default(),
+        )
+        .expect("the batch is accepted");
+        assert_eq!(accepted.events.len(), 1);
+        assert_eq!(
+            accepted
+                .skipped
+                .iter()
+                .map(|s| (s.index, s.field.as_str()))
+                .collect::<Vec<_>>(),
+            [(0, "traits")]
+        );
 
         // Nothing left to store: the batch is refused, naming the first message refused.
         let e = parse_batch(json!([blocked, over]), &rules)
@@ -790,6 +808,34 @@ mod tests {
             (e.status, e.field.as_deref(), e.index),
             (400, Some("userId"), Some(1))
         );
+    }
+
+    /// A batch's `context` or `integrations` given as `[]` (PHP's empty array) is none; a
+    /// message's own `[]` takes the batch's.
+    #[test]
+    fn empty_arrays_in_a_batch_read_as_empty_objects() {
+        let body = serde_json::to_vec(&json!({
+            "batch": [
+                {"type": "track", "userId": "u1", "event": "A", "context": [], "integrations": []},
+                {"type": "track", "userId": "u1", "event": "B"},
+            ],
+            "context": {"app": {"name": "shop"}},
+            "integrations": [],
+        }))
+        .unwrap();
+        let accepted = parse(
+            Endpoint::Batch,
+            &body,
+            Some(&auth()),
+            &sources(),
+            &Rules::default(),
+            Timestamp::now(),
+        )
+        .expect("accepted");
+        for e in &accepted.events {
+            assert_eq!(e.context.get("app"), Some(&json!({"name": "shop"})));
+            assert!(e.integrations.is_empty());
+        }
     }
 
     /// Sends `message` second in a batch after a valid one, asserts the batch is refused with a

@@ -315,8 +315,8 @@ impl FlatEvent {
     /// `FlatEvent::from_event(Event::from_json_text(text, None, opts)?)` for any text without
     /// repeated keys (a stored event's), without building a map.
     pub fn from_json_text(text: &str, opts: &ParseOptions) -> Result<FlatEvent, EventError> {
-        let (fields, traits, leaves) = read_message(text, None)?;
-        Self::build(fields, traits, leaves, opts)
+        let (fields, leaves) = read_message(text, None)?;
+        Self::build(fields, leaves, opts)
     }
 
     /// Parses a row of the engine's events feed (the text of `FeedRow::to_json`: the event's
@@ -325,7 +325,7 @@ impl FlatEvent {
     /// its event, without building a map. The row's own keys are never the event's.
     pub fn from_feed_row_text(text: &str) -> Result<(i64, String, FlatEvent), EventError> {
         let mut row = RowKeys::default();
-        let (fields, traits, leaves) = read_message(text, Some(&mut row))?;
+        let (fields, leaves) = read_message(text, Some(&mut row))?;
         let missing =
             |key: &str, what: &str| EventError::new(key, format!("missing or not {what}"));
         let seq = row.seq.ok_or_else(|| missing("seq", "an integer"))?;
@@ -346,12 +346,11 @@ impl FlatEvent {
             source_id,
             trust_received_at: true,
         };
-        Ok((seq, segment_id, Self::build(fields, traits, leaves, &opts)?))
+        Ok((seq, segment_id, Self::build(fields, leaves, &opts)?))
     }
 
     fn build(
         fields: Fields,
-        traits: usize,
         mut leaves: Leaves,
         opts: &ParseOptions,
     ) -> Result<FlatEvent, EventError> {
@@ -360,7 +359,7 @@ impl FlatEvent {
         if !leaves.items.is_sorted_by_key(|l| l.section) {
             leaves.items.sort_by_key(|l| l.section);
         }
-        let event = parse::parse_fields(fields, None, opts, Some(traits))?;
+        let event = parse::parse_fields(fields, None, opts)?;
         Ok(FlatEvent { event, leaves })
     }
 }
@@ -373,12 +372,9 @@ struct RowKeys {
     event_source_id: Option<String>,
 }
 
-/// Reads a message's text into its fields, the key count of its `traits`, and its leaves; with
+/// Reads a message's text into its fields and its leaves; with
 /// `row`, the keys of a feed row go there instead of the event.
-fn read_message(
-    text: &str,
-    row: Option<&mut RowKeys>,
-) -> Result<(Fields, usize, Leaves), EventError> {
+fn read_message(text: &str, row: Option<&mut RowKeys>) -> Result<(Fields, Leaves), EventError> {
     // Sized from the text so that a typical event's buffers never grow, and capped so that a
     // large one's do not reserve more than they hold (pages keep thousands of events).
     let mut leaves = Leaves {
@@ -389,7 +385,7 @@ fn read_message(
         context_key: [false; 4],
     };
     let mut de = serde_json::Deserializer::from_str(text);
-    let (fields, traits) = serde::Deserializer::deserialize_map(
+    let fields = serde::Deserializer::deserialize_map(
         &mut de,
         Message {
             leaves: &mut leaves,
@@ -399,11 +395,11 @@ fn read_message(
     // Like `serde_json::from_str`: nothing but whitespace may follow the object.
     .and_then(|f| de.end().map(|()| f))
     .map_err(|e| EventError::new("message", format!("must be a JSON object: {e}")))?;
-    Ok((fields, traits, leaves))
+    Ok((fields, leaves))
 }
 
 /// The top-level object: model fields into [`Fields`] (objects as markers for their type
-/// checks), leaves into [`Leaves`]; also counts the keys of `traits` (an identify's limit).
+/// checks), leaves into [`Leaves`].
 struct Message<'a> {
     leaves: &'a mut Leaves,
     /// A feed row's own keys, when reading one.
@@ -411,15 +407,14 @@ struct Message<'a> {
 }
 
 impl<'de> Visitor<'de> for Message<'_> {
-    type Value = (Fields, usize);
+    type Value = Fields;
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("a JSON object")
     }
 
-    fn visit_map<A: MapAccess<'de>>(mut self, mut a: A) -> Result<(Fields, usize), A::Error> {
+    fn visit_map<A: MapAccess<'de>>(mut self, mut a: A) -> Result<Fields, A::Error> {
         let mut f = Fields::default();
-        let mut traits = 0;
         while let Some(Key(key)) = a.next_key()? {
             if let Some(row) = self.row.as_deref_mut() {
                 // The row's keys come first and are never repeated by the event (the engine
@@ -446,10 +441,7 @@ impl<'de> Visitor<'de> for Message<'_> {
                 "traits" => Section::Traits,
                 "properties" => Section::Properties,
                 "integrations" => {
-                    f.integrations = Some(a.next_value_seed(Object {
-                        into: None,
-                        count: &mut 0,
-                    })?);
+                    f.integrations = Some(a.next_value_seed(Object { into: None })?);
                     continue;
                 }
                 _ => {
@@ -470,40 +462,34 @@ impl<'de> Visitor<'de> for Message<'_> {
                     continue;
                 }
             };
-            let mut count = 0;
             let marker = a.next_value_seed(Object {
                 into: Some((&mut *self.leaves, section)),
-                count: &mut count,
             })?;
             match section {
                 Section::Context => f.context = Some(marker),
-                Section::Traits => {
-                    traits = count;
-                    f.traits = Some(marker);
-                }
+                Section::Traits => f.traits = Some(marker),
                 _ => f.properties = Some(marker),
             }
         }
-        Ok((f, traits))
+        Ok(f)
     }
 }
 
 /// One of a message's objects: flattened into the leaves (or skipped, for `integrations`).
 /// Returns what the model's type check needs: an empty object, `null`, or (for any other
 /// type) `false`.
-struct Object<'a, 'b> {
+struct Object<'a> {
     into: Option<(&'a mut Leaves, Section)>,
-    count: &'b mut usize,
 }
 
-impl<'de> DeserializeSeed<'de> for Object<'_, '_> {
+impl<'de> DeserializeSeed<'de> for Object<'_> {
     type Value = Value;
     fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
         d.deserialize_any(self)
     }
 }
 
-impl<'de> Visitor<'de> for Object<'_, '_> {
+impl<'de> Visitor<'de> for Object<'_> {
     type Value = Value;
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
@@ -529,33 +515,37 @@ impl<'de> Visitor<'de> for Object<'_, '_> {
         Ok(Value::Bool(false))
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Value, A::Error> {
-        while a.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(Value::Bool(false))
+        // `[]` is an empty object, as the model reads it; any other array is refused.
+        let mut empty = true;
+        while a.next_element::<IgnoredAny>()?.is_some() {
+            empty = false;
+        }
+        Ok(if empty {
+            Value::Object(Map::new())
+        } else {
+            Value::Bool(false)
+        })
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Value, A::Error> {
         match self.into {
             None => while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {},
             Some((leaves, section)) => {
-                walk_entries(&mut a, leaves, section, TOP, Some(self.count))?;
+                walk_entries(&mut a, leaves, section, TOP)?;
             }
         }
         Ok(Value::Object(Map::new()))
     }
 }
 
-/// Flattens the entries of the object `parent`; counts them into `count`.
+/// Flattens the entries of the object `parent`.
 fn walk_entries<'de, A: MapAccess<'de>>(
     a: &mut A,
     leaves: &mut Leaves,
     section: Section,
     parent: u32,
-    mut count: Option<&mut usize>,
 ) -> Result<(), A::Error> {
     while let Some(Key(key)) = a.next_key()? {
-        if let Some(c) = count.as_deref_mut() {
-            *c += 1;
-        }
         a.next_value_seed(Node {
             leaves: &mut *leaves,
             section,
@@ -634,6 +624,6 @@ impl<'de> Visitor<'de> for Node<'_, '_> {
     }
     fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<(), A::Error> {
         let o = self.leaves.object(self.section, self.parent, self.key);
-        walk_entries(&mut a, self.leaves, self.section, o, None)
+        walk_entries(&mut a, self.leaves, self.section, o)
     }
 }

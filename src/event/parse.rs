@@ -6,7 +6,9 @@ use serde_json::{Map, Value};
 
 use super::{Event, EventError, EventType, ParseOptions};
 
-/// An identify call must carry fewer traits than this (Segment's limit).
+/// The most traits the identity rules' `caps.max_traits` may allow an identify call (Segment's
+/// limit of 300): the engine leaves out of a batch, or refuses alone, an identify carrying as
+/// many ([`crate::engine::request::storable`]); the model itself takes any number.
 pub const MAX_IDENTIFY_TRAITS: usize = 300;
 
 /// A credential sometimes sent in the body (`writeKey`): read by the collector, never stored.
@@ -148,7 +150,7 @@ pub(super) fn parse_text(
 ) -> Result<Event, EventError> {
     let f: Fields = serde_json::from_str(text)
         .map_err(|e| EventError::new("message", format!("must be a JSON object: {e}")))?;
-    parse_fields(f, default_type, opts, None)
+    parse_fields(f, default_type, opts)
 }
 
 pub(super) fn parse(
@@ -159,16 +161,14 @@ pub(super) fn parse(
     let Value::Object(obj) = v else {
         return Err(EventError::new("message", "must be a JSON object"));
     };
-    parse_fields(Fields::split(obj), default_type, opts, None)
+    parse_fields(Fields::split(obj), default_type, opts)
 }
 
-/// The event of a message's fields; `traits_count` is the number of keys of `traits` when the
-/// fields do not hold them (a flat read keeps them as leaves).
+/// The event of a message's fields.
 pub(super) fn parse_fields(
     f: Fields,
     default_type: Option<EventType>,
     opts: &ParseOptions,
-    traits_count: Option<usize>,
 ) -> Result<Event, EventError> {
     let event_type = event_type(f.event_type.as_ref(), default_type)?;
 
@@ -214,7 +214,6 @@ pub(super) fn parse_fields(
         EventType::Alias if user_id.is_none() => {
             return Err(EventError::new("userId", "an alias call requires userId"));
         }
-        EventType::Identify => check_identify_traits(traits_count.unwrap_or(traits.len()))?,
         _ => {}
     }
 
@@ -250,19 +249,6 @@ pub(super) fn parse_fields(
         extra: f.extra,
         source_id: opts.source_id.clone(),
     })
-}
-
-/// An identify call's traits must number fewer than [`MAX_IDENTIFY_TRAITS`].
-pub(super) fn check_identify_traits(count: usize) -> Result<(), EventError> {
-    if count >= MAX_IDENTIFY_TRAITS {
-        return Err(EventError::new(
-            "traits",
-            format!(
-                "an identify call must carry fewer than {MAX_IDENTIFY_TRAITS} traits (the 300 limit), got {count}"
-            ),
-        ));
-    }
-    Ok(())
 }
 
 /// Segment's clock-skew correction: the client's clock is off by `sentAt − originalTimestamp`
@@ -351,7 +337,10 @@ pub(crate) fn number_id(n: &serde_json::Number) -> Option<String> {
 /// The object of a field; absent and null are the empty object.
 fn take_object(v: Option<Value>, key: &str) -> Result<Map<String, Value>, EventError> {
     match v {
+        // `[]` too: PHP's `json_encode` writes an empty array so (analytics-php sends a user's
+        // `'integrations' => []` as it is).
         None | Some(Value::Null) => Ok(Map::new()),
+        Some(Value::Array(a)) if a.is_empty() => Ok(Map::new()),
         Some(Value::Object(m)) => Ok(m),
         Some(_) => Err(EventError::new(key, "must be an object")),
     }

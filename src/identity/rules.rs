@@ -242,7 +242,7 @@ impl Rules {
                 rules.max_identifiers_per_profile = n;
             }
             if let Some(n) = caps.max_traits {
-                // The parser refuses an identify of 300 traits or more whatever the rules say.
+                // Segment's limit: an identify of 300 traits or more is always left out.
                 let most = crate::event::MAX_IDENTIFY_TRAITS;
                 if n == 0 || n > most {
                     return Err(invalid(
