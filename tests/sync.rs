@@ -2657,6 +2657,72 @@ fn postgres_a_table_the_loader_may_not_insert_into_fails_alone() {
     assert_eq!(wh.count("pages"), pages + 1);
 }
 
+/// Under `limits.maxRows`, a Track table that fails on every run (a DBA revoked the loader's
+/// INSERT on it) held every other event table back: each run read again, from the failing
+/// table's cursor, the events the others had loaded, which routed nowhere but spent the row
+/// budget, and the others' cursors never moved again. Reading skips to the healthy tables'
+/// lowest cursor once the tables that still need the events before it have failed.
+#[test]
+fn postgres_a_table_failing_on_every_run_does_not_hold_the_others_back_under_max_rows() {
+    let (mut s, url, _d) = store();
+    let track = |id: String, event: &str| {
+        msg(json!({"type": "track", "messageId": id, "anonymousId": "a1", "event": event}))
+    };
+    ingest(
+        &mut *s,
+        &[track("a0".into(), "Alpha"), track("b0".into(), "Beta")],
+    );
+    let wh = TestWarehouse::postgres();
+    let mut admin = as_dba(&wh);
+    admin
+        .batch_execute(
+            "DO $$ BEGIN CREATE ROLE loader LOGIN; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
+             CREATE SCHEMA profiles_sync AUTHORIZATION loader;",
+        )
+        .unwrap();
+    let mut as_loader = TestWarehouse::postgres();
+    as_loader.spec = wh.spec.clone();
+    as_loader.credentials.username = Some("loader".into());
+    assert_eq!(as_loader.sync(&url, None).status, SyncStatus::Success);
+    admin
+        .batch_execute("REVOKE INSERT ON profiles_sync.beta FROM loader")
+        .unwrap();
+    // A Beta event first, then a backlog of Alpha events many times the row limit.
+    let mut later = vec![track("b1".into(), "Beta")];
+    later.extend((1..=60).map(|i| track(format!("a{i}"), "Alpha")));
+    ingest(&mut *s, &later);
+    let mut spec = as_loader.spec.clone();
+    spec.limits = Some(profiles_sync::crd::SyncLimits {
+        max_rows: Some(10),
+        max_bytes: None,
+    });
+    let mut runs = 0;
+    while wh.count("alpha") < 61 {
+        runs += 1;
+        assert!(
+            runs <= 30,
+            "alpha stuck at {} of 61 rows after {} runs",
+            wh.count("alpha"),
+            runs - 1
+        );
+        let r = as_loader.sync_with(&url, None, &spec, 5);
+        assert_eq!(failed_tables(&r), ["beta"], "{r:#?}");
+    }
+    assert_eq!(
+        wh.count("beta"),
+        1,
+        "beta keeps failing, its first row loaded"
+    );
+    assert_eq!(wh.count("tracks"), 63);
+    // Once the DBA grants INSERT again, beta loads its row, once.
+    admin
+        .batch_execute("GRANT INSERT ON profiles_sync.beta TO loader")
+        .unwrap();
+    while as_loader.sync_with(&url, None, &spec, 5).limit_reached {}
+    assert_eq!(wh.count("beta"), 2);
+    assert_eq!(wh.count("alpha"), 61);
+}
+
 /// The table of a Track event named `Events` (`_events`) keeps its own cursor: a load that
 /// fails once (here a lock a user holds) is retried by the next run, its rows loaded once. It
 /// shared its state row with the sync's events watermark, whose cursor moved past the failed

@@ -407,6 +407,18 @@ impl<'a> Run<'a> {
         self.rows_left != Some(0) && self.bytes_left != Some(0)
     }
 
+    /// The lowest cursor of the enabled event tables that have not failed in this run: every
+    /// table that needs an event before it has failed, so reading those events again (under a
+    /// row limit, spending the budget on rows no table takes) is skipped. `None` when no such
+    /// table is left.
+    fn healthy_event_floor(&self) -> Option<i64> {
+        self.states
+            .iter()
+            .filter(|(t, st)| st.enabled && is_event_table(t) && !self.failed.contains(*t))
+            .map(|(_, st)| st.cursor)
+            .min()
+    }
+
     fn spend(&mut self, rows: u64, bytes: u64) {
         self.spent.0 += rows;
         self.spent.1 += bytes;
@@ -865,6 +877,17 @@ impl<'a> Run<'a> {
             let mut writer = ChunkWriter::spawn(scope, wh, schema);
             let result = (|| -> Result<(), RunError> {
                 while self.budget_left() {
+                    // Under a row limit, a table failing on every run (its cursor the lowest)
+                    // would have each run spend its budget reading again what the others have
+                    // loaded, and their cursors never move again: once it has failed, reading
+                    // goes on from the lowest cursor of the tables that have not. (Without a
+                    // limit the reader runs ahead, and reading costs no budget.)
+                    if let Pages::Direct(_) = pages
+                        && let Some(floor) = self.healthy_event_floor()
+                        && floor > pos
+                    {
+                        pos = floor;
+                    }
                     let mut rows = match &mut pages {
                         Pages::Direct(source) => source.read_events(pos, self.page())?,
                         Pages::Ahead(reader) => reader
