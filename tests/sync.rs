@@ -97,6 +97,7 @@ both_warehouses!(
     later_syncs_load_only_what_is_new,
     materialized_tables_follow_merges,
     selective_sync_turns_tables_and_columns_off_and_on,
+    an_excluded_column_covers_every_spelling_of_its_property,
     fixed_columns_other_than_keys_can_be_excluded_and_included_again,
     a_profile_table_turned_off_and_on_catches_up_and_records_when,
     a_merge_while_a_profile_table_is_off_is_applied_when_it_is_back_on,
@@ -362,6 +363,55 @@ fn selective_sync_turns_tables_and_columns_off_and_on(kind: &str) {
         wh2.count("identifies") + wh2.count("id_graph_updates") + wh2.count("order_completed"),
         0
     );
+}
+
+/// `columns.exclude` keeps a property out in every spelling: `Email` beside `email` gets its
+/// own column (`email_<hash>`), and a name past the warehouse's limit is cut with a hash, and
+/// either loaded the values an exclusion of `email` or of the full name was written to keep
+/// out (often personal data). The same for a trait of `profile_traits_updates`.
+fn an_excluded_column_covers_every_spelling_of_its_property(kind: &str) {
+    let (mut s, url, _d) = store();
+    let long = format!("contact_{}", "x".repeat(70));
+    let mut props = json!({"email": "a@example.com", "Email": "b@example.com", "plan": "pro"});
+    props[&long] = json!("kept out");
+    ingest(
+        &mut *s,
+        &[
+            msg(
+                json!({"type": "track", "messageId": "s1", "userId": "u1", "event": "Signed Up", "properties": props}),
+            ),
+            msg(
+                json!({"type": "identify", "messageId": "i1", "userId": "u1", "traits": {"email": "a@example.com", "EMail": "b@example.com", "plan": "pro"}}),
+            ),
+        ],
+    );
+    let wh = TestWarehouse::of(kind);
+    let sel = selection(json!({"tables": [
+        {"name": "signed_up", "columns": {"exclude": ["email", long]}},
+        {"name": "profile_traits_updates", "columns": {"exclude": ["email"]}}
+    ]}));
+    let r = wh.sync(&url, Some(&sel));
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    for table in ["signed_up", "profile_traits_updates"] {
+        let cols = wh.columns(table);
+        assert!(cols.contains(&"plan".to_string()), "{table}: {cols:?}");
+        assert!(
+            !cols
+                .iter()
+                .any(|c| c.starts_with("email") || c.starts_with("contact")),
+            "{table}: {cols:?}"
+        );
+    }
+    // Without the exclusion both spellings and the long name land, each in its own column.
+    let all = TestWarehouse::of(kind);
+    all.sync(&url, None);
+    let cols = all.columns("signed_up");
+    assert_eq!(
+        cols.iter().filter(|c| c.starts_with("email")).count(),
+        2,
+        "{cols:?}"
+    );
+    assert!(cols.iter().any(|c| c.starts_with("contact_x")), "{cols:?}");
 }
 
 /// A fixed column that keys nothing (`anonymous_id`, `event_text` of an event table,

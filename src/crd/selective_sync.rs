@@ -370,6 +370,21 @@ enum ColumnChoice<'a> {
 }
 
 impl ColumnFilter<'_> {
+    /// Whether the choice excludes columns (so that a property's other spellings are worth
+    /// checking against it: [`ColumnFilter::excludes_any`]).
+    pub fn has_exclusions(&self) -> bool {
+        matches!(self.choice, ColumnChoice::Except(_))
+    }
+
+    /// Whether an `exclude` list names any of `names` (the other spellings of a property's
+    /// column); an `include` list matches columns by their own names only.
+    pub fn excludes_any<S: AsRef<str>>(&self, names: &[S]) -> bool {
+        match &self.choice {
+            ColumnChoice::Except(exc) => names.iter().any(|n| exc.contains(n.as_ref())),
+            ColumnChoice::All | ColumnChoice::Only(_) => false,
+        }
+    }
+
     /// Whether `column` is synced.
     pub fn enabled(&self, column: &str) -> bool {
         if self.keys.contains(&column) {

@@ -292,6 +292,18 @@ pub struct ColumnMap {
     new: Vec<(String, String)>,
 }
 
+/// The column a property path takes when no other property has it: snake_case, dots joined
+/// with `_`, cut to `max_len`, `_` before a system column's name (PostgreSQL and Redshift refuse
+/// a column named like one).
+fn base_column(source: &str, max_len: usize) -> String {
+    let base = identifier(&source.replace('.', "_"), max_len);
+    if SYSTEM_COLUMNS.contains(&base.as_str()) {
+        format!("_{base}")
+    } else {
+        base
+    }
+}
+
 impl ColumnMap {
     /// A map with `reserved` column names already taken (they are never given to a property).
     pub fn with_reserved<'a>(reserved: impl IntoIterator<Item = &'a str>) -> ColumnMap {
@@ -321,12 +333,7 @@ impl ColumnMap {
         if let Some(c) = self.by_source.get(key.as_ref()) {
             return Some(c.clone());
         }
-        let joined = source.replace('.', "_");
-        let mut base = identifier(&joined, max_len);
-        if SYSTEM_COLUMNS.contains(&base.as_str()) {
-            // PostgreSQL (and Redshift) refuse a column named like a system column.
-            base = format!("_{base}");
-        }
+        let base = base_column(source, max_len);
         if self.used.contains(&base) && self.is_reserved_collision(&base) {
             return None;
         }
@@ -354,6 +361,18 @@ impl ColumnMap {
         self.by_source.insert(key.to_string(), column.clone());
         self.new.push((key.into_owned(), column.clone()));
         Some(column)
+    }
+
+    /// The names a selection's `columns.exclude` may give the property `source` by, besides
+    /// its own column's: its column name before a suffix told it from another spelling
+    /// (`email` for `Email`, whose column is `email_<hash>` beside `email`'s), and before the
+    /// warehouse's length limit cut it. An exclusion meant for a property covers all its
+    /// spellings: the values it keeps out are often personal data.
+    pub fn spellings(source: &str, max_len: usize) -> [String; 2] {
+        [
+            base_column(source, max_len),
+            base_column(source, usize::MAX),
+        ]
     }
 
     fn is_reserved_collision(&self, base: &str) -> bool {

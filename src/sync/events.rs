@@ -245,7 +245,11 @@ impl<'a> Router<'a> {
                     let column = cols
                         .map
                         .column(path, max_len)
-                        .filter(|c| cols.filter.as_ref().is_none_or(|f| f.enabled(c)))
+                        .filter(|c| {
+                            cols.filter
+                                .as_ref()
+                                .is_none_or(|f| property_enabled(f, c, path, max_len))
+                        })
                         .map(ColumnName::from);
                     remember(&mut cols.at, p, Some((path.to_string(), column.clone())));
                     column
@@ -443,4 +447,18 @@ mod tests {
             "deselected"
         );
     }
+}
+
+/// Whether the selection's `filter` syncs `column`, the column of the property `path`: by its
+/// own name, and, for an `exclude` list, by none of the property's other spellings
+/// ([`ColumnMap::spellings`]).
+pub(super) fn property_enabled(
+    filter: &crate::crd::ColumnFilter<'_>,
+    column: &str,
+    path: &str,
+    max_len: usize,
+) -> bool {
+    filter.enabled(column)
+        && !(filter.has_exclusions()
+            && filter.excludes_any(&super::columns::ColumnMap::spellings(path, max_len)))
 }

@@ -1199,7 +1199,7 @@ fn raw_row(
                 continue;
             }
             if let Some(col) = names.column(&path, max_len)
-                && filter.is_none_or(|f| f.enabled(&col))
+                && filter.is_none_or(|f| events::property_enabled(f, &col, &path, max_len))
             {
                 // A literal dotted trait name can flatten to a nested one's path: the first
                 // keeps the column, the others go to discards.
