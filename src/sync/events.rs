@@ -288,6 +288,20 @@ impl<'a> Router<'a> {
     }
 }
 
+/// Whether the selection's `filter` syncs `column`, the column of the property `path`: by its
+/// own name, and, for an `exclude` list, by none of the property's other spellings
+/// ([`ColumnMap::spellings`]).
+pub(super) fn property_enabled(
+    filter: &crate::crd::ColumnFilter<'_>,
+    column: &str,
+    path: &str,
+    max_len: usize,
+) -> bool {
+    filter.enabled(column)
+        && !(filter.has_exclusions()
+            && filter.excludes_any(&super::columns::ColumnMap::spellings(path, max_len)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -447,18 +461,4 @@ mod tests {
             "deselected"
         );
     }
-}
-
-/// Whether the selection's `filter` syncs `column`, the column of the property `path`: by its
-/// own name, and, for an `exclude` list, by none of the property's other spellings
-/// ([`ColumnMap::spellings`]).
-pub(super) fn property_enabled(
-    filter: &crate::crd::ColumnFilter<'_>,
-    column: &str,
-    path: &str,
-    max_len: usize,
-) -> bool {
-    filter.enabled(column)
-        && !(filter.has_exclusions()
-            && filter.excludes_any(&super::columns::ColumnMap::spellings(path, max_len)))
 }
