@@ -1997,6 +1997,60 @@ fn postgres_a_selection_may_name_a_shortened_table_as_available_tables_lists_it(
     );
 }
 
+/// Two events whose names differ only in case, past the warehouse's length limit, share their
+/// whole table name (the one `availableTables` lists) but land in two shortened tables (each
+/// cut name's hash is of its own event name): a selection naming the whole name applies to
+/// both. It applied to the first alone; the other table loaded the column excluded, or loaded
+/// at all under `default: none`.
+#[test]
+fn postgres_a_selection_of_a_long_name_applies_to_each_of_its_spellings() {
+    let (mut s, url, _d) = store();
+    let upper = "Checkout Step Viewed From The Mobile Application Product Recommendations";
+    let lower = upper.to_lowercase();
+    let track = |id: &str, event: &str| {
+        msg(
+            json!({"type": "track", "messageId": id, "userId": "u1", "event": event,
+                   "properties": {"plan": "pro", "coupon": "X"}}),
+        )
+    };
+    ingest(
+        &mut *s,
+        &[
+            track("t1", upper),
+            track("t2", &lower),
+            msg(json!({"type": "track", "messageId": "t3", "userId": "u1", "event": "Other"})),
+        ],
+    );
+    let listed = profiles_sync::sync::naming::table_name(upper);
+    assert_eq!(listed, profiles_sync::sync::naming::table_name(&lower));
+    assert!(listed.len() > 63, "{listed}");
+    let wh = TestWarehouse::postgres();
+    let only = selection(json!({"default": "none", "tables": [
+        {"name": listed, "columns": {"exclude": ["coupon"]}}
+    ]}));
+    let r = wh.sync(&url, Some(&only));
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    let tables: Vec<String> = wh
+        .query("SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'profiles_sync' AND table_name NOT LIKE '\\_%' ORDER BY 1")
+        .into_iter()
+        .map(|r| r[0].clone().unwrap())
+        .collect();
+    assert_eq!(
+        tables.len(),
+        2,
+        "both spellings' tables, nothing else: {tables:?}"
+    );
+    for t in &tables {
+        assert!(t.starts_with("checkout_step_viewed"), "{t}");
+        assert_eq!(wh.count(t), 1, "{t}");
+        let cols = wh.columns(t);
+        assert!(
+            cols.contains(&"plan".to_string()) && !cols.contains(&"coupon".to_string()),
+            "{t}: {cols:?}"
+        );
+    }
+}
+
 #[test]
 fn backfill_completes_when_every_feed_is_read_to_its_end() {
     // The newest change is an event, so the identity tables' cursors stay below the head:

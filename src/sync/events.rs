@@ -10,7 +10,7 @@ use super::columns::{ColumnMap, Field, remember, same_name_reason};
 use super::load::{ColumnName, PendingRow};
 use super::naming::{fit, identifier, table_name};
 use super::tables::{DISCARDS, event_base_columns, event_reserved_columns, known_tables};
-use crate::crd::{ColumnFilter, SelectiveSyncSpec};
+use crate::crd::{ColumnFilter, SelectiveSyncSpec, TableSelection};
 use crate::event::{Event, EventType, Section};
 use crate::store::FlatEventRow;
 use crate::warehouse::{Cell, Column, ColumnType};
@@ -37,7 +37,9 @@ pub fn track_table(event: &str, max_len: usize) -> String {
 /// `sel` with each Track event table it names by its whole name (`naming::table_name`, as
 /// `SelectiveSync.status.availableTables` lists it) renamed to the table the warehouse holds,
 /// when its identifier limit shortens the name; `None` when nothing needs renaming. An entry
-/// naming the shortened table already wins.
+/// naming the shortened table already wins. Two events whose whole names are one (`Checkout
+/// Step …` and `checkout step …`, past the limit) have two shortened tables (the hash is of the
+/// event's own name): the entry applies to both.
 pub fn with_warehouse_names(
     sel: &SelectiveSyncSpec,
     events: &[String],
@@ -50,8 +52,17 @@ pub fn with_warehouse_names(
         if whole == short || current.tables.iter().any(|t| t.name == short) {
             continue;
         }
-        if let Some(i) = current.tables.iter().position(|t| t.name == whole) {
-            out.get_or_insert_with(|| sel.clone()).tables[i].name = short;
+        let Some(entry) = sel.tables.iter().find(|t| t.name == whole) else {
+            continue;
+        };
+        let renamed = TableSelection {
+            name: short,
+            ..entry.clone()
+        };
+        let out = out.get_or_insert_with(|| sel.clone());
+        match out.tables.iter().position(|t| t.name == whole) {
+            Some(i) => out.tables[i] = renamed,
+            None => out.tables.push(renamed),
         }
     }
     out
