@@ -172,7 +172,8 @@ pub(super) fn parse_fields(
 ) -> Result<Event, EventError> {
     let event_type = event_type(f.event_type.as_ref(), default_type)?;
 
-    let message_id = match optional_string(f.message_id, "messageId")? {
+    // A number is taken as its decimal text, as for the ids (a hand-written client's counter).
+    let message_id = match optional_id(f.message_id, "messageId")? {
         Some(id) => id,
         None => generate_message_id(),
     };
@@ -191,8 +192,9 @@ pub(super) fn parse_fields(
     let properties = take_object(f.properties, "properties")?;
 
     let event = optional_string(f.event, "event")?;
-    let name = optional_string(f.name, "name")?;
-    let category = optional_string(f.category, "category")?;
+    // A page named by a number (`404`) is named by its text.
+    let name = optional_id(f.name, "name")?;
+    let category = optional_id(f.category, "category")?;
     let group_id = optional_id(f.group_id, "groupId")?;
     let previous_id = optional_id(f.previous_id, "previousId")?;
     match event_type {

@@ -199,9 +199,9 @@ fn timestamps_must_be_iso_8601() {
 }
 
 #[test]
-fn message_id_must_be_a_string_and_is_generated_when_absent() {
+fn message_id_must_be_text_or_a_number_and_is_generated_when_absent() {
     assert_eq!(
-        field_of(json!({"type": "page", "userId": "u1", "messageId": 12})),
+        field_of(json!({"type": "page", "userId": "u1", "messageId": true})),
         "messageId"
     );
     let a = parse(json!({"type": "page", "userId": "u1"})).expect("generated id");
@@ -713,6 +713,30 @@ fn an_empty_array_is_an_empty_object() {
             json!({"type": "track", "event": "E", "userId": "u", "properties": [{}]}),
         ),
     ] {
+        assert_eq!(field_of(bad), field);
+    }
+}
+
+/// A number where Segment's API takes text — `messageId` (a hand-written client's counter), a
+/// page's `name` or `category` (`404`) — is its decimal text, as the ids are; a value of
+/// another type is still refused.
+#[test]
+fn numbers_are_taken_as_text_for_message_ids_and_page_names() {
+    let e = parse(
+        json!({"type": "page", "userId": "u", "messageId": 12345, "name": 404, "category": 7.5}),
+    )
+    .expect("numbers accepted");
+    assert_eq!(
+        (
+            e.message_id.as_str(),
+            e.name.as_deref(),
+            e.category.as_deref()
+        ),
+        ("12345", Some("404"), Some("7.5"))
+    );
+    for field in ["messageId", "name", "category"] {
+        let mut bad = json!({"type": "page", "userId": "u"});
+        bad[field] = json!({"x": 1});
         assert_eq!(field_of(bad), field);
     }
 }
