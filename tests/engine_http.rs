@@ -1768,12 +1768,20 @@ async fn the_tracking_api_answers_browsers_and_the_feed_api_does_not() {
         .header("access-control-request-method", "POST")
         .header(
             "access-control-request-headers",
-            "content-type,authorization",
+            "content-type,authorization,x-site-tag",
         )
         .send()
         .await
         .unwrap();
     assert!(preflight.status().is_success(), "{}", preflight.status());
+    // Any header the page asks for (analytics.js takes a site's own headers).
+    let headers = preflight.headers()["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    for h in ["content-type", "authorization", "x-site-tag"] {
+        assert!(headers.contains(h), "{h}: {headers}");
+    }
     let allowed = preflight.headers()["access-control-allow-methods"]
         .to_str()
         .unwrap()

@@ -182,18 +182,16 @@ fn feed_label(path: &str) -> Option<&'static str> {
 }
 
 /// CORS for the Tracking API, as Segment's own API answers: any origin may post (the write
-/// key, not the origin, is the credential; no cookies are read), with the headers the SDKs
-/// send; preflights are answered for a day. The feed API gets none: it is no browser's.
+/// key, not the origin, is the credential; no cookies are read), with any header the browser
+/// asks for (analytics.js lets a site add its own: `deliveryStrategy.config.headers`, and a
+/// fixed list refused the preflight, so no event was ever sent); preflights are answered for a
+/// day. The feed API gets none: it is no browser's.
 fn tracking_cors() -> tower_http::cors::CorsLayer {
     use axum::http::Method;
     tower_http::cors::CorsLayer::new()
         .allow_origin(tower_http::cors::Any)
         .allow_methods([Method::POST, Method::OPTIONS])
-        .allow_headers([
-            header::CONTENT_TYPE,
-            header::CONTENT_ENCODING,
-            header::AUTHORIZATION,
-        ])
+        .allow_headers(tower_http::cors::AllowHeaders::mirror_request())
         .max_age(std::time::Duration::from_secs(86_400))
 }
 
