@@ -1742,6 +1742,22 @@ async fn a_batch_sent_at_applies_to_a_message_whose_own_is_null() {
     t.engine.stop().await.unwrap();
 }
 
+/// An SDK whose endpoint setting ends in `/` (analytics-go joins `Endpoint + "/v1/batch"`)
+/// posts to `//v1/batch`: served as `/v1/batch` (it was a 404, and the batch was dropped).
+#[tokio::test]
+async fn a_path_with_doubled_slashes_reaches_its_endpoint() {
+    let t = start(8).await;
+    let (status, reply) = post(
+        &t.base,
+        "//v1//batch",
+        &json!({"batch": [{"type": "track", "userId": "u1", "event": "A"}]}),
+    )
+    .await;
+    assert_eq!((status, reply), (StatusCode::OK, json!({"success": true})));
+    assert_eq!(stored(&t.store_url).len(), 1);
+    t.engine.stop().await.unwrap();
+}
+
 /// A browser's analytics.js posts from the site's origin: the Tracking API answers with CORS
 /// headers (a 200 without them reads as a failure there, and the events are sent again), and
 /// answers a preflight; the feed API does not.

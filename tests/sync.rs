@@ -381,7 +381,7 @@ fn an_excluded_column_covers_every_spelling_of_its_property(kind: &str) {
                 json!({"type": "track", "messageId": "s1", "userId": "u1", "event": "Signed Up", "properties": props}),
             ),
             msg(
-                json!({"type": "identify", "messageId": "i1", "userId": "u1", "traits": {"email": "a@example.com", "EMail": "b@example.com", "plan": "pro"}}),
+                json!({"type": "identify", "messageId": "i1", "userId": "u1", "traits": {"email": "a@example.com", "Email": "b@example.com", "plan": "pro"}}),
             ),
         ],
     );

@@ -424,7 +424,7 @@ impl Unstorable {
 }
 
 /// The identifiers of a parsed event the store can take, or the field that keeps it out and
-/// why: more traits than the identity rules' `caps.max_traits` (at most the parser's 300), a
+/// why: more traits than the identity rules' `caps.max_traits` (at most Segment's 300), a
 /// value the stores cannot hold (a NUL in a text column, an id past 1,024 bytes), or every
 /// identifier blocked by the rules. Checked before a group commit (the engine refuses the
 /// request, or leaves a message the rules refuse out of its batch; `import` skips the line): in

@@ -80,7 +80,10 @@ pub async fn serve(
         } else {
             (&http, &app)
         };
-        let service = TowerToHyperService::new(app.clone());
+        let service = TowerToHyperService::new(tower::ServiceExt::map_request(
+            app.clone(),
+            collapse_slashes,
+        ));
         let connection = builder.serve_connection(TokioIo::new(stream), service);
         let mut stop = stop.clone();
         connections.spawn(async move {
@@ -145,5 +148,49 @@ async fn accept(
             tokio::time::sleep(Duration::from_millis(50)).await;
             None
         }
+    }
+}
+
+/// `request` with the runs of `/` in its path made one (`//v1/batch` → `/v1/batch`): an SDK
+/// configured with an endpoint ending in `/` (analytics-go joins `Endpoint + "/v1/batch"`)
+/// posts to such a path, which no route matched (a 404, and the SDK dropped the batch).
+fn collapse_slashes<B>(mut request: axum::http::Request<B>) -> axum::http::Request<B> {
+    let uri = request.uri();
+    if !uri.path().contains("//") {
+        return request;
+    }
+    let mut path = String::with_capacity(uri.path().len());
+    for c in uri.path().chars() {
+        if !(c == '/' && path.ends_with('/')) {
+            path.push(c);
+        }
+    }
+    if let Some(query) = uri.query() {
+        path.push('?');
+        path.push_str(query);
+    }
+    let mut parts = uri.clone().into_parts();
+    if let Ok(pq) = path.parse() {
+        parts.path_and_query = Some(pq);
+        if let Ok(collapsed) = axum::http::Uri::from_parts(parts) {
+            *request.uri_mut() = collapsed;
+        }
+    }
+    request
+}
+
+#[cfg(test)]
+mod tests {
+    /// Runs of `/` are one; the query stays; a path without them is left as it is.
+    #[test]
+    fn runs_of_slashes_in_a_path_are_one() {
+        let path = |uri: &str| {
+            let r = axum::http::Request::builder().uri(uri).body(()).unwrap();
+            super::collapse_slashes(r).uri().to_string()
+        };
+        assert_eq!(path("//v1/batch"), "/v1/batch");
+        assert_eq!(path("/v1///t?x=a//b"), "/v1/t?x=a//b");
+        assert_eq!(path("http://h:1//v1/batch"), "http://h:1/v1/batch");
+        assert_eq!(path("/v1/batch"), "/v1/batch");
     }
 }

@@ -877,16 +877,17 @@ impl<'a> Run<'a> {
             let mut writer = ChunkWriter::spawn(scope, wh, schema);
             let result = (|| -> Result<(), RunError> {
                 while self.budget_left() {
-                    // Under a row limit, a table failing on every run (its cursor the lowest)
-                    // would have each run spend its budget reading again what the others have
-                    // loaded, and their cursors never move again: once it has failed, reading
-                    // goes on from the lowest cursor of the tables that have not. (Without a
-                    // limit the reader runs ahead, and reading costs no budget.)
-                    if let Pages::Direct(_) = pages
-                        && let Some(floor) = self.healthy_event_floor()
-                        && floor > pos
-                    {
-                        pos = floor;
+                    // Under a row limit, reading spends the budget: events no table still needs
+                    // are skipped. A table failing on every run (its cursor the lowest) had
+                    // each run spend its budget reading again what the others had loaded, and
+                    // their cursors never moved again: once it has failed, reading goes on from
+                    // the lowest cursor of the tables that have not — from the head when none
+                    // is left. (Without a limit the reader runs ahead, and reading costs none.)
+                    if let Pages::Direct(_) = pages {
+                        let floor = self.healthy_event_floor().unwrap_or(self.head);
+                        if floor > pos {
+                            pos = floor;
+                        }
                     }
                     let mut rows = match &mut pages {
                         Pages::Direct(source) => source.read_events(pos, self.page())?,
