@@ -38,7 +38,8 @@ pub(super) fn finished_job(
     let at = Time(slot.parse().unwrap());
     job.status = Some(JobStatus {
         start_time: Some(at.clone()),
-        completion_time: complete.then(|| at.clone()),
+        // A minute's run (a report's start is never after its Job's end).
+        completion_time: complete.then(|| Time(at.0 + jiff::SignedDuration::from_secs(60))),
         succeeded: Some(i32::from(complete)),
         failed: Some(i32::from(!complete)),
         conditions: Some(vec![JobCondition {

@@ -115,21 +115,28 @@ pub fn record(job: &FinishedJob) -> (SyncRecord, Option<SyncReport>) {
     )
 }
 
-/// How far a report's start may stray from its Job's times (the pod's node clock against the
-/// API server's) before the Job's own start is taken instead.
+/// How far before its Job's start a report's start may be (the pod's node clock behind the API
+/// server's) before the Job's own start is taken instead.
 const CLOCK_SKEW: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// The precision of a Job's times.
+const ONE_SECOND: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// When the sync of `job` started: its report's time (the sync's own clock, as the rows it
 /// loaded have it), unless the Job's times show that clock wrong — a node days ahead would
-/// otherwise hold `lastSyncTime` in the future and order the history by it.
+/// otherwise hold `lastSyncTime` in the future and order the history by it. A start after the
+/// Job ended is never right, however little: a node minutes ahead put a sync that had ended
+/// before another began first in the history (a failed sync shown behind an older success,
+/// `Ready=True`).
 fn report_start(report: &SyncReport, job: &FinishedJob) -> Timestamp {
     let reported = report.start_time.parse::<Timestamp>().ok();
     let Some(started) = job.started else {
         return reported.unwrap_or(Timestamp::UNIX_EPOCH);
     };
     let earliest = started.checked_sub(CLOCK_SKEW).unwrap_or(started);
-    let latest = job.finished.unwrap_or(started);
-    let latest = latest.checked_add(CLOCK_SKEW).unwrap_or(latest);
+    // (A second more: the Job's times are kept to the second, the report's to the microsecond.)
+    let latest = job.finished.unwrap_or(started).max(started);
+    let latest = latest.checked_add(ONE_SECOND).unwrap_or(latest);
     match reported {
         Some(r) if (earliest..=latest).contains(&r) => r,
         _ => started,

@@ -181,10 +181,17 @@ fn a_report_from_a_node_with_a_wrong_clock_is_dated_by_its_job() {
         assert_eq!(rec.rows.total, 5, "the report is still read");
         assert!(parsed.is_some());
     }
-    // Within a few minutes of the Job's times, the sync's own clock is kept.
-    for right in ["2025-03-01T09:58:00Z", "2025-03-01T10:04:00Z"] {
+    // Within the Job's run, or a few minutes before its start (a node behind), the sync's own
+    // clock is kept…
+    for right in ["2025-03-01T09:58:00Z", "2025-03-01T10:00:30Z"] {
         assert_eq!(record(&job(right)).0.start_time.0, t(right));
     }
+    // …but never after the Job ended: a node minutes ahead put this sync before one that
+    // started after it ended.
+    assert_eq!(
+        record(&job("2025-03-01T10:04:00Z")).0.start_time.0,
+        t("2025-03-01T10:00:05Z")
+    );
 }
 
 #[test]
