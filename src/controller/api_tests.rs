@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::api::events::v1::Event as K8sEvent;
-use kube::api::{Api, ListParams};
+use kube::api::{Api, ListParams, PostParams};
 use kube_fake_client::{ClientBuilder, interceptor};
 
 use super::*;
@@ -592,6 +592,35 @@ async fn a_connection_with_a_long_name_gets_its_job_labelled_within_63_character
         condition(&f.connection(&name).await, "Syncing"),
         ("True".into(), "JobRunning".into())
     );
+}
+
+/// A sync Job a queue holds (Kueue suspends a Job until it admits it) runs no pod: the Syncing
+/// condition says so (it said "running"), and the next reconcile starts no other Job.
+#[tokio::test]
+async fn a_sync_job_held_suspended_by_a_queue_is_said_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = builder()
+        .with_object(finalized_connection(dir.path(), "analytics"))
+        .build()
+        .await
+        .unwrap();
+    let f = fixture(dir, client, "2025-03-01T10:17:30Z").await;
+    f.reconcile("analytics").await.unwrap();
+    let jobs = f.list::<Job>().await;
+    assert_eq!(jobs.len(), 1);
+    let mut job = jobs[0].clone();
+    job.spec.as_mut().unwrap().suspend = Some(true);
+    f.api::<Job>()
+        .replace(&job.name_any(), &PostParams::default(), &job)
+        .await
+        .unwrap();
+    f.reconcile("analytics").await.unwrap();
+    let c = f.connection("analytics").await;
+    assert_eq!(
+        condition(&c, "Syncing"),
+        ("True".into(), "JobSuspended".into())
+    );
+    assert_eq!(f.list::<Job>().await.len(), 1);
 }
 
 /// A connection whose test fails again for another cause shows that cause in its Events too:

@@ -372,6 +372,12 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
             test: tested.as_ref(),
             suspended: conn.spec.suspend,
             active_job: active_job.as_deref(),
+            active_job_suspended: active_job.as_deref().is_some_and(|name| {
+                jobs.iter().any(|j| {
+                    j.metadata.name.as_deref() == Some(name)
+                        && j.spec.as_ref().and_then(|s| s.suspend) == Some(true)
+                })
+            }),
             last_started,
             schedule: schedule.clone(),
             selection_error: selection_problem.clone(),

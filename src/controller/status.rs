@@ -190,6 +190,9 @@ pub struct ConnectionFacts<'a> {
     pub suspended: bool,
     /// The running Job.
     pub active_job: Option<&'a str>,
+    /// The running Job is suspended (`spec.suspend`: a queue such as Kueue holds it), so no
+    /// pod of it runs.
+    pub active_job_suspended: bool,
     /// When the newest Job was created (a sync started).
     pub last_started: Option<Timestamp>,
     /// `Slots::frequency`, or the schedule's error.
@@ -263,6 +266,18 @@ pub fn connection_status(f: &ConnectionFacts<'_>) -> WarehouseConnectionStatus {
         );
     }
     match f.active_job {
+        Some(j) if f.active_job_suspended => set(
+            &mut conds,
+            conditions::SYNCING,
+            "True",
+            "JobSuspended",
+            &format!(
+                "sync Job {j} is suspended (a queue such as Kueue holds it): no pod of it runs \
+                 yet, and the next syncs wait for it"
+            ),
+            generation,
+            now,
+        ),
         Some(j) => set(
             &mut conds,
             conditions::SYNCING,

@@ -235,6 +235,7 @@ fn facts<'a>(
         test: None,
         suspended: false,
         active_job: None,
+        active_job_suspended: false,
         last_started: None,
         schedule: Ok("every 1h".into()),
         selection_error: None,
@@ -291,11 +292,30 @@ fn conditions_follow_the_connection_test_and_the_last_sync() {
         last_started: Some(t("2025-03-01T10:05:00Z")),
         ..facts(&s, vec![])
     });
-    assert_eq!(cond(&s, "Syncing").status, "True");
+    assert_eq!(
+        (
+            cond(&s, "Syncing").status.as_str(),
+            cond(&s, "Syncing").reason.as_str()
+        ),
+        ("True", "JobRunning")
+    );
     assert_eq!(
         s.last_sync_time.as_ref().map(|t| t.0),
         Some(t("2025-03-01T10:05:00Z"))
     );
+    // Held by a queue (Kueue suspends the Job until it admits it), no pod of it runs: said so.
+    let held = connection_status(&ConnectionFacts {
+        active_job: Some("c-1"),
+        active_job_suspended: true,
+        last_started: Some(t("2025-03-01T10:05:00Z")),
+        ..facts(&s, vec![])
+    });
+    let syncing = cond(&held, "Syncing");
+    assert_eq!(
+        (syncing.status.as_str(), syncing.reason.as_str()),
+        ("True", "JobSuspended")
+    );
+    assert!(syncing.message.contains("suspended"), "{}", syncing.message);
     let r = report(
         "c-1",
         "2025-03-01T10:05:03Z",
