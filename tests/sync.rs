@@ -2944,6 +2944,7 @@ fn a_first_sync_stopped_midway_is_not_backfill_complete() {
         test: None,
         suspended: false,
         active_job: None,
+        active_job_suspended: false,
         last_started: None,
         schedule: Ok("every 1h".into()),
         selection_error: None,
