@@ -116,7 +116,7 @@ pub fn router(state: Shared) -> Router {
 }
 
 /// `app` as served on the connections [`super::serve`] accepts beyond its limit: only the
-/// probes and the scrape are served on those ([`overflow_guard`]).
+/// probes and the scrape are served on those (`overflow_guard`).
 pub fn overflow_router(app: Router, state: Shared) -> Router {
     app.layer(axum::middleware::from_fn_with_state(state, overflow_guard))
 }
