@@ -1957,6 +1957,24 @@ fn postgres_values_a_narrowed_column_refuses_go_to_discards() {
 /// `availableTables` lists a Track event table by its whole name; PostgreSQL's 63-byte limit
 /// shortens a long one (a 23-character Japanese name is 69 bytes). A selection naming the table
 /// as listed still selects it, and its column choice applies.
+/// A PostgreSQL warehouse synced from `url` with a selection of `listed` alone (`default:
+/// none`), its `coupon` column excluded; and the sync's tables (not its `_` bookkeeping), in
+/// name order.
+fn synced_with_only(url: &str, listed: &str) -> (TestWarehouse, Vec<String>) {
+    let wh = TestWarehouse::postgres();
+    let only = selection(json!({"default": "none", "tables": [
+        {"name": listed, "columns": {"exclude": ["coupon"]}}
+    ]}));
+    let r = wh.sync(url, Some(&only));
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    let tables = wh
+        .query("SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'profiles_sync' AND table_name NOT LIKE '\\_%' ORDER BY 1")
+        .into_iter()
+        .map(|r| r[0].clone().unwrap())
+        .collect();
+    (wh, tables)
+}
+
 #[test]
 fn postgres_a_selection_may_name_a_shortened_table_as_available_tables_lists_it() {
     let (mut s, url, _d) = store();
@@ -1973,17 +1991,7 @@ fn postgres_a_selection_may_name_a_shortened_table_as_available_tables_lists_it(
     );
     let listed = profiles_sync::sync::naming::table_name(event);
     assert!(listed.len() > 63, "{listed}");
-    let wh = TestWarehouse::postgres();
-    let only = selection(json!({"default": "none", "tables": [
-        {"name": listed, "columns": {"exclude": ["coupon"]}}
-    ]}));
-    let r = wh.sync(&url, Some(&only));
-    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
-    let tables: Vec<String> = wh
-        .query("SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'profiles_sync' AND table_name NOT LIKE '\\_%'")
-        .into_iter()
-        .map(|r| r[0].clone().unwrap())
-        .collect();
+    let (wh, tables) = synced_with_only(&url, &listed);
     assert_eq!(tables.len(), 1, "only the selected table: {tables:?}");
     let stored = &tables[0];
     assert!(
@@ -2024,17 +2032,7 @@ fn postgres_a_selection_of_a_long_name_applies_to_each_of_its_spellings() {
     let listed = profiles_sync::sync::naming::table_name(upper);
     assert_eq!(listed, profiles_sync::sync::naming::table_name(&lower));
     assert!(listed.len() > 63, "{listed}");
-    let wh = TestWarehouse::postgres();
-    let only = selection(json!({"default": "none", "tables": [
-        {"name": listed, "columns": {"exclude": ["coupon"]}}
-    ]}));
-    let r = wh.sync(&url, Some(&only));
-    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
-    let tables: Vec<String> = wh
-        .query("SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'profiles_sync' AND table_name NOT LIKE '\\_%' ORDER BY 1")
-        .into_iter()
-        .map(|r| r[0].clone().unwrap())
-        .collect();
+    let (wh, tables) = synced_with_only(&url, &listed);
     assert_eq!(
         tables.len(),
         2,
