@@ -1957,6 +1957,57 @@ fn postgres_values_a_narrowed_column_refuses_go_to_discards() {
 /// `availableTables` lists a Track event table by its whole name; PostgreSQL's 63-byte limit
 /// shortens a long one (a 23-character Japanese name is 69 bytes). A selection naming the table
 /// as listed still selects it, and its column choice applies.
+/// A Track event the selection names by its long whole name, first arriving after the run read
+/// the event names (so the run could not rename its table to the warehouse's shortened name):
+/// it was resolved under the un-renamed selection — turned off under `default: none`, and the
+/// next run, renaming it, "turned it back on" at its head: its first events were never loaded
+/// (or, under `default: all`, its excluded columns loaded). The run now stops before that
+/// event's first row, and the next run loads it, as selected.
+#[test]
+fn postgres_a_long_named_event_first_seen_during_a_run_is_left_to_the_next() {
+    let (mut s, url, _d) = store();
+    let long = "会員登録フォームの入力内容の送信が完了しました";
+    let track = |id: &str, event: &str| {
+        msg(
+            json!({"type": "track", "messageId": id, "userId": "u1", "event": event,
+                   "properties": {"plan": "pro", "coupon": "X"}}),
+        )
+    };
+    ingest(
+        &mut *s,
+        &[
+            track("o1", "Other"),
+            track("l1", long),
+            track("o2", "Other"),
+        ],
+    );
+    let listed = profiles_sync::sync::naming::table_name(long);
+    let sel = selection(json!({"default": "none", "tables": [
+        {"name": listed, "columns": {"exclude": ["coupon"]}},
+        {"name": "other"}
+    ]}));
+    let wh = TestWarehouse::postgres();
+    let mut feed = ScriptedFeed::new(&url);
+    feed.late_name = Some(long.to_string());
+    let first = wh.sync_source(&mut feed, Some(&sel), &wh.spec, 500);
+    assert_ne!(first.status, SyncStatus::Failed, "{first:#?}");
+    assert_eq!(wh.count("other"), 1, "stopped before the new name's event");
+    let r = wh.sync(&url, Some(&sel));
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    assert_eq!(wh.count("other"), 2);
+    let short = profiles_sync::sync::events::track_table(long, 63);
+    assert_eq!(
+        wh.count(&short),
+        1,
+        "its event loaded once it could be renamed"
+    );
+    let cols = wh.columns(&short);
+    assert!(
+        cols.contains(&"plan".to_string()) && !cols.contains(&"coupon".to_string()),
+        "{cols:?}"
+    );
+}
+
 /// A PostgreSQL warehouse synced from `url` with a selection of `listed` alone (`default:
 /// none`), its `coupon` column excluded; and the sync's tables (not its `_` bookkeeping), in
 /// name order.
@@ -2098,6 +2149,8 @@ struct ScriptedFeed {
     ok_reads: usize,
     before_traits_read: Option<Box<dyn FnMut() + Send>>,
     cut_pages: bool,
+    /// A Track event name the first `track_event_names` leaves out: it came after the read.
+    late_name: Option<String>,
 }
 
 impl ScriptedFeed {
@@ -2109,6 +2162,7 @@ impl ScriptedFeed {
             ok_reads: usize::MAX,
             before_traits_read: None,
             cut_pages: false,
+            late_name: None,
         }
     }
 }
@@ -2153,7 +2207,11 @@ impl profiles_sync::sync::FeedSource for ScriptedFeed {
         self.inner.head()
     }
     fn track_event_names(&mut self) -> Result<Vec<String>, profiles_sync::sync::SourceError> {
-        self.inner.track_event_names()
+        let mut names = self.inner.track_event_names()?;
+        if let Some(late) = self.late_name.take() {
+            names.retain(|n| *n != late);
+        }
+        Ok(names)
     }
     fn sources(
         &mut self,

@@ -34,12 +34,14 @@ pub fn track_table(event: &str, max_len: usize) -> String {
     }
 }
 
-/// `sel` with each Track event table it names by its whole name (`naming::table_name`, as
-/// `SelectiveSync.status.availableTables` lists it) renamed to the table the warehouse holds,
-/// when its identifier limit shortens the name; `None` when nothing needs renaming. An entry
-/// naming the shortened table already wins. Two events whose whole names are one (`Checkout
-/// Step …` and `checkout step …`, past the limit) have two shortened tables (the hash is of the
-/// event's own name): the entry applies to both.
+/// `sel` with an entry for each Track event table it names by its whole name
+/// (`naming::table_name`, as `SelectiveSync.status.availableTables` lists it) under the name
+/// the warehouse gives the table, when its identifier limit shortens the name; `None` when
+/// nothing needs renaming. An entry naming the shortened table already wins. Two events whose
+/// whole names are one (`Checkout Step …` and `checkout step …`, past the limit) have two
+/// shortened tables (the hash is of the event's own name): the entry applies to both. The
+/// whole-name entry stays (no table has that name), so that a table of an event `events` did
+/// not hold is recognised as one the run could not rename ([`unrenamed`]).
 pub fn with_warehouse_names(
     sel: &SelectiveSyncSpec,
     events: &[String],
@@ -59,13 +61,23 @@ pub fn with_warehouse_names(
             name: short,
             ..entry.clone()
         };
-        let out = out.get_or_insert_with(|| sel.clone());
-        match out.tables.iter().position(|t| t.name == whole) {
-            Some(i) => out.tables[i] = renamed,
-            None => out.tables.push(renamed),
-        }
+        out.get_or_insert_with(|| sel.clone()).tables.push(renamed);
     }
     out
+}
+
+/// Whether `table`, the warehouse's (shortened) table of the Track event `event`, is one the
+/// selection `sel` names only by the whole name: [`with_warehouse_names`] did not know the
+/// event (it first came after the run read the names), so the run cannot tell whether, or
+/// with which columns, the table is on.
+pub fn unrenamed(sel: Option<&SelectiveSyncSpec>, event: &str, table: &str) -> bool {
+    sel.is_some_and(|s| {
+        if s.tables.iter().any(|t| t.name == table) {
+            return false;
+        }
+        let whole = table_name(event);
+        whole != table && s.tables.iter().any(|t| t.name == whole)
+    })
 }
 
 /// The fixed columns of an event table of `event_type` (`per_event`: a Track event's own table).

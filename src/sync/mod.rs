@@ -807,10 +807,17 @@ impl<'a> Run<'a> {
             }
         };
         // The first sync backfills at most maxEventTables Track event tables; the rest start at the head.
+        // A Track table the selection names only by its whole name (the run's renaming did not
+        // know its event: it first came after the run read the names) is left to the next run,
+        // which renames it ([`events::unrenamed`]): resolved under this run's selection it
+        // would be turned off (and, turned on by the next run, start at its head: its first
+        // events lost) or load the columns the entry excludes.
         let mut track_tables: Vec<String> = source
             .track_event_names()?
             .iter()
-            .map(|n| events::track_table(n, max_len))
+            .map(|n| (n, events::track_table(n, max_len)))
+            .filter(|(n, t)| !events::unrenamed(self.opts.selection, n, t))
+            .map(|(_, t)| t)
             .collect();
         track_tables.sort();
         track_tables.dedup();
@@ -896,7 +903,7 @@ impl<'a> Run<'a> {
                             .recv()
                             .map_err(|_| SourceError("the feed reader stopped".into()))??,
                     };
-                    let Some(page_end) = rows.last().map(|r| r.seq) else {
+                    let Some(mut page_end) = rows.last().map(|r| r.seq) else {
                         let done: Vec<String> = self
                             .states
                             .keys()
@@ -914,6 +921,8 @@ impl<'a> Run<'a> {
                     let mut buffers: BTreeMap<Arc<str>, TableBuffer> = BTreeMap::new();
                     let mut bytes = 0u64;
                     let (mut targets, mut candidates) = (Vec::with_capacity(2), vec![]);
+                    // The run stops before the first event of a table it cannot rename.
+                    let mut stopped = false;
                     for e in rows.iter_mut() {
                         let received = micros(e.event.event.received_at);
                         targets.clear();
@@ -924,6 +933,14 @@ impl<'a> Run<'a> {
                             }
                             let st = match self.states.get(&*target) {
                                 Some(s) => s.clone(),
+                                // (Only Track tables are resolved here: the type tables were.)
+                                None if e.event.event.event.as_deref().is_some_and(|name| {
+                                    events::unrenamed(self.opts.selection, name, &target)
+                                }) =>
+                                {
+                                    stopped = true;
+                                    break;
+                                }
                                 None => {
                                     let (c, m) = if head_only.contains(&*target) {
                                         (self.head, None)
@@ -943,6 +960,10 @@ impl<'a> Run<'a> {
                             {
                                 targets.push(target);
                             }
+                        }
+                        if stopped {
+                            page_end = e.seq - 1;
+                            break;
                         }
                         let event_type = e.event.event.event_type;
                         let last = targets.len();
@@ -991,6 +1012,13 @@ impl<'a> Run<'a> {
                     let loaded = self.record(written)?;
                     self.spend(loaded.max(rows.len() as u64), bytes);
                     pos = page_end;
+                    if stopped {
+                        tracing::info!(
+                            through_seq = pos,
+                            "a Track event the selection names by its whole name first came during this run: the next run renames its table and goes on from here"
+                        );
+                        break;
+                    }
                     if let Pages::Ahead(reader) = &pages {
                         // Fails only when the reader has stopped; the page is then freed here.
                         let _ = reader.spent.send(rows);
