@@ -2764,14 +2764,10 @@ fn postgres_a_table_locked_by_a_user_fails_its_table_not_the_run() {
     assert_eq!(wh.count("pages"), pages_before + 1);
 }
 
-/// A table the loader may no longer insert into (a DBA revoked it after the first sync) fails
-/// with its `Permission` error while the other tables load. The COPY the server refuses before
-/// it begins used to leave the driver out of step with the server: every table after it failed
-/// as a lost connection.
-#[test]
-fn postgres_a_table_the_loader_may_not_insert_into_fails_alone() {
-    let (mut s, url, _d) = store();
-    ingest(&mut *s, &basics());
+/// A PostgreSQL warehouse whose sync schema the role `loader` owns: the warehouse as its
+/// superuser sees it, a superuser's connection to it (a DBA's), and the warehouse as `loader`
+/// syncs into it (privileges a DBA then revokes apply to the sync).
+fn loader_warehouse() -> (TestWarehouse, ::postgres::Client, TestWarehouse) {
     let wh = TestWarehouse::postgres();
     let mut admin = as_dba(&wh);
     admin
@@ -2783,6 +2779,18 @@ fn postgres_a_table_the_loader_may_not_insert_into_fails_alone() {
     let mut as_loader = TestWarehouse::postgres();
     as_loader.spec = wh.spec.clone();
     as_loader.credentials.username = Some("loader".into());
+    (wh, admin, as_loader)
+}
+
+/// A table the loader may no longer insert into (a DBA revoked it after the first sync) fails
+/// with its `Permission` error while the other tables load. The COPY the server refuses before
+/// it begins used to leave the driver out of step with the server: every table after it failed
+/// as a lost connection.
+#[test]
+fn postgres_a_table_the_loader_may_not_insert_into_fails_alone() {
+    let (mut s, url, _d) = store();
+    ingest(&mut *s, &basics());
+    let (wh, mut admin, as_loader) = loader_warehouse();
     let first = as_loader.sync(&url, None);
     assert_eq!(first.status, SyncStatus::Success, "{first:#?}");
     let (pages, identifies) = (wh.count("pages"), wh.count("identifies"));
@@ -2832,17 +2840,7 @@ fn postgres_a_table_failing_on_every_run_does_not_hold_the_others_back_under_max
         &mut *s,
         &[track("a0".into(), "Alpha"), track("b0".into(), "Beta")],
     );
-    let wh = TestWarehouse::postgres();
-    let mut admin = as_dba(&wh);
-    admin
-        .batch_execute(
-            "DO $$ BEGIN CREATE ROLE loader LOGIN; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$;
-             CREATE SCHEMA profiles_sync AUTHORIZATION loader;",
-        )
-        .unwrap();
-    let mut as_loader = TestWarehouse::postgres();
-    as_loader.spec = wh.spec.clone();
-    as_loader.credentials.username = Some("loader".into());
+    let (wh, mut admin, as_loader) = loader_warehouse();
     assert_eq!(as_loader.sync(&url, None).status, SyncStatus::Success);
     admin
         .batch_execute("REVOKE INSERT ON profiles_sync.beta FROM loader")
