@@ -57,40 +57,38 @@ pub struct AppState {
 
 type Shared = Arc<AppState>;
 
+/// The Tracking API's paths and what each takes; each is served with a trailing slash too
+/// (analytics-java posts to `/v1/import/`).
+const TRACKING_PATHS: [(&str, Endpoint); 15] = [
+    ("/v1/identify", Endpoint::Single(EventType::Identify)),
+    ("/v1/i", Endpoint::Single(EventType::Identify)),
+    ("/v1/track", Endpoint::Single(EventType::Track)),
+    ("/v1/t", Endpoint::Single(EventType::Track)),
+    ("/v1/page", Endpoint::Single(EventType::Page)),
+    ("/v1/p", Endpoint::Single(EventType::Page)),
+    ("/v1/screen", Endpoint::Single(EventType::Screen)),
+    ("/v1/s", Endpoint::Single(EventType::Screen)),
+    ("/v1/group", Endpoint::Single(EventType::Group)),
+    ("/v1/g", Endpoint::Single(EventType::Group)),
+    ("/v1/alias", Endpoint::Single(EventType::Alias)),
+    ("/v1/a", Endpoint::Single(EventType::Alias)),
+    ("/v1/batch", Endpoint::Batch),
+    ("/v1/b", Endpoint::Batch),
+    ("/v1/import", Endpoint::Batch),
+];
+
 /// The router with every route.
 pub fn router(state: Shared) -> Router {
     let mut r = Router::new();
-    for (paths, t) in [
-        (["/v1/identify", "/v1/i"], EventType::Identify),
-        (["/v1/track", "/v1/t"], EventType::Track),
-        (["/v1/page", "/v1/p"], EventType::Page),
-        (["/v1/screen", "/v1/s"], EventType::Screen),
-        (["/v1/group", "/v1/g"], EventType::Group),
-        (["/v1/alias", "/v1/a"], EventType::Alias),
-    ] {
-        // Each path also with a trailing slash: analytics-java posts to `/v1/import/`.
-        for p in paths
-            .into_iter()
-            .flat_map(|p| [p.to_string(), format!("{p}/")])
-        {
+    for (path, endpoint) in TRACKING_PATHS {
+        for p in [path.to_string(), format!("{path}/")] {
             r = r.route(
                 &p,
                 post(move |s: State<Shared>, h: HeaderMap, b: Body| {
-                    ingest(s, h, b, Endpoint::Single(t), t.as_str())
+                    ingest(s, h, b, endpoint, endpoint.label())
                 }),
             );
         }
-    }
-    for p in ["/v1/batch", "/v1/b", "/v1/import"]
-        .into_iter()
-        .flat_map(|p| [p.to_string(), format!("{p}/")])
-    {
-        r = r.route(
-            &p,
-            post(move |s: State<Shared>, h: HeaderMap, b: Body| {
-                ingest(s, h, b, Endpoint::Batch, "batch")
-            }),
-        );
     }
     // Browsers (analytics.js) post from the site's origin: without these headers a 200 reads
     // as a failure there, and the library sends the events again and again.
@@ -151,18 +149,13 @@ async fn overflow_guard(
 /// The requests metric's `endpoint` label of a path the Tracking API or the feed API serves;
 /// `None` for any other path (not counted, as a 404 is not).
 fn endpoint_label(path: &str) -> Option<&'static str> {
-    if let Some(label) = feed_label(path) {
-        return Some(label);
-    }
-    let path = path.strip_suffix('/').unwrap_or(path);
-    let name = path.strip_prefix("/v1/")?;
-    if matches!(name, "batch" | "b" | "import") {
-        return Some("batch");
-    }
-    EventType::ALL
-        .iter()
-        .find(|t| name == t.as_str() || name == &t.as_str()[..1])
-        .map(|t| t.as_str())
+    feed_label(path).or_else(|| {
+        let path = path.strip_suffix('/').unwrap_or(path);
+        TRACKING_PATHS
+            .iter()
+            .find(|(p, _)| *p == path)
+            .map(|(_, endpoint)| endpoint.label())
+    })
 }
 
 /// The feed API's label of `path`: `feeds` (the catalog), `feed_page`, `feed_consumers` or

@@ -119,6 +119,16 @@ pub enum Endpoint {
     Batch,
 }
 
+impl Endpoint {
+    /// Its label in the requests metric: the event type's name, or `batch`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Endpoint::Single(t) => t.as_str(),
+            Endpoint::Batch => "batch",
+        }
+    }
+}
+
 /// A request that passed every check.
 #[derive(Debug)]
 pub struct Accepted {
