@@ -9,7 +9,8 @@ use profiles_sync::store::{self, EventFilter, Feed, FeedRow};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use support::engine::{
-    FEED_TOKEN, Options, SOURCE_ID, TestEngine, WRITE_KEY, start, start_options, start_with,
+    FEED_TOKEN, Options, SOURCE_ID, TestEngine, WRITE_KEY, metrics, start, start_options,
+    start_with,
 };
 
 fn client() -> reqwest::Client {
@@ -494,16 +495,6 @@ async fn server_time_clock_skew_and_duplicates() {
     let events = stored(&t.store_url);
     assert!(!events[1].event.message_id.is_empty());
     t.engine.stop().await.unwrap();
-}
-
-/// The engine's `/metrics` text.
-async fn metrics(base: &str) -> reqwest::Result<String> {
-    client()
-        .get(format!("{base}/metrics"))
-        .send()
-        .await?
-        .text()
-        .await
 }
 
 /// The status of a feed request sent without the token.
@@ -2524,13 +2515,13 @@ async fn hold_connections(base: &str, n: usize) -> Vec<tokio::net::TcpStream> {
     idle
 }
 
-/// With every allowed connection held by idle keep-alive clients, the probes and the scrape
-/// still answer (they waited in the listen backlog, and the kubelet restarted an engine that
-/// was only busy), and a Tracking API request gets 503 with `Retry-After` rather than a hang.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn probes_answer_and_clients_get_503_when_every_connection_is_taken() {
+/// An engine that allows 2 connections (its feed API open), both held by idle keep-alive
+/// clients; and a client that gives up after 10 s (a request that waits for a connection
+/// fails the test rather than hanging it).
+async fn every_connection_taken() -> (TestEngine, Vec<tokio::net::TcpStream>, reqwest::Client) {
     let t = start_options(Options {
         max_connections: 2,
+        feed_token: Some(FEED_TOKEN),
         ..Options::default()
     })
     .await;
@@ -2539,6 +2530,15 @@ async fn probes_answer_and_clients_get_503_when_every_connection_is_taken() {
         .timeout(std::time::Duration::from_secs(10))
         .build()
         .unwrap();
+    (t, idle, bounded)
+}
+
+/// With every allowed connection held by idle keep-alive clients, the probes and the scrape
+/// still answer (they waited in the listen backlog, and the kubelet restarted an engine that
+/// was only busy), and a Tracking API request gets 503 with `Retry-After` rather than a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_answer_and_clients_get_503_when_every_connection_is_taken() {
+    let (t, idle, bounded) = every_connection_taken().await;
     for path in ["/healthz", "/readyz", "/metrics"] {
         let r = bounded
             .get(format!("{}{path}", t.base))
@@ -2565,17 +2565,7 @@ async fn probes_answer_and_clients_get_503_when_every_connection_is_taken() {
 /// queue does: it counted nowhere, and the metric showed no 503s while clients got them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_turned_away_for_want_of_a_connection_are_counted() {
-    let t = start_options(Options {
-        max_connections: 2,
-        feed_token: Some(FEED_TOKEN),
-        ..Options::default()
-    })
-    .await;
-    let idle = hold_connections(&t.base, 2).await;
-    let bounded = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(10))
-        .build()
-        .unwrap();
+    let (t, idle, bounded) = every_connection_taken().await;
     for path in ["/v1/track", "/v1/batch/"] {
         let r = bounded
             .post(format!("{}{path}", t.base))

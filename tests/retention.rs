@@ -865,14 +865,7 @@ async fn an_engine_deletes_what_its_consumers_loaded_and_keeps_the_rest() {
     .await;
     assert_eq!(catalog["pruned"], done["pruned"]);
     assert!(catalog["pruned"]["throughSeq"].as_i64().unwrap() > 0);
-    let metrics = client()
-        .get(format!("{}/metrics", engine.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = support::engine::metrics(&engine.base).await.unwrap();
     assert!(
         metrics.contains("profiles_sync_engine_events_pruned_total 3")
             && metrics.contains("profiles_sync_engine_message_ids_pruned_total 0"),

@@ -253,12 +253,7 @@ async fn a_blocked_user_in_an_sdk_batch_leaves_the_others_stored() {
             some("identify", "user-c")
         ]
     );
-    let metrics = reqwest::get(format!("{}/metrics", t.base))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = support::engine::metrics(&t.base).await.unwrap();
     assert!(
         metrics
             .lines()

@@ -140,3 +140,13 @@ pub async fn start_options(o: Options) -> TestEngine {
         _dir: dir,
     }
 }
+
+/// The `/metrics` text of the engine at `base`.
+pub async fn metrics(base: &str) -> reqwest::Result<String> {
+    reqwest::Client::new()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await
+}
