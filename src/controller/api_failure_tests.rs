@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use k8s_openapi::api::events::v1::Event as K8sEvent;
 use kube_fake_client::interceptor;
 
-use super::api_lifecycle_tests::{finished_job, pod_with_report, tracks_report};
+use super::api_lifecycle_tests::{finished_job, pod_with_report, running_job, tracks_report};
 use super::api_tests::{builder, finalized_connection, fixture, selective_sync};
 use super::*;
 
@@ -427,14 +427,9 @@ async fn a_sync_started_by_a_reconcile_that_failed_afterwards_is_still_announced
 /// that adopted it lost its `JobAdopted` Event (the retry knew the Job already).
 #[tokio::test]
 async fn a_job_adopted_by_a_reconcile_that_failed_afterwards_is_still_announced() {
-    use k8s_openapi::api::batch::v1::JobStatus;
     let dir = tempfile::tempdir().unwrap();
     let conn = finalized_connection(dir.path(), "analytics");
-    let mut running = finished_job(&conn, "analytics-29013660", "2025-03-01T09:00:00Z", true);
-    running.status = Some(JobStatus {
-        active: Some(1),
-        ..JobStatus::default()
-    });
+    let running = running_job(&conn, "analytics-29013660", "2025-03-01T09:00:00Z");
     let funcs = status_write_fails("WarehouseConnection", Arc::new(AtomicBool::new(true)));
     let client = builder()
         .with_object(conn)

@@ -52,6 +52,16 @@ pub(super) fn finished_job(
     job
 }
 
+/// A Job of `conn` for `slot` whose pod runs (`status.active` 1, no end).
+pub(super) fn running_job(conn: &WarehouseConnection, name: &str, slot: &str) -> Job {
+    let mut job = finished_job(conn, name, slot, true);
+    job.status = Some(JobStatus {
+        active: Some(1),
+        ..JobStatus::default()
+    });
+    job
+}
+
 pub(super) fn pod_with_report(job: &str, message: &str) -> Pod {
     Pod {
         metadata: ObjectMeta {
@@ -264,11 +274,7 @@ async fn a_reconcile_of_a_stale_copy_announces_and_counts_a_sync_once() {
 async fn a_running_job_found_after_a_restart_is_adopted_and_blocks_a_second_one() {
     let dir = tempfile::tempdir().unwrap();
     let conn = finalized_connection(dir.path(), "analytics");
-    let mut running = finished_job(&conn, "analytics-29013660", "2025-03-01T09:00:00Z", true);
-    running.status = Some(JobStatus {
-        active: Some(1),
-        ..JobStatus::default()
-    });
+    let mut running = running_job(&conn, "analytics-29013660", "2025-03-01T09:00:00Z");
     running.metadata.owner_references = None; // orphaned, e.g. by `kubectl delete --cascade=orphan`
     let client = builder()
         .with_object(conn)
@@ -412,11 +418,7 @@ async fn deletion_waits_for_a_running_sync_within_the_grace_period() {
     let dir = tempfile::tempdir().unwrap();
     let mut conn = finalized_connection(dir.path(), "analytics");
     conn.metadata.deletion_timestamp = Some(Time("2025-03-01T10:00:00Z".parse().unwrap()));
-    let mut running = finished_job(&conn, "analytics-29013660", "2025-03-01T09:00:00Z", true);
-    running.status = Some(JobStatus {
-        active: Some(1),
-        ..JobStatus::default()
-    });
+    let running = running_job(&conn, "analytics-29013660", "2025-03-01T09:00:00Z");
     let client = builder()
         .with_object(conn)
         .with_object(running)
