@@ -385,16 +385,11 @@ async fn a_job_whose_record_left_the_history_is_pruned() {
 /// write lost it for good — `kubectl describe` showed no start for a sync that ran.
 #[tokio::test]
 async fn a_sync_started_by_a_reconcile_that_failed_afterwards_is_still_announced() {
-    let dir = tempfile::tempdir().unwrap();
-    let conn = finalized_connection(dir.path(), "analytics");
-    let funcs = status_write_fails("WarehouseConnection", Arc::new(AtomicBool::new(true)));
-    let client = builder()
-        .with_object(conn)
-        .with_interceptor_funcs(funcs)
-        .build()
-        .await
-        .unwrap();
-    let f = fixture(dir, client, "2025-03-01T10:17:30Z").await;
+    let f = super::api_tests::analytics_with(status_write_fails(
+        "WarehouseConnection",
+        Arc::new(AtomicBool::new(true)),
+    ))
+    .await;
     assert!(
         f.reconcile("analytics").await.is_err(),
         "the status write fails once"

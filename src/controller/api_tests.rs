@@ -272,7 +272,7 @@ async fn a_new_connection_gets_a_finalizer_a_verified_test_a_job_with_its_config
 
 /// A fixture at 10:17:30 with one connection, `analytics` (its finalizer set), on an API whose
 /// calls go through `funcs`.
-async fn analytics_with(funcs: interceptor::Funcs) -> Fixture {
+pub(super) async fn analytics_with(funcs: interceptor::Funcs) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let conn = finalized_connection(dir.path(), "analytics");
     let client = builder()
