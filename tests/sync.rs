@@ -2998,7 +2998,7 @@ fn a_first_sync_stopped_midway_is_not_backfill_complete() {
         test: None,
         suspended: false,
         active_job: None,
-        active_job_suspended: false,
+        active_job_progress: Default::default(),
         last_started: None,
         schedule: Ok("every 1h".into()),
         selection_error: None,

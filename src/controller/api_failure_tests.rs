@@ -400,7 +400,7 @@ async fn a_sync_started_by_a_reconcile_that_failed_afterwards_is_still_announced
     let c = f.connection("analytics").await;
     assert_eq!(
         super::api_tests::condition(&c, "Syncing"),
-        ("True".into(), "JobRunning".into())
+        ("True".into(), "JobStarting".into())
     );
     let reasons = f.reasons().await;
     assert_eq!(

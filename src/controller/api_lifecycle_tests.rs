@@ -3,7 +3,8 @@
 
 use k8s_openapi::api::batch::v1::{Job, JobCondition, JobStatus};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ContainerState, ContainerStateTerminated, ContainerStatus, Pod, PodStatus, Secret,
+    ConfigMap, ContainerState, ContainerStateTerminated, ContainerStateWaiting, ContainerStatus,
+    Pod, PodStatus, Secret,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
@@ -57,6 +58,7 @@ pub(super) fn running_job(conn: &WarehouseConnection, name: &str, slot: &str) ->
     let mut job = finished_job(conn, name, slot, true);
     job.status = Some(JobStatus {
         active: Some(1),
+        ready: Some(1),
         ..JobStatus::default()
     });
     job
@@ -268,6 +270,80 @@ async fn a_reconcile_of_a_stale_copy_announces_and_counts_a_sync_once() {
         m.contains("rows_synced_total{group=\"event_types\"} 7"),
         "{m}"
     );
+}
+
+/// A sync Job whose pod cannot start (here an image that cannot be pulled) is said so, once by
+/// a Warning Event, and looked at again within a minute: `Syncing` said "running" until the Job
+/// failed at its deadline, hours later. Once its pod runs, "running".
+#[tokio::test]
+async fn a_sync_job_whose_pod_cannot_start_is_said_so_until_it_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let conn = finalized_connection(dir.path(), "analytics");
+    let name = "analytics-29013660";
+    let mut job = running_job(&conn, name, "2025-03-01T10:00:00Z");
+    job.status.as_mut().unwrap().ready = Some(0);
+    let mut pod = pod_with_report(name, "");
+    pod.status = Some(PodStatus {
+        phase: Some("Pending".into()),
+        container_statuses: Some(vec![ContainerStatus {
+            name: "sync".into(),
+            state: Some(ContainerState {
+                waiting: Some(ContainerStateWaiting {
+                    reason: Some("ImagePullBackOff".into()),
+                    message: Some("Back-off pulling image \"profiles-sync:tset\"".into()),
+                }),
+                ..ContainerState::default()
+            }),
+            ..ContainerStatus::default()
+        }]),
+        ..PodStatus::default()
+    });
+    let client = builder()
+        .with_object(conn)
+        .with_object(job)
+        .with_object(pod)
+        .build()
+        .await
+        .unwrap();
+    let f = fixture(dir, client, "2025-03-01T10:05:00Z").await;
+    let action = f.reconcile("analytics").await.unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+    let syncing = |c: &WarehouseConnection| {
+        let s = c.status.as_ref().unwrap();
+        conditions::find(&s.conditions, conditions::SYNCING)
+            .cloned()
+            .unwrap()
+    };
+    let c = syncing(&f.connection("analytics").await);
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("True", "JobPending")
+    );
+    assert!(
+        c.message.contains("ImagePullBackOff") && c.message.contains("profiles-sync:tset"),
+        "{}",
+        c.message
+    );
+    let pending = |reasons: Vec<String>| reasons.iter().filter(|r| *r == "SyncJobPending").count();
+    assert_eq!(pending(f.reasons().await), 1);
+    f.reconcile("analytics").await.unwrap();
+    assert_eq!(pending(f.reasons().await), 1, "announced once");
+    assert_eq!(f.list::<Job>().await.len(), 1, "the next slot waits for it");
+
+    // Its pod runs: the Job's `ready` count says so.
+    let jobs: Api<Job> = f.api();
+    let mut current = jobs.get(name).await.unwrap();
+    current.status.as_mut().unwrap().ready = Some(1);
+    jobs.replace_status(name, &Default::default(), &current)
+        .await
+        .unwrap();
+    let action = f.reconcile("analytics").await.unwrap();
+    let c = syncing(&f.connection("analytics").await);
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("True", "JobRunning")
+    );
+    assert_ne!(action, Action::requeue(Duration::from_secs(30)));
 }
 
 #[tokio::test]

@@ -205,7 +205,7 @@ async fn a_new_connection_gets_a_finalizer_a_verified_test_a_job_with_its_config
     );
     assert_eq!(
         condition(&c, "Syncing"),
-        ("True".into(), "JobRunning".into())
+        ("True".into(), "JobStarting".into())
     );
     let status = c.status.clone().unwrap();
     assert_eq!(status.egress_ips, ["203.0.113.7"]);
@@ -466,7 +466,7 @@ async fn a_job_the_api_refuses_is_reported_in_the_status_and_an_event_then_retri
     let c = f.connection("analytics").await;
     assert_eq!(
         condition(&c, "Syncing"),
-        ("True".into(), "JobRunning".into())
+        ("True".into(), "JobStarting".into())
     );
     assert_eq!(condition(&c, "Ready").0, "True");
     assert_eq!(f.list::<Job>().await.len(), 1);
@@ -502,7 +502,7 @@ async fn dotted_and_dashed_connection_names_get_jobs_of_their_own() {
         );
         assert_eq!(
             condition(&f.connection(name).await, "Syncing"),
-            ("True".into(), "JobRunning".into())
+            ("True".into(), "JobStarting".into())
         );
     }
 }
@@ -590,7 +590,7 @@ async fn a_connection_with_a_long_name_gets_its_job_labelled_within_63_character
     assert_eq!(f.list::<Job>().await.len(), 1);
     assert_eq!(
         condition(&f.connection(&name).await, "Syncing"),
-        ("True".into(), "JobRunning".into())
+        ("True".into(), "JobStarting".into())
     );
 }
 

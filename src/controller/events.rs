@@ -32,6 +32,9 @@ pub enum Note {
     SelectiveSyncInvalid(String),
     /// A running or orphaned sync Job was adopted by this controller.
     JobAdopted(String),
+    /// A sync Job's pod cannot start (an image, a Secret, no node fits, no pod created): the
+    /// Job and why.
+    SyncJobPending(String, String),
     /// A deleted connection's feed consumer could not be removed from the engine, whose event
     /// retention still keeps what it had not loaded: the consumer's URL and why.
     RetentionHoldNotReleased(String, String),
@@ -53,6 +56,7 @@ impl Note {
             Note::BackfillComplete => "BackfillComplete",
             Note::SelectiveSyncInvalid(_) => "SelectiveSyncInvalid",
             Note::JobAdopted(_) => "JobAdopted",
+            Note::SyncJobPending(..) => "SyncJobPending",
             Note::RetentionHoldNotReleased(..) => "RetentionHoldNotReleased",
         }
     }
@@ -104,6 +108,11 @@ impl Note {
                 "AdoptJob",
                 format!("adopted sync Job {job}"),
             ),
+            Note::SyncJobPending(job, why) => (
+                EventType::Warning,
+                "StartJob",
+                format!("sync Job {job} cannot start: {why}"),
+            ),
             Note::RetentionHoldNotReleased(url, why) => {
                 // The cause is cut so that the command to run by hand always fits the note.
                 let mut why = why.clone();
@@ -144,6 +153,7 @@ impl Note {
             Note::SyncStarted(job, _)
             | Note::SyncNotStarted(job, _)
             | Note::JobAdopted(job)
+            | Note::SyncJobPending(job, _)
             | Note::SyncSucceeded(job, _)
             | Note::SyncPartiallySucceeded(job, _)
             | Note::SyncFailed(job, _)

@@ -12,7 +12,7 @@ use kube::{Resource, ResourceExt};
 
 use super::build::{ANNOTATION_SLOT, ANNOTATION_SYNC_NOW, LABEL_CONNECTION};
 use super::plan::{JobPhase, JobView};
-use super::status::FinishedJob;
+use super::status::{FinishedJob, JobProgress};
 use super::{Context, Error};
 use crate::crd::{SelectiveSync, WarehouseConnection};
 
@@ -62,6 +62,142 @@ pub fn job_view(job: &Job) -> JobView {
             .cloned(),
         created: job.metadata.creation_timestamp.as_ref().map(|t| t.0),
     }
+}
+
+/// How long a Job may have no pod before it counts as stuck: the Job controller creates its pod
+/// within seconds unless the API refuses it (a `ResourceQuota`, a `LimitRange`, an admission
+/// policy), which only the Job's Events say.
+const NO_POD_GRACE: Duration = Duration::from_secs(60);
+
+/// Waiting reasons of a container on its normal way to running.
+const STARTING_REASONS: [&str; 2] = ["ContainerCreating", "PodInitializing"];
+
+/// The longest cause quoted from a pod (an image pull's message can run long).
+const CAUSE_MAX: usize = 300;
+
+/// How far an active Job has got when its status tells (suspended, or a pod of it ready);
+/// `None` when its pods must be read.
+fn settled(job: &Job) -> Option<JobProgress> {
+    if job.spec.as_ref().and_then(|s| s.suspend) == Some(true) {
+        Some(JobProgress::Suspended)
+    } else if job.status.as_ref().and_then(|s| s.ready).unwrap_or(0) > 0 {
+        Some(JobProgress::Running)
+    } else {
+        None
+    }
+}
+
+/// How far an active Job has got, from its status and its `pods` (newest last), at `now`.
+pub fn progress(job: &Job, pods: &[Pod], now: Timestamp) -> JobProgress {
+    if let Some(p) = settled(job) {
+        return p;
+    }
+    let Some(pod) = pods.last() else {
+        let age = job
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| now.duration_since(t.0))
+            .filter(|d| d.is_positive())
+            .map(|d| d.unsigned_abs())
+            .unwrap_or_default();
+        return if age >= NO_POD_GRACE {
+            JobProgress::Stuck(format!(
+                "no pod of it exists {}s after it was created: `kubectl describe job {}` shows \
+                 why (a ResourceQuota, a LimitRange or an admission policy refusing the pod)",
+                age.as_secs(),
+                job.name_any()
+            ))
+        } else {
+            JobProgress::Starting("its pod is being created".into())
+        };
+    };
+    pod_progress(pod)
+}
+
+/// How far a Job's newest pod has got.
+fn pod_progress(pod: &Pod) -> JobProgress {
+    let name = pod.name_any();
+    let quote = |reason: Option<&str>, message: Option<&str>| {
+        let mut cause = [reason, message]
+            .into_iter()
+            .flatten()
+            .filter(|s| !s.trim().is_empty())
+            .collect::<Vec<_>>()
+            .join(": ");
+        crate::sync::naming::truncate_at_char(&mut cause, CAUSE_MAX);
+        cause
+    };
+    let status = pod.status.as_ref();
+    let containers = status.into_iter().flat_map(|s| {
+        s.init_container_statuses
+            .iter()
+            .flatten()
+            .chain(s.container_statuses.iter().flatten())
+    });
+    let mut creating = None;
+    for c in containers {
+        let Some(waiting) = c.state.as_ref().and_then(|s| s.waiting.as_ref()) else {
+            continue;
+        };
+        let reason = waiting.reason.as_deref().unwrap_or_default();
+        if STARTING_REASONS.contains(&reason) || reason.is_empty() {
+            creating.get_or_insert(reason);
+            continue;
+        }
+        // ErrImagePull, ImagePullBackOff, InvalidImageName, CreateContainerConfigError (a
+        // Secret or key missing), CreateContainerError, RunContainerError…
+        return JobProgress::Stuck(format!(
+            "pod {name}: container {} {}",
+            c.name,
+            quote(Some(reason), waiting.message.as_deref())
+        ));
+    }
+    let unscheduled = status.and_then(|s| s.conditions.as_ref()).and_then(|cs| {
+        cs.iter()
+            .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+    });
+    if let Some(c) = unscheduled {
+        let cause = quote(c.reason.as_deref(), c.message.as_deref());
+        // Only "Unschedulable" waits for a change (a node, a quota freed); others are passing.
+        return if c.reason.as_deref() == Some("Unschedulable") {
+            JobProgress::Stuck(format!("pod {name} cannot be scheduled: {cause}"))
+        } else {
+            JobProgress::Starting(format!("pod {name} is being scheduled ({cause})"))
+        };
+    }
+    match status.and_then(|s| s.phase.as_deref()) {
+        Some("Running") => JobProgress::Running,
+        Some("Failed") => JobProgress::Starting(format!(
+            "pod {name} failed ({}); the Job starts another",
+            container_end(pod).unwrap_or_else(|| "no exit code".into())
+        )),
+        _ => JobProgress::Starting(match creating {
+            Some(reason) if !reason.is_empty() => format!("pod {name} is {reason}"),
+            _ => format!("pod {name} is pending"),
+        }),
+    }
+}
+
+/// How far an active Job has got ([`progress`]), its pods read only when its status does not
+/// tell.
+pub async fn job_progress(ctx: &Context, job: &Job, now: Timestamp) -> Result<JobProgress, Error> {
+    match settled(job) {
+        Some(p) => Ok(p),
+        None => Ok(progress(job, &job_pods(ctx, job).await?, now)),
+    }
+}
+
+/// The pods of `job`, oldest first.
+pub async fn job_pods(ctx: &Context, job: &Job) -> Result<Vec<Pod>, Error> {
+    let ns = job.namespace().unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut list = pods
+        .list(&ListParams::default().labels(&format!("job-name={}", job.name_any())))
+        .await?
+        .items;
+    list.sort_by_key(|p| p.metadata.creation_timestamp.as_ref().map(|t| t.0));
+    Ok(list)
 }
 
 /// The connection's sync Jobs: those it controls, and labelled ones with no controller (to adopt).
@@ -135,14 +271,8 @@ fn container_end(pod: &Pod) -> Option<String> {
 
 /// A finished Job with its pod's termination message.
 pub async fn finished(ctx: &Context, job: &Job) -> Result<FinishedJob, Error> {
-    let ns = job.namespace().unwrap_or_default();
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let mut list = pods
-        .list(&ListParams::default().labels(&format!("job-name={}", job.name_any())))
-        .await?
-        .items;
     // The newest pod holds the final report.
-    list.sort_by_key(|p| p.metadata.creation_timestamp.as_ref().map(|t| t.0));
+    let list = job_pods(ctx, job).await?;
     let message = list.iter().rev().find_map(termination_message);
     let container_end = list.iter().rev().find_map(container_end);
     let status = job.status.as_ref();
@@ -337,4 +467,132 @@ async fn fetch_catalog(ctx: &Context) -> Option<Vec<String>> {
     tables.sort();
     tables.dedup();
     Some(tables)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: &str = "2025-03-01T10:05:00Z";
+
+    /// An active Job created at `created`, with `ready` pods as its status says.
+    fn job(created: &str, ready: Option<i32>) -> Job {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "c-1", "creationTimestamp": created},
+            "status": {"active": 1, "ready": ready},
+        }))
+        .unwrap()
+    }
+
+    fn pod(status: serde_json::Value) -> Pod {
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "c-1-x"}, "status": status}))
+            .unwrap()
+    }
+
+    fn waiting(reason: &str, message: &str) -> Pod {
+        pod(serde_json::json!({
+            "phase": "Pending",
+            "containerStatuses": [{"name": "sync", "image": "i", "imageID": "", "ready": false,
+                "restartCount": 0, "state": {"waiting": {"reason": reason, "message": message}}}],
+        }))
+    }
+
+    fn at(job: &Job, pods: &[Pod]) -> JobProgress {
+        progress(job, pods, NOW.parse().unwrap())
+    }
+
+    fn stuck(p: JobProgress) -> String {
+        match p {
+            JobProgress::Stuck(why) => why,
+            other => panic!("not stuck: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_job_runs_when_its_status_counts_a_ready_pod_or_its_pod_runs() {
+        assert_eq!(at(&job(NOW, Some(1)), &[]), JobProgress::Running);
+        // A server without `status.ready` (before Kubernetes 1.24): the pod tells.
+        let running = pod(serde_json::json!({"phase": "Running"}));
+        assert_eq!(at(&job(NOW, None), &[running]), JobProgress::Running);
+        let mut held = job(NOW, None);
+        held.spec = Some(
+            serde_json::from_value(serde_json::json!({"suspend": true, "template": {}})).unwrap(),
+        );
+        assert_eq!(at(&held, &[]), JobProgress::Suspended);
+    }
+
+    #[test]
+    fn a_job_without_a_pod_is_starting_for_a_minute_then_stuck() {
+        assert_eq!(
+            at(&job("2025-03-01T10:04:30Z", Some(0)), &[]),
+            JobProgress::Starting("its pod is being created".into())
+        );
+        let why = stuck(at(&job("2025-03-01T10:03:00Z", Some(0)), &[]));
+        assert!(
+            why.contains("120s") && why.contains("kubectl describe job c-1"),
+            "{why}"
+        );
+        // A creation time ahead of the controller's clock is no age.
+        assert!(matches!(
+            at(&job("2025-03-01T11:00:00Z", Some(0)), &[]),
+            JobProgress::Starting(_)
+        ));
+    }
+
+    #[test]
+    fn a_pod_waiting_on_an_error_is_stuck_with_its_cause_and_one_on_its_way_is_starting() {
+        let young = job(NOW, Some(0));
+        let why = stuck(at(
+            &young,
+            &[waiting(
+                "CreateContainerConfigError",
+                "secret \"creds\" not found",
+            )],
+        ));
+        assert_eq!(
+            why,
+            "pod c-1-x: container sync CreateContainerConfigError: secret \"creds\" not found"
+        );
+        // The newest pod counts (the list is oldest first).
+        let why = stuck(at(
+            &young,
+            &[
+                waiting("ContainerCreating", ""),
+                waiting("ErrImagePull", &"x".repeat(1000)),
+            ],
+        ));
+        assert!(
+            why.starts_with("pod c-1-x: container sync ErrImagePull: x"),
+            "{why}"
+        );
+        assert!(why.len() < 400, "the cause is cut: {} bytes", why.len());
+        assert_eq!(
+            at(&young, &[waiting("ContainerCreating", "")]),
+            JobProgress::Starting("pod c-1-x is ContainerCreating".into())
+        );
+        let failed = pod(serde_json::json!({"phase": "Failed"}));
+        assert!(
+            matches!(at(&young, &[failed]), JobProgress::Starting(m) if m.contains("starts another"))
+        );
+    }
+
+    #[test]
+    fn an_unschedulable_pod_is_stuck_and_one_being_scheduled_is_starting() {
+        let scheduled = |reason: &str| {
+            pod(serde_json::json!({
+                "phase": "Pending",
+                "conditions": [{"type": "PodScheduled", "status": "False", "reason": reason,
+                    "message": "0/3 nodes are available: 3 Insufficient memory."}],
+            }))
+        };
+        let why = stuck(at(&job(NOW, Some(0)), &[scheduled("Unschedulable")]));
+        assert!(
+            why.contains("cannot be scheduled") && why.contains("Insufficient memory"),
+            "{why}"
+        );
+        assert!(matches!(
+            at(&job(NOW, Some(0)), &[scheduled("SchedulingGated")]),
+            JobProgress::Starting(_)
+        ));
+    }
 }

@@ -19,7 +19,7 @@ use super::build::{self, ANNOTATION_SYNC_NOW, ANNOTATION_TEST_CONNECTION};
 use super::connection_test::{self, TestMemory, TestOutcome};
 use super::events::Note;
 use super::plan::{self, JobPhase, Slots};
-use super::status::{self, ConnectionFacts};
+use super::status::{self, ConnectionFacts, JobProgress};
 use super::{Context, Error, FINALIZER, METRICS_CONTROLLER, conditions, observe};
 use crate::crd::{SyncRecord, SyncStatus, WarehouseConnection, WarehouseConnectionStatus};
 use crate::sync::SyncReport;
@@ -353,6 +353,16 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
         .map(Slots::frequency)
         .map_err(|e| e.to_string());
     let next_sync = the_plan.as_ref().and_then(|p| p.next_sync);
+    // A Job created by this reconcile is not in `jobs`: its pod is still to come.
+    let active = active_job.as_deref().map(|name| {
+        jobs.iter()
+            .find(|j| j.metadata.name.as_deref() == Some(name))
+    });
+    let progress = match active {
+        None => JobProgress::Running,
+        Some(None) => JobProgress::Starting("its pod is being created".into()),
+        Some(Some(job)) => observe::job_progress(ctx, job, now).await?,
+    };
     let start_failed = start_failure
         .as_ref()
         .map(|(job, e)| format!("sync Job {job} could not be created: {e}"));
@@ -372,12 +382,7 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
             test: tested.as_ref(),
             suspended: conn.spec.suspend,
             active_job: active_job.as_deref(),
-            active_job_suspended: active_job.as_deref().is_some_and(|name| {
-                jobs.iter().any(|j| {
-                    j.metadata.name.as_deref() == Some(name)
-                        && j.spec.as_ref().and_then(|s| s.suspend) == Some(true)
-                })
-            }),
+            active_job_progress: progress.clone(),
             last_started,
             schedule: schedule.clone(),
             selection_error: selection_problem.clone(),
@@ -415,6 +420,17 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
         ctx.metrics.observe_sync(r);
         notes.push(Note::for_sync(r));
     }
+    // A Job that cannot start, announced once (its cause may change, ErrImagePull to
+    // ImagePullBackOff, while it waits).
+    if let (Some(job), JobProgress::Stuck(why)) = (active_job.as_deref(), &progress) {
+        let said = conditions::find(&replaced.conditions, conditions::SYNCING).is_some_and(|c| {
+            c.reason == "JobPending" && c.message.contains(&format!("Job {job} "))
+        });
+        if !said {
+            tracing::warn!(job, why = %why, "the sync Job cannot start");
+            notes.push(Note::SyncJobPending(job.to_string(), why.clone()));
+        }
+    }
     let backfilled = |s: &WarehouseConnectionStatus| {
         conditions::find(&s.conditions, conditions::BACKFILL_COMPLETE)
             .is_some_and(|c| c.status == "True")
@@ -451,7 +467,13 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
         requeue = requeue.min(Duration::from_secs(until as u64));
     }
     if active_job.is_some() {
-        requeue = requeue.min(Duration::from_secs(5 * 60));
+        // A Job's pod changing state changes nothing the controller watches (until it runs,
+        // when the Job's `ready` count does): a starting or stuck one is looked at again soon.
+        let again = match progress {
+            JobProgress::Starting(_) | JobProgress::Stuck(_) => 30,
+            JobProgress::Running | JobProgress::Suspended => 5 * 60,
+        };
+        requeue = requeue.min(Duration::from_secs(again));
     }
     if let Some((_, e)) = start_failure {
         // Retried with the controller's backoff; the status and an Event say why meanwhile.

@@ -190,9 +190,8 @@ pub struct ConnectionFacts<'a> {
     pub suspended: bool,
     /// The running Job.
     pub active_job: Option<&'a str>,
-    /// The running Job is suspended (`spec.suspend`: a queue such as Kueue holds it), so no
-    /// pod of it runs.
-    pub active_job_suspended: bool,
+    /// How far the running Job has got ([`JobProgress::Running`] when there is none).
+    pub active_job_progress: JobProgress,
     /// When the newest Job was created (a sync started).
     pub last_started: Option<Timestamp>,
     /// `Slots::frequency`, or the schedule's error.
@@ -208,6 +207,23 @@ pub struct ConnectionFacts<'a> {
     pub start_failed: Option<&'a str>,
     /// The egress IPs to show.
     pub egress_ips: &'a [String],
+}
+
+/// How far a running sync Job has got, as its status and its newest pod tell: `Syncing` says
+/// "running" only when a pod of it runs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum JobProgress {
+    /// A pod of it runs (or nothing read says otherwise).
+    #[default]
+    Running,
+    /// `spec.suspend`: a queue such as Kueue holds it, so no pod of it runs.
+    Suspended,
+    /// Its pod is being created, scheduled or started: what it waits for.
+    Starting(String),
+    /// Its pod cannot start, and waits for something to be fixed: an image that cannot be
+    /// pulled, a Secret or key it mounts missing, no node that fits it, or no pod at all a while
+    /// after the Job was created (a quota or an admission policy refusing it).
+    Stuck(String),
 }
 
 fn blocked_message(b: &Blocked) -> String {
@@ -266,27 +282,37 @@ pub fn connection_status(f: &ConnectionFacts<'_>) -> WarehouseConnectionStatus {
         );
     }
     match f.active_job {
-        Some(j) if f.active_job_suspended => set(
-            &mut conds,
-            conditions::SYNCING,
-            "True",
-            "JobSuspended",
-            &format!(
-                "sync Job {j} is suspended (a queue such as Kueue holds it): no pod of it runs \
-                 yet, and the next syncs wait for it"
-            ),
-            generation,
-            now,
-        ),
-        Some(j) => set(
-            &mut conds,
-            conditions::SYNCING,
-            "True",
-            "JobRunning",
-            &format!("sync Job {j} is running"),
-            generation,
-            now,
-        ),
+        Some(j) => {
+            let (reason, message) = match &f.active_job_progress {
+                JobProgress::Running => ("JobRunning", format!("sync Job {j} is running")),
+                JobProgress::Suspended => (
+                    "JobSuspended",
+                    format!(
+                        "sync Job {j} is suspended (a queue such as Kueue holds it): no pod of \
+                         it runs yet, and the next syncs wait for it"
+                    ),
+                ),
+                JobProgress::Starting(what) => {
+                    ("JobStarting", format!("sync Job {j} is starting: {what}"))
+                }
+                JobProgress::Stuck(why) => (
+                    "JobPending",
+                    format!(
+                        "sync Job {j} cannot start: {why}; the next syncs wait for it, and it \
+                         fails at its deadline unless this is fixed"
+                    ),
+                ),
+            };
+            set(
+                &mut conds,
+                conditions::SYNCING,
+                "True",
+                reason,
+                &message,
+                generation,
+                now,
+            )
+        }
         None => {
             let (reason, msg) = match f.start_failed {
                 Some(why) => ("StartFailed", why.to_string()),

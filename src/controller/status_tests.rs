@@ -235,7 +235,7 @@ fn facts<'a>(
         test: None,
         suspended: false,
         active_job: None,
-        active_job_suspended: false,
+        active_job_progress: Default::default(),
         last_started: None,
         schedule: Ok("every 1h".into()),
         selection_error: None,
@@ -306,7 +306,7 @@ fn conditions_follow_the_connection_test_and_the_last_sync() {
     // Held by a queue (Kueue suspends the Job until it admits it), no pod of it runs: said so.
     let held = connection_status(&ConnectionFacts {
         active_job: Some("c-1"),
-        active_job_suspended: true,
+        active_job_progress: JobProgress::Suspended,
         last_started: Some(t("2025-03-01T10:05:00Z")),
         ..facts(&s, vec![])
     });
@@ -316,6 +316,35 @@ fn conditions_follow_the_connection_test_and_the_last_sync() {
         ("True", "JobSuspended")
     );
     assert!(syncing.message.contains("suspended"), "{}", syncing.message);
+    // Its pod on its way, or waiting for a fix: said so, with the cause.
+    for (progress, reason, cause) in [
+        (
+            JobProgress::Starting("pod c-1-x is ContainerCreating".into()),
+            "JobStarting",
+            "ContainerCreating",
+        ),
+        (
+            JobProgress::Stuck("pod c-1-x: container sync ErrImagePull".into()),
+            "JobPending",
+            "ErrImagePull",
+        ),
+    ] {
+        let s = connection_status(&ConnectionFacts {
+            active_job: Some("c-1"),
+            active_job_progress: progress,
+            ..facts(&s, vec![])
+        });
+        let syncing = cond(&s, "Syncing");
+        assert_eq!(
+            (syncing.status.as_str(), syncing.reason.as_str()),
+            ("True", reason)
+        );
+        assert!(
+            syncing.message.contains(cause) && syncing.message.contains("c-1"),
+            "{}",
+            syncing.message
+        );
+    }
     let r = report(
         "c-1",
         "2025-03-01T10:05:03Z",
