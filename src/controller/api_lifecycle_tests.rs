@@ -53,12 +53,14 @@ pub(super) fn finished_job(
     job
 }
 
-/// A Job of `conn` for `slot` whose pod runs (`status.active` 1, no end).
+/// A Job of `conn` for `slot`, started then, whose pod runs (`status.active` and `ready` 1, no
+/// end).
 pub(super) fn running_job(conn: &WarehouseConnection, name: &str, slot: &str) -> Job {
     let mut job = finished_job(conn, name, slot, true);
     job.status = Some(JobStatus {
         active: Some(1),
         ready: Some(1),
+        start_time: Some(Time(slot.parse().unwrap())),
         ..JobStatus::default()
     });
     job
@@ -344,6 +346,53 @@ async fn a_sync_job_whose_pod_cannot_start_is_said_so_until_it_runs() {
         ("True", "JobRunning")
     );
     assert_ne!(action, Action::requeue(Duration::from_secs(30)));
+}
+
+/// A running sync Job deleted by hand is recorded in the history as failed, with why, and a
+/// `SyncFailed` Event: it vanished, no record and no Event, as if it had never run.
+#[tokio::test]
+async fn a_running_sync_job_deleted_by_hand_is_recorded_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    let conn = finalized_connection(dir.path(), "analytics");
+    let name = "analytics-29013660";
+    let client = builder()
+        .with_object(conn.clone())
+        .with_object(running_job(&conn, name, "2025-03-01T10:00:00Z"))
+        .build()
+        .await
+        .unwrap();
+    let f = fixture(dir, client, "2025-03-01T10:05:00Z").await;
+    f.reconcile("analytics").await.unwrap();
+    let s = f.connection("analytics").await.status.unwrap();
+    assert!(s.syncs.is_empty(), "{:?}", s.syncs);
+
+    f.api::<Job>()
+        .delete(name, &Default::default())
+        .await
+        .unwrap();
+    f.reconcile("analytics").await.unwrap();
+    let s = f.connection("analytics").await.status.unwrap();
+    assert_eq!(s.syncs.len(), 1, "{:?}", s.syncs);
+    let record = &s.syncs[0];
+    assert_eq!(record.job_name.as_deref(), Some(name));
+    assert_eq!(record.status, SyncStatus::Failed);
+    assert_eq!(record.start_time.0, "2025-03-01T10:00:00Z".parse().unwrap());
+    assert!(
+        record.errors[0].message.contains("deleted before it ended"),
+        "{}",
+        record.errors[0].message
+    );
+    assert_eq!(
+        condition(&f.connection("analytics").await, "Ready").1,
+        "SyncFailed"
+    );
+    let failed = |reasons: Vec<String>| reasons.iter().filter(|r| *r == "SyncFailed").count();
+    assert_eq!(failed(f.reasons().await), 1);
+    // Recorded once.
+    f.reconcile("analytics").await.unwrap();
+    let s = f.connection("analytics").await.status.unwrap();
+    assert_eq!(s.syncs.len(), 1);
+    assert_eq!(failed(f.reasons().await), 1);
 }
 
 #[tokio::test]

@@ -473,6 +473,7 @@ pub(super) async fn cleanup(conn: &WarehouseConnection, ctx: &Context) -> Result
                     .retain(|k| !delete.iter().any(|j| *k == format!("{ns}/{j}")));
                 m.unannounced
                     .retain(|k, _| !delete.iter().any(|j| *k == format!("{ns}/{j}")));
+                m.running.retain(|_, r| r.connection != uid);
             });
             tracing::info!(
                 jobs = delete.len(),

@@ -178,6 +178,19 @@ pub struct Memory {
     /// been published yet (`namespace/name`): a reconcile that fails after creating or adopting
     /// its Job (a status write refused) leaves the announcement to its retry.
     pub unannounced: HashMap<String, events::Note>,
+    /// Sync Jobs this process has seen running (`namespace/name`), with their connection's uid
+    /// and start: one gone from the listing before it was seen to finish was deleted while it
+    /// ran, and is recorded as such (it vanished from the history).
+    pub running: HashMap<String, RunningJob>,
+}
+
+/// A sync Job seen running ([`Memory::running`]).
+#[derive(Clone, Debug)]
+pub struct RunningJob {
+    /// The uid of its connection.
+    pub connection: String,
+    /// When it started (`status.startTime`, else its creation).
+    pub started: Option<jiff::Timestamp>,
 }
 
 /// Watch caches of what a reconcile reads (filled by [`run`]'s watches). Without them — the

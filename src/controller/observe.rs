@@ -300,6 +300,7 @@ pub async fn finished(ctx: &Context, job: &Job) -> Result<FinishedJob, Error> {
         termination_message: message,
         container_end,
         pod_found: !list.is_empty(),
+        deleted: false,
     })
 }
 

@@ -19,8 +19,8 @@ use super::build::{self, ANNOTATION_SYNC_NOW, ANNOTATION_TEST_CONNECTION};
 use super::connection_test::{self, TestMemory, TestOutcome};
 use super::events::Note;
 use super::plan::{self, JobPhase, Slots};
-use super::status::{self, ConnectionFacts, JobProgress};
-use super::{Context, Error, FINALIZER, METRICS_CONTROLLER, conditions, observe};
+use super::status::{self, ConnectionFacts, FinishedJob, JobProgress};
+use super::{Context, Error, FINALIZER, METRICS_CONTROLLER, RunningJob, conditions, observe};
 use crate::crd::{SyncRecord, SyncStatus, WarehouseConnection, WarehouseConnectionStatus};
 use crate::sync::SyncReport;
 
@@ -176,6 +176,48 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
             .get(build::ANNOTATION_SELECTION_GENERATION)
             .and_then(|g| g.parse().ok());
         new_records.push((record, report, selection_generation));
+    }
+    // Jobs seen running that are gone, unrecorded: deleted while they ran (their history
+    // record was never written, and their sync vanished). Forgotten once the status holds them.
+    let listed: Vec<String> = jobs.iter().map(|j| j.name_any()).collect();
+    let vanished: Vec<(String, String, Option<jiff::Timestamp>)> = ctx.with_memory(|m| {
+        m.running
+            .iter()
+            .filter(|(_, r)| r.connection == uid)
+            .filter_map(|(key, r)| {
+                let job = key.strip_prefix(&format!("{ns}/"))?;
+                (!listed.iter().any(|l| l == job) && !recorded.iter().any(|d| d == job))
+                    .then(|| (key.clone(), job.to_string(), r.started))
+            })
+            .collect()
+    });
+    for (_, job, started) in &vanished {
+        tracing::warn!(job, "a running sync Job was deleted before it ended");
+        let (record, _) = status::record(&FinishedJob::deleted(job, *started, now));
+        new_records.push((record, None, None));
+    }
+    for job in &jobs {
+        let key = format!("{ns}/{}", job.name_any());
+        if observe::phase(job) == JobPhase::Active {
+            let started = job
+                .status
+                .as_ref()
+                .and_then(|s| s.start_time.as_ref())
+                .or(job.metadata.creation_timestamp.as_ref())
+                .map(|t| t.0);
+            let connection = uid.clone();
+            ctx.with_memory(|m| {
+                m.running.insert(
+                    key,
+                    RunningJob {
+                        connection,
+                        started,
+                    },
+                )
+            });
+        } else {
+            ctx.with_memory(|m| m.running.remove(&key));
+        }
     }
     let (syncs, added) = status::fold(
         &previous.syncs,
@@ -393,6 +435,12 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
         })
     })
     .await?;
+
+    ctx.with_memory(|m| {
+        for (key, ..) in &vanished {
+            m.running.remove(key);
+        }
+    });
 
     // Events and metrics, once the status holds what they announce, and only for what the
     // status on the server did not hold already (this reconcile may have started from a copy

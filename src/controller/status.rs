@@ -33,6 +33,26 @@ pub struct FinishedJob {
     pub container_end: Option<String>,
     /// Whether a pod of the Job was found.
     pub pod_found: bool,
+    /// The Job was deleted before it was seen to end (`finished` is when that was noticed).
+    pub deleted: bool,
+}
+
+impl FinishedJob {
+    /// A Job seen running that is gone: deleted before it ended (by hand, or by a cleanup of
+    /// Jobs), noticed at `now`.
+    pub fn deleted(name: &str, started: Option<Timestamp>, now: Timestamp) -> FinishedJob {
+        FinishedJob {
+            name: name.to_string(),
+            phase: JobPhase::Failed,
+            started,
+            finished: Some(now),
+            failure: None,
+            termination_message: None,
+            container_end: None,
+            pod_found: false,
+            deleted: true,
+        }
+    }
 }
 
 /// The record of one finished Job, and its report when it had a readable one.
@@ -67,6 +87,12 @@ pub fn record(job: &FinishedJob) -> (SyncRecord, Option<SyncReport>) {
         return (rec, Some(report));
     }
     let why = match parsed {
+        _ if job.deleted => {
+            "it was deleted before it ended (`kubectl delete job`, or a cleanup of Jobs), and its \
+             report with it; what it loaded stays, and the next sync continues from the \
+             warehouse's cursors"
+                .to_string()
+        }
         Some(Err(e)) => format!("its report is malformed ({e})"),
         _ if !job.pod_found => "no pod of the Job was found".to_string(),
         _ => "its pod wrote no termination message".to_string(),

@@ -46,6 +46,7 @@ fn finished(name: &str, phase: JobPhase, message: Option<String>, pod_found: boo
         termination_message: message,
         container_end: None,
         pod_found,
+        deleted: false,
     }
 }
 
