@@ -605,9 +605,21 @@ async fn a_selection_of_a_missing_connection_is_marked_connection_not_found() {
         selections: selections.as_reader(),
     });
 
-    apply::mark_orphaned_selections(&f.ctx, NS, "analytcs")
+    // A gauge of the missing connection (deleted with its finalizer removed by hand: no
+    // cleanup ran), and one of another.
+    for name in ["analytcs", "fine"] {
+        f.ctx
+            .metrics
+            .last_successful_sync
+            .with_label_values(&[NS, name])
+            .set(1.0);
+    }
+    apply::connection_missing(&f.ctx, NS, "analytcs")
         .await
         .unwrap();
+    let gauges = f.ctx.metrics.render();
+    assert!(!gauges.contains("connection=\"analytcs\""), "{gauges}");
+    assert!(gauges.contains("connection=\"fine\""), "{gauges}");
     let api = f.api::<SelectiveSync>();
     let marked = api.get("orphan").await.unwrap().status.unwrap();
     for type_ in [conditions::VALID, conditions::READY] {
@@ -638,15 +650,24 @@ async fn a_selection_of_a_missing_connection_is_marked_connection_not_found() {
         )
         .await
         .unwrap();
-    apply::mark_orphaned_selections(&f.ctx, NS, "analytics")
+    f.ctx
+        .metrics
+        .last_successful_sync
+        .with_label_values(&[NS, "analytics"])
+        .set(1.0);
+    apply::connection_missing(&f.ctx, NS, "analytics")
         .await
         .unwrap();
     assert!(
         unmarked(&api, "fine").await,
         "the selection of an existing connection is not marked"
     );
+    assert!(
+        f.ctx.metrics.render().contains("connection=\"analytics\""),
+        "nor its gauge dropped"
+    );
     let version = api.get("orphan").await.unwrap().metadata.resource_version;
-    apply::mark_orphaned_selections(&f.ctx, NS, "analytcs")
+    apply::connection_missing(&f.ctx, NS, "analytcs")
         .await
         .unwrap();
     assert_eq!(

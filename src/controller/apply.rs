@@ -344,9 +344,30 @@ async fn update_selection_status(
     Err(Error::StatusConflict(current.name_any()))
 }
 
-/// Marks every SelectiveSync in `namespace` whose `connectionRef` is `connection` as pointing at
-/// a connection that does not exist (the controller found no such WarehouseConnection).
-pub(super) async fn mark_orphaned_selections(
+/// A reconcile found no WarehouseConnection `connection` in `namespace` (it was deleted — its
+/// finalizer perhaps removed by hand, so that no cleanup ran — or a SelectiveSync names one that
+/// never existed). Once the API confirms it (the controller's cache may lag: a connection created
+/// a moment ago is not missing), its per-connection metrics are dropped (its last-sync gauge
+/// stayed, frozen, for as long as the controller ran) and the SelectiveSyncs that name it say so.
+pub(super) async fn connection_missing(
+    ctx: &Context,
+    namespace: &str,
+    connection: &str,
+) -> Result<(), Error> {
+    let conns: Api<kube::api::DynamicObject> =
+        Api::namespaced_with(ctx.client.clone(), namespace, &super::connection_resource());
+    match conns.get(connection).await {
+        Ok(_) => return Ok(()),
+        Err(kube::Error::Api(s)) if s.is_not_found() => {}
+        Err(e) => return Err(e.into()),
+    }
+    ctx.metrics.forget(namespace, connection);
+    mark_orphaned_selections(ctx, namespace, connection).await
+}
+
+/// Marks every SelectiveSync in `namespace` whose `connectionRef` is `connection` (which does
+/// not exist) as pointing at a connection that does not exist.
+async fn mark_orphaned_selections(
     ctx: &Context,
     namespace: &str,
     connection: &str,
@@ -367,17 +388,6 @@ pub(super) async fn mark_orphaned_selections(
         })
         .map(|s| s.name_any())
         .collect();
-    if orphans.is_empty() {
-        return Ok(());
-    }
-    // The controller's cache may lag the API: a connection created a moment ago is not missing.
-    let conns: Api<kube::api::DynamicObject> =
-        Api::namespaced_with(ctx.client.clone(), namespace, &super::connection_resource());
-    match conns.get(connection).await {
-        Ok(_) => return Ok(()),
-        Err(kube::Error::Api(s)) if s.is_not_found() => {}
-        Err(e) => return Err(e.into()),
-    }
     let api: Api<SelectiveSync> = Api::namespaced(ctx.client.clone(), namespace);
     for name in orphans {
         // Read afresh: the cache may predate this function's own last write.

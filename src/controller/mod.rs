@@ -439,15 +439,15 @@ pub async fn run(
             let ctx = ctx.clone();
             async move {
                 match result {
-                    // A SelectiveSync (or a requeue) named a connection that does not exist:
-                    // say so on the SelectiveSyncs that point at it.
+                    // A deletion, a SelectiveSync or a requeue named a connection that does
+                    // not exist: its metrics go, and the SelectiveSyncs that point at it say so.
                     Err(kube::runtime::controller::Error::ObjectNotFound(r)) => {
                         tokio::spawn(async move {
                             let namespace = r.namespace.clone().unwrap_or_default();
                             if let Err(e) =
-                                apply::mark_orphaned_selections(&ctx, &namespace, &r.name).await
+                                apply::connection_missing(&ctx, &namespace, &r.name).await
                             {
-                                tracing::warn!(error = %e, connection = %r.name, "marking the SelectiveSyncs of a missing connection failed");
+                                tracing::warn!(error = %e, connection = %r.name, "handling a missing connection failed");
                             }
                         });
                     }
