@@ -3006,6 +3006,7 @@ fn a_first_sync_stopped_midway_is_not_backfill_complete() {
         blocked: None,
         start_failed: None,
         egress_ips: &[],
+        destination: "postgres db:5432/analytics, schema profiles_sync".into(),
     });
     let backfill = status
         .conditions

@@ -6,7 +6,7 @@ use k8s_openapi::api::core::v1::{
     ConfigMap, ContainerState, ContainerStateTerminated, ContainerStateWaiting, ContainerStatus,
     Pod, PodStatus, Secret,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
 
 use k8s_openapi::api::events::v1::Event as K8sEvent;
 use kube::api::DynamicObject;
@@ -15,7 +15,7 @@ use super::api_tests::{
     Fixture, NS, builder, condition, connection, finalized_connection, fixture, selective_sync,
 };
 use super::*;
-use crate::crd::{ErrorClass, SyncRows, SyncStatus};
+use crate::crd::{ErrorClass, SyncRows, SyncStatus, WarehouseConnectionStatus};
 use crate::sync::SyncReport;
 
 pub(super) fn finished_job(
@@ -393,6 +393,65 @@ async fn a_running_sync_job_deleted_by_hand_is_recorded_as_such() {
     let s = f.connection("analytics").await.status.unwrap();
     assert_eq!(s.syncs.len(), 1);
     assert_eq!(failed(f.reasons().await), 1);
+}
+
+/// `spec.warehouse` moved to another database: BackfillComplete turns Unknown until a sync of
+/// the new one reports — a caught-up report of a Job started for the old one, folded after the
+/// change, says nothing of it (it said "caught up" for a warehouse no sync had loaded yet).
+#[tokio::test]
+async fn backfill_complete_waits_for_a_sync_of_the_warehouse_the_connection_names_now() {
+    let dir = tempfile::tempdir().unwrap();
+    let conn = finalized_connection(dir.path(), "analytics");
+    let old = conn.spec.destination();
+    let mut moved = conn.clone();
+    moved.spec.warehouse.sqlite.as_mut().unwrap().path =
+        dir.path().join("new.db").display().to_string();
+    moved.metadata.generation = Some(2);
+    moved.status = Some(WarehouseConnectionStatus {
+        destination: Some(old.clone()),
+        conditions: vec![Condition {
+            type_: conditions::BACKFILL_COMPLETE.into(),
+            status: "True".into(),
+            reason: "CaughtUp".into(),
+            message: "every table has caught up with the profile store".into(),
+            observed_generation: Some(1),
+            last_transition_time: Time("2025-03-01T08:00:00Z".parse().unwrap()),
+        }],
+        ..WarehouseConnectionStatus::default()
+    });
+    let start: Timestamp = "2025-03-01T09:00:02Z".parse().unwrap();
+    let report = tracks_report(start);
+    let mut job = finished_job(&conn, "analytics-29013660", "2025-03-01T09:00:00Z", true);
+    job.metadata
+        .annotations
+        .as_mut()
+        .unwrap()
+        .insert(build::ANNOTATION_DESTINATION.into(), old.clone());
+    let client = builder()
+        .with_object(moved)
+        .with_object(job)
+        .with_object(pod_with_report(
+            "analytics-29013660",
+            &report.termination_message(),
+        ))
+        .build()
+        .await
+        .unwrap();
+    let f = fixture(dir, client, "2025-03-01T09:30:00Z").await;
+    f.reconcile("analytics").await.unwrap();
+    let c = f.connection("analytics").await;
+    let s = c.status.clone().unwrap();
+    assert_eq!(
+        s.syncs[0].status,
+        SyncStatus::Success,
+        "the sync is recorded"
+    );
+    assert_eq!(
+        condition(&c, "BackfillComplete"),
+        ("Unknown".into(), "WarehouseChanged".into())
+    );
+    assert!(s.destination.as_deref().unwrap().ends_with("new.db"));
+    assert_ne!(s.destination, Some(old));
 }
 
 #[tokio::test]

@@ -30,6 +30,10 @@ pub const ANNOTATION_SLOT: &str = "profilesync.dev/slot";
 pub const ANNOTATION_TRIGGER: &str = "profilesync.dev/trigger";
 /// Annotation on a Job: the SelectiveSync generation in its ConfigMap.
 pub const ANNOTATION_SELECTION_GENERATION: &str = "profilesync.dev/selection-generation";
+/// Annotation on a Job: where its sync lands (`WarehouseConnectionSpec::destination` when it
+/// was created), so that a report of the warehouse the connection named before is not taken for
+/// the one it names now.
+pub const ANNOTATION_DESTINATION: &str = "profilesync.dev/destination";
 /// Annotation on a connection (set by users): run a sync now; on a Job: the value it answered.
 pub const ANNOTATION_SYNC_NOW: &str = "profilesync.dev/sync-now";
 /// Annotation on a connection (set by users): test the connection now.
@@ -164,6 +168,7 @@ pub fn sync_job(
             ANNOTATION_TRIGGER.to_string(),
             new.trigger.as_str().to_string(),
         ),
+        (ANNOTATION_DESTINATION.to_string(), conn.spec.destination()),
     ]);
     if let Some(v) = sync_now {
         annotations.insert(ANNOTATION_SYNC_NOW.into(), v.into());

@@ -76,6 +76,10 @@ fn the_job_is_owned_labelled_restricted_and_bounded() {
     assert_eq!(ann[ANNOTATION_TRIGGER], "Manual");
     assert_eq!(ann[ANNOTATION_SYNC_NOW], "now-1");
     assert_eq!(ann[ANNOTATION_SELECTION_GENERATION], "3");
+    assert_eq!(
+        ann[ANNOTATION_DESTINATION],
+        "postgres db:5432/analytics, schema profiles_sync"
+    );
 
     let spec = job.spec.as_ref().unwrap();
     assert_eq!(spec.backoff_limit, Some(0));

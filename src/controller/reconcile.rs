@@ -229,6 +229,15 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
     let newest_report = newest
         .and_then(|s| new_records.iter().find(|r| r.0.job_name == s.job_name))
         .and_then(|r| r.1.as_ref().map(|rep| (rep, r.2)));
+    // Whether the newest sync loaded another warehouse than the one the connection names now
+    // (a Job started before `spec.warehouse` changed): its report says nothing of this one's
+    // backfill.
+    let destination = conn.spec.destination();
+    let newest_elsewhere = newest
+        .and_then(|s| s.job_name.as_deref())
+        .and_then(|name| jobs.iter().find(|j| j.name_any() == name))
+        .and_then(|j| j.annotations().get(build::ANNOTATION_DESTINATION))
+        .is_some_and(|d| *d != destination);
     // Jobs the history is done with: those it records, and those whose record it left out, as
     // older than the ten it keeps (a record pushed out by newer ones leaves its Job unrecorded;
     // read again here, it is left out again). The history limits may prune either.
@@ -420,7 +429,7 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
             generation,
             previous: prev,
             syncs,
-            newest_report: newest_report.map(|r| r.0),
+            newest_report: newest_report.map(|r| r.0).filter(|_| !newest_elsewhere),
             test: tested.as_ref(),
             suspended: conn.spec.suspend,
             active_job: active_job.as_deref(),
@@ -432,6 +441,7 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
             blocked: blocked.as_ref(),
             start_failed: start_failed.as_deref(),
             egress_ips: &ctx.settings.egress_ips,
+            destination: destination.clone(),
         })
     })
     .await?;

@@ -233,6 +233,8 @@ pub struct ConnectionFacts<'a> {
     pub start_failed: Option<&'a str>,
     /// The egress IPs to show.
     pub egress_ips: &'a [String],
+    /// Where the syncs land now (`WarehouseConnectionSpec::destination`).
+    pub destination: String,
 }
 
 /// How far a running sync Job has got, as its status and its newest pod tell: `Syncing` says
@@ -363,6 +365,11 @@ pub fn connection_status(f: &ConnectionFacts<'_>) -> WarehouseConnectionStatus {
     // A sync stopped midway (the engine or the warehouse connection lost: an error of no
     // table) did not reach every table, so it cannot tell that they all caught up.
     let stopped = |r: &SyncReport| r.errors.iter().any(|e| e.table.is_none());
+    let changed_from = f
+        .previous
+        .destination
+        .as_deref()
+        .filter(|d| *d != f.destination);
     match f.newest_report {
         Some(r) if r.status != SyncStatus::Failed && r.backfilling.is_empty() && !stopped(r) => {
             set(
@@ -392,6 +399,22 @@ pub fn connection_status(f: &ConnectionFacts<'_>) -> WarehouseConnectionStatus {
                 now,
             )
         }
+        // Another server or database than the one the condition was about: whether its
+        // tables have caught up, only the next sync tells (the cursors are in the warehouse).
+        _ if changed_from.is_some() => set(
+            &mut conds,
+            conditions::BACKFILL_COMPLETE,
+            "Unknown",
+            "WarehouseChanged",
+            &format!(
+                "the warehouse changed from {} to {}; the next sync tells whether its tables \
+                 have caught up (a new one is backfilled)",
+                changed_from.unwrap_or_default(),
+                f.destination
+            ),
+            generation,
+            now,
+        ),
         _ if conditions::find(&conds, conditions::BACKFILL_COMPLETE).is_none() => set(
             &mut conds,
             conditions::BACKFILL_COMPLETE,
@@ -507,6 +530,7 @@ pub fn connection_status(f: &ConnectionFacts<'_>) -> WarehouseConnectionStatus {
         frequency: f.schedule.as_ref().ok().cloned(),
         syncs: f.syncs.clone(),
         egress_ips: f.egress_ips.to_vec(),
+        destination: Some(f.destination.clone()),
     }
 }
 

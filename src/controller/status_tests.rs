@@ -244,6 +244,7 @@ fn facts<'a>(
         blocked: None,
         start_failed: None,
         egress_ips: &[],
+        destination: "postgres db:5432/analytics, schema profiles_sync".into(),
     }
 }
 
@@ -866,4 +867,66 @@ fn a_failed_sync_does_not_apply_a_selection() {
         report: Some((&ok, Some(2))),
     });
     assert_eq!(ready(&s), ("True".into(), "Applied".into()));
+}
+
+/// BackfillComplete is about one warehouse: `spec.warehouse` naming another server or database
+/// turns it Unknown until the next sync's report (it said "caught up" for an empty warehouse
+/// until then). A report folded meanwhile, or settings that name the same database, keep it.
+#[test]
+fn backfill_complete_turns_unknown_when_the_warehouse_changes() {
+    let empty = WarehouseConnectionStatus::default();
+    let r = report(
+        "c-1",
+        "2025-03-01T10:05:03Z",
+        vec![table("tracks", 4, None)],
+        &[],
+    );
+    let syncs = vec![rec("c-1", "2025-03-01T10:05:03Z", SyncStatus::Success)];
+    let caught_up = connection_status(&ConnectionFacts {
+        newest_report: Some(&r),
+        ..facts(&empty, syncs.clone())
+    });
+    assert_eq!(cond(&caught_up, "BackfillComplete").status, "True");
+    assert_eq!(
+        caught_up.destination.as_deref(),
+        Some("postgres db:5432/analytics, schema profiles_sync")
+    );
+    let same = connection_status(&facts(&caught_up, syncs.clone()));
+    assert_eq!(cond(&same, "BackfillComplete").status, "True");
+
+    let moved = |previous| ConnectionFacts {
+        destination: "postgres db2:5432/analytics, schema profiles_sync".into(),
+        ..facts(previous, syncs.clone())
+    };
+    let s = connection_status(&moved(&caught_up));
+    let c = cond(&s, "BackfillComplete");
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("Unknown", "WarehouseChanged")
+    );
+    assert!(
+        c.message.contains("from postgres db:5432/analytics")
+            && c.message.contains("to postgres db2:5432"),
+        "{}",
+        c.message
+    );
+    assert_eq!(
+        s.destination.as_deref(),
+        Some("postgres db2:5432/analytics, schema profiles_sync")
+    );
+    // It stands until a report says otherwise.
+    let later = connection_status(&moved(&s));
+    assert_eq!(cond(&later, "BackfillComplete").reason, "WarehouseChanged");
+    let reported = connection_status(&ConnectionFacts {
+        newest_report: Some(&r),
+        ..moved(&later)
+    });
+    assert_eq!(cond(&reported, "BackfillComplete").reason, "CaughtUp");
+    // A report of the new warehouse, folded in the reconcile that sees the change, speaks for
+    // itself (the reconcile leaves out those of Jobs started for another warehouse).
+    let both = connection_status(&ConnectionFacts {
+        newest_report: Some(&r),
+        ..moved(&caught_up)
+    });
+    assert_eq!(cond(&both, "BackfillComplete").reason, "CaughtUp");
 }

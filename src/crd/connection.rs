@@ -5,7 +5,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-use super::WarehouseSpec;
+use super::{WarehouseSpec, WarehouseType};
 
 /// The default warehouse schema (dataset) name.
 pub const DEFAULT_SCHEMA: &str = "profiles_sync";
@@ -122,6 +122,14 @@ pub struct WarehouseConnectionSpec {
 }
 
 impl WarehouseConnectionSpec {
+    /// Where the syncs land: [`WarehouseSpec::destination`] and the schema (SQLite has none).
+    pub fn destination(&self) -> String {
+        match self.warehouse.r#type {
+            WarehouseType::Sqlite => self.warehouse.destination(),
+            _ => format!("{}, schema {}", self.warehouse.destination(), self.schema),
+        }
+    }
+
     /// The field rules of the CRD's schema that change what a sync does when broken — the
     /// API server enforces them in a cluster; `profiles-sync sync -f` reads files no API server
     /// checked: the schema name, the port (0 is no server's), the backfill window (one that does
@@ -280,6 +288,11 @@ pub struct WarehouseConnectionStatus {
     /// Source IP addresses of sync traffic, to allowlist in the warehouse's firewall.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub egress_ips: Vec<String>,
+    /// Where the syncs land, in words (`postgres db.example.com:5432/analytics, schema
+    /// profiles_sync`): BackfillComplete is about it, and turns Unknown (WarehouseChanged) when
+    /// `spec.warehouse` names another server or database, until the next sync's report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination: Option<String>,
 }
 
 /// The outcome of one sync.

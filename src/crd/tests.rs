@@ -708,3 +708,38 @@ proptest::proptest! {
         proptest::prop_assert!(pattern.is_match(&name), "{:?} → {:?}", event, name);
     }
 }
+
+#[test]
+fn a_destination_names_the_database_and_schema_not_how_they_are_reached() {
+    let mut spec = postgres_spec();
+    spec["schema"] = json!("sales");
+    let c = connection(spec.clone());
+    assert_eq!(
+        c.spec.destination(),
+        "postgres db:5432/analytics, schema sales"
+    );
+    // TLS and credentials are how, not where.
+    spec["warehouse"]["postgres"]["sslMode"] = json!("verify-full");
+    spec["warehouse"]["credentialsSecretRef"]["name"] = json!("other");
+    assert_eq!(
+        connection(spec.clone()).spec.destination(),
+        c.spec.destination()
+    );
+    spec["warehouse"]["postgres"]["database"] = json!("analytics2");
+    assert_ne!(connection(spec).spec.destination(), c.spec.destination());
+    let sqlite =
+        connection(json!({"warehouse": {"type": "sqlite", "sqlite": {"path": "/data/w.db"}}}));
+    assert_eq!(sqlite.spec.destination(), "sqlite /data/w.db");
+    let snowflake = connection(json!({"warehouse": {"type": "snowflake",
+        "snowflake": {"account": "org-acct", "warehouse": "LOAD_WH", "database": "ANALYTICS"},
+        "credentialsSecretRef": {"name": "creds"}}}));
+    assert_eq!(
+        snowflake.spec.destination(),
+        "snowflake org-acct/ANALYTICS, schema profiles_sync"
+    );
+    let missing = connection(json!({"warehouse": {"type": "redshift"}}));
+    assert_eq!(
+        missing.spec.destination(),
+        "redshift (no settings), schema profiles_sync"
+    );
+}

@@ -52,6 +52,53 @@ impl WarehouseType {
     ];
 }
 
+impl WarehouseSpec {
+    /// Where the syncs land, in words: the type and the settings that name the database
+    /// (server, database or catalog, file), not those of how to reach it (TLS, compute,
+    /// credentials). `postgres db.example.com:5432/analytics`.
+    pub fn destination(&self) -> String {
+        let place = match self.r#type {
+            WarehouseType::Postgres => self
+                .postgres
+                .as_ref()
+                .map(|s| format!("{}:{}/{}", s.host, s.port, s.database)),
+            WarehouseType::Snowflake => self.snowflake.as_ref().map(|s| {
+                let host = s
+                    .host
+                    .as_deref()
+                    .map(|h| format!(" ({h})"))
+                    .unwrap_or_default();
+                format!("{}{host}/{}", s.account, s.database)
+            }),
+            WarehouseType::Bigquery => self.bigquery.as_ref().map(|s| {
+                let at = s
+                    .endpoint
+                    .as_deref()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default();
+                format!("{}{at} in {}", s.project, s.location)
+            }),
+            WarehouseType::Redshift => self
+                .redshift
+                .as_ref()
+                .map(|s| format!("{}:{}/{}", s.host, s.port, s.database)),
+            WarehouseType::Databricks => self
+                .databricks
+                .as_ref()
+                .map(|s| format!("{}/{}", s.host, s.catalog)),
+            WarehouseType::AzureSynapse => self
+                .azure_synapse
+                .as_ref()
+                .map(|s| format!("{}:{}/{}", s.host, s.port, s.database)),
+            WarehouseType::Sqlite => self.sqlite.as_ref().map(|s| s.path.clone()),
+        };
+        match place {
+            Some(p) => format!("{} {p}", self.r#type),
+            None => format!("{} (no settings)", self.r#type),
+        }
+    }
+}
+
 impl std::fmt::Display for WarehouseType {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
