@@ -563,3 +563,57 @@ async fn a_test_result_whose_status_write_failed_is_not_lost() {
         "and the first sync runs"
     );
 }
+
+/// A SelectiveSync edited while its status is written: the write, retried after the conflict,
+/// describes the spec the reconcile read, under that spec's generation. It described the new
+/// spec under the old generation, so `kubectl get` took the new spec as not yet observed while
+/// the status already showed it (and a client waiting for the generation was misled).
+#[tokio::test]
+async fn a_selection_status_written_after_a_conflict_describes_the_generation_it_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let conn = finalized_connection(dir.path(), "analytics");
+    let read = selective_sync(
+        "analytics",
+        serde_json::json!({"connectionRef": {"name": "analytics"}}),
+    );
+    let client = builder()
+        .with_object(conn.clone())
+        .with_object(read.clone())
+        .build()
+        .await
+        .unwrap();
+    let f = fixture(dir, client, "2025-03-01T09:30:00Z").await;
+    let api = f.api::<SelectiveSync>();
+    let mut stale = api.get("analytics").await.unwrap();
+    // Edited after the reconcile read it: one table fewer, generation 2.
+    let mut edited = stale.clone();
+    edited.spec = serde_json::from_value(serde_json::json!({
+        "connectionRef": {"name": "analytics"}, "tables": [{"name": "pages", "enabled": false}]
+    }))
+    .unwrap();
+    edited.metadata.generation = Some(2);
+    api.replace("analytics", &Default::default(), &edited)
+        .await
+        .unwrap();
+    stale.metadata.generation = Some(1);
+    let selections = observe::Selections {
+        active: Some(stale.clone()),
+        active_problem: None,
+        others: vec![],
+    };
+    let now: Timestamp = "2025-03-01T09:30:00Z".parse().unwrap();
+    apply::write_selection_statuses(&f.ctx, &conn, &selections, None, now, &mut vec![])
+        .await
+        .unwrap();
+    let written = api.get("analytics").await.unwrap().status.unwrap();
+    assert_eq!(written.observed_generation, Some(1));
+    assert_eq!(
+        written.enabled_tables,
+        Some(status::enabled_tables(&stale.spec, &[])),
+        "the tables of the spec of generation 1"
+    );
+    assert_ne!(
+        status::enabled_tables(&stale.spec, &[]),
+        status::enabled_tables(&edited.spec, &[])
+    );
+}

@@ -275,12 +275,15 @@ pub(super) async fn write_selection_statuses(
         let api: Api<SelectiveSync> =
             Api::namespaced(ctx.client.clone(), &sel.namespace().unwrap_or_default());
         let generation = sel.metadata.generation.unwrap_or(0);
+        // The spec this reconcile validated, with its generation: a write retried after a
+        // conflict with a newer spec (which triggers a reconcile of its own) wrote its tables
+        // under the older `observedGeneration`.
         let replaced = update_selection_status(&api, sel.clone(), |current| {
             let previous = current.status.clone().unwrap_or_default();
             status::selection_status(&SelectionFacts {
                 now,
                 generation,
-                spec: &current.spec,
+                spec: &sel.spec,
                 previous: &previous,
                 problem: problem.clone(),
                 available: available.clone(),
