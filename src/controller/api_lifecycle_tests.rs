@@ -348,8 +348,9 @@ async fn a_sync_job_whose_pod_cannot_start_is_said_so_until_it_runs() {
     assert_ne!(action, Action::requeue(Duration::from_secs(30)));
 }
 
-/// A running sync Job deleted by hand is recorded in the history as failed, with why, and a
-/// `SyncFailed` Event: it vanished, no record and no Event, as if it had never run.
+/// A running sync Job deleted by hand is recorded in the history, `Unknown` (it may have been
+/// stopped midway, or ended between two looks), with why and an Event: it vanished, no record
+/// and no Event, as if it had never run. A Job seen to end, then deleted, adds nothing.
 #[tokio::test]
 async fn a_running_sync_job_deleted_by_hand_is_recorded_as_such() {
     let dir = tempfile::tempdir().unwrap();
@@ -375,29 +376,86 @@ async fn a_running_sync_job_deleted_by_hand_is_recorded_as_such() {
     assert_eq!(s.syncs.len(), 1, "{:?}", s.syncs);
     let record = &s.syncs[0];
     assert_eq!(record.job_name.as_deref(), Some(name));
-    assert_eq!(record.status, SyncStatus::Failed);
+    assert_eq!(record.status, SyncStatus::Unknown);
     assert_eq!(record.start_time.0, "2025-03-01T10:00:00Z".parse().unwrap());
+    let message = &record.errors[0].message;
     assert!(
-        record.errors[0].message.contains("deleted before it ended"),
-        "{}",
-        record.errors[0].message
+        message.contains("deleted before the controller saw it end")
+            && message.contains("its pod was seen running"),
+        "{message}"
     );
     assert_eq!(
         condition(&f.connection("analytics").await, "Ready").1,
-        "SyncFailed"
+        "SyncOutcomeUnknown"
     );
-    let failed = |reasons: Vec<String>| reasons.iter().filter(|r| *r == "SyncFailed").count();
-    assert_eq!(failed(f.reasons().await), 1);
+    let unknown = |reasons: Vec<String>| {
+        reasons
+            .iter()
+            .filter(|r| *r == "SyncOutcomeUnknown")
+            .count()
+    };
+    assert_eq!(unknown(f.reasons().await), 1);
     // Recorded once.
     f.reconcile("analytics").await.unwrap();
     let s = f.connection("analytics").await.status.unwrap();
     assert_eq!(s.syncs.len(), 1);
-    assert_eq!(failed(f.reasons().await), 1);
+    assert_eq!(unknown(f.reasons().await), 1);
+
+    // The next one is seen running, then seen to end (folded), then deleted: one record, its own.
+    let next = "analytics-29013720";
+    let jobs = f.api::<Job>();
+    jobs.create(
+        &Default::default(),
+        &running_job(&conn, next, "2025-03-01T11:00:00Z"),
+    )
+    .await
+    .unwrap();
+    f.reconcile("analytics").await.unwrap();
+    let mut ended = jobs.get(next).await.unwrap();
+    ended.status = finished_job(&conn, next, "2025-03-01T11:00:00Z", true).status;
+    jobs.replace_status(next, &Default::default(), &ended)
+        .await
+        .unwrap();
+    f.reconcile("analytics").await.unwrap();
+    jobs.delete(next, &Default::default()).await.unwrap();
+    f.reconcile("analytics").await.unwrap();
+    let s = f.connection("analytics").await.status.unwrap();
+    let ids: Vec<&str> = s.syncs.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids, [next, name], "{:?}", s.syncs);
+    assert!(!s.syncs[0].errors[0].message.contains("deleted"));
 }
 
-/// `spec.warehouse` moved to another database: BackfillComplete turns Unknown until a sync of
-/// the new one reports — a caught-up report of a Job started for the old one, folded after the
-/// change, says nothing of it (it said "caught up" for a warehouse no sync had loaded yet).
+/// A sync Job deleted before its pod was seen running (stuck on an image, held by a queue) is
+/// recorded as such: no sync is said to have loaded anything.
+#[tokio::test]
+async fn a_sync_job_deleted_before_its_pod_ran_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let conn = finalized_connection(dir.path(), "analytics");
+    let name = "analytics-29013660";
+    let mut job = running_job(&conn, name, "2025-03-01T10:00:00Z");
+    job.spec.get_or_insert_default().suspend = Some(true);
+    let client = builder()
+        .with_object(conn.clone())
+        .with_object(job)
+        .build()
+        .await
+        .unwrap();
+    let f = fixture(dir, client, "2025-03-01T10:05:00Z").await;
+    f.reconcile("analytics").await.unwrap();
+    f.api::<Job>()
+        .delete(name, &Default::default())
+        .await
+        .unwrap();
+    f.reconcile("analytics").await.unwrap();
+    let s = f.connection("analytics").await.status.unwrap();
+    assert_eq!(s.syncs[0].status, SyncStatus::Unknown);
+    let message = &s.syncs[0].errors[0].message;
+    assert!(
+        message.contains("its pod was not seen running"),
+        "{message}"
+    );
+}
+
 #[tokio::test]
 async fn backfill_complete_waits_for_a_sync_of_the_warehouse_the_connection_names_now() {
     let dir = tempfile::tempdir().unwrap();
@@ -672,10 +730,23 @@ async fn a_selection_of_a_missing_connection_is_marked_connection_not_found() {
             .last_successful_sync
             .with_label_values(&[NS, name])
             .set(1.0);
+        f.ctx.with_memory(|m| {
+            m.running.insert(
+                format!("{NS}/{name}-29013660"),
+                RunningJob {
+                    connection: format!("uid-{name}"),
+                    connection_name: name.into(),
+                    started: None,
+                    ran: true,
+                },
+            )
+        });
     }
     apply::connection_missing(&f.ctx, NS, "analytcs")
         .await
         .unwrap();
+    let remembered: Vec<String> = f.ctx.with_memory(|m| m.running.keys().cloned().collect());
+    assert_eq!(remembered, [format!("{NS}/fine-29013660")]);
     let gauges = f.ctx.metrics.render();
     assert!(!gauges.contains("connection=\"analytcs\""), "{gauges}");
     assert!(gauges.contains("connection=\"fine\""), "{gauges}");

@@ -365,6 +365,11 @@ pub(super) async fn connection_missing(
         Err(e) => return Err(e.into()),
     }
     ctx.metrics.forget(namespace, connection);
+    let jobs = format!("{namespace}/");
+    ctx.with_memory(|m| {
+        m.running
+            .retain(|key, r| !(key.starts_with(&jobs) && r.connection_name == connection))
+    });
     mark_orphaned_selections(ctx, namespace, connection).await
 }
 

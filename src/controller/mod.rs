@@ -189,8 +189,12 @@ pub struct Memory {
 pub struct RunningJob {
     /// The uid of its connection.
     pub connection: String,
+    /// The name of its connection.
+    pub connection_name: String,
     /// When it started (`status.startTime`, else its creation).
     pub started: Option<jiff::Timestamp>,
+    /// A pod of it was seen running.
+    pub ran: bool,
 }
 
 /// Watch caches of what a reconcile reads (filled by [`run`]'s watches). Without them — the

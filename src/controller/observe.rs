@@ -69,6 +69,10 @@ pub fn job_view(job: &Job) -> JobView {
 /// policy), which only the Job's Events say.
 const NO_POD_GRACE: Duration = Duration::from_secs(60);
 
+/// How long a pod may be unschedulable before it counts as stuck: a cluster autoscaler
+/// (Karpenter, Cluster Autoscaler) adds a node for it within minutes.
+const UNSCHEDULABLE_GRACE: Duration = Duration::from_secs(5 * 60);
+
 /// Waiting reasons of a container on its normal way to running.
 const STARTING_REASONS: [&str; 2] = ["ContainerCreating", "PodInitializing"];
 
@@ -93,30 +97,37 @@ pub fn progress(job: &Job, pods: &[Pod], now: Timestamp) -> JobProgress {
         return p;
     }
     let Some(pod) = pods.last() else {
-        let age = job
-            .metadata
-            .creation_timestamp
+        // From its start, which the Job controller sets again when a queue lets a suspended
+        // Job go (its pod is created then), else from its creation.
+        let since = job
+            .status
             .as_ref()
-            .map(|t| now.duration_since(t.0))
-            .filter(|d| d.is_positive())
-            .map(|d| d.unsigned_abs())
-            .unwrap_or_default();
-        return if age >= NO_POD_GRACE {
+            .and_then(|s| s.start_time.as_ref())
+            .or(job.metadata.creation_timestamp.as_ref());
+        return if age(since.map(|t| t.0), now) >= NO_POD_GRACE {
             JobProgress::Stuck(format!(
-                "no pod of it exists {}s after it was created: `kubectl describe job {}` shows \
+                "no pod of it exists a minute after it started: `kubectl describe job {}` shows \
                  why (a ResourceQuota, a LimitRange or an admission policy refusing the pod)",
-                age.as_secs(),
                 job.name_any()
             ))
         } else {
             JobProgress::Starting("its pod is being created".into())
         };
     };
-    pod_progress(pod)
+    pod_progress(pod, now)
 }
 
-/// How far a Job's newest pod has got.
-fn pod_progress(pod: &Pod) -> JobProgress {
+/// How long ago `since` was at `now` (none for a time ahead of the controller's clock).
+fn age(since: Option<Timestamp>, now: Timestamp) -> Duration {
+    since
+        .map(|t| now.duration_since(t))
+        .filter(|d| d.is_positive())
+        .map(|d| d.unsigned_abs())
+        .unwrap_or_default()
+}
+
+/// How far a Job's newest pod has got at `now`.
+fn pod_progress(pod: &Pod, now: Timestamp) -> JobProgress {
     let name = pod.name_any();
     let quote = |reason: Option<&str>, message: Option<&str>| {
         let mut cause = [reason, message]
@@ -159,18 +170,24 @@ fn pod_progress(pod: &Pod) -> JobProgress {
     });
     if let Some(c) = unscheduled {
         let cause = quote(c.reason.as_deref(), c.message.as_deref());
-        // Only "Unschedulable" waits for a change (a node, a quota freed); others are passing.
-        return if c.reason.as_deref() == Some("Unschedulable") {
-            JobProgress::Stuck(format!("pod {name} cannot be scheduled: {cause}"))
+        // "Unschedulable" waits for a change (a node, a quota freed) — which a cluster
+        // autoscaler brings within minutes: stuck only once that has not come.
+        let waited = age(c.last_transition_time.as_ref().map(|t| t.0), now);
+        return if c.reason.as_deref() == Some("Unschedulable") && waited >= UNSCHEDULABLE_GRACE {
+            JobProgress::Stuck(format!(
+                "pod {name} has not been scheduled for {} minutes: {cause}",
+                UNSCHEDULABLE_GRACE.as_secs() / 60
+            ))
         } else {
-            JobProgress::Starting(format!("pod {name} is being scheduled ({cause})"))
+            JobProgress::Starting(format!("pod {name} waits for a node ({cause})"))
         };
     }
     match status.and_then(|s| s.phase.as_deref()) {
-        Some("Running") => JobProgress::Running,
-        Some("Failed") => JobProgress::Starting(format!(
-            "pod {name} failed ({}); the Job starts another",
-            container_end(pod).unwrap_or_else(|| "no exit code".into())
+        // Running, or just ended (the Job records its end in a moment).
+        Some("Running" | "Succeeded" | "Failed") => JobProgress::Running,
+        // Its node stopped reporting (for longer than the node monitor's grace period).
+        Some("Unknown") => JobProgress::Stuck(format!(
+            "pod {name} is in phase Unknown: its node stopped reporting"
         )),
         _ => JobProgress::Starting(match creating {
             Some(reason) if !reason.is_empty() => format!("pod {name} is {reason}"),
@@ -300,7 +317,7 @@ pub async fn finished(ctx: &Context, job: &Job) -> Result<FinishedJob, Error> {
         termination_message: message,
         container_end,
         pod_found: !list.is_empty(),
-        deleted: false,
+        deleted: None,
     })
 }
 
@@ -530,8 +547,20 @@ mod tests {
         );
         let why = stuck(at(&job("2025-03-01T10:03:00Z", Some(0)), &[]));
         assert!(
-            why.contains("120s") && why.contains("kubectl describe job c-1"),
+            why.contains("a minute") && why.contains("kubectl describe job c-1"),
             "{why}"
+        );
+        // The same words a minute later: the status is not rewritten at every look.
+        assert_eq!(stuck(at(&job("2025-03-01T10:02:00Z", Some(0)), &[])), why);
+        // Held by a queue for ten minutes, then let go: it started now, its pod is to come.
+        let mut resumed = job("2025-03-01T09:55:00Z", Some(0));
+        resumed.status.as_mut().unwrap().start_time =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                "2025-03-01T10:04:50Z".parse().unwrap(),
+            ));
+        assert_eq!(
+            at(&resumed, &[]),
+            JobProgress::Starting("its pod is being created".into())
         );
         // A creation time ahead of the controller's clock is no age.
         assert!(matches!(
@@ -571,29 +600,45 @@ mod tests {
             at(&young, &[waiting("ContainerCreating", "")]),
             JobProgress::Starting("pod c-1-x is ContainerCreating".into())
         );
-        let failed = pod(serde_json::json!({"phase": "Failed"}));
-        assert!(
-            matches!(at(&young, &[failed]), JobProgress::Starting(m) if m.contains("starts another"))
-        );
+        // Ended, the Job about to say so (a failed pod is the Job's end: no retries).
+        for phase in ["Succeeded", "Failed"] {
+            let ended = pod(serde_json::json!({"phase": phase}));
+            assert_eq!(at(&young, &[ended]), JobProgress::Running, "{phase}");
+        }
+        let lost = pod(serde_json::json!({"phase": "Unknown"}));
+        assert!(stuck(at(&young, &[lost])).contains("node stopped reporting"));
     }
 
     #[test]
-    fn an_unschedulable_pod_is_stuck_and_one_being_scheduled_is_starting() {
-        let scheduled = |reason: &str| {
+    fn a_pod_unschedulable_for_minutes_is_stuck_and_one_waiting_for_a_node_is_starting() {
+        let scheduled = |reason: &str, since: &str| {
             pod(serde_json::json!({
                 "phase": "Pending",
                 "conditions": [{"type": "PodScheduled", "status": "False", "reason": reason,
+                    "lastTransitionTime": since,
                     "message": "0/3 nodes are available: 3 Insufficient memory."}],
             }))
         };
-        let why = stuck(at(&job(NOW, Some(0)), &[scheduled("Unschedulable")]));
+        let why = stuck(at(
+            &job(NOW, Some(0)),
+            &[scheduled("Unschedulable", "2025-03-01T09:59:00Z")],
+        ));
         assert!(
-            why.contains("cannot be scheduled") && why.contains("Insufficient memory"),
+            why.contains("not been scheduled for 5 minutes") && why.contains("Insufficient memory"),
             "{why}"
         );
-        assert!(matches!(
-            at(&job(NOW, Some(0)), &[scheduled("SchedulingGated")]),
-            JobProgress::Starting(_)
-        ));
+        // A cluster autoscaler adds a node within minutes: not stuck yet.
+        for (reason, since) in [
+            ("Unschedulable", "2025-03-01T10:02:00Z"),
+            ("SchedulingGated", "2025-03-01T09:00:00Z"),
+        ] {
+            assert!(
+                matches!(
+                    at(&job(NOW, Some(0)), &[scheduled(reason, since)]),
+                    JobProgress::Starting(m) if m.contains("waits for a node")
+                ),
+                "{reason}"
+            );
+        }
     }
 }

@@ -177,23 +177,28 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
             .and_then(|g| g.parse().ok());
         new_records.push((record, report, selection_generation));
     }
-    // Jobs seen running that are gone, unrecorded: deleted while they ran (their history
-    // record was never written, and their sync vanished). Forgotten once the status holds them.
+    // Jobs seen running that are gone, unrecorded: deleted before this process saw them end
+    // (their history record was never written, and their sync vanished). Forgotten once the
+    // status holds them.
     let listed: Vec<String> = jobs.iter().map(|j| j.name_any()).collect();
-    let vanished: Vec<(String, String, Option<jiff::Timestamp>)> = ctx.with_memory(|m| {
+    let vanished: Vec<(String, String, RunningJob)> = ctx.with_memory(|m| {
         m.running
             .iter()
             .filter(|(_, r)| r.connection == uid)
             .filter_map(|(key, r)| {
                 let job = key.strip_prefix(&format!("{ns}/"))?;
                 (!listed.iter().any(|l| l == job) && !recorded.iter().any(|d| d == job))
-                    .then(|| (key.clone(), job.to_string(), r.started))
+                    .then(|| (key.clone(), job.to_string(), r.clone()))
             })
             .collect()
     });
-    for (_, job, started) in &vanished {
-        tracing::warn!(job, "a running sync Job was deleted before it ended");
-        let (record, _) = status::record(&FinishedJob::deleted(job, *started, now));
+    for (_, job, seen) in &vanished {
+        tracing::warn!(
+            job,
+            ran = seen.ran,
+            "a sync Job was deleted before it was seen to end"
+        );
+        let (record, _) = status::record(&FinishedJob::deleted(job, seen.started, now, seen.ran));
         new_records.push((record, None, None));
     }
     for job in &jobs {
@@ -205,15 +210,14 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
                 .and_then(|s| s.start_time.as_ref())
                 .or(job.metadata.creation_timestamp.as_ref())
                 .map(|t| t.0);
-            let connection = uid.clone();
             ctx.with_memory(|m| {
-                m.running.insert(
-                    key,
-                    RunningJob {
-                        connection,
-                        started,
-                    },
-                )
+                let seen = m.running.entry(key).or_insert_with(|| RunningJob {
+                    connection: uid.clone(),
+                    connection_name: name.clone(),
+                    started,
+                    ran: false,
+                });
+                seen.started = started;
             });
         } else {
             ctx.with_memory(|m| m.running.remove(&key));
@@ -412,7 +416,20 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
     let progress = match active {
         None => JobProgress::Running,
         Some(None) => JobProgress::Starting("its pod is being created".into()),
-        Some(Some(job)) => observe::job_progress(ctx, job, now).await?,
+        Some(Some(job)) => match observe::job_progress(ctx, job, now).await {
+            Ok(p) => {
+                if p == JobProgress::Running {
+                    let key = format!("{ns}/{}", job.name_any());
+                    ctx.with_memory(|m| m.running.get_mut(&key).map(|r| r.ran = true));
+                }
+                p
+            }
+            // Not a reason to leave the rest of the status unwritten: said as before.
+            Err(e) => {
+                tracing::warn!(job = %job.name_any(), error = %e, "the sync Job's pods could not be read");
+                JobProgress::Running
+            }
+        },
     };
     let start_failed = start_failure
         .as_ref()

@@ -33,14 +33,20 @@ pub struct FinishedJob {
     pub container_end: Option<String>,
     /// Whether a pod of the Job was found.
     pub pod_found: bool,
-    /// The Job was deleted before it was seen to end (`finished` is when that was noticed).
-    pub deleted: bool,
+    /// The Job was deleted before it was seen to end (`finished` is when that was noticed):
+    /// whether a pod of it was seen running.
+    pub deleted: Option<bool>,
 }
 
 impl FinishedJob {
-    /// A Job seen running that is gone: deleted before it ended (by hand, or by a cleanup of
-    /// Jobs), noticed at `now`.
-    pub fn deleted(name: &str, started: Option<Timestamp>, now: Timestamp) -> FinishedJob {
+    /// A Job seen active that is gone: deleted before the controller saw it end (by hand, or by
+    /// a cleanup of Jobs), noticed at `now`; `ran` when a pod of it was seen running.
+    pub fn deleted(
+        name: &str,
+        started: Option<Timestamp>,
+        now: Timestamp,
+        ran: bool,
+    ) -> FinishedJob {
         FinishedJob {
             name: name.to_string(),
             phase: JobPhase::Failed,
@@ -50,7 +56,7 @@ impl FinishedJob {
             termination_message: None,
             container_end: None,
             pod_found: false,
-            deleted: true,
+            deleted: Some(ran),
         }
     }
 }
@@ -86,13 +92,10 @@ pub fn record(job: &FinishedJob) -> (SyncRecord, Option<SyncReport>) {
         };
         return (rec, Some(report));
     }
+    if let Some(ran) = job.deleted {
+        return (deleted_record(job, ran), None);
+    }
     let why = match parsed {
-        _ if job.deleted => {
-            "it was deleted before it ended (`kubectl delete job`, or a cleanup of Jobs), and its \
-             report with it; what it loaded stays, and the next sync continues from the \
-             warehouse's cursors"
-                .to_string()
-        }
         Some(Err(e)) => format!("its report is malformed ({e})"),
         _ if !job.pod_found => "no pod of the Job was found".to_string(),
         _ => "its pod wrote no termination message".to_string(),
@@ -117,28 +120,47 @@ pub fn record(job: &FinishedJob) -> (SyncRecord, Option<SyncReport>) {
     if let Some(f) = job.failure.as_ref().filter(|f| !f.is_empty()) {
         message.push_str(&format!(" (Job: {f})"));
     }
+    (unreported(job, status, message), None)
+}
+
+/// The record of a Job deleted before the controller saw it end: `Unknown` — it may have
+/// ended, well or not, between two looks, or been stopped midway.
+fn deleted_record(job: &FinishedJob, ran: bool) -> SyncRecord {
+    let what = if ran {
+        "its pod was seen running; its report went with it. What it loaded stays"
+    } else {
+        "its pod was not seen running: no sync ran, or one too brief to be seen"
+    };
+    let message = format!(
+        "the sync Job {} was deleted before the controller saw it end (`kubectl delete job`, or \
+         a cleanup of Jobs): {what}, and the next sync continues from the warehouse's cursors",
+        job.name
+    );
+    unreported(job, SyncStatus::Unknown, message)
+}
+
+/// The record of a Job without a readable report: its times, `status`, and `message` as its
+/// one error.
+fn unreported(job: &FinishedJob, status: SyncStatus, message: String) -> SyncRecord {
     let start = job.started.unwrap_or(Timestamp::UNIX_EPOCH);
     let duration = match (job.started, job.finished) {
         (Some(a), Some(b)) => b.duration_since(a).as_secs_f64().max(0.0),
         _ => 0.0,
     };
-    (
-        SyncRecord {
-            id: job.name.clone(),
-            status,
-            start_time: Time(start),
-            duration_seconds: duration,
-            rows: SyncRows::default(),
-            tables: vec![],
-            errors: vec![SyncError {
-                class: ErrorClass::Internal,
-                message,
-                table: None,
-            }],
-            job_name: Some(job.name.clone()),
-        },
-        None,
-    )
+    SyncRecord {
+        id: job.name.clone(),
+        status,
+        start_time: Time(start),
+        duration_seconds: duration,
+        rows: SyncRows::default(),
+        tables: vec![],
+        errors: vec![SyncError {
+            class: ErrorClass::Internal,
+            message,
+            table: None,
+        }],
+        job_name: Some(job.name.clone()),
+    }
 }
 
 /// How far before its Job's start a report's start may be (the pod's node clock behind the API
@@ -471,7 +493,8 @@ pub fn connection_status(f: &ConnectionFacts<'_>) -> WarehouseConnectionStatus {
                     format!("sync {} failed: {why}", s.id),
                 )
             }
-            // Its Job completed (a `Failed` sync exits non-zero), so the connection works.
+            // Its Job completed (a `Failed` sync exits non-zero), so the connection works — or
+            // it was deleted before it was seen to end, which says nothing against it.
             Some(s) if s.status == SyncStatus::Unknown => (
                 "True",
                 "SyncOutcomeUnknown",

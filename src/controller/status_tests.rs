@@ -46,7 +46,7 @@ fn finished(name: &str, phase: JobPhase, message: Option<String>, pod_found: boo
         termination_message: message,
         container_end: None,
         pod_found,
-        deleted: false,
+        deleted: None,
     }
 }
 
@@ -893,6 +893,14 @@ fn backfill_complete_turns_unknown_when_the_warehouse_changes() {
     );
     let same = connection_status(&facts(&caught_up, syncs.clone()));
     assert_eq!(cond(&same, "BackfillComplete").status, "True");
+    // A status of a release before `destination`: nothing to compare, nothing changed.
+    let upgraded = WarehouseConnectionStatus {
+        destination: None,
+        ..caught_up.clone()
+    };
+    let s = connection_status(&facts(&upgraded, syncs.clone()));
+    assert_eq!(cond(&s, "BackfillComplete").reason, "CaughtUp");
+    assert!(s.destination.is_some());
 
     let moved = |previous| ConnectionFacts {
         destination: "postgres db2:5432/analytics, schema profiles_sync".into(),

@@ -290,7 +290,7 @@ pub struct WarehouseConnectionStatus {
     pub egress_ips: Vec<String>,
     /// Where the syncs land, in words (`postgres db.example.com:5432/analytics, schema
     /// profiles_sync`): BackfillComplete is about it, and turns Unknown (WarehouseChanged) when
-    /// `spec.warehouse` names another server or database, until the next sync's report.
+    /// the spec names another server, database, schema or file, until the next sync's report.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub destination: Option<String>,
 }
@@ -306,8 +306,9 @@ pub enum SyncStatus {
     Failed,
     /// The sync Job completed (it exits non-zero only for `Failed`), but its report could not be
     /// read: its pod was removed before the controller read it, or it left no or a malformed
-    /// termination message. Whether every table loaded is not known; nothing is lost, as the
-    /// next sync continues from the cursors in the warehouse. Never in a sync's own report.
+    /// termination message; or the Job was deleted before the controller saw it end. Whether
+    /// every table loaded is not known; nothing is lost, as the next sync continues from the
+    /// cursors in the warehouse. Never in a sync's own report.
     Unknown,
 }
 

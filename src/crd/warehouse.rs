@@ -56,6 +56,10 @@ impl WarehouseSpec {
     /// Where the syncs land, in words: the type and the settings that name the database
     /// (server, database or catalog, file), not those of how to reach it (TLS, compute,
     /// credentials). `postgres db.example.com:5432/analytics`.
+    ///
+    /// Compared with the destination a status or a Job recorded: a change of these words from
+    /// one release to the next turns every connection's BackfillComplete Unknown at the upgrade
+    /// (tests pin them).
     pub fn destination(&self) -> String {
         let place = match self.r#type {
             WarehouseType::Postgres => self
