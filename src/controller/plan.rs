@@ -188,18 +188,25 @@ impl Slots {
         }
     }
 
-    /// How long one slot lasts around `now` (the gap to the following slot), for the Job's
-    /// `activeDeadlineSeconds`: a sync never runs into the slot after next.
+    /// How long the slot of `now` lasts (from the slot at or before it to the next), for the
+    /// Job's `activeDeadlineSeconds`, and never past the slot after next: a sync never blocks
+    /// that one. A cron schedule's slots may be uneven (`0,15 * * * *`: the :15 sync has 45
+    /// minutes, the :00 one 15): the gap after the *next* slot gave the :15 sync 15 minutes,
+    /// and syncs on time failed at their deadline.
     pub fn period(&self, now: Timestamp) -> Duration {
         match self {
             Slots::Interval(d) => *d,
             Slots::Cron(..) => {
+                let secs = |from: Timestamp, to: Timestamp| {
+                    Duration::from_secs(
+                        u64::try_from(to.duration_since(from).as_secs()).unwrap_or(0),
+                    )
+                };
                 let next = self.next_after(now);
                 let after = next.and_then(|n| self.next_after(n));
-                match (next, after) {
-                    (Some(a), Some(b)) => Duration::from_secs(
-                        u64::try_from(b.duration_since(a).as_secs()).unwrap_or(3600),
-                    ),
+                let slot = next.and_then(|n| self.last_at_or_before(now).map(|l| secs(l, n)));
+                match (slot, after) {
+                    (Some(slot), Some(after)) => slot.min(secs(now, after)),
                     _ => Duration::from_secs(3600),
                 }
             }

@@ -165,6 +165,16 @@ fn cron_schedules_run_in_utc() {
         Duration::from_secs(7200)
     );
     assert_eq!(slots.frequency(), "cron 30 */2 * * * (UTC)");
+    // Uneven slots: each sync gets its own slot's length, never past the slot after next.
+    let uneven = Slots::parse("0,15 * * * *").unwrap();
+    let minutes = |at: &str| uneven.period(t(at)).as_secs() / 60;
+    assert_eq!(minutes("2025-03-01T10:15:00Z"), 45);
+    assert_eq!(minutes("2025-03-01T11:00:00Z"), 15);
+    // A manual sync at 10:50: the slot after next is 11:15.
+    assert_eq!(minutes("2025-03-01T10:50:00Z"), 25);
+    let twice = Slots::parse("30 9,10 * * *").unwrap();
+    assert_eq!(twice.period(t("2025-03-01T10:30:00Z")).as_secs(), 23 * 3600);
+    assert_eq!(twice.period(t("2025-03-01T09:30:00Z")).as_secs(), 3600);
     let daily = Slots::parse("@daily").unwrap();
     assert_eq!(
         daily.next_after(t("2025-03-01T10:31:00Z")),
