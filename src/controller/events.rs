@@ -3,7 +3,7 @@
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType};
 
-use crate::crd::{SyncRecord, SyncStatus};
+use crate::crd::{ErrorClass, SyncRecord, SyncStatus};
 
 /// What happened, as an Event reason and note.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -176,14 +176,24 @@ impl Note {
             ),
             SyncStatus::PartialSuccess => {
                 let tables: Vec<&str> = r.tables.iter().map(|t| t.name.as_str()).collect();
-                Note::SyncPartiallySucceeded(
-                    job.to_string(),
-                    format!(
-                        "sync {job} loaded {} rows; failed tables (retried next sync): {}",
-                        r.rows.total,
+                let mut message = format!("sync {job} loaded {} rows", r.rows.total);
+                if !tables.is_empty() {
+                    message.push_str(&format!(
+                        "; failed tables (retried next sync): {}",
                         tables.join(", ")
-                    ),
-                )
+                    ));
+                }
+                // The errors of no table: a run stopped midway (the next sync continues), or
+                // events retention deleted before they loaded (never loaded).
+                for e in r.errors.iter().filter(|e| e.table.is_none()) {
+                    let then = if e.class == ErrorClass::Retention {
+                        "not retried"
+                    } else {
+                        "the next sync continues"
+                    };
+                    message.push_str(&format!("; {:?} ({then}): {}", e.class, e.message));
+                }
+                Note::SyncPartiallySucceeded(job.to_string(), message)
             }
             SyncStatus::Failed => {
                 let why = r
@@ -279,6 +289,32 @@ mod tests {
             "notes are cut to the API's 1 kB"
         );
         assert_eq!(Note::JobAdopted("j".into()).event().reason, "JobAdopted");
+    }
+
+    /// A partial success's Event names the errors of no table too (it said "failed tables:"
+    /// and nothing more for a run stopped midway, or a retention gap, which is never retried).
+    #[test]
+    fn a_partial_success_names_the_errors_of_no_table() {
+        let mut r = record(SyncStatus::PartialSuccess);
+        r.tables.clear();
+        r.errors = vec![
+            SyncError {
+                class: ErrorClass::Retention,
+                message: "events up to seq 40 were deleted".into(),
+                table: None,
+            },
+            SyncError {
+                class: ErrorClass::Connection,
+                message: "the engine closed the feed".into(),
+                table: None,
+            },
+        ];
+        let note = Note::for_sync(&r).event().note.unwrap_or_default();
+        assert_eq!(
+            note,
+            "sync c-1 loaded 9 rows; Retention (not retried): events up to seq 40 were deleted; \
+             Connection (the next sync continues): the engine closed the feed"
+        );
     }
 
     /// A sync's Events name its Job as the related object, so that the Recorder keeps each

@@ -386,7 +386,13 @@ pub fn connection_status(f: &ConnectionFacts<'_>) -> WarehouseConnectionStatus {
     }
     // A sync stopped midway (the engine or the warehouse connection lost: an error of no
     // table) did not reach every table, so it cannot tell that they all caught up.
-    let stopped = |r: &SyncReport| r.errors.iter().any(|e| e.table.is_none());
+    // (Events retention deleted before they loaded stop nothing: the tables still caught up
+    // with what the store holds, and the gap is the sync's `Retention` error.)
+    let stopped = |r: &SyncReport| {
+        r.errors
+            .iter()
+            .any(|e| e.table.is_none() && e.class != ErrorClass::Retention)
+    };
     let changed_from = f
         .previous
         .destination

@@ -938,3 +938,42 @@ fn backfill_complete_turns_unknown_when_the_warehouse_changes() {
     });
     assert_eq!(cond(&both, "BackfillComplete").reason, "CaughtUp");
 }
+
+/// A sync that loaded every table up to the head, with a `Retention` error (events deleted
+/// before it loaded them), caught up all the same: that error stops no run. A run stopped by an
+/// error of no table (the engine lost) did not reach every table.
+#[test]
+fn a_retention_gap_does_not_hide_that_the_tables_caught_up() {
+    let empty = WarehouseConnectionStatus::default();
+    let syncs = vec![rec(
+        "c-1",
+        "2025-03-01T10:05:03Z",
+        SyncStatus::PartialSuccess,
+    )];
+    for (class, expected) in [
+        (ErrorClass::Retention, ("True", "CaughtUp")),
+        (ErrorClass::Connection, ("Unknown", "NoSyncYet")),
+    ] {
+        let mut r = report(
+            "c-1",
+            "2025-03-01T10:05:03Z",
+            vec![table("tracks", 4, None)],
+            &[],
+        );
+        r.errors.push(SyncError {
+            class,
+            message: "events before seq 10 were deleted".into(),
+            table: None,
+        });
+        let s = connection_status(&ConnectionFacts {
+            newest_report: Some(&r),
+            ..facts(&empty, syncs.clone())
+        });
+        let c = cond(&s, "BackfillComplete");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            expected,
+            "{class:?}"
+        );
+    }
+}
