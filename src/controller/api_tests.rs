@@ -729,3 +729,25 @@ async fn a_valid_selection_applies_when_an_older_one_is_invalid() {
         "{message}"
     );
 }
+
+/// A warehouse type without a loader says so first: its missing Secret said `SecretNotFound`
+/// ("create it"), and once it was created, `NotSupported`.
+#[tokio::test]
+async fn a_warehouse_type_without_a_loader_is_said_so_before_its_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut conn = finalized_connection(dir.path(), "snow");
+    conn.spec.warehouse = serde_json::from_value(serde_json::json!({
+        "type": "snowflake",
+        "snowflake": {"account": "org-acct", "warehouse": "LOAD_WH", "database": "ANALYTICS"},
+        "credentialsSecretRef": {"name": "missing"}
+    }))
+    .unwrap();
+    let client = builder().with_object(conn).build().await.unwrap();
+    let f = fixture(dir, client, "2025-03-01T10:17:30Z").await;
+    f.reconcile("snow").await.unwrap();
+    assert_eq!(
+        condition(&f.connection("snow").await, "ConnectionVerified"),
+        ("False".into(), "NotSupported".into())
+    );
+    assert!(f.list::<Job>().await.is_empty(), "no sync runs");
+}

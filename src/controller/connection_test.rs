@@ -277,21 +277,27 @@ pub fn probe(wh: &mut dyn warehouse::Warehouse, schema: &str) -> TestOutcome {
     }
 }
 
+/// `NotSupported` for a warehouse type without a loader: said before anything else about the
+/// connection (its Secret's problems told to fix what would not make it sync).
+pub fn unsupported(spec: &WarehouseConnectionSpec) -> Option<TestOutcome> {
+    (!warehouse::supported(spec.warehouse.r#type)).then(|| TestOutcome {
+        reason: Reason::NotSupported,
+        message: format!(
+            "warehouse type {} has no loader in this version of profiles-sync yet \
+             (postgres and sqlite do): no sync runs for this connection",
+            spec.warehouse.r#type
+        ),
+    })
+}
+
 /// Runs the test: connect, then probe the schema, on a blocking thread, within `timeout`.
 pub async fn run(
     spec: &WarehouseConnectionSpec,
     credentials: Credentials,
     timeout: Duration,
 ) -> TestOutcome {
-    if !warehouse::supported(spec.warehouse.r#type) {
-        return TestOutcome {
-            reason: Reason::NotSupported,
-            message: format!(
-                "warehouse type {} has no loader in this version of profiles-sync yet \
-                 (postgres and sqlite do): no sync runs for this connection",
-                spec.warehouse.r#type
-            ),
-        };
+    if let Some(outcome) = unsupported(spec) {
+        return outcome;
     }
     let warehouse = spec.warehouse.clone();
     let schema = spec.schema.clone();

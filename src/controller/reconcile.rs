@@ -116,9 +116,16 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
     });
     let mut tested: Option<TestOutcome> = None;
     if let Some(trigger) = due {
-        let outcome = match connection_test::credentials(&conn.spec, secret.as_ref()) {
-            Ok(creds) => connection_test::run(&conn.spec, creds, ctx.settings.test_timeout).await,
-            Err(outcome) => outcome,
+        // A type without a loader says so before its Secret's problems: fixing them would not
+        // make it sync.
+        let outcome = match connection_test::unsupported(&conn.spec) {
+            Some(outcome) => outcome,
+            None => match connection_test::credentials(&conn.spec, secret.as_ref()) {
+                Ok(creds) => {
+                    connection_test::run(&conn.spec, creds, ctx.settings.test_timeout).await
+                }
+                Err(outcome) => outcome,
+            },
         };
         tracing::info!(?trigger, reason = outcome.reason.as_str(), detail = %outcome.message, "connection tested");
         ctx.metrics
