@@ -472,6 +472,47 @@ async fn a_job_the_api_refuses_is_reported_in_the_status_and_an_event_then_retri
     assert_eq!(f.list::<Job>().await.len(), 1);
 }
 
+/// The Job created but its ConfigMap refused (a quota on ConfigMaps): the Job goes, so that
+/// the status saying it could not be created is true (its pod waited in ContainerCreating until
+/// the deadline, and the next reconciles, trying to adopt it, failed before writing any status).
+/// The retry creates both.
+#[tokio::test]
+async fn a_job_whose_config_map_is_refused_is_not_left_behind() {
+    let refuse = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let r = refuse.clone();
+    let funcs = interceptor::Funcs::new().create(move |cx| {
+        if cx.object["kind"] == "ConfigMap" && r.load(Ordering::SeqCst) {
+            return Err(kube_fake_client::Error::InvalidRequest(
+                "exceeded quota: configmaps, requested: count/configmaps=1".into(),
+            ));
+        }
+        Ok(None)
+    });
+    let f = analytics_with(funcs).await;
+    assert!(f.reconcile("analytics").await.is_err());
+    let c = f.connection("analytics").await;
+    assert_eq!(
+        condition(&c, "Syncing"),
+        ("False".into(), "StartFailed".into())
+    );
+    assert!(
+        f.list::<Job>().await.is_empty(),
+        "no Job without its ConfigMap"
+    );
+
+    refuse.store(false, Ordering::SeqCst);
+    f.reconcile("analytics").await.unwrap();
+    let jobs = f.list::<Job>().await;
+    assert_eq!(jobs.len(), 1);
+    assert!(
+        f.api::<ConfigMap>()
+            .get_opt(&jobs[0].name_any())
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
+
 #[tokio::test]
 async fn dotted_and_dashed_connection_names_get_jobs_of_their_own() {
     let dir = tempfile::tempdir().unwrap();

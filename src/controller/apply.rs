@@ -173,18 +173,33 @@ pub(super) async fn start_job(
     let ns = job.namespace().unwrap_or_default();
     ensure_token_secret(ctx, &ns).await?;
     let api: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
-    let created = match api.create(&PostParams::default(), job).await {
-        Ok(j) => j,
+    let (created, new) = match api.create(&PostParams::default(), job).await {
+        Ok(j) => (j, true),
         Err(kube::Error::Api(s)) if s.code == 409 => {
             let existing = api.get(&job.name_any()).await?;
             if !observe::owned_by(&existing, conn) {
                 return Err(Error::JobNameTaken(job.name_any()));
             }
-            existing
+            (existing, false)
         }
         Err(e) => return Err(e.into()),
     };
-    ensure_config_map(ctx, &created, conn, selection).await?;
+    if let Err(e) = ensure_config_map(ctx, &created, conn, selection).await {
+        // (The ConfigMap is owned by the Job, so it comes second.) A Job without it waits in
+        // ContainerCreating until its deadline while the status says it could not be created:
+        // a Job this call created goes, and the retry creates both. One found already (it may
+        // be running) stays.
+        if new {
+            tracing::warn!(job = %created.name_any(), error = %e, "the sync Job's ConfigMap could not be created; deleting the Job");
+            if let Err(d) = api
+                .delete(&created.name_any(), &DeleteParams::background())
+                .await
+            {
+                tracing::warn!(job = %created.name_any(), error = %d, "could not delete the sync Job left without its ConfigMap");
+            }
+        }
+        return Err(e);
+    }
     Ok(created)
 }
 
