@@ -456,6 +456,82 @@ async fn a_sync_job_deleted_before_its_pod_ran_says_so() {
     );
 }
 
+/// A SelectiveSync deleted and created again (`kubectl replace --force`, a GitOps replace) is
+/// at generation 1 again: a sync that applied the old object's generation 1 did not apply the
+/// new one (it said `Applied`, "the last sync applied this selection").
+#[tokio::test]
+async fn a_selection_created_again_is_not_applied_by_a_sync_of_the_old_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let conn = finalized_connection(dir.path(), "analytics");
+    let start: Timestamp = "2025-03-01T09:00:02Z".parse().unwrap();
+    let report = tracks_report(start);
+    let mut selection = selective_sync(
+        "analytics",
+        serde_json::json!({"connectionRef": {"name": "analytics"}}),
+    );
+    selection.metadata.uid = Some("uid-new".into());
+    let job_of = |name: &str, slot: &str, uid: &str| {
+        let mut job = finished_job(&conn, name, slot, true);
+        let annotations = job.metadata.annotations.as_mut().unwrap();
+        annotations.insert(build::ANNOTATION_SELECTION_GENERATION.into(), "1".into());
+        annotations.insert(build::ANNOTATION_SELECTION_UID.into(), uid.into());
+        job
+    };
+    let client = builder()
+        .with_object(conn.clone())
+        .with_object(job_of(
+            "analytics-29013660",
+            "2025-03-01T09:00:00Z",
+            "uid-old",
+        ))
+        .with_object(pod_with_report(
+            "analytics-29013660",
+            &report.termination_message(),
+        ))
+        .with_object(selection)
+        .build()
+        .await
+        .unwrap();
+    let f = fixture(dir, client, "2025-03-01T09:30:00Z").await;
+    f.reconcile("analytics").await.unwrap();
+    let ready = |s: &SelectiveSync| {
+        let c = conditions::find(&s.status.as_ref().unwrap().conditions, conditions::READY)
+            .unwrap()
+            .clone();
+        (c.status, c.reason)
+    };
+    let api = f.api::<SelectiveSync>();
+    assert_eq!(
+        ready(&api.get("analytics").await.unwrap()),
+        ("False".into(), "Pending".into())
+    );
+    // A sync of this object applies it.
+    f.api::<Job>()
+        .create(
+            &Default::default(),
+            &job_of("analytics-29013720", "2025-03-01T10:00:00Z", "uid-new"),
+        )
+        .await
+        .unwrap();
+    let mut later = tracks_report("2025-03-01T10:00:02Z".parse().unwrap());
+    later.id = "analytics-29013720".into();
+    f.api::<Pod>()
+        .create(
+            &Default::default(),
+            &pod_with_report("analytics-29013720", &later.termination_message()),
+        )
+        .await
+        .unwrap();
+    f.reconcile("analytics").await.unwrap();
+    assert_eq!(
+        ready(&api.get("analytics").await.unwrap()),
+        ("True".into(), "Applied".into())
+    );
+}
+
+/// `spec.warehouse` moved to another database: BackfillComplete turns Unknown until a sync of
+/// the new one reports — a caught-up report of a Job started for the old one, folded after the
+/// change, says nothing of it (it said "caught up" for a warehouse no sync had loaded yet).
 #[tokio::test]
 async fn backfill_complete_waits_for_a_sync_of_the_warehouse_the_connection_names_now() {
     let dir = tempfile::tempdir().unwrap();

@@ -30,6 +30,9 @@ pub const ANNOTATION_SLOT: &str = "profilesync.dev/slot";
 pub const ANNOTATION_TRIGGER: &str = "profilesync.dev/trigger";
 /// Annotation on a Job: the SelectiveSync generation in its ConfigMap.
 pub const ANNOTATION_SELECTION_GENERATION: &str = "profilesync.dev/selection-generation";
+/// Annotation on a Job: the uid of the SelectiveSync in its ConfigMap (with the generation, it
+/// names the selection a sync applied).
+pub const ANNOTATION_SELECTION_UID: &str = "profilesync.dev/selection-uid";
 /// Annotation on a Job: where its sync lands (`WarehouseConnectionSpec::destination` when it
 /// was created), so that a report of the warehouse the connection named before is not taken for
 /// the one it names now.
@@ -175,6 +178,9 @@ pub fn sync_job(
     }
     if let Some(g) = selection.and_then(|s| s.metadata.generation) {
         annotations.insert(ANNOTATION_SELECTION_GENERATION.into(), g.to_string());
+    }
+    if let Some(uid) = selection.and_then(|s| s.metadata.uid.clone()) {
+        annotations.insert(ANNOTATION_SELECTION_UID.into(), uid);
     }
     let secret_ref = conn.spec.warehouse.credentials_secret_ref.as_ref();
     let mut volumes = vec![

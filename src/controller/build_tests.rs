@@ -27,6 +27,7 @@ fn selection() -> SelectiveSync {
     let mut s = SelectiveSync::new("analytics", spec);
     s.metadata.namespace = Some("team-a".into());
     s.metadata.generation = Some(3);
+    s.metadata.uid = Some("uid-sel".into());
     s
 }
 
@@ -76,6 +77,7 @@ fn the_job_is_owned_labelled_restricted_and_bounded() {
     assert_eq!(ann[ANNOTATION_TRIGGER], "Manual");
     assert_eq!(ann[ANNOTATION_SYNC_NOW], "now-1");
     assert_eq!(ann[ANNOTATION_SELECTION_GENERATION], "3");
+    assert_eq!(ann[ANNOTATION_SELECTION_UID], "uid-sel");
     assert_eq!(
         ann[ANNOTATION_DESTINATION],
         "postgres db:5432/analytics, schema profiles_sync"

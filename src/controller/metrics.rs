@@ -19,7 +19,7 @@ pub struct Metrics {
     pub reconcile_errors: IntCounterVec,
     /// Reconcile durations by controller.
     pub reconcile_seconds: HistogramVec,
-    /// Finished syncs by result (Success, PartialSuccess, Failed).
+    /// Finished syncs by result (Success, PartialSuccess, Failed, Unknown).
     pub sync_runs: IntCounterVec,
     /// Rows loaded by syncs, by table group.
     pub rows_synced: IntCounterVec,
@@ -53,7 +53,10 @@ impl Metrics {
             &["controller"],
         )?;
         let sync_runs = IntCounterVec::new(
-            Opts::new("sync_runs_total", "Finished syncs, by result"),
+            Opts::new(
+                "sync_runs_total",
+                "Finished syncs, by result (Success, PartialSuccess, Failed, Unknown)",
+            ),
             &["result"],
         )?;
         let rows_synced = IntCounterVec::new(

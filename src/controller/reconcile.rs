@@ -178,10 +178,22 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
         }
         let finished = observe::finished(ctx, job).await?;
         let (record, report) = status::record(&finished);
+        // The generation of the selection its sync used — of this very object: one deleted and
+        // created again (`kubectl replace --force`) starts at generation 1 again. (A Job of a
+        // release before the uid was recorded is taken as it was.)
+        let active_uid = selections
+            .active
+            .as_ref()
+            .and_then(|s| s.metadata.uid.as_deref());
         let selection_generation = job
             .annotations()
             .get(build::ANNOTATION_SELECTION_GENERATION)
-            .and_then(|g| g.parse().ok());
+            .and_then(|g| g.parse().ok())
+            .filter(|_| {
+                job.annotations()
+                    .get(build::ANNOTATION_SELECTION_UID)
+                    .is_none_or(|uid| Some(uid.as_str()) == active_uid)
+            });
         new_records.push((record, report, selection_generation));
     }
     // Jobs seen running that are gone, unrecorded: deleted before this process saw them end
