@@ -771,6 +771,49 @@ async fn a_valid_selection_applies_when_an_older_one_is_invalid() {
     );
 }
 
+/// Of two valid SelectiveSyncs for one connection, the newer one is valid and not in effect,
+/// and says which applies (it said `Valid=False Invalid`, with a `SelectiveSyncInvalid` Event,
+/// though nothing in it was wrong).
+#[tokio::test]
+async fn a_valid_selection_superseded_by_an_older_one_is_valid_and_not_in_effect() {
+    let dir = tempfile::tempdir().unwrap();
+    let conn = finalized_connection(dir.path(), "analytics");
+    let created = |name: &str, at: &str| {
+        let mut s = selective_sync(
+            name,
+            serde_json::json!({"connectionRef": {"name": "analytics"}}),
+        );
+        s.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            at.parse().unwrap(),
+        ));
+        s
+    };
+    let client = builder()
+        .with_object(conn)
+        .with_object(created("older", "2025-03-01T08:00:00Z"))
+        .with_object(created("newer", "2025-03-01T09:00:00Z"))
+        .build()
+        .await
+        .unwrap();
+    let f = fixture(dir, client, "2025-03-01T10:17:30Z").await;
+    f.reconcile("analytics").await.unwrap();
+    let api = f.api::<SelectiveSync>();
+    let newer = api.get("newer").await.unwrap().status.unwrap();
+    let cond = |type_: &str| conditions::find(&newer.conditions, type_).unwrap().clone();
+    assert_eq!(cond("Valid").status, "True");
+    let ready = cond("Ready");
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "NotInEffect")
+    );
+    assert!(ready.message.contains("\"older\""), "{}", ready.message);
+    assert!(
+        !f.reasons()
+            .await
+            .contains(&"SelectiveSyncInvalid".to_string())
+    );
+}
+
 /// A warehouse type without a loader says so first: its missing Secret said `SecretNotFound`
 /// ("create it"), and once it was created, `NotSupported`.
 #[tokio::test]

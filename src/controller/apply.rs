@@ -275,18 +275,26 @@ pub(super) async fn write_selection_statuses(
     now: Timestamp,
     notes: &mut Vec<Note>,
 ) -> Result<(), Error> {
-    let mut targets: Vec<(&SelectiveSync, Option<String>, bool)> = vec![];
+    // Each with its problem, and why it does not apply though valid.
+    let mut targets: Vec<(&SelectiveSync, Option<String>, Option<String>)> = vec![];
     if let Some(s) = &selections.active {
-        targets.push((s, selections.active_problem.clone(), true));
+        targets.push((s, selections.active_problem.clone(), None));
     }
     for (s, why) in &selections.others {
-        targets.push((s, Some(why.clone()), false));
+        targets.push(match why {
+            observe::NotInEffect::Invalid(p) => (s, Some(p.clone()), None),
+            observe::NotInEffect::Superseded(w) => (s, None, Some(w.clone())),
+        });
     }
     if targets.is_empty() {
         return Ok(());
     }
     let available = observe::available_tables(ctx).await;
-    for (sel, problem, active) in targets {
+    for (sel, problem, superseded) in targets {
+        let active = selections
+            .active
+            .as_ref()
+            .is_some_and(|a| std::ptr::eq(a, sel));
         let api: Api<SelectiveSync> =
             Api::namespaced(ctx.client.clone(), &sel.namespace().unwrap_or_default());
         let generation = sel.metadata.generation.unwrap_or(0);
@@ -301,6 +309,7 @@ pub(super) async fn write_selection_statuses(
                 spec: &sel.spec,
                 previous: &previous,
                 problem: problem.clone(),
+                superseded: superseded.clone(),
                 available: available.clone(),
                 report: if active { report } else { None },
             })

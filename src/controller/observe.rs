@@ -328,8 +328,18 @@ pub struct Selections {
     pub active: Option<SelectiveSync>,
     /// Why the active selection can't be used (invalid): syncs wait until it is fixed.
     pub active_problem: Option<String>,
-    /// Other selections naming the connection, with their problem.
-    pub others: Vec<(SelectiveSync, String)>,
+    /// Other selections naming the connection, each with why it does not apply: invalid
+    /// itself, or valid and superseded by the one that applies.
+    pub others: Vec<(SelectiveSync, NotInEffect)>,
+}
+
+/// Why a SelectiveSync naming a connection does not apply to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NotInEffect {
+    /// Its spec is invalid: why.
+    Invalid(String),
+    /// It is valid, and another one applies: which.
+    Superseded(String),
 }
 
 /// Lists the namespace's SelectiveSyncs (tolerating malformed ones) and picks this connection's.
@@ -408,12 +418,13 @@ pub async fn selections(ctx: &Context, conn: &WarehouseConnection) -> Result<Sel
         .into_iter()
         .map(|(s, problem)| {
             let why = match problem {
-                Some(e) if active_problem.is_none() => format!(
+                Some(e) if active_problem.is_none() => NotInEffect::Invalid(format!(
                     "{e}; SelectiveSync {first_name:?} applies to connection {name:?} meanwhile"
-                ),
-                _ => format!(
-                    "SelectiveSync {first_name:?} already selects the tables of connection {name:?}; only one SelectiveSync per connection applies"
-                ),
+                )),
+                Some(e) => NotInEffect::Invalid(e),
+                None => NotInEffect::Superseded(format!(
+                    "SelectiveSync {first_name:?} already selects the tables of connection {name:?}; only one SelectiveSync per connection applies (the oldest valid one)"
+                )),
             };
             (s, why)
         })

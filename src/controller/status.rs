@@ -608,8 +608,10 @@ pub struct SelectionFacts<'a> {
     pub spec: &'a SelectiveSyncSpec,
     /// The status as read.
     pub previous: &'a SelectiveSyncStatus,
-    /// Why it is not usable (invalid, or another selection already applies), if so.
+    /// Why it is not usable (invalid), if so.
     pub problem: Option<String>,
+    /// Why it does not apply though valid (another selection of its connection does), if so.
+    pub superseded: Option<String>,
     /// The engine's Track event tables; None keeps the previous list (engine unreachable).
     pub available: Option<Vec<String>>,
     /// The newest report folded in this reconcile and the selection generation its Job used.
@@ -680,34 +682,47 @@ pub fn selection_status(f: &SelectionFacts<'_>) -> SelectiveSyncStatus {
                 f.generation,
                 f.now,
             );
-            // A sync that failed loaded nothing: it applied no selection.
-            let applied_now = f
-                .report
-                .filter(|(r, _)| r.status != SyncStatus::Failed)
-                .and_then(|(_, g)| g)
-                == Some(f.generation);
-            let was_applied = conditions::find(&conds, conditions::READY)
-                .is_some_and(|c| c.status == "True" && c.observed_generation == Some(f.generation));
-            if applied_now || was_applied {
-                set(
-                    &mut conds,
-                    conditions::READY,
-                    "True",
-                    "Applied",
-                    "the last sync applied this selection",
-                    f.generation,
-                    f.now,
-                );
-            } else {
+            if let Some(why) = &f.superseded {
                 set(
                     &mut conds,
                     conditions::READY,
                     "False",
-                    "Pending",
-                    "the next sync applies this selection",
+                    "NotInEffect",
+                    why,
                     f.generation,
                     f.now,
                 );
+            } else {
+                // A sync that failed loaded nothing: it applied no selection.
+                let applied_now = f
+                    .report
+                    .filter(|(r, _)| r.status != SyncStatus::Failed)
+                    .and_then(|(_, g)| g)
+                    == Some(f.generation);
+                let was_applied = conditions::find(&conds, conditions::READY).is_some_and(|c| {
+                    c.status == "True" && c.observed_generation == Some(f.generation)
+                });
+                if applied_now || was_applied {
+                    set(
+                        &mut conds,
+                        conditions::READY,
+                        "True",
+                        "Applied",
+                        "the last sync applied this selection",
+                        f.generation,
+                        f.now,
+                    );
+                } else {
+                    set(
+                        &mut conds,
+                        conditions::READY,
+                        "False",
+                        "Pending",
+                        "the next sync applies this selection",
+                        f.generation,
+                        f.now,
+                    );
+                }
             }
         }
     }

@@ -518,6 +518,7 @@ fn selection_status_counts_tables_and_reports_rows_and_validity() {
         spec: &spec,
         previous: &previous,
         problem: None,
+        superseded: None,
         available: Some(vec!["order_completed".into(), "signed_up".into()]),
         report: Some((&r, Some(2))),
     });
@@ -549,6 +550,7 @@ fn selection_status_counts_tables_and_reports_rows_and_validity() {
         spec: &spec,
         previous: &s,
         problem: None,
+        superseded: None,
         available: None,
         report: None,
     });
@@ -565,6 +567,7 @@ fn selection_status_counts_tables_and_reports_rows_and_validity() {
         spec: &spec,
         previous: &s2,
         problem: Some("table \"pages\" is listed more than once".into()),
+        superseded: None,
         available: None,
         report: None,
     });
@@ -609,6 +612,7 @@ fn a_selection_says_how_many_tables_a_large_report_left_out() {
         spec: &spec,
         previous: &SelectiveSyncStatus::default(),
         problem: None,
+        superseded: None,
         available: None,
         report: Some((&parsed, Some(1))),
     });
@@ -629,6 +633,7 @@ fn a_selection_says_how_many_tables_a_large_report_left_out() {
         spec: &spec,
         previous: &s,
         problem: None,
+        superseded: None,
         available: None,
         report: Some((&small, Some(1))),
     });
@@ -640,6 +645,7 @@ fn a_selection_says_how_many_tables_a_large_report_left_out() {
         spec: &spec,
         previous: &s,
         problem: None,
+        superseded: None,
         available: None,
         report: None,
     });
@@ -692,6 +698,7 @@ fn available_tables_beyond_the_status_limit_are_counted_not_listed() {
         spec: &all_on,
         previous: &previous,
         problem: None,
+        superseded: None,
         available: Some(seen.clone()),
         report: None,
     };
@@ -757,6 +764,7 @@ fn available_tables_of_long_names_stay_within_the_status_limit() {
         spec: &spec,
         previous: &previous,
         problem: None,
+        superseded: None,
         available: Some(seen.clone()),
         report: None,
     });
@@ -825,6 +833,7 @@ fn a_failed_sync_does_not_apply_a_selection() {
         spec: &spec,
         previous: &SelectiveSyncStatus::default(),
         problem: None,
+        superseded: None,
         available: None,
         report: None,
     });
@@ -846,6 +855,7 @@ fn a_failed_sync_does_not_apply_a_selection() {
         spec: &spec,
         previous: &pending,
         problem: None,
+        superseded: None,
         available: None,
         report: Some((&failed, Some(2))),
     });
@@ -863,6 +873,7 @@ fn a_failed_sync_does_not_apply_a_selection() {
         spec: &spec,
         previous: &s,
         problem: None,
+        superseded: None,
         available: None,
         report: Some((&ok, Some(2))),
     });
