@@ -412,18 +412,27 @@ async fn an_invalid_selection_blocks_syncs_and_is_reported_on_the_selection() {
     );
 }
 
-#[tokio::test]
-async fn a_job_the_api_refuses_is_reported_in_the_status_and_an_event_then_retried() {
+/// Interceptors refusing to create `kind` objects with `message` (a quota) while the switch
+/// they come with is on (it starts on).
+fn creation_refused(
+    kind: &'static str,
+    message: &'static str,
+) -> (Arc<std::sync::atomic::AtomicBool>, interceptor::Funcs) {
     let refuse = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let r = refuse.clone();
+    let on = refuse.clone();
     let funcs = interceptor::Funcs::new().create(move |cx| {
-        if cx.object["kind"] == "Job" && r.load(Ordering::SeqCst) {
-            return Err(kube_fake_client::Error::InvalidRequest(
-                "exceeded quota: jobs, requested: count/jobs.batch=1".into(),
-            ));
+        if cx.object["kind"] == kind && on.load(Ordering::SeqCst) {
+            return Err(kube_fake_client::Error::InvalidRequest(message.into()));
         }
         Ok(None)
     });
+    (refuse, funcs)
+}
+
+#[tokio::test]
+async fn a_job_the_api_refuses_is_reported_in_the_status_and_an_event_then_retried() {
+    let (refuse, funcs) =
+        creation_refused("Job", "exceeded quota: jobs, requested: count/jobs.batch=1");
     let f = analytics_with(funcs).await;
     assert!(
         f.reconcile("analytics").await.is_err(),
@@ -478,16 +487,10 @@ async fn a_job_the_api_refuses_is_reported_in_the_status_and_an_event_then_retri
 /// The retry creates both.
 #[tokio::test]
 async fn a_job_whose_config_map_is_refused_is_not_left_behind() {
-    let refuse = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let r = refuse.clone();
-    let funcs = interceptor::Funcs::new().create(move |cx| {
-        if cx.object["kind"] == "ConfigMap" && r.load(Ordering::SeqCst) {
-            return Err(kube_fake_client::Error::InvalidRequest(
-                "exceeded quota: configmaps, requested: count/configmaps=1".into(),
-            ));
-        }
-        Ok(None)
-    });
+    let (refuse, funcs) = creation_refused(
+        "ConfigMap",
+        "exceeded quota: configmaps, requested: count/configmaps=1",
+    );
     let f = analytics_with(funcs).await;
     assert!(f.reconcile("analytics").await.is_err());
     let c = f.connection("analytics").await;

@@ -61,11 +61,12 @@ impl WarehouseSpec {
     /// one release to the next turns every connection's BackfillComplete Unknown at the upgrade
     /// (tests pin them).
     pub fn destination(&self) -> String {
+        let server = |host: &str, port: u16, database: &str| format!("{host}:{port}/{database}");
         let place = match self.r#type {
             WarehouseType::Postgres => self
                 .postgres
                 .as_ref()
-                .map(|s| format!("{}:{}/{}", s.host, s.port, s.database)),
+                .map(|s| server(&s.host, s.port, &s.database)),
             WarehouseType::Snowflake => self.snowflake.as_ref().map(|s| {
                 let host = s
                     .host
@@ -85,7 +86,7 @@ impl WarehouseSpec {
             WarehouseType::Redshift => self
                 .redshift
                 .as_ref()
-                .map(|s| format!("{}:{}/{}", s.host, s.port, s.database)),
+                .map(|s| server(&s.host, s.port, &s.database)),
             WarehouseType::Databricks => self
                 .databricks
                 .as_ref()
@@ -93,7 +94,7 @@ impl WarehouseSpec {
             WarehouseType::AzureSynapse => self
                 .azure_synapse
                 .as_ref()
-                .map(|s| format!("{}:{}/{}", s.host, s.port, s.database)),
+                .map(|s| server(&s.host, s.port, &s.database)),
             WarehouseType::Sqlite => self.sqlite.as_ref().map(|s| s.path.clone()),
         };
         match place {
