@@ -306,7 +306,7 @@ async fn a_job_whose_record_left_the_history_is_pruned() {
         status,
         start_time: Time(at(h)),
         duration_seconds: 10.0,
-        rows: Some(SyncRows::default()),
+        rows: SyncRows::default(),
         tables: vec![],
         errors: vec![],
         job_name: Some(name(h)),

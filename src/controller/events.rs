@@ -171,14 +171,12 @@ impl Note {
                 job.to_string(),
                 format!(
                     "sync {job} loaded {} rows in {:.1}s",
-                    r.rows.as_ref().map_or(0, |r| r.total),
-                    r.duration_seconds
+                    r.rows.total, r.duration_seconds
                 ),
             ),
             SyncStatus::PartialSuccess => {
                 let tables: Vec<&str> = r.tables.iter().map(|t| t.name.as_str()).collect();
-                let rows = r.rows.as_ref().map_or(0, |r| r.total);
-                let mut message = format!("sync {job} loaded {rows} rows");
+                let mut message = format!("sync {job} loaded {} rows", r.rows.total);
                 if !tables.is_empty() {
                     message.push_str(&format!(
                         "; failed tables (retried next sync): {}",
@@ -228,12 +226,12 @@ mod tests {
             status,
             start_time: Time("2025-03-01T10:00:00Z".parse().unwrap()),
             duration_seconds: 2.0,
-            rows: Some(SyncRows {
+            rows: SyncRows {
                 total: 9,
                 identity_graph: 9,
                 event_types: 0,
                 events: 0,
-            }),
+            },
             tables: vec![FailedTable {
                 name: "order_completed".into(),
                 class: ErrorClass::TypeConflict,

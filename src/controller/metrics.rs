@@ -111,11 +111,10 @@ impl Metrics {
             SyncStatus::Unknown => "Unknown",
         };
         self.sync_runs.with_label_values(&[result]).inc();
-        let rows = r.rows.clone().unwrap_or_default();
         for (group, n) in [
-            ("identity_graph", rows.identity_graph),
-            ("event_types", rows.event_types),
-            ("events", rows.events),
+            ("identity_graph", r.rows.identity_graph),
+            ("event_types", r.rows.event_types),
+            ("events", r.rows.events),
         ] {
             if let Ok(n) = u64::try_from(n) {
                 self.rows_synced.with_label_values(&[group]).inc_by(n);

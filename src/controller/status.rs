@@ -10,7 +10,7 @@ use super::connection_test::{Reason, TestOutcome};
 use super::plan::{Blocked, JobPhase};
 use crate::crd::{
     ErrorClass, FailedTable, SYNC_HISTORY_LEN, SelectiveSyncSpec, SelectiveSyncStatus, SyncError,
-    SyncRecord, SyncStatus, TableSyncStatus, WarehouseConnectionStatus,
+    SyncRecord, SyncRows, SyncStatus, TableSyncStatus, WarehouseConnectionStatus,
 };
 use crate::sync::SyncReport;
 
@@ -85,7 +85,7 @@ pub fn record(job: &FinishedJob) -> (SyncRecord, Option<SyncReport>) {
             status: report.status,
             start_time: Time(start),
             duration_seconds: report.duration_seconds.max(0.0),
-            rows: Some(report.rows.clone()),
+            rows: report.rows.clone(),
             tables: failed_tables,
             errors: report.errors.clone(),
             job_name: Some(job.name.clone()),
@@ -152,7 +152,7 @@ fn unreported(job: &FinishedJob, status: SyncStatus, message: String) -> SyncRec
         status,
         start_time: Time(start),
         duration_seconds: duration,
-        rows: None,
+        rows: SyncRows::default(),
         tables: vec![],
         errors: vec![SyncError {
             class: ErrorClass::Internal,
@@ -516,9 +516,7 @@ pub fn connection_status(f: &ConnectionFacts<'_>) -> WarehouseConnectionStatus {
                 "Synced",
                 format!(
                     "sync {} ended {:?} with {} rows",
-                    s.id,
-                    s.status,
-                    s.rows.as_ref().map_or(0, |r| r.total)
+                    s.id, s.status, s.rows.total
                 ),
             ),
         }

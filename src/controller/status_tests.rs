@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::controller::connection_test::Reason;
-use crate::crd::{SelectiveSyncSpec, SyncRows};
+use crate::crd::SelectiveSyncSpec;
 use crate::sync::report::TableReport;
 
 fn t(s: &str) -> Timestamp {
@@ -70,7 +70,7 @@ fn a_report_becomes_a_record_with_its_failed_tables() {
     ));
     assert_eq!(rec.status, SyncStatus::PartialSuccess);
     assert_eq!(rec.start_time.0, t("2025-03-01T10:00:07Z"));
-    assert_eq!(rec.rows.as_ref().map(|r| r.total), Some(15));
+    assert_eq!(rec.rows.total, 15);
     assert_eq!(rec.tables.len(), 1);
     assert_eq!(rec.tables[0].name, "order_completed");
     assert_eq!(rec.tables[0].class, ErrorClass::TypeConflict);
@@ -84,7 +84,6 @@ fn missing_or_malformed_reports_are_failed_syncs_with_a_reason() {
     assert!(parsed.is_none());
     assert_eq!(rec.status, SyncStatus::Failed);
     assert_eq!(rec.duration_seconds, 60.0);
-    assert_eq!(rec.rows, None, "no report: no count, not 0");
     let msg = &rec.errors[0].message;
     assert!(
         msg.contains("no pod of the Job was found") && msg.contains("BackoffLimitExceeded"),
@@ -153,12 +152,12 @@ fn rec(id: &str, start: &str, status: SyncStatus) -> SyncRecord {
         status,
         start_time: Time(t(start)),
         duration_seconds: 1.0,
-        rows: Some(SyncRows {
+        rows: SyncRows {
             total: 3,
             identity_graph: 3,
             event_types: 0,
             events: 0,
-        }),
+        },
         tables: vec![],
         errors: vec![],
         job_name: Some(id.into()),
@@ -180,11 +179,7 @@ fn a_report_from_a_node_with_a_wrong_clock_is_dated_by_its_job() {
     for wrong in ["2025-03-02T10:00:07Z", "2025-02-28T10:00:07Z"] {
         let (rec, parsed) = record(&job(wrong));
         assert_eq!(rec.start_time.0, t("2025-03-01T10:00:05Z"), "{wrong}");
-        assert_eq!(
-            rec.rows.as_ref().map(|r| r.total),
-            Some(5),
-            "the report is still read"
-        );
+        assert_eq!(rec.rows.total, 5, "the report is still read");
         assert!(parsed.is_some());
     }
     // Within the Job's run, or a few minutes before its start (a node behind), the sync's own
@@ -609,10 +604,7 @@ fn a_selection_says_how_many_tables_a_large_report_left_out() {
         true,
     );
     let (record, parsed) = record(&job);
-    assert_eq!(
-        record.rows.as_ref().map(|r| r.total),
-        Some((10..130).sum::<u64>() as i64)
-    );
+    assert_eq!(record.rows.total, (10..130).sum::<u64>() as i64);
     let parsed = parsed.expect("the report parses");
     let s = selection_status(&SelectionFacts {
         now: t("2025-03-01T10:01:00Z"),

@@ -338,18 +338,14 @@ pub enum ErrorClass {
 pub struct SyncRecord {
     /// Unique id of the sync (the Job's slot id).
     pub id: String,
-    /// Success, PartialSuccess, Failed, or Unknown (its report was lost, or its Job deleted
-    /// before the controller saw it end).
+    /// Success, PartialSuccess, Failed, or Unknown (the Job completed but its report was lost).
     pub status: SyncStatus,
     /// When the sync started.
     pub start_time: Time,
     /// How long the sync ran, in seconds.
     pub duration_seconds: f64,
-    /// Rows loaded, in total and per table group, as the sync's report says; unset when no
-    /// report was read (status Unknown, or a Job that ended without one): what such a sync
-    /// loaded stays in the warehouse, uncounted, so `kubectl get` shows no number rather than 0.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rows: Option<SyncRows>,
+    /// Rows loaded, in total and per table group.
+    pub rows: SyncRows,
     /// Tables that failed in this sync, with the reason.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tables: Vec<FailedTable>,

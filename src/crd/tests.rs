@@ -145,12 +145,12 @@ fn serde_round_trips_preserve_every_field() {
                 "2026-01-01T00:00:00Z".parse().unwrap(),
             ),
             duration_seconds: 12.5,
-            rows: Some(SyncRows {
+            rows: SyncRows {
                 total: 10,
                 identity_graph: 4,
                 event_types: 3,
                 events: 3,
-            }),
+            },
             tables: vec![FailedTable {
                 name: "order_completed".into(),
                 class: ErrorClass::TypeConflict,
