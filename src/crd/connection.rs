@@ -344,7 +344,10 @@ pub struct SyncRecord {
     pub start_time: Time,
     /// How long the sync ran, in seconds.
     pub duration_seconds: f64,
-    /// Rows loaded, in total and per table group.
+    /// Rows loaded, in total and per table group: zeros when no report was read (status
+    /// Unknown, or a Job that ended without one), though such a sync may have loaded rows.
+    /// Absent reads as zeros.
+    #[serde(default)]
     pub rows: SyncRows,
     /// Tables that failed in this sync, with the reason.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -357,17 +360,21 @@ pub struct SyncRecord {
     pub job_name: Option<String>,
 }
 
-/// Rows loaded by one sync.
+/// Rows loaded by one sync (a count left out reads as 0).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SyncRows {
     /// All rows loaded.
+    #[serde(default)]
     pub total: i64,
     /// Rows of the identity graph and profile tables (the *_updates tables and their materialized views).
+    #[serde(default)]
     pub identity_graph: i64,
     /// Rows of the event-type tables (identifies, pages, screens, groups, aliases, tracks).
+    #[serde(default)]
     pub event_types: i64,
     /// Rows of the per-Track-event tables.
+    #[serde(default)]
     pub events: i64,
 }
 

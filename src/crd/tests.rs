@@ -743,3 +743,18 @@ fn a_destination_names_the_database_and_schema_not_how_they_are_reached() {
         "redshift (no settings), schema profiles_sync"
     );
 }
+
+/// A sync record without `rows`, or with only some counts, reads as zeros: whatever wrote it,
+/// the controller still decodes its connection (an undecodable one is skipped: no syncs, no
+/// status, no deletion).
+#[test]
+fn a_sync_record_without_rows_reads_as_zeros() {
+    let record: SyncRecord = serde_json::from_value(json!({
+        "id": "c-1", "status": "Unknown", "startTime": "2025-03-01T10:00:00Z",
+        "durationSeconds": 0.0
+    }))
+    .expect("a record without rows");
+    assert_eq!(record.rows, SyncRows::default());
+    let partial: SyncRows = serde_json::from_value(json!({"total": 3})).unwrap();
+    assert_eq!(partial.total, 3);
+}
