@@ -516,6 +516,85 @@ async fn a_job_whose_config_map_is_refused_is_not_left_behind() {
     );
 }
 
+/// A sync Job found without its ConfigMap (a controller restarted after creating it), while no
+/// ConfigMap can be made: said in the status and a `SyncNotStarted` Event, not adopted (the
+/// reconcile failed before writing any status).
+#[tokio::test]
+async fn a_job_found_without_its_config_map_that_cannot_be_made_is_said_so() {
+    let (_refuse, funcs) = creation_refused(
+        "ConfigMap",
+        "exceeded quota: configmaps, requested: count/configmaps=1",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let conn = finalized_connection(dir.path(), "analytics");
+    let job = super::api_lifecycle_tests::running_job(
+        &conn,
+        "analytics-29013697",
+        "2025-03-01T10:17:00Z",
+    );
+    let client = builder()
+        .with_object(conn)
+        .with_object(job)
+        .with_interceptor_funcs(funcs)
+        .build()
+        .await
+        .unwrap();
+    let f = fixture(dir, client, "2025-03-01T10:17:30Z").await;
+    assert!(f.reconcile("analytics").await.is_err());
+    let c = f.connection("analytics").await;
+    let ready = conditions::find(&c.status.as_ref().unwrap().conditions, "Ready")
+        .unwrap()
+        .clone();
+    assert_eq!(ready.reason, "SyncNotStarted");
+    assert!(
+        ready.message.contains("its ConfigMap could not be created"),
+        "{}",
+        ready.message
+    );
+    let reasons = f.reasons().await;
+    assert!(
+        reasons.contains(&"SyncNotStarted".to_string()),
+        "{reasons:?}"
+    );
+    assert!(!reasons.contains(&"JobAdopted".to_string()), "{reasons:?}");
+}
+
+/// A Job the controller deleted itself (its ConfigMap refused), which a listing behind the
+/// deletion still shows, is not taken for a sync deleted before it ended.
+#[tokio::test]
+async fn a_job_the_controller_deleted_itself_is_no_sync_deleted_by_hand() {
+    let dir = tempfile::tempdir().unwrap();
+    let conn = finalized_connection(dir.path(), "analytics");
+    let name = "analytics-29013660";
+    let client = builder()
+        .with_object(conn.clone())
+        .with_object(super::api_lifecycle_tests::running_job(
+            &conn,
+            name,
+            "2025-03-01T10:00:00Z",
+        ))
+        .build()
+        .await
+        .unwrap();
+    let f = fixture(dir, client, "2025-03-01T10:05:00Z").await;
+    f.ctx.with_memory(|m| {
+        m.cleaned
+            .insert(format!("{NS}/{name}"), "uid-analytics".into())
+    });
+    f.reconcile("analytics").await.unwrap();
+    f.api::<Job>()
+        .delete(name, &Default::default())
+        .await
+        .unwrap();
+    f.reconcile("analytics").await.unwrap();
+    let syncs = f.connection("analytics").await.status.unwrap().syncs;
+    assert!(syncs.is_empty(), "{syncs:?}");
+    assert!(
+        f.ctx.with_memory(|m| m.cleaned.is_empty()),
+        "forgotten once gone"
+    );
+}
+
 #[tokio::test]
 async fn dotted_and_dashed_connection_names_get_jobs_of_their_own() {
     let dir = tempfile::tempdir().unwrap();

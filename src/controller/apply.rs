@@ -191,12 +191,23 @@ pub(super) async fn start_job(
         // be running) stays.
         if new {
             tracing::warn!(job = %created.name_any(), error = %e, "the sync Job's ConfigMap could not be created; deleting the Job");
-            if let Err(d) = api
+            match api
                 .delete(&created.name_any(), &DeleteParams::background())
                 .await
             {
-                tracing::warn!(job = %created.name_any(), error = %d, "could not delete the sync Job left without its ConfigMap");
-            }
+                Ok(_) => ctx.with_memory(|m| {
+                    m.cleaned.insert(
+                        format!("{ns}/{}", created.name_any()),
+                        conn.uid().unwrap_or_default(),
+                    )
+                }),
+                // Found by the next reconciles without its ConfigMap, which they make, or
+                // report as this one does.
+                Err(d) => {
+                    tracing::warn!(job = %created.name_any(), error = %d, "could not delete the sync Job left without its ConfigMap");
+                    None
+                }
+            };
         }
         return Err(e);
     }

@@ -177,14 +177,9 @@ impl Note {
             SyncStatus::PartialSuccess => {
                 let tables: Vec<&str> = r.tables.iter().map(|t| t.name.as_str()).collect();
                 let mut message = format!("sync {job} loaded {} rows", r.rows.total);
-                if !tables.is_empty() {
-                    message.push_str(&format!(
-                        "; failed tables (retried next sync): {}",
-                        tables.join(", ")
-                    ));
-                }
-                // The errors of no table: a run stopped midway (the next sync continues), or
-                // events retention deleted before they loaded (never loaded).
+                // The errors of no table first (the note is cut at 1 kB, a long table list
+                // last): a run stopped midway (the next sync continues), or events retention
+                // deleted before they loaded (never loaded).
                 for e in r.errors.iter().filter(|e| e.table.is_none()) {
                     let then = if e.class == ErrorClass::Retention {
                         "not retried"
@@ -192,6 +187,12 @@ impl Note {
                         "the next sync continues"
                     };
                     message.push_str(&format!("; {:?} ({then}): {}", e.class, e.message));
+                }
+                if !tables.is_empty() {
+                    message.push_str(&format!(
+                        "; failed tables (retried next sync): {}",
+                        tables.join(", ")
+                    ));
                 }
                 Note::SyncPartiallySucceeded(job.to_string(), message)
             }

@@ -178,13 +178,17 @@ pub struct Memory {
     /// been published yet (`namespace/name`): a reconcile that fails after creating or adopting
     /// its Job (a status write refused) leaves the announcement to its retry.
     pub unannounced: HashMap<String, events::Note>,
-    /// Sync Jobs this process has seen running (`namespace/name`), with their connection's uid
-    /// and start: one gone from the listing before it was seen to finish was deleted while it
-    /// ran, and is recorded as such (it vanished from the history).
+    /// Sync Jobs this process has seen active (`namespace/name`: running, starting, held by a
+    /// queue), with their connection and start: one gone from the listing before it was seen
+    /// to end was deleted meanwhile, and is recorded as such (it vanished from the history).
     pub running: HashMap<String, RunningJob>,
+    /// Sync Jobs this process deleted right after creating them (their ConfigMap refused), by
+    /// `namespace/name`, with their connection's uid: a listing still showing one (the watch
+    /// cache behind) does not make it a Job seen active, whose going would be recorded.
+    pub cleaned: HashMap<String, String>,
 }
 
-/// A sync Job seen running ([`Memory::running`]).
+/// A sync Job seen active ([`Memory::running`]).
 #[derive(Clone, Debug)]
 pub struct RunningJob {
     /// The uid of its connection.

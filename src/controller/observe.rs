@@ -172,23 +172,26 @@ fn pod_progress(pod: &Pod, now: Timestamp) -> JobProgress {
         let cause = quote(c.reason.as_deref(), c.message.as_deref());
         // "Unschedulable" waits for a change (a node, a quota freed) — which a cluster
         // autoscaler brings within minutes: stuck only once that has not come.
-        let waited = age(c.last_transition_time.as_ref().map(|t| t.0), now);
-        return if c.reason.as_deref() == Some("Unschedulable") && waited >= UNSCHEDULABLE_GRACE {
-            JobProgress::Stuck(format!(
+        let since = c
+            .last_transition_time
+            .as_ref()
+            .or(pod.metadata.creation_timestamp.as_ref());
+        let waited = age(since.map(|t| t.0), now);
+        return match c.reason.as_deref() {
+            Some("Unschedulable") if waited >= UNSCHEDULABLE_GRACE => JobProgress::Stuck(format!(
                 "pod {name} has not been scheduled for {} minutes: {cause}",
                 UNSCHEDULABLE_GRACE.as_secs() / 60
-            ))
-        } else {
-            JobProgress::Starting(format!("pod {name} waits for a node ({cause})"))
+            )),
+            Some("Unschedulable") => {
+                JobProgress::Starting(format!("pod {name} waits for a node ({cause})"))
+            }
+            _ => JobProgress::Starting(format!("pod {name} is not scheduled yet ({cause})")),
         };
     }
     match status.and_then(|s| s.phase.as_deref()) {
-        // Running, or just ended (the Job records its end in a moment).
-        Some("Running" | "Succeeded" | "Failed") => JobProgress::Running,
-        // Its node stopped reporting (for longer than the node monitor's grace period).
-        Some("Unknown") => JobProgress::Stuck(format!(
-            "pod {name} is in phase Unknown: its node stopped reporting"
-        )),
+        // Running, or just ended (the Job records its end in a moment), or its node stopped
+        // reporting (`Unknown`: it may run still).
+        Some("Running" | "Succeeded" | "Failed" | "Unknown") => JobProgress::Running,
         _ => JobProgress::Starting(match creating {
             Some(reason) if !reason.is_empty() => format!("pod {name} is {reason}"),
             _ => format!("pod {name} is pending"),
@@ -616,8 +619,9 @@ mod tests {
             let ended = pod(serde_json::json!({"phase": phase}));
             assert_eq!(at(&young, &[ended]), JobProgress::Running, "{phase}");
         }
+        // Its node stopped reporting: it may run still.
         let lost = pod(serde_json::json!({"phase": "Unknown"}));
-        assert!(stuck(at(&young, &[lost])).contains("node stopped reporting"));
+        assert_eq!(at(&young, &[lost]), JobProgress::Running);
     }
 
     #[test]
@@ -638,18 +642,36 @@ mod tests {
             why.contains("not been scheduled for 5 minutes") && why.contains("Insufficient memory"),
             "{why}"
         );
-        // A cluster autoscaler adds a node within minutes: not stuck yet.
-        for (reason, since) in [
-            ("Unschedulable", "2025-03-01T10:02:00Z"),
-            ("SchedulingGated", "2025-03-01T09:00:00Z"),
+        // A cluster autoscaler adds a node within minutes: not stuck yet; nor a pod its
+        // scheduling gates hold (a queue's).
+        for (reason, since, words) in [
+            ("Unschedulable", "2025-03-01T10:02:00Z", "waits for a node"),
+            (
+                "SchedulingGated",
+                "2025-03-01T09:00:00Z",
+                "is not scheduled yet",
+            ),
         ] {
             assert!(
                 matches!(
                     at(&job(NOW, Some(0)), &[scheduled(reason, since)]),
-                    JobProgress::Starting(m) if m.contains("waits for a node")
+                    JobProgress::Starting(m) if m.contains(words)
                 ),
                 "{reason}"
             );
         }
+        // A condition without its time: counted from the pod's creation.
+        let mut old = pod(serde_json::json!({
+            "phase": "Pending",
+            "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable"}],
+        }));
+        old.metadata.creation_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                "2025-03-01T09:00:00Z".parse().unwrap(),
+            ));
+        assert!(matches!(
+            at(&job(NOW, Some(0)), &[old]),
+            JobProgress::Stuck(_)
+        ));
     }
 }

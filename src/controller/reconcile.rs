@@ -201,6 +201,10 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
     // status holds them.
     let listed: Vec<String> = jobs.iter().map(|j| j.name_any()).collect();
     let vanished: Vec<(String, String, RunningJob)> = ctx.with_memory(|m| {
+        // Those this process deleted itself, once no listing shows them, are done with.
+        m.cleaned.retain(|key, owner| {
+            *owner != uid || listed.iter().any(|l| *key == format!("{ns}/{l}"))
+        });
         m.running
             .iter()
             .filter(|(_, r)| r.connection == uid)
@@ -222,7 +226,8 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
     }
     for job in &jobs {
         let key = format!("{ns}/{}", job.name_any());
-        if observe::phase(job) == JobPhase::Active {
+        let cleaned = ctx.with_memory(|m| m.cleaned.contains_key(&key));
+        if observe::phase(job) == JobPhase::Active && !cleaned {
             let started = job
                 .status
                 .as_ref()
@@ -318,6 +323,10 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
         .iter()
         .filter_map(|j| j.metadata.creation_timestamp.as_ref().map(|t| t.0))
         .max();
+    // A sync that could not be started (or a Job found without its ConfigMap, which could not
+    // be made): said in the status and an Event, then returned, so that the reconcile is
+    // retried with backoff. The status's words, and the error.
+    let mut start_failure: Option<(String, Error)> = None;
     for job in &jobs {
         let key = format!("{ns}/{}", job.name_any());
         let known = ctx.with_memory(|m| m.jobs.contains(&key));
@@ -340,17 +349,21 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
         }
         if (orphan || !known) && observe::phase(job) == JobPhase::Active {
             // A Job running across a controller restart (or left without owner): it keeps
-            // running, counts for concurrency, and is folded when it finishes.
-            ensure_config_map(ctx, job, conn, selections.active.as_ref()).await?;
+            // running, counts for concurrency, and is folded when it finishes. Without its
+            // ConfigMap, and none can be made, its pod cannot start: said, not adopted yet.
+            if let Err(e) = ensure_config_map(ctx, job, conn, selections.active.as_ref()).await {
+                let why = format!("its ConfigMap could not be created: {e}");
+                tracing::warn!(job = %job.name_any(), error = %e, "a sync Job's ConfigMap could not be created");
+                notes.push(Note::SyncNotStarted(job.name_any(), why.clone()));
+                start_failure = Some((format!("sync Job {}: {why}", job.name_any()), e));
+                continue;
+            }
             let note = Note::JobAdopted(job.name_any());
             ctx.with_memory(|m| m.unannounced.insert(key.clone(), note.clone()));
             notes.push(note);
         }
         ctx.with_memory(|m| m.jobs.insert(key));
     }
-    // A sync that could not be started: said in the status and an Event, then returned, so
-    // that the reconcile is retried with backoff.
-    let mut start_failure: Option<(String, Error)> = None;
     if let (Some(p), Ok(slots)) = (&the_plan, &slots) {
         if let Some(new) = &p.create {
             let job = build::sync_job(
@@ -367,6 +380,8 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
                     ctx.with_memory(|m| {
                         let key = format!("{ns}/{}", new.name);
                         m.jobs.insert(key.clone());
+                        // (Made again under the name of one it deleted: this one counts.)
+                        m.cleaned.remove(&key);
                         m.unannounced.insert(key, note.clone());
                     });
                     tracing::info!(job = %new.name, trigger = new.trigger.as_str(), "sync Job created");
@@ -384,7 +399,8 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
                 Err(e) => {
                     tracing::warn!(job = %new.name, error = %e, "the sync Job could not be started");
                     notes.push(Note::SyncNotStarted(new.name.clone(), e.to_string()));
-                    start_failure = Some((new.name.clone(), e));
+                    let said = format!("sync Job {} could not be created: {e}", new.name);
+                    start_failure = Some((said, e));
                 }
             }
         }
@@ -443,16 +459,14 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
                 }
                 p
             }
-            // Not a reason to leave the rest of the status unwritten: said as before.
+            // Not a reason to leave the rest of the status unwritten: what it said stands.
             Err(e) => {
                 tracing::warn!(job = %job.name_any(), error = %e, "the sync Job's pods could not be read");
-                JobProgress::Running
+                JobProgress::Unread
             }
         },
     };
-    let start_failed = start_failure
-        .as_ref()
-        .map(|(job, e)| format!("sync Job {job} could not be created: {e}"));
+    let start_failed = start_failure.as_ref().map(|(said, _)| said.clone());
     // The SelectiveSyncs first: the connection's status records the Jobs folded, which no
     // later reconcile reads again — were its write first and theirs to fail, the sync would be
     // lost to them (and to the Events and metrics below, which a failed reconcile never
@@ -564,7 +578,7 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
         // A Job's pod changing state changes nothing the controller watches (until it runs,
         // when the Job's `ready` count does): a starting or stuck one is looked at again soon.
         let again = match progress {
-            JobProgress::Starting(_) | JobProgress::Stuck(_) => 30,
+            JobProgress::Starting(_) | JobProgress::Stuck(_) | JobProgress::Unread => 30,
             JobProgress::Running | JobProgress::Suspended => 5 * 60,
         };
         requeue = requeue.min(Duration::from_secs(again));

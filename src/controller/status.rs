@@ -274,6 +274,8 @@ pub enum JobProgress {
     /// pulled, a Secret or key it mounts missing, no node that fits it, or no pod at all a while
     /// after the Job was created (a quota or an admission policy refusing it).
     Stuck(String),
+    /// Its pods could not be read: what the status said of it stands.
+    Unread,
 }
 
 fn blocked_message(b: &Blocked) -> String {
@@ -333,20 +335,28 @@ pub fn connection_status(f: &ConnectionFacts<'_>) -> WarehouseConnectionStatus {
     }
     match f.active_job {
         Some(j) => {
-            let (reason, message) = match &f.active_job_progress {
-                JobProgress::Running => ("JobRunning", format!("sync Job {j} is running")),
-                JobProgress::Suspended => (
-                    "JobSuspended",
+            // What the status said of this Job, for a look that could not read its pods.
+            let said = conditions::find(&conds, conditions::SYNCING)
+                .filter(|c| c.status == "True" && c.message.contains(&format!("Job {j} ")))
+                .map(|c| (c.reason.clone(), c.message.clone()));
+            let (reason, message) = match (&f.active_job_progress, said) {
+                (JobProgress::Unread, Some((reason, message))) => (reason, message),
+                (JobProgress::Running | JobProgress::Unread, _) => {
+                    ("JobRunning".into(), format!("sync Job {j} is running"))
+                }
+                (JobProgress::Suspended, _) => (
+                    "JobSuspended".into(),
                     format!(
                         "sync Job {j} is suspended (a queue such as Kueue holds it): no pod of \
                          it runs yet, and the next syncs wait for it"
                     ),
                 ),
-                JobProgress::Starting(what) => {
-                    ("JobStarting", format!("sync Job {j} is starting: {what}"))
-                }
-                JobProgress::Stuck(why) => (
-                    "JobPending",
+                (JobProgress::Starting(what), _) => (
+                    "JobStarting".into(),
+                    format!("sync Job {j} is starting: {what}"),
+                ),
+                (JobProgress::Stuck(why), _) => (
+                    "JobPending".into(),
                     format!(
                         "sync Job {j} cannot start: {why}; the next syncs wait for it, and it \
                          fails at its deadline unless this is fixed"
@@ -357,7 +367,7 @@ pub fn connection_status(f: &ConnectionFacts<'_>) -> WarehouseConnectionStatus {
                 &mut conds,
                 conditions::SYNCING,
                 "True",
-                reason,
+                &reason,
                 &message,
                 generation,
                 now,

@@ -988,3 +988,32 @@ fn a_retention_gap_does_not_hide_that_the_tables_caught_up() {
         );
     }
 }
+
+/// A look that could not read the Job's pods keeps what the status said of that Job (it said
+/// "running", then "cannot start" again at the next look, announcing it anew).
+#[test]
+fn a_job_whose_pods_could_not_be_read_keeps_what_was_said_of_it() {
+    let empty = WarehouseConnectionStatus::default();
+    let stuck = connection_status(&ConnectionFacts {
+        active_job: Some("c-1"),
+        active_job_progress: JobProgress::Stuck("pod c-1-x: container sync ErrImagePull".into()),
+        ..facts(&empty, vec![])
+    });
+    let unread = |previous: &WarehouseConnectionStatus, job: &str| {
+        let s = connection_status(&ConnectionFacts {
+            active_job: Some(job),
+            active_job_progress: JobProgress::Unread,
+            ..facts(previous, vec![])
+        });
+        let c = cond(&s, "Syncing");
+        (c.reason.clone(), c.message.clone())
+    };
+    let said = cond(&stuck, "Syncing");
+    assert_eq!(
+        unread(&stuck, "c-1"),
+        (said.reason.clone(), said.message.clone())
+    );
+    // Nothing said of this Job (another one's words): running, as before.
+    assert_eq!(unread(&stuck, "c-2").0, "JobRunning");
+    assert_eq!(unread(&empty, "c-1").0, "JobRunning");
+}
