@@ -593,6 +593,10 @@ async fn a_job_the_controller_deleted_itself_is_no_sync_deleted_by_hand() {
         f.ctx.with_memory(|m| m.cleaned.is_empty()),
         "forgotten once gone"
     );
+    assert!(
+        !f.reasons().await.contains(&"JobAdopted".to_string()),
+        "nor adopted"
+    );
 }
 
 #[tokio::test]

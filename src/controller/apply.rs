@@ -527,6 +527,7 @@ pub(super) async fn cleanup(conn: &WarehouseConnection, ctx: &Context) -> Result
                 m.unannounced
                     .retain(|k, _| !delete.iter().any(|j| *k == format!("{ns}/{j}")));
                 m.running.retain(|_, r| r.connection != uid);
+                m.cleaned.retain(|_, owner| *owner != uid);
             });
             tracing::info!(
                 jobs = delete.len(),

@@ -164,6 +164,20 @@ impl Error {
             Error::JobNameTaken(_) => "JobNameTaken",
         }
     }
+
+    /// Whether the API refused the request itself (a quota, an admission policy, an invalid
+    /// object: 4xx other than a conflict or a missing object), or the object could not be made
+    /// at all: a retry alone does not help, and the status says so. Timeouts, unreachable
+    /// servers and 5xx are not.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            Error::Kube(kube::Error::Api(s)) => {
+                (400..500).contains(&s.code) && !s.is_conflict() && !s.is_not_found()
+            }
+            Error::Render(_) => true,
+            _ => false,
+        }
+    }
 }
 
 /// What the controller remembers between reconciles (lost on restart, by design: a restarted

@@ -87,6 +87,20 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
 
     // Dereference.
     let jobs = observe::jobs(ctx, conn).await?;
+    // Jobs this process deleted itself (their ConfigMap refused) are gone, though a listing
+    // behind the deletion (the watch cache) may show them a moment longer; once none does,
+    // they are done with.
+    let jobs: Vec<Job> = ctx.with_memory(|m| {
+        let listed: Vec<String> = jobs
+            .iter()
+            .map(|j| format!("{ns}/{}", j.name_any()))
+            .collect();
+        m.cleaned
+            .retain(|key, owner| *owner != uid || listed.contains(key));
+        jobs.into_iter()
+            .filter(|j| !m.cleaned.contains_key(&format!("{ns}/{}", j.name_any())))
+            .collect()
+    });
     let selections = observe::selections(ctx, conn).await?;
     let secret = observe::secret(ctx, conn).await?;
 
@@ -201,10 +215,6 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
     // status holds them.
     let listed: Vec<String> = jobs.iter().map(|j| j.name_any()).collect();
     let vanished: Vec<(String, String, RunningJob)> = ctx.with_memory(|m| {
-        // Those this process deleted itself, once no listing shows them, are done with.
-        m.cleaned.retain(|key, owner| {
-            *owner != uid || listed.iter().any(|l| *key == format!("{ns}/{l}"))
-        });
         m.running
             .iter()
             .filter(|(_, r)| r.connection == uid)
@@ -226,8 +236,7 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
     }
     for job in &jobs {
         let key = format!("{ns}/{}", job.name_any());
-        let cleaned = ctx.with_memory(|m| m.cleaned.contains_key(&key));
-        if observe::phase(job) == JobPhase::Active && !cleaned {
+        if observe::phase(job) == JobPhase::Active {
             let started = job
                 .status
                 .as_ref()
@@ -323,10 +332,11 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
         .iter()
         .filter_map(|j| j.metadata.creation_timestamp.as_ref().map(|t| t.0))
         .max();
-    // A sync that could not be started (or a Job found without its ConfigMap, which could not
-    // be made): said in the status and an Event, then returned, so that the reconcile is
-    // retried with backoff. The status's words, and the error.
+    // A sync that could not be started, or a Job found without its ConfigMap, which the API
+    // refused to make: said in the status and an Event, then returned, so that the reconcile
+    // is retried with backoff. The status's words, and the error.
     let mut start_failure: Option<(String, Error)> = None;
+    let mut adopt_failure: Option<(String, Error)> = None;
     for job in &jobs {
         let key = format!("{ns}/{}", job.name_any());
         let known = ctx.with_memory(|m| m.jobs.contains(&key));
@@ -351,12 +361,16 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
             // A Job running across a controller restart (or left without owner): it keeps
             // running, counts for concurrency, and is folded when it finishes. Without its
             // ConfigMap, and none can be made, its pod cannot start: said, not adopted yet.
-            if let Err(e) = ensure_config_map(ctx, job, conn, selections.active.as_ref()).await {
-                let why = format!("its ConfigMap could not be created: {e}");
-                tracing::warn!(job = %job.name_any(), error = %e, "a sync Job's ConfigMap could not be created");
-                notes.push(Note::SyncNotStarted(job.name_any(), why.clone()));
-                start_failure = Some((format!("sync Job {}: {why}", job.name_any()), e));
-                continue;
+            match ensure_config_map(ctx, job, conn, selections.active.as_ref()).await {
+                Ok(()) => {}
+                Err(e) if e.is_refusal() => {
+                    let why = format!("its ConfigMap could not be created: {e}");
+                    tracing::warn!(job = %job.name_any(), error = %e, "a sync Job's ConfigMap could not be created");
+                    notes.push(Note::SyncNotStarted(job.name_any(), why.clone()));
+                    adopt_failure = Some((format!("sync Job {}: {why}", job.name_any()), e));
+                    continue;
+                }
+                Err(e) => return Err(e),
             }
             let note = Note::JobAdopted(job.name_any());
             ctx.with_memory(|m| m.unannounced.insert(key.clone(), note.clone()));
@@ -466,7 +480,10 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
             }
         },
     };
-    let start_failed = start_failure.as_ref().map(|(said, _)| said.clone());
+    let start_failed = start_failure
+        .as_ref()
+        .or(adopt_failure.as_ref())
+        .map(|(said, _)| said.clone());
     // The SelectiveSyncs first: the connection's status records the Jobs folded, which no
     // later reconcile reads again — were its write first and theirs to fail, the sync would be
     // lost to them (and to the Events and metrics below, which a failed reconcile never
@@ -583,7 +600,7 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
         };
         requeue = requeue.min(Duration::from_secs(again));
     }
-    if let Some((_, e)) = start_failure {
+    if let Some((_, e)) = start_failure.or(adopt_failure) {
         // Retried with the controller's backoff; the status and an Event say why meanwhile.
         return Err(e);
     }

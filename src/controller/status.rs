@@ -335,8 +335,10 @@ pub fn connection_status(f: &ConnectionFacts<'_>) -> WarehouseConnectionStatus {
     }
     match f.active_job {
         Some(j) => {
-            // What the status said of this Job, for a look that could not read its pods.
+            // What the status said of this Job's pod, for a look that could not read its pods
+            // (its status tells it is neither held by a queue nor running).
             let said = conditions::find(&conds, conditions::SYNCING)
+                .filter(|c| c.reason == "JobStarting" || c.reason == "JobPending")
                 .filter(|c| c.status == "True" && c.message.contains(&format!("Job {j} ")))
                 .map(|c| (c.reason.clone(), c.message.clone()));
             let (reason, message) = match (&f.active_job_progress, said) {

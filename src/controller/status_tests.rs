@@ -1013,7 +1013,14 @@ fn a_job_whose_pods_could_not_be_read_keeps_what_was_said_of_it() {
         unread(&stuck, "c-1"),
         (said.reason.clone(), said.message.clone())
     );
-    // Nothing said of this Job (another one's words): running, as before.
+    // Nothing said of this Job (another one's words), or said of it held by a queue (its
+    // status now tells otherwise): running, as before.
     assert_eq!(unread(&stuck, "c-2").0, "JobRunning");
     assert_eq!(unread(&empty, "c-1").0, "JobRunning");
+    let held = connection_status(&ConnectionFacts {
+        active_job: Some("c-1"),
+        active_job_progress: JobProgress::Suspended,
+        ..facts(&empty, vec![])
+    });
+    assert_eq!(unread(&held, "c-1").0, "JobRunning");
 }
