@@ -566,8 +566,16 @@ pub fn connection_status(f: &ConnectionFacts<'_>) -> WarehouseConnectionStatus {
         conditions: conds,
         last_sync_time: last_sync.map(Time),
         last_successful_sync_time: last_success.map(Time),
-        // A warehouse type without a loader never syncs: no time to show for it.
-        next_sync_time: f.next_sync.filter(|_| !never_syncs).map(Time),
+        // No sync runs at the next slot while the connection is not verified (a warehouse type
+        // without a loader never syncs) or its SelectiveSync is invalid: no time to show.
+        next_sync_time: f
+            .next_sync
+            .filter(|_| {
+                !never_syncs
+                    && verified.as_ref().is_some_and(|c| c.status == "True")
+                    && f.selection_error.is_none()
+            })
+            .map(Time),
         frequency: f.schedule.as_ref().ok().cloned(),
         syncs: f.syncs.clone(),
         egress_ips: f.egress_ips.to_vec(),

@@ -1024,3 +1024,33 @@ fn a_job_whose_pods_could_not_be_read_keeps_what_was_said_of_it() {
     });
     assert_eq!(unread(&held, "c-1").0, "JobRunning");
 }
+
+/// No sync runs at the next slot while the connection is not verified or its SelectiveSync is
+/// invalid: `NEXT SYNC` shows no time then (it showed the schedule's, and nothing ran).
+#[test]
+fn no_next_sync_is_shown_while_no_sync_would_run() {
+    let empty = WarehouseConnectionStatus::default();
+    let failing = TestOutcome {
+        reason: Reason::Unreachable,
+        message: "connection refused".into(),
+    };
+    let s = connection_status(&ConnectionFacts {
+        test: Some(&failing),
+        ..facts(&empty, vec![])
+    });
+    assert_eq!(s.next_sync_time, None);
+    let ok = connected();
+    let verified = connection_status(&ConnectionFacts {
+        test: Some(&ok),
+        ..facts(&s, vec![])
+    });
+    assert_eq!(
+        verified.next_sync_time.as_ref().map(|t| t.0),
+        Some(t("2025-03-01T11:00:00Z"))
+    );
+    let s = connection_status(&ConnectionFacts {
+        selection_error: Some("table \"pages\" is listed more than once".into()),
+        ..facts(&verified, vec![])
+    });
+    assert_eq!(s.next_sync_time, None);
+}

@@ -275,7 +275,8 @@ pub struct WarehouseConnectionStatus {
     /// When the last sync that loaded every table (Success) started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_successful_sync_time: Option<Time>,
-    /// When the next scheduled sync is due (unset while suspended).
+    /// When the next scheduled sync is due (unset while suspended, while the connection is not
+    /// verified, or while its SelectiveSync is invalid: no sync runs then).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_sync_time: Option<Time>,
     /// The effective schedule in words (`every 1h`, `cron 0 * * * * (UTC)`).
