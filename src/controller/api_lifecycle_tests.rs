@@ -66,6 +66,24 @@ pub(super) fn running_job(conn: &WarehouseConnection, name: &str, slot: &str) ->
     job
 }
 
+/// The Job of [`with_sync_job`].
+pub(super) const SYNC_JOB: &str = "analytics-29013660";
+
+/// A fixture (its clock at 10:05) of connection `analytics` with its sync Job [`SYNC_JOB`] of
+/// the 10:00 slot, running as [`running_job`] makes it, then as `adjust` leaves it, and
+/// `others` objects besides.
+pub(super) async fn with_sync_job(adjust: impl FnOnce(&mut Job), others: Vec<Pod>) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let conn = finalized_connection(dir.path(), "analytics");
+    let mut job = running_job(&conn, SYNC_JOB, "2025-03-01T10:00:00Z");
+    adjust(&mut job);
+    let mut client = builder().with_object(conn).with_object(job);
+    for pod in others {
+        client = client.with_object(pod);
+    }
+    fixture(dir, client.build().await.unwrap(), "2025-03-01T10:05:00Z").await
+}
+
 pub(super) fn pod_with_report(job: &str, message: &str) -> Pod {
     Pod {
         metadata: ObjectMeta {
@@ -279,11 +297,7 @@ async fn a_reconcile_of_a_stale_copy_announces_and_counts_a_sync_once() {
 /// failed at its deadline, hours later. Once its pod runs, "running".
 #[tokio::test]
 async fn a_sync_job_whose_pod_cannot_start_is_said_so_until_it_runs() {
-    let dir = tempfile::tempdir().unwrap();
-    let conn = finalized_connection(dir.path(), "analytics");
-    let name = "analytics-29013660";
-    let mut job = running_job(&conn, name, "2025-03-01T10:00:00Z");
-    job.status.as_mut().unwrap().ready = Some(0);
+    let name = SYNC_JOB;
     let mut pod = pod_with_report(name, "");
     pod.status = Some(PodStatus {
         phase: Some("Pending".into()),
@@ -300,14 +314,11 @@ async fn a_sync_job_whose_pod_cannot_start_is_said_so_until_it_runs() {
         }]),
         ..PodStatus::default()
     });
-    let client = builder()
-        .with_object(conn)
-        .with_object(job)
-        .with_object(pod)
-        .build()
-        .await
-        .unwrap();
-    let f = fixture(dir, client, "2025-03-01T10:05:00Z").await;
+    let f = with_sync_job(
+        |job| job.status.as_mut().unwrap().ready = Some(0),
+        vec![pod],
+    )
+    .await;
     let action = f.reconcile("analytics").await.unwrap();
     assert_eq!(action, Action::requeue(Duration::from_secs(30)));
     let syncing = |c: &WarehouseConnection| {
@@ -353,16 +364,9 @@ async fn a_sync_job_whose_pod_cannot_start_is_said_so_until_it_runs() {
 /// and no Event, as if it had never run. A Job seen to end, then deleted, adds nothing.
 #[tokio::test]
 async fn a_running_sync_job_deleted_by_hand_is_recorded_as_such() {
-    let dir = tempfile::tempdir().unwrap();
-    let conn = finalized_connection(dir.path(), "analytics");
-    let name = "analytics-29013660";
-    let client = builder()
-        .with_object(conn.clone())
-        .with_object(running_job(&conn, name, "2025-03-01T10:00:00Z"))
-        .build()
-        .await
-        .unwrap();
-    let f = fixture(dir, client, "2025-03-01T10:05:00Z").await;
+    let name = SYNC_JOB;
+    let f = with_sync_job(|_| {}, vec![]).await;
+    let conn = f.connection("analytics").await;
     f.reconcile("analytics").await.unwrap();
     let s = f.connection("analytics").await.status.unwrap();
     assert!(s.syncs.is_empty(), "{:?}", s.syncs);
@@ -429,18 +433,12 @@ async fn a_running_sync_job_deleted_by_hand_is_recorded_as_such() {
 /// recorded as such: no sync is said to have loaded anything.
 #[tokio::test]
 async fn a_sync_job_deleted_before_its_pod_ran_says_so() {
-    let dir = tempfile::tempdir().unwrap();
-    let conn = finalized_connection(dir.path(), "analytics");
-    let name = "analytics-29013660";
-    let mut job = running_job(&conn, name, "2025-03-01T10:00:00Z");
-    job.spec.get_or_insert_default().suspend = Some(true);
-    let client = builder()
-        .with_object(conn.clone())
-        .with_object(job)
-        .build()
-        .await
-        .unwrap();
-    let f = fixture(dir, client, "2025-03-01T10:05:00Z").await;
+    let name = SYNC_JOB;
+    let f = with_sync_job(
+        |job| job.spec.get_or_insert_default().suspend = Some(true),
+        vec![],
+    )
+    .await;
     f.reconcile("analytics").await.unwrap();
     f.api::<Job>()
         .delete(name, &Default::default())

@@ -563,20 +563,8 @@ async fn a_job_found_without_its_config_map_that_cannot_be_made_is_said_so() {
 /// deletion still shows, is not taken for a sync deleted before it ended.
 #[tokio::test]
 async fn a_job_the_controller_deleted_itself_is_no_sync_deleted_by_hand() {
-    let dir = tempfile::tempdir().unwrap();
-    let conn = finalized_connection(dir.path(), "analytics");
-    let name = "analytics-29013660";
-    let client = builder()
-        .with_object(conn.clone())
-        .with_object(super::api_lifecycle_tests::running_job(
-            &conn,
-            name,
-            "2025-03-01T10:00:00Z",
-        ))
-        .build()
-        .await
-        .unwrap();
-    let f = fixture(dir, client, "2025-03-01T10:05:00Z").await;
+    use super::api_lifecycle_tests::{SYNC_JOB as name, with_sync_job};
+    let f = with_sync_job(|_| {}, vec![]).await;
     f.ctx.with_memory(|m| {
         m.cleaned
             .insert(format!("{NS}/{name}"), "uid-analytics".into())
