@@ -84,6 +84,16 @@ pub(super) async fn with_sync_job(adjust: impl FnOnce(&mut Job), others: Vec<Pod
     fixture(dir, client.build().await.unwrap(), "2025-03-01T10:05:00Z").await
 }
 
+/// Reconciles (the Job seen), deletes `job` as by hand, and reconciles again.
+pub(super) async fn seen_then_deleted(f: &Fixture, job: &str) {
+    f.reconcile("analytics").await.unwrap();
+    f.api::<Job>()
+        .delete(job, &Default::default())
+        .await
+        .unwrap();
+    f.reconcile("analytics").await.unwrap();
+}
+
 pub(super) fn pod_with_report(job: &str, message: &str) -> Pod {
     Pod {
         metadata: ObjectMeta {
@@ -439,12 +449,7 @@ async fn a_sync_job_deleted_before_its_pod_ran_says_so() {
         vec![],
     )
     .await;
-    f.reconcile("analytics").await.unwrap();
-    f.api::<Job>()
-        .delete(name, &Default::default())
-        .await
-        .unwrap();
-    f.reconcile("analytics").await.unwrap();
+    seen_then_deleted(&f, name).await;
     let s = f.connection("analytics").await.status.unwrap();
     assert_eq!(s.syncs[0].status, SyncStatus::Unknown);
     let message = &s.syncs[0].errors[0].message;

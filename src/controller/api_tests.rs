@@ -569,12 +569,7 @@ async fn a_job_the_controller_deleted_itself_is_no_sync_deleted_by_hand() {
         m.cleaned
             .insert(format!("{NS}/{name}"), "uid-analytics".into())
     });
-    f.reconcile("analytics").await.unwrap();
-    f.api::<Job>()
-        .delete(name, &Default::default())
-        .await
-        .unwrap();
-    f.reconcile("analytics").await.unwrap();
+    super::api_lifecycle_tests::seen_then_deleted(&f, name).await;
     let syncs = f.connection("analytics").await.status.unwrap().syncs;
     assert!(syncs.is_empty(), "{syncs:?}");
     assert!(
