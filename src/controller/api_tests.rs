@@ -434,10 +434,12 @@ async fn a_job_the_api_refuses_is_reported_in_the_status_and_an_event_then_retri
     let (refuse, funcs) =
         creation_refused("Job", "exceeded quota: jobs, requested: count/jobs.batch=1");
     let f = analytics_with(funcs).await;
+    let failed = f.reconcile("analytics").await;
     assert!(
-        f.reconcile("analytics").await.is_err(),
-        "the reconcile fails, so that it is retried with backoff"
+        matches!(failed, Err(Error::Announced(_))),
+        "the reconcile fails, so that it is retried with backoff, its error said already: {failed:?}"
     );
+    assert_eq!(super::failure_note(&failed.unwrap_err()), None);
     let c = f.connection("analytics").await;
     // The connection test of the same reconcile is in the status too.
     assert_eq!(condition(&c, "ConnectionVerified").0, "True");

@@ -35,6 +35,8 @@ pub enum Note {
     /// A sync Job's pod cannot start (an image, a Secret, no node fits, no pod created): the
     /// Job and why.
     SyncJobPending(String, String),
+    /// A reconcile failed before its status said why: the error (retried with backoff).
+    ReconcileFailed(String),
     /// A deleted connection's feed consumer could not be removed from the engine, whose event
     /// retention still keeps what it had not loaded: the consumer's URL and why.
     RetentionHoldNotReleased(String, String),
@@ -57,6 +59,7 @@ impl Note {
             Note::SelectiveSyncInvalid(_) => "SelectiveSyncInvalid",
             Note::JobAdopted(_) => "JobAdopted",
             Note::SyncJobPending(..) => "SyncJobPending",
+            Note::ReconcileFailed(_) => "ReconcileFailed",
             Note::RetentionHoldNotReleased(..) => "RetentionHoldNotReleased",
         }
     }
@@ -107,6 +110,11 @@ impl Note {
                 EventType::Normal,
                 "AdoptJob",
                 format!("adopted sync Job {job}"),
+            ),
+            Note::ReconcileFailed(e) => (
+                EventType::Warning,
+                "Reconcile",
+                format!("the controller could not reconcile this connection, and retries: {e}"),
             ),
             Note::SyncJobPending(job, why) => (
                 EventType::Warning,

@@ -44,11 +44,12 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Client, ResourceExt};
+use kube::{Client, Resource, ResourceExt};
 
 use crate::crd::{SelectiveSync, WarehouseConnection};
 use build::JobSettings;
 use connection_test::TestMemory;
+use events::Note;
 
 /// The finalizer that lets the controller clean up a connection's Jobs before it goes.
 pub const FINALIZER: &str = "profilesync.dev/cleanup";
@@ -149,6 +150,10 @@ pub enum Error {
          (the controller names each sync Job after its connection and time slot)"
     )]
     JobNameTaken(String),
+    /// An error the status and an Event have said already (a sync Job that could not be
+    /// started): retried with backoff, not announced again.
+    #[error(transparent)]
+    Announced(Box<Error>),
 }
 
 impl Error {
@@ -162,6 +167,7 @@ impl Error {
             Error::Render(_) => "Render",
             Error::StatusConflict(_) => "StatusConflict",
             Error::JobNameTaken(_) => "JobNameTaken",
+            Error::Announced(e) => e.metric_label(),
         }
     }
 
@@ -175,6 +181,7 @@ impl Error {
                 (400..500).contains(&s.code) && !s.is_conflict() && !s.is_not_found()
             }
             Error::Render(_) => true,
+            Error::Announced(e) => e.is_refusal(),
             _ => false,
         }
     }
@@ -331,7 +338,23 @@ fn error_policy(obj: Arc<DynamicObject>, error: &Error, ctx: Arc<Context>) -> Ac
         Error::Kube(kube::Error::Api(s)) if s.is_conflict() => Duration::from_secs(1),
         _ => Duration::from_secs(15),
     };
+    if let Some(note) = failure_note(error) {
+        let reference = obj.object_ref(&connection_resource());
+        tokio::spawn(async move { apply::publish(&ctx, &reference, &note).await });
+    }
     Action::requeue(delay)
+}
+
+/// The `ReconcileFailed` Event for a failed reconcile, unless its error was said already or is
+/// a conflict, retried at once: a reconcile failing before its status write (a Job it cannot
+/// delete, an owner it cannot set, the API unreachable) left the status as it was, and only the
+/// controller's log and metrics told (the recorder folds the retries' Events into one series).
+fn failure_note(error: &Error) -> Option<Note> {
+    match error {
+        Error::Announced(_) => None,
+        Error::Kube(kube::Error::Api(s)) if s.is_conflict() => None,
+        e => Some(Note::ReconcileFailed(e.to_string())),
+    }
 }
 
 /// The connections (in `store`) whose credentials Secret is `secret`.
@@ -490,3 +513,28 @@ mod api_lifecycle_tests;
 mod api_retention_tests;
 #[cfg(test)]
 mod api_tests;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failed reconcile is announced by a `ReconcileFailed` Event, unless its error was said
+    /// already (a sync Job not started) or is a conflict, retried at once.
+    #[test]
+    fn a_failed_reconcile_is_announced_unless_said_already_or_a_conflict() {
+        let stuck = Error::StatusConflict("analytics".into());
+        let note = failure_note(&stuck).expect("announced");
+        assert_eq!(note.reason(), "ReconcileFailed");
+        let event = note.event();
+        assert_eq!(event.type_, kube::runtime::events::EventType::Warning);
+        assert!(
+            event.note.unwrap_or_default().contains("kept conflicting"),
+            "the error is in the note"
+        );
+        assert_eq!(failure_note(&Error::Announced(Box::new(stuck))), None);
+        let conflict = Error::Kube(kube::Error::Api(Box::new(
+            kube::core::Status::failure("the object has been modified", "Conflict").with_code(409),
+        )));
+        assert_eq!(failure_note(&conflict), None);
+    }
+}

@@ -602,7 +602,7 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
     }
     if let Some((_, e)) = start_failure.or(adopt_failure) {
         // Retried with the controller's backoff; the status and an Event say why meanwhile.
-        return Err(e);
+        return Err(Error::Announced(Box::new(e)));
     }
     Ok(Action::requeue(requeue))
 }
