@@ -35,8 +35,9 @@ pub enum Note {
     /// A sync Job's pod cannot start (an image, a Secret, no node fits, no pod created): the
     /// Job and why.
     SyncJobPending(String, String),
-    /// A reconcile failed before its status said why: the error (retried with backoff).
-    ReconcileFailed(String),
+    /// A reconcile failed before its status said why: the error's kind (its metric label) and
+    /// the error (retried).
+    ReconcileFailed(String, String),
     /// A deleted connection's feed consumer could not be removed from the engine, whose event
     /// retention still keeps what it had not loaded: the consumer's URL and why.
     RetentionHoldNotReleased(String, String),
@@ -59,7 +60,7 @@ impl Note {
             Note::SelectiveSyncInvalid(_) => "SelectiveSyncInvalid",
             Note::JobAdopted(_) => "JobAdopted",
             Note::SyncJobPending(..) => "SyncJobPending",
-            Note::ReconcileFailed(_) => "ReconcileFailed",
+            Note::ReconcileFailed(..) => "ReconcileFailed",
             Note::RetentionHoldNotReleased(..) => "RetentionHoldNotReleased",
         }
     }
@@ -111,9 +112,11 @@ impl Note {
                 "AdoptJob",
                 format!("adopted sync Job {job}"),
             ),
-            Note::ReconcileFailed(e) => (
+            // The kind in the action, as for ConnectionFailed: the recorder keeps one message
+            // per action.
+            Note::ReconcileFailed(kind, e) => (
                 EventType::Warning,
-                "Reconcile",
+                &*format!("Reconcile:{kind}"),
                 format!("the controller could not reconcile this connection, and retries: {e}"),
             ),
             Note::SyncJobPending(job, why) => (

@@ -151,12 +151,20 @@ pub enum Error {
     )]
     JobNameTaken(String),
     /// An error the status and an Event have said already (a sync Job that could not be
-    /// started): retried with backoff, not announced again.
+    /// started): retried, not announced again.
     #[error(transparent)]
     Announced(Box<Error>),
 }
 
 impl Error {
+    /// The error itself, whether said already or not.
+    pub fn root(&self) -> &Error {
+        match self {
+            Error::Announced(e) => e.root(),
+            e => e,
+        }
+    }
+
     /// A bounded label for the errors metric.
     pub fn metric_label(&self) -> &'static str {
         match self {
@@ -334,7 +342,7 @@ fn error_policy(obj: Arc<DynamicObject>, error: &Error, ctx: Arc<Context>) -> Ac
         .reconcile_errors
         .with_label_values(&[METRICS_CONTROLLER, error.metric_label()])
         .inc();
-    let delay = match error {
+    let delay = match error.root() {
         Error::Kube(kube::Error::Api(s)) if s.is_conflict() => Duration::from_secs(1),
         _ => Duration::from_secs(15),
     };
@@ -345,15 +353,19 @@ fn error_policy(obj: Arc<DynamicObject>, error: &Error, ctx: Arc<Context>) -> Ac
     Action::requeue(delay)
 }
 
-/// The `ReconcileFailed` Event for a failed reconcile, unless its error was said already or is
-/// a conflict, retried at once: a reconcile failing before its status write (a Job it cannot
-/// delete, an owner it cannot set, the API unreachable) left the status as it was, and only the
-/// controller's log and metrics told (the recorder folds the retries' Events into one series).
+/// The `ReconcileFailed` Event for a failed reconcile: one failing before its status write (a
+/// Job it cannot delete, an owner it cannot set, a permission missing) left the status as it
+/// was, and only the controller's log and metrics told. None for an error said already, a
+/// conflict (retried at once), or an API that cannot be reached (nor could the Event reach it).
 fn failure_note(error: &Error) -> Option<Note> {
     match error {
         Error::Announced(_) => None,
         Error::Kube(kube::Error::Api(s)) if s.is_conflict() => None,
-        e => Some(Note::ReconcileFailed(e.to_string())),
+        Error::Kube(e) if !matches!(e, kube::Error::Api(_)) => None,
+        e => Some(Note::ReconcileFailed(
+            e.metric_label().to_string(),
+            e.to_string(),
+        )),
     }
 }
 
@@ -518,6 +530,12 @@ mod api_tests;
 mod tests {
     use super::*;
 
+    fn a_conflict() -> Error {
+        Error::Kube(kube::Error::Api(Box::new(
+            kube::core::Status::failure("the object has been modified", "Conflict").with_code(409),
+        )))
+    }
+
     /// A failed reconcile is announced by a `ReconcileFailed` Event, unless its error was said
     /// already (a sync Job not started) or is a conflict, retried at once.
     #[test]
@@ -526,15 +544,31 @@ mod tests {
         let note = failure_note(&stuck).expect("announced");
         assert_eq!(note.reason(), "ReconcileFailed");
         let event = note.event();
+        // Its kind in the action: the recorder keeps one message per action (another error
+        // showed the first's).
+        assert_eq!(event.action, "Reconcile:StatusConflict");
         assert_eq!(event.type_, kube::runtime::events::EventType::Warning);
         assert!(
             event.note.unwrap_or_default().contains("kept conflicting"),
             "the error is in the note"
         );
         assert_eq!(failure_note(&Error::Announced(Box::new(stuck))), None);
-        let conflict = Error::Kube(kube::Error::Api(Box::new(
-            kube::core::Status::failure("the object has been modified", "Conflict").with_code(409),
-        )));
+        let conflict = a_conflict();
         assert_eq!(failure_note(&conflict), None);
+        // An API that cannot be reached could not take the Event either.
+        let unreachable = Error::Kube(kube::Error::Service("connection refused".into()));
+        assert_eq!(failure_note(&unreachable), None);
+        // A refusal: announced, under its own action.
+        let forbidden = Error::Kube(kube::Error::Api(Box::new(
+            kube::core::Status::failure("jobs.batch is forbidden", "Forbidden").with_code(403),
+        )));
+        let event = failure_note(&forbidden).expect("announced").event();
+        assert_eq!(event.action, "Reconcile:ApiError");
+        assert_eq!(
+            Error::Announced(Box::new(a_conflict()))
+                .root()
+                .metric_label(),
+            "Conflict"
+        );
     }
 }
