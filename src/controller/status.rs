@@ -6,7 +6,7 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use super::conditions::{self, set};
-use super::connection_test::{Reason, TestOutcome};
+use super::connection_test::TestOutcome;
 use super::plan::{Blocked, JobPhase};
 use crate::crd::{
     ErrorClass, FailedTable, SYNC_HISTORY_LEN, SelectiveSyncSpec, SelectiveSyncStatus, SyncError,
@@ -309,9 +309,6 @@ pub fn connection_status(f: &ConnectionFacts<'_>) -> WarehouseConnectionStatus {
         );
     }
     let verified = conditions::find(&conds, conditions::CONNECTION_VERIFIED).cloned();
-    let never_syncs = verified
-        .as_ref()
-        .is_some_and(|c| c.reason == Reason::NotSupported.as_str());
     if f.suspended {
         set(
             &mut conds,
@@ -396,15 +393,9 @@ pub fn connection_status(f: &ConnectionFacts<'_>) -> WarehouseConnectionStatus {
             )
         }
     }
-    // A sync stopped midway (the engine or the warehouse connection lost: an error of no
-    // table) did not reach every table, so it cannot tell that they all caught up.
-    // (Events retention deleted before they loaded stop nothing: the tables still caught up
-    // with what the store holds, and the gap is the sync's `Retention` error.)
-    let stopped = |r: &SyncReport| {
-        r.errors
-            .iter()
-            .any(|e| e.table.is_none() && e.class != ErrorClass::Retention)
-    };
+    // A sync stopped midway did not reach every table, so it cannot tell that they all
+    // caught up (a retention gap stops nothing: its `Retention` error says what is missing).
+    let stopped = SyncReport::stopped;
     let changed_from = f
         .previous
         .destination
@@ -567,13 +558,11 @@ pub fn connection_status(f: &ConnectionFacts<'_>) -> WarehouseConnectionStatus {
         last_sync_time: last_sync.map(Time),
         last_successful_sync_time: last_success.map(Time),
         // No sync runs at the next slot while the connection is not verified (a warehouse type
-        // without a loader never syncs) or its SelectiveSync is invalid: no time to show.
+        // without a loader never is) or its SelectiveSync is invalid: no time to show.
         next_sync_time: f
             .next_sync
             .filter(|_| {
-                !never_syncs
-                    && verified.as_ref().is_some_and(|c| c.status == "True")
-                    && f.selection_error.is_none()
+                verified.as_ref().is_some_and(|c| c.status == "True") && f.selection_error.is_none()
             })
             .map(Time),
         frequency: f.schedule.as_ref().ok().cloned(),

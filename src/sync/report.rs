@@ -100,6 +100,15 @@ impl SyncReport {
         }
     }
 
+    /// Whether the run stopped midway, not reaching every table: an error of no table (the feed
+    /// or the connection lost mid-run). Events that retention deleted before they loaded stop
+    /// nothing (the tables still catch up with what the store holds).
+    pub fn stopped(&self) -> bool {
+        self.errors
+            .iter()
+            .any(|e| e.table.is_none() && e.class != ErrorClass::Retention)
+    }
+
     /// Fills `rows`, `errors` and `status` from the per-table reports.
     pub fn finish(&mut self, start: jiff::Timestamp) {
         let mut rows = SyncRows::default();
@@ -114,12 +123,7 @@ impl SyncReport {
         }
         rows.total = rows.identity_graph + rows.event_types + rows.events;
         self.rows = rows;
-        // An error of no table (the feed or the connection lost mid-run) stopped the run.
-        // (Events that retention deleted before they loaded stop nothing.)
-        let stopped = self
-            .errors
-            .iter()
-            .any(|e| e.table.is_none() && e.class != ErrorClass::Retention);
+        let stopped = self.stopped();
         self.errors
             .extend(self.tables.iter().filter_map(|t| t.error.clone()));
         let failed = self.tables.iter().filter(|t| t.error.is_some()).count();
