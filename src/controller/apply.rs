@@ -191,23 +191,21 @@ pub(super) async fn start_job(
         // be running) stays.
         if new {
             tracing::warn!(job = %created.name_any(), error = %e, "the sync Job's ConfigMap could not be created; deleting the Job");
-            match api
+            let deleted = api
                 .delete(&created.name_any(), &DeleteParams::background())
-                .await
-            {
-                Ok(_) => ctx.with_memory(|m| {
-                    m.cleaned.insert(
-                        format!("{ns}/{}", created.name_any()),
-                        conn.uid().unwrap_or_default(),
-                    )
-                }),
+                .await;
+            match deleted {
+                Ok(_) => {
+                    let key = format!("{ns}/{}", created.name_any());
+                    let owner = conn.uid().unwrap_or_default();
+                    ctx.with_memory(|m| m.cleaned.insert(key, owner));
+                }
                 // Found by the next reconciles without its ConfigMap, which they make, or
                 // report as this one does.
                 Err(d) => {
                     tracing::warn!(job = %created.name_any(), error = %d, "could not delete the sync Job left without its ConfigMap");
-                    None
                 }
-            };
+            }
         }
         return Err(e);
     }

@@ -93,9 +93,11 @@ fn settled(job: &Job) -> Option<JobProgress> {
 
 /// How far an active Job has got, from its status and its `pods` (newest last), at `now`.
 pub fn progress(job: &Job, pods: &[Pod], now: Timestamp) -> JobProgress {
-    if let Some(p) = settled(job) {
-        return p;
-    }
+    settled(job).unwrap_or_else(|| by_pods(job, pods, now))
+}
+
+/// How far an active Job whose status does not tell ([`settled`]) has got, from its `pods`.
+fn by_pods(job: &Job, pods: &[Pod], now: Timestamp) -> JobProgress {
     let Some(pod) = pods.last() else {
         // From its start, which the Job controller sets again when a queue lets a suspended
         // Job go (its pod is created then), else from its creation.
@@ -204,7 +206,7 @@ fn pod_progress(pod: &Pod, now: Timestamp) -> JobProgress {
 pub async fn job_progress(ctx: &Context, job: &Job, now: Timestamp) -> Result<JobProgress, Error> {
     match settled(job) {
         Some(p) => Ok(p),
-        None => Ok(progress(job, &job_pods(ctx, job).await?, now)),
+        None => Ok(by_pods(job, &job_pods(ctx, job).await?, now)),
     }
 }
 

@@ -90,15 +90,18 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
     // Jobs this process deleted itself (their ConfigMap refused) are gone, though a listing
     // behind the deletion (the watch cache) may show them a moment longer; once none does,
     // they are done with.
+    // (Each Job by its key in the controller's memory, `namespace/name`.)
+    let listed: Vec<String> = jobs
+        .iter()
+        .map(|j| format!("{ns}/{}", j.name_any()))
+        .collect();
     let jobs: Vec<Job> = ctx.with_memory(|m| {
-        let listed: Vec<String> = jobs
-            .iter()
-            .map(|j| format!("{ns}/{}", j.name_any()))
-            .collect();
         m.cleaned
             .retain(|key, owner| *owner != uid || listed.contains(key));
         jobs.into_iter()
-            .filter(|j| !m.cleaned.contains_key(&format!("{ns}/{}", j.name_any())))
+            .zip(&listed)
+            .filter(|(_, key)| !m.cleaned.contains_key(*key))
+            .map(|(j, _)| j)
             .collect()
     });
     let selections = observe::selections(ctx, conn).await?;
@@ -213,14 +216,13 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
     // Jobs seen running that are gone, unrecorded: deleted before this process saw them end
     // (their history record was never written, and their sync vanished). Forgotten once the
     // status holds them.
-    let listed: Vec<String> = jobs.iter().map(|j| j.name_any()).collect();
     let vanished: Vec<(String, String, RunningJob)> = ctx.with_memory(|m| {
         m.running
             .iter()
-            .filter(|(_, r)| r.connection == uid)
+            .filter(|(key, r)| r.connection == uid && !listed.contains(key))
             .filter_map(|(key, r)| {
                 let job = key.strip_prefix(&format!("{ns}/"))?;
-                (!listed.iter().any(|l| l == job) && !recorded.iter().any(|d| d == job))
+                (!recorded.iter().any(|d| d == job))
                     .then(|| (key.clone(), job.to_string(), r.clone()))
             })
             .collect()
@@ -233,28 +235,6 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
         );
         let (record, _) = status::record(&FinishedJob::deleted(job, seen.started, now, seen.ran));
         new_records.push((record, None, None));
-    }
-    for job in &jobs {
-        let key = format!("{ns}/{}", job.name_any());
-        if observe::phase(job) == JobPhase::Active {
-            let started = job
-                .status
-                .as_ref()
-                .and_then(|s| s.start_time.as_ref())
-                .or(job.metadata.creation_timestamp.as_ref())
-                .map(|t| t.0);
-            ctx.with_memory(|m| {
-                let seen = m.running.entry(key).or_insert_with(|| RunningJob {
-                    connection: uid.clone(),
-                    connection_name: name.clone(),
-                    started,
-                    ran: false,
-                });
-                seen.started = started;
-            });
-        } else {
-            ctx.with_memory(|m| m.running.remove(&key));
-        }
     }
     let (syncs, added) = status::fold(
         &previous.syncs,
@@ -339,6 +319,26 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
     let mut adopt_failure: Option<(String, Error)> = None;
     for job in &jobs {
         let key = format!("{ns}/{}", job.name_any());
+        // Active ones remembered (their going unseen is a deletion), finished ones forgotten.
+        if observe::phase(job) == JobPhase::Active {
+            let started = job
+                .status
+                .as_ref()
+                .and_then(|s| s.start_time.as_ref())
+                .or(job.metadata.creation_timestamp.as_ref())
+                .map(|t| t.0);
+            ctx.with_memory(|m| {
+                let seen = m.running.entry(key.clone()).or_insert_with(|| RunningJob {
+                    connection: uid.clone(),
+                    connection_name: name.clone(),
+                    started,
+                    ran: false,
+                });
+                seen.started = started;
+            });
+        } else {
+            ctx.with_memory(|m| m.running.remove(&key));
+        }
         let known = ctx.with_memory(|m| m.jobs.contains(&key));
         let orphan = !observe::owned_by(job, conn);
         if orphan {
@@ -548,9 +548,8 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
     // A Job that cannot start, announced once (its cause may change, ErrImagePull to
     // ImagePullBackOff, while it waits).
     if let (Some(job), JobProgress::Stuck(why)) = (active_job.as_deref(), &progress) {
-        let said = conditions::find(&replaced.conditions, conditions::SYNCING).is_some_and(|c| {
-            c.reason == "JobPending" && c.message.contains(&format!("Job {job} "))
-        });
+        let said =
+            status::syncing_of(&replaced.conditions, job).is_some_and(|c| c.reason == "JobPending");
         if !said {
             tracing::warn!(job, why = %why, "the sync Job cannot start");
             notes.push(Note::SyncJobPending(job.to_string(), why.clone()));

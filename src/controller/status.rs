@@ -278,6 +278,13 @@ pub enum JobProgress {
     Unread,
 }
 
+/// The `Syncing=True` condition among `conds` when it speaks of sync Job `job` (its messages
+/// all name it: "sync Job {job} …").
+pub fn syncing_of<'a>(conds: &'a [Condition], job: &str) -> Option<&'a Condition> {
+    conditions::find(conds, conditions::SYNCING)
+        .filter(|c| c.status == "True" && c.message.contains(&format!("Job {job} ")))
+}
+
 fn blocked_message(b: &Blocked) -> String {
     match b {
         Blocked::Suspended => "a sync is due but the connection is suspended".into(),
@@ -334,9 +341,8 @@ pub fn connection_status(f: &ConnectionFacts<'_>) -> WarehouseConnectionStatus {
         Some(j) => {
             // What the status said of this Job's pod, for a look that could not read its pods
             // (its status tells it is neither held by a queue nor running).
-            let said = conditions::find(&conds, conditions::SYNCING)
+            let said = syncing_of(&conds, j)
                 .filter(|c| c.reason == "JobStarting" || c.reason == "JobPending")
-                .filter(|c| c.status == "True" && c.message.contains(&format!("Job {j} ")))
                 .map(|c| (c.reason.clone(), c.message.clone()));
             let (reason, message) = match (&f.active_job_progress, said) {
                 (JobProgress::Unread, Some((reason, message))) => (reason, message),
