@@ -25,6 +25,15 @@ fn msg(v: Value) -> Value {
     v
 }
 
+/// A Track `event` of user `u1` with properties `plan` and `coupon` (the column the selection
+/// tests exclude), id `id`.
+fn coupon_track(id: &str, event: &str) -> Value {
+    msg(
+        json!({"type": "track", "messageId": id, "userId": "u1", "event": event,
+               "properties": {"plan": "pro", "coupon": "X"}}),
+    )
+}
+
 fn basics() -> Vec<Value> {
     vec![
         msg(
@@ -1967,18 +1976,12 @@ fn postgres_values_a_narrowed_column_refuses_go_to_discards() {
 fn postgres_a_long_named_event_first_seen_during_a_run_is_left_to_the_next() {
     let (mut s, url, _d) = store();
     let long = "会員登録フォームの入力内容の送信が完了しました";
-    let track = |id: &str, event: &str| {
-        msg(
-            json!({"type": "track", "messageId": id, "userId": "u1", "event": event,
-                   "properties": {"plan": "pro", "coupon": "X"}}),
-        )
-    };
     ingest(
         &mut *s,
         &[
-            track("o1", "Other"),
-            track("l1", long),
-            track("o2", "Other"),
+            coupon_track("o1", "Other"),
+            coupon_track("l1", long),
+            coupon_track("o2", "Other"),
         ],
     );
     let listed = profiles_sync::sync::naming::table_name(long);
@@ -2033,10 +2036,7 @@ fn postgres_a_selection_may_name_a_shortened_table_as_available_tables_lists_it(
     ingest(
         &mut *s,
         &[
-            msg(
-                json!({"type": "track", "messageId": "t1", "userId": "u1", "event": event,
-                       "properties": {"plan": "pro", "coupon": "X"}}),
-            ),
+            coupon_track("t1", event),
             msg(json!({"type": "track", "messageId": "t2", "userId": "u1", "event": "Other"})),
         ],
     );
@@ -2066,17 +2066,11 @@ fn postgres_a_selection_of_a_long_name_applies_to_each_of_its_spellings() {
     let (mut s, url, _d) = store();
     let upper = "Checkout Step Viewed From The Mobile Application Product Recommendations";
     let lower = upper.to_lowercase();
-    let track = |id: &str, event: &str| {
-        msg(
-            json!({"type": "track", "messageId": id, "userId": "u1", "event": event,
-                   "properties": {"plan": "pro", "coupon": "X"}}),
-        )
-    };
     ingest(
         &mut *s,
         &[
-            track("t1", upper),
-            track("t2", &lower),
+            coupon_track("t1", upper),
+            coupon_track("t2", &lower),
             msg(json!({"type": "track", "messageId": "t3", "userId": "u1", "event": "Other"})),
         ],
     );
