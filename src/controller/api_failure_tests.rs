@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use k8s_openapi::api::events::v1::Event as K8sEvent;
 use kube_fake_client::interceptor;
 
-use super::api_lifecycle_tests::{finished_job, pod_with_report, running_job, tracks_report};
+use super::api_lifecycle_tests::{finished_job, pod_with_report, running_job, tracks_sync};
 use super::api_tests::{builder, finalized_connection, fixture, selective_sync};
 use super::*;
 
@@ -34,9 +34,7 @@ fn status_write_fails(kind: &'static str, armed: Arc<AtomicBool>) -> interceptor
 async fn a_failed_selection_status_write_loses_nothing_of_the_sync() {
     let dir = tempfile::tempdir().unwrap();
     let conn = finalized_connection(dir.path(), "analytics");
-    let start: Timestamp = "2025-03-01T09:00:02Z".parse().unwrap();
-    let report = tracks_report(start);
-    let ok = finished_job(&conn, "analytics-29013660", "2025-03-01T09:00:00Z", true);
+    let (ok, ok_pod) = tracks_sync(&conn);
     let selection = selective_sync(
         "analytics",
         serde_json::json!({"connectionRef": {"name": "analytics"}}),
@@ -45,10 +43,7 @@ async fn a_failed_selection_status_write_loses_nothing_of_the_sync() {
     let client = builder()
         .with_object(conn)
         .with_object(ok)
-        .with_object(pod_with_report(
-            "analytics-29013660",
-            &report.termination_message(),
-        ))
+        .with_object(ok_pod)
         .with_object(selection)
         .with_interceptor_funcs(funcs)
         .build()
@@ -99,8 +94,7 @@ async fn a_selection_not_in_effect_that_cannot_be_written_holds_nothing_up() {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     let dir = tempfile::tempdir().unwrap();
     let conn = finalized_connection(dir.path(), "analytics");
-    let report = tracks_report("2025-03-01T09:00:02Z".parse().unwrap());
-    let ok = finished_job(&conn, "analytics-29013660", "2025-03-01T09:00:00Z", true);
+    let (ok, ok_pod) = tracks_sync(&conn);
     let created = |name: &str, at: &str| {
         let mut s = selective_sync(
             name,
@@ -120,10 +114,7 @@ async fn a_selection_not_in_effect_that_cannot_be_written_holds_nothing_up() {
     let client = builder()
         .with_object(conn)
         .with_object(ok)
-        .with_object(pod_with_report(
-            "analytics-29013660",
-            &report.termination_message(),
-        ))
+        .with_object(ok_pod)
         .with_object(created("analytics", "2025-03-01T08:00:00Z"))
         .with_object(created("second", "2025-03-01T08:30:00Z"))
         .with_interceptor_funcs(funcs)

@@ -121,6 +121,19 @@ pub(super) fn pod_with_report(job: &str, message: &str) -> Pod {
     }
 }
 
+/// When the sync of [`tracks_sync`] started.
+pub(super) const TRACKS_START: &str = "2025-03-01T09:00:02Z";
+
+/// The sync of the 09:00 slot, done: its completed Job [`SYNC_JOB`] and the pod holding its
+/// report ([`tracks_report`], started at [`TRACKS_START`]).
+pub(super) fn tracks_sync(conn: &WarehouseConnection) -> (Job, Pod) {
+    let report = tracks_report(TRACKS_START.parse().unwrap());
+    (
+        finished_job(conn, SYNC_JOB, "2025-03-01T09:00:00Z", true),
+        pod_with_report(SYNC_JOB, &report.termination_message()),
+    )
+}
+
 /// The report of sync `analytics-29013660`, started at `start`: 7 rows into `tracks`.
 pub(super) fn tracks_report(start: Timestamp) -> SyncReport {
     let mut report = SyncReport::failed(
@@ -146,9 +159,8 @@ pub(super) fn tracks_report(start: Timestamp) -> SyncReport {
 async fn finished_jobs_are_folded_pruned_and_announced_and_the_selection_gets_rows() {
     let dir = tempfile::tempdir().unwrap();
     let conn = finalized_connection(dir.path(), "analytics");
-    let start: Timestamp = "2025-03-01T09:00:02Z".parse().unwrap();
-    let report = tracks_report(start);
-    let ok = finished_job(&conn, "analytics-29013660", "2025-03-01T09:00:00Z", true);
+    let start: Timestamp = TRACKS_START.parse().unwrap();
+    let (ok, ok_pod) = tracks_sync(&conn);
     let failed = finished_job(&conn, "analytics-29013600", "2025-03-01T08:00:00Z", false);
     let older_failed = finished_job(&conn, "analytics-29013540", "2025-03-01T07:00:00Z", false);
     let selection = selective_sync(
@@ -160,10 +172,7 @@ async fn finished_jobs_are_folded_pruned_and_announced_and_the_selection_gets_ro
         .with_object(ok)
         .with_object(failed)
         .with_object(older_failed)
-        .with_object(pod_with_report(
-            "analytics-29013660",
-            &report.termination_message(),
-        ))
+        .with_object(ok_pod)
         .with_object(pod_with_report("analytics-29013600", "not json"))
         .with_object(selection)
         .build()
@@ -250,16 +259,11 @@ async fn finished_jobs_are_folded_pruned_and_announced_and_the_selection_gets_ro
 async fn a_reconcile_of_a_stale_copy_announces_and_counts_a_sync_once() {
     let dir = tempfile::tempdir().unwrap();
     let conn = finalized_connection(dir.path(), "analytics");
-    let start: Timestamp = "2025-03-01T09:00:02Z".parse().unwrap();
-    let report = tracks_report(start);
-    let ok = finished_job(&conn, "analytics-29013660", "2025-03-01T09:00:00Z", true);
+    let (ok, ok_pod) = tracks_sync(&conn);
     let client = builder()
         .with_object(conn)
         .with_object(ok)
-        .with_object(pod_with_report(
-            "analytics-29013660",
-            &report.termination_message(),
-        ))
+        .with_object(ok_pod)
         .build()
         .await
         .unwrap();
@@ -466,31 +470,22 @@ async fn a_sync_job_deleted_before_its_pod_ran_says_so() {
 async fn a_selection_created_again_is_not_applied_by_a_sync_of_the_old_one() {
     let dir = tempfile::tempdir().unwrap();
     let conn = finalized_connection(dir.path(), "analytics");
-    let start: Timestamp = "2025-03-01T09:00:02Z".parse().unwrap();
-    let report = tracks_report(start);
     let mut selection = selective_sync(
         "analytics",
         serde_json::json!({"connectionRef": {"name": "analytics"}}),
     );
     selection.metadata.uid = Some("uid-new".into());
-    let job_of = |name: &str, slot: &str, uid: &str| {
-        let mut job = finished_job(&conn, name, slot, true);
+    let of_selection = |mut job: Job, uid: &str| {
         let annotations = job.metadata.annotations.as_mut().unwrap();
         annotations.insert(build::ANNOTATION_SELECTION_GENERATION.into(), "1".into());
         annotations.insert(build::ANNOTATION_SELECTION_UID.into(), uid.into());
         job
     };
+    let (old, old_pod) = tracks_sync(&conn);
     let client = builder()
         .with_object(conn.clone())
-        .with_object(job_of(
-            "analytics-29013660",
-            "2025-03-01T09:00:00Z",
-            "uid-old",
-        ))
-        .with_object(pod_with_report(
-            "analytics-29013660",
-            &report.termination_message(),
-        ))
+        .with_object(of_selection(old, "uid-old"))
+        .with_object(old_pod)
         .with_object(selection)
         .build()
         .await
@@ -512,7 +507,10 @@ async fn a_selection_created_again_is_not_applied_by_a_sync_of_the_old_one() {
     f.api::<Job>()
         .create(
             &Default::default(),
-            &job_of("analytics-29013720", "2025-03-01T10:00:00Z", "uid-new"),
+            &of_selection(
+                finished_job(&conn, "analytics-29013720", "2025-03-01T10:00:00Z", true),
+                "uid-new",
+            ),
         )
         .await
         .unwrap();
@@ -556,9 +554,7 @@ async fn backfill_complete_waits_for_a_sync_of_the_warehouse_the_connection_name
         }],
         ..WarehouseConnectionStatus::default()
     });
-    let start: Timestamp = "2025-03-01T09:00:02Z".parse().unwrap();
-    let report = tracks_report(start);
-    let mut job = finished_job(&conn, "analytics-29013660", "2025-03-01T09:00:00Z", true);
+    let (mut job, pod) = tracks_sync(&conn);
     job.metadata
         .annotations
         .as_mut()
@@ -567,10 +563,7 @@ async fn backfill_complete_waits_for_a_sync_of_the_warehouse_the_connection_name
     let client = builder()
         .with_object(moved)
         .with_object(job)
-        .with_object(pod_with_report(
-            "analytics-29013660",
-            &report.termination_message(),
-        ))
+        .with_object(pod)
         .build()
         .await
         .unwrap();
