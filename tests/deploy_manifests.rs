@@ -278,6 +278,52 @@ fn deploy_and_the_examples_apply_to_an_emulated_api_server() {
     assert_eq!(connections.lines().count(), examples.len(), "{connections}");
 }
 
+/// The README's uninstall that keeps the store: `kubectl delete -k deploy/` with the instance's
+/// label deletes the workloads, RBAC and Secrets but not the Namespace (whose deletion would take
+/// the store's claim with it) nor the CRDs, as `helm uninstall` does.
+#[test]
+fn uninstalling_by_the_instance_label_keeps_the_namespace_and_the_crds() {
+    let no_crds = tempfile::tempdir().unwrap();
+    let server = ApiServer::start(&[no_crds.path()]);
+    let deploy = deploy_dir();
+    let deploy = deploy.to_str().unwrap();
+    server.kubectl_ok(&["apply", "-k", deploy]);
+    let out = server.kubectl_ok(&[
+        "delete",
+        "-k",
+        deploy,
+        "-l",
+        "app.kubernetes.io/instance=profiles-sync",
+    ]);
+    let deleted: BTreeSet<&str> = out.lines().filter(|l| l.ends_with(" deleted")).collect();
+    let labelled = rendered()
+        .iter()
+        .filter(|d| d["metadata"]["labels"]["app.kubernetes.io/instance"] == "profiles-sync")
+        .count();
+    assert_eq!(deleted.len(), labelled, "{out}");
+    assert!(
+        deleted.iter().any(|l| l.starts_with("statefulset.apps ")),
+        "{out}"
+    );
+    let kept = server.kubectl_ok(&["get", "namespace,crd", "-o", "name"]);
+    for name in [
+        "namespace/profiles-sync",
+        "customresourcedefinition.apiextensions.k8s.io/warehouseconnections.profilesync.dev",
+        "customresourcedefinition.apiextensions.k8s.io/selectivesyncs.profilesync.dev",
+    ] {
+        assert!(kept.lines().any(|l| l == name), "{name} not kept: {kept}");
+    }
+    let left = server.kubectl_ok(&[
+        "get",
+        "statefulsets,deployments,secrets",
+        "-n",
+        "profiles-sync",
+        "-o",
+        "name",
+    ]);
+    assert_eq!(left.trim(), "", "{left}");
+}
+
 /// Drops what only one install method writes: Helm's labels and annotations, the checksums that
 /// roll pods on a values change, Secret values (generated vs placeholders), kustomize's name
 /// hashes on generated Secrets and its number formatting.

@@ -124,7 +124,7 @@ pub struct Settings {
     pub test_timeout: Duration,
 }
 
-/// Errors of one reconcile; each becomes a retry with backoff and a metric.
+/// Errors of one reconcile; each becomes a retry (`error_policy`) and a metric.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A Kubernetes API call failed.

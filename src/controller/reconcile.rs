@@ -314,7 +314,7 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
         .max();
     // A sync that could not be started, or a Job found without its ConfigMap, which the API
     // refused to make: said in the status and an Event, then returned, so that the reconcile
-    // is retried with backoff. The status's words, and the error.
+    // is retried (every 15 s). The status's words, and the error.
     let mut start_failure: Option<(String, Error)> = None;
     let mut adopt_failure: Option<(String, Error)> = None;
     for job in &jobs {
@@ -600,7 +600,7 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
         requeue = requeue.min(Duration::from_secs(again));
     }
     if let Some((_, e)) = start_failure.or(adopt_failure) {
-        // Retried with the controller's backoff; the status and an Event say why meanwhile.
+        // Retried every 15 s (`error_policy`); the status and an Event say why meanwhile.
         return Err(Error::Announced(Box::new(e)));
     }
     Ok(Action::requeue(requeue))
