@@ -2011,6 +2011,47 @@ fn postgres_a_long_named_event_first_seen_during_a_run_is_left_to_the_next() {
     );
 }
 
+/// A run that cannot read the Track event names, with a selection naming a table longer than
+/// the warehouse's names by its whole name, fails before it loads anything: the shortened
+/// table, known from an earlier run, would otherwise have loaded its excluded column.
+#[test]
+fn postgres_a_run_without_the_event_names_a_long_selection_needs_fails_and_loads_nothing() {
+    let (mut s, url, _d) = store();
+    let long = "会員登録フォームの入力内容の送信が完了しました";
+    ingest(&mut *s, &[coupon_track("l1", long)]);
+    let listed = profiles_sync::sync::naming::table_name(long);
+    let sel = selection(json!({"default": "none", "tables": [
+        {"name": listed, "columns": {"exclude": ["coupon"]}}
+    ]}));
+    let wh = TestWarehouse::postgres();
+    let r = wh.sync(&url, Some(&sel));
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    let short = profiles_sync::sync::events::track_table(long, 63);
+    ingest(&mut *s, &[coupon_track("l2", long)]);
+
+    let mut feed = ScriptedFeed::new(&url);
+    feed.names_fail = true;
+    let failed = wh.sync_source(&mut feed, Some(&sel), &wh.spec, 500);
+    assert_eq!(failed.status, SyncStatus::Failed, "{failed:#?}");
+    assert!(
+        failed
+            .errors
+            .iter()
+            .any(|e| e.class == profiles_sync::crd::ErrorClass::Connection
+                && e.message.contains("Track event names")
+                && e.message.contains("catalog unavailable")),
+        "{failed:#?}"
+    );
+    assert_eq!(wh.count(&short), 1, "nothing loaded by the failed run");
+    let cols = wh.columns(&short);
+    assert!(!cols.contains(&"coupon".to_string()), "{cols:?}");
+
+    let r = wh.sync(&url, Some(&sel));
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    assert_eq!(wh.count(&short), 2, "the next run loads it");
+    assert!(!wh.columns(&short).contains(&"coupon".to_string()));
+}
+
 /// A PostgreSQL warehouse synced from `url` with a selection of `listed` alone (`default:
 /// none`), its `coupon` column excluded; and the sync's tables (not its `_` bookkeeping), in
 /// name order.
@@ -2145,6 +2186,8 @@ struct ScriptedFeed {
     cut_pages: bool,
     /// A Track event name the first `track_event_names` leaves out: it came after the read.
     late_name: Option<String>,
+    /// Whether `track_event_names` fails (the engine's catalog unreachable for that call).
+    names_fail: bool,
 }
 
 impl ScriptedFeed {
@@ -2157,6 +2200,7 @@ impl ScriptedFeed {
             before_traits_read: None,
             cut_pages: false,
             late_name: None,
+            names_fail: false,
         }
     }
 }
@@ -2201,6 +2245,11 @@ impl profiles_sync::sync::FeedSource for ScriptedFeed {
         self.inner.head()
     }
     fn track_event_names(&mut self) -> Result<Vec<String>, profiles_sync::sync::SourceError> {
+        if self.names_fail {
+            return Err(profiles_sync::sync::SourceError(
+                "catalog unavailable".into(),
+            ));
+        }
         let mut names = self.inner.track_event_names()?;
         if let Some(late) = self.late_name.take() {
             names.retain(|n| *n != late);

@@ -95,10 +95,29 @@ pub fn run(
     }
     // A selection may name a Track event table as `availableTables` lists it (its whole name);
     // where the warehouse shortens that name, the entry applies to the shortened table.
-    let renamed = opts.selection.and_then(|sel| {
-        let events = source.track_event_names().ok()?;
-        events::with_warehouse_names(sel, &events, wh.dialect().max_identifier_len())
-    });
+    // Without the names, such an entry's table would load as if the selection did not name it
+    // (its excluded columns too): the run fails instead, before it loads anything.
+    let max_len = wh.dialect().max_identifier_len();
+    let renamed = match opts.selection {
+        Some(sel) if sel.tables.iter().any(|t| t.name.len() > max_len) => {
+            match source.track_event_names() {
+                Ok(events) => events::with_warehouse_names(sel, &events, max_len),
+                Err(e) => {
+                    return SyncReport::failed(
+                        &opts.id,
+                        start,
+                        ErrorClass::Connection,
+                        format!(
+                            "the Track event names, needed for the SelectiveSync's tables \
+                             longer than the warehouse's {max_len}-byte names, could not be \
+                             read: {e}"
+                        ),
+                    );
+                }
+            }
+        }
+        _ => None,
+    };
     let renamed_opts;
     let opts = match &renamed {
         Some(sel) => {
