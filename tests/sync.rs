@@ -2825,6 +2825,31 @@ fn loader_warehouse() -> (TestWarehouse, ::postgres::Client, TestWarehouse) {
     (wh, admin, as_loader)
 }
 
+/// A loader without `TEMPORARY` on the database (a hardened server's `REVOKE TEMPORARY …
+/// FROM PUBLIC`) fails the connection test with a permission error that says so: every load
+/// stages its cursors in temporary tables, and the test used to pass, then every table failed.
+#[test]
+fn postgres_a_loader_that_may_not_create_temporary_tables_fails_the_connection_test() {
+    let (wh, mut admin, as_loader) = loader_warehouse();
+    as_loader
+        .connect()
+        .test_connection()
+        .expect("the loader may do all a sync needs");
+    let db = wh.database.clone().unwrap();
+    admin
+        .batch_execute(&format!(
+            "REVOKE TEMPORARY ON DATABASE \"{db}\" FROM PUBLIC"
+        ))
+        .unwrap();
+    let err = as_loader.connect().test_connection().unwrap_err();
+    assert_eq!(
+        err.class,
+        profiles_sync::crd::ErrorClass::Permission,
+        "{err:?}"
+    );
+    assert!(err.message.contains("temporary"), "{}", err.message);
+}
+
 /// A table the loader may no longer insert into (a DBA revoked it after the first sync) fails
 /// with its `Permission` error while the other tables load. The COPY the server refuses before
 /// it begins used to leave the driver out of step with the server: every table after it failed

@@ -409,6 +409,8 @@ impl Warehouse for PostgresWarehouse {
         } else {
             d.create_schema(&self.schema)
         };
+        // Every load stages its cursors (and some columns) in temporary tables: a role without
+        // `TEMPORARY` on the database would pass the rest and then fail every table.
         let probe = d.qualified(&self.schema, "_profiles_sync_probe");
         let sql = format!(
             "BEGIN;
@@ -418,6 +420,7 @@ impl Warehouse for PostgresWarehouse {
              INSERT INTO {probe} (id) VALUES (1) ON CONFLICT DO NOTHING;
              DELETE FROM {probe};
              DROP TABLE {probe};
+             CREATE TEMP TABLE _profiles_sync_probe_temp (id BIGINT) ON COMMIT DROP;
              COMMIT;"
         );
         self.client.batch_execute(&sql).map_err(|e| {
