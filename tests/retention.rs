@@ -629,6 +629,70 @@ async fn call(method: reqwest::Method, url: String, body: Option<Value>) -> (Sta
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
+/// A consumer's record is read only once its token is checked, and only up to 1 KB: a client
+/// without the token that announces a large body is refused without the engine waiting for (or
+/// buffering) it, and an authorized body over the limit gets a 413 that names it.
+#[tokio::test]
+async fn a_consumer_record_is_refused_before_its_body_is_read_and_its_size_is_bounded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let engine = support::engine::start(8).await;
+    let addr = engine.base.trim_start_matches("http://").to_string();
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    conn.write_all(
+        format!(
+            "PUT /v1/feed-consumers/team-a/wh HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 2000000\r\n\r\n{{\"afterSeq\""
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    // The rest of the body is never sent (10 s only bounds how long a broken engine makes this
+    // test wait).
+    let read_answer = async {
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&answer).contains("}") {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(10), read_answer)
+        .await
+        .expect("the engine waited for the body of a request without the token");
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+
+    let url = format!("{}/v1/feed-consumers/team-a/wh", engine.base);
+    let padded = json!({"afterSeq": 1, "backfillWindowSeconds": 60, "pad": "x".repeat(2000)});
+    let (status, err) = call(reqwest::Method::PUT, url.clone(), Some(padded)).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{err}");
+    assert!(
+        err["error"].as_str().unwrap().contains("1024 bytes"),
+        "{err}"
+    );
+    let (status, list) = call(
+        reqwest::Method::GET,
+        format!("{}/v1/feed-consumers", engine.base),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, list["consumers"].clone()),
+        (StatusCode::OK, json!([])),
+        "nothing recorded"
+    );
+    let (status, _) = call(
+        reqwest::Method::PUT,
+        url,
+        Some(json!({"afterSeq": 1, "backfillWindowSeconds": 60})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    engine.engine.stop().await.unwrap();
+}
+
 /// The consumers' API: recorded, listed, removed; every refusal names what is wrong and
 /// changes nothing; the token is required; a pass asked for with retention off is refused.
 #[tokio::test]

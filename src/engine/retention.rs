@@ -16,10 +16,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use http_body_util::{BodyExt, Limited};
 use serde_json::{Value, json};
 
 use super::http::{AppState, authorize, json_response, store_unavailable};
@@ -482,16 +483,48 @@ struct Progress {
     backfill_window_seconds: i64,
 }
 
+/// Most bytes a consumer's record may take: two numbers in JSON need a few dozen.
+const MAX_RECORD_BYTES: usize = 1024;
+
+/// The body of a consumer's record, read once the token is checked: at most
+/// [`MAX_RECORD_BYTES`], within the engine's body timeout (as the Tracking API's), so that a
+/// client without the token can neither make the engine buffer a large body nor hold a
+/// connection by sending it slowly.
+async fn record_body(state: &AppState, body: Body) -> Result<Bytes, Response> {
+    let read = Limited::new(body, MAX_RECORD_BYTES).collect();
+    match tokio::time::timeout(state.body_timeout, read).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(json_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            json!({"error": format!("body: over the {MAX_RECORD_BYTES} bytes a consumer's record may take")}),
+        )),
+        Ok(Err(e)) => Err(bad_request(format!(
+            "the request body could not be read: {e}"
+        ))),
+        Err(_) => Err(json_response(
+            StatusCode::REQUEST_TIMEOUT,
+            json!({"error": format!(
+                "the request body did not arrive within {} s",
+                state.body_timeout.as_secs_f64()
+            )}),
+        )),
+    }
+}
+
 /// `PUT /v1/feed-consumers/{namespace}/{name}`.
 pub async fn record(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     Path((namespace, name)): Path<(String, String)>,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     let name = match authorized_name(&state, &headers, &namespace, &name) {
         Ok(n) => n,
         Err(refused) => return *refused,
+    };
+    let body = match record_body(&state, body).await {
+        Ok(b) => b,
+        Err(refused) => return refused,
     };
     let p: Progress = match serde_json::from_slice(&body) {
         Ok(p) => p,
