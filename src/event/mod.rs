@@ -3,7 +3,8 @@
 //! and written back as canonical Segment JSON ([`Event::to_json`]).
 //!
 //! Parsing follows the Segment spec: keys are camelCase only; every key this model does not know
-//! is kept, untouched, in [`Event::extra`] (except `writeKey`, a credential, which is never kept).
+//! is kept, untouched, in [`Event::extra`] (except `writeKey`, a credential, and `_metadata`,
+//! the SDKs' notes for Segment's delivery, which are never kept).
 //! Time fields are clock-skew corrected the way Segment does it:
 //! `timestamp = receivedAt − (sentAt − originalTimestamp)`.
 

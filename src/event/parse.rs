@@ -14,8 +14,16 @@ pub const MAX_IDENTIFY_TRAITS: usize = 300;
 /// A credential sometimes sent in the body (`writeKey`): read by the collector, never stored.
 const WRITE_KEY: &str = "writeKey";
 
+/// What analytics.js and the mobile SDKs add to each message for Segment's own delivery
+/// (`{"bundled": […], "unbundled": […], "bundledIds": […]}`: which destinations the device
+/// sent to itself): none of the customer's data, and no column of Segment's warehouse tables.
+/// Not stored, as Segment does not land it: kept, it became `metadata_bundled`… columns on
+/// every event table.
+const SDK_METADATA: &str = "_metadata";
+
 /// The top-level values the model reads, moved out of a message in one pass over its keys;
-/// every other key (but `writeKey`) goes to `Event::extra`, in the message's order.
+/// every other key (but `writeKey` and `_metadata`) goes to `Event::extra`, in the message's
+/// order.
 #[derive(Default)]
 pub(super) struct Fields {
     pub(super) event_type: Option<Value>,
@@ -65,7 +73,7 @@ impl Fields {
             "integrations" => &mut self.integrations,
             "traits" => &mut self.traits,
             "properties" => &mut self.properties,
-            WRITE_KEY => return Slot::Dropped,
+            WRITE_KEY | SDK_METADATA => return Slot::Dropped,
             _ => return Slot::Extra,
         })
     }
