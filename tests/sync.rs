@@ -2052,6 +2052,45 @@ fn postgres_a_run_without_the_event_names_a_long_selection_needs_fails_and_loads
     assert!(!wh.columns(&short).contains(&"coupon".to_string()));
 }
 
+/// A warehouse synced from one store and then pointed at another whose head is behind its
+/// cursors (a store lost and started again, restored from a backup, imported anew) is refused
+/// with a reason and nothing loaded: the run used to read "after" its cursors, skip the new
+/// store's changes up to them, and report success.
+#[test]
+fn a_warehouse_ahead_of_the_store_is_refused_and_nothing_is_loaded() {
+    let (mut s, url, _d) = store();
+    ingest(&mut *s, &basics());
+    ingest(
+        &mut *s,
+        &[msg(
+            json!({"type": "page", "messageId": "more", "anonymousId": "a9", "name": "More"}),
+        )],
+    );
+    let wh = TestWarehouse::sqlite();
+    let r = wh.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    let before = wh.dump();
+
+    let (mut other, other_url, _o) = store();
+    ingest(&mut *other, &basics());
+    let r = wh.sync(&other_url, None);
+    assert_eq!(r.status, SyncStatus::Failed, "{r:#?}");
+    let message = &r.errors[0].message;
+    assert!(
+        message.contains("not the one the schema was synced from")
+            && message.contains(&format!("store's head is {}", other.head_seq().unwrap())),
+        "{message}"
+    );
+    assert_eq!(wh.dump(), before, "nothing loaded or moved");
+
+    let r = wh.sync(&url, None);
+    assert_eq!(
+        r.status,
+        SyncStatus::Success,
+        "the first store still syncs: {r:#?}"
+    );
+}
+
 /// A PostgreSQL warehouse synced from `url` with a selection of `listed` alone (`default:
 /// none`), its `coupon` column excluded; and the sync's tables (not its `_` bookkeeping), in
 /// name order.

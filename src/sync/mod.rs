@@ -473,6 +473,7 @@ impl<'a> Run<'a> {
         self.migrate_sqlite_prefixed(wh, &mut schema, &mut names)?;
         self.head = source.head()?;
         self.report.head_seq = self.head;
+        self.check_same_store()?;
         let sources: HashMap<String, SourceInfo> = source
             .sources()?
             .into_iter()
@@ -514,6 +515,35 @@ impl<'a> Run<'a> {
         }
         self.finish_states(wh)?;
         Ok(())
+    }
+
+    /// Refuses to sync a warehouse that has loaded past the store's head: every `seq` it holds
+    /// came from a store with more changes than this one, so the store was replaced (a lost
+    /// volume, a restore from a backup, an `export | import` into another store, which numbers
+    /// the changes anew). Reading "after" its cursors would skip this store's changes up to them
+    /// and report success with nothing loaded — for the profile tables for good.
+    fn check_same_store(&self) -> Result<(), RunError> {
+        let Some((table, ahead)) = self
+            .states
+            .iter()
+            .filter(|(_, st)| st.cursor > self.head)
+            .max_by_key(|(_, st)| st.cursor)
+        else {
+            return Ok(());
+        };
+        Err(RunError::Warehouse(WarehouseError::new(
+            ErrorClass::Internal,
+            format!(
+                "this warehouse has loaded changes up to seq {} (its table {table}), but the \
+                 store's head is {}: the store is not the one the schema was synced from (replaced, \
+                 restored from a backup, or imported anew). Nothing was loaded. Sync into a new \
+                 schema, or drop this schema's tables (with {}) so that the next sync loads the \
+                 store from the start",
+                ahead.cursor,
+                self.head,
+                tables::STATE
+            ),
+        )))
     }
 
     /// Runs `part` with `1/share` of the rows and bytes left (all of them without a share),
