@@ -39,7 +39,9 @@ use crate::event::{Event, EventType};
 pub struct Subject<'a> {
     /// The call's type.
     pub event_type: EventType,
-    /// The event's (clock-skew corrected) timestamp.
+    /// When the event happened, as resolution orders it (trait writes, identifiers' first and
+    /// last sightings): its clock-skew corrected timestamp, but never later than its
+    /// `receivedAt` ([`Subject::time_of`]).
     pub timestamp: jiff::Timestamp,
     /// [`extract_all`] of the event.
     pub identifiers: Cow<'a, [Identifier]>,
@@ -53,11 +55,20 @@ pub struct Subject<'a> {
 }
 
 impl<'a> Subject<'a> {
+    /// The time resolution orders an event by: its `timestamp`, or its `receivedAt` when the
+    /// timestamp is later. No event happened after it arrived, and a time in the future (a
+    /// client's clock, or a server SDK passing one without `sentAt` to correct it) would win
+    /// every later write of the traits it sets — until that date, for good — and count its
+    /// identifiers as seen until then under the rules' windows. The event keeps its timestamp.
+    pub fn time_of(timestamp: jiff::Timestamp, received_at: jiff::Timestamp) -> jiff::Timestamp {
+        timestamp.min(received_at)
+    }
+
     /// What resolution reads of `event`.
     pub fn of(event: &'a Event) -> Subject<'a> {
         Subject {
             event_type: event.event_type,
-            timestamp: event.timestamp,
+            timestamp: Subject::time_of(event.timestamp, event.received_at),
             identifiers: Cow::Owned(extract_all(event)),
             previous_id: event.previous_id.as_deref(),
             anonymous_id: event.anonymous_id.as_deref(),

@@ -201,7 +201,7 @@ impl PreparedEvent {
     pub(crate) fn subject(&self) -> Subject<'_> {
         Subject {
             event_type: self.trigger.event_type,
-            timestamp: self.trigger.timestamp,
+            timestamp: Subject::time_of(self.trigger.timestamp, self.trigger.received_at),
             identifiers: Cow::Borrowed(&self.identifiers),
             previous_id: self.previous_id.as_deref(),
             anonymous_id: self.anonymous_id.as_deref(),

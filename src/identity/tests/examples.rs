@@ -283,6 +283,42 @@ fn traits_last_write_wins_null_removes_empty_string_sets() {
     assert_eq!(g.traits(&p).map(|t| t["name"].clone()), Some(json!("J2")));
 }
 
+/// A trait set by an event dated in the future (a client's clock, or a server SDK passing a
+/// time without `sentAt`) is ordered as of its arrival: a later identify still changes it. It
+/// used to win every write until that date.
+#[test]
+fn a_trait_set_in_the_future_is_ordered_by_its_arrival() {
+    let mut g = IdentityGraph::new(Rules::default());
+    let future = ev(
+        json!({"type": "identify", "userId": "u1", "timestamp": "2099-01-01T00:00:00Z", "traits": {"plan": "a", "seat": 1}}),
+    );
+    assert_eq!(
+        future.timestamp,
+        at("2099-01-01T00:00:00Z"),
+        "the event keeps its time"
+    );
+    let p = g.resolve(&future).expect("resolves").segment_id;
+    let later = ev_at(
+        json!({"type": "identify", "userId": "u1", "traits": {"plan": "b", "seat": null}}),
+        "2024-05-01T13:00:00Z",
+    );
+    let r = g.resolve(&later).expect("resolves");
+    assert_eq!(
+        r.profile_traits_updates.len(),
+        1,
+        "the write changed the profile"
+    );
+    let traits = g.traits(&p).expect("the profile");
+    assert_eq!(traits.get("plan"), Some(&json!("b")));
+    assert_eq!(traits.get("seat"), None, "removed");
+    // An event that arrived earlier but happened before still loses to it.
+    let past = ev(
+        json!({"type": "identify", "userId": "u1", "timestamp": "2024-04-01T00:00:00Z", "traits": {"plan": "c"}}),
+    );
+    g.resolve(&past).expect("resolves");
+    assert_eq!(g.traits(&p).unwrap().get("plan"), Some(&json!("b")));
+}
+
 #[test]
 fn merge_keeps_the_newest_value_of_each_trait() {
     let mut g = IdentityGraph::new(Rules::default());
