@@ -976,6 +976,68 @@ async fn overload_answers_503_with_retry_after_and_loses_nothing_acknowledged() 
     t.engine.stop().await.unwrap();
 }
 
+/// The writer's queue holds a bounded number of events, not only of requests: with room for 150
+/// events, a second batch of 100 is queued behind the one being written and a third is turned
+/// away with Retry-After, though the queue has room for many more requests. Every acknowledged
+/// batch is stored, and only those.
+#[tokio::test]
+async fn the_queue_turns_batches_away_past_its_events_not_only_its_requests() {
+    let t = start_options(Options {
+        capacity: 64,
+        queue_events: 150,
+        ..Options::default()
+    })
+    .await;
+    let blocker = lock_store(&t.store_path);
+    let batch = |b: usize| {
+        let url = format!("{}/v1/batch", t.base);
+        let messages: Vec<Value> = (0..100)
+            .map(|i| json!({"type": "track", "userId": "u1", "event": "A", "messageId": format!("q{b}-{i}")}))
+            .collect();
+        tokio::spawn(async move {
+            let r = client()
+                .post(url)
+                .basic_auth(WRITE_KEY, Some(""))
+                .json(&json!({"batch": messages}))
+                .send()
+                .await
+                .unwrap();
+            (b, r.status(), r.headers().get("retry-after").cloned())
+        })
+    };
+    // The first is taken by the writer (blocked on the lock), the second queued.
+    let first = batch(0);
+    support::eventually(
+        "the writer to take the first batch",
+        std::time::Duration::from_secs(30),
+        async || {
+            let running = write_running(&t.base).await;
+            (running > 0.0).then_some(()).ok_or(running.to_string())
+        },
+    )
+    .await;
+    let second = batch(1);
+    queue_depth_reaches(&t.base, 1).await;
+    // Answered while the store stays locked (10 s only bounds how long a queue that took it
+    // makes this test wait).
+    let (_, status, retry) = tokio::time::timeout(std::time::Duration::from_secs(10), batch(2))
+        .await
+        .expect("the third batch was queued, not turned away")
+        .unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(retry.as_ref().and_then(|v| v.to_str().ok()), Some("1"));
+    blocker.execute_batch("ROLLBACK").unwrap();
+    for task in [first, second] {
+        let (b, status, _) = task.await.unwrap();
+        assert_eq!(status, StatusCode::OK, "batch {b}");
+    }
+    let expected: Vec<String> = (0..2)
+        .flat_map(|b| (0..100).map(move |i| format!("q{b}-{i}")))
+        .collect();
+    assert_stored_exactly(&t.store_url, expected);
+    t.engine.stop().await.unwrap();
+}
+
 /// A write that does not end (the store locked from outside, as a database server that stopped
 /// answering would hold it up) turns `/healthz` and `/readyz` to 503 once it has run past the
 /// stall timeout, saying why, so that the kubelet restarts the engine; `/metrics` shows how long

@@ -127,6 +127,7 @@ impl EngineArgs {
             feed_token: token,
             // The flags' ranges keep each of these at 1 or more.
             queue_capacity: self.queue_capacity,
+            queue_events: crate::engine::DEFAULT_QUEUE_EVENTS,
             reading_capacity: self.reading_capacity,
             body_timeout: std::time::Duration::from_secs(self.body_timeout_secs),
             header_timeout: std::time::Duration::from_secs(self.header_timeout_secs),

@@ -27,6 +27,9 @@ pub const DEFAULT_STALL_TIMEOUT_SECS: u64 = 120;
 
 /// The default of [`EngineConfig::queue_capacity`].
 pub const DEFAULT_QUEUE_CAPACITY: usize = 64;
+/// The default of [`EngineConfig::queue_events`]: five of the writer's largest groups, ~1.5 s
+/// of writes at the PostgreSQL store's rate, ~50–70 MB of prepared events.
+pub const DEFAULT_QUEUE_EVENTS: usize = 100_000;
 /// The default of [`EngineConfig::reading_capacity`].
 pub const DEFAULT_READING_CAPACITY: usize = 64;
 /// The default of [`EngineConfig::body_timeout`], in seconds.
@@ -54,6 +57,9 @@ pub struct EngineConfig {
     pub feed_token: Option<String>,
     /// Requests the writer queue holds before answering 503.
     pub queue_capacity: usize,
+    /// Events the writer queue holds between its requests before answering 503 (a request is
+    /// always taken into an empty queue).
+    pub queue_events: usize,
     /// Requests whose bodies are read and parsed at once (each up to the 500 KB batch limit,
     /// plus its decompressed and parsed forms); one more is answered 503 before its body is
     /// read, so the memory held by requests in flight stays bounded.
@@ -95,6 +101,7 @@ impl std::fmt::Debug for EngineConfig {
             .field("rules", &self.rules)
             .field("feed_token", &self.feed_token.as_ref().map(|_| "(hidden)"))
             .field("queue_capacity", &self.queue_capacity)
+            .field("queue_events", &self.queue_events)
             .field("reading_capacity", &self.reading_capacity)
             .field("body_timeout", &self.body_timeout)
             .field("header_timeout", &self.header_timeout)
@@ -118,6 +125,7 @@ impl EngineConfig {
             rules: Rules::default(),
             feed_token: None,
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
+            queue_events: DEFAULT_QUEUE_EVENTS,
             reading_capacity: DEFAULT_READING_CAPACITY,
             body_timeout: std::time::Duration::from_secs(DEFAULT_BODY_TIMEOUT_SECS),
             header_timeout: std::time::Duration::from_secs(DEFAULT_HEADER_TIMEOUT_SECS),
@@ -218,7 +226,7 @@ pub async fn start(config: EngineConfig) -> anyhow::Result<RunningEngine> {
         store,
         config.store.clone(),
         config.rules.clone(),
-        config.queue_capacity,
+        (config.queue_capacity, config.queue_events),
         metrics.clone(),
         loaded_tx,
     );

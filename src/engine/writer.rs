@@ -5,7 +5,7 @@
 //! of buffering, so memory stays bounded under overload.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
@@ -28,6 +28,21 @@ const LOAD_RETRY_MAX: Duration = Duration::from_secs(30);
 struct Job {
     events: Vec<PreparedEvent>,
     reply: oneshot::Sender<Result<IngestSummary, String>>,
+    /// Its share of the queue's event budget, given back once the writer has taken the events
+    /// into a group (or the job is dropped unwritten).
+    _queued: Queued,
+}
+
+/// Events counted against the queue's budget ([`Writer::try_submit`]) until dropped.
+struct Queued {
+    events: usize,
+    counter: Arc<AtomicUsize>,
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(self.events, Ordering::Relaxed);
+    }
 }
 
 /// The queue was full.
@@ -39,6 +54,9 @@ pub struct Overloaded;
 pub struct Writer {
     tx: mpsc::Sender<Job>,
     capacity: usize,
+    /// Events in the queue (taken by [`Queued`]s), and the most it may hold.
+    queued: Arc<AtomicUsize>,
+    max_queued: usize,
     clock: WriteClock,
 }
 
@@ -84,12 +102,13 @@ impl WriteClock {
 
 impl Writer {
     /// Starts the writer thread on `store` (reopened from `url` after an error) with a queue of
-    /// `capacity` requests. The thread ends once every [`Writer`] is dropped and the queue drained.
+    /// `capacity` requests holding at most `max_queued` events between them. The thread ends
+    /// once every [`Writer`] is dropped and the queue drained.
     pub fn spawn(
         mut store: Box<dyn Store>,
         url: String,
         rules: Rules,
-        capacity: usize,
+        (capacity, max_queued): (usize, usize),
         metrics: Metrics,
         loaded: tokio::sync::watch::Sender<bool>,
     ) -> (Writer, std::thread::JoinHandle<()>) {
@@ -109,27 +128,48 @@ impl Writer {
             Writer {
                 tx,
                 capacity,
+                queued: Arc::new(AtomicUsize::new(0)),
+                max_queued: max_queued.max(1),
                 clock,
             },
             handle,
         )
     }
 
-    /// Queues events; the receiver resolves once they are committed. Fails at once when full.
+    /// Queues events; the receiver resolves once they are committed. Fails at once when full:
+    /// its requests all taken, or its events with these would be more than it may hold (a
+    /// request is always taken into an empty queue, whatever its size). The requests' count
+    /// alone left memory to the batches' sizes: a 500 KB batch of tiny messages is ~19,000
+    /// events, ~10 MB once prepared.
     pub fn try_submit(
         &self,
         events: Vec<PreparedEvent>,
     ) -> Result<oneshot::Receiver<Result<IngestSummary, String>>, Overloaded> {
+        let n = events.len();
+        self.queued
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |q| {
+                (q == 0 || q + n <= self.max_queued).then_some(q + n)
+            })
+            .map_err(|_| Overloaded)?;
+        let queued = Queued {
+            events: n,
+            counter: self.queued.clone(),
+        };
         let (reply, rx) = oneshot::channel();
         self.tx
-            .try_send(Job { events, reply })
+            .try_send(Job {
+                events,
+                reply,
+                _queued: queued,
+            })
             .map_err(|_| Overloaded)?;
         Ok(rx)
     }
 
-    /// Whether the queue is full (a request now would be turned away).
+    /// Whether the queue is full (a request now would be turned away): every request's place
+    /// taken, or every event's.
     pub fn is_full(&self) -> bool {
-        self.tx.capacity() == 0
+        self.tx.capacity() == 0 || self.queued.load(Ordering::Relaxed) >= self.max_queued
     }
 
     /// Requests waiting in the queue.

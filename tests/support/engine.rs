@@ -62,6 +62,8 @@ pub async fn start_configured(
 pub struct Options {
     /// Requests the writer's queue holds.
     pub capacity: usize,
+    /// Events the writer's queue holds.
+    pub queue_events: usize,
     /// Requests read and parsed at once.
     pub reading: usize,
     /// How long a body may take to arrive.
@@ -86,6 +88,7 @@ impl Default for Options {
     fn default() -> Options {
         Options {
             capacity: 8,
+            queue_events: profiles_sync::engine::DEFAULT_QUEUE_EVENTS,
             reading: 64,
             body_timeout: std::time::Duration::from_secs(30),
             header_timeout: std::time::Duration::from_secs(30),
@@ -107,6 +110,7 @@ impl Options {
         EngineConfig {
             feed_token: self.feed_token.map(str::to_string),
             queue_capacity: self.capacity,
+            queue_events: self.queue_events,
             reading_capacity: self.reading,
             body_timeout: self.body_timeout,
             header_timeout: self.header_timeout,
