@@ -1698,10 +1698,11 @@ async fn an_in_memory_store_is_refused_with_a_reason() {
     );
 }
 
-/// A client whose body stalls is answered 408 once the body timeout passes, which frees its
+/// A client whose body stalls is answered 503 with Retry-After once the body timeout passes
+/// (a 408 made the SDKs drop the batch: they give up on any 4xx but 429), which frees its
 /// reading permit: stalled clients cannot hold the engine's capacity (or its shutdown).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_body_is_answered_408_and_frees_its_permit() {
+async fn a_stalled_body_is_answered_503_to_send_again_and_frees_its_permit() {
     use tokio::io::AsyncReadExt;
     let t = support::engine::start_configured(8, 1, std::time::Duration::from_millis(300)).await;
     let (mut slow, _) = stall_a_batch(&t.base).await;
@@ -1721,8 +1722,15 @@ async fn a_stalled_body_is_answered_408_and_frees_its_permit() {
     let answer = tokio::time::timeout(std::time::Duration::from_secs(10), read_answer)
         .await
         .expect("no answer to the stalled request");
-    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("\r\nretry-after: 1\r\n"),
+        "{answer}"
+    );
     assert!(answer.contains("did not arrive within 0.3 s"), "{answer}");
+    assert!(answer.contains("\"code\":\"timeout\""), "{answer}");
     // Its permit is free again: the next request (the only reading slot) gets in.
     post_ok(
         &t.base,

@@ -30,7 +30,7 @@ pub struct EngineArgs {
     /// Requests read and parsed at once (bodies in memory); one more is answered 503 with Retry-After.
     #[arg(long, env = "PROFILES_SYNC_READING_CAPACITY", default_value_t = crate::engine::DEFAULT_READING_CAPACITY, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65_536))]
     pub reading_capacity: usize,
-    /// Seconds a request's body may take to arrive after its headers; a slower client is answered 408.
+    /// Seconds a request's body may take to arrive after its headers; a slower client is answered 503 with Retry-After, to send it again.
     #[arg(long, env = "PROFILES_SYNC_BODY_TIMEOUT_SECS", default_value_t = crate::engine::DEFAULT_BODY_TIMEOUT_SECS, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub body_timeout_secs: u64,
     /// Seconds a client may take to send a request's headers, and an idle keep-alive

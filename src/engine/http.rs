@@ -45,7 +45,7 @@ pub struct AppState {
     pub ready: AtomicBool,
     /// True once the writer has loaded the store (requests queue until then).
     pub loaded: tokio::sync::watch::Receiver<bool>,
-    /// How long a request's body may take to arrive (408 past it).
+    /// How long a request's body may take to arrive (503 with `Retry-After` past it).
     pub body_timeout: std::time::Duration,
     /// How long one write may run before `/healthz` reports the writer stalled (never when 0).
     pub stall_timeout: std::time::Duration,
@@ -351,15 +351,21 @@ async fn ingest_inner(
         return turned_away(state, body).await;
     };
     let read = tokio::time::timeout(state.body_timeout, read_body(headers, body)).await;
-    let read = read.unwrap_or_else(|_| {
-        Err(ApiError::new(
-            408,
-            format!(
-                "the request body did not arrive within {} s",
-                state.body_timeout.as_secs_f64()
-            ),
-        ))
-    });
+    let Ok(read) = read else {
+        // A 503, not a 408: the SDKs give a batch up on any 4xx but 429 (analytics-python,
+        // the mobile SDKs), and a client on a slow link would lose its events; on a 503 they
+        // send them again. The events are counted rejected as `timeout`.
+        state
+            .metrics
+            .events_rejected
+            .with_label_values(&["timeout"])
+            .inc();
+        let why = format!(
+            "the request body did not arrive within {} s; send it again",
+            state.body_timeout.as_secs_f64()
+        );
+        return closing(retry_later(request::error_body("timeout", &why), "1"));
+    };
     // Validation from here: the body's upload is the client's time, not the engine's.
     let started = Instant::now();
     let bytes = match read {

@@ -65,7 +65,7 @@ pub struct EngineConfig {
     /// read, so the memory held by requests in flight stays bounded.
     pub reading_capacity: usize,
     /// How long a request's body may take to arrive once its headers have: a client that
-    /// stalls longer is answered 408, so stalled clients cannot hold the reading capacity (or
+    /// stalls longer is answered 503 (to send it again), so stalled clients cannot hold the reading capacity (or
     /// a graceful shutdown) for ever.
     pub body_timeout: std::time::Duration,
     /// How long a client may take to send a request's headers (and an idle keep-alive

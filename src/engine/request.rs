@@ -82,7 +82,6 @@ impl ApiError {
     pub fn reason(&self) -> &'static str {
         match self.status {
             401 => "unauthorized",
-            408 => "timeout",
             413 => "too_large",
             415 => "unsupported_encoding",
             _ if self.field.is_some() => "invalid_field",
