@@ -18,7 +18,7 @@ use crate::event::{Event, EventType};
 /// | `android.push_token` / `ios.push_token` | `context.device.token` |
 /// | `ga_client_id` | `context.integrations["Google Analytics"].clientId`, else `integrations["Google Analytics"].clientId` |
 /// | `group_id` | `groupId` (group calls) |
-/// | any (lowercased) | `context.externalIds[]` entries having all of `id`, `type`, `collection`, `encoding` |
+/// | any (lowercased) | `context.externalIds[]` entries having all of `id`, `type`, `collection`, `encoding`, of the `users` collection |
 ///
 /// The platform of the device ids is `context.device.type`, else `context.os.name`
 /// (`android` or `ios`, any case); other platforms give no device ids. Values are strings;
@@ -155,7 +155,9 @@ fn device_ids(context: &Map<String, Value>, out: &mut Extracted) {
     }
 }
 
-/// One `context.externalIds[]` entry: `{id, type, collection, encoding}`, all four required.
+/// One `context.externalIds[]` entry: `{id, type, collection, encoding}`, all four required,
+/// of the `users` collection (any case): an id of another collection (`accounts`: a company's,
+/// a group's) is shared by many people, and as a person's identifier it merged them all.
 fn external_id(entry: &Value) -> Option<(String, String)> {
     let Value::Object(e) = entry else {
         return None;
@@ -165,8 +167,9 @@ fn external_id(entry: &Value) -> Option<(String, String)> {
         Some(Value::String(t)) if !t.trim().is_empty() => t.trim().to_lowercase(),
         _ => return None,
     };
-    let present = |k: &str| e.get(k).is_some_and(|v| !v.is_null());
-    (present("collection") && present("encoding")).then_some((id_type, value))
+    let users = matches!(e.get("collection"), Some(Value::String(c)) if c.trim().eq_ignore_ascii_case("users"));
+    let encoded = e.get("encoding").is_some_and(|v| !v.is_null());
+    (users && encoded).then_some((id_type, value))
 }
 
 #[cfg(test)]
@@ -266,12 +269,15 @@ mod tests {
     }
 
     #[test]
-    fn external_ids_need_all_four_keys() {
+    fn external_ids_need_all_four_keys_and_the_users_collection() {
         let e = event(
             json!({"type": "track", "event": "E", "userId": "u1", "context": {"externalIds": [
                 {"id": "p1", "type": "Phone", "collection": "users", "encoding": "none"},
                 {"id": 99, "type": "crm_id", "collection": "users", "encoding": "none"},
                 {"id": "x", "type": "crm_id", "collection": "users"},
+                {"id": "acme", "type": "account_id", "collection": "accounts", "encoding": "none"},
+                {"id": "y", "type": "crm_id", "collection": null, "encoding": "none"},
+                {"id": "p2", "type": "phone", "collection": "Users", "encoding": "none"},
                 {"id": "", "type": "crm_id", "collection": "users", "encoding": "none"},
                 {"id": "u1", "type": "user_id", "collection": "users", "encoding": "none"},
                 "not an object"
@@ -279,7 +285,12 @@ mod tests {
         );
         assert_eq!(
             pairs(&extract_identifiers(&e, &Rules::default())),
-            [("user_id", "u1"), ("phone", "p1"), ("crm_id", "99")]
+            [
+                ("user_id", "u1"),
+                ("phone", "p1"),
+                ("crm_id", "99"),
+                ("phone", "p2")
+            ]
         );
     }
 
