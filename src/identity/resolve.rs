@@ -371,9 +371,10 @@ fn merge_into(g: &mut IdentityGraph, a: ProfileIx, b: ProfileIx, res: &mut Resol
         });
     }
 
+    let max = g.rules.max_traits_per_profile;
     let prof_a = &mut g.profiles[a as usize];
     prof_a.merges = prof_a.merges.saturating_add(b_merges.saturating_add(1));
-    let changed = traits::merge(prof_a, b_traits, b_times);
+    let changed = traits::merge(prof_a, b_traits, b_times, max);
     g.mark_profile(a);
     changed
 }

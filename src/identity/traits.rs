@@ -35,6 +35,9 @@ pub(super) fn apply_identify(
             no_room += 1;
             continue;
         }
+        if value.is_null() && !tombstone_room(profile, name, max) {
+            continue;
+        }
         if value.is_null() {
             changed |= profile.traits.shift_remove(name).is_some();
         } else if profile.traits.get(name) != Some(value) {
@@ -51,14 +54,28 @@ pub(super) fn apply_identify(
     (changed, no_room)
 }
 
+/// Whether `profile` records the removal of `name` (a time of a trait it does not hold, so
+/// that an older write arriving later does not set it again): always for a trait it holds or
+/// has a time of; for another, while it keeps fewer than twice `max` times. Removals of names
+/// a profile never held would otherwise grow it without bound (each one rewritten with the
+/// profile at every change); past the bound such a removal changes nothing.
+fn tombstone_room(profile: &Profile, name: &str, max: usize) -> bool {
+    profile.trait_times.contains_key(name)
+        || profile.traits.contains_key(name)
+        || profile.trait_times.len() < max.saturating_mul(2)
+}
+
 /// Folds a merged-away profile's traits into the survivor: per trait, the side that set (or
 /// removed) it more recently wins — by timestamp, then by write order, as on one profile. A
 /// trait without a recorded time counts as older than any recorded one (on a tie of two such,
-/// the survivor keeps its own). Returns whether the values changed.
+/// the survivor keeps its own). No value is dropped, whatever `max` (a merge may take the
+/// survivor past it: the README's choice); removals are recorded within [`tombstone_room`].
+/// Returns whether the values changed.
 pub(super) fn merge(
     into: &mut Profile,
     from_traits: Map<String, Value>,
     mut from_times: HashMap<String, TraitTime>,
+    max: usize,
 ) -> bool {
     let mut changed = false;
     for (name, value) in from_traits {
@@ -73,7 +90,7 @@ pub(super) fn merge(
     }
     // What is left are removals (tombstones) on the merged-away side.
     for (name, at) in from_times {
-        if newer_than_survivor(into, &name, at) {
+        if newer_than_survivor(into, &name, at) && tombstone_room(into, &name, max) {
             changed |= into.traits.shift_remove(&name).is_some();
             into.trait_times.insert(name, at);
         }

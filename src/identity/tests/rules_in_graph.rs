@@ -232,6 +232,44 @@ fn identifier_cap_stops_new_identifiers_and_merges() {
     assert_eq!(r.external_id_mapping_updates.len(), 3);
 }
 
+/// Removals of traits a profile never held are recorded (so that an older write arriving
+/// later does not set them) only up to twice the trait cap: they grew the profile's stored
+/// trait times without bound.
+#[test]
+fn removals_of_traits_never_held_are_bounded() {
+    let rules = Rules::from_yaml("caps: {max_traits_per_profile: 3}").expect("rules");
+    let mut g = IdentityGraph::new(rules);
+    for round in 0..5 {
+        let removals: serde_json::Map<String, Value> = (0..50)
+            .map(|i| (format!("x{round}_{i}"), Value::Null))
+            .collect();
+        let mut msg = json!({"type": "identify", "userId": "u1"});
+        msg["traits"] = Value::Object(removals);
+        resolve(&mut g, msg);
+    }
+    let most = g.profiles.iter().map(|p| p.trait_times.len()).max();
+    assert_eq!(most, Some(6));
+    // A removal of a trait the profile holds is still recorded, whatever the bound.
+    let p = resolve(
+        &mut g,
+        json!({"type": "identify", "userId": "u1", "traits": {"kept": 1}}),
+    )
+    .segment_id;
+    resolve(
+        &mut g,
+        json!({"type": "identify", "userId": "u1", "traits": {"kept": null}}),
+    );
+    let older = ev_at(
+        json!({"type": "identify", "userId": "u1", "timestamp": "2024-04-01T00:00:00Z", "traits": {"kept": 2}}),
+        "2024-05-01T13:00:00Z",
+    );
+    g.resolve(&older).expect("resolves");
+    assert!(
+        !g.traits(&p).unwrap().contains_key("kept"),
+        "the later removal wins over an older write"
+    );
+}
+
 /// A profile holding `caps.max_traits_per_profile` traits takes no new one, while its own
 /// traits still change and a removal makes room; the cap is checked when the rules are read.
 #[test]
