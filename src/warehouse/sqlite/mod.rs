@@ -80,6 +80,24 @@ impl SqliteWarehouse {
             })?;
         }
         let conn = Connection::open(path).map_err(lite_error)?;
+        // The engine's own store file: the sync would take the store's change logs for the
+        // warehouse's tables, fail on them every run and write its tables among the store's.
+        let is_store: bool = conn
+            .query_row(
+                "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'seq_counter'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(lite_error)?;
+        if is_store {
+            return Err(WarehouseError::new(
+                ErrorClass::Schema,
+                format!(
+                    "sqlite.path {text:?} is a profiles-sync store (the engine's own file): give \
+                     the warehouse a file of its own"
+                ),
+            ));
+        }
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(lite_error)?;
         conn.pragma_update(None, "synchronous", "FULL")
@@ -262,5 +280,29 @@ mod tests {
                 .unwrap();
             assert!(e.message.contains("names no file"), "{path:?}: {e}");
         }
+    }
+
+    /// The engine's store file is refused as a warehouse: the sync took the store's change
+    /// logs for warehouse tables, failed on them every run and wrote among them.
+    #[test]
+    fn the_store_s_own_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let url = format!("sqlite://{}", path.display());
+        drop(crate::store::open(&url, crate::identity::Rules::default()).unwrap());
+        let e = super::SqliteWarehouse::open(&path, "s").err().unwrap();
+        assert_eq!(e.class, crate::crd::ErrorClass::Schema);
+        assert!(e.message.contains("is a profiles-sync store"), "{e}");
+        let tables: i64 = rusqlite::Connection::open(&path)
+            .unwrap()
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name LIKE '\\_profiles\\_sync%' ESCAPE '\\'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(tables, 0, "nothing written into the store");
+        let other = dir.path().join("warehouse.db");
+        super::SqliteWarehouse::open(&other, "s").expect("a file of its own");
     }
 }
