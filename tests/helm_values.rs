@@ -657,6 +657,23 @@ fn the_sync_jobs_image_keeps_a_pinned_digest() {
     }
 }
 
+/// The sync Jobs' default resources reach the controller's command line (the chart's
+/// defaults, another value, or none).
+#[test]
+fn the_sync_jobs_default_resources_reach_the_controller() {
+    for (case, cpu, memory) in [
+        ("defaults", Some("250m"), Some("512Mi")),
+        ("everything", Some("1"), Some("2Gi")),
+        ("no-sync-resources", None, None),
+    ] {
+        let objects = rendered(case).objects(case);
+        let controller = workload(&objects, "Deployment", "profiles-sync-controller");
+        let c = container(controller, "controller");
+        assert_eq!(arg_value(c, "--default-sync-cpu"), cpu, "{case}");
+        assert_eq!(arg_value(c, "--default-sync-memory"), memory, "{case}");
+    }
+}
+
 #[test]
 fn every_value_reaches_the_objects_it_configures() {
     let r = rendered("everything");

@@ -112,6 +112,12 @@ pub fn render_cases() -> Vec<(&'static str, Value, &'static str, &'static str)> 
             "profiles-sync",
         ),
         (
+            "no-sync-resources",
+            json!({"controller": {"syncResources": {"cpu": "", "memory": ""}}}),
+            "profiles-sync",
+            "profiles-sync",
+        ),
+        (
             "event-retention-leading-zero",
             json!({"engine": {"eventRetention": "07d"}}),
             "profiles-sync",
@@ -144,6 +150,7 @@ pub fn render_cases() -> Vec<(&'static str, Value, &'static str, &'static str)> 
                     "priorityClassName": "high"},
                 "controller": {"syncImage": {"repository": "registry.example/profiles-sync-sync", "tag": "0.1.0-debug"},
                     "egressIPs": ["203.0.113.7", "2001:db8::7"], "logLevel": "debug",
+                    "syncResources": {"cpu": "1", "memory": "2Gi"},
                     "serviceAccount": {"annotations": {"iam": "role"}}},
                 "serviceMonitor": {"enabled": true},
                 "networkPolicy": {"enabled": true, "engine": {"from": [ns_peer("ingress-nginx")]}},
@@ -237,6 +244,11 @@ pub fn reject_cases() -> Vec<Reject> {
             "sync-digest",
             json!({"controller": {"syncImage": {"digest": "sha256:short"}}}),
             "/controller/syncImage/digest",
+        ),
+        reject(
+            "sync-memory",
+            json!({"controller": {"syncResources": {"memory": "lots"}}}),
+            "/controller/syncResources/memory",
         ),
         reject(
             "pull-policy",
