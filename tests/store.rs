@@ -2149,19 +2149,21 @@ fn import_reports_every_refused_line_and_stores_the_good_ones_around_it() {
 /// nanoseconds (a `receivedAt`-based timestamp has them), so that a windowed limit, which compares
 /// the last sighting with `timestamp - window`, could decide the other way in an engine
 /// restarted between two events than in the one that kept running (review). The graph now keeps
-/// sightings to the microsecond too.
+/// sightings to the microsecond too. (Received after they happened: an event is ordered by
+/// its timestamp only up to its `receivedAt`.)
 #[test]
 fn a_restart_does_not_change_a_windowed_limit_s_decision() {
     let rules = || Rules::from_yaml("limits: {email: {max: 1, window: 1s}}").unwrap();
     let first = event(
         json!({"type": "identify", "messageId": "m1", "anonymousId": "a1",
-        "traits": {"email": "one@example.com"}, "timestamp": "2026-01-01T00:00:00.000000500Z"}),
+        "traits": {"email": "one@example.com"}, "timestamp": "2026-01-01T00:00:00.000000500Z",
+        "receivedAt": "2026-01-01T00:00:05Z"}),
     );
     let second = || {
         event(
             json!({"type": "track", "messageId": "m2", "anonymousId": "a1", "event": "E",
             "context": {"traits": {"email": "two@example.com"}},
-            "timestamp": "2026-01-01T00:00:01.000000200Z"}),
+            "timestamp": "2026-01-01T00:00:01.000000200Z", "receivedAt": "2026-01-01T00:00:05Z"}),
         )
     };
     let segment_of = |s: &mut dyn Store, id: &str| {
