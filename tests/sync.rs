@@ -1866,6 +1866,73 @@ fn postgres_columns_of_the_warehouses_own_types_still_load() {
     );
 }
 
+/// Columns a DBA gave a type text has no assignment cast to (`uuid`, `inet`, an enum, an
+/// array) load through an explicit cast to that type: every load of such a table failed,
+/// whatever its values. A value the type refuses still fails its table, naming the column.
+#[test]
+fn postgres_columns_of_types_text_does_not_convert_to_implicitly_load() {
+    let (mut s, url, _d) = store();
+    let order = |id: &str, reference: &str| {
+        msg(
+            json!({"type": "track", "messageId": id, "userId": "u1", "event": "Order Completed",
+                   "context": {"ip": "203.0.113.9"},
+                   "properties": {"reference": reference, "state": "paid", "tags": "{a,b}"}}),
+        )
+    };
+    ingest(
+        &mut *s,
+        &[order("o1", "8e2bd4f6-7a3c-4c55-9a8b-1f0c2d3e4a5b")],
+    );
+    let wh = TestWarehouse::postgres();
+    as_dba(&wh)
+        .batch_execute(
+            "CREATE SCHEMA profiles_sync;
+             CREATE TYPE profiles_sync.order_state AS ENUM ('new', 'paid');
+             CREATE TABLE profiles_sync.order_completed (id TEXT PRIMARY KEY, context_ip INET,
+                 reference UUID, state profiles_sync.order_state, tags TEXT[]);",
+        )
+        .unwrap();
+    let r = wh.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    ingest(
+        &mut *s,
+        &[order("o2", "0b1c2d3e-4f50-4a6b-8c7d-9e0f1a2b3c4d")],
+    );
+    let r = wh.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    assert_eq!(
+        wh.query(
+            "SELECT id, host(context_ip), reference::text, state::text, array_length(tags, 1)::text
+               FROM profiles_sync.order_completed ORDER BY id"
+        ),
+        [
+            [
+                "o1",
+                "203.0.113.9",
+                "8e2bd4f6-7a3c-4c55-9a8b-1f0c2d3e4a5b",
+                "paid",
+                "2"
+            ],
+            [
+                "o2",
+                "203.0.113.9",
+                "0b1c2d3e-4f50-4a6b-8c7d-9e0f1a2b3c4d",
+                "paid",
+                "2"
+            ],
+        ]
+        .map(|row| row.map(|v| Some(v.to_string())))
+    );
+    ingest(&mut *s, &[order("o3", "not a uuid")]);
+    let r = wh.sync(&url, None);
+    assert_eq!(failed_tables(&r), ["order_completed"], "{r:#?}");
+    assert!(
+        r.errors.iter().any(|e| e.message.contains("uuid")),
+        "{r:#?}"
+    );
+    assert_eq!(wh.count("order_completed"), 2);
+}
+
 /// A DBA may narrow a column (`varchar(5)`, `integer`, `numeric(6,2)`, `real`): a value of the
 /// right type that the column still refuses goes to `discards` like an uncastable one, instead
 /// of failing the table's load on every run.

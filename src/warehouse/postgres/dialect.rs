@@ -50,15 +50,20 @@ impl PostgresDialect {
 impl PostgresDialect {
     /// The explicit cast the stage's value needs into a column of `sql_type`, where no implicit
     /// one reaches it from the stage's text: `json` and `jsonb` (whose values the sync checks
-    /// are JSON, [`ColumnLimit::Json`]). Other types text has no assignment cast to (`uuid`,
-    /// `inet`, enums, arrays) get none: their loads fail with PostgreSQL's message naming the
-    /// column.
-    pub fn stage_cast(&self, sql_type: &str) -> Option<&'static str> {
-        match sql_type.to_ascii_lowercase().as_str() {
-            "json" => Some("json"),
-            "jsonb" => Some("jsonb"),
-            _ => None,
+    /// are JSON, [`ColumnLimit::Json`]), and every other type the sync stages as text but text
+    /// has no assignment cast to — a DBA's `uuid`, `inet`, enum, array, `citext` — cast to the
+    /// type as the catalog spells it (`format_type`, which quotes and qualifies names as
+    /// needed), by the type's input function. Without it every load of such a column failed,
+    /// whatever its values; now one fails only on a value the type refuses, with PostgreSQL's
+    /// message naming it.
+    pub fn stage_cast(&self, sql_type: &str) -> Option<String> {
+        let t = sql_type.to_ascii_lowercase();
+        let text = (t.starts_with("character") || t.starts_with("varchar") || t == "text")
+            && !t.ends_with("[]");
+        if text || self.parse_type(sql_type) != ColumnType::Varchar {
+            return None;
         }
+        Some(sql_type.to_string())
     }
 }
 
