@@ -51,16 +51,21 @@ impl PostgresDialect {
     /// The explicit cast the stage's value needs into a column of `sql_type`, where no implicit
     /// one reaches it from the stage's text: `json` and `jsonb` (whose values the sync checks
     /// are JSON, [`ColumnLimit::Json`]), and every other type the sync stages as text but text
-    /// has no assignment cast to — a DBA's `uuid`, `inet`, enum, array, `citext` — cast to the
-    /// type as the catalog spells it (`format_type`, which quotes and qualifies names as
+    /// has no assignment cast to — a DBA's `uuid`, `inet`, enum, `text[]`, `citext` — cast to
+    /// the type as the catalog spells it (`format_type`, which quotes and qualifies names as
     /// needed), by the type's input function. Without it every load of such a column failed,
     /// whatever its values; now one fails only on a value the type refuses, with PostgreSQL's
-    /// message naming it.
-    pub fn stage_cast(&self, sql_type: &str) -> Option<String> {
+    /// message naming it. Only for a `plain` type (no modifier, no domain): an explicit cast
+    /// to `varchar(3)[]` or `bit(8)` cuts a longer value where the load must refuse it, so
+    /// those keep failing their table on such a column, as before.
+    pub fn stage_cast(&self, sql_type: &str, plain: bool) -> Option<String> {
         let t = sql_type.to_ascii_lowercase();
+        if t == "json" || t == "jsonb" {
+            return Some(t);
+        }
         let text = (t.starts_with("character") || t.starts_with("varchar") || t == "text")
             && !t.ends_with("[]");
-        if text || self.parse_type(sql_type) != ColumnType::Varchar {
+        if !plain || text || self.parse_type(sql_type) != ColumnType::Varchar {
             return None;
         }
         Some(sql_type.to_string())
@@ -278,6 +283,36 @@ mod tests {
                 bytes: true
             })
         );
+    }
+
+    /// The staging merge casts explicitly to json, jsonb and the plain types text has no
+    /// assignment cast to; never to a type with a modifier or a domain, whose explicit cast
+    /// would cut a value the load must refuse; never to the types it reaches by itself.
+    #[test]
+    fn stage_casts_go_only_to_types_that_need_one_and_cut_nothing() {
+        let d = PostgresDialect::postgres();
+        for (catalog, plain, cast) in [
+            ("json", true, Some("json")),
+            ("jsonb", true, Some("jsonb")),
+            ("uuid", true, Some("uuid")),
+            ("inet", true, Some("inet")),
+            ("text[]", true, Some("text[]")),
+            (
+                "profiles_sync.order_state",
+                true,
+                Some("profiles_sync.order_state"),
+            ),
+            ("character varying(3)[]", false, None),
+            ("bit(8)", false, None),
+            ("my_domain", false, None),
+            ("text", true, None),
+            ("character varying(20)", false, None),
+            ("integer", true, None),
+            ("numeric(6,2)", false, None),
+            ("date", true, None),
+        ] {
+            assert_eq!(d.stage_cast(catalog, plain).as_deref(), cast, "{catalog}");
+        }
     }
 
     #[test]

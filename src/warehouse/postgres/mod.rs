@@ -33,10 +33,10 @@ pub struct PostgresWarehouse {
     schema: String,
     dialect: PostgresDialect,
     /// Table → its columns binary COPY cannot fill directly (see
-    /// [`PostgresDialect::copies_directly`]), each with its type as `format_type` spells it
-    /// (the staging merge's explicit cast, [`PostgresDialect::stage_cast`], goes by it), as of
-    /// the last [`Warehouse::describe`].
-    converted: BTreeMap<String, HashMap<String, String>>,
+    /// [`PostgresDialect::copies_directly`]), each with the staging merge's explicit cast to it
+    /// ([`PostgresDialect::stage_cast`]) when it needs one, as of the last
+    /// [`Warehouse::describe`].
+    converted: BTreeMap<String, HashMap<String, Option<String>>>,
     /// Table → its narrowed columns, as of the last [`Warehouse::describe`].
     limits: BTreeMap<String, ColumnLimits>,
     /// Table → columns a DBA dropped, as of the last `describe` (they still count toward
@@ -435,8 +435,12 @@ impl Warehouse for PostgresWarehouse {
             .query(
                 // pg_catalog, not information_schema: tables the user may not write must still show,
                 // or the sync would try to create them instead of reporting the missing privilege.
-                "SELECT c.relname::text, a.attname::text, format_type(a.atttypid, a.atttypmod)
+                // The last column: whether the type has no modifier (a length, a precision) and
+                // is no domain, so that an explicit cast to it cuts nothing (`stage_cast`).
+                "SELECT c.relname::text, a.attname::text, format_type(a.atttypid, a.atttypmod),
+                        a.atttypmod = -1 AND t.typtype <> 'd'
                    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace JOIN pg_attribute a ON a.attrelid = c.oid
+                        JOIN pg_type t ON t.oid = a.atttypid
                   WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND a.attnum > 0 AND NOT a.attisdropped
                   ORDER BY c.relname, a.attnum",
                 &[&self.schema],
@@ -462,7 +466,8 @@ impl Warehouse for PostgresWarehouse {
             })
             .collect();
         for r in rows {
-            let (table, column, ty): (String, String, String) = (r.get(0), r.get(1), r.get(2));
+            let (table, column, ty, plain): (String, String, String, bool) =
+                (r.get(0), r.get(1), r.get(2), r.get(3));
             if let Some(limit) = self.dialect.column_limit(&ty) {
                 self.limits
                     .entry(table.clone())
@@ -471,10 +476,11 @@ impl Warehouse for PostgresWarehouse {
             }
             let parsed = self.dialect.parse_type(&ty);
             if !self.dialect.copies_directly(&ty) {
+                let cast = self.dialect.stage_cast(&ty, plain);
                 self.converted
                     .entry(table.clone())
                     .or_default()
-                    .insert(column.clone(), ty);
+                    .insert(column.clone(), cast);
             }
             out.entry(table).or_default().insert(column, parsed);
         }
@@ -594,15 +600,12 @@ impl Warehouse for PostgresWarehouse {
         let converted = self.converted.get(table);
         let select: Vec<String> = columns
             .iter()
-            .map(|c| {
-                match converted
-                    .and_then(|m| m.get(*c))
-                    .and_then(|ty| d.stage_cast(ty))
-                {
+            .map(
+                |c| match converted.and_then(|m| m.get(*c)).and_then(Option::as_ref) {
                     Some(cast) => format!("{}::{cast}", d.quote(c)),
                     None => d.quote(c),
-                }
-            })
+                },
+            )
             .collect();
         d.merge_from_stage_as(
             &self.schema,
