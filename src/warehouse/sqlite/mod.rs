@@ -82,13 +82,19 @@ impl SqliteWarehouse {
         let conn = Connection::open(path).map_err(lite_error)?;
         // The engine's own store file: the sync would take the store's change logs for the
         // warehouse's tables, fail on them every run and write its tables among the store's.
-        let is_store: bool = conn
-            .query_row(
-                "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'seq_counter'",
-                [],
-                |r| r.get(0),
-            )
+        // Told by the store's format version and its head counter's column together (a Track
+        // event `Seq Counter` makes a warehouse table `seq_counter`, without a `head`).
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(lite_error)?;
+        let is_store = version > 0
+            && conn
+                .query_row(
+                    "SELECT count(*) > 0 FROM pragma_table_info('seq_counter') WHERE name = 'head'",
+                    [],
+                    |r| r.get::<_, bool>(0),
+                )
+                .map_err(lite_error)?;
         if is_store {
             return Err(WarehouseError::new(
                 ErrorClass::Schema,
@@ -304,5 +310,11 @@ mod tests {
         assert_eq!(tables, 0, "nothing written into the store");
         let other = dir.path().join("warehouse.db");
         super::SqliteWarehouse::open(&other, "s").expect("a file of its own");
+        // A warehouse with a Track event table named like the store's counter is no store.
+        rusqlite::Connection::open(&other)
+            .unwrap()
+            .execute_batch("CREATE TABLE seq_counter (id TEXT PRIMARY KEY, event TEXT)")
+            .unwrap();
+        super::SqliteWarehouse::open(&other, "s").expect("still a warehouse");
     }
 }
