@@ -135,12 +135,25 @@ impl TraitTime {
 
 impl Profile {
     /// A profile from its persisted state, canonical pointer unset, and the name of the
-    /// profile its state says it resolves to.
-    fn of(state: ProfileState) -> (Profile, String) {
+    /// profile its state says it resolves to. A trait time later than `now` (an earlier
+    /// release ordered writes by an event's timestamp even when it was in the future) reads
+    /// as `now`, so that such a trait takes the writes after it ([`Subject::time_of`]).
+    ///
+    /// [`Subject::time_of`]: super::Subject::time_of
+    fn of(state: ProfileState, now: Timestamp) -> (Profile, String) {
         let trait_times = state
             .trait_times
             .iter()
-            .filter_map(|(k, v)| Some((k.clone(), TraitTime::parse(v)?)))
+            .filter_map(|(k, v)| {
+                let t = TraitTime::parse(v)?;
+                Some((
+                    k.clone(),
+                    TraitTime {
+                        at: t.at.min(now),
+                        order: t.order,
+                    },
+                ))
+            })
             .collect();
         let profile = Profile {
             segment_id: Arc::from(state.segment_id.as_str()),
@@ -288,12 +301,13 @@ impl IdentityGraph {
     /// makes a profile canonical, and an identifier of an unknown profile gets a new profile
     /// (reported by the next `take_dirty`).
     pub fn restore(&mut self, profiles: Vec<ProfileState>, identifiers: Vec<IdentifierState>) {
+        let now = to_micros(Timestamp::now());
         let rules = std::mem::take(&mut self.rules);
         *self = IdentityGraph::new(rules);
 
         let mut canonical_names = Vec::with_capacity(profiles.len());
         for state in profiles {
-            let (profile, canonical_name) = Profile::of(state);
+            let (profile, canonical_name) = Profile::of(state, now);
             match self.by_segment_id.get(&*profile.segment_id) {
                 Some(&p) => {
                     self.profiles[p as usize] = profile;
@@ -362,9 +376,10 @@ impl IdentityGraph {
         profiles: Vec<ProfileState>,
         identifiers: Vec<IdentifierState>,
     ) -> bool {
+        let now = to_micros(Timestamp::now());
         let mut repointed = Vec::with_capacity(profiles.len());
         for state in profiles {
-            let (profile, canonical_name) = Profile::of(state);
+            let (profile, canonical_name) = Profile::of(state, now);
             self.next_rank = self.next_rank.max(profile.created_rank.saturating_add(1));
             self.next_write = self.next_write.max(profile.next_write());
             let p = match self.by_segment_id.get(&*profile.segment_id) {
@@ -453,8 +468,14 @@ impl IdentityGraph {
 
     /// Restores or updates identifiers from persisted state; one of an unknown profile gets a
     /// new profile (reported by the next `take_dirty`).
+    /// Identifiers as persisted; a sighting later than now (stored by an earlier release,
+    /// which took an event's timestamp in the future as it was) reads as now, so that it
+    /// does not count under a limit's window until that date.
     fn put_identifiers(&mut self, identifiers: Vec<IdentifierState>) {
-        for state in identifiers {
+        let now = to_micros(Timestamp::now());
+        for mut state in identifiers {
+            state.first_seen = state.first_seen.min(now);
+            state.last_seen = state.last_seen.min(now);
             let ty = self.intern(&state.id_type);
             let profile = match self.by_segment_id.get(state.segment_id.as_str()) {
                 Some(&p) => p,

@@ -319,6 +319,41 @@ fn a_trait_set_in_the_future_is_ordered_by_its_arrival() {
     assert_eq!(g.traits(&p).unwrap().get("plan"), Some(&json!("b")));
 }
 
+/// A trait time an earlier release stored in the future (it ordered writes by the event's
+/// timestamp as it was) reads as the time the graph was loaded, so that the writes after it
+/// still change the trait; sightings in the future read as then too.
+#[test]
+fn a_trait_time_stored_in_the_future_reads_as_the_load_time() {
+    let mut old = IdentityGraph::new(Rules::default());
+    let future = ev_at(
+        json!({"type": "identify", "userId": "u1", "traits": {"plan": "a"}}),
+        "2099-01-01T00:00:00Z",
+    );
+    let p = old.resolve(&future).expect("resolves").segment_id;
+    let delta = old.take_dirty();
+    assert!(
+        delta.profiles[0].trait_times["plan"]
+            .as_str()
+            .unwrap()
+            .starts_with("2099"),
+        "{:?}",
+        delta.profiles[0].trait_times
+    );
+    let mut g = IdentityGraph::new(Rules::default());
+    g.restore(delta.profiles, delta.identifiers);
+    let later = (Timestamp::now() + jiff::SignedDuration::from_hours(1)).to_string();
+    let r = g
+        .resolve(&ev_at(
+            json!({"type": "identify", "userId": "u1", "traits": {"plan": "b"}}),
+            &later,
+        ))
+        .expect("resolves");
+    assert_eq!(r.segment_id, p);
+    assert_eq!(g.traits(&p).unwrap().get("plan"), Some(&json!("b")));
+    let seen = g.take_dirty().identifiers;
+    assert!(seen.iter().all(|i| i.last_seen <= at(&later)), "{seen:?}");
+}
+
 #[test]
 fn merge_keeps_the_newest_value_of_each_trait() {
     let mut g = IdentityGraph::new(Rules::default());
