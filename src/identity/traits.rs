@@ -35,9 +35,6 @@ pub(super) fn apply_identify(
             no_room += 1;
             continue;
         }
-        if value.is_null() && !tombstone_room(profile, name, max) {
-            continue;
-        }
         if value.is_null() {
             changed |= profile.traits.shift_remove(name).is_some();
         } else if profile.traits.get(name) != Some(value) {
@@ -51,26 +48,45 @@ pub(super) fn apply_identify(
             }
         }
     }
+    forget_old_removals(profile, max);
     (changed, no_room)
 }
 
-/// Whether `profile` records the removal of `name` (a time of a trait it does not hold, so
-/// that an older write arriving later does not set it again): always for a trait it holds or
-/// has a time of; for another, while it keeps fewer than twice `max` times. Removals of names
-/// a profile never held would otherwise grow it without bound (each one rewritten with the
-/// profile at every change); past the bound such a removal changes nothing.
-fn tombstone_room(profile: &Profile, name: &str, max: usize) -> bool {
-    profile.trait_times.contains_key(name)
-        || profile.traits.contains_key(name)
-        || profile.trait_times.len() < max.saturating_mul(2)
+/// Keeps the times of at most `max` traits the profile does not hold — removals, remembered
+/// so that an older write arriving later does not set the trait again — forgetting the oldest
+/// beyond (by time, then name: the same on every replica). Removals of ever new names (set
+/// then removed, or removed without ever being set) would otherwise grow a profile without
+/// bound, each one rewritten with it at every change. A forgotten removal's trait can be set
+/// again by a write older than it that arrives later.
+fn forget_old_removals(profile: &mut Profile, max: usize) {
+    if profile.trait_times.len() <= max {
+        return;
+    }
+    let mut removals: Vec<(TraitTime, &String)> = profile
+        .trait_times
+        .iter()
+        .filter(|(name, _)| !profile.traits.contains_key(*name))
+        .map(|(name, &at)| (at, name))
+        .collect();
+    if removals.len() <= max {
+        return;
+    }
+    removals.sort_unstable();
+    let forgotten: Vec<String> = removals[..removals.len() - max]
+        .iter()
+        .map(|(_, name)| (*name).clone())
+        .collect();
+    for name in forgotten {
+        profile.trait_times.remove(&name);
+    }
 }
 
 /// Folds a merged-away profile's traits into the survivor: per trait, the side that set (or
 /// removed) it more recently wins — by timestamp, then by write order, as on one profile. A
 /// trait without a recorded time counts as older than any recorded one (on a tie of two such,
 /// the survivor keeps its own). No value is dropped, whatever `max` (a merge may take the
-/// survivor past it: the README's choice); removals are recorded within [`tombstone_room`].
-/// Returns whether the values changed.
+/// survivor past it: the README's choice); of the removals, at most `max` are kept
+/// ([`forget_old_removals`]). Returns whether the values changed.
 pub(super) fn merge(
     into: &mut Profile,
     from_traits: Map<String, Value>,
@@ -90,11 +106,12 @@ pub(super) fn merge(
     }
     // What is left are removals (tombstones) on the merged-away side.
     for (name, at) in from_times {
-        if newer_than_survivor(into, &name, at) && tombstone_room(into, &name, max) {
+        if newer_than_survivor(into, &name, at) {
             changed |= into.traits.shift_remove(&name).is_some();
             into.trait_times.insert(name, at);
         }
     }
+    forget_old_removals(into, max);
     changed
 }
 

@@ -232,42 +232,41 @@ fn identifier_cap_stops_new_identifiers_and_merges() {
     assert_eq!(r.external_id_mapping_updates.len(), 3);
 }
 
-/// Removals of traits a profile never held are recorded (so that an older write arriving
-/// later does not set them) only up to twice the trait cap: they grew the profile's stored
-/// trait times without bound.
+/// A profile remembers at most `caps.max_traits_per_profile` removals of traits it does not
+/// hold (so that an older write arriving later does not set them), forgetting the oldest:
+/// removals of ever new names — never set, or set and removed again — grew its stored trait
+/// times without bound.
 #[test]
-fn removals_of_traits_never_held_are_bounded() {
+fn removals_of_traits_not_held_are_bounded_and_the_newest_kept() {
     let rules = Rules::from_yaml("caps: {max_traits_per_profile: 3}").expect("rules");
     let mut g = IdentityGraph::new(rules);
+    let mut p = String::new();
     for round in 0..5 {
-        let removals: serde_json::Map<String, Value> = (0..50)
-            .map(|i| (format!("x{round}_{i}"), Value::Null))
-            .collect();
-        let mut msg = json!({"type": "identify", "userId": "u1"});
-        msg["traits"] = Value::Object(removals);
-        resolve(&mut g, msg);
+        let names: Vec<String> = (0..4).map(|i| format!("x{round}_{i}")).collect();
+        let mut set = json!({"type": "identify", "userId": "u1", "traits": {}});
+        let mut removed =
+            json!({"type": "identify", "userId": "u1", "traits": {"never_held": null}});
+        for n in &names[..2] {
+            set["traits"][n] = json!(1);
+            removed["traits"][n] = Value::Null;
+        }
+        removed["traits"][format!("never_{round}")] = Value::Null;
+        resolve(&mut g, set);
+        p = resolve(&mut g, removed).segment_id;
     }
-    let most = g.profiles.iter().map(|p| p.trait_times.len()).max();
-    assert_eq!(most, Some(6));
-    // A removal of a trait the profile holds is still recorded, whatever the bound.
-    let p = resolve(
-        &mut g,
-        json!({"type": "identify", "userId": "u1", "traits": {"kept": 1}}),
-    )
-    .segment_id;
-    resolve(
-        &mut g,
-        json!({"type": "identify", "userId": "u1", "traits": {"kept": null}}),
-    );
+    let times = g.profiles.iter().map(|p| p.trait_times.len()).max();
+    assert_eq!(times, Some(3), "three removals remembered");
+    // The newest are kept (of one write's, the last names): a late write older than the last
+    // round's removal does not set it again; one of a forgotten removal does.
     let older = ev_at(
-        json!({"type": "identify", "userId": "u1", "timestamp": "2024-04-01T00:00:00Z", "traits": {"kept": 2}}),
+        json!({"type": "identify", "userId": "u1", "timestamp": "2024-04-01T00:00:00Z",
+               "traits": {"x4_1": "late", "x0_1": "late"}}),
         "2024-05-01T13:00:00Z",
     );
     g.resolve(&older).expect("resolves");
-    assert!(
-        !g.traits(&p).unwrap().contains_key("kept"),
-        "the later removal wins over an older write"
-    );
+    let traits = g.traits(&p).unwrap();
+    assert!(!traits.contains_key("x4_1"), "{traits:?}");
+    assert_eq!(traits.get("x0_1"), Some(&json!("late")), "{traits:?}");
 }
 
 /// A profile holding `caps.max_traits_per_profile` traits takes no new one, while its own
