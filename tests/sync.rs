@@ -2097,7 +2097,9 @@ fn postgres_a_run_without_the_event_names_a_long_selection_needs_fails_and_loads
     ingest(&mut *s, &[coupon_track("l2", long)]);
 
     let mut feed = ScriptedFeed::new(&url);
-    feed.names_fail = true;
+    // Its first call only: the run's later calls (its event tables') succeed, and those loaded
+    // the table as if the selection did not name it.
+    feed.names_fail = 1;
     let failed = wh.sync_source(&mut feed, Some(&sel), &wh.spec, 500);
     assert_eq!(failed.status, SyncStatus::Failed, "{failed:#?}");
     assert!(
@@ -2292,8 +2294,8 @@ struct ScriptedFeed {
     cut_pages: bool,
     /// A Track event name the first `track_event_names` leaves out: it came after the read.
     late_name: Option<String>,
-    /// Whether `track_event_names` fails (the engine's catalog unreachable for that call).
-    names_fail: bool,
+    /// How many calls of `track_event_names` fail (the engine's catalog unreachable for them).
+    names_fail: usize,
 }
 
 impl ScriptedFeed {
@@ -2306,7 +2308,7 @@ impl ScriptedFeed {
             before_traits_read: None,
             cut_pages: false,
             late_name: None,
-            names_fail: false,
+            names_fail: 0,
         }
     }
 }
@@ -2351,7 +2353,8 @@ impl profiles_sync::sync::FeedSource for ScriptedFeed {
         self.inner.head()
     }
     fn track_event_names(&mut self) -> Result<Vec<String>, profiles_sync::sync::SourceError> {
-        if self.names_fail {
+        if self.names_fail > 0 {
+            self.names_fail -= 1;
             return Err(profiles_sync::sync::SourceError(
                 "catalog unavailable".into(),
             ));
