@@ -27,6 +27,10 @@ pub struct EngineArgs {
     /// Requests the writer queue holds before the engine answers 503 with Retry-After.
     #[arg(long, env = "PROFILES_SYNC_QUEUE_CAPACITY", default_value_t = crate::engine::DEFAULT_QUEUE_CAPACITY, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65_536))]
     pub queue_capacity: usize,
+    /// Events the writer queue holds between its requests before the engine answers 503 with
+    /// Retry-After (a request is always taken into an empty queue).
+    #[arg(long, env = "PROFILES_SYNC_QUEUE_EVENTS", default_value_t = crate::engine::DEFAULT_QUEUE_EVENTS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=10_000_000))]
+    pub queue_events: usize,
     /// Requests read and parsed at once (bodies in memory); one more is answered 503 with Retry-After.
     #[arg(long, env = "PROFILES_SYNC_READING_CAPACITY", default_value_t = crate::engine::DEFAULT_READING_CAPACITY, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65_536))]
     pub reading_capacity: usize,
@@ -127,7 +131,7 @@ impl EngineArgs {
             feed_token: token,
             // The flags' ranges keep each of these at 1 or more.
             queue_capacity: self.queue_capacity,
-            queue_events: crate::engine::DEFAULT_QUEUE_EVENTS,
+            queue_events: self.queue_events,
             reading_capacity: self.reading_capacity,
             body_timeout: std::time::Duration::from_secs(self.body_timeout_secs),
             header_timeout: std::time::Duration::from_secs(self.header_timeout_secs),
@@ -233,6 +237,7 @@ mod tests {
         for (flag, value) in [
             ("--reading-capacity", "18446744073709551615"),
             ("--queue-capacity", "0"),
+            ("--queue-events", "0"),
             ("--feed-readers", "100000"),
             ("--max-connections", "18446744073709551615"),
             ("--header-timeout-secs", "18446744073709551615"),
