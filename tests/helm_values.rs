@@ -665,6 +665,7 @@ fn the_sync_jobs_default_resources_reach_the_controller() {
         ("defaults", Some("250m"), Some("512Mi")),
         ("everything", Some("1"), Some("2Gi")),
         ("no-sync-resources", None, None),
+        ("sync-resources-absent", None, None),
     ] {
         let objects = rendered(case).objects(case);
         let controller = workload(&objects, "Deployment", "profiles-sync-controller");

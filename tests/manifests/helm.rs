@@ -118,6 +118,13 @@ pub fn render_cases() -> Vec<(&'static str, Value, &'static str, &'static str)> 
             "profiles-sync",
         ),
         (
+            // As an upgrade with --reuse-values from a release without the value renders.
+            "sync-resources-absent",
+            json!({"controller": {"syncResources": null}}),
+            "profiles-sync",
+            "profiles-sync",
+        ),
+        (
             "event-retention-leading-zero",
             json!({"engine": {"eventRetention": "07d"}}),
             "profiles-sync",
