@@ -1703,25 +1703,10 @@ async fn an_in_memory_store_is_refused_with_a_reason() {
 /// reading permit: stalled clients cannot hold the engine's capacity (or its shutdown).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_body_is_answered_503_to_send_again_and_frees_its_permit() {
-    use tokio::io::AsyncReadExt;
     let t = support::engine::start_configured(8, 1, std::time::Duration::from_millis(300)).await;
     let (mut slow, _) = stall_a_batch(&t.base).await;
-    // The engine answers on its own, the rest of the body never sent (10 s only bounds how
-    // long a broken engine makes this test wait).
-    let read_answer = async {
-        let mut answer = Vec::new();
-        let mut buf = [0u8; 4096];
-        while !String::from_utf8_lossy(&answer).contains("}") {
-            match slow.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => answer.extend_from_slice(&buf[..n]),
-            }
-        }
-        String::from_utf8_lossy(&answer).into_owned()
-    };
-    let answer = tokio::time::timeout(std::time::Duration::from_secs(10), read_answer)
-        .await
-        .expect("no answer to the stalled request");
+    // The engine answers on its own, the rest of the body never sent.
+    let answer = support::engine::answer_without_the_body(&mut slow).await;
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     assert!(
         answer

@@ -154,3 +154,24 @@ pub async fn metrics(base: &str) -> reqwest::Result<String> {
         .text()
         .await
 }
+
+/// The answer the engine sends on `conn` by itself, its request's body left unsent: what
+/// arrives up to the end of its JSON body (or the connection's end). Fails after 10 s, which
+/// only bounds how long a broken engine makes a test wait.
+pub async fn answer_without_the_body(conn: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let read = async {
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&answer).contains('}') {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), read)
+        .await
+        .expect("no answer while the body was left unsent")
+}
