@@ -688,6 +688,7 @@ fn every_value_reaches_the_objects_it_configures() {
     let e = container(engine, "engine");
     assert_eq!(e.image.as_deref(), Some(digest.as_str()));
     assert_eq!(arg_value(e, "--queue-capacity"), Some("128"));
+    assert_eq!(arg_value(e, "--queue-events"), Some("50000"));
     assert_eq!(arg_value(e, "--stall-timeout-secs"), Some("90"));
     for (flag, value) in [
         ("--feed-readers", "3"),

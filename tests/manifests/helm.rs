@@ -144,7 +144,7 @@ pub fn render_cases() -> Vec<(&'static str, Value, &'static str, &'static str)> 
                 "identityRules": {"limits": {"email": {"max": 3, "window": "30d"}},
                                   "priority": ["user_id", "email"],
                                   "caps": {"max_traits": 200, "max_traits_per_profile": 1500}},
-                "engine": {"queueCapacity": 128, "stallTimeoutSeconds": 90, "logLevel": "debug",
+                "engine": {"queueCapacity": 128, "queueEvents": 50000, "stallTimeoutSeconds": 90, "logLevel": "debug",
                     "feedReaders": 3, "maxConnections": 500, "headerTimeoutSeconds": 10,
                     "bodyTimeoutSeconds": 20, "eventRetention": "60d", "retentionIntervalSeconds": 300,
                     "service": {"type": "LoadBalancer", "port": 80, "annotations": {"a": "b"}},
@@ -312,6 +312,11 @@ pub fn reject_cases() -> Vec<Reject> {
             "queue-capacity",
             json!({"engine": {"queueCapacity": 100000}}),
             "/engine/queueCapacity",
+        ),
+        reject(
+            "queue-events",
+            json!({"engine": {"queueEvents": 0}}),
+            "/engine/queueEvents",
         ),
         reject(
             "reading-capacity",

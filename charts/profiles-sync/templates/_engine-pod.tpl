@@ -42,6 +42,7 @@ spec:
         - --sources=/etc/profiles-sync/sources/sources.yaml
         - --feed-token-file=/etc/profiles-sync/feed-token/token
         - --queue-capacity={{ $e.queueCapacity }}
+        - --queue-events={{ dig "queueEvents" 100000 $e | int }}
         - --reading-capacity={{ $e.readingCapacity }}
         - --stall-timeout-secs={{ $e.stallTimeoutSeconds }}
         - --body-timeout-secs={{ $e.bodyTimeoutSeconds }}
