@@ -147,6 +147,54 @@ fn check(store: &str) {
     );
 }
 
+/// Messages without a `messageId` get one derived from their line (its text and place), so
+/// that running the same file again — after an interrupted import, or to store the lines fixed
+/// since — stores none of them twice; two equal lines stay two events. The engine's random ids
+/// stored every such message again on each run.
+#[test]
+fn a_file_imported_twice_stores_its_messages_without_ids_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}", dir.path().join("s.db").display());
+    let input = dir.path().join("no-ids.jsonl");
+    let call = json!({"type": "track", "anonymousId": "a1", "event": "Clicked", "timestamp": "2026-01-01T00:00:00Z"});
+    let batch = json!({"batch": [
+        {"type": "page", "anonymousId": "a2", "name": "Home"},
+        {"type": "page", "anonymousId": "a2", "name": "Home", "messageId": null}
+    ]});
+    std::fs::write(
+        &input,
+        [call.to_string(), call.to_string(), batch.to_string()].join("\n"),
+    )
+    .unwrap();
+    let (code, out, err) = import(&store, &input);
+    assert_eq!(code, Some(0), "{err}");
+    let first: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (&first["accepted"], &first["duplicates"]),
+        (&json!(4), &json!(0)),
+        "two equal lines are two events: {first}"
+    );
+    let (code, out, err) = import(&store, &input);
+    assert_eq!(code, Some(0), "{err}");
+    let again: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (&again["accepted"], &again["duplicates"]),
+        (&json!(0), &json!(4)),
+        "{again}"
+    );
+    let ids: Vec<String> = export(&store, "events", &[])
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["messageId"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(ids.len(), 4);
+    assert!(ids.iter().all(|id| id.starts_with("import-")), "{ids:?}");
+}
+
 #[test]
 fn import_and_export_with_sqlite() {
     let dir = tempfile::tempdir().unwrap();

@@ -614,6 +614,47 @@ fn young_events_stay_whatever_the_consumers_loaded() {
     assert_eq!(s.event_count().unwrap(), 1);
 }
 
+/// `export` of events says so when retention deleted some of those it was asked for: it
+/// printed the rows left and exited 0 as if none were missing.
+#[test]
+fn an_export_of_events_retention_deleted_warns() {
+    let (mut s, url, _d) = store();
+    ingest(&mut *s, &received(3, &["old1", "old2"]));
+    ingest(&mut *s, &received(0, &["young"]));
+    let head = s.head_seq().unwrap();
+    record(&mut *s, head, 3600);
+    assert_eq!(prune_at(&url, jiff::Timestamp::now()).deleted, 2);
+    let gone = s.pruned().unwrap().through_seq;
+    let export = |after: i64| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_profiles-sync"))
+            .args([
+                "export",
+                "--store",
+                &url,
+                "--table",
+                "events",
+                "--after-seq",
+            ])
+            .arg(after.to_string())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        (
+            String::from_utf8_lossy(&out.stdout).lines().count(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (rows, err) = export(0);
+    assert_eq!(rows, 1, "the young event");
+    assert!(
+        err.contains(&format!("retention deleted the events up to seq {gone}")),
+        "{err}"
+    );
+    let (rows, err) = export(gone);
+    assert_eq!(rows, 1);
+    assert!(!err.contains("retention"), "{err}");
+}
+
 fn client() -> reqwest::Client {
     reqwest::Client::new()
 }

@@ -2093,6 +2093,27 @@ fn import_lines(
     (result, stored, errors)
 }
 
+/// The import's summary counts the new traits a full profile had no room for (their events
+/// are stored with them): it said "accepted" and nothing else.
+#[test]
+fn an_import_counts_the_traits_a_full_profile_had_no_room_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("s.db").display());
+    let rules = Rules::from_yaml("caps: {max_traits_per_profile: 2}").unwrap();
+    let mut s = store::open(&url, rules).unwrap();
+    let line = json!({"type": "identify", "messageId": "m1", "userId": "u1",
+                      "traits": {"a": 1, "b": 2, "c": 3}})
+    .to_string();
+    let (summary, stored, errors) = import_lines(&mut *s, &[&line]);
+    let summary = summary.unwrap();
+    assert_eq!(
+        (summary.accepted, summary.traits_dropped),
+        (1, 1),
+        "{errors:?}"
+    );
+    assert_eq!(stored, 1);
+}
+
 /// A line the engine would refuse (a NUL in an id: PostgreSQL's text refuses it), one identity
 /// resolution refuses (every identifier blocked) and one the store refuses (a DBA's CHECK) are
 /// each reported with their line and left out, and the good lines around them are stored, on

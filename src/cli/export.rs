@@ -126,6 +126,16 @@ fn export_source(
         }
         Source::Feed(feed, through) => {
             let is_event = matches!(feed, Feed::Events(_));
+            if is_event {
+                // Retention deletes events only: a gap in them is said, not left to be found.
+                let gone = store.pruned()?.through_seq;
+                if after < gone {
+                    eprintln!(
+                        "warning: event retention deleted the events up to seq {gone}: the export \
+                         holds none of those after seq {after} up to it"
+                    );
+                }
+            }
             let mut cursor = after;
             'pages: loop {
                 let page = store.read_feed(&feed, cursor, PAGE)?;

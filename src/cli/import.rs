@@ -76,6 +76,9 @@ pub struct ImportSummary {
     pub profiles_created: usize,
     /// Profiles merged away.
     pub merges: usize,
+    /// New traits that profiles at `caps.max_traits_per_profile` had no room for (their events
+    /// are stored with them).
+    pub traits_dropped: usize,
 }
 
 impl ImportSummary {
@@ -224,6 +227,7 @@ pub fn import(
                     _ => None,
                 }
             });
+            give_message_id(&mut m, &line, line_no, index);
             opts.source_id = match (source_id, exported) {
                 (Some(s), _) => s.to_string(),
                 (None, Some(Value::String(s))) => s,
@@ -256,13 +260,53 @@ pub fn import(
             refuse(&mut summary, &mut on_error, (line_no, index), refusal);
         }
         if pending.len() >= BATCH {
-            flush(store, &mut pending, &mut summary, &mut on_error)?;
+            let first = pending.first().map_or(line_no, |((l, _), _)| *l);
+            flush(store, &mut pending, &mut summary, &mut on_error)
+                .map_err(|e| stopped_at(e, first))?;
             on_progress(bytes);
         }
     }
-    flush(store, &mut pending, &mut summary, &mut on_error)?;
+    let first = pending.first().map_or(summary.lines, |((l, _), _)| *l);
+    flush(store, &mut pending, &mut summary, &mut on_error).map_err(|e| stopped_at(e, first))?;
     on_progress(bytes);
     Ok(summary)
+}
+
+/// A store failure that ended the import, saying how far it got: the lines before `first` were
+/// stored (or reported); running the same file again stores the rest, and nothing twice.
+fn stopped_at(e: anyhow::Error, first: usize) -> anyhow::Error {
+    e.context(format!(
+        "the import stopped at line {first}: the lines before it were stored; run it again on \
+         the same input to store the rest (what is stored already is skipped: every message \
+         without a messageId gets one derived from its line)"
+    ))
+}
+
+/// Gives a message without a `messageId` (absent, null or empty) one derived from its line:
+/// `import-` and the SHA-1 of the line's text, its number and the message's index in it. The
+/// engine makes a random one, as Segment does; here a re-run of the same file — after an
+/// interrupted import, or to store the lines fixed since — would store every such message
+/// again. The same line at the same place gets the same id, so a re-run stores it once; an
+/// identical line elsewhere (two equal calls) stays two events.
+fn give_message_id(message: &mut Value, line: &str, line_no: usize, index: Option<usize>) {
+    use sha1::{Digest, Sha1};
+    let Some(obj) = message.as_object_mut() else {
+        return;
+    };
+    let has_id = match obj.get("messageId") {
+        Some(Value::String(s)) => !s.is_empty(),
+        Some(Value::Null) | None => false,
+        Some(_) => true,
+    };
+    if has_id {
+        return;
+    }
+    let mut h = Sha1::new();
+    h.update(line.as_bytes());
+    h.update(format!("\n{line_no}:{}", index.map_or(-1, |i| i as i64)).as_bytes());
+    let digest = h.finalize();
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    obj.insert("messageId".into(), Value::String(format!("import-{hex}")));
 }
 
 /// How far after the importer's clock an event's `receivedAt` may be.
@@ -357,6 +401,7 @@ fn add(
     summary.duplicates += s.duplicates;
     summary.profiles_created += s.profiles_created;
     summary.merges += s.merges;
+    summary.traits_dropped += s.traits_dropped;
     for (i, reason) in s.rejected {
         let origin = origins.get(i).copied().unwrap_or((0, None));
         report(summary, on_error, origin, reason.clone(), reason);

@@ -18,6 +18,9 @@ use clap::{Parser, Subcommand};
 
 use crate::identity::Rules;
 
+/// The refused lines `import` prints; the summary counts them all.
+const MAX_ERRORS_SHOWN: usize = 100;
+
 /// Identity-resolved customer profiles and their events, landed in your own warehouse.
 #[derive(Debug, Parser)]
 #[command(name = "profiles-sync", version, about, long_about = None)]
@@ -229,13 +232,19 @@ fn run_import(
         |e| {
             // The first errors are printed; all are counted in the summary.
             shown += 1;
-            if shown <= 100 {
+            if shown <= MAX_ERRORS_SHOWN {
                 bar.suspend(|| eprintln!("{e}"));
             }
         },
         |bytes| bar.set_position(bytes),
     )?;
     bar.finish_and_clear();
+    if shown > MAX_ERRORS_SHOWN {
+        eprintln!(
+            "… and {} more (the summary counts them all)",
+            shown - MAX_ERRORS_SHOWN
+        );
+    }
     // A summary that cannot be written (`> /dev/full`, a closed pipe) is an error, not a panic.
     let mut out = std::io::stdout().lock();
     if json {
@@ -243,13 +252,14 @@ fn run_import(
     } else {
         writeln!(
             out,
-            "lines: {}\naccepted: {}\nduplicates: {}\nrejected: {}\nprofiles created: {}\nmerges: {}",
+            "lines: {}\naccepted: {}\nduplicates: {}\nrejected: {}\nprofiles created: {}\nmerges: {}\ntraits dropped: {}",
             summary.lines,
             summary.accepted,
             summary.duplicates,
             summary.rejected_total(),
             summary.profiles_created,
-            summary.merges
+            summary.merges,
+            summary.traits_dropped
         )?;
         for (reason, n) in &summary.rejected {
             writeln!(out, "  {n:>8}  {reason}")?;
