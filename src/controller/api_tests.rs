@@ -155,9 +155,19 @@ impl Fixture {
 }
 
 pub(super) fn condition(c: &WarehouseConnection, type_: &str) -> (String, String) {
+    let c = condition_said(c, type_);
+    (c.status, c.reason)
+}
+
+/// The whole condition `type_` of `c`'s status (its message too).
+pub(super) fn condition_said(
+    c: &WarehouseConnection,
+    type_: &str,
+) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
     let s = c.status.as_ref().expect("a status");
-    let c = conditions::find(&s.conditions, type_).unwrap_or_else(|| panic!("no {type_}"));
-    (c.status.clone(), c.reason.clone())
+    conditions::find(&s.conditions, type_)
+        .unwrap_or_else(|| panic!("no {type_}"))
+        .clone()
 }
 
 #[tokio::test]
@@ -451,10 +461,7 @@ async fn a_job_the_api_refuses_is_reported_in_the_status_and_an_event_then_retri
         condition(&c, "Ready"),
         ("False".into(), "SyncNotStarted".into())
     );
-    let said = conditions::find(&c.status.as_ref().unwrap().conditions, "Ready")
-        .unwrap()
-        .message
-        .clone();
+    let said = condition_said(&c, "Ready").message;
     assert!(said.contains("exceeded quota"), "{said}");
     assert!(f.list::<Job>().await.is_empty());
     let events = f.list::<K8sEvent>().await;
@@ -544,9 +551,7 @@ async fn a_job_found_without_its_config_map_that_cannot_be_made_is_said_so() {
     let f = fixture(dir, client, "2025-03-01T10:17:30Z").await;
     assert!(f.reconcile("analytics").await.is_err());
     let c = f.connection("analytics").await;
-    let ready = conditions::find(&c.status.as_ref().unwrap().conditions, "Ready")
-        .unwrap()
-        .clone();
+    let ready = condition_said(&c, "Ready");
     assert_eq!(ready.reason, "SyncNotStarted");
     assert!(
         ready.message.contains("its ConfigMap could not be created"),
@@ -650,9 +655,7 @@ async fn a_job_name_taken_by_another_object_is_not_claimed() {
         condition(&c, "Syncing"),
         ("False".into(), "StartFailed".into())
     );
-    let why = &conditions::find(&c.status.as_ref().unwrap().conditions, "Syncing")
-        .unwrap()
-        .message;
+    let why = &condition_said(&c, "Syncing").message;
     assert!(
         why.contains(&taken) && why.contains("not this connection's"),
         "{why}"
