@@ -289,7 +289,6 @@ fn stopped_at(e: anyhow::Error, first: usize) -> anyhow::Error {
 /// again. The same line at the same place gets the same id, so a re-run stores it once; an
 /// identical line elsewhere (two equal calls) stays two events.
 fn give_message_id(message: &mut Value, line: &str, line_no: usize, index: Option<usize>) {
-    use sha1::{Digest, Sha1};
     let Some(obj) = message.as_object_mut() else {
         return;
     };
@@ -301,12 +300,9 @@ fn give_message_id(message: &mut Value, line: &str, line_no: usize, index: Optio
     if has_id {
         return;
     }
-    let mut h = Sha1::new();
-    h.update(line.as_bytes());
-    h.update(format!("\n{line_no}:{}", index.map_or(-1, |i| i as i64)).as_bytes());
-    let digest = h.finalize();
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    obj.insert("messageId".into(), Value::String(format!("import-{hex}")));
+    let place = format!("\n{line_no}:{}", index.map_or(-1, |i| i as i64));
+    let hash = crate::identity::sha1_hex(&[line.as_bytes(), place.as_bytes()]);
+    obj.insert("messageId".into(), Value::String(format!("import-{hash}")));
 }
 
 /// How far after the importer's clock an event's `receivedAt` may be.

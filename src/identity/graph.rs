@@ -359,7 +359,7 @@ impl IdentityGraph {
             .filter(|(p, prof)| prof.canonical as usize == *p)
             .count();
 
-        self.put_identifiers(identifiers);
+        self.put_identifiers(identifiers, now);
     }
 
     /// Applies persisted state that changed since the graph was restored or last applied to —
@@ -444,7 +444,7 @@ impl IdentityGraph {
         {
             return false;
         }
-        self.put_identifiers(identifiers);
+        self.put_identifiers(identifiers, now);
         true
     }
 
@@ -468,11 +468,10 @@ impl IdentityGraph {
 
     /// Restores or updates identifiers from persisted state; one of an unknown profile gets a
     /// new profile (reported by the next `take_dirty`).
-    /// Identifiers as persisted; a sighting later than now (stored by an earlier release,
+    /// Identifiers as persisted; a sighting later than `now` (stored by an earlier release,
     /// which took an event's timestamp in the future as it was) reads as now, so that it
     /// does not count under a limit's window until that date.
-    fn put_identifiers(&mut self, identifiers: Vec<IdentifierState>) {
-        let now = to_micros(Timestamp::now());
+    fn put_identifiers(&mut self, identifiers: Vec<IdentifierState>, now: Timestamp) {
         for mut state in identifiers {
             state.first_seen = state.first_seen.min(now);
             state.last_seen = state.last_seen.min(now);

@@ -11,9 +11,15 @@ const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnop
 /// The `external_id_hash` column: lowercase hex SHA-1 of the type's bytes followed by the
 /// value's bytes (`sha1(type || value)`), as Segment computes it.
 pub fn external_id_hash(id_type: &str, value: &str) -> String {
+    sha1_hex(&[id_type.as_bytes(), value.as_bytes()])
+}
+
+/// Lowercase hex SHA-1 of `parts`, one after the other.
+pub(crate) fn sha1_hex(parts: &[&[u8]]) -> String {
     let mut h = Sha1::new();
-    h.update(id_type.as_bytes());
-    h.update(value.as_bytes());
+    for p in parts {
+        h.update(p);
+    }
     to_hex(&h.finalize())
 }
 

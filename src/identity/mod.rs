@@ -19,6 +19,7 @@ mod traits;
 
 pub use extract::{extract_all, extract_identifiers};
 pub use graph::IdentityGraph;
+pub(crate) use ids::sha1_hex;
 pub use ids::{external_id_hash, new_row_id, new_segment_id};
 pub use model::{
     DropReason, ExternalIdMappingUpdate, IdGraphUpdate, IdentifierState, ProfileState,
