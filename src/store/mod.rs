@@ -360,8 +360,9 @@ pub fn open(url: &str, rules: Rules) -> Result<Box<dyn Store>, StoreError> {
     Err(StoreError::BadUrl(scheme.to_string()))
 }
 
-/// [`open`] for a command that only reads a store (`export`, a local `sync`): an SQLite file
-/// that does not exist is an error rather than a new, empty store.
+/// [`open`] for a command that adds no events or profiles to a store (`export`, a local `sync`):
+/// an SQLite file that does not exist is an error rather than a new, empty store. An older file
+/// is still migrated, as [`open`] does.
 pub fn open_existing(url: &str, rules: Rules) -> Result<Box<dyn Store>, StoreError> {
     let url = store_url(url);
     if let Some(path) = sqlite_path(url)?

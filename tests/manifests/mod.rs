@@ -220,7 +220,8 @@ pub fn kinds(docs: &[Value]) -> Vec<String> {
         .collect()
 }
 
-/// `kubectl` (on these machines, gcloud's dispatcher: `kustomize` needs no server).
+/// `kubectl` (`$KUBECTL`, else the `PATH`'s: under `make test`, the pinned one
+/// `tests/kubectl/install.sh` installs). `kustomize` needs no server.
 pub fn kubectl() -> Command {
     Command::new(std::env::var_os("KUBECTL").unwrap_or_else(|| "kubectl".into()))
 }
