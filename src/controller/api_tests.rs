@@ -422,6 +422,98 @@ async fn an_invalid_selection_blocks_syncs_and_is_reported_on_the_selection() {
     );
 }
 
+/// A SelectiveSync applied with its connection (`kubectl apply -f` of one file) reaches the API
+/// before the controller's cache: the first sync Job takes it from the API, rather than loading
+/// the tables and columns it excludes (which turning them off later would not delete).
+#[tokio::test]
+async fn the_first_job_takes_a_selection_the_cache_has_not_seen_yet() {
+    let dir = tempfile::tempdir().unwrap();
+    let conn = finalized_connection(dir.path(), "analytics");
+    let mut sel = selective_sync(
+        "analytics",
+        serde_json::json!({
+            "connectionRef": {"name": "analytics"},
+            "tables": [{"name": "pages", "enabled": false}]
+        }),
+    );
+    sel.metadata.uid = Some("uid-selection".into());
+    let client = builder()
+        .with_object(conn)
+        .with_object(sel)
+        .build()
+        .await
+        .unwrap();
+    let f = fixture(dir, client, "2025-03-01T10:17:30Z").await;
+    // The running controller's caches, complete but from before the SelectiveSync came.
+    let mut selections =
+        kube::runtime::reflector::store::Writer::new(ApiResource::erase::<SelectiveSync>(&()));
+    selections.apply_watcher_event(&kube::runtime::watcher::Event::Init);
+    selections.apply_watcher_event(&kube::runtime::watcher::Event::InitDone);
+    let (jobs, _) = kube::runtime::reflector::store::<Job>();
+    let _ = f.ctx.caches.set(Caches {
+        jobs,
+        selections: selections.as_reader(),
+    });
+    assert!(cache_ready(&f.ctx.caches.get().unwrap().selections));
+
+    f.reconcile("analytics").await.unwrap();
+    let jobs = f.list::<Job>().await;
+    assert_eq!(jobs.len(), 1, "the first sync starts");
+    let job = &jobs[0];
+    assert_eq!(
+        job.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(build::ANNOTATION_SELECTION_UID))
+            .map(String::as_str),
+        Some("uid-selection")
+    );
+    let cm = f.api::<ConfigMap>().get(&job.name_any()).await.unwrap();
+    let data = cm.data.unwrap();
+    let selection = data.get("selection.yaml").expect("the Job's selection");
+    assert!(selection.contains("pages"), "{selection}");
+}
+
+/// A SelectiveSync naming the connection that cannot be read as one (a CRD of another release)
+/// holds the syncs back and says why, rather than the connection syncing every table and
+/// column as though it had no selection.
+#[tokio::test]
+async fn an_unreadable_selection_holds_the_syncs_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let conn = finalized_connection(dir.path(), "analytics");
+    let client = builder().with_object(conn).build().await.unwrap();
+    let f = fixture(dir, client, "2025-03-01T10:17:30Z").await;
+    let unreadable: DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "profilesync.dev/v1alpha1", "kind": "SelectiveSync",
+        "metadata": {"name": "analytics", "namespace": NS},
+        "spec": {"connectionRef": {"name": "analytics"}, "default": "listed"}
+    }))
+    .unwrap();
+    Api::<DynamicObject>::namespaced_with(
+        f.ctx.client.clone(),
+        NS,
+        &ApiResource::erase::<SelectiveSync>(&()),
+    )
+    .create(&PostParams::default(), &unreadable)
+    .await
+    .unwrap();
+    f.reconcile("analytics").await.unwrap();
+    assert!(
+        f.list::<Job>().await.is_empty(),
+        "no sync while its selection cannot be read"
+    );
+    let ready = condition_said(&f.connection("analytics").await, "Ready");
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "SelectiveSyncInvalid")
+    );
+    assert!(
+        ready.message.contains("cannot be read") && ready.message.contains("listed"),
+        "{}",
+        ready.message
+    );
+}
+
 /// Interceptors refusing to create `kind` objects with `message` (a quota) while the switch
 /// they come with is on (it starts on).
 fn creation_refused(

@@ -338,6 +338,19 @@ pub struct Selections {
     pub others: Vec<(SelectiveSync, NotInEffect)>,
 }
 
+impl Selections {
+    /// What a sync Job takes from the selections: the applying one's uid and version, and its
+    /// problem.
+    pub fn identity(&self) -> (Option<&str>, Option<&str>, Option<&str>) {
+        let meta = self.active.as_ref().map(|s| &s.metadata);
+        (
+            meta.and_then(|m| m.uid.as_deref()),
+            meta.and_then(|m| m.resource_version.as_deref()),
+            self.active_problem.as_deref(),
+        )
+    }
+}
+
 /// Why a SelectiveSync naming a connection does not apply to it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NotInEffect {
@@ -347,15 +360,33 @@ pub enum NotInEffect {
     Superseded(String),
 }
 
+/// Where [`selections`] lists the SelectiveSyncs from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listing {
+    /// The watch cache when it is ready (the API otherwise): every reconcile.
+    Cached,
+    /// The API server: right before a sync Job is made, so that a SelectiveSync the cache has
+    /// not seen yet (applied with the connection, a moment after it) is not left out of the
+    /// Job's selection — its excluded tables and columns loaded, and never deleted.
+    Api,
+}
+
 /// Lists the namespace's SelectiveSyncs (tolerating malformed ones) and picks this connection's.
-pub async fn selections(ctx: &Context, conn: &WarehouseConnection) -> Result<Selections, Error> {
+pub async fn selections(
+    ctx: &Context,
+    conn: &WarehouseConnection,
+    listing: Listing,
+) -> Result<Selections, Error> {
     let ns = conn.namespace().unwrap_or_default();
     let name = conn.name_any();
-    let objects: Vec<DynamicObject> = match ctx
-        .caches
-        .get()
-        .filter(|c| super::cache_ready(&c.selections))
-    {
+    let cache = match listing {
+        Listing::Cached => ctx
+            .caches
+            .get()
+            .filter(|c| super::cache_ready(&c.selections)),
+        Listing::Api => None,
+    };
+    let objects: Vec<DynamicObject> = match cache {
         Some(c) => c
             .selections
             .state()
@@ -376,6 +407,9 @@ pub async fn selections(ctx: &Context, conn: &WarehouseConnection) -> Result<Sel
         }
     };
     let mut mine: Vec<SelectiveSync> = vec![];
+    // Those naming the connection that cannot be read as a SelectiveSync (a CRD of another
+    // release, a hand-edited object): name and why.
+    let mut unreadable: Vec<(String, String)> = vec![];
     for obj in objects {
         let refers = obj
             .data
@@ -388,7 +422,8 @@ pub async fn selections(ctx: &Context, conn: &WarehouseConnection) -> Result<Sel
         match decode::<SelectiveSync>(&obj) {
             Ok(s) => mine.push(s),
             Err(e) => {
-                tracing::warn!(selection = %obj.name_any(), error = %e, "skipping a SelectiveSync that cannot be decoded")
+                tracing::warn!(selection = %obj.name_any(), error = %e, "a SelectiveSync that cannot be decoded");
+                unreadable.push((obj.name_any(), e.to_string()));
             }
         }
     }
@@ -413,7 +448,12 @@ pub async fn selections(ctx: &Context, conn: &WarehouseConnection) -> Result<Sel
     // sync ran); when none is valid, the oldest, whose problem stops the syncs.
     let chosen = checked.iter().position(|(_, p)| p.is_none()).unwrap_or(0);
     let (active, active_problem) = if checked.is_empty() {
-        (None, None)
+        // Only unreadable ones: they hold the syncs back (fail closed), rather than the
+        // connection syncing every table and column as though it had no selection.
+        let problem = unreadable.first().map(|(n, e)| {
+            format!("SelectiveSync {n:?} naming this connection cannot be read ({e}); syncs wait until it is fixed or deleted")
+        });
+        (None, problem)
     } else {
         let (s, problem) = checked.remove(chosen);
         (Some(s), problem)

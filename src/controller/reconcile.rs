@@ -104,12 +104,12 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
             .map(|(j, _)| j)
             .collect()
     });
-    let selections = observe::selections(ctx, conn).await?;
+    let mut selections = observe::selections(ctx, conn, observe::Listing::Cached).await?;
     let secret = observe::secret(ctx, conn).await?;
 
     // Validate.
     let slots = Slots::parse(&conn.spec.schedule);
-    let selection_problem = selections.active_problem.clone();
+    let mut selection_problem = selections.active_problem.clone();
 
     // Connection test.
     let test_requested = annotation(conn, ANNOTATION_TEST_CONNECTION).map(String::from);
@@ -285,14 +285,14 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
         })
         .collect();
     let sync_now = annotation(conn, ANNOTATION_SYNC_NOW);
-    let the_plan = match &slots {
+    let plan_with = |selection_valid: bool| match &slots {
         Ok(slots) => Some(plan::plan(&plan::PlanInput {
             now,
             connection: &name,
             slots,
             suspended: conn.spec.suspend,
             verified,
-            selection_valid: selection_problem.is_none(),
+            selection_valid,
             jobs: &views,
             folded: &done,
             ever_synced: !syncs.is_empty() || previous.last_sync_time.is_some(),
@@ -301,6 +301,18 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
         })),
         Err(_) => None,
     };
+    let mut the_plan = plan_with(selection_problem.is_none());
+    if the_plan.as_ref().is_some_and(|p| p.create.is_some()) {
+        // A Job takes the selection the API holds now, not the cache's: a SelectiveSync
+        // applied with its connection may not have reached the cache yet.
+        let fresh = observe::selections(ctx, conn, observe::Listing::Api).await?;
+        if fresh.identity() != selections.identity() {
+            tracing::info!("the SelectiveSyncs changed since the cache was read; planning again");
+            selection_problem = fresh.active_problem.clone();
+            selections = fresh;
+            the_plan = plan_with(selection_problem.is_none());
+        }
+    }
 
     // Build and apply.
     let mut notes: Vec<Note> = vec![];
