@@ -1680,6 +1680,14 @@ impl CommitCutter {
         self.state.0.lock().unwrap().armed = Some((false, true));
     }
 
+    /// [`CommitCutter::arm_silent`], then holds new connections until
+    /// [`CommitCutter::release`].
+    fn arm_silent_and_hold(&self) {
+        let mut st = self.state.0.lock().unwrap();
+        st.armed = Some((false, true));
+        st.silent = true;
+    }
+
     /// Waits until the armed cut happened.
     fn wait_for_cut(&self) {
         let (lock, changed) = &*self.state;
@@ -1779,6 +1787,89 @@ fn postgres_an_unknown_commit_is_not_taken_for_another_replica_s_at_the_same_seq
     assert_eq!(ids(&mut direct), ["init", "x", "m", "r1", "m2"]);
     let segment = |id: &str| events.iter().find(|e| e.1 == id).unwrap().2.clone();
     assert_eq!(segment("m"), segment("m2"), "{events:?}");
+}
+
+/// The server crashes while A's COMMIT, cut on the way, never reached it. A's transaction id
+/// was only in the WAL buffers the crash lost, so the restarted server gives the same id to
+/// the next transaction, which commits. A asks the server whether "its" transaction committed:
+/// it used to be told yes and answer 200 for events nobody stored (review). The server's start
+/// time, read with the id, tells A the server is not the one that ran its transaction.
+#[test]
+fn postgres_a_commit_cut_by_a_server_crash_is_not_taken_for_the_next_transaction_with_its_id() {
+    let pg = support::pg::PgServer::start();
+    let db = pg.create_database("cut_crash");
+    // The WAL reaches the OS at each commit (what committed survives the crash) and otherwise
+    // every 10 s: A's uncommitted records stay in the server's buffers until the crash.
+    let mut admin = pg.connect("postgres");
+    admin
+        .batch_execute("ALTER SYSTEM SET wal_writer_delay = '10s'")
+        .unwrap();
+    admin.batch_execute("SELECT pg_reload_conf()").unwrap();
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{db}\" SET synchronous_commit = on"
+        ))
+        .unwrap();
+    let cutter = CommitCutter::start(pg.port());
+    let mut a = store::open(&cutter.url(&pg, &db), Rules::default()).unwrap();
+    a.ingest(vec![page("init", "a0")]).unwrap();
+    cutter.arm_silent_and_hold();
+    let replica_a = std::thread::spawn(move || {
+        let r = a.ingest(vec![page("lost", "a1")]);
+        (a, r)
+    });
+    cutter.wait_for_cut();
+    // A's session waits, idle in its transaction, for a COMMIT that never comes.
+    let xid: i64 = pg
+        .connect(&db)
+        .query_one(
+            "SELECT backend_xid::text::bigint FROM pg_stat_activity \
+             WHERE datname = $1 AND state = 'idle in transaction'",
+            &[&db],
+        )
+        .unwrap()
+        .get(0);
+    pg.crash_and_restart();
+    let mut other = pg.connect(&db);
+    let first: i64 = other
+        .query_one("SELECT txid_current()", &[])
+        .unwrap()
+        .get(0);
+    assert!(
+        first <= xid,
+        "the test's premise: the crash lost A's transaction id ({xid}), the server gave {first}"
+    );
+    let mut given = first;
+    while given < xid {
+        given = other
+            .query_one("SELECT txid_current()", &[])
+            .unwrap()
+            .get(0);
+    }
+    let status: String = other
+        .query_one("SELECT txid_status($1)", &[&xid])
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        status, "committed",
+        "another transaction committed under A's id"
+    );
+    cutter.release();
+    let (mut a, result) = replica_a.join().unwrap();
+    let ids = |client: &mut ::postgres::Client| -> Vec<String> {
+        stored_events(client)
+            .into_iter()
+            .map(|(_, m, _)| m)
+            .collect()
+    };
+    assert_eq!(ids(&mut other), ["init"]);
+    assert!(
+        result.is_err(),
+        "A's event was not stored, yet answered as committed: {result:?}"
+    );
+    // The client's retry stores it, once.
+    a.ingest(vec![page("lost", "a1")]).unwrap();
+    assert_eq!(ids(&mut other), ["init", "lost"]);
 }
 
 /// The same with one request retried whole on B (same messageId, same `seq`): A's answer may

@@ -341,7 +341,7 @@ pub struct PostgresWrite<'a> {
     /// after a broken connection whether its commit landed. Not the `seq`s it wrote: once it
     /// rolled back, another replica writes from the same head and may put the same messageIds
     /// (a client's retry) at the same `seq`s.
-    xid: Option<i64>,
+    xid: Option<TxId>,
     /// Whether an ingest accepted an event (so that a broken COMMIT must be looked into).
     accepted: bool,
     /// The recent messageIds as of this transaction's writes (the store's, taken by the first
@@ -351,12 +351,21 @@ pub struct PostgresWrite<'a> {
     failed: bool,
 }
 
+/// A write transaction as the server knows it: its id, and when the server that gave it started
+/// (an id is only meaningful to that server process: one restarted after a crash, or a standby
+/// promoted in its place, may hand the same id to another transaction).
+#[derive(Clone, Debug)]
+struct TxId {
+    xid: i64,
+    server_started: String,
+}
+
 /// The store's connection inside its open write transaction.
 struct PgTx<'a> {
     /// The connection, as the dedupe index is reached through it.
     client: Pg<'a, Client>,
     /// The transaction's id, once the head is locked.
-    xid: &'a mut Option<i64>,
+    xid: &'a mut Option<TxId>,
     /// The store's recent messageIds as of its last commit.
     committed: &'a mut Option<RecentIds>,
     /// The recent messageIds as of this transaction's writes.
@@ -425,10 +434,10 @@ impl PostgresWrite<'_> {
             }
             return Ok(());
         }
-        let Some(xid) = self.xid else {
+        let Some(tx) = self.xid.take() else {
             return Err(e.into());
         };
-        match self.store.landed(xid) {
+        match self.store.landed(&tx) {
             Ok(Some(true)) => {
                 self.committed();
                 Ok(())
@@ -528,10 +537,14 @@ impl WriteTx for PgTx<'_> {
         // The row lock is held until commit: the next writer waits here, so seqs are committed
         // in order and a feed reader never skips one that commits late.
         let row = self.client.0.query_one(
-            "SELECT head, txid_current() FROM seq_counter WHERE id = 1 FOR UPDATE",
+            "SELECT head, txid_current(), pg_postmaster_start_time()::text \
+             FROM seq_counter WHERE id = 1 FOR UPDATE",
             &[],
         )?;
-        *self.xid = Some(row.get(1));
+        *self.xid = Some(TxId {
+            xid: row.get(1),
+            server_started: row.get(2),
+        });
         Ok(row.get(0))
     }
 
@@ -968,17 +981,32 @@ fn collate_keys_bytewise(tx: &mut postgres::Transaction<'_>) -> Result<(), Store
 }
 
 impl PostgresStore {
-    /// Whether transaction `xid` committed (`txid_status`), asked on a new connection that then
+    /// Whether transaction `tx` committed (`txid_status`), asked on a new connection that then
     /// replaces the broken one. The server process of the broken connection may still be
     /// committing: it is ended first (waiting up to 10 s; a commit in progress completes, an open
     /// transaction rolls back), so the answer is final; `None` when that could not be ensured,
-    /// or when the server no longer knows the transaction.
-    fn landed(&mut self, xid: i64) -> Result<Option<bool>, StoreError> {
+    /// when the server no longer knows the transaction, or when the server is not the one that
+    /// ran it (restarted after a crash, or a standby promoted): transaction ids are not durable
+    /// there, and the id may already be another transaction's, committed.
+    fn landed(&mut self, tx: &TxId) -> Result<Option<bool>, StoreError> {
         let mut client = connect(&self.url)?;
+        let started: String = client
+            .query_one("SELECT pg_postmaster_start_time()::text", &[])?
+            .get(0);
+        if started != tx.server_started {
+            tracing::warn!(
+                "the store's server restarted (or another took over) since the broken COMMIT began: \
+                 whether it landed cannot be told"
+            );
+            self.use_client(client)?;
+            return Ok(None);
+        }
         if !self.end_old_session(&mut client)? {
             return Ok(None);
         }
-        let status: Option<String> = client.query_one("SELECT txid_status($1)", &[&xid])?.get(0);
+        let status: Option<String> = client
+            .query_one("SELECT txid_status($1)", &[&tx.xid])?
+            .get(0);
         self.use_client(client)?;
         Ok(match status.as_deref() {
             Some("committed") => Some(true),

@@ -305,6 +305,26 @@ impl PgServer {
         }
     }
 
+    /// Stops the server as a crash would (`-m immediate`: no checkpoint, what its WAL buffers
+    /// held is lost) and starts it again on the same port and options.
+    pub fn crash_and_restart(&self) {
+        let out = pg_command(&self.bindir, self.run_as_postgres, "pg_ctl")
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            // The log file, else the server holds this output's pipe open.
+            .arg("-l")
+            .arg(self.dir.path().join("server.log"))
+            .args(["-m", "immediate", "-w", "-t", "60", "restart"])
+            .output()
+            .expect("run pg_ctl restart");
+        assert!(
+            out.status.success(),
+            "pg_ctl restart failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// The PEM certificate of the CA that signed a TLS server's certificate.
     pub fn ca_cert(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("ca.crt")).expect("a TLS server's CA")
