@@ -9,6 +9,7 @@
 //!
 //! Both need `Authorization: Bearer <token>` with the token the engine was started with.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use serde_json::{Value, json};
@@ -229,6 +230,9 @@ pub fn page(
 ) -> Result<String, StoreError> {
     // The feed's declared columns, then any unknown top-level key an event of the page carries.
     let mut columns: Vec<String> = feed.columns().iter().map(|c| c.to_string()).collect();
+    // Looked up by hash: an event may carry thousands of keys of its own, and a page thousands
+    // of events (a scan of the list per key made a page of such events take hours).
+    let mut listed: HashSet<String> = columns.iter().cloned().collect();
     let mut body = String::new();
     let (mut count, mut next_after, mut more) = (0usize, after, true);
     'read: while count < limit {
@@ -241,7 +245,8 @@ pub fn page(
             }
             let r = row.to_json();
             for k in r.keys() {
-                if !columns.iter().any(|c| c == k) {
+                if !listed.contains(k) {
+                    listed.insert(k.clone());
                     columns.push(k.clone());
                 }
             }
@@ -430,6 +435,42 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+    }
+
+    /// Events with thousands of top-level keys of their own (anyone with a write key can send
+    /// them): the header lists each key once, in the order the rows first carry it. (The list
+    /// was searched from the start for every key of every row: a page of such events took hours,
+    /// past the sync's timeout, on every run.)
+    #[test]
+    fn keys_events_carry_by_the_thousand_are_listed_once_in_first_seen_order() {
+        let messages: Vec<Value> = (0..40)
+            .map(|i| {
+                let mut m = json!({"type": "track", "messageId": format!("m{i}"), "userId": "u", "event": "E"});
+                for k in 0..1_000 {
+                    // Half the keys repeat an earlier event's, half are new.
+                    m[format!("k{}", i * 500 + k)] = json!(k);
+                }
+                m
+            })
+            .collect();
+        let mut store = store_with(&messages);
+        let feed = Feed::from_table("tracks").unwrap();
+        let (header, rows) =
+            page_rows(&page(&mut store, "tracks", &feed, 0, 100, usize::MAX, None).unwrap());
+        assert_eq!(rows.len(), 40);
+        let listed: Vec<String> = serde_json::from_value(header["columns"].clone()).unwrap();
+        let declared = feed.columns().len();
+        let extra: Vec<String> = (0..40 * 500 + 500).map(|k| format!("k{k}")).collect();
+        let (mut expected, mut seen) = (vec![], HashSet::new());
+        for row in &rows {
+            for k in row.as_object().unwrap().keys() {
+                if k.starts_with('k') && seen.insert(k.clone()) {
+                    expected.push(k.clone());
+                }
+            }
+        }
+        assert_eq!(expected.len(), extra.len());
+        assert_eq!(listed[declared..], expected[..]);
     }
 
     /// A page's header lists the table's columns, even when the page is empty; a change log's
