@@ -596,6 +596,50 @@ fn a_record_that_did_not_hold_during_a_run_is_reported() {
     );
 }
 
+/// A sync that records no progress (a local `sync` without `--record-progress`) holds nothing
+/// back: events retention deletes during its run, after where its load started, are reported
+/// as possibly missing. It used to report `Success` without them (review).
+#[test]
+fn a_run_without_a_record_reports_events_deleted_during_it() {
+    let (mut s, url, _d) = store();
+    ingest(&mut *s, &received(3, &["a1", "a2"]));
+    let wh = TestWarehouse::sqlite();
+    assert_eq!(sync(&wh, &url, None).status, SyncStatus::Success);
+    ingest(&mut *s, &received(3, &["b1", "b2", "b3"]));
+    ingest(&mut *s, &received(0, &["fresh"]));
+    let during_url = url.clone();
+    let mut source = Interrupted {
+        inner: StoreSource(open(&url)),
+        fail_records: 0,
+        during: Some(Box::new(move || {
+            assert!(prune_at(&during_url, jiff::Timestamp::now()).deleted > 0);
+        })),
+    };
+    let r = wh.sync_as(
+        &mut source,
+        None,
+        &wh.spec,
+        500,
+        jiff::Timestamp::now(),
+        None,
+    );
+    assert_eq!(
+        wh.count("tracks"),
+        3,
+        "b1..b3 were deleted before they were read"
+    );
+    let said = retention_gap(&r);
+    assert!(said.contains("records no progress"), "{r:#?}");
+    // A run that holds nothing back and loses nothing says nothing.
+    ingest(&mut *s, &received(0, &["later"]));
+    let r = sync(&wh, &url, None);
+    assert_eq!(
+        (r.status, wh.count("tracks")),
+        (SyncStatus::Success, 4),
+        "{r:#?}"
+    );
+}
+
 /// A one-day window keeps nothing older than a day with no consumer recorded, and nothing
 /// younger whatever the consumers have loaded.
 #[test]

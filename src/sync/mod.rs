@@ -375,25 +375,30 @@ impl<'a> Run<'a> {
     /// With this connection recorded as a consumer from the start of its event load, the
     /// horizon cannot pass that start during the run; when it has, the record did not hold (it
     /// could not be written, or was removed meanwhile) and events the run had not read yet may
-    /// have been deleted: reported, unless a gap was already.
+    /// have been deleted: reported, unless a gap was already. A run that records no progress
+    /// holds nothing back: the horizon passing its start is reported alike.
     fn note_deleted_during_run(
         &mut self,
         source: &mut dyn FeedSource,
         start: i64,
     ) -> Result<(), RunError> {
-        if self.opts.consumer.is_none()
-            || self
-                .report
-                .errors
-                .iter()
-                .any(|e| e.class == ErrorClass::Retention)
+        if self
+            .report
+            .errors
+            .iter()
+            .any(|e| e.class == ErrorClass::Retention)
         {
             return Ok(());
         }
         let through = source.pruned()?.through_seq;
         if through > start {
+            let why = if self.opts.consumer.is_some() {
+                "its record did not hold (it could not be written, or was removed meanwhile), so                  events between may be missing from its event tables; keep the connection's                  record in place (GET /v1/feed-consumers)"
+            } else {
+                "this run records no progress (`--record-progress`), so nothing held them back                  and those it had not read yet are missing from its event tables"
+            };
             let message = format!(
-                "during this run the engine's event retention deleted events up to seq {through}, past where this connection's event load started (seq {start}): its record did not hold (it could not be written, or was removed meanwhile), so events between may be missing from its event tables; keep the connection's record in place (GET /v1/feed-consumers)"
+                "during this run the engine's event retention deleted events up to seq {through}, past where this connection's event load started (seq {start}): {why}"
             );
             self.retention_error(message);
         }
