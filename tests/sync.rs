@@ -116,6 +116,7 @@ both_warehouses!(
     properties_with_the_same_flattened_name_are_never_merged_silently,
     hostile_names_land_safely_and_distinctly,
     backfill_windows_and_the_event_table_limit,
+    a_table_off_in_the_first_sync_takes_old_imports_once_on,
     limits_split_a_backlog_without_losing_rows,
     a_limit_is_shared_so_identity_churn_never_starves_the_events,
     a_row_a_merge_moves_gets_the_load_time,
@@ -944,6 +945,32 @@ fn backfill_windows_and_the_event_table_limit(kind: &str) {
     );
     wh.sync_with(&url, None, &spec, 500);
     assert_eq!(wh.count("beta"), 1);
+}
+
+/// A table off in the first sync, turned on later, loads what reaches the store after, whatever
+/// its receivedAt (an import keeps its events' own): no backfill window applies to a table
+/// that starts at the head.
+fn a_table_off_in_the_first_sync_takes_old_imports_once_on(kind: &str) {
+    let (mut s, url, _d) = store();
+    let wh = TestWarehouse::of(kind);
+    ingest(&mut *s, &basics());
+    let off = selection(json!({"tables": [{"name": "pages", "enabled": false}]}));
+    assert_eq!(wh.sync(&url, Some(&off)).status, SyncStatus::Success);
+    assert_eq!(wh.count("pages"), 0);
+    assert_eq!(wh.sync(&url, None).status, SyncStatus::Success);
+    let pages = wh.count("pages");
+    ingest(
+        &mut *s,
+        &[
+            msg(
+                json!({"type": "page", "messageId": "imported", "userId": "old", "name": "Home", "receivedAt": now_iso(-90 * 86_400)}),
+            ),
+            msg(json!({"type": "page", "messageId": "live", "userId": "new", "name": "Home"})),
+        ],
+    );
+    let r = wh.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    assert_eq!(wh.count("pages"), pages + 2, "{r:#?}");
 }
 
 fn limits_split_a_backlog_without_losing_rows(kind: &str) {

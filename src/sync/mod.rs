@@ -235,10 +235,13 @@ impl<'a> Run<'a> {
                 enabled_since_us: now,
                 ..s.clone()
             },
+            // (From the head, no backfill window applies: events that reach the store later
+            // load whatever their receivedAt, as after a caught-up backfill.)
             Some(s) if on => TableState {
                 cursor: self.head.max(s.cursor),
                 enabled: true,
                 enabled_since_us: now,
+                min_received_at_us: None,
                 ..s.clone()
             },
             Some(s) => TableState {
@@ -249,7 +252,7 @@ impl<'a> Run<'a> {
                 cursor: if on { cursor } else { self.head },
                 enabled: on,
                 enabled_since_us: now,
-                min_received_at_us: min_received_at,
+                min_received_at_us: min_received_at.filter(|_| on),
                 backfilled: false,
             },
         };
