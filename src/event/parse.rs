@@ -231,18 +231,12 @@ pub(super) fn parse_fields(
     let original_timestamp =
         optional_time(f.original_timestamp.as_ref(), "originalTimestamp")?.or(client_timestamp);
     let sent_at = optional_time(f.sent_at.as_ref(), "sentAt")?;
-    // The receipt the clock-skew correction counts from. A trusted message without its
-    // `receivedAt` (an SDK's payload in an `import` file, sent long ago) has none: its `sentAt`
-    // stands for it (no skew), rather than the import's time re-dating it to now.
-    let (received_at, receipt) = if opts.trust_received_at {
-        match optional_time(f.received_at.as_ref(), "receivedAt")? {
-            Some(r) => (r, r),
-            None => (opts.now, sent_at.unwrap_or(opts.now)),
-        }
+    let received_at = if opts.trust_received_at {
+        optional_time(f.received_at.as_ref(), "receivedAt")?.unwrap_or(opts.now)
     } else {
-        (opts.now, opts.now)
+        opts.now
     };
-    let timestamp = corrected_timestamp(receipt, sent_at, original_timestamp);
+    let timestamp = corrected_timestamp(received_at, sent_at, original_timestamp);
 
     Ok(Event {
         message_id,
