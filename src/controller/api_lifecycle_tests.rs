@@ -12,7 +12,8 @@ use k8s_openapi::api::events::v1::Event as K8sEvent;
 use kube::api::DynamicObject;
 
 use super::api_tests::{
-    Fixture, NS, builder, condition, connection, finalized_connection, fixture, selective_sync,
+    Fixture, NS, builder, cache_selections, condition, connection, finalized_connection, fixture,
+    selective_sync,
 };
 use super::*;
 use crate::crd::{ErrorClass, SyncRows, SyncStatus, WarehouseConnectionStatus};
@@ -782,17 +783,7 @@ async fn a_selection_of_a_missing_connection_is_marked_connection_not_found() {
         .unwrap();
     let f = fixture(dir, client, "2025-03-01T10:17:30Z").await;
     // The caches the running controller keeps, holding both selections.
-    let mut selections =
-        kube::runtime::reflector::store::Writer::new(ApiResource::erase::<SelectiveSync>(&()));
-    for s in [&orphan, &other] {
-        let obj: DynamicObject = serde_json::from_value(serde_json::to_value(s).unwrap()).unwrap();
-        selections.apply_watcher_event(&kube::runtime::watcher::Event::Apply(obj));
-    }
-    let (jobs, _) = kube::runtime::reflector::store::<Job>();
-    let _ = f.ctx.caches.set(Caches {
-        jobs,
-        selections: selections.as_reader(),
-    });
+    cache_selections(&f, &[&orphan, &other]);
 
     // A gauge of the missing connection (deleted with its finalizer removed by hand: no
     // cleanup ran), and one of another.

@@ -154,6 +154,25 @@ impl Fixture {
     }
 }
 
+/// Gives `f`'s context the caches a running controller keeps: a SelectiveSync cache that has
+/// had its first complete list, holding `selections`, and a Job cache.
+pub(super) fn cache_selections(f: &Fixture, selections: &[&SelectiveSync]) {
+    use kube::runtime::watcher::Event;
+    let mut cache =
+        kube::runtime::reflector::store::Writer::new(ApiResource::erase::<SelectiveSync>(&()));
+    cache.apply_watcher_event(&Event::Init);
+    for s in selections {
+        let obj: DynamicObject = serde_json::from_value(serde_json::to_value(s).unwrap()).unwrap();
+        cache.apply_watcher_event(&Event::InitApply(obj));
+    }
+    cache.apply_watcher_event(&Event::InitDone);
+    let (jobs, _) = kube::runtime::reflector::store::<Job>();
+    let _ = f.ctx.caches.set(Caches {
+        jobs,
+        selections: cache.as_reader(),
+    });
+}
+
 pub(super) fn condition(c: &WarehouseConnection, type_: &str) -> (String, String) {
     let c = condition_said(c, type_);
     (c.status, c.reason)
@@ -445,15 +464,7 @@ async fn the_first_job_takes_a_selection_the_cache_has_not_seen_yet() {
         .unwrap();
     let f = fixture(dir, client, "2025-03-01T10:17:30Z").await;
     // The running controller's caches, complete but from before the SelectiveSync came.
-    let mut selections =
-        kube::runtime::reflector::store::Writer::new(ApiResource::erase::<SelectiveSync>(&()));
-    selections.apply_watcher_event(&kube::runtime::watcher::Event::Init);
-    selections.apply_watcher_event(&kube::runtime::watcher::Event::InitDone);
-    let (jobs, _) = kube::runtime::reflector::store::<Job>();
-    let _ = f.ctx.caches.set(Caches {
-        jobs,
-        selections: selections.as_reader(),
-    });
+    cache_selections(&f, &[]);
     assert!(cache_ready(&f.ctx.caches.get().unwrap().selections));
 
     f.reconcile("analytics").await.unwrap();

@@ -109,7 +109,6 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
 
     // Validate.
     let slots = Slots::parse(&conn.spec.schedule);
-    let mut selection_problem = selections.active_problem.clone();
 
     // Connection test.
     let test_requested = annotation(conn, ANNOTATION_TEST_CONNECTION).map(String::from);
@@ -301,16 +300,15 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
         })),
         Err(_) => None,
     };
-    let mut the_plan = plan_with(selection_problem.is_none());
+    let mut the_plan = plan_with(selections.active_problem.is_none());
     if the_plan.as_ref().is_some_and(|p| p.create.is_some()) {
         // A Job takes the selection the API holds now, not the cache's: a SelectiveSync
         // applied with its connection may not have reached the cache yet.
         let fresh = observe::selections(ctx, conn, observe::Listing::Api).await?;
         if fresh.identity() != selections.identity() {
             tracing::info!("the SelectiveSyncs changed since the cache was read; planning again");
-            selection_problem = fresh.active_problem.clone();
             selections = fresh;
-            the_plan = plan_with(selection_problem.is_none());
+            the_plan = plan_with(selections.active_problem.is_none());
         }
     }
 
@@ -515,7 +513,7 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
             active_job_progress: progress.clone(),
             last_started,
             schedule: schedule.clone(),
-            selection_error: selection_problem.clone(),
+            selection_error: selections.active_problem.clone(),
             next_sync,
             blocked: blocked.as_ref(),
             start_failed: start_failed.as_deref(),

@@ -460,7 +460,6 @@ mod tests {
         assert_eq!(rows.len(), 40);
         let listed: Vec<String> = serde_json::from_value(header["columns"].clone()).unwrap();
         let declared = feed.columns().len();
-        let extra: Vec<String> = (0..40 * 500 + 500).map(|k| format!("k{k}")).collect();
         let (mut expected, mut seen) = (vec![], HashSet::new());
         for row in &rows {
             for k in row.as_object().unwrap().keys() {
@@ -469,7 +468,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(expected.len(), extra.len());
+        assert_eq!(expected.len(), 40 * 500 + 500, "every key, once");
         assert_eq!(listed[declared..], expected[..]);
     }
 

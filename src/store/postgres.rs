@@ -354,7 +354,7 @@ pub struct PostgresWrite<'a> {
 /// A write transaction as the server knows it: its id, and when the server that gave it started
 /// (an id is only meaningful to that server process: one restarted after a crash, or a standby
 /// promoted in its place, may hand the same id to another transaction).
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 struct TxId {
     xid: i64,
     server_started: String,

@@ -396,9 +396,12 @@ impl<'a> Run<'a> {
         let through = source.pruned()?.through_seq;
         if through > start {
             let why = if self.opts.consumer.is_some() {
-                "its record did not hold (it could not be written, or was removed meanwhile), so                  events between may be missing from its event tables; keep the connection's                  record in place (GET /v1/feed-consumers)"
+                "its record did not hold (it could not be written, or was removed meanwhile), so \
+                 events between may be missing from its event tables; keep the connection's \
+                 record in place (GET /v1/feed-consumers)"
             } else {
-                "this run records no progress (`--record-progress`), so nothing held them back                  and those it had not read yet are missing from its event tables"
+                "this run records no progress (`--record-progress`), so nothing held them back \
+                 and those it had not read yet are missing from its event tables"
             };
             let message = format!(
                 "during this run the engine's event retention deleted events up to seq {through}, past where this connection's event load started (seq {start}): {why}"
