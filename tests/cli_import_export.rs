@@ -505,6 +505,30 @@ fn an_exported_event_keeps_its_source_when_imported_again() {
     assert_eq!(row["event_source_id"], "web", "{row}");
 }
 
+/// An SDK's payload without `receivedAt` (sent in 2023) imports with its own time, and keeps it
+/// when the store's row is read back: the clock-skew correction counted from the import's time
+/// and re-dated it to now (review).
+#[test]
+fn an_sdk_payload_without_its_receipt_keeps_its_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}", dir.path().join("s.db").display());
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(
+        &input,
+        json!({"type": "track", "messageId": "m1", "userId": "u", "event": "A",
+            "timestamp": "2023-01-01T00:00:00Z", "sentAt": "2023-01-01T00:00:05Z"})
+        .to_string(),
+    )
+    .unwrap();
+    let (code, _, err) = import(&store, &input);
+    assert_eq!(code, Some(0), "{err}");
+    let row: Value = serde_json::from_str(export(&store, "events", &[]).trim()).unwrap();
+    assert_eq!(row["timestamp"], "2023-01-01T00:00:00Z", "{row}");
+    assert_eq!(row["sentAt"], "2023-01-01T00:00:05Z", "{row}");
+    let received = row["receivedAt"].as_str().unwrap_or_default();
+    assert!(received > "2026", "received at the import: {row}");
+}
+
 /// (review) The import summary to a stdout that cannot be written (`> /dev/full`, a closed
 /// pipe) is an error with status 1, not a panic with status 101.
 #[test]

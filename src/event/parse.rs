@@ -228,15 +228,28 @@ pub(super) fn parse_fields(
     }
 
     let client_timestamp = optional_time(f.timestamp.as_ref(), "timestamp")?;
-    let original_timestamp =
-        optional_time(f.original_timestamp.as_ref(), "originalTimestamp")?.or(client_timestamp);
+    let own_original = optional_time(f.original_timestamp.as_ref(), "originalTimestamp")?;
+    let original_timestamp = own_original.or(client_timestamp);
     let sent_at = optional_time(f.sent_at.as_ref(), "sentAt")?;
-    let received_at = if opts.trust_received_at {
-        optional_time(f.received_at.as_ref(), "receivedAt")?.unwrap_or(opts.now)
+    let trusted_receipt = if opts.trust_received_at {
+        optional_time(f.received_at.as_ref(), "receivedAt")?
     } else {
-        opts.now
+        None
     };
-    let timestamp = corrected_timestamp(received_at, sent_at, original_timestamp);
+    let received_at = trusted_receipt.unwrap_or(opts.now);
+    let timestamp = match (trusted_receipt, own_original, client_timestamp) {
+        // A receiver's record (a Segment export, this store's own rows): its `timestamp` beside
+        // `originalTimestamp` is the time that receiver already corrected; kept as given.
+        (Some(_), Some(_), Some(corrected)) => corrected,
+        (Some(receipt), ..) => corrected_timestamp(receipt, sent_at, original_timestamp),
+        // Imported without its receipt (an SDK's payload, sent long ago): its `sentAt` stands
+        // for the receipt (no skew known). Counted from the import's time, the correction
+        // re-dated every such event to the import. It is received at the import's time.
+        (None, ..) if opts.trust_received_at => {
+            corrected_timestamp(sent_at.unwrap_or(opts.now), sent_at, original_timestamp)
+        }
+        (None, ..) => corrected_timestamp(opts.now, sent_at, original_timestamp),
+    };
 
     Ok(Event {
         message_id,

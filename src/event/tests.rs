@@ -312,6 +312,53 @@ fn unknown_fields_are_kept_and_round_trip() {
     assert_eq!(Event::from_json(&out, None, &trusted), Ok(e));
 }
 
+/// An SDK's payload in an `import` file (trusted, with no `receivedAt`) keeps its own time: the
+/// clock-skew correction counted from the import's time, and re-dated a 2023 event to the
+/// import minus its 5 s of sending (review). It is received at the import's time, and the
+/// store's row of it (read back trusted) keeps both.
+#[test]
+fn a_trusted_payload_without_its_receipt_keeps_its_time_through_the_store() {
+    let trusted = ParseOptions {
+        now: ts("2026-12-01T09:00:00Z"),
+        source_id: "src_1".into(),
+        trust_received_at: true,
+    };
+    let m = json!({"type": "track", "userId": "u", "event": "E",
+        "timestamp": "2023-01-01T00:00:00Z", "sentAt": "2023-01-01T00:00:05Z"});
+    let e = Event::from_json(&m, None, &trusted).expect("valid");
+    assert_eq!(e.timestamp, ts("2023-01-01T00:00:00Z"));
+    assert_eq!(e.received_at, ts("2026-12-01T09:00:00Z"));
+    assert_eq!(e.sent_at, Some(ts("2023-01-01T00:00:05Z")));
+    // Read back later (the store keeps `to_json`), the same event.
+    let later = ParseOptions {
+        now: ts("2027-01-01T00:00:00Z"),
+        ..trusted.clone()
+    };
+    assert_eq!(Event::from_json(&e.to_json(), None, &later), Ok(e));
+    // With its receipt, the correction counts from it, as the engine's did.
+    let mut received = m.clone();
+    received["receivedAt"] = json!("2023-01-01T00:00:10Z");
+    let e = Event::from_json(&received, None, &trusted).expect("valid");
+    assert_eq!(e.timestamp, ts("2023-01-01T00:00:05Z"));
+    assert_eq!(e.received_at, ts("2023-01-01T00:00:10Z"));
+    assert_eq!(Event::from_json(&e.to_json(), None, &later), Ok(e));
+    // A receiver's record (`timestamp` beside `originalTimestamp`, as Segment exports) keeps
+    // the time that receiver corrected.
+    let exported = json!({"type": "track", "userId": "u", "event": "E",
+        "originalTimestamp": "2023-01-01T00:00:00Z", "sentAt": "2023-01-01T00:00:05Z",
+        "receivedAt": "2023-01-01T00:00:10Z", "timestamp": "2023-01-01T00:00:05.001Z"});
+    let e = Event::from_json(&exported, None, &trusted).expect("valid");
+    assert_eq!(e.timestamp, ts("2023-01-01T00:00:05.001Z"));
+    assert_eq!(e.original_timestamp, Some(ts("2023-01-01T00:00:00Z")));
+    // Untrusted (the Tracking API), it counts from now.
+    let live = ParseOptions {
+        trust_received_at: false,
+        ..trusted
+    };
+    let e = Event::from_json(&m, None, &live).expect("valid");
+    assert_eq!(e.timestamp, ts("2026-12-01T08:59:55Z"));
+}
+
 #[test]
 fn event_without_client_time_round_trips() {
     let e = parse(json!({"type": "alias", "userId": "u1", "previousId": "a1"})).expect("valid");
