@@ -12,8 +12,8 @@ use k8s_openapi::api::events::v1::Event as K8sEvent;
 use kube::api::DynamicObject;
 
 use super::api_tests::{
-    Fixture, NS, builder, cache_selections, condition, connection, finalized_connection, fixture,
-    selective_sync,
+    Fixture, NS, builder, cache, cache_selections, condition, connection, finalized_connection,
+    fixture, selective_sync,
 };
 use super::*;
 use crate::crd::{ErrorClass, SyncRows, SyncStatus, WarehouseConnectionStatus};
@@ -613,6 +613,46 @@ async fn a_running_job_found_after_a_restart_is_adopted_and_blocks_a_second_one(
     assert_eq!(
         condition(&f.connection("analytics").await, "Syncing").0,
         "True"
+    );
+}
+
+/// A sync Job the watch cache has not seen yet (the reconcile before made it) is running: no
+/// other starts beside it, neither the next slot's nor a manual one, whose request waits.
+/// Before, the cache's listing alone decided, and the two ran at once against one warehouse.
+#[tokio::test]
+async fn a_running_job_the_cache_has_not_seen_yet_blocks_a_second_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut conn = finalized_connection(dir.path(), "analytics");
+    conn.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(build::ANNOTATION_SYNC_NOW.into(), "please".into());
+    let running = running_job(&conn, "analytics-29013660", "2025-03-01T09:00:00Z");
+    let client = builder()
+        .with_object(conn)
+        .with_object(running)
+        .build()
+        .await
+        .unwrap();
+    let f = fixture(dir, client, "2025-03-01T10:00:30Z").await;
+    // The running controller's caches, complete but from before the Job was made.
+    cache(&f, &[], Some(&[]));
+    assert!(cache_ready(&f.ctx.caches.get().unwrap().jobs));
+    f.reconcile("analytics").await.unwrap();
+    let jobs = f.list::<Job>().await;
+    assert_eq!(
+        jobs.iter().map(|j| j.name_any()).collect::<Vec<_>>(),
+        ["analytics-29013660"],
+        "concurrency Forbid: neither the 10:00 slot nor the manual sync starts"
+    );
+    let annotations = f.connection("analytics").await.metadata.annotations;
+    assert_eq!(
+        annotations
+            .as_ref()
+            .and_then(|a| a.get(build::ANNOTATION_SYNC_NOW))
+            .map(String::as_str),
+        Some("please"),
+        "the manual sync is still asked for"
     );
 }
 

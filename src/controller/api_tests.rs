@@ -157,6 +157,12 @@ impl Fixture {
 /// Gives `f`'s context the caches a running controller keeps: a SelectiveSync cache that has
 /// had its first complete list, holding `selections`, and a Job cache.
 pub(super) fn cache_selections(f: &Fixture, selections: &[&SelectiveSync]) {
+    cache(f, selections, None);
+}
+
+/// The running controller's watch caches: complete, holding `selections`, and `jobs` when it is
+/// `Some` (a Job cache that never listed, so reconciles list Jobs through the API, when `None`).
+pub(super) fn cache(f: &Fixture, selections: &[&SelectiveSync], jobs: Option<&[Job]>) {
     use kube::runtime::watcher::Event;
     let mut cache =
         kube::runtime::reflector::store::Writer::new(ApiResource::erase::<SelectiveSync>(&()));
@@ -166,9 +172,16 @@ pub(super) fn cache_selections(f: &Fixture, selections: &[&SelectiveSync]) {
         cache.apply_watcher_event(&Event::InitApply(obj));
     }
     cache.apply_watcher_event(&Event::InitDone);
-    let (jobs, _) = kube::runtime::reflector::store::<Job>();
+    let (jobs_reader, mut jobs_cache) = kube::runtime::reflector::store::<Job>();
+    if let Some(jobs) = jobs {
+        jobs_cache.apply_watcher_event(&Event::Init);
+        for j in jobs {
+            jobs_cache.apply_watcher_event(&Event::InitApply(j.clone()));
+        }
+        jobs_cache.apply_watcher_event(&Event::InitDone);
+    }
     let _ = f.ctx.caches.set(Caches {
-        jobs,
+        jobs: jobs_reader,
         selections: cache.as_reader(),
     });
 }

@@ -459,7 +459,7 @@ pub(super) async fn cleanup(conn: &WarehouseConnection, ctx: &Context) -> Result
     }
     let now = ctx.now();
     let ns = conn.namespace().unwrap_or_default();
-    let jobs = observe::jobs(ctx, conn).await?;
+    let jobs = observe::jobs(ctx, conn, observe::Listing::Cached).await?;
     let views: Vec<plan::JobView> = jobs.iter().map(observe::job_view).collect();
     let deleted_at = conn
         .meta()

@@ -223,11 +223,19 @@ pub async fn job_pods(ctx: &Context, job: &Job) -> Result<Vec<Pod>, Error> {
 }
 
 /// The connection's sync Jobs: those it controls, and labelled ones with no controller (to adopt).
-pub async fn jobs(ctx: &Context, conn: &WarehouseConnection) -> Result<Vec<Job>, Error> {
+pub async fn jobs(
+    ctx: &Context,
+    conn: &WarehouseConnection,
+    listing: Listing,
+) -> Result<Vec<Job>, Error> {
     let ns = conn.namespace().unwrap_or_default();
     let label = super::plan::connection_label(&conn.name_any());
     let uid = conn.uid();
-    let listed: Vec<Job> = match ctx.caches.get().filter(|c| super::cache_ready(&c.jobs)) {
+    let cache = match listing {
+        Listing::Cached => ctx.caches.get().filter(|c| super::cache_ready(&c.jobs)),
+        Listing::Api => None,
+    };
+    let listed: Vec<Job> = match cache {
         Some(c) => c
             .jobs
             .state()
@@ -360,14 +368,15 @@ pub enum NotInEffect {
     Superseded(String),
 }
 
-/// Where [`selections`] lists the SelectiveSyncs from.
+/// Where [`selections`] and [`jobs`] list from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Listing {
     /// The watch cache when it is ready (the API otherwise): every reconcile.
     Cached,
     /// The API server: right before a sync Job is made, so that a SelectiveSync the cache has
     /// not seen yet (applied with the connection, a moment after it) is not left out of the
-    /// Job's selection — its excluded tables and columns loaded, and never deleted.
+    /// Job's selection — its excluded tables and columns loaded, and never deleted — and that
+    /// a sync Job the cache has not seen yet (made by the reconcile before) is not run beside.
     Api,
 }
 

@@ -86,7 +86,7 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
     let previous = conn.status.clone().unwrap_or_default();
 
     // Dereference.
-    let jobs = observe::jobs(ctx, conn).await?;
+    let jobs = observe::jobs(ctx, conn, observe::Listing::Cached).await?;
     // Jobs this process deleted itself (their ConfigMap refused) are gone, though a listing
     // behind the deletion (the watch cache) may show them a moment longer; once none does,
     // they are done with.
@@ -309,6 +309,37 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
             tracing::info!("the SelectiveSyncs changed since the cache was read; planning again");
             selections = fresh;
             the_plan = plan_with(selections.active_problem.is_none());
+        }
+    }
+    if the_plan.as_ref().is_some_and(|p| p.create.is_some())
+        && ctx
+            .caches
+            .get()
+            .is_some_and(|c| super::cache_ready(&c.jobs))
+    {
+        // Concurrency `Forbid` against the API too: the Job the reconcile before made may not
+        // have reached the cache, and a manual sync (or the next slot's, under another name)
+        // would run beside it. The cache's catching up reconciles again.
+        let listed = observe::jobs(ctx, conn, observe::Listing::Api).await?;
+        let unseen = listed.iter().find(|j| {
+            let key = format!("{ns}/{}", j.name_any());
+            observe::phase(j) == JobPhase::Active
+                && j.metadata.deletion_timestamp.is_none()
+                && !jobs.iter().any(|c| c.name_any() == j.name_any())
+                && !ctx.with_memory(|m| m.cleaned.contains_key(&key))
+        });
+        if let Some(running) = unseen {
+            tracing::info!(job = %running.name_any(), "a sync Job the cache has not seen yet is running; no other starts beside it");
+            if let Some(p) = the_plan.as_mut() {
+                // A manual sync waits: its annotation stays until a Job of it is made.
+                if p.create
+                    .take()
+                    .is_some_and(|c| c.trigger == plan::Trigger::Manual)
+                {
+                    p.ack_sync_now = false;
+                }
+                p.blocked = Some(plan::Blocked::JobRunning(running.name_any()));
+            }
         }
     }
 
