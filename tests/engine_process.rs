@@ -267,10 +267,15 @@ fn an_engine_with_its_output_pipes_closed_serves_and_stops_on_sigterm() {
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::blocking::Client::new();
     // Ready once /readyz answers 200; an engine that died answers nothing, and its exit ends
-    // the wait.
+    // the wait, as does a minute (an engine that never turns ready).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         if let Some(exit) = child.try_wait().unwrap() {
             panic!("the engine exited with {exit:?}");
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the engine did not turn ready within a minute");
         }
         if client
             .get(format!("{base}/readyz"))
@@ -286,4 +291,148 @@ fn an_engine_with_its_output_pipes_closed_serves_and_stops_on_sigterm() {
     let exit = child.wait().unwrap();
     assert!(exit.success(), "exit on SIGTERM: {exit:?}");
     assert_eq!(stored_ids(dir.path()).len(), 5);
+}
+
+/// Replaces `path` with `text` as the kubelet updates a mounted Secret: the new content is a
+/// new file, swapped in at once (a reader never sees half of it).
+fn swap_in(path: &Path, text: &str) {
+    let next = path.with_extension("next");
+    std::fs::write(&next, text).unwrap();
+    std::fs::rename(&next, path).unwrap();
+}
+
+/// The value of the counter `line` (a metric and its labels) on the engine's `/metrics`.
+fn counter(client: &reqwest::blocking::Client, base: &str, line: &str) -> u64 {
+    let text = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The sources file and the feed token file are read again when they change, as a mounted
+/// Secret does in a cluster: a new source's write key (as the basic-auth user or in the body)
+/// is taken at once, its source recorded in the store; a rotated token works at once and the
+/// old one no longer does; a removed key is refused after the next check; a file that does not
+/// parse is refused and the engine keeps what it had. Before, each was read at start only: a
+/// new source's events got 401 (the SDKs drop them) until the engine restarted.
+#[test]
+fn a_new_source_and_a_rotated_feed_token_are_taken_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "token-one\n").unwrap();
+    let mut engine = spawn_engine_with(dir.path(), &["--feed-token-file", token.to_str().unwrap()]);
+    let (client, base) = (reqwest::blocking::Client::new(), engine.base.clone());
+    let sources = dir.path().join("sources.yaml");
+    let track = |key: Option<&str>, body_key: Option<&str>, id: &str| {
+        let mut body = json!({"userId": "u", "event": "Seen", "messageId": id});
+        if let Some(k) = body_key {
+            body["writeKey"] = json!(k);
+        }
+        let mut r = client.post(format!("{base}/v1/track")).json(&body);
+        if let Some(k) = key {
+            r = r.basic_auth(k, Some(""));
+        }
+        r.send().unwrap().status()
+    };
+    let catalog = |t: &str| {
+        client
+            .get(format!("{base}/v1/feeds"))
+            .bearer_auth(t)
+            .send()
+            .unwrap()
+            .status()
+    };
+    assert_eq!(track(Some("wk_new"), None, "refused"), 401);
+    assert_eq!(catalog("token-one"), 200);
+
+    swap_in(
+        &sources,
+        &format!(
+            "sources:\n  - {{id: src_test, name: Test, slug: test, writeKey: {WRITE_KEY}}}\n  \
+             - {{id: src_new, name: New, slug: new, writeKey: wk_new}}\n  \
+             - {{id: src_body, name: Body, slug: body, writeKey: wk_body}}\n"
+        ),
+    );
+    assert_eq!(track(Some("wk_new"), None, "by-header"), 200);
+    assert_eq!(track(None, Some("wk_body"), "by-body"), 200);
+    assert_eq!(track(Some(WRITE_KEY), None, "old-key"), 200);
+
+    swap_in(&token, "token-two\n");
+    assert_eq!(catalog("token-two"), 200, "the new token at once");
+    assert_eq!(catalog("token-one"), 401, "the old token no longer");
+
+    // A file that does not parse: refused (once), the keys in use stay.
+    let refused = "profiles_sync_engine_file_reloads_total{file=\"sources\",outcome=\"refused\"}";
+    swap_in(&sources, "sources: [{id: broken");
+    assert_eq!(track(Some("wk_unknown"), None, "unknown"), 401);
+    assert_eq!(counter(&client, &base, refused), 1);
+    assert_eq!(track(Some("wk_new"), None, "after-broken"), 200);
+
+    // A removed key: refused once the engine has looked (every 5 s; a known key does not make
+    // it look).
+    let applied = "profiles_sync_engine_file_reloads_total{file=\"sources\",outcome=\"applied\"}";
+    let before = counter(&client, &base, applied);
+    swap_in(
+        &sources,
+        "sources:\n  - {id: src_new, name: New, slug: new, writeKey: wk_new}\n",
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while counter(&client, &base, applied) == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the changed sources file was not read again within a minute"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(track(Some(WRITE_KEY), None, "removed-key"), 401);
+    assert_eq!(track(Some("wk_new"), None, "still-new"), 200);
+    assert_eq!(
+        counter(&client, &base, refused),
+        1,
+        "the broken file refused once"
+    );
+
+    sigterm(&engine.child);
+    assert!(engine.child.wait().unwrap().success());
+    let mut stored = stored_ids(dir.path());
+    stored.sort();
+    assert_eq!(
+        stored,
+        [
+            "after-broken",
+            "by-body",
+            "by-header",
+            "old-key",
+            "still-new"
+        ]
+    );
+    let mut s = store::open(
+        &format!("sqlite://{}", dir.path().join("store.db").display()),
+        Rules::default(),
+    )
+    .unwrap();
+    let ids: Vec<String> = s.sources().unwrap().into_iter().map(|s| s.id).collect();
+    assert_eq!(ids, ["src_body", "src_new", "src_test"]);
+    let by_source: Vec<(String, String)> = s
+        .read_feed(&Feed::Events(EventFilter::All), 0, 100)
+        .unwrap()
+        .into_iter()
+        .map(|r| match r {
+            FeedRow::Event(e) => (e.event.message_id, e.event.source_id),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert!(
+        by_source.contains(&("by-body".into(), "src_body".into())),
+        "{by_source:?}"
+    );
+    assert!(
+        by_source.contains(&("by-header".into(), "src_new".into())),
+        "{by_source:?}"
+    );
 }

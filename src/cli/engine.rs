@@ -15,13 +15,15 @@ pub struct EngineArgs {
     /// Address to listen on.
     #[arg(long, env = "PROFILES_SYNC_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
-    /// YAML file of sources and their write keys (in a cluster, a mounted Secret).
+    /// YAML file of sources and their write keys (in a cluster, a mounted Secret); read again
+    /// when it changes.
     #[arg(long, env = "PROFILES_SYNC_SOURCES")]
     pub sources: PathBuf,
     /// Identity resolution rules (YAML); Segment's defaults when unset.
     #[arg(long, env = "PROFILES_SYNC_RULES")]
     pub rules: Option<PathBuf>,
-    /// File holding the bearer token of the change-feed API (a mounted Secret); the API is closed without it.
+    /// File holding the bearer token of the change-feed API (a mounted Secret), read again when
+    /// it changes; the API is closed without it.
     #[arg(long, env = "PROFILES_SYNC_FEED_TOKEN_FILE")]
     pub feed_token_file: Option<PathBuf>,
     /// Requests the writer queue holds before the engine answers 503 with Retry-After.
@@ -101,34 +103,24 @@ fn read(path: &PathBuf) -> anyhow::Result<String> {
     std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
-/// The feed token in `path`: neither empty nor still the placeholder of `deploy/`.
-fn feed_token(path: &std::path::Path) -> anyhow::Result<String> {
-    let t = crate::engine::feed::read_token_file(path)
-        .map_err(|why| anyhow::anyhow!("{}: {why}", path.display()))?;
-    anyhow::ensure!(
-        !t.starts_with(crate::engine::sources::PLACEHOLDER),
-        "{}: the feed token is still the {} placeholder of deploy/: write a secret value \
-         (deploy/base/secrets/feed-token)",
-        path.display(),
-        crate::engine::sources::PLACEHOLDER
-    );
-    Ok(t)
-}
-
 impl EngineArgs {
     /// The engine configuration these flags describe.
     pub fn config(&self) -> anyhow::Result<EngineConfig> {
         let token = self
             .feed_token_file
             .as_deref()
-            .map(feed_token)
-            .transpose()?;
+            .map(crate::engine::reload::load_feed_token)
+            .transpose()
+            .map_err(anyhow::Error::msg)?;
         Ok(EngineConfig {
             store: self.store.clone(),
             listen: self.listen,
             sources: Sources::from_yaml(&read(&self.sources)?)?,
             rules: super::load_rules(self.rules.as_deref())?,
             feed_token: token,
+            // Both read again when they change (a mounted Secret's update).
+            sources_file: Some(self.sources.clone()),
+            feed_token_file: self.feed_token_file.clone(),
             // The flags' ranges keep each of these at 1 or more.
             queue_capacity: self.queue_capacity,
             queue_events: self.queue_events,
@@ -193,6 +185,7 @@ async fn wait_for_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::reload::load_feed_token as feed_token;
 
     #[test]
     fn the_feed_token_is_neither_empty_nor_the_published_placeholder() {

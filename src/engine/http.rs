@@ -20,6 +20,7 @@ use crate::store::{PreparedEvent, StateTable, StoreError};
 
 use super::feed::{self, DEFAULT_PAGE, MAX_PAGE, ReaderPool};
 use super::metrics::Metrics;
+use super::reload::{self, Watched};
 use super::request::{self, ApiError, Endpoint, MAX_BATCH_BYTES};
 use super::retention;
 use super::sources::Sources;
@@ -27,8 +28,10 @@ use super::writer::Writer;
 
 /// What every handler shares.
 pub struct AppState {
-    /// Sources by write key.
-    pub sources: Sources,
+    /// Sources by write key, read again when their file changes.
+    pub sources: Watched<Sources>,
+    /// Held while the sources file is read again and its sources recorded (one at a time).
+    pub reloading_sources: tokio::sync::Mutex<()>,
     /// Identity rules (for the blocked-identifier check before queueing).
     pub rules: Rules,
     /// The store writer's queue.
@@ -37,8 +40,9 @@ pub struct AppState {
     pub reading: tokio::sync::Semaphore,
     /// Read handles for the feed API.
     pub readers: Arc<ReaderPool>,
-    /// The feed API's bearer token; the feed API is closed when unset.
-    pub feed_token: Option<String>,
+    /// The feed API's bearer token, read again when its file changes; the feed API is closed
+    /// when unset.
+    pub feed_token: Watched<Option<String>>,
     /// Metrics.
     pub metrics: Metrics,
     /// False once shutdown started.
@@ -334,7 +338,12 @@ async fn ingest_inner(
     // a client never holds a reading permit (sending its body slowly, it would keep real
     // clients out for the body timeout). The header's key wins over a body's writeKey.
     if let Some(key) = request::basic_auth_user(auth)
-        && state.sources.by_write_key(&key).is_none()
+        && state.sources.get().by_write_key(&key).is_none()
+        && {
+            // A key of a source just added to the file is not refused: the file is read again.
+            reload::reload_sources(state).await;
+            state.sources.get().by_write_key(&key).is_none()
+        }
     {
         // Turned away before its body is read: it counts no event, as the README says of
         // requests refused before parsing (the requests metric has it, under 401).
@@ -381,14 +390,27 @@ async fn ingest_inner(
             return closing(api_error(&e));
         }
     };
-    let accepted = match request::parse(
-        endpoint,
-        &bytes,
-        auth,
-        &state.sources,
-        &state.rules,
-        Timestamp::now(),
-    ) {
+    let parse = |sources: &Sources| {
+        request::parse(
+            endpoint,
+            &bytes,
+            auth,
+            sources,
+            &state.rules,
+            Timestamp::now(),
+        )
+    };
+    let sources = state.sources.get();
+    let mut parsed = parse(&sources);
+    if parsed.as_ref().is_err_and(|e| e.status == 401) {
+        // The body's writeKey may be a source's just added to the file.
+        reload::reload_sources(state).await;
+        let now = state.sources.get();
+        if !Arc::ptr_eq(&now, &sources) {
+            parsed = parse(&now);
+        }
+    }
+    let accepted = match parsed {
         Ok(a) => a,
         Err(e) => {
             state
@@ -527,16 +549,28 @@ fn overloaded(state: &AppState, events: usize) -> Response {
 }
 
 pub(super) fn authorize(state: &AppState, headers: &HeaderMap) -> Option<Response> {
-    let Some(token) = &state.feed_token else {
+    let auth = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let matches = |token: &Option<String>| {
+        token
+            .as_deref()
+            .is_some_and(|t| feed::token_matches(auth, t))
+    };
+    let mut token = state.feed_token.get();
+    let mut ok = matches(&token);
+    // A token other than the one in use may be the file's new one: it is read again.
+    if !ok && reload::reload_feed_token(state) {
+        token = state.feed_token.get();
+        ok = matches(&token);
+    }
+    if token.is_none() {
         return Some(json_response(
             StatusCode::FORBIDDEN,
             json!({"error": "the feed API is disabled: start the engine with --feed-token-file"}),
         ));
-    };
-    let auth = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    (!feed::token_matches(auth, token)).then(|| {
+    }
+    (!ok).then(|| {
         json_response(
             StatusCode::UNAUTHORIZED,
             json!({"error": "missing or wrong bearer token"}),

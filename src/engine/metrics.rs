@@ -41,6 +41,9 @@ pub struct Metrics {
     pub events_pruned_through: IntGauge,
     /// messageId index entries deleted by retention.
     pub message_ids_pruned: IntCounter,
+    /// Watched files read again after a change, by file (`sources`, `feed_token`) and outcome
+    /// (`applied`, `refused`).
+    pub reloads: IntCounterVec,
 }
 
 impl Metrics {
@@ -126,6 +129,14 @@ impl Metrics {
         )?;
         registry.register(Box::new(events_pruned_through.clone()))?;
         registry.register(Box::new(message_ids_pruned.clone()))?;
+        let reloads = IntCounterVec::new(
+            Opts::new(
+                "file_reloads_total",
+                "Watched files (the sources, the feed token) read again after a change, by file and outcome (applied, refused)",
+            ),
+            &["file", "outcome"],
+        )?;
+        registry.register(Box::new(reloads.clone()))?;
         Ok(Metrics {
             registry,
             requests,
@@ -144,6 +155,7 @@ impl Metrics {
             events_pruned,
             events_pruned_through,
             message_ids_pruned,
+            reloads,
         })
     }
 

@@ -7,6 +7,7 @@
 pub mod feed;
 pub mod http;
 pub mod metrics;
+pub mod reload;
 pub mod request;
 pub mod retention;
 pub mod serve;
@@ -55,6 +56,11 @@ pub struct EngineConfig {
     pub rules: Rules,
     /// Bearer token of the feed API (closed when unset).
     pub feed_token: Option<String>,
+    /// The file `sources` was read from: read again when it changes ([`reload`]); `None` keeps
+    /// `sources` as they are.
+    pub sources_file: Option<std::path::PathBuf>,
+    /// The file `feed_token` was read from: read again when it changes ([`reload`]).
+    pub feed_token_file: Option<std::path::PathBuf>,
     /// Requests the writer queue holds before answering 503.
     pub queue_capacity: usize,
     /// Events the writer queue holds between its requests before answering 503 (a request is
@@ -100,6 +106,8 @@ impl std::fmt::Debug for EngineConfig {
             .field("sources", &self.sources)
             .field("rules", &self.rules)
             .field("feed_token", &self.feed_token.as_ref().map(|_| "(hidden)"))
+            .field("sources_file", &self.sources_file)
+            .field("feed_token_file", &self.feed_token_file)
             .field("queue_capacity", &self.queue_capacity)
             .field("queue_events", &self.queue_events)
             .field("reading_capacity", &self.reading_capacity)
@@ -124,6 +132,8 @@ impl EngineConfig {
             sources,
             rules: Rules::default(),
             feed_token: None,
+            sources_file: None,
+            feed_token_file: None,
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
             queue_events: DEFAULT_QUEUE_EVENTS,
             reading_capacity: DEFAULT_READING_CAPACITY,
@@ -196,10 +206,11 @@ pub async fn start(config: EngineConfig) -> anyhow::Result<RunningEngine> {
         );
     }
     let metrics = metrics::Metrics::new()?;
+    let sources = reload::Watched::new(config.sources, config.sources_file, reload::load_sources);
     let (url, rules, infos) = (
         config.store.clone(),
         config.rules.clone(),
-        config.sources.infos(),
+        sources.get().infos(),
     );
     let (store, pruned) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let mut store = crate::store::open(&url, rules)?;
@@ -231,12 +242,15 @@ pub async fn start(config: EngineConfig) -> anyhow::Result<RunningEngine> {
         loaded_tx,
     );
     let state = Arc::new(http::AppState {
-        sources: config.sources,
+        sources,
+        reloading_sources: tokio::sync::Mutex::new(()),
         rules: config.rules,
         writer,
         reading: tokio::sync::Semaphore::new(config.reading_capacity.max(1)),
         readers: feed::ReaderPool::new(config.store, config.feed_readers),
-        feed_token: config.feed_token,
+        feed_token: reload::Watched::new(config.feed_token, config.feed_token_file, |path| {
+            reload::load_feed_token(path).map(Some)
+        }),
         metrics,
         ready: AtomicBool::new(true),
         loaded: loaded.clone(),
@@ -253,6 +267,7 @@ pub async fn start(config: EngineConfig) -> anyhow::Result<RunningEngine> {
     if let Some(r) = config.retention {
         retention::spawn(state.clone(), r, rx.clone());
     }
+    reload::spawn(state.clone(), rx.clone());
     // A shutdown turns `/readyz` to 503 at once; the server stops accepting connections (and
     // drains) only after `shutdown_delay`, while load balancers take the engine out.
     let (stop_serving, serving) = tokio::sync::watch::channel(false);

@@ -157,6 +157,16 @@ impl Sources {
         Ok(Sources { by_key })
     }
 
+    /// How many sources there are.
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    /// True when there is no source (a file is refused before that).
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+
     /// The source a write key belongs to.
     pub fn by_write_key(&self, key: &str) -> Option<&SourceConfig> {
         self.by_key.get(key)

@@ -8,7 +8,8 @@ metadata:
     {{- toYaml . | nindent 4 }}
     {{- end }}
   annotations:
-    # The engine reads its sources and rules at start: roll it when they change.
+    # The engine reads its rules at start, and its sources again when their Secret changes (a
+    # minute or so later, as the kubelet updates it): roll it so a change of either takes effect at once.
     checksum/sources: {{ toJson .Values.sources | sha256sum }}
     checksum/identity-rules: {{ toJson .Values.identityRules | sha256sum }}
     {{- with $e.podAnnotations }}
