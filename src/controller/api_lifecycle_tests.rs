@@ -654,6 +654,11 @@ async fn a_running_job_the_cache_has_not_seen_yet_blocks_a_second_one() {
         Some("please"),
         "the manual sync is still asked for"
     );
+    assert_eq!(
+        condition(&f.connection("analytics").await, "Syncing").0,
+        "True",
+        "the status says a sync runs"
+    );
 }
 
 #[tokio::test]

@@ -311,6 +311,8 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
             the_plan = plan_with(selections.active_problem.is_none());
         }
     }
+    // A running sync Job the cache has not seen yet: the one the syncs wait for.
+    let mut unseen_running: Option<String> = None;
     if the_plan.as_ref().is_some_and(|p| p.create.is_some())
         && ctx
             .caches
@@ -319,11 +321,14 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
     {
         // Concurrency `Forbid` against the API too: the Job the reconcile before made may not
         // have reached the cache, and a manual sync (or the next slot's, under another name)
-        // would run beside it. The cache's catching up reconciles again.
+        // would run beside it. Only the connection's own Jobs, which the cache watches: its
+        // catching up reconciles again.
         let listed = observe::jobs(ctx, conn, observe::Listing::Api).await?;
         let unseen = listed.iter().find(|j| {
             let key = format!("{ns}/{}", j.name_any());
             observe::phase(j) == JobPhase::Active
+                && build::made_by_controller(&j.metadata)
+                && observe::owned_by(j, conn)
                 && j.metadata.deletion_timestamp.is_none()
                 && !jobs.iter().any(|c| c.name_any() == j.name_any())
                 && !ctx.with_memory(|m| m.cleaned.contains_key(&key))
@@ -340,6 +345,7 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
                 }
                 p.blocked = Some(plan::Blocked::JobRunning(running.name_any()));
             }
+            unseen_running = Some(running.name_any());
         }
     }
 
@@ -348,7 +354,8 @@ async fn apply(conn: &WarehouseConnection, ctx: &Context) -> Result<Action, Erro
     let mut active_job = views
         .iter()
         .find(|v| v.phase == JobPhase::Active)
-        .map(|v| v.name.clone());
+        .map(|v| v.name.clone())
+        .or(unseen_running);
     let mut last_started = jobs
         .iter()
         .filter_map(|j| j.metadata.creation_timestamp.as_ref().map(|t| t.0))

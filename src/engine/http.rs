@@ -341,13 +341,13 @@ async fn ingest_inner(
         && state.sources.get().by_write_key(&key).is_none()
         && {
             // A key of a source just added to the file is not refused: the file is read again.
-            reload::reload_sources(state).await;
+            reload::reload_sources(state, true).await;
             state.sources.get().by_write_key(&key).is_none()
         }
     {
         // Turned away before its body is read: it counts no event, as the README says of
         // requests refused before parsing (the requests metric has it, under 401).
-        return closing(api_error(&ApiError::new(401, "unknown write key")));
+        return closing(api_error(&ApiError::new(401, request::UNKNOWN_WRITE_KEY)));
     }
     // Under overload a request is turned away without its body being kept or parsed, so
     // rejected requests cost next to nothing while the writer catches up.
@@ -402,9 +402,12 @@ async fn ingest_inner(
     };
     let sources = state.sources.get();
     let mut parsed = parse(&sources);
-    if parsed.as_ref().is_err_and(|e| e.status == 401) {
+    if parsed
+        .as_ref()
+        .is_err_and(|e| e.message == request::UNKNOWN_WRITE_KEY)
+    {
         // The body's writeKey may be a source's just added to the file.
-        reload::reload_sources(state).await;
+        reload::reload_sources(state, true).await;
         let now = state.sources.get();
         if !Arc::ptr_eq(&now, &sources) {
             parsed = parse(&now);

@@ -10,7 +10,7 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::feed;
 use super::http::AppState;
@@ -66,6 +66,9 @@ pub struct Watched<T> {
     path: Option<PathBuf>,
     load: fn(&Path) -> Result<T, String>,
     current: RwLock<Current<T>>,
+    /// Until when a request may not start a reload (set after one failed to put its content
+    /// in use): a flood of unknown keys must not become a flood of store writes.
+    held_back: std::sync::Mutex<Option<Instant>>,
 }
 
 impl<T> Watched<T> {
@@ -91,7 +94,37 @@ impl<T> Watched<T> {
                 read,
                 refused: None,
             }),
+            held_back: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Whether the file differs from what was last read or refused (one `stat`; false when it
+    /// is not watched or cannot be read).
+    pub fn changed(&self) -> bool {
+        let Some(stamp) = self.path.as_deref().and_then(Stamp::of) else {
+            return false;
+        };
+        let c = match self.current.read() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        c.read != Some(stamp) && c.refused != Some(stamp)
+    }
+
+    /// Keeps requests from starting a reload for `pause`.
+    fn hold_back(&self, pause: Duration) {
+        if let Ok(mut h) = self.held_back.lock() {
+            *h = Some(Instant::now() + pause);
+        }
+    }
+
+    /// Whether requests may not start a reload now.
+    fn held_back(&self) -> bool {
+        self.held_back
+            .lock()
+            .ok()
+            .and_then(|h| *h)
+            .is_some_and(|until| Instant::now() < until)
     }
 
     /// The value in use.
@@ -169,10 +202,20 @@ pub fn load_feed_token(path: &Path) -> Result<String, String> {
     Ok(token)
 }
 
+/// How long requests may not start another reload of the sources after one could not record
+/// them in the store (the periodic check still tries).
+const HELD_BACK: Duration = Duration::from_secs(1);
+
 /// Checks the sources file, and when it changed records its sources in the store before the
 /// engine takes their write keys (an event is never stored for a source the store does not
 /// list). True when new sources are in use. One reload runs at a time.
-pub async fn reload_sources(state: &AppState) -> bool {
+///
+/// `by_request`: a request with an unknown key asks. It then costs one `stat` unless the file
+/// changed, and starts no reload within [`HELD_BACK`] of a failed one.
+pub async fn reload_sources(state: &AppState, by_request: bool) -> bool {
+    if by_request && (!state.sources.changed() || state.sources.held_back()) {
+        return false;
+    }
     let _one = state.reloading_sources.lock().await;
     match state.sources.check() {
         Check::Same => false,
@@ -203,10 +246,12 @@ pub async fn reload_sources(state: &AppState) -> bool {
                 }
                 Ok(Err(e)) => {
                     // Tried again on the next check: the stamp is not recorded.
+                    state.sources.hold_back(HELD_BACK);
                     tracing::error!(error = %e, "the sources file changed, but its sources could not be recorded in the store; the previous write keys stay in use");
                     false
                 }
                 Err(e) => {
+                    state.sources.hold_back(HELD_BACK);
                     tracing::error!(error = %e, "the sources file changed, but recording its sources failed; the previous write keys stay in use");
                     false
                 }
@@ -262,7 +307,7 @@ pub fn spawn(state: Arc<AppState>, mut stop: tokio::sync::watch::Receiver<bool>)
                 _ = every.tick() => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
-            reload_sources(&state).await;
+            reload_sources(&state, false).await;
             reload_feed_token(&state);
         }
     });

@@ -475,6 +475,9 @@ pub fn storable(event: &Event, rules: &Rules) -> Result<Vec<Identifier>, Unstora
     Ok(identifiers)
 }
 
+/// The 401's message for a write key no source has.
+pub const UNKNOWN_WRITE_KEY: &str = "unknown write key";
+
 /// Checks and parses one request body (already decompressed).
 pub fn parse(
     endpoint: Endpoint,
@@ -542,7 +545,7 @@ fn accept(
         ));
     };
     let Some(source) = sources.by_write_key(&key) else {
-        return Err(ApiError::new(401, "unknown write key"));
+        return Err(ApiError::new(401, UNKNOWN_WRITE_KEY));
     };
     let (messages, default_type, batched) = match endpoint {
         Endpoint::Single(t) => (vec![Value::Object(obj)], Some(t), false),

@@ -243,11 +243,11 @@ pub(super) fn parse_fields(
         (Some(_), Some(_), Some(corrected)) => corrected,
         (Some(receipt), ..) => corrected_timestamp(receipt, sent_at, original_timestamp),
         // Imported without its receipt (an SDK's payload, sent long ago): its `sentAt` stands
-        // for the receipt (no skew known). Counted from the import's time, the correction
-        // re-dated every such event to the import. It is received at the import's time.
-        (None, ..) if opts.trust_received_at => {
-            corrected_timestamp(sent_at.unwrap_or(opts.now), sent_at, original_timestamp)
-        }
+        // for the receipt (no skew known), which leaves the client's time. Counted from the
+        // import's time, the correction re-dated every such event to the import. It is
+        // received at the import's time, and without a time of its own dated by it (as the
+        // store's row, which keeps no `timestamp` then, reads back).
+        (None, ..) if opts.trust_received_at => original_timestamp.unwrap_or(opts.now),
         (None, ..) => corrected_timestamp(opts.now, sent_at, original_timestamp),
     };
 

@@ -335,6 +335,12 @@ fn a_trusted_payload_without_its_receipt_keeps_its_time_through_the_store() {
         ..trusted.clone()
     };
     assert_eq!(Event::from_json(&e.to_json(), None, &later), Ok(e));
+    // Without a time of its own, it is dated by its receipt, the import, and read back so.
+    let timeless = json!({"type": "track", "userId": "u", "event": "E",
+        "sentAt": "2023-01-01T00:00:05Z"});
+    let e = Event::from_json(&timeless, None, &trusted).expect("valid");
+    assert_eq!(e.timestamp, ts("2026-12-01T09:00:00Z"));
+    assert_eq!(Event::from_json(&e.to_json(), None, &later), Ok(e));
     // With its receipt, the correction counts from it, as the engine's did.
     let mut received = m.clone();
     received["receivedAt"] = json!("2023-01-01T00:00:10Z");
