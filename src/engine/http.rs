@@ -43,6 +43,9 @@ pub struct AppState {
     /// The feed API's bearer token, read again when its file changes; the feed API is closed
     /// when unset.
     pub feed_token: Watched<Option<String>>,
+    /// Held while the feed token file is read again (one at a time: two checks racing a change
+    /// could otherwise put the older token in use last).
+    pub reloading_token: std::sync::Mutex<()>,
     /// Metrics.
     pub metrics: Metrics,
     /// False once shutdown started.

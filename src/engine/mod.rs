@@ -251,6 +251,7 @@ pub async fn start(config: EngineConfig) -> anyhow::Result<RunningEngine> {
         feed_token: reload::Watched::new(config.feed_token, config.feed_token_file, |path| {
             reload::load_feed_token(path).map(Some)
         }),
+        reloading_token: std::sync::Mutex::new(()),
         metrics,
         ready: AtomicBool::new(true),
         loaded: loaded.clone(),

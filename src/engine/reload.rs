@@ -9,7 +9,7 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use super::feed;
@@ -104,35 +104,35 @@ impl<T> Watched<T> {
         let Some(stamp) = self.path.as_deref().and_then(Stamp::of) else {
             return false;
         };
-        let c = match self.current.read() {
-            Ok(c) => c,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let c = self.current.read().unwrap_or_else(PoisonError::into_inner);
         c.read != Some(stamp) && c.refused != Some(stamp)
     }
 
     /// Keeps requests from starting a reload for `pause`.
     fn hold_back(&self, pause: Duration) {
-        if let Ok(mut h) = self.held_back.lock() {
-            *h = Some(Instant::now() + pause);
-        }
+        *self
+            .held_back
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now() + pause);
     }
 
     /// Whether requests may not start a reload now.
     fn held_back(&self) -> bool {
         self.held_back
             .lock()
-            .ok()
-            .and_then(|h| *h)
+            .unwrap_or_else(PoisonError::into_inner)
             .is_some_and(|until| Instant::now() < until)
     }
 
     /// The value in use.
     pub fn get(&self) -> Arc<T> {
-        match self.current.read() {
-            Ok(c) => Arc::clone(&c.value),
-            Err(poisoned) => Arc::clone(&poisoned.into_inner().value),
-        }
+        Arc::clone(
+            &self
+                .current
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .value,
+        )
     }
 
     /// The file it is read from, if any.
@@ -151,10 +151,7 @@ impl<T> Watched<T> {
             return Check::Same;
         };
         {
-            let c = match self.current.read() {
-                Ok(c) => c,
-                Err(poisoned) => poisoned.into_inner(),
-            };
+            let c = self.current.read().unwrap_or_else(PoisonError::into_inner);
             if c.read == Some(stamp) || c.refused == Some(stamp) {
                 return Check::Same;
             }
@@ -163,9 +160,10 @@ impl<T> Watched<T> {
             // Read after the stamp: if the file changed meanwhile, the next check reads it again.
             Ok(value) => Check::Changed(stamp, value),
             Err(why) => {
-                if let Ok(mut c) = self.current.write() {
-                    c.refused = Some(stamp);
-                }
+                self.current
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .refused = Some(stamp);
                 Check::Refused(why)
             }
         }
@@ -173,10 +171,7 @@ impl<T> Watched<T> {
 
     /// Puts a value [`Watched::check`] read in use.
     pub fn install(&self, stamp: Stamp, value: T) {
-        let mut c = match self.current.write() {
-            Ok(c) => c,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut c = self.current.write().unwrap_or_else(PoisonError::into_inner);
         c.value = Arc::new(value);
         c.read = Some(stamp);
         c.refused = None;
@@ -262,6 +257,10 @@ pub async fn reload_sources(state: &AppState, by_request: bool) -> bool {
 
 /// Checks the feed token file, and puts a changed token in use at once. True when it did.
 pub fn reload_feed_token(state: &AppState) -> bool {
+    let _one = state
+        .reloading_token
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
     match state.feed_token.check() {
         Check::Same => false,
         Check::Refused(why) => {
