@@ -206,7 +206,7 @@ const HELD_BACK: Duration = Duration::from_secs(1);
 /// list). True when new sources are in use. One reload runs at a time.
 ///
 /// `by_request`: a request with an unknown key asks. It then costs one `stat` unless the file
-/// changed, and starts no reload within [`HELD_BACK`] of a failed one.
+/// changed, and starts no reload within a second of a failed one.
 pub async fn reload_sources(state: &AppState, by_request: bool) -> bool {
     if by_request && (!state.sources.changed() || state.sources.held_back()) {
         return false;
