@@ -5,6 +5,7 @@ mod support;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use profiles_sync::identity::Rules;
 use profiles_sync::store::{self, EventFilter, Feed, FeedRow};
@@ -211,19 +212,67 @@ fn check_change_logs(s: &mut dyn store::Store, events: &[store::EventRow]) {
     );
 }
 
-#[tokio::test]
-async fn the_python_sdk_sends_every_call_type() {
-    let t = start(8).await;
-    send_with_sdk(&t.base, false).await;
-    check_store(&t.store_url);
-    t.engine.stop().await.unwrap();
+/// A TCP relay to `target` (`http://host:port`) that keeps a copy of every byte its clients
+/// send: what the SDK put on the wire. Returns its own `http://` address and that copy.
+async fn recording_relay(target: &str) -> (String, Arc<Mutex<Vec<u8>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let target = target.trim_start_matches("http://").to_string();
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let copy = sent.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let server = tokio::net::TcpStream::connect(&target).await.unwrap();
+            let (mut client_read, mut client_write) = client.into_split();
+            let (mut server_read, mut server_write) = server.into_split();
+            let copy = copy.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(n @ 1..) = client_read.read(&mut buf).await {
+                    copy.lock().unwrap().extend_from_slice(&buf[..n]);
+                    if server_write.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = server_write.shutdown().await;
+            });
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+            });
+        }
+    });
+    (format!("http://{addr}"), sent)
+}
+
+/// Whether the bytes a client sent hold a `Content-Encoding: gzip` header.
+fn sent_gzip(sent: &Mutex<Vec<u8>>) -> bool {
+    sent.lock()
+        .unwrap()
+        .to_ascii_lowercase()
+        .windows(b"content-encoding: gzip".len())
+        .any(|w| w == b"content-encoding: gzip")
 }
 
 #[tokio::test]
+async fn the_python_sdk_sends_every_call_type() {
+    let t = start(8).await;
+    let (relay, sent) = recording_relay(&t.base).await;
+    send_with_sdk(&relay, false).await;
+    check_store(&t.store_url);
+    assert!(!sent_gzip(&sent), "plain JSON bodies");
+    t.engine.stop().await.unwrap();
+}
+
+/// The same calls with the SDK's gzip on: its bodies reach the engine compressed (seen on the
+/// wire), and land as the plain ones do.
+#[tokio::test]
 async fn the_python_sdk_with_gzip() {
     let t = start(8).await;
-    send_with_sdk(&t.base, true).await;
+    let (relay, sent) = recording_relay(&t.base).await;
+    send_with_sdk(&relay, true).await;
     check_store(&t.store_url);
+    assert!(sent_gzip(&sent), "the SDK sent no gzip body");
     t.engine.stop().await.unwrap();
 }
 

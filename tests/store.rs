@@ -93,7 +93,45 @@ both_stores!(
     feed_consumers_are_recorded_replaced_and_removed,
     a_store_from_before_retention_gets_its_tables,
     a_store_url_read_from_a_secret_may_end_in_a_line_break,
+    a_store_keeps_its_id_and_another_store_has_another,
 );
+
+/// A store's id is made with it and kept (reopened, by a second handle, after writes); another
+/// store has another; a store an earlier release made (without the table) gets one when opened.
+fn a_store_keeps_its_id_and_another_store_has_another(kind: &str) {
+    let (mut s, url, _keep) = fresh(kind);
+    let id = s.store_id().unwrap();
+    assert_eq!(id.len(), 36, "{id}");
+    s.ingest(vec![page("p1", "a1")]).unwrap();
+    let mut second = store::open(&url, Rules::default()).unwrap();
+    assert_eq!(second.store_id().unwrap(), id);
+    drop((s, second));
+    assert_eq!(
+        store::open(&url, Rules::default())
+            .unwrap()
+            .store_id()
+            .unwrap(),
+        id
+    );
+    let (mut other, _other_url, _other_keep) = fresh(kind);
+    assert_ne!(other.store_id().unwrap(), id);
+    drop(other);
+    let drop_id = "DROP TABLE store_identity";
+    match kind {
+        "sqlite" => rusqlite::Connection::open(url.trim_start_matches("sqlite://"))
+            .unwrap()
+            .execute_batch(drop_id)
+            .unwrap(),
+        _ => ::postgres::Client::connect(&url, ::postgres::NoTls)
+            .unwrap()
+            .batch_execute(drop_id)
+            .unwrap(),
+    }
+    let mut older = store::open(&url, Rules::default()).unwrap();
+    let made = older.store_id().unwrap();
+    assert_ne!(made, id, "a new id for a store that had none");
+    assert_eq!(event_ids(&mut *older), ["p1"], "its data kept");
+}
 
 /// An event received at `at(secs)`.
 fn received(id: &str, secs: i64, v: Value) -> Event {

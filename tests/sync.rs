@@ -1693,7 +1693,8 @@ fn a_password_the_server_asks_for_and_the_secret_lacks_is_an_authentication_fail
         "{err}"
     );
     assert!(err.message.contains("password"), "{err}");
-    let outcome = profiles_sync::controller::connection_test::connect_failure(&err);
+    let outcome =
+        profiles_sync::controller::connection_test::connect_failure(&err, wh.spec.warehouse.r#type);
     assert_eq!(
         outcome.reason,
         profiles_sync::controller::connection_test::Reason::AuthenticationFailed,
@@ -2184,6 +2185,56 @@ fn a_warehouse_ahead_of_the_store_is_refused_and_nothing_is_loaded() {
         r.status,
         SyncStatus::Success,
         "the first store still syncs: {r:#?}"
+    );
+}
+
+/// A schema synced from one store, then pointed at another store that has gone past its
+/// cursors (a replacement with more changes, an import): told apart by the stores' ids, the
+/// run fails and loads nothing — it read after the cursors and skipped the other store's
+/// changes up to them, for good. With the schema's state dropped, as the error says, the next
+/// sync loads the other store from the start.
+#[test]
+fn a_store_past_the_cursors_of_another_store_s_schema_is_refused_by_its_id() {
+    let (mut s, url, _d) = store();
+    ingest(&mut *s, &basics());
+    let wh = TestWarehouse::sqlite();
+    let r = wh.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    let before = wh.dump();
+
+    let (mut other, other_url, _o) = store();
+    ingest(&mut *other, &basics());
+    let more: Vec<Value> = (0..5)
+        .map(|i| {
+            msg(json!({"type": "page", "messageId": format!("more{i}"), "anonymousId": format!("b{i}"), "name": "More"}))
+        })
+        .collect();
+    ingest(&mut *other, &more);
+    assert!(
+        other.head_seq().unwrap() > s.head_seq().unwrap(),
+        "the premise"
+    );
+    let r = wh.sync(&other_url, None);
+    assert_eq!(r.status, SyncStatus::Failed, "{r:#?}");
+    let message = &r.errors[0].message;
+    assert!(
+        message.contains(&s.store_id().unwrap()) && message.contains(&other.store_id().unwrap()),
+        "{message}"
+    );
+    assert_eq!(wh.dump(), before, "nothing loaded or moved");
+    assert_eq!(
+        wh.sync(&url, None).status,
+        SyncStatus::Success,
+        "the first store still syncs"
+    );
+
+    wh.query(&format!("DELETE FROM {}", wh.table("_profiles_sync_state")));
+    let r = wh.sync(&other_url, None);
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    assert_eq!(
+        wh.count("pages"),
+        7,
+        "the other store's pages, from its start"
     );
 }
 
@@ -3350,6 +3401,19 @@ fn postgres_a_narrowed_profile_table_column_sends_its_refusals_to_discards() {
     assert_eq!(d[0][0].as_deref(), Some("value"));
     assert_eq!(d[0][1].as_deref(), Some("x".repeat(50).as_str()));
     assert_eq!(wh.sync(&url, None).status, SyncStatus::Success);
+    // The same trait refused again with another value: its row of `discards` shows the newest
+    // (it kept the first, a value the profile no longer has).
+    ingest(
+        &mut *s,
+        &[identify("n4", "an2", json!({"bio": "y".repeat(60)}))],
+    );
+    let r = wh.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::Success, "{:?}", r.errors);
+    let d = wh.query(&format!(
+        "SELECT value FROM {} WHERE table_name = 'user_traits'",
+        wh.table("discards")
+    ));
+    assert_eq!(d, [vec![Some("y".repeat(60))]]);
 }
 
 /// `limits.maxBytes` bounds the profile tables too: with ~1 KB traits and a 20 KB limit, no run

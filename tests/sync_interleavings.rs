@@ -98,20 +98,49 @@ fn interleaved(kind: &str, seed: u64, page: usize) {
     let (mut s, url, _d) = store();
     let wh = TestWarehouse::of(kind);
     let mut r = Rng(seed);
+    // Re-sends drawn apart, so that the scenario of each seed stays what it was without them.
+    let mut resend = Rng(seed ^ 0x5eed);
+    let mut sent: Vec<Value> = vec![];
     let mut n = 0;
     for _round in 0..12 {
-        let batch: Vec<Value> = (0..(1 + r.below(15)))
+        let mut batch: Vec<Value> = (0..(1 + r.below(15)))
             .map(|_| {
                 n += 1;
                 random_message(&mut r, n)
             })
             .collect();
-        // Some duplicates of earlier ids too.
+        sent.extend(batch.iter().cloned());
+        // A client's retry: a message already sent (and perhaps synced), sent again.
+        for _ in 0..resend.below(3) {
+            let again = sent[resend.below(sent.len() as u64) as usize].clone();
+            batch.push(again);
+        }
         ingest(&mut *s, &batch);
         let rep = wh.sync_with(&url, None, &wh.spec, page);
         assert!(rep.errors.is_empty(), "{:?}", rep.errors);
     }
     assert_matches_a_clean_sync(&wh, kind, &url, &format!("seed {seed} page {page}"));
+    // Each message landed once, its re-sends never.
+    let mut landed = 0;
+    for table in ["identifies", "tracks", "pages", "aliases"] {
+        if wh.count(table) == 0 {
+            continue;
+        }
+        let ids = wh.query(&format!(
+            "SELECT count(*), count(DISTINCT id) FROM {}",
+            wh.table(table)
+        ));
+        assert_eq!(
+            ids[0][0], ids[0][1],
+            "seed {seed}: {table} holds a message twice"
+        );
+        landed += ids[0][0]
+            .as_deref()
+            .unwrap_or("0")
+            .parse::<usize>()
+            .unwrap();
+    }
+    assert_eq!(landed, n, "seed {seed}: every message once");
     // And the materialized tables equal the store's state.
     let (profiles, identifiers) = s.load_state().unwrap();
     let expect = |t: StateTable, keys: &[&str]| -> BTreeSet<Vec<String>> {

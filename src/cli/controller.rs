@@ -86,6 +86,9 @@ async fn wait_for_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// The User-Agent of the controller's Kubernetes API calls: `profiles-sync-controller/<version>`.
+pub const USER_AGENT: &str = concat!("profiles-sync-controller/", env!("CARGO_PKG_VERSION"));
+
 /// Runs the controller until SIGTERM or Ctrl-C; reconciles in flight finish first.
 pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
     super::telemetry::init();
@@ -95,7 +98,13 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
     controller::read_token(&args.engine_token_file)?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
-        let client = kube::Client::try_default().await?;
+        let mut config = kube::Config::infer().await?;
+        // Named in the API server's audit log (kube-rs sends no User-Agent of its own).
+        config.headers.push((
+            axum::http::header::USER_AGENT,
+            axum::http::HeaderValue::from_static(USER_AGENT),
+        ));
+        let client = kube::Client::try_from(config)?;
         let metrics = Metrics::new()?;
         let settings = Settings {
             job: JobSettings {

@@ -783,6 +783,51 @@ async fn a_job_name_taken_by_another_object_is_not_claimed() {
     );
 }
 
+/// A Secret of the engine token Secret's name that the controller did not make is someone
+/// else's: it is not replaced (its data lost, the engine's token put where its owner's
+/// workloads read it), no Job starts, and the status names the Secret.
+#[tokio::test]
+async fn a_user_secret_with_the_token_secret_s_name_is_left_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let conn = finalized_connection(dir.path(), "analytics");
+    let theirs = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(build::ENGINE_TOKEN_SECRET.into()),
+            namespace: Some(NS.into()),
+            ..Default::default()
+        },
+        data: Some(std::collections::BTreeMap::from([(
+            "password".to_string(),
+            k8s_openapi::ByteString(b"theirs".to_vec()),
+        )])),
+        ..Secret::default()
+    };
+    let client = builder()
+        .with_object(conn)
+        .with_object(theirs.clone())
+        .build()
+        .await
+        .unwrap();
+    let f = fixture(dir, client, "2025-03-01T10:17:30Z").await;
+    let e = f.reconcile("analytics").await.unwrap_err();
+    assert_eq!(e.root().metric_label(), "SecretNameTaken", "{e}");
+    let kept: Secret = f.api().get(build::ENGINE_TOKEN_SECRET).await.unwrap();
+    assert_eq!(kept.data, theirs.data, "their Secret keeps its data");
+    assert!(!build::made_by_controller(&kept.metadata));
+    assert!(f.list::<Job>().await.is_empty(), "no Job without the token");
+    let c = f.connection("analytics").await;
+    assert_eq!(
+        condition(&c, "Syncing"),
+        ("False".into(), "StartFailed".into())
+    );
+    let why = &condition_said(&c, "Syncing").message;
+    assert!(
+        why.contains(&format!("{NS}/{}", build::ENGINE_TOKEN_SECRET))
+            && why.contains("not made by profiles-sync"),
+        "{why}"
+    );
+}
+
 #[tokio::test]
 async fn a_connection_with_a_long_name_gets_its_job_labelled_within_63_characters() {
     let dir = tempfile::tempdir().unwrap();

@@ -101,6 +101,9 @@ pub(super) async fn delete_job(ctx: &Context, ns: &str, name: &str) -> Result<()
 }
 
 /// Copies the controller's engine token into the namespace's token Secret (create or update).
+/// A Secret of that name the controller did not make (no managed-by label) is someone else's:
+/// it is left as it is ([`Error::SecretNameTaken`]) — replacing it would destroy its data and
+/// put the engine's token where its owner's workloads read it.
 pub(super) async fn ensure_token_secret(ctx: &Context, ns: &str) -> Result<(), Error> {
     let token = super::read_token(&ctx.settings.engine_token_file)?;
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
@@ -111,6 +114,9 @@ pub(super) async fn ensure_token_secret(ctx: &Context, ns: &str) -> Result<(), E
             Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
             Err(e) => Err(e.into()),
         },
+        Some(have) if !build::made_by_controller(&have.metadata) => Err(Error::SecretNameTaken(
+            format!("{ns}/{}", build::ENGINE_TOKEN_SECRET),
+        )),
         Some(have) if have.data == want.data => Ok(()),
         Some(have) => {
             let mut updated = want;

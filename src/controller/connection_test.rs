@@ -227,8 +227,25 @@ pub fn credentials(
     Ok(Credentials::from_lookup(secret_ref, value))
 }
 
-/// Maps a failure of `warehouse::connect` to a reason.
-pub fn connect_failure(e: &WarehouseError) -> TestOutcome {
+/// Maps a failure of `warehouse::connect` to a reason. An SQLite file has no credentials: a
+/// refusal there is the file system's (`PermissionDenied`), and the message says why such a
+/// file does not work in a cluster.
+pub fn connect_failure(e: &WarehouseError, ty: WarehouseType) -> TestOutcome {
+    if ty == WarehouseType::Sqlite {
+        let reason = match e.class {
+            ErrorClass::Permission => Reason::PermissionDenied,
+            _ => Reason::Unreachable,
+        };
+        return TestOutcome {
+            reason,
+            message: format!(
+                "cannot open the SQLite warehouse file: {} (an SQLite warehouse is a file of \
+                 the process that syncs: in a cluster the sync Job mounts no volume for it, \
+                 so use it with a local `profiles-sync sync`, and another type here)",
+                e.message
+            ),
+        };
+    }
     let reason = match e.class {
         ErrorClass::Permission => Reason::AuthenticationFailed,
         _ => Reason::Unreachable,
@@ -304,7 +321,7 @@ pub async fn run(
     let task = tokio::task::spawn_blocking(move || {
         match warehouse::connect(&warehouse, &schema, &credentials) {
             Ok(mut wh) => probe(&mut *wh, &schema),
-            Err(e) => connect_failure(&e),
+            Err(e) => connect_failure(&e, warehouse.r#type),
         }
     });
     match tokio::time::timeout(timeout, task).await {
@@ -388,12 +405,13 @@ mod tests {
     #[test]
     fn warehouse_errors_map_to_specific_reasons() {
         let e = |class| WarehouseError::new(class, "boom");
+        let pg = WarehouseType::Postgres;
         assert_eq!(
-            connect_failure(&e(ErrorClass::Permission)).reason,
+            connect_failure(&e(ErrorClass::Permission), pg).reason,
             Reason::AuthenticationFailed
         );
         assert_eq!(
-            connect_failure(&e(ErrorClass::Connection)).reason,
+            connect_failure(&e(ErrorClass::Connection), pg).reason,
             Reason::Unreachable
         );
         assert_eq!(
@@ -529,6 +547,25 @@ mod tests {
         };
         let out = run(&p, creds, Duration::from_secs(30)).await;
         assert_eq!(out.reason, Reason::Unreachable, "{}", out.message);
+    }
+
+    /// An SQLite file whose directory cannot be made (here: under a regular file; in a
+    /// cluster: on the controller's read-only root file system) is a failure of the file
+    /// system, not a refused credential, and the message says how such a warehouse is used.
+    #[tokio::test]
+    async fn an_sqlite_file_that_cannot_be_made_is_a_permission_not_a_credential() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, "not a directory").unwrap();
+        let path = file.join("wh.db").display().to_string();
+        let s = spec(json!({"type": "sqlite", "sqlite": {"path": path}}));
+        let out = run(&s, Credentials::default(), Duration::from_secs(30)).await;
+        assert_eq!(out.reason, Reason::PermissionDenied, "{}", out.message);
+        assert!(
+            out.message.contains("local `profiles-sync sync`"),
+            "{}",
+            out.message
+        );
     }
 
     /// A type the CRD accepts but this version cannot load into says so, rather than

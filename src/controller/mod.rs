@@ -150,6 +150,14 @@ pub enum Error {
          (the controller names each sync Job after its connection and time slot)"
     )]
     JobNameTaken(String),
+    /// The engine token Secret's name is taken by a Secret the controller did not make
+    /// (`namespace/name`).
+    #[error(
+        "a Secret named {0} already exists and was not made by profiles-sync (it has no \
+         app.kubernetes.io/managed-by=profiles-sync-controller label): the sync Jobs mount the engine's \
+         token from a Secret of that name, so rename that Secret (it is left untouched)"
+    )]
+    SecretNameTaken(String),
     /// An error the status and an Event have said already (a sync Job that could not be
     /// started): retried, not announced again.
     #[error(transparent)]
@@ -175,6 +183,7 @@ impl Error {
             Error::Render(_) => "Render",
             Error::StatusConflict(_) => "StatusConflict",
             Error::JobNameTaken(_) => "JobNameTaken",
+            Error::SecretNameTaken(_) => "SecretNameTaken",
             Error::Announced(e) => e.metric_label(),
         }
     }

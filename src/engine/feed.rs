@@ -1,6 +1,7 @@
 //! The change-feed API that sync Jobs read in the cluster:
 //!
-//! - `GET /v1/feeds` → the tables that can be read, the Track event tables seen, and the head `seq`;
+//! - `GET /v1/feeds` → the tables that can be read, the Track event tables seen, the head `seq`
+//!   and the store's id;
 //! - `GET /v1/feeds/{table}?after=N&limit=M` → newline-delimited JSON: a header line
 //!   `{"table", "columns", "count", "next_after", "more"}` then one row per line, in `seq` order;
 //! - `GET /v1/feeds/{state_table}?after_key=K&limit=M` → the same for a current-state table
@@ -185,6 +186,7 @@ pub fn catalog(
         "trackEvents": track,
         "sources": store.sources()?,
         "head": store.head_seq()?,
+        "storeId": store.store_id()?,
         "pruned": super::retention::pruned_json(&store.pruned()?),
     });
     if let Some(at) = since {

@@ -24,6 +24,12 @@ const LOAD_RETRY_FIRST: Duration = Duration::from_secs(1);
 /// The longest pause between two tries of a failed load.
 const LOAD_RETRY_MAX: Duration = Duration::from_secs(30);
 
+/// The pause after a failed load that followed a pause of `pause`: twice as long, at most
+/// [`LOAD_RETRY_MAX`].
+fn next_load_pause(pause: Duration) -> Duration {
+    (pause * 2).min(LOAD_RETRY_MAX)
+}
+
 /// A request's events waiting to be committed.
 struct Job {
     events: Vec<PreparedEvent>,
@@ -443,7 +449,25 @@ impl Reopen {
                 }
                 std::thread::sleep(left.min(Duration::from_millis(100)));
             }
-            pause = (pause * 2).min(LOAD_RETRY_MAX);
+            pause = next_load_pause(pause);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store that cannot be loaded is tried again after 1 s, then 2, 4, … up to 30 s: never
+    /// in a loop that spins against the database, never more than 30 s after it is back.
+    #[test]
+    fn failed_loads_are_retried_after_pauses_doubling_to_thirty_seconds() {
+        let mut pause = LOAD_RETRY_FIRST;
+        let mut seen = vec![];
+        for _ in 0..8 {
+            seen.push(pause.as_secs());
+            pause = next_load_pause(pause);
+        }
+        assert_eq!(seen, [1, 2, 4, 8, 16, 30, 30, 30]);
     }
 }

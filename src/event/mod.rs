@@ -22,6 +22,7 @@ use serde_json::{Map, Value};
 
 pub use flat::{FlatEvent, Leaves, Section, flatten_each};
 pub(crate) use parse::number_id;
+pub(crate) use parse::random_uuid;
 pub use parse::{MAX_IDENTIFY_TRAITS, parse_timestamp};
 pub use surrogates::mend_lone_surrogates;
 

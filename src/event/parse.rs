@@ -183,7 +183,7 @@ pub(super) fn parse_fields(
     // A number is taken as its decimal text, as for the ids (a hand-written client's counter).
     let message_id = match optional_id(f.message_id, "messageId")? {
         Some(id) => id,
-        None => generate_message_id(),
+        None => random_uuid(),
     };
     let user_id = optional_id(f.user_id, "userId")?;
     let anonymous_id = optional_id(f.anonymous_id, "anonymousId")?;
@@ -369,9 +369,12 @@ fn take_object(v: Option<Value>, key: &str) -> Result<Map<String, Value>, EventE
     }
 }
 
+/// A time field; null and the empty string count as absent, as for the ids (a client that
+/// fills every field it has, empty when it has nothing, must not lose the message to a 400).
 fn optional_time(v: Option<&Value>, key: &str) -> Result<Option<Timestamp>, EventError> {
     match v {
         None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
         Some(Value::String(s)) => parse_timestamp(s).map(Some).ok_or_else(|| {
             EventError::new(
                 key,
@@ -393,8 +396,8 @@ pub fn parse_timestamp(s: &str) -> Option<Timestamp> {
 }
 
 /// A random UUID (version 4, lowercase, hyphenated): what Segment's server-side libraries put
-/// in `messageId` themselves.
-fn generate_message_id() -> String {
+/// in `messageId` themselves (and the store's id).
+pub(crate) fn random_uuid() -> String {
     let mut bytes: [u8; 16] = rand::rng().random();
     bytes[6] = (bytes[6] & 0x0f) | 0x40;
     bytes[8] = (bytes[8] & 0x3f) | 0x80;

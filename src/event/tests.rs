@@ -198,6 +198,25 @@ fn timestamps_must_be_iso_8601() {
     assert_eq!(e.timestamp, ts("2024-05-01T11:00:00.25Z"));
 }
 
+/// An empty time counts as absent, as an empty id does: the message is dated by its receipt,
+/// not refused (a refused batch is lost to the SDKs).
+#[test]
+fn an_empty_time_counts_as_absent() {
+    for key in ["timestamp", "sentAt", "originalTimestamp"] {
+        let mut msg = json!({"type": "page", "userId": "u1",
+                             "timestamp": "2024-05-01T11:00:00Z", "sentAt": "2024-05-01T11:00:01Z"});
+        msg[key] = json!("");
+        let e = parse(msg).unwrap_or_else(|e| panic!("{key}: {e}"));
+        match key {
+            "sentAt" => assert_eq!(e.sent_at, None),
+            "originalTimestamp" => {
+                assert_eq!(e.original_timestamp, Some(ts("2024-05-01T11:00:00Z")))
+            }
+            _ => assert_eq!(e.original_timestamp, None),
+        }
+    }
+}
+
 #[test]
 fn message_id_must_be_text_or_a_number_and_is_generated_when_absent() {
     assert_eq!(

@@ -261,6 +261,10 @@ pub trait Store: Send {
     /// The highest committed `seq` (0 for an empty store).
     fn head_seq(&mut self) -> Result<i64, StoreError>;
 
+    /// The store's id, a UUID made when it was created: another store (a replacement, an
+    /// import) has another, a restore from a backup the same.
+    fn store_id(&mut self) -> Result<String, StoreError>;
+
     /// Every distinct Track event name stored so far.
     fn track_event_names(&mut self) -> Result<Vec<String>, StoreError>;
 

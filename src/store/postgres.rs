@@ -14,7 +14,8 @@ use super::retention::{
     self, Consumer, IdPruneStep, Keep, OldEvent, PruneStep, Pruned, PrunedName,
 };
 use super::schema::{
-    Dialect, RETENTION_TABLE, SCHEMA_VERSION, TRIGGER_COLUMNS, ddl, retention_ddl, state_seq_ddl,
+    Dialect, IDENTITY_TABLE, RETENTION_TABLE, SCHEMA_VERSION, STORE_ID_SQL, TRIGGER_COLUMNS, ddl,
+    identity_ddl, retention_ddl, state_seq_ddl,
 };
 use super::{
     EventFilter, Feed, FeedRow, FlatEventRow, IngestSummary, PreparedEvent, Resolver, SourceInfo,
@@ -280,6 +281,16 @@ impl PostgresStore {
                 tx.batch_execute(&retention_ddl(Dialect::Postgres))?;
                 tx.commit()?;
             }
+        }
+        let identified: bool = client
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&IDENTITY_TABLE])?
+            .get(0);
+        if !identified {
+            // Under the migrations' lock, as above: one id for every replica.
+            let mut tx = client.transaction()?;
+            tx.execute("SELECT pg_advisory_xact_lock(7346501)", &[])?;
+            tx.batch_execute(&identity_ddl(&crate::event::random_uuid()))?;
+            tx.commit()?;
         }
         let backend = Backend::of(&mut client)?;
         Ok(PostgresStore {
@@ -1152,6 +1163,10 @@ impl Store for PostgresStore {
         limit: usize,
     ) -> Result<Vec<FlatEventRow>, StoreError> {
         self.read_events(filter, after, limit, |e| e.flat_row())
+    }
+
+    fn store_id(&mut self) -> Result<String, StoreError> {
+        Ok(self.client.query_one(STORE_ID_SQL, &[])?.get(0))
     }
 
     fn head_seq(&mut self) -> Result<i64, StoreError> {

@@ -100,6 +100,27 @@ pub(crate) fn retention_ddl(dialect: Dialect) -> String {
 /// The table whose absence means a store predates retention.
 pub(crate) const RETENTION_TABLE: &str = "event_retention";
 
+/// The table of the store's id: a random UUID made when the store is created (or first opened
+/// by a release that has it). The sync keeps it in the warehouse, to tell a store that
+/// replaced the one a schema was synced from (a lost volume, an `export | import`): its `seq`s
+/// number other changes. A restore from a backup keeps the id. It came after format 5 without
+/// changing it (an older engine never reads it), as the retention tables did.
+pub(crate) const IDENTITY_TABLE: &str = "store_identity";
+
+/// Creates [`IDENTITY_TABLE`] with `id` in it, unless it is there.
+pub(crate) fn identity_ddl(id: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {IDENTITY_TABLE} (
+           id INTEGER PRIMARY KEY CHECK (id = 1),
+           store_id TEXT NOT NULL
+         );
+         INSERT INTO {IDENTITY_TABLE} (id, store_id) VALUES (1, '{id}') ON CONFLICT (id) DO NOTHING;"
+    )
+}
+
+/// Reads the store's id.
+pub(crate) const STORE_ID_SQL: &str = "SELECT store_id FROM store_identity WHERE id = 1";
+
 /// The `events` table, named `name` (SQLite's migration builds it under another name first).
 pub(crate) fn events_ddl(dialect: Dialect, name: &str) -> String {
     EVENTS_DDL

@@ -16,8 +16,8 @@ use super::retention::{
     self, Consumer, IdPruneStep, Keep, OldEvent, PruneStep, Pruned, PrunedName,
 };
 use super::schema::{
-    Dialect, RETENTION_TABLE, SCHEMA_VERSION, TRIGGER_COLUMNS, ddl, events_ddl, retention_ddl,
-    state_seq_ddl,
+    Dialect, IDENTITY_TABLE, RETENTION_TABLE, SCHEMA_VERSION, STORE_ID_SQL, TRIGGER_COLUMNS, ddl,
+    events_ddl, identity_ddl, retention_ddl, state_seq_ddl,
 };
 use super::{
     EventFilter, Feed, FeedRow, FlatEventRow, IngestSummary, PreparedEvent, Resolver, SourceInfo,
@@ -81,6 +81,11 @@ impl SqliteStore {
         } else if !has_table(&conn, RETENTION_TABLE)? {
             let tx = rusqlite::Transaction::new_unchecked(&conn, TransactionBehavior::Immediate)?;
             tx.execute_batch(&retention_ddl(Dialect::Sqlite))?;
+            tx.commit()?;
+        }
+        if !has_table(&conn, IDENTITY_TABLE)? {
+            let tx = rusqlite::Transaction::new_unchecked(&conn, TransactionBehavior::Immediate)?;
+            tx.execute_batch(&identity_ddl(&crate::event::random_uuid()))?;
             tx.commit()?;
         }
         Ok(SqliteStore {
@@ -755,6 +760,10 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> Result<Vec<FlatEventRow>, StoreError> {
         self.read_events(filter, after, limit, |e| e.flat_row())
+    }
+
+    fn store_id(&mut self) -> Result<String, StoreError> {
+        Ok(self.conn.query_row(STORE_ID_SQL, [], |r| r.get(0))?)
     }
 
     fn head_seq(&mut self) -> Result<i64, StoreError> {

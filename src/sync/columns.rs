@@ -129,12 +129,15 @@ fn time_cell(t: Timestamp) -> Result<Cell, String> {
     }
 }
 
-/// The column type a value implies; `None` for null.
+/// The column type a value implies; `None` for null. An integer past a signed 64-bit integer
+/// (an unsigned id, a hash) implies text, which holds it exactly: a float column would refuse
+/// it (it cannot hold it exactly) and every integer id after it would land as a float.
 pub fn infer(v: &Value) -> Option<ColumnType> {
     match v {
         Value::Null => None,
         Value::Bool(_) => Some(ColumnType::Boolean),
         Value::Number(n) if n.is_i64() => Some(ColumnType::Integer),
+        Value::Number(n) if n.is_u64() => Some(ColumnType::Varchar),
         Value::Number(_) => Some(ColumnType::Float),
         Value::String(s) if parse_timestamp(s).is_some() => Some(ColumnType::Timestamp),
         _ => Some(ColumnType::Varchar),
@@ -442,6 +445,13 @@ mod tests {
     fn inference_by_value() {
         assert_eq!(infer(&json!(1)), Some(ColumnType::Integer));
         assert_eq!(infer(&json!(1.5)), Some(ColumnType::Float));
+        let past_i64 = json!(u64::MAX - 1);
+        assert_eq!(infer(&past_i64), Some(ColumnType::Varchar));
+        assert_eq!(
+            cast(&past_i64, ColumnType::Varchar),
+            Ok(Cell::Text("18446744073709551614".into())),
+            "held exactly"
+        );
         assert_eq!(infer(&json!(true)), Some(ColumnType::Boolean));
         assert_eq!(
             infer(&json!("2026-01-01T00:00:00Z")),

@@ -629,11 +629,15 @@ fn merge_row_discards(discards: &mut Vec<Vec<Cell>>, from: usize) {
 }
 
 /// Writes rows of `discards` (creating the table when missing) inside the caller's
-/// transaction; a row already there (same table, column and row) is kept.
+/// transaction. A row already there (same table, column and row) is kept with
+/// [`OnConflict::Ignore`] — an event's row is refused the same on a retried load — and replaced
+/// with [`OnConflict::Update`]: a profile table's row changes, and the newest value refused is
+/// the one to know (of several for one key here, the last).
 pub fn write_discards(
     wh: &mut dyn Warehouse,
     schema: &Schema,
     discards: &[Vec<Cell>],
+    on_conflict: OnConflict,
 ) -> Result<(), WarehouseError> {
     if discards.is_empty() {
         return Ok(());
@@ -641,6 +645,18 @@ pub fn write_discards(
     let cols = discard_columns();
     let key = ["table_name", "column_name", "row_id"];
     ensure_table(wh, schema, DISCARDS, &cols, &key)?;
+    // One row per key: a merge that updates may not meet a key twice.
+    let mut newest: HashMap<[Option<String>; 3], usize> = HashMap::new();
+    for (i, row) in discards.iter().enumerate() {
+        newest.insert([0, 1, 2].map(|k| row[k].to_text()), i);
+    }
+    let kept: Vec<Vec<Cell>> = discards
+        .iter()
+        .enumerate()
+        .filter(|(i, row)| newest.get(&[0, 1, 2].map(|k| row[k].to_text())) == Some(i))
+        .map(|(_, row)| row.clone())
+        .collect();
+    let discards = &kept;
     wh.stage("_ps_discards", &cols, discards)?;
     let names: Vec<&str> = cols.iter().map(|c| c.name.as_str()).collect();
     let sql = wh.dialect().merge_from_stage(
@@ -649,7 +665,7 @@ pub fn write_discards(
         "_ps_discards",
         &names,
         &key,
-        OnConflict::Ignore,
+        on_conflict,
     );
     wh.execute(&sql)?;
     Ok(())
@@ -689,7 +705,7 @@ fn write(wh: &mut dyn Warehouse, schema: &Schema, p: &Prepared) -> Result<u64, W
         let sql = wh.merge_stage(&p.table, "_ps_stage", &names, p.key, OnConflict::Ignore);
         loaded = wh.execute(&sql)?;
     }
-    write_discards(wh, schema, discards)?;
+    write_discards(wh, schema, discards, OnConflict::Ignore)?;
     state::write_names(wh, &p.table, &p.new_names)?;
     state::write(wh, &[(&p.table, &p.state)])?;
     Ok(loaded)

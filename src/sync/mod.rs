@@ -485,6 +485,7 @@ impl<'a> Run<'a> {
         self.head = source.head()?;
         self.report.head_seq = self.head;
         self.check_same_store()?;
+        self.check_store_id(source, wh)?;
         let sources: HashMap<String, SourceInfo> = source
             .sources()?
             .into_iter()
@@ -555,6 +556,42 @@ impl<'a> Run<'a> {
                 tables::STATE
             ),
         )))
+    }
+
+    /// Refuses to sync a schema synced from another store — one that replaced it (a lost
+    /// volume, an `export | import` into a new store, which numbers the changes anew) and has
+    /// gone past the schema's cursors, which [`Self::check_same_store`] cannot see: reading
+    /// after them would skip the changes up to them for good. A schema with no cursor yet (its
+    /// first sync, or its state dropped to load the store from the start), or synced by a
+    /// release that kept no id, records the store's id; a source that cannot tell it (an older
+    /// engine) is not checked. A restore from a backup keeps the id (and is caught only behind
+    /// the cursors).
+    fn check_store_id(
+        &mut self,
+        source: &mut dyn FeedSource,
+        wh: &mut dyn Warehouse,
+    ) -> Result<(), RunError> {
+        let Some(id) = source.store_id()? else {
+            return Ok(());
+        };
+        match state::read_store(wh)? {
+            Some(synced) if synced == id => Ok(()),
+            Some(synced) if !self.states.is_empty() => {
+                Err(RunError::Warehouse(WarehouseError::new(
+                    ErrorClass::Internal,
+                    format!(
+                        "this schema was synced from the store with id {synced}, but the \
+                         engine's store has id {id}: it replaced that store (a new volume, or \
+                         an export imported anew) and numbers its changes differently, so \
+                         reading after this schema's cursors would skip some for good. Nothing \
+                         was loaded. Sync into a new schema, or drop this schema's tables (with \
+                         {}) so that the next sync loads this store from the start",
+                        tables::STATE
+                    ),
+                )))
+            }
+            _ => Ok(state::write_store(wh, &id)?),
+        }
     }
 
     /// Runs `part` with `1/share` of the rows and bytes left (all of them without a share),

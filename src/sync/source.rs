@@ -45,6 +45,11 @@ pub trait FeedSource: Send {
     }
     /// The highest committed `seq`.
     fn head(&mut self) -> Result<i64, SourceError>;
+    /// The store's id ([`crate::store::Store::store_id`]); `None` when the source cannot tell
+    /// (an engine older than the id).
+    fn store_id(&mut self) -> Result<Option<String>, SourceError> {
+        Ok(None)
+    }
     /// Every Track event name seen.
     fn track_event_names(&mut self) -> Result<Vec<String>, SourceError>;
     /// Every source (for the `triggering_event_source_name`/`_slug` columns).
@@ -80,6 +85,12 @@ impl FeedSource for StoreSource {
     }
     fn head(&mut self) -> Result<i64, SourceError> {
         self.0.head_seq().map_err(|e| SourceError(e.to_string()))
+    }
+    fn store_id(&mut self) -> Result<Option<String>, SourceError> {
+        self.0
+            .store_id()
+            .map(Some)
+            .map_err(|e| SourceError(e.to_string()))
     }
     fn track_event_names(&mut self) -> Result<Vec<String>, SourceError> {
         self.0
@@ -267,6 +278,21 @@ impl FeedSource for EngineSource {
         self.catalog("")?["head"]
             .as_i64()
             .ok_or_else(|| SourceError("feed catalog: no head".into()))
+    }
+
+    fn store_id(&mut self) -> Result<Option<String>, SourceError> {
+        match &self.catalog("")?["storeId"] {
+            Value::Null => Ok(None),
+            Value::String(id)
+                if (1..=64).contains(&id.len())
+                    && id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') =>
+            {
+                Ok(Some(id.clone()))
+            }
+            _ => Err(SourceError(
+                "feed catalog: storeId is not a store id (a UUID)".into(),
+            )),
+        }
     }
 
     fn track_event_names(&mut self) -> Result<Vec<String>, SourceError> {

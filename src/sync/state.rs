@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::tables::{COLUMN_NAMES, STATE};
+use super::tables::{COLUMN_NAMES, STATE, STORE};
 use crate::warehouse::{Cell, Column, ColumnType, OnConflict, Warehouse, WarehouseError};
 
 /// What the warehouse remembers about one table.
@@ -41,6 +41,10 @@ fn name_columns() -> Vec<Column> {
     ]
 }
 
+fn store_columns() -> Vec<Column> {
+    vec![Column::new("store_id", ColumnType::Varchar)]
+}
+
 /// Creates the state tables when missing.
 pub fn ensure(wh: &mut dyn Warehouse) -> Result<(), WarehouseError> {
     let schema = wh.schema().to_string();
@@ -53,9 +57,34 @@ pub fn ensure(wh: &mut dyn Warehouse) -> Result<(), WarehouseError> {
         &name_columns(),
         &["table_name", "source_name"],
     );
+    let c = wh
+        .dialect()
+        .create_table(&schema, STORE, &store_columns(), &["store_id"]);
     crate::warehouse::in_transaction(wh, |wh| {
         wh.execute(&a)?;
-        wh.execute(&b).map(|_| ())
+        wh.execute(&b)?;
+        wh.execute(&c).map(|_| ())
+    })
+}
+
+/// The id of the store the schema is synced from (`None` before its first sync, and in a
+/// schema an older release synced).
+pub fn read_store(wh: &mut dyn Warehouse) -> Result<Option<String>, WarehouseError> {
+    let table = wh.dialect().qualified(wh.schema(), STORE);
+    let rows = wh.query(&format!("SELECT store_id FROM {table}"))?;
+    Ok(rows
+        .into_iter()
+        .find_map(|r| r.into_iter().next().flatten()))
+}
+
+/// Records `id` as the store the schema is synced from, in place of any other.
+pub fn write_store(wh: &mut dyn Warehouse, id: &str) -> Result<(), WarehouseError> {
+    let table = wh.dialect().qualified(wh.schema(), STORE);
+    let id = id.replace('\'', "''");
+    crate::warehouse::in_transaction(wh, |wh| {
+        wh.execute(&format!("DELETE FROM {table}"))?;
+        wh.execute(&format!("INSERT INTO {table} (store_id) VALUES ('{id}')"))
+            .map(|_| ())
     })
 }
 

@@ -36,6 +36,8 @@ pub const DISCARDS: &str = "discards";
 pub const STATE: &str = "_profiles_sync_state";
 /// Source name → column name assignments.
 pub const COLUMN_NAMES: &str = "_profiles_sync_columns";
+/// The id of the store the schema is synced from.
+pub const STORE: &str = "_profiles_sync_store";
 /// The cursor the three materialized tables shared before each got its own (their own states
 /// carried the same value, so they continue from it); an older warehouse's state row of that
 /// name is removed by the first sync of a later release, which marks the tables that are off

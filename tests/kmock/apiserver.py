@@ -1193,7 +1193,8 @@ class Apiserver(kmock.KubernetesEmulator):
             return aiohttp.web.json_response(ApiError(500, f'kmock apiserver error: {e!r}').body(), status=500)
         finally:
             if LOG and not (status == 200 and raw.query.get('watch') in ('true', '1')):  # watches log when opened
-                LOG(f'{raw.method} {raw.path_qs} {status} {(time.monotonic() - start) * 1000:.1f}ms')
+                LOG(f'{raw.method} {raw.path_qs} {status} {(time.monotonic() - start) * 1000:.1f}ms '
+                    f'ua={json.dumps(raw.headers.get("User-Agent", ""))}')
 
     async def dispatch(self, raw: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
         body = await raw.read()
@@ -1388,7 +1389,7 @@ class Apiserver(kmock.KubernetesEmulator):
         resp = aiohttp.web.StreamResponse(status=200, headers={'Content-Type': 'application/json', 'Cache-Control': 'no-cache, private'})
         resp.enable_chunked_encoding()
         if LOG:
-            LOG(f'{raw.method} {raw.path_qs} 200 watch-open')
+            LOG(f'{raw.method} {raw.path_qs} 200 watch-open ua={json.dumps(raw.headers.get("User-Agent", ""))}')
         try:
             await resp.prepare(raw)
             if too_old:

@@ -241,14 +241,20 @@ impl ControllerProcess {
         token_file: &Path,
         extra: &[&str],
     ) -> ControllerProcess {
-        let listen = format!("127.0.0.1:{}", free_port());
         let log = dir.join("controller.log");
         let child = Command::new(binary())
             .arg("controller")
             .args(["--engine-url", engine_url])
             .arg("--engine-token-file")
             .arg(token_file)
-            .args(["--sync-image", "profiles-sync:e2e", "--listen", &listen])
+            // Port 0: the address it bound is read from its log (a probed free port could be
+            // taken by another process before the controller binds it).
+            .args([
+                "--sync-image",
+                "profiles-sync:e2e",
+                "--listen",
+                "127.0.0.1:0",
+            ])
             .args(extra)
             .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,kube=warn")
@@ -262,10 +268,41 @@ impl ControllerProcess {
             )
             .spawn()
             .expect("start the controller");
-        ControllerProcess {
+        let mut process = ControllerProcess {
             child: Some(child),
-            listen,
+            listen: String::new(),
             log,
+        };
+        process.listen = process.bound_address();
+        process
+    }
+
+    /// The address the controller bound, from its log line `controller serving /metrics…`
+    /// (JSON, its stderr being a file); waits for it up to a minute, and fails when the
+    /// controller exits first.
+    fn bound_address(&mut self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let found = self.log().lines().find_map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).ok()?;
+                v["message"]
+                    .as_str()?
+                    .starts_with("controller serving")
+                    .then(|| v["listen"].as_str().map(String::from))?
+            });
+            if let Some(listen) = found {
+                return listen;
+            }
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            assert!(
+                exited.is_none() && Instant::now() < deadline,
+                "the controller never said where it listens ({exited:?}):\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
