@@ -305,6 +305,10 @@ impl<S: FeedSource> FeedSource for Counting<S> {
         self.calls += 1;
         self.inner.head()
     }
+    fn store_id(&mut self) -> Result<Option<String>, SourceError> {
+        self.calls += 1;
+        self.inner.store_id()
+    }
     fn track_event_names(&mut self) -> Result<Vec<String>, SourceError> {
         self.calls += 1;
         self.inner.track_event_names()

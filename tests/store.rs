@@ -131,6 +131,24 @@ fn a_store_keeps_its_id_and_another_store_has_another(kind: &str) {
     let made = older.store_id().unwrap();
     assert_ne!(made, id, "a new id for a store that had none");
     assert_eq!(event_ids(&mut *older), ["p1"], "its data kept");
+    drop(older);
+    // A table left without its row (a partial restore) gets one too.
+    let empty_id = "DELETE FROM store_identity";
+    match kind {
+        "sqlite" => rusqlite::Connection::open(url.trim_start_matches("sqlite://"))
+            .unwrap()
+            .execute_batch(empty_id)
+            .unwrap(),
+        _ => ::postgres::Client::connect(&url, ::postgres::NoTls)
+            .unwrap()
+            .batch_execute(empty_id)
+            .unwrap(),
+    }
+    let again = store::open(&url, Rules::default())
+        .unwrap()
+        .store_id()
+        .unwrap();
+    assert_ne!(again, made);
 }
 
 /// An event received at `at(secs)`.

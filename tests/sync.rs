@@ -2238,6 +2238,21 @@ fn a_store_past_the_cursors_of_another_store_s_schema_is_refused_by_its_id() {
     );
 }
 
+/// A schema that has only synced an empty store loaded nothing (its cursors are all 0): a store
+/// that replaced that one is taken, not refused.
+#[test]
+fn a_schema_that_loaded_nothing_takes_another_store() {
+    let (_s, url, _d) = store();
+    let wh = TestWarehouse::sqlite();
+    let r = wh.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    let (mut other, other_url, _o) = store();
+    ingest(&mut *other, &basics());
+    let r = wh.sync(&other_url, None);
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    assert_eq!(wh.count("pages"), 2);
+}
+
 /// A PostgreSQL warehouse synced from `url` with a selection of `listed` alone (`default:
 /// none`), its `coupon` column excluded; and the sync's tables (not its `_` bookkeeping), in
 /// name order.
@@ -2429,6 +2444,9 @@ impl profiles_sync::sync::FeedSource for ScriptedFeed {
     }
     fn head(&mut self) -> Result<i64, profiles_sync::sync::SourceError> {
         self.inner.head()
+    }
+    fn store_id(&mut self) -> Result<Option<String>, profiles_sync::sync::SourceError> {
+        self.inner.store_id()
     }
     fn track_event_names(&mut self) -> Result<Vec<String>, profiles_sync::sync::SourceError> {
         if self.names_fail > 0 {

@@ -326,6 +326,9 @@ impl FeedSource for Chaos {
     fn head(&mut self) -> Result<i64, SourceError> {
         self.inner.head()
     }
+    fn store_id(&mut self) -> Result<Option<String>, SourceError> {
+        self.inner.store_id()
+    }
     fn track_event_names(&mut self) -> Result<Vec<String>, SourceError> {
         self.inner.track_event_names()
     }

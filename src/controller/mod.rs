@@ -155,7 +155,8 @@ pub enum Error {
     #[error(
         "a Secret named {0} already exists and was not made by profiles-sync (it has no \
          app.kubernetes.io/managed-by=profiles-sync-controller label): the sync Jobs mount the engine's \
-         token from a Secret of that name, so rename that Secret (it is left untouched)"
+         token from a Secret of that name, so recreate that Secret under another name (it is left \
+         untouched)"
     )]
     SecretNameTaken(String),
     /// An error the status and an Event have said already (a sync Job that could not be

@@ -282,12 +282,19 @@ impl PostgresStore {
                 tx.commit()?;
             }
         }
-        let identified: bool = client
+        // (Its row is checked, not the table: a table left without it would fail every read
+        // of the id.)
+        let has_table: bool = client
             .query_one("SELECT to_regclass($1) IS NOT NULL", &[&IDENTITY_TABLE])?
             .get(0);
+        let identified = has_table
+            && client
+                .query_one(&format!("SELECT EXISTS ({STORE_ID_SQL})"), &[])?
+                .get::<_, bool>(0);
         if !identified {
-            // Under the migrations' lock, as above: one id for every replica.
-            let mut tx = client.transaction()?;
+            // Under the migrations' lock, as above: one id for every replica (read committed,
+            // so that a replica that waited for it sees the row the first one inserted).
+            let mut tx = read_committed(&mut client)?;
             tx.execute("SELECT pg_advisory_xact_lock(7346501)", &[])?;
             tx.batch_execute(&identity_ddl(&crate::event::random_uuid()))?;
             tx.commit()?;

@@ -83,7 +83,13 @@ impl SqliteStore {
             tx.execute_batch(&retention_ddl(Dialect::Sqlite))?;
             tx.commit()?;
         }
-        if !has_table(&conn, IDENTITY_TABLE)? {
+        // (Its row is checked, not the table: a table left without it would fail every read
+        // of the id.)
+        let identified = has_table(&conn, IDENTITY_TABLE)?
+            && conn.query_row(&format!("SELECT EXISTS ({STORE_ID_SQL})"), [], |r| {
+                r.get::<_, bool>(0)
+            })?;
+        if !identified {
             let tx = rusqlite::Transaction::new_unchecked(&conn, TransactionBehavior::Immediate)?;
             tx.execute_batch(&identity_ddl(&crate::event::random_uuid()))?;
             tx.commit()?;

@@ -632,15 +632,15 @@ fn merge_row_discards(discards: &mut Vec<Vec<Cell>>, from: usize) {
 /// transaction. A row already there (same table, column and row) is kept with
 /// [`OnConflict::Ignore`] — an event's row is refused the same on a retried load — and replaced
 /// with [`OnConflict::Update`]: a profile table's row changes, and the newest value refused is
-/// the one to know (of several for one key here, the last).
+/// the one to know (of several for one key here, the last). Returns how many rows it wrote.
 pub fn write_discards(
     wh: &mut dyn Warehouse,
     schema: &Schema,
     discards: &[Vec<Cell>],
     on_conflict: OnConflict,
-) -> Result<(), WarehouseError> {
+) -> Result<u64, WarehouseError> {
     if discards.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
     let cols = discard_columns();
     let key = ["table_name", "column_name", "row_id"];
@@ -668,7 +668,7 @@ pub fn write_discards(
         on_conflict,
     );
     wh.execute(&sql)?;
-    Ok(())
+    Ok(discards.len() as u64)
 }
 
 /// A row of `discards` for `value` of `table.column` in the row `row_id`, refused for `reason`

@@ -447,7 +447,6 @@ fn apply(
         }
     }
     applied.rows = written;
-    applied.discards = discards.len() as u64;
-    write_discards(wh, schema, &discards, OnConflict::Update)?;
+    applied.discards = write_discards(wh, schema, &discards, OnConflict::Update)?;
     state::write(wh, &[(table, next)])
 }

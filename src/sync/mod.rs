@@ -561,9 +561,9 @@ impl<'a> Run<'a> {
     /// Refuses to sync a schema synced from another store — one that replaced it (a lost
     /// volume, an `export | import` into a new store, which numbers the changes anew) and has
     /// gone past the schema's cursors, which [`Self::check_same_store`] cannot see: reading
-    /// after them would skip the changes up to them for good. A schema with no cursor yet (its
-    /// first sync, or its state dropped to load the store from the start), or synced by a
-    /// release that kept no id, records the store's id; a source that cannot tell it (an older
+    /// after them would skip the changes up to them for good. A schema with no cursor past 0
+    /// (its first sync, its state dropped to load the store from the start, or only syncs of an
+    /// empty store), or synced by a release that kept no id, records the store's id; a source that cannot tell it (an older
     /// engine) is not checked. A restore from a backup keeps the id (and is caught only behind
     /// the cursors).
     fn check_store_id(
@@ -576,7 +576,7 @@ impl<'a> Run<'a> {
         };
         match state::read_store(wh)? {
             Some(synced) if synced == id => Ok(()),
-            Some(synced) if !self.states.is_empty() => {
+            Some(synced) if self.states.values().any(|s| s.cursor > 0) => {
                 Err(RunError::Warehouse(WarehouseError::new(
                     ErrorClass::Internal,
                     format!(

@@ -46,10 +46,9 @@ pub trait FeedSource: Send {
     /// The highest committed `seq`.
     fn head(&mut self) -> Result<i64, SourceError>;
     /// The store's id ([`crate::store::Store::store_id`]); `None` when the source cannot tell
-    /// (an engine older than the id).
-    fn store_id(&mut self) -> Result<Option<String>, SourceError> {
-        Ok(None)
-    }
+    /// (an engine older than the id). (No default: a wrapper that did not forward it would
+    /// turn the sync's check off.)
+    fn store_id(&mut self) -> Result<Option<String>, SourceError>;
     /// Every Track event name seen.
     fn track_event_names(&mut self) -> Result<Vec<String>, SourceError>;
     /// Every source (for the `triggering_event_source_name`/`_slug` columns).

@@ -41,8 +41,12 @@ fn name_columns() -> Vec<Column> {
     ]
 }
 
+/// One row (`id` 1): the id of the store the schema is synced from.
 fn store_columns() -> Vec<Column> {
-    vec![Column::new("store_id", ColumnType::Varchar)]
+    vec![
+        Column::new("id", ColumnType::Integer),
+        Column::new("store_id", ColumnType::Varchar),
+    ]
 }
 
 /// Creates the state tables when missing.
@@ -59,7 +63,7 @@ pub fn ensure(wh: &mut dyn Warehouse) -> Result<(), WarehouseError> {
     );
     let c = wh
         .dialect()
-        .create_table(&schema, STORE, &store_columns(), &["store_id"]);
+        .create_table(&schema, STORE, &store_columns(), &["id"]);
     crate::warehouse::in_transaction(wh, |wh| {
         wh.execute(&a)?;
         wh.execute(&b)?;
@@ -71,7 +75,7 @@ pub fn ensure(wh: &mut dyn Warehouse) -> Result<(), WarehouseError> {
 /// schema an older release synced).
 pub fn read_store(wh: &mut dyn Warehouse) -> Result<Option<String>, WarehouseError> {
     let table = wh.dialect().qualified(wh.schema(), STORE);
-    let rows = wh.query(&format!("SELECT store_id FROM {table}"))?;
+    let rows = wh.query(&format!("SELECT store_id FROM {table} WHERE id = 1"))?;
     Ok(rows
         .into_iter()
         .find_map(|r| r.into_iter().next().flatten()))
@@ -83,8 +87,10 @@ pub fn write_store(wh: &mut dyn Warehouse, id: &str) -> Result<(), WarehouseErro
     let id = id.replace('\'', "''");
     crate::warehouse::in_transaction(wh, |wh| {
         wh.execute(&format!("DELETE FROM {table}"))?;
-        wh.execute(&format!("INSERT INTO {table} (store_id) VALUES ('{id}')"))
-            .map(|_| ())
+        wh.execute(&format!(
+            "INSERT INTO {table} (id, store_id) VALUES (1, '{id}')"
+        ))
+        .map(|_| ())
     })
 }
 
