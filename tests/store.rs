@@ -28,6 +28,21 @@ fn fresh(kind: &str) -> (Box<dyn Store>, String, Option<tempfile::TempDir>) {
     }
 }
 
+/// Runs `sql` on the store at `url` (of `kind`) outside the store's code: what an older
+/// release, a DBA or a partial restore left.
+fn execute_on_store(kind: &str, url: &str, sql: &str) {
+    match kind {
+        "sqlite" => rusqlite::Connection::open(url.trim_start_matches("sqlite://"))
+            .unwrap()
+            .execute_batch(sql)
+            .unwrap(),
+        _ => ::postgres::Client::connect(url, ::postgres::NoTls)
+            .unwrap()
+            .batch_execute(sql)
+            .unwrap(),
+    }
+}
+
 fn at(secs: i64) -> Timestamp {
     Timestamp::from_second(1_767_225_600 + secs).unwrap()
 }
@@ -117,16 +132,7 @@ fn a_store_keeps_its_id_and_another_store_has_another(kind: &str) {
     assert_ne!(other.store_id().unwrap(), id);
     drop(other);
     let drop_id = "DROP TABLE store_identity";
-    match kind {
-        "sqlite" => rusqlite::Connection::open(url.trim_start_matches("sqlite://"))
-            .unwrap()
-            .execute_batch(drop_id)
-            .unwrap(),
-        _ => ::postgres::Client::connect(&url, ::postgres::NoTls)
-            .unwrap()
-            .batch_execute(drop_id)
-            .unwrap(),
-    }
+    execute_on_store(kind, &url, drop_id);
     let mut older = store::open(&url, Rules::default()).unwrap();
     let made = older.store_id().unwrap();
     assert_ne!(made, id, "a new id for a store that had none");
@@ -134,16 +140,7 @@ fn a_store_keeps_its_id_and_another_store_has_another(kind: &str) {
     drop(older);
     // A table left without its row (a partial restore) gets one too.
     let empty_id = "DELETE FROM store_identity";
-    match kind {
-        "sqlite" => rusqlite::Connection::open(url.trim_start_matches("sqlite://"))
-            .unwrap()
-            .execute_batch(empty_id)
-            .unwrap(),
-        _ => ::postgres::Client::connect(&url, ::postgres::NoTls)
-            .unwrap()
-            .batch_execute(empty_id)
-            .unwrap(),
-    }
+    execute_on_store(kind, &url, empty_id);
     let again = store::open(&url, Rules::default())
         .unwrap()
         .store_id()
@@ -319,16 +316,7 @@ fn a_store_from_before_retention_gets_its_tables(kind: &str) {
     drop(s);
     let drop_tables =
         "DROP TABLE feed_consumers; DROP TABLE event_retention; DROP TABLE pruned_events;";
-    match kind {
-        "sqlite" => rusqlite::Connection::open(url.trim_start_matches("sqlite://"))
-            .unwrap()
-            .execute_batch(drop_tables)
-            .unwrap(),
-        _ => ::postgres::Client::connect(&url, ::postgres::NoTls)
-            .unwrap()
-            .batch_execute(drop_tables)
-            .unwrap(),
-    }
+    execute_on_store(kind, &url, drop_tables);
     let mut s = store::open(&url, Rules::default()).unwrap();
     assert_eq!(s.pruned().unwrap(), store::Pruned::default());
     assert_eq!(s.consumers().unwrap(), []);
