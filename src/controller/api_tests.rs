@@ -788,6 +788,17 @@ async fn a_job_name_taken_by_another_object_is_not_claimed() {
 /// workloads read it), no Job starts, and the status names the Secret.
 #[tokio::test]
 async fn a_user_secret_with_the_token_secret_s_name_is_left_untouched() {
+    a_user_secret_with_the_token_secret_s_name_is_left_untouched_when(false).await;
+}
+
+/// The same when the Secret is made between the controller's read and its create (the create
+/// answers 409; that was taken for the controller's own Secret).
+#[tokio::test]
+async fn a_user_secret_made_after_the_controller_s_read_is_left_untouched() {
+    a_user_secret_with_the_token_secret_s_name_is_left_untouched_when(true).await;
+}
+
+async fn a_user_secret_with_the_token_secret_s_name_is_left_untouched_when(hide_first_read: bool) {
     let dir = tempfile::tempdir().unwrap();
     let conn = finalized_connection(dir.path(), "analytics");
     let theirs = Secret {
@@ -802,9 +813,23 @@ async fn a_user_secret_with_the_token_secret_s_name_is_left_untouched() {
         )])),
         ..Secret::default()
     };
+    // Hidden from the controller's first read: the Secret was made between its read and its
+    // create (which then answers 409).
+    let hidden = Arc::new(std::sync::atomic::AtomicBool::new(hide_first_read));
+    let funcs = interceptor::Funcs::new().get(move |cx| {
+        if cx.name == build::ENGINE_TOKEN_SECRET && hidden.swap(false, Ordering::SeqCst) {
+            return Err(kube_fake_client::Error::NotFound {
+                kind: "secrets".into(),
+                name: cx.name.into(),
+                namespace: cx.namespace.into(),
+            });
+        }
+        Ok(None)
+    });
     let client = builder()
         .with_object(conn)
         .with_object(theirs.clone())
+        .with_interceptor_funcs(funcs)
         .build()
         .await
         .unwrap();

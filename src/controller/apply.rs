@@ -108,15 +108,22 @@ pub(super) async fn ensure_token_secret(ctx: &Context, ns: &str) -> Result<(), E
     let token = super::read_token(&ctx.settings.engine_token_file)?;
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let want = build::engine_token_secret(ns, &token);
+    let taken = || Error::SecretNameTaken(format!("{ns}/{}", build::ENGINE_TOKEN_SECRET));
     match api.get_opt(build::ENGINE_TOKEN_SECRET).await? {
         None => match api.create(&PostParams::default(), &want).await {
             Ok(_) => Ok(()),
-            Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+            // Made since the read: by another reconcile of the namespace, or by someone else.
+            Err(kube::Error::Api(s)) if s.code == 409 => {
+                let have = api.get(build::ENGINE_TOKEN_SECRET).await?;
+                if build::made_by_controller(&have.metadata) {
+                    Ok(())
+                } else {
+                    Err(taken())
+                }
+            }
             Err(e) => Err(e.into()),
         },
-        Some(have) if !build::made_by_controller(&have.metadata) => Err(Error::SecretNameTaken(
-            format!("{ns}/{}", build::ENGINE_TOKEN_SECRET),
-        )),
+        Some(have) if !build::made_by_controller(&have.metadata) => Err(taken()),
         Some(have) if have.data == want.data => Ok(()),
         Some(have) => {
             let mut updated = want;
