@@ -351,6 +351,22 @@ async fn a_status_write_conflict_is_retried_with_a_fresh_read() {
     );
 }
 
+/// A Secret `name` of the test namespace holding `value` under `key` (and no label).
+fn secret(name: &str, key: &str, value: &str) -> Secret {
+    Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(NS.into()),
+            ..Default::default()
+        },
+        data: Some(std::collections::BTreeMap::from([(
+            key.to_string(),
+            k8s_openapi::ByteString(value.as_bytes().to_vec()),
+        )])),
+        ..Secret::default()
+    }
+}
+
 /// A PostgreSQL connection named `pg` (host 127.0.0.1, port 1) whose credentials are in
 /// Secret `secret`, alone in the fake API.
 async fn unreachable_postgres(secret: &str) -> Fixture {
@@ -801,18 +817,7 @@ async fn a_user_secret_made_after_the_controller_s_read_is_left_untouched() {
 async fn a_user_secret_with_the_token_secret_s_name_is_left_untouched_when(hide_first_read: bool) {
     let dir = tempfile::tempdir().unwrap();
     let conn = finalized_connection(dir.path(), "analytics");
-    let theirs = Secret {
-        metadata: kube::api::ObjectMeta {
-            name: Some(build::ENGINE_TOKEN_SECRET.into()),
-            namespace: Some(NS.into()),
-            ..Default::default()
-        },
-        data: Some(std::collections::BTreeMap::from([(
-            "password".to_string(),
-            k8s_openapi::ByteString(b"theirs".to_vec()),
-        )])),
-        ..Secret::default()
-    };
+    let theirs = secret(build::ENGINE_TOKEN_SECRET, "password", "theirs");
     // Hidden from the controller's first read: the Secret was made between its read and its
     // create (which then answers 409).
     let hidden = Arc::new(std::sync::atomic::AtomicBool::new(hide_first_read));
@@ -936,20 +941,11 @@ async fn a_connection_failing_for_another_cause_shows_it_in_its_events() {
         condition(&f.connection("pg").await, "ConnectionVerified").1,
         "SecretNotFound"
     );
-    let secret = Secret {
-        metadata: kube::api::ObjectMeta {
-            name: Some("creds".into()),
-            namespace: Some(NS.into()),
-            ..Default::default()
-        },
-        data: Some(std::collections::BTreeMap::from([(
-            "user".to_string(),
-            k8s_openapi::ByteString(b"x".to_vec()),
-        )])),
-        ..Default::default()
-    };
     f.api::<Secret>()
-        .create(&kube::api::PostParams::default(), &secret)
+        .create(
+            &kube::api::PostParams::default(),
+            &secret("creds", "user", "x"),
+        )
         .await
         .unwrap();
     f.reconcile("pg").await.unwrap();

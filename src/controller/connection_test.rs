@@ -231,29 +231,23 @@ pub fn credentials(
 /// refusal there is the file system's (`PermissionDenied`), and the message says why such a
 /// file does not work in a cluster.
 pub fn connect_failure(e: &WarehouseError, ty: WarehouseType) -> TestOutcome {
-    if ty == WarehouseType::Sqlite {
-        let reason = match e.class {
-            ErrorClass::Permission => Reason::PermissionDenied,
-            _ => Reason::Unreachable,
-        };
-        return TestOutcome {
-            reason,
-            message: format!(
-                "cannot open the SQLite warehouse file: {} (an SQLite warehouse is a file of \
-                 the process that syncs: in a cluster the sync Job mounts no volume for it, \
-                 so use it with a local `profiles-sync sync`, and another type here)",
-                e.message
-            ),
-        };
-    }
+    let sqlite = ty == WarehouseType::Sqlite;
     let reason = match e.class {
+        ErrorClass::Permission if sqlite => Reason::PermissionDenied,
         ErrorClass::Permission => Reason::AuthenticationFailed,
         _ => Reason::Unreachable,
     };
-    TestOutcome {
-        reason,
-        message: format!("cannot connect to the warehouse: {}", e.message),
-    }
+    let message = if sqlite {
+        format!(
+            "cannot open the SQLite warehouse file: {} (an SQLite warehouse is a file of the \
+             process that syncs: in a cluster the sync Job mounts no volume for it, so use it \
+             with a local `profiles-sync sync`, and another type here)",
+            e.message
+        )
+    } else {
+        format!("cannot connect to the warehouse: {}", e.message)
+    };
+    TestOutcome { reason, message }
 }
 
 /// Maps a failure of `Warehouse::test_connection` (connected, then probing the schema) to a reason.

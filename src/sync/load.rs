@@ -1,7 +1,7 @@
 //! Writing one chunk of rows into one table, exactly once: the rows, their discards, any new
 //! column names and the table's cursor commit in one transaction, or nothing does.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde_json::Value;
 
@@ -645,18 +645,24 @@ pub fn write_discards(
     let cols = discard_columns();
     let key = ["table_name", "column_name", "row_id"];
     ensure_table(wh, schema, DISCARDS, &cols, &key)?;
-    // One row per key: a merge that updates may not meet a key twice.
-    let mut newest: HashMap<[Option<String>; 3], usize> = HashMap::new();
-    for (i, row) in discards.iter().enumerate() {
-        newest.insert([0, 1, 2].map(|k| row[k].to_text()), i);
-    }
-    let kept: Vec<Vec<Cell>> = discards
-        .iter()
-        .enumerate()
-        .filter(|(i, row)| newest.get(&[0, 1, 2].map(|k| row[k].to_text())) == Some(i))
-        .map(|(_, row)| row.clone())
-        .collect();
-    let discards = &kept;
+    // One row per key, the last, where the merge updates (it may not meet a key twice). An
+    // event's rows are one per key already ([`merge_row_discards`]), and are staged as they are.
+    let newest: Vec<Vec<Cell>>;
+    let discards = match on_conflict {
+        OnConflict::Ignore => discards,
+        OnConflict::Update => {
+            let mut seen = HashSet::new();
+            let mut kept: Vec<Vec<Cell>> = discards
+                .iter()
+                .rev()
+                .filter(|row| seen.insert([0, 1, 2].map(|k| row[k].to_text())))
+                .cloned()
+                .collect();
+            kept.reverse();
+            newest = kept;
+            &newest
+        }
+    };
     wh.stage("_ps_discards", &cols, discards)?;
     let names: Vec<&str> = cols.iter().map(|c| c.name.as_str()).collect();
     let sql = wh.dialect().merge_from_stage(

@@ -563,9 +563,9 @@ impl<'a> Run<'a> {
     /// gone past the schema's cursors, which [`Self::check_same_store`] cannot see: reading
     /// after them would skip the changes up to them for good. A schema with no cursor past 0
     /// (its first sync, its state dropped to load the store from the start, or only syncs of an
-    /// empty store), or synced by a release that kept no id, records the store's id; a source that cannot tell it (an older
-    /// engine) is not checked. A restore from a backup keeps the id (and is caught only behind
-    /// the cursors).
+    /// empty store), or synced by a release that kept no id, records the store's id; a source
+    /// that cannot tell it (an older engine) is not checked. A restore from a backup keeps the
+    /// id (and is caught only behind the cursors).
     fn check_store_id(
         &mut self,
         source: &mut dyn FeedSource,
