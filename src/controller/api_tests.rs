@@ -351,6 +351,18 @@ async fn a_status_write_conflict_is_retried_with_a_fresh_read() {
     );
 }
 
+/// Asserts that the status of `analytics` says its sync could not start
+/// (`Syncing=False StartFailed`), in a message holding each of `said`.
+async fn assert_start_failed(f: &Fixture, said: &[&str]) {
+    let c = f.connection("analytics").await;
+    assert_eq!(
+        condition(&c, "Syncing"),
+        ("False".into(), "StartFailed".into())
+    );
+    let why = &condition_said(&c, "Syncing").message;
+    assert!(said.iter().all(|s| why.contains(s)), "{why}");
+}
+
 /// A Secret `name` of the test namespace holding `value` under `key` (and no label).
 fn secret(name: &str, key: &str, value: &str) -> Secret {
     Secret {
@@ -782,16 +794,7 @@ async fn a_job_name_taken_by_another_object_is_not_claimed() {
         .unwrap();
     let f = fixture(dir, client, "2025-03-01T10:17:30Z").await;
     assert!(f.reconcile("analytics").await.is_err());
-    let c = f.connection("analytics").await;
-    assert_eq!(
-        condition(&c, "Syncing"),
-        ("False".into(), "StartFailed".into())
-    );
-    let why = &condition_said(&c, "Syncing").message;
-    assert!(
-        why.contains(&taken) && why.contains("not this connection's"),
-        "{why}"
-    );
+    assert_start_failed(&f, &[&taken, "not this connection's"]).await;
     let job: Job = f.api().get(&taken).await.unwrap();
     assert!(
         job.metadata.owner_references.is_none(),
@@ -845,17 +848,8 @@ async fn a_user_secret_with_the_token_secret_s_name_is_left_untouched_when(hide_
     assert_eq!(kept.data, theirs.data, "their Secret keeps its data");
     assert!(!build::made_by_controller(&kept.metadata));
     assert!(f.list::<Job>().await.is_empty(), "no Job without the token");
-    let c = f.connection("analytics").await;
-    assert_eq!(
-        condition(&c, "Syncing"),
-        ("False".into(), "StartFailed".into())
-    );
-    let why = &condition_said(&c, "Syncing").message;
-    assert!(
-        why.contains(&format!("{NS}/{}", build::ENGINE_TOKEN_SECRET))
-            && why.contains("not made by profiles-sync"),
-        "{why}"
-    );
+    let name = format!("{NS}/{}", build::ENGINE_TOKEN_SECRET);
+    assert_start_failed(&f, &[&name, "not made by profiles-sync"]).await;
 }
 
 #[tokio::test]
