@@ -2806,3 +2806,73 @@ async fn a_sync_through_the_feed_api_tells_another_store_by_its_id() {
     a.engine.stop().await.unwrap();
     b.engine.stop().await.unwrap();
 }
+
+/// A sync through the feed API tells a store restored from a backup older than its last sync
+/// (same id, new changes under `seq`s it loaded) once the store has gone past its cursors: the
+/// change at the schema's newest cursor is another one, and nothing is loaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_through_the_feed_api_tells_a_store_restored_from_an_older_backup() {
+    let track = |prefix: &str, i: usize| {
+        json!({"userId": format!("{prefix}-user{i}"), "event": "Seen",
+            "messageId": format!("{prefix}{i}")})
+    };
+    let t = start(8).await;
+    for i in 0..2 {
+        post(&t.base, "/v1/track", &track("kept", i)).await;
+    }
+    let backup = t.store_path.with_extension("backup");
+    let path = backup.to_str().expect("a UTF-8 path").to_string();
+    let store_path = t.store_path.clone();
+    tokio::task::spawn_blocking(move || {
+        rusqlite::Connection::open(store_path)
+            .and_then(|c| c.execute("VACUUM INTO ?1", [path]))
+            .expect("back the store up")
+    })
+    .await
+    .unwrap();
+    for i in 0..2 {
+        post(&t.base, "/v1/track", &track("lost", i)).await;
+    }
+    let sync = |base: String, wh: support::warehouse::TestWarehouse| {
+        tokio::task::spawn_blocking(move || {
+            let mut source = profiles_sync::sync::EngineSource::new(&base, FEED_TOKEN.into())
+                .expect("engine source");
+            let spec = wh.spec.clone();
+            let r = wh.sync_source(&mut source, None, &spec, 500);
+            (wh, r)
+        })
+    };
+    let (wh, first) = sync(t.base.clone(), support::warehouse::TestWarehouse::sqlite())
+        .await
+        .unwrap();
+    assert_eq!(
+        first.status,
+        profiles_sync::crd::SyncStatus::Success,
+        "{first:#?}"
+    );
+    let before = wh.dump();
+    t.engine.stop().await.unwrap();
+    for f in ["db-wal", "db-shm"] {
+        let _ = std::fs::remove_file(t.store_path.with_extension(f));
+    }
+    std::fs::copy(&backup, &t.store_path).expect("restore the backup");
+
+    let restored = start_options(Options {
+        store_url: Some(t.store_url.clone()),
+        ..Options::default()
+    })
+    .await;
+    for i in 0..6 {
+        post(&restored.base, "/v1/track", &track("new", i)).await;
+    }
+    let (wh, after) = sync(restored.base.clone(), wh).await.unwrap();
+    assert_eq!(
+        after.status,
+        profiles_sync::crd::SyncStatus::Failed,
+        "{after:#?}"
+    );
+    let message = &after.errors[0].message;
+    assert!(message.contains("restored from a backup"), "{message}");
+    assert_eq!(wh.dump(), before, "nothing loaded");
+    restored.engine.stop().await.unwrap();
+}

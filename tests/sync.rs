@@ -2238,6 +2238,156 @@ fn a_store_past_the_cursors_of_another_store_s_schema_is_refused_by_its_id() {
     );
 }
 
+/// `n` page views of new visitors, messageIds `{prefix}0`, `{prefix}1`, ….
+fn pages(prefix: &str, n: usize) -> Vec<Value> {
+    (0..n)
+        .map(|i| {
+            msg(json!({"type": "page", "messageId": format!("{prefix}{i}"),
+                "anonymousId": format!("{prefix}-visitor{i}"), "name": "More"}))
+        })
+        .collect()
+}
+
+/// A copy of the SQLite store in `dir`, taken as a backup tool would (the store stays open).
+fn back_up(dir: &tempfile::TempDir) -> std::path::PathBuf {
+    let copy = dir.path().join("backup.db");
+    rusqlite::Connection::open(dir.path().join("store.db"))
+        .expect("open the store")
+        .execute("VACUUM INTO ?1", [copy.to_str().expect("a UTF-8 path")])
+        .expect("back the store up");
+    copy
+}
+
+/// Puts `backup` in the place of the store in `dir` (closed first), and opens it.
+fn restore(
+    store: Box<dyn profiles_sync::store::Store>,
+    dir: &tempfile::TempDir,
+    backup: &std::path::Path,
+    url: &str,
+) -> Box<dyn profiles_sync::store::Store> {
+    drop(store);
+    for f in ["store.db-wal", "store.db-shm"] {
+        let _ = std::fs::remove_file(dir.path().join(f));
+    }
+    std::fs::copy(backup, dir.path().join("store.db")).expect("restore the backup");
+    profiles_sync::store::open(url, profiles_sync::identity::Rules::default()).expect("reopen")
+}
+
+/// A store restored from a backup older than the schema's last sync keeps its id, and numbers
+/// the changes it takes after the restore with `seq`s the schema has already loaded. Once it
+/// has gone past the schema's cursors, reading after them would skip those changes for good:
+/// the change the schema recorded at its newest cursor is now another one, so the run fails
+/// and loads nothing. With the schema's state dropped, as the error says, the next sync loads
+/// the restored store from the start.
+#[test]
+fn a_store_restored_from_a_backup_older_than_the_last_sync_is_refused_past_the_cursors() {
+    let (mut s, url, dir) = store();
+    ingest(&mut *s, &basics());
+    let backup = back_up(&dir);
+    ingest(&mut *s, &pages("lost", 3));
+    let wh = TestWarehouse::sqlite();
+    let r = wh.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    let cursors = s.head_seq().unwrap();
+    let before = wh.dump();
+
+    let mut s = restore(s, &dir, &backup, &url);
+    ingest(&mut *s, &pages("new", 8));
+    assert!(
+        s.head_seq().unwrap() > cursors,
+        "the premise: past the cursors"
+    );
+    let r = wh.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::Failed, "{r:#?}");
+    let message = &r.errors[0].message;
+    assert!(
+        message.contains(&format!("up to seq {cursors}")) && message.contains("restored"),
+        "{message}"
+    );
+    assert_eq!(wh.dump(), before, "nothing loaded or moved");
+
+    wh.query(&format!("DELETE FROM {}", wh.table("_profiles_sync_state")));
+    let r = wh.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    let ids: HashSet<String> = wh
+        .query(&format!("SELECT id FROM {}", wh.table("pages")))
+        .into_iter()
+        .filter_map(|r| r.into_iter().next().flatten())
+        .collect();
+    // (The tables were kept, so the lost pages stay in them.)
+    assert!(
+        (0..8).all(|i| ids.contains(&format!("new{i}"))),
+        "the restored store's own pages load: {ids:?}"
+    );
+}
+
+/// A store restored from a backup taken after the schema's last sync lost nothing the schema
+/// loaded: the change at its newest cursor is the same, and the sync goes on.
+#[test]
+fn a_store_restored_from_a_backup_newer_than_the_last_sync_goes_on() {
+    let (mut s, url, dir) = store();
+    ingest(&mut *s, &basics());
+    let wh = TestWarehouse::sqlite();
+    let r = wh.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    ingest(&mut *s, &pages("kept", 2));
+    let backup = back_up(&dir);
+    ingest(&mut *s, &pages("lost", 2));
+
+    let mut s = restore(s, &dir, &backup, &url);
+    ingest(&mut *s, &pages("new", 3));
+    let r = wh.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    assert_eq!(wh.count("pages"), 2 + 2 + 3);
+    // And the next run checks the change it recorded.
+    ingest(&mut *s, &pages("later", 1));
+    let r = wh.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    assert_eq!(wh.count("pages"), 2 + 2 + 3 + 1);
+}
+
+/// A schema whose store table an earlier release made (its id alone) gets the columns of the
+/// change it has loaded up to, and the check works from the next run.
+#[test]
+fn an_earlier_release_s_store_table_gets_its_anchor_columns() {
+    an_earlier_release_s_store_table_gets_its_anchor_columns_in(TestWarehouse::sqlite());
+}
+
+#[test]
+fn postgres_an_earlier_release_s_store_table_gets_its_anchor_columns() {
+    let wh = TestWarehouse::postgres();
+    wh.query("CREATE SCHEMA IF NOT EXISTS profiles_sync");
+    an_earlier_release_s_store_table_gets_its_anchor_columns_in(wh);
+}
+
+fn an_earlier_release_s_store_table_gets_its_anchor_columns_in(wh: TestWarehouse) {
+    let (mut s, url, dir) = store();
+    ingest(&mut *s, &basics());
+    let backup = back_up(&dir);
+    ingest(&mut *s, &pages("lost", 3));
+    let table = wh.table("_profiles_sync_store");
+    wh.query(&format!(
+        "CREATE TABLE {table} (id BIGINT, store_id VARCHAR(64), PRIMARY KEY (id))"
+    ));
+    let r = wh.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    let recorded = wh.query(&format!(
+        "SELECT store_id, anchor_seq FROM {table} WHERE id = 1"
+    ));
+    assert_eq!(
+        recorded,
+        vec![vec![
+            Some(s.store_id().unwrap()),
+            Some(s.head_seq().unwrap().to_string())
+        ]]
+    );
+
+    let mut s = restore(s, &dir, &backup, &url);
+    ingest(&mut *s, &pages("new", 8));
+    let r = wh.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::Failed, "{r:#?}");
+}
+
 /// A schema that has only synced an empty store loaded nothing (its cursors are all 0): a store
 /// that replaced that one is taken, not refused.
 #[test]

@@ -253,6 +253,16 @@ impl FeedRow {
         }
     }
 
+    /// The messageId of the row's event, or of the event that caused the change.
+    pub fn message_id(&self) -> &str {
+        match self {
+            FeedRow::IdGraph(r) => &r.trigger.event_id,
+            FeedRow::Mapping(r) => &r.trigger.event_id,
+            FeedRow::Traits(r) => &r.trigger.event_id,
+            FeedRow::Event(r) => &r.event.message_id,
+        }
+    }
+
     /// The row as a flat JSON object with the warehouse's column names (events: the Segment JSON
     /// of the event plus `seq`, `segment_id` and `event_source_id`).
     pub fn to_json(&self) -> Map<String, Value> {

@@ -172,6 +172,8 @@ struct Run<'a> {
     spent: (u64, u64),
     /// Tables whose feed came back empty this run: they have everything the store has.
     caught_up: BTreeSet<String>,
+    /// The change the schema recorded at its newest cursor, once checked against the store.
+    anchor: Option<state::Anchor>,
 }
 
 fn micros(t: Timestamp) -> i64 {
@@ -207,6 +209,7 @@ impl<'a> Run<'a> {
             bytes_left: limits.and_then(|l| l.max_bytes).map(|n| n.max(0) as u64),
             spent: (0, 0),
             caught_up: BTreeSet::new(),
+            anchor: None,
         }
     }
 
@@ -479,6 +482,7 @@ impl<'a> Run<'a> {
         self.states = state::read(wh)?;
         let mut names = state::read_names(wh)?;
         let mut schema = Schema::of(wh)?;
+        state::migrate_store(wh, &schema.tables)?;
         self.migrate_events_watermark(wh, &schema)?;
         self.migrate_shared_profile_cursor(wh)?;
         self.migrate_sqlite_prefixed(wh, &mut schema, &mut names)?;
@@ -486,6 +490,7 @@ impl<'a> Run<'a> {
         self.report.head_seq = self.head;
         self.check_same_store()?;
         self.check_store_id(source, wh)?;
+        self.check_anchor(source)?;
         let sources: HashMap<String, SourceInfo> = source
             .sources()?
             .into_iter()
@@ -525,7 +530,7 @@ impl<'a> Run<'a> {
             }
             self.load_materialized(source, wh, &mut schema)?;
         }
-        self.finish_states(wh)?;
+        self.finish_states(source, wh)?;
         Ok(())
     }
 
@@ -574,8 +579,12 @@ impl<'a> Run<'a> {
         let Some(id) = source.store_id()? else {
             return Ok(());
         };
-        match state::read_store(wh)? {
-            Some(synced) if synced == id => Ok(()),
+        let record = state::read_store(wh)?;
+        match record.store_id {
+            Some(synced) if synced == id => {
+                self.anchor = record.anchor;
+                Ok(())
+            }
             Some(synced) if self.states.values().any(|s| s.cursor > 0) => {
                 Err(RunError::Warehouse(WarehouseError::new(
                     ErrorClass::Internal,
@@ -592,6 +601,65 @@ impl<'a> Run<'a> {
             }
             _ => Ok(state::write_store(wh, &id)?),
         }
+    }
+
+    /// Refuses to sync a schema whose store was restored from a backup older than the schema's
+    /// last sync and has since gone past its cursors: the store keeps its id, and numbers its
+    /// new changes with `seq`s the schema has already loaded, so reading after the cursors would
+    /// skip them for good. The change the schema recorded at its newest cursor (its
+    /// [`state::Anchor`]) is then another one, or gone; a change retention deleted is not
+    /// checked.
+    fn check_anchor(&mut self, source: &mut dyn FeedSource) -> Result<(), RunError> {
+        // Kept only once checked: the run records a new one otherwise.
+        let Some(anchor) = self.anchor.take() else {
+            return Ok(());
+        };
+        // Past the newest cursor (the schema's state dropped, to load the store anew), the
+        // schema no longer holds what it names. (Past the head, the cursors are too:
+        // `check_same_store` said so.)
+        let newest = self.states.values().map(|s| s.cursor).max().unwrap_or(0);
+        if anchor.seq > newest || anchor.seq > self.head {
+            return Ok(());
+        }
+        let found = change_at(source, anchor.seq)?;
+        let now = match &found {
+            Some(id) if state::digest(id) == anchor.digest => {
+                self.anchor = Some(anchor);
+                return Ok(());
+            }
+            Some(id) => format!("that of the event with messageId {id:?}"),
+            None if source.pruned()?.through_seq >= anchor.seq => return Ok(()),
+            None => "missing".to_string(),
+        };
+        Err(RunError::Warehouse(WarehouseError::new(
+            ErrorClass::Internal,
+            format!(
+                "this schema has loaded the store's changes up to seq {}, but the store's \
+                 change at that seq is now {now}, not the one loaded: the store was restored \
+                 from a backup older than the schema's last sync (or rolled back) and has \
+                 numbered new changes with seqs the schema has already loaded, so reading after \
+                 its cursors would skip them for good. Nothing was loaded. Sync into a new \
+                 schema, or drop this schema's tables (with {}) so that the next sync loads the \
+                 store from the start",
+                anchor.seq,
+                tables::STATE
+            ),
+        )))
+    }
+
+    /// The anchor to record at the end of a run: the change at the newest cursor, unless it is
+    /// the anchor checked at the start (`None` then, or when its change is gone).
+    fn next_anchor(&self, source: &mut dyn FeedSource) -> Result<Option<state::Anchor>, RunError> {
+        let Some(seq) = self.states.values().map(|s| s.cursor).max() else {
+            return Ok(None);
+        };
+        if seq <= 0 || self.anchor.is_some_and(|a| a.seq == seq) {
+            return Ok(None);
+        }
+        Ok(change_at(source, seq)?.map(|id| state::Anchor {
+            seq,
+            digest: state::digest(&id),
+        }))
     }
 
     /// Runs `part` with `1/share` of the rows and bytes left (all of them without a share),
@@ -1220,7 +1288,11 @@ impl<'a> Run<'a> {
     }
 
     /// Records cursors moved without rows, selection changes and backfill progress, in one transaction.
-    fn finish_states(&mut self, wh: &mut dyn Warehouse) -> Result<(), RunError> {
+    fn finish_states(
+        &mut self,
+        source: &mut dyn FeedSource,
+        wh: &mut dyn Warehouse,
+    ) -> Result<(), RunError> {
         let head = self.head;
         for (name, s) in self.states.iter_mut() {
             if s.enabled
@@ -1234,7 +1306,13 @@ impl<'a> Run<'a> {
                 s.min_received_at_us = None;
             }
         }
-        self.save_states(wh, |_| true)?;
+        let anchor = self.next_anchor(source)?;
+        let states: Vec<(&str, &TableState)> =
+            self.states.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        crate::warehouse::in_transaction(wh, |wh| {
+            state::write(wh, &states)?;
+            anchor.map_or(Ok(()), |a| state::write_anchor(wh, a))
+        })?;
         self.close_report();
         Ok(())
     }
@@ -1262,6 +1340,25 @@ impl<'a> Run<'a> {
             .collect();
         self.report.tables = tables;
     }
+}
+
+/// The messageId of the change at `seq` (of its event, or of the event that caused it): every
+/// `seq` up to the head names one row of one feed, unless retention deleted its event.
+fn change_at(source: &mut dyn FeedSource, seq: i64) -> Result<Option<String>, SourceError> {
+    let feeds = [
+        Feed::Events(crate::store::EventFilter::All),
+        Feed::IdGraphUpdates,
+        Feed::ExternalIdMappingUpdates,
+        Feed::ProfileTraitsUpdates,
+    ];
+    for feed in &feeds {
+        if let Some(row) = source.read(feed, seq - 1, 1)?.into_iter().next()
+            && row.seq() == seq
+        {
+            return Ok(Some(row.message_id().to_string()));
+        }
+    }
+    Ok(None)
 }
 
 /// `N <noun> (a, b, c, d, e, …)`: how many tables, and the first five.

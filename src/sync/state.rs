@@ -43,10 +43,48 @@ fn name_columns() -> Vec<Column> {
 
 /// One row (`id` 1): the id of the store the schema is synced from.
 fn store_columns() -> Vec<Column> {
-    vec![
+    let mut columns = vec![
         Column::new("id", ColumnType::Integer),
         Column::new("store_id", ColumnType::Varchar),
+    ];
+    columns.extend(anchor_columns());
+    columns
+}
+
+/// The store table's columns added after its first release: [`migrate_store`] adds them to a
+/// table made without them.
+fn anchor_columns() -> Vec<Column> {
+    vec![
+        Column::new("anchor_seq", ColumnType::Integer),
+        Column::new("anchor_digest", ColumnType::Integer),
     ]
+}
+
+/// The change of the store's history the schema has loaded up to: its `seq`, and a digest of
+/// the messageId of its event (of the event that caused it, for a change-log row). A store
+/// restored from an older backup keeps its id, and numbers its new changes with `seq`s the
+/// schema has loaded; the change it now holds at the anchor's `seq` tells.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Anchor {
+    /// The change's `seq`.
+    pub seq: i64,
+    /// [`digest`] of its messageId.
+    pub digest: i64,
+}
+
+/// A digest of a messageId that stays the same across releases (SipHash-1-3, keys 0), so that
+/// an anchor one release recorded is checked by the next.
+pub fn digest(message_id: &str) -> i64 {
+    siphasher::sip::SipHasher13::new_with_keys(0, 0).hash(message_id.as_bytes()) as i64
+}
+
+/// What the schema records about the store it is synced from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StoreRecord {
+    /// The store's id.
+    pub store_id: Option<String>,
+    /// The change the schema has loaded up to, when recorded.
+    pub anchor: Option<Anchor>,
 }
 
 /// Creates the state tables when missing.
@@ -73,15 +111,63 @@ pub fn ensure(wh: &mut dyn Warehouse) -> Result<(), WarehouseError> {
 
 /// The id of the store the schema is synced from (`None` before its first sync, and in a
 /// schema an older release synced).
-pub fn read_store(wh: &mut dyn Warehouse) -> Result<Option<String>, WarehouseError> {
+pub fn read_store(wh: &mut dyn Warehouse) -> Result<StoreRecord, WarehouseError> {
     let table = wh.dialect().qualified(wh.schema(), STORE);
-    let rows = wh.query(&format!("SELECT store_id FROM {table} WHERE id = 1"))?;
-    Ok(rows
-        .into_iter()
-        .find_map(|r| r.into_iter().next().flatten()))
+    let rows = wh.query(&format!(
+        "SELECT store_id, anchor_seq, anchor_digest FROM {table} WHERE id = 1"
+    ))?;
+    let Some(row) = rows.into_iter().next() else {
+        return Ok(StoreRecord::default());
+    };
+    let anchor = match (row.get(1).cloned().flatten(), row.get(2).cloned().flatten()) {
+        (seq @ Some(_), digest @ Some(_)) => Some(Anchor {
+            seq: int(&seq, "anchor_seq")?,
+            digest: int(&digest, "anchor_digest")?,
+        }),
+        _ => None,
+    };
+    Ok(StoreRecord {
+        store_id: row.into_iter().next().flatten(),
+        anchor,
+    })
 }
 
-/// Records `id` as the store the schema is synced from, in place of any other.
+/// Adds the columns a store table made by an earlier release lacks (`tables` as described).
+pub fn migrate_store(
+    wh: &mut dyn Warehouse,
+    tables: &BTreeMap<String, crate::warehouse::TableColumns>,
+) -> Result<(), WarehouseError> {
+    let Some(existing) = tables.get(STORE) else {
+        return Ok(());
+    };
+    let schema = wh.schema().to_string();
+    let missing: Vec<String> = anchor_columns()
+        .iter()
+        .filter(|c| !existing.contains_key(&c.name))
+        .map(|c| wh.dialect().add_column(&schema, STORE, c))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    crate::warehouse::in_transaction(wh, |wh| {
+        missing
+            .iter()
+            .try_for_each(|sql| wh.execute(sql).map(|_| ()))
+    })
+}
+
+/// Records the anchor (the store's row must exist: [`write_store`] first).
+pub fn write_anchor(wh: &mut dyn Warehouse, anchor: Anchor) -> Result<(), WarehouseError> {
+    let table = wh.dialect().qualified(wh.schema(), STORE);
+    wh.execute(&format!(
+        "UPDATE {table} SET anchor_seq = {}, anchor_digest = {} WHERE id = 1",
+        anchor.seq, anchor.digest
+    ))?;
+    Ok(())
+}
+
+/// Records `id` as the store the schema is synced from, in place of any other (whose anchor
+/// goes with it).
 pub fn write_store(wh: &mut dyn Warehouse, id: &str) -> Result<(), WarehouseError> {
     let table = wh.dialect().qualified(wh.schema(), STORE);
     let id = id.replace('\'', "''");
