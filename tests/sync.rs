@@ -2346,6 +2346,90 @@ fn a_store_restored_from_a_backup_newer_than_the_last_sync_goes_on() {
     assert_eq!(wh.count("pages"), 2 + 2 + 3 + 1);
 }
 
+/// The anchor (`seq` of the change at the newest cursor) the schema records.
+fn recorded_anchor(wh: &TestWarehouse) -> Option<i64> {
+    let table = wh.table("_profiles_sync_store");
+    wh.query(&format!("SELECT anchor_seq FROM {table} WHERE id = 1"))
+        .into_iter()
+        .next()
+        .and_then(|r| r.into_iter().next().flatten())
+        .map(|v| v.parse().expect("an integer"))
+}
+
+/// A run that fails after some of its chunks committed has recorded, with each, the change at
+/// its cursor: a restore from a backup taken before those chunks is refused, not checked only
+/// against the anchor of the last run that completed.
+#[test]
+fn the_anchor_moves_with_each_chunk_so_a_failed_run_leaves_no_gap() {
+    let (mut s, url, dir) = store();
+    ingest(&mut *s, &basics());
+    let wh = TestWarehouse::sqlite();
+    let r = wh.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    let completed = recorded_anchor(&wh).expect("an anchor");
+    let backup = back_up(&dir);
+    ingest(&mut *s, &pages("lost", 3));
+
+    // The identity logs load; the events feed then fails.
+    let mut source = ScriptedFeed::new(&url);
+    source.ok_reads = 1;
+    let r = wh.sync_source(&mut source, None, &wh.spec, 500);
+    assert!(
+        r.errors
+            .iter()
+            .any(|e| e.message.contains("engine went away")),
+        "{r:#?}"
+    );
+    assert!(
+        wh.count("id_graph_updates") > 0,
+        "the premise: chunks committed"
+    );
+    let moved = recorded_anchor(&wh).expect("an anchor");
+    assert!(
+        moved > completed,
+        "the chunks moved the anchor: {moved} > {completed}"
+    );
+    drop(source);
+
+    let mut s = restore(s, &dir, &backup, &url);
+    ingest(&mut *s, &pages("new", 8));
+    let r = wh.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::Failed, "{r:#?}");
+    assert!(
+        r.errors[0].message.contains("change at that seq"),
+        "{:?}",
+        r.errors
+    );
+}
+
+/// With the schema's state dropped (to load a restored store anew, as the refusal says), the
+/// anchor is forgotten by the first run, even one that fails before loading anything: it named
+/// a change of the old history, and would refuse the store once the new load passed it.
+#[test]
+fn a_dropped_state_forgets_the_anchor_even_when_the_next_run_fails() {
+    let (mut s, url, dir) = store();
+    ingest(&mut *s, &basics());
+    let backup = back_up(&dir);
+    ingest(&mut *s, &pages("lost", 3));
+    let wh = TestWarehouse::sqlite();
+    assert_eq!(wh.sync(&url, None).status, SyncStatus::Success);
+    assert!(recorded_anchor(&wh).is_some());
+    let mut s = restore(s, &dir, &backup, &url);
+    ingest(&mut *s, &pages("new", 8));
+    assert_eq!(wh.sync(&url, None).status, SyncStatus::Failed);
+
+    wh.query(&format!("DELETE FROM {}", wh.table("_profiles_sync_state")));
+    let mut source = ScriptedFeed::new(&url);
+    source.sources_fail = true;
+    let r = wh.sync_source(&mut source, None, &wh.spec, 500);
+    assert_eq!(r.status, SyncStatus::Failed, "{r:#?}");
+    assert_eq!(recorded_anchor(&wh), None, "forgotten");
+    drop(source);
+    let r = wh.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    assert_eq!(recorded_anchor(&wh), Some(s.head_seq().unwrap()));
+}
+
 /// A schema whose store table an earlier release made (its id alone) gets the columns of the
 /// change it has loaded up to, and the check works from the next run.
 #[test]
@@ -2368,6 +2452,10 @@ fn an_earlier_release_s_store_table_gets_its_anchor_columns_in(wh: TestWarehouse
     let table = wh.table("_profiles_sync_store");
     wh.query(&format!(
         "CREATE TABLE {table} (id BIGINT, store_id VARCHAR(64), PRIMARY KEY (id))"
+    ));
+    wh.query(&format!(
+        "INSERT INTO {table} (id, store_id) VALUES (1, '{}')",
+        s.store_id().unwrap()
     ));
     let r = wh.sync(&url, None);
     assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
@@ -2539,6 +2627,8 @@ struct ScriptedFeed {
     late_name: Option<String>,
     /// How many calls of `track_event_names` fail (the engine's catalog unreachable for them).
     names_fail: usize,
+    /// Whether `sources` fails (the engine's catalog unreachable before anything loads).
+    sources_fail: bool,
 }
 
 impl ScriptedFeed {
@@ -2552,6 +2642,7 @@ impl ScriptedFeed {
             cut_pages: false,
             late_name: None,
             names_fail: 0,
+            sources_fail: false,
         }
     }
 }
@@ -2614,6 +2705,11 @@ impl profiles_sync::sync::FeedSource for ScriptedFeed {
     fn sources(
         &mut self,
     ) -> Result<Vec<profiles_sync::store::SourceInfo>, profiles_sync::sync::SourceError> {
+        if self.sources_fail {
+            return Err(profiles_sync::sync::SourceError(
+                "catalog unavailable".into(),
+            ));
+        }
         self.inner.sources()
     }
     fn event_seq_since(

@@ -71,6 +71,9 @@ pub struct Chunk<'a> {
     pub new_names: Vec<(String, String)>,
     /// The table's state after the chunk.
     pub state: TableState,
+    /// The change at the chunk's cursor, recorded with it as the schema's anchor when newer
+    /// ([`state::advance_anchor`]); `None` when the chunk does not hold it.
+    pub anchor: Option<state::Anchor>,
     /// Load time, for `uuid_ts`.
     pub uuid_ts: jiff::Timestamp,
 }
@@ -510,6 +513,8 @@ pub struct Prepared {
     pub new_names: Vec<(String, String)>,
     /// The table's state after the chunk.
     pub state: TableState,
+    /// The change at the chunk's cursor ([`Chunk::anchor`]).
+    pub anchor: Option<state::Anchor>,
 }
 
 /// Types `chunk` against the table's columns as `schema` knows them (see `Typer`).
@@ -534,6 +539,7 @@ pub fn prepare(schema: &Schema, mut chunk: Chunk<'_>) -> Prepared {
         discards,
         new_names: chunk.new_names,
         state: chunk.state,
+        anchor: chunk.anchor,
     }
 }
 
@@ -714,6 +720,9 @@ fn write(wh: &mut dyn Warehouse, schema: &Schema, p: &Prepared) -> Result<u64, W
     write_discards(wh, schema, discards, OnConflict::Ignore)?;
     state::write_names(wh, &p.table, &p.new_names)?;
     state::write(wh, &[(&p.table, &p.state)])?;
+    if let Some(anchor) = p.anchor {
+        state::advance_anchor(wh, anchor)?;
+    }
     Ok(loaded)
 }
 
@@ -750,6 +759,7 @@ mod tests {
                 min_received_at_us: None,
                 backfilled: false,
             },
+            anchor: None,
             uuid_ts: jiff::Timestamp::UNIX_EPOCH,
         }
     }

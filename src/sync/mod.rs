@@ -490,7 +490,7 @@ impl<'a> Run<'a> {
         self.report.head_seq = self.head;
         self.check_same_store()?;
         self.check_store_id(source, wh)?;
-        self.check_anchor(source)?;
+        self.check_anchor(source, wh)?;
         let sources: HashMap<String, SourceInfo> = source
             .sources()?
             .into_iter()
@@ -609,25 +609,33 @@ impl<'a> Run<'a> {
     /// skip them for good. The change the schema recorded at its newest cursor (its
     /// [`state::Anchor`]) is then another one, or gone; a change retention deleted is not
     /// checked.
-    fn check_anchor(&mut self, source: &mut dyn FeedSource) -> Result<(), RunError> {
+    fn check_anchor(
+        &mut self,
+        source: &mut dyn FeedSource,
+        wh: &mut dyn Warehouse,
+    ) -> Result<(), RunError> {
         // Kept only once checked: the run records a new one otherwise.
         let Some(anchor) = self.anchor.take() else {
             return Ok(());
         };
-        // Past the newest cursor (the schema's state dropped, to load the store anew), the
-        // schema no longer holds what it names. (Past the head, the cursors are too:
-        // `check_same_store` said so.)
+        // Past the newest cursor, the schema no longer holds what it names: its state was
+        // dropped, to load the store anew. It is forgotten at once, so that a run that fails
+        // before recording another does not leave it to refuse the next one. (Past the head,
+        // the cursors are too: `check_same_store` said so.)
         let newest = self.states.values().map(|s| s.cursor).max().unwrap_or(0);
-        if anchor.seq > newest || anchor.seq > self.head {
+        if anchor.seq > newest {
+            state::clear_anchor(wh)?;
             return Ok(());
         }
-        let found = change_at(source, anchor.seq)?;
-        let now = match &found {
-            Some(id) if state::digest(id) == anchor.digest => {
+        if anchor.seq > self.head {
+            return Ok(());
+        }
+        let now = match change_at(source, anchor.seq)? {
+            Some((found, _)) if found == anchor => {
                 self.anchor = Some(anchor);
                 return Ok(());
             }
-            Some(id) => format!("that of the event with messageId {id:?}"),
+            Some((_, id)) => format!("that of the event with messageId {id:?}"),
             None if source.pruned()?.through_seq >= anchor.seq => return Ok(()),
             None => "missing".to_string(),
         };
@@ -647,19 +655,21 @@ impl<'a> Run<'a> {
         )))
     }
 
-    /// The anchor to record at the end of a run: the change at the newest cursor, unless it is
-    /// the anchor checked at the start (`None` then, or when its change is gone).
-    fn next_anchor(&self, source: &mut dyn FeedSource) -> Result<Option<state::Anchor>, RunError> {
-        let Some(seq) = self.states.values().map(|s| s.cursor).max() else {
-            return Ok(None);
-        };
+    /// The anchor to record at the end of a run: the change at the newest cursor (which may
+    /// have moved without rows), unless it is the anchor checked at the start. Best effort: a
+    /// failed read leaves the anchors the chunks recorded, and does not fail the run.
+    fn next_anchor(&self, source: &mut dyn FeedSource) -> Option<state::Anchor> {
+        let seq = self.states.values().map(|s| s.cursor).max()?;
         if seq <= 0 || self.anchor.is_some_and(|a| a.seq == seq) {
-            return Ok(None);
+            return None;
         }
-        Ok(change_at(source, seq)?.map(|id| state::Anchor {
-            seq,
-            digest: state::digest(&id),
-        }))
+        match change_at(source, seq) {
+            Ok(found) => found.map(|(anchor, _)| anchor),
+            Err(e) => {
+                tracing::warn!(seq, error = %e, "could not read the change at the newest cursor: the schema's anchor stays where its chunks left it");
+                None
+            }
+        }
     }
 
     /// Runs `part` with `1/share` of the rows and bytes left (all of them without a share),
@@ -733,6 +743,7 @@ impl<'a> Run<'a> {
                 rows: pending,
                 new_names: names.take_new(),
                 state: next.clone(),
+                anchor: rows.last().map(state::Anchor::of_row),
                 uuid_ts: self.uuid,
             };
             match load::commit(wh, schema, chunk) {
@@ -1083,6 +1094,11 @@ impl<'a> Run<'a> {
                         self.caught_up.extend(done);
                         break;
                     };
+                    // (Taken before routing, which moves the rows' values.)
+                    let page_anchor = rows.last().map(|r| {
+                        let id = &r.event.event.message_id;
+                        state::Anchor::of(r.seq, "events", id, &r.segment_id)
+                    });
                     let mut buffers: BTreeMap<Arc<str>, TableBuffer> = BTreeMap::new();
                     let mut bytes = 0u64;
                     let (mut targets, mut candidates) = (Vec::with_capacity(2), vec![]);
@@ -1160,6 +1176,8 @@ impl<'a> Run<'a> {
                             rows: pending,
                             new_names,
                             state: next,
+                            // (Cut short, the page holds no change at its end.)
+                            anchor: (!stopped).then_some(page_anchor).flatten(),
                             uuid_ts: self.uuid,
                         };
                         let prepared = load::prepare(&planned, chunk);
@@ -1306,12 +1324,12 @@ impl<'a> Run<'a> {
                 s.min_received_at_us = None;
             }
         }
-        let anchor = self.next_anchor(source)?;
+        let anchor = self.next_anchor(source);
         let states: Vec<(&str, &TableState)> =
             self.states.iter().map(|(k, v)| (k.as_str(), v)).collect();
         crate::warehouse::in_transaction(wh, |wh| {
             state::write(wh, &states)?;
-            anchor.map_or(Ok(()), |a| state::write_anchor(wh, a))
+            anchor.map_or(Ok(()), |a| state::advance_anchor(wh, a))
         })?;
         self.close_report();
         Ok(())
@@ -1342,9 +1360,13 @@ impl<'a> Run<'a> {
     }
 }
 
-/// The messageId of the change at `seq` (of its event, or of the event that caused it): every
-/// `seq` up to the head names one row of one feed, unless retention deleted its event.
-fn change_at(source: &mut dyn FeedSource, seq: i64) -> Result<Option<String>, SourceError> {
+/// The anchor of the change at `seq`, and the messageId of its event (or of the event that
+/// caused it): every `seq` up to the head names one row of one feed, unless retention deleted
+/// its event.
+fn change_at(
+    source: &mut dyn FeedSource,
+    seq: i64,
+) -> Result<Option<(state::Anchor, String)>, SourceError> {
     let feeds = [
         Feed::Events(crate::store::EventFilter::All),
         Feed::IdGraphUpdates,
@@ -1355,7 +1377,10 @@ fn change_at(source: &mut dyn FeedSource, seq: i64) -> Result<Option<String>, So
         if let Some(row) = source.read(feed, seq - 1, 1)?.into_iter().next()
             && row.seq() == seq
         {
-            return Ok(Some(row.message_id().to_string()));
+            return Ok(Some((
+                state::Anchor::of_row(&row),
+                row.message_id().to_string(),
+            )));
         }
     }
     Ok(None)

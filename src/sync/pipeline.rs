@@ -275,6 +275,7 @@ mod tests {
                     min_received_at_us: None,
                     backfilled: false,
                 },
+                anchor: None,
                 uuid_ts: jiff::Timestamp::UNIX_EPOCH,
             },
         )

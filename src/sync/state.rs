@@ -61,21 +61,46 @@ fn anchor_columns() -> Vec<Column> {
 }
 
 /// The change of the store's history the schema has loaded up to: its `seq`, and a digest of
-/// the messageId of its event (of the event that caused it, for a change-log row). A store
-/// restored from an older backup keeps its id, and numbers its new changes with `seq`s the
-/// schema has loaded; the change it now holds at the anchor's `seq` tells.
+/// the row (its feed, the messageId of its event — of the event that caused it, for a
+/// change-log row — and its profile). A store restored from an older backup keeps its id, and
+/// numbers its new changes with `seq`s the schema has loaded; the change it now holds at the
+/// anchor's `seq` tells.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Anchor {
     /// The change's `seq`.
     pub seq: i64,
-    /// [`digest`] of its messageId.
+    /// [`Anchor::of`]'s digest of the row.
     pub digest: i64,
 }
 
-/// A digest of a messageId that stays the same across releases (SipHash-1-3, keys 0), so that
-/// an anchor one release recorded is checked by the next.
-pub fn digest(message_id: &str) -> i64 {
-    siphasher::sip::SipHasher13::new_with_keys(0, 0).hash(message_id.as_bytes()) as i64
+impl Anchor {
+    /// The anchor of the row at `seq` of `feed` (`events`, `id_graph_updates`, …) caused by the
+    /// event `message_id`, on profile `segment_id`. The digest (SipHash-1-3, keys 0) stays the
+    /// same across releases, so that an anchor one release recorded is checked by the next.
+    pub fn of(seq: i64, feed: &str, message_id: &str, segment_id: &str) -> Anchor {
+        use std::hash::Hasher;
+        let mut h = siphasher::sip::SipHasher13::new_with_keys(0, 0);
+        for part in [feed, message_id, segment_id] {
+            h.write(part.as_bytes());
+            h.write_u8(0xff);
+        }
+        Anchor {
+            seq,
+            digest: h.finish() as i64,
+        }
+    }
+
+    /// The anchor of a feed row.
+    pub fn of_row(row: &crate::store::FeedRow) -> Anchor {
+        use crate::store::FeedRow;
+        let (feed, segment_id) = match row {
+            FeedRow::IdGraph(r) => ("id_graph_updates", &r.segment_id),
+            FeedRow::Mapping(r) => ("external_id_mapping_updates", &r.segment_id),
+            FeedRow::Traits(r) => ("profile_traits_updates", &r.segment_id),
+            FeedRow::Event(r) => ("events", &r.segment_id),
+        };
+        Anchor::of(row.seq(), feed, row.message_id(), segment_id)
+    }
 }
 
 /// What the schema records about the store it is synced from.
@@ -156,12 +181,24 @@ pub fn migrate_store(
     })
 }
 
-/// Records the anchor (the store's row must exist: [`write_store`] first).
-pub fn write_anchor(wh: &mut dyn Warehouse, anchor: Anchor) -> Result<(), WarehouseError> {
+/// Records `anchor` when it is newer than the one recorded (or none is): with a chunk's
+/// cursor, in its transaction. (The store's row must exist: [`write_store`] first.)
+pub fn advance_anchor(wh: &mut dyn Warehouse, anchor: Anchor) -> Result<(), WarehouseError> {
     let table = wh.dialect().qualified(wh.schema(), STORE);
     wh.execute(&format!(
-        "UPDATE {table} SET anchor_seq = {}, anchor_digest = {} WHERE id = 1",
-        anchor.seq, anchor.digest
+        "UPDATE {table} SET anchor_seq = {seq}, anchor_digest = {} \
+         WHERE id = 1 AND (anchor_seq IS NULL OR anchor_seq < {seq})",
+        anchor.digest,
+        seq = anchor.seq
+    ))?;
+    Ok(())
+}
+
+/// Forgets the recorded anchor.
+pub fn clear_anchor(wh: &mut dyn Warehouse) -> Result<(), WarehouseError> {
+    let table = wh.dialect().qualified(wh.schema(), STORE);
+    wh.execute(&format!(
+        "UPDATE {table} SET anchor_seq = NULL, anchor_digest = NULL WHERE id = 1"
     ))?;
     Ok(())
 }
