@@ -2367,6 +2367,7 @@ fn the_anchor_moves_with_each_chunk_so_a_failed_run_leaves_no_gap() {
     let r = wh.sync(&url, None);
     assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
     let completed = recorded_anchor(&wh).expect("an anchor");
+    let loaded = wh.count("id_graph_updates");
     let backup = back_up(&dir);
     ingest(&mut *s, &pages("lost", 3));
 
@@ -2381,8 +2382,8 @@ fn the_anchor_moves_with_each_chunk_so_a_failed_run_leaves_no_gap() {
         "{r:#?}"
     );
     assert!(
-        wh.count("id_graph_updates") > 0,
-        "the premise: chunks committed"
+        wh.count("id_graph_updates") > loaded,
+        "the premise: chunks of this run committed"
     );
     let moved = recorded_anchor(&wh).expect("an anchor");
     assert!(
@@ -2399,6 +2400,37 @@ fn the_anchor_moves_with_each_chunk_so_a_failed_run_leaves_no_gap() {
         r.errors[0].message.contains("change at that seq"),
         "{:?}",
         r.errors
+    );
+}
+
+/// The profile tables' windows record the change at their end with their cursors too: a run
+/// that syncs only a profile table and fails after its windows committed has moved the anchor.
+#[test]
+fn a_profile_table_s_window_moves_the_anchor() {
+    let (mut s, url, _d) = store();
+    ingest(&mut *s, &basics());
+    let wh = TestWarehouse::sqlite();
+    let only = selection(json!({"default": "none", "tables": [{"name": "user_traits"}]}));
+    let r = wh.sync(&url, Some(&only));
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    let completed = recorded_anchor(&wh).expect("an anchor");
+    ingest(&mut *s, &pages("more", 3));
+
+    // The windows commit; the events feed then fails (its one read is the check's), so the
+    // run cannot read the change at its newest cursor when it ends.
+    let mut source = ScriptedFeed::new(&url);
+    source.ok_reads = 1;
+    let r = wh.sync_source(&mut source, Some(&only), &wh.spec, 500);
+    assert!(
+        r.errors
+            .iter()
+            .any(|e| e.message.contains("engine went away")),
+        "{r:#?}"
+    );
+    let moved = recorded_anchor(&wh).expect("an anchor");
+    assert!(
+        moved > completed,
+        "the windows moved the anchor: {moved} > {completed}"
     );
 }
 

@@ -63,6 +63,8 @@ pub struct Window {
     traits: Vec<FeedRow>,
     /// The window's last `seq`.
     pub end: i64,
+    /// The change at `end`, when the window holds it ([`state::Anchor`]).
+    anchor: Option<state::Anchor>,
     /// Rows read from the feeds (for `limits.maxRows`).
     pub read: u64,
 }
@@ -110,11 +112,21 @@ pub fn read_window(
         return Ok(None);
     }
     let read = (graph.len() + mappings.len() + traits.len()) as u64;
+    // (Each page is in `seq` order.)
+    let anchor = [&graph, &mappings, &traits]
+        .into_iter()
+        .find_map(|p| {
+            p.binary_search_by_key(&end, FeedRow::seq)
+                .ok()
+                .map(|i| &p[i])
+        })
+        .map(state::Anchor::of_row);
     Ok(Some(Window {
         graph,
         mappings,
         traits,
         end,
+        anchor,
         read,
     }))
 }
@@ -296,7 +308,10 @@ pub fn apply_window(
             &final_canonical,
             &next,
             &mut applied,
-        )
+        )?;
+        window
+            .anchor
+            .map_or(Ok(()), |a| state::advance_anchor(wh, a))
     })?;
     schema.record(table, &columns(table));
     if applied.discards > 0 {

@@ -181,13 +181,13 @@ pub fn migrate_store(
     })
 }
 
-/// Records `anchor` when it is newer than the one recorded (or none is): with a chunk's
-/// cursor, in its transaction. (The store's row must exist: [`write_store`] first.)
+/// Records `anchor` unless the one recorded is newer: with a chunk's cursor, in its
+/// transaction. (The store's row must exist: [`write_store`] first.)
 pub fn advance_anchor(wh: &mut dyn Warehouse, anchor: Anchor) -> Result<(), WarehouseError> {
     let table = wh.dialect().qualified(wh.schema(), STORE);
     wh.execute(&format!(
         "UPDATE {table} SET anchor_seq = {seq}, anchor_digest = {} \
-         WHERE id = 1 AND (anchor_seq IS NULL OR anchor_seq < {seq})",
+         WHERE id = 1 AND (anchor_seq IS NULL OR anchor_seq <= {seq})",
         anchor.digest,
         seq = anchor.seq
     ))?;
