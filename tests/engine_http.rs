@@ -2764,25 +2764,15 @@ async fn a_sync_through_the_feed_api_tells_another_store_by_its_id() {
         )
         .await;
     }
-    let sync = |base: String, wh: support::warehouse::TestWarehouse| {
-        tokio::task::spawn_blocking(move || {
-            let mut source = profiles_sync::sync::EngineSource::new(&base, FEED_TOKEN.into())
-                .expect("engine source");
-            let spec = wh.spec.clone();
-            let r = wh.sync_source(&mut source, None, &spec, 500);
-            (wh, r)
-        })
-    };
-    let (wh, first) = sync(a.base.clone(), support::warehouse::TestWarehouse::sqlite())
-        .await
-        .unwrap();
+    let (wh, first) =
+        sync_through_feed_api(&a.base, support::warehouse::TestWarehouse::sqlite()).await;
     assert_eq!(
         first.status,
         profiles_sync::crd::SyncStatus::Success,
         "{first:#?}"
     );
     let before = wh.dump();
-    let (wh, other) = sync(b.base.clone(), wh).await.unwrap();
+    let (wh, other) = sync_through_feed_api(&b.base, wh).await;
     assert_eq!(
         other.status,
         profiles_sync::crd::SyncStatus::Failed,
@@ -2805,6 +2795,27 @@ async fn a_sync_through_the_feed_api_tells_another_store_by_its_id() {
     assert_eq!(wh.dump(), before, "nothing loaded");
     a.engine.stop().await.unwrap();
     b.engine.stop().await.unwrap();
+}
+
+/// Syncs `wh` through the feed API of the engine at `base` (on a blocking thread); returns it
+/// with the run's report.
+async fn sync_through_feed_api(
+    base: &str,
+    wh: support::warehouse::TestWarehouse,
+) -> (
+    support::warehouse::TestWarehouse,
+    profiles_sync::sync::SyncReport,
+) {
+    let base = base.to_string();
+    tokio::task::spawn_blocking(move || {
+        let mut source = profiles_sync::sync::EngineSource::new(&base, FEED_TOKEN.into())
+            .expect("engine source");
+        let spec = wh.spec.clone();
+        let r = wh.sync_source(&mut source, None, &spec, 500);
+        (wh, r)
+    })
+    .await
+    .expect("the sync's thread")
 }
 
 /// A sync through the feed API tells a store restored from a backup older than its last sync
@@ -2833,18 +2844,8 @@ async fn a_sync_through_the_feed_api_tells_a_store_restored_from_an_older_backup
     for i in 0..2 {
         post(&t.base, "/v1/track", &track("lost", i)).await;
     }
-    let sync = |base: String, wh: support::warehouse::TestWarehouse| {
-        tokio::task::spawn_blocking(move || {
-            let mut source = profiles_sync::sync::EngineSource::new(&base, FEED_TOKEN.into())
-                .expect("engine source");
-            let spec = wh.spec.clone();
-            let r = wh.sync_source(&mut source, None, &spec, 500);
-            (wh, r)
-        })
-    };
-    let (wh, first) = sync(t.base.clone(), support::warehouse::TestWarehouse::sqlite())
-        .await
-        .unwrap();
+    let (wh, first) =
+        sync_through_feed_api(&t.base, support::warehouse::TestWarehouse::sqlite()).await;
     assert_eq!(
         first.status,
         profiles_sync::crd::SyncStatus::Success,
@@ -2865,7 +2866,7 @@ async fn a_sync_through_the_feed_api_tells_a_store_restored_from_an_older_backup
     for i in 0..6 {
         post(&restored.base, "/v1/track", &track("new", i)).await;
     }
-    let (wh, after) = sync(restored.base.clone(), wh).await.unwrap();
+    let (wh, after) = sync_through_feed_api(&restored.base, wh).await;
     assert_eq!(
         after.status,
         profiles_sync::crd::SyncStatus::Failed,
