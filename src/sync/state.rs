@@ -174,11 +174,22 @@ pub fn migrate_store(
     if missing.is_empty() {
         return Ok(());
     }
-    crate::warehouse::in_transaction(wh, |wh| {
+    let added = crate::warehouse::in_transaction(wh, |wh| {
         missing
             .iter()
             .try_for_each(|sql| wh.execute(sql).map(|_| ()))
-    })
+    });
+    // Another sync into the schema may have added them since `tables` was read.
+    match added {
+        Err(e) if !has_anchor_columns(&wh.describe()?) => Err(e),
+        _ => Ok(()),
+    }
+}
+
+fn has_anchor_columns(tables: &BTreeMap<String, crate::warehouse::TableColumns>) -> bool {
+    tables
+        .get(STORE)
+        .is_some_and(|t| anchor_columns().iter().all(|c| t.contains_key(&c.name)))
 }
 
 /// Records `anchor` unless the one recorded is newer: with a chunk's cursor, in its
@@ -360,4 +371,45 @@ pub fn write_names(
     );
     wh.execute(&sql)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sqlite() -> (tempfile::TempDir, Box<dyn Warehouse>) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("wh.db").display().to_string();
+        let spec: crate::crd::WarehouseSpec =
+            serde_json::from_value(serde_json::json!({"type": "sqlite", "sqlite": {"path": path}}))
+                .expect("spec");
+        let wh = crate::warehouse::connect(&spec, "profiles_sync", &Default::default())
+            .expect("connect");
+        (dir, wh)
+    }
+
+    /// Two syncs that both found an earlier release's store table: the second one's columns
+    /// are already there when it adds them, and it goes on.
+    #[test]
+    fn columns_another_sync_added_meanwhile_are_taken() {
+        let (_dir, mut wh) = sqlite();
+        let table = wh.dialect().qualified(wh.schema(), STORE);
+        wh.execute(&format!(
+            "CREATE TABLE {table} (id INTEGER, store_id VARCHAR, PRIMARY KEY (id))"
+        ))
+        .expect("create");
+        let before = wh.describe().expect("describe");
+        migrate_store(&mut *wh, &before).expect("the first adds them");
+        assert!(has_anchor_columns(&wh.describe().expect("describe")));
+        migrate_store(&mut *wh, &before).expect("the second, with what it read before, too");
+    }
+
+    /// A failure that leaves the columns missing is reported.
+    #[test]
+    fn columns_that_cannot_be_added_are_an_error() {
+        let (_dir, mut wh) = sqlite();
+        let mut tables = BTreeMap::new();
+        tables.insert(STORE.to_string(), Default::default());
+        assert!(migrate_store(&mut *wh, &tables).is_err(), "no such table");
+    }
 }
