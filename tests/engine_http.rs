@@ -2853,13 +2853,13 @@ async fn a_sync_through_the_feed_api_tells_a_store_restored_from_an_older_backup
     );
     let before = wh.dump();
     t.engine.stop().await.unwrap();
-    for f in ["db-wal", "db-shm"] {
-        let _ = std::fs::remove_file(t.store_path.with_extension(f));
-    }
-    std::fs::copy(&backup, &t.store_path).expect("restore the backup");
+    // Restored onto a new volume (a file of its own: the stopped engine's handles may still be
+    // closing the old one, and a last close checkpoints its WAL into it).
+    let restored_path = t.store_path.with_file_name("restored.db");
+    std::fs::copy(&backup, &restored_path).expect("restore the backup");
 
     let restored = start_options(Options {
-        store_url: Some(t.store_url.clone()),
+        store_url: Some(format!("sqlite://{}", restored_path.display())),
         ..Options::default()
     })
     .await;

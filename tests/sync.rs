@@ -2321,6 +2321,31 @@ fn a_store_restored_from_a_backup_older_than_the_last_sync_is_refused_past_the_c
     );
 }
 
+/// The refusal names the messageId it found at the anchor cut short: a client's id may be as
+/// long as a message, and the remedy after it must stay in the (truncated) report.
+#[test]
+fn a_restored_store_s_long_message_id_is_cut_short_in_the_refusal() {
+    let (mut s, url, dir) = store();
+    ingest(&mut *s, &basics());
+    let backup = back_up(&dir);
+    ingest(&mut *s, &pages("lost", 3));
+    let wh = TestWarehouse::sqlite();
+    assert_eq!(wh.sync(&url, None).status, SyncStatus::Success);
+
+    let mut s = restore(s, &dir, &backup, &url);
+    let long = "x".repeat(5000);
+    ingest(&mut *s, &pages(&long, 8));
+    let r = wh.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::Failed, "{r:#?}");
+    let message = &r.errors[0].message;
+    assert!(
+        message.contains(&format!("\"{}\"…", &long[..64])),
+        "{message}"
+    );
+    assert!(message.len() < 1000, "{} bytes", message.len());
+    assert!(message.ends_with("from the start"), "{message}");
+}
+
 /// A store restored from a backup taken after the schema's last sync lost nothing the schema
 /// loaded: the change at its newest cursor is the same, and the sync goes on.
 #[test]

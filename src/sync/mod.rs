@@ -635,7 +635,13 @@ impl<'a> Run<'a> {
                 self.anchor = Some(anchor);
                 return Ok(());
             }
-            Some((_, id)) => format!("that of the event with messageId {id:?}"),
+            Some((_, mut id)) => {
+                // (A client's id, up to a message's size: the remedy must stay readable.)
+                let whole = id.len();
+                naming::truncate_at_char(&mut id, 64);
+                let more = if id.len() < whole { "…" } else { "" };
+                format!("that of the event with messageId {id:?}{more}")
+            }
             None if source.pruned()?.through_seq >= anchor.seq => return Ok(()),
             None => "missing".to_string(),
         };
