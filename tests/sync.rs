@@ -2273,6 +2273,46 @@ fn restore(
     profiles_sync::store::open(url, profiles_sync::identity::Rules::default()).expect("reopen")
 }
 
+/// A store that took `basics`, was backed up, took three more pages and was synced into a fresh
+/// SQLite warehouse; then restored from the backup, and given `new` pages (`new0`, `new1`, …).
+struct Restored {
+    store: Box<dyn profiles_sync::store::Store>,
+    url: String,
+    wh: TestWarehouse,
+    /// The store's head when the warehouse was synced (its newest cursor).
+    synced_head: i64,
+    /// The warehouse's tables after that sync.
+    synced: BTreeMap<String, Vec<Vec<Option<String>>>>,
+    /// The store's directory (bind it: it is deleted when dropped).
+    _dir: tempfile::TempDir,
+}
+
+fn synced_then_restored(new: &str) -> Restored {
+    let (mut s, url, dir) = store();
+    ingest(&mut *s, &basics());
+    let backup = back_up(&dir);
+    ingest(&mut *s, &pages("lost", 3));
+    let wh = TestWarehouse::sqlite();
+    let r = wh.sync(&url, None);
+    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
+    let synced_head = s.head_seq().unwrap();
+    let synced = wh.dump();
+    let mut store = restore(s, &dir, &backup, &url);
+    ingest(&mut *store, &pages(new, 8));
+    assert!(
+        store.head_seq().unwrap() > synced_head,
+        "the premise: past the cursors"
+    );
+    Restored {
+        store,
+        url,
+        wh,
+        synced_head,
+        synced,
+        _dir: dir,
+    }
+}
+
 /// A store restored from a backup older than the schema's last sync keeps its id, and numbers
 /// the changes it takes after the restore with `seq`s the schema has already loaded. Once it
 /// has gone past the schema's cursors, reading after them would skip those changes for good:
@@ -2281,22 +2321,14 @@ fn restore(
 /// the restored store from the start.
 #[test]
 fn a_store_restored_from_a_backup_older_than_the_last_sync_is_refused_past_the_cursors() {
-    let (mut s, url, dir) = store();
-    ingest(&mut *s, &basics());
-    let backup = back_up(&dir);
-    ingest(&mut *s, &pages("lost", 3));
-    let wh = TestWarehouse::sqlite();
-    let r = wh.sync(&url, None);
-    assert_eq!(r.status, SyncStatus::Success, "{r:#?}");
-    let cursors = s.head_seq().unwrap();
-    let before = wh.dump();
-
-    let mut s = restore(s, &dir, &backup, &url);
-    ingest(&mut *s, &pages("new", 8));
-    assert!(
-        s.head_seq().unwrap() > cursors,
-        "the premise: past the cursors"
-    );
+    let Restored {
+        url,
+        wh,
+        synced_head: cursors,
+        synced: before,
+        _dir: _d,
+        ..
+    } = synced_then_restored("new");
     let r = wh.sync(&url, None);
     assert_eq!(r.status, SyncStatus::Failed, "{r:#?}");
     let message = &r.errors[0].message;
@@ -2325,16 +2357,10 @@ fn a_store_restored_from_a_backup_older_than_the_last_sync_is_refused_past_the_c
 /// long as a message, and the remedy after it must stay in the (truncated) report.
 #[test]
 fn a_restored_store_s_long_message_id_is_cut_short_in_the_refusal() {
-    let (mut s, url, dir) = store();
-    ingest(&mut *s, &basics());
-    let backup = back_up(&dir);
-    ingest(&mut *s, &pages("lost", 3));
-    let wh = TestWarehouse::sqlite();
-    assert_eq!(wh.sync(&url, None).status, SyncStatus::Success);
-
-    let mut s = restore(s, &dir, &backup, &url);
     let long = "x".repeat(5000);
-    ingest(&mut *s, &pages(&long, 8));
+    let Restored {
+        url, wh, _dir: _d, ..
+    } = synced_then_restored(&long);
     let r = wh.sync(&url, None);
     assert_eq!(r.status, SyncStatus::Failed, "{r:#?}");
     let message = &r.errors[0].message;
@@ -2464,15 +2490,14 @@ fn a_profile_table_s_window_moves_the_anchor() {
 /// a change of the old history, and would refuse the store once the new load passed it.
 #[test]
 fn a_dropped_state_forgets_the_anchor_even_when_the_next_run_fails() {
-    let (mut s, url, dir) = store();
-    ingest(&mut *s, &basics());
-    let backup = back_up(&dir);
-    ingest(&mut *s, &pages("lost", 3));
-    let wh = TestWarehouse::sqlite();
-    assert_eq!(wh.sync(&url, None).status, SyncStatus::Success);
+    let Restored {
+        store: mut s,
+        url,
+        wh,
+        _dir: _d,
+        ..
+    } = synced_then_restored("new");
     assert!(recorded_anchor(&wh).is_some());
-    let mut s = restore(s, &dir, &backup, &url);
-    ingest(&mut *s, &pages("new", 8));
     assert_eq!(wh.sync(&url, None).status, SyncStatus::Failed);
 
     wh.query(&format!("DELETE FROM {}", wh.table("_profiles_sync_state")));
