@@ -2204,12 +2204,7 @@ fn a_store_past_the_cursors_of_another_store_s_schema_is_refused_by_its_id() {
 
     let (mut other, other_url, _o) = store();
     ingest(&mut *other, &basics());
-    let more: Vec<Value> = (0..5)
-        .map(|i| {
-            msg(json!({"type": "page", "messageId": format!("more{i}"), "anonymousId": format!("b{i}"), "name": "More"}))
-        })
-        .collect();
-    ingest(&mut *other, &more);
+    ingest(&mut *other, &pages("more", 5));
     assert!(
         other.head_seq().unwrap() > s.head_seq().unwrap(),
         "the premise"

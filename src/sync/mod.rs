@@ -622,8 +622,7 @@ impl<'a> Run<'a> {
         // dropped, to load the store anew. It is forgotten at once, so that a run that fails
         // before recording another does not leave it to refuse the next one. (Past the head,
         // the cursors are too: `check_same_store` said so.)
-        let newest = self.states.values().map(|s| s.cursor).max().unwrap_or(0);
-        if anchor.seq > newest {
+        if anchor.seq > self.newest_cursor() {
             state::clear_anchor(wh)?;
             return Ok(());
         }
@@ -661,11 +660,16 @@ impl<'a> Run<'a> {
         )))
     }
 
+    /// The highest cursor of any table (0 without one).
+    fn newest_cursor(&self) -> i64 {
+        self.states.values().map(|s| s.cursor).max().unwrap_or(0)
+    }
+
     /// The anchor to record at the end of a run: the change at the newest cursor (which may
     /// have moved without rows), unless it is the anchor checked at the start. Best effort: a
     /// failed read leaves the anchors the chunks recorded, and does not fail the run.
     fn next_anchor(&self, source: &mut dyn FeedSource) -> Option<state::Anchor> {
-        let seq = self.states.values().map(|s| s.cursor).max()?;
+        let seq = self.newest_cursor();
         if seq <= 0 || self.anchor.is_some_and(|a| a.seq == seq) {
             return None;
         }
@@ -1046,7 +1050,7 @@ impl<'a> Run<'a> {
                 .chain(track_tables.iter())
                 .map(String::as_str)
                 .collect();
-            self.save_states(wh, |t| tables.contains(t))?;
+            self.save_states(wh, |t| tables.contains(t), None)?;
         }
 
         let mut router = events::Router::new(self.opts.selection, max_len, names);
@@ -1102,8 +1106,7 @@ impl<'a> Run<'a> {
                     };
                     // (Taken before routing, which moves the rows' values.)
                     let page_anchor = rows.last().map(|r| {
-                        let id = &r.event.event.message_id;
-                        state::Anchor::of(r.seq, "events", id, &r.segment_id)
+                        state::Anchor::of_event(r.seq, &r.event.event.message_id, &r.segment_id)
                     });
                     let mut buffers: BTreeMap<Arc<str>, TableBuffer> = BTreeMap::new();
                     let mut bytes = 0u64;
@@ -1295,11 +1298,13 @@ impl<'a> Run<'a> {
         }
     }
 
-    /// Writes the states of the tables `which` picks, in one transaction.
+    /// Writes the states of the tables `which` picks, and `anchor` when given, in one
+    /// transaction.
     fn save_states(
         &self,
         wh: &mut dyn Warehouse,
         which: impl Fn(&str) -> bool,
+        anchor: Option<state::Anchor>,
     ) -> Result<(), RunError> {
         let states: Vec<(&str, &TableState)> = self
             .states
@@ -1307,7 +1312,10 @@ impl<'a> Run<'a> {
             .filter(|(k, _)| which(k))
             .map(|(k, v)| (k.as_str(), v))
             .collect();
-        crate::warehouse::in_transaction(wh, |wh| state::write(wh, &states))?;
+        crate::warehouse::in_transaction(wh, |wh| {
+            state::write(wh, &states)?;
+            anchor.map_or(Ok(()), |a| state::advance_anchor(wh, a))
+        })?;
         Ok(())
     }
 
@@ -1331,12 +1339,7 @@ impl<'a> Run<'a> {
             }
         }
         let anchor = self.next_anchor(source);
-        let states: Vec<(&str, &TableState)> =
-            self.states.iter().map(|(k, v)| (k.as_str(), v)).collect();
-        crate::warehouse::in_transaction(wh, |wh| {
-            state::write(wh, &states)?;
-            anchor.map_or(Ok(()), |a| state::advance_anchor(wh, a))
-        })?;
+        self.save_states(wh, |_| true, anchor)?;
         self.close_report();
         Ok(())
     }

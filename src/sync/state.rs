@@ -77,7 +77,7 @@ impl Anchor {
     /// The anchor of the row at `seq` of `feed` (`events`, `id_graph_updates`, …) caused by the
     /// event `message_id`, on profile `segment_id`. The digest (SipHash-1-3, keys 0) stays the
     /// same across releases, so that an anchor one release recorded is checked by the next.
-    pub fn of(seq: i64, feed: &str, message_id: &str, segment_id: &str) -> Anchor {
+    fn of(seq: i64, feed: &str, message_id: &str, segment_id: &str) -> Anchor {
         use std::hash::Hasher;
         let mut h = siphasher::sip::SipHasher13::new_with_keys(0, 0);
         for part in [feed, message_id, segment_id] {
@@ -90,6 +90,12 @@ impl Anchor {
         }
     }
 
+    /// The anchor of the event at `seq` (its messageId, its profile): the same as
+    /// [`Anchor::of_row`] of that event read as a feed row.
+    pub fn of_event(seq: i64, message_id: &str, segment_id: &str) -> Anchor {
+        Anchor::of(seq, "events", message_id, segment_id)
+    }
+
     /// The anchor of a feed row.
     pub fn of_row(row: &crate::store::FeedRow) -> Anchor {
         use crate::store::FeedRow;
@@ -97,7 +103,9 @@ impl Anchor {
             FeedRow::IdGraph(r) => ("id_graph_updates", &r.segment_id),
             FeedRow::Mapping(r) => ("external_id_mapping_updates", &r.segment_id),
             FeedRow::Traits(r) => ("profile_traits_updates", &r.segment_id),
-            FeedRow::Event(r) => ("events", &r.segment_id),
+            FeedRow::Event(r) => {
+                return Anchor::of_event(r.seq, &r.event.message_id, &r.segment_id);
+            }
         };
         Anchor::of(row.seq(), feed, row.message_id(), segment_id)
     }
@@ -379,13 +387,9 @@ mod tests {
 
     fn sqlite() -> (tempfile::TempDir, Box<dyn Warehouse>) {
         let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("wh.db").display().to_string();
-        let spec: crate::crd::WarehouseSpec =
-            serde_json::from_value(serde_json::json!({"type": "sqlite", "sqlite": {"path": path}}))
-                .expect("spec");
-        let wh = crate::warehouse::connect(&spec, "profiles_sync", &Default::default())
-            .expect("connect");
-        (dir, wh)
+        let wh = crate::warehouse::sqlite::SqliteWarehouse::open(&dir.path().join("wh.db"), "s")
+            .expect("warehouse");
+        (dir, Box::new(wh))
     }
 
     /// Two syncs that both found an earlier release's store table: the second one's columns
