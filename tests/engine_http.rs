@@ -9,8 +9,8 @@ use profiles_sync::store::{self, EventFilter, Feed, FeedRow};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use support::engine::{
-    FEED_TOKEN, Options, SOURCE_ID, TestEngine, WRITE_KEY, metrics, start, start_options,
-    start_with,
+    BROWSER_WRITE_KEY, FEED_TOKEN, Options, SOURCE_ID, TestEngine, WRITE_KEY, metrics, start,
+    start_options, start_with,
 };
 
 fn client() -> reqwest::Client {
@@ -494,6 +494,84 @@ async fn server_time_clock_skew_and_duplicates() {
     );
     let events = stored(&t.store_url);
     assert!(!events[1].event.message_id.is_empty());
+    t.engine.stop().await.unwrap();
+}
+
+/// A client-side source (`fillContextIp`) gets `context.ip` filled in from the request, as
+/// Segment does for analytics.js and the mobile SDKs: from `X-Forwarded-For` behind a proxy,
+/// else from the connection. An address the message or its batch carries is kept, and a
+/// server-side source's messages get none.
+#[tokio::test]
+async fn a_client_side_source_s_messages_get_the_sender_s_address() {
+    let t = start(8).await;
+    let send = |key: &'static str, forwarded_for: Option<&'static str>, path, body: Value| {
+        let url = format!("{}{path}", t.base);
+        async move {
+            let mut r = client().post(url).basic_auth(key, Some("")).json(&body);
+            if let Some(f) = forwarded_for {
+                r = r.header("X-Forwarded-For", f);
+            }
+            let r = r.send().await.expect("request");
+            assert_eq!(r.status(), StatusCode::OK, "{body}");
+        }
+    };
+    let track = |id: &str, context: Value| json!({"userId": "u1", "event": "A", "messageId": id, "context": context});
+    send(
+        BROWSER_WRITE_KEY,
+        None,
+        "/v1/track",
+        track("direct", json!({})),
+    )
+    .await;
+    // The first address of the header: the client, as the proxies in front report it.
+    let forwarded = Some("unknown, 2001:db8::7, 10.0.0.1");
+    send(
+        BROWSER_WRITE_KEY,
+        forwarded,
+        "/v1/track",
+        track("proxied", json!({})),
+    )
+    .await;
+    let own = json!({"ip": "198.51.100.7", "locale": "nl-NL"});
+    send(BROWSER_WRITE_KEY, forwarded, "/v1/track", track("own", own)).await;
+    let null_ip = track("null", json!({"ip": null}));
+    send(BROWSER_WRITE_KEY, None, "/v1/track", null_ip).await;
+    let batch = json!({"context": {"ip": "192.0.2.1"}, "batch": [
+        {"type": "track", "userId": "u1", "event": "A", "messageId": "batch-shared"},
+        {"type": "track", "userId": "u1", "event": "A", "messageId": "batch-own",
+         "context": {"ip": "192.0.2.2"}},
+    ]});
+    send(BROWSER_WRITE_KEY, forwarded, "/v1/batch", batch).await;
+    let batch = json!({"batch": [
+        {"type": "page", "anonymousId": "a1", "messageId": "batch-none"},
+    ]});
+    send(BROWSER_WRITE_KEY, Some("203.0.113.5"), "/v1/batch", batch).await;
+    send(
+        WRITE_KEY,
+        forwarded,
+        "/v1/track",
+        track("server", json!({})),
+    )
+    .await;
+
+    let ips: std::collections::BTreeMap<String, Option<Value>> = stored(&t.store_url)
+        .into_iter()
+        .map(|r| (r.event.message_id, r.event.context.get("ip").cloned()))
+        .collect();
+    let expected: std::collections::BTreeMap<String, Option<Value>> = [
+        ("direct", Some(json!("127.0.0.1"))),
+        ("proxied", Some(json!("2001:db8::7"))),
+        ("own", Some(json!("198.51.100.7"))),
+        ("null", Some(json!("127.0.0.1"))),
+        ("batch-shared", Some(json!("192.0.2.1"))),
+        ("batch-own", Some(json!("192.0.2.2"))),
+        ("batch-none", Some(json!("203.0.113.5"))),
+        ("server", None),
+    ]
+    .into_iter()
+    .map(|(id, ip)| (id.to_string(), ip))
+    .collect();
+    assert_eq!(ips, expected);
     t.engine.stop().await.unwrap();
 }
 

@@ -783,7 +783,8 @@ fn every_value_reaches_the_objects_it_configures() {
             .any(|m| m.mount_path == "/etc/profiles-sync/rules")
     );
 
-    // Sources: a given write key is kept, a missing one generated.
+    // Sources: a given write key is kept, a missing one generated; a client-side source
+    // fills in `context.ip`, the others do not.
     let sources = objects
         .iter()
         .find_map(|o| match o {
@@ -793,12 +794,20 @@ fn every_value_reaches_the_objects_it_configures() {
             _ => None,
         })
         .expect("sources Secret");
-    let sources = Sources::from_yaml(&secret_string(sources, "sources.yaml")).unwrap();
+    let text = secret_string(sources, "sources.yaml");
+    assert_eq!(
+        text.matches("fillContextIp").count(),
+        1,
+        "only the source that asks for it: {text}"
+    );
+    let sources = Sources::from_yaml(&text).unwrap();
     assert_eq!(
         sources.by_write_key("wk_web").map(|s| s.slug.as_str()),
         Some("website")
     );
     assert_eq!(sources.infos().len(), 2);
+    let web = sources.by_write_key("wk_web").expect("web");
+    assert!(web.fill_context_ip);
 
     let controller = workload(&objects, "Deployment", "profiles-sync-controller");
     let c = container(controller, "controller");

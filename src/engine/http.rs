@@ -1,16 +1,17 @@
 //! The HTTP surface: the Tracking API, the change-feed API, health and metrics.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
+use axum::{Extension, Router};
 use http_body_util::{BodyExt, Limited};
 use serde_json::json;
 
@@ -91,9 +92,15 @@ pub fn router(state: Shared) -> Router {
         for p in [path.to_string(), format!("{path}/")] {
             r = r.route(
                 &p,
-                post(move |s: State<Shared>, h: HeaderMap, b: Body| {
-                    ingest(s, h, b, endpoint, endpoint.label())
-                }),
+                post(
+                    move |s: State<Shared>,
+                          peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+                          h: HeaderMap,
+                          b: Body| {
+                        let peer = peer.map(|Extension(ConnectInfo(a))| a.ip());
+                        ingest(s, h, peer, b, endpoint, endpoint.label())
+                    },
+                ),
             );
         }
     }
@@ -274,6 +281,7 @@ fn gzipped(headers: &HeaderMap) -> Result<bool, ApiError> {
 async fn ingest(
     State(state): State<Shared>,
     headers: HeaderMap,
+    peer: Option<IpAddr>,
     body: Body,
     endpoint: Endpoint,
     label: &'static str,
@@ -284,7 +292,7 @@ async fn ingest(
         state: Some(Arc::clone(&state)),
         label,
     };
-    let response = ingest_inner(&state, &headers, body, endpoint).await;
+    let response = ingest_inner(&state, &headers, peer, body, endpoint).await;
     unanswered.state = None;
     counted(&state, label, response)
 }
@@ -331,6 +339,7 @@ async fn count_feed_request(
 async fn ingest_inner(
     state: &AppState,
     headers: &HeaderMap,
+    peer: Option<IpAddr>,
     body: Body,
     endpoint: Endpoint,
 ) -> Response {
@@ -416,7 +425,7 @@ async fn ingest_inner(
             parsed = parse(&now);
         }
     }
-    let accepted = match parsed {
+    let mut accepted = match parsed {
         Ok(a) => a,
         Err(e) => {
             state
@@ -431,6 +440,12 @@ async fn ingest_inner(
         .metrics
         .parse_seconds
         .observe(started.elapsed().as_secs_f64());
+    if accepted.source.fill_context_ip {
+        let forwarded_for = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
+        if let Some(ip) = request::client_ip(forwarded_for, peer) {
+            request::fill_context_ip(&mut accepted.events, ip);
+        }
+    }
     let count = accepted.events.len();
     let skipped = accepted.skipped;
     if !skipped.is_empty() {

@@ -2,6 +2,7 @@
 //! expansion and validation. Nothing here touches the store, so a refused request stores nothing.
 
 use std::io::Read;
+use std::net::{IpAddr, SocketAddr};
 
 use base64::Engine as _;
 use serde_json::{Map, Value};
@@ -195,6 +196,47 @@ pub fn basic_auth_user(header: Option<&str>) -> Option<String> {
         None => text.split_once(':').map(|(u, _)| u).unwrap_or(&text),
     };
     (!user.is_empty()).then(|| user.to_string())
+}
+
+/// The address of the client that sent a request: the first address `X-Forwarded-For`
+/// names (the original client, as the proxies in front of the engine report it), else the
+/// connection's peer. An entry that is no address (`unknown`, a proxy's obfuscated name) is
+/// passed over; one with a port (`1.2.3.4:5678`, `[::1]:80`) gives its address. An IPv4
+/// address a dual-stack socket reports as IPv6 (`::ffff:1.2.3.4`) is given as IPv4.
+///
+/// The header is taken on trust: a client can name any address there, as it can in the
+/// `context.ip` it sends.
+pub fn client_ip(forwarded_for: Option<&str>, peer: Option<IpAddr>) -> Option<IpAddr> {
+    let forwarded = forwarded_for
+        .into_iter()
+        .flat_map(|h| h.split(','))
+        .find_map(|entry| {
+            let entry = entry.trim();
+            entry
+                .parse::<IpAddr>()
+                .ok()
+                .or_else(|| entry.parse::<SocketAddr>().ok().map(|a| a.ip()))
+                .or_else(|| {
+                    entry
+                        .strip_prefix('[')
+                        .and_then(|e| e.strip_suffix(']'))
+                        .and_then(|e| e.parse::<IpAddr>().ok())
+                })
+        });
+    forwarded.or(peer).map(|ip| ip.to_canonical())
+}
+
+/// Sets `context.ip` to `ip` on each of `events` whose context has none (absent or `null`),
+/// for a source with [`SourceConfig::fill_context_ip`]: a message's own address, or its
+/// batch's, is kept.
+pub fn fill_context_ip(events: &mut [Event], ip: IpAddr) {
+    for event in events {
+        if event.context.get("ip").is_none_or(Value::is_null) {
+            event
+                .context
+                .insert("ip".to_string(), Value::String(ip.to_string()));
+        }
+    }
 }
 
 /// The messages of a batch object, as Segment's batch API reads it: the batch's `sentAt`
@@ -643,6 +685,54 @@ mod tests {
         }
         assert_eq!(basic_auth_user(Some("Bearer k")), None);
         assert_eq!(basic_auth_user(None), None);
+    }
+
+    #[test]
+    fn the_client_s_address_is_the_first_forwarded_one_else_the_peer_s() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let peer = Some(ip("10.1.2.3"));
+        for (header, expected) in [
+            (None, "10.1.2.3"),
+            (Some("203.0.113.9"), "203.0.113.9"),
+            (Some(" 203.0.113.9 , 10.0.0.1"), "203.0.113.9"),
+            (Some("unknown, _hidden, 198.51.100.4"), "198.51.100.4"),
+            (Some("203.0.113.9:5678"), "203.0.113.9"),
+            (Some("[2001:db8::1]:443, 10.0.0.1"), "2001:db8::1"),
+            (Some("[2001:db8::2]"), "2001:db8::2"),
+            (Some("::ffff:192.0.2.1"), "192.0.2.1"),
+            (Some(""), "10.1.2.3"),
+            (Some("unknown"), "10.1.2.3"),
+        ] {
+            assert_eq!(client_ip(header, peer), Some(ip(expected)), "{header:?}");
+        }
+        // A dual-stack socket reports an IPv4 peer as IPv6.
+        assert_eq!(
+            client_ip(None, Some(ip("::ffff:127.0.0.1"))),
+            Some(ip("127.0.0.1"))
+        );
+        assert_eq!(client_ip(Some("garbage"), None), None);
+    }
+
+    #[test]
+    fn the_filled_in_address_never_replaces_one_sent() {
+        let body = json!({"batch": [
+            {"type": "track", "userId": "u", "event": "A"},
+            {"type": "track", "userId": "u", "event": "A", "context": {"ip": null}},
+            {"type": "track", "userId": "u", "event": "A", "context": {"ip": "192.0.2.2"}},
+            {"type": "track", "userId": "u", "event": "A", "context": {"ip": ""}},
+        ]});
+        let mut accepted = parse_json(&body).unwrap();
+        fill_context_ip(&mut accepted.events, "2001:db8::1".parse().unwrap());
+        let ips: Vec<&Value> = accepted.events.iter().map(|e| &e.context["ip"]).collect();
+        assert_eq!(
+            ips,
+            [
+                &json!("2001:db8::1"),
+                &json!("2001:db8::1"),
+                &json!("192.0.2.2"),
+                &json!("")
+            ]
+        );
     }
 
     /// A write key holding ':' (a sources file of the previous release could hold one, and

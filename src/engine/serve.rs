@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::ConnectInfo;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
@@ -80,9 +81,17 @@ pub async fn serve(
         } else {
             (&http, &app)
         };
+        // The peer's address rides on each request (`ConnectInfo`, as `axum::serve` gives
+        // it): a source that fills in `context.ip` falls back on it.
+        let peer = stream.peer_addr().ok();
         let service = TowerToHyperService::new(tower::ServiceExt::map_request(
             app.clone(),
-            collapse_slashes,
+            move |mut request: axum::http::Request<_>| {
+                if let Some(peer) = peer {
+                    request.extensions_mut().insert(ConnectInfo(peer));
+                }
+                collapse_slashes(request)
+            },
         ));
         let connection = builder.serve_connection(TokioIo::new(stream), service);
         let mut stop = stop.clone();

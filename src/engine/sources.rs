@@ -6,6 +6,7 @@
 //!     name: Website
 //!     slug: website
 //!     writeKey: wk_live_abc123
+//!     fillContextIp: true
 //! ```
 
 use std::collections::HashMap;
@@ -28,6 +29,12 @@ pub struct SourceConfig {
     /// The write key clients authenticate with.
     #[serde(deserialize_with = "text_or_null")]
     pub write_key: String,
+    /// Fill in `context.ip`, on messages that have none, with the address of the client that
+    /// sent them (`X-Forwarded-For`'s first address, else the connection's), as Segment does
+    /// for its client-side sources (analytics.js, the mobile SDKs). Off by default: a
+    /// server-side SDK's address is its server's, not the user's.
+    #[serde(default)]
+    pub fill_context_ip: bool,
 }
 
 /// A string, YAML's null (`null`, `~`) read as empty (and refused as such): read as a
@@ -43,6 +50,7 @@ impl std::fmt::Debug for SourceConfig {
             .field("name", &self.name)
             .field("slug", &self.slug)
             .field("write_key", &"(hidden)")
+            .field("fill_context_ip", &self.fill_context_ip)
             .finish()
     }
 }
@@ -91,7 +99,7 @@ pub const PLACEHOLDER: &str = "CHANGE-ME";
 /// key (`{writeKey:wk_…}` without the space reads as a key), or a whole other secret when
 /// `--sources` names the wrong file (the feed token, the store URL, a private key).
 fn redact(message: &str) -> String {
-    const KNOWN: [&str; 5] = ["sources", "id", "name", "slug", "writeKey"];
+    const KNOWN: [&str; 6] = ["sources", "id", "name", "slug", "writeKey", "fillContextIp"];
     let mut out = String::with_capacity(message.len());
     let mut rest = message;
     while let Some(start) = rest.find(['"', '`']) {
@@ -191,6 +199,23 @@ impl Sources {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn filling_in_context_ip_is_off_unless_asked() {
+        let s = Sources::from_yaml(
+            "sources:\n  - {id: s1, name: Web, slug: web, writeKey: k1, fillContextIp: true}\n  \
+             - {id: s2, name: Server, slug: server, writeKey: k2}\n",
+        )
+        .unwrap();
+        assert_eq!(s.by_write_key("k1").map(|s| s.fill_context_ip), Some(true));
+        assert_eq!(s.by_write_key("k2").map(|s| s.fill_context_ip), Some(false));
+        let e = Sources::from_yaml(
+            "sources:\n  - {id: s1, name: W, slug: w, writeKey: k1, fillContextIp: sure}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("fillContextIp") || e.contains("bool"), "{e}");
+    }
 
     #[test]
     fn parses_and_looks_up_by_key() {

@@ -139,7 +139,8 @@ pub fn render_cases() -> Vec<(&'static str, Value, &'static str, &'static str)> 
                 "store": {"sqlite": {"persistence": {"size": "50Gi", "storageClassName": "fast",
                     "annotations": {"backup": "daily"}}}},
                 "sources": {"list": [
-                    {"id": "web", "name": "Website", "slug": "website", "writeKey": "wk_web"},
+                    {"id": "web", "name": "Website", "slug": "website", "writeKey": "wk_web",
+                     "fillContextIp": true},
                     {"id": "ios", "name": "iOS", "slug": "ios"}]},
                 "identityRules": {"limits": {"email": {"max": 3, "window": "30d"}},
                                   "priority": ["user_id", "email"],

@@ -11,10 +11,15 @@ pub const SOURCE_ID: &str = "src_test";
 /// The feed API token.
 pub const FEED_TOKEN: &str = "feed-token-test";
 
-/// The sources file the tests use.
+/// The write key of the test's client-side source, which fills in `context.ip`.
+pub const BROWSER_WRITE_KEY: &str = "wk_test_browser";
+
+/// The sources file the tests use: the test source, and a client-side one.
 pub fn sources() -> Sources {
     Sources::from_yaml(&format!(
-        "sources:\n  - {{id: {SOURCE_ID}, name: Test Site, slug: test-site, writeKey: {WRITE_KEY}}}\n"
+        "sources:\n  - {{id: {SOURCE_ID}, name: Test Site, slug: test-site, writeKey: {WRITE_KEY}}}\n  \
+         - {{id: src_browser, name: Browser, slug: browser, writeKey: {BROWSER_WRITE_KEY}, \
+         fillContextIp: true}}\n"
     ))
     .expect("test sources")
 }
