@@ -83,7 +83,20 @@ pub fn export(
     out: &mut dyn Write,
 ) -> anyhow::Result<usize> {
     let source = resolve_table(store, table)?;
-    export_source(store, table, source, after, format, out)
+    let mut paging = Paging {
+        page: PAGE,
+        warnings: &mut std::io::stderr(),
+        after_read: &mut |_| {},
+    };
+    export_source(store, table, source, after, format, out, &mut paging)
+}
+
+/// How [`export_source`] reads a feed: its page size, where it says what it could not
+/// export, and (for tests) what runs after each page is read, given the page's cursor.
+struct Paging<'a> {
+    page: usize,
+    warnings: &'a mut dyn Write,
+    after_read: &'a mut dyn FnMut(i64),
 }
 
 /// [`export`] of the rows `source` denotes.
@@ -94,6 +107,7 @@ fn export_source(
     after: i64,
     format: Format,
     out: &mut dyn Write,
+    paging: &mut Paging<'_>,
 ) -> anyhow::Result<usize> {
     // A current-state table has no seq: it is exported whole (the option was ignored).
     anyhow::ensure!(
@@ -126,19 +140,37 @@ fn export_source(
         }
         Source::Feed(feed, through) => {
             let is_event = matches!(feed, Feed::Events(_));
+            // Retention deletes events only, the oldest first, up to its horizon: a gap in them
+            // is said, not left to be found.
+            let mut gone = 0;
             if is_event {
-                // Retention deletes events only: a gap in them is said, not left to be found.
-                let gone = store.pruned()?.through_seq;
+                gone = store.pruned()?.through_seq;
                 if after < gone {
-                    eprintln!(
+                    writeln!(
+                        paging.warnings,
                         "warning: event retention deleted the events up to seq {gone}: the export \
                          holds none of those after seq {after} up to it"
-                    );
+                    )?;
                 }
             }
             let mut cursor = after;
             'pages: loop {
-                let page = store.read_feed(&feed, cursor, PAGE)?;
+                let page = store.read_feed(&feed, cursor, paging.page)?;
+                (paging.after_read)(cursor);
+                if is_event {
+                    // A pass that ran while the export did may have deleted events of this page
+                    // before it was read: read after the page, a horizon past its start says so.
+                    let now = store.pruned()?.through_seq;
+                    if now > gone.max(cursor) {
+                        writeln!(
+                            paging.warnings,
+                            "warning: event retention deleted the events up to seq {now} while \
+                             the export ran: those after seq {} up to it may be missing from it",
+                            gone.max(cursor)
+                        )?;
+                    }
+                    gone = gone.max(now);
+                }
                 let Some(last) = page.last() else { break };
                 cursor = last.seq();
                 for row in page {
@@ -220,12 +252,22 @@ impl Sink<'_> {
 mod tests {
     use super::*;
     use crate::event::{Event, ParseOptions};
-    use crate::store::EventFilter;
+    use crate::store::{Consumer, EventFilter, SqliteStore};
+    use jiff::Timestamp;
     use serde_json::json;
 
     fn ingest(store: &mut crate::store::SqliteStore, id: &str, name: &str) {
+        ingest_at(
+            store,
+            id,
+            name,
+            jiff::Timestamp::from_second(1_767_225_600).unwrap(),
+        );
+    }
+
+    fn ingest_at(store: &mut crate::store::SqliteStore, id: &str, name: &str, at: Timestamp) {
         let opts = ParseOptions {
-            now: jiff::Timestamp::from_second(1_767_225_600).unwrap(),
+            now: at,
             source_id: "src".into(),
             trust_received_at: true,
         };
@@ -255,6 +297,7 @@ mod tests {
         ingest(&mut store, "m2", "order_completed");
         ingest(&mut store, "m3", "Order Completed");
         let mut out = vec![];
+        let mut warnings = vec![];
         let n = export_source(
             &mut store,
             "order_completed",
@@ -262,6 +305,11 @@ mod tests {
             0,
             Format::Jsonl,
             &mut out,
+            &mut Paging {
+                page: PAGE,
+                warnings: &mut warnings,
+                after_read: &mut |_| {},
+            },
         );
         assert_eq!(n.unwrap(), 1);
         assert_eq!(ids(&out), ["\"m1\""]);
@@ -279,5 +327,86 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ids(&rest), ["\"m2\"", "\"m3\""]);
+    }
+
+    /// The events a retention pass deletes while an export reads them are said to be maybe
+    /// missing: the pass here runs after the export's first page, deleting an event its
+    /// second page would have held. Without it, every event is exported and nothing said.
+    #[test]
+    fn an_export_says_when_retention_ran_while_it_read_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let rules = crate::identity::Rules::default;
+        let mut store = SqliteStore::open(&path, rules()).unwrap();
+        let now = Timestamp::now();
+        let old = now
+            .checked_sub(jiff::SignedDuration::from_hours(72))
+            .unwrap();
+        for id in ["old1", "old2", "old3"] {
+            ingest_at(&mut store, id, "A", old);
+        }
+        let before_young = store.head_seq().unwrap();
+        for id in ["young1", "young2"] {
+            ingest_at(&mut store, id, "A", now);
+        }
+        let head = store.head_seq().unwrap();
+        store
+            .set_consumer(&Consumer {
+                name: "default/wh".into(),
+                after_seq: head,
+                window_seconds: 0,
+                updated_at: now,
+            })
+            .unwrap();
+        let run = |prune_after_first_page: bool| {
+            let mut store = SqliteStore::open(&path, rules()).unwrap();
+            let (mut out, mut warnings) = (vec![], vec![]);
+            let mut after_read = |cursor: i64| {
+                if prune_after_first_page && cursor == 0 {
+                    let mut pruner = SqliteStore::open(&path, rules()).unwrap();
+                    let day = std::time::Duration::from_secs(86_400);
+                    let pass = crate::engine::retention::pass(&mut pruner, day, now, &|| true);
+                    assert_eq!(pass.unwrap().deleted, 3);
+                }
+            };
+            let source = resolve_table(&mut store, "events").unwrap();
+            let mut paging = Paging {
+                page: 2,
+                warnings: &mut warnings,
+                after_read: &mut after_read,
+            };
+            export_source(
+                &mut store,
+                "events",
+                source,
+                0,
+                Format::Jsonl,
+                &mut out,
+                &mut paging,
+            )
+            .unwrap();
+            (ids(&out), String::from_utf8(warnings).unwrap())
+        };
+        let (all, said) = run(false);
+        assert_eq!(
+            all,
+            [
+                "\"old1\"",
+                "\"old2\"",
+                "\"old3\"",
+                "\"young1\"",
+                "\"young2\""
+            ]
+        );
+        assert_eq!(said, "");
+        let (rows, said) = run(true);
+        assert_eq!(rows, ["\"old1\"", "\"old2\"", "\"young1\"", "\"young2\""]);
+        assert_eq!(
+            said,
+            format!(
+                "warning: event retention deleted the events up to seq {before_young} while the \
+                 export ran: those after seq 0 up to it may be missing from it\n"
+            )
+        );
     }
 }
