@@ -499,8 +499,8 @@ async fn server_time_clock_skew_and_duplicates() {
 
 /// A client-side source (`fillContextIp`) gets `context.ip` filled in from the request, as
 /// Segment does for analytics.js and the mobile SDKs: from `X-Forwarded-For` behind a proxy,
-/// else from the connection. An address the message or its batch carries is kept, and a
-/// server-side source's messages get none.
+/// else from the connection. An address the message or its batch carries is kept; a
+/// server-side source's messages, a client a proxy hid, and `/v1/import` get none.
 #[tokio::test]
 async fn a_client_side_source_s_messages_get_the_sender_s_address() {
     let t = start(8).await;
@@ -523,8 +523,8 @@ async fn a_client_side_source_s_messages_get_the_sender_s_address() {
         track("direct", json!({})),
     )
     .await;
-    // The first address of the header: the client, as the proxies in front report it.
-    let forwarded = Some("unknown, 2001:db8::7, 10.0.0.1");
+    // The header's leftmost address: the client, as the proxies in front report it.
+    let forwarded = Some("2001:db8::7, 10.0.0.1");
     send(
         BROWSER_WRITE_KEY,
         forwarded,
@@ -553,6 +553,21 @@ async fn a_client_side_source_s_messages_get_the_sender_s_address() {
         track("server", json!({})),
     )
     .await;
+    // A proxy that hid the client: neither it nor the peer is the client.
+    let hidden = Some("unknown, 10.0.0.1");
+    send(
+        BROWSER_WRITE_KEY,
+        hidden,
+        "/v1/track",
+        track("hidden", json!({})),
+    )
+    .await;
+    // Historical events were not sent from where the importer is.
+    let import = json!({"batch": [
+        {"type": "track", "userId": "u1", "event": "A", "messageId": "imported",
+         "timestamp": "2024-01-01T00:00:00Z"},
+    ]});
+    send(BROWSER_WRITE_KEY, forwarded, "/v1/import", import).await;
 
     let ips: std::collections::BTreeMap<String, Option<Value>> = stored(&t.store_url)
         .into_iter()
@@ -567,6 +582,8 @@ async fn a_client_side_source_s_messages_get_the_sender_s_address() {
         ("batch-own", Some(json!("192.0.2.2"))),
         ("batch-none", Some(json!("203.0.113.5"))),
         ("server", None),
+        ("hidden", None),
+        ("imported", None),
     ]
     .into_iter()
     .map(|(id, ip)| (id.to_string(), ip))

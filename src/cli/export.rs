@@ -141,25 +141,29 @@ fn export_source(
         Source::Feed(feed, through) => {
             let is_event = matches!(feed, Feed::Events(_));
             // Retention deletes events only, the oldest first, up to its horizon: a gap in them
-            // is said, not left to be found.
+            // is said, not left to be found. `gone`: the horizon said so far.
             let mut gone = 0;
-            if is_event {
-                gone = store.pruned()?.through_seq;
-                if after < gone {
-                    writeln!(
-                        paging.warnings,
-                        "warning: event retention deleted the events up to seq {gone}: the export \
-                         holds none of those after seq {after} up to it"
-                    )?;
-                }
-            }
             let mut cursor = after;
             'pages: loop {
+                if is_event {
+                    // Deleted before the page is read: none of those is in the export.
+                    let before = store.pruned()?.through_seq;
+                    if before > gone.max(cursor) {
+                        writeln!(
+                            paging.warnings,
+                            "warning: event retention deleted the events up to seq {before}: \
+                             the export holds none of those after seq {} up to it",
+                            gone.max(cursor)
+                        )?;
+                        gone = before;
+                    }
+                }
                 let page = store.read_feed(&feed, cursor, paging.page)?;
                 (paging.after_read)(cursor);
                 if is_event {
-                    // A pass that ran while the export did may have deleted events of this page
-                    // before it was read: read after the page, a horizon past its start says so.
+                    // A pass that ran while the page was read may have deleted some of its
+                    // events first, or come after: read after the page, the horizon says which
+                    // may be missing.
                     let now = store.pruned()?.through_seq;
                     if now > gone.max(cursor) {
                         writeln!(
@@ -168,8 +172,8 @@ fn export_source(
                              the export ran: those after seq {} up to it may be missing from it",
                             gone.max(cursor)
                         )?;
+                        gone = now;
                     }
-                    gone = gone.max(now);
                 }
                 let Some(last) = page.last() else { break };
                 cursor = last.seq();

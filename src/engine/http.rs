@@ -89,6 +89,9 @@ const TRACKING_PATHS: [(&str, Endpoint); 15] = [
 pub fn router(state: Shared) -> Router {
     let mut r = Router::new();
     for (path, endpoint) in TRACKING_PATHS {
+        // Historical events were not sent from where the importer is: `/v1/import` fills in
+        // no `context.ip`.
+        let live = path != "/v1/import";
         for p in [path.to_string(), format!("{path}/")] {
             r = r.route(
                 &p,
@@ -98,7 +101,7 @@ pub fn router(state: Shared) -> Router {
                           h: HeaderMap,
                           b: Body| {
                         let peer = peer.map(|Extension(ConnectInfo(a))| a.ip());
-                        ingest(s, h, peer, b, endpoint, endpoint.label())
+                        ingest(s, h, peer.filter(|_| live), b, endpoint, endpoint.label())
                     },
                 ),
             );
@@ -281,6 +284,7 @@ fn gzipped(headers: &HeaderMap) -> Result<bool, ApiError> {
 async fn ingest(
     State(state): State<Shared>,
     headers: HeaderMap,
+    // The connection's address; `None` on `/v1/import`, which fills in no `context.ip`.
     peer: Option<IpAddr>,
     body: Body,
     endpoint: Endpoint,
@@ -440,9 +444,11 @@ async fn ingest_inner(
         .metrics
         .parse_seconds
         .observe(started.elapsed().as_secs_f64());
-    if accepted.source.fill_context_ip {
-        let forwarded_for = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
-        if let Some(ip) = request::client_ip(forwarded_for, peer) {
+    if accepted.source.fill_context_ip
+        && let Some(peer) = peer
+    {
+        let forwarded_for = headers.get("x-forwarded-for").map(HeaderValue::as_bytes);
+        if let Some(ip) = request::client_ip(forwarded_for, Some(peer)) {
             request::fill_context_ip(&mut accepted.events, ip);
         }
     }

@@ -198,43 +198,50 @@ pub fn basic_auth_user(header: Option<&str>) -> Option<String> {
     (!user.is_empty()).then(|| user.to_string())
 }
 
-/// The address of the client that sent a request: the first address `X-Forwarded-For`
-/// names (the original client, as the proxies in front of the engine report it), else the
-/// connection's peer. An entry that is no address (`unknown`, a proxy's obfuscated name) is
-/// passed over; one with a port (`1.2.3.4:5678`, `[::1]:80`) gives its address. An IPv4
-/// address a dual-stack socket reports as IPv6 (`::ffff:1.2.3.4`) is given as IPv4.
+/// The address of the client that sent a request: the leftmost entry of `X-Forwarded-For`
+/// (`forwarded_for`, the header's first line: the original client, as the proxies in front
+/// of the engine report it), else the connection's peer. An entry with a port (`1.2.3.4:5678`,
+/// `[::1]:80`) gives its address; an IPv4 address a dual-stack socket reports as IPv6
+/// (`::ffff:1.2.3.4`) is given as IPv4. `None` when the header is there but its leftmost entry
+/// is no address (`unknown`, a proxy's obfuscated name, bytes that are not text): a proxy hid
+/// the client, and the entries after it, like the peer, are proxies.
 ///
 /// The header is taken on trust: a client can name any address there, as it can in the
 /// `context.ip` it sends.
-pub fn client_ip(forwarded_for: Option<&str>, peer: Option<IpAddr>) -> Option<IpAddr> {
-    let forwarded = forwarded_for
-        .into_iter()
-        .flat_map(|h| h.split(','))
-        .find_map(|entry| {
-            let entry = entry.trim();
+pub fn client_ip(forwarded_for: Option<&[u8]>, peer: Option<IpAddr>) -> Option<IpAddr> {
+    let ip = match forwarded_for.map(|h| std::str::from_utf8(h).map(str::trim)) {
+        // An empty header is none.
+        None | Some(Ok("")) => peer,
+        Some(Err(_)) => None,
+        Some(Ok(header)) => address(header.split(',').next().unwrap_or("").trim()),
+    };
+    ip.map(|ip| ip.to_canonical())
+}
+
+/// An `X-Forwarded-For` entry's address: `1.2.3.4`, `2001:db8::1`, with a port
+/// (`1.2.3.4:80`, `[2001:db8::1]:80`) or in brackets (`[2001:db8::1]`).
+fn address(entry: &str) -> Option<IpAddr> {
+    entry
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| entry.parse::<SocketAddr>().ok().map(|a| a.ip()))
+        .or_else(|| {
             entry
+                .strip_prefix('[')?
+                .strip_suffix(']')?
                 .parse::<IpAddr>()
                 .ok()
-                .or_else(|| entry.parse::<SocketAddr>().ok().map(|a| a.ip()))
-                .or_else(|| {
-                    entry
-                        .strip_prefix('[')
-                        .and_then(|e| e.strip_suffix(']'))
-                        .and_then(|e| e.parse::<IpAddr>().ok())
-                })
-        });
-    forwarded.or(peer).map(|ip| ip.to_canonical())
+        })
 }
 
 /// Sets `context.ip` to `ip` on each of `events` whose context has none (absent or `null`),
 /// for a source with [`SourceConfig::fill_context_ip`]: a message's own address, or its
 /// batch's, is kept.
 pub fn fill_context_ip(events: &mut [Event], ip: IpAddr) {
+    let ip = Value::String(ip.to_string());
     for event in events {
         if event.context.get("ip").is_none_or(Value::is_null) {
-            event
-                .context
-                .insert("ip".to_string(), Value::String(ip.to_string()));
+            event.context.insert("ip".to_string(), ip.clone());
         }
     }
 }
@@ -692,25 +699,30 @@ mod tests {
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         let peer = Some(ip("10.1.2.3"));
         for (header, expected) in [
-            (None, "10.1.2.3"),
-            (Some("203.0.113.9"), "203.0.113.9"),
-            (Some(" 203.0.113.9 , 10.0.0.1"), "203.0.113.9"),
-            (Some("unknown, _hidden, 198.51.100.4"), "198.51.100.4"),
-            (Some("203.0.113.9:5678"), "203.0.113.9"),
-            (Some("[2001:db8::1]:443, 10.0.0.1"), "2001:db8::1"),
-            (Some("[2001:db8::2]"), "2001:db8::2"),
-            (Some("::ffff:192.0.2.1"), "192.0.2.1"),
-            (Some(""), "10.1.2.3"),
-            (Some("unknown"), "10.1.2.3"),
+            (None, Some("10.1.2.3")),
+            (Some("203.0.113.9"), Some("203.0.113.9")),
+            (Some(" 203.0.113.9 , 10.0.0.1"), Some("203.0.113.9")),
+            (Some("203.0.113.9:5678"), Some("203.0.113.9")),
+            (Some("[2001:db8::1]:443, 10.0.0.1"), Some("2001:db8::1")),
+            (Some("[2001:db8::2]"), Some("2001:db8::2")),
+            (Some("::ffff:192.0.2.1"), Some("192.0.2.1")),
+            (Some(""), Some("10.1.2.3")),
+            (Some("  "), Some("10.1.2.3")),
+            // A proxy hid the client: what follows it, and the peer, are proxies.
+            (Some("unknown, 198.51.100.4"), None),
+            (Some("_hidden"), None),
+            (Some(", 198.51.100.4"), None),
         ] {
-            assert_eq!(client_ip(header, peer), Some(ip(expected)), "{header:?}");
+            let got = client_ip(header.map(str::as_bytes), peer);
+            assert_eq!(got, expected.map(ip), "{header:?}");
         }
+        assert_eq!(client_ip(Some(b"\xff1.2.3.4"), peer), None, "not text");
         // A dual-stack socket reports an IPv4 peer as IPv6.
         assert_eq!(
             client_ip(None, Some(ip("::ffff:127.0.0.1"))),
             Some(ip("127.0.0.1"))
         );
-        assert_eq!(client_ip(Some("garbage"), None), None);
+        assert_eq!(client_ip(None, None), None);
     }
 
     #[test]
