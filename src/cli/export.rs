@@ -86,17 +86,26 @@ pub fn export(
     let mut paging = Paging {
         page: PAGE,
         warnings: &mut std::io::stderr(),
-        after_read: &mut |_| {},
+        hook: &mut |_, _| {},
     };
     export_source(store, table, source, after, format, out, &mut paging)
 }
 
 /// How [`export_source`] reads a feed: its page size, where it says what it could not
-/// export, and (for tests) what runs after each page is read, given the page's cursor.
+/// export, and (for tests) what runs at each [`Step`] of a page, given the page's cursor.
 struct Paging<'a> {
     page: usize,
     warnings: &'a mut dyn Write,
-    after_read: &'a mut dyn FnMut(i64),
+    hook: &'a mut dyn FnMut(Step, i64),
+}
+
+/// Where [`Paging::hook`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    /// Before the page's horizon check and read.
+    BeforePage,
+    /// After its read, before the horizon is read again.
+    AfterRead,
 }
 
 /// [`export`] of the rows `source` denotes.
@@ -145,6 +154,7 @@ fn export_source(
             let mut gone = 0;
             let mut cursor = after;
             'pages: loop {
+                (paging.hook)(Step::BeforePage, cursor);
                 if is_event {
                     // Deleted before the page is read: none of those is in the export.
                     let before = store.pruned()?.through_seq;
@@ -159,7 +169,7 @@ fn export_source(
                     }
                 }
                 let page = store.read_feed(&feed, cursor, paging.page)?;
-                (paging.after_read)(cursor);
+                (paging.hook)(Step::AfterRead, cursor);
                 if is_event {
                     // A pass that ran while the page was read may have deleted some of its
                     // events first, or come after: read after the page, the horizon says which
@@ -312,7 +322,7 @@ mod tests {
             &mut Paging {
                 page: PAGE,
                 warnings: &mut warnings,
-                after_read: &mut |_| {},
+                hook: &mut |_, _| {},
             },
         );
         assert_eq!(n.unwrap(), 1);
@@ -333,40 +343,52 @@ mod tests {
         assert_eq!(ids(&rest), ["\"m2\"", "\"m3\""]);
     }
 
-    /// The events a retention pass deletes while an export reads them are said to be maybe
-    /// missing: the pass here runs after the export's first page, deleting an event its
-    /// second page would have held. Without it, every event is exported and nothing said.
+    /// The events a retention pass deletes while an export reads them are said: as deleted when
+    /// the pass ran between two pages (the horizon read before the second is past its cursor),
+    /// as maybe missing when it ran as a page was read (here: after the first page's read,
+    /// deleting an event the second page would have held). Without a pass, every event is
+    /// exported and nothing said.
     #[test]
     fn an_export_says_when_retention_ran_while_it_read_events() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("store.db");
         let rules = crate::identity::Rules::default;
-        let mut store = SqliteStore::open(&path, rules()).unwrap();
         let now = Timestamp::now();
-        let old = now
-            .checked_sub(jiff::SignedDuration::from_hours(72))
-            .unwrap();
-        for id in ["old1", "old2", "old3"] {
-            ingest_at(&mut store, id, "A", old);
-        }
-        let before_young = store.head_seq().unwrap();
-        for id in ["young1", "young2"] {
-            ingest_at(&mut store, id, "A", now);
-        }
-        let head = store.head_seq().unwrap();
-        store
-            .set_consumer(&Consumer {
-                name: "default/wh".into(),
-                after_seq: head,
-                window_seconds: 0,
-                updated_at: now,
-            })
-            .unwrap();
-        let run = |prune_after_first_page: bool| {
+        // A store of three events older than a day and two young ones, which a consumer has
+        // loaded; the old events' seqs.
+        let store = || {
+            let dir = tempfile::tempdir().unwrap();
+            let mut store = SqliteStore::open(&dir.path().join("store.db"), rules()).unwrap();
+            let old = now
+                .checked_sub(jiff::SignedDuration::from_hours(72))
+                .unwrap();
+            let mut seqs = vec![];
+            for id in ["old1", "old2", "old3"] {
+                ingest_at(&mut store, id, "A", old);
+                seqs.push(store.head_seq().unwrap());
+            }
+            for id in ["young1", "young2"] {
+                ingest_at(&mut store, id, "A", now);
+            }
+            let head = store.head_seq().unwrap();
+            store
+                .set_consumer(&Consumer {
+                    name: "default/wh".into(),
+                    after_seq: head,
+                    window_seconds: 0,
+                    updated_at: now,
+                })
+                .unwrap();
+            (dir, seqs)
+        };
+        let (_dir, seqs) = store();
+        // The export, with a pass run once at `prune_at` (the step, and the page's cursor).
+        let run = |prune_at: Option<(Step, i64)>| {
+            let (dir, run_seqs) = store();
+            assert_eq!(run_seqs, seqs);
+            let path = dir.path().join("store.db");
             let mut store = SqliteStore::open(&path, rules()).unwrap();
             let (mut out, mut warnings) = (vec![], vec![]);
-            let mut after_read = |cursor: i64| {
-                if prune_after_first_page && cursor == 0 {
+            let mut hook = |step: Step, cursor: i64| {
+                if prune_at == Some((step, cursor)) {
                     let mut pruner = SqliteStore::open(&path, rules()).unwrap();
                     let day = std::time::Duration::from_secs(86_400);
                     let pass = crate::engine::retention::pass(&mut pruner, day, now, &|| true);
@@ -377,7 +399,7 @@ mod tests {
             let mut paging = Paging {
                 page: 2,
                 warnings: &mut warnings,
-                after_read: &mut after_read,
+                hook: &mut hook,
             };
             export_source(
                 &mut store,
@@ -391,25 +413,29 @@ mod tests {
             .unwrap();
             (ids(&out), String::from_utf8(warnings).unwrap())
         };
-        let (all, said) = run(false);
-        assert_eq!(
-            all,
-            [
-                "\"old1\"",
-                "\"old2\"",
-                "\"old3\"",
-                "\"young1\"",
-                "\"young2\""
-            ]
-        );
+        let (all, said) = run(None);
+        let every = ["old1", "old2", "old3", "young1", "young2"].map(|id| format!("\"{id}\""));
+        assert_eq!(all, every);
         assert_eq!(said, "");
-        let (rows, said) = run(true);
-        assert_eq!(rows, ["\"old1\"", "\"old2\"", "\"young1\"", "\"young2\""]);
+        let without_old3 = ["old1", "old2", "young1", "young2"].map(|id| format!("\"{id}\""));
+        let (rows, said) = run(Some((Step::AfterRead, 0)));
+        assert_eq!(rows, without_old3);
         assert_eq!(
             said,
             format!(
-                "warning: event retention deleted the events up to seq {before_young} while the \
-                 export ran: those after seq 0 up to it may be missing from it\n"
+                "warning: event retention deleted the events up to seq {} while the export \
+                 ran: those after seq 0 up to it may be missing from it\n",
+                seqs[2]
+            )
+        );
+        let (rows, said) = run(Some((Step::BeforePage, seqs[1])));
+        assert_eq!(rows, without_old3);
+        assert_eq!(
+            said,
+            format!(
+                "warning: event retention deleted the events up to seq {}: the export holds \
+                 none of those after seq {} up to it\n",
+                seqs[2], seqs[1]
             )
         );
     }

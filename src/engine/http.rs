@@ -284,7 +284,8 @@ fn gzipped(headers: &HeaderMap) -> Result<bool, ApiError> {
 async fn ingest(
     State(state): State<Shared>,
     headers: HeaderMap,
-    // The connection's address; `None` on `/v1/import`, which fills in no `context.ip`.
+    // The connection's address; `None` on `/v1/import`, which fills in no `context.ip` (and
+    // when the socket could not tell it: a connection reset as it was accepted).
     peer: Option<IpAddr>,
     body: Body,
     endpoint: Endpoint,

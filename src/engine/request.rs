@@ -209,11 +209,16 @@ pub fn basic_auth_user(header: Option<&str>) -> Option<String> {
 /// The header is taken on trust: a client can name any address there, as it can in the
 /// `context.ip` it sends.
 pub fn client_ip(forwarded_for: Option<&[u8]>, peer: Option<IpAddr>) -> Option<IpAddr> {
-    let ip = match forwarded_for.map(|h| std::str::from_utf8(h).map(str::trim)) {
+    let ip = match forwarded_for {
         // An empty header is none.
-        None | Some(Ok("")) => peer,
-        Some(Err(_)) => None,
-        Some(Ok(header)) => address(header.split(',').next().unwrap_or("").trim()),
+        None => peer,
+        Some(h) if h.trim_ascii().is_empty() => peer,
+        Some(h) => {
+            let leftmost = h.split(|&b| b == b',').next().unwrap_or_default();
+            std::str::from_utf8(leftmost)
+                .ok()
+                .and_then(|entry| address(entry.trim()))
+        }
     };
     ip.map(|ip| ip.to_canonical())
 }
@@ -717,6 +722,11 @@ mod tests {
             assert_eq!(got, expected.map(ip), "{header:?}");
         }
         assert_eq!(client_ip(Some(b"\xff1.2.3.4"), peer), None, "not text");
+        // Bytes that are not text after the leftmost entry are not its.
+        assert_eq!(
+            client_ip(Some(b"192.0.2.9, \xff"), peer),
+            Some(ip("192.0.2.9"))
+        );
         // A dual-stack socket reports an IPv4 peer as IPv6.
         assert_eq!(
             client_ip(None, Some(ip("::ffff:127.0.0.1"))),

@@ -30,9 +30,10 @@ pub struct SourceConfig {
     #[serde(deserialize_with = "text_or_null")]
     pub write_key: String,
     /// Fill in `context.ip`, on messages that have none, with the address of the client that
-    /// sent them (`X-Forwarded-For`'s first address, else the connection's), as Segment does
-    /// for its client-side sources (analytics.js, the mobile SDKs). Off by default: a
-    /// server-side SDK's address is its server's, not the user's.
+    /// sent them (`X-Forwarded-For`'s leftmost entry, else the connection's; nothing when that
+    /// entry is no address, and never on `/v1/import`), as Segment does for its client-side
+    /// sources (analytics.js, the mobile SDKs). Off by default: a server-side SDK's address is
+    /// its server's, not the user's.
     #[serde(default)]
     pub fill_context_ip: bool,
 }
