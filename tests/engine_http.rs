@@ -1371,6 +1371,24 @@ async fn finish_stalled(slow: &mut tokio::net::TcpStream, tail: &str) -> String 
     status_line
 }
 
+/// When `stop` returns, every store handle the engine opened is closed — the feed API's idle
+/// ones too, which used to close later on another thread: a store file restored in place
+/// right after the stop could then be overwritten by their last close, which checkpoints the
+/// WAL into the file. On SQLite the last close removes the `-wal` file, so its absence shows
+/// that no handle is left open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_returns_with_every_store_handle_closed() {
+    let t = start(8).await;
+    post_ok(&t.base, "/v1/track", &json!({"userId": "u1", "event": "A"})).await;
+    // A feed read leaves a handle idle in the feed API's pool.
+    let (_, rows) = feed_page(&t.base, "events", 0, 10).await;
+    assert_eq!(rows.len(), 1);
+    let wal = t.store_path.with_extension("db-wal");
+    assert!(wal.exists(), "the open store has its WAL");
+    t.engine.stop().await.unwrap();
+    assert!(!wal.exists(), "a store handle is still open after stop");
+}
+
 /// Shutdown finishes a request already in flight: the stalled request is known to be in the
 /// handler (it holds the only reading permit, so others are turned away), shutdown starts (the
 /// listener closes: new connections are refused), then its body completes — it is answered

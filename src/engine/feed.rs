@@ -26,7 +26,9 @@ pub const DEFAULT_PAGE: usize = 10_000;
 /// A small pool of read-only store handles, so feed reads never wait for the writer.
 pub struct ReaderPool {
     url: String,
-    idle: Mutex<Vec<Box<dyn Store>>>,
+    /// The idle handles; `None` once [`ReaderPool::close`]d (a handle in use is then closed as
+    /// its read ends).
+    idle: Mutex<Option<Vec<Box<dyn Store>>>>,
     /// One permit per handle that may be open.
     open: Arc<tokio::sync::Semaphore>,
 }
@@ -38,7 +40,7 @@ impl ReaderPool {
     pub fn new(url: String, max: usize) -> Arc<ReaderPool> {
         Arc::new(ReaderPool {
             url,
-            idle: Mutex::new(vec![]),
+            idle: Mutex::new(Some(vec![])),
             open: Arc::new(tokio::sync::Semaphore::new(max.max(1))),
         })
     }
@@ -67,7 +69,11 @@ impl ReaderPool {
         &self,
         f: impl FnOnce(&mut dyn Store) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let pooled = self.idle.lock().ok().and_then(|mut v| v.pop());
+        let pooled = self
+            .idle
+            .lock()
+            .ok()
+            .and_then(|mut v| v.as_mut().and_then(Vec::pop));
         let mut store = match pooled {
             Some(s) => s,
             None => crate::store::open(&self.url, crate::identity::Rules::default())?,
@@ -75,10 +81,20 @@ impl ReaderPool {
         let result = f(&mut *store);
         if result.is_ok()
             && let Ok(mut idle) = self.idle.lock()
+            && let Some(idle) = idle.as_mut()
         {
             idle.push(store);
         }
         result
+    }
+
+    /// Closes the idle handles here and now (a blocking call: on SQLite the last close
+    /// checkpoints the WAL into the file), and any handle in use as its read ends. The engine's
+    /// stop calls it so that no handle of the store outlives the engine: dropped with the pool
+    /// instead, they are closed on another thread, later.
+    pub fn close(&self) {
+        let idle = self.idle.lock().ok().and_then(|mut v| v.take());
+        drop(idle);
     }
 }
 
@@ -87,11 +103,11 @@ impl Drop for ReaderPool {
     /// engine's state on an async worker, where closing a PostgreSQL handle (a blocking client
     /// with a runtime of its own) panics.
     fn drop(&mut self) {
-        if let Ok(idle) = self.idle.get_mut() {
-            let idle = std::mem::take(idle);
-            if !idle.is_empty() {
-                crate::store::drop_later(idle);
-            }
+        if let Ok(idle) = self.idle.get_mut()
+            && let Some(idle) = idle.take()
+            && !idle.is_empty()
+        {
+            crate::store::drop_later(idle);
         }
     }
 }

@@ -156,6 +156,8 @@ pub struct RunningEngine {
     server: tokio::task::JoinHandle<()>,
     writer: std::thread::JoinHandle<()>,
     loaded: tokio::sync::watch::Receiver<bool>,
+    /// The feed API's store handles, closed once the server and the writer have stopped.
+    readers: Arc<feed::ReaderPool>,
 }
 
 impl RunningEngine {
@@ -167,14 +169,11 @@ impl RunningEngine {
         let _ = loaded.wait_for(|done| *done).await;
     }
 
-    /// Stops accepting, finishes in-flight requests, drains the writer, and returns.
+    /// Stops accepting, finishes in-flight requests, drains the writer, closes the store
+    /// handles, and returns.
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.shutdown.send(true);
-        self.server.await?;
-        tokio::task::spawn_blocking(move || self.writer.join())
-            .await?
-            .map_err(|_| anyhow::anyhow!("the store writer panicked"))?;
-        Ok(())
+        self.wait().await
     }
 
     /// A receiver that turns true when shutdown starts.
@@ -182,12 +181,20 @@ impl RunningEngine {
         self.shutdown.clone()
     }
 
-    /// Waits until the server has stopped (after a shutdown signal) and the writer drained.
+    /// Waits until the server has stopped (after a shutdown signal) and the writer drained,
+    /// then closes the feed API's idle store handles (one still reading, as a retention pass
+    /// cut short by the shutdown, closes as its read ends): the store is closed when it returns,
+    /// and a copy put in its place is not overwritten by a late close.
     pub async fn wait(self) -> anyhow::Result<()> {
         self.server.await?;
-        tokio::task::spawn_blocking(move || self.writer.join())
-            .await?
-            .map_err(|_| anyhow::anyhow!("the store writer panicked"))?;
+        let (writer, readers) = (self.writer, self.readers);
+        tokio::task::spawn_blocking(move || {
+            let joined = writer.join();
+            readers.close();
+            joined
+        })
+        .await?
+        .map_err(|_| anyhow::anyhow!("the store writer panicked"))?;
         Ok(())
     }
 }
@@ -241,13 +248,14 @@ pub async fn start(config: EngineConfig) -> anyhow::Result<RunningEngine> {
         metrics.clone(),
         loaded_tx,
     );
+    let readers = feed::ReaderPool::new(config.store, config.feed_readers);
     let state = Arc::new(http::AppState {
         sources,
         reloading_sources: tokio::sync::Mutex::new(()),
         rules: config.rules,
         writer,
         reading: tokio::sync::Semaphore::new(config.reading_capacity.max(1)),
-        readers: feed::ReaderPool::new(config.store, config.feed_readers),
+        readers: Arc::clone(&readers),
         feed_token: reload::Watched::new(config.feed_token, config.feed_token_file, |path| {
             reload::load_feed_token(path).map(Some)
         }),
@@ -298,5 +306,6 @@ pub async fn start(config: EngineConfig) -> anyhow::Result<RunningEngine> {
         server,
         writer: writer_thread,
         loaded,
+        readers,
     })
 }
