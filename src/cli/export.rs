@@ -86,17 +86,17 @@ pub fn export(
     let mut paging = Paging {
         page: PAGE,
         warnings: &mut std::io::stderr(),
-        hook: &mut |_, _| {},
+        hook: &mut |_| {},
     };
     export_source(store, table, source, after, format, out, &mut paging)
 }
 
 /// How [`export_source`] reads a feed: its page size, where it says what it could not
-/// export, and (for tests) what runs at each [`Step`] of a page, given the page's cursor.
+/// export, and (for tests) what runs at each [`Step`] of a page.
 struct Paging<'a> {
     page: usize,
     warnings: &'a mut dyn Write,
-    hook: &'a mut dyn FnMut(Step, i64),
+    hook: &'a mut dyn FnMut(Step),
 }
 
 /// Where [`Paging::hook`] runs.
@@ -154,36 +154,26 @@ fn export_source(
             let mut gone = 0;
             let mut cursor = after;
             'pages: loop {
-                (paging.hook)(Step::BeforePage, cursor);
-                if is_event {
-                    // Deleted before the page is read: none of those is in the export.
-                    let before = store.pruned()?.through_seq;
-                    if before > gone.max(cursor) {
-                        writeln!(
-                            paging.warnings,
-                            "warning: event retention deleted the events up to seq {before}: \
-                             the export holds none of those after seq {} up to it",
-                            gone.max(cursor)
-                        )?;
-                        gone = before;
-                    }
+                (paging.hook)(Step::BeforePage);
+                // Deleted before the page is read: none of those is in the export.
+                if is_event && let Some((from, to)) = newly_pruned(store, &mut gone, cursor)? {
+                    writeln!(
+                        paging.warnings,
+                        "warning: event retention deleted the events up to seq {to}: the export \
+                         holds none of those after seq {from} up to it"
+                    )?;
                 }
                 let page = store.read_feed(&feed, cursor, paging.page)?;
-                (paging.hook)(Step::AfterRead, cursor);
-                if is_event {
-                    // A pass that ran while the page was read may have deleted some of its
-                    // events first, or come after: read after the page, the horizon says which
-                    // may be missing.
-                    let now = store.pruned()?.through_seq;
-                    if now > gone.max(cursor) {
-                        writeln!(
-                            paging.warnings,
-                            "warning: event retention deleted the events up to seq {now} while \
-                             the export ran: those after seq {} up to it may be missing from it",
-                            gone.max(cursor)
-                        )?;
-                        gone = now;
-                    }
+                (paging.hook)(Step::AfterRead);
+                // A pass that ran while the page was read may have deleted some of its events
+                // first, or come after: read after the page, the horizon says which may be
+                // missing.
+                if is_event && let Some((from, to)) = newly_pruned(store, &mut gone, cursor)? {
+                    writeln!(
+                        paging.warnings,
+                        "warning: event retention deleted the events up to seq {to} while the \
+                         export ran: those after seq {from} up to it may be missing from it"
+                    )?;
                 }
                 let Some(last) = page.last() else { break };
                 cursor = last.seq();
@@ -199,6 +189,22 @@ fn export_source(
     }
     sink.finish()?;
     Ok(count)
+}
+
+/// The events retention deleted past both `gone` (the horizon said so far, moved to the new
+/// one) and `cursor`, as the seqs the gap runs after and up to; `None` when it deleted none.
+fn newly_pruned(
+    store: &mut dyn Store,
+    gone: &mut i64,
+    cursor: i64,
+) -> anyhow::Result<Option<(i64, i64)>> {
+    let horizon = store.pruned()?.through_seq;
+    let from = (*gone).max(cursor);
+    if horizon <= from {
+        return Ok(None);
+    }
+    *gone = horizon;
+    Ok(Some((from, horizon)))
 }
 
 /// Where rows go, in the chosen format.
@@ -322,7 +328,7 @@ mod tests {
             &mut Paging {
                 page: PAGE,
                 warnings: &mut warnings,
-                hook: &mut |_, _| {},
+                hook: &mut |_| {},
             },
         );
         assert_eq!(n.unwrap(), 1);
@@ -353,7 +359,7 @@ mod tests {
         let rules = crate::identity::Rules::default;
         let now = Timestamp::now();
         // A store of three events older than a day and two young ones, which a consumer has
-        // loaded; the old events' seqs.
+        // loaded, and the old events' seqs.
         let store = || {
             let dir = tempfile::tempdir().unwrap();
             let mut store = SqliteStore::open(&dir.path().join("store.db"), rules()).unwrap();
@@ -379,16 +385,19 @@ mod tests {
                 .unwrap();
             (dir, seqs)
         };
-        let (_dir, seqs) = store();
-        // The export, with a pass run once at `prune_at` (the step, and the page's cursor).
-        let run = |prune_at: Option<(Step, i64)>| {
-            let (dir, run_seqs) = store();
-            assert_eq!(run_seqs, seqs);
+        // The export, with a pass run at `prune_at` (the step, and the page: 0 the first); and
+        // the old events' seqs.
+        let run = |prune_at: Option<(Step, usize)>| {
+            let (dir, seqs) = store();
             let path = dir.path().join("store.db");
             let mut store = SqliteStore::open(&path, rules()).unwrap();
             let (mut out, mut warnings) = (vec![], vec![]);
-            let mut hook = |step: Step, cursor: i64| {
-                if prune_at == Some((step, cursor)) {
+            let mut pages = 0;
+            let mut hook = |step: Step| {
+                if step == Step::BeforePage {
+                    pages += 1;
+                }
+                if prune_at == Some((step, pages - 1)) {
                     let mut pruner = SqliteStore::open(&path, rules()).unwrap();
                     let day = std::time::Duration::from_secs(86_400);
                     let pass = crate::engine::retention::pass(&mut pruner, day, now, &|| true);
@@ -411,14 +420,14 @@ mod tests {
                 &mut paging,
             )
             .unwrap();
-            (ids(&out), String::from_utf8(warnings).unwrap())
+            (ids(&out), String::from_utf8(warnings).unwrap(), seqs)
         };
-        let (all, said) = run(None);
+        let (all, said, _) = run(None);
         let every = ["old1", "old2", "old3", "young1", "young2"].map(|id| format!("\"{id}\""));
         assert_eq!(all, every);
         assert_eq!(said, "");
         let without_old3 = ["old1", "old2", "young1", "young2"].map(|id| format!("\"{id}\""));
-        let (rows, said) = run(Some((Step::AfterRead, 0)));
+        let (rows, said, seqs) = run(Some((Step::AfterRead, 0)));
         assert_eq!(rows, without_old3);
         assert_eq!(
             said,
@@ -428,7 +437,8 @@ mod tests {
                 seqs[2]
             )
         );
-        let (rows, said) = run(Some((Step::BeforePage, seqs[1])));
+        // (The second page starts after old2.)
+        let (rows, said, seqs) = run(Some((Step::BeforePage, 1)));
         assert_eq!(rows, without_old3);
         assert_eq!(
             said,

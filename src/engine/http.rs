@@ -449,7 +449,7 @@ async fn ingest_inner(
         && let Some(peer) = peer
     {
         let forwarded_for = headers.get("x-forwarded-for").map(HeaderValue::as_bytes);
-        if let Some(ip) = request::client_ip(forwarded_for, Some(peer)) {
+        if let Some(ip) = request::client_ip(forwarded_for, peer) {
             request::fill_context_ip(&mut accepted.events, ip);
         }
     }
